@@ -1,0 +1,419 @@
+"""batch/v1 Job controller with the semantics of kube-controller-manager 1.31+.
+
+Covers parallelism/completions (NonIndexed), backoffLimit, podFailurePolicy (onExitCodes, onPodConditions;
+FailJob/Ignore/Count), podReplacementPolicy (TerminatingOrFailed/Failed), activeDeadlineSeconds, suspend, and
+the condition sequence FailureTarget/SuccessCriteriaMet → Failed/Complete once no pod is terminating.
+Terminal pods are counted as they are observed (the informer delivers every transition in order), which plays
+the role of the real controller's job-tracking finalizers while the cluster runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import secrets
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from ..kubeclient import JOBS, PODS, ApiError, Informer, KubeClient, object_key
+from .events import EventRecorder, now_iso
+
+log = logging.getLogger(__name__)
+
+_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+TERMINAL = ("Succeeded", "Failed")
+
+
+def random_suffix(n: int = 5) -> str:
+    return "".join(secrets.choice(_ALPHABET) for _ in range(n))
+
+
+def _parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == kind), None)
+
+
+def _is_true(status: dict[str, Any], kind: str) -> bool:
+    cond = _condition(status, kind)
+    return bool(cond and cond.get("status") == "True")
+
+
+def _exit_codes(pod: dict[str, Any], container: str | None) -> list[tuple[str, int]]:
+    out = []
+    status = pod.get("status", {})
+    for cs in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+        term = (cs.get("state") or {}).get("terminated")
+        if term is None or (container and cs.get("name") != container):
+            continue
+        out.append((cs["name"], int(term.get("exitCode", 0))))
+    return out
+
+
+def match_pod_failure_policy(job: dict[str, Any], pod: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(action, message) of the first matching rule, or (None, None) when no rule matches."""
+    policy = job.get("spec", {}).get("podFailurePolicy")
+    if not policy:
+        return None, None
+    pod_ref = f"{pod['metadata']['namespace']}/{pod['metadata']['name']}"
+    for index, rule in enumerate(policy.get("rules") or []):
+        action = rule.get("action")
+        codes = rule.get("onExitCodes")
+        if codes:
+            operator, values = codes.get("operator"), set(codes.get("values") or [])
+            for name, code in _exit_codes(pod, codes.get("containerName")):
+                if code == 0:
+                    continue
+                if (operator == "In" and code in values) or (operator == "NotIn" and code not in values):
+                    return action, (f"Container {name} for pod {pod_ref} failed with exit code {code} matching "
+                                    f"{action} rule at index {index}")
+        for pattern in rule.get("onPodConditions") or []:
+            for cond in pod.get("status", {}).get("conditions") or []:
+                if cond.get("type") == pattern.get("type") and cond.get("status") == pattern.get("status", "True"):
+                    return action, f"Pod {pod_ref} has condition {cond['type']} matching {action} rule at index {index}"
+    return None, None
+
+
+class JobController:
+    def __init__(self, client: KubeClient, jobs: Informer, pods: Informer):
+        self.client = client
+        self.jobs = jobs
+        self.pods = pods
+        self.recorder = EventRecorder(client, "job-controller")
+        # job uid → pod uid → "succeeded" | "failed" | "ignored"
+        self.finished: dict[str, dict[str, str]] = {}
+        self.fail_job: dict[str, str] = {}  # job uid → PodFailurePolicy message
+        self.controller_deleted: dict[str, set[str]] = {}  # pods we deleted (suspend/finish): not failures
+        self.expected: dict[str, dict[str, float]] = {}  # job uid → pod names created, not yet observed
+        self._queue: asyncio.Queue[str] = asyncio.Queue()
+        self._queued: set[str] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._task: asyncio.Task[None] | None = None
+        jobs.add_handler(self._on_job)
+        pods.add_handler(self._on_pod)
+
+    # -- events ---------------------------------------------------------------------------------------------
+    def enqueue(self, key: str) -> None:
+        if key not in self._queued:
+            self._queued.add(key)
+            self._queue.put_nowait(key)
+
+    def enqueue_after(self, key: str, delay: float) -> None:
+        old = self._timers.pop(key, None)
+        if old:
+            old.cancel()
+        self._timers[key] = asyncio.get_running_loop().call_later(max(delay, 0.01), self.enqueue, key)
+
+    def _on_job(self, kind: str, job: dict[str, Any]) -> None:
+        if kind == "DELETED":
+            uid = job["metadata"]["uid"]
+            for store in (self.finished, self.fail_job, self.controller_deleted, self.expected):
+                store.pop(uid, None)
+            return
+        self.enqueue(object_key(job))
+
+    def _owner(self, pod: dict[str, Any]) -> dict[str, Any] | None:
+        for ref in pod["metadata"].get("ownerReferences") or []:
+            if ref.get("kind") == "Job" and ref.get("controller") and ref.get("apiVersion", "").startswith("batch/"):
+                return ref
+        return None
+
+    def _on_pod(self, kind: str, pod: dict[str, Any]) -> None:
+        ref = self._owner(pod)
+        if ref is None:
+            return
+        job_uid = ref["uid"]
+        meta = pod["metadata"]
+        expected = self.expected.get(job_uid)
+        if expected:
+            expected.pop(meta["name"], None)
+        phase = pod.get("status", {}).get("phase")
+        record = self.finished.setdefault(job_uid, {})
+        if meta["uid"] not in record:
+            job = self.jobs.get(meta["namespace"], ref["name"])
+            if phase == "Succeeded":
+                record[meta["uid"]] = "succeeded"
+            elif phase == "Failed" or (kind == "DELETED" and phase not in TERMINAL):
+                if meta["uid"] in self.controller_deleted.get(job_uid, set()):
+                    record[meta["uid"]] = "ignored"
+                else:
+                    action, message = match_pod_failure_policy(job or {}, pod)
+                    if action == "Ignore":
+                        record[meta["uid"]] = "ignored"
+                    else:
+                        record[meta["uid"]] = "failed"
+                        if action == "FailJob" and job_uid not in self.fail_job:
+                            self.fail_job[job_uid] = message or ""
+        self.enqueue(f"{meta['namespace']}/{ref['name']}")
+
+    # -- loop -----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="job-controller")
+
+    async def stop(self) -> None:
+        for timer in self._timers.values():
+            timer.cancel()
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+    async def _run(self) -> None:
+        await self.jobs.synced.wait()
+        await self.pods.synced.wait()
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            try:
+                await self.reconcile(key)
+            except asyncio.CancelledError:
+                raise
+            except ApiError as err:
+                log.debug("job %s: %s", key, err)
+                self.enqueue_after(key, 0.5)
+            except Exception:
+                log.exception("job %s reconcile failed", key)
+                self.enqueue_after(key, 1)
+
+    def _job_pods(self, job: dict[str, Any]) -> list[dict[str, Any]]:
+        uid = job["metadata"]["uid"]
+        return [p for p in self.pods.values()
+                if p["metadata"].get("namespace") == job["metadata"]["namespace"]
+                and (self._owner(p) or {}).get("uid") == uid]
+
+    async def reconcile(self, key: str) -> None:
+        namespace, _, name = key.partition("/")
+        job = self.jobs.get(namespace, name)
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            return
+        spec = job.get("spec", {})
+        status = copy.deepcopy(job.get("status") or {})
+        uid = job["metadata"]["uid"]
+        pods = self._job_pods(job)
+        record = self.finished.setdefault(uid, {})
+        for pod in pods:  # pods already terminal when first seen (e.g. after a relist)
+            if pod["metadata"]["uid"] not in record and pod.get("status", {}).get("phase") in TERMINAL:
+                self._on_pod("MODIFIED", pod)
+        terminal_phase = lambda p: p.get("status", {}).get("phase") in TERMINAL  # noqa: E731
+        active = [p for p in pods if not terminal_phase(p) and not p["metadata"].get("deletionTimestamp")]
+        terminating = [p for p in pods if not terminal_phase(p) and p["metadata"].get("deletionTimestamp")]
+        now = time.time()
+        expected = self.expected.setdefault(uid, {})
+        for pod_name, when in list(expected.items()):
+            if now - when > 30 or self.pods.get(namespace, pod_name) is not None:
+                expected.pop(pod_name)
+        succeeded = sum(1 for v in record.values() if v == "succeeded")
+        failed = sum(1 for v in record.values() if v == "failed")
+        completions = spec.get("completions")
+        parallelism = spec.get("parallelism", 1)
+        finished = _is_true(status, "Complete") or _is_true(status, "Failed")
+        events: list[tuple[str, str, str]] = []
+
+        if finished:
+            await self._delete_pods(job, active)
+            await self._write_status(job, status, active=0, terminating=len(terminating) + len(active),
+                                     succeeded=succeeded, failed=failed)
+            return
+
+        suspended = bool(spec.get("suspend"))
+        target_reason = None  # FailureTarget (reason, message)
+        if _is_true(status, "FailureTarget"):
+            cond = _condition(status, "FailureTarget") or {}
+            target_reason = (cond.get("reason"), cond.get("message"))
+        success = _is_true(status, "SuccessCriteriaMet")
+
+        if not target_reason and not success:
+            if uid in self.fail_job:
+                target_reason = ("PodFailurePolicy", self.fail_job[uid])
+            elif failed > int(spec.get("backoffLimit", 6)):
+                target_reason = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+            elif not suspended and spec.get("activeDeadlineSeconds") is not None and status.get("startTime"):
+                start = _parse_time(status["startTime"]) or now
+                remaining = start + float(spec["activeDeadlineSeconds"]) - now
+                if remaining <= 0:
+                    target_reason = ("DeadlineExceeded", "Job was active longer than specified deadline")
+                else:
+                    self.enqueue_after(key, remaining + 0.05)
+            if not target_reason and completions is not None and succeeded >= int(completions):
+                success = True
+                _set_condition(status, "SuccessCriteriaMet", "True", "CompletionsReached",
+                               "Reached expected number of succeeded pods")
+            elif not target_reason and completions is None and succeeded > 0 and not active:
+                success = True
+                _set_condition(status, "SuccessCriteriaMet", "True", "CompletionsReached",
+                               "Reached expected number of succeeded pods")
+            if target_reason:
+                _set_condition(status, "FailureTarget", "True", target_reason[0], target_reason[1])
+
+        if target_reason or success:
+            if active:
+                await self._delete_pods(job, active)
+                terminating += active
+                active = []
+            if not terminating:
+                if target_reason:
+                    _set_condition(status, "Failed", "True", target_reason[0], target_reason[1])
+                    events.append(("Warning", target_reason[0], target_reason[1]))
+                else:
+                    _set_condition(status, "Complete", "True", "CompletionsReached",
+                                   "Reached expected number of succeeded pods")
+                    status["completionTime"] = now_iso()
+                    events.append(("Normal", "Completed", "Job completed"))
+            await self._write_status(job, status, active=0, terminating=len(terminating), succeeded=succeeded,
+                                     failed=failed)
+            for event in events:
+                await self.recorder.emit(job, *event)
+            return
+
+        if suspended:
+            if active:
+                await self._delete_pods(job, active)
+                terminating += active
+                active = []
+            cond = _condition(status, "Suspended")
+            if not cond or cond.get("status") != "True":
+                _set_condition(status, "Suspended", "True", "JobSuspended", "Job suspended")
+                events.append(("Normal", "Suspended", "Job suspended"))
+            status.pop("startTime", None)
+        else:
+            cond = _condition(status, "Suspended")
+            if cond and cond.get("status") == "True":
+                _set_condition(status, "Suspended", "False", "JobResumed", "Job resumed")
+                events.append(("Normal", "Resumed", "Job resumed"))
+                status["startTime"] = now_iso()
+            if not status.get("startTime"):
+                status["startTime"] = now_iso()
+                if spec.get("activeDeadlineSeconds") is not None:
+                    self.enqueue_after(key, float(spec["activeDeadlineSeconds"]) + 0.05)
+            wanted = int(parallelism)
+            if completions is not None:
+                wanted = min(wanted, int(completions) - succeeded)
+            elif succeeded > 0:
+                wanted = 0
+            replacement = spec.get("podReplacementPolicy") or (
+                "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
+            busy = len(active) + len(expected)
+            if replacement == "Failed":
+                busy += len(terminating)
+            to_create = max(0, wanted - busy)
+            if len(active) > wanted:
+                extra = sorted(active, key=lambda p: p["metadata"].get("creationTimestamp", ""))[wanted:]
+                await self._delete_pods(job, extra)
+            for _ in range(to_create):
+                created = await self._create_pod(job)
+                if created:
+                    if self.pods.get(namespace, created) is None:  # not yet seen through the watch
+                        expected[created] = time.time()
+                    else:
+                        active.append(self.pods.get(namespace, created) or {})
+                    events.append(("Normal", "SuccessfulCreate", f"Created pod: {created}"))
+        await self._write_status(job, status, active=len(active) + len(expected), terminating=len(terminating),
+                                 succeeded=succeeded, failed=failed)
+        for event in events:
+            await self.recorder.emit(job, *event)
+
+    async def _create_pod(self, job: dict[str, Any]) -> str | None:
+        meta = job["metadata"]
+        template = copy.deepcopy(job["spec"].get("template") or {})
+        pod_meta = template.get("metadata") or {}
+        labels = dict(pod_meta.get("labels") or {})
+        labels.setdefault("batch.kubernetes.io/controller-uid", meta["uid"])
+        labels.setdefault("controller-uid", meta["uid"])
+        labels.setdefault("batch.kubernetes.io/job-name", meta["name"])
+        labels.setdefault("job-name", meta["name"])
+        annotations = dict(pod_meta.get("annotations") or {})
+        for _ in range(5):
+            name = f"{meta['name'][:57]}-{random_suffix()}"
+            body = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": name,
+                    "generateName": f"{meta['name']}-",
+                    "namespace": meta["namespace"],
+                    "labels": labels,
+                    "annotations": annotations,
+                    "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
+                                         "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}],
+                },
+                "spec": template.get("spec") or {},
+            }
+            try:
+                await self.client.create(PODS.path(meta["namespace"]), body)
+                return name
+            except ApiError as err:
+                if err.conflict and err.reason == "AlreadyExists":
+                    continue
+                await self.recorder.emit(job, "Warning", "FailedCreate", f"Error creating: {err.body.get('message')}")
+                raise
+        return None
+
+    async def _delete_pods(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> None:
+        deleted = self.controller_deleted.setdefault(job["metadata"]["uid"], set())
+        for pod in pods:
+            meta = pod["metadata"]
+            if meta.get("deletionTimestamp"):
+                continue
+            deleted.add(meta["uid"])
+            await self.client.delete(PODS.path(meta["namespace"], meta["name"]), uid=meta["uid"])
+            await self.recorder.emit(job, "Normal", "SuccessfulDelete", f"Deleted pod: {meta['name']}")
+
+    async def _write_status(self, job: dict[str, Any], status: dict[str, Any], *, active: int, terminating: int,
+                            succeeded: int, failed: int) -> None:
+        status = dict(status)
+        for field, value in (("active", active), ("succeeded", succeeded), ("failed", failed)):
+            if value:
+                status[field] = value
+            else:
+                status.pop(field, None)
+        status["terminating"] = terminating
+        status["ready"] = sum(1 for p in self._job_pods(job) if _pod_ready(p))
+        status.setdefault("uncountedTerminatedPods", {})
+        if status == (job.get("status") or {}):
+            return
+        meta = job["metadata"]
+
+        def mutate(obj: dict[str, Any]) -> dict[str, Any] | None:
+            if obj["metadata"].get("uid") != meta["uid"]:
+                return None
+            current = obj.get("status") or {}
+            merged = dict(status)
+            if current.get("conditions") and merged.get("conditions") is not None:
+                # Keep conditions others added since our read (types we do not manage).
+                ours = {c["type"] for c in merged["conditions"]}
+                merged["conditions"] = merged["conditions"] + [c for c in current["conditions"]
+                                                               if c.get("type") not in ours]
+            if merged == current:
+                return None
+            obj["status"] = merged
+            return obj
+
+        await self.client.update_with_retry(JOBS.path(meta["namespace"], meta["name"], "status"), mutate, current=job)
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in pod.get("status", {}).get("conditions") or [])
+
+
+def _set_condition(status: dict[str, Any], kind: str, value: str, reason: str, message: str) -> None:
+    conditions = status.setdefault("conditions", [])
+    stamp = now_iso()
+    for cond in conditions:
+        if cond.get("type") == kind:
+            if cond.get("status") != value:
+                cond["lastTransitionTime"] = stamp
+            cond.update({"status": value, "reason": reason, "message": message, "lastProbeTime": stamp})
+            return
+    conditions.append({"type": kind, "status": value, "reason": reason, "message": message,
+                       "lastProbeTime": stamp, "lastTransitionTime": stamp})

@@ -1,0 +1,1 @@
+"""The local kubelet: runs pods bound to the emulated nodes as local process groups."""

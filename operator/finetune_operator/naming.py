@@ -1,0 +1,73 @@
+"""Deterministic, length-safe names and labels for a FineTuneJob's children.
+
+Any valid object name (a DNS-1123 subdomain of up to 253 characters, dots allowed, may start with a
+digit) maps to child names that are valid DNS-1035 labels (≤ 63 characters, start with a letter),
+so the same name works for Jobs, Deployments and Services. Names that already fit are kept readable;
+others are sanitised, truncated and disambiguated by a hash of the full original name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from enum import StrEnum
+
+MAX_LABEL = 63
+HASH_LEN = 8
+
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+class Stage(StrEnum):
+    """A child's role; the value is the name suffix and the component label."""
+
+    VALIDATE = "validate"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    EXPORT = "export"
+    SERVE = "serve"
+
+
+def is_dns1035_label(value: str) -> bool:
+    return len(value) <= MAX_LABEL and bool(_DNS1035.match(value))
+
+
+def is_label_value(value: str) -> bool:
+    return len(value) <= MAX_LABEL and bool(_LABEL_VALUE.match(value))
+
+
+def short_hash(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:HASH_LEN]
+
+
+def _sanitise(value: str) -> str:
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", value.lower())
+    cleaned = re.sub(r"-{2,}", "-", cleaned).strip("-")
+    if not cleaned or not cleaned[0].isalpha():
+        cleaned = "j-" + cleaned if cleaned else "j"
+    return cleaned
+
+
+def child_name(job_name: str, stage: Stage) -> str:
+    """The child's name: `<job>-<stage>` when that is a valid label, else `<prefix>-<hash>-<stage>`.
+
+    The plain form is injective (the stage is always the last dash-free segment). The hashed form uses
+    the full original name, so two names that sanitise or truncate alike still get different children.
+    """
+    plain = f"{job_name}-{stage.value}"
+    if is_dns1035_label(plain):
+        return plain
+    suffix = f"-{short_hash(job_name)}-{stage.value}"
+    prefix = _sanitise(job_name)[: MAX_LABEL - len(suffix)].rstrip("-")
+    return f"{prefix}{suffix}"
+
+
+def label_safe(value: str) -> str:
+    """A label value identifying `value`: itself when valid, else a truncated form plus a hash."""
+    if is_label_value(value):
+        return value
+    suffix = f"-{short_hash(value)}"
+    prefix = re.sub(r"[^A-Za-z0-9_.-]+", "-", value)[: MAX_LABEL - len(suffix)]
+    prefix = re.sub(r"^[^A-Za-z0-9]+|[^A-Za-z0-9]+$", "", prefix)
+    return f"{prefix}{suffix}" if prefix else suffix.lstrip("-")

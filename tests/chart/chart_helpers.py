@@ -1,0 +1,110 @@
+"""Shared helpers for the Helm chart tests: the real helm binary, rendering, manifest walking."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "finetune-operator"
+VALUES_DIR = Path(__file__).parent / "values"
+BAD_VALUES_DIR = Path(__file__).parent / "bad-values"
+SNAPSHOTS = Path(__file__).parent / "snapshots"
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest we test against.
+KUBE_VERSIONS = ("1.32.0", "1.35.0")
+
+
+def helm_binary() -> str | None:
+    """The helm v4 the Makefile installs (.tools/bin/helm), else HELM, else one on PATH."""
+    for candidate in (os.environ.get("HELM"), str(REPO / ".tools" / "bin" / "helm"), shutil.which("helm")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def run_helm(helm: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([helm, *args], capture_output=True, text=True, timeout=60)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
+
+
+@functools.cache
+def _render_cached(
+    helm: str,
+    values_file: str | None,
+    kube_version: str,
+    include_crds: bool,
+    namespace: str,
+    extra: tuple[str, ...],
+) -> tuple[dict[str, Any], ...]:
+    args = ["template", "ftop", str(CHART), "--namespace", namespace, "--kube-version", kube_version]
+    if include_crds:
+        args.append("--include-crds")
+    if values_file:
+        args += ["--values", values_file]
+    args += list(extra)
+    out = run_helm(helm, *args).stdout
+    return tuple(doc for doc in yaml.safe_load_all(out) if doc)
+
+
+def render(
+    helm: str,
+    values_file: Path | str | None = None,
+    *,
+    kube_version: str = KUBE_VERSIONS[0],
+    include_crds: bool = False,
+    namespace: str = "finetune-system",
+    extra: tuple[str, ...] = (),
+) -> list[dict[str, Any]]:
+    """`helm template` the chart and return its manifests (deep copies: callers may mutate them)."""
+    import copy
+
+    docs = _render_cached(
+        helm, str(values_file) if values_file else None, kube_version, include_crds, namespace, tuple(extra)
+    )
+    return copy.deepcopy(list(docs))
+
+
+def values_files() -> list[Path]:
+    return sorted(VALUES_DIR.glob("*.yaml"))
+
+
+def by_kind(manifests: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [m for m in manifests if m.get("kind") == kind]
+
+
+def one(manifests: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = by_kind(manifests, kind)
+    assert len(found) == 1, f"expected one {kind}, got {[m['metadata']['name'] for m in found]}"
+    return found[0]
+
+
+POD_TEMPLATE_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": ("spec",),
+    "Deployment": ("spec", "template", "spec"),
+    "StatefulSet": ("spec", "template", "spec"),
+    "DaemonSet": ("spec", "template", "spec"),
+    "ReplicaSet": ("spec", "template", "spec"),
+    "Job": ("spec", "template", "spec"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
+}
+
+
+def pod_specs(manifests: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every pod spec in the manifests, named `Kind/name`."""
+    for manifest in manifests:
+        path = POD_TEMPLATE_PATHS.get(manifest.get("kind", ""))
+        if path is None:
+            continue
+        spec: Any = manifest
+        for key in path:
+            spec = spec[key]
+        yield f"{manifest['kind']}/{manifest['metadata']['name']}", spec

@@ -1,0 +1,14 @@
+"""Fixtures of the Helm chart tests (helpers live in chart_helpers.py)."""
+
+from __future__ import annotations
+
+import pytest
+from chart_helpers import helm_binary
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    binary = helm_binary()
+    if binary is None:
+        pytest.skip("helm not found at .tools/bin/helm (run `make tools`), $HELM or on PATH")
+    return binary

@@ -1,0 +1,225 @@
+"""`helm install` into the embedded cluster: the local kubelet runs the operator from the chart's own
+Deployment (command, args, env, the ConfigMap mount), the operator reconciles a FineTuneJob, and `helm
+upgrade` / `helm uninstall` treat the CRD as docs/helm.md says (never upgraded, never deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from chart_helpers import CHART, run_helm
+
+pytestmark = [pytest.mark.helm, pytest.mark.e2e, pytest.mark.local_kubelet, pytest.mark.slow]
+
+RELEASE = "ftop"
+NAMESPACE = "finetune-system"
+CRD = "finetunejobs.finetune.dev"
+DEPLOYMENT = f"{RELEASE}-finetune-operator"
+KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
+
+
+def suspended_job(name: str) -> dict[str, Any]:
+    """A valid FineTuneJob that the operator reconciles without running anything: its first stage is
+    created suspended and the job reports phase Suspended."""
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "s3://finetune-demo/models/tiny-llama"},
+            "dataset": {"train": "s3://finetune-demo/data/train.jsonl"},
+            "resources": {"gpus": 0, "gpuType": "cpu"},
+            "storage": {"output": "s3://finetune-demo/runs", "credentialsSecret": "s3-credentials"},
+            "deployment": {"enabled": False},
+            "suspend": True,
+        },
+    }
+
+
+class Kube:
+    """kubectl and helm against the embedded cluster's kubeconfig."""
+
+    def __init__(self, kubeconfig: Path, helm: str):
+        self.env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+        self.helm_binary = helm
+
+    def kubectl(
+        self, *args: str, stdin: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [KUBECTL, *args], input=stdin, capture_output=True, text=True, env=self.env, timeout=60
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)}: {result.stderr}")
+        return result
+
+    def get(self, *args: str) -> dict[str, Any] | None:
+        result = self.kubectl("get", *args, "-o", "json", check=False)
+        if result.returncode != 0:
+            assert "NotFound" in result.stderr or "not found" in result.stderr, result.stderr
+            return None
+        return json.loads(result.stdout)
+
+    def apply(self, manifest: dict[str, Any], namespace: str) -> None:
+        self.kubectl("apply", "--server-side", "-n", namespace, "-f", "-", stdin=json.dumps(manifest))
+
+    def helm(self, *args: str) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [self.helm_binary, *args], capture_output=True, text=True, env=self.env, timeout=120
+        )
+        assert result.returncode == 0, f"helm {' '.join(args)}:\n{result.stdout}\n{result.stderr}"
+        return result
+
+
+def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+@pytest.fixture(scope="module")
+def cluster(request: pytest.FixtureRequest):
+    """The embedded cluster WITHOUT its built-in operator: the one the chart installs must do the work."""
+    try:
+        import localcluster.pytest_plugin  # noqa: F401
+    except ImportError as error:
+        pytest.skip(f"the embedded cluster's pytest plugin (issue 3) is not available: {error}")
+    return request.getfixturevalue("local_cluster")
+
+
+@pytest.fixture(scope="module")
+def kube(cluster, helm: str) -> Iterator[Kube]:
+    kube = Kube(Path(cluster.kubeconfig), helm)
+    yield kube
+    kube.helm("uninstall", RELEASE, "-n", NAMESPACE, "--ignore-not-found")
+
+
+def operator_pod(kube: Kube) -> dict[str, Any] | None:
+    pods = kube.get("pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={RELEASE}")
+    running = [
+        p
+        for p in (pods or {}).get("items", [])
+        if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
+    ]
+    return running[0] if running else None
+
+
+def phase_of(kube: Kube, namespace: str, name: str) -> str | None:
+    job = kube.get("finetunejob", name, "-n", namespace)
+    return ((job or {}).get("status") or {}).get("phase")
+
+
+def chart_with_changed_crd(tmp_path: Path) -> Path:
+    """A copy of the chart whose crds/ CRD differs (an extra label), standing in for a newer chart version."""
+    copy = tmp_path / "finetune-operator"
+    shutil.copytree(CHART, copy)
+    crd_path = copy / "crds" / "finetune.dev_finetunejobs.yaml"
+    crd = yaml.safe_load(crd_path.read_text())
+    crd["metadata"].setdefault("labels", {})["finetune.dev/chart-upgrade-probe"] = "true"
+    crd_path.write_text(yaml.safe_dump(crd, sort_keys=False))
+    return copy
+
+
+def test_install_reconcile_upgrade_uninstall(kube: Kube, tmp_path: Path) -> None:
+    kube.helm("install", RELEASE, str(CHART), "-n", NAMESPACE, "--create-namespace")
+
+    crd = kube.get("crd", CRD)
+    assert crd is not None, "helm install did not create the CRD from crds/"
+    assert "kubectl.kubernetes.io/last-applied-configuration" not in (
+        crd["metadata"].get("annotations") or {}
+    )
+
+    # The local kubelet runs exactly what the Deployment says.
+    pod = wait_for("the operator pod to run", lambda: operator_pod(kube), timeout=60)
+    deployment = kube.get("deployment", DEPLOYMENT, "-n", NAMESPACE)
+    container = pod["spec"]["containers"][0]
+    template = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert (container["command"], container["args"]) == (template["command"], template["args"])
+    assert "--all-namespaces" in container["args"]
+
+    kube.kubectl("create", "namespace", "ml")
+    kube.apply(suspended_job("chart-smoke"), "ml")
+    phase = wait_for(
+        "the operator to reconcile the FineTuneJob", lambda: phase_of(kube, "ml", "chart-smoke"), timeout=60
+    )
+    assert phase == "Suspended"
+    children = kube.get("jobs", "-n", "ml")["items"]
+    assert any(
+        ref["name"] == "chart-smoke"
+        for child in children
+        for ref in child["metadata"].get("ownerReferences", [])
+    ), "no child Job owned by the FineTuneJob"
+    logs = kube.kubectl("logs", "-n", NAMESPACE, f"deployment/{DEPLOYMENT}").stdout
+    assert "chart-smoke" in logs
+
+    # helm upgrade with a chart whose CRD changed: the CRD in the cluster stays as it was; the config rolls.
+    checksum = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    kube.helm(
+        "upgrade",
+        RELEASE,
+        str(chart_with_changed_crd(tmp_path)),
+        "-n",
+        NAMESPACE,
+        "--reuse-values",
+        "--set",
+        "config.defaults.resyncSeconds=30",
+    )
+    after = kube.get("crd", CRD)
+    assert after["metadata"]["uid"] == crd["metadata"]["uid"]
+    assert "finetune.dev/chart-upgrade-probe" not in (after["metadata"].get("labels") or {})
+    upgraded = kube.get("deployment", DEPLOYMENT, "-n", NAMESPACE)
+    assert upgraded["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != checksum
+    config = kube.get("configmap", f"{DEPLOYMENT}-config", "-n", NAMESPACE)
+    assert yaml.safe_load(config["data"]["config.yaml"])["defaults"]["resyncSeconds"] == 30
+
+    # helm uninstall: the release's objects go, the CRD and the FineTuneJobs stay.
+    kube.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait")
+    assert kube.get("deployment", DEPLOYMENT, "-n", NAMESPACE) is None
+    assert kube.get("clusterrole", DEPLOYMENT) is None
+    assert kube.get("crd", CRD)["metadata"]["uid"] == crd["metadata"]["uid"]
+    assert kube.get("finetunejob", "chart-smoke", "-n", "ml") is not None
+
+
+def test_namespaced_install_reconciles_only_its_namespaces(kube: Kube) -> None:
+    for namespace in ("team-a", "team-b"):
+        kube.kubectl("create", "namespace", namespace, check=False)
+    # The CRD may already exist (previous test): helm install leaves it in place and succeeds.
+    kube.helm(
+        "install",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        "--create-namespace",
+        "--set",
+        "watchNamespaces={team-a}",
+    )
+    assert kube.get("role", DEPLOYMENT, "-n", "team-a") is not None
+    assert kube.get("role", DEPLOYMENT, "-n", "team-b") is None
+    assert kube.get("clusterrolebinding", DEPLOYMENT) is None
+    pod = wait_for("the operator pod to run", lambda: operator_pod(kube), timeout=60)
+    args = pod["spec"]["containers"][0]["args"]
+    assert args[:2] == ["--namespace", "team-a"]
+
+    kube.apply(suspended_job("watched"), "team-a")
+    kube.apply(suspended_job("unwatched"), "team-b")
+    assert (
+        wait_for("the job in team-a", lambda: phase_of(kube, "team-a", "watched"), timeout=60) == "Suspended"
+    )
+    time.sleep(3)  # the operator has been reconciling for a while; team-b must still be untouched
+    assert phase_of(kube, "team-b", "unwatched") is None
+    kube.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait")

@@ -1,0 +1,298 @@
+"""`helm lint` and `helm template` over the values matrix: Kubernetes schemas, restricted pods, behaviour."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from chart_helpers import (
+    CHART,
+    KUBE_VERSIONS,
+    by_kind,
+    one,
+    pod_specs,
+    render,
+    run_helm,
+    values_files,
+)
+from pss import check_restricted
+
+pytestmark = pytest.mark.helm
+
+VALUES = values_files()
+VALUE_IDS = [path.stem for path in VALUES]
+MATRIX = VALUES[0].parent
+
+# CRD kinds have no schema in kubernetes-validate: checked against the fields we render.
+SERVICE_MONITOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "metadata": {"type": "object", "required": ["name", "namespace"]},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {"type": "object", "required": ["matchLabels"]},
+                "namespaceSelector": {"type": "object"},
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["port"],
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+CUSTOM_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"): SERVICE_MONITOR_SCHEMA}
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Namespace"}
+
+
+def deployment(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(manifests, "Deployment")
+
+
+def operator_container(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = deployment(manifests)["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["operator"]
+    return containers[0]
+
+
+def test_matrix_covers_the_issue_cases() -> None:
+    assert {"default", "namespaced", "metrics", "gpu-types", "digests"} <= set(VALUE_IDS)
+
+
+@pytest.mark.parametrize("values", [None, *VALUES], ids=["no-values", *VALUE_IDS])
+def test_helm_lint_strict(helm: str, values: Path | None) -> None:
+    args = ["lint", str(CHART), "--strict", "--kube-version", KUBE_VERSIONS[0]]
+    if values:
+        args += ["--values", str(values)]
+    result = run_helm(helm, *args, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+@pytest.mark.parametrize("values", VALUES, ids=VALUE_IDS)
+def test_every_manifest_matches_the_kubernetes_schema(helm: str, values: Path, kube_version: str) -> None:
+    manifests = render(helm, values, kube_version=kube_version, include_crds=True)
+    assert manifests
+    for manifest in manifests:
+        name = f"{manifest['kind']}/{manifest['metadata']['name']}"
+        custom = CUSTOM_SCHEMAS.get((manifest["apiVersion"], manifest["kind"]))
+        if custom is not None:
+            jsonschema.validate(manifest, custom)
+            continue
+        try:
+            kubernetes_validate.validate(manifest, kube_version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            path = ".".join(str(p) for p in error.path)
+            pytest.fail(
+                f"{values.stem}: {name} invalid for Kubernetes {kube_version}: {path}: {error.message}"
+            )
+        except kubernetes_validate.SchemaNotFoundError as error:
+            pytest.fail(f"{name}: {error.message}")
+
+
+@pytest.mark.parametrize("values", VALUES, ids=VALUE_IDS)
+def test_every_pod_is_pod_security_restricted(helm: str, values: Path) -> None:
+    manifests = render(helm, values)
+    specs = list(pod_specs(manifests))
+    assert specs, "the chart renders no pod"
+    for name, spec in specs:
+        annotations = deployment(manifests)["spec"]["template"]["metadata"].get("annotations", {})
+        assert check_restricted(spec, annotations) == [], name
+
+
+@pytest.mark.parametrize("values", VALUES, ids=VALUE_IDS)
+def test_resources_are_namespaced_to_the_release_or_cluster_scoped(helm: str, values: Path) -> None:
+    manifests = render(helm, values, namespace="ml-platform")
+    watch = (yaml.safe_load(values.read_text()) or {}).get("watchNamespaces") or []
+    for manifest in manifests:
+        namespace = manifest["metadata"].get("namespace")
+        if manifest["kind"] in CLUSTER_SCOPED:
+            assert namespace is None, manifest["metadata"]["name"]
+        elif manifest["kind"] in {"Role", "RoleBinding"}:
+            assert namespace in watch
+        else:
+            assert namespace == "ml-platform", f"{manifest['kind']}/{manifest['metadata']['name']}"
+        assert manifest["metadata"]["labels"]["app.kubernetes.io/instance"] == "ftop"
+
+
+def test_deployment_runs_one_restricted_operator_with_probe_metrics_and_config(helm: str) -> None:
+    manifests = render(helm, MATRIX / "default.yaml")
+    spec = deployment(manifests)["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    container = operator_container(manifests)
+    assert container["image"] == "ghcr.io/finetune-operator/operator:0.1.0"
+    assert container["command"] == ["python", "-m", "finetune_operator"]
+    assert container["args"] == [
+        "--all-namespaces",
+        "--config",
+        "/etc/finetune-operator/config.yaml",
+        "--metrics-port",
+        "9090",
+        "--liveness-port",
+        "8080",
+    ]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": 9090, "healthz": 8080}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["seccompProfile"] == {"type": "RuntimeDefault"}
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]], "read-only root filesystem needs a writable /tmp"
+    config_volume = volumes[mounts["/etc/finetune-operator"]]
+    configmap = one(manifests, "ConfigMap")
+    assert config_volume["configMap"]["name"] == configmap["metadata"]["name"]
+    assert "config.yaml" in configmap["data"]
+    assert pod["serviceAccountName"] == one(manifests, "ServiceAccount")["metadata"]["name"]
+
+
+def test_namespaced_mode_passes_each_namespace_to_the_operator(helm: str) -> None:
+    manifests = render(helm, MATRIX / "namespaced.yaml")
+    args = operator_container(manifests)["args"]
+    assert "--all-namespaces" not in args
+    pairs = [args[i + 1] for i, arg in enumerate(args) if arg == "--namespace"]
+    assert pairs == ["team-a", "team-b"]
+
+
+def test_metrics_service_and_servicemonitor_target_the_metrics_port(helm: str) -> None:
+    manifests = render(helm, MATRIX / "metrics.yaml")
+    container = operator_container(manifests)
+    assert container["args"][container["args"].index("--metrics-port") + 1] == "9191"
+    service = one(manifests, "Service")
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9191, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    pod_labels = deployment(manifests)["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    monitor = one(manifests, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"] == [
+        {"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "5s"}
+    ]
+    assert by_kind(render(helm, MATRIX / "default.yaml"), "ServiceMonitor") == []
+
+
+def _operator_config(manifests: list[dict[str, Any]], tmp_path: Path):
+    from finetune_operator.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(one(manifests, "ConfigMap")["data"]["config.yaml"])
+    return load_config(path, env={})
+
+
+def test_default_config_is_accepted_by_the_operator(helm: str, tmp_path: Path) -> None:
+    config = _operator_config(render(helm, MATRIX / "default.yaml"), tmp_path)
+    assert config.images.trainer == "ghcr.io/finetune-operator/trainer:0.1.0"
+    assert config.images.vllm == "vllm/vllm-openai:v0.32.0"
+    assert {"a100-40gb", "a100-80gb", "h100-80gb", "cpu"} <= set(config.gpu_types)
+    assert config.gpu_type("a100-80gb").node_selector == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert config.gpu_type("cpu").resource_name == ""
+
+
+def test_custom_gpu_types_reach_the_operator(helm: str, tmp_path: Path) -> None:
+    config = _operator_config(render(helm, MATRIX / "gpu-types.yaml"), tmp_path)
+    l4 = config.gpu_type("l4-24gb")
+    assert l4.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    assert [t.manifest() for t in l4.tolerations][1] == {
+        "key": "team",
+        "operator": "Equal",
+        "value": "ml",
+        "effect": "NoSchedule",
+    }
+    assert config.gpu_type("mi300x-192gb").resource_name == "amd.com/gpu"
+    assert config.gpu_type("mi300x-192gb").memory_gib == 192
+    assert "a100-80gb" in config.gpu_types  # helm merges maps: the defaults stay
+
+
+def test_digests_pin_every_image(helm: str, tmp_path: Path) -> None:
+    manifests = render(helm, MATRIX / "digests.yaml")
+    container = operator_container(manifests)
+    assert container["image"] == (
+        "registry.example.com/ml/finetune-operator@sha256:"
+        "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+    )
+    assert container["imagePullPolicy"] == "Always"
+    assert deployment(manifests)["spec"]["template"]["spec"]["imagePullSecrets"] == [
+        {"name": "registry-pull"}
+    ]
+    config = _operator_config(manifests, tmp_path)
+    assert config.images.trainer == "registry.example.com/ml/finetune-trainer@sha256:" + "1" * 64
+    assert config.images.vllm == "registry.example.com/mirror/vllm-openai@sha256:" + "2" * 64
+    assert config.images.pull_policy == "Always"
+
+
+def test_existing_service_account_and_no_rbac(helm: str) -> None:
+    manifests = render(helm, MATRIX / "existing-serviceaccount.yaml")
+    assert by_kind(manifests, "ServiceAccount") == []
+    assert [m["kind"] for m in manifests if "Role" in m["kind"]] == []
+    assert by_kind(manifests, "Service") == []
+    pod = deployment(manifests)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "finetune-operator-managed"
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    env = {e["name"]: e.get("value") for e in operator_container(manifests)["env"]}
+    assert env["FTO_RESYNC_SECONDS"] == "120"
+
+
+def test_config_checksum_rolls_the_operator_only_when_the_config_changes(helm: str) -> None:
+    def checksum(*extra: str) -> tuple[str, str]:
+        manifests = render(helm, extra=extra)
+        annotation = deployment(manifests)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+        return annotation, hashlib.sha256(
+            one(manifests, "ConfigMap")["data"]["config.yaml"].encode()
+        ).hexdigest()
+
+    base, _ = checksum()
+    assert checksum("--set", "resources.limits.memory=1Gi")[0] == base
+    assert checksum("--set", "config.defaults.resyncSeconds=30")[0] != base
+    assert checksum("--set", "config.images.vllm.tag=v0.33.0")[0] != base
+
+
+def test_extra_args_follow_the_fixed_ones(helm: str) -> None:
+    args = operator_container(render(helm, extra=("--set", "extraArgs={--debug}")))["args"]
+    assert args[-1] == "--debug" and args[0] == "--all-namespaces"
+
+
+def test_notes_tell_how_to_check_the_install(helm: str) -> None:
+    result = run_helm(
+        helm,
+        "install",
+        "ftop",
+        str(CHART),
+        "--dry-run=client",
+        "--namespace",
+        "finetune-system",
+        "--values",
+        str(MATRIX / "namespaced.yaml"),
+    )
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "kubectl -n finetune-system" in notes
+    assert "team-a" in notes and "team-b" in notes

@@ -1,0 +1,314 @@
+"""Manifest builders: every child is a valid Kubernetes object, restricted, owned and labelled, and each stage
+asks for exactly the resources, placement and credentials the issue specifies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import kubernetes_validate
+import pytest
+from finetune_operator import builders
+from finetune_operator.builders import Artifacts, JobRef
+from finetune_operator.config import OperatorConfig, load_config
+from finetune_operator.naming import is_dns1035_label
+from ftj_factory import UID, job
+
+CONFIG = load_config(env={})
+ADAPTER = Artifacts(adapter="s3://runs/out/team-a/demo/uid/model/adapter/")
+MERGED = Artifacts(merged="s3://runs/out/team-a/demo/uid/model/merged/")
+
+
+def _all(job_ref: JobRef, config: OperatorConfig = CONFIG) -> list[dict[str, Any]]:
+    return [
+        builders.validation_job(job_ref, config),
+        builders.training_job(job_ref, config),
+        builders.evaluation_job(job_ref, config),
+        builders.export_job(job_ref, config),
+        builders.serving_deployment(job_ref, config, ADAPTER),
+        builders.serving_service(job_ref, config),
+    ]
+
+
+def _pod_spec(manifest: dict[str, Any]) -> dict[str, Any]:
+    spec: dict[str, Any] = manifest["spec"]["template"]["spec"]
+    return spec
+
+
+def _containers(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    pod = _pod_spec(manifest)
+    yield from pod.get("initContainers", [])
+    yield from pod["containers"]
+
+
+JOBS = {
+    "default": job(),
+    "long dotted name": job(name="team.x." + "a" * 240),
+    "multi gpu + user placement": job(
+        resources={
+            "gpus": 4,
+            "gpuType": "h100-80gb",
+            "cpu": "32",
+            "memory": "256Gi",
+            "nodeSelector": {"pool": "train", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3-custom"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+            "priorityClassName": "batch-high",
+            "queueName": "team-a-queue",
+        }
+    ),
+    "cpu only, service account": job(
+        resources={"gpus": 0, "gpuType": "cpu"},
+        storage={"credentialsSecret": None, "serviceAccountName": "irsa-writer"},
+    ),
+}
+
+
+@pytest.mark.parametrize("job_ref", JOBS.values(), ids=JOBS.keys())
+def test_children_are_valid_restricted_owned_and_labelled(job_ref: JobRef) -> None:
+    for manifest in _all(job_ref):
+        kubernetes_validate.validate(manifest, "1.32", strict=True)
+        meta = manifest["metadata"]
+        assert is_dns1035_label(meta["name"])
+        assert meta["namespace"] == job_ref.namespace
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": "FineTuneJob",
+                "name": job_ref.name,
+                "uid": UID,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert meta["labels"]["finetune.dev/job-uid"] == UID
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "finetune-operator"
+        assert {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"} <= set(
+            meta["labels"]
+        )
+        if manifest["kind"] == "Service":
+            continue
+        pod = _pod_spec(manifest)
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in _containers(manifest):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"] == {"drop": ["ALL"]}
+            assert context["runAsNonRoot"] is True
+            # Credentials only by reference: no literal AWS/HF values, Secret refs only.
+            for env in container.get("env", []):
+                assert not env["name"].startswith(("AWS_", "HF_TOKEN")), env
+            for source in container.get("envFrom", []):
+                assert set(source) == {"secretRef"}
+        # Pod labels carry the job uid so the operator finds pods of its children.
+        assert manifest["spec"]["template"]["metadata"]["labels"]["finetune.dev/job-uid"] == UID
+
+
+def test_validation_never_asks_for_a_gpu_even_when_training_does() -> None:
+    ref = JOBS["multi gpu + user placement"]
+    manifest = builders.validation_job(ref, CONFIG)
+    pod = _pod_spec(manifest)
+    assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"])
+    assert not {"nodeSelector", "tolerations", "priorityClassName"} & set(pod)
+    assert "kueue.x-k8s.io/queue-name" not in manifest["metadata"]["labels"]
+    assert _pod_spec(manifest)["containers"][0]["command"] == ["python", "-m", "finetune_trainer", "validate"]
+
+
+def test_training_job_for_four_h100s_with_kueue() -> None:
+    ref = JOBS["multi gpu + user placement"]
+    manifest = builders.training_job(ref, CONFIG)
+    spec = manifest["spec"]
+    pod = _pod_spec(manifest)
+    trainer = pod["containers"][0]
+    assert trainer["command"] == ["torchrun", "--nproc-per-node=4", "-m", "finetune_trainer", "train"]
+    assert trainer["resources"]["limits"] == {"nvidia.com/gpu": "4", "memory": "256Gi"}
+    assert trainer["resources"]["requests"]["cpu"] == "32"
+    # The user's nodeSelector keys win over the GPU table's; tolerations are merged.
+    assert pod["nodeSelector"] == {"pool": "train", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3-custom"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    assert pod["priorityClassName"] == "batch-high"
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in trainer["volumeMounts"]
+    # Kueue: the label on Job and pods, and the Job starts suspended until admitted.
+    assert manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
+    assert spec["suspend"] is True
+    assert spec["backoffLimit"] == 3
+    assert spec["podReplacementPolicy"] == "Failed"
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    assert rules[1]["action"] == "FailJob"
+    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [10, 11, 12]}
+    assert pod["restartPolicy"] == "Never"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "check"),
+    [
+        ({"maxRetries": 7}, lambda s: s["backoffLimit"] == 7),
+        ({"activeDeadlineSeconds": 7200}, lambda s: s["activeDeadlineSeconds"] == 7200),
+        ({}, lambda s: "activeDeadlineSeconds" not in s and "suspend" not in s),
+        ({"suspend": True}, lambda s: "suspend" not in s),  # the state machine decides suspension
+    ],
+)
+def test_training_job_spec_fields(overrides: dict[str, Any], check: Any) -> None:
+    assert check(builders.training_job(job(**overrides), CONFIG)["spec"])
+
+
+def test_training_job_can_be_created_suspended_and_without_pod_replacement_policy() -> None:
+    old_cluster = CONFIG.model_copy(
+        update={"defaults": CONFIG.defaults.model_copy(update={"pod_replacement_policy": False})}
+    )
+    manifest = builders.training_job(job(), old_cluster, suspend=True)
+    assert "podReplacementPolicy" not in manifest["spec"]
+    assert manifest["spec"]["suspend"] is True
+
+
+def test_trainer_gets_the_contract_environment() -> None:
+    ref = job(
+        evaluation={
+            "reference": {
+                "url": "https://api.example.com/v1",
+                "model": "gpt-x",
+                "apiKeySecret": {"name": "ref-key", "key": "token"},
+            }
+        }
+    )
+    train = _pod_spec(builders.training_job(ref, CONFIG))["containers"][0]
+    env = {e["name"]: e for e in train["env"]}
+    document = json.loads(env["FTJ_CONFIG"]["value"])
+    assert document["runPrefix"] == f"s3://runs/out/team-a/demo/{UID}"
+    assert document["job"] == {"namespace": "team-a", "name": "demo", "uid": UID}
+    assert document["spec"] == dict(ref.spec)
+    assert env["FTJ_TERMINATION_LOG"]["value"] == train["terminationMessagePath"] == "/dev/termination-log"
+    assert env["FTJ_WORKDIR"]["value"] == "/workspace"
+    assert train["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert "FTJ_REFERENCE_API_KEY" not in env  # only the evaluation pod gets the reference key
+    evaluate = _pod_spec(builders.evaluation_job(ref, CONFIG))["containers"][0]
+    key = next(e for e in evaluate["env"] if e["name"] == "FTJ_REFERENCE_API_KEY")
+    assert key["valueFrom"] == {"secretKeyRef": {"name": "ref-key", "key": "token"}}
+
+
+def test_service_account_instead_of_secret() -> None:
+    pod = _pod_spec(builders.training_job(JOBS["cpu only, service account"], CONFIG))
+    assert pod["serviceAccountName"] == "irsa-writer"
+    assert "envFrom" not in pod["containers"][0]
+    assert "nvidia.com/gpu" not in json.dumps(pod)
+    default_pod = _pod_spec(builders.training_job(job(), CONFIG))
+    assert default_pod["automountServiceAccountToken"] is False
+
+
+@pytest.mark.parametrize(
+    ("rank", "expected"), [(1, 8), (8, 8), (9, 16), (16, 16), (33, 64), (300, 320), (321, 512), (512, 512)]
+)
+def test_vllm_lora_rank(rank: int, expected: int) -> None:
+    assert builders.vllm_lora_rank(rank) == expected
+
+
+def test_vllm_lora_rank_too_large() -> None:
+    with pytest.raises(ValueError, match="1024 exceeds"):
+        builders.vllm_lora_rank(1024)
+
+
+def _args(manifest: dict[str, Any]) -> list[str]:
+    args: list[str] = _pod_spec(manifest)["containers"][0]["args"]
+    return args
+
+
+def _flag(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+def test_adapter_serving_fetches_base_and_adapter_and_enables_lora() -> None:
+    ref = job(lora={"rank": 24}, deployment={"servedModelName": "support-bot", "maxModelLen": 4096})
+    manifest = builders.serving_deployment(ref, CONFIG, ADAPTER)
+    args = _args(manifest)
+    assert _flag(args, "--model") == "/models/base"
+    assert "--enable-lora" in args
+    assert _flag(args, "--lora-modules") == "support-bot=/models/adapter"
+    assert _flag(args, "--max-lora-rank") == "32"
+    assert _flag(args, "--max-model-len") == "4096"
+    assert _flag(args, "--port") == "8000"
+    fetches = {c["name"]: c["command"][-2:] for c in _pod_spec(manifest)["initContainers"]}
+    assert fetches == {
+        "fetch-base": ["s3://models/tiny-llama", "/models/base"],
+        "fetch-adapter": ["s3://runs/out/team-a/demo/uid/model/adapter", "/models/adapter"],
+    }
+    container = _pod_spec(manifest)["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert (
+        manifest["spec"]["template"]["metadata"]["labels"] | manifest["spec"]["selector"]["matchLabels"]
+        == (manifest["spec"]["template"]["metadata"]["labels"])
+    )
+
+
+def test_merged_serving_and_hf_and_pvc_bases() -> None:
+    full = job(
+        method="full", deployment={"gpus": 2, "gpuType": "h100-80gb", "extraArgs": ["--enforce-eager"]}
+    )
+    args = _args(builders.serving_deployment(full, CONFIG, MERGED))
+    assert _flag(args, "--model") == "/models/merged"
+    assert _flag(args, "--served-model-name") == "demo"
+    assert _flag(args, "--tensor-parallel-size") == "2"
+    assert "--enable-lora" not in args and args[-1] == "--enforce-eager"
+    with pytest.raises(ValueError, match="merged"):
+        builders.serving_deployment(full, CONFIG, ADAPTER)
+
+    hf = job(baseModel={"uri": "hf://mistralai/Mistral-Small-3", "revision": "main"})
+    hf_manifest = builders.serving_deployment(hf, CONFIG, ADAPTER)
+    assert _flag(_args(hf_manifest), "--model") == "mistralai/Mistral-Small-3"
+    assert _flag(_args(hf_manifest), "--revision") == "main"
+    assert [c["name"] for c in _pod_spec(hf_manifest)["initContainers"]] == ["fetch-adapter"]
+
+    pvc = job(baseModel={"uri": "pvc://models-claim/llama/8b"})
+    pvc_manifest = builders.serving_deployment(pvc, CONFIG, ADAPTER)
+    assert _flag(_args(pvc_manifest), "--model") == "/models-pvc/llama/8b"
+    claim = next(v for v in _pod_spec(pvc_manifest)["volumes"] if v["name"] == "base-model")
+    assert claim["persistentVolumeClaim"] == {"claimName": "models-claim", "readOnly": True}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "artifacts", "mode", "export"),
+    [
+        ({}, ADAPTER, "adapter", False),
+        ({"method": "full"}, MERGED, "merged", False),
+        ({"deployment": {"mode": "merged"}}, ADAPTER, "merged", True),
+        ({"deployment": {"mode": "merged", "enabled": False}}, ADAPTER, "merged", False),
+        ({"method": "qlora", "deployment": {"mode": "auto"}}, ADAPTER, "adapter", False),
+    ],
+)
+def test_serving_mode_and_export(
+    overrides: dict[str, Any], artifacts: Artifacts, mode: str, export: bool
+) -> None:
+    ref = job(**overrides)
+    assert builders.serving_mode(ref.spec) == mode
+    assert builders.needs_export(ref.spec, artifacts) is export
+
+
+def test_service_and_endpoint() -> None:
+    ref = JOBS["long dotted name"]
+    service = builders.serving_service(ref, CONFIG)
+    deployment = builders.serving_deployment(ref, CONFIG, ADAPTER)
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["port"] == 8000
+    assert builders.endpoint_url(ref, CONFIG) == f"http://{service['metadata']['name']}.team-a.svc:8000/v1"
+
+
+def test_deployment_hash_tracks_the_deployment_section() -> None:
+    def digest(**deployment: Any) -> str:
+        manifest = builders.serving_deployment(job(deployment=deployment), CONFIG, ADAPTER)
+        value: str = manifest["metadata"]["annotations"]["finetune.dev/spec-hash"]
+        return value
+
+    assert digest() == digest()
+    assert digest(replicas=2) != digest()
+    assert digest(maxModelLen=1024) != digest()

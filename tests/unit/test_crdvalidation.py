@@ -1,0 +1,299 @@
+"""The CRD admission engine on a small hand-written CRD: pruning, defaulting, schema errors worded as
+kube-apiserver words them, CEL rules (message, messageExpression, fieldPath, reason, transition rules)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from localcluster.crdvalidation import CRDValidator, FieldCause, InvalidError, go_value, validate_value
+
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "required": ["size"],
+            "x-kubernetes-validations": [
+                {"rule": "self.size <= self.limit", "messageExpression": "'size ' + string(self.size) + "
+                 "' exceeds limit ' + string(self.limit)", "fieldPath": ".size"},
+                {"rule": "!has(self.mode) || self.mode != 'fast' || self.replicas >= 2",
+                 "message": "fast mode needs two replicas", "reason": "FieldValueForbidden"},
+            ],
+            "properties": {
+                "size": {"type": "integer", "minimum": 1, "maximum": 100},
+                "limit": {"type": "integer", "default": 10, "minimum": 1, "maximum": 1000},
+                "replicas": {"type": "integer", "default": 1, "minimum": 0, "maximum": 8},
+                "ratio": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
+                          "exclusiveMaximum": True},
+                "mode": {"type": "string", "enum": ["fast", "safe"]},
+                "name": {"type": "string", "maxLength": 8, "minLength": 2, "pattern": "^[a-z]+$",
+                         "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "name is immutable"}]},
+                "when": {"type": "string", "format": "date-time"},
+                "note": {"type": "string", "nullable": True, "maxLength": 16},
+                "quantity": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
+                             "pattern": "^[0-9]+(m|Gi)?$"},
+                "tags": {"type": "array", "maxItems": 3, "minItems": 1, "x-kubernetes-list-type": "set",
+                         "items": {"type": "string", "maxLength": 5}},
+                "labels": {"type": "object", "maxProperties": 2, "additionalProperties": {"type": "string"}},
+                "nested": {"type": "object", "default": {},
+                           "properties": {"depth": {"type": "integer", "default": 3, "maximum": 9},
+                                          "inner": {"type": "object", "default": {},
+                                                    "properties": {"flag": {"type": "boolean", "default": True}}}}},
+                "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                "ports": {
+                    "type": "array", "maxItems": 4, "x-kubernetes-list-type": "map",
+                    "x-kubernetes-list-map-keys": ["name"],
+                    "items": {"type": "object", "required": ["name"],
+                              "properties": {"name": {"type": "string", "maxLength": 8},
+                                             "port": {"type": "integer", "minimum": 1, "maximum": 65535,
+                                                      "x-kubernetes-validations": [
+                                                          {"rule": "self >= oldSelf",
+                                                           "message": "port may only grow"}]}}},
+                },
+                "steps": {"type": "array", "maxItems": 4,
+                          "items": {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9,
+                                    "x-kubernetes-validations": [{"rule": "self == oldSelf"}]}}}},
+            },
+        },
+        "status": {"type": "object", "properties": {"phase": {"type": "string"}}},
+    },
+}
+CRD: dict[str, Any] = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "widgets.example.dev"},
+    "spec": {
+        "group": "example.dev",
+        "names": {"kind": "Widget", "plural": "widgets"},
+        "scope": "Namespaced",
+        "versions": [{"name": "v1", "served": True, "storage": True,
+                      "schema": {"openAPIV3Schema": SCHEMA}}],
+    },
+}
+
+
+def widget(**spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "example.dev/v1", "kind": "Widget", "metadata": {"name": "w1"},
+            "spec": {"size": 5, **spec}}
+
+
+@pytest.fixture(scope="module")
+def validator() -> CRDValidator:
+    return CRDValidator(CRD, "v1")
+
+
+def causes(validator: CRDValidator, obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[FieldCause]:
+    with pytest.raises(InvalidError) as info:
+        validator.admit(obj, old=old)
+    return info.value.causes
+
+
+def only(validator: CRDValidator, obj: dict[str, Any], old: dict[str, Any] | None = None) -> str:
+    found = causes(validator, obj, old)
+    assert len(found) == 1, found
+    return found[0].error()
+
+
+# ------------------------------------------------------------------------------------------ pruning, defaults
+def test_prunes_unknown_fields_but_keeps_preserved_and_meta(validator: CRDValidator) -> None:
+    obj = widget(bogus=1, nested={"depth": 2, "bogus": True}, free={"anything": {"goes": [1]}})
+    obj["metadata"].update(labels={"a": "b"}, bogus="x")
+    obj["status"] = {"phase": "Ready", "bogus": 1}
+    obj["topLevel"] = 1
+    out = validator.admit(obj)
+    assert "bogus" not in out["spec"] and "bogus" not in out["spec"]["nested"]
+    assert out["spec"]["free"] == {"anything": {"goes": [1]}}
+    assert out["metadata"] == {"name": "w1", "labels": {"a": "b"}}
+    assert out["status"] == {"phase": "Ready"}
+    assert "topLevel" not in out and out["apiVersion"] == "example.dev/v1" and out["kind"] == "Widget"
+    assert obj["spec"]["bogus"] == 1, "admit must not change its input"
+
+
+def test_defaults_are_applied_recursively_into_defaulted_objects(validator: CRDValidator) -> None:
+    out = validator.admit(widget())
+    assert out["spec"]["limit"] == 10 and out["spec"]["replicas"] == 1
+    assert out["spec"]["nested"] == {"depth": 3, "inner": {"flag": True}}
+    partial = validator.admit(widget(nested={"depth": 7, "inner": {}}))
+    assert partial["spec"]["nested"] == {"depth": 7, "inner": {"flag": True}}
+
+
+def test_nulls_are_defaulted_or_dropped_unless_nullable(validator: CRDValidator) -> None:
+    out = validator.admit(widget(limit=None, mode=None, note=None))
+    assert out["spec"]["limit"] == 10
+    assert "mode" not in out["spec"]
+    assert out["spec"]["note"] is None
+
+
+def test_required_after_null_pruning(validator: CRDValidator) -> None:
+    obj = widget()
+    obj["spec"]["size"] = None
+    found = causes(validator, obj)
+    assert found[0].error() == "spec.size: Required value"
+    # as on a real API server, a rule reading the missing field then fails at run time
+    # (reported where the rule is, not at its fieldPath, and named by the rule since it has no message)
+    assert found[1].error() == ('spec: Invalid value: "object": no such key: size evaluating rule: '
+                                'self.size <= self.limit')
+
+
+# ------------------------------------------------------------------------------------------ schema messages
+@pytest.mark.parametrize(("spec", "expected"), [
+    ({"size": 0}, "spec.size: Invalid value: 0: spec.size in body should be greater than or equal to 1"),
+    ({"size": 101, "limit": 1000}, "spec.size: Invalid value: 101: spec.size in body should be less than or equal to 100"),
+    ({"ratio": 0}, "spec.ratio: Invalid value: 0: spec.ratio in body should be greater than 0"),
+    ({"ratio": 1.0}, "spec.ratio: Invalid value: 1: spec.ratio in body should be less than 1"),
+    ({"ratio": 1.5}, "spec.ratio: Invalid value: 1.5: spec.ratio in body should be less than 1"),
+    ({"name": "abcdefghi"}, "spec.name: Too long: may not be more than 8 bytes"),
+    ({"name": "a"}, 'spec.name: Invalid value: "a": spec.name in body should be at least 2 chars long'),
+    ({"name": "ab1"}, "spec.name: Invalid value: \"ab1\": spec.name in body should match '^[a-z]+$'"),
+    ({"when": "yesterday"}, 'spec.when: Invalid value: "yesterday": spec.when in body must be of type '
+                            'date-time: "yesterday"'),
+    ({"tags": ["a", "b", "c", "d"]}, "spec.tags: Too many: 4: must have at most 3 items"),
+    ({"tags": []}, "spec.tags: Invalid value: 0: spec.tags in body should have at least 1 items"),
+    ({"tags": ["a", "a"]}, 'spec.tags[1]: Duplicate value: "a"'),
+    ({"tags": ["abcdef"]}, "spec.tags[0]: Too long: may not be more than 5 bytes"),
+    ({"labels": {"a": "1", "b": "2", "c": "3"}}, "spec.labels: Too many: 3: must have at most 2 items"),
+    ({"quantity": "4x"}, "spec.quantity: Invalid value: \"4x\": spec.quantity in body should match "
+                         "'^[0-9]+(m|Gi)?$'"),
+    ({"ports": [{"name": "a", "port": 1}, {"name": "a", "port": 2}]},
+     'spec.ports[1]: Duplicate value: map[string]interface {}{"name":"a"}'),
+    ({"ports": [{"port": 80}]}, "spec.ports[0].name: Required value"),
+    ({"nested": {"depth": 10}}, "spec.nested.depth: Invalid value: 10: spec.nested.depth in body should be "
+                                "less than or equal to 9"),
+])
+def test_schema_errors_read_like_kube_apiserver(validator: CRDValidator, spec: dict[str, Any], expected: str) -> None:
+    assert only(validator, widget(**spec)) == expected
+
+
+def test_type_errors_skip_cel_with_the_apiserver_notice(validator: CRDValidator) -> None:
+    found = causes(validator, widget(size="big", limit=1))
+    assert found[0].error() == ('spec.size: Invalid value: "string": spec.size in body must be of type integer: '
+                                '"string"')
+    assert found[0].type == "FieldValueTypeInvalid"
+    assert found[-1].field == "<nil>" and "some validation rules were not checked" in found[-1].message
+    assert len(found) == 2, "the CEL rule size <= limit must not have run"
+
+
+def test_enum_error_lists_supported_values(validator: CRDValidator) -> None:
+    found = causes(validator, widget(mode="turbo"))
+    assert found[0].error() == 'spec.mode: Unsupported value: "turbo": supported values: "fast", "safe"'
+    assert found[0].type == "FieldValueNotSupported"
+
+
+def test_int_or_string_accepts_both(validator: CRDValidator) -> None:
+    assert validator.admit(widget(quantity=4))["spec"]["quantity"] == 4
+    assert validator.admit(widget(quantity="500m"))["spec"]["quantity"] == "500m"
+    assert causes(validator, widget(quantity=1.5))[0].type == "FieldValueTypeInvalid"
+
+
+def test_valid_datetime_and_integral_float_pass(validator: CRDValidator) -> None:
+    validator.admit(widget(when="2026-11-28T14:00:00Z", size=5.0))
+
+
+def test_every_error_is_reported_at_once(validator: CRDValidator) -> None:
+    fields = {c.field for c in causes(validator, widget(size=0, name="A", tags=["x", "x"]))}
+    assert fields == {"spec.size", "spec.name", "spec.tags[1]"}
+
+
+# ------------------------------------------------------------------------------------------ CEL
+def test_cel_message_expression_and_field_path(validator: CRDValidator) -> None:
+    assert only(validator, widget(size=50, limit=20)) == 'spec.size: Invalid value: "object": size 50 exceeds limit 20'
+
+
+def test_cel_reason_forbidden(validator: CRDValidator) -> None:
+    found = causes(validator, widget(mode="fast", replicas=1))
+    assert [c.error() for c in found] == ["spec: Forbidden: fast mode needs two replicas"]
+    assert found[0].type == "FieldValueForbidden"
+    validator.admit(widget(mode="fast", replicas=2))
+
+
+def test_transition_rules_only_on_update_with_an_old_value(validator: CRDValidator) -> None:
+    created = validator.admit(widget(name="abc"))
+    changed = copy.deepcopy(created)
+    changed["spec"]["name"] = "xyz"
+    assert only(validator, changed, created) == 'spec.name: Invalid value: "string": name is immutable'
+    # no old value at that location: the rule does not run (set once, then immutable)
+    unnamed = validator.admit(widget())
+    assert validator.admit(changed, old=unnamed)["spec"]["name"] == "xyz"
+
+
+def test_transition_rules_correlate_map_lists_by_key_only(validator: CRDValidator) -> None:
+    old = validator.admit(widget(ports=[{"name": "http", "port": 8080}], steps=[{"n": 1}]))
+    shrunk = copy.deepcopy(old)
+    shrunk["spec"]["ports"] = [{"name": "grpc", "port": 9000}, {"name": "http", "port": 80}]
+    assert only(validator, shrunk, old) == 'spec.ports[1].port: Invalid value: "integer": port may only grow'
+    # items of an atomic list never correlate, so their transition rules do not run
+    moved = copy.deepcopy(old)
+    moved["spec"]["steps"] = [{"n": 2}]
+    validator.admit(moved, old=old)
+
+
+def test_cel_runtime_error_is_reported_with_the_rule(validator: CRDValidator) -> None:
+    crd = copy.deepcopy(CRD)
+    spec_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec_schema["x-kubernetes-validations"] = [{"rule": "self.missing > 1"}]
+    found = causes(CRDValidator(crd, "v1"), widget())
+    assert found[0].error() == ('spec: Invalid value: "object": no such key: missing evaluating rule: '
+                                'self.missing > 1')
+
+
+def test_numbers_reach_cel_as_doubles(validator: CRDValidator) -> None:
+    crd = copy.deepcopy(CRD)
+    spec_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec_schema["x-kubernetes-validations"] = [{"rule": "!has(self.ratio) || self.ratio == 0.5"}]
+    CRDValidator(crd, "v1").admit(widget(ratio=0.5))
+
+
+def test_kubernetes_string_library(validator: CRDValidator) -> None:
+    crd = copy.deepcopy(CRD)
+    spec_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec_schema["x-kubernetes-validations"] = [
+        {"rule": "!has(self.name) || (self.name.upperAscii().lowerAscii() == self.name && "
+                 "self.name.indexOf('b') == 1 && self.name.split('b').size() == 2)"},
+    ]
+    checker = CRDValidator(crd, "v1")
+    checker.admit(widget(name="abc"))
+    assert causes(checker, widget(name="cab"))[0].message == 'Invalid value: "object": failed rule: ' + \
+        spec_schema["x-kubernetes-validations"][0]["rule"]
+
+
+# ------------------------------------------------------------------------------------------ errors, metadata
+def test_invalid_error_message_and_status(validator: CRDValidator) -> None:
+    with pytest.raises(InvalidError) as info:
+        validator.admit(widget(size=0, name="A"))
+    err = info.value
+    assert err.message().startswith('Widget.example.dev "w1" is invalid: [spec.size: Invalid value: 0: ')
+    status = err.status()
+    assert status["code"] == 422 and status["reason"] == "Invalid"
+    assert status["details"] == {
+        "name": "w1", "group": "example.dev", "kind": "Widget",
+        "causes": [{"reason": c.type, "message": c.message, "field": c.field} for c in err.causes],
+    }
+    single = InvalidError("Widget", "w1", err.causes[:1], group="example.dev")
+    assert "[" not in single.message()
+
+
+def test_metadata_name_is_validated(validator: CRDValidator) -> None:
+    obj = widget()
+    obj["metadata"]["name"] = "Bad_Name"
+    assert causes(validator, obj)[0].field == "metadata.name"
+    obj["metadata"] = {"generateName": "w-"}
+    validator.admit(obj)
+    obj["metadata"] = {}
+    assert only(validator, obj) == "metadata.name: Required value: name or generateName is required"
+
+
+def test_go_value_rendering() -> None:
+    assert go_value(0) == "0" and go_value(1.5) == "1.5" and go_value(2.0) == "2"
+    assert go_value("x") == '"x"' and go_value(True) == "true" and go_value(None) == '"null"'
+
+
+def test_validate_value_checks_a_default_against_its_schema() -> None:
+    schema = {"type": "integer", "minimum": 1}
+    assert validate_value(3, schema) == []
+    assert validate_value(0, schema, "spec.x")[0].field == "spec.x"

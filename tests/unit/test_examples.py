@@ -1,0 +1,75 @@
+"""Every example loads through the models and the CRD (schema + CEL), and means what its name says."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from finetune_operator.crdgen import build_crd
+from finetune_operator.models import FineTuneJob, parse_finetunejob, spec_to_dict
+
+from localcluster.crdvalidation import CRDValidator
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXPECTED = {"demo.yaml", "lora-mistral-small-3-a100-80gb.yaml", "qlora-a100-40gb.yaml",
+            "full-finetune-4xa100.yaml", "kueue-queued.yaml"}
+
+
+@pytest.fixture(scope="module")
+def validator() -> CRDValidator:
+    return CRDValidator(build_crd(), "v1alpha1")
+
+
+def load(name: str) -> dict[str, Any]:
+    docs = list(yaml.safe_load_all((EXAMPLES / name).read_text()))
+    assert len(docs) == 1
+    return dict(docs[0])
+
+
+def admitted(name: str, validator: CRDValidator) -> FineTuneJob:
+    obj = load(name)
+    stored = validator.admit(obj)
+    job = parse_finetunejob(stored)
+    assert parse_finetunejob(obj).spec == job.spec
+    assert spec_to_dict(job.spec) == stored["spec"], "model and CRD defaults differ"
+    return job
+
+
+def test_the_expected_examples_exist() -> None:
+    assert {p.name for p in EXAMPLES.glob("*.yaml")} >= EXPECTED
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_example_is_accepted_by_models_and_crd(name: str, validator: CRDValidator) -> None:
+    job = admitted(name, validator)
+    assert job.metadata.name and len(job.metadata.name) <= 63
+
+
+def test_demo_runs_on_cpu(validator: CRDValidator) -> None:
+    spec = admitted("demo.yaml", validator).spec
+    assert spec.resources.gpus == 0 and spec.resources.gpu_type == "cpu"
+    assert spec.base_model.uri == "s3://finetune-demo/models/tiny-llama"
+    assert spec.dataset.train == "s3://finetune-demo/data/train.jsonl"
+    assert spec.storage.output == "s3://finetune-demo/runs" and spec.storage.credentials_secret == "s3-credentials"
+    assert spec.method == "lora" and spec.hyperparameters.max_steps is not None
+    assert spec.hyperparameters.max_steps <= 100
+    assert spec.evaluation.thresholds and spec.evaluation.thresholds[0].metric == "exact_match"
+    assert spec.deployment.enabled and spec.deployment.mode == "adapter" and spec.deployment.gpus == 0
+
+
+def test_gpu_examples(validator: CRDValidator) -> None:
+    lora = admitted("lora-mistral-small-3-a100-80gb.yaml", validator).spec
+    assert lora.method == "lora" and lora.resources.gpus == 1 and lora.resources.gpu_type == "a100-80gb"
+    assert "Mistral-Small" in lora.base_model.uri
+    qlora = admitted("qlora-a100-40gb.yaml", validator).spec
+    assert qlora.method == "qlora" and qlora.resources.gpus == 1 and qlora.resources.gpu_type == "a100-40gb"
+    full = admitted("full-finetune-4xa100.yaml", validator).spec
+    assert full.method == "full" and full.resources.gpus == 4 and full.deployment.mode == "merged"
+
+
+def test_kueue_example(validator: CRDValidator) -> None:
+    spec = admitted("kueue-queued.yaml", validator).spec
+    assert spec.resources.queue_name and spec.evaluation.thresholds
+    assert spec.deployment.enabled is False

@@ -1,0 +1,131 @@
+"""The evaluation gate: thresholds, comparison with the base model, relative minImprovement."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from finetune_operator.gate import evaluate_gate, relative_improvement
+
+GATE_CASES = [
+    # (name, evaluation spec, tuned, base, passed, words expected in the reasons)
+    ("tuned beats base on loss", {"metrics": ["loss"]}, {"loss": 1.0}, {"loss": 2.0}, True, ["+50.0%"]),
+    (
+        "tuned worse on loss",
+        {"metrics": ["loss"]},
+        {"loss": 2.5},
+        {"loss": 2.0},
+        False,
+        ["not enough improvement", "lower is better"],
+    ),
+    ("equal is not better", {"metrics": ["loss"]}, {"loss": 2.0}, {"loss": 2.0}, False, ["not enough"]),
+    (
+        "higher is better for exact_match",
+        {"metrics": ["exact_match"], "primaryMetric": "exact_match"},
+        {"exact_match": 0.6},
+        {"exact_match": 0.4},
+        True,
+        ["+50.0%", "higher is better"],
+    ),
+    (
+        "minImprovement is relative and met",
+        {"metrics": ["exact_match"], "primaryMetric": "exact_match", "minImprovement": 0.2},
+        {"exact_match": 0.6},
+        {"exact_match": 0.5},
+        True,
+        ["+20.0%"],
+    ),
+    (
+        "minImprovement is relative and missed",
+        {"metrics": ["exact_match"], "primaryMetric": "exact_match", "minImprovement": 0.25},
+        {"exact_match": 0.6},
+        {"exact_match": 0.5},
+        False,
+        ["not enough improvement", "+25.0%"],
+    ),
+    (
+        "threshold min fails",
+        {
+            "metrics": ["exact_match"],
+            "primaryMetric": "exact_match",
+            "thresholds": [{"metric": "exact_match", "min": 0.7}],
+        },
+        {"exact_match": 0.6},
+        {"exact_match": 0.1},
+        False,
+        ["exact_match 0.6 is below the minimum 0.7"],
+    ),
+    (
+        "threshold max fails",
+        {
+            "metrics": ["loss", "perplexity"],
+            "compareToBase": False,
+            "thresholds": [{"metric": "perplexity", "max": 5}],
+        },
+        {"loss": 1.0, "perplexity": 6.2},
+        None,
+        False,
+        ["perplexity 6.2 is above the maximum 5"],
+    ),
+    (
+        "thresholds hold, no base comparison",
+        {
+            "metrics": ["loss", "rouge_l"],
+            "compareToBase": False,
+            "thresholds": [{"metric": "rouge_l", "min": 0.3}, {"metric": "loss", "max": 2}],
+        },
+        {"loss": 1.5, "rouge_l": 0.35},
+        None,
+        True,
+        ["rouge_l 0.35 meets min 0.3", "loss 1.5 meets max 2"],
+    ),
+    (
+        "metric missing from the evaluation",
+        {"metrics": ["token_f1"], "compareToBase": False, "thresholds": [{"metric": "token_f1", "min": 0.1}]},
+        {},
+        None,
+        False,
+        ["token_f1: not reported"],
+    ),
+    ("base missing while comparing", {"metrics": ["loss"]}, {"loss": 1.0}, None, False, ["cannot compare"]),
+    (
+        "primary defaults to the first metric",
+        {"metrics": ["perplexity", "exact_match"]},
+        {"perplexity": 3.0, "exact_match": 0.0},
+        {"perplexity": 9.0, "exact_match": 0.5},
+        True,
+        ["perplexity"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "tuned", "base", "passed", "words"), GATE_CASES, ids=[c[0] for c in GATE_CASES]
+)
+def test_gate(
+    name: str,
+    spec: dict[str, Any],
+    tuned: dict[str, float],
+    base: dict[str, float] | None,
+    passed: bool,
+    words: list[str],
+) -> None:
+    result = evaluate_gate(spec, tuned, base)
+    assert result.passed is passed
+    text = " | ".join(result.reasons)
+    for word in words:
+        assert word in text
+
+
+@pytest.mark.parametrize(
+    ("metric", "tuned", "base", "expected"),
+    [
+        ("loss", 1.0, 2.0, 0.5),
+        ("loss", 3.0, 2.0, -0.5),
+        ("exact_match", 0.3, 0.2, 0.5),
+        ("exact_match", 0.2, 0.0, float("inf")),
+        ("rouge_l", 0.0, 0.0, 0.0),
+    ],
+)
+def test_relative_improvement(metric: str, tuned: float, base: float, expected: float) -> None:
+    assert relative_improvement(metric, tuned, base) == pytest.approx(expected)

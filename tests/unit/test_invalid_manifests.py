@@ -1,0 +1,262 @@
+"""Bad FineTuneJobs are rejected twice, with the field named: by the CRD (schema + CEL, as the API server)
+and by the operator's pydantic models.
+
+Unknown fields are the one deliberate difference: the API server prunes them (as kube-apiserver does for a
+structural schema) while the models reject them (`extra="forbid"`), because the operator only ever parses
+objects that came back from the API server: an unknown field there means a hand-built or skewed object,
+and we prefer a loud error to silently ignoring part of a spec.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from finetune_operator.crdgen import build_crd
+from finetune_operator.models import SpecError, check_update, parse_finetunejob
+from localcluster.crdvalidation import CRDValidator, InvalidError
+
+
+def valid_job() -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "job-1", "namespace": "default"},
+        "spec": {
+            "baseModel": {"uri": "s3://models-bucket/llama/tiny"},
+            "dataset": {"train": "s3://data-bucket/sets/train.jsonl"},
+            "storage": {"output": "s3://runs-bucket/finetune", "credentialsSecret": "s3-credentials"},
+            "evaluation": {"metrics": ["loss", "exact_match"]},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def validator() -> CRDValidator:
+    return CRDValidator(build_crd(), "v1alpha1")
+
+
+def at(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """Set (or with value DELETE, remove) a dotted path under the object."""
+
+    def mutate(obj: dict[str, Any]) -> None:
+        node = obj
+        keys = path.split(".")
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        if value is DELETE:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+
+    return mutate
+
+
+DELETE = object()
+
+
+@dataclass
+class Case:
+    id: str
+    mutate: Callable[[dict[str, Any]], None]
+    path: str
+    model_path: str | None = None  # where pydantic reports it, when its path is coarser than the API server's
+    update: bool = False  # apply `mutate` to an update of the valid stored object
+
+
+CASES = [
+    # missing required fields
+    Case("no-spec", at("spec", DELETE), "spec"),
+    Case("no-base-model", at("spec.baseModel", DELETE), "spec.baseModel"),
+    Case("no-base-model-uri", at("spec.baseModel.uri", DELETE), "spec.baseModel.uri"),
+    Case("no-dataset-train", at("spec.dataset.train", DELETE), "spec.dataset.train"),
+    Case("no-storage", at("spec.storage", DELETE), "spec.storage"),
+    Case("no-output", at("spec.storage.output", DELETE), "spec.storage.output"),
+    Case("no-threshold-metric", at("spec.evaluation.thresholds", [{"min": 0.5}]),
+         "spec.evaluation.thresholds[0].metric"),
+    Case("reference-without-model", at("spec.evaluation.reference", {"url": "https://api.example.com/v1"}),
+         "spec.evaluation.reference.model"),
+    # wrong types
+    Case("epochs-string", at("spec.hyperparameters.epochs", "three"), "spec.hyperparameters.epochs"),
+    Case("epochs-float", at("spec.hyperparameters.epochs", 1.5), "spec.hyperparameters.epochs"),
+    Case("lr-string", at("spec.hyperparameters.learningRate", "2e-4"), "spec.hyperparameters.learningRate"),
+    Case("packing-string", at("spec.hyperparameters.packing", "yes"), "spec.hyperparameters.packing"),
+    Case("lora-list", at("spec.lora", ["rank", 8]), "spec.lora"),
+    Case("target-modules-string", at("spec.lora.targetModules", "q_proj"), "spec.lora.targetModules"),
+    Case("gpus-bool", at("spec.resources.gpus", True), "spec.resources.gpus"),
+    Case("cpu-bool", at("spec.resources.cpu", True), "spec.resources.cpu"),
+    Case("node-selector-number", at("spec.resources.nodeSelector", {"zone": 3}),
+         "spec.resources.nodeSelector.zone"),
+    # out-of-range numbers
+    Case("epochs-zero", at("spec.hyperparameters.epochs", 0), "spec.hyperparameters.epochs"),
+    Case("epochs-huge", at("spec.hyperparameters.epochs", 1000), "spec.hyperparameters.epochs"),
+    Case("lr-zero", at("spec.hyperparameters.learningRate", 0), "spec.hyperparameters.learningRate"),
+    Case("lr-negative", at("spec.hyperparameters.learningRate", -0.1), "spec.hyperparameters.learningRate"),
+    Case("dropout-above-one", at("spec.lora.dropout", 1.5), "spec.lora.dropout"),
+    Case("rank-zero", at("spec.lora.rank", 0), "spec.lora.rank"),
+    Case("gpus-negative", at("spec.resources.gpus", -1), "spec.resources.gpus"),
+    Case("gpus-too-many", at("spec.resources.gpus", 64), "spec.resources.gpus"),
+    Case("max-seq-tiny", at("spec.hyperparameters.maxSeqLength", 8), "spec.hyperparameters.maxSeqLength"),
+    Case("replicas-zero", at("spec.deployment.replicas", 0), "spec.deployment.replicas"),
+    Case("deadline-short", at("spec.activeDeadlineSeconds", 5), "spec.activeDeadlineSeconds"),
+    Case("retries-negative", at("spec.maxRetries", -1), "spec.maxRetries"),
+    Case("test-size-zero", at("spec.dataset.testSize", 0), "spec.dataset.testSize"),
+    # unknown enum values
+    Case("method-unknown", at("spec.method", "foo"), "spec.method"),
+    Case("format-unknown", at("spec.dataset.format", "parquet"), "spec.dataset.format"),
+    Case("metric-unknown", at("spec.evaluation.metrics", ["loss", "bleu"]), "spec.evaluation.metrics[1]"),
+    Case("deploy-mode-unknown", at("spec.deployment.mode", "gguf"), "spec.deployment.mode"),
+    Case("toleration-effect-unknown", at("spec.resources.tolerations", [{"key": "a", "effect": "Never"}]),
+         "spec.resources.tolerations[0].effect"),
+    # malformed or dangerous URIs
+    Case("uri-one-slash", at("spec.baseModel.uri", "s3:/x"), "spec.baseModel.uri"),
+    Case("uri-no-bucket", at("spec.baseModel.uri", "s3://"), "spec.baseModel.uri"),
+    Case("uri-dotdot", at("spec.baseModel.uri", "s3://models-bucket/../x"), "spec.baseModel.uri"),
+    Case("uri-dot", at("spec.dataset.train", "s3://data-bucket/./train.jsonl"), "spec.dataset.train"),
+    Case("uri-empty-segment", at("spec.dataset.train", "s3://data-bucket//train.jsonl"), "spec.dataset.train"),
+    Case("uri-file", at("spec.dataset.train", "file:///etc/passwd"), "spec.dataset.train"),
+    Case("uri-http", at("spec.dataset.validation", "http://example.com/val.jsonl"), "spec.dataset.validation"),
+    Case("uri-bucket-uppercase", at("spec.baseModel.uri", "s3://Models/llama"), "spec.baseModel.uri"),
+    Case("uri-bucket-too-short", at("spec.baseModel.uri", "s3://ab/llama"), "spec.baseModel.uri"),
+    Case("uri-bucket-too-long", at("spec.baseModel.uri", f"s3://{'b' * 64}/llama"), "spec.baseModel.uri"),
+    Case("uri-bucket-double-dot", at("spec.baseModel.uri", "s3://my..bucket/llama"), "spec.baseModel.uri"),
+    Case("uri-bucket-only-model", at("spec.baseModel.uri", "s3://models-bucket"), "spec.baseModel.uri"),
+    Case("uri-hf-no-org", at("spec.baseModel.uri", "hf://gpt2"), "spec.baseModel.uri"),
+    Case("uri-pvc-dotdot", at("spec.baseModel.uri", "pvc://cache/../../etc"), "spec.baseModel.uri"),
+    Case("output-not-s3", at("spec.storage.output", "pvc://cache/out"), "spec.storage.output"),
+    Case("output-newline", at("spec.storage.output", "s3://runs-bucket/out\n"), "spec.storage.output"),
+    Case("reference-not-http", at("spec.evaluation.reference", {"url": "ftp://x/v1", "model": "m"}),
+         "spec.evaluation.reference.url"),
+    Case("secret-name-invalid", at("spec.storage.credentialsSecret", "S3_Creds"), "spec.storage.credentialsSecret"),
+    Case("cpu-not-quantity", at("spec.resources.cpu", "four"), "spec.resources.cpu"),
+    # cross-field rules (CEL on the API server, model validators in the operator)
+    Case("qlora-on-cpu", lambda o: o["spec"].update(method="qlora", resources={"gpus": 0}),
+         "spec.resources.gpus"),
+    Case("adapter-with-full", lambda o: o["spec"].update(method="full", deployment={"mode": "adapter"}),
+         "spec.deployment.mode"),
+    Case("threshold-metric-not-computed", at("spec.evaluation.thresholds", [{"metric": "rouge_l", "min": 0.3}]),
+         "spec.evaluation.thresholds"),
+    Case("threshold-without-bound", at("spec.evaluation.thresholds", [{"metric": "loss"}]),
+         "spec.evaluation.thresholds[0]"),
+    Case("threshold-both-bounds", at("spec.evaluation.thresholds", [{"metric": "loss", "min": 0, "max": 1}]),
+         "spec.evaluation.thresholds[0]"),
+    Case("primary-metric-not-computed", at("spec.evaluation.primaryMetric", "token_f1"),
+         "spec.evaluation.primaryMetric"),
+    Case("output-is-model", at("spec.storage.output", "s3://models-bucket/llama/tiny"), "spec.storage.output"),
+    Case("output-under-model", at("spec.storage.output", "s3://models-bucket/llama/tiny/runs"),
+         "spec.storage.output"),
+    Case("output-is-dataset", at("spec.storage.output", "s3://data-bucket/sets/train.jsonl/"),
+         "spec.storage.output"),
+    Case("duplicate-metric", at("spec.evaluation.metrics", ["loss", "loss"]), "spec.evaluation.metrics[1]",
+         model_path="spec.evaluation.metrics"),
+    # transition rules (immutable once set)
+    Case("update-base-model", at("spec.baseModel.uri", "s3://models-bucket/llama/other"), "spec.baseModel",
+         update=True),
+    Case("update-dataset", at("spec.dataset.train", "s3://data-bucket/sets/train-v2.jsonl"), "spec.dataset",
+         update=True),
+    Case("update-method", at("spec.method", "full"), "spec.method", update=True),
+    Case("update-lora-rank", at("spec.lora.rank", 64), "spec.lora", update=True),
+    Case("update-epochs", at("spec.hyperparameters.epochs", 5), "spec.hyperparameters", update=True),
+    # oversized strings and lists
+    Case("uri-too-long", at("spec.baseModel.uri", "s3://models-bucket/" + "a" * 1100), "spec.baseModel.uri"),
+    Case("served-name-too-long", at("spec.deployment.servedModelName", "m" * 129),
+         "spec.deployment.servedModelName"),
+    Case("extra-arg-too-long", at("spec.deployment.extraArgs", ["x" * 257]), "spec.deployment.extraArgs[0]"),
+    Case("too-many-target-modules", at("spec.lora.targetModules", [f"m{i}" for i in range(65)]),
+         "spec.lora.targetModules"),
+    Case("too-many-thresholds", at("spec.evaluation.thresholds", [{"metric": "loss", "max": 9}] * 11),
+         "spec.evaluation.thresholds"),
+    Case("too-many-extra-args", at("spec.deployment.extraArgs", ["--x"] * 33), "spec.deployment.extraArgs"),
+    Case("too-many-node-labels", at("spec.resources.nodeSelector", {f"k{i}": "v" for i in range(33)}),
+         "spec.resources.nodeSelector"),
+    Case("empty-target-modules", at("spec.lora.targetModules", []), "spec.lora.targetModules"),
+    Case("name-too-long", at("metadata.name", "a" * 254), "metadata.name"),
+    Case("name-invalid", at("metadata.name", "Job_1"), "metadata.name"),
+]
+
+
+def test_table_is_large_enough() -> None:
+    assert len(CASES) >= 40
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+def _build(case: Case, validator: CRDValidator) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    obj = valid_job()
+    if not case.update:
+        case.mutate(obj)
+        return obj, None
+    stored = validator.admit(obj)
+    new = copy.deepcopy(stored)
+    case.mutate(new)
+    return new, stored
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_rejected_by_crd_schema_and_cel(case: Case, validator: CRDValidator) -> None:
+    obj, old = _build(case, validator)
+    with pytest.raises(InvalidError) as info:
+        validator.admit(obj, old=old)
+    fields = [c.field for c in info.value.causes]
+    assert case.path in fields, info.value.message()
+    assert f"{case.path}: " in info.value.message()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_rejected_by_models(case: Case, validator: CRDValidator) -> None:
+    obj, old = _build(case, validator)
+    expected = case.model_path or case.path
+    with pytest.raises(SpecError) as info:
+        job = parse_finetunejob(obj)
+        if old is not None:
+            check_update(parse_finetunejob(old).spec, job.spec)
+    paths = [path for path, _ in info.value.errors]
+    assert expected in paths, str(info.value)
+    assert f"{expected}: " in str(info.value)
+
+
+def test_valid_job_passes_both(validator: CRDValidator) -> None:
+    stored = validator.admit(valid_job())
+    parse_finetunejob(stored)
+    # the same object as an update of itself passes the transition rules
+    validator.admit(copy.deepcopy(stored), old=stored)
+    check_update(parse_finetunejob(stored).spec, parse_finetunejob(stored).spec)
+
+
+def test_mutable_fields_may_change_on_update(validator: CRDValidator) -> None:
+    stored = validator.admit(valid_job())
+    new = copy.deepcopy(stored)
+    new["spec"]["suspend"] = True
+    new["spec"]["deployment"]["replicas"] = 3
+    new["spec"]["evaluation"]["thresholds"] = [{"metric": "loss", "max": 2.0}]
+    assert validator.admit(new, old=stored)["spec"]["suspend"] is True
+    check_update(parse_finetunejob(stored).spec, parse_finetunejob(new).spec)
+
+
+def test_unknown_fields_are_pruned_by_the_api_server_and_rejected_by_the_models(validator: CRDValidator) -> None:
+    obj = valid_job()
+    obj["spec"]["gpuCount"] = 4
+    obj["spec"]["lora"] = {"rank": 8, "ranks": 9}
+    obj["status"] = {"phase": "Training", "foo": "bar"}
+    obj["extra"] = True
+    admitted = validator.admit(obj)
+    assert "gpuCount" not in admitted["spec"]
+    assert admitted["spec"]["lora"]["rank"] == 8 and "ranks" not in admitted["spec"]["lora"]
+    assert admitted["status"] == {"phase": "Training"}
+    assert "extra" not in admitted
+    parse_finetunejob(admitted)
+    with pytest.raises(SpecError) as info:
+        parse_finetunejob(obj)
+    paths = [path for path, _ in info.value.errors]
+    assert "spec.gpuCount" in paths and "spec.lora.ranks" in paths
+
+
+def test_longest_valid_name_is_accepted(validator: CRDValidator) -> None:
+    obj = valid_job()
+    name = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    assert len(name) == 253
+    obj["metadata"]["name"] = name
+    assert validator.admit(obj)["metadata"]["name"] == name
+    assert parse_finetunejob(obj).metadata.name == name

@@ -1,0 +1,452 @@
+"""The pure state machine, driven through whole pipelines: each step observes a small simulated world
+(children with the statuses the Job/Deployment controllers would set), applies the plan, and checks what a
+user sees in the status and Events."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from finetune_operator.builders import JobRef
+from finetune_operator.config import load_config
+from finetune_operator.naming import Stage
+from finetune_operator.state import Event, Observed, Plan, Reason, plan
+from ftj_factory import job, pending_pod, terminated_pod, with_status
+
+CONFIG = load_config(env={})
+NOW = datetime(2026, 1, 1, 2, 0, 0, tzinfo=UTC)
+VALID = {
+    "stage": "validate",
+    "exitCode": 0,
+    "reason": "OK",
+    "message": "ok",
+    "summary": {
+        "format": "chat",
+        "train": 900,
+        "validation": 0,
+        "test": 100,
+        "trainTokens": 3_240_000,
+        "removed": {"duplicate": 3},
+        "errors": {},
+    },
+}
+TRAINED = {
+    "stage": "train",
+    "exitCode": 0,
+    "reason": "OK",
+    "message": "done",
+    "summary": {
+        "step": 200,
+        "totalSteps": 200,
+        "loss": 0.42,
+        "adapter": "s3://runs/out/a/model/adapter/",
+        "merged": None,
+    },
+}
+EVAL_GOOD = {
+    "stage": "evaluate",
+    "exitCode": 0,
+    "summary": {
+        "tuned": {"loss": 0.5, "perplexity": 1.6},
+        "base": {"loss": 2.0, "perplexity": 7.4},
+        "n": 100,
+    },
+}
+EVAL_BAD = {
+    "stage": "evaluate",
+    "exitCode": 0,
+    "summary": {
+        "tuned": {"loss": 2.2, "perplexity": 9.0},
+        "base": {"loss": 2.0, "perplexity": 7.4},
+        "n": 100,
+    },
+}
+
+
+@dataclass
+class World:
+    ref: JobRef
+    status: dict[str, Any] = field(default_factory=dict)
+    children: dict[Stage, dict[str, Any]] = field(default_factory=dict)
+    service: dict[str, Any] | None = None
+    pods: dict[Stage, list[dict[str, Any]]] = field(default_factory=dict)
+    progress: dict[str, Any] | None = None
+    generation: int = 1
+    events: list[Event] = field(default_factory=list)
+    last: Plan | None = None
+
+    def step(self) -> Plan:
+        observed = Observed(
+            job=self.ref,
+            generation=self.generation,
+            status=copy.deepcopy(self.status),
+            children=self.children,
+            service=self.service,
+            pods=self.pods,
+            progress=self.progress,
+            now=NOW,
+        )
+        result = plan(observed, CONFIG)
+        for manifest in result.create:
+            stage = Stage(manifest["metadata"]["labels"]["app.kubernetes.io/component"])
+            if manifest["kind"] == "Service":
+                self.service = manifest
+            else:
+                # As the Job controller has it right after creation: no pods started yet.
+                self.children[stage] = (
+                    with_status(manifest, start=None) if manifest["kind"] == "Job" else manifest
+                )
+        for patch in result.patch:
+            target = next(c for c in self.children.values() if c["metadata"]["name"] == patch.name)
+            if patch.patch_type == "merge":
+                target["spec"].update(patch.patch["spec"])
+        for delete in result.delete:
+            if delete.kind == "Service":
+                self.service = None
+            else:
+                self.children.pop(Stage.SERVE, None)
+        for key, value in result.status.items():
+            if value is None:
+                self.status.pop(key, None)
+            else:
+                self.status[key] = value
+        self.events += result.events
+        self.last = result
+        return result
+
+    def finish(self, stage: Stage, document: dict[str, Any]) -> None:
+        self.children[stage] = with_status(self.children[stage], complete=True, start="2026-01-01T00:00:00Z")
+        self.pods[stage] = [terminated_pod(stage.value, 0, document)]
+
+    def fail(
+        self,
+        stage: Stage,
+        reason: str,
+        exit_code: int,
+        document: dict[str, Any] | str,
+        pod_reason: str = "Error",
+    ) -> None:
+        self.children[stage] = with_status(self.children[stage], failed=reason, failed_pods=1)
+        self.pods[stage] = [terminated_pod(stage.value, exit_code, document, reason=pod_reason)]
+
+    @property
+    def condition(self) -> dict[str, dict[str, Any]]:
+        return {c["type"]: c for c in self.status["conditions"]}
+
+
+def _quiet(world: World) -> None:
+    """Observing an unchanged world again must write nothing (idle writes = 0)."""
+    again = world.step()
+    assert again.writes == 0, again
+
+
+def _to_training(world: World) -> None:
+    world.step()
+    world.finish(Stage.VALIDATE, VALID)
+    world.step()
+
+
+def test_first_visit_creates_only_the_validation_job_and_sets_every_condition() -> None:
+    world = World(job())
+    first = world.step()
+    assert [m["kind"] for m in first.create] == ["Job"]
+    assert first.create[0]["metadata"]["name"] == "demo-validate"
+    assert first.writes == 3  # the Job, one status patch, one Event
+    assert world.status["phase"] == "Validating"
+    assert set(world.condition) == {"Validated", "Trained", "Evaluated", "Deployed", "Ready"}
+    assert all(c["observedGeneration"] == 1 for c in world.condition.values())
+    assert world.status["observedGeneration"] == 1
+    assert world.status["startTime"] == "2026-01-01T02:00:00Z"
+    assert [(e.type, e.reason) for e in first.events] == [("Normal", "Validating")]
+    _quiet(world)
+
+
+def test_bad_dataset_fails_at_validation_with_the_trainers_message_and_no_gpu_pod() -> None:
+    world = World(job(resources={"gpus": 8}))
+    world.step()
+    world.fail(
+        Stage.VALIDATE,
+        "PodFailurePolicy",
+        10,
+        {
+            "stage": "validate",
+            "exitCode": 10,
+            "reason": "INVALID_DATA",
+            "message": "train.jsonl line 12: invalid JSON: Expecting ',' delimiter",
+        },
+    )
+    world.step()
+    assert world.status["phase"] == "Failed"
+    assert world.condition["Validated"]["reason"] == "InvalidDataset"
+    assert world.condition["Ready"]["reason"] == "InvalidDataset"
+    assert "train.jsonl line 12: invalid JSON" in world.status["message"]
+    assert set(world.children) == {Stage.VALIDATE}
+    assert world.events[-1].type == "Warning" and world.events[-1].reason == "InvalidDataset"
+    assert world.status["completionTime"]
+    _quiet(world)
+
+
+def test_good_data_records_counts_estimate_and_starts_training_in_the_same_pass() -> None:
+    world = World(job())
+    _to_training(world)
+    assert world.status["dataset"]["train"] == 900
+    assert world.status["dataset"]["trainTokens"] == 3_240_000
+    # 3.24M tokens x 3 epochs / 3000 tokens/s on a100-80gb = 0.9 GPU-hours
+    assert world.status["gpuHoursEstimate"] == pytest.approx(0.9)
+    assert world.condition["Validated"]["status"] == "True"
+    assert world.status["phase"] == "Training"
+    train = world.children[Stage.TRAIN]
+    assert train["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    _quiet(world)
+
+
+def test_unschedulable_training_says_why_once() -> None:
+    world = World(job(resources={"gpus": 16}))
+    _to_training(world)
+    scheduler = "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."
+    world.pods[Stage.TRAIN] = [pending_pod(unschedulable=scheduler)]
+    result = world.step()
+    assert scheduler in world.status["message"]
+    assert world.condition["Trained"]["reason"] == "Unschedulable"
+    assert world.status["phase"] == "Training"
+    assert [(e.type, e.reason) for e in result.events] == [("Warning", "Unschedulable")]
+    _quiet(world)
+
+
+def test_progress_from_the_trainer_line_reaches_status() -> None:
+    world = World(job())
+    _to_training(world)
+    world.progress = {
+        "event": "progress",
+        "step": 40,
+        "totalSteps": 200,
+        "epoch": 0.8,
+        "loss": 1.23,
+        "learningRate": 0.0002,
+        "tokensPerSecond": 1234.5,
+        "etaSeconds": 96,
+    }
+    world.step()
+    assert world.status["progress"] == {
+        "step": 40,
+        "totalSteps": 200,
+        "etaSeconds": 96,
+        "epoch": 0.8,
+        "loss": 1.23,
+        "learningRate": 0.0002,
+        "tokensPerSecond": 1234.5,
+        "display": "40/200",
+    }
+    _quiet(world)
+
+
+@pytest.mark.parametrize(
+    ("job_reason", "exit_code", "document", "pod_reason", "reason", "words"),
+    [
+        (
+            "PodFailurePolicy",
+            11,
+            {"exitCode": 11, "message": "spec.method: qlora needs a GPU"},
+            "Error",
+            "InvalidConfig",
+            ["spec.method"],
+        ),
+        (
+            "PodFailurePolicy",
+            12,
+            {"exitCode": 12, "message": "CUDA out of memory"},
+            "Error",
+            "OutOfMemory",
+            ["batchSize", "hint"],
+        ),
+        ("BackoffLimitExceeded", 137, "", "OOMKilled", "OutOfMemory", ["memory limit", "hint"]),
+        ("DeadlineExceeded", 143, "", "Error", "DeadlineExceeded", ["deadline"]),
+        (
+            "BackoffLimitExceeded",
+            20,
+            {"exitCode": 20, "message": "S3 unreachable"},
+            "Error",
+            "RetriesExhausted",
+            ["S3 unreachable", "exit code 20"],
+        ),
+    ],
+)
+def test_training_failures_map_to_reasons(
+    job_reason: str, exit_code: int, document: Any, pod_reason: str, reason: str, words: list[str]
+) -> None:
+    world = World(job())
+    _to_training(world)
+    message = "Job was active longer than specified deadline" if job_reason == "DeadlineExceeded" else ""
+    world.children[Stage.TRAIN] = with_status(
+        world.children[Stage.TRAIN], failed=job_reason, failed_pods=1, message=message
+    )
+    world.pods[Stage.TRAIN] = [terminated_pod("train", exit_code, document, reason=pod_reason)]
+    world.step()
+    assert world.status["phase"] == "Failed"
+    assert world.condition["Trained"]["reason"] == reason
+    for word in words:
+        assert word in world.status["message"]
+    assert Stage.EVALUATE not in world.children
+    _quiet(world)
+
+
+def test_image_pull_failure_fails_and_stops_the_job() -> None:
+    world = World(job())
+    _to_training(world)
+    world.pods[Stage.TRAIN] = [pending_pod(waiting="ImagePullBackOff")]
+    result = world.step()
+    assert world.status["phase"] == "Failed"
+    assert world.condition["Trained"]["reason"] == "ImagePullFailed"
+    assert [(p.kind, p.patch) for p in result.patch] == [("Job", {"spec": {"suspend": True}})]
+
+
+def test_eviction_is_a_counted_retry_with_an_event() -> None:
+    world = World(job())
+    _to_training(world)
+    evicted = terminated_pod(
+        "train",
+        21,
+        {"exitCode": 21, "message": "preempted"},
+        conditions=[{"type": "DisruptionTarget", "status": "True"}],
+    )
+    world.pods[Stage.TRAIN] = [evicted, pending_pod(created="2026-01-01T00:05:00Z")]
+    result = world.step()
+    assert world.status["retries"] == 1
+    assert world.status["phase"] == "Training"
+    assert "Retrying" in [e.reason for e in result.events]
+    _quiet(world)
+
+
+def test_suspend_and_resume() -> None:
+    world = World(job())
+    _to_training(world)
+    world.ref = job(suspend=True)
+    world.generation = 2
+    result = world.step()
+    assert [(p.kind, p.name, p.patch) for p in result.patch] == [
+        ("Job", "demo-train", {"spec": {"suspend": True}})
+    ]
+    assert world.status["phase"] == "Suspended"
+    assert world.status["observedGeneration"] == 2
+    _quiet(world)
+    world.ref = job(suspend=False)
+    world.generation = 3
+    result = world.step()
+    assert [p.patch for p in result.patch] == [{"spec": {"suspend": False}}]
+    assert world.status["phase"] == "Training"
+    assert [e.reason for e in result.events] == ["Training"]
+
+
+def test_kueue_queued_job_waits_for_admission() -> None:
+    world = World(job(resources={"queueName": "gpu-queue"}))
+    _to_training(world)
+    assert world.children[Stage.TRAIN]["spec"]["suspend"] is True
+    world.step()
+    assert world.condition["Trained"]["reason"] == "Queued"
+    assert "gpu-queue" in world.status["message"]
+    assert world.last is not None and world.last.patch == []  # Kueue, not the operator, unsuspends it
+
+
+def _to_evaluated(world: World, document: dict[str, Any]) -> None:
+    _to_training(world)
+    world.finish(Stage.TRAIN, TRAINED)
+    world.step()
+    world.finish(Stage.EVALUATE, document)
+    world.step()
+
+
+def test_failed_gate_rejects_with_numbers_and_never_deploys() -> None:
+    world = World(job())
+    _to_evaluated(world, EVAL_BAD)
+    assert world.status["phase"] == "Rejected"
+    evaluation = world.status["evaluation"]
+    assert evaluation["passed"] is False
+    assert evaluation["tuned"] == {"loss": 2.2, "perplexity": 9.0}
+    assert evaluation["base"] == {"loss": 2.0, "perplexity": 7.4}
+    assert any("loss tuned 2.2 vs base 2" in r for r in evaluation["reasons"])
+    assert Stage.SERVE not in world.children and world.service is None
+    assert world.events[-1].reason == "GateFailed"
+    _quiet(world)
+
+
+def test_happy_path_to_serving_then_idle() -> None:
+    world = World(job(deployment={"servedModelName": "toy-bot"}))
+    _to_evaluated(world, EVAL_GOOD)
+    assert world.status["phase"] == "Deploying"
+    assert world.status["artifacts"]["adapter"] == "s3://runs/out/a/model/adapter/"
+    assert world.status["evaluation"]["passed"] is True
+    deployment = world.children[Stage.SERVE]
+    assert world.service is not None
+    deployment["metadata"]["generation"] = 1
+    deployment["status"] = {
+        "observedGeneration": 1,
+        "availableReplicas": 1,
+        "conditions": [{"type": "Available", "status": "True"}],
+    }
+    world.step()
+    assert world.status["phase"] == "Serving"
+    assert world.status["endpoint"] == {"url": "http://demo-serve.team-a.svc:8000/v1", "model": "toy-bot"}
+    assert world.condition["Ready"]["status"] == "True"
+    assert world.status["gpuHours"] == pytest.approx(2.0)  # 1 GPU x (1 h training + 1 h evaluation)
+    phases = [e.message.split(":")[0] for e in world.events]
+    assert phases == ["Validating", "Training", "Evaluating", "Deploying", "Serving"]
+    _quiet(world)
+
+    # A change to the deployment section rolls the Deployment (json patch of the spec).
+    world.ref = job(deployment={"servedModelName": "toy-bot", "replicas": 2})
+    world.generation = 2
+    result = world.step()
+    assert [(p.kind, p.patch_type) for p in result.patch] == [("Deployment", "json")]
+    replicas = next(op for op in result.patch[0].patch if op["path"] == "/spec/replicas")
+    assert replicas["value"] == 2
+    assert world.status["phase"] == "Deploying"
+
+
+def test_deployment_disabled_ends_in_succeeded_and_removes_serving() -> None:
+    world = World(job(deployment={"enabled": False}))
+    _to_evaluated(world, EVAL_GOOD)
+    assert world.status["phase"] == "Succeeded"
+    assert Stage.SERVE not in world.children
+    assert world.condition["Deployed"]["reason"] == "DeploymentDisabled"
+    _quiet(world)
+
+
+def test_merged_serving_of_a_lora_run_exports_first() -> None:
+    world = World(job(deployment={"mode": "merged"}))
+    _to_evaluated(world, EVAL_GOOD)
+    assert Stage.EXPORT in world.children and Stage.SERVE not in world.children
+    assert world.condition["Deployed"]["reason"] == "Exporting"
+    world.finish(Stage.EXPORT, {"stage": "export", "exitCode": 0, "summary": {"merged": "s3://runs/m/"}})
+    world.step()
+    args = world.children[Stage.SERVE]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "/models/merged"
+    assert world.status["artifacts"]["merged"] == "s3://runs/m/"
+
+
+def test_evaluation_disabled_goes_straight_to_deploying() -> None:
+    world = World(job(evaluation={"enabled": False}))
+    _to_training(world)
+    world.finish(Stage.TRAIN, TRAINED)
+    world.step()
+    assert Stage.EVALUATE not in world.children
+    assert world.condition["Evaluated"]["reason"] == "EvaluationDisabled"
+    assert world.status["phase"] == "Deploying"
+
+
+def test_unknown_gpu_type_fails_with_invalid_config() -> None:
+    world = World(job(resources={"gpuType": "tpu-v5"}))
+    _to_training(world)
+    assert world.status["phase"] == "Failed"
+    assert world.condition["Ready"]["reason"] == "InvalidConfig"
+    assert "tpu-v5" in world.status["message"]
+
+
+def test_every_reason_used_is_in_the_closed_set() -> None:
+    reasons = {r.value for r in Reason}
+    world = World(job())
+    _to_evaluated(world, EVAL_BAD)
+    for condition in world.status["conditions"]:
+        assert condition["reason"] in reasons

@@ -1,0 +1,323 @@
+"""Typed trainer configuration: the FineTuneJob spec as the operator passes it (see ../CONTRACT.md).
+
+The document is ``{"runPrefix": ..., "job": {...}, "spec": {...}}`` in ``FTJ_CONFIG`` or ``--config``.
+Keys are camelCase (attribute names are snake_case); unknown keys are ignored so an older trainer accepts a
+newer operator's spec. Defaults match the FineTuneJob API, so a spec without defaults applied still runs.
+
+Reading it is like reading a recipe::
+
+    cfg = load_config()
+    cfg.spec.method                          # "lora"
+    cfg.spec.lora.rank, cfg.spec.lora.alpha  # 16, 32
+    cfg.spec.hyperparameters.learning_rate   # 2e-4
+    cfg.layout.checkpoint(40)                # "<runPrefix>/checkpoints/step-00000040"
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from .exitcodes import InvalidConfigError
+
+Metric = Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l"]
+ALL_METRICS: tuple[str, ...] = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
+# Metrics where lower is better (thresholds use "max", improvements are decreases).
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True,
+        validate_default=True,
+    )
+
+
+class BaseModelSpec(_Section):
+    uri: str = Field(description="Hugging Face model directory: s3://bucket/prefix, hf://org/name[@rev], pvc://claim/path")
+    revision: str | None = Field(None, description="Branch, tag or commit (hf://); recorded in manifests")
+
+
+class DatasetSpec(_Section):
+    train: str = Field(description="JSONL file with the training examples")
+    validation: str | None = Field(None, description="Optional JSONL used for eval loss during training")
+    test: str | None = Field(None, description="Held-out JSONL for evaluation; split from train when absent")
+    format: Literal["auto", "chat", "completion", "instruction"] = Field(
+        "auto", description="chat (messages), completion (prompt/completion), instruction (instruction/input/output)"
+    )
+    test_size: int | float | None = Field(
+        None, gt=0, description="Held-out examples when there is no test file: a count (≥ 1) or a fraction "
+        "(< 1); default 10% of train, at least 1 and at most 200",
+    )
+    max_error_rate: float = Field(
+        0.1, ge=0, le=1, description="Cleaning policy: fail with INVALID_DATA when more than this fraction of "
+        "lines is malformed (invalid JSON/encoding, missing fields, bad roles) or over-length",
+    )
+
+
+class LoraSpec(_Section):
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r")
+    alpha: float = Field(32, gt=0, description="LoRA scaling alpha (scale = alpha / rank)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        description='Module names to adapt, or ["all-linear"] for every linear layer but the output head',
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _one_string(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def peft_target_modules(self) -> str | list[str]:
+        """The value for ``peft.LoraConfig(target_modules=...)``."""
+        return "all-linear" if self.target_modules in (["all-linear"], []) else list(self.target_modules)
+
+
+class Hyperparameters(_Section):
+    epochs: float = Field(3, gt=0, le=1000, description="Passes over the training set")
+    max_steps: int | None = Field(None, description="Stop after this many optimizer steps (overrides epochs); "
+                                  "unset, 0 or -1 = no limit")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (cosine schedule with warmup)")
+    batch_size: int = Field(4, ge=1, le=4096, description="Per-device micro-batch size")
+    gradient_accumulation_steps: int = Field(4, ge=1, le=4096, description="Micro-batches per optimizer step")
+    max_seq_length: int = Field(2048, ge=16, le=1_048_576, description="Longest example in tokens (chat template)")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up")
+    packing: bool = Field(True, description="Pack examples into full sequences without cross-example attention")
+    gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory")
+    seed: int = Field(42, ge=0, description="Seed for data order, held-out split and initialisation")
+
+    @field_validator("max_steps")
+    @classmethod
+    def _no_limit(cls, value: int | None) -> int | None:
+        return None if value is None or value <= 0 else value
+
+
+class CheckpointSpec(_Section):
+    every_steps: int = Field(100, ge=1, description="Commit a checkpoint every N optimizer steps")
+    every_minutes: float = Field(15, gt=0, description="... and at least every M minutes of training")
+    keep: int = Field(2, ge=1, description="Committed checkpoints kept (older ones are deleted)")
+
+
+class Threshold(_Section):
+    metric: Metric
+    min: float | None = Field(None, description="Tuned value must be ≥ min")
+    max: float | None = Field(None, description="Tuned value must be ≤ max")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> Threshold:
+        if self.min is None and self.max is None:
+            raise ValueError("a threshold needs min or max")
+        return self
+
+
+class SecretKeyRef(_Section):
+    name: str
+    key: str = "apiKey"
+
+
+class ReferenceSpec(_Section):
+    endpoint: str = Field(validation_alias=AliasChoices("endpoint", "url", "baseUrl"),
+                          description="OpenAI-compatible base URL, e.g. https://api.example.com/v1")
+    model: str = Field(description="Model name sent to the endpoint")
+    api_key_secret: SecretKeyRef | None = Field(None, description="Key Secret; reaches the pod as FTJ_REFERENCE_API_KEY")
+
+
+class EvaluationSpec(_Section):
+    enabled: bool = True
+    metrics: list[Metric] = Field(default_factory=lambda: list(ALL_METRICS))
+    thresholds: list[Threshold] = Field(default_factory=list)
+    compare_to_base: bool = Field(True, description="Also score the base model on the same prompts")
+    min_improvement: float | None = Field(None, description="Tuned must beat base on primaryMetric by this much")
+    primary_metric: Metric = "exact_match"
+    max_new_tokens: int = Field(128, ge=1, le=32768, description="Greedy generation length per prompt")
+    batch_size: int = Field(8, ge=1, le=1024, description="Prompts generated per batch")
+    reference: ReferenceSpec | None = None
+
+
+class ResourcesSpec(_Section):
+    gpus: int = Field(1, ge=0, le=64, description="GPUs on one node; 0 = CPU only")
+    gpu_type: str = "a100-80gb"
+
+
+class StorageSpec(_Section):
+    output: str | None = None
+
+
+class DeploymentSpec(_Section):
+    enabled: bool = True
+    mode: Literal["auto", "adapter", "merged"] = "auto"
+    served_model_name: str | None = None
+    max_model_len: int | None = None
+
+
+class FineTuneSpec(_Section):
+    base_model: BaseModelSpec
+    dataset: DatasetSpec
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    deployment: DeploymentSpec = Field(default_factory=DeploymentSpec)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FineTuneSpec:
+        if self.method == "qlora" and self.resources.gpus < 1:
+            raise ValueError("method: qlora needs resources.gpus ≥ 1 (bitsandbytes 4-bit runs on CUDA only)")
+        if self.deployment.mode == "adapter" and self.method == "full":
+            raise ValueError("deployment.mode: adapter needs method lora or qlora")
+        missing = [t.metric for t in self.evaluation.thresholds if t.metric not in self.evaluation.metrics]
+        if missing:
+            raise ValueError(f"evaluation.thresholds: metric {missing[0]} is not in evaluation.metrics")
+        return self
+
+    @property
+    def wants_merged(self) -> bool:
+        """Whether train should also write ``model/merged/`` (full fine-tuning, or deployment.mode merged)."""
+        return self.method == "full" or self.deployment.mode == "merged"
+
+
+class JobRef(_Section):
+    namespace: str = "default"
+    name: str = "finetune"
+    uid: str = ""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Where each stage writes under the run prefix (the contract's storage table)."""
+
+    prefix: str
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.prefix.rstrip("/"), *(p.strip("/") for p in parts)])
+
+    @property
+    def data(self) -> str:
+        return self.join("data")
+
+    @property
+    def checkpoints(self) -> str:
+        return self.join("checkpoints")
+
+    def checkpoint(self, step: int) -> str:
+        return self.join("checkpoints", f"step-{step:08d}")
+
+    @property
+    def adapter(self) -> str:
+        return self.join("model", "adapter")
+
+    @property
+    def merged(self) -> str:
+        return self.join("model", "merged")
+
+    @property
+    def train(self) -> str:
+        return self.join("train")
+
+    @property
+    def evaluation(self) -> str:
+        return self.join("evaluation")
+
+
+class TrainerConfig(_Section):
+    run_prefix: str = Field(description="Everything this run writes goes under this URI")
+    job: JobRef = Field(default_factory=JobRef)
+    spec: FineTuneSpec
+
+    @field_validator("run_prefix")
+    @classmethod
+    def _prefix_shape(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if not value or value.startswith("hf://"):
+            raise ValueError("must be a writable location (s3://, pvc:// or a local path)")
+        if ".." in value.split("/"):
+            raise ValueError("must not contain '..' segments")
+        return value
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_prefix)
+
+    @property
+    def workdir(self) -> Path:
+        """Scratch space on an emptyDir (``FTJ_WORKDIR``, default /workspace)."""
+        return Path(os.environ.get("FTJ_WORKDIR", "/workspace"))
+
+    def hyperparameters_record(self) -> dict[str, Any]:
+        """What manifests record as the run's hyperparameters (camelCase, as in the spec)."""
+        record: dict[str, Any] = {"method": self.spec.method,
+                                  **self.spec.hyperparameters.model_dump(by_alias=True)}
+        if self.spec.method in ("lora", "qlora"):
+            record["lora"] = self.spec.lora.model_dump(by_alias=True)
+        return record
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    """Join a pydantic error location (already camelCase aliases) into e.g. ``spec.lora.targetModules[0]``."""
+    path = ""
+    for item in loc:
+        if isinstance(item, int):
+            path += f"[{item}]"
+        elif not str(item).startswith(("function-", "literal[", "union[")):
+            path += ("." if path else "") + str(item)
+    return path or "config"
+
+
+_LEADING_FIELD = re.compile(r"^([A-Za-z][\w.\[\]]*): (.*)$", re.S)
+
+
+def format_validation_error(error: ValidationError) -> str:
+    """One line per error, each starting with the full field path."""
+    lines = []
+    for err in error.errors()[:10]:
+        path = _field_path(tuple(err["loc"]))
+        msg = err["msg"].removeprefix("Value error, ")
+        # Cross-field rules name their field first ("method: ..."): attach it to the location.
+        if (m := _LEADING_FIELD.match(msg)) is not None:
+            path, msg = f"{path}.{m.group(1)}", m.group(2)
+        lines.append(f"{path}: {msg}")
+    if len(error.errors()) > 10:
+        lines.append(f"... and {len(error.errors()) - 10} more")
+    return "invalid config: " + "; ".join(lines)
+
+
+def parse_config(document: str | bytes | dict[str, Any], source: str = "FTJ_CONFIG") -> TrainerConfig:
+    """Parse and validate a config document; raises InvalidConfigError naming the field."""
+    if isinstance(document, str | bytes):
+        try:
+            document = json.loads(document)
+        except json.JSONDecodeError as exc:
+            raise InvalidConfigError(f"{source}: not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise InvalidConfigError(f"{source}: expected a JSON object with runPrefix, job and spec")
+    try:
+        return TrainerConfig.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidConfigError(format_validation_error(exc)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> TrainerConfig:
+    """Read the config from ``path`` (--config) or else the ``FTJ_CONFIG`` environment variable."""
+    env = os.environ if env is None else env
+    if path is not None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidConfigError(f"--config {path}: {exc.strerror or exc}") from None
+        return parse_config(text, source=str(path))
+    text = env.get("FTJ_CONFIG")
+    if not text:
+        raise InvalidConfigError("no configuration: set FTJ_CONFIG or pass --config PATH")
+    return parse_config(text)

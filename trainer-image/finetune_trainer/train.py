@@ -1,0 +1,297 @@
+"""``train``: supervised fine-tuning with TRL's SFTTrainer (LoRA, QLoRA or full), resumable and committed.
+
+The recipe, top to bottom:
+
+1. config: the FineTuneJob spec (method, lora, hyperparameters, checkpoint) and the run prefix;
+2. data: the cleaned chat JSONL that ``validate`` committed under ``<runPrefix>/data/``;
+3. model: the base model and tokenizer (chat template; default one when the base has none);
+4. train: ``SFTTrainer`` with loss on assistant tokens only, padding-free packing (examples never attend to
+   each other), checkpoints committed every N steps / M minutes / on SIGTERM, resumed from the newest
+   committed checkpoint;
+5. save: adapter (vLLM ``--lora-modules``), merged model when wanted, ``train/metrics.json`` + ``loss.png``.
+
+Several GPUs: the CLI relaunches this stage under torchrun; the Trainer then runs DDP (LoRA/QLoRA) or
+FSDP full-shard (full fine-tuning), and only rank 0 uploads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from . import manifest, modeling, plots, storage
+from .checkpoints import CheckpointCallback, resume_checkpoint
+from .config import TrainerConfig
+from .exitcodes import InvalidDataError, PreemptedError
+from .progress import ProgressCallback
+from .termination import StageResult, raise_if_preempted
+
+log = logging.getLogger(__name__)
+
+DATA_FILES = {"train": "train.jsonl", "validation": "validation.jsonl"}
+LOGGING_STEPS = int(os.environ.get("FTJ_LOGGING_STEPS", "5"))
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+def read_chat_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                messages = row["messages"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise InvalidDataError(f"{path.name} line {number}: not a canonical chat example ({exc}); "
+                                       "was it written by validate?") from None
+            rows.append({"messages": messages})
+    return rows
+
+
+def fetch_data(data_uri: str, dest: Path) -> dict[str, list[dict[str, Any]]]:
+    """The cleaned splits ``validate`` committed (train, and validation when there is one)."""
+    if not manifest.is_committed(data_uri):
+        raise InvalidDataError(f"{data_uri} is not committed: run validate first")
+    manifest.download_committed(data_uri, dest)
+    splits = {name: read_chat_jsonl(dest / file) for name, file in DATA_FILES.items() if (dest / file).is_file()}
+    if not splits.get("train"):
+        raise InvalidDataError(f"{data_uri}/train.jsonl has no examples")
+    return splits
+
+
+def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
+    """Split a conversation before its last assistant turn (for templates without generation markers)."""
+    messages = row["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return {"prompt": messages[:last], "completion": [messages[last]]}
+
+
+def has_generation_markers(template: str | None) -> bool:
+    from trl.chat_template_utils import has_generation_markers as _has
+
+    return bool(template) and _has(template)
+
+
+# --- training arguments -------------------------------------------------------------------------------------
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def sft_config(config: TrainerConfig, device: modeling.Device, output_dir: Path, *, assistant_only: bool) -> Any:
+    from trl import SFTConfig
+
+    spec, hp = config.spec, config.spec.hyperparameters
+    distributed = world_size() > 1
+    fsdp = spec.method == "full" and distributed
+    return SFTConfig(
+        output_dir=str(output_dir),
+        # schedule
+        num_train_epochs=hp.epochs,
+        max_steps=hp.max_steps or -1,
+        per_device_train_batch_size=hp.batch_size,
+        gradient_accumulation_steps=hp.gradient_accumulation_steps,
+        learning_rate=hp.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=hp.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        seed=hp.seed,
+        data_seed=hp.seed,
+        # data
+        max_length=hp.max_seq_length,
+        packing=hp.packing,
+        packing_strategy="bfd",  # padding-free: position_ids restart per example, no cross-example attention
+        assistant_only_loss=assistant_only,
+        completion_only_loss=None if assistant_only else True,
+        dataset_num_proc=None,
+        dataloader_num_workers=0,
+        # precision and memory
+        bf16=device.bf16,
+        fp16=False,
+        use_cpu=not device.cuda,
+        gradient_checkpointing=hp.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        # several GPUs
+        ddp_find_unused_parameters=False if distributed else None,
+        fsdp="full_shard auto_wrap" if fsdp else "",
+        # checkpoints (committed by CheckpointCallback) and logs (ProgressCallback)
+        save_strategy="steps",
+        save_steps=spec.checkpoint.every_steps,
+        save_total_limit=spec.checkpoint.keep,
+        logging_strategy="steps",
+        logging_steps=LOGGING_STEPS,
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+    )
+
+
+# --- outputs ------------------------------------------------------------------------------------------------
+
+def check_adapter_for_vllm(adapter_dir: Path) -> None:
+    """vLLM ``--lora-modules`` loads LoRA weights only: no modules_to_save, no resized embeddings."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if cfg.get("modules_to_save"):
+        raise RuntimeError(f"adapter has modules_to_save={cfg['modules_to_save']}; vLLM cannot load it")
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as weights:
+        extra = [k for k in weights.keys() if "lora_" not in k]  # noqa: SIM118 - safe_open has no __iter__
+    if extra:
+        raise RuntimeError(f"adapter carries non-LoRA weights {extra[:3]}; vLLM cannot load it")
+
+
+def _commit(local: Path, uri: str, kind: str, meta: dict[str, Any], step: int) -> str:
+    try:
+        manifest.commit_dir(local, uri, kind=kind, step=step, **meta)
+    except manifest.AlreadyCommitted:  # a rerun after a crash between two commits
+        log.info("%s already committed", uri)
+    return uri
+
+
+def final_loss(log_history: list[dict[str, Any]]) -> float | None:
+    losses = [e["loss"] for e in log_history if "loss" in e]
+    return float(losses[-1]) if losses else None
+
+
+def train_metrics(trainer: Any, train_output: Any, started: float, tokens: int, eval_metrics: dict[str, Any]
+                  ) -> dict[str, Any]:
+    state = trainer.state
+    elapsed = time.monotonic() - started
+    return {
+        "step": state.global_step,
+        "totalSteps": state.max_steps,
+        "epoch": state.epoch,
+        "finalLoss": final_loss(state.log_history),
+        "trainLoss": getattr(train_output, "training_loss", None),
+        "evalLoss": eval_metrics.get("eval_loss"),
+        "tokens": tokens,
+        "tokensPerSecond": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "runtimeSeconds": round(elapsed, 2),
+        "logHistory": state.log_history,
+    }
+
+
+def summary_of(config: TrainerConfig, metrics: dict[str, Any], adapter: str | None, merged: str | None
+               ) -> dict[str, Any]:
+    loss = metrics.get("finalLoss")
+    return {
+        "step": metrics.get("step"),
+        "totalSteps": metrics.get("totalSteps"),
+        "loss": None if loss is None or math.isnan(loss) else round(loss, 6),
+        "adapter": adapter,
+        "merged": merged,
+        "loraRank": config.spec.lora.rank if config.spec.method != "full" else None,
+    }
+
+
+def finished_result(config: TrainerConfig) -> StageResult | None:
+    """A rerun after train committed everything (e.g. the pod restarted after success) changes nothing."""
+    layout = config.layout
+    if not manifest.is_committed(layout.train):
+        return None
+    metrics = json.loads(storage.read_text(storage.join(layout.train, "metrics.json")))
+    adapter = layout.adapter if manifest.is_committed(layout.adapter) else None
+    merged = layout.merged if manifest.is_committed(layout.merged) else None
+    return StageResult(summary_of(config, metrics, adapter, merged), "train already committed; nothing to do")
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+def run(config: TrainerConfig) -> StageResult:
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    # 1. config
+    spec, layout, workdir = config.spec, config.layout, config.workdir / "train"
+    done = finished_result(config)
+    if done is not None:
+        return done
+    device = modeling.detect_device()
+    modeling.check_method(spec, device)
+    set_seed(spec.hyperparameters.seed)
+    raise_if_preempted("train (before training started)")
+
+    # 2. data
+    splits = fetch_data(layout.data, workdir / "data")
+    data_manifest = manifest.read_manifest(layout.data)
+
+    # 3. model
+    source = storage.fetch_model(spec.base_model.uri, revision=spec.base_model.revision, dest=workdir / "base")
+    tokenizer = modeling.load_tokenizer(source.path)
+    assistant_only = has_generation_markers(tokenizer.chat_template)
+    train_rows = splits["train"] if assistant_only else [to_prompt_completion(r) for r in splits["train"]]
+    model = modeling.load_model(source.path, spec, device, distributed=world_size() > 1)
+    meta = manifest.metadata_from_config(config, base_model_revision=source.revision,
+                                         dataset=data_manifest.dataset if data_manifest else {})
+    raise_if_preempted("train (before training started)")
+
+    # 4. train
+    from datasets import Dataset
+
+    checkpoint_cb = CheckpointCallback(layout.checkpoints, every_minutes=spec.checkpoint.every_minutes,
+                                       keep=spec.checkpoint.keep, commit_meta=meta)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(config, device, workdir / "checkpoints", assistant_only=assistant_only),
+        train_dataset=Dataset.from_list(train_rows),
+        processing_class=tokenizer,
+        peft_config=modeling.peft_config_for(spec),
+        callbacks=[checkpoint_cb],
+    )
+    tokens_seen = lambda: int(getattr(trainer, "_total_train_tokens", 0))  # noqa: E731 - real tokens, all ranks
+    trainer.add_callback(ProgressCallback(tokens_seen))
+    resume = resume_checkpoint(layout.checkpoints, workdir)
+    started = time.monotonic()
+    train_output = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+    if checkpoint_cb.preempted:
+        step = trainer.state.global_step
+        raise PreemptedError(f"SIGTERM received: checkpoint step-{step:08d} committed; resume from it",
+                             summary={"step": step, "totalSteps": trainer.state.max_steps,
+                                      "checkpoint": storage.join(layout.checkpoints, f"step-{step:08d}")})
+    eval_metrics: dict[str, Any] = {}
+    if splits.get("validation"):
+        eval_rows = splits["validation"] if assistant_only else [to_prompt_completion(r) for r in splits["validation"]]
+        eval_metrics = trainer.evaluate(eval_dataset=Dataset.from_list(eval_rows))
+
+    metrics = train_metrics(trainer, train_output, started, tokens_seen(), eval_metrics)
+
+    # 5. save (every rank takes part in save_model: FSDP gathers the shards)
+    outputs = workdir / "outputs"
+    shutil.rmtree(outputs, ignore_errors=True)
+    step = trainer.state.global_step
+    model_dir = outputs / ("adapter" if spec.method != "full" else "merged")
+    trainer.save_model(str(model_dir))
+    if not trainer.is_world_process_zero():
+        return StageResult()
+    tokenizer.save_pretrained(model_dir)
+    for name in ("training_args.bin", "README.md"):
+        (model_dir / name).unlink(missing_ok=True)
+    adapter_uri = merged_uri = None
+    if spec.method != "full":
+        check_adapter_for_vllm(model_dir)
+        adapter_uri = _commit(model_dir, layout.adapter, "adapter", meta, step)
+        if spec.wants_merged:
+            from .export import merge_adapter
+
+            del trainer, model  # free the training copy before loading the base again
+            merge_adapter(source.path, model_dir, outputs / "merged", dtype=device.dtype)
+            merged_uri = _commit(outputs / "merged", layout.merged, "merged", meta, step)
+    else:
+        merged_uri = _commit(model_dir, layout.merged, "merged", meta, step)
+
+    train_dir = outputs / "train"
+    train_dir.mkdir(parents=True)
+    (train_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    plots.loss_curve(metrics["logHistory"], train_dir / "loss.png",
+                     title=f"{config.job.name}: {spec.method} training loss")
+    _commit(train_dir, layout.train, "train", meta, step)  # last: marks the stage done
+    summary = summary_of(config, metrics, adapter_uri, merged_uri)
+    return StageResult(summary, f"trained {step} steps, final loss {summary['loss']}")

@@ -1,0 +1,517 @@
+"""``validate`` stage: check, clean and split the dataset on CPU, before any GPU is requested.
+
+Cleaning policy (also written into report.json):
+  * Unusable lines are dropped and count as errors: invalid JSON, non-UTF-8 bytes, a value that is not an
+    object, missing/empty/wrongly typed fields, unknown roles, no assistant turn, bad turn order, a line
+    in another format than the file, and examples longer than ``maxSeqLength`` tokens (rendered with the
+    base model's chat template; truncating would cut the answer).
+  * Exact duplicates and normalised duplicates (case, Unicode form, punctuation, whitespace) are dropped,
+    keeping the first occurrence. Train examples whose prompt is also in the test or validation set
+    (leakage) are dropped from train; validation examples whose prompt is in the test set are dropped from
+    validation. These are cleaning, not errors.
+  * A UTF-8 byte order mark is removed and reported as a warning.
+  * The stage fails with INVALID_DATA when errors exceed ``dataset.maxErrorRate`` of all non-blank lines
+    (default 10%), or when no usable train (or given test) example remains.
+Without a test file, a held-out test set is split off deterministically: examples are ordered by a seeded
+hash of their normalised prompt (so equal prompts stay on one side), stratified by ``category``.
+
+Writes ``<runPrefix>/data/{train,validation,test}.jsonl`` (canonical chat format) and ``report.json``,
+committed with a manifest recording each input's ETag/VersionId.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import manifest, storage
+from .config import TrainerConfig
+from .exitcodes import InvalidConfigError, InvalidDataError
+from .formats import FORMATS, RecordError, detect_format, exact_key, normalised_key, prompt_key, to_chat
+from .termination import StageResult, raise_if_preempted
+
+log = logging.getLogger(__name__)
+
+MAX_LISTED = 20  # findings listed per kind (counts are always complete)
+
+ERROR_KINDS: dict[str, str] = {
+    "invalid_json": "line is not valid JSON",
+    "invalid_utf8": "line contains bytes that are not UTF-8",
+    "not_an_object": "JSON value is not an object",
+    "missing_field": "a required field is missing",
+    "empty_field": "a required field is empty",
+    "wrong_type": "a field has the wrong type",
+    "unknown_role": "a message role is not system, user or assistant",
+    "no_assistant_turn": "no assistant turn to learn from",
+    "bad_turn_order": "system not first, assistant before user, or not ending with assistant",
+    "format_mismatch": "line is in another format than the dataset",
+    "overlong": "longer than hyperparameters.maxSeqLength tokens",
+}
+CLEANING_KINDS: dict[str, str] = {
+    "duplicate": "exact duplicate of an earlier example",
+    "near_duplicate": "duplicate after normalising case, punctuation and whitespace",
+    "leakage": "prompt also appears in the held-out set",
+}
+WARNING_KINDS: dict[str, str] = {
+    "bom": "UTF-8 byte order mark removed",
+    "category_imbalance": "largest category is more than 10x the smallest",
+}
+# What the tokenizer needs (never the weights).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    "config.json",
+)
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Finding:
+    file: str
+    line: int
+    kind: str
+    message: str
+
+    def render(self) -> str:
+        where = f"{self.file} line {self.line}" if self.line else self.file
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class Findings:
+    """Counts per kind and the first MAX_LISTED findings of each kind."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    listed: dict[str, list[Finding]] = field(default_factory=dict)
+
+    def add(self, file: str, line: int, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        bucket = self.listed.setdefault(kind, [])
+        if len(bucket) < MAX_LISTED:
+            bucket.append(Finding(file, line, kind, message))
+
+    def of(self, kinds: Iterable[str]) -> dict[str, int]:
+        return {k: self.counts[k] for k in kinds if self.counts[k]}
+
+    def first(self, kinds: Iterable[str], n: int) -> list[Finding]:
+        """The first ``n`` findings of these kinds, in file/line order."""
+        found = [f for k in kinds for f in self.listed.get(k, [])]
+        return sorted(found, key=lambda f: (f.file, f.line))[:n]
+
+    def as_report(self, kinds: Iterable[str]) -> dict[str, Any]:
+        return {k: {"count": self.counts[k], "description": desc,
+                    "first": [{"file": f.file, "line": f.line, "message": f.message} for f in self.listed[k]]}
+                for k, desc in ((k, _describe(k)) for k in kinds) if self.counts[k]}
+
+
+def _describe(kind: str) -> str:
+    return ERROR_KINDS.get(kind) or CLEANING_KINDS.get(kind) or WARNING_KINDS.get(kind, kind)
+
+
+@dataclass
+class Example:
+    file: str
+    line: int
+    data: dict[str, Any]
+    tokens: int = 0
+
+
+@dataclass
+class ParsedFile:
+    name: str
+    fmt: str
+    lines: int                 # non-blank lines
+    examples: list[Example]
+
+
+# --- parsing ------------------------------------------------------------------------------------------------
+
+def _decode_lines(raw_lines: Iterable[bytes], name: str, findings: Findings) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON value | RecordError) for every non-blank line."""
+    out: list[tuple[int, Any]] = []
+    for lineno, raw in enumerate(raw_lines, start=1):
+        if lineno == 1 and raw.startswith(UTF16_BOMS):
+            out.append((lineno, RecordError("invalid_utf8", "file is UTF-16 (byte order mark found); "
+                                                            "save it as UTF-8")))
+            continue
+        if raw.startswith(UTF8_BOM):
+            findings.add(name, lineno, "bom", "UTF-8 byte order mark removed")
+            raw = raw[len(UTF8_BOM):]
+        raw = raw.rstrip(b"\r\n")
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out.append((lineno, RecordError("invalid_utf8", f"bytes that are not UTF-8 at column {exc.start + 1} "
+                                                            f"({raw[exc.start:exc.start + 4]!r})")))
+            continue
+        try:
+            out.append((lineno, json.loads(text)))
+        except json.JSONDecodeError as exc:
+            out.append((lineno, RecordError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}")))
+    return out
+
+
+def detect_file_format(values: Sequence[tuple[int, Any]], name: str) -> str:
+    """Majority format of the parsed records (ties: chat > completion > instruction)."""
+    votes = Counter(f for _, v in values if not isinstance(v, RecordError) and (f := detect_format(v)))
+    if not votes:
+        readable = [lineno for lineno, v in values if not isinstance(v, RecordError)]
+        if not readable:
+            return "chat"  # every line is broken: the error-rate check reports them with line numbers
+        raise InvalidDataError(f"{name} line {readable[0]}: cannot detect the format: no line has messages, "
+                               "prompt/completion or instruction/output (set spec.dataset.format)")
+    return max(FORMATS, key=lambda f: (votes[f], -FORMATS.index(f)))
+
+
+def parse_file(raw_lines: Iterable[bytes], name: str, fmt: str, findings: Findings) -> ParsedFile:
+    """Parse one JSONL file into canonical chat examples; problems go to ``findings``."""
+    decoded = _decode_lines(raw_lines, name, findings)
+    if fmt == "auto":
+        fmt = detect_file_format(decoded, name)
+    examples = []
+    for lineno, value in decoded:
+        try:
+            if isinstance(value, RecordError):
+                raise value
+            examples.append(Example(name, lineno, to_chat(value, fmt)))
+        except RecordError as err:
+            findings.add(name, lineno, err.kind, err.message)
+    return ParsedFile(name, fmt, len(decoded), examples)
+
+
+# --- tokens -------------------------------------------------------------------------------------------------
+
+TokenCounter = Callable[[list[dict[str, Any]]], list[int]]
+
+
+def load_token_counter(config: TrainerConfig) -> tuple[TokenCounter, str | None]:
+    """Token counts with the base model's tokenizer and chat template (default template when it has none)."""
+    spec = config.spec.base_model
+    try:
+        source = storage.fetch_model(spec.uri, revision=spec.revision, allow_patterns=TOKENIZER_FILES,
+                                     dest=config.workdir / "tokenizer")
+    except storage.NotFound as exc:
+        raise InvalidConfigError(f"spec.baseModel.uri: {exc}") from None
+    from transformers import AutoTokenizer
+
+    from .formats import ensure_chat_template
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    except (OSError, ValueError) as exc:
+        raise InvalidConfigError(f"spec.baseModel.uri: cannot load a tokenizer from {spec.uri}: {exc}") from None
+    if ensure_chat_template(tokenizer):
+        log.info("base model has no chat template: using the default one")
+
+    def count(examples: list[dict[str, Any]]) -> list[int]:
+        texts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in examples]
+        if not texts:
+            return []
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    return count, source.revision
+
+
+def count_tokens(examples: list[Example], counter: TokenCounter, batch: int = 256) -> None:
+    for start in range(0, len(examples), batch):
+        chunk = examples[start:start + batch]
+        for example, n in zip(chunk, counter([e.data for e in chunk]), strict=True):
+            example.tokens = n
+
+
+# --- cleaning -----------------------------------------------------------------------------------------------
+
+def drop_overlong(examples: list[Example], max_tokens: int, findings: Findings) -> list[Example]:
+    kept = []
+    for e in examples:
+        if e.tokens > max_tokens:
+            findings.add(e.file, e.line, "overlong", f"{e.tokens} tokens > maxSeqLength {max_tokens}")
+        else:
+            kept.append(e)
+    return kept
+
+
+def drop_duplicates(examples: list[Example], findings: Findings) -> list[Example]:
+    """Keep the first of each exact, then normalised, duplicate group."""
+    first_exact: dict[str, int] = {}
+    first_norm: dict[str, int] = {}
+    kept = []
+    for e in examples:
+        ek, nk = exact_key(e.data), normalised_key(e.data)
+        if ek in first_exact:
+            findings.add(e.file, e.line, "duplicate", f"exact duplicate of line {first_exact[ek]}")
+        elif nk in first_norm:
+            findings.add(e.file, e.line, "near_duplicate", f"duplicate of line {first_norm[nk]} after normalising")
+        else:
+            first_exact[ek], first_norm[nk] = e.line, e.line
+            kept.append(e)
+    return kept
+
+
+def drop_leakage(examples: list[Example], held_out: Sequence[Example], findings: Findings) -> list[Example]:
+    held = {prompt_key(e.data): e for e in held_out}
+    kept = []
+    for e in examples:
+        other = held.get(prompt_key(e.data))
+        if other is not None:
+            findings.add(e.file, e.line, "leakage", f"prompt also in {other.file} line {other.line}")
+        else:
+            kept.append(e)
+    return kept
+
+
+def held_out_count(n: int, test_size: int | float | None) -> int:
+    if test_size is None:
+        k = min(200, max(1, round(0.1 * n)))
+    elif test_size < 1:
+        k = max(1, round(test_size * n))
+    else:
+        k = int(test_size)
+    return min(k, n - 1)
+
+
+def split_held_out(examples: list[Example], k: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """Deterministic, order-independent held-out split, stratified by category (largest remainder)."""
+    def rank(e: Example) -> str:
+        return hashlib.sha256(f"{seed}:{prompt_key(e.data)}".encode()).hexdigest()
+
+    groups: dict[str, list[Example]] = {}
+    for e in examples:
+        groups.setdefault(e.data.get("category", ""), []).append(e)
+    n = len(examples)
+    quotas = {c: k * len(g) / n for c, g in groups.items()}
+    take = {c: math.floor(q) for c, q in quotas.items()}
+    for c in sorted(quotas, key=lambda c: (take[c] - quotas[c], c))[: k - sum(take.values())]:
+        take[c] += 1
+    test_ids: set[int] = set()
+    for c, group in groups.items():
+        ordered = sorted(group, key=rank)
+        # Equal prompts share a rank prefix; keep them together by cutting only between different prompts.
+        chosen = ordered[: take[c]]
+        while chosen and len(chosen) < len(ordered) and prompt_key(ordered[len(chosen)].data) == prompt_key(
+                chosen[-1].data):
+            chosen.append(ordered[len(chosen)])
+        test_ids.update(id(e) for e in chosen)
+    train = [e for e in examples if id(e) not in test_ids]
+    test = [e for e in examples if id(e) in test_ids]
+    return train, test
+
+
+def category_report(splits: dict[str, list[Example]], findings: Findings, train_name: str) -> dict[str, Any]:
+    counts = {name: dict(sorted(Counter(e.data["category"] for e in ex if "category" in e.data).items()))
+              for name, ex in splits.items()}
+    train_counts = counts.get("train", {})
+    if not train_counts:
+        return {}
+    report: dict[str, Any] = {"counts": counts}
+    if len(train_counts) > 1:
+        ratio = max(train_counts.values()) / min(train_counts.values())
+        report["imbalanceRatio"] = round(ratio, 2)
+        if ratio > 10:
+            largest = max(train_counts, key=lambda c: train_counts[c])
+            smallest = min(train_counts, key=lambda c: train_counts[c])
+            findings.add(train_name, 0, "category_imbalance",
+                         f"category {largest!r} has {train_counts[largest]} examples, "
+                         f"{smallest!r} only {train_counts[smallest]}")
+    return report
+
+
+def estimate_training(train: list[Example], config: TrainerConfig) -> dict[str, Any]:
+    """Tokens the training run will process (for the operator's GPU-hour estimate)."""
+    hp = config.spec.hyperparameters
+    epoch_tokens = sum(e.tokens for e in train)
+    sequences = math.ceil(epoch_tokens / hp.max_seq_length) if hp.packing else len(train)
+    world = max(1, config.spec.resources.gpus)
+    per_step = hp.batch_size * hp.gradient_accumulation_steps * world
+    steps_per_epoch = max(1, math.ceil(sequences / per_step))
+    tokens_per_step = epoch_tokens / steps_per_epoch
+    if hp.max_steps:
+        steps = hp.max_steps
+    else:
+        steps = max(1, math.ceil(steps_per_epoch * hp.epochs))
+    return {"tokensPerEpoch": epoch_tokens, "epochs": hp.epochs, "maxSteps": hp.max_steps,
+            "stepsPerEpoch": steps_per_epoch, "estimatedSteps": steps,
+            "trainTokens": int(round(tokens_per_step * steps))}
+
+
+def token_stats(examples: list[Example]) -> dict[str, Any]:
+    if not examples:
+        return {"n": 0}
+    tokens = sorted(e.tokens for e in examples)
+    return {"n": len(tokens), "min": tokens[0], "max": tokens[-1], "mean": round(sum(tokens) / len(tokens), 1),
+            "p95": tokens[min(len(tokens) - 1, math.ceil(0.95 * len(tokens)) - 1)], "total": sum(tokens)}
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Input:
+    role: str     # train | validation | test
+    uri: str
+    name: str     # file name used in messages
+
+
+def _inputs(config: TrainerConfig) -> list[Input]:
+    ds = config.spec.dataset
+    out = []
+    names: set[str] = set()
+    for role, uri in (("train", ds.train), ("validation", ds.validation), ("test", ds.test)):
+        if not uri:
+            continue
+        name = uri.rstrip("/").rsplit("/", 1)[-1] or role
+        out.append(Input(role, uri, name if name not in names else f"{role}:{name}"))
+        names.add(name)
+    return out
+
+
+def _fetch_inputs(config: TrainerConfig, inputs: list[Input], local_dir: Path) -> dict[str, dict[str, Any]]:
+    provenance: dict[str, dict[str, Any]] = {}
+    for item in inputs:
+        field_name = f"spec.dataset.{item.role}"
+        try:
+            info = storage.stat(item.uri)
+            storage.download_file(item.uri, local_dir / f"{item.role}.jsonl")
+        except storage.NotFound:
+            raise InvalidConfigError(f"{field_name}: {item.uri} not found") from None
+        except ValueError as exc:
+            raise InvalidConfigError(f"{field_name}: {exc}") from None
+        provenance[item.role] = {"uri": item.uri, "etag": info.etag, "versionId": info.version_id,
+                                 "size": info.size}
+    return provenance
+
+
+def _write_jsonl(path: Path, examples: list[Example]) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for e in examples:
+            fh.write(json.dumps(e.data, ensure_ascii=False) + "\n")
+
+
+def _failure(message: str, findings: Findings, summary: dict[str, Any]) -> InvalidDataError:
+    first = findings.first([*ERROR_KINDS, *CLEANING_KINDS], 10)
+    details = "; ".join(f.render() for f in first)
+    return InvalidDataError(f"{message}{': ' + details if details else ''}", summary=summary)
+
+
+def _upload_failure_report(data_uri: str, findings: Findings, exc: InvalidDataError) -> None:
+    """Leave the full findings next to where the data would go (uncommitted, so nothing will read it as data)."""
+    report = {"failed": exc.message, "summary": exc.summary, "errors": findings.as_report(ERROR_KINDS),
+              "removed": findings.as_report(CLEANING_KINDS), "warnings": findings.as_report(WARNING_KINDS)}
+    try:
+        storage.write_text(storage.join(data_uri, "report.json"), json.dumps(report, indent=2, ensure_ascii=False))
+    except Exception as err:  # the exit code matters more than the report
+        log.warning("could not upload the failure report: %s", err)
+
+
+def run(config: TrainerConfig) -> StageResult:
+    data_uri = config.layout.data
+    existing = manifest.read_manifest(data_uri)
+    if existing is not None:
+        log.info("dataset already validated and committed at %s: reusing it", data_uri)
+        report = json.loads(storage.read_text(storage.join(data_uri, "report.json")))
+        return StageResult(summary=report["summary"], message="dataset already validated; reusing " + data_uri)
+
+    spec = config.spec
+    work = config.workdir / "validate"
+    (work / "input").mkdir(parents=True, exist_ok=True)
+    inputs = _inputs(config)
+    provenance = _fetch_inputs(config, inputs, work / "input")
+    raise_if_preempted("validate")
+
+    findings = Findings()
+    parsed: dict[str, ParsedFile] = {}
+    for item in inputs:
+        with (work / "input" / f"{item.role}.jsonl").open("rb") as fh:
+            parsed[item.role] = parse_file(fh, item.name, spec.dataset.format, findings)
+    fmt = parsed["train"].fmt
+
+    counter, tokenizer_revision = load_token_counter(config)
+    for pf in parsed.values():
+        count_tokens(pf.examples, counter)
+        pf.examples = drop_overlong(pf.examples, spec.hyperparameters.max_seq_length, findings)
+        pf.examples = drop_duplicates(pf.examples, findings)
+    raise_if_preempted("validate")
+
+    try:
+        total_lines = sum(pf.lines for pf in parsed.values())
+        errors = sum(findings.of(ERROR_KINDS).values())
+        error_rate = errors / total_lines if total_lines else 1.0
+        summary: dict[str, Any] = {"format": fmt, "lines": total_lines, "errors": findings.of(ERROR_KINDS),
+                                   "errorRate": round(error_rate, 4)}
+        if total_lines == 0:
+            raise InvalidDataError(f"{parsed['train'].name}: no examples (the file is empty)", summary=summary)
+        if error_rate > spec.dataset.max_error_rate:
+            raise _failure(f"{errors} of {total_lines} lines unusable ({error_rate:.1%} > dataset.maxErrorRate "
+                           f"{spec.dataset.max_error_rate:.0%})", findings, summary)
+
+        test = parsed["test"].examples if "test" in parsed else None
+        validation = parsed["validation"].examples if "validation" in parsed else None
+        train = parsed["train"].examples
+        if validation is not None and test is not None:
+            validation = drop_leakage(validation, test, findings)
+        held_out = (test or []) + (validation or [])
+        train = drop_leakage(train, held_out, findings) if held_out else train
+        if test is None:
+            if len(train) < 2:
+                raise _failure(f"need at least 2 usable train examples to hold out a test set, found {len(train)}",
+                               findings, summary)
+            train, test = split_held_out(train, held_out_count(len(train), spec.dataset.test_size),
+                                         spec.hyperparameters.seed)
+        if not train:
+            raise _failure(f"no usable train example remains in {parsed['train'].name}", findings, summary)
+        if not test:
+            raise _failure(f"no usable test example remains in {parsed['test'].name}", findings, summary)
+
+    except InvalidDataError as exc:
+        _upload_failure_report(data_uri, findings, exc)
+        raise
+
+    splits = {"train": train, **({"validation": validation} if validation is not None else {}), "test": test}
+    categories = category_report(splits, findings, parsed["train"].name)
+    estimate = estimate_training(train, config)
+    summary = {
+        "format": fmt, "train": len(train), "validation": len(validation or []), "test": len(test),
+        "removed": findings.of(CLEANING_KINDS), "trainTokens": estimate["trainTokens"],
+        "estimatedSteps": estimate["estimatedSteps"], "errors": findings.of(ERROR_KINDS),
+        "errorRate": round(error_rate, 4),
+    }
+    report = {
+        "summary": summary,
+        "policy": {"maxErrorRate": spec.dataset.max_error_rate, "maxSeqLength": spec.hyperparameters.max_seq_length,
+                   "errorKinds": ERROR_KINDS, "cleaningKinds": CLEANING_KINDS,
+                   "heldOut": "given test file" if "test" in parsed else
+                   f"split from train by seeded hash of the prompt (seed {spec.hyperparameters.seed})"},
+        "inputs": provenance,
+        "formats": {role: pf.fmt for role, pf in parsed.items()},
+        "errors": findings.as_report(ERROR_KINDS),
+        "removed": findings.as_report(CLEANING_KINDS),
+        "warnings": findings.as_report(WARNING_KINDS),
+        "categories": categories,
+        "tokens": {name: token_stats(ex) for name, ex in splits.items()},
+        "estimate": estimate,
+        "baseModel": {"uri": spec.base_model.uri, "revision": tokenizer_revision},
+    }
+    out = work / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, examples in splits.items():
+        _write_jsonl(out / f"{name}.jsonl", examples)
+    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    raise_if_preempted("validate")
+    manifest.commit_dir(out, data_uri, kind="dataset",
+                        **manifest.metadata_from_config(config, base_model_revision=tokenizer_revision,
+                                                        dataset=provenance))
+    notes = findings.first([*ERROR_KINDS, *CLEANING_KINDS, *WARNING_KINDS], 5)
+    message = (f"{len(train)} train / {len(validation or [])} validation / {len(test)} test examples ({fmt}), "
+               f"~{estimate['trainTokens']} training tokens")
+    if notes:
+        message += "; " + "; ".join(f.render() for f in notes)
+    return StageResult(summary=summary, message=message)
