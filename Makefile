@@ -63,6 +63,7 @@ lint: venv
 
 crds: venv
 	$(PY) -m finetune_operator.crdgen crds/
+	cp crds/finetune.dev_finetunejobs.yaml charts/finetune-operator/crds/
 
 demo: venv vllm-venv tools
 	$(PY) -m localcluster.demo $(DEMO_ARGS)

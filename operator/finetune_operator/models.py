@@ -67,7 +67,7 @@ QUANTITY_PATTERN = (
 )
 LABEL_VALUE_PATTERN = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?)?$"
 QUALIFIED_NAME_PATTERN = rf"^(?:{DNS_SUBDOMAIN}/)?[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$"
-REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
+REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*$"  # no "." or ".." segment
 SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$"
 MODULE_NAME_PATTERN = r"^[A-Za-z0-9_.*-]+$"
 
@@ -161,8 +161,6 @@ def _check_bucket(uri: str) -> str:
     return uri
 
 
-
-
 def _str(value: Any, max_length: int, pattern: str | None) -> str:
     """Strict string check used by PlainValidator types (same rules and messages as pydantic's)."""
     if not isinstance(value, str):
@@ -211,6 +209,8 @@ Quantity = Annotated[
         "anyOf": [{"type": "integer"}, {"type": "string"}],
         "pattern": QUANTITY_PATTERN,
         "maxLength": 64,
+        "minimum": 0,
+        "maximum": 1_000_000_000_000_000,
     }),
 ]
 
@@ -226,6 +226,7 @@ class Metric(enum.StrEnum):
 
 
 MetricName = Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l"]
+ALL_METRICS: tuple[MetricName, ...] = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
 Method = Literal["lora", "qlora", "full"]
 DatasetFormat = Literal["auto", "chat", "completion", "instruction"]
 DeploymentMode = Literal["auto", "adapter", "merged"]
@@ -250,9 +251,13 @@ class DatasetSpec(_Spec):
         default=None, description="URI of the held-out JSONL file for evaluation; else testSize examples are "
                                   "held out from train.")
     format: DatasetFormat = Field(default="auto", description="Record format; auto detects it.")
-    test_size: int = Field(
-        default=100, ge=1, le=100_000,
-        description="Examples held out from train for evaluation when no test file is given.")
+    test_size: int | None = Field(
+        default=None, ge=1, le=100_000,
+        description="Examples held out from train when no test file is given "
+                    "(unset: 10% of train, 1 to 200).")
+    max_error_rate: float = Field(
+        default=0.1, ge=0, le=1,
+        description="Fail validation when more than this fraction of lines is malformed or over-length.")
 
 
 class LoraSpec(_Spec):
@@ -260,7 +265,7 @@ class LoraSpec(_Spec):
 
     rank: int = Field(default=16, ge=1, le=1024, description="Adapter rank r.")
     alpha: int = Field(default=32, ge=1, le=4096, description="Scaling alpha.")
-    dropout: float = Field(default=0.05, ge=0, le=1, description="Dropout on adapter inputs.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on adapter inputs.")
     target_modules: list[Annotated[str, Field(max_length=128, pattern=MODULE_NAME_PATTERN)]] = Field(
         default_factory=lambda: ["all-linear"], min_length=1, max_length=64,
         json_schema_extra={"default": ["all-linear"]},
@@ -273,12 +278,12 @@ class HyperparametersSpec(_Spec):
     epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training data.")
     max_steps: int | None = Field(default=None, ge=1, le=10_000_000,
                                   description="Stop after this many optimizer steps (overrides epochs).")
-    learning_rate: float = Field(default=0.0002, gt=0, le=1, description="Peak learning rate.")
+    learning_rate: float = Field(default=0.0002, gt=0, lt=1, description="Peak learning rate.")
     batch_size: int = Field(default=4, ge=1, le=1024, description="Per-device batch size.")
     gradient_accumulation_steps: int = Field(default=4, ge=1, le=1024,
                                              description="Micro-batches per optimizer step.")
     max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Tokens per example (truncated).")
-    warmup_ratio: float = Field(default=0.03, ge=0, le=1, description="Fraction of steps for LR warm-up.")
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps for LR warm-up.")
     packing: bool = Field(default=False, description="Pack short examples into full sequences.")
     gradient_checkpointing: bool = Field(default=True, description="Trade compute for activation memory.")
     seed: int = Field(default=42, ge=0, le=2_147_483_647, description="Random seed.")
@@ -297,8 +302,17 @@ class Toleration(_Spec):
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
 NodeSelector = Annotated[
     dict[Annotated[str, Field(max_length=316)], LabelValue],
-    Field(max_length=32),
+    Field(max_length=32, json_schema_extra=_validations(
+        _rule("self.all(k, k.size() <= 316)", "node selector keys must be at most 316 characters"))),
 ]
+
+
+class CheckpointSpec(_Spec):
+    """How often training commits a checkpoint to storage (a preempted run resumes from the newest)."""
+
+    every_steps: int = Field(default=100, ge=1, le=1_000_000, description="Commit every N optimizer steps.")
+    every_minutes: float = Field(default=15, gt=0, le=1440, description="... and at least every M minutes.")
+    keep: int = Field(default=2, ge=1, le=20, description="Committed checkpoints kept.")
 
 
 class ResourcesSpec(_Spec):
@@ -370,8 +384,8 @@ class EvaluationSpec(_Spec):
 
     enabled: bool = Field(default=True, description="Run the evaluation stage.")
     metrics: list[MetricName] = Field(
-        default_factory=lambda: list[MetricName](["loss", "perplexity"]), min_length=1, max_length=5,
-        json_schema_extra={"default": ["loss", "perplexity"], "x-kubernetes-list-type": "set"},
+        default_factory=lambda: list[MetricName](list(ALL_METRICS)), min_length=1, max_length=5,
+        json_schema_extra={"default": list(ALL_METRICS), "x-kubernetes-list-type": "set"},
         description="Metrics to compute.")
     thresholds: list[Threshold] | None = Field(default=None, max_length=10,
                                                description="Gates; a failed gate rejects the model.")
@@ -379,8 +393,11 @@ class EvaluationSpec(_Spec):
     min_improvement: float | None = Field(
         default=None, ge=-1, le=1,
         description="Least relative improvement of primaryMetric over the base model (0.05 = 5%).")
-    primary_metric: MetricName | None = Field(default=None, description="Metric that decides improvement.")
-    max_new_tokens: int = Field(default=256, ge=1, le=8192, description="Generation budget per prompt.")
+    primary_metric: MetricName | None = Field(
+        default=None, description="Metric that decides improvement (unset: exact_match if computed, else the "
+                                  "first of metrics).")
+    max_new_tokens: int = Field(default=128, ge=1, le=8192, description="Generation budget per prompt.")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts generated per batch.")
     reference: ReferenceSpec | None = Field(default=None, description="Optional API model to compare with.")
 
     @field_validator("metrics")
@@ -468,6 +485,8 @@ class FineTuneJobSpec(_Spec):
         default_factory=HyperparametersSpec, description="Training hyperparameters (immutable).",
         json_schema_extra={"default": {}, **_validations(
             _rule("self == oldSelf", IMMUTABLE.format(field="hyperparameters")))})
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, json_schema_extra={"default": {}},
+                                       description="Checkpointing during training.")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec, json_schema_extra={"default": {}},
                                      description="Compute for training.")
     storage: StorageSpec = Field(description="Artifact storage and credentials.")
@@ -532,81 +551,87 @@ class Condition(_Status):
 class ProgressStatus(_Status):
     """Training progress from the trainer's newest progress line."""
 
-    step: Count | None = None
-    total_steps: Count | None = None
-    epoch: Real | None = None
-    loss: Real | None = None
-    learning_rate: Real | None = None
-    tokens_per_second: Real | None = None
-    eta_seconds: Count | None = None
+    step: Count | None = Field(default=None, description="Optimizer steps done.")
+    total_steps: Count | None = Field(default=None, description="Optimizer steps planned.")
+    epoch: Real | None = Field(default=None, description="Fractional epoch.")
+    loss: Real | None = Field(default=None, description="Latest training loss.")
+    learning_rate: Real | None = Field(default=None, description="Current learning rate.")
+    tokens_per_second: Real | None = Field(default=None, description="Training throughput.")
+    eta_seconds: Count | None = Field(default=None, description="Estimated seconds to the end of training.")
     display: str | None = Field(default=None, max_length=64,
-                                description="Short text for kubectl, e.g. 40/200.")
+                                description="Short text for kubectl (Progress column), e.g. 40/200 (20%).")
 
 
 class DatasetStatus(_Status):
     """Dataset after cleaning (validate stage)."""
 
-    format: str | None = Field(default=None, max_length=32)
-    train: Count | None = None
-    validation: Count | None = None
-    test: Count | None = None
-    train_tokens: Count | None = None
-    removed: dict[Annotated[str, Field(max_length=64)], Count] | None = Field(default=None, max_length=32)
-    errors: dict[Annotated[str, Field(max_length=64)], Count] | None = Field(default=None, max_length=32)
+    format: str | None = Field(default=None, max_length=32, description="Detected record format.")
+    train: Count | None = Field(default=None, description="Training examples kept.")
+    validation: Count | None = Field(default=None, description="Validation examples kept.")
+    test: Count | None = Field(default=None, description="Held-out test examples.")
+    train_tokens: Count | None = Field(default=None, description="Tokens in the training split.")
+    removed: dict[Annotated[str, Field(max_length=64)], Count] | None = Field(
+        default=None, max_length=32, description="Examples removed, by reason (duplicate, too_long, ...).")
+    errors: dict[Annotated[str, Field(max_length=64)], Count] | None = Field(
+        default=None, max_length=32, description="Invalid records, by error kind.")
 
 
-MetricValues = Annotated[dict[MetricName, Real], Field(max_length=5)]
+MetricValues = Annotated[dict[Annotated[str, Field(max_length=64)], Real], Field(max_length=16)]
 
 
 class EvaluationStatus(_Status):
     """Scores of the tuned model, its base and an optional reference, and the gate's verdict."""
 
-    passed: bool | None = None
-    tuned: MetricValues | None = None
-    base: MetricValues | None = None
-    reference: MetricValues | None = None
+    passed: bool | None = Field(default=None, description="Whether every gate passed.")
+    tuned: MetricValues | None = Field(default=None, description="Metrics of the tuned model.")
+    base: MetricValues | None = Field(default=None, description="Metrics of the base model.")
+    reference: MetricValues | None = Field(default=None, description="Metrics of the reference API model.")
     examples: Count | None = Field(default=None, description="Held-out examples scored.")
-    reasons: list[Annotated[str, Field(max_length=512)]] | None = Field(default=None, max_length=16)
-    summary: str | None = Field(default=None, max_length=64, description="Short text for kubectl.")
+    reasons: list[Annotated[str, Field(max_length=512)]] | None = Field(
+        default=None, max_length=16, description="Why the gate passed or failed, one line per check.")
+    summary: str | None = Field(default=None, max_length=64,
+                                description="Short text for kubectl (Eval column), e.g. passed 0.62 vs 0.40.")
 
 
 class ArtifactsStatus(_Status):
     """Where the run's outputs are."""
 
-    run_prefix: StatusURI | None = None
-    data: StatusURI | None = None
-    checkpoint: StatusURI | None = None
-    adapter: StatusURI | None = None
-    merged: StatusURI | None = None
-    evaluation_report: StatusURI | None = None
+    run_prefix: StatusURI | None = Field(default=None, description="<output>/<namespace>/<name>/<uid>.")
+    data: StatusURI | None = Field(default=None, description="Cleaned dataset.")
+    checkpoint: StatusURI | None = Field(default=None, description="Latest committed checkpoint.")
+    adapter: StatusURI | None = Field(default=None, description="LoRA adapter.")
+    merged: StatusURI | None = Field(default=None, description="Merged weights.")
+    evaluation_report: StatusURI | None = Field(default=None, description="Evaluation report.")
 
 
 class EndpointStatus(_Status):
     """The serving endpoint."""
 
-    url: StatusURI | None = None
-    model: str | None = Field(default=None, max_length=256)
+    url: StatusURI | None = Field(default=None, description="OpenAI-compatible base URL in the cluster.")
+    model: str | None = Field(default=None, max_length=256, description="Model name to request.")
 
 
 class FineTuneJobStatus(_Status):
     """Observed state, written by the operator."""
 
-    phase: Phase | None = None
+    phase: Phase | None = Field(default=None, description="Lifecycle phase.")
     conditions: list[Condition] | None = Field(
-        default=None, max_length=16,
+        default=None, max_length=16, description="Latest observations (metav1.Condition).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
-    observed_generation: int | None = Field(default=None, ge=0, le=9_007_199_254_740_991)
-    message: LongText | None = None
+    observed_generation: int | None = Field(default=None, ge=0, le=9_007_199_254_740_991,
+                                            description="Generation this status describes.")
+    message: LongText | None = Field(default=None, description="Human-readable state or error.")
     progress: ProgressStatus | None = None
     dataset: DatasetStatus | None = None
     evaluation: EvaluationStatus | None = None
     artifacts: ArtifactsStatus | None = None
     endpoint: EndpointStatus | None = None
-    retries: int | None = Field(default=None, ge=0, le=1000)
-    start_time: datetime | None = None
-    completion_time: datetime | None = None
-    gpu_hours_estimate: float | None = Field(default=None, ge=0, le=1e9)
-    gpu_hours: float | None = Field(default=None, ge=0, le=1e9)
+    retries: int | None = Field(default=None, ge=0, le=1000, description="Transient failures retried so far.")
+    start_time: datetime | None = Field(default=None, description="When the first stage started.")
+    completion_time: datetime | None = Field(default=None, description="When the job reached a final phase.")
+    gpu_hours_estimate: float | None = Field(default=None, ge=0, le=1e9,
+                                             description="Estimated GPU hours before training.")
+    gpu_hours: float | None = Field(default=None, ge=0, le=1e9, description="GPU hours used so far.")
 
 
 # ---------------------------------------------------------------------------------------------- object
@@ -638,15 +663,17 @@ class FineTuneJob(BaseModel):
 
 
 def _path(loc: tuple[int | str, ...]) -> str:
-    out = ""
+    parts: list[str] = []
     for part in loc:
         if isinstance(part, int):
-            out += f"[{part}]"
+            parts[-1] += f"[{part}]"
+        elif part == "[key]":
+            parts.pop()  # a bad map key: report the map, as the API server does
         elif part.startswith(("function-", "lax-", "strict-")) or part in {"str", "int"}:
             continue  # pydantic's union/function branch labels are not field names
         else:
-            out += f".{part}" if out else part
-    return out
+            parts.append(part)
+    return ".".join(parts)
 
 
 def _errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[tuple[str, str]]:

@@ -116,6 +116,7 @@ class Observed:
     pods: Mapping[Stage, Sequence[Mapping[str, Any]]] = field(default_factory=dict)
     progress: Mapping[str, Any] | None = None  # the trainer's newest progress line
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    spec_error: str | None = None  # the spec failed the operator's own validation
 
 
 @dataclass(frozen=True)
@@ -313,7 +314,7 @@ def _timestamp(now: datetime) -> str:
     return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _parse_time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
     if not value:
         return None
     try:
@@ -383,13 +384,13 @@ def gpu_hours_spent(observed: Observed) -> float:
             continue
         stage_gpus = gpus if stage is Stage.TRAIN else min(gpus, 1)
         status = job.get("status") or {}
-        start = _parse_time(status.get("startTime"))
+        start = parse_time(status.get("startTime"))
         if start is None:
             continue
-        end = _parse_time(status.get("completionTime"))
+        end = parse_time(status.get("completionTime"))
         if end is None:
             failed = _conditions(job).get("Failed") or {}
-            end = _parse_time(failed.get("lastTransitionTime")) if failed else None
+            end = parse_time(failed.get("lastTransitionTime")) if failed else None
         if end is None:
             end = observed.now if status.get("active") else start
         total += max(0.0, (end - start).total_seconds()) / 3600 * stage_gpus
@@ -512,6 +513,9 @@ class _Planner:
         self.status["observedGeneration"] = self.o.generation
         if self.old_phase in TERMINAL_PHASES:
             return self.finish(keep_phase=True)
+        if self.o.spec_error is not None:
+            self.phase(Phase.FAILED, Reason.INVALID_CONFIG, f"invalid spec: {self.o.spec_error}")
+            return self.finish()
         try:
             self.pipeline()
         except (ConfigError, ValueError) as exc:

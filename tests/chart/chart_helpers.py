@@ -17,8 +17,8 @@ CHART = REPO / "charts" / "finetune-operator"
 VALUES_DIR = Path(__file__).parent / "values"
 BAD_VALUES_DIR = Path(__file__).parent / "bad-values"
 SNAPSHOTS = Path(__file__).parent / "snapshots"
-# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest we test against.
-KUBE_VERSIONS = ("1.32.0", "1.35.0")
+# Oldest Kubernetes the chart supports (Chart.yaml kubeVersion), our kubectl's, newest with schemas.
+KUBE_VERSIONS = ("1.32.0", "1.35.0", "1.37.0")
 
 
 def helm_binary() -> str | None:

@@ -10,13 +10,14 @@ import os
 import shutil
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from chart_helpers import CHART, run_helm
+from chart_helpers import CHART
 
 pytestmark = [pytest.mark.helm, pytest.mark.e2e, pytest.mark.local_kubelet, pytest.mark.slow]
 
@@ -80,6 +81,11 @@ class Kube:
         return result
 
 
+def http_get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.status, response.read().decode()
+
+
 def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, interval: float = 0.5) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -92,13 +98,24 @@ def wait_for(what: str, probe: Callable[[], Any], timeout: float = 60, interval:
 
 
 @pytest.fixture(scope="module")
-def cluster(request: pytest.FixtureRequest):
-    """The embedded cluster WITHOUT its built-in operator: the one the chart installs must do the work."""
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """An embedded cluster of its own, WITHOUT the built-in operator and CRD that the session-wide
+    `local_cluster` fixture starts: here the operator the chart installs must do the work, and helm must
+    create the CRD itself."""
+    if os.environ.get("KUBECONFIG") and os.environ.get("LOCALCLUSTER_EMBEDDED") != "1":
+        pytest.skip("needs the embedded cluster's local kubelet (KUBECONFIG points elsewhere)")
     try:
-        import localcluster.pytest_plugin  # noqa: F401
+        from localcluster.cluster import LocalCluster
     except ImportError as error:
-        pytest.skip(f"the embedded cluster's pytest plugin (issue 3) is not available: {error}")
-    return request.getfixturevalue("local_cluster")
+        pytest.skip(f"the embedded cluster (issue 3) is not available: {error}")
+    cluster = LocalCluster(
+        tmp_path_factory.mktemp("chart-cluster"), operator=False, install_crds=False, backoff_scale=0.1
+    )
+    cluster.start_background()
+    try:
+        yield cluster
+    finally:
+        cluster.stop_background()
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +181,15 @@ def test_install_reconcile_upgrade_uninstall(kube: Kube, tmp_path: Path) -> None
         for ref in child["metadata"].get("ownerReferences", [])
     ), "no child Job owned by the FineTuneJob"
     logs = kube.kubectl("logs", "-n", NAMESPACE, f"deployment/{DEPLOYMENT}").stdout
-    assert "chart-smoke" in logs
+    assert "job_event' succeeded" in logs, logs  # this pod's handlers did the work
+
+    # The probe and the Service point at live endpoints (each pod has its own loopback IP here).
+    pod_ip = pod["status"]["podIP"]
+    probe = template["livenessProbe"]["httpGet"]
+    ports = {p["name"]: p["containerPort"] for p in template["ports"]}
+    assert http_get(f"http://{pod_ip}:{ports[probe['port']]}{probe['path']}")[0] == 200
+    status, metrics = http_get(f"http://{pod_ip}:{ports['metrics']}/metrics")
+    assert status == 200 and "# TYPE" in metrics
 
     # helm upgrade with a chart whose CRD changed: the CRD in the cluster stays as it was; the config rolls.
     checksum = deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
@@ -192,12 +217,20 @@ def test_install_reconcile_upgrade_uninstall(kube: Kube, tmp_path: Path) -> None
     assert kube.get("clusterrole", DEPLOYMENT) is None
     assert kube.get("crd", CRD)["metadata"]["uid"] == crd["metadata"]["uid"]
     assert kube.get("finetunejob", "chart-smoke", "-n", "ml") is not None
+    # No operator finalizer: the job deletes without the operator, its children follow by owner reference.
+    kube.kubectl("delete", "finetunejob", "chart-smoke", "-n", "ml", "--wait", "--timeout=30s")
+    wait_for(
+        "the child Jobs to be garbage-collected",
+        lambda: not kube.get("jobs", "-n", "ml")["items"],
+        timeout=30,
+    )
 
 
 def test_namespaced_install_reconciles_only_its_namespaces(kube: Kube) -> None:
     for namespace in ("team-a", "team-b"):
         kube.kubectl("create", "namespace", namespace, check=False)
     # The CRD may already exist (previous test): helm install leaves it in place and succeeds.
+    existing = kube.get("crd", CRD)
     kube.helm(
         "install",
         RELEASE,
@@ -208,6 +241,8 @@ def test_namespaced_install_reconciles_only_its_namespaces(kube: Kube) -> None:
         "--set",
         "watchNamespaces={team-a}",
     )
+    if existing is not None:
+        assert kube.get("crd", CRD)["metadata"]["uid"] == existing["metadata"]["uid"]
     assert kube.get("role", DEPLOYMENT, "-n", "team-a") is not None
     assert kube.get("role", DEPLOYMENT, "-n", "team-b") is None
     assert kube.get("clusterrolebinding", DEPLOYMENT) is None

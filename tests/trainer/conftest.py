@@ -68,15 +68,23 @@ def s3(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> S3Bucket:
     import boto3
 
     env = {
-        "AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "2",
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "2",
     }
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
         monkeypatch.delenv(name, raising=False)
-    client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1",
-                          aws_access_key_id=FAKE_ACCESS_KEY, aws_secret_access_key=FAKE_SECRET_KEY)
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=FAKE_ACCESS_KEY,
+        aws_secret_access_key=FAKE_SECRET_KEY,
+    )
     bucket = f"ftj-{uuid.uuid4().hex[:12]}"
     client.create_bucket(Bucket=bucket)
     return S3Bucket(moto_endpoint, bucket, client)
@@ -90,12 +98,16 @@ def build_tokenizer(path: Path, extra_words: list[str] | None = None) -> Path:
     specials = ["<unk>", "<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    corpus = [" ".join(f"w{i}" for i in range(200)), "the quick brown fox jumps over the lazy dog",
-              "what is capital of france paris answer question hello world yes no",
-              *(extra_words or [])]
+    corpus = [
+        " ".join(f"w{i}" for i in range(200)),
+        "the quick brown fox jumps over the lazy dog",
+        "what is capital of france paris answer question hello world yes no",
+        *(extra_words or []),
+    ]
     tok.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=specials))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>",
-                                   bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     path.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(path)
@@ -130,14 +142,23 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture
 def make_config() -> Callable[..., dict[str, Any]]:
     def _make(run_prefix: str, **spec_overrides: Any) -> dict[str, Any]:
-        return {"runPrefix": run_prefix, "job": {"namespace": "team-a", "name": "demo", "uid": "uid-1234"},
-                "spec": _merge(BASE_SPEC, spec_overrides)}
+        return {
+            "runPrefix": run_prefix,
+            "job": {"namespace": "team-a", "name": "demo", "uid": "uid-1234"},
+            "spec": _merge(BASE_SPEC, spec_overrides),
+        }
 
     return _make
 
 
-def make_hf_cache_snapshot(hub_cache: Path, repo_id: str, src_dir: Path, commit: str = "a" * 40,
-                           repo_type: str = "model", ref: str = "main") -> Path:
+def make_hf_cache_snapshot(
+    hub_cache: Path,
+    repo_id: str,
+    src_dir: Path,
+    commit: str = "a" * 40,
+    repo_type: str = "model",
+    ref: str = "main",
+) -> Path:
     """Copy ``src_dir`` into ``hub_cache`` in huggingface_hub's cache layout; returns the snapshot dir."""
     repo_dir = hub_cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
     snapshot = repo_dir / "snapshots" / commit
@@ -154,7 +175,7 @@ def make_hf_cache_snapshot(hub_cache: Path, repo_id: str, src_dir: Path, commit:
 
 @pytest.fixture
 def hf_offline_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty HF_HOME with HF_HUB_OFFLINE=1; returns the hub cache dir to fill with make_hf_cache_snapshot."""
+    """An empty HF_HOME with HF_HUB_OFFLINE=1; returns the hub cache dir (fill: make_hf_cache_snapshot)."""
     home = tmp_path / "hf-home"
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)

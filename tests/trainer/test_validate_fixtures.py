@@ -1,4 +1,4 @@
-"""Every bad-data class: the CLI's exit code and a termination message naming the line (tests/trainer/data/bad)."""
+"""Every bad-data class (tests/trainer/data/bad): the CLI's exit code and a message naming the line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from finetune_trainer import cli
 
 BAD = Path(__file__).parent / "data" / "bad"
@@ -23,24 +22,49 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
     ("wrong_type", {}, 10, "wrong_type.jsonl line 3: messages[1].content must be a string, got int"),
     ("unknown_role", {}, 10, 'unknown_role.jsonl line 4: messages[1].role: unknown role "bot"'),
     ("no_assistant_turn", {}, 10, "no_assistant_turn.jsonl line 2: no assistant turn"),
-    ("bad_turn_order", {}, 10, "bad_turn_order.jsonl line 3: messages[0]: assistant turn before any user turn"),
-    ("format_mismatch", {}, 10, "format_mismatch.jsonl line 6: looks like completion format but the dataset is chat"),
+    (
+        "bad_turn_order",
+        {},
+        10,
+        "bad_turn_order.jsonl line 3: messages[0]: assistant turn before any user turn",
+    ),
+    (
+        "format_mismatch",
+        {},
+        10,
+        "format_mismatch.jsonl line 6: looks like completion format but the dataset is chat",
+    ),
     # <|user|> what is w0 … w99 <|end|> <|assistant|> w0 <|end|> = 1 + 2 + 100 + 1 + 1 + 1 + 1 tokens
     ("overlong", {}, 10, "overlong.jsonl line 4: 107 tokens > maxSeqLength 64"),
     ("undetectable", {}, 10, "undetectable.jsonl line 1: cannot detect the format"),
     ("empty", {}, 10, "empty.jsonl: no examples (the file is empty)"),
     ("blank_only", {}, 10, "blank_only.jsonl: no examples (the file is empty)"),
-    ("all_leaked", {"test": "all_leaked-test"}, 10,
-     "no usable train example remains in all_leaked-train.jsonl: all_leaked-train.jsonl line 1: prompt also in "
-     "all_leaked-test.jsonl line 1"),
-    ("one_bad_in_twenty", {"maxErrorRate": 0.01}, 10,
-     "1 of 20 lines unusable (5.0% > dataset.maxErrorRate 1%): one_bad_in_twenty.jsonl line 7: invalid JSON"),
+    (
+        "all_leaked",
+        {"test": "all_leaked-test"},
+        10,
+        "no usable train example remains in all_leaked-train.jsonl: all_leaked-train.jsonl line 1: prompt "
+        "also in "
+        "all_leaked-test.jsonl line 1",
+    ),
+    (
+        "one_bad_in_twenty",
+        {"maxErrorRate": 0.01},
+        10,
+        "1 of 20 lines unusable (5.0% > dataset.maxErrorRate 1%): one_bad_in_twenty.jsonl line 7: "
+        "invalid JSON",
+    ),
     # Cleanable classes: the run succeeds, the message still points at the line.
     ("one_bad_in_twenty", {}, 0, "one_bad_in_twenty.jsonl line 7: invalid JSON"),
     ("bom", {}, 0, "bom.jsonl line 1: UTF-8 byte order mark removed"),
     ("duplicate", {}, 0, "duplicate.jsonl line 5: exact duplicate of line 2"),
     ("near_duplicate", {}, 0, "near_duplicate.jsonl line 4: duplicate of line 1 after normalising"),
-    ("leakage", {"test": "leakage-test"}, 0, "leakage-train.jsonl line 3: prompt also in leakage-test.jsonl line 1"),
+    (
+        "leakage",
+        {"test": "leakage-test"},
+        0,
+        "leakage-train.jsonl line 3: prompt also in leakage-test.jsonl line 1",
+    ),
     ("imbalanced", {}, 0, "imbalanced.jsonl: category 'math' has"),
 ]
 
@@ -59,10 +83,18 @@ def run_validate(tmp_path: Path, config: dict[str, Any]) -> tuple[int, dict[str,
     return code, json.loads((tmp_path / "termination-log").read_text())
 
 
-@pytest.mark.parametrize(("fixture", "dataset", "code", "expected"), CASES,
-                         ids=[f"{c[0]}-{c[2]}" for c in CASES])
-def test_bad_data_fixture(fixture: str, dataset: dict[str, Any], code: int, expected: str, tmp_path: Path,
-                          tiny_tokenizer_dir: Path, make_config: Any) -> None:
+@pytest.mark.parametrize(
+    ("fixture", "dataset", "code", "expected"), CASES, ids=[f"{c[0]}-{c[2]}" for c in CASES]
+)
+def test_bad_data_fixture(
+    fixture: str,
+    dataset: dict[str, Any],
+    code: int,
+    expected: str,
+    tmp_path: Path,
+    tiny_tokenizer_dir: Path,
+    make_config: Any,
+) -> None:
     ds = {"train": _fixture_path(fixture), "format": "auto", **dataset}
     if "test" in ds:
         ds["test"] = _fixture_path(ds["test"])
@@ -78,7 +110,8 @@ def test_bad_data_fixture(fixture: str, dataset: dict[str, Any], code: int, expe
         if term["summary"].get("lines"):
             report = json.loads(report_path.read_text())
             listed = [f for kind in report["errors"].values() for f in kind["first"]] + [
-                f for kind in report["removed"].values() for f in kind["first"]]
+                f for kind in report["removed"].values() for f in kind["first"]
+            ]
             assert listed and all(f["line"] >= 1 for f in listed)
 
 
@@ -88,7 +121,21 @@ def test_fixture_count_covers_every_class() -> None:
     covered = {c[0] for c in CASES}
     assert len(covered) >= 15
     kinds = set(ERROR_KINDS) | set(CLEANING_KINDS) | set(WARNING_KINDS)
-    named = {"invalid_json", "invalid_utf8", "not_an_object", "missing_field", "empty_field", "wrong_type",
-             "unknown_role", "no_assistant_turn", "bad_turn_order", "format_mismatch", "overlong", "duplicate",
-             "near_duplicate", "leakage", "bom"}
+    named = {
+        "invalid_json",
+        "invalid_utf8",
+        "not_an_object",
+        "missing_field",
+        "empty_field",
+        "wrong_type",
+        "unknown_role",
+        "no_assistant_turn",
+        "bad_turn_order",
+        "format_mismatch",
+        "overlong",
+        "duplicate",
+        "near_duplicate",
+        "leakage",
+        "bom",
+    }
     assert named <= covered | {"category_imbalance"} and named <= kinds

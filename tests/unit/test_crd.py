@@ -13,17 +13,38 @@ import pytest
 import re2
 import yaml
 from finetune_operator import crdgen
-
 from localcluster.crdvalidation import CRDValidator, validate_value
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_PATH = ROOT / "crds" / crdgen.CRD_FILENAME
 ALLOWED_KEYWORDS = {
-    "description", "type", "format", "enum", "default", "pattern", "minLength", "maxLength", "minimum",
-    "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems", "minProperties",
-    "maxProperties", "required", "properties", "additionalProperties", "items", "anyOf", "nullable",
-    "x-kubernetes-validations", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
-    "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields",
+    "description",
+    "type",
+    "format",
+    "enum",
+    "default",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minItems",
+    "maxItems",
+    "minProperties",
+    "maxProperties",
+    "required",
+    "properties",
+    "additionalProperties",
+    "items",
+    "anyOf",
+    "nullable",
+    "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields",
 }
 
 
@@ -49,7 +70,9 @@ def nodes(node: dict[str, Any], path: str = "") -> Iterator[tuple[str, dict[str,
 
 
 def test_committed_crd_is_up_to_date() -> None:
-    assert CRD_PATH.read_text(encoding="utf-8") == crdgen.render_crd(), "run `make crds` and commit the result"
+    assert CRD_PATH.read_text(encoding="utf-8") == crdgen.render_crd(), (
+        "run `make crds` and commit the result"
+    )
 
 
 def test_written_file_round_trips(tmp_path: Path, crd: dict[str, Any]) -> None:
@@ -62,8 +85,14 @@ def test_names_scope_subresources_and_columns(crd: dict[str, Any]) -> None:
     spec = crd["spec"]
     assert crd["metadata"]["name"] == "finetunejobs.finetune.dev"
     assert spec["group"] == "finetune.dev" and spec["scope"] == "Namespaced"
-    assert spec["names"] == {"kind": "FineTuneJob", "listKind": "FineTuneJobList", "plural": "finetunejobs",
-                             "singular": "finetunejob", "shortNames": ["ftj"], "categories": ["finetune"]}
+    assert spec["names"] == {
+        "kind": "FineTuneJob",
+        "listKind": "FineTuneJobList",
+        "plural": "finetunejobs",
+        "singular": "finetunejob",
+        "shortNames": ["ftj"],
+        "categories": ["finetune"],
+    }
     (version,) = spec["versions"]
     assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
     assert version["subresources"] == {"status": {}}
@@ -92,7 +121,9 @@ def test_schema_is_structural(schema: dict[str, Any]) -> None:
         assert not ("properties" in node and "additionalProperties" in node), path
         if node["type"] == "object" and path not in {".metadata"}:
             assert "properties" in node or isinstance(node.get("additionalProperties"), dict), path
-        assert not node.get("x-kubernetes-preserve-unknown-fields"), f"{path}: nothing is meant to be free-form"
+        assert not node.get("x-kubernetes-preserve-unknown-fields"), (
+            f"{path}: nothing is meant to be free-form"
+        )
         for required in node.get("required", []):
             assert required in node["properties"], (path, required)
 
@@ -120,10 +151,15 @@ def test_every_value_is_bounded(schema: dict[str, Any]) -> None:
 
 def test_shaped_strings_have_patterns(schema: dict[str, Any]) -> None:
     spec = schema["properties"]["spec"]["properties"]
-    shaped = [spec["baseModel"]["properties"]["uri"], spec["dataset"]["properties"]["train"],
-              spec["storage"]["properties"]["output"], spec["storage"]["properties"]["credentialsSecret"],
-              spec["resources"]["properties"]["gpuType"], spec["resources"]["properties"]["queueName"],
-              spec["evaluation"]["properties"]["reference"]["properties"]["url"]]
+    shaped = [
+        spec["baseModel"]["properties"]["uri"],
+        spec["dataset"]["properties"]["train"],
+        spec["storage"]["properties"]["output"],
+        spec["storage"]["properties"]["credentialsSecret"],
+        spec["resources"]["properties"]["gpuType"],
+        spec["resources"]["properties"]["queueName"],
+        spec["evaluation"]["properties"]["reference"]["properties"]["url"],
+    ]
     for node in shaped:
         assert node["pattern"].startswith("^") and node["pattern"].endswith("$")
 
@@ -155,15 +191,18 @@ def test_cel_rules_compile_and_field_paths_exist(schema: dict[str, Any]) -> None
             for part in rule.get("fieldPath", "").strip(".").split(".") if rule.get("fieldPath") else []:
                 target = target["properties"][part]
             if "oldSelf" in rule["rule"]:
-                assert path.count(".") == 2 and path.startswith(".spec."), "transition rules sit on spec fields"
+                assert path.count(".") == 2 and path.startswith(".spec."), (
+                    "transition rules sit on spec fields"
+                )
     assert rules >= 10
 
 
 def test_immutable_fields_have_transition_rules(schema: dict[str, Any]) -> None:
     spec = schema["properties"]["spec"]["properties"]
     for name in ("baseModel", "dataset", "method", "lora", "hyperparameters"):
-        assert {"rule": "self == oldSelf", "message": f"{name} is immutable once set"} in \
-            spec[name]["x-kubernetes-validations"]
+        assert {"rule": "self == oldSelf", "message": f"{name} is immutable once set"} in spec[name][
+            "x-kubernetes-validations"
+        ]
     for name in ("resources", "evaluation", "deployment", "suspend", "storage"):
         assert not any("oldSelf" in r["rule"] for r in spec[name].get("x-kubernetes-validations", []))
 
@@ -182,3 +221,12 @@ def test_cli_writes_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert crdgen.main([str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "finetune.dev_finetunejobs.yaml").read_text() == crdgen.render_crd()
     assert "finetune.dev_finetunejobs.yaml" in capsys.readouterr().out
+
+
+def test_crd_document_matches_the_apiextensions_v1_schema() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    document = yaml.safe_load(CRD_PATH.read_text(encoding="utf-8"))
+    kubernetes_validate.validate(document, "1.32", strict=True)
+    document["spec"]["versions"][0]["additionalPrinterColumns"][0]["jsonpath"] = ".status.phase"
+    with pytest.raises(kubernetes_validate.ValidationError):  # strict: a misspelled key is caught
+        kubernetes_validate.validate(document, "1.32", strict=True)

@@ -7,7 +7,6 @@ import copy
 from typing import Any
 
 import pytest
-
 from localcluster.crdvalidation import CRDValidator, FieldCause, InvalidError, go_value, validate_value
 
 SCHEMA: dict[str, Any] = {
@@ -20,45 +19,100 @@ SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["size"],
             "x-kubernetes-validations": [
-                {"rule": "self.size <= self.limit", "messageExpression": "'size ' + string(self.size) + "
-                 "' exceeds limit ' + string(self.limit)", "fieldPath": ".size"},
-                {"rule": "!has(self.mode) || self.mode != 'fast' || self.replicas >= 2",
-                 "message": "fast mode needs two replicas", "reason": "FieldValueForbidden"},
+                {
+                    "rule": "self.size <= self.limit",
+                    "messageExpression": "'size ' + string(self.size) + "
+                    "' exceeds limit ' + string(self.limit)",
+                    "fieldPath": ".size",
+                },
+                {
+                    "rule": "!has(self.mode) || self.mode != 'fast' || self.replicas >= 2",
+                    "message": "fast mode needs two replicas",
+                    "reason": "FieldValueForbidden",
+                },
             ],
             "properties": {
                 "size": {"type": "integer", "minimum": 1, "maximum": 100},
                 "limit": {"type": "integer", "default": 10, "minimum": 1, "maximum": 1000},
                 "replicas": {"type": "integer", "default": 1, "minimum": 0, "maximum": 8},
-                "ratio": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1,
-                          "exclusiveMaximum": True},
+                "ratio": {
+                    "type": "number",
+                    "minimum": 0,
+                    "exclusiveMinimum": True,
+                    "maximum": 1,
+                    "exclusiveMaximum": True,
+                },
                 "mode": {"type": "string", "enum": ["fast", "safe"]},
-                "name": {"type": "string", "maxLength": 8, "minLength": 2, "pattern": "^[a-z]+$",
-                         "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "name is immutable"}]},
+                "name": {
+                    "type": "string",
+                    "maxLength": 8,
+                    "minLength": 2,
+                    "pattern": "^[a-z]+$",
+                    "x-kubernetes-validations": [{"rule": "self == oldSelf", "message": "name is immutable"}],
+                },
                 "when": {"type": "string", "format": "date-time"},
                 "note": {"type": "string", "nullable": True, "maxLength": 16},
-                "quantity": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}],
-                             "pattern": "^[0-9]+(m|Gi)?$"},
-                "tags": {"type": "array", "maxItems": 3, "minItems": 1, "x-kubernetes-list-type": "set",
-                         "items": {"type": "string", "maxLength": 5}},
+                "quantity": {
+                    "x-kubernetes-int-or-string": True,
+                    "anyOf": [{"type": "integer"}, {"type": "string"}],
+                    "pattern": "^[0-9]+(m|Gi)?$",
+                },
+                "tags": {
+                    "type": "array",
+                    "maxItems": 3,
+                    "minItems": 1,
+                    "x-kubernetes-list-type": "set",
+                    "items": {"type": "string", "maxLength": 5},
+                },
                 "labels": {"type": "object", "maxProperties": 2, "additionalProperties": {"type": "string"}},
-                "nested": {"type": "object", "default": {},
-                           "properties": {"depth": {"type": "integer", "default": 3, "maximum": 9},
-                                          "inner": {"type": "object", "default": {},
-                                                    "properties": {"flag": {"type": "boolean", "default": True}}}}},
+                "nested": {
+                    "type": "object",
+                    "default": {},
+                    "properties": {
+                        "depth": {"type": "integer", "default": 3, "maximum": 9},
+                        "inner": {
+                            "type": "object",
+                            "default": {},
+                            "properties": {"flag": {"type": "boolean", "default": True}},
+                        },
+                    },
+                },
                 "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
                 "ports": {
-                    "type": "array", "maxItems": 4, "x-kubernetes-list-type": "map",
+                    "type": "array",
+                    "maxItems": 4,
+                    "x-kubernetes-list-type": "map",
                     "x-kubernetes-list-map-keys": ["name"],
-                    "items": {"type": "object", "required": ["name"],
-                              "properties": {"name": {"type": "string", "maxLength": 8},
-                                             "port": {"type": "integer", "minimum": 1, "maximum": 65535,
-                                                      "x-kubernetes-validations": [
-                                                          {"rule": "self >= oldSelf",
-                                                           "message": "port may only grow"}]}}},
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string", "maxLength": 8},
+                            "port": {
+                                "type": "integer",
+                                "minimum": 1,
+                                "maximum": 65535,
+                                "x-kubernetes-validations": [
+                                    {"rule": "self >= oldSelf", "message": "port may only grow"}
+                                ],
+                            },
+                        },
+                    },
                 },
-                "steps": {"type": "array", "maxItems": 4,
-                          "items": {"type": "object", "properties": {"n": {"type": "integer", "maximum": 9,
-                                    "x-kubernetes-validations": [{"rule": "self == oldSelf"}]}}}},
+                "steps": {
+                    "type": "array",
+                    "maxItems": 4,
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "n": {
+                                "type": "integer",
+                                "maximum": 9,
+                                "x-kubernetes-validations": [{"rule": "self == oldSelf"}],
+                            }
+                        },
+                    },
+                },
             },
         },
         "status": {"type": "object", "properties": {"phase": {"type": "string"}}},
@@ -72,15 +126,18 @@ CRD: dict[str, Any] = {
         "group": "example.dev",
         "names": {"kind": "Widget", "plural": "widgets"},
         "scope": "Namespaced",
-        "versions": [{"name": "v1", "served": True, "storage": True,
-                      "schema": {"openAPIV3Schema": SCHEMA}}],
+        "versions": [{"name": "v1", "served": True, "storage": True, "schema": {"openAPIV3Schema": SCHEMA}}],
     },
 }
 
 
 def widget(**spec: Any) -> dict[str, Any]:
-    return {"apiVersion": "example.dev/v1", "kind": "Widget", "metadata": {"name": "w1"},
-            "spec": {"size": 5, **spec}}
+    return {
+        "apiVersion": "example.dev/v1",
+        "kind": "Widget",
+        "metadata": {"name": "w1"},
+        "spec": {"size": 5, **spec},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +145,9 @@ def validator() -> CRDValidator:
     return CRDValidator(CRD, "v1")
 
 
-def causes(validator: CRDValidator, obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[FieldCause]:
+def causes(
+    validator: CRDValidator, obj: dict[str, Any], old: dict[str, Any] | None = None
+) -> list[FieldCause]:
     with pytest.raises(InvalidError) as info:
         validator.admit(obj, old=old)
     return info.value.causes
@@ -137,43 +196,62 @@ def test_required_after_null_pruning(validator: CRDValidator) -> None:
     assert found[0].error() == "spec.size: Required value"
     # as on a real API server, a rule reading the missing field then fails at run time
     # (reported where the rule is, not at its fieldPath, and named by the rule since it has no message)
-    assert found[1].error() == ('spec: Invalid value: "object": no such key: size evaluating rule: '
-                                'self.size <= self.limit')
+    assert found[1].error() == (
+        'spec: Invalid value: "object": no such key: size evaluating rule: self.size <= self.limit'
+    )
 
 
 # ------------------------------------------------------------------------------------------ schema messages
-@pytest.mark.parametrize(("spec", "expected"), [
-    ({"size": 0}, "spec.size: Invalid value: 0: spec.size in body should be greater than or equal to 1"),
-    ({"size": 101, "limit": 1000}, "spec.size: Invalid value: 101: spec.size in body should be less than or equal to 100"),
-    ({"ratio": 0}, "spec.ratio: Invalid value: 0: spec.ratio in body should be greater than 0"),
-    ({"ratio": 1.0}, "spec.ratio: Invalid value: 1: spec.ratio in body should be less than 1"),
-    ({"ratio": 1.5}, "spec.ratio: Invalid value: 1.5: spec.ratio in body should be less than 1"),
-    ({"name": "abcdefghi"}, "spec.name: Too long: may not be more than 8 bytes"),
-    ({"name": "a"}, 'spec.name: Invalid value: "a": spec.name in body should be at least 2 chars long'),
-    ({"name": "ab1"}, "spec.name: Invalid value: \"ab1\": spec.name in body should match '^[a-z]+$'"),
-    ({"when": "yesterday"}, 'spec.when: Invalid value: "yesterday": spec.when in body must be of type '
-                            'date-time: "yesterday"'),
-    ({"tags": ["a", "b", "c", "d"]}, "spec.tags: Too many: 4: must have at most 3 items"),
-    ({"tags": []}, "spec.tags: Invalid value: 0: spec.tags in body should have at least 1 items"),
-    ({"tags": ["a", "a"]}, 'spec.tags[1]: Duplicate value: "a"'),
-    ({"tags": ["abcdef"]}, "spec.tags[0]: Too long: may not be more than 5 bytes"),
-    ({"labels": {"a": "1", "b": "2", "c": "3"}}, "spec.labels: Too many: 3: must have at most 2 items"),
-    ({"quantity": "4x"}, "spec.quantity: Invalid value: \"4x\": spec.quantity in body should match "
-                         "'^[0-9]+(m|Gi)?$'"),
-    ({"ports": [{"name": "a", "port": 1}, {"name": "a", "port": 2}]},
-     'spec.ports[1]: Duplicate value: map[string]interface {}{"name":"a"}'),
-    ({"ports": [{"port": 80}]}, "spec.ports[0].name: Required value"),
-    ({"nested": {"depth": 10}}, "spec.nested.depth: Invalid value: 10: spec.nested.depth in body should be "
-                                "less than or equal to 9"),
-])
-def test_schema_errors_read_like_kube_apiserver(validator: CRDValidator, spec: dict[str, Any], expected: str) -> None:
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ({"size": 0}, "spec.size: Invalid value: 0: spec.size in body should be greater than or equal to 1"),
+        (
+            {"size": 101, "limit": 1000},
+            "spec.size: Invalid value: 101: spec.size in body should be less than or equal to 100",
+        ),
+        ({"ratio": 0}, "spec.ratio: Invalid value: 0: spec.ratio in body should be greater than 0"),
+        ({"ratio": 1.0}, "spec.ratio: Invalid value: 1: spec.ratio in body should be less than 1"),
+        ({"ratio": 1.5}, "spec.ratio: Invalid value: 1.5: spec.ratio in body should be less than 1"),
+        ({"name": "abcdefghi"}, "spec.name: Too long: may not be more than 8 bytes"),
+        ({"name": "a"}, 'spec.name: Invalid value: "a": spec.name in body should be at least 2 chars long'),
+        ({"name": "ab1"}, "spec.name: Invalid value: \"ab1\": spec.name in body should match '^[a-z]+$'"),
+        (
+            {"when": "yesterday"},
+            'spec.when: Invalid value: "yesterday": spec.when in body must be of type date-time: "yesterday"',
+        ),
+        ({"tags": ["a", "b", "c", "d"]}, "spec.tags: Too many: 4: must have at most 3 items"),
+        ({"tags": []}, "spec.tags: Invalid value: 0: spec.tags in body should have at least 1 items"),
+        ({"tags": ["a", "a"]}, 'spec.tags[1]: Duplicate value: "a"'),
+        ({"tags": ["abcdef"]}, "spec.tags[0]: Too long: may not be more than 5 bytes"),
+        ({"labels": {"a": "1", "b": "2", "c": "3"}}, "spec.labels: Too many: 3: must have at most 2 items"),
+        (
+            {"quantity": "4x"},
+            "spec.quantity: Invalid value: \"4x\": spec.quantity in body should match '^[0-9]+(m|Gi)?$'",
+        ),
+        (
+            {"ports": [{"name": "a", "port": 1}, {"name": "a", "port": 2}]},
+            'spec.ports[1]: Duplicate value: map[string]interface {}{"name":"a"}',
+        ),
+        ({"ports": [{"port": 80}]}, "spec.ports[0].name: Required value"),
+        (
+            {"nested": {"depth": 10}},
+            "spec.nested.depth: Invalid value: 10: spec.nested.depth in body should be "
+            "less than or equal to 9",
+        ),
+    ],
+)
+def test_schema_errors_read_like_kube_apiserver(
+    validator: CRDValidator, spec: dict[str, Any], expected: str
+) -> None:
     assert only(validator, widget(**spec)) == expected
 
 
 def test_type_errors_skip_cel_with_the_apiserver_notice(validator: CRDValidator) -> None:
     found = causes(validator, widget(size="big", limit=1))
-    assert found[0].error() == ('spec.size: Invalid value: "string": spec.size in body must be of type integer: '
-                                '"string"')
+    assert found[0].error() == (
+        'spec.size: Invalid value: "string": spec.size in body must be of type integer: "string"'
+    )
     assert found[0].type == "FieldValueTypeInvalid"
     assert found[-1].field == "<nil>" and "some validation rules were not checked" in found[-1].message
     assert len(found) == 2, "the CEL rule size <= limit must not have run"
@@ -202,7 +280,10 @@ def test_every_error_is_reported_at_once(validator: CRDValidator) -> None:
 
 # ------------------------------------------------------------------------------------------ CEL
 def test_cel_message_expression_and_field_path(validator: CRDValidator) -> None:
-    assert only(validator, widget(size=50, limit=20)) == 'spec.size: Invalid value: "object": size 50 exceeds limit 20'
+    assert (
+        only(validator, widget(size=50, limit=20))
+        == 'spec.size: Invalid value: "object": size 50 exceeds limit 20'
+    )
 
 
 def test_cel_reason_forbidden(validator: CRDValidator) -> None:
@@ -238,8 +319,9 @@ def test_cel_runtime_error_is_reported_with_the_rule(validator: CRDValidator) ->
     spec_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     spec_schema["x-kubernetes-validations"] = [{"rule": "self.missing > 1"}]
     found = causes(CRDValidator(crd, "v1"), widget())
-    assert found[0].error() == ('spec: Invalid value: "object": no such key: missing evaluating rule: '
-                                'self.missing > 1')
+    assert found[0].error() == (
+        'spec: Invalid value: "object": no such key: missing evaluating rule: self.missing > 1'
+    )
 
 
 def test_numbers_reach_cel_as_doubles(validator: CRDValidator) -> None:
@@ -253,13 +335,17 @@ def test_kubernetes_string_library(validator: CRDValidator) -> None:
     crd = copy.deepcopy(CRD)
     spec_schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     spec_schema["x-kubernetes-validations"] = [
-        {"rule": "!has(self.name) || (self.name.upperAscii().lowerAscii() == self.name && "
-                 "self.name.indexOf('b') == 1 && self.name.split('b').size() == 2)"},
+        {
+            "rule": "!has(self.name) || (self.name.upperAscii().lowerAscii() == self.name && "
+            "self.name.indexOf('b') == 1 && self.name.split('b').size() == 2)"
+        },
     ]
     checker = CRDValidator(crd, "v1")
     checker.admit(widget(name="abc"))
-    assert causes(checker, widget(name="cab"))[0].message == 'Invalid value: "object": failed rule: ' + \
-        spec_schema["x-kubernetes-validations"][0]["rule"]
+    assert (
+        causes(checker, widget(name="cab"))[0].message
+        == 'Invalid value: "object": failed rule: ' + spec_schema["x-kubernetes-validations"][0]["rule"]
+    )
 
 
 # ------------------------------------------------------------------------------------------ errors, metadata
@@ -271,7 +357,9 @@ def test_invalid_error_message_and_status(validator: CRDValidator) -> None:
     status = err.status()
     assert status["code"] == 422 and status["reason"] == "Invalid"
     assert status["details"] == {
-        "name": "w1", "group": "example.dev", "kind": "Widget",
+        "name": "w1",
+        "group": "example.dev",
+        "kind": "Widget",
         "causes": [{"reason": c.type, "message": c.message, "field": c.field} for c in err.causes],
     }
     single = InvalidError("Widget", "w1", err.causes[:1], group="example.dev")
@@ -297,3 +385,89 @@ def test_validate_value_checks_a_default_against_its_schema() -> None:
     schema = {"type": "integer", "minimum": 1}
     assert validate_value(3, schema) == []
     assert validate_value(0, schema, "spec.x")[0].field == "spec.x"
+
+
+def _crd_with(spec_schema: dict[str, Any]) -> dict[str, Any]:
+    crd = copy.deepcopy(CRD)
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] = spec_schema
+    return crd
+
+
+@pytest.mark.parametrize(
+    ("spec_schema", "field", "text"),
+    [
+        ({"properties": {"a": {"type": "string"}}}, "properties[spec].type", "Required value"),
+        (
+            {
+                "type": "object",
+                "properties": {"a": {"type": "string"}},
+                "additionalProperties": {"type": "string"},
+            },
+            "properties[spec].additionalProperties",
+            "mutual exclusive",
+        ),
+        (
+            {"type": "object", "properties": {"a": {"type": "integer", "default": "x"}}},
+            "properties[a].default",
+            "type",
+        ),
+        (
+            {
+                "type": "object",
+                "properties": {"o": {"type": "object", "properties": {}, "default": {"z": 1}}},
+            },
+            "properties[o].default",
+            "unknown fields",
+        ),
+        (
+            {"type": "object", "x-kubernetes-validations": [{"rule": "self.a ==", "message": "m"}]},
+            "x-kubernetes-validations[0].rule",
+            "compilation failed",
+        ),
+    ],
+)
+def test_non_structural_or_broken_schemas_are_refused(
+    spec_schema: dict[str, Any], field: str, text: str
+) -> None:
+    with pytest.raises(InvalidError) as info:
+        CRDValidator(_crd_with(spec_schema), "v1")
+    assert info.value.qualified_kind == "CustomResourceDefinition.apiextensions.k8s.io"
+    (cause,) = info.value.causes
+    assert cause.field.startswith("spec.versions[0].schema.openAPIV3Schema.properties[spec]")
+    assert cause.field.endswith(field) and text in cause.message
+
+
+def test_preserve_unknown_and_int_or_string_need_no_type() -> None:
+    free = {"type": "object", "properties": {"any": {"x-kubernetes-preserve-unknown-fields": True}}}
+    CRDValidator(_crd_with(free), "v1").admit(widget(any={"k": [1, "x"]}))
+
+
+def test_validation_ratcheting_lets_unchanged_invalid_values_through(validator: CRDValidator) -> None:
+    # stored under an older, looser schema: size 500 is now out of range, tags have a now-too-long item
+    old = validator.normalize(widget(size=500, limit=1000, tags=["ok", "toolong"]))
+    touched = copy.deepcopy(old)
+    touched["spec"]["replicas"] = 2
+    touched["metadata"]["labels"] = {"a": "b"}
+    assert validator.admit(touched, old=old)["spec"]["replicas"] == 2
+    changed = copy.deepcopy(old)
+    changed["spec"]["size"] = 600
+    assert only(validator, changed, old).startswith("spec.size: Invalid value: 600: ")
+    changed_tag = copy.deepcopy(old)
+    changed_tag["spec"]["tags"] = ["toolong", "sixsix"]  # set items correlate by value: "toolong" ratchets
+    assert only(validator, changed_tag, old) == "spec.tags[1]: Too long: may not be more than 5 bytes"
+    # a create is never ratcheted
+    assert causes(validator, copy.deepcopy(old))
+
+
+def test_ratcheting_skips_unchanged_cel_rules_but_not_transition_rules(validator: CRDValidator) -> None:
+    old = validator.normalize(widget(size=50, limit=20, name="abc"))  # size > limit: violates a spec rule
+    touched = copy.deepcopy(old)
+    touched["status"] = {"phase": "Ready"}
+    validator.admit(touched, old=old)
+    renamed = copy.deepcopy(old)
+    renamed["spec"]["name"] = "xyz"  # spec changed: its rules run again, and the transition rule too
+    messages = [c.error() for c in causes(validator, renamed, old)]
+    assert messages == [
+        'spec.size: Invalid value: "object": size 50 exceeds limit 20',
+        'spec.name: Invalid value: "string": name is immutable',
+    ]

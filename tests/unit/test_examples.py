@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -9,12 +10,16 @@ import pytest
 import yaml
 from finetune_operator.crdgen import build_crd
 from finetune_operator.models import FineTuneJob, parse_finetunejob, spec_to_dict
-
 from localcluster.crdvalidation import CRDValidator
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-EXPECTED = {"demo.yaml", "lora-mistral-small-3-a100-80gb.yaml", "qlora-a100-40gb.yaml",
-            "full-finetune-4xa100.yaml", "kueue-queued.yaml"}
+EXPECTED = {
+    "demo.yaml",
+    "lora-mistral-small-3-a100-80gb.yaml",
+    "qlora-a100-40gb.yaml",
+    "full-finetune-4xa100.yaml",
+    "kueue-queued.yaml",
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +57,10 @@ def test_demo_runs_on_cpu(validator: CRDValidator) -> None:
     assert spec.resources.gpus == 0 and spec.resources.gpu_type == "cpu"
     assert spec.base_model.uri == "s3://finetune-demo/models/tiny-llama"
     assert spec.dataset.train == "s3://finetune-demo/data/train.jsonl"
-    assert spec.storage.output == "s3://finetune-demo/runs" and spec.storage.credentials_secret == "s3-credentials"
+    assert (
+        spec.storage.output == "s3://finetune-demo/runs"
+        and spec.storage.credentials_secret == "s3-credentials"
+    )
     assert spec.method == "lora" and spec.hyperparameters.max_steps is not None
     assert spec.hyperparameters.max_steps <= 100
     assert spec.evaluation.thresholds and spec.evaluation.thresholds[0].metric == "exact_match"
@@ -73,3 +81,18 @@ def test_kueue_example(validator: CRDValidator) -> None:
     spec = admitted("kueue-queued.yaml", validator).spec
     assert spec.resources.queue_name and spec.evaluation.thresholds
     assert spec.deployment.enabled is False
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_trainer_accepts_the_stored_spec(name: str, validator: CRDValidator) -> None:
+    """CONTRACT.md: the trainer gets `.spec` as the API server stores it; it must accept every example."""
+    trainer_config = pytest.importorskip("finetune_trainer.config")
+    stored = validator.admit(load(name))
+    document = {
+        "runPrefix": f"{stored['spec']['storage']['output']}/default/{stored['metadata']['name']}/uid-1",
+        "job": {"namespace": "default", "name": stored["metadata"]["name"], "uid": "uid-1"},
+        "spec": stored["spec"],
+    }
+    config = trainer_config.parse_config(json.dumps(document))
+    assert config.spec.method == stored["spec"]["method"]
+    assert config.spec.hyperparameters.learning_rate == stored["spec"]["hyperparameters"]["learningRate"]

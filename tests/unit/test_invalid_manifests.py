@@ -75,10 +75,16 @@ CASES = [
     Case("no-dataset-train", at("spec.dataset.train", DELETE), "spec.dataset.train"),
     Case("no-storage", at("spec.storage", DELETE), "spec.storage"),
     Case("no-output", at("spec.storage.output", DELETE), "spec.storage.output"),
-    Case("no-threshold-metric", at("spec.evaluation.thresholds", [{"min": 0.5}]),
-         "spec.evaluation.thresholds[0].metric"),
-    Case("reference-without-model", at("spec.evaluation.reference", {"url": "https://api.example.com/v1"}),
-         "spec.evaluation.reference.model"),
+    Case(
+        "no-threshold-metric",
+        at("spec.evaluation.thresholds", [{"min": 0.5}]),
+        "spec.evaluation.thresholds[0].metric",
+    ),
+    Case(
+        "reference-without-model",
+        at("spec.evaluation.reference", {"url": "https://api.example.com/v1"}),
+        "spec.evaluation.reference.model",
+    ),
     # wrong types
     Case("epochs-string", at("spec.hyperparameters.epochs", "three"), "spec.hyperparameters.epochs"),
     Case("epochs-float", at("spec.hyperparameters.epochs", 1.5), "spec.hyperparameters.epochs"),
@@ -88,14 +94,19 @@ CASES = [
     Case("target-modules-string", at("spec.lora.targetModules", "q_proj"), "spec.lora.targetModules"),
     Case("gpus-bool", at("spec.resources.gpus", True), "spec.resources.gpus"),
     Case("cpu-bool", at("spec.resources.cpu", True), "spec.resources.cpu"),
-    Case("node-selector-number", at("spec.resources.nodeSelector", {"zone": 3}),
-         "spec.resources.nodeSelector.zone"),
+    Case(
+        "node-selector-number",
+        at("spec.resources.nodeSelector", {"zone": 3}),
+        "spec.resources.nodeSelector.zone",
+    ),
     # out-of-range numbers
     Case("epochs-zero", at("spec.hyperparameters.epochs", 0), "spec.hyperparameters.epochs"),
     Case("epochs-huge", at("spec.hyperparameters.epochs", 1000), "spec.hyperparameters.epochs"),
     Case("lr-zero", at("spec.hyperparameters.learningRate", 0), "spec.hyperparameters.learningRate"),
     Case("lr-negative", at("spec.hyperparameters.learningRate", -0.1), "spec.hyperparameters.learningRate"),
     Case("dropout-above-one", at("spec.lora.dropout", 1.5), "spec.lora.dropout"),
+    Case("dropout-one", at("spec.lora.dropout", 1), "spec.lora.dropout"),
+    Case("checkpoint-every-zero", at("spec.checkpoint.everySteps", 0), "spec.checkpoint.everySteps"),
     Case("rank-zero", at("spec.lora.rank", 0), "spec.lora.rank"),
     Case("gpus-negative", at("spec.resources.gpus", -1), "spec.resources.gpus"),
     Case("gpus-too-many", at("spec.resources.gpus", 64), "spec.resources.gpus"),
@@ -109,16 +120,23 @@ CASES = [
     Case("format-unknown", at("spec.dataset.format", "parquet"), "spec.dataset.format"),
     Case("metric-unknown", at("spec.evaluation.metrics", ["loss", "bleu"]), "spec.evaluation.metrics[1]"),
     Case("deploy-mode-unknown", at("spec.deployment.mode", "gguf"), "spec.deployment.mode"),
-    Case("toleration-effect-unknown", at("spec.resources.tolerations", [{"key": "a", "effect": "Never"}]),
-         "spec.resources.tolerations[0].effect"),
+    Case(
+        "toleration-effect-unknown",
+        at("spec.resources.tolerations", [{"key": "a", "effect": "Never"}]),
+        "spec.resources.tolerations[0].effect",
+    ),
     # malformed or dangerous URIs
     Case("uri-one-slash", at("spec.baseModel.uri", "s3:/x"), "spec.baseModel.uri"),
     Case("uri-no-bucket", at("spec.baseModel.uri", "s3://"), "spec.baseModel.uri"),
     Case("uri-dotdot", at("spec.baseModel.uri", "s3://models-bucket/../x"), "spec.baseModel.uri"),
     Case("uri-dot", at("spec.dataset.train", "s3://data-bucket/./train.jsonl"), "spec.dataset.train"),
-    Case("uri-empty-segment", at("spec.dataset.train", "s3://data-bucket//train.jsonl"), "spec.dataset.train"),
+    Case(
+        "uri-empty-segment", at("spec.dataset.train", "s3://data-bucket//train.jsonl"), "spec.dataset.train"
+    ),
     Case("uri-file", at("spec.dataset.train", "file:///etc/passwd"), "spec.dataset.train"),
-    Case("uri-http", at("spec.dataset.validation", "http://example.com/val.jsonl"), "spec.dataset.validation"),
+    Case(
+        "uri-http", at("spec.dataset.validation", "http://example.com/val.jsonl"), "spec.dataset.validation"
+    ),
     Case("uri-bucket-uppercase", at("spec.baseModel.uri", "s3://Models/llama"), "spec.baseModel.uri"),
     Case("uri-bucket-too-short", at("spec.baseModel.uri", "s3://ab/llama"), "spec.baseModel.uri"),
     Case("uri-bucket-too-long", at("spec.baseModel.uri", f"s3://{'b' * 64}/llama"), "spec.baseModel.uri"),
@@ -126,52 +144,116 @@ CASES = [
     Case("uri-bucket-only-model", at("spec.baseModel.uri", "s3://models-bucket"), "spec.baseModel.uri"),
     Case("uri-hf-no-org", at("spec.baseModel.uri", "hf://gpt2"), "spec.baseModel.uri"),
     Case("uri-pvc-dotdot", at("spec.baseModel.uri", "pvc://cache/../../etc"), "spec.baseModel.uri"),
+    Case("revision-traversal", at("spec.baseModel.revision", "main/../../etc"), "spec.baseModel.revision"),
     Case("output-not-s3", at("spec.storage.output", "pvc://cache/out"), "spec.storage.output"),
     Case("output-newline", at("spec.storage.output", "s3://runs-bucket/out\n"), "spec.storage.output"),
-    Case("reference-not-http", at("spec.evaluation.reference", {"url": "ftp://x/v1", "model": "m"}),
-         "spec.evaluation.reference.url"),
-    Case("secret-name-invalid", at("spec.storage.credentialsSecret", "S3_Creds"), "spec.storage.credentialsSecret"),
+    Case(
+        "reference-not-http",
+        at("spec.evaluation.reference", {"url": "ftp://x/v1", "model": "m"}),
+        "spec.evaluation.reference.url",
+    ),
+    Case(
+        "secret-name-invalid",
+        at("spec.storage.credentialsSecret", "S3_Creds"),
+        "spec.storage.credentialsSecret",
+    ),
+    Case("memory-negative", at("spec.resources.memory", -1), "spec.resources.memory"),
     Case("cpu-not-quantity", at("spec.resources.cpu", "four"), "spec.resources.cpu"),
     # cross-field rules (CEL on the API server, model validators in the operator)
-    Case("qlora-on-cpu", lambda o: o["spec"].update(method="qlora", resources={"gpus": 0}),
-         "spec.resources.gpus"),
-    Case("adapter-with-full", lambda o: o["spec"].update(method="full", deployment={"mode": "adapter"}),
-         "spec.deployment.mode"),
-    Case("threshold-metric-not-computed", at("spec.evaluation.thresholds", [{"metric": "rouge_l", "min": 0.3}]),
-         "spec.evaluation.thresholds"),
-    Case("threshold-without-bound", at("spec.evaluation.thresholds", [{"metric": "loss"}]),
-         "spec.evaluation.thresholds[0]"),
-    Case("threshold-both-bounds", at("spec.evaluation.thresholds", [{"metric": "loss", "min": 0, "max": 1}]),
-         "spec.evaluation.thresholds[0]"),
-    Case("primary-metric-not-computed", at("spec.evaluation.primaryMetric", "token_f1"),
-         "spec.evaluation.primaryMetric"),
-    Case("output-is-model", at("spec.storage.output", "s3://models-bucket/llama/tiny"), "spec.storage.output"),
-    Case("output-under-model", at("spec.storage.output", "s3://models-bucket/llama/tiny/runs"),
-         "spec.storage.output"),
-    Case("output-is-dataset", at("spec.storage.output", "s3://data-bucket/sets/train.jsonl/"),
-         "spec.storage.output"),
-    Case("duplicate-metric", at("spec.evaluation.metrics", ["loss", "loss"]), "spec.evaluation.metrics[1]",
-         model_path="spec.evaluation.metrics"),
+    Case(
+        "qlora-on-cpu",
+        lambda o: o["spec"].update(method="qlora", resources={"gpus": 0}),
+        "spec.resources.gpus",
+    ),
+    Case(
+        "adapter-with-full",
+        lambda o: o["spec"].update(method="full", deployment={"mode": "adapter"}),
+        "spec.deployment.mode",
+    ),
+    Case(
+        "threshold-metric-not-computed",
+        at("spec.evaluation.thresholds", [{"metric": "rouge_l", "min": 0.3}]),
+        "spec.evaluation.thresholds",
+    ),
+    Case(
+        "threshold-without-bound",
+        at("spec.evaluation.thresholds", [{"metric": "loss"}]),
+        "spec.evaluation.thresholds[0]",
+    ),
+    Case(
+        "threshold-both-bounds",
+        at("spec.evaluation.thresholds", [{"metric": "loss", "min": 0, "max": 1}]),
+        "spec.evaluation.thresholds[0]",
+    ),
+    Case(
+        "primary-metric-not-computed",
+        at("spec.evaluation.primaryMetric", "token_f1"),
+        "spec.evaluation.primaryMetric",
+    ),
+    Case(
+        "output-is-model", at("spec.storage.output", "s3://models-bucket/llama/tiny"), "spec.storage.output"
+    ),
+    Case(
+        "output-under-model",
+        at("spec.storage.output", "s3://models-bucket/llama/tiny/runs"),
+        "spec.storage.output",
+    ),
+    Case(
+        "output-is-dataset",
+        at("spec.storage.output", "s3://data-bucket/sets/train.jsonl/"),
+        "spec.storage.output",
+    ),
+    Case(
+        "duplicate-metric",
+        at("spec.evaluation.metrics", ["loss", "loss"]),
+        "spec.evaluation.metrics[1]",
+        model_path="spec.evaluation.metrics",
+    ),
     # transition rules (immutable once set)
-    Case("update-base-model", at("spec.baseModel.uri", "s3://models-bucket/llama/other"), "spec.baseModel",
-         update=True),
-    Case("update-dataset", at("spec.dataset.train", "s3://data-bucket/sets/train-v2.jsonl"), "spec.dataset",
-         update=True),
+    Case(
+        "update-base-model",
+        at("spec.baseModel.uri", "s3://models-bucket/llama/other"),
+        "spec.baseModel",
+        update=True,
+    ),
+    Case(
+        "update-dataset",
+        at("spec.dataset.train", "s3://data-bucket/sets/train-v2.jsonl"),
+        "spec.dataset",
+        update=True,
+    ),
     Case("update-method", at("spec.method", "full"), "spec.method", update=True),
     Case("update-lora-rank", at("spec.lora.rank", 64), "spec.lora", update=True),
     Case("update-epochs", at("spec.hyperparameters.epochs", 5), "spec.hyperparameters", update=True),
     # oversized strings and lists
     Case("uri-too-long", at("spec.baseModel.uri", "s3://models-bucket/" + "a" * 1100), "spec.baseModel.uri"),
-    Case("served-name-too-long", at("spec.deployment.servedModelName", "m" * 129),
-         "spec.deployment.servedModelName"),
+    Case(
+        "served-name-too-long",
+        at("spec.deployment.servedModelName", "m" * 129),
+        "spec.deployment.servedModelName",
+    ),
     Case("extra-arg-too-long", at("spec.deployment.extraArgs", ["x" * 257]), "spec.deployment.extraArgs[0]"),
-    Case("too-many-target-modules", at("spec.lora.targetModules", [f"m{i}" for i in range(65)]),
-         "spec.lora.targetModules"),
-    Case("too-many-thresholds", at("spec.evaluation.thresholds", [{"metric": "loss", "max": 9}] * 11),
-         "spec.evaluation.thresholds"),
+    Case(
+        "too-many-target-modules",
+        at("spec.lora.targetModules", [f"m{i}" for i in range(65)]),
+        "spec.lora.targetModules",
+    ),
+    Case(
+        "too-many-thresholds",
+        at("spec.evaluation.thresholds", [{"metric": "loss", "max": 9}] * 11),
+        "spec.evaluation.thresholds",
+    ),
     Case("too-many-extra-args", at("spec.deployment.extraArgs", ["--x"] * 33), "spec.deployment.extraArgs"),
-    Case("too-many-node-labels", at("spec.resources.nodeSelector", {f"k{i}": "v" for i in range(33)}),
-         "spec.resources.nodeSelector"),
+    Case(
+        "too-many-node-labels",
+        at("spec.resources.nodeSelector", {f"k{i}": "v" for i in range(33)}),
+        "spec.resources.nodeSelector",
+    ),
+    Case(
+        "node-selector-key-too-long",
+        at("spec.resources.nodeSelector", {"k" * 317: "v"}),
+        "spec.resources.nodeSelector",
+    ),
     Case("empty-target-modules", at("spec.lora.targetModules", []), "spec.lora.targetModules"),
     Case("name-too-long", at("metadata.name", "a" * 254), "metadata.name"),
     Case("name-invalid", at("metadata.name", "Job_1"), "metadata.name"),
@@ -235,7 +317,9 @@ def test_mutable_fields_may_change_on_update(validator: CRDValidator) -> None:
     check_update(parse_finetunejob(stored).spec, parse_finetunejob(new).spec)
 
 
-def test_unknown_fields_are_pruned_by_the_api_server_and_rejected_by_the_models(validator: CRDValidator) -> None:
+def test_unknown_fields_are_pruned_by_the_api_server_and_rejected_by_the_models(
+    validator: CRDValidator,
+) -> None:
     obj = valid_job()
     obj["spec"]["gpuCount"] = 4
     obj["spec"]["lora"] = {"rank": 8, "ranks": 9}
@@ -260,3 +344,39 @@ def test_longest_valid_name_is_accepted(validator: CRDValidator) -> None:
     obj["metadata"]["name"] = name
     assert validator.admit(obj)["metadata"]["name"] == name
     assert parse_finetunejob(obj).metadata.name == name
+
+
+# ---------------------------------------------------------------------------------- through the emulator
+async def test_the_embedded_api_server_rejects_every_case_with_a_422() -> None:
+    """The same table through the embedded cluster's HTTP API, as kubectl would send it."""
+    aiohttp = pytest.importorskip("aiohttp")
+    apiserver = pytest.importorskip("localcluster.apiserver")
+    server = apiserver.ApiServer()
+    await server.start()
+    base = f"{server.url}/apis/finetune.dev/v1alpha1/namespaces/default/finetunejobs"
+    try:
+        async with aiohttp.ClientSession() as http:
+            crds = f"{server.url}/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+            async with http.post(crds, json=build_crd()) as response:
+                assert response.status == 201, await response.text()
+            stored_job = valid_job()
+            stored_job["metadata"]["name"] = "stored"
+            async with http.post(base, json=stored_job) as response:
+                assert response.status == 201, await response.text()
+                stored = await response.json()
+            for case in CASES:
+                if case.update:
+                    obj = copy.deepcopy(stored)
+                    case.mutate(obj)
+                    request = http.put(f"{base}/stored", json=obj)
+                else:
+                    obj = valid_job()
+                    case.mutate(obj)
+                    request = http.post(base, json=obj)
+                async with request as response:
+                    body = await response.json()
+                assert response.status == 422, (case.id, body)
+                assert body["reason"] == "Invalid"
+                assert case.path in [c["field"] for c in body["details"]["causes"]], (case.id, body)
+    finally:
+        await server.stop()

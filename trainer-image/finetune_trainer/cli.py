@@ -78,8 +78,16 @@ def launch_distributed(stage: str, nproc: int, argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="ftj-launch-") as tmp:
         rank0_log = Path(tmp) / "termination.json"
         env = {**os.environ, "FTJ_TERMINATION_LOG": str(rank0_log)}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "finetune_trainer", *argv]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "finetune_trainer",
+            *argv,
+        ]
         log.info("launching %d processes", nproc, extra={"fields": {"event": "launch", "nproc": nproc}})
         child = subprocess.Popen(cmd, env=env)
         previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
@@ -106,14 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     stage: str = args.stage
     # train polls the flag and commits a checkpoint first; the other stages can stop at once.
     install_sigterm_handler(raise_immediately=stage != "train")
-    log.info("%s starting", stage, extra={"fields": {"event": "start", "stage": stage, "version": __version__}})
+    log.info(
+        "%s starting", stage, extra={"fields": {"event": "start", "stage": stage, "version": __version__}}
+    )
     try:
         config = load_config(args.config)
         nproc = _distributed_nproc(stage, config)
         if nproc:
             return launch_distributed(stage, nproc, argv)
         result = run_stage(stage, config)
-    except BaseException as exc:  # noqa: BLE001 - every failure must become a contract exit code
+    except BaseException as exc:
         if isinstance(exc, SystemExit | KeyboardInterrupt) and not isinstance(exc, TrainerError):
             raise
         code, message = classify(exc)
@@ -121,11 +131,26 @@ def main(argv: list[str] | None = None) -> int:
         if code == ExitCode.CRASH:
             log.error("%s crashed: %s", stage, message, exc_info=exc)
         else:
-            log.error("%s failed (%s): %s", stage, code.name, message,
-                      extra={"fields": {"event": "failed", "stage": stage, "exitCode": int(code)}})
+            log.error(
+                "%s failed (%s): %s",
+                stage,
+                code.name,
+                message,
+                extra={"fields": {"event": "failed", "stage": stage, "exitCode": int(code)}},
+            )
         write_termination_message(stage, code, message, summary)
         return int(code)
     write_termination_message(stage, ExitCode.OK, result.message or f"{stage} succeeded", result.summary)
-    log.info("%s succeeded", stage, extra={"fields": {"event": "done", "stage": stage, "summary": result.summary,
-                                                       "terminationLog": str(termination_log_path())}})
+    log.info(
+        "%s succeeded",
+        stage,
+        extra={
+            "fields": {
+                "event": "done",
+                "stage": stage,
+                "summary": result.summary,
+                "terminationLog": str(termination_log_path()),
+            }
+        },
+    )
     return 0

@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from .exitcodes import InvalidConfigError
@@ -35,13 +43,18 @@ LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 
 class _Section(BaseModel):
     model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True,
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        frozen=True,
         validate_default=True,
     )
 
 
 class BaseModelSpec(_Section):
-    uri: str = Field(description="Hugging Face model directory: s3://bucket/prefix, hf://org/name[@rev], pvc://claim/path")
+    uri: str = Field(
+        description="Hugging Face model directory: s3://bucket/prefix, hf://org/name[@rev], pvc://claim/path"
+    )
     revision: str | None = Field(None, description="Branch, tag or commit (hf://); recorded in manifests")
 
 
@@ -50,14 +63,20 @@ class DatasetSpec(_Section):
     validation: str | None = Field(None, description="Optional JSONL used for eval loss during training")
     test: str | None = Field(None, description="Held-out JSONL for evaluation; split from train when absent")
     format: Literal["auto", "chat", "completion", "instruction"] = Field(
-        "auto", description="chat (messages), completion (prompt/completion), instruction (instruction/input/output)"
+        "auto",
+        description="chat (messages), completion (prompt/completion), instruction (instruction/input/output)",
     )
     test_size: int | float | None = Field(
-        None, gt=0, description="Held-out examples when there is no test file: a count (≥ 1) or a fraction "
+        None,
+        gt=0,
+        description="Held-out examples when there is no test file: a count (≥ 1) or a fraction "
         "(< 1); default 10% of train, at least 1 and at most 200",
     )
     max_error_rate: float = Field(
-        0.1, ge=0, le=1, description="Cleaning policy: fail with INVALID_DATA when more than this fraction of "
+        0.1,
+        ge=0,
+        le=1,
+        description="Cleaning policy: fail with INVALID_DATA when more than this fraction of "
         "lines is malformed (invalid JSON/encoding, missing fields, bad roles) or over-length",
     )
 
@@ -84,14 +103,21 @@ class LoraSpec(_Section):
 
 class Hyperparameters(_Section):
     epochs: float = Field(3, gt=0, le=1000, description="Passes over the training set")
-    max_steps: int | None = Field(None, description="Stop after this many optimizer steps (overrides epochs); "
-                                  "unset, 0 or -1 = no limit")
-    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (cosine schedule with warmup)")
+    max_steps: int | None = Field(
+        None, description="Stop after this many optimizer steps (overrides epochs); unset, 0 or -1 = no limit"
+    )
+    learning_rate: float = Field(
+        2e-4, gt=0, lt=1, description="Peak learning rate (cosine schedule with warmup)"
+    )
     batch_size: int = Field(4, ge=1, le=4096, description="Per-device micro-batch size")
     gradient_accumulation_steps: int = Field(4, ge=1, le=4096, description="Micro-batches per optimizer step")
-    max_seq_length: int = Field(2048, ge=16, le=1_048_576, description="Longest example in tokens (chat template)")
+    max_seq_length: int = Field(
+        2048, ge=16, le=1_048_576, description="Longest example in tokens (chat template)"
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up")
-    packing: bool = Field(True, description="Pack examples into full sequences without cross-example attention")
+    packing: bool = Field(
+        True, description="Pack examples into full sequences without cross-example attention"
+    )
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory")
     seed: int = Field(42, ge=0, description="Seed for data order, held-out split and initialisation")
 
@@ -125,10 +151,14 @@ class SecretKeyRef(_Section):
 
 
 class ReferenceSpec(_Section):
-    endpoint: str = Field(validation_alias=AliasChoices("endpoint", "url", "baseUrl"),
-                          description="OpenAI-compatible base URL, e.g. https://api.example.com/v1")
+    endpoint: str = Field(
+        validation_alias=AliasChoices("endpoint", "url", "baseUrl"),
+        description="OpenAI-compatible base URL, e.g. https://api.example.com/v1",
+    )
     model: str = Field(description="Model name sent to the endpoint")
-    api_key_secret: SecretKeyRef | None = Field(None, description="Key Secret; reaches the pod as FTJ_REFERENCE_API_KEY")
+    api_key_secret: SecretKeyRef | None = Field(
+        None, description="Key Secret; reaches the pod as FTJ_REFERENCE_API_KEY"
+    )
 
 
 class EvaluationSpec(_Section):
@@ -136,7 +166,9 @@ class EvaluationSpec(_Section):
     metrics: list[Metric] = Field(default_factory=lambda: list(ALL_METRICS))
     thresholds: list[Threshold] = Field(default_factory=list)
     compare_to_base: bool = Field(True, description="Also score the base model on the same prompts")
-    min_improvement: float | None = Field(None, description="Tuned must beat base on primaryMetric by this much")
+    min_improvement: float | None = Field(
+        None, description="Tuned must beat base on primaryMetric by this much"
+    )
     primary_metric: Metric = "exact_match"
     max_new_tokens: int = Field(128, ge=1, le=32768, description="Greedy generation length per prompt")
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts generated per batch")
@@ -257,8 +289,10 @@ class TrainerConfig(_Section):
 
     def hyperparameters_record(self) -> dict[str, Any]:
         """What manifests record as the run's hyperparameters (camelCase, as in the spec)."""
-        record: dict[str, Any] = {"method": self.spec.method,
-                                  **self.spec.hyperparameters.model_dump(by_alias=True)}
+        record: dict[str, Any] = {
+            "method": self.spec.method,
+            **self.spec.hyperparameters.model_dump(by_alias=True),
+        }
         if self.spec.method in ("lora", "qlora"):
             record["lora"] = self.spec.lora.model_dump(by_alias=True)
         return record
@@ -308,7 +342,9 @@ def parse_config(document: str | bytes | dict[str, Any], source: str = "FTJ_CONF
         raise InvalidConfigError(format_validation_error(exc)) from None
 
 
-def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> TrainerConfig:
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None
+) -> TrainerConfig:
     """Read the config from ``path`` (--config) or else the ``FTJ_CONFIG`` environment variable."""
     env = os.environ if env is None else env
     if path is not None:

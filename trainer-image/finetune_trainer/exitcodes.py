@@ -10,8 +10,9 @@ from enum import IntEnum
 from typing import Any
 
 OOM_HINT = (
-    "lower hyperparameters.batchSize or hyperparameters.maxSeqLength (raise gradientAccumulationSteps to keep "
-    "the effective batch), enable hyperparameters.gradientCheckpointing, or use method qlora / a larger gpuType"
+    "lower hyperparameters.batchSize or hyperparameters.maxSeqLength (raise gradientAccumulationSteps to "
+    "keep the effective batch), enable hyperparameters.gradientCheckpointing, or use method qlora / a "
+    "larger gpuType"
 )
 
 
@@ -69,13 +70,28 @@ class PreemptedError(TrainerError):
 
 # botocore error codes that mean "try again later".
 _RETRIABLE_S3_CODES = {
-    "SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed",
-    "Throttling", "ThrottlingException", "RequestLimitExceeded", "503", "500", "502", "504",
+    "SlowDown",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "503",
+    "500",
+    "502",
+    "504",
 }
 # botocore error codes that retrying cannot fix: the spec or its Secret is wrong.
 _PERMANENT_S3_CODES = {
-    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "AllAccessDisabled",
-    "InvalidBucketName", "403",
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "NoSuchBucket",
+    "AllAccessDisabled",
+    "InvalidBucketName",
+    "403",
 }
 _STORAGE_HINT = "check spec.storage.credentialsSecret / serviceAccountName and the bucket name"
 
@@ -83,11 +99,13 @@ _STORAGE_HINT = "check spec.storage.credentialsSecret / serviceAccountName and t
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
-    # torch.OutOfMemoryError / torch.cuda.OutOfMemoryError, matched by name so this module never imports torch.
+    # torch.OutOfMemoryError / torch.cuda.OutOfMemoryError, matched by name: this module never imports torch.
     if type(exc).__name__ == "OutOfMemoryError":
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+    return isinstance(exc, RuntimeError) and (
+        "CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
+    )
 
 
 def classify(exc: BaseException) -> tuple[ExitCode, str]:
@@ -107,7 +125,10 @@ def classify(exc: BaseException) -> tuple[ExitCode, str]:
             code = str(err.get("Code", ""))
             status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             if code in _PERMANENT_S3_CODES or status == "403":
-                return ExitCode.INVALID_CONFIG, f"storage refused the request ({code}): {exc}; {_STORAGE_HINT}"
+                return (
+                    ExitCode.INVALID_CONFIG,
+                    f"storage refused the request ({code}): {exc}; {_STORAGE_HINT}",
+                )
             return ExitCode.TRANSIENT, f"storage error ({code or status}): {exc}"
         if isinstance(exc, boto_exc.NoCredentialsError | boto_exc.PartialCredentialsError):
             return ExitCode.INVALID_CONFIG, f"no storage credentials: {exc}; {_STORAGE_HINT}"
@@ -119,7 +140,10 @@ def classify(exc: BaseException) -> tuple[ExitCode, str]:
         hf_errors = None
     if hf_errors is not None:
         if isinstance(exc, hf_errors.GatedRepoError):
-            return ExitCode.INVALID_CONFIG, f"gated Hugging Face repository (set HF_TOKEN in the Secret): {exc}"
+            return (
+                ExitCode.INVALID_CONFIG,
+                f"gated Hugging Face repository (set HF_TOKEN in the Secret): {exc}",
+            )
         if isinstance(exc, hf_errors.RepositoryNotFoundError | hf_errors.RevisionNotFoundError):
             return ExitCode.INVALID_CONFIG, f"spec.baseModel: {exc}"
         if isinstance(exc, hf_errors.LocalEntryNotFoundError):
@@ -129,7 +153,9 @@ def classify(exc: BaseException) -> tuple[ExitCode, str]:
     if isinstance(exc, ConnectionError | TimeoutError):
         return ExitCode.TRANSIENT, f"network error: {exc}"
     # Also catch requests/httpx/urllib3 connection errors without importing them.
-    if any(cls.__name__ in {"ConnectionError", "ConnectTimeout", "ReadTimeout", "ConnectError"}
-           for cls in type(exc).__mro__):
+    if any(
+        cls.__name__ in {"ConnectionError", "ConnectTimeout", "ReadTimeout", "ConnectError"}
+        for cls in type(exc).__mro__
+    ):
         return ExitCode.TRANSIENT, f"network error: {exc}"
     return ExitCode.CRASH, f"{type(exc).__name__}: {exc}"

@@ -21,13 +21,14 @@ FORMATS = ("chat", "completion", "instruction")
 ROLES = ("system", "user", "assistant")
 
 # Plain-text markers, so no token has to be added to the vocabulary (no resized embeddings for vLLM LoRA).
+# Newlines right after a block tag are emitted as expressions: transformers renders with trim_blocks.
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token if bos_token else '' }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}### System:\n{{ message['content'] }}\n\n"
     "{% elif message['role'] == 'user' %}### User:\n{{ message['content'] }}\n\n"
     "{% elif message['role'] == 'assistant' %}### Assistant:\n{% generation %}{{ message['content'] }}"
-    "{{ eos_token if eos_token else '' }}{% endgeneration %}\n\n"
+    "{{ eos_token if eos_token else '' }}{% endgeneration %}{{ '\\n\\n' }}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
 )
@@ -102,8 +103,10 @@ def _chat_messages(record: dict[str, Any]) -> list[dict[str, str]]:
             raise RecordError("missing_field", f'{where}: missing field "role"')
         role = message["role"]
         if role not in ROLES:
-            raise RecordError("unknown_role", f"{where}.role: unknown role {json.dumps(role)[:40]} "
-                                              f"(expected system, user or assistant)")
+            raise RecordError(
+                "unknown_role",
+                f"{where}.role: unknown role {json.dumps(role)[:40]} (expected system, user or assistant)",
+            )
         if "content" not in message or message["content"] is None:
             raise RecordError("missing_field", f'{where}: missing field "content"')
         content = message["content"]
@@ -121,13 +124,18 @@ def _check_turn_order(messages: list[dict[str, str]]) -> None:
     if "assistant" not in roles:
         raise RecordError("no_assistant_turn", "no assistant turn (nothing to learn from)")
     if "system" in roles[1:]:
-        raise RecordError("bad_turn_order", f"messages[{roles.index('system', 1)}]: system message must come first")
+        raise RecordError(
+            "bad_turn_order", f"messages[{roles.index('system', 1)}]: system message must come first"
+        )
     first_assistant = roles.index("assistant")
     if "user" not in roles[:first_assistant]:
-        raise RecordError("bad_turn_order", f"messages[{first_assistant}]: assistant turn before any user turn")
+        raise RecordError(
+            "bad_turn_order", f"messages[{first_assistant}]: assistant turn before any user turn"
+        )
     if roles[-1] != "assistant":
-        raise RecordError("bad_turn_order", f"messages[{len(roles) - 1}]: conversation must end with an "
-                                            "assistant turn")
+        raise RecordError(
+            "bad_turn_order", f"messages[{len(roles) - 1}]: conversation must end with an assistant turn"
+        )
 
 
 def to_chat(record: Any, fmt: str) -> dict[str, Any]:

@@ -17,16 +17,25 @@ from typing import Any
 
 # Environment variables whose values must never reach a log line, report or termination message.
 SECRET_ENV_VARS = (
-    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ACCESS_KEY_ID",
-    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "FTJ_REFERENCE_API_KEY", "OPENAI_API_KEY", "WANDB_API_KEY",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "FTJ_REFERENCE_API_KEY",
+    "OPENAI_API_KEY",
+    "WANDB_API_KEY",
 )
 _SECRET_PATTERNS = (
-    re.compile(r"hf_[A-Za-z0-9]{20,}"),                                  # Hugging Face tokens
-    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),                         # AWS access key ids
+    re.compile(r"hf_[A-Za-z0-9]{20,}"),  # Hugging Face tokens
+    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key ids
     re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:bearer|aws4-hmac-sha256)?\s*)[^\s\"',]+"),
     re.compile(r"(?i)(x-amz-(?:signature|security-token|credential)=)[^&\s\"']+"),  # presigned URLs
-    re.compile(r"(?i)((?:api[_-]?key|secret[_-]?access[_-]?key|session[_-]?token|password)[\"']?\s*[:=]\s*[\"']?)"
-               r"[^\s\"',]+"),
+    re.compile(
+        r"(?i)((?:api[_-]?key|secret[_-]?access[_-]?key|session[_-]?token|password)[\"']?\s*[:=]\s*[\"']?)"
+        r"[^\s\"',]+"
+    ),
 )
 REDACTED = "***"
 
@@ -108,7 +117,16 @@ def setup_logging(level: str | int = "INFO", stream: Any = None, quiet_loggers: 
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
     # Chatty libraries: keep their warnings, drop their debug noise (and botocore's request dumps).
-    for name in ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "httpx", "httpcore", *quiet_loggers):
+    for name in (
+        "botocore",
+        "boto3",
+        "s3transfer",
+        "urllib3",
+        "filelock",
+        "httpx",
+        "httpcore",
+        *quiet_loggers,
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 

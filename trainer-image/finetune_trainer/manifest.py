@@ -37,8 +37,18 @@ MANIFEST_VERSION = 1
 
 # Distributions whose versions every manifest records (importlib.metadata only: torch is never imported).
 RECORDED_LIBRARIES = (
-    "finetune-trainer", "torch", "transformers", "peft", "trl", "accelerate", "datasets", "tokenizers",
-    "safetensors", "huggingface_hub", "bitsandbytes", "boto3",
+    "finetune-trainer",
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "safetensors",
+    "huggingface_hub",
+    "bitsandbytes",
+    "boto3",
 )
 
 
@@ -63,13 +73,13 @@ class FileEntry:
 
 @dataclass
 class Manifest:
-    kind: str                                            # dataset | checkpoint | adapter | merged | train | evaluation
+    kind: str  # dataset | checkpoint | adapter | merged | train | evaluation
     files: list[FileEntry]
     step: int | None = None
     created: str = ""
     job: dict[str, Any] = field(default_factory=dict)
-    dataset: dict[str, Any] = field(default_factory=dict)        # name -> {uri, etag, versionId}
-    base_model: dict[str, Any] = field(default_factory=dict)     # {uri, revision}
+    dataset: dict[str, Any] = field(default_factory=dict)  # name -> {uri, etag, versionId}
+    base_model: dict[str, Any] = field(default_factory=dict)  # {uri, revision}
     hyperparameters: dict[str, Any] = field(default_factory=dict)
     libraries: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -84,10 +94,17 @@ class Manifest:
     def from_json(cls, text: str | bytes) -> Manifest:
         doc = json.loads(text)
         return cls(
-            kind=doc.get("kind", ""), files=[FileEntry(**f) for f in doc.get("files", [])], step=doc.get("step"),
-            created=doc.get("created", ""), job=doc.get("job", {}), dataset=doc.get("dataset", {}),
-            base_model=doc.get("baseModel", {}), hyperparameters=doc.get("hyperparameters", {}),
-            libraries=doc.get("libraries", {}), extra=doc.get("extra", {}), version=doc.get("version", 1),
+            kind=doc.get("kind", ""),
+            files=[FileEntry(**f) for f in doc.get("files", [])],
+            step=doc.get("step"),
+            created=doc.get("created", ""),
+            job=doc.get("job", {}),
+            dataset=doc.get("dataset", {}),
+            base_model=doc.get("baseModel", {}),
+            hyperparameters=doc.get("hyperparameters", {}),
+            libraries=doc.get("libraries", {}),
+            extra=doc.get("extra", {}),
+            version=doc.get("version", 1),
         )
 
     def file(self, path: str) -> FileEntry | None:
@@ -108,30 +125,49 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def metadata_from_config(config: TrainerConfig, *, base_model_revision: str | None = None,
-                         dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+def metadata_from_config(
+    config: TrainerConfig, *, base_model_revision: str | None = None, dataset: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Keyword arguments for :func:`commit_dir` describing this run."""
     return {
         "job": config.job.model_dump(by_alias=True),
-        "base_model": {"uri": config.spec.base_model.uri,
-                       "revision": base_model_revision or config.spec.base_model.revision},
+        "base_model": {
+            "uri": config.spec.base_model.uri,
+            "revision": base_model_revision or config.spec.base_model.revision,
+        },
         "hyperparameters": config.hyperparameters_record(),
         "dataset": dataset or {},
     }
 
 
-def build_manifest(local_dir: str | Path, *, kind: str, step: int | None = None,
-                   job: dict[str, Any] | None = None, dataset: dict[str, Any] | None = None,
-                   base_model: dict[str, Any] | None = None, hyperparameters: dict[str, Any] | None = None,
-                   extra: dict[str, Any] | None = None) -> Manifest:
+def build_manifest(
+    local_dir: str | Path,
+    *,
+    kind: str,
+    step: int | None = None,
+    job: dict[str, Any] | None = None,
+    dataset: dict[str, Any] | None = None,
+    base_model: dict[str, Any] | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
     """Describe every file under ``local_dir`` (size + sha256) plus the run's provenance."""
     root = Path(local_dir)
-    files = [FileEntry(rel, (root / rel).stat().st_size, storage.sha256_file(root / rel))
-             for rel in storage.local_files(root, exclude=[MANIFEST_NAME])]
+    files = [
+        FileEntry(rel, (root / rel).stat().st_size, storage.sha256_file(root / rel))
+        for rel in storage.local_files(root, exclude=[MANIFEST_NAME])
+    ]
     return Manifest(
-        kind=kind, files=files, step=step, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        job=job or {}, dataset=dataset or {}, base_model=base_model or {}, hyperparameters=hyperparameters or {},
-        libraries=library_versions(), extra=extra or {},
+        kind=kind,
+        files=files,
+        step=step,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        job=job or {},
+        dataset=dataset or {},
+        base_model=base_model or {},
+        hyperparameters=hyperparameters or {},
+        libraries=library_versions(),
+        extra=extra or {},
     )
 
 
@@ -151,8 +187,9 @@ def is_committed(dir_uri: str) -> bool:
     return storage.exists_object(manifest_uri(dir_uri))
 
 
-def commit_dir(local_dir: str | Path, dest_uri: str, *, kind: str, step: int | None = None,
-               **meta: Any) -> Manifest:
+def commit_dir(
+    local_dir: str | Path, dest_uri: str, *, kind: str, step: int | None = None, **meta: Any
+) -> Manifest:
     """Upload ``local_dir`` to ``dest_uri`` and commit it by writing MANIFEST.json last (create-only).
 
     Raises AlreadyCommitted (before touching anything) when ``dest_uri`` is already committed. Leftovers of
@@ -169,15 +206,29 @@ def commit_dir(local_dir: str | Path, dest_uri: str, *, kind: str, step: int | N
         storage.write_bytes(manifest_uri(dest_uri), manifest.to_json().encode(), create_only=True)
     except storage.AlreadyExists:
         raise AlreadyCommitted(f"{dest_uri} was committed by another writer") from None
-    log.info("committed %s", dest_uri, extra={"fields": {"event": "commit", "kind": kind, "uri": dest_uri,
-                                                          "step": step, "files": len(manifest.files)}})
+    log.info(
+        "committed %s",
+        dest_uri,
+        extra={
+            "fields": {
+                "event": "commit",
+                "kind": kind,
+                "uri": dest_uri,
+                "step": step,
+                "files": len(manifest.files),
+            }
+        },
+    )
     return manifest
 
 
 def find_committed(prefix: str) -> list[str]:
     """URIs of the committed sub-directories of ``prefix``, sorted by name; uncommitted ones are ignored."""
-    return [storage.join(prefix, name) for name in storage.list_dirs(prefix)
-            if is_committed(storage.join(prefix, name))]
+    return [
+        storage.join(prefix, name)
+        for name in storage.list_dirs(prefix)
+        if is_committed(storage.join(prefix, name))
+    ]
 
 
 def latest_committed(prefix: str) -> tuple[str, Manifest] | None:
@@ -191,6 +242,12 @@ def latest_committed(prefix: str) -> tuple[str, Manifest] | None:
         if best is None or rank > best[0]:
             best = (rank, uri, found)
     return (best[1], best[2]) if best else None
+
+
+def delete_committed(dir_uri: str) -> int:
+    """Delete a committed directory: the manifest goes first, so no reader ever sees it half-deleted."""
+    storage.delete_file(manifest_uri(dir_uri))
+    return storage.delete_prefix(dir_uri)
 
 
 def verify_local(local_dir: str | Path, manifest: Manifest) -> list[str]:
@@ -216,13 +273,18 @@ def download_committed(dir_uri: str, dest: str | Path, *, verify: bool = True) -
     dest = Path(dest)
     for entry in manifest.files:
         target = dest / entry.path
-        if target.is_file() and target.stat().st_size == entry.size and (
-                not verify or storage.sha256_file(target) == entry.sha256):
+        if (
+            target.is_file()
+            and target.stat().st_size == entry.size
+            and (not verify or storage.sha256_file(target) == entry.sha256)
+        ):
             continue
         storage.download_file(storage.join(dir_uri, entry.path), target)
     if verify:
         problems = verify_local(dest, manifest)
         if problems:
-            raise IntegrityError(f"{dir_uri}: downloaded files do not match the manifest: {'; '.join(problems[:5])}")
+            raise IntegrityError(
+                f"{dir_uri}: downloaded files do not match the manifest: {'; '.join(problems[:5])}"
+            )
     (dest / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest

@@ -1,9 +1,10 @@
 """One small API over the places a run reads from and writes to.
 
 URIs:
-  ``s3://bucket/key``                 boto3; honours ``AWS_ENDPOINT_URL`` (MinIO, other S3-compatible stores),
-                                      retries in ``adaptive`` mode (``AWS_RETRY_MODE``/``AWS_MAX_ATTEMPTS``
-                                      override), multipart transfers above ``FTJ_S3_MULTIPART_THRESHOLD`` bytes.
+  ``s3://bucket/key``                 boto3; honours ``AWS_ENDPOINT_URL`` (MinIO, other S3-compatible
+                                      stores), retries in ``adaptive`` mode (``AWS_RETRY_MODE`` and
+                                      ``AWS_MAX_ATTEMPTS`` override), multipart transfers above
+                                      ``FTJ_S3_MULTIPART_THRESHOLD`` bytes.
   ``hf://org/name[@rev][/file]``      Hugging Face Hub (read-only). ``hf://datasets/org/name/...`` for
                                       dataset repos. Token from ``HF_TOKEN``; ``HF_HUB_OFFLINE=1`` uses the
                                       cache under ``HF_HUB_CACHE`` / ``HF_HOME`` only.
@@ -52,15 +53,16 @@ class UnsupportedOperation(ValueError):
 
 # --- URIs ---------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Location:
     """A parsed URI. ``key`` is the object key (s3), path in repo (hf) or "" ; ``path`` the local path."""
 
     uri: str
     scheme: Literal["s3", "hf", "local"]
-    bucket: str = ""          # s3 bucket
-    key: str = ""             # s3 key / path inside an hf repo
-    repo_id: str = ""         # hf
+    bucket: str = ""  # s3 bucket
+    key: str = ""  # s3 key / path inside an hf repo
+    repo_id: str = ""  # hf
     repo_type: str = "model"  # hf: model | dataset | space
     revision: str | None = None
     path: Path | None = None  # local and pvc
@@ -79,14 +81,14 @@ def parse(uri: str | os.PathLike[str]) -> Location:
     """Parse a storage URI (see the module docstring). Raises ValueError for malformed ones."""
     uri = os.fspath(uri)
     if uri.startswith("s3://"):
-        rest = uri[len("s3://"):]
+        rest = uri[len("s3://") :]
         bucket, _, key = rest.partition("/")
         if not bucket:
             raise ValueError(f"{uri}: missing bucket")
         _check_segments(uri, key.split("/"))
         return Location(uri, "s3", bucket=bucket, key=key.strip("/"))
     if uri.startswith("hf://"):
-        parts = [p for p in uri[len("hf://"):].split("/") if p]
+        parts = [p for p in uri[len("hf://") :].split("/") if p]
         repo_type = "model"
         if parts and parts[0] in ("datasets", "models", "spaces"):
             repo_type = parts.pop(0).rstrip("s")
@@ -94,17 +96,23 @@ def parse(uri: str | os.PathLike[str]) -> Location:
             raise ValueError(f"{uri}: expected hf://org/name[@revision][/path]")
         name, _, revision = parts[1].partition("@")
         _check_segments(uri, parts[2:])
-        return Location(uri, "hf", repo_id=f"{parts[0]}/{name}", repo_type=repo_type,
-                        revision=urllib.parse.unquote(revision) or None, key="/".join(parts[2:]))
+        return Location(
+            uri,
+            "hf",
+            repo_id=f"{parts[0]}/{name}",
+            repo_type=repo_type,
+            revision=urllib.parse.unquote(revision) or None,
+            key="/".join(parts[2:]),
+        )
     if uri.startswith("pvc://"):
-        rest = uri[len("pvc://"):]
+        rest = uri[len("pvc://") :]
         claim, _, sub = rest.partition("/")
         if not claim:
             raise ValueError(f"{uri}: missing claim name")
         _check_segments(uri, sub.split("/"))
         return Location(uri, "local", path=pvc_root() / claim / sub)
     if uri.startswith("file://"):
-        return Location(uri, "local", path=Path(urllib.parse.unquote(uri[len("file://"):])))
+        return Location(uri, "local", path=Path(urllib.parse.unquote(uri[len("file://") :])))
     if "://" in uri:
         raise ValueError(f"{uri}: unsupported scheme (use s3://, hf://, pvc:// or a local path)")
     return Location(uri, "local", path=Path(uri))
@@ -117,9 +125,19 @@ def join(uri: str, *parts: str) -> str:
 
 # --- S3 -----------------------------------------------------------------------------------------------------
 
+
 def _s3_env_key() -> tuple[str | None, ...]:
-    names = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION", "AWS_REGION",
-             "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS", "AWS_PROFILE", "FTJ_S3_ADDRESSING_STYLE")
+    names = (
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_DEFAULT_REGION",
+        "AWS_REGION",
+        "AWS_RETRY_MODE",
+        "AWS_MAX_ATTEMPTS",
+        "AWS_PROFILE",
+        "FTJ_S3_ADDRESSING_STYLE",
+    )
     return tuple(os.environ.get(n) for n in names)
 
 
@@ -129,9 +147,12 @@ def _s3_client_for(env_key: tuple[str | None, ...]) -> Any:
     from botocore.config import Config
 
     config = Config(
-        retries={"mode": os.environ.get("AWS_RETRY_MODE", "adaptive"),
-                 "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10"))},
-        connect_timeout=10, read_timeout=120,
+        retries={
+            "mode": os.environ.get("AWS_RETRY_MODE", "adaptive"),
+            "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10")),
+        },
+        connect_timeout=10,
+        read_timeout=120,
         s3={"addressing_style": os.environ.get("FTJ_S3_ADDRESSING_STYLE", "auto")},
     )
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
@@ -148,9 +169,15 @@ def s3_client() -> Any:
 def _transfer_config(multipart_threshold: int | None = None) -> Any:
     from boto3.s3.transfer import TransferConfig
 
-    threshold = multipart_threshold or int(os.environ.get("FTJ_S3_MULTIPART_THRESHOLD", DEFAULT_MULTIPART_BYTES))
-    return TransferConfig(multipart_threshold=threshold, multipart_chunksize=max(threshold, 5 * 1024 * 1024),
-                          max_concurrency=8, use_threads=True)
+    threshold = multipart_threshold or int(
+        os.environ.get("FTJ_S3_MULTIPART_THRESHOLD", DEFAULT_MULTIPART_BYTES)
+    )
+    return TransferConfig(
+        multipart_threshold=threshold,
+        multipart_chunksize=max(threshold, 5 * 1024 * 1024),
+        max_concurrency=8,
+        use_threads=True,
+    )
 
 
 def _is_not_found(exc: Exception) -> bool:
@@ -167,6 +194,7 @@ def _s3_prefix(loc: Location) -> str:
 
 
 # --- object info --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ObjectInfo:
@@ -198,13 +226,19 @@ def stat(uri: str) -> ObjectInfo:
             if _is_not_found(exc):
                 raise NotFound(uri) from None
             raise
-        return ObjectInfo(uri, name, int(head["ContentLength"]), head.get("ETag", "").strip('"') or None,
-                          head.get("VersionId"))
+        return ObjectInfo(
+            uri,
+            name,
+            int(head["ContentLength"]),
+            head.get("ETag", "").strip('"') or None,
+            head.get("VersionId"),
+        )
     if loc.scheme == "hf":
         local = _hf_file(loc)
         # Cache layout: snapshots/<commit>/<file> -> blobs/<etag>.
-        return ObjectInfo(uri, name, local.stat().st_size, Path(os.path.realpath(local)).name,
-                          _hf_commit_of(local, loc.key))
+        return ObjectInfo(
+            uri, name, local.stat().st_size, Path(os.path.realpath(local)).name, _hf_commit_of(local, loc.key)
+        )
     assert loc.path is not None
     if not loc.path.is_file():
         raise NotFound(uri)
@@ -236,21 +270,35 @@ def list_files(prefix: str) -> list[ObjectInfo]:
         base = _s3_prefix(loc)
         for page in paginator.paginate(Bucket=loc.bucket, Prefix=base):
             for obj in page.get("Contents", []):
-                rel = obj["Key"][len(base):]
+                rel = obj["Key"][len(base) :]
                 if rel:
-                    out.append(ObjectInfo(f"s3://{loc.bucket}/{obj['Key']}", rel, int(obj["Size"]),
-                                          obj.get("ETag", "").strip('"') or None))
+                    out.append(
+                        ObjectInfo(
+                            f"s3://{loc.bucket}/{obj['Key']}",
+                            rel,
+                            int(obj["Size"]),
+                            obj.get("ETag", "").strip('"') or None,
+                        )
+                    )
         return sorted(out, key=lambda o: o.relpath)
     if loc.scheme == "hf":
         root = _hf_snapshot(loc)
-        return [ObjectInfo(join(prefix, rel), rel, (root / rel).stat().st_size)
-                for rel in sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())]
+        return [
+            ObjectInfo(join(prefix, rel), rel, (root / rel).stat().st_size)
+            for rel in sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        ]
     assert loc.path is not None
     if not loc.path.is_dir():
         return []
-    return [ObjectInfo(join(prefix, p.relative_to(loc.path).as_posix()), p.relative_to(loc.path).as_posix(),
-                       p.stat().st_size)
-            for p in sorted(loc.path.rglob("*")) if p.is_file()]
+    return [
+        ObjectInfo(
+            join(prefix, p.relative_to(loc.path).as_posix()),
+            p.relative_to(loc.path).as_posix(),
+            p.stat().st_size,
+        )
+        for p in sorted(loc.path.rglob("*"))
+        if p.is_file()
+    ]
 
 
 def list_dirs(prefix: str) -> list[str]:
@@ -262,7 +310,7 @@ def list_dirs(prefix: str) -> list[str]:
         paginator = s3_client().get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=loc.bucket, Prefix=base, Delimiter="/"):
             for common in page.get("CommonPrefixes", []):
-                names.add(common["Prefix"][len(base):].rstrip("/"))
+                names.add(common["Prefix"][len(base) :].rstrip("/"))
         return sorted(names)
     if loc.scheme == "hf":
         raise UnsupportedOperation(f"{prefix}: listing hf:// directories is not supported")
@@ -271,6 +319,7 @@ def list_dirs(prefix: str) -> list[str]:
 
 
 # --- read / write -------------------------------------------------------------------------------------------
+
 
 def read_bytes(uri: str) -> bytes:
     loc = parse(uri)
@@ -331,7 +380,7 @@ def write_bytes(uri: str, data: bytes, *, create_only: bool = False, content_typ
         client = s3_client()
         extra: dict[str, Any] = {"ContentType": content_type} if content_type else {}
         if create_only:
-            # Stores that ignore If-None-Match would overwrite silently; the HEAD catches the usual case there.
+            # Stores that ignore If-None-Match would overwrite silently; the HEAD catches the usual case.
             # Real S3, MinIO and moto honour the conditional put, which closes the race.
             if exists_object(uri):
                 raise AlreadyExists(uri)
@@ -375,6 +424,7 @@ def stat_light(uri: str) -> ObjectInfo:
 
 
 # --- transfers ----------------------------------------------------------------------------------------------
+
 
 def download_file(uri: str, dest: str | os.PathLike[str]) -> Path:
     """Copy one object to ``dest`` (written to a temporary name first, so no partial file is left)."""
@@ -424,8 +474,9 @@ def upload_file(src: str | os.PathLike[str], uri: str, *, multipart_threshold: i
     """Copy a local file to ``uri`` (S3: multipart above the threshold, retried by boto3)."""
     loc = parse(uri)
     if loc.scheme == "s3":
-        s3_client().upload_file(os.fspath(src), loc.bucket, loc.key,
-                                Config=_transfer_config(multipart_threshold))
+        s3_client().upload_file(
+            os.fspath(src), loc.bucket, loc.key, Config=_transfer_config(multipart_threshold)
+        )
         return
     if loc.scheme == "hf":
         raise UnsupportedOperation(f"{uri}: hf:// is read-only")
@@ -439,12 +490,18 @@ def upload_file(src: str | os.PathLike[str], uri: str, *, multipart_threshold: i
 def local_files(local_dir: str | os.PathLike[str], exclude: Sequence[str] = ()) -> list[str]:
     """Relative POSIX paths of the files under ``local_dir``, sorted, minus names in ``exclude``."""
     root = Path(local_dir)
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_file() and p.name not in exclude)
+    return sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name not in exclude
+    )
 
 
-def upload_dir(local_dir: str | os.PathLike[str], uri: str, *, exclude: Sequence[str] = (),
-               multipart_threshold: int | None = None) -> list[str]:
+def upload_dir(
+    local_dir: str | os.PathLike[str],
+    uri: str,
+    *,
+    exclude: Sequence[str] = (),
+    multipart_threshold: int | None = None,
+) -> list[str]:
     """Upload every file under ``local_dir`` to ``uri``; returns the relative paths uploaded."""
     rels = local_files(local_dir, exclude)
     for rel in rels:
@@ -452,27 +509,53 @@ def upload_dir(local_dir: str | os.PathLike[str], uri: str, *, exclude: Sequence
     return rels
 
 
+def delete_file(uri: str) -> bool:
+    """Delete one object/file; returns whether it existed."""
+    loc = parse(uri)
+    if loc.scheme == "s3":
+        if not exists_object(uri):
+            return False
+        s3_client().delete_object(Bucket=loc.bucket, Key=loc.key)
+        return True
+    if loc.scheme == "hf":
+        raise UnsupportedOperation(f"{uri}: hf:// is read-only")
+    assert loc.path is not None
+    try:
+        loc.path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def delete_prefix(uri: str) -> int:
-    """Delete every object under ``uri`` (a directory); returns how many were deleted."""
+    """Delete ``uri`` and everything under it (a directory, or a single object); returns how many."""
     loc = parse(uri)
     if loc.scheme == "s3":
         client = s3_client()
         keys = [f"{_s3_prefix(loc)}{o.relpath}" for o in list_files(uri)]
+        if loc.key and exists_object(uri):
+            keys.append(loc.key)
         for start in range(0, len(keys), 1000):
-            batch = keys[start:start + 1000]
-            client.delete_objects(Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True})
+            batch = keys[start : start + 1000]
+            client.delete_objects(
+                Bucket=loc.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}
+            )
         return len(keys)
     if loc.scheme == "hf":
         raise UnsupportedOperation(f"{uri}: hf:// is read-only")
     assert loc.path is not None
     if not loc.path.exists():
         return 0
+    if not loc.path.is_dir():
+        loc.path.unlink()
+        return 1
     count = len(local_files(loc.path))
     shutil.rmtree(loc.path)
     return count
 
 
 # --- Hugging Face Hub ---------------------------------------------------------------------------------------
+
 
 def hf_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
@@ -483,7 +566,8 @@ def hf_cache_dir() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
     home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "huggingface"
+    )
     return Path(home) / "hub"
 
 
@@ -491,13 +575,18 @@ def _hf_token() -> str | bool | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
-def _hf_snapshot(loc: Location, revision: str | None = None,
-                 allow_patterns: Sequence[str] | None = None) -> Path:
+def _hf_snapshot(
+    loc: Location, revision: str | None = None, allow_patterns: Sequence[str] | None = None
+) -> Path:
     from huggingface_hub import snapshot_download
 
     path = snapshot_download(
-        loc.repo_id, repo_type=loc.repo_type, revision=revision or loc.revision, cache_dir=hf_cache_dir(),
-        token=_hf_token(), local_files_only=hf_offline(),
+        loc.repo_id,
+        repo_type=loc.repo_type,
+        revision=revision or loc.revision,
+        cache_dir=hf_cache_dir(),
+        token=_hf_token(),
+        local_files_only=hf_offline(),
         allow_patterns=list(allow_patterns) if allow_patterns else None,
     )
     return Path(str(path))
@@ -508,8 +597,17 @@ def _hf_file(loc: Location) -> Path:
 
     if not loc.key:
         raise ValueError(f"{loc.uri}: expected a file inside the repository")
-    return Path(hf_hub_download(loc.repo_id, loc.key, repo_type=loc.repo_type, revision=loc.revision,
-                                cache_dir=hf_cache_dir(), token=_hf_token(), local_files_only=hf_offline()))
+    return Path(
+        hf_hub_download(
+            loc.repo_id,
+            loc.key,
+            repo_type=loc.repo_type,
+            revision=loc.revision,
+            cache_dir=hf_cache_dir(),
+            token=_hf_token(),
+            local_files_only=hf_offline(),
+        )
+    )
 
 
 def _hf_commit_of(local: Path, key: str) -> str:
@@ -520,6 +618,7 @@ def _hf_commit_of(local: Path, key: str) -> str:
 
 
 # --- models -------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ModelSource:
@@ -536,8 +635,13 @@ def _listing_digest(files: Iterable[ObjectInfo]) -> str:
     return digest.hexdigest()[:16]
 
 
-def fetch_model(uri: str, *, revision: str | None = None, dest: str | os.PathLike[str] | None = None,
-                allow_patterns: Sequence[str] | None = None) -> ModelSource:
+def fetch_model(
+    uri: str,
+    *,
+    revision: str | None = None,
+    dest: str | os.PathLike[str] | None = None,
+    allow_patterns: Sequence[str] | None = None,
+) -> ModelSource:
     """Make a Hugging Face model directory available locally.
 
     hf:// resolves to the cache snapshot (revision = commit hash); s3:// is copied under ``dest`` (default
@@ -555,10 +659,16 @@ def fetch_model(uri: str, *, revision: str | None = None, dest: str | os.PathLik
         if not files:
             raise NotFound(f"{uri}: no model files")
         if dest is None:
-            dest = Path(os.environ.get("FTJ_WORKDIR", "/workspace")) / "models" / hashlib.sha256(
-                uri.encode()).hexdigest()[:16]
-        wanted = [f for f in files if not allow_patterns
-                  or any(fnmatch.fnmatch(f.relpath, pattern) for pattern in allow_patterns)]
+            dest = (
+                Path(os.environ.get("FTJ_WORKDIR", "/workspace"))
+                / "models"
+                / hashlib.sha256(uri.encode()).hexdigest()[:16]
+            )
+        wanted = [
+            f
+            for f in files
+            if not allow_patterns or any(fnmatch.fnmatch(f.relpath, pattern) for pattern in allow_patterns)
+        ]
         for info in wanted:
             _check_segments(info.uri, info.relpath.split("/"))
             target = Path(dest) / info.relpath

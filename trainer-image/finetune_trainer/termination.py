@@ -50,21 +50,29 @@ def _truncate_utf8(text: str, max_bytes: int) -> str:
 
 
 def build_termination_message(
-    stage: str, code: ExitCode | int, message: str = "", summary: dict[str, Any] | None = None,
+    stage: str,
+    code: ExitCode | int,
+    message: str = "",
+    summary: dict[str, Any] | None = None,
     max_bytes: int = MAX_TERMINATION_BYTES,
 ) -> bytes:
     """The JSON document of the contract, shrunk to ``max_bytes``: message first, then summary entries."""
     code = ExitCode(code) if code in ExitCode._value2member_map_ else code
     reason = code.name if isinstance(code, ExitCode) else "ERROR"
     doc: dict[str, Any] = {
-        "stage": stage, "exitCode": int(code), "reason": reason,
-        "message": redact(message), "summary": redact_obj(summary or {}),
+        "stage": stage,
+        "exitCode": int(code),
+        "reason": reason,
+        "message": redact(message),
+        "summary": redact_obj(summary or {}),
     }
     data = _encode(doc)
     if len(data) <= max_bytes:
         return data
     # Keep the message readable down to 1 KiB, then drop the biggest summary entries, then cut the message.
-    doc["message"] = _truncate_utf8(doc["message"], max(1024, len(doc["message"].encode()) - (len(data) - max_bytes)))
+    doc["message"] = _truncate_utf8(
+        doc["message"], max(1024, len(doc["message"].encode()) - (len(data) - max_bytes))
+    )
     data = _encode(doc)
     while len(data) > max_bytes and doc["summary"]:
         biggest = max(doc["summary"], key=lambda k: len(_encode({k: doc["summary"][k]})))
@@ -79,7 +87,10 @@ def build_termination_message(
 
 
 def write_termination_message(
-    stage: str, code: ExitCode | int, message: str = "", summary: dict[str, Any] | None = None,
+    stage: str,
+    code: ExitCode | int,
+    message: str = "",
+    summary: dict[str, Any] | None = None,
     path: Path | str | None = None,
 ) -> bytes:
     """Write the termination message; on a distributed run only rank 0 writes. Returns what was written."""

@@ -65,8 +65,17 @@ WARNING_KINDS: dict[str, str] = {
 }
 # What the tokenizer needs (never the weights).
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json",
-    "vocab.json", "vocab.txt", "merges.txt", "*.tiktoken", "chat_template.jinja", "chat_template.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.tiktoken",
+    "chat_template.jinja",
+    "chat_template.json",
     "config.json",
 )
 UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
@@ -107,9 +116,15 @@ class Findings:
         return sorted(found, key=lambda f: (f.file, f.line))[:n]
 
     def as_report(self, kinds: Iterable[str]) -> dict[str, Any]:
-        return {k: {"count": self.counts[k], "description": desc,
-                    "first": [{"file": f.file, "line": f.line, "message": f.message} for f in self.listed[k]]}
-                for k, desc in ((k, _describe(k)) for k in kinds) if self.counts[k]}
+        return {
+            k: {
+                "count": self.counts[k],
+                "description": desc,
+                "first": [{"file": f.file, "line": f.line, "message": f.message} for f in self.listed[k]],
+            }
+            for k, desc in ((k, _describe(k)) for k in kinds)
+            if self.counts[k]
+        }
 
 
 def _describe(kind: str) -> str:
@@ -128,36 +143,51 @@ class Example:
 class ParsedFile:
     name: str
     fmt: str
-    lines: int                 # non-blank lines
+    lines: int  # non-blank lines
     examples: list[Example]
 
 
 # --- parsing ------------------------------------------------------------------------------------------------
+
 
 def _decode_lines(raw_lines: Iterable[bytes], name: str, findings: Findings) -> list[tuple[int, Any]]:
     """(line number, parsed JSON value | RecordError) for every non-blank line."""
     out: list[tuple[int, Any]] = []
     for lineno, raw in enumerate(raw_lines, start=1):
         if lineno == 1 and raw.startswith(UTF16_BOMS):
-            out.append((lineno, RecordError("invalid_utf8", "file is UTF-16 (byte order mark found); "
-                                                            "save it as UTF-8")))
+            out.append(
+                (
+                    lineno,
+                    RecordError("invalid_utf8", "file is UTF-16 (byte order mark found); save it as UTF-8"),
+                )
+            )
             continue
         if raw.startswith(UTF8_BOM):
             findings.add(name, lineno, "bom", "UTF-8 byte order mark removed")
-            raw = raw[len(UTF8_BOM):]
+            raw = raw[len(UTF8_BOM) :]
         raw = raw.rstrip(b"\r\n")
         if not raw.strip():
             continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            out.append((lineno, RecordError("invalid_utf8", f"bytes that are not UTF-8 at column {exc.start + 1} "
-                                                            f"({raw[exc.start:exc.start + 4]!r})")))
+            out.append(
+                (
+                    lineno,
+                    RecordError(
+                        "invalid_utf8",
+                        f"bytes that are not UTF-8 at column {exc.start + 1} "
+                        f"({raw[exc.start : exc.start + 4]!r})",
+                    ),
+                )
+            )
             continue
         try:
             out.append((lineno, json.loads(text)))
         except json.JSONDecodeError as exc:
-            out.append((lineno, RecordError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}")))
+            out.append(
+                (lineno, RecordError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"))
+            )
     return out
 
 
@@ -168,8 +198,10 @@ def detect_file_format(values: Sequence[tuple[int, Any]], name: str) -> str:
         readable = [lineno for lineno, v in values if not isinstance(v, RecordError)]
         if not readable:
             return "chat"  # every line is broken: the error-rate check reports them with line numbers
-        raise InvalidDataError(f"{name} line {readable[0]}: cannot detect the format: no line has messages, "
-                               "prompt/completion or instruction/output (set spec.dataset.format)")
+        raise InvalidDataError(
+            f"{name} line {readable[0]}: cannot detect the format: no line has messages, "
+            "prompt/completion or instruction/output (set spec.dataset.format)"
+        )
     return max(FORMATS, key=lambda f: (votes[f], -FORMATS.index(f)))
 
 
@@ -198,8 +230,12 @@ def load_token_counter(config: TrainerConfig) -> tuple[TokenCounter, str | None]
     """Token counts with the base model's tokenizer and chat template (default template when it has none)."""
     spec = config.spec.base_model
     try:
-        source = storage.fetch_model(spec.uri, revision=spec.revision, allow_patterns=TOKENIZER_FILES,
-                                     dest=config.workdir / "tokenizer")
+        source = storage.fetch_model(
+            spec.uri,
+            revision=spec.revision,
+            allow_patterns=TOKENIZER_FILES,
+            dest=config.workdir / "tokenizer",
+        )
     except storage.NotFound as exc:
         raise InvalidConfigError(f"spec.baseModel.uri: {exc}") from None
     from transformers import AutoTokenizer
@@ -209,7 +245,9 @@ def load_token_counter(config: TrainerConfig) -> tuple[TokenCounter, str | None]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source.path))
     except (OSError, ValueError) as exc:
-        raise InvalidConfigError(f"spec.baseModel.uri: cannot load a tokenizer from {spec.uri}: {exc}") from None
+        raise InvalidConfigError(
+            f"spec.baseModel.uri: cannot load a tokenizer from {spec.uri}: {exc}"
+        ) from None
     if ensure_chat_template(tokenizer):
         log.info("base model has no chat template: using the default one")
 
@@ -224,12 +262,13 @@ def load_token_counter(config: TrainerConfig) -> tuple[TokenCounter, str | None]
 
 def count_tokens(examples: list[Example], counter: TokenCounter, batch: int = 256) -> None:
     for start in range(0, len(examples), batch):
-        chunk = examples[start:start + batch]
+        chunk = examples[start : start + batch]
         for example, n in zip(chunk, counter([e.data for e in chunk]), strict=True):
             example.tokens = n
 
 
 # --- cleaning -----------------------------------------------------------------------------------------------
+
 
 def drop_overlong(examples: list[Example], max_tokens: int, findings: Findings) -> list[Example]:
     kept = []
@@ -251,7 +290,9 @@ def drop_duplicates(examples: list[Example], findings: Findings) -> list[Example
         if ek in first_exact:
             findings.add(e.file, e.line, "duplicate", f"exact duplicate of line {first_exact[ek]}")
         elif nk in first_norm:
-            findings.add(e.file, e.line, "near_duplicate", f"duplicate of line {first_norm[nk]} after normalising")
+            findings.add(
+                e.file, e.line, "near_duplicate", f"duplicate of line {first_norm[nk]} after normalising"
+            )
         else:
             first_exact[ek], first_norm[nk] = e.line, e.line
             kept.append(e)
@@ -282,6 +323,7 @@ def held_out_count(n: int, test_size: int | float | None) -> int:
 
 def split_held_out(examples: list[Example], k: int, seed: int) -> tuple[list[Example], list[Example]]:
     """Deterministic, order-independent held-out split, stratified by category (largest remainder)."""
+
     def rank(e: Example) -> str:
         return hashlib.sha256(f"{seed}:{prompt_key(e.data)}".encode()).hexdigest()
 
@@ -298,8 +340,11 @@ def split_held_out(examples: list[Example], k: int, seed: int) -> tuple[list[Exa
         ordered = sorted(group, key=rank)
         # Equal prompts share a rank prefix; keep them together by cutting only between different prompts.
         chosen = ordered[: take[c]]
-        while chosen and len(chosen) < len(ordered) and prompt_key(ordered[len(chosen)].data) == prompt_key(
-                chosen[-1].data):
+        while (
+            chosen
+            and len(chosen) < len(ordered)
+            and prompt_key(ordered[len(chosen)].data) == prompt_key(chosen[-1].data)
+        ):
             chosen.append(ordered[len(chosen)])
         test_ids.update(id(e) for e in chosen)
     train = [e for e in examples if id(e) not in test_ids]
@@ -308,8 +353,10 @@ def split_held_out(examples: list[Example], k: int, seed: int) -> tuple[list[Exa
 
 
 def category_report(splits: dict[str, list[Example]], findings: Findings, train_name: str) -> dict[str, Any]:
-    counts = {name: dict(sorted(Counter(e.data["category"] for e in ex if "category" in e.data).items()))
-              for name, ex in splits.items()}
+    counts = {
+        name: dict(sorted(Counter(e.data["category"] for e in ex if "category" in e.data).items()))
+        for name, ex in splits.items()
+    }
     train_counts = counts.get("train", {})
     if not train_counts:
         return {}
@@ -320,9 +367,13 @@ def category_report(splits: dict[str, list[Example]], findings: Findings, train_
         if ratio > 10:
             largest = max(train_counts, key=lambda c: train_counts[c])
             smallest = min(train_counts, key=lambda c: train_counts[c])
-            findings.add(train_name, 0, "category_imbalance",
-                         f"category {largest!r} has {train_counts[largest]} examples, "
-                         f"{smallest!r} only {train_counts[smallest]}")
+            findings.add(
+                train_name,
+                0,
+                "category_imbalance",
+                f"category {largest!r} has {train_counts[largest]} examples, "
+                f"{smallest!r} only {train_counts[smallest]}",
+            )
     return report
 
 
@@ -335,30 +386,40 @@ def estimate_training(train: list[Example], config: TrainerConfig) -> dict[str, 
     per_step = hp.batch_size * hp.gradient_accumulation_steps * world
     steps_per_epoch = max(1, math.ceil(sequences / per_step))
     tokens_per_step = epoch_tokens / steps_per_epoch
-    if hp.max_steps:
-        steps = hp.max_steps
-    else:
-        steps = max(1, math.ceil(steps_per_epoch * hp.epochs))
-    return {"tokensPerEpoch": epoch_tokens, "epochs": hp.epochs, "maxSteps": hp.max_steps,
-            "stepsPerEpoch": steps_per_epoch, "estimatedSteps": steps,
-            "trainTokens": int(round(tokens_per_step * steps))}
+    # With maxSteps the Trainer runs exactly that many steps, cycling through epochs as needed.
+    steps = hp.max_steps or max(1, math.ceil(steps_per_epoch * hp.epochs))
+    return {
+        "tokensPerEpoch": epoch_tokens,
+        "epochs": hp.epochs,
+        "maxSteps": hp.max_steps,
+        "stepsPerEpoch": steps_per_epoch,
+        "estimatedSteps": steps,
+        "trainTokens": round(tokens_per_step * steps),
+    }
 
 
 def token_stats(examples: list[Example]) -> dict[str, Any]:
     if not examples:
         return {"n": 0}
     tokens = sorted(e.tokens for e in examples)
-    return {"n": len(tokens), "min": tokens[0], "max": tokens[-1], "mean": round(sum(tokens) / len(tokens), 1),
-            "p95": tokens[min(len(tokens) - 1, math.ceil(0.95 * len(tokens)) - 1)], "total": sum(tokens)}
+    return {
+        "n": len(tokens),
+        "min": tokens[0],
+        "max": tokens[-1],
+        "mean": round(sum(tokens) / len(tokens), 1),
+        "p95": tokens[min(len(tokens) - 1, math.ceil(0.95 * len(tokens)) - 1)],
+        "total": sum(tokens),
+    }
 
 
 # --- the stage ----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Input:
-    role: str     # train | validation | test
+    role: str  # train | validation | test
     uri: str
-    name: str     # file name used in messages
+    name: str  # file name used in messages
 
 
 def _inputs(config: TrainerConfig) -> list[Input]:
@@ -385,8 +446,12 @@ def _fetch_inputs(config: TrainerConfig, inputs: list[Input], local_dir: Path) -
             raise InvalidConfigError(f"{field_name}: {item.uri} not found") from None
         except ValueError as exc:
             raise InvalidConfigError(f"{field_name}: {exc}") from None
-        provenance[item.role] = {"uri": item.uri, "etag": info.etag, "versionId": info.version_id,
-                                 "size": info.size}
+        provenance[item.role] = {
+            "uri": item.uri,
+            "etag": info.etag,
+            "versionId": info.version_id,
+            "size": info.size,
+        }
     return provenance
 
 
@@ -402,12 +467,44 @@ def _failure(message: str, findings: Findings, summary: dict[str, Any]) -> Inval
     return InvalidDataError(f"{message}{': ' + details if details else ''}", summary=summary)
 
 
+def check_error_rate(
+    parsed: dict[str, ParsedFile], findings: Findings, max_error_rate: float
+) -> dict[str, Any]:
+    """Raise InvalidDataError when the train file is empty or errors exceed the policy; else a summary."""
+    total_lines = sum(pf.lines for pf in parsed.values())
+    errors = sum(findings.of(ERROR_KINDS).values())
+    error_rate = errors / total_lines if total_lines else 1.0
+    summary: dict[str, Any] = {
+        "format": parsed["train"].fmt,
+        "lines": total_lines,
+        "errors": findings.of(ERROR_KINDS),
+        "errorRate": round(error_rate, 4),
+    }
+    if parsed["train"].lines == 0:
+        raise InvalidDataError(f"{parsed['train'].name}: no examples (the file is empty)", summary=summary)
+    if error_rate > max_error_rate:
+        raise _failure(
+            f"{errors} of {total_lines} lines unusable ({error_rate:.1%} > dataset.maxErrorRate "
+            f"{max_error_rate:.0%})",
+            findings,
+            summary,
+        )
+    return summary
+
+
 def _upload_failure_report(data_uri: str, findings: Findings, exc: InvalidDataError) -> None:
-    """Leave the full findings next to where the data would go (uncommitted, so nothing will read it as data)."""
-    report = {"failed": exc.message, "summary": exc.summary, "errors": findings.as_report(ERROR_KINDS),
-              "removed": findings.as_report(CLEANING_KINDS), "warnings": findings.as_report(WARNING_KINDS)}
+    """Leave the full findings where the data would go (uncommitted: nothing reads it as data)."""
+    report = {
+        "failed": exc.message,
+        "summary": exc.summary,
+        "errors": findings.as_report(ERROR_KINDS),
+        "removed": findings.as_report(CLEANING_KINDS),
+        "warnings": findings.as_report(WARNING_KINDS),
+    }
     try:
-        storage.write_text(storage.join(data_uri, "report.json"), json.dumps(report, indent=2, ensure_ascii=False))
+        storage.write_text(
+            storage.join(data_uri, "report.json"), json.dumps(report, indent=2, ensure_ascii=False)
+        )
     except Exception as err:  # the exit code matters more than the report
         log.warning("could not upload the failure report: %s", err)
 
@@ -418,7 +515,9 @@ def run(config: TrainerConfig) -> StageResult:
     if existing is not None:
         log.info("dataset already validated and committed at %s: reusing it", data_uri)
         report = json.loads(storage.read_text(storage.join(data_uri, "report.json")))
-        return StageResult(summary=report["summary"], message="dataset already validated; reusing " + data_uri)
+        return StageResult(
+            summary=report["summary"], message="dataset already validated; reusing " + data_uri
+        )
 
     spec = config.spec
     work = config.workdir / "validate"
@@ -434,24 +533,17 @@ def run(config: TrainerConfig) -> StageResult:
             parsed[item.role] = parse_file(fh, item.name, spec.dataset.format, findings)
     fmt = parsed["train"].fmt
 
-    counter, tokenizer_revision = load_token_counter(config)
-    for pf in parsed.values():
-        count_tokens(pf.examples, counter)
-        pf.examples = drop_overlong(pf.examples, spec.hyperparameters.max_seq_length, findings)
-        pf.examples = drop_duplicates(pf.examples, findings)
-    raise_if_preempted("validate")
-
     try:
-        total_lines = sum(pf.lines for pf in parsed.values())
-        errors = sum(findings.of(ERROR_KINDS).values())
-        error_rate = errors / total_lines if total_lines else 1.0
-        summary: dict[str, Any] = {"format": fmt, "lines": total_lines, "errors": findings.of(ERROR_KINDS),
-                                   "errorRate": round(error_rate, 4)}
-        if total_lines == 0:
-            raise InvalidDataError(f"{parsed['train'].name}: no examples (the file is empty)", summary=summary)
-        if error_rate > spec.dataset.max_error_rate:
-            raise _failure(f"{errors} of {total_lines} lines unusable ({error_rate:.1%} > dataset.maxErrorRate "
-                           f"{spec.dataset.max_error_rate:.0%})", findings, summary)
+        # Fail fast on broken files, before loading the tokenizer; then again once over-length counts.
+        summary = check_error_rate(parsed, findings, spec.dataset.max_error_rate)
+        counter, tokenizer_revision = load_token_counter(config)
+        for pf in parsed.values():
+            count_tokens(pf.examples, counter)
+            pf.examples = drop_overlong(pf.examples, spec.hyperparameters.max_seq_length, findings)
+            pf.examples = drop_duplicates(pf.examples, findings)
+        raise_if_preempted("validate")
+        summary = check_error_rate(parsed, findings, spec.dataset.max_error_rate)
+        error_rate = summary["errorRate"]
 
         test = parsed["test"].examples if "test" in parsed else None
         validation = parsed["validation"].examples if "validation" in parsed else None
@@ -462,10 +554,14 @@ def run(config: TrainerConfig) -> StageResult:
         train = drop_leakage(train, held_out, findings) if held_out else train
         if test is None:
             if len(train) < 2:
-                raise _failure(f"need at least 2 usable train examples to hold out a test set, found {len(train)}",
-                               findings, summary)
-            train, test = split_held_out(train, held_out_count(len(train), spec.dataset.test_size),
-                                         spec.hyperparameters.seed)
+                raise _failure(
+                    f"need at least 2 usable train examples to hold out a test set, found {len(train)}",
+                    findings,
+                    summary,
+                )
+            train, test = split_held_out(
+                train, held_out_count(len(train), spec.dataset.test_size), spec.hyperparameters.seed
+            )
         if not train:
             raise _failure(f"no usable train example remains in {parsed['train'].name}", findings, summary)
         if not test:
@@ -479,17 +575,27 @@ def run(config: TrainerConfig) -> StageResult:
     categories = category_report(splits, findings, parsed["train"].name)
     estimate = estimate_training(train, config)
     summary = {
-        "format": fmt, "train": len(train), "validation": len(validation or []), "test": len(test),
-        "removed": findings.of(CLEANING_KINDS), "trainTokens": estimate["trainTokens"],
-        "estimatedSteps": estimate["estimatedSteps"], "errors": findings.of(ERROR_KINDS),
+        "format": fmt,
+        "train": len(train),
+        "validation": len(validation or []),
+        "test": len(test),
+        "removed": findings.of(CLEANING_KINDS),
+        "trainTokens": estimate["trainTokens"],
+        "estimatedSteps": estimate["estimatedSteps"],
+        "errors": findings.of(ERROR_KINDS),
         "errorRate": round(error_rate, 4),
     }
     report = {
         "summary": summary,
-        "policy": {"maxErrorRate": spec.dataset.max_error_rate, "maxSeqLength": spec.hyperparameters.max_seq_length,
-                   "errorKinds": ERROR_KINDS, "cleaningKinds": CLEANING_KINDS,
-                   "heldOut": "given test file" if "test" in parsed else
-                   f"split from train by seeded hash of the prompt (seed {spec.hyperparameters.seed})"},
+        "policy": {
+            "maxErrorRate": spec.dataset.max_error_rate,
+            "maxSeqLength": spec.hyperparameters.max_seq_length,
+            "errorKinds": ERROR_KINDS,
+            "cleaningKinds": CLEANING_KINDS,
+            "heldOut": "given test file"
+            if "test" in parsed
+            else f"split from train by seeded hash of the prompt (seed {spec.hyperparameters.seed})",
+        },
         "inputs": provenance,
         "formats": {role: pf.fmt for role, pf in parsed.items()},
         "errors": findings.as_report(ERROR_KINDS),
@@ -506,12 +612,17 @@ def run(config: TrainerConfig) -> StageResult:
         _write_jsonl(out / f"{name}.jsonl", examples)
     (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     raise_if_preempted("validate")
-    manifest.commit_dir(out, data_uri, kind="dataset",
-                        **manifest.metadata_from_config(config, base_model_revision=tokenizer_revision,
-                                                        dataset=provenance))
+    manifest.commit_dir(
+        out,
+        data_uri,
+        kind="dataset",
+        **manifest.metadata_from_config(config, base_model_revision=tokenizer_revision, dataset=provenance),
+    )
     notes = findings.first([*ERROR_KINDS, *CLEANING_KINDS, *WARNING_KINDS], 5)
-    message = (f"{len(train)} train / {len(validation or [])} validation / {len(test)} test examples ({fmt}), "
-               f"~{estimate['trainTokens']} training tokens")
+    message = (
+        f"{len(train)} train / {len(validation or [])} validation / {len(test)} test examples ({fmt}), "
+        f"~{estimate['trainTokens']} training tokens"
+    )
     if notes:
         message += "; " + "; ".join(f.render() for f in notes)
     return StageResult(summary=summary, message=message)

@@ -61,49 +61,43 @@ Usage: include "finetune-operator.imageRef" (list .Values.image .Chart.AppVersio
 {{- define "finetune-operator.configPath" -}}/etc/finetune-operator/config.yaml{{- end }}
 
 {{/*
-The operator's RBAC rules: exactly the verbs it uses (kept equal to the operator's own list by
-tests/chart/test_rbac.py), never anything on Secrets. Shared by the ClusterRole (cluster mode) and the
-per-namespace Roles (namespaced mode).
+The operator's RBAC rules: exactly operator/finetune_operator/rbac.py RULES (tests/chart/test_chart_rbac.py
+compares them), never anything on Secrets. Shared by the ClusterRole (cluster mode) and the per-namespace
+Roles (namespaced mode). Kopf needs nothing more: the operator runs it standalone (no peering objects), with
+resource scanning off (no CRD or namespace reads), without Kopf's own Events, finalizers or annotations.
 */}}
-{{- define "finetune-operator.namespacedRules" -}}
-# FineTuneJobs: Kopf watches them, adds its finalizer and stores handler progress (patch).
+{{- define "finetune-operator.rules" -}}
+# Kopf lists and watches FineTuneJobs; the operator writes their status. Nothing else on them.
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
-  verbs: ["get", "patch"]
-# Children: validation/training/evaluation Jobs, the vLLM Deployment and Service.
+  verbs: ["patch"]
+# Children, cached by watches; create-or-adopt = create, then get on "already exists".
+# Jobs: suspended/resumed by patch, never deleted (ownerReferences garbage-collect them).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "get", "patch"]
+# The vLLM Deployment: rolled by patch when spec.deployment changes, deleted when it is disabled.
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "get", "patch", "delete"]
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Pods: scheduling messages, exit codes and termination messages of the Jobs' pods (read-only).
+  verbs: ["list", "watch", "create", "get", "delete"]
+# Pods: scheduling problems, exit codes and termination messages (watched); pods/log: the trainer's
+# stdout tail for training progress.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch"]
+  verbs: ["list", "watch"]
 - apiGroups: [""]
   resources: ["pods/log"]
   verbs: ["get"]
-# Events on FineTuneJobs (Kopf's handler events and the operator's transition events).
+# An Event on every transition.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
-{{- end }}
-
-{{/*
-Cluster-scoped reads Kopf uses in cluster mode: it watches CRDs to notice the FineTuneJob CRD being
-(re)installed. In namespaced mode they are not granted; Kopf then falls back to its initial scan.
-*/}}
-{{- define "finetune-operator.clusterRules" -}}
-- apiGroups: ["apiextensions.k8s.io"]
-  resources: ["customresourcedefinitions"]
-  verbs: ["list", "watch"]
+  verbs: ["create"]
 {{- end }}
 
 {{/* The operator's command line, from the Deployment's own command and args (the local kubelet runs these too). */}}

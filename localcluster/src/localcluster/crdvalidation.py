@@ -16,8 +16,13 @@ What it follows from k8s.io/apiextensions-apiserver:
   `messageExpression`, `fieldPath`, `reason`; transition rules (those using `oldSelf`) run only on update
   where the old value correlates (object properties, map values, `x-kubernetes-list-type: map` items); a
   type error anywhere skips CEL as the API server does; numbers typed `number` reach CEL as doubles.
-Not emulated: validation ratcheting, CEL cost limits (the CRD keeps every list and string bounded so a real
-API server's estimator accepts it), `x-kubernetes-embedded-resource`.
+- validation ratcheting (default since 1.30): on update, a value equal to its correlated old value is not
+  validated again (schema errors and non-transition CEL rules), so objects stored under an older, looser
+  schema can still be updated elsewhere;
+- CRD schemas themselves: `CRDValidator(...)` raises InvalidError (kind CustomResourceDefinition) for a
+  non-structural schema, a default that fails its schema or is pruned, or a CEL rule that does not compile.
+Not emulated: CEL cost limits (our CRD keeps every list, map and string bounded so a real API server's
+estimator accepts it), `x-kubernetes-embedded-resource`, `allOf`/`oneOf`/`not` value validations.
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ _REASONS = {
     "FieldValueDuplicate": "Duplicate",
 }
 _OMIT = object()
+_ABSENT = object()  # no correlated old value
 
 
 def go_value(value: Any) -> str:
@@ -295,6 +301,11 @@ class CRDValidator:
             preserve = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
             schema = spec.get("validation", {}).get("openAPIV3Schema", preserve)
         self.schema: dict[str, Any] = schema
+        index = next(i for i, v in enumerate(spec.get("versions", [])) if v.get("name") == version)
+        problems = schema_errors(schema, f"spec.versions[{index}].schema.openAPIV3Schema")
+        if problems:
+            raise InvalidError("CustomResourceDefinition", str(crd.get("metadata", {}).get("name", "")),
+                               problems, group="apiextensions.k8s.io")
         self._rules: dict[int, list[_Rule]] = {}
         for node in _walk_schemas(schema):
             if node.get("x-kubernetes-validations"):
@@ -342,7 +353,8 @@ class CRDValidator:
         root_schema = {k: v for k, v in self.schema.items() if k != "x-kubernetes-validations"}
         root_schema["properties"] = {
             k: v for k, v in self.schema.get("properties", {}).items() if k != "metadata"}
-        _validate_schema(root, root_schema, "", walk)
+        old_root = {k: v for k, v in old.items() if k != "metadata"} if old is not None else _ABSENT
+        _validate_schema(root, root_schema, "", walk, old_root)
         if walk.type_error:
             walk.causes.append(field_error(
                 "Invalid", "<nil>", None,
@@ -374,6 +386,8 @@ class CRDValidator:
     def _validate_rules(self, value: Any, old: Any, schema: dict[str, Any], path: str, walk: _Walk) -> None:
         rules = self._rules.get(id(schema), [])
         if rules:
+            if old is not None and _same(old, value):  # ratcheting: unchanged values keep passing
+                rules = [rule for rule in rules if rule.transition]
             self._evaluate(rules, value, old, schema, path, walk)
         if isinstance(value, dict):
             props = schema.get("properties")
@@ -546,7 +560,36 @@ def _number_text(value: float | int) -> str:
     return _go_float(float(value)) if isinstance(value, float) else str(value)
 
 
-def _validate_schema(value: Any, schema: dict[str, Any], path: str, walk: _Walk) -> None:
+def _same(a: Any, b: Any) -> bool:
+    """Deep equality that, like Go's reflect.DeepEqual on JSON values, tells 1 from 1.0 and True."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(v, b[k]) for k, v in a.items())
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _old_items(value: list[Any], old: Any, schema: dict[str, Any]) -> list[Any]:
+    """Ratcheting correlation of list items: map lists by key, set lists by value, atomic lists never."""
+    if not isinstance(old, list):
+        return [_ABSENT] * len(value)
+    list_type = schema.get("x-kubernetes-list-type")
+    if list_type == "map":
+        return [_ABSENT if item is None else item for item in _correlate_list(value, old, schema)]
+    if list_type == "set":
+        return [item if any(_same(item, o) for o in old) else _ABSENT for item in value]
+    return [_ABSENT] * len(value)
+
+
+def _validate_schema(value: Any, schema: dict[str, Any], path: str, walk: _Walk, old: Any = None) -> None:
+    """Schema errors of one value. `old` is the correlated old value on update (`_ABSENT` if none): an
+    unchanged value is not validated again (validation ratcheting, on by default since Kubernetes 1.30)."""
+    if old is None:
+        old = _ABSENT
+    if old is not _ABSENT and _same(old, value):
+        return
     name = path or "body"
     if value is None:
         if not schema.get("nullable"):
@@ -575,9 +618,9 @@ def _validate_schema(value: Any, schema: dict[str, Any], path: str, walk: _Walk)
     elif isinstance(value, int | float) and not isinstance(value, bool):
         _validate_number(value, schema, path, name, walk)
     elif isinstance(value, list):
-        _validate_array(value, schema, path, name, walk)
+        _validate_array(value, schema, path, name, walk, old)
     elif isinstance(value, dict):
-        _validate_object(value, schema, path, name, walk)
+        _validate_object(value, schema, path, name, walk, old)
 
 
 def _validate_string(value: str, schema: dict[str, Any], path: str, name: str, walk: _Walk) -> None:
@@ -644,7 +687,12 @@ def _validate_number(value: float | int, schema: dict[str, Any], path: str, name
                              f"{name} in body should be a multiple of {_number_text(schema['multipleOf'])}"))
 
 
-def _validate_array(value: list[Any], schema: dict[str, Any], path: str, name: str, walk: _Walk) -> None:
+def _child(old: Any, key: str) -> Any:
+    return old.get(key, _ABSENT) if isinstance(old, dict) else _ABSENT
+
+
+def _validate_array(value: list[Any], schema: dict[str, Any], path: str, name: str, walk: _Walk,
+                    old: Any = _ABSENT) -> None:
     if "maxItems" in schema and len(value) > schema["maxItems"]:
         walk.add(FieldCause(field=path, type="FieldValueTooMany",
                             message=f"Too many: {len(value)}: must have at most {schema['maxItems']} items",
@@ -673,12 +721,13 @@ def _validate_array(value: list[Any], schema: dict[str, Any], path: str, name: s
                 seen_keys.append(key)
     items = schema.get("items")
     if isinstance(items, dict):
+        old_items = _old_items(value, old, schema)
         for i, item in enumerate(value):
-            _validate_schema(item, items, f"{path}[{i}]", walk)
+            _validate_schema(item, items, f"{path}[{i}]", walk, old_items[i])
 
 
 def _validate_object(value: dict[str, Any], schema: dict[str, Any], path: str, name: str,
-                     walk: _Walk) -> None:
+                     walk: _Walk, old: Any = _ABSENT) -> None:
     for key in schema.get("required", []):
         if key not in value:
             walk.add(field_error("Required", _join(path, key)))
@@ -693,9 +742,66 @@ def _validate_object(value: dict[str, Any], schema: dict[str, Any], path: str, n
     extra = schema.get("additionalProperties")
     for key, child in value.items():
         if key in props:
-            _validate_schema(child, props[key], _join(path, key), walk)
+            _validate_schema(child, props[key], _join(path, key), walk, _child(old, key))
         elif isinstance(extra, dict):
-            _validate_schema(child, extra, _join(path, key), walk)
+            _validate_schema(child, extra, _join(path, key), walk, _child(old, key))
+
+
+def schema_errors(schema: dict[str, Any], path: str = "openAPIV3Schema") -> list[FieldCause]:
+    """Why kube-apiserver would refuse this CRD schema: not structural, a default that does not validate
+    or is pruned, a CEL rule that does not compile. Paths as the API server's (`properties[spec].type`)."""
+    causes: list[FieldCause] = []
+    _check_structural(schema, path, causes, root=True)
+    return causes
+
+
+def _check_structural(node: dict[str, Any], path: str, causes: list[FieldCause], root: bool = False) -> None:
+    if "$ref" in node:
+        causes.append(field_error("Forbidden", f"{path}.$ref", detail="$ref is not supported"))
+    int_or_string = bool(node.get("x-kubernetes-int-or-string"))
+    preserve = bool(node.get("x-kubernetes-preserve-unknown-fields"))
+    if not node.get("type") and not int_or_string and not preserve:
+        what = "object root" if root else "specified object fields"
+        causes.append(field_error("Required", f"{path}.type", detail=f"must not be empty for {what}"))
+    if int_or_string and node.get("type"):
+        causes.append(field_error("Invalid", f"{path}.type", node["type"],
+                                  "must be empty if x-kubernetes-int-or-string is true"))
+    extra = node.get("additionalProperties")
+    if extra is False:
+        causes.append(field_error("Forbidden", f"{path}.additionalProperties",
+                                  detail="additionalProperties cannot be set to false"))
+    if "properties" in node and extra not in (None, False):
+        causes.append(field_error("Forbidden", f"{path}.additionalProperties",
+                                  detail="additionalProperties and properties are mutual exclusive"))
+    for keyword in ("allOf", "anyOf", "oneOf"):
+        for i, sub in enumerate(node.get(keyword) or []):
+            if isinstance(sub, dict) and "type" in sub and not (int_or_string and keyword == "anyOf"):
+                causes.append(field_error("Forbidden", f"{path}.{keyword}[{i}].type",
+                                          detail="must be empty to be structural"))
+    for name, child in (node.get("properties") or {}).items():
+        _check_structural(child, f"{path}.properties[{name}]", causes)
+    if isinstance(node.get("items"), dict):
+        _check_structural(node["items"], f"{path}.items", causes)
+    if isinstance(extra, dict):
+        _check_structural(extra, f"{path}.additionalProperties", causes)
+    if "default" in node:
+        default = node["default"]
+        problems = validate_value(copy.deepcopy(default), node, f"{path}.default")
+        pruned = copy.deepcopy(default)
+        _prune(pruned, node)
+        if problems:
+            causes.extend(problems)
+        elif pruned != default:
+            causes.append(field_error("Invalid", f"{path}.default", default, "must not have unknown fields"))
+    for i, rule in enumerate(node.get("x-kubernetes-validations") or []):
+        for key in ("rule", "messageExpression"):
+            if key not in rule:
+                continue
+            try:
+                cel.compile(rule[key])
+            except Exception as exc:  # the CEL engine's syntax errors
+                causes.append(field_error("Invalid", f"{path}.x-kubernetes-validations[{i}].{key}", rule[key],
+                                          f"compilation failed: {exc}"))
 
 
 def validate_value(value: Any, schema: dict[str, Any], path: str = "") -> list[FieldCause]:
@@ -713,5 +819,5 @@ def crd_validator_for(crd: dict[str, Any]) -> dict[str, CRDValidator]:
 
 __all__ = [
     "CRDValidator", "FieldCause", "InvalidError", "crd_validator_for", "field_error", "go_value",
-    "validate_value",
+    "schema_errors", "validate_value",
 ]

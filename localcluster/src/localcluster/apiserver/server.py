@@ -7,18 +7,19 @@ import base64
 import contextlib
 import copy
 import datetime as dt
+import inspect
 import json
 import logging
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 from aiohttp import web
 
-from . import defaults, errors, openapi
+from . import defaults, errors, openapi, protobuf
 from .errors import ApiError
 from .faults import Fault, FaultInjector, Latency, RequestCounters
 from .patch import json_patch, merge_patch, strategic_merge_patch
@@ -34,9 +35,11 @@ MAX_BODY_BYTES = 3 * 1024 * 1024
 _GENERATE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
 _TABLE_MARK = "as=Table"
 
-# log_provider(namespace, pod, container, tail_lines, since_seconds, follow) returns the log text (str or
-# bytes) or, when following, an async iterator of byte chunks. Raise ApiError for a client-visible error.
-LogProvider = Callable[[str, str, str, int | None, float | None, bool], Awaitable[Any]]
+# The kubelet serves pods/log: `log_provider(namespace, pod, container, *, tail, since, follow, timestamps,
+# previous, limit_bytes)` (since: seconds as float for sinceSeconds, an aware datetime for sinceTime) returns
+# str, bytes or an async iterator of bytes, directly or from a coroutine. Errors: raise ApiError, or any
+# exception with integer `status`, `message` and optional `reason` attributes; the client gets that Status.
+LogProvider = Callable[..., Any]
 
 
 def now_iso(offset: float = 0.0) -> str:
@@ -120,6 +123,9 @@ class ApiServer:
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._gc_wakeup = asyncio.Event()
         self._spawn(self._gc_loop())
+        # Load the CEL machinery now rather than inside the first custom-resource request.
+        with contextlib.suppress(ImportError):
+            import localcluster.crdvalidation  # noqa: F401
 
     async def stop(self) -> None:
         self.resume()
@@ -219,6 +225,9 @@ class ApiServer:
             {"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
              "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443, "targetPort": 6443}]}},
         )
+        # Like a real cluster whose etcd compacted long ago: bootstrap history cannot be watched from.
+        self.store.history.clear()
+        self.store.compacted_rv = self.store.rv
 
     def _internal_create(self, rtype: ResourceType, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
         body = {"apiVersion": rtype.group_version, "kind": rtype.kind, **body}
@@ -385,7 +394,10 @@ class ApiServer:
             raise errors.bad_request(f"error converting YAML to JSON: {exc}") from exc
 
     async def _read_object(self, request: web.Request) -> dict[str, Any]:
-        body = self._decode(await self._read_body(request), request.content_type)
+        raw = await self._read_body(request)
+        if request.content_type == protobuf.CONTENT_TYPE:
+            return protobuf.decode_object(raw)
+        body = self._decode(raw, request.content_type)
         if not isinstance(body, dict):
             raise errors.bad_request("couldn't get version/kind; json parse error: the body must be a JSON object")
         return body
@@ -394,7 +406,10 @@ class ApiServer:
         options: dict[str, Any] = {}
         raw = await self._read_body(request)
         if raw.strip():
-            body = self._decode(raw, request.content_type)
+            if request.content_type == protobuf.CONTENT_TYPE:
+                body = protobuf.decode_object(raw)
+            else:
+                body = self._decode(raw, request.content_type)
             if isinstance(body, dict):
                 options.update(body)
         query = request.query
@@ -540,7 +555,7 @@ class ApiServer:
     ) -> dict[str, Any]:
         if check_kind and rtype.group != "events.k8s.io":
             self._check_kind(rtype, body)
-        obj = copy.deepcopy(body)
+        obj = body  # callers hand over a fresh object (parsed from the request or built for this call)
         obj.setdefault("apiVersion", "v1" if rtype.storage_group == "" else rtype.group_version)
         obj.setdefault("kind", rtype.kind)
         meta = obj.get("metadata")
@@ -1134,20 +1149,35 @@ class ApiServer:
             container = containers[0]
         if container not in containers and container not in init_containers:
             raise errors.bad_request(f"container {container} is not valid for pod {name}")
-        tail = int(query["tailLines"]) if query.get("tailLines") else None
-        since: float | None = None
-        if query.get("sinceSeconds"):
-            since = float(query["sinceSeconds"])
-        elif query.get("sinceTime"):
+        try:
+            tail = int(query["tailLines"]) if query.get("tailLines") else None
+            limit_bytes = int(query["limitBytes"]) if query.get("limitBytes") else None
+            since: float | dt.datetime | None = None
+            if query.get("sinceSeconds"):
+                since = float(query["sinceSeconds"])
+        except ValueError as exc:
+            raise errors.bad_request(f"invalid log options: {exc}") from exc
+        if since is None and query.get("sinceTime"):
             from .tables import parse_time
 
-            when = parse_time(query["sinceTime"])
-            if when is not None:
-                since = max(0.0, (dt.datetime.now(dt.UTC) - when).total_seconds())
-        follow = query.get("follow", "").lower() in ("true", "1")
+            since = parse_time(query["sinceTime"])
+        flag = {k: query.get(k, "").lower() in ("true", "1") for k in ("follow", "timestamps", "previous")}
         if self.log_provider is None:
             raise errors.bad_request(f'container "{container}" in pod "{name}" is waiting to start: ContainerCreating')
-        result = await self.log_provider(ns, name, container, tail, since, follow)
+        try:
+            result = self.log_provider(ns, name, container, tail=tail, since=since, follow=flag["follow"],
+                                       timestamps=flag["timestamps"], previous=flag["previous"],
+                                       limit_bytes=limit_bytes)
+            if inspect.isawaitable(result):
+                result = await result
+        except ApiError:
+            raise
+        except Exception as exc:
+            status = getattr(exc, "status", None)
+            if isinstance(status, int):
+                raise ApiError(status, str(getattr(exc, "reason", "BadRequest")),
+                               str(getattr(exc, "message", exc))) from exc
+            raise
         if isinstance(result, str):
             result = result.encode()
         if isinstance(result, bytes):
@@ -1298,7 +1328,13 @@ class ApiServer:
                 if not self._resumed.is_set():
                     await self._resumed.wait()
                 shaped = self._shape_event(rtype, event, matches)
-                if shaped:
+                if shaped and not table:
+                    key = (shaped[0], rtype.group_version)
+                    line = event.encoded.get(key)
+                    if line is None:
+                        line = event.encoded[key] = _dumps({"type": shaped[0], "object": shaped[1]}) + b"\n"
+                    await response.write(line)
+                elif shaped:
                     await send(*shaped)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
@@ -1353,7 +1389,7 @@ class ApiServer:
         metadata = obj.get("metadata")
         mode = query.get("fieldValidation", "") if query else ""
         if mode == "Strict":
-            unknown = _dropped_paths(obj, validator.normalize(copy.deepcopy(obj)))
+            unknown = _dropped_paths(obj, validator.normalize(obj))
             if unknown:
                 fields = ", ".join(f'unknown field "{p}"' for p in unknown)
                 raise errors.bad_request(
@@ -1361,7 +1397,7 @@ class ApiServer:
                     f"strict decoding error: {fields}"
                 )
         try:
-            admitted = validator.admit(copy.deepcopy(obj), copy.deepcopy(old) if old is not None else None)
+            admitted = validator.admit(obj, old)  # admit works on copies
         except InvalidError as exc:
             causes = [{"reason": c.type, "message": c.message, "field": c.field} for c in exc.causes]
             raise ApiError(422, "Invalid", exc.message(), {
@@ -1654,11 +1690,6 @@ def _dropped_paths(given: Any, kept: Any, prefix: str = "") -> list[str]:
         for index, (a, b) in enumerate(zip(given, kept, strict=False)):
             found += _dropped_paths(a, b, f"{prefix}[{index}]")
     return found
-
-
-async def _aiter(items: list[bytes]) -> AsyncIterator[bytes]:
-    for item in items:
-        yield item
 
 
 __all__ = ["ApiServer", "LogProvider", "now_iso"]

@@ -20,9 +20,10 @@ class Event:
     type: str  # ADDED, MODIFIED, DELETED
     obj: dict[str, Any]
     old: dict[str, Any] | None
+    encoded: dict[tuple[str, str], bytes] = field(default_factory=dict)  # (type, groupVersion) -> watch line
 
 
-@dataclass
+@dataclass(eq=False)
 class Watcher:
     storage: StorageKey
     namespace: str | None

@@ -378,7 +378,8 @@ class PodWorker:
         env = await self._container_env(container)
         command = [expand(c, env) for c in container.get("command") or []]
         args = [expand(a, env) for a in container.get("args") or []]
-        launch = resolve_launch(container.get("image", ""), [rewrite(c) for c in command],
+        # The command names a program on the host; args and env carry in-container paths (rewritten).
+        launch = resolve_launch(container.get("image", ""), command,
                                 [rewrite(a) for a in args], pod_ip=self.pod_ip, kubeconfig=self.kubelet.kubeconfig,
                                 root=self.kubelet.project_root)
         process_env = {

@@ -1,0 +1,345 @@
+"""LocalCluster: the API emulator, S3, nodes, scheduler, controllers, local kubelet and (optionally) the
+operator, composed into one cluster on loopback.
+
+    async with LocalCluster(Path(".local")) as cluster:      # or cluster.start_background() from sync code
+        print(cluster.kubeconfig, cluster.api_url, cluster.s3_endpoint)
+
+Files under `workdir`: `kubeconfig` (written atomically once the cluster is ready), `s3.env`, `services.json`
+(each Service's local URL), `dns.json` (the pods' DNS map), `pods/` (volumes, logs), `pvcs/`, `operator.log`,
+`s3.log`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .apiserver import ApiServer
+from .apiserver.kubeconfig import write_kubeconfig
+from .controllers.deployments import DeploymentController
+from .controllers.jobs import JobController
+from .controllers.scheduler import Scheduler
+from .controllers.services import ServiceController
+from .kubeclient import (
+    CRDS,
+    DEPLOYMENTS,
+    JOBS,
+    NODES,
+    PODS,
+    SECRETS,
+    SERVICES,
+    ApiError,
+    Informer,
+    KubeClient,
+)
+from .kubelet.kubelet import Kubelet
+from .kubelet.nodes import NodeConfig, NodeRegistrar, default_nodes
+from .kubelet.pods import _die_with_parent
+from .runtime import project_root
+from .s3 import S3Server
+
+log = logging.getLogger("localcluster")
+
+S3_SECRET = "s3-credentials"
+
+
+def _operator_default() -> bool:
+    return os.environ.get("LOCAL_OPERATOR", "1") != "0"
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        workdir: Path = Path(".local"),
+        *,
+        kubelet: bool = True,
+        s3: bool = True,
+        operator: bool | None = None,
+        nodes: list[NodeConfig] | None = None,
+        api_port: int = 0,
+        install_crds: bool | None = None,
+        backoff_scale: float = 1.0,
+        root: Path | None = None,
+    ):
+        self.workdir = Path(workdir).absolute()
+        self.kubelet_enabled = kubelet
+        self.s3_enabled = s3
+        self.operator_enabled = _operator_default() if operator is None else operator
+        self.install_crds = self.operator_enabled if install_crds is None else install_crds
+        self.nodes = nodes if nodes is not None else default_nodes()
+        for index, node in enumerate(self.nodes):
+            if node.ip == "127.3.0.1":
+                node.ip = f"127.3.0.{index + 1}"
+        self.api_port = api_port
+        self.backoff_scale = backoff_scale
+        self.root = root or project_root()
+        self.kubeconfig = self.workdir / "kubeconfig"
+        self.s3_env_file = self.workdir / "s3.env"
+        self.services_file = self.workdir / "services.json"
+        self.apiserver: ApiServer | None = None
+        self.s3: S3Server | None = None
+        self.client: KubeClient | None = None
+        self.kubelet: Kubelet | None = None
+        self.operator_process: asyncio.subprocess.Process | None = None
+        self._informers: list[Informer] = []
+        self._components: list[Any] = []
+        self._registrar: NodeRegistrar | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self.started_in: float | None = None
+
+    # -- properties -----------------------------------------------------------------------------------------
+    @property
+    def api_url(self) -> str:
+        assert self.apiserver is not None, "cluster not started"
+        return self.apiserver.url
+
+    @property
+    def s3_endpoint(self) -> str | None:
+        return self.s3.endpoint if self.s3 else None
+
+    @property
+    def s3_env(self) -> dict[str, str]:
+        return dict(self.s3.env) if self.s3 else {}
+
+    def services(self) -> dict[str, Any]:
+        """The content of services.json: `"<namespace>/<name>"` → clusterIP, ports[{name, port, url}], url."""
+        import json
+
+        try:
+            return json.loads(self.services_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def service_url(self, namespace: str, name: str, port: int | str | None = None) -> str | None:
+        entry = self.services().get(f"{namespace}/{name}")
+        if not entry:
+            return None
+        if port is None:
+            return entry.get("url")
+        for item in entry.get("ports") or []:
+            if port in (item.get("port"), item.get("name")):
+                return item.get("url")
+        return None
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        began = time.monotonic()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.kubeconfig.unlink()  # a stale one must not be mistaken for "ready"
+        for stale in ("pods",):
+            shutil.rmtree(self.workdir / stale, ignore_errors=True)
+        self.apiserver = ApiServer("127.0.0.1", self.api_port)
+        await self.apiserver.start()
+        s3_start = None
+        if self.s3_enabled:
+            self.s3 = S3Server(log_file=self.workdir / "s3.log")
+            s3_start = asyncio.create_task(self.s3.start())
+        self.client = KubeClient(self.apiserver.url, user_agent="localcluster-controllers")
+        try:
+            if self.kubelet_enabled:
+                await self._start_kubelet()
+            if s3_start is not None:
+                await s3_start
+                await self._publish_s3()
+            if self.install_crds:
+                await self._install_crds()
+        except BaseException:
+            if s3_start is not None and not s3_start.done():
+                s3_start.cancel()
+            await self.stop()
+            raise
+        write_kubeconfig(self.kubeconfig, self.apiserver.url)
+        self.started_in = time.monotonic() - began
+        log.info("local cluster ready in %.1fs: %s", self.started_in, self.apiserver.url)
+        if self.operator_enabled:
+            await self._start_operator()
+
+    async def _start_kubelet(self) -> None:
+        assert self.client is not None and self.apiserver is not None
+        client = self.client
+        for node in self.nodes:
+            self.apiserver.register_kubelet(node.name)
+        self._registrar = NodeRegistrar(client, self.nodes)
+        await self._registrar.register()
+        pods = Informer(client, PODS)
+        nodes = Informer(client, NODES)
+        jobs = Informer(client, JOBS)
+        deployments = Informer(client, DEPLOYMENTS)
+        services = Informer(client, SERVICES)
+        self._informers = [pods, nodes, jobs, deployments, services]
+        service_ctrl = ServiceController(services, pods, self.workdir)
+        self.kubelet = Kubelet(
+            client, pods, self.nodes, workdir=self.workdir, kubeconfig=self.kubeconfig, project_root=self.root,
+            shim_dir=Path(__file__).parent / "podshim", dns_file=service_ctrl.dns_file,
+            service_env=service_ctrl.service_env, backoff_scale=self.backoff_scale,
+        )
+        self._components = [Scheduler(client, pods, nodes), JobController(client, jobs, pods),
+                            DeploymentController(client, deployments, pods), service_ctrl]
+        for informer in self._informers:
+            informer.start()
+        await asyncio.wait_for(asyncio.gather(*(i.synced.wait() for i in self._informers)), 10)
+        for component in self._components:
+            component.start()
+        self.apiserver.log_provider = self.kubelet.open_logs  # errors carry status/reason/message
+
+    async def _publish_s3(self) -> None:
+        assert self.s3 is not None and self.client is not None
+        env = self.s3.env
+        tmp = self.s3_env_file.with_name(".s3.env.tmp")
+        tmp.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, self.s3_env_file)
+        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": S3_SECRET, "namespace": "default",
+                             "labels": {"app.kubernetes.io/managed-by": "localcluster"}},
+                "stringData": env}
+        try:
+            await self.client.create(SECRETS.path("default"), body)
+        except ApiError as err:
+            if not err.conflict:
+                raise
+            current = await self.client.get(SECRETS.path("default", S3_SECRET))
+            body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            await self.client.replace(SECRETS.path("default", S3_SECRET), body)
+
+    async def _install_crds(self) -> None:
+        assert self.client is not None
+        directory = self.root / "crds"
+        for path in sorted(directory.glob("*.yaml")) if directory.is_dir() else []:
+            for doc in yaml.safe_load_all(path.read_text()):
+                if not doc or doc.get("kind") != "CustomResourceDefinition":
+                    continue
+                try:
+                    await self.client.create(CRDS.path(), doc)
+                except ApiError as err:
+                    if not err.conflict:
+                        raise
+
+    async def _start_operator(self) -> None:
+        if importlib.util.find_spec("finetune_operator") is None or importlib.util.find_spec(
+            "finetune_operator.__main__"
+        ) is None:
+            log.warning("operator not started: `python -m finetune_operator` is not available yet "
+                        "(no finetune_operator/__main__.py); set LOCAL_OPERATOR=0 to silence this")
+            return
+        python = self.root / ".venv" / "bin" / "python"
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        for key in self.s3_env:
+            env.pop(key, None)  # the operator never holds storage credentials
+        out = open(self.workdir / "operator.log", "ab")  # noqa: SIM115
+        try:
+            self.operator_process = await asyncio.create_subprocess_exec(
+                str(python if python.exists() else sys.executable), "-m", "finetune_operator", "--all-namespaces",
+                "--metrics-port", "0", "--liveness-port", "0",  # concurrent clusters must not share ports
+                cwd=str(self.root), env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        finally:
+            out.close()
+        log.info("operator started (pid %s), log: %s", self.operator_process.pid, self.workdir / "operator.log")
+
+    async def _stop_operator(self) -> None:
+        proc = self.operator_process
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            await proc.wait()
+
+    async def stop(self) -> None:
+        await self._stop_operator()
+        if self.kubelet is not None:
+            await self.kubelet.stop()
+        for component in self._components:
+            with contextlib.suppress(Exception):
+                await component.stop()
+        if self._registrar is not None:
+            await self._registrar.stop()
+        for informer in self._informers:
+            await informer.stop()
+        if self.client is not None:
+            await self.client.close()
+        if self.s3 is not None:
+            await self.s3.stop()
+        if self.apiserver is not None:
+            with contextlib.suppress(Exception):
+                await self.apiserver.stop()
+        with contextlib.suppress(FileNotFoundError):
+            self.kubeconfig.unlink()
+
+    async def __aenter__(self) -> LocalCluster:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- thread-backed sync wrapper (pytest, scripts) ---------------------------------------------------------
+    def start_background(self, timeout: float = 60) -> LocalCluster:
+        """Run the cluster's event loop in a daemon thread; returns once the cluster is ready."""
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as err:  # noqa: BLE001 - reported to the caller
+                failure.append(err)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="localcluster", daemon=True)
+        self._thread.start()
+        if not ready.wait(timeout):
+            raise TimeoutError(f"local cluster not ready within {timeout:g}s")
+        if failure:
+            raise failure[0]
+        return self
+
+    def call(self, coro: Coroutine[Any, Any, Any], timeout: float | None = 60) -> Any:
+        """Run a coroutine on the cluster's loop from another thread (e.g. ApiServer fault injection)."""
+        assert self._loop is not None, "start_background() first"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop_background(self) -> None:
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self.stop(), loop).result(60)
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
+        if not loop.is_running():
+            loop.close()
+        self._loop = self._thread = None
+
+    def __enter__(self) -> LocalCluster:
+        return self.start_background()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_background()

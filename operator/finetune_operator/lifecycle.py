@@ -1,0 +1,158 @@
+"""Operator-wide plumbing behind the Kopf handlers: login, Kopf settings, watch-cache wiring, the
+periodic resync (progress polling while training + safety net), and routing child events to parents."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from . import kube, reconcile
+from .reconcile import Children, Context, owner_uid, snapshot
+from .state import IDLE_PHASES
+
+log = logging.getLogger(__name__)
+
+# Kopf index ids (the handler names in handlers.py) → Children fields.
+CHILD_INDEXES = {
+    "child_jobs": "jobs",
+    "child_deployments": "deployments",
+    "child_services": "services",
+    "child_pods": "pods",
+}
+
+
+def context(memo: Any) -> Context:
+    """The shared Context: Kopf shallow-copies the memo per object, so it lives under one key."""
+    ctx = memo["ctx"]
+    assert isinstance(ctx, Context)
+    return ctx
+
+
+async def login(memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In-cluster service account first, else $KUBECONFIG / ~/.kube/config (as kubectl)."""
+    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is not None:
+        ctx = context(memo)
+        ctx.connection = info
+        if isinstance(ctx.api, kube.KubeApi):
+            await ctx.api.close()  # re-login after a 401: drop the old credentials' session
+        ctx.api = kube.KubeApi(info)
+    return info
+
+
+def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
+    """Kopf writes nothing of its own: no finalizers, no progress or diff-base annotations (only
+    on.event handlers and indexes are used), no Kopf Events, no peering objects."""
+    settings.posting.enabled = False
+    settings.peering.standalone = True
+    settings.scanning.disabled = True
+    settings.watching.server_timeout = 300
+    settings.networking.request_timeout = 60
+    return settings
+
+
+def bind_indexes(ctx: Context, kwargs: Mapping[str, Any]) -> None:
+    """Let the reconcile read children from Kopf's watch-backed indexes."""
+    indexes = {field: kwargs[index] for index, field in CHILD_INDEXES.items() if index in kwargs}
+    if len(indexes) != len(CHILD_INDEXES):
+        return
+
+    def children_of(uid: str) -> Children:
+        found = Children()
+        for field, index in indexes.items():
+            getattr(found, field).extend(index.get(uid, ()))
+        return found
+
+    ctx.children_of = children_of
+
+
+def index_child(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    uid = owner_uid(body)
+    return {uid: snapshot(body)} if uid else None
+
+
+async def on_job_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
+    ctx = context(memo)
+    uid = str(body["metadata"]["uid"])
+    if event_type == "DELETED":
+        ctx.forget(uid)
+        return
+    await reconcile.reconcile(ctx, body, trigger="job-event")
+
+
+async def on_child_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
+    ctx = context(memo)
+    uid = owner_uid(body)
+    parent = ctx.jobs.get(uid) if uid else None
+    if parent is None:
+        return  # the parent's own event (or the resync) reconciles it
+    if event_type == "DELETED" and uid in ctx.created:
+        ctx.created[uid].pop(f"{body['metadata']['name']}/{body.get('kind')}", None)
+    await reconcile.reconcile(ctx, parent, trigger="child-event")
+
+
+async def resync_loop(ctx: Context) -> None:
+    """Poll training progress and re-run reconciles that failed or have not run for a while.
+
+    Kopf timers would put a finalizer on every job; this loop needs none and writes nothing by itself.
+    """
+    defaults = ctx.config.defaults
+    tick = min(defaults.progress_seconds, defaults.resync_seconds)
+    while True:
+        await asyncio.sleep(tick)
+        now = time.monotonic()
+        for uid, job in list(ctx.jobs.items()):
+            phase = (job.get("status") or {}).get("phase")
+            training = phase == "Training"
+            stale = phase not in IDLE_PHASES and now - ctx.last_run.get(uid, 0) >= defaults.resync_seconds
+            if not (training or stale or uid in ctx.dirty):
+                continue
+            try:
+                await reconcile.reconcile(ctx, job, trigger="resync", read_progress=training)
+            except (kopf.TemporaryError, kopf.PermanentError) as error:
+                log.warning(
+                    "resync of %s/%s: %s",
+                    job["metadata"].get("namespace"),
+                    job["metadata"].get("name"),
+                    error,
+                )
+            except Exception:  # one job's bug must not stop the loop for all others
+                ctx.metrics.reconcile_errors.labels("unexpected").inc()
+                log.exception("resync of %s failed", uid)
+
+
+class Background:
+    """The resync task's lifetime, tied to Kopf's startup and cleanup."""
+
+    def __init__(self) -> None:
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, ctx: Context) -> None:
+        self.task = asyncio.get_running_loop().create_task(resync_loop(ctx), name="finetune-resync")
+
+    async def stop(self, ctx: Context) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+        if ctx.api is not None and isinstance(ctx.api, kube.KubeApi):
+            await ctx.api.close()
+
+
+BACKGROUND = Background()
+
+
+async def startup(memo: Any, kwargs: Mapping[str, Any]) -> None:
+    ctx = context(memo)
+    bind_indexes(ctx, kwargs)
+    BACKGROUND.start(ctx)
+
+
+async def cleanup(memo: Any) -> None:
+    await BACKGROUND.stop(context(memo))

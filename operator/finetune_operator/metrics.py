@@ -1,0 +1,68 @@
+"""Prometheus metrics: jobs by phase, stage durations, reconcile errors, GPU-hours, API writes."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+STAGE_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
+
+
+class _JobsCollector(Collector):
+    """Computed at scrape time from what the operator last saw of each job."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        by_phase = GaugeMetricFamily("finetune_jobs", "FineTuneJobs by phase", labels=["phase"])
+        for phase, count in sorted(Tally(self.metrics.phases.values()).items()):
+            by_phase.add_metric([phase], count)
+        yield by_phase
+        hours = GaugeMetricFamily(
+            "finetune_gpu_hours",
+            "GPU-hours spent by FineTuneJobs the operator knows, by namespace",
+            labels=["namespace"],
+        )
+        per_namespace: dict[str, float] = {}
+        for (namespace, _), value in self.metrics.gpu_hours.items():
+            per_namespace[namespace] = per_namespace.get(namespace, 0.0) + value
+        for namespace, value in sorted(per_namespace.items()):
+            hours.add_metric([namespace], value)
+        yield hours
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.phases: dict[str, str] = {}  # job uid → phase
+        self.gpu_hours: dict[tuple[str, str], float] = {}  # (namespace, uid) → GPU-hours
+        self.stage_seconds = Histogram(
+            "finetune_stage_duration_seconds",
+            "Wall time of finished stages",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=self.registry,
+        )
+        self.reconcile_errors = Counter(
+            "finetune_reconcile_errors", "Reconciles that raised", ["kind"], registry=self.registry
+        )
+        self.reconciles = Counter(
+            "finetune_reconciles", "Reconciles run", ["trigger"], registry=self.registry
+        )
+        self.api_writes = Counter(
+            "finetune_api_writes", "API writes by the operator", ["verb", "kind"], registry=self.registry
+        )
+        self.registry.register(_JobsCollector(self))
+
+    def forget(self, uid: str) -> None:
+        self.phases.pop(uid, None)
+        for key in [k for k in self.gpu_hours if k[1] == uid]:
+            del self.gpu_hours[key]
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, registry=self.registry)

@@ -1,0 +1,337 @@
+"""The reconcile: observe one FineTuneJob and its children, plan, act. The same code runs on create, on
+operator start (resume), on any change of the job or a child, and from the periodic resync.
+
+Children come from watch caches (Kopf indexes), so a reconcile reads nothing from the API except, while
+training, the tail of the trainer's log. Writes happen only when the plan differs from what is there:
+an unchanged world costs no API call at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import kopf
+
+from . import builders, kube, state
+from .builders import LABEL_JOB_UID, JobRef
+from .config import OperatorConfig
+from .metrics import Metrics
+from .models import Phase, SpecError, parse_spec, spec_to_dict
+from .naming import Stage
+
+log = logging.getLogger(__name__)
+
+COMPONENT_LABEL = "app.kubernetes.io/component"
+RETRY_DELAY = 10.0
+STAGE_CONDITIONS = (
+    (Stage.VALIDATE, "Validated"),
+    (Stage.TRAIN, "Trained"),
+    (Stage.EVALUATE, "Evaluated"),
+    (Stage.SERVE, "Deployed"),
+)
+
+
+@dataclass
+class Children:
+    """Snapshots of one job's children, as the watch caches have them."""
+
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    deployments: list[dict[str, Any]] = field(default_factory=list)
+    services: list[dict[str, Any]] = field(default_factory=list)
+    pods: list[dict[str, Any]] = field(default_factory=list)
+
+    def by_stage(
+        self,
+    ) -> tuple[dict[Stage, dict[str, Any]], dict[Stage, list[dict[str, Any]]], dict[str, Any] | None]:
+        children: dict[Stage, dict[str, Any]] = {}
+        for obj in self.jobs + self.deployments:
+            stage = _stage_of(obj)
+            if stage is not None:
+                children[stage] = obj
+        pods: dict[Stage, list[dict[str, Any]]] = {}
+        for pod in self.pods:
+            stage = _stage_of(pod)
+            if stage is not None:
+                pods.setdefault(stage, []).append(pod)
+        service = self.services[0] if self.services else None
+        return children, pods, service
+
+
+ChildSource = Callable[[str], Children]
+
+
+def _stage_of(obj: Mapping[str, Any]) -> Stage | None:
+    value = ((obj.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL)
+    try:
+        return Stage(str(value))
+    except ValueError:
+        return None
+
+
+def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a child the state machine reads; keeps the watch caches small."""
+    meta = body.get("metadata") or {}
+    out: dict[str, Any] = {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {
+            key: meta[key]
+            for key in (
+                "name",
+                "namespace",
+                "uid",
+                "labels",
+                "annotations",
+                "ownerReferences",
+                "generation",
+                "resourceVersion",
+                "creationTimestamp",
+            )
+            if key in meta
+        },
+        "status": dict(body.get("status") or {}),
+    }
+    if body.get("kind") == "Job":
+        out["spec"] = {"suspend": bool((body.get("spec") or {}).get("suspend"))}
+    return out
+
+
+def owner_uid(body: Mapping[str, Any]) -> str | None:
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    value = labels.get(LABEL_JOB_UID)
+    return str(value) if value else None
+
+
+def newest_progress(log_text: str) -> dict[str, Any] | None:
+    """The newest `{"event": "progress", …}` line of the trainer's stdout (CONTRACT.md)."""
+    for line in reversed(log_text.splitlines()):
+        line = line.strip()
+        if not line.startswith("{") or '"progress"' not in line:
+            continue
+        try:
+            document = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(document, dict) and document.get("event") == "progress":
+            return document
+    return None
+
+
+def _resource_version(body: Mapping[str, Any]) -> int:
+    try:
+        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+@dataclass
+class Context:
+    """Operator-wide state shared by handlers (Kopf's memo)."""
+
+    config: OperatorConfig
+    metrics: Metrics = field(default_factory=Metrics)
+    api: kube.Api | None = None
+    children_of: ChildSource = field(default=lambda uid: Children())
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid → newest FineTuneJob body seen
+    dirty: set[str] = field(default_factory=set)  # uids whose last reconcile failed
+    last_run: dict[str, float] = field(default_factory=dict)
+    created: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # uid → name → object
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    connection: Any = None
+
+    def lock(self, uid: str) -> asyncio.Lock:
+        return self.locks.setdefault(uid, asyncio.Lock())
+
+    def remember(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Keep the newest version of a job: a watch event can be older than our own status patch."""
+        uid = str(body["metadata"]["uid"])
+        known = self.jobs.get(uid)
+        if (
+            known is None
+            or _resource_version(body) >= _resource_version(known)
+            or not _resource_version(body)
+        ):
+            self.jobs[uid] = {
+                "apiVersion": body.get("apiVersion"),
+                "kind": body.get("kind"),
+                "metadata": dict(body["metadata"]),
+                "spec": body.get("spec") or {},
+                "status": dict(body.get("status") or {}),
+            }
+        return self.jobs[uid]
+
+    def forget(self, uid: str) -> None:
+        for table in (self.jobs, self.last_run, self.created, self.locks):
+            table.pop(uid, None)
+        self.dirty.discard(uid)
+        self.metrics.forget(uid)
+
+    def children(self, uid: str) -> Children:
+        """Watch-cache children plus the ones this process created that the cache has not shown yet."""
+        found = self.children_of(uid)
+        recent = self.created.get(uid)
+        if recent:
+            known = {
+                c["metadata"]["name"] + "/" + c["kind"]
+                for c in found.jobs + found.deployments + found.services
+            }
+            for key in [k for k in recent if k in known]:
+                del recent[key]
+            for obj in recent.values():
+                {"Job": found.jobs, "Deployment": found.deployments, "Service": found.services}[
+                    obj["kind"]
+                ].append(obj)
+        return found
+
+
+async def reconcile(
+    ctx: Context, body: Mapping[str, Any], *, trigger: str, read_progress: bool = False
+) -> None:
+    """Observe → plan → act for one FineTuneJob; raises kopf.TemporaryError/PermanentError on failure."""
+    uid = str(body["metadata"]["uid"])
+    ctx.metrics.reconciles.labels(trigger).inc()
+    async with ctx.lock(uid):
+        job = ctx.remember(body)
+        try:
+            await _reconcile(ctx, job, read_progress=read_progress)
+            ctx.dirty.discard(uid)
+        except kopf.PermanentError:
+            ctx.metrics.reconcile_errors.labels("permanent").inc()
+            raise
+        except (TimeoutError, kube.ApiError, kube.NotOwnedError, aiohttp.ClientError, OSError) as error:
+            ctx.dirty.add(uid)
+            ctx.metrics.reconcile_errors.labels(type(error).__name__).inc()
+            raise kopf.TemporaryError(f"reconcile failed, will retry: {error}", delay=RETRY_DELAY) from error
+        finally:
+            ctx.last_run[uid] = time.monotonic()
+
+
+async def _reconcile(ctx: Context, job: dict[str, Any], *, read_progress: bool) -> None:
+    meta = job["metadata"]
+    uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
+    spec_error: str | None = None
+    try:
+        spec = spec_to_dict(parse_spec(dict(job.get("spec") or {})))
+    except SpecError as error:
+        spec, spec_error = dict(job.get("spec") or {}), str(error)
+    ref = JobRef(namespace=namespace, name=name, uid=uid, spec=spec)
+    children, pods, service = ctx.children(uid).by_stage()
+    status = job.get("status") or {}
+    progress = None
+    if read_progress and ctx.api is not None and status.get("phase") == Phase.TRAINING.value:
+        progress = await _read_progress(
+            ctx.api, namespace, pods.get(Stage.TRAIN, []), ctx.config.defaults.progress_tail_lines
+        )
+    observed = state.Observed(
+        job=ref,
+        generation=int(meta.get("generation") or 1),
+        status=status,
+        children=children,
+        service=service,
+        pods=pods,
+        progress=progress,
+        spec_error=spec_error,
+    )
+    plan = state.plan(observed, ctx.config)
+    await execute(ctx, job, plan)
+    if spec_error is not None:
+        raise kopf.PermanentError(f"{namespace}/{name}: {spec_error}")
+
+
+async def _read_progress(
+    api: kube.Api, namespace: str, pods: Iterable[Mapping[str, Any]], lines: int
+) -> dict[str, Any] | None:
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    if not running:
+        return None
+    newest = max(running, key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""))
+    text = await api.pod_log_tail(
+        namespace, str(newest["metadata"]["name"]), builders.TRAINER_CONTAINER, lines
+    )
+    return newest_progress(text)
+
+
+async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> None:
+    """Children first, then the status, then Events: a crash in between is repaired by the next pass."""
+    if ctx.api is None:
+        raise kopf.TemporaryError("the API client is not ready yet", delay=1)
+    api = ctx.api
+    meta = job["metadata"]
+    uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
+    for manifest in plan.create:
+        created = await _create(ctx, api, manifest, uid)
+        ctx.metrics.api_writes.labels("create", manifest["kind"]).inc()
+        ctx.created.setdefault(uid, {})[f"{manifest['metadata']['name']}/{manifest['kind']}"] = snapshot(
+            created
+        )
+    for patch in plan.patch:
+        await api.patch(patch.kind, namespace, patch.name, patch.patch, patch.patch_type)
+        ctx.metrics.api_writes.labels("patch", patch.kind).inc()
+    for delete in plan.delete:
+        await api.delete(delete.kind, namespace, delete.name)
+        ctx.metrics.api_writes.labels("delete", delete.kind).inc()
+    if plan.status:
+        old_status = dict(job.get("status") or {})
+        updated = await api.patch_status(namespace, name, plan.status)
+        ctx.metrics.api_writes.labels("patch", "FineTuneJob/status").inc()
+        if updated.get("metadata"):
+            ctx.remember(updated)
+        else:
+            job["status"] = {**job.get("status", {}), **plan.status}
+        _observe(ctx, job, old_status, plan)
+    for event in plan.events:
+        try:
+            await api.post_event(job, event.type, event.reason, event.message)
+            ctx.metrics.api_writes.labels("create", "Event").inc()
+        except (TimeoutError, kube.ApiError, aiohttp.ClientError) as error:
+            log.warning("could not post Event %s for %s/%s: %s", event.reason, namespace, name, error)
+    phase = (ctx.jobs.get(uid, job).get("status") or {}).get("phase")
+    if phase:
+        ctx.metrics.phases[uid] = str(phase)
+
+
+async def _create(ctx: Context, api: kube.Api, manifest: dict[str, Any], uid: str) -> dict[str, Any]:
+    try:
+        return await api.create_or_adopt(manifest, uid)
+    except kube.ApiError as error:
+        # Clusters before 1.29 reject podReplacementPolicy: retry once without it.
+        if (
+            error.status == 422
+            and "podReplacementPolicy" in str(error)
+            and "podReplacementPolicy" in manifest.get("spec", {})
+        ):
+            log.warning(
+                "the cluster rejects podReplacementPolicy; creating %s without it",
+                manifest["metadata"]["name"],
+            )
+            spec = {k: v for k, v in manifest["spec"].items() if k != "podReplacementPolicy"}
+            return await api.create_or_adopt({**manifest, "spec": spec}, uid)
+        raise
+
+
+def _observe(ctx: Context, job: Mapping[str, Any], old_status: Mapping[str, Any], plan: state.Plan) -> None:
+    """Stage durations when a stage condition turns True; GPU-hours for the gauge."""
+    meta = job["metadata"]
+    uid = str(meta["uid"])
+    hours = plan.status.get("gpuHours")
+    if isinstance(hours, int | float):
+        ctx.metrics.gpu_hours[(str(meta["namespace"]), uid)] = float(hours)
+    old = {c.get("type"): c.get("status") for c in old_status.get("conditions") or []}
+    new = {c["type"]: c.get("status") for c in plan.status.get("conditions") or []}
+    finished = [s for s, kind in STAGE_CONDITIONS if new.get(kind) == "True" and old.get(kind) != "True"]
+    if not finished:
+        return
+    children, _, _ = ctx.children(uid).by_stage()
+    for stage in finished:
+        child_status = (children.get(stage) or {}).get("status") or {}
+        start = state.parse_time(child_status.get("startTime"))
+        end = state.parse_time(child_status.get("completionTime"))
+        if start and end:
+            ctx.metrics.stage_seconds.labels(stage.value).observe((end - start).total_seconds())

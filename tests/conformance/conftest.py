@@ -1,0 +1,271 @@
+"""Conformance fixtures: one cluster per session, reached through real kubectl binaries and the
+`kubernetes` Python client.
+
+By default the embedded API emulator is started in a background thread. With `KUBECONFIG` set the same
+tests run against that cluster instead; tests marked `emulator` (fault injection, in-process hooks) are
+skipped there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+KUBECTLS = {"1.32": "/usr/bin/kubectl", "1.35": str(REPO / ".tools/bin/kubectl-1.35")}
+
+# A small CRD of our own exercising what FineTuneJob relies on: structural schema, defaults, enum, minimum,
+# CEL (with a transition rule), status and scale subresources, printer columns.
+WIDGET_CRD: dict[str, Any] = yaml.safe_load("""
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.conformance.example.com
+spec:
+  group: conformance.example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget, shortNames: [wdg]}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources:
+      status: {}
+      scale: {specReplicasPath: .spec.replicas, statusReplicasPath: .status.replicas}
+    additionalPrinterColumns:
+    - {name: Size, type: integer, jsonPath: .spec.size}
+    - {name: Phase, type: string, jsonPath: .status.phase}
+    - {name: Ready, type: string, jsonPath: '.status.conditions[?(@.type=="Ready")].status'}
+    - {name: Age, type: date, jsonPath: .metadata.creationTimestamp}
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            required: [size]
+            x-kubernetes-validations:
+            - rule: "self.size <= 10 || self.mode == 'big'"
+              message: size above 10 needs mode big
+            - rule: "!has(oldSelf.mode) || self.mode == oldSelf.mode || oldSelf.mode == 'small'"
+              message: mode cannot go back from big
+            properties:
+              size: {type: integer, minimum: 1}
+              mode: {type: string, enum: [small, big], default: small}
+              replicas: {type: integer, default: 1}
+          status:
+            type: object
+            properties:
+              phase: {type: string}
+              replicas: {type: integer}
+              conditions:
+                type: array
+                items:
+                  type: object
+                  properties:
+                    type: {type: string}
+                    status: {type: string}
+                    reason: {type: string}
+                    message: {type: string}
+""")
+WIDGET_GROUP, WIDGET_VERSION, WIDGET_PLURAL = "conformance.example.com", "v1", "widgets"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "emulator: needs the in-process API emulator (skipped against a real cluster)")
+
+
+@dataclass
+class Cluster:
+    kubeconfig: str
+    api_url: str
+    apiserver: Any  # the ApiServer when the emulator runs in-process, else None
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the emulator's event loop thread (the ApiServer is not thread-safe)."""
+        assert self.loop is not None
+
+        async def run() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+
+def _start_emulator(workdir: Path) -> tuple[Cluster, Callable[[], None]]:
+    from localcluster.apiserver import ApiServer
+
+    loop = asyncio.new_event_loop()
+    ready: Future[Any] = Future()
+    server = ApiServer(bookmark_interval=1.0)
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(server.start())
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, name="apiserver-emulator", daemon=True)
+    thread.start()
+    ready.result(20)
+    kubeconfig = server.write_kubeconfig(str(workdir / "kubeconfig"))
+
+    def stop() -> None:
+        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(20)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+    return Cluster(kubeconfig, server.url, server, loop), stop
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    external = os.environ.get("KUBECONFIG")
+    if external:
+        from kubernetes import config as kconfig
+
+        loaded = kconfig.new_client_from_config(config_file=external)
+        yield Cluster(external, loaded.configuration.host, None)
+        return
+    cluster, stop = _start_emulator(tmp_path_factory.mktemp("emulator"))
+    try:
+        yield cluster
+    finally:
+        stop()
+
+
+@pytest.fixture
+def emulator(cluster: Cluster) -> Any:
+    """The in-process ApiServer; tests using it are skipped against a real cluster."""
+    if cluster.apiserver is None:
+        pytest.skip("needs the in-process API emulator")
+    return cluster.apiserver
+
+
+@pytest.fixture(scope="session")
+def api(cluster: Cluster) -> Any:
+    from kubernetes import config as kconfig
+
+    return kconfig.new_client_from_config(config_file=cluster.kubeconfig)
+
+
+class Raw:
+    """Plain HTTP against the cluster with the kubeconfig's credentials: status codes and bodies as sent."""
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+        self.cfg = api.configuration
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        accept: str = "application/json",
+        timeout: float = 15,
+        preload: bool = True,
+    ) -> tuple[int, Any, Any]:
+        headers = {"Content-Type": content_type, "Accept": accept}
+        for auth in self.cfg.auth_settings().values():
+            if auth.get("in") == "header" and auth.get("value"):
+                headers[auth["key"]] = auth["value"]
+        data = body if isinstance(body, (bytes, str)) or body is None else json.dumps(body)
+        response = self.api.rest_client.pool_manager.request(
+            method, self.cfg.host + path, body=data, headers=headers, timeout=timeout, preload_content=preload,
+            retries=False,
+        )
+        if not preload:
+            return response.status, None, response
+        try:
+            parsed = json.loads(response.data) if response.data else None
+        except ValueError:
+            parsed = response.data.decode(errors="replace")
+        return response.status, parsed, response.headers
+
+
+@pytest.fixture(scope="session")
+def raw(api: Any) -> Raw:
+    return Raw(api)
+
+
+@pytest.fixture(scope="session")
+def widget_crd(raw: Raw) -> dict[str, Any]:
+    """The test CRD, registered once per session."""
+    name = WIDGET_CRD["metadata"]["name"]
+    status, body, _ = raw.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+    if status == 404:
+        status, body, _ = raw.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", WIDGET_CRD)
+        assert status == 201, body
+    wait_for(lambda: raw.request("GET", f"/apis/{WIDGET_GROUP}/{WIDGET_VERSION}")[0] == 200, "CRD served")
+    return body
+
+
+@pytest.fixture
+def namespace(raw: Raw) -> Iterator[str]:
+    name = f"conf-{uuid.uuid4().hex[:8]}"
+    status, body, _ = raw.request("POST", "/api/v1/namespaces", {"metadata": {"name": name}})
+    assert status == 201, body
+    yield name
+    raw.request("DELETE", f"/api/v1/namespaces/{name}")
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 15.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class Kubectl:
+    def __init__(self, binary: str, version: str, kubeconfig: str, cache_dir: Path) -> None:
+        self.binary = binary
+        self.version = version
+        self.kubeconfig = kubeconfig
+        self.cache_dir = cache_dir
+
+    def argv(self, *args: str) -> list[str]:
+        return [self.binary, f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self.cache_dir}", *args]
+
+    def __call__(self, *args: str, input: str | None = None, check: bool = True,
+                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(self.argv(*args), input=input, capture_output=True, text=True, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "-o", "json").stdout)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(self.argv(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="session", params=sorted(KUBECTLS))
+def kubectl(request: pytest.FixtureRequest, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Kubectl:
+    binary = KUBECTLS[request.param]
+    if not (os.path.exists(binary) or shutil.which(binary)):
+        pytest.skip(f"kubectl {request.param} is not installed ({binary})")
+    return Kubectl(binary, request.param, cluster.kubeconfig, tmp_path_factory.mktemp(f"kubectl-{request.param}"))

@@ -1,0 +1,109 @@
+"""The emulator's test controls: injected errors, latency, watch drops, pause, and request counters."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from conftest import Cluster, Raw
+
+pytestmark = pytest.mark.emulator
+
+
+def cm(name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {}}
+
+
+def test_injected_errors_match_verb_resource_and_count(raw: Raw, namespace: str, cluster: Cluster,
+                                                       emulator: Any) -> None:
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+    fault = cluster.call(lambda: emulator.add_fault("create", "configmaps", 429, count=1, retry_after=3))
+    try:
+        status, body, headers = raw.request("POST", path, cm("a"))
+        assert (status, body["reason"], headers["Retry-After"]) == (429, "TooManyRequests", "3")
+        assert raw.request("POST", path, cm("a"))[0] == 201  # count exhausted
+        cluster.call(lambda: emulator.add_fault("patch", "configmaps", 409, count=1))
+        status, body, _ = raw.request("PATCH", f"{path}/a", {"data": {"x": "y"}}, "application/merge-patch+json")
+        assert (status, body["reason"]) == (409, "Conflict")
+        cluster.call(lambda: emulator.add_fault("get", "*", 500, rate=1.0, namespace=namespace))
+        status, body, _ = raw.request("GET", f"{path}/a")
+        assert (status, body["reason"]) == (500, "InternalError")
+        assert raw.request("GET", "/api/v1/namespaces/default/configmaps")[0] == 200  # other namespace unaffected
+    finally:
+        cluster.call(emulator.clear_faults)
+    assert fault.hits == 1
+    assert raw.request("GET", f"{path}/a")[0] == 200
+
+
+def test_counters_count_requests_and_writes_by_verb_and_resource(raw: Raw, namespace: str, cluster: Cluster,
+                                                                 emulator: Any) -> None:
+    before = dict(emulator.counters.writes)
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+    raw.request("POST", path, cm("counted"))
+    raw.request("PATCH", f"{path}/counted", {"data": {"a": "b"}}, "application/merge-patch+json")
+    raw.request("GET", f"{path}/counted")
+    raw.request("DELETE", f"{path}/counted")
+    after = emulator.counters.writes
+    for verb in ("create", "patch", "delete"):
+        assert after[(verb, "configmaps")] - before.get((verb, "configmaps"), 0) == 1
+    assert ("get", "configmaps") not in after
+    assert emulator.counters.requests[("get", "configmaps")] >= 1
+
+
+def test_latency_pause_and_watch_drop(raw: Raw, namespace: str, cluster: Cluster, emulator: Any) -> None:
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+    cluster.call(lambda: emulator.set_latency(0.3, verb="list"))
+    try:
+        started = time.monotonic()
+        raw.request("GET", path)
+        assert time.monotonic() - started >= 0.3
+    finally:
+        cluster.call(emulator.clear_faults)
+
+    cluster.call(emulator.pause)
+    result: list[int] = []
+    worker = threading.Thread(target=lambda: result.append(raw.request("GET", path)[0]))
+    worker.start()
+    time.sleep(0.3)
+    assert result == []  # held while paused
+    cluster.call(emulator.resume)
+    worker.join(5)
+    assert result == [200]
+
+    status, _, response = raw.request("GET", f"{path}?watch=true&timeoutSeconds=30", preload=False)
+    assert status == 200
+    time.sleep(0.2)
+    started = time.monotonic()
+    assert cluster.call(lambda: emulator.drop_watches("configmaps")) >= 1
+    response.read()  # the stream ends instead of running 30 s
+    assert time.monotonic() - started < 5
+    response.release_conn()
+
+
+def test_pod_logs_come_from_the_registered_provider(raw: Raw, namespace: str, cluster: Cluster,
+                                                    emulator: Any) -> None:
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+    raw.request("POST", pods, {"metadata": {"name": "logger"}, "spec": {"containers": [
+        {"name": "a", "image": "busybox"}, {"name": "b", "image": "busybox"}]}})
+    status, body, _ = raw.request("GET", f"{pods}/logger/log?container=a")
+    assert status == 400 and "waiting to start" in body["message"]
+    calls: list[tuple[Any, ...]] = []
+
+    def provider(ns: str, pod: str, container: str, **options: Any) -> str:
+        calls.append((ns, pod, container, options["tail"], options["follow"]))
+        return "one\ntwo\n"
+
+    previous = emulator.log_provider
+    emulator.log_provider = provider
+    try:
+        status, body, _ = raw.request("GET", f"{pods}/logger/log")
+        assert status == 400 and "choose one of: [a b]" in body["message"]
+        status, body, _ = raw.request("GET", f"{pods}/logger/log?container=zzz")
+        assert status == 400 and "not valid for pod logger" in body["message"]
+        status, body, _ = raw.request("GET", f"{pods}/logger/log?container=b&tailLines=1", accept="*/*")
+        assert status == 200 and body == "one\ntwo\n"
+        assert calls == [(namespace, "logger", "b", 1, False)]
+    finally:
+        emulator.log_provider = previous

@@ -1,0 +1,176 @@
+"""LoRA on the toy task through the real CLI, everything on S3 (moto server): train -> evaluate -> export.
+
+One module-scoped pipeline run; the tests check what a user and the operator rely on: the committed
+checkpoints, adapter, metrics and reports; progress lines; the tuned model beating its base; the merged
+export answering like the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
+from toy_fixtures import StageRun, commit_toy_data, environment, run_stage, toy_base_dir, toy_config
+
+from finetune_trainer import manifest, storage
+
+__all__ = ["toy_base_dir"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def lora_pipeline(moto_endpoint: str, toy_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import boto3
+
+    from finetune_trainer.termination import clear_preemption
+
+    tmp = tmp_path_factory.mktemp("lora-pipeline")
+    bucket = f"ftj-{uuid.uuid4().hex[:10]}"
+    env = {
+        "AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1", "AWS_PROFILE": None,
+        "FTJ_WORKDIR": str(tmp / "workspace"), "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
+        "FTJ_CONFIG": None,
+    }
+    runs: dict[str, StageRun] = {}
+    with environment(**env):
+        client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket=bucket)
+        storage.upload_dir(toy_base_dir, f"s3://{bucket}/models/toy-llama", exclude=["READY"])
+        prefix = f"s3://{bucket}/runs/team-a/toy/uid-toy"
+        commit_toy_data(f"{prefix}/data")
+        config = toy_config(prefix, f"s3://{bucket}/models/toy-llama")
+        for stage in ("train", "evaluate", "export"):
+            clear_preemption()
+            with environment(FTJ_TERMINATION_LOG=str(tmp / f"termination-{stage}")):
+                runs[stage] = run_stage(stage, config, tmp / f"termination-{stage}")
+        keys = sorted(o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix="runs/") for o in page.get("Contents", []))
+        local = {}
+        for name in ("adapter", "merged"):
+            local[name] = tmp / name
+            if manifest.is_committed(f"{prefix}/model/{name}"):
+                manifest.download_committed(f"{prefix}/model/{name}", local[name])
+        train_dir, eval_dir = tmp / "train-out", tmp / "eval-out"
+        manifest.download_committed(f"{prefix}/train", train_dir)
+        if manifest.is_committed(f"{prefix}/evaluation"):
+            manifest.download_committed(f"{prefix}/evaluation", eval_dir)
+        adapter_manifest = manifest.read_manifest(f"{prefix}/model/adapter")
+    return {"runs": runs, "keys": keys, "prefix": prefix, "local": local, "train_dir": train_dir,
+            "eval_dir": eval_dir, "adapter_manifest": adapter_manifest, "base": toy_base_dir}
+
+
+def test_train_commits_checkpoints_adapter_and_metrics_on_s3(lora_pipeline: dict[str, Any]) -> None:
+    run = lora_pipeline["runs"]["train"]
+    assert run.exit_code == 0, run.stdout[-3000:]
+    term = run.termination
+    assert term["stage"] == "train" and term["reason"] == "OK"
+    prefix = lora_pipeline["prefix"]
+    assert term["summary"] == {"step": 40, "totalSteps": 40, "loss": pytest.approx(term["summary"]["loss"]),
+                               "adapter": f"{prefix}/model/adapter", "merged": None, "loraRank": 8}
+    assert term["summary"]["loss"] < 2.0  # the base starts near 4 on this task
+
+    run_keys = [k.split("uid-toy/", 1)[1] for k in lora_pipeline["keys"]]
+    # checkpoints every 20 steps, each committed with a manifest and holding what resuming needs
+    for step in (20, 40):
+        ckpt = f"checkpoints/step-{step:08d}/"
+        for name in ("MANIFEST.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+                     "rng_state.pth", "trainer_state.json"):
+            assert ckpt + name in run_keys, (ckpt + name, run_keys)
+    assert not [k for k in run_keys if k.endswith("training_args.bin")], "a full pickle must never be uploaded"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "MANIFEST.json"):
+        assert f"model/adapter/{name}" in run_keys
+    assert {"train/metrics.json", "train/loss.png", "train/MANIFEST.json"} <= set(run_keys)
+
+    m = lora_pipeline["adapter_manifest"]
+    assert m.kind == "adapter" and m.step == 40
+    assert m.hyperparameters["lora"]["rank"] == 8 and m.hyperparameters["method"] == "lora"
+    assert m.base_model["uri"].endswith("/models/toy-llama") and m.base_model["revision"].startswith("s3:")
+    assert "transformers" in m.libraries and "peft" in m.libraries
+    assert {f.path for f in m.files} >= {"adapter_config.json", "adapter_model.safetensors"}
+
+    metrics = json.loads((lora_pipeline["train_dir"] / "metrics.json").read_text())
+    assert metrics["step"] == 40 and metrics["tokens"] > 0 and metrics["finalLoss"] == term["summary"]["loss"]
+    assert (lora_pipeline["train_dir"] / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_adapter_is_loadable_by_vllm_lora_modules(lora_pipeline: dict[str, Any]) -> None:
+    from safetensors import safe_open
+
+    adapter = lora_pipeline["local"]["adapter"]
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and not cfg.get("modules_to_save")
+    # all-linear: every projection of every layer, never the output head or the embeddings
+    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as weights:
+        names = list(weights.keys())  # noqa: SIM118
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)
+    base_cfg = json.loads((lora_pipeline["base"] / "config.json").read_text())
+    tok = json.loads((adapter / "tokenizer.json").read_text())
+    assert len(tok["model"]["vocab"]) + 0 <= base_cfg["vocab_size"]  # no resized embeddings
+
+
+def test_progress_lines_follow_the_contract(lora_pipeline: dict[str, Any]) -> None:
+    progress = lora_pipeline["runs"]["train"].of("progress")
+    assert len(progress) >= 40 // 5, "one line per logging step at least"
+    for line in progress:
+        assert {"step", "totalSteps", "epoch", "loss", "learningRate", "tokensPerSecond", "etaSeconds"} <= set(line)
+        assert line["totalSteps"] == 40
+    steps = [p["step"] for p in progress]
+    assert steps == sorted(steps) and steps[-1] == 40
+    last = progress[-1]
+    assert last["tokensPerSecond"] > 0 and last["etaSeconds"] == 0 and last["loss"] > 0 and last["learningRate"] >= 0
+
+
+def test_tuned_model_beats_base_on_exact_match(lora_pipeline: dict[str, Any]) -> None:
+    run = lora_pipeline["runs"]["evaluate"]
+    assert run.exit_code == 0, run.stdout[-3000:]
+    summary = run.termination["summary"]
+    assert summary["n"] == 40
+    tuned, base = summary["tuned"], summary["base"]
+    assert set(tuned) == {"loss", "perplexity", "exact_match", "token_f1", "rouge_l"}
+    assert tuned["exact_match"] >= base["exact_match"] + 0.3, summary
+    assert tuned["loss"] < base["loss"] and tuned["perplexity"] < base["perplexity"]
+    assert summary["reference"] is None
+
+    out = lora_pipeline["eval_dir"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"] == summary
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 40 and {"prompt", "expected", "tuned", "base"} <= set(predictions[0])
+    # the reported exact match is the share of predictions equal to the expected answer
+    assert sum(p["tuned"] == p["expected"] for p in predictions) / 40 == pytest.approx(tuned["exact_match"])
+    assert "| exact_match |" in (out / "report.md").read_text()
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_export_merges_adapter_into_base(lora_pipeline: dict[str, Any]) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = lora_pipeline["runs"]["export"]
+    assert run.exit_code == 0, run.stdout[-3000:]
+    assert run.termination["summary"] == {"merged": f"{lora_pipeline['prefix']}/model/merged"}
+    merged_dir, adapter_dir = lora_pipeline["local"]["merged"], lora_pipeline["local"]["adapter"]
+    assert (merged_dir / "model.safetensors").is_file() and not list(merged_dir.glob("*.bin"))
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lora_pipeline["base"]), str(adapter_dir))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "shout: 1 2 q 3"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(merged(**ids).logits, adapted(**ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_credentials_never_reach_logs_or_termination(lora_pipeline: dict[str, Any]) -> None:
+    for run in lora_pipeline["runs"].values():
+        for text in (run.stdout, json.dumps(run.termination)):
+            assert FAKE_SECRET_KEY not in text and FAKE_ACCESS_KEY not in text

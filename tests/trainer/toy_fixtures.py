@@ -1,0 +1,118 @@
+"""Fixtures and helpers for the train/evaluate/export tests: the toy base model and task (localcluster.toymodel).
+
+Import what a test module needs (``from toy_fixtures import toy_base_dir, ...``); pytest picks the fixtures up
+from the module namespace. The toy base is cached under .local/cache/toymodel (keyed by its parameters), so
+only the first run on a machine pays its ~10 s of pre-training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from localcluster import toymodel
+
+# Hyperparameters that make LoRA learn the toy task in ~40 steps on one CPU core.
+TOY_HYPERPARAMETERS: dict[str, Any] = {
+    "epochs": 1, "maxSteps": 40, "batchSize": 8, "gradientAccumulationSteps": 1, "learningRate": 1e-2,
+    "maxSeqLength": 64, "gradientCheckpointing": False, "warmupRatio": 0.0, "seed": 11,
+}
+TOY_LORA: dict[str, Any] = {"rank": 8, "alpha": 16, "dropout": 0.0}
+
+
+@pytest.fixture(scope="session")
+def toy_base_dir() -> Path:
+    return toymodel.toy_base_model()
+
+
+def commit_toy_data(data_uri: str, params: toymodel.ToyTaskParams = toymodel.ToyTaskParams()) -> None:
+    """Stand-in for validate's output: cleaned train.jsonl + test.jsonl committed under ``data_uri``."""
+    from finetune_trainer import manifest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        toymodel.write_toy_dataset(tmp, params)
+        manifest.commit_dir(tmp, data_uri, kind="dataset",
+                            dataset={"train": {"uri": "toy://train.jsonl"}, "test": {"uri": "toy://test.jsonl"}})
+
+
+def toy_config(run_prefix: str, base_uri: str, **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "baseModel": {"uri": base_uri},
+        "dataset": {"train": "toy://train.jsonl"},
+        "method": "lora",
+        "lora": dict(TOY_LORA),
+        "hyperparameters": dict(TOY_HYPERPARAMETERS),
+        "checkpoint": {"everySteps": 20, "everyMinutes": 60, "keep": 2},
+        "resources": {"gpus": 0, "gpuType": "cpu"},
+        "evaluation": {"maxNewTokens": 8, "batchSize": 20},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return {"runPrefix": run_prefix, "job": {"namespace": "team-a", "name": "toy", "uid": "uid-toy"}, "spec": spec}
+
+
+@dataclass
+class StageRun:
+    exit_code: int
+    termination: dict[str, Any]
+    stdout: str
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    def of(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event]
+
+
+def run_stage(stage: str, config: dict[str, Any], termination_log: Path) -> StageRun:
+    """``python -m finetune_trainer <stage>`` in this process, with stdout captured and parsed as JSON lines."""
+    from finetune_trainer import cli
+
+    out = io.StringIO()
+    old = os.environ.get("FTJ_CONFIG")
+    os.environ["FTJ_CONFIG"] = json.dumps(config)
+    try:
+        with contextlib.redirect_stdout(out):
+            code = cli.main([stage])
+    finally:
+        if old is None:
+            os.environ.pop("FTJ_CONFIG", None)
+        else:
+            os.environ["FTJ_CONFIG"] = old
+    text = out.getvalue()
+    events = []
+    for line in text.splitlines():
+        if line.startswith("{\""):
+            with contextlib.suppress(ValueError):
+                events.append(json.loads(line))
+    termination = json.loads(termination_log.read_text()) if termination_log.exists() else {}
+    return StageRun(code, termination, text, events)
+
+
+@contextlib.contextmanager
+def environment(**values: str | None) -> Iterator[None]:
+    """Set (or unset, with None) environment variables for a block; for fixtures wider than a test."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

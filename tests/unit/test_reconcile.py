@@ -1,0 +1,284 @@
+"""The reconcile against a fake API layer (the real one needs an API server; the embedded cluster's
+end-to-end tests cover it): write counts, idempotence, restart safety, adoption, errors, progress."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+import pytest
+from ftj_factory import UID, spec
+
+from finetune_operator import kube
+from finetune_operator.config import load_config
+from finetune_operator.reconcile import Children, Context, newest_progress, reconcile, snapshot
+
+CONFIG = load_config(env={})
+
+
+class FakeApi:
+    """An in-memory API: objects by (kind, namespace, name), every write recorded."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        self.job = job
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.writes: list[tuple[str, str, str]] = []
+        self.events: list[tuple[str, str, str]] = []
+        self.logs: dict[str, str] = {}
+        self.fail_next: kube.ApiError | None = None
+        self.reject_pod_replacement_policy = False
+
+    def _check(self) -> None:
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+
+    async def create_or_adopt(self, manifest: Mapping[str, Any], owner_uid: str) -> dict[str, Any]:
+        self._check()
+        meta = manifest["metadata"]
+        key = (str(manifest["kind"]), str(meta["namespace"]), str(meta["name"]))
+        self.writes.append(("create", key[0], key[2]))
+        if self.reject_pod_replacement_policy and "podReplacementPolicy" in manifest.get("spec", {}):
+            raise kube.ApiError(422, {"message": "spec.podReplacementPolicy: Forbidden"}, "POST", "/jobs")
+        if key in self.objects:
+            owners = self.objects[key]["metadata"].get("ownerReferences") or []
+            if not any(o["uid"] == owner_uid for o in owners):
+                raise kube.NotOwnedError(f"{key} is not ours")
+            return self.objects[key]
+        obj = copy.deepcopy(dict(manifest))
+        obj["metadata"]["uid"] = f"uid-{key[2]}"
+        obj["status"] = {}
+        self.objects[key] = obj
+        return obj
+
+    async def patch(
+        self, kind: str, namespace: str, name: str, patch: Any, patch_type: str = "merge"
+    ) -> None:
+        self._check()
+        self.writes.append(("patch", kind, name))
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.writes.append(("delete", kind, name))
+        self.objects.pop((kind, namespace, name), None)
+
+    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+        self._check()
+        self.writes.append(("patch", "FineTuneJob/status", name))
+        status = self.job.setdefault("status", {})
+        for key, value in patch.items():
+            if value is None:
+                status.pop(key, None)
+            else:
+                status[key] = value
+        meta = self.job["metadata"]
+        meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
+        return copy.deepcopy(self.job)
+
+    async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        self.writes.append(("create", "Event", reason))
+        self.events.append((type_, reason, message))
+
+    async def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str:
+        return "\n".join(self.logs.get(pod, "").splitlines()[-lines:])
+
+    def children(self, uid: str) -> Children:
+        """What a watch cache would show: every stored object labelled with the job's uid."""
+        found = Children()
+        for (kind, _, _), obj in self.objects.items():
+            if obj["metadata"]["labels"].get("finetune.dev/job-uid") != uid:
+                continue
+            target = {
+                "Job": found.jobs,
+                "Deployment": found.deployments,
+                "Service": found.services,
+                "Pod": found.pods,
+            }[kind]
+            target.append(snapshot(obj))
+        return found
+
+
+def new_job(**overrides: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {
+            "name": "demo",
+            "namespace": "team-a",
+            "uid": UID,
+            "generation": 1,
+            "resourceVersion": "1",
+        },
+        "spec": spec(**overrides),
+    }
+
+
+def setup(job: dict[str, Any], *, cache: bool = True) -> tuple[Context, FakeApi]:
+    api = FakeApi(job)
+    ctx = Context(config=CONFIG, api=api)
+    if cache:
+        ctx.children_of = api.children
+    return ctx, api
+
+
+async def test_new_job_costs_three_writes_then_nothing() -> None:
+    job = new_job()
+    ctx, api = setup(job)
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    assert api.writes == [
+        ("create", "Job", "demo-validate"),
+        ("patch", "FineTuneJob/status", "demo"),
+        ("create", "Event", "Validating"),
+    ]
+    assert job["status"]["phase"] == "Validating"
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")  # e.g. the watch event of our own patch
+    assert len(api.writes) == 3
+    assert ctx.metrics.phases[UID] == "Validating"
+
+
+async def test_stale_watch_cache_does_not_duplicate_children() -> None:
+    job = new_job()
+    ctx, api = setup(job, cache=False)  # the cache never shows the child
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    assert [w for w in api.writes if w[0] == "create" and w[1] == "Job"] == [
+        ("create", "Job", "demo-validate")
+    ]
+
+
+async def test_an_older_watch_event_does_not_undo_our_status() -> None:
+    job = new_job()
+    ctx, api = setup(job)
+    stale = copy.deepcopy(job)  # resourceVersion 1, no status
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    await reconcile(ctx, stale, trigger="child-event")
+    assert len(api.writes) == 3  # no second status patch, no second Event
+
+
+async def test_restarted_operator_adopts_and_writes_nothing() -> None:
+    job = new_job()
+    _, api = setup(job)
+    first = Context(config=CONFIG, api=api, children_of=api.children)
+    await reconcile(first, copy.deepcopy(job), trigger="test")
+    writes = len(api.writes)
+    restarted = Context(config=CONFIG, api=api, children_of=api.children)
+    await reconcile(restarted, copy.deepcopy(job), trigger="resume")
+    assert len(api.writes) == writes
+
+
+async def test_a_child_name_owned_by_someone_else_is_retried_later() -> None:
+    job = new_job()
+    ctx, api = setup(job, cache=False)
+    api.objects[("Job", "team-a", "demo-validate")] = {
+        "kind": "Job",
+        "metadata": {
+            "name": "demo-validate",
+            "labels": {},
+            "ownerReferences": [{"uid": "an-older-job", "controller": True}],
+        },
+    }
+    with pytest.raises(kopf.TemporaryError):
+        await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    assert UID in ctx.dirty
+    assert "status" not in job  # nothing half-written
+
+
+async def test_api_errors_become_temporary_and_mark_the_job_for_retry() -> None:
+    job = new_job()
+    ctx, api = setup(job)
+    api.fail_next = kube.ApiError(503, {"message": "etcd is sad"}, "POST", "/jobs")
+    with pytest.raises(kopf.TemporaryError, match="etcd is sad"):
+        await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    assert UID in ctx.dirty
+    await reconcile(ctx, copy.deepcopy(job), trigger="resync")
+    assert UID not in ctx.dirty
+    assert job["status"]["phase"] == "Validating"
+    assert ctx.metrics.reconcile_errors.labels("ApiError")._value.get() == 1
+
+
+async def test_clusters_without_pod_replacement_policy_get_a_job_without_it() -> None:
+    job = new_job()
+    ctx, api = setup(job)
+    api.reject_pod_replacement_policy = True
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    created = api.objects[("Job", "team-a", "demo-validate")]
+    assert "podReplacementPolicy" not in created["spec"]
+
+
+async def test_invalid_spec_fails_permanently_with_the_field_named() -> None:
+    job = new_job()
+    job["spec"]["resources"]["gpus"] = 99
+    ctx, api = setup(job)
+    with pytest.raises(kopf.PermanentError, match=r"spec\.resources\.gpus"):
+        await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    assert job["status"]["phase"] == "Failed"
+    assert "spec.resources.gpus" in job["status"]["message"]
+    assert not [w for w in api.writes if w[1] == "Job"]
+
+
+async def test_training_progress_is_read_from_the_log_tail() -> None:
+    job = new_job()
+    ctx, api = setup(job)
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    validate = api.objects[("Job", "team-a", "demo-validate")]
+    validate["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    summary = {"train": 10, "test": 2, "trainTokens": 1000}
+    api.objects[("Pod", "team-a", "v-1")] = {
+        "kind": "Pod",
+        "metadata": {"name": "v-1", "labels": validate["metadata"]["labels"]},
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {
+                        "terminated": {
+                            "exitCode": 0,
+                            "message": json.dumps({"exitCode": 0, "summary": summary}),
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    await reconcile(ctx, copy.deepcopy(job), trigger="child-event")
+    assert job["status"]["phase"] == "Training"
+    train = api.objects[("Job", "team-a", "demo-train")]
+    api.objects[("Pod", "team-a", "t-1")] = {
+        "kind": "Pod",
+        "metadata": {"name": "t-1", "labels": train["metadata"]["labels"]},
+        "status": {"phase": "Running"},
+    }
+    api.logs["t-1"] = "\n".join(
+        [
+            "loading model",
+            json.dumps({"event": "progress", "step": 5, "totalSteps": 50, "loss": 2.5}),
+            json.dumps({"event": "progress", "step": 10, "totalSteps": 50, "loss": 2.1, "etaSeconds": 30}),
+            "{not json",
+        ]
+    )
+    await reconcile(ctx, copy.deepcopy(job), trigger="resync", read_progress=True)
+    assert job["status"]["progress"] == {
+        "step": 10,
+        "totalSteps": 50,
+        "etaSeconds": 30,
+        "loss": 2.1,
+        "display": "10/50",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "step"),
+    [
+        ("", None),
+        ("plain text\n", None),
+        ('{"event": "progress", "step": 3}\n{"event": "log"}', 3),
+        ('{"event": "progress", "step": 3}\n{"event": "progress", "step": 4}', 4),
+        ('{"event": "progress"', None),
+    ],
+)
+def test_newest_progress(text: str, step: int | None) -> None:
+    found = newest_progress(text)
+    assert (found or {}).get("step") == step
