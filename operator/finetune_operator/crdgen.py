@@ -25,10 +25,28 @@ CRD_FILENAME = f"{models.GROUP}_{models.PLURAL}.yaml"
 
 # Keywords a structural schema may carry, copied as they are.
 _PASSTHROUGH = (
-    "description", "type", "format", "enum", "default", "pattern", "minLength", "maxLength", "minimum",
-    "maximum", "minItems", "maxItems", "uniqueItems", "minProperties", "maxProperties", "required",
-    "x-kubernetes-validations", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
-    "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-map-type",
+    "description",
+    "type",
+    "format",
+    "enum",
+    "default",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minimum",
+    "maximum",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "minProperties",
+    "maxProperties",
+    "required",
+    "x-kubernetes-validations",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-map-type",
 )
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
@@ -124,7 +142,7 @@ def openapi_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "description": "FineTuneJob fine-tunes a base model on a dataset, evaluates it against the base "
-                       "model and serves it on vLLM when it passes.",
+        "model and serves it on vLLM when it passes.",
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string"},
@@ -153,14 +171,16 @@ def build_crd() -> dict[str, Any]:
                 "shortNames": list(models.SHORT_NAMES),
                 "categories": list(models.CATEGORIES),
             },
-            "versions": [{
-                "name": models.VERSION,
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": PRINTER_COLUMNS,
-                "schema": {"openAPIV3Schema": openapi_schema()},
-            }],
+            "versions": [
+                {
+                    "name": models.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
         },
     }
 

@@ -17,62 +17,62 @@ MANAGED = {"app.kubernetes.io/managed-by": MANAGER}
 def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
     """Attach every handler of the operator to `registry` and return it."""
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(id="login", registry=registry)
     async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         """Log in with the pod's service account or the kubeconfig."""
         return await lifecycle.login(**kwargs)
 
-    @kopf.on.startup(registry=registry)
+    @kopf.on.startup(id="startup", registry=registry)
     async def startup(memo: Any, **kwargs: Any) -> None:
         """Wire the watch caches into the reconcile and start the resync loop."""
         await lifecycle.startup(memo, kwargs)
 
-    @kopf.on.cleanup(registry=registry)
+    @kopf.on.cleanup(id="cleanup", registry=registry)
     async def cleanup(memo: Any, **_: Any) -> None:
         """Stop the resync loop and close the API session."""
         await lifecycle.cleanup(memo)
 
-    @kopf.index("batch", "v1", "jobs", labels=MANAGED, registry=registry)
+    @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="child_jobs", registry=registry)
     def child_jobs(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         """Cache our Jobs by their FineTuneJob's uid."""
         return lifecycle.index_child(body)
 
-    @kopf.index("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    @kopf.index("apps", "v1", "deployments", labels=MANAGED, id="child_deployments", registry=registry)
     def child_deployments(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         """Cache our Deployments by their FineTuneJob's uid."""
         return lifecycle.index_child(body)
 
-    @kopf.index("", "v1", "services", labels=MANAGED, registry=registry)
+    @kopf.index("", "v1", "services", labels=MANAGED, id="child_services", registry=registry)
     def child_services(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         """Cache our Services by their FineTuneJob's uid."""
         return lifecycle.index_child(body)
 
-    @kopf.index("", "v1", "pods", labels=MANAGED, registry=registry)
+    @kopf.index("", "v1", "pods", labels=MANAGED, id="child_pods", registry=registry)
     def child_pods(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         """Cache our children's pods by their FineTuneJob's uid."""
         return lifecycle.index_child(body)
 
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.on.event(GROUP, VERSION, PLURAL, id="finetunejob_event", registry=registry)
     async def finetunejob_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
         """Reconcile a FineTuneJob when it is listed (resume), created or changed."""
         await lifecycle.on_job_event(memo, body, type)
 
-    @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, registry=registry)
+    @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="job_event", registry=registry)
     async def job_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
         """Reconcile the owning FineTuneJob when one of its Jobs changes."""
         await lifecycle.on_child_event(memo, body, type)
 
-    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, id="deployment_event", registry=registry)
     async def deployment_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
         """Reconcile the owning FineTuneJob when its Deployment changes."""
         await lifecycle.on_child_event(memo, body, type)
 
-    @kopf.on.event("", "v1", "services", labels=MANAGED, registry=registry)
+    @kopf.on.event("", "v1", "services", labels=MANAGED, id="service_event", registry=registry)
     async def service_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
         """Reconcile the owning FineTuneJob when its Service changes or disappears."""
         await lifecycle.on_child_event(memo, body, type)
 
-    @kopf.on.event("", "v1", "pods", labels=MANAGED, registry=registry)
+    @kopf.on.event("", "v1", "pods", labels=MANAGED, id="pod_event", registry=registry)
     async def pod_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
         """Reconcile the owning FineTuneJob when a pod is scheduled, blocked, started or ends."""
         await lifecycle.on_child_event(memo, body, type)

@@ -83,7 +83,7 @@ async def on_job_event(memo: Any, body: Mapping[str, Any], event_type: str | Non
     if event_type == "DELETED":
         ctx.forget(uid)
         return
-    await reconcile.reconcile(ctx, body, trigger="job-event")
+    await reconcile.reconcile(ctx, body, trigger="job-event", skip_echo=True)
 
 
 async def on_child_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
@@ -94,6 +94,8 @@ async def on_child_event(memo: Any, body: Mapping[str, Any], event_type: str | N
         return  # the parent's own event (or the resync) reconciles it
     if event_type == "DELETED" and uid in ctx.created:
         ctx.created[uid].pop(f"{body['metadata']['name']}/{body.get('kind')}", None)
+    elif uid is not None and ctx.is_echo_of_created(uid, body):
+        return
     await reconcile.reconcile(ctx, parent, trigger="child-event")
 
 

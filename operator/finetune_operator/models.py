@@ -170,21 +170,32 @@ def _str(value: Any, max_length: int, pattern: str | None) -> str:
     if not value:
         raise ValueError("String should have at least 1 character")
     if pattern is not None and not re.fullmatch(pattern, value):
-        raise ValueError(f"must be {PATTERN_HINTS[pattern]}" if pattern in PATTERN_HINTS
-                         else f"String should match pattern '{pattern}'")
+        raise ValueError(
+            f"must be {PATTERN_HINTS[pattern]}"
+            if pattern in PATTERN_HINTS
+            else f"String should match pattern '{pattern}'"
+        )
     return value
 
 
 SourceURI = Annotated[
     str,
-    Field(min_length=1, max_length=1024, pattern=SOURCE_URI_PATTERN,
-          json_schema_extra=_validations(BUCKET_LENGTH_RULE)),
+    Field(
+        min_length=1,
+        max_length=1024,
+        pattern=SOURCE_URI_PATTERN,
+        json_schema_extra=_validations(BUCKET_LENGTH_RULE),
+    ),
     AfterValidator(_check_bucket),
 ]
 OutputURI = Annotated[
     str,
-    Field(min_length=1, max_length=1024, pattern=OUTPUT_URI_PATTERN,
-          json_schema_extra=_validations(BUCKET_LENGTH_RULE)),
+    Field(
+        min_length=1,
+        max_length=1024,
+        pattern=OUTPUT_URI_PATTERN,
+        json_schema_extra=_validations(BUCKET_LENGTH_RULE),
+    ),
     AfterValidator(_check_bucket),
 ]
 DNSLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
@@ -204,14 +215,16 @@ def _quantity(value: Any) -> int | str:
 Quantity = Annotated[
     int | str,
     PlainValidator(_quantity),
-    WithJsonSchema({
-        "x-kubernetes-int-or-string": True,
-        "anyOf": [{"type": "integer"}, {"type": "string"}],
-        "pattern": QUANTITY_PATTERN,
-        "maxLength": 64,
-        "minimum": 0,
-        "maximum": 1_000_000_000_000_000,
-    }),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "maxLength": 64,
+            "minimum": 0,
+            "maximum": 1_000_000_000_000_000,
+        }
+    ),
 ]
 
 
@@ -236,10 +249,15 @@ DeploymentMode = Literal["auto", "adapter", "merged"]
 class BaseModelSpec(_Spec):
     """The model to fine-tune."""
 
-    uri: SourceURI = Field(description="Where the base model lives: s3://bucket/prefix, hf://org/name or "
-                                       "pvc://claim/path.")
-    revision: str | None = Field(default=None, max_length=255, pattern=REVISION_PATTERN,
-                                 description="Revision (branch, tag or commit) for hf:// models.")
+    uri: SourceURI = Field(
+        description="Where the base model lives: s3://bucket/prefix, hf://org/name or pvc://claim/path."
+    )
+    revision: str | None = Field(
+        default=None,
+        max_length=255,
+        pattern=REVISION_PATTERN,
+        description="Revision (branch, tag or commit) for hf:// models.",
+    )
 
 
 class DatasetSpec(_Spec):
@@ -248,16 +266,24 @@ class DatasetSpec(_Spec):
     train: SourceURI = Field(description="URI of the training JSONL file.")
     validation: SourceURI | None = Field(default=None, description="URI of a validation JSONL file.")
     test: SourceURI | None = Field(
-        default=None, description="URI of the held-out JSONL file for evaluation; else testSize examples are "
-                                  "held out from train.")
+        default=None,
+        description="URI of the held-out JSONL file for evaluation; else testSize examples are "
+        "held out from train.",
+    )
     format: DatasetFormat = Field(default="auto", description="Record format; auto detects it.")
     test_size: int | None = Field(
-        default=None, ge=1, le=100_000,
+        default=None,
+        ge=1,
+        le=100_000,
         description="Examples held out from train when no test file is given "
-                    "(unset: 10% of train, 1 to 200).")
+        "(unset: 10% of train, 1 to 200).",
+    )
     max_error_rate: float = Field(
-        default=0.1, ge=0, le=1,
-        description="Fail validation when more than this fraction of lines is malformed or over-length.")
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Fail validation when more than this fraction of lines is malformed or over-length.",
+    )
 
 
 class LoraSpec(_Spec):
@@ -267,21 +293,29 @@ class LoraSpec(_Spec):
     alpha: int = Field(default=32, ge=1, le=4096, description="Scaling alpha.")
     dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on adapter inputs.")
     target_modules: list[Annotated[str, Field(max_length=128, pattern=MODULE_NAME_PATTERN)]] = Field(
-        default_factory=lambda: ["all-linear"], min_length=1, max_length=64,
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
         json_schema_extra={"default": ["all-linear"]},
-        description="Modules to adapt (names or all-linear).")
+        description="Modules to adapt (names or all-linear).",
+    )
 
 
 class HyperparametersSpec(_Spec):
     """Training hyperparameters."""
 
     epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training data.")
-    max_steps: int | None = Field(default=None, ge=1, le=10_000_000,
-                                  description="Stop after this many optimizer steps (overrides epochs).")
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000,
+        description="Stop after this many optimizer steps (overrides epochs).",
+    )
     learning_rate: float = Field(default=0.0002, gt=0, lt=1, description="Peak learning rate.")
     batch_size: int = Field(default=4, ge=1, le=1024, description="Per-device batch size.")
-    gradient_accumulation_steps: int = Field(default=4, ge=1, le=1024,
-                                             description="Micro-batches per optimizer step.")
+    gradient_accumulation_steps: int = Field(
+        default=4, ge=1, le=1024, description="Micro-batches per optimizer step."
+    )
     max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Tokens per example (truncated).")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps for LR warm-up.")
     packing: bool = Field(default=False, description="Pack short examples into full sequences.")
@@ -302,8 +336,12 @@ class Toleration(_Spec):
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE_PATTERN)]
 NodeSelector = Annotated[
     dict[Annotated[str, Field(max_length=316)], LabelValue],
-    Field(max_length=32, json_schema_extra=_validations(
-        _rule("self.all(k, k.size() <= 316)", "node selector keys must be at most 316 characters"))),
+    Field(
+        max_length=32,
+        json_schema_extra=_validations(
+            _rule("self.all(k, k.size() <= 316)", "node selector keys must be at most 316 characters")
+        ),
+    ),
 ]
 
 
@@ -323,8 +361,9 @@ class ResourcesSpec(_Spec):
     cpu: Quantity | None = Field(default=None, description="CPU request and limit.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit.")
     node_selector: NodeSelector | None = Field(default=None, description="Extra node labels to require.")
-    tolerations: list[Toleration] | None = Field(default=None, max_length=16,
-                                                 description="Extra tolerations.")
+    tolerations: list[Toleration] | None = Field(
+        default=None, max_length=16, description="Extra tolerations."
+    )
     priority_class_name: DNSSubdomain | None = Field(default=None, description="PriorityClass of the pods.")
     queue_name: DNSSubdomain | None = Field(default=None, description="Kueue LocalQueue to submit to.")
 
@@ -333,18 +372,22 @@ class StorageSpec(_Spec):
     """Where the run's artifacts go and how pods reach storage."""
 
     output: OutputURI = Field(
-        description="s3:// prefix; the run writes under <output>/<namespace>/<name>/<uid>/.")
+        description="s3:// prefix; the run writes under <output>/<namespace>/<name>/<uid>/."
+    )
     credentials_secret: DNSSubdomain | None = Field(
-        default=None, description="Secret in the job's namespace with AWS_* (and optional HF_TOKEN) keys.")
+        default=None, description="Secret in the job's namespace with AWS_* (and optional HF_TOKEN) keys."
+    )
     service_account_name: DNSSubdomain | None = Field(
-        default=None, description="ServiceAccount for the pods (IRSA / workload identity).")
+        default=None, description="ServiceAccount for the pods (IRSA / workload identity)."
+    )
 
 
 class Threshold(_Spec):
     """A gate on one metric of the tuned model."""
 
-    model_config = ConfigDict(json_schema_extra=_validations(
-        _rule("has(self.min) != has(self.max)", THRESHOLD_ONE_BOUND)))
+    model_config = ConfigDict(
+        json_schema_extra=_validations(_rule("has(self.min) != has(self.max)", THRESHOLD_ONE_BOUND))
+    )
 
     metric: MetricName = Field(description="Metric to gate on.")
     min: float | None = Field(default=None, ge=-1e9, le=1e9, description="Lowest acceptable value.")
@@ -368,34 +411,48 @@ class ReferenceSpec(_Spec):
     """An OpenAI-compatible model scored on the same prompts, for comparison only."""
 
     url: str = Field(max_length=2048, pattern=HTTP_URL_PATTERN, description="Base URL, e.g. https://host/v1.")
-    model: str = Field(min_length=1, max_length=256, pattern=r"^[^\s]+$",
-                       description="Model name to request.")
+    model: str = Field(
+        min_length=1, max_length=256, pattern=r"^[^\s]+$", description="Model name to request."
+    )
     api_key_secret: SecretKeyRef | None = Field(default=None, description="Secret key holding the API key.")
 
 
 class EvaluationSpec(_Spec):
     """Evaluate the tuned model against its base on held-out data, then gate."""
 
-    model_config = ConfigDict(json_schema_extra=_validations(
-        _rule("!has(self.thresholds) || self.thresholds.all(t, !has(t.metric) || t.metric in self.metrics)",
-              THRESHOLD_METRIC_UNKNOWN),
-        _rule("!has(self.primaryMetric) || self.primaryMetric in self.metrics", PRIMARY_METRIC_UNKNOWN),
-    ))
+    model_config = ConfigDict(
+        json_schema_extra=_validations(
+            _rule(
+                "!has(self.thresholds) || self.thresholds.all(t, !has(t.metric) || t.metric in self.metrics)",
+                THRESHOLD_METRIC_UNKNOWN,
+            ),
+            _rule("!has(self.primaryMetric) || self.primaryMetric in self.metrics", PRIMARY_METRIC_UNKNOWN),
+        )
+    )
 
     enabled: bool = Field(default=True, description="Run the evaluation stage.")
     metrics: list[MetricName] = Field(
-        default_factory=lambda: list[MetricName](list(ALL_METRICS)), min_length=1, max_length=5,
+        default_factory=lambda: list[MetricName](list(ALL_METRICS)),
+        min_length=1,
+        max_length=5,
         json_schema_extra={"default": list(ALL_METRICS), "x-kubernetes-list-type": "set"},
-        description="Metrics to compute.")
-    thresholds: list[Threshold] | None = Field(default=None, max_length=10,
-                                               description="Gates; a failed gate rejects the model.")
+        description="Metrics to compute.",
+    )
+    thresholds: list[Threshold] | None = Field(
+        default=None, max_length=10, description="Gates; a failed gate rejects the model."
+    )
     compare_to_base: bool = Field(default=True, description="Also score the base model and compare.")
     min_improvement: float | None = Field(
-        default=None, ge=-1, le=1,
-        description="Least relative improvement of primaryMetric over the base model (0.05 = 5%).")
+        default=None,
+        ge=-1,
+        le=1,
+        description="Least relative improvement of primaryMetric over the base model (0.05 = 5%).",
+    )
     primary_metric: MetricName | None = Field(
-        default=None, description="Metric that decides improvement (unset: exact_match if computed, else the "
-                                  "first of metrics).")
+        default=None,
+        description="Metric that decides improvement (unset: exact_match if computed, else the "
+        "first of metrics).",
+    )
     max_new_tokens: int = Field(default=128, ge=1, le=8192, description="Generation budget per prompt.")
     batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts generated per batch.")
     reference: ReferenceSpec | None = Field(default=None, description="Optional API model to compare with.")
@@ -429,32 +486,49 @@ class DeploymentSpec(_Spec):
 
     enabled: bool = Field(default=True, description="Deploy once the model passes evaluation.")
     replicas: int = Field(default=1, ge=1, le=16, description="vLLM replicas.")
-    served_model_name: str | None = Field(default=None, max_length=128, pattern=SERVED_NAME_PATTERN,
-                                          description="Model name in the API; default: the job's name.")
+    served_model_name: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=SERVED_NAME_PATTERN,
+        description="Model name in the API; default: the job's name.",
+    )
     mode: DeploymentMode = Field(
-        default="auto", description="adapter: base + LoRA adapter; merged: merged weights; auto picks.")
+        default="auto", description="adapter: base + LoRA adapter; merged: merged weights; auto picks."
+    )
     gpus: int = Field(default=1, ge=0, le=8, description="GPUs per replica; 0 serves on CPU.")
     gpu_type: DNSLabel | None = Field(default=None, description="GPU table key; default: resources.gpuType.")
     max_model_len: int | None = Field(default=None, ge=128, le=1_048_576, description="vLLM --max-model-len.")
     extra_args: list[Annotated[str, Field(max_length=256)]] | None = Field(
-        default=None, max_length=32, description="Extra vLLM server arguments.")
+        default=None, max_length=32, description="Extra vLLM server arguments."
+    )
     resources: DeploymentResources | None = Field(default=None, description="CPU and memory per replica.")
 
 
 _SPEC_RULES = (
-    _rule("!has(self.method) || self.method != 'qlora' || !has(self.resources) || !has(self.resources.gpus) "
-          "|| self.resources.gpus >= 1", QLORA_NEEDS_GPU),
-    _rule("!has(self.deployment) || !has(self.deployment.mode) || self.deployment.mode != 'adapter' "
-          "|| !has(self.method) || self.method != 'full'", ADAPTER_NEEDS_PEFT),
-    _rule("!has(self.storage) || !has(self.storage.output) || !has(self.baseModel) "
-          "|| !has(self.baseModel.uri) || !(self.storage.output + '/').startsWith("
-          "self.baseModel.uri.endsWith('/') ? self.baseModel.uri : self.baseModel.uri + '/')",
-          OUTPUT_OVERLAPS_MODEL),
-    _rule("!has(self.storage) || !has(self.storage.output) || !has(self.dataset) || "
-          "[has(self.dataset.train) ? self.dataset.train : '', "
-          "has(self.dataset.validation) ? self.dataset.validation : '', "
-          "has(self.dataset.test) ? self.dataset.test : ''].all(d, d == '' || "
-          "!(self.storage.output + '/').startsWith(d.endsWith('/') ? d : d + '/'))", OUTPUT_OVERLAPS_DATA),
+    _rule(
+        "!has(self.method) || self.method != 'qlora' || !has(self.resources) || !has(self.resources.gpus) "
+        "|| self.resources.gpus >= 1",
+        QLORA_NEEDS_GPU,
+    ),
+    _rule(
+        "!has(self.deployment) || !has(self.deployment.mode) || self.deployment.mode != 'adapter' "
+        "|| !has(self.method) || self.method != 'full'",
+        ADAPTER_NEEDS_PEFT,
+    ),
+    _rule(
+        "!has(self.storage) || !has(self.storage.output) || !has(self.baseModel) "
+        "|| !has(self.baseModel.uri) || !(self.storage.output + '/').startsWith("
+        "self.baseModel.uri.endsWith('/') ? self.baseModel.uri : self.baseModel.uri + '/')",
+        OUTPUT_OVERLAPS_MODEL,
+    ),
+    _rule(
+        "!has(self.storage) || !has(self.storage.output) || !has(self.dataset) || "
+        "[has(self.dataset.train) ? self.dataset.train : '', "
+        "has(self.dataset.validation) ? self.dataset.validation : '', "
+        "has(self.dataset.test) ? self.dataset.test : ''].all(d, d == '' || "
+        "!(self.storage.output + '/').startsWith(d.endsWith('/') ? d : d + '/'))",
+        OUTPUT_OVERLAPS_DATA,
+    ),
 )
 
 
@@ -470,34 +544,56 @@ class FineTuneJobSpec(_Spec):
 
     base_model: BaseModelSpec = Field(
         description="The model to fine-tune (immutable).",
-        json_schema_extra=_validations(_rule("self == oldSelf", IMMUTABLE.format(field="baseModel"))))
+        json_schema_extra=_validations(_rule("self == oldSelf", IMMUTABLE.format(field="baseModel"))),
+    )
     dataset: DatasetSpec = Field(
         description="Training data (immutable).",
-        json_schema_extra=_validations(_rule("self == oldSelf", IMMUTABLE.format(field="dataset"))))
+        json_schema_extra=_validations(_rule("self == oldSelf", IMMUTABLE.format(field="dataset"))),
+    )
     method: Method = Field(
-        default="lora", description="lora, qlora (4-bit base) or full fine-tuning (immutable).",
-        json_schema_extra=_validations(_rule("self == oldSelf", IMMUTABLE.format(field="method"))))
+        default="lora",
+        description="lora, qlora (4-bit base) or full fine-tuning (immutable).",
+        json_schema_extra=_validations(_rule("self == oldSelf", IMMUTABLE.format(field="method"))),
+    )
     lora: LoraSpec = Field(
-        default_factory=LoraSpec, description="Adapter settings (immutable).",
-        json_schema_extra={"default": {}, **_validations(
-            _rule("self == oldSelf", IMMUTABLE.format(field="lora")))})
+        default_factory=LoraSpec,
+        description="Adapter settings (immutable).",
+        json_schema_extra={
+            "default": {},
+            **_validations(_rule("self == oldSelf", IMMUTABLE.format(field="lora"))),
+        },
+    )
     hyperparameters: HyperparametersSpec = Field(
-        default_factory=HyperparametersSpec, description="Training hyperparameters (immutable).",
-        json_schema_extra={"default": {}, **_validations(
-            _rule("self == oldSelf", IMMUTABLE.format(field="hyperparameters")))})
-    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, json_schema_extra={"default": {}},
-                                       description="Checkpointing during training.")
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, json_schema_extra={"default": {}},
-                                     description="Compute for training.")
+        default_factory=HyperparametersSpec,
+        description="Training hyperparameters (immutable).",
+        json_schema_extra={
+            "default": {},
+            **_validations(_rule("self == oldSelf", IMMUTABLE.format(field="hyperparameters"))),
+        },
+    )
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec,
+        json_schema_extra={"default": {}},
+        description="Checkpointing during training.",
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, json_schema_extra={"default": {}}, description="Compute for training."
+    )
     storage: StorageSpec = Field(description="Artifact storage and credentials.")
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, json_schema_extra={"default": {}},
-                                       description="Evaluation and gating.")
-    deployment: DeploymentSpec = Field(default_factory=DeploymentSpec, json_schema_extra={"default": {}},
-                                       description="Serving on vLLM.")
-    suspend: bool = Field(default=False,
-                          description="Pause: running pods are stopped, resumed from checkpoint.")
-    active_deadline_seconds: int | None = Field(default=None, ge=60, le=2_592_000,
-                                                description="Fail the job after this many seconds.")
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec,
+        json_schema_extra={"default": {}},
+        description="Evaluation and gating.",
+    )
+    deployment: DeploymentSpec = Field(
+        default_factory=DeploymentSpec, json_schema_extra={"default": {}}, description="Serving on vLLM."
+    )
+    suspend: bool = Field(
+        default=False, description="Pause: running pods are stopped, resumed from checkpoint."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=60, le=2_592_000, description="Fail the job after this many seconds."
+    )
     max_retries: int = Field(default=3, ge=0, le=20, description="Retries of transient stage failures.")
 
     @model_validator(mode="after")
@@ -558,8 +654,11 @@ class ProgressStatus(_Status):
     learning_rate: Real | None = Field(default=None, description="Current learning rate.")
     tokens_per_second: Real | None = Field(default=None, description="Training throughput.")
     eta_seconds: Count | None = Field(default=None, description="Estimated seconds to the end of training.")
-    display: str | None = Field(default=None, max_length=64,
-                                description="Short text for kubectl (Progress column), e.g. 40/200 (20%).")
+    display: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Short text for kubectl (Progress column), e.g. 40/200 (20%).",
+    )
 
 
 class DatasetStatus(_Status):
@@ -571,9 +670,11 @@ class DatasetStatus(_Status):
     test: Count | None = Field(default=None, description="Held-out test examples.")
     train_tokens: Count | None = Field(default=None, description="Tokens in the training split.")
     removed: dict[Annotated[str, Field(max_length=64)], Count] | None = Field(
-        default=None, max_length=32, description="Examples removed, by reason (duplicate, too_long, ...).")
+        default=None, max_length=32, description="Examples removed, by reason (duplicate, too_long, ...)."
+    )
     errors: dict[Annotated[str, Field(max_length=64)], Count] | None = Field(
-        default=None, max_length=32, description="Invalid records, by error kind.")
+        default=None, max_length=32, description="Invalid records, by error kind."
+    )
 
 
 MetricValues = Annotated[dict[Annotated[str, Field(max_length=64)], Real], Field(max_length=16)]
@@ -588,9 +689,13 @@ class EvaluationStatus(_Status):
     reference: MetricValues | None = Field(default=None, description="Metrics of the reference API model.")
     examples: Count | None = Field(default=None, description="Held-out examples scored.")
     reasons: list[Annotated[str, Field(max_length=512)]] | None = Field(
-        default=None, max_length=16, description="Why the gate passed or failed, one line per check.")
-    summary: str | None = Field(default=None, max_length=64,
-                                description="Short text for kubectl (Eval column), e.g. passed 0.62 vs 0.40.")
+        default=None, max_length=16, description="Why the gate passed or failed, one line per check."
+    )
+    summary: str | None = Field(
+        default=None,
+        max_length=64,
+        description="Short text for kubectl (Eval column), e.g. passed 0.62 vs 0.40.",
+    )
 
 
 class ArtifactsStatus(_Status):
@@ -616,10 +721,14 @@ class FineTuneJobStatus(_Status):
 
     phase: Phase | None = Field(default=None, description="Lifecycle phase.")
     conditions: list[Condition] | None = Field(
-        default=None, max_length=16, description="Latest observations (metav1.Condition).",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
-    observed_generation: int | None = Field(default=None, ge=0, le=9_007_199_254_740_991,
-                                            description="Generation this status describes.")
+        default=None,
+        max_length=16,
+        description="Latest observations (metav1.Condition).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, le=9_007_199_254_740_991, description="Generation this status describes."
+    )
     message: LongText | None = Field(default=None, description="Human-readable state or error.")
     progress: ProgressStatus | None = None
     dataset: DatasetStatus | None = None
@@ -629,8 +738,9 @@ class FineTuneJobStatus(_Status):
     retries: int | None = Field(default=None, ge=0, le=1000, description="Transient failures retried so far.")
     start_time: datetime | None = Field(default=None, description="When the first stage started.")
     completion_time: datetime | None = Field(default=None, description="When the job reached a final phase.")
-    gpu_hours_estimate: float | None = Field(default=None, ge=0, le=1e9,
-                                             description="Estimated GPU hours before training.")
+    gpu_hours_estimate: float | None = Field(
+        default=None, ge=0, le=1e9, description="Estimated GPU hours before training."
+    )
     gpu_hours: float | None = Field(default=None, ge=0, le=1e9, description="GPU hours used so far.")
 
 
@@ -652,8 +762,13 @@ class ObjectMeta(_Status):
 class FineTuneJob(BaseModel):
     """A FineTuneJob object as stored by the API server."""
 
-    model_config = ConfigDict(alias_generator=to_camel, validate_by_name=True, validate_by_alias=True,
-                              serialize_by_alias=True, extra="ignore")
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="ignore",
+    )
 
     api_version: Literal["finetune.dev/v1alpha1"] = "finetune.dev/v1alpha1"
     kind: Literal["FineTuneJob"] = "FineTuneJob"
@@ -681,7 +796,7 @@ def _errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[tuple[st
     for err in exc.errors(include_url=False):
         message = str(err["msg"])
         if err["type"] == "value_error" and message.startswith("Value error, "):
-            message = message[len("Value error, "):]
+            message = message[len("Value error, ") :]
         if err["type"] == "extra_forbidden":
             message = "unknown field"
         if err["type"] == "string_pattern_mismatch":

@@ -173,6 +173,11 @@ class Context:
         self.dirty.discard(uid)
         self.metrics.forget(uid)
 
+    def is_echo_of_created(self, uid: str, body: Mapping[str, Any]) -> bool:
+        """A watch event for a child this process just created, showing nothing it does not know."""
+        created = self.created.get(uid, {}).get(f"{body['metadata']['name']}/{body.get('kind')}")
+        return created is not None and snapshot(body)["status"] == created["status"]
+
     def children(self, uid: str) -> Children:
         """Watch-cache children plus the ones this process created that the cache has not shown yet."""
         found = self.children_of(uid)
@@ -192,12 +197,31 @@ class Context:
 
 
 async def reconcile(
-    ctx: Context, body: Mapping[str, Any], *, trigger: str, read_progress: bool = False
+    ctx: Context,
+    body: Mapping[str, Any],
+    *,
+    trigger: str,
+    read_progress: bool = False,
+    skip_echo: bool = False,
 ) -> None:
-    """Observe → plan → act for one FineTuneJob; raises kopf.TemporaryError/PermanentError on failure."""
+    """Observe → plan → act for one FineTuneJob; raises kopf.TemporaryError/PermanentError on failure.
+
+    With `skip_echo`, a watch event that only echoes a version this process already reconciled (typically
+    its own status patch) is dropped: nothing can have changed.
+    """
     uid = str(body["metadata"]["uid"])
-    ctx.metrics.reconciles.labels(trigger).inc()
     async with ctx.lock(uid):
+        known = ctx.jobs.get(uid)
+        version = _resource_version(body)
+        if (
+            skip_echo
+            and known is not None
+            and uid not in ctx.dirty
+            and uid in ctx.last_run
+            and (0 < version <= _resource_version(known))
+        ):
+            return
+        ctx.metrics.reconciles.labels(trigger).inc()
         job = ctx.remember(body)
         try:
             await _reconcile(ctx, job, read_progress=read_progress)

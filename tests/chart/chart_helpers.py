@@ -108,3 +108,50 @@ def pod_specs(manifests: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, 
         for key in path:
             spec = spec[key]
         yield f"{manifest['kind']}/{manifest['metadata']['name']}", spec
+
+
+@functools.cache
+def _kubernetes_schemas(version: str) -> tuple[Path, Any]:
+    """The strict JSON schemas kubernetes-validate ships for `version`, with their definitions registry
+    loaded once (kubernetes_validate.validate re-reads the 1.3 MB definitions file on every call)."""
+    import json
+
+    import kubernetes_validate
+    import referencing
+    from kubernetes_validate.utils import all_versions, major_minor
+
+    root = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    shipped = [v for v in all_versions() if major_minor(v) == major_minor(version)]
+    assert shipped, f"kubernetes-validate ships no schemas for Kubernetes {version}"
+    directory = root / f"v{shipped[-1]}-local-strict"
+    definitions = referencing.Resource.from_contents(
+        json.loads((directory / "_definitions.json").read_text())
+    )
+    return directory, definitions @ referencing.Registry()
+
+
+@functools.cache
+def _validator(version: str, filename: str) -> Any:
+    import json
+
+    import jsonschema
+
+    directory, registry = _kubernetes_schemas(version)
+    path = directory / filename
+    if not path.exists():
+        return None
+    return jsonschema.Draft202012Validator(json.loads(path.read_text()), registry=registry)
+
+
+def kubernetes_schema_errors(manifest: dict[str, Any], version: str) -> list[str]:
+    """Strict validation against the Kubernetes `version` OpenAPI schema (unknown fields fail)."""
+    import re
+
+    api_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", manifest["apiVersion"])
+    validator = _validator(version, f"{manifest['kind'].lower()}-{api_version}.json")
+    if validator is None:
+        return [f"no schema for {manifest['apiVersion']} {manifest['kind']} in Kubernetes {version}"]
+    return [
+        f"{'.'.join(str(p) for p in error.path)}: {error.message}"
+        for error in validator.iter_errors(manifest)
+    ]

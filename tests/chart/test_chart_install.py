@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from chart_helpers import CHART
+from pss import check_restricted
 
 pytestmark = [pytest.mark.helm, pytest.mark.e2e, pytest.mark.local_kubelet, pytest.mark.slow]
 
@@ -152,7 +153,17 @@ def chart_with_changed_crd(tmp_path: Path) -> Path:
 
 
 def test_install_reconcile_upgrade_uninstall(kube: Kube, tmp_path: Path) -> None:
-    kube.helm("install", RELEASE, str(CHART), "-n", NAMESPACE, "--create-namespace")
+    # A trainer tag of our own: the child Job's image proves the operator read the chart's ConfigMap.
+    kube.helm(
+        "install",
+        RELEASE,
+        str(CHART),
+        "-n",
+        NAMESPACE,
+        "--create-namespace",
+        "--set",
+        "config.images.trainer.tag=chart-e2e",
+    )
 
     crd = kube.get("crd", CRD)
     assert crd is not None, "helm install did not create the CRD from crds/"
@@ -174,16 +185,19 @@ def test_install_reconcile_upgrade_uninstall(kube: Kube, tmp_path: Path) -> None
         "the operator to reconcile the FineTuneJob", lambda: phase_of(kube, "ml", "chart-smoke"), timeout=60
     )
     assert phase == "Suspended"
-    children = kube.get("jobs", "-n", "ml")["items"]
-    assert any(
-        ref["name"] == "chart-smoke"
-        for child in children
-        for ref in child["metadata"].get("ownerReferences", [])
-    ), "no child Job owned by the FineTuneJob"
+    children = [
+        child
+        for child in kube.get("jobs", "-n", "ml")["items"]
+        if any(ref["name"] == "chart-smoke" for ref in child["metadata"].get("ownerReferences", []))
+    ]
+    assert children, "no child Job owned by the FineTuneJob"
+    images = {c["image"] for c in children[0]["spec"]["template"]["spec"]["containers"]}
+    assert images == {"ghcr.io/finetune-operator/trainer:chart-e2e"}
+    assert check_restricted(children[0]["spec"]["template"]["spec"]) == []  # its pods run restricted too
     logs = kube.kubectl("logs", "-n", NAMESPACE, f"deployment/{DEPLOYMENT}").stdout
     assert "job_event' succeeded" in logs, logs  # this pod's handlers did the work
 
-    # The probe and the Service point at live endpoints (each pod has its own loopback IP here).
+    # The liveness probe's and the metrics port's endpoints answer (each pod has its own loopback IP here).
     pod_ip = pod["status"]["podIP"]
     probe = template["livenessProbe"]["httpGet"]
     ports = {p["name"]: p["containerPort"] for p in template["ports"]}
@@ -206,8 +220,28 @@ def test_install_reconcile_upgrade_uninstall(kube: Kube, tmp_path: Path) -> None
     after = kube.get("crd", CRD)
     assert after["metadata"]["uid"] == crd["metadata"]["uid"]
     assert "finetune.dev/chart-upgrade-probe" not in (after["metadata"].get("labels") or {})
+    # The documented CRD upgrade (docs/helm.md) does update it, in place.
+    new_crds = kube.helm("show", "crds", str(tmp_path / "finetune-operator")).stdout
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-", stdin=new_crds)
+    applied = kube.get("crd", CRD)
+    assert applied["metadata"]["uid"] == crd["metadata"]["uid"]
+    assert applied["metadata"]["labels"]["finetune.dev/chart-upgrade-probe"] == "true"
+    assert "kubectl.kubernetes.io/last-applied-configuration" not in (
+        applied["metadata"].get("annotations") or {}
+    )
     upgraded = kube.get("deployment", DEPLOYMENT, "-n", NAMESPACE)
-    assert upgraded["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != checksum
+    new_checksum = upgraded["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert new_checksum != checksum
+    rolled = wait_for(
+        "the operator to roll to the new config",
+        lambda: (
+            (p := operator_pod(kube))
+            and p["metadata"]["annotations"]["checksum/config"] == new_checksum
+            and p
+        ),
+        timeout=60,
+    )
+    assert rolled["metadata"]["uid"] != pod["metadata"]["uid"]
     config = kube.get("configmap", f"{DEPLOYMENT}-config", "-n", NAMESPACE)
     assert yaml.safe_load(config["data"]["config.yaml"])["defaults"]["resyncSeconds"] == 30
 
@@ -241,8 +275,12 @@ def test_namespaced_install_reconciles_only_its_namespaces(kube: Kube) -> None:
         "--set",
         "watchNamespaces={team-a}",
     )
-    if existing is not None:
-        assert kube.get("crd", CRD)["metadata"]["uid"] == existing["metadata"]["uid"]
+    if existing is not None:  # not written at all: same object, same resourceVersion
+        current = kube.get("crd", CRD)["metadata"]
+        assert (current["uid"], current["resourceVersion"]) == (
+            existing["metadata"]["uid"],
+            existing["metadata"]["resourceVersion"],
+        )
     assert kube.get("role", DEPLOYMENT, "-n", "team-a") is not None
     assert kube.get("role", DEPLOYMENT, "-n", "team-b") is None
     assert kube.get("clusterrolebinding", DEPLOYMENT) is None

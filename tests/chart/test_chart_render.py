@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 from chart_helpers import (
     CHART,
     KUBE_VERSIONS,
     by_kind,
+    kubernetes_schema_errors,
     one,
     pod_specs,
     render,
@@ -100,15 +100,19 @@ def test_every_manifest_matches_the_kubernetes_schema(helm: str, values: Path, k
         if custom is not None:
             jsonschema.validate(manifest, custom)
             continue
-        try:
-            kubernetes_validate.validate(manifest, kube_version, strict=True)
-        except kubernetes_validate.ValidationError as error:
-            path = ".".join(str(p) for p in error.path)
-            pytest.fail(
-                f"{values.stem}: {name} invalid for Kubernetes {kube_version}: {path}: {error.message}"
-            )
-        except kubernetes_validate.SchemaNotFoundError as error:
-            pytest.fail(f"{name}: {error.message}")
+        errors = kubernetes_schema_errors(manifest, kube_version)
+        assert errors == [], f"{values.stem}: {name} is invalid for Kubernetes {kube_version}"
+
+
+def test_schema_validation_rejects_unknown_and_mistyped_fields() -> None:
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "x"},
+        "spec": {"ports": [{"port": "http"}], "selectr": {}},
+    }
+    errors = " ".join(kubernetes_schema_errors(manifest, KUBE_VERSIONS[0]))
+    assert "selectr" in errors and "spec.ports.0.port" in errors
 
 
 @pytest.mark.parametrize("values", VALUES, ids=VALUE_IDS)
@@ -119,6 +123,18 @@ def test_every_pod_is_pod_security_restricted(helm: str, values: Path) -> None:
     for name, spec in specs:
         annotations = deployment(manifests)["spec"]["template"]["metadata"].get("annotations", {})
         assert check_restricted(spec, annotations) == [], name
+
+
+@pytest.mark.parametrize("values", VALUES, ids=VALUE_IDS)
+def test_the_operator_pod_reads_no_secret(helm: str, values: Path) -> None:
+    """The operator never reads Secrets: none mounted, none in its environment (pull secrets: the kubelet)."""
+    for name, spec in pod_specs(render(helm, values)):
+        assert not [v for v in spec.get("volumes", []) if "secret" in v or "projected" in v], name
+        for container in spec["containers"] + spec.get("initContainers", []):
+            assert not [e for e in container.get("envFrom", []) if "secretRef" in e], name
+            assert not [
+                e for e in container.get("env", []) if "secretKeyRef" in (e.get("valueFrom") or {})
+            ], name
 
 
 @pytest.mark.parametrize("values", VALUES, ids=VALUE_IDS)
@@ -152,6 +168,8 @@ def test_deployment_runs_one_restricted_operator_with_probe_metrics_and_config(h
         "9090",
         "--liveness-port",
         "8080",
+        "--log-level",
+        "INFO",
     ]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"metrics": 9090, "healthz": 8080}
@@ -230,7 +248,17 @@ def test_custom_gpu_types_reach_the_operator(helm: str, tmp_path: Path) -> None:
     }
     assert config.gpu_type("mi300x-192gb").resource_name == "amd.com/gpu"
     assert config.gpu_type("mi300x-192gb").memory_gib == 192
-    assert "a100-80gb" in config.gpu_types  # helm merges maps: the defaults stay
+    # Helm merges maps: the defaults stay, and one overridden field keeps the rest of its entry.
+    a100 = config.gpu_type("a100-80gb")
+    assert a100.tokens_per_second == 3500
+    assert a100.node_selector == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert a100.resource_name == "nvidia.com/gpu" and a100.memory_gib == 80
+
+
+def test_a_gpu_type_can_be_dropped_from_the_chart_table(helm: str) -> None:
+    manifests = render(helm, extra=("--set", "config.gpuTypes.h100-80gb=null"))
+    table = yaml.safe_load(one(manifests, "ConfigMap")["data"]["config.yaml"])["gpuTypes"]
+    assert "h100-80gb" not in table and "a100-80gb" in table
 
 
 def test_digests_pin_every_image(helm: str, tmp_path: Path) -> None:

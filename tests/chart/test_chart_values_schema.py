@@ -51,7 +51,9 @@ OPEN_OBJECTS = {
     "#/properties/affinity",
     "#/definitions/labelMap",
     "#/definitions/annotationMap",
-    "#/properties/extraEnv/items/properties/valueFrom",
+    "#/properties/extraEnv/items/properties/valueFrom/properties/configMapKeyRef",
+    "#/properties/extraEnv/items/properties/valueFrom/properties/fieldRef",
+    "#/properties/extraEnv/items/properties/valueFrom/properties/resourceFieldRef",
     "#/properties/config/properties/gpuTypes",
 }
 

@@ -83,6 +83,8 @@ def test_base_is_a_pinned_slim_python_matching_the_project(steps) -> None:
 def test_runs_as_a_numeric_non_root_user_matching_the_chart(steps) -> None:
     users = [arg for op, arg in final_stage(steps) if op == "USER"]
     assert users, "the final stage must set USER"
+    last_user = max(i for i, (op, _) in enumerate(steps) if op == "USER")
+    assert all(op != "RUN" for op, _ in steps[last_user:]), "nothing may run as root after USER"
     uid, _, gid = users[-1].partition(":")
     assert uid.isdigit() and int(uid) > 0, "USER must be a numeric non-root uid (runAsNonRoot checks it)"
     assert not gid or (gid.isdigit() and int(gid) > 0)

@@ -9,6 +9,7 @@ skipped there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -85,8 +86,18 @@ spec:
 WIDGET_GROUP, WIDGET_VERSION, WIDGET_PLURAL = "conformance.example.com", "v1", "widgets"
 
 
+SHARED_PLUGIN = "localcluster.pytest_plugin"
+
+
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "emulator: needs the in-process API emulator (skipped against a real cluster)")
+    config.addinivalue_line(
+        "markers", "emulator: needs the in-process API emulator (skipped against a real cluster)"
+    )
+    # One cluster per session: use the embedded cluster's shared `local_cluster` fixture (API emulator + local
+    # kubelet + S3), whether or not a top-level conftest registered the plugin already.
+    if not config.pluginmanager.hasplugin(SHARED_PLUGIN):
+        with contextlib.suppress(ImportError):
+            config.pluginmanager.import_plugin(SHARED_PLUGIN)
 
 
 @dataclass
@@ -94,16 +105,18 @@ class Cluster:
     kubeconfig: str
     api_url: str
     apiserver: Any  # the ApiServer when the emulator runs in-process, else None
-    loop: asyncio.AbstractEventLoop | None = None
+    run_on_loop: Callable[[Any], Any] | None = (
+        None  # runs a coroutine on the emulator's loop, returns its result
+    )
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the emulator's event loop thread (the ApiServer is not thread-safe)."""
-        assert self.loop is not None
+        assert self.run_on_loop is not None
 
         async def run() -> Any:
             return fn()
 
-        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+        return self.run_on_loop(run())
 
 
 def _start_emulator(workdir: Path) -> tuple[Cluster, Callable[[], None]]:
@@ -133,11 +146,21 @@ def _start_emulator(workdir: Path) -> tuple[Cluster, Callable[[], None]]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
 
-    return Cluster(kubeconfig, server.url, server, loop), stop
+    def run_on_loop(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
+
+    return Cluster(kubeconfig, server.url, server, run_on_loop), stop
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    if request.config.pluginmanager.hasplugin(SHARED_PLUGIN):
+        shared = request.getfixturevalue("local_cluster")  # embedded cluster, or KUBECONFIG's cluster
+        if shared.apiserver is None:
+            yield Cluster(str(shared.kubeconfig), shared.api_url, None)
+        else:
+            yield Cluster(str(shared.kubeconfig), shared.api_url, shared.apiserver, shared.call)
+        return
     external = os.environ.get("KUBECONFIG")
     if external:
         from kubernetes import config as kconfig
@@ -145,6 +168,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         loaded = kconfig.new_client_from_config(config_file=external)
         yield Cluster(external, loaded.configuration.host, None)
         return
+    # Fallback when the embedded cluster package is unavailable: the API emulator alone.
     cluster, stop = _start_emulator(tmp_path_factory.mktemp("emulator"))
     try:
         yield cluster
@@ -190,7 +214,12 @@ class Raw:
                 headers[auth["key"]] = auth["value"]
         data = body if isinstance(body, (bytes, str)) or body is None else json.dumps(body)
         response = self.api.rest_client.pool_manager.request(
-            method, self.cfg.host + path, body=data, headers=headers, timeout=timeout, preload_content=preload,
+            method,
+            self.cfg.host + path,
+            body=data,
+            headers=headers,
+            timeout=timeout,
+            preload_content=preload,
             retries=False,
         )
         if not preload:
@@ -213,7 +242,9 @@ def widget_crd(raw: Raw) -> dict[str, Any]:
     name = WIDGET_CRD["metadata"]["name"]
     status, body, _ = raw.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
     if status == 404:
-        status, body, _ = raw.request("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", WIDGET_CRD)
+        status, body, _ = raw.request(
+            "POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", WIDGET_CRD
+        )
         assert status == 201, body
     wait_for(lambda: raw.request("GET", f"/apis/{WIDGET_GROUP}/{WIDGET_VERSION}")[0] == 200, "CRD served")
     return body
@@ -249,9 +280,12 @@ class Kubectl:
     def argv(self, *args: str) -> list[str]:
         return [self.binary, f"--kubeconfig={self.kubeconfig}", f"--cache-dir={self.cache_dir}", *args]
 
-    def __call__(self, *args: str, input: str | None = None, check: bool = True,
-                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(self.argv(*args), input=input, capture_output=True, text=True, timeout=timeout)
+    def __call__(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            self.argv(*args), input=input, capture_output=True, text=True, timeout=timeout
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
@@ -264,8 +298,12 @@ class Kubectl:
 
 
 @pytest.fixture(scope="session", params=sorted(KUBECTLS))
-def kubectl(request: pytest.FixtureRequest, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Kubectl:
+def kubectl(
+    request: pytest.FixtureRequest, cluster: Cluster, tmp_path_factory: pytest.TempPathFactory
+) -> Kubectl:
     binary = KUBECTLS[request.param]
     if not (os.path.exists(binary) or shutil.which(binary)):
         pytest.skip(f"kubectl {request.param} is not installed ({binary})")
-    return Kubectl(binary, request.param, cluster.kubeconfig, tmp_path_factory.mktemp(f"kubectl-{request.param}"))
+    return Kubectl(
+        binary, request.param, cluster.kubeconfig, tmp_path_factory.mktemp(f"kubectl-{request.param}")
+    )

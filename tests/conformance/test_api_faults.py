@@ -16,8 +16,9 @@ def cm(name: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {}}
 
 
-def test_injected_errors_match_verb_resource_and_count(raw: Raw, namespace: str, cluster: Cluster,
-                                                       emulator: Any) -> None:
+def test_injected_errors_match_verb_resource_and_count(
+    raw: Raw, namespace: str, cluster: Cluster, emulator: Any
+) -> None:
     path = f"/api/v1/namespaces/{namespace}/configmaps"
     fault = cluster.call(lambda: emulator.add_fault("create", "configmaps", 429, count=1, retry_after=3))
     try:
@@ -25,20 +26,25 @@ def test_injected_errors_match_verb_resource_and_count(raw: Raw, namespace: str,
         assert (status, body["reason"], headers["Retry-After"]) == (429, "TooManyRequests", "3")
         assert raw.request("POST", path, cm("a"))[0] == 201  # count exhausted
         cluster.call(lambda: emulator.add_fault("patch", "configmaps", 409, count=1))
-        status, body, _ = raw.request("PATCH", f"{path}/a", {"data": {"x": "y"}}, "application/merge-patch+json")
+        status, body, _ = raw.request(
+            "PATCH", f"{path}/a", {"data": {"x": "y"}}, "application/merge-patch+json"
+        )
         assert (status, body["reason"]) == (409, "Conflict")
         cluster.call(lambda: emulator.add_fault("get", "*", 500, rate=1.0, namespace=namespace))
         status, body, _ = raw.request("GET", f"{path}/a")
         assert (status, body["reason"]) == (500, "InternalError")
-        assert raw.request("GET", "/api/v1/namespaces/default/configmaps")[0] == 200  # other namespace unaffected
+        assert (
+            raw.request("GET", "/api/v1/namespaces/default/configmaps")[0] == 200
+        )  # other namespace unaffected
     finally:
         cluster.call(emulator.clear_faults)
     assert fault.hits == 1
     assert raw.request("GET", f"{path}/a")[0] == 200
 
 
-def test_counters_count_requests_and_writes_by_verb_and_resource(raw: Raw, namespace: str, cluster: Cluster,
-                                                                 emulator: Any) -> None:
+def test_counters_count_requests_and_writes_by_verb_and_resource(
+    raw: Raw, namespace: str, cluster: Cluster, emulator: Any
+) -> None:
     before = dict(emulator.counters.writes)
     path = f"/api/v1/namespaces/{namespace}/configmaps"
     raw.request("POST", path, cm("counted"))
@@ -82,13 +88,21 @@ def test_latency_pause_and_watch_drop(raw: Raw, namespace: str, cluster: Cluster
     response.release_conn()
 
 
-def test_pod_logs_come_from_the_registered_provider(raw: Raw, namespace: str, cluster: Cluster,
-                                                    emulator: Any) -> None:
+def test_pod_logs_come_from_the_registered_provider(
+    raw: Raw, namespace: str, cluster: Cluster, emulator: Any
+) -> None:
     pods = f"/api/v1/namespaces/{namespace}/pods"
-    raw.request("POST", pods, {"metadata": {"name": "logger"}, "spec": {"containers": [
-        {"name": "a", "image": "busybox"}, {"name": "b", "image": "busybox"}]}})
-    status, body, _ = raw.request("GET", f"{pods}/logger/log?container=a")
-    assert status == 400 and "waiting to start" in body["message"]
+    raw.request(
+        "POST",
+        pods,
+        {
+            "metadata": {"name": "logger"},
+            "spec": {
+                "nodeSelector": {"conformance.example.com/no-such-node": "true"},
+                "containers": [{"name": "a", "image": "busybox"}, {"name": "b", "image": "busybox"}],
+            },
+        },
+    )
     calls: list[tuple[Any, ...]] = []
 
     def provider(ns: str, pod: str, container: str, **options: Any) -> str:
@@ -96,8 +110,11 @@ def test_pod_logs_come_from_the_registered_provider(raw: Raw, namespace: str, cl
         return "one\ntwo\n"
 
     previous = emulator.log_provider
-    emulator.log_provider = provider
     try:
+        emulator.log_provider = None  # no kubelet: the container never started
+        status, body, _ = raw.request("GET", f"{pods}/logger/log?container=a")
+        assert status == 400 and "waiting to start" in body["message"]
+        emulator.log_provider = provider
         status, body, _ = raw.request("GET", f"{pods}/logger/log")
         assert status == 400 and "choose one of: [a b]" in body["message"]
         status, body, _ = raw.request("GET", f"{pods}/logger/log?container=zzz")

@@ -45,13 +45,22 @@ def test_kopf_operator_handles_create_status_and_finalizers(
     log = (tmp_path / "kopf.log").open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", namespace, str(script)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     path = f"/apis/{WIDGET_GROUP}/{WIDGET_VERSION}/namespaces/{namespace}/{WIDGET_PLURAL}"
     try:
-        status, body, _ = raw.request("POST", path, {"apiVersion": f"{WIDGET_GROUP}/{WIDGET_VERSION}",
-                                                     "kind": "Widget", "metadata": {"name": "k"},
-                                                     "spec": {"size": 4}})
+        status, body, _ = raw.request(
+            "POST",
+            path,
+            {
+                "apiVersion": f"{WIDGET_GROUP}/{WIDGET_VERSION}",
+                "kind": "Widget",
+                "metadata": {"name": "k"},
+                "spec": {"size": 4},
+            },
+        )
         assert status == 201, body
 
         def handled() -> Any:
@@ -64,7 +73,9 @@ def test_kopf_operator_handles_create_status_and_finalizers(
         assert any(a.startswith("kopf.zalando.org/") for a in obj["metadata"]["annotations"])
         assert any(f.startswith("kopf.zalando.org") for f in obj["metadata"]["finalizers"])
         assert raw.request("DELETE", f"{path}/k")[0] in (200, 202)
-        wait_for(lambda: raw.request("GET", f"{path}/k")[0] == 404, "finalizer released", timeout=40, interval=0.2)
+        wait_for(
+            lambda: raw.request("GET", f"{path}/k")[0] == 404, "finalizer released", timeout=40, interval=0.2
+        )
         assert raw.request("GET", f"/api/v1/namespaces/{namespace}/configmaps/deleted-k")[0] == 200
     finally:
         process.terminate()

@@ -41,12 +41,18 @@ def test_watch_resumes_from_resource_version_with_selector(raw: Raw, namespace: 
     since = first["metadata"]["resourceVersion"]
     raw.request("POST", path, cm("w2", labels={"watch": "no"}))
     raw.request("PATCH", f"{path}/w1", {"data": {"k": "2"}}, "application/merge-patch+json")
-    raw.request("PATCH", f"{path}/w2", {"metadata": {"labels": {"watch": "yes"}}}, "application/merge-patch+json")
+    raw.request(
+        "PATCH", f"{path}/w2", {"metadata": {"labels": {"watch": "yes"}}}, "application/merge-patch+json"
+    )
     raw.request("DELETE", f"{path}/w1")
-    events = read_events(raw, f"{path}?watch=true&resourceVersion={since}&labelSelector=watch%3Dyes&timeoutSeconds=5",
-                         until=3)
+    events = read_events(
+        raw, f"{path}?watch=true&resourceVersion={since}&labelSelector=watch%3Dyes&timeoutSeconds=5", until=3
+    )
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
-        ("MODIFIED", "w1"), ("ADDED", "w2"), ("DELETED", "w1")]
+        ("MODIFIED", "w1"),
+        ("ADDED", "w2"),
+        ("DELETED", "w1"),
+    ]
     versions = [int(e["object"]["metadata"]["resourceVersion"]) for e in events]
     assert versions == sorted(versions) and versions[0] > int(since)
 
@@ -65,7 +71,9 @@ def test_watch_without_version_starts_with_current_state_then_bookmarks(raw: Raw
 
 
 def test_watch_from_compacted_version_is_410_gone(raw: Raw, namespace: str) -> None:
-    events = read_events(raw, f"/api/v1/namespaces/{namespace}/configmaps?watch=true&resourceVersion=1", until=1)
+    events = read_events(
+        raw, f"/api/v1/namespaces/{namespace}/configmaps?watch=true&resourceVersion=1", until=1
+    )
     assert events[0]["type"] == "ERROR"
     assert events[0]["object"]["code"] == 410 and events[0]["object"]["reason"] in ("Expired", "Gone")
 
@@ -74,8 +82,11 @@ def test_send_initial_events_ends_with_marked_bookmark(raw: Raw, namespace: str,
     path = f"/api/v1/namespaces/{namespace}/configmaps"
     raw.request("POST", path, cm("init"))
     events = read_events(
-        raw, f"{path}?watch=true&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan"
-             "&timeoutSeconds=5", until=2)
+        raw,
+        f"{path}?watch=true&sendInitialEvents=true&allowWatchBookmarks=true&resourceVersionMatch=NotOlderThan"
+        "&timeoutSeconds=5",
+        until=2,
+    )
     assert events[0]["type"] == "ADDED"
     assert events[1]["type"] == "BOOKMARK"
     assert events[1]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"] == "true"
@@ -86,15 +97,22 @@ def test_python_client_watch_and_list(api: Any, namespace: str) -> None:
 
     core = client.CoreV1Api(api)
     listed = core.list_namespaced_config_map(namespace)
-    core.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="py"),
-                                                                    data={"a": "b"}))
-    stream = watch.Watch().stream(core.list_namespaced_config_map, namespace,
-                                  resource_version=listed.metadata.resource_version, timeout_seconds=3)
+    core.create_namespaced_config_map(
+        namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="py"), data={"a": "b"})
+    )
+    stream = watch.Watch().stream(
+        core.list_namespaced_config_map,
+        namespace,
+        resource_version=listed.metadata.resource_version,
+        timeout_seconds=3,
+    )
     seen = []
     for event in stream:
         seen.append((event["type"], event["object"].metadata.name))
         break
     assert seen == [("ADDED", "py")]
     with pytest.raises(client.ApiException) as info:
-        core.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="py")))
+        core.create_namespaced_config_map(
+            namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="py"))
+        )
     assert info.value.status == 409 and json.loads(info.value.body)["reason"] == "AlreadyExists"

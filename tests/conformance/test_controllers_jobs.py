@@ -7,7 +7,6 @@ import sys
 
 import pytest
 from kubernetes import client
-
 from localcluster.pytest_plugin import condition, events, job, job_pods, pod, wait_for
 
 pytestmark = pytest.mark.local_kubelet
@@ -20,10 +19,21 @@ def ns(lc_namespace):
 
 
 def create_job(api, ns, name, command, **spec):
-    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
-            "spec": {"template": {"spec": {"restartPolicy": "Never", "terminationGracePeriodSeconds": 2,
-                                           "containers": [{"name": "main", "image": "busybox",
-                                                           "command": command}]}}, **spec}}
+    body = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [{"name": "main", "image": "busybox", "command": command}],
+                }
+            },
+            **spec,
+        },
+    }
     client.BatchV1Api(api).create_namespaced_job(ns, body)
 
 
@@ -51,8 +61,12 @@ def test_job_completes_with_real_pod_names_labels_and_conditions(lc_api, ns, lc_
     assert labels["batch.kubernetes.io/job-name"] == "ok"
     assert labels["batch.kubernetes.io/controller-uid"] == obj["metadata"]["uid"]
     owner = only["metadata"]["ownerReferences"][0]
-    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("Job", "ok", obj["metadata"]["uid"],
-                                                                                True)
+    assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+        "Job",
+        "ok",
+        obj["metadata"]["uid"],
+        True,
+    )
     assert any(e["reason"] == "SuccessfulCreate" for e in events(lc_api, ns, "ok"))
 
 
@@ -72,22 +86,33 @@ def test_backoff_limit_two_retries_twice_then_fails(lc_api, ns):
 
 
 def test_pod_failure_policy_fail_job_on_exit_code(lc_api, ns):
-    policy = {"rules": [{"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In",
-                                                              "values": [42]}}]}
+    policy = {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": "main", "operator": "In", "values": [42]}}
+        ]
+    }
     create_job(lc_api, ns, "fatal", ["sh", "-c", "exit 42"], backoffLimit=6, podFailurePolicy=policy)
     obj = wait_for(lambda: finished(lc_api, ns, "fatal"), timeout=30, what="job to fail")
     failed = condition(obj, "Failed")
     (only,) = job_pods(lc_api, ns, "fatal")
     assert failed["reason"] == "PodFailurePolicy"
-    assert failed["message"] == (f"Container main for pod {ns}/{only['metadata']['name']} failed with exit code 42 "
-                                 "matching FailJob rule at index 0")
+    assert failed["message"] == (
+        f"Container main for pod {ns}/{only['metadata']['name']} failed with exit code 42 "
+        "matching FailJob rule at index 0"
+    )
     assert obj["status"]["failed"] == 1
 
 
 def test_pod_failure_policy_ignores_disruption(lc_api, ns):
     policy = {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
-    create_job(lc_api, ns, "tolerant", [PY, "-c", "import time; time.sleep(30)"], backoffLimit=0,
-               podFailurePolicy=policy)
+    create_job(
+        lc_api,
+        ns,
+        "tolerant",
+        [PY, "-c", "import time; time.sleep(30)"],
+        backoffLimit=0,
+        podFailurePolicy=policy,
+    )
 
     def running_pod():
         pods = [p for p in job_pods(lc_api, ns, "tolerant") if p["status"].get("phase") == "Running"]
@@ -95,9 +120,15 @@ def test_pod_failure_policy_ignores_disruption(lc_api, ns):
 
     first = wait_for(running_pod, what="first pod running")["metadata"]["name"]
     client.CoreV1Api(lc_api).create_namespaced_pod_eviction(
-        first, ns, {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": first, "namespace": ns}})
-    second = wait_for(lambda: (p := running_pod()) and p["metadata"]["name"] != first and p, timeout=30,
-                      what="replacement pod")
+        first,
+        ns,
+        {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": first, "namespace": ns}},
+    )
+    second = wait_for(
+        lambda: (p := running_pod()) and p["metadata"]["name"] != first and p,
+        timeout=30,
+        what="replacement pod",
+    )
     obj = job(lc_api, ns, "tolerant")
     assert second["metadata"]["name"].startswith("tolerant-")
     assert not obj["status"].get("failed")
@@ -106,21 +137,32 @@ def test_pod_failure_policy_ignores_disruption(lc_api, ns):
 
 def test_suspend_and_resume(lc_api, ns):
     create_job(lc_api, ns, "later", [PY, "-c", "import time; time.sleep(30)"], suspend=True)
-    obj = wait_for(lambda: (o := job(lc_api, ns, "later")) and condition(o, "Suspended") and o, what="Suspended")
+    obj = wait_for(
+        lambda: (o := job(lc_api, ns, "later")) and condition(o, "Suspended") and o, what="Suspended"
+    )
     suspended = condition(obj, "Suspended")
     assert (suspended["status"], suspended["reason"]) == ("True", "JobSuspended")
     assert job_pods(lc_api, ns, "later") == []
     batch = client.BatchV1Api(lc_api)
     batch.patch_namespaced_job("later", ns, {"spec": {"suspend": False}})
-    wait_for(lambda: any(p["status"].get("phase") == "Running" for p in job_pods(lc_api, ns, "later")),
-             what="pod running after resume")
+    wait_for(
+        lambda: any(p["status"].get("phase") == "Running" for p in job_pods(lc_api, ns, "later")),
+        what="pod running after resume",
+    )
     resumed = condition(job(lc_api, ns, "later"), "Suspended")
     assert (resumed["status"], resumed["reason"]) == ("False", "JobResumed")
     batch.patch_namespaced_job("later", ns, {"spec": {"suspend": True}})
-    wait_for(lambda: job_pods(lc_api, ns, "later") == [] or all(
-        p["metadata"].get("deletionTimestamp") for p in job_pods(lc_api, ns, "later")), what="pods deleted")
-    obj = wait_for(lambda: (o := job(lc_api, ns, "later")) and not o["status"].get("active") and o,
-                   what="active back to 0")
+    wait_for(
+        lambda: (
+            job_pods(lc_api, ns, "later") == []
+            or all(p["metadata"].get("deletionTimestamp") for p in job_pods(lc_api, ns, "later"))
+        ),
+        what="pods deleted",
+    )
+    obj = wait_for(
+        lambda: (o := job(lc_api, ns, "later")) and not o["status"].get("active") and o,
+        what="active back to 0",
+    )
     assert condition(obj, "Suspended")["status"] == "True"
     assert not obj["status"].get("failed")  # pods removed by suspension are not failures
 

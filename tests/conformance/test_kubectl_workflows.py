@@ -31,8 +31,14 @@ spec:
 
 
 def widget_yaml(name: str, size: int = 2, **labels: str) -> str:
-    return yaml.safe_dump({"apiVersion": "conformance.example.com/v1", "kind": "Widget",
-                           "metadata": {"name": name, "labels": labels}, "spec": {"size": size}})
+    return yaml.safe_dump(
+        {
+            "apiVersion": "conformance.example.com/v1",
+            "kind": "Widget",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {"size": size},
+        }
+    )
 
 
 def test_api_resources_lists_builtins_and_custom_resources(kubectl: Kubectl, widget_crd: Any) -> None:
@@ -51,11 +57,28 @@ def test_apply_crd_is_idempotent_and_established(kubectl: Kubectl, widget_crd: A
     kubectl("wait", "--for=condition=Established", "crd/widgets.conformance.example.com", "--timeout=10s")
 
 
-def test_apply_custom_resource_and_get_printer_columns(kubectl: Kubectl, namespace: str, widget_crd: Any) -> None:
-    assert "created" in kubectl("apply", "-n", namespace, "-f", "-", input=widget_yaml("w1", 3, app="demo")).stdout
-    assert "unchanged" in kubectl("apply", "-n", namespace, "-f", "-", input=widget_yaml("w1", 3, app="demo")).stdout
-    kubectl("patch", "-n", namespace, "widget", "w1", "--subresource=status", "--type=merge",
-            "-p", '{"status":{"phase":"Running","conditions":[{"type":"Ready","status":"True"}]}}')
+def test_apply_custom_resource_and_get_printer_columns(
+    kubectl: Kubectl, namespace: str, widget_crd: Any
+) -> None:
+    assert (
+        "created"
+        in kubectl("apply", "-n", namespace, "-f", "-", input=widget_yaml("w1", 3, app="demo")).stdout
+    )
+    assert (
+        "unchanged"
+        in kubectl("apply", "-n", namespace, "-f", "-", input=widget_yaml("w1", 3, app="demo")).stdout
+    )
+    kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "widget",
+        "w1",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status":{"phase":"Running","conditions":[{"type":"Ready","status":"True"}]}}',
+    )
     lines = kubectl("get", "-n", namespace, "wdg").stdout.splitlines()
     assert lines[0].split() == ["NAME", "SIZE", "PHASE", "READY", "AGE"]
     assert lines[1].split()[:4] == ["w1", "3", "Running", "True"]
@@ -81,6 +104,21 @@ def test_apply_rejects_invalid_custom_resources(kubectl: Kubectl, namespace: str
     assert result.returncode != 0 and 'unknown field "spec.colour"' in result.stderr
     kubectl("apply", "-n", namespace, "--validate=false", "-f", "-", input=unknown)
     assert "colour" not in kubectl.json("get", "-n", namespace, "widget", "unknown")["spec"]
+    # Built-in kinds too: server-side field validation names every unknown field.
+    typo = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "typo"},
+        "spec": {
+            "nodeSelector": {"conformance.example.com/no-such-node": "true"},
+            "containers": [{"name": "c", "image": "busybox", "imagePullPolicyy": "Always"}],
+        },
+    }
+    result = kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(typo), check=False)
+    assert result.returncode != 0
+    assert 'unknown field "spec.containers[0].imagePullPolicyy"' in result.stderr
+    result = kubectl("apply", "-n", namespace, "--validate=warn", "-f", "-", input=json.dumps(typo))
+    assert 'unknown field "spec.containers[0].imagePullPolicyy"' in result.stderr
 
 
 def test_apply_builtin_uses_strategic_merge(kubectl: Kubectl, namespace: str) -> None:
@@ -89,17 +127,45 @@ def test_apply_builtin_uses_strategic_merge(kubectl: Kubectl, namespace: str) ->
     assert "configured" in kubectl("apply", "-n", namespace, "-f", "-", input=changed).stdout
     obj = kubectl.json("get", "-n", namespace, "deploy", "web")
     assert obj["spec"]["template"]["spec"]["containers"][0]["env"] == [
-        {"name": "A", "value": "1"}, {"name": "B", "value": "3"}, {"name": "C", "value": "4"}]
+        {"name": "A", "value": "1"},
+        {"name": "B", "value": "3"},
+        {"name": "C", "value": "4"},
+    ]
     assert obj["metadata"]["generation"] == 2
-    kubectl("patch", "-n", namespace, "deploy", "web",
-            "-p", '{"spec":{"template":{"spec":{"containers":[{"name":"side","image":"busybox:1.37"}]}}}}')
-    images = kubectl("get", "-n", namespace, "deploy", "web", "-o",
-                     "jsonpath={.spec.template.spec.containers[*].image}").stdout
+    kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "deploy",
+        "web",
+        "-p",
+        '{"spec":{"template":{"spec":{"containers":[{"name":"side","image":"busybox:1.37"}]}}}}',
+    )
+    images = kubectl(
+        "get", "-n", namespace, "deploy", "web", "-o", "jsonpath={.spec.template.spec.containers[*].image}"
+    ).stdout
     assert images == "nginx:1.27 busybox:1.37"
-    kubectl("patch", "-n", namespace, "deploy", "web", "--type=json",
-            "-p", '[{"op":"replace","path":"/spec/replicas","value":3}]')
-    result = kubectl("patch", "-n", namespace, "deploy", "web", "--type=json",
-                     "-p", '[{"op":"test","path":"/spec/replicas","value":9}]', check=False)
+    kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "deploy",
+        "web",
+        "--type=json",
+        "-p",
+        '[{"op":"replace","path":"/spec/replicas","value":3}]',
+    )
+    result = kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "deploy",
+        "web",
+        "--type=json",
+        "-p",
+        '[{"op":"test","path":"/spec/replicas","value":9}]',
+        check=False,
+    )
     assert result.returncode != 0
     kubectl("scale", "-n", namespace, "deploy", "web", "--replicas=5")
     header = kubectl("get", "-n", namespace, "deploy").stdout.splitlines()[0].split()
@@ -119,7 +185,8 @@ def test_get_with_label_selectors_and_label_annotate(kubectl: Kubectl, namespace
     assert names("-l", "tier=web") == ["configmap/a"]
     assert names("-l", "tier in (web,db)") == ["configmap/a", "configmap/b"]
     assert names("-l", "!tier") == ["configmap/c", "configmap/kube-root-ca.crt"] or names("-l", "!tier") == [
-        "configmap/c"]
+        "configmap/c"
+    ]
     kubectl("label", "-n", namespace, "cm", "a", "tier=api", "--overwrite")
     kubectl("annotate", "-n", namespace, "cm", "a", "note=hello")
     obj = kubectl.json("get", "-n", namespace, "cm", "a")
@@ -133,7 +200,9 @@ def test_get_with_label_selectors_and_label_annotate(kubectl: Kubectl, namespace
     assert result.returncode != 0 and "already has a value" in result.stderr
 
 
-def test_replace_with_stale_resource_version_conflicts(kubectl: Kubectl, namespace: str, tmp_path: Any) -> None:
+def test_replace_with_stale_resource_version_conflicts(
+    kubectl: Kubectl, namespace: str, tmp_path: Any
+) -> None:
     kubectl("create", "configmap", "rep", "-n", namespace, "--from-literal=k=1")
     stale = tmp_path / "stale.yaml"
     stale.write_text(kubectl("get", "-n", namespace, "cm", "rep", "-o", "yaml").stdout)
@@ -150,10 +219,23 @@ def test_replace_with_stale_resource_version_conflicts(kubectl: Kubectl, namespa
 def _owner_and_dependent(kubectl: Kubectl, namespace: str, suffix: str) -> None:
     kubectl("create", "configmap", f"owner-{suffix}", "-n", namespace)
     uid = kubectl.json("get", "-n", namespace, "cm", f"owner-{suffix}")["metadata"]["uid"]
-    dependent = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
-        "name": f"dep-{suffix}", "namespace": namespace,
-        "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": f"owner-{suffix}", "uid": uid,
-                             "blockOwnerDeletion": True}]}}
+    dependent = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": f"dep-{suffix}",
+            "namespace": namespace,
+            "ownerReferences": [
+                {
+                    "apiVersion": "v1",
+                    "kind": "ConfigMap",
+                    "name": f"owner-{suffix}",
+                    "uid": uid,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+    }
     kubectl("create", "-f", "-", input=json.dumps(dependent))
 
 
@@ -177,13 +259,25 @@ def test_delete_cascade_modes(kubectl: Kubectl, namespace: str, cascade: str) ->
 
 def test_wait_for_condition_and_jsonpath(kubectl: Kubectl, namespace: str, widget_crd: Any) -> None:
     kubectl("apply", "-n", namespace, "-f", "-", input=widget_yaml("waited", 2))
-    condition = kubectl.popen("wait", "-n", namespace, "widget/waited", "--for=condition=Ready", "--timeout=20s")
-    jsonpath = kubectl.popen("wait", "-n", namespace, "widget/waited", "--for=jsonpath={.status.phase}=Running",
-                             "--timeout=20s")
+    condition = kubectl.popen(
+        "wait", "-n", namespace, "widget/waited", "--for=condition=Ready", "--timeout=20s"
+    )
+    jsonpath = kubectl.popen(
+        "wait", "-n", namespace, "widget/waited", "--for=jsonpath={.status.phase}=Running", "--timeout=20s"
+    )
     time.sleep(0.5)
     assert condition.poll() is None and jsonpath.poll() is None
-    kubectl("patch", "-n", namespace, "widget", "waited", "--subresource=status", "--type=merge",
-            "-p", '{"status":{"phase":"Running","conditions":[{"type":"Ready","status":"True"}]}}')
+    kubectl(
+        "patch",
+        "-n",
+        namespace,
+        "widget",
+        "waited",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        '{"status":{"phase":"Running","conditions":[{"type":"Ready","status":"True"}]}}',
+    )
     assert condition.wait(20) == 0, condition.stderr.read() if condition.stderr else ""
     assert jsonpath.wait(20) == 0
     kubectl("delete", "-n", namespace, "widget", "waited", "--wait=false")
@@ -203,22 +297,42 @@ def test_get_watch_streams_changes(kubectl: Kubectl, namespace: str) -> None:
 
 
 def test_describe_shows_events(kubectl: Kubectl, namespace: str, raw: Raw, widget_crd: Any) -> None:
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "described", "namespace": namespace},
-           "spec": {"containers": [{"name": "c", "image": "busybox:1.36", "command": ["sh", "-c", "true"]}]}}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "described", "namespace": namespace},
+        "spec": {"containers": [{"name": "c", "image": "busybox:1.36", "command": ["sh", "-c", "true"]}]},
+    }
     kubectl("apply", "-f", "-", input=json.dumps(pod))
     uid = kubectl.json("get", "-n", namespace, "pod", "described")["metadata"]["uid"]
-    event = {"metadata": {"generateName": "described."}, "type": "Warning", "reason": "ConformanceCheck",
-             "message": "something noteworthy", "count": 1, "source": {"component": "conformance"},
-             "involvedObject": {"kind": "Pod", "apiVersion": "v1", "namespace": namespace, "name": "described",
-                                "uid": uid}}
+    event = {
+        "metadata": {"generateName": "described."},
+        "type": "Warning",
+        "reason": "ConformanceCheck",
+        "message": "something noteworthy",
+        "count": 1,
+        "source": {"component": "conformance"},
+        "involvedObject": {
+            "kind": "Pod",
+            "apiVersion": "v1",
+            "namespace": namespace,
+            "name": "described",
+            "uid": uid,
+        },
+    }
     assert raw.request("POST", f"/api/v1/namespaces/{namespace}/events", event)[0] == 201
     out = kubectl("describe", "-n", namespace, "pod", "described").stdout
     assert "Name:" in out and "described" in out and "busybox:1.36" in out
     assert "ConformanceCheck" in out and "something noteworthy" in out
     kubectl("apply", "-n", namespace, "-f", "-", input=widget_yaml("described", 2))
     wuid = kubectl.json("get", "-n", namespace, "widget", "described")["metadata"]["uid"]
-    event["involvedObject"] = {"kind": "Widget", "apiVersion": "conformance.example.com/v1", "namespace": namespace,
-                               "name": "described", "uid": wuid}
+    event["involvedObject"] = {
+        "kind": "Widget",
+        "apiVersion": "conformance.example.com/v1",
+        "namespace": namespace,
+        "name": "described",
+        "uid": wuid,
+    }
     event["reason"] = "WidgetEvent"
     raw.request("POST", f"/api/v1/namespaces/{namespace}/events", event)
     out = kubectl("describe", "-n", namespace, "widget", "described").stdout
@@ -228,17 +342,30 @@ def test_describe_shows_events(kubectl: Kubectl, namespace: str, raw: Raw, widge
 
 
 def test_get_builtin_default_columns(kubectl: Kubectl, namespace: str) -> None:
-    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "namespace": namespace},
-           "spec": {"template": {"spec": {"restartPolicy": "Never",
-                                          "containers": [{"name": "c", "image": "busybox:1.36"}]}}}}
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "j", "namespace": namespace},
+        "spec": {
+            "template": {
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox:1.36"}]}
+            }
+        },
+    }
     kubectl("create", "-f", "-", input=json.dumps(job))
     header = kubectl("get", "-n", namespace, "jobs").stdout.splitlines()[0].split()
     assert header[0] == "NAME" and "COMPLETIONS" in header and header[-1] == "AGE"
     job = kubectl.json("get", "-n", namespace, "job", "j")
     assert job["spec"]["backoffLimit"] == 6
-    assert job["spec"]["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"] == job["metadata"]["uid"]
-    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "svc", "namespace": namespace},
-               "spec": {"selector": {"app": "x"}, "ports": [{"port": 80, "targetPort": 8080}]}}
+    assert (
+        job["spec"]["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"] == job["metadata"]["uid"]
+    )
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "svc", "namespace": namespace},
+        "spec": {"selector": {"app": "x"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
     kubectl("apply", "-f", "-", input=json.dumps(service))
     header = kubectl("get", "-n", namespace, "svc").stdout.splitlines()[0].split()
     assert header[:3] == ["NAME", "TYPE", "CLUSTER-IP"]

@@ -9,7 +9,6 @@ import time
 
 import pytest
 from kubernetes import client, watch
-
 from localcluster.pytest_plugin import condition, events, pod, pod_phase, wait_for
 
 pytestmark = pytest.mark.local_kubelet
@@ -22,14 +21,28 @@ def ns(lc_namespace):
 
 
 def create_pod(api, ns, spec, name="p", labels=None):
-    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels or {}}, "spec": spec}
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": spec,
+    }
     client.CoreV1Api(api).create_namespaced_pod(ns, body)
     return name
 
 
 def test_failed_pod_reports_exit_code_and_logs(lc_api, ns, lc_kubectl):
-    lc_kubectl("run", "hello", "--image=busybox", "--restart=Never", "--", "sh", "-c", "echo hello; exit 3",
-            namespace=ns)
+    lc_kubectl(
+        "run",
+        "hello",
+        "--image=busybox",
+        "--restart=Never",
+        "--",
+        "sh",
+        "-c",
+        "echo hello; exit 3",
+        namespace=ns,
+    )
     done = wait_for(lambda: pod_phase(lc_api, ns, "hello"), what="pod to finish")
     assert done["status"]["phase"] == "Failed"
     terminated = done["status"]["containerStatuses"][0]["state"]["terminated"]
@@ -44,36 +57,73 @@ def test_failed_pod_reports_exit_code_and_logs(lc_api, ns, lc_kubectl):
 
 def test_env_from_secret_configmap_and_downward_api(lc_api, ns, lc_kubectl_one):
     core = client.CoreV1Api(lc_api)
-    core.create_namespaced_secret(ns, {"metadata": {"name": "creds"}, "stringData": {"token": "s3cr3t",
-                                                                                             "USER": "alice"}})
+    core.create_namespaced_secret(
+        ns, {"metadata": {"name": "creds"}, "stringData": {"token": "s3cr3t", "USER": "alice"}}
+    )
     core.create_namespaced_config_map(ns, {"metadata": {"name": "cfg"}, "data": {"mode": "fast"}})
-    script = ("import json, os; print(json.dumps({k: os.environ.get(k) for k in "
-              "['TOKEN', 'MODE', 'POD', 'NS', 'IP', 'NODE', 'APP', 'USER', 'GREETING', 'CUDA_VISIBLE_DEVICES']}))")
-    create_pod(lc_api, ns, {"restartPolicy": "Never", "containers": [{
-        "name": "main", "image": "python:3.11", "command": [PY, "-c", script],
-        "envFrom": [{"secretRef": {"name": "creds"}}],
-        "env": [
-            {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
-            {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}}},
-            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-            {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-            {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
-            {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
-            {"name": "GREETING", "value": "hi $(POD) $$(POD)"},
-        ]}]}, labels={"app": "envtest"})
+    script = (
+        "import json, os; print(json.dumps({k: os.environ.get(k) for k in "
+        "['TOKEN', 'MODE', 'POD', 'NS', 'IP', 'NODE', 'APP', 'USER', 'GREETING', 'CUDA_VISIBLE_DEVICES']}))"
+    )
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "python:3.11",
+                    "command": [PY, "-c", script],
+                    "envFrom": [{"secretRef": {"name": "creds"}}],
+                    "env": [
+                        {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+                        {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "mode"}}},
+                        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                        {"name": "NS", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                        {"name": "IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+                        {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                        {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+                        {"name": "GREETING", "value": "hi $(POD) $$(POD)"},
+                    ],
+                }
+            ],
+        },
+        labels={"app": "envtest"},
+    )
     done = wait_for(lambda: pod_phase(lc_api, ns, "p"), what="pod to finish")
     assert done["status"]["phase"] == "Succeeded", json.dumps(done["status"]["containerStatuses"])
     seen = json.loads(lc_kubectl_one("logs", "p", namespace=ns).stdout)
-    assert seen == {"TOKEN": "s3cr3t", "MODE": "fast", "POD": "p", "NS": ns, "IP": done["status"]["podIP"],
-                    "NODE": done["spec"]["nodeName"], "APP": "envtest", "USER": "alice",
-                    "GREETING": "hi p $(POD)", "CUDA_VISIBLE_DEVICES": ""}
+    assert seen == {
+        "TOKEN": "s3cr3t",
+        "MODE": "fast",
+        "POD": "p",
+        "NS": ns,
+        "IP": done["status"]["podIP"],
+        "NODE": done["spec"]["nodeName"],
+        "APP": "envtest",
+        "USER": "alice",
+        "GREETING": "hi p $(POD)",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
 
 
 def test_missing_secret_keeps_container_waiting(lc_api, ns):
-    create_pod(lc_api, ns, {"restartPolicy": "Never", "containers": [{
-        "name": "main", "image": "busybox", "command": ["true"],
-        "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}]}]})
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": ["true"],
+                    "env": [{"name": "X", "valueFrom": {"secretKeyRef": {"name": "absent", "key": "k"}}}],
+                }
+            ],
+        },
+    )
 
     def waiting():
         statuses = pod(lc_api, ns, "p").get("status", {}).get("containerStatuses") or []
@@ -89,52 +139,113 @@ def test_volumes_init_containers_and_termination_message(lc_api, ns):
     core.create_namespaced_secret(ns, {"metadata": {"name": "vol-secret"}, "stringData": {"key.txt": "S"}})
     core.create_namespaced_config_map(ns, {"metadata": {"name": "vol-cm"}, "data": {"conf.yaml": "a: 1"}})
     # Programs see in-container paths only through args and env (rewritten by the local kubelet).
-    append = "import pathlib, sys; p = pathlib.Path(sys.argv[1]); p.write_text((p.read_text() if p.exists() else '') + sys.argv[2])"
-    main = ("import json, os, pathlib, sys; r = lambda p: pathlib.Path(p).read_text(); "
-            "out = {'order': r(sys.argv[1]), 'secret': r(sys.argv[2]), 'cm': r(sys.argv[3]), 'labels': r(sys.argv[4]), "
-            "'shm': pathlib.Path(os.environ['SHM']).is_dir(), 'cwd': os.getcwd().endswith('/data/run')}; "
-            "pathlib.Path(os.environ['TERM_LOG']).write_text(json.dumps(out))")
+    append = (
+        "import pathlib, sys; p = pathlib.Path(sys.argv[1]); "
+        "p.write_text((p.read_text() if p.exists() else '') + sys.argv[2])"
+    )
+    main = (
+        "import json, os, pathlib, sys; r = lambda p: pathlib.Path(p).read_text(); "
+        "out = {'order': r(sys.argv[1]), 'secret': r(sys.argv[2]), 'cm': r(sys.argv[3]), "
+        "'labels': r(sys.argv[4]), "
+        "'shm': pathlib.Path(os.environ['SHM']).is_dir(), 'cwd': os.getcwd().endswith('/data/run')}; "
+        "pathlib.Path(os.environ['TERM_LOG']).write_text(json.dumps(out))"
+    )
     mounts = [{"name": "work", "mountPath": "/scratch"}]
-    create_pod(lc_api, ns, {
-        "restartPolicy": "Never",
-        "initContainers": [
-            {"name": "init1", "image": "busybox", "command": [PY, "-c", append], "args": ["/scratch/order.txt", "init1\n"],
-             "volumeMounts": mounts},
-            {"name": "init2", "image": "busybox", "command": [PY, "-c", append], "args": ["/scratch/order.txt", "init2\n"],
-             "volumeMounts": mounts},
-        ],
-        "containers": [{
-            "name": "main", "image": "busybox", "command": [PY, "-c", main],
-            "args": ["/scratch/order.txt", "/etc/secret/key.txt", "/etc/cm/conf.yaml", "/etc/podinfo/labels"],
-            "workingDir": "/scratch/data/run",
-            "env": [{"name": "SHM", "value": "/dev/shm"}, {"name": "TERM_LOG", "value": "/dev/termination-log"}],
-            "volumeMounts": [*mounts,
-                             {"name": "secret", "mountPath": "/etc/secret"},
-                             {"name": "cm", "mountPath": "/etc/cm"},
-                             {"name": "podinfo", "mountPath": "/etc/podinfo"},
-                             {"name": "shm", "mountPath": "/dev/shm"}]}],
-        "volumes": [
-            {"name": "work", "emptyDir": {}},
-            {"name": "secret", "secret": {"secretName": "vol-secret"}},
-            {"name": "cm", "configMap": {"name": "vol-cm"}},
-            {"name": "podinfo", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {
-                "fieldPath": "metadata.labels"}}]}},
-            {"name": "shm", "emptyDir": {"medium": "Memory"}},
-        ]}, labels={"tier": "test"})
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "initContainers": [
+                {
+                    "name": "init1",
+                    "image": "busybox",
+                    "command": [PY, "-c", append],
+                    "args": ["/scratch/order.txt", "init1\n"],
+                    "volumeMounts": mounts,
+                },
+                {
+                    "name": "init2",
+                    "image": "busybox",
+                    "command": [PY, "-c", append],
+                    "args": ["/scratch/order.txt", "init2\n"],
+                    "volumeMounts": mounts,
+                },
+            ],
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": [PY, "-c", main],
+                    "args": [
+                        "/scratch/order.txt",
+                        "/etc/secret/key.txt",
+                        "/etc/cm/conf.yaml",
+                        "/etc/podinfo/labels",
+                    ],
+                    "workingDir": "/scratch/data/run",
+                    "env": [
+                        {"name": "SHM", "value": "/dev/shm"},
+                        {"name": "TERM_LOG", "value": "/dev/termination-log"},
+                    ],
+                    "volumeMounts": [
+                        *mounts,
+                        {"name": "secret", "mountPath": "/etc/secret"},
+                        {"name": "cm", "mountPath": "/etc/cm"},
+                        {"name": "podinfo", "mountPath": "/etc/podinfo"},
+                        {"name": "shm", "mountPath": "/dev/shm"},
+                    ],
+                }
+            ],
+            "volumes": [
+                {"name": "work", "emptyDir": {}},
+                {"name": "secret", "secret": {"secretName": "vol-secret"}},
+                {"name": "cm", "configMap": {"name": "vol-cm"}},
+                {
+                    "name": "podinfo",
+                    "downwardAPI": {
+                        "items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]
+                    },
+                },
+                {"name": "shm", "emptyDir": {"medium": "Memory"}},
+            ],
+        },
+        labels={"tier": "test"},
+    )
     done = wait_for(lambda: pod_phase(lc_api, ns, "p"), what="pod to finish")
     status = done["status"]
-    assert status["phase"] == "Succeeded", json.dumps(status.get("initContainerStatuses", []) + status["containerStatuses"])
+    assert status["phase"] == "Succeeded", json.dumps(
+        status.get("initContainerStatuses", []) + status["containerStatuses"]
+    )
     assert [s["state"]["terminated"]["reason"] for s in status["initContainerStatuses"]] == ["Completed"] * 2
     message = json.loads(status["containerStatuses"][0]["state"]["terminated"]["message"])
-    assert message == {"order": "init1\ninit2\n", "secret": "S", "cm": "a: 1", "labels": 'tier="test"',
-                       "shm": True, "cwd": True}
+    assert message == {
+        "order": "init1\ninit2\n",
+        "secret": "S",
+        "cm": "a: 1",
+        "labels": 'tier="test"',
+        "shm": True,
+        "cwd": True,
+    }
     assert condition(done, "Ready")["reason"] == "PodCompleted"
 
 
 def test_fallback_to_logs_on_error(lc_api, ns):
-    create_pod(lc_api, ns, {"restartPolicy": "Never", "containers": [{
-        "name": "main", "image": "busybox", "command": ["sh", "-c", "echo first; echo boom >&2; exit 7"],
-        "terminationMessagePolicy": "FallbackToLogsOnError"}]})
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": ["sh", "-c", "echo first; echo boom >&2; exit 7"],
+                    "terminationMessagePolicy": "FallbackToLogsOnError",
+                }
+            ],
+        },
+    )
     done = wait_for(lambda: pod_phase(lc_api, ns, "p"), what="pod to finish")
     terminated = done["status"]["containerStatuses"][0]["state"]["terminated"]
     assert terminated["exitCode"] == 7
@@ -142,13 +253,37 @@ def test_fallback_to_logs_on_error(lc_api, ns):
 
 
 def test_sixteen_gpus_stay_pending_with_scheduler_message(lc_api, ns):
-    create_pod(lc_api, ns, {"containers": [{
-        "name": "main", "image": "ghcr.io/finetune-operator/trainer:0.1.0", "command": ["true"],
-        "resources": {"limits": {"nvidia.com/gpu": "16"}}}],
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}, name="big")
-    create_pod(lc_api, ns, {"containers": [{
-        "name": "main", "image": "busybox", "command": ["true"],
-        "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}, name="untolerated")
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "ghcr.io/finetune-operator/trainer:0.1.0",
+                    "command": ["true"],
+                    "resources": {"limits": {"nvidia.com/gpu": "16"}},
+                }
+            ],
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        name="big",
+    )
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": ["true"],
+                    "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                }
+            ]
+        },
+        name="untolerated",
+    )
 
     def unschedulable(name):
         cond = condition(pod(lc_api, ns, name), "PodScheduled")
@@ -156,24 +291,41 @@ def test_sixteen_gpus_stay_pending_with_scheduler_message(lc_api, ns):
 
     big = wait_for(lambda: unschedulable("big"), what="PodScheduled=False")
     assert big["reason"] == "Unschedulable"
-    assert big["message"] == ("0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are "
-                              "available: 3 No preemption victims found for incoming pod.")
+    assert big["message"] == (
+        "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are "
+        "available: 3 No preemption victims found for incoming pod."
+    )
     other = wait_for(lambda: unschedulable("untolerated"), what="PodScheduled=False")
     assert other["message"] == (
         "0/3 nodes are available: 1 Insufficient nvidia.com/gpu, 2 node(s) had untolerated taint "
         "{nvidia.com/gpu: }. preemption: 0/3 nodes are available: 1 No preemption victims found for incoming "
-        "pod, 2 Preemption is not helpful for scheduling.")
+        "pod, 2 Preemption is not helpful for scheduling."
+    )
     assert pod(lc_api, ns, "big")["status"]["phase"] == "Pending"
     assert not pod(lc_api, ns, "big")["spec"].get("nodeName")
-    assert any(e["reason"] == "FailedScheduling" and e["type"] == "Warning" for e in events(lc_api, ns, "big"))
+    assert any(
+        e["reason"] == "FailedScheduling" and e["type"] == "Warning" for e in events(lc_api, ns, "big")
+    )
 
 
 def test_gpu_pod_lands_on_gpu_node_and_runs_on_cpu(lc_api, ns):
-    create_pod(lc_api, ns, {"restartPolicy": "Never", "containers": [{
-        "name": "main", "image": "busybox", "command": ["sh", "-c", 'test -z "$CUDA_VISIBLE_DEVICES"'],
-        "resources": {"limits": {"nvidia.com/gpu": "8"}}}],
-        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]})
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": ["sh", "-c", 'test -z "$CUDA_VISIBLE_DEVICES"'],
+                    "resources": {"limits": {"nvidia.com/gpu": "8"}},
+                }
+            ],
+            "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    )
     done = wait_for(lambda: pod_phase(lc_api, ns, "p"), what="pod to finish")
     assert done["spec"]["nodeName"].startswith("gpu-node-")
     assert done["status"]["phase"] == "Succeeded"
@@ -184,9 +336,13 @@ def watch_pod(api, ns, name):
     seen: list[dict] = []
 
     def run():
-        stream = watch.Watch().stream(client.CoreV1Api(api).list_namespaced_pod, ns,
-                                      field_selector=f"metadata.name={name}", timeout_seconds=30,
-                                      _preload_content=False)
+        stream = watch.Watch().stream(
+            client.CoreV1Api(api).list_namespaced_pod,
+            ns,
+            field_selector=f"metadata.name={name}",
+            timeout_seconds=30,
+            _preload_content=False,
+        )
         for event in stream:
             obj = event["raw_object"]
             seen.append(obj)
@@ -200,17 +356,33 @@ def watch_pod(api, ns, name):
 
 def test_eviction_sends_sigterm_and_sets_disruption_target(lc_api, ns, tmp_path):
     marker = tmp_path / "sigterm"
-    script = ("import pathlib, signal, sys, time\n"
-              "def bye(*_):\n    pathlib.Path(sys.argv[1]).write_text('got SIGTERM'); sys.exit(0)\n"
-              "signal.signal(signal.SIGTERM, bye)\nprint('ready', flush=True)\ntime.sleep(60)\n")
-    create_pod(lc_api, ns, {"restartPolicy": "Never", "terminationGracePeriodSeconds": 5,
-                            "containers": [{"name": "main", "image": "busybox",
-                                            "command": [PY, "-u", "-c", script], "args": [str(marker)]}]})
+    script = (
+        "import pathlib, signal, sys, time\n"
+        "def bye(*_):\n    pathlib.Path(sys.argv[1]).write_text('got SIGTERM'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\nprint('ready', flush=True)\ntime.sleep(60)\n"
+    )
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 5,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": [PY, "-u", "-c", script],
+                    "args": [str(marker)],
+                }
+            ],
+        },
+    )
     wait_for(lambda: (condition(pod(lc_api, ns, "p"), "Ready") or {}).get("status") == "True", what="running")
     seen, watcher = watch_pod(lc_api, ns, "p")
     time.sleep(0.3)
     client.CoreV1Api(lc_api).create_namespaced_pod_eviction(
-        "p", ns, {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "p", "namespace": ns}})
+        "p", ns, {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "p", "namespace": ns}}
+    )
     watcher.join(20)
     assert not watcher.is_alive(), "evicted pod was not removed"
     assert marker.read_text() == "got SIGTERM"
@@ -224,9 +396,19 @@ def test_eviction_sends_sigterm_and_sets_disruption_target(lc_api, ns, tmp_path)
 
 
 def test_graceful_delete_escalates_to_sigkill(lc_api, ns):
-    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
-    create_pod(lc_api, ns, {"restartPolicy": "Never", "terminationGracePeriodSeconds": 1,
-                                     "containers": [{"name": "main", "image": "busybox", "command": [PY, "-c", script]}]})
+    script = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); "
+        "time.sleep(60)"
+    )
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 1,
+            "containers": [{"name": "main", "image": "busybox", "command": [PY, "-c", script]}],
+        },
+    )
     wait_for(lambda: pod(lc_api, ns, "p")["status"].get("phase") == "Running", what="running")
     client.CoreV1Api(lc_api).delete_namespaced_pod("p", ns)
     last = {}
@@ -245,8 +427,11 @@ def test_graceful_delete_escalates_to_sigkill(lc_api, ns):
 
 
 def test_restart_policy_always_restarts_with_backoff(lc_api, ns, lc_kubectl_one):
-    create_pod(lc_api, ns, {"containers": [{"name": "main", "image": "busybox",
-                                                     "command": ["sh", "-c", "echo run; exit 1"]}]})
+    create_pod(
+        lc_api,
+        ns,
+        {"containers": [{"name": "main", "image": "busybox", "command": ["sh", "-c", "echo run; exit 1"]}]},
+    )
 
     def restarted():
         statuses = pod(lc_api, ns, "p")["status"].get("containerStatuses") or []
@@ -255,3 +440,85 @@ def test_restart_policy_always_restarts_with_backoff(lc_api, ns, lc_kubectl_one)
     status = wait_for(restarted, timeout=20, what="a restart")
     assert status["lastState"]["terminated"]["exitCode"] == 1
     assert lc_kubectl_one("logs", "p", "--previous", namespace=ns).stdout == "run\n"
+
+
+def test_logs_tail_since_follow_and_timestamps(lc_api, ns, lc_kubectl_one):
+    script = (
+        "import time; print('line1'); print('line2', flush=True); time.sleep(2.5); "
+        "print('line3', flush=True); time.sleep(1)"
+    )
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "busybox", "command": [PY, "-c", script]}],
+        },
+    )
+    wait_for(
+        lambda: "line2" in lc_kubectl_one("logs", "p", namespace=ns, check=False).stdout, what="first lines"
+    )
+    assert lc_kubectl_one("logs", "p", "--tail=1", namespace=ns).stdout == "line2\n"
+    followed = lc_kubectl_one("logs", "-f", "p", namespace=ns, timeout=20).stdout
+    assert followed == "line1\nline2\nline3\n"
+    assert lc_kubectl_one("logs", "p", "--since=2s", namespace=ns).stdout == "line3\n"
+    stamped = lc_kubectl_one("logs", "p", "--timestamps", namespace=ns).stdout.splitlines()
+    assert [line.split(" ", 1)[1] for line in stamped] == ["line1", "line2", "line3"]
+    assert all(line[:4].isdigit() and "T" in line.split(" ")[0] for line in stamped)
+
+
+def test_memory_limit_is_enforced_as_oomkilled(lc_api, ns):
+    script = (
+        "import time; blob = bytearray(300 * 2**20); blob[::4096] = b'x' * len(blob[::4096]); time.sleep(10)"
+    )
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": [PY, "-c", script],
+                    "resources": {"limits": {"memory": "100Mi"}},
+                }
+            ],
+        },
+    )
+    done = wait_for(lambda: pod_phase(lc_api, ns, "p"), timeout=15, what="OOM kill")
+    terminated = done["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (terminated["reason"], terminated["exitCode"]) == ("OOMKilled", 137)
+    assert done["status"]["phase"] == "Failed"
+
+
+def test_failing_liveness_probe_restarts_the_container(lc_api, ns):
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "busybox",
+                    "command": [PY, "-c", "import time; time.sleep(60)"],
+                    "livenessProbe": {
+                        "exec": {"command": ["false"]},
+                        "periodSeconds": 1,
+                        "failureThreshold": 1,
+                    },
+                }
+            ],
+        },
+    )
+
+    def restarted():
+        statuses = pod(lc_api, ns, "p")["status"].get("containerStatuses") or []
+        return statuses and statuses[0]["restartCount"] >= 1 and statuses[0]
+
+    status = wait_for(restarted, timeout=20, what="liveness restart")
+    assert status["lastState"]["terminated"]["exitCode"] == 143
+    messages = [e["message"] for e in events(lc_api, ns, "p")]
+    assert "Container main failed liveness probe, will be restarted" in messages
+    assert any(m.startswith("Liveness probe failed") for m in messages)

@@ -75,6 +75,24 @@ def test_defaults_match_the_api(make_config: Any) -> None:
     assert cfg.layout.adapter == "s3://b/p/model/adapter" and cfg.layout.data == "s3://b/p/data"
 
 
+def test_explicit_nulls_mean_defaults() -> None:
+    doc = {
+        "runPrefix": "/r",
+        "spec": {
+            "baseModel": {"uri": "x", "revision": None},
+            "dataset": {"train": "t", "test": None, "testSize": None},
+            "method": None,
+            "hyperparameters": {"maxSteps": None, "seed": None},
+            "evaluation": {"thresholds": None, "primaryMetric": None, "reference": None},
+        },
+    }
+    spec = parse_config(doc).spec
+    assert (
+        spec.method == "lora" and spec.hyperparameters.seed == 42 and spec.hyperparameters.max_steps is None
+    )
+    assert spec.evaluation.thresholds == [] and spec.evaluation.primary_metric == "exact_match"
+
+
 def test_target_modules_accepts_a_list_or_one_string() -> None:
     base = {"runPrefix": "/r", "spec": {"baseModel": {"uri": "x"}, "dataset": {"train": "x"}}}
     for value, want in ((["q_proj", "v_proj"], ["q_proj", "v_proj"]), ("all-linear", "all-linear")):
@@ -380,3 +398,34 @@ def test_distributed_launch_keeps_rank_zero_exit_code(tmp_path: Path) -> None:
     assert proc.returncode == 21, proc.stdout[-3000:] + proc.stderr[-3000:]
     term = _term(tmp_path)
     assert term["reason"] == "PREEMPTED" and term["summary"] == {"step": 3}
+
+
+# --- fetch (init containers of the serving Deployment) ----------------------------------------------------
+
+
+def test_fetch_verifies_committed_directories(s3: Any, tmp_path: Path) -> None:
+    from finetune_trainer import manifest, storage
+
+    src = tmp_path / "merged"
+    (src / "sub").mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    (src / "sub" / "w.bin").write_bytes(b"abc")
+    manifest.commit_dir(src, s3.uri("run/model/merged"), kind="merged", step=9)
+    storage.write_text(s3.uri("run/model/merged/stray-uncommitted.bin"), "not listed")
+    assert cli.main(["fetch", s3.uri("run/model/merged"), str(tmp_path / "out")]) == 0
+    assert sorted(storage.local_files(tmp_path / "out")) == ["MANIFEST.json", "config.json", "sub/w.bin"]
+    assert _term(tmp_path)["summary"] == {"source": s3.uri("run/model/merged"), "files": 2, "step": 9}
+
+    storage.write_bytes(s3.uri("run/model/merged/sub/w.bin"), b"xyz")  # corrupted after commit
+    assert cli.main(["fetch", s3.uri("run/model/merged"), str(tmp_path / "out2")]) == 20
+    assert "sha256 mismatch" in _term(tmp_path)["message"]
+
+
+def test_fetch_copies_plain_model_directories(s3: Any, tmp_path: Path) -> None:
+    from finetune_trainer import storage
+
+    storage.write_text(s3.uri("models/base/config.json"), '{"model_type": "llama"}')
+    assert cli.main(["fetch", s3.uri("models/base"), str(tmp_path / "base")]) == 0
+    assert (tmp_path / "base" / "config.json").read_text() == '{"model_type": "llama"}'
+    assert cli.main(["fetch", s3.uri("models/none"), str(tmp_path / "none")]) == 11
+    assert "models/none: not found" in _term(tmp_path)["message"]

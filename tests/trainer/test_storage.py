@@ -56,6 +56,14 @@ def test_s3_roundtrip_list_stat_delete(s3: S3Bucket, tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def test_s3_client_uses_the_environment(s3: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = storage.s3_client()
+    assert client.meta.endpoint_url == s3.endpoint  # AWS_ENDPOINT_URL, as for MinIO
+    assert client.meta.config.retries == {"mode": "adaptive", "max_attempts": 2}
+    monkeypatch.setenv("AWS_RETRY_MODE", "standard")
+    assert storage.s3_client().meta.config.retries["mode"] == "standard"
+
+
 def test_s3_large_file_uses_multipart(s3: S3Bucket, tmp_path: Path) -> None:
     big = tmp_path / "weights.safetensors"
     big.write_bytes(os.urandom(11 * 1024 * 1024))
@@ -230,6 +238,8 @@ def test_concurrent_commits_have_one_winner(tmp_path: Path) -> None:
 def test_local_and_pvc_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FTJ_PVC_ROOT", str(tmp_path / "mnt"))
     assert storage.parse("pvc://models/llama/7b").path == tmp_path / "mnt/models/llama/7b"
+    monkeypatch.setenv("FTJ_PVC_SHARED_DATA_V2", str(tmp_path / "elsewhere"))
+    assert storage.parse("pvc://shared-data.v2/x.jsonl").path == tmp_path / "elsewhere/x.jsonl"
     src = _tree(tmp_path / "src", {"config.json": b"{}", "tok/tokenizer.json": b"[]"})
     storage.upload_dir(src, "pvc://models/llama")
     assert (tmp_path / "mnt/models/llama/tok/tokenizer.json").read_bytes() == b"[]"
@@ -280,9 +290,10 @@ def test_hf_model_from_offline_cache(hf_offline_cache: Path, tmp_path: Path) -> 
 
     assert (got.path / "tokenizer.json").is_file() and (got.path / "tokenizer_config.json").is_file()
 
-    with pytest.raises(Exception) as err:
+    assert storage.exists("hf://acme/tiny-llm") and storage.exists("hf://acme/tiny-llm/config.json")
+    assert not storage.exists("hf://acme/tiny-llm/nope.json") and not storage.exists("hf://acme/not-cached")
+    with pytest.raises(storage.NotFound, match="offline Hugging Face cache"):
         storage.fetch_model("hf://acme/not-cached")
-    assert classify(err.value)[0] in (ExitCode.TRANSIENT, ExitCode.INVALID_CONFIG)
 
 
 def test_hf_dataset_file_from_offline_cache(hf_offline_cache: Path, tmp_path: Path) -> None:

@@ -8,61 +8,15 @@ export answering like the adapter.
 from __future__ import annotations
 
 import json
-import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
-from toy_fixtures import StageRun, commit_toy_data, environment, run_stage, toy_base_dir, toy_config
+from toy_fixtures import lora_pipeline, toy_base_dir
 
-from finetune_trainer import manifest, storage
-
-__all__ = ["toy_base_dir"]
+__all__ = ["lora_pipeline", "toy_base_dir"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def lora_pipeline(moto_endpoint: str, toy_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    import boto3
-
-    from finetune_trainer.termination import clear_preemption
-
-    tmp = tmp_path_factory.mktemp("lora-pipeline")
-    bucket = f"ftj-{uuid.uuid4().hex[:10]}"
-    env = {
-        "AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1", "AWS_PROFILE": None,
-        "FTJ_WORKDIR": str(tmp / "workspace"), "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
-        "FTJ_CONFIG": None,
-    }
-    runs: dict[str, StageRun] = {}
-    with environment(**env):
-        client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
-        client.create_bucket(Bucket=bucket)
-        storage.upload_dir(toy_base_dir, f"s3://{bucket}/models/toy-llama", exclude=["READY"])
-        prefix = f"s3://{bucket}/runs/team-a/toy/uid-toy"
-        commit_toy_data(f"{prefix}/data")
-        config = toy_config(prefix, f"s3://{bucket}/models/toy-llama")
-        for stage in ("train", "evaluate", "export"):
-            clear_preemption()
-            with environment(FTJ_TERMINATION_LOG=str(tmp / f"termination-{stage}")):
-                runs[stage] = run_stage(stage, config, tmp / f"termination-{stage}")
-        keys = sorted(o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix="runs/") for o in page.get("Contents", []))
-        local = {}
-        for name in ("adapter", "merged"):
-            local[name] = tmp / name
-            if manifest.is_committed(f"{prefix}/model/{name}"):
-                manifest.download_committed(f"{prefix}/model/{name}", local[name])
-        train_dir, eval_dir = tmp / "train-out", tmp / "eval-out"
-        manifest.download_committed(f"{prefix}/train", train_dir)
-        if manifest.is_committed(f"{prefix}/evaluation"):
-            manifest.download_committed(f"{prefix}/evaluation", eval_dir)
-        adapter_manifest = manifest.read_manifest(f"{prefix}/model/adapter")
-    return {"runs": runs, "keys": keys, "prefix": prefix, "local": local, "train_dir": train_dir,
-            "eval_dir": eval_dir, "adapter_manifest": adapter_manifest, "base": toy_base_dir}
 
 
 def test_train_commits_checkpoints_adapter_and_metrics_on_s3(lora_pipeline: dict[str, Any]) -> None:
@@ -95,7 +49,7 @@ def test_train_commits_checkpoints_adapter_and_metrics_on_s3(lora_pipeline: dict
     assert {f.path for f in m.files} >= {"adapter_config.json", "adapter_model.safetensors"}
 
     metrics = json.loads((lora_pipeline["train_dir"] / "metrics.json").read_text())
-    assert metrics["step"] == 40 and metrics["tokens"] > 0 and metrics["finalLoss"] == term["summary"]["loss"]
+    assert metrics["step"] == 40 and metrics["tokens"] > 0 and metrics["finalLoss"] == pytest.approx(term["summary"]["loss"], abs=1e-6)
     assert (lora_pipeline["train_dir"] / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -106,9 +60,9 @@ def test_adapter_is_loadable_by_vllm_lora_modules(lora_pipeline: dict[str, Any])
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and not cfg.get("modules_to_save")
     # all-linear: every projection of every layer, never the output head or the embeddings
-    assert set(cfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {m.rsplit(".", 1)[-1] for m in cfg["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as weights:
-        names = list(weights.keys())  # noqa: SIM118
+        names = list(weights.keys())
     assert names and all("lora_A" in n or "lora_B" in n for n in names)
     base_cfg = json.loads((lora_pipeline["base"] / "config.json").read_text())
     tok = json.loads((adapter / "tokenizer.json").read_text())

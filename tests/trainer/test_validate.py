@@ -303,3 +303,37 @@ def test_bad_data_exits_10_in_a_subprocess_without_loading_torch(tmp_path: Path,
     term = json.loads(Path(os.environ["FTJ_TERMINATION_LOG"]).read_text())
     assert term["reason"] == "INVALID_DATA" and "invalid_json.jsonl line 4: invalid JSON" in term["message"]
     assert term["summary"]["errors"] == {"invalid_json": 1}
+
+
+def test_validate_with_tokenizer_from_hf_cache_and_data_on_a_pvc(
+    tmp_path: Path,
+    tiny_tokenizer_dir: Path,
+    hf_offline_cache: Path,
+    make_config: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from conftest import make_hf_cache_snapshot
+
+    from finetune_trainer import cli
+
+    make_hf_cache_snapshot(hf_offline_cache, "acme/tiny", tiny_tokenizer_dir, commit="c" * 40)
+    monkeypatch.setenv("FTJ_PVC_ROOT", str(tmp_path / "mnt"))
+    (tmp_path / "mnt" / "datasets").mkdir(parents=True)
+    records = [{"instruction": f"what is w{i}", "input": "", "output": f"w{i + 1}"} for i in range(30)]
+    _write_jsonl(tmp_path / "mnt" / "datasets" / "qa.jsonl", records)
+    config = make_config(
+        "pvc://runs/team-a/demo",
+        baseModel={"uri": "hf://acme/tiny"},
+        dataset={"train": "pvc://datasets/qa.jsonl"},
+    )
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    assert cli.main(["validate", "--config", str(tmp_path / "c.json")]) == 0
+    m = manifest.read_manifest("pvc://runs/team-a/demo/data")
+    assert m is not None and m.base_model == {"uri": "hf://acme/tiny", "revision": "c" * 40}
+    assert m.dataset["train"]["etag"].startswith("sha256:")
+    assert (tmp_path / "mnt/runs/team-a/demo/data/train.jsonl").is_file()
+    term = json.loads((tmp_path / "termination-log").read_text())
+    assert (
+        term["summary"]["format"] == "instruction"
+        and term["summary"]["train"] + term["summary"]["test"] == 30
+    )

@@ -12,12 +12,14 @@ import io
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 
 from localcluster import toymodel
 
@@ -116,3 +118,52 @@ def environment(**values: str | None) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# Test modules that import the session fixture each get their own copy of it; this keeps one run.
+_PIPELINES: dict[str, dict[str, Any]] = {}
+
+
+@pytest.fixture(scope="session")
+def lora_pipeline(moto_endpoint: str, toy_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """LoRA on the toy task on S3 through the CLI: train, evaluate, export (run once per session)."""
+    if "lora" in _PIPELINES:
+        return _PIPELINES["lora"]
+    import boto3
+    from finetune_trainer.termination import clear_preemption
+
+    tmp = tmp_path_factory.mktemp("lora-pipeline")
+    bucket = f"ftj-{uuid.uuid4().hex[:10]}"
+    env = {
+        "AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1", "AWS_PROFILE": None,
+        "FTJ_WORKDIR": str(tmp / "workspace"), "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
+        "FTJ_CONFIG": None,
+    }
+    runs: dict[str, StageRun] = {}
+    with environment(**env):
+        client = boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+        client.create_bucket(Bucket=bucket)
+        storage.upload_dir(toy_base_dir, f"s3://{bucket}/models/toy-llama", exclude=["READY"])
+        prefix = f"s3://{bucket}/runs/team-a/toy/uid-toy"
+        commit_toy_data(f"{prefix}/data")
+        config = toy_config(prefix, f"s3://{bucket}/models/toy-llama")
+        for stage in ("train", "evaluate", "export"):
+            clear_preemption()
+            with environment(FTJ_TERMINATION_LOG=str(tmp / f"termination-{stage}")):
+                runs[stage] = run_stage(stage, config, tmp / f"termination-{stage}")
+        keys = sorted(o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix="runs/") for o in page.get("Contents", []))
+        local = {}
+        for name in ("adapter", "merged"):
+            local[name] = tmp / name
+            if manifest.is_committed(f"{prefix}/model/{name}"):
+                manifest.download_committed(f"{prefix}/model/{name}", local[name])
+        train_dir, eval_dir = tmp / "train-out", tmp / "eval-out"
+        manifest.download_committed(f"{prefix}/train", train_dir)
+        if manifest.is_committed(f"{prefix}/evaluation"):
+            manifest.download_committed(f"{prefix}/evaluation", eval_dir)
+        adapter_manifest = manifest.read_manifest(f"{prefix}/model/adapter")
+    _PIPELINES["lora"] = {"runs": runs, "keys": keys, "prefix": prefix, "local": local, "train_dir": train_dir,
+            "eval_dir": eval_dir, "adapter_manifest": adapter_manifest, "base": toy_base_dir}
+    return _PIPELINES["lora"]

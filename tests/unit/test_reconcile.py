@@ -282,3 +282,10 @@ async def test_training_progress_is_read_from_the_log_tail() -> None:
 def test_newest_progress(text: str, step: int | None) -> None:
     found = newest_progress(text)
     assert (found or {}).get("step") == step
+
+
+def test_kopf_index_ids_are_the_ones_the_reconcile_reads() -> None:
+    from finetune_operator import handlers, lifecycle
+
+    registry = handlers.register(kopf.OperatorRegistry())
+    assert {h.id for h in registry._indexing.get_all_handlers()} == set(lifecycle.CHILD_INDEXES)

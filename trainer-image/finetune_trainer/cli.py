@@ -22,7 +22,7 @@ from typing import Any
 
 from . import __version__
 from .config import TrainerConfig, load_config
-from .exitcodes import ExitCode, TrainerError, classify
+from .exitcodes import ExitCode, InvalidConfigError, TrainerError, classify
 from .logs import setup_logging
 from .termination import StageResult, install_sigterm_handler, termination_log_path, write_termination_message
 
@@ -45,7 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=helps[stage])
         p.add_argument("--config", metavar="PATH", help="JSON config file (default: the FTJ_CONFIG variable)")
         p.add_argument("--log-level", default=os.environ.get("FTJ_LOG_LEVEL", "INFO"))
+    p = sub.add_parser("fetch", help="copy a model directory (verified against its manifest) to a local path")
+    p.add_argument("source", help="s3://, hf://, pvc:// or local model directory")
+    p.add_argument("dest", help="local directory, e.g. an emptyDir that vLLM reads")
+    p.add_argument("--log-level", default=os.environ.get("FTJ_LOG_LEVEL", "INFO"))
     return parser
+
+
+def fetch(source: str, dest: str) -> StageResult:
+    """Init-container helper: committed directories are verified file by file; others copied whole."""
+    from . import manifest, storage
+
+    try:
+        if storage.parse(source).scheme != "hf" and manifest.read_manifest(source) is not None:
+            found = manifest.download_committed(source, dest)
+            return StageResult({"source": source, "files": len(found.files), "step": found.step}, "fetched")
+        # hf:// resolves to a cache snapshot first; everything else is copied straight to dest.
+        origin = str(storage.fetch_model(source).path) if storage.parse(source).scheme == "hf" else source
+        storage.download_dir(origin, dest)
+        return StageResult({"source": source, "files": len(storage.local_files(dest))}, "fetched")
+    except storage.NotFound as exc:
+        raise InvalidConfigError(f"fetch: {source}: not found ({exc})") from None
+    except ValueError as exc:
+        raise InvalidConfigError(f"fetch: {exc}") from None
 
 
 def _as_result(value: Any) -> StageResult:
@@ -118,11 +140,14 @@ def main(argv: list[str] | None = None) -> int:
         "%s starting", stage, extra={"fields": {"event": "start", "stage": stage, "version": __version__}}
     )
     try:
-        config = load_config(args.config)
-        nproc = _distributed_nproc(stage, config)
-        if nproc:
-            return launch_distributed(stage, nproc, argv)
-        result = run_stage(stage, config)
+        if stage == "fetch":
+            result = fetch(args.source, args.dest)
+        else:
+            config = load_config(args.config)
+            nproc = _distributed_nproc(stage, config)
+            if nproc:
+                return launch_distributed(stage, nproc, argv)
+            result = run_stage(stage, config)
     except BaseException as exc:
         if isinstance(exc, SystemExit | KeyboardInterrupt) and not isinstance(exc, TrainerError):
             raise

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,7 +37,7 @@ from pydantic.alias_generators import to_camel
 from .exitcodes import InvalidConfigError
 
 Metric = Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l"]
-ALL_METRICS: tuple[str, ...] = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
+ALL_METRICS: tuple[Metric, ...] = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
 # Metrics where lower is better (thresholds use "max", improvements are decreases).
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 
@@ -49,6 +50,14 @@ class _Section(BaseModel):
         frozen=True,
         validate_default=True,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # The API server may store explicit nulls (e.g. "thresholds": null); they mean "not set".
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
 class BaseModelSpec(_Section):
@@ -343,17 +352,17 @@ def parse_config(document: str | bytes | dict[str, Any], source: str = "FTJ_CONF
 
 
 def load_config(
-    path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> TrainerConfig:
     """Read the config from ``path`` (--config) or else the ``FTJ_CONFIG`` environment variable."""
-    env = os.environ if env is None else env
+    source: Mapping[str, str] = os.environ if env is None else env
     if path is not None:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise InvalidConfigError(f"--config {path}: {exc.strerror or exc}") from None
         return parse_config(text, source=str(path))
-    text = env.get("FTJ_CONFIG")
-    if not text:
+    document = source.get("FTJ_CONFIG")
+    if not document:
         raise InvalidConfigError("no configuration: set FTJ_CONFIG or pass --config PATH")
-    return parse_config(text)
+    return parse_config(document)

@@ -137,7 +137,7 @@ def classify(exc: BaseException) -> tuple[ExitCode, str]:
     try:
         from huggingface_hub import errors as hf_errors
     except ImportError:  # pragma: no cover
-        hf_errors = None
+        hf_errors = None  # type: ignore[assignment]
     if hf_errors is not None:
         if isinstance(exc, hf_errors.GatedRepoError):
             return (

@@ -77,6 +77,12 @@ def _text(record: dict[str, Any], field: str, *, required: bool = True) -> str |
     return value
 
 
+def _required_text(record: dict[str, Any], field: str) -> str:
+    value = _text(record, field)
+    assert value is not None  # _text raises for a missing required field
+    return value
+
+
 def _category(record: dict[str, Any]) -> str | None:
     value = record.get("category")
     if value is None:
@@ -148,13 +154,13 @@ def to_chat(record: Any, fmt: str) -> dict[str, Any]:
     if fmt == "chat":
         messages = _chat_messages(record)
     elif fmt == "completion":
-        prompt = _text(record, "prompt")
-        completion = _text(record, "completion")
+        prompt = _required_text(record, "prompt")
+        completion = _required_text(record, "completion")
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     elif fmt == "instruction":
-        instruction = _text(record, "instruction")
+        instruction = _required_text(record, "instruction")
         extra = _text(record, "input", required=False)
-        output = _text(record, "output")
+        output = _required_text(record, "output")
         prompt = f"{instruction}\n\n{extra}" if extra and extra.strip() else instruction
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
     else:  # pragma: no cover - guarded by config
@@ -193,7 +199,7 @@ def normalised_key(example: dict[str, Any]) -> str:
 
 def prompt_messages(example: dict[str, Any]) -> list[dict[str, str]]:
     """Everything before the final assistant turn (what evaluation sends to the model)."""
-    messages = example["messages"]
+    messages: list[dict[str, str]] = example["messages"]
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return messages[:last]
 

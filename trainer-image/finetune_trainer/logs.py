@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 # Environment variables whose values must never reach a log line, report or termination message.
@@ -40,13 +40,13 @@ _SECRET_PATTERNS = (
 REDACTED = "***"
 
 
-def _secret_values(env: dict[str, str] | None = None) -> list[str]:
-    env = os.environ if env is None else env
+def _secret_values(env: Mapping[str, str] | None = None) -> list[str]:
+    source: Mapping[str, str] = os.environ if env is None else env
     # Very short values would redact ordinary words; real credentials are long.
-    return sorted({v for k in SECRET_ENV_VARS if len(v := env.get(k, "")) >= 8}, key=len, reverse=True)
+    return sorted({v for k in SECRET_ENV_VARS if len(v := source.get(k, "")) >= 8}, key=len, reverse=True)
 
 
-def redact(text: str, env: dict[str, str] | None = None) -> str:
+def redact(text: str, env: Mapping[str, str] | None = None) -> str:
     """Remove credential values (from the environment and by pattern) from ``text``."""
     for value in _secret_values(env):
         text = text.replace(value, REDACTED)

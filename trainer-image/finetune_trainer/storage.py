@@ -19,15 +19,17 @@ errors, which :func:`finetune_trainer.exitcodes.classify` maps to TRANSIENT.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -77,6 +79,14 @@ def pvc_root() -> Path:
     return Path(os.environ.get("FTJ_PVC_ROOT", DEFAULT_PVC_ROOT))
 
 
+def pvc_mount(claim: str) -> Path:
+    """Where claim ``claim`` is mounted: ``$FTJ_PVC_<CLAIM>`` (e.g. FTJ_PVC_MY_MODELS for my-models) when
+    set, else ``$FTJ_PVC_ROOT/<claim>``. The per-claim variable lets a kubelet that relocates mounts (the
+    embedded cluster's) rewrite the path like any other env value that starts with a mountPath."""
+    override = os.environ.get("FTJ_PVC_" + re.sub(r"[^A-Za-z0-9]", "_", claim).upper())
+    return Path(override) if override else pvc_root() / claim
+
+
 def parse(uri: str | os.PathLike[str]) -> Location:
     """Parse a storage URI (see the module docstring). Raises ValueError for malformed ones."""
     uri = os.fspath(uri)
@@ -110,7 +120,7 @@ def parse(uri: str | os.PathLike[str]) -> Location:
         if not claim:
             raise ValueError(f"{uri}: missing claim name")
         _check_segments(uri, sub.split("/"))
-        return Location(uri, "local", path=pvc_root() / claim / sub)
+        return Location(uri, "local", path=pvc_mount(claim) / sub)
     if uri.startswith("file://"):
         return Location(uri, "local", path=Path(urllib.parse.unquote(uri[len("file://") :])))
     if "://" in uri:
@@ -252,12 +262,19 @@ def exists(uri: str) -> bool:
         assert loc.path is not None
         return loc.path.exists()
     try:
-        stat(uri)
+        if loc.scheme == "hf" and not loc.key:
+            if not hf_offline():  # never download a whole repository just to see that it exists
+                from huggingface_hub import repo_exists
+
+                return bool(repo_exists(loc.repo_id, repo_type=loc.repo_type, token=_hf_token()))
+            _hf_snapshot(loc)
+        else:
+            stat(uri)
         return True
     except NotFound:
         if loc.scheme == "s3":
             resp = s3_client().list_objects_v2(Bucket=loc.bucket, Prefix=_s3_prefix(loc), MaxKeys=1)
-            return resp.get("KeyCount", 0) > 0
+            return bool(resp.get("KeyCount", 0) > 0)
         return False
 
 
@@ -325,7 +342,8 @@ def read_bytes(uri: str) -> bytes:
     loc = parse(uri)
     if loc.scheme == "s3":
         try:
-            return s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+            data: bytes = s3_client().get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+            return data
         except Exception as exc:
             if _is_not_found(exc):
                 raise NotFound(uri) from None
@@ -575,20 +593,36 @@ def _hf_token() -> str | bool | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
 
+@contextlib.contextmanager
+def _hf_not_found(uri: str) -> Iterator[None]:
+    """A file missing from the repo (or, offline, from the cache) is NotFound; network trouble stays as is."""
+    from huggingface_hub import errors
+
+    try:
+        yield
+    except errors.LocalEntryNotFoundError:
+        if hf_offline():
+            raise NotFound(f"{uri} (not in the offline Hugging Face cache)") from None
+        raise
+    except errors.RemoteEntryNotFoundError:
+        raise NotFound(uri) from None
+
+
 def _hf_snapshot(
     loc: Location, revision: str | None = None, allow_patterns: Sequence[str] | None = None
 ) -> Path:
     from huggingface_hub import snapshot_download
 
-    path = snapshot_download(
-        loc.repo_id,
-        repo_type=loc.repo_type,
-        revision=revision or loc.revision,
-        cache_dir=hf_cache_dir(),
-        token=_hf_token(),
-        local_files_only=hf_offline(),
-        allow_patterns=list(allow_patterns) if allow_patterns else None,
-    )
+    with _hf_not_found(loc.uri):
+        path = snapshot_download(
+            loc.repo_id,
+            repo_type=loc.repo_type,
+            revision=revision or loc.revision,
+            cache_dir=hf_cache_dir(),
+            token=_hf_token(),
+            local_files_only=hf_offline(),
+            allow_patterns=list(allow_patterns) if allow_patterns else None,
+        )
     return Path(str(path))
 
 
@@ -597,17 +631,18 @@ def _hf_file(loc: Location) -> Path:
 
     if not loc.key:
         raise ValueError(f"{loc.uri}: expected a file inside the repository")
-    return Path(
-        hf_hub_download(
-            loc.repo_id,
-            loc.key,
-            repo_type=loc.repo_type,
-            revision=loc.revision,
-            cache_dir=hf_cache_dir(),
-            token=_hf_token(),
-            local_files_only=hf_offline(),
+    with _hf_not_found(loc.uri):
+        return Path(
+            hf_hub_download(
+                loc.repo_id,
+                loc.key,
+                repo_type=loc.repo_type,
+                revision=loc.revision,
+                cache_dir=hf_cache_dir(),
+                token=_hf_token(),
+                local_files_only=hf_offline(),
+            )
         )
-    )
 
 
 def _hf_commit_of(local: Path, key: str) -> str:

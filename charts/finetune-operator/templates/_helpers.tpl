@@ -116,6 +116,8 @@ resource scanning off (no CRD or namespace reads), without Kopf's own Events, fi
 - {{ .Values.metrics.port | quote }}
 - --liveness-port
 - {{ .Values.livenessPort | quote }}
+- --log-level
+- {{ .Values.logLevel | quote }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
 {{- end }}

@@ -19,12 +19,21 @@ from .cluster import LocalCluster
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m localcluster", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path(os.environ.get("LOCAL_WORKDIR", ".local")),
-                        help="state directory (kubeconfig, s3.env, services.json, pod logs); default .local")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("LOCAL_API_PORT", "0")),
-                        help="API server port on 127.0.0.1 (default: any free port)")
-    parser.add_argument("--no-operator", action="store_true",
-                        help="do not start the operator (same as LOCAL_OPERATOR=0)")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(os.environ.get("LOCAL_WORKDIR", ".local")),
+        help="state directory (kubeconfig, s3.env, services.json, pod logs); default .local",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("LOCAL_API_PORT", "0")),
+        help="API server port on 127.0.0.1 (default: any free port)",
+    )
+    parser.add_argument(
+        "--no-operator", action="store_true", help="do not start the operator (same as LOCAL_OPERATOR=0)"
+    )
     parser.add_argument("--no-kubelet", action="store_true", help="API server only: no nodes, pods never run")
     parser.add_argument("--no-s3", action="store_true", help="do not start the S3 server")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -54,13 +63,19 @@ async def run(args: argparse.Namespace) -> int:
         f"  kubeconfig   {cluster.kubeconfig}   (export KUBECONFIG={cluster.kubeconfig})",
     ]
     if cluster.s3_endpoint:
-        lines.append(f"  S3           {cluster.s3_endpoint}   (credentials: {cluster.s3_env_file}, "
-                     "Secret default/s3-credentials)")
+        lines.append(
+            f"  S3           {cluster.s3_endpoint}   (credentials: {cluster.s3_env_file}, "
+            "Secret default/s3-credentials)"
+        )
     if cluster.kubelet is not None:
         lines.append(f"  nodes        {', '.join(n.name for n in cluster.nodes)}")
         lines.append(f"  services     {cluster.services_file}")
     if cluster.operator_process is not None:
-        lines.append(f"  operator     pid {cluster.operator_process.pid}, log {cluster.workdir / 'operator.log'}")
+        lines.append(
+            f"  operator     pid {cluster.operator_process.pid}, ports on {cluster.operator_ip} "
+            "(metrics :9090, health :8080), "
+            f"log {cluster.workdir / 'operator.log'}"
+        )
     lines.append("Ctrl-C to stop.")
     print("\n".join(lines), flush=True)
     await stop.wait()
@@ -71,8 +86,10 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     return asyncio.run(run(args))
 

@@ -44,6 +44,7 @@ from .kubeclient import (
     Informer,
     KubeClient,
 )
+from .kubelet.addresses import AddressBlock
 from .kubelet.kubelet import Kubelet
 from .kubelet.nodes import NodeConfig, NodeRegistrar, default_nodes
 from .kubelet.pods import _die_with_parent
@@ -79,9 +80,6 @@ class LocalCluster:
         self.operator_enabled = _operator_default() if operator is None else operator
         self.install_crds = self.operator_enabled if install_crds is None else install_crds
         self.nodes = nodes if nodes is not None else default_nodes()
-        for index, node in enumerate(self.nodes):
-            if node.ip == "127.3.0.1":
-                node.ip = f"127.3.0.{index + 1}"
         self.api_port = api_port
         self.backoff_scale = backoff_scale
         self.root = root or project_root()
@@ -99,12 +97,19 @@ class LocalCluster:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self.started_in: float | None = None
+        self.addresses: AddressBlock | None = None
 
     # -- properties -----------------------------------------------------------------------------------------
     @property
     def api_url(self) -> str:
         assert self.apiserver is not None, "cluster not started"
         return self.apiserver.url
+
+    @property
+    def operator_ip(self) -> str:
+        """Where the host-run operator's ports (metrics, health) listen."""
+        assert self.addresses is not None, "cluster not started"
+        return self.addresses.operator_ip
 
     @property
     def s3_endpoint(self) -> str | None:
@@ -142,6 +147,9 @@ class LocalCluster:
             self.kubeconfig.unlink()  # a stale one must not be mistaken for "ready"
         for stale in ("pods",):
             shutil.rmtree(self.workdir / stale, ignore_errors=True)
+        self.addresses = AddressBlock.claim()
+        for index, node in enumerate(self.nodes):
+            node.ip = self.addresses.node_ip(index)
         self.apiserver = ApiServer("127.0.0.1", self.api_port)
         await self.apiserver.start()
         s3_start = None
@@ -181,14 +189,26 @@ class LocalCluster:
         deployments = Informer(client, DEPLOYMENTS)
         services = Informer(client, SERVICES)
         self._informers = [pods, nodes, jobs, deployments, services]
-        service_ctrl = ServiceController(services, pods, self.workdir)
+        service_ctrl = ServiceController(services, pods, self.workdir, self.addresses)
         self.kubelet = Kubelet(
-            client, pods, self.nodes, workdir=self.workdir, kubeconfig=self.kubeconfig, project_root=self.root,
-            shim_dir=Path(__file__).parent / "podshim", dns_file=service_ctrl.dns_file,
-            service_env=service_ctrl.service_env, backoff_scale=self.backoff_scale,
+            client,
+            pods,
+            self.nodes,
+            workdir=self.workdir,
+            kubeconfig=self.kubeconfig,
+            project_root=self.root,
+            shim_dir=Path(__file__).parent / "podshim",
+            dns_file=service_ctrl.dns_file,
+            service_env=service_ctrl.service_env,
+            backoff_scale=self.backoff_scale,
+            addresses=self.addresses,
         )
-        self._components = [Scheduler(client, pods, nodes), JobController(client, jobs, pods),
-                            DeploymentController(client, deployments, pods), service_ctrl]
+        self._components = [
+            Scheduler(client, pods, nodes),
+            JobController(client, jobs, pods),
+            DeploymentController(client, deployments, pods),
+            service_ctrl,
+        ]
         for informer in self._informers:
             informer.start()
         await asyncio.wait_for(asyncio.gather(*(i.synced.wait() for i in self._informers)), 10)
@@ -203,10 +223,17 @@ class LocalCluster:
         tmp.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.s3_env_file)
-        body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                "metadata": {"name": S3_SECRET, "namespace": "default",
-                             "labels": {"app.kubernetes.io/managed-by": "localcluster"}},
-                "stringData": env}
+        body = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": S3_SECRET,
+                "namespace": "default",
+                "labels": {"app.kubernetes.io/managed-by": "localcluster"},
+            },
+            "stringData": env,
+        }
         try:
             await self.client.create(SECRETS.path("default"), body)
         except ApiError as err:
@@ -230,27 +257,54 @@ class LocalCluster:
                         raise
 
     async def _start_operator(self) -> None:
-        if importlib.util.find_spec("finetune_operator") is None or importlib.util.find_spec(
-            "finetune_operator.__main__"
-        ) is None:
-            log.warning("operator not started: `python -m finetune_operator` is not available yet "
-                        "(no finetune_operator/__main__.py); set LOCAL_OPERATOR=0 to silence this")
+        if (
+            importlib.util.find_spec("finetune_operator") is None
+            or importlib.util.find_spec("finetune_operator.__main__") is None
+        ):
+            log.warning(
+                "operator not started: `python -m finetune_operator` is not available yet "
+                "(no finetune_operator/__main__.py); set LOCAL_OPERATOR=0 to silence this"
+            )
             return
         python = self.root / ".venv" / "bin" / "python"
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        if self.kubelet_enabled:
+            # Like a pod: cluster DNS for `<svc>.<ns>.svc` and its own loopback IP for the ports it opens
+            # (metrics, health), so an operator pod installed by helm can use the same ports.
+            shim = str(Path(__file__).parent / "podshim")
+            env["PYTHONPATH"] = f"{shim}:{env['PYTHONPATH']}" if env.get("PYTHONPATH") else shim
+            env["LOCALCLUSTER_DNS_FILE"] = str(self.workdir / "dns.json")
+            env["LOCALCLUSTER_POD_IP"] = self.operator_ip
+            env["LOCALCLUSTER_POD_NAMESPACE"] = "default"
         for key in self.s3_env:
             env.pop(key, None)  # the operator never holds storage credentials
         out = open(self.workdir / "operator.log", "ab")  # noqa: SIM115
         try:
             self.operator_process = await asyncio.create_subprocess_exec(
-                str(python if python.exists() else sys.executable), "-m", "finetune_operator", "--all-namespaces",
-                "--metrics-port", "0", "--liveness-port", "0",  # concurrent clusters must not share ports
-                cwd=str(self.root), env=env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                str(python if python.exists() else sys.executable),
+                "-m",
+                "finetune_operator",
+                "--all-namespaces",
+                "--metrics-port",
+                "0",
+                "--liveness-port",
+                "0",  # concurrent clusters must not share ports
+                cwd=str(self.root),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             out.close()
-        log.info("operator started (pid %s), log: %s", self.operator_process.pid, self.workdir / "operator.log")
+        log.info(
+            "operator started (pid %s, ports on %s), log: %s",
+            self.operator_process.pid,
+            self.operator_ip,
+            self.workdir / "operator.log",
+        )
 
     async def _stop_operator(self) -> None:
         proc = self.operator_process
@@ -260,7 +314,7 @@ class LocalCluster:
             os.killpg(proc.pid, 15)
         try:
             await asyncio.wait_for(proc.wait(), 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
             await proc.wait()
@@ -285,6 +339,8 @@ class LocalCluster:
                 await self.apiserver.stop()
         with contextlib.suppress(FileNotFoundError):
             self.kubeconfig.unlink()
+        if self.addresses is not None:
+            self.addresses.release()
 
     async def __aenter__(self) -> LocalCluster:
         await self.start()
@@ -293,7 +349,7 @@ class LocalCluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    # -- thread-backed sync wrapper (pytest, scripts) ---------------------------------------------------------
+    # -- thread-backed sync wrapper (pytest, scripts) --------------------------------------------------------
     def start_background(self, timeout: float = 60) -> LocalCluster:
         """Run the cluster's event loop in a daemon thread; returns once the cluster is ready."""
         loop = asyncio.new_event_loop()
@@ -305,7 +361,7 @@ class LocalCluster:
             asyncio.set_event_loop(loop)
             try:
                 loop.run_until_complete(self.start())
-            except BaseException as err:  # noqa: BLE001 - reported to the caller
+            except BaseException as err:
                 failure.append(err)
                 ready.set()
                 return

@@ -205,7 +205,9 @@ class KubeClient:
                 if err.not_found:
                     return None
                 raise
-        raise ApiError(409, {"reason": "Conflict", "message": f"gave up after {attempts} conflicts"}, "PUT", path)
+        raise ApiError(
+            409, {"reason": "Conflict", "message": f"gave up after {attempts} conflicts"}, "PUT", path
+        )
 
     async def watch(
         self, path: str, resource_version: str, *, timeout_seconds: int = 300, **params: Any
@@ -356,7 +358,7 @@ class Informer:
                 rv = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5)
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, OSError) as err:
+            except (TimeoutError, aiohttp.ClientError, ValueError, OSError) as err:
                 log.debug("watch %s broke: %r", self.resource.plural, err)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5)

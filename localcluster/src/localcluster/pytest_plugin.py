@@ -14,6 +14,7 @@ Helpers: `wait_for`, `pod`, `pod_phase`, `job`, `job_pods`, `condition`, `events
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -73,20 +74,28 @@ class ExternalCluster:
 
 
 class Kubectl:
-    """Runs one kubectl binary against the cluster: `kubectl("get", "pods")`, `kubectl.json("get", "pod", "x")`."""
+    """One kubectl binary against the cluster: `kubectl("get", "pods")`, `kubectl.json("get", "pod", "x")`."""
 
     def __init__(self, binary: Path, kubeconfig: Path, version: str):
         self.binary = binary
         self.kubeconfig = kubeconfig
         self.version = version
 
-    def __call__(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60,
-                 namespace: str | None = None) -> subprocess.CompletedProcess[str]:
+    def __call__(
+        self,
+        *args: str,
+        input: str | None = None,
+        check: bool = True,
+        timeout: float = 60,
+        namespace: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         argv = [str(self.binary), *(["-n", namespace] if namespace else []), *args]
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, env=env)
         if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+            raise AssertionError(
+                f"{' '.join(argv)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+            )
         return result
 
     def json(self, *args: str, namespace: str | None = None, **kw: Any) -> Any:
@@ -166,13 +175,11 @@ def lc_namespace(lc_api: Any) -> Iterator[str]:
     try:
         yield name
     finally:
-        try:
+        with contextlib.suppress(Exception):  # best-effort cleanup
             core.delete_namespace(name, propagation_policy="Background", grace_period_seconds=0)
-        except Exception:  # noqa: BLE001 - best effort cleanup
-            pass
 
 
-# -- helpers for tests (polling and reading objects through the official client) ------------------------------
+# -- helpers for tests (polling and reading objects through the official client) -----------------------------
 T = TypeVar("T")
 
 
@@ -182,7 +189,9 @@ def _k8s() -> Any:
     return client
 
 
-def wait_for(check: Callable[[], T | None], timeout: float = 30, interval: float = 0.2, what: str = "condition") -> T:
+def wait_for(
+    check: Callable[[], T | None], timeout: float = 30, interval: float = 0.2, what: str = "condition"
+) -> T:
     """Poll `check` until it returns something truthy; fail with the last value seen."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -198,8 +207,9 @@ def pod(api: Any, namespace: str, name: str) -> dict[str, Any]:
     return _k8s().CoreV1Api(api).read_namespaced_pod(name, namespace, _preload_content=False).json()
 
 
-def pod_phase(api: Any, namespace: str, name: str, phases: tuple[str, ...] = ("Succeeded", "Failed")
-              ) -> dict[str, Any] | None:
+def pod_phase(
+    api: Any, namespace: str, name: str, phases: tuple[str, ...] = ("Succeeded", "Failed")
+) -> dict[str, Any] | None:
     obj = pod(api, namespace, name)
     return obj if obj.get("status", {}).get("phase") in phases else None
 
@@ -213,8 +223,14 @@ def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 
 def job_pods(api: Any, namespace: str, job_name: str) -> list[dict[str, Any]]:
-    listing = _k8s().CoreV1Api(api).list_namespaced_pod(
-        namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}", _preload_content=False).json()
+    listing = (
+        _k8s()
+        .CoreV1Api(api)
+        .list_namespaced_pod(
+            namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}", _preload_content=False
+        )
+        .json()
+    )
     return listing["items"]
 
 
@@ -225,6 +241,10 @@ def events(api: Any, namespace: str, name: str) -> list[dict[str, Any]]:
 
 def restricted(container: dict[str, Any]) -> dict[str, Any]:
     """The restricted securityContext every pod of ours carries (ignored by the local kubelet)."""
-    container["securityContext"] = {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
-                                    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    container["securityContext"] = {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     return container

@@ -1,11 +1,17 @@
 """The local kubelet's image → runtime table, path rewriting and $(VAR) expansion.
 
-| image repository (tag ignored)        | runtime                                                              |
-|---------------------------------------|----------------------------------------------------------------------|
-| ghcr.io/finetune-operator/trainer     | <root>/.venv, `python` is its interpreter                            |
-| ghcr.io/finetune-operator/operator    | <root>/.venv, plus KUBECONFIG of the local cluster                   |
-| vllm/vllm-openai                      | <root>/.venv-vllm, entrypoint `python3 -m vllm.entrypoints.openai.api_server`, `--host <podIP>` appended |
-| anything else                         | the container's command on the host                                  |
+| image repository (tag ignored)     | runtime                                                    |
+|------------------------------------|------------------------------------------------------------|
+| ghcr.io/finetune-operator/trainer  | <root>/.venv, `python` is its interpreter; entrypoint      |
+|                                    | `python -m finetune_trainer` when only args are given      |
+| ghcr.io/finetune-operator/operator | <root>/.venv, plus KUBECONFIG of the local cluster;        |
+|                                    | entrypoint `python -m finetune_operator`                   |
+| vllm/vllm-openai                   | <root>/.venv-vllm; entrypoint `python3 -m                  |
+|                                    | vllm.entrypoints.openai.api_server` + args + --host podIP  |
+| anything else                      | the container's command on the host                        |
+
+Every process gets CUDA_VISIBLE_DEVICES="" (GPU requests are scheduled, the work runs on the CPU) and the
+podshim directory on PYTHONPATH (cluster DNS and pod IP binding, see podshim/sitecustomize.py).
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer"
 OPERATOR_IMAGE = "ghcr.io/finetune-operator/operator"
 VLLM_IMAGE = "vllm/vllm-openai"
 VLLM_ENTRYPOINT = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+# The images' ENTRYPOINTs, used when a container sets only args.
+TRAINER_ENTRYPOINT = ["python", "-m", "finetune_trainer"]
+OPERATOR_ENTRYPOINT = ["python", "-m", "finetune_operator"]
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -39,9 +48,9 @@ def image_repository(image: str) -> str:
         ref = ref[:colon]
     for prefix in ("docker.io/", "index.docker.io/", "registry-1.docker.io/"):
         if ref.startswith(prefix):
-            ref = ref[len(prefix):]
+            ref = ref[len(prefix) :]
     if ref.startswith("library/"):
-        ref = ref[len("library/"):]
+        ref = ref[len("library/") :]
     return ref
 
 
@@ -72,9 +81,13 @@ def resolve_launch(
     if repo == TRAINER_IMAGE:
         venv = root / ".venv"
         env["PYTHONUNBUFFERED"] = "1"
+        if not command:
+            command = list(TRAINER_ENTRYPOINT)
     elif repo == OPERATOR_IMAGE:
         venv = root / ".venv"
         env["PYTHONUNBUFFERED"] = "1"
+        if not command:
+            command = list(OPERATOR_ENTRYPOINT)
         if kubeconfig is not None:
             env["KUBECONFIG"] = str(kubeconfig)
     elif repo == VLLM_IMAGE:
@@ -86,7 +99,9 @@ def resolve_launch(
         args = [*args, "--host", pod_ip]
     if venv is not None:
         if not (venv / "bin" / "python").exists():
-            raise StartError(f"image {image!r} runs in {venv}, which does not exist (make venv / make vllm-venv)")
+            raise StartError(
+                f"image {image!r} runs in {venv}, which does not exist (make venv / make vllm-venv)"
+            )
         env["PATH"] = f"{venv / 'bin'}:{HOST_PATH}"
         env["VIRTUAL_ENV"] = str(venv)
     else:
@@ -132,12 +147,14 @@ class PathRewriter:
     """Maps in-container paths (volume mounts, termination message path) to the pod's local directories."""
 
     def __init__(self, mapping: dict[str, str]):
-        self.mapping = sorted(((k.rstrip("/") or "/", v) for k, v in mapping.items()), key=lambda kv: -len(kv[0]))
+        self.mapping = sorted(
+            ((k.rstrip("/") or "/", v) for k, v in mapping.items()), key=lambda kv: -len(kv[0])
+        )
 
     def path(self, value: str) -> str | None:
         for mount, local in self.mapping:
             if value == mount or value.startswith(mount + "/"):
-                return local + value[len(mount):]
+                return local + value[len(mount) :]
         return None
 
     def __call__(self, value: str) -> str:

@@ -49,8 +49,18 @@ class S3Server:
         out = open(self.log_file, "ab") if self.log_file else asyncio.subprocess.DEVNULL  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port),
-            stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True,
+            sys.executable,
+            "-m",
+            "moto.server",
+            "-H",
+            self.host,
+            "-p",
+            str(self.port),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=env,
+            start_new_session=True,
             preexec_fn=_die_with_parent,
         )
         if not isinstance(out, int):
@@ -62,8 +72,9 @@ class S3Server:
                 if self.process.returncode is not None:
                     raise RuntimeError(f"moto server exited with code {self.process.returncode}")
                 with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
-                    async with session.get(f"{self.endpoint}/moto-api/",
-                                           timeout=aiohttp.ClientTimeout(total=1)) as resp:
+                    async with session.get(
+                        f"{self.endpoint}/moto-api/", timeout=aiohttp.ClientTimeout(total=1)
+                    ) as resp:
                         if resp.status < 500:
                             return
                 if loop.time() > deadline:
@@ -79,7 +90,7 @@ class S3Server:
             os.killpg(proc.pid, 15)
         try:
             await asyncio.wait_for(proc.wait(), 5)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
             await proc.wait()

@@ -5,4 +5,12 @@ from .faults import Fault, RequestCounters
 from .kubeconfig import kubeconfig_dict, write_kubeconfig
 from .server import ApiServer, LogProvider
 
-__all__ = ["ApiError", "ApiServer", "Fault", "LogProvider", "RequestCounters", "kubeconfig_dict", "write_kubeconfig"]
+__all__ = [
+    "ApiError",
+    "ApiServer",
+    "Fault",
+    "LogProvider",
+    "RequestCounters",
+    "kubeconfig_dict",
+    "write_kubeconfig",
+]

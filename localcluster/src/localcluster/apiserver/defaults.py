@@ -13,8 +13,10 @@ def _container_defaults(container: dict[str, Any]) -> None:
     container.setdefault("terminationMessagePath", "/dev/termination-log")
     container.setdefault("terminationMessagePolicy", "File")
     image = str(container.get("image", ""))
-    container.setdefault("imagePullPolicy", "Always" if image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1]
-                         else "IfNotPresent")
+    container.setdefault(
+        "imagePullPolicy",
+        "Always" if image.endswith(":latest") or ":" not in image.rsplit("/", 1)[-1] else "IfNotPresent",
+    )
     container.setdefault("resources", {})
     for port in container.get("ports") or []:
         if isinstance(port, dict):
@@ -46,9 +48,10 @@ def _qos(spec: dict[str, Any]) -> str:
     if not any(r.get("requests") or r.get("limits") for r in resources):
         return "BestEffort"
     guaranteed = all(
-        (r.get("limits") or {}).get(k) and (r.get("requests") or {}).get(k, (r.get("limits") or {}).get(k))
-        == (r.get("limits") or {}).get(k)
-        for r in resources for k in ("cpu", "memory")
+        (r.get("limits") or {}).get(k)
+        and (r.get("requests") or {}).get(k, (r.get("limits") or {}).get(k)) == (r.get("limits") or {}).get(k)
+        for r in resources
+        for k in ("cpu", "memory")
     )
     return "Guaranteed" if guaranteed else "Burstable"
 
@@ -64,22 +67,34 @@ def prepare_create(group: str, plural: str, obj: dict[str, Any]) -> None:
         tolerations = spec.setdefault("tolerations", [])
         for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
             if not any(isinstance(t, dict) and t.get("key") == key for t in tolerations):
-                tolerations.append({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300})
+                tolerations.append(
+                    {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
+                )
         pod_spec_defaults(spec)
         obj["status"] = {"phase": "Pending", "qosClass": _qos(spec)}
     elif (group, plural) == ("batch", "jobs"):
         assert spec is not None
-        for key, value in (("backoffLimit", 6), ("completions", 1), ("parallelism", 1),
-                           ("completionMode", "NonIndexed"), ("suspend", False),
-                           ("podReplacementPolicy", "TerminatingOrFailed"), ("manualSelector", None)):
+        for key, value in (
+            ("backoffLimit", 6),
+            ("completions", 1),
+            ("parallelism", 1),
+            ("completionMode", "NonIndexed"),
+            ("suspend", False),
+            ("podReplacementPolicy", "TerminatingOrFailed"),
+            ("manualSelector", None),
+        ):
             if value is not None:
                 spec.setdefault(key, value)
         uid = obj["metadata"]["uid"]
         template = spec.setdefault("template", {})
         labels = template.setdefault("metadata", {}).setdefault("labels", {})
         if not spec.get("manualSelector"):
-            generated = {"batch.kubernetes.io/controller-uid": uid, "controller-uid": uid,
-                         "batch.kubernetes.io/job-name": obj["metadata"]["name"], "job-name": obj["metadata"]["name"]}
+            generated = {
+                "batch.kubernetes.io/controller-uid": uid,
+                "controller-uid": uid,
+                "batch.kubernetes.io/job-name": obj["metadata"]["name"],
+                "job-name": obj["metadata"]["name"],
+            }
             labels.update(generated)
             spec["selector"] = {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
         pod_spec_defaults(template.setdefault("spec", {}))
@@ -91,8 +106,10 @@ def prepare_create(group: str, plural: str, obj: dict[str, Any]) -> None:
         spec.setdefault("revisionHistoryLimit", 10)
         if plural == "deployments":
             spec.setdefault("progressDeadlineSeconds", 600)
-            spec.setdefault("strategy", {"type": "RollingUpdate",
-                                         "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}})
+            spec.setdefault(
+                "strategy",
+                {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "25%", "maxSurge": "25%"}},
+            )
         pod_spec_defaults(spec.setdefault("template", {}).setdefault("spec", {}))
         obj["status"] = {}
     elif (group, plural) == ("", "services"):
@@ -129,6 +146,25 @@ def prepare_create(group: str, plural: str, obj: dict[str, Any]) -> None:
         obj.setdefault("status", {})
 
 
+_TEMPLATED = (("batch", "jobs"), ("apps", "deployments"), ("apps", "replicasets"), ("apps", "statefulsets"))
+
+
+def prepare_update(group: str, plural: str, obj: dict[str, Any], old: dict[str, Any]) -> None:
+    """Defaults an update gets before it is compared with the stored object."""
+    spec = obj.get("spec")
+    if not isinstance(spec, dict):
+        return
+    if (group, plural) == ("", "pods"):
+        spec.setdefault("serviceAccountName", (old.get("spec") or {}).get("serviceAccountName", "default"))
+        spec.setdefault("serviceAccount", spec["serviceAccountName"])
+        spec.setdefault("priority", 0)
+        pod_spec_defaults(spec)
+    elif (group, plural) in _TEMPLATED:
+        template = spec.get("template")
+        if isinstance(template, dict) and isinstance(template.get("spec"), dict):
+            pod_spec_defaults(template["spec"])
+
+
 def normalize(group: str, plural: str, obj: dict[str, Any]) -> None:
     """What every create and update does: Secret stringData folds into data."""
     if (group, plural) == ("", "secrets") and "stringData" in obj:
@@ -137,7 +173,9 @@ def normalize(group: str, plural: str, obj: dict[str, Any]) -> None:
             data[key] = base64.b64encode(str(value).encode()).decode()
         obj["data"] = data
     if (group, plural) == ("", "namespaces"):
-        obj.setdefault("metadata", {}).setdefault("labels", {})["kubernetes.io/metadata.name"] = obj["metadata"].get("name")
+        obj.setdefault("metadata", {}).setdefault("labels", {})["kubernetes.io/metadata.name"] = obj[
+            "metadata"
+        ].get("name")
 
 
 _HAS_SPEC = {

@@ -71,7 +71,10 @@ def conflict(group: str, plural: str, name: str, why: str) -> ApiError:
 
 def stale_conflict(group: str, plural: str, name: str) -> ApiError:
     return conflict(
-        group, plural, name, "the object has been modified; please apply your changes to the latest version and try again"
+        group,
+        plural,
+        name,
+        "the object has been modified; please apply your changes to the latest version and try again",
     )
 
 
@@ -79,7 +82,9 @@ def bad_request(message: str) -> ApiError:
     return ApiError(400, "BadRequest", message)
 
 
-def method_not_allowed(message: str = "the server does not allow this method on the requested resource") -> ApiError:
+def method_not_allowed(
+    message: str = "the server does not allow this method on the requested resource",
+) -> ApiError:
     return ApiError(405, "MethodNotAllowed", message)
 
 
@@ -92,7 +97,13 @@ def too_large(message: str = "Request entity too large: limit is 3145728") -> Ap
 
 
 def unsupported_media(content_type: str) -> ApiError:
-    return ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, application/strategic-merge-patch+json; got {content_type}")
+    return ApiError(
+        415,
+        "UnsupportedMediaType",
+        "the body of the request was in an unknown format - accepted media types include: "
+        "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml, "
+        f"application/strategic-merge-patch+json; got {content_type}",
+    )
 
 
 def not_acceptable(message: str) -> ApiError:

@@ -68,10 +68,14 @@ class RequestCounters:
             self.writes[(verb, resource)] += 1
 
     def total_requests(self, resource: str | None = None) -> int:
-        return sum(n for (_, res), n in self.requests.items() if resource is None or res.split("/")[0] == resource)
+        return sum(
+            n for (_, res), n in self.requests.items() if resource is None or res.split("/")[0] == resource
+        )
 
     def total_writes(self, resource: str | None = None) -> int:
-        return sum(n for (_, res), n in self.writes.items() if resource is None or res.split("/")[0] == resource)
+        return sum(
+            n for (_, res), n in self.writes.items() if resource is None or res.split("/")[0] == resource
+        )
 
     def reset(self) -> None:
         self.requests.clear()
@@ -99,6 +103,7 @@ class FaultInjector:
 
     def delay(self, verb: str, resource: str) -> float:
         return sum(
-            lat.seconds for lat in self.latencies
+            lat.seconds
+            for lat in self.latencies
             if lat.verb in ("*", verb) and lat.resource in ("*", resource, resource.split("/")[0])
         )

@@ -9,8 +9,9 @@ from typing import Any
 import yaml
 
 
-def kubeconfig_dict(server_url: str, token: str | None = None, namespace: str = "default",
-                    name: str = "localcluster") -> dict[str, Any]:
+def kubeconfig_dict(
+    server_url: str, token: str | None = None, namespace: str = "default", name: str = "localcluster"
+) -> dict[str, Any]:
     user: dict[str, Any] = {"token": token} if token else {}
     return {
         "apiVersion": "v1",
@@ -23,8 +24,13 @@ def kubeconfig_dict(server_url: str, token: str | None = None, namespace: str = 
     }
 
 
-def write_kubeconfig(path: str | os.PathLike[str], server_url: str, token: str | None = None,
-                     namespace: str = "default", name: str = "localcluster") -> str:
+def write_kubeconfig(
+    path: str | os.PathLike[str],
+    server_url: str,
+    token: str | None = None,
+    namespace: str = "default",
+    name: str = "localcluster",
+) -> str:
     """Atomically write a kubeconfig (plain http on loopback, optional bearer token); returns the path."""
     target = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(target))

@@ -60,19 +60,39 @@ def group_version_document(group: str, version: str, types: list[ResourceType]) 
         else:
             schema = {"type": "object", "description": f"{rtype.kind} ({rtype.group_version})"}
         schemas[name] = {**schema, "x-kubernetes-group-version-kind": [_gvk(rtype)]}
-        scope = f"{prefix}/namespaces/{{namespace}}/{rtype.plural}" if rtype.namespaced else f"{prefix}/{rtype.plural}"
+        scope = (
+            f"{prefix}/namespaces/{{namespace}}/{rtype.plural}"
+            if rtype.namespaced
+            else f"{prefix}/{rtype.plural}"
+        )
         body = {"content": {"application/json": {"schema": ref}}}
         paths[scope] = {
-            "get": {"x-kubernetes-group-version-kind": _gvk(rtype), "x-kubernetes-action": "list",
-                    "responses": {"200": {"description": "OK"}}},
-            "post": {"x-kubernetes-group-version-kind": _gvk(rtype), "x-kubernetes-action": "post",
-                     "parameters": _QUERY, "requestBody": body, "responses": {"201": {"description": "Created"}}},
+            "get": {
+                "x-kubernetes-group-version-kind": _gvk(rtype),
+                "x-kubernetes-action": "list",
+                "responses": {"200": {"description": "OK"}},
+            },
+            "post": {
+                "x-kubernetes-group-version-kind": _gvk(rtype),
+                "x-kubernetes-action": "post",
+                "parameters": _QUERY,
+                "requestBody": body,
+                "responses": {"201": {"description": "Created"}},
+            },
         }
         item: dict[str, Any] = {
-            "get": {"x-kubernetes-group-version-kind": _gvk(rtype), "x-kubernetes-action": "get",
-                    "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": ref}}}}},
-            "put": {"x-kubernetes-group-version-kind": _gvk(rtype), "x-kubernetes-action": "put",
-                    "parameters": _QUERY, "requestBody": body, "responses": {"200": {"description": "OK"}}},
+            "get": {
+                "x-kubernetes-group-version-kind": _gvk(rtype),
+                "x-kubernetes-action": "get",
+                "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": ref}}}},
+            },
+            "put": {
+                "x-kubernetes-group-version-kind": _gvk(rtype),
+                "x-kubernetes-action": "put",
+                "parameters": _QUERY,
+                "requestBody": body,
+                "responses": {"200": {"description": "OK"}},
+            },
             "patch": {
                 "x-kubernetes-group-version-kind": _gvk(rtype),
                 "x-kubernetes-action": "patch",
@@ -80,8 +100,12 @@ def group_version_document(group: str, version: str, types: list[ResourceType]) 
                 "requestBody": {"content": {t: {"schema": {"type": "object"}} for t in _PATCH_TYPES}},
                 "responses": {"200": {"description": "OK"}},
             },
-            "delete": {"x-kubernetes-group-version-kind": _gvk(rtype), "x-kubernetes-action": "delete",
-                       "parameters": _QUERY, "responses": {"200": {"description": "OK"}}},
+            "delete": {
+                "x-kubernetes-group-version-kind": _gvk(rtype),
+                "x-kubernetes-action": "delete",
+                "parameters": _QUERY,
+                "responses": {"200": {"description": "OK"}},
+            },
         }
         paths[f"{scope}/{{name}}"] = item
     return {

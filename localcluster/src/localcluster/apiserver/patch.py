@@ -29,9 +29,19 @@ def json_patch(target: Any, operations: Any) -> Any:
     try:
         return jsonpatch.JsonPatch(operations).apply(target)
     except jsonpatch.JsonPatchTestFailed as exc:
-        raise ApiError(422, "Invalid", f"the server rejected our request due to an error in our request: {exc}") from exc
-    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, KeyError, IndexError, TypeError) as exc:
-        raise ApiError(422, "Invalid", f"the server rejected our request due to an error in our request: {exc}") from exc
+        raise ApiError(
+            422, "Invalid", f"the server rejected our request due to an error in our request: {exc}"
+        ) from exc
+    except (
+        jsonpatch.JsonPatchException,
+        jsonpatch.JsonPointerException,
+        KeyError,
+        IndexError,
+        TypeError,
+    ) as exc:
+        raise ApiError(
+            422, "Invalid", f"the server rejected our request due to an error in our request: {exc}"
+        ) from exc
 
 
 # Merge keys of built-in list fields (the `patchMergeKey` tags of k8s.io/api). Looked up by the field name,
@@ -137,7 +147,9 @@ def _smp_list(current: list[Any], patch: list[Any], field: str, context: str) ->
             if item.get("$patch") == "delete":
                 continue
             raise bad_request(f"map: {item} does not contain declared merge key: {key}")
-        index = next((n for n, e in enumerate(merged) if isinstance(e, dict) and e.get(key) == item[key]), None)
+        index = next(
+            (n for n, e in enumerate(merged) if isinstance(e, dict) and e.get(key) == item[key]), None
+        )
         if item.get("$patch") == "delete":
             if index is not None:
                 merged.pop(index)
@@ -150,7 +162,8 @@ def _smp_list(current: list[Any], patch: list[Any], field: str, context: str) ->
 
 
 def _apply_order(items: list[Any], order: list[Any], key: str | None) -> list[Any]:
-    """Sort the merged list by the client's `$setElementOrder`; items it does not name keep their place after."""
+    """Sort the merged list by the client's `$setElementOrder`; unnamed items keep their place after."""
+
     def ident(item: Any) -> Any:
         return item.get(key) if key and isinstance(item, dict) else item
 

@@ -18,41 +18,87 @@ CONTENT_TYPE = "application/vnd.kubernetes.protobuf"
 # field number -> (json name, kind); kind: "string", "bytes", "int", "bool", a message table name,
 # "map:string", "map:bytes", "repeated:string", "repeated:<table>", "time".
 _TABLES: dict[str, dict[int, tuple[str, str]]] = {
-    "Unknown": {1: ("typeMeta", "TypeMeta"), 2: ("raw", "bytes"), 3: ("contentEncoding", "string"),
-                4: ("contentType", "string")},
+    "Unknown": {
+        1: ("typeMeta", "TypeMeta"),
+        2: ("raw", "bytes"),
+        3: ("contentEncoding", "string"),
+        4: ("contentType", "string"),
+    },
     "TypeMeta": {1: ("apiVersion", "string"), 2: ("kind", "string")},
     "ObjectMeta": {
-        1: ("name", "string"), 2: ("generateName", "string"), 3: ("namespace", "string"), 4: ("selfLink", "string"),
-        5: ("uid", "string"), 6: ("resourceVersion", "string"), 7: ("generation", "int"),
-        8: ("creationTimestamp", "time"), 9: ("deletionTimestamp", "time"),
-        10: ("deletionGracePeriodSeconds", "int"), 11: ("labels", "map:string"), 12: ("annotations", "map:string"),
-        13: ("ownerReferences", "repeated:OwnerReference"), 14: ("finalizers", "repeated:string"),
+        1: ("name", "string"),
+        2: ("generateName", "string"),
+        3: ("namespace", "string"),
+        4: ("selfLink", "string"),
+        5: ("uid", "string"),
+        6: ("resourceVersion", "string"),
+        7: ("generation", "int"),
+        8: ("creationTimestamp", "time"),
+        9: ("deletionTimestamp", "time"),
+        10: ("deletionGracePeriodSeconds", "int"),
+        11: ("labels", "map:string"),
+        12: ("annotations", "map:string"),
+        13: ("ownerReferences", "repeated:OwnerReference"),
+        14: ("finalizers", "repeated:string"),
     },
-    "OwnerReference": {1: ("kind", "string"), 3: ("name", "string"), 4: ("uid", "string"),
-                       5: ("apiVersion", "string"), 6: ("controller", "bool"), 7: ("blockOwnerDeletion", "bool")},
-    "ConfigMap": {1: ("metadata", "ObjectMeta"), 2: ("data", "map:string"), 3: ("binaryData", "map:bytes"),
-                  4: ("immutable", "bool")},
-    "Secret": {1: ("metadata", "ObjectMeta"), 2: ("data", "map:bytes"), 3: ("type", "string"),
-               4: ("stringData", "map:string"), 5: ("immutable", "bool")},
+    "OwnerReference": {
+        1: ("kind", "string"),
+        3: ("name", "string"),
+        4: ("uid", "string"),
+        5: ("apiVersion", "string"),
+        6: ("controller", "bool"),
+        7: ("blockOwnerDeletion", "bool"),
+    },
+    "ConfigMap": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("data", "map:string"),
+        3: ("binaryData", "map:bytes"),
+        4: ("immutable", "bool"),
+    },
+    "Secret": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("data", "map:bytes"),
+        3: ("type", "string"),
+        4: ("stringData", "map:string"),
+        5: ("immutable", "bool"),
+    },
     "Namespace": {1: ("metadata", "ObjectMeta"), 2: ("spec", "NamespaceSpec")},
     "NamespaceSpec": {1: ("finalizers", "repeated:string")},
-    "ServiceAccount": {1: ("metadata", "ObjectMeta"), 2: ("secrets", "repeated:ObjectReference"),
-                       3: ("imagePullSecrets", "repeated:LocalObjectReference"),
-                       4: ("automountServiceAccountToken", "bool")},
-    "ObjectReference": {1: ("kind", "string"), 2: ("namespace", "string"), 3: ("name", "string"),
-                        4: ("uid", "string"), 5: ("apiVersion", "string"), 6: ("resourceVersion", "string"),
-                        7: ("fieldPath", "string")},
+    "ServiceAccount": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("secrets", "repeated:ObjectReference"),
+        3: ("imagePullSecrets", "repeated:LocalObjectReference"),
+        4: ("automountServiceAccountToken", "bool"),
+    },
+    "ObjectReference": {
+        1: ("kind", "string"),
+        2: ("namespace", "string"),
+        3: ("name", "string"),
+        4: ("uid", "string"),
+        5: ("apiVersion", "string"),
+        6: ("resourceVersion", "string"),
+        7: ("fieldPath", "string"),
+    },
     "LocalObjectReference": {1: ("name", "string")},
     "Time": {1: ("seconds", "int"), 2: ("nanos", "int")},
-    "DeleteOptions": {1: ("gracePeriodSeconds", "int"), 2: ("preconditions", "Preconditions"),
-                      3: ("orphanDependents", "bool"), 4: ("propagationPolicy", "string"),
-                      5: ("dryRun", "repeated:string")},
+    "DeleteOptions": {
+        1: ("gracePeriodSeconds", "int"),
+        2: ("preconditions", "Preconditions"),
+        3: ("orphanDependents", "bool"),
+        4: ("propagationPolicy", "string"),
+        5: ("dryRun", "repeated:string"),
+    },
     "Preconditions": {1: ("uid", "string"), 2: ("resourceVersion", "string")},
     "Eviction": {1: ("metadata", "ObjectMeta"), 2: ("deleteOptions", "DeleteOptions")},
 }
 SUPPORTED_KINDS = {
-    ("v1", "ConfigMap"), ("v1", "Secret"), ("v1", "Namespace"), ("v1", "ServiceAccount"),
-    ("v1", "DeleteOptions"), ("meta.k8s.io/v1", "DeleteOptions"), ("policy/v1", "Eviction"),
+    ("v1", "ConfigMap"),
+    ("v1", "Secret"),
+    ("v1", "Namespace"),
+    ("v1", "ServiceAccount"),
+    ("v1", "DeleteOptions"),
+    ("meta.k8s.io/v1", "DeleteOptions"),
+    ("policy/v1", "Eviction"),
 }
 
 
@@ -79,14 +125,14 @@ def _fields(data: bytes) -> list[tuple[int, int, Any]]:
             value, pos = _varint(data, pos)
         elif wire == 2:
             length, pos = _varint(data, pos)
-            value = data[pos:pos + length]
+            value = data[pos : pos + length]
             if len(value) != length:
                 raise ValueError("truncated field")
             pos += length
         elif wire == 1:
-            value, pos = data[pos:pos + 8], pos + 8
+            value, pos = data[pos : pos + 8], pos + 8
         elif wire == 5:
-            value, pos = data[pos:pos + 4], pos + 4
+            value, pos = data[pos : pos + 4], pos + 4
         else:
             raise ValueError(f"unsupported wire type {wire}")
         out.append((number, wire, value))
@@ -120,7 +166,8 @@ def _decode(data: bytes, table: str) -> dict[str, Any]:
             key = entry.get(1, b"").decode()
             raw = entry.get(2, b"")
             obj.setdefault(name, {})[key] = (
-                base64.b64encode(raw).decode() if kind == "map:bytes" else raw.decode())
+                base64.b64encode(raw).decode() if kind == "map:bytes" else raw.decode()
+            )
         elif kind.startswith("repeated:"):
             item_kind = kind.split(":", 1)[1]
             item = value.decode() if item_kind == "string" else _decode(value, item_kind)
@@ -133,15 +180,19 @@ def _decode(data: bytes, table: str) -> dict[str, Any]:
 def decode_object(body: bytes) -> dict[str, Any]:
     """The JSON form of a protobuf-encoded built-in object, or 415 for kinds this emulator cannot read."""
     if not body.startswith(MAGIC):
-        raise ApiError(400, "BadRequest", "provided protobuf data does not start with the Kubernetes magic prefix")
+        raise ApiError(
+            400, "BadRequest", "provided protobuf data does not start with the Kubernetes magic prefix"
+        )
     try:
-        envelope = _decode(body[len(MAGIC):], "Unknown")
+        envelope = _decode(body[len(MAGIC) :], "Unknown")
         type_meta = envelope.get("typeMeta", {})
         key = (type_meta.get("apiVersion", ""), type_meta.get("kind", ""))
         if key not in SUPPORTED_KINDS:
             raise ApiError(
-                415, "UnsupportedMediaType",
-                f"the emulated API server cannot decode protobuf for {key[1]} ({key[0]}); send application/json "
+                415,
+                "UnsupportedMediaType",
+                f"the emulated API server cannot decode protobuf for {key[1]} ({key[0]}); "
+                "send application/json "
                 "or application/yaml (for example `kubectl apply -f`)",
             )
         obj = _decode(envelope.get("raw", b""), key[1])

@@ -45,7 +45,9 @@ def parse_label_selector(text: str | None) -> Predicate | None:
             continue
         match = _SET_RE.match(requirement)
         if not match:
-            raise bad_request(f"unable to parse requirement: found '{requirement}', expected a label selector")
+            raise bad_request(
+                f"unable to parse requirement: found '{requirement}', expected a label selector"
+            )
         negated, key, op, values_text = match.groups()
         if op:
             if negated:
@@ -80,7 +82,9 @@ def field_value(obj: dict[str, Any], path: str) -> str:
     return str(current)
 
 
-def parse_field_selector(text: str | None, supported: Callable[[str], bool] | None = None) -> Predicate | None:
+def parse_field_selector(
+    text: str | None, supported: Callable[[str], bool] | None = None
+) -> Predicate | None:
     """`metadata.name=x,status.phase!=Failed` → predicate. Unknown fields are a 400 like kube-apiserver."""
     if not text:
         return None
@@ -91,7 +95,7 @@ def parse_field_selector(text: str | None, supported: Callable[[str], bool] | No
             raise bad_request(f"invalid selector: '{text}'; can't understand '{requirement}'")
         field, op, value = match.groups()
         if supported is not None and not supported(field):
-            raise bad_request(f'field label not supported: {field}')
+            raise bad_request(f"field label not supported: {field}")
         if op == "!=":
             checks.append(lambda o, f=field, v=value: field_value(o, f) != v)
         else:
@@ -141,7 +145,8 @@ def _index(node: Any, inner: str) -> list[Any]:
             return []
         path, op, value = match.groups()
         return [
-            item for item in node
+            item
+            for item in node
             if isinstance(item, dict) and ((field_value(item, path) == value) == (op == "=="))
         ]
     if ":" in inner:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import copy
 import datetime as dt
 import inspect
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from . import defaults, errors, openapi, protobuf
+from . import builtin_schema, defaults, errors, openapi, protobuf
 from .errors import ApiError
 from .faults import Fault, FaultInjector, Latency, RequestCounters
 from .patch import json_patch, merge_patch, strategic_merge_patch
@@ -27,11 +28,13 @@ from .resources import ResourceType, builtin_types, event_from_v1, event_to_v1
 from .selectors import jsonpath, parse_field_selector, parse_label_selector
 from .store import Event, Store, Watcher
 from .tables import to_table
-from .validation import validate_metadata
+from .validation import immutable_field_problems, validate_metadata
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 3 * 1024 * 1024
+# Warnings for the current request (`Warning: 299 - "..."` response headers, as kubectl prints them).
+_warnings: contextvars.ContextVar[list[str]] = contextvars.ContextVar("warnings")
 _GENERATE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
 _TABLE_MARK = "as=Table"
 
@@ -186,7 +189,11 @@ class ApiServer:
         """Close open watch streams (clients see the connection end and must re-watch)."""
         dropped = 0
         for watcher in self.store.all_watchers():
-            if resource in ("*", watcher.storage[1], ".".join(filter(None, (watcher.storage[1], watcher.storage[0])))):
+            if resource in (
+                "*",
+                watcher.storage[1],
+                ".".join(filter(None, (watcher.storage[1], watcher.storage[0]))),
+            ):
                 watcher.close()
                 dropped += 1
         return dropped
@@ -219,17 +226,30 @@ class ApiServer:
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
             self._internal_create(self.types[("", "v1", "namespaces")], None, {"metadata": {"name": ns}})
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
-            self._internal_create(self.types[("", "v1", "serviceaccounts")], ns, {"metadata": {"name": "default"}})
+            self._internal_create(
+                self.types[("", "v1", "serviceaccounts")], ns, {"metadata": {"name": "default"}}
+            )
         self._internal_create(
-            self.types[("", "v1", "services")], "default",
-            {"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
-             "spec": {"clusterIP": "10.96.0.1", "ports": [{"name": "https", "port": 443, "targetPort": 6443}]}},
+            self.types[("", "v1", "services")],
+            "default",
+            {
+                "metadata": {
+                    "name": "kubernetes",
+                    "labels": {"component": "apiserver", "provider": "kubernetes"},
+                },
+                "spec": {
+                    "clusterIP": "10.96.0.1",
+                    "ports": [{"name": "https", "port": 443, "targetPort": 6443}],
+                },
+            },
         )
         # Like a real cluster whose etcd compacted long ago: bootstrap history cannot be watched from.
         self.store.history.clear()
         self.store.compacted_rv = self.store.rv
 
-    def _internal_create(self, rtype: ResourceType, namespace: str | None, body: dict[str, Any]) -> dict[str, Any]:
+    def _internal_create(
+        self, rtype: ResourceType, namespace: str | None, body: dict[str, Any]
+    ) -> dict[str, Any]:
         body = {"apiVersion": rtype.group_version, "kind": rtype.kind, **body}
         return self._create(rtype, namespace, body, {})
 
@@ -251,11 +271,20 @@ class ApiServer:
             if delay:
                 await asyncio.sleep(delay)
             self.faults.check(info.verb, info.resource, info.rtype.group, info.namespace, info.name or "")
-            return await self._serve(request, info)
+            warnings: list[str] = []
+            _warnings.set(warnings)
+            response = await self._serve(request, info)
+            if warnings and not response.prepared:
+                for text in warnings:
+                    response.headers.add("Warning", "299 - " + json.dumps(text))
+            return response
         except ApiError as exc:
             self.counters.errors[exc.code] += 1
             return web.Response(
-                status=exc.code, body=_dumps(exc.status()), content_type="application/json", headers=exc.headers
+                status=exc.code,
+                body=_dumps(exc.status()),
+                content_type="application/json",
+                headers=exc.headers,
             )
         except (ConnectionResetError, asyncio.CancelledError):
             raise
@@ -279,7 +308,11 @@ class ApiServer:
         if rest and rest[0] == "watch":
             watch, rest = True, rest[1:]
         namespace = None
-        if len(rest) >= 3 and rest[0] == "namespaces" and not (len(rest) == 3 and rest[2] in ("status", "finalize")):
+        if (
+            len(rest) >= 3
+            and rest[0] == "namespaces"
+            and not (len(rest) == 3 and rest[2] in ("status", "finalize"))
+        ):
             namespace, rest = rest[1], rest[2:]
         if not rest or len(rest) > 3:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -364,7 +397,9 @@ class ApiServer:
             items = self._filter(rtype, self.store.list(rtype.storage_key, ns), query)
             for item in items:
                 meta = item["metadata"]
-                self._delete(rtype, meta.get("namespace"), meta["name"], options, dry_run=self._dry_run(query))
+                self._delete(
+                    rtype, meta.get("namespace"), meta["name"], options, dry_run=self._dry_run(query)
+                )
             return self._json(self._list_body(rtype, items, {}))
         raise errors.method_not_allowed()
 
@@ -399,7 +434,9 @@ class ApiServer:
             return protobuf.decode_object(raw)
         body = self._decode(raw, request.content_type)
         if not isinstance(body, dict):
-            raise errors.bad_request("couldn't get version/kind; json parse error: the body must be a JSON object")
+            raise errors.bad_request(
+                "couldn't get version/kind; json parse error: the body must be a JSON object"
+            )
         return body
 
     async def _delete_options(self, request: web.Request) -> dict[str, Any]:
@@ -471,7 +508,8 @@ class ApiServer:
         kind, api_version = body.get("kind"), body.get("apiVersion")
         if kind is not None and kind != rtype.kind:
             raise errors.bad_request(
-                f"the kind in the request body ({kind}) does not match the resource kind ({rtype.kind}) of the URL"
+                f"the kind in the request body ({kind}) does not match the resource kind "
+                f"({rtype.kind}) of the URL"
             )
         if api_version is not None and api_version != rtype.group_version:
             raise errors.bad_request(
@@ -524,7 +562,9 @@ class ApiServer:
             list_meta["remainingItemCount"] = remaining
         return self._list_body(rtype, [self._present(rtype, i) for i in items], list_meta)
 
-    def _list_body(self, rtype: ResourceType, items: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    def _list_body(
+        self, rtype: ResourceType, items: list[dict[str, Any]], meta: dict[str, Any]
+    ) -> dict[str, Any]:
         return {
             "kind": f"{rtype.kind}List",
             "apiVersion": rtype.group_version,
@@ -583,15 +623,27 @@ class ApiServer:
                 raise errors.not_found("", "namespaces", ns or "")
             if namespace["metadata"].get("deletionTimestamp"):
                 raise ApiError(
-                    403, "Forbidden",
-                    f'{rtype.qualified} "{name}" is forbidden: unable to create new content in namespace {ns} '
+                    403,
+                    "Forbidden",
+                    f'{rtype.qualified} "{name}" is forbidden: '
+                    f"unable to create new content in namespace {ns} '
                     "because it is being terminated",
-                    {"name": name, "group": rtype.group, "kind": rtype.plural,
-                     "causes": [{"reason": "NamespaceTerminating", "message": f"namespace {ns} is being terminated",
-                                 "field": "metadata.namespace"}]},
+                    {
+                        "name": name,
+                        "group": rtype.group,
+                        "kind": rtype.plural,
+                        "causes": [
+                            {
+                                "reason": "NamespaceTerminating",
+                                "message": f"namespace {ns} is being terminated",
+                                "field": "metadata.namespace",
+                            }
+                        ],
+                    },
                 )
         if self.store.get(rtype.storage_key, ns or "", name) is not None:
             raise errors.already_exists(rtype.group, rtype.plural, name)
+        _clean_metadata(meta)
         meta["uid"] = str(uuid.uuid4())
         meta["creationTimestamp"] = now_iso()
         for key in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields", "selfLink"):
@@ -601,6 +653,7 @@ class ApiServer:
         else:
             meta.pop("generation", None)
         if rtype.crd is None:
+            self._check_builtin_fields(rtype, obj, query)
             defaults.prepare_create(rtype.group, rtype.plural, obj)
         elif rtype.status_subresource:
             obj.pop("status", None)
@@ -651,8 +704,18 @@ class ApiServer:
             if str(wanted_rv) != old["metadata"]["resourceVersion"]:
                 raise errors.stale_conflict(rtype.group, rtype.plural, name)
         elif rtype.crd is not None or rtype.plural == "customresourcedefinitions":
-            raise errors.invalid(rtype.kind, rtype.group, name, [errors.cause(
-                "metadata.resourceVersion", "FieldValueInvalid", "Invalid value: 0x0: must be specified for an update")])
+            raise errors.invalid(
+                rtype.kind,
+                rtype.group,
+                name,
+                [
+                    errors.cause(
+                        "metadata.resourceVersion",
+                        "FieldValueInvalid",
+                        "Invalid value: 0x0: must be specified for an update",
+                    )
+                ],
+            )
         new = self._prepare_update(rtype, old, body, subresource, query)
         return self._commit_update(rtype, old, new, query)
 
@@ -681,21 +744,37 @@ class ApiServer:
                     new.pop("status", None)
             meta = new["metadata"] = dict(new.get("metadata") or {})
             old_meta = old["metadata"]
-            for key in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation",
-                        "namespace", "name"):
+            for key in (
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "namespace",
+                "name",
+            ):
                 if key in old_meta:
                     meta[key] = old_meta[key]
                 else:
                     meta.pop(key, None)
             meta.pop("managedFields", None)
+            _clean_metadata(meta)
             if old_meta.get("deletionTimestamp"):
                 # Finalizers may only be removed from an object that is being deleted.
-                meta["finalizers"] = [f for f in meta.get("finalizers") or [] if f in (old_meta.get("finalizers") or [])]
+                meta["finalizers"] = [
+                    f for f in meta.get("finalizers") or [] if f in (old_meta.get("finalizers") or [])
+                ]
                 if not meta["finalizers"]:
                     meta.pop("finalizers")
             problems = validate_metadata(rtype.plural, new, rtype.namespaced)
             if problems:
                 raise errors.invalid(rtype.kind, rtype.group, meta.get("name", ""), problems)
+            if rtype.crd is None:
+                self._check_builtin_fields(rtype, new, query)
+                defaults.prepare_update(rtype.group, rtype.plural, new, old)
+                problems = immutable_field_problems(rtype.group, rtype.plural, old, new)
+                if problems:
+                    raise errors.invalid(rtype.kind, rtype.group, meta.get("name", ""), problems)
             defaults.normalize(rtype.group, rtype.plural, new)
             if rtype.plural == "namespaces":
                 new["status"] = copy.deepcopy(old.get("status", {}))
@@ -781,7 +860,9 @@ class ApiServer:
             raise errors.stale_conflict(rtype.group, rtype.plural, name)
         meta["resourceVersion"] = old["metadata"]["resourceVersion"]
         if meta.get("name") != name:
-            raise errors.bad_request(f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})")
+            raise errors.bad_request(
+                f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})"
+            )
         new = self._prepare_update(rtype, old, new, subresource, query)
         return self._commit_update(rtype, old, new, query), False
 
@@ -806,7 +887,9 @@ class ApiServer:
         self._check_kind(rtype, config)
         meta = config.get("metadata") or {}
         if meta.get("name") not in (None, name):
-            raise errors.bad_request(f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})")
+            raise errors.bad_request(
+                f"the name of the object ({meta.get('name')}) does not match the name on the URL ({name})"
+            )
         if old is None:
             if subresource:
                 raise errors.not_found(rtype.group, rtype.plural, name)
@@ -850,26 +933,47 @@ class ApiServer:
         meta = obj["metadata"]
         pre = options.get("preconditions") or {}
         if pre.get("uid") and pre["uid"] != meta["uid"]:
-            raise errors.conflict(rtype.group, rtype.plural, name,
-                                  f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {meta['uid']}")
+            raise errors.conflict(
+                rtype.group,
+                rtype.plural,
+                name,
+                f"Precondition failed: UID in precondition: {pre['uid']}, UID in object meta: {meta['uid']}",
+            )
         if pre.get("resourceVersion") and pre["resourceVersion"] != meta["resourceVersion"]:
             raise errors.conflict(
-                rtype.group, rtype.plural, name,
+                rtype.group,
+                rtype.plural,
+                name,
                 f"Precondition failed: ResourceVersion in precondition: {pre['resourceVersion']}, "
-                f"ResourceVersion in object meta: {meta['resourceVersion']}")
+                f"ResourceVersion in object meta: {meta['resourceVersion']}",
+            )
         policy = options.get("propagationPolicy")
         if policy is None and options.get("orphanDependents") is not None:
             policy = "Orphan" if options["orphanDependents"] else "Background"
         if policy is None:
             policy = "Orphan" if (rtype.group, rtype.plural) == ("batch", "jobs") else "Background"
         if policy not in ("Orphan", "Foreground", "Background"):
-            raise errors.invalid("DeleteOptions", "meta.k8s.io", "", [errors.cause(
-                "propagationPolicy", "FieldValueNotSupported",
-                f'Unsupported value: "{policy}": supported values: "Foreground", "Background", "Orphan"')])
+            raise errors.invalid(
+                "DeleteOptions",
+                "meta.k8s.io",
+                "",
+                [
+                    errors.cause(
+                        "propagationPolicy",
+                        "FieldValueNotSupported",
+                        f'Unsupported value: "{policy}": '
+                        'supported values: "Foreground", "Background", "Orphan"',
+                    )
+                ],
+            )
         grace = 0
         if (rtype.group, rtype.plural) == ("", "pods"):
             requested = options.get("gracePeriodSeconds")
-            grace = int(requested if requested is not None else (obj.get("spec") or {}).get("terminationGracePeriodSeconds", 30))
+            grace = int(
+                requested
+                if requested is not None
+                else (obj.get("spec") or {}).get("terminationGracePeriodSeconds", 30)
+            )
             phase = (obj.get("status") or {}).get("phase")
             if not (obj.get("spec") or {}).get("nodeName") or phase in ("Succeeded", "Failed"):
                 grace = 0
@@ -878,12 +982,19 @@ class ApiServer:
         finalizers = list(new_meta.get("finalizers") or [])
         if policy == "Orphan" and "orphan" not in finalizers:
             finalizers.append("orphan")
-        if policy == "Foreground" and "foregroundDeletion" not in finalizers and self._dependents(meta["uid"]):
+        if (
+            policy == "Foreground"
+            and "foregroundDeletion" not in finalizers
+            and self._dependents(meta["uid"])
+        ):
             finalizers.append("foregroundDeletion")
         pending_ns = rtype.plural == "namespaces" and bool((obj.get("spec") or {}).get("finalizers"))
-        if rtype.plural == "customresourcedefinitions" and not meta.get("deletionTimestamp"):
-            if self.store.list((obj["spec"]["group"], obj["spec"]["names"]["plural"])):
-                finalizers.append("customresourcecleanup.apiextensions.k8s.io")
+        if (
+            rtype.plural == "customresourcedefinitions"
+            and not meta.get("deletionTimestamp")
+            and self.store.list((obj["spec"]["group"], obj["spec"]["names"]["plural"]))
+        ):
+            finalizers.append("customresourcecleanup.apiextensions.k8s.io")
         if meta.get("deletionTimestamp"):
             # Already being deleted: a shorter grace period may speed it up; otherwise nothing changes.
             current_grace = int(meta.get("deletionGracePeriodSeconds") or 0)
@@ -922,7 +1033,9 @@ class ApiServer:
         self._after_write(rtype, "DELETED", new)
         return self._present(rtype, new), True
 
-    async def _finish_graceful_delete(self, rtype: ResourceType, ns: str, name: str, uid: str, grace: int) -> None:
+    async def _finish_graceful_delete(
+        self, rtype: ResourceType, ns: str, name: str, uid: str, grace: int
+    ) -> None:
         """No kubelet owns this pod's node: finish its deletion once the grace period is over."""
         await asyncio.sleep(grace)
         obj = self.store.get(rtype.storage_key, ns, name)
@@ -957,7 +1070,9 @@ class ApiServer:
                 self._register_crd(obj)
         meta = obj["metadata"]
         if self._gc_wakeup is not None and (
-            event_type == "DELETED" or meta.get("deletionTimestamp") or meta.get("ownerReferences")
+            event_type == "DELETED"
+            or meta.get("deletionTimestamp")
+            or any(not self._owner_alive(ref) for ref in meta.get("ownerReferences") or ())
         ):
             self._gc_wakeup.set()
 
@@ -1046,8 +1161,12 @@ class ApiServer:
                     blocking = True
                 if not dep_meta.get("deletionTimestamp"):
                     with contextlib.suppress(ApiError):
-                        self._delete(dep_type, dep_meta.get("namespace"), dep_meta["name"],
-                                     {"propagationPolicy": "Foreground"})
+                        self._delete(
+                            dep_type,
+                            dep_meta.get("namespace"),
+                            dep_meta["name"],
+                            {"propagationPolicy": "Foreground"},
+                        )
                         progressed = True
             if not blocking:
                 self._remove_finalizer(rtype, obj, "foregroundDeletion")
@@ -1055,7 +1174,10 @@ class ApiServer:
             return progressed
         if rtype.plural == "namespaces" and rtype.group == "":
             return self._finalize_namespace(rtype, obj)
-        if rtype.plural == "customresourcedefinitions" and "customresourcecleanup.apiextensions.k8s.io" in finalizers:
+        if (
+            rtype.plural == "customresourcedefinitions"
+            and "customresourcecleanup.apiextensions.k8s.io" in finalizers
+        ):
             storage = (obj["spec"]["group"], obj["spec"]["names"]["plural"])
             remaining = self.store.list(storage)
             cr_type = self._type_for_storage(storage)
@@ -1088,7 +1210,9 @@ class ApiServer:
                 remaining += 1
                 if not item["metadata"].get("deletionTimestamp"):
                     with contextlib.suppress(ApiError):
-                        self._delete(item_type, name, item["metadata"]["name"], {"propagationPolicy": "Background"})
+                        self._delete(
+                            item_type, name, item["metadata"]["name"], {"propagationPolicy": "Background"}
+                        )
                         progressed = True
         if remaining:
             return progressed
@@ -1107,10 +1231,20 @@ class ApiServer:
         options = dict(body.get("deleteOptions") or {})
         if not pod["metadata"].get("deletionTimestamp"):
             new = copy.deepcopy(pod)
-            conditions = [c for c in (new.setdefault("status", {}).get("conditions") or [])
-                          if c.get("type") != "DisruptionTarget"]
-            conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI",
-                               "message": "Eviction API: evicting", "lastTransitionTime": now_iso()})
+            conditions = [
+                c
+                for c in (new.setdefault("status", {}).get("conditions") or [])
+                if c.get("type") != "DisruptionTarget"
+            ]
+            conditions.append(
+                {
+                    "type": "DisruptionTarget",
+                    "status": "True",
+                    "reason": "EvictionByEvictionAPI",
+                    "message": "Eviction API: evicting",
+                    "lastTransitionTime": now_iso(),
+                }
+            )
             new["status"]["conditions"] = conditions
             self._commit_update(rtype, pod, new, {})
         self._delete(rtype, ns, name, options)
@@ -1122,12 +1256,20 @@ class ApiServer:
             raise errors.not_found("", "pods", name)
         node = (body.get("target") or {}).get("name")
         if not node:
-            raise errors.invalid("Binding", "", name, [errors.cause("target.name", "FieldValueRequired", "Required value")])
+            raise errors.invalid(
+                "Binding", "", name, [errors.cause("target.name", "FieldValueRequired", "Required value")]
+            )
         if (pod.get("spec") or {}).get("nodeName"):
-            raise errors.conflict("", "pods", name, f"pod {name} is already assigned to node \"{pod['spec']['nodeName']}\"")
+            raise errors.conflict(
+                "", "pods", name, f'pod {name} is already assigned to node "{pod["spec"]["nodeName"]}"'
+            )
         new = copy.deepcopy(pod)
         new["spec"]["nodeName"] = node
-        conditions = [c for c in (new.setdefault("status", {}).get("conditions") or []) if c.get("type") != "PodScheduled"]
+        conditions = [
+            c
+            for c in (new.setdefault("status", {}).get("conditions") or [])
+            if c.get("type") != "PodScheduled"
+        ]
         conditions.append({"type": "PodScheduled", "status": "True", "lastTransitionTime": now_iso()})
         new["status"]["conditions"] = conditions
         self._commit_update(rtype, pod, new, {})
@@ -1144,7 +1286,8 @@ class ApiServer:
         if not container:
             if len(containers) != 1:
                 raise errors.bad_request(
-                    f"a container name must be specified for pod {name}, choose one of: [{' '.join(containers)}]"
+                    f"a container name must be specified for pod {name}, "
+                    f"choose one of: [{' '.join(containers)}]"
                 )
             container = containers[0]
         if container not in containers and container not in init_containers:
@@ -1163,11 +1306,21 @@ class ApiServer:
             since = parse_time(query["sinceTime"])
         flag = {k: query.get(k, "").lower() in ("true", "1") for k in ("follow", "timestamps", "previous")}
         if self.log_provider is None:
-            raise errors.bad_request(f'container "{container}" in pod "{name}" is waiting to start: ContainerCreating')
+            raise errors.bad_request(
+                f'container "{container}" in pod "{name}" is waiting to start: ContainerCreating'
+            )
         try:
-            result = self.log_provider(ns, name, container, tail=tail, since=since, follow=flag["follow"],
-                                       timestamps=flag["timestamps"], previous=flag["previous"],
-                                       limit_bytes=limit_bytes)
+            result = self.log_provider(
+                ns,
+                name,
+                container,
+                tail=tail,
+                since=since,
+                follow=flag["follow"],
+                timestamps=flag["timestamps"],
+                previous=flag["previous"],
+                limit_bytes=limit_bytes,
+            )
             if inspect.isawaitable(result):
                 result = await result
         except ApiError:
@@ -1175,8 +1328,9 @@ class ApiServer:
         except Exception as exc:
             status = getattr(exc, "status", None)
             if isinstance(status, int):
-                raise ApiError(status, str(getattr(exc, "reason", "BadRequest")),
-                               str(getattr(exc, "message", exc))) from exc
+                raise ApiError(
+                    status, str(getattr(exc, "reason", "BadRequest")), str(getattr(exc, "message", exc))
+                ) from exc
             raise
         if isinstance(result, str):
             result = result.encode()
@@ -1214,8 +1368,18 @@ class ApiServer:
             raise errors.stale_conflict(rtype.group, rtype.plural, name)
         replicas = (body.get("spec") or {}).get("replicas")
         if not isinstance(replicas, int) or replicas < 0:
-            raise errors.invalid("Scale", "autoscaling", name, [errors.cause(
-                "spec.replicas", "FieldValueInvalid", f"Invalid value: {replicas}: must be greater than or equal to 0")])
+            raise errors.invalid(
+                "Scale",
+                "autoscaling",
+                name,
+                [
+                    errors.cause(
+                        "spec.replicas",
+                        "FieldValueInvalid",
+                        f"Invalid value: {replicas}: must be greater than or equal to 0",
+                    )
+                ],
+            )
         new = copy.deepcopy(old)
         _set_path(new, rtype.scale["specReplicasPath"], replicas)
         new = self._prepare_update(rtype, old, new, None, request.query) if rtype.crd is not None else new
@@ -1241,8 +1405,11 @@ class ApiServer:
         return {
             "kind": "Scale",
             "apiVersion": "autoscaling/v1",
-            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
-                         if k in meta},
+            "metadata": {
+                k: meta[k]
+                for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                if k in meta
+            },
             "spec": {"replicas": spec_replicas[0] if spec_replicas else 0},
             "status": status,
         }
@@ -1287,21 +1454,30 @@ class ApiServer:
                             initial.append(shaped)
         start_rv = self.store.rv
 
-        response = web.StreamResponse(headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"}
+        )
         await response.prepare(request)
         headers_sent = False
 
         async def send(event_type: str, obj: dict[str, Any]) -> None:
             nonlocal headers_sent
             if table and event_type not in ("BOOKMARK", "ERROR"):
-                obj = to_table(rtype, [obj], obj["metadata"].get("resourceVersion", ""), include,
-                               with_headers=not headers_sent)
+                obj = to_table(
+                    rtype,
+                    [obj],
+                    obj["metadata"].get("resourceVersion", ""),
+                    include,
+                    with_headers=not headers_sent,
+                )
                 headers_sent = True
             await response.write(_dumps({"type": event_type, "object": obj}) + b"\n")
 
         try:
             if too_old:
-                status = errors.gone(f"too old resource version: {rv_text} ({self.store.compacted_rv + 1})").status()
+                status = errors.gone(
+                    f"too old resource version: {rv_text} ({self.store.compacted_rv + 1})"
+                ).status()
                 await send("ERROR", status)
                 return response
             for event_type, obj in initial:
@@ -1388,23 +1564,49 @@ class ApiServer:
             return obj
         metadata = obj.get("metadata")
         mode = query.get("fieldValidation", "") if query else ""
-        if mode == "Strict":
-            unknown = _dropped_paths(obj, validator.normalize(obj))
-            if unknown:
-                fields = ", ".join(f'unknown field "{p}"' for p in unknown)
-                raise errors.bad_request(
-                    f'{rtype.kind} in version "{rtype.version}" cannot be handled as a {rtype.kind}: '
-                    f"strict decoding error: {fields}"
-                )
+        if mode in ("Strict", "Warn"):
+            self._report_unknown(rtype, mode, _dropped_paths(obj, validator.normalize(obj)))
         try:
             admitted = validator.admit(obj, old)  # admit works on copies
         except InvalidError as exc:
             causes = [{"reason": c.type, "message": c.message, "field": c.field} for c in exc.causes]
-            raise ApiError(422, "Invalid", exc.message(), {
-                "name": (metadata or {}).get("name", ""), "group": rtype.group, "kind": rtype.kind, "causes": causes,
-            }) from exc
+            raise ApiError(
+                422,
+                "Invalid",
+                exc.message(),
+                {
+                    "name": (metadata or {}).get("name", ""),
+                    "group": rtype.group,
+                    "kind": rtype.kind,
+                    "causes": causes,
+                },
+            ) from exc
         admitted["metadata"] = metadata
         return admitted
+
+    def _check_builtin_fields(self, rtype: ResourceType, obj: dict[str, Any], query: Any) -> None:
+        mode = query.get("fieldValidation", "") if query else ""
+        if mode not in ("Strict", "Warn"):
+            return
+        minor = int(self.git_version.lstrip("v").split(".")[1])
+        typed = {**obj, "apiVersion": obj.get("apiVersion") or rtype.group_version, "kind": rtype.kind}
+        unknown = builtin_schema.unknown_fields(typed, minor)
+        if unknown:
+            self._report_unknown(rtype, mode, unknown)
+
+    @staticmethod
+    def _report_unknown(rtype: ResourceType, mode: str, unknown: list[str]) -> None:
+        if not unknown:
+            return
+        if mode == "Warn":
+            with contextlib.suppress(LookupError):
+                _warnings.get().extend(f'unknown field "{path}"' for path in unknown)
+            return
+        fields = ", ".join(f'unknown field "{path}"' for path in unknown)
+        raise errors.bad_request(
+            f'{rtype.kind} in version "{rtype.version}" cannot be handled as a {rtype.kind}: '
+            f"strict decoding error: {fields}"
+        )
 
     def _prepare_crd(self, crd: dict[str, Any], old: dict[str, Any] | None) -> None:
         spec = crd.get("spec") or {}
@@ -1420,19 +1622,40 @@ class ApiServer:
         if not names.get("kind"):
             problems.append(errors.cause("spec.names.kind", "FieldValueRequired", "Required value"))
         if group and plural and name != f"{plural}.{group}":
-            problems.append(errors.cause("metadata.name", "FieldValueInvalid",
-                                         f'Invalid value: "{name}": must be spec.names.plural+"."+spec.group'))
+            problems.append(
+                errors.cause(
+                    "metadata.name",
+                    "FieldValueInvalid",
+                    f'Invalid value: "{name}": must be spec.names.plural+"."+spec.group',
+                )
+            )
         if spec.get("scope") not in ("Namespaced", "Cluster"):
-            problems.append(errors.cause("spec.scope", "FieldValueNotSupported",
-                                         f'Unsupported value: "{spec.get("scope")}": supported values: "Cluster", "Namespaced"'))
+            problems.append(
+                errors.cause(
+                    "spec.scope",
+                    "FieldValueNotSupported",
+                    f'Unsupported value: "{spec.get("scope")}": supported values: "Cluster", "Namespaced"',
+                )
+            )
         versions = spec.get("versions") or []
         if not versions:
-            problems.append(errors.cause("spec.versions", "FieldValueInvalid", "Invalid value: must have at least one version"))
+            problems.append(
+                errors.cause(
+                    "spec.versions", "FieldValueInvalid", "Invalid value: must have at least one version"
+                )
+            )
         elif sum(1 for v in versions if v.get("storage")) != 1:
-            problems.append(errors.cause("spec.versions", "FieldValueInvalid",
-                                         "Invalid value: must have exactly one version marked as storage version"))
+            problems.append(
+                errors.cause(
+                    "spec.versions",
+                    "FieldValueInvalid",
+                    "Invalid value: must have exactly one version marked as storage version",
+                )
+            )
         if old is not None and old.get("spec", {}).get("group") != group:
-            problems.append(errors.cause("spec.group", "FieldValueInvalid", "Invalid value: field is immutable"))
+            problems.append(
+                errors.cause("spec.group", "FieldValueInvalid", "Invalid value: field is immutable")
+            )
         if not problems:
             problems = self._check_crd_schemas(crd)
         if problems:
@@ -1458,7 +1681,13 @@ class ApiServer:
         def condition(kind: str, reason: str, message: str) -> dict[str, Any]:
             if kind in previous and previous[kind].get("status") == "True":
                 return previous[kind]
-            return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": now}
+            return {
+                "type": kind,
+                "status": "True",
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now,
+            }
 
         crd["status"] = {
             "conditions": [
@@ -1482,8 +1711,13 @@ class ApiServer:
             except InvalidError as exc:
                 problems += [{"reason": c.type, "message": c.message, "field": c.field} for c in exc.causes]
             except Exception as exc:  # a schema or CEL rule the validator cannot compile
-                problems.append(errors.cause(f"spec.versions[{index}].schema.openAPIV3Schema", "FieldValueInvalid",
-                                             f"Invalid value: {exc}"))
+                problems.append(
+                    errors.cause(
+                        f"spec.versions[{index}].schema.openAPIV3Schema",
+                        "FieldValueInvalid",
+                        f"Invalid value: {exc}",
+                    )
+                )
         return problems
 
     def _register_crd(self, crd: dict[str, Any]) -> None:
@@ -1511,7 +1745,9 @@ class ApiServer:
                 strategic=False,
                 crd=crd,
                 printer_columns=list(version.get("additionalPrinterColumns") or []),
-                field_selectors=frozenset(f.get("jsonPath", "").lstrip(".") for f in version.get("selectableFields") or []),
+                field_selectors=frozenset(
+                    f.get("jsonPath", "").lstrip(".") for f in version.get("selectableFields") or []
+                ),
             )
             self.types[(rtype.group, rtype.version, rtype.plural)] = rtype
             registered.append(rtype)
@@ -1534,25 +1770,42 @@ class ApiServer:
             return web.Response(text="ok")
         if path == "/version":
             major, minor = self.git_version.lstrip("v").split(".")[:2]
-            return self._json({
-                "major": major, "minor": minor, "gitVersion": self.git_version, "gitCommit": "emulated",
-                "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.24",
-                "compiler": "gc", "platform": "linux/amd64",
-            })
+            return self._json(
+                {
+                    "major": major,
+                    "minor": minor,
+                    "gitVersion": self.git_version,
+                    "gitCommit": "emulated",
+                    "gitTreeState": "clean",
+                    "buildDate": "2026-01-01T00:00:00Z",
+                    "goVersion": "go1.24",
+                    "compiler": "gc",
+                    "platform": "linux/amd64",
+                }
+            )
         if path == "/api":
-            return self._json({
-                "kind": "APIVersions", "versions": ["v1"],
-                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self.host}:{self.port}"}],
-            })
+            return self._json(
+                {
+                    "kind": "APIVersions",
+                    "versions": ["v1"],
+                    "serverAddressByClientCIDRs": [
+                        {"clientCIDR": "0.0.0.0/0", "serverAddress": f"{self.host}:{self.port}"}
+                    ],
+                }
+            )
         if path == "/apis":
             return self._json({"kind": "APIGroupList", "apiVersion": "v1", "groups": self._groups()})
         if path == "/openapi/v3":
-            return self._json({"paths": {
-                gv: {"serverRelativeURL": f"/openapi/v3/{gv}?hash={doc_hash}"}
-                for gv, (doc_hash, _) in self._openapi_documents().items()
-            }})
+            return self._json(
+                {
+                    "paths": {
+                        gv: {"serverRelativeURL": f"/openapi/v3/{gv}?hash={doc_hash}"}
+                        for gv, (doc_hash, _) in self._openapi_documents().items()
+                    }
+                }
+            )
         if path.startswith("/openapi/v3/"):
-            gv = path[len("/openapi/v3/"):]
+            gv = path[len("/openapi/v3/") :]
             documents = self._openapi_documents()
             if gv not in documents:
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -1566,7 +1819,10 @@ class ApiServer:
                 by_gv.setdefault((rtype.group, rtype.version), []).append(rtype)
             for (group, version), types in by_gv.items():
                 document = openapi.group_version_document(group, version, types)
-                self._openapi_cache[openapi.gv_path(group, version)] = (openapi.document_hash(document), document)
+                self._openapi_cache[openapi.gv_path(group, version)] = (
+                    openapi.document_hash(document),
+                    document,
+                )
         return self._openapi_cache
 
     def _groups(self) -> list[dict[str, Any]]:
@@ -1579,18 +1835,22 @@ class ApiServer:
             if rtype.version not in versions:
                 versions.append(rtype.version)
             if rtype.crd is not None:
-                storage = next((v["name"] for v in rtype.crd["spec"]["versions"] if v.get("storage")), rtype.version)
+                storage = next(
+                    (v["name"] for v in rtype.crd["spec"]["versions"] if v.get("storage")), rtype.version
+                )
                 served = [v["name"] for v in rtype.crd["spec"]["versions"] if v.get("served", True)]
                 preferred[rtype.group] = storage if storage in served else served[0]
         result = []
         for group, versions in groups.items():
             versions.sort(key=_version_priority)
             pref = preferred.get(group, versions[0])
-            result.append({
-                "name": group,
-                "versions": [{"groupVersion": f"{group}/{v}", "version": v} for v in versions],
-                "preferredVersion": {"groupVersion": f"{group}/{pref}", "version": pref},
-            })
+            result.append(
+                {
+                    "name": group,
+                    "versions": [{"groupVersion": f"{group}/{v}", "version": v} for v in versions],
+                    "preferredVersion": {"groupVersion": f"{group}/{pref}", "version": pref},
+                }
+            )
         return result
 
     async def _discovery(self, request: web.Request) -> web.Response:
@@ -1602,9 +1862,8 @@ class ApiServer:
             groups = [g for g in self._groups() if g["name"] == parts[1]]
             if groups:
                 return self._json({"kind": "APIGroup", "apiVersion": "v1", **groups[0]})
-        elif len(parts) == 3:
-            if any(t.group == parts[1] and t.version == parts[2] for t in self.types.values()):
-                return self._json(self._resource_list(parts[1], parts[2]))
+        elif len(parts) == 3 and any(t.group == parts[1] and t.version == parts[2] for t in self.types.values()):
+            return self._json(self._resource_list(parts[1], parts[2]))
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
 
     def _resource_list(self, group: str, version: str) -> dict[str, Any]:
@@ -1613,30 +1872,49 @@ class ApiServer:
             if rtype.group != group or rtype.version != version:
                 continue
             entry: dict[str, Any] = {
-                "name": rtype.plural, "singularName": rtype.singular, "namespaced": rtype.namespaced,
-                "kind": rtype.kind, "verbs": list(rtype.verbs),
+                "name": rtype.plural,
+                "singularName": rtype.singular,
+                "namespaced": rtype.namespaced,
+                "kind": rtype.kind,
+                "verbs": list(rtype.verbs),
             }
             if rtype.short_names:
                 entry["shortNames"] = rtype.short_names
             if rtype.categories:
                 entry["categories"] = rtype.categories
             resources.append(entry)
-            sub_kinds = {"status": (rtype.kind, ["get", "patch", "update"]),
-                         "scale": ("Scale", ["get", "patch", "update"]),
-                         "log": ("Pod", ["get"]), "eviction": ("Eviction", ["create"]),
-                         "binding": ("Binding", ["create"])}
-            subs = [s for s in ("status", "scale", "log", "eviction", "binding") if self._has_subresource(rtype, s)]
+            sub_kinds = {
+                "status": (rtype.kind, ["get", "patch", "update"]),
+                "scale": ("Scale", ["get", "patch", "update"]),
+                "log": ("Pod", ["get"]),
+                "eviction": ("Eviction", ["create"]),
+                "binding": ("Binding", ["create"]),
+            }
+            subs = [
+                s
+                for s in ("status", "scale", "log", "eviction", "binding")
+                if self._has_subresource(rtype, s)
+            ]
             for sub in subs:
                 kind, verbs = sub_kinds[sub]
-                item: dict[str, Any] = {"name": f"{rtype.plural}/{sub}", "singularName": "",
-                                        "namespaced": rtype.namespaced, "kind": kind, "verbs": verbs}
+                item: dict[str, Any] = {
+                    "name": f"{rtype.plural}/{sub}",
+                    "singularName": "",
+                    "namespaced": rtype.namespaced,
+                    "kind": kind,
+                    "verbs": verbs,
+                }
                 if sub == "scale":
                     item.update(group="autoscaling", version="v1")
                 elif sub == "eviction":
                     item.update(group="policy", version="v1")
                 resources.append(item)
-        return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/{version}" if group else version,
-                "resources": resources}
+        return {
+            "kind": "APIResourceList",
+            "apiVersion": "v1",
+            "groupVersion": f"{group}/{version}" if group else version,
+            "resources": resources,
+        }
 
 
 def _version_priority(version: str) -> tuple[int, int, int]:
@@ -1649,6 +1927,13 @@ def _version_priority(version: str) -> tuple[int, int, int]:
     major, stage, minor = match.groups()
     rank = {None: 0, "beta": 1, "alpha": 2}[stage]
     return (rank, -int(major), -int(minor or 0))
+
+
+def _clean_metadata(meta: dict[str, Any]) -> None:
+    """Empty maps and lists in ObjectMeta are omitted, as after a round trip through the Go types."""
+    for key in ("labels", "annotations", "finalizers", "ownerReferences"):
+        if key in meta and not meta[key]:
+            del meta[key]
 
 
 def _set_path(obj: dict[str, Any], path: str, value: Any) -> None:

@@ -66,7 +66,9 @@ class Store:
             return None
         return self.objects[where[0]].get(where[1])
 
-    def commit(self, storage: StorageKey, event_type: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+    def commit(
+        self, storage: StorageKey, event_type: str, obj: dict[str, Any], old: dict[str, Any] | None
+    ) -> None:
         """Record a write whose object already carries its new resourceVersion, and notify watchers."""
         meta = obj["metadata"]
         key = (meta.get("namespace", ""), meta["name"])

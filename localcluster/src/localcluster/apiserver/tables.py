@@ -94,8 +94,7 @@ def _pod_status(pod: dict[str, Any]) -> str:
         if "waiting" in state and state["waiting"].get("reason"):
             reason = state["waiting"]["reason"]
         elif "terminated" in state:
-            reason = state["terminated"].get("reason") or (
-                f"ExitCode:{state['terminated'].get('exitCode')}")
+            reason = state["terminated"].get("reason") or (f"ExitCode:{state['terminated'].get('exitCode')}")
     return str(reason)
 
 
@@ -107,7 +106,9 @@ def _job_status(job: dict[str, Any]) -> str:
     conditions = {c.get("type"): c.get("status") for c in _get(job, "status", "conditions", default=[])}
     for kind in ("Complete", "Failed", "SuccessCriteriaMet", "FailureTarget", "Suspended"):
         if conditions.get(kind) == "True":
-            return {"SuccessCriteriaMet": "SuccessCriteriaMet", "FailureTarget": "FailureTarget"}.get(kind, kind)
+            return {"SuccessCriteriaMet": "SuccessCriteriaMet", "FailureTarget": "FailureTarget"}.get(
+                kind, kind
+            )
     return "Running"
 
 
@@ -120,7 +121,9 @@ def _job_duration(job: dict[str, Any]) -> str:
 
 
 def _node_status(node: dict[str, Any]) -> str:
-    ready = next((c for c in _get(node, "status", "conditions", default=[]) if c.get("type") == "Ready"), None)
+    ready = next(
+        (c for c in _get(node, "status", "conditions", default=[]) if c.get("type") == "Ready"), None
+    )
     text = "Unknown" if ready is None else ("Ready" if ready.get("status") == "True" else "NotReady")
     if _get(node, "spec", "unschedulable"):
         text += ",SchedulingDisabled"
@@ -129,7 +132,9 @@ def _node_status(node: dict[str, Any]) -> str:
 
 def _node_roles(node: dict[str, Any]) -> str:
     prefix = "node-role.kubernetes.io/"
-    roles = sorted(k[len(prefix):] for k in _get(node, "metadata", "labels", default={}) if k.startswith(prefix))
+    roles = sorted(
+        k[len(prefix) :] for k in _get(node, "metadata", "labels", default={}) if k.startswith(prefix)
+    )
     return ",".join(roles) or "<none>"
 
 
@@ -174,14 +179,26 @@ _BUILTIN: dict[str, list[Column]] = {
     ],
     "jobs": [
         ("Status", "string", _job_status, 0),
-        ("Completions", "string",
-         lambda j: f"{_get(j, 'status', 'succeeded', default=0)}/{_get(j, 'spec', 'completions', default=1)}", 0),
+        (
+            "Completions",
+            "string",
+            lambda j: (
+                f"{_get(j, 'status', 'succeeded', default=0)}/{_get(j, 'spec', 'completions', default=1)}"
+            ),
+            0,
+        ),
         ("Duration", "string", _job_duration, 0),
         ("Age", "string", _age, 0),
     ],
     "deployments": [
-        ("Ready", "string",
-         lambda d: f"{_get(d, 'status', 'readyReplicas', default=0)}/{_get(d, 'spec', 'replicas', default=1)}", 0),
+        (
+            "Ready",
+            "string",
+            lambda d: (
+                f"{_get(d, 'status', 'readyReplicas', default=0)}/{_get(d, 'spec', 'replicas', default=1)}"
+            ),
+            0,
+        ),
         ("Up-to-date", "integer", lambda d: _get(d, "status", "updatedReplicas", default=0), 0),
         ("Available", "integer", lambda d: _get(d, "status", "availableReplicas", default=0), 0),
         ("Age", "string", _age, 0),
@@ -201,8 +218,12 @@ _BUILTIN: dict[str, list[Column]] = {
     "services": [
         ("Type", "string", lambda s: _get(s, "spec", "type", default="ClusterIP"), 0),
         ("Cluster-IP", "string", lambda s: _get(s, "spec", "clusterIP", default="<none>"), 0),
-        ("External-IP", "string",
-         lambda s: ",".join(_get(s, "spec", "externalIPs", default=[])) or "<none>", 0),
+        (
+            "External-IP",
+            "string",
+            lambda s: ",".join(_get(s, "spec", "externalIPs", default=[])) or "<none>",
+            0,
+        ),
         ("Port(s)", "string", _service_ports, 0),
         ("Age", "string", _age, 0),
         ("Selector", "string", lambda s: _selector_text(_get(s, "spec", "selector")), 1),
@@ -220,7 +241,10 @@ _BUILTIN: dict[str, list[Column]] = {
         ("Data", "integer", lambda s: len(s.get("data") or {}) + len(s.get("stringData") or {}), 0),
         ("Age", "string", _age, 0),
     ],
-    "serviceaccounts": [("Secrets", "integer", lambda s: len(s.get("secrets") or []), 0), ("Age", "string", _age, 0)],
+    "serviceaccounts": [
+        ("Secrets", "integer", lambda s: len(s.get("secrets") or []), 0),
+        ("Age", "string", _age, 0),
+    ],
     "persistentvolumeclaims": [
         ("Status", "string", lambda p: _get(p, "status", "phase", default="Pending"), 0),
         ("Volume", "string", lambda p: _get(p, "spec", "volumeName", default=""), 0),
@@ -253,8 +277,15 @@ def _columns_for(rtype: ResourceType) -> tuple[list[dict[str, Any]], list[Callab
     if rtype.plural == "events":
         specs = _EVENT_COLUMNS
     else:
-        definitions.append({"name": "Name", "type": "string", "format": "name", "priority": 0,
-                            "description": "Name must be unique within a namespace."})
+        definitions.append(
+            {
+                "name": "Name",
+                "type": "string",
+                "format": "name",
+                "priority": 0,
+                "description": "Name must be unique within a namespace.",
+            }
+        )
         cells.append(_name)
         if rtype.printer_columns is not None:
             specs = [_crd_column(col) for col in rtype.printer_columns]
@@ -263,7 +294,9 @@ def _columns_for(rtype: ResourceType) -> tuple[list[dict[str, Any]], list[Callab
         else:
             specs = _BUILTIN.get(rtype.plural, [("Age", "string", _age, 0)])
     for name, kind, cell, priority in specs:
-        definitions.append({"name": name, "type": kind, "format": "", "priority": priority, "description": ""})
+        definitions.append(
+            {"name": name, "type": kind, "format": "", "priority": priority, "description": ""}
+        )
         cells.append(cell)
     return definitions, cells
 

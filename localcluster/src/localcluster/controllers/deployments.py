@@ -1,8 +1,9 @@
 """apps/v1 Deployment controller.
 
-Pods are owned by the Deployment directly (no ReplicaSet objects) but carry `pod-template-hash` and are named
-`<deployment>-<hash>-<random>` as usual; the status (replicas, updated/ready/available, observedGeneration) and
-the Available/Progressing conditions follow kube-controller-manager, including RollingUpdate's maxSurge and
+Pods are owned by the Deployment directly (no ReplicaSet objects) but carry `pod-template-hash` and are
+named `<deployment>-<hash>-<random>` as usual; the status (replicas, updated/ready/available,
+observedGeneration) and the Available/Progressing conditions follow kube-controller-manager, including
+RollingUpdate's maxSurge and
 maxUnavailable, Recreate, and progressDeadlineSeconds.
 """
 
@@ -140,14 +141,21 @@ class DeploymentController:
         rs_name = f"{name}-{phash}"
         min_ready = float(spec.get("minReadySeconds") or 0)
         now = time.time()
-        owned = [p for p in self.pods.values() if p["metadata"].get("namespace") == namespace
-                 and (self._owner(p) or {}).get("uid") == uid]
+        owned = [
+            p
+            for p in self.pods.values()
+            if p["metadata"].get("namespace") == namespace and (self._owner(p) or {}).get("uid") == uid
+        ]
         expected = self.expected.setdefault(uid, {})
         for pod_name, when in list(expected.items()):
             if now - when > 30 or self.pods.get(namespace, pod_name) is not None:
                 expected.pop(pod_name)
-        dead = [p for p in owned if p.get("status", {}).get("phase") in ("Failed", "Succeeded")
-                and not p["metadata"].get("deletionTimestamp")]
+        dead = [
+            p
+            for p in owned
+            if p.get("status", {}).get("phase") in ("Failed", "Succeeded")
+            and not p["metadata"].get("deletionTimestamp")
+        ]
         live = [p for p in owned if p not in dead and not p["metadata"].get("deletionTimestamp")]
         terminating = [p for p in owned if p["metadata"].get("deletionTimestamp")]
         new = [p for p in live if (p["metadata"].get("labels") or {}).get("pod-template-hash") == phash]
@@ -193,36 +201,59 @@ class DeploymentController:
                 ranked = sorted(new, key=lambda p: (available(p), p["metadata"].get("creationTimestamp", "")))
                 await self._delete(dep, ranked[: len(new) - replicas], "extra")
             if created:
-                await self.recorder.emit(dep, "Normal", "ScalingReplicaSet",
-                                         f"Scaled up replica set {rs_name} from {len(new)} to {len(new) + created}")
+                await self.recorder.emit(
+                    dep,
+                    "Normal",
+                    "ScalingReplicaSet",
+                    f"Scaled up replica set {rs_name} from {len(new)} to {len(new) + created}",
+                )
         # Pods become "available" minReadySeconds after turning Ready: look again then.
-        waits = [s + min_ready - now for p in live if (s := _ready_since(p)) is not None and s + min_ready > now]
+        waits = [
+            s + min_ready - now for p in live if (s := _ready_since(p)) is not None and s + min_ready > now
+        ]
         if waits:
             self.enqueue_after(key, min(waits) + 0.05)
         await self._write_status(dep, rs_name, live, new, expected, available, replicas, max_unavailable)
 
-    async def _create(self, dep: dict[str, Any], template: dict[str, Any], phash: str,
-                      expected: dict[str, float]) -> bool:
+    async def _create(
+        self, dep: dict[str, Any], template: dict[str, Any], phash: str, expected: dict[str, float]
+    ) -> bool:
         meta = dep["metadata"]
         tmpl = copy.deepcopy(template)
         pod_meta = tmpl.get("metadata") or {}
         labels = {**(pod_meta.get("labels") or {}), "pod-template-hash": phash}
         for _ in range(5):
             name = f"{meta['name']}-{phash}-{random_suffix()}"
-            body = {"apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": name, "generateName": f"{meta['name']}-{phash}-",
-                                 "namespace": meta["namespace"], "labels": labels,
-                                 "annotations": dict(pod_meta.get("annotations") or {}),
-                                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
-                                                      "name": meta["name"], "uid": meta["uid"],
-                                                      "controller": True, "blockOwnerDeletion": True}]},
-                    "spec": tmpl.get("spec") or {}}
+            body = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "name": name,
+                    "generateName": f"{meta['name']}-{phash}-",
+                    "namespace": meta["namespace"],
+                    "labels": labels,
+                    "annotations": dict(pod_meta.get("annotations") or {}),
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "apps/v1",
+                            "kind": "Deployment",
+                            "name": meta["name"],
+                            "uid": meta["uid"],
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
+                },
+                "spec": tmpl.get("spec") or {},
+            }
             try:
                 await self.client.create(PODS.path(meta["namespace"]), body)
             except ApiError as err:
                 if err.conflict:
                     continue
-                await self.recorder.emit(dep, "Warning", "FailedCreate", f"Error creating: {err.body.get('message')}")
+                await self.recorder.emit(
+                    dep, "Warning", "FailedCreate", f"Error creating: {err.body.get('message')}"
+                )
                 raise
             if self.pods.get(meta["namespace"], name) is None:
                 expected[name] = time.time()
@@ -234,9 +265,17 @@ class DeploymentController:
             meta = pod["metadata"]
             await self.client.delete(PODS.path(meta["namespace"], meta["name"]), uid=meta["uid"])
 
-    async def _write_status(self, dep: dict[str, Any], rs_name: str, live: list[dict[str, Any]],
-                            new: list[dict[str, Any]], expected: dict[str, float], available: Any, replicas: int,
-                            max_unavailable: int) -> None:
+    async def _write_status(
+        self,
+        dep: dict[str, Any],
+        rs_name: str,
+        live: list[dict[str, Any]],
+        new: list[dict[str, Any]],
+        expected: dict[str, float],
+        available: Any,
+        replicas: int,
+        max_unavailable: int,
+    ) -> None:
         spec = dep.get("spec", {})
         current = dep.get("status") or {}
         total = len(live) + len(expected)
@@ -251,7 +290,13 @@ class DeploymentController:
             "availableReplicas": available_count,
             "unavailableReplicas": max(0, max(total, replicas) - available_count),
         }
-        for field in ("readyReplicas", "availableReplicas", "unavailableReplicas", "updatedReplicas", "replicas"):
+        for field in (
+            "readyReplicas",
+            "availableReplicas",
+            "unavailableReplicas",
+            "updatedReplicas",
+            "replicas",
+        ):
             if not status[field]:
                 status.pop(field)
         conditions = {c["type"]: dict(c) for c in current.get("conditions") or []}
@@ -259,39 +304,77 @@ class DeploymentController:
 
         def put(kind: str, value: str, reason: str, message: str) -> None:
             cond = conditions.get(kind)
-            if cond and cond.get("status") == value and cond.get("reason") == reason and cond.get("message") == message:
+            if (
+                cond
+                and cond.get("status") == value
+                and cond.get("reason") == reason
+                and cond.get("message") == message
+            ):
                 return
-            transition = stamp if not cond or cond.get("status") != value else cond.get("lastTransitionTime", stamp)
-            conditions[kind] = {"type": kind, "status": value, "lastUpdateTime": stamp,
-                                "lastTransitionTime": transition, "reason": reason, "message": message}
+            transition = (
+                stamp if not cond or cond.get("status") != value else cond.get("lastTransitionTime", stamp)
+            )
+            conditions[kind] = {
+                "type": kind,
+                "status": value,
+                "lastUpdateTime": stamp,
+                "lastTransitionTime": transition,
+                "reason": reason,
+                "message": message,
+            }
 
         if available_count >= replicas - max_unavailable:
             put("Available", "True", "MinimumReplicasAvailable", "Deployment has minimum availability.")
         else:
-            put("Available", "False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
+            put(
+                "Available",
+                "False",
+                "MinimumReplicasUnavailable",
+                "Deployment does not have minimum availability.",
+            )
         complete = updated == replicas and available_count >= replicas and total == replicas
         progressing = conditions.get("Progressing")
         if spec.get("paused"):
             put("Progressing", "Unknown", "DeploymentPaused", "Deployment is paused")
         elif complete:
-            put("Progressing", "True", "NewReplicaSetAvailable", f'ReplicaSet "{rs_name}" has successfully progressed.')
-        elif progressing is None or progressing.get("reason") in ("NewReplicaSetAvailable", "DeploymentPaused"):
+            put(
+                "Progressing",
+                "True",
+                "NewReplicaSetAvailable",
+                f'ReplicaSet "{rs_name}" has successfully progressed.',
+            )
+        elif progressing is None or progressing.get("reason") in (
+            "NewReplicaSetAvailable",
+            "DeploymentPaused",
+        ):
             reason = "NewReplicaSetCreated" if progressing is None else "ReplicaSetUpdated"
-            message = (f'Created new replica set "{rs_name}"' if progressing is None
-                       else f'ReplicaSet "{rs_name}" is progressing.')
+            message = (
+                f'Created new replica set "{rs_name}"'
+                if progressing is None
+                else f'ReplicaSet "{rs_name}" is progressing.'
+            )
             put("Progressing", "True", reason, message)
-        elif (status != {k: current.get(k) for k in status} and progressing.get("reason") != "ProgressDeadlineExceeded"):
+        elif (
+            status != {k: current.get(k) for k in status}
+            and progressing.get("reason") != "ProgressDeadlineExceeded"
+        ):
             put("Progressing", "True", "ReplicaSetUpdated", f'ReplicaSet "{rs_name}" is progressing.')
         else:
             deadline = float(spec.get("progressDeadlineSeconds") or 600)
             last = _parse_time(progressing.get("lastUpdateTime")) or time.time()
             if time.time() - last > deadline:
-                put("Progressing", "False", "ProgressDeadlineExceeded", f'ReplicaSet "{rs_name}" has timed out progressing.')
+                put(
+                    "Progressing",
+                    "False",
+                    "ProgressDeadlineExceeded",
+                    f'ReplicaSet "{rs_name}" has timed out progressing.',
+                )
             else:
                 self.enqueue_after(object_key(dep), last + deadline - time.time() + 0.1)
         order = ["Available", "Progressing"]
         status["conditions"] = [conditions[k] for k in order if k in conditions] + [
-            c for k, c in conditions.items() if k not in order]
+            c for k, c in conditions.items() if k not in order
+        ]
         if status == current:
             return
         meta = dep["metadata"]
@@ -304,5 +387,6 @@ class DeploymentController:
             obj["status"] = status
             return obj
 
-        await self.client.update_with_retry(DEPLOYMENTS.path(meta["namespace"], meta["name"], "status"), mutate,
-                                            current=dep)
+        await self.client.update_with_retry(
+            DEPLOYMENTS.path(meta["namespace"], meta["name"], "status"), mutate, current=dep
+        )

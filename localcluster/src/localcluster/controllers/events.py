@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ..kubeclient import EVENTS, ApiError, KubeClient
@@ -14,11 +14,11 @@ log = logging.getLogger(__name__)
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def now_micro() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class EventRecorder:
@@ -38,11 +38,16 @@ class EventRecorder:
             if seen is not None and time.monotonic() - seen[2] < 600:
                 name, count, _ = seen
                 count += 1
-                await self.client.patch(
-                    EVENTS.path(namespace, name), {"count": count, "lastTimestamp": stamp}
-                )
-                self._seen[key] = (name, count, time.monotonic())
-                return
+                try:
+                    await self.client.patch(
+                        EVENTS.path(namespace, name), {"count": count, "lastTimestamp": stamp}
+                    )
+                    self._seen[key] = (name, count, time.monotonic())
+                    return
+                except ApiError as err:
+                    if not err.not_found:
+                        raise
+                    # The event was deleted (namespace cleanup, TTL): record a fresh one.
             name = f"{meta.get('name')}.{secrets.token_hex(8)}"
             source = {"component": self.component}
             if self.host:

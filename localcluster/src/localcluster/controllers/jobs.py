@@ -15,7 +15,7 @@ import copy
 import logging
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
 from ..kubeclient import JOBS, PODS, ApiError, Informer, KubeClient, object_key
@@ -75,12 +75,19 @@ def match_pod_failure_policy(job: dict[str, Any], pod: dict[str, Any]) -> tuple[
                 if code == 0:
                     continue
                 if (operator == "In" and code in values) or (operator == "NotIn" and code not in values):
-                    return action, (f"Container {name} for pod {pod_ref} failed with exit code {code} matching "
-                                    f"{action} rule at index {index}")
+                    return action, (
+                        f"Container {name} for pod {pod_ref} failed with exit code {code} matching "
+                        f"{action} rule at index {index}"
+                    )
         for pattern in rule.get("onPodConditions") or []:
             for cond in pod.get("status", {}).get("conditions") or []:
-                if cond.get("type") == pattern.get("type") and cond.get("status") == pattern.get("status", "True"):
-                    return action, f"Pod {pod_ref} has condition {cond['type']} matching {action} rule at index {index}"
+                if cond.get("type") == pattern.get("type") and cond.get("status") == pattern.get(
+                    "status", "True"
+                ):
+                    return (
+                        action,
+                        f"Pod {pod_ref} has condition {cond['type']} matching {action} rule at index {index}",
+                    )
     return None, None
 
 
@@ -124,7 +131,11 @@ class JobController:
 
     def _owner(self, pod: dict[str, Any]) -> dict[str, Any] | None:
         for ref in pod["metadata"].get("ownerReferences") or []:
-            if ref.get("kind") == "Job" and ref.get("controller") and ref.get("apiVersion", "").startswith("batch/"):
+            if (
+                ref.get("kind") == "Job"
+                and ref.get("controller")
+                and ref.get("apiVersion", "").startswith("batch/")
+            ):
                 return ref
         return None
 
@@ -187,9 +198,12 @@ class JobController:
 
     def _job_pods(self, job: dict[str, Any]) -> list[dict[str, Any]]:
         uid = job["metadata"]["uid"]
-        return [p for p in self.pods.values()
-                if p["metadata"].get("namespace") == job["metadata"]["namespace"]
-                and (self._owner(p) or {}).get("uid") == uid]
+        return [
+            p
+            for p in self.pods.values()
+            if p["metadata"].get("namespace") == job["metadata"]["namespace"]
+            and (self._owner(p) or {}).get("uid") == uid
+        ]
 
     async def reconcile(self, key: str) -> None:
         namespace, _, name = key.partition("/")
@@ -221,8 +235,14 @@ class JobController:
 
         if finished:
             await self._delete_pods(job, active)
-            await self._write_status(job, status, active=0, terminating=len(terminating) + len(active),
-                                     succeeded=succeeded, failed=failed)
+            await self._write_status(
+                job,
+                status,
+                active=0,
+                terminating=len(terminating) + len(active),
+                succeeded=succeeded,
+                failed=failed,
+            )
             return
 
         suspended = bool(spec.get("suspend"))
@@ -244,14 +264,17 @@ class JobController:
                     target_reason = ("DeadlineExceeded", "Job was active longer than specified deadline")
                 else:
                     self.enqueue_after(key, remaining + 0.05)
-            if not target_reason and completions is not None and succeeded >= int(completions):
+            if (not target_reason and completions is not None and succeeded >= int(completions)) or (
+                not target_reason and completions is None and succeeded > 0 and not active
+            ):
                 success = True
-                _set_condition(status, "SuccessCriteriaMet", "True", "CompletionsReached",
-                               "Reached expected number of succeeded pods")
-            elif not target_reason and completions is None and succeeded > 0 and not active:
-                success = True
-                _set_condition(status, "SuccessCriteriaMet", "True", "CompletionsReached",
-                               "Reached expected number of succeeded pods")
+                _set_condition(
+                    status,
+                    "SuccessCriteriaMet",
+                    "True",
+                    "CompletionsReached",
+                    "Reached expected number of succeeded pods",
+                )
             if target_reason:
                 _set_condition(status, "FailureTarget", "True", target_reason[0], target_reason[1])
 
@@ -265,12 +288,18 @@ class JobController:
                     _set_condition(status, "Failed", "True", target_reason[0], target_reason[1])
                     events.append(("Warning", target_reason[0], target_reason[1]))
                 else:
-                    _set_condition(status, "Complete", "True", "CompletionsReached",
-                                   "Reached expected number of succeeded pods")
+                    _set_condition(
+                        status,
+                        "Complete",
+                        "True",
+                        "CompletionsReached",
+                        "Reached expected number of succeeded pods",
+                    )
                     status["completionTime"] = now_iso()
                     events.append(("Normal", "Completed", "Job completed"))
-            await self._write_status(job, status, active=0, terminating=len(terminating), succeeded=succeeded,
-                                     failed=failed)
+            await self._write_status(
+                job, status, active=0, terminating=len(terminating), succeeded=succeeded, failed=failed
+            )
             for event in events:
                 await self.recorder.emit(job, *event)
             return
@@ -301,7 +330,8 @@ class JobController:
             elif succeeded > 0:
                 wanted = 0
             replacement = spec.get("podReplacementPolicy") or (
-                "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
+                "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed"
+            )
             busy = len(active) + len(expected)
             if replacement == "Failed":
                 busy += len(terminating)
@@ -317,8 +347,14 @@ class JobController:
                     else:
                         active.append(self.pods.get(namespace, created) or {})
                     events.append(("Normal", "SuccessfulCreate", f"Created pod: {created}"))
-        await self._write_status(job, status, active=len(active) + len(expected), terminating=len(terminating),
-                                 succeeded=succeeded, failed=failed)
+        await self._write_status(
+            job,
+            status,
+            active=len(active) + len(expected),
+            terminating=len(terminating),
+            succeeded=succeeded,
+            failed=failed,
+        )
         for event in events:
             await self.recorder.emit(job, *event)
 
@@ -343,8 +379,16 @@ class JobController:
                     "namespace": meta["namespace"],
                     "labels": labels,
                     "annotations": annotations,
-                    "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"],
-                                         "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}],
+                    "ownerReferences": [
+                        {
+                            "apiVersion": "batch/v1",
+                            "kind": "Job",
+                            "name": meta["name"],
+                            "uid": meta["uid"],
+                            "controller": True,
+                            "blockOwnerDeletion": True,
+                        }
+                    ],
                 },
                 "spec": template.get("spec") or {},
             }
@@ -354,7 +398,9 @@ class JobController:
             except ApiError as err:
                 if err.conflict and err.reason == "AlreadyExists":
                     continue
-                await self.recorder.emit(job, "Warning", "FailedCreate", f"Error creating: {err.body.get('message')}")
+                await self.recorder.emit(
+                    job, "Warning", "FailedCreate", f"Error creating: {err.body.get('message')}"
+                )
                 raise
         return None
 
@@ -368,8 +414,16 @@ class JobController:
             await self.client.delete(PODS.path(meta["namespace"], meta["name"]), uid=meta["uid"])
             await self.recorder.emit(job, "Normal", "SuccessfulDelete", f"Deleted pod: {meta['name']}")
 
-    async def _write_status(self, job: dict[str, Any], status: dict[str, Any], *, active: int, terminating: int,
-                            succeeded: int, failed: int) -> None:
+    async def _write_status(
+        self,
+        job: dict[str, Any],
+        status: dict[str, Any],
+        *,
+        active: int,
+        terminating: int,
+        succeeded: int,
+        failed: int,
+    ) -> None:
         status = dict(status)
         for field, value in (("active", active), ("succeeded", succeeded), ("failed", failed)):
             if value:
@@ -391,19 +445,24 @@ class JobController:
             if current.get("conditions") and merged.get("conditions") is not None:
                 # Keep conditions others added since our read (types we do not manage).
                 ours = {c["type"] for c in merged["conditions"]}
-                merged["conditions"] = merged["conditions"] + [c for c in current["conditions"]
-                                                               if c.get("type") not in ours]
+                merged["conditions"] = merged["conditions"] + [
+                    c for c in current["conditions"] if c.get("type") not in ours
+                ]
             if merged == current:
                 return None
             obj["status"] = merged
             return obj
 
-        await self.client.update_with_retry(JOBS.path(meta["namespace"], meta["name"], "status"), mutate, current=job)
+        await self.client.update_with_retry(
+            JOBS.path(meta["namespace"], meta["name"], "status"), mutate, current=job
+        )
 
 
 def _pod_ready(pod: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in pod.get("status", {}).get("conditions") or [])
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in pod.get("status", {}).get("conditions") or []
+    )
 
 
 def _set_condition(status: dict[str, Any], kind: str, value: str, reason: str, message: str) -> None:
@@ -415,5 +474,13 @@ def _set_condition(status: dict[str, Any], kind: str, value: str, reason: str, m
                 cond["lastTransitionTime"] = stamp
             cond.update({"status": value, "reason": reason, "message": message, "lastProbeTime": stamp})
             return
-    conditions.append({"type": kind, "status": value, "reason": reason, "message": message,
-                       "lastProbeTime": stamp, "lastTransitionTime": stamp})
+    conditions.append(
+        {
+            "type": kind,
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "lastProbeTime": stamp,
+            "lastTransitionTime": stamp,
+        }
+    )

@@ -58,8 +58,9 @@ def matches_node_affinity(spec: dict[str, Any], node: dict[str, Any]) -> bool:
     for key, value in (spec.get("nodeSelector") or {}).items():
         if labels.get(key) != value:
             return False
-    required = (((spec.get("affinity") or {}).get("nodeAffinity") or {})
-                .get("requiredDuringSchedulingIgnoredDuringExecution") or {})
+    required = ((spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or {}
     terms = required.get("nodeSelectorTerms")
     if not terms:
         return True
@@ -76,8 +77,9 @@ def matches_node_affinity(spec: dict[str, Any], node: dict[str, Any]) -> bool:
     return False
 
 
-def filter_node(pod: dict[str, Any], node: dict[str, Any], used: dict[str, Fraction], pod_count: int
-                ) -> list[str]:
+def filter_node(
+    pod: dict[str, Any], node: dict[str, Any], used: dict[str, Fraction], pod_count: int
+) -> list[str]:
     """Reasons this node cannot take the pod, in kube-scheduler's plugin order (first failing plugin)."""
     spec = pod.get("spec", {})
     if node.get("spec", {}).get("unschedulable") and not tolerates(
@@ -85,7 +87,9 @@ def filter_node(pod: dict[str, Any], node: dict[str, Any], used: dict[str, Fract
     ):
         return ["node(s) were unschedulable"]
     for taint in node.get("spec", {}).get("taints") or []:
-        if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerates(spec.get("tolerations"), taint):
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerates(
+            spec.get("tolerations"), taint
+        ):
             return [f"node(s) had untolerated taint {{{taint.get('key')}: {taint.get('value') or ''}}}"]
     if not matches_node_affinity(spec, node):
         return ["node(s) didn't match Pod's node affinity/selector"]
@@ -118,8 +122,10 @@ def unschedulable_message(per_node: dict[str, list[str]]) -> str:
         preemption[key] = preemption.get(key, 0) + 1
     if total == 0:
         return "no nodes available to schedule pods"
-    return (f"0/{total} nodes are available: {_histogram(reasons)}. "
-            f"preemption: 0/{total} nodes are available: {_histogram(preemption)}.")
+    return (
+        f"0/{total} nodes are available: {_histogram(reasons)}. "
+        f"preemption: 0/{total} nodes are available: {_histogram(preemption)}."
+    )
 
 
 class Scheduler:
@@ -162,35 +168,37 @@ class Scheduler:
         used: dict[str, dict[str, Fraction]] = {}
         counts: dict[str, int] = {}
         now = time.monotonic()
-        seen_uids = set()
         for pod in self.pods.values():
             uid = pod["metadata"].get("uid")
             node = pod.get("spec", {}).get("nodeName")
             if not node and uid in self._assumed:
                 node = self._assumed[uid][0]
-            if node:
-                seen_uids.add(uid)
             if not node or pod.get("status", {}).get("phase") in TERMINAL:
                 continue
             counts[node] = counts.get(node, 0) + 1
             bucket = used.setdefault(node, {})
             for resource, amount in pod_requests(pod.get("spec", {})).items():
                 bucket[resource] = bucket.get(resource, Fraction(0)) + amount
-        for uid, (_, when) in list(self._assumed.items()):
-            if now - when > 30 or uid not in {p["metadata"].get("uid") for p in self.pods.values()}:
-                self._assumed.pop(uid, None)
+        if self._assumed:
+            present = {p["metadata"].get("uid") for p in self.pods.values()}
+            for uid, (_, when) in list(self._assumed.items()):
+                if now - when > 30 or uid not in present:
+                    self._assumed.pop(uid, None)
         return used, counts
 
     async def schedule_pending(self) -> None:
         pending = [
-            p for p in self.pods.values()
+            p
+            for p in self.pods.values()
             if not p.get("spec", {}).get("nodeName")
             and p["metadata"].get("uid") not in self._assumed
             and not p["metadata"].get("deletionTimestamp")
             and p.get("status", {}).get("phase") not in TERMINAL
             and (p.get("spec", {}).get("schedulerName") or "default-scheduler") == "default-scheduler"
         ]
-        pending.sort(key=lambda p: (-(p["spec"].get("priority") or 0), p["metadata"].get("creationTimestamp", "")))
+        pending.sort(
+            key=lambda p: (-(p["spec"].get("priority") or 0), p["metadata"].get("creationTimestamp", ""))
+        )
         for pod in pending:
             used, counts = self._usage()
             nodes = sorted(self.nodes.values(), key=lambda n: n["metadata"]["name"])
@@ -226,9 +234,12 @@ class Scheduler:
     async def _bind(self, pod: dict[str, Any], node: str) -> None:
         meta = pod["metadata"]
         self._assumed[meta["uid"]] = (node, time.monotonic())
-        binding = {"apiVersion": "v1", "kind": "Binding",
-                   "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
-                   "target": {"apiVersion": "v1", "kind": "Node", "name": node}}
+        binding = {
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        }
         try:
             try:
                 await self.client.create(PODS.path(meta["namespace"], meta["name"], "binding"), binding)
@@ -236,17 +247,22 @@ class Scheduler:
                 if err.status not in (404, 405):
                     raise
                 # No pods/binding on this server: fall back to setting spec.nodeName (404 here = pod gone).
-                await self.client.patch(PODS.path(meta["namespace"], meta["name"]), {"spec": {"nodeName": node}})
+                await self.client.patch(
+                    PODS.path(meta["namespace"], meta["name"]), {"spec": {"nodeName": node}}
+                )
         except ApiError as err:
             self._assumed.pop(meta["uid"], None)
             log.debug("binding %s to %s failed: %s", object_key(pod), node, err)
             return
-        await self.recorder.emit(pod, "Normal", "Scheduled",
-                                 f"Successfully assigned {meta['namespace']}/{meta['name']} to {node}")
+        await self.recorder.emit(
+            pod, "Normal", "Scheduled", f"Successfully assigned {meta['namespace']}/{meta['name']} to {node}"
+        )
 
     async def _mark_unschedulable(self, pod: dict[str, Any], message: str) -> None:
-        current = next((c for c in pod.get("status", {}).get("conditions") or []
-                        if c.get("type") == "PodScheduled"), None)
+        current = next(
+            (c for c in pod.get("status", {}).get("conditions") or [] if c.get("type") == "PodScheduled"),
+            None,
+        )
         if current and current.get("status") == "False" and current.get("message") == message:
             return
         meta = pod["metadata"]
@@ -257,14 +273,23 @@ class Scheduler:
             status = obj.setdefault("status", {})
             status.setdefault("phase", "Pending")
             conditions = [c for c in status.get("conditions") or [] if c.get("type") != "PodScheduled"]
-            conditions.append({"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
-                               "message": message, "lastProbeTime": None, "lastTransitionTime": now_iso()})
+            conditions.append(
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": message,
+                    "lastProbeTime": None,
+                    "lastTransitionTime": now_iso(),
+                }
+            )
             status["conditions"] = conditions
             return obj
 
         try:
-            await self.client.update_with_retry(PODS.path(meta["namespace"], meta["name"], "status"), mutate,
-                                                current=pod)
+            await self.client.update_with_retry(
+                PODS.path(meta["namespace"], meta["name"], "status"), mutate, current=pod
+            )
         except ApiError as err:
             log.debug("marking %s unschedulable: %s", object_key(pod), err)
             return

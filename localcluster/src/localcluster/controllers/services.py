@@ -1,6 +1,8 @@
-"""Services on loopback: each Service gets a local ClusterIP (127.2.x.y) with a TCP proxy per port to its ready
-endpoints (podIP:targetPort), a DNS map for pods (`<svc>.<ns>.svc[.cluster.local]`, see podshim/sitecustomize.py)
-and an entry in `<workdir>/services.json` for the host."""
+"""Services on loopback.
+
+Each Service gets a local ClusterIP (127.2.x.y) with a TCP proxy per port to its ready endpoints
+(podIP:targetPort), a DNS map for pods (`<svc>.<ns>.svc[.cluster.local]`, see podshim/sitecustomize.py) and an
+entry in `<workdir>/services.json` for the host."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..kubeclient import Informer
+from ..kubelet.addresses import AddressBlock
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +32,10 @@ def _atomic_write(path: Path, data: Any) -> None:
 def _pod_ready(pod: dict[str, Any]) -> bool:
     if pod["metadata"].get("deletionTimestamp") or not pod.get("status", {}).get("podIP"):
         return False
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in pod.get("status", {}).get("conditions") or [])
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in pod.get("status", {}).get("conditions") or []
+    )
 
 
 def _selects(selector: dict[str, str], pod: dict[str, Any]) -> bool:
@@ -57,7 +62,9 @@ class _Listener:
         self._rr = itertools.count()
 
     async def start(self, host: str) -> None:
-        self.server = await asyncio.start_server(self._handle, host, int(self.port["port"]), reuse_address=True)
+        self.server = await asyncio.start_server(
+            self._handle, host, int(self.port["port"]), reuse_address=True
+        )
 
     async def close(self) -> None:
         if self.server is not None:
@@ -73,7 +80,7 @@ class _Listener:
         ip, port = endpoints[next(self._rr) % len(endpoints)]
         try:
             up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(ip, port), 5)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             writer.close()
             return
 
@@ -93,7 +100,10 @@ class _Listener:
 
 
 class ServiceController:
-    def __init__(self, services: Informer, pods: Informer, workdir: Path):
+    def __init__(
+        self, services: Informer, pods: Informer, workdir: Path, addresses: AddressBlock | None = None
+    ):
+        self.addresses = addresses or AddressBlock(1)
         self.services = services
         self.pods = pods
         self.services_file = workdir / "services.json"
@@ -126,13 +136,14 @@ class ServiceController:
         self._listeners.clear()
 
     def local_ip(self, svc: dict[str, Any]) -> str | None:
-        if svc.get("spec", {}).get("clusterIP") == "None" or svc.get("spec", {}).get("type") == "ExternalName":
+        if (
+            svc.get("spec", {}).get("clusterIP") == "None"
+            or svc.get("spec", {}).get("type") == "ExternalName"
+        ):
             return None
         uid = svc["metadata"]["uid"]
         if uid not in self._ips:
-            n = self._next
-            self._next += 1
-            self._ips[uid] = f"127.2.{n // 250}.{n % 250 + 1}"
+            self._ips[uid] = self.addresses.service_ip()
         return self._ips[uid]
 
     def endpoints(self, key: str, port: dict[str, Any]) -> list[tuple[str, int]]:
@@ -143,7 +154,11 @@ class ServiceController:
         selector = svc.get("spec", {}).get("selector") or {}
         out = []
         for pod in self.pods.values():
-            if pod["metadata"].get("namespace") != namespace or not _selects(selector, pod) or not _pod_ready(pod):
+            if (
+                pod["metadata"].get("namespace") != namespace
+                or not _selects(selector, pod)
+                or not _pod_ready(pod)
+            ):
                 continue
             target = _target_port(port.get("targetPort", port.get("port")), pod)
             if target is not None:
@@ -203,9 +218,15 @@ class ServiceController:
             if ip is None:
                 if spec.get("clusterIP") == "None":  # headless: DNS answers with the ready pod IPs
                     selector = spec.get("selector") or {}
-                    dns[fqdn] = sorted({p["status"]["podIP"] for p in self.pods.values()
-                                        if p["metadata"].get("namespace") == meta["namespace"]
-                                        and _selects(selector, p) and _pod_ready(p)})
+                    dns[fqdn] = sorted(
+                        {
+                            p["status"]["podIP"]
+                            for p in self.pods.values()
+                            if p["metadata"].get("namespace") == meta["namespace"]
+                            and _selects(selector, p)
+                            and _pod_ready(p)
+                        }
+                    )
                 continue
             seen.add(key)
             dns[fqdn] = [ip]
@@ -222,15 +243,22 @@ class ServiceController:
                         await listener.start(ip)
                         listeners.append(listener)
                     except OSError as err:
-                        log.warning("service %s port %s cannot listen on %s: %s", key, port.get("port"), ip, err)
+                        log.warning(
+                            "service %s port %s cannot listen on %s: %s", key, port.get("port"), ip, err
+                        )
                 self._listeners[key] = (signature, listeners)
             entries = []
             for port in ports:
                 scheme = "https" if port.get("port") == 443 or port.get("name") == "https" else "http"
-                entries.append({"name": port.get("name", ""), "port": port["port"],
-                                "targetPort": port.get("targetPort", port["port"]),
-                                "url": f"{scheme}://{ip}:{port['port']}",
-                                "endpoints": [f"{a}:{b}" for a, b in self.endpoints(key, port)]})
+                entries.append(
+                    {
+                        "name": port.get("name", ""),
+                        "port": port["port"],
+                        "targetPort": port.get("targetPort", port["port"]),
+                        "url": f"{scheme}://{ip}:{port['port']}",
+                        "endpoints": [f"{a}:{b}" for a, b in self.endpoints(key, port)],
+                    }
+                )
             services[key] = {
                 "namespace": meta["namespace"],
                 "name": meta["name"],

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import aiohttp
 from ..controllers.events import EventRecorder
 from ..kubeclient import PODS, Informer, KubeClient
 from . import volumes as vol
+from .addresses import AddressBlock
 from .logs import read_log
 from .nodes import NodeConfig
 from .pods import TERMINAL, PodWorker
@@ -46,6 +47,7 @@ class Kubelet:
         dns_file: Path,
         service_env: Callable[[str], dict[str, str]] = lambda _ns: {},
         backoff_scale: float = 1.0,
+        addresses: AddressBlock | None = None,
     ):
         self.client = client
         self.pods = pods
@@ -60,7 +62,7 @@ class Kubelet:
         self.backoff_scale = backoff_scale
         self.recorder = EventRecorder(client, "kubelet")
         self.workers: dict[str, PodWorker] = {}
-        self._next_ip = 1
+        self.addresses = addresses or AddressBlock(1)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         pods.add_handler(self._on_pod)
@@ -71,9 +73,7 @@ class Kubelet:
         return self._session
 
     def allocate_ip(self) -> str:
-        n = self._next_ip
-        self._next_ip = self._next_ip + 1 if self._next_ip < 250 * 250 else 1
-        return f"127.1.{n // 250}.{n % 250 + 1}"
+        return self.addresses.pod_ip()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -93,15 +93,17 @@ class Kubelet:
         if not node:
             if meta.get("deletionTimestamp") and not meta.get("finalizers"):
                 # Never scheduled: nothing to stop, so it goes at once (kube-apiserver does the same).
-                self._spawn(self.client.delete(PODS.path(meta["namespace"], meta["name"]), grace_period=0,
-                                               uid=uid))
+                self._spawn(
+                    self.client.delete(PODS.path(meta["namespace"], meta["name"]), grace_period=0, uid=uid)
+                )
             return
         if node not in self.nodes:
             return
         if worker is None:
             if meta.get("deletionTimestamp"):
-                self._spawn(self.client.delete(PODS.path(meta["namespace"], meta["name"]), grace_period=0,
-                                               uid=uid))
+                self._spawn(
+                    self.client.delete(PODS.path(meta["namespace"], meta["name"]), grace_period=0, uid=uid)
+                )
                 return
             if pod.get("status", {}).get("phase") in TERMINAL:
                 return
@@ -115,8 +117,11 @@ class Kubelet:
             if worker.done.is_set():
                 if not worker.stopping.is_set():
                     worker.stopping.set()
-                    self._spawn(self.client.delete(PODS.path(meta["namespace"], meta["name"]), grace_period=0,
-                                                   uid=uid))
+                    self._spawn(
+                        self.client.delete(
+                            PODS.path(meta["namespace"], meta["name"]), grace_period=0, uid=uid
+                        )
+                    )
             elif not worker.killed_by_deletion:
                 grace = meta.get("deletionGracePeriodSeconds")
                 worker.request_stop(float(grace) if grace is not None else None)
@@ -168,17 +173,24 @@ class Kubelet:
             names = [c["name"] for c in spec.get("containers") or []]
             name = container or (names[0] if len(names) == 1 else None)
             if name is None:
-                raise LogError(400, f"a container name must be specified for pod {pod}, choose one of: "
-                                    f"[{' '.join(names)}]")
-            reason = "ContainerCreating" if spec.get("nodeName") else "ContainerCreating"
-            raise LogError(400, f'container "{name}" in pod "{pod}" is waiting to start: {reason}')
+                raise LogError(
+                    400,
+                    f"a container name must be specified for pod {pod}, choose one of: [{' '.join(names)}]",
+                )
+            raise LogError(400, f'container "{name}" in pod "{pod}" is waiting to start: ContainerCreating')
         names = [s.name for s in worker.states]
         if container is None:
             if len(names) != 1:
-                init = " or one of the init containers: [" + " ".join(s.name for s in worker.init_states) + "]" \
-                    if worker.init_states else ""
-                raise LogError(400, f"a container name must be specified for pod {pod}, choose one of: "
-                                    f"[{' '.join(names)}]{init}")
+                init = (
+                    " or one of the init containers: [" + " ".join(s.name for s in worker.init_states) + "]"
+                    if worker.init_states
+                    else ""
+                )
+                raise LogError(
+                    400,
+                    f"a container name must be specified for pod {pod}, choose one of: "
+                    f"[{' '.join(names)}]{init}",
+                )
             container = names[0]
         state = worker.container_state(container)
         if state is None:
@@ -199,17 +211,24 @@ class Kubelet:
         def running() -> bool:
             return state.state == "running" and bool(state.log_paths) and state.log_paths[-1] == path
 
-        return read_log(path, tail=tail, since=since_dt, timestamps=timestamps, limit_bytes=limit_bytes,
-                        follow=follow, still_running=running)
+        return read_log(
+            path,
+            tail=tail,
+            since=since_dt,
+            timestamps=timestamps,
+            limit_bytes=limit_bytes,
+            follow=follow,
+            still_running=running,
+        )
 
 
 def _since(since: Any) -> datetime | None:
     if since is None or since == "":
         return None
     if isinstance(since, datetime):
-        return since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        return since if since.tzinfo else since.replace(tzinfo=UTC)
     if isinstance(since, int | float) or (isinstance(since, str) and since.isdigit()):
-        return datetime.now(timezone.utc) - timedelta(seconds=float(since))
+        return datetime.now(UTC) - timedelta(seconds=float(since))
     with contextlib.suppress(ValueError):
         return datetime.fromisoformat(str(since).replace("Z", "+00:00"))
     return None

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 _CHUNK = 16 * 1024
 
 
 def _stamp() -> bytes:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
 
 
 class LogFile:
@@ -56,7 +56,7 @@ def parse_line(raw: bytes) -> tuple[datetime | None, bytes, bool]:
     if len(parts) < 4:
         return None, raw, False
     try:
-        when = datetime.strptime(parts[0].decode(), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
+        when = datetime.strptime(parts[0].decode(), "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     except ValueError:
         when = None
     return when, parts[3], parts[2] == b"P"

@@ -35,9 +35,21 @@ class NodeConfig:
     @classmethod
     def gpu(cls, name: str, gpus: int = 8, product: str = A100, **kw: Any) -> NodeConfig:
         taints = kw.pop("taints", [{"key": GPU_RESOURCE, "effect": "NoSchedule"}])
-        labels = {"nvidia.com/gpu.product": product, "nvidia.com/gpu.count": str(gpus), **kw.pop("labels", {})}
-        return cls(name=name, cpu=kw.pop("cpu", "96"), memory=kw.pop("memory", "1Ti"), gpus=gpus,
-                   gpu_product=product, labels=labels, taints=taints, **kw)
+        labels = {
+            "nvidia.com/gpu.product": product,
+            "nvidia.com/gpu.count": str(gpus),
+            **kw.pop("labels", {}),
+        }
+        return cls(
+            name=name,
+            cpu=kw.pop("cpu", "96"),
+            memory=kw.pop("memory", "1Ti"),
+            gpus=gpus,
+            gpu_product=product,
+            labels=labels,
+            taints=taints,
+            **kw,
+        )
 
 
 def default_nodes() -> list[NodeConfig]:
@@ -76,14 +88,25 @@ def node_status(cfg: NodeConfig, capacity: dict[str, str] | None = None) -> dict
     stamp = now_iso()
 
     def cond(kind: str, status: str, reason: str, message: str) -> dict[str, str]:
-        return {"type": kind, "status": status, "reason": reason, "message": message,
-                "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}
+        return {
+            "type": kind,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastHeartbeatTime": stamp,
+            "lastTransitionTime": stamp,
+        }
 
     return {
         "capacity": capacity,
         "allocatable": dict(capacity),
         "conditions": [
-            cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+            cond(
+                "MemoryPressure",
+                "False",
+                "KubeletHasSufficientMemory",
+                "kubelet has sufficient memory available",
+            ),
             cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
             cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
             cond("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
@@ -91,10 +114,16 @@ def node_status(cfg: NodeConfig, capacity: dict[str, str] | None = None) -> dict
         "addresses": [{"type": "InternalIP", "address": cfg.ip}, {"type": "Hostname", "address": cfg.name}],
         "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
         "nodeInfo": {
-            "architecture": "amd64", "operatingSystem": "linux", "osImage": "localcluster",
-            "kernelVersion": "", "containerRuntimeVersion": "localcluster://0.1",
-            "kubeletVersion": KUBELET_VERSION, "kubeProxyVersion": KUBELET_VERSION,
-            "machineID": "", "systemUUID": "", "bootID": "",
+            "architecture": "amd64",
+            "operatingSystem": "linux",
+            "osImage": "localcluster",
+            "kernelVersion": "",
+            "containerRuntimeVersion": "localcluster://0.1",
+            "kubeletVersion": KUBELET_VERSION,
+            "kubeProxyVersion": KUBELET_VERSION,
+            "machineID": "",
+            "systemUUID": "",
+            "bootID": "",
         },
     }
 
@@ -130,16 +159,20 @@ class NodeRegistrar:
 
     async def _heartbeat(self) -> None:
         with contextlib.suppress(ApiError, OSError):
-            await self.client.create(NAMESPACES.path(), {"apiVersion": "v1", "kind": "Namespace",
-                                                          "metadata": {"name": "kube-node-lease"}})
+            await self.client.create(
+                NAMESPACES.path(),
+                {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "kube-node-lease"}},
+            )
         ticks = 0
         while True:
             for cfg in self.nodes:
                 try:
                     await self._renew_lease(cfg)
                     if ticks % 6 == 0 and ticks:
-                        await self.client.patch(NODES.path(name=cfg.name, sub="status"),
-                                                {"status": {"conditions": node_status(cfg)["conditions"]}})
+                        await self.client.patch(
+                            NODES.path(name=cfg.name, sub="status"),
+                            {"status": {"conditions": node_status(cfg)["conditions"]}},
+                        )
                 except (ApiError, OSError) as err:
                     log.debug("heartbeat for %s: %s", cfg.name, err)
                 except Exception as err:
@@ -155,6 +188,12 @@ class NodeRegistrar:
         except ApiError as err:
             if not err.not_found:
                 raise
-            await self.client.create(LEASES.path("kube-node-lease"), {
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": cfg.name, "namespace": "kube-node-lease"}, **body})
+            await self.client.create(
+                LEASES.path("kube-node-lease"),
+                {
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "metadata": {"name": cfg.name, "namespace": "kube-node-lease"},
+                    **body,
+                },
+            )

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from ..controllers.events import now_iso
-from ..kubeclient import CONFIGMAPS, PODS, SECRETS, ApiError
+from ..kubeclient import CONFIGMAPS, PODS, SECRETS
 from ..runtime import Launch, PathRewriter, StartError, expand, resolve_launch
 from . import volumes as vol
 from .logs import LogFile, tail_text
@@ -128,10 +128,14 @@ class PodWorker:
         self.dir = kubelet.pods_dir / f"{self.namespace}_{self.name}_{self.uid[:8]}"
         spec = pod["spec"]
         self.restart_policy: str = spec.get("restartPolicy") or "Always"
-        self.init_states = [ContainerState(c, init=True, waiting_reason="PodInitializing")
-                            for c in spec.get("initContainers") or []]
-        self.states = [ContainerState(c, waiting_reason="PodInitializing" if self.init_states else "ContainerCreating")
-                       for c in spec.get("containers") or []]
+        self.init_states = [
+            ContainerState(c, init=True, waiting_reason="PodInitializing")
+            for c in spec.get("initContainers") or []
+        ]
+        self.states = [
+            ContainerState(c, waiting_reason="PodInitializing" if self.init_states else "ContainerCreating")
+            for c in spec.get("containers") or []
+        ]
         self.phase = "Pending"
         self.reason: str | None = None
         self.message: str | None = None
@@ -205,8 +209,9 @@ class PodWorker:
                 await self._flush_status()
                 if self.killed_by_deletion or self.pod["metadata"].get("deletionTimestamp"):
                     self.killed_by_deletion = True
-                    await self.kubelet.client.delete(PODS.path(self.namespace, self.name), grace_period=0,
-                                                     uid=self.uid)
+                    await self.kubelet.client.delete(
+                        PODS.path(self.namespace, self.name), grace_period=0, uid=self.uid
+                    )
             self.done.set()
 
     async def _run_pod(self) -> None:
@@ -218,11 +223,14 @@ class PodWorker:
         # Sandbox: volumes (retried while a Secret/ConfigMap is missing, like MountVolume.SetUp).
         while not self.stopping.is_set():
             try:
-                self.mounts = await vol.materialise(self.kubelet.client, self.pod, self.dir, self.kubelet.workdir)
+                self.mounts = await vol.materialise(
+                    self.kubelet.client, self.pod, self.dir, self.kubelet.workdir
+                )
                 break
             except vol.VolumeError as err:
-                await self.kubelet.recorder.emit(self.pod, "Warning", "FailedMount",
-                                                 f"MountVolume.SetUp failed for volume: {err}")
+                await self.kubelet.recorder.emit(
+                    self.pod, "Warning", "FailedMount", f"MountVolume.SetUp failed for volume: {err}"
+                )
                 await self._sleep_or_stop(2)
         if self.stopping.is_set():
             return
@@ -247,15 +255,16 @@ class PodWorker:
         for state in self.states:
             state.waiting_reason = "ContainerCreating"
         self.mark_dirty()
-        self._container_tasks = [asyncio.create_task(self._supervise(s), name=f"ctr-{self.name}-{s.name}")
-                                 for s in self.states]
+        self._container_tasks = [
+            asyncio.create_task(self._supervise(s), name=f"ctr-{self.name}-{s.name}") for s in self.states
+        ]
         await asyncio.gather(*self._container_tasks, return_exceptions=True)
 
     def _deadline_exceeded(self) -> None:
         if self.done.is_set() or self.phase in TERMINAL:
             return
         self.reason = "DeadlineExceeded"
-        self.message = f"Pod was active on the node longer than the specified deadline"
+        self.message = "Pod was active on the node longer than the specified deadline"
         self.phase = "Failed"
         self.grace = float(self.pod["spec"].get("terminationGracePeriodSeconds", 30) or 0)
         self.stopping.set()
@@ -265,18 +274,27 @@ class PodWorker:
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def _backoff(self, state: ContainerState) -> bool:
-        delay = min(BACKOFF_START * self.kubelet.backoff_scale * 2 ** max(0, state.restart_count),
-                    BACKOFF_MAX * self.kubelet.backoff_scale)
+        delay = min(
+            BACKOFF_START * self.kubelet.backoff_scale * 2 ** max(0, state.restart_count),
+            BACKOFF_MAX * self.kubelet.backoff_scale,
+        )
         state.last_terminated = state.terminated()
         state.state = "waiting"
         state.waiting_reason = "CrashLoopBackOff"
-        state.waiting_message = (f"back-off {int(delay)}s restarting failed container={state.name} "
-                                 f"pod={self.name}_{self.namespace}({self.uid})")
+        state.waiting_message = (
+            f"back-off {int(delay)}s restarting failed container={state.name} "
+            f"pod={self.name}_{self.namespace}({self.uid})"
+        )
         state.ready = False
         state.started = False
         self.mark_dirty()
-        await self.kubelet.recorder.emit(self.pod, "Warning", "BackOff", "Back-off restarting failed container "
-                                         f"{state.name} in pod {self.name}_{self.namespace}({self.uid})")
+        await self.kubelet.recorder.emit(
+            self.pod,
+            "Warning",
+            "BackOff",
+            "Back-off restarting failed container "
+            f"{state.name} in pod {self.name}_{self.namespace}({self.uid})",
+        )
         await self._sleep_or_stop(delay)
         if self.stopping.is_set():
             return False
@@ -288,7 +306,9 @@ class PodWorker:
             await self._run_container(state)
             if self.stopping.is_set():
                 return
-            restart = self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and state.exit_code != 0)
+            restart = self.restart_policy == "Always" or (
+                self.restart_policy == "OnFailure" and state.exit_code != 0
+            )
             if not restart:
                 self._update_phase()
                 return
@@ -306,8 +326,11 @@ class PodWorker:
 
     # -- one container run ----------------------------------------------------------------------------------
     async def _container_env(self, container: dict[str, Any]) -> dict[str, str]:
-        env: dict[str, str] = dict(self.kubelet.service_env(self.namespace)
-                                   if self.pod["spec"].get("enableServiceLinks", True) else {})
+        env: dict[str, str] = dict(
+            self.kubelet.service_env(self.namespace)
+            if self.pod["spec"].get("enableServiceLinks", True)
+            else {}
+        )
         for source in container.get("envFrom") or []:
             prefix = source.get("prefix", "")
             if "secretRef" in source:
@@ -349,8 +372,10 @@ class PodWorker:
                 if ref["key"] not in data:
                     if ref.get("optional"):
                         continue
-                    raise StartError(f"couldn't find key {ref['key']} in {'Secret' if is_secret else 'ConfigMap'} "
-                                     f"{self.namespace}/{ref['name']}")
+                    raise StartError(
+                        f"couldn't find key {ref['key']} in {'Secret' if is_secret else 'ConfigMap'} "
+                        f"{self.namespace}/{ref['name']}"
+                    )
                 value = data[ref["key"]]
                 env[name] = base64.b64decode(value).decode("utf-8", "replace") if is_secret else str(value)
             elif "fieldRef" in source:
@@ -379,9 +404,14 @@ class PodWorker:
         command = [expand(c, env) for c in container.get("command") or []]
         args = [expand(a, env) for a in container.get("args") or []]
         # The command names a program on the host; args and env carry in-container paths (rewritten).
-        launch = resolve_launch(container.get("image", ""), command,
-                                [rewrite(a) for a in args], pod_ip=self.pod_ip, kubeconfig=self.kubelet.kubeconfig,
-                                root=self.kubelet.project_root)
+        launch = resolve_launch(
+            container.get("image", ""),
+            command,
+            [rewrite(a) for a in args],
+            pod_ip=self.pod_ip,
+            kubeconfig=self.kubelet.kubeconfig,
+            root=self.kubelet.project_root,
+        )
         process_env = {
             "HOSTNAME": self.name,
             "HOME": str(self.dir / "home"),
@@ -394,6 +424,8 @@ class PodWorker:
         shim = str(self.kubelet.shim_dir)
         existing = process_env.get("PYTHONPATH")
         process_env["PYTHONPATH"] = f"{shim}:{existing}" if existing else shim
+        if "/tmp" in mapping and "TMPDIR" not in env:
+            process_env["TMPDIR"] = mapping["/tmp"]  # a volume on /tmp is the container's tempdir
         process_env["LOCALCLUSTER_POD_IP"] = self.pod_ip
         process_env["LOCALCLUSTER_POD_NAMESPACE"] = self.namespace
         process_env["LOCALCLUSTER_DNS_FILE"] = str(self.kubelet.dns_file)
@@ -440,16 +472,25 @@ class PodWorker:
                 return
         if self.stopping.is_set():
             return
-        await self.kubelet.recorder.emit(self.pod, "Normal", "Pulled",
-                                         f'Container image "{container.get("image")}" already present on machine')
+        await self.kubelet.recorder.emit(
+            self.pod,
+            "Normal",
+            "Pulled",
+            f'Container image "{container.get("image")}" already present on machine',
+        )
         log_path = self.dir / "logs" / state.name / f"{state.restart_count}.log"
         logfile = LogFile(log_path)
         state.log_path = log_path
         state.log_paths.append(log_path)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *launch.argv, cwd=cwd, env=process_env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True,
+                *launch.argv,
+                cwd=cwd,
+                env=process_env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
                 preexec_fn=_die_with_parent,
             )
         except OSError as err:
@@ -470,8 +511,10 @@ class PodWorker:
         await self.kubelet.recorder.emit(self.pod, "Normal", "Created", f"Created container: {state.name}")
         await self.kubelet.recorder.emit(self.pod, "Normal", "Started", f"Started container {state.name}")
         assert proc.stdout is not None and proc.stderr is not None
-        pumps = [asyncio.create_task(logfile.pump(proc.stdout, "stdout")),
-                 asyncio.create_task(logfile.pump(proc.stderr, "stderr"))]
+        pumps = [
+            asyncio.create_task(logfile.pump(proc.stdout, "stdout")),
+            asyncio.create_task(logfile.pump(proc.stderr, "stderr")),
+        ]
         helpers = []
         if not state.init:
             helpers.append(asyncio.create_task(self._probe_loop(state, process_env, cwd)))
@@ -505,14 +548,22 @@ class PodWorker:
         self._terminate_state(state, exit_code, reason, message)
         state.process = None
 
-    def _termination_message(self, state: ContainerState, term_file: Path, exit_code: int, log_path: Path) -> str | None:
+    def _termination_message(
+        self, state: ContainerState, term_file: Path, exit_code: int, log_path: Path
+    ) -> str | None:
         data = term_file.read_bytes()[:MAX_MESSAGE] if term_file.exists() else b""
         text = data.decode("utf-8", "replace")
-        if not text and exit_code != 0 and state.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        if (
+            not text
+            and exit_code != 0
+            and state.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        ):
             text = tail_text(log_path)
         return text or None
 
-    def _terminate_state(self, state: ContainerState, exit_code: int, reason: str, message: str | None) -> None:
+    def _terminate_state(
+        self, state: ContainerState, exit_code: int, reason: str, message: str | None
+    ) -> None:
         state.state = "terminated"
         state.exit_code = exit_code
         state.reason = reason
@@ -528,16 +579,15 @@ class PodWorker:
         if proc is None or proc.returncode is not None:
             return
         if not self.deleted:
-            message = {"liveness": f"Container {state.name} failed liveness probe, will be restarted",
-                       "startup": f"Container {state.name} failed startup probe, will be restarted"}.get(
-                state.kill_reason or "", f"Stopping container {state.name}")
+            message = {
+                "liveness": f"Container {state.name} failed liveness probe, will be restarted",
+                "startup": f"Container {state.name} failed startup probe, will be restarted",
+            }.get(state.kill_reason or "", f"Stopping container {state.name}")
             await self.kubelet.recorder.emit(self.pod, "Normal", "Killing", message)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(proc.wait(), max(grace, 0.01))
-        except asyncio.TimeoutError:
-            pass
         # SIGKILL the whole group: children a container left behind die with it, as in a real container.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -555,12 +605,11 @@ class PodWorker:
         if self.killed_by_deletion or self.reason == "DeadlineExceeded":
             # Terminal phase before the pod object goes away, as kubelets since 1.27 do.
             for state in self.states:
-                if state.state != "terminated":
-                    if state.state == "waiting":
-                        state.exit_code, state.reason = 137, "ContainerStatusUnknown"
-                        state.message = "The container could not be located when the pod was terminated"
-                        state.state = "terminated"
-                        state.finished_at = now_iso()
+                if state.state == "waiting":
+                    state.exit_code, state.reason = 137, "ContainerStatusUnknown"
+                    state.message = "The container could not be located when the pod was terminated"
+                    state.state = "terminated"
+                    state.finished_at = now_iso()
             if self.phase not in TERMINAL:
                 ok = all(s.exit_code == 0 for s in self.states)
                 self.phase = "Succeeded" if ok and self.reason != "DeadlineExceeded" else "Failed"
@@ -568,7 +617,9 @@ class PodWorker:
     # -- probes and memory ----------------------------------------------------------------------------------
     async def _probe_loop(self, state: ContainerState, env: dict[str, str], cwd: str) -> None:
         container = state.spec
-        startup, liveness, readiness = (container.get(k) for k in ("startupProbe", "livenessProbe", "readinessProbe"))
+        startup, liveness, readiness = (
+            container.get(k) for k in ("startupProbe", "livenessProbe", "readinessProbe")
+        )
         session = self.kubelet.http_session()
         counters: dict[str, tuple[int, int]] = {}
         next_run: dict[str, float] = {}
@@ -580,21 +631,26 @@ class PodWorker:
             now = time.monotonic()
             due = [k for k, t in next_run.items() if t <= now and (k == "startup" or state.started)]
             if not due:
-                await asyncio.sleep(max(0.05, min(t for t in next_run.values()) - now) if any(
-                    k == "startup" or state.started for k in next_run) else 0.2)
+                await asyncio.sleep(
+                    max(0.05, min(t for t in next_run.values()) - now)
+                    if any(k == "startup" or state.started for k in next_run)
+                    else 0.2
+                )
                 continue
             for kind in due:
                 probe = {"startup": startup, "liveness": liveness, "readiness": readiness}[kind]
                 assert probe is not None
                 next_run[kind] = time.monotonic() + float(probe.get("periodSeconds") or 10)
-                ok, message = await run_probe(probe, pod_ip=self.pod_ip, container=container, env=env, cwd=cwd,
-                                              session=session)
+                ok, message = await run_probe(
+                    probe, pod_ip=self.pod_ip, container=container, env=env, cwd=cwd, session=session
+                )
                 successes, failures = counters.get(kind, (0, 0))
                 successes, failures = (successes + 1, 0) if ok else (0, failures + 1)
                 counters[kind] = (successes, failures)
                 if not ok:
-                    await self.kubelet.recorder.emit(self.pod, "Warning", "Unhealthy",
-                                                     f"{kind.capitalize()} probe failed: {message}")
+                    await self.kubelet.recorder.emit(
+                        self.pod, "Warning", "Unhealthy", f"{kind.capitalize()} probe failed: {message}"
+                    )
                 threshold_ok = int(probe.get("successThreshold") or 1)
                 threshold_fail = int(probe.get("failureThreshold") or 3)
                 if kind == "startup":
@@ -606,12 +662,16 @@ class PodWorker:
                         self.mark_dirty()
                     elif failures >= threshold_fail:
                         state.kill_reason = "startup"
-                        await self._kill(state, float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
+                        await self._kill(
+                            state, float(self.pod["spec"].get("terminationGracePeriodSeconds", 30))
+                        )
                         return
                 elif kind == "liveness":
                     if failures >= threshold_fail:
                         state.kill_reason = "liveness"
-                        await self._kill(state, float(self.pod["spec"].get("terminationGracePeriodSeconds", 30)))
+                        await self._kill(
+                            state, float(self.pod["spec"].get("terminationGracePeriodSeconds", 30))
+                        )
                         return
                 else:
                     ready = state.ready
@@ -640,14 +700,19 @@ class PodWorker:
                 return
 
     # -- status ---------------------------------------------------------------------------------------------
-    def _condition(self, kind: str, status: bool, reason: str | None = None, message: str | None = None
-                   ) -> dict[str, Any]:
+    def _condition(
+        self, kind: str, status: bool, reason: str | None = None, message: str | None = None
+    ) -> dict[str, Any]:
         value = "True" if status else "False"
         key = f"{kind}={value}"
         if self._transitions.get(kind, "").split("|")[0] != key:
             self._transitions[kind] = f"{key}|{now_iso()}"
-        cond: dict[str, Any] = {"type": kind, "status": value, "lastProbeTime": None,
-                                "lastTransitionTime": self._transitions[kind].split("|")[1]}
+        cond: dict[str, Any] = {
+            "type": kind,
+            "status": value,
+            "lastProbeTime": None,
+            "lastTransitionTime": self._transitions[kind].split("|")[1],
+        }
         if reason:
             cond["reason"] = reason
         if message:
@@ -661,7 +726,11 @@ class PodWorker:
         elif self.initialized and any(s.state != "waiting" or s.restart_count for s in self.states):
             self.phase = "Running"
         unready = [s.name for s in self.states if not s.ready]
-        conditions = [self._condition("PodReadyToStartContainers", self.sandbox_ready and not (terminal and self.deleted))]
+        conditions = [
+            self._condition(
+                "PodReadyToStartContainers", self.sandbox_ready and not (terminal and self.deleted)
+            )
+        ]
         incomplete = [s.name for s in self.init_states if not (s.state == "terminated" and s.exit_code == 0)]
         if self.phase == "Succeeded":
             conditions.append(self._condition("Initialized", True, "PodCompleted"))
@@ -669,16 +738,34 @@ class PodWorker:
             conditions.append(self._condition("ContainersReady", False, "PodCompleted"))
         else:
             if incomplete and not self.initialized:
-                conditions.append(self._condition("Initialized", False, "ContainersNotInitialized",
-                                                  f"containers with incomplete status: [{' '.join(incomplete)}]"))
+                conditions.append(
+                    self._condition(
+                        "Initialized",
+                        False,
+                        "ContainersNotInitialized",
+                        f"containers with incomplete status: [{' '.join(incomplete)}]",
+                    )
+                )
             else:
                 conditions.append(self._condition("Initialized", True))
             all_ready = not unready and not terminal
             msg = f"containers with unready status: [{' '.join(unready)}]"
-            conditions.append(self._condition("Ready", all_ready, None if all_ready else "ContainersNotReady",
-                                              None if all_ready else msg))
-            conditions.append(self._condition("ContainersReady", all_ready, None if all_ready else "ContainersNotReady",
-                                              None if all_ready else msg))
+            conditions.append(
+                self._condition(
+                    "Ready",
+                    all_ready,
+                    None if all_ready else "ContainersNotReady",
+                    None if all_ready else msg,
+                )
+            )
+            conditions.append(
+                self._condition(
+                    "ContainersReady",
+                    all_ready,
+                    None if all_ready else "ContainersNotReady",
+                    None if all_ready else msg,
+                )
+            )
         status: dict[str, Any] = {
             "phase": self.phase,
             "conditions": conditions,
@@ -734,15 +821,24 @@ class PodWorker:
                 return None  # a kubelet never moves a pod out of a terminal phase
             foreign = [c for c in current.get("conditions") or [] if c.get("type") not in owned]
             if not any(c.get("type") == "PodScheduled" for c in foreign):
-                foreign.insert(0, {"type": "PodScheduled", "status": "True", "lastProbeTime": None,
-                                   "lastTransitionTime": self.start_time})
+                foreign.insert(
+                    0,
+                    {
+                        "type": "PodScheduled",
+                        "status": "True",
+                        "lastProbeTime": None,
+                        "lastTransitionTime": self.start_time,
+                    },
+                )
             new_status = {**current, **desired, "conditions": foreign + desired["conditions"]}
             if new_status == current:
                 return None
             obj["status"] = new_status
             return obj
 
-        result = await self.kubelet.client.update_with_retry(PODS.path(self.namespace, self.name, "status"), mutate)
+        result = await self.kubelet.client.update_with_retry(
+            PODS.path(self.namespace, self.name, "status"), mutate
+        )
         if result is not None:
             self.pod = {**self.pod, "metadata": result["metadata"]}
 

@@ -42,15 +42,21 @@ async def run_probe(
             headers = {h["name"]: h["value"] for h in spec.get("httpHeaders") or []}
             headers.setdefault("User-Agent", "kube-probe/1.35")
             try:
-                async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout),
-                                       allow_redirects=False, ssl=False) as resp:
+                async with session.get(
+                    url,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout),
+                    allow_redirects=False,
+                    ssl=False,
+                ) as resp:
                     await resp.read()
                     if 200 <= resp.status < 400:
                         return True, ""
                     return False, f"HTTP probe failed with statuscode: {resp.status}"
-            except asyncio.TimeoutError:
-                return False, (f'Get "{url}": context deadline exceeded (Client.Timeout exceeded while '
-                               "awaiting headers)")
+            except TimeoutError:
+                return False, (
+                    f'Get "{url}": context deadline exceeded (Client.Timeout exceeded while awaiting headers)'
+                )
             except aiohttp.ClientConnectorError:
                 return False, f'Get "{url}": dial tcp {host}:{port}: connect: connection refused'
             except aiohttp.ClientError as err:
@@ -61,7 +67,7 @@ async def run_probe(
             host = spec.get("host") or pod_ip
             try:
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return False, f"dial tcp {host}:{port}: i/o timeout"
             except OSError:
                 return False, f"dial tcp {host}:{port}: connect: connection refused"
@@ -73,18 +79,23 @@ async def run_probe(
             command = probe["exec"].get("command") or []
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *command, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                    *command,
+                    env=env,
+                    cwd=cwd,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
                 )
             except OSError as err:
                 return False, f"exec failed: {err}"
             try:
                 out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
-                return False, f"command timed out: \"{' '.join(command)}\" timed out after {timeout:g}s"
+                return False, f'command timed out: "{" ".join(command)}" timed out after {timeout:g}s'
             if proc.returncode == 0:
                 return True, ""
             return False, out.decode("utf-8", "replace").strip()

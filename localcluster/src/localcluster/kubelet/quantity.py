@@ -7,11 +7,22 @@ from fractions import Fraction
 from typing import Any
 
 _SUFFIX = {
-    "n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000), "": Fraction(1),
-    "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9), "T": Fraction(10**12),
-    "P": Fraction(10**15), "E": Fraction(10**18),
-    "Ki": Fraction(2**10), "Mi": Fraction(2**20), "Gi": Fraction(2**30), "Ti": Fraction(2**40),
-    "Pi": Fraction(2**50), "Ei": Fraction(2**60),
+    "n": Fraction(1, 10**9),
+    "u": Fraction(1, 10**6),
+    "m": Fraction(1, 1000),
+    "": Fraction(1),
+    "k": Fraction(10**3),
+    "M": Fraction(10**6),
+    "G": Fraction(10**9),
+    "T": Fraction(10**12),
+    "P": Fraction(10**15),
+    "E": Fraction(10**18),
+    "Ki": Fraction(2**10),
+    "Mi": Fraction(2**20),
+    "Gi": Fraction(2**30),
+    "Ti": Fraction(2**40),
+    "Pi": Fraction(2**50),
+    "Ei": Fraction(2**60),
 }
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+)(?:([eE][+-]?[0-9]+)|(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?)$")
 
@@ -25,7 +36,10 @@ def parse_quantity(value: Any) -> Fraction:
     if not match:
         raise ValueError(f"quantities must match the regular expression '{_QUANTITY.pattern}': {value!r}")
     number, exponent, suffix = match.groups()
-    base = Fraction(number)
+    try:
+        base = Fraction(number)
+    except ValueError:
+        raise ValueError(f"quantities must be a number with an optional suffix: {value!r}") from None
     if exponent:
         return base * Fraction(10) ** int(exponent[1:])
     return base * _SUFFIX[suffix or ""]

@@ -13,7 +13,7 @@ from .quantity import format_cpu, parse_quantity
 
 
 class VolumeError(Exception):
-    """A volume cannot be set up yet (missing Secret/ConfigMap); the kubelet retries, like MountVolume.SetUp."""
+    """A volume cannot be set up yet (missing Secret/ConfigMap): retried, like MountVolume.SetUp."""
 
 
 def field_value(pod: dict[str, Any], path: str) -> str:
@@ -31,7 +31,10 @@ def field_value(pod: dict[str, Any], path: str) -> str:
     }
     if path in simple:
         return str(simple[path] or "")
-    for prefix, source in (("metadata.labels", meta.get("labels")), ("metadata.annotations", meta.get("annotations"))):
+    for prefix, source in (
+        ("metadata.labels", meta.get("labels")),
+        ("metadata.annotations", meta.get("annotations")),
+    ):
         if path == prefix:
             return "\n".join(f'{k}="{v}"' for k, v in sorted((source or {}).items()))
         if path.startswith(prefix + "['") and path.endswith("']"):
@@ -91,7 +94,9 @@ async def _project_keyed(
     if obj is None:
         if source.get("optional"):
             return
-        raise VolumeError(f'{kind} "{name}" not found' if kind == "secret" else f'configmap "{name}" not found')
+        raise VolumeError(
+            f'{kind} "{name}" not found' if kind == "secret" else f'configmap "{name}" not found'
+        )
     data = _decode_secret(obj) if kind == "secret" else _decode_configmap(obj)
     items = source.get("items")
     if items:
@@ -99,14 +104,16 @@ async def _project_keyed(
             if item["key"] not in data:
                 if source.get("optional"):
                     continue
-                raise VolumeError(f'couldn\'t find key {item["key"]} in {kind} {namespace}/{name}')
+                raise VolumeError(f"couldn't find key {item['key']} in {kind} {namespace}/{name}")
             _write(target, item.get("path") or item["key"], data[item["key"]], item.get("mode", default_mode))
     else:
         for key, value in data.items():
             _write(target, key, value, default_mode)
 
 
-async def _project_downward(pod: dict[str, Any], target: Path, source: dict[str, Any], default_mode: int) -> None:
+async def _project_downward(
+    pod: dict[str, Any], target: Path, source: dict[str, Any], default_mode: int
+) -> None:
     for item in source.get("items") or []:
         if "fieldRef" in item:
             value = field_value(pod, item["fieldRef"]["fieldPath"])
@@ -150,7 +157,9 @@ async def materialise(
                 await _project_keyed(client, namespace, fresh, src, "secret", src.get("defaultMode", 0o644))
             elif "configMap" in volume:
                 src = volume["configMap"]
-                await _project_keyed(client, namespace, fresh, src, "configmap", src.get("defaultMode", 0o644))
+                await _project_keyed(
+                    client, namespace, fresh, src, "configmap", src.get("defaultMode", 0o644)
+                )
             elif "downwardAPI" in volume:
                 src = volume["downwardAPI"]
                 await _project_downward(pod, fresh, src, src.get("defaultMode", 0o644))
@@ -165,8 +174,12 @@ async def materialise(
                     elif "downwardAPI" in source:
                         await _project_downward(pod, fresh, source["downwardAPI"], mode)
                     elif "serviceAccountToken" in source:
-                        _write(fresh, source["serviceAccountToken"].get("path", "token"),
-                               b"localcluster-service-account-token", mode)
+                        _write(
+                            fresh,
+                            source["serviceAccountToken"].get("path", "token"),
+                            b"localcluster-service-account-token",
+                            mode,
+                        )
             if target.exists():
                 shutil.rmtree(target)
             fresh.rename(target)

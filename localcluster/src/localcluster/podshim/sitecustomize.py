@@ -64,10 +64,23 @@ if _DNS_FILE:
         if ips is not None:
             out = []
             for ip in ips:
-                out.extend(_getaddrinfo(ip, port, socket.AF_INET if family in (0, socket.AF_INET) else family,
-                                        type, proto, flags))
+                out.extend(
+                    _getaddrinfo(
+                        ip,
+                        port,
+                        socket.AF_INET if family in (0, socket.AF_INET) else family,
+                        type,
+                        proto,
+                        flags,
+                    )
+                )
             return out
-        if host is None and flags & socket.AI_PASSIVE and _POD_IP and family in (0, socket.AF_INET, socket.AF_UNSPEC):
+        if (
+            host is None
+            and flags & socket.AI_PASSIVE
+            and _POD_IP
+            and family in (0, socket.AF_INET, socket.AF_UNSPEC)
+        ):
             return _getaddrinfo(_POD_IP, port, socket.AF_INET, type, proto, flags)
         return _getaddrinfo(host, port, family, type, proto, flags)
 

@@ -1,0 +1,120 @@
+"""The local kubelet's image → runtime table, path rewriting and $(VAR) expansion (pure functions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from localcluster.runtime import PathRewriter, StartError, expand, image_repository, resolve_launch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("image", "repository"),
+    [
+        ("ghcr.io/finetune-operator/trainer:0.1.0", "ghcr.io/finetune-operator/trainer"),
+        ("vllm/vllm-openai:v0.32.0", "vllm/vllm-openai"),
+        ("docker.io/vllm/vllm-openai@sha256:abc", "vllm/vllm-openai"),
+        ("docker.io/library/busybox:1.36", "busybox"),
+        ("localhost:5000/team/app", "localhost:5000/team/app"),
+    ],
+)
+def test_image_repository_ignores_tag_digest_and_docker_hub_prefix(image, repository):
+    assert image_repository(image) == repository
+
+
+def test_trainer_image_runs_python_from_the_dev_virtualenv():
+    launch = resolve_launch(
+        "ghcr.io/finetune-operator/trainer:0.1.0",
+        ["python", "-m", "finetune_trainer"],
+        ["validate"],
+        pod_ip="127.1.0.9",
+        kubeconfig=None,
+        root=ROOT,
+    )
+    assert launch.argv == [str(ROOT / ".venv/bin/python"), "-m", "finetune_trainer", "validate"]
+    assert launch.env["PATH"].startswith(str(ROOT / ".venv/bin") + ":")
+    assert "KUBECONFIG" not in launch.env
+
+
+def test_operator_image_gets_the_local_kubeconfig(tmp_path):
+    launch = resolve_launch(
+        "ghcr.io/finetune-operator/operator:0.1.0",
+        ["python", "-m", "finetune_operator"],
+        [],
+        pod_ip="127.1.0.9",
+        kubeconfig=tmp_path / "kubeconfig",
+        root=ROOT,
+    )
+    assert launch.env["KUBECONFIG"] == str(tmp_path / "kubeconfig")
+    assert launch.argv[0] == str(ROOT / ".venv/bin/python")
+
+
+def test_vllm_image_uses_the_openai_entrypoint_and_binds_the_pod_ip(tmp_path):
+    venv = tmp_path / ".venv-vllm" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "python3").write_text("")
+    (venv / "python3").chmod(0o755)
+    (venv / "python").write_text("")
+    launch = resolve_launch(
+        "vllm/vllm-openai:v0.32.0",
+        [],
+        ["--model", "/models/m", "--port", "8000"],
+        pod_ip="127.1.0.7",
+        kubeconfig=None,
+        root=tmp_path,
+    )
+    assert launch.argv == [
+        str(venv / "python"),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "/models/m",
+        "--port",
+        "8000",
+        "--host",
+        "127.1.0.7",
+    ]
+
+
+def test_missing_virtualenv_and_unknown_program_are_start_errors(tmp_path):
+    with pytest.raises(StartError, match="does not exist"):
+        resolve_launch("vllm/vllm-openai:v1", [], [], pod_ip="127.1.0.7", kubeconfig=None, root=tmp_path)
+    with pytest.raises(StartError, match='exec: "no-such-binary": executable file not found in \\$PATH'):
+        resolve_launch("busybox", ["no-such-binary"], [], pod_ip="127.1.0.7", kubeconfig=None, root=tmp_path)
+    with pytest.raises(StartError, match="set the container's command"):
+        resolve_launch("busybox", [], [], pod_ip="127.1.0.7", kubeconfig=None, root=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("$(A)/x", "1/x"),
+        ("$$(A)", "$(A)"),
+        ("$(MISSING)", "$(MISSING)"),
+        ("a$(A)b$(B)", "a1b2"),
+        ("$", "$"),
+    ],
+)
+def test_var_expansion_like_the_kubelet(value, expected):
+    assert expand(value, {"A": "1", "B": "2"}) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("/workspace", "/pod/ws"),
+        ("/workspace/out/a.bin", "/pod/ws/out/a.bin"),
+        ("/workspaces", "/workspaces"),
+        ("--output-dir=/workspace/out", "--output-dir=/pod/ws/out"),
+        ("/dev/termination-log", "/pod/term"),
+        ("/dev/shm/x", "/pod/shm/x"),
+        ("relative/workspace", "relative/workspace"),
+    ],
+)
+def test_paths_under_a_mount_are_rewritten_to_the_pod_directory(value, expected):
+    rewrite = PathRewriter(
+        {"/workspace": "/pod/ws", "/dev/termination-log": "/pod/term", "/dev/shm": "/pod/shm"}
+    )
+    assert rewrite(value) == expected

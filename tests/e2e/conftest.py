@@ -1,0 +1,216 @@
+"""End-to-end fixtures: the embedded cluster (with the operator it starts), the toy base model and dataset in
+its S3, and a per-test namespace holding the storage Secret that FineTuneJobs reference."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from localcluster.pytest_plugin import lc_api, lc_kubectl_one, lc_namespace, local_cluster  # noqa: F401
+
+GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+SECRET = "s3"
+
+
+@pytest.fixture(scope="session")
+def s3_assets(local_cluster: Any) -> dict[str, str]:  # noqa: F811
+    """Toy base model, toy dataset and a malformed dataset, uploaded once per session."""
+    import boto3
+    from localcluster.toymodel import write_base_model, write_toy_dataset
+
+    if getattr(local_cluster, "external", False):
+        pytest.skip("the end-to-end tests upload their data to the embedded cluster's S3")
+    env = local_cluster.s3_env
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
+    )
+    for bucket in ("models", "data", "runs"):
+        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+            s3.create_bucket(Bucket=bucket)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = write_base_model(Path(tmp) / "model")
+        for path in model.iterdir():
+            s3.upload_file(str(path), "models", f"toy/{path.name}")
+        data = write_toy_dataset(Path(tmp) / "data")
+        for name in ("train.jsonl", "test.jsonl"):
+            s3.upload_file(str(data / name), "data", f"toy/{name}")
+    s3.put_object(
+        Bucket="data",
+        Key="bad/train.jsonl",
+        Body=b'{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n',
+    )
+    return {
+        "model": "s3://models/toy",
+        "train": "s3://data/toy/train.jsonl",
+        "test": "s3://data/toy/test.jsonl",
+        "bad": "s3://data/bad/train.jsonl",
+        "output": "s3://runs/e2e",
+    }
+
+
+@dataclass
+class Jobs:
+    """FineTuneJobs and their children in one namespace, through the official Python client."""
+
+    api: Any
+    namespace: str
+    assets: dict[str, str]
+
+    def manifest(self, name: str, **spec: Any) -> dict[str, Any]:
+        base: dict[str, Any] = {
+            "baseModel": {"uri": self.assets["model"]},
+            "dataset": {"train": self.assets["train"], "test": self.assets["test"]},
+            # LoRA learns the toy task in ~40 steps on one CPU core (tests/trainer/toy_fixtures.py).
+            "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+            "hyperparameters": {
+                "epochs": 1,
+                "maxSteps": 40,
+                "batchSize": 8,
+                "gradientAccumulationSteps": 1,
+                "learningRate": 0.01,
+                "maxSeqLength": 64,
+                "gradientCheckpointing": False,
+                "warmupRatio": 0.0,
+                "seed": 11,
+            },
+            "resources": {"gpus": 0, "gpuType": "cpu"},
+            "storage": {"output": self.assets["output"], "credentialsSecret": SECRET},
+            "evaluation": {
+                "metrics": ["loss", "exact_match"],
+                "primaryMetric": "exact_match",
+                "maxNewTokens": 4,
+            },
+            "deployment": {"enabled": False},
+        }
+        for key, value in spec.items():
+            base[key] = (
+                {**base[key], **value}
+                if isinstance(value, dict) and isinstance(base.get(key), dict)
+                else value
+            )
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "FineTuneJob",
+            "metadata": {"name": name, "namespace": self.namespace},
+            "spec": base,
+        }
+
+    def create(self, name: str, **spec: Any) -> dict[str, Any]:
+        from kubernetes import client
+
+        body = self.manifest(name, **spec)
+        return client.CustomObjectsApi(self.api).create_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, body
+        )
+
+    def get(self, name: str) -> dict[str, Any]:
+        from kubernetes import client
+
+        obj: dict[str, Any] = client.CustomObjectsApi(self.api).get_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+        return obj
+
+    def patch(self, name: str, spec: dict[str, Any]) -> None:
+        from kubernetes import client
+
+        client.CustomObjectsApi(self.api).patch_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name, {"spec": spec}
+        )
+
+    def delete(self, name: str) -> None:
+        from kubernetes import client
+
+        client.CustomObjectsApi(self.api).delete_namespaced_custom_object(
+            GROUP, VERSION, self.namespace, PLURAL, name
+        )
+
+    def status(self, name: str) -> dict[str, Any]:
+        return self.get(name).get("status") or {}
+
+    def wait(
+        self, name: str, check: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        status: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            status = self.status(name)
+            if check(status):
+                return status
+            time.sleep(0.5)
+        raise AssertionError(
+            f"timed out after {timeout:g}s waiting for {what}; status: {json.dumps(status)[:3000]}"
+            f"\nchildren: {self.children_summary()}"
+        )
+
+    def wait_phase(self, name: str, *phases: str, timeout: float = 300) -> dict[str, Any]:
+        return self.wait(name, lambda s: s.get("phase") in phases, timeout, f"phase in {phases}")
+
+    def list(
+        self, kind: str, selector: str = "app.kubernetes.io/managed-by=finetune-operator"
+    ) -> list[dict[str, Any]]:
+        from kubernetes import client
+
+        calls = {
+            "Job": lambda: client.BatchV1Api(self.api).list_namespaced_job(
+                self.namespace, label_selector=selector, _preload_content=False
+            ),
+            "Pod": lambda: client.CoreV1Api(self.api).list_namespaced_pod(
+                self.namespace, label_selector=selector, _preload_content=False
+            ),
+            "Deployment": lambda: client.AppsV1Api(self.api).list_namespaced_deployment(
+                self.namespace, label_selector=selector, _preload_content=False
+            ),
+            "Service": lambda: client.CoreV1Api(self.api).list_namespaced_service(
+                self.namespace, label_selector=selector, _preload_content=False
+            ),
+            "Event": lambda: client.CoreV1Api(self.api).list_namespaced_event(
+                self.namespace, _preload_content=False
+            ),
+        }
+        items: list[dict[str, Any]] = calls[kind]().json()["items"]
+        return items
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in self.list("Event")
+            if e["involvedObject"].get("kind") == "FineTuneJob" and e["involvedObject"].get("name") == name
+        ]
+
+    def children_summary(self) -> str:
+        out = []
+        for kind in ("Job", "Pod", "Deployment"):
+            for obj in self.list(kind):
+                out.append(f"{kind} {obj['metadata']['name']}: {json.dumps(obj.get('status'))[:600]}")
+        return "\n".join(out)
+
+
+@pytest.fixture
+def jobs(local_cluster: Any, lc_api: Any, lc_namespace: str, s3_assets: dict[str, str]) -> Iterator[Jobs]:  # noqa: F811
+    from kubernetes import client
+
+    client.CoreV1Api(lc_api).create_namespaced_secret(
+        lc_namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": SECRET},
+            "stringData": local_cluster.s3_env,
+        },
+    )
+    yield Jobs(lc_api, lc_namespace, s3_assets)
+    if os.environ.get("E2E_KEEP"):
+        print(f"kept namespace {lc_namespace}")

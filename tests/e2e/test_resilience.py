@@ -1,0 +1,72 @@
+"""Restart safety and preemption, end to end: issue 5's (d) eviction mid-run and (e) operator restarts."""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import pytest
+from conftest import Jobs
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.local_kubelet, pytest.mark.timeout(900)]
+
+
+def _running_train_pod(jobs: Jobs) -> dict[str, Any] | None:
+    pods = [
+        p
+        for p in jobs.list("Pod", "app.kubernetes.io/component=train")
+        if p["status"].get("phase") == "Running"
+    ]
+    return pods[0] if pods else None
+
+
+def test_operator_restarted_at_three_stages_completes_without_duplicates(
+    jobs: Jobs, local_cluster: Any
+) -> None:
+    if not hasattr(local_cluster, "_stop_operator"):
+        pytest.skip("needs the embedded cluster's operator process")
+    jobs.create("restarts", evaluation={"compareToBase": False})
+
+    def restart_when(check: Any, what: str) -> None:
+        jobs.wait("restarts", check, 300, what)
+        local_cluster.call(local_cluster._stop_operator())
+        time.sleep(2)  # the world moves on without the operator
+        local_cluster.call(local_cluster._start_operator())
+
+    restart_when(lambda s: s.get("phase") == "Validating", "Validating")
+    restart_when(lambda s: (s.get("progress") or {}).get("step", 0) >= 1, "training progress")
+    restart_when(lambda s: s.get("phase") == "Evaluating", "Evaluating")
+    status = jobs.wait_phase("restarts", "Succeeded", "Failed", "Rejected", timeout=300)
+    assert status["phase"] == "Succeeded", status
+    names = sorted(j["metadata"]["name"] for j in jobs.list("Job"))
+    assert names == ["restarts-evaluate", "restarts-train", "restarts-validate"]
+    # One Event per transition, even across three operator restarts.
+    transitions = collections.Counter(e["reason"] for e in jobs.events("restarts"))
+    for reason in ("Validating", "Training", "Evaluating", "Succeeded"):
+        assert transitions[reason] == 1, transitions
+
+
+def test_evicted_trainer_resumes_from_its_checkpoint(jobs: Jobs, lc_api: Any) -> None:
+    from kubernetes import client
+
+    jobs.create("evicted", hyperparameters={"maxSteps": 60}, evaluation={"enabled": False})
+    jobs.wait("evicted", lambda s: (s.get("progress") or {}).get("step", 0) >= 5, 300, "training progress")
+    pod = _running_train_pod(jobs)
+    assert pod is not None
+    name = pod["metadata"]["name"]
+    client.CoreV1Api(lc_api).create_namespaced_pod_eviction(
+        name, jobs.namespace, {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name}}
+    )
+    status = jobs.wait_phase("evicted", "Succeeded", "Failed", timeout=400)
+    assert status["phase"] == "Succeeded", status
+    assert status["retries"] == 1
+    pods = jobs.list("Pod", "app.kubernetes.io/component=train")
+    evicted = next(p for p in pods if p["metadata"]["name"] == name)
+    terminated = evicted["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert terminated["exitCode"] == 21, terminated  # PREEMPTED: a checkpoint was committed first
+    assert "checkpoint" in terminated["message"]
+    resumed = next(p for p in pods if p["metadata"]["name"] != name)
+    log = client.CoreV1Api(lc_api).read_namespaced_pod_log(resumed["metadata"]["name"], jobs.namespace)
+    assert "resum" in log
+    assert any(e["reason"] == "Retrying" for e in jobs.events("evicted"))

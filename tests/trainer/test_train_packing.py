@@ -1,0 +1,70 @@
+"""Packing is on by default and padding-free: examples share a row but never attend to each other, and the
+loss covers assistant tokens only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from toy_fixtures import toy_base_dir, toy_config
+
+from finetune_trainer import modeling, train
+from finetune_trainer.config import parse_config
+from localcluster import toymodel
+
+__all__ = ["toy_base_dir"]
+
+
+@pytest.fixture(scope="module")
+def packed(toy_base_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    cfg = parse_config(toy_config("/tmp/unused", str(toy_base_dir), method="full",
+                                  hyperparameters={"batchSize": 2, "maxSeqLength": 64}))
+    assert cfg.spec.hyperparameters.packing, "packing must be the default"
+    device = modeling.detect_device()
+    tokenizer = modeling.load_tokenizer(toy_base_dir)
+    model = modeling.load_model(toy_base_dir, cfg.spec, device)
+    rows, _ = toymodel.toy_task(toymodel.ToyTaskParams(train_examples=12, test_examples=1))
+    args = train.sft_config(cfg, device, tmp_path_factory.mktemp("packing"), assistant_only=True)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    return model.eval(), tokenizer, batch
+
+
+def _segments(position_ids):  # type: ignore[no-untyped-def]
+    starts = [i for i, p in enumerate(position_ids.tolist()) if p == 0] + [len(position_ids)]
+    return list(zip(starts[:-1], starts[1:], strict=True))
+
+
+def test_batch_is_packed_without_padding(packed) -> None:  # type: ignore[no-untyped-def]
+    _, _, batch = packed
+    assert "attention_mask" not in batch, "padding-free: no padding, boundaries come from position_ids"
+    assert batch["input_ids"].shape[0] == 1
+    assert len(_segments(batch["position_ids"][0])) >= 4, "several examples share one row"
+
+
+def test_loss_only_on_assistant_tokens(packed) -> None:  # type: ignore[no-untyped-def]
+    _, tokenizer, batch = packed
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    for start, end in _segments(batch["position_ids"][0]):
+        trained = [int(t) for t, lab in zip(ids[start:end], labels[start:end], strict=True) if lab != -100]
+        text = tokenizer.decode(trained)
+        assert text.endswith("<|im_end|>") and len(text) == len("X<|im_end|>"), text  # the answer, and the stop
+
+
+def test_packed_examples_do_not_attend_to_each_other(packed) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    model, _, batch = packed
+    ids, pos = batch["input_ids"], batch["position_ids"]
+    with torch.inference_mode():
+        together = model(input_ids=ids, position_ids=pos).logits[0]
+        plain_causal = model(input_ids=ids).logits[0]  # what attending across examples would give
+        segments = _segments(pos[0])
+        for start, end in segments:
+            alone = model(input_ids=ids[:, start:end]).logits[0]
+            torch.testing.assert_close(together[start:end], alone, atol=1e-4, rtol=1e-4)
+        start, end = segments[1]
+        assert not torch.allclose(plain_causal[start:end], together[start:end], atol=1e-3)
