@@ -207,6 +207,8 @@ async def run(args: argparse.Namespace) -> str:
             sampler = asyncio.create_task(sample())
             await asyncio.wait_for(done.wait(), timeout=args.timeout)
             finished = time.monotonic()
+            operator_cpu = sum(process.cpu_times()[:2])
+            own_cpu = sum(psutil.Process().cpu_times()[:2])
             # The pass that creates a job's first child also patches its status and posts one Event.
             while await count_phases(session, api, ("Validating",)) < args.jobs:
                 await asyncio.sleep(0.5)
@@ -217,6 +219,10 @@ async def run(args: argparse.Namespace) -> str:
             print(
                 f"applied {args.jobs} jobs in {applied - began:.2f}s; all validation Jobs created after "
                 f"{finished - began:.2f}s"
+            )
+            print(
+                f"CPU seconds so far: operator {operator_cpu:.1f}, API emulator + benchmark client {own_cpu:.1f} "
+                f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
             )
             print(
                 f"apply -> validation Job: p50 {statistics.median(latencies):.3f}s, "

@@ -318,7 +318,10 @@ class HyperparametersSpec(_Spec):
     )
     max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Tokens per example (truncated).")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps for LR warm-up.")
-    packing: bool = Field(default=False, description="Pack short examples into full sequences.")
+    packing: bool = Field(
+        default=True,
+        description="Pack examples into full sequences (no attention across examples).",
+    )
     gradient_checkpointing: bool = Field(default=True, description="Trade compute for activation memory.")
     seed: int = Field(default=42, ge=0, le=2_147_483_647, description="Random seed.")
 

@@ -223,9 +223,9 @@ async def reconcile(
             return
         ctx.metrics.reconciles.labels(trigger).inc()
         job = ctx.remember(body)
+        ctx.dirty.discard(uid)
         try:
             await _reconcile(ctx, job, read_progress=read_progress)
-            ctx.dirty.discard(uid)
         except kopf.PermanentError:
             ctx.metrics.reconcile_errors.labels("permanent").inc()
             raise
@@ -307,6 +307,8 @@ async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> None:
         ctx.metrics.api_writes.labels("patch", "FineTuneJob/status").inc()
         if updated.get("metadata"):
             ctx.remember(updated)
+            if (updated["metadata"].get("generation") or 1) != (meta.get("generation") or 1):
+                ctx.dirty.add(uid)  # the spec changed while we planned: the resync loop re-runs it soon
         else:
             job["status"] = {**job.get("status", {}), **plan.status}
         _observe(ctx, job, old_status, plan)

@@ -39,7 +39,7 @@ def test_create_sets_identity_and_monotonic_resource_version(raw: Raw, namespace
     assert first["metadata"]["uid"] != second["metadata"]["uid"]
     assert first["metadata"]["creationTimestamp"].endswith("Z")
     assert int(second["metadata"]["resourceVersion"]) > int(first["metadata"]["resourceVersion"])
-    status, listed, _ = raw.request("GET", f"/api/v1/namespaces/{namespace}/configmaps")
+    _, listed, _ = raw.request("GET", f"/api/v1/namespaces/{namespace}/configmaps")
     assert int(listed["metadata"]["resourceVersion"]) >= int(second["metadata"]["resourceVersion"])
 
 
@@ -628,7 +628,7 @@ def test_unscheduled_pod_deletes_at_once_and_bound_pod_is_graceful(
     assert raw.request("DELETE", f"{pods}/free")[0] == 200
     assert raw.request("GET", f"{pods}/free")[0] == 404
     create(raw, pods, {"metadata": {"name": "bound"}, "spec": {**spec, "nodeName": NO_KUBELET_NODE}})
-    status, obj, _ = raw.request("DELETE", f"{pods}/bound")
+    _, obj, _ = raw.request("DELETE", f"{pods}/bound")
     assert obj["metadata"]["deletionTimestamp"] and obj["metadata"]["deletionGracePeriodSeconds"] == 1
     assert raw.request("GET", f"{pods}/bound")[0] == 200  # Terminating until the grace period ends
     wait_for(lambda: raw.request("GET", f"{pods}/bound")[0] == 404, "grace period fallback", timeout=5)

@@ -177,3 +177,50 @@ def test_active_deadline_seconds(lc_api, ns):
     for p in job_pods(lc_api, ns, "slow"):
         assert p["metadata"].get("deletionTimestamp") or p["status"]["phase"] == "Failed"
     _ = pod
+
+
+@pytest.mark.parametrize("policy", ["TerminatingOrFailed", "Failed"])
+def test_pod_replacement_policy(lc_api, ns, policy):
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    body = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "r"},
+        "spec": {
+            "backoffLimit": 3,
+            "podReplacementPolicy": policy,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": 3,
+                    "containers": [{"name": "main", "image": "busybox", "command": [PY, "-c", stubborn]}],
+                }
+            },
+        },
+    }
+    client.BatchV1Api(lc_api).create_namespaced_job(ns, body)
+    first = wait_for(
+        lambda: [p for p in job_pods(lc_api, ns, "r") if p["status"].get("phase") == "Running"],
+        what="pod running",
+    )[0]["metadata"]["name"]
+    client.CoreV1Api(lc_api).delete_namespaced_pod(first, ns)
+    obj = wait_for(
+        lambda: (o := job(lc_api, ns, "r"))["status"].get("terminating") == 1 and o,
+        what="terminating counted",
+    )
+    names = lambda: {p["metadata"]["name"] for p in job_pods(lc_api, ns, "r")}  # noqa: E731
+    if policy == "TerminatingOrFailed":
+        wait_for(lambda: len(names()) == 2, timeout=2.5, what="replacement while the old pod terminates")
+        assert pod(lc_api, ns, first)["metadata"]["deletionTimestamp"]
+    else:
+        assert obj["status"].get("active", 0) == 0
+        assert names() == {first}
+        wait_for(
+            lambda: first not in names() and len(names()) == 1, timeout=10, what="replacement after removal"
+        )
+    final = wait_for(
+        lambda: (o := job(lc_api, ns, "r"))["status"].get("failed") == 1 and o,
+        timeout=10,
+        what="deleted pod counted as failed",
+    )
+    assert final["status"]["active"] == 1

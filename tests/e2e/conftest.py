@@ -94,12 +94,13 @@ class Jobs:
             },
             "deployment": {"enabled": False},
         }
-        for key, value in spec.items():
-            base[key] = (
-                {**base[key], **value}
-                if isinstance(value, dict) and isinstance(base.get(key), dict)
-                else value
-            )
+        for key, value in spec.items():  # sections merge; None removes a key
+            if value is None:
+                base.pop(key, None)
+            elif isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = {k: v for k, v in {**base[key], **value}.items() if v is not None}
+            else:
+                base[key] = value
         return {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": "FineTuneJob",

@@ -59,7 +59,7 @@ def test_s3_roundtrip_list_stat_delete(s3: S3Bucket, tmp_path: Path) -> None:
 def test_s3_client_uses_the_environment(s3: S3Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
     client = storage.s3_client()
     assert client.meta.endpoint_url == s3.endpoint  # AWS_ENDPOINT_URL, as for MinIO
-    assert client.meta.config.retries == {"mode": "adaptive", "max_attempts": 2}
+    assert client.meta.config.retries == {"mode": "adaptive", "total_max_attempts": 2}
     monkeypatch.setenv("AWS_RETRY_MODE", "standard")
     assert storage.s3_client().meta.config.retries["mode"] == "standard"
 

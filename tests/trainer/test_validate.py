@@ -313,7 +313,6 @@ def test_validate_with_tokenizer_from_hf_cache_and_data_on_a_pvc(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from conftest import make_hf_cache_snapshot
-
     from finetune_trainer import cli
 
     make_hf_cache_snapshot(hf_offline_cache, "acme/tiny", tiny_tokenizer_dir, commit="c" * 40)

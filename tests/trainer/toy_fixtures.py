@@ -130,6 +130,7 @@ def lora_pipeline(moto_endpoint: str, toy_base_dir: Path, tmp_path_factory: pyte
     if "lora" in _PIPELINES:
         return _PIPELINES["lora"]
     import boto3
+    from finetune_trainer import manifest, storage
     from finetune_trainer.termination import clear_preemption
 
     tmp = tmp_path_factory.mktemp("lora-pipeline")

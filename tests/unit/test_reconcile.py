@@ -10,11 +10,10 @@ from typing import Any
 
 import kopf
 import pytest
-from ftj_factory import UID, spec
-
 from finetune_operator import kube
 from finetune_operator.config import load_config
 from finetune_operator.reconcile import Children, Context, newest_progress, reconcile, snapshot
+from ftj_factory import UID, spec
 
 CONFIG = load_config(env={})
 
@@ -289,3 +288,40 @@ def test_kopf_index_ids_are_the_ones_the_reconcile_reads() -> None:
 
     registry = handlers.register(kopf.OperatorRegistry())
     assert {h.id for h in registry._indexing.get_all_handlers()} == set(lifecycle.CHILD_INDEXES)
+
+
+async def test_metrics_show_jobs_by_phase_writes_and_gpu_hours() -> None:
+    from prometheus_client import generate_latest
+
+    job = new_job()
+    ctx, _ = setup(job)
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    text = generate_latest(ctx.metrics.registry).decode()
+    assert 'finetune_jobs{phase="Validating"} 1.0' in text
+    assert 'finetune_api_writes_total{kind="Job",verb="create"} 1.0' in text
+    assert 'finetune_reconciles_total{trigger="test"} 1.0' in text
+    ctx.forget(UID)
+    assert 'finetune_jobs{phase="Validating"}' not in generate_latest(ctx.metrics.registry).decode()
+
+
+@pytest.mark.parametrize(
+    ("argv", "namespaces", "all_namespaces"),
+    [([], [], False), (["--all-namespaces"], [], True), (["--namespace", "a", "-n", "b"], ["a", "b"], False)],
+)
+def test_command_line(argv: list[str], namespaces: list[str], all_namespaces: bool) -> None:
+    from finetune_operator.__main__ import parse_args
+
+    args = parse_args([*argv, "--metrics-port", "9100"])
+    assert args.namespace == namespaces and args.all_namespaces is all_namespaces
+    assert args.metrics_port == 9100 and args.liveness_port == 8080
+
+
+def test_bad_config_file_exits_with_the_field_named(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from finetune_operator.__main__ import main
+
+    path = tmp_path / "config.yaml"
+    path.write_text("images: {pullPolicy: Sometimes}")
+    assert main(["--config", str(path)]) == 2
+    assert "images.pullPolicy" in capsys.readouterr().err

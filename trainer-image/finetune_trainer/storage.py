@@ -159,7 +159,8 @@ def _s3_client_for(env_key: tuple[str | None, ...]) -> Any:
     config = Config(
         retries={
             "mode": os.environ.get("AWS_RETRY_MODE", "adaptive"),
-            "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10")),
+            # Like the AWS_MAX_ATTEMPTS convention: tries in all, the first one included.
+            "total_max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", "10")),
         },
         connect_timeout=10,
         read_timeout=120,

@@ -626,8 +626,7 @@ class ApiServer:
                     403,
                     "Forbidden",
                     f'{rtype.qualified} "{name}" is forbidden: '
-                    f"unable to create new content in namespace {ns} '
-                    "because it is being terminated",
+                    f"unable to create new content in namespace {ns} because it is being terminated",
                     {
                         "name": name,
                         "group": rtype.group,
@@ -1862,7 +1861,9 @@ class ApiServer:
             groups = [g for g in self._groups() if g["name"] == parts[1]]
             if groups:
                 return self._json({"kind": "APIGroup", "apiVersion": "v1", **groups[0]})
-        elif len(parts) == 3 and any(t.group == parts[1] and t.version == parts[2] for t in self.types.values()):
+        elif len(parts) == 3 and any(
+            (t.group, t.version) == (parts[1], parts[2]) for t in self.types.values()
+        ):
             return self._json(self._resource_list(parts[1], parts[2]))
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
 

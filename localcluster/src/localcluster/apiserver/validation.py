@@ -185,18 +185,17 @@ def immutable_field_problems(
                         f"Invalid value: {json.dumps(new_spec.get(key))}: field is immutable",
                     )
                 )
-    if (group, plural) in (
-        ("apps", "deployments"),
-        ("apps", "replicasets"),
-        ("apps", "statefulsets"),
-        ("apps", "daemonsets"),
+    if (
+        group == "apps"
+        and plural in ("deployments", "replicasets", "statefulsets", "daemonsets")
+        and "selector" in old_spec
+        and old_spec.get("selector") != new_spec.get("selector")
     ):
-        if "selector" in old_spec and old_spec.get("selector") != new_spec.get("selector"):
-            problems.append(
-                cause(
-                    "spec.selector",
-                    "FieldValueInvalid",
-                    f"Invalid value: {json.dumps(new_spec.get('selector'))}: field is immutable",
-                )
+        problems.append(
+            cause(
+                "spec.selector",
+                "FieldValueInvalid",
+                f"Invalid value: {json.dumps(new_spec.get('selector'))}: field is immutable",
             )
+        )
     return problems
