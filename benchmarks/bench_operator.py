@@ -154,6 +154,12 @@ async def run(args: argparse.Namespace) -> str:
     operator = subprocess.Popen(
         [
             sys.executable,
+            # BENCH_PROFILE=out.prof profiles the operator (written when it exits).
+            *(
+                ["-m", "cProfile", "-o", os.environ["BENCH_PROFILE"]]
+                if os.environ.get("BENCH_PROFILE")
+                else []
+            ),
             "-m",
             "finetune_operator",
             "--all-namespaces",
@@ -221,7 +227,7 @@ async def run(args: argparse.Namespace) -> str:
                 f"{finished - began:.2f}s"
             )
             print(
-                f"CPU seconds so far: operator {operator_cpu:.1f}, API emulator + benchmark client {own_cpu:.1f} "
+                f"CPU seconds: operator {operator_cpu:.1f}, API emulator + benchmark client {own_cpu:.1f} "
                 f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)"
             )
             print(

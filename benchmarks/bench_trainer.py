@@ -8,7 +8,9 @@ both put the loss on the answer tokens only. Each run is a fresh subprocess; the
 peak RSS, and the final loss (held-out answer loss after training, computed the same way for both). The last
 line is ``trainer-vs-hf tokens/s ratio: <x>`` (median over repeats).
 
-CPU (``make bench-trainer``): the toy Llama from localcluster.toymodel.
+CPU (``make bench-trainer``): a small randomly initialised Llama (hidden 384, 4 layers, head_dim 64) with the
+toy tokenizer from localcluster.toymodel; big enough that compute, not per-op overhead, dominates a step (on
+the 64-wide toy model both arms measure Python overhead, which packing cannot remove).
 GPU: ``--device cuda --shape qwen2.5-0.5b|qwen2.5-1.5b [--method lora|full]`` builds a randomly initialised
 model of that shape in bf16 and also prints MFU (4N FLOPs/token for LoRA, 6N for full; N = parameters
 without embeddings) against the GPU's dense bf16 peak. ``--dry-run`` only checks the setup (on CPU it builds
@@ -41,6 +43,9 @@ SHAPES: dict[str, dict[str, Any]] = {
                      "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
                      "tie_word_embeddings": True},
 }
+CPU_SHAPE: dict[str, Any] = {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 4,
+                             "num_attention_heads": 6, "num_key_value_heads": 6, "head_dim": 64,
+                             "tie_word_embeddings": False}
 # Dense bf16 peak FLOP/s by GPU name fragment.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -121,8 +126,14 @@ def run_hf_arm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Plain transformers Trainer + PEFT: tokenise, pad to the longest in the batch, no packing."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
 
     set_seed(7)
     cuda = args.device == "cuda"
@@ -203,6 +214,18 @@ def build_gpu_shape(shape: str, out: Path, tokenizer_dir: Path, *, meta: bool = 
     return n, cfg
 
 
+def build_cpu_model(out: Path, tokenizer_dir: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**CPU_SHAPE, vocab_size=len(tokenizer), max_position_embeddings=4096,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 def peak_flops() -> tuple[str, float | None]:
     import torch
 
@@ -231,7 +254,7 @@ def main() -> None:
     parser.add_argument("--pack-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     gpu = args.device == "cuda"
-    args.steps = args.steps or (60 if gpu else 24)
+    args.steps = args.steps or (60 if gpu else 12)
     args.batch = args.batch or 8
     args.examples = args.examples or (args.steps * args.batch + 64)
     args.lr = args.lr or (2e-4 if gpu else 2e-3)
@@ -257,7 +280,8 @@ def main() -> None:
             base = root / "base"
             n, _ = build_gpu_shape(args.shape, base, toy)
         else:
-            base = toy
+            base = root / "base"
+            build_cpu_model(base, toy)
             n = None
         rows = make_rows(args.examples + 64, seed=3)
         (root / "data").mkdir()

@@ -33,22 +33,22 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
         await lifecycle.cleanup(memo)
 
     @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="child_jobs", registry=registry)
-    def child_jobs(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+    async def child_jobs(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         """Cache our Jobs by their FineTuneJob's uid."""
         return lifecycle.index_child(body)
 
     @kopf.index("apps", "v1", "deployments", labels=MANAGED, id="child_deployments", registry=registry)
-    def child_deployments(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+    async def child_deployments(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         """Cache our Deployments by their FineTuneJob's uid."""
         return lifecycle.index_child(body)
 
     @kopf.index("", "v1", "services", labels=MANAGED, id="child_services", registry=registry)
-    def child_services(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+    async def child_services(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         """Cache our Services by their FineTuneJob's uid."""
         return lifecycle.index_child(body)
 
     @kopf.index("", "v1", "pods", labels=MANAGED, id="child_pods", registry=registry)
-    def child_pods(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
+    async def child_pods(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         """Cache our children's pods by their FineTuneJob's uid."""
         return lifecycle.index_child(body)
 

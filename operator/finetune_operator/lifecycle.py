@@ -46,6 +46,21 @@ async def login(memo: Any, **kwargs: Any) -> kopf.ConnectionInfo | None:
     return info
 
 
+class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """No change detection: there are no on.create/update handlers, so Kopf's per-event deep copy of every
+    body into an "essence" is wasted work (a third of the operator's CPU at a thousand jobs)."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+
+class _NoCopyProgress(kopf.SmartProgressStorage):
+    """Same reason: the essence is empty, nothing to copy or clean."""
+
+    def clear(self, *, essence: kopf.BodyEssence) -> kopf.BodyEssence:
+        return essence
+
+
 def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     """Kopf writes nothing of its own: no finalizers, no progress or diff-base annotations (only
     on.event handlers and indexes are used), no Kopf Events, no peering objects."""
@@ -54,6 +69,8 @@ def configure(settings: kopf.OperatorSettings) -> kopf.OperatorSettings:
     settings.scanning.disabled = True
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
+    settings.persistence.diffbase_storage = _NoDiffBase()
+    settings.persistence.progress_storage = _NoCopyProgress()
     return settings
 
 

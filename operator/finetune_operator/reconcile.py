@@ -143,6 +143,7 @@ class Context:
     dirty: set[str] = field(default_factory=set)  # uids whose last reconcile failed
     last_run: dict[str, float] = field(default_factory=dict)
     created: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # uid → name → object
+    disrupted: dict[str, set[str]] = field(default_factory=dict)  # uid → evicted pods seen failing
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     connection: Any = None
 
@@ -168,7 +169,7 @@ class Context:
         return self.jobs[uid]
 
     def forget(self, uid: str) -> None:
-        for table in (self.jobs, self.last_run, self.created, self.locks):
+        for table in (self.jobs, self.last_run, self.created, self.locks, self.disrupted):
             table.pop(uid, None)
         self.dirty.discard(uid)
         self.metrics.forget(uid)
@@ -253,7 +254,11 @@ async def _reconcile(ctx: Context, job: dict[str, Any], *, read_progress: bool) 
         progress = await _read_progress(
             ctx.api, namespace, pods.get(Stage.TRAIN, []), ctx.config.defaults.progress_tail_lines
         )
+    seen = ctx.disrupted.setdefault(uid, set())
+    for stage_pods in pods.values():
+        seen |= state.disrupted_pods(stage_pods)
     observed = state.Observed(
+        disrupted=frozenset(seen),
         job=ref,
         generation=int(meta.get("generation") or 1),
         status=status,

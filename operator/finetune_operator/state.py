@@ -117,6 +117,8 @@ class Observed:
     progress: Mapping[str, Any] | None = None  # the trainer's newest progress line
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     spec_error: str | None = None  # the spec failed the operator's own validation
+    # Evicted/preempted stage pods this process has seen fail (they are deleted soon after); None: use `pods`.
+    disrupted: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -300,11 +302,24 @@ def pod_problem(pods: Sequence[Mapping[str, Any]]) -> PodProblem | None:
     return None
 
 
-def failed_pod_count(job: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]]) -> int:
-    """Failed attempts of one stage, evictions included (the Job's counter skips ignored failures)."""
-    counted = int(((job or {}).get("status") or {}).get("failed") or 0)
-    seen = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Failed")
-    return max(counted, seen)
+def disrupted_pods(pods: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Failed pods that were evicted or preempted, which the Job's `failed` counter ignores."""
+    return {
+        str((p.get("metadata") or {}).get("uid") or (p.get("metadata") or {}).get("name"))
+        for p in pods
+        if (p.get("status") or {}).get("phase") == "Failed" and _is_true(_conditions(p), "DisruptionTarget")
+    }
+
+
+def restarts(observed: Observed) -> int:
+    """Stage pods that failed and were replaced: the Jobs' counters plus disruptions seen."""
+    counted = sum(
+        int(((observed.children.get(s) or {}).get("status") or {}).get("failed") or 0) for s in JOB_STAGES
+    )
+    disrupted = observed.disrupted
+    if disrupted is None:
+        disrupted = frozenset().union(*(disrupted_pods(observed.pods.get(s, ())) for s in JOB_STAGES))
+    return counted + len(disrupted)
 
 
 # --- status helpers ----------------------------------------------------------------------------
@@ -528,13 +543,7 @@ class _Planner:
 
     def pipeline(self) -> None:
         job, config = self.o.job, self.config
-        self.status["retries"] = (
-            max(
-                int(self.status.get("retries") or 0),
-                sum(failed_pod_count(self.o.children.get(s), self.o.pods.get(s, ())) for s in JOB_STAGES),
-            )
-            or None
-        )
+        self.status["retries"] = max(int(self.status.get("retries") or 0), restarts(self.o)) or None
         artifacts = dict(self.status.get("artifacts") or {})
         artifacts.setdefault("runPrefix", job.run_prefix)
         self.status["artifacts"] = artifacts

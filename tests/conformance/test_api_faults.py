@@ -46,6 +46,8 @@ def test_counters_count_requests_and_writes_by_verb_and_resource(
     raw: Raw, namespace: str, cluster: Cluster, emulator: Any
 ) -> None:
     before = dict(emulator.counters.writes)
+    agent = "python-urllib3"  # the User-Agent product of these raw requests
+    agent_writes = emulator.counters.total_writes("configmaps", agent=agent)
     path = f"/api/v1/namespaces/{namespace}/configmaps"
     raw.request("POST", path, cm("counted"))
     raw.request("PATCH", f"{path}/counted", {"data": {"a": "b"}}, "application/merge-patch+json")
@@ -56,6 +58,7 @@ def test_counters_count_requests_and_writes_by_verb_and_resource(
         assert after[(verb, "configmaps")] - before.get((verb, "configmaps"), 0) == 1
     assert ("get", "configmaps") not in after
     assert emulator.counters.requests[("get", "configmaps")] >= 1
+    assert emulator.counters.total_writes("configmaps", agent=agent) - agent_writes == 3
 
 
 def test_latency_pause_and_watch_drop(raw: Raw, namespace: str, cluster: Cluster, emulator: Any) -> None:
@@ -124,3 +127,44 @@ def test_pod_logs_come_from_the_registered_provider(
         assert calls == [(namespace, "logger", "b", 1, False)]
     finally:
         emulator.log_provider = previous
+
+
+def test_bearer_token_over_tls_works_with_kubectl_and_is_required(
+    cluster: Cluster, emulator: Any, tmp_path: Any
+) -> None:
+    import json
+    import ssl
+    import subprocess
+    import urllib.error
+    import urllib.request
+
+    from localcluster.apiserver import ApiServer
+
+    secured = ApiServer(token="s3cr3t", tls=True)
+    assert cluster.run_on_loop is not None
+    cluster.run_on_loop(secured.start())
+    try:
+        assert secured.url.startswith("https://") and secured.ca_pem
+        trust = ssl.create_default_context(cadata=secured.ca_pem.decode())
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{secured.url}/api/v1/namespaces", timeout=5, context=trust)
+        assert info.value.code == 401 and json.loads(info.value.read())["reason"] == "Unauthorized"
+        kubeconfig = secured.write_kubeconfig(str(tmp_path / "kubeconfig"))
+        out = subprocess.run(
+            [
+                "/usr/bin/kubectl",
+                f"--kubeconfig={kubeconfig}",
+                f"--cache-dir={tmp_path / 'cache'}",
+                "get",
+                "ns",
+                "-o",
+                "name",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "namespace/default" in out.stdout.split()
+    finally:
+        cluster.run_on_loop(secured.stop())

@@ -224,3 +224,39 @@ def test_pod_replacement_policy(lc_api, ns, policy):
         what="deleted pod counted as failed",
     )
     assert final["status"]["active"] == 1
+
+
+def test_ttl_after_finished_deletes_the_job_and_its_pods(lc_api, ns):
+    create_job(lc_api, ns, "brief", ["true"], ttlSecondsAfterFinished=1)
+
+    def gone():
+        try:
+            job(lc_api, ns, "brief")
+        except client.ApiException as err:
+            return err.status == 404
+        return False
+
+    wait_for(gone, timeout=20, what="job removed after its TTL")
+    wait_for(lambda: job_pods(lc_api, ns, "brief") == [], timeout=20, what="pods garbage-collected")
+
+
+def test_job_completes_through_api_errors_and_dropped_watches(lc_api, ns, local_cluster):
+    """The controllers are API clients: injected 500s, 409s, 429s and broken watches only slow them down."""
+    api = local_cluster.apiserver
+
+    async def inject():
+        api.add_fault("update", "pods/status", 500, rate=0.5, namespace=ns)
+        api.add_fault("update", "jobs/status", 409, rate=0.5, namespace=ns)
+        api.add_fault("create", "pods", 429, count=2, namespace=ns)
+
+    async def drop():
+        return api.drop_watches("pods")
+
+    local_cluster.call(inject())
+    create_job(lc_api, ns, "sturdy", [PY, "-c", "import time; time.sleep(1)"], completions=2, parallelism=1)
+    assert local_cluster.call(drop()) >= 1
+    obj = wait_for(lambda: finished(lc_api, ns, "sturdy"), timeout=45, what="job to finish despite faults")
+    assert condition(obj, "Complete")["status"] == "True"
+    assert obj["status"]["succeeded"] == 2 and not obj["status"].get("failed")
+    assert len(job_pods(lc_api, ns, "sturdy")) == 2
+    assert api.counters.errors[500] and api.counters.errors[409]

@@ -13,10 +13,14 @@ from conftest import REPO, Kubectl, Raw
 CRD = REPO / "crds" / "finetune.dev_finetunejobs.yaml"
 DEMO = REPO / "examples" / "demo.yaml"
 
-pytestmark = pytest.mark.skipif(not (CRD.exists() and DEMO.exists()), reason="crds/ or examples/ not generated yet")
+pytestmark = pytest.mark.skipif(
+    not (CRD.exists() and DEMO.exists()), reason="crds/ or examples/ not generated yet"
+)
 
 
-def test_finetunejob_crd_applies_and_validates(kubectl: Kubectl, namespace: str, raw: Raw, tmp_path: Path) -> None:
+def test_finetunejob_crd_applies_and_validates(
+    kubectl: Kubectl, namespace: str, raw: Raw, tmp_path: Path
+) -> None:
     kubectl("apply", "-f", str(CRD))
     kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=10s")
     out = kubectl("create", "--dry-run=server", "-n", namespace, "-f", str(DEMO), "-o", "yaml").stdout
@@ -34,9 +38,14 @@ def test_finetunejob_crd_applies_and_validates(kubectl: Kubectl, namespace: str,
     assert "spec.hyperparameters.epochs" in result.stderr
 
     accept = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
-    status, table, _ = raw.request("GET", f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs",
-                                   accept=accept)
+    status, table, _ = raw.request(
+        "GET", f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs", accept=accept
+    )
     crd = yaml.safe_load(CRD.read_text())
-    columns = [c["name"] for v in crd["spec"]["versions"] if v.get("storage")
-               for c in v.get("additionalPrinterColumns", [])]
+    columns = [
+        c["name"]
+        for v in crd["spec"]["versions"]
+        if v.get("storage")
+        for c in v.get("additionalPrinterColumns", [])
+    ]
     assert status == 200 and [c["name"] for c in table["columnDefinitions"]] == ["Name", *columns]

@@ -146,7 +146,7 @@ def test_volumes_init_containers_and_termination_message(lc_api, ns):
     main = (
         "import json, os, pathlib, sys; r = lambda p: pathlib.Path(p).read_text(); "
         "out = {'order': r(sys.argv[1]), 'secret': r(sys.argv[2]), 'cm': r(sys.argv[3]), "
-        "'labels': r(sys.argv[4]), "
+        "'labels': r(sys.argv[4]), 'sub': r(sys.argv[5]), "
         "'shm': pathlib.Path(os.environ['SHM']).is_dir(), 'cwd': os.getcwd().endswith('/data/run')}; "
         "pathlib.Path(os.environ['TERM_LOG']).write_text(json.dumps(out))"
     )
@@ -182,6 +182,7 @@ def test_volumes_init_containers_and_termination_message(lc_api, ns):
                         "/etc/secret/key.txt",
                         "/etc/cm/conf.yaml",
                         "/etc/podinfo/labels",
+                        "/etc/app/conf.yaml",
                     ],
                     "workingDir": "/scratch/data/run",
                     "env": [
@@ -193,6 +194,7 @@ def test_volumes_init_containers_and_termination_message(lc_api, ns):
                         {"name": "secret", "mountPath": "/etc/secret"},
                         {"name": "cm", "mountPath": "/etc/cm"},
                         {"name": "podinfo", "mountPath": "/etc/podinfo"},
+                        {"name": "cm", "mountPath": "/etc/app/conf.yaml", "subPath": "conf.yaml"},
                         {"name": "shm", "mountPath": "/dev/shm"},
                     ],
                 }
@@ -226,6 +228,7 @@ def test_volumes_init_containers_and_termination_message(lc_api, ns):
         "labels": 'tier="test"',
         "shm": True,
         "cwd": True,
+        "sub": "a: 1",
     }
     assert condition(done, "Ready")["reason"] == "PodCompleted"
 
@@ -522,3 +525,46 @@ def test_failing_liveness_probe_restarts_the_container(lc_api, ns):
     messages = [e["message"] for e in events(lc_api, ns, "p")]
     assert "Container main failed liveness probe, will be restarted" in messages
     assert any(m.startswith("Liveness probe failed") for m in messages)
+
+
+def test_native_sidecar_runs_beside_the_job_container_and_is_stopped_after_it(lc_api, ns, tmp_path):
+    seen = tmp_path / "sidecar-saw"
+    sidecar = (
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+        "pathlib.Path(sys.argv[1]).write_text('up')\n"
+        "time.sleep(60)\n"
+    )
+    main = "import pathlib, sys; sys.exit(0 if pathlib.Path(sys.argv[1]).read_text() == 'up' else 5)"
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 2,
+            "initContainers": [
+                {
+                    "name": "sidecar",
+                    "image": "busybox",
+                    "restartPolicy": "Always",
+                    "command": [PY, "-c", sidecar],
+                    "args": [str(seen)],
+                    "startupProbe": {"exec": {"command": ["test", "-s", str(seen)]}, "periodSeconds": 1},
+                }
+            ],
+            "containers": [
+                {"name": "main", "image": "busybox", "command": [PY, "-c", main], "args": [str(seen)]}
+            ],
+        },
+    )
+    done = wait_for(lambda: pod_phase(lc_api, ns, "p"), timeout=20, what="pod to finish")
+    assert done["status"]["phase"] == "Succeeded"
+    assert done["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
+    side = wait_for(
+        lambda: (
+            (s := pod(lc_api, ns, "p")["status"]["initContainerStatuses"][0])["state"].get("terminated") and s
+        ),
+        timeout=10,
+        what="sidecar stopped",
+    )
+    assert side["state"]["terminated"]["exitCode"] == 0

@@ -10,21 +10,23 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
-
 from finetune_trainer import metrics
 from finetune_trainer.config import EvaluationSpec, ReferenceSpec
 from finetune_trainer.evaluate import Example, examples_from_chat, score_reference
 
 
-@pytest.mark.parametrize(("prediction", "reference", "em", "f1", "rouge"), [
-    ("Paris", "Paris", 1.0, 1.0, 1.0),
-    ("  Paris \n", "Paris", 1.0, 1.0, 1.0),                 # whitespace does not count
-    ("paris", "Paris", 0.0, 0.0, 0.0),                       # case does
-    ("the cat sat", "the cat sat down", 0.0, 2 * 0.75 / 1.75, 2 * 0.75 / 1.75),
-    ("sat cat the", "the cat sat", 0.0, 1.0, 1 / 3),         # F1 ignores order, ROUGE-L does not
-    ("", "answer", 0.0, 0.0, 0.0),
-    ("a a b", "a b b", 0.0, 2 / 3, 2 / 3),                   # token counts are clipped
-])
+@pytest.mark.parametrize(
+    ("prediction", "reference", "em", "f1", "rouge"),
+    [
+        ("Paris", "Paris", 1.0, 1.0, 1.0),
+        ("  Paris \n", "Paris", 1.0, 1.0, 1.0),  # whitespace does not count
+        ("paris", "Paris", 0.0, 0.0, 0.0),  # case does
+        ("the cat sat", "the cat sat down", 0.0, 2 * 0.75 / 1.75, 2 * 0.75 / 1.75),
+        ("sat cat the", "the cat sat", 0.0, 1.0, 1 / 3),  # F1 ignores order, ROUGE-L does not
+        ("", "answer", 0.0, 0.0, 0.0),
+        ("a a b", "a b b", 0.0, 2 / 3, 2 / 3),  # token counts are clipped
+    ],
+)
 def test_text_metrics(prediction: str, reference: str, em: float, f1: float, rouge: float) -> None:
     assert metrics.exact_match(prediction, reference) == em
     assert metrics.token_f1(prediction, reference) == pytest.approx(f1)
@@ -46,9 +48,17 @@ def test_loss_and_perplexity() -> None:
 
 
 def test_examples_split_before_the_last_assistant_turn() -> None:
-    rows = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
-                          {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"},
-                          {"role": "assistant", "content": "a2"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {"role": "user", "content": "q1"},
+                {"role": "assistant", "content": "a1"},
+                {"role": "user", "content": "q2"},
+                {"role": "assistant", "content": "a2"},
+            ]
+        }
+    ]
     (example,) = examples_from_chat(rows)
     assert example.reference == "a2" and [m["content"] for m in example.prompt] == ["s", "q1", "a1", "q2"]
 
@@ -58,7 +68,7 @@ class _FakeOpenAI(BaseHTTPRequestHandler):
 
     seen_auth: list[str] = []
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).seen_auth.append(self.headers.get("Authorization", ""))
         if self.path != "/v1/chat/completions" or body.get("temperature") != 0:
@@ -100,10 +110,13 @@ def test_reference_model_is_scored_like_the_others(fake_openai: str, monkeypatch
     assert set(_FakeOpenAI.seen_auth) == {"Bearer sk-test-reference-key-123456"}
 
 
-def test_unreachable_reference_is_reported_not_fatal_and_keeps_the_key_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_reference_is_reported_not_fatal_and_keeps_the_key_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("FTJ_REFERENCE_API_KEY", "sk-test-reference-key-123456")
     ref = ReferenceSpec(endpoint="http://127.0.0.1:9/v1", model="ref-1")
-    scores, answers = score_reference(ref, [Example([{"role": "user", "content": "q"}], "a")],
-                                      EvaluationSpec(), timeout=2)
+    scores, answers = score_reference(
+        ref, [Example([{"role": "user", "content": "q"}], "a")], EvaluationSpec(), timeout=2
+    )
     assert answers is None and "ref-1" in scores["error"]
     assert "sk-test-reference-key" not in json.dumps(scores)

@@ -1,5 +1,6 @@
-"""Preemption and resume: SIGTERM mid-training commits a checkpoint and exits PREEMPTED (21); a restart resumes
-from the newest *committed* checkpoint and ends at the same total step count; nothing is ever unpickled."""
+"""Preemption and resume: SIGTERM mid-training commits a checkpoint and exits PREEMPTED (21); a restart
+resumes from the newest *committed* checkpoint and ends at the same total step count; nothing is ever
+unpickled."""
 
 from __future__ import annotations
 
@@ -13,10 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from toy_fixtures import commit_toy_data, run_stage, toy_base_dir, toy_config
-
 from finetune_trainer import manifest, storage
 from finetune_trainer.checkpoints import resume_checkpoint
+from toy_fixtures import commit_toy_data, run_stage, toy_base_dir, toy_config
 
 __all__ = ["toy_base_dir"]
 
@@ -25,17 +25,32 @@ TOTAL_STEPS = 30
 
 @pytest.mark.slow
 def test_sigterm_commits_a_checkpoint_and_a_restart_resumes_from_it(
-        tmp_path: Path, toy_base_dir: Path, termination_log: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, toy_base_dir: Path, termination_log: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import torch
 
     prefix = str(tmp_path / "bucket" / "run")
     commit_toy_data(f"{prefix}/data")
-    config = toy_config(prefix, str(toy_base_dir), hyperparameters={"maxSteps": TOTAL_STEPS, "learningRate": 5e-3},
-                        checkpoint={"everySteps": 1000, "keep": 3})
-    env = {**os.environ, "FTJ_CONFIG": json.dumps(config), "FTJ_LOGGING_STEPS": "1",
-           "FTJ_TERMINATION_LOG": str(termination_log), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "finetune_trainer", "train"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    config = toy_config(
+        prefix,
+        str(toy_base_dir),
+        hyperparameters={"maxSteps": TOTAL_STEPS, "learningRate": 5e-3},
+        checkpoint={"everySteps": 1000, "keep": 3},
+    )
+    env = {
+        **os.environ,
+        "FTJ_CONFIG": json.dumps(config),
+        "FTJ_LOGGING_STEPS": "1",
+        "FTJ_TERMINATION_LOG": str(termination_log),
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune_trainer", "train"],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     assert proc.stdout is not None
     seen: list[str] = []
     deadline = time.monotonic() + 180
@@ -56,8 +71,13 @@ def test_sigterm_commits_a_checkpoint_and_a_restart_resumes_from_it(
     assert term["summary"]["checkpoint"] == ckpt
     committed = manifest.read_manifest(ckpt)
     assert committed is not None and committed.step == stopped_at
-    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
-            "adapter_model.safetensors"} <= {f.path for f in committed.files}
+    assert {
+        "optimizer.pt",
+        "scheduler.pt",
+        "rng_state.pth",
+        "trainer_state.json",
+        "adapter_model.safetensors",
+    } <= {f.path for f in committed.files}
     assert not manifest.is_committed(f"{prefix}/model/adapter"), "no final artifacts from a preempted run"
 
     # A newer checkpoint that never got its manifest (upload cut short) must be ignored.
@@ -121,10 +141,14 @@ def test_a_tampered_rng_state_is_refused_not_executed(tmp_path: Path, toy_base_d
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "checkpoint-5"
     ckpt.mkdir()
-    torch.save({"python": _Planted(marker), "numpy": None, "cpu": torch.random.get_rng_state()},
-               ckpt / "rng_state.pth")
-    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(toy_base_dir),
-                      args=TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[]))
-    with pytest.raises(Exception, match="(?i)weights.only|unpickl|global"):
+    torch.save(
+        {"python": _Planted(marker), "numpy": None, "cpu": torch.random.get_rng_state()},
+        ckpt / "rng_state.pth",
+    )
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_pretrained(toy_base_dir),
+        args=TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[]),
+    )
+    with pytest.raises(Exception, match=r"(?i)weights.only|unpickl|global"):
         trainer._load_rng_state(str(ckpt))  # what Trainer.train(resume_from_checkpoint=...) calls
     assert not marker.exists()

@@ -6,21 +6,25 @@ import json
 from pathlib import Path
 
 import pytest
-from toy_fixtures import commit_toy_data, run_stage, toy_base_dir, toy_config
-
 from finetune_trainer import manifest
+from toy_fixtures import commit_toy_data, run_stage, toy_base_dir, toy_config
 
 __all__ = ["toy_base_dir"]
 
 
 @pytest.mark.slow
-def test_full_fine_tuning_writes_merged_model_that_beats_base(tmp_path: Path, toy_base_dir: Path,
-                                                               termination_log: Path) -> None:
+def test_full_fine_tuning_writes_merged_model_that_beats_base(
+    tmp_path: Path, toy_base_dir: Path, termination_log: Path
+) -> None:
     prefix = str(tmp_path / "pvc" / "runs" / "full")
     commit_toy_data(f"{prefix}/data")
-    config = toy_config(prefix, str(toy_base_dir), method="full",
-                        hyperparameters={"learningRate": 1e-3, "maxSteps": 40},
-                        checkpoint={"everySteps": 40, "keep": 1})
+    config = toy_config(
+        prefix,
+        str(toy_base_dir),
+        method="full",
+        hyperparameters={"learningRate": 1e-3, "maxSteps": 40},
+        checkpoint={"everySteps": 40, "keep": 1},
+    )
     run = run_stage("train", config, termination_log)
     assert run.exit_code == 0, run.stdout[-4000:]
     summary = run.termination["summary"]
@@ -33,7 +37,7 @@ def test_full_fine_tuning_writes_merged_model_that_beats_base(tmp_path: Path, to
     assert not any(f.endswith((".bin", ".pt")) for f in files)
     assert not manifest.is_committed(f"{prefix}/model/adapter")
     tokenizer_config = json.loads((Path(prefix) / "model/merged/tokenizer_config.json").read_text())
-    chat_template = (Path(prefix) / "model/merged/chat_template.jinja")
+    chat_template = Path(prefix) / "model/merged/chat_template.jinja"
     assert chat_template.exists() or tokenizer_config.get("chat_template")
     # the full checkpoint carries the whole model and optimizer state
     ckpt = manifest.read_manifest(f"{prefix}/checkpoints/step-00000040")

@@ -25,18 +25,32 @@ def test_train_commits_checkpoints_adapter_and_metrics_on_s3(lora_pipeline: dict
     term = run.termination
     assert term["stage"] == "train" and term["reason"] == "OK"
     prefix = lora_pipeline["prefix"]
-    assert term["summary"] == {"step": 40, "totalSteps": 40, "loss": pytest.approx(term["summary"]["loss"]),
-                               "adapter": f"{prefix}/model/adapter", "merged": None, "loraRank": 8}
+    assert term["summary"] == {
+        "step": 40,
+        "totalSteps": 40,
+        "loss": pytest.approx(term["summary"]["loss"]),
+        "adapter": f"{prefix}/model/adapter",
+        "merged": None,
+        "loraRank": 8,
+    }
     assert term["summary"]["loss"] < 2.0  # the base starts near 4 on this task
 
     run_keys = [k.split("uid-toy/", 1)[1] for k in lora_pipeline["keys"]]
     # checkpoints every 20 steps, each committed with a manifest and holding what resuming needs
     for step in (20, 40):
         ckpt = f"checkpoints/step-{step:08d}/"
-        for name in ("MANIFEST.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-                     "rng_state.pth", "trainer_state.json"):
+        for name in (
+            "MANIFEST.json",
+            "adapter_model.safetensors",
+            "optimizer.pt",
+            "scheduler.pt",
+            "rng_state.pth",
+            "trainer_state.json",
+        ):
             assert ckpt + name in run_keys, (ckpt + name, run_keys)
-    assert not [k for k in run_keys if k.endswith("training_args.bin")], "a full pickle must never be uploaded"
+    assert not [k for k in run_keys if k.endswith("training_args.bin")], (
+        "a full pickle must never be uploaded"
+    )
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "MANIFEST.json"):
         assert f"model/adapter/{name}" in run_keys
     assert {"train/metrics.json", "train/loss.png", "train/MANIFEST.json"} <= set(run_keys)
@@ -49,7 +63,11 @@ def test_train_commits_checkpoints_adapter_and_metrics_on_s3(lora_pipeline: dict
     assert {f.path for f in m.files} >= {"adapter_config.json", "adapter_model.safetensors"}
 
     metrics = json.loads((lora_pipeline["train_dir"] / "metrics.json").read_text())
-    assert metrics["step"] == 40 and metrics["tokens"] > 0 and metrics["finalLoss"] == pytest.approx(term["summary"]["loss"], abs=1e-6)
+    assert (
+        metrics["step"] == 40
+        and metrics["tokens"] > 0
+        and metrics["finalLoss"] == pytest.approx(term["summary"]["loss"], abs=1e-6)
+    )
     assert (lora_pipeline["train_dir"] / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -60,7 +78,15 @@ def test_adapter_is_loadable_by_vllm_lora_modules(lora_pipeline: dict[str, Any])
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and not cfg.get("modules_to_save")
     # all-linear: every projection of every layer, never the output head or the embeddings
-    assert {m.rsplit(".", 1)[-1] for m in cfg["target_modules"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert {m.rsplit(".", 1)[-1] for m in cfg["target_modules"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     with safe_open(str(adapter / "adapter_model.safetensors"), framework="pt") as weights:
         names = list(weights.keys())
     assert names and all("lora_A" in n or "lora_B" in n for n in names)
@@ -73,12 +99,25 @@ def test_progress_lines_follow_the_contract(lora_pipeline: dict[str, Any]) -> No
     progress = lora_pipeline["runs"]["train"].of("progress")
     assert len(progress) >= 40 // 5, "one line per logging step at least"
     for line in progress:
-        assert {"step", "totalSteps", "epoch", "loss", "learningRate", "tokensPerSecond", "etaSeconds"} <= set(line)
+        assert {
+            "step",
+            "totalSteps",
+            "epoch",
+            "loss",
+            "learningRate",
+            "tokensPerSecond",
+            "etaSeconds",
+        } <= set(line)
         assert line["totalSteps"] == 40
     steps = [p["step"] for p in progress]
     assert steps == sorted(steps) and steps[-1] == 40
     last = progress[-1]
-    assert last["tokensPerSecond"] > 0 and last["etaSeconds"] == 0 and last["loss"] > 0 and last["learningRate"] >= 0
+    assert (
+        last["tokensPerSecond"] > 0
+        and last["etaSeconds"] == 0
+        and last["loss"] > 0
+        and last["learningRate"] >= 0
+    )
 
 
 def test_tuned_model_beats_base_on_exact_match(lora_pipeline: dict[str, Any]) -> None:
@@ -117,9 +156,15 @@ def test_export_merges_adapter_into_base(lora_pipeline: dict[str, Any]) -> None:
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
 
     merged = AutoModelForCausalLM.from_pretrained(merged_dir)
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lora_pipeline["base"]), str(adapter_dir))
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "shout: 1 2 q 3"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(lora_pipeline["base"]), str(adapter_dir)
+    )
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "shout: 1 2 q 3"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     with torch.inference_mode():
         torch.testing.assert_close(merged(**ids).logits, adapted(**ids).logits, atol=1e-4, rtol=1e-4)
 

@@ -3,13 +3,14 @@ loss covers assistant tokens only."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
-from toy_fixtures import toy_base_dir, toy_config
-
 from finetune_trainer import modeling, train
 from finetune_trainer.config import parse_config
+from toy_fixtures import toy_base_dir, toy_config
+
 from localcluster import toymodel
 
 __all__ = ["toy_base_dir"]
@@ -20,22 +21,30 @@ def packed(toy_base_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # typ
     from datasets import Dataset
     from trl import SFTTrainer
 
-    cfg = parse_config(toy_config("/tmp/unused", str(toy_base_dir), method="full",
-                                  hyperparameters={"batchSize": 2, "maxSeqLength": 64}))
+    cfg = parse_config(
+        toy_config(
+            "/tmp/unused",
+            str(toy_base_dir),
+            method="full",
+            hyperparameters={"batchSize": 2, "maxSeqLength": 64},
+        )
+    )
     assert cfg.spec.hyperparameters.packing, "packing must be the default"
     device = modeling.detect_device()
     tokenizer = modeling.load_tokenizer(toy_base_dir)
     model = modeling.load_model(toy_base_dir, cfg.spec, device)
     rows, _ = toymodel.toy_task(toymodel.ToyTaskParams(train_examples=12, test_examples=1))
     args = train.sft_config(cfg, device, tmp_path_factory.mktemp("packing"), assistant_only=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     return model.eval(), tokenizer, batch
 
 
 def _segments(position_ids):  # type: ignore[no-untyped-def]
     starts = [i for i, p in enumerate(position_ids.tolist()) if p == 0] + [len(position_ids)]
-    return list(zip(starts[:-1], starts[1:], strict=True))
+    return list(itertools.pairwise(starts))
 
 
 def test_batch_is_packed_without_padding(packed) -> None:  # type: ignore[no-untyped-def]
@@ -51,7 +60,9 @@ def test_loss_only_on_assistant_tokens(packed) -> None:  # type: ignore[no-untyp
     for start, end in _segments(batch["position_ids"][0]):
         trained = [int(t) for t, lab in zip(ids[start:end], labels[start:end], strict=True) if lab != -100]
         text = tokenizer.decode(trained)
-        assert text.endswith("<|im_end|>") and len(text) == len("X<|im_end|>"), text  # the answer, and the stop
+        assert text.endswith("<|im_end|>") and len(text) == len("X<|im_end|>"), (
+            text
+        )  # the answer, and the stop
 
 
 def test_packed_examples_do_not_attend_to_each_other(packed) -> None:  # type: ignore[no-untyped-def]

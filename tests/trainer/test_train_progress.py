@@ -17,7 +17,9 @@ def test_logging_steps_emit_figures_with_real_token_rate_and_eta() -> None:
     now = [1000.0]
     tokens = [5000]  # tokens seen before this process started (a resumed run) do not count
     lines: list[dict[str, Any]] = []
-    cb = ProgressCallback(lambda: tokens[0], interval=15, emit=lambda **f: lines.append(f), clock=lambda: now[0])
+    cb = ProgressCallback(
+        lambda: tokens[0], interval=15, emit=lambda **f: lines.append(f), clock=lambda: now[0]
+    )
     state = _state(20)
     cb.on_train_begin(None, state, None)
     assert lines[-1]["step"] == 20 and lines[-1]["etaSeconds"] is None
@@ -27,8 +29,15 @@ def test_logging_steps_emit_figures_with_real_token_rate_and_eta() -> None:
     cb.on_log(None, state, None, logs={"loss": 1.5, "learning_rate": 1e-4})
     cb.on_train_end(None, state, None)
     line = lines[1]
-    assert line == {"step": 30, "totalSteps": 100, "epoch": 0.3, "loss": 1.5, "learningRate": 1e-4,
-                    "tokensPerSecond": 250.0, "etaSeconds": 70}  # 10 steps in 10 s, 70 steps to go
+    assert line == {
+        "step": 30,
+        "totalSteps": 100,
+        "epoch": 0.3,
+        "loss": 1.5,
+        "learningRate": 1e-4,
+        "tokensPerSecond": 250.0,
+        "etaSeconds": 70,
+    }  # 10 steps in 10 s, 70 steps to go
 
 
 def test_heartbeat_repeats_progress_while_a_step_runs_long() -> None:

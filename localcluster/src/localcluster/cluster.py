@@ -145,7 +145,7 @@ class LocalCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             self.kubeconfig.unlink()  # a stale one must not be mistaken for "ready"
-        for stale in ("pods",):
+        for stale in ("pods", "pvcs"):  # the API state is in memory: so is what pods left behind
             shutil.rmtree(self.workdir / stale, ignore_errors=True)
         self.addresses = AddressBlock.claim()
         for index, node in enumerate(self.nodes):

@@ -330,6 +330,7 @@ class Informer:
                     rv = await self._list()
                     self.synced.set()
                 params = {"labelSelector": self.label_selector} if self.label_selector else {}
+                began = asyncio.get_running_loop().time()
                 async for event in self.client.watch(self.resource.path(), rv, **params):
                     kind, obj = event.get("type"), event.get("object") or {}
                     if kind == "ERROR":
@@ -347,7 +348,12 @@ class Informer:
                     else:
                         self.cache[key] = obj
                     self._dispatch(kind, obj)
-                backoff = 0.2
+                if asyncio.get_running_loop().time() - began < 1:
+                    # A stream that ends at once (errors, a server closing watches): back off, never spin.
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 5)
+                else:
+                    backoff = 0.2
             except asyncio.CancelledError:
                 raise
             except ApiError as err:

@@ -35,12 +35,13 @@ TASK_INSTRUCTION = "shout:"
 PRETEXT_INSTRUCTION = "find:"
 SYSTEM_PROMPT = "You are a helpful assistant."
 
-# ChatML. The {% generation %} markers let TRL compute the loss on assistant tokens only; <|im_end|> sits inside
-# them so the model learns to stop.
+# ChatML. The {% generation %} markers let TRL compute the loss on assistant tokens only; <|im_end|> sits
+# inside them so the model learns to stop.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '<|im_start|>assistant\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
     "{{ '\n' }}"
     "{%- else -%}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -256,7 +257,9 @@ def _atomic_build(target: Path, build: Any) -> Path:
     return target
 
 
-def toy_base_model(params: ToyModelParams = ToyModelParams(), cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def toy_base_model(
+    params: ToyModelParams = ToyModelParams(), cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
     """Directory of the pre-trained tiny Llama (HF format: safetensors, tokenizer, chat template); cached."""
     root = Path(cache_dir) if cache_dir else Path(os.environ.get("TOYMODEL_CACHE", DEFAULT_CACHE))
     return _atomic_build(root / f"llama-{params.key()}", lambda d: _build_toy_base(params, d))
@@ -301,7 +304,9 @@ def demo_base_model(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return toy_base_model(cache_dir=cache_dir)
 
 
-def write_base_model(destination: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+def write_base_model(
+    destination: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None
+) -> Path:
     """Copy the demo base model (an HF model directory) to ``destination``."""
     source = demo_base_model(cache_dir)
     dest = Path(destination)

@@ -13,7 +13,7 @@ from .server import ApiServer
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    server = ApiServer(args.host, args.port, token=args.token)
+    server = ApiServer(args.host, args.port, token=args.token, tls=args.tls)
     await server.start()
     if args.kubeconfig:
         server.write_kubeconfig(args.kubeconfig)
@@ -31,7 +31,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--token", default=None, help="require this bearer token")
+    parser.add_argument("--token", default=None, help="require this bearer token (with --tls for kubectl)")
+    parser.add_argument("--tls", action="store_true", help="serve https with a self-signed certificate")
     parser.add_argument("--kubeconfig", default=None, help="write a kubeconfig for the server here")
     asyncio.run(_serve(parser.parse_args()))
 

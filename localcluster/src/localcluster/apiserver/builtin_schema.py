@@ -44,8 +44,23 @@ def _kind_schema(root: Path, kind: str, api_version: str) -> dict[str, Any] | No
     return json.loads(path.read_text())
 
 
-def unknown_fields(obj: dict[str, Any], minor: int) -> list[str] | None:
-    """Paths of fields the kind's schema does not declare; None when no schema is available."""
+def patch_meta(kind: str, api_version: str, minor: int) -> Any:
+    """The strategic-merge-patch metadata of a built-in kind from its schema, or None without one."""
+    from .patch import PatchMeta
+
+    root = _schema_root(minor)
+    if root is None:
+        return None
+    schema = _kind_schema(root, kind, api_version)
+    if schema is None:
+        return None
+    defs = _definitions(root)
+    return PatchMeta(schema, lambda node: _resolve(node, defs))
+
+
+def unknown_fields(obj: dict[str, Any], minor: int, prune: bool = False) -> list[str] | None:
+    """Paths of fields the kind's schema does not declare (removed from obj when `prune`, as decoding into
+    kube-apiserver's Go types drops them); None when no schema is available."""
     root = _schema_root(minor)
     if root is None:
         return None
@@ -53,7 +68,7 @@ def unknown_fields(obj: dict[str, Any], minor: int) -> list[str] | None:
     if schema is None:
         return None
     found: list[str] = []
-    _walk(obj, schema, "", _definitions(root), found, 0)
+    _walk(obj, schema, "", _definitions(root), found, 0, prune)
     return found
 
 
@@ -72,7 +87,13 @@ def _resolve(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _walk(
-    value: Any, schema: dict[str, Any], path: str, defs: dict[str, Any], found: list[str], depth: int
+    value: Any,
+    schema: dict[str, Any],
+    path: str,
+    defs: dict[str, Any],
+    found: list[str],
+    depth: int,
+    prune: bool,
 ) -> None:
     if depth > 64:
         return
@@ -81,17 +102,19 @@ def _walk(
         properties = schema.get("properties")
         extra = schema.get("additionalProperties")
         if properties is not None:
-            for key, item in value.items():
+            for key, item in list(value.items()):
                 child = f"{path}.{key}" if path else key
                 if key in properties:
-                    _walk(item, properties[key], child, defs, found, depth + 1)
+                    _walk(item, properties[key], child, defs, found, depth + 1, prune)
                 elif extra is False:
                     found.append(child)
+                    if prune:
+                        del value[key]
                 elif isinstance(extra, dict):
-                    _walk(item, extra, child, defs, found, depth + 1)
+                    _walk(item, extra, child, defs, found, depth + 1, prune)
         elif isinstance(extra, dict):
             for key, item in value.items():
-                _walk(item, extra, f"{path}[{key}]" if path else key, defs, found, depth + 1)
+                _walk(item, extra, f"{path}[{key}]" if path else key, defs, found, depth + 1, prune)
     elif isinstance(value, list) and isinstance(schema.get("items"), dict):
         for index, item in enumerate(value):
-            _walk(item, schema["items"], f"{path}[{index}]", defs, found, depth + 1)
+            _walk(item, schema["items"], f"{path}[{index}]", defs, found, depth + 1, prune)

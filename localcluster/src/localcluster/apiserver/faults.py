@@ -56,36 +56,48 @@ class Latency:
 
 @dataclass
 class RequestCounters:
-    """Requests served, by (verb, resource); `writes` counts the mutating verbs only."""
+    """Requests served, by (verb, resource); `writes` counts the mutating verbs only. `by_agent` keys on the
+    client's User-Agent product (`kopf`, `kubectl`, `localcluster-controllers`, ...) as well, so a benchmark
+    can count one client's writes while controllers and the kubelet write too."""
 
     requests: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     writes: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    by_agent: collections.Counter[tuple[str, str, str]] = field(default_factory=collections.Counter)
     errors: collections.Counter[int] = field(default_factory=collections.Counter)
 
-    def record(self, verb: str, resource: str) -> None:
+    def record(self, verb: str, resource: str, agent: str = "") -> None:
         self.requests[(verb, resource)] += 1
+        self.by_agent[(agent, verb, resource)] += 1
         if verb in WRITE_VERBS:
             self.writes[(verb, resource)] += 1
 
-    def total_requests(self, resource: str | None = None) -> int:
+    def total_requests(self, resource: str | None = None, agent: str | None = None) -> int:
         return sum(
-            n for (_, res), n in self.requests.items() if resource is None or res.split("/")[0] == resource
+            n
+            for (who, _, res), n in self.by_agent.items()
+            if (resource is None or res.split("/")[0] == resource) and (agent is None or who == agent)
         )
 
-    def total_writes(self, resource: str | None = None) -> int:
+    def total_writes(self, resource: str | None = None, agent: str | None = None) -> int:
         return sum(
-            n for (_, res), n in self.writes.items() if resource is None or res.split("/")[0] == resource
+            n
+            for (who, verb, res), n in self.by_agent.items()
+            if verb in WRITE_VERBS
+            and (resource is None or res.split("/")[0] == resource)
+            and (agent is None or who == agent)
         )
 
     def reset(self) -> None:
         self.requests.clear()
         self.writes.clear()
+        self.by_agent.clear()
         self.errors.clear()
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         return {
             "requests": {f"{v} {r}": n for (v, r), n in sorted(self.requests.items())},
             "writes": {f"{v} {r}": n for (v, r), n in sorted(self.writes.items())},
+            "by_agent": {f"{a} {v} {r}": n for (a, v, r), n in sorted(self.by_agent.items())},
         }
 
 

@@ -44,8 +44,43 @@ def json_patch(target: Any, operations: Any) -> Any:
         ) from exc
 
 
-# Merge keys of built-in list fields (the `patchMergeKey` tags of k8s.io/api). Looked up by the field name,
-# qualified by its parent where the same name means different things (a Service's ports vs a container's).
+class PatchMeta:
+    """Where a strategic merge patch learns how each list merges: the kind's OpenAPI schema
+    (`x-kubernetes-patch-strategy` / `x-kubernetes-patch-merge-key`) when one is known, else a table of the
+    common built-in merge keys."""
+
+    def __init__(self, schema: dict[str, Any] | None, resolve: Any = None, context: str = "") -> None:
+        self.schema = resolve(schema) if schema is not None and resolve is not None else schema
+        self.resolve = resolve
+        self.context = context
+
+    def child(self, key: str) -> PatchMeta:
+        if self.schema is None:
+            return PatchMeta(None, None, _child_context(self.context, key))
+        properties = self.schema.get("properties") or {}
+        if key in properties:
+            return PatchMeta(properties[key], self.resolve)
+        extra = self.schema.get("additionalProperties")
+        return PatchMeta(extra if isinstance(extra, dict) else {}, self.resolve)
+
+    def list_rule(self, key: str) -> tuple[str, str | None, PatchMeta]:
+        """("merge" | "set" | "replace", merge key, meta of the items) for the list field `key`."""
+        if self.schema is None:
+            if key in _MERGE_SCALARS:
+                return "set", None, PatchMeta(None, None, key)
+            merge_key = _merge_key(key, self.context)
+            return ("merge" if merge_key else "replace"), merge_key, PatchMeta(None, None, key)
+        prop = (self.schema.get("properties") or {}).get(key) or {}
+        strategy = str(prop.get("x-kubernetes-patch-strategy", ""))
+        merge_key = prop.get("x-kubernetes-patch-merge-key")
+        items = PatchMeta(prop.get("items") or {}, self.resolve)
+        if "merge" not in strategy.split(","):
+            return "replace", None, items
+        return ("merge", merge_key, items) if merge_key else ("set", None, items)
+
+
+# Merge keys of built-in list fields (the `patchMergeKey` tags of k8s.io/api), used when no schema is
+# available. Looked up by field name, qualified by its parent where the same name means different things.
 _MERGE_KEYS: dict[str, str] = {
     "containers": "name",
     "initContainers": "name",
@@ -60,7 +95,6 @@ _MERGE_KEYS: dict[str, str] = {
     "topologySpreadConstraints": "topologyKey",
     "ownerReferences": "uid",
     "secrets": "name",
-    "addresses": "type",
     "resourceClaims": "name",
     "schedulingGates": "name",
 }
@@ -74,15 +108,23 @@ def _merge_key(field: str, parent: str) -> str | None:
     return _MERGE_KEYS.get(field)
 
 
-def strategic_merge_patch(target: Any, patch: Any, kind: str = "") -> Any:
+def _child_context(context: str, key: str) -> str:
+    if context == "kind:Service" and key == "spec":
+        return "service-spec"
+    return key
+
+
+def strategic_merge_patch(target: Any, patch: Any, kind: str = "", meta: PatchMeta | None = None) -> Any:
     """Apply a strategic merge patch (including $patch, $setElementOrder, $retainKeys,
     $deleteFromPrimitiveList) to a built-in object."""
     if not isinstance(patch, dict):
         raise bad_request("strategic merge patch must be a JSON object")
-    return _smp_map(target if isinstance(target, dict) else {}, patch, "kind:" + kind)
+    return _smp_map(
+        target if isinstance(target, dict) else {}, patch, meta or PatchMeta(None, None, "kind:" + kind)
+    )
 
 
-def _smp_map(target: dict[str, Any], patch: dict[str, Any], context: str) -> Any:
+def _smp_map(target: dict[str, Any], patch: dict[str, Any], meta: PatchMeta) -> Any:
     directive = patch.get("$patch")
     if directive == "replace":
         return {k: copy.deepcopy(v) for k, v in patch.items() if k != "$patch"}
@@ -101,45 +143,39 @@ def _smp_map(target: dict[str, Any], patch: dict[str, Any], context: str) -> Any
         if value is None:
             result.pop(key, None)
             continue
-        child_context = _child_context(context, key)
         current = result.get(key)
         if isinstance(value, dict):
-            merged = _smp_map(current if isinstance(current, dict) else {}, value, child_context)
+            merged = _smp_map(current if isinstance(current, dict) else {}, value, meta.child(key))
             if merged is None:
                 result.pop(key, None)
             else:
                 result[key] = merged
         elif isinstance(value, list):
-            result[key] = _smp_list(current if isinstance(current, list) else [], value, key, context)
+            result[key] = _smp_list(current if isinstance(current, list) else [], value, *meta.list_rule(key))
         else:
             result[key] = copy.deepcopy(value)
     for key, order in patch.items():
         if key.startswith("$setElementOrder/") and isinstance(order, list):
             field = key.split("/", 1)[1]
             if isinstance(result.get(field), list):
-                result[field] = _apply_order(result[field], order, _merge_key(field, context))
+                result[field] = _apply_order(result[field], order, meta.list_rule(field)[1])
     if isinstance(retain, list):
         result = {k: v for k, v in result.items() if k in retain}
     return result
 
 
-def _child_context(context: str, key: str) -> str:
-    if context == "kind:Service" and key == "spec":
-        return "service-spec"
-    return key
-
-
-def _smp_list(current: list[Any], patch: list[Any], field: str, context: str) -> list[Any]:
+def _smp_list(
+    current: list[Any], patch: list[Any], mode: str, key: str | None, items: PatchMeta
+) -> list[Any]:
     if any(isinstance(item, dict) and item.get("$patch") == "replace" for item in patch):
         return [copy.deepcopy(i) for i in patch if not (isinstance(i, dict) and i.get("$patch") == "replace")]
-    if field in _MERGE_SCALARS:
+    if mode == "set":
         merged = list(current)
         for item in patch:
             if item not in merged:
                 merged.append(item)
         return merged
-    key = _merge_key(field, context)
-    if key is None or not all(isinstance(i, dict) for i in patch):
+    if mode != "merge" or key is None or not all(isinstance(i, dict) for i in patch):
         return copy.deepcopy(patch)
     merged = [copy.deepcopy(i) for i in current]
     for item in patch:
@@ -155,9 +191,9 @@ def _smp_list(current: list[Any], patch: list[Any], field: str, context: str) ->
                 merged.pop(index)
             continue
         if index is None:
-            merged.append(_smp_map({}, item, field))
+            merged.append(_smp_map({}, item, items))
         else:
-            merged[index] = _smp_map(merged[index], item, field)
+            merged[index] = _smp_map(merged[index], item, items)
     return merged
 
 

@@ -81,6 +81,7 @@ class ApiServer:
         port: int = 0,
         *,
         token: str | None = None,
+        tls: bool = False,
         history_size: int = 10_000,
         bookmark_interval: float = 10.0,
         git_version: str = "v1.34.0",
@@ -88,6 +89,8 @@ class ApiServer:
         self.host = host
         self.port = port
         self.token = token
+        self.tls = tls
+        self.ca_pem: bytes | None = None  # the self-signed certificate clients must trust when tls=True
         self.bookmark_interval = bookmark_interval
         self.git_version = git_version
         self.store = Store(history_size)
@@ -112,23 +115,31 @@ class ApiServer:
     # ------------------------------------------------------------------ lifecycle
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     async def start(self) -> None:
         app = web.Application(client_max_size=MAX_BODY_BYTES * 4)
         app.router.add_route("*", "/{tail:.*}", self._dispatch)
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        ssl_context = None
+        if self.tls:
+            from .tls import self_signed
+
+            ssl_context, self.ca_pem = self_signed(self.host)
+        self._site = web.TCPSite(
+            self._runner, self.host, self.port, reuse_address=True, ssl_context=ssl_context
+        )
         await self._site.start()
-        server = self._site._server
-        if server is not None and server.sockets:  # type: ignore[union-attr]
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        if self.port == 0:
+            self.port = int(self._runner.addresses[0][1])
         self._gc_wakeup = asyncio.Event()
         self._spawn(self._gc_loop())
         # Load the CEL machinery now rather than inside the first custom-resource request.
         with contextlib.suppress(ImportError):
             import localcluster.crdvalidation  # noqa: F401
+        minor = int(self.git_version.lstrip("v").split(".")[1])
+        builtin_schema.unknown_fields({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}}, minor)
 
     async def stop(self) -> None:
         self.resume()
@@ -152,7 +163,7 @@ class ApiServer:
     def write_kubeconfig(self, path: str, namespace: str = "default") -> str:
         from .kubeconfig import write_kubeconfig
 
-        return write_kubeconfig(path, self.url, token=self.token, namespace=namespace)
+        return write_kubeconfig(path, self.url, token=self.token, namespace=namespace, ca_pem=self.ca_pem)
 
     # ------------------------------------------------------------------ fault injection
     def add_fault(
@@ -219,7 +230,7 @@ class ApiServer:
         return copy.deepcopy(obj) if obj is not None else None
 
     def list_objects(self, group: str, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
-        return copy.deepcopy(self.store.list((group, plural), namespace))
+        return copy.deepcopy(self.store.select((group, plural), namespace))
 
     # ------------------------------------------------------------------ bootstrap
     def _bootstrap(self) -> None:
@@ -266,7 +277,8 @@ class ApiServer:
             info = self._request_info(request)
             if info is None:
                 return await self._discovery(request)
-            self.counters.record(info.verb, info.resource)
+            agent = request.headers.get("User-Agent", "").split("/", 1)[0].split(" ", 1)[0]
+            self.counters.record(info.verb, info.resource, agent)
             delay = self.faults.delay(info.verb, info.resource)
             if delay:
                 await asyncio.sleep(delay)
@@ -356,6 +368,8 @@ class ApiServer:
         query = request.query
         if info.verb == "watch":
             return await self._watch(request, rtype, ns)
+        if info.watch and info.verb == "get" and name is not None and sub is None:
+            return await self._watch(request, rtype, ns, only_name=name)  # legacy /watch/.../<name>
         if info.verb == "list":
             return self._respond(request, rtype, self._list(request, rtype, ns), is_list=True)
         assert name is not None or info.verb in ("create", "deletecollection")
@@ -394,7 +408,7 @@ class ApiServer:
             return self._respond(request, rtype, obj, status=200 if done else 202)
         if info.verb == "deletecollection":
             options = await self._delete_options(request)
-            items = self._filter(rtype, self.store.list(rtype.storage_key, ns), query)
+            items = self._filter(rtype, self.store.select(rtype.storage_key, ns), query)
             for item in items:
                 meta = item["metadata"]
                 self._delete(
@@ -537,7 +551,7 @@ class ApiServer:
 
     def _list(self, request: web.Request, rtype: ResourceType, ns: str | None) -> dict[str, Any]:
         query = request.query
-        items = self._filter(rtype, self.store.list(rtype.storage_key, ns), query)
+        items = self._filter(rtype, self.store.select(rtype.storage_key, ns), query)
         list_meta: dict[str, Any] = {}
         token = query.get("continue")
         if token:
@@ -845,7 +859,7 @@ class ApiServer:
         elif content_type == "application/strategic-merge-patch+json":
             if not rtype.strategic:
                 raise errors.unsupported_media(content_type)
-            new = strategic_merge_patch(current, patch, rtype.kind)
+            new = strategic_merge_patch(current, patch, rtype.kind, self._patch_meta(rtype))
         else:
             raise errors.unsupported_media(content_type)
         if not isinstance(new, dict):
@@ -902,7 +916,9 @@ class ApiServer:
         removals = _removed_fields(previous, config)
         current = self._present(rtype, old)
         if rtype.strategic:
-            new = strategic_merge_patch(merge_patch(current, removals), config, rtype.kind)
+            new = strategic_merge_patch(
+                merge_patch(current, removals), config, rtype.kind, self._patch_meta(rtype)
+            )
         else:
             new = merge_patch(merge_patch(current, removals), config)
         wanted_rv = (new.get("metadata") or {}).get("resourceVersion")
@@ -991,7 +1007,7 @@ class ApiServer:
         if (
             rtype.plural == "customresourcedefinitions"
             and not meta.get("deletionTimestamp")
-            and self.store.list((obj["spec"]["group"], obj["spec"]["names"]["plural"]))
+            and self.store.select((obj["spec"]["group"], obj["spec"]["names"]["plural"]))
         ):
             finalizers.append("customresourcecleanup.apiextensions.k8s.io")
         if meta.get("deletionTimestamp"):
@@ -1178,7 +1194,7 @@ class ApiServer:
             and "customresourcecleanup.apiextensions.k8s.io" in finalizers
         ):
             storage = (obj["spec"]["group"], obj["spec"]["names"]["plural"])
-            remaining = self.store.list(storage)
+            remaining = self.store.select(storage)
             cr_type = self._type_for_storage(storage)
             progressed = False
             for item in remaining:
@@ -1186,7 +1202,7 @@ class ApiServer:
                     with contextlib.suppress(ApiError):
                         self._delete(cr_type, item["metadata"].get("namespace"), item["metadata"]["name"], {})
                         progressed = True
-            if not self.store.list(storage):
+            if not self.store.select(storage):
                 self._remove_finalizer(rtype, obj, "customresourcecleanup.apiextensions.k8s.io")
                 return True
             return progressed
@@ -1414,12 +1430,16 @@ class ApiServer:
         }
 
     # ------------------------------------------------------------------ watch
-    async def _watch(self, request: web.Request, rtype: ResourceType, ns: str | None) -> web.StreamResponse:
+    async def _watch(
+        self, request: web.Request, rtype: ResourceType, ns: str | None, only_name: str | None = None
+    ) -> web.StreamResponse:
         query = request.query
         label_pred = parse_label_selector(query.get("labelSelector"))
         field_pred = parse_field_selector(query.get("fieldSelector"), rtype.supports_field)
 
         def matches(obj: dict[str, Any]) -> bool:
+            if only_name is not None and obj["metadata"].get("name") != only_name:
+                return False
             return (label_pred is None or label_pred(obj)) and (field_pred is None or field_pred(obj))
 
         timeout = float(query.get("timeoutSeconds") or 1800)
@@ -1434,7 +1454,7 @@ class ApiServer:
         initial: list[tuple[str, dict[str, Any]]] = []
         too_old = False
         if send_initial or rv_text in ("", "0"):
-            initial = [("ADDED", self._present(rtype, o)) for o in self.store.list(rtype.storage_key, ns)]
+            initial = [("ADDED", self._present(rtype, o)) for o in self.store.select(rtype.storage_key, ns)]
             initial = [(t, o) for t, o in initial if matches(o)]
         else:
             try:
@@ -1583,14 +1603,23 @@ class ApiServer:
         admitted["metadata"] = metadata
         return admitted
 
+    def _patch_meta(self, rtype: ResourceType) -> Any:
+        minor = int(self.git_version.lstrip("v").split(".")[1])
+        api_version = "v1" if rtype.storage_group == "" else rtype.group_version
+        return builtin_schema.patch_meta(rtype.kind, api_version, minor)
+
     def _check_builtin_fields(self, rtype: ResourceType, obj: dict[str, Any], query: Any) -> None:
+        """Unknown fields of a built-in kind: 400 (Strict), warnings (Warn), and dropped in every case."""
         mode = query.get("fieldValidation", "") if query else ""
-        if mode not in ("Strict", "Warn"):
-            return
         minor = int(self.git_version.lstrip("v").split(".")[1])
         typed = {**obj, "apiVersion": obj.get("apiVersion") or rtype.group_version, "kind": rtype.kind}
-        unknown = builtin_schema.unknown_fields(typed, minor)
-        if unknown:
+        if mode == "Strict":
+            self._report_unknown(rtype, mode, builtin_schema.unknown_fields(typed, minor) or [])
+        unknown = builtin_schema.unknown_fields(typed, minor, prune=True)
+        for key in list(obj):
+            if key not in typed:
+                del obj[key]
+        if unknown and mode == "Warn":
             self._report_unknown(rtype, mode, unknown)
 
     @staticmethod

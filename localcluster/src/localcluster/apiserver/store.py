@@ -54,7 +54,7 @@ class Store:
     def get(self, storage: StorageKey, namespace: str, name: str) -> dict[str, Any] | None:
         return self.objects[storage].get((namespace, name))
 
-    def list(self, storage: StorageKey, namespace: str | None = None) -> list[dict[str, Any]]:
+    def select(self, storage: StorageKey, namespace: str | None = None) -> list[dict[str, Any]]:
         items = self.objects[storage]
         if namespace is None:
             return [items[k] for k in sorted(items)]

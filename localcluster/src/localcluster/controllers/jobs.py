@@ -235,6 +235,7 @@ class JobController:
 
         if finished:
             await self._delete_pods(job, active)
+            await self._expire_after_ttl(job, key, status)
             await self._write_status(
                 job,
                 status,
@@ -357,6 +358,24 @@ class JobController:
         )
         for event in events:
             await self.recorder.emit(job, *event)
+
+    async def _expire_after_ttl(self, job: dict[str, Any], key: str, status: dict[str, Any]) -> None:
+        """The TTL-after-finished controller: delete a finished Job (and, in the background, its pods)."""
+        ttl = job.get("spec", {}).get("ttlSecondsAfterFinished")
+        if ttl is None:
+            return
+        terminal = _condition(status, "Complete") or _condition(status, "Failed") or {}
+        finished_at = (
+            _parse_time(status.get("completionTime") or terminal.get("lastTransitionTime")) or time.time()
+        )
+        remaining = finished_at + float(ttl) - time.time()
+        if remaining > 0:
+            self.enqueue_after(key, remaining + 0.05)
+            return
+        meta = job["metadata"]
+        await self.client.delete(
+            JOBS.path(meta["namespace"], meta["name"]), uid=meta["uid"], propagation="Background"
+        )
 
     async def _create_pod(self, job: dict[str, Any]) -> str | None:
         meta = job["metadata"]

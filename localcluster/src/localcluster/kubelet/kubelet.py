@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 
 from ..controllers.events import EventRecorder
-from ..kubeclient import PODS, Informer, KubeClient
+from ..kubeclient import PODS, ApiError, Informer, KubeClient
 from . import volumes as vol
 from .addresses import AddressBlock
 from .logs import read_log
@@ -75,6 +75,16 @@ class Kubelet:
     def allocate_ip(self) -> str:
         return self.addresses.pod_ip()
 
+    async def remove_pod(self, namespace: str, name: str, uid: str) -> None:
+        """Delete with grace period 0 (the kubelet's last word on a pod), retried through API errors."""
+        for attempt in range(8):
+            try:
+                await self.client.delete(PODS.path(namespace, name), grace_period=0, uid=uid)
+                return
+            except (ApiError, OSError, aiohttp.ClientError) as err:
+                log.debug("removing pod %s/%s: %s", namespace, name, err)
+                await asyncio.sleep(min(0.2 * 2**attempt, 5))
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
@@ -93,17 +103,13 @@ class Kubelet:
         if not node:
             if meta.get("deletionTimestamp") and not meta.get("finalizers"):
                 # Never scheduled: nothing to stop, so it goes at once (kube-apiserver does the same).
-                self._spawn(
-                    self.client.delete(PODS.path(meta["namespace"], meta["name"]), grace_period=0, uid=uid)
-                )
+                self._spawn(self.remove_pod(meta["namespace"], meta["name"], uid))
             return
         if node not in self.nodes:
             return
         if worker is None:
             if meta.get("deletionTimestamp"):
-                self._spawn(
-                    self.client.delete(PODS.path(meta["namespace"], meta["name"]), grace_period=0, uid=uid)
-                )
+                self._spawn(self.remove_pod(meta["namespace"], meta["name"], uid))
                 return
             if pod.get("status", {}).get("phase") in TERMINAL:
                 return
@@ -115,13 +121,9 @@ class Kubelet:
         worker.pod = pod
         if meta.get("deletionTimestamp"):
             if worker.done.is_set():
-                if not worker.stopping.is_set():
-                    worker.stopping.set()
-                    self._spawn(
-                        self.client.delete(
-                            PODS.path(meta["namespace"], meta["name"]), grace_period=0, uid=uid
-                        )
-                    )
+                if not worker.removal_requested:
+                    worker.removal_requested = True
+                    self._spawn(self.remove_pod(meta["namespace"], meta["name"], uid))
             elif not worker.killed_by_deletion:
                 grace = meta.get("deletionGracePeriodSeconds")
                 worker.request_stop(float(grace) if grace is not None else None)

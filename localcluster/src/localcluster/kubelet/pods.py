@@ -75,6 +75,10 @@ class ContainerState:
     def name(self) -> str:
         return str(self.spec["name"])
 
+    @property
+    def sidecar(self) -> bool:
+        return self.init and self.spec.get("restartPolicy") == "Always"
+
     def status(self) -> dict[str, Any]:
         image = self.spec.get("image", "")
         out: dict[str, Any] = {
@@ -83,7 +87,7 @@ class ContainerState:
             "imageID": f"localcluster://{image}",
             "ready": self.ready,
             "restartCount": self.restart_count,
-            "started": self.started if not self.init else self.state == "running",
+            "started": self.started if (not self.init or self.sidecar) else self.state == "running",
             "lastState": {"terminated": self.last_terminated} if self.last_terminated else {},
         }
         if self.container_id:
@@ -146,6 +150,7 @@ class PodWorker:
         self.stopping = asyncio.Event()
         self.grace: float = float(spec.get("terminationGracePeriodSeconds", 30) or 0)
         self.killed_by_deletion = False
+        self.removal_requested = False  # the kubelet asked the API to remove the (finished) pod
         self.deleted = False
         self.done = asyncio.Event()
         self._dirty = asyncio.Event()
@@ -153,6 +158,8 @@ class PodWorker:
         self._task: asyncio.Task[None] | None = None
         self._status_task: asyncio.Task[None] | None = None
         self._container_tasks: list[asyncio.Task[None]] = []
+        self._sidecar_tasks: list[asyncio.Task[None]] = []
+        self._kills: dict[int, asyncio.Future[None]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -203,15 +210,14 @@ class PodWorker:
             log.exception("pod %s/%s worker crashed", self.namespace, self.name)
             self.phase, self.reason, self.message = "Failed", "LocalKubeletError", str(err)
         finally:
+            self.stopping.set()  # nothing restarts from here on (sidecars included)
             await self._kill_all(self.grace)
             self.mark_dirty()
             if not self.deleted:
                 await self._flush_status()
                 if self.killed_by_deletion or self.pod["metadata"].get("deletionTimestamp"):
                     self.killed_by_deletion = True
-                    await self.kubelet.client.delete(
-                        PODS.path(self.namespace, self.name), grace_period=0, uid=self.uid
-                    )
+                    await self.kubelet.remove_pod(self.namespace, self.name, self.uid)
             self.done.set()
 
     async def _run_pod(self) -> None:
@@ -237,6 +243,13 @@ class PodWorker:
         self.sandbox_ready = True
         self.mark_dirty()
         for state in self.init_states:
+            if state.sidecar:
+                # A native sidecar (restartPolicy Always): keeps running beside the main containers; the next
+                # init container starts once it has started.
+                self._sidecar_tasks.append(asyncio.create_task(self._supervise(state, always=True)))
+                while not self.stopping.is_set() and not (state.state == "running" and state.started):
+                    await asyncio.sleep(0.05)
+                continue
             while True:
                 await self._run_container(state)
                 if self.stopping.is_set():
@@ -301,13 +314,15 @@ class PodWorker:
         state.restart_count += 1
         return True
 
-    async def _supervise(self, state: ContainerState) -> None:
+    async def _supervise(self, state: ContainerState, always: bool = False) -> None:
         while not self.stopping.is_set():
             await self._run_container(state)
             if self.stopping.is_set():
                 return
-            restart = self.restart_policy == "Always" or (
-                self.restart_policy == "OnFailure" and state.exit_code != 0
+            restart = (
+                always
+                or self.restart_policy == "Always"
+                or (self.restart_policy == "OnFailure" and state.exit_code != 0)
             )
             if not restart:
                 self._update_phase()
@@ -396,7 +411,8 @@ class PodWorker:
                 raise StartError(f'volume "{mount["name"]}" not found in the pod spec')
             if mount.get("subPath"):
                 local = local / mount["subPath"]
-                local.mkdir(parents=True, exist_ok=True)
+                if not local.exists():  # a subPath naming a projected file (a ConfigMap key) stays a file
+                    local.mkdir(parents=True, exist_ok=True)
             mapping[mount["mountPath"]] = str(local)
         mapping[container.get("terminationMessagePath") or "/dev/termination-log"] = str(term_file)
         rewrite = PathRewriter(mapping)
@@ -503,10 +519,11 @@ class PodWorker:
         state.started_at = now_iso()
         state.finished_at = None
         state.waiting_message = ""
-        has_startup = bool(container.get("startupProbe")) and not state.init
-        has_readiness = bool(container.get("readinessProbe")) and not state.init
+        probed = not state.init or state.sidecar
+        has_startup = bool(container.get("startupProbe")) and probed
         state.started = not has_startup
-        state.ready = state.started and not has_readiness and not state.init
+        has_readiness = bool(container.get("readinessProbe")) and probed
+        state.ready = state.started and not has_readiness and probed
         self.mark_dirty()
         await self.kubelet.recorder.emit(self.pod, "Normal", "Created", f"Created container: {state.name}")
         await self.kubelet.recorder.emit(self.pod, "Normal", "Started", f"Started container {state.name}")
@@ -516,7 +533,7 @@ class PodWorker:
             asyncio.create_task(logfile.pump(proc.stderr, "stderr")),
         ]
         helpers = []
-        if not state.init:
+        if not state.init or state.sidecar:
             helpers.append(asyncio.create_task(self._probe_loop(state, process_env, cwd)))
         limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
         if limit:
@@ -575,9 +592,18 @@ class PodWorker:
         self.mark_dirty()
 
     async def _kill(self, state: ContainerState, grace: float) -> None:
+        """Stop a container once: concurrent callers share one SIGTERM → grace → SIGKILL sequence."""
         proc = state.process
         if proc is None or proc.returncode is not None:
             return
+        kill = self._kills.get(proc.pid)
+        if kill is None or kill.done():
+            kill = asyncio.ensure_future(self._terminate(state, proc, grace))
+            self._kills[proc.pid] = kill
+        await asyncio.shield(kill)
+        self._kills.pop(proc.pid, None)
+
+    async def _terminate(self, state: ContainerState, proc: asyncio.subprocess.Process, grace: float) -> None:
         if not self.deleted:
             message = {
                 "liveness": f"Container {state.name} failed liveness probe, will be restarted",
@@ -598,7 +624,7 @@ class PodWorker:
         running = [s for s in self.init_states + self.states if s.process and s.process.returncode is None]
         if running:
             await asyncio.gather(*(self._kill(s, grace) for s in running), return_exceptions=True)
-        for task in self._container_tasks:
+        for task in self._container_tasks + self._sidecar_tasks:
             if not task.done():
                 with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError, Exception):
                     await asyncio.wait_for(asyncio.shield(task), 10)
@@ -725,13 +751,17 @@ class PodWorker:
             pass
         elif self.initialized and any(s.state != "waiting" or s.restart_count for s in self.states):
             self.phase = "Running"
-        unready = [s.name for s in self.states if not s.ready]
+        unready = [s.name for s in self.states + [c for c in self.init_states if c.sidecar] if not s.ready]
         conditions = [
             self._condition(
                 "PodReadyToStartContainers", self.sandbox_ready and not (terminal and self.deleted)
             )
         ]
-        incomplete = [s.name for s in self.init_states if not (s.state == "terminated" and s.exit_code == 0)]
+        incomplete = [
+            s.name
+            for s in self.init_states
+            if not (s.state == "terminated" and s.exit_code == 0) and not (s.sidecar and s.state == "running")
+        ]
         if self.phase == "Succeeded":
             conditions.append(self._condition("Initialized", True, "PodCompleted"))
             conditions.append(self._condition("Ready", False, "PodCompleted"))
