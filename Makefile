@@ -34,7 +34,7 @@ $(VLLM_VENV)/.stamp: requirements/vllm.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/python -m pip install -q -r requirements/vllm.txt
-	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio || true
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 vllm-venv: $(VLLM_VENV)/.stamp
 

@@ -184,16 +184,14 @@ class Context:
         found = self.children_of(uid)
         recent = self.created.get(uid)
         if recent:
-            known = {
-                c["metadata"]["name"] + "/" + c["kind"]
-                for c in found.jobs + found.deployments + found.services
-            }
-            for key in [k for k in recent if k in known]:
-                del recent[key]
-            for obj in recent.values():
-                {"Job": found.jobs, "Deployment": found.deployments, "Service": found.services}[
-                    obj["kind"]
-                ].append(obj)
+            lists = {"Job": found.jobs, "Deployment": found.deployments, "Service": found.services}
+            for key, obj in list(recent.items()):
+                listed = lists[obj["kind"]]
+                # Watch events may omit `kind`; the list a snapshot sits in says what it is.
+                if any(c["metadata"]["name"] == obj["metadata"]["name"] for c in listed):
+                    del recent[key]
+                else:
+                    listed.append(obj)
         return found
 
 

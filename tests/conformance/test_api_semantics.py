@@ -146,6 +146,8 @@ def test_bad_bodies_get_real_status_codes(raw: Raw, namespace: str) -> None:
     assert status == 422 and body["details"]["causes"][0]["field"] == "metadata.annotations"
     assert raw.request("POST", path, b"- just\n- a list\n", "application/yaml")[0] == 400
     assert raw.request("GET", "/api/v1/nosuchthings")[0] == 404
+    assert raw.request("PUT", path, cm("no-name-in-url"))[0] == 405
+    assert raw.request("POST", path, b"[" * 100_000)[0] == 400
     assert raw.request("GET", path)[0] == 200  # still serving
 
 

@@ -568,3 +568,46 @@ def test_native_sidecar_runs_beside_the_job_container_and_is_stopped_after_it(lc
         what="sidecar stopped",
     )
     assert side["state"]["terminated"]["exitCode"] == 0
+
+
+def test_pending_pod_is_scheduled_once_resources_free_up(lc_api, ns):
+    def gpu_pod(name):
+        create_pod(
+            lc_api,
+            ns,
+            {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 1,
+                "nodeSelector": {"kubernetes.io/hostname": "gpu-node-0"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+                "containers": [
+                    {
+                        "name": "main",
+                        "image": "busybox",
+                        "command": [PY, "-c", "import time; time.sleep(30)"],
+                        "resources": {"limits": {"nvidia.com/gpu": "8"}},
+                    }
+                ],
+            },
+            name=name,
+        )
+
+    gpu_pod("first")
+    wait_for(lambda: pod(lc_api, ns, "first")["status"].get("phase") == "Running", what="first running")
+    gpu_pod("second")
+    cond = wait_for(
+        lambda: (c := condition(pod(lc_api, ns, "second"), "PodScheduled")) and c["status"] == "False" and c,
+        what="second unschedulable",
+    )
+    assert cond["message"].startswith(
+        "0/3 nodes are available: 1 Insufficient nvidia.com/gpu, 2 node(s) didn't "
+        "match Pod's node affinity/selector."
+    )
+    client.CoreV1Api(lc_api).delete_namespaced_pod("first", ns)
+    second = wait_for(
+        lambda: (p := pod(lc_api, ns, "second"))["spec"].get("nodeName") and p,
+        timeout=15,
+        what="second scheduled after first is gone",
+    )
+    assert second["spec"]["nodeName"] == "gpu-node-0"
+    assert condition(second, "PodScheduled")["status"] == "True"

@@ -25,7 +25,7 @@ from .errors import ApiError
 from .faults import Fault, FaultInjector, Latency, RequestCounters
 from .patch import json_patch, merge_patch, strategic_merge_patch
 from .resources import ResourceType, builtin_types, event_from_v1, event_to_v1
-from .selectors import jsonpath, parse_field_selector, parse_label_selector
+from .selectors import jsonpath, label_selector_matches, parse_field_selector, parse_label_selector
 from .store import Event, Store, Watcher
 from .tables import to_table
 from .validation import immutable_field_problems, validate_metadata
@@ -109,7 +109,8 @@ class ApiServer:
         self._gc_wakeup: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._openapi_cache: dict[str, tuple[str, dict[str, Any]]] = {}
-        self._apply_configs: dict[tuple[str, str], dict[str, Any]] = {}
+        # Server-side apply: the last configuration each field manager applied, by object uid.
+        self._apply_configs: dict[str, dict[str, dict[str, Any]]] = {}
         self._bootstrap()
 
     # ------------------------------------------------------------------ lifecycle
@@ -372,7 +373,8 @@ class ApiServer:
             return await self._watch(request, rtype, ns, only_name=name)  # legacy /watch/.../<name>
         if info.verb == "list":
             return self._respond(request, rtype, self._list(request, rtype, ns), is_list=True)
-        assert name is not None or info.verb in ("create", "deletecollection")
+        if name is None and info.verb not in ("create", "deletecollection"):
+            raise errors.method_not_allowed()
         if sub == "log":
             return await self._pod_log(request, ns or "", name or "")
         if sub == "scale":
@@ -434,11 +436,15 @@ class ApiServer:
             raise errors.bad_request("the body of the request is empty; an object was expected")
         try:
             return json.loads(raw)
+        except RecursionError as exc:
+            raise errors.bad_request("the request body is nested too deeply") from exc
         except (ValueError, UnicodeDecodeError) as exc:
             if "yaml" not in content_type:
                 raise errors.bad_request(f"couldn't get version/kind; json parse error: {exc}") from exc
         try:
             return yaml.safe_load(raw)
+        except RecursionError as exc:
+            raise errors.bad_request("the request body is nested too deeply") from exc
         except yaml.YAMLError as exc:
             raise errors.bad_request(f"error converting YAML to JSON: {exc}") from exc
 
@@ -910,9 +916,9 @@ class ApiServer:
             body.setdefault("metadata", {})["name"] = name
             created = self._create(rtype, ns, self._to_storage(rtype, body), query)
             if not self._dry_run(query):
-                self._apply_configs[(created["metadata"]["uid"], manager)] = config
+                self._apply_configs.setdefault(created["metadata"]["uid"], {})[manager] = config
             return created, True
-        previous = self._apply_configs.get((old["metadata"]["uid"], manager), {})
+        previous = self._apply_configs.get(old["metadata"]["uid"], {}).get(manager, {})
         removals = _removed_fields(previous, config)
         current = self._present(rtype, old)
         if rtype.strategic:
@@ -928,7 +934,7 @@ class ApiServer:
         new = self._prepare_update(rtype, old, self._to_storage(rtype, new), subresource, query)
         result = self._commit_update(rtype, old, new, query)
         if not self._dry_run(query):
-            self._apply_configs[(old["metadata"]["uid"], manager)] = config
+            self._apply_configs.setdefault(old["metadata"]["uid"], {})[manager] = config
         return result, False
 
     # ------------------------------------------------------------------ delete and garbage collection
@@ -1078,6 +1084,8 @@ class ApiServer:
         return None
 
     def _after_write(self, rtype: ResourceType, event_type: str, obj: dict[str, Any]) -> None:
+        if event_type == "DELETED":
+            self._apply_configs.pop(obj["metadata"].get("uid", ""), None)
         if rtype.plural == "customresourcedefinitions" and rtype.group == "apiextensions.k8s.io":
             if event_type == "DELETED":
                 self._unregister_crd(obj["metadata"]["name"])
@@ -1245,6 +1253,7 @@ class ApiServer:
             raise errors.not_found("", "pods", name)
         options = dict(body.get("deleteOptions") or {})
         if not pod["metadata"].get("deletionTimestamp"):
+            self._check_disruption_budget(pod)
             new = copy.deepcopy(pod)
             conditions = [
                 c
@@ -1264,6 +1273,54 @@ class ApiServer:
             self._commit_update(rtype, pod, new, {})
         self._delete(rtype, ns, name, options)
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
+
+    def _check_disruption_budget(self, pod: dict[str, Any]) -> None:
+        """Refuse an eviction that would take the pods of a PodDisruptionBudget below what it asks for
+        (computed from the pods' Ready conditions at the time of the request)."""
+        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") or not _pod_ready(pod):
+            return  # terminal or unhealthy pods may always be evicted
+        ns = pod["metadata"]["namespace"]
+        labels = pod["metadata"].get("labels") or {}
+        budgets = [
+            pdb
+            for pdb in self.store.select(("policy", "poddisruptionbudgets"), ns)
+            if (pdb.get("spec") or {}).get("selector") is not None
+            and label_selector_matches(pdb["spec"]["selector"], labels)
+        ]
+        if not budgets:
+            return
+        if len(budgets) > 1:
+            raise errors.internal(
+                "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support."
+            )
+        pdb = budgets[0]
+        covered = [
+            p
+            for p in self.store.select(("", "pods"), ns)
+            if not p["metadata"].get("deletionTimestamp")
+            and label_selector_matches(pdb["spec"]["selector"], p["metadata"].get("labels") or {})
+        ]
+        healthy = sum(1 for p in covered if _pod_ready(p))
+        spec = pdb["spec"]
+        if spec.get("maxUnavailable") is not None:
+            desired = len(covered) - _scaled(spec["maxUnavailable"], len(covered))
+        else:
+            desired = _scaled(spec.get("minAvailable", 1), len(covered))
+        if healthy - desired <= 0:
+            raise ApiError(
+                429,
+                "TooManyRequests",
+                "Cannot evict pod as it would violate the pod's disruption budget.",
+                {
+                    "causes": [
+                        {
+                            "reason": "DisruptionBudget",
+                            "message": f"The disruption budget {pdb['metadata']['name']} needs {desired} healthy "
+                            f"pods and has {healthy} currently",
+                        }
+                    ]
+                },
+            )
 
     def _bind(self, rtype: ResourceType, ns: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
         pod = self.store.get(rtype.storage_key, ns, name)
@@ -1957,6 +2014,20 @@ def _version_priority(version: str) -> tuple[int, int, int]:
     major, stage, minor = match.groups()
     rank = {None: 0, "beta": 1, "alpha": 2}[stage]
     return (rank, -int(major), -int(minor or 0))
+
+
+def _pod_ready(pod: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
+
+
+def _scaled(value: Any, total: int) -> int:
+    """An int-or-percent PDB bound: percentages of the covered pods, rounded up as the disruption controller does."""
+    if isinstance(value, str) and value.endswith("%"):
+        return -(-int(value[:-1]) * total // 100)
+    return int(value)
 
 
 def _clean_metadata(meta: dict[str, Any]) -> None:
