@@ -722,3 +722,59 @@ def test_immutable_fields_are_refused_on_update(raw: Raw, namespace: str) -> Non
         "PATCH", f"{jobs}/frozen", {"metadata": {"labels": {"a": "b"}}}, "application/merge-patch+json"
     )
     assert status == 200
+
+
+@pytest.mark.emulator
+def test_eviction_respects_pod_disruption_budget(raw: Raw, namespace: str, emulator: Any) -> None:
+    pods = f"/api/v1/namespaces/{namespace}/pods"
+    for name in ("pdb-a", "pdb-b"):
+        create(
+            raw,
+            pods,
+            {
+                "metadata": {"name": name, "labels": {"app": "guarded"}},
+                "spec": {
+                    "nodeName": NO_KUBELET_NODE,
+                    "terminationGracePeriodSeconds": 0,
+                    "containers": [{"name": "c", "image": "busybox"}],
+                },
+            },
+        )
+        raw.request(
+            "PATCH",
+            f"{pods}/{name}/status",
+            {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}},
+            "application/merge-patch+json",
+        )
+    create(
+        raw,
+        f"/apis/policy/v1/namespaces/{namespace}/poddisruptionbudgets",
+        {
+            "metadata": {"name": "guard"},
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": {"app": "guarded"}}},
+        },
+    )
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"namespace": namespace}}
+    assert raw.request("POST", f"{pods}/pdb-a/eviction", eviction)[0] == 201
+    wait_for(lambda: raw.request("GET", f"{pods}/pdb-a")[0] == 404, "first eviction done")
+    status, body, _ = raw.request("POST", f"{pods}/pdb-b/eviction", eviction)
+    assert (status, body["reason"]) == (429, "TooManyRequests")
+    assert "disruption budget" in body["message"]
+    assert raw.request("GET", f"{pods}/pdb-b")[0] == 200
+
+
+def test_namespace_finalize_subresource_releases_a_terminating_namespace(raw: Raw, widget_crd: Any) -> None:
+    ns = "conf-finalize"
+    create(raw, "/api/v1/namespaces", {"metadata": {"name": ns}})
+    create(
+        raw,
+        f"{WIDGETS}/namespaces/{ns}/{WIDGET_PLURAL}",
+        widget("stuck", finalizers=["conformance.example.com/x"]),
+    )
+    raw.request("DELETE", f"/api/v1/namespaces/{ns}")
+    status, obj, _ = raw.request("GET", f"/api/v1/namespaces/{ns}")
+    assert obj["spec"]["finalizers"] == ["kubernetes"] and obj["status"]["phase"] == "Terminating"
+    obj["spec"]["finalizers"] = []
+    status, body, _ = raw.request("PUT", f"/api/v1/namespaces/{ns}/finalize", obj)
+    assert status == 200, body
+    wait_for(lambda: raw.request("GET", f"/api/v1/namespaces/{ns}")[0] == 404, "namespace released")

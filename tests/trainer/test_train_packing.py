@@ -69,13 +69,33 @@ def test_packed_examples_do_not_attend_to_each_other(packed) -> None:  # type: i
     import torch
 
     model, _, batch = packed
+    assert model.config._attn_implementation == modeling.VARLEN_SDPA  # CPU: per-example causal SDPA
     ids, pos = batch["input_ids"], batch["position_ids"]
+    as_trained = {k: v for k, v in batch.items() if k != "labels"}  # incl. TRL's cu_seq_lens
     with torch.inference_mode():
-        together = model(input_ids=ids, position_ids=pos).logits[0]
+        together = model(**as_trained).logits[0]
+        from_positions = model(input_ids=ids, position_ids=pos).logits[
+            0
+        ]  # boundaries from position_ids alone
         plain_causal = model(input_ids=ids).logits[0]  # what attending across examples would give
         segments = _segments(pos[0])
         for start, end in segments:
             alone = model(input_ids=ids[:, start:end]).logits[0]
             torch.testing.assert_close(together[start:end], alone, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(from_positions[start:end], alone, atol=1e-4, rtol=1e-4)
         start, end = segments[1]
         assert not torch.allclose(plain_causal[start:end], together[start:end], atol=1e-3)
+
+
+def test_transformers_sdpa_with_packed_positions_agrees(packed, toy_base_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """The stock SDPA path (dense block-diagonal mask) gives the same logits as the per-example one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, _, batch = packed
+    stock = AutoModelForCausalLM.from_pretrained(toy_base_dir, attn_implementation="sdpa").eval()
+    stock.config.use_cache = False  # a cache disables transformers' packed-sequence detection
+    with torch.inference_mode():
+        ours = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        theirs = stock(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)

@@ -4,14 +4,17 @@
   role markers plus the tokenizer's EOS, so no token is added and the embeddings are never resized, which
   keeps the adapter loadable by vLLM ``--lora-modules``). Pad token = EOS when there is none.
 - Precision: bf16 on a GPU that supports it, fp32 on CPU. QLoRA: bitsandbytes 4-bit NF4, CUDA only.
-- Attention: FlashAttention 2 when installed on a GPU (varlen kernels for padding-free packing), otherwise
-  SDPA; with SDPA/eager transformers turns the packed ``position_ids`` into a block-diagonal mask, so packed
-  examples never attend to each other either way (tests/trainer/test_train_packing.py checks it).
+- Attention: FlashAttention 2 when installed on a GPU (varlen kernels for padding-free packing). Otherwise,
+  for packed training, :data:`VARLEN_SDPA`: causal SDPA run per packed example (boundaries from TRL's
+  ``cu_seq_lens`` or the restarting ``position_ids``), which costs sum(len_i^2) instead of the dense
+  block-diagonal mask transformers would build for plain SDPA (2x slower on CPU). Either way packed examples
+  never attend to each other (tests/trainer/test_train_packing.py checks it).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,63 @@ DEFAULT_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '### Assistant:\n' }}{%- endif -%}"
 )
+
+
+VARLEN_SDPA = "sdpa_varlen"
+
+
+def _segment_bounds(length: int, kwargs: dict[str, Any]) -> list[int] | None:
+    """Start offsets of the packed examples in a single-row batch, plus the end; None when not packed."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        return [int(x) for x in cu.tolist()]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.shape[0] != 1:
+        return None
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        return None
+    return [*starts, length]
+
+
+def sdpa_varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
+                          dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
+                          **kwargs: Any) -> tuple[Any, None]:
+    """SDPA that runs causal attention per packed example; anything else goes to transformers' SDPA."""
+    import torch
+    from torch.nn.functional import scaled_dot_product_attention
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if attention_mask is None and query.shape[0] == 1 and query.shape[2] > 1:
+        bounds = _segment_bounds(query.shape[2], kwargs)
+        if bounds is not None and len(bounds) > 2:
+            n_rep = query.shape[1] // key.shape[1]
+            key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+            p = dropout if module.training else 0.0
+            parts = [scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                                                  dropout_p=p, scale=scaling, is_causal=True)
+                     for s, e in itertools.pairwise(bounds) if e > s]
+            return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def _varlen_mask(*args: Any, **kwargs: Any) -> Any:
+    """No dense mask for unpadded (single or packed) rows: the attention splits them; padding gets SDPA's."""
+    from transformers.masking_utils import sdpa_mask
+
+    if kwargs.get("attention_mask") is None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_varlen_sdpa() -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_SDPA, sdpa_varlen_attention)
+    AttentionMaskInterface.register(VARLEN_SDPA, _varlen_mask)
+    return VARLEN_SDPA
 
 
 @dataclass(frozen=True)
@@ -109,9 +169,19 @@ def load_model(path: str | Path, spec: FineTuneSpec, device: Device, *, distribu
             import os
 
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if spec.hyperparameters.packing and kwargs["attn_implementation"] == "sdpa" and not _sliding_window(path):
+        kwargs["attn_implementation"] = register_varlen_sdpa()
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False  # incompatible with gradient checkpointing; generation turns it back on
     return model
+
+
+def _sliding_window(path: str | Path) -> bool:
+    """Sliding-window attention needs the real mask: such models keep plain SDPA."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
 
 
 def lora_config(spec: FineTuneSpec) -> Any:

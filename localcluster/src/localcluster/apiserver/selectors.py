@@ -165,7 +165,7 @@ def _index(node: Any, inner: str) -> list[Any]:
 
 
 def label_selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
-    """A metav1.LabelSelector (matchLabels + matchExpressions) against labels; an empty selector matches all."""
+    """A metav1.LabelSelector (matchLabels + matchExpressions) against labels; empty matches all."""
     if not selector:
         return True
     for key, value in (selector.get("matchLabels") or {}).items():

@@ -746,7 +746,10 @@ class ApiServer:
         subresource: str | None,
         query: Any,
     ) -> dict[str, Any]:
-        if subresource == "status":
+        if subresource == "finalize":  # namespaces/finalize changes spec.finalizers only
+            new = copy.deepcopy(old)
+            new.setdefault("spec", {})["finalizers"] = list((body.get("spec") or {}).get("finalizers") or [])
+        elif subresource == "status":
             new = copy.deepcopy(old)
             if "status" in body:
                 new["status"] = copy.deepcopy(body["status"])
@@ -1291,7 +1294,8 @@ class ApiServer:
             return
         if len(budgets) > 1:
             raise errors.internal(
-                "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support."
+                "This pod has more than one PodDisruptionBudget, "
+                "which the eviction subresource does not support."
             )
         pdb = budgets[0]
         covered = [
@@ -1315,8 +1319,8 @@ class ApiServer:
                     "causes": [
                         {
                             "reason": "DisruptionBudget",
-                            "message": f"The disruption budget {pdb['metadata']['name']} needs {desired} healthy "
-                            f"pods and has {healthy} currently",
+                            "message": f"The disruption budget {pdb['metadata']['name']} needs {desired} "
+                            f"healthy pods and has {healthy} currently",
                         }
                     ]
                 },
@@ -2024,7 +2028,7 @@ def _pod_ready(pod: dict[str, Any]) -> bool:
 
 
 def _scaled(value: Any, total: int) -> int:
-    """An int-or-percent PDB bound: percentages of the covered pods, rounded up as the disruption controller does."""
+    """An int-or-percent PDB bound; percentages of the covered pods round up."""
     if isinstance(value, str) and value.endswith("%"):
         return -(-int(value[:-1]) * total // 100)
     return int(value)
