@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 import yaml
-from chart_helpers import CHART, REPO
+from .chart_helpers import CHART, REPO
 
 
 def leaf_paths(values: dict[str, Any], prefix: str = "") -> set[str]:

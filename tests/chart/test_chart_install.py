@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 import yaml
-from chart_helpers import CHART
-from pss import check_restricted
+from .chart_helpers import CHART
+from .pss import check_restricted
 
 pytestmark = [pytest.mark.helm, pytest.mark.e2e, pytest.mark.local_kubelet, pytest.mark.slow]
 

@@ -6,7 +6,7 @@ import copy
 from typing import Any
 
 import pytest
-from pss import check_restricted
+from .pss import check_restricted
 
 
 def compliant_pod() -> dict[str, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from chart_helpers import (
+from .chart_helpers import (
     CHART,
     KUBE_VERSIONS,
     by_kind,
@@ -20,7 +20,7 @@ from chart_helpers import (
     run_helm,
     values_files,
 )
-from pss import check_restricted
+from .pss import check_restricted
 
 pytestmark = pytest.mark.helm
 

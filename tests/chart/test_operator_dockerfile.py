@@ -14,7 +14,7 @@ from importlib import metadata
 
 import pytest
 import yaml
-from chart_helpers import CHART, REPO
+from .chart_helpers import CHART, REPO
 from packaging.requirements import Requirement
 
 DOCKERFILE = REPO / "operator" / "Dockerfile"

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import WIDGET_GROUP, WIDGET_PLURAL, WIDGET_VERSION, Raw, wait_for
+from .conftest import WIDGET_GROUP, WIDGET_PLURAL, WIDGET_VERSION, Raw, wait_for
 
 WIDGETS = f"/apis/{WIDGET_GROUP}/{WIDGET_VERSION}"
 UNSCHEDULABLE = {"conformance.example.com/no-such-node": "true"}  # keeps test pods Pending and unbound

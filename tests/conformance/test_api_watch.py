@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import Raw
+from .conftest import Raw
 
 
 def cm(name: str, **meta: Any) -> dict[str, Any]:

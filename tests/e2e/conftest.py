@@ -1,4 +1,5 @@
-"""End-to-end fixtures: the embedded cluster (with the operator it starts), the toy base model and dataset in
+"""End-to-end fixtures (the cluster fixtures come from localcluster.pytest_plugin, registered in
+tests/conftest.py): the embedded cluster (with the operator it starts), the toy base model and dataset in
 its S3, and a per-test namespace holding the storage Secret that FineTuneJobs reference."""
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from localcluster.pytest_plugin import lc_api, lc_kubectl_one, lc_namespace, local_cluster  # noqa: F401
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 SECRET = "s3"
 
 
 @pytest.fixture(scope="session")
-def s3_assets(local_cluster: Any) -> dict[str, str]:  # noqa: F811
+def s3_assets(local_cluster: Any) -> dict[str, str]:
     """Toy base model, toy dataset and a malformed dataset, uploaded once per session."""
     import boto3
     from localcluster.toymodel import write_base_model, write_toy_dataset
@@ -200,7 +200,7 @@ class Jobs:
 
 
 @pytest.fixture
-def jobs(local_cluster: Any, lc_api: Any, lc_namespace: str, s3_assets: dict[str, str]) -> Iterator[Jobs]:  # noqa: F811
+def jobs(local_cluster: Any, lc_api: Any, lc_namespace: str, s3_assets: dict[str, str]) -> Iterator[Jobs]:
     from kubernetes import client
 
     client.CoreV1Api(lc_api).create_namespaced_secret(

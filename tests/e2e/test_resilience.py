@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import Jobs
+from .conftest import Jobs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.local_kubelet, pytest.mark.timeout(900)]
 
@@ -50,8 +50,13 @@ def test_operator_restarted_at_three_stages_completes_without_duplicates(
 def test_evicted_trainer_resumes_from_its_checkpoint(jobs: Jobs, lc_api: Any) -> None:
     from kubernetes import client
 
-    jobs.create("evicted", hyperparameters={"maxSteps": 60}, evaluation={"enabled": False})
-    jobs.wait("evicted", lambda s: (s.get("progress") or {}).get("step", 0) >= 5, 300, "training progress")
+    jobs.create("evicted", hyperparameters={"maxSteps": 150}, evaluation={"enabled": False})
+    jobs.wait(
+        "evicted",
+        lambda s: (s.get("progress") or {}).get("step", 0) >= 1 and _running_train_pod(jobs) is not None,
+        300,
+        "training progress from a running pod",
+    )
     pod = _running_train_pod(jobs)
     assert pod is not None
     name = pod["metadata"]["name"]

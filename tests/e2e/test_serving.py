@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Jobs
+from .conftest import Jobs
 
 pytestmark = [
     pytest.mark.e2e,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from finetune_trainer import manifest, storage
 from finetune_trainer.checkpoints import resume_checkpoint
-from toy_fixtures import commit_toy_data, run_stage, toy_base_dir, toy_config
+from .toy_fixtures import commit_toy_data, run_stage, toy_base_dir, toy_config
 
 __all__ = ["toy_base_dir"]
 
@@ -152,3 +152,33 @@ def test_a_tampered_rng_state_is_refused_not_executed(tmp_path: Path, toy_base_d
     with pytest.raises(Exception, match=r"(?i)weights.only|unpickl|global"):
         trainer._load_rng_state(str(ckpt))  # what Trainer.train(resume_from_checkpoint=...) calls
     assert not marker.exists()
+
+
+def test_checkpoint_timer_and_sigterm_request_a_save() -> None:
+    from types import SimpleNamespace
+
+    from finetune_trainer.checkpoints import CheckpointCallback
+    from finetune_trainer.termination import clear_preemption, request_preemption
+
+    now = [0.0]
+    cb = CheckpointCallback("unused://", every_minutes=2, keep=1, commit_meta={}, clock=lambda: now[0])
+    state = SimpleNamespace(global_step=3, is_world_process_zero=True)
+
+    def step() -> SimpleNamespace:
+        control = SimpleNamespace(should_save=False, should_training_stop=False)
+        cb.on_step_end(None, state, control)
+        return control
+
+    cb.on_train_begin(None, state, None)
+    now[0] = 119.0
+    assert not step().should_save
+    now[0] = 121.0
+    assert step().should_save, "every M minutes even between every-N-steps saves"
+    cb._last_save = now[0]  # what on_save does
+    assert not step().should_save
+    request_preemption()
+    try:
+        control = step()
+    finally:
+        clear_preemption()
+    assert control.should_save and control.should_training_stop and cb.preempted

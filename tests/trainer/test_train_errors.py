@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toy_fixtures import commit_toy_data, run_stage, toy_config
+from .toy_fixtures import commit_toy_data, run_stage, toy_config
 
 
 def test_qlora_without_cuda_is_an_invalid_config(tmp_path: Path, termination_log: Path) -> None:

@@ -11,8 +11,8 @@ import json
 from typing import Any
 
 import pytest
-from conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
-from toy_fixtures import lora_pipeline, toy_base_dir
+from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
+from .toy_fixtures import lora_pipeline, toy_base_dir
 
 __all__ = ["lora_pipeline", "toy_base_dir"]
 

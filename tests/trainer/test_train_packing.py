@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from finetune_trainer import modeling, train
 from finetune_trainer.config import parse_config
-from toy_fixtures import toy_base_dir, toy_config
+from .toy_fixtures import toy_base_dir, toy_config
 
 from localcluster import toymodel
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from toy_fixtures import lora_pipeline, toy_base_dir
+from .toy_fixtures import lora_pipeline, toy_base_dir
 
 __all__ = ["lora_pipeline", "toy_base_dir"]
 
@@ -71,21 +71,22 @@ def vllm_servers(
     lora_pipeline: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, int]]:
     tmp = tmp_path_factory.mktemp("vllm")
-    # torchcodec's CUDA build (a vllm dependency) cannot load without CUDA libraries and vllm only tolerates
-    # ImportError: a stub package turns the import into one.
-    shim = tmp / "shim" / "torchcodec"
-    shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text(
-        'raise ImportError("torchcodec is disabled on CPU-only test machines")\n'
-    )
     env = {
         **os.environ,
-        "PYTHONPATH": str(shim.parent),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+    if list((REPO / ".venv-vllm" / "lib").glob("python3*/site-packages/torchcodec-*.dist-info")):
+        # torchcodec's CUDA build (pulled in by vllm) cannot load without CUDA libraries, and vllm only
+        # tolerates an ImportError: a stub package turns the failed load into one.
+        shim = tmp / "shim" / "torchcodec"
+        shim.mkdir(parents=True)
+        (shim / "__init__.py").write_text(
+            'raise ImportError("torchcodec is disabled on CPU-only machines")\n'
+        )
+        env["PYTHONPATH"] = str(shim.parent)
     env.pop("AWS_ENDPOINT_URL", None)
     common = [
         "--host",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
+from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 
 from localcluster import toymodel
 

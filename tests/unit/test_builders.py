@@ -13,7 +13,7 @@ from finetune_operator import builders
 from finetune_operator.builders import Artifacts, JobRef
 from finetune_operator.config import OperatorConfig, load_config
 from finetune_operator.naming import is_dns1035_label
-from ftj_factory import UID, job
+from .ftj_factory import UID, job
 
 CONFIG = load_config(env={})
 ADAPTER = Artifacts(adapter="s3://runs/out/team-a/demo/uid/model/adapter/")

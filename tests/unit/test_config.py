@@ -80,3 +80,27 @@ def test_env_config_path(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("images: {vllm: 'v:2'}")
     assert load_config(env={"FTO_CONFIG": str(path)}).images.vllm == "v:2"
+
+
+def test_the_helm_charts_config_map_loads(tmp_path: Path) -> None:
+    import subprocess
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    helm = repo / ".tools" / "bin" / "helm"
+    if not helm.exists():
+        pytest.skip("helm not installed (make tools)")
+    rendered = subprocess.run(
+        [str(helm), "template", "t", str(repo / "charts" / "finetune-operator")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    config_map = next(d for d in yaml.safe_load_all(rendered) if d and d.get("kind") == "ConfigMap")
+    path = tmp_path / "config.yaml"
+    path.write_text(config_map["data"]["config.yaml"])
+    config = load_config(path, env={})
+    assert {"a100-40gb", "a100-80gb", "h100-80gb", "cpu"} <= set(config.gpu_types)
+    assert config.images.trainer.startswith("ghcr.io/finetune-operator/trainer:")

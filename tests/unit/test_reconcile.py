@@ -13,7 +13,7 @@ import pytest
 from finetune_operator import kube
 from finetune_operator.config import load_config
 from finetune_operator.reconcile import Children, Context, newest_progress, reconcile, snapshot
-from ftj_factory import UID, spec
+from .ftj_factory import UID, spec
 
 CONFIG = load_config(env={})
 
@@ -325,3 +325,19 @@ def test_bad_config_file_exits_with_the_field_named(
     path.write_text("images: {pullPolicy: Sometimes}")
     assert main(["--config", str(path)]) == 2
     assert "images.pullPolicy" in capsys.readouterr().err
+
+
+async def test_child_events_that_only_echo_our_own_create_are_dropped() -> None:
+    from finetune_operator import lifecycle
+
+    job = new_job()
+    ctx, api = setup(job, cache=False)
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    created = api.objects[("Job", "team-a", "demo-validate")]
+    runs = ctx.metrics.reconciles.labels("child-event")
+    await lifecycle.on_child_event({"ctx": ctx}, copy.deepcopy(created), "ADDED")
+    assert runs._value.get() == 0  # nothing new: the operator wrote this itself
+    changed = copy.deepcopy(created)
+    changed["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
+    await lifecycle.on_child_event({"ctx": ctx}, changed, "MODIFIED")
+    assert runs._value.get() == 1

@@ -89,8 +89,15 @@ def _barrier() -> None:
 class CheckpointCallback(TrainerCallback):
     """Commit every checkpoint the Trainer saves; force saves on a timer and on SIGTERM."""
 
-    def __init__(self, checkpoints_uri: str, *, every_minutes: float, keep: int,
-                 commit_meta: dict[str, Any], clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        checkpoints_uri: str,
+        *,
+        every_minutes: float,
+        keep: int,
+        commit_meta: dict[str, Any],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.checkpoints_uri = checkpoints_uri
         self.every_seconds = every_minutes * 60.0
         self.keep = keep
@@ -104,7 +111,9 @@ class CheckpointCallback(TrainerCallback):
         self._last_save = self._clock()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        timer_due, sigterm = _agree(self._clock() - self._last_save >= self.every_seconds, preemption_requested())
+        timer_due, sigterm = _agree(
+            self._clock() - self._last_save >= self.every_seconds, preemption_requested()
+        )
         if timer_due or sigterm:
             control.should_save = True
         if sigterm:

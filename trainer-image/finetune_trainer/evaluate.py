@@ -220,7 +220,7 @@ def markdown_report(
         "|---|" + "---|" * len(models),
     ]
     for metric in wanted:
-        cells = [f"{results[m][metric]:.4f}" if metric in results[m] else "–" for m in models]
+        cells = [f"{results[m][metric]:.4f}" if metric in results[m] else "-" for m in models]
         lines.append(f"| {metric} | " + " | ".join(cells) + " |")
     for m, s in results.items():
         if s and "error" in s:

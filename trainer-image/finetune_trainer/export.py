@@ -44,7 +44,9 @@ def run(config: TrainerConfig) -> StageResult:
     if spec.method == "full":
         if manifest.is_committed(layout.merged):
             return StageResult({"merged": layout.merged}, "full fine-tuning already wrote the merged model")
-        raise InvalidConfigError("spec.method: full fine-tuning has no adapter to export; train writes model/merged")
+        raise InvalidConfigError(
+            "spec.method: full fine-tuning has no adapter to export; train writes model/merged"
+        )
     if manifest.is_committed(layout.merged):
         return StageResult({"merged": layout.merged}, "merged model already committed")
     adapter_manifest = manifest.read_manifest(layout.adapter)
@@ -53,11 +55,14 @@ def run(config: TrainerConfig) -> StageResult:
     workdir = config.workdir / "export"
     adapter_dir = workdir / "adapter"
     manifest.download_committed(layout.adapter, adapter_dir)
-    source = storage.fetch_model(spec.base_model.uri, revision=spec.base_model.revision, dest=workdir / "base")
+    source = storage.fetch_model(
+        spec.base_model.uri, revision=spec.base_model.revision, dest=workdir / "base"
+    )
     device = modeling.detect_device()
     out = merge_adapter(source.path, adapter_dir, workdir / "merged", dtype=device.dtype)
-    meta = manifest.metadata_from_config(config, base_model_revision=source.revision,
-                                         dataset=adapter_manifest.dataset)
+    meta = manifest.metadata_from_config(
+        config, base_model_revision=source.revision, dataset=adapter_manifest.dataset
+    )
     try:
         manifest.commit_dir(out, layout.merged, kind="merged", step=adapter_manifest.step, **meta)
     except manifest.AlreadyCommitted:

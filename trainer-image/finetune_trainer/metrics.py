@@ -60,7 +60,10 @@ def score_text(predictions: Sequence[str], references: Sequence[str]) -> dict[st
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
     if not references:
         return {name: 0.0 for name in TEXT_METRICS}
-    rows = [(exact_match(p, r), token_f1(p, r), rouge_l(p, r)) for p, r in zip(predictions, references, strict=True)]
+    rows = [
+        (exact_match(p, r), token_f1(p, r), rouge_l(p, r))
+        for p, r in zip(predictions, references, strict=True)
+    ]
     n = len(rows)
     return {name: sum(row[i] for row in rows) / n for i, name in enumerate(TEXT_METRICS)}
 

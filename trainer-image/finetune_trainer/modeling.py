@@ -58,9 +58,17 @@ def _segment_bounds(length: int, kwargs: dict[str, Any]) -> list[int] | None:
     return [*starts, length]
 
 
-def sdpa_varlen_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any,
-                          dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
-                          **kwargs: Any) -> tuple[Any, None]:
+def sdpa_varlen_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
     """SDPA that runs causal attention per packed example; anything else goes to transformers' SDPA."""
     import torch
     from torch.nn.functional import scaled_dot_product_attention
@@ -72,12 +80,30 @@ def sdpa_varlen_attention(module: Any, query: Any, key: Any, value: Any, attenti
             n_rep = query.shape[1] // key.shape[1]
             key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
             p = dropout if module.training else 0.0
-            parts = [scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                                  dropout_p=p, scale=scaling, is_causal=True)
-                     for s, e in itertools.pairwise(bounds) if e > s]
+            parts = [
+                scaled_dot_product_attention(
+                    query[:, :, s:e],
+                    key[:, :, s:e],
+                    value[:, :, s:e],
+                    dropout_p=p,
+                    scale=scaling,
+                    is_causal=True,
+                )
+                for s, e in itertools.pairwise(bounds)
+                if e > s
+            ]
             return torch.cat(parts, dim=2).transpose(1, 2).contiguous(), None
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
+    return sdpa_attention_forward(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=dropout,
+        scaling=scaling,
+        is_causal=is_causal,
+        **kwargs,
+    )
 
 
 def _varlen_mask(*args: Any, **kwargs: Any) -> Any:
@@ -132,7 +158,9 @@ def load_tokenizer(path: str | Path) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if not tokenizer.chat_template:
         if tokenizer.eos_token is None:
-            raise InvalidConfigError("spec.baseModel: the tokenizer has neither a chat template nor an EOS token")
+            raise InvalidConfigError(
+                "spec.baseModel: the tokenizer has neither a chat template nor an EOS token"
+            )
         log.info("base model has no chat template: using the default one")
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     if tokenizer.pad_token is None:
@@ -145,8 +173,10 @@ def check_method(spec: FineTuneSpec, device: Device) -> None:
     if spec.method != "qlora":
         return
     if not device.cuda:
-        raise InvalidConfigError("spec.method: qlora needs a CUDA GPU (bitsandbytes 4-bit); this pod has none — "
-                                 "use method lora or request resources.gpus ≥ 1")
+        raise InvalidConfigError(
+            "spec.method: qlora needs a CUDA GPU (bitsandbytes 4-bit); this pod has none — "
+            "use method lora or request resources.gpus ≥ 1"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
         raise InvalidConfigError("spec.method: qlora needs the bitsandbytes package, missing from this image")
 
@@ -162,7 +192,9 @@ def load_model(path: str | Path, spec: FineTuneSpec, device: Device, *, distribu
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
         if distributed:
@@ -181,7 +213,9 @@ def _sliding_window(path: str | Path) -> bool:
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(path)
-    return bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
+    return (
+        bool(getattr(cfg, "sliding_window", None)) and getattr(cfg, "use_sliding_window", True) is not False
+    )
 
 
 def lora_config(spec: FineTuneSpec) -> Any:

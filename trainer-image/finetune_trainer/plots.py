@@ -16,7 +16,9 @@ def _pyplot() -> Any:
     return plt
 
 
-def loss_curve(log_history: Sequence[Mapping[str, Any]], path: str | Path, title: str = "training loss") -> Path:
+def loss_curve(
+    log_history: Sequence[Mapping[str, Any]], path: str | Path, title: str = "training loss"
+) -> Path:
     """Plot train (and eval, when present) loss against the optimizer step."""
     plt = _pyplot()
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
@@ -38,7 +40,9 @@ def loss_curve(log_history: Sequence[Mapping[str, Any]], path: str | Path, title
     return Path(path)
 
 
-def comparison_chart(scores: Mapping[str, Mapping[str, float]], metrics: Sequence[str], path: str | Path) -> Path:
+def comparison_chart(
+    scores: Mapping[str, Mapping[str, float]], metrics: Sequence[str], path: str | Path
+) -> Path:
     """Grouped bars: one group per bounded metric (0..1), one bar per model (base, tuned, reference)."""
     plt = _pyplot()
     bounded = [m for m in metrics if m not in ("loss", "perplexity")]

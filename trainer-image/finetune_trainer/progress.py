@@ -21,8 +21,14 @@ DEFAULT_INTERVAL_S = 15.0
 
 
 class ProgressCallback(TrainerCallback):
-    def __init__(self, tokens_seen: Callable[[], int], *, interval: float = DEFAULT_INTERVAL_S,
-                 emit: Callable[..., None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        tokens_seen: Callable[[], int],
+        *,
+        interval: float = DEFAULT_INTERVAL_S,
+        emit: Callable[..., None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._tokens_seen = tokens_seen
         self._interval = interval
         self._emit_fn = emit or (lambda **fields: log_event("progress", **fields))
@@ -86,8 +92,9 @@ class ProgressCallback(TrainerCallback):
             self._thread = threading.Thread(target=self._heartbeat, name="progress-heartbeat", daemon=True)
             self._thread.start()
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-               **kwargs: Any) -> None:
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
         logs = logs or {}
         if "loss" in logs:
             self._loss = float(logs["loss"])

@@ -40,6 +40,7 @@ DEFAULT_LOGGING_STEPS = 5  # FTJ_LOGGING_STEPS overrides (progress lines still c
 
 # --- data ---------------------------------------------------------------------------------------------------
 
+
 def read_chat_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     with path.open(encoding="utf-8") as handle:
@@ -50,8 +51,10 @@ def read_chat_jsonl(path: Path) -> list[dict[str, Any]]:
                 row = json.loads(line)
                 messages = row["messages"]
             except (ValueError, KeyError, TypeError) as exc:
-                raise InvalidDataError(f"{path.name} line {number}: not a canonical chat example ({exc}); "
-                                       "was it written by validate?") from None
+                raise InvalidDataError(
+                    f"{path.name} line {number}: not a canonical chat example ({exc}); "
+                    "was it written by validate?"
+                ) from None
             rows.append({"messages": messages})
     return rows
 
@@ -61,7 +64,9 @@ def fetch_data(data_uri: str, dest: Path) -> dict[str, list[dict[str, Any]]]:
     if not manifest.is_committed(data_uri):
         raise InvalidDataError(f"{data_uri} is not committed: run validate first")
     manifest.download_committed(data_uri, dest)
-    splits = {name: read_chat_jsonl(dest / file) for name, file in DATA_FILES.items() if (dest / file).is_file()}
+    splits = {
+        name: read_chat_jsonl(dest / file) for name, file in DATA_FILES.items() if (dest / file).is_file()
+    }
     if not splits.get("train"):
         raise InvalidDataError(f"{data_uri}/train.jsonl has no examples")
     return splits
@@ -82,11 +87,14 @@ def has_generation_markers(template: str | None) -> bool:
 
 # --- training arguments -------------------------------------------------------------------------------------
 
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def sft_config(config: TrainerConfig, device: modeling.Device, output_dir: Path, *, assistant_only: bool) -> Any:
+def sft_config(
+    config: TrainerConfig, device: modeling.Device, output_dir: Path, *, assistant_only: bool
+) -> Any:
     from trl import SFTConfig
 
     spec, hp = config.spec, config.spec.hyperparameters
@@ -135,6 +143,7 @@ def sft_config(config: TrainerConfig, device: modeling.Device, output_dir: Path,
 
 # --- outputs ------------------------------------------------------------------------------------------------
 
+
 def check_adapter_for_vllm(adapter_dir: Path) -> None:
     """vLLM ``--lora-modules`` loads LoRA weights only: no modules_to_save, no resized embeddings."""
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
@@ -161,8 +170,9 @@ def final_loss(log_history: list[dict[str, Any]]) -> float | None:
     return float(losses[-1]) if losses else None
 
 
-def train_metrics(trainer: Any, train_output: Any, started: float, tokens: int, eval_metrics: dict[str, Any]
-                  ) -> dict[str, Any]:
+def train_metrics(
+    trainer: Any, train_output: Any, started: float, tokens: int, eval_metrics: dict[str, Any]
+) -> dict[str, Any]:
     state = trainer.state
     elapsed = time.monotonic() - started
     return {
@@ -179,8 +189,9 @@ def train_metrics(trainer: Any, train_output: Any, started: float, tokens: int, 
     }
 
 
-def summary_of(config: TrainerConfig, metrics: dict[str, Any], adapter: str | None, merged: str | None
-               ) -> dict[str, Any]:
+def summary_of(
+    config: TrainerConfig, metrics: dict[str, Any], adapter: str | None, merged: str | None
+) -> dict[str, Any]:
     loss = metrics.get("finalLoss")
     return {
         "step": metrics.get("step"),
@@ -205,7 +216,9 @@ def finished_result(config: TrainerConfig) -> StageResult | None:
 
 # --- the stage ----------------------------------------------------------------------------------------------
 
+
 def run(config: TrainerConfig) -> StageResult:
+    from accelerate import PartialState
     from transformers import set_seed
     from trl import SFTTrainer
 
@@ -219,25 +232,37 @@ def run(config: TrainerConfig) -> StageResult:
     set_seed(spec.hyperparameters.seed)
     raise_if_preempted("train (before training started)")
 
+    # several processes on one node share the workdir: rank 0 downloads first, the others then find the files
+    ranks = PartialState()
+
     # 2. data
-    splits = fetch_data(layout.data, workdir / "data")
+    with ranks.main_process_first():
+        splits = fetch_data(layout.data, workdir / "data")
     data_manifest = manifest.read_manifest(layout.data)
 
     # 3. model
-    source = storage.fetch_model(spec.base_model.uri, revision=spec.base_model.revision, dest=workdir / "base")
+    with ranks.main_process_first():
+        source = storage.fetch_model(
+            spec.base_model.uri, revision=spec.base_model.revision, dest=workdir / "base"
+        )
     tokenizer = modeling.load_tokenizer(source.path)
     assistant_only = has_generation_markers(tokenizer.chat_template)
     train_rows = splits["train"] if assistant_only else [to_prompt_completion(r) for r in splits["train"]]
     model = modeling.load_model(source.path, spec, device, distributed=world_size() > 1)
-    meta = manifest.metadata_from_config(config, base_model_revision=source.revision,
-                                         dataset=data_manifest.dataset if data_manifest else {})
+    meta = manifest.metadata_from_config(
+        config, base_model_revision=source.revision, dataset=data_manifest.dataset if data_manifest else {}
+    )
     raise_if_preempted("train (before training started)")
 
     # 4. train
     from datasets import Dataset
 
-    checkpoint_cb = CheckpointCallback(layout.checkpoints, every_minutes=spec.checkpoint.every_minutes,
-                                       keep=spec.checkpoint.keep, commit_meta=meta)
+    checkpoint_cb = CheckpointCallback(
+        layout.checkpoints,
+        every_minutes=spec.checkpoint.every_minutes,
+        keep=spec.checkpoint.keep,
+        commit_meta=meta,
+    )
     trainer = SFTTrainer(
         model=model,
         args=sft_config(config, device, workdir / "checkpoints", assistant_only=assistant_only),
@@ -248,17 +273,27 @@ def run(config: TrainerConfig) -> StageResult:
     )
     tokens_seen = lambda: int(getattr(trainer, "_total_train_tokens", 0))  # noqa: E731 - real tokens, all ranks
     trainer.add_callback(ProgressCallback(tokens_seen))
-    resume = resume_checkpoint(layout.checkpoints, workdir)
+    with ranks.main_process_first():
+        resume = resume_checkpoint(layout.checkpoints, workdir)
     started = time.monotonic()
     train_output = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
     if checkpoint_cb.preempted:
         step = trainer.state.global_step
-        raise PreemptedError(f"SIGTERM received: checkpoint step-{step:08d} committed; resume from it",
-                             summary={"step": step, "totalSteps": trainer.state.max_steps,
-                                      "checkpoint": storage.join(layout.checkpoints, f"step-{step:08d}")})
+        raise PreemptedError(
+            f"SIGTERM received: checkpoint step-{step:08d} committed; resume from it",
+            summary={
+                "step": step,
+                "totalSteps": trainer.state.max_steps,
+                "checkpoint": storage.join(layout.checkpoints, f"step-{step:08d}"),
+            },
+        )
     eval_metrics: dict[str, Any] = {}
     if splits.get("validation"):
-        eval_rows = splits["validation"] if assistant_only else [to_prompt_completion(r) for r in splits["validation"]]
+        eval_rows = (
+            splits["validation"]
+            if assistant_only
+            else [to_prompt_completion(r) for r in splits["validation"]]
+        )
         eval_metrics = trainer.evaluate(eval_dataset=Dataset.from_list(eval_rows))
 
     metrics = train_metrics(trainer, train_output, started, tokens_seen(), eval_metrics)
@@ -290,8 +325,9 @@ def run(config: TrainerConfig) -> StageResult:
     train_dir = outputs / "train"
     train_dir.mkdir(parents=True)
     (train_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    plots.loss_curve(metrics["logHistory"], train_dir / "loss.png",
-                     title=f"{config.job.name}: {spec.method} training loss")
+    plots.loss_curve(
+        metrics["logHistory"], train_dir / "loss.png", title=f"{config.job.name}: {spec.method} training loss"
+    )
     _commit(train_dir, layout.train, "train", meta, step)  # last: marks the stage done
     summary = summary_of(config, metrics, adapter_uri, merged_uri)
     return StageResult(summary, f"trained {step} steps, final loss {summary['loss']}")
