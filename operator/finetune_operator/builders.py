@@ -457,7 +457,9 @@ def _fetch_container(
         "name": name,
         "image": config.images.trainer,
         "imagePullPolicy": config.images.pull_policy,
-        "command": ["python", "-m", "finetune_trainer", "fetch", source, dest],
+        # Paths go in args (command names the program): runtimes that remap volume paths rewrite args only.
+        "command": ["python", "-m", "finetune_trainer"],
+        "args": ["fetch", source, dest],
         "env": [
             {"name": "HOME", "value": WORKDIR},
             {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},

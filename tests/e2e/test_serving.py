@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from .conftest import Jobs
 
 pytestmark = [
@@ -23,15 +24,22 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 
 
+# vLLM on CPU (as tests/trainer/test_vllm.py starts it): float32, a small KV cache, few sequences, no worker
+# processes. Users pass such flags in spec.deployment.extraArgs; the operator defaults stay GPU ones.
+VLLM_CPU_ARGS = [
+    "--dtype",
+    "float32",
+    "--max-num-seqs",
+    "4",
+    "--gpu-memory-utilization",
+    "0.08",
+    "--distributed-executor-backend",
+    "uni",
+]
+
+
 @pytest.fixture(autouse=True)
 def _serving_prerequisites() -> None:
-    from finetune_trainer import cli
-
-    if "fetch" not in getattr(cli, "STAGES", ()):
-        pytest.skip(
-            "the trainer has no `fetch` subcommand yet (the serving init container runs "
-            "`python -m finetune_trainer fetch SRC DEST`)"
-        )
     if not (REPO / ".venv-vllm" / "bin" / "python").exists():
         pytest.skip("vllm-cpu is not installed (make vllm-venv)")
 
@@ -66,6 +74,7 @@ def test_lora_job_ends_serving_and_answers_with_the_tuned_behaviour(jobs: Jobs, 
             "gpuType": "cpu",
             "maxModelLen": 256,
             "servedModelName": "toy-bot",
+            "extraArgs": VLLM_CPU_ARGS,
         },
     )
     status = jobs.wait_phase("toy-bot", "Serving", "Failed", "Rejected", timeout=900)
@@ -81,7 +90,14 @@ def test_full_fine_tuning_is_served_merged(jobs: Jobs, local_cluster: Any) -> No
         "full-bot",
         method="full",
         lora=None,
-        deployment={"enabled": True, "mode": "merged", "gpus": 0, "gpuType": "cpu", "maxModelLen": 256},
+        deployment={
+            "enabled": True,
+            "mode": "merged",
+            "gpus": 0,
+            "gpuType": "cpu",
+            "maxModelLen": 256,
+            "extraArgs": VLLM_CPU_ARGS,
+        },
     )
     status = jobs.wait_phase("full-bot", "Serving", "Failed", "Rejected", timeout=900)
     assert status["phase"] == "Serving", status

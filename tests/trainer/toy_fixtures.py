@@ -20,23 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 
 from localcluster import toymodel
 
-# Hyperparameters that make LoRA learn the toy task in ~40 steps on one CPU core.
-TOY_HYPERPARAMETERS: dict[str, Any] = {
-    "epochs": 1,
-    "maxSteps": 40,
-    "batchSize": 8,
-    "gradientAccumulationSteps": 1,
-    "learningRate": 1e-2,
-    "maxSeqLength": 64,
-    "gradientCheckpointing": False,
-    "warmupRatio": 0.0,
-    "seed": 11,
-}
-TOY_LORA: dict[str, Any] = {"rank": 8, "alpha": 16, "dropout": 0.0}
+from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
+
+TOY_HYPERPARAMETERS = toymodel.TOY_HYPERPARAMETERS
+TOY_LORA = toymodel.TOY_LORA
 
 
 @pytest.fixture(scope="session")

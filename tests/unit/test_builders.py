@@ -236,7 +236,7 @@ def test_adapter_serving_fetches_base_and_adapter_and_enables_lora() -> None:
     assert _flag(args, "--max-lora-rank") == "32"
     assert _flag(args, "--max-model-len") == "4096"
     assert _flag(args, "--port") == "8000"
-    fetches = {c["name"]: c["command"][-2:] for c in _pod_spec(manifest)["initContainers"]}
+    fetches = {c["name"]: (c["command"] + c["args"])[-2:] for c in _pod_spec(manifest)["initContainers"]}
     assert fetches == {
         "fetch-base": ["s3://models/tiny-llama", "/models/base"],
         "fetch-adapter": ["s3://runs/out/team-a/demo/uid/model/adapter", "/models/adapter"],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,9 @@ def resolve_launch(
         venv = root / ".venv-vllm"
         env["PYTHONUNBUFFERED"] = "1"
         env["VLLM_TARGET_DEVICE"] = "cpu"
+        # vLLM binds ZeroMQ ipc sockets under $TMPDIR, which the kubelet points at the pod's /tmp volume; that
+        # per-pod path exceeds the 107-byte socket path limit, so use the short host temp dir as in an image.
+        env["VLLM_RPC_BASE_PATH"] = tempfile.gettempdir()
         if not command:
             command = list(VLLM_ENTRYPOINT)
         args = [*args, "--host", pod_ip]

@@ -83,6 +83,21 @@ class ToyTaskParams:
     seed: int = 7
 
 
+# Spec values under which LoRA learns the toy task in ~40 steps on one CPU core (tests and `make demo`).
+TOY_LORA: dict[str, Any] = {"rank": 8, "alpha": 16, "dropout": 0.0}
+TOY_HYPERPARAMETERS: dict[str, Any] = {
+    "epochs": 1,
+    "maxSteps": 40,
+    "batchSize": 8,
+    "gradientAccumulationSteps": 1,
+    "learningRate": 1e-2,
+    "maxSeqLength": 64,
+    "gradientCheckpointing": False,
+    "warmupRatio": 0.0,
+    "seed": 11,
+}
+
+
 def _puzzle(rng: random.Random, n_digits: int, alphabet: str) -> str:
     """Digits with one letter of ``alphabet`` inserted at a random place, space-separated."""
     tokens = [rng.choice(string.digits) for _ in range(n_digits)]
@@ -283,7 +298,15 @@ def _build_smollm2(out: Path) -> None:
 
     gguf = _smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are dequantised on load, but the model stays flagged as GGUF-quantised and refuses to save:
+    # move them into a plain model of the same config.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
