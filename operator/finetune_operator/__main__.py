@@ -7,7 +7,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import kopf
@@ -81,15 +81,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"finetune-operator: {error}", file=sys.stderr)
         return 2
-    asyncio.run(
-        run_operator(
-            config,
-            namespaces=args.namespace,
-            liveness_port=args.liveness_port,
-            metrics_port=args.metrics_port,
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(
+            run_operator(
+                config,
+                namespaces=args.namespace,
+                liveness_port=args.liveness_port,
+                metrics_port=args.metrics_port,
+            )
         )
-    )
     return 0
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed: its event loop and sockets cost less CPU per watch event and request."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,9 @@ VLLM_CONTAINER = "vllm"
 WORKDIR = "/workspace"
 TERMINATION_LOG = "/dev/termination-log"
 MODELS_DIR = "/models"
+PVC_ROOT = "/mnt/pvc"  # the trainer's default FTJ_PVC_ROOT (CONTRACT.md)
+# Spec fields that may name a pvc:// source; storage.output is s3:// only, so every claim mounts read-only.
+PVC_SOURCES = (("baseModel", "uri"), ("dataset", "train"), ("dataset", "validation"), ("dataset", "test"))
 
 # Trainer exit codes that no retry can fix (CONTRACT.md): invalid data, invalid config, out of memory.
 PERMANENT_EXIT_CODES = (10, 11, 12)
@@ -206,6 +210,36 @@ def _volumes(shm: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     return volumes, mounts
 
 
+def pvc_claims(job: JobRef) -> list[str]:
+    """The claims the spec's pvc:// sources name, in first-seen order."""
+    claims: list[str] = []
+    for section, key in PVC_SOURCES:
+        uri = job.section(section).get(key)
+        if isinstance(uri, str) and uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").partition("/")[0]
+            if claim and claim not in claims:
+                claims.append(claim)
+    return claims
+
+
+def pvc_env_name(claim: str) -> str:
+    """`my-models` → `FTJ_PVC_MY_MODELS`, as the trainer's storage.pvc_mount() looks it up."""
+    return "FTJ_PVC_" + re.sub(r"[^A-Za-z0-9]", "_", claim).upper()
+
+
+def _pvc_volumes(job: JobRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes, read-only mounts at /mnt/pvc/<claim> and FTJ_PVC_<CLAIM> variables for the spec's claims."""
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    env: list[dict[str, Any]] = []
+    for index, claim in enumerate(pvc_claims(job)):
+        name, path = f"pvc-{index}", f"{PVC_ROOT}/{claim}"
+        volumes.append({"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+        mounts.append({"name": name, "mountPath": path, "readOnly": True})
+        env.append({"name": pvc_env_name(claim), "value": path})
+    return volumes, mounts, env
+
+
 def trainer_config(job: JobRef) -> dict[str, Any]:
     """The FTJ_CONFIG document (CONTRACT.md)."""
     return {
@@ -260,12 +294,15 @@ def _stage_job(
     extra_labels: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     volumes, mounts = _volumes(shm)
+    pvc_volumes, pvc_mounts, pvc_env = _pvc_volumes(job)
+    volumes += pvc_volumes
+    mounts += pvc_mounts
     container: dict[str, Any] = {
         "name": TRAINER_CONTAINER,
         "image": config.images.trainer,
         "imagePullPolicy": config.images.pull_policy,
         "command": command,
-        "env": _trainer_env(job, stage),
+        "env": _trainer_env(job, stage) + pvc_env,
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
         "terminationMessagePath": TERMINATION_LOG,
@@ -314,9 +351,9 @@ def _stage_job(
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": manifest_meta, "spec": job_spec}
 
 
-def _trainer_command(subcommand: str, gpus: int = 0) -> list[str]:
-    if gpus > 1:
-        return ["torchrun", f"--nproc-per-node={gpus}", "-m", "finetune_trainer", subcommand]
+def _trainer_command(subcommand: str) -> list[str]:
+    # Also with several GPUs: the CLI relaunches `train` under torch.distributed.run itself and exits with
+    # rank 0's contract code; a torchrun wrapper would turn OUT_OF_MEMORY/PREEMPTED into exit 1 (CONTRACT.md).
     return ["python", "-m", "finetune_trainer", subcommand]
 
 
@@ -363,7 +400,7 @@ def training_job(job: JobRef, config: OperatorConfig, *, suspend: bool = False) 
         job,
         config,
         Stage.TRAIN,
-        command=_trainer_command("train", gpus),
+        command=_trainer_command("train"),
         resources=resource_block(resources.get("cpu"), resources.get("memory"), gpus, gpu_type),
         placement=gpu_placement(gpu_type, gpus, resources),
         backoff_limit=int(job.spec.get("maxRetries", 3)),

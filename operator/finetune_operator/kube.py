@@ -249,7 +249,7 @@ class KubeApi:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self.request("POST", path_of("Event", namespace), body=event)
+        await self.request("POST", path_of("Event", namespace), body=event, text=True)  # nothing to parse
 
     async def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str:
         try:

@@ -145,6 +145,8 @@ class Context:
     created: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # uid → name → object
     disrupted: dict[str, set[str]] = field(default_factory=dict)  # uid → evicted pods seen failing
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # uid → (generation, spec as parsed and defaulted, its error): the spec changes only with the generation.
+    specs: dict[str, tuple[int, dict[str, Any], str | None]] = field(default_factory=dict)
     connection: Any = None
 
     def lock(self, uid: str) -> asyncio.Lock:
@@ -169,7 +171,7 @@ class Context:
         return self.jobs[uid]
 
     def forget(self, uid: str) -> None:
-        for table in (self.jobs, self.last_run, self.created, self.locks, self.disrupted):
+        for table in (self.jobs, self.last_run, self.created, self.locks, self.disrupted, self.specs):
             table.pop(uid, None)
         self.dirty.discard(uid)
         self.metrics.forget(uid)
@@ -239,11 +241,7 @@ async def reconcile(
 async def _reconcile(ctx: Context, job: dict[str, Any], *, read_progress: bool) -> None:
     meta = job["metadata"]
     uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
-    spec_error: str | None = None
-    try:
-        spec = spec_to_dict(parse_spec(dict(job.get("spec") or {})))
-    except SpecError as error:
-        spec, spec_error = dict(job.get("spec") or {}), str(error)
+    spec, spec_error = _parsed_spec(ctx, uid, int(meta.get("generation") or 1), job.get("spec") or {})
     ref = JobRef(namespace=namespace, name=name, uid=uid, spec=spec)
     children, pods, service = ctx.children(uid).by_stage()
     status = job.get("status") or {}
@@ -270,6 +268,21 @@ async def _reconcile(ctx: Context, job: dict[str, Any], *, read_progress: bool) 
     await execute(ctx, job, plan)
     if spec_error is not None:
         raise kopf.PermanentError(f"{namespace}/{name}: {spec_error}")
+
+
+def _parsed_spec(
+    ctx: Context, uid: str, generation: int, raw: Mapping[str, Any]
+) -> tuple[dict[str, Any], str | None]:
+    """The operator's validation of the spec, run once per generation (pydantic is most of a pass's cost)."""
+    cached = ctx.specs.get(uid)
+    if cached is not None and cached[0] == generation:
+        return cached[1], cached[2]
+    try:
+        spec, error = spec_to_dict(parse_spec(dict(raw))), None
+    except SpecError as exc:
+        spec, error = dict(raw), str(exc)
+    ctx.specs[uid] = (generation, spec, error)
+    return spec, error
 
 
 async def _read_progress(

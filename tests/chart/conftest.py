@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from .chart_helpers import helm_binary
 
 

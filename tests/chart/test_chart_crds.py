@@ -6,6 +6,7 @@ import json
 
 import pytest
 import yaml
+
 from .chart_helpers import CHART, REPO, by_kind, render
 
 pytestmark = pytest.mark.helm

@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 import yaml
+
 from .chart_helpers import CHART, REPO
 
 

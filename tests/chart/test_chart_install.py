@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from .chart_helpers import CHART
 from .pss import check_restricted
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from .chart_helpers import SNAPSHOTS, VALUES_DIR, by_kind, one, render, values_files
 
 pytestmark = pytest.mark.helm

@@ -9,6 +9,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+
 from .chart_helpers import (
     CHART,
     KUBE_VERSIONS,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from .chart_helpers import BAD_VALUES_DIR, CHART, run_helm
 
 pytestmark = pytest.mark.helm

@@ -14,8 +14,9 @@ from importlib import metadata
 
 import pytest
 import yaml
-from .chart_helpers import CHART, REPO
 from packaging.requirements import Requirement
+
+from .chart_helpers import CHART, REPO
 
 DOCKERFILE = REPO / "operator" / "Dockerfile"
 DOCKERIGNORE = REPO / "operator" / "Dockerfile.dockerignore"

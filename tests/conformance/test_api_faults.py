@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+
 from .conftest import Cluster, Raw
 
 pytestmark = pytest.mark.emulator

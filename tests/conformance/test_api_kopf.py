@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from .conftest import WIDGET_GROUP, WIDGET_PLURAL, WIDGET_VERSION, Cluster, Raw, wait_for
 
 OPERATOR = textwrap.dedent(f'''

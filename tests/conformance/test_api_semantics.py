@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+
 from .conftest import WIDGET_GROUP, WIDGET_PLURAL, WIDGET_VERSION, Raw, wait_for
 
 WIDGETS = f"/apis/{WIDGET_GROUP}/{WIDGET_VERSION}"

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from .conftest import REPO, Kubectl, Raw
 
 CRD = REPO / "crds" / "finetune.dev_finetunejobs.yaml"

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from .conftest import WIDGET_CRD, Kubectl, Raw, wait_for
 
 DEPLOYMENT = """

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # vLLM on CPU (as tests/trainer/test_vllm.py starts it): float32, a small KV cache, few sequences, no worker
-# processes. Users pass such flags in spec.deployment.extraArgs; the operator defaults stay GPU ones.
+# processes, eager mode. Users pass such flags in spec.deployment.extraArgs; operator defaults stay GPU ones.
 VLLM_CPU_ARGS = [
     "--dtype",
     "float32",
@@ -35,6 +35,7 @@ VLLM_CPU_ARGS = [
     "0.08",
     "--distributed-executor-backend",
     "uni",
+    "--enforce-eager",  # skips ~50 s of torch.compile warm-up, which buys nothing for a tiny model
 ]
 
 

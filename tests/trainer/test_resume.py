@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from finetune_trainer import manifest, storage
 from finetune_trainer.checkpoints import resume_checkpoint
+
 from .toy_fixtures import commit_toy_data, run_stage, toy_base_dir, toy_config
 
 __all__ = ["toy_base_dir"]

@@ -9,10 +9,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, S3Bucket, build_tokenizer, make_hf_cache_snapshot
 from finetune_trainer import manifest, storage
 from finetune_trainer.exitcodes import ExitCode, classify
 from finetune_trainer.logs import JsonFormatter, RedactingFilter, redact
+
+from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, S3Bucket, build_tokenizer, make_hf_cache_snapshot
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> Path:

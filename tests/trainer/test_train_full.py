@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from finetune_trainer import manifest
+
 from .toy_fixtures import commit_toy_data, run_stage, toy_base_dir, toy_config
 
 __all__ = ["toy_base_dir"]

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import pytest
+
 from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 from .toy_fixtures import lora_pipeline, toy_base_dir
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from finetune_trainer import modeling, train
 from finetune_trainer.config import parse_config
-from .toy_fixtures import toy_base_dir, toy_config
 
 from localcluster import toymodel
+
+from .toy_fixtures import toy_base_dir, toy_config
 
 __all__ = ["toy_base_dir"]
 

@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, S3Bucket
 from finetune_trainer import formats, manifest, storage, validate
 from finetune_trainer.config import parse_config
 from finetune_trainer.validate import Example, Findings, parse_file
+
+from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, S3Bucket
 
 
 def _lines(*records: Any) -> list[bytes]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from .toy_fixtures import lora_pipeline, toy_base_dir
 
 __all__ = ["lora_pipeline", "toy_base_dir"]

@@ -61,6 +61,10 @@ JOBS = {
         resources={"gpus": 0, "gpuType": "cpu"},
         storage={"credentialsSecret": None, "serviceAccountName": "irsa-writer"},
     ),
+    "pvc sources": job(
+        baseModel={"uri": "pvc://my-models/tiny"},
+        dataset={"train": "pvc://datasets/train.jsonl", "validation": "pvc://my-models/val.jsonl"},
+    ),
 }
 
 
@@ -121,7 +125,8 @@ def test_training_job_for_four_h100s_with_kueue() -> None:
     spec = manifest["spec"]
     pod = _pod_spec(manifest)
     trainer = pod["containers"][0]
-    assert trainer["command"] == ["torchrun", "--nproc-per-node=4", "-m", "finetune_trainer", "train"]
+    # The trainer CLI relaunches itself under torch.distributed.run and keeps rank 0's exit code.
+    assert trainer["command"] == ["python", "-m", "finetune_trainer", "train"]
     assert trainer["resources"]["limits"] == {"nvidia.com/gpu": "4", "memory": "256Gi"}
     assert trainer["resources"]["requests"]["cpu"] == "32"
     # The user's nodeSelector keys win over the GPU table's; tolerations are merged.
@@ -194,6 +199,74 @@ def test_trainer_gets_the_contract_environment() -> None:
     evaluate = _pod_spec(builders.evaluation_job(ref, CONFIG))["containers"][0]
     key = next(e for e in evaluate["env"] if e["name"] == "FTJ_REFERENCE_API_KEY")
     assert key["valueFrom"] == {"secretKeyRef": {"name": "ref-key", "key": "token"}}
+
+
+STAGE_JOBS = {
+    "validate": builders.validation_job,
+    "train": builders.training_job,
+    "evaluate": builders.evaluation_job,
+    "export": builders.export_job,
+}
+
+
+@pytest.mark.parametrize("stage", STAGE_JOBS)
+@pytest.mark.parametrize("gpus", [1, 2, 8])
+def test_every_stage_runs_the_plain_trainer_cli(stage: str, gpus: int) -> None:
+    manifest = STAGE_JOBS[stage](job(resources={"gpus": gpus}), CONFIG)
+    assert _pod_spec(manifest)["containers"][0]["command"] == ["python", "-m", "finetune_trainer", stage]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "claims"),
+    [
+        ({}, {}),
+        ({"baseModel": {"uri": "pvc://my-models/llama/7b"}}, {"my-models": "FTJ_PVC_MY_MODELS"}),
+        (
+            {"dataset": {"train": "pvc://data.v2/train.jsonl", "test": "s3://data/test.jsonl"}},
+            {"data.v2": "FTJ_PVC_DATA_V2"},
+        ),
+        (
+            {
+                "baseModel": {"uri": "pvc://shared/models/tiny"},
+                "dataset": {"train": "pvc://shared/d/train.jsonl", "validation": "pvc://val-set/v.jsonl"},
+            },
+            {"shared": "FTJ_PVC_SHARED", "val-set": "FTJ_PVC_VAL_SET"},
+        ),
+        ({"baseModel": {"uri": "hf://org/model"}, "dataset": {"test": "pvc://held-out/t.jsonl"}},
+         {"held-out": "FTJ_PVC_HELD_OUT"}),
+    ],
+)
+@pytest.mark.parametrize("stage", STAGE_JOBS)
+def test_pvc_sources_are_mounted_read_only_with_their_variable(
+    stage: str, overrides: dict[str, Any], claims: dict[str, str]
+) -> None:
+    pod = _pod_spec(STAGE_JOBS[stage](job(**overrides), CONFIG))
+    trainer = pod["containers"][0]
+    by_claim = {
+        v["persistentVolumeClaim"]["claimName"]: v for v in pod["volumes"] if "persistentVolumeClaim" in v
+    }
+    assert set(by_claim) == set(claims)  # each claim once, however many URIs name it
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    for claim, variable in claims.items():
+        volume = by_claim[claim]
+        assert volume["persistentVolumeClaim"]["readOnly"] is True
+        mount = next(m for m in trainer["volumeMounts"] if m["name"] == volume["name"])
+        assert mount == {"name": volume["name"], "mountPath": f"/mnt/pvc/{claim}", "readOnly": True}
+        assert env[variable] == f"/mnt/pvc/{claim}"
+    assert sorted(k for k in env if k.startswith("FTJ_PVC_")) == sorted(claims.values())
+
+
+@pytest.mark.parametrize(
+    ("claim", "variable"),
+    [("my-models", "FTJ_PVC_MY_MODELS"), ("data.v2", "FTJ_PVC_DATA_V2"), ("abc", "FTJ_PVC_ABC")],
+)
+def test_pvc_variable_matches_the_trainers_lookup(
+    claim: str, variable: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = pytest.importorskip("finetune_trainer.storage")
+    assert builders.pvc_env_name(claim) == variable
+    monkeypatch.setenv(variable, "/somewhere/else")
+    assert str(storage.pvc_mount(claim)) == "/somewhere/else"
 
 
 def test_service_account_instead_of_secret() -> None:

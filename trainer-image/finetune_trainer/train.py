@@ -219,7 +219,7 @@ def finished_result(config: TrainerConfig) -> StageResult | None:
 
 def run(config: TrainerConfig) -> StageResult:
     from accelerate import PartialState
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
     # 1. config
@@ -272,6 +272,7 @@ def run(config: TrainerConfig) -> StageResult:
         callbacks=[checkpoint_cb],
     )
     tokens_seen = lambda: int(getattr(trainer, "_total_train_tokens", 0))  # noqa: E731 - real tokens, all ranks
+    trainer.remove_callback(PrinterCallback)  # stdout carries JSON lines only; progress replaces its dicts
     trainer.add_callback(ProgressCallback(tokens_seen))
     with ranks.main_process_first():
         resume = resume_checkpoint(layout.checkpoints, workdir)

@@ -1573,7 +1573,12 @@ class ApiServer:
                     break
                 wait = min(deadline, next_bookmark) - now
                 try:
-                    event = await asyncio.wait_for(watcher.queue.get(), timeout=max(wait, 0.001))
+                    # Queued events go out at once: a wait_for per event costs a loop cycle each, which
+                    # under load lets a watch fall seconds behind the writes it reports.
+                    if not watcher.queue.empty():
+                        event = watcher.queue.get_nowait()
+                    else:
+                        event = await asyncio.wait_for(watcher.queue.get(), timeout=max(wait, 0.001))
                 except TimeoutError:
                     if bookmarks and loop.time() >= next_bookmark:
                         await send("BOOKMARK", self._bookmark(rtype, self.store.rv))
