@@ -260,3 +260,13 @@ def test_job_completes_through_api_errors_and_dropped_watches(lc_api, ns, local_
     assert obj["status"]["succeeded"] == 2 and not obj["status"].get("failed")
     assert len(job_pods(lc_api, ns, "sturdy")) == 2
     assert api.counters.errors[500] and api.counters.errors[409]
+
+
+def test_pod_replacement_policy_defaults_like_kube_apiserver(lc_api, ns):
+    """Failed when the Job has a podFailurePolicy (replacement only after a pod failed), else
+    TerminatingOrFailed."""
+    policy = {"rules": [{"action": "FailJob", "onExitCodes": {"operator": "In", "values": [42]}}]}
+    create_job(lc_api, ns, "with-policy", ["sh", "-c", "true"], podFailurePolicy=policy)
+    create_job(lc_api, ns, "without-policy", ["sh", "-c", "true"])
+    assert job(lc_api, ns, "with-policy")["spec"]["podReplacementPolicy"] == "Failed"
+    assert job(lc_api, ns, "without-policy")["spec"]["podReplacementPolicy"] == "TerminatingOrFailed"

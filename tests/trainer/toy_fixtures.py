@@ -1,9 +1,9 @@
 """Fixtures and helpers for the train/evaluate/export tests: the toy base model and task
 (localcluster.toymodel).
 
-Import what a test module needs (``from .toy_fixtures import toy_base_dir, ...``); pytest picks the fixtures up
-from the module namespace. The toy base is cached under .local/cache/toymodel (keyed by its parameters), so
-only the first run on a machine pays its ~10 s of pre-training.
+Import what a test module needs (``from .toy_fixtures import toy_base_dir, ...``); pytest picks the
+fixtures up from the module namespace. The toy base is cached under .local/cache/toymodel (keyed by its
+parameters), so only the first run on a machine pays its ~10 s of pre-training.
 """
 
 from __future__ import annotations

@@ -80,11 +80,12 @@ def prepare_create(group: str, plural: str, obj: dict[str, Any]) -> None:
             ("parallelism", 1),
             ("completionMode", "NonIndexed"),
             ("suspend", False),
-            ("podReplacementPolicy", "TerminatingOrFailed"),
             ("manualSelector", None),
         ):
             if value is not None:
                 spec.setdefault(key, value)
+        # As kube-apiserver: a Job with a podFailurePolicy may only replace pods once they have Failed.
+        spec.setdefault("podReplacementPolicy", "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
         uid = obj["metadata"]["uid"]
         template = spec.setdefault("template", {})
         labels = template.setdefault("metadata", {}).setdefault("labels", {})
