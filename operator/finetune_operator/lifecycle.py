@@ -53,6 +53,9 @@ class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
     def build(self, *, body: kopf.Body, extra_fields: Any = None) -> kopf.BodyEssence:
         return kopf.BodyEssence()
 
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None  # nothing stored (Kopf writes no annotations), so skip looking for it on every event
+
 
 class _NoCopyProgress(kopf.SmartProgressStorage):
     """Same reason: the essence is empty, nothing to copy or clean."""

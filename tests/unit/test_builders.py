@@ -13,6 +13,7 @@ from finetune_operator import builders
 from finetune_operator.builders import Artifacts, JobRef
 from finetune_operator.config import OperatorConfig, load_config
 from finetune_operator.naming import is_dns1035_label
+
 from .ftj_factory import UID, job
 
 CONFIG = load_config(env={})
@@ -232,8 +233,10 @@ def test_every_stage_runs_the_plain_trainer_cli(stage: str, gpus: int) -> None:
             },
             {"shared": "FTJ_PVC_SHARED", "val-set": "FTJ_PVC_VAL_SET"},
         ),
-        ({"baseModel": {"uri": "hf://org/model"}, "dataset": {"test": "pvc://held-out/t.jsonl"}},
-         {"held-out": "FTJ_PVC_HELD_OUT"}),
+        (
+            {"baseModel": {"uri": "hf://org/model"}, "dataset": {"test": "pvc://held-out/t.jsonl"}},
+            {"held-out": "FTJ_PVC_HELD_OUT"},
+        ),
     ],
 )
 @pytest.mark.parametrize("stage", STAGE_JOBS)

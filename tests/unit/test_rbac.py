@@ -18,6 +18,7 @@ from aiohttp import web
 from finetune_operator import handlers, kube, rbac
 from finetune_operator.builders import validation_job
 from finetune_operator.config import load_config
+
 from .ftj_factory import UID, job
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,6 +13,7 @@ import pytest
 from finetune_operator import kube
 from finetune_operator.config import load_config
 from finetune_operator.reconcile import Children, Context, newest_progress, reconcile, snapshot
+
 from .ftj_factory import UID, spec
 
 CONFIG = load_config(env={})

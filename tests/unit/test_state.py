@@ -14,6 +14,7 @@ from finetune_operator.builders import JobRef
 from finetune_operator.config import load_config
 from finetune_operator.naming import Stage
 from finetune_operator.state import Event, Observed, Plan, Reason, plan
+
 from .ftj_factory import job, pending_pod, terminated_pod, with_status
 
 CONFIG = load_config(env={})
