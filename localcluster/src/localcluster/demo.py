@@ -103,7 +103,7 @@ class Demo:
         if self.custom_objects is None:
             from kubernetes import client, config
 
-            api = config.new_client_from_config(config_file=str(self.cluster.kubeconfig))
+            api = config.new_client_from_config(config_file=str(self.cluster.kubeconfig))  # type: ignore[no-untyped-call]
             self.custom_objects = client.CustomObjectsApi(api)
         obj = self.custom_objects.get_namespaced_custom_object(
             "finetune.dev", "v1alpha1", self.namespace, "finetunejobs", self.name
