@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,14 @@ def relative_improvement(metric: str, tuned: float, base: float) -> float:
     if base == 0:
         return float("inf") if gain > 0 else (0.0 if gain == 0 else float("-inf"))
     return gain / abs(base)
+
+
+def primary_metric(evaluation_spec: Mapping[str, Any]) -> str:
+    """The metric that decides improvement: primaryMetric, else exact_match if computed, else the first."""
+    if evaluation_spec.get("primaryMetric"):
+        return str(evaluation_spec["primaryMetric"])
+    metrics = [str(m) for m in evaluation_spec.get("metrics") or ["loss"]]
+    return "exact_match" if "exact_match" in metrics else metrics[0]
 
 
 def evaluate_gate(
@@ -58,8 +67,7 @@ def evaluate_gate(
 
     improvement: float | None = None
     if evaluation_spec.get("compareToBase", True):
-        metrics = list(evaluation_spec.get("metrics") or ["loss"])
-        primary = str(evaluation_spec.get("primaryMetric") or metrics[0])
+        primary = primary_metric(evaluation_spec)
         minimum = evaluation_spec.get("minImprovement")
         tuned_value, base_value = tuned.get(primary), (base or {}).get(primary)
         if tuned_value is None or base_value is None:
@@ -72,9 +80,10 @@ def evaluate_gate(
             # the tolerance keeps 0.6 vs 0.5 at exactly +20% from failing on float rounding.
             beats = improvement >= needed - 1e-9 if minimum is not None else improvement > 0
             direction = "lower" if primary in LOWER_IS_BETTER else "higher"
+            change = f"{improvement:+.1%}" if math.isfinite(improvement) else "base is 0"
             summary = (
                 f"{primary} tuned {_fmt(tuned_value)} vs base {_fmt(base_value)} "
-                f"({improvement:+.1%}, {direction} is better; needed "
+                f"({change}, {direction} is better; needed "
                 f"{'> 0%' if minimum is None else f'>= {needed:+.1%}'})"
             )
             if not beats:

@@ -90,7 +90,23 @@ def test_explicit_nulls_mean_defaults() -> None:
     assert (
         spec.method == "lora" and spec.hyperparameters.seed == 42 and spec.hyperparameters.max_steps is None
     )
-    assert spec.evaluation.thresholds == [] and spec.evaluation.primary_metric == "exact_match"
+    assert spec.evaluation.thresholds == [] and spec.evaluation.deciding_metric == "exact_match"
+
+
+def test_unset_primary_metric_resolves_like_the_operator_gate() -> None:
+    def deciding(metrics: list[str]) -> str:
+        doc = {
+            "runPrefix": "/r",
+            "spec": {
+                "baseModel": {"uri": "x"},
+                "dataset": {"train": "t"},
+                "evaluation": {"metrics": metrics},
+            },
+        }
+        return parse_config(doc).spec.evaluation.deciding_metric
+
+    assert deciding(["loss", "exact_match"]) == "exact_match"
+    assert deciding(["token_f1", "loss"]) == "token_f1"
 
 
 def test_target_modules_accepts_a_list_or_one_string() -> None:

@@ -89,12 +89,28 @@ GATE_CASES = [
     ),
     ("base missing while comparing", {"metrics": ["loss"]}, {"loss": 1.0}, None, False, ["cannot compare"]),
     (
-        "primary defaults to the first metric",
+        "primary defaults to exact_match when it is computed",
         {"metrics": ["perplexity", "exact_match"]},
         {"perplexity": 3.0, "exact_match": 0.0},
         {"perplexity": 9.0, "exact_match": 0.5},
+        False,
+        ["exact_match tuned 0 vs base 0.5", "not enough improvement"],
+    ),
+    (
+        "primary defaults to the first metric without exact_match",
+        {"metrics": ["perplexity", "token_f1"]},
+        {"perplexity": 3.0, "token_f1": 0.0},
+        {"perplexity": 9.0, "token_f1": 0.5},
         True,
-        ["perplexity"],
+        ["perplexity tuned 3 vs base 9"],
+    ),
+    (
+        "a base of zero reads as such, not as an infinite percentage",
+        {"metrics": ["exact_match"]},
+        {"exact_match": 0.6},
+        {"exact_match": 0.0},
+        True,
+        ["exact_match tuned 0.6 vs base 0 (base is 0"],
     ),
 ]
 

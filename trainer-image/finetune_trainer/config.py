@@ -178,10 +178,19 @@ class EvaluationSpec(_Section):
     min_improvement: float | None = Field(
         None, description="Tuned must beat base on primaryMetric by this much"
     )
-    primary_metric: Metric = "exact_match"
+    primary_metric: Metric | None = Field(
+        None, description="Metric that decides improvement (unset: exact_match if computed, else the first)"
+    )
     max_new_tokens: int = Field(128, ge=1, le=32768, description="Greedy generation length per prompt")
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts generated per batch")
     reference: ReferenceSpec | None = None
+
+    @property
+    def deciding_metric(self) -> Metric:
+        """primaryMetric, resolved the way the operator's gate resolves it."""
+        if self.primary_metric is not None:
+            return self.primary_metric
+        return "exact_match" if "exact_match" in self.metrics else self.metrics[0]
 
 
 class ResourcesSpec(_Section):

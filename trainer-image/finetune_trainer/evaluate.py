@@ -327,7 +327,7 @@ def run(config: TrainerConfig) -> StageResult:
     report = {
         "summary": summary,
         "metrics": list(ev.metrics),
-        "primaryMetric": ev.primary_metric,
+        "primaryMetric": ev.deciding_metric,
         "maxNewTokens": ev.max_new_tokens,
         "baseModel": spec.base_model.uri,
         "method": spec.method,
@@ -347,7 +347,7 @@ def run(config: TrainerConfig) -> StageResult:
         manifest.commit_dir(out, layout.evaluation, kind="evaluation", **meta)
     except manifest.AlreadyCommitted:
         log.info("%s already committed", layout.evaluation)
-    primary = ev.primary_metric
+    primary = ev.deciding_metric
     base_value = (results.get("base") or {}).get(primary)
     message = f"{primary}: tuned {results['tuned'].get(primary)}" + (
         f" vs base {base_value}" if base_value is not None else ""
