@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from .conftest import Jobs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.local_kubelet, pytest.mark.timeout(600)]

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import pytest
+
 from .conftest import Jobs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.local_kubelet, pytest.mark.timeout(900)]

@@ -85,7 +85,8 @@ def prepare_create(group: str, plural: str, obj: dict[str, Any]) -> None:
             if value is not None:
                 spec.setdefault(key, value)
         # As kube-apiserver: a Job with a podFailurePolicy may only replace pods once they have Failed.
-        spec.setdefault("podReplacementPolicy", "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed")
+        replacement = "Failed" if spec.get("podFailurePolicy") else "TerminatingOrFailed"
+        spec.setdefault("podReplacementPolicy", replacement)
         uid = obj["metadata"]["uid"]
         template = spec.setdefault("template", {})
         labels = template.setdefault("metadata", {}).setdefault("labels", {})
