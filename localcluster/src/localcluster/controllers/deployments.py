@@ -9,11 +9,8 @@ maxUnavailable, Recreate, and progressDeadlineSeconds.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
 import json
-import logging
 import math
 import time
 from typing import Any
@@ -21,8 +18,7 @@ from typing import Any
 from ..kubeclient import DEPLOYMENTS, PODS, ApiError, Informer, KubeClient, object_key
 from .events import EventRecorder, now_iso
 from .jobs import _parse_time, random_suffix
-
-log = logging.getLogger(__name__)
+from .workqueue import WorkQueueController
 
 _ALPHANUMS = "bcdfghjklmnpqrstvwxz2456789"
 
@@ -57,30 +53,18 @@ def _ready_since(pod: dict[str, Any]) -> float | None:
     return None
 
 
-class DeploymentController:
+class DeploymentController(WorkQueueController):
+    name = "deployment-controller"
+
     def __init__(self, client: KubeClient, deployments: Informer, pods: Informer):
+        super().__init__(deployments, pods)
         self.client = client
         self.deployments = deployments
         self.pods = pods
         self.recorder = EventRecorder(client, "deployment-controller")
         self.expected: dict[str, dict[str, float]] = {}
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._queued: set[str] = set()
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._task: asyncio.Task[None] | None = None
         deployments.add_handler(self._on_deployment)
         pods.add_handler(self._on_pod)
-
-    def enqueue(self, key: str) -> None:
-        if key not in self._queued:
-            self._queued.add(key)
-            self._queue.put_nowait(key)
-
-    def enqueue_after(self, key: str, delay: float) -> None:
-        old = self._timers.pop(key, None)
-        if old:
-            old.cancel()
-        self._timers[key] = asyncio.get_running_loop().call_later(max(delay, 0.01), self.enqueue, key)
 
     def _on_deployment(self, kind: str, dep: dict[str, Any]) -> None:
         if kind == "DELETED":
@@ -99,34 +83,6 @@ class DeploymentController:
         ref = self._owner(pod)
         if ref is not None:
             self.enqueue(f"{pod['metadata']['namespace']}/{ref['name']}")
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="deployment-controller")
-
-    async def stop(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    async def _run(self) -> None:
-        await self.deployments.synced.wait()
-        await self.pods.synced.wait()
-        while True:
-            key = await self._queue.get()
-            self._queued.discard(key)
-            try:
-                await self.reconcile(key)
-            except asyncio.CancelledError:
-                raise
-            except ApiError as err:
-                log.debug("deployment %s: %s", key, err)
-                self.enqueue_after(key, 0.5)
-            except Exception:
-                log.exception("deployment %s reconcile failed", key)
-                self.enqueue_after(key, 1)
 
     async def reconcile(self, key: str) -> None:
         namespace, _, name = key.partition("/")

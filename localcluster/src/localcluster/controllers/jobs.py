@@ -9,10 +9,7 @@ the role of the real controller's job-tracking finalizers while the cluster runs
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import copy
-import logging
 import secrets
 import time
 from datetime import datetime
@@ -20,8 +17,7 @@ from typing import Any
 
 from ..kubeclient import JOBS, PODS, ApiError, Informer, KubeClient, object_key
 from .events import EventRecorder, now_iso
-
-log = logging.getLogger(__name__)
+from .workqueue import WorkQueueController
 
 _ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 TERMINAL = ("Succeeded", "Failed")
@@ -91,8 +87,11 @@ def match_pod_failure_policy(job: dict[str, Any], pod: dict[str, Any]) -> tuple[
     return None, None
 
 
-class JobController:
+class JobController(WorkQueueController):
+    name = "job-controller"
+
     def __init__(self, client: KubeClient, jobs: Informer, pods: Informer):
+        super().__init__(jobs, pods)
         self.client = client
         self.jobs = jobs
         self.pods = pods
@@ -102,25 +101,10 @@ class JobController:
         self.fail_job: dict[str, str] = {}  # job uid → PodFailurePolicy message
         self.controller_deleted: dict[str, set[str]] = {}  # pods we deleted (suspend/finish): not failures
         self.expected: dict[str, dict[str, float]] = {}  # job uid → pod names created, not yet observed
-        self._queue: asyncio.Queue[str] = asyncio.Queue()
-        self._queued: set[str] = set()
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._task: asyncio.Task[None] | None = None
         jobs.add_handler(self._on_job)
         pods.add_handler(self._on_pod)
 
     # -- events ---------------------------------------------------------------------------------------------
-    def enqueue(self, key: str) -> None:
-        if key not in self._queued:
-            self._queued.add(key)
-            self._queue.put_nowait(key)
-
-    def enqueue_after(self, key: str, delay: float) -> None:
-        old = self._timers.pop(key, None)
-        if old:
-            old.cancel()
-        self._timers[key] = asyncio.get_running_loop().call_later(max(delay, 0.01), self.enqueue, key)
-
     def _on_job(self, kind: str, job: dict[str, Any]) -> None:
         if kind == "DELETED":
             uid = job["metadata"]["uid"]
@@ -168,34 +152,6 @@ class JobController:
         self.enqueue(f"{meta['namespace']}/{ref['name']}")
 
     # -- loop -----------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="job-controller")
-
-    async def stop(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-
-    async def _run(self) -> None:
-        await self.jobs.synced.wait()
-        await self.pods.synced.wait()
-        while True:
-            key = await self._queue.get()
-            self._queued.discard(key)
-            try:
-                await self.reconcile(key)
-            except asyncio.CancelledError:
-                raise
-            except ApiError as err:
-                log.debug("job %s: %s", key, err)
-                self.enqueue_after(key, 0.5)
-            except Exception:
-                log.exception("job %s reconcile failed", key)
-                self.enqueue_after(key, 1)
-
     def _job_pods(self, job: dict[str, Any]) -> list[dict[str, Any]]:
         uid = job["metadata"]["uid"]
         return [
