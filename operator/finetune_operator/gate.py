@@ -30,12 +30,12 @@ def relative_improvement(metric: str, tuned: float, base: float) -> float:
     return gain / abs(base)
 
 
-def primary_metric(evaluation_spec: Mapping[str, Any]) -> str:
+def primary_metric(evaluation_spec: Mapping[str, Any], computed: Mapping[str, float]) -> str:
     """The metric that decides improvement: primaryMetric, else exact_match if computed, else the first."""
     if evaluation_spec.get("primaryMetric"):
         return str(evaluation_spec["primaryMetric"])
     metrics = [str(m) for m in evaluation_spec.get("metrics") or ["loss"]]
-    return "exact_match" if "exact_match" in metrics else metrics[0]
+    return "exact_match" if "exact_match" in metrics and "exact_match" in computed else metrics[0]
 
 
 def evaluate_gate(
@@ -67,7 +67,7 @@ def evaluate_gate(
 
     improvement: float | None = None
     if evaluation_spec.get("compareToBase", True):
-        primary = primary_metric(evaluation_spec)
+        primary = primary_metric(evaluation_spec, tuned)
         minimum = evaluation_spec.get("minImprovement")
         tuned_value, base_value = tuned.get(primary), (base or {}).get(primary)
         if tuned_value is None or base_value is None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from . import kube, reconcile
+from . import kube, reconcile, state
 from .reconcile import Children, Context, owner_uid, snapshot
 from .state import IDLE_PHASES
 
@@ -112,6 +112,10 @@ async def on_child_event(memo: Any, body: Mapping[str, Any], event_type: str | N
     parent = ctx.jobs.get(uid) if uid else None
     if parent is None:
         return  # the parent's own event (or the resync) reconciles it
+    if uid is not None:
+        # Remember evictions from the event itself: the pod may be gone from the index before the
+        # reconcile it triggers runs, and the Job's `failed` counter ignores disruptions.
+        ctx.disrupted.setdefault(uid, set()).update(state.disrupted_pods([body]))
     if event_type == "DELETED" and uid in ctx.created:
         ctx.created[uid].pop(f"{body['metadata']['name']}/{body.get('kind')}", None)
     elif uid is not None and ctx.is_echo_of_created(uid, body):

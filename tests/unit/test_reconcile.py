@@ -11,6 +11,7 @@ from typing import Any
 import kopf
 import pytest
 from finetune_operator import kube
+from finetune_operator.builders import LABEL_JOB_UID
 from finetune_operator.config import load_config
 from finetune_operator.reconcile import Children, Context, newest_progress, reconcile, snapshot
 
@@ -342,3 +343,28 @@ async def test_child_events_that_only_echo_our_own_create_are_dropped() -> None:
     changed["status"] = {"active": 1, "startTime": "2026-01-01T00:00:00Z"}
     await lifecycle.on_child_event({"ctx": ctx}, changed, "MODIFIED")
     assert runs._value.get() == 1
+
+
+async def test_an_eviction_seen_only_in_the_pod_delete_event_still_counts_as_a_retry() -> None:
+    from finetune_operator import lifecycle
+
+    job = new_job()
+    ctx, _api = setup(job, cache=False)
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    evicted = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "demo-train-abcde",
+            "namespace": "team-a",
+            "uid": "pod-1",
+            "labels": {LABEL_JOB_UID: UID},
+        },
+        "status": {
+            "phase": "Failed",
+            "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
+        },
+    }
+    # The pod is already gone from the index when its reconcile runs: only the event carries it.
+    await lifecycle.on_child_event({"ctx": ctx}, evicted, "DELETED")
+    assert ctx.disrupted[UID] == {"pod-1"}
