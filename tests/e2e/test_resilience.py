@@ -52,16 +52,22 @@ def test_evicted_trainer_resumes_from_its_checkpoint(jobs: Jobs, lc_api: Any) ->
     from kubernetes import client
 
     jobs.create("evicted", hyperparameters={"maxSteps": 150}, evaluation={"enabled": False})
-    jobs.wait(
-        "evicted",
-        lambda s: (s.get("progress") or {}).get("step", 0) >= 1 and _running_train_pod(jobs) is not None,
-        300,
-        "training progress from a running pod",
-    )
+    core = client.CoreV1Api(lc_api)
+
+    def training_has_started(_status: dict[str, Any]) -> bool:
+        # Read the pod's own log rather than status.progress (polled every 10 s): on an idle machine the
+        # whole run can end between two polls.
+        running = _running_train_pod(jobs)
+        if running is None:
+            return False
+        log = core.read_namespaced_pod_log(running["metadata"]["name"], jobs.namespace)
+        return '"event": "progress"' in log or '"event":"progress"' in log
+
+    jobs.wait("evicted", training_has_started, 300, "training progress from a running pod")
     pod = _running_train_pod(jobs)
     assert pod is not None
     name = pod["metadata"]["name"]
-    client.CoreV1Api(lc_api).create_namespaced_pod_eviction(
+    core.create_namespaced_pod_eviction(
         name, jobs.namespace, {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": name}}
     )
     status = jobs.wait_phase("evicted", "Succeeded", "Failed", timeout=400)
