@@ -8,17 +8,13 @@ skipped there.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import shutil
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,18 +82,10 @@ spec:
 WIDGET_GROUP, WIDGET_VERSION, WIDGET_PLURAL = "conformance.example.com", "v1", "widgets"
 
 
-SHARED_PLUGIN = "localcluster.pytest_plugin"
-
-
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "emulator: needs the in-process API emulator (skipped against a real cluster)"
     )
-    # One cluster per session: use the embedded cluster's shared `local_cluster` fixture (API emulator + local
-    # kubelet + S3), whether or not a top-level conftest registered the plugin already.
-    if not config.pluginmanager.hasplugin(SHARED_PLUGIN):
-        with contextlib.suppress(ImportError):
-            config.pluginmanager.import_plugin(SHARED_PLUGIN)
 
 
 @dataclass
@@ -119,61 +107,14 @@ class Cluster:
         return self.run_on_loop(run())
 
 
-def _start_emulator(workdir: Path) -> tuple[Cluster, Callable[[], None]]:
-    from localcluster.apiserver import ApiServer
-
-    loop = asyncio.new_event_loop()
-    ready: Future[Any] = Future()
-    server = ApiServer(bookmark_interval=1.0)
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(server.start())
-        except BaseException as exc:
-            ready.set_exception(exc)
-            return
-        ready.set_result(None)
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="apiserver-emulator", daemon=True)
-    thread.start()
-    ready.result(20)
-    kubeconfig = server.write_kubeconfig(str(workdir / "kubeconfig"))
-
-    def stop() -> None:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(20)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-
-    def run_on_loop(coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, loop).result(10)
-
-    return Cluster(kubeconfig, server.url, server, run_on_loop), stop
-
-
 @pytest.fixture(scope="session")
-def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    if request.config.pluginmanager.hasplugin(SHARED_PLUGIN):
-        shared = request.getfixturevalue("local_cluster")  # embedded cluster, or KUBECONFIG's cluster
-        if shared.apiserver is None:
-            yield Cluster(str(shared.kubeconfig), shared.api_url, None)
-        else:
-            yield Cluster(str(shared.kubeconfig), shared.api_url, shared.apiserver, shared.call)
-        return
-    external = os.environ.get("KUBECONFIG")
-    if external:
-        from kubernetes import config as kconfig
-
-        loaded = kconfig.new_client_from_config(config_file=external)
-        yield Cluster(external, loaded.configuration.host, None)
-        return
-    # Fallback when the embedded cluster package is unavailable: the API emulator alone.
-    cluster, stop = _start_emulator(tmp_path_factory.mktemp("emulator"))
-    try:
-        yield cluster
-    finally:
-        stop()
+def cluster(local_cluster: Any) -> Cluster:
+    """The shared embedded cluster (tests/conftest.py), or the one KUBECONFIG names."""
+    if local_cluster.apiserver is None:
+        return Cluster(str(local_cluster.kubeconfig), local_cluster.api_url, None)
+    return Cluster(
+        str(local_cluster.kubeconfig), local_cluster.api_url, local_cluster.apiserver, local_cluster.call
+    )
 
 
 @pytest.fixture

@@ -23,19 +23,11 @@ SECRET = "s3"
 @pytest.fixture(scope="session")
 def s3_assets(local_cluster: Any) -> dict[str, str]:
     """Toy base model, toy dataset and a malformed dataset, uploaded once per session."""
-    import boto3
     from localcluster.toymodel import write_base_model, write_toy_dataset
 
     if getattr(local_cluster, "external", False):
         pytest.skip("the end-to-end tests upload their data to the embedded cluster's S3")
-    env = local_cluster.s3_env
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-        region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
-    )
+    s3 = local_cluster.s3_client()
     for bucket in ("models", "data", "runs"):
         with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
             s3.create_bucket(Bucket=bucket)

@@ -152,8 +152,9 @@ def test_training_token_estimate_respects_epochs_max_steps_and_packing() -> None
 
 
 def test_default_chat_template_adds_no_tokens(tmp_path: Path) -> None:
-    from .conftest import build_tokenizer
     from transformers import AutoTokenizer
+
+    from .conftest import build_tokenizer
 
     path = build_tokenizer(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(path)
@@ -313,8 +314,9 @@ def test_validate_with_tokenizer_from_hf_cache_and_data_on_a_pvc(
     make_config: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from .conftest import make_hf_cache_snapshot
     from finetune_trainer import cli
+
+    from .conftest import make_hf_cache_snapshot
 
     make_hf_cache_snapshot(hf_offline_cache, "acme/tiny", tiny_tokenizer_dir, commit="c" * 40)
     monkeypatch.setenv("FTJ_PVC_ROOT", str(tmp_path / "mnt"))

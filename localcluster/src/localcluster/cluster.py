@@ -119,6 +119,19 @@ class LocalCluster:
     def s3_env(self) -> dict[str, str]:
         return dict(self.s3.env) if self.s3 else {}
 
+    def s3_client(self) -> Any:
+        """A boto3 S3 client for the cluster's S3, with the same credentials pods get."""
+        import boto3
+
+        env = self.s3_env
+        return boto3.client(
+            "s3",
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+            region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
+        )
+
     def services(self) -> dict[str, Any]:
         """The content of services.json: `"<namespace>/<name>"` → clusterIP, ports[{name, port, url}], url."""
         import json

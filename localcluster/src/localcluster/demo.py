@@ -69,16 +69,7 @@ class Demo:
         return result.stdout
 
     def upload(self) -> None:
-        import boto3
-
-        env = self.cluster.s3_env
-        s3 = boto3.client(
-            "s3",
-            endpoint_url=env["AWS_ENDPOINT_URL"],
-            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
-            region_name=env.get("AWS_DEFAULT_REGION", "us-east-1"),
-        )
+        s3 = self.cluster.s3_client()
         spec = self.manifest["spec"]
         targets = {"model": spec["baseModel"]["uri"], "train": spec["dataset"]["train"]}
         buckets = {uri.removeprefix("s3://").split("/", 1)[0] for uri in targets.values()}
