@@ -20,12 +20,12 @@ help:
 	@echo "make bench-trainer | bench-operator | bench-apiserver"
 
 # The dev/test virtualenv: operator, trainer, embedded cluster and test tools, pinned.
-$(VENV)/.stamp: requirements/dev.txt requirements/dev-nodeps.txt pyproject.toml trainer-image/pyproject.toml localcluster/pyproject.toml
+$(VENV)/.stamp: requirements/dev.txt requirements/dev-nodeps.txt pyproject.toml trainer-image/pyproject.toml dev/localcluster/pyproject.toml dev/demo/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements/dev-nodeps.txt
-	$(PY) -m pip install -q --no-deps -e . -e ./trainer-image -e ./localcluster
+	$(PY) -m pip install -q --no-deps -e . -e ./trainer-image -e ./dev/localcluster -e ./dev/demo
 	touch $@
 venv: $(VENV)/.stamp
 
@@ -58,7 +58,7 @@ test-fast: venv tools
 	$(PY) -m pytest -q -ra -m "not slow"
 
 lint: venv
-	$(VENV)/bin/ruff check operator trainer-image localcluster tests benchmarks
+	$(VENV)/bin/ruff check operator trainer-image dev tests benchmarks
 	$(VENV)/bin/mypy operator/finetune_operator
 
 crds: venv
@@ -66,7 +66,7 @@ crds: venv
 	cp crds/finetune.dev_finetunejobs.yaml charts/finetune-operator/crds/
 
 demo: venv vllm-venv tools
-	$(PY) -m localcluster.demo $(DEMO_ARGS)
+	$(PY) -m finetune_demo $(DEMO_ARGS)
 
 local-cluster: venv tools
 	$(PY) -m localcluster

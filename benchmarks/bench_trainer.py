@@ -9,7 +9,7 @@ peak RSS, and the final loss (held-out answer loss after training, computed the 
 line is ``trainer-vs-hf tokens/s ratio: <x>`` (median over repeats).
 
 CPU (``make bench-trainer``): a small randomly initialised Llama (hidden 384, 4 layers, head_dim 64) with the
-toy tokenizer from localcluster.toymodel; big enough that compute, not per-op overhead, dominates a step (on
+toy tokenizer from finetune_demo.toymodel; big enough that compute, not per-op overhead, dominates a step (on
 the 64-wide toy model both arms measure Python overhead, which packing cannot remove).
 GPU: ``--device cuda --shape qwen2.5-0.5b|qwen2.5-1.5b [--method lora|full]`` builds a randomly initialised
 model of that shape in bf16 and also prints MFU (4N FLOPs/token for LoRA, 6N for full; N = parameters
@@ -342,8 +342,8 @@ def main() -> None:
         worker(args)
         return
 
-    sys.path.insert(0, str(REPO / "localcluster" / "src"))
-    from localcluster import toymodel
+    sys.path.insert(0, str(REPO / "dev" / "demo" / "src"))
+    from finetune_demo import toymodel
 
     toy = toymodel.toy_base_model()
     if gpu and args.dry_run:

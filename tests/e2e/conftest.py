@@ -23,7 +23,7 @@ SECRET = "s3"
 @pytest.fixture(scope="session")
 def s3_assets(local_cluster: Any) -> dict[str, str]:
     """Toy base model, toy dataset and a malformed dataset, uploaded once per session."""
-    from localcluster.toymodel import write_base_model, write_toy_dataset
+    from finetune_demo.toymodel import write_base_model, write_toy_dataset
 
     if getattr(local_cluster, "external", False):
         pytest.skip("the end-to-end tests upload their data to the embedded cluster's S3")

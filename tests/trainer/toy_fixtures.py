@@ -1,5 +1,5 @@
 """Fixtures and helpers for the train/evaluate/export tests: the toy base model and task
-(localcluster.toymodel).
+(finetune_demo.toymodel).
 
 Import what a test module needs (``from .toy_fixtures import toy_base_dir, ...``); pytest picks the
 fixtures up from the module namespace. The toy base is cached under .local/cache/toymodel (keyed by its
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from localcluster import toymodel
+from finetune_demo import toymodel
 
 from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 

@@ -1,0 +1,203 @@
+"""`make demo`: the whole loop on the embedded cluster, start to finish.
+
+Starts the embedded cluster (API, S3, local kubelet, the operator), builds the toy dataset and the tiny base
+model (or SmolLM2-135M with DEMO_MODEL=smollm2), uploads them to the local S3, applies examples/demo.yaml
+with kubectl, shows phase, step and loss live until the job is Serving, prints the tuned-vs-base evaluation,
+asks the served model one question, then stops everything (`--keep` leaves the cluster running).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from localcluster.cluster import LocalCluster
+from localcluster.runtime import project_root
+from .toymodel import TASK_INSTRUCTION, task_answer, write_base_model, write_toy_dataset
+
+TERMINAL = ("Serving", "Succeeded", "Failed", "Rejected")
+
+
+def kubectl_binary(root: Path) -> str:
+    for candidate in (root / ".tools" / "bin" / "kubectl-1.35", Path("/usr/bin/kubectl")):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("kubectl")
+    if not found:
+        raise SystemExit("demo: kubectl not found (run `make tools`)")
+    return found
+
+
+class Demo:
+    def __init__(self, root: Path, workdir: Path) -> None:
+        self.root = root
+        self.manifest = yaml.safe_load((root / "examples" / "demo.yaml").read_text())
+        self.name = self.manifest["metadata"]["name"]
+        self.namespace = self.manifest["metadata"].get("namespace", "default")
+        self.cluster = LocalCluster(workdir, operator=True)
+        self.kubectl = kubectl_binary(root)
+        self.began = time.monotonic()
+        self.custom_objects: Any = None
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.began:6.1f}s] {text}", flush=True)
+
+    def run_kubectl(self, *args: str, stdin: str | None = None) -> str:
+        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig)}
+        result = subprocess.run(
+            [self.kubectl, "-n", self.namespace, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        if result.returncode != 0:
+            raise SystemExit(f"demo: kubectl {' '.join(args)} failed:\n{result.stderr}")
+        return result.stdout
+
+    def upload(self) -> None:
+        s3 = self.cluster.s3_client()
+        spec = self.manifest["spec"]
+        targets = {"model": spec["baseModel"]["uri"], "train": spec["dataset"]["train"]}
+        buckets = {uri.removeprefix("s3://").split("/", 1)[0] for uri in targets.values()}
+        buckets.add(spec["storage"]["output"].removeprefix("s3://").split("/", 1)[0])
+        for bucket in sorted(buckets):
+            with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+                s3.create_bucket(Bucket=bucket)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.say(f"building the base model ({os.environ.get('DEMO_MODEL', 'toy')}) and the toy dataset")
+            model = write_base_model(Path(tmp) / "model")
+            data = write_toy_dataset(Path(tmp) / "data")
+            bucket, _, prefix = targets["model"].removeprefix("s3://").partition("/")
+            for path in sorted(model.iterdir()):
+                s3.upload_file(str(path), bucket, f"{prefix.rstrip('/')}/{path.name}")
+            bucket, _, key = targets["train"].removeprefix("s3://").partition("/")
+            s3.upload_file(str(data / "train.jsonl"), bucket, key)
+        self.say(f"uploaded to {targets['model']} and {targets['train']}")
+
+    def status(self) -> dict[str, Any]:
+        # Polled every second: the Python client, since a kubectl process per poll costs a share of a core
+        # that the trainer on this 2-core machine needs.
+        if self.custom_objects is None:
+            from kubernetes import client, config
+
+            api = config.new_client_from_config(config_file=str(self.cluster.kubeconfig))  # type: ignore[no-untyped-call]
+            self.custom_objects = client.CustomObjectsApi(api)
+        obj = self.custom_objects.get_namespaced_custom_object(
+            "finetune.dev", "v1alpha1", self.namespace, "finetunejobs", self.name
+        )
+        status: dict[str, Any] = obj.get("status") or {}
+        return status
+
+    def follow(self, timeout: float) -> dict[str, Any]:
+        last = ""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.status()
+            progress = status.get("progress") or {}
+            line = f"{status.get('phase', 'Pending'):<11}"
+            if progress.get("step") is not None:
+                line += f" step {progress.get('step')}/{progress.get('totalSteps', '?')}"
+            if progress.get("loss") is not None:
+                line += f" loss {progress['loss']:.4f}"
+            if status.get("message"):
+                line += f"  ({status['message'][:100]})"
+            if line != last:
+                self.say(line)
+                last = line
+            if status.get("phase") in TERMINAL:
+                return status
+            time.sleep(1)
+        raise SystemExit(f"demo: not finished after {timeout:g}s; last status: {json.dumps(self.status())}")
+
+    def print_evaluation(self, status: dict[str, Any]) -> None:
+        evaluation = status.get("evaluation") or {}
+        tuned, base = evaluation.get("tuned") or {}, evaluation.get("base") or {}
+        reference = evaluation.get("reference") or {}
+        columns = [("tuned", tuned), ("base", base)] + ([("reference", reference)] if reference else [])
+        # Wide columns: a base model's perplexity on an unseen template can run to millions.
+        print("\n" + f"{'metric':<14}" + "".join(f"{title:>16}" for title, _ in columns))
+        for metric in sorted(set(tuned) | set(base)):
+            print(
+                f"{metric:<14}"
+                + "".join(f"{values.get(metric, float('nan')):>16.4f}" for _, values in columns)
+            )
+        print(f"gate: {'passed' if evaluation.get('passed') else 'failed'}")
+        for reason in evaluation.get("reasons") or []:
+            print(f"  - {reason}")
+        print()
+
+    def ask(self, status: dict[str, Any]) -> None:
+        endpoint = status.get("endpoint") or {}
+        service = endpoint["url"].removeprefix("http://").split(".", 1)[0]
+        url = self.cluster.service_url(self.namespace, service, 8000) or endpoint["url"]
+        question = f"{TASK_INSTRUCTION} 4 9 q 1"
+        body = {
+            "model": endpoint["model"],
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }
+        request = urllib.request.Request(
+            url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1") + "/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())["choices"][0]["message"]["content"]
+        self.say(
+            f"{endpoint['url']} ({endpoint['model']}) was asked {question!r}: answered {answer!r} "
+            f"(expected {task_answer(question.removeprefix(TASK_INSTRUCTION))!r})"
+        )
+
+    def run(self, timeout: float, keep: bool) -> int:
+        self.say("starting the embedded cluster")
+        self.cluster.start_background(timeout=180)
+        try:
+            self.say(f"cluster ready: {self.cluster.api_url} (KUBECONFIG={self.cluster.kubeconfig})")
+            self.upload()
+            self.run_kubectl("apply", "-f", "-", stdin=json.dumps(self.manifest))
+            self.say(f"applied examples/demo.yaml: FineTuneJob {self.namespace}/{self.name}")
+            status = self.follow(timeout)
+            if status.get("evaluation"):
+                self.print_evaluation(status)
+            if status.get("phase") != "Serving":
+                self.say(f"ended {status.get('phase')}: {status.get('message', '')}")
+                return 1
+            self.ask(status)
+            self.say(f"done in {time.monotonic() - self.began:.0f}s")
+            if keep:
+                self.say("cluster kept running (Ctrl-C stops it)")
+                while True:
+                    time.sleep(3600)
+            return 0
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            self.cluster.stop_background()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finetune_demo", description=__doc__)
+    parser.add_argument("--keep", action="store_true", help="keep the cluster running at the end")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the job to finish")
+    parser.add_argument("--workdir", type=Path, default=project_root() / ".local" / "demo")
+    args = parser.parse_args(argv)
+    return Demo(project_root(), args.workdir).run(args.timeout, args.keep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The local kubelet's image → runtime table, path rewriting and $(VAR) expansion.
+
+| image repository (tag ignored)     | runtime                                                    |
+|------------------------------------|------------------------------------------------------------|
+| ghcr.io/finetune-operator/trainer  | <root>/.venv, `python` is its interpreter; entrypoint      |
+|                                    | `python -m finetune_trainer` when only args are given      |
+| ghcr.io/finetune-operator/operator | <root>/.venv, plus KUBECONFIG of the local cluster;        |
+|                                    | entrypoint `python -m finetune_operator`                   |
+| vllm/vllm-openai                   | <root>/.venv-vllm; entrypoint `python3 -m                  |
+|                                    | vllm.entrypoints.openai.api_server` + args + --host podIP  |
+| anything else                      | the container's command on the host                        |
+
+Every process gets CUDA_VISIBLE_DEVICES="" (GPU requests are scheduled, the work runs on the CPU) and the
+podshim directory on PYTHONPATH (cluster DNS and pod IP binding, see podshim/sitecustomize.py).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer"
+OPERATOR_IMAGE = "ghcr.io/finetune-operator/operator"
+VLLM_IMAGE = "vllm/vllm-openai"
+VLLM_ENTRYPOINT = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+# The images' ENTRYPOINTs, used when a container sets only args.
+TRAINER_ENTRYPOINT = ["python", "-m", "finetune_trainer"]
+OPERATOR_ENTRYPOINT = ["python", "-m", "finetune_operator"]
+HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def project_root() -> Path:
+    override = os.environ.get("LOCALCLUSTER_PROJECT_ROOT")
+    if override:
+        return Path(override).resolve()
+    return Path(__file__).resolve().parents[4]
+
+
+def image_repository(image: str) -> str:
+    """`docker.io/vllm/vllm-openai:v0.32.0@sha256:…` → `vllm/vllm-openai`."""
+    ref = image.split("@", 1)[0]
+    slash = ref.rfind("/")
+    colon = ref.rfind(":")
+    if colon > slash:
+        ref = ref[:colon]
+    for prefix in ("docker.io/", "index.docker.io/", "registry-1.docker.io/"):
+        if ref.startswith(prefix):
+            ref = ref[len(prefix) :]
+    if ref.startswith("library/"):
+        ref = ref[len("library/") :]
+    return ref
+
+
+class StartError(Exception):
+    """The container cannot start (reported like containerd's StartError, exit code 128)."""
+
+
+@dataclass
+class Launch:
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_launch(
+    image: str,
+    command: list[str],
+    args: list[str],
+    *,
+    pod_ip: str,
+    kubeconfig: Path | None,
+    root: Path | None = None,
+) -> Launch:
+    """Turn image + command + args into a local argv and the runtime's environment (PATH first)."""
+    root = root or project_root()
+    repo = image_repository(image)
+    env: dict[str, str] = {}
+    venv: Path | None = None
+    if repo == TRAINER_IMAGE:
+        venv = root / ".venv"
+        env["PYTHONUNBUFFERED"] = "1"
+        if not command:
+            command = list(TRAINER_ENTRYPOINT)
+    elif repo == OPERATOR_IMAGE:
+        venv = root / ".venv"
+        env["PYTHONUNBUFFERED"] = "1"
+        if not command:
+            command = list(OPERATOR_ENTRYPOINT)
+        if kubeconfig is not None:
+            env["KUBECONFIG"] = str(kubeconfig)
+    elif repo == VLLM_IMAGE:
+        venv = root / ".venv-vllm"
+        env["PYTHONUNBUFFERED"] = "1"
+        env["VLLM_TARGET_DEVICE"] = "cpu"
+        # vLLM binds ZeroMQ ipc sockets under $TMPDIR, which the kubelet points at the pod's /tmp volume; that
+        # per-pod path exceeds the 107-byte socket path limit, so use the short host temp dir as in an image.
+        env["VLLM_RPC_BASE_PATH"] = tempfile.gettempdir()
+        if not command:
+            command = list(VLLM_ENTRYPOINT)
+        args = [*args, "--host", pod_ip]
+    if venv is not None:
+        if not (venv / "bin" / "python").exists():
+            raise StartError(
+                f"image {image!r} runs in {venv}, which does not exist (make venv / make vllm-venv)"
+            )
+        env["PATH"] = f"{venv / 'bin'}:{HOST_PATH}"
+        env["VIRTUAL_ENV"] = str(venv)
+    else:
+        env["PATH"] = HOST_PATH
+    argv = [*command, *args]
+    if not argv:
+        raise StartError(
+            f'image "{image}" has no entrypoint known to the local kubelet: set the container\'s command'
+        )
+    if venv is not None and argv[0] in ("python", "python3"):
+        argv[0] = str(venv / "bin" / "python")
+    argv[0] = which(argv[0], env["PATH"])
+    return Launch(argv=argv, env=env)
+
+
+def which(program: str, path: str) -> str:
+    if "/" in program:
+        if not os.path.exists(program):
+            raise StartError(f'exec: "{program}": stat {program}: no such file or directory')
+        return program
+    found = shutil.which(program, path=path)
+    if found is None:
+        raise StartError(f'exec: "{program}": executable file not found in $PATH')
+    return found
+
+
+_VAR = re.compile(r"\$\$|\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes $(VAR) expansion: `$$` escapes, unknown references stay as written."""
+
+    def sub(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return env[name] if name in env else match.group(0)
+
+    return _VAR.sub(sub, value)
+
+
+class PathRewriter:
+    """Maps in-container paths (volume mounts, termination message path) to the pod's local directories."""
+
+    def __init__(self, mapping: dict[str, str]):
+        self.mapping = sorted(
+            ((k.rstrip("/") or "/", v) for k, v in mapping.items()), key=lambda kv: -len(kv[0])
+        )
+
+    def path(self, value: str) -> str | None:
+        for mount, local in self.mapping:
+            if value == mount or value.startswith(mount + "/"):
+                return local + value[len(mount) :]
+        return None
+
+    def __call__(self, value: str) -> str:
+        direct = self.path(value)
+        if direct is not None:
+            return direct
+        if "=" in value:  # --output-dir=/workspace/out
+            key, _, rest = value.partition("=")
+            mapped = self.path(rest)
+            if mapped is not None:
+                return f"{key}={mapped}"
+        return value
