@@ -7,10 +7,9 @@ import itertools
 from pathlib import Path
 
 import pytest
+from finetune_demo import toymodel
 from finetune_trainer import modeling, train
 from finetune_trainer.config import parse_config
-
-from finetune_demo import toymodel
 
 from .toy_fixtures import toy_base_dir, toy_config
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from finetune_demo import toymodel
 
 from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from localcluster.cluster import LocalCluster
 from localcluster.runtime import project_root
+
 from .toymodel import TASK_INSTRUCTION, task_answer, write_base_model, write_toy_dataset
 
 TERMINAL = ("Serving", "Succeeded", "Failed", "Rejected")
