@@ -11,8 +11,8 @@ The default batching is *padding-free*: the examples of a micro-batch are concat
 per-example ``position_ids`` (attention never crosses an example boundary), so no compute goes to padding and
 the step count is exactly the formula above. Concatenation *packing* (``hyperparameters.packing: true``) is
 opt-in: it fills rows of ``maxSeqLength`` tokens with several examples, so ``batchSize`` counts packed
-rows and a run makes ``ceil(packed rows / rows per optimizer step) * epochs`` steps, fewer than without packing when
-examples are short.
+rows and a run makes ``ceil(packed rows / rows per optimizer step) * epochs`` steps, fewer than without
+packing when examples are short.
 """
 
 from __future__ import annotations
