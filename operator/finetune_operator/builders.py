@@ -475,6 +475,48 @@ def vllm_lora_rank(rank: int) -> int:
     raise ValueError(f"LoRA rank {rank} exceeds the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]})")
 
 
+_QUANTITY_SUFFIXES = {
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+}
+# On CPU, vLLM sizes its KV cache from --gpu-memory-utilization as a fraction of HOST memory, which a pod's
+# limit knows nothing about (and which the model's weights alone may exceed). The pod's memory decides
+# instead: a quarter goes to the KV cache, the rest to the weights (float32 on CPU) and the runtime.
+CPU_KV_CACHE_SHARE = 4
+CPU_KV_CACHE_MAX_GIB = 64
+
+
+def memory_bytes(quantity: str | None) -> int | None:
+    """Bytes in a Kubernetes memory quantity ("8Gi", "512M", "1e9"); None when unset or unreadable."""
+    if not quantity:
+        return None
+    text = str(quantity).strip()
+    for suffix, factor in _QUANTITY_SUFFIXES.items():
+        if text.endswith(suffix):
+            text, scale = text[: -len(suffix)], factor
+            break
+    else:
+        scale = 1
+    try:
+        return int(float(text) * scale)
+    except ValueError:
+        return None
+
+
+def cpu_kv_cache_gib(memory: str | None) -> int:
+    """VLLM_CPU_KVCACHE_SPACE (whole GiB) for a CPU replica with this memory limit: a quarter, at least 1."""
+    total = memory_bytes(memory)
+    if total is None:
+        return 1
+    return max(1, min(CPU_KV_CACHE_MAX_GIB, total // CPU_KV_CACHE_SHARE // 2**30))
+
+
 def served_model_name(job: JobRef) -> str:
     return str(job.section("deployment").get("servedModelName") or job.name)
 
@@ -599,10 +641,15 @@ def serving_deployment(job: JobRef, config: OperatorConfig, artifacts: Artifacts
         "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
     }
+    replica = deployment.get("resources") or {}
+    user_args = [str(a) for a in deployment.get("extraArgs") or []]
+    if gpus == 0 and not any(a.startswith("--kv-cache-memory") for a in user_args):
+        container["env"].append(
+            {"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(cpu_kv_cache_gib(replica.get("memory")))}
+        )
     env_from = credentials_env_from(job)
     if env_from and str(base.get("uri", "")).startswith("hf://"):
         container["envFrom"] = env_from  # HF_TOKEN for a gated base model
-    replica = deployment.get("resources") or {}
     resources = resource_block(replica.get("cpu"), replica.get("memory"), gpus, gpu_type)
     if resources:
         container["resources"] = resources
