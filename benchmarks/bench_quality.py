@@ -201,7 +201,9 @@ def run_reference(base: Path, task: Task, seed: int) -> dict[str, Any]:
     train_rows, test_rows = task.rows()
     encoded = []
     for row in train_rows:
-        enc = tokenizer.apply_chat_template(row["messages"], return_dict=True, return_assistant_tokens_mask=True)
+        enc = tokenizer.apply_chat_template(
+            row["messages"], return_dict=True, return_assistant_tokens_mask=True
+        )
         ids = enc["input_ids"]
         encoded.append((ids, [t if m else -100 for t, m in zip(ids, enc["assistant_masks"], strict=True)]))
     batch_size = hp["batchSize"]

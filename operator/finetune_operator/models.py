@@ -317,8 +317,8 @@ class HyperparametersSpec(_Spec):
         ge=1,
         le=1024,
         description="Training examples per device per forward/backward pass. Examples per optimizer step = "
-        "batchSize × gradientAccumulationSteps × GPUs; optimizer steps = ceil(training examples / examples "
-        "per step) × epochs (or maxSteps), shown in status.progress.totalSteps.",
+        "batchSize * gradientAccumulationSteps * GPUs; optimizer steps = ceil(training examples / examples "
+        "per step) * epochs (or maxSteps), shown in status.progress.totalSteps.",
     )
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step."
@@ -329,7 +329,7 @@ class HyperparametersSpec(_Spec):
         default=False,
         description="Opt-in concatenation packing: several examples share each row of maxSeqLength tokens "
         "(no attention across examples), and batchSize counts packed rows, so a run of short examples makes "
-        "FEWER optimizer steps (ceil(packed rows / rows per step) × epochs; the trainer's progress reports "
+        "FEWER optimizer steps (ceil(packed rows / rows per step) * epochs; the trainer's progress reports "
         "the packed row count). Off (default): padding-free batching, which removes padding without changing "
         "examples per step or the step count.",
     )

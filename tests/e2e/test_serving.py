@@ -25,8 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # vLLM on CPU (as tests/trainer/test_vllm.py starts it): float32, few sequences, no worker processes, eager
-# mode. Users pass such flags in spec.deployment.extraArgs; operator defaults stay GPU ones. The operator sizes
-# the CPU KV cache from the replica's memory (VLLM_CPU_KVCACHE_SPACE).
+# mode. Users pass such flags in spec.deployment.extraArgs; operator defaults stay GPU ones. The operator
+# sizes the CPU KV cache from the replica's memory (VLLM_CPU_KVCACHE_SPACE).
 VLLM_CPU_ARGS = [
     "--dtype",
     "float32",

