@@ -38,25 +38,11 @@ from typing import Any
 
 import cel
 
-OBJECT_META_FIELDS = frozenset(
-    {
-        "name",
-        "generateName",
-        "namespace",
-        "selfLink",
-        "uid",
-        "resourceVersion",
-        "generation",
-        "creationTimestamp",
-        "deletionTimestamp",
-        "deletionGracePeriodSeconds",
-        "labels",
-        "annotations",
-        "ownerReferences",
-        "finalizers",
-        "managedFields",
-    }
-)
+OBJECT_META_FIELDS = frozenset({
+    "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+    "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels", "annotations",
+    "ownerReferences", "finalizers", "managedFields",
+})
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 DNS1123_SUBDOMAIN_MESSAGE = (
     "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and "
@@ -103,11 +89,8 @@ def go_value(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, dict):
-        return (
-            "map[string]interface {}{"
-            + ", ".join(f"{json.dumps(k)}:{_go_raw(v)}" for k, v in sorted(value.items()))
-            + "}"
-        )
+        return "map[string]interface {}{" + ", ".join(
+            f"{json.dumps(k)}:{_go_raw(v)}" for k, v in sorted(value.items())) + "}"
     if isinstance(value, list):
         return "[]interface {}{" + ", ".join(_go_raw(v) for v in value) + "}"
     return repr(value)
@@ -252,17 +235,15 @@ def _compile_rules(schema: dict[str, Any]) -> list[_Rule]:
     rules = []
     for spec in schema.get("x-kubernetes-validations", []):
         message_expression = spec.get("messageExpression")
-        rules.append(
-            _Rule(
-                rule=spec["rule"],
-                program=cel.compile(spec["rule"]),
-                message=spec.get("message"),
-                message_expression=cel.compile(message_expression) if message_expression else None,
-                field_path=spec.get("fieldPath", ""),
-                reason=spec.get("reason", "FieldValueInvalid"),
-                transition=bool(_OLD_SELF.search(spec["rule"])),
-            )
-        )
+        rules.append(_Rule(
+            rule=spec["rule"],
+            program=cel.compile(spec["rule"]),
+            message=spec.get("message"),
+            message_expression=cel.compile(message_expression) if message_expression else None,
+            field_path=spec.get("fieldPath", ""),
+            reason=spec.get("reason", "FieldValueInvalid"),
+            transition=bool(_OLD_SELF.search(spec["rule"])),
+        ))
     return rules
 
 
@@ -323,12 +304,8 @@ class CRDValidator:
         index = next(i for i, v in enumerate(spec.get("versions", [])) if v.get("name") == version)
         problems = schema_errors(schema, f"spec.versions[{index}].schema.openAPIV3Schema")
         if problems:
-            raise InvalidError(
-                "CustomResourceDefinition",
-                str(crd.get("metadata", {}).get("name", "")),
-                problems,
-                group="apiextensions.k8s.io",
-            )
+            raise InvalidError("CustomResourceDefinition", str(crd.get("metadata", {}).get("name", "")),
+                               problems, group="apiextensions.k8s.io")
         self._rules: dict[int, list[_Rule]] = {}
         for node in _walk_schemas(schema):
             if node.get("x-kubernetes-validations"):
@@ -375,20 +352,14 @@ class CRDValidator:
         root = {k: v for k, v in obj.items() if k != "metadata"}
         root_schema = {k: v for k, v in self.schema.items() if k != "x-kubernetes-validations"}
         root_schema["properties"] = {
-            k: v for k, v in self.schema.get("properties", {}).items() if k != "metadata"
-        }
+            k: v for k, v in self.schema.get("properties", {}).items() if k != "metadata"}
         old_root = {k: v for k, v in old.items() if k != "metadata"} if old is not None else _ABSENT
         _validate_schema(root, root_schema, "", walk, old_root)
         if walk.type_error:
-            walk.causes.append(
-                field_error(
-                    "Invalid",
-                    "<nil>",
-                    None,
-                    "some validation rules were not checked because the object was invalid; correct the existing "
-                    "errors to complete validation",
-                )
-            )
+            walk.causes.append(field_error(
+                "Invalid", "<nil>", None,
+                "some validation rules were not checked because the object was invalid; correct the existing "
+                "errors to complete validation"))
         else:
             self._validate_rules(obj, old, self.schema, "", walk)
         return walk.causes
@@ -435,9 +406,8 @@ class CRDValidator:
             for i, child in enumerate(value):
                 self._validate_rules(child, old_items[i], items, f"{path}[{i}]", walk)
 
-    def _evaluate(
-        self, rules: list[_Rule], value: Any, old: Any, schema: dict[str, Any], path: str, walk: _Walk
-    ) -> None:
+    def _evaluate(self, rules: list[_Rule], value: Any, old: Any, schema: dict[str, Any], path: str,
+                  walk: _Walk) -> None:
         context = cel.Context(functions=dict(_KUBE_FUNCTIONS))
         context.add_variable("self", _to_cel(value, schema))
         if old is not None:
@@ -451,14 +421,14 @@ class CRDValidator:
             try:
                 result = rule.program.execute(context)
             except Exception as exc:  # CEL runtime errors (no such key, overflow, ...) are field errors
-                walk.add(
-                    field_error("Invalid", path, type_name, f"{_cel_error(exc)} evaluating rule: {label}")
-                )
+                walk.add(field_error("Invalid", path, type_name,
+                                     f"{_cel_error(exc)} evaluating rule: {label}"))
                 continue
             if result is True:
                 continue
             if result is not False:
-                walk.add(field_error("Invalid", path, type_name, f"rule did not evaluate to a bool: {label}"))
+                walk.add(field_error("Invalid", path, type_name,
+                                     f"rule did not evaluate to a bool: {label}"))
                 continue
             message = rule.message or f"failed rule: {rule.rule}"
             if rule.message_expression is not None:
@@ -513,12 +483,8 @@ def _walk_schemas(schema: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- pruning
 def _prune(value: Any, schema: dict[str, Any]) -> None:
-    if (
-        schema.get("x-kubernetes-preserve-unknown-fields")
-        and "properties" not in schema
-        and "additionalProperties" not in schema
-        and "items" not in schema
-    ):
+    if schema.get("x-kubernetes-preserve-unknown-fields") and "properties" not in schema \
+            and "additionalProperties" not in schema and "items" not in schema:
         return
     if isinstance(value, dict):
         props = schema.get("properties")
@@ -584,8 +550,7 @@ def _type_ok(value: Any, expected: str) -> bool:
         return isinstance(value, bool)
     if expected == "integer":
         return (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, float) and math.isfinite(value) and value.is_integer()
-        )
+            isinstance(value, float) and math.isfinite(value) and value.is_integer())
     if expected == "number":
         return isinstance(value, int | float) and not isinstance(value, bool)
     return True
@@ -628,44 +593,25 @@ def _validate_schema(value: Any, schema: dict[str, Any], path: str, walk: _Walk,
     name = path or "body"
     if value is None:
         if not schema.get("nullable"):
-            walk.add(
-                field_error(
-                    "TypeInvalid",
-                    path,
-                    "null",
-                    f'{name} in body must be of type {schema.get("type", "object")}: "null"',
-                )
-            )
+            walk.add(field_error("TypeInvalid", path, "null",
+                                 f"{name} in body must be of type {schema.get('type', 'object')}: \"null\""))
         return
     if schema.get("x-kubernetes-int-or-string"):
         if not (isinstance(value, str) or _type_ok(value, "integer")):
-            walk.add(
-                field_error(
-                    "TypeInvalid",
-                    path,
-                    _json_type(value),
-                    f'{name} in body must be of type integer,string: "{_json_type(value)}"',
-                )
-            )
+            walk.add(field_error("TypeInvalid", path, _json_type(value),
+                                 f"{name} in body must be of type integer,string: \"{_json_type(value)}\""))
             return
     elif "type" in schema and not _type_ok(value, schema["type"]):
         actual = _json_type(value)
-        walk.add(
-            field_error(
-                "TypeInvalid", path, actual, f'{name} in body must be of type {schema["type"]}: "{actual}"'
-            )
-        )
+        walk.add(field_error("TypeInvalid", path, actual,
+                             f"{name} in body must be of type {schema['type']}: \"{actual}\""))
         return
     if "enum" in schema and value not in schema["enum"]:
-        walk.add(
-            FieldCause(
-                field=path,
-                type="FieldValueNotSupported",
-                message=f"Unsupported value: {go_value(value)}: supported values: "
-                + ", ".join(_go_raw(v) for v in schema["enum"]),
-                value=value,
-            )
-        )
+        walk.add(FieldCause(
+            field=path, type="FieldValueNotSupported",
+            message=f"Unsupported value: {go_value(value)}: supported values: "
+                    + ", ".join(_go_raw(v) for v in schema["enum"]),
+            value=value))
         walk.type_error = True
     if isinstance(value, str):
         _validate_string(value, schema, path, name, walk)
@@ -680,29 +626,18 @@ def _validate_schema(value: Any, schema: dict[str, Any], path: str, walk: _Walk,
 def _validate_string(value: str, schema: dict[str, Any], path: str, name: str, walk: _Walk) -> None:
     length = len(value)  # kube-openapi counts characters (utf8.RuneCountInString)
     if "maxLength" in schema and length > schema["maxLength"]:
-        walk.add(
-            FieldCause(
-                field=path,
-                type="FieldValueTooLong",
-                message=f"Too long: may not be more than {schema['maxLength']} bytes",
-                value=value,
-            )
-        )
+        walk.add(FieldCause(field=path, type="FieldValueTooLong",
+                            message=f"Too long: may not be more than {schema['maxLength']} bytes",
+                            value=value))
     if "minLength" in schema and length < schema["minLength"]:
-        walk.add(
-            field_error(
-                "Invalid", path, value, f"{name} in body should be at least {schema['minLength']} chars long"
-            )
-        )
+        walk.add(field_error("Invalid", path, value,
+                             f"{name} in body should be at least {schema['minLength']} chars long"))
     if "pattern" in schema and not _pattern(schema["pattern"]).search(value):
         walk.add(field_error("Invalid", path, value, f"{name} in body should match '{schema['pattern']}'"))
     fmt = schema.get("format")
     if fmt == "date-time" and not _is_datetime(value):
-        walk.add(
-            field_error(
-                "Invalid", path, value, f"{name} in body must be of type date-time: {json.dumps(value)}"
-            )
-        )
+        walk.add(field_error("Invalid", path, value, f"{name} in body must be of type date-time: "
+                                                     f"{json.dumps(value)}"))
 
 
 def _is_datetime(value: str) -> bool:
@@ -734,70 +669,37 @@ def _validate_number(value: float | int, schema: dict[str, Any], path: str, name
     if "minimum" in schema:
         low = schema["minimum"]
         if schema.get("exclusiveMinimum") and value <= low:
-            walk.add(
-                field_error(
-                    "Invalid", path, value, f"{name} in body should be greater than {_number_text(low)}"
-                )
-            )
+            walk.add(field_error("Invalid", path, value,
+                                 f"{name} in body should be greater than {_number_text(low)}"))
         elif value < low:
-            walk.add(
-                field_error(
-                    "Invalid",
-                    path,
-                    value,
-                    f"{name} in body should be greater than or equal to {_number_text(low)}",
-                )
-            )
+            walk.add(field_error("Invalid", path, value,
+                                 f"{name} in body should be greater than or equal to {_number_text(low)}"))
     if "maximum" in schema:
         high = schema["maximum"]
         if schema.get("exclusiveMaximum") and value >= high:
-            walk.add(
-                field_error(
-                    "Invalid", path, value, f"{name} in body should be less than {_number_text(high)}"
-                )
-            )
+            walk.add(field_error("Invalid", path, value,
+                                 f"{name} in body should be less than {_number_text(high)}"))
         elif value > high:
-            walk.add(
-                field_error(
-                    "Invalid",
-                    path,
-                    value,
-                    f"{name} in body should be less than or equal to {_number_text(high)}",
-                )
-            )
+            walk.add(field_error("Invalid", path, value,
+                                 f"{name} in body should be less than or equal to {_number_text(high)}"))
     if "multipleOf" in schema and value % schema["multipleOf"] != 0:
-        walk.add(
-            field_error(
-                "Invalid",
-                path,
-                value,
-                f"{name} in body should be a multiple of {_number_text(schema['multipleOf'])}",
-            )
-        )
+        walk.add(field_error("Invalid", path, value,
+                             f"{name} in body should be a multiple of {_number_text(schema['multipleOf'])}"))
 
 
 def _child(old: Any, key: str) -> Any:
     return old.get(key, _ABSENT) if isinstance(old, dict) else _ABSENT
 
 
-def _validate_array(
-    value: list[Any], schema: dict[str, Any], path: str, name: str, walk: _Walk, old: Any = _ABSENT
-) -> None:
+def _validate_array(value: list[Any], schema: dict[str, Any], path: str, name: str, walk: _Walk,
+                    old: Any = _ABSENT) -> None:
     if "maxItems" in schema and len(value) > schema["maxItems"]:
-        walk.add(
-            FieldCause(
-                field=path,
-                type="FieldValueTooMany",
-                message=f"Too many: {len(value)}: must have at most {schema['maxItems']} items",
-                value=len(value),
-            )
-        )
+        walk.add(FieldCause(field=path, type="FieldValueTooMany",
+                            message=f"Too many: {len(value)}: must have at most {schema['maxItems']} items",
+                            value=len(value)))
     if "minItems" in schema and len(value) < schema["minItems"]:
-        walk.add(
-            field_error(
-                "Invalid", path, len(value), f"{name} in body should have at least {schema['minItems']} items"
-            )
-        )
+        walk.add(field_error("Invalid", path, len(value),
+                             f"{name} in body should have at least {schema['minItems']} items"))
     list_type = schema.get("x-kubernetes-list-type")
     if schema.get("uniqueItems") or list_type == "set":
         seen: list[Any] = []
@@ -824,30 +726,18 @@ def _validate_array(
             _validate_schema(item, items, f"{path}[{i}]", walk, old_items[i])
 
 
-def _validate_object(
-    value: dict[str, Any], schema: dict[str, Any], path: str, name: str, walk: _Walk, old: Any = _ABSENT
-) -> None:
+def _validate_object(value: dict[str, Any], schema: dict[str, Any], path: str, name: str,
+                     walk: _Walk, old: Any = _ABSENT) -> None:
     for key in schema.get("required", []):
         if key not in value:
             walk.add(field_error("Required", _join(path, key)))
     if "maxProperties" in schema and len(value) > schema["maxProperties"]:
-        walk.add(
-            FieldCause(
-                field=path,
-                type="FieldValueTooMany",
-                message=f"Too many: {len(value)}: must have at most {schema['maxProperties']} items",
-                value=len(value),
-            )
-        )
+        walk.add(FieldCause(field=path, type="FieldValueTooMany",
+                            message=f"Too many: {len(value)}: must have at most "
+                                    f"{schema['maxProperties']} items", value=len(value)))
     if "minProperties" in schema and len(value) < schema["minProperties"]:
-        walk.add(
-            field_error(
-                "Invalid",
-                path,
-                len(value),
-                f"{name} in body should have at least {schema['minProperties']} properties",
-            )
-        )
+        walk.add(field_error("Invalid", path, len(value),
+                             f"{name} in body should have at least {schema['minProperties']} properties"))
     props = schema.get("properties", {})
     extra = schema.get("additionalProperties")
     for key, child in value.items():
@@ -874,36 +764,20 @@ def _check_structural(node: dict[str, Any], path: str, causes: list[FieldCause],
         what = "object root" if root else "specified object fields"
         causes.append(field_error("Required", f"{path}.type", detail=f"must not be empty for {what}"))
     if int_or_string and node.get("type"):
-        causes.append(
-            field_error(
-                "Invalid", f"{path}.type", node["type"], "must be empty if x-kubernetes-int-or-string is true"
-            )
-        )
+        causes.append(field_error("Invalid", f"{path}.type", node["type"],
+                                  "must be empty if x-kubernetes-int-or-string is true"))
     extra = node.get("additionalProperties")
     if extra is False:
-        causes.append(
-            field_error(
-                "Forbidden",
-                f"{path}.additionalProperties",
-                detail="additionalProperties cannot be set to false",
-            )
-        )
+        causes.append(field_error("Forbidden", f"{path}.additionalProperties",
+                                  detail="additionalProperties cannot be set to false"))
     if "properties" in node and extra not in (None, False):
-        causes.append(
-            field_error(
-                "Forbidden",
-                f"{path}.additionalProperties",
-                detail="additionalProperties and properties are mutual exclusive",
-            )
-        )
+        causes.append(field_error("Forbidden", f"{path}.additionalProperties",
+                                  detail="additionalProperties and properties are mutual exclusive"))
     for keyword in ("allOf", "anyOf", "oneOf"):
         for i, sub in enumerate(node.get(keyword) or []):
             if isinstance(sub, dict) and "type" in sub and not (int_or_string and keyword == "anyOf"):
-                causes.append(
-                    field_error(
-                        "Forbidden", f"{path}.{keyword}[{i}].type", detail="must be empty to be structural"
-                    )
-                )
+                causes.append(field_error("Forbidden", f"{path}.{keyword}[{i}].type",
+                                          detail="must be empty to be structural"))
     for name, child in (node.get("properties") or {}).items():
         _check_structural(child, f"{path}.properties[{name}]", causes)
     if isinstance(node.get("items"), dict):
@@ -926,14 +800,8 @@ def _check_structural(node: dict[str, Any], path: str, causes: list[FieldCause],
             try:
                 cel.compile(rule[key])
             except Exception as exc:  # the CEL engine's syntax errors
-                causes.append(
-                    field_error(
-                        "Invalid",
-                        f"{path}.x-kubernetes-validations[{i}].{key}",
-                        rule[key],
-                        f"compilation failed: {exc}",
-                    )
-                )
+                causes.append(field_error("Invalid", f"{path}.x-kubernetes-validations[{i}].{key}", rule[key],
+                                          f"compilation failed: {exc}"))
 
 
 def validate_value(value: Any, schema: dict[str, Any], path: str = "") -> list[FieldCause]:
@@ -950,12 +818,6 @@ def crd_validator_for(crd: dict[str, Any]) -> dict[str, CRDValidator]:
 
 
 __all__ = [
-    "CRDValidator",
-    "FieldCause",
-    "InvalidError",
-    "crd_validator_for",
-    "field_error",
-    "go_value",
-    "schema_errors",
-    "validate_value",
+    "CRDValidator", "FieldCause", "InvalidError", "crd_validator_for", "field_error", "go_value",
+    "schema_errors", "validate_value",
 ]
