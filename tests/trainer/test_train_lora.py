@@ -11,7 +11,6 @@ import json
 from typing import Any
 
 import pytest
-
 from finetune_demo import toymodel
 
 from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
