@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_bench_gpu_dry_run(method: str) -> None:
+    bench = str(REPO / "benchmarks" / "bench_trainer.py")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_trainer.py"), "--device", "cuda", "--dry-run"]
-        + ["--method", method],
+        [sys.executable, bench, "--device", "cuda", "--dry-run", "--method", method],
         capture_output=True,
         text=True,
         timeout=540,
