@@ -26,7 +26,7 @@ def packed(  # type: ignore[no-untyped-def]
 
     hyperparameters: dict[str, object] = {"batchSize": 2, "maxSeqLength": 64}
     if request.param == "packed":
-        hyperparameters["packing"] = True
+        hyperparameters.update(packing=True, maxSeqLength=128)  # rows of 128 tokens: 3-4 toy examples each
     else:
         hyperparameters["batchSize"] = 5
     cfg = parse_config(
