@@ -147,6 +147,42 @@ def score(model: Any, tokenizer: Any, test: list[dict], max_new_tokens: int) -> 
 # --- arm 1: this trainer, as the training Job runs it ---------------------------------------------------
 
 
+class ProgressRecorder:
+    """Receives the train stage's progress events (as the operator reads them) with their arrival time."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.events.append(  # type: ignore[method-assign]
+            (time.monotonic(), dict(getattr(record, "fields", {})))
+        )
+
+    def __enter__(self) -> ProgressRecorder:
+        import logging
+
+        events = logging.getLogger("finetune_trainer.events")
+        events.addHandler(self.handler)
+        events.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import logging
+
+        logging.getLogger("finetune_trainer.events").removeHandler(self.handler)
+
+    def steady_tokens_per_second(self) -> float:
+        """Real tokens/s from the end of step 1 to the last step's log line (both arms exclude the first
+        step's warm-up; ours also excludes its end-of-training checkpoint commit, which the loop lacks)."""
+        progress = [(t, e) for t, e in self.events if e.get("event") == "progress"]
+        began = progress[0][0]  # on_train_begin
+        tokens = [(t, e["step"], e["tokensPerSecond"] * (t - began)) for t, e in progress]
+        first = next(x for x in tokens if x[1] >= 1)
+        last = next(x for x in tokens if x[1] == progress[-1][1]["totalSteps"])
+        return (last[2] - first[2]) / (last[0] - first[0])
+
+
 def run_ours(base: Path, task: Task, seed: int, work: Path) -> dict[str, Any]:
     from finetune_trainer import manifest, modeling, train
     from finetune_trainer.config import parse_config
@@ -170,14 +206,15 @@ def run_ours(base: Path, task: Task, seed: int, work: Path) -> dict[str, Any]:
         "resources": {"gpus": 0},
         "evaluation": {"maxNewTokens": task.max_new_tokens},
     }
-    result = train.run(parse_config({"runPrefix": str(prefix), "spec": spec}))
+    with ProgressRecorder() as recorder:
+        result = train.run(parse_config({"runPrefix": str(prefix), "spec": spec}))
     metrics = json.loads((prefix / "train" / "metrics.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(base)
     model = PeftModel.from_pretrained(model, str(prefix / "model" / "adapter"))
     scores = score(model, modeling.load_tokenizer(base), test_rows, task.max_new_tokens)
     return {
         "steps": result.summary["step"],
-        "tokensPerSecond": metrics["tokens"] / metrics["runtimeSeconds"],
+        "tokensPerSecond": recorder.steady_tokens_per_second(),
         "trainLoss": metrics["finalLoss"],  # what status.progress.loss shows: the same tokens as "loss"
         **scores,
     }
@@ -217,7 +254,7 @@ def run_reference(base: Path, task: Task, seed: int) -> dict[str, Any]:
     order = torch.Generator().manual_seed(seed)
     step, real_tokens = 0, 0
     model.train()
-    started = time.monotonic()
+    started = time.monotonic()  # reset after step 1: both arms measure from the end of the first step
     while step < steps:
         permutation = torch.randperm(len(encoded), generator=order).tolist()
         for start in range(0, len(permutation), batch_size):
@@ -235,6 +272,8 @@ def run_reference(base: Path, task: Task, seed: int) -> dict[str, Any]:
             optimizer.zero_grad()
             real_tokens += int(mask.sum())
             step += 1
+            if step == 1:
+                started, real_tokens = time.monotonic(), 0
             if step == steps:
                 break
     seconds = time.monotonic() - started
