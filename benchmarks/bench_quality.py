@@ -42,32 +42,31 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SEEDS = (11, 12, 13)
+MARKERS = 6  # sentiment letters per label (13 each: EM ~0.66 after 152 steps; 6: 1.0)
 
 
 # --- tasks ------------------------------------------------------------------------------------------------
 
 
-def _pseudo_words(rng: random.Random, n: int, taken: set[str]) -> list[str]:
-    consonants, vowels = "bdfgklmnprstvz", "aeiou"
-    words: list[str] = []
-    while len(words) < n:
-        word = rng.choice(consonants) + rng.choice(vowels) + rng.choice(consonants)
-        if word not in taken:
-            taken.add(word)
-            words.append(word)
-    return words
-
-
 def review_task(train: int = 600, test: int = 100, seed: int = 5) -> tuple[list[dict], list[dict]]:
-    """(train, test) chat examples: one sentiment word among neutral fillers decides the label."""
+    """(train, test) chat examples: one sentiment letter among neutral digits decides the label.
+
+    The sentiment markers are single tokens of the toy base's vocabulary (``Ġk``) that its pretext training
+    taught it to find among digits (toymodel's ``find:``), so the task is learnable from its features:
+    LoRA has to map 6 letters to ``positive`` and 6 others to ``negative`` and spell the answer.
+    (Markers spelled over several byte-level tokens, e.g. pseudo-words, are beyond this 2-layer base in
+    152 steps: neither a plain loop nor this trainer got past chance with them.)
+    """
+    import string
+
     rng = random.Random(seed)
-    taken: set[str] = set()
-    positive, negative = _pseudo_words(rng, 12, taken), _pseudo_words(rng, 12, taken)
-    filler = _pseudo_words(rng, 60, taken)
+    letters = list(string.ascii_lowercase)
+    rng.shuffle(letters)
+    positive, negative = letters[:MARKERS], letters[MARKERS : 2 * MARKERS]
     rows, seen = [], set()
     while len(rows) < train + test:
-        n_filler = min(int(rng.lognormvariate(1.6, 0.7)), 24)
-        words = [rng.choice(filler) for _ in range(n_filler)]
+        n_filler = min(max(int(rng.lognormvariate(1.6, 0.7)), 1), 24)  # long-tailed, like real reviews
+        words = [rng.choice(string.digits) for _ in range(n_filler)]
         label = rng.choice(["positive", "negative"])
         words.insert(rng.randint(0, n_filler), rng.choice(positive if label == "positive" else negative))
         text = " ".join(words)
@@ -113,7 +112,7 @@ def tasks() -> dict[str, Task]:
                 "batchSize": 16,
                 "gradientAccumulationSteps": 1,
                 "learningRate": 3e-3,
-                "maxSeqLength": 128,
+                "maxSeqLength": 64,
                 "warmupRatio": 0.03,
                 "gradientCheckpointing": False,
             },
