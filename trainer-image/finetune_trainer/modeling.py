@@ -58,6 +58,44 @@ def _segment_bounds(length: int, kwargs: dict[str, Any]) -> list[int] | None:
     return [*starts, length]
 
 
+# Up to this example length the examples of a row are gathered into one padded batch for a single SDPA call
+# (a constant number of ops per layer); longer, uneven ones run one SDPA call each (no compute on padding).
+BATCHED_VARLEN_MAX_LENGTH = 256
+
+
+def _batched_segments_attention(
+    query: Any, key: Any, value: Any, bounds: list[int], dropout: float, scaling: float | None
+) -> Any:
+    """Causal attention within each segment of a single row, as one padded SDPA call; returns (1, T, H, D).
+
+    Segment ``i`` occupies positions ``bounds[i]:bounds[i+1]``; it is gathered into row ``i`` of a padded batch
+    whose mask allows key ``k`` for query ``q`` only when ``k <= q`` inside the same segment, then the real
+    positions are scattered back in order. Padding queries see their segment's first key, so no row is empty.
+    """
+    import torch
+    from torch.nn.functional import scaled_dot_product_attention
+
+    device = query.device
+    starts = torch.tensor(bounds[:-1], device=device)
+    lengths = torch.tensor(bounds[1:], device=device) - starts
+    keep = lengths > 0
+    starts, lengths = starts[keep], lengths[keep]
+    longest = int(lengths.max())
+    offsets = torch.arange(longest, device=device)
+    valid = offsets[None, :] < lengths[:, None]  # (n, L)
+    index = torch.where(valid, starts[:, None] + offsets[None, :], starts[:, None])  # (n, L)
+    causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
+    mask = causal[None, None] & valid[:, None, None, :]  # (n, 1, L, L)
+
+    def gather(x: Any) -> Any:  # (1, H, T, D) -> (n, H, L, D)
+        return x[0][:, index].transpose(0, 1)
+
+    out = scaled_dot_product_attention(
+        gather(query), gather(key), gather(value), attn_mask=mask, dropout_p=dropout, scale=scaling
+    )
+    return out.transpose(1, 2)[valid].unsqueeze(0)  # (n, L, H, D) -> (1, T, H, D)
+
+
 def sdpa_varlen_attention(
     module: Any,
     query: Any,
@@ -80,6 +118,10 @@ def sdpa_varlen_attention(
             n_rep = query.shape[1] // key.shape[1]
             key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
             p = dropout if module.training else 0.0
+            lengths = [e - s for s, e in itertools.pairwise(bounds) if e > s]
+            longest = max(lengths)
+            if longest <= BATCHED_VARLEN_MAX_LENGTH or len(lengths) * longest**2 <= 2 * sum(n * n for n in lengths):
+                return _batched_segments_attention(query, key, value, bounds, p, scaling), None
             parts = [
                 scaled_dot_product_attention(
                     query[:, :, s:e],

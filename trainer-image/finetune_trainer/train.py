@@ -147,6 +147,63 @@ def sft_config(
     )
 
 
+# --- trainer ------------------------------------------------------------------------------------------------
+
+FUSED_HEAD_MIN_LOGIT_BYTES = 256 * 2**20  # TRL's fused LM head pays off when the logits would be this big
+
+
+def lean_sft_trainer_class() -> type:
+    """TRL's SFTTrainer without two per-step costs that buy nothing when the logits are small.
+
+    - TRL computes the loss through a fused (chunked) LM head that never materialises the logits and also yields
+      entropy and token accuracy. That saves memory for a large vocabulary x long rows; for small logits
+      (toy models, short rows) its chunked autograd function costs more than the step's whole matmul work, so
+      there the model's own loss is used: the same mean NLL over the labelled (assistant) tokens, normalised
+      by ``num_items_in_batch`` exactly as in ``Trainer.compute_loss``. Entropy and token accuracy are then
+      not logged.
+    - The HF Trainer counts the model's parameters (walking every module) on every step for ``total_flos``;
+      it is counted once.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class LeanSFTTrainer(SFTTrainer):  # type: ignore[misc]
+        _non_embedding_parameters: int | None = None
+
+        def _fused_head_pays(self, inputs: dict[str, Any]) -> bool:
+            vocab = self.model.config.get_text_config().vocab_size
+            return bool(inputs["input_ids"].numel() * vocab * 4 >= FUSED_HEAD_MIN_LOGIT_BYTES)
+
+        def compute_loss(
+            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
+        ) -> Any:
+            plain = (
+                self.args.loss_type == "nll"
+                and not self.aux_loss_enabled
+                and self.compute_loss_func is None
+                and self.label_smoother is None
+                and not self._fused_head_pays(inputs)
+            )
+            if not plain:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            inputs["use_cache"] = False
+            if self.model.training:  # real tokens, counted as TRL counts them (progress lines read it)
+                if "attention_mask" in inputs:
+                    tokens = int(inputs["attention_mask"].sum())
+                else:
+                    tokens = int(inputs["position_ids"].size(1))
+                self._total_train_tokens += tokens
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+        def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+            if self._non_embedding_parameters is None:
+                self._non_embedding_parameters = int(self.model.num_parameters(exclude_embeddings=True))
+            return 6 * int(inputs["input_ids"].numel()) * self._non_embedding_parameters
+
+    return LeanSFTTrainer
+
+
 # --- outputs ------------------------------------------------------------------------------------------------
 
 
@@ -230,7 +287,6 @@ def finished_result(config: TrainerConfig) -> StageResult | None:
 def run(config: TrainerConfig) -> StageResult:
     from accelerate import PartialState
     from transformers import PrinterCallback, set_seed
-    from trl import SFTTrainer
 
     # 1. config
     spec, layout, workdir = config.spec, config.layout, config.workdir / "train"
@@ -273,7 +329,7 @@ def run(config: TrainerConfig) -> StageResult:
         keep=spec.checkpoint.keep,
         commit_meta=meta,
     )
-    trainer = SFTTrainer(
+    trainer = lean_sft_trainer_class()(
         model=model,
         args=sft_config(config, device, workdir / "checkpoints", assistant_only=assistant_only),
         train_dataset=Dataset.from_list(train_rows),
