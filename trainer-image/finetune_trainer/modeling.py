@@ -68,9 +68,9 @@ def _batched_segments_attention(
 ) -> Any:
     """Causal attention within each segment of a single row, as one padded SDPA call; returns (1, T, H, D).
 
-    Segment ``i`` occupies positions ``bounds[i]:bounds[i+1]``; it is gathered into row ``i`` of a padded batch
-    whose mask allows key ``k`` for query ``q`` only when ``k <= q`` inside the same segment, then the real
-    positions are scattered back in order. Padding queries see their segment's first key, so no row is empty.
+    Segment ``i`` (positions ``bounds[i]:bounds[i+1]``) is gathered into row ``i`` of a padded batch; the
+    mask lets query ``q`` see key ``k`` only when ``k <= q`` in the same segment; the real positions are
+    scattered back in order. Padding queries see their segment's first key, so no row is empty.
     """
     import torch
     from torch.nn.functional import scaled_dot_product_attention
@@ -120,7 +120,8 @@ def sdpa_varlen_attention(
             p = dropout if module.training else 0.0
             lengths = [e - s for s, e in itertools.pairwise(bounds) if e > s]
             longest = max(lengths)
-            if longest <= BATCHED_VARLEN_MAX_LENGTH or len(lengths) * longest**2 <= 2 * sum(n * n for n in lengths):
+            padded_cost, exact_cost = len(lengths) * longest**2, sum(n * n for n in lengths)
+            if longest <= BATCHED_VARLEN_MAX_LENGTH or padded_cost <= 2 * exact_cost:
                 return _batched_segments_attention(query, key, value, bounds, p, scaling), None
             parts = [
                 scaled_dot_product_attention(

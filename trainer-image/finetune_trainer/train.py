@@ -155,12 +155,12 @@ FUSED_HEAD_MIN_LOGIT_BYTES = 256 * 2**20  # TRL's fused LM head pays off when th
 def lean_sft_trainer_class() -> type:
     """TRL's SFTTrainer without two per-step costs that buy nothing when the logits are small.
 
-    - TRL computes the loss through a fused (chunked) LM head that never materialises the logits and also yields
-      entropy and token accuracy. That saves memory for a large vocabulary x long rows; for small logits
-      (toy models, short rows) its chunked autograd function costs more than the step's whole matmul work, so
-      there the model's own loss is used: the same mean NLL over the labelled (assistant) tokens, normalised
-      by ``num_items_in_batch`` exactly as in ``Trainer.compute_loss``. Entropy and token accuracy are then
-      not logged.
+    - TRL computes the loss through a fused (chunked) LM head that never materialises the logits and also
+      yields entropy and token accuracy. That saves memory for a large vocabulary x long rows; for small
+      logits (toy models, short rows) its chunked autograd function costs more than the step's matmuls,
+      so there the model's own loss is used: the same mean NLL over the labelled (assistant) tokens,
+      normalised by ``num_items_in_batch`` as in ``Trainer.compute_loss``. Entropy and token accuracy
+      are then not logged.
     - The HF Trainer counts the model's parameters (walking every module) on every step for ``total_flos``;
       it is counted once.
     """
