@@ -250,12 +250,14 @@ def run_reference(base: Path, task: Task, seed: int) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=hp["learningRate"], weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(hp["warmupRatio"] * steps), steps)
-    order = torch.Generator().manual_seed(seed)
-    step, real_tokens = 0, 0
+    step, real_tokens, epoch = 0, 0, 0
     model.train()
     started = time.monotonic()  # reset after step 1: both arms measure from the end of the first step
     while step < steps:
+        # the shuffle of the HF Trainer's sampler: a fresh permutation per epoch, seeded with seed + epoch
+        order = torch.Generator().manual_seed(seed + epoch)
         permutation = torch.randperm(len(encoded), generator=order).tolist()
+        epoch += 1
         for start in range(0, len(permutation), batch_size):
             batch = [encoded[i] for i in permutation[start : start + batch_size]]
             width = max(len(ids) for ids, _ in batch)
