@@ -2,10 +2,10 @@
 
 Two tasks, each on a briefly pre-trained tiny Llama (finetune_demo.toymodel; nothing is downloaded):
 
-- ``classify``: chat reviews of a synthetic vocabulary (``review: dap kel zor mib``); the assistant answers
-  ``positive`` or ``negative``, decided by the one sentiment word hidden among neutral filler words.
-  Review lengths are long-tailed, like real data. 700 examples, 100 held out; the recipe of the issue that
-  asked for this benchmark (LoRA rank 16 / alpha 32 on all linear layers, lr 3e-3, 4 epochs, batches of 16).
+- ``classify``: chat reviews (``review: 3 7 k 2 9``); the assistant answers ``positive`` or ``negative``,
+  decided by the one sentiment letter hidden among neutral digits (6 letters per label). Review lengths are
+  long-tailed, like real data. 700 examples, 100 held out; the recipe of the issue that asked for this
+  benchmark (LoRA rank 16 / alpha 32 on all linear layers, lr 3e-3, 4 epochs, batches of 16, maxSeqLength 64).
 - ``shout``: the demo's task (``shout: 3 7 k 2`` -> ``K``) with the demo's recipe (toymodel.TOY_*).
 
 Arms, same recipe (LoRA rank/alpha/targets, learning rate and cosine schedule, examples per optimizer step,
@@ -13,8 +13,12 @@ epochs, seed), side by side in one process:
 
 - ``ours``: finetune_trainer's train stage, the code the training Job runs (``train.run`` with its typed
   config, local storage instead of S3): TRL SFTTrainer, padding-free batches, assistant-only loss.
-- ``reference``: a plain PEFT loop (~40 lines below): shuffle, pad each batch to its longest example, AdamW,
-  loss on assistant tokens, gradient clipping at 1.0 (the HF default ours inherits).
+- ``reference``: a plain PEFT loop (~40 lines below): shuffle (a permutation per epoch seeded with
+  ``seed + epoch``, as the HF Trainer's sampler does), pad each batch to its longest example, AdamW
+  (betas 0.9/0.999, eps 1e-8, no weight decay), cosine schedule with the same warmup, loss = mean over the
+  micro-batch's assistant tokens, gradient clipping at 1.0 (the HF defaults ours inherits). Same seed, same
+  LoRA initialisation: both arms' first steps have the same loss to 5 digits; later the trajectories part
+  only through floating-point differences (padded vs padding-free kernels), hence 3 seeds.
 
 Both are scored by the same code: held-out loss on the assistant tokens (finetune_trainer.evaluate's
 ``reference_nll``), exact match of greedy answers, and real (non-padding) training tokens per second.
