@@ -14,11 +14,13 @@ epochs, seed), side by side in one process:
 - ``ours``: finetune_trainer's train stage, the code the training Job runs (``train.run`` with its typed
   config, local storage instead of S3): TRL SFTTrainer, padding-free batches, assistant-only loss.
 - ``reference``: a plain PEFT loop (~40 lines below): shuffle (a permutation per epoch seeded with
-  ``seed + epoch``, as the HF Trainer's sampler does), pad each batch to its longest example, AdamW
-  (betas 0.9/0.999, eps 1e-8, no weight decay), cosine schedule with the same warmup, loss = mean over the
-  micro-batch's assistant tokens, gradient clipping at 1.0 (the HF defaults ours inherits). Same seed, same
-  LoRA initialisation: both arms' first steps have the same loss to 5 digits; later the trajectories part
-  only through floating-point differences (padded vs padding-free kernels), hence 3 seeds.
+  ``seed + epoch``, as the HF Trainer's sampler does), pad each batch to its longest example, AdamW (fused,
+  the HF Trainer's default; betas 0.9/0.999, eps 1e-8, no weight decay), cosine schedule with the same
+  warmup, loss = mean over the micro-batch's assistant tokens, gradient clipping at 1.0 (the HF defaults
+  ours inherits). Same seed, same LoRA initialisation: both arms' first steps have the same loss to 5
+  digits; later the trajectories part only through floating-point differences (padded vs padding-free
+  kernels), which the classify task amplifies once it starts to learn (~step 50: the held-out loss of one
+  seed can then end 10-20% apart either way), hence 5 seeds.
 
 Both are scored by the same code: held-out loss on the assistant tokens (finetune_trainer.evaluate's
 ``reference_nll``), exact match of greedy answers, and real (non-padding) training tokens per second.
@@ -45,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SEEDS = (11, 12, 13)
+SEEDS = (11, 12, 13, 14, 15)
 MARKERS = 6  # sentiment letters per label (13 each: EM ~0.66 after 152 steps; 6: 1.0)
 
 
@@ -252,7 +254,7 @@ def run_reference(base: Path, task: Task, seed: int) -> dict[str, Any]:
     if hp.get("maxSteps"):
         steps = hp["maxSteps"]
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=hp["learningRate"], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=hp["learningRate"], weight_decay=0.0, fused=True)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(hp["warmupRatio"] * steps), steps)
     step, real_tokens, epoch = 0, 0, 0
     model.train()
