@@ -5,10 +5,12 @@
   keeps the adapter loadable by vLLM ``--lora-modules``). Pad token = EOS when there is none.
 - Precision: bf16 on a GPU that supports it, fp32 on CPU. QLoRA: bitsandbytes 4-bit NF4, CUDA only.
 - Attention: FlashAttention 2 when installed on a GPU (varlen kernels for padding-free rows). Otherwise
-  :data:`VARLEN_SDPA`: causal SDPA run per example of a padding-free (or packed) row (boundaries from TRL's
-  ``cu_seq_lens`` or the restarting ``position_ids``), which costs sum(len_i^2) instead of the dense
-  block-diagonal mask transformers would build for plain SDPA (2x slower on CPU). Either way examples sharing
-  a row never attend to each other (tests/trainer/test_train_packing.py checks it).
+  :data:`VARLEN_SDPA`: causal SDPA within each example of a padding-free (or packed) row (boundaries from
+  TRL's ``cu_seq_lens`` or the restarting ``position_ids``): short examples are gathered into one padded
+  batch for a single SDPA call per layer (per-op overhead, not FLOPs, dominates there), long uneven ones run
+  one call each (sum(len_i^2) instead of the dense block-diagonal mask transformers would build for plain
+  SDPA, 2x slower on CPU). Either way examples sharing a row never attend to each other
+  (tests/trainer/test_varlen_attention.py, tests/trainer/test_train_packing.py).
 """
 
 from __future__ import annotations
