@@ -20,7 +20,7 @@ epochs, seed), side by side in one process:
   ours inherits). Same seed, same LoRA initialisation: both arms' first steps have the same loss to 5
   digits; later the trajectories part only through floating-point differences (padded vs padding-free
   kernels), which the classify task amplifies once it starts to learn (~step 50: the held-out loss of one
-  seed can then end 10-20% apart either way), hence 5 seeds.
+  seed can then end up to ~10% apart either way), hence 5 seeds.
 
 Both are scored by the same code: held-out loss on the assistant tokens (finetune_trainer.evaluate's
 ``reference_nll``), exact match of greedy answers, and real (non-padding) training tokens per second.
