@@ -182,3 +182,15 @@ def test_too_few_examples_fail_before_training_naming_both_numbers(
     code, term = _validate(tmp_path, make_config, tiny_tokenizer_dir, lines)
     assert code == ExitCode.INVALID_DATA
     assert "only 13 training examples" in term["message"] and "dataset.minTrainExamples 20" in term["message"]
+
+
+def test_a_test_file_larger_than_train_is_kept_with_a_warning(
+    tmp_path: Path, tiny_tokenizer_dir: Path, make_config: Any
+) -> None:
+    test = tmp_path / "test.jsonl"
+    test.write_bytes(b"".join(json.dumps(_record(i)).encode() + b"\n" for i in range(100, 130)))
+    lines = [json.dumps(_record(i)).encode() for i in range(25)]
+    code, term = _validate(tmp_path, make_config, tiny_tokenizer_dir, lines, test=str(test))
+    assert code == 0, term
+    assert (term["summary"]["train"], term["summary"]["test"]) == (25, 30)
+    assert any("test file has 30 examples, more than the 25" in w for w in term["summary"]["warnings"])

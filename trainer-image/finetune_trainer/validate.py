@@ -645,6 +645,11 @@ def run(config: TrainerConfig) -> StageResult:
         if too_few:
             raise _failure(too_few, findings, {**summary, "train": len(train), "test": len(test)})
         warnings += [few] if few else []
+        if "test" in parsed and len(test) > len(train):
+            # A given test file is the user's choice and is kept whole; say what it costs.
+            warnings.append(
+                f"the test file has {len(test)} examples, more than the {len(train)} training examples"
+            )
 
     except InvalidDataError as exc:
         _upload_failure_report(data_uri, findings, exc)
