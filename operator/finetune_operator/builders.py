@@ -36,6 +36,9 @@ PVC_SOURCES = (("baseModel", "uri"), ("dataset", "train"), ("dataset", "validati
 
 # Trainer exit codes that no retry can fix (CONTRACT.md): invalid data, invalid config, out of memory.
 PERMANENT_EXIT_CODES = (10, 11, 12)
+# What a container killed by the kernel's OOM killer (SIGKILL) exits with; kubelet reports reason OOMKilled,
+# but a podFailurePolicy can match only exit codes and pod conditions, so the rule matches 137.
+OOM_KILLED_EXIT_CODE = 137
 # LoRA ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -279,6 +282,25 @@ def _trainer_env(job: JobRef, stage: Stage) -> list[dict[str, Any]]:
 # --- Jobs --------------------------------------------------------------------------------------
 
 
+def pod_failure_policy() -> dict[str, Any]:
+    """Every stage: evictions and preemptions do not spend the retry budget; bad data, bad config and OOM
+    (the trainer's own code 12, or the kernel's OOM kill, exit 137) fail the Job at once."""
+    return {
+        "rules": [
+            # First, so a pod killed (137) after a preemption's grace period is still only a disruption.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": TRAINER_CONTAINER,
+                    "operator": "In",
+                    "values": [*PERMANENT_EXIT_CODES, OOM_KILLED_EXIT_CODE],
+                },
+            },
+        ]
+    }
+
+
 def _stage_job(
     job: JobRef,
     config: OperatorConfig,
@@ -326,20 +348,7 @@ def _stage_job(
     }
     job_spec: dict[str, Any] = {
         "backoffLimit": backoff_limit,
-        "podFailurePolicy": {
-            "rules": [
-                # Evictions and preemptions do not spend the retry budget; training resumes from a checkpoint.
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-                {
-                    "action": "FailJob",
-                    "onExitCodes": {
-                        "containerName": TRAINER_CONTAINER,
-                        "operator": "In",
-                        "values": list(PERMANENT_EXIT_CODES),
-                    },
-                },
-            ]
-        },
+        "podFailurePolicy": pod_failure_policy(),
         "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         **dict(extra_spec or {}),
     }

@@ -67,12 +67,19 @@ class Reason(StrEnum):
     DEPLOYMENT_DISABLED = "DeploymentDisabled"
     SERVING = "Serving"
     SUCCEEDED = "Succeeded"
+    DATASET_WARNING = "DatasetWarning"
 
 
 EXIT_REASONS = {10: Reason.INVALID_DATASET, 11: Reason.INVALID_CONFIG, 12: Reason.OUT_OF_MEMORY}
 OOM_HINT = (
     "lower hyperparameters.batchSize or maxSeqLength, enable gradientCheckpointing, "
     "use method qlora or a larger gpuType"
+)
+# Validation reads the dataset line by line, so running out of memory there is about the data, not training.
+VALIDATE_OOM_HINT = (
+    "the dataset could not be checked within the validation pod's memory limit (operator setting "
+    "defaults.validateMemory); lines over dataset.maxLineBytes are reported as invalid lines, so look for a "
+    "very large file, or ask the platform team to raise validateMemory"
 )
 IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 STAGE_PHASE = {
@@ -241,20 +248,25 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> Jo
     return JobOutcome("running")
 
 
-def failure_reason(outcome: JobOutcome) -> tuple[Reason, str]:
+def oom_hint(stage: Stage) -> str:
+    return VALIDATE_OOM_HINT if stage is Stage.VALIDATE else OOM_HINT
+
+
+def failure_reason(outcome: JobOutcome, stage: Stage = Stage.TRAIN) -> tuple[Reason, str]:
     """Map a failed Job to a reason and a message the user can act on."""
     term = outcome.termination
     if term is not None and term.exit_code in EXIT_REASONS:
         reason = EXIT_REASONS[term.exit_code]
         message = term.message or f"the trainer exited with code {term.exit_code}"
-        if reason is Reason.OUT_OF_MEMORY and "hint" not in message.lower() and OOM_HINT not in message:
-            message = f"{message}; hint: {OOM_HINT}"
+        hint = oom_hint(stage)
+        if reason is Reason.OUT_OF_MEMORY and "hint" not in message.lower() and hint not in message:
+            message = f"{message}; hint: {hint}"
         return reason, message
-    if term is not None and term.reason == "OOMKilled":
-        return (
-            Reason.OUT_OF_MEMORY,
-            f"the container was killed for exceeding its memory limit; hint: {OOM_HINT}",
-        )
+    if term is not None and (term.reason == "OOMKilled" or term.exit_code == builders.OOM_KILLED_EXIT_CODE):
+        killed = "killed (exit 137)"
+        if term.reason == "OOMKilled":
+            killed = "killed for exceeding its memory limit"
+        return Reason.OUT_OF_MEMORY, f"the {stage.value} container was {killed}; hint: {oom_hint(stage)}"
     if outcome.job_reason == "DeadlineExceeded":
         return Reason.DEADLINE_EXCEEDED, outcome.job_message or "activeDeadlineSeconds was exceeded"
     detail = ""
@@ -362,6 +374,46 @@ def dataset_status(summary: Mapping[str, Any]) -> dict[str, Any]:
         if summary.get(key) is not None:
             out[key] = summary[key]
     return out
+
+
+def dataset_warnings(summary: Mapping[str, Any]) -> list[str]:
+    """The validate stage's warnings (too few examples, testSize reduced), at most five."""
+    warnings = summary.get("warnings")
+    if not isinstance(warnings, list):
+        return []
+    return [_short(str(w), 256) for w in warnings if isinstance(w, str) and w][:5]
+
+
+def _count(value: Any) -> str | None:
+    number = _finite(value)
+    return None if number is None else f"{number:.0f}"
+
+
+def validated_message(dataset: Mapping[str, Any], warnings: Sequence[str] = ()) -> str:
+    """e.g. "40 training examples, 8 held out, 1234 tokens; warning: ..." (numbers that are known only)."""
+    parts = [
+        f"{n} {label}"
+        for key, label in (("train", "training examples"), ("test", "held out"), ("trainTokens", "tokens"))
+        if (n := _count(dataset.get(key))) is not None
+    ]
+    message = ", ".join(parts) or "dataset validated"
+    return message + "".join(f"; warning: {w}" for w in warnings)
+
+
+def trained_message(progress: Mapping[str, Any]) -> str:
+    """e.g. "trained 20 steps, final loss 0.412" (a number that is not known is left out, never '?')."""
+    step, loss = _count(progress.get("step")), _finite(progress.get("loss"))
+    message = f"trained {step} steps" if step is not None else "training finished"
+    return message + (f", final loss {loss:.4g}" if loss is not None else "")
+
+
+def retry_message(phase: str, retries: int, max_retries: int) -> str:
+    """Only training resumes from a checkpoint; the other stages start again."""
+    budget = f"(retry {retries}, maxRetries {max_retries} counts non-disruption failures)"
+    if phase == Phase.TRAINING.value:
+        return f"a training pod failed or was evicted; resuming from the last checkpoint {budget}"
+    stage = phase.lower() if phase else "a stage"
+    return f"a pod failed or was evicted while {stage}; running the stage again {budget}"
 
 
 def gpu_hours_estimate(spec: Mapping[str, Any], dataset: Mapping[str, Any], config: OperatorConfig) -> float:
@@ -513,7 +565,7 @@ class _Planner:
             self.phase(STAGE_PHASE[stage], running)
             return None
         if outcome.state == "failed":
-            reason, message = failure_reason(outcome)
+            reason, message = failure_reason(outcome, stage)
             self.fail(stage, reason, f"{stage.value}: {message}")
             return None
         return outcome
@@ -558,13 +610,12 @@ class _Planner:
             self.status["dataset"] = dataset
             self.status["gpuHoursEstimate"] = gpu_hours_estimate(self.spec, dataset, config)
             artifacts["data"] = f"{job.run_prefix}/data/"
+            warnings = dataset_warnings(summary)
             self.condition(
-                ConditionType.VALIDATED,
-                "True",
-                Reason.DATASET_VALID,
-                f"{dataset.get('train', '?')} training examples, {dataset.get('test', '?')} held out, "
-                f"{dataset.get('trainTokens', '?')} tokens",
+                ConditionType.VALIDATED, "True", Reason.DATASET_VALID, validated_message(dataset, warnings)
             )
+            for warning in warnings:
+                self.out.events.append(Event("Warning", Reason.DATASET_WARNING.value, _short(warning)))
 
         # 2. Training
         if not self.done(ConditionType.TRAINED):
@@ -591,7 +642,7 @@ class _Planner:
                 ConditionType.TRAINED,
                 "True",
                 Reason.TRAINING_SUCCEEDED,
-                f"trained {progress.get('step', '?')} steps, final loss {progress.get('loss', '?')}",
+                trained_message(progress),
             )
 
         # 3. Evaluating and the gate
@@ -793,8 +844,7 @@ class _Planner:
                 Event(
                     "Normal",
                     Reason.RETRYING.value,
-                    f"a pod failed or was evicted; resuming from the last checkpoint (retry {new_retries}, "
-                    f"maxRetries {self.spec.get('maxRetries', 3)} counts non-disruption failures)",
+                    retry_message(phase, new_retries, int(self.spec.get("maxRetries", 3))),
                 )
             )
 
