@@ -13,17 +13,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from finetune_vocabulary.exitcodes import PERMANENT_EXIT_CODES
+from finetune_vocabulary.images import TRAINER_ENTRYPOINT
+from finetune_vocabulary.labels import (
+    ANNOTATION_SPEC_HASH,
+    LABEL_COMPONENT,
+    LABEL_INSTANCE,
+    LABEL_JOB_UID,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_PART_OF,
+    LABEL_QUEUE,
+    MANAGER,
+)
+from finetune_vocabulary.layout import RunLayout, run_prefix
+
 from .config import GpuType, OperatorConfig
+from .models import API_VERSION, KIND
 from .naming import Stage, child_name, label_safe
-
-API_GROUP = "finetune.dev"
-API_VERSION = f"{API_GROUP}/v1alpha1"
-KIND = "FineTuneJob"
-MANAGER = "finetune-operator"
-
-LABEL_JOB_UID = f"{API_GROUP}/job-uid"
-LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
-ANNOTATION_SPEC_HASH = f"{API_GROUP}/spec-hash"
 
 TRAINER_CONTAINER = "trainer"
 VLLM_CONTAINER = "vllm"
@@ -34,8 +41,6 @@ PVC_ROOT = "/mnt/pvc"  # the trainer's default FTJ_PVC_ROOT (CONTRACT.md)
 # Spec fields that may name a pvc:// source; storage.output is s3:// only, so every claim mounts read-only.
 PVC_SOURCES = (("baseModel", "uri"), ("dataset", "train"), ("dataset", "validation"), ("dataset", "test"))
 
-# Trainer exit codes that no retry can fix (CONTRACT.md): invalid data, invalid config, out of memory.
-PERMANENT_EXIT_CODES = (10, 11, 12)
 # LoRA ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -55,8 +60,11 @@ class JobRef:
 
     @property
     def run_prefix(self) -> str:
-        output = str(self.section("storage").get("output", "")).rstrip("/")
-        return f"{output}/{self.namespace}/{self.name}/{self.uid}"
+        return run_prefix(str(self.section("storage").get("output", "")), self.namespace, self.name, self.uid)
+
+    @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.run_prefix)
 
 
 @dataclass(frozen=True)
@@ -72,19 +80,19 @@ class Artifacts:
 
 def labels(job: JobRef, stage: Stage) -> dict[str, str]:
     return {
-        "app.kubernetes.io/name": "finetunejob",
-        "app.kubernetes.io/instance": label_safe(job.name),
-        "app.kubernetes.io/component": stage.value,
-        "app.kubernetes.io/part-of": "finetune-operator",
-        "app.kubernetes.io/managed-by": MANAGER,
+        LABEL_NAME: "finetunejob",
+        LABEL_INSTANCE: label_safe(job.name),
+        LABEL_COMPONENT: stage.value,
+        LABEL_PART_OF: MANAGER,
+        LABEL_MANAGED_BY: MANAGER,
         LABEL_JOB_UID: job.uid,
     }
 
 
 def selector_labels(job: JobRef, stage: Stage) -> dict[str, str]:
     return {
-        "app.kubernetes.io/instance": label_safe(job.name),
-        "app.kubernetes.io/component": stage.value,
+        LABEL_INSTANCE: label_safe(job.name),
+        LABEL_COMPONENT: stage.value,
         LABEL_JOB_UID: job.uid,
     }
 
@@ -335,7 +343,7 @@ def _stage_job(
                     "onExitCodes": {
                         "containerName": TRAINER_CONTAINER,
                         "operator": "In",
-                        "values": list(PERMANENT_EXIT_CODES),
+                        "values": [int(code) for code in PERMANENT_EXIT_CODES],
                     },
                 },
             ]
@@ -354,7 +362,7 @@ def _stage_job(
 def _trainer_command(subcommand: str) -> list[str]:
     # Also with several GPUs: the CLI relaunches `train` under torch.distributed.run itself and exits with
     # rank 0's contract code; a torchrun wrapper would turn OUT_OF_MEMORY/PREEMPTED into exit 1 (CONTRACT.md).
-    return ["python", "-m", "finetune_trainer", subcommand]
+    return [*TRAINER_ENTRYPOINT, subcommand]
 
 
 def _gpus(job: JobRef) -> int:
@@ -495,7 +503,7 @@ def _fetch_container(
         "image": config.images.trainer,
         "imagePullPolicy": config.images.pull_policy,
         # Paths go in args (command names the program): runtimes that remap volume paths rewrite args only.
-        "command": ["python", "-m", "finetune_trainer"],
+        "command": list(TRAINER_ENTRYPOINT),
         "args": ["fetch", source, dest],
         "env": [
             {"name": "HOME", "value": WORKDIR},

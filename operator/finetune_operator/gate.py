@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Lower is better for these; thresholds on them are usually `max`, improvements are decreases.
-LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+from finetune_vocabulary import metrics as vocabulary
+from finetune_vocabulary.metrics import relative_improvement
 
 
 @dataclass(frozen=True)
@@ -22,20 +22,13 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def relative_improvement(metric: str, tuned: float, base: float) -> float:
-    """How much better tuned is than base, relative to |base| (0.05 = 5% better); positive is better."""
-    gain = base - tuned if metric in LOWER_IS_BETTER else tuned - base
-    if base == 0:
-        return float("inf") if gain > 0 else (0.0 if gain == 0 else float("-inf"))
-    return gain / abs(base)
-
-
-def primary_metric(evaluation_spec: Mapping[str, Any], computed: Mapping[str, float]) -> str:
-    """The metric that decides improvement: primaryMetric, else exact_match if computed, else the first."""
-    if evaluation_spec.get("primaryMetric"):
-        return str(evaluation_spec["primaryMetric"])
-    metrics = [str(m) for m in evaluation_spec.get("metrics") or ["loss"]]
-    return "exact_match" if "exact_match" in metrics and "exact_match" in computed else metrics[0]
+def primary_metric(evaluation_spec: Mapping[str, Any]) -> str:
+    """The metric that decides the run, by the shared rule (finetune_vocabulary.metrics.primary_metric)."""
+    return vocabulary.primary_metric(
+        [str(m) for m in evaluation_spec.get("metrics") or ()],
+        [str(t["metric"]) for t in evaluation_spec.get("thresholds") or ()],
+        evaluation_spec.get("primaryMetric"),
+    )
 
 
 def evaluate_gate(
@@ -67,7 +60,7 @@ def evaluate_gate(
 
     improvement: float | None = None
     if evaluation_spec.get("compareToBase", True):
-        primary = primary_metric(evaluation_spec, tuned)
+        primary = primary_metric(evaluation_spec)
         minimum = evaluation_spec.get("minImprovement")
         tuned_value, base_value = tuned.get(primary), (base or {}).get(primary)
         if tuned_value is None or base_value is None:
@@ -79,7 +72,7 @@ def evaluate_gate(
             # Without minImprovement the tuned model must still be strictly better than its base;
             # the tolerance keeps 0.6 vs 0.5 at exactly +20% from failing on float rounding.
             beats = improvement >= needed - 1e-9 if minimum is not None else improvement > 0
-            direction = "lower" if primary in LOWER_IS_BETTER else "higher"
+            direction = vocabulary.direction(primary)
             change = f"{improvement:+.1%}" if math.isfinite(improvement) else "base is 0"
             summary = (
                 f"{primary} tuned {_fmt(tuned_value)} vs base {_fmt(base_value)} "

@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
+from finetune_vocabulary.labels import LABEL_MANAGED_BY, MANAGER
 
 from . import lifecycle
-from .builders import MANAGER
 from .models import GROUP, PLURAL, VERSION
 
-MANAGED = {"app.kubernetes.io/managed-by": MANAGER}
+MANAGED = {LABEL_MANAGED_BY: MANAGER}
 
 
 def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:

@@ -19,14 +19,14 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
+from finetune_vocabulary.labels import API_GROUP, MANAGER
 
-from .builders import API_VERSION, KIND
+from .models import API_VERSION, KIND
 
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
-COMPONENT = "finetune-operator"
 
 # kind → (API prefix, plural); the only kinds the operator touches.
 KINDS: dict[str, tuple[str, str]] = {
@@ -123,7 +123,7 @@ class KubeApi:
 
     def __init__(self, info: Any, *, concurrency: int = 64) -> None:
         self.server = str(info.server).rstrip("/")
-        headers = {"Accept": "application/json", "User-Agent": f"{COMPONENT}/0.1"}
+        headers = {"Accept": "application/json", "User-Agent": f"{MANAGER}/0.1"}
         if info.token:
             headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
         elif info.username and info.password:
@@ -133,7 +133,6 @@ class KubeApi:
         self._ssl = ssl_context(info)
         self._session: aiohttp.ClientSession | None = None
         self._concurrency = concurrency
-        self.writes = 0  # counted for the metrics and the benchmark
         self.instance = os.environ.get("HOSTNAME", "local")
 
     @property
@@ -161,8 +160,6 @@ class KubeApi:
     ) -> Any:
         data = json.dumps(body) if body is not None else None
         headers = {"Content-Type": content_type} if data is not None else {}
-        if method != "GET":
-            self.writes += 1
         async with self.session.request(
             method, self.server + path, data=data, headers=headers, params=params
         ) as response:
@@ -242,8 +239,8 @@ class KubeApi:
             "type": type_,
             "reason": reason,
             "message": message[:1024],
-            "source": {"component": COMPONENT},
-            "reportingComponent": f"finetune.dev/{COMPONENT}",
+            "source": {"component": MANAGER},
+            "reportingComponent": f"{API_GROUP}/{MANAGER}",
             "reportingInstance": self.instance[:128],
             "firstTimestamp": now,
             "lastTimestamp": now,

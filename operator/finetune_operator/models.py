@@ -16,6 +16,8 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
+from finetune_vocabulary.labels import API_GROUP
+from finetune_vocabulary.metrics import METRICS, MetricName
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -29,7 +31,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-GROUP = "finetune.dev"
+GROUP = API_GROUP
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "FineTuneJob"
@@ -228,18 +230,7 @@ Quantity = Annotated[
 ]
 
 
-class Metric(enum.StrEnum):
-    """Evaluation metrics the trainer computes."""
-
-    LOSS = "loss"
-    PERPLEXITY = "perplexity"
-    EXACT_MATCH = "exact_match"
-    TOKEN_F1 = "token_f1"
-    ROUGE_L = "rouge_l"
-
-
-MetricName = Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l"]
-ALL_METRICS: tuple[MetricName, ...] = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
+ALL_METRICS: tuple[MetricName, ...] = METRICS
 Method = Literal["lora", "qlora", "full"]
 DatasetFormat = Literal["auto", "chat", "completion", "instruction"]
 DeploymentMode = Literal["auto", "adapter", "merged"]
@@ -453,8 +444,8 @@ class EvaluationSpec(_Spec):
     )
     primary_metric: MetricName | None = Field(
         default=None,
-        description="Metric that decides improvement (unset: exact_match if computed, else the "
-        "first of metrics).",
+        description="Metric that decides the run: compared with the base model and shown in "
+        "status.evaluation.summary (unset: the first threshold's metric, else the first of metrics).",
     )
     max_new_tokens: int = Field(default=128, ge=1, le=8192, description="Generation budget per prompt.")
     batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts generated per batch.")

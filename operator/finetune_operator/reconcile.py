@@ -18,9 +18,10 @@ from typing import Any
 
 import aiohttp
 import kopf
+from finetune_vocabulary.labels import LABEL_COMPONENT, LABEL_JOB_UID
 
 from . import builders, kube, state
-from .builders import LABEL_JOB_UID, JobRef
+from .builders import JobRef
 from .config import OperatorConfig
 from .metrics import Metrics
 from .models import Phase, SpecError, parse_spec, spec_to_dict
@@ -28,7 +29,6 @@ from .naming import Stage
 
 log = logging.getLogger(__name__)
 
-COMPONENT_LABEL = "app.kubernetes.io/component"
 RETRY_DELAY = 10.0
 STAGE_CONDITIONS = (
     (Stage.VALIDATE, "Validated"),
@@ -68,7 +68,7 @@ ChildSource = Callable[[str], Children]
 
 
 def _stage_of(obj: Mapping[str, Any]) -> Stage | None:
-    value = ((obj.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL)
+    value = ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_COMPONENT)
     try:
         return Stage(str(value))
     except ValueError:

@@ -16,10 +16,14 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from finetune_vocabulary.exitcodes import ExitCode
+from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
+from finetune_vocabulary.metrics import METRICS
+
 from . import builders
 from .builders import Artifacts, JobRef
 from .config import ConfigError, OperatorConfig
-from .gate import evaluate_gate
+from .gate import evaluate_gate, primary_metric
 from .models import Phase
 from .naming import Stage
 
@@ -69,7 +73,11 @@ class Reason(StrEnum):
     SUCCEEDED = "Succeeded"
 
 
-EXIT_REASONS = {10: Reason.INVALID_DATASET, 11: Reason.INVALID_CONFIG, 12: Reason.OUT_OF_MEMORY}
+EXIT_REASONS: dict[int, Reason] = {
+    ExitCode.INVALID_DATA: Reason.INVALID_DATASET,
+    ExitCode.INVALID_CONFIG: Reason.INVALID_CONFIG,
+    ExitCode.OUT_OF_MEMORY: Reason.OUT_OF_MEMORY,
+}
 OOM_HINT = (
     "lower hyperparameters.batchSize or maxSeqLength, enable gradientCheckpointing, "
     "use method qlora or a larger gpuType"
@@ -98,7 +106,6 @@ STAGE_RUNNING_REASON = {
 }
 JOB_STAGES = (Stage.VALIDATE, Stage.TRAIN, Stage.EVALUATE, Stage.EXPORT)
 MAX_MESSAGE = 1024
-METRICS = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
 
 
 # --- inputs and outputs ------------------------------------------------------------------------
@@ -352,7 +359,7 @@ def _finite(value: Any) -> float | None:
 def _metrics(values: Any) -> dict[str, float] | None:
     if not isinstance(values, Mapping):
         return None
-    out = {k: v for k in METRICS if (v := _finite(values.get(k))) is not None}
+    out: dict[str, float] = {k: v for k in METRICS if (v := _finite(values.get(k))) is not None}
     return out or None
 
 
@@ -557,7 +564,7 @@ class _Planner:
             dataset = dataset_status(summary)
             self.status["dataset"] = dataset
             self.status["gpuHoursEstimate"] = gpu_hours_estimate(self.spec, dataset, config)
-            artifacts["data"] = f"{job.run_prefix}/data/"
+            artifacts["data"] = f"{job.layout.data}/"
             self.condition(
                 ConditionType.VALIDATED,
                 "True",
@@ -577,7 +584,7 @@ class _Planner:
             for key in ("adapter", "merged"):
                 if summary.get(key):
                     artifacts[key] = summary[key]
-            artifacts["checkpoint"] = f"{job.run_prefix}/checkpoints/"
+            artifacts["checkpoint"] = f"{job.layout.checkpoints}/"
             progress = dict(self.status.get("progress") or {})
             for key in ("step", "totalSteps", "loss"):
                 if _finite(summary.get(key)) is not None:
@@ -643,8 +650,7 @@ class _Planner:
         base = _metrics(summary.get("base"))
         evaluation_spec = self.spec.get("evaluation") or {}
         result = evaluate_gate(evaluation_spec, tuned, base)
-        metrics = list(evaluation_spec.get("metrics") or ["loss"])
-        primary = str(evaluation_spec.get("primaryMetric") or metrics[0])
+        primary = primary_metric(evaluation_spec)
         brief = f"{primary} {tuned.get(primary, float('nan')):.3g}"
         if base and primary in base:
             brief += f" vs {base[primary]:.3g}"
@@ -657,7 +663,7 @@ class _Planner:
             "reasons": [_short(r, 512) for r in result.reasons][:16],
             "summary": _short(("passed: " if result.passed else "rejected: ") + brief, 64),
         }
-        self.status["artifacts"]["evaluationReport"] = f"{self.o.job.run_prefix}/evaluation/report.json"
+        self.status["artifacts"]["evaluationReport"] = self.o.job.layout.evaluation_report
         if result.passed:
             self.condition(ConditionType.EVALUATED, "True", Reason.GATE_PASSED, "; ".join(result.reasons))
             return True
@@ -706,12 +712,10 @@ class _Planner:
             self.condition(ConditionType.DEPLOYED, "Unknown", Reason.DEPLOYING, f"created Deployment {name}")
             self.phase(Phase.DEPLOYING, Reason.DEPLOYING)
             return
-        wanted_hash = desired["metadata"]["annotations"][builders.ANNOTATION_SPEC_HASH]
-        current_hash = ((existing.get("metadata") or {}).get("annotations") or {}).get(
-            builders.ANNOTATION_SPEC_HASH
-        )
+        wanted_hash = desired["metadata"]["annotations"][ANNOTATION_SPEC_HASH]
+        current_hash = ((existing.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
         if current_hash != wanted_hash:
-            key = builders.ANNOTATION_SPEC_HASH.replace("~", "~0").replace("/", "~1")
+            key = ANNOTATION_SPEC_HASH.replace("~", "~0").replace("/", "~1")
             self.out.patch.append(
                 ChildPatch(
                     "Deployment",
