@@ -9,10 +9,11 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from finetune_operator import builders
-from finetune_operator.builders import Artifacts, JobRef
+from finetune_operator import builders, podspec
 from finetune_operator.config import OperatorConfig, load_config
+from finetune_operator.models import spec_to_dict
 from finetune_operator.naming import is_dns1035_label
+from finetune_operator.ref import Artifacts, JobRef
 
 from .ftj_factory import UID, job
 
@@ -120,6 +121,13 @@ def test_validation_never_asks_for_a_gpu_even_when_training_does() -> None:
     assert _pod_spec(manifest)["containers"][0]["command"] == ["python", "-m", "finetune_trainer", "validate"]
 
 
+def test_every_pod_that_asks_for_accelerators_or_serves_gets_the_priority_class() -> None:
+    ref = JOBS["multi gpu + user placement"]
+    for build in (builders.training_job, builders.evaluation_job, builders.export_job):
+        assert _pod_spec(build(ref, CONFIG))["priorityClassName"] == "batch-high", build.__name__
+    assert _pod_spec(builders.serving_deployment(ref, CONFIG, ADAPTER))["priorityClassName"] == "batch-high"
+
+
 def test_training_job_for_four_h100s_with_kueue() -> None:
     ref = JOBS["multi gpu + user placement"]
     manifest = builders.training_job(ref, CONFIG)
@@ -172,7 +180,7 @@ def test_training_job_can_be_created_suspended_and_without_pod_replacement_polic
     old_cluster = CONFIG.model_copy(
         update={"defaults": CONFIG.defaults.model_copy(update={"pod_replacement_policy": False})}
     )
-    manifest = builders.training_job(job(), old_cluster, suspend=True)
+    manifest = builders.training_job(job(resources={"queueName": "team-a-queue"}), old_cluster)
     assert "podReplacementPolicy" not in manifest["spec"]
     assert manifest["spec"]["suspend"] is True
 
@@ -192,7 +200,7 @@ def test_trainer_gets_the_contract_environment() -> None:
     document = json.loads(env["FTJ_CONFIG"]["value"])
     assert document["runPrefix"] == f"s3://runs/out/team-a/demo/{UID}"
     assert document["job"] == {"namespace": "team-a", "name": "demo", "uid": UID}
-    assert document["spec"] == dict(ref.spec)
+    assert document["spec"] == spec_to_dict(ref.spec)
     assert env["FTJ_TERMINATION_LOG"]["value"] == train["terminationMessagePath"] == "/dev/termination-log"
     assert env["FTJ_WORKDIR"]["value"] == "/workspace"
     assert train["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
@@ -267,7 +275,7 @@ def test_pvc_variable_matches_the_trainers_lookup(
     claim: str, variable: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     storage = pytest.importorskip("finetune_trainer.storage")
-    assert builders.pvc_env_name(claim) == variable
+    assert podspec.pvc_env_name(claim) == variable
     monkeypatch.setenv(variable, "/somewhere/else")
     assert str(storage.pvc_mount(claim)) == "/somewhere/else"
 

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.gate import evaluate_gate, relative_improvement
+from finetune_operator.models import EvaluationSpec
 
 GATE_CASES = [
     # (name, evaluation spec, tuned, base, passed, words expected in the reasons)
@@ -126,7 +127,7 @@ def test_gate(
     passed: bool,
     words: list[str],
 ) -> None:
-    result = evaluate_gate(spec, tuned, base)
+    result = evaluate_gate(EvaluationSpec.model_validate(spec), tuned, base)
     assert result.passed is passed
     text = " | ".join(result.reasons)
     for word in words:

@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from finetune_operator.builders import JobRef
+from finetune_operator.conditions import Reason
 from finetune_operator.config import load_config
 from finetune_operator.naming import Stage
-from finetune_operator.state import Event, Observed, Plan, Reason, plan
+from finetune_operator.plan import Event, Observed, Plan
+from finetune_operator.planner import plan
+from finetune_operator.ref import JobRef
 
 from .ftj_factory import job, pending_pod, terminated_pod, with_status
 
