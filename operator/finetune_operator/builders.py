@@ -37,6 +37,9 @@ TRAINER_CONTAINER = "trainer"
 VLLM_CONTAINER = "vllm"
 TERMINATION_LOG = "/dev/termination-log"
 MODELS_DIR = "/models"
+# What a container killed by the kernel's OOM killer (SIGKILL) exits with; kubelet reports reason OOMKilled,
+# but a podFailurePolicy can match only exit codes and pod conditions, so the rule matches 137.
+OOM_KILLED_EXIT_CODE = 137
 # LoRA ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -77,17 +80,19 @@ def _trainer_env(job: JobRef, stage: Stage) -> list[dict[str, Any]]:
 # --- Jobs --------------------------------------------------------------------------------------
 
 
-def _failure_policy() -> dict[str, Any]:
+def pod_failure_policy() -> dict[str, Any]:
+    """Every stage: evictions and preemptions do not spend the retry budget; bad data, bad config and OOM
+    (the trainer's own code 12, or the kernel's OOM kill, exit 137) fail the Job at once."""
     return {
         "rules": [
-            # Evictions and preemptions do not spend the retry budget; training resumes from a checkpoint.
+            # First, so a pod killed (137) after a preemption's grace period is still only a disruption.
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             {
                 "action": "FailJob",
                 "onExitCodes": {
                     "containerName": TRAINER_CONTAINER,
                     "operator": "In",
-                    "values": [int(code) for code in PERMANENT_EXIT_CODES],
+                    "values": [*(int(code) for code in PERMANENT_EXIT_CODES), OOM_KILLED_EXIT_CODE],
                 },
             },
         ]
@@ -145,7 +150,7 @@ def _stage_job(
     }
     job_spec: dict[str, Any] = {
         "backoffLimit": backoff_limit,
-        "podFailurePolicy": _failure_policy(),
+        "podFailurePolicy": pod_failure_policy(),
         "template": {"metadata": {"labels": labels(job, stage) | (extra_labels or {})}, "spec": pod_spec},
         **(extra_spec or {}),
     }

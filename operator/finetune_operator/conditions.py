@@ -8,6 +8,7 @@ from enum import StrEnum
 from finetune_vocabulary.exitcodes import ExitCode
 
 from .models import Phase
+from .naming import Stage
 
 # Phases after which nothing more happens (Succeeded is not among them: enabling deployment later serves it).
 TERMINAL_PHASES = frozenset({Phase.FAILED, Phase.REJECTED})
@@ -55,6 +56,7 @@ class Reason(StrEnum):
     DEPLOYMENT_DISABLED = "DeploymentDisabled"
     SERVING = "Serving"
     SUCCEEDED = "Succeeded"
+    DATASET_WARNING = "DatasetWarning"
 
 
 # The trainer's permanent exit codes and the reason each one reports.
@@ -67,6 +69,16 @@ OOM_HINT = (
     "lower hyperparameters.batchSize or maxSeqLength, enable gradientCheckpointing, "
     "use method qlora or a larger gpuType"
 )
+# Validation reads the dataset line by line, so running out of memory there is about the data, not training.
+VALIDATE_OOM_HINT = (
+    "the dataset could not be checked within the validation pod's memory limit (operator setting "
+    "defaults.validateMemory); lines over dataset.maxLineBytes are reported as invalid lines, so look for a "
+    "very large file, or ask the platform team to raise validateMemory"
+)
+
+
+def oom_hint(stage: Stage) -> str:
+    return VALIDATE_OOM_HINT if stage is Stage.VALIDATE else OOM_HINT
 
 
 def timestamp(now: datetime) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -97,6 +98,16 @@ THRESHOLD_ONE_BOUND = "a threshold sets exactly one of min or max"
 OUTPUT_OVERLAPS_MODEL = "storage.output must not be the base model's location or under it"
 OUTPUT_OVERLAPS_DATA = "storage.output must not be a dataset file's location or under it"
 IMMUTABLE = "{field} is immutable once set"
+LORA_RANK_UNSERVABLE = (
+    "lora.rank above 512 cannot be served as a vLLM LoRA adapter (512 is vLLM's largest --max-lora-rank): "
+    "use lora.rank <= 512, deployment.mode merged or deployment.enabled false"
+)
+EXTRA_ARGS_REFUSED = (
+    "deployment.extraArgs takes only allow-listed vLLM flags (docs/serving.md), as --flag, --flag=value or "
+    "--flag value, with values of letters, digits and ._:+-; flags that change the model, tokenizer, host, "
+    "port, served names, LoRA modules or remote code, positional arguments and $(VAR) are refused"
+)
+VLLM_MAX_LORA_RANK = 512
 IMMUTABLE_FIELDS = ("baseModel", "dataset", "method", "lora", "hyperparameters")
 
 
@@ -116,6 +127,7 @@ RULE_FIELD = {
     OUTPUT_OVERLAPS_DATA: ".storage.output",
     THRESHOLD_METRIC_UNKNOWN: ".thresholds",
     PRIMARY_METRIC_UNKNOWN: ".primaryMetric",
+    LORA_RANK_UNSERVABLE: ".lora.rank",
 }
 
 
@@ -270,10 +282,37 @@ class DatasetSpec(_Spec):
         "(unset: 10% of train, 1 to 200).",
     )
     max_error_rate: float = Field(
-        default=0.1,
+        default=0,
         ge=0,
         le=1,
-        description="Fail validation when more than this fraction of lines is malformed or over-length.",
+        description="Fail validation when more than this fraction of non-blank lines is invalid (default 0: "
+        "any invalid line fails, and the first ones are listed by line number).",
+    )
+    max_line_bytes: int = Field(
+        default=1_048_576,
+        ge=1024,
+        le=67_108_864,
+        description="A line longer than this many bytes is an invalid line (read without loading it whole).",
+    )
+    min_train_examples: int = Field(
+        default=20,
+        ge=1,
+        le=10_000_000,
+        description="Fail validation when fewer training examples remain after cleaning and the split.",
+    )
+    recommended_train_examples: int = Field(
+        default=500,
+        ge=0,
+        le=10_000_000,
+        description="Fewer training examples than this is a warning (condition and Event), not a failure; "
+        "0 turns the warning off.",
+    )
+    max_test_fraction: float = Field(
+        default=0.2,
+        gt=0,
+        le=0.5,
+        description="A testSize above this fraction of the valid examples is reduced to it, with a warning, "
+        "so training never has fewer examples than the held-out set.",
     )
 
 
@@ -468,6 +507,80 @@ class EvaluationSpec(_Spec):
         return self
 
 
+# vLLM server flags a user may pass in deployment.extraArgs (docs/serving.md). Everything else is refused: the
+# operator sets the model, tokenizer, host, port, served names and LoRA modules, and flags such as
+# --trust-remote-code, --config, --api-key or --chat-template would run code, read files or carry secrets.
+VLLM_BOOLEAN_FLAGS = (
+    "enforce-eager",
+    "no-enforce-eager",
+    "enable-prefix-caching",
+    "no-enable-prefix-caching",
+    "enable-chunked-prefill",
+    "no-enable-chunked-prefill",
+    "async-scheduling",
+    "no-async-scheduling",
+    "enable-auto-tool-choice",
+    "disable-log-stats",
+    "no-enable-log-requests",
+    "disable-uvicorn-access-log",
+    "disable-fastapi-docs",
+)
+VLLM_VALUE_FLAGS = (
+    "dtype",
+    "seed",
+    "max-num-seqs",
+    "max-num-batched-tokens",
+    "gpu-memory-utilization",
+    "kv-cache-memory-bytes",
+    "kv-cache-dtype",
+    "block-size",
+    "distributed-executor-backend",
+    "max-loras",
+    "max-cpu-loras",
+    "lora-dtype",
+    "max-logprobs",
+    "scheduling-policy",
+    "quantization",
+    "cpu-offload-gb",
+    "uvicorn-log-level",
+    "tool-call-parser",
+    "reasoning-parser",
+)
+_ARG_VALUE = r"[A-Za-z0-9._:+-]+"
+EXTRA_ARG_FLAG_PATTERN = (
+    rf"^--(?:(?:{'|'.join(VLLM_BOOLEAN_FLAGS)})|(?:{'|'.join(VLLM_VALUE_FLAGS)})(?:={_ARG_VALUE})?)$"
+)
+EXTRA_ARG_VALUE_FLAG_PATTERN = rf"^--(?:{'|'.join(VLLM_VALUE_FLAGS)})$"
+EXTRA_ARG_VALUE_PATTERN = rf"^{_ARG_VALUE}$"
+MAX_EXTRA_ARGS = 32
+
+
+def extra_args_problem(args: Sequence[str]) -> int | None:
+    """Index of the first argument the allow-list refuses, or None (the CEL rule below, in Python)."""
+    for i, arg in enumerate(args):
+        if arg.startswith("-"):
+            ok = re.fullmatch(EXTRA_ARG_FLAG_PATTERN, arg) is not None
+        else:
+            ok = (
+                i > 0
+                and re.fullmatch(EXTRA_ARG_VALUE_FLAG_PATTERN, args[i - 1]) is not None
+                and re.fullmatch(EXTRA_ARG_VALUE_PATTERN, arg) is not None
+            )
+        if not ok:
+            return i
+    return None
+
+
+# CEL has no indexed iteration: walk the (bounded) indices so a value can be checked against its flag.
+EXTRA_ARGS_RULE = _rule(
+    f"{list(range(MAX_EXTRA_ARGS))}.all(i, i >= size(self) || (self[i].startsWith('-') "
+    f"? self[i].matches('{EXTRA_ARG_FLAG_PATTERN}') "
+    f": (i > 0 && self[i - 1].matches('{EXTRA_ARG_VALUE_FLAG_PATTERN}') "
+    f"&& self[i].matches('{EXTRA_ARG_VALUE_PATTERN}'))))",
+    EXTRA_ARGS_REFUSED,
+)
+
+
 class DeploymentResources(_Spec):
     """CPU and memory of each vLLM replica."""
 
@@ -493,9 +606,27 @@ class DeploymentSpec(_Spec):
     gpu_type: DNSLabel | None = Field(default=None, description="GPU table key; default: resources.gpuType.")
     max_model_len: int | None = Field(default=None, ge=128, le=1_048_576, description="vLLM --max-model-len.")
     extra_args: list[Annotated[str, Field(max_length=256)]] | None = Field(
-        default=None, max_length=32, description="Extra vLLM server arguments."
+        default=None,
+        max_length=MAX_EXTRA_ARGS,
+        json_schema_extra=_validations(EXTRA_ARGS_RULE),
+        description="Extra vLLM server arguments: allow-listed flags only (docs/serving.md), as --flag, "
+        "--flag=value or --flag value.",
     )
     resources: DeploymentResources | None = Field(default=None, description="CPU and memory per replica.")
+
+    @field_validator("extra_args")
+    @classmethod
+    def _extra_args_allowed(cls, args: list[str] | None) -> list[str] | None:
+        values = args or []
+        index = extra_args_problem(values)
+        if index is not None:
+            raise ValueError(f"{EXTRA_ARGS_REFUSED} (refused: item {index}, {values[index]!r})")
+        return args
+
+    def serves_adapter(self, method: str) -> bool:
+        """Whether vLLM will load the tuned weights as a LoRA adapter (mode auto: for lora and qlora)."""
+        mode = self.mode if self.mode != "auto" else ("merged" if method == "full" else "adapter")
+        return self.enabled and mode == "adapter"
 
 
 _SPEC_RULES = (
@@ -508,6 +639,14 @@ _SPEC_RULES = (
         "!has(self.deployment) || !has(self.deployment.mode) || self.deployment.mode != 'adapter' "
         "|| !has(self.method) || self.method != 'full'",
         ADAPTER_NEEDS_PEFT,
+    ),
+    _rule(
+        "!has(self.lora) || !has(self.lora.rank) || self.lora.rank <= 512 || (has(self.deployment) && ("
+        "(has(self.deployment.enabled) && !self.deployment.enabled) "
+        "|| (has(self.deployment.mode) && self.deployment.mode == 'merged') "
+        "|| ((!has(self.deployment.mode) || self.deployment.mode == 'auto') "
+        "&& has(self.method) && self.method == 'full')))",
+        LORA_RANK_UNSERVABLE,
     ),
     _rule(
         "!has(self.storage) || !has(self.storage.output) || !has(self.baseModel) "
@@ -596,6 +735,8 @@ class FineTuneJobSpec(_Spec):
             raise ValueError(QLORA_NEEDS_GPU)
         if self.deployment.mode == "adapter" and self.method == "full":
             raise ValueError(ADAPTER_NEEDS_PEFT)
+        if self.lora.rank > VLLM_MAX_LORA_RANK and self.deployment.serves_adapter(self.method):
+            raise ValueError(LORA_RANK_UNSERVABLE)
         if _under(self.storage.output, self.base_model.uri):
             raise ValueError(OUTPUT_OVERLAPS_MODEL)
         data = [self.dataset.train, self.dataset.validation, self.dataset.test]

@@ -12,8 +12,9 @@ from typing import Any
 
 from finetune_vocabulary.metrics import METRICS
 
-from .builders import TRAINER_CONTAINER
-from .conditions import EXIT_REASONS, OOM_HINT, Reason
+from .builders import OOM_KILLED_EXIT_CODE, TRAINER_CONTAINER
+from .conditions import EXIT_REASONS, Reason, oom_hint
+from .naming import Stage
 
 IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
 
@@ -137,20 +138,21 @@ def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> Jo
     return JobOutcome("running")
 
 
-def failure_reason(outcome: JobOutcome) -> tuple[Reason, str]:
+def failure_reason(outcome: JobOutcome, stage: Stage = Stage.TRAIN) -> tuple[Reason, str]:
     """Map a failed Job to a reason and a message the user can act on."""
     term = outcome.termination
     if term is not None and term.exit_code in EXIT_REASONS:
         reason = EXIT_REASONS[term.exit_code]
         message = term.message or f"the trainer exited with code {term.exit_code}"
-        if reason is Reason.OUT_OF_MEMORY and "hint" not in message.lower() and OOM_HINT not in message:
-            message = f"{message}; hint: {OOM_HINT}"
+        hint = oom_hint(stage)
+        if reason is Reason.OUT_OF_MEMORY and "hint" not in message.lower() and hint not in message:
+            message = f"{message}; hint: {hint}"
         return reason, message
-    if term is not None and term.reason == "OOMKilled":
-        return (
-            Reason.OUT_OF_MEMORY,
-            f"the container was killed for exceeding its memory limit; hint: {OOM_HINT}",
-        )
+    if term is not None and (term.reason == "OOMKilled" or term.exit_code == OOM_KILLED_EXIT_CODE):
+        killed = "killed (exit 137)"
+        if term.reason == "OOMKilled":
+            killed = "killed for exceeding its memory limit"
+        return Reason.OUT_OF_MEMORY, f"the {stage.value} container was {killed}; hint: {oom_hint(stage)}"
     if outcome.job_reason == "DeadlineExceeded":
         return Reason.DEADLINE_EXCEEDED, outcome.job_message or "activeDeadlineSeconds was exceeded"
     detail = ""

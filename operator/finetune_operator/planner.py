@@ -119,10 +119,12 @@ class Planner:
             self.out.events.append(Event("Warning", self.ready_reason.value, self.ready_message))
         new_retries = int(self.status.get("retries") or 0)
         if new_retries > int(self.o.status.get("retries") or 0) and not warning:
-            self.out.events.append(Event("Normal", Reason.RETRYING.value, self.retry_message(new_retries)))
+            self.out.events.append(
+                Event("Normal", Reason.RETRYING.value, self.retry_message(phase, new_retries))
+            )
 
-    def retry_message(self, retries: int) -> str:
-        return f"a pod failed or was evicted; resuming from the last checkpoint (retry {retries})"
+    def retry_message(self, phase: str, retries: int) -> str:
+        return f"a pod failed or was evicted (retry {retries})"
 
 
 class Pipeline(Planner):
@@ -132,11 +134,13 @@ class Pipeline(Planner):
         super().__init__(observed, config)
         self.job = job
 
-    def retry_message(self, retries: int) -> str:
-        return (
-            f"a pod failed or was evicted; resuming from the last checkpoint (retry {retries}, "
-            f"maxRetries {self.job.spec.max_retries} counts non-disruption failures)"
-        )
+    def retry_message(self, phase: str, retries: int) -> str:
+        """Only training resumes from a checkpoint; the other stages start again."""
+        budget = f"(retry {retries}, maxRetries {self.job.spec.max_retries} counts non-disruption failures)"
+        if phase == Phase.TRAINING.value:
+            return f"a training pod failed or was evicted; resuming from the last checkpoint {budget}"
+        stage = phase.lower() if phase else "a stage"
+        return f"a pod failed or was evicted while {stage}; running the stage again {budget}"
 
     def advance(self) -> None:
         self.status["retries"] = max(int(self.status.get("retries") or 0), restarts(self.o)) or None
@@ -195,7 +199,7 @@ class Pipeline(Planner):
             return None
         outcome = job_outcome(job, self.o.pods.get(row.stage, ()))
         if outcome.state == "failed":
-            reason, message = failure_reason(outcome)
+            reason, message = failure_reason(outcome, row.stage)
             self.fail(row.stage, reason, f"{row.stage.value}: {message}")
             return None
         if outcome.state == "succeeded":

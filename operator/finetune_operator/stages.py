@@ -6,7 +6,7 @@ adding a row, its builder and its reader.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,6 +18,7 @@ from .gate import evaluate_gate, primary_metric
 from .models import FineTuneJobSpec, Phase
 from .naming import Stage
 from .observe import JobOutcome, finite, metric_values
+from .plan import Event
 from .ref import Artifacts, JobRef
 
 if TYPE_CHECKING:
@@ -63,18 +64,46 @@ def dataset_status(summary: Mapping[str, Any]) -> dict[str, Any]:
     return {key: summary[key] for key in keys if summary.get(key) is not None}
 
 
+def dataset_warnings(summary: Mapping[str, Any]) -> list[str]:
+    """The validate stage's warnings (too few examples, testSize reduced), at most five."""
+    warnings = summary.get("warnings")
+    if not isinstance(warnings, list):
+        return []
+    return [short(str(w), 256) for w in warnings if isinstance(w, str) and w][:5]
+
+
+def _count(value: Any) -> str | None:
+    number = finite(value)
+    return None if number is None else f"{number:.0f}"
+
+
+def validated_message(dataset: Mapping[str, Any], warnings: Sequence[str] = ()) -> str:
+    """e.g. "40 training examples, 8 held out, 1234 tokens; warning: ..." (numbers that are known only)."""
+    parts = [
+        f"{n} {label}"
+        for key, label in (("train", "training examples"), ("test", "held out"), ("trainTokens", "tokens"))
+        if (n := _count(dataset.get(key))) is not None
+    ]
+    message = ", ".join(parts) or "dataset validated"
+    return message + "".join(f"; warning: {w}" for w in warnings)
+
+
+def trained_message(progress: Mapping[str, Any]) -> str:
+    """e.g. "trained 20 steps, final loss 0.412" (a number that is not known is left out, never '?')."""
+    step, loss = _count(progress.get("step")), finite(progress.get("loss"))
+    message = f"trained {step} steps" if step is not None else "training finished"
+    return message + (f", final loss {loss:.4g}" if loss is not None else "")
+
+
 def read_validation(p: Pipeline, outcome: JobOutcome) -> bool:
     dataset = dataset_status(outcome.summary)
     p.status["dataset"] = dataset
     p.status["gpuHoursEstimate"] = gpu_hours_estimate(p.job.spec, dataset, p.config)
     p.status["artifacts"]["data"] = f"{p.job.layout.data}/"
-    p.condition(
-        ConditionType.VALIDATED,
-        "True",
-        Reason.DATASET_VALID,
-        f"{dataset.get('train', '?')} training examples, {dataset.get('test', '?')} held out, "
-        f"{dataset.get('trainTokens', '?')} tokens",
-    )
+    warnings = dataset_warnings(outcome.summary)
+    p.condition(ConditionType.VALIDATED, "True", Reason.DATASET_VALID, validated_message(dataset, warnings))
+    for warning in warnings:
+        p.out.events.append(Event("Warning", Reason.DATASET_WARNING.value, short(warning)))
     return True
 
 
@@ -93,12 +122,7 @@ def read_training(p: Pipeline, outcome: JobOutcome) -> bool:
         progress["display"] = f"{progress['step']}/{progress['totalSteps']}"
     progress["etaSeconds"] = 0
     p.status["progress"] = progress or None
-    p.condition(
-        ConditionType.TRAINED,
-        "True",
-        Reason.TRAINING_SUCCEEDED,
-        f"trained {progress.get('step', '?')} steps, final loss {progress.get('loss', '?')}",
-    )
+    p.condition(ConditionType.TRAINED, "True", Reason.TRAINING_SUCCEEDED, trained_message(progress))
     return True
 
 

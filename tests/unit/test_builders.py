@@ -159,7 +159,11 @@ def test_training_job_for_four_h100s_with_kueue() -> None:
         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
     }
     assert rules[1]["action"] == "FailJob"
-    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [10, 11, 12]}
+    assert rules[1]["onExitCodes"] == {
+        "containerName": "trainer",
+        "operator": "In",
+        "values": [10, 11, 12, 137],
+    }
     assert pod["restartPolicy"] == "Never"
 
 
