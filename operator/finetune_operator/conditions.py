@@ -7,8 +7,8 @@ from enum import StrEnum
 
 from finetune_vocabulary.exitcodes import ExitCode
 
-from .models import Phase
 from .naming import Stage
+from .status import Phase
 
 # Phases after which nothing more happens (Succeeded is not among them: enabling deployment later serves it).
 TERMINAL_PHASES = frozenset({Phase.FAILED, Phase.REJECTED})

@@ -13,8 +13,9 @@ from finetune_vocabulary.labels import LABEL_COMPONENT, LABEL_JOB_UID
 from . import kube
 from .config import OperatorConfig
 from .metrics import Metrics
-from .models import FineTuneJobSpec, SpecError, parse_spec
+from .models import FineTuneJobSpec, parse_spec
 from .naming import Stage
+from .schema import SpecError
 
 SNAPSHOT_METADATA = (
     "name",

@@ -13,16 +13,16 @@ from typing import Any
 
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
 
-from . import builders
+from . import serving
 from .accounting import gpu_hours_spent, restarts
 from .conditions import TERMINAL_PHASES, ConditionType, Reason, short, timestamp
 from .config import ConfigError, OperatorConfig
-from .models import Phase
 from .naming import Stage
 from .observe import JobOutcome, deployment_available, failure_reason, job_outcome, pod_problem
 from .plan import ChildDelete, ChildPatch, Event, Observed, Plan, diff_status
 from .ref import Artifacts, JobRef
 from .stages import ROWS, STAGES, StageRow
+from .status import Phase
 
 # Pod problems worth a Warning Event each time their message changes (not only on a phase change).
 REPEATED_WARNINGS = (Reason.UNSCHEDULABLE, Reason.CONTAINER_CONFIG_ERROR)
@@ -248,7 +248,7 @@ class Pipeline(Planner):
     # --- the serving stage ---------------------------------------------------------------------
 
     def retire_serving(self) -> None:
-        name = builders.service_name(self.job)
+        name = serving.service_name(self.job)
         if self.o.children.get(Stage.SERVE) is not None:
             self.out.delete.append(ChildDelete("Deployment", name))
         if self.o.service is not None:
@@ -260,8 +260,8 @@ class Pipeline(Planner):
         existing = self.o.children.get(row.stage)
         desired = row.build(self.job, self.config, self.artifacts())
         if self.o.service is None:
-            self.out.create.append(builders.serving_service(self.job, self.config))
-        name = builders.service_name(self.job)
+            self.out.create.append(serving.serving_service(self.job, self.config))
+        name = serving.service_name(self.job)
         if existing is None:
             self.out.create.append(desired)
             self.condition(row.condition, "Unknown", row.running, f"created Deployment {name}")
@@ -271,7 +271,7 @@ class Pipeline(Planner):
             self.condition(row.condition, "Unknown", row.running, "rolling out the changed deployment")
             self.phase(row.phase, row.running, "applying the changed deployment section")
         elif deployment_available(existing):
-            model, url = builders.served_model_name(self.job), builders.endpoint_url(self.job, self.config)
+            model, url = serving.served_model_name(self.job), serving.endpoint_url(self.job, self.config)
             self.status["endpoint"] = {"url": url, "model": model}
             self.condition(
                 row.condition, "True", Reason.DEPLOYMENT_AVAILABLE, f"{model} is served by Deployment {name}"

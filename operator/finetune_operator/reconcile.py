@@ -31,13 +31,13 @@ import aiohttp
 from . import kube
 from .builders import TRAINER_CONTAINER
 from .context import Context, JobRecord, resource_version, snapshot
-from .models import Phase
 from .naming import Stage
 from .observe import disrupted_pods, parse_time
 from .plan import Observed, Plan
 from .planner import plan
 from .ref import JobRef, ObjectRef
 from .stages import STAGES
+from .status import Phase
 
 log = logging.getLogger(__name__)
 

@@ -10,16 +10,17 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import builders
+from . import builders, serving
 from .accounting import gpu_hours_estimate
 from .conditions import ConditionType, Reason, short
 from .config import OperatorConfig
 from .gate import evaluate_gate, primary_metric
-from .models import FineTuneJobSpec, Phase
+from .models import FineTuneJobSpec
 from .naming import Stage
 from .observe import JobOutcome, finite, metric_values
 from .plan import Event
 from .ref import Artifacts, JobRef
+from .status import Phase
 
 if TYPE_CHECKING:
     from .planner import Pipeline
@@ -254,14 +255,14 @@ STAGES: tuple[StageRow, ...] = (
         Phase.DEPLOYING,
         Reason.EXPORTING,
         read=read_export,
-        wanted=builders.needs_export,
+        wanted=serving.needs_export,
         owns_condition=False,  # Deployed is the serving stage's; a merged model in storage ends export
         running_messages=("merging the adapter", "merging the adapter into the base model"),
     ),
     StageRow(
         Stage.SERVE,
         "Deployment",
-        builders.serving_deployment,
+        serving.serving_deployment,
         ConditionType.DEPLOYED,
         Phase.DEPLOYING,
         Reason.DEPLOYING,
