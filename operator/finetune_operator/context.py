@@ -115,6 +115,7 @@ class JobRecord:
     disrupted: set[str] = field(default_factory=set)  # evicted pods seen failing (soon deleted)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     parsed: ParsedSpec | None = None
+    built: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)  # Observed.built
 
     def spec(self) -> ParsedSpec:
         """The parsed spec of the current generation, parsed once per generation."""

@@ -26,6 +26,9 @@ class Observed:
     spec_error: str | None = None  # the spec failed the operator's own validation
     # Evicted/preempted stage pods this process has seen fail (they are deleted soon after); None: use `pods`.
     disrupted: frozenset[str] | None = None
+    # The desired Deployment from an earlier pass, by (stage, generation, adapter, merged): a memo the caller
+    # keeps per job so an unchanged job is not rebuilt to be compared (the planner stays deterministic).
+    built: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

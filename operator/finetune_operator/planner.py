@@ -255,10 +255,19 @@ class Pipeline(Planner):
             self.out.delete.append(ChildDelete("Service", name))
         self.status["endpoint"] = None
 
+    def desired(self, row: StageRow) -> dict[str, Any]:
+        """The child as the spec wants it, built once per generation and artifacts (`Observed.built`)."""
+        artifacts = self.artifacts()
+        key = (row.stage.value, self.o.generation, artifacts.adapter, artifacts.merged)
+        if key not in self.o.built:
+            self.o.built.clear()
+            self.o.built[key] = row.build(self.job, self.config, artifacts)
+        return self.o.built[key]
+
     def serve(self, row: StageRow) -> None:
         """Create the Service and Deployment, roll out a changed one, report when it serves."""
         existing = self.o.children.get(row.stage)
-        desired = row.build(self.job, self.config, self.artifacts())
+        desired = self.desired(row)
         if self.o.service is None:
             self.out.create.append(serving.serving_service(self.job, self.config))
         name = serving.service_name(self.job)

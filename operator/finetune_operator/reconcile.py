@@ -134,6 +134,7 @@ async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) ->
         progress=progress,
         spec_error=parsed.error,
         disrupted=frozenset(record.disrupted),
+        built=record.built,
     )
     await execute(ctx, record, plan(observed, ctx.config))
     if parsed.error is not None:
