@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from . import builders, kube, state
+from . import builders, kube, ownership, state
 from .builders import LABEL_JOB_UID, JobRef
 from .config import OperatorConfig
 from .metrics import Metrics
@@ -147,6 +147,8 @@ class Context:
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     # uid → (generation, spec as parsed and defaulted, its error): the spec changes only with the generation.
     specs: dict[str, tuple[int, dict[str, Any], str | None]] = field(default_factory=dict)
+    # uid → objects carrying the job's labels that are not its children, already logged (once each).
+    ignored: dict[str, set[str]] = field(default_factory=dict)
     connection: Any = None
 
     def lock(self, uid: str) -> asyncio.Lock:
@@ -171,7 +173,15 @@ class Context:
         return self.jobs[uid]
 
     def forget(self, uid: str) -> None:
-        for table in (self.jobs, self.last_run, self.created, self.locks, self.disrupted, self.specs):
+        for table in (
+            self.jobs,
+            self.last_run,
+            self.created,
+            self.locks,
+            self.disrupted,
+            self.specs,
+            self.ignored,
+        ):
             table.pop(uid, None)
         self.dirty.discard(uid)
         self.metrics.forget(uid)
@@ -181,8 +191,27 @@ class Context:
         created = self.created.get(uid, {}).get(f"{body['metadata']['name']}/{body.get('kind')}")
         return created is not None and snapshot(body)["status"] == created["status"]
 
-    def children(self, uid: str) -> Children:
-        """Watch-cache children plus the ones this process created that the cache has not shown yet."""
+    def children(self, uid: str, namespace: str) -> Children:
+        """The job's children: watch-cache objects with its label that its controller ownerReference
+        confirms (ownership.py), plus the ones this process created that the cache has not shown yet."""
+        found, ignored = ownership.owned_children(self._labelled(uid), namespace, uid)
+        self._log_ignored(uid, ignored)
+        return found
+
+    def _log_ignored(self, uid: str, ignored: Iterable[Mapping[str, Any]]) -> None:
+        seen = self.ignored.setdefault(uid, set())
+        for obj in ignored:
+            key = str((obj.get("metadata") or {}).get("uid") or ownership.describe(obj))
+            if key not in seen:
+                seen.add(key)
+                log.warning(
+                    "ignoring %s: it carries the labels of FineTuneJob uid %s but is not controlled by it "
+                    "in its namespace",
+                    ownership.describe(obj),
+                    uid,
+                )
+
+    def _labelled(self, uid: str) -> Children:
         found = self.children_of(uid)
         recent = self.created.get(uid)
         if recent:
@@ -243,7 +272,7 @@ async def _reconcile(ctx: Context, job: dict[str, Any], *, read_progress: bool) 
     uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
     spec, spec_error = _parsed_spec(ctx, uid, int(meta.get("generation") or 1), job.get("spec") or {})
     ref = JobRef(namespace=namespace, name=name, uid=uid, spec=spec)
-    children, pods, service = ctx.children(uid).by_stage()
+    children, pods, service = ctx.children(uid, namespace).by_stage()
     status = job.get("status") or {}
     progress = None
     if read_progress and ctx.api is not None and status.get("phase") == Phase.TRAINING.value:
@@ -370,7 +399,7 @@ def _observe(ctx: Context, job: Mapping[str, Any], old_status: Mapping[str, Any]
     finished = [s for s, kind in STAGE_CONDITIONS if new.get(kind) == "True" and old.get(kind) != "True"]
     if not finished:
         return
-    children, _, _ = ctx.children(uid).by_stage()
+    children, _, _ = ctx.children(uid, str(meta["namespace"])).by_stage()
     for stage in finished:
         child_status = (children.get(stage) or {}).get("status") or {}
         start = state.parse_time(child_status.get("startTime"))

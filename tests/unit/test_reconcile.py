@@ -101,6 +101,13 @@ class FakeApi:
         return found
 
 
+def controlled_by(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """The ownerReferences a controller (here the Job controller) puts on what it creates."""
+    meta = owner["metadata"]
+    ref = {"kind": owner["kind"], "name": meta["name"], "uid": meta["uid"], "controller": True}
+    return {"ownerReferences": [ref]}
+
+
 def new_job(**overrides: Any) -> dict[str, Any]:
     return {
         "apiVersion": "finetune.dev/v1alpha1",
@@ -228,7 +235,8 @@ async def test_training_progress_is_read_from_the_log_tail() -> None:
     summary = {"train": 10, "test": 2, "trainTokens": 1000}
     api.objects[("Pod", "team-a", "v-1")] = {
         "kind": "Pod",
-        "metadata": {"name": "v-1", "labels": validate["metadata"]["labels"]},
+        "metadata": {"name": "v-1", "namespace": "team-a", "labels": validate["metadata"]["labels"]}
+        | controlled_by(validate),
         "status": {
             "phase": "Succeeded",
             "containerStatuses": [
@@ -249,7 +257,8 @@ async def test_training_progress_is_read_from_the_log_tail() -> None:
     train = api.objects[("Job", "team-a", "demo-train")]
     api.objects[("Pod", "team-a", "t-1")] = {
         "kind": "Pod",
-        "metadata": {"name": "t-1", "labels": train["metadata"]["labels"]},
+        "metadata": {"name": "t-1", "namespace": "team-a", "labels": train["metadata"]["labels"]}
+        | controlled_by(train),
         "status": {"phase": "Running"},
     }
     api.logs["t-1"] = "\n".join(
@@ -359,6 +368,9 @@ async def test_an_eviction_seen_only_in_the_pod_delete_event_still_counts_as_a_r
             "namespace": "team-a",
             "uid": "pod-1",
             "labels": {LABEL_JOB_UID: UID},
+            "ownerReferences": [
+                {"kind": "Job", "name": "demo-validate", "uid": "uid-demo-validate", "controller": True}
+            ],
         },
         "status": {
             "phase": "Failed",
