@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from . import ownership
 from .builders import API_VERSION, KIND
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ class ApiError(Exception):
 
 class NotOwnedError(Exception):
     """A child's name is taken by an object another owner controls (e.g. a deleted job's leftovers)."""
+
+    def __init__(self, message: str, kind: str = "", name: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.name = name
 
 
 class Api(Protocol):
@@ -193,9 +199,7 @@ class KubeApi:
         if any(o.get("uid") == owner_uid and o.get("controller") for o in owners):
             log.info("adopted existing %s %s/%s", kind, namespace, name)
             return existing
-        raise NotOwnedError(
-            f"{kind} {namespace}/{name} already exists and is not controlled by this FineTuneJob"
-        )
+        raise NotOwnedError(ownership.conflict_message(kind, existing), kind=kind, name=name)
 
     async def patch(
         self, kind: str, namespace: str, name: str, patch: Any, patch_type: str = "merge"

@@ -107,3 +107,19 @@ def owned_children(children: C, namespace: str, owner_uid: str) -> tuple[C, list
     owned = copy.copy(children)
     owned.jobs, owned.deployments, owned.services, owned.pods = jobs, deployments, services, pods
     return owned, ignored
+
+
+def conflict_message(kind: str, existing: Mapping[str, Any]) -> str:
+    """What the user reads when a child's name is taken by an object this FineTuneJob does not control."""
+    meta = _meta(existing)
+    namespace, name = meta.get("namespace"), meta.get("name")
+    controller = controller_of(existing)
+    if controller is None:
+        whose = "it has no controller (left behind by a deletion with --cascade=orphan?)"
+    else:
+        whose = f"its controller is {controller.get('kind')} {controller.get('name')} (uid {controller.get('uid')})"
+    return (
+        f"{kind} {namespace}/{name} exists and is not controlled by this FineTuneJob: {whose}; "
+        f"delete it (kubectl delete {kind.lower()} -n {namespace} {name}) and the job continues, "
+        "or give this FineTuneJob another name"
+    )

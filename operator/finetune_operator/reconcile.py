@@ -9,6 +9,7 @@ an unchanged world costs no API call at all.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -294,9 +295,30 @@ async def _reconcile(ctx: Context, job: dict[str, Any], *, read_progress: bool) 
         spec_error=spec_error,
     )
     plan = state.plan(observed, ctx.config)
-    await execute(ctx, job, plan)
+    conflicts = await execute(ctx, job, plan)
+    if conflicts:
+        await _wait_for_conflicts(ctx, job, observed, conflicts)
     if spec_error is not None:
         raise kopf.PermanentError(f"{namespace}/{name}: {spec_error}")
+
+
+async def _wait_for_conflicts(
+    ctx: Context, job: dict[str, Any], observed: state.Observed, conflicts: dict[tuple[str, str], str]
+) -> None:
+    """A child's name is taken by an object this job does not control (an orphaned leftover, another
+    owner's object): plan again knowing it, so the status says which object and what to do, and retry
+    from the resync loop until the name is free. Logged once per object, not on every retry."""
+    uid = str(job["metadata"]["uid"])
+    seen = ctx.ignored.setdefault(uid, set())
+    for (kind, name), message in conflicts.items():
+        if f"conflict:{kind}/{name}" not in seen:
+            seen.add(f"conflict:{kind}/{name}")
+            log.warning("%s/%s waits: %s", job["metadata"]["namespace"], job["metadata"]["name"], message)
+    plan = state.plan(dataclasses.replace(observed, conflicts=conflicts), ctx.config)
+    again = await execute(ctx, job, plan)
+    if again:
+        raise kube.NotOwnedError("; ".join(again.values()))
+    ctx.dirty.add(uid)
 
 
 def _parsed_spec(
@@ -327,15 +349,22 @@ async def _read_progress(
     return newest_progress(text)
 
 
-async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> None:
-    """Children first, then the status, then Events: a crash in between is repaired by the next pass."""
+async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> dict[tuple[str, str], str]:
+    """Children first, then the status, then Events: a crash in between is repaired by the next pass.
+
+    Returns {(kind, name): message} without writing anything else when a child's name is taken by an
+    object the job does not control (kube.NotOwnedError); the caller plans again knowing that.
+    """
     if ctx.api is None:
         raise kopf.TemporaryError("the API client is not ready yet", delay=1)
     api = ctx.api
     meta = job["metadata"]
     uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
     for manifest in plan.create:
-        created = await _create(ctx, api, manifest, uid)
+        try:
+            created = await _create(ctx, api, manifest, uid)
+        except kube.NotOwnedError as error:
+            return {(str(manifest["kind"]), str(manifest["metadata"]["name"])): str(error)}
         ctx.metrics.api_writes.labels("create", manifest["kind"]).inc()
         ctx.created.setdefault(uid, {})[f"{manifest['metadata']['name']}/{manifest['kind']}"] = snapshot(
             created
@@ -366,6 +395,7 @@ async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> None:
     phase = (ctx.jobs.get(uid, job).get("status") or {}).get("phase")
     if phase:
         ctx.metrics.phases[uid] = str(phase)
+    return {}
 
 
 async def _create(ctx: Context, api: kube.Api, manifest: dict[str, Any], uid: str) -> dict[str, Any]:

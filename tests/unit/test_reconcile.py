@@ -10,7 +10,7 @@ from typing import Any
 
 import kopf
 import pytest
-from finetune_operator import kube
+from finetune_operator import kube, ownership
 from finetune_operator.builders import LABEL_JOB_UID
 from finetune_operator.config import load_config
 from finetune_operator.reconcile import Children, Context, newest_progress, reconcile, snapshot
@@ -46,8 +46,9 @@ class FakeApi:
             raise kube.ApiError(422, {"message": "spec.podReplacementPolicy: Forbidden"}, "POST", "/jobs")
         if key in self.objects:
             owners = self.objects[key]["metadata"].get("ownerReferences") or []
-            if not any(o["uid"] == owner_uid for o in owners):
-                raise kube.NotOwnedError(f"{key} is not ours")
+            if not any(o["uid"] == owner_uid and o.get("controller") for o in owners):
+                message = ownership.conflict_message(key[0], self.objects[key])
+                raise kube.NotOwnedError(message, kind=key[0], name=key[2])
             return self.objects[key]
         obj = copy.deepcopy(dict(manifest))
         obj["metadata"]["uid"] = f"uid-{key[2]}"
@@ -176,21 +177,34 @@ async def test_restarted_operator_adopts_and_writes_nothing() -> None:
     assert len(api.writes) == writes
 
 
-async def test_a_child_name_owned_by_someone_else_is_retried_later() -> None:
+async def test_a_child_name_owned_by_someone_else_is_named_in_the_status_until_freed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 9, item 5: an orphaned leftover (no controller) holds the child's name. The job waits in
+    Pending with a condition naming the object and what to do, and carries on once it is deleted."""
     job = new_job()
     ctx, api = setup(job, cache=False)
     api.objects[("Job", "team-a", "demo-validate")] = {
         "kind": "Job",
-        "metadata": {
-            "name": "demo-validate",
-            "labels": {},
-            "ownerReferences": [{"uid": "an-older-job", "controller": True}],
-        },
+        "metadata": {"name": "demo-validate", "namespace": "team-a", "labels": {}, "ownerReferences": []},
     }
-    with pytest.raises(kopf.TemporaryError):
-        await reconcile(ctx, copy.deepcopy(job), trigger="test")
-    assert UID in ctx.dirty
-    assert "status" not in job  # nothing half-written
+    for _ in range(3):  # the resync retries; the status and the log say it once
+        await reconcile(ctx, copy.deepcopy(job), trigger="resync")
+        assert UID in ctx.dirty
+    status = job["status"]
+    assert status["phase"] == "Pending"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ChildConflict"
+    assert "Job team-a/demo-validate exists and is not controlled by this FineTuneJob" in ready["message"]
+    assert "kubectl delete job -n team-a demo-validate" in status["message"]
+    assert [e[:2] for e in api.events] == [("Warning", "ChildConflict")]
+    assert len([r for r in caplog.records if "waits" in r.getMessage()]) == 1
+    assert ("patch", "FineTuneJob/status", "demo") in api.writes
+    del api.objects[("Job", "team-a", "demo-validate")]  # the user deletes the leftover
+    await reconcile(ctx, copy.deepcopy(job), trigger="resync")
+    assert job["status"]["phase"] == "Validating"
+    assert UID not in ctx.dirty
+    assert api.objects[("Job", "team-a", "demo-validate")]["metadata"]["ownerReferences"][0]["uid"] == UID
 
 
 async def test_api_errors_become_temporary_and_mark_the_job_for_retry() -> None:
