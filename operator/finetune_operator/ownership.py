@@ -117,7 +117,8 @@ def conflict_message(kind: str, existing: Mapping[str, Any]) -> str:
     if controller is None:
         whose = "it has no controller (left behind by a deletion with --cascade=orphan?)"
     else:
-        whose = f"its controller is {controller.get('kind')} {controller.get('name')} (uid {controller.get('uid')})"
+        owner = f"{controller.get('kind')} {controller.get('name')}"
+        whose = f"its controller is {owner} (uid {controller.get('uid')})"
     return (
         f"{kind} {namespace}/{name} exists and is not controlled by this FineTuneJob: {whose}; "
         f"delete it (kubectl delete {kind.lower()} -n {namespace} {name}) and the job continues, "
