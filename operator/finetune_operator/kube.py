@@ -41,8 +41,11 @@ KINDS: dict[str, tuple[str, str]] = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, body: Any, method: str, path: str) -> None:
+    def __init__(
+        self, status: int, body: Any, method: str, path: str, retry_after: float | None = None
+    ) -> None:
         self.status = status
+        self.retry_after = retry_after  # seconds, from a 429's Retry-After header
         self.body = body if isinstance(body, dict) else {"message": str(body)}
         self.reason = str(self.body.get("reason", ""))
         super().__init__(f"{method} {path}: {status} {self.reason}: {self.body.get('message', '')}")
@@ -71,10 +74,17 @@ class Api(Protocol):
     async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
 
     async def post_event(
-        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str, name: str | None = None
     ) -> None: ...
 
     async def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str: ...
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
 
 
 def path_of(kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
@@ -178,7 +188,13 @@ class KubeApi:
                     parsed = json.loads(payload)
                 except ValueError:
                     parsed = payload
-                raise ApiError(response.status, parsed, method, path)
+                raise ApiError(
+                    response.status,
+                    parsed,
+                    method,
+                    path,
+                    retry_after=_seconds(response.headers.get("Retry-After")),
+                )
             if text:
                 return payload
             return json.loads(payload) if payload else {}
@@ -225,7 +241,10 @@ class KubeApi:
         )
         return result
 
-    async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    async def post_event(
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str, name: str | None = None
+    ) -> None:
+        """Create an Event; with `name` (events.event_name) a second post of it answers 409 AlreadyExists."""
         meta = involved.get("metadata") or {}
         namespace = str(meta.get("namespace"))
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -233,7 +252,7 @@ class KubeApi:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "name": f"{str(meta.get('name'))[:200]}.{uuid.uuid4().hex[:16]}",
+                "name": name or f"{str(meta.get('name'))[:200].rstrip('.-')}.{uuid.uuid4().hex[:16]}",
                 "namespace": namespace,
             },
             "involvedObject": {

@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from . import builders, kube, ownership, state
+from . import builders, events, kube, ownership, state
 from .builders import LABEL_JOB_UID, JobRef
 from .config import OperatorConfig
 from .metrics import Metrics
@@ -375,27 +375,44 @@ async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> dict[t
     for delete in plan.delete:
         await api.delete(delete.kind, namespace, delete.name)
         ctx.metrics.api_writes.labels("delete", delete.kind).inc()
-    if plan.status:
+    status_patch = {**plan.status, **await _post_events(ctx, api, job, plan.events)}
+    if status_patch:
         old_status = dict(job.get("status") or {})
-        updated = await api.patch_status(namespace, name, plan.status)
+        updated = await api.patch_status(namespace, name, status_patch)
         ctx.metrics.api_writes.labels("patch", "FineTuneJob/status").inc()
         if updated.get("metadata"):
             ctx.remember(updated)
             if (updated["metadata"].get("generation") or 1) != (meta.get("generation") or 1):
                 ctx.dirty.add(uid)  # the spec changed while we planned: the resync loop re-runs it soon
         else:
-            job["status"] = {**job.get("status", {}), **plan.status}
+            job["status"] = {**job.get("status", {}), **status_patch}
         _observe(ctx, job, old_status, plan)
-    for event in plan.events:
-        try:
-            await api.post_event(job, event.type, event.reason, event.message)
-            ctx.metrics.api_writes.labels("create", "Event").inc()
-        except (TimeoutError, kube.ApiError, aiohttp.ClientError) as error:
-            log.warning("could not post Event %s for %s/%s: %s", event.reason, namespace, name, error)
     phase = (ctx.jobs.get(uid, job).get("status") or {}).get("phase")
     if phase:
         ctx.metrics.phases[uid] = str(phase)
     return {}
+
+
+async def _post_events(
+    ctx: Context, api: kube.Api, job: Mapping[str, Any], planned: list[state.Event]
+) -> dict[str, Any]:
+    """Post the Events still owed (status.pendingEvents) and the plan's new ones, before the status patch,
+    under deterministic names (events.py); returns the status patch for what remains owed."""
+    meta = job["metadata"]
+    uid, name = str(meta["uid"]), str(meta["name"])
+    owed_before = list((job.get("status") or {}).get("pendingEvents") or [])
+    records = owed_before + events.pending(name, uid, str(meta.get("resourceVersion") or ""), planned)
+    if not records:
+        return {}
+
+    async def post(record: Mapping[str, Any]) -> None:
+        await api.post_event(job, record["type"], record["reason"], record["message"], name=record["name"])
+        ctx.metrics.api_writes.labels("create", "Event").inc()
+
+    owed = await events.post_all(post, records)
+    if owed:
+        ctx.dirty.add(uid)  # the resync loop posts them again
+    return {"pendingEvents": owed or None} if owed != owed_before else {}
 
 
 async def _create(ctx: Context, api: kube.Api, manifest: dict[str, Any], uid: str) -> dict[str, Any]:

@@ -30,6 +30,8 @@ class FakeApi:
         self.events: list[tuple[str, str, str]] = []
         self.logs: dict[str, str] = {}
         self.fail_next: kube.ApiError | None = None
+        self.event_failures: list[Exception] = []  # raised by the next Event posts, in order
+        self.event_names: set[str] = set()
         self.reject_pod_replacement_policy = False
 
     def _check(self) -> None:
@@ -79,8 +81,15 @@ class FakeApi:
         meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
         return copy.deepcopy(self.job)
 
-    async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    async def post_event(
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str, name: str | None = None
+    ) -> None:
         self.writes.append(("create", "Event", reason))
+        if self.event_failures:
+            raise self.event_failures.pop(0)
+        if name is not None and name in self.event_names:
+            raise kube.ApiError(409, {"reason": "AlreadyExists"}, "POST", "/events")
+        self.event_names.add(name or f"random-{len(self.events)}")
         self.events.append((type_, reason, message))
 
     async def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str:
@@ -138,8 +147,8 @@ async def test_new_job_costs_three_writes_then_nothing() -> None:
     await reconcile(ctx, copy.deepcopy(job), trigger="test")
     assert api.writes == [
         ("create", "Job", "demo-validate"),
+        ("create", "Event", "Validating"),  # before the status patch: see events.py
         ("patch", "FineTuneJob/status", "demo"),
-        ("create", "Event", "Validating"),
     ]
     assert job["status"]["phase"] == "Validating"
     await reconcile(ctx, copy.deepcopy(job), trigger="test")  # e.g. the watch event of our own patch
