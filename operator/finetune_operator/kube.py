@@ -71,7 +71,9 @@ class Api(Protocol):
 
     async def delete(self, kind: str, namespace: str, name: str) -> None: ...
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def patch_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any], uid: str | None = None
+    ) -> dict[str, Any]: ...
 
     async def post_event(
         self, involved: Mapping[str, Any], type_: str, reason: str, message: str, name: str | None = None
@@ -232,11 +234,17 @@ class KubeApi:
             if error.status != 404:
                 raise
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+    async def patch_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any], uid: str | None = None
+    ) -> dict[str, Any]:
+        """Merge-patch the status; with `uid`, kube-apiserver refuses (409) to patch a re-created namesake."""
+        body: dict[str, Any] = {"status": patch}
+        if uid:
+            body["metadata"] = {"uid": uid}
         result: dict[str, Any] = await self.request(
             "PATCH",
             path_of(KIND, namespace, name, "status"),
-            body={"status": patch},
+            body=body,
             content_type=MERGE_PATCH,
         )
         return result

@@ -270,6 +270,8 @@ async def reconcile(
 
 async def _reconcile(ctx: Context, job: dict[str, Any], *, read_progress: bool) -> None:
     meta = job["metadata"]
+    if meta.get("deletionTimestamp"):
+        return  # being deleted: nothing to create, and its name may soon belong to a re-created job
     uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
     spec, spec_error = _parsed_spec(ctx, uid, int(meta.get("generation") or 1), job.get("spec") or {})
     ref = JobRef(namespace=namespace, name=name, uid=uid, spec=spec)
@@ -378,7 +380,7 @@ async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> dict[t
     status_patch = {**plan.status, **await _post_events(ctx, api, job, plan.events)}
     if status_patch:
         old_status = dict(job.get("status") or {})
-        updated = await api.patch_status(namespace, name, status_patch)
+        updated = await api.patch_status(namespace, name, status_patch, uid=uid)
         ctx.metrics.api_writes.labels("patch", "FineTuneJob/status").inc()
         if updated.get("metadata"):
             ctx.remember(updated)

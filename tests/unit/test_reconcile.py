@@ -68,8 +68,14 @@ class FakeApi:
         self.writes.append(("delete", kind, name))
         self.objects.pop((kind, namespace, name), None)
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+    async def patch_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any], uid: str | None = None
+    ) -> dict[str, Any]:
         self._check()
+        if uid is not None and uid != self.job["metadata"]["uid"]:
+            raise kube.ApiError(
+                409, {"reason": "Conflict", "message": "Precondition failed: UID"}, "PATCH", name
+            )
         self.writes.append(("patch", "FineTuneJob/status", name))
         status = self.job.setdefault("status", {})
         for key, value in patch.items():
@@ -403,3 +409,22 @@ async def test_an_eviction_seen_only_in_the_pod_delete_event_still_counts_as_a_r
     # The pod is already gone from the index when its reconcile runs: only the event carries it.
     await lifecycle.on_child_event({"ctx": ctx}, evicted, "DELETED")
     assert ctx.disrupted[UID] == {"pod-1"}
+
+
+async def test_a_job_being_deleted_gets_no_children_and_no_status() -> None:
+    """Its name may soon belong to a re-created job (kubectl delete --cascade=orphan, then apply again)."""
+    job = new_job()
+    job["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    ctx, api = setup(job)
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    assert api.writes == []
+
+
+async def test_a_stale_pass_for_a_deleted_uid_cannot_write_a_namesakes_status() -> None:
+    job = new_job()
+    ctx, _api = setup(job)
+    stale = copy.deepcopy(job)
+    stale["metadata"]["uid"] = "the-deleted-job"
+    with pytest.raises(kopf.TemporaryError, match="Precondition"):
+        await reconcile(ctx, stale, trigger="resync")
+    assert "status" not in job
