@@ -237,7 +237,8 @@ class KubeApi:
     async def patch_status(
         self, namespace: str, name: str, patch: Mapping[str, Any], uid: str | None = None
     ) -> dict[str, Any]:
-        """Merge-patch the status; with `uid`, kube-apiserver refuses (409) to patch a re-created namesake."""
+        """Merge-patch the status. With `uid` in the patch kube-apiserver refuses to patch a re-created
+        namesake (metadata.uid is immutable: 422); the embedded cluster does not check it."""
         body: dict[str, Any] = {"status": patch}
         if uid:
             body["metadata"] = {"uid": uid}

@@ -74,7 +74,7 @@ class FakeApi:
         self._check()
         if uid is not None and uid != self.job["metadata"]["uid"]:
             raise kube.ApiError(
-                409, {"reason": "Conflict", "message": "Precondition failed: UID"}, "PATCH", name
+                422, {"reason": "Invalid", "message": "metadata.uid: field is immutable"}, "PATCH", name
             )
         self.writes.append(("patch", "FineTuneJob/status", name))
         status = self.job.setdefault("status", {})
@@ -425,6 +425,6 @@ async def test_a_stale_pass_for_a_deleted_uid_cannot_write_a_namesakes_status() 
     ctx, _api = setup(job)
     stale = copy.deepcopy(job)
     stale["metadata"]["uid"] = "the-deleted-job"
-    with pytest.raises(kopf.TemporaryError, match="Precondition"):
+    with pytest.raises(kopf.TemporaryError, match="immutable"):
         await reconcile(ctx, stale, trigger="resync")
     assert "status" not in job
