@@ -352,7 +352,8 @@ async def _read_progress(
 
 
 async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> dict[tuple[str, str], str]:
-    """Children first, then the status, then Events: a crash in between is repaired by the next pass.
+    """Children first, then Events, then the status: a crash in between is repaired by the next pass, which
+    re-posts the same Event names (events.py: exactly one Event per transition).
 
     Returns {(kind, name): message} without writing anything else when a child's name is taken by an
     object the job does not control (kube.NotOwnedError); the caller plans again knowing that.
