@@ -57,6 +57,8 @@ class Reason(StrEnum):
     SERVING = "Serving"
     SUCCEEDED = "Succeeded"
     DATASET_WARNING = "DatasetWarning"
+    # A child's name is taken by an object this job does not control: Pending until the user deletes it.
+    CHILD_CONFLICT = "ChildConflict"
 
 
 # The trainer's permanent exit codes and the reason each one reports.

@@ -4,18 +4,21 @@ caches have them. Lives in Kopf's memo (`memo["ctx"]`), created by `__main__` an
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_vocabulary.labels import LABEL_COMPONENT, LABEL_JOB_UID
 
-from . import kube
+from . import kube, ownership
 from .config import OperatorConfig
 from .metrics import Metrics
 from .models import FineTuneJobSpec, parse_spec
 from .naming import Stage
 from .schema import SpecError
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_METADATA = (
     "name",
@@ -116,6 +119,8 @@ class JobRecord:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     parsed: ParsedSpec | None = None
     built: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)  # Observed.built
+    # Objects carrying the job's labels that are not its children, and name conflicts, already logged.
+    ignored: set[str] = field(default_factory=set)
 
     def spec(self) -> ParsedSpec:
         """The parsed spec of the current generation, parsed once per generation."""
@@ -170,8 +175,29 @@ class Context:
         created = record.created.get(f"{body['metadata']['name']}/{body.get('kind')}") if record else None
         return created is not None and snapshot(body)["status"] == created["status"]
 
-    def children(self, uid: str) -> Children:
-        """Watch-cache children plus the ones this process created that the cache has not shown yet."""
+    def children(self, uid: str, namespace: str) -> Children:
+        """The job's children: watch-cache objects with its label that its controller ownerReference
+        confirms (ownership.py), plus the ones this process created that the cache has not shown yet."""
+        found, ignored = ownership.owned_children(self._labelled(uid), namespace, uid)
+        self._log_ignored(uid, ignored)
+        return found
+
+    def _log_ignored(self, uid: str, ignored: Iterable[Mapping[str, Any]]) -> None:
+        record = self.records.get(uid)
+        seen = record.ignored if record is not None else set()
+        for obj in ignored:
+            key = str((obj.get("metadata") or {}).get("uid") or ownership.describe(obj))
+            if key not in seen:
+                seen.add(key)
+                log.warning(
+                    "ignoring %s: it carries the labels of FineTuneJob uid %s but is not controlled by it "
+                    "in its namespace",
+                    ownership.describe(obj),
+                    uid,
+                )
+
+    def _labelled(self, uid: str) -> Children:
+        """Watch-cache objects labelled with the job's uid, plus the children this process just created."""
         found = self.children_of(uid)
         record = self.records.get(uid)
         if record is not None and record.created:

@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from . import kube, reconcile
+from . import kube, ownership, reconcile
 from .conditions import IDLE_PHASES
 from .context import Children, Context, owner_uid, snapshot
 from .observe import disrupted_pods
@@ -112,14 +112,25 @@ async def on_child_event(memo: Any, body: Mapping[str, Any], event_type: str | N
     record = ctx.records.get(uid) if uid else None
     if uid is None or record is None:
         return  # the parent's own event (or the resync) reconciles it
-    # Remember evictions from the event itself: the pod may be gone from the index before the
-    # reconcile it triggers runs, and the Job's `failed` counter ignores disruptions.
-    record.disrupted |= disrupted_pods([body])
+    if _counts_for(ctx, record.body, body):
+        # Remember evictions from the event itself: the pod may be gone from the index before the
+        # reconcile it triggers runs, and the Job's `failed` counter ignores disruptions.
+        record.disrupted |= disrupted_pods([body])
     if event_type == "DELETED":
         record.created.pop(f"{body['metadata']['name']}/{body.get('kind')}", None)
     elif ctx.is_echo_of_created(uid, body):
         return
     await reconcile.reconcile(ctx, record.body, trigger="child-event")
+
+
+def _counts_for(ctx: Context, parent: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
+    """Whether a child event's object is the parent's child by ownership (labels alone can be copied)."""
+    meta = parent["metadata"]
+    namespace, uid = str(meta["namespace"]), str(meta["uid"])
+    if ownership.is_controlled_by(body, namespace, uid):
+        return True
+    owned = ctx.children(uid, namespace)  # a pod: its controller must be one of the parent's children
+    return ownership.pod_is_owned(body, namespace, owned.jobs, owned.deployments)
 
 
 def _due(ctx: Context, now: float) -> list[tuple[dict[str, Any], bool]]:

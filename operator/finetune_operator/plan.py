@@ -29,6 +29,9 @@ class Observed:
     # The desired Deployment from an earlier pass, by (stage, generation, adapter, merged): a memo the caller
     # keeps per job so an unchanged job is not rebuilt to be compared (the planner stays deterministic).
     built: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
+    # (kind, name) → message: children this pass could not create because an object the job does not
+    # control has the name (kube.NotOwnedError). The job waits, with that message, instead of creating.
+    conflicts: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from .stages import ROWS, STAGES, StageRow
 from .status import Phase
 
 # Pod problems worth a Warning Event each time their message changes (not only on a phase change).
-REPEATED_WARNINGS = (Reason.UNSCHEDULABLE, Reason.CONTAINER_CONFIG_ERROR)
+REPEATED_WARNINGS = (Reason.UNSCHEDULABLE, Reason.CONTAINER_CONFIG_ERROR, Reason.CHILD_CONFLICT)
 
 
 class Planner:
@@ -69,6 +69,15 @@ class Planner:
         self.condition(ROWS[stage].condition, "False", reason, message)
         self.phase(Phase.FAILED, reason, message)
 
+    def blocked(self, stage: Stage, manifest: Mapping[str, Any]) -> bool:
+        """Wait (Pending, reason ChildConflict) when the child's name is taken by a foreign object."""
+        message = self.o.conflicts.get((str(manifest["kind"]), str(manifest["metadata"]["name"])))
+        if message is None:
+            return False
+        self.condition(ROWS[stage].condition, "Unknown", Reason.CHILD_CONFLICT, message)
+        self.phase(Phase.PENDING, Reason.CHILD_CONFLICT, message)
+        return True
+
     def complete(self, phase: Phase, reason: Reason, message: str) -> None:
         self.phase(phase, reason, message)
         if self.old_phase != phase.value or not self.status.get("completionTime"):
@@ -110,9 +119,8 @@ class Planner:
         warning = phase in (Phase.FAILED.value, Phase.REJECTED.value)
         if phase != self.old_phase:
             text = self.ready_message or f"phase {self.old_phase or 'new'} → {phase}"
-            self.out.events.append(
-                Event("Warning" if warning else "Normal", self.ready_reason.value, short(f"{phase}: {text}"))
-            )
+            kind = "Warning" if warning or self.ready_reason is Reason.CHILD_CONFLICT else "Normal"
+            self.out.events.append(Event(kind, self.ready_reason.value, short(f"{phase}: {text}")))
         elif self.ready_reason in REPEATED_WARNINGS and self.ready_message != (
             self.o.status.get("message") or ""
         ):
@@ -210,6 +218,8 @@ class Pipeline(Planner):
     def create_job(self, row: StageRow) -> None:
         """The builder runs only here: a Job is built when it must be created, never to compare."""
         manifest = row.build(self.job, self.config, self.artifacts())
+        if self.blocked(row.stage, manifest):
+            return
         if self.job.spec.suspend:
             manifest = {**manifest, "spec": {**manifest["spec"], "suspend": True}}
             self.suspended(row)
@@ -269,9 +279,15 @@ class Pipeline(Planner):
         existing = self.o.children.get(row.stage)
         desired = self.desired(row)
         if self.o.service is None:
-            self.out.create.append(serving.serving_service(self.job, self.config))
+            service = serving.serving_service(self.job, self.config)
+            if self.blocked(row.stage, service):
+                return
+            self.out.create.append(service)
         name = serving.service_name(self.job)
         if existing is None:
+            if self.blocked(row.stage, desired):
+                self.out.create.clear()  # nothing serves until the name is free
+                return
             self.out.create.append(desired)
             self.condition(row.condition, "Unknown", row.running, f"created Deployment {name}")
             self.phase(row.phase, row.running)

@@ -20,6 +20,7 @@ differs from what is there: an unchanged world costs no API call at all.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -28,12 +29,12 @@ from typing import Any
 
 import aiohttp
 
-from . import kube
+from . import events, kube
 from .builders import TRAINER_CONTAINER
 from .context import Context, JobRecord, resource_version, snapshot
 from .naming import Stage
 from .observe import disrupted_pods, parse_time
-from .plan import Observed, Plan
+from .plan import Event, Observed, Plan
 from .planner import plan
 from .ref import JobRef, ObjectRef
 from .stages import STAGES
@@ -110,12 +111,14 @@ async def reconcile(
 async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) -> None:
     job = record.body
     meta = job["metadata"]
+    if meta.get("deletionTimestamp"):
+        return  # being deleted: nothing to create, and its name may soon belong to a re-created job
     uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
     parsed = record.spec()
     ref = (
         ObjectRef(namespace, name, uid) if parsed.spec is None else JobRef(namespace, name, uid, parsed.spec)
     )
-    children, pods, service = ctx.children(uid).by_stage()
+    children, pods, service = ctx.children(uid, namespace).by_stage()
     status = job.get("status") or {}
     progress = None
     if read_progress and ctx.api is not None and status.get("phase") == Phase.TRAINING.value:
@@ -136,9 +139,28 @@ async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) ->
         disrupted=frozenset(record.disrupted),
         built=record.built,
     )
-    await execute(ctx, record, plan(observed, ctx.config))
+    conflicts = await execute(ctx, record, plan(observed, ctx.config))
+    if conflicts:
+        await _wait_for_conflicts(ctx, record, observed, conflicts)
     if parsed.error is not None:
         log.info("%s/%s has an invalid spec: %s", namespace, name, parsed.error)
+
+
+async def _wait_for_conflicts(
+    ctx: Context, record: JobRecord, observed: Observed, conflicts: dict[tuple[str, str], str]
+) -> None:
+    """A child's name is taken by an object this job does not control (an orphaned leftover, another
+    owner's object): plan again knowing it, so the status says which object and what to do, and retry
+    from the resync loop until the name is free. Logged once per object, not on every retry."""
+    meta = record.body["metadata"]
+    for (kind, name), message in conflicts.items():
+        if f"conflict:{kind}/{name}" not in record.ignored:
+            record.ignored.add(f"conflict:{kind}/{name}")
+            log.warning("%s/%s waits: %s", meta["namespace"], meta["name"], message)
+    again = await execute(ctx, record, plan(dataclasses.replace(observed, conflicts=conflicts), ctx.config))
+    if again:
+        raise kube.NotOwnedError("; ".join(again.values()))
+    record.dirty = True
 
 
 async def _read_progress(
@@ -152,15 +174,23 @@ async def _read_progress(
     return newest_progress(text)
 
 
-async def execute(ctx: Context, record: JobRecord, plan: Plan) -> None:
-    """Children first, then the status, then Events: a crash in between is repaired by the next pass."""
+async def execute(ctx: Context, record: JobRecord, plan: Plan) -> dict[tuple[str, str], str]:
+    """Children first, then Events, then the status: a crash in between is repaired by the next pass, which
+    re-posts the same Event names (events.py: exactly one Event per transition).
+
+    Returns {(kind, name): message} without writing anything else when a child's name is taken by an
+    object the job does not control (kube.NotOwnedError); the caller plans again knowing that.
+    """
     if ctx.api is None:
         raise NotConnected("the API client is not ready yet")
     api, job = ctx.api, record.body
     meta = job["metadata"]
-    uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
+    uid, namespace = str(meta["uid"]), str(meta["namespace"])
     for manifest in plan.create:
-        created = await _create(api, manifest, uid)
+        try:
+            created = await _create(api, manifest, uid)
+        except kube.NotOwnedError as error:
+            return {(str(manifest["kind"]), str(manifest["metadata"]["name"])): str(error)}
         ctx.metrics.api_writes.labels("create", manifest["kind"]).inc()
         record.created[f"{manifest['metadata']['name']}/{manifest['kind']}"] = snapshot(created)
     for patch in plan.patch:
@@ -169,31 +199,53 @@ async def execute(ctx: Context, record: JobRecord, plan: Plan) -> None:
     for delete in plan.delete:
         await api.delete(delete.kind, namespace, delete.name)
         ctx.metrics.api_writes.labels("delete", delete.kind).inc()
-    if plan.status:
-        await _write_status(ctx, api, record, plan)
-    for event in plan.events:
-        try:
-            await api.post_event(job, event.type, event.reason, event.message)
-            ctx.metrics.api_writes.labels("create", "Event").inc()
-        except (TimeoutError, kube.ApiError, aiohttp.ClientError) as error:
-            log.warning("could not post Event %s for %s/%s: %s", event.reason, namespace, name, error)
+    status_patch = {**plan.status, **await _post_events(ctx, api, record, plan.events)}
+    if status_patch:
+        await _write_status(ctx, api, record, plan, status_patch)
     phase = (record.body.get("status") or {}).get("phase")
     if phase:
         ctx.metrics.phases[uid] = str(phase)
+    return {}
 
 
-async def _write_status(ctx: Context, api: kube.Api, record: JobRecord, plan: Plan) -> None:
+async def _post_events(
+    ctx: Context, api: kube.Api, record: JobRecord, planned: list[Event]
+) -> dict[str, Any]:
+    """Post the Events still owed (status.pendingEvents) and the plan's new ones, before the status patch,
+    under deterministic names (events.py); returns the status patch for what remains owed."""
+    job = record.body
+    meta = job["metadata"]
+    uid, name = str(meta["uid"]), str(meta["name"])
+    owed_before = list((job.get("status") or {}).get("pendingEvents") or [])
+    records = owed_before + events.pending(name, uid, str(meta.get("resourceVersion") or ""), planned)
+    if not records:
+        return {}
+
+    async def post(event: Mapping[str, Any]) -> None:
+        await api.post_event(job, event["type"], event["reason"], event["message"], name=event["name"])
+        ctx.metrics.api_writes.labels("create", "Event").inc()
+
+    owed = await events.post_all(post, records)
+    if owed:
+        record.dirty = True  # the resync loop posts them again
+    return {"pendingEvents": owed or None} if owed != owed_before else {}
+
+
+async def _write_status(
+    ctx: Context, api: kube.Api, record: JobRecord, plan: Plan, patch: dict[str, Any]
+) -> None:
     job = record.body
     meta = job["metadata"]
     old_status = dict(job.get("status") or {})
-    updated = await api.patch_status(str(meta["namespace"]), str(meta["name"]), plan.status)
+    # The uid is a precondition: kube-apiserver refuses to patch a re-created namesake (uid is immutable).
+    updated = await api.patch_status(str(meta["namespace"]), str(meta["name"]), patch, uid=str(meta["uid"]))
     ctx.metrics.api_writes.labels("patch", "FineTuneJob/status").inc()
     if updated.get("metadata"):
         ctx.remember(updated)
         if (updated["metadata"].get("generation") or 1) != (meta.get("generation") or 1):
             record.dirty = True  # the spec changed while we planned: the resync loop re-runs it soon
     else:
-        job["status"] = {**job.get("status", {}), **plan.status}
+        job["status"] = {**job.get("status", {}), **patch}
     _observe(ctx, record, old_status, plan)
 
 
@@ -232,7 +284,7 @@ def _observe(ctx: Context, record: JobRecord, old_status: Mapping[str, Any], pla
     ]
     if not finished:
         return
-    children, _, _ = ctx.children(uid).by_stage()
+    children, _, _ = ctx.children(uid, str(meta["namespace"])).by_stage()
     for stage in finished:
         child_status = (children.get(stage) or {}).get("status") or {}
         start = parse_time(child_status.get("startTime"))
