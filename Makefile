@@ -14,18 +14,18 @@ export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 help:
 	@echo "make demo          run the main job on the embedded local cluster"
 	@echo "make test          run every test (installs what it needs)"
-	@echo "make lint          ruff + mypy (strict on the operator)"
+	@echo "make lint          ruff + mypy (strict on the vocabulary and the operator)"
 	@echo "make crds          regenerate crds/ from the pydantic models"
 	@echo "make local-cluster start the embedded cluster in the foreground"
 	@echo "make bench-trainer | bench-operator | bench-apiserver"
 
 # The dev/test virtualenv: operator, trainer, embedded cluster and test tools, pinned.
-$(VENV)/.stamp: requirements/dev.txt requirements/dev-nodeps.txt pyproject.toml trainer-image/pyproject.toml dev/localcluster/pyproject.toml dev/demo/pyproject.toml
+$(VENV)/.stamp: requirements/dev.txt requirements/dev-nodeps.txt pyproject.toml vocabulary/pyproject.toml trainer-image/pyproject.toml dev/localcluster/pyproject.toml dev/demo/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements/dev-nodeps.txt
-	$(PY) -m pip install -q --no-deps -e . -e ./trainer-image -e ./dev/localcluster -e ./dev/demo
+	$(PY) -m pip install -q --no-deps -e ./vocabulary -e . -e ./trainer-image -e ./dev/localcluster -e ./dev/demo
 	touch $@
 venv: $(VENV)/.stamp
 
@@ -58,8 +58,8 @@ test-fast: venv tools
 	$(PY) -m pytest -q -ra -m "not slow"
 
 lint: venv
-	$(VENV)/bin/ruff check operator trainer-image dev tests benchmarks
-	$(VENV)/bin/mypy operator/finetune_operator
+	$(VENV)/bin/ruff check vocabulary operator trainer-image dev tests benchmarks
+	$(VENV)/bin/mypy vocabulary/finetune_vocabulary operator/finetune_operator
 
 crds: venv
 	$(PY) -m finetune_operator.crdgen crds/

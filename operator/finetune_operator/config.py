@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from finetune_vocabulary.images import TRAINER_IMAGE, VLLM_IMAGE
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DEFAULT_CONFIG_PATH = Path("/etc/finetune-operator/config.yaml")
@@ -26,8 +27,8 @@ class _Model(BaseModel):
 
 
 class Images(_Model):
-    trainer: str = Field("ghcr.io/finetune-operator/trainer:0.1.0", min_length=1)
-    vllm: str = Field("vllm/vllm-openai:v0.32.0", min_length=1)
+    trainer: str = Field(f"{TRAINER_IMAGE}:0.1.0", min_length=1)
+    vllm: str = Field(f"{VLLM_IMAGE}:v0.32.0", min_length=1)
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", alias="pullPolicy")
 
 

@@ -1,9 +1,8 @@
 """FineTuneJob v1alpha1: the pydantic models that are the single source of the API.
 
-The CRD (`crdgen.py`) is generated from these models, and the operator parses every object with
-`parse_finetunejob`, so the API server and the operator accept exactly the same specs. Patterns are written
-in the regex subset shared by Go's RE2 (kube-apiserver, CEL `matches`), Rust's regex (pydantic-core) and
-Python's `re`: no look-around, no back-references.
+The CRD (`crdgen.py`) is generated from these models, and the operator validates every spec it acts on with
+`parse_spec` (reconcile, once per generation), so the API server and the operator accept exactly the same
+specs. The building blocks (patterns, types, rule messages) are in schema.py, the status in status.py.
 
 Cross-field rules live twice, on purpose: as CEL (`x-kubernetes-validations`, enforced by the API server)
 and as model validators here (enforced by the operator), with the same messages.
@@ -11,26 +10,48 @@ and as model validators here (enforced by the operator), with the same messages.
 
 from __future__ import annotations
 
-import enum
 import re
-from collections.abc import Sequence
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    PlainValidator,
-    ValidationError,
-    WithJsonSchema,
-    field_validator,
-    model_validator,
-)
+from finetune_vocabulary.labels import API_GROUP
+from finetune_vocabulary.metrics import METRICS, MetricName
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-GROUP = "finetune.dev"
+from .extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, extra_args_problem
+from .schema import (
+    ADAPTER_NEEDS_PEFT,
+    EXTRA_ARGS_REFUSED,
+    HTTP_URL_PATTERN,
+    IMMUTABLE,
+    IMMUTABLE_FIELDS,
+    LABEL_VALUE_PATTERN,
+    LORA_RANK_UNSERVABLE,
+    MODULE_NAME_PATTERN,
+    OUTPUT_OVERLAPS_DATA,
+    OUTPUT_OVERLAPS_MODEL,
+    PRIMARY_METRIC_UNKNOWN,
+    QLORA_NEEDS_GPU,
+    QUALIFIED_NAME_PATTERN,
+    REVISION_PATTERN,
+    SERVED_NAME_PATTERN,
+    THRESHOLD_METRIC_UNKNOWN,
+    THRESHOLD_ONE_BOUND,
+    VLLM_MAX_LORA_RANK,
+    DNSLabel,
+    DNSSubdomain,
+    OutputURI,
+    Quantity,
+    SourceURI,
+    SpecError,
+    SpecModel,
+    field_errors,
+    rule,
+    validations,
+)
+from .status import FineTuneJobStatus, ObjectMeta
+
+GROUP = API_GROUP
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "FineTuneJob"
@@ -39,226 +60,14 @@ SINGULAR = "finetunejob"
 SHORT_NAMES = ("ftj",)
 CATEGORIES = ("finetune",)
 
-# ---------------------------------------------------------------------------------------------- patterns
-# One path segment of an object key or volume path: never empty, never "." or ".." (no traversal).
-_SEG_CHAR = r"[A-Za-z0-9._~=+-]"
-_SEG_START = r"[A-Za-z0-9_~=+-]"
-SEGMENT = rf"(?:{_SEG_START}{_SEG_CHAR}*|\.{_SEG_START}{_SEG_CHAR}*|\.\.{_SEG_CHAR}+)"
-# S3 bucket naming rules: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit
-# on each dot-separated label (so no "..", ".-", "-."); the 3..63 length is checked by BUCKET_LENGTH.
-BUCKET = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
-BUCKET_LENGTH = r"^s3://[a-z0-9.-]{3,63}(?:/|$)"
-DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
-DNS_SUBDOMAIN = rf"{DNS_LABEL}(?:\.{DNS_LABEL})*"
-HF_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*"
-
-S3_OBJECT = rf"s3://{BUCKET}(?:/{SEGMENT})+/?"
-S3_PREFIX = rf"s3://{BUCKET}(?:/{SEGMENT})*/?"
-HF_REPO = rf"hf://{HF_NAME}/{HF_NAME}"
-PVC_PATH = rf"pvc://{DNS_SUBDOMAIN}(?:/{SEGMENT})*/?"
-
-SOURCE_URI_PATTERN = rf"^(?:{S3_OBJECT}|{HF_REPO}|{PVC_PATH})$"
-OUTPUT_URI_PATTERN = rf"^{S3_PREFIX}$"
-DNS_LABEL_PATTERN = rf"^{DNS_LABEL}$"
-DNS_SUBDOMAIN_PATTERN = rf"^{DNS_SUBDOMAIN}$"
-HTTP_URL_PATTERN = r"^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~%!$&'()*+,;=:@/-]*)?$"
-QUANTITY_PATTERN = (
-    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)"
-    r"|(\.[0-9]+))))?$"
-)
-LABEL_VALUE_PATTERN = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?)?$"
-QUALIFIED_NAME_PATTERN = rf"^(?:{DNS_SUBDOMAIN}/)?[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$"
-REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*$"  # no "." or ".." segment
-SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$"
-MODULE_NAME_PATTERN = r"^[A-Za-z0-9_.*-]+$"
-
-PATTERN_HINTS = {
-    SOURCE_URI_PATTERN: "s3://bucket/key, hf://org/name or pvc://claim/path (no empty, '.' or '..' segments)",
-    OUTPUT_URI_PATTERN: "an s3://bucket/prefix URI (no empty, '.' or '..' segments)",
-    DNS_LABEL_PATTERN: "a DNS-1123 label (lowercase letters, digits and '-')",
-    DNS_SUBDOMAIN_PATTERN: "a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')",
-    HTTP_URL_PATTERN: "an http:// or https:// URL",
-    QUANTITY_PATTERN: "a Kubernetes quantity such as 4, 500m or 16Gi",
-}
-
-BUCKET_LENGTH_RULE = {
-    "rule": f"!self.startsWith('s3://') || self.matches('{BUCKET_LENGTH}')",
-    "message": "S3 bucket names must be 3 to 63 characters long",
-}
-BUCKET_LENGTH_MESSAGE = BUCKET_LENGTH_RULE["message"]
-
-# Cross-field rule messages (the same text from CEL and from the model validators).
-QLORA_NEEDS_GPU = "method qlora needs resources.gpus >= 1 (4-bit quantisation runs on GPUs only)"
-ADAPTER_NEEDS_PEFT = "deployment.mode adapter needs method lora or qlora"
-THRESHOLD_METRIC_UNKNOWN = "every threshold metric must be listed in evaluation.metrics"
-PRIMARY_METRIC_UNKNOWN = "evaluation.primaryMetric must be listed in evaluation.metrics"
-THRESHOLD_ONE_BOUND = "a threshold sets exactly one of min or max"
-OUTPUT_OVERLAPS_MODEL = "storage.output must not be the base model's location or under it"
-OUTPUT_OVERLAPS_DATA = "storage.output must not be a dataset file's location or under it"
-IMMUTABLE = "{field} is immutable once set"
-LORA_RANK_UNSERVABLE = (
-    "lora.rank above 512 cannot be served as a vLLM LoRA adapter (512 is vLLM's largest --max-lora-rank): "
-    "use lora.rank <= 512, deployment.mode merged or deployment.enabled false"
-)
-EXTRA_ARGS_REFUSED = (
-    "deployment.extraArgs takes only allow-listed vLLM flags (docs/serving.md), as --flag, --flag=value or "
-    "--flag value, with values of letters, digits and ._:+-; flags that change the model, tokenizer, host, "
-    "port, served names, LoRA modules or remote code, positional arguments and $(VAR) are refused"
-)
-VLLM_MAX_LORA_RANK = 512
-IMMUTABLE_FIELDS = ("baseModel", "dataset", "method", "lora", "hyperparameters")
-
-
-class SpecError(ValueError):
-    """A FineTuneJob that does not satisfy the API; each line names a field path."""
-
-    def __init__(self, errors: list[tuple[str, str]]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(f"{path}: {message}" for path, message in errors))
-
-
-# Where each cross-field rule points (CEL `fieldPath`, relative to the object carrying the rule).
-RULE_FIELD = {
-    QLORA_NEEDS_GPU: ".resources.gpus",
-    ADAPTER_NEEDS_PEFT: ".deployment.mode",
-    OUTPUT_OVERLAPS_MODEL: ".storage.output",
-    OUTPUT_OVERLAPS_DATA: ".storage.output",
-    THRESHOLD_METRIC_UNKNOWN: ".thresholds",
-    PRIMARY_METRIC_UNKNOWN: ".primaryMetric",
-    LORA_RANK_UNSERVABLE: ".lora.rank",
-}
-
-
-def _rule(rule: str, message: str) -> dict[str, str]:
-    out = {"rule": rule, "message": message}
-    if message in RULE_FIELD:
-        out["fieldPath"] = RULE_FIELD[message]
-    return out
-
-
-def _validations(*rules: dict[str, str]) -> dict[str, Any]:
-    return {"x-kubernetes-validations": list(rules)}
-
-
-# ---------------------------------------------------------------------------------------------- base types
-class _Spec(BaseModel):
-    """Base of spec models: camelCase, strict types (as the API server's schema), unknown fields rejected."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="forbid",
-        strict=True,
-        frozen=True,
-    )
-
-
-class _Status(BaseModel):
-    """Base of status models: camelCase, lax so that an older operator reads a newer status."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="ignore",
-    )
-
-
-def _check_bucket(uri: str) -> str:
-    if uri.startswith("s3://") and not re.match(BUCKET_LENGTH, uri):
-        raise ValueError(BUCKET_LENGTH_MESSAGE)
-    return uri
-
-
-def _str(value: Any, max_length: int, pattern: str | None) -> str:
-    """Strict string check used by PlainValidator types (same rules and messages as pydantic's)."""
-    if not isinstance(value, str):
-        raise ValueError("Input should be a valid string")
-    if len(value) > max_length:
-        raise ValueError(f"String should have at most {max_length} characters")
-    if not value:
-        raise ValueError("String should have at least 1 character")
-    if pattern is not None and not re.fullmatch(pattern, value):
-        raise ValueError(
-            f"must be {PATTERN_HINTS[pattern]}"
-            if pattern in PATTERN_HINTS
-            else f"String should match pattern '{pattern}'"
-        )
-    return value
-
-
-SourceURI = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=1024,
-        pattern=SOURCE_URI_PATTERN,
-        json_schema_extra=_validations(BUCKET_LENGTH_RULE),
-    ),
-    AfterValidator(_check_bucket),
-]
-OutputURI = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=1024,
-        pattern=OUTPUT_URI_PATTERN,
-        json_schema_extra=_validations(BUCKET_LENGTH_RULE),
-    ),
-    AfterValidator(_check_bucket),
-]
-DNSLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
-DNSSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
-
-
-def _quantity(value: Any) -> int | str:
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise ValueError("Input should be an integer or a Kubernetes quantity string")
-    if isinstance(value, int):
-        if not 0 <= value <= 1_000_000_000_000_000:
-            raise ValueError("Input should be between 0 and 10^15")
-        return value
-    return _str(value, 64, QUANTITY_PATTERN)
-
-
-Quantity = Annotated[
-    int | str,
-    PlainValidator(_quantity),
-    WithJsonSchema(
-        {
-            "x-kubernetes-int-or-string": True,
-            "anyOf": [{"type": "integer"}, {"type": "string"}],
-            "pattern": QUANTITY_PATTERN,
-            "maxLength": 64,
-            "minimum": 0,
-            "maximum": 1_000_000_000_000_000,
-        }
-    ),
-]
-
-
-class Metric(enum.StrEnum):
-    """Evaluation metrics the trainer computes."""
-
-    LOSS = "loss"
-    PERPLEXITY = "perplexity"
-    EXACT_MATCH = "exact_match"
-    TOKEN_F1 = "token_f1"
-    ROUGE_L = "rouge_l"
-
-
-MetricName = Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l"]
-ALL_METRICS: tuple[MetricName, ...] = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
+ALL_METRICS: tuple[MetricName, ...] = METRICS
 Method = Literal["lora", "qlora", "full"]
 DatasetFormat = Literal["auto", "chat", "completion", "instruction"]
 DeploymentMode = Literal["auto", "adapter", "merged"]
 
 
 # ---------------------------------------------------------------------------------------------- spec
-class BaseModelSpec(_Spec):
+class BaseModelSpec(SpecModel):
     """The model to fine-tune."""
 
     uri: SourceURI = Field(
@@ -272,7 +81,7 @@ class BaseModelSpec(_Spec):
     )
 
 
-class DatasetSpec(_Spec):
+class DatasetSpec(SpecModel):
     """Training data: JSONL files (chat, completion or instruction records)."""
 
     train: SourceURI = Field(description="URI of the training JSONL file.")
@@ -325,7 +134,7 @@ class DatasetSpec(_Spec):
     )
 
 
-class LoraSpec(_Spec):
+class LoraSpec(SpecModel):
     """LoRA adapter settings (method lora and qlora)."""
 
     rank: int = Field(default=16, ge=1, le=1024, description="Adapter rank r.")
@@ -340,7 +149,7 @@ class LoraSpec(_Spec):
     )
 
 
-class HyperparametersSpec(_Spec):
+class HyperparametersSpec(SpecModel):
     """Training hyperparameters."""
 
     epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training data.")
@@ -365,7 +174,7 @@ class HyperparametersSpec(_Spec):
     seed: int = Field(default=42, ge=0, le=2_147_483_647, description="Random seed.")
 
 
-class Toleration(_Spec):
+class Toleration(SpecModel):
     """A pod toleration (core/v1 Toleration)."""
 
     key: str | None = Field(default=None, max_length=316, pattern=QUALIFIED_NAME_PATTERN)
@@ -380,14 +189,14 @@ NodeSelector = Annotated[
     dict[Annotated[str, Field(max_length=316)], LabelValue],
     Field(
         max_length=32,
-        json_schema_extra=_validations(
-            _rule("self.all(k, k.size() <= 316)", "node selector keys must be at most 316 characters")
+        json_schema_extra=validations(
+            rule("self.all(k, k.size() <= 316)", "node selector keys must be at most 316 characters")
         ),
     ),
 ]
 
 
-class CheckpointSpec(_Spec):
+class CheckpointSpec(SpecModel):
     """How often training commits a checkpoint to storage (a preempted run resumes from the newest)."""
 
     every_steps: int = Field(default=100, ge=1, le=1_000_000, description="Commit every N optimizer steps.")
@@ -395,7 +204,7 @@ class CheckpointSpec(_Spec):
     keep: int = Field(default=2, ge=1, le=20, description="Committed checkpoints kept.")
 
 
-class ResourcesSpec(_Spec):
+class ResourcesSpec(SpecModel):
     """Compute for the training pod."""
 
     gpus: int = Field(default=1, ge=0, le=16, description="GPUs on one node; 0 trains on CPU.")
@@ -410,7 +219,7 @@ class ResourcesSpec(_Spec):
     queue_name: DNSSubdomain | None = Field(default=None, description="Kueue LocalQueue to submit to.")
 
 
-class StorageSpec(_Spec):
+class StorageSpec(SpecModel):
     """Where the run's artifacts go and how pods reach storage."""
 
     output: OutputURI = Field(
@@ -424,11 +233,11 @@ class StorageSpec(_Spec):
     )
 
 
-class Threshold(_Spec):
+class Threshold(SpecModel):
     """A gate on one metric of the tuned model."""
 
     model_config = ConfigDict(
-        json_schema_extra=_validations(_rule("has(self.min) != has(self.max)", THRESHOLD_ONE_BOUND))
+        json_schema_extra=validations(rule("has(self.min) != has(self.max)", THRESHOLD_ONE_BOUND))
     )
 
     metric: MetricName = Field(description="Metric to gate on.")
@@ -442,14 +251,14 @@ class Threshold(_Spec):
         return self
 
 
-class SecretKeyRef(_Spec):
+class SecretKeyRef(SpecModel):
     """A key of a Secret in the job's namespace."""
 
     name: DNSSubdomain = Field(description="Secret name.")
     key: str = Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in the Secret.")
 
 
-class ReferenceSpec(_Spec):
+class ReferenceSpec(SpecModel):
     """An OpenAI-compatible model scored on the same prompts, for comparison only."""
 
     url: str = Field(max_length=2048, pattern=HTTP_URL_PATTERN, description="Base URL, e.g. https://host/v1.")
@@ -459,16 +268,16 @@ class ReferenceSpec(_Spec):
     api_key_secret: SecretKeyRef | None = Field(default=None, description="Secret key holding the API key.")
 
 
-class EvaluationSpec(_Spec):
+class EvaluationSpec(SpecModel):
     """Evaluate the tuned model against its base on held-out data, then gate."""
 
     model_config = ConfigDict(
-        json_schema_extra=_validations(
-            _rule(
+        json_schema_extra=validations(
+            rule(
                 "!has(self.thresholds) || self.thresholds.all(t, !has(t.metric) || t.metric in self.metrics)",
                 THRESHOLD_METRIC_UNKNOWN,
             ),
-            _rule("!has(self.primaryMetric) || self.primaryMetric in self.metrics", PRIMARY_METRIC_UNKNOWN),
+            rule("!has(self.primaryMetric) || self.primaryMetric in self.metrics", PRIMARY_METRIC_UNKNOWN),
         )
     )
 
@@ -492,8 +301,8 @@ class EvaluationSpec(_Spec):
     )
     primary_metric: MetricName | None = Field(
         default=None,
-        description="Metric that decides improvement (unset: exact_match if computed, else the "
-        "first of metrics).",
+        description="Metric that decides the run: compared with the base model and shown in "
+        "status.evaluation.summary (unset: the first threshold's metric, else the first of metrics).",
     )
     max_new_tokens: int = Field(default=128, ge=1, le=8192, description="Generation budget per prompt.")
     batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts generated per batch.")
@@ -516,88 +325,14 @@ class EvaluationSpec(_Spec):
         return self
 
 
-# vLLM server flags a user may pass in deployment.extraArgs (docs/serving.md). Everything else is refused: the
-# operator sets the model, tokenizer, host, port, served names and LoRA modules, and flags such as
-# --trust-remote-code, --config, --api-key or --chat-template would run code, read files or carry secrets.
-VLLM_BOOLEAN_FLAGS = (
-    "enforce-eager",
-    "no-enforce-eager",
-    "enable-prefix-caching",
-    "no-enable-prefix-caching",
-    "enable-chunked-prefill",
-    "no-enable-chunked-prefill",
-    "async-scheduling",
-    "no-async-scheduling",
-    "enable-auto-tool-choice",
-    "disable-log-stats",
-    "no-enable-log-requests",
-    "disable-uvicorn-access-log",
-    "disable-fastapi-docs",
-)
-VLLM_VALUE_FLAGS = (
-    "dtype",
-    "seed",
-    "max-num-seqs",
-    "max-num-batched-tokens",
-    "gpu-memory-utilization",
-    "kv-cache-memory-bytes",
-    "kv-cache-dtype",
-    "block-size",
-    "distributed-executor-backend",
-    "max-loras",
-    "max-cpu-loras",
-    "lora-dtype",
-    "max-logprobs",
-    "scheduling-policy",
-    "quantization",
-    "cpu-offload-gb",
-    "uvicorn-log-level",
-    "tool-call-parser",
-    "reasoning-parser",
-)
-_ARG_VALUE = r"[A-Za-z0-9._:+-]+"
-EXTRA_ARG_FLAG_PATTERN = (
-    rf"^--(?:(?:{'|'.join(VLLM_BOOLEAN_FLAGS)})|(?:{'|'.join(VLLM_VALUE_FLAGS)})(?:={_ARG_VALUE})?)$"
-)
-EXTRA_ARG_VALUE_FLAG_PATTERN = rf"^--(?:{'|'.join(VLLM_VALUE_FLAGS)})$"
-EXTRA_ARG_VALUE_PATTERN = rf"^{_ARG_VALUE}$"
-MAX_EXTRA_ARGS = 32
-
-
-def extra_args_problem(args: Sequence[str]) -> int | None:
-    """Index of the first argument the allow-list refuses, or None (the CEL rule below, in Python)."""
-    for i, arg in enumerate(args):
-        if arg.startswith("-"):
-            ok = re.fullmatch(EXTRA_ARG_FLAG_PATTERN, arg) is not None
-        else:
-            ok = (
-                i > 0
-                and re.fullmatch(EXTRA_ARG_VALUE_FLAG_PATTERN, args[i - 1]) is not None
-                and re.fullmatch(EXTRA_ARG_VALUE_PATTERN, arg) is not None
-            )
-        if not ok:
-            return i
-    return None
-
-
-# CEL has no indexed iteration: walk the (bounded) indices so a value can be checked against its flag.
-EXTRA_ARGS_RULE = _rule(
-    f"{list(range(MAX_EXTRA_ARGS))}.all(i, i >= size(self) || (self[i].startsWith('-') "
-    f"? self[i].matches('{EXTRA_ARG_FLAG_PATTERN}') "
-    f": (i > 0 && self[i - 1].matches('{EXTRA_ARG_VALUE_FLAG_PATTERN}') "
-    f"&& self[i].matches('{EXTRA_ARG_VALUE_PATTERN}'))))",
-    EXTRA_ARGS_REFUSED,
-)
-
-
-class DeploymentResources(_Spec):
+class DeploymentResources(SpecModel):
     """CPU and memory of each vLLM replica."""
 
     cpu: Quantity | None = Field(default=None, description="CPU request and limit.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit.")
 
 
-class DeploymentSpec(_Spec):
+class DeploymentSpec(SpecModel):
     """Serve the accepted model on vLLM."""
 
     enabled: bool = Field(default=True, description="Deploy once the model passes evaluation.")
@@ -617,7 +352,7 @@ class DeploymentSpec(_Spec):
     extra_args: list[Annotated[str, Field(max_length=256)]] | None = Field(
         default=None,
         max_length=MAX_EXTRA_ARGS,
-        json_schema_extra=_validations(EXTRA_ARGS_RULE),
+        json_schema_extra=validations(EXTRA_ARGS_RULE),
         description="Extra vLLM server arguments: allow-listed flags only (docs/serving.md), as --flag, "
         "--flag=value or --flag value.",
     )
@@ -639,17 +374,17 @@ class DeploymentSpec(_Spec):
 
 
 _SPEC_RULES = (
-    _rule(
+    rule(
         "!has(self.method) || self.method != 'qlora' || !has(self.resources) || !has(self.resources.gpus) "
         "|| self.resources.gpus >= 1",
         QLORA_NEEDS_GPU,
     ),
-    _rule(
+    rule(
         "!has(self.deployment) || !has(self.deployment.mode) || self.deployment.mode != 'adapter' "
         "|| !has(self.method) || self.method != 'full'",
         ADAPTER_NEEDS_PEFT,
     ),
-    _rule(
+    rule(
         "!has(self.lora) || !has(self.lora.rank) || self.lora.rank <= 512 || (has(self.deployment) && ("
         "(has(self.deployment.enabled) && !self.deployment.enabled) "
         "|| (has(self.deployment.mode) && self.deployment.mode == 'merged') "
@@ -657,13 +392,13 @@ _SPEC_RULES = (
         "&& has(self.method) && self.method == 'full')))",
         LORA_RANK_UNSERVABLE,
     ),
-    _rule(
+    rule(
         "!has(self.storage) || !has(self.storage.output) || !has(self.baseModel) "
         "|| !has(self.baseModel.uri) || !(self.storage.output + '/').startsWith("
         "self.baseModel.uri.endsWith('/') ? self.baseModel.uri : self.baseModel.uri + '/')",
         OUTPUT_OVERLAPS_MODEL,
     ),
-    _rule(
+    rule(
         "!has(self.storage) || !has(self.storage.output) || !has(self.dataset) || "
         "[has(self.dataset.train) ? self.dataset.train : '', "
         "has(self.dataset.validation) ? self.dataset.validation : '', "
@@ -679,30 +414,30 @@ def _under(output: str, location: str) -> bool:
     return (output + "/").startswith(base)
 
 
-class FineTuneJobSpec(_Spec):
+class FineTuneJobSpec(SpecModel):
     """What to fine-tune, on what data, how, and where to serve it."""
 
-    model_config = ConfigDict(json_schema_extra=_validations(*_SPEC_RULES))
+    model_config = ConfigDict(json_schema_extra=validations(*_SPEC_RULES))
 
     base_model: BaseModelSpec = Field(
         description="The model to fine-tune (immutable).",
-        json_schema_extra=_validations(_rule("self == oldSelf", IMMUTABLE.format(field="baseModel"))),
+        json_schema_extra=validations(rule("self == oldSelf", IMMUTABLE.format(field="baseModel"))),
     )
     dataset: DatasetSpec = Field(
         description="Training data (immutable).",
-        json_schema_extra=_validations(_rule("self == oldSelf", IMMUTABLE.format(field="dataset"))),
+        json_schema_extra=validations(rule("self == oldSelf", IMMUTABLE.format(field="dataset"))),
     )
     method: Method = Field(
         default="lora",
         description="lora, qlora (4-bit base) or full fine-tuning (immutable).",
-        json_schema_extra=_validations(_rule("self == oldSelf", IMMUTABLE.format(field="method"))),
+        json_schema_extra=validations(rule("self == oldSelf", IMMUTABLE.format(field="method"))),
     )
     lora: LoraSpec = Field(
         default_factory=LoraSpec,
         description="Adapter settings (immutable).",
         json_schema_extra={
             "default": {},
-            **_validations(_rule("self == oldSelf", IMMUTABLE.format(field="lora"))),
+            **validations(rule("self == oldSelf", IMMUTABLE.format(field="lora"))),
         },
     )
     hyperparameters: HyperparametersSpec = Field(
@@ -710,7 +445,7 @@ class FineTuneJobSpec(_Spec):
         description="Training hyperparameters (immutable).",
         json_schema_extra={
             "default": {},
-            **_validations(_rule("self == oldSelf", IMMUTABLE.format(field="hyperparameters"))),
+            **validations(rule("self == oldSelf", IMMUTABLE.format(field="hyperparameters"))),
         },
     )
     checkpoint: CheckpointSpec = Field(
@@ -754,155 +489,7 @@ class FineTuneJobSpec(_Spec):
         return self
 
 
-# ---------------------------------------------------------------------------------------------- status
-class Phase(enum.StrEnum):
-    """Lifecycle phase of a FineTuneJob."""
-
-    PENDING = "Pending"
-    VALIDATING = "Validating"
-    TRAINING = "Training"
-    EVALUATING = "Evaluating"
-    DEPLOYING = "Deploying"
-    SERVING = "Serving"
-    SUCCEEDED = "Succeeded"
-    REJECTED = "Rejected"
-    FAILED = "Failed"
-    SUSPENDED = "Suspended"
-
-
-Count = Annotated[int, Field(ge=0, le=1_000_000_000_000)]
-Real = Annotated[float, Field(ge=-1e15, le=1e15)]
-ShortText = Annotated[str, Field(max_length=256)]
-LongText = Annotated[str, Field(max_length=4096)]
-StatusURI = Annotated[str, Field(max_length=2048)]
-
-
-class Condition(_Status):
-    """metav1.Condition."""
-
-    type: str = Field(max_length=316, pattern=QUALIFIED_NAME_PATTERN)
-    status: Literal["True", "False", "Unknown"]
-    observed_generation: int | None = Field(default=None, ge=0, le=9_007_199_254_740_991)
-    last_transition_time: datetime
-    reason: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
-    message: str = Field(max_length=32768)
-
-
-class ProgressStatus(_Status):
-    """Training progress from the trainer's newest progress line."""
-
-    step: Count | None = Field(default=None, description="Optimizer steps done.")
-    total_steps: Count | None = Field(default=None, description="Optimizer steps planned.")
-    epoch: Real | None = Field(default=None, description="Fractional epoch.")
-    loss: Real | None = Field(default=None, description="Latest training loss.")
-    learning_rate: Real | None = Field(default=None, description="Current learning rate.")
-    tokens_per_second: Real | None = Field(default=None, description="Training throughput.")
-    eta_seconds: Count | None = Field(default=None, description="Estimated seconds to the end of training.")
-    display: str | None = Field(
-        default=None,
-        max_length=64,
-        description="Short text for kubectl (Progress column), e.g. 40/200 (20%).",
-    )
-
-
-class DatasetStatus(_Status):
-    """Dataset after cleaning (validate stage)."""
-
-    format: str | None = Field(default=None, max_length=32, description="Detected record format.")
-    train: Count | None = Field(default=None, description="Training examples kept.")
-    validation: Count | None = Field(default=None, description="Validation examples kept.")
-    test: Count | None = Field(default=None, description="Held-out test examples.")
-    train_tokens: Count | None = Field(default=None, description="Tokens in the training split.")
-    removed: dict[Annotated[str, Field(max_length=64)], Count] | None = Field(
-        default=None, max_length=32, description="Examples removed, by reason (duplicate, too_long, ...)."
-    )
-    errors: dict[Annotated[str, Field(max_length=64)], Count] | None = Field(
-        default=None, max_length=32, description="Invalid records, by error kind."
-    )
-
-
-MetricValues = Annotated[dict[Annotated[str, Field(max_length=64)], Real], Field(max_length=16)]
-
-
-class EvaluationStatus(_Status):
-    """Scores of the tuned model, its base and an optional reference, and the gate's verdict."""
-
-    passed: bool | None = Field(default=None, description="Whether every gate passed.")
-    tuned: MetricValues | None = Field(default=None, description="Metrics of the tuned model.")
-    base: MetricValues | None = Field(default=None, description="Metrics of the base model.")
-    reference: MetricValues | None = Field(default=None, description="Metrics of the reference API model.")
-    examples: Count | None = Field(default=None, description="Held-out examples scored.")
-    reasons: list[Annotated[str, Field(max_length=512)]] | None = Field(
-        default=None, max_length=16, description="Why the gate passed or failed, one line per check."
-    )
-    summary: str | None = Field(
-        default=None,
-        max_length=64,
-        description="Short text for kubectl (Eval column), e.g. passed 0.62 vs 0.40.",
-    )
-
-
-class ArtifactsStatus(_Status):
-    """Where the run's outputs are."""
-
-    run_prefix: StatusURI | None = Field(default=None, description="<output>/<namespace>/<name>/<uid>.")
-    data: StatusURI | None = Field(default=None, description="Cleaned dataset.")
-    checkpoint: StatusURI | None = Field(default=None, description="Latest committed checkpoint.")
-    adapter: StatusURI | None = Field(default=None, description="LoRA adapter.")
-    merged: StatusURI | None = Field(default=None, description="Merged weights.")
-    evaluation_report: StatusURI | None = Field(default=None, description="Evaluation report.")
-
-
-class EndpointStatus(_Status):
-    """The serving endpoint."""
-
-    url: StatusURI | None = Field(default=None, description="OpenAI-compatible base URL in the cluster.")
-    model: str | None = Field(default=None, max_length=256, description="Model name to request.")
-
-
-class FineTuneJobStatus(_Status):
-    """Observed state, written by the operator."""
-
-    phase: Phase | None = Field(default=None, description="Lifecycle phase.")
-    conditions: list[Condition] | None = Field(
-        default=None,
-        max_length=16,
-        description="Latest observations (metav1.Condition).",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-    )
-    observed_generation: int | None = Field(
-        default=None, ge=0, le=9_007_199_254_740_991, description="Generation this status describes."
-    )
-    message: LongText | None = Field(default=None, description="Human-readable state or error.")
-    progress: ProgressStatus | None = None
-    dataset: DatasetStatus | None = None
-    evaluation: EvaluationStatus | None = None
-    artifacts: ArtifactsStatus | None = None
-    endpoint: EndpointStatus | None = None
-    retries: int | None = Field(default=None, ge=0, le=1000, description="Transient failures retried so far.")
-    start_time: datetime | None = Field(default=None, description="When the first stage started.")
-    completion_time: datetime | None = Field(default=None, description="When the job reached a final phase.")
-    gpu_hours_estimate: float | None = Field(
-        default=None, ge=0, le=1e9, description="Estimated GPU hours before training."
-    )
-    gpu_hours: float | None = Field(default=None, ge=0, le=1e9, description="GPU hours used so far.")
-
-
 # ---------------------------------------------------------------------------------------------- object
-class ObjectMeta(_Status):
-    """The metadata fields the operator reads (the rest is kept by the API server, not here)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    name: str | None = Field(default=None, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)
-    namespace: str | None = Field(default=None, max_length=63)
-    uid: str | None = None
-    generation: int | None = None
-    resource_version: str | None = None
-    labels: dict[str, str] | None = None
-    annotations: dict[str, str] | None = None
-
-
 class FineTuneJob(BaseModel):
     """A FineTuneJob object as stored by the API server."""
 
@@ -921,44 +508,12 @@ class FineTuneJob(BaseModel):
     status: FineTuneJobStatus | None = None
 
 
-def _path(loc: tuple[int | str, ...]) -> str:
-    parts: list[str] = []
-    for part in loc:
-        if isinstance(part, int):
-            parts[-1] += f"[{part}]"
-        elif part == "[key]":
-            parts.pop()  # a bad map key: report the map, as the API server does
-        elif part.startswith(("function-", "lax-", "strict-")) or part in {"str", "int"}:
-            continue  # pydantic's union/function branch labels are not field names
-        else:
-            parts.append(part)
-    return ".".join(parts)
-
-
-def _errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[tuple[str, str]]:
-    errors: list[tuple[str, str]] = []
-    for err in exc.errors(include_url=False):
-        message = str(err["msg"])
-        if err["type"] == "value_error" and message.startswith("Value error, "):
-            message = message[len("Value error, ") :]
-        if err["type"] == "extra_forbidden":
-            message = "unknown field"
-        if err["type"] == "string_pattern_mismatch":
-            pattern = str((err.get("ctx") or {}).get("pattern", ""))
-            message = f"must be {PATTERN_HINTS[pattern]}" if pattern in PATTERN_HINTS else message
-        path = _path(prefix + tuple(err["loc"]))
-        if message in RULE_FIELD:
-            path += RULE_FIELD[message]
-        errors.append((path, message))
-    return errors
-
-
 def parse_finetunejob(obj: dict[str, Any]) -> FineTuneJob:
     """Parse a FineTuneJob object (as from the API server); raise SpecError naming each bad field."""
     try:
         return FineTuneJob.model_validate(obj)
     except ValidationError as exc:
-        raise SpecError(_errors(exc)) from None
+        raise SpecError(field_errors(exc)) from None
 
 
 def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
@@ -966,7 +521,7 @@ def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
     try:
         return FineTuneJobSpec.model_validate(spec)
     except ValidationError as exc:
-        raise SpecError(_errors(exc, ("spec",))) from None
+        raise SpecError(field_errors(exc, ("spec",))) from None
 
 
 def check_update(old: FineTuneJobSpec, new: FineTuneJobSpec) -> None:

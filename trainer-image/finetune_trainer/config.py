@@ -19,10 +19,11 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune_vocabulary.layout import RunLayout
+from finetune_vocabulary.metrics import METRICS, MetricName, primary_metric
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -36,10 +37,8 @@ from pydantic.alias_generators import to_camel
 
 from .exitcodes import InvalidConfigError
 
-Metric = Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l"]
-ALL_METRICS: tuple[Metric, ...] = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
-# Metrics where lower is better (thresholds use "max", improvements are decreases).
-LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+Metric = MetricName  # the shared vocabulary's names (finetune_vocabulary.metrics)
+ALL_METRICS: tuple[Metric, ...] = METRICS
 
 
 class _Section(BaseModel):
@@ -194,18 +193,16 @@ class EvaluationSpec(_Section):
         None, description="Tuned must beat base on primaryMetric by this much"
     )
     primary_metric: Metric | None = Field(
-        None, description="Metric that decides improvement (unset: exact_match if computed, else the first)"
+        None, description="Metric that decides the run (unset: first threshold's, else first of metrics)"
     )
     max_new_tokens: int = Field(128, ge=1, le=32768, description="Greedy generation length per prompt")
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts generated per batch")
     reference: ReferenceSpec | None = None
 
     @property
-    def deciding_metric(self) -> Metric:
-        """primaryMetric, resolved the way the operator's gate resolves it."""
-        if self.primary_metric is not None:
-            return self.primary_metric
-        return "exact_match" if "exact_match" in self.metrics else self.metrics[0]
+    def deciding_metric(self) -> str:
+        """The primary metric, by the rule the operator's gate and status use (finetune_vocabulary)."""
+        return primary_metric(self.metrics, [t.metric for t in self.thresholds], self.primary_metric)
 
 
 class ResourcesSpec(_Section):
@@ -257,43 +254,6 @@ class JobRef(_Section):
     namespace: str = "default"
     name: str = "finetune"
     uid: str = ""
-
-
-@dataclass(frozen=True)
-class RunLayout:
-    """Where each stage writes under the run prefix (the contract's storage table)."""
-
-    prefix: str
-
-    def join(self, *parts: str) -> str:
-        return "/".join([self.prefix.rstrip("/"), *(p.strip("/") for p in parts)])
-
-    @property
-    def data(self) -> str:
-        return self.join("data")
-
-    @property
-    def checkpoints(self) -> str:
-        return self.join("checkpoints")
-
-    def checkpoint(self, step: int) -> str:
-        return self.join("checkpoints", f"step-{step:08d}")
-
-    @property
-    def adapter(self) -> str:
-        return self.join("model", "adapter")
-
-    @property
-    def merged(self) -> str:
-        return self.join("model", "merged")
-
-    @property
-    def train(self) -> str:
-        return self.join("train")
-
-    @property
-    def evaluation(self) -> str:
-        return self.join("evaluation")
 
 
 class TrainerConfig(_Section):

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_vocabulary.metrics import LOSS_METRICS
+
 from . import manifest, metrics, modeling, plots, storage
 from .config import EvaluationSpec, ReferenceSpec, TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
@@ -154,7 +156,7 @@ def score_local(
     model.eval()
     answers = generate(model, tokenizer, examples, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
     scores = metrics.score_text(answers, [e.reference for e in examples])
-    if {"loss", "perplexity"} & set(ev.metrics):
+    if set(LOSS_METRICS) & set(ev.metrics):
         scores.update(
             metrics.loss_metrics(*reference_nll(model, tokenizer, examples, batch_size=ev.batch_size))
         )

@@ -1,4 +1,4 @@
-"""Exit codes of the trainer (see ../CONTRACT.md) and the exceptions that carry them.
+"""The exceptions that carry the trainer's exit codes (finetune_vocabulary.exitcodes, ../CONTRACT.md).
 
 Stage code raises one of the ``TrainerError`` subclasses; anything else is classified by
 :func:`classify` (CUDA/host OOM, network and storage failures) at the top of the CLI.
@@ -6,8 +6,9 @@ Stage code raises one of the ``TrainerError`` subclasses; anything else is class
 
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import Any
+
+from finetune_vocabulary.exitcodes import ExitCode
 
 OOM_HINT = (
     "lower hyperparameters.batchSize or hyperparameters.maxSeqLength (raise gradientAccumulationSteps to "
@@ -22,15 +23,7 @@ VALIDATE_OOM_HINT = (
 )
 
 
-class ExitCode(IntEnum):
-    OK = 0
-    INVALID_DATA = 10
-    INVALID_CONFIG = 11
-    OUT_OF_MEMORY = 12
-    TRANSIENT = 20
-    PREEMPTED = 21
-    # Not part of the contract's named codes: an unexpected crash. The operator treats it as transient.
-    CRASH = 1
+__all__ = ["ExitCode", "TrainerError", "classify"]
 
 
 class TrainerError(Exception):

@@ -270,13 +270,10 @@ class LocalCluster:
                         raise
 
     async def _start_operator(self) -> None:
-        if (
-            importlib.util.find_spec("finetune_operator") is None
-            or importlib.util.find_spec("finetune_operator.__main__") is None
-        ):
+        if importlib.util.find_spec("finetune_operator") is None:
             log.warning(
-                "operator not started: `python -m finetune_operator` is not available yet "
-                "(no finetune_operator/__main__.py); set LOCAL_OPERATOR=0 to silence this"
+                "operator not started: the finetune_operator package is not installed in this environment "
+                "(`make venv` installs it); set LOCAL_OPERATOR=0 to run the cluster without it"
             )
             return
         python = self.root / ".venv" / "bin" / "python"
