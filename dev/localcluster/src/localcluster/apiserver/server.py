@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 3 * 1024 * 1024
 # Warnings for the current request (`Warning: 299 - "..."` response headers, as kubectl prints them).
 _warnings: contextvars.ContextVar[list[str]] = contextvars.ContextVar("warnings")
+# Keys repeated within one JSON object of the current request's body, in the order they were closed.
+_duplicates: contextvars.ContextVar[list[str]] = contextvars.ContextVar("duplicates")
 _GENERATE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
 _TABLE_MARK = "as=Table"
 
@@ -43,6 +45,28 @@ _TABLE_MARK = "as=Table"
 # str, bytes or an async iterator of bytes, directly or from a coroutine. Errors: raise ApiError, or any
 # exception with integer `status`, `message` and optional `reason` attributes; the client gets that Status.
 LogProvider = Callable[..., Any]
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: refused with the Go decoder's words, as kube-apiserver does."""
+    where = "in numeric literal" if name.startswith("-") else "looking for beginning of value"
+    raise ValueError(f"invalid character {name.lstrip('-')[0]!r} {where}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"json: cannot unmarshal number {text} into Go value of type float64")
+    return value
+
+
+def _object_noting_duplicates(pairs: list[tuple[str, Any]], duplicates: list[str]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            duplicates.append(key)
+        obj[key] = value
+    return obj
 
 
 def now_iso(offset: float = 0.0) -> str:
@@ -286,6 +310,7 @@ class ApiServer:
             self.faults.check(info.verb, info.resource, info.rtype.group, info.namespace, info.name or "")
             warnings: list[str] = []
             _warnings.set(warnings)
+            _duplicates.set([])
             response = await self._serve(request, info)
             if warnings and not response.prepared:
                 for text in warnings:
@@ -384,6 +409,7 @@ class ApiServer:
             return self._respond(request, rtype, obj)
         if info.verb == "create":
             body = await self._read_object(request)
+            self._check_duplicate_fields(rtype, query)
             if sub == "eviction":
                 return self._json(self._evict(rtype, ns or "", name or "", body), 201)
             if sub == "binding":
@@ -398,6 +424,7 @@ class ApiServer:
             return self._respond(request, rtype, obj, status=201)
         if info.verb == "update":
             body = await self._read_object(request)
+            self._check_duplicate_fields(rtype, query)
             obj = self._update(rtype, ns, name or "", self._to_storage(rtype, body), query, sub)
             return self._respond(request, rtype, obj)
         if info.verb == "patch":
@@ -434,8 +461,15 @@ class ApiServer:
     def _decode(raw: bytes, content_type: str) -> Any:
         if not raw.strip():
             raise errors.bad_request("the body of the request is empty; an object was expected")
+        duplicates: list[str] = []
+        _duplicates.set(duplicates)
         try:
-            return json.loads(raw)
+            return json.loads(
+                raw,
+                parse_constant=_refuse_constant,
+                parse_float=_finite_float,
+                object_pairs_hook=lambda pairs: _object_noting_duplicates(pairs, duplicates),
+            )
         except RecursionError as exc:
             raise errors.bad_request("the request body is nested too deeply") from exc
         except (ValueError, UnicodeDecodeError) as exc:
@@ -1687,6 +1721,24 @@ class ApiServer:
                 del obj[key]
         if unknown and mode == "Warn":
             self._report_unknown(rtype, mode, unknown)
+
+    @staticmethod
+    def _check_duplicate_fields(rtype: ResourceType, query: Any) -> None:
+        """Keys given twice in one object: 400 under Strict, a warning under Warn (the default), as
+        kube-apiserver's strict JSON decoder reports them."""
+        duplicates = _duplicates.get([])
+        mode = (query.get("fieldValidation", "") if query else "") or "Warn"
+        if not duplicates or mode == "Ignore":
+            return
+        found = [f'duplicate field "{key}"' for key in duplicates]
+        if mode == "Warn":
+            with contextlib.suppress(LookupError):
+                _warnings.get().extend(found)
+            return
+        raise errors.bad_request(
+            f'{rtype.kind} in version "{rtype.version}" cannot be handled as a {rtype.kind}: '
+            f"strict decoding error: {', '.join(found)}"
+        )
 
     @staticmethod
     def _report_unknown(rtype: ResourceType, mode: str, unknown: list[str]) -> None:
