@@ -786,10 +786,7 @@ def test_non_finite_numbers_are_not_json_and_are_refused(raw: Raw, namespace: st
     every later read and patch of the object)."""
     path = f"/api/v1/namespaces/{namespace}/configmaps"
     for name, literal, char in (("nan", "NaN", "N"), ("inf", "Infinity", "I"), ("neg-inf", "-Infinity", "I")):
-        body = (
-            '{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "%s", "annotations": {"n": "1"}},'
-            ' "data": {"k": "v"}, "x": %s}' % (name, literal)
-        ).encode()
+        body = json.dumps(cm(name)).encode()[:-1] + b', "x": ' + literal.encode() + b"}"
         status, reply, _ = raw.request("POST", path, body)
         assert status == 400, (literal, reply)
         assert reply["kind"] == "Status" and reply["reason"] == "BadRequest"
@@ -803,8 +800,9 @@ def test_non_finite_numbers_are_not_json_and_are_refused(raw: Raw, namespace: st
         "application/merge-patch+json",
     )
     assert status == 400, reply
-    assert raw.request("GET", f"{path}/plain")[1]["metadata"]["resourceVersion"] == (
-        created["metadata"]["resourceVersion"]
+    assert (
+        raw.request("GET", f"{path}/plain")[1]["metadata"]["resourceVersion"]
+        == (created["metadata"]["resourceVersion"])
     )
 
 
@@ -832,10 +830,7 @@ def test_duplicate_fields_are_refused_under_strict_and_warned_under_warn(raw: Ra
     # An update under Strict is refused the same way and leaves the object as it was.
     current = raw.request("GET", f"{path}/warned")[1]
     rv = current["metadata"]["resourceVersion"]
-    update = (
-        '{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "warned", "resourceVersion": "%s"},'
-        ' "data": {"k": "x"}, "data": {"k": "y"}}' % rv
-    ).encode()
+    update = json.dumps(cm("warned", resourceVersion=rv)).encode()[:-1] + b', "data": {"k": "y"}}'
     status, reply, _ = raw.request("PUT", f"{path}/warned?fieldValidation=Strict", update)
     assert status == 400 and 'duplicate field "data"' in reply["message"], reply
     assert raw.request("GET", f"{path}/warned")[1]["data"] == {"k": "second"}
