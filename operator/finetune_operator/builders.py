@@ -240,20 +240,21 @@ def _pvc_volumes(job: JobRef) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     return volumes, mounts, env
 
 
-def trainer_config(job: JobRef) -> dict[str, Any]:
-    """The FTJ_CONFIG document (CONTRACT.md)."""
+def trainer_config(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
+    """The FTJ_CONFIG document (CONTRACT.md): the spec, plus the platform's policy the spec cannot change."""
     return {
         "runPrefix": job.run_prefix,
         "job": {"namespace": job.namespace, "name": job.name, "uid": job.uid},
         "spec": dict(job.spec),
+        "referencePolicy": {"allowPlainHttpHosts": list(config.reference.allow_plain_http_hosts)},
     }
 
 
-def _trainer_env(job: JobRef, stage: Stage) -> list[dict[str, Any]]:
+def _trainer_env(job: JobRef, stage: Stage, config: OperatorConfig) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {
             "name": "FTJ_CONFIG",
-            "value": json.dumps(trainer_config(job), sort_keys=True, separators=(",", ":")),
+            "value": json.dumps(trainer_config(job, config), sort_keys=True, separators=(",", ":")),
         },
         {"name": "FTJ_TERMINATION_LOG", "value": TERMINATION_LOG},
         {"name": "FTJ_WORKDIR", "value": WORKDIR},
@@ -302,7 +303,7 @@ def _stage_job(
         "image": config.images.trainer,
         "imagePullPolicy": config.images.pull_policy,
         "command": command,
-        "env": _trainer_env(job, stage) + pvc_env,
+        "env": _trainer_env(job, stage, config) + pvc_env,
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
         "terminationMessagePath": TERMINATION_LOG,

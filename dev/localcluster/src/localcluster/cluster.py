@@ -291,6 +291,9 @@ class LocalCluster:
             env["LOCALCLUSTER_POD_NAMESPACE"] = "default"
         for key in self.s3_env:
             env.pop(key, None)  # the operator never holds storage credentials
+        # Everything here is on loopback over plain http (reference endpoints in tests and demos included):
+        # the one place that allowance is made. A real install allows no plain-http host by default.
+        env.setdefault("FTO_REFERENCE_PLAIN_HTTP_HOSTS", "127.0.0.0/8,localhost,::1")
         out = open(self.workdir / "operator.log", "ab")  # noqa: SIM115
         try:
             self.operator_process = await asyncio.create_subprocess_exec(
