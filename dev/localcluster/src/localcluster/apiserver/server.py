@@ -200,11 +200,13 @@ class ApiServer:
         count: int | None = None,
         retry_after: int = 1,
         namespace: str | None = None,
+        agent: str | tuple[str, ...] | None = None,
     ) -> Fault:
-        """Fail matching requests with 409, 429 (with Retry-After) or 500; `count` limits how many."""
+        """Fail matching requests with 409, 429 (with Retry-After) or 500; `count` limits how many; `agent`
+        limits them to one client (its User-Agent product, e.g. "kopf")."""
         if status not in (409, 429, 500, 503):
             raise ValueError("status must be one of 409, 429, 500, 503")
-        fault = Fault(verb, resource, status, rate, count, retry_after, namespace)
+        fault = Fault(verb, resource, status, rate, count, retry_after, namespace, agent)
         self.faults.faults.append(fault)
         return fault
 
@@ -216,10 +218,22 @@ class ApiServer:
         self.faults.faults.clear()
         self.faults.latencies.clear()
 
-    def set_latency(self, seconds: float, verb: str = "*", resource: str = "*") -> Latency:
-        latency = Latency(seconds, verb, resource)
+    def set_latency(
+        self,
+        seconds: float,
+        verb: str = "*",
+        resource: str = "*",
+        rate: float = 1.0,
+        agent: str | tuple[str, ...] | None = None,
+    ) -> Latency:
+        """Delay matching requests (a fraction `rate` of them; only `agent`'s when given) by `seconds`."""
+        latency = Latency(seconds, verb, resource, rate, agent)
         self.faults.latencies.append(latency)
         return latency
+
+    def remove_latency(self, latency: Latency) -> None:
+        with contextlib.suppress(ValueError):
+            self.faults.latencies.remove(latency)
 
     def drop_watches(self, resource: str = "*") -> int:
         """Close open watch streams (clients see the connection end and must re-watch)."""
@@ -304,10 +318,12 @@ class ApiServer:
                 return await self._discovery(request)
             agent = request.headers.get("User-Agent", "").split("/", 1)[0].split(" ", 1)[0]
             self.counters.record(info.verb, info.resource, agent)
-            delay = self.faults.delay(info.verb, info.resource)
+            delay = self.faults.delay(info.verb, info.resource, agent)
             if delay:
                 await asyncio.sleep(delay)
-            self.faults.check(info.verb, info.resource, info.rtype.group, info.namespace, info.name or "")
+            self.faults.check(
+                info.verb, info.resource, info.rtype.group, info.namespace, info.name or "", agent
+            )
             warnings: list[str] = []
             _warnings.set(warnings)
             _duplicates.set([])
