@@ -338,8 +338,8 @@ def _artifact_problem(uri: str, manifest: Any, storage: Any) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def count_events_missing(api: Api, phases: dict[str, list[str]]) -> tuple[int, int]:
-    """(transitions, transitions without exactly one Event)."""
+def events_missing(api: Api, phases: dict[str, list[str]]) -> tuple[int, list[str]]:
+    """(transitions, those without exactly one Event, described)."""
     events = [
         e
         for e in api.items(f"/api/v1/namespaces/{NAMESPACE}/events")
@@ -349,11 +349,12 @@ def count_events_missing(api: Api, phases: dict[str, list[str]]) -> tuple[int, i
     for event in events:
         phase = str(event.get("message") or "").split(":", 1)[0]
         per[(event["involvedObject"]["name"], phase)] += 1
-    transitions = missing = 0
+    transitions, missing = 0, []
     for name, seen in phases.items():
         for phase in seen:
             transitions += 1
-            missing += 0 if per[(name, phase)] == 1 else 1
+            if per[(name, phase)] != 1:
+                missing.append(f"{name} → {phase}: {per[(name, phase)]} Events")
     return transitions, missing
 
 
@@ -407,8 +408,6 @@ def run(cfg: Settings) -> str:
                 last_report = elapsed
             if done == cfg.jobs and chaos.kills >= cfg.kills and chaos.evicted is not None:
                 break
-            if done == cfg.jobs and elapsed > cfg.s3_window[1] and elapsed > cfg.api_window[1]:
-                break  # everything finished before the chaos could: stop rather than kill an idle operator
             time.sleep(0.5)
         elapsed = time.monotonic() - began
         chaos.calm()
@@ -420,7 +419,7 @@ def run(cfg: Settings) -> str:
         stuck = sum(1 for n in names if (objs.get(n, {}).get("status") or {}).get("phase") not in TERMINAL)
         duplicates = count_duplicates(api, uids)
         checked, lost = lost_artifacts(objs)
-        transitions, events_missing = count_events_missing(api, dict(phase_log.phases))
+        transitions, no_event = events_missing(api, dict(phase_log.phases))
         failed = {
             n: (o.get("status") or {}).get("message")
             for n, o in objs.items()
@@ -438,9 +437,11 @@ def run(cfg: Settings) -> str:
             print(f"  not succeeded: {name}: {phase_log.phases.get(name)} {message}", flush=True)
         for problem in lost:
             print(f"  lost artifact: {problem}", flush=True)
+        for problem in no_event:
+            print(f"  transition without exactly one Event: {problem}", flush=True)
         return (
             f"chaos: jobs={cfg.jobs} completed={completed} duplicates={duplicates} "
-            f"lost_artifacts={len(lost)} events_missing={events_missing} stuck={stuck} "
+            f"lost_artifacts={len(lost)} events_missing={len(no_event)} stuck={stuck} "
             f"operator_restarts={cluster.operator_restarts}"
         )
     finally:
