@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from . import ownership
 from .builders import API_VERSION, KIND
 
 log = logging.getLogger(__name__)
@@ -40,8 +41,11 @@ KINDS: dict[str, tuple[str, str]] = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, body: Any, method: str, path: str) -> None:
+    def __init__(
+        self, status: int, body: Any, method: str, path: str, retry_after: float | None = None
+    ) -> None:
         self.status = status
+        self.retry_after = retry_after  # seconds, from a 429's Retry-After header
         self.body = body if isinstance(body, dict) else {"message": str(body)}
         self.reason = str(self.body.get("reason", ""))
         super().__init__(f"{method} {path}: {status} {self.reason}: {self.body.get('message', '')}")
@@ -49,6 +53,11 @@ class ApiError(Exception):
 
 class NotOwnedError(Exception):
     """A child's name is taken by an object another owner controls (e.g. a deleted job's leftovers)."""
+
+    def __init__(self, message: str, kind: str = "", name: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.name = name
 
 
 class Api(Protocol):
@@ -62,13 +71,22 @@ class Api(Protocol):
 
     async def delete(self, kind: str, namespace: str, name: str) -> None: ...
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def patch_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any], uid: str | None = None
+    ) -> dict[str, Any]: ...
 
     async def post_event(
-        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str, name: str | None = None
     ) -> None: ...
 
     async def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str: ...
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
 
 
 def path_of(kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
@@ -172,7 +190,13 @@ class KubeApi:
                     parsed = json.loads(payload)
                 except ValueError:
                     parsed = payload
-                raise ApiError(response.status, parsed, method, path)
+                raise ApiError(
+                    response.status,
+                    parsed,
+                    method,
+                    path,
+                    retry_after=_seconds(response.headers.get("Retry-After")),
+                )
             if text:
                 return payload
             return json.loads(payload) if payload else {}
@@ -193,9 +217,7 @@ class KubeApi:
         if any(o.get("uid") == owner_uid and o.get("controller") for o in owners):
             log.info("adopted existing %s %s/%s", kind, namespace, name)
             return existing
-        raise NotOwnedError(
-            f"{kind} {namespace}/{name} already exists and is not controlled by this FineTuneJob"
-        )
+        raise NotOwnedError(ownership.conflict_message(kind, existing), kind=kind, name=name)
 
     async def patch(
         self, kind: str, namespace: str, name: str, patch: Any, patch_type: str = "merge"
@@ -212,16 +234,26 @@ class KubeApi:
             if error.status != 404:
                 raise
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+    async def patch_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any], uid: str | None = None
+    ) -> dict[str, Any]:
+        """Merge-patch the status. With `uid` in the patch kube-apiserver refuses to patch a re-created
+        namesake (metadata.uid is immutable: 422); the embedded cluster does not check it."""
+        body: dict[str, Any] = {"status": patch}
+        if uid:
+            body["metadata"] = {"uid": uid}
         result: dict[str, Any] = await self.request(
             "PATCH",
             path_of(KIND, namespace, name, "status"),
-            body={"status": patch},
+            body=body,
             content_type=MERGE_PATCH,
         )
         return result
 
-    async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    async def post_event(
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str, name: str | None = None
+    ) -> None:
+        """Create an Event; with `name` (events.event_name) a second post of it answers 409 AlreadyExists."""
         meta = involved.get("metadata") or {}
         namespace = str(meta.get("namespace"))
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -229,7 +261,7 @@ class KubeApi:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "name": f"{str(meta.get('name'))[:200]}.{uuid.uuid4().hex[:16]}",
+                "name": name or f"{str(meta.get('name'))[:200].rstrip('.-')}.{uuid.uuid4().hex[:16]}",
                 "namespace": namespace,
             },
             "involvedObject": {

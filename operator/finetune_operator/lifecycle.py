@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from . import kube, reconcile, state
+from . import kube, ownership, reconcile, state
 from .reconcile import Children, Context, owner_uid, snapshot
 from .state import IDLE_PHASES
 
@@ -112,7 +112,7 @@ async def on_child_event(memo: Any, body: Mapping[str, Any], event_type: str | N
     parent = ctx.jobs.get(uid) if uid else None
     if parent is None:
         return  # the parent's own event (or the resync) reconciles it
-    if uid is not None:
+    if uid is not None and _counts_for(ctx, parent, body):
         # Remember evictions from the event itself: the pod may be gone from the index before the
         # reconcile it triggers runs, and the Job's `failed` counter ignores disruptions.
         ctx.disrupted.setdefault(uid, set()).update(state.disrupted_pods([body]))
@@ -121,6 +121,16 @@ async def on_child_event(memo: Any, body: Mapping[str, Any], event_type: str | N
     elif uid is not None and ctx.is_echo_of_created(uid, body):
         return
     await reconcile.reconcile(ctx, parent, trigger="child-event")
+
+
+def _counts_for(ctx: Context, parent: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
+    """Whether a child event's object is the parent's child by ownership (labels alone can be copied)."""
+    meta = parent["metadata"]
+    namespace, uid = str(meta["namespace"]), str(meta["uid"])
+    if ownership.is_controlled_by(body, namespace, uid):
+        return True
+    owned = ctx.children(uid, namespace)  # a pod: its controller must be one of the parent's children
+    return ownership.pod_is_owned(body, namespace, owned.jobs, owned.deployments)
 
 
 async def resync_loop(ctx: Context) -> None:

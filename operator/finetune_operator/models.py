@@ -719,6 +719,15 @@ class EndpointStatus(_Status):
     model: str | None = Field(default=None, max_length=256, description="Model name to request.")
 
 
+class PendingEvent(_Status):
+    """An Event the operator still owes (the API refused it for now); posted under this name exactly once."""
+
+    name: str = Field(max_length=253, description="The Event's deterministic name.")
+    type: Literal["Normal", "Warning"]
+    reason: str = Field(max_length=128)
+    message: str = Field(max_length=1024)
+
+
 class FineTuneJobStatus(_Status):
     """Observed state, written by the operator."""
 
@@ -745,6 +754,11 @@ class FineTuneJobStatus(_Status):
         default=None, ge=0, le=1e9, description="Estimated GPU hours before training."
     )
     gpu_hours: float | None = Field(default=None, ge=0, le=1e9, description="GPU hours used so far.")
+    pending_events: list[PendingEvent] | None = Field(
+        default=None,
+        max_length=32,
+        description="Transition Events the API refused for now; the operator posts them when it recovers.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- object

@@ -9,6 +9,7 @@ an unchanged world costs no API call at all.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from . import builders, kube, state
+from . import builders, events, kube, ownership, state
 from .builders import LABEL_JOB_UID, JobRef
 from .config import OperatorConfig
 from .metrics import Metrics
@@ -147,6 +148,8 @@ class Context:
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
     # uid → (generation, spec as parsed and defaulted, its error): the spec changes only with the generation.
     specs: dict[str, tuple[int, dict[str, Any], str | None]] = field(default_factory=dict)
+    # uid → objects carrying the job's labels that are not its children, already logged (once each).
+    ignored: dict[str, set[str]] = field(default_factory=dict)
     connection: Any = None
 
     def lock(self, uid: str) -> asyncio.Lock:
@@ -171,7 +174,15 @@ class Context:
         return self.jobs[uid]
 
     def forget(self, uid: str) -> None:
-        for table in (self.jobs, self.last_run, self.created, self.locks, self.disrupted, self.specs):
+        for table in (
+            self.jobs,
+            self.last_run,
+            self.created,
+            self.locks,
+            self.disrupted,
+            self.specs,
+            self.ignored,
+        ):
             table.pop(uid, None)
         self.dirty.discard(uid)
         self.metrics.forget(uid)
@@ -181,8 +192,27 @@ class Context:
         created = self.created.get(uid, {}).get(f"{body['metadata']['name']}/{body.get('kind')}")
         return created is not None and snapshot(body)["status"] == created["status"]
 
-    def children(self, uid: str) -> Children:
-        """Watch-cache children plus the ones this process created that the cache has not shown yet."""
+    def children(self, uid: str, namespace: str) -> Children:
+        """The job's children: watch-cache objects with its label that its controller ownerReference
+        confirms (ownership.py), plus the ones this process created that the cache has not shown yet."""
+        found, ignored = ownership.owned_children(self._labelled(uid), namespace, uid)
+        self._log_ignored(uid, ignored)
+        return found
+
+    def _log_ignored(self, uid: str, ignored: Iterable[Mapping[str, Any]]) -> None:
+        seen = self.ignored.setdefault(uid, set())
+        for obj in ignored:
+            key = str((obj.get("metadata") or {}).get("uid") or ownership.describe(obj))
+            if key not in seen:
+                seen.add(key)
+                log.warning(
+                    "ignoring %s: it carries the labels of FineTuneJob uid %s but is not controlled by it "
+                    "in its namespace",
+                    ownership.describe(obj),
+                    uid,
+                )
+
+    def _labelled(self, uid: str) -> Children:
         found = self.children_of(uid)
         recent = self.created.get(uid)
         if recent:
@@ -240,10 +270,12 @@ async def reconcile(
 
 async def _reconcile(ctx: Context, job: dict[str, Any], *, read_progress: bool) -> None:
     meta = job["metadata"]
+    if meta.get("deletionTimestamp"):
+        return  # being deleted: nothing to create, and its name may soon belong to a re-created job
     uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
     spec, spec_error = _parsed_spec(ctx, uid, int(meta.get("generation") or 1), job.get("spec") or {})
     ref = JobRef(namespace=namespace, name=name, uid=uid, spec=spec)
-    children, pods, service = ctx.children(uid).by_stage()
+    children, pods, service = ctx.children(uid, namespace).by_stage()
     status = job.get("status") or {}
     progress = None
     if read_progress and ctx.api is not None and status.get("phase") == Phase.TRAINING.value:
@@ -265,9 +297,30 @@ async def _reconcile(ctx: Context, job: dict[str, Any], *, read_progress: bool) 
         spec_error=spec_error,
     )
     plan = state.plan(observed, ctx.config)
-    await execute(ctx, job, plan)
+    conflicts = await execute(ctx, job, plan)
+    if conflicts:
+        await _wait_for_conflicts(ctx, job, observed, conflicts)
     if spec_error is not None:
         raise kopf.PermanentError(f"{namespace}/{name}: {spec_error}")
+
+
+async def _wait_for_conflicts(
+    ctx: Context, job: dict[str, Any], observed: state.Observed, conflicts: dict[tuple[str, str], str]
+) -> None:
+    """A child's name is taken by an object this job does not control (an orphaned leftover, another
+    owner's object): plan again knowing it, so the status says which object and what to do, and retry
+    from the resync loop until the name is free. Logged once per object, not on every retry."""
+    uid = str(job["metadata"]["uid"])
+    seen = ctx.ignored.setdefault(uid, set())
+    for (kind, name), message in conflicts.items():
+        if f"conflict:{kind}/{name}" not in seen:
+            seen.add(f"conflict:{kind}/{name}")
+            log.warning("%s/%s waits: %s", job["metadata"]["namespace"], job["metadata"]["name"], message)
+    plan = state.plan(dataclasses.replace(observed, conflicts=conflicts), ctx.config)
+    again = await execute(ctx, job, plan)
+    if again:
+        raise kube.NotOwnedError("; ".join(again.values()))
+    ctx.dirty.add(uid)
 
 
 def _parsed_spec(
@@ -298,15 +351,23 @@ async def _read_progress(
     return newest_progress(text)
 
 
-async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> None:
-    """Children first, then the status, then Events: a crash in between is repaired by the next pass."""
+async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> dict[tuple[str, str], str]:
+    """Children first, then Events, then the status: a crash in between is repaired by the next pass, which
+    re-posts the same Event names (events.py: exactly one Event per transition).
+
+    Returns {(kind, name): message} without writing anything else when a child's name is taken by an
+    object the job does not control (kube.NotOwnedError); the caller plans again knowing that.
+    """
     if ctx.api is None:
         raise kopf.TemporaryError("the API client is not ready yet", delay=1)
     api = ctx.api
     meta = job["metadata"]
     uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
     for manifest in plan.create:
-        created = await _create(ctx, api, manifest, uid)
+        try:
+            created = await _create(ctx, api, manifest, uid)
+        except kube.NotOwnedError as error:
+            return {(str(manifest["kind"]), str(manifest["metadata"]["name"])): str(error)}
         ctx.metrics.api_writes.labels("create", manifest["kind"]).inc()
         ctx.created.setdefault(uid, {})[f"{manifest['metadata']['name']}/{manifest['kind']}"] = snapshot(
             created
@@ -317,26 +378,44 @@ async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> None:
     for delete in plan.delete:
         await api.delete(delete.kind, namespace, delete.name)
         ctx.metrics.api_writes.labels("delete", delete.kind).inc()
-    if plan.status:
+    status_patch = {**plan.status, **await _post_events(ctx, api, job, plan.events)}
+    if status_patch:
         old_status = dict(job.get("status") or {})
-        updated = await api.patch_status(namespace, name, plan.status)
+        updated = await api.patch_status(namespace, name, status_patch, uid=uid)
         ctx.metrics.api_writes.labels("patch", "FineTuneJob/status").inc()
         if updated.get("metadata"):
             ctx.remember(updated)
             if (updated["metadata"].get("generation") or 1) != (meta.get("generation") or 1):
                 ctx.dirty.add(uid)  # the spec changed while we planned: the resync loop re-runs it soon
         else:
-            job["status"] = {**job.get("status", {}), **plan.status}
+            job["status"] = {**job.get("status", {}), **status_patch}
         _observe(ctx, job, old_status, plan)
-    for event in plan.events:
-        try:
-            await api.post_event(job, event.type, event.reason, event.message)
-            ctx.metrics.api_writes.labels("create", "Event").inc()
-        except (TimeoutError, kube.ApiError, aiohttp.ClientError) as error:
-            log.warning("could not post Event %s for %s/%s: %s", event.reason, namespace, name, error)
     phase = (ctx.jobs.get(uid, job).get("status") or {}).get("phase")
     if phase:
         ctx.metrics.phases[uid] = str(phase)
+    return {}
+
+
+async def _post_events(
+    ctx: Context, api: kube.Api, job: Mapping[str, Any], planned: list[state.Event]
+) -> dict[str, Any]:
+    """Post the Events still owed (status.pendingEvents) and the plan's new ones, before the status patch,
+    under deterministic names (events.py); returns the status patch for what remains owed."""
+    meta = job["metadata"]
+    uid, name = str(meta["uid"]), str(meta["name"])
+    owed_before = list((job.get("status") or {}).get("pendingEvents") or [])
+    records = owed_before + events.pending(name, uid, str(meta.get("resourceVersion") or ""), planned)
+    if not records:
+        return {}
+
+    async def post(record: Mapping[str, Any]) -> None:
+        await api.post_event(job, record["type"], record["reason"], record["message"], name=record["name"])
+        ctx.metrics.api_writes.labels("create", "Event").inc()
+
+    owed = await events.post_all(post, records)
+    if owed:
+        ctx.dirty.add(uid)  # the resync loop posts them again
+    return {"pendingEvents": owed or None} if owed != owed_before else {}
 
 
 async def _create(ctx: Context, api: kube.Api, manifest: dict[str, Any], uid: str) -> dict[str, Any]:
@@ -370,7 +449,7 @@ def _observe(ctx: Context, job: Mapping[str, Any], old_status: Mapping[str, Any]
     finished = [s for s, kind in STAGE_CONDITIONS if new.get(kind) == "True" and old.get(kind) != "True"]
     if not finished:
         return
-    children, _, _ = ctx.children(uid).by_stage()
+    children, _, _ = ctx.children(uid, str(meta["namespace"])).by_stage()
     for stage in finished:
         child_status = (children.get(stage) or {}).get("status") or {}
         start = state.parse_time(child_status.get("startTime"))

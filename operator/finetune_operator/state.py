@@ -67,6 +67,8 @@ class Reason(StrEnum):
     DEPLOYMENT_DISABLED = "DeploymentDisabled"
     SERVING = "Serving"
     SUCCEEDED = "Succeeded"
+    # A child's name is taken by an object this job does not control: Pending until the user deletes it.
+    CHILD_CONFLICT = "ChildConflict"
 
 
 EXIT_REASONS = {10: Reason.INVALID_DATASET, 11: Reason.INVALID_CONFIG, 12: Reason.OUT_OF_MEMORY}
@@ -119,6 +121,9 @@ class Observed:
     spec_error: str | None = None  # the spec failed the operator's own validation
     # Evicted/preempted stage pods this process has seen fail (they are deleted soon after); None: use `pods`.
     disrupted: frozenset[str] | None = None
+    # (kind, name) → message: children this pass could not create because an object the job does not
+    # control has the name (kube.NotOwnedError). The job waits, with that message, instead of creating.
+    conflicts: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -458,6 +463,15 @@ class _Planner:
         self.condition(STAGE_CONDITION[stage], "False", reason, message)
         self.phase(Phase.FAILED, reason, message)
 
+    def blocked(self, stage: Stage, manifest: Mapping[str, Any]) -> bool:
+        """Wait (Pending, reason ChildConflict) when the child's name is taken by a foreign object."""
+        message = self.o.conflicts.get((str(manifest["kind"]), str(manifest["metadata"]["name"])))
+        if message is None:
+            return False
+        self.condition(STAGE_CONDITION[stage], "Unknown", Reason.CHILD_CONFLICT, message)
+        self.phase(Phase.PENDING, Reason.CHILD_CONFLICT, message)
+        return True
+
     # stage helpers
     def run_job_stage(self, stage: Stage, manifest: dict[str, Any]) -> JobOutcome | None:
         """Create, suspend/resume or read one Job stage; None while it is not finished."""
@@ -468,6 +482,8 @@ class _Planner:
         cond = STAGE_CONDITION[stage]
         running = STAGE_RUNNING_REASON[stage]
         if job is None:
+            if self.blocked(stage, manifest):
+                return None
             if suspend:
                 manifest = {**manifest, "spec": {**manifest["spec"], "suspend": True}}
             self.out.create.append(manifest)
@@ -700,8 +716,14 @@ class _Planner:
 
         desired = builders.serving_deployment(job, config, artifacts)
         if self.o.service is None:
-            self.out.create.append(builders.serving_service(job, config))
+            service = builders.serving_service(job, config)
+            if self.blocked(Stage.SERVE, service):
+                return
+            self.out.create.append(service)
         if existing is None:
+            if self.blocked(Stage.SERVE, desired):
+                self.out.create.clear()  # nothing serves until the name is free
+                return
             self.out.create.append(desired)
             self.condition(ConditionType.DEPLOYED, "Unknown", Reason.DEPLOYING, f"created Deployment {name}")
             self.phase(Phase.DEPLOYING, Reason.DEPLOYING)
@@ -778,12 +800,12 @@ class _Planner:
         warning = phase in (Phase.FAILED.value, Phase.REJECTED.value)
         if phase != self.old_phase:
             text = self.ready_message or f"phase {self.old_phase or 'new'} → {phase}"
-            self.out.events.append(
-                Event("Warning" if warning else "Normal", self.ready_reason.value, _short(f"{phase}: {text}"))
-            )
+            kind = "Warning" if warning or self.ready_reason is Reason.CHILD_CONFLICT else "Normal"
+            self.out.events.append(Event(kind, self.ready_reason.value, _short(f"{phase}: {text}")))
         elif self.ready_reason in (
             Reason.UNSCHEDULABLE,
             Reason.CONTAINER_CONFIG_ERROR,
+            Reason.CHILD_CONFLICT,
         ) and self.ready_message != (self.o.status.get("message") or ""):
             self.out.events.append(Event("Warning", self.ready_reason.value, self.ready_message))
         old_retries = int(self.o.status.get("retries") or 0)

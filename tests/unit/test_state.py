@@ -78,6 +78,7 @@ class World:
     generation: int = 1
     events: list[Event] = field(default_factory=list)
     last: Plan | None = None
+    conflicts: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def step(self) -> Plan:
         observed = Observed(
@@ -89,6 +90,7 @@ class World:
             pods=self.pods,
             progress=self.progress,
             now=NOW,
+            conflicts=self.conflicts,
         )
         result = plan(observed, CONFIG)
         for manifest in result.create:
@@ -469,3 +471,22 @@ def test_retries_count_evictions_the_job_counter_ignores_and_ordinary_failures()
     result = plan(observed, CONFIG)
     # One eviction (already deleted, remembered by the operator) + one crash the Job controller counted.
     assert result.status["retries"] == 2
+
+
+def test_a_serving_name_held_by_a_foreign_object_waits_with_its_message() -> None:
+    """Issue 9, item 5: the planner is told which (kind, name) is taken and neither creates the Service nor
+    the Deployment; the job waits in Pending with reason ChildConflict; it deploys once the name is free."""
+    world = World(job())
+    message = "Service team-a/demo-serve exists and is not controlled by this FineTuneJob: ..."
+    world.conflicts = {("Service", "demo-serve"): message}
+    _to_evaluated(world, EVAL_GOOD)
+    assert world.last is not None and world.last.create == []
+    assert world.status["phase"] == "Pending" and world.status["message"] == message
+    assert world.condition["Deployed"]["reason"] == "ChildConflict"
+    assert world.condition["Ready"]["reason"] == "ChildConflict"
+    assert [(e.type, e.reason) for e in world.events][-1] == ("Warning", "ChildConflict")
+    _quiet(world)
+    world.conflicts = {}
+    result = world.step()
+    assert sorted(m["kind"] for m in result.create) == ["Deployment", "Service"]
+    assert world.status["phase"] == "Deploying"
