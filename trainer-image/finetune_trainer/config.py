@@ -34,6 +34,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from .egress import PlainHttpAllowance, RefusedEndpoint, check_url
 from .exitcodes import InvalidConfigError
 
 Metric = Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l"]
@@ -296,8 +297,6 @@ class TrainerConfig(_Section):
 
     @model_validator(mode="after")
     def _reference_endpoint_allowed(self) -> TrainerConfig:
-        from .egress import PlainHttpAllowance, RefusedEndpoint, check_url
-
         reference = self.spec.evaluation.reference
         if reference is not None:
             allowance = PlainHttpAllowance.parse(self.reference_policy.allow_plain_http_hosts)
