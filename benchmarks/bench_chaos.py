@@ -345,16 +345,20 @@ def events_missing(api: Api, phases: dict[str, list[str]]) -> tuple[int, list[st
         for e in api.items(f"/api/v1/namespaces/{NAMESPACE}/events")
         if (e.get("involvedObject") or {}).get("kind") == "FineTuneJob"
     ]
-    per: collections.Counter[tuple[str, str]] = collections.Counter()
+    per: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
     for event in events:
         phase = str(event.get("message") or "").split(":", 1)[0]
-        per[(event["involvedObject"]["name"], phase)] += 1
+        per[(event["involvedObject"]["name"], phase)].append(event)
     transitions, missing = 0, []
     for name, seen in phases.items():
         for phase in seen:
             transitions += 1
-            if per[(name, phase)] != 1:
-                missing.append(f"{name} → {phase}: {per[(name, phase)]} Events")
+            found = per[(name, phase)]
+            if len(found) != 1:
+                detail = "; ".join(
+                    f"{e['metadata']['name']} {e.get('reason')} at {e.get('firstTimestamp')}" for e in found
+                )
+                missing.append(f"{name} → {phase}: {len(found)} Events ({detail}); phases {seen}")
     return transitions, missing
 
 
