@@ -9,7 +9,7 @@ KUBECTL_LAYER_VERSION := 2.2.2
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help venv vllm-venv tools test test-fast lint crds check-crds demo local-cluster \
-        bench-trainer bench-operator bench-apiserver clean
+        bench-trainer bench-operator bench-apiserver bench-chaos clean
 
 help:
 	@echo "make demo          run the main job on the embedded local cluster"
@@ -17,7 +17,7 @@ help:
 	@echo "make lint          ruff + mypy (strict on the vocabulary and the operator)"
 	@echo "make crds          regenerate crds/ from the pydantic models"
 	@echo "make local-cluster start the embedded cluster in the foreground"
-	@echo "make bench-trainer | bench-operator | bench-apiserver"
+	@echo "make bench-trainer | bench-operator | bench-apiserver | bench-chaos"
 
 # The dev/test virtualenv: operator, trainer, embedded cluster and test tools, pinned.
 $(VENV)/.stamp: requirements/dev.txt requirements/dev-nodeps.txt pyproject.toml vocabulary/pyproject.toml trainer-image/pyproject.toml dev/localcluster/pyproject.toml dev/demo/pyproject.toml
@@ -79,6 +79,10 @@ bench-operator: venv tools
 
 bench-apiserver: venv
 	$(PY) benchmarks/bench_apiserver.py
+
+# 20 CPU FineTuneJobs while the operator is killed 30 times, the API and S3 fail, a pod is evicted.
+bench-chaos: venv tools
+	$(PY) benchmarks/bench_chaos.py $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .tools .local

@@ -38,20 +38,22 @@ TERMINATION_LOG = "/dev/termination-log"
 OOM_KILLED_EXIT_CODE = 137
 
 
-def trainer_config(job: JobRef) -> dict[str, Any]:
-    """The FTJ_CONFIG document (CONTRACT.md): the spec as the API server stores it, defaults applied."""
+def trainer_config(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
+    """The FTJ_CONFIG document (CONTRACT.md): the spec as the API server stores it, defaults applied, plus
+    the platform's policy the spec cannot change."""
     return {
         "runPrefix": job.run_prefix,
         "job": {"namespace": job.namespace, "name": job.name, "uid": job.uid},
         "spec": spec_to_dict(job.spec),
+        "referencePolicy": {"allowPlainHttpHosts": list(config.reference.allow_plain_http_hosts)},
     }
 
 
-def _trainer_env(job: JobRef, stage: Stage) -> list[dict[str, Any]]:
+def _trainer_env(job: JobRef, stage: Stage, config: OperatorConfig) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {
             "name": "FTJ_CONFIG",
-            "value": json.dumps(trainer_config(job), sort_keys=True, separators=(",", ":")),
+            "value": json.dumps(trainer_config(job, config), sort_keys=True, separators=(",", ":")),
         },
         {"name": "FTJ_TERMINATION_LOG", "value": TERMINATION_LOG},
         {"name": "FTJ_WORKDIR", "value": WORKDIR},
@@ -105,7 +107,7 @@ def _trainer_container(
         # Also with several GPUs: the CLI relaunches `train` under torch.distributed.run itself and exits with
         # rank 0's contract code; a torchrun wrapper would turn OUT_OF_MEMORY/PREEMPTED into exit 1.
         "command": [*TRAINER_ENTRYPOINT, stage.value],
-        "env": _trainer_env(job, stage) + claim_env,
+        "env": _trainer_env(job, stage, config) + claim_env,
         "volumeMounts": mounts + claim_mounts,
         "securityContext": container_security_context(),
         "terminationMessagePath": TERMINATION_LOG,

@@ -214,6 +214,28 @@ def test_trainer_gets_the_contract_environment() -> None:
     assert key["valueFrom"] == {"secretKeyRef": {"name": "ref-key", "key": "token"}}
 
 
+def test_the_plain_http_allowance_comes_from_the_operator_config_not_the_spec() -> None:
+    """The reference host policy is the platform's: FTJ_CONFIG carries the operator's list, and the trainer
+    refuses a plain-http reference that the list does not name (before any stage does work)."""
+    from finetune_trainer.config import parse_config
+    from finetune_trainer.exitcodes import InvalidConfigError
+
+    ref = job(evaluation={"reference": {"url": "http://gateway.ml.svc:8080/v1", "model": "m"}})
+
+    def document(config: OperatorConfig) -> dict[str, Any]:
+        container = _pod_spec(builders.evaluation_job(ref, config))["containers"][0]
+        return dict(json.loads(next(e["value"] for e in container["env"] if e["name"] == "FTJ_CONFIG")))
+
+    default = document(CONFIG)
+    assert default["referencePolicy"] == {"allowPlainHttpHosts": []}
+    with pytest.raises(InvalidConfigError, match="plain http is not allowed"):
+        parse_config(default)
+    allowing = load_config(env={"FTO_REFERENCE_PLAIN_HTTP_HOSTS": "gateway.ml.svc, 127.0.0.0/8"})
+    assert allowing.reference.allow_plain_http_hosts == ("gateway.ml.svc", "127.0.0.0/8")
+    parsed = parse_config(document(allowing))
+    assert parsed.reference_policy.allow_plain_http_hosts == ["gateway.ml.svc", "127.0.0.0/8"]
+
+
 STAGE_JOBS = {
     "validate": builders.validation_job,
     "train": builders.training_job,

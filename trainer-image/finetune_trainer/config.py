@@ -35,6 +35,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from .egress import PlainHttpAllowance, RefusedEndpoint, check_url
 from .exitcodes import InvalidConfigError
 
 Metric = MetricName  # the shared vocabulary's names (finetune_vocabulary.metrics)
@@ -256,10 +257,29 @@ class JobRef(_Section):
     uid: str = ""
 
 
+class ReferencePolicy(_Section):
+    """Set by the operator from its configuration, not by the FineTuneJob: where the evaluator may send the
+    reference API key over plain http (names, ``*.suffix``, IPs or CIDRs; everything else needs https)."""
+
+    allow_plain_http_hosts: list[str] = Field(default_factory=list)
+
+
 class TrainerConfig(_Section):
     run_prefix: str = Field(description="Everything this run writes goes under this URI")
     job: JobRef = Field(default_factory=JobRef)
     spec: FineTuneSpec
+    reference_policy: ReferencePolicy = Field(default_factory=ReferencePolicy)
+
+    @model_validator(mode="after")
+    def _reference_endpoint_allowed(self) -> TrainerConfig:
+        reference = self.spec.evaluation.reference
+        if reference is not None:
+            allowance = PlainHttpAllowance.parse(self.reference_policy.allow_plain_http_hosts)
+            try:
+                check_url(reference.endpoint, allowance)
+            except RefusedEndpoint as exc:
+                raise ValueError(f"spec.evaluation.reference.endpoint: {exc}") from None
+        return self
 
     @field_validator("run_prefix")
     @classmethod
@@ -313,7 +333,7 @@ def format_validation_error(error: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         # Cross-field rules name their field first ("method: ..."): attach it to the location.
         if (m := _LEADING_FIELD.match(msg)) is not None:
-            path, msg = f"{path}.{m.group(1)}", m.group(2)
+            path, msg = (f"{path}.{m.group(1)}" if err["loc"] else m.group(1)), m.group(2)
         lines.append(f"{path}: {msg}")
     if len(error.errors()) > 10:
         lines.append(f"... and {len(error.errors()) - 10} more")

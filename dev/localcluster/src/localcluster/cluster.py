@@ -73,6 +73,7 @@ class LocalCluster:
         install_crds: bool | None = None,
         backoff_scale: float = 1.0,
         root: Path | None = None,
+        operator_restart_backoff: tuple[float, float] = (1.0, 30.0),
     ):
         self.workdir = Path(workdir).absolute()
         self.kubelet_enabled = kubelet
@@ -91,6 +92,10 @@ class LocalCluster:
         self.client: KubeClient | None = None
         self.kubelet: Kubelet | None = None
         self.operator_process: asyncio.subprocess.Process | None = None
+        # The operator runs supervised, like a Deployment's pod: restarted when it exits, with back-off.
+        self.operator_restart_backoff = operator_restart_backoff
+        self.operator_restarts = 0
+        self._operator_supervisor: asyncio.Task[None] | None = None
         self._informers: list[Informer] = []
         self._components: list[Any] = []
         self._registrar: NodeRegistrar | None = None
@@ -270,12 +275,51 @@ class LocalCluster:
                         raise
 
     async def _start_operator(self) -> None:
-        if importlib.util.find_spec("finetune_operator") is None:
+        """Start the operator under supervision: when it exits for any reason other than stop(), it is
+        restarted after a back-off (first delay doubling up to the cap, reset after a minute of running),
+        as the kubelet restarts a Deployment's container. `make local-cluster` and `make demo` run it so."""
+        if (
+            importlib.util.find_spec("finetune_operator") is None
+            or importlib.util.find_spec("finetune_operator.__main__") is None
+        ):
             log.warning(
                 "operator not started: the finetune_operator package is not installed in this environment "
                 "(`make venv` installs it); set LOCAL_OPERATOR=0 to run the cluster without it"
             )
             return
+        if self._operator_supervisor is not None and not self._operator_supervisor.done():
+            return
+        await self._spawn_operator()
+        supervisor = self._supervise_operator()
+        self._operator_supervisor = asyncio.create_task(supervisor, name="operator-supervisor")
+
+    async def _supervise_operator(self) -> None:
+        first, cap = self.operator_restart_backoff
+        delay = first
+        while True:
+            proc = self.operator_process
+            assert proc is not None
+            started = time.monotonic()
+            code = await proc.wait()
+            if time.monotonic() - started >= 60:
+                delay = first  # it ran cleanly for a while: back to the short delay
+            log.warning(
+                "operator (pid %s) exited with %s; restarting in %.1fs (restart %d)",
+                proc.pid,
+                code,
+                delay,
+                self.operator_restarts + 1,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cap)
+            try:
+                await self._spawn_operator()
+            except OSError as err:
+                log.error("operator restart failed: %s", err)
+                continue
+            self.operator_restarts += 1
+
+    async def _spawn_operator(self) -> None:
         python = self.root / ".venv" / "bin" / "python"
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
         if self.kubelet_enabled:
@@ -288,6 +332,9 @@ class LocalCluster:
             env["LOCALCLUSTER_POD_NAMESPACE"] = "default"
         for key in self.s3_env:
             env.pop(key, None)  # the operator never holds storage credentials
+        # Everything here is on loopback over plain http (reference endpoints in tests and demos included):
+        # the one place that allowance is made. A real install allows no plain-http host by default.
+        env.setdefault("FTO_REFERENCE_PLAIN_HTTP_HOSTS", "127.0.0.0/8,localhost,::1")
         out = open(self.workdir / "operator.log", "ab")  # noqa: SIM115
         try:
             self.operator_process = await asyncio.create_subprocess_exec(
@@ -317,6 +364,12 @@ class LocalCluster:
         )
 
     async def _stop_operator(self) -> None:
+        """Stop the operator for good (no restart) until _start_operator()."""
+        supervisor, self._operator_supervisor = self._operator_supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
         proc = self.operator_process
         if proc is None or proc.returncode is not None:
             return

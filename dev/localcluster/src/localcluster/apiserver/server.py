@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 3 * 1024 * 1024
 # Warnings for the current request (`Warning: 299 - "..."` response headers, as kubectl prints them).
 _warnings: contextvars.ContextVar[list[str]] = contextvars.ContextVar("warnings")
+# Keys repeated within one JSON object of the current request's body, in the order they were closed.
+_duplicates: contextvars.ContextVar[list[str]] = contextvars.ContextVar("duplicates")
 _GENERATE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
 _TABLE_MARK = "as=Table"
 
@@ -43,6 +45,28 @@ _TABLE_MARK = "as=Table"
 # str, bytes or an async iterator of bytes, directly or from a coroutine. Errors: raise ApiError, or any
 # exception with integer `status`, `message` and optional `reason` attributes; the client gets that Status.
 LogProvider = Callable[..., Any]
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: refused with the Go decoder's words, as kube-apiserver does."""
+    where = "in numeric literal" if name.startswith("-") else "looking for beginning of value"
+    raise ValueError(f"invalid character {name.lstrip('-')[0]!r} {where}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"json: cannot unmarshal number {text} into Go value of type float64")
+    return value
+
+
+def _object_noting_duplicates(pairs: list[tuple[str, Any]], duplicates: list[str]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            duplicates.append(key)
+        obj[key] = value
+    return obj
 
 
 def now_iso(offset: float = 0.0) -> str:
@@ -176,11 +200,13 @@ class ApiServer:
         count: int | None = None,
         retry_after: int = 1,
         namespace: str | None = None,
+        agent: str | tuple[str, ...] | None = None,
     ) -> Fault:
-        """Fail matching requests with 409, 429 (with Retry-After) or 500; `count` limits how many."""
+        """Fail matching requests with 409, 429 (with Retry-After) or 500; `count` limits how many; `agent`
+        limits them to one client (its User-Agent product, e.g. "kopf")."""
         if status not in (409, 429, 500, 503):
             raise ValueError("status must be one of 409, 429, 500, 503")
-        fault = Fault(verb, resource, status, rate, count, retry_after, namespace)
+        fault = Fault(verb, resource, status, rate, count, retry_after, namespace, agent)
         self.faults.faults.append(fault)
         return fault
 
@@ -192,10 +218,22 @@ class ApiServer:
         self.faults.faults.clear()
         self.faults.latencies.clear()
 
-    def set_latency(self, seconds: float, verb: str = "*", resource: str = "*") -> Latency:
-        latency = Latency(seconds, verb, resource)
+    def set_latency(
+        self,
+        seconds: float,
+        verb: str = "*",
+        resource: str = "*",
+        rate: float = 1.0,
+        agent: str | tuple[str, ...] | None = None,
+    ) -> Latency:
+        """Delay matching requests (a fraction `rate` of them; only `agent`'s when given) by `seconds`."""
+        latency = Latency(seconds, verb, resource, rate, agent)
         self.faults.latencies.append(latency)
         return latency
+
+    def remove_latency(self, latency: Latency) -> None:
+        with contextlib.suppress(ValueError):
+            self.faults.latencies.remove(latency)
 
     def drop_watches(self, resource: str = "*") -> int:
         """Close open watch streams (clients see the connection end and must re-watch)."""
@@ -280,12 +318,15 @@ class ApiServer:
                 return await self._discovery(request)
             agent = request.headers.get("User-Agent", "").split("/", 1)[0].split(" ", 1)[0]
             self.counters.record(info.verb, info.resource, agent)
-            delay = self.faults.delay(info.verb, info.resource)
+            delay = self.faults.delay(info.verb, info.resource, agent)
             if delay:
                 await asyncio.sleep(delay)
-            self.faults.check(info.verb, info.resource, info.rtype.group, info.namespace, info.name or "")
+            self.faults.check(
+                info.verb, info.resource, info.rtype.group, info.namespace, info.name or "", agent
+            )
             warnings: list[str] = []
             _warnings.set(warnings)
+            _duplicates.set([])
             response = await self._serve(request, info)
             if warnings and not response.prepared:
                 for text in warnings:
@@ -384,6 +425,7 @@ class ApiServer:
             return self._respond(request, rtype, obj)
         if info.verb == "create":
             body = await self._read_object(request)
+            self._check_duplicate_fields(rtype, query)
             if sub == "eviction":
                 return self._json(self._evict(rtype, ns or "", name or "", body), 201)
             if sub == "binding":
@@ -398,6 +440,7 @@ class ApiServer:
             return self._respond(request, rtype, obj, status=201)
         if info.verb == "update":
             body = await self._read_object(request)
+            self._check_duplicate_fields(rtype, query)
             obj = self._update(rtype, ns, name or "", self._to_storage(rtype, body), query, sub)
             return self._respond(request, rtype, obj)
         if info.verb == "patch":
@@ -434,8 +477,15 @@ class ApiServer:
     def _decode(raw: bytes, content_type: str) -> Any:
         if not raw.strip():
             raise errors.bad_request("the body of the request is empty; an object was expected")
+        duplicates: list[str] = []
+        _duplicates.set(duplicates)
         try:
-            return json.loads(raw)
+            return json.loads(
+                raw,
+                parse_constant=_refuse_constant,
+                parse_float=_finite_float,
+                object_pairs_hook=lambda pairs: _object_noting_duplicates(pairs, duplicates),
+            )
         except RecursionError as exc:
             raise errors.bad_request("the request body is nested too deeply") from exc
         except (ValueError, UnicodeDecodeError) as exc:
@@ -1687,6 +1737,24 @@ class ApiServer:
                 del obj[key]
         if unknown and mode == "Warn":
             self._report_unknown(rtype, mode, unknown)
+
+    @staticmethod
+    def _check_duplicate_fields(rtype: ResourceType, query: Any) -> None:
+        """Keys given twice in one object: 400 under Strict, a warning under Warn (the default), as
+        kube-apiserver's strict JSON decoder reports them."""
+        duplicates = _duplicates.get([])
+        mode = (query.get("fieldValidation", "") if query else "") or "Warn"
+        if not duplicates or mode == "Ignore":
+            return
+        found = [f'duplicate field "{key}"' for key in duplicates]
+        if mode == "Warn":
+            with contextlib.suppress(LookupError):
+                _warnings.get().extend(found)
+            return
+        raise errors.bad_request(
+            f'{rtype.kind} in version "{rtype.version}" cannot be handled as a {rtype.kind}: '
+            f"strict decoding error: {', '.join(found)}"
+        )
 
     @staticmethod
     def _report_unknown(rtype: ResourceType, mode: str, unknown: list[str]) -> None:
