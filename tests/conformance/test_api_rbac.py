@@ -427,3 +427,29 @@ def test_emulator_anonymous_and_bad_tokens(raw: Raw, emulator: Any, namespace: s
     )
     assert status == 201
     assert body["status"]["userInfo"] == {"username": "heidi", "groups": ["finance", "system:authenticated"]}
+
+
+@pytest.mark.emulator
+def test_emulator_service_account_kubeconfig_helper(local_cluster: Any, emulator: Any, namespace: str) -> None:
+    from kubernetes import client, config
+
+    path = local_cluster.call(local_cluster.service_account_kubeconfig(namespace, "bot"))
+    bot = config.new_client_from_config(config_file=str(path))
+    try:
+        who = client.AuthenticationV1Api(bot).create_self_subject_review(
+            {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+        )
+        assert who.status.user_info.username == f"system:serviceaccount:{namespace}:bot"
+        assert _status(lambda: client.CoreV1Api(bot).list_namespaced_pod(namespace)) == 403
+    finally:
+        bot.close()
+    # The embedded cluster's own operator runs as its ServiceAccount with the chart's rules, never refused.
+    if local_cluster.operator_process is not None:
+        account = "system:serviceaccount:default:finetune-operator"
+
+        async def seen() -> tuple[int, list[Any]]:
+            counters = emulator.counters
+            return counters.by_user[account], [k for k in counters.forbidden if k[0] == account]
+
+        requests, refused = wait_for(lambda: (r := local_cluster.call(seen()))[0] and r, "operator requests")
+        assert refused == []
