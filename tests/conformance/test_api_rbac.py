@@ -430,7 +430,9 @@ def test_emulator_anonymous_and_bad_tokens(raw: Raw, emulator: Any, namespace: s
 
 
 @pytest.mark.emulator
-def test_emulator_service_account_kubeconfig_helper(local_cluster: Any, emulator: Any, namespace: str) -> None:
+def test_emulator_service_account_kubeconfig_helper(
+    local_cluster: Any, emulator: Any, namespace: str
+) -> None:
     from kubernetes import client, config
 
     path = local_cluster.call(local_cluster.service_account_kubeconfig(namespace, "bot"))
@@ -451,5 +453,5 @@ def test_emulator_service_account_kubeconfig_helper(local_cluster: Any, emulator
             counters = emulator.counters
             return counters.by_user[account], [k for k in counters.forbidden if k[0] == account]
 
-        requests, refused = wait_for(lambda: (r := local_cluster.call(seen()))[0] and r, "operator requests")
+        _, refused = wait_for(lambda: (r := local_cluster.call(seen()))[0] and r, "operator requests")
         assert refused == []
