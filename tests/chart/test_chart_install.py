@@ -204,6 +204,22 @@ def test_install_reconcile_upgrade_uninstall(kube: Kube, cluster: Any, tmp_path:
     assert "--all-namespaces" in container["args"]
 
     restricted_namespace(kube, "ml")
+    # The chart aggregates FineTuneJobs into the built-in roles: a user with `edit` in ml may manage them
+    # there (not their status, not elsewhere); `view` reads them.
+    kube.kubectl("create", "rolebinding", "alice-edit", "-n", "ml", "--clusterrole=edit", "--user=alice")
+    kube.kubectl("create", "rolebinding", "victor-view", "-n", "ml", "--clusterrole=view", "--user=victor")
+
+    def can_i(*args: str) -> str:
+        return kube.kubectl("auth", "can-i", *args, check=False).stdout.strip()
+
+    wait_for(
+        "the aggregated edit role",
+        lambda: can_i("create", "finetunejobs", "-n", "ml", "--as", "alice") == "yes",
+    )
+    assert can_i("patch", "finetunejobs", "--subresource=status", "-n", "ml", "--as", "alice") == "no"
+    assert can_i("create", "finetunejobs", "-n", "default", "--as", "alice") == "no"
+    assert can_i("list", "finetunejobs", "-n", "ml", "--as", "victor") == "yes"
+    assert can_i("delete", "finetunejobs", "-n", "ml", "--as", "victor") == "no"
     kube.apply(suspended_job("chart-smoke"), "ml")
     phase = wait_for(
         "the operator to reconcile the FineTuneJob", lambda: phase_of(kube, "ml", "chart-smoke"), timeout=60

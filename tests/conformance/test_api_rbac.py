@@ -455,3 +455,34 @@ def test_emulator_service_account_kubeconfig_helper(
 
         _, refused = wait_for(lambda: (r := local_cluster.call(seen()))[0] and r, "operator requests")
         assert refused == []
+
+
+def test_kubectl_create_role_binding_and_as_group(kubectl: Any, raw: Raw, namespace: str) -> None:
+    group = unique("devs")
+    kubectl(
+        "create",
+        "role",
+        "cm-get",
+        "--verb=get",
+        "--resource=configmaps",
+        "--resource-name=one",
+        "-n",
+        namespace,
+    )
+    kubectl("create", "rolebinding", "devs", "--role=cm-get", f"--group={group}", "-n", namespace)
+    stored = raw.request("GET", f"{RBAC}/namespaces/{namespace}/roles/cm-get")[1]
+    assert stored["rules"] == [
+        {"verbs": ["get"], "apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["one"]}
+    ]
+    binding = raw.request("GET", f"{RBAC}/namespaces/{namespace}/rolebindings/devs")[1]
+    assert binding["roleRef"] == {"apiGroup": GROUP, "kind": "Role", "name": "cm-get"}
+    assert binding["subjects"] == [{"kind": "Group", "apiGroup": GROUP, "name": group}]
+
+    def can_i(*args: str) -> str:
+        return str(kubectl("auth", "can-i", *args, "-n", namespace, check=False).stdout.strip())
+
+    wait_for(
+        lambda: can_i("get", "configmap/one", "--as", "someone", "--as-group", group) == "yes", "the binding"
+    )
+    assert can_i("get", "configmap/two", "--as", "someone", "--as-group", group) == "no"
+    assert can_i("get", "configmap/one", "--as", "someone") == "no"
