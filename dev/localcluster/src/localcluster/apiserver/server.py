@@ -295,23 +295,6 @@ class ApiServer:
         self.authenticator.add_static(token, user)
         return user
 
-    def issue_token(
-        self,
-        namespace: str,
-        service_account: str,
-        expiration_seconds: int = 3600,
-        bound: tuple[str, str, str, str] | None = None,
-        audiences: list[str] | None = None,
-    ) -> str:
-        """A ServiceAccount token (what TokenRequest returns); raises ApiError 404 without the account."""
-        account = self.store.get(("", "serviceaccounts"), namespace, service_account)
-        if account is None:
-            raise errors.not_found("", "serviceaccounts", service_account)
-        token, _ = self.authenticator.issue(
-            namespace, service_account, account["metadata"]["uid"], expiration_seconds, bound, audiences
-        )
-        return token
-
     def _alive(self, kind: str, namespace: str, name: str, uid: str) -> bool:
         plural = {"ServiceAccount": "serviceaccounts", "Pod": "pods", "Secret": "secrets"}.get(kind)
         obj = self.store.get(("", plural), namespace, name) if plural else None
@@ -377,21 +360,12 @@ class ApiServer:
     def _authorize(self, user: UserInfo, request: web.Request, info: RequestInfo | None) -> None:
         if user.is_admin:
             return
-        if info is None:
-            attrs = Attributes(
-                user,
-                request.method.lower() if request.method != "GET" else "get",
-                path=request.path,
-                resource_request=False,
-            )
-            if attrs.verb == "head":
-                attrs = Attributes(user, "get", path=request.path, resource_request=False)
+        if info is None:  # non-resource request: the verb is the lower-cased HTTP method
+            attrs = Attributes(user, request.method.lower(), path=request.path, resource_request=False)
             if not self.authorizer.allowed(attrs):
                 raise errors.forbidden("", "", "", forbidden_message(attrs))
             return
         verb = "watch" if info.watch else info.verb
-        if verb == "get" and info.subresource is None and info.name is None:
-            verb = "list"
         attrs = Attributes(
             user,
             verb,
