@@ -141,7 +141,7 @@ def test_bearer_token_over_tls_works_with_kubectl_and_is_required(
     import urllib.error
     import urllib.request
 
-    from localcluster.apiserver import ApiServer
+    from localcluster.apiserver import ApiServer, write_kubeconfig
 
     secured = ApiServer(token="s3cr3t", tls=True)
     assert cluster.run_on_loop is not None
@@ -169,6 +169,40 @@ def test_bearer_token_over_tls_works_with_kubectl_and_is_required(
         )
         assert out.returncode == 0, out.stderr
         assert "namespace/default" in out.stdout.split()
+        # Over https kubectl also sends ServiceAccount tokens: a token kubeconfig is that account, RBAC-bound.
+        kubectl = ["/usr/bin/kubectl", f"--cache-dir={tmp_path / 'cache'}"]
+        token = subprocess.run(
+            [*kubectl, f"--kubeconfig={kubeconfig}", "create", "token", "default", "-n", "default"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert token.returncode == 0, token.stderr
+        sa_config = write_kubeconfig(
+            str(tmp_path / "sa-kubeconfig"), secured.url, token=token.stdout.strip(), ca_pem=secured.ca_pem
+        )
+        who = subprocess.run(
+            [
+                *kubectl,
+                f"--kubeconfig={sa_config}",
+                "auth",
+                "whoami",
+                "-o",
+                "jsonpath={.status.userInfo.username}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert who.stdout == "system:serviceaccount:default:default", who.stderr
+        refused = subprocess.run(
+            [*kubectl, f"--kubeconfig={sa_config}", "get", "secrets", "-n", "default"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert refused.returncode != 0
+        assert 'User "system:serviceaccount:default:default" cannot list resource "secrets"' in refused.stderr
     finally:
         cluster.run_on_loop(secured.stop())
 

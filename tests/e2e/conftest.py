@@ -203,6 +203,10 @@ class Jobs:
 def jobs(local_cluster: Any, lc_api: Any, lc_namespace: str, s3_assets: dict[str, str]) -> Iterator[Jobs]:
     from kubernetes import client
 
+    # Every pod the operator creates must pass the restricted Pod Security level, enforced by the cluster.
+    client.CoreV1Api(lc_api).patch_namespace(
+        lc_namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
     client.CoreV1Api(lc_api).create_namespaced_secret(
         lc_namespace,
         {

@@ -60,6 +60,13 @@ def _operator_default() -> bool:
     return os.environ.get("LOCAL_OPERATOR", "1") != "0"
 
 
+def _operator_rbac_default() -> bool:
+    return os.environ.get("LOCAL_OPERATOR_RBAC", "1") != "0"
+
+
+OPERATOR_ACCOUNT = ("default", "finetune-operator")  # the host-run operator's ServiceAccount
+
+
 class LocalCluster:
     def __init__(
         self,
@@ -74,11 +81,15 @@ class LocalCluster:
         backoff_scale: float = 1.0,
         root: Path | None = None,
         operator_restart_backoff: tuple[float, float] = (1.0, 30.0),
+        operator_rbac: bool | None = None,
     ):
         self.workdir = Path(workdir).absolute()
         self.kubelet_enabled = kubelet
         self.s3_enabled = s3
         self.operator_enabled = _operator_default() if operator is None else operator
+        # The host-run operator authenticates as its own ServiceAccount with exactly the chart's rules
+        # (finetune_operator.rbac), so a verb missing there fails here too; LOCAL_OPERATOR_RBAC=0: admin.
+        self.operator_rbac = _operator_rbac_default() if operator_rbac is None else operator_rbac
         self.install_crds = self.operator_enabled if install_crds is None else install_crds
         self.nodes = nodes if nodes is not None else default_nodes()
         self.api_port = api_port
@@ -274,6 +285,81 @@ class LocalCluster:
                     if not err.conflict:
                         raise
 
+    async def service_account_kubeconfig(
+        self,
+        namespace: str,
+        name: str,
+        path: Path | None = None,
+        expiration_seconds: int = 86400,
+    ) -> Path:
+        """Write a kubeconfig that authenticates as ServiceAccount `namespace/name` (created if missing)
+        with a token from the TokenRequest API; returns its path (default
+        `<workdir>/sa-<namespace>-<name>.kubeconfig`). From another thread:
+        `cluster.call(cluster.service_account_kubeconfig(...))`. Python clients and Kopf send the token over
+        the cluster's plain http; kubectl sends tokens only over https, so with kubectl use
+        `--as=system:serviceaccount:<namespace>:<name>` and the admin kubeconfig."""
+        assert self.client is not None and self.apiserver is not None, "cluster not started"
+        accounts = f"/api/v1/namespaces/{namespace}/serviceaccounts"
+        try:
+            await self.client.create(accounts, {"metadata": {"name": name}})
+        except ApiError as err:
+            if not err.conflict:
+                raise
+        answer = await self.client.create(
+            f"{accounts}/{name}/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": expiration_seconds},
+            },
+        )
+        target = path or self.workdir / f"sa-{namespace}-{name}.kubeconfig"
+        write_kubeconfig(target, self.apiserver.url, token=answer["status"]["token"], namespace=namespace)
+        return Path(target)
+
+    async def _operator_kubeconfig(self) -> Path:
+        """The admin kubeconfig, or one for the operator's ServiceAccount bound to its own rules."""
+        if not self.operator_rbac:
+            return self.kubeconfig
+        try:
+            from finetune_operator.rbac import cluster_role
+        except ImportError as err:
+            log.warning("operator runs as cluster admin: its RBAC rules are not importable (%s)", err)
+            return self.kubeconfig
+        assert self.client is not None
+        namespace, name = OPERATOR_ACCOUNT
+        role = cluster_role(f"localcluster-{name}")
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": role["metadata"]["name"]},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": role["metadata"]["name"],
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        }
+        rbac = "/apis/rbac.authorization.k8s.io/v1"
+        for path, body in ((f"{rbac}/clusterroles", role), (f"{rbac}/clusterrolebindings", binding)):
+            try:
+                await self.client.create(path, body)
+            except ApiError as err:
+                if not err.conflict:
+                    raise
+                current = await self.client.get(f"{path}/{body['metadata']['name']}")
+                body = {
+                    **body,
+                    "metadata": {
+                        **body["metadata"],
+                        "resourceVersion": current["metadata"]["resourceVersion"],
+                    },
+                }
+                await self.client.replace(f"{path}/{body['metadata']['name']}", body)
+        return await self.service_account_kubeconfig(
+            namespace, name, self.workdir / "operator.kubeconfig", expiration_seconds=365 * 86400
+        )
+
     async def _start_operator(self) -> None:
         """Start the operator under supervision: when it exits for any reason other than stop(), it is
         restarted after a back-off (first delay doubling up to the cap, reset after a minute of running),
@@ -321,7 +407,8 @@ class LocalCluster:
 
     async def _spawn_operator(self) -> None:
         python = self.root / ".venv" / "bin" / "python"
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        kubeconfig = await self._operator_kubeconfig()
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
         if self.kubelet_enabled:
             # Like a pod: cluster DNS for `<svc>.<ns>.svc` and its own loopback IP for the ports it opens
             # (metrics, health), so an operator pod installed by helm can use the same ports.
@@ -357,9 +444,12 @@ class LocalCluster:
         finally:
             out.close()
         log.info(
-            "operator started (pid %s, ports on %s), log: %s",
+            "operator started (pid %s, ports on %s, as %s), log: %s",
             self.operator_process.pid,
             self.operator_ip,
+            "system:serviceaccount:{}:{}".format(*OPERATOR_ACCOUNT)
+            if kubeconfig != self.kubeconfig
+            else "admin",
             self.workdir / "operator.log",
         )
 

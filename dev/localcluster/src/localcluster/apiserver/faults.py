@@ -86,6 +86,9 @@ class RequestCounters:
     writes: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     by_agent: collections.Counter[tuple[str, str, str]] = field(default_factory=collections.Counter)
     errors: collections.Counter[int] = field(default_factory=collections.Counter)
+    # Requests by authenticated user name, and the RBAC denials by (user, verb, resource).
+    by_user: collections.Counter[str] = field(default_factory=collections.Counter)
+    forbidden: collections.Counter[tuple[str, str, str]] = field(default_factory=collections.Counter)
 
     def record(self, verb: str, resource: str, agent: str = "") -> None:
         self.requests[(verb, resource)] += 1

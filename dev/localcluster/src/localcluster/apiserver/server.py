@@ -21,9 +21,13 @@ import yaml
 from aiohttp import web
 
 from . import builtin_schema, defaults, errors, openapi, protobuf
+from .auth import ADMIN, TokenAuthenticator, UserInfo, parse_service_account, user_with_defaults
 from .errors import ApiError
 from .faults import Fault, FaultInjector, Latency, RequestCounters
 from .patch import json_patch, merge_patch, strategic_merge_patch
+from .policy import REASON_CODES, PolicyEvaluator, compile_problems
+from .policy import Request as AdmissionRequest
+from .rbac import RBAC_GROUP, Attributes, Authorizer, forbidden_message
 from .resources import ResourceType, builtin_types, event_from_v1, event_to_v1
 from .selectors import jsonpath, label_selector_matches, parse_field_selector, parse_label_selector
 from .store import Event, Store, Watcher
@@ -37,6 +41,11 @@ MAX_BODY_BYTES = 3 * 1024 * 1024
 _warnings: contextvars.ContextVar[list[str]] = contextvars.ContextVar("warnings")
 # Keys repeated within one JSON object of the current request's body, in the order they were closed.
 _duplicates: contextvars.ContextVar[list[str]] = contextvars.ContextVar("duplicates")
+# Who the current HTTP request runs as; unset for the emulator's own in-process writes (bootstrap, GC), which
+# bypass admission as they bypass the HTTP handlers.
+_user: contextvars.ContextVar[UserInfo | None] = contextvars.ContextVar("user", default=None)
+_SA_TOKEN_SECONDS = 3607  # what the kubelet asks for (an hour and a bit), as on a real node
+_SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 _GENERATE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
 _TABLE_MARK = "as=Table"
 
@@ -109,6 +118,7 @@ class ApiServer:
         history_size: int = 10_000,
         bookmark_interval: float = 10.0,
         git_version: str = "v1.34.0",
+        anonymous_admin: bool | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -135,6 +145,17 @@ class ApiServer:
         self._openapi_cache: dict[str, tuple[str, dict[str, Any]]] = {}
         # Server-side apply: the last configuration each field manager applied, by object uid.
         self._apply_configs: dict[str, dict[str, dict[str, Any]]] = {}
+        # Requests without credentials run as the admin unless a token is required (see auth.py).
+        self.anonymous_admin = token is None if anonymous_admin is None else anonymous_admin
+        self.authenticator = TokenAuthenticator()
+        if token is not None:
+            self.authenticator.add_static(token, ADMIN)
+        self.authorizer = Authorizer(lambda plural, ns: self.store.select((RBAC_GROUP, plural), ns))
+        self.policies = PolicyEvaluator(
+            lambda plural: self.store.select(("admissionregistration.k8s.io", plural)),
+            self._find_params,
+            self._param_namespaced,
+        )
         self._bootstrap()
 
     # ------------------------------------------------------------------ lifecycle
@@ -275,10 +296,6 @@ class ApiServer:
     def _bootstrap(self) -> None:
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
             self._internal_create(self.types[("", "v1", "namespaces")], None, {"metadata": {"name": ns}})
-        for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
-            self._internal_create(
-                self.types[("", "v1", "serviceaccounts")], ns, {"metadata": {"name": "default"}}
-            )
         self._internal_create(
             self.types[("", "v1", "services")],
             "default",
@@ -293,6 +310,12 @@ class ApiServer:
                 },
             },
         )
+        from .rbac import default_cluster_role_bindings, default_cluster_roles
+
+        for role in default_cluster_roles():
+            self._internal_create(self.types[(RBAC_GROUP, "v1", "clusterroles")], None, role)
+        for binding in default_cluster_role_bindings():
+            self._internal_create(self.types[(RBAC_GROUP, "v1", "clusterrolebindings")], None, binding)
         # Like a real cluster whose etcd compacted long ago: bootstrap history cannot be watched from.
         self.store.history.clear()
         self.store.compacted_rv = self.store.rv
@@ -303,19 +326,116 @@ class ApiServer:
         body = {"apiVersion": rtype.group_version, "kind": rtype.kind, **body}
         return self._create(rtype, namespace, body, {})
 
+    # ------------------------------------------------------------------ authentication
+    def add_user(self, token: str, name: str, groups: list[str] | None = None) -> UserInfo:
+        """A static token for a user (like kube-apiserver's --token-auth-file); returns the user."""
+        user = user_with_defaults(name, groups or [])
+        self.authenticator.add_static(token, user)
+        return user
+
+    def _alive(self, kind: str, namespace: str, name: str, uid: str) -> bool:
+        plural = {"ServiceAccount": "serviceaccounts", "Pod": "pods", "Secret": "secrets"}.get(kind)
+        obj = self.store.get(("", plural), namespace, name) if plural else None
+        return (
+            obj is not None
+            and obj["metadata"].get("uid") == uid
+            and (kind != "Pod" or not obj["metadata"].get("deletionTimestamp"))
+        )
+
+    def _authenticate(self, request: web.Request) -> UserInfo:
+        header = request.headers.get("Authorization", "")
+        if header:
+            scheme, _, token = header.partition(" ")
+            record = (
+                self.authenticator.lookup(token.strip(), self._alive) if scheme.lower() == "bearer" else None
+            )
+            if record is None:
+                raise ApiError(401, "Unauthorized", "Unauthorized")
+            user = record.user
+        elif self.anonymous_admin:
+            user = ADMIN
+        else:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        return self._impersonate(request, user)
+
+    def _impersonate(self, request: web.Request, user: UserInfo) -> UserInfo:
+        """Impersonate-User/-Group/-Uid/-Extra-*: each needs the `impersonate` verb, as in kube-apiserver."""
+        headers = request.headers
+        name = headers.get("Impersonate-User")
+        groups = headers.getall("Impersonate-Group", [])
+        uid = headers.get("Impersonate-Uid", "")
+        extra = {
+            key[len("Impersonate-Extra-") :].lower(): headers.getall(key)
+            for key in set(headers)
+            if key.lower().startswith("impersonate-extra-")
+        }
+        if name is None:
+            if groups or uid or extra:
+                raise ApiError(
+                    500,
+                    "InternalError",
+                    "Internal error occurred: requested [...] without impersonating a user",
+                )
+            return user
+        checks: list[tuple[str, str, str, str]] = []  # resource, name, namespace, api group
+        sa = parse_service_account(name)
+        if sa is not None:
+            checks.append(("serviceaccounts", sa[1], sa[0], ""))
+        else:
+            checks.append(("users", name, "", ""))
+        checks += [("groups", g, "", "") for g in groups]
+        if uid:
+            checks.append(("uids", uid, "", "authentication.k8s.io"))
+        for key, values in extra.items():
+            checks += [(f"userextras/{key}", v, "", "authentication.k8s.io") for v in values]
+        for resource, target, namespace, group in checks:
+            resource, _, sub = resource.partition("/")
+            attrs = Attributes(user, "impersonate", namespace, group, resource, sub, target)
+            if not self.authorizer.allowed(attrs):
+                raise errors.forbidden(group, resource, target, forbidden_message(attrs))
+        return user_with_defaults(name, groups, uid, tuple((k, tuple(v)) for k, v in sorted(extra.items())))
+
+    def _authorize(self, user: UserInfo, request: web.Request, info: RequestInfo | None) -> None:
+        if user.is_admin:
+            return
+        if info is None:  # non-resource request: the verb is the lower-cased HTTP method
+            attrs = Attributes(user, request.method.lower(), path=request.path, resource_request=False)
+            if not self.authorizer.allowed(attrs):
+                raise errors.forbidden("", "", "", forbidden_message(attrs))
+            return
+        verb = "watch" if info.watch else info.verb
+        attrs = Attributes(
+            user,
+            verb,
+            info.namespace or "",
+            info.rtype.group,
+            info.rtype.plural,
+            info.subresource or "",
+            info.name or "",
+        )
+        if not self.authorizer.allowed(attrs):
+            self.counters.forbidden[(user.name, verb, info.resource)] += 1
+            raise errors.forbidden(
+                info.rtype.group, info.rtype.plural, info.name or "", forbidden_message(attrs)
+            )
+
     # ------------------------------------------------------------------ HTTP entry
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         try:
             if not self._resumed.is_set():
                 await self._resumed.wait()
-            if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
-                raise ApiError(401, "Unauthorized", "Unauthorized")
+            user = self._authenticate(request)
+            _user.set(user)
+            self.counters.by_user[user.name] += 1
             path = request.path
             if not (path.startswith("/api/") or path.startswith("/apis/")) or path in ("/api/", "/apis/"):
+                self._authorize(user, request, None)
                 return await self._non_resource(request)
             info = self._request_info(request)
             if info is None:
+                self._authorize(user, request, None)
                 return await self._discovery(request)
+            self._authorize(user, request, info)
             agent = request.headers.get("User-Agent", "").split("/", 1)[0].split(" ", 1)[0]
             self.counters.record(info.verb, info.resource, agent)
             delay = self.faults.delay(info.verb, info.resource, agent)
@@ -423,9 +543,15 @@ class ApiServer:
         if info.verb == "get":
             obj = self._get(rtype, ns, name or "")
             return self._respond(request, rtype, obj)
+        if info.verb == "create" and rtype.verbs == ("create",):
+            body = await self._read_object(request)
+            self._check_kind(rtype, body)
+            return self._json(self._review(rtype, ns, body), 201)
         if info.verb == "create":
             body = await self._read_object(request)
             self._check_duplicate_fields(rtype, query)
+            if sub == "token":
+                return self._json(self._token_request(ns or "", name or "", body), 201)
             if sub == "eviction":
                 return self._json(self._evict(rtype, ns or "", name or "", body), 201)
             if sub == "binding":
@@ -724,6 +850,8 @@ class ApiServer:
         if rtype.crd is None:
             self._check_builtin_fields(rtype, obj, query)
             defaults.prepare_create(rtype.group, rtype.plural, obj)
+            if rtype.plural == "pods" and rtype.group == "" and _user.get() is not None:
+                self._mount_service_account_token(obj)
         elif rtype.status_subresource:
             obj.pop("status", None)
         defaults.normalize(rtype.group, rtype.plural, obj)
@@ -731,6 +859,9 @@ class ApiServer:
             obj = self._admit_custom(rtype, obj, None, query)
         if rtype.plural == "customresourcedefinitions":
             self._prepare_crd(obj, None)
+        if rtype.plural == "validatingadmissionpolicies":
+            self._check_policy(obj)
+        self._admit(rtype, "CREATE", obj, None, None, query)
         if self._dry_run(query):
             meta["resourceVersion"] = str(self.store.rv)
             return self._present(rtype, obj)
@@ -855,6 +986,9 @@ class ApiServer:
             new = self._admit_custom(rtype, new, old, query)
         if rtype.plural == "customresourcedefinitions" and subresource != "status":
             self._prepare_crd(new, old)
+        if rtype.plural == "validatingadmissionpolicies" and subresource != "status":
+            self._check_policy(new)
+        self._admit(rtype, "UPDATE", new, old, subresource, query)
         if rtype.generation and self._spec_changed(rtype, old, new):
             new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
         return new
@@ -1139,6 +1273,17 @@ class ApiServer:
     def _after_write(self, rtype: ResourceType, event_type: str, obj: dict[str, Any]) -> None:
         if event_type == "DELETED":
             self._apply_configs.pop(obj["metadata"].get("uid", ""), None)
+        if rtype.group == RBAC_GROUP:
+            self.authorizer.invalidate()
+            if rtype.plural == "clusterroles":
+                self._aggregate_cluster_roles()
+        if rtype.plural == "namespaces" and rtype.group == "" and event_type == "ADDED":
+            name = obj["metadata"]["name"]
+            if self.store.get(("", "serviceaccounts"), name, "default") is None:
+                # kube-controller-manager's serviceaccounts controller: every namespace gets "default".
+                self._internal_create(
+                    self.types[("", "v1", "serviceaccounts")], name, {"metadata": {"name": "default"}}
+                )
         if rtype.plural == "customresourcedefinitions" and rtype.group == "apiextensions.k8s.io":
             if event_type == "DELETED":
                 self._unregister_crd(obj["metadata"]["name"])
@@ -1923,6 +2068,321 @@ class ApiServer:
                 self.store.objects.pop(rtype.storage_key, None)
         self._openapi_cache.clear()
 
+    # ------------------------------------------------------------------ RBAC, reviews, tokens, admission
+    def _aggregate_cluster_roles(self) -> None:
+        from .rbac import aggregate
+
+        rtype = self.types[(RBAC_GROUP, "v1", "clusterroles")]
+        for name, rules in aggregate(self.store.select(rtype.storage_key)).items():
+            old = self.store.get(rtype.storage_key, "", name)
+            if old is None:
+                continue
+            new = copy.deepcopy(old)
+            new["rules"] = rules
+            new["metadata"]["resourceVersion"] = str(self.store.next_rv())
+            self.store.commit(rtype.storage_key, "MODIFIED", new, old)
+            self._after_write(rtype, "MODIFIED", new)
+
+    def _review(self, rtype: ResourceType, ns: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        """SubjectAccessReview and friends: answered from RBAC, never stored."""
+        user = _user.get() or ADMIN
+        spec = body.get("spec") or {}
+        out = {
+            "apiVersion": rtype.group_version,
+            "kind": rtype.kind,
+            "metadata": {**(body.get("metadata") or {}), "creationTimestamp": None},
+            "spec": spec,
+        }
+        if rtype.plural == "selfsubjectreviews":
+            out["status"] = {"userInfo": user.as_dict()}
+            return out
+        if rtype.plural == "tokenreviews":
+            record = self.authenticator.lookup(str(spec.get("token", "")), self._alive)
+            out["status"] = (
+                {"authenticated": True, "user": record.user.as_dict(), "audiences": record.audiences}
+                if record is not None
+                else {"authenticated": False, "error": "invalid bearer token"}
+            )
+            return out
+        if rtype.plural == "selfsubjectrulesreviews":
+            out["status"] = self.authorizer.rules_review(user, str(spec.get("namespace") or ""))
+            return out
+        if rtype.plural in ("subjectaccessreviews", "localsubjectaccessreviews"):
+            if not spec.get("user") and not spec.get("groups"):
+                raise errors.invalid(
+                    rtype.kind,
+                    rtype.group,
+                    "",
+                    [
+                        errors.cause(
+                            "spec.user",
+                            "FieldValueInvalid",
+                            'Invalid value: "": at least one of user or group must be specified',
+                        )
+                    ],
+                )
+            subject = UserInfo(
+                str(spec.get("user") or ""), tuple(spec.get("groups") or ()), str(spec.get("uid") or "")
+            )
+        else:
+            subject = user
+        resource_attrs = spec.get("resourceAttributes")
+        non_resource = spec.get("nonResourceAttributes")
+        if resource_attrs is not None:
+            namespace = str(resource_attrs.get("namespace") or "")
+            if rtype.plural == "localsubjectaccessreviews":
+                if namespace and namespace != ns:
+                    raise errors.bad_request(f"spec.resourceAttributes.namespace must match namespace: {ns}")
+                namespace = ns or ""
+            attrs = Attributes(
+                subject,
+                str(resource_attrs.get("verb") or ""),
+                namespace,
+                str(resource_attrs.get("group") or ""),
+                str(resource_attrs.get("resource") or ""),
+                str(resource_attrs.get("subresource") or ""),
+                str(resource_attrs.get("name") or ""),
+            )
+        elif non_resource is not None:
+            attrs = Attributes(
+                subject,
+                str(non_resource.get("verb") or ""),
+                path=str(non_resource.get("path") or ""),
+                resource_request=False,
+            )
+        else:
+            raise errors.invalid(
+                rtype.kind,
+                rtype.group,
+                "",
+                [
+                    errors.cause(
+                        "spec.resourceAttributes",
+                        "FieldValueRequired",
+                        "Required value: exactly one of nonResourceAttributes or resourceAttributes "
+                        "must be specified",
+                    )
+                ],
+            )
+        allowed = self.authorizer.allowed(attrs)
+        out["status"] = {"allowed": allowed} if allowed else {"allowed": False}
+        return out
+
+    def _token_request(self, ns: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """serviceaccounts/token (TokenRequest): a token for the account, optionally bound to a pod/secret."""
+        spec = dict(body.get("spec") or {})
+        seconds = int(spec.get("expirationSeconds") or 3600)
+        if seconds < 600:
+            raise errors.invalid(
+                "TokenRequest",
+                "authentication.k8s.io",
+                name,
+                [
+                    errors.cause(
+                        "spec.expirationSeconds",
+                        "FieldValueInvalid",
+                        f"Invalid value: {seconds}: may not specify a duration less than 10 minutes",
+                    )
+                ],
+            )
+        bound = None
+        ref = spec.get("boundObjectRef")
+        if ref:
+            kind = ref.get("kind")
+            plural = {"Pod": "pods", "Secret": "secrets"}.get(str(kind))
+            target = self.store.get(("", plural), ns, str(ref.get("name"))) if plural else None
+            if target is None or (ref.get("uid") and ref["uid"] != target["metadata"]["uid"]):
+                raise errors.not_found("", plural or str(kind).lower(), str(ref.get("name")))
+            bound = (str(kind), ns, target["metadata"]["name"], target["metadata"]["uid"])
+        account = self.store.get(("", "serviceaccounts"), ns, name)
+        if account is None:
+            raise errors.not_found("", "serviceaccounts", name)
+        token, expires = self.authenticator.issue(
+            ns, name, account["metadata"]["uid"], seconds, bound, list(spec.get("audiences") or [])
+        )
+        spec["expirationSeconds"] = seconds
+        spec.setdefault("audiences", [])
+        return {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "metadata": {"name": name, "namespace": ns, "creationTimestamp": now_iso()},
+            "spec": spec,
+            "status": {"token": token, "expirationTimestamp": expires},
+        }
+
+    def _mount_service_account_token(self, pod: dict[str, Any]) -> None:
+        """The ServiceAccount admission plugin: a projected token volume on every container."""
+        spec = pod.setdefault("spec", {})
+        spec.setdefault("serviceAccountName", "default")
+        if spec.get("automountServiceAccountToken") is False:
+            return
+        account = self.store.get(
+            ("", "serviceaccounts"), pod["metadata"].get("namespace") or "", spec["serviceAccountName"]
+        )
+        if (
+            spec.get("automountServiceAccountToken") is None
+            and (account or {}).get("automountServiceAccountToken") is False
+        ):
+            return
+        containers = [c for f in ("initContainers", "containers") for c in spec.get(f) or []]
+        needing = [
+            c
+            for c in containers
+            if not any(m.get("mountPath") == _SA_MOUNT for m in c.get("volumeMounts") or [])
+        ]
+        if not needing:
+            return
+        volume = "kube-api-access-" + "".join(random.choice(_GENERATE_CHARS) for _ in range(5))
+        spec.setdefault("volumes", []).append(
+            {
+                "name": volume,
+                "projected": {
+                    "defaultMode": 420,
+                    "sources": [
+                        {"serviceAccountToken": {"expirationSeconds": _SA_TOKEN_SECONDS, "path": "token"}},
+                        {
+                            "configMap": {
+                                "name": "kube-root-ca.crt",
+                                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                            }
+                        },
+                        {
+                            "downwardAPI": {
+                                "items": [
+                                    {
+                                        "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                                        "path": "namespace",
+                                    }
+                                ]
+                            }
+                        },
+                    ],
+                },
+            }
+        )
+        for container in needing:
+            container.setdefault("volumeMounts", []).append(
+                {"name": volume, "readOnly": True, "mountPath": _SA_MOUNT}
+            )
+
+    def _check_policy(self, policy: dict[str, Any]) -> None:
+        problems = compile_problems(policy)
+        if problems:
+            raise errors.invalid(
+                "ValidatingAdmissionPolicy",
+                "admissionregistration.k8s.io",
+                policy["metadata"].get("name", ""),
+                [
+                    errors.cause(path, "FieldValueInvalid", f"Invalid value: {json.dumps(expr)}: {why}")
+                    for path, expr, why in problems
+                ],
+            )
+
+    def _param_namespaced(self, kind: dict[str, Any]) -> bool | None:
+        rtype = self._type_for_kind(kind)
+        return None if rtype is None else rtype.namespaced
+
+    def _type_for_kind(self, kind: dict[str, Any]) -> ResourceType | None:
+        api_version = str(kind.get("apiVersion") or "")
+        group, _, version = api_version.rpartition("/")
+        return next(
+            (
+                t
+                for t in self.types.values()
+                if t.group == group and t.version == version and t.kind == kind.get("kind")
+            ),
+            None,
+        )
+
+    def _find_params(
+        self, kind: dict[str, Any], namespace: str | None, name: str | None, selector: dict[str, Any] | None
+    ) -> list[dict[str, Any]]:
+        rtype = self._type_for_kind(kind)
+        if rtype is None:
+            return []
+        items = self.store.select(rtype.storage_key, namespace if rtype.namespaced else None)
+        if name:
+            items = [i for i in items if i["metadata"]["name"] == name]
+        elif selector is not None:
+            items = [i for i in items if label_selector_matches(selector, i["metadata"].get("labels") or {})]
+        else:
+            items = []
+        return [self._present(rtype, i) for i in items]
+
+    def _admit(
+        self,
+        rtype: ResourceType,
+        operation: str,
+        obj: dict[str, Any],
+        old: dict[str, Any] | None,
+        subresource: str | None,
+        query: Any,
+    ) -> None:
+        """Validating admission of an API request: PodSecurity, then ValidatingAdmissionPolicies."""
+        user = _user.get()
+        if user is None:
+            return
+        meta = obj.get("metadata") or {}
+        ns = meta.get("namespace") or "" if rtype.namespaced else ""
+        name = meta.get("name") or ""
+        namespace_object = self.store.get(("", "namespaces"), "", ns) if ns else None
+        if rtype.group == "" and rtype.plural == "pods" and operation == "CREATE" and not subresource:
+            self._pod_security(obj, namespace_object)
+        request = AdmissionRequest(
+            operation=operation,
+            group=rtype.group,
+            version=rtype.version,
+            kind=rtype.kind,
+            resource=rtype.plural,
+            subresource=subresource or "",
+            namespace=ns,
+            name=name,
+            namespaced=rtype.namespaced,
+            obj=self._present(rtype, obj),
+            old=self._present(rtype, old) if old is not None else None,
+            user=user.as_dict(),
+            dry_run=self._dry_run(query) if query is not None else False,
+            namespace_object=namespace_object,
+        )
+        outcome = self.policies.admit(request)
+        warnings = _warnings.get(None)
+        if warnings is not None:
+            warnings.extend(outcome.warnings)
+        denial = outcome.denial
+        if denial is not None:
+            message = (
+                f"ValidatingAdmissionPolicy '{denial.policy}' with binding '{denial.binding}' "
+                f"denied request: {denial.message}"
+            )
+            error = errors.forbidden(rtype.group, rtype.plural, name, message)
+            error.code = REASON_CODES.get(denial.reason, 422)
+            error.reason = denial.reason
+            assert error.details is not None
+            error.details["causes"] = [{"message": message}]
+            raise error
+
+    def _pod_security(self, pod: dict[str, Any], namespace: dict[str, Any] | None) -> None:
+        """PodSecurity admission: the namespace's `pod-security.kubernetes.io/enforce` level."""
+        from ..podsecurity import check_pod, namespace_policy, violation_message
+
+        labels = ((namespace or {}).get("metadata") or {}).get("labels") or {}
+        policy = namespace_policy(labels)
+        warn = labels.get("pod-security.kubernetes.io/warn")
+        if warn in ("baseline", "restricted") and (policy is None or warn != policy[0]):
+            results = check_pod(warn, pod.get("metadata") or {}, pod.get("spec") or {})
+            warnings = _warnings.get(None)
+            if results and warnings is not None:
+                version = labels.get("pod-security.kubernetes.io/warn-version") or "latest"
+                warnings.append("would " + violation_message(warn, version, results, verb="violate"))
+        if policy is None:
+            return
+        level, version = policy
+        results = check_pod(level, pod.get("metadata") or {}, pod.get("spec") or {})
+        if results:
+            raise errors.forbidden(
+                "", "pods", pod["metadata"].get("name", ""), violation_message(level, version, results)
+            )
+
     # ------------------------------------------------------------------ discovery, version, openapi
     async def _non_resource(self, request: web.Request) -> web.Response:
         path = request.path.rstrip("/") or "/"
@@ -2053,10 +2513,11 @@ class ApiServer:
                 "log": ("Pod", ["get"]),
                 "eviction": ("Eviction", ["create"]),
                 "binding": ("Binding", ["create"]),
+                "token": ("TokenRequest", ["create"]),
             }
             subs = [
                 s
-                for s in ("status", "scale", "log", "eviction", "binding")
+                for s in ("status", "scale", "log", "eviction", "binding", "token")
                 if self._has_subresource(rtype, s)
             ]
             for sub in subs:
@@ -2072,6 +2533,8 @@ class ApiServer:
                     item.update(group="autoscaling", version="v1")
                 elif sub == "eviction":
                     item.update(group="policy", version="v1")
+                elif sub == "token":
+                    item.update(group="authentication.k8s.io", version="v1")
                 resources.append(item)
         return {
             "kind": "APIResourceList",
