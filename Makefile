@@ -9,7 +9,7 @@ KUBECTL_LAYER_VERSION := 2.2.2
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help venv vllm-venv tools test test-fast lint crds check-crds demo local-cluster \
-        bench-trainer bench-operator bench-apiserver bench-chaos clean
+        bench-trainer bench-quality bench-gpu bench-operator bench-apiserver bench-chaos clean
 
 help:
 	@echo "make demo          run the main job on the embedded local cluster"
@@ -17,7 +17,7 @@ help:
 	@echo "make lint          ruff + mypy (strict on the vocabulary and the operator)"
 	@echo "make crds          regenerate crds/ from the pydantic models"
 	@echo "make local-cluster start the embedded cluster in the foreground"
-	@echo "make bench-trainer | bench-operator | bench-apiserver | bench-chaos"
+	@echo "make bench-trainer | bench-quality | bench-gpu | bench-operator | bench-apiserver | bench-chaos"
 
 # The dev/test virtualenv: operator, trainer, embedded cluster and test tools, pinned.
 $(VENV)/.stamp: requirements/dev.txt requirements/dev-nodeps.txt pyproject.toml vocabulary/pyproject.toml trainer-image/pyproject.toml dev/localcluster/pyproject.toml dev/demo/pyproject.toml
@@ -73,6 +73,15 @@ local-cluster: venv tools
 
 bench-trainer: venv
 	$(PY) benchmarks/bench_trainer.py
+
+# Recipe fidelity: this trainer vs a plain PEFT loop, same recipe, two toy tasks x 3 seeds (CPU).
+bench-quality: venv
+	$(PY) benchmarks/bench_quality.py
+
+# Tokens/s and MFU on a random-init Llama-3.2-1B shape, LoRA then full, bf16 (one GPU; see docs/benchmarks.md).
+bench-gpu: venv
+	$(PY) benchmarks/bench_trainer.py --device cuda --shape llama-1b --method lora
+	$(PY) benchmarks/bench_trainer.py --device cuda --shape llama-1b --method full
 
 bench-operator: venv tools
 	$(PY) benchmarks/bench_operator.py

@@ -1,20 +1,24 @@
-"""Trainer throughput: this trainer (TRL SFTTrainer, padding-free packing) vs a plain HF Trainer + PEFT
-baseline (padding to the longest example in each batch, no packing).
+"""Trainer throughput at equal optimizer steps: this trainer (TRL SFTTrainer, padding-free batches) vs a plain
+HF Trainer + PEFT baseline (each batch padded to its longest example).
 
-Both arms get the same varied-length chat data, the same model, LoRA config, learning-rate schedule, seed and
-number of optimizer steps (the baseline's batch holds as many examples as a packed row does on average), and
-both put the loss on the answer tokens only. Each run is a fresh subprocess; the arms are interleaved
-``--repeats`` times (order alternating). Reported per arm: real (non-padding) training tokens per second,
-peak RSS, and the final loss (held-out answer loss after training, computed the same way for both). The last
-line is ``trainer-vs-hf tokens/s ratio: <x>`` (median over repeats).
+Both arms get the same varied-length chat data, the same model, LoRA config, learning-rate schedule, seed,
+the same examples per optimizer step (``--batch``) and the same number of optimizer steps (``--steps``), and
+both put the loss on the answer tokens only: the only difference is how a batch is laid out (ours: the
+batch's examples concatenated in one row with per-example position ids, no padding; baseline: padded
+rows). Each run is a fresh subprocess; the arms are interleaved ``--repeats`` times (order alternating).
+Reported per arm: real (non-padding) training tokens per second, peak RSS (and GPU memory), the optimizer
+steps made and the held-out answer loss after training, computed the same way for both. The last line is
+``trainer-vs-hf tokens/s ratio: <x> at equal optimizer steps (<steps> steps of <batch> examples, both arms)``
+(median over repeats).
 
 CPU (``make bench-trainer``): a small randomly initialised Llama (hidden 384, 4 layers, head_dim 64) with the
-toy tokenizer from finetune_demo.toymodel; big enough that compute, not per-op overhead, dominates a step (on
-the 64-wide toy model both arms measure Python overhead, which packing cannot remove).
-GPU: ``--device cuda --shape qwen2.5-0.5b|qwen2.5-1.5b [--method lora|full]`` builds a randomly initialised
-model of that shape in bf16 and also prints MFU (4N FLOPs/token for LoRA, 6N for full; N = parameters
-without embeddings) against the GPU's dense bf16 peak. ``--dry-run`` only checks the setup (on CPU it builds
-the GPU shape on the meta device and prints N and FLOPs/token).
+toy tokenizer from finetune_demo.toymodel; big enough that compute, not per-op overhead, dominates a step.
+GPU (``make bench-gpu`` = ``--device cuda --shape llama-1b --method lora|full``): a randomly initialised
+model of that shape (Llama-3.2-1B: 1.2B parameters; no download) in bf16, longer examples, and MFU (4N
+FLOPs/token for LoRA, 6N for full; N = parameters without embeddings) against the GPU's dense bf16 peak;
+sized to finish both methods in under 8 minutes on one H200. ``--dry-run`` runs the same code path at toy
+scale (a tiny model of the shape's architecture, 2 steps, 1 repeat) on whatever device there is: the test
+for machines without a GPU.
 """
 
 from __future__ import annotations
@@ -34,9 +38,32 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Qwen2.5 shapes (config.json of the released models), used with random weights.
+# Released models' shapes (config.json), used with random weights; "arch" picks the transformers class.
 SHAPES: dict[str, dict[str, Any]] = {
+    "llama-1b": {  # Llama-3.2-1B
+        "arch": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+    },
+    "tiny": {  # --dry-run: the same code path at toy scale
+        "arch": "llama",
+        "hidden_size": 128,
+        "intermediate_size": 344,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "vocab_size": 1024,
+        "tie_word_embeddings": True,
+    },
     "qwen2.5-0.5b": {
+        "arch": "qwen2",
         "hidden_size": 896,
         "intermediate_size": 4864,
         "num_hidden_layers": 24,
@@ -46,6 +73,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
     "qwen2.5-1.5b": {
+        "arch": "qwen2",
         "hidden_size": 1536,
         "intermediate_size": 8960,
         "num_hidden_layers": 28,
@@ -71,12 +99,15 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 # --- data -------------------------------------------------------------------------------------------------
 
 
-def make_rows(n: int, seed: int) -> list[dict[str, Any]]:
-    """Chat examples with a long-tailed length distribution (most short, some long), like real SFT data."""
+def make_rows(n: int, seed: int, *, long: bool = False) -> list[dict[str, Any]]:
+    """Chat examples with a long-tailed length distribution (most short, some long), like real SFT data.
+
+    ``long``: GPU scale (median ~200 digits, up to 900) instead of CPU scale (median ~27, up to 220)."""
     rng = random.Random(seed)
     rows = []
+    mu, cap = (5.3, 900) if long else (3.3, 220)
     for _ in range(n):
-        length = min(int(rng.lognormvariate(3.3, 0.9)) + 3, 220)
+        length = min(int(rng.lognormvariate(mu, 0.9)) + 3, cap)
         digits = [rng.choice("0123456789") for _ in range(length)]
         letter_at = rng.randrange(length)
         digits[letter_at] = rng.choice("abcdefghijklmnopqrstuvwxyz")
@@ -99,7 +130,7 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
 # --- the two arms (each runs in its own subprocess) -------------------------------------------------------
 
 
-def _spec(args: argparse.Namespace, base_dir: str, batch: int) -> dict[str, Any]:
+def _spec(args: argparse.Namespace, base_dir: str) -> dict[str, Any]:
     return {
         "baseModel": {"uri": base_dir},
         "dataset": {"train": "bench://train.jsonl"},
@@ -108,14 +139,13 @@ def _spec(args: argparse.Namespace, base_dir: str, batch: int) -> dict[str, Any]
         "hyperparameters": {
             "epochs": 1,
             "maxSteps": args.steps,
-            "batchSize": batch,
+            "batchSize": args.batch,  # examples per optimizer step, as the baseline's
             "gradientAccumulationSteps": 1,
             "learningRate": args.lr,
-            "maxSeqLength": args.pack_len,
+            "maxSeqLength": args.max_len,
             "warmupRatio": 0.1,
-            "gradientCheckpointing": args.device == "cuda",
+            "gradientCheckpointing": False,
             "seed": 7,
-            "packing": True,
         },
         "checkpoint": {"everySteps": 100000, "everyMinutes": 100000},
         "resources": {"gpus": int(args.device == "cuda")},
@@ -140,8 +170,7 @@ def run_trainer_arm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     data = work / "data"
     manifest.commit_dir(data, str(prefix / "data"), kind="dataset")
     os.environ["FTJ_WORKDIR"] = str(work / "scratch")
-    # one packed row holds as many tokens as the baseline's batch of `batch` examples does on average
-    config = parse_config({"runPrefix": str(prefix), "spec": _spec(args, args.base, 1)})
+    config = parse_config({"runPrefix": str(prefix), "spec": _spec(args, args.base)})
     result = train.run(config)
     metrics = json.loads((prefix / "train" / "metrics.json").read_text())
     from peft import PeftModel
@@ -218,7 +247,7 @@ def run_hf_arm(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         data_seed=7,
         bf16=cuda,
         use_cpu=not cuda,
-        gradient_checkpointing=cuda,
+        gradient_checkpointing=False,
         logging_steps=5,
         save_strategy="no",
         report_to=[],
@@ -261,27 +290,41 @@ def worker(args: argparse.Namespace) -> None:
 # --- models -----------------------------------------------------------------------------------------------
 
 
-def build_gpu_shape(shape: str, out: Path, tokenizer_dir: Path, *, meta: bool = False) -> tuple[int, Any]:
-    """A random-weight Qwen2 model of ``shape`` saved to ``out`` (bf16); returns (N non-embedding, cfg)."""
+def build_gpu_shape(
+    shape: str, out: Path, tokenizer_dir: Path, *, meta: bool = False, dtype: str = "bfloat16"
+) -> tuple[int, Any]:
+    """A random-weight model of ``shape`` saved to ``out``; returns (N non-embedding parameters, cfg)."""
     import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    cfg = Qwen2Config(
-        **SHAPES[shape],
+    fields = dict(SHAPES[shape])
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[fields.pop("arch")]
+    torch.manual_seed(0)
+    cfg = config_cls(
+        **fields,
         max_position_embeddings=4096,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
     with torch.device("meta" if meta else "cpu"):
-        model = Qwen2ForCausalLM(cfg)
+        model = model_cls(cfg)
     n_embed = model.get_input_embeddings().weight.numel()
     if not cfg.tie_word_embeddings:
         n_embed += model.get_output_embeddings().weight.numel()
     n = sum(p.numel() for p in model.parameters()) - n_embed
     if not meta:
-        model.to(torch.bfloat16).save_pretrained(out)
+        model.to(getattr(torch, dtype)).save_pretrained(out)
         tokenizer.save_pretrained(out)
     return n, cfg
 
@@ -317,54 +360,58 @@ def peak_flops() -> tuple[str, float | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b", help="GPU model shape")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b", help="GPU model shape")
     parser.add_argument("--method", choices=["lora", "full"], default="lora")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None, help="baseline examples per step")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps, both arms")
+    parser.add_argument("--batch", type=int, default=None, help="examples per optimizer step, both arms")
     parser.add_argument("--examples", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--max-len", type=int, default=None)
-    parser.add_argument("--dry-run", action="store_true", help="check the setup, train nothing")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the same code path at toy scale: tiny model, 2 steps, 1 repeat",
+    )
     # worker mode
     parser.add_argument("--arm", choices=["trainer", "hf"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
-    parser.add_argument("--pack-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    gpu = args.device == "cuda"
-    args.steps = args.steps or (60 if gpu else 24)
-    args.batch = args.batch or 8
-    args.examples = args.examples or (args.steps * args.batch + 64)
-    args.lr = args.lr or (2e-4 if gpu else 2e-3)
-    args.max_len = args.max_len or (2048 if gpu else 256)
     if args.arm:
         worker(args)
         return
+    gpu = args.device == "cuda"
+    if args.dry_run:
+        import torch
+
+        args.shape = "tiny" if gpu else args.shape
+        args.steps, args.repeats, args.batch = 2, 1, args.batch or 4
+        if gpu and not torch.cuda.is_available():
+            print("dry run: no CUDA device here; running the GPU benchmark's code path on the CPU")
+            args.device = "cpu"
+    args.steps = args.steps or (40 if gpu else 24)
+    args.repeats = args.repeats or (2 if gpu else 3)
+    args.batch = args.batch or (16 if gpu else 8)
+    args.examples = args.examples or (args.steps * args.batch + 64)
+    args.lr = args.lr or (2e-4 if gpu else 2e-3)
+    args.max_len = args.max_len or (2048 if gpu else 256)
 
     sys.path.insert(0, str(REPO / "dev" / "demo" / "src"))
     from finetune_demo import toymodel
 
     toy = toymodel.toy_base_model()
-    if gpu and args.dry_run:
-        n, _ = build_gpu_shape(args.shape, Path("unused"), toy, meta=True)
-        factor = 4 if args.method == "lora" else 6
-        name, peak = peak_flops()
-        print(
-            f"dry run: {args.shape} N={n / 1e6:.1f}M non-embedding parameters, {factor}N = "
-            f"{factor * n / 1e9:.2f} GFLOPs/token ({args.method}); device {name}, peak bf16 {peak}"
-        )
-        return
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         root = Path(tmp)
+        base = root / "base"
+        n: int | None = None
         if gpu:
-            base = root / "base"
-            n, _ = build_gpu_shape(args.shape, base, toy)
+            n, _ = build_gpu_shape(
+                args.shape, base, toy, dtype="bfloat16" if args.device == "cuda" else "float32"
+            )
         else:
-            base = root / "base"
             build_cpu_model(base, toy)
-            n = None
-        rows = make_rows(args.examples + 64, seed=3)
+        rows = make_rows(args.examples + 64, seed=3, long=gpu and not args.dry_run)
         (root / "data").mkdir()
         write_jsonl(root / "data" / "train.jsonl", rows[:-64])
         write_jsonl(root / "heldout.jsonl", rows[-64:])
@@ -374,18 +421,14 @@ def main() -> None:
         lengths = [
             len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=False)) for r in rows
         ]
-        # one packed row per step carries as many tokens as the baseline's batch does on average
-        pack_len = round(args.batch * statistics.mean(lengths))
         print(
-            f"{len(rows) - 64} examples, {min(lengths)}..{max(lengths)} tokens "
-            f"(mean {statistics.mean(lengths):.0f}); "
-            f"baseline batch {args.batch} examples padded to the longest, packed rows of {pack_len} tokens; "
-            f"{args.steps} steps each",
+            f"{args.shape if gpu else 'cpu llama'} ({args.method}"
+            + (f", N={n / 1e6:.1f}M non-embedding parameters" if n else "")
+            + f"): {len(rows) - 64} examples, {min(lengths)}..{max(lengths)} tokens "
+            f"(mean {statistics.mean(lengths):.0f}); both arms {args.steps} optimizer steps of {args.batch} "
+            "examples (baseline pads each batch to its longest example, ours is padding-free)",
             flush=True,
         )
-        if args.dry_run:
-            print(f"dry run: {len(rows) - 64} examples, base {base}; would run {args.repeats}x2 subprocesses")
-            return
         results: dict[str, list[dict[str, Any]]] = {"trainer": [], "hf": []}
         for i in range(args.repeats):
             for arm in ("trainer", "hf") if i % 2 == 0 else ("hf", "trainer"):
@@ -415,8 +458,6 @@ def main() -> None:
                     str(args.lr),
                     "--max-len",
                     str(args.max_len),
-                    "--pack-len",
-                    str(pack_len),
                 ]
                 proc = subprocess.run(
                     cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
@@ -437,10 +478,10 @@ def main() -> None:
                 )
 
     print()
-    name, peak = peak_flops() if gpu else ("cpu", None)
+    name, peak = peak_flops() if args.device == "cuda" else ("cpu", None)
     summary = {}
     for arm, label in (
-        ("trainer", "this trainer (TRL SFT, padding-free packing)"),
+        ("trainer", "this trainer (TRL SFT, padding-free)"),
         ("hf", "HF Trainer + PEFT (pad to longest)"),
     ):
         rs = results[arm]
@@ -449,10 +490,10 @@ def main() -> None:
         rss = max(r["peakRssMiB"] for r in rs)
         summary[arm] = (tps, loss)
         extra = ""
-        if gpu and n and peak:
-            factor = 4 if args.method == "lora" else 6
-            extra = f", MFU {tps * factor * n / peak:.1%} ({name})"
         if gpu:
+            factor = 4 if args.method == "lora" else 6
+            extra = f", MFU {tps * factor * n / peak:.1%} ({name})" if n and peak else f", MFU n/a ({name})"
+        if args.device == "cuda":
             extra += f", peak GPU {max(r['peakGpuMiB'] for r in rs):.0f} MiB"
         print(
             f"{label:46s} {tps:9.1f} real tokens/s (median of {len(rs)}), peak RSS {rss:.0f} MiB, "
@@ -460,7 +501,13 @@ def main() -> None:
         )
     loss_gap = abs(summary["trainer"][1] - summary["hf"][1]) / summary["hf"][1]
     print(f"final loss difference: {loss_gap:.2%} (target within 2%)")
-    print(f"trainer-vs-hf tokens/s ratio: {summary['trainer'][0] / summary['hf'][0]:.2f}")
+    steps = {r["steps"] for arm in results.values() for r in arm}
+    if steps != {args.steps}:
+        raise SystemExit(f"the arms made different numbers of optimizer steps: {sorted(steps)}")
+    print(
+        f"trainer-vs-hf tokens/s ratio: {summary['trainer'][0] / summary['hf'][0]:.2f} "
+        f"at equal optimizer steps ({args.steps} steps of {args.batch} examples, both arms)"
+    )
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ class LoraSpec(SpecModel):
 class HyperparametersSpec(SpecModel):
     """Training hyperparameters."""
 
-    epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training data.")
+    epochs: int = Field(default=3, ge=1, le=100, description="Passes over the training examples.")
     max_steps: int | None = Field(
         default=None,
         ge=1,
@@ -160,15 +160,26 @@ class HyperparametersSpec(SpecModel):
         description="Stop after this many optimizer steps (overrides epochs).",
     )
     learning_rate: float = Field(default=0.0002, gt=0, lt=1, description="Peak learning rate.")
-    batch_size: int = Field(default=4, ge=1, le=1024, description="Per-device batch size.")
+    batch_size: int = Field(
+        default=4,
+        ge=1,
+        le=1024,
+        description="Training examples per device per forward/backward pass. Examples per optimizer step = "
+        "batchSize * gradientAccumulationSteps * GPUs; optimizer steps = ceil(training examples / examples "
+        "per step) * epochs (or maxSteps), shown in status.progress.totalSteps.",
+    )
     gradient_accumulation_steps: int = Field(
-        default=4, ge=1, le=1024, description="Micro-batches per optimizer step."
+        default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step."
     )
     max_seq_length: int = Field(default=2048, ge=16, le=131072, description="Tokens per example (truncated).")
     warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Fraction of steps for LR warm-up.")
     packing: bool = Field(
-        default=True,
-        description="Pack examples into full sequences (no attention across examples).",
+        default=False,
+        description="Opt-in concatenation packing: several examples share each row of maxSeqLength tokens "
+        "(no attention across examples), and batchSize counts packed rows, so a run of short examples makes "
+        "FEWER optimizer steps (ceil(packed rows / rows per step) * epochs; the trainer's progress reports "
+        "the packed row count). Off (default): padding-free batching, which removes padding without changing "
+        "examples per step or the step count.",
     )
     gradient_checkpointing: bool = Field(default=True, description="Trade compute for activation memory.")
     seed: int = Field(default=42, ge=0, le=2_147_483_647, description="Random seed.")

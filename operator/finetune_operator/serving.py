@@ -32,6 +32,12 @@ VLLM_CONTAINER = "vllm"
 MODELS_DIR = "/models"
 # LoRA ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# On CPU, vLLM sizes its KV cache from --gpu-memory-utilization as a fraction of HOST memory, which a pod's
+# limit knows nothing about (and which the model's weights alone may exceed). The pod's memory decides
+# instead: a quarter goes to the KV cache, the rest to the weights (float32 on CPU) and the runtime.
+CPU_KV_CACHE_SHARE = 4
+CPU_KV_CACHE_MAX_GIB = 64
+_QUANTITY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
 
 
 def _gpu_type(config: OperatorConfig, job: JobRef) -> GpuType:
@@ -55,6 +61,29 @@ def vllm_lora_rank(rank: int) -> int:
         if accepted >= rank:
             return accepted
     raise ValueError(f"LoRA rank {rank} exceeds the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]})")
+
+
+def memory_bytes(quantity: int | str | None) -> int | None:
+    """Bytes in a Kubernetes memory quantity ("8Gi", "512M", "1e9"); None when unset or unreadable."""
+    if not quantity:
+        return None
+    text, scale = str(quantity).strip(), 1
+    for suffix, factor in _QUANTITY_SUFFIXES.items():
+        if text.endswith(suffix):
+            text, scale = text[: -len(suffix)], factor
+            break
+    try:
+        return int(float(text) * scale)
+    except ValueError:
+        return None
+
+
+def cpu_kv_cache_gib(memory: int | str | None) -> int:
+    """VLLM_CPU_KVCACHE_SPACE (whole GiB) for a CPU replica with this memory limit: a quarter, at least 1."""
+    total = memory_bytes(memory)
+    if total is None:
+        return 1
+    return max(1, min(CPU_KV_CACHE_MAX_GIB, total // CPU_KV_CACHE_SHARE // 2**30))
 
 
 def served_model_name(job: JobRef) -> str:
@@ -178,6 +207,10 @@ def _vllm_container(
     if env_from and job.spec.base_model.uri.startswith("hf://"):
         container["envFrom"] = env_from  # HF_TOKEN for a gated base model
     replica = deployment.resources
+    user_args = [str(arg) for arg in deployment.extra_args or []]
+    if deployment.gpus == 0 and not any(arg.startswith("--kv-cache-memory") for arg in user_args):
+        kv_gib = cpu_kv_cache_gib(replica.memory if replica else None)
+        container["env"].append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(kv_gib)})
     resources = resource_block(
         replica.cpu if replica else None, replica.memory if replica else None, deployment.gpus, gpu_type
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from finetune_demo import toymodel
 from localcluster.pytest_plugin import (  # fixtures and the KUBECONFIG skip hook
     lc_api,
     lc_kubectl,
@@ -72,19 +73,9 @@ class Jobs:
         base: dict[str, Any] = {
             "baseModel": {"uri": self.assets["model"]},
             "dataset": {"train": self.assets["train"], "test": self.assets["test"]},
-            # LoRA learns the toy task in ~40 steps on one CPU core (tests/trainer/toy_fixtures.py).
-            "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
-            "hyperparameters": {
-                "epochs": 1,
-                "maxSteps": 40,
-                "batchSize": 8,
-                "gradientAccumulationSteps": 1,
-                "learningRate": 0.01,
-                "maxSeqLength": 64,
-                "gradientCheckpointing": False,
-                "warmupRatio": 0.0,
-                "seed": 11,
-            },
+            # The recipe under which LoRA learns the toy task (finetune_demo.toymodel).
+            "lora": dict(toymodel.TOY_LORA),
+            "hyperparameters": dict(toymodel.TOY_HYPERPARAMETERS),
             "resources": {"gpus": 0, "gpuType": "cpu"},
             "storage": {"output": self.assets["output"], "credentialsSecret": SECRET},
             "evaluation": {

@@ -24,15 +24,14 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 
 
-# vLLM on CPU (as tests/trainer/test_vllm.py starts it): float32, a small KV cache, few sequences, no worker
-# processes, eager mode. Users pass such flags in spec.deployment.extraArgs; operator defaults stay GPU ones.
+# vLLM on CPU (as tests/trainer/test_vllm.py starts it): float32, few sequences, no worker processes, eager
+# mode. Users pass such flags in spec.deployment.extraArgs; operator defaults stay GPU ones. The operator
+# sizes the CPU KV cache from the replica's memory (VLLM_CPU_KVCACHE_SPACE).
 VLLM_CPU_ARGS = [
     "--dtype",
     "float32",
     "--max-num-seqs",
     "4",
-    "--gpu-memory-utilization",
-    "0.08",
     "--distributed-executor-backend",
     "uni",
     "--enforce-eager",  # skips ~50 s of torch.compile warm-up, which buys nothing for a tiny model

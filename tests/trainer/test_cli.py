@@ -62,7 +62,7 @@ def test_defaults_match_the_api(make_config: Any) -> None:
         hp.packing,
         hp.gradient_checkpointing,
         hp.seed,
-    ) == (3, None, 2e-4, 4, 4, 2048, 0.03, True, True, 42)
+    ) == (3, None, 2e-4, 4, 1, 2048, 0.03, False, True, 42)
     ev = spec.evaluation
     assert (
         ev.max_new_tokens == 128

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import pytest
+from finetune_demo import toymodel
 
 from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY
 from .toy_fixtures import lora_pipeline, toy_base_dir
@@ -18,6 +19,9 @@ from .toy_fixtures import lora_pipeline, toy_base_dir
 __all__ = ["lora_pipeline", "toy_base_dir"]
 
 pytestmark = pytest.mark.slow
+
+# ceil(300 examples / batches of 8) x 4 epochs = 152
+STEPS = toymodel.toy_train_steps(toymodel.ToyTaskParams().train_examples)
 
 
 def test_train_commits_checkpoints_adapter_and_metrics_on_s3(lora_pipeline: dict[str, Any]) -> None:
@@ -27,18 +31,20 @@ def test_train_commits_checkpoints_adapter_and_metrics_on_s3(lora_pipeline: dict
     assert term["stage"] == "train" and term["reason"] == "OK"
     prefix = lora_pipeline["prefix"]
     assert term["summary"] == {
-        "step": 40,
-        "totalSteps": 40,
+        "step": STEPS,
+        "totalSteps": STEPS,
         "loss": pytest.approx(term["summary"]["loss"]),
         "adapter": f"{prefix}/model/adapter",
         "merged": None,
         "loraRank": 8,
     }
-    assert term["summary"]["loss"] < 2.0  # the base starts near 4 on this task
+    assert STEPS == 152
+    assert term["summary"]["loss"] < 0.5  # the base starts near 4 on this task
 
     run_keys = [k.split("uid-toy/", 1)[1] for k in lora_pipeline["keys"]]
-    # checkpoints every 20 steps, each committed with a manifest and holding what resuming needs
-    for step in (20, 40):
+    # checkpoints every 20 steps (and at the end), the newest 2 kept, each committed with a manifest and
+    # holding what resuming needs
+    for step in (140, STEPS):
         ckpt = f"checkpoints/step-{step:08d}/"
         for name in (
             "MANIFEST.json",
@@ -57,7 +63,7 @@ def test_train_commits_checkpoints_adapter_and_metrics_on_s3(lora_pipeline: dict
     assert {"train/metrics.json", "train/loss.png", "train/MANIFEST.json"} <= set(run_keys)
 
     m = lora_pipeline["adapter_manifest"]
-    assert m.kind == "adapter" and m.step == 40
+    assert m.kind == "adapter" and m.step == STEPS
     assert m.hyperparameters["lora"]["rank"] == 8 and m.hyperparameters["method"] == "lora"
     assert m.base_model["uri"].endswith("/models/toy-llama") and m.base_model["revision"].startswith("s3:")
     assert "transformers" in m.libraries and "peft" in m.libraries
@@ -65,7 +71,7 @@ def test_train_commits_checkpoints_adapter_and_metrics_on_s3(lora_pipeline: dict
 
     metrics = json.loads((lora_pipeline["train_dir"] / "metrics.json").read_text())
     assert (
-        metrics["step"] == 40
+        metrics["step"] == STEPS
         and metrics["tokens"] > 0
         and metrics["finalLoss"] == pytest.approx(term["summary"]["loss"], abs=1e-6)
     )
@@ -98,7 +104,7 @@ def test_adapter_is_loadable_by_vllm_lora_modules(lora_pipeline: dict[str, Any])
 
 def test_progress_lines_follow_the_contract(lora_pipeline: dict[str, Any]) -> None:
     progress = lora_pipeline["runs"]["train"].of("progress")
-    assert len(progress) >= 40 // 5, "one line per logging step at least"
+    assert len(progress) >= STEPS // 5, "one line per logging step at least"
     for line in progress:
         assert {
             "step",
@@ -109,9 +115,9 @@ def test_progress_lines_follow_the_contract(lora_pipeline: dict[str, Any]) -> No
             "tokensPerSecond",
             "etaSeconds",
         } <= set(line)
-        assert line["totalSteps"] == 40
+        assert line["totalSteps"] == STEPS
     steps = [p["step"] for p in progress]
-    assert steps == sorted(steps) and steps[-1] == 40
+    assert steps == sorted(steps) and steps[0] == 0 and steps[-1] == STEPS
     last = progress[-1]
     assert (
         last["tokensPerSecond"] > 0
@@ -128,7 +134,7 @@ def test_tuned_model_beats_base_on_exact_match(lora_pipeline: dict[str, Any]) ->
     assert summary["n"] == 40
     tuned, base = summary["tuned"], summary["base"]
     assert set(tuned) == {"loss", "perplexity", "exact_match", "token_f1", "rouge_l"}
-    assert tuned["exact_match"] >= base["exact_match"] + 0.3, summary
+    assert tuned["exact_match"] >= 0.95 and tuned["exact_match"] >= base["exact_match"] + 0.3, summary
     assert tuned["loss"] < base["loss"] and tuned["perplexity"] < base["perplexity"]
     assert summary["reference"] is None
 

@@ -1,5 +1,6 @@
-"""Packing is on by default and padding-free: examples share a row but never attend to each other, and the
-loss covers assistant tokens only."""
+"""Batches are padding-free (the default: the batchSize examples of a micro-batch share one row) or packed
+(opt-in: rows of maxSeqLength tokens); either way examples never attend to each other, and the loss covers
+assistant tokens only."""
 
 from __future__ import annotations
 
@@ -16,20 +17,22 @@ from .toy_fixtures import toy_base_dir, toy_config
 __all__ = ["toy_base_dir"]
 
 
-@pytest.fixture(scope="module")
-def packed(toy_base_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+@pytest.fixture(scope="module", params=["padding-free", "packed"])
+def packed(  # type: ignore[no-untyped-def]
+    request: pytest.FixtureRequest, toy_base_dir: Path, tmp_path_factory: pytest.TempPathFactory
+):
     from datasets import Dataset
     from trl import SFTTrainer
 
+    hyperparameters: dict[str, object] = {"batchSize": 2, "maxSeqLength": 64}
+    if request.param == "packed":
+        hyperparameters.update(packing=True, maxSeqLength=128)  # rows of 128 tokens: 3-4 toy examples each
+    else:
+        hyperparameters["batchSize"] = 5
     cfg = parse_config(
-        toy_config(
-            "/tmp/unused",
-            str(toy_base_dir),
-            method="full",
-            hyperparameters={"batchSize": 2, "maxSeqLength": 64},
-        )
+        toy_config("/tmp/unused", str(toy_base_dir), method="full", hyperparameters=hyperparameters)
     )
-    assert cfg.spec.hyperparameters.packing, "packing must be the default"
+    assert cfg.spec.hyperparameters.packing == (request.param == "packed"), "packing is opt-in"
     device = modeling.detect_device()
     tokenizer = modeling.load_tokenizer(toy_base_dir)
     model = modeling.load_model(toy_base_dir, cfg.spec, device)
@@ -47,11 +50,15 @@ def _segments(position_ids):  # type: ignore[no-untyped-def]
     return list(itertools.pairwise(starts))
 
 
-def test_batch_is_packed_without_padding(packed) -> None:  # type: ignore[no-untyped-def]
+def test_batch_is_one_row_without_padding(packed, request: pytest.FixtureRequest) -> None:  # type: ignore[no-untyped-def]
     _, _, batch = packed
     assert "attention_mask" not in batch, "padding-free: no padding, boundaries come from position_ids"
     assert batch["input_ids"].shape[0] == 1
-    assert len(_segments(batch["position_ids"][0])) >= 4, "several examples share one row"
+    segments = len(_segments(batch["position_ids"][0]))
+    if request.node.callspec.params["packed"] == "packed":
+        assert segments >= 4, "several examples share each packed row, two rows a batch"
+    else:
+        assert segments == 5, "padding-free: exactly batchSize examples per micro-batch"
 
 
 def test_loss_only_on_assistant_tokens(packed) -> None:  # type: ignore[no-untyped-def]

@@ -78,6 +78,7 @@ def vllm_servers(
         "HF_HUB_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB, as the operator sets it for CPU replicas
     }
     if list((REPO / ".venv-vllm" / "lib").glob("python3*/site-packages/torchcodec-*.dist-info")):
         # torchcodec's CUDA build (pulled in by vllm) cannot load without CUDA libraries, and vllm only
@@ -98,8 +99,6 @@ def vllm_servers(
         "float32",
         "--max-num-seqs",
         "4",
-        "--gpu-memory-utilization",
-        "0.08",
         "--distributed-executor-backend",
         "uni",
     ]

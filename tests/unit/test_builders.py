@@ -422,3 +422,25 @@ def test_deployment_hash_tracks_the_deployment_section() -> None:
     assert digest() == digest()
     assert digest(replicas=2) != digest()
     assert digest(maxModelLen=1024) != digest()
+
+
+def _env(manifest: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in _pod_spec(manifest)["containers"][0]["env"]}
+
+
+@pytest.mark.parametrize(
+    ("memory", "gib"),
+    [("8Gi", "2"), ("4Gi", "1"), ("2Gi", "1"), ("64Gi", "16"), ("12884901888", "3"), (None, "1")],
+)
+def test_cpu_serving_sizes_the_kv_cache_from_the_pod_memory(memory: str | None, gib: str) -> None:
+    """vLLM-CPU would size its KV cache as a share of HOST memory; a quarter of the pod memory instead."""
+    resources = {"memory": memory} if memory else None
+    ref = job(deployment={"gpus": 0, "gpuType": "cpu", "resources": resources})
+    assert _env(serving.serving_deployment(ref, CONFIG, ADAPTER))["VLLM_CPU_KVCACHE_SPACE"] == gib
+
+
+def test_kv_cache_setting_only_on_cpu_and_only_when_the_user_sets_none() -> None:
+    gpu = serving.serving_deployment(job(), CONFIG, ADAPTER)
+    assert "VLLM_CPU_KVCACHE_SPACE" not in _env(gpu)
+    explicit = job(deployment={"gpus": 0, "gpuType": "cpu", "extraArgs": ["--kv-cache-memory-bytes", "1G"]})
+    assert "VLLM_CPU_KVCACHE_SPACE" not in _env(serving.serving_deployment(explicit, CONFIG, ADAPTER))

@@ -61,9 +61,11 @@ def test_demo_runs_on_cpu(validator: CRDValidator) -> None:
         spec.storage.output == "s3://finetune-demo/runs"
         and spec.storage.credentials_secret == "s3-credentials"
     )
-    assert spec.method == "lora" and spec.hyperparameters.max_steps is not None
-    assert spec.hyperparameters.max_steps <= 100
+    # the toy recipe (finetune_demo.toymodel): a few epochs over the data, no step cap that cuts them short
+    assert spec.method == "lora" and spec.hyperparameters.max_steps is None
+    assert spec.hyperparameters.epochs <= 4 and spec.hyperparameters.batch_size == 8
     assert spec.evaluation.thresholds and spec.evaluation.thresholds[0].metric == "exact_match"
+    assert spec.evaluation.thresholds[0].min is not None and spec.evaluation.thresholds[0].min >= 0.9
     assert spec.deployment.enabled and spec.deployment.mode == "adapter" and spec.deployment.gpus == 0
 
 

@@ -133,14 +133,23 @@ class Hyperparameters(_Section):
     learning_rate: float = Field(
         2e-4, gt=0, lt=1, description="Peak learning rate (cosine schedule with warmup)"
     )
-    batch_size: int = Field(4, ge=1, le=4096, description="Per-device micro-batch size")
-    gradient_accumulation_steps: int = Field(4, ge=1, le=4096, description="Micro-batches per optimizer step")
+    batch_size: int = Field(
+        4,
+        ge=1,
+        le=4096,
+        description="Training examples per device per forward/backward pass; times gradientAccumulationSteps "
+        "times data-parallel ranks = examples per optimizer step",
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, le=4096, description="Micro-batches per optimizer step")
     max_seq_length: int = Field(
         2048, ge=16, le=1_048_576, description="Longest example in tokens (chat template)"
     )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up")
     packing: bool = Field(
-        True, description="Pack examples into full sequences without cross-example attention"
+        False,
+        description="Opt-in concatenation packing: fill rows of maxSeqLength tokens with several examples "
+        "(no cross-example attention); batchSize then counts packed rows, so a run makes fewer optimizer "
+        "steps. Off: padding-free batching, ceil(examples / examples per step) * epochs steps",
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory")
     seed: int = Field(42, ge=0, description="Seed for data order, held-out split and initialisation")

@@ -4,11 +4,11 @@
   role markers plus the tokenizer's EOS, so no token is added and the embeddings are never resized, which
   keeps the adapter loadable by vLLM ``--lora-modules``). Pad token = EOS when there is none.
 - Precision: bf16 on a GPU that supports it, fp32 on CPU. QLoRA: bitsandbytes 4-bit NF4, CUDA only.
-- Attention: FlashAttention 2 when installed on a GPU (varlen kernels for padding-free packing). Otherwise,
-  for packed training, :data:`VARLEN_SDPA`: causal SDPA run per packed example (boundaries from TRL's
+- Attention: FlashAttention 2 when installed on a GPU (varlen kernels for padding-free rows). Otherwise
+  :data:`VARLEN_SDPA`: causal SDPA run per example of a padding-free (or packed) row (boundaries from TRL's
   ``cu_seq_lens`` or the restarting ``position_ids``), which costs sum(len_i^2) instead of the dense
-  block-diagonal mask transformers would build for plain SDPA (2x slower on CPU). Either way packed examples
-  never attend to each other (tests/trainer/test_train_packing.py checks it).
+  block-diagonal mask transformers would build for plain SDPA (2x slower on CPU). Either way examples sharing
+  a row never attend to each other (tests/trainer/test_train_packing.py checks it).
 """
 
 from __future__ import annotations
@@ -201,7 +201,8 @@ def load_model(path: str | Path, spec: FineTuneSpec, device: Device, *, distribu
             import os
 
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-    if spec.hyperparameters.packing and kwargs["attn_implementation"] == "sdpa" and not _sliding_window(path):
+    # every batch is padding-free (examples concatenated in one row), packed or not
+    if kwargs["attn_implementation"] == "sdpa" and not _sliding_window(path):
         kwargs["attn_implementation"] = register_varlen_sdpa()
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.config.use_cache = False  # incompatible with gradient checkpointing; generation turns it back on

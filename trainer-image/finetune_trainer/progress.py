@@ -1,9 +1,12 @@
 """Progress as JSON lines on stdout (the operator reads the newest one from the pod log).
 
 One ``{"event": "progress", "step", "totalSteps", "epoch", "loss", "learningRate", "tokensPerSecond",
-"etaSeconds"}`` line at every logging step, and at least every ``interval`` seconds even when a single
-step takes longer (a heartbeat thread repeats the latest figures). tokensPerSecond counts real tokens
-(no padding) processed by this process since it started, across all ranks.
+"etaSeconds", ...context}`` line (context: how examples are batched, see batching.py) before the first step
+(``totalSteps`` is known then), at every logging step, and at least every ``interval`` seconds even when
+a single step takes longer (a heartbeat thread repeats the latest figures). tokensPerSecond counts real tokens
+(no padding) processed by this process since it started, across all ranks. ``loss`` is the mean training
+loss over the last logging window, on the tokens evaluation scores (assistant tokens by default); the final
+step is always logged.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ class ProgressCallback(TrainerCallback):
         interval: float = DEFAULT_INTERVAL_S,
         emit: Callable[..., None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        context: dict[str, Any] | None = None,
     ) -> None:
+        self._context = dict(context or {})
         self._tokens_seen = tokens_seen
         self._interval = interval
         self._emit_fn = emit or (lambda **fields: log_event("progress", **fields))
@@ -65,6 +70,7 @@ class ProgressCallback(TrainerCallback):
             "learningRate": self._lr,
             "tokensPerSecond": round(tokens / elapsed, 1),
             "etaSeconds": eta,
+            **self._context,
         }
 
     def _emit(self) -> None:
@@ -104,6 +110,8 @@ class ProgressCallback(TrainerCallback):
             self._emit()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True  # the final loss is always reported, whatever logging_steps is
         if state.is_world_process_zero and self._clock() - self._last_emit >= self._interval:
             self._emit()
 

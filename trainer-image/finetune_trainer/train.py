@@ -5,9 +5,10 @@ The recipe, top to bottom:
 1. config: the FineTuneJob spec (method, lora, hyperparameters, checkpoint) and the run prefix;
 2. data: the cleaned chat JSONL that ``validate`` committed under ``<runPrefix>/data/``;
 3. model: the base model and tokenizer (chat template; default one when the base has none);
-4. train: ``SFTTrainer`` with loss on assistant tokens only, padding-free packing (examples never attend to
-   each other), checkpoints committed every N steps / M minutes / on SIGTERM, resumed from the newest
-   committed checkpoint;
+4. train: ``SFTTrainer`` with loss on assistant tokens only (the same tokens evaluation scores), padding-free
+   batches of ``batchSize`` examples (or opt-in packing; see batching.py for the step arithmetic; examples
+   never attend to each other), checkpoints committed every N steps / M minutes / on SIGTERM, resumed from
+   the newest committed checkpoint;
 5. save: adapter (vLLM ``--lora-modules``), merged model when wanted, ``train/metrics.json`` + ``loss.png``.
 
 Several GPUs: the CLI relaunches this stage under torchrun; the Trainer then runs DDP (LoRA/QLoRA) or
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import manifest, modeling, plots, storage
+from . import batching, manifest, modeling, plots, storage
 from .checkpoints import CheckpointCallback, resume_checkpoint
 from .config import TrainerConfig
 from .exitcodes import InvalidDataError, PreemptedError
@@ -112,10 +113,14 @@ def sft_config(
         warmup_steps=hp.warmup_ratio,  # a float < 1 is a ratio of the total steps
         seed=hp.seed,
         data_seed=hp.seed,
-        # data
-        max_length=hp.max_seq_length,
+        # data: each micro-batch is one row of concatenated examples whose position_ids restart per example
+        # (no padding, no cross-example attention), so batchSize examples per micro-batch whatever their
+        # lengths. Opt-in packing instead fills rows of max_length tokens (fewer, fuller rows: fewer steps).
+        padding_free=True,
         packing=hp.packing,
-        packing_strategy="bfd",  # padding-free: position_ids restart per example, no cross-example attention
+        packing_strategy="bfd",
+        # validate already dropped examples over maxSeqLength; TRL enforces max_length only when packing
+        max_length=hp.max_seq_length if hp.packing else None,
         assistant_only_loss=assistant_only,
         completion_only_loss=None if assistant_only else True,
         dataset_num_proc=None,
@@ -135,6 +140,7 @@ def sft_config(
         save_total_limit=spec.checkpoint.keep,
         logging_strategy="steps",
         logging_steps=int(os.environ.get("FTJ_LOGGING_STEPS", DEFAULT_LOGGING_STEPS)),
+        logging_first_step=True,  # (ProgressCallback also logs the last step, so a loss is always reported)
         eval_strategy="no",
         report_to=[],
         disable_tqdm=True,
@@ -165,9 +171,13 @@ def _commit(local: Path, uri: str, kind: str, meta: dict[str, Any], step: int) -
     return uri
 
 
-def final_loss(log_history: list[dict[str, Any]]) -> float | None:
-    losses = [e["loss"] for e in log_history if "loss" in e]
-    return float(losses[-1]) if losses else None
+def final_loss(log_history: list[dict[str, Any]], train_output: Any = None) -> float | None:
+    """The last logged training loss (assistant tokens, mean over the last logging window)."""
+    losses = [e["loss"] for e in log_history if "loss" in e and math.isfinite(e["loss"])]
+    if losses:
+        return float(losses[-1])
+    overall = getattr(train_output, "training_loss", None)
+    return float(overall) if overall is not None and math.isfinite(overall) else None
 
 
 def train_metrics(
@@ -179,7 +189,7 @@ def train_metrics(
         "step": state.global_step,
         "totalSteps": state.max_steps,
         "epoch": state.epoch,
-        "finalLoss": final_loss(state.log_history),
+        "finalLoss": final_loss(state.log_history, train_output),
         "trainLoss": getattr(train_output, "training_loss", None),
         "evalLoss": eval_metrics.get("eval_loss"),
         "tokens": tokens,
@@ -273,7 +283,16 @@ def run(config: TrainerConfig) -> StageResult:
     )
     tokens_seen = lambda: int(getattr(trainer, "_total_train_tokens", 0))  # noqa: E731 - real tokens, all ranks
     trainer.remove_callback(PrinterCallback)  # stdout carries JSON lines only; progress replaces its dicts
-    trainer.add_callback(ProgressCallback(tokens_seen))
+    hp, ranks_n = spec.hyperparameters, world_size()
+    batching_info = batching.describe(hp, len(train_rows), len(trainer.train_dataset), ranks_n)
+    log.info(
+        "%s batching: %s training examples, %s per optimizer step, %s optimizer steps",
+        batching_info["batching"],
+        len(train_rows),
+        batching_info["examplesPerStep"],
+        batching.total_steps(len(trainer.train_dataset), hp, ranks_n),
+    )
+    trainer.add_callback(ProgressCallback(tokens_seen, context=batching_info))
     with ranks.main_process_first():
         resume = resume_checkpoint(layout.checkpoints, workdir)
     started = time.monotonic()
@@ -331,4 +350,8 @@ def run(config: TrainerConfig) -> StageResult:
     )
     _commit(train_dir, layout.train, "train", meta, step)  # last: marks the stage done
     summary = summary_of(config, metrics, adapter_uri, merged_uri)
-    return StageResult(summary, f"trained {step} steps, final loss {summary['loss']}")
+    loss = "not logged" if summary["loss"] is None else f"{summary['loss']:.4g} (assistant tokens)"
+    packed = f", packed into {batching_info.get('packedRows')} rows" if hp.packing else ""
+    return StageResult(
+        summary, f"trained {step} steps on {len(train_rows)} examples{packed}, final training loss {loss}"
+    )

@@ -110,7 +110,9 @@ class Demo:
             progress = status.get("progress") or {}
             line = f"{status.get('phase', 'Pending'):<11}"
             if progress.get("step") is not None:
-                line += f" step {progress.get('step')}/{progress.get('totalSteps', '?')}"
+                line += f" step {progress['step']}"
+                if progress.get("totalSteps"):
+                    line += f"/{progress['totalSteps']}"
             if progress.get("loss") is not None:
                 line += f" loss {progress['loss']:.4f}"
             if status.get("message"):
@@ -140,7 +142,8 @@ class Demo:
             print(f"  - {reason}")
         print()
 
-    def ask(self, status: dict[str, Any]) -> None:
+    def ask(self, status: dict[str, Any]) -> bool:
+        """Ask the served model the demo's question; True when it answers right."""
         endpoint = status.get("endpoint") or {}
         service = endpoint["url"].removeprefix("http://").split(".", 1)[0]
         url = self.cluster.service_url(self.namespace, service, 8000) or endpoint["url"]
@@ -158,10 +161,13 @@ class Demo:
         )
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())["choices"][0]["message"]["content"]
+        expected = task_answer(question.removeprefix(TASK_INSTRUCTION))
+        right = answer.strip() == expected
         self.say(
             f"{endpoint['url']} ({endpoint['model']}) was asked {question!r}: answered {answer!r} "
-            f"(expected {task_answer(question.removeprefix(TASK_INSTRUCTION))!r})"
+            f"({'right' if right else f'WRONG, expected {expected!r}'})"
         )
+        return right
 
     def run(self, timeout: float, keep: bool) -> int:
         self.say("starting the embedded cluster")
@@ -177,7 +183,8 @@ class Demo:
             if status.get("phase") != "Serving":
                 self.say(f"ended {status.get('phase')}: {status.get('message', '')}")
                 return 1
-            self.ask(status)
+            if not self.ask(status):
+                return 1
             self.say(f"done in {time.monotonic() - self.began:.0f}s")
             if keep:
                 self.say("cluster kept running (Ctrl-C stops it)")

@@ -62,8 +62,8 @@ class ToyModelParams:
     num_attention_heads: int = 2  # head_dim 32
     vocab_size: int = 320
     max_position_embeddings: int = 256
-    pretext_examples: int = 2000
-    pretext_epochs: int = 3
+    pretext_examples: int = 4000  # enough that the base finds the hidden letter every time (LoRA then
+    pretext_epochs: int = 4  # only has to learn the case; with 2000 x 3 it found it ~77% of the time)
     pretext_learning_rate: float = 3e-3
     pretext_batch_size: int = 16
     seed: int = 1234
@@ -83,19 +83,26 @@ class ToyTaskParams:
     seed: int = 7
 
 
-# Spec values under which LoRA learns the toy task in ~40 steps on one CPU core (tests and `make demo`).
+# The recipe under which LoRA learns the toy task (held-out exact match 1.0 on every seed tried; tests,
+# `make demo` and bench-quality use it): 4 epochs of batches of 8 examples = 152 steps on 300 examples,
+# a few seconds on one CPU core.
 TOY_LORA: dict[str, Any] = {"rank": 8, "alpha": 16, "dropout": 0.0}
 TOY_HYPERPARAMETERS: dict[str, Any] = {
-    "epochs": 1,
-    "maxSteps": 40,
+    "epochs": 4,
     "batchSize": 8,
     "gradientAccumulationSteps": 1,
-    "learningRate": 1e-2,
+    "learningRate": 5e-3,
     "maxSeqLength": 64,
     "gradientCheckpointing": False,
-    "warmupRatio": 0.0,
+    "warmupRatio": 0.05,
     "seed": 11,
 }
+
+
+def toy_train_steps(train_examples: int) -> int:
+    """Optimizer steps TOY_HYPERPARAMETERS make on ``train_examples`` (ceil(examples / batch) x epochs)."""
+    batch, epochs = TOY_HYPERPARAMETERS["batchSize"], TOY_HYPERPARAMETERS["epochs"]
+    return -(-train_examples // batch) * epochs
 
 
 def _puzzle(rng: random.Random, n_digits: int, alphabet: str) -> str:
@@ -193,6 +200,7 @@ def _build_toy_base(params: ToyModelParams, out: Path) -> None:
         DataCollatorForSeq2Seq,
         LlamaConfig,
         LlamaForCausalLM,
+        PrinterCallback,
         Trainer,
         TrainingArguments,
         set_seed,
@@ -247,7 +255,14 @@ def _build_toy_base(params: ToyModelParams, out: Path) -> None:
             dataloader_num_workers=0,
         )
         collator = DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=True, label_pad_token_id=-100)
-        Trainer(model=model, args=args, train_dataset=encoded, data_collator=collator).train()
+        trainer = Trainer(model=model, args=args, train_dataset=encoded, data_collator=collator)
+        trainer.remove_callback(PrinterCallback)  # no raw log dicts on stdout: one summary line instead
+        output = trainer.train()
+    print(
+        f"toy base model: pre-trained a {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M-parameter "
+        f"Llama for {output.global_step} steps (final loss {output.training_loss:.3f})",
+        flush=True,
+    )
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(torch.float32).save_pretrained(out, safe_serialization=True)

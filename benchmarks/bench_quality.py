@@ -1,0 +1,394 @@
+"""Recipe fidelity: this trainer vs a plain PEFT loop with the same recipe, on toy tasks built in code.
+
+Two tasks, each on a briefly pre-trained tiny Llama (finetune_demo.toymodel; nothing is downloaded):
+
+- ``classify``: chat reviews of a synthetic vocabulary (``review: dap kel zor mib``); the assistant answers
+  ``positive`` or ``negative``, decided by the one sentiment word hidden among neutral filler words.
+  Review lengths are long-tailed, like real data. 700 examples, 100 held out; the recipe of the issue that
+  asked for this benchmark (LoRA rank 16 / alpha 32 on all linear layers, lr 3e-3, 4 epochs, batches of 16).
+- ``shout``: the demo's task (``shout: 3 7 k 2`` -> ``K``) with the demo's recipe (toymodel.TOY_*).
+
+Arms, same recipe (LoRA rank/alpha/targets, learning rate and cosine schedule, examples per optimizer step,
+epochs, seed), side by side in one process:
+
+- ``ours``: finetune_trainer's train stage, the code the training Job runs (``train.run`` with its typed
+  config, local storage instead of S3): TRL SFTTrainer, padding-free batches, assistant-only loss.
+- ``reference``: a plain PEFT loop (~40 lines below): shuffle, pad each batch to its longest example, AdamW,
+  loss on assistant tokens, gradient clipping at 1.0 (the HF default ours inherits).
+
+Both are scored by the same code: held-out loss on the assistant tokens (finetune_trainer.evaluate's
+``reference_nll``), exact match of greedy answers, and real (non-padding) training tokens per second.
+The last line is ``quality-vs-reference em_delta: <min over tasks of mean(ours - reference EM)>
+loss_ratio: <max over tasks of mean ours/reference held-out loss> speed_ratio: <min over tasks of
+mean ours/reference tokens/s>``; targets em_delta >= -0.02, loss_ratio <= 1.02, speed_ratio >= 1.3.
+
+``--quick``: one task (shout), one seed (tests/trainer/test_bench_quality.py runs it in ``make test``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = (11, 12, 13)
+
+
+# --- tasks ------------------------------------------------------------------------------------------------
+
+
+def _pseudo_words(rng: random.Random, n: int, taken: set[str]) -> list[str]:
+    consonants, vowels = "bdfgklmnprstvz", "aeiou"
+    words: list[str] = []
+    while len(words) < n:
+        word = rng.choice(consonants) + rng.choice(vowels) + rng.choice(consonants)
+        if word not in taken:
+            taken.add(word)
+            words.append(word)
+    return words
+
+
+def review_task(train: int = 600, test: int = 100, seed: int = 5) -> tuple[list[dict], list[dict]]:
+    """(train, test) chat examples: one sentiment word among neutral fillers decides the label."""
+    rng = random.Random(seed)
+    taken: set[str] = set()
+    positive, negative = _pseudo_words(rng, 12, taken), _pseudo_words(rng, 12, taken)
+    filler = _pseudo_words(rng, 60, taken)
+    rows, seen = [], set()
+    while len(rows) < train + test:
+        n_filler = min(int(rng.lognormvariate(1.6, 0.7)), 24)
+        words = [rng.choice(filler) for _ in range(n_filler)]
+        label = rng.choice(["positive", "negative"])
+        words.insert(rng.randint(0, n_filler), rng.choice(positive if label == "positive" else negative))
+        text = " ".join(words)
+        if text in seen:
+            continue
+        seen.add(text)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"review: {text}"},
+                    {"role": "assistant", "content": label},
+                ]
+            }
+        )
+    return rows[:train], rows[train:]
+
+
+def shout_task() -> tuple[list[dict], list[dict]]:
+    from finetune_demo import toymodel
+
+    return toymodel.toy_task(toymodel.ToyTaskParams())
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    rows: Any  # () -> (train, test)
+    lora: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    max_new_tokens: int
+
+
+def tasks() -> dict[str, Task]:
+    from finetune_demo import toymodel
+
+    return {
+        "classify": Task(
+            "classify",
+            review_task,
+            {"rank": 16, "alpha": 32, "dropout": 0.0},
+            {
+                "epochs": 4,
+                "batchSize": 16,
+                "gradientAccumulationSteps": 1,
+                "learningRate": 3e-3,
+                "maxSeqLength": 128,
+                "warmupRatio": 0.03,
+                "gradientCheckpointing": False,
+            },
+            max_new_tokens=12,  # "positive" is 8 tokens of the toy vocabulary, then the end of turn
+        ),
+        "shout": Task(
+            "shout",
+            shout_task,
+            dict(toymodel.TOY_LORA),
+            {k: v for k, v in toymodel.TOY_HYPERPARAMETERS.items() if k != "seed"},  # 152 steps
+            max_new_tokens=4,
+        ),
+    }
+
+
+# --- scoring (the same for both arms) ---------------------------------------------------------------------
+
+
+def score(model: Any, tokenizer: Any, test: list[dict], max_new_tokens: int) -> dict[str, float]:
+    from finetune_trainer.evaluate import examples_from_chat, generate, reference_nll
+    from finetune_trainer.metrics import exact_match
+
+    model.eval()
+    examples = examples_from_chat(test)
+    total, count = reference_nll(model, tokenizer, examples, batch_size=32)
+    answers = generate(model, tokenizer, examples, max_new_tokens=max_new_tokens, batch_size=50)
+    em = statistics.fmean(exact_match(a, e.reference) for a, e in zip(answers, examples, strict=True))
+    return {"loss": total / max(count, 1), "em": em}
+
+
+# --- arm 1: this trainer, as the training Job runs it ---------------------------------------------------
+
+
+class ProgressRecorder:
+    """Receives the train stage's progress events (as the operator reads them) with their arrival time."""
+
+    def __init__(self) -> None:
+        import logging
+
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self.handler = logging.Handler()
+        self.handler.emit = lambda record: self.events.append(  # type: ignore[method-assign]
+            (time.monotonic(), dict(getattr(record, "fields", {})))
+        )
+
+    def __enter__(self) -> ProgressRecorder:
+        import logging
+
+        events = logging.getLogger("finetune_trainer.events")
+        events.addHandler(self.handler)
+        events.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import logging
+
+        logging.getLogger("finetune_trainer.events").removeHandler(self.handler)
+
+    def steady_tokens_per_second(self) -> float:
+        """Real tokens/s from the end of step 1 to the last step's log line (both arms exclude the first
+        step's warm-up; ours also excludes its end-of-training checkpoint commit, which the loop lacks)."""
+        progress = [(t, e) for t, e in self.events if e.get("event") == "progress"]
+        began = progress[0][0]  # on_train_begin
+        tokens = [(t, e["step"], e["tokensPerSecond"] * (t - began)) for t, e in progress]
+        first = next(x for x in tokens if x[1] >= 1)
+        last = next(x for x in tokens if x[1] == progress[-1][1]["totalSteps"])
+        return (last[2] - first[2]) / (last[0] - first[0])
+
+
+def run_ours(base: Path, task: Task, seed: int, work: Path) -> dict[str, Any]:
+    from finetune_trainer import manifest, modeling, train
+    from finetune_trainer.config import parse_config
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    train_rows, test_rows = task.rows()
+    data, prefix = work / "data", work / "run"
+    data.mkdir(parents=True)
+    for name, rows in (("train.jsonl", train_rows), ("test.jsonl", test_rows)):
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest.commit_dir(data, str(prefix / "data"), kind="dataset")
+    os.environ["FTJ_WORKDIR"] = str(work / "scratch")
+    spec = {
+        "baseModel": {"uri": str(base)},
+        "dataset": {"train": "bench://train.jsonl"},
+        "method": "lora",
+        "lora": task.lora,
+        "hyperparameters": {**task.hyperparameters, "seed": seed},
+        "checkpoint": {"everySteps": 100000, "everyMinutes": 100000},
+        "resources": {"gpus": 0},
+        "evaluation": {"maxNewTokens": task.max_new_tokens},
+    }
+    with ProgressRecorder() as recorder:
+        result = train.run(parse_config({"runPrefix": str(prefix), "spec": spec}))
+    metrics = json.loads((prefix / "train" / "metrics.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(base)
+    model = PeftModel.from_pretrained(model, str(prefix / "model" / "adapter"))
+    scores = score(model, modeling.load_tokenizer(base), test_rows, task.max_new_tokens)
+    return {
+        "steps": result.summary["step"],
+        "tokensPerSecond": recorder.steady_tokens_per_second(),
+        "trainLoss": metrics["finalLoss"],  # what status.progress.loss shows: the same tokens as "loss"
+        **scores,
+    }
+
+
+# --- arm 2: a plain PEFT loop -----------------------------------------------------------------------------
+
+
+def run_reference(base: Path, task: Task, seed: int) -> dict[str, Any]:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup, set_seed
+
+    hp, lora = task.hyperparameters, task.lora
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa")
+    peft_config = LoraConfig(
+        r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules="all-linear"
+    )
+    model = get_peft_model(model, peft_config)
+    train_rows, test_rows = task.rows()
+    encoded = []
+    for row in train_rows:
+        enc = tokenizer.apply_chat_template(
+            row["messages"], return_dict=True, return_assistant_tokens_mask=True
+        )
+        ids = enc["input_ids"]
+        encoded.append((ids, [t if m else -100 for t, m in zip(ids, enc["assistant_masks"], strict=True)]))
+    batch_size = hp["batchSize"]
+    steps = math.ceil(len(encoded) / batch_size) * hp["epochs"]
+    if hp.get("maxSteps"):
+        steps = hp["maxSteps"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=hp["learningRate"], weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(hp["warmupRatio"] * steps), steps)
+    order = torch.Generator().manual_seed(seed)
+    step, real_tokens = 0, 0
+    model.train()
+    started = time.monotonic()  # reset after step 1: both arms measure from the end of the first step
+    while step < steps:
+        permutation = torch.randperm(len(encoded), generator=order).tolist()
+        for start in range(0, len(permutation), batch_size):
+            batch = [encoded[i] for i in permutation[start : start + batch_size]]
+            width = max(len(ids) for ids, _ in batch)
+            pad = tokenizer.pad_token_id
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in batch])
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in batch])
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            real_tokens += int(mask.sum())
+            step += 1
+            if step == 1:
+                started, real_tokens = time.monotonic(), 0
+            if step == steps:
+                break
+    seconds = time.monotonic() - started
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    scores = score(model, tokenizer, test_rows, task.max_new_tokens)
+    return {"steps": step, "tokensPerSecond": real_tokens / seconds, **scores}
+
+
+# --- orchestration ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskResult:
+    task: str
+    ours: list[dict[str, Any]] = field(default_factory=list)
+    reference: list[dict[str, Any]] = field(default_factory=list)
+
+    def mean(self, arm: str, key: str) -> float:
+        return statistics.fmean(r[key] for r in getattr(self, arm))
+
+    @property
+    def em_delta(self) -> float:
+        return self.mean("ours", "em") - self.mean("reference", "em")
+
+    @property
+    def loss_ratio(self) -> float:
+        return self.mean("ours", "loss") / self.mean("reference", "loss")
+
+    @property
+    def speed_ratio(self) -> float:
+        return self.mean("ours", "tokensPerSecond") / self.mean("reference", "tokensPerSecond")
+
+
+def quiet() -> None:
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger().setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+
+def run(task_names: list[str], seeds: tuple[int, ...], base: Path) -> list[TaskResult]:
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    quiet()
+    results = []
+    all_tasks = tasks()
+    for name in task_names:
+        task, result = all_tasks[name], TaskResult(name)
+        for seed in seeds:
+            with tempfile.TemporaryDirectory(prefix=f"bench-quality-{name}-") as tmp:
+                # alternate which arm runs first, so neither always gets the warmer machine
+                arms = [("ours", None), ("reference", None)]
+                if seed % 2:
+                    arms.reverse()
+                for arm, _ in arms:
+                    if arm == "ours":
+                        result.ours.append(run_ours(base, task, seed, Path(tmp)))
+                    else:
+                        result.reference.append(run_reference(base, task, seed))
+            for arm in ("ours", "reference"):
+                r = getattr(result, arm)[-1]
+                print(
+                    f"  {name} seed {seed} {arm:9s}: {r['steps']} steps, held-out loss {r['loss']:.4f}, "
+                    f"exact match {r['em']:.3f}, {r['tokensPerSecond']:.0f} real tokens/s"
+                    + (
+                        f" (final training loss {r['trainLoss']:.4f})"
+                        if r.get("trainLoss") is not None
+                        else ""
+                    ),
+                    flush=True,
+                )
+        results.append(result)
+    return results
+
+
+def report(results: list[TaskResult]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"{r.task} (mean of {len(r.ours)} seeds):")
+        for arm, label in (("ours", "this trainer (train stage)"), ("reference", "plain PEFT loop")):
+            lines.append(
+                f"  {label:28s} optimizer steps {statistics.fmean(x['steps'] for x in getattr(r, arm)):.0f}, "
+                f"held-out loss {r.mean(arm, 'loss'):.4f}, exact match {r.mean(arm, 'em'):.3f}, "
+                f"{r.mean(arm, 'tokensPerSecond'):.0f} real tokens/s"
+            )
+    em_delta = min(r.em_delta for r in results)
+    loss_ratio = max(r.loss_ratio for r in results)
+    speed_ratio = min(r.speed_ratio for r in results)
+    lines.append(
+        f"quality-vs-reference em_delta: {em_delta:+.3f} loss_ratio: {loss_ratio:.3f} "
+        f"speed_ratio: {speed_ratio:.2f}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one task (shout), one seed")
+    parser.add_argument("--tasks", nargs="*", default=None, choices=sorted(tasks()))
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO / "dev" / "demo" / "src"))
+    from finetune_demo import toymodel
+
+    base = toymodel.toy_base_model()
+    names = args.tasks or (["shout"] if args.quick else ["classify", "shout"])
+    seeds = SEEDS[:1] if args.quick else SEEDS
+    print(f"bench-quality: tasks {', '.join(names)} x seeds {list(seeds)} on the toy Llama {base.name}")
+    print(report(run(names, seeds, base)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
