@@ -10,7 +10,9 @@ Counted at the end, from the API and S3 as they are (not from the operator's own
   completed       jobs Succeeded
   duplicates      child Jobs beyond one per (FineTuneJob, stage), by controller ownerReference
   lost_artifacts  artifacts in status.artifacts whose MANIFEST.json, or a file it lists, is missing from S3
-  events_missing  phase transitions seen on the watch without exactly one Event for them (message "<Phase>: ")
+  events_missing  phase transitions seen on the watch without exactly one Event for them (message "<Phase>: ";
+                  the Unschedulable/ContainerConfigError/ChildConflict Warnings repeated while a phase lasts
+                  are not transition Events)
   stuck           jobs not in a terminal phase at the deadline
   operator_restarts  restarts by the embedded cluster's supervisor (kills, and any crash the faults caused)
 
@@ -46,6 +48,8 @@ SECRET = "s3"
 FTJ_PATH = f"/apis/finetune.dev/v1alpha1/namespaces/{NAMESPACE}/finetunejobs"
 TERMINAL = ("Succeeded", "Failed", "Rejected")
 OPERATOR_AGENTS = ("kopf", "finetune-operator")  # the operator's User-Agent products (Kopf's and its own)
+# Warnings posted again while a phase lasts, whenever their message changes: not transition Events.
+REPEATED_WARNINGS = frozenset({"Unschedulable", "ContainerConfigError", "ChildConflict"})
 
 
 @dataclass
@@ -354,7 +358,9 @@ def events_missing(api: Api, phases: dict[str, list[str]]) -> tuple[int, list[st
         for phase in seen:
             transitions += 1
             found = per[(name, phase)]
-            if len(found) != 1:
+            # A repeated Warning is not the transition's Event, unless it is the only one.
+            transition = [e for e in found if e.get("reason") not in REPEATED_WARNINGS] or found
+            if len(transition) != 1:
                 detail = "; ".join(
                     f"{e['metadata']['name']} {e.get('reason')} at {e.get('firstTimestamp')}" for e in found
                 )
