@@ -139,8 +139,10 @@ def test_job_controller_reports_refused_pods(raw: Raw, labelled: Any) -> None:
             },
         },
     }
-    status, body, _ = raw.request("POST", f"/apis/batch/v1/namespaces/{ns}/jobs", job)
-    assert status == 201, body
+    status, body, headers = raw.request("POST", f"/apis/batch/v1/namespaces/{ns}/jobs", job)
+    assert status == 201, body  # workloads are admitted, with a warning about their pod template
+    warning = " ".join(json.loads(w.split(" ", 2)[2]) for w in headers.getlist("Warning"))
+    assert 'would violate PodSecurity "restricted:latest": allowPrivilegeEscalation != false' in warning
 
     def failed_create() -> list[dict[str, Any]]:
         events = raw.request("GET", f"/api/v1/namespaces/{ns}/events")[1]["items"]

@@ -46,6 +46,17 @@ _duplicates: contextvars.ContextVar[list[str]] = contextvars.ContextVar("duplica
 _user: contextvars.ContextVar[UserInfo | None] = contextvars.ContextVar("user", default=None)
 _SA_TOKEN_SECONDS = 3607  # what the kubelet asks for (an hour and a bit), as on a real node
 _SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Kinds whose pod template Pod Security admission checks (warnings only, as kube-apiserver).
+_WORKLOADS = frozenset(
+    {
+        ("apps", "deployments"),
+        ("apps", "replicasets"),
+        ("apps", "statefulsets"),
+        ("apps", "daemonsets"),
+        ("batch", "jobs"),
+        ("batch", "cronjobs"),
+    }
+)
 _GENERATE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
 _TABLE_MARK = "as=Table"
 
@@ -2328,6 +2339,8 @@ class ApiServer:
         namespace_object = self.store.get(("", "namespaces"), "", ns) if ns else None
         if rtype.group == "" and rtype.plural == "pods" and operation == "CREATE" and not subresource:
             self._pod_security(obj, namespace_object)
+        elif (rtype.group, rtype.plural) in _WORKLOADS and not subresource:
+            self._pod_security(obj, namespace_object, workload=True)
         request = AdmissionRequest(
             operation=operation,
             group=rtype.group,
@@ -2361,26 +2374,42 @@ class ApiServer:
             error.details["causes"] = [{"message": message}]
             raise error
 
-    def _pod_security(self, pod: dict[str, Any], namespace: dict[str, Any] | None) -> None:
-        """PodSecurity admission: the namespace's `pod-security.kubernetes.io/enforce` level."""
+    def _pod_security(
+        self, obj: dict[str, Any], namespace: dict[str, Any] | None, workload: bool = False
+    ) -> None:
+        """PodSecurity admission: a pod violating the namespace's `enforce` level is refused; `warn` levels,
+        and for workloads (their pod template) the `enforce` level too, only add `would violate` warnings."""
         from ..podsecurity import check_pod, namespace_policy, violation_message
 
         labels = ((namespace or {}).get("metadata") or {}).get("labels") or {}
         policy = namespace_policy(labels)
+        template = obj
+        if workload:
+            spec = obj.get("spec") or {}
+            if obj.get("kind") == "CronJob":
+                spec = (spec.get("jobTemplate") or {}).get("spec") or {}
+            template = spec.get("template") or {}
+        meta, spec = template.get("metadata") or {}, template.get("spec") or {}
+        levels: list[tuple[str, str]] = []
         warn = labels.get("pod-security.kubernetes.io/warn")
-        if warn in ("baseline", "restricted") and (policy is None or warn != policy[0]):
-            results = check_pod(warn, pod.get("metadata") or {}, pod.get("spec") or {})
-            warnings = _warnings.get(None)
+        if warn in ("baseline", "restricted"):
+            levels.append((warn, labels.get("pod-security.kubernetes.io/warn-version") or "latest"))
+        if policy is not None and workload and policy not in levels:
+            levels.append(policy)
+        warnings = _warnings.get(None)
+        for level, version in levels:
+            if policy is not None and (level, version) == policy and not workload:
+                continue  # enforced below: the refusal says it
+            results = check_pod(level, meta, spec)
             if results and warnings is not None:
-                version = labels.get("pod-security.kubernetes.io/warn-version") or "latest"
-                warnings.append("would " + violation_message(warn, version, results, verb="violate"))
-        if policy is None:
+                warnings.append("would " + violation_message(level, version, results, verb="violate"))
+        if policy is None or workload:
             return
         level, version = policy
-        results = check_pod(level, pod.get("metadata") or {}, pod.get("spec") or {})
+        results = check_pod(level, meta, spec)
         if results:
             raise errors.forbidden(
-                "", "pods", pod["metadata"].get("name", ""), violation_message(level, version, results)
+                "", "pods", obj["metadata"].get("name", ""), violation_message(level, version, results)
             )
 
     # ------------------------------------------------------------------ discovery, version, openapi
