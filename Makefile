@@ -8,7 +8,7 @@ TOOLS := .tools/bin
 KUBECTL_LAYER_VERSION := 2.2.2
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv vllm-venv tools test test-fast lint crds check-crds demo local-cluster \
+.PHONY: help venv vllm-venv tools test test-fast test-emulator lint crds check-crds demo local-cluster \
         bench-trainer bench-quality bench-gpu bench-operator bench-apiserver bench-chaos clean
 
 help:
@@ -56,6 +56,10 @@ test: venv vllm-venv tools
 
 test-fast: venv tools
 	$(PY) -m pytest -q -ra -m "not slow"
+
+# The embedded cluster's own tiers (dev tooling): its units and its conformance suite.
+test-emulator: venv tools
+	$(PY) -m pytest -q -ra tests/emulator tests/conformance
 
 lint: venv
 	$(VENV)/bin/ruff check vocabulary operator trainer-image dev tests benchmarks
