@@ -21,6 +21,14 @@ from typing import Any
 
 import pytest
 import yaml
+from localcluster.pytest_plugin import (  # fixtures and the KUBECONFIG skip hook
+    lc_api,
+    lc_kubectl,
+    lc_kubectl_one,
+    lc_namespace,
+    local_cluster,
+    pytest_collection_modifyitems,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 KUBECTLS = {"1.32": "/usr/bin/kubectl", "1.35": str(REPO / ".tools/bin/kubectl-1.35")}

@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from localcluster.pytest_plugin import (  # fixtures and the KUBECONFIG skip hook
+    lc_api,
+    lc_kubectl,
+    lc_kubectl_one,
+    lc_namespace,
+    local_cluster,
+    pytest_collection_modifyitems,
+)
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 SECRET = "s3"

@@ -80,12 +80,27 @@ class DatasetSpec(_Section):
         description="Held-out examples when there is no test file: a count (≥ 1) or a fraction "
         "(< 1); default 10% of train, at least 1 and at most 200",
     )
+    # The data gates. The operator passes the spec with the FineTuneJob API's defaults applied (its models are
+    # their one source); these fallbacks equal them (tests/trainer/test_cli_contract.py) so a hand-written
+    # config runs the same gates.
     max_error_rate: float = Field(
-        0.1,
+        0,
         ge=0,
         le=1,
-        description="Cleaning policy: fail with INVALID_DATA when more than this fraction of "
-        "lines is malformed (invalid JSON/encoding, missing fields, bad roles) or over-length",
+        description="Fail with INVALID_DATA when more than this fraction of non-blank lines is invalid "
+        "(invalid JSON/encoding, missing fields, bad roles, over maxLineBytes, over maxSeqLength); 0: any",
+    )
+    max_line_bytes: int = Field(
+        1_048_576, ge=1, description="A longer line is an invalid line (read without loading it whole)"
+    )
+    min_train_examples: int = Field(
+        20, ge=1, description="Fail with INVALID_DATA when fewer training examples remain after the split"
+    )
+    recommended_train_examples: int = Field(
+        500, ge=0, description="Fewer training examples is a warning, not a failure (0: no warning)"
+    )
+    max_test_fraction: float = Field(
+        0.2, gt=0, le=1, description="testSize above this fraction of the valid examples is reduced to it"
     )
 
 

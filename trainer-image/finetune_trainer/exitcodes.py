@@ -16,6 +16,12 @@ OOM_HINT = (
     "larger gpuType"
 )
 
+# Validation reads data on CPU: running out of memory there is about the dataset, never a training setting.
+VALIDATE_OOM_HINT = (
+    "the dataset does not fit in the validation pod's memory (operator setting defaults.validateMemory); "
+    "look for a very large file, or lower dataset.maxLineBytes"
+)
+
 
 __all__ = ["ExitCode", "TrainerError", "classify"]
 
@@ -101,13 +107,14 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
-def classify(exc: BaseException) -> tuple[ExitCode, str]:
+def classify(exc: BaseException, stage: str | None = None) -> tuple[ExitCode, str]:
     """Map an exception to (exit code, one-line message) following the contract."""
     if isinstance(exc, TrainerError):
         return exc.code, exc.message
     if _is_oom(exc):
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return ExitCode.OUT_OF_MEMORY, f"out of memory ({first[:300]}); {OOM_HINT}"
+        hint = VALIDATE_OOM_HINT if stage == "validate" else OOM_HINT
+        return ExitCode.OUT_OF_MEMORY, f"out of memory ({first[:300]}); hint: {hint}"
     try:
         from botocore import exceptions as boto_exc
     except ImportError:  # pragma: no cover - botocore is in the image
