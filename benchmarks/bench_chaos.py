@@ -166,25 +166,9 @@ def manifest(name: str, assets: dict[str, str], steps: int) -> dict[str, Any]:
 
 
 def upload_assets(cluster: LocalCluster) -> dict[str, str]:
-    from finetune_demo.toymodel import write_base_model, write_toy_dataset
+    from finetune_demo.assets import upload_toy_assets
 
-    s3 = cluster.s3_client()
-    for bucket in ("models", "data", "runs"):
-        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
-            s3.create_bucket(Bucket=bucket)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_base_model(Path(tmp) / "model")
-        for path in model.iterdir():
-            s3.upload_file(str(path), "models", f"toy/{path.name}")
-        data = write_toy_dataset(Path(tmp) / "data")
-        for name in ("train.jsonl", "test.jsonl"):
-            s3.upload_file(str(data / name), "data", f"toy/{name}")
-    return {
-        "model": "s3://models/toy",
-        "train": "s3://data/toy/train.jsonl",
-        "test": "s3://data/toy/test.jsonl",
-        "output": "s3://runs/chaos",
-    }
+    return {**upload_toy_assets(cluster.s3_client()), "output": "s3://runs/chaos"}
 
 
 # --- chaos ------------------------------------------------------------------------------------------------
