@@ -322,7 +322,7 @@ def quiet() -> None:
 def run(task_names: list[str], seeds: tuple[int, ...], base: Path) -> list[TaskResult]:
     import torch
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # both arms alike; on a shared machine two spinning OpenMP threads only lose
     quiet()
     results = []
     all_tasks = tasks()

@@ -23,7 +23,8 @@ def test_full_fine_tuning_writes_merged_model_that_beats_base(
         prefix,
         str(toy_base_dir),
         method="full",
-        hyperparameters={"learningRate": 1e-3, "maxSteps": 40},
+        # 40 steps of 32 examples (about 4 epochs of the 300 toy examples)
+        hyperparameters={"learningRate": 1e-3, "maxSteps": 40, "batchSize": 32},
         checkpoint={"everySteps": 40, "keep": 1},
     )
     run = run_stage("train", config, termination_log)
