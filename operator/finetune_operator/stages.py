@@ -10,6 +10,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from finetune_vocabulary import steps
+
 from . import builders, serving
 from .accounting import gpu_hours_estimate
 from .conditions import ConditionType, Reason, short
@@ -102,10 +104,40 @@ def read_validation(p: Pipeline, outcome: JobOutcome) -> bool:
     p.status["gpuHoursEstimate"] = gpu_hours_estimate(p.job.spec, dataset, p.config)
     p.status["artifacts"]["data"] = f"{p.job.layout.data}/"
     warnings = dataset_warnings(outcome.summary)
+    planned = planned_progress(p.job.spec, dataset)
+    if planned and not (p.status.get("progress") or {}).get("step"):
+        p.status["progress"] = planned
     p.condition(ConditionType.VALIDATED, "True", Reason.DATASET_VALID, validated_message(dataset, warnings))
     for warning in warnings:
         p.out.events.append(Event("Warning", Reason.DATASET_WARNING.value, short(warning)))
     return True
+
+
+def planned_progress(spec: FineTuneJobSpec, dataset: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Optimizer steps the run will make, known once validation counted the training examples (padding-free
+    batching; with packing the trainer counts packed rows and reports them in its first progress line)."""
+    examples = finite(dataset.get("train"))
+    hyper = spec.hyperparameters
+    if not examples or hyper.packing:
+        return None
+    ranks = max(1, spec.resources.gpus)
+    total = steps.total_steps(
+        int(examples),
+        hyper.batch_size,
+        hyper.epochs,
+        hyper.gradient_accumulation_steps,
+        ranks,
+        hyper.max_steps,
+    )
+    return {
+        "step": 0,
+        "totalSteps": total,
+        "display": f"0/{total}",
+        "batching": "padding-free",
+        "examplesPerStep": steps.examples_per_step(
+            hyper.batch_size, hyper.gradient_accumulation_steps, ranks
+        ),
+    }
 
 
 def read_training(p: Pipeline, outcome: JobOutcome) -> bool:
@@ -137,10 +169,15 @@ def record_progress(p: Pipeline) -> None:
         value = finite(line.get(key))
         if value is not None and value >= 0:
             progress[key] = int(value)
-    for key in ("epoch", "loss", "learningRate", "tokensPerSecond"):
+    for key in ("epoch", "loss", "learningRate", "tokensPerSecond", "examplesPerStep"):
         value = finite(line.get(key))
         if value is not None:
             progress[key] = round(value, 6)
+    if line.get("batching") in ("padding-free", "packed"):
+        progress["batching"] = line["batching"]
+    rows = finite(line.get("packedRows"))
+    if rows is not None and rows >= 0:
+        progress["packedRows"] = int(rows)
     if "step" in progress and progress.get("totalSteps"):
         progress["display"] = f"{progress['step']}/{progress['totalSteps']}"
     if progress:

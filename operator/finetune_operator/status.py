@@ -55,6 +55,15 @@ class ProgressStatus(StatusModel):
     learning_rate: Real | None = Field(default=None, description="Current learning rate.")
     tokens_per_second: Real | None = Field(default=None, description="Training throughput.")
     eta_seconds: Count | None = Field(default=None, description="Estimated seconds to the end of training.")
+    batching: Literal["padding-free", "packed"] | None = Field(
+        default=None,
+        description="padding-free: batchSize examples per device step; packed (hyperparameters.packing): "
+        "batchSize packed rows of maxSeqLength tokens, so fewer optimizer steps when examples are short.",
+    )
+    examples_per_step: Real | None = Field(
+        default=None, description="Training examples per optimizer step (on average, when packed)."
+    )
+    packed_rows: Count | None = Field(default=None, description="Packed rows per epoch (packed batching).")
     display: str | None = Field(
         default=None,
         max_length=64,

@@ -208,6 +208,21 @@ def test_good_data_records_counts_estimate_and_starts_training_in_the_same_pass(
     _quiet(world)
 
 
+def test_planned_optimizer_steps_are_in_status_before_the_first_step() -> None:
+    """900 examples, batches of 16, 3 epochs on two GPUs (ranks): ceil(900 / 32) x 3 = 87 steps."""
+    world = World(job(resources={"gpus": 2}, hyperparameters={"batchSize": 16, "epochs": 3}))
+    _to_training(world)
+    progress = world.status["progress"]
+    assert (progress["step"], progress["totalSteps"], progress["display"]) == (0, 87, "0/87")
+    assert (progress["batching"], progress["examplesPerStep"]) == ("padding-free", 32)
+
+
+def test_packed_runs_leave_the_step_count_to_the_trainer() -> None:
+    world = World(job(hyperparameters={"packing": True}))
+    _to_training(world)
+    assert not (world.status.get("progress") or {}).get("totalSteps")
+
+
 def test_unschedulable_training_says_why_once() -> None:
     world = World(job(resources={"gpus": 16}))
     _to_training(world)

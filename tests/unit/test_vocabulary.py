@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
+from finetune_vocabulary import steps
 from finetune_vocabulary.exitcodes import PERMANENT_EXIT_CODES, ExitCode
 from finetune_vocabulary.layout import RunLayout, run_prefix
 from finetune_vocabulary.metrics import (
@@ -56,7 +58,7 @@ def test_exit_codes_and_layout() -> None:
 
 
 def test_the_vocabulary_imports_nothing_outside_the_standard_library() -> None:
-    allowed = {"__future__", "collections", "dataclasses", "enum", "types", "typing", "finetune_vocabulary"}
+    allowed = set(sys.stdlib_module_names) | {"__future__", "finetune_vocabulary"}
     for path in VOCABULARY.glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -66,3 +68,26 @@ def test_the_vocabulary_imports_nothing_outside_the_standard_library() -> None:
             else:
                 continue
             assert {n.split(".")[0] for n in names} <= allowed, f"{path.name} imports {names}"
+
+
+@pytest.mark.parametrize(
+    ("examples", "batch", "epochs", "accumulation", "ranks", "max_steps", "expected"),
+    [
+        (600, 16, 4, 1, 1, None, 152),  # the classification job: ceil(600 / 16) * 4
+        (600, 16, 4, 2, 1, None, 76),  # accumulation: 32 examples per optimizer step
+        (600, 8, 4, 1, 2, None, 152),  # two data-parallel ranks of 8 = 16 per step
+        (40, 16, 1, 1, 1, None, 3),  # the last step is short, not dropped
+        (600, 16, 4, 1, 1, 10, 10),  # maxSteps wins
+        (5, 16, 0.5, 1, 1, None, 1),  # never zero
+    ],
+)
+def test_optimizer_steps_follow_the_trl_arithmetic(
+    examples: int,
+    batch: int,
+    epochs: float,
+    accumulation: int,
+    ranks: int,
+    max_steps: int | None,
+    expected: int,
+) -> None:
+    assert steps.total_steps(examples, batch, epochs, accumulation, ranks, max_steps) == expected
