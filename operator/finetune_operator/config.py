@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from finetune_vocabulary.images import TRAINER_IMAGE, VLLM_IMAGE
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_CONFIG_PATH = Path("/etc/finetune-operator/config.yaml")
 
@@ -26,8 +27,8 @@ class _Model(BaseModel):
 
 
 class Images(_Model):
-    trainer: str = Field("ghcr.io/finetune-operator/trainer:0.1.0", min_length=1)
-    vllm: str = Field("vllm/vllm-openai:v0.32.0", min_length=1)
+    trainer: str = Field(f"{TRAINER_IMAGE}:0.1.0", min_length=1)
+    vllm: str = Field(f"{VLLM_IMAGE}:v0.32.0", min_length=1)
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", alias="pullPolicy")
 
 
@@ -69,10 +70,27 @@ class Defaults(_Model):
     progress_tail_lines: int = Field(50, ge=1, le=10000, alias="progressTailLines")
 
 
+class ReferencePolicy(_Model):
+    """Where the evaluator may send a reference API key over plain http: host names, `*.suffix` wildcards,
+    IP addresses or CIDRs (e.g. an in-cluster gateway; the embedded cluster allows loopback). Every other
+    reference endpoint must be https; link-local and metadata addresses are refused whatever this says."""
+
+    allow_plain_http_hosts: tuple[str, ...] = Field((), alias="allowPlainHttpHosts")
+
+    @field_validator("allow_plain_http_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        # FTO_REFERENCE_PLAIN_HTTP_HOSTS="127.0.0.0/8,localhost"
+        return (
+            [item.strip() for item in value.split(",") if item.strip()] if isinstance(value, str) else value
+        )
+
+
 class OperatorConfig(_Model):
     images: Images = Images()
     gpu_types: dict[str, GpuType] = Field(alias="gpuTypes")
     defaults: Defaults = Defaults()
+    reference: ReferencePolicy = ReferencePolicy()
 
     def gpu_type(self, name: str) -> GpuType:
         try:
@@ -127,6 +145,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "FTO_RESYNC_SECONDS": ("defaults", "resyncSeconds"),
     "FTO_PROGRESS_SECONDS": ("defaults", "progressSeconds"),
     "FTO_POD_REPLACEMENT_POLICY": ("defaults", "podReplacementPolicy"),
+    "FTO_REFERENCE_PLAIN_HTTP_HOSTS": ("reference", "allowPlainHttpHosts"),
 }
 
 

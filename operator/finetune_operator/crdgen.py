@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel
 
 from finetune_operator import models
+from finetune_operator.status import FineTuneJobStatus
 
 CRD_FILENAME = f"{models.GROUP}_{models.PLURAL}.yaml"
 
@@ -138,7 +139,7 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
 def openapi_schema() -> dict[str, Any]:
     """The CRD version's openAPIV3Schema."""
     spec = model_schema(models.FineTuneJobSpec)
-    status = model_schema(models.FineTuneJobStatus)
+    status = model_schema(FineTuneJobStatus)
     return {
         "type": "object",
         "description": "FineTuneJob fine-tunes a base model on a dataset, evaluates it against the base "

@@ -6,17 +6,23 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
+from finetune_vocabulary.labels import LABEL_MANAGED_BY, MANAGER
 
 from . import lifecycle
-from .builders import MANAGER
 from .models import GROUP, PLURAL, VERSION
 
-MANAGED = {"app.kubernetes.io/managed-by": MANAGER}
+MANAGED = {LABEL_MANAGED_BY: MANAGER}
 
 
 def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
     """Attach every handler of the operator to `registry` and return it."""
+    _register_lifecycle(registry)
+    _register_indexes(registry)
+    _register_events(registry)
+    return registry
 
+
+def _register_lifecycle(registry: kopf.OperatorRegistry) -> None:
     @kopf.on.login(id="login", registry=registry)
     async def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         """Log in with the pod's service account or the kubeconfig."""
@@ -32,6 +38,8 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
         """Stop the resync loop and close the API session."""
         await lifecycle.cleanup(memo)
 
+
+def _register_indexes(registry: kopf.OperatorRegistry) -> None:
     @kopf.index("batch", "v1", "jobs", labels=MANAGED, id="child_jobs", registry=registry)
     async def child_jobs(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         """Cache our Jobs by their FineTuneJob's uid."""
@@ -51,6 +59,10 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
     async def child_pods(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
         """Cache our children's pods by their FineTuneJob's uid."""
         return lifecycle.index_child(body)
+
+
+def _register_events(registry: kopf.OperatorRegistry) -> None:
+    """Kopf does not retry on.event handlers: the resync loop retries failed reconciles (reconcile.py)."""
 
     @kopf.on.event(GROUP, VERSION, PLURAL, id="finetunejob_event", registry=registry)
     async def finetunejob_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
@@ -76,5 +88,3 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
     async def pod_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
         """Reconcile the owning FineTuneJob when a pod is scheduled, blocked, started or ends."""
         await lifecycle.on_child_event(memo, body, type)
-
-    return registry

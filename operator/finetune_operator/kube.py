@@ -19,14 +19,15 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
+from finetune_vocabulary.labels import API_GROUP, MANAGER
 
-from .builders import API_VERSION, KIND
+from . import ownership
+from .models import API_VERSION, KIND
 
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
-COMPONENT = "finetune-operator"
 
 # kind → (API prefix, plural); the only kinds the operator touches.
 KINDS: dict[str, tuple[str, str]] = {
@@ -40,8 +41,11 @@ KINDS: dict[str, tuple[str, str]] = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, body: Any, method: str, path: str) -> None:
+    def __init__(
+        self, status: int, body: Any, method: str, path: str, retry_after: float | None = None
+    ) -> None:
         self.status = status
+        self.retry_after = retry_after  # seconds, from a 429's Retry-After header
         self.body = body if isinstance(body, dict) else {"message": str(body)}
         self.reason = str(self.body.get("reason", ""))
         super().__init__(f"{method} {path}: {status} {self.reason}: {self.body.get('message', '')}")
@@ -49,6 +53,11 @@ class ApiError(Exception):
 
 class NotOwnedError(Exception):
     """A child's name is taken by an object another owner controls (e.g. a deleted job's leftovers)."""
+
+    def __init__(self, message: str, kind: str = "", name: str = "") -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.name = name
 
 
 class Api(Protocol):
@@ -62,13 +71,22 @@ class Api(Protocol):
 
     async def delete(self, kind: str, namespace: str, name: str) -> None: ...
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]: ...
+    async def patch_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any], uid: str | None = None
+    ) -> dict[str, Any]: ...
 
     async def post_event(
-        self, involved: Mapping[str, Any], type_: str, reason: str, message: str
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str, name: str | None = None
     ) -> None: ...
 
     async def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str: ...
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
 
 
 def path_of(kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
@@ -123,7 +141,7 @@ class KubeApi:
 
     def __init__(self, info: Any, *, concurrency: int = 64) -> None:
         self.server = str(info.server).rstrip("/")
-        headers = {"Accept": "application/json", "User-Agent": f"{COMPONENT}/0.1"}
+        headers = {"Accept": "application/json", "User-Agent": f"{MANAGER}/0.1"}
         if info.token:
             headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
         elif info.username and info.password:
@@ -133,7 +151,6 @@ class KubeApi:
         self._ssl = ssl_context(info)
         self._session: aiohttp.ClientSession | None = None
         self._concurrency = concurrency
-        self.writes = 0  # counted for the metrics and the benchmark
         self.instance = os.environ.get("HOSTNAME", "local")
 
     @property
@@ -161,8 +178,6 @@ class KubeApi:
     ) -> Any:
         data = json.dumps(body) if body is not None else None
         headers = {"Content-Type": content_type} if data is not None else {}
-        if method != "GET":
-            self.writes += 1
         async with self.session.request(
             method, self.server + path, data=data, headers=headers, params=params
         ) as response:
@@ -172,7 +187,13 @@ class KubeApi:
                     parsed = json.loads(payload)
                 except ValueError:
                     parsed = payload
-                raise ApiError(response.status, parsed, method, path)
+                raise ApiError(
+                    response.status,
+                    parsed,
+                    method,
+                    path,
+                    retry_after=_seconds(response.headers.get("Retry-After")),
+                )
             if text:
                 return payload
             return json.loads(payload) if payload else {}
@@ -193,9 +214,7 @@ class KubeApi:
         if any(o.get("uid") == owner_uid and o.get("controller") for o in owners):
             log.info("adopted existing %s %s/%s", kind, namespace, name)
             return existing
-        raise NotOwnedError(
-            f"{kind} {namespace}/{name} already exists and is not controlled by this FineTuneJob"
-        )
+        raise NotOwnedError(ownership.conflict_message(kind, existing), kind=kind, name=name)
 
     async def patch(
         self, kind: str, namespace: str, name: str, patch: Any, patch_type: str = "merge"
@@ -212,16 +231,26 @@ class KubeApi:
             if error.status != 404:
                 raise
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+    async def patch_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any], uid: str | None = None
+    ) -> dict[str, Any]:
+        """Merge-patch the status. With `uid` in the patch kube-apiserver refuses to patch a re-created
+        namesake (metadata.uid is immutable: 422); the embedded cluster does not check it."""
+        body: dict[str, Any] = {"status": patch}
+        if uid:
+            body["metadata"] = {"uid": uid}
         result: dict[str, Any] = await self.request(
             "PATCH",
             path_of(KIND, namespace, name, "status"),
-            body={"status": patch},
+            body=body,
             content_type=MERGE_PATCH,
         )
         return result
 
-    async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    async def post_event(
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str, name: str | None = None
+    ) -> None:
+        """Create an Event; with `name` (events.event_name) a second post of it answers 409 AlreadyExists."""
         meta = involved.get("metadata") or {}
         namespace = str(meta.get("namespace"))
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -229,7 +258,7 @@ class KubeApi:
             "apiVersion": "v1",
             "kind": "Event",
             "metadata": {
-                "name": f"{str(meta.get('name'))[:200]}.{uuid.uuid4().hex[:16]}",
+                "name": name or f"{str(meta.get('name'))[:200].rstrip('.-')}.{uuid.uuid4().hex[:16]}",
                 "namespace": namespace,
             },
             "involvedObject": {
@@ -242,8 +271,8 @@ class KubeApi:
             "type": type_,
             "reason": reason,
             "message": message[:1024],
-            "source": {"component": COMPONENT},
-            "reportingComponent": f"finetune.dev/{COMPONENT}",
+            "source": {"component": MANAGER},
+            "reportingComponent": f"{API_GROUP}/{MANAGER}",
             "reportingInstance": self.instance[:128],
             "firstTimestamp": now,
             "lastTimestamp": now,

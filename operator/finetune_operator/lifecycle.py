@@ -1,5 +1,5 @@
 """Operator-wide plumbing behind the Kopf handlers: login, Kopf settings, watch-cache wiring, the
-periodic resync (progress polling while training + safety net), and routing child events to parents."""
+resync loop (the project's retry queue, see reconcile.py) and routing child events to their parents."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Any
 
 import kopf
 
-from . import kube, reconcile, state
-from .reconcile import Children, Context, owner_uid, snapshot
-from .state import IDLE_PHASES
+from . import kube, ownership, reconcile
+from .conditions import IDLE_PHASES
+from .context import Children, Context, owner_uid, snapshot
+from .observe import disrupted_pods
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +100,8 @@ def index_child(body: Mapping[str, Any]) -> dict[str, Any] | None:
 
 async def on_job_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
     ctx = context(memo)
-    uid = str(body["metadata"]["uid"])
     if event_type == "DELETED":
-        ctx.forget(uid)
+        ctx.forget(str(body["metadata"]["uid"]))
         return
     await reconcile.reconcile(ctx, body, trigger="job-event", skip_echo=True)
 
@@ -109,76 +109,74 @@ async def on_job_event(memo: Any, body: Mapping[str, Any], event_type: str | Non
 async def on_child_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
     ctx = context(memo)
     uid = owner_uid(body)
-    parent = ctx.jobs.get(uid) if uid else None
-    if parent is None:
+    record = ctx.records.get(uid) if uid else None
+    if uid is None or record is None:
         return  # the parent's own event (or the resync) reconciles it
-    if uid is not None:
+    if _counts_for(ctx, record.body, body):
         # Remember evictions from the event itself: the pod may be gone from the index before the
         # reconcile it triggers runs, and the Job's `failed` counter ignores disruptions.
-        ctx.disrupted.setdefault(uid, set()).update(state.disrupted_pods([body]))
-    if event_type == "DELETED" and uid in ctx.created:
-        ctx.created[uid].pop(f"{body['metadata']['name']}/{body.get('kind')}", None)
-    elif uid is not None and ctx.is_echo_of_created(uid, body):
+        record.disrupted |= disrupted_pods([body])
+    if event_type == "DELETED":
+        record.created.pop(f"{body['metadata']['name']}/{body.get('kind')}", None)
+    elif ctx.is_echo_of_created(uid, body):
         return
-    await reconcile.reconcile(ctx, parent, trigger="child-event")
+    await reconcile.reconcile(ctx, record.body, trigger="child-event")
+
+
+def _counts_for(ctx: Context, parent: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
+    """Whether a child event's object is the parent's child by ownership (labels alone can be copied)."""
+    meta = parent["metadata"]
+    namespace, uid = str(meta["namespace"]), str(meta["uid"])
+    if ownership.is_controlled_by(body, namespace, uid):
+        return True
+    owned = ctx.children(uid, namespace)  # a pod: its controller must be one of the parent's children
+    return ownership.pod_is_owned(body, namespace, owned.jobs, owned.deployments)
+
+
+def _due(ctx: Context, now: float) -> list[tuple[dict[str, Any], bool]]:
+    """(job, read progress) for every job the loop must reconcile now: dirty, stale or training."""
+    defaults = ctx.config.defaults
+    due = []
+    for record in list(ctx.records.values()):
+        phase = (record.body.get("status") or {}).get("phase")
+        training = phase == "Training"
+        last = record.last_run if record.last_run is not None else 0.0
+        stale = phase not in IDLE_PHASES and now - last >= defaults.resync_seconds
+        if training or stale or record.dirty:
+            due.append((record.body, training))
+    return due
 
 
 async def resync_loop(ctx: Context) -> None:
-    """Poll training progress and re-run reconciles that failed or have not run for a while.
+    """The project's queue: re-run failed and stale reconciles, poll training progress (reconcile.py).
 
     Kopf timers would put a finalizer on every job; this loop needs none and writes nothing by itself.
     """
     defaults = ctx.config.defaults
-    tick = min(defaults.progress_seconds, defaults.resync_seconds)
     while True:
-        await asyncio.sleep(tick)
-        now = time.monotonic()
-        for uid, job in list(ctx.jobs.items()):
-            phase = (job.get("status") or {}).get("phase")
-            training = phase == "Training"
-            stale = phase not in IDLE_PHASES and now - ctx.last_run.get(uid, 0) >= defaults.resync_seconds
-            if not (training or stale or uid in ctx.dirty):
-                continue
+        await asyncio.sleep(min(defaults.progress_seconds, defaults.resync_seconds))
+        for job, training in _due(ctx, time.monotonic()):
             try:
                 await reconcile.reconcile(ctx, job, trigger="resync", read_progress=training)
-            except (kopf.TemporaryError, kopf.PermanentError) as error:
-                log.warning(
-                    "resync of %s/%s: %s",
-                    job["metadata"].get("namespace"),
-                    job["metadata"].get("name"),
-                    error,
-                )
             except Exception:  # one job's bug must not stop the loop for all others
                 ctx.metrics.reconcile_errors.labels("unexpected").inc()
-                log.exception("resync of %s failed", uid)
-
-
-class Background:
-    """The resync task's lifetime, tied to Kopf's startup and cleanup."""
-
-    def __init__(self) -> None:
-        self.task: asyncio.Task[None] | None = None
-
-    def start(self, ctx: Context) -> None:
-        self.task = asyncio.get_running_loop().create_task(resync_loop(ctx), name="finetune-resync")
-
-    async def stop(self, ctx: Context) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-        if ctx.api is not None and isinstance(ctx.api, kube.KubeApi):
-            await ctx.api.close()
-
-
-BACKGROUND = Background()
+                log.exception("resync of %s failed", job["metadata"].get("uid"))
 
 
 async def startup(memo: Any, kwargs: Mapping[str, Any]) -> None:
+    """Wire the watch caches into the reconcile and start the resync loop (its task lives in the Context)."""
     ctx = context(memo)
     bind_indexes(ctx, kwargs)
-    BACKGROUND.start(ctx)
+    ctx.resync = asyncio.get_running_loop().create_task(resync_loop(ctx), name="finetune-resync")
 
 
 async def cleanup(memo: Any) -> None:
-    await BACKGROUND.stop(context(memo))
+    """Stop the resync loop and close the API session."""
+    ctx = context(memo)
+    if ctx.resync is not None:
+        ctx.resync.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ctx.resync
+        ctx.resync = None
+    if isinstance(ctx.api, kube.KubeApi):
+        await ctx.api.close()

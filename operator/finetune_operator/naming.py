@@ -4,6 +4,12 @@ Any valid object name (a DNS-1123 subdomain of up to 253 characters, dots allowe
 digit) maps to child names that are valid DNS-1035 labels (≤ 63 characters, start with a letter),
 so the same name works for Jobs, Deployments and Services. Names that already fit are kept readable;
 others are sanitised, truncated and disambiguated by a hash of the full original name.
+
+Collision-safe: the two forms cannot meet. A hashed name always carries `--` right before its hash
+(its sanitised prefix has no `--`), and a plain name is used only when it has no `--`, so no job name's
+plain child name can equal another's hashed one (a 63-character plain name used to equal the hashed
+name of a 64-character one). Plain names are injective (the stage is the last dash-free segment); hashed
+names differ unless 64 bits of SHA-256 of the full names collide.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import re
 from enum import StrEnum
 
 MAX_LABEL = 63
-HASH_LEN = 8
+HASH_LEN = 8  # label_safe: kept, the instance label is part of immutable Deployment selectors
+CHILD_HASH_LEN = 16
+HASH_MARKER = "--"  # only hashed child names contain it
 
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -37,8 +45,8 @@ def is_label_value(value: str) -> bool:
     return len(value) <= MAX_LABEL and bool(_LABEL_VALUE.match(value))
 
 
-def short_hash(value: str) -> str:
-    return hashlib.sha256(value.encode()).hexdigest()[:HASH_LEN]
+def short_hash(value: str, length: int = HASH_LEN) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()[:length]
 
 
 def _sanitise(value: str) -> str:
@@ -50,15 +58,16 @@ def _sanitise(value: str) -> str:
 
 
 def child_name(job_name: str, stage: Stage) -> str:
-    """The child's name: `<job>-<stage>` when that is a valid label, else `<prefix>-<hash>-<stage>`.
+    """The child's name: `<job>-<stage>` when that is a valid label without `--`, else
+    `<prefix>--<hash>-<stage>`.
 
-    The plain form is injective (the stage is always the last dash-free segment). The hashed form uses
-    the full original name, so two names that sanitise or truncate alike still get different children.
+    The hashed form uses the full original name, so two names that sanitise or truncate alike still get
+    different children; its `--` marker keeps it apart from every plain name (see the module docstring).
     """
     plain = f"{job_name}-{stage.value}"
-    if is_dns1035_label(plain):
+    if is_dns1035_label(plain) and HASH_MARKER not in plain:
         return plain
-    suffix = f"-{short_hash(job_name)}-{stage.value}"
+    suffix = f"{HASH_MARKER}{short_hash(job_name, CHILD_HASH_LEN)}-{stage.value}"
     prefix = _sanitise(job_name)[: MAX_LABEL - len(suffix)].rstrip("-")
     return f"{prefix}{suffix}"
 

@@ -1,112 +1,53 @@
-"""The reconcile: observe one FineTuneJob and its children, plan, act. The same code runs on create, on
-operator start (resume), on any change of the job or a child, and from the periodic resync.
+"""The reconcile: observe one FineTuneJob and its children, plan, act.
 
-Children come from watch caches (Kopf indexes), so a reconcile reads nothing from the API except, while
-training, the tail of the trainer's log. Writes happen only when the plan differs from what is there:
-an unchanged world costs no API call at all.
+How work is queued and retried (the one place that says it):
+
+- Kopf delivers watch events to `on.event` handlers (handlers.py). Kopf does not retry those: an exception
+  raised there is logged and dropped, and `kopf.TemporaryError`/`PermanentError` mean nothing. So the
+  reconcile raises neither; it never raises for an API or network failure at all.
+- The project runs its own queue instead: a per-job record (context.JobRecord) and the resync loop
+  (lifecycle.resync_loop). A reconcile that fails marks its job's record dirty and returns; every
+  `resync_seconds` (and every `progress_seconds` while training) the loop re-runs dirty jobs, stale jobs
+  (not reconciled for `resync_seconds` and not idle) and training jobs (to read progress). There are no
+  Kopf timers or change handlers, hence no finalizers and no Kopf annotations on user objects.
+- Reconciles of one job are serialised by its record's lock; different jobs run concurrently.
+
+The same code runs on create, on operator start (resume, from the initial listing), on any change of the job
+or a child, and from the resync loop. Children come from watch caches (Kopf indexes), so a reconcile reads
+nothing from the API except, while training, the tail of the trainer's log. Writes happen only when the plan
+differs from what is there: an unchanged world costs no API call at all.
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aiohttp
-import kopf
 
-from . import builders, kube, state
-from .builders import LABEL_JOB_UID, JobRef
-from .config import OperatorConfig
-from .metrics import Metrics
-from .models import Phase, SpecError, parse_spec, spec_to_dict
+from . import events, kube
+from .builders import TRAINER_CONTAINER
+from .context import Context, JobRecord, resource_version, snapshot
 from .naming import Stage
+from .observe import disrupted_pods, parse_time
+from .plan import Event, Observed, Plan
+from .planner import plan
+from .ref import JobRef, ObjectRef
+from .stages import STAGES
+from .status import Phase
 
 log = logging.getLogger(__name__)
 
-COMPONENT_LABEL = "app.kubernetes.io/component"
-RETRY_DELAY = 10.0
-STAGE_CONDITIONS = (
-    (Stage.VALIDATE, "Validated"),
-    (Stage.TRAIN, "Trained"),
-    (Stage.EVALUATE, "Evaluated"),
-    (Stage.SERVE, "Deployed"),
-)
+# What a failed reconcile may raise: retried by the resync loop; anything else is a bug and propagates.
+RETRIED_ERRORS = (TimeoutError, kube.ApiError, kube.NotOwnedError, aiohttp.ClientError, OSError)
 
 
-@dataclass
-class Children:
-    """Snapshots of one job's children, as the watch caches have them."""
-
-    jobs: list[dict[str, Any]] = field(default_factory=list)
-    deployments: list[dict[str, Any]] = field(default_factory=list)
-    services: list[dict[str, Any]] = field(default_factory=list)
-    pods: list[dict[str, Any]] = field(default_factory=list)
-
-    def by_stage(
-        self,
-    ) -> tuple[dict[Stage, dict[str, Any]], dict[Stage, list[dict[str, Any]]], dict[str, Any] | None]:
-        children: dict[Stage, dict[str, Any]] = {}
-        for obj in self.jobs + self.deployments:
-            stage = _stage_of(obj)
-            if stage is not None:
-                children[stage] = obj
-        pods: dict[Stage, list[dict[str, Any]]] = {}
-        for pod in self.pods:
-            stage = _stage_of(pod)
-            if stage is not None:
-                pods.setdefault(stage, []).append(pod)
-        service = self.services[0] if self.services else None
-        return children, pods, service
-
-
-ChildSource = Callable[[str], Children]
-
-
-def _stage_of(obj: Mapping[str, Any]) -> Stage | None:
-    value = ((obj.get("metadata") or {}).get("labels") or {}).get(COMPONENT_LABEL)
-    try:
-        return Stage(str(value))
-    except ValueError:
-        return None
-
-
-def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a child the state machine reads; keeps the watch caches small."""
-    meta = body.get("metadata") or {}
-    out: dict[str, Any] = {
-        "apiVersion": body.get("apiVersion"),
-        "kind": body.get("kind"),
-        "metadata": {
-            key: meta[key]
-            for key in (
-                "name",
-                "namespace",
-                "uid",
-                "labels",
-                "annotations",
-                "ownerReferences",
-                "generation",
-                "resourceVersion",
-                "creationTimestamp",
-            )
-            if key in meta
-        },
-        "status": dict(body.get("status") or {}),
-    }
-    if body.get("kind") == "Job":
-        out["spec"] = {"suspend": bool((body.get("spec") or {}).get("suspend"))}
-    return out
-
-
-def owner_uid(body: Mapping[str, Any]) -> str | None:
-    labels = (body.get("metadata") or {}).get("labels") or {}
-    value = labels.get(LABEL_JOB_UID)
-    return str(value) if value else None
+class NotConnected(Exception):
+    """The API client is not ready yet (before Kopf's login)."""
 
 
 def newest_progress(log_text: str) -> dict[str, Any] | None:
@@ -124,77 +65,15 @@ def newest_progress(log_text: str) -> dict[str, Any] | None:
     return None
 
 
-def _resource_version(body: Mapping[str, Any]) -> int:
-    try:
-        return int((body.get("metadata") or {}).get("resourceVersion") or 0)
-    except ValueError:
-        return 0
-
-
-@dataclass
-class Context:
-    """Operator-wide state shared by handlers (Kopf's memo)."""
-
-    config: OperatorConfig
-    metrics: Metrics = field(default_factory=Metrics)
-    api: kube.Api | None = None
-    children_of: ChildSource = field(default=lambda uid: Children())
-    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)  # uid → newest FineTuneJob body seen
-    dirty: set[str] = field(default_factory=set)  # uids whose last reconcile failed
-    last_run: dict[str, float] = field(default_factory=dict)
-    created: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # uid → name → object
-    disrupted: dict[str, set[str]] = field(default_factory=dict)  # uid → evicted pods seen failing
-    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    # uid → (generation, spec as parsed and defaulted, its error): the spec changes only with the generation.
-    specs: dict[str, tuple[int, dict[str, Any], str | None]] = field(default_factory=dict)
-    connection: Any = None
-
-    def lock(self, uid: str) -> asyncio.Lock:
-        return self.locks.setdefault(uid, asyncio.Lock())
-
-    def remember(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Keep the newest version of a job: a watch event can be older than our own status patch."""
-        uid = str(body["metadata"]["uid"])
-        known = self.jobs.get(uid)
-        if (
-            known is None
-            or _resource_version(body) >= _resource_version(known)
-            or not _resource_version(body)
-        ):
-            self.jobs[uid] = {
-                "apiVersion": body.get("apiVersion"),
-                "kind": body.get("kind"),
-                "metadata": dict(body["metadata"]),
-                "spec": body.get("spec") or {},
-                "status": dict(body.get("status") or {}),
-            }
-        return self.jobs[uid]
-
-    def forget(self, uid: str) -> None:
-        for table in (self.jobs, self.last_run, self.created, self.locks, self.disrupted, self.specs):
-            table.pop(uid, None)
-        self.dirty.discard(uid)
-        self.metrics.forget(uid)
-
-    def is_echo_of_created(self, uid: str, body: Mapping[str, Any]) -> bool:
-        """A watch event for a child this process just created, showing nothing it does not know."""
-        created = self.created.get(uid, {}).get(f"{body['metadata']['name']}/{body.get('kind')}")
-        return created is not None and snapshot(body)["status"] == created["status"]
-
-    def children(self, uid: str) -> Children:
-        """Watch-cache children plus the ones this process created that the cache has not shown yet."""
-        found = self.children_of(uid)
-        recent = self.created.get(uid)
-        if recent:
-            lists = {"Job": found.jobs, "Deployment": found.deployments, "Service": found.services}
-            for key, obj in list(recent.items()):
-                listed = lists[obj["kind"]]
-                # Watch events may omit `kind`; the list a snapshot sits in says what it is.
-                if any(c["metadata"]["name"] == obj["metadata"]["name"] for c in listed):
-                    del recent[key]
-                else:
-                    listed.append(obj)
-        return found
+def _is_echo(record: JobRecord | None, body: Mapping[str, Any]) -> bool:
+    """A watch event that only echoes a version this process already reconciled (e.g. its status patch)."""
+    version = resource_version(body)
+    return (
+        record is not None
+        and not record.dirty
+        and record.last_run is not None
+        and 0 < version <= resource_version(record.body)
+    )
 
 
 async def reconcile(
@@ -204,85 +83,84 @@ async def reconcile(
     trigger: str,
     read_progress: bool = False,
     skip_echo: bool = False,
-) -> None:
-    """Observe → plan → act for one FineTuneJob; raises kopf.TemporaryError/PermanentError on failure.
+) -> bool:
+    """Observe → plan → act for one FineTuneJob; False when it failed and the resync loop will retry it.
 
-    With `skip_echo`, a watch event that only echoes a version this process already reconciled (typically
-    its own status patch) is dropped: nothing can have changed.
+    With `skip_echo`, a watch event that only echoes a version this process already reconciled is dropped.
     """
-    uid = str(body["metadata"]["uid"])
-    async with ctx.lock(uid):
-        known = ctx.jobs.get(uid)
-        version = _resource_version(body)
-        if (
-            skip_echo
-            and known is not None
-            and uid not in ctx.dirty
-            and uid in ctx.last_run
-            and (0 < version <= _resource_version(known))
-        ):
-            return
+    record = ctx.records.get(str(body["metadata"]["uid"])) or ctx.remember(body)
+    async with record.lock:
+        if skip_echo and _is_echo(record, body):
+            return True
+        record = ctx.remember(body)
         ctx.metrics.reconciles.labels(trigger).inc()
-        job = ctx.remember(body)
-        ctx.dirty.discard(uid)
+        record.dirty = False
         try:
-            await _reconcile(ctx, job, read_progress=read_progress)
-        except kopf.PermanentError:
-            ctx.metrics.reconcile_errors.labels("permanent").inc()
-            raise
-        except (TimeoutError, kube.ApiError, kube.NotOwnedError, aiohttp.ClientError, OSError) as error:
-            ctx.dirty.add(uid)
+            await _reconcile(ctx, record, read_progress=read_progress)
+            return True
+        except (*RETRIED_ERRORS, NotConnected) as error:
+            record.dirty = True
             ctx.metrics.reconcile_errors.labels(type(error).__name__).inc()
-            raise kopf.TemporaryError(f"reconcile failed, will retry: {error}", delay=RETRY_DELAY) from error
+            meta = record.body["metadata"]
+            log.warning("reconcile of %s/%s failed, will retry: %s", meta["namespace"], meta["name"], error)
+            return False
         finally:
-            ctx.last_run[uid] = time.monotonic()
+            record.last_run = time.monotonic()
 
 
-async def _reconcile(ctx: Context, job: dict[str, Any], *, read_progress: bool) -> None:
+async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) -> None:
+    job = record.body
     meta = job["metadata"]
+    if meta.get("deletionTimestamp"):
+        return  # being deleted: nothing to create, and its name may soon belong to a re-created job
     uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
-    spec, spec_error = _parsed_spec(ctx, uid, int(meta.get("generation") or 1), job.get("spec") or {})
-    ref = JobRef(namespace=namespace, name=name, uid=uid, spec=spec)
-    children, pods, service = ctx.children(uid).by_stage()
+    parsed = record.spec()
+    ref = (
+        ObjectRef(namespace, name, uid) if parsed.spec is None else JobRef(namespace, name, uid, parsed.spec)
+    )
+    children, pods, service = ctx.children(uid, namespace).by_stage()
     status = job.get("status") or {}
     progress = None
     if read_progress and ctx.api is not None and status.get("phase") == Phase.TRAINING.value:
         progress = await _read_progress(
             ctx.api, namespace, pods.get(Stage.TRAIN, []), ctx.config.defaults.progress_tail_lines
         )
-    seen = ctx.disrupted.setdefault(uid, set())
     for stage_pods in pods.values():
-        seen |= state.disrupted_pods(stage_pods)
-    observed = state.Observed(
-        disrupted=frozenset(seen),
+        record.disrupted |= disrupted_pods(stage_pods)
+    observed = Observed(
         job=ref,
-        generation=int(meta.get("generation") or 1),
+        generation=parsed.generation,
         status=status,
         children=children,
         service=service,
         pods=pods,
         progress=progress,
-        spec_error=spec_error,
+        spec_error=parsed.error,
+        disrupted=frozenset(record.disrupted),
+        built=record.built,
     )
-    plan = state.plan(observed, ctx.config)
-    await execute(ctx, job, plan)
-    if spec_error is not None:
-        raise kopf.PermanentError(f"{namespace}/{name}: {spec_error}")
+    conflicts = await execute(ctx, record, plan(observed, ctx.config))
+    if conflicts:
+        await _wait_for_conflicts(ctx, record, observed, conflicts)
+    if parsed.error is not None:
+        log.info("%s/%s has an invalid spec: %s", namespace, name, parsed.error)
 
 
-def _parsed_spec(
-    ctx: Context, uid: str, generation: int, raw: Mapping[str, Any]
-) -> tuple[dict[str, Any], str | None]:
-    """The operator's validation of the spec, run once per generation (pydantic is most of a pass's cost)."""
-    cached = ctx.specs.get(uid)
-    if cached is not None and cached[0] == generation:
-        return cached[1], cached[2]
-    try:
-        spec, error = spec_to_dict(parse_spec(dict(raw))), None
-    except SpecError as exc:
-        spec, error = dict(raw), str(exc)
-    ctx.specs[uid] = (generation, spec, error)
-    return spec, error
+async def _wait_for_conflicts(
+    ctx: Context, record: JobRecord, observed: Observed, conflicts: dict[tuple[str, str], str]
+) -> None:
+    """A child's name is taken by an object this job does not control (an orphaned leftover, another
+    owner's object): plan again knowing it, so the status says which object and what to do, and retry
+    from the resync loop until the name is free. Logged once per object, not on every retry."""
+    meta = record.body["metadata"]
+    for (kind, name), message in conflicts.items():
+        if f"conflict:{kind}/{name}" not in record.ignored:
+            record.ignored.add(f"conflict:{kind}/{name}")
+            log.warning("%s/%s waits: %s", meta["namespace"], meta["name"], message)
+    again = await execute(ctx, record, plan(dataclasses.replace(observed, conflicts=conflicts), ctx.config))
+    if again:
+        raise kube.NotOwnedError("; ".join(again.values()))
+    record.dirty = True
 
 
 async def _read_progress(
@@ -292,54 +170,86 @@ async def _read_progress(
     if not running:
         return None
     newest = max(running, key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""))
-    text = await api.pod_log_tail(
-        namespace, str(newest["metadata"]["name"]), builders.TRAINER_CONTAINER, lines
-    )
+    text = await api.pod_log_tail(namespace, str(newest["metadata"]["name"]), TRAINER_CONTAINER, lines)
     return newest_progress(text)
 
 
-async def execute(ctx: Context, job: dict[str, Any], plan: state.Plan) -> None:
-    """Children first, then the status, then Events: a crash in between is repaired by the next pass."""
+async def execute(ctx: Context, record: JobRecord, plan: Plan) -> dict[tuple[str, str], str]:
+    """Children first, then Events, then the status: a crash in between is repaired by the next pass, which
+    re-posts the same Event names (events.py: exactly one Event per transition).
+
+    Returns {(kind, name): message} without writing anything else when a child's name is taken by an
+    object the job does not control (kube.NotOwnedError); the caller plans again knowing that.
+    """
     if ctx.api is None:
-        raise kopf.TemporaryError("the API client is not ready yet", delay=1)
-    api = ctx.api
+        raise NotConnected("the API client is not ready yet")
+    api, job = ctx.api, record.body
     meta = job["metadata"]
-    uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
+    uid, namespace = str(meta["uid"]), str(meta["namespace"])
     for manifest in plan.create:
-        created = await _create(ctx, api, manifest, uid)
+        try:
+            created = await _create(api, manifest, uid)
+        except kube.NotOwnedError as error:
+            return {(str(manifest["kind"]), str(manifest["metadata"]["name"])): str(error)}
         ctx.metrics.api_writes.labels("create", manifest["kind"]).inc()
-        ctx.created.setdefault(uid, {})[f"{manifest['metadata']['name']}/{manifest['kind']}"] = snapshot(
-            created
-        )
+        record.created[f"{manifest['metadata']['name']}/{manifest['kind']}"] = snapshot(created)
     for patch in plan.patch:
         await api.patch(patch.kind, namespace, patch.name, patch.patch, patch.patch_type)
         ctx.metrics.api_writes.labels("patch", patch.kind).inc()
     for delete in plan.delete:
         await api.delete(delete.kind, namespace, delete.name)
         ctx.metrics.api_writes.labels("delete", delete.kind).inc()
-    if plan.status:
-        old_status = dict(job.get("status") or {})
-        updated = await api.patch_status(namespace, name, plan.status)
-        ctx.metrics.api_writes.labels("patch", "FineTuneJob/status").inc()
-        if updated.get("metadata"):
-            ctx.remember(updated)
-            if (updated["metadata"].get("generation") or 1) != (meta.get("generation") or 1):
-                ctx.dirty.add(uid)  # the spec changed while we planned: the resync loop re-runs it soon
-        else:
-            job["status"] = {**job.get("status", {}), **plan.status}
-        _observe(ctx, job, old_status, plan)
-    for event in plan.events:
-        try:
-            await api.post_event(job, event.type, event.reason, event.message)
-            ctx.metrics.api_writes.labels("create", "Event").inc()
-        except (TimeoutError, kube.ApiError, aiohttp.ClientError) as error:
-            log.warning("could not post Event %s for %s/%s: %s", event.reason, namespace, name, error)
-    phase = (ctx.jobs.get(uid, job).get("status") or {}).get("phase")
+    status_patch = {**plan.status, **await _post_events(ctx, api, record, plan.events)}
+    if status_patch:
+        await _write_status(ctx, api, record, plan, status_patch)
+    phase = (record.body.get("status") or {}).get("phase")
     if phase:
         ctx.metrics.phases[uid] = str(phase)
+    return {}
 
 
-async def _create(ctx: Context, api: kube.Api, manifest: dict[str, Any], uid: str) -> dict[str, Any]:
+async def _post_events(
+    ctx: Context, api: kube.Api, record: JobRecord, planned: list[Event]
+) -> dict[str, Any]:
+    """Post the Events still owed (status.pendingEvents) and the plan's new ones, before the status patch,
+    under deterministic names (events.py); returns the status patch for what remains owed."""
+    job = record.body
+    meta = job["metadata"]
+    uid, name = str(meta["uid"]), str(meta["name"])
+    owed_before = list((job.get("status") or {}).get("pendingEvents") or [])
+    records = owed_before + events.pending(name, uid, str(meta.get("resourceVersion") or ""), planned)
+    if not records:
+        return {}
+
+    async def post(event: Mapping[str, Any]) -> None:
+        await api.post_event(job, event["type"], event["reason"], event["message"], name=event["name"])
+        ctx.metrics.api_writes.labels("create", "Event").inc()
+
+    owed = await events.post_all(post, records)
+    if owed:
+        record.dirty = True  # the resync loop posts them again
+    return {"pendingEvents": owed or None} if owed != owed_before else {}
+
+
+async def _write_status(
+    ctx: Context, api: kube.Api, record: JobRecord, plan: Plan, patch: dict[str, Any]
+) -> None:
+    job = record.body
+    meta = job["metadata"]
+    old_status = dict(job.get("status") or {})
+    # The uid is a precondition: kube-apiserver refuses to patch a re-created namesake (uid is immutable).
+    updated = await api.patch_status(str(meta["namespace"]), str(meta["name"]), patch, uid=str(meta["uid"]))
+    ctx.metrics.api_writes.labels("patch", "FineTuneJob/status").inc()
+    if updated.get("metadata"):
+        ctx.remember(updated)
+        if (updated["metadata"].get("generation") or 1) != (meta.get("generation") or 1):
+            record.dirty = True  # the spec changed while we planned: the resync loop re-runs it soon
+    else:
+        job["status"] = {**job.get("status", {}), **patch}
+    _observe(ctx, record, old_status, plan)
+
+
+async def _create(api: kube.Api, manifest: dict[str, Any], uid: str) -> dict[str, Any]:
     try:
         return await api.create_or_adopt(manifest, uid)
     except kube.ApiError as error:
@@ -358,22 +268,26 @@ async def _create(ctx: Context, api: kube.Api, manifest: dict[str, Any], uid: st
         raise
 
 
-def _observe(ctx: Context, job: Mapping[str, Any], old_status: Mapping[str, Any], plan: state.Plan) -> None:
+def _observe(ctx: Context, record: JobRecord, old_status: Mapping[str, Any], plan: Plan) -> None:
     """Stage durations when a stage condition turns True; GPU-hours for the gauge."""
-    meta = job["metadata"]
+    meta = record.body["metadata"]
     uid = str(meta["uid"])
     hours = plan.status.get("gpuHours")
     if isinstance(hours, int | float):
         ctx.metrics.gpu_hours[(str(meta["namespace"]), uid)] = float(hours)
     old = {c.get("type"): c.get("status") for c in old_status.get("conditions") or []}
     new = {c["type"]: c.get("status") for c in plan.status.get("conditions") or []}
-    finished = [s for s, kind in STAGE_CONDITIONS if new.get(kind) == "True" and old.get(kind) != "True"]
+    # The last row reporting a condition is the one that turns it True (serve, not export, for Deployed).
+    stage_of_condition = {row.condition.value: row.stage for row in STAGES}
+    finished = [
+        s for kind, s in stage_of_condition.items() if new.get(kind) == "True" and old.get(kind) != "True"
+    ]
     if not finished:
         return
-    children, _, _ = ctx.children(uid).by_stage()
+    children, _, _ = ctx.children(uid, str(meta["namespace"])).by_stage()
     for stage in finished:
         child_status = (children.get(stage) or {}).get("status") or {}
-        start = state.parse_time(child_status.get("startTime"))
-        end = state.parse_time(child_status.get("completionTime"))
+        start = parse_time(child_status.get("startTime"))
+        end = parse_time(child_status.get("completionTime"))
         if start and end:
             ctx.metrics.stage_seconds.labels(stage.value).observe((end - start).total_seconds())

@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from localcluster.pytest_plugin import (  # fixtures and the KUBECONFIG skip hook
+    lc_api,
+    lc_kubectl,
+    lc_kubectl_one,
+    lc_namespace,
+    local_cluster,
+    pytest_collection_modifyitems,
+)
 
 from .chart_helpers import helm_binary
 

@@ -153,7 +153,30 @@ def chart_with_changed_crd(tmp_path: Path) -> Path:
     return copy
 
 
-def test_install_reconcile_upgrade_uninstall(kube: Kube, tmp_path: Path) -> None:
+def restricted_namespace(kube: Kube, name: str) -> None:
+    kube.kubectl("create", "namespace", name, check=False)
+    kube.kubectl("label", "--overwrite", "namespace", name, "pod-security.kubernetes.io/enforce=restricted")
+
+
+def assert_operator_used_only_its_rbac(cluster: Any, pod: dict[str, Any]) -> None:
+    """The operator pod talked to the API as its ServiceAccount (the token the local kubelet mounts) and was
+    never refused: the chart's RBAC grants every verb it used."""
+    account = f"system:serviceaccount:{NAMESPACE}:{pod['spec']['serviceAccountName']}"
+    mounts = {m["mountPath"] for m in pod["spec"]["containers"][0].get("volumeMounts") or []}
+    assert "/var/run/secrets/kubernetes.io/serviceaccount" in mounts
+
+    async def read() -> tuple[int, dict[tuple[str, str, str], int]]:
+        counters = cluster.apiserver.counters
+        return counters.by_user[account], {k: v for k, v in counters.forbidden.items() if k[0] == account}
+
+    requests, refused = cluster.call(read())
+    assert requests > 0, f"the operator made no request as {account}"
+    assert not refused, f"the chart's RBAC refused the operator: {refused}"
+
+
+def test_install_reconcile_upgrade_uninstall(kube: Kube, cluster: Any, tmp_path: Path) -> None:
+    # Every namespace the operator or its children run pods in enforces the restricted Pod Security level.
+    restricted_namespace(kube, NAMESPACE)
     # A trainer tag of our own: the child Job's image proves the operator read the chart's ConfigMap.
     kube.helm(
         "install",
@@ -180,7 +203,23 @@ def test_install_reconcile_upgrade_uninstall(kube: Kube, tmp_path: Path) -> None
     assert (container["command"], container["args"]) == (template["command"], template["args"])
     assert "--all-namespaces" in container["args"]
 
-    kube.kubectl("create", "namespace", "ml")
+    restricted_namespace(kube, "ml")
+    # The chart aggregates FineTuneJobs into the built-in roles: a user with `edit` in ml may manage them
+    # there (not their status, not elsewhere); `view` reads them.
+    kube.kubectl("create", "rolebinding", "alice-edit", "-n", "ml", "--clusterrole=edit", "--user=alice")
+    kube.kubectl("create", "rolebinding", "victor-view", "-n", "ml", "--clusterrole=view", "--user=victor")
+
+    def can_i(*args: str) -> str:
+        return kube.kubectl("auth", "can-i", *args, check=False).stdout.strip()
+
+    wait_for(
+        "the aggregated edit role",
+        lambda: can_i("create", "finetunejobs", "-n", "ml", "--as", "alice") == "yes",
+    )
+    assert can_i("patch", "finetunejobs", "--subresource=status", "-n", "ml", "--as", "alice") == "no"
+    assert can_i("create", "finetunejobs", "-n", "default", "--as", "alice") == "no"
+    assert can_i("list", "finetunejobs", "-n", "ml", "--as", "victor") == "yes"
+    assert can_i("delete", "finetunejobs", "-n", "ml", "--as", "victor") == "no"
     kube.apply(suspended_job("chart-smoke"), "ml")
     phase = wait_for(
         "the operator to reconcile the FineTuneJob", lambda: phase_of(kube, "ml", "chart-smoke"), timeout=60
@@ -198,6 +237,7 @@ def test_install_reconcile_upgrade_uninstall(kube: Kube, tmp_path: Path) -> None
     # (This cluster runs no other operator: the image tag above can only come from the chart's pod.)
     logs = kube.kubectl("logs", "-n", NAMESPACE, f"deployment/{DEPLOYMENT}").stdout
     assert "Traceback" not in logs, logs
+    assert_operator_used_only_its_rbac(cluster, pod)
 
     # The liveness probe's and the metrics port's endpoints answer (each pod has its own loopback IP here).
     pod_ip = pod["status"]["podIP"]
@@ -262,10 +302,10 @@ def test_install_reconcile_upgrade_uninstall(kube: Kube, tmp_path: Path) -> None
     )
 
 
-def test_namespaced_install_reconciles_only_its_namespaces(kube: Kube) -> None:
+def test_namespaced_install_reconciles_only_its_namespaces(kube: Kube, cluster: Any) -> None:
     kube.helm("uninstall", RELEASE, "-n", NAMESPACE, "--ignore-not-found", "--wait")  # independent of order
     for namespace in ("team-a", "team-b"):
-        kube.kubectl("create", "namespace", namespace, check=False)
+        restricted_namespace(kube, namespace)
     # The CRD may already exist (previous test): helm install leaves it in place and succeeds.
     existing = kube.get("crd", CRD)
     kube.helm(
@@ -298,4 +338,5 @@ def test_namespaced_install_reconciles_only_its_namespaces(kube: Kube) -> None:
     )
     time.sleep(3)  # the operator has been reconciling for a while; team-b must still be untouched
     assert phase_of(kube, "team-b", "unwatched") is None
+    assert_operator_used_only_its_rbac(cluster, pod)  # a Role in team-a, nothing cluster-scoped, was enough
     kube.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait")

@@ -102,13 +102,17 @@ VIOLATIONS = [
     ("hostPort", _set("containers.0.ports", [{"containerPort": 80, "hostPort": 80}]), "hostPort"),
     ("procMount", _set("containers.0.securityContext.procMount", "Unmasked"), "procMount"),
     ("unsafe sysctl", _set("securityContext.sysctls", [{"name": "kernel.msgmax", "value": "1"}]), "sysctl"),
-    ("selinux user", _set("securityContext.seLinuxOptions", {"user": "root"}), "seLinuxOptions.user"),
+    (
+        "selinux user",
+        _set("securityContext.seLinuxOptions", {"user": "root"}),
+        "pod set forbidden securityContext.seLinuxOptions: user may not be set",
+    ),
     (
         "apparmor unconfined",
         _set("containers.0.securityContext.appArmorProfile", {"type": "Unconfined"}),
         "appArmorProfile",
     ),
-    ("init container unrestricted", _add_init_container, "initContainers[init]"),
+    ("init container unrestricted", _add_init_container, 'container "init" must set'),
 ]
 
 

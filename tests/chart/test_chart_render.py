@@ -256,6 +256,18 @@ def test_custom_gpu_types_reach_the_operator(helm: str, tmp_path: Path) -> None:
     assert a100.resource_name == "nvidia.com/gpu" and a100.memory_gib == 80
 
 
+def test_reference_plain_http_hosts_reach_the_operator(helm: str, tmp_path: Path) -> None:
+    assert (
+        _operator_config(render(helm, MATRIX / "default.yaml"), tmp_path).reference.allow_plain_http_hosts
+        == ()
+    )
+    manifests = render(
+        helm, extra=("--set", "config.reference.allowPlainHttpHosts={gateway.ml.svc,10.0.0.0/8}")
+    )
+    config = _operator_config(manifests, tmp_path)
+    assert config.reference.allow_plain_http_hosts == ("gateway.ml.svc", "10.0.0.0/8")
+
+
 def test_a_gpu_type_can_be_dropped_from_the_chart_table(helm: str) -> None:
     manifests = render(helm, extra=("--set", "config.gpuTypes.h100-80gb=null"))
     table = yaml.safe_load(one(manifests, "ConfigMap")["data"]["config.yaml"])["gpuTypes"]

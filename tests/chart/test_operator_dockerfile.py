@@ -116,13 +116,16 @@ def test_copies_and_installs_only_the_operator_package(steps) -> None:
     assert sources and set(sources) <= {
         "pyproject.toml",
         "requirements/dev.txt",
+        "vocabulary",
         "operator/finetune_operator",
     }
     installs = [arg for op, arg in steps if op == "RUN" and "pip install" in arg]
     assert len(installs) == 1
     install = re.search(r"pip install [^&;|]*", installs[0]).group(0).split()
-    # The root package (operator only) under the lock as constraints: nothing else is requested.
-    assert install == ["pip", "install", "--constraint", "/src/constraints.txt", "/src"], install
+    # The shared vocabulary and the root package (operator only) under the lock as constraints: nothing else.
+    assert install == ["pip", "install", "--constraint", "/src/constraints.txt", "/src/vocabulary", "/src"], (
+        install
+    )
 
 
 def test_no_secrets_in_the_image_definition(steps) -> None:
@@ -156,8 +159,11 @@ def _closure(distribution: str) -> set[str]:
 def test_operator_dependencies_exclude_torch_and_are_all_pinned() -> None:
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     closure = set().union(*(_closure(_requirement_name(r)) for r in declared))
-    assert {"kopf", "pydantic", "pyyaml", "aiohttp", "prometheus-client"} <= closure
+    assert {"kopf", "pydantic", "pyyaml", "aiohttp", "prometheus-client", "finetune-vocabulary"} <= closure
     assert closure & HEAVY == set()
+    # Built from this repository (COPY vocabulary), not from a registry; it depends on nothing.
+    assert _closure("finetune-vocabulary") == {"finetune-vocabulary"}
+    closure.discard("finetune-vocabulary")
     pins = {
         _requirement_name(line)
         for line in (REPO / "requirements" / "dev.txt").read_text().splitlines()
@@ -199,5 +205,6 @@ def test_dockerignore_keeps_the_context_to_what_is_copied() -> None:
     assert {line[1:].removesuffix("/**") for line in lines if line.startswith("!")} == {
         "pyproject.toml",
         "requirements/dev.txt",
+        "vocabulary",
         "operator/finetune_operator",
     }

@@ -21,6 +21,14 @@ from typing import Any
 
 import pytest
 import yaml
+from localcluster.pytest_plugin import (  # fixtures and the KUBECONFIG skip hook
+    lc_api,
+    lc_kubectl,
+    lc_kubectl_one,
+    lc_namespace,
+    local_cluster,
+    pytest_collection_modifyitems,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 KUBECTLS = {"1.32": "/usr/bin/kubectl", "1.35": str(REPO / ".tools/bin/kubectl-1.35")}
@@ -148,11 +156,15 @@ class Raw:
         accept: str = "application/json",
         timeout: float = 15,
         preload: bool = True,
+        headers: dict[str, Any] | None = None,
     ) -> tuple[int, Any, Any]:
-        headers = {"Content-Type": content_type, "Accept": accept}
+        """`headers` adds to (or, for Authorization, replaces) the kubeconfig's credentials."""
+        sent: dict[str, Any] = {"Content-Type": content_type, "Accept": accept}
         for auth in self.cfg.auth_settings().values():
             if auth.get("in") == "header" and auth.get("value"):
-                headers[auth["key"]] = auth["value"]
+                sent[auth["key"]] = auth["value"]
+        sent.update(headers or {})
+        headers = sent
         data = body if isinstance(body, (bytes, str)) or body is None else json.dumps(body)
         response = self.api.rest_client.pool_manager.request(
             method,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.error
+import urllib.request
 from typing import Any
 
 import pytest
@@ -139,7 +141,7 @@ def test_bearer_token_over_tls_works_with_kubectl_and_is_required(
     import urllib.error
     import urllib.request
 
-    from localcluster.apiserver import ApiServer
+    from localcluster.apiserver import ApiServer, write_kubeconfig
 
     secured = ApiServer(token="s3cr3t", tls=True)
     assert cluster.run_on_loop is not None
@@ -167,5 +169,68 @@ def test_bearer_token_over_tls_works_with_kubectl_and_is_required(
         )
         assert out.returncode == 0, out.stderr
         assert "namespace/default" in out.stdout.split()
+        # Over https kubectl also sends ServiceAccount tokens: a token kubeconfig is that account, RBAC-bound.
+        kubectl = ["/usr/bin/kubectl", f"--cache-dir={tmp_path / 'cache'}"]
+        token = subprocess.run(
+            [*kubectl, f"--kubeconfig={kubeconfig}", "create", "token", "default", "-n", "default"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert token.returncode == 0, token.stderr
+        sa_config = write_kubeconfig(
+            str(tmp_path / "sa-kubeconfig"), secured.url, token=token.stdout.strip(), ca_pem=secured.ca_pem
+        )
+        who = subprocess.run(
+            [
+                *kubectl,
+                f"--kubeconfig={sa_config}",
+                "auth",
+                "whoami",
+                "-o",
+                "jsonpath={.status.userInfo.username}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert who.stdout == "system:serviceaccount:default:default", who.stderr
+        refused = subprocess.run(
+            [*kubectl, f"--kubeconfig={sa_config}", "get", "secrets", "-n", "default"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert refused.returncode != 0
+        assert 'User "system:serviceaccount:default:default" cannot list resource "secrets"' in refused.stderr
     finally:
         cluster.run_on_loop(secured.stop())
+
+
+def test_faults_and_latency_can_target_one_client_by_user_agent(
+    raw: Raw, namespace: str, cluster: Cluster, emulator: Any
+) -> None:
+    """Chaos for the operator only (bench_chaos.py): other clients (kubelet, controllers) are unaffected."""
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+    raw.request("POST", path, cm("agent"))
+    fault = cluster.call(lambda: emulator.add_fault("get", "*", 500, agent=("kopf", "finetune-operator")))
+    slow = cluster.call(lambda: emulator.set_latency(1.0, "get", rate=1.0, agent="kopf"))
+    try:
+        began = time.monotonic()
+        assert raw.request("GET", f"{path}/agent")[0] == 200  # python-urllib3: neither faulted nor slowed
+        assert time.monotonic() - began < 0.9
+        assert fault.hits == 0 and slow.hits == 0
+        request = urllib.request.Request(raw.cfg.host + f"{path}/agent", headers={"User-Agent": "kopf/1.4"})
+        began = time.monotonic()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 500 and time.monotonic() - began >= 1.0
+        assert fault.hits == 1 and slow.hits == 1
+    finally:
+        cluster.call(emulator.clear_faults)
+    rate_half = cluster.call(lambda: emulator.add_fault("get", "configmaps", 500, rate=0.5))
+    try:
+        codes = [raw.request("GET", f"{path}/agent")[0] for _ in range(40)]
+    finally:
+        cluster.call(emulator.clear_faults)
+    assert 5 <= codes.count(500) <= 35 and rate_half.hits == codes.count(500)

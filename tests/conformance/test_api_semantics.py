@@ -779,3 +779,58 @@ def test_namespace_finalize_subresource_releases_a_terminating_namespace(raw: Ra
     status, body, _ = raw.request("PUT", f"/api/v1/namespaces/{ns}/finalize", obj)
     assert status == 200, body
     wait_for(lambda: raw.request("GET", f"/api/v1/namespaces/{ns}")[0] == 404, "namespace released")
+
+
+def test_non_finite_numbers_are_not_json_and_are_refused(raw: Raw, namespace: str) -> None:
+    """NaN/Infinity are not JSON: kube-apiserver answers 400 and stores nothing (a stored NaN would break
+    every later read and patch of the object)."""
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+    for name, literal, char in (("nan", "NaN", "N"), ("inf", "Infinity", "I"), ("neg-inf", "-Infinity", "I")):
+        body = json.dumps(cm(name)).encode()[:-1] + b', "x": ' + literal.encode() + b"}"
+        status, reply, _ = raw.request("POST", path, body)
+        assert status == 400, (literal, reply)
+        assert reply["kind"] == "Status" and reply["reason"] == "BadRequest"
+        assert f"invalid character '{char}'" in reply["message"], reply["message"]
+        assert raw.request("GET", f"{path}/{name}")[0] == 404
+    created = create(raw, path, cm("plain"))
+    status, reply, _ = raw.request(
+        "PATCH",
+        f"{path}/plain",
+        b'{"metadata": {"labels": {"a": "b"}}, "x": NaN}',
+        "application/merge-patch+json",
+    )
+    assert status == 400, reply
+    assert (
+        raw.request("GET", f"{path}/plain")[1]["metadata"]["resourceVersion"]
+        == (created["metadata"]["resourceVersion"])
+    )
+
+
+def test_duplicate_fields_are_refused_under_strict_and_warned_under_warn(raw: Raw, namespace: str) -> None:
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+    body = (
+        '{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "%s"},'
+        ' "data": {"k": "first", "k": "second"}}'
+    )
+    status, reply, _ = raw.request("POST", path + "?fieldValidation=Strict", (body % "strict").encode())
+    assert status == 400, reply
+    assert reply["reason"] == "BadRequest"
+    assert "strict decoding error" in reply["message"] and 'duplicate field "k"' in reply["message"]
+    assert raw.request("GET", f"{path}/strict")[0] == 404
+
+    status, reply, headers = raw.request("POST", path + "?fieldValidation=Warn", (body % "warned").encode())
+    assert status == 201, reply
+    assert reply["data"] == {"k": "second"}  # the last one wins, as in Go's decoder
+    warning = headers.get("Warning", "")
+    assert warning.startswith("299 - ") and json.loads(warning[6:]) == 'duplicate field "k"', warning
+
+    status, reply, _ = raw.request("POST", path + "?fieldValidation=Ignore", (body % "ignored").encode())
+    assert status == 201, reply
+
+    # An update under Strict is refused the same way and leaves the object as it was.
+    current = raw.request("GET", f"{path}/warned")[1]
+    rv = current["metadata"]["resourceVersion"]
+    update = json.dumps(cm("warned", resourceVersion=rv)).encode()[:-1] + b', "data": {"k": "y"}}'
+    status, reply, _ = raw.request("PUT", f"{path}/warned?fieldValidation=Strict", update)
+    assert status == 400 and 'duplicate field "data"' in reply["message"], reply
+    assert raw.request("GET", f"{path}/warned")[1]["data"] == {"k": "second"}

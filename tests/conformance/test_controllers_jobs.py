@@ -270,3 +270,44 @@ def test_pod_replacement_policy_defaults_like_kube_apiserver(lc_api, ns):
     create_job(lc_api, ns, "without-policy", ["sh", "-c", "true"])
     assert job(lc_api, ns, "with-policy")["spec"]["podReplacementPolicy"] == "Failed"
     assert job(lc_api, ns, "without-policy")["spec"]["podReplacementPolicy"] == "TerminatingOrFailed"
+
+
+def test_an_oom_killed_pod_fails_the_job_at_once_under_the_operators_policy(lc_api, ns):
+    """kubelet reports OOMKilled with exit code 137; a podFailurePolicy matches exit codes, so the operator's
+    rule on 137 fails the Job on the first OOM kill instead of retrying into the same limit."""
+    from finetune_operator.builders import TRAINER_CONTAINER, pod_failure_policy
+
+    script = (
+        "blob = bytearray(300 * 2**20); blob[::4096] = b'x' * len(blob[::4096]); import time; time.sleep(10)"
+    )
+    body = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "oom"},
+        "spec": {
+            "backoffLimit": 3,
+            "podFailurePolicy": pod_failure_policy(),
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": TRAINER_CONTAINER,
+                            "image": "busybox",
+                            "command": [PY, "-c", script],
+                            "resources": {"limits": {"memory": "100Mi"}},
+                        }
+                    ],
+                }
+            },
+        },
+    }
+    client.BatchV1Api(lc_api).create_namespaced_job(ns, body)
+    obj = wait_for(lambda: finished(lc_api, ns, "oom"), timeout=60, what="job to fail")
+    failed = condition(obj, "Failed")
+    (only,) = job_pods(lc_api, ns, "oom")
+    terminated = only["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert (terminated["reason"], terminated["exitCode"]) == ("OOMKilled", 137)
+    assert failed["reason"] == "PodFailurePolicy"
+    assert "exit code 137 matching FailJob rule at index 1" in failed["message"]
+    assert obj["status"]["failed"] == 1

@@ -611,3 +611,90 @@ def test_pending_pod_is_scheduled_once_resources_free_up(lc_api, ns):
     )
     assert second["spec"]["nodeName"] == "gpu-node-0"
     assert condition(second, "PodScheduled")["status"] == "True"
+
+
+IN_CLUSTER_CLIENT = """
+import json, os
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+config.load_config()  # in a pod: the ServiceAccount the kubelet mounted
+core = client.CoreV1Api()
+namespace = os.environ['POD_NAMESPACE']
+results = {}
+for kind, call in (('configmaps', core.list_namespaced_config_map), ('secrets', core.list_namespaced_secret)):
+    try:
+        call(namespace)
+        results[kind] = 200
+    except ApiException as exc:
+        results[kind] = [exc.status, json.loads(exc.body)['message']]
+print(json.dumps(results))
+"""
+
+
+def test_pod_authenticates_as_its_service_account(lc_api, ns):
+    """The kubelet mounts a bound ServiceAccount token at /var/run/secrets/kubernetes.io/serviceaccount; an
+    in-cluster client in the pod is that account, with exactly its RBAC."""
+    core = client.CoreV1Api(lc_api)
+    rbac = client.RbacAuthorizationV1Api(lc_api)
+    core.create_namespaced_service_account(ns, {"metadata": {"name": "reader"}})
+    rbac.create_namespaced_role(
+        ns,
+        {
+            "metadata": {"name": "cm-reader"},
+            "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}],
+        },
+    )
+    rbac.create_namespaced_role_binding(
+        ns,
+        {
+            "metadata": {"name": "reader"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "cm-reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": ns}],
+        },
+    )
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "serviceAccountName": "reader",
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "ghcr.io/finetune-operator/trainer:dev",
+                    "command": ["python", "-c", IN_CLUSTER_CLIENT],
+                    "env": [
+                        {
+                            "name": "POD_NAMESPACE",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                        }
+                    ],
+                }
+            ],
+        },
+        name="in-cluster",
+    )
+    done = wait_for(lambda: pod_phase(lc_api, ns, "in-cluster"), timeout=60, what="the pod to finish")
+    volumes = [v for v in done["spec"]["volumes"] if v["name"].startswith("kube-api-access-")]
+    assert len(volumes) == 1 and "serviceAccountToken" in volumes[0]["projected"]["sources"][0]
+    logs = core.read_namespaced_pod_log("in-cluster", ns)
+    assert done["status"]["phase"] == "Succeeded", logs
+    results = json.loads(logs.strip().splitlines()[-1])
+    assert results["configmaps"] == 200
+    assert results["secrets"] == [
+        403,
+        f'secrets is forbidden: User "system:serviceaccount:{ns}:reader" cannot list resource "secrets" '
+        f'in API group "" in the namespace "{ns}"',
+    ]
+
+
+def test_pod_without_automount_gets_no_token(lc_api, ns):
+    spec = {
+        "automountServiceAccountToken": False,
+        "restartPolicy": "Never",
+        "containers": [{"name": "c", "image": "busybox", "command": ["sh", "-c", "env"]}],
+    }
+    create_pod(lc_api, ns, spec, name="no-token")
+    done = wait_for(lambda: pod_phase(lc_api, ns, "no-token"), what="the pod to finish")
+    assert not [v for v in done["spec"].get("volumes") or [] if v["name"].startswith("kube-api-access-")]
+    assert "KUBECONFIG=" not in client.CoreV1Api(lc_api).read_namespaced_pod_log("no-token", ns)

@@ -16,6 +16,14 @@ from typing import Any
 
 import pytest
 from finetune_demo import toymodel
+from localcluster.pytest_plugin import (  # fixtures and the KUBECONFIG skip hook
+    lc_api,
+    lc_kubectl,
+    lc_kubectl_one,
+    lc_namespace,
+    local_cluster,
+    pytest_collection_modifyitems,
+)
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 SECRET = "s3"
@@ -24,33 +32,18 @@ SECRET = "s3"
 @pytest.fixture(scope="session")
 def s3_assets(local_cluster: Any) -> dict[str, str]:
     """Toy base model, toy dataset and a malformed dataset, uploaded once per session."""
-    from finetune_demo.toymodel import write_base_model, write_toy_dataset
+    from finetune_demo.assets import upload_toy_assets
 
     if getattr(local_cluster, "external", False):
         pytest.skip("the end-to-end tests upload their data to the embedded cluster's S3")
     s3 = local_cluster.s3_client()
-    for bucket in ("models", "data", "runs"):
-        with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
-            s3.create_bucket(Bucket=bucket)
-    with tempfile.TemporaryDirectory() as tmp:
-        model = write_base_model(Path(tmp) / "model")
-        for path in model.iterdir():
-            s3.upload_file(str(path), "models", f"toy/{path.name}")
-        data = write_toy_dataset(Path(tmp) / "data")
-        for name in ("train.jsonl", "test.jsonl"):
-            s3.upload_file(str(data / name), "data", f"toy/{name}")
+    assets = upload_toy_assets(s3)
     s3.put_object(
         Bucket="data",
         Key="bad/train.jsonl",
         Body=b'{"messages": [{"role": "user", "content": "hi"}]}\n{not json\n',
     )
-    return {
-        "model": "s3://models/toy",
-        "train": "s3://data/toy/train.jsonl",
-        "test": "s3://data/toy/test.jsonl",
-        "bad": "s3://data/bad/train.jsonl",
-        "output": "s3://runs/e2e",
-    }
+    return {**assets, "bad": "s3://data/bad/train.jsonl", "output": "s3://runs/e2e"}
 
 
 @dataclass
@@ -186,6 +179,10 @@ class Jobs:
 def jobs(local_cluster: Any, lc_api: Any, lc_namespace: str, s3_assets: dict[str, str]) -> Iterator[Jobs]:
     from kubernetes import client
 
+    # Every pod the operator creates must pass the restricted Pod Security level, enforced by the cluster.
+    client.CoreV1Api(lc_api).patch_namespace(
+        lc_namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    )
     client.CoreV1Api(lc_api).create_namespaced_secret(
         lc_namespace,
         {

@@ -71,7 +71,7 @@ def test_failed_gate_rejects_and_never_deploys(jobs: Jobs) -> None:
     assert "exact_match" in evaluation["tuned"] and "exact_match" in evaluation["base"]
     assert any("below the minimum 1.01" in r for r in evaluation["reasons"])
     assert jobs.list("Deployment") == [] and jobs.list("Service") == []
-    assert status["progress"]["step"] == 40
+    assert status["progress"]["step"] == status["progress"]["totalSteps"] > 0
     assert status["artifacts"]["adapter"].startswith("s3://runs/e2e/")
 
 

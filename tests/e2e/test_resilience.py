@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import collections
+import os
+import signal
 import time
 from typing import Any
 
@@ -46,6 +48,31 @@ def test_operator_restarted_at_three_stages_completes_without_duplicates(
     transitions = collections.Counter(e["reason"] for e in jobs.events("restarts"))
     for reason in ("Validating", "Training", "Evaluating", "Succeeded"):
         assert transitions[reason] == 1, transitions
+
+
+def test_operator_killed_with_sigkill_comes_back_and_completes_the_job(
+    jobs: Jobs, local_cluster: Any
+) -> None:
+    """`make local-cluster` / `make demo` supervise the operator like a Deployment's pod: kill -9 it mid-run
+    and it is back within seconds, and the job still finishes with one child per stage."""
+    if not hasattr(local_cluster, "operator_process"):
+        pytest.skip("needs the embedded cluster's operator process")
+    jobs.create("sigkill", hyperparameters={"maxSteps": 10}, evaluation={"enabled": False})
+    jobs.wait("sigkill", lambda s: s.get("phase") in ("Validating", "Training"), 300, "Validating")
+    before, restarts = local_cluster.operator_process, getattr(local_cluster, "operator_restarts", 0)
+    os.kill(before.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        current = local_cluster.operator_process
+        if current.pid != before.pid and current.returncode is None:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the operator was not restarted within 15 s of kill -9")
+    assert local_cluster.operator_restarts == restarts + 1
+    status = jobs.wait_phase("sigkill", "Succeeded", "Failed", timeout=400)
+    assert status["phase"] == "Succeeded", status
+    assert sorted(j["metadata"]["name"] for j in jobs.list("Job")) == ["sigkill-train", "sigkill-validate"]
 
 
 def test_evicted_trainer_resumes_from_its_checkpoint(jobs: Jobs, lc_api: Any) -> None:

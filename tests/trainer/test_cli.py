@@ -90,23 +90,24 @@ def test_explicit_nulls_mean_defaults() -> None:
     assert (
         spec.method == "lora" and spec.hyperparameters.seed == 42 and spec.hyperparameters.max_steps is None
     )
-    assert spec.evaluation.thresholds == [] and spec.evaluation.deciding_metric == "exact_match"
+    assert spec.evaluation.thresholds == [] and spec.evaluation.deciding_metric == "loss"
 
 
 def test_unset_primary_metric_resolves_like_the_operator_gate() -> None:
-    def deciding(metrics: list[str]) -> str:
+    def deciding(evaluation: dict) -> str:
         doc = {
             "runPrefix": "/r",
-            "spec": {
-                "baseModel": {"uri": "x"},
-                "dataset": {"train": "t"},
-                "evaluation": {"metrics": metrics},
-            },
+            "spec": {"baseModel": {"uri": "x"}, "dataset": {"train": "t"}, "evaluation": evaluation},
         }
         return parse_config(doc).spec.evaluation.deciding_metric
 
-    assert deciding(["loss", "exact_match"]) == "exact_match"
-    assert deciding(["token_f1", "loss"]) == "token_f1"
+    thresholds = [{"metric": "rouge_l", "min": 0.3}, {"metric": "loss", "max": 2}]
+    assert deciding({"metrics": ["loss", "exact_match"]}) == "loss"
+    assert deciding({"metrics": ["token_f1", "loss"]}) == "token_f1"
+    assert deciding({"metrics": ["loss", "rouge_l"], "thresholds": thresholds}) == "rouge_l"
+    assert deciding({"metrics": ["loss", "rouge_l"], "thresholds": thresholds, "primaryMetric": "loss"}) == (
+        "loss"
+    )
 
 
 def test_target_modules_accepts_a_list_or_one_string() -> None:

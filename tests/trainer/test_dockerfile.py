@@ -124,7 +124,8 @@ def test_dockerfile_installs_exactly_the_pinned_set() -> None:
             assert args == ["-r", "/tmp/requirements.txt"]
             seen_requirements = True
         elif "--no-deps" in args:
-            assert targets == ["/src"]  # the package itself, nothing it could pull
+            # The shared vocabulary (no dependencies) and the package itself, nothing either could pull.
+            assert targets == ["/src/vocabulary", "/src"]
             seen_package = True
         else:
             assert targets and all(PIN.match(t) for t in targets), f"unpinned install: {args}"

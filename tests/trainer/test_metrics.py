@@ -104,7 +104,9 @@ def test_reference_model_is_scored_like_the_others(fake_openai: str, monkeypatch
     _FakeOpenAI.seen_auth.clear()
     examples = [Example([{"role": "user", "content": f"item {i}"}], f"ITEM {i}") for i in range(4)]
     ev = EvaluationSpec(metrics=["exact_match", "token_f1"])
-    scores, answers = score_reference(ReferenceSpec(endpoint=fake_openai, model="ref-1"), examples, ev)
+    scores, answers = score_reference(
+        ReferenceSpec(endpoint=fake_openai, model="ref-1"), examples, ev, allow_plain_http=["127.0.0.1"]
+    )
     assert answers == ["ITEM 0", "no idea", "ITEM 2", "no idea"]
     assert scores == {"exact_match": 0.5, "token_f1": 0.5}
     assert set(_FakeOpenAI.seen_auth) == {"Bearer sk-test-reference-key-123456"}
@@ -116,7 +118,11 @@ def test_unreachable_reference_is_reported_not_fatal_and_keeps_the_key_secret(
     monkeypatch.setenv("FTJ_REFERENCE_API_KEY", "sk-test-reference-key-123456")
     ref = ReferenceSpec(endpoint="http://127.0.0.1:9/v1", model="ref-1")
     scores, answers = score_reference(
-        ref, [Example([{"role": "user", "content": "q"}], "a")], EvaluationSpec(), timeout=2
+        ref,
+        [Example([{"role": "user", "content": "q"}], "a")],
+        EvaluationSpec(),
+        timeout=2,
+        allow_plain_http=["127.0.0.0/8"],
     )
     assert answers is None and "ref-1" in scores["error"]
     assert "sk-test-reference-key" not in json.dumps(scores)

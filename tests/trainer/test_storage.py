@@ -361,3 +361,117 @@ def test_delete_committed_removes_the_manifest_first(
         "a.bin",
         "sub/b.bin",
     ]
+
+
+# --- hostile keys and manifest paths ------------------------------------------------------------------------
+
+# (relative key below the prefix, what the refusal names). "{outside}" is an absolute directory outside dest.
+HOSTILE_KEYS = [
+    ("{outside}/owned.tiktoken", "absolute path"),  # models/evil//tmp/x/owned.tiktoken
+    ("../../outside/owned.txt", "'..' segment"),
+    ("sub/../../../owned.txt", "'..' segment"),
+    ("./owned.txt", "'.' segment"),
+    ("sub//owned.txt", "empty path segment"),
+    ("..\\..\\owned.txt", "backslash"),
+    ("nul\x00.txt", "NUL or control character"),
+    ("x" * 300 + "/owned.txt", "longer than 255 bytes"),
+    ("/".join(["d" * 200] * 6) + "/owned.txt", "longer than 1024 bytes"),
+]
+
+
+def _hostile(rel: str, outside: Path) -> str:
+    return rel.replace("{outside}", str(outside))
+
+
+def _nothing_written(outside: Path, dest: Path) -> None:
+    assert not list(outside.rglob("*")), list(outside.rglob("*"))
+    assert not dest.exists() or not [p for p in dest.rglob("*") if p.is_file()]
+
+
+@pytest.mark.parametrize(("rel", "reason"), HOSTILE_KEYS, ids=[r for _, r in HOSTILE_KEYS])
+def test_hostile_s3_keys_are_refused_by_every_download(
+    s3: S3Bucket, tmp_path: Path, rel: str, reason: str
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    key = "models/evil/" + _hostile(rel, outside)
+    s3.client.put_object(Bucket=s3.bucket, Key="models/evil/config.json", Body=b"{}")
+    s3.client.put_object(Bucket=s3.bucket, Key=key, Body=b"owned")
+    assert key in s3.keys("models/evil/")  # moto stored the key as given
+    for download in (
+        lambda dest: storage.download_dir(s3.uri("models/evil"), dest),
+        lambda dest: storage.fetch_model(s3.uri("models/evil"), dest=dest),
+    ):
+        dest = tmp_path / "dest"
+        with pytest.raises(storage.UnsafePath, match=reason) as refused:
+            download(dest)
+        assert "refusing to write" in str(refused.value) and str(dest) in str(refused.value)
+        assert classify(refused.value)[0] == ExitCode.INVALID_DATA  # permanent: no retries
+        _nothing_written(outside, dest)
+
+
+@pytest.mark.parametrize("where", ["s3", "pvc"])
+@pytest.mark.parametrize(("rel", "reason"), HOSTILE_KEYS[:6], ids=[r for _, r in HOSTILE_KEYS[:6]])
+def test_hostile_manifest_paths_are_refused(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    rel: str,
+    reason: str,
+) -> None:
+    """A committed MANIFEST whose entry is absolute, climbs out or is malformed writes nothing anywhere."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if where == "s3":
+        base = request.getfixturevalue("s3").uri("run/adapter")
+    else:
+        monkeypatch.setenv("FTJ_PVC_ROOT", str(tmp_path / "pvcs"))
+        base = "pvc://claim/run/adapter"
+    src = _tree(tmp_path / "src", {"adapter.bin": b"weights"})
+    manifest.commit_dir(src, base, kind="adapter")
+    doc = json.loads(storage.read_text(manifest.manifest_uri(base)))
+    doc["files"].append({"path": _hostile(rel, outside), "size": 5, "sha256": "0" * 64})
+    storage.delete_file(manifest.manifest_uri(base))
+    storage.write_text(manifest.manifest_uri(base), json.dumps(doc))
+    dest = tmp_path / "dest"
+    with pytest.raises(storage.UnsafePath, match=reason):
+        manifest.download_committed(base, dest)
+    _nothing_written(outside, dest)
+    problems = manifest.verify_local(dest, manifest.Manifest.from_json(json.dumps(doc)))
+    assert any(reason in p for p in problems)
+
+
+def test_a_symlink_in_the_destination_cannot_carry_a_download_outside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FTJ_PVC_ROOT", str(tmp_path / "pvcs"))
+    _tree(tmp_path / "pvcs" / "claim" / "model", {"sub/owned.txt": b"owned", "config.json": b"{}"})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    (dest / "sub").symlink_to(outside)
+    with pytest.raises(storage.UnsafePath, match="outside the destination"):
+        storage.download_dir("pvc://claim/model", dest)
+    assert not list(outside.iterdir())
+
+
+def test_fetch_cli_refuses_a_hostile_prefix(s3: S3Bucket, tmp_path: Path) -> None:
+    """The init container's `fetch` (and so every stage that stages a model) fails with a clear error."""
+    from finetune_trainer import cli
+    from finetune_trainer.exitcodes import InvalidConfigError
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    s3.client.put_object(Bucket=s3.bucket, Key=f"models/evil/{outside}/owned.tiktoken", Body=b"owned")
+    with pytest.raises(InvalidConfigError, match=r"refusing to write .* absolute path"):
+        cli.fetch(s3.uri("models/evil"), str(tmp_path / "dest"))
+    _nothing_written(outside, tmp_path / "dest")
+
+
+def test_s3_folder_markers_are_not_files(s3: S3Bucket, tmp_path: Path) -> None:
+    s3.client.put_object(Bucket=s3.bucket, Key="models/ok/config.json", Body=b"{}")
+    s3.client.put_object(Bucket=s3.bucket, Key="models/ok/sub/", Body=b"")
+    assert [f.relpath for f in storage.list_files(s3.uri("models/ok"))] == ["config.json"]
+    assert (storage.download_dir(s3.uri("models/ok"), tmp_path / "d") / "config.json").is_file()

@@ -23,15 +23,15 @@ def test_full_fine_tuning_writes_merged_model_that_beats_base(
         prefix,
         str(toy_base_dir),
         method="full",
-        # 40 steps of 32 examples (about 4 epochs of the 300 toy examples)
-        hyperparameters={"learningRate": 1e-3, "maxSteps": 40, "batchSize": 32},
-        checkpoint={"everySteps": 40, "keep": 1},
+        # 80 steps of 16 examples (about 4 epochs of the 300 toy examples)
+        hyperparameters={"learningRate": 1e-3, "maxSteps": 80, "batchSize": 16},
+        checkpoint={"everySteps": 80, "keep": 1},
     )
     run = run_stage("train", config, termination_log)
     assert run.exit_code == 0, run.stdout[-4000:]
     summary = run.termination["summary"]
     assert summary["merged"] == f"{prefix}/model/merged" and summary["adapter"] is None
-    assert summary["loraRank"] is None and summary["step"] == 40
+    assert summary["loraRank"] is None and summary["step"] == 80
     merged = manifest.read_manifest(f"{prefix}/model/merged")
     assert merged is not None and merged.kind == "merged" and merged.hyperparameters["method"] == "full"
     files = {f.path for f in merged.files}
@@ -42,7 +42,7 @@ def test_full_fine_tuning_writes_merged_model_that_beats_base(
     chat_template = Path(prefix) / "model/merged/chat_template.jinja"
     assert chat_template.exists() or tokenizer_config.get("chat_template")
     # the full checkpoint carries the whole model and optimizer state
-    ckpt = manifest.read_manifest(f"{prefix}/checkpoints/step-00000040")
+    ckpt = manifest.read_manifest(f"{prefix}/checkpoints/step-00000080")
     assert ckpt is not None and {"model.safetensors", "optimizer.pt"} <= {f.path for f in ckpt.files}
 
     termination_log.unlink()

@@ -241,7 +241,7 @@ def test_validate_on_s3_end_to_end(
     assert report["removed"]["duplicate"]["first"] == [
         {"file": "train.jsonl", "line": 61, "message": "exact duplicate of line 1"}
     ]
-    assert report["tokens"]["train"]["max"] == 12 and report["policy"]["maxErrorRate"] == 0.1
+    assert report["tokens"]["train"]["max"] == 12 and report["policy"]["maxErrorRate"] == 0
 
     # Weights stayed on S3: only tokenizer files were fetched.
     assert not list(Path(os.environ["FTJ_WORKDIR"]).rglob("model.safetensors"))

@@ -11,6 +11,9 @@ from finetune_trainer import cli
 
 BAD = Path(__file__).parent / "data" / "bad"
 
+# The fixtures are a few lines each: cleanable cases lower the dataset.minTrainExamples floor (default 20).
+SMALL = {"minTrainExamples": 1}
+
 # (fixture, dataset overrides, exit code, text the termination message must contain)
 CASES: list[tuple[str, dict[str, Any], int, str]] = [
     ("invalid_json", {}, 10, "invalid_json.jsonl line 4: invalid JSON: Expecting value"),
@@ -48,24 +51,47 @@ CASES: list[tuple[str, dict[str, Any], int, str]] = [
         "all_leaked-test.jsonl line 1",
     ),
     (
+        "line_too_long",
+        {"maxLineBytes": 1024},
+        10,
+        "line_too_long.jsonl line 3: line is 2187 bytes, over dataset.maxLineBytes 1024",
+    ),
+    # By default any invalid line fails (dataset.maxErrorRate 0) ...
+    (
+        "one_bad_in_twenty",
+        {},
+        10,
+        "1 of 20 lines unusable (5.0% > dataset.maxErrorRate 0%): one_bad_in_twenty.jsonl line 7: "
+        "invalid JSON",
+    ),
+    (
         "one_bad_in_twenty",
         {"maxErrorRate": 0.01},
         10,
         "1 of 20 lines unusable (5.0% > dataset.maxErrorRate 1%): one_bad_in_twenty.jsonl line 7: "
         "invalid JSON",
     ),
-    # Cleanable classes: the run succeeds, the message still points at the line.
-    ("one_bad_in_twenty", {}, 0, "one_bad_in_twenty.jsonl line 7: invalid JSON"),
-    ("bom", {}, 0, "bom.jsonl line 1: UTF-8 byte order mark removed"),
-    ("duplicate", {}, 0, "duplicate.jsonl line 5: exact duplicate of line 2"),
-    ("near_duplicate", {}, 0, "near_duplicate.jsonl line 4: duplicate of line 1 after normalising"),
+    # ... and a dataset below the floor fails, naming both numbers.
+    (
+        "bom",
+        {},
+        10,
+        "only 5 training examples remain after cleaning and the held-out split, fewer than "
+        "dataset.minTrainExamples 20",
+    ),
+    # Cleanable classes (with the error rate raised explicitly): the run succeeds, the message still points at
+    # the line.
+    ("one_bad_in_twenty", {"maxErrorRate": 0.1, **SMALL}, 0, "one_bad_in_twenty.jsonl line 7: invalid JSON"),
+    ("bom", SMALL, 0, "bom.jsonl line 1: UTF-8 byte order mark removed"),
+    ("duplicate", SMALL, 0, "duplicate.jsonl line 5: exact duplicate of line 2"),
+    ("near_duplicate", SMALL, 0, "near_duplicate.jsonl line 4: duplicate of line 1 after normalising"),
     (
         "leakage",
-        {"test": "leakage-test"},
+        {"test": "leakage-test", **SMALL},
         0,
         "leakage-train.jsonl line 3: prompt also in leakage-test.jsonl line 1",
     ),
-    ("imbalanced", {}, 0, "imbalanced.jsonl: category 'math' has"),
+    ("imbalanced", SMALL, 0, "imbalanced.jsonl: category 'math' has"),
 ]
 
 
@@ -107,7 +133,7 @@ def test_bad_data_fixture(
     if code == 10:
         # The full findings stay next to the (uncommitted) data for the user.
         report_path = tmp_path / "run" / "data" / "report.json"
-        if term["summary"].get("lines"):
+        if term["summary"].get("lines") and "minTrainExamples" not in term["message"]:
             report = json.loads(report_path.read_text())
             listed = [f for kind in report["errors"].values() for f in kind["first"]] + [
                 f for kind in report["removed"].values() for f in kind["first"]
@@ -133,6 +159,7 @@ def test_fixture_count_covers_every_class() -> None:
         "bad_turn_order",
         "format_mismatch",
         "overlong",
+        "line_too_long",
         "duplicate",
         "near_duplicate",
         "leakage",

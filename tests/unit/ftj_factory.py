@@ -6,8 +6,8 @@ import copy
 import json
 from typing import Any
 
-from finetune_operator.builders import JobRef
 from finetune_operator.models import parse_spec, spec_to_dict
+from finetune_operator.ref import JobRef
 
 UID = "0b6f3c1e-1111-4222-8333-444455556666"
 
@@ -29,7 +29,7 @@ def spec(**overrides: Any) -> dict[str, Any]:
 
 
 def job(name: str = "demo", namespace: str = "team-a", **overrides: Any) -> JobRef:
-    return JobRef(namespace=namespace, name=name, uid=UID, spec=spec(**overrides))
+    return JobRef(namespace=namespace, name=name, uid=UID, spec=parse_spec(spec(**overrides)))
 
 
 def terminated_pod(

@@ -9,10 +9,11 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from finetune_operator import builders
-from finetune_operator.builders import Artifacts, JobRef
+from finetune_operator import builders, podspec, serving
 from finetune_operator.config import OperatorConfig, load_config
+from finetune_operator.models import spec_to_dict
 from finetune_operator.naming import is_dns1035_label
+from finetune_operator.ref import Artifacts, JobRef
 
 from .ftj_factory import UID, job
 
@@ -27,8 +28,8 @@ def _all(job_ref: JobRef, config: OperatorConfig = CONFIG) -> list[dict[str, Any
         builders.training_job(job_ref, config),
         builders.evaluation_job(job_ref, config),
         builders.export_job(job_ref, config),
-        builders.serving_deployment(job_ref, config, ADAPTER),
-        builders.serving_service(job_ref, config),
+        serving.serving_deployment(job_ref, config, ADAPTER),
+        serving.serving_service(job_ref, config),
     ]
 
 
@@ -120,6 +121,13 @@ def test_validation_never_asks_for_a_gpu_even_when_training_does() -> None:
     assert _pod_spec(manifest)["containers"][0]["command"] == ["python", "-m", "finetune_trainer", "validate"]
 
 
+def test_every_pod_that_asks_for_accelerators_or_serves_gets_the_priority_class() -> None:
+    ref = JOBS["multi gpu + user placement"]
+    for build in (builders.training_job, builders.evaluation_job, builders.export_job):
+        assert _pod_spec(build(ref, CONFIG))["priorityClassName"] == "batch-high", build.__name__
+    assert _pod_spec(serving.serving_deployment(ref, CONFIG, ADAPTER))["priorityClassName"] == "batch-high"
+
+
 def test_training_job_for_four_h100s_with_kueue() -> None:
     ref = JOBS["multi gpu + user placement"]
     manifest = builders.training_job(ref, CONFIG)
@@ -151,7 +159,11 @@ def test_training_job_for_four_h100s_with_kueue() -> None:
         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
     }
     assert rules[1]["action"] == "FailJob"
-    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [10, 11, 12]}
+    assert rules[1]["onExitCodes"] == {
+        "containerName": "trainer",
+        "operator": "In",
+        "values": [10, 11, 12, 137],
+    }
     assert pod["restartPolicy"] == "Never"
 
 
@@ -172,7 +184,7 @@ def test_training_job_can_be_created_suspended_and_without_pod_replacement_polic
     old_cluster = CONFIG.model_copy(
         update={"defaults": CONFIG.defaults.model_copy(update={"pod_replacement_policy": False})}
     )
-    manifest = builders.training_job(job(), old_cluster, suspend=True)
+    manifest = builders.training_job(job(resources={"queueName": "team-a-queue"}), old_cluster)
     assert "podReplacementPolicy" not in manifest["spec"]
     assert manifest["spec"]["suspend"] is True
 
@@ -192,7 +204,7 @@ def test_trainer_gets_the_contract_environment() -> None:
     document = json.loads(env["FTJ_CONFIG"]["value"])
     assert document["runPrefix"] == f"s3://runs/out/team-a/demo/{UID}"
     assert document["job"] == {"namespace": "team-a", "name": "demo", "uid": UID}
-    assert document["spec"] == dict(ref.spec)
+    assert document["spec"] == spec_to_dict(ref.spec)
     assert env["FTJ_TERMINATION_LOG"]["value"] == train["terminationMessagePath"] == "/dev/termination-log"
     assert env["FTJ_WORKDIR"]["value"] == "/workspace"
     assert train["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
@@ -200,6 +212,28 @@ def test_trainer_gets_the_contract_environment() -> None:
     evaluate = _pod_spec(builders.evaluation_job(ref, CONFIG))["containers"][0]
     key = next(e for e in evaluate["env"] if e["name"] == "FTJ_REFERENCE_API_KEY")
     assert key["valueFrom"] == {"secretKeyRef": {"name": "ref-key", "key": "token"}}
+
+
+def test_the_plain_http_allowance_comes_from_the_operator_config_not_the_spec() -> None:
+    """The reference host policy is the platform's: FTJ_CONFIG carries the operator's list, and the trainer
+    refuses a plain-http reference that the list does not name (before any stage does work)."""
+    from finetune_trainer.config import parse_config
+    from finetune_trainer.exitcodes import InvalidConfigError
+
+    ref = job(evaluation={"reference": {"url": "http://gateway.ml.svc:8080/v1", "model": "m"}})
+
+    def document(config: OperatorConfig) -> dict[str, Any]:
+        container = _pod_spec(builders.evaluation_job(ref, config))["containers"][0]
+        return dict(json.loads(next(e["value"] for e in container["env"] if e["name"] == "FTJ_CONFIG")))
+
+    default = document(CONFIG)
+    assert default["referencePolicy"] == {"allowPlainHttpHosts": []}
+    with pytest.raises(InvalidConfigError, match="plain http is not allowed"):
+        parse_config(default)
+    allowing = load_config(env={"FTO_REFERENCE_PLAIN_HTTP_HOSTS": "gateway.ml.svc, 127.0.0.0/8"})
+    assert allowing.reference.allow_plain_http_hosts == ("gateway.ml.svc", "127.0.0.0/8")
+    parsed = parse_config(document(allowing))
+    assert parsed.reference_policy.allow_plain_http_hosts == ["gateway.ml.svc", "127.0.0.0/8"]
 
 
 STAGE_JOBS = {
@@ -267,7 +301,7 @@ def test_pvc_variable_matches_the_trainers_lookup(
     claim: str, variable: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     storage = pytest.importorskip("finetune_trainer.storage")
-    assert builders.pvc_env_name(claim) == variable
+    assert podspec.pvc_env_name(claim) == variable
     monkeypatch.setenv(variable, "/somewhere/else")
     assert str(storage.pvc_mount(claim)) == "/somewhere/else"
 
@@ -285,12 +319,12 @@ def test_service_account_instead_of_secret() -> None:
     ("rank", "expected"), [(1, 8), (8, 8), (9, 16), (16, 16), (33, 64), (300, 320), (321, 512), (512, 512)]
 )
 def test_vllm_lora_rank(rank: int, expected: int) -> None:
-    assert builders.vllm_lora_rank(rank) == expected
+    assert serving.vllm_lora_rank(rank) == expected
 
 
 def test_vllm_lora_rank_too_large() -> None:
     with pytest.raises(ValueError, match="1024 exceeds"):
-        builders.vllm_lora_rank(1024)
+        serving.vllm_lora_rank(1024)
 
 
 def _args(manifest: dict[str, Any]) -> list[str]:
@@ -304,7 +338,7 @@ def _flag(args: list[str], name: str) -> str:
 
 def test_adapter_serving_fetches_base_and_adapter_and_enables_lora() -> None:
     ref = job(lora={"rank": 24}, deployment={"servedModelName": "support-bot", "maxModelLen": 4096})
-    manifest = builders.serving_deployment(ref, CONFIG, ADAPTER)
+    manifest = serving.serving_deployment(ref, CONFIG, ADAPTER)
     args = _args(manifest)
     assert _flag(args, "--model") == "/models/base"
     assert "--enable-lora" in args
@@ -331,22 +365,22 @@ def test_merged_serving_and_hf_and_pvc_bases() -> None:
     full = job(
         method="full", deployment={"gpus": 2, "gpuType": "h100-80gb", "extraArgs": ["--enforce-eager"]}
     )
-    args = _args(builders.serving_deployment(full, CONFIG, MERGED))
+    args = _args(serving.serving_deployment(full, CONFIG, MERGED))
     assert _flag(args, "--model") == "/models/merged"
     assert _flag(args, "--served-model-name") == "demo"
     assert _flag(args, "--tensor-parallel-size") == "2"
     assert "--enable-lora" not in args and args[-1] == "--enforce-eager"
     with pytest.raises(ValueError, match="merged"):
-        builders.serving_deployment(full, CONFIG, ADAPTER)
+        serving.serving_deployment(full, CONFIG, ADAPTER)
 
     hf = job(baseModel={"uri": "hf://mistralai/Mistral-Small-3", "revision": "main"})
-    hf_manifest = builders.serving_deployment(hf, CONFIG, ADAPTER)
+    hf_manifest = serving.serving_deployment(hf, CONFIG, ADAPTER)
     assert _flag(_args(hf_manifest), "--model") == "mistralai/Mistral-Small-3"
     assert _flag(_args(hf_manifest), "--revision") == "main"
     assert [c["name"] for c in _pod_spec(hf_manifest)["initContainers"]] == ["fetch-adapter"]
 
     pvc = job(baseModel={"uri": "pvc://models-claim/llama/8b"})
-    pvc_manifest = builders.serving_deployment(pvc, CONFIG, ADAPTER)
+    pvc_manifest = serving.serving_deployment(pvc, CONFIG, ADAPTER)
     assert _flag(_args(pvc_manifest), "--model") == "/models-pvc/llama/8b"
     claim = next(v for v in _pod_spec(pvc_manifest)["volumes"] if v["name"] == "base-model")
     assert claim["persistentVolumeClaim"] == {"claimName": "models-claim", "readOnly": True}
@@ -366,22 +400,22 @@ def test_serving_mode_and_export(
     overrides: dict[str, Any], artifacts: Artifacts, mode: str, export: bool
 ) -> None:
     ref = job(**overrides)
-    assert builders.serving_mode(ref.spec) == mode
-    assert builders.needs_export(ref.spec, artifacts) is export
+    assert serving.serving_mode(ref.spec) == mode
+    assert serving.needs_export(ref.spec, artifacts) is export
 
 
 def test_service_and_endpoint() -> None:
     ref = JOBS["long dotted name"]
-    service = builders.serving_service(ref, CONFIG)
-    deployment = builders.serving_deployment(ref, CONFIG, ADAPTER)
+    service = serving.serving_service(ref, CONFIG)
+    deployment = serving.serving_deployment(ref, CONFIG, ADAPTER)
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert service["spec"]["ports"][0]["port"] == 8000
-    assert builders.endpoint_url(ref, CONFIG) == f"http://{service['metadata']['name']}.team-a.svc:8000/v1"
+    assert serving.endpoint_url(ref, CONFIG) == f"http://{service['metadata']['name']}.team-a.svc:8000/v1"
 
 
 def test_deployment_hash_tracks_the_deployment_section() -> None:
     def digest(**deployment: Any) -> str:
-        manifest = builders.serving_deployment(job(deployment=deployment), CONFIG, ADAPTER)
+        manifest = serving.serving_deployment(job(deployment=deployment), CONFIG, ADAPTER)
         value: str = manifest["metadata"]["annotations"]["finetune.dev/spec-hash"]
         return value
 
@@ -402,11 +436,11 @@ def test_cpu_serving_sizes_the_kv_cache_from_the_pod_memory(memory: str | None, 
     """vLLM-CPU would size its KV cache as a share of HOST memory; a quarter of the pod memory instead."""
     resources = {"memory": memory} if memory else None
     ref = job(deployment={"gpus": 0, "gpuType": "cpu", "resources": resources})
-    assert _env(builders.serving_deployment(ref, CONFIG, ADAPTER))["VLLM_CPU_KVCACHE_SPACE"] == gib
+    assert _env(serving.serving_deployment(ref, CONFIG, ADAPTER))["VLLM_CPU_KVCACHE_SPACE"] == gib
 
 
 def test_kv_cache_setting_only_on_cpu_and_only_when_the_user_sets_none() -> None:
-    gpu = builders.serving_deployment(job(), CONFIG, ADAPTER)
+    gpu = serving.serving_deployment(job(), CONFIG, ADAPTER)
     assert "VLLM_CPU_KVCACHE_SPACE" not in _env(gpu)
     explicit = job(deployment={"gpus": 0, "gpuType": "cpu", "extraArgs": ["--kv-cache-memory-bytes", "1G"]})
-    assert "VLLM_CPU_KVCACHE_SPACE" not in _env(builders.serving_deployment(explicit, CONFIG, ADAPTER))
+    assert "VLLM_CPU_KVCACHE_SPACE" not in _env(serving.serving_deployment(explicit, CONFIG, ADAPTER))

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.gate import evaluate_gate, relative_improvement
+from finetune_operator.models import EvaluationSpec
 
 GATE_CASES = [
     # (name, evaluation spec, tuned, base, passed, words expected in the reasons)
@@ -89,18 +90,18 @@ GATE_CASES = [
     ),
     ("base missing while comparing", {"metrics": ["loss"]}, {"loss": 1.0}, None, False, ["cannot compare"]),
     (
-        "primary defaults to exact_match when it is computed",
-        {"metrics": ["perplexity", "exact_match"]},
+        "primary defaults to the first threshold's metric",
+        {"metrics": ["perplexity", "exact_match"], "thresholds": [{"metric": "exact_match", "min": 0.0}]},
         {"perplexity": 3.0, "exact_match": 0.0},
         {"perplexity": 9.0, "exact_match": 0.5},
         False,
         ["exact_match tuned 0 vs base 0.5", "not enough improvement"],
     ),
     (
-        "primary defaults to the first metric without exact_match",
-        {"metrics": ["perplexity", "token_f1"]},
-        {"perplexity": 3.0, "token_f1": 0.0},
-        {"perplexity": 9.0, "token_f1": 0.5},
+        "primary defaults to the first metric without thresholds",
+        {"metrics": ["perplexity", "exact_match"]},
+        {"perplexity": 3.0, "exact_match": 0.0},
+        {"perplexity": 9.0, "exact_match": 0.5},
         True,
         ["perplexity tuned 3 vs base 9"],
     ),
@@ -126,7 +127,7 @@ def test_gate(
     passed: bool,
     words: list[str],
 ) -> None:
-    result = evaluate_gate(spec, tuned, base)
+    result = evaluate_gate(EvaluationSpec.model_validate(spec), tuned, base)
     assert result.passed is passed
     text = " | ".join(result.reasons)
     for word in words:

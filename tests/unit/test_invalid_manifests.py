@@ -209,6 +209,84 @@ CASES = [
         "spec.evaluation.metrics[1]",
         model_path="spec.evaluation.metrics",
     ),
+    # serving limits (vLLM): refused at admission, not after training
+    Case("lora-rank-above-vllm", at("spec.lora.rank", 1024), "spec.lora.rank"),
+    Case(
+        "lora-rank-above-vllm-adapter-mode",
+        lambda o: o["spec"].update(lora={"rank": 640}, deployment={"mode": "adapter"}),
+        "spec.lora.rank",
+    ),
+    Case("lora-rank-above-max", at("spec.lora.rank", 1025), "spec.lora.rank"),
+    # deployment.extraArgs: an allow-list of harmless vLLM flags (issue 9 item 6)
+    Case(
+        "extra-arg-trust-remote-code",
+        at("spec.deployment.extraArgs", ["--trust-remote-code"]),
+        "spec.deployment.extraArgs",
+    ),
+    Case(
+        "extra-arg-model",
+        at("spec.deployment.extraArgs", ["--model", "evil/model"]),
+        "spec.deployment.extraArgs",
+    ),
+    Case(
+        "extra-arg-model-equals",
+        at("spec.deployment.extraArgs", ["--model=evil/model"]),
+        "spec.deployment.extraArgs",
+    ),
+    Case(
+        "extra-arg-abbreviated", at("spec.deployment.extraArgs", ["--mod=evil"]), "spec.deployment.extraArgs"
+    ),
+    Case(
+        "extra-arg-tokenizer",
+        at("spec.deployment.extraArgs", ["--tokenizer", "x"]),
+        "spec.deployment.extraArgs",
+    ),
+    Case("extra-arg-port", at("spec.deployment.extraArgs", ["--port", "9000"]), "spec.deployment.extraArgs"),
+    Case(
+        "extra-arg-host", at("spec.deployment.extraArgs", ["--host=127.0.0.1"]), "spec.deployment.extraArgs"
+    ),
+    Case(
+        "extra-arg-served-name",
+        at("spec.deployment.extraArgs", ["--served-model-name", "gpt-4"]),
+        "spec.deployment.extraArgs",
+    ),
+    Case(
+        "extra-arg-lora-modules",
+        at("spec.deployment.extraArgs", ["--lora-modules", "x=/etc"]),
+        "spec.deployment.extraArgs",
+    ),
+    Case(
+        "extra-arg-config-file",
+        at("spec.deployment.extraArgs", ["--config", "/etc/x.yaml"]),
+        "spec.deployment.extraArgs",
+    ),
+    Case(
+        "extra-arg-api-key", at("spec.deployment.extraArgs", ["--api-key", "k"]), "spec.deployment.extraArgs"
+    ),
+    Case("extra-arg-short-flag", at("spec.deployment.extraArgs", ["-tp", "2"]), "spec.deployment.extraArgs"),
+    Case(
+        "extra-arg-positional", at("spec.deployment.extraArgs", ["evil/model"]), "spec.deployment.extraArgs"
+    ),
+    Case(
+        "extra-arg-positional-after-boolean",
+        at("spec.deployment.extraArgs", ["--enforce-eager", "evil/model"]),
+        "spec.deployment.extraArgs",
+    ),
+    Case(
+        "extra-arg-var-expansion",
+        at("spec.deployment.extraArgs", ["--dtype", "$(AWS_SECRET_ACCESS_KEY)"]),
+        "spec.deployment.extraArgs",
+    ),
+    Case(
+        "extra-arg-var-expansion-equals",
+        at("spec.deployment.extraArgs", ["--seed=$(HF_TOKEN)"]),
+        "spec.deployment.extraArgs",
+    ),
+    Case(
+        "extra-arg-value-with-space",
+        at("spec.deployment.extraArgs", ["--dtype", "float32 --trust-remote-code"]),
+        "spec.deployment.extraArgs",
+    ),
     # transition rules (immutable once set)
     Case(
         "update-base-model",
@@ -315,6 +393,52 @@ def test_mutable_fields_may_change_on_update(validator: CRDValidator) -> None:
     new["spec"]["evaluation"]["thresholds"] = [{"metric": "loss", "max": 2.0}]
     assert validator.admit(new, old=stored)["spec"]["suspend"] is True
     check_update(parse_finetunejob(stored).spec, parse_finetunejob(new).spec)
+
+
+@pytest.mark.parametrize(
+    "extra_args",
+    [
+        ["--dtype", "float32", "--max-num-seqs", "4", "--gpu-memory-utilization", "0.08"],
+        ["--distributed-executor-backend", "uni", "--enforce-eager", "--kv-cache-memory-bytes=268435456"],
+        ["--dtype=bfloat16", "--enable-prefix-caching", "--max-loras", "4", "--seed=-1"],
+    ],
+)
+def test_allow_listed_extra_args_pass_both(validator: CRDValidator, extra_args: list[str]) -> None:
+    obj = valid_job()
+    obj["spec"]["deployment"] = {"extraArgs": extra_args}
+    stored = validator.admit(obj)
+    assert parse_finetunejob(stored).spec.deployment.extra_args == extra_args
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"lora": {"rank": 1024}, "deployment": {"mode": "merged"}},
+        {"lora": {"rank": 1024}, "deployment": {"enabled": False}},
+        {"lora": {"rank": 1024}, "method": "full"},
+        {"lora": {"rank": 512}},
+    ],
+)
+def test_ranks_vllm_cannot_serve_as_adapters_pass_when_not_served_as_one(
+    validator: CRDValidator, spec: dict[str, Any]
+) -> None:
+    obj = valid_job()
+    obj["spec"].update(spec)
+    parse_finetunejob(validator.admit(obj))
+
+
+def test_enabling_adapter_serving_of_an_unservable_rank_later_is_refused(validator: CRDValidator) -> None:
+    obj = valid_job()
+    obj["spec"].update(lora={"rank": 1024}, deployment={"enabled": False})
+    stored = validator.admit(obj)
+    new = copy.deepcopy(stored)
+    new["spec"]["deployment"]["enabled"] = True
+    with pytest.raises(InvalidError) as info:
+        validator.admit(new, old=stored)
+    assert "spec.lora.rank" in str(info.value) and "512" in str(info.value)
+    with pytest.raises(SpecError) as model_info:
+        parse_finetunejob(new)
+    assert "spec.lora.rank" in str(model_info.value)
 
 
 def test_unknown_fields_are_pruned_by_the_api_server_and_rejected_by_the_models(

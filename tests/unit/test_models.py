@@ -10,18 +10,14 @@ from typing import Any
 import pytest
 from finetune_operator.crdgen import build_crd
 from finetune_operator.models import (
-    Condition,
-    EvaluationStatus,
     FineTuneJobSpec,
-    FineTuneJobStatus,
-    Phase,
-    ProgressStatus,
     SpecError,
     check_update,
     parse_finetunejob,
     parse_spec,
     spec_to_dict,
 )
+from finetune_operator.status import Condition, EvaluationStatus, FineTuneJobStatus, Phase, ProgressStatus
 from localcluster.crdvalidation import CRDValidator
 
 MINIMAL_SPEC: dict[str, Any] = {

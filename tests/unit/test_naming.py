@@ -67,3 +67,63 @@ def test_label_safe(value: str) -> None:
         assert safe == value
     else:
         assert safe != label_safe(value + "x")
+
+
+def _is_object_name(value: str) -> bool:
+    """A valid metadata.name (DNS-1123 subdomain), what a FineTuneJob may be called."""
+    import re
+
+    label = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+    return len(value) <= 253 and re.fullmatch(rf"{label}(\.{label})*", value) is not None
+
+
+@pytest.mark.parametrize("stage", list(Stage))
+def test_a_plain_name_never_equals_a_hashed_one_at_any_length(stage: Stage) -> None:
+    """Issue 9, item 5: the plain 63-character name of a job once equalled the hashed name of a 64-character
+    one. For every length, name the job after another job's hashed child: the children must differ."""
+    for length in range(1, 254):
+        for filler in ("a", "ab-", "x.y"):
+            victim = (filler * length)[:length].strip(".-") or "a"
+            if not _is_object_name(victim):
+                continue
+            hashed = child_name(victim, stage)
+            attacker = hashed[: -len(stage.value) - 1]  # so that `<attacker>-<stage>` spells `hashed`
+            assert f"{attacker}-{stage.value}" == hashed
+            if attacker != victim and _is_object_name(attacker):
+                assert child_name(attacker, stage) != hashed, (victim, attacker)
+
+
+def test_the_two_forms_are_told_apart_by_the_marker() -> None:
+    for length in range(1, 254):
+        name = "a" * length
+        for stage in Stage:
+            child = child_name(name, stage)
+            plain = f"{name}-{stage.value}"
+            if child == plain:
+                assert "--" not in child
+            else:
+                assert child.count("--") == 1 and len(child) <= 63, child
+    assert child_name("a--b", Stage.TRAIN) != "a--b-train"  # a plain name with the marker is hashed
+
+
+def test_names_around_the_limit_never_collide() -> None:
+    """Property-style: every length from 40 to 80 characters, several shapes (including names made to look
+    like hashed children and ones with `--`), every stage: valid, deterministic, all distinct."""
+    rng = random.Random(9)
+    names: set[str] = set()
+    for length in range(40, 81):
+        names.add("a" * length)
+        names.add(("ab-" * length)[:length].rstrip("-"))
+        names.add("b" * (length - 3) + "--c")
+        names.add(
+            "".join(rng.choice(string.ascii_lowercase + "-") for _ in range(length - 2)).strip("-") + "z9"
+        )
+        for stage in Stage:  # names spelling another name's hashed child, minus the stage
+            names.add(child_name("a" * length, stage)[: -len(stage.value) - 1])
+    names = {n for n in names if _is_object_name(n)}
+    children: dict[str, tuple[str, Stage]] = {}
+    for name, stage in itertools.product(sorted(names), Stage):
+        child = child_name(name, stage)
+        assert is_dns1035_label(child) and child == child_name(name, stage), (name, child)
+        assert child not in children, (name, stage, children.get(child))
+        children[child] = (name, stage)

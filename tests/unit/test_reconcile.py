@@ -10,10 +10,11 @@ from typing import Any
 
 import kopf
 import pytest
-from finetune_operator import kube
-from finetune_operator.builders import LABEL_JOB_UID
+from finetune_operator import kube, ownership
 from finetune_operator.config import load_config
-from finetune_operator.reconcile import Children, Context, newest_progress, reconcile, snapshot
+from finetune_operator.context import Children, Context, snapshot
+from finetune_operator.reconcile import newest_progress, reconcile
+from finetune_vocabulary.labels import LABEL_JOB_UID
 
 from .ftj_factory import UID, spec
 
@@ -30,6 +31,8 @@ class FakeApi:
         self.events: list[tuple[str, str, str]] = []
         self.logs: dict[str, str] = {}
         self.fail_next: kube.ApiError | None = None
+        self.event_failures: list[Exception] = []  # raised by the next Event posts, in order
+        self.event_names: set[str] = set()
         self.reject_pod_replacement_policy = False
 
     def _check(self) -> None:
@@ -46,8 +49,9 @@ class FakeApi:
             raise kube.ApiError(422, {"message": "spec.podReplacementPolicy: Forbidden"}, "POST", "/jobs")
         if key in self.objects:
             owners = self.objects[key]["metadata"].get("ownerReferences") or []
-            if not any(o["uid"] == owner_uid for o in owners):
-                raise kube.NotOwnedError(f"{key} is not ours")
+            if not any(o["uid"] == owner_uid and o.get("controller") for o in owners):
+                message = ownership.conflict_message(key[0], self.objects[key])
+                raise kube.NotOwnedError(message, kind=key[0], name=key[2])
             return self.objects[key]
         obj = copy.deepcopy(dict(manifest))
         obj["metadata"]["uid"] = f"uid-{key[2]}"
@@ -65,8 +69,14 @@ class FakeApi:
         self.writes.append(("delete", kind, name))
         self.objects.pop((kind, namespace, name), None)
 
-    async def patch_status(self, namespace: str, name: str, patch: Mapping[str, Any]) -> dict[str, Any]:
+    async def patch_status(
+        self, namespace: str, name: str, patch: Mapping[str, Any], uid: str | None = None
+    ) -> dict[str, Any]:
         self._check()
+        if uid is not None and uid != self.job["metadata"]["uid"]:
+            raise kube.ApiError(
+                422, {"reason": "Invalid", "message": "metadata.uid: field is immutable"}, "PATCH", name
+            )
         self.writes.append(("patch", "FineTuneJob/status", name))
         status = self.job.setdefault("status", {})
         for key, value in patch.items():
@@ -78,8 +88,15 @@ class FakeApi:
         meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
         return copy.deepcopy(self.job)
 
-    async def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    async def post_event(
+        self, involved: Mapping[str, Any], type_: str, reason: str, message: str, name: str | None = None
+    ) -> None:
         self.writes.append(("create", "Event", reason))
+        if self.event_failures:
+            raise self.event_failures.pop(0)
+        if name is not None and name in self.event_names:
+            raise kube.ApiError(409, {"reason": "AlreadyExists"}, "POST", "/events")
+        self.event_names.add(name or f"random-{len(self.events)}")
         self.events.append((type_, reason, message))
 
     async def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str:
@@ -99,6 +116,13 @@ class FakeApi:
             }[kind]
             target.append(snapshot(obj))
         return found
+
+
+def controlled_by(owner: Mapping[str, Any]) -> dict[str, Any]:
+    """The ownerReferences a controller (here the Job controller) puts on what it creates."""
+    meta = owner["metadata"]
+    ref = {"kind": owner["kind"], "name": meta["name"], "uid": meta["uid"], "controller": True}
+    return {"ownerReferences": [ref]}
 
 
 def new_job(**overrides: Any) -> dict[str, Any]:
@@ -130,8 +154,8 @@ async def test_new_job_costs_three_writes_then_nothing() -> None:
     await reconcile(ctx, copy.deepcopy(job), trigger="test")
     assert api.writes == [
         ("create", "Job", "demo-validate"),
+        ("create", "Event", "Validating"),  # before the status patch: see events.py
         ("patch", "FineTuneJob/status", "demo"),
-        ("create", "Event", "Validating"),
     ]
     assert job["status"]["phase"] == "Validating"
     await reconcile(ctx, copy.deepcopy(job), trigger="test")  # e.g. the watch event of our own patch
@@ -169,32 +193,44 @@ async def test_restarted_operator_adopts_and_writes_nothing() -> None:
     assert len(api.writes) == writes
 
 
-async def test_a_child_name_owned_by_someone_else_is_retried_later() -> None:
+async def test_a_child_name_owned_by_someone_else_is_named_in_the_status_until_freed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 9, item 5: an orphaned leftover (no controller) holds the child's name. The job waits in
+    Pending with a condition naming the object and what to do, and carries on once it is deleted."""
     job = new_job()
     ctx, api = setup(job, cache=False)
     api.objects[("Job", "team-a", "demo-validate")] = {
         "kind": "Job",
-        "metadata": {
-            "name": "demo-validate",
-            "labels": {},
-            "ownerReferences": [{"uid": "an-older-job", "controller": True}],
-        },
+        "metadata": {"name": "demo-validate", "namespace": "team-a", "labels": {}, "ownerReferences": []},
     }
-    with pytest.raises(kopf.TemporaryError):
-        await reconcile(ctx, copy.deepcopy(job), trigger="test")
-    assert UID in ctx.dirty
-    assert "status" not in job  # nothing half-written
+    for _ in range(3):  # the resync retries; the status and the log say it once
+        await reconcile(ctx, copy.deepcopy(job), trigger="resync")
+        assert ctx.records[UID].dirty
+    status = job["status"]
+    assert status["phase"] == "Pending"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ChildConflict"
+    assert "Job team-a/demo-validate exists and is not controlled by this FineTuneJob" in ready["message"]
+    assert "kubectl delete job -n team-a demo-validate" in status["message"]
+    assert [e[:2] for e in api.events] == [("Warning", "ChildConflict")]
+    assert len([r for r in caplog.records if "waits" in r.getMessage()]) == 1
+    assert ("patch", "FineTuneJob/status", "demo") in api.writes
+    del api.objects[("Job", "team-a", "demo-validate")]  # the user deletes the leftover
+    await reconcile(ctx, copy.deepcopy(job), trigger="resync")
+    assert job["status"]["phase"] == "Validating"
+    assert not ctx.records[UID].dirty
+    assert api.objects[("Job", "team-a", "demo-validate")]["metadata"]["ownerReferences"][0]["uid"] == UID
 
 
 async def test_api_errors_become_temporary_and_mark_the_job_for_retry() -> None:
     job = new_job()
     ctx, api = setup(job)
     api.fail_next = kube.ApiError(503, {"message": "etcd is sad"}, "POST", "/jobs")
-    with pytest.raises(kopf.TemporaryError, match="etcd is sad"):
-        await reconcile(ctx, copy.deepcopy(job), trigger="test")
-    assert UID in ctx.dirty
-    await reconcile(ctx, copy.deepcopy(job), trigger="resync")
-    assert UID not in ctx.dirty
+    assert await reconcile(ctx, copy.deepcopy(job), trigger="test") is False
+    assert ctx.records[UID].dirty
+    assert await reconcile(ctx, copy.deepcopy(job), trigger="resync") is True
+    assert not ctx.records[UID].dirty
     assert job["status"]["phase"] == "Validating"
     assert ctx.metrics.reconcile_errors.labels("ApiError")._value.get() == 1
 
@@ -212,8 +248,9 @@ async def test_invalid_spec_fails_permanently_with_the_field_named() -> None:
     job = new_job()
     job["spec"]["resources"]["gpus"] = 99
     ctx, api = setup(job)
-    with pytest.raises(kopf.PermanentError, match=r"spec\.resources\.gpus"):
-        await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    # Nothing to retry: the job is Failed with the field named, and the reconcile did its work.
+    assert await reconcile(ctx, copy.deepcopy(job), trigger="test") is True
+    assert not ctx.records[UID].dirty
     assert job["status"]["phase"] == "Failed"
     assert "spec.resources.gpus" in job["status"]["message"]
     assert not [w for w in api.writes if w[1] == "Job"]
@@ -228,7 +265,8 @@ async def test_training_progress_is_read_from_the_log_tail() -> None:
     summary = {"train": 10, "test": 2, "trainTokens": 1000}
     api.objects[("Pod", "team-a", "v-1")] = {
         "kind": "Pod",
-        "metadata": {"name": "v-1", "labels": validate["metadata"]["labels"]},
+        "metadata": {"name": "v-1", "namespace": "team-a", "labels": validate["metadata"]["labels"]}
+        | controlled_by(validate),
         "status": {
             "phase": "Succeeded",
             "containerStatuses": [
@@ -249,7 +287,8 @@ async def test_training_progress_is_read_from_the_log_tail() -> None:
     train = api.objects[("Job", "team-a", "demo-train")]
     api.objects[("Pod", "team-a", "t-1")] = {
         "kind": "Pod",
-        "metadata": {"name": "t-1", "labels": train["metadata"]["labels"]},
+        "metadata": {"name": "t-1", "namespace": "team-a", "labels": train["metadata"]["labels"]}
+        | controlled_by(train),
         "status": {"phase": "Running"},
     }
     api.logs["t-1"] = "\n".join(
@@ -359,6 +398,9 @@ async def test_an_eviction_seen_only_in_the_pod_delete_event_still_counts_as_a_r
             "namespace": "team-a",
             "uid": "pod-1",
             "labels": {LABEL_JOB_UID: UID},
+            "ownerReferences": [
+                {"kind": "Job", "name": "demo-validate", "uid": "uid-demo-validate", "controller": True}
+            ],
         },
         "status": {
             "phase": "Failed",
@@ -367,4 +409,24 @@ async def test_an_eviction_seen_only_in_the_pod_delete_event_still_counts_as_a_r
     }
     # The pod is already gone from the index when its reconcile runs: only the event carries it.
     await lifecycle.on_child_event({"ctx": ctx}, evicted, "DELETED")
-    assert ctx.disrupted[UID] == {"pod-1"}
+    assert ctx.records[UID].disrupted == {"pod-1"}
+
+
+async def test_a_job_being_deleted_gets_no_children_and_no_status() -> None:
+    """Its name may soon belong to a re-created job (kubectl delete --cascade=orphan, then apply again)."""
+    job = new_job()
+    job["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    ctx, api = setup(job)
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    assert api.writes == []
+
+
+async def test_a_stale_pass_for_a_deleted_uid_cannot_write_a_namesakes_status() -> None:
+    job = new_job()
+    ctx, _api = setup(job)
+    stale = copy.deepcopy(job)
+    stale["metadata"]["uid"] = "the-deleted-job"
+    # The API refuses (uid is immutable): the pass fails and is left to the resync loop, nothing written.
+    assert await reconcile(ctx, stale, trigger="resync") is False
+    assert ctx.records["the-deleted-job"].dirty
+    assert "status" not in job

@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from finetune_operator.builders import JobRef
+from finetune_operator.conditions import Reason
 from finetune_operator.config import load_config
 from finetune_operator.naming import Stage
-from finetune_operator.state import Event, Observed, Plan, Reason, plan
+from finetune_operator.plan import Event, Observed, Plan
+from finetune_operator.planner import plan
+from finetune_operator.ref import JobRef
 
 from .ftj_factory import job, pending_pod, terminated_pod, with_status
 
@@ -78,6 +80,7 @@ class World:
     generation: int = 1
     events: list[Event] = field(default_factory=list)
     last: Plan | None = None
+    conflicts: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def step(self) -> Plan:
         observed = Observed(
@@ -89,6 +92,7 @@ class World:
             pods=self.pods,
             progress=self.progress,
             now=NOW,
+            conflicts=self.conflicts,
         )
         result = plan(observed, CONFIG)
         for manifest in result.create:
@@ -202,6 +206,21 @@ def test_good_data_records_counts_estimate_and_starts_training_in_the_same_pass(
     train = world.children[Stage.TRAIN]
     assert train["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     _quiet(world)
+
+
+def test_planned_optimizer_steps_are_in_status_before_the_first_step() -> None:
+    """900 examples, batches of 16, 3 epochs on two GPUs (ranks): ceil(900 / 32) x 3 = 87 steps."""
+    world = World(job(resources={"gpus": 2}, hyperparameters={"batchSize": 16, "epochs": 3}))
+    _to_training(world)
+    progress = world.status["progress"]
+    assert (progress["step"], progress["totalSteps"], progress["display"]) == (0, 87, "0/87")
+    assert (progress["batching"], progress["examplesPerStep"]) == ("padding-free", 32)
+
+
+def test_packed_runs_leave_the_step_count_to_the_trainer() -> None:
+    world = World(job(hyperparameters={"packing": True}))
+    _to_training(world)
+    assert not (world.status.get("progress") or {}).get("totalSteps")
 
 
 def test_unschedulable_training_says_why_once() -> None:
@@ -469,3 +488,22 @@ def test_retries_count_evictions_the_job_counter_ignores_and_ordinary_failures()
     result = plan(observed, CONFIG)
     # One eviction (already deleted, remembered by the operator) + one crash the Job controller counted.
     assert result.status["retries"] == 2
+
+
+def test_a_serving_name_held_by_a_foreign_object_waits_with_its_message() -> None:
+    """Issue 9, item 5: the planner is told which (kind, name) is taken and neither creates the Service nor
+    the Deployment; the job waits in Pending with reason ChildConflict; it deploys once the name is free."""
+    world = World(job())
+    message = "Service team-a/demo-serve exists and is not controlled by this FineTuneJob: ..."
+    world.conflicts = {("Service", "demo-serve"): message}
+    _to_evaluated(world, EVAL_GOOD)
+    assert world.last is not None and world.last.create == []
+    assert world.status["phase"] == "Pending" and world.status["message"] == message
+    assert world.condition["Deployed"]["reason"] == "ChildConflict"
+    assert world.condition["Ready"]["reason"] == "ChildConflict"
+    assert [(e.type, e.reason) for e in world.events][-1] == ("Warning", "ChildConflict")
+    _quiet(world)
+    world.conflicts = {}
+    result = world.step()
+    assert sorted(m["kind"] for m in result.create) == ["Deployment", "Service"]
+    assert world.status["phase"] == "Deploying"

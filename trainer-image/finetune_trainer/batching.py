@@ -12,13 +12,15 @@ per-example ``position_ids`` (attention never crosses an example boundary), so n
 the step count is exactly the formula above. Concatenation *packing* (``hyperparameters.packing: true``) is
 opt-in: it fills rows of ``maxSeqLength`` tokens with several examples, so ``batchSize`` counts packed
 rows and a run makes ``ceil(packed rows / rows per optimizer step) * epochs`` steps, fewer than without
-packing when examples are short.
+packing when examples are short. The arithmetic itself is ``finetune_vocabulary.steps``, which the
+operator uses too (``status.progress.totalSteps`` before training starts).
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
+
+from finetune_vocabulary import steps
 
 if TYPE_CHECKING:
     from .config import Hyperparameters
@@ -33,22 +35,19 @@ def mode(hp: Hyperparameters) -> str:
 
 def examples_per_step(hp: Hyperparameters, world_size: int = 1) -> int:
     """Training examples (packed rows with packing) per optimizer step."""
-    return hp.batch_size * hp.gradient_accumulation_steps * max(1, world_size)
+    return steps.examples_per_step(hp.batch_size, hp.gradient_accumulation_steps, world_size)
 
 
 def steps_per_epoch(rows: int, hp: Hyperparameters, world_size: int = 1) -> int:
-    """Optimizer steps in one pass over ``rows`` (examples, or packed rows); the last may be short.
-
-    Equal to the HF Trainer's ``ceil(ceil(rows / (batchSize * ranks)) / gradientAccumulationSteps)``.
-    """
-    return max(1, math.ceil(rows / examples_per_step(hp, world_size)))
+    """Optimizer steps in one pass over ``rows`` (examples, or packed rows); the last may be short."""
+    return steps.steps_per_epoch(rows, hp.batch_size, hp.gradient_accumulation_steps, world_size)
 
 
 def total_steps(rows: int, hp: Hyperparameters, world_size: int = 1) -> int:
     """Optimizer steps of the whole run: ``maxSteps`` when set, else ``ceil(epochs * steps per epoch)``."""
-    if hp.max_steps:
-        return int(hp.max_steps)
-    return max(1, math.ceil(hp.epochs * steps_per_epoch(rows, hp, world_size)))
+    return steps.total_steps(
+        rows, hp.batch_size, hp.epochs, hp.gradient_accumulation_steps, world_size, hp.max_steps
+    )
 
 
 def describe(hp: Hyperparameters, examples: int, rows: int, world_size: int = 1) -> dict[str, Any]:

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         if isinstance(exc, SystemExit | KeyboardInterrupt) and not isinstance(exc, TrainerError):
             raise
-        code, message = classify(exc)
+        code, message = classify(exc, stage)
         summary = exc.summary if isinstance(exc, TrainerError) else {}
         if code == ExitCode.CRASH:
             log.error("%s crashed: %s", stage, message, exc_info=exc)

@@ -19,10 +19,11 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune_vocabulary.layout import RunLayout
+from finetune_vocabulary.metrics import METRICS, MetricName, primary_metric
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -34,12 +35,11 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from .egress import PlainHttpAllowance, RefusedEndpoint, check_url
 from .exitcodes import InvalidConfigError
 
-Metric = Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l"]
-ALL_METRICS: tuple[Metric, ...] = ("loss", "perplexity", "exact_match", "token_f1", "rouge_l")
-# Metrics where lower is better (thresholds use "max", improvements are decreases).
-LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+Metric = MetricName  # the shared vocabulary's names (finetune_vocabulary.metrics)
+ALL_METRICS: tuple[Metric, ...] = METRICS
 
 
 class _Section(BaseModel):
@@ -81,12 +81,27 @@ class DatasetSpec(_Section):
         description="Held-out examples when there is no test file: a count (≥ 1) or a fraction "
         "(< 1); default 10% of train, at least 1 and at most 200",
     )
+    # The data gates. The operator passes the spec with the FineTuneJob API's defaults applied (its models are
+    # their one source); these fallbacks equal them (tests/trainer/test_cli_contract.py) so a hand-written
+    # config runs the same gates.
     max_error_rate: float = Field(
-        0.1,
+        0,
         ge=0,
         le=1,
-        description="Cleaning policy: fail with INVALID_DATA when more than this fraction of "
-        "lines is malformed (invalid JSON/encoding, missing fields, bad roles) or over-length",
+        description="Fail with INVALID_DATA when more than this fraction of non-blank lines is invalid "
+        "(invalid JSON/encoding, missing fields, bad roles, over maxLineBytes, over maxSeqLength); 0: any",
+    )
+    max_line_bytes: int = Field(
+        1_048_576, ge=1, description="A longer line is an invalid line (read without loading it whole)"
+    )
+    min_train_examples: int = Field(
+        20, ge=1, description="Fail with INVALID_DATA when fewer training examples remain after the split"
+    )
+    recommended_train_examples: int = Field(
+        500, ge=0, description="Fewer training examples is a warning, not a failure (0: no warning)"
+    )
+    max_test_fraction: float = Field(
+        0.2, gt=0, le=1, description="testSize above this fraction of the valid examples is reduced to it"
     )
 
 
@@ -188,18 +203,16 @@ class EvaluationSpec(_Section):
         None, description="Tuned must beat base on primaryMetric by this much"
     )
     primary_metric: Metric | None = Field(
-        None, description="Metric that decides improvement (unset: exact_match if computed, else the first)"
+        None, description="Metric that decides the run (unset: first threshold's, else first of metrics)"
     )
     max_new_tokens: int = Field(128, ge=1, le=32768, description="Greedy generation length per prompt")
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts generated per batch")
     reference: ReferenceSpec | None = None
 
     @property
-    def deciding_metric(self) -> Metric:
-        """primaryMetric, resolved the way the operator's gate resolves it."""
-        if self.primary_metric is not None:
-            return self.primary_metric
-        return "exact_match" if "exact_match" in self.metrics else self.metrics[0]
+    def deciding_metric(self) -> str:
+        """The primary metric, by the rule the operator's gate and status use (finetune_vocabulary)."""
+        return primary_metric(self.metrics, [t.metric for t in self.thresholds], self.primary_metric)
 
 
 class ResourcesSpec(_Section):
@@ -253,47 +266,29 @@ class JobRef(_Section):
     uid: str = ""
 
 
-@dataclass(frozen=True)
-class RunLayout:
-    """Where each stage writes under the run prefix (the contract's storage table)."""
+class ReferencePolicy(_Section):
+    """Set by the operator from its configuration, not by the FineTuneJob: where the evaluator may send the
+    reference API key over plain http (names, ``*.suffix``, IPs or CIDRs; everything else needs https)."""
 
-    prefix: str
-
-    def join(self, *parts: str) -> str:
-        return "/".join([self.prefix.rstrip("/"), *(p.strip("/") for p in parts)])
-
-    @property
-    def data(self) -> str:
-        return self.join("data")
-
-    @property
-    def checkpoints(self) -> str:
-        return self.join("checkpoints")
-
-    def checkpoint(self, step: int) -> str:
-        return self.join("checkpoints", f"step-{step:08d}")
-
-    @property
-    def adapter(self) -> str:
-        return self.join("model", "adapter")
-
-    @property
-    def merged(self) -> str:
-        return self.join("model", "merged")
-
-    @property
-    def train(self) -> str:
-        return self.join("train")
-
-    @property
-    def evaluation(self) -> str:
-        return self.join("evaluation")
+    allow_plain_http_hosts: list[str] = Field(default_factory=list)
 
 
 class TrainerConfig(_Section):
     run_prefix: str = Field(description="Everything this run writes goes under this URI")
     job: JobRef = Field(default_factory=JobRef)
     spec: FineTuneSpec
+    reference_policy: ReferencePolicy = Field(default_factory=ReferencePolicy)
+
+    @model_validator(mode="after")
+    def _reference_endpoint_allowed(self) -> TrainerConfig:
+        reference = self.spec.evaluation.reference
+        if reference is not None:
+            allowance = PlainHttpAllowance.parse(self.reference_policy.allow_plain_http_hosts)
+            try:
+                check_url(reference.endpoint, allowance)
+            except RefusedEndpoint as exc:
+                raise ValueError(f"spec.evaluation.reference.endpoint: {exc}") from None
+        return self
 
     @field_validator("run_prefix")
     @classmethod
@@ -347,7 +342,7 @@ def format_validation_error(error: ValidationError) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         # Cross-field rules name their field first ("method: ..."): attach it to the location.
         if (m := _LEADING_FIELD.match(msg)) is not None:
-            path, msg = f"{path}.{m.group(1)}", m.group(2)
+            path, msg = (f"{path}.{m.group(1)}" if err["loc"] else m.group(1)), m.group(2)
         lines.append(f"{path}: {msg}")
     if len(error.errors()) > 10:
         lines.append(f"... and {len(error.errors()) - 10} more")

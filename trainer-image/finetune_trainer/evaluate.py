@@ -14,18 +14,19 @@ Writes ``report.json``, ``report.md``, ``comparison.png`` and ``predictions.json
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import logging
 import os
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import manifest, metrics, modeling, plots, storage
+from finetune_vocabulary.metrics import LOSS_METRICS
+
+from . import egress, manifest, metrics, modeling, plots, storage
 from .config import EvaluationSpec, ReferenceSpec, TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
 from .logs import redact
@@ -154,7 +155,7 @@ def score_local(
     model.eval()
     answers = generate(model, tokenizer, examples, max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size)
     scores = metrics.score_text(answers, [e.reference for e in examples])
-    if {"loss", "perplexity"} & set(ev.metrics):
+    if set(LOSS_METRICS) & set(ev.metrics):
         scores.update(
             metrics.loss_metrics(*reference_nll(model, tokenizer, examples, batch_size=ev.batch_size))
         )
@@ -170,33 +171,41 @@ def score_local(
 
 
 def _chat_completion(
-    ref: ReferenceSpec, messages: list[dict[str, Any]], max_tokens: int, timeout: float
+    ref: ReferenceSpec,
+    messages: list[dict[str, Any]],
+    max_tokens: int,
+    timeout: float,
+    allowance: egress.PlainHttpAllowance,
 ) -> str:
-    body = json.dumps({"model": ref.model, "messages": messages, "temperature": 0, "max_tokens": max_tokens})
-    request = urllib.request.Request(
-        ref.endpoint.rstrip("/") + "/chat/completions",
-        data=body.encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
+    body = {"model": ref.model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
     key = os.environ.get(REFERENCE_KEY_ENV)
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        doc = json.loads(response.read())
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = ref.endpoint.rstrip("/") + "/chat/completions"
+    doc = egress.post_json(url, body, allowance=allowance, headers=headers, timeout=timeout)
     return str(doc["choices"][0]["message"].get("content") or "").strip()
 
 
 def score_reference(
-    ref: ReferenceSpec, examples: Sequence[Example], ev: EvaluationSpec, *, timeout: float = 60.0
+    ref: ReferenceSpec,
+    examples: Sequence[Example],
+    ev: EvaluationSpec,
+    *,
+    timeout: float = 60.0,
+    allow_plain_http: Sequence[str] = (),
 ) -> tuple[dict[str, Any], list[str] | None]:
-    """Scores of the reference model, or ``{"error": ...}`` (the comparison is optional, never fatal)."""
+    """Scores of the reference model, or ``{"error": ...}`` (the comparison is optional, never fatal).
+
+    The key goes only to the endpoint itself, over https unless the operator allows plain http for the host
+    (``allow_plain_http``), never to a metadata address, and never across a redirect (egress.py)."""
+    allowance = egress.PlainHttpAllowance.parse(allow_plain_http)
     try:
         with ThreadPoolExecutor(max_workers=4) as pool:
             answers = list(
-                pool.map(lambda e: _chat_completion(ref, e.prompt, ev.max_new_tokens, timeout), examples)
+                pool.map(
+                    lambda e: _chat_completion(ref, e.prompt, ev.max_new_tokens, timeout, allowance), examples
+                )
             )
-    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+    except (http.client.HTTPException, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         message = redact(f"reference model {ref.model} at {ref.endpoint}: {exc}")
         log.warning(message)
         return {"error": message[:300]}, None
@@ -308,7 +317,9 @@ def run(config: TrainerConfig) -> StageResult:
         )
 
     if ev.reference is not None:
-        results["reference"], ref_answers = score_reference(ev.reference, examples, ev)
+        results["reference"], ref_answers = score_reference(
+            ev.reference, examples, ev, allow_plain_http=config.reference_policy.allow_plain_http_hosts
+        )
         if ref_answers is not None:
             answers["reference"] = ref_answers
 

@@ -1,4 +1,4 @@
-"""Exit codes of the trainer (see ../CONTRACT.md) and the exceptions that carry them.
+"""The exceptions that carry the trainer's exit codes (finetune_vocabulary.exitcodes, ../CONTRACT.md).
 
 Stage code raises one of the ``TrainerError`` subclasses; anything else is classified by
 :func:`classify` (CUDA/host OOM, network and storage failures) at the top of the CLI.
@@ -6,8 +6,9 @@ Stage code raises one of the ``TrainerError`` subclasses; anything else is class
 
 from __future__ import annotations
 
-from enum import IntEnum
 from typing import Any
+
+from finetune_vocabulary.exitcodes import ExitCode
 
 OOM_HINT = (
     "lower hyperparameters.batchSize or hyperparameters.maxSeqLength (raise gradientAccumulationSteps to "
@@ -15,16 +16,14 @@ OOM_HINT = (
     "larger gpuType"
 )
 
+# Validation reads data on CPU: running out of memory there is about the dataset, never a training setting.
+VALIDATE_OOM_HINT = (
+    "the dataset does not fit in the validation pod's memory (operator setting defaults.validateMemory); "
+    "look for a very large file, or lower dataset.maxLineBytes"
+)
 
-class ExitCode(IntEnum):
-    OK = 0
-    INVALID_DATA = 10
-    INVALID_CONFIG = 11
-    OUT_OF_MEMORY = 12
-    TRANSIENT = 20
-    PREEMPTED = 21
-    # Not part of the contract's named codes: an unexpected crash. The operator treats it as transient.
-    CRASH = 1
+
+__all__ = ["ExitCode", "TrainerError", "classify"]
 
 
 class TrainerError(Exception):
@@ -108,13 +107,14 @@ def _is_oom(exc: BaseException) -> bool:
     )
 
 
-def classify(exc: BaseException) -> tuple[ExitCode, str]:
+def classify(exc: BaseException, stage: str | None = None) -> tuple[ExitCode, str]:
     """Map an exception to (exit code, one-line message) following the contract."""
     if isinstance(exc, TrainerError):
         return exc.code, exc.message
     if _is_oom(exc):
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return ExitCode.OUT_OF_MEMORY, f"out of memory ({first[:300]}); {OOM_HINT}"
+        hint = VALIDATE_OOM_HINT if stage == "validate" else OOM_HINT
+        return ExitCode.OUT_OF_MEMORY, f"out of memory ({first[:300]}); hint: {hint}"
     try:
         from botocore import exceptions as boto_exc
     except ImportError:  # pragma: no cover - botocore is in the image

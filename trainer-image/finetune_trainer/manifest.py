@@ -256,7 +256,9 @@ def verify_local(local_dir: str | Path, manifest: Manifest) -> list[str]:
     root = Path(local_dir)
     for entry in manifest.files:
         path = root / entry.path
-        if not path.is_file():
+        if (problem := storage.relpath_problem(entry.path)) is not None:
+            problems.append(f"{entry.path!r}: {problem}")
+        elif not path.is_file():
             problems.append(f"{entry.path}: missing")
         elif path.stat().st_size != entry.size:
             problems.append(f"{entry.path}: size {path.stat().st_size} != {entry.size}")
@@ -271,8 +273,9 @@ def download_committed(dir_uri: str, dest: str | Path, *, verify: bool = True) -
     if manifest is None:
         raise NotCommitted(f"{dir_uri} has no {MANIFEST_NAME}")
     dest = Path(dest)
-    for entry in manifest.files:
-        target = dest / entry.path
+    # Every entry is checked before anything is written: a hostile MANIFEST leaves nothing behind.
+    targets = [storage.safe_target(dest, e.path, source=manifest_uri(dir_uri)) for e in manifest.files]
+    for entry, target in zip(manifest.files, targets, strict=True):
         if (
             target.is_file()
             and target.stat().st_size == entry.size

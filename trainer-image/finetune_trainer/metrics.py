@@ -14,7 +14,9 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
-TEXT_METRICS = ("exact_match", "token_f1", "rouge_l")
+from finetune_vocabulary.metrics import TEXT_METRICS
+
+__all__ = ["TEXT_METRICS", "loss_metrics", "score_text", "select"]
 
 
 def normalize(text: str) -> str:

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune_vocabulary.metrics import LOSS_METRICS
+
 
 def _pyplot() -> Any:
     import matplotlib
@@ -45,7 +47,7 @@ def comparison_chart(
 ) -> Path:
     """Grouped bars: one group per bounded metric (0..1), one bar per model (base, tuned, reference)."""
     plt = _pyplot()
-    bounded = [m for m in metrics if m not in ("loss", "perplexity")]
+    bounded = [m for m in metrics if m not in LOSS_METRICS]
     models = [name for name in scores if scores[name]]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     width = 0.8 / max(len(models), 1)

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
+from .exitcodes import InvalidDataError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PVC_ROOT = "/mnt/pvc"
@@ -51,6 +53,51 @@ class AlreadyExists(FileExistsError):
 
 class UnsupportedOperation(ValueError):
     """E.g. writing to hf://."""
+
+
+class UnsafePath(InvalidDataError, ValueError):
+    """An object key or manifest path that would be written outside the download destination (permanent)."""
+
+
+# Linux NAME_MAX, and the longest S3 key: anything longer cannot be a file we wrote.
+MAX_SEGMENT_BYTES = 255
+MAX_RELPATH_BYTES = 1024
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def relpath_problem(relpath: str) -> str | None:
+    """Why ``relpath`` (an object key below a prefix, or a manifest entry) is not a plain relative path."""
+    if not relpath:
+        return "empty path"
+    if _CONTROL_CHARS.search(relpath):
+        return "NUL or control character"
+    if "\\" in relpath:
+        return "backslash"
+    if relpath.startswith("/"):
+        return "absolute path"
+    if len(relpath.encode()) > MAX_RELPATH_BYTES:
+        return f"longer than {MAX_RELPATH_BYTES} bytes"
+    for segment in relpath.split("/"):
+        if not segment:
+            return "empty path segment ('//' or a trailing '/')"
+        if segment in (".", ".."):
+            return f"'{segment}' segment"
+        if len(segment.encode()) > MAX_SEGMENT_BYTES:
+            return f"a path segment longer than {MAX_SEGMENT_BYTES} bytes"
+    return None
+
+
+def safe_target(dest: str | os.PathLike[str], relpath: str, *, source: str) -> Path:
+    """``dest / relpath``, or UnsafePath when that would not stay under ``dest`` (hostile keys, symlinks)."""
+    problem = relpath_problem(relpath)
+    if problem is None:
+        root = Path(dest).resolve()
+        resolved = (root / relpath).resolve()
+        if resolved == root or root not in resolved.parents:
+            problem = "resolves outside the destination (through a symbolic link)"
+    if problem is not None:
+        raise UnsafePath(f"{source}: refusing to write {relpath!r} under {os.fspath(dest)}: {problem}")
+    return Path(dest) / relpath
 
 
 # --- URIs ---------------------------------------------------------------------------------------------------
@@ -289,6 +336,8 @@ def list_files(prefix: str) -> list[ObjectInfo]:
         for page in paginator.paginate(Bucket=loc.bucket, Prefix=base):
             for obj in page.get("Contents", []):
                 rel = obj["Key"][len(base) :]
+                if rel.endswith("/") and not obj["Size"]:
+                    continue  # a "folder" marker (S3 consoles create them), not a file
                 if rel:
                     out.append(
                         ObjectInfo(
@@ -478,15 +527,17 @@ def download_dir(uri: str, dest: str | os.PathLike[str], *, exclude: Sequence[st
     files = list_files(uri)
     if not files:
         raise NotFound(f"{uri}: no files")
-    for info in files:
-        if PurePosixPath(info.relpath).name in exclude:
-            continue
-        _check_segments(info.uri, info.relpath.split("/"))
-        target = dest / info.relpath
-        if target.is_file() and target.stat().st_size == info.size:
-            continue
-        download_file(info.uri, target)
+    wanted = [info for info in files if PurePosixPath(info.relpath).name not in exclude]
+    _download_all(wanted, dest)
     return dest
+
+
+def _download_all(files: Sequence[ObjectInfo], dest: Path) -> None:
+    """Download ``files`` under ``dest`` by relative path; every key is checked before anything is written."""
+    targets = [safe_target(dest, info.relpath, source=info.uri) for info in files]
+    for info, target in zip(files, targets, strict=True):
+        if not (target.is_file() and target.stat().st_size == info.size):
+            download_file(info.uri, target)
 
 
 def upload_file(src: str | os.PathLike[str], uri: str, *, multipart_threshold: int | None = None) -> None:
@@ -705,11 +756,7 @@ def fetch_model(
             for f in files
             if not allow_patterns or any(fnmatch.fnmatch(f.relpath, pattern) for pattern in allow_patterns)
         ]
-        for info in wanted:
-            _check_segments(info.uri, info.relpath.split("/"))
-            target = Path(dest) / info.relpath
-            if not (target.is_file() and target.stat().st_size == info.size):
-                download_file(info.uri, target)
+        _download_all(wanted, Path(dest))
         return ModelSource(Path(dest), revision or "s3:" + _listing_digest(files))
     assert loc.path is not None
     if not loc.path.is_dir():

@@ -10,8 +10,14 @@ Cleaning policy (also written into report.json):
     (leakage) are dropped from train; validation examples whose prompt is in the test set are dropped from
     validation. These are cleaning, not errors.
   * A UTF-8 byte order mark is removed and reported as a warning.
+  * A line over ``dataset.maxLineBytes`` (default 1 MiB) is an error for that line; lines are read with at
+    most that many bytes in memory, so one huge line cannot exhaust the pod's memory.
   * The stage fails with INVALID_DATA when errors exceed ``dataset.maxErrorRate`` of all non-blank lines
-    (default 10%), or when no usable train (or given test) example remains.
+    (default 0: any invalid line fails, the first ones listed by line number), when fewer than
+    ``dataset.minTrainExamples`` (default 20) training examples remain, or when no usable test example
+    remains. Fewer than ``dataset.recommendedTrainExamples`` (default 500) is a warning.
+  * A requested testSize above ``dataset.maxTestFraction`` (default 20%) of the valid examples is reduced to
+    it, with a warning, so training never has fewer examples than the held-out set.
 Without a test file, a held-out test set is split off deterministically: examples are ordered by a seeded
 hash of their normalised prompt (so equal prompts stay on one side), stratified by ``category``.
 
@@ -26,10 +32,10 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from . import manifest, storage
 from .config import TrainerConfig
@@ -42,6 +48,7 @@ log = logging.getLogger(__name__)
 MAX_LISTED = 20  # findings listed per kind (counts are always complete)
 
 ERROR_KINDS: dict[str, str] = {
+    "line_too_long": "line longer than dataset.maxLineBytes (read without loading it whole)",
     "invalid_json": "line is not valid JSON",
     "invalid_utf8": "line contains bytes that are not UTF-8",
     "not_an_object": "JSON value is not an object",
@@ -149,11 +156,45 @@ class ParsedFile:
 
 # --- parsing ------------------------------------------------------------------------------------------------
 
+SKIP_CHUNK = 1 << 16  # bytes read at a time while skipping the rest of an over-long line
 
-def _decode_lines(raw_lines: Iterable[bytes], name: str, findings: Findings) -> list[tuple[int, Any]]:
+
+@dataclass(frozen=True)
+class OverlongLine:
+    """A line longer than the limit, skipped without holding it (``size``: its bytes without the newline)."""
+
+    size: int
+    limit: int
+
+
+def read_lines(fh: BinaryIO, max_bytes: int) -> Iterator[bytes | OverlongLine]:
+    """The file's lines with at most ``max_bytes + 1`` bytes of one line in memory at a time."""
+    while True:
+        line = fh.readline(max_bytes + 1)
+        if not line:
+            return
+        if line.endswith(b"\n") or len(line) <= max_bytes:
+            yield line
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):
+            line = fh.readline(SKIP_CHUNK)
+            if not line:
+                break
+            size += len(line)
+        yield OverlongLine(size - line.endswith(b"\n"), max_bytes)
+
+
+def _decode_lines(
+    raw_lines: Iterable[bytes | OverlongLine], name: str, findings: Findings
+) -> list[tuple[int, Any]]:
     """(line number, parsed JSON value | RecordError) for every non-blank line."""
     out: list[tuple[int, Any]] = []
     for lineno, raw in enumerate(raw_lines, start=1):
+        if isinstance(raw, OverlongLine):
+            message = f"line is {raw.size} bytes, over dataset.maxLineBytes {raw.limit}"
+            out.append((lineno, RecordError("line_too_long", message)))
+            continue
         if lineno == 1 and raw.startswith(UTF16_BOMS):
             out.append(
                 (
@@ -205,7 +246,9 @@ def detect_file_format(values: Sequence[tuple[int, Any]], name: str) -> str:
     return max(FORMATS, key=lambda f: (votes[f], -FORMATS.index(f)))
 
 
-def parse_file(raw_lines: Iterable[bytes], name: str, fmt: str, findings: Findings) -> ParsedFile:
+def parse_file(
+    raw_lines: Iterable[bytes | OverlongLine], name: str, fmt: str, findings: Findings
+) -> ParsedFile:
     """Parse one JSONL file into canonical chat examples; problems go to ``findings``."""
     decoded = _decode_lines(raw_lines, name, findings)
     if fmt == "auto":
@@ -319,6 +362,32 @@ def held_out_count(n: int, test_size: int | float | None) -> int:
     else:
         k = int(test_size)
     return min(k, n - 1)
+
+
+def cap_held_out(k: int, n: int, max_fraction: float) -> tuple[int, str | None]:
+    """Hold out at most ``max_fraction`` of the ``n`` valid examples (at least 1); a warning when reduced."""
+    limit = max(1, math.floor(max_fraction * n))
+    if k <= limit:
+        return k, None
+    return limit, (
+        f"testSize {k} reduced to {limit} (dataset.maxTestFraction {max_fraction:.0%} of {n} valid "
+        "examples), so training keeps more examples than the held-out set"
+    )
+
+
+def train_size_gate(train: int, minimum: int, recommended: int) -> tuple[str | None, str | None]:
+    """(failure, warning): below the floor fails, naming both numbers; below the recommended size warns."""
+    if train < minimum:
+        return (
+            f"only {train} training examples remain after cleaning and the held-out split, "
+            f"fewer than dataset.minTrainExamples {minimum}"
+        ), None
+    if recommended and train < recommended:
+        return None, (
+            f"only {train} training examples; at least {recommended} are recommended "
+            "(dataset.recommendedTrainExamples)"
+        )
+    return None, None
 
 
 def split_held_out(examples: list[Example], k: int, seed: int) -> tuple[list[Example], list[Example]]:
@@ -530,7 +599,8 @@ def run(config: TrainerConfig) -> StageResult:
     parsed: dict[str, ParsedFile] = {}
     for item in inputs:
         with (work / "input" / f"{item.role}.jsonl").open("rb") as fh:
-            parsed[item.role] = parse_file(fh, item.name, spec.dataset.format, findings)
+            lines = read_lines(fh, spec.dataset.max_line_bytes)
+            parsed[item.role] = parse_file(lines, item.name, spec.dataset.format, findings)
     fmt = parsed["train"].fmt
 
     try:
@@ -552,6 +622,7 @@ def run(config: TrainerConfig) -> StageResult:
             validation = drop_leakage(validation, test, findings)
         held_out = (test or []) + (validation or [])
         train = drop_leakage(train, held_out, findings) if held_out else train
+        warnings: list[str] = []
         if test is None:
             if len(train) < 2:
                 raise _failure(
@@ -559,13 +630,26 @@ def run(config: TrainerConfig) -> StageResult:
                     findings,
                     summary,
                 )
-            train, test = split_held_out(
-                train, held_out_count(len(train), spec.dataset.test_size), spec.hyperparameters.seed
+            k, reduced = cap_held_out(
+                held_out_count(len(train), spec.dataset.test_size), len(train), spec.dataset.max_test_fraction
             )
+            warnings += [reduced] if reduced else []
+            train, test = split_held_out(train, k, spec.hyperparameters.seed)
         if not train:
             raise _failure(f"no usable train example remains in {parsed['train'].name}", findings, summary)
         if not test:
             raise _failure(f"no usable test example remains in {parsed['test'].name}", findings, summary)
+        too_few, few = train_size_gate(
+            len(train), spec.dataset.min_train_examples, spec.dataset.recommended_train_examples
+        )
+        if too_few:
+            raise _failure(too_few, findings, {**summary, "train": len(train), "test": len(test)})
+        warnings += [few] if few else []
+        if "test" in parsed and len(test) > len(train):
+            # A given test file is the user's choice and is kept whole; say what it costs.
+            warnings.append(
+                f"the test file has {len(test)} examples, more than the {len(train)} training examples"
+            )
 
     except InvalidDataError as exc:
         _upload_failure_report(data_uri, findings, exc)
@@ -584,11 +668,16 @@ def run(config: TrainerConfig) -> StageResult:
         "estimatedSteps": estimate["estimatedSteps"],
         "errors": findings.of(ERROR_KINDS),
         "errorRate": round(error_rate, 4),
+        **({"warnings": warnings} if warnings else {}),
     }
     report = {
         "summary": summary,
         "policy": {
             "maxErrorRate": spec.dataset.max_error_rate,
+            "maxLineBytes": spec.dataset.max_line_bytes,
+            "minTrainExamples": spec.dataset.min_train_examples,
+            "recommendedTrainExamples": spec.dataset.recommended_train_examples,
+            "maxTestFraction": spec.dataset.max_test_fraction,
             "maxSeqLength": spec.hyperparameters.max_seq_length,
             "errorKinds": ERROR_KINDS,
             "cleaningKinds": CLEANING_KINDS,
@@ -623,6 +712,8 @@ def run(config: TrainerConfig) -> StageResult:
         f"{len(train)} train / {len(validation or [])} validation / {len(test)} test examples ({fmt}), "
         f"~{estimate['trainTokens']} training tokens"
     )
+    if warnings:
+        message += "; warning: " + "; warning: ".join(warnings)
     if notes:
         message += "; " + "; ".join(f.render() for f in notes)
     return StageResult(summary=summary, message=message)

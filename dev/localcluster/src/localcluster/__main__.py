@@ -73,7 +73,7 @@ async def run(args: argparse.Namespace) -> int:
     if cluster.operator_process is not None:
         lines.append(
             f"  operator     pid {cluster.operator_process.pid}, ports on {cluster.operator_ip} "
-            "(metrics :9090, health :8080), "
+            "(metrics :9090, health :8080), restarted with back-off if it exits, "
             f"log {cluster.workdir / 'operator.log'}"
         )
     lines.append("Ctrl-C to stop.")

@@ -60,6 +60,13 @@ def _operator_default() -> bool:
     return os.environ.get("LOCAL_OPERATOR", "1") != "0"
 
 
+def _operator_rbac_default() -> bool:
+    return os.environ.get("LOCAL_OPERATOR_RBAC", "1") != "0"
+
+
+OPERATOR_ACCOUNT = ("default", "finetune-operator")  # the host-run operator's ServiceAccount
+
+
 class LocalCluster:
     def __init__(
         self,
@@ -73,11 +80,16 @@ class LocalCluster:
         install_crds: bool | None = None,
         backoff_scale: float = 1.0,
         root: Path | None = None,
+        operator_restart_backoff: tuple[float, float] = (1.0, 30.0),
+        operator_rbac: bool | None = None,
     ):
         self.workdir = Path(workdir).absolute()
         self.kubelet_enabled = kubelet
         self.s3_enabled = s3
         self.operator_enabled = _operator_default() if operator is None else operator
+        # The host-run operator authenticates as its own ServiceAccount with exactly the chart's rules
+        # (finetune_operator.rbac), so a verb missing there fails here too; LOCAL_OPERATOR_RBAC=0: admin.
+        self.operator_rbac = _operator_rbac_default() if operator_rbac is None else operator_rbac
         self.install_crds = self.operator_enabled if install_crds is None else install_crds
         self.nodes = nodes if nodes is not None else default_nodes()
         self.api_port = api_port
@@ -91,6 +103,10 @@ class LocalCluster:
         self.client: KubeClient | None = None
         self.kubelet: Kubelet | None = None
         self.operator_process: asyncio.subprocess.Process | None = None
+        # The operator runs supervised, like a Deployment's pod: restarted when it exits, with back-off.
+        self.operator_restart_backoff = operator_restart_backoff
+        self.operator_restarts = 0
+        self._operator_supervisor: asyncio.Task[None] | None = None
         self._informers: list[Informer] = []
         self._components: list[Any] = []
         self._registrar: NodeRegistrar | None = None
@@ -269,18 +285,130 @@ class LocalCluster:
                     if not err.conflict:
                         raise
 
+    async def service_account_kubeconfig(
+        self,
+        namespace: str,
+        name: str,
+        path: Path | None = None,
+        expiration_seconds: int = 86400,
+    ) -> Path:
+        """Write a kubeconfig that authenticates as ServiceAccount `namespace/name` (created if missing)
+        with a token from the TokenRequest API; returns its path (default
+        `<workdir>/sa-<namespace>-<name>.kubeconfig`). From another thread:
+        `cluster.call(cluster.service_account_kubeconfig(...))`. Python clients and Kopf send the token over
+        the cluster's plain http; kubectl sends tokens only over https, so with kubectl use
+        `--as=system:serviceaccount:<namespace>:<name>` and the admin kubeconfig."""
+        assert self.client is not None and self.apiserver is not None, "cluster not started"
+        accounts = f"/api/v1/namespaces/{namespace}/serviceaccounts"
+        try:
+            await self.client.create(accounts, {"metadata": {"name": name}})
+        except ApiError as err:
+            if not err.conflict:
+                raise
+        answer = await self.client.create(
+            f"{accounts}/{name}/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": expiration_seconds},
+            },
+        )
+        target = path or self.workdir / f"sa-{namespace}-{name}.kubeconfig"
+        write_kubeconfig(target, self.apiserver.url, token=answer["status"]["token"], namespace=namespace)
+        return Path(target)
+
+    async def _operator_kubeconfig(self) -> Path:
+        """The admin kubeconfig, or one for the operator's ServiceAccount bound to its own rules."""
+        if not self.operator_rbac:
+            return self.kubeconfig
+        try:
+            from finetune_operator.rbac import cluster_role
+        except ImportError as err:
+            log.warning("operator runs as cluster admin: its RBAC rules are not importable (%s)", err)
+            return self.kubeconfig
+        assert self.client is not None
+        namespace, name = OPERATOR_ACCOUNT
+        role = cluster_role(f"localcluster-{name}")
+        binding = {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": role["metadata"]["name"]},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": role["metadata"]["name"],
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        }
+        rbac = "/apis/rbac.authorization.k8s.io/v1"
+        for path, body in ((f"{rbac}/clusterroles", role), (f"{rbac}/clusterrolebindings", binding)):
+            try:
+                await self.client.create(path, body)
+            except ApiError as err:
+                if not err.conflict:
+                    raise
+                current = await self.client.get(f"{path}/{body['metadata']['name']}")
+                body = {
+                    **body,
+                    "metadata": {
+                        **body["metadata"],
+                        "resourceVersion": current["metadata"]["resourceVersion"],
+                    },
+                }
+                await self.client.replace(f"{path}/{body['metadata']['name']}", body)
+        return await self.service_account_kubeconfig(
+            namespace, name, self.workdir / "operator.kubeconfig", expiration_seconds=365 * 86400
+        )
+
     async def _start_operator(self) -> None:
+        """Start the operator under supervision: when it exits for any reason other than stop(), it is
+        restarted after a back-off (first delay doubling up to the cap, reset after a minute of running),
+        as the kubelet restarts a Deployment's container. `make local-cluster` and `make demo` run it so."""
         if (
             importlib.util.find_spec("finetune_operator") is None
             or importlib.util.find_spec("finetune_operator.__main__") is None
         ):
             log.warning(
-                "operator not started: `python -m finetune_operator` is not available yet "
-                "(no finetune_operator/__main__.py); set LOCAL_OPERATOR=0 to silence this"
+                "operator not started: the finetune_operator package is not installed in this environment "
+                "(`make venv` installs it); set LOCAL_OPERATOR=0 to run the cluster without it"
             )
             return
+        if self._operator_supervisor is not None and not self._operator_supervisor.done():
+            return
+        await self._spawn_operator()
+        supervisor = self._supervise_operator()
+        self._operator_supervisor = asyncio.create_task(supervisor, name="operator-supervisor")
+
+    async def _supervise_operator(self) -> None:
+        first, cap = self.operator_restart_backoff
+        delay = first
+        while True:
+            proc = self.operator_process
+            assert proc is not None
+            started = time.monotonic()
+            code = await proc.wait()
+            if time.monotonic() - started >= 60:
+                delay = first  # it ran cleanly for a while: back to the short delay
+            log.warning(
+                "operator (pid %s) exited with %s; restarting in %.1fs (restart %d)",
+                proc.pid,
+                code,
+                delay,
+                self.operator_restarts + 1,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, cap)
+            try:
+                await self._spawn_operator()
+            except OSError as err:
+                log.error("operator restart failed: %s", err)
+                continue
+            self.operator_restarts += 1
+
+    async def _spawn_operator(self) -> None:
         python = self.root / ".venv" / "bin" / "python"
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        kubeconfig = await self._operator_kubeconfig()
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
         if self.kubelet_enabled:
             # Like a pod: cluster DNS for `<svc>.<ns>.svc` and its own loopback IP for the ports it opens
             # (metrics, health), so an operator pod installed by helm can use the same ports.
@@ -291,6 +419,9 @@ class LocalCluster:
             env["LOCALCLUSTER_POD_NAMESPACE"] = "default"
         for key in self.s3_env:
             env.pop(key, None)  # the operator never holds storage credentials
+        # Everything here is on loopback over plain http (reference endpoints in tests and demos included):
+        # the one place that allowance is made. A real install allows no plain-http host by default.
+        env.setdefault("FTO_REFERENCE_PLAIN_HTTP_HOSTS", "127.0.0.0/8,localhost,::1")
         out = open(self.workdir / "operator.log", "ab")  # noqa: SIM115
         try:
             self.operator_process = await asyncio.create_subprocess_exec(
@@ -313,13 +444,22 @@ class LocalCluster:
         finally:
             out.close()
         log.info(
-            "operator started (pid %s, ports on %s), log: %s",
+            "operator started (pid %s, ports on %s, as %s), log: %s",
             self.operator_process.pid,
             self.operator_ip,
+            "system:serviceaccount:{}:{}".format(*OPERATOR_ACCOUNT)
+            if kubeconfig != self.kubeconfig
+            else "admin",
             self.workdir / "operator.log",
         )
 
     async def _stop_operator(self) -> None:
+        """Stop the operator for good (no restart) until _start_operator()."""
+        supervisor, self._operator_supervisor = self._operator_supervisor, None
+        if supervisor is not None:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
         proc = self.operator_process
         if proc is None or proc.returncode is not None:
             return

@@ -1,4 +1,5 @@
-"""pytest fixtures for the embedded cluster (registered from tests/conftest.py via `pytest_plugins`).
+"""pytest fixtures for the embedded cluster, imported by the conftest of each test tier that uses a cluster
+(tests/conformance, tests/e2e, tests/chart) so that unit and trainer tests never load it.
 
 - `local_cluster` (session): the embedded LocalCluster, started once; or, when `KUBECONFIG` is set in the
   environment, an `ExternalCluster` for that cluster, and every test marked `local_kubelet` is skipped.
@@ -119,18 +120,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster | ExternalCluster]:
+def local_cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster | ExternalCluster]:
     kubeconfig = external_kubeconfig()
     if kubeconfig:
         yield ExternalCluster(Path(kubeconfig))
         return
-    workdir = tmp_path_factory.mktemp("localcluster")
-    cluster = LocalCluster(workdir, backoff_scale=float(os.environ.get("LOCALCLUSTER_BACKOFF_SCALE", "0.1")))
-    cluster.start_background()
-    try:
-        yield cluster
-    finally:
-        cluster.stop_background()
+    yield _session_cluster(request.config, tmp_path_factory)
+
+
+_CLUSTER_KEY = pytest.StashKey[LocalCluster]()
+
+
+def _session_cluster(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> LocalCluster:
+    """One embedded cluster per test session, however many conftests import the `local_cluster` fixture."""
+    cluster = config.stash.get(_CLUSTER_KEY, None)
+    if cluster is None:
+        workdir = tmp_path_factory.mktemp("localcluster")
+        backoff_scale = float(os.environ.get("LOCALCLUSTER_BACKOFF_SCALE", "0.1"))
+        cluster = LocalCluster(workdir, backoff_scale=backoff_scale)
+        cluster.start_background()
+        config.stash[_CLUSTER_KEY] = cluster
+        config.add_cleanup(cluster.stop_background)
+    return cluster
 
 
 def _available_kubectls() -> list[str]:

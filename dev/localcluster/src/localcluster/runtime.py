@@ -23,13 +23,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TRAINER_IMAGE = "ghcr.io/finetune-operator/trainer"
-OPERATOR_IMAGE = "ghcr.io/finetune-operator/operator"
-VLLM_IMAGE = "vllm/vllm-openai"
-VLLM_ENTRYPOINT = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
-# The images' ENTRYPOINTs, used when a container sets only args.
-TRAINER_ENTRYPOINT = ["python", "-m", "finetune_trainer"]
-OPERATOR_ENTRYPOINT = ["python", "-m", "finetune_operator"]
+from finetune_vocabulary.images import ENTRYPOINTS, OPERATOR_IMAGE, TRAINER_IMAGE, VLLM_IMAGE
+
+# Which image runs which entrypoint is the product's fact (finetune_vocabulary.images); the venvs are ours.
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -83,12 +79,12 @@ def resolve_launch(
         venv = root / ".venv"
         env["PYTHONUNBUFFERED"] = "1"
         if not command:
-            command = list(TRAINER_ENTRYPOINT)
+            command = list(ENTRYPOINTS[TRAINER_IMAGE])
     elif repo == OPERATOR_IMAGE:
         venv = root / ".venv"
         env["PYTHONUNBUFFERED"] = "1"
         if not command:
-            command = list(OPERATOR_ENTRYPOINT)
+            command = list(ENTRYPOINTS[OPERATOR_IMAGE])
         if kubeconfig is not None:
             env["KUBECONFIG"] = str(kubeconfig)
     elif repo == VLLM_IMAGE:
@@ -99,7 +95,7 @@ def resolve_launch(
         # per-pod path exceeds the 107-byte socket path limit, so use the short host temp dir as in an image.
         env["VLLM_RPC_BASE_PATH"] = tempfile.gettempdir()
         if not command:
-            command = list(VLLM_ENTRYPOINT)
+            command = list(ENTRYPOINTS[VLLM_IMAGE])
         args = [*args, "--host", pod_ip]
     if venv is not None:
         if not (venv / "bin" / "python").exists():

@@ -9,6 +9,7 @@ import secrets
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -94,3 +95,85 @@ class S3Server:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
             await proc.wait()
+
+
+_HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection", "host"}
+)
+
+
+class S3FaultProxy:
+    """An HTTP proxy in front of the S3 server on loopback that answers a fraction of requests with S3's own
+    500 InternalError / 503 ServiceUnavailable (`fail_rate`, 0 = transparent), for chaos runs: clients pointed
+    at `endpoint` see the errors a real S3 sends under load and must retry."""
+
+    def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0, seed: int = 0):
+        import random
+
+        self.upstream = upstream.rstrip("/")
+        self.host = host
+        self.port = port or free_port(host)
+        self.fail_rate = 0.0
+        self.injected: dict[int, int] = {500: 0, 503: 0}
+        self.forwarded = 0
+        self._random = random.Random(seed)
+        self._runner: Any = None
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        from aiohttp import web
+
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._session = aiohttp.ClientSession(auto_decompress=False)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _handle(self, request: Any) -> Any:
+        from aiohttp import web
+        from yarl import URL
+
+        body = await request.read()
+        if self.fail_rate and self._random.random() < self.fail_rate:
+            status = self._random.choice((500, 503))
+            self.injected[status] += 1
+            code = "InternalError" if status == 500 else "ServiceUnavailable"
+            xml = (
+                '<?xml version="1.0" encoding="UTF-8"?>\n'
+                f"<Error><Code>{code}</Code><Message>injected by S3FaultProxy</Message>"
+                f"<RequestId>chaos</RequestId></Error>"
+            )
+            return web.Response(status=status, body=xml.encode(), content_type="application/xml")
+        assert self._session is not None
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers["Host"] = request.headers.get("Host", f"{self.host}:{self.port}")
+        async with self._session.request(
+            request.method,
+            URL(self.upstream + request.raw_path, encoded=True),
+            headers=headers,
+            data=body if body else None,
+            allow_redirects=False,
+        ) as upstream:
+            data = await upstream.read()
+            self.forwarded += 1
+            out = {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_BY_HOP}
+            if request.method == "HEAD":
+                response = web.StreamResponse(status=upstream.status, headers=out)
+                await response.prepare(request)
+                await response.write_eof()
+                return response
+            out.pop("Content-Length", None)
+            return web.Response(status=upstream.status, body=data, headers=out)

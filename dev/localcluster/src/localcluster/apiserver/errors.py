@@ -145,3 +145,15 @@ def too_many_requests(retry_after: int = 1) -> ApiError:
 
 def internal(message: str) -> ApiError:
     return ApiError(500, "InternalError", f"Internal error occurred: {message}")
+
+
+def forbidden(group: str, plural: str, name: str, reason: str) -> ApiError:
+    """apierrors.NewForbidden: `<resource> "<name>" is forbidden: <reason>` (403 Forbidden)."""
+    if not plural:
+        message = f"forbidden: {reason}"
+    elif name:
+        message = f'{_qualified(group, plural)} "{name}" is forbidden: {reason}'
+    else:
+        message = f"{_qualified(group, plural)} is forbidden: {reason}"
+    details = {k: v for k, v in (("name", name), ("group", group), ("kind", plural)) if v}
+    return ApiError(403, "Forbidden", message, details or None)

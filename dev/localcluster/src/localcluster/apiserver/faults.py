@@ -11,6 +11,12 @@ from .errors import ApiError, conflict, internal, too_many_requests
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
 
 
+def _agent_matches(wanted: str | tuple[str, ...] | None, agent: str | None) -> bool:
+    if wanted is None:
+        return True
+    return agent in ((wanted,) if isinstance(wanted, str) else wanted)
+
+
 @dataclass
 class Fault:
     """Answer matching requests with an error instead of serving them."""
@@ -22,10 +28,16 @@ class Fault:
     count: int | None = None  # fail at most this many requests, then disarm
     retry_after: int = 1  # seconds, for 429
     namespace: str | None = None
+    # Only requests whose User-Agent product is one of these (e.g. "kopf"): chaos for one client only.
+    agent: str | tuple[str, ...] | None = None
     hits: int = 0
 
-    def matches(self, verb: str, resource: str, group: str, namespace: str | None) -> bool:
+    def matches(
+        self, verb: str, resource: str, group: str, namespace: str | None, agent: str | None = None
+    ) -> bool:
         if self.count is not None and self.hits >= self.count:
+            return False
+        if not _agent_matches(self.agent, agent):
             return False
         if self.verb != "*" and self.verb != verb:
             return False
@@ -52,6 +64,16 @@ class Latency:
     seconds: float
     verb: str = "*"
     resource: str = "*"
+    rate: float = 1.0  # probability that a matching request is slowed
+    agent: str | tuple[str, ...] | None = None  # as for Fault
+    hits: int = 0
+
+    def matches(self, verb: str, resource: str, agent: str | None) -> bool:
+        return (
+            self.verb in ("*", verb)
+            and self.resource in ("*", resource, resource.split("/")[0])
+            and _agent_matches(self.agent, agent)
+        )
 
 
 @dataclass
@@ -64,6 +86,9 @@ class RequestCounters:
     writes: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     by_agent: collections.Counter[tuple[str, str, str]] = field(default_factory=collections.Counter)
     errors: collections.Counter[int] = field(default_factory=collections.Counter)
+    # Requests by authenticated user name, and the RBAC denials by (user, verb, resource).
+    by_user: collections.Counter[str] = field(default_factory=collections.Counter)
+    forbidden: collections.Counter[tuple[str, str, str]] = field(default_factory=collections.Counter)
 
     def record(self, verb: str, resource: str, agent: str = "") -> None:
         self.requests[(verb, resource)] += 1
@@ -107,15 +132,18 @@ class FaultInjector:
         self.latencies: list[Latency] = []
         self._random = random.Random(seed)
 
-    def check(self, verb: str, resource: str, group: str, namespace: str | None, name: str) -> None:
+    def check(
+        self, verb: str, resource: str, group: str, namespace: str | None, name: str, agent: str | None = None
+    ) -> None:
         for fault in self.faults:
-            if fault.matches(verb, resource, group, namespace) and self._random.random() < fault.rate:
+            if fault.matches(verb, resource, group, namespace, agent) and self._random.random() < fault.rate:
                 fault.hits += 1
                 raise fault.error(group, resource, name)
 
-    def delay(self, verb: str, resource: str) -> float:
-        return sum(
-            lat.seconds
-            for lat in self.latencies
-            if lat.verb in ("*", verb) and lat.resource in ("*", resource, resource.split("/")[0])
-        )
+    def delay(self, verb: str, resource: str, agent: str | None = None) -> float:
+        total = 0.0
+        for lat in self.latencies:
+            if lat.matches(verb, resource, agent) and (lat.rate >= 1 or self._random.random() < lat.rate):
+                lat.hits += 1
+                total += lat.seconds
+        return total

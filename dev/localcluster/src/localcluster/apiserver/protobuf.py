@@ -1,7 +1,8 @@
 """Decoding of the Kubernetes protobuf request bodies kubectl's typed clients send.
 
-`kubectl create configmap|secret|namespace|serviceaccount` post `application/vnd.kubernetes.protobuf`
-(a `k8s\\0` magic, then a runtime.Unknown envelope around the object). The field tables below cover those
+`kubectl create configmap|secret|namespace|serviceaccount|token|role|rolebinding|clusterrole|
+clusterrolebinding` and `kubectl auth can-i|whoami` post `application/vnd.kubernetes.protobuf` (a `k8s\\0`
+magic, then a runtime.Unknown envelope around the object). The field tables below cover those
 kinds; other kinds get 415 so the caller knows to send JSON or YAML (`kubectl apply -f`)."""
 
 from __future__ import annotations
@@ -90,6 +91,87 @@ _TABLES: dict[str, dict[int, tuple[str, str]]] = {
     },
     "Preconditions": {1: ("uid", "string"), 2: ("resourceVersion", "string")},
     "Eviction": {1: ("metadata", "ObjectMeta"), 2: ("deleteOptions", "DeleteOptions")},
+    # rbac.authorization.k8s.io/v1 (`kubectl create role|clusterrole|rolebinding|clusterrolebinding`)
+    "Role": {1: ("metadata", "ObjectMeta"), 2: ("rules", "repeated:PolicyRule")},
+    "ClusterRole": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("rules", "repeated:PolicyRule"),
+        3: ("aggregationRule", "AggregationRule"),
+    },
+    "PolicyRule": {
+        1: ("verbs", "repeated:string"),
+        2: ("apiGroups", "repeated:string"),
+        3: ("resources", "repeated:string"),
+        4: ("resourceNames", "repeated:string"),
+        5: ("nonResourceURLs", "repeated:string"),
+    },
+    "AggregationRule": {1: ("clusterRoleSelectors", "repeated:LabelSelector")},
+    "LabelSelector": {
+        1: ("matchLabels", "map:string"),
+        2: ("matchExpressions", "repeated:LabelSelectorRequirement"),
+    },
+    "LabelSelectorRequirement": {
+        1: ("key", "string"),
+        2: ("operator", "string"),
+        3: ("values", "repeated:string"),
+    },
+    "RoleBinding": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("subjects", "repeated:Subject"),
+        3: ("roleRef", "RoleRef"),
+    },
+    "ClusterRoleBinding": {
+        1: ("metadata", "ObjectMeta"),
+        2: ("subjects", "repeated:Subject"),
+        3: ("roleRef", "RoleRef"),
+    },
+    "Subject": {
+        1: ("kind", "string"),
+        2: ("apiGroup", "string"),
+        3: ("name", "string"),
+        4: ("namespace", "string"),
+    },
+    "RoleRef": {1: ("apiGroup", "string"), 2: ("kind", "string"), 3: ("name", "string")},
+    # authorization.k8s.io/v1 and authentication.k8s.io/v1 (`kubectl auth can-i|whoami`, `create token`)
+    "SelfSubjectAccessReview": {1: ("metadata", "ObjectMeta"), 2: ("spec", "SelfSubjectAccessReviewSpec")},
+    "SelfSubjectAccessReviewSpec": {
+        1: ("resourceAttributes", "ResourceAttributes"),
+        2: ("nonResourceAttributes", "NonResourceAttributes"),
+    },
+    "ResourceAttributes": {
+        1: ("namespace", "string"),
+        2: ("verb", "string"),
+        3: ("group", "string"),
+        4: ("version", "string"),
+        5: ("resource", "string"),
+        6: ("subresource", "string"),
+        7: ("name", "string"),
+    },
+    "NonResourceAttributes": {1: ("path", "string"), 2: ("verb", "string")},
+    "SubjectAccessReview": {1: ("metadata", "ObjectMeta"), 2: ("spec", "SubjectAccessReviewSpec")},
+    "LocalSubjectAccessReview": {1: ("metadata", "ObjectMeta"), 2: ("spec", "SubjectAccessReviewSpec")},
+    "SubjectAccessReviewSpec": {
+        1: ("resourceAttributes", "ResourceAttributes"),
+        2: ("nonResourceAttributes", "NonResourceAttributes"),
+        3: ("user", "string"),
+        4: ("groups", "repeated:string"),
+        6: ("uid", "string"),
+    },
+    "SelfSubjectRulesReview": {1: ("metadata", "ObjectMeta"), 2: ("spec", "SelfSubjectRulesReviewSpec")},
+    "SelfSubjectRulesReviewSpec": {1: ("namespace", "string")},
+    "SelfSubjectReview": {1: ("metadata", "ObjectMeta")},
+    "TokenRequest": {1: ("metadata", "ObjectMeta"), 2: ("spec", "TokenRequestSpec")},
+    "TokenRequestSpec": {
+        1: ("audiences", "repeated:string"),
+        3: ("boundObjectRef", "BoundObjectReference"),
+        4: ("expirationSeconds", "int"),
+    },
+    "BoundObjectReference": {
+        1: ("kind", "string"),
+        2: ("apiVersion", "string"),
+        3: ("name", "string"),
+        4: ("uid", "string"),
+    },
 }
 SUPPORTED_KINDS = {
     ("v1", "ConfigMap"),
@@ -99,6 +181,16 @@ SUPPORTED_KINDS = {
     ("v1", "DeleteOptions"),
     ("meta.k8s.io/v1", "DeleteOptions"),
     ("policy/v1", "Eviction"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "ClusterRole"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding"),
+    ("authorization.k8s.io/v1", "SelfSubjectAccessReview"),
+    ("authorization.k8s.io/v1", "SubjectAccessReview"),
+    ("authorization.k8s.io/v1", "LocalSubjectAccessReview"),
+    ("authorization.k8s.io/v1", "SelfSubjectRulesReview"),
+    ("authentication.k8s.io/v1", "SelfSubjectReview"),
+    ("authentication.k8s.io/v1", "TokenRequest"),
 }
 
 

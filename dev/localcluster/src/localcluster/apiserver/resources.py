@@ -100,6 +100,17 @@ _EVENT_V1_FIELDS = frozenset(
 )
 
 
+# Create-only kinds answered from the request and never stored: (group, plural, kind, namespaced).
+REVIEW_KINDS = [
+    ("authorization.k8s.io", "selfsubjectaccessreviews", "SelfSubjectAccessReview", False),
+    ("authorization.k8s.io", "subjectaccessreviews", "SubjectAccessReview", False),
+    ("authorization.k8s.io", "localsubjectaccessreviews", "LocalSubjectAccessReview", True),
+    ("authorization.k8s.io", "selfsubjectrulesreviews", "SelfSubjectRulesReview", False),
+    ("authentication.k8s.io", "selfsubjectreviews", "SelfSubjectReview", False),
+    ("authentication.k8s.io", "tokenreviews", "TokenReview", False),
+]
+
+
 def builtin_types() -> list[ResourceType]:
     rt = ResourceType
     return [
@@ -138,7 +149,15 @@ def builtin_types() -> list[ResourceType]:
         rt("", "v1", "endpoints", "Endpoints", True, short_names=["ep"]),
         rt("", "v1", "configmaps", "ConfigMap", True, short_names=["cm"]),
         rt("", "v1", "secrets", "Secret", True, field_selectors=frozenset({"type"})),
-        rt("", "v1", "serviceaccounts", "ServiceAccount", True, short_names=["sa"]),
+        rt(
+            "",
+            "v1",
+            "serviceaccounts",
+            "ServiceAccount",
+            True,
+            short_names=["sa"],
+            subresources=frozenset({"token"}),
+        ),
         rt("", "v1", "events", "Event", True, short_names=["ev"], field_selectors=_EVENT_FIELDS),
         rt(
             "",
@@ -297,6 +316,29 @@ def builtin_types() -> list[ResourceType]:
         rt("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
         rt("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
         rt("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
+        rt(
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingadmissionpolicies",
+            "ValidatingAdmissionPolicy",
+            False,
+            status_subresource=True,
+            generation=True,
+            categories=["api-extensions"],
+        ),
+        rt(
+            "admissionregistration.k8s.io",
+            "v1",
+            "validatingadmissionpolicybindings",
+            "ValidatingAdmissionPolicyBinding",
+            False,
+            generation=True,
+            categories=["api-extensions"],
+        ),
+        *[
+            rt(group, "v1", plural, kind, namespaced, verbs=("create",))
+            for group, plural, kind, namespaced in REVIEW_KINDS
+        ],
         rt(
             "apiextensions.k8s.io",
             "v1",

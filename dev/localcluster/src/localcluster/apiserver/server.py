@@ -21,9 +21,13 @@ import yaml
 from aiohttp import web
 
 from . import builtin_schema, defaults, errors, openapi, protobuf
+from .auth import ADMIN, TokenAuthenticator, UserInfo, parse_service_account, user_with_defaults
 from .errors import ApiError
 from .faults import Fault, FaultInjector, Latency, RequestCounters
 from .patch import json_patch, merge_patch, strategic_merge_patch
+from .policy import REASON_CODES, PolicyEvaluator, compile_problems
+from .policy import Request as AdmissionRequest
+from .rbac import RBAC_GROUP, Attributes, Authorizer, forbidden_message
 from .resources import ResourceType, builtin_types, event_from_v1, event_to_v1
 from .selectors import jsonpath, label_selector_matches, parse_field_selector, parse_label_selector
 from .store import Event, Store, Watcher
@@ -35,6 +39,24 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 3 * 1024 * 1024
 # Warnings for the current request (`Warning: 299 - "..."` response headers, as kubectl prints them).
 _warnings: contextvars.ContextVar[list[str]] = contextvars.ContextVar("warnings")
+# Keys repeated within one JSON object of the current request's body, in the order they were closed.
+_duplicates: contextvars.ContextVar[list[str]] = contextvars.ContextVar("duplicates")
+# Who the current HTTP request runs as; unset for the emulator's own in-process writes (bootstrap, GC), which
+# bypass admission as they bypass the HTTP handlers.
+_user: contextvars.ContextVar[UserInfo | None] = contextvars.ContextVar("user", default=None)
+_SA_TOKEN_SECONDS = 3607  # what the kubelet asks for (an hour and a bit), as on a real node
+_SA_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Kinds whose pod template Pod Security admission checks (warnings only, as kube-apiserver).
+_WORKLOADS = frozenset(
+    {
+        ("apps", "deployments"),
+        ("apps", "replicasets"),
+        ("apps", "statefulsets"),
+        ("apps", "daemonsets"),
+        ("batch", "jobs"),
+        ("batch", "cronjobs"),
+    }
+)
 _GENERATE_CHARS = "bcdfghjklmnpqrstvwxz2456789"
 _TABLE_MARK = "as=Table"
 
@@ -43,6 +65,28 @@ _TABLE_MARK = "as=Table"
 # str, bytes or an async iterator of bytes, directly or from a coroutine. Errors: raise ApiError, or any
 # exception with integer `status`, `message` and optional `reason` attributes; the client gets that Status.
 LogProvider = Callable[..., Any]
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: refused with the Go decoder's words, as kube-apiserver does."""
+    where = "in numeric literal" if name.startswith("-") else "looking for beginning of value"
+    raise ValueError(f"invalid character {name.lstrip('-')[0]!r} {where}")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"json: cannot unmarshal number {text} into Go value of type float64")
+    return value
+
+
+def _object_noting_duplicates(pairs: list[tuple[str, Any]], duplicates: list[str]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            duplicates.append(key)
+        obj[key] = value
+    return obj
 
 
 def now_iso(offset: float = 0.0) -> str:
@@ -85,6 +129,7 @@ class ApiServer:
         history_size: int = 10_000,
         bookmark_interval: float = 10.0,
         git_version: str = "v1.34.0",
+        anonymous_admin: bool | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -111,6 +156,17 @@ class ApiServer:
         self._openapi_cache: dict[str, tuple[str, dict[str, Any]]] = {}
         # Server-side apply: the last configuration each field manager applied, by object uid.
         self._apply_configs: dict[str, dict[str, dict[str, Any]]] = {}
+        # Requests without credentials run as the admin unless a token is required (see auth.py).
+        self.anonymous_admin = token is None if anonymous_admin is None else anonymous_admin
+        self.authenticator = TokenAuthenticator()
+        if token is not None:
+            self.authenticator.add_static(token, ADMIN)
+        self.authorizer = Authorizer(lambda plural, ns: self.store.select((RBAC_GROUP, plural), ns))
+        self.policies = PolicyEvaluator(
+            lambda plural: self.store.select(("admissionregistration.k8s.io", plural)),
+            self._find_params,
+            self._param_namespaced,
+        )
         self._bootstrap()
 
     # ------------------------------------------------------------------ lifecycle
@@ -176,11 +232,13 @@ class ApiServer:
         count: int | None = None,
         retry_after: int = 1,
         namespace: str | None = None,
+        agent: str | tuple[str, ...] | None = None,
     ) -> Fault:
-        """Fail matching requests with 409, 429 (with Retry-After) or 500; `count` limits how many."""
+        """Fail matching requests with 409, 429 (with Retry-After) or 500; `count` limits how many; `agent`
+        limits them to one client (its User-Agent product, e.g. "kopf")."""
         if status not in (409, 429, 500, 503):
             raise ValueError("status must be one of 409, 429, 500, 503")
-        fault = Fault(verb, resource, status, rate, count, retry_after, namespace)
+        fault = Fault(verb, resource, status, rate, count, retry_after, namespace, agent)
         self.faults.faults.append(fault)
         return fault
 
@@ -192,10 +250,22 @@ class ApiServer:
         self.faults.faults.clear()
         self.faults.latencies.clear()
 
-    def set_latency(self, seconds: float, verb: str = "*", resource: str = "*") -> Latency:
-        latency = Latency(seconds, verb, resource)
+    def set_latency(
+        self,
+        seconds: float,
+        verb: str = "*",
+        resource: str = "*",
+        rate: float = 1.0,
+        agent: str | tuple[str, ...] | None = None,
+    ) -> Latency:
+        """Delay matching requests (a fraction `rate` of them; only `agent`'s when given) by `seconds`."""
+        latency = Latency(seconds, verb, resource, rate, agent)
         self.faults.latencies.append(latency)
         return latency
+
+    def remove_latency(self, latency: Latency) -> None:
+        with contextlib.suppress(ValueError):
+            self.faults.latencies.remove(latency)
 
     def drop_watches(self, resource: str = "*") -> int:
         """Close open watch streams (clients see the connection end and must re-watch)."""
@@ -237,10 +307,6 @@ class ApiServer:
     def _bootstrap(self) -> None:
         for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
             self._internal_create(self.types[("", "v1", "namespaces")], None, {"metadata": {"name": ns}})
-        for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
-            self._internal_create(
-                self.types[("", "v1", "serviceaccounts")], ns, {"metadata": {"name": "default"}}
-            )
         self._internal_create(
             self.types[("", "v1", "services")],
             "default",
@@ -255,6 +321,12 @@ class ApiServer:
                 },
             },
         )
+        from .rbac import default_cluster_role_bindings, default_cluster_roles
+
+        for role in default_cluster_roles():
+            self._internal_create(self.types[(RBAC_GROUP, "v1", "clusterroles")], None, role)
+        for binding in default_cluster_role_bindings():
+            self._internal_create(self.types[(RBAC_GROUP, "v1", "clusterrolebindings")], None, binding)
         # Like a real cluster whose etcd compacted long ago: bootstrap history cannot be watched from.
         self.store.history.clear()
         self.store.compacted_rv = self.store.rv
@@ -265,27 +337,127 @@ class ApiServer:
         body = {"apiVersion": rtype.group_version, "kind": rtype.kind, **body}
         return self._create(rtype, namespace, body, {})
 
+    # ------------------------------------------------------------------ authentication
+    def add_user(self, token: str, name: str, groups: list[str] | None = None) -> UserInfo:
+        """A static token for a user (like kube-apiserver's --token-auth-file); returns the user."""
+        user = user_with_defaults(name, groups or [])
+        self.authenticator.add_static(token, user)
+        return user
+
+    def _alive(self, kind: str, namespace: str, name: str, uid: str) -> bool:
+        plural = {"ServiceAccount": "serviceaccounts", "Pod": "pods", "Secret": "secrets"}.get(kind)
+        obj = self.store.get(("", plural), namespace, name) if plural else None
+        return (
+            obj is not None
+            and obj["metadata"].get("uid") == uid
+            and (kind != "Pod" or not obj["metadata"].get("deletionTimestamp"))
+        )
+
+    def _authenticate(self, request: web.Request) -> UserInfo:
+        header = request.headers.get("Authorization", "")
+        if header:
+            scheme, _, token = header.partition(" ")
+            record = (
+                self.authenticator.lookup(token.strip(), self._alive) if scheme.lower() == "bearer" else None
+            )
+            if record is None:
+                raise ApiError(401, "Unauthorized", "Unauthorized")
+            user = record.user
+        elif self.anonymous_admin:
+            user = ADMIN
+        else:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
+        return self._impersonate(request, user)
+
+    def _impersonate(self, request: web.Request, user: UserInfo) -> UserInfo:
+        """Impersonate-User/-Group/-Uid/-Extra-*: each needs the `impersonate` verb, as in kube-apiserver."""
+        headers = request.headers
+        name = headers.get("Impersonate-User")
+        groups = headers.getall("Impersonate-Group", [])
+        uid = headers.get("Impersonate-Uid", "")
+        extra = {
+            key[len("Impersonate-Extra-") :].lower(): headers.getall(key)
+            for key in set(headers)
+            if key.lower().startswith("impersonate-extra-")
+        }
+        if name is None:
+            if groups or uid or extra:
+                raise ApiError(
+                    500,
+                    "InternalError",
+                    "Internal error occurred: requested [...] without impersonating a user",
+                )
+            return user
+        checks: list[tuple[str, str, str, str]] = []  # resource, name, namespace, api group
+        sa = parse_service_account(name)
+        if sa is not None:
+            checks.append(("serviceaccounts", sa[1], sa[0], ""))
+        else:
+            checks.append(("users", name, "", ""))
+        checks += [("groups", g, "", "") for g in groups]
+        if uid:
+            checks.append(("uids", uid, "", "authentication.k8s.io"))
+        for key, values in extra.items():
+            checks += [(f"userextras/{key}", v, "", "authentication.k8s.io") for v in values]
+        for resource, target, namespace, group in checks:
+            resource, _, sub = resource.partition("/")
+            attrs = Attributes(user, "impersonate", namespace, group, resource, sub, target)
+            if not self.authorizer.allowed(attrs):
+                raise errors.forbidden(group, resource, target, forbidden_message(attrs))
+        return user_with_defaults(name, groups, uid, tuple((k, tuple(v)) for k, v in sorted(extra.items())))
+
+    def _authorize(self, user: UserInfo, request: web.Request, info: RequestInfo | None) -> None:
+        if user.is_admin:
+            return
+        if info is None:  # non-resource request: the verb is the lower-cased HTTP method
+            attrs = Attributes(user, request.method.lower(), path=request.path, resource_request=False)
+            if not self.authorizer.allowed(attrs):
+                raise errors.forbidden("", "", "", forbidden_message(attrs))
+            return
+        verb = "watch" if info.watch else info.verb
+        attrs = Attributes(
+            user,
+            verb,
+            info.namespace or "",
+            info.rtype.group,
+            info.rtype.plural,
+            info.subresource or "",
+            info.name or "",
+        )
+        if not self.authorizer.allowed(attrs):
+            self.counters.forbidden[(user.name, verb, info.resource)] += 1
+            raise errors.forbidden(
+                info.rtype.group, info.rtype.plural, info.name or "", forbidden_message(attrs)
+            )
+
     # ------------------------------------------------------------------ HTTP entry
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         try:
             if not self._resumed.is_set():
                 await self._resumed.wait()
-            if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
-                raise ApiError(401, "Unauthorized", "Unauthorized")
+            user = self._authenticate(request)
+            _user.set(user)
+            self.counters.by_user[user.name] += 1
             path = request.path
             if not (path.startswith("/api/") or path.startswith("/apis/")) or path in ("/api/", "/apis/"):
+                self._authorize(user, request, None)
                 return await self._non_resource(request)
             info = self._request_info(request)
             if info is None:
+                self._authorize(user, request, None)
                 return await self._discovery(request)
+            self._authorize(user, request, info)
             agent = request.headers.get("User-Agent", "").split("/", 1)[0].split(" ", 1)[0]
             self.counters.record(info.verb, info.resource, agent)
-            delay = self.faults.delay(info.verb, info.resource)
+            delay = self.faults.delay(info.verb, info.resource, agent)
             if delay:
                 await asyncio.sleep(delay)
-            self.faults.check(info.verb, info.resource, info.rtype.group, info.namespace, info.name or "")
+            self.faults.check(
+                info.verb, info.resource, info.rtype.group, info.namespace, info.name or "", agent
+            )
             warnings: list[str] = []
             _warnings.set(warnings)
+            _duplicates.set([])
             response = await self._serve(request, info)
             if warnings and not response.prepared:
                 for text in warnings:
@@ -382,8 +554,15 @@ class ApiServer:
         if info.verb == "get":
             obj = self._get(rtype, ns, name or "")
             return self._respond(request, rtype, obj)
+        if info.verb == "create" and rtype.verbs == ("create",):
+            body = await self._read_object(request)
+            self._check_kind(rtype, body)
+            return self._json(self._review(rtype, ns, body), 201)
         if info.verb == "create":
             body = await self._read_object(request)
+            self._check_duplicate_fields(rtype, query)
+            if sub == "token":
+                return self._json(self._token_request(ns or "", name or "", body), 201)
             if sub == "eviction":
                 return self._json(self._evict(rtype, ns or "", name or "", body), 201)
             if sub == "binding":
@@ -398,6 +577,7 @@ class ApiServer:
             return self._respond(request, rtype, obj, status=201)
         if info.verb == "update":
             body = await self._read_object(request)
+            self._check_duplicate_fields(rtype, query)
             obj = self._update(rtype, ns, name or "", self._to_storage(rtype, body), query, sub)
             return self._respond(request, rtype, obj)
         if info.verb == "patch":
@@ -434,8 +614,15 @@ class ApiServer:
     def _decode(raw: bytes, content_type: str) -> Any:
         if not raw.strip():
             raise errors.bad_request("the body of the request is empty; an object was expected")
+        duplicates: list[str] = []
+        _duplicates.set(duplicates)
         try:
-            return json.loads(raw)
+            return json.loads(
+                raw,
+                parse_constant=_refuse_constant,
+                parse_float=_finite_float,
+                object_pairs_hook=lambda pairs: _object_noting_duplicates(pairs, duplicates),
+            )
         except RecursionError as exc:
             raise errors.bad_request("the request body is nested too deeply") from exc
         except (ValueError, UnicodeDecodeError) as exc:
@@ -674,6 +861,8 @@ class ApiServer:
         if rtype.crd is None:
             self._check_builtin_fields(rtype, obj, query)
             defaults.prepare_create(rtype.group, rtype.plural, obj)
+            if rtype.plural == "pods" and rtype.group == "" and _user.get() is not None:
+                self._mount_service_account_token(obj)
         elif rtype.status_subresource:
             obj.pop("status", None)
         defaults.normalize(rtype.group, rtype.plural, obj)
@@ -681,6 +870,9 @@ class ApiServer:
             obj = self._admit_custom(rtype, obj, None, query)
         if rtype.plural == "customresourcedefinitions":
             self._prepare_crd(obj, None)
+        if rtype.plural == "validatingadmissionpolicies":
+            self._check_policy(obj)
+        self._admit(rtype, "CREATE", obj, None, None, query)
         if self._dry_run(query):
             meta["resourceVersion"] = str(self.store.rv)
             return self._present(rtype, obj)
@@ -805,6 +997,9 @@ class ApiServer:
             new = self._admit_custom(rtype, new, old, query)
         if rtype.plural == "customresourcedefinitions" and subresource != "status":
             self._prepare_crd(new, old)
+        if rtype.plural == "validatingadmissionpolicies" and subresource != "status":
+            self._check_policy(new)
+        self._admit(rtype, "UPDATE", new, old, subresource, query)
         if rtype.generation and self._spec_changed(rtype, old, new):
             new["metadata"]["generation"] = int(old["metadata"].get("generation", 1)) + 1
         return new
@@ -1089,6 +1284,17 @@ class ApiServer:
     def _after_write(self, rtype: ResourceType, event_type: str, obj: dict[str, Any]) -> None:
         if event_type == "DELETED":
             self._apply_configs.pop(obj["metadata"].get("uid", ""), None)
+        if rtype.group == RBAC_GROUP:
+            self.authorizer.invalidate()
+            if rtype.plural == "clusterroles":
+                self._aggregate_cluster_roles()
+        if rtype.plural == "namespaces" and rtype.group == "" and event_type == "ADDED":
+            name = obj["metadata"]["name"]
+            if self.store.get(("", "serviceaccounts"), name, "default") is None:
+                # kube-controller-manager's serviceaccounts controller: every namespace gets "default".
+                self._internal_create(
+                    self.types[("", "v1", "serviceaccounts")], name, {"metadata": {"name": "default"}}
+                )
         if rtype.plural == "customresourcedefinitions" and rtype.group == "apiextensions.k8s.io":
             if event_type == "DELETED":
                 self._unregister_crd(obj["metadata"]["name"])
@@ -1689,6 +1895,24 @@ class ApiServer:
             self._report_unknown(rtype, mode, unknown)
 
     @staticmethod
+    def _check_duplicate_fields(rtype: ResourceType, query: Any) -> None:
+        """Keys given twice in one object: 400 under Strict, a warning under Warn (the default), as
+        kube-apiserver's strict JSON decoder reports them."""
+        duplicates = _duplicates.get([])
+        mode = (query.get("fieldValidation", "") if query else "") or "Warn"
+        if not duplicates or mode == "Ignore":
+            return
+        found = [f'duplicate field "{key}"' for key in duplicates]
+        if mode == "Warn":
+            with contextlib.suppress(LookupError):
+                _warnings.get().extend(found)
+            return
+        raise errors.bad_request(
+            f'{rtype.kind} in version "{rtype.version}" cannot be handled as a {rtype.kind}: '
+            f"strict decoding error: {', '.join(found)}"
+        )
+
+    @staticmethod
     def _report_unknown(rtype: ResourceType, mode: str, unknown: list[str]) -> None:
         if not unknown:
             return
@@ -1855,6 +2079,339 @@ class ApiServer:
                 self.store.objects.pop(rtype.storage_key, None)
         self._openapi_cache.clear()
 
+    # ------------------------------------------------------------------ RBAC, reviews, tokens, admission
+    def _aggregate_cluster_roles(self) -> None:
+        from .rbac import aggregate
+
+        rtype = self.types[(RBAC_GROUP, "v1", "clusterroles")]
+        for name, rules in aggregate(self.store.select(rtype.storage_key)).items():
+            old = self.store.get(rtype.storage_key, "", name)
+            if old is None:
+                continue
+            new = copy.deepcopy(old)
+            new["rules"] = rules
+            new["metadata"]["resourceVersion"] = str(self.store.next_rv())
+            self.store.commit(rtype.storage_key, "MODIFIED", new, old)
+            self._after_write(rtype, "MODIFIED", new)
+
+    def _review(self, rtype: ResourceType, ns: str | None, body: dict[str, Any]) -> dict[str, Any]:
+        """SubjectAccessReview and friends: answered from RBAC, never stored."""
+        user = _user.get() or ADMIN
+        spec = body.get("spec") or {}
+        out = {
+            "apiVersion": rtype.group_version,
+            "kind": rtype.kind,
+            "metadata": {**(body.get("metadata") or {}), "creationTimestamp": None},
+            "spec": spec,
+        }
+        if rtype.plural == "selfsubjectreviews":
+            out["status"] = {"userInfo": user.as_dict()}
+            return out
+        if rtype.plural == "tokenreviews":
+            record = self.authenticator.lookup(str(spec.get("token", "")), self._alive)
+            out["status"] = (
+                {"authenticated": True, "user": record.user.as_dict(), "audiences": record.audiences}
+                if record is not None
+                else {"authenticated": False, "error": "invalid bearer token"}
+            )
+            return out
+        if rtype.plural == "selfsubjectrulesreviews":
+            out["status"] = self.authorizer.rules_review(user, str(spec.get("namespace") or ""))
+            return out
+        if rtype.plural in ("subjectaccessreviews", "localsubjectaccessreviews"):
+            if not spec.get("user") and not spec.get("groups"):
+                raise errors.invalid(
+                    rtype.kind,
+                    rtype.group,
+                    "",
+                    [
+                        errors.cause(
+                            "spec.user",
+                            "FieldValueInvalid",
+                            'Invalid value: "": at least one of user or group must be specified',
+                        )
+                    ],
+                )
+            subject = UserInfo(
+                str(spec.get("user") or ""), tuple(spec.get("groups") or ()), str(spec.get("uid") or "")
+            )
+        else:
+            subject = user
+        resource_attrs = spec.get("resourceAttributes")
+        non_resource = spec.get("nonResourceAttributes")
+        if resource_attrs is not None:
+            namespace = str(resource_attrs.get("namespace") or "")
+            if rtype.plural == "localsubjectaccessreviews":
+                if namespace and namespace != ns:
+                    raise errors.bad_request(f"spec.resourceAttributes.namespace must match namespace: {ns}")
+                namespace = ns or ""
+            attrs = Attributes(
+                subject,
+                str(resource_attrs.get("verb") or ""),
+                namespace,
+                str(resource_attrs.get("group") or ""),
+                str(resource_attrs.get("resource") or ""),
+                str(resource_attrs.get("subresource") or ""),
+                str(resource_attrs.get("name") or ""),
+            )
+        elif non_resource is not None:
+            attrs = Attributes(
+                subject,
+                str(non_resource.get("verb") or ""),
+                path=str(non_resource.get("path") or ""),
+                resource_request=False,
+            )
+        else:
+            raise errors.invalid(
+                rtype.kind,
+                rtype.group,
+                "",
+                [
+                    errors.cause(
+                        "spec.resourceAttributes",
+                        "FieldValueRequired",
+                        "Required value: exactly one of nonResourceAttributes or resourceAttributes "
+                        "must be specified",
+                    )
+                ],
+            )
+        allowed = self.authorizer.allowed(attrs)
+        out["status"] = {"allowed": allowed} if allowed else {"allowed": False}
+        return out
+
+    def _token_request(self, ns: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """serviceaccounts/token (TokenRequest): a token for the account, optionally bound to a pod/secret."""
+        spec = dict(body.get("spec") or {})
+        seconds = int(spec.get("expirationSeconds") or 3600)
+        if seconds < 600:
+            raise errors.invalid(
+                "TokenRequest",
+                "authentication.k8s.io",
+                name,
+                [
+                    errors.cause(
+                        "spec.expirationSeconds",
+                        "FieldValueInvalid",
+                        f"Invalid value: {seconds}: may not specify a duration less than 10 minutes",
+                    )
+                ],
+            )
+        bound = None
+        ref = spec.get("boundObjectRef")
+        if ref:
+            kind = ref.get("kind")
+            plural = {"Pod": "pods", "Secret": "secrets"}.get(str(kind))
+            target = self.store.get(("", plural), ns, str(ref.get("name"))) if plural else None
+            if target is None or (ref.get("uid") and ref["uid"] != target["metadata"]["uid"]):
+                raise errors.not_found("", plural or str(kind).lower(), str(ref.get("name")))
+            bound = (str(kind), ns, target["metadata"]["name"], target["metadata"]["uid"])
+        account = self.store.get(("", "serviceaccounts"), ns, name)
+        if account is None:
+            raise errors.not_found("", "serviceaccounts", name)
+        token, expires = self.authenticator.issue(
+            ns, name, account["metadata"]["uid"], seconds, bound, list(spec.get("audiences") or [])
+        )
+        spec["expirationSeconds"] = seconds
+        spec.setdefault("audiences", [])
+        return {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "metadata": {"name": name, "namespace": ns, "creationTimestamp": now_iso()},
+            "spec": spec,
+            "status": {"token": token, "expirationTimestamp": expires},
+        }
+
+    def _mount_service_account_token(self, pod: dict[str, Any]) -> None:
+        """The ServiceAccount admission plugin: a projected token volume on every container."""
+        spec = pod.setdefault("spec", {})
+        spec.setdefault("serviceAccountName", "default")
+        if spec.get("automountServiceAccountToken") is False:
+            return
+        account = self.store.get(
+            ("", "serviceaccounts"), pod["metadata"].get("namespace") or "", spec["serviceAccountName"]
+        )
+        if (
+            spec.get("automountServiceAccountToken") is None
+            and (account or {}).get("automountServiceAccountToken") is False
+        ):
+            return
+        containers = [c for f in ("initContainers", "containers") for c in spec.get(f) or []]
+        needing = [
+            c
+            for c in containers
+            if not any(m.get("mountPath") == _SA_MOUNT for m in c.get("volumeMounts") or [])
+        ]
+        if not needing:
+            return
+        volume = "kube-api-access-" + "".join(random.choice(_GENERATE_CHARS) for _ in range(5))
+        spec.setdefault("volumes", []).append(
+            {
+                "name": volume,
+                "projected": {
+                    "defaultMode": 420,
+                    "sources": [
+                        {"serviceAccountToken": {"expirationSeconds": _SA_TOKEN_SECONDS, "path": "token"}},
+                        {
+                            "configMap": {
+                                "name": "kube-root-ca.crt",
+                                "items": [{"key": "ca.crt", "path": "ca.crt"}],
+                            }
+                        },
+                        {
+                            "downwardAPI": {
+                                "items": [
+                                    {
+                                        "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                                        "path": "namespace",
+                                    }
+                                ]
+                            }
+                        },
+                    ],
+                },
+            }
+        )
+        for container in needing:
+            container.setdefault("volumeMounts", []).append(
+                {"name": volume, "readOnly": True, "mountPath": _SA_MOUNT}
+            )
+
+    def _check_policy(self, policy: dict[str, Any]) -> None:
+        problems = compile_problems(policy)
+        if problems:
+            raise errors.invalid(
+                "ValidatingAdmissionPolicy",
+                "admissionregistration.k8s.io",
+                policy["metadata"].get("name", ""),
+                [
+                    errors.cause(path, "FieldValueInvalid", f"Invalid value: {json.dumps(expr)}: {why}")
+                    for path, expr, why in problems
+                ],
+            )
+
+    def _param_namespaced(self, kind: dict[str, Any]) -> bool | None:
+        rtype = self._type_for_kind(kind)
+        return None if rtype is None else rtype.namespaced
+
+    def _type_for_kind(self, kind: dict[str, Any]) -> ResourceType | None:
+        api_version = str(kind.get("apiVersion") or "")
+        group, _, version = api_version.rpartition("/")
+        return next(
+            (
+                t
+                for t in self.types.values()
+                if t.group == group and t.version == version and t.kind == kind.get("kind")
+            ),
+            None,
+        )
+
+    def _find_params(
+        self, kind: dict[str, Any], namespace: str | None, name: str | None, selector: dict[str, Any] | None
+    ) -> list[dict[str, Any]]:
+        rtype = self._type_for_kind(kind)
+        if rtype is None:
+            return []
+        items = self.store.select(rtype.storage_key, namespace if rtype.namespaced else None)
+        if name:
+            items = [i for i in items if i["metadata"]["name"] == name]
+        elif selector is not None:
+            items = [i for i in items if label_selector_matches(selector, i["metadata"].get("labels") or {})]
+        else:
+            items = []
+        return [self._present(rtype, i) for i in items]
+
+    def _admit(
+        self,
+        rtype: ResourceType,
+        operation: str,
+        obj: dict[str, Any],
+        old: dict[str, Any] | None,
+        subresource: str | None,
+        query: Any,
+    ) -> None:
+        """Validating admission of an API request: PodSecurity, then ValidatingAdmissionPolicies."""
+        user = _user.get()
+        if user is None:
+            return
+        meta = obj.get("metadata") or {}
+        ns = meta.get("namespace") or "" if rtype.namespaced else ""
+        name = meta.get("name") or ""
+        namespace_object = self.store.get(("", "namespaces"), "", ns) if ns else None
+        if rtype.group == "" and rtype.plural == "pods" and operation == "CREATE" and not subresource:
+            self._pod_security(obj, namespace_object)
+        elif (rtype.group, rtype.plural) in _WORKLOADS and not subresource:
+            self._pod_security(obj, namespace_object, workload=True)
+        request = AdmissionRequest(
+            operation=operation,
+            group=rtype.group,
+            version=rtype.version,
+            kind=rtype.kind,
+            resource=rtype.plural,
+            subresource=subresource or "",
+            namespace=ns,
+            name=name,
+            namespaced=rtype.namespaced,
+            obj=self._present(rtype, obj),
+            old=self._present(rtype, old) if old is not None else None,
+            user=user.as_dict(),
+            dry_run=self._dry_run(query) if query is not None else False,
+            namespace_object=namespace_object,
+        )
+        outcome = self.policies.admit(request)
+        warnings = _warnings.get(None)
+        if warnings is not None:
+            warnings.extend(outcome.warnings)
+        denial = outcome.denial
+        if denial is not None:
+            message = (
+                f"ValidatingAdmissionPolicy '{denial.policy}' with binding '{denial.binding}' "
+                f"denied request: {denial.message}"
+            )
+            error = errors.forbidden(rtype.group, rtype.plural, name, message)
+            error.code = REASON_CODES.get(denial.reason, 422)
+            error.reason = denial.reason
+            assert error.details is not None
+            error.details["causes"] = [{"message": message}]
+            raise error
+
+    def _pod_security(
+        self, obj: dict[str, Any], namespace: dict[str, Any] | None, workload: bool = False
+    ) -> None:
+        """PodSecurity admission: a pod violating the namespace's `enforce` level is refused; `warn` levels,
+        and for workloads (their pod template) the `enforce` level too, only add `would violate` warnings."""
+        from ..podsecurity import check_pod, namespace_policy, violation_message
+
+        labels = ((namespace or {}).get("metadata") or {}).get("labels") or {}
+        policy = namespace_policy(labels)
+        template = obj
+        if workload:
+            spec = obj.get("spec") or {}
+            if obj.get("kind") == "CronJob":
+                spec = (spec.get("jobTemplate") or {}).get("spec") or {}
+            template = spec.get("template") or {}
+        meta, spec = template.get("metadata") or {}, template.get("spec") or {}
+        levels: list[tuple[str, str]] = []
+        warn = labels.get("pod-security.kubernetes.io/warn")
+        if warn in ("baseline", "restricted"):
+            levels.append((warn, labels.get("pod-security.kubernetes.io/warn-version") or "latest"))
+        if policy is not None and workload and policy not in levels:
+            levels.append(policy)
+        warnings = _warnings.get(None)
+        for level, version in levels:
+            if policy is not None and (level, version) == policy and not workload:
+                continue  # enforced below: the refusal says it
+            results = check_pod(level, meta, spec)
+            if results and warnings is not None:
+                warnings.append("would " + violation_message(level, version, results, verb="violate"))
+        if policy is None or workload:
+            return
+        level, version = policy
+        results = check_pod(level, meta, spec)
+        if results:
+            raise errors.forbidden(
+                "", "pods", obj["metadata"].get("name", ""), violation_message(level, version, results)
+            )
+
     # ------------------------------------------------------------------ discovery, version, openapi
     async def _non_resource(self, request: web.Request) -> web.Response:
         path = request.path.rstrip("/") or "/"
@@ -1985,10 +2542,11 @@ class ApiServer:
                 "log": ("Pod", ["get"]),
                 "eviction": ("Eviction", ["create"]),
                 "binding": ("Binding", ["create"]),
+                "token": ("TokenRequest", ["create"]),
             }
             subs = [
                 s
-                for s in ("status", "scale", "log", "eviction", "binding")
+                for s in ("status", "scale", "log", "eviction", "binding", "token")
                 if self._has_subresource(rtype, s)
             ]
             for sub in subs:
@@ -2004,6 +2562,8 @@ class ApiServer:
                     item.update(group="autoscaling", version="v1")
                 elif sub == "eviction":
                     item.update(group="policy", version="v1")
+                elif sub == "token":
+                    item.update(group="authentication.k8s.io", version="v1")
                 resources.append(item)
         return {
             "kind": "APIResourceList",

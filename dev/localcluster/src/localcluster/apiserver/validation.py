@@ -33,11 +33,33 @@ def _quote(value: Any) -> str:
     return json.dumps(value)
 
 
+PATH_SEGMENT_NAMED = frozenset({"roles", "rolebindings", "clusterroles", "clusterrolebindings"})
+
+
 def validate_name(plural: str, name: str) -> list[dict[str, Any]]:
     if not name:
         return [
             cause("metadata.name", "FieldValueRequired", "Required value: name or generateName is required")
         ]
+    if plural in PATH_SEGMENT_NAMED:  # RBAC objects: any name that is a valid path segment
+        for bad in ("/", "%"):
+            if bad in name:
+                return [
+                    cause(
+                        "metadata.name",
+                        "FieldValueInvalid",
+                        f"Invalid value: {_quote(name)}: may not contain '{bad}'",
+                    )
+                ]
+        if name in (".", ".."):
+            return [
+                cause(
+                    "metadata.name",
+                    "FieldValueInvalid",
+                    f"Invalid value: {_quote(name)}: may not be '{name}'",
+                )
+            ]
+        return []
     if plural in LABEL_NAMED:
         if len(name) > 63:
             return [

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from ..apiserver.kubeconfig import write_kubeconfig
 from ..controllers.events import now_iso
 from ..kubeclient import CONFIGMAPS, PODS, SECRETS
 from ..runtime import Launch, PathRewriter, StartError, expand, resolve_launch
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TERMINAL = ("Succeeded", "Failed")
+SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 MAX_MESSAGE = 4096
 BACKOFF_START = 10.0
 BACKOFF_MAX = 300.0
@@ -399,6 +401,24 @@ class PodWorker:
                 env[name] = vol.resource_value(self.pod, source["resourceFieldRef"], container["name"])
         return env
 
+    def _service_account_kubeconfig(self, container: str, token_dir: str | None) -> Path | None:
+        """The container's kubeconfig: the API server with the ServiceAccount token the pod mounts (where a
+        real pod's in-cluster config reads it); None without a mounted token (no credentials)."""
+        if token_dir is None:
+            return None
+        token_file = Path(token_dir) / "token"
+        if not token_file.is_file():
+            return None
+        target = self.dir / "kubeconfigs" / container
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_kubeconfig(
+            target,
+            self.kubelet.client.base_url,
+            token=token_file.read_text().strip(),
+            namespace=self.namespace,
+        )
+        return target
+
     async def _prepare(self, state: ContainerState) -> tuple[Launch, str, Path, dict[str, str]]:
         container = state.spec
         term_file = self.dir / "termination" / state.name
@@ -416,6 +436,7 @@ class PodWorker:
             mapping[mount["mountPath"]] = str(local)
         mapping[container.get("terminationMessagePath") or "/dev/termination-log"] = str(term_file)
         rewrite = PathRewriter(mapping)
+        kubeconfig = self._service_account_kubeconfig(state.name, mapping.get(SERVICE_ACCOUNT_MOUNT))
         env = await self._container_env(container)
         command = [expand(c, env) for c in container.get("command") or []]
         args = [expand(a, env) for a in container.get("args") or []]
@@ -425,7 +446,7 @@ class PodWorker:
             command,
             [rewrite(a) for a in args],
             pod_ip=self.pod_ip,
-            kubeconfig=self.kubelet.kubeconfig,
+            kubeconfig=kubeconfig,
             root=self.kubelet.project_root,
         )
         process_env = {
@@ -442,6 +463,8 @@ class PodWorker:
         process_env["PYTHONPATH"] = f"{shim}:{existing}" if existing else shim
         if "/tmp" in mapping and "TMPDIR" not in env:
             process_env["TMPDIR"] = mapping["/tmp"]  # a volume on /tmp is the container's tempdir
+        if kubeconfig is not None and "KUBECONFIG" not in env:
+            process_env["KUBECONFIG"] = str(kubeconfig)  # in-cluster clients: the pod's own account
         process_env["LOCALCLUSTER_POD_IP"] = self.pod_ip
         process_env["LOCALCLUSTER_POD_NAMESPACE"] = self.namespace
         process_env["LOCALCLUSTER_DNS_FILE"] = str(self.kubelet.dns_file)

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ..kubeclient import CONFIGMAPS, SECRETS, KubeClient
+from ..kubeclient import CONFIGMAPS, SECRETS, ApiError, KubeClient
 from .quantity import format_cpu, parse_quantity
 
 
@@ -91,6 +91,8 @@ async def _project_keyed(
         name = source.get("name")
     path = SECRETS.path(namespace, name) if kind == "secret" else CONFIGMAPS.path(namespace, name)
     obj = await _get(client, path)
+    if obj is None and kind == "configmap" and name == ROOT_CA_CONFIGMAP:
+        obj = {"data": {"ca.crt": ""}}  # no root-ca publisher here: the API server is plain http, no CA
     if obj is None:
         if source.get("optional"):
             return
@@ -109,6 +111,33 @@ async def _project_keyed(
     else:
         for key, value in data.items():
             _write(target, key, value, default_mode)
+
+
+ROOT_CA_CONFIGMAP = "kube-root-ca.crt"
+
+
+async def _project_token(
+    client: KubeClient, pod: dict[str, Any], target: Path, source: dict[str, Any], mode: int
+) -> None:
+    """A bound ServiceAccount token from the TokenRequest API, as the kubelet fetches it."""
+    meta = pod["metadata"]
+    account = pod["spec"].get("serviceAccountName") or "default"
+    body = {
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenRequest",
+        "spec": {
+            "audiences": [source["audience"]] if source.get("audience") else [],
+            "expirationSeconds": int(source.get("expirationSeconds") or 3607),
+            "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]},
+        },
+    }
+    path = f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token"
+    try:
+        answer = await client.create(path, body)
+    except ApiError as err:
+        message = err.body.get("message") if isinstance(err.body, dict) else str(err.body)
+        raise VolumeError(f"failed to fetch token: {message}") from err
+    _write(target, source.get("path", "token"), answer["status"]["token"].encode(), mode)
 
 
 async def _project_downward(
@@ -174,12 +203,7 @@ async def materialise(
                     elif "downwardAPI" in source:
                         await _project_downward(pod, fresh, source["downwardAPI"], mode)
                     elif "serviceAccountToken" in source:
-                        _write(
-                            fresh,
-                            source["serviceAccountToken"].get("path", "token"),
-                            b"localcluster-service-account-token",
-                            mode,
-                        )
+                        await _project_token(client, pod, fresh, source["serviceAccountToken"], mode)
             if target.exists():
                 shutil.rmtree(target)
             fresh.rename(target)

@@ -1,0 +1,254 @@
+"""The building blocks of the FineTuneJob API (models.py): patterns, strict string and quantity types, the
+messages of cross-field rules and where they point, CEL rule helpers, and errors that name the field.
+
+Patterns are written in the regex subset shared by Go's RE2 (kube-apiserver, CEL `matches`), Rust's regex
+(pydantic-core) and Python's `re`: no look-around, no back-references.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+)
+from pydantic.alias_generators import to_camel
+
+# ---------------------------------------------------------------------------------------------- patterns
+# One path segment of an object key or volume path: never empty, never "." or ".." (no traversal).
+_SEG_CHAR = r"[A-Za-z0-9._~=+-]"
+_SEG_START = r"[A-Za-z0-9_~=+-]"
+SEGMENT = rf"(?:{_SEG_START}{_SEG_CHAR}*|\.{_SEG_START}{_SEG_CHAR}*|\.\.{_SEG_CHAR}+)"
+# S3 bucket naming rules: lowercase letters, digits, '-' and '.', starting and ending with a letter or digit
+# on each dot-separated label (so no "..", ".-", "-."); the 3..63 length is checked by BUCKET_LENGTH.
+BUCKET = r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)*"
+BUCKET_LENGTH = r"^s3://[a-z0-9.-]{3,63}(?:/|$)"
+DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+DNS_SUBDOMAIN = rf"{DNS_LABEL}(?:\.{DNS_LABEL})*"
+HF_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9_-]|\.[A-Za-z0-9_-])*"
+
+S3_OBJECT = rf"s3://{BUCKET}(?:/{SEGMENT})+/?"
+S3_PREFIX = rf"s3://{BUCKET}(?:/{SEGMENT})*/?"
+HF_REPO = rf"hf://{HF_NAME}/{HF_NAME}"
+PVC_PATH = rf"pvc://{DNS_SUBDOMAIN}(?:/{SEGMENT})*/?"
+
+SOURCE_URI_PATTERN = rf"^(?:{S3_OBJECT}|{HF_REPO}|{PVC_PATH})$"
+OUTPUT_URI_PATTERN = rf"^{S3_PREFIX}$"
+DNS_LABEL_PATTERN = rf"^{DNS_LABEL}$"
+DNS_SUBDOMAIN_PATTERN = rf"^{DNS_SUBDOMAIN}$"
+HTTP_URL_PATTERN = r"^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~%!$&'()*+,;=:@/-]*)?$"
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)"
+    r"|(\.[0-9]+))))?$"
+)
+LABEL_VALUE_PATTERN = r"^(?:[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?)?$"
+QUALIFIED_NAME_PATTERN = rf"^(?:{DNS_SUBDOMAIN}/)?[A-Za-z0-9](?:[A-Za-z0-9_.-]*[A-Za-z0-9])?$"
+REVISION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*$"  # no "." or ".." segment
+SERVED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/:-]*$"
+MODULE_NAME_PATTERN = r"^[A-Za-z0-9_.*-]+$"
+
+PATTERN_HINTS = {
+    SOURCE_URI_PATTERN: "s3://bucket/key, hf://org/name or pvc://claim/path (no empty, '.' or '..' segments)",
+    OUTPUT_URI_PATTERN: "an s3://bucket/prefix URI (no empty, '.' or '..' segments)",
+    DNS_LABEL_PATTERN: "a DNS-1123 label (lowercase letters, digits and '-')",
+    DNS_SUBDOMAIN_PATTERN: "a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')",
+    HTTP_URL_PATTERN: "an http:// or https:// URL",
+    QUANTITY_PATTERN: "a Kubernetes quantity such as 4, 500m or 16Gi",
+}
+
+BUCKET_LENGTH_RULE = {
+    "rule": f"!self.startsWith('s3://') || self.matches('{BUCKET_LENGTH}')",
+    "message": "S3 bucket names must be 3 to 63 characters long",
+}
+BUCKET_LENGTH_MESSAGE = BUCKET_LENGTH_RULE["message"]
+
+# Cross-field rule messages (the same text from CEL and from the model validators).
+QLORA_NEEDS_GPU = "method qlora needs resources.gpus >= 1 (4-bit quantisation runs on GPUs only)"
+ADAPTER_NEEDS_PEFT = "deployment.mode adapter needs method lora or qlora"
+THRESHOLD_METRIC_UNKNOWN = "every threshold metric must be listed in evaluation.metrics"
+PRIMARY_METRIC_UNKNOWN = "evaluation.primaryMetric must be listed in evaluation.metrics"
+THRESHOLD_ONE_BOUND = "a threshold sets exactly one of min or max"
+OUTPUT_OVERLAPS_MODEL = "storage.output must not be the base model's location or under it"
+OUTPUT_OVERLAPS_DATA = "storage.output must not be a dataset file's location or under it"
+IMMUTABLE = "{field} is immutable once set"
+LORA_RANK_UNSERVABLE = (
+    "lora.rank above 512 cannot be served as a vLLM LoRA adapter (512 is vLLM's largest --max-lora-rank): "
+    "use lora.rank <= 512, deployment.mode merged or deployment.enabled false"
+)
+EXTRA_ARGS_REFUSED = (
+    "deployment.extraArgs takes only allow-listed vLLM flags (docs/serving.md), as --flag, --flag=value or "
+    "--flag value, with values of letters, digits and ._:+-; flags that change the model, tokenizer, host, "
+    "port, served names, LoRA modules or remote code, positional arguments and $(VAR) are refused"
+)
+VLLM_MAX_LORA_RANK = 512
+IMMUTABLE_FIELDS = ("baseModel", "dataset", "method", "lora", "hyperparameters")
+
+
+class SpecError(ValueError):
+    """A FineTuneJob that does not satisfy the API; each line names a field path."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{path}: {message}" for path, message in errors))
+
+
+# Where each cross-field rule points (CEL `fieldPath`, relative to the object carrying the rule).
+RULE_FIELD = {
+    QLORA_NEEDS_GPU: ".resources.gpus",
+    ADAPTER_NEEDS_PEFT: ".deployment.mode",
+    OUTPUT_OVERLAPS_MODEL: ".storage.output",
+    OUTPUT_OVERLAPS_DATA: ".storage.output",
+    THRESHOLD_METRIC_UNKNOWN: ".thresholds",
+    PRIMARY_METRIC_UNKNOWN: ".primaryMetric",
+    LORA_RANK_UNSERVABLE: ".lora.rank",
+}
+
+
+def rule(rule: str, message: str) -> dict[str, str]:
+    out = {"rule": rule, "message": message}
+    if message in RULE_FIELD:
+        out["fieldPath"] = RULE_FIELD[message]
+    return out
+
+
+def validations(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+# ---------------------------------------------------------------------------------------------- base types
+class SpecModel(BaseModel):
+    """Base of spec models: camelCase, strict types (as the API server's schema), unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        strict=True,
+        frozen=True,
+    )
+
+
+class StatusModel(BaseModel):
+    """Base of status models: camelCase, lax so that an older operator reads a newer status."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="ignore",
+    )
+
+
+def check_bucket(uri: str) -> str:
+    if uri.startswith("s3://") and not re.match(BUCKET_LENGTH, uri):
+        raise ValueError(BUCKET_LENGTH_MESSAGE)
+    return uri
+
+
+def _str(value: Any, max_length: int, pattern: str | None) -> str:
+    """Strict string check used by PlainValidator types (same rules and messages as pydantic's)."""
+    if not isinstance(value, str):
+        raise ValueError("Input should be a valid string")
+    if len(value) > max_length:
+        raise ValueError(f"String should have at most {max_length} characters")
+    if not value:
+        raise ValueError("String should have at least 1 character")
+    if pattern is not None and not re.fullmatch(pattern, value):
+        raise ValueError(
+            f"must be {PATTERN_HINTS[pattern]}"
+            if pattern in PATTERN_HINTS
+            else f"String should match pattern '{pattern}'"
+        )
+    return value
+
+
+SourceURI = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=1024,
+        pattern=SOURCE_URI_PATTERN,
+        json_schema_extra=validations(BUCKET_LENGTH_RULE),
+    ),
+    AfterValidator(check_bucket),
+]
+OutputURI = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=1024,
+        pattern=OUTPUT_URI_PATTERN,
+        json_schema_extra=validations(BUCKET_LENGTH_RULE),
+    ),
+    AfterValidator(check_bucket),
+]
+DNSLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
+DNSSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+
+
+def _quantity(value: Any) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("Input should be an integer or a Kubernetes quantity string")
+    if isinstance(value, int):
+        if not 0 <= value <= 1_000_000_000_000_000:
+            raise ValueError("Input should be between 0 and 10^15")
+        return value
+    return _str(value, 64, QUANTITY_PATTERN)
+
+
+Quantity = Annotated[
+    int | str,
+    PlainValidator(_quantity),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "maxLength": 64,
+            "minimum": 0,
+            "maximum": 1_000_000_000_000_000,
+        }
+    ),
+]
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts[-1] += f"[{part}]"
+        elif part == "[key]":
+            parts.pop()  # a bad map key: report the map, as the API server does
+        elif part.startswith(("function-", "lax-", "strict-")) or part in {"str", "int"}:
+            continue  # pydantic's union/function branch labels are not field names
+        else:
+            parts.append(part)
+    return ".".join(parts)
+
+
+def field_errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    for err in exc.errors(include_url=False):
+        message = str(err["msg"])
+        if err["type"] == "value_error" and message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        if err["type"] == "extra_forbidden":
+            message = "unknown field"
+        if err["type"] == "string_pattern_mismatch":
+            pattern = str((err.get("ctx") or {}).get("pattern", ""))
+            message = f"must be {PATTERN_HINTS[pattern]}" if pattern in PATTERN_HINTS else message
+        path = _path(prefix + tuple(err["loc"]))
+        if message in RULE_FIELD:
+            path += RULE_FIELD[message]
+        errors.append((path, message))
+    return errors

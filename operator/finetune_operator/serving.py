@@ -1,0 +1,274 @@
+"""Pure builders of the serving children: the vLLM Deployment (base + LoRA adapter, or merged weights) and
+its Service. Like builders.py, each returns a plain dict and talks to nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_vocabulary.images import TRAINER_ENTRYPOINT
+from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
+
+from .config import GpuType, OperatorConfig
+from .models import FineTuneJobSpec
+from .naming import Stage, child_name
+from .podspec import (
+    WORKDIR,
+    container_security_context,
+    credentials_env_from,
+    gpu_placement,
+    labels,
+    metadata,
+    pod_security_context,
+    priority_class,
+    resource_block,
+    scratch_volumes,
+    selector_labels,
+    service_account,
+    spec_hash,
+)
+from .ref import Artifacts, JobRef
+
+VLLM_CONTAINER = "vllm"
+MODELS_DIR = "/models"
+# LoRA ranks vLLM accepts for --max-lora-rank.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# On CPU, vLLM sizes its KV cache from --gpu-memory-utilization as a fraction of HOST memory, which a pod's
+# limit knows nothing about (and which the model's weights alone may exceed). The pod's memory decides
+# instead: a quarter goes to the KV cache, the rest to the weights (float32 on CPU) and the runtime.
+CPU_KV_CACHE_SHARE = 4
+CPU_KV_CACHE_MAX_GIB = 64
+_QUANTITY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
+
+
+def _gpu_type(config: OperatorConfig, job: JobRef) -> GpuType:
+    return config.gpu_type(job.spec.deployment.gpu_type or job.spec.resources.gpu_type)
+
+
+def serving_mode(spec: FineTuneJobSpec) -> str:
+    """adapter or merged; auto serves adapters for lora/qlora and the merged model for full."""
+    if spec.deployment.mode != "auto":
+        return spec.deployment.mode
+    return "merged" if spec.method == "full" else "adapter"
+
+
+def needs_export(spec: FineTuneJobSpec, artifacts: Artifacts) -> bool:
+    return spec.deployment.enabled and serving_mode(spec) == "merged" and not artifacts.merged
+
+
+def vllm_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts for --max-lora-rank that is ≥ the adapter's rank."""
+    for accepted in VLLM_LORA_RANKS:
+        if accepted >= rank:
+            return accepted
+    raise ValueError(f"LoRA rank {rank} exceeds the largest rank vLLM serves ({VLLM_LORA_RANKS[-1]})")
+
+
+def memory_bytes(quantity: int | str | None) -> int | None:
+    """Bytes in a Kubernetes memory quantity ("8Gi", "512M", "1e9"); None when unset or unreadable."""
+    if not quantity:
+        return None
+    text, scale = str(quantity).strip(), 1
+    for suffix, factor in _QUANTITY_SUFFIXES.items():
+        if text.endswith(suffix):
+            text, scale = text[: -len(suffix)], factor
+            break
+    try:
+        return int(float(text) * scale)
+    except ValueError:
+        return None
+
+
+def cpu_kv_cache_gib(memory: int | str | None) -> int:
+    """VLLM_CPU_KVCACHE_SPACE (whole GiB) for a CPU replica with this memory limit: a quarter, at least 1."""
+    total = memory_bytes(memory)
+    if total is None:
+        return 1
+    return max(1, min(CPU_KV_CACHE_MAX_GIB, total // CPU_KV_CACHE_SHARE // 2**30))
+
+
+def served_model_name(job: JobRef) -> str:
+    return job.spec.deployment.served_model_name or job.name
+
+
+def service_name(job: JobRef) -> str:
+    return child_name(job.name, Stage.SERVE)
+
+
+def endpoint_url(job: JobRef, config: OperatorConfig) -> str:
+    return f"http://{service_name(job)}.{job.namespace}.svc:{config.defaults.vllm_port}/v1"
+
+
+def _fetch_container(
+    job: JobRef, config: OperatorConfig, name: str, source: str, dest: str
+) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": name,
+        "image": config.images.trainer,
+        "imagePullPolicy": config.images.pull_policy,
+        # Paths go in args (command names the program): runtimes that remap volume paths rewrite args only.
+        "command": list(TRAINER_ENTRYPOINT),
+        "args": ["fetch", source, dest],
+        "env": [
+            {"name": "HOME", "value": WORKDIR},
+            {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
+        ],
+        "volumeMounts": [
+            {"name": "models", "mountPath": MODELS_DIR},
+            {"name": "workspace", "mountPath": WORKDIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+        "resources": {
+            "requests": {"cpu": config.defaults.init_cpu, "memory": config.defaults.init_memory},
+            "limits": {"memory": config.defaults.init_memory},
+        },
+        "securityContext": container_security_context(),
+    }
+    env_from = credentials_env_from(job)
+    if env_from:
+        container["envFrom"] = env_from
+    return container
+
+
+class _ModelSource:
+    """Where vLLM reads the weights: init-container fetches, extra volumes and the model arguments."""
+
+    def __init__(self) -> None:
+        self.fetches: list[tuple[str, str, str]] = []
+        self.volumes: list[dict[str, Any]] = [{"name": "models", "emptyDir": {}}]
+        self.mounts: list[dict[str, Any]] = [{"name": "models", "mountPath": MODELS_DIR, "readOnly": True}]
+        self.args: list[str] = []
+
+    def merged(self, job: JobRef, artifacts: Artifacts) -> None:
+        if not artifacts.merged:
+            raise ValueError("merged serving needs a merged model; run export first")
+        self.fetches.append(("fetch-model", artifacts.merged.rstrip("/"), f"{MODELS_DIR}/merged"))
+        self.args += ["--model", f"{MODELS_DIR}/merged", "--served-model-name", served_model_name(job)]
+
+    def adapter(self, job: JobRef, artifacts: Artifacts) -> None:
+        if not artifacts.adapter:
+            raise ValueError("adapter serving needs the trained adapter")
+        base, served = job.spec.base_model, served_model_name(job)
+        if base.uri.startswith("hf://"):
+            self.args += ["--model", base.uri.removeprefix("hf://")]
+            if base.revision:
+                self.args += ["--revision", base.revision]
+        elif base.uri.startswith("pvc://"):
+            claim, _, path = base.uri.removeprefix("pvc://").partition("/")
+            self.volumes.append(
+                {"name": "base-model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+            )
+            self.mounts.append({"name": "base-model", "mountPath": f"{MODELS_DIR}-pvc", "readOnly": True})
+            self.args += ["--model", f"{MODELS_DIR}-pvc/{path}".rstrip("/")]
+        else:
+            self.fetches.append(("fetch-base", base.uri.rstrip("/"), f"{MODELS_DIR}/base"))
+            self.args += ["--model", f"{MODELS_DIR}/base"]
+        self.fetches.append(("fetch-adapter", artifacts.adapter.rstrip("/"), f"{MODELS_DIR}/adapter"))
+        # The base is reachable as "<served>-base"; the tuned adapter answers to the served name.
+        self.args += [
+            "--served-model-name",
+            f"{served}-base",
+            "--enable-lora",
+            "--lora-modules",
+            f"{served}={MODELS_DIR}/adapter",
+            "--max-lora-rank",
+            str(vllm_lora_rank(job.spec.lora.rank)),
+        ]
+
+
+def _vllm_container(
+    job: JobRef, config: OperatorConfig, args: list[str], mounts: list[dict[str, Any]], gpu_type: GpuType
+) -> dict[str, Any]:
+    deployment = job.spec.deployment
+    health = {"httpGet": {"path": "/health", "port": "http"}}
+    container: dict[str, Any] = {
+        "name": VLLM_CONTAINER,
+        "image": config.images.vllm,
+        "imagePullPolicy": config.images.pull_policy,
+        "args": args,
+        "env": [
+            {"name": "HOME", "value": WORKDIR},
+            {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
+            {"name": "XDG_CACHE_HOME", "value": f"{WORKDIR}/.cache"},
+            {"name": "VLLM_CACHE_ROOT", "value": f"{WORKDIR}/.cache/vllm"},
+        ],
+        "ports": [{"name": "http", "containerPort": config.defaults.vllm_port, "protocol": "TCP"}],
+        "volumeMounts": mounts,
+        "securityContext": container_security_context(),
+        # Loading weights can take long; the startup probe holds readiness and liveness until /health answers.
+        "startupProbe": {
+            **health,
+            "periodSeconds": 10,
+            "failureThreshold": max(1, config.defaults.vllm_startup_seconds // 10),
+        },
+        "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
+    }
+    env_from = credentials_env_from(job)
+    if env_from and job.spec.base_model.uri.startswith("hf://"):
+        container["envFrom"] = env_from  # HF_TOKEN for a gated base model
+    replica = deployment.resources
+    user_args = [str(arg) for arg in deployment.extra_args or []]
+    if deployment.gpus == 0 and not any(arg.startswith("--kv-cache-memory") for arg in user_args):
+        kv_gib = cpu_kv_cache_gib(replica.memory if replica else None)
+        container["env"].append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(kv_gib)})
+    resources = resource_block(
+        replica.cpu if replica else None, replica.memory if replica else None, deployment.gpus, gpu_type
+    )
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def serving_deployment(job: JobRef, config: OperatorConfig, artifacts: Artifacts) -> dict[str, Any]:
+    """vLLM serving the tuned model: base + LoRA adapter, or the merged weights."""
+    deployment = job.spec.deployment
+    gpu_type = _gpu_type(config, job)
+    source = _ModelSource()
+    if serving_mode(job.spec) == "merged":
+        source.merged(job, artifacts)
+    else:
+        source.adapter(job, artifacts)
+    args = ["--host", "0.0.0.0", "--port", str(config.defaults.vllm_port), *source.args]
+    if deployment.max_model_len:
+        args += ["--max-model-len", str(deployment.max_model_len)]
+    if deployment.gpus > 1:
+        args += ["--tensor-parallel-size", str(deployment.gpus)]
+    args += list(deployment.extra_args or [])
+
+    volumes, mounts = scratch_volumes(config.defaults.shm_size)
+    pod_spec: dict[str, Any] = {
+        "securityContext": pod_security_context(config),
+        "initContainers": [_fetch_container(job, config, *fetch) for fetch in source.fetches],
+        "containers": [_vllm_container(job, config, args, mounts + source.mounts, gpu_type)],
+        "volumes": volumes + source.volumes,
+        **service_account(job),
+        **gpu_placement(gpu_type, deployment.gpus, job.spec.resources),
+        **priority_class(job),
+    }
+    spec: dict[str, Any] = {
+        "replicas": deployment.replicas,
+        "selector": {"matchLabels": selector_labels(job, Stage.SERVE)},
+        # Never ask for an extra GPU during a rollout.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+        "template": {"metadata": {"labels": labels(job, Stage.SERVE)}, "spec": pod_spec},
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(job, Stage.SERVE, {ANNOTATION_SPEC_HASH: spec_hash(spec)}),
+        "spec": spec,
+    }
+
+
+def serving_service(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
+    port = config.defaults.vllm_port
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(job, Stage.SERVE),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(job, Stage.SERVE),
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }

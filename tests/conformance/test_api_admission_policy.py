@@ -1,0 +1,339 @@
+"""ValidatingAdmissionPolicy (admissionregistration.k8s.io/v1) as kube-apiserver enforces it: params by name
+and by selector, parameterNotFoundAction, messageExpression, reason, matchConditions, variables, namespace and
+object selectors, CREATE and UPDATE (oldObject), Deny and Warn. ConfigMaps are both the checked objects and
+the params, so the tests need nothing but a cluster (kind, a real one, or the embedded emulator)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .conftest import Raw, wait_for
+
+ADMISSION = "/apis/admissionregistration.k8s.io/v1"
+
+
+def policy(name: str, label: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["configmaps"],
+                    }
+                ],
+                "objectSelector": {"matchExpressions": [{"key": label, "operator": "Exists"}]},
+            },
+            "matchConditions": [
+                {"name": "not-exempt", "expression": "!('exempt' in object.metadata.labels)"},
+            ],
+            "variables": [
+                {"name": "keys", "expression": "has(object.data) ? size(object.data) : 0"},
+                {"name": "limit", "expression": "int(params.data.maxKeys)"},
+            ],
+            "validations": [
+                {
+                    "expression": "variables.keys <= variables.limit",
+                    "messageExpression": (
+                        "'configmap ' + object.metadata.name + ' has ' + string(variables.keys) + "
+                        "' keys, the limit is ' + string(variables.limit)"
+                    ),
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": (
+                        "!has(object.data) || !has(object.data.mode) || object.data.mode in ['fast', 'safe']"
+                    ),
+                    "message": "data.mode must be fast or safe",
+                },
+                {
+                    "expression": (
+                        "oldObject == null || !has(oldObject.data) || !has(oldObject.data.owner) || "
+                        "(has(object.data) && has(object.data.owner) && "
+                        "object.data.owner == oldObject.data.owner)"
+                    ),
+                    "message": "data.owner is immutable",
+                },
+                {"expression": "request.operation != 'CREATE' || object.metadata.name != 'forbidden-name'"},
+            ],
+        },
+    }
+
+
+def binding(
+    name: str, policy_name: str, param_ref: dict[str, Any], team: str, actions: list[str]
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": name},
+        "spec": {
+            "policyName": policy_name,
+            "validationActions": actions,
+            "paramRef": param_ref,
+            "matchResources": {"namespaceSelector": {"matchLabels": {"conformance.example.com/team": team}}},
+        },
+    }
+
+
+def cm(name: str, label: str, data: dict[str, str], **labels: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {label: "yes", **labels}}, "data": data}
+
+
+@pytest.fixture
+def setup(raw: Raw, namespace: str) -> Iterator[dict[str, str]]:
+    """A policy + a Deny binding for namespaces labelled team=<id>, its params in `namespace`, and a team
+    namespace to test in."""
+    tag = uuid.uuid4().hex[:6]
+    label = f"conformance.example.com/vap-{tag}"
+    names = {
+        "label": label,
+        "policy": f"conformance-keys-{tag}",
+        "binding": f"conformance-keys-{tag}-deny",
+        "team": f"team-{tag}",
+        "params_ns": namespace,
+        "ns": f"conf-vap-{tag}",
+    }
+    created: list[str] = []
+    status, body, _ = raw.request(
+        "POST",
+        "/api/v1/namespaces",
+        {"metadata": {"name": names["ns"], "labels": {"conformance.example.com/team": names["team"]}}},
+    )
+    assert status == 201, body
+    status, body, _ = raw.request(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/configmaps",
+        {"metadata": {"name": "limits"}, "data": {"maxKeys": "2"}},
+    )
+    assert status == 201, body
+    for path, obj in (
+        (f"{ADMISSION}/validatingadmissionpolicies", policy(names["policy"], label)),
+        (
+            f"{ADMISSION}/validatingadmissionpolicybindings",
+            binding(
+                names["binding"],
+                names["policy"],
+                {"name": "limits", "namespace": namespace, "parameterNotFoundAction": "Deny"},
+                names["team"],
+                ["Deny"],
+            ),
+        ),
+    ):
+        status, body, _ = raw.request("POST", path, obj)
+        assert status == 201, body
+        created.append(f"{path}/{obj['metadata']['name']}")
+    try:
+        yield names
+    finally:
+        for path in reversed(created):
+            raw.request("DELETE", path)
+        raw.request("DELETE", f"/api/v1/namespaces/{names['ns']}")
+
+
+def until_enforced(raw: Raw, namespace: str, label: str) -> None:
+    """A real API server picks a new policy (or param) up asynchronously: wait until it denies a probe."""
+
+    def denied() -> bool:
+        probe = cm(f"probe-{uuid.uuid4().hex[:6]}", label, {"mode": "reckless"})
+        return raw.request("POST", f"/api/v1/namespaces/{namespace}/configmaps", probe)[0] == 422
+
+    wait_for(denied, "the policy to take effect")
+
+
+def denied_prefix(names: dict[str, str], name: str) -> str:
+    return (
+        f"configmaps \"{name}\" is forbidden: ValidatingAdmissionPolicy '{names['policy']}' with binding "
+        f"'{names['binding']}' denied request: "
+    )
+
+
+def test_policy_with_params_denies_with_message_expression_and_reason(
+    raw: Raw, setup: dict[str, str]
+) -> None:
+    names, label = setup, setup["label"]
+    cms = f"/api/v1/namespaces/{names['ns']}/configmaps"
+    until_enforced(raw, names["ns"], label)
+    status, body, _ = raw.request("POST", cms, cm("big", label, {"a": "1", "b": "2", "c": "3"}))
+    assert (status, body["reason"]) == (403, "Forbidden")
+    assert body["message"] == denied_prefix(names, "big") + "configmap big has 3 keys, the limit is 2"
+    assert status == body["code"]
+
+    status, body, _ = raw.request("POST", cms, cm("modes", label, {"mode": "reckless"}))
+    assert (status, body["reason"]) == (422, "Invalid")  # no reason given: Invalid, 422
+    assert body["message"] == denied_prefix(names, "modes") + "data.mode must be fast or safe"
+
+    status, body, _ = raw.request("POST", cms, cm("forbidden-name", label, {}))
+    assert status == 422
+    assert body["message"] == denied_prefix(names, "forbidden-name") + (
+        "failed expression: request.operation != 'CREATE' || object.metadata.name != 'forbidden-name'"
+    )
+
+    # Admitted: within the limit; exempt by matchCondition; not selected by the objectSelector.
+    assert raw.request("POST", cms, cm("small", label, {"a": "1", "owner": "ann"}))[0] == 201
+    assert (
+        raw.request("POST", cms, cm("exempt", label, {"a": "1", "b": "2", "c": "3"}, exempt="true"))[0] == 201
+    )
+    assert (
+        raw.request(
+            "POST", cms, {"metadata": {"name": "unlabelled"}, "data": {"a": "1", "b": "2", "c": "3"}}
+        )[0]
+        == 201
+    )
+
+
+def test_policy_checks_updates_against_the_old_object(raw: Raw, setup: dict[str, str]) -> None:
+    names, label = setup, setup["label"]
+    cms = f"/api/v1/namespaces/{names['ns']}/configmaps"
+    until_enforced(raw, names["ns"], label)
+    assert raw.request("POST", cms, cm("owned", label, {"owner": "ann"}))[0] == 201
+    status, body, _ = raw.request(
+        "PATCH", f"{cms}/owned", {"data": {"owner": "bob"}}, content_type="application/merge-patch+json"
+    )
+    assert status == 422 and body["message"] == denied_prefix(names, "owned") + "data.owner is immutable"
+    status, body, _ = raw.request(
+        "PATCH", f"{cms}/owned", {"data": {"x": "1", "y": "2"}}, content_type="application/merge-patch+json"
+    )
+    assert status == 403 and body["message"].endswith("configmap owned has 3 keys, the limit is 2")
+    status, body, _ = raw.request(
+        "PATCH", f"{cms}/owned", {"data": {"x": "1"}}, content_type="application/merge-patch+json"
+    )
+    assert status == 200, body
+
+
+def test_params_follow_their_object_and_parameter_not_found_action(raw: Raw, setup: dict[str, str]) -> None:
+    names, label = setup, setup["label"]
+    cms = f"/api/v1/namespaces/{names['ns']}/configmaps"
+    three = cm("three", label, {"a": "1", "b": "2", "c": "3"})
+    until_enforced(raw, names["ns"], label)
+    assert raw.request("POST", cms, three)[0] == 403
+    limits = f"/api/v1/namespaces/{names['params_ns']}/configmaps/limits"
+    status, body, _ = raw.request(
+        "PATCH", limits, {"data": {"maxKeys": "5"}}, content_type="application/merge-patch+json"
+    )
+    assert status == 200, body
+    wait_for(lambda: raw.request("POST", cms, three)[0] == 201, "the raised limit")
+    assert raw.request("DELETE", limits)[0] == 200
+    wait_for(
+        lambda: raw.request("POST", cms, cm(f"one-{uuid.uuid4().hex[:4]}", label, {"a": "1"}))[0] == 422,
+        "the missing params",
+    )
+    status, body, _ = raw.request("POST", cms, cm("two", label, {"a": "1"}))
+    assert body["message"] == denied_prefix(names, "two") + (
+        "no params found for policy binding with `Deny` parameterNotFoundAction"
+    )
+
+
+def test_binding_with_param_selector_and_warn(raw: Raw, setup: dict[str, str]) -> None:
+    """A Warn binding selecting its params by label: every selected param is checked, and the client gets a
+    Warning instead of a denial."""
+    names, label = setup, setup["label"]
+    tag = uuid.uuid4().hex[:6]
+    team = f"warned-{tag}"
+    ns = f"conf-warn-{tag}"
+    params_ns = names["params_ns"]
+    selector_label = f"conformance.example.com/limits-{tag}"
+    for name, limit in (("loose", "9"), ("tight", "1")):
+        status, body, _ = raw.request(
+            "POST",
+            f"/api/v1/namespaces/{params_ns}/configmaps",
+            {"metadata": {"name": name, "labels": {selector_label: "yes"}}, "data": {"maxKeys": limit}},
+        )
+        assert status == 201, body
+    bound = binding(
+        f"conformance-warn-{tag}",
+        names["policy"],
+        {
+            "namespace": params_ns,
+            "selector": {"matchLabels": {selector_label: "yes"}},
+            "parameterNotFoundAction": "Allow",
+        },
+        team,
+        ["Warn"],
+    )
+    path = f"{ADMISSION}/validatingadmissionpolicybindings"
+    assert raw.request("POST", path, bound)[0] == 201
+    assert (
+        raw.request(
+            "POST",
+            "/api/v1/namespaces",
+            {"metadata": {"name": ns, "labels": {"conformance.example.com/team": team}}},
+        )[0]
+        == 201
+    )
+    try:
+        cms = f"/api/v1/namespaces/{ns}/configmaps"
+
+        def warning_for(name: str) -> str:
+            status, body, headers = raw.request("POST", cms, cm(name, label, {"a": "1", "b": "2"}))
+            assert status == 201, body  # Warn never denies
+            return (
+                " ".join(headers.getlist("Warning"))
+                if hasattr(headers, "getlist")
+                else str(headers.get("Warning", ""))
+            )
+
+        text = wait_for(lambda: warning_for(f"w-{uuid.uuid4().hex[:4]}"), "the warning")
+        policy_name, binding_name = names["policy"], bound["metadata"]["name"]
+        assert (
+            f"Validation failed for ValidatingAdmissionPolicy '{policy_name}' with binding '{binding_name}'"
+            in text
+        )
+        assert "has 2 keys, the limit is 1" in text  # the tight param failed; the loose one passed
+    finally:
+        raw.request("DELETE", f"{path}/{bound['metadata']['name']}")
+        raw.request("DELETE", f"/api/v1/namespaces/{ns}")
+
+
+def test_kubectl_applies_policies_and_reports_denials(
+    kubectl: Any, raw: Raw, setup: dict[str, str], tmp_path: Any
+) -> None:
+    names = setup
+    until_enforced(raw, names["ns"], names["label"])
+    listed = kubectl("get", "validatingadmissionpolicies", "-o", "name").stdout.split()
+    assert f"validatingadmissionpolicy.admissionregistration.k8s.io/{names['policy']}" in listed
+    # `kubectl apply` of a policy (discovery, OpenAPI, server-side field validation) re-applies it unchanged.
+    current = json.loads(kubectl("get", "validatingadmissionpolicy", names["policy"], "-o", "json").stdout)
+    manifest = {k: current[k] for k in ("apiVersion", "kind", "spec")}
+    manifest["metadata"] = {"name": names["policy"]}
+    out = kubectl("apply", "-f", "-", input=json.dumps(manifest)).stdout
+    assert names["policy"] in out
+    big = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        **cm("kubectl-big", names["label"], {"a": "1", "b": "2", "c": "3"}),
+    }
+    result = wait_for(
+        lambda: (
+            (
+                r := kubectl("apply", "-n", names["ns"], "-f", "-", input=json.dumps(big), check=False)
+            ).returncode
+            and r
+        ),
+        "the denial",
+    )
+    assert (
+        denied_prefix(names, "kubectl-big") + "configmap kubectl-big has 3 keys, the limit is 2"
+        in result.stderr
+    )
+
+
+@pytest.mark.emulator
+def test_emulator_refuses_a_policy_that_does_not_compile(raw: Raw) -> None:
+    bad = policy(f"conformance-bad-{uuid.uuid4().hex[:6]}", "x")
+    bad["spec"]["validations"] = [{"expression": "object.spec.("}]
+    status, body, _ = raw.request("POST", f"{ADMISSION}/validatingadmissionpolicies", bad)
+    assert status == 422 and body["reason"] == "Invalid"
+    assert "spec.validations[0].expression" in body["message"] and "compilation failed" in body["message"]

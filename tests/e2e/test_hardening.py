@@ -1,0 +1,192 @@
+"""Issue 9, items 1, 4 and 5 end to end on the embedded cluster with the real operator: spoofed children in
+another namespace, Events under injected 429s, and a child name held by an orphaned leftover."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .conftest import GROUP, PLURAL, VERSION, Jobs
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.local_kubelet, pytest.mark.timeout(600)]
+
+EVIL_ADAPTER = "s3://attacker-bucket/evil-adapter"
+
+
+@pytest.fixture
+def other_namespace(lc_api: Any) -> Iterator[str]:
+    from kubernetes import client
+
+    name = f"t-{secrets.token_hex(4)}"
+    core = client.CoreV1Api(lc_api)
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
+    yield name
+    with contextlib.suppress(Exception):
+        core.delete_namespace(name, propagation_policy="Background", grace_period_seconds=0)
+
+
+def _spoof_job(name: str, victim: dict[str, Any], stage: str, summary: dict[str, Any], owner: bool) -> dict:
+    """A Job carrying the victim's labels whose pod writes a crafted termination message."""
+    meta = victim["metadata"]
+    labels = {
+        "app.kubernetes.io/managed-by": "finetune-operator",
+        "app.kubernetes.io/component": stage,
+        "finetune.dev/job-uid": meta["uid"],
+    }
+    message = json.dumps({"exitCode": 0, "summary": summary})
+    body: dict[str, Any] = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [
+                        {
+                            "name": "trainer",
+                            "image": "busybox",
+                            "command": ["sh", "-c", f"printf '%s' '{message}' > /dev/termination-log"],
+                        }
+                    ],
+                },
+            },
+        },
+    }
+    if owner:  # even an ownerReference naming the victim's uid, from the wrong namespace
+        body["metadata"]["ownerReferences"] = [
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "FineTuneJob",
+                "name": meta["name"],
+                "uid": meta["uid"],
+                "controller": True,
+            }
+        ]
+    return body
+
+
+def test_spoofed_children_in_another_namespace_leave_the_victim_alone(
+    jobs: Jobs, lc_api: Any, other_namespace: str
+) -> None:
+    from kubernetes import client
+
+    victim = jobs.create("victim", suspend=True)  # holds still: nothing of its own can finish
+    jobs.wait_phase("victim", "Suspended", timeout=120)
+    batch = client.BatchV1Api(lc_api)
+    summaries = {
+        "validate": {"train": 10, "test": 2, "trainTokens": 100},
+        "train": {"adapter": EVIL_ADAPTER, "step": 1, "totalSteps": 1, "loss": 0.1},
+    }
+    spoofs = []
+    for stage, summary in summaries.items():
+        for owner in (False, True):
+            name = f"evil-{stage}-{'owned' if owner else 'labels'}"
+            batch.create_namespaced_job(other_namespace, _spoof_job(name, victim, stage, summary, owner))
+            spoofs.append(name)
+
+    def spoof_pods_done() -> bool:
+        pods = client.CoreV1Api(lc_api).list_namespaced_pod(other_namespace, _preload_content=False).json()
+        done = [p for p in pods["items"] if p["status"].get("phase") in ("Succeeded", "Failed")]
+        return len(done) >= 2  # at least the label-only ones (the owned ones may be garbage-collected)
+
+    jobs.wait("victim", lambda _: spoof_pods_done(), 120, "the spoofed pods to write their messages")
+    time.sleep(12)  # a resync tick and the child events have come and gone
+    status = jobs.status("victim")
+    assert status["phase"] == "Suspended", status
+    assert EVIL_ADAPTER not in json.dumps(status)
+    validated = next(c for c in status["conditions"] if c["type"] == "Validated")
+    assert validated["status"] != "True", validated
+    assert [j["metadata"]["name"] for j in jobs.list("Job")] == ["victim-validate"]
+
+
+def test_throttled_events_arrive_exactly_once_after_the_api_recovers(jobs: Jobs, local_cluster: Any) -> None:
+    api = local_cluster.apiserver
+    fault = local_cluster.call(
+        _async(lambda: api.add_fault("create", "events", 429, namespace=jobs.namespace))
+    )
+    try:
+        jobs.create("throttled", hyperparameters={"maxSteps": 4}, evaluation={"enabled": False})
+        jobs.wait(
+            "throttled",
+            lambda _: any(j["metadata"]["name"] == "throttled-train" for j in jobs.list("Job")),
+            240,
+            "the training Job (Validating and Training already happened)",
+        )
+    finally:
+        local_cluster.call(_async(lambda: api.remove_fault(fault)))
+    status = jobs.wait_phase("throttled", "Succeeded", "Failed", timeout=300)
+    assert status["phase"] == "Succeeded", status
+
+    def settled(_status: dict[str, Any]) -> bool:
+        return not _status.get("pendingEvents") and {"Validating", "Training", "Succeeded"} <= {
+            e["reason"] for e in jobs.events("throttled")
+        }
+
+    jobs.wait("throttled", settled, 60, "the owed Events")
+    time.sleep(3)
+    transitions = collections.Counter(e["reason"] for e in jobs.events("throttled"))
+    assert transitions == {"Validating": 1, "Training": 1, "Succeeded": 1}, transitions
+
+
+def test_an_orphaned_child_is_named_in_the_status_of_the_recreated_job(jobs: Jobs, lc_api: Any) -> None:
+    from kubernetes import client
+
+    jobs.create("reborn", suspend=True)
+    jobs.wait_phase("reborn", "Suspended", timeout=120)
+    client.CustomObjectsApi(lc_api).delete_namespaced_custom_object(
+        GROUP, VERSION, jobs.namespace, PLURAL, "reborn", propagation_policy="Orphan"
+    )  # kubectl delete ftj reborn --cascade=orphan
+    deadline = time.monotonic() + 60
+    while any(o["metadata"]["name"] == "reborn" for o in _list_ftjs(lc_api, jobs.namespace)):
+        assert time.monotonic() < deadline, "the FineTuneJob was not deleted"
+        time.sleep(0.5)
+    jobs.create("reborn", suspend=True)
+
+    def names_the_leftover(status: dict[str, Any]) -> bool:
+        ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+        return ready.get("reason") == "ChildConflict"
+
+    status = jobs.wait("reborn", names_the_leftover, 60, "a ChildConflict condition")
+    assert status["phase"] == "Pending"
+    assert (
+        f"Job {jobs.namespace}/reborn-validate exists and is not controlled by this FineTuneJob"
+        in (status["message"])
+    )
+    assert f"kubectl delete job -n {jobs.namespace} reborn-validate" in status["message"]
+    conflict_events = [e for e in jobs.events("reborn") if e["reason"] == "ChildConflict"]
+    assert [e["type"] for e in conflict_events] == ["Warning"], [
+        (e["metadata"]["name"], e["type"], e["message"][:40]) for e in conflict_events
+    ]
+    client.BatchV1Api(lc_api).delete_namespaced_job(
+        "reborn-validate", jobs.namespace, propagation_policy="Background"
+    )
+    jobs.wait_phase("reborn", "Suspended", timeout=90)  # the name is free: the job carries on
+    validate = next(j for j in jobs.list("Job") if j["metadata"]["name"] == "reborn-validate")
+    owner = validate["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == jobs.get("reborn")["metadata"]["uid"]
+
+
+def _list_ftjs(lc_api: Any, namespace: str) -> list[dict[str, Any]]:
+    from kubernetes import client
+
+    items: list[dict[str, Any]] = client.CustomObjectsApi(lc_api).list_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL
+    )["items"]
+    return items
+
+
+def _async(fn: Any) -> Any:
+    async def run() -> Any:
+        return fn()
+
+    return run()

@@ -1,0 +1,213 @@
+"""Children are matched by namespace and controller ownerReference, never by labels alone (issue 9, 1)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from typing import Any
+
+import pytest
+from finetune_operator import lifecycle
+from finetune_operator.context import Children
+from finetune_operator.ownership import controller_of, is_controlled_by, owned_children, pod_is_owned
+from finetune_operator.reconcile import reconcile
+from finetune_vocabulary.labels import LABEL_JOB_UID
+
+from .ftj_factory import UID
+from .test_reconcile import controlled_by, new_job, setup
+
+NS = "team-a"
+
+
+def obj(
+    kind: str, name: str, namespace: str = NS, uid: str = "", owner: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": namespace, "uid": uid or f"uid-{name}", "labels": {}}
+    if owner is not None:
+        meta["ownerReferences"] = [owner]
+    return {"kind": kind, "metadata": meta, "status": {}}
+
+
+def ref(kind: str, name: str, uid: str, controller: bool = True) -> dict[str, Any]:
+    return {"kind": kind, "name": name, "uid": uid, "controller": controller}
+
+
+FTJ = ref("FineTuneJob", "demo", UID)
+
+
+@pytest.mark.parametrize(
+    ("child", "counts"),
+    [
+        (obj("Job", "demo-train", owner=FTJ), True),
+        (obj("Job", "demo-train", namespace="team-b", owner=FTJ), False),  # right uid, other namespace
+        (obj("Job", "demo-train"), False),  # labels only
+        (obj("Job", "demo-train", owner=ref("FineTuneJob", "demo", UID, controller=False)), False),
+        (obj("Job", "demo-train", owner=ref("FineTuneJob", "other", "uid-other")), False),
+    ],
+)
+def test_a_child_counts_only_in_the_namespace_with_the_controller_reference(
+    child: dict[str, Any], counts: bool
+) -> None:
+    assert is_controlled_by(child, NS, UID) is counts
+
+
+def test_controller_of_ignores_plain_owner_references() -> None:
+    child = obj("Pod", "p", owner=ref("Job", "a", "uid-a", controller=False))
+    child["metadata"]["ownerReferences"].append(ref("Job", "b", "uid-b"))
+    assert (controller_of(child) or {}).get("uid") == "uid-b"
+    assert controller_of(obj("Pod", "q")) is None
+
+
+def test_a_pod_counts_only_through_a_controller_that_counts() -> None:
+    job = obj("Job", "demo-train", owner=FTJ)
+    deployment = obj("Deployment", "demo-serve", owner=FTJ)
+    jobs, deployments = [job], [deployment]
+    assert pod_is_owned(
+        obj("Pod", "t", owner=ref("Job", "demo-train", "uid-demo-train")), NS, jobs, deployments
+    )
+    assert pod_is_owned(
+        obj("Pod", "s", owner=ref("Deployment", "demo-serve", "uid-demo-serve")), NS, jobs, deployments
+    )
+    replica = obj("Pod", "r", owner=ref("ReplicaSet", "demo-serve-5d9c7", "uid-rs"))
+    replica["metadata"]["labels"]["pod-template-hash"] = "5d9c7"
+    assert pod_is_owned(replica, NS, jobs, deployments)
+    # A Job of the same name elsewhere, a foreign Job, a pod in another namespace, no controller at all.
+    assert not pod_is_owned(
+        obj("Pod", "x", owner=ref("Job", "demo-train", "uid-evil")), NS, jobs, deployments
+    )
+    assert not pod_is_owned(
+        obj("Pod", "y", namespace="team-b", owner=ref("Job", "demo-train", "uid-demo-train")),
+        NS,
+        jobs,
+        deployments,
+    )
+    assert not pod_is_owned(obj("Pod", "z"), NS, jobs, deployments)
+    wrong_hash = obj("Pod", "w", owner=ref("ReplicaSet", "demo-serve-5d9c7", "uid-rs"))
+    wrong_hash["metadata"]["labels"]["pod-template-hash"] = "other"
+    assert not pod_is_owned(wrong_hash, NS, jobs, deployments)
+
+
+def test_owned_children_splits_kept_and_ignored() -> None:
+    mine = obj("Job", "demo-train", owner=FTJ)
+    foreign = obj("Job", "demo-train", namespace="team-b", owner=FTJ)
+    found = Children(
+        jobs=[mine, foreign],
+        services=[obj("Service", "demo-serve")],
+        pods=[
+            obj("Pod", "ok", owner=ref("Job", "demo-train", "uid-demo-train")),
+            obj("Pod", "evil", namespace="team-b", owner=ref("Job", "demo-train", "uid-demo-train")),
+        ],
+    )
+    kept, ignored = owned_children(found, NS, UID)
+    assert (
+        kept.jobs == [mine] and kept.services == [] and [p["metadata"]["name"] for p in kept.pods] == ["ok"]
+    )
+    assert sorted((o["kind"], o["metadata"]["namespace"]) for o in ignored) == [
+        ("Job", "team-b"),
+        ("Pod", "team-b"),
+        ("Service", NS),
+    ]
+
+
+def _finished_job(name: str, namespace: str, labels: dict[str, str], owner: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": f"uid-{namespace}-{name}",
+            "labels": dict(labels),
+            "ownerReferences": [owner],
+        },
+        "status": {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1},
+    }
+
+
+def _pod_with_summary(job: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    meta = job["metadata"]
+    return {
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{meta['name']}-xyz12",
+            "namespace": meta["namespace"],
+            "uid": f"pod-{meta['uid']}",
+            "labels": dict(meta["labels"]),
+        }
+        | controlled_by(job),
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {
+                        "terminated": {
+                            "exitCode": 0,
+                            "message": json.dumps({"exitCode": 0, "summary": summary}),
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+async def test_spoofed_children_in_another_namespace_do_not_move_the_victim(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The probe of issue 9: a Job in namespace team-b with the victim's labels (and even an ownerReference
+    with its uid) whose pod writes a crafted termination message must not advance the victim or set its
+    adapter; a labelled Job in the victim's own namespace without the controller reference neither."""
+    job = new_job()
+    ctx, api = setup(job)
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    assert job["status"]["phase"] == "Validating"
+    genuine = api.objects[("Job", NS, "demo-validate")]
+    labels = genuine["metadata"]["labels"]
+    owner = genuine["metadata"]["ownerReferences"][0]
+    summaries = {
+        "validate": {"train": 10, "test": 2, "trainTokens": 100},
+        "train": {"adapter": "s3://attacker-bucket/evil-adapter", "step": 1, "totalSteps": 1},
+    }
+    for namespace, stage_owner in (("team-b", owner), (NS, ref("FineTuneJob", "x", "uid-x"))):
+        for stage, summary in summaries.items():
+            spoof = _finished_job(
+                f"evil-{stage}", namespace, {**labels, "app.kubernetes.io/component": stage}, stage_owner
+            )
+            api.objects[("Job", namespace, spoof["metadata"]["name"])] = spoof
+            pod = _pod_with_summary(spoof, summary)
+            api.objects[("Pod", namespace, pod["metadata"]["name"])] = pod
+    with caplog.at_level(logging.WARNING, logger="finetune_operator.reconcile"):
+        for _ in range(3):
+            await reconcile(ctx, copy.deepcopy(job), trigger="resync")
+    status = job["status"]
+    assert status["phase"] == "Validating", status
+    assert "adapter" not in (status.get("artifacts") or {})
+    assert not [w for w in api.writes if w[1] == "Job" and w[2] == "demo-train"]
+    ignoring = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len(ignoring) == 8, ignoring  # 4 Jobs and 4 pods, each logged once over three passes
+    assert any("Job team-b/evil-train" in line for line in ignoring)
+
+
+async def test_an_eviction_event_for_a_foreign_pod_is_not_a_retry() -> None:
+    job = new_job()
+    ctx, api = setup(job, cache=False)
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    evicted = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "demo-validate-abcde",
+            "namespace": "team-b",
+            "uid": "pod-evil",
+            "labels": {LABEL_JOB_UID: UID},
+            "ownerReferences": [ref("Job", "demo-validate", "uid-demo-validate")],
+        },
+        "status": {
+            "phase": "Failed",
+            "conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
+        },
+    }
+    await lifecycle.on_child_event({"ctx": ctx}, evicted, "DELETED")
+    assert not ctx.records[UID].disrupted
+    assert api.job["status"].get("retries") is None
