@@ -76,7 +76,8 @@ def test_failed_gate_rejects_and_never_deploys(jobs: Jobs) -> None:
 
 
 def test_suspend_then_resume_from_the_checkpoint(jobs: Jobs) -> None:
-    jobs.create("pausable", hyperparameters={"maxSteps": 400}, evaluation={"enabled": False})
+    # Long enough that training is still running when the suspend arrives (the job is deleted at the end).
+    jobs.create("pausable", hyperparameters={"maxSteps": 5000}, evaluation={"enabled": False})
     jobs.wait("pausable", lambda s: (s.get("progress") or {}).get("step", 0) >= 2, 240, "training progress")
     jobs.patch("pausable", {"suspend": True})
     jobs.wait_phase("pausable", "Suspended", timeout=60)
@@ -110,7 +111,7 @@ def test_suspend_then_resume_from_the_checkpoint(jobs: Jobs) -> None:
 
 
 def test_deleting_a_job_mid_training_removes_its_children(jobs: Jobs) -> None:
-    jobs.create("doomed", hyperparameters={"maxSteps": 400})
+    jobs.create("doomed", hyperparameters={"maxSteps": 5000})
     jobs.wait(
         "doomed",
         lambda s: (

@@ -78,7 +78,7 @@ def test_operator_killed_with_sigkill_comes_back_and_completes_the_job(
 def test_evicted_trainer_resumes_from_its_checkpoint(jobs: Jobs, lc_api: Any) -> None:
     from kubernetes import client
 
-    jobs.create("evicted", hyperparameters={"maxSteps": 150}, evaluation={"enabled": False})
+    jobs.create("evicted", hyperparameters={"maxSteps": 600}, evaluation={"enabled": False})
     core = client.CoreV1Api(lc_api)
 
     def training_has_started(_status: dict[str, Any]) -> bool:
