@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from finetune_vocabulary import steps
+
 from .config import ConfigError, OperatorConfig
 from .models import FineTuneJobSpec
 from .naming import Stage
@@ -27,7 +29,10 @@ def gpu_hours_estimate(spec: FineTuneJobSpec, dataset: Mapping[str, Any], config
     hyper = spec.hyperparameters
     tokens = float(dataset.get("trainTokens") or 0) * float(hyper.epochs)
     if hyper.max_steps:
-        per_step = hyper.batch_size * hyper.gradient_accumulation_steps * gpus * hyper.max_seq_length
+        per_step = (
+            steps.examples_per_step(hyper.batch_size, hyper.gradient_accumulation_steps, gpus)
+            * hyper.max_seq_length
+        )
         tokens = min(tokens, float(hyper.max_steps) * per_step)
     # Data parallel: each GPU processes tokensPerSecond, so GPU-hours do not depend on the GPU count.
     return round(tokens / tokens_per_second / 3600, 3)

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from finetune_vocabulary import steps as step_count
+
 from . import manifest, storage
 from .config import TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
@@ -451,12 +453,11 @@ def estimate_training(train: list[Example], config: TrainerConfig) -> dict[str, 
     hp = config.spec.hyperparameters
     epoch_tokens = sum(e.tokens for e in train)
     sequences = math.ceil(epoch_tokens / hp.max_seq_length) if hp.packing else len(train)
-    world = max(1, config.spec.resources.gpus)
-    per_step = hp.batch_size * hp.gradient_accumulation_steps * world
-    steps_per_epoch = max(1, math.ceil(sequences / per_step))
+    world, accumulation = max(1, config.spec.resources.gpus), hp.gradient_accumulation_steps
+    steps_per_epoch = step_count.steps_per_epoch(sequences, hp.batch_size, accumulation, world)
     tokens_per_step = epoch_tokens / steps_per_epoch
     # With maxSteps the Trainer runs exactly that many steps, cycling through epochs as needed.
-    steps = hp.max_steps or max(1, math.ceil(steps_per_epoch * hp.epochs))
+    steps = step_count.total_steps(sequences, hp.batch_size, hp.epochs, accumulation, world, hp.max_steps)
     return {
         "tokensPerEpoch": epoch_tokens,
         "epochs": hp.epochs,
