@@ -67,7 +67,7 @@ lint: venv
 
 crds: venv
 	$(PY) -m finetune_operator.crdgen crds/
-	cp crds/finetune.dev_finetunejobs.yaml charts/finetune-operator/crds/
+	cp crds/*.yaml charts/finetune-operator/crds/
 
 demo: venv vllm-venv tools
 	$(PY) -m finetune_demo $(DEMO_ARGS)

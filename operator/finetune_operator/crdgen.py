@@ -1,6 +1,6 @@
-"""Generate the FineTuneJob CRD (apiextensions.k8s.io/v1) from the pydantic models.
+"""Generate the CRDs (apiextensions.k8s.io/v1) of every kind in `KINDS` from the pydantic models.
 
-`python -m finetune_operator.crdgen crds/` writes `crds/finetune.dev_finetunejobs.yaml`.
+`python -m finetune_operator.crdgen crds/` writes one `crds/<group>_<plural>.yaml` per kind.
 
 pydantic's JSON Schema (draft 2020-12) is turned into a Kubernetes *structural* schema: `$ref`s inlined,
 `Optional[X]` collapsed to X (absent rather than null), `exclusiveMinimum: n` rewritten to OpenAPI v3.0's
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,6 @@ from pydantic import BaseModel
 
 from finetune_operator import models
 from finetune_operator.status import FineTuneJobStatus
-
-CRD_FILENAME = f"{models.GROUP}_{models.PLURAL}.yaml"
 
 # Keywords a structural schema may carry, copied as they are.
 _PASSTHROUGH = (
@@ -136,41 +135,79 @@ def model_schema(model: type[BaseModel]) -> dict[str, Any]:
     return to_structural(raw, raw.get("$defs", {}))
 
 
-def openapi_schema() -> dict[str, Any]:
+@dataclass(frozen=True)
+class Kind:
+    """One custom resource kind: its names, its spec and status models and how kubectl shows it."""
+
+    kind: str
+    plural: str
+    singular: str
+    description: str
+    spec: type[BaseModel]
+    status: type[BaseModel]
+    printer_columns: list[dict[str, Any]]
+    short_names: tuple[str, ...] = ()
+    categories: tuple[str, ...] = models.CATEGORIES
+    scope: str = "Namespaced"
+    spec_required: bool = True
+    extra_properties: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def filename(self) -> str:
+        return f"{models.GROUP}_{self.plural}.yaml"
+
+
+FINETUNEJOB = Kind(
+    kind=models.KIND,
+    plural=models.PLURAL,
+    singular=models.SINGULAR,
+    short_names=models.SHORT_NAMES,
+    description="FineTuneJob fine-tunes a base model on a dataset, evaluates it against the base "
+    "model and serves it on vLLM when it passes.",
+    spec=models.FineTuneJobSpec,
+    status=FineTuneJobStatus,
+    printer_columns=PRINTER_COLUMNS,
+)
+
+# Every kind the operator defines; `make crds` writes one file for each.
+KINDS: tuple[Kind, ...] = (FINETUNEJOB,)
+
+CRD_FILENAME = FINETUNEJOB.filename
+
+
+def openapi_schema(kind: Kind = FINETUNEJOB) -> dict[str, Any]:
     """The CRD version's openAPIV3Schema."""
-    spec = model_schema(models.FineTuneJobSpec)
-    status = model_schema(FineTuneJobStatus)
     return {
         "type": "object",
-        "description": "FineTuneJob fine-tunes a base model on a dataset, evaluates it against the base "
-        "model and serves it on vLLM when it passes.",
-        "required": ["spec"],
+        "description": kind.description,
+        **({"required": ["spec"]} if kind.spec_required else {}),
         "properties": {
             "apiVersion": {"type": "string"},
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
-            "spec": spec,
-            "status": status,
+            "spec": model_schema(kind.spec),
+            "status": model_schema(kind.status),
+            **kind.extra_properties,
         },
     }
 
 
-def build_crd() -> dict[str, Any]:
-    """The whole CustomResourceDefinition as a dict."""
+def build_crd(kind: Kind = FINETUNEJOB) -> dict[str, Any]:
+    """The whole CustomResourceDefinition of one kind as a dict."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{models.PLURAL}.{models.GROUP}"},
+        "metadata": {"name": f"{kind.plural}.{models.GROUP}"},
         "spec": {
             "group": models.GROUP,
-            "scope": "Namespaced",
+            "scope": kind.scope,
             "names": {
-                "kind": models.KIND,
-                "listKind": f"{models.KIND}List",
-                "plural": models.PLURAL,
-                "singular": models.SINGULAR,
-                "shortNames": list(models.SHORT_NAMES),
-                "categories": list(models.CATEGORIES),
+                "kind": kind.kind,
+                "listKind": f"{kind.kind}List",
+                "plural": kind.plural,
+                "singular": kind.singular,
+                **({"shortNames": list(kind.short_names)} if kind.short_names else {}),
+                "categories": list(kind.categories),
             },
             "versions": [
                 {
@@ -178,35 +215,40 @@ def build_crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "additionalPrinterColumns": kind.printer_columns,
+                    "schema": {"openAPIV3Schema": openapi_schema(kind)},
                 }
             ],
         },
     }
 
 
-def render_crd() -> str:
+def render_crd(kind: Kind = FINETUNEJOB) -> str:
     """The CRD as the YAML text committed under crds/."""
     header = "# Generated from operator/finetune_operator/models.py by `make crds`: do not edit.\n"
-    return header + yaml.safe_dump(build_crd(), sort_keys=False, width=120)
+    return header + yaml.safe_dump(build_crd(kind), sort_keys=False, width=120)
 
 
-def write_crd(directory: Path) -> Path:
-    """Write the CRD into `directory` atomically; return its path."""
+def write_crd(directory: Path, kind: Kind = FINETUNEJOB) -> Path:
+    """Write one kind's CRD into `directory` atomically; return its path."""
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / CRD_FILENAME
+    path = directory / kind.filename
     tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(render_crd(), encoding="utf-8")
+    tmp.write_text(render_crd(kind), encoding="utf-8")
     tmp.replace(path)
     return path
 
 
+def write_crds(directory: Path) -> list[Path]:
+    """Write the CRD of every kind in `KINDS`."""
+    return [write_crd(directory, kind) for kind in KINDS]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI: write the CRD into the directory given (default crds/)."""
+    """CLI: write every CRD into the directory given (default crds/)."""
     args = sys.argv[1:] if argv is None else argv
-    path = write_crd(Path(args[0] if args else "crds"))
-    print(f"wrote {path}")
+    for path in write_crds(Path(args[0] if args else "crds")):
+        print(f"wrote {path}")
     return 0
 
 
