@@ -7,15 +7,17 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from finetune_vocabulary.labels import LABEL_COMPONENT, LABEL_JOB_UID
 
-from . import kube, ownership
+from . import kube, ownership, policy
 from .config import OperatorConfig
 from .metrics import Metrics
 from .models import FineTuneJobSpec, parse_spec
 from .naming import Stage
+from .policy_models import FineTunePolicy
 from .schema import SpecError
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,27 @@ class Context:
     records: dict[str, JobRecord] = field(default_factory=dict)  # by FineTuneJob uid
     connection: Any = None
     resync: asyncio.Task[None] | None = None  # the resync loop (lifecycle.py), started by Kopf's startup
+    # FineTunePolicies and namespace labels as the watches have them (policy.py), the uids whose training
+    # Job this process is creating (active before their status says so), and each policy's last status.
+    policies: dict[str, FineTunePolicy] = field(default_factory=dict)
+    namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    starting: set[str] = field(default_factory=set)
+    policy_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def policy_view(self, spec: FineTuneJobSpec, namespace: str, uid: str) -> policy.PolicyView | None:
+        """The policies selecting the job's namespace and the namespace's use; None without policies."""
+        if not self.policies:
+            return None
+        return policy.view_for(
+            spec,
+            self.policies.values(),
+            self.namespace_labels.get(namespace, {}),
+            (record.body for record in self.records.values()),
+            namespace,
+            uid,
+            datetime.now(UTC),
+            self.starting,
+        )
 
     def remember(self, body: Mapping[str, Any]) -> JobRecord:
         """The job's record, holding the newest version of it seen so far."""
@@ -167,6 +190,7 @@ class Context:
 
     def forget(self, uid: str) -> None:
         self.records.pop(uid, None)
+        self.starting.discard(uid)
         self.metrics.forget(uid)
 
     def is_echo_of_created(self, uid: str, body: Mapping[str, Any]) -> bool:

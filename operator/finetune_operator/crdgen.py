@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from finetune_operator import models
+from finetune_operator import models, policy_models
 from finetune_operator.status import FineTuneJobStatus
 
 # Keywords a structural schema may carry, copied as they are.
@@ -169,8 +169,26 @@ FINETUNEJOB = Kind(
     printer_columns=PRINTER_COLUMNS,
 )
 
+FINETUNEPOLICY = Kind(
+    kind=policy_models.KIND,
+    plural=policy_models.PLURAL,
+    singular=policy_models.SINGULAR,
+    short_names=policy_models.SHORT_NAMES,
+    description="FineTunePolicy says, once for the namespaces it selects, which models, data, outputs and "
+    "GPUs FineTuneJobs may use and how many GPU-hours and concurrent jobs a namespace may spend.",
+    spec=policy_models.FineTunePolicySpec,
+    status=policy_models.FineTunePolicyStatus,
+    printer_columns=[
+        {"name": "Selector", "type": "string", "jsonPath": ".status.selector"},
+        {"name": "Budget", "type": "number", "jsonPath": ".spec.gpuHoursPerMonth"},
+        {"name": "Used", "type": "string", "jsonPath": ".status.usedSummary"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ],
+    scope="Cluster",
+)
+
 # Every kind the operator defines; `make crds` writes one file for each.
-KINDS: tuple[Kind, ...] = (FINETUNEJOB,)
+KINDS: tuple[Kind, ...] = (FINETUNEJOB, FINETUNEPOLICY)
 
 CRD_FILENAME = FINETUNEJOB.filename
 

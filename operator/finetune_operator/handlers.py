@@ -10,6 +10,7 @@ from finetune_vocabulary.labels import LABEL_MANAGED_BY, MANAGER
 
 from . import lifecycle
 from .models import GROUP, PLURAL, VERSION
+from .policy_models import PLURAL as POLICY_PLURAL
 
 MANAGED = {LABEL_MANAGED_BY: MANAGER}
 
@@ -68,6 +69,16 @@ def _register_events(registry: kopf.OperatorRegistry) -> None:
     async def finetunejob_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
         """Reconcile a FineTuneJob when it is listed (resume), created or changed."""
         await lifecycle.on_job_event(memo, body, type)
+
+    @kopf.on.event(GROUP, VERSION, POLICY_PLURAL, id="policy_event", registry=registry)
+    async def policy_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
+        """Keep FineTunePolicies and re-plan the unfinished jobs when one changes."""
+        await lifecycle.on_policy_event(memo, body, type)
+
+    @kopf.on.event("", "v1", "namespaces", id="namespace_event", registry=registry)
+    async def namespace_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
+        """Keep namespace labels for the policies' namespaceSelectors."""
+        await lifecycle.on_namespace_event(memo, body, type)
 
     @kopf.on.event("batch", "v1", "jobs", labels=MANAGED, id="job_event", registry=registry)
     async def job_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:

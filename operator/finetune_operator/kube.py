@@ -23,6 +23,7 @@ from finetune_vocabulary.labels import API_GROUP, MANAGER
 
 from . import ownership
 from .models import API_VERSION, KIND
+from .policy_models import PLURAL as POLICY_PLURAL
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,8 @@ class Api(Protocol):
     ) -> None: ...
 
     async def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str: ...
+
+    async def patch_policy_status(self, name: str, patch: Mapping[str, Any]) -> None: ...
 
 
 def _seconds(value: str | None) -> float | None:
@@ -246,6 +249,15 @@ class KubeApi:
             content_type=MERGE_PATCH,
         )
         return result
+
+    async def patch_policy_status(self, name: str, patch: Mapping[str, Any]) -> None:
+        """Merge-patch a (cluster-scoped) FineTunePolicy's status: its namespaces' use this month."""
+        await self.request(
+            "PATCH",
+            f"/apis/{API_VERSION}/{POLICY_PLURAL}/{name}/status",
+            body={"status": patch},
+            content_type=MERGE_PATCH,
+        )
 
     async def post_event(
         self, involved: Mapping[str, Any], type_: str, reason: str, message: str, name: str | None = None

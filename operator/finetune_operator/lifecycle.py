@@ -8,14 +8,17 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
-from . import kube, ownership, reconcile
+from . import kube, ownership, policy, reconcile
 from .conditions import IDLE_PHASES
 from .context import Children, Context, owner_uid, snapshot
 from .observe import disrupted_pods
+from .policy_models import parse_policy
+from .schema import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +126,58 @@ async def on_child_event(memo: Any, body: Mapping[str, Any], event_type: str | N
     await reconcile.reconcile(ctx, record.body, trigger="child-event")
 
 
+async def on_policy_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
+    """Keep the FineTunePolicies; jobs that have not finished are planned again with the change."""
+    ctx = context(memo)
+    name = str(body["metadata"]["name"])
+    ctx.policies.pop(name, None)
+    if event_type != "DELETED":
+        try:
+            ctx.policies[name] = parse_policy(dict(body))
+        except SpecError as error:  # the CRD's schema admits nothing else; an older or hand-made CRD might
+            log.warning("ignoring FineTunePolicy %s: %s", name, error)
+    for record in ctx.records.values():
+        if (record.body.get("status") or {}).get("phase") not in IDLE_PHASES:
+            record.dirty = True
+
+
+async def on_namespace_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
+    """Keep namespace labels for the policies' namespaceSelectors."""
+    ctx = context(memo)
+    meta = body["metadata"]
+    if event_type == "DELETED":
+        ctx.namespace_labels.pop(str(meta["name"]), None)
+    else:
+        ctx.namespace_labels[str(meta["name"])] = dict(meta.get("labels") or {})
+
+
+async def sync_policy_status(ctx: Context) -> None:
+    """Write each FineTunePolicy's status (selector, use per namespace) when it changed; set the budget
+    gauges. A failure is logged and retried on the next pass."""
+    if ctx.api is None:
+        return
+    jobs = [record.body for record in ctx.records.values()]
+    now = datetime.now(UTC)
+    budgets: dict[tuple[str, str], tuple[float, float | None]] = {}
+    for name, found in sorted(ctx.policies.items()):
+        status = policy.policy_status(found, ctx.namespace_labels, jobs, now)
+        budget = found.spec.gpu_hours_per_month
+        selected = [
+            n for n, labels in ctx.namespace_labels.items() if found.spec.namespace_selector.matches(labels)
+        ]
+        used = {u["namespace"]: u["gpuHours"] for u in status["used"]}
+        for namespace in selected:
+            budgets[(name, namespace)] = (used.get(namespace, 0.0), budget)
+        if ctx.policy_status.get(name) == status:
+            continue
+        try:
+            await ctx.api.patch_policy_status(name, status)
+            ctx.policy_status[name] = status
+        except reconcile.RETRIED_ERRORS as error:
+            log.warning("could not write the status of FineTunePolicy %s: %s", name, error)
+    ctx.metrics.budgets = budgets
+
+
 def _counts_for(ctx: Context, parent: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
     """Whether a child event's object is the parent's child by ownership (labels alone can be copied)."""
     meta = parent["metadata"]
@@ -142,7 +197,7 @@ def _due(ctx: Context, now: float) -> list[tuple[dict[str, Any], bool]]:
         training = phase == "Training"
         last = record.last_run if record.last_run is not None else 0.0
         stale = phase not in IDLE_PHASES and now - last >= defaults.resync_seconds
-        if training or stale or record.dirty:
+        if training or stale or record.dirty or policy.waiting_on_policy(record.body):
             due.append((record.body, training))
     return due
 
@@ -161,6 +216,8 @@ async def resync_loop(ctx: Context) -> None:
             except Exception:  # one job's bug must not stop the loop for all others
                 ctx.metrics.reconcile_errors.labels("unexpected").inc()
                 log.exception("resync of %s failed", job["metadata"].get("uid"))
+        if ctx.policies:
+            await sync_policy_status(ctx)
 
 
 async def startup(memo: Any, kwargs: Mapping[str, Any]) -> None:

@@ -1,4 +1,5 @@
-"""Prometheus metrics: jobs by phase, stage durations, reconcile errors, GPU-hours, API writes."""
+"""Prometheus metrics: jobs by phase, stage durations, reconcile errors, GPU-hours, API writes, and the
+FineTunePolicy budgets (GPU-hours used and remaining this month per policy and namespace)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections import Counter as Tally
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 STAGE_BUCKETS = (10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
@@ -23,17 +24,30 @@ class _JobsCollector(Collector):
         for phase, count in sorted(Tally(self.metrics.phases.values()).items()):
             by_phase.add_metric([phase], count)
         yield by_phase
-        hours = GaugeMetricFamily(
-            "finetune_gpu_hours",
-            "GPU-hours spent by FineTuneJobs the operator knows, by namespace",
-            labels=["namespace"],
+        # Exposed as finetune_gpu_hours_total{namespace}: GPU-hours FineTuneJobs spent while this process ran
+        # (increases only, like any counter; a deleted job's hours stay counted).
+        hours = CounterMetricFamily(
+            "finetune_gpu_hours", "GPU-hours spent by FineTuneJobs, by namespace", labels=["namespace"]
         )
-        per_namespace: dict[str, float] = {}
-        for (namespace, _), value in self.metrics.gpu_hours.items():
-            per_namespace[namespace] = per_namespace.get(namespace, 0.0) + value
-        for namespace, value in sorted(per_namespace.items()):
+        for namespace, value in sorted(self.metrics.gpu_hours_total.items()):
             hours.add_metric([namespace], value)
         yield hours
+        used = GaugeMetricFamily(
+            "finetune_policy_gpu_hours_used",
+            "GPU-hours a namespace used this month (spent + running estimates), per FineTunePolicy",
+            labels=["policy", "namespace"],
+        )
+        remaining = GaugeMetricFamily(
+            "finetune_policy_gpu_hours_remaining",
+            "GPU-hours left this month under a FineTunePolicy's gpuHoursPerMonth, per namespace",
+            labels=["policy", "namespace"],
+        )
+        for (policy, namespace), (spent, budget) in sorted(self.metrics.budgets.items()):
+            used.add_metric([policy, namespace], spent)
+            if budget is not None:
+                remaining.add_metric([policy, namespace], max(0.0, budget - spent))
+        yield used
+        yield remaining
 
 
 class Metrics:
@@ -41,6 +55,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.phases: dict[str, str] = {}  # job uid → phase
         self.gpu_hours: dict[tuple[str, str], float] = {}  # (namespace, uid) → GPU-hours
+        self.gpu_hours_total: dict[str, float] = {}  # namespace → GPU-hours counted so far
+        # (policy, namespace) → (GPU-hours used this month, gpuHoursPerMonth or None)
+        self.budgets: dict[tuple[str, str], tuple[float, float | None]] = {}
         self.stage_seconds = Histogram(
             "finetune_stage_duration_seconds",
             "Wall time of finished stages",
@@ -58,6 +75,13 @@ class Metrics:
             "finetune_api_writes", "API writes by the operator", ["verb", "kind"], registry=self.registry
         )
         self.registry.register(_JobsCollector(self))
+
+    def record_gpu_hours(self, namespace: str, uid: str, hours: float) -> None:
+        """A job's status.gpuHours: the counter grows by what it added since last seen."""
+        previous = self.gpu_hours.get((namespace, uid), 0.0)
+        if hours > previous:
+            self.gpu_hours_total[namespace] = self.gpu_hours_total.get(namespace, 0.0) + hours - previous
+            self.gpu_hours[(namespace, uid)] = hours
 
     def forget(self, uid: str) -> None:
         self.phases.pop(uid, None)

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .naming import Stage
+from .policy import PolicyView
 from .ref import ObjectRef
 
 
@@ -32,6 +33,8 @@ class Observed:
     # (kind, name) → message: children this pass could not create because an object the job does not
     # control has the name (kube.NotOwnedError). The job waits, with that message, instead of creating.
     conflicts: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    # The FineTunePolicies selecting the job's namespace and that namespace's use (None: no policy applies).
+    policy: PolicyView | None = None
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,12 @@ from typing import Any
 
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
 
-from . import serving
+from . import policy, serving
 from .accounting import gpu_hours_spent, restarts
 from .conditions import TERMINAL_PHASES, ConditionType, Reason, short, timestamp
 from .config import ConfigError, OperatorConfig
 from .naming import Stage
-from .observe import JobOutcome, deployment_available, failure_reason, job_outcome, pod_problem
+from .observe import JobOutcome, deployment_available, failure_reason, finite, job_outcome, pod_problem
 from .plan import ChildDelete, ChildPatch, Event, Observed, Plan, diff_status
 from .ref import Artifacts, JobRef
 from .stages import ROWS, STAGES, StageRow
@@ -153,6 +153,8 @@ class Pipeline(Planner):
     def advance(self) -> None:
         self.status["retries"] = max(int(self.status.get("retries") or 0), restarts(self.o)) or None
         self.status["artifacts"] = {"runPrefix": self.job.run_prefix, **(self.status.get("artifacts") or {})}
+        if not self.policy_allows():
+            return
         try:
             for row in STAGES:
                 if not self.step(row):
@@ -165,12 +167,44 @@ class Pipeline(Planner):
         found = self.status.get("artifacts") or {}
         return Artifacts(adapter=found.get("adapter"), merged=found.get("merged"))
 
+    # --- FineTunePolicy (policy.py) -----------------------------------------------------------
+
+    def training_started(self) -> bool:
+        return self.done(ConditionType.TRAINED) or self.o.children.get(Stage.TRAIN) is not None
+
+    def policy_allows(self) -> bool:
+        """The static rules, until training starts: a violating job fails before any (more) pods run."""
+        self.status["policy"] = policy.status_of(self.o.policy)
+        message = None if self.training_started() else policy.violation(self.job.spec, self.o.policy)
+        if message is None:
+            return True
+        stage = Stage.TRAIN if self.done(ConditionType.VALIDATED) else Stage.VALIDATE
+        self.fail(stage, Reason.POLICY_VIOLATION, message)
+        return False
+
+    def policy_admits_training(self, row: StageRow) -> bool:
+        """maxGpuHoursPerJob on the estimate; the namespace's budget and concurrency: wait, no GPU pod."""
+        estimate = finite(self.status.get("gpuHoursEstimate"))
+        message = policy.estimate_violation(estimate, self.o.policy)
+        if message is not None:
+            self.fail(row.stage, Reason.POLICY_VIOLATION, message)
+            return False
+        waiting = policy.wait(estimate, self.o.policy)
+        if waiting is None:
+            return True
+        reason, message = Reason(waiting[0]), waiting[1]
+        self.condition(row.condition, "Unknown", reason, message)
+        self.phase(Phase.SUSPENDED, reason, message)
+        return False
+
     def step(self, row: StageRow) -> bool:
         """Drive one stage; True when the pipeline may go on to the next row."""
         if not row.wanted(self.job.spec, self.artifacts()):
             return row.skip(self) if row.skip else True
         if row.owns_condition and self.done(row.condition):
             return row.holds(self) if row.holds else True
+        if row.stage is Stage.TRAIN and not self.training_started() and not self.policy_admits_training(row):
+            return False
         if row.kind == "Deployment":
             self.serve(row)
             return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from .models import GROUP, PLURAL
+from .policy_models import PLURAL as POLICY_PLURAL
 
 RULES: tuple[dict[str, Any], ...] = (
     # Kopf lists and watches jobs; kube.patch_status writes their status. Nothing else on them.
@@ -29,11 +30,19 @@ RULES: tuple[dict[str, Any], ...] = (
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
 )
 
+# Cluster-scoped: FineTunePolicies (watched; their status shows each namespace's use) and namespace labels
+# (a policy's namespaceSelector). Granted by a ClusterRole in both cluster and namespaced mode.
+CLUSTER_RULES: tuple[dict[str, Any], ...] = (
+    {"apiGroups": [GROUP], "resources": [POLICY_PLURAL], "verbs": ["list", "watch"]},
+    {"apiGroups": [GROUP], "resources": [f"{POLICY_PLURAL}/status"], "verbs": ["patch"]},
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["list", "watch"]},
+)
+
 
 def verbs() -> dict[tuple[str, str], frozenset[str]]:
     """(apiGroup, resource) → verbs, for comparing with a rendered ClusterRole."""
     table: dict[tuple[str, str], set[str]] = {}
-    for rule in RULES:
+    for rule in RULES + CLUSTER_RULES:
         for group in rule["apiGroups"]:
             for resource in rule["resources"]:
                 table.setdefault((group, resource), set()).update(rule["verbs"])
@@ -45,5 +54,5 @@ def cluster_role(name: str = "finetune-operator") -> dict[str, Any]:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "ClusterRole",
         "metadata": {"name": name},
-        "rules": [dict(rule) for rule in RULES],
+        "rules": [dict(rule) for rule in RULES + CLUSTER_RULES],
     }

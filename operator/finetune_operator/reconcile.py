@@ -29,9 +29,9 @@ from typing import Any
 
 import aiohttp
 
-from . import events, kube
+from . import events, kube, policy
 from .builders import TRAINER_CONTAINER
-from .context import Context, JobRecord, resource_version, snapshot
+from .context import Context, JobRecord, resource_version, snapshot, stage_of
 from .naming import Stage
 from .observe import disrupted_pods, parse_time
 from .plan import Event, Observed, Plan
@@ -115,9 +115,11 @@ async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) ->
         return  # being deleted: nothing to create, and its name may soon belong to a re-created job
     uid, namespace, name = str(meta["uid"]), str(meta["namespace"]), str(meta["name"])
     parsed = record.spec()
-    ref = (
-        ObjectRef(namespace, name, uid) if parsed.spec is None else JobRef(namespace, name, uid, parsed.spec)
-    )
+    spec, view = parsed.spec, None
+    if spec is not None:
+        view = ctx.policy_view(spec, namespace, uid)
+        spec = policy.with_defaults(spec, view.filled) if view else spec
+    ref = ObjectRef(namespace, name, uid) if spec is None else JobRef(namespace, name, uid, spec)
     children, pods, service = ctx.children(uid, namespace).by_stage()
     status = job.get("status") or {}
     progress = None
@@ -138,8 +140,14 @@ async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) ->
         spec_error=parsed.error,
         disrupted=frozenset(record.disrupted),
         built=record.built,
+        policy=view,
     )
-    conflicts = await execute(ctx, record, plan(observed, ctx.config))
+    planned = plan(observed, ctx.config)
+    if view is not None and any(stage_of(m) is Stage.TRAIN for m in planned.create):
+        ctx.starting.add(uid)  # counted as active from now on, before its status says Training
+    conflicts = await execute(ctx, record, planned)
+    if (record.body.get("status") or {}).get("phase") != Phase.VALIDATING.value:
+        ctx.starting.discard(uid)
     if conflicts:
         await _wait_for_conflicts(ctx, record, observed, conflicts)
     if parsed.error is not None:
@@ -274,7 +282,7 @@ def _observe(ctx: Context, record: JobRecord, old_status: Mapping[str, Any], pla
     uid = str(meta["uid"])
     hours = plan.status.get("gpuHours")
     if isinstance(hours, int | float):
-        ctx.metrics.gpu_hours[(str(meta["namespace"]), uid)] = float(hours)
+        ctx.metrics.record_gpu_hours(str(meta["namespace"]), uid, float(hours))
     old = {c.get("type"): c.get("status") for c in old_status.get("conditions") or []}
     new = {c["type"]: c.get("status") for c in plan.status.get("conditions") or []}
     # The last row reporting a condition is the one that turns it True (serve, not export, for Deployed).

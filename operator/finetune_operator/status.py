@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import ConfigDict, Field
 
+from .policy_models import JobPolicyStatus
 from .schema import DNS_SUBDOMAIN_PATTERN, QUALIFIED_NAME_PATTERN, StatusModel
 
 
@@ -161,6 +162,9 @@ class FineTuneJobStatus(StatusModel):
         default=None, ge=0, le=1e9, description="Estimated GPU hours before training."
     )
     gpu_hours: float | None = Field(default=None, ge=0, le=1e9, description="GPU hours used so far.")
+    policy: JobPolicyStatus | None = Field(
+        default=None, description="FineTunePolicies applying to the job and the defaults they filled in."
+    )
     pending_events: list[PendingEvent] | None = Field(
         default=None,
         max_length=32,

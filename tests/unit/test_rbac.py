@@ -23,7 +23,7 @@ from .ftj_factory import UID, job
 
 REPO = Path(__file__).resolve().parents[2]
 PATH = re.compile(
-    r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)/namespaces/[^/]+/(?P<resource>[^/]+)"
+    r"^/(?:api/v1|apis/(?P<group>[^/]+)/[^/]+)(?:/namespaces/[^/]+)?/(?P<resource>[^/]+)"
     r"(?:/(?P<name>[^/]+)(?:/(?P<sub>[^/]+))?)?$"
 )
 VERBS = {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}
@@ -71,6 +71,7 @@ async def _recorded_calls(aiohttp_port: int, server_calls: list[tuple[str, str, 
             await api.create_or_adopt({**manifest, "kind": kind}, UID)
             await api.create_or_adopt({**manifest, "kind": kind}, UID)
         await api.patch_status("team-a", "demo", {"phase": "Validating"})
+        await api.patch_policy_status("team-defaults", {"usedSummary": "0h"})  # cluster-scoped
         await api.post_event(
             {"metadata": {"name": "demo", "namespace": "team-a", "uid": UID}}, "Normal", "Validating", "hello"
         )

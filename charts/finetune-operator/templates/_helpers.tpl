@@ -100,6 +100,23 @@ resource scanning off (no CRD or namespace reads), without Kopf's own Events, fi
   verbs: ["create"]
 {{- end }}
 
+{{/*
+The operator's cluster-scoped rules (operator/finetune_operator/rbac.py CLUSTER_RULES): FineTunePolicies
+(watched, their status written) and namespace labels (a policy's namespaceSelector). A ClusterRole in both
+modes: a Role cannot grant cluster-scoped resources.
+*/}}
+{{- define "finetune-operator.clusterRules" -}}
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunepolicies"]
+  verbs: ["list", "watch"]
+- apiGroups: ["finetune.dev"]
+  resources: ["finetunepolicies/status"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["list", "watch"]
+{{- end }}
+
 {{/* The operator's command line, from the Deployment's own command and args (the local kubelet runs these too). */}}
 {{- define "finetune-operator.args" -}}
 {{- if .Values.watchNamespaces }}

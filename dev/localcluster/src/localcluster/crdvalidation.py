@@ -203,6 +203,12 @@ def _kubernetes_library() -> dict[str, Callable[..., Any]]:
     def replace(s: str, old: str, new: str, count: int = -1) -> str:
         return s.replace(old, new, count)
 
+    def substring(s: str, start: int, end: int | None = None) -> str:
+        stop = len(s) if end is None else end
+        if not 0 <= start <= stop <= len(s):
+            raise ValueError(f"index out of range: {start}, {stop}")
+        return s[start:stop]
+
     return {
         "lowerAscii": lambda s: "".join(c.lower() if c.isascii() else c for c in s),
         "upperAscii": lambda s: "".join(c.upper() if c.isascii() else c for c in s),
@@ -213,6 +219,7 @@ def _kubernetes_library() -> dict[str, Callable[..., Any]]:
         "lastIndexOf": last_index_of,
         "replace": replace,
         "charAt": lambda s, i: s[i] if i < len(s) else "",
+        "substring": substring,
     }
 
 

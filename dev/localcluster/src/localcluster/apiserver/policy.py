@@ -16,7 +16,8 @@ Per request (CREATE and UPDATE of any resource, subresources only when a rule na
    header; Audit is accepted and ignored. Evaluation errors follow `failurePolicy` (Fail by default).
 Denial: `<resource> "<name>" is forbidden: ValidatingAdmissionPolicy '<policy>' with binding '<binding>'
 denied request: <message>`, status reason from the validation's `reason` (default Invalid, HTTP 422;
-Forbidden 403). Not emulated: DELETE/CONNECT requests, `authorizer` in CEL, auditAnnotations, type checking
+Forbidden 403). The Kubernetes string library (split, substring, lowerAscii, indexOf, ...) is available to every expression.
+Not emulated: DELETE/CONNECT requests, `authorizer` in CEL, auditAnnotations, type checking
 status, CEL cost limits.
 """
 
@@ -31,6 +32,13 @@ from .selectors import label_selector_matches
 
 GROUP = "admissionregistration.k8s.io"
 REASON_CODES = {"Forbidden": 403, "Invalid": 422, "RequestEntityTooLarge": 413, "Unauthorized": 401}
+
+
+def kubernetes_functions() -> dict[str, Callable[..., Any]]:
+    """The Kubernetes CEL string library (split, substring, lowerAscii, ...), as for CRD rules."""
+    from ..crdvalidation import _KUBE_FUNCTIONS
+
+    return _KUBE_FUNCTIONS
 
 
 @functools.lru_cache(maxsize=2048)
@@ -266,7 +274,7 @@ class PolicyEvaluator:
             return [(params, "Invalid")]
         failures: list[tuple[str, str]] = []
         for param in params:
-            context = cel.Context()
+            context = cel.Context(functions=dict(kubernetes_functions()))
             context.add_variable("object", req.obj)
             context.add_variable("oldObject", req.old)
             context.add_variable("params", param)

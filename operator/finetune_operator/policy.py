@@ -1,0 +1,295 @@
+"""FineTunePolicy enforcement by the operator: pure steps, no API calls (kube.py and lifecycle.py feed them).
+
+- `applicable`: the policies whose namespaceSelector selects a job's namespace (all of them must allow it).
+- `violation`: the static rules, the same as the chart's ValidatingAdmissionPolicy (policy_admission.py)
+  with the same message, re-checked at reconcile for jobs admitted before a policy existed or on a cluster
+  without the admission policy. The job fails with reason PolicyViolation before any pod runs.
+- `estimate_violation`: maxGpuHoursPerJob, on status.gpuHoursEstimate (known after validation).
+- `wait`: the stateful limits (gpuHoursPerMonth, maxConcurrentJobs) on the namespace's use this month; the
+  job waits (Suspended, BudgetExceeded / ConcurrencyLimit) before its training Job is created.
+- `filled_defaults` / `with_defaults`: a policy's defaults for what a job leaves out, recorded in the job's
+  status.policy and applied to the spec the operator builds from, never to the stored spec.
+- `usage` / `policy_status`: a namespace's GPU-hours this month (status.gpuHours of the month's jobs, or the
+  estimate of a running job when larger) and its active jobs; what `kubectl get ftp` shows.
+
+A job is counted in the month its creationTimestamp falls in (UTC). Deleting a job removes its hours from
+the sum (the operator keeps no ledger outside the jobs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+from .models import FineTuneJobSpec, ResourcesSpec
+from .observe import finite, parse_time
+from .policy_models import FineTunePolicy, host_allowed, uri_allowed
+
+# The API's default spec.resources.gpuType: a policy's defaults.gpuType replaces it when the policy does not
+# allow it (the API server fills the default in, so "left out" cannot be told apart from it).
+API_DEFAULT_GPU_TYPE = str(ResourcesSpec.model_fields["gpu_type"].default)
+# Phases of a job that holds (or is about to hold) GPUs: counted by maxConcurrentJobs.
+ACTIVE_PHASES = frozenset({"Training", "Evaluating", "Deploying"})
+POLICY_WAIT_REASONS = frozenset({"BudgetExceeded", "ConcurrencyLimit"})
+
+
+def denied(policy: str, message: str) -> str:
+    return f"denied by FineTunePolicy {policy}: {message}"
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One namespace's use this month, without the job being decided."""
+
+    gpu_hours: float = 0.0
+    active_jobs: int = 0
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """What the planner needs to know about policies for one job."""
+
+    policies: tuple[FineTunePolicy, ...] = ()
+    usage: Usage = field(default_factory=Usage)
+    filled: Mapping[str, str] = field(default_factory=dict)  # filled_defaults: camelCase field → value
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.policies]
+
+
+def applicable(policies: Iterable[FineTunePolicy], labels: Mapping[str, str]) -> tuple[FineTunePolicy, ...]:
+    """The policies selecting a namespace with these labels, by name."""
+    return tuple(
+        sorted((p for p in policies if p.spec.namespace_selector.matches(dict(labels))), key=lambda p: p.name)
+    )
+
+
+def _gpu_type_allowed(spec: FineTuneJobSpec, policy: FineTunePolicy) -> bool:
+    allowed = policy.spec.allowed_gpu_types
+    gpu_type = spec.resources.gpu_type
+    if allowed is None or spec.resources.gpus == 0 or gpu_type in allowed:
+        return True
+    return gpu_type == API_DEFAULT_GPU_TYPE and policy.spec.defaults.gpu_type is not None
+
+
+def violations(spec: FineTuneJobSpec, policy: FineTunePolicy) -> list[str]:
+    """The static rules one policy's spec refuses for this job, as the admission policy words them."""
+    p = policy.spec
+    out: list[str] = []
+    if p.allowed_base_models is not None and not uri_allowed(spec.base_model.uri, p.allowed_base_models):
+        out.append(f"spec.baseModel.uri {spec.base_model.uri} is not in allowedBaseModels")
+    if p.allowed_datasets is not None:
+        for key in ("train", "validation", "test"):
+            uri = getattr(spec.dataset, key)
+            if uri is not None and not uri_allowed(uri, p.allowed_datasets):
+                out.append(f"spec.dataset.{key} {uri} is not in allowedDatasets")
+    if p.allowed_outputs is not None and not uri_allowed(spec.storage.output, p.allowed_outputs):
+        out.append(f"spec.storage.output {spec.storage.output} is not in allowedOutputs")
+    if not _gpu_type_allowed(spec, policy):
+        out.append(f"spec.resources.gpuType {spec.resources.gpu_type} is not in allowedGpuTypes")
+    if p.max_gpus_per_job is not None and spec.resources.gpus > p.max_gpus_per_job:
+        out.append(
+            f"spec.resources.gpus {spec.resources.gpus} is more than maxGpusPerJob {p.max_gpus_per_job}"
+        )
+    if p.allowed_methods is not None and spec.method not in p.allowed_methods:
+        out.append(f"spec.method {spec.method} is not in allowedMethods")
+    if p.max_lora_rank is not None and spec.method != "full" and spec.lora.rank > p.max_lora_rank:
+        out.append(f"spec.lora.rank {spec.lora.rank} is more than maxLoraRank {p.max_lora_rank}")
+    reference = spec.evaluation.reference
+    if reference is not None and not p.allow_reference:
+        out.append("spec.evaluation.reference is not allowed (allowReference is false)")
+    elif reference is not None and p.allowed_reference_hosts is not None:
+        host = urlsplit(reference.url).hostname or ""
+        if not host_allowed(host, p.allowed_reference_hosts):
+            out.append(f"spec.evaluation.reference.url host {host} is not in allowedReferenceHosts")
+    if p.require_thresholds and not (spec.evaluation.enabled and spec.evaluation.thresholds):
+        out.append("spec.evaluation.thresholds must gate on at least one metric (requireThresholds)")
+    return out
+
+
+def violation(spec: FineTuneJobSpec, view: PolicyView | None) -> str | None:
+    """The first static rule an applicable policy refuses, with the policy's name; None: allowed."""
+    for policy in view.policies if view else ():
+        found = violations(spec, policy)
+        if found:
+            return denied(policy.name, found[0])
+    return None
+
+
+def estimate_violation(estimate: float | None, view: PolicyView | None) -> str | None:
+    """maxGpuHoursPerJob against the operator's estimate (status.gpuHoursEstimate)."""
+    if estimate is None:
+        return None
+    for policy in view.policies if view else ():
+        limit = policy.spec.max_gpu_hours_per_job
+        if limit is not None and estimate > limit:
+            return denied(
+                policy.name,
+                f"status.gpuHoursEstimate {estimate:g} is more than maxGpuHoursPerJob {limit:g}",
+            )
+    return None
+
+
+def wait(estimate: float | None, view: PolicyView | None) -> tuple[str, str] | None:
+    """(reason, message) when the namespace's budget or concurrency does not allow starting training now."""
+    if view is None:
+        return None
+    needed = estimate or 0.0
+    used, active = view.usage.gpu_hours, view.usage.active_jobs
+    for policy in view.policies:
+        limit = policy.spec.max_concurrent_jobs
+        if limit is not None and active >= limit:
+            return (
+                "ConcurrencyLimit",
+                f"waiting: {active} jobs of this namespace are running, FineTunePolicy {policy.name} allows "
+                f"maxConcurrentJobs {limit}; starts when one finishes or the policy allows more",
+            )
+    for policy in view.policies:
+        budget = policy.spec.gpu_hours_per_month
+        if budget is not None and needed > 0 and used + needed > budget:
+            return (
+                "BudgetExceeded",
+                f"waiting: this namespace used {used:.2f} of {budget:g} GPU-hours this month "
+                f"(FineTunePolicy {policy.name} gpuHoursPerMonth) and this job needs an estimated "
+                f"{needed:.2f}; starts when the policy allows it",
+            )
+    return None
+
+
+def filled_defaults(spec: FineTuneJobSpec, view: PolicyView | None) -> dict[str, str]:
+    """camelCase field → value the policies fill in for this job (the first policy by name wins)."""
+    out: dict[str, str] = {}
+    resources = spec.resources
+    for policy in view.policies if view else ():
+        defaults = policy.spec.defaults
+        if defaults.queue_name and not resources.queue_name:
+            out.setdefault("queueName", defaults.queue_name)
+        if defaults.priority_class_name and not resources.priority_class_name:
+            out.setdefault("priorityClassName", defaults.priority_class_name)
+        allowed = policy.spec.allowed_gpu_types
+        if (
+            defaults.gpu_type
+            and resources.gpu_type == API_DEFAULT_GPU_TYPE
+            and allowed is not None
+            and API_DEFAULT_GPU_TYPE not in allowed
+        ):
+            out.setdefault("gpuType", defaults.gpu_type)
+    return out
+
+
+def with_defaults(spec: FineTuneJobSpec, filled: Mapping[str, str]) -> FineTuneJobSpec:
+    """The spec the operator builds from: the stored one with the filled-in defaults."""
+    if not filled:
+        return spec
+    names = {"queueName": "queue_name", "priorityClassName": "priority_class_name", "gpuType": "gpu_type"}
+    resources = spec.resources.model_copy(update={names[k]: v for k, v in filled.items()})
+    return spec.model_copy(update={"resources": resources})
+
+
+def status_of(view: PolicyView | None) -> dict[str, Any] | None:
+    """The job's status.policy: which policies apply and what they filled in."""
+    if view is None or not view.policies:
+        return None
+    return {"policies": view.names[:16], **view.filled}
+
+
+def view_for(
+    spec: FineTuneJobSpec,
+    policies: Iterable[FineTunePolicy],
+    labels: Mapping[str, str],
+    jobs: Iterable[Mapping[str, Any]],
+    namespace: str,
+    uid: str,
+    now: datetime,
+    starting: Iterable[str] = (),
+) -> PolicyView | None:
+    """Everything the planner needs about policies for one job; None when no policy selects its namespace."""
+    selected = applicable(policies, labels)
+    if not selected:
+        return None
+    view = PolicyView(selected, usage(jobs, namespace, now, exclude_uid=uid, starting=starting))
+    return PolicyView(view.policies, view.usage, filled_defaults(spec, view))
+
+
+def waiting_on_policy(body: Mapping[str, Any]) -> bool:
+    """A job waiting for budget or concurrency (re-checked on every resync pass)."""
+    status = body.get("status") or {}
+    if status.get("phase") != "Suspended":
+        return False
+    ready: Mapping[str, Any] = next(
+        (c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {}
+    )
+    return ready.get("reason") in POLICY_WAIT_REASONS
+
+
+# --- usage ---------------------------------------------------------------------------------------------
+
+
+def month_of(moment: datetime) -> str:
+    return moment.strftime("%Y-%m")
+
+
+def job_hours(body: Mapping[str, Any]) -> float:
+    """What a job counts against the budget: GPU-hours spent, or its estimate while it is active."""
+    status = body.get("status") or {}
+    spent = finite(status.get("gpuHours")) or 0.0
+    if status.get("phase") in ACTIVE_PHASES:
+        return max(spent, finite(status.get("gpuHoursEstimate")) or 0.0)
+    return spent
+
+
+def usage(
+    jobs: Iterable[Mapping[str, Any]],
+    namespace: str,
+    now: datetime,
+    exclude_uid: str | None = None,
+    starting: Iterable[str] = (),
+) -> Usage:
+    """The namespace's GPU-hours this month and its active jobs; `starting`: uids whose training Job this
+    process is creating (not yet Training in the status), counted as active."""
+    month, hours, active = month_of(now), 0.0, 0
+    starting = set(starting)
+    for body in jobs:
+        meta = body.get("metadata") or {}
+        uid = str(meta.get("uid") or "")
+        if meta.get("namespace") != namespace or uid == exclude_uid:
+            continue
+        created = parse_time(meta.get("creationTimestamp"))
+        if created is None or month_of(created) == month:
+            hours += job_hours(body)
+        if (body.get("status") or {}).get("phase") in ACTIVE_PHASES or uid in starting:
+            active += 1
+    return Usage(round(hours, 3), active)
+
+
+def policy_status(
+    policy: FineTunePolicy,
+    namespaces: Mapping[str, Mapping[str, str]],
+    jobs: Sequence[Mapping[str, Any]],
+    now: datetime,
+) -> dict[str, Any]:
+    """A FineTunePolicy's status: its selector as text and each selected namespace's use this month."""
+    selected = sorted(
+        n for n, labels in namespaces.items() if policy.spec.namespace_selector.matches(dict(labels))
+    )
+    used: list[dict[str, Any]] = []
+    for namespace in selected:
+        found = usage(jobs, namespace, now)
+        if found.gpu_hours or found.active_jobs:
+            used.append(
+                {"namespace": namespace, "gpuHours": found.gpu_hours, "activeJobs": found.active_jobs}
+            )
+    used.sort(key=lambda u: (-u["gpuHours"], u["namespace"]))
+    summary = ", ".join(f"{u['namespace']} {u['gpuHours']:g}h" for u in used[:4]) or "0h"
+    if len(used) > 4:
+        summary += f", +{len(used) - 4} more"
+    return {
+        "selector": policy.spec.namespace_selector.display(),
+        "month": month_of(now),
+        "used": used[:64],
+        "usedSummary": summary[:256],
+    }

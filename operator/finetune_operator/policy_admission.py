@@ -1,0 +1,247 @@
+"""The chart's ValidatingAdmissionPolicy for FineTunePolicy: generated here, written by `make crds` to
+charts/finetune-operator/templates/policy-admission.yaml (a test fails when it is stale).
+
+One policy (paramKind FineTunePolicy) and one binding whose paramRef selects every FineTunePolicy
+(`selector: {}`, parameterNotFoundAction Allow: no policy, no restriction). kube-apiserver evaluates the
+policy once per FineTunePolicy, and a request is denied when any of them denies it.
+
+A binding's matchResources.namespaceSelector is one selector for the binding, so it cannot carry each
+FineTunePolicy's own spec.namespaceSelector. Instead a matchCondition evaluates the param's selector
+(matchLabels and matchExpressions with In/NotIn/Exists/DoesNotExist) against `namespaceObject`'s labels:
+a FineTunePolicy whose selector does not select the job's namespace is skipped for that request.
+
+The rules are the operator's static rules (policy.violations), worded the same:
+`denied by FineTunePolicy <name>: spec.baseModel.uri hf://x/y is not in allowedBaseModels`.
+CEL cost stays bounded: every list iterated is a FineTunePolicy list with maxItems (policy_models.py), URI
+globs are prefix matches (`startsWith`, no regex built from data), namespace labels are looked up by key,
+never iterated.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import policy_models
+from .models import API_VERSION, GROUP, PLURAL
+from .policy import API_DEFAULT_GPU_TYPE
+
+TEMPLATE = "policy-admission.yaml"
+P = "params.spec"
+NS_LABELS = "namespaceObject.metadata.labels"
+HAS_LABELS = "has(namespaceObject.metadata.labels)"
+
+
+def _glob(patterns: str, uri: str) -> str:
+    """`uri` matches one of the patterns: exact, or the prefix before a trailing `*` (policy_models)."""
+    return (
+        f"{patterns}.exists(g, g.endsWith('*') ? {uri}.startsWith(g.substring(0, size(g) - 1)) : {uri} == g)"
+    )
+
+
+def _denied(text: str) -> str:
+    return f"'denied by FineTunePolicy ' + params.metadata.name + ': ' + {text}"
+
+
+def _uri_rule(field: str, uri: str, allowed: str, optional: bool = False) -> dict[str, str]:
+    present = f"!has({uri}) || " if optional else ""
+    return {
+        "expression": f"!has({P}.{allowed}) || {present}{_glob(f'{P}.{allowed}', uri)}",
+        "messageExpression": _denied(f"'{field} ' + {uri} + ' is not in {allowed}'"),
+        "reason": "Forbidden",
+    }
+
+
+def _selects_namespace() -> str:
+    """The param's namespaceSelector against the request namespace's labels."""
+    selector = f"{P}.namespaceSelector"
+    labels = (
+        f"!has({selector}.matchLabels) || {selector}.matchLabels.all(k, {HAS_LABELS} && k in {NS_LABELS} "
+        f"&& {NS_LABELS}[k] == {selector}.matchLabels[k])"
+    )
+    present = f"({HAS_LABELS} && e.key in {NS_LABELS})"
+    listed = f"(has(e.values) && {NS_LABELS}[e.key] in e.values)"
+    expressions = (
+        f"!has({selector}.matchExpressions) || {selector}.matchExpressions.all(e, "
+        f"e.operator == 'In' ? ({present} && {listed}) : "
+        f"e.operator == 'NotIn' ? (!{present} || !{listed}) : "
+        f"e.operator == 'Exists' ? {present} : !{present})"
+    )
+    return f"!has({selector}) || (({labels}) && ({expressions}))"
+
+
+def validations() -> list[dict[str, str]]:
+    spec = "object.spec"
+    resources = f"{spec}.resources"
+    evaluation = f"{spec}.evaluation"
+    reference = f"{evaluation}.reference"
+    return [
+        _uri_rule("spec.baseModel.uri", f"{spec}.baseModel.uri", "allowedBaseModels"),
+        _uri_rule("spec.dataset.train", f"{spec}.dataset.train", "allowedDatasets"),
+        _uri_rule("spec.dataset.validation", f"{spec}.dataset.validation", "allowedDatasets", optional=True),
+        _uri_rule("spec.dataset.test", f"{spec}.dataset.test", "allowedDatasets", optional=True),
+        _uri_rule("spec.storage.output", f"{spec}.storage.output", "allowedOutputs"),
+        {
+            "expression": f"!has({P}.allowedGpuTypes) || {resources}.gpus == 0 || "
+            f"{resources}.gpuType in {P}.allowedGpuTypes || ({resources}.gpuType == '{API_DEFAULT_GPU_TYPE}' "
+            f"&& has({P}.defaults) && has({P}.defaults.gpuType))",
+            "messageExpression": _denied(
+                f"'spec.resources.gpuType ' + {resources}.gpuType + ' is not in allowedGpuTypes'"
+            ),
+            "reason": "Forbidden",
+        },
+        {
+            "expression": f"!has({P}.maxGpusPerJob) || {resources}.gpus <= {P}.maxGpusPerJob",
+            "messageExpression": _denied(
+                f"'spec.resources.gpus ' + string({resources}.gpus) + ' is more than maxGpusPerJob ' + "
+                f"string({P}.maxGpusPerJob)"
+            ),
+            "reason": "Forbidden",
+        },
+        {
+            "expression": f"!has({P}.allowedMethods) || {spec}.method in {P}.allowedMethods",
+            "messageExpression": _denied(f"'spec.method ' + {spec}.method + ' is not in allowedMethods'"),
+            "reason": "Forbidden",
+        },
+        {
+            "expression": f"!has({P}.maxLoraRank) || {spec}.method == 'full' || "
+            f"{spec}.lora.rank <= {P}.maxLoraRank",
+            "messageExpression": _denied(
+                f"'spec.lora.rank ' + string({spec}.lora.rank) + ' is more than maxLoraRank ' + "
+                f"string({P}.maxLoraRank)"
+            ),
+            "reason": "Forbidden",
+        },
+        {
+            "expression": f"!has({reference}) || !has({P}.allowReference) || {P}.allowReference",
+            "messageExpression": _denied(
+                "'spec.evaluation.reference is not allowed (allowReference is false)'"
+            ),
+            "reason": "Forbidden",
+        },
+        {
+            "expression": f"!has({reference}) || !has({P}.allowedReferenceHosts) || "
+            f"{P}.allowedReferenceHosts.exists(h, h == variables.referenceHost || "
+            "(h.startsWith('*.') && variables.referenceHost.endsWith(h.substring(1))))",
+            "messageExpression": _denied(
+                "'spec.evaluation.reference.url host ' + variables.referenceHost + "
+                "' is not in allowedReferenceHosts'"
+            ),
+            "reason": "Forbidden",
+        },
+        {
+            "expression": f"!has({P}.requireThresholds) || !{P}.requireThresholds || "
+            f"((!has({evaluation}.enabled) || {evaluation}.enabled) && has({evaluation}.thresholds) && "
+            f"size({evaluation}.thresholds) > 0)",
+            "messageExpression": _denied(
+                "'spec.evaluation.thresholds must gate on at least one metric (requireThresholds)'"
+            ),
+            "reason": "Forbidden",
+        },
+    ]
+
+
+def policy_spec() -> dict[str, Any]:
+    reference_url = "object.spec.evaluation.reference.url"
+    return {
+        "failurePolicy": "Fail",
+        "paramKind": {"apiVersion": API_VERSION, "kind": policy_models.KIND},
+        "matchConstraints": {
+            "resourceRules": [
+                {
+                    "apiGroups": [GROUP],
+                    "apiVersions": ["*"],
+                    "operations": ["CREATE", "UPDATE"],
+                    "resources": [PLURAL],
+                }
+            ]
+        },
+        "matchConditions": [{"name": "policy-selects-namespace", "expression": _selects_namespace()}],
+        "variables": [
+            {
+                "name": "referenceHost",
+                "expression": f"has(object.spec.evaluation.reference) ? "
+                f"{reference_url}.split('/')[2].split(':')[0].lowerAscii() : ''",
+            }
+        ],
+        "validations": validations(),
+    }
+
+
+def binding_spec(policy_name: str) -> dict[str, Any]:
+    return {
+        "policyName": policy_name,
+        "validationActions": ["Deny"],
+        "paramRef": {"selector": {}, "parameterNotFoundAction": "Allow"},
+    }
+
+
+def _indent(document: dict[str, Any], spaces: int) -> str:
+    text = yaml.safe_dump(document, sort_keys=False, width=100000)
+    return "".join(" " * spaces + line if line.strip() else line for line in text.splitlines(keepends=True))
+
+
+def render_template() -> str:
+    """The chart template: the policy and its binding, when `policyAdmission.enabled`."""
+    name = '{{ include "finetune-operator.fullname" . }}-finetunepolicy'
+    labels = '    {{- include "finetune-operator.labels" . | nindent 4 }}\n'
+    return (
+        "# Generated by operator/finetune_operator/policy_admission.py (`make crds`): do not edit.\n"
+        "# FineTunePolicies enforced at admission: every FineTunePolicy is a param; a policy's\n"
+        "# spec.namespaceSelector is checked by the matchCondition against the job namespace's labels.\n"
+        "{{- if .Values.policyAdmission.enabled }}\n"
+        "apiVersion: admissionregistration.k8s.io/v1\n"
+        "kind: ValidatingAdmissionPolicy\n"
+        "metadata:\n"
+        f"  name: {name}\n"
+        "  labels:\n"
+        f"{labels}"
+        "spec:\n"
+        f"{_indent(policy_spec(), 2)}"
+        "---\n"
+        "apiVersion: admissionregistration.k8s.io/v1\n"
+        "kind: ValidatingAdmissionPolicyBinding\n"
+        "metadata:\n"
+        f"  name: {name}\n"
+        "  labels:\n"
+        f"{labels}"
+        "spec:\n"
+        f"  policyName: {name}\n"
+        f"{_indent({k: v for k, v in binding_spec('').items() if k != 'policyName'}, 2)}"
+        "{{- end }}\n"
+    )
+
+
+def manifests(name: str = "finetune-operator-finetunepolicy") -> list[dict[str, Any]]:
+    """The same policy and binding as plain objects (tests, the embedded cluster)."""
+    meta = {"name": name}
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": meta,
+            "spec": policy_spec(),
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": meta,
+            "spec": binding_spec(name),
+        },
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: write the template into the chart's templates directory given."""
+    args = sys.argv[1:] if argv is None else argv
+    path = Path(args[0] if args else "charts/finetune-operator/templates") / TEMPLATE
+    path.write_text(render_template(), encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
