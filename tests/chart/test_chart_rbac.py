@@ -124,14 +124,25 @@ def test_cluster_mode_grants_exactly_the_operator_verbs_cluster_wide(helm: str) 
     assert by_kind(manifests, "Role") == [] and by_kind(manifests, "RoleBinding") == []
 
 
-def test_namespaced_mode_grants_the_same_verbs_per_namespace_and_nothing_cluster_wide(helm: str) -> None:
+def test_namespaced_mode_grants_the_same_verbs_per_namespace_and_only_policies_cluster_wide(
+    helm: str,
+) -> None:
     manifests = render(helm, VALUES_DIR / "namespaced.yaml")
     roles = by_kind(manifests, "Role")
     bindings = by_kind(manifests, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    from finetune_operator import rbac
+
+    cluster_verbs = {
+        (g, r, v)
+        for rule in rbac.CLUSTER_RULES
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
     for role, binding in zip(roles, bindings, strict=True):
-        assert flatten(role["rules"]) == operator_verbs()
+        assert flatten(role["rules"]) == operator_verbs() - cluster_verbs
         assert binding["metadata"]["namespace"] == role["metadata"]["namespace"]
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
@@ -139,12 +150,17 @@ def test_namespaced_mode_grants_the_same_verbs_per_namespace_and_nothing_cluster
             "name": role["metadata"]["name"],
         }
         assert binding["subjects"][0]["namespace"] == "finetune-system"
-    assert by_kind(manifests, "ClusterRoleBinding") == []
-    # Only the aggregated user-facing roles are cluster-scoped; they are bound to no one by the chart.
-    assert {m["metadata"]["name"] for m in by_kind(manifests, "ClusterRole")} == {
+    # Cluster-scoped: FineTunePolicies and namespace labels (a Role cannot grant them), bound to the
+    # operator; the aggregated user-facing roles are bound to no one by the chart.
+    (policies,) = by_kind(manifests, "ClusterRoleBinding")
+    assert policies["roleRef"]["name"] == "ftop-finetune-operator-policies"
+    roles_by_name = {m["metadata"]["name"]: m for m in by_kind(manifests, "ClusterRole")}
+    assert set(roles_by_name) == {
         "ftop-finetune-operator-edit",
         "ftop-finetune-operator-view",
+        "ftop-finetune-operator-policies",
     }
+    assert flatten(roles_by_name["ftop-finetune-operator-policies"]["rules"]) == cluster_verbs
 
 
 def test_aggregated_roles_let_namespace_users_manage_finetunejobs(helm: str) -> None:
@@ -158,4 +174,7 @@ def test_aggregated_roles_let_namespace_users_manage_finetunejobs(helm: str) -> 
     for verb in ("create", "update", "patch", "delete", "get", "list", "watch"):
         assert ("finetune.dev", "finetunejobs", verb) in edit_grants
     assert ("finetune.dev", "finetunejobs/status", "patch") not in edit_grants  # status is the operator's
+    # FineTunePolicies are the platform team's: no aggregated role grants anything on them.
+    for role in (edit, view):
+        assert not any("finetunepolicies" in r for _, r, _ in flatten(role["rules"]))
     assert {v for _, _, v in flatten(view["rules"])} == {"get", "list", "watch"}

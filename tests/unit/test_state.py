@@ -15,6 +15,7 @@ from finetune_operator.config import load_config
 from finetune_operator.naming import Stage
 from finetune_operator.plan import Event, Observed, Plan
 from finetune_operator.planner import plan
+from finetune_operator.policy import PolicyView
 from finetune_operator.ref import JobRef
 
 from .ftj_factory import job, pending_pod, terminated_pod, with_status
@@ -81,6 +82,7 @@ class World:
     events: list[Event] = field(default_factory=list)
     last: Plan | None = None
     conflicts: dict[tuple[str, str], str] = field(default_factory=dict)
+    policy: PolicyView | None = None  # FineTunePolicies selecting the job's namespace (test_policy.py)
 
     def step(self) -> Plan:
         observed = Observed(
@@ -93,6 +95,7 @@ class World:
             progress=self.progress,
             now=NOW,
             conflicts=self.conflicts,
+            policy=self.policy,
         )
         result = plan(observed, CONFIG)
         for manifest in result.create:

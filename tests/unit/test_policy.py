@@ -1,0 +1,464 @@
+"""FineTunePolicy: the static rules (and that the chart's admission policy words and decides them the same),
+namespace selection, the month's GPU-hours and concurrency, what the planner does with them, defaults in
+status, the policies' status and the budget metrics."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from finetune_operator import crdgen, policy, policy_admission
+from finetune_operator.naming import Stage
+from finetune_operator.policy import PolicyView, Usage
+from finetune_operator.policy_models import FineTunePolicy, parse_policy, uri_allowed
+from finetune_operator.reconcile import reconcile
+from localcluster.apiserver.policy import PolicyEvaluator, Request
+
+from .ftj_factory import job, spec
+from .test_reconcile import new_job, setup
+from .test_state import NOW, VALID, World
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_policy(name: str = "team-defaults", **spec: Any) -> FineTunePolicy:
+    return parse_policy({"metadata": {"name": name}, "spec": spec})
+
+
+def view(*policies: FineTunePolicy, used: float = 0.0, active: int = 0) -> PolicyView:
+    return PolicyView(tuple(policies), Usage(used, active))
+
+
+# --- static rules ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "patterns", "allowed"),
+    [
+        ("s3://approved/llama", ["s3://approved/*"], True),
+        ("s3://approved-evil/llama", ["s3://approved/*"], False),  # the prefix includes the slash
+        ("hf://meta-llama/Llama-3", ["hf://meta-llama/*"], True),
+        ("hf://x/y", ["s3://approved/*", "hf://x/y"], True),  # exact
+        ("hf://x/yz", ["hf://x/y"], False),
+        ("s3://a/b", [], False),
+    ],
+)
+def test_uri_globs_are_exact_or_a_prefix_before_a_trailing_star(
+    uri: str, patterns: list[str], allowed: bool
+) -> None:
+    assert uri_allowed(uri, patterns) is allowed
+
+
+def test_a_pattern_with_a_star_inside_is_refused() -> None:
+    with pytest.raises(ValueError, match="allowedBaseModels"):
+        make_policy(allowedBaseModels=["s3://*/models"])
+
+
+RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
+    (
+        {"allowedBaseModels": ["s3://approved/*"]},
+        {"baseModel": {"uri": "hf://x/y"}},
+        "spec.baseModel.uri hf://x/y is not in allowedBaseModels",
+    ),
+    (
+        {"allowedDatasets": ["s3://data/toy/*"]},
+        {"dataset": {"train": "s3://data/toy/train.jsonl", "test": "s3://other/test.jsonl"}},
+        "spec.dataset.test s3://other/test.jsonl is not in allowedDatasets",
+    ),
+    (
+        {"allowedOutputs": ["s3://runs/team-a/*"]},
+        {},
+        "spec.storage.output s3://runs/out is not in allowedOutputs",
+    ),
+    (
+        {"allowedGpuTypes": ["h100-80gb"]},
+        {"resources": {"gpuType": "a100-40gb"}},
+        "spec.resources.gpuType a100-40gb is not in allowedGpuTypes",
+    ),
+    (
+        {"maxGpusPerJob": 2},
+        {"resources": {"gpus": 4}},
+        "spec.resources.gpus 4 is more than maxGpusPerJob 2",
+    ),
+    ({"allowedMethods": ["lora", "qlora"]}, {"method": "full"}, "spec.method full is not in allowedMethods"),
+    ({"maxLoraRank": 16}, {"lora": {"rank": 64}}, "spec.lora.rank 64 is more than maxLoraRank 16"),
+    (
+        {"allowReference": False},
+        {"evaluation": {"reference": {"url": "https://api.example.com/v1", "model": "gpt"}}},
+        "spec.evaluation.reference is not allowed (allowReference is false)",
+    ),
+    (
+        {"allowedReferenceHosts": ["*.internal.example.com"]},
+        {"evaluation": {"reference": {"url": "https://API.example.com:8443/v1", "model": "gpt"}}},
+        "spec.evaluation.reference.url host api.example.com is not in allowedReferenceHosts",
+    ),
+    (
+        {"requireThresholds": True},
+        {},
+        "spec.evaluation.thresholds must gate on at least one metric (requireThresholds)",
+    ),
+]
+ALLOWED: list[tuple[dict[str, Any], dict[str, Any]]] = [
+    ({"allowedBaseModels": ["s3://models/*"]}, {}),
+    ({"allowedDatasets": ["s3://data/*"]}, {"dataset": {"test": "s3://data/t.jsonl"}}),
+    ({"allowedGpuTypes": ["h100-80gb"]}, {"resources": {"gpus": 0, "gpuType": "cpu"}}),  # CPU runs
+    ({"allowedGpuTypes": ["h100-80gb"], "defaults": {"gpuType": "h100-80gb"}}, {}),  # API default replaced
+    ({"maxGpusPerJob": 2}, {"resources": {"gpus": 2}}),
+    ({"maxLoraRank": 16}, {"method": "full", "lora": {"rank": 64}}),
+    (
+        {"allowedReferenceHosts": ["*.example.com"]},
+        {"evaluation": {"reference": {"url": "https://api.example.com/v1", "model": "gpt"}}},
+    ),
+    (
+        {"requireThresholds": True},
+        {"evaluation": {"metrics": ["loss"], "thresholds": [{"metric": "loss", "max": 2.0}]}},
+    ),
+    ({}, {"method": "full", "resources": {"gpus": 16}}),  # an empty policy allows anything
+]
+
+
+@pytest.mark.parametrize(("rules", "overrides", "message"), RULES)
+def test_each_static_rule_names_the_policy_and_the_field(
+    rules: dict[str, Any], overrides: dict[str, Any], message: str
+) -> None:
+    found = policy.violation(job(**overrides).spec, view(make_policy("team-defaults", **rules)))
+    assert found == f"denied by FineTunePolicy team-defaults: {message}"
+
+
+@pytest.mark.parametrize(("rules", "overrides"), ALLOWED)
+def test_allowed_jobs_pass(rules: dict[str, Any], overrides: dict[str, Any]) -> None:
+    assert policy.violation(job(**overrides).spec, view(make_policy(**rules))) is None
+
+
+def test_every_applicable_policy_must_allow() -> None:
+    lenient, strict = make_policy("a-lenient"), make_policy("b-strict", maxGpusPerJob=0)
+    found = policy.violation(job().spec, view(lenient, strict))
+    assert found is not None and found.startswith("denied by FineTunePolicy b-strict:")
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "selected"),
+    [
+        ({}, {}, True),
+        ({"matchLabels": {"tier": "team"}}, {"tier": "team", "x": "y"}, True),
+        ({"matchLabels": {"tier": "team"}}, {}, False),
+        ({"matchExpressions": [{"key": "env", "operator": "In", "values": ["dev"]}]}, {"env": "dev"}, True),
+        ({"matchExpressions": [{"key": "env", "operator": "In", "values": ["dev"]}]}, {"env": "prod"}, False),
+        ({"matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["prod"]}]}, {}, True),
+        ({"matchExpressions": [{"key": "env", "operator": "Exists"}]}, {"env": ""}, True),
+        ({"matchExpressions": [{"key": "env", "operator": "DoesNotExist"}]}, {"env": "x"}, False),
+    ],
+)
+def test_namespace_selector(selector: dict[str, Any], labels: dict[str, str], selected: bool) -> None:
+    found = policy.applicable([make_policy(namespaceSelector=selector)], labels)
+    assert bool(found) is selected
+
+
+# --- the chart's ValidatingAdmissionPolicy decides and words the same ---------------------------------------
+
+
+def _admission(
+    policies: list[dict[str, Any]], job_spec: dict[str, Any], labels: dict[str, str]
+) -> str | None:
+    """The denial message of the generated admission policy, evaluated by the embedded cluster's engine."""
+    documents = {d["kind"]: d for d in policy_admission.manifests()}
+    evaluator = PolicyEvaluator(
+        select=lambda plural: [
+            documents[
+                "ValidatingAdmissionPolicy"
+                if plural == "validatingadmissionpolicies"
+                else "ValidatingAdmissionPolicyBinding"
+            ]
+        ],
+        find_params=lambda kind, namespace, name, selector: policies,
+        param_namespaced=lambda kind: False,
+    )
+    obj = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "demo", "namespace": "team-a"},
+        "spec": job_spec,
+    }
+    request = Request(
+        operation="CREATE",
+        group="finetune.dev",
+        version="v1alpha1",
+        kind="FineTuneJob",
+        resource="finetunejobs",
+        subresource="",
+        namespace="team-a",
+        name="demo",
+        namespaced=True,
+        obj=obj,
+        old=None,
+        user={"username": "alice"},
+        namespace_object={"metadata": {"name": "team-a", "labels": labels}},
+    )
+    outcome = evaluator.admit(request)
+    return outcome.denial.message if outcome.denial else None
+
+
+def _stored(name: str, rules: dict[str, Any]) -> dict[str, Any]:
+    """A FineTunePolicy as the API server stores it (schema defaults applied)."""
+    parsed = make_policy(name, **rules)
+    return {
+        "metadata": {"name": name},
+        "spec": parsed.spec.model_dump(mode="json", by_alias=True, exclude_none=True),
+    }
+
+
+@pytest.mark.parametrize(("rules", "overrides", "message"), RULES)
+def test_admission_policy_denies_with_the_operators_message(
+    rules: dict[str, Any], overrides: dict[str, Any], message: str
+) -> None:
+    denial = _admission([_stored("team-defaults", rules)], spec(**overrides), {})
+    assert denial == f"denied by FineTunePolicy team-defaults: {message}"
+
+
+@pytest.mark.parametrize(("rules", "overrides"), ALLOWED)
+def test_admission_policy_admits_what_the_operator_allows(
+    rules: dict[str, Any], overrides: dict[str, Any]
+) -> None:
+    assert _admission([_stored("team-defaults", rules)], spec(**overrides), {}) is None
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "denied"),
+    [
+        ({"matchLabels": {"tier": "team"}}, {"tier": "team"}, True),
+        ({"matchLabels": {"tier": "team"}}, {}, False),
+        ({"matchLabels": {"tier": "team"}}, {"tier": "other"}, False),
+        (
+            {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "team"]}]},
+            {"tier": "team"},
+            True,
+        ),
+        (
+            {"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["team"]}]},
+            {"tier": "team"},
+            False,
+        ),
+        ({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["team"]}]}, {}, True),
+        ({"matchExpressions": [{"key": "tier", "operator": "Exists"}]}, {"tier": "x"}, True),
+        ({"matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]}, {"tier": "x"}, False),
+    ],
+)
+def test_admission_policy_honours_each_policys_namespace_selector(
+    selector: dict[str, Any], labels: dict[str, str], denied: bool
+) -> None:
+    stored = _stored("team-defaults", {"namespaceSelector": selector, "maxGpusPerJob": 2})
+    denial = _admission([stored], spec(resources={"gpus": 4}), labels)
+    assert (denial is not None) is denied
+    assert bool(policy.applicable([parse_policy(stored)], labels)) is denied  # the operator agrees
+
+
+def test_chart_template_is_up_to_date() -> None:
+    committed = ROOT / "charts" / "finetune-operator" / "templates" / policy_admission.TEMPLATE
+    assert committed.read_text() == policy_admission.render_template(), "run `make crds`"
+
+
+def test_policy_schema_is_bounded_for_cel_cost() -> None:
+    """Every list the admission policy iterates has maxItems, every string maxLength (kube-apiserver's CEL
+    cost estimate multiplies them)."""
+    schema = crdgen.openapi_schema(crdgen.FINETUNEPOLICY)["properties"]["spec"]
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        kind = node.get("type")
+        if kind == "array":
+            assert "maxItems" in node, path
+            walk(node["items"], path + "[]")
+        elif kind == "string":
+            assert "maxLength" in node or "enum" in node, path
+        elif kind == "object":
+            if "additionalProperties" in node:
+                assert "maxProperties" in node, path
+                walk(node["additionalProperties"], path + "{}")
+            for key, child in (node.get("properties") or {}).items():
+                walk(child, f"{path}.{key}")
+
+    walk(schema, "spec")
+
+
+# --- stateful limits and the planner ------------------------------------------------------------------------
+
+
+def _validated(world: World) -> None:
+    world.step()
+    world.finish(Stage.VALIDATE, VALID)
+    world.step()
+
+
+def test_a_violating_job_fails_before_any_pod() -> None:
+    world = World(job(baseModel={"uri": "hf://x/y"}))
+    world.policy = view(make_policy(allowedBaseModels=["s3://approved/*"]))
+    first = world.step()
+    assert first.create == []
+    assert world.status["phase"] == "Failed"
+    assert world.condition["Ready"]["reason"] == "PolicyViolation"
+    assert world.status["message"] == (
+        "denied by FineTunePolicy team-defaults: spec.baseModel.uri hf://x/y is not in allowedBaseModels"
+    )
+    assert world.status["policy"] == {"policies": ["team-defaults"]}
+
+
+def test_exhausted_budget_suspends_before_training_then_starts_when_raised() -> None:
+    world = World(job())  # estimate after validation: 0.9 GPU-hours
+    world.policy = view(make_policy(gpuHoursPerMonth=10), used=9.5)
+    _validated(world)
+    assert Stage.TRAIN not in world.children  # no GPU pod
+    assert world.status["phase"] == "Suspended"
+    assert world.condition["Ready"]["reason"] == "BudgetExceeded"
+    assert world.condition["Trained"]["reason"] == "BudgetExceeded"
+    assert "used 9.50 of 10 GPU-hours" in world.status["message"]
+    assert "needs an estimated 0.90" in world.status["message"]
+    assert world.last is not None and world.last.events[-1].reason == "BudgetExceeded"
+    assert world.step().writes == 0  # waiting costs nothing
+    world.policy = view(make_policy(gpuHoursPerMonth=20), used=9.5)
+    world.step()
+    assert Stage.TRAIN in world.children
+    assert world.status["phase"] == "Training"
+
+
+def test_concurrency_limit_waits_with_the_figures() -> None:
+    world = World(job())
+    world.policy = view(make_policy(maxConcurrentJobs=2), active=2)
+    _validated(world)
+    assert Stage.TRAIN not in world.children
+    assert world.condition["Ready"]["reason"] == "ConcurrencyLimit"
+    assert "2 jobs of this namespace are running" in world.status["message"]
+    world.policy = view(make_policy(maxConcurrentJobs=2), active=1)
+    world.step()
+    assert world.status["phase"] == "Training"
+
+
+def test_gpu_hours_per_job_fail_on_the_estimate() -> None:
+    world = World(job())
+    world.policy = view(make_policy(maxGpuHoursPerJob=0.5))
+    _validated(world)
+    assert Stage.TRAIN not in world.children
+    assert world.status["phase"] == "Failed"
+    assert world.status["message"] == (
+        "denied by FineTunePolicy team-defaults: "
+        "status.gpuHoursEstimate 0.9 is more than maxGpuHoursPerJob 0.5"
+    )
+
+
+def test_a_policy_created_after_training_started_does_not_stop_the_job() -> None:
+    world = World(job(baseModel={"uri": "hf://x/y"}))
+    _validated(world)
+    world.policy = view(make_policy(allowedBaseModels=["s3://approved/*"], gpuHoursPerMonth=0))
+    world.step()
+    assert world.status["phase"] == "Training"
+
+
+def test_cpu_jobs_spend_no_budget() -> None:
+    world = World(job(resources={"gpus": 0, "gpuType": "cpu"}))
+    world.policy = view(make_policy(gpuHoursPerMonth=0), used=3)
+    _validated(world)
+    assert world.status["phase"] == "Training"
+
+
+def _body(uid: str, namespace: str, created: str, **status: Any) -> dict[str, Any]:
+    meta = {"uid": uid, "namespace": namespace, "creationTimestamp": created}
+    return {"metadata": meta, "status": status}
+
+
+def test_usage_counts_this_months_hours_and_running_estimates() -> None:
+    now = datetime(2026, 3, 15, tzinfo=UTC)
+    jobs = [
+        _body("a", "team-a", "2026-03-01T00:00:00Z", phase="Succeeded", gpuHours=2.0),
+        _body("b", "team-a", "2026-02-27T00:00:00Z", phase="Succeeded", gpuHours=50.0),  # last month
+        _body("c", "team-a", "2026-03-02T00:00:00Z", phase="Training", gpuHours=0.5, gpuHoursEstimate=3.0),
+        _body("d", "team-b", "2026-03-02T00:00:00Z", phase="Training", gpuHours=7.0),  # other namespace
+        _body("e", "team-a", "2026-03-03T00:00:00Z", phase="Validating"),
+        _body("self", "team-a", "2026-03-03T00:00:00Z", phase="Training", gpuHours=9.0),
+    ]
+    found = policy.usage(jobs, "team-a", now, exclude_uid="self", starting={"e"})
+    assert found == Usage(gpu_hours=5.0, active_jobs=2)
+
+
+def test_policy_status_shows_selector_and_use_per_namespace() -> None:
+    found = make_policy(namespaceSelector={"matchLabels": {"tier": "team"}}, gpuHoursPerMonth=10)
+    jobs = [_body("a", "team-a", "2026-01-01T00:00:00Z", phase="Training", gpuHours=1.25)]
+    namespaces = {"team-a": {"tier": "team"}, "team-b": {"tier": "team"}, "other": {}}
+    status = policy.policy_status(found, namespaces, jobs, NOW)
+    assert status == {
+        "selector": "tier=team",
+        "month": "2026-01",
+        "used": [{"namespace": "team-a", "gpuHours": 1.25, "activeJobs": 1}],
+        "usedSummary": "team-a 1.25h",
+    }
+
+
+# --- through the reconcile: defaults, status, metrics -------------------------------------------------------
+
+
+async def test_defaults_are_recorded_in_status_and_used_but_the_spec_is_unchanged() -> None:
+    body = new_job(resources={"gpus": 1, "gpuType": "a100-80gb"})
+    ctx, api = setup(body)
+    ctx.policies["team-defaults"] = make_policy(
+        namespaceSelector={"matchLabels": {"tier": "team"}},
+        allowedGpuTypes=["h100-80gb"],
+        defaults={"queueName": "team-queue", "gpuType": "h100-80gb", "priorityClassName": "batch-low"},
+    )
+    ctx.namespace_labels["team-a"] = {"tier": "team"}
+    stored_spec = copy.deepcopy(body["spec"])
+    await reconcile(ctx, copy.deepcopy(body), trigger="test")
+    assert api.job["status"]["policy"] == {
+        "policies": ["team-defaults"],
+        "queueName": "team-queue",
+        "gpuType": "h100-80gb",
+        "priorityClassName": "batch-low",
+    }
+    assert api.job["spec"] == stored_spec
+    (validate,) = [obj for (kind, _, _), obj in api.objects.items() if kind == "Job"]
+    assert validate["spec"]["template"]["spec"].get("priorityClassName") is None  # CPU: validation only
+
+
+def test_the_filled_in_defaults_reach_the_training_pods() -> None:
+    ref = job()
+    chosen = make_policy(
+        allowedGpuTypes=["h100-80gb"],
+        defaults={"queueName": "team-queue", "gpuType": "h100-80gb", "priorityClassName": "batch-low"},
+    )
+    filled = policy.filled_defaults(ref.spec, view(chosen))
+    world = World(dataclasses.replace(ref, spec=policy.with_defaults(ref.spec, filled)))
+    world.policy = PolicyView((chosen,), Usage(), filled)
+    _validated(world)
+    train = world.children[Stage.TRAIN]
+    pod = train["spec"]["template"]
+    assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-queue"
+    assert pod["spec"]["priorityClassName"] == "batch-low"
+    assert pod["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
+    assert world.status["policy"]["gpuType"] == "h100-80gb"
+
+
+async def test_no_policy_for_the_namespace_changes_nothing() -> None:
+    body = new_job(baseModel={"uri": "hf://x/y"})
+    ctx, api = setup(body)
+    ctx.policies["team-defaults"] = make_policy(
+        namespaceSelector={"matchLabels": {"tier": "team"}}, allowedBaseModels=["s3://approved/*"]
+    )
+    await reconcile(ctx, copy.deepcopy(body), trigger="test")
+    assert api.job["status"]["phase"] == "Validating"
+    assert "policy" not in api.job["status"]
+
+
+def test_gpu_hours_counter_and_budget_gauges() -> None:
+    from finetune_operator.metrics import Metrics
+    from prometheus_client import generate_latest
+
+    metrics = Metrics()
+    metrics.record_gpu_hours("team-a", "u1", 1.5)
+    metrics.record_gpu_hours("team-a", "u1", 2.0)
+    metrics.record_gpu_hours("team-a", "u2", 1.0)
+    metrics.forget("u1")  # a deleted job's hours stay counted
+    metrics.budgets = {("team-defaults", "team-a"): (3.0, 10.0)}
+    text = generate_latest(metrics.registry).decode()
+    assert 'finetune_gpu_hours_total{namespace="team-a"} 3.0' in text
+    assert 'finetune_policy_gpu_hours_used{namespace="team-a",policy="team-defaults"} 3.0' in text
+    assert 'finetune_policy_gpu_hours_remaining{namespace="team-a",policy="team-defaults"} 7.0' in text
