@@ -131,6 +131,8 @@ async def on_policy_event(memo: Any, body: Mapping[str, Any], event_type: str | 
     ctx = context(memo)
     name = str(body["metadata"]["name"])
     ctx.policies.pop(name, None)
+    if (body.get("status") or None) != ctx.policy_status.get(name):
+        ctx.policy_status.pop(name, None)  # re-created, or its status changed by someone else: write it again
     if event_type != "DELETED":
         try:
             ctx.policies[name] = parse_policy(dict(body))

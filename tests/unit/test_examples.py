@@ -13,7 +13,9 @@ from finetune_operator.models import FineTuneJob, parse_finetunejob, spec_to_dic
 from localcluster.crdvalidation import CRDValidator
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+POLICY = "policy.yaml"  # a FineTunePolicy; every other example is a FineTuneJob
 EXPECTED = {
+    POLICY,
     "demo.yaml",
     "lora-mistral-small-3-a100-80gb.yaml",
     "qlora-a100-40gb.yaml",
@@ -46,7 +48,7 @@ def test_the_expected_examples_exist() -> None:
     assert {p.name for p in EXAMPLES.glob("*.yaml")} >= EXPECTED
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name != POLICY))
 def test_example_is_accepted_by_models_and_crd(name: str, validator: CRDValidator) -> None:
     job = admitted(name, validator)
     assert job.metadata.name and len(job.metadata.name) <= 63
@@ -85,7 +87,7 @@ def test_kueue_example(validator: CRDValidator) -> None:
     assert spec.deployment.enabled is False
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name != POLICY))
 def test_trainer_accepts_the_stored_spec(name: str, validator: CRDValidator) -> None:
     """CONTRACT.md: the trainer gets `.spec` as the API server stores it; it must accept every example."""
     trainer_config = pytest.importorskip("finetune_trainer.config")
@@ -98,3 +100,25 @@ def test_trainer_accepts_the_stored_spec(name: str, validator: CRDValidator) -> 
     config = trainer_config.parse_config(json.dumps(document))
     assert config.spec.method == stored["spec"]["method"]
     assert config.spec.hyperparameters.learning_rate == stored["spec"]["hyperparameters"]["learningRate"]
+
+
+def test_policy_example_loads_and_refuses_what_it_says(validator: CRDValidator) -> None:
+    """examples/policy.yaml passes the FineTunePolicy CRD and models, and of the job examples admits the
+    LoRA and QLoRA ones (with thresholds) and refuses full fine-tuning on 4 GPUs, naming the rule."""
+    from finetune_operator import policy
+    from finetune_operator.crdgen import FINETUNEPOLICY
+    from finetune_operator.policy_models import parse_policy
+
+    obj = load(POLICY)
+    stored = CRDValidator(build_crd(FINETUNEPOLICY), "v1alpha1").admit(obj)
+    team = parse_policy(stored)
+    assert team.name == "team-defaults"
+    assert policy.applicable([team], {"tier": "team"}) and not policy.applicable([team], {})
+    view = policy.PolicyView((team,))
+    lora = admitted("lora-mistral-small-3-a100-80gb.yaml", validator).spec
+    assert policy.violation(lora, view) is None
+    assert policy.filled_defaults(lora, view) == {"queueName": "team-gpus", "priorityClassName": "batch-low"}
+    full = admitted("full-finetune-4xa100.yaml", validator).spec
+    assert policy.violation(full, view) == (
+        "denied by FineTunePolicy team-defaults: spec.resources.gpus 4 is more than maxGpusPerJob 2"
+    )

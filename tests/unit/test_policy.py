@@ -462,3 +462,53 @@ def test_gpu_hours_counter_and_budget_gauges() -> None:
     assert 'finetune_gpu_hours_total{namespace="team-a"} 3.0' in text
     assert 'finetune_policy_gpu_hours_used{namespace="team-a",policy="team-defaults"} 3.0' in text
     assert 'finetune_policy_gpu_hours_remaining{namespace="team-a",policy="team-defaults"} 7.0' in text
+
+
+async def test_policy_events_replan_unfinished_jobs_and_status_is_written_once() -> None:
+    from finetune_operator import lifecycle
+
+    body = new_job()
+    ctx, api = setup(body)
+    written: list[tuple[str, dict[str, Any]]] = []
+
+    async def patch_policy_status(name: str, patch: dict[str, Any]) -> None:
+        written.append((name, patch))
+
+    api.patch_policy_status = patch_policy_status  # type: ignore[attr-defined]
+    await reconcile(ctx, copy.deepcopy(body), trigger="test")
+    memo = {"ctx": ctx}
+    await lifecycle.on_namespace_event(
+        memo, {"metadata": {"name": "team-a", "labels": {"tier": "team"}}}, None
+    )
+    stored = {
+        "metadata": {"name": "team-defaults"},
+        "spec": {"namespaceSelector": {"matchLabels": {"tier": "team"}}},
+    }
+    await lifecycle.on_policy_event(memo, stored, None)
+    assert ctx.records[body["metadata"]["uid"]].dirty  # the resync loop plans it again with the policy
+    await lifecycle.sync_policy_status(ctx)
+    await lifecycle.sync_policy_status(ctx)
+    assert [name for name, _ in written] == ["team-defaults"]  # unchanged: not written again
+    assert written[0][1]["selector"] == "tier=team"
+    assert ctx.metrics.budgets == {("team-defaults", "team-a"): (0.0, None)}
+    await lifecycle.on_policy_event(memo, stored, "DELETED")
+    assert ctx.policies == {}
+
+
+def test_jobs_waiting_on_a_policy_are_due_on_every_resync() -> None:
+    from finetune_operator import lifecycle
+    from finetune_operator.config import load_config
+    from finetune_operator.context import Context
+
+    ctx = Context(config=load_config(env={}))
+    waiting = new_job()
+    waiting["status"] = {
+        "phase": "Suspended",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "BudgetExceeded"}],
+    }
+    record = ctx.remember(waiting)
+    record.last_run = 1000.0
+    assert [job["metadata"]["uid"] for job, _ in lifecycle._due(ctx, 1001.0)] == [waiting["metadata"]["uid"]]
+    waiting["status"]["conditions"][0]["reason"] = "Suspended"  # spec.suspend: waits for the user instead
+    ctx.remember(waiting)
+    assert lifecycle._due(ctx, 1001.0) == []

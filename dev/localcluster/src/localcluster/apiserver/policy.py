@@ -16,7 +16,7 @@ Per request (CREATE and UPDATE of any resource, subresources only when a rule na
    header; Audit is accepted and ignored. Evaluation errors follow `failurePolicy` (Fail by default).
 Denial: `<resource> "<name>" is forbidden: ValidatingAdmissionPolicy '<policy>' with binding '<binding>'
 denied request: <message>`, status reason from the validation's `reason` (default Invalid, HTTP 422;
-Forbidden 403). The Kubernetes string library (split, substring, lowerAscii, indexOf, ...) is available to every expression.
+Forbidden 403). Every expression has the Kubernetes string library (split, substring, lowerAscii, ...).
 Not emulated: DELETE/CONNECT requests, `authorizer` in CEL, auditAnnotations, type checking
 status, CEL cost limits.
 """
