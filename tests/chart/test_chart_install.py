@@ -235,6 +235,29 @@ def test_install_reconcile_upgrade_uninstall(kube: Kube, cluster: Any, tmp_path:
     assert images == {"ghcr.io/finetune-operator/trainer:chart-e2e"}
     assert check_restricted(children[0]["spec"]["template"]["spec"]) == []  # its pods run restricted too
     # (This cluster runs no other operator: the image tag above can only come from the chart's pod.)
+    # FineTunePolicies: the chart's admission policy denies at apply, the chart's operator writes their status
+    # (its RBAC covers policies, their status and namespace labels; checked below with every other request).
+    kube.kubectl("label", "--overwrite", "namespace", "ml", "tier=team")
+    policy = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTunePolicy",
+        "metadata": {"name": "chart-team"},
+        "spec": {"namespaceSelector": {"matchLabels": {"tier": "team"}}, "allowedMethods": ["qlora"]},
+    }
+    kube.kubectl("apply", "-f", "-", stdin=json.dumps(policy))
+    denied = kube.kubectl(
+        "apply", "-n", "ml", "-f", "-", stdin=json.dumps(suspended_job("chart-lora")), check=False
+    )
+    assert "denied by FineTunePolicy chart-team: spec.method lora is not in allowedMethods" in denied.stderr
+    wait_for(
+        "the operator to write the policy's status",
+        lambda: (
+            ((kube.get("finetunepolicy", "chart-team") or {}).get("status") or {}).get("selector")
+            == "tier=team"
+        ),
+        timeout=60,
+    )
+    kube.kubectl("delete", "finetunepolicy", "chart-team")
     logs = kube.kubectl("logs", "-n", NAMESPACE, f"deployment/{DEPLOYMENT}").stdout
     assert "Traceback" not in logs, logs
     assert_operator_used_only_its_rbac(cluster, pod)
