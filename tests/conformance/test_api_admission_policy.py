@@ -297,6 +297,116 @@ def test_binding_with_param_selector_and_warn(raw: Raw, setup: dict[str, str]) -
         raw.request("DELETE", f"/api/v1/namespaces/{ns}")
 
 
+def test_match_conditions_read_each_param_and_the_namespace_labels(raw: Raw, namespace: str) -> None:
+    """The pattern the chart's FineTunePolicy admission uses: one binding selecting every param, each param
+    naming the namespaces it applies to, checked by a matchCondition against `namespaceObject`'s labels; the
+    Kubernetes string library (split, lowerAscii, substring) in validations and messageExpression."""
+    tag = uuid.uuid4().hex[:6]
+    team_label, param_label = f"conformance.example.com/tier-{tag}", f"conformance.example.com/rules-{tag}"
+    for name, tier, suffix in (("gold", "gold", ".gold.example"), ("silver", "silver", ".silver.example")):
+        status, body, _ = raw.request(
+            "POST",
+            f"/api/v1/namespaces/{namespace}/configmaps",
+            {
+                "metadata": {"name": name, "labels": {param_label: "yes"}},
+                "data": {"tier": tier, "host": suffix},
+            },
+        )
+        assert status == 201, body
+    host = "object.data.url.split('/')[2].split(':')[0].lowerAscii()"
+    checked = f"!has(object.data) || !has(object.data.url) || {host}.endsWith(params.data.host)"
+    policy_name, binding_name = f"conformance-hosts-{tag}", f"conformance-hosts-{tag}"
+    vap = {
+        "metadata": {"name": policy_name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "paramKind": {"apiVersion": "v1", "kind": "ConfigMap"},
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["CREATE"],
+                        "resources": ["configmaps"],
+                    }
+                ],
+                "objectSelector": {"matchLabels": {f"conformance.example.com/checked-{tag}": "yes"}},
+            },
+            "matchConditions": [
+                {
+                    "name": "param-selects-namespace",
+                    "expression": f"has(namespaceObject.metadata.labels) && '{team_label}' in "
+                    f"namespaceObject.metadata.labels && namespaceObject.metadata.labels['{team_label}'] == "
+                    "params.data.tier",
+                }
+            ],
+            "validations": [
+                {
+                    "expression": checked,
+                    "messageExpression": f"'denied by ' + params.metadata.name + ': host ' + {host} + "
+                    "' is not under ' + params.data.host.substring(1)",
+                    "reason": "Forbidden",
+                }
+            ],
+        },
+    }
+    bound = {
+        "metadata": {"name": binding_name},
+        "spec": {
+            "policyName": policy_name,
+            "validationActions": ["Deny"],
+            "paramRef": {
+                "namespace": namespace,
+                "selector": {"matchLabels": {param_label: "yes"}},
+                "parameterNotFoundAction": "Allow",
+            },
+        },
+    }
+    created = []
+    try:
+        for path, obj in (
+            (f"{ADMISSION}/validatingadmissionpolicies", vap),
+            (f"{ADMISSION}/validatingadmissionpolicybindings", bound),
+        ):
+            status, body, _ = raw.request("POST", path, obj)
+            assert status == 201, body
+            created.append(f"{path}/{obj['metadata']['name']}")
+        namespaces = {tier: f"conf-{tier}-{tag}" for tier in ("gold", "silver", "none")}
+        for tier, ns in namespaces.items():
+            labels = {team_label: tier} if tier != "none" else {}
+            assert (
+                raw.request("POST", "/api/v1/namespaces", {"metadata": {"name": ns, "labels": labels}})[0]
+                == 201
+            )
+            created.append(f"/api/v1/namespaces/{ns}")
+
+        def post(ns: str, url: str) -> tuple[int, Any]:
+            obj = {
+                "metadata": {
+                    "name": f"c-{uuid.uuid4().hex[:6]}",
+                    "labels": {f"conformance.example.com/checked-{tag}": "yes"},
+                },
+                "data": {"url": url},
+            }
+            status, body, _ = raw.request("POST", f"/api/v1/namespaces/{ns}/configmaps", obj)
+            return status, body
+
+        gold = namespaces["gold"]
+        wait_for(lambda: post(gold, "https://x.silver.example/v1")[0] == 403, "the policy to take effect")
+        status, body = post(gold, "https://API.Other.example:8443/v1")
+        assert status == 403
+        assert body["message"].endswith(
+            "denied request: denied by gold: host api.other.example is not under gold.example"
+        )
+        assert post(gold, "https://api.gold.example/v1")[0] == 201
+        status, body = post(namespaces["silver"], "https://api.gold.example/v1")
+        assert status == 403 and "denied by silver:" in body["message"]  # only the silver param applies
+        assert post(namespaces["none"], "https://anything.example/v1")[0] == 201  # no param selects it
+    finally:
+        for path in reversed(created):
+            raw.request("DELETE", path)
+
+
 def test_kubectl_applies_policies_and_reports_denials(
     kubectl: Any, raw: Raw, setup: dict[str, str], tmp_path: Any
 ) -> None:
