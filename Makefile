@@ -15,7 +15,7 @@ help:
 	@echo "make demo          run the main job on the embedded local cluster"
 	@echo "make test          run every test (installs what it needs)"
 	@echo "make lint          ruff + mypy (strict on the vocabulary and the operator)"
-	@echo "make crds          regenerate crds/ from the pydantic models"
+	@echo "make crds          regenerate crds/ (and the chart's FineTunePolicy admission policy) from the models"
 	@echo "make local-cluster start the embedded cluster in the foreground"
 	@echo "make bench-trainer | bench-quality | bench-gpu | bench-operator | bench-apiserver | bench-chaos"
 
@@ -68,6 +68,7 @@ lint: venv
 crds: venv
 	$(PY) -m finetune_operator.crdgen crds/
 	cp crds/*.yaml charts/finetune-operator/crds/
+	$(PY) -m finetune_operator.policy_admission charts/finetune-operator/templates
 
 demo: venv vllm-venv tools
 	$(PY) -m finetune_demo $(DEMO_ARGS)
