@@ -101,8 +101,9 @@ def namespaces(lc_api: Any) -> Iterator[Callable[..., str]]:
     created: list[str] = []
 
     def create(prefix: str, **labels: str) -> str:
+        """Every namespace the operator may create pods in enforces the restricted Pod Security level."""
         name = f"{prefix}-{secrets.token_hex(3)}"
-        core.create_namespace({"metadata": {"name": name, "labels": labels}})
+        core.create_namespace({"metadata": {"name": name, "labels": {RESTRICTED: "restricted", **labels}}})
         created.append(name)
         return name
 
@@ -280,8 +281,8 @@ def test_alice_with_edit_in_team_a_manages_jobs_there_only_and_never_policies(
     lc_kubectl_one: Any, aggregated_roles: None, namespaces: Any, make_policy: Callable[..., str]
 ) -> None:
     kubectl = lc_kubectl_one
-    team_a = namespaces("team-a", tier="team", **{RESTRICTED: "restricted"})
-    team_b = namespaces("team-b", tier="team", **{RESTRICTED: "restricted"})
+    team_a = namespaces("team-a", tier="team")
+    team_b = namespaces("team-b", tier="team")
     policy = make_policy(maxGpusPerJob=2)
     kubectl("create", "rolebinding", "alice-edit", "-n", team_a, "--clusterrole=edit", "--user=alice")
     wait_for(
