@@ -296,9 +296,13 @@ def test_alice_with_edit_in_team_a_manages_jobs_there_only_and_never_policies(
         what="the aggregated edit role",
     )
 
-    created = apply(kubectl, team_a, finetunejob("alices"), "--as=alice")
+    def create(namespace: str) -> subprocess.CompletedProcess[str]:
+        manifest = json.dumps(finetunejob("alices"))
+        return kubectl("create", "-n", namespace, "--as=alice", "-f", "-", input=manifest, check=False)
+
+    created = create(team_a)
     assert created.returncode == 0, created.stderr
-    refused = apply(kubectl, team_b, finetunejob("alices"), "--as=alice")
+    refused = create(team_b)
     assert refused.returncode != 0
     assert (
         f'User "alice" cannot create resource "finetunejobs" in API group "finetune.dev" in the namespace '
@@ -308,6 +312,12 @@ def test_alice_with_edit_in_team_a_manages_jobs_there_only_and_never_policies(
     for verb in ("create", "update", "patch", "delete"):
         answer = kubectl("auth", "can-i", verb, POLICIES, "--as=alice", check=False).stdout.strip()
         assert answer == "no", verb
+    deleted = kubectl("delete", "ftp", policy, "--as=alice", check=False)
+    assert deleted.returncode != 0
+    assert (
+        f'User "alice" cannot delete resource "{POLICIES}" in API group "finetune.dev" at the cluster scope'
+        in deleted.stderr
+    )
     patched = kubectl(
         "patch",
         "ftp",
@@ -318,8 +328,7 @@ def test_alice_with_edit_in_team_a_manages_jobs_there_only_and_never_policies(
         "--as=alice",
         check=False,
     )
-    assert patched.returncode != 0
-    assert f'User "alice" cannot patch resource "{POLICIES}" in API group "finetune.dev"' in patched.stderr
+    assert patched.returncode != 0 and f'User "alice" cannot get resource "{POLICIES}"' in patched.stderr
 
     pod = {
         "apiVersion": "v1",
