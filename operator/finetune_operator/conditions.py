@@ -59,6 +59,12 @@ class Reason(StrEnum):
     DATASET_WARNING = "DatasetWarning"
     # A child's name is taken by an object this job does not control: Pending until the user deletes it.
     CHILD_CONFLICT = "ChildConflict"
+    # Serving on a ModelServer (issue 11).
+    NOT_BETTER_THAN_SERVING = "NotBetterThanServing"
+    SERVER_NOT_FOUND = "ServerNotFound"
+    LOADING_ADAPTER = "LoadingAdapter"
+    ADAPTER_LOADED = "AdapterLoaded"
+    ADAPTER_UNLOADED = "AdapterUnloaded"
 
 
 # The trainer's permanent exit codes and the reason each one reports.

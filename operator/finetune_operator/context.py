@@ -16,6 +16,7 @@ from .config import OperatorConfig
 from .metrics import Metrics
 from .models import FineTuneJobSpec, parse_spec
 from .naming import Stage
+from .poolqueue import PoolController
 from .schema import SpecError
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class Context:
     records: dict[str, JobRecord] = field(default_factory=dict)  # by FineTuneJob uid
     connection: Any = None
     resync: asyncio.Task[None] | None = None  # the resync loop (lifecycle.py), started by Kopf's startup
+    pools: PoolController = field(default_factory=PoolController)  # ModelServers (pool.py)
 
     def remember(self, body: Mapping[str, Any]) -> JobRecord:
         """The job's record, holding the newest version of it seen so far."""

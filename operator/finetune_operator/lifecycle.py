@@ -12,7 +12,7 @@ from typing import Any
 
 import kopf
 
-from . import kube, ownership, reconcile
+from . import kube, ownership, pool, reconcile
 from .conditions import IDLE_PHASES
 from .context import Children, Context, owner_uid, snapshot
 from .observe import disrupted_pods
@@ -100,6 +100,7 @@ def index_child(body: Mapping[str, Any]) -> dict[str, Any] | None:
 
 async def on_job_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
     ctx = context(memo)
+    ctx.pools.kick_job(body)  # a job on a ModelServer: its pool registers, loads or unloads it
     if event_type == "DELETED":
         ctx.forget(str(body["metadata"]["uid"]))
         return
@@ -168,6 +169,7 @@ async def startup(memo: Any, kwargs: Mapping[str, Any]) -> None:
     ctx = context(memo)
     bind_indexes(ctx, kwargs)
     ctx.resync = asyncio.get_running_loop().create_task(resync_loop(ctx), name="finetune-resync")
+    ctx.pools.task = asyncio.get_running_loop().create_task(pool.run(ctx), name="finetune-pools")
 
 
 async def cleanup(memo: Any) -> None:
@@ -178,5 +180,10 @@ async def cleanup(memo: Any) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await ctx.resync
         ctx.resync = None
+    if ctx.pools.task is not None:
+        ctx.pools.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ctx.pools.task
+        ctx.pools.task = None
     if isinstance(ctx.api, kube.KubeApi):
         await ctx.api.close()

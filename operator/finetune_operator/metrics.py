@@ -34,6 +34,14 @@ class _JobsCollector(Collector):
         for namespace, value in sorted(per_namespace.items()):
             hours.add_metric([namespace], value)
         yield hours
+        loaded = GaugeMetricFamily(
+            "finetune_modelserver_loaded_adapters",
+            "Adapter versions loaded per ModelServer pod, as its adapter router reports",
+            labels=["namespace", "modelserver", "pod"],
+        )
+        for (namespace, server, pod), count in sorted(self.metrics.loaded_adapters.items()):
+            loaded.add_metric([namespace, server, pod], count)
+        yield loaded
 
 
 class Metrics:
@@ -41,6 +49,13 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.phases: dict[str, str] = {}  # job uid → phase
         self.gpu_hours: dict[tuple[str, str], float] = {}  # (namespace, uid) → GPU-hours
+        self.loaded_adapters: dict[tuple[str, str, str], int] = {}  # (namespace, modelserver, pod) → count
+        self.adapter_load_seconds = Histogram(
+            "finetune_modelserver_adapter_load_seconds",
+            "Download and runtime load of one adapter version into one pod",
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
         self.stage_seconds = Histogram(
             "finetune_stage_duration_seconds",
             "Wall time of finished stages",

@@ -32,6 +32,8 @@ class Observed:
     # (kind, name) → message: children this pass could not create because an object the job does not
     # control has the name (kube.NotOwnedError). The job waits, with that message, instead of creating.
     conflicts: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    # The ModelServer named by spec.deployment.server, as last seen (None: none, or not found).
+    server: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

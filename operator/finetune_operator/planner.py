@@ -13,7 +13,7 @@ from typing import Any
 
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
 
-from . import serving
+from . import pooljob, serving
 from .accounting import gpu_hours_spent, restarts
 from .conditions import TERMINAL_PHASES, ConditionType, Reason, short, timestamp
 from .config import ConfigError, OperatorConfig
@@ -153,6 +153,8 @@ class Pipeline(Planner):
     def advance(self) -> None:
         self.status["retries"] = max(int(self.status.get("retries") or 0), restarts(self.o)) or None
         self.status["artifacts"] = {"runPrefix": self.job.run_prefix, **(self.status.get("artifacts") or {})}
+        if not pooljob.prepare(self):  # a job on a ModelServer: the checks CEL cannot make
+            return
         try:
             for row in STAGES:
                 if not self.step(row):
@@ -163,7 +165,11 @@ class Pipeline(Planner):
 
     def artifacts(self) -> Artifacts:
         found = self.status.get("artifacts") or {}
-        return Artifacts(adapter=found.get("adapter"), merged=found.get("merged"))
+        return Artifacts(
+            adapter=found.get("adapter"),
+            merged=found.get("merged"),
+            champion=pooljob.champion_artifact(self.status),
+        )
 
     def step(self, row: StageRow) -> bool:
         """Drive one stage; True when the pipeline may go on to the next row."""
@@ -172,7 +178,10 @@ class Pipeline(Planner):
         if row.owns_condition and self.done(row.condition):
             return row.holds(self) if row.holds else True
         if row.kind == "Deployment":
-            self.serve(row)
+            if self.job.spec.deployment.server:
+                pooljob.serve(self, row)  # a shared ModelServer instead of a Deployment of its own
+            else:
+                self.serve(row)
             return False
         outcome = self.run_job(row)
         if row.counts_gpu_hours:

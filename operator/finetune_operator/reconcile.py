@@ -138,12 +138,19 @@ async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) ->
         spec_error=parsed.error,
         disrupted=frozenset(record.disrupted),
         built=record.built,
+        server=_server(ctx, namespace, parsed.spec),
     )
     conflicts = await execute(ctx, record, plan(observed, ctx.config))
     if conflicts:
         await _wait_for_conflicts(ctx, record, observed, conflicts)
     if parsed.error is not None:
         log.info("%s/%s has an invalid spec: %s", namespace, name, parsed.error)
+
+
+def _server(ctx: Context, namespace: str, spec: Any) -> Mapping[str, Any] | None:
+    """The ModelServer a job names in spec.deployment.server, as last seen (issue 11)."""
+    name = spec.deployment.server if spec is not None else None
+    return ctx.pools.servers.get((namespace, name)) if name else None
 
 
 async def _wait_for_conflicts(
