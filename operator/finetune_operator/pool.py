@@ -98,6 +98,7 @@ class PoolReconciler:
 
     def __init__(self, ctx: Any, api: kube.KubeApi, session: aiohttp.ClientSession) -> None:
         self.ctx, self.api, self.session = ctx, api, session
+        self.loads: dict[str, dict[str, float]] = {}  # version → pod → seconds, this pass
 
     async def reconcile(self, namespace: str, name: str) -> None:
         found = await self.api.get("ModelServer", namespace, name)
@@ -122,6 +123,7 @@ class PoolReconciler:
             observed = await observe(self.api, self.session, body, pool)
             plan = plan_pool(observed, self.ctx.config)
         await self.post_events(body, plan)
+        await self.post_loaded(body, self.loads)
         await self.write_status(body, plan.status)
         self.record_metrics(pool, observed)
         self.tell_jobs(observed)
@@ -160,12 +162,22 @@ class PoolReconciler:
                 return False
             for version, seconds in (answer.get("loadSeconds") or {}).items():
                 self.ctx.metrics.adapter_load_seconds.observe(float(seconds))
+                self.loads.setdefault(str(version), {})[pod] = float(seconds)
                 log.info("%s/%s: pod %s loaded %s in %.2fs", pool.namespace, pool.name, pod, version, seconds)
             log.debug("push to %s took %.2fs", pod, time.monotonic() - began)
             return True
 
         results = await asyncio.gather(*(one(pod, ip) for pod, ip in plan.push.items()))
         return any(results)
+
+    async def post_loaded(self, body: Mapping[str, Any], loads: Mapping[str, Mapping[str, float]]) -> None:
+        """One `Loaded` Event per version a pass loaded: into which pods, how long each took."""
+        for version, pods in sorted(loads.items()):
+            timings = ", ".join(f"{pod} {seconds:.1f} s" for pod, seconds in sorted(pods.items()))
+            with contextlib.suppress(kube.ApiError):
+                await self.api.post_event(
+                    body, "Normal", "Loaded", f"{version} loaded into {timings}", kind=KIND
+                )
 
     async def post_events(self, body: Mapping[str, Any], plan: PoolPlan) -> None:
         for event in plan.events:
@@ -226,9 +238,8 @@ async def run(ctx: Any) -> None:
             pools.kicked = set()
             if not isinstance(ctx.api, kube.KubeApi):
                 continue
-            reconciler = PoolReconciler(ctx, ctx.api, session)
-            for key in sorted(due):
-                pools.spawn(_one(pools, reconciler, key))
+            for key in sorted(due):  # a reconciler per pass: it collects that pass's loads
+                pools.spawn(_one(pools, PoolReconciler(ctx, ctx.api, session), key))
     finally:
         for task in list(pools.running):
             task.cancel()
