@@ -279,9 +279,12 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
         assert models(pod_url(pod)) == {"base", f"{MODEL}-v1", f"{MODEL}-v2", MODEL}
         assert chat(pod_url(pod), MODEL) == ("Q", f"{MODEL}-v2")  # the champion answers the stable name
     rss_two = pool_rss_mib(ready)
+    print(f"pool RSS (vLLM processes, 2 replicas): 1 adapter {rss_one:.0f} MiB, 2 adapters {rss_two:.0f} MiB")
     assert pool.identities() == identities  # no pod was restarted or replaced by any of this
     assert [d["metadata"]["name"] for d in pool.deployments()] == [f"{POOL}-pool"]
     assert pool.status()["models"][MODEL]["promoted"] == 2
+    events = {e["reason"] for e in jobs.list("Event") if e["involvedObject"].get("kind") == "ModelServer"}
+    assert {"Promoted", "Loaded"} <= events, events
 
     # 3. Rollback by pin, within 60 s on every replica, without restarts; unpin returns to the promoted one.
     pool.patch({"models": {MODEL: {"pin": 1}}})
@@ -290,7 +293,7 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
         60,
         "the pin on every replica",
     )
-    assert pool.status()["models"][MODEL]["pinned"] == 1
+    pool.wait(lambda: pool.status()["models"][MODEL].get("pinned") == 1, 30, "status.models.toy.pinned")
     pool.patch({"models": {MODEL: {"pin": None}}})
     pool.wait(lambda: all(chat(pod_url(p), MODEL)[1] == f"{MODEL}-v2" for p in ready), 60, "unpinned")
     assert pool.identities() == identities
@@ -321,7 +324,6 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
         60,
         "v1 unloaded everywhere",
     )
-    print(f"pool RSS (vLLM processes, 2 replicas): 1 adapter {rss_one:.0f} MiB, 2 adapters {rss_two:.0f} MiB")
 
     # 6. Deleting the ModelServer: its Deployment goes; attached jobs wait for a server, artifacts kept.
     pool.delete()
