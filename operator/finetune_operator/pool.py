@@ -26,7 +26,7 @@ from finetune_vocabulary.labels import LABEL_MODELSERVER_UID
 from . import kube, modelserver, reconcile
 from .modelserver import PoolRef
 from .modelserver_models import KIND, parse_modelserver_spec
-from .modelserver_plan import PoolObserved, PoolPlan, attached_jobs, plan_pool, pod_reachable
+from .modelserver_plan import PoolEvent, PoolObserved, PoolPlan, attached_jobs, plan_pool, pod_reachable
 from .poolqueue import PoolController
 from .schema import SpecError
 
@@ -118,11 +118,13 @@ class PoolReconciler:
         await self.apply_children(pool, plan)
         if plan.registry_changed:
             body = await self.write_status(body, {"models": plan.status["models"]})
+        events = list(plan.events)
         loaded_any = await self.push(pool, plan)
         if loaded_any:  # report what the replicas hold now
             observed = await observe(self.api, self.session, body, pool)
             plan = plan_pool(observed, self.ctx.config)
-        await self.post_events(body, plan)
+            events += [e for e in plan.events if e not in events]
+        await self.post_events(body, events)
         await self.post_loaded(body, self.loads)
         await self.write_status(body, plan.status)
         self.record_metrics(pool, observed)
@@ -179,8 +181,8 @@ class PoolReconciler:
                     body, "Normal", "Loaded", f"{version} loaded into {timings}", kind=KIND
                 )
 
-    async def post_events(self, body: Mapping[str, Any], plan: PoolPlan) -> None:
-        for event in plan.events:
+    async def post_events(self, body: Mapping[str, Any], events: list[PoolEvent]) -> None:
+        for event in events:
             with contextlib.suppress(kube.ApiError):
                 await self.api.post_event(body, event.type, event.reason, event.message, kind=KIND)
             if event.job:
