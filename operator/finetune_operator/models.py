@@ -28,6 +28,7 @@ from .schema import (
     QLORA_NEEDS_GPU,
     SERVER_NEEDS_ADAPTER,
     SERVER_NEEDS_ADAPTER_MODE,
+    SERVER_NEEDS_EVALUATION,
     SERVER_NEEDS_MODEL_NAME,
     VLLM_MAX_LORA_RANK,
     SpecError,
@@ -109,6 +110,11 @@ _SERVER_RULES = (
         "!has(self.deployment) || !has(self.deployment.server) || !has(self.deployment.mode) "
         "|| self.deployment.mode != 'merged'",
         SERVER_NEEDS_ADAPTER_MODE,
+    ),
+    rule(
+        "!has(self.deployment) || !has(self.deployment.server) || !has(self.evaluation) "
+        "|| !has(self.evaluation.enabled) || self.evaluation.enabled",
+        SERVER_NEEDS_EVALUATION,
     ),
 )
 
@@ -228,6 +234,8 @@ class FineTuneJobSpec(SpecModel):
             raise ValueError(SERVER_NEEDS_ADAPTER)
         if deployment.server is not None and deployment.mode == "merged":
             raise ValueError(SERVER_NEEDS_ADAPTER_MODE)
+        if deployment.server is not None and not self.evaluation.enabled:
+            raise ValueError(SERVER_NEEDS_EVALUATION)
         if _under(self.storage.output, self.base_model.uri):
             raise ValueError(OUTPUT_OVERLAPS_MODEL)
         data = [self.dataset.train, self.dataset.validation, self.dataset.test]

@@ -93,6 +93,10 @@ SERVER_NEEDS_ADAPTER = (
     "without a server)"
 )
 SERVER_NEEDS_ADAPTER_MODE = "deployment.server serves adapters: deployment.mode must be auto or adapter"
+SERVER_NEEDS_EVALUATION = (
+    "deployment.server promotes a version only when it is not worse than the one serving: evaluation.enabled "
+    "must be true"
+)
 VLLM_MAX_LORA_RANK = 512
 IMMUTABLE_FIELDS = ("baseModel", "dataset", "method", "lora", "hyperparameters")
 
@@ -117,6 +121,7 @@ RULE_FIELD = {
     SERVER_NEEDS_MODEL_NAME: ".deployment.modelName",
     SERVER_NEEDS_ADAPTER: ".method",
     SERVER_NEEDS_ADAPTER_MODE: ".deployment.mode",
+    SERVER_NEEDS_EVALUATION: ".evaluation.enabled",
 }
 
 

@@ -55,6 +55,7 @@ def containers(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
         ),
         ({"server": "shared", "modelName": "bot-v2"}, "lora", "spec.deployment.modelName", "-v<digits>"),
         ({"server": "shared", "modelName": "base"}, "lora", "spec.deployment.modelName", "'base'"),
+        ({"server": "shared", "modelName": "bot"}, "no-eval", "spec.evaluation.enabled", "not worse"),
     ],
 )
 def test_a_job_on_a_server_is_refused_naming_the_field(
@@ -62,7 +63,9 @@ def test_a_job_on_a_server_is_refused_naming_the_field(
 ) -> None:
     raw = ftj_spec()
     raw["deployment"] = deployment
-    raw["method"] = method
+    raw["method"] = "lora" if method == "no-eval" else method
+    if method == "no-eval":
+        raw["evaluation"] = {**raw["evaluation"], "enabled": False}
     with pytest.raises(SpecError) as error:
         parse_spec(raw)
     assert field in str(error.value) and words in str(error.value)
@@ -73,7 +76,7 @@ def test_crd_carries_the_same_rules_as_cel() -> None:
     rules = {
         r["fieldPath"] for r in ftj["properties"]["spec"]["x-kubernetes-validations"] if "fieldPath" in r
     }
-    assert {".deployment.modelName", ".method", ".deployment.mode"} <= rules
+    assert {".deployment.modelName", ".method", ".deployment.mode", ".evaluation.enabled"} <= rules
     ms = crdgen.build_crd(crdgen.MODELSERVER)
     assert ms["spec"]["names"]["shortNames"] == ["ms"] and ms["spec"]["names"]["categories"] == ["finetune"]
     assert ms["spec"]["scope"] == "Namespaced"
