@@ -261,7 +261,8 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
         f"\nhot load: gate pass -> {MODEL}-v2 answering on every replica: {answering_at - gate_passed:.1f} s "
         f"(Evaluated condition, 1 s resolution); {hot_load_seconds:.1f} s from the job seen Accepted"
     )
-    print(f"promotion under load: {len(answered)} requests, {len(failures)} failed")
+    by_version = {v: answered.count(v) for v in sorted(set(answered))}
+    print(f"promotion under load: {len(answered)} requests, {len(failures)} failed, answered by {by_version}")
 
     status_b = jobs.wait_phase("bot-b", "Rejected", "Serving", "Failed", timeout=600)
     assert status_b["phase"] == "Rejected", status_b
