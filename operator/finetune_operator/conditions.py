@@ -64,6 +64,12 @@ class Reason(StrEnum):
     POLICY_VIOLATION = "PolicyViolation"
     BUDGET_EXCEEDED = "BudgetExceeded"
     CONCURRENCY_LIMIT = "ConcurrencyLimit"
+    # Serving on a ModelServer (issue 11).
+    NOT_BETTER_THAN_SERVING = "NotBetterThanServing"
+    SERVER_NOT_FOUND = "ServerNotFound"
+    LOADING_ADAPTER = "LoadingAdapter"
+    ADAPTER_LOADED = "AdapterLoaded"
+    ADAPTER_UNLOADED = "AdapterUnloaded"
 
 
 # The trainer's permanent exit codes and the reason each one reports.

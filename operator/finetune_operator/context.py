@@ -18,6 +18,7 @@ from .metrics import Metrics
 from .models import FineTuneJobSpec, parse_spec
 from .naming import Stage
 from .policy_models import FineTunePolicy
+from .poolqueue import PoolController
 from .schema import SpecError
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class Context:
             datetime.now(UTC),
             self.starting,
         )
+    pools: PoolController = field(default_factory=PoolController)  # ModelServers (pool.py)
 
     def remember(self, body: Mapping[str, Any]) -> JobRecord:
         """The job's record, holding the newest version of it seen so far."""

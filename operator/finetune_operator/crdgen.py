@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from finetune_operator import models, policy_models
+from finetune_operator import models, modelserver_models, policy_models
 from finetune_operator.status import FineTuneJobStatus
 
 # Keywords a structural schema may carry, copied as they are.
@@ -187,8 +187,20 @@ FINETUNEPOLICY = Kind(
     scope="Cluster",
 )
 
+MODELSERVER = Kind(
+    kind=modelserver_models.KIND,
+    plural=modelserver_models.PLURAL,
+    singular=modelserver_models.SINGULAR,
+    short_names=modelserver_models.SHORT_NAMES,
+    description="ModelServer is a shared vLLM pool of one base model; FineTuneJobs that name it hot-load "
+    "their adapters into every replica under versioned names, promoted only when better than what serves.",
+    spec=modelserver_models.ModelServerSpec,
+    status=modelserver_models.ModelServerStatus,
+    printer_columns=modelserver_models.PRINTER_COLUMNS,
+)
+
 # Every kind the operator defines; `make crds` writes one file for each.
-KINDS: tuple[Kind, ...] = (FINETUNEJOB, FINETUNEPOLICY)
+KINDS: tuple[Kind, ...] = (FINETUNEJOB, FINETUNEPOLICY, MODELSERVER)
 
 CRD_FILENAME = FINETUNEJOB.filename
 

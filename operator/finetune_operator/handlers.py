@@ -6,10 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
-from finetune_vocabulary.labels import LABEL_MANAGED_BY, MANAGER
+from finetune_vocabulary.labels import LABEL_MANAGED_BY, LABEL_MODELSERVER_UID, MANAGER
 
 from . import lifecycle
 from .models import GROUP, PLURAL, VERSION
+from .modelserver_models import PLURAL as MODELSERVERS
 from .policy_models import PLURAL as POLICY_PLURAL
 
 MANAGED = {LABEL_MANAGED_BY: MANAGER}
@@ -20,6 +21,7 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
     _register_lifecycle(registry)
     _register_indexes(registry)
     _register_events(registry)
+    _register_pools(registry)
     return registry
 
 
@@ -99,3 +101,19 @@ def _register_events(registry: kopf.OperatorRegistry) -> None:
     async def pod_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
         """Reconcile the owning FineTuneJob when a pod is scheduled, blocked, started or ends."""
         await lifecycle.on_child_event(memo, body, type)
+
+
+def _register_pools(registry: kopf.OperatorRegistry) -> None:
+    """ModelServers are queued by pool.py: these handlers only kick a pool."""
+
+    @kopf.on.event(GROUP, VERSION, MODELSERVERS, id="modelserver_event", registry=registry)
+    async def modelserver_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
+        """Reconcile a ModelServer when it is listed, created, changed or deleted."""
+        lifecycle.context(memo).pools.seen(body, deleted=type == "DELETED")
+
+    @kopf.on.event(
+        "", "v1", "pods", labels={LABEL_MODELSERVER_UID: kopf.PRESENT}, id="pool_pod_event", registry=registry
+    )
+    async def pool_pod_event(body: kopf.Body, memo: Any, **_: Any) -> None:
+        """Reconcile a ModelServer when one of its pods starts, turns ready or goes."""
+        lifecycle.context(memo).pools.kick_pod(body)

@@ -37,7 +37,9 @@ KINDS: dict[str, tuple[str, str]] = {
     "Service": ("/api/v1", "services"),
     "Pod": ("/api/v1", "pods"),
     "Event": ("/api/v1", "events"),
+    "ConfigMap": ("/api/v1", "configmaps"),
     KIND: (f"/apis/{API_VERSION}", "finetunejobs"),
+    "ModelServer": (f"/apis/{API_VERSION}", "modelservers"),
 }
 
 
@@ -258,9 +260,42 @@ class KubeApi:
             body={"status": patch},
             content_type=MERGE_PATCH,
         )
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """One object, or None when it does not exist."""
+        try:
+            found: dict[str, Any] = await self.request("GET", path_of(kind, namespace, name))
+            return found
+        except ApiError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def list(self, kind: str, namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
+        params = {"labelSelector": selector} if selector else None
+        found = await self.request("GET", path_of(kind, namespace), params=params)
+        items: list[dict[str, Any]] = found.get("items") or []
+        return items
+
+    async def patch_object_status(
+        self, kind: str, namespace: str, name: str, patch: Mapping[str, Any], uid: str
+    ) -> dict[str, Any]:
+        """Merge-patch another kind's status (ModelServer), with the uid as precondition."""
+        result: dict[str, Any] = await self.request(
+            "PATCH",
+            path_of(kind, namespace, name, "status"),
+            body={"metadata": {"uid": uid}, "status": patch},
+            content_type=MERGE_PATCH,
+        )
+        return result
 
     async def post_event(
-        self, involved: Mapping[str, Any], type_: str, reason: str, message: str, name: str | None = None
+        self,
+        involved: Mapping[str, Any],
+        type_: str,
+        reason: str,
+        message: str,
+        name: str | None = None,
+        kind: str = KIND,
     ) -> None:
         """Create an Event; with `name` (events.event_name) a second post of it answers 409 AlreadyExists."""
         meta = involved.get("metadata") or {}
@@ -275,7 +310,7 @@ class KubeApi:
             },
             "involvedObject": {
                 "apiVersion": API_VERSION,
-                "kind": KIND,
+                "kind": kind,
                 "name": meta.get("name"),
                 "namespace": namespace,
                 "uid": meta.get("uid"),

@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from . import kube, ownership, policy, reconcile
+from . import kube, ownership, policy, pool, reconcile
 from .conditions import IDLE_PHASES
 from .context import Children, Context, owner_uid, snapshot
 from .observe import disrupted_pods
@@ -103,6 +103,7 @@ def index_child(body: Mapping[str, Any]) -> dict[str, Any] | None:
 
 async def on_job_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
     ctx = context(memo)
+    ctx.pools.kick_job(body)  # a job on a ModelServer: its pool registers, loads or unloads it
     if event_type == "DELETED":
         ctx.forget(str(body["metadata"]["uid"]))
         return
@@ -227,6 +228,7 @@ async def startup(memo: Any, kwargs: Mapping[str, Any]) -> None:
     ctx = context(memo)
     bind_indexes(ctx, kwargs)
     ctx.resync = asyncio.get_running_loop().create_task(resync_loop(ctx), name="finetune-resync")
+    ctx.pools.task = asyncio.get_running_loop().create_task(pool.run(ctx), name="finetune-pools")
 
 
 async def cleanup(memo: Any) -> None:
@@ -237,5 +239,10 @@ async def cleanup(memo: Any) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await ctx.resync
         ctx.resync = None
+    if ctx.pools.task is not None:
+        ctx.pools.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ctx.pools.task
+        ctx.pools.task = None
     if isinstance(ctx.api, kube.KubeApi):
         await ctx.api.close()

@@ -48,6 +48,14 @@ class _JobsCollector(Collector):
                 remaining.add_metric([policy, namespace], max(0.0, budget - spent))
         yield used
         yield remaining
+        loaded = GaugeMetricFamily(
+            "finetune_modelserver_loaded_adapters",
+            "Adapter versions loaded per ModelServer pod, as its adapter router reports",
+            labels=["namespace", "modelserver", "pod"],
+        )
+        for (namespace, server, pod), count in sorted(self.metrics.loaded_adapters.items()):
+            loaded.add_metric([namespace, server, pod], count)
+        yield loaded
 
 
 class Metrics:
@@ -58,6 +66,13 @@ class Metrics:
         self.gpu_hours_total: dict[str, float] = {}  # namespace → GPU-hours counted so far
         # (policy, namespace) → (GPU-hours used this month, gpuHoursPerMonth or None)
         self.budgets: dict[tuple[str, str], tuple[float, float | None]] = {}
+        self.loaded_adapters: dict[tuple[str, str, str], int] = {}  # (namespace, modelserver, pod) → count
+        self.adapter_load_seconds = Histogram(
+            "finetune_modelserver_adapter_load_seconds",
+            "Download and runtime load of one adapter version into one pod",
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry,
+        )
         self.stage_seconds = Histogram(
             "finetune_stage_duration_seconds",
             "Wall time of finished stages",

@@ -26,6 +26,10 @@ from .schema import (
     OUTPUT_OVERLAPS_DATA,
     OUTPUT_OVERLAPS_MODEL,
     QLORA_NEEDS_GPU,
+    SERVER_NEEDS_ADAPTER,
+    SERVER_NEEDS_ADAPTER_MODE,
+    SERVER_NEEDS_EVALUATION,
+    SERVER_NEEDS_MODEL_NAME,
     VLLM_MAX_LORA_RANK,
     SpecError,
     SpecModel,
@@ -91,6 +95,29 @@ __all__ = [
 ]
 
 
+# A job served on a ModelServer (issue 11): the checks that need only the job itself. Those that need the
+# ModelServer (same base model, rank <= maxLoraRank) run in the operator (pooljob.py), before any GPU.
+_SERVER_RULES = (
+    rule(
+        "!has(self.deployment) || has(self.deployment.server) == has(self.deployment.modelName)",
+        SERVER_NEEDS_MODEL_NAME,
+    ),
+    rule(
+        "!has(self.deployment) || !has(self.deployment.server) || !has(self.method) || self.method != 'full'",
+        SERVER_NEEDS_ADAPTER,
+    ),
+    rule(
+        "!has(self.deployment) || !has(self.deployment.server) || !has(self.deployment.mode) "
+        "|| self.deployment.mode != 'merged'",
+        SERVER_NEEDS_ADAPTER_MODE,
+    ),
+    rule(
+        "!has(self.deployment) || !has(self.deployment.server) || !has(self.evaluation) "
+        "|| !has(self.evaluation.enabled) || self.evaluation.enabled",
+        SERVER_NEEDS_EVALUATION,
+    ),
+)
+
 _SPEC_RULES = (
     rule(
         "!has(self.method) || self.method != 'qlora' || !has(self.resources) || !has(self.resources.gpus) "
@@ -110,6 +137,7 @@ _SPEC_RULES = (
         "&& has(self.method) && self.method == 'full')))",
         LORA_RANK_UNSERVABLE,
     ),
+    *_SERVER_RULES,
     rule(
         "!has(self.storage) || !has(self.storage.output) || !has(self.baseModel) "
         "|| !has(self.baseModel.uri) || !(self.storage.output + '/').startsWith("
@@ -199,6 +227,15 @@ class FineTuneJobSpec(SpecModel):
             raise ValueError(ADAPTER_NEEDS_PEFT)
         if self.lora.rank > VLLM_MAX_LORA_RANK and self.deployment.serves_adapter(self.method):
             raise ValueError(LORA_RANK_UNSERVABLE)
+        deployment = self.deployment
+        if (deployment.server is None) != (deployment.model_name is None):
+            raise ValueError(SERVER_NEEDS_MODEL_NAME)
+        if deployment.server is not None and self.method == "full":
+            raise ValueError(SERVER_NEEDS_ADAPTER)
+        if deployment.server is not None and deployment.mode == "merged":
+            raise ValueError(SERVER_NEEDS_ADAPTER_MODE)
+        if deployment.server is not None and not self.evaluation.enabled:
+            raise ValueError(SERVER_NEEDS_EVALUATION)
         if _under(self.storage.output, self.base_model.uri):
             raise ValueError(OUTPUT_OVERLAPS_MODEL)
         data = [self.dataset.train, self.dataset.validation, self.dataset.test]

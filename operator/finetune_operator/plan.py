@@ -35,6 +35,8 @@ class Observed:
     conflicts: Mapping[tuple[str, str], str] = field(default_factory=dict)
     # The FineTunePolicies selecting the job's namespace and that namespace's use (None: no policy applies).
     policy: PolicyView | None = None
+    # The ModelServer named by spec.deployment.server, as last seen (None: none, or not found).
+    server: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

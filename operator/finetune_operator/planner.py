@@ -13,7 +13,7 @@ from typing import Any
 
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
 
-from . import policy, serving
+from . import policy, pooljob, serving
 from .accounting import gpu_hours_spent, restarts
 from .conditions import TERMINAL_PHASES, ConditionType, Reason, short, timestamp
 from .config import ConfigError, OperatorConfig
@@ -155,6 +155,8 @@ class Pipeline(Planner):
         self.status["artifacts"] = {"runPrefix": self.job.run_prefix, **(self.status.get("artifacts") or {})}
         if not self.policy_allows():
             return
+        if not pooljob.prepare(self):  # a job on a ModelServer: the checks CEL cannot make
+            return
         try:
             for row in STAGES:
                 if not self.step(row):
@@ -165,7 +167,11 @@ class Pipeline(Planner):
 
     def artifacts(self) -> Artifacts:
         found = self.status.get("artifacts") or {}
-        return Artifacts(adapter=found.get("adapter"), merged=found.get("merged"))
+        return Artifacts(
+            adapter=found.get("adapter"),
+            merged=found.get("merged"),
+            champion=pooljob.champion_artifact(self.status),
+        )
 
     # --- FineTunePolicy (policy.py) -----------------------------------------------------------
 
@@ -206,7 +212,10 @@ class Pipeline(Planner):
         if row.stage is Stage.TRAIN and not self.training_started() and not self.policy_admits_training(row):
             return False
         if row.kind == "Deployment":
-            self.serve(row)
+            if self.job.spec.deployment.server:
+                pooljob.serve(self, row)  # a shared ModelServer instead of a Deployment of its own
+            else:
+                self.serve(row)
             return False
         outcome = self.run_job(row)
         if row.counts_gpu_hours:

@@ -12,6 +12,11 @@ RULES: tuple[dict[str, Any], ...] = (
     # Kopf lists and watches jobs; kube.patch_status writes their status. Nothing else on them.
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["list", "watch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
+    # ModelServers (issue 11): watched; their status written; their jobs listed (pool.py reads them per pass).
+    {"apiGroups": [GROUP], "resources": ["modelservers"], "verbs": ["list", "watch", "get"]},
+    {"apiGroups": [GROUP], "resources": ["modelservers/status"], "verbs": ["patch"]},
+    # A pool's desired adapters, mounted into its pods.
+    {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
     # Children, cached by watches. Create-or-adopt = create, then get on "already exists".
     # Jobs: suspend/resume by patch; never deleted by the operator (ownerReferences garbage-collect them).
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "get", "patch"]},

@@ -141,6 +141,7 @@ async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) ->
         disrupted=frozenset(record.disrupted),
         built=record.built,
         policy=view,
+        server=_server(ctx, namespace, parsed.spec),
     )
     planned = plan(observed, ctx.config)
     if view is not None and any(stage_of(m) is Stage.TRAIN for m in planned.create):
@@ -152,6 +153,12 @@ async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) ->
         await _wait_for_conflicts(ctx, record, observed, conflicts)
     if parsed.error is not None:
         log.info("%s/%s has an invalid spec: %s", namespace, name, parsed.error)
+
+
+def _server(ctx: Context, namespace: str, spec: Any) -> Mapping[str, Any] | None:
+    """The ModelServer a job names in spec.deployment.server, as last seen (issue 11)."""
+    name = spec.deployment.server if spec is not None else None
+    return ctx.pools.servers.get((namespace, name)) if name else None
 
 
 async def _wait_for_conflicts(

@@ -39,3 +39,4 @@ class Artifacts:
 
     adapter: str | None = None
     merged: str | None = None
+    champion: tuple[str, str] | None = None  # (name, adapter) serving the job's ModelServer model name

@@ -87,6 +87,16 @@ EXTRA_ARGS_REFUSED = (
     "--flag value, with values of letters, digits and ._:+-; flags that change the model, tokenizer, host, "
     "port, served names, LoRA modules or remote code, positional arguments and $(VAR) are refused"
 )
+SERVER_NEEDS_MODEL_NAME = "deployment.server and deployment.modelName are set together"
+SERVER_NEEDS_ADAPTER = (
+    "deployment.server serves LoRA adapters: method full produces no adapter (use lora or qlora, or serve "
+    "without a server)"
+)
+SERVER_NEEDS_ADAPTER_MODE = "deployment.server serves adapters: deployment.mode must be auto or adapter"
+SERVER_NEEDS_EVALUATION = (
+    "deployment.server promotes a version only when it is not worse than the one serving: evaluation.enabled "
+    "must be true"
+)
 VLLM_MAX_LORA_RANK = 512
 IMMUTABLE_FIELDS = ("baseModel", "dataset", "method", "lora", "hyperparameters")
 
@@ -108,6 +118,10 @@ RULE_FIELD = {
     THRESHOLD_METRIC_UNKNOWN: ".thresholds",
     PRIMARY_METRIC_UNKNOWN: ".primaryMetric",
     LORA_RANK_UNSERVABLE: ".lora.rank",
+    SERVER_NEEDS_MODEL_NAME: ".deployment.modelName",
+    SERVER_NEEDS_ADAPTER: ".method",
+    SERVER_NEEDS_ADAPTER_MODE: ".deployment.mode",
+    SERVER_NEEDS_EVALUATION: ".evaluation.enabled",
 }
 
 

@@ -9,6 +9,7 @@ from finetune_vocabulary.metrics import METRICS, MetricName
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, extra_args_problem
+from .modelnames import ModelName, model_name_problem
 from .schema import (
     EXTRA_ARGS_REFUSED,
     HTTP_URL_PATTERN,
@@ -338,6 +339,17 @@ class DeploymentSpec(SpecModel):
         "--flag=value or --flag value.",
     )
     resources: DeploymentResources | None = Field(default=None, description="CPU and memory per replica.")
+    # Issue 11: serve on a shared ModelServer pool instead of a Deployment of the job's own.
+    server: DNSSubdomain | None = Field(
+        default=None,
+        description="A ModelServer in this namespace to hot-load the adapter into (no Deployment of the "
+        "job's own); needs modelName and a LoRA/QLoRA method.",
+    )
+    model_name: ModelName | None = Field(
+        default=None,
+        description="Stable name on the ModelServer: requests for it get the promoted version "
+        "<modelName>-v<n> (docs/serving.md).",
+    )
 
     @field_validator("extra_args")
     @classmethod
@@ -347,6 +359,14 @@ class DeploymentSpec(SpecModel):
         if index is not None:
             raise ValueError(f"{EXTRA_ARGS_REFUSED} (refused: item {index}, {values[index]!r})")
         return args
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name_free(cls, name: str | None) -> str | None:
+        problem = model_name_problem(name) if name else None
+        if problem:
+            raise ValueError(problem)
+        return name
 
     def serves_adapter(self, method: str) -> bool:
         """Whether vLLM will load the tuned weights as a LoRA adapter (mode auto: for lora and qlora)."""

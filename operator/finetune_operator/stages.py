@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from finetune_vocabulary import steps
 
-from . import builders, serving
+from . import builders, pooljob, serving
 from .accounting import gpu_hours_estimate
 from .conditions import ConditionType, Reason, short
 from .config import OperatorConfig
@@ -200,11 +200,17 @@ def read_evaluation(p: Pipeline, outcome: JobOutcome) -> bool:
         "tuned": tuned or None,
         "base": base,
         "reference": metric_values(summary.get("reference")),
+        "champion": metric_values(summary.get("champion")),
+        "championVersion": summary.get("championName")
+        if isinstance(summary.get("championName"), str)
+        else None,
         "examples": summary.get("n") if isinstance(summary.get("n"), int) else None,
         "reasons": [short(r, 512) for r in result.reasons][:16],
         "summary": short(("passed: " if result.passed else "rejected: ") + brief, 64),
     }
     p.status["artifacts"]["evaluationReport"] = p.job.layout.evaluation_report
+    if result.passed and not pooljob.beats_champion(p, tuned, primary):
+        return False
     if result.passed:
         p.condition(ConditionType.EVALUATED, "True", Reason.GATE_PASSED, "; ".join(result.reasons))
         return True
@@ -274,7 +280,7 @@ STAGES: tuple[StageRow, ...] = (
     StageRow(
         Stage.EVALUATE,
         "Job",
-        _job(builders.evaluation_job),
+        pooljob.evaluation_job,  # builders.evaluation_job, plus the ModelServer's champion if any
         ConditionType.EVALUATED,
         Phase.EVALUATING,
         Reason.EVALUATING,

@@ -98,6 +98,12 @@ class EvaluationStatus(StatusModel):
     tuned: MetricValues | None = Field(default=None, description="Metrics of the tuned model.")
     base: MetricValues | None = Field(default=None, description="Metrics of the base model.")
     reference: MetricValues | None = Field(default=None, description="Metrics of the reference API model.")
+    champion: MetricValues | None = Field(
+        default=None,
+        description="Metrics of the version serving spec.deployment.modelName on the ModelServer when "
+        "evaluation began (champion/challenger), on the same held-out set.",
+    )
+    champion_version: str | None = Field(default=None, max_length=64, description="That version's name.")
     examples: Count | None = Field(default=None, description="Held-out examples scored.")
     reasons: list[Annotated[str, Field(max_length=512)]] | None = Field(
         default=None, max_length=16, description="Why the gate passed or failed, one line per check."
@@ -125,6 +131,27 @@ class EndpointStatus(StatusModel):
 
     url: StatusURI | None = Field(default=None, description="OpenAI-compatible base URL in the cluster.")
     model: str | None = Field(default=None, max_length=256, description="Model name to request.")
+
+
+class ChampionStatus(StatusModel):
+    """The version serving the model name when evaluation began."""
+
+    name: str = Field(max_length=64, description="<modelName>-v<n>.")
+    adapter: StatusURI = Field(description="Its adapter.")
+
+
+class ServingStatus(StatusModel):
+    """Serving on a ModelServer (spec.deployment.server)."""
+
+    server: str | None = Field(default=None, max_length=253, description="The ModelServer.")
+    model_name: str | None = Field(default=None, max_length=64, description="The stable model name.")
+    state: Literal["Accepted"] | None = Field(
+        default=None, description="Accepted: the gate and the champion comparison passed; the pool loads it."
+    )
+    champion: ChampionStatus | None = None
+    version: int | None = Field(default=None, ge=1, description="The version the pool assigned.")
+    version_name: str | None = Field(default=None, max_length=64, description="<modelName>-v<n>.")
+    serving: bool | None = Field(default=None, description="Whether the stable name serves this version now.")
 
 
 class PendingEvent(StatusModel):
@@ -155,6 +182,7 @@ class FineTuneJobStatus(StatusModel):
     evaluation: EvaluationStatus | None = None
     artifacts: ArtifactsStatus | None = None
     endpoint: EndpointStatus | None = None
+    serving: ServingStatus | None = None
     retries: int | None = Field(default=None, ge=0, le=1000, description="Transient failures retried so far.")
     start_time: datetime | None = Field(default=None, description="When the first stage started.")
     completion_time: datetime | None = Field(default=None, description="When the job reached a final phase.")

@@ -45,9 +45,7 @@ def test_crd_is_safe_for_server_side_and_client_side_apply(path) -> None:
 def test_crds_are_not_templates_so_upgrades_never_touch_them(helm: str) -> None:
     assert by_kind(render(helm), "CustomResourceDefinition") == []
     crds = by_kind(render(helm, include_crds=True), "CustomResourceDefinition")
-    assert [c["metadata"]["name"] for c in crds] == [
-        "finetunejobs.finetune.dev",
-        "finetunepolicies.finetune.dev",
-    ]
-    for crd in crds:
-        assert "helm.sh/resource-policy" not in (crd["metadata"].get("annotations") or {})
+    names = sorted(c["metadata"]["name"] for c in crds)
+    plurals = ("finetunejobs", "finetunepolicies", "modelservers")
+    assert names == [f"{plural}.finetune.dev" for plural in plurals]
+    assert all("helm.sh/resource-policy" not in (c["metadata"].get("annotations") or {}) for c in crds)

@@ -13,7 +13,9 @@ from finetune_operator.models import FineTuneJob, parse_finetunejob, spec_to_dic
 from localcluster.crdvalidation import CRDValidator
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-POLICY = "policy.yaml"  # a FineTunePolicy; every other example is a FineTuneJob
+POLICY = "policy.yaml"  # a FineTunePolicy
+SERVER = "model-server.yaml"  # a ModelServer and a FineTuneJob attached to it
+NOT_JOBS = (POLICY, SERVER)  # every other example is one FineTuneJob
 EXPECTED = {
     POLICY,
     "demo.yaml",
@@ -48,7 +50,7 @@ def test_the_expected_examples_exist() -> None:
     assert {p.name for p in EXAMPLES.glob("*.yaml")} >= EXPECTED
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name != POLICY))
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name not in NOT_JOBS))
 def test_example_is_accepted_by_models_and_crd(name: str, validator: CRDValidator) -> None:
     job = admitted(name, validator)
     assert job.metadata.name and len(job.metadata.name) <= 63
@@ -87,7 +89,7 @@ def test_kueue_example(validator: CRDValidator) -> None:
     assert spec.deployment.enabled is False
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name != POLICY))
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name not in NOT_JOBS))
 def test_trainer_accepts_the_stored_spec(name: str, validator: CRDValidator) -> None:
     """CONTRACT.md: the trainer gets `.spec` as the API server stores it; it must accept every example."""
     trainer_config = pytest.importorskip("finetune_trainer.config")
@@ -122,3 +124,16 @@ def test_policy_example_loads_and_refuses_what_it_says(validator: CRDValidator) 
     assert policy.violation(full, view) == (
         "denied by FineTunePolicy team-defaults: spec.resources.gpus 4 is more than maxGpusPerJob 2"
     )
+def test_model_server_example_is_a_pool_and_a_job_attached_to_it(validator: CRDValidator) -> None:
+    from finetune_operator.crdgen import MODELSERVER
+    from finetune_operator.models import parse_spec
+    from finetune_operator.modelserver_models import parse_modelserver_spec
+
+    server, job = yaml.safe_load_all((EXAMPLES / SERVER).read_text())
+    stored = CRDValidator(build_crd(MODELSERVER), "v1alpha1").admit(server)
+    pool = parse_modelserver_spec(stored["spec"])
+    spec = parse_spec(validator.admit(job)["spec"])
+    assert (
+        spec.deployment.server == server["metadata"]["name"] and spec.deployment.model_name == "support-bot"
+    )
+    assert spec.base_model.uri == pool.base_model.uri and spec.lora.rank <= pool.max_lora_rank

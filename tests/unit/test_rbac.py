@@ -76,6 +76,17 @@ async def _recorded_calls(aiohttp_port: int, server_calls: list[tuple[str, str, 
             {"metadata": {"name": "demo", "namespace": "team-a", "uid": UID}}, "Normal", "Validating", "hello"
         )
         assert await api.pod_log_tail("team-a", "demo-train-abc", "trainer", 5) == '{"event": "progress"}'
+        # The ModelServer pass (pool.py): its reads, its ConfigMap, its status.
+        await api.get("ModelServer", "team-a", "pool")
+        for kind in ("Deployment", "Service", "ConfigMap"):
+            await api.get(kind, "team-a", "pool-pool")
+        await api.list("Pod", "team-a", "finetune.dev/modelserver-uid=u")
+        await api.list("FineTuneJob", "team-a")
+        cm = {**manifest, "kind": "ConfigMap"}
+        await api.create_or_adopt(cm, UID)
+        await api.create_or_adopt(cm, UID)
+        await api.patch("ConfigMap", "team-a", "pool-pool", {"data": {}})
+        await api.patch_object_status("ModelServer", "team-a", "pool", {"readyReplicas": 1}, UID)
     finally:
         await api.close()
 

@@ -273,11 +273,20 @@ class ReferencePolicy(_Section):
     allow_plain_http_hosts: list[str] = Field(default_factory=list)
 
 
+class ChampionSpec(_Section):
+    """Set by the operator for a job served on a ModelServer: the adapter version serving its model name now,
+    scored on this job's held-out set too (champion/challenger)."""
+
+    name: str = Field(description="Its versioned name, e.g. support-bot-v3")
+    adapter: str = Field(description="URI of its committed adapter directory")
+
+
 class TrainerConfig(_Section):
     run_prefix: str = Field(description="Everything this run writes goes under this URI")
     job: JobRef = Field(default_factory=JobRef)
     spec: FineTuneSpec
     reference_policy: ReferencePolicy = Field(default_factory=ReferencePolicy)
+    champion: ChampionSpec | None = None
 
     @model_validator(mode="after")
     def _reference_endpoint_allowed(self) -> TrainerConfig:

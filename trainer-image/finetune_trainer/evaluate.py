@@ -267,6 +267,20 @@ def _adapter_disabled(model: Any) -> Iterator[Any]:
         yield model
 
 
+def score_champion(
+    model: Any, tokenizer: Any, examples: Sequence[Example], ev: Any, adapter_uri: str, dest: Path
+) -> tuple[dict[str, Any], list[str]]:
+    """The serving champion's adapter on the same base weights and prompts (champion/challenger)."""
+    manifest.download_committed(adapter_uri, dest)
+    model.load_adapter(str(dest), adapter_name="champion")
+    model.set_adapter("champion")
+    try:
+        return score_local("champion", model, tokenizer, examples, ev)
+    finally:
+        model.set_adapter("default")
+        model.delete_adapter("champion")
+
+
 def run(config: TrainerConfig) -> StageResult:
     from transformers import AutoModelForCausalLM
 
@@ -298,6 +312,10 @@ def run(config: TrainerConfig) -> StageResult:
         if ev.compare_to_base:
             with _adapter_disabled(tuned) as plain:
                 results["base"], answers["base"] = score_local("base", plain, tokenizer, examples, ev)
+        if config.champion is not None:
+            results["champion"], answers["champion"] = score_champion(
+                tuned, tokenizer, examples, ev, config.champion.adapter, workdir / "champion"
+            )
         del tuned, base
     elif manifest.is_committed(layout.merged):
         merged_dir = workdir / "merged"
@@ -331,6 +349,8 @@ def run(config: TrainerConfig) -> StageResult:
         "tuned": results["tuned"],
         "base": results.get("base"),
         "reference": results.get("reference"),
+        "champion": results.get("champion"),
+        "championName": config.champion.name if config.champion is not None else None,
         "n": len(examples),
     }
     out = workdir / "report"

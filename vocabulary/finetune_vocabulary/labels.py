@@ -14,3 +14,4 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_JOB_UID = f"{API_GROUP}/job-uid"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_SPEC_HASH = f"{API_GROUP}/spec-hash"
+LABEL_MODELSERVER_UID = f"{API_GROUP}/modelserver-uid"  # a ModelServer's pool children (issue 11)

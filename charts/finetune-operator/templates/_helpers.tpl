@@ -74,6 +74,17 @@ resource scanning off (no CRD or namespace reads), without Kopf's own Events, fi
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
+# ModelServers (shared vLLM pools): watched and read per pass; the operator writes their status.
+- apiGroups: ["finetune.dev"]
+  resources: ["modelservers"]
+  verbs: ["list", "watch", "get"]
+- apiGroups: ["finetune.dev"]
+  resources: ["modelservers/status"]
+  verbs: ["patch"]
+# A pool's desired adapters, mounted into its pods.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "create", "patch"]
 # Children, cached by watches; create-or-adopt = create, then get on "already exists".
 # Jobs: suspended/resumed by patch, never deleted (ownerReferences garbage-collect them).
 - apiGroups: ["batch"]

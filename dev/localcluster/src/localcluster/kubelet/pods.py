@@ -467,6 +467,13 @@ class PodWorker:
             process_env["KUBECONFIG"] = str(kubeconfig)  # in-cluster clients: the pod's own account
         process_env["LOCALCLUSTER_POD_IP"] = self.pod_ip
         process_env["LOCALCLUSTER_POD_NAMESPACE"] = self.namespace
+        # The pod's loopback: its containers reach each other's declared ports on 127.0.0.1 (podshim).
+        process_env["LOCALCLUSTER_POD_PORTS"] = ",".join(
+            str(port["containerPort"])
+            for c in self.pod["spec"].get("containers", [])
+            for port in c.get("ports") or []
+            if port.get("containerPort")
+        )
         process_env["LOCALCLUSTER_DNS_FILE"] = str(self.kubelet.dns_file)
         (self.dir / "home").mkdir(parents=True, exist_ok=True)
         working_dir = container.get("workingDir")

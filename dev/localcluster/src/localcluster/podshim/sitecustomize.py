@@ -2,6 +2,8 @@
 
 - Cluster DNS: `<svc>.<ns>.svc[.cluster.local]`, `<svc>.<ns>` and `<svc>` (the pod's namespace, as the
   resolv.conf search path does) resolve to the Service's loopback ClusterIP from the kubelet's DNS map file.
+- Pod loopback: a connection to 127.0.0.1/localhost on a port a container of the pod declares goes to the
+  pod's IP, where that container listens (containers of one pod share a network namespace in Kubernetes).
 - Pod IP: a server binding the wildcard address (0.0.0.0, "", ::) binds the pod's own loopback IP instead, so
   two pods listening on the same port do not clash, as they would not in real network namespaces.
 Only active when LOCALCLUSTER_DNS_FILE is set; anything else resolves and binds normally.
@@ -14,6 +16,7 @@ import socket
 _DNS_FILE = os.environ.get("LOCALCLUSTER_DNS_FILE")
 _POD_IP = os.environ.get("LOCALCLUSTER_POD_IP")
 _NAMESPACE = os.environ.get("LOCALCLUSTER_POD_NAMESPACE", "default")
+_POD_PORTS = frozenset(int(p) for p in os.environ.get("LOCALCLUSTER_POD_PORTS", "").split(",") if p.isdigit())
 _cache = {"mtime": None, "map": {}}
 
 
@@ -101,6 +104,21 @@ if _DNS_FILE:
                 address = (f"::ffff:{_POD_IP}", *address[1:])
         return _bind(self, address)
 
+    _connect = socket.socket.connect
+
+    def connect(self, address):
+        if (
+            _POD_IP
+            and _POD_PORTS
+            and isinstance(address, tuple)
+            and self.family == socket.AF_INET
+            and address[0] in ("127.0.0.1", "localhost")
+            and address[1] in _POD_PORTS
+        ):
+            address = (_POD_IP, *address[1:])
+        return _connect(self, address)
+
+    socket.socket.connect = connect
     socket.getaddrinfo = getaddrinfo
     socket.gethostbyname = gethostbyname
     socket.gethostbyname_ex = gethostbyname_ex

@@ -1,0 +1,56 @@
+"""The ModelServer queue (pool.py says how pools are queued): kicked pools, the ModelServers seen, and the
+background tasks of pool passes. Held by the Context; the Kopf handlers only kick."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune_vocabulary.labels import LABEL_MODELSERVER_UID
+
+
+@dataclass
+class PoolController:
+    """Kicked pools and the ModelServers seen, shared by the handlers (lives in the Context)."""
+
+    servers: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (ns, name) → body
+    by_uid: dict[str, tuple[str, str]] = field(default_factory=dict)
+    kicked: set[tuple[str, str]] = field(default_factory=set)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    running: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run `work` in the background, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(work)
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+
+    def kick(self, namespace: str, name: str) -> None:
+        self.kicked.add((namespace, name))
+        self.wake.set()
+
+    def seen(self, body: Mapping[str, Any], deleted: bool) -> None:
+        meta = body["metadata"]
+        key = (str(meta["namespace"]), str(meta["name"]))
+        if deleted:
+            self.servers.pop(key, None)
+            self.by_uid.pop(str(meta.get("uid")), None)
+        else:
+            self.servers[key] = {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")}
+            self.by_uid[str(meta.get("uid"))] = key
+        self.kick(*key)
+
+    def kick_pod(self, pod: Mapping[str, Any]) -> None:
+        uid = ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_MODELSERVER_UID)
+        key = self.by_uid.get(str(uid))
+        if key is not None:
+            self.kick(*key)
+
+    def kick_job(self, job: Mapping[str, Any]) -> None:
+        server = ((job.get("spec") or {}).get("deployment") or {}).get("server")
+        if server:
+            self.kick(str(job["metadata"]["namespace"]), str(server))

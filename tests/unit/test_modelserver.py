@@ -1,0 +1,175 @@
+"""ModelServer (issue 11): the API (pydantic, CEL-equivalent checks on FineTuneJob.spec.deployment.server) and
+the pure builders of the pool's Deployment, Service and ConfigMap."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from finetune_operator import crdgen
+from finetune_operator.config import load_config
+from finetune_operator.modelnames import parse_version, version_name
+from finetune_operator.models import parse_spec
+from finetune_operator.modelserver import (
+    ADMIN_PORT,
+    ROUTER_PORT,
+    PoolRef,
+    desired_state,
+    pool_deployment,
+    pool_name,
+    pool_service,
+    state_configmap,
+)
+from finetune_operator.modelserver_models import parse_modelserver_spec
+from finetune_operator.schema import SpecError
+
+from .ftj_factory import spec as ftj_spec
+
+CONFIG = load_config(env={})
+
+
+def pool(**spec: Any) -> PoolRef:
+    raw = {"baseModel": {"uri": "s3://models/tiny-llama"}, "gpus": 0, "gpuType": "cpu", **spec}
+    return PoolRef("team-a", "shared", "pool-uid", parse_modelserver_spec(raw))
+
+
+def containers(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in manifest["spec"]["template"]["spec"]["containers"]}
+
+
+# --- the API ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("deployment", "method", "field", "words"),
+    [
+        ({"server": "shared"}, "lora", "spec.deployment.modelName", "set together"),
+        ({"modelName": "bot"}, "lora", "spec.deployment.modelName", "set together"),
+        ({"server": "shared", "modelName": "bot"}, "full", "spec.method", "no adapter"),
+        (
+            {"server": "shared", "modelName": "bot", "mode": "merged"},
+            "lora",
+            "spec.deployment.mode",
+            "auto or",
+        ),
+        ({"server": "shared", "modelName": "bot-v2"}, "lora", "spec.deployment.modelName", "-v<digits>"),
+        ({"server": "shared", "modelName": "base"}, "lora", "spec.deployment.modelName", "'base'"),
+        ({"server": "shared", "modelName": "bot"}, "no-eval", "spec.evaluation.enabled", "not worse"),
+    ],
+)
+def test_a_job_on_a_server_is_refused_naming_the_field(
+    deployment: dict[str, Any], method: str, field: str, words: str
+) -> None:
+    raw = ftj_spec()
+    raw["deployment"] = deployment
+    raw["method"] = "lora" if method == "no-eval" else method
+    if method == "no-eval":
+        raw["evaluation"] = {**raw["evaluation"], "enabled": False}
+    with pytest.raises(SpecError) as error:
+        parse_spec(raw)
+    assert field in str(error.value) and words in str(error.value)
+
+
+def test_crd_carries_the_same_rules_as_cel() -> None:
+    ftj = crdgen.build_crd(crdgen.FINETUNEJOB)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    rules = {
+        r["fieldPath"] for r in ftj["properties"]["spec"]["x-kubernetes-validations"] if "fieldPath" in r
+    }
+    assert {".deployment.modelName", ".method", ".deployment.mode", ".evaluation.enabled"} <= rules
+    ms = crdgen.build_crd(crdgen.MODELSERVER)
+    assert ms["spec"]["names"]["shortNames"] == ["ms"] and ms["spec"]["names"]["categories"] == ["finetune"]
+    assert ms["spec"]["scope"] == "Namespaced"
+    columns = [c["name"] for c in ms["spec"]["versions"][0]["additionalPrinterColumns"]]
+    assert columns[:3] == ["Base model", "Ready", "Models"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ({"maxLoraRank": 12}, "maxLoraRank must be one of"),
+        ({"models": {"bot-v1": {"pin": 1}}}, "-v<digits>"),
+        ({"models": {"Bot": {"pin": 1}}}, "DNS labels"),
+        ({"extraArgs": ["--trust-remote-code"]}, "allow-listed"),
+        ({"maxLoras": 0}, "maxLoras"),
+    ],
+)
+def test_bad_modelserver_specs_are_refused(spec: dict[str, Any], words: str) -> None:
+    with pytest.raises(SpecError) as error:
+        parse_modelserver_spec({"baseModel": {"uri": "s3://models/tiny-llama"}, **spec})
+    assert words in str(error.value)
+
+
+def test_version_names_are_immutable_and_parse_back() -> None:
+    assert version_name("bot", 3) == "bot-v3"
+    assert parse_version("bot", "bot-v3") == 3
+    assert parse_version("bot", "bot-v3x") is None and parse_version("bo", "bot-v3") is None
+
+
+# --- builders --------------------------------------------------------------------------------------------
+
+
+def test_the_pool_runs_vllm_with_runtime_lora_on_loopback_behind_the_router() -> None:
+    manifest = pool_deployment(pool(replicas=2, maxLoras=6, maxLoraRank=16, maxModelLen=512), CONFIG)
+    assert manifest["spec"]["replicas"] == 2
+    vllm, router = containers(manifest)["vllm"], containers(manifest)["adapter-router"]
+    args = vllm["args"]
+    assert args[args.index("--host") + 1] == "127.0.0.1"  # only the router reaches vLLM
+    assert "--enable-lora" in args and args[args.index("--max-lora-rank") + 1] == "16"
+    assert args[args.index("--max-cpu-loras") + 1] == "6" and args[args.index("--max-loras") + 1] == "4"
+    assert args[args.index("--served-model-name") + 1] == "base"
+    assert {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"} in vllm["env"]
+    assert "readinessProbe" not in vllm  # readiness is the router's: every adapter loaded
+    assert router["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "admin"}
+    assert {p["containerPort"] for p in router["ports"]} == {ROUTER_PORT, ADMIN_PORT}
+    assert router["command"][-1] == "finetune_trainer.adapter_router"
+    assert "envFrom" not in router  # no credentialsSecret, no Secret reference
+    volumes = {v["name"]: v for v in manifest["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"] == {"name": "state", "configMap": {"name": "shared-pool"}}
+    init = manifest["spec"]["template"]["spec"]["initContainers"]
+    assert [c["args"][:2] for c in init] == [["fetch", "s3://models/tiny-llama"]]
+
+
+def test_the_pool_pods_are_restricted_and_credentials_go_by_reference() -> None:
+    manifest = pool_deployment(pool(credentialsSecret="s3-creds"), CONFIG)
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    for container in pod["containers"] + pod["initContainers"]:
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert containers(manifest)["adapter-router"]["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+    assert "envFrom" not in containers(manifest)["vllm"]  # s3 base model: fetched by the init container
+
+
+def test_the_service_exposes_only_the_router() -> None:
+    service = pool_service(pool(), CONFIG)
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}
+    ]
+    assert service["metadata"]["ownerReferences"][0]["kind"] == "ModelServer"
+    assert service["metadata"]["ownerReferences"][0]["controller"] is True
+
+
+def test_pins_do_not_roll_the_deployment_but_the_spec_does() -> None:
+    plain = pool_deployment(pool(), CONFIG)["metadata"]["annotations"]
+    pinned = pool_deployment(pool(models={"bot": {"pin": 1}}), CONFIG)["metadata"]["annotations"]
+    bigger = pool_deployment(pool(maxLoras=16), CONFIG)["metadata"]["annotations"]
+    assert plain == pinned and plain != bigger
+
+
+def test_the_configmap_holds_the_desired_state() -> None:
+    state = desired_state(
+        {"bot-v2": "s3://runs/b/adapter", "bot-v1": "s3://runs/a/adapter"}, {"bot": "bot-v2"}
+    )
+    data = json.loads(state_configmap(pool(), state)["data"]["state.json"])
+    assert data == {
+        "adapters": {"bot-v1": "s3://runs/a/adapter", "bot-v2": "s3://runs/b/adapter"},
+        "routes": {"bot": "bot-v2"},
+    }
+
+
+def test_pool_names_are_labels_and_collision_safe() -> None:
+    assert pool_name("shared") == "shared-pool"
+    long_a, long_b = "a" * 60, "a" * 61
+    assert len(pool_name(long_a)) <= 63 and pool_name(long_a) != pool_name(long_b)
+    assert pool_name("9.pools") != pool_name("9-pools")

@@ -1,0 +1,149 @@
+"""The ModelServer planner (modelserver_plan.py): version registry, promotion, pins, maxLoras, pushes to ready
+replicas, deleted jobs, and the status the job planner reads."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from finetune_operator.config import load_config
+from finetune_operator.modelserver import PoolRef
+from finetune_operator.modelserver_models import ModelServerStatus, parse_modelserver_spec
+from finetune_operator.modelserver_plan import PoolObserved, loaded_everywhere, plan_pool
+
+CONFIG = load_config(env={})
+NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
+
+
+def pool(**spec: Any) -> PoolRef:
+    raw = {"baseModel": {"uri": "s3://models/tiny-llama"}, "gpus": 0, "gpuType": "cpu", **spec}
+    return PoolRef("team-a", "shared", "pool-uid", parse_modelserver_spec(raw))
+
+
+def job(
+    name: str, *, accepted: bool = True, model: str = "bot", created: str = "2026-11-01T10:00:00Z"
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "uid": f"uid-{name}", "namespace": "team-a", "creationTimestamp": created},
+        "spec": {"deployment": {"server": "shared", "modelName": model}},
+        "status": {
+            "artifacts": {"adapter": f"s3://runs/{name}/adapter"},
+            "serving": {"state": "Accepted"} if accepted else {},
+        },
+    }
+
+
+def ready_pod(name: str, ip: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "status": {"phase": "Running", "podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+
+
+def observe(
+    jobs: list[dict[str, Any]],
+    status: dict[str, Any] | None = None,
+    replicas: dict[str, Any] | None = None,
+    pods: list[dict[str, Any]] | None = None,
+    **spec: Any,
+) -> PoolObserved:
+    return PoolObserved(
+        pool=pool(**spec),
+        status=status or {},
+        deployment=None,
+        service=None,
+        configmap=None,
+        pods=pods or [],
+        replicas=replicas or {},
+        jobs=jobs,
+        now=NOW,
+    )
+
+
+def test_an_accepted_job_gets_the_next_version_and_is_promoted_with_an_event() -> None:
+    plan = plan_pool(observe([job("a"), job("b", accepted=False)]), CONFIG)
+    model = plan.status["models"]["bot"]
+    assert [(v["name"], v["job"]) for v in model["versions"]] == [("bot-v1", "a")]
+    assert model["promoted"] == 1 and model["serving"] == 1 and model["lastVersion"] == 1
+    assert plan.state == {"adapters": {"bot-v1": "s3://runs/a/adapter"}, "routes": {"bot": "bot-v1"}}
+    assert plan.registry_changed
+    assert [(e.reason, e.job) for e in plan.events] == [("Promoted", "a")]
+    assert {m["kind"] for m in plan.create} == {"ConfigMap", "Service", "Deployment"}
+    ModelServerStatus.model_validate(plan.status)  # the status fits the CRD's schema
+
+
+def test_a_second_version_is_promoted_and_the_first_stays_loaded_for_rollback() -> None:
+    first = plan_pool(observe([job("a")]), CONFIG).status
+    plan = plan_pool(observe([job("a"), job("b")], first), CONFIG)
+    model = plan.status["models"]["bot"]
+    assert model["promoted"] == 2 and [v["name"] for v in model["versions"]] == ["bot-v1", "bot-v2"]
+    assert plan.state["adapters"].keys() == {"bot-v1", "bot-v2"} and plan.state["routes"] == {"bot": "bot-v2"}
+    assert "was bot-v1" in plan.events[0].message
+
+
+def test_version_numbers_are_never_reused_after_a_deletion() -> None:
+    status = plan_pool(observe([job("a")]), CONFIG).status
+    status = plan_pool(observe([job("a"), job("b")], status), CONFIG).status
+    status = plan_pool(observe([job("a")], status), CONFIG).status  # b deleted while promoted: kept
+    assert [v["name"] for v in status["models"]["bot"]["versions"]] == ["bot-v1", "bot-v2"]
+    plan = plan_pool(observe([job("a"), job("c")], status), CONFIG)
+    assert [v["name"] for v in plan.status["models"]["bot"]["versions"]] == ["bot-v1", "bot-v3"]
+    assert any(e.reason == "Unloaded" and "bot-v2" in e.message for e in plan.events)
+
+
+def test_a_deleted_jobs_version_is_unloaded_unless_promoted_or_pinned() -> None:
+    status = plan_pool(observe([job("a")]), CONFIG).status
+    status = plan_pool(observe([job("a"), job("b")], status), CONFIG).status
+    pinned = plan_pool(observe([job("b")], status, models={"bot": {"pin": 1}}), CONFIG)
+    assert "bot-v1" in pinned.state["adapters"] and pinned.state["routes"] == {"bot": "bot-v1"}
+    dropped = plan_pool(observe([job("b")], status), CONFIG)
+    assert dropped.state["adapters"].keys() == {"bot-v2"}
+    assert [e.reason for e in dropped.events] == [
+        "Unloaded"
+    ] and "stays at s3://runs/a/adapter" in dropped.events[0].message
+
+
+def test_a_pin_routes_the_stable_name_and_unpinning_returns_with_events() -> None:
+    status = plan_pool(observe([job("a")]), CONFIG).status
+    status = plan_pool(observe([job("a"), job("b")], status), CONFIG).status
+    pinned = plan_pool(observe([job("a"), job("b")], status, models={"bot": {"pin": 1}}), CONFIG)
+    assert pinned.state["routes"] == {"bot": "bot-v1"} and pinned.status["models"]["bot"]["pinned"] == 1
+    assert [e.reason for e in pinned.events] == ["RolledBack"]
+    back = plan_pool(observe([job("a"), job("b")], pinned.status), CONFIG)
+    assert back.state["routes"] == {"bot": "bot-v2"} and back.status["models"]["bot"]["pinned"] is None
+    assert [e.reason for e in back.events] == ["Unpinned"]
+
+
+def test_an_unknown_pin_is_a_warning_and_the_promoted_version_keeps_serving() -> None:
+    status = plan_pool(observe([job("a")]), CONFIG).status
+    plan = plan_pool(observe([job("a")], status, models={"bot": {"pin": 7}}), CONFIG)
+    assert plan.state["routes"] == {"bot": "bot-v1"}
+    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "PinUnknown")]
+
+
+def test_max_loras_unloads_the_least_recently_promoted_unpinned_versions_with_an_event() -> None:
+    status: dict[str, Any] = {}
+    names = ["a", "b", "c", "d"]
+    for i, _name in enumerate(names):
+        stamp = datetime(2026, 11, 1, 12, i, tzinfo=UTC)
+        jobs = [job(n) for n in names[: i + 1]]
+        observed = observe(jobs, status, maxLoras=2, models={"bot": {"pin": 1}} if i == 3 else None)
+        status = plan_pool(PoolObserved(**{**observed.__dict__, "now": stamp}), CONFIG).status
+    versions = {v["name"]: v for v in status["models"]["bot"]["versions"]}
+    # v1 pinned and v4 promoted fill maxLoras 2: v2 and v3 are unloaded, reasons recorded.
+    assert {n for n, v in versions.items() if v["loaded"]} == {"bot-v1", "bot-v4"}
+    assert "maxLoras 2" in versions["bot-v3"]["unloadedReason"]
+
+
+def test_only_ready_replicas_that_differ_get_the_state_pushed() -> None:
+    status = plan_pool(observe([job("a")]), CONFIG).status
+    pods = [ready_pod("p1", "10.0.0.1"), ready_pod("p2", "10.0.0.2"), ready_pod("p3", "10.0.0.3")]
+    replicas = {
+        "p1": {"ready": True, "loaded": {"bot-v1": "s3://runs/a/adapter"}, "routes": {"bot": "bot-v1"}},
+        "p2": {"ready": True, "loaded": {}, "routes": {}},
+        "p3": {"ready": False, "loaded": {}, "routes": {}},  # still loading from the ConfigMap
+    }
+    plan = plan_pool(observe([job("a")], status, replicas, pods), CONFIG)
+    assert plan.push == {"p2": "10.0.0.2"}
+    assert plan.status["readyReplicas"] == 1
+    assert loaded_everywhere(plan.status, "bot-v1") == (1, 2)

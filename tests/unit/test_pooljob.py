@@ -1,0 +1,161 @@
+"""A FineTuneJob served on a ModelServer (pooljob.py), driven through the pure job planner: checks CEL cannot
+make, the champion snapshot and comparison, and serving once the pool holds the adapter everywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import pytest
+from finetune_operator.naming import Stage
+from finetune_operator.plan import Observed, Plan
+
+from . import test_state
+from .ftj_factory import job
+from .test_state import TRAINED, World, _to_training
+
+SERVER = {"server": "shared", "modelName": "bot"}
+CHAMPION_ADAPTER = "s3://runs/out/older/model/adapter/"
+
+
+def server(
+    *, base: str = "s3://models/tiny-llama", rank: int = 64, status: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {
+        "metadata": {"name": "shared", "namespace": "team-a"},
+        "spec": {"baseModel": {"uri": base}, "maxLoraRank": rank},
+        "status": status or {},
+    }
+
+
+def champion_status() -> dict[str, Any]:
+    version = {"version": 1, "name": "bot-v1", "adapter": CHAMPION_ADAPTER, "jobUid": "other", "loaded": True}
+    return {"models": {"bot": {"versions": [version], "promoted": 1, "serving": 1, "lastVersion": 1}}}
+
+
+@pytest.fixture
+def pool_world(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """World.step with the ModelServer the job names (Observed.server)."""
+    holder: dict[str, Any] = {"server": None}
+    real = test_state.plan
+
+    def plan_with_server(observed: Observed, config: Any) -> Plan:
+        return real(dataclasses.replace(observed, server=holder["server"]), config)
+
+    monkeypatch.setattr(test_state, "plan", plan_with_server)
+    return holder
+
+
+def evaluated(tuned: float, champion: float | None) -> dict[str, Any]:
+    summary: dict[str, Any] = {"tuned": {"exact_match": tuned}, "base": {"exact_match": 0.0}, "n": 20}
+    if champion is not None:
+        summary |= {"champion": {"exact_match": champion}, "championName": "bot-v1"}
+    return {"stage": "evaluate", "exitCode": 0, "summary": summary}
+
+
+def a_job(**deployment: Any) -> Any:
+    return job(
+        deployment={**SERVER, **deployment},
+        evaluation={"metrics": ["exact_match"], "primaryMetric": "exact_match"},
+        lora={"rank": 16},
+    )
+
+
+@pytest.mark.parametrize(
+    ("pool", "field"),
+    [(server(base="s3://models/other"), "spec.baseModel.uri"), (server(rank=8), "spec.lora.rank")],
+)
+def test_a_job_the_server_cannot_serve_fails_before_any_stage_runs(
+    pool_world: dict[str, Any], pool: dict[str, Any], field: str
+) -> None:
+    pool_world["server"] = pool
+    world = World(a_job())
+    first = world.step()
+    assert world.status["phase"] == "Failed" and not first.create  # no Job, no GPU asked for
+    assert world.status["message"].startswith(f"{field}:")
+    assert world.condition["Validated"]["reason"] == "InvalidConfig"
+
+
+def test_the_evaluation_scores_the_champion_and_a_worse_job_is_rejected_naming_both(
+    pool_world: dict[str, Any],
+) -> None:
+    pool_world["server"] = server(status=champion_status())
+    world = World(a_job())
+    _to_training(world)
+    world.finish(Stage.TRAIN, TRAINED)
+    world.step()
+    evaluate = world.children[Stage.EVALUATE]
+    config = json.loads(evaluate["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"])
+    assert config["champion"] == {"name": "bot-v1", "adapter": CHAMPION_ADAPTER}
+    assert world.status["serving"]["champion"]["name"] == "bot-v1"
+    world.finish(Stage.EVALUATE, evaluated(0.4, 0.9))
+    world.step()
+    assert world.status["phase"] == "Rejected"
+    evaluation = world.status["evaluation"]
+    assert evaluation["champion"] == {"exact_match": 0.9} and evaluation["championVersion"] == "bot-v1"
+    assert evaluation["tuned"] and evaluation["base"] and evaluation["passed"] is False
+    message = world.condition["Evaluated"]["message"]
+    assert world.condition["Evaluated"]["reason"] == "NotBetterThanServing"
+    assert "0.4" in message and "0.9" in message and "bot-v1" in message
+    assert not any(c["kind"] == "Deployment" for c in world.children.values())
+
+
+def test_the_champion_is_frozen_once_the_evaluate_job_exists(pool_world: dict[str, Any]) -> None:
+    pool_world["server"] = server(status=champion_status())
+    world = World(a_job())
+    _to_training(world)
+    world.finish(Stage.TRAIN, TRAINED)
+    world.step()
+    newer = champion_status()
+    newer["models"]["bot"]["versions"].append({"version": 2, "name": "bot-v2", "adapter": "s3://x/adapter/"})
+    newer["models"]["bot"]["promoted"] = 2
+    pool_world["server"] = server(status=newer)
+    world.step()
+    assert world.status["serving"]["champion"]["name"] == "bot-v1"
+
+
+def test_a_better_job_is_accepted_and_serves_once_every_ready_replica_holds_it(
+    pool_world: dict[str, Any],
+) -> None:
+    pool_world["server"] = server(status=champion_status())
+    world = World(a_job())
+    _to_training(world)
+    world.finish(Stage.TRAIN, TRAINED)
+    world.step()
+    world.finish(Stage.EVALUATE, evaluated(0.9, 0.9))  # not worse is enough
+    world.step()
+    assert world.status["phase"] == "Deploying" and world.status["serving"]["state"] == "Accepted"
+    assert world.condition["Deployed"]["reason"] == "LoadingAdapter"
+    assert Stage.SERVE not in world.children and world.service is None  # no Deployment of its own
+
+    registered = champion_status()
+    model = registered["models"]["bot"]
+    mine = {"version": 2, "name": "bot-v2", "adapter": TRAINED["summary"]["adapter"], "jobUid": world.ref.uid}
+    model["versions"].append({**mine, "loaded": True})
+    model.update(promoted=2, serving=2, lastVersion=2)
+    registered["endpoint"] = "http://shared-pool.team-a.svc:8000/v1"
+    registered["replicas"] = [
+        {"pod": "p1", "ready": True, "loaded": ["bot-v1", "bot-v2"]},
+        {"pod": "p2", "ready": True, "loaded": ["bot-v1"]},
+    ]
+    pool_world["server"] = server(status=registered)
+    world.step()
+    assert world.status["phase"] == "Deploying" and "1/2 ready replicas" in world.status["message"]
+    registered["replicas"][1]["loaded"].append("bot-v2")
+    world.step()
+    assert world.status["phase"] == "Serving"
+    assert world.status["endpoint"] == {"url": "http://shared-pool.team-a.svc:8000/v1", "model": "bot"}
+    assert world.status["serving"]["versionName"] == "bot-v2" and world.status["serving"]["serving"] is True
+
+
+def test_a_job_waits_for_a_missing_server(pool_world: dict[str, Any]) -> None:
+    world = World(a_job())
+    _to_training(world)
+    world.finish(Stage.TRAIN, TRAINED)
+    world.step()
+    world.finish(Stage.EVALUATE, evaluated(0.9, None))
+    world.step()
+    assert world.status["phase"] == "Deploying"
+    assert world.condition["Deployed"]["reason"] == "ServerNotFound"
+    assert "ModelServer shared" in world.condition["Deployed"]["message"]
