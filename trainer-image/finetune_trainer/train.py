@@ -29,7 +29,7 @@ from typing import Any
 from . import batching, manifest, modeling, plots, storage
 from .checkpoints import CheckpointCallback, resume_checkpoint
 from .config import TrainerConfig
-from .exitcodes import InvalidDataError, PreemptedError
+from .exitcodes import InvalidConfigError, InvalidDataError, PreemptedError
 from .progress import ProgressCallback
 from .termination import StageResult, raise_if_preempted
 
@@ -93,6 +93,19 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def parallel_strategy(spec: Any) -> str:
+    """``ddp`` or ``fsdp`` with several ranks (``none`` with one). The operator resolves ``auto`` from the GPU
+    table and the model size before the pod starts; run by hand, ``auto`` shards full fine-tuning only."""
+    if world_size() <= 1:
+        return "none"
+    chosen = str(spec.hyperparameters.strategy)
+    if chosen == "auto":
+        chosen = "fsdp" if spec.method == "full" else "ddp"
+    if chosen == "fsdp" and spec.method == "qlora":
+        raise InvalidConfigError("hyperparameters.strategy: fsdp does not support method: qlora; use ddp")
+    return chosen
+
+
 def sft_config(
     config: TrainerConfig, device: modeling.Device, output_dir: Path, *, assistant_only: bool
 ) -> Any:
@@ -100,7 +113,7 @@ def sft_config(
 
     spec, hp = config.spec, config.spec.hyperparameters
     distributed = world_size() > 1
-    fsdp = spec.method == "full" and distributed
+    fsdp = parallel_strategy(spec) == "fsdp"
     return SFTConfig(
         output_dir=str(output_dir),
         # schedule
@@ -134,6 +147,8 @@ def sft_config(
         # several GPUs
         ddp_find_unused_parameters=False if distributed else None,
         fsdp="full_shard auto_wrap" if fsdp else "",
+        # checkpoints hold whole tensors gathered on rank 0: written once, resumable on any world size
+        fsdp_config={"state_dict_type": "FULL_STATE_DICT", "cpu_offload": False} if fsdp else None,
         # checkpoints (committed by CheckpointCallback) and logs (ProgressCallback)
         save_strategy="steps",
         save_steps=spec.checkpoint.every_steps,
