@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_vocabulary import distributed as vocab
+from finetune_vocabulary.exitcodes import ExitCode
 
 from .config import GpuType
 from .models import FineTuneJobSpec
@@ -167,11 +168,30 @@ def distribute(manifest: dict[str, Any], job: JobRef, plan: Parallelism) -> dict
         ]
         pod["subdomain"] = name
         spec.update(completionMode="Indexed", completions=plan.nodes, parallelism=plan.nodes)
+        spec["podFailurePolicy"] = _gang_failure_policy(spec["podFailurePolicy"])
     container["env"] = env
     pod["containers"] = [container, *pod["containers"][1:]]
     template["spec"] = pod
     spec["template"] = template
     return {**manifest, "metadata": meta, "spec": spec}
+
+
+def _gang_failure_policy(policy: Mapping[str, Any]) -> dict[str, Any]:
+    """A pod that stopped because its gang was disrupted (SIGTERM agreed by every rank: checkpoint committed,
+    exit PREEMPTED) does not spend the retry budget: only the disruption itself is the event (the evicted
+    pod, ignored by the DisruptionTarget rule), so one eviction counts as one retry."""
+    from .builders import TRAINER_CONTAINER
+
+    rules = list(policy["rules"])
+    preempted = {
+        "action": "Ignore",
+        "onExitCodes": {
+            "containerName": TRAINER_CONTAINER,
+            "operator": "In",
+            "values": [int(ExitCode.PREEMPTED)],
+        },
+    }
+    return {**policy, "rules": [rules[0], preempted, *rules[1:]]}
 
 
 def _with_strategy(config_json: str, strategy: str) -> str:

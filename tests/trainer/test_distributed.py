@@ -10,6 +10,7 @@ The figures (steps per second) are printed; they are noisy on a shared machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -189,7 +190,11 @@ def test_several_nodes_launch_a_static_rendezvous_at_rank_zero(monkeypatch: pyte
     monkeypatch.setenv("JOB_COMPLETION_INDEX", "1")
     launch = cli._distributed_launch("train", _config(gpus=4, nodes=2))
     assert launch == cli.Launch(nproc=4, nnodes=2, node_rank=1, master_addr="localhost", master_port=29500)
-    command = cli.torchrun_command(launch, ["train"])
+    with socket.socket() as store:  # node 1 waits until rank 0's store accepts connections
+        store.bind(("127.0.0.1", 0))
+        store.listen(1)
+        launch = dataclasses.replace(launch, master_port=store.getsockname()[1])
+        command = cli.torchrun_command(launch, ["train"])
     assert "--nnodes=2" in command and "--node-rank=1" in command and "--nproc-per-node=4" in command
     assert "--master-addr=127.0.0.1" in command  # resolved here, not by torch's C++ store
     assert cli._distributed_launch("evaluate", _config(gpus=4, nodes=2)) is None
@@ -210,6 +215,9 @@ def test_several_nodes_without_an_index_or_rank_zero_address_is_a_config_error(
         cli._distributed_launch("train", _config(gpus=1, nodes=2))
 
 
-def test_rank_zero_address_that_never_resolves_is_transient() -> None:
-    with pytest.raises(TransientError, match="did not resolve"):
+def test_rank_zero_that_never_resolves_or_listens_is_transient() -> None:
+    with pytest.raises(TransientError, match=r"no-such-host\.invalid not reachable"):
         cli.resolve_master("no-such-host.invalid", timeout=0.1)
+    port = _free_port()
+    with pytest.raises(TransientError, match=f"localhost:{port} not reachable"):
+        cli.resolve_master("localhost", timeout=0.1, port=port)

@@ -50,7 +50,14 @@ def test_several_nodes_make_an_indexed_job_whose_pods_find_rank_zero() -> None:
     assert env["FTJ_MASTER_ADDR"] == f"{name}-0.{name}" and env["FTJ_MASTER_PORT"] == "29500"
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
     # every pod of the run fails together: the same retry budget and failure policy as one pod
-    assert spec_["backoffLimit"] == 3 and spec_["podFailurePolicy"]["rules"][0]["action"] == "Ignore"
+    rules = spec_["podFailurePolicy"]["rules"]
+    assert spec_["backoffLimit"] == 3 and rules[0]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    # a rank that stopped because its gang was disrupted (checkpointed, exit 21) is not a second retry
+    assert rules[1] == {
+        "action": "Ignore",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [21]},
+    }
+    assert rules[2]["action"] == "FailJob"
     # the headless Service selects exactly the training pods and publishes them before they are Ready
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
     labels = spec_["template"]["metadata"]["labels"]

@@ -123,17 +123,25 @@ def _distributed_launch(stage: str, config: TrainerConfig) -> Launch | None:
     return Launch(nproc, nnodes, int(index), master, port)
 
 
-def resolve_master(host: str, timeout: float) -> str:
-    """Rank 0's IP address, waiting for its DNS record (a headless Service publishes a pod's name once the
-    pod exists). Resolved here, in Python, so torch's C++ store connects to an address."""
+def resolve_master(host: str, timeout: float, port: int | None = None) -> str:
+    """Rank 0's IP address, resolved here in Python (torch's C++ store then connects to an address).
+
+    Waits for the DNS record (a headless Service publishes a pod's name once the pod exists). With ``port``
+    (nodes other than 0) it also waits until rank 0's store accepts a connection, resolving again each
+    time: a replacement pod may briefly see the address of the previous attempt's rank 0.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return socket.gethostbyname(host)
+            address = socket.gethostbyname(host)
+            if port is None:
+                return address
+            with socket.create_connection((address, port), timeout=2):
+                return address
         except OSError as exc:
             if time.monotonic() >= deadline:
                 raise TransientError(
-                    f"rank 0's address {host} did not resolve in {timeout:.0f} s: {exc}"
+                    f"rank 0 at {host}{f':{port}' if port else ''} not reachable in {timeout:.0f} s: {exc}"
                 ) from None
             time.sleep(1.0)
 
@@ -148,10 +156,11 @@ def torchrun_command(launch: Launch, argv: list[str]) -> list[str]:
             os.environ.get(distributed.RENDEZVOUS_TIMEOUT_ENV) or distributed.DEFAULT_RENDEZVOUS_TIMEOUT_S
         )
         assert launch.master_addr is not None
+        port = launch.master_port if launch.node_rank else None  # rank 0 hosts the store itself
         where = [
             f"--nnodes={launch.nnodes}",
             f"--node-rank={launch.node_rank}",
-            f"--master-addr={resolve_master(launch.master_addr, timeout)}",
+            f"--master-addr={resolve_master(launch.master_addr, timeout, port)}",
             f"--master-port={launch.master_port}",
         ]
     return [
@@ -175,7 +184,9 @@ def launch_distributed(stage: str, launch: Launch, argv: list[str]) -> int:
     """
     with tempfile.TemporaryDirectory(prefix="ftj-launch-") as tmp:
         rank0_log = Path(tmp) / "termination.json"
-        env = {**os.environ, "FTJ_TERMINATION_LOG": str(rank0_log)}
+        # torchrun sets OMP_NUM_THREADS=1 only for several processes per pod; CPU ranks (gloo) sharing a host
+        # oversubscribe its cores without it, GPU ranks do not need more
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "FTJ_TERMINATION_LOG": str(rank0_log)}
         cmd = torchrun_command(launch, argv)
         log.info(
             "launching %d processes on node %d of %d",
