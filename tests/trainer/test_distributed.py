@@ -221,6 +221,39 @@ def test_fsdp_full_fine_tuning_on_two_ranks_matches_one_process(tmp_path: Path, 
     base_loss = _held_out_loss(toy_base_dir, Path(one[0]) / "data" / "test.jsonl")
     assert one[2] < base_loss  # training helped, so the comparison means something
     assert abs(fsdp[2] - one[2]) <= 0.01 * one[2], (fsdp[2], one[2])
+    # the FSDP checkpoint of step 5 resumed by 1 process (no FSDP) ends where the 1-process run ends
+    resumed_prefix = tmp_path / "resumed" / "bucket" / "run"
+    shutil.copytree(Path(fsdp[0]) / "data", resumed_prefix / "data")
+    shutil.copytree(
+        Path(fsdp[0]) / "checkpoints" / "step-00000005", resumed_prefix / "checkpoints" / "step-00000005"
+    )
+    config = toy_config(
+        str(resumed_prefix),
+        str(toy_base_dir),
+        method="full",
+        hyperparameters={"maxSteps": STEPS, "batchSize": GLOBAL_BATCH, "learningRate": 1e-3},
+        checkpoint={"everySteps": 5, "keep": 3},
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune_trainer", "train"],
+        env=_env(config, tmp_path / "resumed", FTJ_NPROC_PER_NODE="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "converted the FSDP checkpoint" in done.stdout + done.stderr
+    from safetensors.torch import load_file
+
+    a = load_file(str(resumed_prefix / "model" / "merged" / "model.safetensors"))
+    b = load_file(str(Path(one[0]) / "model" / "merged" / "model.safetensors"))
+    diff = max(float((a[k] - b[k]).abs().max()) for k in b)
+    moved = max(float((b[k] - load_file(str(toy_base_dir / "model.safetensors"))[k]).abs().max()) for k in b)
+    assert diff <= 1e-3 * moved, (diff, moved)
+    print(
+        f"resume FSDP 2 ranks -> 1 process at step 5 of {STEPS}: max |weight difference| {diff:.3g} vs the "
+        f"uninterrupted 1-process run (largest change from the base {moved:.3g})"
+    )
     print(
         f"fsdp-cpu full fine-tuning, {STEPS} steps of {GLOBAL_BATCH}: held-out loss 1 process {one[2]:.6f}, "
         f"2 FSDP ranks {fsdp[2]:.6f} (base {base_loss:.6f}); train {one[1]['runtimeSeconds']:.2f} s vs "

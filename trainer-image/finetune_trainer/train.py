@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import batching, manifest, modeling, plots, storage
-from .checkpoints import CheckpointCallback, resume_checkpoint
+from .checkpoints import CheckpointCallback, resume_checkpoint, without_fsdp
 from .config import TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError, PreemptedError
 from .progress import ProgressCallback
@@ -396,6 +396,8 @@ def run(config: TrainerConfig) -> StageResult:
     trainer.add_callback(ProgressCallback(tokens_seen, context=batching_info))
     with ranks.main_process_first():
         resume = resume_checkpoint(layout.checkpoints, workdir)
+        if resume and parallel_strategy(spec) != "fsdp":  # e.g. 2 FSDP nodes -> 1 GPU after a policy change
+            without_fsdp(resume[0])
     started = time.monotonic()
     train_output = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
     if checkpoint_cb.preempted:
