@@ -11,8 +11,9 @@ The recipe, top to bottom:
    the newest committed checkpoint;
 5. save: adapter (vLLM ``--lora-modules``), merged model when wanted, ``train/metrics.json`` + ``loss.png``.
 
-Several GPUs: the CLI relaunches this stage under torchrun; the Trainer then runs DDP (LoRA/QLoRA) or
-FSDP full-shard (full fine-tuning), and only rank 0 uploads.
+Several GPUs or nodes: the CLI relaunches this stage under torchrun; the Trainer then runs DDP or FSDP
+full-shard (``hyperparameters.strategy``, resolved by the operator; docs/distributed.md), every rank resumes
+from the same committed checkpoint, and only rank 0 writes checkpoints and outputs.
 """
 
 from __future__ import annotations
