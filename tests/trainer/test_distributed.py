@@ -316,3 +316,21 @@ def test_rank_zero_that_never_resolves_or_listens_is_transient() -> None:
     port = _free_port()
     with pytest.raises(TransientError, match=f"localhost:{port} not reachable"):
         cli.resolve_master("localhost", timeout=0.1, port=port)
+
+
+def test_fsdp_checkpoint_is_converted_for_a_run_without_fsdp(tmp_path: Path) -> None:
+    import torch
+    from finetune_trainer.checkpoints import without_fsdp
+
+    state = {"step": torch.tensor(5.0), "exp_avg": torch.ones(2), "exp_avg_sq": torch.ones(2)}
+    groups = [{"lr": 0.1, "params": ["a.weight", "b.weight"]}, {"lr": 0.1, "params": ["norm.weight"]}]
+    whole = {"state": {"b.weight": state, "norm.weight": state}, "param_groups": groups}
+    torch.save(whole, tmp_path / "optimizer.bin")
+    torch.save({}, tmp_path / "pytorch_model_fsdp.bin")
+    assert not without_fsdp(tmp_path)  # no model.safetensors: nothing a plain run could load
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert without_fsdp(tmp_path)
+    plain = torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    assert sorted(plain["state"]) == [1, 2] and [g["params"] for g in plain["param_groups"]] == [[0, 1], [2]]
+    assert not (tmp_path / "optimizer.bin").exists() and not (tmp_path / "pytorch_model_fsdp.bin").exists()
+    assert not without_fsdp(tmp_path)  # once
