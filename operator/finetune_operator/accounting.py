@@ -30,11 +30,14 @@ def gpu_hours_estimate(spec: FineTuneJobSpec, dataset: Mapping[str, Any], config
     tokens = float(dataset.get("trainTokens") or 0) * float(hyper.epochs)
     if hyper.max_steps:
         per_step = (
-            steps.examples_per_step(hyper.batch_size, hyper.gradient_accumulation_steps, gpus)
+            steps.examples_per_step(
+                hyper.batch_size, hyper.gradient_accumulation_steps, gpus * spec.resources.nodes
+            )
             * hyper.max_seq_length
         )
         tokens = min(tokens, float(hyper.max_steps) * per_step)
-    # Data parallel: each GPU processes tokensPerSecond, so GPU-hours do not depend on the GPU count.
+    # Data parallel: each GPU processes tokensPerSecond, so GPU-hours do not depend on the GPU count (nodes x
+    # gpus GPUs finish that many times sooner).
     return round(tokens / tokens_per_second / 3600, 3)
 
 
@@ -59,7 +62,9 @@ def gpu_hours_spent(observed: Observed, spec: FineTuneJobSpec) -> float:
     for stage in GPU_STAGES:
         job = observed.children.get(stage)
         if job and gpus:
-            total += _stage_hours(job, observed) * (gpus if stage is Stage.TRAIN else min(gpus, 1))
+            # training holds nodes x gpus GPUs; evaluation and export one
+            held = gpus * spec.resources.nodes if stage is Stage.TRAIN else min(gpus, 1)
+            total += _stage_hours(job, observed) * held
     previous = finite(observed.status.get("gpuHours")) or 0.0
     return max(previous, round(total, 2))
 

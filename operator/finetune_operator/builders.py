@@ -12,6 +12,7 @@ from finetune_vocabulary.exitcodes import PERMANENT_EXIT_CODES
 from finetune_vocabulary.images import TRAINER_ENTRYPOINT
 from finetune_vocabulary.labels import LABEL_QUEUE
 
+from . import distributed
 from .config import GpuType, OperatorConfig
 from .models import spec_to_dict
 from .naming import Stage
@@ -184,7 +185,7 @@ def training_job(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
         extra_spec["activeDeadlineSeconds"] = job.spec.active_deadline_seconds
     if resources.queue_name:
         extra_spec["suspend"] = True  # Kueue admits a queued Job by unsuspending it.
-    return _stage_job(
+    single = _stage_job(
         job,
         config,
         Stage.TRAIN,
@@ -195,6 +196,8 @@ def training_job(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
         extra_spec=extra_spec,
         extra_labels={LABEL_QUEUE: resources.queue_name} if resources.queue_name else None,
     )
+    # several GPUs or nodes: torchrun in each pod; an Indexed Job with one pod per node (distributed.py)
+    return distributed.distribute(single, job, distributed.parallelism(job.spec, gpu_type))
 
 
 def evaluation_job(job: JobRef, config: OperatorConfig) -> dict[str, Any]:

@@ -93,7 +93,8 @@ class Children:
             stage = stage_of(pod)
             if stage is not None:
                 pods.setdefault(stage, []).append(pod)
-        service = self.services[0] if self.services else None
+        # the serving Service (a multi-node training Job's headless Service is not it)
+        service = next((s for s in self.services if stage_of(s) is not Stage.TRAIN), None)
         return children, pods, service
 
 

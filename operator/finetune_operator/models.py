@@ -23,9 +23,11 @@ from .schema import (
     IMMUTABLE,
     IMMUTABLE_FIELDS,
     LORA_RANK_UNSERVABLE,
+    NODES_NEED_GPUS,
     OUTPUT_OVERLAPS_DATA,
     OUTPUT_OVERLAPS_MODEL,
     QLORA_NEEDS_GPU,
+    QLORA_NO_FSDP,
     SERVER_NEEDS_ADAPTER,
     SERVER_NEEDS_ADAPTER_MODE,
     SERVER_NEEDS_EVALUATION,
@@ -123,6 +125,17 @@ _SPEC_RULES = (
         "!has(self.method) || self.method != 'qlora' || !has(self.resources) || !has(self.resources.gpus) "
         "|| self.resources.gpus >= 1",
         QLORA_NEEDS_GPU,
+    ),
+    rule(
+        "!has(self.resources) || !has(self.resources.nodes) || self.resources.nodes <= 1 "
+        "|| ((!has(self.resources.gpus) || self.resources.gpus >= 1) "
+        "&& (!has(self.resources.gpuType) || self.resources.gpuType != 'cpu'))",
+        NODES_NEED_GPUS,
+    ),
+    rule(
+        "!has(self.method) || self.method != 'qlora' || !has(self.hyperparameters) "
+        "|| !has(self.hyperparameters.strategy) || self.hyperparameters.strategy != 'fsdp'",
+        QLORA_NO_FSDP,
     ),
     rule(
         "!has(self.deployment) || !has(self.deployment.mode) || self.deployment.mode != 'adapter' "
@@ -223,6 +236,10 @@ class FineTuneJobSpec(SpecModel):
     def _cross_field(self) -> FineTuneJobSpec:
         if self.method == "qlora" and self.resources.gpus < 1:
             raise ValueError(QLORA_NEEDS_GPU)
+        if self.resources.nodes > 1 and (self.resources.gpus < 1 or self.resources.gpu_type == "cpu"):
+            raise ValueError(NODES_NEED_GPUS)
+        if self.method == "qlora" and self.hyperparameters.strategy == "fsdp":
+            raise ValueError(QLORA_NO_FSDP)
         if self.deployment.mode == "adapter" and self.method == "full":
             raise ValueError(ADAPTER_NEEDS_PEFT)
         if self.lora.rank > VLLM_MAX_LORA_RANK and self.deployment.serves_adapter(self.method):

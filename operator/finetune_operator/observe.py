@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from finetune_vocabulary.distributed import COMPLETION_INDEX_ANNOTATION
 from finetune_vocabulary.metrics import METRICS
 
 from .builders import OOM_KILLED_EXIT_CODE, TRAINER_CONTAINER
@@ -112,8 +113,14 @@ def termination_of(pod: Mapping[str, Any], container: str = TRAINER_CONTAINER) -
     return None
 
 
+def _not_rank_zero(pod: Mapping[str, Any]) -> bool:
+    index = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+    return index is not None and index != "0"
+
+
 def _terminations(pods: Sequence[Mapping[str, Any]], phase: str) -> list[Termination]:
-    newest = sorted(pods, key=created, reverse=True)
+    # newest first, and index 0 (global rank 0) of a multi-node Job before its other pods
+    newest = sorted(sorted(pods, key=created, reverse=True), key=_not_rank_zero)
     ended = [p for p in newest if (p.get("status") or {}).get("phase") == phase]
     return [t for p in ended if (t := termination_of(p)) is not None]
 

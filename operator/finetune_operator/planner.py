@@ -13,7 +13,7 @@ from typing import Any
 
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
 
-from . import policy, pooljob, serving
+from . import distributed, policy, pooljob, serving
 from .accounting import gpu_hours_spent, restarts
 from .conditions import TERMINAL_PHASES, ConditionType, Reason, short, timestamp
 from .config import ConfigError, OperatorConfig
@@ -268,7 +268,19 @@ class Pipeline(Planner):
             self.suspended(row)
         else:
             self.running(row, condition_message=f"Job {manifest['metadata']['name']} is running")
+        if row.stage is Stage.TRAIN:
+            self.spread(manifest)
         self.out.create.append(manifest)
+
+    def spread(self, manifest: Mapping[str, Any]) -> None:
+        """Multi-GPU / multi-node training: say how it is spread; several nodes need the headless Service."""
+        gpu_type = self.config.gpu_type(self.job.spec.resources.gpu_type)
+        chosen = distributed.parallelism(self.job.spec, gpu_type)
+        if chosen.ranks > 1:
+            progress = self.status.get("progress") or {}
+            self.status["progress"] = {**progress, "parallelism": chosen.describe()}
+        if chosen.nodes > 1:
+            self.out.create.append(distributed.headless_service(self.job, manifest))
 
     def watch_job(self, row: StageRow, job: Mapping[str, Any]) -> None:
         """A Job that has not finished: follow spec.suspend and Kueue, report pod problems."""
@@ -289,10 +301,14 @@ class Pipeline(Planner):
             self.report_pods(row, name)
 
     def report_pods(self, row: StageRow, name: str) -> None:
-        problem = pod_problem(self.o.pods.get(row.stage, ()))
+        pods = self.o.pods.get(row.stage, ())
+        problem = pod_problem(pods)
+        nodes = self.job.spec.resources.nodes if row.stage is Stage.TRAIN else 1
         if problem is not None and problem.fatal:
             self.out.patch.append(ChildPatch("Job", name, {"spec": {"suspend": True}}))
             self.fail(row.stage, problem.reason, problem.message)
+        elif problem is not None and problem.reason is Reason.UNSCHEDULABLE and nodes > 1:
+            self.waiting(row, problem.reason, distributed.gang_message(pods, nodes, problem.message))
         elif problem is not None and row.running_messages is None:
             self.waiting(row, problem.reason, problem.message)
         else:

@@ -29,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from . import events, kube, policy
+from . import distributed, events, kube, policy
 from .builders import TRAINER_CONTAINER
 from .context import Context, JobRecord, resource_version, snapshot, stage_of
 from .naming import Stage
@@ -184,7 +184,9 @@ async def _read_progress(
     running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
     if not running:
         return None
-    newest = max(running, key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""))
+    # progress comes from global rank 0: index 0 of a multi-node Job (other ranks print no progress)
+    rank_zero = [p for p in running if distributed.completion_index(p) in (None, 0)] or running
+    newest = max(rank_zero, key=lambda p: str((p.get("metadata") or {}).get("creationTimestamp") or ""))
     text = await api.pod_log_tail(namespace, str(newest["metadata"]["name"]), TRAINER_CONTAINER, lines)
     return newest_progress(text)
 

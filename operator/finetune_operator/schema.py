@@ -72,6 +72,11 @@ BUCKET_LENGTH_MESSAGE = BUCKET_LENGTH_RULE["message"]
 # Cross-field rule messages (the same text from CEL and from the model validators).
 QLORA_NEEDS_GPU = "method qlora needs resources.gpus >= 1 (4-bit quantisation runs on GPUs only)"
 ADAPTER_NEEDS_PEFT = "deployment.mode adapter needs method lora or qlora"
+NODES_NEED_GPUS = (
+    "resources.nodes > 1 needs resources.gpus >= 1 on a GPU type (not gpuType cpu): a multi-node run is "
+    "one pod per GPU node"
+)
+QLORA_NO_FSDP = "hyperparameters.strategy fsdp does not support method qlora (4-bit weights); use ddp or auto"
 THRESHOLD_METRIC_UNKNOWN = "every threshold metric must be listed in evaluation.metrics"
 PRIMARY_METRIC_UNKNOWN = "evaluation.primaryMetric must be listed in evaluation.metrics"
 THRESHOLD_ONE_BOUND = "a threshold sets exactly one of min or max"
@@ -113,6 +118,8 @@ class SpecError(ValueError):
 RULE_FIELD = {
     QLORA_NEEDS_GPU: ".resources.gpus",
     ADAPTER_NEEDS_PEFT: ".deployment.mode",
+    NODES_NEED_GPUS: ".resources.nodes",
+    QLORA_NO_FSDP: ".hyperparameters.strategy",
     OUTPUT_OVERLAPS_MODEL: ".storage.output",
     OUTPUT_OVERLAPS_DATA: ".storage.output",
     THRESHOLD_METRIC_UNKNOWN: ".thresholds",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from finetune_vocabulary.distributed import MAX_NODES
 from finetune_vocabulary.metrics import METRICS, MetricName
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
@@ -35,6 +36,7 @@ ALL_METRICS: tuple[MetricName, ...] = METRICS
 Method = Literal["lora", "qlora", "full"]
 DatasetFormat = Literal["auto", "chat", "completion", "instruction"]
 DeploymentMode = Literal["auto", "adapter", "merged"]
+ParallelStrategy = Literal["auto", "ddp", "fsdp"]
 
 
 # ---------------------------------------------------------------------------------------------- spec
@@ -136,8 +138,8 @@ class HyperparametersSpec(SpecModel):
         ge=1,
         le=1024,
         description="Training examples per device per forward/backward pass. Examples per optimizer step = "
-        "batchSize * gradientAccumulationSteps * GPUs; optimizer steps = ceil(training examples / examples "
-        "per step) * epochs (or maxSteps), shown in status.progress.totalSteps.",
+        "batchSize * gradientAccumulationSteps * GPUs * nodes; optimizer steps = ceil(training examples / "
+        "examples per step) * epochs (or maxSteps), shown in status.progress.totalSteps.",
     )
     gradient_accumulation_steps: int = Field(
         default=1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step."
@@ -154,6 +156,12 @@ class HyperparametersSpec(SpecModel):
     )
     gradient_checkpointing: bool = Field(default=True, description="Trade compute for activation memory.")
     seed: int = Field(default=42, ge=0, le=2_147_483_647, description="Random seed.")
+    strategy: ParallelStrategy = Field(
+        default="auto",
+        description="With several GPUs or nodes: ddp (every rank holds the model) or fsdp (full-shard, "
+        "CPU offload off); auto picks ddp for lora/qlora and for full fine-tuning that fits one GPU of "
+        "resources.gpuType, else fsdp, and says why in status.progress.parallelism.",
+    )
 
 
 class Toleration(SpecModel):
@@ -190,6 +198,13 @@ class ResourcesSpec(SpecModel):
     """Compute for the training pod."""
 
     gpus: int = Field(default=1, ge=0, le=16, description="GPUs on one node; 0 trains on CPU.")
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_NODES,
+        description="Pods (nodes) training together, each with `gpus` GPUs: an Indexed Job and a headless "
+        "Service; GPU-hours count nodes x gpus.",
+    )
     gpu_type: DNSLabel = Field(default="a100-80gb", description="A key of the operator's GPU table.")
     cpu: Quantity | None = Field(default=None, description="CPU request and limit.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit.")

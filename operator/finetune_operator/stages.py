@@ -120,7 +120,7 @@ def planned_progress(spec: FineTuneJobSpec, dataset: Mapping[str, Any]) -> dict[
     hyper = spec.hyperparameters
     if not examples or hyper.packing:
         return None
-    ranks = max(1, spec.resources.gpus)
+    ranks = max(1, spec.resources.gpus) * spec.resources.nodes
     total = steps.total_steps(
         int(examples),
         hyper.batch_size,
@@ -181,7 +181,8 @@ def record_progress(p: Pipeline) -> None:
     if "step" in progress and progress.get("totalSteps"):
         progress["display"] = f"{progress['step']}/{progress['totalSteps']}"
     if progress:
-        p.status["progress"] = progress
+        spread = (p.status.get("progress") or {}).get("parallelism")
+        p.status["progress"] = progress | ({"parallelism": spread} if spread else {})
 
 
 def read_evaluation(p: Pipeline, outcome: JobOutcome) -> bool:

@@ -65,6 +65,12 @@ class ProgressStatus(StatusModel):
         default=None, description="Training examples per optimizer step (on average, when packed)."
     )
     packed_rows: Count | None = Field(default=None, description="Packed rows per epoch (packed batching).")
+    parallelism: str | None = Field(
+        default=None,
+        max_length=256,
+        description="How training is spread: one process, or ddp/fsdp over nodes x GPUs ranks, and why "
+        "(hyperparameters.strategy auto says what it chose).",
+    )
     display: str | None = Field(
         default=None,
         max_length=64,

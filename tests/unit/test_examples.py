@@ -23,6 +23,7 @@ EXPECTED = {
     "qlora-a100-40gb.yaml",
     "full-finetune-4xa100.yaml",
     "kueue-queued.yaml",
+    "multi-node-full-finetune-2x8xa100.yaml",
 }
 
 
@@ -81,6 +82,12 @@ def test_gpu_examples(validator: CRDValidator) -> None:
     assert qlora.method == "qlora" and qlora.resources.gpus == 1 and qlora.resources.gpu_type == "a100-40gb"
     full = admitted("full-finetune-4xa100.yaml", validator).spec
     assert full.method == "full" and full.resources.gpus == 4 and full.deployment.mode == "merged"
+
+
+def test_multi_node_example(validator: CRDValidator) -> None:
+    spec = admitted("multi-node-full-finetune-2x8xa100.yaml", validator).spec
+    assert spec.resources.nodes == 2 and spec.resources.gpus == 8 and spec.resources.queue_name
+    assert spec.method == "full" and spec.hyperparameters.strategy == "auto"
 
 
 def test_kueue_example(validator: CRDValidator) -> None:

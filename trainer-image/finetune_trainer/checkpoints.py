@@ -51,6 +51,38 @@ def resume_checkpoint(checkpoints_uri: str, workdir: Path) -> tuple[Path, int] |
     return local, int(step or 0)
 
 
+FSDP_FILES = ("pytorch_model_fsdp.bin", "optimizer.bin")  # accelerate's names for whole-tensor FSDP state
+
+
+def without_fsdp(local: Path) -> bool:
+    """Let a run without FSDP (one process, or DDP) resume an FSDP checkpoint (downloaded to ``local``).
+
+    The weights are also in ``model.safetensors``; FSDP's whole optimizer state, keyed by parameter name,
+    becomes the plain form keyed by position in the param groups (which list the same parameters in the same
+    order). The FSDP files are then removed from this local copy (the Trainer refuses them without FSDP).
+    True when converted."""
+    model, optimizer = (local / name for name in FSDP_FILES)
+    if not model.is_file() or not optimizer.is_file() or not (local / "model.safetensors").is_file():
+        return False
+    import torch
+
+    whole = torch.load(optimizer, map_location="cpu", weights_only=True)
+    names = [name for group in whole["param_groups"] for name in group["params"]]
+    position = {name: i for i, name in enumerate(names)}
+    plain = {
+        "state": {position[name]: state for name, state in whole["state"].items()},
+        "param_groups": [
+            {**group, "params": [position[name] for name in group["params"]]}
+            for group in whole["param_groups"]
+        ],
+    }
+    torch.save(plain, local / "optimizer.pt")
+    model.unlink()
+    optimizer.unlink()
+    log.info("converted the FSDP checkpoint %s for a run without FSDP", local.name)
+    return True
+
+
 def prune(checkpoints_uri: str, keep: int) -> list[str]:
     """Delete all but the ``keep`` newest committed checkpoints (manifest first, so none is half-visible)."""
     committed = sorted(manifest.find_committed(checkpoints_uri), key=lambda u: step_of(u) or -1)

@@ -2,8 +2,10 @@
 
 Each stage is ``finetune_trainer.<stage>.run(config) -> StageResult | dict`` (the summary), imported lazily so
 ``validate`` never loads torch. Every outcome becomes a contract exit code plus a termination message.
-With ``spec.resources.gpus > 1`` the ``train`` stage relaunches itself under ``torch.distributed.run`` and
-keeps rank 0's exit code (torchrun alone would turn every failure into exit code 1).
+With ``spec.resources.gpus > 1`` or ``nodes > 1`` the ``train`` stage relaunches itself under
+``torch.distributed.run`` (``gpus`` processes in this pod; with several nodes, node rank
+``JOB_COMPLETION_INDEX`` of a static c10d rendezvous at rank 0's pod, see finetune_vocabulary.distributed) and
+keeps its first process's exit code (torchrun alone would turn every failure into exit code 1).
 """
 
 from __future__ import annotations
@@ -14,15 +16,20 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune_vocabulary import distributed
+
 from . import __version__
 from .config import TrainerConfig, load_config
-from .exitcodes import ExitCode, InvalidConfigError, TrainerError, classify
+from .exitcodes import ExitCode, InvalidConfigError, TrainerError, TransientError, classify
 from .logs import setup_logging
 from .termination import StageResult, install_sigterm_handler, termination_log_path, write_termination_message
 
@@ -83,34 +90,118 @@ def run_stage(stage: str, config: TrainerConfig) -> StageResult:
     return _as_result(module.run(config))
 
 
-def _distributed_nproc(stage: str, config: TrainerConfig) -> int:
-    """How many processes to launch, or 0 to run in this process."""
+@dataclass(frozen=True)
+class Launch:
+    """How this pod takes part in a distributed run: ``nproc`` processes, node ``node_rank`` of ``nnodes``."""
+
+    nproc: int
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str | None = None
+    master_port: int = distributed.DEFAULT_MASTER_PORT
+
+
+def _distributed_launch(stage: str, config: TrainerConfig) -> Launch | None:
+    """How to launch ``stage`` under torchrun, or None to run it in this process."""
     if stage != "train" or "LOCAL_RANK" in os.environ:  # already inside torchrun
-        return 0
-    wanted = int(os.environ.get("FTJ_NPROC_PER_NODE", "0") or 0) or config.spec.resources.gpus
-    return wanted if wanted > 1 else 0
+        return None
+    env = os.environ
+    nproc = int(env.get(distributed.NPROC_PER_NODE_ENV, "0") or 0) or max(1, config.spec.resources.gpus)
+    nnodes = int(env.get(distributed.NNODES_ENV, "0") or 0) or config.spec.resources.nodes
+    if nproc * nnodes <= 1:
+        return None
+    if nnodes == 1:
+        return Launch(nproc)
+    master = env.get(distributed.MASTER_ADDR_ENV)
+    index = env.get(distributed.NODE_RANK_ENV)
+    if not master or index is None or not index.isdigit() or int(index) >= nnodes:
+        raise InvalidConfigError(
+            f"resources.nodes={nnodes}: each pod needs {distributed.MASTER_ADDR_ENV} and "
+            f"{distributed.NODE_RANK_ENV} < {nnodes} (an Indexed Job sets them); got {master!r}, {index!r}"
+        )
+    port = int(env.get(distributed.MASTER_PORT_ENV) or distributed.DEFAULT_MASTER_PORT)
+    return Launch(nproc, nnodes, int(index), master, port)
 
 
-def launch_distributed(stage: str, nproc: int, argv: list[str]) -> int:
-    """Run ``stage`` under torch.distributed.run; return rank 0's contract exit code.
+def resolve_master(host: str, timeout: float, port: int | None = None) -> str:
+    """Rank 0's IP address, resolved here in Python (torch's C++ store then connects to an address).
 
-    Rank 0 writes its termination message to a private file that this process copies to the real one.
-    SIGTERM is forwarded (torchrun passes it on to every worker, which checkpoints and exits 21).
+    Waits for the DNS record (a headless Service publishes a pod's name once the pod exists). With ``port``
+    (nodes other than 0) it also waits until rank 0's store accepts a connection, resolving again each
+    time: a replacement pod may briefly see the address of the previous attempt's rank 0.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            address = socket.gethostbyname(host)
+            if port is None:
+                return address
+            with socket.create_connection((address, port), timeout=2):
+                return address
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise TransientError(
+                    f"rank 0 at {host}{f':{port}' if port else ''} not reachable in {timeout:.0f} s: {exc}"
+                ) from None
+            time.sleep(1.0)
+
+
+def torchrun_command(launch: Launch, argv: list[str]) -> list[str]:
+    """``torch.distributed.run`` for one pod: standalone on one node, else a static c10d rendezvous at rank
+    0's pod with this pod's node rank (so global rank 0, which reports progress, runs on index 0)."""
+    if launch.nnodes == 1:
+        where = ["--standalone"]
+    else:
+        timeout = float(
+            os.environ.get(distributed.RENDEZVOUS_TIMEOUT_ENV) or distributed.DEFAULT_RENDEZVOUS_TIMEOUT_S
+        )
+        assert launch.master_addr is not None
+        port = launch.master_port if launch.node_rank else None  # rank 0 hosts the store itself
+        where = [
+            f"--nnodes={launch.nnodes}",
+            f"--node-rank={launch.node_rank}",
+            f"--master-addr={resolve_master(launch.master_addr, timeout, port)}",
+            f"--master-port={launch.master_port}",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *where,
+        f"--nproc-per-node={launch.nproc}",
+        "-m",
+        "finetune_trainer",
+        *argv,
+    ]
+
+
+def launch_distributed(stage: str, launch: Launch, argv: list[str]) -> int:
+    """Run ``stage`` under torch.distributed.run; return this pod's first process's contract exit code.
+
+    That process (local rank 0; global rank 0 on node 0) writes its termination message to a private file
+    that this process copies to the real one. SIGTERM is forwarded (torchrun passes it on to every worker,
+    which checkpoints and exits 21).
     """
     with tempfile.TemporaryDirectory(prefix="ftj-launch-") as tmp:
         rank0_log = Path(tmp) / "termination.json"
-        env = {**os.environ, "FTJ_TERMINATION_LOG": str(rank0_log)}
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "finetune_trainer",
-            *argv,
-        ]
-        log.info("launching %d processes", nproc, extra={"fields": {"event": "launch", "nproc": nproc}})
+        # torchrun sets OMP_NUM_THREADS=1 only for several processes per pod; CPU ranks (gloo) sharing a host
+        # oversubscribe its cores without it, GPU ranks do not need more
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "FTJ_TERMINATION_LOG": str(rank0_log)}
+        cmd = torchrun_command(launch, argv)
+        log.info(
+            "launching %d processes on node %d of %d",
+            launch.nproc,
+            launch.node_rank,
+            launch.nnodes,
+            extra={
+                "fields": {
+                    "event": "launch",
+                    "nproc": launch.nproc,
+                    "nnodes": launch.nnodes,
+                    "nodeRank": launch.node_rank,
+                }
+            },
+        )
         child = subprocess.Popen(cmd, env=env)
         previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
         try:
@@ -144,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             result = fetch(args.source, args.dest)
         else:
             config = load_config(args.config)
-            nproc = _distributed_nproc(stage, config)
-            if nproc:
-                return launch_distributed(stage, nproc, argv)
+            launch = _distributed_launch(stage, config)
+            if launch is not None:
+                return launch_distributed(stage, launch, argv)
             result = run_stage(stage, config)
     except BaseException as exc:
         if isinstance(exc, SystemExit | KeyboardInterrupt) and not isinstance(exc, TrainerError):

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune_vocabulary.distributed import MAX_NODES
 from finetune_vocabulary.layout import RunLayout
 from finetune_vocabulary.metrics import METRICS, MetricName, primary_metric
 from pydantic import (
@@ -153,6 +154,9 @@ class Hyperparameters(_Section):
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations to save memory")
     seed: int = Field(42, ge=0, description="Seed for data order, held-out split and initialisation")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="Data-parallel strategy with several ranks (the operator resolves auto)"
+    )
 
     @field_validator("max_steps")
     @classmethod
@@ -217,6 +221,7 @@ class EvaluationSpec(_Section):
 
 class ResourcesSpec(_Section):
     gpus: int = Field(1, ge=0, le=64, description="GPUs on one node; 0 = CPU only")
+    nodes: int = Field(1, ge=1, le=MAX_NODES, description="Pods (nodes) training together")
     gpu_type: str = "a100-80gb"
 
 

@@ -499,7 +499,7 @@ def download_file(uri: str, dest: str | os.PathLike[str]) -> Path:
     loc = parse(uri)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.part")
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.part")  # ranks sharing a workdir may race
     try:
         if loc.scheme == "s3":
             try:

@@ -93,9 +93,10 @@ def write_termination_message(
     summary: dict[str, Any] | None = None,
     path: Path | str | None = None,
 ) -> bytes:
-    """Write the termination message; on a distributed run only rank 0 writes. Returns what was written."""
+    """Write the termination message; on a distributed run only each pod's first process (local rank 0)
+    writes. Returns what was written."""
     data = build_termination_message(stage, code, message, summary)
-    if os.environ.get("RANK", "0") != "0":
+    if os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) != "0":
         return data
     target = Path(path) if path is not None else termination_log_path()
     try:

@@ -11,8 +11,9 @@ The recipe, top to bottom:
    the newest committed checkpoint;
 5. save: adapter (vLLM ``--lora-modules``), merged model when wanted, ``train/metrics.json`` + ``loss.png``.
 
-Several GPUs: the CLI relaunches this stage under torchrun; the Trainer then runs DDP (LoRA/QLoRA) or
-FSDP full-shard (full fine-tuning), and only rank 0 uploads.
+Several GPUs or nodes: the CLI relaunches this stage under torchrun; the Trainer then runs DDP or FSDP
+full-shard (``hyperparameters.strategy``, resolved by the operator; docs/distributed.md), every rank resumes
+from the same committed checkpoint, and only rank 0 writes checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from . import batching, manifest, modeling, plots, storage
-from .checkpoints import CheckpointCallback, resume_checkpoint
+from .checkpoints import CheckpointCallback, resume_checkpoint, without_fsdp
 from .config import TrainerConfig
-from .exitcodes import InvalidDataError, PreemptedError
+from .exitcodes import InvalidConfigError, InvalidDataError, PreemptedError
 from .progress import ProgressCallback
 from .termination import StageResult, raise_if_preempted
 
@@ -93,6 +94,19 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def parallel_strategy(spec: Any) -> str:
+    """``ddp`` or ``fsdp`` with several ranks (``none`` with one). The operator resolves ``auto`` from the GPU
+    table and the model size before the pod starts; run by hand, ``auto`` shards full fine-tuning only."""
+    if world_size() <= 1:
+        return "none"
+    chosen = str(spec.hyperparameters.strategy)
+    if chosen == "auto":
+        chosen = "fsdp" if spec.method == "full" else "ddp"
+    if chosen == "fsdp" and spec.method == "qlora":
+        raise InvalidConfigError("hyperparameters.strategy: fsdp does not support method: qlora; use ddp")
+    return chosen
+
+
 def sft_config(
     config: TrainerConfig, device: modeling.Device, output_dir: Path, *, assistant_only: bool
 ) -> Any:
@@ -100,7 +114,7 @@ def sft_config(
 
     spec, hp = config.spec, config.spec.hyperparameters
     distributed = world_size() > 1
-    fsdp = spec.method == "full" and distributed
+    fsdp = parallel_strategy(spec) == "fsdp"
     return SFTConfig(
         output_dir=str(output_dir),
         # schedule
@@ -134,6 +148,8 @@ def sft_config(
         # several GPUs
         ddp_find_unused_parameters=False if distributed else None,
         fsdp="full_shard auto_wrap" if fsdp else "",
+        # checkpoints hold whole tensors gathered on rank 0: written once, resumable on any world size
+        fsdp_config={"state_dict_type": "FULL_STATE_DICT", "cpu_offload": False} if fsdp else None,
         # checkpoints (committed by CheckpointCallback) and logs (ProgressCallback)
         save_strategy="steps",
         save_steps=spec.checkpoint.every_steps,
@@ -196,12 +212,42 @@ def lean_sft_trainer_class() -> type:
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            _fsdp_on_cpu(self)
+
         def floating_point_ops(self, inputs: dict[str, Any]) -> int:
             if self._non_embedding_parameters is None:
                 self._non_embedding_parameters = int(self.model.num_parameters(exclude_embeddings=True))
             return 6 * int(inputs["input_ids"].numel()) * self._non_embedding_parameters
 
     return LeanSFTTrainer
+
+
+def _fsdp_on_cpu(trainer: Any) -> None:
+    """Accelerate runs FSDP only on accelerators: on CPU ranks (gloo) it drops the plugin and runs DDP
+    without a word. torch's FSDP2 (``fully_shard``) does run on CPU, so the plugin is put back: the CPU
+    emulation then exercises the same sharded path, state dicts and checkpoints as the GPUs do."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    args, state = trainer.args, trainer.accelerator.state
+    if not args.fsdp_plugin_args or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+    def full_state_dict(model: Any, unwrap: bool = True) -> dict[str, Any]:
+        # accelerate's "offload to CPU" of a tensor already on the CPU keeps FSDP's gather buffer, which
+        # FSDP then frees: gather without offloading and copy the whole tensors out instead
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        gathered = get_model_state_dict(model, options=options)
+        return {k: v.detach().clone() for k, v in gathered.items()}
+
+    trainer.accelerator.get_state_dict = full_state_dict
 
 
 # --- outputs ------------------------------------------------------------------------------------------------
@@ -351,6 +397,8 @@ def run(config: TrainerConfig) -> StageResult:
     trainer.add_callback(ProgressCallback(tokens_seen, context=batching_info))
     with ranks.main_process_first():
         resume = resume_checkpoint(layout.checkpoints, workdir)
+        if resume and parallel_strategy(spec) != "fsdp":  # e.g. 2 FSDP nodes -> 1 GPU after a policy change
+            without_fsdp(resume[0])
     started = time.monotonic()
     train_output = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
     if checkpoint_cb.preempted:

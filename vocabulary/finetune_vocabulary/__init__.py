@@ -4,7 +4,8 @@
 - `exitcodes`: the trainer's exit codes (CONTRACT.md) and which of them no retry can fix;
 - `layout`: where a run's data, checkpoints, model and evaluation report live under its run prefix;
 - `labels`: the API group, label and annotation keys, and the field manager name;
-- `images`: which image runs which entrypoint.
+- `images`: which image runs which entrypoint;
+- `distributed`: how the pods of a multi-node training Job find each other (environment, hostnames).
 
 Pure Python without dependencies: the operator imports it without torch, the trainer without Kopf.
 """

@@ -1,8 +1,17 @@
 """batch/v1 Job controller with the semantics of kube-controller-manager 1.31+.
 
-Covers parallelism/completions (NonIndexed), backoffLimit, podFailurePolicy (onExitCodes, onPodConditions;
-FailJob/Ignore/Count), podReplacementPolicy (TerminatingOrFailed/Failed), activeDeadlineSeconds, suspend, and
-the condition sequence FailureTarget/SuccessCriteriaMet → Failed/Complete once no pod is terminating.
+Covers parallelism/completions (NonIndexed and Indexed), backoffLimit, backoffLimitPerIndex and
+maxFailedIndexes, podFailurePolicy (onExitCodes, onPodConditions; FailJob/Ignore/Count),
+podReplacementPolicy (TerminatingOrFailed/Failed), activeDeadlineSeconds, suspend, and the condition sequence
+FailureTarget/SuccessCriteriaMet → Failed/Complete once no pod is terminating.
+
+Indexed Jobs, as kube-controller-manager makes them: one pod per index not yet succeeded, named
+`<job>-<index>-<suffix>`, with the `batch.kubernetes.io/job-completion-index` annotation and label, the
+`JOB_COMPLETION_INDEX` variable (a fieldRef to the annotation) in every container, `hostname` `<job>-<index>`
+(with the template's `subdomain`, a headless Service gives it a DNS name); `status.completedIndexes` and
+`failedIndexes` in interval form; with `backoffLimitPerIndex` an index fails on its own (annotation
+`batch.kubernetes.io/job-index-failure-count` on its pods) and the Job fails once `maxFailedIndexes` is
+exceeded or every index has finished with some failed.
 Terminal pods are counted as they are observed (the informer delivers every transition in order), which plays
 the role of the real controller's job-tracking finalizers while the cluster runs.
 """
@@ -21,6 +30,24 @@ from .workqueue import WorkQueueController
 
 _ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 TERMINAL = ("Succeeded", "Failed")
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+INDEX_FAILURES_KEY = "batch.kubernetes.io/job-index-failure-count"
+
+
+def pod_index(pod: dict[str, Any]) -> int | None:
+    value = (pod["metadata"].get("annotations") or {}).get(INDEX_KEY)
+    return int(value) if isinstance(value, str) and value.isdigit() else None
+
+
+def intervals(indexes: set[int]) -> str:
+    """`0-2,5`: the form of status.completedIndexes and failedIndexes."""
+    out: list[str] = []
+    for i in sorted(indexes):
+        if out and out[-1].split("-")[-1] == str(i - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ",".join(out)
 
 
 def random_suffix(n: int = 5) -> str:
@@ -101,6 +128,8 @@ class JobController(WorkQueueController):
         self.fail_job: dict[str, str] = {}  # job uid → PodFailurePolicy message
         self.controller_deleted: dict[str, set[str]] = {}  # pods we deleted (suspend/finish): not failures
         self.expected: dict[str, dict[str, float]] = {}  # job uid → pod names created, not yet observed
+        self.expected_index: dict[str, dict[str, int]] = {}  # job uid → pod name → index (Indexed Jobs)
+        self.index_of: dict[str, dict[str, int]] = {}  # job uid → pod uid → completion index
         jobs.add_handler(self._on_job)
         pods.add_handler(self._on_pod)
 
@@ -108,7 +137,14 @@ class JobController(WorkQueueController):
     def _on_job(self, kind: str, job: dict[str, Any]) -> None:
         if kind == "DELETED":
             uid = job["metadata"]["uid"]
-            for store in (self.finished, self.fail_job, self.controller_deleted, self.expected):
+            for store in (
+                self.finished,
+                self.fail_job,
+                self.controller_deleted,
+                self.expected,
+                self.expected_index,
+                self.index_of,
+            ):
                 store.pop(uid, None)
             return
         self.enqueue(object_key(job))
@@ -132,6 +168,10 @@ class JobController(WorkQueueController):
         expected = self.expected.get(job_uid)
         if expected:
             expected.pop(meta["name"], None)
+        self.expected_index.get(job_uid, {}).pop(meta["name"], None)
+        index = pod_index(pod)
+        if index is not None:
+            self.index_of.setdefault(job_uid, {})[meta["uid"]] = index
         phase = pod.get("status", {}).get("phase")
         record = self.finished.setdefault(job_uid, {})
         if meta["uid"] not in record:
@@ -182,11 +222,20 @@ class JobController(WorkQueueController):
         for pod_name, when in list(expected.items()):
             if now - when > 30 or self.pods.get(namespace, pod_name) is not None:
                 expected.pop(pod_name)
+        expected_index = self.expected_index.get(uid, {})
+        for pod_name in [n for n in expected_index if n not in expected]:
+            expected_index.pop(pod_name)
         succeeded = sum(1 for v in record.values() if v == "succeeded")
         failed = sum(1 for v in record.values() if v == "failed")
         completions = spec.get("completions")
         parallelism = spec.get("parallelism", 1)
         finished = _is_true(status, "Complete") or _is_true(status, "Failed")
+        indexed = spec.get("completionMode") == "Indexed"
+        done_indexes, failed_indexes, index_failures = self._index_outcomes(job, record, indexed)
+        if indexed:
+            for field, value in (("completedIndexes", done_indexes), ("failedIndexes", failed_indexes)):
+                if value or field in status:
+                    status[field] = intervals(value)
         events: list[tuple[str, str, str]] = []
 
         if finished:
@@ -209,10 +258,19 @@ class JobController(WorkQueueController):
             target_reason = (cond.get("reason"), cond.get("message"))
         success = _is_true(status, "SuccessCriteriaMet")
 
+        per_index = spec.get("backoffLimitPerIndex") is not None
         if not target_reason and not success:
+            max_failed = spec.get("maxFailedIndexes")
             if uid in self.fail_job:
                 target_reason = ("PodFailurePolicy", self.fail_job[uid])
-            elif failed > int(spec.get("backoffLimit", 6)):
+            elif per_index and max_failed is not None and len(failed_indexes) > int(max_failed):
+                target_reason = (
+                    "MaxFailedIndexesExceeded",
+                    "Job has exceeded the specified maximal number of failed indexes",
+                )
+            elif per_index and failed_indexes and len(failed_indexes | done_indexes) >= int(completions or 0):
+                target_reason = ("FailedIndexes", "Job has failed indexes")
+            elif not per_index and failed > int(spec.get("backoffLimit", 6)):
                 target_reason = ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
             elif not suspended and spec.get("activeDeadlineSeconds") is not None and status.get("startTime"):
                 start = _parse_time(status["startTime"]) or now
@@ -221,7 +279,8 @@ class JobController(WorkQueueController):
                     target_reason = ("DeadlineExceeded", "Job was active longer than specified deadline")
                 else:
                     self.enqueue_after(key, remaining + 0.05)
-            if (not target_reason and completions is not None and succeeded >= int(completions)) or (
+            complete_count = len(done_indexes) if indexed else succeeded
+            if (not target_reason and completions is not None and complete_count >= int(completions)) or (
                 not target_reason and completions is None and succeeded > 0 and not active
             ):
                 success = True
@@ -283,7 +342,7 @@ class JobController(WorkQueueController):
                     self.enqueue_after(key, float(spec["activeDeadlineSeconds"]) + 0.05)
             wanted = int(parallelism)
             if completions is not None:
-                wanted = min(wanted, int(completions) - succeeded)
+                wanted = min(wanted, int(completions) - (len(done_indexes) if indexed else succeeded))
             elif succeeded > 0:
                 wanted = 0
             replacement = spec.get("podReplacementPolicy") or (
@@ -296,11 +355,27 @@ class JobController(WorkQueueController):
             if len(active) > wanted:
                 extra = sorted(active, key=lambda p: p["metadata"].get("creationTimestamp", ""))[wanted:]
                 await self._delete_pods(job, extra)
-            for _ in range(to_create):
-                created = await self._create_pod(job)
+            plan: list[int | None] = [None] * to_create
+            if indexed:
+                taken = set(self.expected_index.get(uid, {}).values())
+                for pod in active + (terminating if replacement == "Failed" else []):
+                    if (i := pod_index(pod)) is not None:
+                        taken.add(i)
+                free = [
+                    i
+                    for i in range(int(completions or 0))
+                    if i not in taken and i not in done_indexes and i not in failed_indexes
+                ]
+                plan = list(free[: max(0, int(parallelism) - len(taken))])
+            for index in plan:
+                created = await self._create_pod(
+                    job, index, index_failures.get(index, 0) if index is not None else 0
+                )
                 if created:
                     if self.pods.get(namespace, created) is None:  # not yet seen through the watch
                         expected[created] = time.time()
+                        if index is not None:
+                            self.expected_index.setdefault(uid, {})[created] = index
                     else:
                         active.append(self.pods.get(namespace, created) or {})
                     events.append(("Normal", "SuccessfulCreate", f"Created pod: {created}"))
@@ -314,6 +389,26 @@ class JobController(WorkQueueController):
         )
         for event in events:
             await self.recorder.emit(job, *event)
+
+    def _index_outcomes(
+        self, job: dict[str, Any], record: dict[str, str], indexed: bool
+    ) -> tuple[set[int], set[int], dict[int, int]]:
+        """(succeeded indexes, failed indexes, failures per index) of an Indexed Job."""
+        if not indexed:
+            return set(), set(), {}
+        index_of = self.index_of.get(job["metadata"]["uid"], {})
+        done, failures = set(), {}
+        for pod_uid, outcome in record.items():
+            index = index_of.get(pod_uid)
+            if index is None:
+                continue
+            if outcome == "succeeded":
+                done.add(index)
+            elif outcome == "failed":
+                failures[index] = failures.get(index, 0) + 1
+        limit = job["spec"].get("backoffLimitPerIndex")
+        failed = {i for i, n in failures.items() if limit is not None and n > int(limit)} - done
+        return done, failed, failures
 
     async def _expire_after_ttl(self, job: dict[str, Any], key: str, status: dict[str, Any]) -> None:
         """The TTL-after-finished controller: delete a finished Job (and, in the background, its pods)."""
@@ -333,7 +428,9 @@ class JobController(WorkQueueController):
             JOBS.path(meta["namespace"], meta["name"]), uid=meta["uid"], propagation="Background"
         )
 
-    async def _create_pod(self, job: dict[str, Any]) -> str | None:
+    async def _create_pod(
+        self, job: dict[str, Any], index: int | None = None, index_failures: int = 0
+    ) -> str | None:
         meta = job["metadata"]
         template = copy.deepcopy(job["spec"].get("template") or {})
         pod_meta = template.get("metadata") or {}
@@ -343,14 +440,26 @@ class JobController(WorkQueueController):
         labels.setdefault("batch.kubernetes.io/job-name", meta["name"])
         labels.setdefault("job-name", meta["name"])
         annotations = dict(pod_meta.get("annotations") or {})
+        prefix = meta["name"][:57]
+        pod_spec = template.get("spec") or {}
+        if index is not None:
+            prefix = f"{meta['name']}-{index}"[:57]
+            annotations[INDEX_KEY] = labels[INDEX_KEY] = str(index)
+            if job["spec"].get("backoffLimitPerIndex") is not None:
+                annotations[INDEX_FAILURES_KEY] = str(index_failures)
+            pod_spec.setdefault("hostname", f"{meta['name']}-{index}"[:63])
+            ref = {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_KEY}']"}}
+            for container in (pod_spec.get("containers") or []) + (pod_spec.get("initContainers") or []):
+                env = [e for e in container.get("env") or [] if e.get("name") != "JOB_COMPLETION_INDEX"]
+                container["env"] = [*env, {"name": "JOB_COMPLETION_INDEX", "valueFrom": ref}]
         for _ in range(5):
-            name = f"{meta['name'][:57]}-{random_suffix()}"
+            name = f"{prefix}-{random_suffix()}"
             body = {
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {
                     "name": name,
-                    "generateName": f"{meta['name']}-",
+                    "generateName": f"{prefix}-",
                     "namespace": meta["namespace"],
                     "labels": labels,
                     "annotations": annotations,
@@ -365,7 +474,7 @@ class JobController(WorkQueueController):
                         }
                     ],
                 },
-                "spec": template.get("spec") or {},
+                "spec": pod_spec,
             }
             try:
                 await self.client.create(PODS.path(meta["namespace"]), body)

@@ -2,7 +2,8 @@
 
 Each Service gets a local ClusterIP (127.2.x.y) with a TCP proxy per port to its ready endpoints
 (podIP:targetPort), a DNS map for pods (`<svc>.<ns>.svc[.cluster.local]`, see podshim/sitecustomize.py) and an
-entry in `<workdir>/services.json` for the host."""
+entry in `<workdir>/services.json` for the host. A headless Service (clusterIP None) has no proxy: its name
+resolves to its pods' IPs, and `<hostname>.<svc>` to each pod that sets `hostname` and `subdomain: <svc>`."""
 
 from __future__ import annotations
 
@@ -165,6 +166,32 @@ class ServiceController:
                 out.append((pod["status"]["podIP"], target))
         return sorted(out)
 
+    def _headless_records(self, svc: dict[str, Any], fqdn: str) -> dict[str, list[str]]:
+        """The Service name → its endpoints' IPs (ready ones, or every live one with
+        publishNotReadyAddresses), and `<hostname>.<service>.<ns>.svc.cluster.local` → the pod's IP for
+        each such pod whose `subdomain` is the Service (as CoreDNS answers for a headless Service)."""
+        meta, spec = svc["metadata"], svc.get("spec", {})
+        selector = spec.get("selector") or {}
+        not_ready_too = bool(spec.get("publishNotReadyAddresses"))
+        records: dict[str, list[str]] = {fqdn: []}
+        for pod in self.pods.values():
+            status = pod.get("status", {})
+            if pod["metadata"].get("namespace") != meta["namespace"] or not _selects(selector, pod):
+                continue
+            live = (
+                status.get("podIP")
+                and status.get("phase") not in ("Succeeded", "Failed")
+                and not pod["metadata"].get("deletionTimestamp")
+            )
+            if not (_pod_ready(pod) or (not_ready_too and live)):
+                continue
+            records[fqdn].append(status["podIP"])
+            pod_spec = pod.get("spec", {})
+            if pod_spec.get("hostname") and pod_spec.get("subdomain") == meta["name"]:
+                records[f"{pod_spec['hostname']}.{fqdn}"] = [status["podIP"]]
+        records[fqdn] = sorted(set(records[fqdn]))
+        return records
+
     def service_env(self, namespace: str) -> dict[str, str]:
         """Docker-link style variables (FOO_SERVICE_HOST, FOO_SERVICE_PORT, …) for enableServiceLinks."""
         env: dict[str, str] = {}
@@ -216,17 +243,8 @@ class ServiceController:
             fqdn = f"{meta['name']}.{meta['namespace']}.svc.cluster.local"
             ports = [p for p in spec.get("ports") or [] if (p.get("protocol") or "TCP") == "TCP"]
             if ip is None:
-                if spec.get("clusterIP") == "None":  # headless: DNS answers with the ready pod IPs
-                    selector = spec.get("selector") or {}
-                    dns[fqdn] = sorted(
-                        {
-                            p["status"]["podIP"]
-                            for p in self.pods.values()
-                            if p["metadata"].get("namespace") == meta["namespace"]
-                            and _selects(selector, p)
-                            and _pod_ready(p)
-                        }
-                    )
+                if spec.get("clusterIP") == "None":  # headless: DNS answers with the pod IPs
+                    dns.update(self._headless_records(svc, fqdn))
                 continue
             seen.add(key)
             dns[fqdn] = [ip]

@@ -1,7 +1,9 @@
 """Loaded by every Python process the local kubelet starts (PYTHONPATH): emulates the pod network.
 
 - Cluster DNS: `<svc>.<ns>.svc[.cluster.local]`, `<svc>.<ns>` and `<svc>` (the pod's namespace, as the
-  resolv.conf search path does) resolve to the Service's loopback ClusterIP from the kubelet's DNS map file.
+  resolv.conf search path does) resolve to the Service's loopback ClusterIP from the kubelet's DNS map file;
+  a headless Service's name to its pods' IPs, and `<hostname>.<svc>[.<ns>...]` to the pod with that
+  hostname and `subdomain`.
 - Pod loopback: a connection to 127.0.0.1/localhost on a port a container of the pod declares goes to the
   pod's IP, where that container listens (containers of one pod share a network namespace in Kubernetes).
 - Pod IP: a server binding the wildcard address (0.0.0.0, "", ::) binds the pod's own loopback IP instead, so
@@ -40,15 +42,11 @@ def _lookup(host):
         return None
     name = host.rstrip(".").lower()
     table = _dns_map()
+    # resolv.conf's search path in a pod: <ns>.svc.cluster.local, svc.cluster.local, cluster.local
     candidates = [name]
-    if name.endswith(".svc"):
-        candidates = [name + ".cluster.local"]
-    elif not name.endswith(".svc.cluster.local"):
-        dots = name.count(".")
-        if dots == 0:
-            candidates = [f"{name}.{_NAMESPACE}.svc.cluster.local"]
-        elif dots == 1:
-            candidates = [f"{name}.svc.cluster.local"]
+    if not name.endswith(".cluster.local"):
+        candidates = [f"{name}.{_NAMESPACE}.svc.cluster.local", f"{name}.svc.cluster.local"]
+        candidates += [f"{name}.cluster.local", name]
     for candidate in candidates:
         ips = table.get(candidate)
         if ips:
