@@ -91,10 +91,12 @@ def violations(spec: FineTuneJobSpec, policy: FineTunePolicy) -> list[str]:
         out.append(f"spec.storage.output {spec.storage.output} is not in allowedOutputs")
     if not _gpu_type_allowed(spec, policy):
         out.append(f"spec.resources.gpuType {spec.resources.gpu_type} is not in allowedGpuTypes")
-    if p.max_gpus_per_job is not None and spec.resources.gpus > p.max_gpus_per_job:
-        out.append(
-            f"spec.resources.gpus {spec.resources.gpus} is more than maxGpusPerJob {p.max_gpus_per_job}"
-        )
+    gpus, nodes = spec.resources.gpus, spec.resources.nodes
+    if p.max_gpus_per_job is not None and gpus * nodes > p.max_gpus_per_job:
+        asked = f"spec.resources.gpus {gpus}"
+        if nodes > 1:  # a multi-node job holds gpus on every node
+            asked += f" x spec.resources.nodes {nodes} = {gpus * nodes} GPUs"
+        out.append(f"{asked} is more than maxGpusPerJob {p.max_gpus_per_job}")
     if p.allowed_methods is not None and spec.method not in p.allowed_methods:
         out.append(f"spec.method {spec.method} is not in allowedMethods")
     if p.max_lora_rank is not None and spec.method != "full" and spec.lora.rank > p.max_lora_rank:

@@ -76,6 +76,7 @@ def _selects_namespace() -> str:
 def validations() -> list[dict[str, str]]:
     spec = "object.spec"
     resources = f"{spec}.resources"
+    nodes = f"(has({resources}.nodes) ? {resources}.nodes : 1)"
     evaluation = f"{spec}.evaluation"
     reference = f"{evaluation}.reference"
     return [
@@ -94,10 +95,12 @@ def validations() -> list[dict[str, str]]:
             "reason": "Forbidden",
         },
         {
-            "expression": f"!has({P}.maxGpusPerJob) || {resources}.gpus <= {P}.maxGpusPerJob",
+            "expression": f"!has({P}.maxGpusPerJob) || {resources}.gpus * {nodes} <= {P}.maxGpusPerJob",
             "messageExpression": _denied(
-                f"'spec.resources.gpus ' + string({resources}.gpus) + ' is more than maxGpusPerJob ' + "
-                f"string({P}.maxGpusPerJob)"
+                f"'spec.resources.gpus ' + string({resources}.gpus) + ({nodes} > 1 ? "
+                f"' x spec.resources.nodes ' + string({nodes}) + ' = ' + string({resources}.gpus * {nodes}) + "
+                f"' GPUs' : '') + "
+                f"' is more than maxGpusPerJob ' + string({P}.maxGpusPerJob)"
             ),
             "reason": "Forbidden",
         },

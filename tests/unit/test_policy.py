@@ -84,6 +84,11 @@ RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
         {"resources": {"gpus": 4}},
         "spec.resources.gpus 4 is more than maxGpusPerJob 2",
     ),
+    (
+        {"maxGpusPerJob": 4},
+        {"resources": {"gpus": 2, "nodes": 4}},
+        "spec.resources.gpus 2 x spec.resources.nodes 4 = 8 GPUs is more than maxGpusPerJob 4",
+    ),
     ({"allowedMethods": ["lora", "qlora"]}, {"method": "full"}, "spec.method full is not in allowedMethods"),
     ({"maxLoraRank": 16}, {"lora": {"rank": 64}}, "spec.lora.rank 64 is more than maxLoraRank 16"),
     (
@@ -108,6 +113,7 @@ ALLOWED: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"allowedGpuTypes": ["h100-80gb"]}, {"resources": {"gpus": 0, "gpuType": "cpu"}}),  # CPU runs
     ({"allowedGpuTypes": ["h100-80gb"], "defaults": {"gpuType": "h100-80gb"}}, {}),  # API default replaced
     ({"maxGpusPerJob": 2}, {"resources": {"gpus": 2}}),
+    ({"maxGpusPerJob": 4}, {"resources": {"gpus": 2, "nodes": 2}}),
     ({"maxLoraRank": 16}, {"method": "full", "lora": {"rank": 64}}),
     (
         {"allowedReferenceHosts": ["*.example.com"]},
