@@ -98,8 +98,8 @@ def validations() -> list[dict[str, str]]:
             "expression": f"!has({P}.maxGpusPerJob) || {resources}.gpus * {nodes} <= {P}.maxGpusPerJob",
             "messageExpression": _denied(
                 f"'spec.resources.gpus ' + string({resources}.gpus) + ({nodes} > 1 ? "
-                f"' x spec.resources.nodes ' + string({nodes}) + ' = ' + string({resources}.gpus * {nodes}) + "
-                f"' GPUs' : '') + "
+                f"' x spec.resources.nodes ' + string({nodes}) + ' = ' + "
+                f"string({resources}.gpus * {nodes}) + ' GPUs' : '') + "
                 f"' is more than maxGpusPerJob ' + string({P}.maxGpusPerJob)"
             ),
             "reason": "Forbidden",
