@@ -54,6 +54,7 @@ from .sections import (
     StorageSpec,
     Threshold,
     Toleration,
+    TrackingSpec,
 )
 from .status import FineTuneJobStatus, ObjectMeta
 
@@ -88,6 +89,7 @@ __all__ = [
     "StorageSpec",
     "Threshold",
     "Toleration",
+    "TrackingSpec",
 ]
 
 
@@ -182,6 +184,9 @@ class FineTuneJobSpec(SpecModel):
     )
     deployment: DeploymentSpec = Field(
         default_factory=DeploymentSpec, json_schema_extra={"default": {}}, description="Serving on vLLM."
+    )
+    tracking: TrackingSpec | None = Field(
+        default=None, description="Experiment tracking and model registry (MLflow)."
     )
     suspend: bool = Field(
         default=False, description="Pause: running pods are stopped, resumed from checkpoint."

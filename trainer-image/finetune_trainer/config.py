@@ -273,11 +273,25 @@ class ReferencePolicy(_Section):
     allow_plain_http_hosts: list[str] = Field(default_factory=list)
 
 
+class MlflowTracking(_Section):
+    """Resolved by the operator (defaults applied): where this job's MLflow run goes."""
+
+    tracking_uri: str | None = None
+    experiment: str = "default"
+    register_model: str | None = None
+    image: str | None = None
+
+
+class Tracking(_Section):
+    mlflow: MlflowTracking | None = None
+
+
 class TrainerConfig(_Section):
     run_prefix: str = Field(description="Everything this run writes goes under this URI")
     job: JobRef = Field(default_factory=JobRef)
     spec: FineTuneSpec
     reference_policy: ReferencePolicy = Field(default_factory=ReferencePolicy)
+    tracking: Tracking = Field(default_factory=Tracking)
 
     @model_validator(mode="after")
     def _reference_endpoint_allowed(self) -> TrainerConfig:

@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-kubelet", action="store_true", help="API server only: no nodes, pods never run")
     parser.add_argument("--no-s3", action="store_true", help="do not start the S3 server")
+    parser.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help="do not start the MLflow tracking server (same as LOCAL_MLFLOW=0)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -47,6 +52,7 @@ async def run(args: argparse.Namespace) -> int:
         s3=not args.no_s3,
         operator=False if args.no_operator else None,
         api_port=args.port,
+        mlflow=not (args.no_mlflow or args.no_s3 or args.no_kubelet or os.environ.get("LOCAL_MLFLOW") == "0"),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -70,6 +76,11 @@ async def run(args: argparse.Namespace) -> int:
     if cluster.kubelet is not None:
         lines.append(f"  nodes        {', '.join(n.name for n in cluster.nodes)}")
         lines.append(f"  services     {cluster.services_file}")
+    if cluster.mlflow_started:
+        lines.append(
+            f"  MLflow       {cluster.services().get('mlflow', {}).get('url')}   (pods: "
+            "http://mlflow.default.svc:5000; services.json key mlflow)"
+        )
     if cluster.operator_process is not None:
         lines.append(
             f"  operator     pid {cluster.operator_process.pid}, ports on {cluster.operator_ip} "

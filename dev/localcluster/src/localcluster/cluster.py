@@ -82,6 +82,7 @@ class LocalCluster:
         root: Path | None = None,
         operator_restart_backoff: tuple[float, float] = (1.0, 30.0),
         operator_rbac: bool | None = None,
+        mlflow: bool = False,
     ):
         self.workdir = Path(workdir).absolute()
         self.kubelet_enabled = kubelet
@@ -91,6 +92,9 @@ class LocalCluster:
         # (finetune_operator.rbac), so a verb missing there fails here too; LOCAL_OPERATOR_RBAC=0: admin.
         self.operator_rbac = _operator_rbac_default() if operator_rbac is None else operator_rbac
         self.install_crds = self.operator_enabled if install_crds is None else install_crds
+        # The MLflow server (mlflow.py) starts with the cluster only when asked; start_mlflow() later.
+        self.mlflow_enabled = mlflow
+        self.mlflow_started = False
         self.nodes = nodes if nodes is not None else default_nodes()
         self.api_port = api_port
         self.backoff_scale = backoff_scale
@@ -202,8 +206,51 @@ class LocalCluster:
         write_kubeconfig(self.kubeconfig, self.apiserver.url)
         self.started_in = time.monotonic() - began
         log.info("local cluster ready in %.1fs: %s", self.started_in, self.apiserver.url)
+        if self.mlflow_enabled:
+            await self.start_mlflow()
         if self.operator_enabled:
             await self._start_operator()
+
+    async def start_mlflow(self, timeout: float = 180) -> str:
+        """Run the MLflow tracking server (Deployment + Service default/mlflow) and wait until it answers;
+        returns its host URL (services.json key `mlflow`). Pods use mlflow.IN_CLUSTER_URL."""
+        from . import mlflow
+
+        assert self.client is not None and self.s3 is not None, "MLflow needs the kubelet and S3"
+        if not self.mlflow_started:
+            with contextlib.suppress(Exception):  # already there after a restart of this call
+                await asyncio.to_thread(self.s3_client().create_bucket, Bucket=mlflow.BUCKET)
+            data_dir = self.workdir / "mlflow"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            deployment, service = mlflow.manifests(S3_SECRET, self.s3.endpoint, str(data_dir))
+            for resource, body in ((DEPLOYMENTS, deployment), (SERVICES, service)):
+                try:
+                    await self.client.create(resource.path(mlflow.NAMESPACE), body)
+                except ApiError as err:
+                    if not err.conflict:
+                        raise
+            self.mlflow_started = True
+        return await self.wait_mlflow(timeout)
+
+    async def wait_mlflow(self, timeout: float = 180) -> str:
+        """The MLflow server's host URL once /health answers (after a start or a scale back to 1)."""
+        import aiohttp
+
+        from . import mlflow
+
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                entry = self.services().get(mlflow.SERVICES_KEY) or {}
+                url = entry.get("url")
+                if url and any(p.get("endpoints") for p in entry.get("ports") or []):
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        async with session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                            if r.status == 200:
+                                return str(url)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"MLflow did not answer within {timeout:.0f}s (pod log under pods/)")
+                await asyncio.sleep(0.5)
 
     async def _start_kubelet(self) -> None:
         assert self.client is not None and self.apiserver is not None
@@ -422,6 +469,10 @@ class LocalCluster:
         # Everything here is on loopback over plain http (reference endpoints in tests and demos included):
         # the one place that allowance is made. A real install allows no plain-http host by default.
         env.setdefault("FTO_REFERENCE_PLAIN_HTTP_HOSTS", "127.0.0.0/8,localhost,::1")
+        if self.mlflow_enabled:
+            from .mlflow import IN_CLUSTER_URL
+
+            env.setdefault("FTO_MLFLOW_TRACKING_URI", IN_CLUSTER_URL)  # the chart value's local equivalent
         out = open(self.workdir / "operator.log", "ab")  # noqa: SIM115
         try:
             self.operator_process = await asyncio.create_subprocess_exec(
