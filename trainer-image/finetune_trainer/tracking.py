@@ -146,6 +146,7 @@ class Tracker:
         self.registered_version: str | None = None
         self.degraded = False
         self.message: str | None = None
+        self.skipped = 0  # calls not made while paused
         self._failures = 0
         self._paused_until = 0.0
         self._clock = clock
@@ -162,7 +163,7 @@ class Tracker:
         if not self.enabled or self.client is None:
             return None
         if self._clock() < self._paused_until:
-            self._degrade(f"{what}: skipped, MLflow unreachable ({self.message})")
+            self.skipped += 1  # the message keeps the failure that paused the tracker
             return None
         try:
             result = fn(*args, **kwargs)
@@ -198,7 +199,10 @@ class Tracker:
             except Exception as exc:
                 tracker._degrade(f"MLflow client unavailable: {type(exc).__name__}: {exc}")
                 return tracker
-        tracker._resolve_run()
+        try:
+            tracker._resolve_run()
+        except Exception as exc:  # belt and braces: nothing here may fail the stage
+            tracker._degrade(f"MLflow run not resolved: {type(exc).__name__}: {exc}")
         return tracker
 
     def _remembered_run(self) -> str | None:
@@ -365,8 +369,17 @@ class Tracker:
                 registeredModel=self.settings.register_model, registeredVersion=self.registered_version
             )
         if self.degraded and self.message:
-            block["message"] = self.message
+            skipped = f" ({self.skipped} later calls skipped)" if self.skipped else ""
+            block["message"] = (self.message + skipped)[:512]
         return block
+
+
+def _model_manifest(model_uri: str) -> manifest.Manifest | None:
+    try:
+        return manifest.read_manifest(model_uri)
+    except Exception as exc:  # lineage tags are then the spec's only; registration goes on
+        log.warning("could not read the manifest of %s: %s", model_uri, exc)
+        return None
 
 
 def _ensure_registered_model(client: Any, name: str) -> bool:
@@ -426,7 +439,7 @@ def log_evaluation(
         (report_dir / name, "evaluation") for name in ("report.json", "report.md", "comparison.png")
     )
     if gate.passed and model_uri:
-        model = manifest.read_manifest(model_uri)  # what train recorded: dataset and resolved base revision
+        model = _model_manifest(model_uri)  # what train recorded: dataset and resolved base revision
         params = run_params(
             config,
             base_model_revision=(model.base_model.get("revision") if model else None),
