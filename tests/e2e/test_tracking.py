@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shutil
+import subprocess
 import time
 import urllib.parse
 import urllib.request
@@ -36,6 +38,8 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
+# Filled by the first test: the host URL of a finished run's page, for the UI check.
+RUN_PAGES: list[str] = []
 VLLM_CPU_ARGS = ["--dtype", "float32", "--max-num-seqs", "4", "--distributed-executor-backend", "uni"]
 VLLM_CPU_ARGS += ["--enforce-eager"]
 
@@ -251,6 +255,8 @@ def test_tracked_jobs_have_one_run_each_and_only_a_passed_gate_registers(
     assert tags["finetune.job_uid"] == uid and tags["baseModel.uri"] == spec["baseModel"]["uri"]
     assert tags["dataset.train.uri"] == spec["dataset"]["train"]
 
+    RUN_PAGES.append(f"{mlflow_url.rstrip('/')}/#/experiments/{run['info']['experiment_id']}/runs/{run_id}")
+
     # --- the rejected job: a run with the gate's decision, no version --------------------------------
     rejected_runs = rest.runs_of(jobs.namespace, jobs.get("rejected")["metadata"]["uid"])
     assert len(rejected_runs) == 1
@@ -286,3 +292,34 @@ def test_mlflow_down_mid_training_degrades_tracking_but_the_job_succeeds(
     # The run is there, with what was logged before the outage.
     runs = Rest(mlflow_url).runs_of(jobs.namespace, jobs.get("untracked-now")["metadata"]["uid"])
     assert len(runs) == 1
+
+
+def test_the_mlflow_ui_renders_the_run_page(tmp_path: Path) -> None:
+    """Headless Chromium (Debian `chromium`) opens the run page; the screenshot is kept as a test artifact
+    (.local/artifacts/mlflow-run.png)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    if not RUN_PAGES:
+        pytest.skip("no finished run (the first test of this module did not get that far)")
+    artifacts = REPO / ".local" / "artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    screenshot = artifacts / "mlflow-run.png"
+    common = [
+        browser,
+        "--headless",
+        "--no-sandbox",  # root in CI containers
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,1000",
+        "--virtual-time-budget=20000",
+    ]
+    dom = subprocess.run(
+        [*common, "--dump-dom", RUN_PAGES[0]], capture_output=True, text=True, timeout=180, check=False
+    ).stdout
+    subprocess.run([*common, f"--screenshot={screenshot}", RUN_PAGES[0]], capture_output=True, timeout=180)
+    assert screenshot.exists() and screenshot.stat().st_size > 10_000, "no screenshot"
+    # The run page lists the run's metrics (train_loss among them, with its chart) and params.
+    assert "train_loss" in dom, dom[-2000:]
+    assert "hyperparameters.learningRate" in dom or "learningRate" in dom

@@ -158,11 +158,7 @@ class Demo:
         if not self.tracking:
             return None
         self.say("starting the MLflow tracking server (Service default/mlflow)")
-        loop = self.cluster._loop
-        assert loop is not None
-        import asyncio
-
-        return asyncio.run_coroutine_threadsafe(self.cluster.start_mlflow(), loop)
+        return self.cluster.submit(self.cluster.start_mlflow())
 
     def print_tracking(self, status: dict[str, Any]) -> None:
         """The MLflow run's URL on this host (status.tracking.runUrl is the in-cluster one)."""

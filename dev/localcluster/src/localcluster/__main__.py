@@ -76,11 +76,6 @@ async def run(args: argparse.Namespace) -> int:
     if cluster.kubelet is not None:
         lines.append(f"  nodes        {', '.join(n.name for n in cluster.nodes)}")
         lines.append(f"  services     {cluster.services_file}")
-    if cluster.mlflow_started:
-        lines.append(
-            f"  MLflow       {cluster.services().get('mlflow', {}).get('url')}   (pods: "
-            "http://mlflow.default.svc:5000; services.json key mlflow)"
-        )
     if cluster.operator_process is not None:
         lines.append(
             f"  operator     pid {cluster.operator_process.pid}, ports on {cluster.operator_ip} "
@@ -89,6 +84,15 @@ async def run(args: argparse.Namespace) -> int:
         )
     lines.append("Ctrl-C to stop.")
     print("\n".join(lines), flush=True)
+    if cluster.mlflow_ready is not None:
+        try:
+            url = await cluster.mlflow_ready
+            print(
+                f"  MLflow       {url}   (pods: http://mlflow.default.svc:5000; services.json key mlflow)",
+                flush=True,
+            )
+        except Exception as err:
+            print(f"  MLflow did not start: {err}", file=sys.stderr, flush=True)
     await stop.wait()
     print("stopping local cluster…", file=sys.stderr, flush=True)
     await cluster.stop()

@@ -12,6 +12,7 @@ Files under `workdir`: `kubeconfig` (written atomically once the cluster is read
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib.util
 import logging
@@ -95,6 +96,7 @@ class LocalCluster:
         # The MLflow server (mlflow.py) starts with the cluster only when asked; start_mlflow() later.
         self.mlflow_enabled = mlflow
         self.mlflow_started = False
+        self.mlflow_ready: asyncio.Task[str] | None = None  # its host URL, when started with the cluster
         self.nodes = nodes if nodes is not None else default_nodes()
         self.api_port = api_port
         self.backoff_scale = backoff_scale
@@ -206,8 +208,8 @@ class LocalCluster:
         write_kubeconfig(self.kubeconfig, self.apiserver.url)
         self.started_in = time.monotonic() - began
         log.info("local cluster ready in %.1fs: %s", self.started_in, self.apiserver.url)
-        if self.mlflow_enabled:
-            await self.start_mlflow()
+        if self.mlflow_enabled:  # in the background: the cluster is usable while MLflow starts (~20-30 s)
+            self.mlflow_ready = asyncio.create_task(self.start_mlflow())
         if self.operator_enabled:
             await self._start_operator()
 
@@ -524,6 +526,8 @@ class LocalCluster:
             await proc.wait()
 
     async def stop(self) -> None:
+        if self.mlflow_ready is not None and not self.mlflow_ready.done():
+            self.mlflow_ready.cancel()
         await self._stop_operator()
         if self.kubelet is not None:
             await self.kubelet.stop()
@@ -584,6 +588,11 @@ class LocalCluster:
         """Run a coroutine on the cluster's loop from another thread (e.g. ApiServer fault injection)."""
         assert self._loop is not None, "start_background() first"
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        """Start a coroutine on the cluster's loop without waiting (e.g. start_mlflow() during the demo)."""
+        assert self._loop is not None, "start_background() first"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def stop_background(self) -> None:
         loop, thread = self._loop, self._thread
