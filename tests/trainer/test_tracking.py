@@ -248,3 +248,26 @@ def _fake_client(monkeypatch: pytest.MonkeyPatch) -> Any:
     original = tracking.Tracker.open
     monkeypatch.setattr(tracking.Tracker, "open", classmethod(open_with_fake))
     return shared
+
+
+def test_jobs_racing_to_create_their_namespaces_experiment_are_not_degraded(tmp_path: Path) -> None:
+    fake = FakeMlflow()
+    original = fake.get_experiment_by_name
+    calls = iter([None])  # the first lookup misses: another job creates the experiment meanwhile
+
+    def racing_lookup(name: str) -> Any:
+        missed = next(calls, "found")
+        if missed is None:
+            fake.experiments[name] = "7"
+            return None
+        return original(name)
+
+    def create(name: str) -> str:
+        error = RuntimeError("RESOURCE_ALREADY_EXISTS: Experiment(name=team-a) already exists")
+        error.error_code = "RESOURCE_ALREADY_EXISTS"  # type: ignore[attr-defined]
+        raise error
+
+    fake.get_experiment_by_name = racing_lookup  # type: ignore[method-assign]
+    fake.create_experiment = create  # type: ignore[method-assign]
+    tracker = tracking.Tracker.open(config(tmp_path), fake)
+    assert tracker.experiment_id == "7" and tracker.run_id == "run1" and not tracker.degraded

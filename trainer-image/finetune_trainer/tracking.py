@@ -226,15 +226,9 @@ class Tracker:
                 return
             self.run_id, self.experiment_id = run_id, run.info.experiment_id
         else:
-            experiment = self.call("get experiment", client.get_experiment_by_name, self.settings.experiment)
-            if experiment is None and not self.degraded:
-                self.call("create experiment", client.create_experiment, self.settings.experiment)
-                experiment = self.call(
-                    "get experiment", client.get_experiment_by_name, self.settings.experiment
-                )
-            if experiment is None:
+            self.experiment_id = self.call("get experiment", _experiment_id, client, self.settings.experiment)
+            if self.experiment_id is None:
                 return
-            self.experiment_id = experiment.experiment_id
             found = self.call(
                 "search runs",
                 client.search_runs,
@@ -372,6 +366,19 @@ class Tracker:
             skipped = f" ({self.skipped} later calls skipped)" if self.skipped else ""
             block["message"] = (self.message + skipped)[:512]
         return block
+
+
+def _experiment_id(client: Any, name: str) -> str:
+    """The experiment's id, created when missing (jobs of one namespace may race to create it)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return str(client.create_experiment(name))
+        except Exception as exc:
+            if getattr(exc, "error_code", None) != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = client.get_experiment_by_name(name)
+    return str(experiment.experiment_id)
 
 
 def _model_manifest(model_uri: str) -> manifest.Manifest | None:

@@ -234,6 +234,25 @@ class LocalCluster:
             self.mlflow_started = True
         return await self.wait_mlflow(timeout)
 
+    def _mlflow_processes(self) -> list[Any]:
+        """The MLflow pod's process tree (psutil), so stop() can make sure none of it outlives the cluster."""
+        import psutil
+
+        from . import mlflow
+
+        found: list[Any] = []
+        if self.kubelet is None or not self.mlflow_started:
+            return found
+        for worker in self.kubelet.workers.values():
+            if worker.namespace != mlflow.NAMESPACE or not worker.name.startswith(f"{mlflow.NAME}-"):
+                continue
+            for state in worker.states:
+                if state.process is not None and state.process.returncode is None:
+                    with contextlib.suppress(psutil.Error):
+                        root = psutil.Process(state.process.pid)
+                        found += [root, *root.children(recursive=True)]
+        return found
+
     async def wait_mlflow(self, timeout: float = 180) -> str:
         """The MLflow server's host URL once /health answers (after a start or a scale back to 1)."""
         import aiohttp
@@ -529,8 +548,12 @@ class LocalCluster:
         if self.mlflow_ready is not None and not self.mlflow_ready.done():
             self.mlflow_ready.cancel()
         await self._stop_operator()
+        leftovers = self._mlflow_processes()
         if self.kubelet is not None:
             await self.kubelet.stop()
+        for process in leftovers:  # `mlflow server` runs uvicorn as a child; never leave it behind
+            with contextlib.suppress(Exception):
+                process.kill()
         for component in self._components:
             with contextlib.suppress(Exception):
                 await component.stop()

@@ -46,7 +46,11 @@ def manifests(s3_secret: str, s3_endpoint: str, data_dir: str) -> list[dict[str,
         ],
         "workingDir": "/data",
         "envFrom": [{"secretRef": {"name": s3_secret}}],
-        "env": [{"name": "MLFLOW_S3_ENDPOINT_URL", "value": s3_endpoint}],
+        "env": [
+            {"name": "MLFLOW_S3_ENDPOINT_URL", "value": s3_endpoint},
+            # No job runner (huey workers for GenAI jobs): tracking and the registry need none of them.
+            {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"},
+        ],
         "ports": [{"name": "http", "containerPort": PORT}],
         "readinessProbe": {
             "httpGet": {"path": "/health", "port": PORT},
