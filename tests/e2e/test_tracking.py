@@ -194,7 +194,7 @@ def test_tracked_jobs_have_one_run_each_and_only_a_passed_gate_registers(
     jobs.create(
         "preempted",
         tracking=_spec_tracking(),
-        hyperparameters={"maxSteps": 600},
+        hyperparameters={"maxSteps": 200},
         evaluation={"enabled": False},
     )
 
@@ -269,13 +269,13 @@ def test_tracked_jobs_have_one_run_each_and_only_a_passed_gate_registers(
     preempted_runs = rest.runs_of(jobs.namespace, jobs.get("preempted")["metadata"]["uid"])
     assert len(preempted_runs) == 1, preempted_runs
     steps = [p["step"] for p in rest.history(preempted_runs[0]["info"]["run_id"], "train_loss")]
-    assert max(steps) == 600 and preempted["tracking"]["runId"] == preempted_runs[0]["info"]["run_id"]
+    assert max(steps) == 200 and preempted["tracking"]["runId"] == preempted_runs[0]["info"]["run_id"]
 
 
 def test_mlflow_down_mid_training_degrades_tracking_but_the_job_succeeds(
     jobs: Jobs, lc_api: Any, local_cluster: Any, mlflow_url: str
 ) -> None:
-    jobs.create("untracked-now", tracking=_spec_tracking(), hyperparameters={"maxSteps": 300})
+    jobs.create("untracked-now", tracking=_spec_tracking(), hyperparameters={"maxSteps": 200})
     _wait_training(jobs, lc_api, "untracked-now")
     _scale_mlflow(local_cluster, 0)
     try:

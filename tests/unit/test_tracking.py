@@ -172,3 +172,23 @@ def test_the_evaluator_decides_registration_with_the_operators_gate(
     operator = evaluate_gate(ref.spec.evaluation, tuned, base)
     trainer = trainer_tracking.gate_decision(parse_config(_ftj_config(ref)), tuned, base)
     assert (trainer.passed, trainer.reasons) == (operator.passed, operator.reasons)
+
+
+def test_the_operator_install_stays_free_of_mlflow() -> None:
+    """Only the trainer image and the dev environment get MLflow; the operator never imports it."""
+    import subprocess
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    dependencies = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not [d for d in dependencies if "mlflow" in d.lower()]
+    trainer = (root / "trainer-image" / "requirements.txt").read_text()
+    assert "mlflow-skinny==3.17.2" in trainer.splitlines()
+    probe = (
+        "import sys, finetune_operator.__main__, finetune_operator.reconcile, finetune_operator.tracking; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'mlflow_skinny')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
