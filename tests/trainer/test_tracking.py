@@ -125,9 +125,13 @@ def test_params_are_the_specs_hyperparameters_and_the_lineage(tmp_path: Path) ->
         cfg, base_model_revision="s3:1234", dataset=dataset, resolved={"totalSteps": 40}
     )
     hp = cfg.spec.hyperparameters.model_dump(by_alias=True)
-    assert {
+    logged = {
         k.removeprefix("hyperparameters."): v for k, v in params.items() if k.startswith("hyperparameters.")
-    } == {key: str(value) for key, value in hp.items()}
+    }
+    assert set(logged) == set(hp)
+    for key, value in hp.items():  # the spec's values, numbers in their shortest form
+        assert logged[key] == str(value) if not isinstance(value, float) else float(logged[key]) == value
+    assert params["hyperparameters.epochs"] == "4"  # not the trainer's float 4.0
     assert params["hyperparameters.learningRate"] == "0.005"
     assert (
         params["method"] == "lora"

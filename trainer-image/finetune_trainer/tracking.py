@@ -62,9 +62,16 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         for key, item in value.items():
             _flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
     elif isinstance(value, list | tuple):
-        out[prefix] = ",".join(str(v) for v in value)
+        out[prefix] = ",".join(_text(v) for v in value)
     else:
-        out[prefix] = str(value)
+        out[prefix] = _text(value)
+
+
+def _text(value: Any) -> str:
+    """A param value: numbers in their shortest form (epochs 4, not the trainer's float 4.0)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def run_params(
