@@ -84,14 +84,14 @@ class Rest:
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
 
-    def get(self, path: str, **params: Any) -> Any:
+    def get(self, endpoint: str, **params: Any) -> Any:
         query = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}/api/2.0/mlflow/{path}?{query}", timeout=30) as response:
+        with urllib.request.urlopen(f"{self.url}/api/2.0/mlflow/{endpoint}?{query}", timeout=30) as response:
             return json.loads(response.read())
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
+    def post(self, endpoint: str, body: dict[str, Any]) -> Any:
         request = urllib.request.Request(
-            f"{self.url}/api/2.0/mlflow/{path}",
+            f"{self.url}/api/2.0/mlflow/{endpoint}",
             data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
         )
