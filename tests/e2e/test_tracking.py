@@ -299,8 +299,8 @@ def test_mlflow_down_mid_training_degrades_tracking_but_the_job_succeeds(
 
 
 def test_the_mlflow_ui_renders_the_run_page(tmp_path: Path) -> None:
-    """Headless Chromium (Debian `chromium`) opens the run page; the screenshot is kept as a test artifact
-    (.local/artifacts/mlflow-run.png)."""
+    """Headless Chromium (Debian `chromium`) opens the run page; the screenshots are kept as test artifacts
+    (.local/artifacts/mlflow-run.png, mlflow-run-charts.png: the loss chart)."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
@@ -324,6 +324,11 @@ def test_the_mlflow_ui_renders_the_run_page(tmp_path: Path) -> None:
     ).stdout
     subprocess.run([*common, f"--screenshot={screenshot}", RUN_PAGES[0]], capture_output=True, timeout=180)
     assert screenshot.exists() and screenshot.stat().st_size > 10_000, "no screenshot"
+    # The run's metric charts (train_loss over steps) are on its "Model metrics" tab.
+    charts = artifacts / "mlflow-run-charts.png"
+    page = f"{RUN_PAGES[0]}/model-metrics"
+    subprocess.run([*common, f"--screenshot={charts}", page], capture_output=True, timeout=180)
+    assert charts.exists() and charts.stat().st_size > 10_000, "no screenshot of the charts"
     # The run page lists the run's metrics (train_loss among them, with its chart) and params.
     assert "train_loss" in dom, dom[-2000:]
     assert "hyperparameters.learningRate" in dom or "learningRate" in dom

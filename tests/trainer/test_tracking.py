@@ -156,6 +156,7 @@ def test_step_metrics_take_loss_learning_rate_and_throughput() -> None:
         "tokens_per_second": 1234.5,
     }
     assert tracking.step_metrics({"train_runtime": 3.0}, None) == {}
+    assert tracking.step_metrics({"train_runtime": 3.0}, 0.0) == {}  # the end-of-training summary
 
 
 def test_one_run_per_job_remembered_in_the_run_prefix_or_found_by_uid(tmp_path: Path) -> None:
