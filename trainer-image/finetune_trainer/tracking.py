@@ -500,6 +500,6 @@ def step_metrics(logs: Mapping[str, Any], tokens_per_second: float | None) -> di
         "grad_norm": "grad_norm",
     }
     out = {name: float(logs[key]) for key, name in names.items() if isinstance(logs.get(key), int | float)}
-    if tokens_per_second is not None and "train_loss" in out:  # a logging step, not the end-of-training summary
+    if tokens_per_second is not None and "train_loss" in out:  # a logging step, not the final summary
         out["tokens_per_second"] = tokens_per_second
     return {k: v for k, v in out.items() if math.isfinite(v)}
