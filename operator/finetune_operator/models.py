@@ -60,6 +60,7 @@ from .sections import (
     StorageSpec,
     Threshold,
     Toleration,
+    TrackingSpec,
 )
 from .status import FineTuneJobStatus, ObjectMeta
 
@@ -94,6 +95,7 @@ __all__ = [
     "StorageSpec",
     "Threshold",
     "Toleration",
+    "TrackingSpec",
 ]
 
 
@@ -223,6 +225,9 @@ class FineTuneJobSpec(SpecModel):
     )
     deployment: DeploymentSpec = Field(
         default_factory=DeploymentSpec, json_schema_extra={"default": {}}, description="Serving on vLLM."
+    )
+    tracking: TrackingSpec | None = Field(
+        default=None, description="Experiment tracking and model registry (MLflow)."
     )
     suspend: bool = Field(
         default=False, description="Pause: running pods are stopped, resumed from checkpoint."

@@ -13,7 +13,7 @@ from typing import Any
 
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
 
-from . import distributed, policy, pooljob, serving
+from . import distributed, policy, pooljob, serving, tracking
 from .accounting import gpu_hours_spent, restarts
 from .conditions import TERMINAL_PHASES, ConditionType, Reason, short, timestamp
 from .config import ConfigError, OperatorConfig
@@ -224,6 +224,7 @@ class Pipeline(Planner):
             if row.while_running is not None:
                 row.while_running(self)
             return False
+        tracking.record(self.status, outcome.summary)
         return row.read(self, outcome) if row.read is not None else True
 
     # --- a Job stage ---------------------------------------------------------------------------

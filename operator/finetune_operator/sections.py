@@ -387,3 +387,43 @@ class DeploymentSpec(SpecModel):
         """Whether vLLM will load the tuned weights as a LoRA adapter (mode auto: for lora and qlora)."""
         mode = self.mode if self.mode != "auto" else ("merged" if method == "full" else "adapter")
         return self.enabled and mode == "adapter"
+
+
+# ---------------------------------------------------------------------------------------------- tracking
+TRACKING_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
+
+
+class MlflowTrackingSpec(SpecModel):
+    """Log the run to an MLflow tracking server and register the accepted model (docs/tracking.md)."""
+
+    tracking_uri: str | None = Field(
+        default=None,
+        max_length=2048,
+        pattern=HTTP_URL_PATTERN,
+        description="MLflow tracking server, e.g. http://mlflow.mlflow.svc:5000; default: the operator's "
+        "tracking.mlflow.defaultTrackingUri.",
+    )
+    experiment: str | None = Field(
+        default=None,
+        max_length=256,
+        pattern=TRACKING_NAME_PATTERN,
+        description="Experiment name; default: the job's namespace.",
+    )
+    credentials_secret: DNSSubdomain | None = Field(
+        default=None,
+        description="Secret in the job's namespace with MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME "
+        "and MLFLOW_TRACKING_PASSWORD keys (passed to the pods by reference only).",
+    )
+    register_model: str | None = Field(
+        default=None,
+        max_length=256,
+        pattern=TRACKING_NAME_PATTERN,
+        description="Registered model name for a model that passes the gate; default: "
+        "deployment.modelName (ModelServer), else deployment.servedModelName, else the job's name.",
+    )
+
+
+class TrackingSpec(SpecModel):
+    """Experiment tracking and model registry."""
+
+    mlflow: MlflowTrackingSpec | None = Field(default=None, description="Track the run in MLflow.")

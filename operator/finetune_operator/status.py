@@ -160,6 +160,22 @@ class ServingStatus(StatusModel):
     serving: bool | None = Field(default=None, description="Whether the stable name serves this version now.")
 
 
+class TrackingStatus(StatusModel):
+    """The job's MLflow run and registered model version (spec.tracking)."""
+
+    run_id: str | None = Field(default=None, max_length=64, description="MLflow run id.")
+    run_url: StatusURI | None = Field(default=None, description="The run's page in the MLflow UI.")
+    experiment_id: str | None = Field(default=None, max_length=64, description="MLflow experiment id.")
+    registered_model: str | None = Field(default=None, max_length=256, description="Registered model name.")
+    registered_version: str | None = Field(
+        default=None, max_length=32, description="Model Registry version (only when the gate passed)."
+    )
+    degraded: bool | None = Field(
+        default=None, description="Some tracking calls failed; training went on without them."
+    )
+    message: str | None = Field(default=None, max_length=512, description="Why tracking is degraded.")
+
+
 class PendingEvent(StatusModel):
     """An Event the operator still owes (the API refused it for now); posted under this name exactly once."""
 
@@ -189,6 +205,7 @@ class FineTuneJobStatus(StatusModel):
     artifacts: ArtifactsStatus | None = None
     endpoint: EndpointStatus | None = None
     serving: ServingStatus | None = None
+    tracking: TrackingStatus | None = None
     retries: int | None = Field(default=None, ge=0, le=1000, description="Transient failures retried so far.")
     start_time: datetime | None = Field(default=None, description="When the first stage started.")
     completion_time: datetime | None = Field(default=None, description="When the job reached a final phase.")

@@ -25,6 +25,7 @@ def test_foreground_cluster_starts_fast_serves_s3_and_stops_children(tmp_path: P
     workdir = tmp_path / "local"
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     env["LOCAL_OPERATOR"] = "0"
+    env["LOCAL_MLFLOW"] = "0"  # the MLflow server (make local-cluster starts it) has tests of its own
     began = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "localcluster", "--workdir", str(workdir)],

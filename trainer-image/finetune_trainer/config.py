@@ -286,12 +286,26 @@ class ChampionSpec(_Section):
     adapter: str = Field(description="URI of its committed adapter directory")
 
 
+class MlflowTracking(_Section):
+    """Resolved by the operator (defaults applied): where this job's MLflow run goes."""
+
+    tracking_uri: str | None = None
+    experiment: str = "default"
+    register_model: str | None = None
+    image: str | None = None
+
+
+class Tracking(_Section):
+    mlflow: MlflowTracking | None = None
+
+
 class TrainerConfig(_Section):
     run_prefix: str = Field(description="Everything this run writes goes under this URI")
     job: JobRef = Field(default_factory=JobRef)
     spec: FineTuneSpec
     reference_policy: ReferencePolicy = Field(default_factory=ReferencePolicy)
     champion: ChampionSpec | None = None
+    tracking: Tracking = Field(default_factory=Tracking)
 
     @model_validator(mode="after")
     def _reference_endpoint_allowed(self) -> TrainerConfig:

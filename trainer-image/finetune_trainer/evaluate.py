@@ -26,7 +26,7 @@ from typing import Any
 
 from finetune_vocabulary.metrics import LOSS_METRICS
 
-from . import egress, manifest, metrics, modeling, plots, storage
+from . import egress, manifest, metrics, modeling, plots, storage, tracking
 from .config import EvaluationSpec, ReferenceSpec, TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
 from .logs import redact
@@ -383,4 +383,8 @@ def run(config: TrainerConfig) -> StageResult:
     message = f"{primary}: tuned {results['tuned'].get(primary)}" + (
         f" vs base {base_value}" if base_value is not None else ""
     )
-    return StageResult(summary, message)
+    serves_merged = spec.method == "full" or not manifest.is_committed(layout.adapter)
+    tracker = tracking.log_evaluation(
+        config, results, out, layout.merged if serves_merged else layout.adapter
+    )
+    return StageResult(tracking.with_tracking(summary, tracker), message)

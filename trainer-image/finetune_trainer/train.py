@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import batching, manifest, modeling, plots, storage
+from . import batching, manifest, modeling, plots, storage, tracking
 from .checkpoints import CheckpointCallback, resume_checkpoint, without_fsdp
 from .config import TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError, PreemptedError
@@ -395,6 +395,19 @@ def run(config: TrainerConfig) -> StageResult:
         batching.total_steps(len(trainer.train_dataset), hp, ranks_n),
     )
     trainer.add_callback(ProgressCallback(tokens_seen, context=batching_info))
+    tracker = tracking.Tracker.open(config, enabled=ranks.is_main_process)
+    tracker.log_params(
+        tracking.run_params(
+            config,
+            base_model_revision=source.revision,
+            dataset=data_manifest.dataset if data_manifest else None,
+            resolved={
+                **batching_info,
+                "totalSteps": batching.total_steps(len(trainer.train_dataset), hp, ranks_n),
+            },
+        )
+    )
+    trainer.add_callback(tracking.TrackingCallback(tracker, tokens_seen))
     with ranks.main_process_first():
         resume = resume_checkpoint(layout.checkpoints, workdir)
         if resume and parallel_strategy(spec) != "fsdp":  # e.g. 2 FSDP nodes -> 1 GPU after a policy change
@@ -453,7 +466,12 @@ def run(config: TrainerConfig) -> StageResult:
         metrics["logHistory"], train_dir / "loss.png", title=f"{config.job.name}: {spec.method} training loss"
     )
     _commit(train_dir, layout.train, "train", meta, step)  # last: marks the stage done
-    summary = summary_of(config, metrics, adapter_uri, merged_uri)
+    final = {"final_loss": metrics.get("finalLoss"), "train_runtime_seconds": metrics.get("runtimeSeconds")}
+    tracker.log_metrics({k: float(v) for k, v in final.items() if v is not None}, step=step)
+    tracker.log_artifacts([(train_dir / "loss.png", "train"), (train_dir / "metrics.json", "train")])
+    if not spec.evaluation.enabled:
+        tracker.finish()  # no evaluation stage: nothing more will be logged
+    summary = tracking.with_tracking(summary_of(config, metrics, adapter_uri, merged_uri), tracker)
     loss = "not logged" if summary["loss"] is None else f"{summary['loss']:.4g} (assistant tokens)"
     packed = f", packed into {batching_info.get('packedRows')} rows" if hp.packing else ""
     return StageResult(

@@ -39,7 +39,7 @@ from typing import Any, BinaryIO
 
 from finetune_vocabulary import steps as step_count
 
-from . import manifest, storage
+from . import manifest, storage, tracking
 from .config import TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
 from .formats import FORMATS, RecordError, detect_format, exact_key, normalised_key, prompt_key, to_chat
@@ -521,6 +521,7 @@ def _fetch_inputs(config: TrainerConfig, inputs: list[Input], local_dir: Path) -
             "etag": info.etag,
             "versionId": info.version_id,
             "size": info.size,
+            "sha256": storage.sha256_file(local_dir / f"{item.role}.jsonl"),
         }
     return provenance
 
@@ -717,4 +718,5 @@ def run(config: TrainerConfig) -> StageResult:
         message += "; warning: " + "; warning: ".join(warnings)
     if notes:
         message += "; " + "; ".join(f.render() for f in notes)
-    return StageResult(summary=summary, message=message)
+    tracker = tracking.log_validation(config, provenance, out / "report.json")
+    return StageResult(summary=tracking.with_tracking(summary, tracker), message=message)

@@ -51,3 +51,8 @@ class RunLayout:
     @property
     def evaluation_report(self) -> str:
         return self.join("evaluation", "report.json")
+
+    @property
+    def tracking_run(self) -> str:
+        """The job's MLflow run id, so a resumed or later stage logs to the same run."""
+        return self.join("tracking", "run.json")

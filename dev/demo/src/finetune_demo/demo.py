@@ -51,6 +51,12 @@ class Demo:
             self.manifest["spec"]["hyperparameters"]["maxSteps"] = SMOLLM2_MAX_STEPS
         self.name = self.manifest["metadata"]["name"]
         self.namespace = self.manifest["metadata"].get("namespace", "default")
+        # MLflow starts once the cluster is up, while the base model is built (run(): start_tracking).
+        self.tracking = (root / ".venv-mlflow" / "bin" / "mlflow").exists() and os.environ.get(
+            "DEMO_MLFLOW"
+        ) != "0"
+        if not self.tracking:
+            self.manifest["spec"].pop("tracking", None)
         self.cluster = LocalCluster(workdir, operator=True)
         self.kubectl = kubectl_binary(root)
         self.began = time.monotonic()
@@ -147,6 +153,30 @@ class Demo:
             print(f"  - {reason}")
         print()
 
+    def start_tracking(self) -> Any:
+        """Start the cluster's MLflow server in the background (a future of its host URL), or None."""
+        if not self.tracking:
+            return None
+        self.say("starting the MLflow tracking server (Service default/mlflow)")
+        return self.cluster.submit(self.cluster.start_mlflow())
+
+    def print_tracking(self, status: dict[str, Any]) -> None:
+        """The MLflow run's URL on this host (status.tracking.runUrl is the in-cluster one)."""
+        tracking = status.get("tracking") or {}
+        if not tracking.get("runId"):
+            return
+        host = (self.cluster.services().get("mlflow") or {}).get("url")
+        in_cluster = tracking.get("runUrl", "")
+        url = in_cluster.replace("http://mlflow.default.svc:5000", host) if host else in_cluster
+        self.say(f"MLflow run: {url}")
+        if tracking.get("registeredVersion"):
+            self.say(
+                f"MLflow Model Registry: {tracking['registeredModel']} "
+                f"version {tracking['registeredVersion']}"
+            )
+        if tracking.get("degraded"):
+            self.say(f"MLflow tracking degraded: {tracking.get('message', '')}")
+
     def ask(self, status: dict[str, Any]) -> bool:
         """Ask the served model the demo's question; True when it answers right."""
         endpoint = status.get("endpoint") or {}
@@ -179,12 +209,16 @@ class Demo:
         self.cluster.start_background(timeout=180)
         try:
             self.say(f"cluster ready: {self.cluster.api_url} (KUBECONFIG={self.cluster.kubeconfig})")
+            mlflow = self.start_tracking()
             self.upload()
+            if mlflow is not None:
+                self.say(f"MLflow tracking server ready: {mlflow.result(timeout=300)}")
             self.run_kubectl("apply", "-f", "-", stdin=json.dumps(self.manifest))
             self.say(f"applied examples/demo.yaml: FineTuneJob {self.namespace}/{self.name}")
             status = self.follow(timeout)
             if status.get("evaluation"):
                 self.print_evaluation(status)
+            self.print_tracking(status)
             if status.get("phase") != "Serving":
                 self.say(f"ended {status.get('phase')}: {status.get('message', '')}")
                 return 1

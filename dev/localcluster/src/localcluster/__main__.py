@@ -36,6 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-kubelet", action="store_true", help="API server only: no nodes, pods never run")
     parser.add_argument("--no-s3", action="store_true", help="do not start the S3 server")
+    parser.add_argument(
+        "--no-mlflow",
+        action="store_true",
+        help="do not start the MLflow tracking server (same as LOCAL_MLFLOW=0)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -47,6 +52,7 @@ async def run(args: argparse.Namespace) -> int:
         s3=not args.no_s3,
         operator=False if args.no_operator else None,
         api_port=args.port,
+        mlflow=not (args.no_mlflow or args.no_s3 or args.no_kubelet or os.environ.get("LOCAL_MLFLOW") == "0"),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -78,6 +84,15 @@ async def run(args: argparse.Namespace) -> int:
         )
     lines.append("Ctrl-C to stop.")
     print("\n".join(lines), flush=True)
+    if cluster.mlflow_ready is not None:
+        try:
+            url = await cluster.mlflow_ready
+            print(
+                f"  MLflow       {url}   (pods: http://mlflow.default.svc:5000; services.json key mlflow)",
+                flush=True,
+            )
+        except Exception as err:
+            print(f"  MLflow did not start: {err}", file=sys.stderr, flush=True)
     await stop.wait()
     print("stopping local cluster…", file=sys.stderr, flush=True)
     await cluster.stop()

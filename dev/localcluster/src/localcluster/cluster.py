@@ -12,6 +12,7 @@ Files under `workdir`: `kubeconfig` (written atomically once the cluster is read
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import importlib.util
 import logging
@@ -82,6 +83,7 @@ class LocalCluster:
         root: Path | None = None,
         operator_restart_backoff: tuple[float, float] = (1.0, 30.0),
         operator_rbac: bool | None = None,
+        mlflow: bool = False,
     ):
         self.workdir = Path(workdir).absolute()
         self.kubelet_enabled = kubelet
@@ -91,6 +93,10 @@ class LocalCluster:
         # (finetune_operator.rbac), so a verb missing there fails here too; LOCAL_OPERATOR_RBAC=0: admin.
         self.operator_rbac = _operator_rbac_default() if operator_rbac is None else operator_rbac
         self.install_crds = self.operator_enabled if install_crds is None else install_crds
+        # The MLflow server (mlflow.py) starts with the cluster only when asked; start_mlflow() later.
+        self.mlflow_enabled = mlflow
+        self.mlflow_started = False
+        self.mlflow_ready: asyncio.Task[str] | None = None  # its host URL, when started with the cluster
         self.nodes = nodes if nodes is not None else default_nodes()
         self.api_port = api_port
         self.backoff_scale = backoff_scale
@@ -202,8 +208,70 @@ class LocalCluster:
         write_kubeconfig(self.kubeconfig, self.apiserver.url)
         self.started_in = time.monotonic() - began
         log.info("local cluster ready in %.1fs: %s", self.started_in, self.apiserver.url)
+        if self.mlflow_enabled:  # in the background: the cluster is usable while MLflow starts (~20-30 s)
+            self.mlflow_ready = asyncio.create_task(self.start_mlflow())
         if self.operator_enabled:
             await self._start_operator()
+
+    async def start_mlflow(self, timeout: float = 180) -> str:
+        """Run the MLflow tracking server (Deployment + Service default/mlflow) and wait until it answers;
+        returns its host URL (services.json key `mlflow`). Pods use mlflow.IN_CLUSTER_URL."""
+        from . import mlflow
+
+        assert self.client is not None and self.s3 is not None, "MLflow needs the kubelet and S3"
+        if not self.mlflow_started:
+            with contextlib.suppress(Exception):  # already there after a restart of this call
+                await asyncio.to_thread(self.s3_client().create_bucket, Bucket=mlflow.BUCKET)
+            data_dir = self.workdir / "mlflow"
+            data_dir.mkdir(parents=True, exist_ok=True)
+            deployment, service = mlflow.manifests(S3_SECRET, self.s3.endpoint, str(data_dir))
+            for resource, body in ((DEPLOYMENTS, deployment), (SERVICES, service)):
+                try:
+                    await self.client.create(resource.path(mlflow.NAMESPACE), body)
+                except ApiError as err:
+                    if not err.conflict:
+                        raise
+            self.mlflow_started = True
+        return await self.wait_mlflow(timeout)
+
+    def _mlflow_processes(self) -> list[Any]:
+        """The MLflow pod's process tree (psutil), so stop() can make sure none of it outlives the cluster."""
+        import psutil
+
+        from . import mlflow
+
+        found: list[Any] = []
+        if self.kubelet is None or not self.mlflow_started:
+            return found
+        for worker in self.kubelet.workers.values():
+            if worker.namespace != mlflow.NAMESPACE or not worker.name.startswith(f"{mlflow.NAME}-"):
+                continue
+            for state in worker.states:
+                if state.process is not None and state.process.returncode is None:
+                    with contextlib.suppress(psutil.Error):
+                        root = psutil.Process(state.process.pid)
+                        found += [root, *root.children(recursive=True)]
+        return found
+
+    async def wait_mlflow(self, timeout: float = 180) -> str:
+        """The MLflow server's host URL once /health answers (after a start or a scale back to 1)."""
+        import aiohttp
+
+        from . import mlflow
+
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                entry = self.services().get(mlflow.SERVICES_KEY) or {}
+                url = entry.get("url")
+                if url and any(p.get("endpoints") for p in entry.get("ports") or []):
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        async with session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                            if r.status == 200:
+                                return str(url)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"MLflow did not answer within {timeout:.0f}s (pod log under pods/)")
+                await asyncio.sleep(0.5)
 
     async def _start_kubelet(self) -> None:
         assert self.client is not None and self.apiserver is not None
@@ -422,6 +490,10 @@ class LocalCluster:
         # Everything here is on loopback over plain http (reference endpoints in tests and demos included):
         # the one place that allowance is made. A real install allows no plain-http host by default.
         env.setdefault("FTO_REFERENCE_PLAIN_HTTP_HOSTS", "127.0.0.0/8,localhost,::1")
+        if self.mlflow_enabled:
+            from .mlflow import IN_CLUSTER_URL
+
+            env.setdefault("FTO_MLFLOW_TRACKING_URI", IN_CLUSTER_URL)  # the chart value's local equivalent
         out = open(self.workdir / "operator.log", "ab")  # noqa: SIM115
         try:
             self.operator_process = await asyncio.create_subprocess_exec(
@@ -473,9 +545,15 @@ class LocalCluster:
             await proc.wait()
 
     async def stop(self) -> None:
+        if self.mlflow_ready is not None and not self.mlflow_ready.done():
+            self.mlflow_ready.cancel()
         await self._stop_operator()
+        leftovers = self._mlflow_processes()
         if self.kubelet is not None:
             await self.kubelet.stop()
+        for process in leftovers:  # `mlflow server` runs uvicorn as a child; never leave it behind
+            with contextlib.suppress(Exception):
+                process.kill()
         for component in self._components:
             with contextlib.suppress(Exception):
                 await component.stop()
@@ -533,6 +611,11 @@ class LocalCluster:
         """Run a coroutine on the cluster's loop from another thread (e.g. ApiServer fault injection)."""
         assert self._loop is not None, "start_background() first"
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        """Start a coroutine on the cluster's loop without waiting (e.g. start_mlflow() during the demo)."""
+        assert self._loop is not None, "start_background() first"
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def stop_background(self) -> None:
         loop, thread = self._loop, self._thread

@@ -8,6 +8,8 @@
 |                                    | entrypoint `python -m finetune_operator`                   |
 | vllm/vllm-openai                   | <root>/.venv-vllm; entrypoint `python3 -m                  |
 |                                    | vllm.entrypoints.openai.api_server` + args + --host podIP  |
+| ghcr.io/mlflow/mlflow              | <root>/.venv-mlflow; entrypoint `mlflow server` + args +   |
+|                                    | --host podIP (the embedded MLflow server, mlflow.py)       |
 | anything else                      | the container's command on the host                        |
 
 Every process gets CUDA_VISIBLE_DEVICES="" (GPU requests are scheduled, the work runs on the CPU) and the
@@ -26,6 +28,7 @@ from pathlib import Path
 from finetune_vocabulary.images import ENTRYPOINTS, OPERATOR_IMAGE, TRAINER_IMAGE, VLLM_IMAGE
 
 # Which image runs which entrypoint is the product's fact (finetune_vocabulary.images); the venvs are ours.
+MLFLOW_IMAGE = "ghcr.io/mlflow/mlflow"  # dev tooling only (mlflow.py), not a product image
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -97,10 +100,17 @@ def resolve_launch(
         if not command:
             command = list(ENTRYPOINTS[VLLM_IMAGE])
         args = [*args, "--host", pod_ip]
+    elif repo == MLFLOW_IMAGE:
+        venv = root / ".venv-mlflow"
+        env["PYTHONUNBUFFERED"] = "1"
+        if not command:
+            command = ["mlflow", "server"]
+        args = [*args, "--host", pod_ip]
     if venv is not None:
         if not (venv / "bin" / "python").exists():
             raise StartError(
-                f"image {image!r} runs in {venv}, which does not exist (make venv / make vllm-venv)"
+                f"image {image!r} runs in {venv}, which does not exist "
+                "(make venv / make vllm-venv / make mlflow-venv)"
             )
         env["PATH"] = f"{venv / 'bin'}:{HOST_PATH}"
         env["VIRTUAL_ENV"] = str(venv)

@@ -22,6 +22,7 @@ from ..kubelet.addresses import AddressBlock
 log = logging.getLogger(__name__)
 
 _PIPE_CHUNK = 64 * 1024
+SERVICES_KEY_ANNOTATION = "localcluster.dev/services-key"
 
 
 def _atomic_write(path: Path, data: Any) -> None:
@@ -286,6 +287,10 @@ class ServiceController:
                 "ports": entries,
                 "url": entries[0]["url"] if entries else None,
             }
+            # A well-known Service (e.g. MLflow) also gets a short key of its own in services.json.
+            alias = (meta.get("annotations") or {}).get(SERVICES_KEY_ANNOTATION)
+            if alias and "/" not in alias:
+                services[alias] = services[key]
         for key in list(self._listeners):
             if key not in seen:
                 for listener in self._listeners.pop(key)[1]:
