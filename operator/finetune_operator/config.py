@@ -100,12 +100,21 @@ class TrackingConfig(_Model):
     mlflow: MlflowDefaults = MlflowDefaults()
 
 
+class OperatorIdentity(_Model):
+    """Where the operator's own pods run (the chart fills it in): a ModelServer's NetworkPolicy admits its
+    pods' admin port only from these pods. Unset (an operator outside the cluster): no pod is admitted."""
+
+    namespace: str | None = Field(None, max_length=63)
+    pod_labels: dict[str, str] = Field(default_factory=dict, alias="podLabels")
+
+
 class OperatorConfig(_Model):
     images: Images = Images()
     gpu_types: dict[str, GpuType] = Field(alias="gpuTypes")
     defaults: Defaults = Defaults()
     reference: ReferencePolicy = ReferencePolicy()
     tracking: TrackingConfig = TrackingConfig()
+    operator: OperatorIdentity = OperatorIdentity()
 
     def gpu_type(self, name: str) -> GpuType:
         try:
@@ -162,6 +171,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "FTO_POD_REPLACEMENT_POLICY": ("defaults", "podReplacementPolicy"),
     "FTO_REFERENCE_PLAIN_HTTP_HOSTS": ("reference", "allowPlainHttpHosts"),
     "FTO_MLFLOW_TRACKING_URI": ("tracking", "mlflow", "defaultTrackingUri"),
+    "FTO_OPERATOR_NAMESPACE": ("operator", "namespace"),
 }
 
 

@@ -253,6 +253,7 @@ def pool_deployment(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
                 f"{STATE_DIR}/{STATE_FILE}",
                 "--adapters-dir",
                 ADAPTERS_DIR,
+                *[arg for source in spec.adapter_sources for arg in ("--adapter-source", source)],
             ],
             "ports": [
                 {"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"},
@@ -345,5 +346,37 @@ def pool_service(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
             "ports": [
                 {"name": "http", "port": config.defaults.vllm_port, "targetPort": "http", "protocol": "TCP"}
             ],
+        },
+    }
+
+
+def pool_network_policy(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
+    """Ingress to the pool's pods: the public port from anywhere, the admin port (PUT /state loads adapters)
+    only from the operator's pods in the operator's namespace; vLLM listens on loopback only. With no
+    operator identity in the config, no pod may reach the admin port. Enforced by the CNI, not the API."""
+    ingress: list[dict[str, Any]] = [{"ports": [{"protocol": "TCP", "port": ROUTER_PORT}]}]
+    identity = config.operator
+    if identity.namespace and identity.pod_labels:
+        ingress.append(
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": identity.namespace}
+                        },
+                        "podSelector": {"matchLabels": dict(identity.pod_labels)},
+                    }
+                ],
+                "ports": [{"protocol": "TCP", "port": ADMIN_PORT}],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(pool),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(pool)},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
         },
     }

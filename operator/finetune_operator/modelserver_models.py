@@ -25,6 +25,7 @@ from .schema import (
     EXTRA_ARGS_REFUSED,
     DNSLabel,
     DNSSubdomain,
+    OutputURI,
     SourceURI,
     SpecError,
     SpecModel,
@@ -107,6 +108,13 @@ class ModelServerSpec(SpecModel):
         description="Extra vLLM arguments: the allow-list of FineTuneJob deployment.extraArgs "
         "(docs/serving.md).",
     )
+    adapter_sources: list[OutputURI] = Field(
+        min_length=1,
+        max_length=16,
+        description="s3:// prefixes the pool may load adapters from: an attached FineTuneJob's "
+        "storage.output must lie under one, and each replica's adapter router refuses any other URI "
+        "(its credentials may read more than the adapters meant for it).",
+    )
     credentials_secret: DNSSubdomain | None = Field(
         default=None,
         description="Secret in this namespace with AWS_* (and optional HF_TOKEN) keys, by reference only: "
@@ -155,9 +163,19 @@ class ModelServerSpec(SpecModel):
                 raise ValueError(f"{name}: {problem}")
         return models
 
+    def adapter_source_of(self, uri: str) -> str | None:
+        """The adapterSources prefix `uri` lies under (at a path boundary), or None."""
+        return next((p for p in self.adapter_sources if under_prefix(uri, p)), None)
+
     def pin(self, model: str) -> int | None:
         policy = (self.models or {}).get(model)
         return policy.pin if policy else None
+
+
+def under_prefix(uri: str, prefix: str) -> bool:
+    """`uri` is `prefix` or below it, at a path boundary (s3://b/runs does not admit s3://b/runs-x)."""
+    base = prefix.rstrip("/") + "/"
+    return (uri.rstrip("/") + "/").startswith(base) and ".." not in uri.split("/")
 
 
 # ---------------------------------------------------------------------------------------------- status

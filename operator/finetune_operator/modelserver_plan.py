@@ -41,6 +41,7 @@ class PoolObserved:
     replicas: Mapping[str, Mapping[str, Any] | None]
     jobs: Sequence[Mapping[str, Any]]  # every FineTuneJob of the namespace (deleted ones are absent)
     generation: int = 0
+    network_policy: Mapping[str, Any] | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -211,9 +212,17 @@ class PoolPlanner:
         """versioned name → adapter of what every replica loads: needed ones, then by recency, ≤ maxLoras."""
         needed: list[dict[str, Any]] = []
         others: list[dict[str, Any]] = []
+        spec = self.o.pool.spec
         for model in self.models.values():
             keep = {model.get("serving"), model.get("promoted"), model.get("pinned")}
             for version in model["versions"]:
+                if spec.adapter_source_of(str(version["adapter"])) is None:
+                    # adapterSources narrowed since: the routers would refuse the whole state
+                    if version.get("loaded", True):
+                        version["loaded"] = False
+                        version["unloadedReason"] = "its adapter is not under spec.adapterSources"
+                        self.event("Warning", "Unloaded", f"{version['name']}: {version['unloadedReason']}")
+                    continue
                 (needed if version["version"] in keep else others).append(version)
         others.sort(key=lambda v: str(v.get("promotedAt") or ""), reverse=True)
         room = max(0, self.o.pool.spec.max_loras - len(needed))
@@ -245,6 +254,11 @@ class PoolPlanner:
             self.out.patch.append(ChildPatch("ConfigMap", name, {"data": wanted_map["data"]}))
         if self.o.service is None:
             self.out.create.append(modelserver.pool_service(pool, self.config))
+        policy = modelserver.pool_network_policy(pool, self.config)
+        if self.o.network_policy is None:
+            self.out.create.append(policy)
+        elif self.o.network_policy.get("spec") != policy["spec"]:
+            self.out.patch.append(ChildPatch("NetworkPolicy", name, {"spec": policy["spec"]}))
         desired = modelserver.pool_deployment(pool, self.config)
         if self.o.deployment is None:
             self.out.create.append(desired)
@@ -279,6 +293,7 @@ class PoolPlanner:
         self.register()
         routes = self.route()
         adapters = self.limit()
+        routes = {model: target for model, target in routes.items() if target in adapters}
         state = modelserver.desired_state(adapters, routes)
         self.out.state = state
         self.children(state)

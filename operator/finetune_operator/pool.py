@@ -1,8 +1,9 @@
 """The ModelServer controller: observe one pool, plan (modelserver_plan.py), act, and tell its jobs.
 
 How pools are queued (the one place that says it): pools are few, so unlike FineTuneJobs (reconcile.py) a
-pool pass reads what it needs from the API (the ModelServer, its Deployment, Service and ConfigMap, its
-pods, the namespace's FineTuneJobs) and asks each running pod's adapter router for its state (admin port).
+pool pass reads what it needs from the API (the ModelServer, its Deployment, Service, ConfigMap and
+NetworkPolicy, its pods, the namespace's FineTuneJobs) and asks each running pod's adapter router for its
+state (admin port).
 Kopf `on.event` handlers (ModelServers, pool pods, FineTuneJobs that name a pool) only `kick` a pool; one
 asyncio task (`run`) runs kicked pools at once and every pool every `POOL_RESYNC_SECONDS`. A failed pass is
 logged and retried by the next kick or resync; passes of one pool never overlap.
@@ -65,14 +66,16 @@ async def observe(
     api: kube.KubeApi, session: aiohttp.ClientSession, body: Mapping[str, Any], pool: PoolRef
 ) -> PoolObserved:
     name, namespace = modelserver.pool_name(pool.name), pool.namespace
-    deployment, service, configmap, pods, jobs = await asyncio.gather(
+    deployment, service, configmap, policy, pods, jobs = await asyncio.gather(
         api.get("Deployment", namespace, name),
         api.get("Service", namespace, name),
         api.get("ConfigMap", namespace, name),
+        api.get("NetworkPolicy", namespace, name),
         api.list("Pod", namespace, f"{LABEL_MODELSERVER_UID}={pool.uid}"),
         api.list("FineTuneJob", namespace),
     )
-    owned = [obj if _controlled_by(obj, pool.uid) else None for obj in (deployment, service, configmap)]
+    children = (deployment, service, configmap, policy)
+    owned = [obj if _controlled_by(obj, pool.uid) else None for obj in children]
     reachable = [p for p in pods if pod_reachable(p)]
     states = await asyncio.gather(*(router_state(session, p["status"]["podIP"]) for p in reachable))
     return PoolObserved(
@@ -81,6 +84,7 @@ async def observe(
         deployment=owned[0],
         service=owned[1],
         configmap=owned[2],
+        network_policy=owned[3],
         pods=pods,
         replicas={p["metadata"]["name"]: s for p, s in zip(reachable, states, strict=True)},
         jobs=jobs,

@@ -1,8 +1,9 @@
 """A FineTuneJob served on a ModelServer (spec.deployment.server): the job planner's side. Pure.
 
-- `prepare`: before any stage, the checks CEL cannot make (the job's base model is the server's, its LoRA rank
-  is at most the server's maxLoraRank), failing the job naming the field before a GPU is asked for; and,
-  until the evaluate Job exists, the champion: the version promoted for the model name right now.
+- `prepare`: before any stage, the checks CEL cannot make (the job's base model is the server's, its output
+  lies under the server's adapterSources, its LoRA rank is at most the server's maxLoraRank), failing the job
+  naming the field before a GPU is asked for; and, until the evaluate Job exists, the champion: the version
+  promoted for the model name right now.
 - `evaluation_job`: the evaluate Job also scores that champion's adapter on this job's held-out set.
 - `beats_champion`: after the gate, the job is Rejected (NotBetterThanServing) when it is worse than the
   champion on the primary metric, naming both figures.
@@ -47,6 +48,12 @@ def compatibility_problem(spec: FineTuneJobSpec, server: Mapping[str, Any]) -> s
         return (
             f"spec.baseModel.uri: {spec.base_model.uri} is not the base model of ModelServer {name} "
             f"({pool.base_model.uri}); an adapter only serves on the weights it was trained on"
+        )
+    if pool.adapter_source_of(spec.storage.output) is None:
+        return (
+            f"spec.storage.output: {spec.storage.output} is not under ModelServer {name}'s "
+            f"spec.adapterSources ({', '.join(pool.adapter_sources)}); its replicas load adapters only "
+            "from there"
         )
     if spec.lora.rank > pool.max_lora_rank:
         return (

@@ -17,6 +17,12 @@ RULES: tuple[dict[str, Any], ...] = (
     {"apiGroups": [GROUP], "resources": ["modelservers/status"], "verbs": ["patch"]},
     # A pool's desired adapters, mounted into its pods.
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},
+    # A pool's NetworkPolicy: only the operator may reach its adapter routers' admin port.
+    {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["networkpolicies"],
+        "verbs": ["get", "create", "patch"],
+    },
     # Children, cached by watches. Create-or-adopt = create, then get on "already exists".
     # Jobs: suspend/resume by patch; never deleted by the operator (ownerReferences garbage-collect them).
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "get", "patch"]},

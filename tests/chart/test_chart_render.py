@@ -244,6 +244,16 @@ def test_default_config_is_accepted_by_the_operator(helm: str, tmp_path: Path) -
     assert config.gpu_type("cpu").resource_name == ""
 
 
+def test_the_operator_knows_its_own_pods_for_modelserver_network_policies(
+    helm: str, tmp_path: Path
+) -> None:
+    manifests = render(helm, MATRIX / "default.yaml", namespace="ml-platform")
+    config = _operator_config(manifests, tmp_path)
+    pod_labels = one(manifests, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert config.operator.namespace == "ml-platform"
+    assert config.operator.pod_labels and config.operator.pod_labels.items() <= pod_labels.items()
+
+
 def test_custom_gpu_types_reach_the_operator(helm: str, tmp_path: Path) -> None:
     config = _operator_config(render(helm, MATRIX / "gpu-types.yaml"), tmp_path)
     l4 = config.gpu_type("l4-24gb")

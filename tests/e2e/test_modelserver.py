@@ -184,6 +184,7 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
     pool = Pool(jobs, local_cluster)
     pool.create(
         baseModel={"uri": jobs.assets["model"]},
+        adapterSources=[jobs.assets["output"]],
         replicas=2,
         gpus=0,
         gpuType="cpu",

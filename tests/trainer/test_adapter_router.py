@@ -85,7 +85,7 @@ def router(vllm: FakeVllm, tmp_path: Path) -> Router:
         dest.mkdir(parents=True)
         (dest / "adapter_config.json").write_text(json.dumps({"uri": uri}))
 
-    return Router(Vllm(vllm.url), tmp_path, fetch=fetch)
+    return Router(Vllm(vllm.url), tmp_path, fetch=fetch, sources=["s3://r/"])
 
 
 def serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
@@ -125,13 +125,46 @@ def call(url: str, method: str = "GET", body: Any = None) -> tuple[int, Any]:
         ({"adapters": {"bot-v1": "s3://b/../a"}}, "not an s3:// or pvc:// URI"),
         ({"adapters": {"bot-v1": "s3://b/a"}, "routes": {"bot": "bot-v2"}}, "not among the adapters"),
         ({"adapters": {"../x-v1": "s3://b/a"}}, "not a versioned name"),
+        ({"adapters": {"bot-v1": "s3://other/a"}}, "not under the pool's adapter sources"),
+        ({"adapters": {"bot-v1": "s3://b-evil/a"}}, "not under the pool's adapter sources"),
+        ({"adapters": {"bot-v1": "pvc://b/a"}}, "not under the pool's adapter sources"),
     ],
 )
 def test_the_router_refuses_states_that_could_reach_a_path_or_an_unknown_version(
     state: dict[str, Any], words: str
 ) -> None:
     with pytest.raises(StateError, match=words.replace("(", r"\(").replace(")", r"\)")):
-        check_state(state)
+        check_state(state, ["s3://b"])
+
+
+def test_without_adapter_sources_the_router_refuses_every_uri() -> None:
+    assert check_state({"adapters": {"bot-v1": "s3://b/a"}}, ["s3://b/"])[0] == {"bot-v1": "s3://b/a"}
+    with pytest.raises(StateError, match=r"none: ModelServer spec\.adapterSources"):
+        check_state({"adapters": {"bot-v1": "s3://b/a"}}, [])
+
+
+def test_the_admin_port_loads_nothing_from_outside_the_adapter_sources(
+    router: Router, admin: str, vllm: FakeVllm
+) -> None:
+    router.ready = True
+    status, answer = call(
+        admin + "/state", "PUT", {"adapters": {"bot-v1": "s3://secrets/x"}, "routes": {"bot": "bot-v1"}}
+    )
+    assert status == 400 and "s3://secrets/x" in answer["error"] and "adapterSources" in answer["error"]
+    assert vllm.calls == [] and router.loaded == {} and router.routes == {}
+
+
+def test_the_admin_port_refuses_an_oversized_state_without_reading_it(router: Router, admin: str) -> None:
+    router.ready = True
+    request = urllib.request.Request(
+        admin + "/state",
+        data=b"{}",
+        method="PUT",
+        headers={"Content-Type": "application/json", "Content-Length": str(2 * 2**20)},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 400 and b"too large" in refused.value.read()
 
 
 def test_only_a_routed_stable_name_is_rewritten() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import kubernetes_validate
 import pytest
 from finetune_operator import crdgen
 from finetune_operator.config import load_config
@@ -18,6 +19,7 @@ from finetune_operator.modelserver import (
     desired_state,
     pool_deployment,
     pool_name,
+    pool_network_policy,
     pool_service,
     state_configmap,
 )
@@ -30,7 +32,13 @@ CONFIG = load_config(env={})
 
 
 def pool(**spec: Any) -> PoolRef:
-    raw = {"baseModel": {"uri": "s3://models/tiny-llama"}, "gpus": 0, "gpuType": "cpu", **spec}
+    raw = {
+        "baseModel": {"uri": "s3://models/tiny-llama"},
+        "adapterSources": ["s3://runs"],
+        "gpus": 0,
+        "gpuType": "cpu",
+        **spec,
+    }
     return PoolRef("team-a", "shared", "pool-uid", parse_modelserver_spec(raw))
 
 
@@ -92,11 +100,16 @@ def test_crd_carries_the_same_rules_as_cel() -> None:
         ({"models": {"Bot": {"pin": 1}}}, "DNS labels"),
         ({"extraArgs": ["--trust-remote-code"]}, "allow-listed"),
         ({"maxLoras": 0}, "maxLoras"),
+        ({"adapterSources": []}, "spec.adapterSources"),
+        ({"adapterSources": ["file:///etc"]}, "spec.adapterSources[0]"),
+        ({"adapterSources": ["s3://runs/../secrets"]}, "spec.adapterSources[0]"),
+        ({"adapterSources": None}, "spec.adapterSources"),
     ],
 )
 def test_bad_modelserver_specs_are_refused(spec: dict[str, Any], words: str) -> None:
     with pytest.raises(SpecError) as error:
-        parse_modelserver_spec({"baseModel": {"uri": "s3://models/tiny-llama"}, **spec})
+        raw = {"baseModel": {"uri": "s3://models/tiny-llama"}, "adapterSources": ["s3://runs"], **spec}
+        parse_modelserver_spec({k: v for k, v in raw.items() if v is not None})
     assert words in str(error.value)
 
 
@@ -173,3 +186,56 @@ def test_pool_names_are_labels_and_collision_safe() -> None:
     long_a, long_b = "a" * 60, "a" * 61
     assert len(pool_name(long_a)) <= 63 and pool_name(long_a) != pool_name(long_b)
     assert pool_name("9.pools") != pool_name("9-pools")
+
+
+# --- the admin port: NetworkPolicy and adapter sources -----------------------------------------------------
+
+
+def identity_config() -> Any:
+    env = {"FTO_OPERATOR_NAMESPACE": "finetune-system"}
+    return load_config(env=env).model_copy(
+        update={
+            "operator": load_config(env=env).operator.model_copy(
+                update={"pod_labels": {"app.kubernetes.io/name": "finetune-operator"}}
+            )
+        }
+    )
+
+
+def test_the_network_policy_admits_the_admin_port_only_from_the_operators_pods() -> None:
+    config = identity_config()
+    server = pool()
+    policy = pool_network_policy(server, config)
+    kubernetes_validate.validate(policy, "1.32", strict=True)
+    assert policy["metadata"]["name"] == pool_name("shared")
+    owner = policy["metadata"]["ownerReferences"][0]
+    assert owner["kind"] == "ModelServer" and owner["uid"] == "pool-uid" and owner["controller"] is True
+    # It selects exactly the Deployment's pods, and is an Ingress policy (so unlisted ports are closed).
+    deployment = pool_deployment(server, config)
+    assert policy["spec"]["podSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    public, admin = policy["spec"]["ingress"]
+    assert public == {"ports": [{"protocol": "TCP", "port": ROUTER_PORT}]}  # from anywhere, as the Service
+    assert admin["ports"] == [{"protocol": "TCP", "port": ADMIN_PORT}]
+    assert admin["from"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "finetune-system"}},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "finetune-operator"}},
+        }
+    ]  # one peer with both selectors: the operator's pods in its namespace, not either alone
+
+
+def test_without_an_operator_identity_no_pod_may_reach_the_admin_port() -> None:
+    policy = pool_network_policy(pool(), CONFIG)
+    kubernetes_validate.validate(policy, "1.32", strict=True)
+    ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
+    assert ports == [ROUTER_PORT] and all("from" not in rule for rule in policy["spec"]["ingress"])
+
+
+def test_the_router_is_told_its_adapter_sources_when_the_pod_is_built() -> None:
+    server = pool(adapterSources=["s3://runs/team-a", "s3://shared/adapters/"])
+    args = containers(pool_deployment(server, CONFIG))["adapter-router"]["args"]
+    pairs = [args[i + 1] for i, a in enumerate(args) if a == "--adapter-source"]
+    assert pairs == ["s3://runs/team-a", "s3://shared/adapters/"]
+    assert server.spec.adapter_source_of("s3://runs/team-a/x/adapter") == "s3://runs/team-a"
+    assert server.spec.adapter_source_of("s3://runs/team-ab/x") is None  # a path boundary, not a prefix

@@ -3,6 +3,7 @@ replicas, deleted jobs, and the status the job planner reads."""
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +17,13 @@ NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 
 def pool(**spec: Any) -> PoolRef:
-    raw = {"baseModel": {"uri": "s3://models/tiny-llama"}, "gpus": 0, "gpuType": "cpu", **spec}
+    raw = {
+        "baseModel": {"uri": "s3://models/tiny-llama"},
+        "adapterSources": ["s3://runs"],
+        "gpus": 0,
+        "gpuType": "cpu",
+        **spec,
+    }
     return PoolRef("team-a", "shared", "pool-uid", parse_modelserver_spec(raw))
 
 
@@ -68,7 +75,7 @@ def test_an_accepted_job_gets_the_next_version_and_is_promoted_with_an_event() -
     assert plan.state == {"adapters": {"bot-v1": "s3://runs/a/adapter"}, "routes": {"bot": "bot-v1"}}
     assert plan.registry_changed
     assert [(e.reason, e.job) for e in plan.events] == [("Promoted", "a")]
-    assert {m["kind"] for m in plan.create} == {"ConfigMap", "Service", "Deployment"}
+    assert {m["kind"] for m in plan.create} == {"ConfigMap", "Service", "Deployment", "NetworkPolicy"}
     ModelServerStatus.model_validate(plan.status)  # the status fits the CRD's schema
 
 
@@ -147,3 +154,26 @@ def test_only_ready_replicas_that_differ_get_the_state_pushed() -> None:
     assert plan.push == {"p2": "10.0.0.2"}
     assert plan.status["readyReplicas"] == 1
     assert loaded_everywhere(plan.status, "bot-v1") == (1, 2)
+
+
+def test_a_changed_network_policy_is_patched_back_and_an_equal_one_left_alone() -> None:
+    first = plan_pool(observe([]), CONFIG)
+    (policy,) = [m for m in first.create if m["kind"] == "NetworkPolicy"]
+    same = dataclasses.replace(observe([]), network_policy=policy)
+    assert not [p for p in plan_pool(same, CONFIG).patch if p.kind == "NetworkPolicy"]
+    opened = {**policy, "spec": {**policy["spec"], "ingress": [{}]}}  # someone admitted every port
+    (patch,) = [
+        p
+        for p in plan_pool(dataclasses.replace(same, network_policy=opened), CONFIG).patch
+        if p.kind == "NetworkPolicy"
+    ]
+    assert patch.patch == {"spec": policy["spec"]}
+
+
+def test_a_version_outside_the_adapter_sources_is_never_sent_to_the_replicas() -> None:
+    registered = plan_pool(observe([job("a")]), CONFIG).status
+    narrowed = plan_pool(observe([job("a")], status=registered, adapterSources=["s3://runs/b"]), CONFIG)
+    assert narrowed.state == {"adapters": {}, "routes": {}}
+    (version,) = narrowed.status["models"]["bot"]["versions"]
+    assert version["loaded"] is False and "spec.adapterSources" in version["unloadedReason"]
+    assert ("Warning", "Unloaded") in [(e.type, e.reason) for e in narrowed.events]

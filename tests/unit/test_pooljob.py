@@ -20,11 +20,15 @@ CHAMPION_ADAPTER = "s3://runs/out/older/model/adapter/"
 
 
 def server(
-    *, base: str = "s3://models/tiny-llama", rank: int = 64, status: dict[str, Any] | None = None
+    *,
+    base: str = "s3://models/tiny-llama",
+    rank: int = 64,
+    sources: tuple[str, ...] = ("s3://runs",),
+    status: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "metadata": {"name": "shared", "namespace": "team-a"},
-        "spec": {"baseModel": {"uri": base}, "maxLoraRank": rank},
+        "spec": {"baseModel": {"uri": base}, "maxLoraRank": rank, "adapterSources": list(sources)},
         "status": status or {},
     }
 
@@ -64,7 +68,12 @@ def a_job(**deployment: Any) -> Any:
 
 @pytest.mark.parametrize(
     ("pool", "field"),
-    [(server(base="s3://models/other"), "spec.baseModel.uri"), (server(rank=8), "spec.lora.rank")],
+    [
+        (server(base="s3://models/other"), "spec.baseModel.uri"),
+        (server(rank=8), "spec.lora.rank"),
+        # s3://runs/out is the job's output: a sibling prefix is no match, a deeper one does not cover it
+        (server(sources=("s3://runs/out-other", "s3://runs/out/team-b")), "spec.storage.output"),
+    ],
 )
 def test_a_job_the_server_cannot_serve_fails_before_any_stage_runs(
     pool_world: dict[str, Any], pool: dict[str, Any], field: str

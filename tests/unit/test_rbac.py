@@ -76,9 +76,9 @@ async def _recorded_calls(aiohttp_port: int, server_calls: list[tuple[str, str, 
             {"metadata": {"name": "demo", "namespace": "team-a", "uid": UID}}, "Normal", "Validating", "hello"
         )
         assert await api.pod_log_tail("team-a", "demo-train-abc", "trainer", 5) == '{"event": "progress"}'
-        # The ModelServer pass (pool.py): its reads, its ConfigMap, its status.
+        # The ModelServer pass (pool.py): its reads, its ConfigMap and NetworkPolicy, its status.
         await api.get("ModelServer", "team-a", "pool")
-        for kind in ("Deployment", "Service", "ConfigMap"):
+        for kind in ("Deployment", "Service", "ConfigMap", "NetworkPolicy"):
             await api.get(kind, "team-a", "pool-pool")
         await api.list("Pod", "team-a", "finetune.dev/modelserver-uid=u")
         await api.list("FineTuneJob", "team-a")
@@ -86,6 +86,10 @@ async def _recorded_calls(aiohttp_port: int, server_calls: list[tuple[str, str, 
         await api.create_or_adopt(cm, UID)
         await api.create_or_adopt(cm, UID)
         await api.patch("ConfigMap", "team-a", "pool-pool", {"data": {}})
+        policy = {**manifest, "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy"}
+        await api.create_or_adopt(policy, UID)
+        await api.create_or_adopt(policy, UID)
+        await api.patch("NetworkPolicy", "team-a", "pool-pool", {"spec": {}})
         await api.patch_object_status("ModelServer", "team-a", "pool", {"readyReplicas": 1}, UID)
     finally:
         await api.close()

@@ -5,10 +5,14 @@ One process beside vLLM (which runs with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) 
 - On start it waits for vLLM, then downloads and loads every adapter the operator's ConfigMap lists
   (``--state-file``) and sets the stable-name routes; only then does ``/ready`` answer 200, so a new,
   replaced or restarted pod joins the Service with every promoted adapter loaded.
-- The admin port (never in the Service) takes the operator's desired state: ``PUT /state`` with
+- The admin port (never in the Service; the ModelServer's NetworkPolicy admits only the operator's pods) takes
+  the operator's desired state: ``PUT /state`` with
   ``{"adapters": {"<model>-v<n>": "s3://…/adapter"}, "routes": {"<model>": "<model>-v<n>"}}``. It loads what
   is missing (each under its immutable versioned name), then switches the routes, then unloads what is no
-  longer listed, and answers with what is loaded. ``GET /state`` reports it.
+  longer listed, and answers with what is loaded. ``GET /state`` reports it. Adapter URIs outside the
+  ``--adapter-source`` prefixes (the ModelServer's spec.adapterSources, fixed when the pod is built) are
+  refused whoever asks, so even a caller that reaches the admin port cannot make the pod read anything else
+  its credentials can.
 - The public port proxies the OpenAI API to vLLM, rewriting ``"model": "<stable name>"`` to the routed
   version, so a stable name never means different weights inside vLLM (no stale prefix-cache blocks) and a
   route switch between requests fails none. ``/v1/models`` lists vLLM's models plus the stable names. vLLM's
@@ -31,7 +35,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -45,27 +49,44 @@ REFUSED_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 HOP_HEADERS = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 )
-MAX_BODY = 64 * 2**20
+MAX_BODY = 64 * 2**20  # proxied OpenAI requests
+MAX_STATE_BODY = 1 * 2**20  # PUT /state: at most a few hundred adapters
+MAX_ADAPTERS = 512
 
 
 class StateError(ValueError):
     """A desired state the sidecar refuses (bad names or URIs)."""
 
 
-def check_state(document: Any) -> tuple[dict[str, str], dict[str, str]]:
-    """(adapters, routes) from a desired-state document; StateError naming the bad entry."""
+def under_source(uri: str, sources: Sequence[str]) -> bool:
+    """`uri` lies under one of `sources` at a path boundary (s3://b/runs does not admit s3://b/runs-x)."""
+    if ".." in uri.split("/"):
+        return False
+    return any((uri.rstrip("/") + "/").startswith(s.rstrip("/") + "/") for s in sources)
+
+
+def check_state(document: Any, sources: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(adapters, routes) from a desired-state document; StateError naming the bad entry. Every adapter URI
+    must lie under one of `sources` (none given: every URI is refused)."""
     if not isinstance(document, Mapping):
         raise StateError("the state must be a JSON object")
     adapters, routes = document.get("adapters") or {}, document.get("routes") or {}
     if not isinstance(adapters, Mapping) or not isinstance(routes, Mapping):
         raise StateError("adapters and routes must be objects")
+    if len(adapters) > MAX_ADAPTERS or len(routes) > MAX_ADAPTERS:
+        raise StateError(f"at most {MAX_ADAPTERS} adapters and routes")
     for name, uri in adapters.items():
         if not isinstance(name, str) or not VERSION_NAME.match(name) or len(name) > 64:
             raise StateError(f"adapters: {name!r} is not a versioned name <model>-v<n>")
         if not isinstance(uri, str) or not ADAPTER_URI.match(uri) or ".." in uri.split("/"):
             raise StateError(f"adapters.{name}: {uri!r} is not an s3:// or pvc:// URI")
+        if not under_source(uri, sources):
+            raise StateError(
+                f"adapters.{name}: {uri!r} is not under the pool's adapter sources "
+                f"({', '.join(sources) or 'none'}: ModelServer spec.adapterSources)"
+            )
     for model, target in routes.items():
-        if not isinstance(model, str) or not STABLE_NAME.match(model):
+        if not isinstance(model, str) or not STABLE_NAME.match(model) or len(model) > 64:
             raise StateError(f"routes: {model!r} is not a model name")
         if target not in adapters:
             raise StateError(f"routes.{model}: {target!r} is not among the adapters")
@@ -148,8 +169,11 @@ def fetch_adapter(uri: str, dest: Path) -> None:
 class Router:
     """What is loaded and where each stable name goes; mutations are serialised by one lock."""
 
-    def __init__(self, vllm: Vllm, adapters_dir: Path, fetch: Any = fetch_adapter) -> None:
+    def __init__(
+        self, vllm: Vllm, adapters_dir: Path, fetch: Any = fetch_adapter, sources: Sequence[str] = ()
+    ) -> None:
         self.vllm = vllm
+        self.sources = tuple(sources)  # the only prefixes adapters may come from
         self.adapters_dir = adapters_dir
         self.fetch = fetch
         self.loaded: dict[str, str] = {}
@@ -202,7 +226,7 @@ class Router:
         routes: dict[str, str] = {}
         if state_file is not None and state_file.exists():
             try:
-                adapters, routes = check_state(json.loads(state_file.read_text() or "{}"))
+                adapters, routes = check_state(json.loads(state_file.read_text() or "{}"), self.sources)
             except (ValueError, StateError) as exc:
                 log.error("ignoring %s: %s", state_file, exc)
         while True:
@@ -226,9 +250,12 @@ def _send(handler: BaseHTTPRequestHandler, status: int, document: Any) -> None:
     handler.wfile.write(body)
 
 
-def _read_body(handler: BaseHTTPRequestHandler) -> bytes:
-    length = int(handler.headers.get("Content-Length") or 0)
-    if length > MAX_BODY:
+def _read_body(handler: BaseHTTPRequestHandler, limit: int = MAX_BODY) -> bytes:
+    try:
+        length = int(handler.headers.get("Content-Length") or 0)
+    except ValueError:
+        raise StateError("bad Content-Length") from None
+    if length < 0 or length > limit:
         raise StateError("request body too large")
     return handler.rfile.read(length) if length else b""
 
@@ -253,8 +280,10 @@ def admin_handler(router: Router) -> type[BaseHTTPRequestHandler]:
                 _send(self, 404, {"error": "not found"})
                 return
             try:
-                adapters, routes = check_state(json.loads(_read_body(self) or b"{}"))
+                body = _read_body(self, MAX_STATE_BODY)
+                adapters, routes = check_state(json.loads(body or b"{}"), router.sources)
             except (ValueError, StateError) as exc:
+                self.close_connection = True  # an unread body must not be parsed as the next request
                 _send(self, 400, {"error": str(exc)})
                 return
             if not router.ready:
@@ -337,6 +366,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vllm-url", default="http://127.0.0.1:8000")
     p.add_argument("--state-file", type=Path, help="the ConfigMap's desired state (JSON)")
     p.add_argument("--adapters-dir", type=Path, required=True, help="shared with vLLM (emptyDir)")
+    p.add_argument(
+        "--adapter-source",
+        action="append",
+        default=[],
+        help="s3:// or pvc:// prefix adapters may be loaded from (repeatable; none: every URI is refused)",
+    )
     p.add_argument("--log-level", default=os.environ.get("FTJ_LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
 
@@ -345,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     args.adapters_dir.mkdir(parents=True, exist_ok=True)
-    router = Router(Vllm(args.vllm_url), args.adapters_dir)
+    router = Router(Vllm(args.vllm_url), args.adapters_dir, sources=args.adapter_source)
     ThreadingHTTPServer.daemon_threads = True
     admin = ThreadingHTTPServer(("", args.admin_port), admin_handler(router))
     public = ThreadingHTTPServer(("", args.port), proxy_handler(router))

@@ -85,6 +85,10 @@ resource scanning off (no CRD or namespace reads), without Kopf's own Events, fi
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "create", "patch"]
+# A pool's NetworkPolicy: only the operator may reach its adapter routers' admin port.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["get", "create", "patch"]
 # Children, cached by watches; create-or-adopt = create, then get on "already exists".
 # Jobs: suspended/resumed by patch, never deleted (ownerReferences garbage-collect them).
 - apiGroups: ["batch"]
