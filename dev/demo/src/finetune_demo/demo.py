@@ -29,7 +29,7 @@ from .toymodel import TASK_INSTRUCTION, task_answer, write_base_model, write_toy
 
 TERMINAL = ("Serving", "Succeeded", "Failed", "Rejected")
 # SmolLM2-135M-Instruct already follows instructions and costs about ten times the toy model per step on CPU:
-# it learns the toy task in far fewer steps than the toy base's 4 epochs.
+# it learns the toy task in far fewer steps than the toy base's 6 epochs.
 SMOLLM2_MAX_STEPS = 40
 
 
