@@ -1,12 +1,18 @@
 """Recipe fidelity: this trainer vs a plain PEFT loop with the same recipe, on toy tasks built in code.
 
-Two tasks, each on a briefly pre-trained tiny Llama (finetune_demo.toymodel; nothing is downloaded):
+Two tasks on a briefly pre-trained small Llama (finetune_demo.toymodel with ``bench_base_params``: 128 wide,
+head_dim 32, pre-trained in code on the ``find:`` pretext; nothing is downloaded). It is wider than the
+demo's 64-wide base so that a step's matmuls, not Python per-op overhead, decide the speed, as they do for
+any real model. Inputs have long-tailed lengths (log-normal, median 7 words, up to 48), as real chat data
+does: the longest example of a batch is several times the median, so a padded batch spends much of its
+compute on padding, which padding-free batching does not.
 
 - ``classify``: chat reviews (``review: 3 7 k 2 9``); the assistant answers ``positive`` or ``negative``,
-  decided by the one sentiment letter hidden among neutral digits (6 letters per label). Review lengths are
-  long-tailed, like real data. 700 examples, 100 held out; the recipe of the issue that asked for this
-  benchmark (LoRA rank 16 / alpha 32 on all linear layers, lr 3e-3, 4 epochs, batches of 16, maxSeqLength 64).
-- ``shout``: the demo's task (``shout: 3 7 k 2`` -> ``K``) with the demo's recipe (toymodel.TOY_*).
+  decided by the one sentiment letter hidden among neutral digits (6 letters per label). 700 examples,
+  100 held out; the recipe of the issue that asked for this benchmark (LoRA rank 16 / alpha 32 on all
+  linear layers, lr 3e-3, 4 epochs, batches of 16: 152 steps; maxSeqLength 128).
+- ``shout``: the demo's task (``shout: 3 7 k 2`` -> ``K``) with the demo's recipe (toymodel.TOY_*) at
+  4 epochs (152 steps); 300 examples, 40 held out.
 
 Arms, same recipe (LoRA rank/alpha/targets, learning rate and cosine schedule, examples per optimizer step,
 epochs, seed), side by side in one process:
@@ -20,7 +26,7 @@ epochs, seed), side by side in one process:
   ours inherits). Same seed, same LoRA initialisation: both arms' first steps have the same loss to 5
   digits; later the trajectories part only through floating-point differences (padded vs padding-free
   kernels), which the classify task amplifies once it starts to learn (~step 50: the held-out loss of one
-  seed can then end up to ~10% apart either way), hence 5 seeds.
+  seed can then end up to ~10% apart either way), hence several seeds.
 
 Both are scored by the same code: held-out loss on the assistant tokens (finetune_trainer.evaluate's
 ``reference_nll``), exact match of greedy answers, and real (non-padding) training tokens per second.
@@ -47,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SEEDS = (11, 12, 13, 14, 15)
+SEEDS = (11, 12, 13)
 MARKERS = 6  # sentiment letters per label (13 each: EM ~0.66 after 152 steps; 6: 1.0)
 MAX_WORDS = 48  # longest input (words besides the hidden letter); maxSeqLength 128 covers it
 
