@@ -437,8 +437,15 @@ def main(argv: list[str] | None = None) -> None:
     base = toymodel.toy_base_model(bench_base_params())
     names = args.tasks or (["shout"] if args.quick else ["classify", "shout"])
     seeds = SEEDS[:1] if args.quick else SEEDS
-    print(f"bench-quality: tasks {', '.join(names)} x seeds {list(seeds)} on the toy Llama {base.name}")
-    print(report(run(names, seeds, base)), flush=True)
+    print(
+        f"bench-quality: tasks {', '.join(names)} x seeds {list(seeds)} on the toy Llama {base.name} "
+        f"(load average {os.getloadavg()[0]:.1f})",
+        flush=True,
+    )
+    began = time.monotonic()
+    results = run(names, seeds, base)
+    print(f"(took {time.monotonic() - began:.0f} s; load average {os.getloadavg()[0]:.1f} at the end)")
+    print(report(results), flush=True)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ with several training seeds.
 Each run trains with the train stage (``finetune_trainer.train.run``, the code the training Job runs; local
 storage instead of S3) on one of two splits of the toy data:
 
-- ``e2e``: the 300 training / 40 held-out examples the e2e tests upload (152 optimizer steps);
-- ``demo``: examples/demo.yaml's, 16 of the 300 held out (284 training examples, 144 steps), the 16 chosen
+- ``e2e``: the 300 training / 40 held-out examples the e2e tests upload (228 steps);
+- ``demo``: examples/demo.yaml's, 16 of the 300 held out (284 training examples, 216 steps), the 16 chosen
   by the seed;
 
 then asks the tuned model (greedy, as the tests and the demo ask vLLM with temperature 0) the questions the
