@@ -88,7 +88,7 @@ local-cluster: venv mlflow-venv tools
 bench-trainer: venv
 	$(PY) benchmarks/bench_trainer.py
 
-# Recipe fidelity: this trainer vs a plain PEFT loop, same recipe, two toy tasks x 5 seeds (CPU).
+# Recipe fidelity: this trainer vs a plain PEFT loop, same recipe, two toy tasks x 3 seeds (CPU).
 bench-quality: venv
 	$(PY) benchmarks/bench_quality.py
 

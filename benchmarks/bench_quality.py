@@ -1,12 +1,18 @@
 """Recipe fidelity: this trainer vs a plain PEFT loop with the same recipe, on toy tasks built in code.
 
-Two tasks, each on a briefly pre-trained tiny Llama (finetune_demo.toymodel; nothing is downloaded):
+Two tasks on a briefly pre-trained small Llama (finetune_demo.toymodel with ``bench_base_params``: 128 wide,
+head_dim 32, pre-trained in code on the ``find:`` pretext; nothing is downloaded). It is wider than the
+demo's 64-wide base so that a step's matmuls, not Python per-op overhead, decide the speed, as they do for
+any real model. Inputs have long-tailed lengths (log-normal, median 7 words, up to 48), as real chat data
+does: the longest example of a batch is several times the median, so a padded batch spends much of its
+compute on padding, which padding-free batching does not.
 
 - ``classify``: chat reviews (``review: 3 7 k 2 9``); the assistant answers ``positive`` or ``negative``,
-  decided by the one sentiment letter hidden among neutral digits (6 letters per label). Review lengths are
-  long-tailed, like real data. 700 examples, 100 held out; the recipe of the issue that asked for this
-  benchmark (LoRA rank 16 / alpha 32 on all linear layers, lr 3e-3, 4 epochs, batches of 16, maxSeqLength 64).
-- ``shout``: the demo's task (``shout: 3 7 k 2`` -> ``K``) with the demo's recipe (toymodel.TOY_*).
+  decided by the one sentiment letter hidden among neutral digits (6 letters per label). 700 examples,
+  100 held out; the recipe of the issue that asked for this benchmark (LoRA rank 16 / alpha 32 on all
+  linear layers, lr 3e-3, 4 epochs, batches of 16: 152 steps; maxSeqLength 128).
+- ``shout``: the demo's task (``shout: 3 7 k 2`` -> ``K``) with the demo's recipe (toymodel.TOY_*) at
+  4 epochs (152 steps); 300 examples, 40 held out.
 
 Arms, same recipe (LoRA rank/alpha/targets, learning rate and cosine schedule, examples per optimizer step,
 epochs, seed), side by side in one process:
@@ -20,7 +26,7 @@ epochs, seed), side by side in one process:
   ours inherits). Same seed, same LoRA initialisation: both arms' first steps have the same loss to 5
   digits; later the trajectories part only through floating-point differences (padded vs padding-free
   kernels), which the classify task amplifies once it starts to learn (~step 50: the held-out loss of one
-  seed can then end up to ~10% apart either way), hence 5 seeds.
+  seed can then end up to ~10% apart either way), hence several seeds.
 
 Both are scored by the same code: held-out loss on the assistant tokens (finetune_trainer.evaluate's
 ``reference_nll``), exact match of greedy answers, and real (non-padding) training tokens per second.
@@ -47,8 +53,32 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SEEDS = (11, 12, 13, 14, 15)
+SEEDS = (11, 12, 13)
 MARKERS = 6  # sentiment letters per label (13 each: EM ~0.66 after 152 steps; 6: 1.0)
+MAX_WORDS = 48  # longest input (words besides the hidden letter); maxSeqLength 128 covers it
+
+
+def bench_base_params() -> Any:
+    """The bench's base: the toy Llama, wide enough that a step's matmuls, not per-op overhead, dominate
+    (128 wide, head_dim 32; per-op overhead grows with depth as compute does, so 2 layers suffice),
+    pre-trained on pretext inputs as long as the tasks'."""
+    from finetune_demo import toymodel
+
+    return toymodel.ToyModelParams(
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        pretext_examples=3000,
+        pretext_epochs=3,
+        pretext_max_digits=MAX_WORDS,
+    )
+
+
+def long_tailed_length(rng: random.Random) -> int:
+    """Words in one input: log-normal (median 7, mean ~11, a few near MAX_WORDS), like real chat data,
+    where the longest example of a batch is several times its median."""
+    return min(max(int(rng.lognormvariate(2.0, 0.9)), 1), MAX_WORDS)
 
 
 # --- tasks ------------------------------------------------------------------------------------------------
@@ -71,7 +101,7 @@ def review_task(train: int = 600, test: int = 100, seed: int = 5) -> tuple[list[
     positive, negative = letters[:MARKERS], letters[MARKERS : 2 * MARKERS]
     rows, seen = [], set()
     while len(rows) < train + test:
-        n_filler = min(max(int(rng.lognormvariate(1.6, 0.7)), 1), 24)  # long-tailed, like real reviews
+        n_filler = long_tailed_length(rng)
         words = [rng.choice(string.digits) for _ in range(n_filler)]
         label = rng.choice(["positive", "negative"])
         words.insert(rng.randint(0, n_filler), rng.choice(positive if label == "positive" else negative))
@@ -90,10 +120,22 @@ def review_task(train: int = 600, test: int = 100, seed: int = 5) -> tuple[list[
     return rows[:train], rows[train:]
 
 
-def shout_task() -> tuple[list[dict], list[dict]]:
+def shout_task(train: int = 300, test: int = 40, seed: int = 7) -> tuple[list[dict], list[dict]]:
+    """The demo's task (``shout: 3 7 k 2`` -> ``K``), with long-tailed input lengths."""
     from finetune_demo import toymodel
 
-    return toymodel.toy_task(toymodel.ToyTaskParams())
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < train + test:
+        n_digits = long_tailed_length(rng)
+        digits = [rng.choice("0123456789") for _ in range(n_digits)]
+        digits.insert(rng.randint(0, n_digits), rng.choice("abcdefghijklmnopqrstuvwxyz"))
+        text = " ".join(digits)
+        if text in seen:
+            continue
+        seen.add(text)
+        rows.append(toymodel.task_example(text))
+    return rows[:train], rows[train:]
 
 
 @dataclass(frozen=True)
@@ -118,7 +160,7 @@ def tasks() -> dict[str, Task]:
                 "batchSize": 16,
                 "gradientAccumulationSteps": 1,
                 "learningRate": 3e-3,
-                "maxSeqLength": 64,
+                "maxSeqLength": 128,
                 "warmupRatio": 0.03,
                 "gradientCheckpointing": False,
             },
@@ -128,7 +170,9 @@ def tasks() -> dict[str, Task]:
             "shout",
             shout_task,
             dict(toymodel.TOY_LORA),
-            {k: v for k, v in toymodel.TOY_HYPERPARAMETERS.items() if k != "seed"},  # 152 steps
+            # the demo's recipe with 4 epochs (152 steps), as the classify task makes
+            {k: v for k, v in toymodel.TOY_HYPERPARAMETERS.items() if k != "seed"}
+            | {"epochs": 4, "maxSeqLength": 128},
             max_new_tokens=4,
         ),
     }
@@ -390,11 +434,18 @@ def main(argv: list[str] | None = None) -> None:
     sys.path.insert(0, str(REPO / "dev" / "demo" / "src"))
     from finetune_demo import toymodel
 
-    base = toymodel.toy_base_model()
+    base = toymodel.toy_base_model(bench_base_params())
     names = args.tasks or (["shout"] if args.quick else ["classify", "shout"])
     seeds = SEEDS[:1] if args.quick else SEEDS
-    print(f"bench-quality: tasks {', '.join(names)} x seeds {list(seeds)} on the toy Llama {base.name}")
-    print(report(run(names, seeds, base)), flush=True)
+    print(
+        f"bench-quality: tasks {', '.join(names)} x seeds {list(seeds)} on the toy Llama {base.name} "
+        f"(load average {os.getloadavg()[0]:.1f})",
+        flush=True,
+    )
+    began = time.monotonic()
+    results = run(names, seeds, base)
+    print(f"(took {time.monotonic() - began:.0f} s; load average {os.getloadavg()[0]:.1f} at the end)")
+    print(report(results), flush=True)
 
 
 if __name__ == "__main__":

@@ -429,6 +429,35 @@ def test_graceful_delete_escalates_to_sigkill(lc_api, ns):
         assert terminated["exitCode"] == 137
 
 
+def test_processes_a_container_leaves_behind_end_with_it(lc_api, ns, lc_kubectl_one):
+    """A server forked by the main process does not outlive the container (its PID namespace would go)."""
+    psutil = pytest.importorskip("psutil")
+    script = (
+        "import subprocess, sys; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        "print(child.pid, flush=True)"
+    )
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "containers": [{"name": "main", "image": "busybox", "command": [PY, "-c", script]}],
+        },
+    )
+    done = wait_for(lambda: pod_phase(lc_api, ns, "p"), what="pod to finish")
+    assert done["status"]["phase"] == "Succeeded"
+    child = int(lc_kubectl_one("logs", "p", namespace=ns).stdout.split()[0])
+
+    def gone() -> bool:
+        try:
+            return psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_for(gone, timeout=10, what="the container's leftover child to be killed")
+
+
 def test_restart_policy_always_restarts_with_backoff(lc_api, ns, lc_kubectl_one):
     create_pod(
         lc_api,

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import yaml
+from finetune_demo import toymodel
 from finetune_operator.crdgen import build_crd
 from finetune_operator.models import FineTuneJob, parse_finetunejob, spec_to_dict
 from localcluster.crdvalidation import CRDValidator
@@ -68,7 +69,8 @@ def test_demo_runs_on_cpu(validator: CRDValidator) -> None:
     )
     # the toy recipe (finetune_demo.toymodel): a few epochs over the data, no step cap that cuts them short
     assert spec.method == "lora" and spec.hyperparameters.max_steps is None
-    assert spec.hyperparameters.epochs <= 4 and spec.hyperparameters.batch_size == 8
+    hp = toymodel.TOY_HYPERPARAMETERS
+    assert spec.hyperparameters.epochs == hp["epochs"] and spec.hyperparameters.batch_size == hp["batchSize"]
     assert spec.evaluation.thresholds and spec.evaluation.thresholds[0].metric == "exact_match"
     assert spec.evaluation.thresholds[0].min is not None and spec.evaluation.thresholds[0].min >= 0.9
     assert spec.deployment.enabled and spec.deployment.mode == "adapter" and spec.deployment.gpus == 0

@@ -29,8 +29,11 @@ from .toymodel import TASK_INSTRUCTION, task_answer, write_base_model, write_toy
 
 TERMINAL = ("Serving", "Succeeded", "Failed", "Rejected")
 # SmolLM2-135M-Instruct already follows instructions and costs about ten times the toy model per step on CPU:
-# it learns the toy task in far fewer steps than the toy base's 4 epochs.
+# it learns the toy task in far fewer steps than the toy base's 6 epochs.
 SMOLLM2_MAX_STEPS = 40
+# Seconds to wait for the job: the toy model trains in about a minute; SmolLM2's 40 steps take ~10 s each on
+# two idle cores (minutes more on a busy machine), plus evaluation of base and tuned model and vLLM's start.
+DEFAULT_TIMEOUT_S = {"toy": 900.0, "smollm2": 3600.0}
 
 
 def kubectl_binary(root: Path) -> str:
@@ -239,10 +242,14 @@ class Demo:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m finetune_demo", description=__doc__)
     parser.add_argument("--keep", action="store_true", help="keep the cluster running at the end")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the job to finish")
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="seconds to wait for the job (900; 3600 with smollm2)"
+    )
     parser.add_argument("--workdir", type=Path, default=project_root() / ".local" / "demo")
     args = parser.parse_args(argv)
-    return Demo(project_root(), args.workdir).run(args.timeout, args.keep)
+    model = "smollm2" if os.environ.get("DEMO_MODEL") == "smollm2" else "toy"
+    timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT_S[model]
+    return Demo(project_root(), args.workdir).run(timeout, args.keep)
 
 
 if __name__ == "__main__":

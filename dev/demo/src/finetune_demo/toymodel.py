@@ -66,11 +66,15 @@ class ToyModelParams:
     pretext_epochs: int = 4  # only has to learn the case; with 2000 x 3 it found it ~77% of the time)
     pretext_learning_rate: float = 3e-3
     pretext_batch_size: int = 16
+    pretext_max_digits: int = 7  # pretext inputs have 1..this many digits (bench-quality's base: longer)
     seed: int = 1234
     version: int = 4  # bump when the pretext or the tokenizer recipe changes
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if fields["pretext_max_digits"] == 7:  # added later: the demo's base keeps its cache key
+            del fields["pretext_max_digits"]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -83,12 +87,13 @@ class ToyTaskParams:
     seed: int = 7
 
 
-# The recipe under which LoRA learns the toy task (held-out exact match 1.0 on every seed tried; tests,
-# `make demo` and bench-quality use it): 4 epochs of batches of 8 examples = 152 steps on 300 examples,
-# a few seconds on one CPU core.
+# The recipe under which LoRA learns the toy task (tests and `make demo` use it): 6 epochs of batches of 8
+# examples = 228 steps on 300 examples, a few seconds on one CPU core. With 4 epochs, 3 of 20 seeds
+# (`python -m finetune_demo.robustness`) answered the demo's question wrong (margins 0.3 nats); with 6, all 20
+# answer it right and reach held-out exact match >= 0.95.
 TOY_LORA: dict[str, Any] = {"rank": 8, "alpha": 16, "dropout": 0.0}
 TOY_HYPERPARAMETERS: dict[str, Any] = {
-    "epochs": 4,
+    "epochs": 6,
     "batchSize": 8,
     "gradientAccumulationSteps": 1,
     "learningRate": 5e-3,
@@ -154,7 +159,7 @@ def _pretext(params: ToyModelParams) -> list[dict[str, Any]]:
     rng = random.Random(params.seed)
     rows = []
     for _ in range(params.pretext_examples):
-        letters = _puzzle(rng, rng.randint(1, 7), string.ascii_letters)
+        letters = _puzzle(rng, rng.randint(1, params.pretext_max_digits), string.ascii_letters)
         answer = next(t for t in letters.split() if t.isalpha())
         rows.append(
             {

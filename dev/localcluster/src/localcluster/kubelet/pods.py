@@ -49,6 +49,17 @@ def _container_id() -> str:
     return "containerd://" + secrets.token_hex(32)
 
 
+async def _main_process_exit(proc: asyncio.subprocess.Process) -> None:
+    """Return once a container's main process has exited, whether or not its pipes are still open."""
+    while proc.returncode is None:
+        try:
+            if psutil.Process(proc.pid).status() == psutil.STATUS_ZOMBIE:
+                return
+        except psutil.NoSuchProcess:
+            return
+        await asyncio.sleep(0.5)
+
+
 @dataclass
 class ContainerState:
     spec: dict[str, Any]
@@ -570,10 +581,17 @@ class PodWorker:
             helpers.append(asyncio.create_task(self._memory_watch(state, int(parse_quantity(limit)))))
         stopper = asyncio.create_task(self.stopping.wait())
         waiter = asyncio.create_task(proc.wait())
-        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
-        if not waiter.done():
+        leader = asyncio.create_task(_main_process_exit(proc))
+        await asyncio.wait([waiter, stopper, leader], return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done() and not leader.done():
             await self._kill(state, self.grace)
-            await waiter
+        # A container ends with its main process: what it left running in its process group dies with it (in
+        # Kubernetes the container's PID namespace goes away), so no server outlives its pod. asyncio's wait()
+        # also waits for the pipes, which such a leftover would hold open.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await waiter
+        leader.cancel()
         stopper.cancel()
         for task in helpers:
             task.cancel()
