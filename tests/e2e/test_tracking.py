@@ -227,7 +227,7 @@ def test_tracked_jobs_have_one_run_each_and_only_a_passed_gate_registers(
     params = _params(run)
     for key, value in spec["hyperparameters"].items():
         logged = params[f"hyperparameters.{key}"]
-        if isinstance(value, bool):
+        if isinstance(value, bool | str):
             assert logged == str(value), key
         else:
             assert float(logged) == value, key
