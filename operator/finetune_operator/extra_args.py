@@ -71,6 +71,15 @@ def extra_args_problem(args: Sequence[str]) -> int | None:
     return None
 
 
+def check_extra_args(args: list[str] | None) -> list[str] | None:
+    """The models' validator for an extraArgs field: the allow-list's message and the refused item."""
+    values = args or []
+    index = extra_args_problem(values)
+    if index is not None:
+        raise ValueError(f"{EXTRA_ARGS_REFUSED} (refused: item {index}, {values[index]!r})")
+    return args
+
+
 # CEL has no indexed iteration: walk the (bounded) indices so a value can be checked against its flag.
 EXTRA_ARGS_RULE = rule(
     f"{list(range(MAX_EXTRA_ARGS))}.all(i, i >= size(self) || (self[i].startsWith('-') "

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from .extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, extra_args_problem
+from .extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, check_extra_args
 from .modelnames import (
     BASE_SERVED_NAME,
     MODEL_NAME_MAX,
@@ -22,7 +22,6 @@ from .modelnames import (
     model_name_problem,
 )
 from .schema import (
-    EXTRA_ARGS_REFUSED,
     DNSLabel,
     DNSSubdomain,
     OutputURI,
@@ -146,11 +145,7 @@ class ModelServerSpec(SpecModel):
     @field_validator("extra_args")
     @classmethod
     def _extra_args_allowed(cls, args: list[str] | None) -> list[str] | None:
-        values = args or []
-        index = extra_args_problem(values)
-        if index is not None:
-            raise ValueError(f"{EXTRA_ARGS_REFUSED} (refused: item {index}, {values[index]!r})")
-        return args
+        return check_extra_args(args)
 
     @field_validator("models")
     @classmethod

@@ -9,10 +9,9 @@ from finetune_vocabulary.distributed import MAX_NODES
 from finetune_vocabulary.metrics import METRICS, MetricName
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from .extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, extra_args_problem
+from .extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, check_extra_args
 from .modelnames import ModelName, model_name_problem
 from .schema import (
-    EXTRA_ARGS_REFUSED,
     HTTP_URL_PATTERN,
     LABEL_VALUE_PATTERN,
     MODULE_NAME_PATTERN,
@@ -369,11 +368,7 @@ class DeploymentSpec(SpecModel):
     @field_validator("extra_args")
     @classmethod
     def _extra_args_allowed(cls, args: list[str] | None) -> list[str] | None:
-        values = args or []
-        index = extra_args_problem(values)
-        if index is not None:
-            raise ValueError(f"{EXTRA_ARGS_REFUSED} (refused: item {index}, {values[index]!r})")
-        return args
+        return check_extra_args(args)
 
     @field_validator("model_name")
     @classmethod
