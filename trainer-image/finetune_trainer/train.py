@@ -437,7 +437,8 @@ def run(config: TrainerConfig) -> StageResult:
 
     # 5. save (every rank takes part in save_model: FSDP gathers the shards)
     outputs = workdir / "outputs"
-    shutil.rmtree(outputs, ignore_errors=True)
+    if trainer.is_world_process_zero():  # ranks of one pod share the workdir: only the writer clears it
+        shutil.rmtree(outputs, ignore_errors=True)
     step = trainer.state.global_step
     model_dir = outputs / ("adapter" if spec.method != "full" else "merged")
     trainer.save_model(str(model_dir))
