@@ -15,8 +15,7 @@ import re
 from typing import Any, Literal
 
 from finetune_vocabulary.labels import API_GROUP
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic.alias_generators import to_camel
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from .schema import (
     ADAPTER_NEEDS_PEFT,
@@ -33,6 +32,7 @@ from .schema import (
     SERVER_NEEDS_EVALUATION,
     SERVER_NEEDS_MODEL_NAME,
     VLLM_MAX_LORA_RANK,
+    ObjectModel,
     SpecError,
     SpecModel,
     field_errors,
@@ -267,16 +267,8 @@ class FineTuneJobSpec(SpecModel):
 
 
 # ---------------------------------------------------------------------------------------------- object
-class FineTuneJob(BaseModel):
+class FineTuneJob(ObjectModel):
     """A FineTuneJob object as stored by the API server."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="ignore",
-    )
 
     api_version: Literal["finetune.dev/v1alpha1"] = "finetune.dev/v1alpha1"
     kind: Literal["FineTuneJob"] = "FineTuneJob"

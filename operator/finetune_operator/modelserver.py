@@ -35,7 +35,7 @@ from .podspec import (
     scratch_volumes,
     spec_hash,
 )
-from .serving import cpu_kv_cache_gib
+from .serving import cpu_kv_cache_gib, fetch_container
 
 COMPONENT = "pool"
 VLLM_CONTAINER = "vllm"
@@ -281,25 +281,8 @@ def pool_deployment(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
             },
         }
     )
-    init = []
-    for source, dest in fetches:
-        fetch = _trainer_container(config, spec, "fetch-base")
-        fetch.update(
-            {
-                "command": list(TRAINER_ENTRYPOINT),
-                "args": ["fetch", source, dest],
-                "volumeMounts": [
-                    {"name": "models", "mountPath": MODELS_DIR},
-                    {"name": "workspace", "mountPath": WORKDIR},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                ],
-                "resources": {
-                    "requests": {"cpu": config.defaults.init_cpu, "memory": config.defaults.init_memory},
-                    "limits": {"memory": config.defaults.init_memory},
-                },
-            }
-        )
-        init.append(fetch)
+    credentials = _credentials(spec)
+    init = [fetch_container(config, "fetch-base", source, dest, credentials) for source, dest in fetches]
     placement_source = ResourcesSpec(node_selector=spec.node_selector, tolerations=spec.tolerations)
     pod_spec: dict[str, Any] = {
         "securityContext": pod_security_context(config),

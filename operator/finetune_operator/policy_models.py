@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
+from pydantic import Field, ValidationError
 
 from .schema import (
     DNS_LABEL_PATTERN,
@@ -24,6 +23,7 @@ from .schema import (
     QUALIFIED_NAME_PATTERN,
     DNSLabel,
     DNSSubdomain,
+    ObjectModel,
     SpecError,
     SpecModel,
     StatusModel,
@@ -223,16 +223,8 @@ class JobPolicyStatus(StatusModel):
     )
 
 
-class FineTunePolicy(BaseModel):
+class FineTunePolicy(ObjectModel):
     """A FineTunePolicy object as stored by the API server."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="ignore",
-    )
 
     name: str = ""
     spec: FineTunePolicySpec

@@ -170,6 +170,19 @@ class StatusModel(BaseModel):
     )
 
 
+class ObjectModel(BaseModel):
+    """Base of whole stored objects (FineTuneJob, FineTunePolicy): camelCase; metadata the API server adds
+    and fields a newer version adds are ignored."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        serialize_by_alias=True,
+        extra="ignore",
+    )
+
+
 def check_bucket(uri: str) -> str:
     if uri.startswith("s3://") and not re.match(BUCKET_LENGTH, uri):
         raise ValueError(BUCKET_LENGTH_MESSAGE)

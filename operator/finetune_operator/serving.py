@@ -98,9 +98,10 @@ def endpoint_url(job: JobRef, config: OperatorConfig) -> str:
     return f"http://{service_name(job)}.{job.namespace}.svc:{config.defaults.vllm_port}/v1"
 
 
-def _fetch_container(
-    job: JobRef, config: OperatorConfig, name: str, source: str, dest: str
+def fetch_container(
+    config: OperatorConfig, name: str, source: str, dest: str, env_from: list[dict[str, Any]]
 ) -> dict[str, Any]:
+    """An init container that fetches a model into the pod (per-job Deployments and ModelServer pools)."""
     container: dict[str, Any] = {
         "name": name,
         "image": config.images.trainer,
@@ -123,7 +124,6 @@ def _fetch_container(
         },
         "securityContext": container_security_context(),
     }
-    env_from = credentials_env_from(job)
     if env_from:
         container["envFrom"] = env_from
     return container
@@ -238,7 +238,9 @@ def serving_deployment(job: JobRef, config: OperatorConfig, artifacts: Artifacts
     volumes, mounts = scratch_volumes(config.defaults.shm_size)
     pod_spec: dict[str, Any] = {
         "securityContext": pod_security_context(config),
-        "initContainers": [_fetch_container(job, config, *fetch) for fetch in source.fetches],
+        "initContainers": [
+            fetch_container(config, *fetch, credentials_env_from(job)) for fetch in source.fetches
+        ],
         "containers": [_vllm_container(job, config, args, mounts + source.mounts, gpu_type)],
         "volumes": volumes + source.volumes,
         **service_account(job),
