@@ -1,6 +1,6 @@
 """Recipe fidelity: this trainer vs a plain PEFT loop with the same recipe, on toy tasks built in code.
 
-Two tasks on a briefly pre-trained small Llama (finetune_demo.toymodel with ``bench_base_params``: 128 wide,
+Two tasks on a briefly pre-trained small Llama (finetune_demo.toymodel with ``bench_base_params``: 256 wide,
 head_dim 32, pre-trained in code on the ``find:`` pretext; nothing is downloaded). It is wider than the
 demo's 64-wide base so that a step's matmuls, not Python per-op overhead, decide the speed, as they do for
 any real model. Inputs have long-tailed lengths (log-normal, median 7 words, up to 48), as real chat data
@@ -11,8 +11,10 @@ compute on padding, which padding-free batching does not.
   decided by the one sentiment letter hidden among neutral digits (6 letters per label). 700 examples,
   100 held out; the recipe of the issue that asked for this benchmark (LoRA rank 16 / alpha 32 on all
   linear layers, lr 3e-3, 4 epochs, batches of 16: 152 steps; maxSeqLength 128).
-- ``shout``: the demo's task (``shout: 3 7 k 2`` -> ``K``) with the demo's recipe (toymodel.TOY_*) at
-  4 epochs (152 steps); 300 examples, 40 held out.
+- ``shout``: the demo's task (``shout: 3 7 k 2`` -> ``K``) with the demo's LoRA (rank 8 / alpha 16) and
+  the classify recipe's batches of 16 and lr 3e-3 for 6 epochs (114 steps); 300 examples, 40 held out. (With
+  the demo's batches of 8 and lr 5e-3 the held-out loss falls to ~0.01 within 2 epochs and then drifts on
+  floating-point noise, up to ±8% between arms on one seed, so a ratio of two such numbers measures noise.)
 
 Arms, same recipe (LoRA rank/alpha/targets, learning rate and cosine schedule, examples per optimizer step,
 epochs, seed), side by side in one process:
@@ -60,17 +62,22 @@ MAX_WORDS = 48  # longest input (words besides the hidden letter); maxSeqLength 
 
 def bench_base_params() -> Any:
     """The bench's base: the toy Llama, wide enough that a step's matmuls, not per-op overhead, dominate
-    (128 wide, head_dim 32; per-op overhead grows with depth as compute does, so 2 layers suffice),
-    pre-trained on pretext inputs as long as the tasks'."""
+    (256 wide, head_dim 32; per-op overhead grows with depth as compute does, so 2 layers suffice),
+    pre-trained on pretext inputs as long as the tasks'. Its vocabulary has a token for every letter after a
+    space and for the classify answers, so both tasks are learned in every seed (held-out exact match 1.0),
+    whatever the floating-point details of the machine that pre-trains it."""
     from finetune_demo import toymodel
 
     return toymodel.ToyModelParams(
-        hidden_size=128,
-        intermediate_size=344,
+        hidden_size=256,
+        intermediate_size=688,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=8,
+        vocab_size=384,
+        vocabulary_words=("positive", "negative"),
         pretext_examples=3000,
-        pretext_epochs=3,
+        pretext_epochs=6,
+        pretext_learning_rate=1e-3,
         pretext_max_digits=MAX_WORDS,
     )
 
@@ -89,7 +96,8 @@ def review_task(train: int = 600, test: int = 100, seed: int = 5) -> tuple[list[
 
     The sentiment markers are single tokens of the toy base's vocabulary (``Ġk``) that its pretext training
     taught it to find among digits (toymodel's ``find:``), so the task is learnable from its features:
-    LoRA has to map 6 letters to ``positive`` and 6 others to ``negative`` and spell the answer.
+    LoRA has to map 6 letters to ``positive`` and 6 others to ``negative`` (one token each in the bench
+    base's vocabulary: spelled letter by letter, 152 steps gave "negtiive" in both arms).
     (Markers spelled over several byte-level tokens, e.g. pseudo-words, are beyond this 2-layer base in
     152 steps: neither a plain loop nor this trainer got past chance with them.)
     """
@@ -170,9 +178,9 @@ def tasks() -> dict[str, Task]:
             "shout",
             shout_task,
             dict(toymodel.TOY_LORA),
-            # the demo's recipe with 4 epochs (152 steps), as the classify task makes
+            # the demo's recipe with classify's batches and learning rate, 6 epochs (114 steps)
             {k: v for k, v in toymodel.TOY_HYPERPARAMETERS.items() if k != "seed"}
-            | {"epochs": 4, "maxSeqLength": 128},
+            | {"epochs": 6, "batchSize": 16, "learningRate": 3e-3, "maxSeqLength": 128},
             max_new_tokens=4,
         ),
     }

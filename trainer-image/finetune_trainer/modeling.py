@@ -70,9 +70,10 @@ def _batched_segments_attention(
 ) -> Any:
     """Causal attention within each segment of a single row, as one padded SDPA call; returns (1, T, H, D).
 
-    Segment ``i`` (positions ``bounds[i]:bounds[i+1]``) is gathered into row ``i`` of a padded batch; the
-    mask lets query ``q`` see key ``k`` only when ``k <= q`` in the same segment; the real positions are
-    scattered back in order. Padding queries see their segment's first key, so no row is empty.
+    Segment ``i`` (positions ``bounds[i]:bounds[i+1]``) is gathered into row ``i`` of a padded batch, padded
+    at the end; plain causal attention then lets a real query see only the keys before it in its own
+    segment (padding keys come after every real query), so no mask is needed. Only the real positions are
+    scattered back, in order: padding queries' outputs (and so their gradients) are dropped.
     """
     import torch
     from torch.nn.functional import scaled_dot_product_attention
@@ -86,14 +87,12 @@ def _batched_segments_attention(
     offsets = torch.arange(longest, device=device)
     valid = offsets[None, :] < lengths[:, None]  # (n, L)
     index = torch.where(valid, starts[:, None] + offsets[None, :], starts[:, None])  # (n, L)
-    causal = torch.ones(longest, longest, dtype=torch.bool, device=device).tril()
-    mask = causal[None, None] & valid[:, None, None, :]  # (n, 1, L, L)
 
     def gather(x: Any) -> Any:  # (1, H, T, D) -> (n, H, L, D)
         return x[0][:, index].transpose(0, 1)
 
     out = scaled_dot_product_attention(
-        gather(query), gather(key), gather(value), attn_mask=mask, dropout_p=dropout, scale=scaling
+        gather(query), gather(key), gather(value), dropout_p=dropout, scale=scaling, is_causal=True
     )
     return out.transpose(1, 2)[valid].unsqueeze(0)  # (n, L, H, D) -> (1, T, H, D)
 

@@ -168,15 +168,31 @@ def sft_config(
 FUSED_HEAD_MIN_LOGIT_BYTES = 256 * 2**20  # TRL's fused LM head pays off when the logits would be this big
 
 
-def lean_sft_trainer_class() -> type:
-    """TRL's SFTTrainer without two per-step costs that buy nothing when the logits are small.
+def labelled_positions_only(labels: Any) -> dict[str, Any]:
+    """Model kwargs that compute the LM head only where the next token is labelled (assistant tokens).
 
+    The loss is unchanged (the same sum over the labelled tokens divided by ``num_items_in_batch``), but the
+    vocabulary projection, its softmax and their backward skip the prompt positions, which are most of a chat
+    example. ``logits_to_keep`` (positions, shared by the rows of a batch) and ``shift_labels`` (their next
+    tokens) are transformers' own ``ForCausalLM`` arguments.
+    """
+    import torch
+
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    keep = (shifted != -100).any(dim=0).nonzero().flatten()
+    return {"logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
+
+
+def lean_sft_trainer_class() -> type:
+    """TRL's SFTTrainer without per-step costs that buy nothing when the logits are small.
+
+    - The LM head runs only where the next token is labelled (:func:`labelled_positions_only`): a chat
+      example's prompt needs no logits, so the vocabulary projection shrinks to the assistant tokens.
     - TRL computes the loss through a fused (chunked) LM head that never materialises the logits and also
-      yields entropy and token accuracy. That saves memory for a large vocabulary x long rows; for small
-      logits (toy models, short rows) its chunked autograd function costs more than the step's matmuls,
-      so there the model's own loss is used: the same mean NLL over the labelled (assistant) tokens,
-      normalised by ``num_items_in_batch`` as in ``Trainer.compute_loss``. Entropy and token accuracy
-      are then not logged.
+      yields entropy and token accuracy. That saves memory when the logits would be big; when the kept
+      logits are small, its chunked autograd function costs more than it saves, so there the model's own
+      loss is used: the same mean NLL over the labelled (assistant) tokens, normalised by
+      ``num_items_in_batch`` as in ``Trainer.compute_loss``. Entropy and token accuracy are then not logged.
     - The HF Trainer counts the model's parameters (walking every module) on every step for ``total_flos``;
       it is counted once.
     """
@@ -186,9 +202,9 @@ def lean_sft_trainer_class() -> type:
     class LeanSFTTrainer(SFTTrainer):  # type: ignore[misc]
         _non_embedding_parameters: int | None = None
 
-        def _fused_head_pays(self, inputs: dict[str, Any]) -> bool:
+        def _fused_head_pays(self, positions: int) -> bool:
             vocab = self.model.config.get_text_config().vocab_size
-            return bool(inputs["input_ids"].numel() * vocab * 4 >= FUSED_HEAD_MIN_LOGIT_BYTES)
+            return bool(positions * vocab * 4 >= FUSED_HEAD_MIN_LOGIT_BYTES)
 
         def compute_loss(
             self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
@@ -198,11 +214,11 @@ def lean_sft_trainer_class() -> type:
                 and not self.aux_loss_enabled
                 and self.compute_loss_func is None
                 and self.label_smoother is None
-                and not self._fused_head_pays(inputs)
+                and not return_outputs
             )
-            if not plain:
+            kept = labelled_positions_only(inputs["labels"]) if plain else {}
+            if not plain or self._fused_head_pays(kept["shift_labels"].numel()):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            inputs["use_cache"] = False
             if self.model.training:  # real tokens, counted as TRL counts them (progress lines read it)
                 if "attention_mask" in inputs:
                     tokens = int(inputs["attention_mask"].sum())
@@ -210,7 +226,9 @@ def lean_sft_trainer_class() -> type:
                     tokens = int(inputs["position_ids"].size(1))
                 self._total_train_tokens += tokens
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            return Trainer.compute_loss(
+                self, model, {**inputs, **kept, "use_cache": False}, False, num_items_in_batch
+            )
 
         def create_accelerator_and_postprocess(self) -> None:
             super().create_accelerator_and_postprocess()

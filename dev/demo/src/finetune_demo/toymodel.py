@@ -69,11 +69,15 @@ class ToyModelParams:
     pretext_max_digits: int = 7  # pretext inputs have 1..this many digits (bench-quality's base: longer)
     seed: int = 1234
     version: int = 4  # bump when the pretext or the tokenizer recipe changes
+    # words given their own tokens (bench-quality's answers), so that a task's answer is a token the base
+    # can be steered to rather than a spelling LoRA must learn letter by letter
+    vocabulary_words: tuple[str, ...] = ()
 
     def key(self) -> str:
         fields = asdict(self)
-        if fields["pretext_max_digits"] == 7:  # added later: the demo's base keeps its cache key
-            del fields["pretext_max_digits"]
+        for added_later, default in (("pretext_max_digits", 7), ("vocabulary_words", ())):
+            if fields[added_later] == default:  # added later: the demo's base keeps its cache key
+                del fields[added_later]
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -187,6 +191,8 @@ def _train_tokenizer(params: ToyModelParams, corpus: list[str]) -> Any:
     )
     extra = [SYSTEM_PROMPT, "user", "assistant", "system", TASK_INSTRUCTION, PRETEXT_INSTRUCTION]
     tok.train_from_iterator(corpus + extra * 20, trainer=trainer)
+    if params.vocabulary_words:
+        tok.add_tokens(list(params.vocabulary_words))
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
