@@ -68,3 +68,15 @@ def test_only_positions_before_a_labelled_token_are_kept() -> None:
     # position p predicts token p + 1: tokens 8, 9, 10 are labelled, so positions 7, 8, 9 need logits
     assert kept["logits_to_keep"].tolist() == [7, 8, 9]
     assert kept["shift_labels"].tolist() == [[8, 9, 10]]
+
+
+def test_models_without_logits_to_keep_get_the_full_head() -> None:
+    from finetune_trainer.train import accepts_kept_logits
+    from peft import LoraConfig, get_peft_model
+
+    class NoKeep(torch.nn.Module):
+        def forward(self, input_ids: object, labels: object = None) -> None: ...
+
+    assert accepts_kept_logits(tiny_llama())
+    assert accepts_kept_logits(get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear")))
+    assert not accepts_kept_logits(NoKeep())

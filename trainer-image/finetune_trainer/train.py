@@ -183,6 +183,16 @@ def labelled_positions_only(labels: Any) -> dict[str, Any]:
     return {"logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
 
 
+def accepts_kept_logits(model: Any) -> bool:
+    """Whether the (base) model's forward takes ``logits_to_keep`` and hands loss kwargs (``shift_labels``)
+    on, as transformers' ``...ForCausalLM`` classes do; any other model gets the full LM head."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    return "logits_to_keep" in parameters and any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+
+
 def lean_sft_trainer_class() -> type:
     """TRL's SFTTrainer without per-step costs that buy nothing when the logits are small.
 
@@ -201,6 +211,12 @@ def lean_sft_trainer_class() -> type:
 
     class LeanSFTTrainer(SFTTrainer):  # type: ignore[misc]
         _non_embedding_parameters: int | None = None
+        _head_can_skip_prompt: bool | None = None
+
+        def _keeps_labelled_logits_only(self) -> bool:
+            if self._head_can_skip_prompt is None:
+                self._head_can_skip_prompt = accepts_kept_logits(self.accelerator.unwrap_model(self.model))
+            return self._head_can_skip_prompt
 
         def _fused_head_pays(self, positions: int) -> bool:
             vocab = self.model.config.get_text_config().vocab_size
@@ -216,8 +232,13 @@ def lean_sft_trainer_class() -> type:
                 and self.label_smoother is None
                 and not return_outputs
             )
-            kept = labelled_positions_only(inputs["labels"]) if plain else {}
-            if not plain or self._fused_head_pays(kept["shift_labels"].numel()):
+            kept = (
+                labelled_positions_only(inputs["labels"])
+                if plain and self._keeps_labelled_logits_only()
+                else {}
+            )
+            positions = kept["shift_labels"].numel() if kept else inputs["input_ids"].numel()
+            if not plain or self._fused_head_pays(positions):
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if self.model.training:  # real tokens, counted as TRL counts them (progress lines read it)
                 if "attention_mask" in inputs:
