@@ -31,6 +31,12 @@ __all__ = ["toy_base_dir"]
 
 STEPS = 10
 GLOBAL_BATCH = 8
+# AdamW moves an element by up to ~lr (2e-4) a step whatever its gradient's size, so summing 8 examples in
+# one process vs 4 + 4 across ranks can shift a near-zero gradient element's update: adapters agree to within
+# a fraction of one step's update (6.3e-5 measured on an AMD EPYC, <1e-5 on another CPU). A skipped or
+# duplicated batch or unsynchronised ranks move weights by several steps' worth and change the per-step
+# losses, which are compared to 1e-4 relative.
+WEIGHT_TOLERANCE = 1e-4
 
 
 def _free_port() -> int:
@@ -132,7 +138,7 @@ def test_ddp_matches_one_process_and_resumes_on_another_world_size(
     for prefix in (procs_prefix, pods_prefix):
         other = _adapter(prefix)
         assert other.keys() == weights.keys()
-        assert max(float((weights[k] - other[k]).abs().max()) for k in weights) < 1e-5
+        assert max(float((weights[k] - other[k]).abs().max()) for k in weights) < WEIGHT_TOLERANCE
     # rank 1 of the two pods committed nothing: checkpoints and outputs come from rank 0 only
     assert not (tmp_path / "pods" / "pod-1" / "termination-log").read_text().count('"adapter"')
     for name, metrics in (("1 process", one), ("2 processes, 1 pod", procs), ("2 pods x 1 process", pods)):
@@ -159,7 +165,7 @@ def test_ddp_matches_one_process_and_resumes_on_another_world_size(
     a = _adapter(str(resumed_prefix))
     diff = max(float((a[k] - weights[k]).abs().max()) for k in a)
     scale = max(float(weights[k].abs().max()) for k in weights)
-    assert diff <= 1e-4 * scale, (diff, scale)
+    assert diff < WEIGHT_TOLERANCE, (diff, scale)
     print(
         f"resume 2 -> 1 ranks at step 5 of {STEPS}: max |weight difference| {diff:.3g} "
         f"(largest weight {scale:.3g}) vs the uninterrupted 1-rank run; "
