@@ -230,11 +230,11 @@ def lean_sft_trainer_class() -> type:
                 and not self.aux_loss_enabled
                 and self.compute_loss_func is None
                 and self.label_smoother is None
-                and not return_outputs
             )
+            # evaluation (return_outputs) keeps every position's logits: callers may read them
             kept = (
                 labelled_positions_only(inputs["labels"])
-                if plain and self._keeps_labelled_logits_only()
+                if plain and not return_outputs and self._keeps_labelled_logits_only()
                 else {}
             )
             positions = kept["shift_labels"].numel() if kept else inputs["input_ids"].numel()
@@ -248,7 +248,7 @@ def lean_sft_trainer_class() -> type:
                 self._total_train_tokens += tokens
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return Trainer.compute_loss(
-                self, model, {**inputs, **kept, "use_cache": False}, False, num_items_in_batch
+                self, model, {**inputs, **kept, "use_cache": False}, return_outputs, num_items_in_batch
             )
 
         def create_accelerator_and_postprocess(self) -> None:
