@@ -184,13 +184,13 @@ def labelled_positions_only(labels: Any) -> dict[str, Any]:
 
 
 def accepts_kept_logits(model: Any) -> bool:
-    """Whether the (base) model's forward takes ``logits_to_keep`` and hands loss kwargs (``shift_labels``)
-    on, as transformers' ``...ForCausalLM`` classes do; any other model gets the full LM head."""
+    """Whether the (base) model's forward takes ``logits_to_keep``, as transformers' ``...ForCausalLM``
+    classes do; any other model gets the full LM head."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
-    return "logits_to_keep" in parameters and any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    from transformers.trainer_utils import unwrap_peft_model
+
+    return "logits_to_keep" in inspect.signature(unwrap_peft_model(model).forward).parameters
 
 
 def lean_sft_trainer_class() -> type:
@@ -211,12 +211,11 @@ def lean_sft_trainer_class() -> type:
 
     class LeanSFTTrainer(SFTTrainer):  # type: ignore[misc]
         _non_embedding_parameters: int | None = None
-        _head_can_skip_prompt: bool | None = None
 
-        def _keeps_labelled_logits_only(self) -> bool:
-            if self._head_can_skip_prompt is None:
-                self._head_can_skip_prompt = accepts_kept_logits(self.accelerator.unwrap_model(self.model))
-            return self._head_can_skip_prompt
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # shift_labels reaches the loss as a loss kwarg, which the HF Trainer has already checked for
+            self._head_skips_prompt = self.model_accepts_loss_kwargs and accepts_kept_logits(self.model)
 
         def _fused_head_pays(self, positions: int) -> bool:
             vocab = self.model.config.get_text_config().vocab_size
@@ -234,7 +233,7 @@ def lean_sft_trainer_class() -> type:
             # evaluation (return_outputs) keeps every position's logits: callers may read them
             kept = (
                 labelled_positions_only(inputs["labels"])
-                if plain and not return_outputs and self._keeps_labelled_logits_only()
+                if plain and not return_outputs and self._head_skips_prompt
                 else {}
             )
             positions = kept["shift_labels"].numel() if kept else inputs["input_ids"].numel()
