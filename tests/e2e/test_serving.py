@@ -76,14 +76,15 @@ def _meminfo() -> dict[str, int]:
     return {f[0].rstrip(":"): int(f[1]) * 1024 for f in fields if len(f) >= 2 and f[1].isdigit()}
 
 
-# Allocates and touches every page of N bytes, says so, and holds them until killed.
+# Allocates and touches every page of N bytes, says so, and holds them until killed or until its stdin
+# closes (the test process died without its finally).
 _HOG = (
-    "import signal, sys\n"
+    "import sys\n"
     "n = int(sys.argv[1])\n"
     "held = bytearray(n)\n"
     "held[::4096] = b'\\x01' * len(range(0, n, 4096))\n"
     "print('held', flush=True)\n"
-    "signal.pause()\n"
+    "sys.stdin.read()\n"
 )
 
 
@@ -92,7 +93,10 @@ def memory_hog(fraction: float) -> Iterator[None]:
     """Another process on the host holding `fraction` of its memory, as a busy node has."""
     total = _meminfo()["MemTotal"]
     hog = subprocess.Popen(
-        [sys.executable, "-c", _HOG, str(int(total * fraction))], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _HOG, str(int(total * fraction))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert hog.stdout is not None and hog.stdout.readline().strip() == "held", "the hog did not start"
