@@ -31,6 +31,7 @@ from .schema import (
     SERVER_NEEDS_ADAPTER_MODE,
     SERVER_NEEDS_EVALUATION,
     SERVER_NEEDS_MODEL_NAME,
+    SERVING_GPUS_ON_CPU,
     VLLM_MAX_LORA_RANK,
     ObjectModel,
     SpecError,
@@ -41,6 +42,7 @@ from .schema import (
 )
 from .sections import (
     ALL_METRICS,
+    CPU_GPU_TYPE,
     BaseModelSpec,
     CheckpointSpec,
     DatasetFormat,
@@ -61,6 +63,8 @@ from .sections import (
     Threshold,
     Toleration,
     TrackingSpec,
+    default_gpus,
+    serving_gpus_default,
 )
 from .status import FineTuneJobStatus, ObjectMeta
 
@@ -154,6 +158,13 @@ _SPEC_RULES = (
     ),
     *_SERVER_RULES,
     rule(
+        "!has(self.deployment) || !has(self.deployment.gpus) || self.deployment.gpus == 0 || "
+        "(has(self.deployment.gpuType) ? self.deployment.gpuType : "
+        "(has(self.resources) && has(self.resources.gpuType) ? self.resources.gpuType : '')) "
+        f"!= '{CPU_GPU_TYPE}'",
+        SERVING_GPUS_ON_CPU,
+    ),
+    rule(
         "!has(self.storage) || !has(self.storage.output) || !has(self.baseModel) "
         "|| !has(self.baseModel.uri) || !(self.storage.output + '/').startsWith("
         "self.baseModel.uri.endsWith('/') ? self.baseModel.uri : self.baseModel.uri + '/')",
@@ -237,6 +248,14 @@ class FineTuneJobSpec(SpecModel):
     )
     max_retries: int = Field(default=3, ge=0, le=20, description="Retries of transient stage failures.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _serving_gpus_follow_type(cls, data: Any) -> Any:
+        """Unset deployment.gpus follows the serving GPU type (sections.serving_gpus_default)."""
+        if not isinstance(data, dict) or not isinstance(data.get("deployment", {}), (dict, DeploymentSpec)):
+            return data  # not a spec: the field checks name what is wrong
+        return {**data, "deployment": default_gpus(data.get("deployment", {}), serving_gpus_default(data))}
+
     @model_validator(mode="after")
     def _cross_field(self) -> FineTuneJobSpec:
         if self.method == "qlora" and self.resources.gpus < 1:
@@ -250,6 +269,8 @@ class FineTuneJobSpec(SpecModel):
         if self.lora.rank > VLLM_MAX_LORA_RANK and self.deployment.serves_adapter(self.method):
             raise ValueError(LORA_RANK_UNSERVABLE)
         deployment = self.deployment
+        if deployment.gpus > 0 and (deployment.gpu_type or self.resources.gpu_type) == CPU_GPU_TYPE:
+            raise ValueError(SERVING_GPUS_ON_CPU)
         if (deployment.server is None) != (deployment.model_name is None):
             raise ValueError(SERVER_NEEDS_MODEL_NAME)
         if deployment.server is not None and self.method == "full":

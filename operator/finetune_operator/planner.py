@@ -349,8 +349,11 @@ class Pipeline(Planner):
                 self.out.create.clear()  # nothing serves until the name is free
                 return
             self.out.create.append(desired)
-            self.condition(row.condition, "Unknown", row.running, f"created Deployment {name}")
-            self.phase(row.phase, row.running)
+            # A GPU type without GPUs in the operator's table is served on CPU; the phase Event says so.
+            note = serving.job_vllm_compute(self.job, self.config).note
+            created = f"created Deployment {name}" + (f"; {note}" if note else "")
+            self.condition(row.condition, "Unknown", row.running, created)
+            self.phase(row.phase, row.running, note or "")
         elif _annotation(existing) != _annotation(desired):
             self.out.patch.append(ChildPatch("Deployment", name, _rollout(desired), patch_type="json"))
             self.condition(row.condition, "Unknown", row.running, "rolling out the changed deployment")

@@ -102,6 +102,12 @@ SERVER_NEEDS_EVALUATION = (
     "deployment.server promotes a version only when it is not worse than the one serving: evaluation.enabled "
     "must be true"
 )
+# A cpu GPU type has no GPUs: a GPU count above 0 with it is a contradiction, never silently served.
+SERVING_GPUS_ON_CPU = (
+    "deployment.gpus must be 0 or unset when the serving gpuType (deployment.gpuType, or resources.gpuType "
+    "when that is unset) is cpu: a cpu type has no GPUs"
+)
+POOL_GPUS_ON_CPU = "gpus must be 0 or unset when gpuType is cpu: a cpu type has no GPUs"
 VLLM_MAX_LORA_RANK = 512
 IMMUTABLE_FIELDS = ("baseModel", "dataset", "method", "lora", "hyperparameters")
 
@@ -129,6 +135,8 @@ RULE_FIELD = {
     SERVER_NEEDS_ADAPTER: ".method",
     SERVER_NEEDS_ADAPTER_MODE: ".deployment.mode",
     SERVER_NEEDS_EVALUATION: ".evaluation.enabled",
+    SERVING_GPUS_ON_CPU: ".deployment.gpus",
+    POOL_GPUS_ON_CPU: ".gpus",
 }
 
 

@@ -186,8 +186,7 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
         baseModel={"uri": jobs.assets["model"]},
         adapterSources=[jobs.assets["output"]],
         replicas=2,
-        gpus=0,
-        gpuType="cpu",
+        gpuType="cpu",  # no gpus: a cpu type serves with 0 GPUs and the CPU KV cache setting (issue 20)
         maxLoras=4,
         maxLoraRank=8,
         maxModelLen=256,

@@ -165,6 +165,16 @@ CASES = [
         lambda o: o["spec"].update(method="qlora", resources={"gpus": 0}),
         "spec.resources.gpus",
     ),
+    Case(  # issue 20: a cpu type has no GPUs; the message names deployment.gpus and the gpuType
+        "serving-gpus-on-cpu-training-type",
+        lambda o: o["spec"].update(resources={"gpuType": "cpu"}, deployment={"gpus": 2}),
+        "spec.deployment.gpus",
+    ),
+    Case(
+        "serving-gpus-on-cpu-serving-type",
+        lambda o: o["spec"].update(deployment={"gpus": 1, "gpuType": "cpu"}),
+        "spec.deployment.gpus",
+    ),
     Case(
         "adapter-with-full",
         lambda o: o["spec"].update(method="full", deployment={"mode": "adapter"}),
