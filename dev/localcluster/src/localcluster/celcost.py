@@ -804,7 +804,7 @@ def _collect(node: dict[str, Any], path: str, cardinality: int | None, out: list
             for i, rule in enumerate(rules):
                 for key in ("rule", "messageExpression"):
                     if rule.get(key):
-                        raw = rule_cost(rule[key], decl)
+                        raw = _rule_cost_or_zero(rule[key], decl)
                         total = 0 if raw == 0 else min(raw * times, U64)
                         where = f"{path}.x-kubernetes-validations[{i}].{key}"
                         out.append(RuleCost(where, rule[key], raw, times, total))
@@ -816,6 +816,15 @@ def _collect(node: dict[str, Any], path: str, cardinality: int | None, out: list
         _collect(node["items"], f"{path}.items", below, out)
     if isinstance(node.get("additionalProperties"), dict):
         _collect(node["additionalProperties"], f"{path}.additionalProperties", below, out)
+
+
+def _rule_cost_or_zero(expression: str, decl: Decl) -> int:
+    """An expression this estimator cannot parse (syntax beyond our grammar: optionals, cel.bind, ...) is
+    not counted rather than refused: the emulator must never refuse a CRD that kube-apiserver accepts."""
+    try:
+        return rule_cost(expression, decl)
+    except Exception:  # Lark's parse errors and constructs the converter does not know
+        return 0
 
 
 def _child_factor(node: dict[str, Any]) -> int | None:
