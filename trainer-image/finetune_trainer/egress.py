@@ -204,6 +204,9 @@ def post_json(
             raise OSError(f"HTTP Error {response.status}: {response.reason}")
         if len(data) > MAX_RESPONSE_BYTES:
             raise ValueError(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
-        return json.loads(data)
+        try:
+            return json.loads(data)
+        except RecursionError:  # a hostile endpoint's deeply nested answer is a bad answer, not a crash
+            raise ValueError("answer nested too deeply to parse") from None
     finally:
         conn.close()
