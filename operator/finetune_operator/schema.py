@@ -103,7 +103,7 @@ SERVER_NEEDS_EVALUATION = (
     "must be true"
 )
 VLLM_MAX_LORA_RANK = 512
-IMMUTABLE_FIELDS = ("baseModel", "dataset", "method", "lora", "hyperparameters")
+IMMUTABLE_FIELDS = ("baseModel", "dataset", "method", "lora", "hyperparameters", "storage.output")
 
 
 class SpecError(ValueError):

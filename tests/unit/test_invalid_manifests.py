@@ -303,6 +303,12 @@ CASES = [
     Case("update-method", at("spec.method", "full"), "spec.method", update=True),
     Case("update-lora-rank", at("spec.lora.rank", 64), "spec.lora", update=True),
     Case("update-epochs", at("spec.hyperparameters.epochs", 5), "spec.hyperparameters", update=True),
+    Case(
+        "update-storage-output",
+        at("spec.storage.output", "s3://other-bucket/runs"),
+        "spec.storage.output",
+        update=True,
+    ),
     # oversized strings and lists
     Case("uri-too-long", at("spec.baseModel.uri", "s3://models-bucket/" + "a" * 1100), "spec.baseModel.uri"),
     Case(
@@ -391,6 +397,7 @@ def test_mutable_fields_may_change_on_update(validator: CRDValidator) -> None:
     new["spec"]["suspend"] = True
     new["spec"]["deployment"]["replicas"] = 3
     new["spec"]["evaluation"]["thresholds"] = [{"metric": "loss", "max": 2.0}]
+    new["spec"]["storage"]["credentialsSecret"] = "rotated-credentials"
     assert validator.admit(new, old=stored)["spec"]["suspend"] is True
     check_update(parse_finetunejob(stored).spec, parse_finetunejob(new).spec)
 
