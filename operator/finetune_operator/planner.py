@@ -188,7 +188,7 @@ class Pipeline(Planner):
         unfinished = [r for r in STAGES if r.owns_condition and not self.done(r.condition)]
         message = (
             f"storage.output changed after the run started: its artifacts are under {recorded}, not "
-            f"{self.job.run_prefix}; set storage.output back, or create a new FineTuneJob"
+            f"{self.job.run_prefix}; to write elsewhere, create a new FineTuneJob"
         )
         self.fail((unfinished or STAGES)[0].stage, Reason.INVALID_CONFIG, message)
         return False
