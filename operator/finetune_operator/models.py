@@ -228,7 +228,16 @@ class FineTuneJobSpec(SpecModel):
     resources: ResourcesSpec = Field(
         default_factory=ResourcesSpec, json_schema_extra={"default": {}}, description="Compute for training."
     )
-    storage: StorageSpec = Field(description="Artifact storage and credentials.")
+    storage: StorageSpec = Field(
+        description="Artifact storage and credentials (output is immutable: the run's artifacts live there).",
+        # from creation on: a transition rule cannot see status, and validate writes there first
+        json_schema_extra=validations(
+            {
+                **rule("self.output == oldSelf.output", IMMUTABLE.format(field="storage.output")),
+                "fieldPath": ".output",
+            }
+        ),
+    )
     evaluation: EvaluationSpec = Field(
         default_factory=EvaluationSpec,
         json_schema_extra={"default": {}},
@@ -319,7 +328,7 @@ def check_update(old: FineTuneJobSpec, new: FineTuneJobSpec) -> None:
     errors = [
         (f"spec.{field}", IMMUTABLE.format(field=field))
         for field in IMMUTABLE_FIELDS
-        if getattr(old, _snake(field)) != getattr(new, _snake(field))
+        if _field(old, field) != _field(new, field)
     ]
     if errors:
         raise SpecError(errors)
@@ -327,6 +336,13 @@ def check_update(old: FineTuneJobSpec, new: FineTuneJobSpec) -> None:
 
 def _snake(name: str) -> str:
     return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name)
+
+
+def _field(spec: FineTuneJobSpec, path: str) -> Any:
+    value: Any = spec
+    for part in path.split("."):
+        value = getattr(value, _snake(part))
+    return value
 
 
 def spec_to_dict(spec: FineTuneJobSpec) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def termination_of(pod: Mapping[str, Any], container: str = TRAINER_CONTAINER) -
         message, summary = raw.strip(), {}  # type: tuple[str, Any]
         try:
             document = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # 4 KiB of "[" is deeper than Python parses
             document = None
         if isinstance(document, Mapping):
             message = str(document.get("message") or "")

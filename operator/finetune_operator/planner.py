@@ -152,6 +152,8 @@ class Pipeline(Planner):
 
     def advance(self) -> None:
         self.status["retries"] = max(int(self.status.get("retries") or 0), restarts(self.o)) or None
+        if not self.output_unchanged():
+            return
         self.status["artifacts"] = {"runPrefix": self.job.run_prefix, **(self.status.get("artifacts") or {})}
         if not self.policy_allows():
             return
@@ -177,6 +179,19 @@ class Pipeline(Planner):
 
     def training_started(self) -> bool:
         return self.done(ConditionType.TRAINED) or self.o.children.get(Stage.TRAIN) is not None
+
+    def output_unchanged(self) -> bool:
+        """storage.output is immutable (CRD rule); if it changed anyway, say so, not as a missing dataset."""
+        recorded = (self.status.get("artifacts") or {}).get("runPrefix")
+        if not recorded or recorded == self.job.run_prefix:
+            return True
+        unfinished = [r for r in STAGES if r.owns_condition and not self.done(r.condition)]
+        message = (
+            f"storage.output changed after the run started: its artifacts are under {recorded}, not "
+            f"{self.job.run_prefix}; to write elsewhere, create a new FineTuneJob"
+        )
+        self.fail((unfinished or STAGES)[0].stage, Reason.INVALID_CONFIG, message)
+        return False
 
     def policy_allows(self) -> bool:
         """The static rules, until training starts: a violating job fails before any (more) pods run."""

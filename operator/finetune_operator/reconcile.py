@@ -58,7 +58,7 @@ def newest_progress(log_text: str) -> dict[str, Any] | None:
             continue
         try:
             document = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a log line is not trusted to be shallow
             continue
         if isinstance(document, dict) and document.get("event") == "progress":
             return document

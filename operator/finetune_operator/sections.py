@@ -13,7 +13,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, check_extra_args
 from .modelnames import ModelName, model_name_problem
 from .schema import (
-    HTTP_URL_PATTERN,
     LABEL_VALUE_PATTERN,
     MODULE_NAME_PATTERN,
     PRIMARY_METRIC_UNKNOWN,
@@ -24,6 +23,7 @@ from .schema import (
     THRESHOLD_ONE_BOUND,
     DNSLabel,
     DNSSubdomain,
+    EgressURL,
     OutputURI,
     Quantity,
     SourceURI,
@@ -261,7 +261,7 @@ class SecretKeyRef(SpecModel):
 class ReferenceSpec(SpecModel):
     """An OpenAI-compatible model scored on the same prompts, for comparison only."""
 
-    url: str = Field(max_length=2048, pattern=HTTP_URL_PATTERN, description="Base URL, e.g. https://host/v1.")
+    url: EgressURL = Field(description="Base URL, e.g. https://host/v1.")
     model: str = Field(
         min_length=1, max_length=256, pattern=r"^[^\s]+$", description="Model name to request."
     )
@@ -435,10 +435,8 @@ TRACKING_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
 class MlflowTrackingSpec(SpecModel):
     """Log the run to an MLflow tracking server and register the accepted model (docs/tracking.md)."""
 
-    tracking_uri: str | None = Field(
+    tracking_uri: EgressURL | None = Field(
         default=None,
-        max_length=2048,
-        pattern=HTTP_URL_PATTERN,
         description="MLflow tracking server, e.g. http://mlflow.mlflow.svc:5000; default: the operator's "
         "tracking.mlflow.defaultTrackingUri.",
     )

@@ -89,3 +89,29 @@ def test_a_gpu_count_on_a_cpu_type_is_refused_by_the_api_naming_both_fields(
     }
     error = refused(server)
     assert "spec.gpus: " in error and "gpuType is cpu" in error
+
+
+def test_storage_output_cannot_change_but_its_credentials_can(
+    kubectl: Kubectl, namespace: str, tmp_path: Path
+) -> None:
+    kubectl("apply", "-f", str(CRD))
+    kubectl("wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=10s")
+    job: dict[str, Any] = yaml.safe_load(DEMO.read_text())
+    job["spec"]["suspend"] = True  # an operator watching the cluster starts no pod for it
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(job))
+    kubectl("apply", "-n", namespace, "-f", str(manifest))
+
+    job["spec"]["storage"]["output"] = "s3://finetune-demo/elsewhere"
+    manifest.write_text(yaml.safe_dump(job))
+    result = kubectl("apply", "-n", namespace, "-f", str(manifest), check=False)
+    assert result.returncode != 0
+    assert 'The FineTuneJob "tiny-demo" is invalid' in result.stderr
+    assert "spec.storage.output: Invalid value" in result.stderr
+    assert "storage.output is immutable once set" in result.stderr
+
+    job["spec"]["storage"]["output"] = "s3://finetune-demo/runs"
+    job["spec"]["storage"]["credentialsSecret"] = "rotated-s3-credentials"
+    manifest.write_text(yaml.safe_dump(job))
+    assert "configured" in kubectl("apply", "-n", namespace, "-f", str(manifest)).stdout
+    kubectl("delete", "-n", namespace, "-f", str(manifest), "--wait=false")

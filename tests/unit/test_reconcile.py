@@ -317,6 +317,13 @@ async def test_training_progress_is_read_from_the_log_tail() -> None:
         ('{"event": "progress", "step": 3}\n{"event": "log"}', 3),
         ('{"event": "progress", "step": 3}\n{"event": "progress", "step": 4}', 4),
         ('{"event": "progress"', None),
+        (
+            '{"event": "progress", "step": 5}\n{"event": "progress", "x": '
+            + "[" * 100_000
+            + "]" * 100_000
+            + "}",
+            5,
+        ),
     ],
 )
 def test_newest_progress(text: str, step: int | None) -> None:

@@ -2457,6 +2457,12 @@ class ApiServer:
                     }
                 }
             )
+        if path == "/openapi/v2":
+            if openapi.SWAGGER_PROTOBUF in request.headers.get("Accept", ""):
+                return web.Response(
+                    body=openapi.swagger_protobuf(), content_type=openapi.SWAGGER_PROTOBUF_RESPONSE
+                )
+            return self._json(openapi.swagger_document())
         if path.startswith("/openapi/v3/"):
             gv = path[len("/openapi/v3/") :]
             documents = self._openapi_documents()
