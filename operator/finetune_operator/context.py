@@ -125,6 +125,8 @@ class JobRecord:
     built: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)  # Observed.built
     # Objects carrying the job's labels that are not its children, and name conflicts, already logged.
     ignored: set[str] = field(default_factory=set)
+    # The nonce of each child this process is creating, by "<kind>/<name>" (ownership.py: status.children).
+    nonces: dict[str, str] = field(default_factory=dict)
 
     def spec(self) -> ParsedSpec:
         """The parsed spec of the current generation, parsed once per generation."""
@@ -203,9 +205,12 @@ class Context:
         return created is not None and snapshot(body)["status"] == created["status"]
 
     def children(self, uid: str, namespace: str) -> Children:
-        """The job's children: watch-cache objects with its label that its controller ownerReference
-        confirms (ownership.py), plus the ones this process created that the cache has not shown yet."""
-        found, ignored = ownership.owned_children(self._labelled(uid), namespace, uid)
+        """The job's children: watch-cache objects with its label that its controller ownerReference and
+        its status.children confirm (ownership.py), plus the ones this process created that the cache has
+        not shown yet."""
+        record = self.records.get(uid)
+        records = ownership.records_of((record.body.get("status") or {}) if record else {})
+        found, ignored = ownership.owned_children(self._labelled(uid), namespace, uid, records)
         self._log_ignored(uid, ignored)
         return found
 
@@ -217,8 +222,8 @@ class Context:
             if key not in seen:
                 seen.add(key)
                 log.warning(
-                    "ignoring %s: it carries the labels of FineTuneJob uid %s but is not controlled by it "
-                    "in its namespace",
+                    "ignoring %s: it carries the labels of FineTuneJob uid %s but is not its child (no "
+                    "controller reference in its namespace, or not created by the operator)",
                     ownership.describe(obj),
                     uid,
                 )

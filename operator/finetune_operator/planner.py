@@ -88,6 +88,8 @@ class Planner:
             for kind in ConditionType:
                 self.condition(kind, "Unknown", Reason.PENDING, "not started")
             self.status.setdefault("startTime", timestamp(self.o.now))
+            # the operator's record of the children it creates (ownership.py): present from the start
+            self.status.setdefault("children", {})
         self.status["observedGeneration"] = self.o.generation
         if self.old_phase in TERMINAL_PHASES:
             return self.finish(keep_phase=True)
