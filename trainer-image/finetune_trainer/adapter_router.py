@@ -515,146 +515,143 @@ class PublicServer(HTTPServer):
             slot.release()
 
 
-def proxy_handler(router: Router, bodies: Budget | None = None) -> type[BaseHTTPRequestHandler]:
-    budget = bodies or Budget(BODY_BUDGET)
+class Proxy(BaseHTTPRequestHandler):
+    """The public port: the allow-listed OpenAI paths, routed and forwarded to vLLM (see proxy_handler)."""
 
-    class Proxy(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = IDLE_SECONDS
+    router: Router
+    budget: Budget
 
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("proxy: " + format, *args)
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_SECONDS
 
-        def do_GET(self) -> None:
-            self.serve()
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("proxy: " + format, *args)
 
-        do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+    def do_GET(self) -> None:
+        self.serve()
 
-        def serve(self) -> None:
-            path = public_path(self.path)
-            if path is None:
-                listed = ", ".join(sorted(PUBLIC_ROUTES))
-                _refuse(
-                    self, 404, f"not found: this port serves {listed}", "invalid_request_error", "not_found"
-                )
-                return
-            if self.command not in PUBLIC_ROUTES[path]:
-                allowed = ", ".join(sorted(PUBLIC_ROUTES[path]))
-                _refuse(self, 405, f"{path} takes {allowed}", "invalid_request_error", "method_not_allowed")
-                return
-            if path == "/v1/models":
-                self.models()
-                return
-            size = self.body_size()
-            if size is None:
-                return
-            if not budget.take(size, BODY_WAIT):
-                _refuse(
-                    self,
-                    503,
-                    "the router holds too many request bodies; retry",
-                    "server_error",
-                    "overloaded",
-                    size,
-                )
-                return
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def serve(self) -> None:
+        path = public_path(self.path)
+        if path is None:
+            listed = ", ".join(sorted(PUBLIC_ROUTES))
+            _refuse(self, 404, f"not found: this port serves {listed}", "invalid_request_error", "not_found")
+            return
+        if self.command not in PUBLIC_ROUTES[path]:
+            allowed = ", ".join(sorted(PUBLIC_ROUTES[path]))
+            _refuse(self, 405, f"{path} takes {allowed}", "invalid_request_error", "method_not_allowed")
+            return
+        if path == "/v1/models":
+            self.models()
+            return
+        size = self.body_size()
+        if size is None:
+            return
+        if not self.budget.take(size, BODY_WAIT):
+            message = "the router holds too many request bodies at once; retry"
+            _refuse(self, 503, message, "server_error", "overloaded", size)
+            return
+        try:
+            body, model = route_body(self.rfile.read(size), self.router.routes)
+            answer = self.upstream(path, body, model)
+            del body
+        finally:
+            self.budget.give(size)
+        if answer is not None:
             try:
-                body, model = route_body(self.rfile.read(size), router.routes)
-                answer = self.upstream(path, body, model)
-                del body
+                self.relay(answer[1])
+            except OSError as exc:  # the client or vLLM went away mid-answer
+                log.info("relaying %s ended early: %s", path, exc)
+                self.close_connection = True
             finally:
-                budget.give(size)
-            if answer is not None:
-                try:
-                    self.relay(answer[1])
-                except OSError as exc:  # the client or vLLM went away mid-answer
-                    log.info("relaying %s ended early: %s", path, exc)
-                    self.close_connection = True
-                finally:
-                    answer[0].close()
+                answer[0].close()
 
-        def body_size(self) -> int | None:
-            """The request body's length, or None after refusing it (chunked, bad or over MAX_BODY)."""
-            if "Transfer-Encoding" in self.headers:
-                message = "send the body with a Content-Length (chunked request bodies are not accepted)"
-                _refuse(self, 411, message, "invalid_request_error", "length_required", 1)
-                return None
-            try:
-                size = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                size = -1
-            if size < 0:
-                _refuse(self, 400, "bad Content-Length", "invalid_request_error", "bad_request", 1)
-                return None
-            if size > MAX_BODY:
-                limit = f"{MAX_BODY} bytes ({MAX_BODY // 2**20} MiB)"
-                message = f"the request body is {size} bytes; this server accepts at most {limit}"
-                _refuse(self, 413, message, "invalid_request_error", "request_too_large", size)
-                return None
-            return size
+    def body_size(self) -> int | None:
+        """The request body's length, or None after refusing it (chunked, bad or over MAX_BODY)."""
+        if "Transfer-Encoding" in self.headers:
+            message = "send the body with a Content-Length (chunked request bodies are not accepted)"
+            _refuse(self, 411, message, "invalid_request_error", "length_required", 1)
+            return None
+        try:
+            size = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            size = -1
+        if size < 0:
+            _refuse(self, 400, "bad Content-Length", "invalid_request_error", "bad_request", 1)
+            return None
+        if size > MAX_BODY:
+            limit = f"{MAX_BODY} bytes ({MAX_BODY // 2**20} MiB)"
+            message = f"the request body is {size} bytes; this server accepts at most {limit}"
+            _refuse(self, 413, message, "invalid_request_error", "request_too_large", size)
+            return None
+        return size
 
-        def upstream(self, path: str, body: bytes, model: str | None) -> Answer | None:
-            """vLLM's answer to the request (normalised path, routed body); a 404 for a version this router
-            loaded makes it load what vLLM lost and ask once more. None after answering 502 itself."""
-            drop = HOP_HEADERS | {"content-length"}
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
-            if body or self.command != "GET":
-                headers["Content-Length"] = str(len(body))
-            answer = self.ask(path, body, headers)
-            if answer is None or answer[1].status != 404 or model not in router.loaded:
-                return answer
-            answer[1].read(CHUNK)  # vLLM's "The model ... does not exist."
-            answer[0].close()
-            try:
-                router.repair()
-            except Exception as exc:  # answered with vLLM's 404 below; the periodic check retries
-                log.warning("reloading %s failed: %s", model, exc)
-            return self.ask(path, body, headers)
+    def upstream(self, path: str, body: bytes, model: str | None) -> Answer | None:
+        """vLLM's answer to the request (normalised path, routed body); a 404 for a version this router
+        loaded makes it load what vLLM lost and ask once more. None after answering 502 itself."""
+        drop = HOP_HEADERS | {"content-length"}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
+        if body or self.command != "GET":
+            headers["Content-Length"] = str(len(body))
+        answer = self.ask(path, body, headers)
+        if answer is None or answer[1].status != 404 or model not in self.router.loaded:
+            return answer
+        answer[1].read(CHUNK)  # vLLM's "The model ... does not exist."
+        answer[0].close()
+        try:
+            self.router.repair()
+        except Exception as exc:  # answered with vLLM's 404 below; the periodic check retries
+            log.warning("reloading %s failed: %s", model, exc)
+        return self.ask(path, body, headers)
 
-        def ask(self, path: str, body: bytes, headers: Mapping[str, str]) -> Answer | None:
-            conn = router.vllm.connection()
-            try:
-                conn.request(self.command, path, body=body or None, headers=dict(headers))
-                return conn, conn.getresponse()
-            except OSError as exc:
-                conn.close()
-                _refuse(self, 502, f"the model server did not answer: {exc}", "server_error", "bad_gateway")
-                return None
+    def ask(self, path: str, body: bytes, headers: Mapping[str, str]) -> Answer | None:
+        conn = self.router.vllm.connection()
+        try:
+            conn.request(self.command, path, body=body or None, headers=dict(headers))
+            return conn, conn.getresponse()
+        except OSError as exc:
+            conn.close()
+            _refuse(self, 502, f"the model server did not answer: {exc}", "server_error", "bad_gateway")
+            return None
 
-        def relay(self, response: http.client.HTTPResponse) -> None:
-            """vLLM's answer, streamed through in chunks as they come (SSE included), never held whole."""
-            self.send_response(response.status)
-            for key, value in response.getheaders():
-                if key.lower() not in HOP_HEADERS | {"content-length"}:
-                    self.send_header(key, value)
-            length = response.getheader("Content-Length")
-            if length is not None:
-                self.send_header("Content-Length", length)
-                self.end_headers()
-                sent = 0
-                while chunk := response.read1(CHUNK):
-                    self.wfile.write(chunk)
-                    sent += len(chunk)
-                self.close_connection = self.close_connection or sent != int(length)
-                return
-            self.send_header("Transfer-Encoding", "chunked")
+    def relay(self, response: http.client.HTTPResponse) -> None:
+        """vLLM's answer, streamed through in chunks as they come (SSE included), never held whole."""
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in HOP_HEADERS | {"content-length"}:
+                self.send_header(key, value)
+        length = response.getheader("Content-Length")
+        if length is not None:
+            self.send_header("Content-Length", length)
             self.end_headers()
+            sent = 0
             while chunk := response.read1(CHUNK):
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            self.wfile.write(b"0\r\n\r\n")
+                self.wfile.write(chunk)
+                sent += len(chunk)
+            self.close_connection = self.close_connection or sent != int(length)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        while chunk := response.read1(CHUNK):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.write(b"0\r\n\r\n")
 
-        def models(self) -> None:
-            try:
-                status, body = router.vllm.call("GET", "/v1/models", timeout=30)
-            except OSError as exc:
-                status, body = 0, str(exc).encode()
-            if status != 200:
-                message = f"the model server's /v1/models answered {status}: {body[:200]!r}"
-                _refuse(self, 502, message, "server_error", "bad_gateway")
-                return
-            _send(self, 200, with_stable_names(json.loads(body), router.routes))
+    def models(self) -> None:
+        try:
+            status, body = self.router.vllm.call("GET", "/v1/models", timeout=30)
+        except OSError as exc:
+            status, body = 0, str(exc).encode()
+        if status != 200:
+            message = f"the model server's /v1/models answered {status}: {body[:200]!r}"
+            _refuse(self, 502, message, "server_error", "bad_gateway")
+            return
+        _send(self, 200, with_stable_names(json.loads(body), self.router.routes))
 
-    return Proxy
+
+def proxy_handler(router: Router, bodies: Budget | None = None) -> type[BaseHTTPRequestHandler]:
+    """The public port's handler for `router`; `bodies` bounds the request bodies held at once."""
+    return type("Proxy", (Proxy,), {"router": router, "budget": bodies or Budget(BODY_BUDGET)})
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
