@@ -77,8 +77,9 @@ HOP_HEADERS = frozenset(
         "expect",
     }
 )
-# 2 MiB: a full 128k-token context of plain text is ~0.5 MiB of JSON; the cap bounds what one request costs
-# to parse and re-serialise (about 6x its size, briefly).
+# 2 MiB: a full 128k-token context of plain text is ~0.5 MiB of JSON. Parsing and re-serialising a body
+# briefly costs ~10x its size (measured: a 60 MiB chat body peaked at 653 MiB RSS), so the cap and the budget
+# bound the public port at ~350 MiB of bodies in flight (the container's limit is 1 GiB).
 MAX_BODY = 2 * 2**20
 BODY_BUDGET = 32 * 2**20  # request bodies held at once by the public port (a request waits for room)
 BODY_WAIT = 30.0  # seconds a request waits for room in BODY_BUDGET before a 503
