@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -482,3 +483,21 @@ def test_names_and_uris_with_a_final_newline_or_control_characters_are_refused(
     status, answer = call(admin + "/state", "PUT", state)
     assert status == 400 and words in answer["error"]
     assert vllm.calls == [] and router.loaded == {}
+
+
+def test_the_body_of_a_refused_request_is_never_read_as_a_next_request(
+    router: Router, vllm: FakeVllm, admin: str, public: str
+) -> None:
+    promoted(router, admin)
+    before = list(vllm.requests)
+    inner = json.dumps({"model": "bot"}).encode()
+    smuggled = b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(inner), inner)
+    outer = b"POST /v1/unload_lora_adapter HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+    url = urllib.parse.urlsplit(public)
+    with socket.create_connection((url.hostname or "", url.port or 0), timeout=10) as sock:
+        sock.sendall(outer + smuggled)
+        received = b""
+        while chunk := sock.recv(65536):  # the router closes the connection after its one answer
+            received += chunk
+    assert received.count(b"HTTP/1.1 ") == 1 and received.startswith(b"HTTP/1.1 404")
+    assert vllm.requests == before

@@ -415,7 +415,7 @@ def _refuse(
 ) -> None:
     """An OpenAI-style error. With `unread` body bytes left (or a 503) the connection closes, after the body
     is drained (up to MAX_DRAIN), so the client reads this answer rather than a reset."""
-    close = bool(unread) or status >= 500
+    close = bool(unread) or status >= 500 or handler.close_connection
     headers = {"Connection": "close", **({"Retry-After": "1"} if status == 503 else {})} if close else {}
     _send(
         handler, status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers
@@ -451,6 +451,14 @@ class Budget:
             self.cond.notify_all()
 
 
+def _declared_length(handler: BaseHTTPRequestHandler) -> int:
+    """The request's Content-Length, 0 when absent or unreadable."""
+    try:
+        return max(int(handler.headers.get("Content-Length") or 0), 0)
+    except ValueError:
+        return 0
+
+
 class Busy(BaseHTTPRequestHandler):
     """What a connection beyond MAX_CONNECTIONS gets: 503 to its first request, then the connection closes."""
 
@@ -466,12 +474,8 @@ class Busy(BaseHTTPRequestHandler):
             self.raw_requestline = self.rfile.readline(65537)
             if not self.raw_requestline or not self.parse_request():
                 return
-            try:
-                unread = max(int(self.headers.get("Content-Length") or 0), 0)
-            except ValueError:
-                unread = 0
             message = f"the router is serving {MAX_CONNECTIONS} connections already; retry"
-            _refuse(self, 503, message, "server_error", "overloaded", unread)
+            _refuse(self, 503, message, "server_error", "overloaded", _declared_length(self))
         except OSError:
             pass
 
@@ -535,13 +539,16 @@ class Proxy(BaseHTTPRequestHandler):
 
     def serve(self) -> None:
         path = public_path(self.path)
-        if path is None:
-            listed = ", ".join(sorted(PUBLIC_ROUTES))
-            _refuse(self, 404, f"not found: this port serves {listed}", "invalid_request_error", "not_found")
-            return
-        if self.command not in PUBLIC_ROUTES[path]:
-            allowed = ", ".join(sorted(PUBLIC_ROUTES[path]))
-            _refuse(self, 405, f"{path} takes {allowed}", "invalid_request_error", "method_not_allowed")
+        if path is None or self.command not in PUBLIC_ROUTES[path]:
+            # Its body is drained, not read, and the connection closes: never taken for a next request.
+            unread = _declared_length(self)
+            self.close_connection = self.close_connection or unread > 0 or "Transfer-Encoding" in self.headers
+            if path is None:
+                message, code = f"not found: this port serves {', '.join(sorted(PUBLIC_ROUTES))}", "not_found"
+                _refuse(self, 404, message, "invalid_request_error", code, unread)
+            else:
+                message = f"{path} takes {', '.join(sorted(PUBLIC_ROUTES[path]))}"
+                _refuse(self, 405, message, "invalid_request_error", "method_not_allowed", unread)
             return
         if path == "/v1/models":
             self.models()
