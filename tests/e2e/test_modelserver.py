@@ -216,11 +216,15 @@ def the_router_cannot_be_talked_past_and_repairs_what_vllm_lost(
     reach no vLLM; a version unloaded behind a router's back is loaded again, on the next request for it and
     by the periodic check, and the router's /state says so."""
     version = f"{MODEL}-v1"
-    for target in ENCODED_UNLOAD:
-        for _ in ready:  # the Service spreads connections over the replicas
-            assert post_raw(pool.service_url(), target, {"lora_name": version}) == 404, target
-    for pod in ready:
-        assert version in models(vllm_url(pod)), "an encoded unload reached vLLM"
+    answers = {  # each sent once per replica: the Service spreads connections over them
+        target: [post_raw(pool.service_url(), target, {"lora_name": version}) for _ in ready]
+        for target in ENCODED_UNLOAD
+    }
+    holding = {p["metadata"]["name"]: version in models(vllm_url(p)) for p in ready}
+    assert all(s == [404] * len(ready) for s in answers.values()) and all(holding.values()), (
+        answers,
+        holding,
+    )
     pod = ready[0]
     assert (
         post_raw(vllm_url(pod), "/v1/unload_lora_adapter", {"lora_name": version}) == 200
