@@ -189,7 +189,7 @@ class ModelServerSpec(SpecModel):
     def _model_names(cls, models: dict[str, ModelPolicy] | None) -> dict[str, ModelPolicy] | None:
         for name in models or {}:
             problem = model_name_problem(name) or (
-                None if re.match(MODEL_NAME_PATTERN, name) else "model names are DNS labels"
+                None if re.fullmatch(MODEL_NAME_PATTERN, name) else "model names are DNS labels"
             )
             if problem:
                 raise ValueError(f"{name}: {problem}")
