@@ -23,8 +23,10 @@ IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImag
 CONTAINER_ERROR_REASONS = frozenset(
     {"CreateContainerConfigError", "CreateContainerError", "RunContainerError", "PreStartHookError"}
 )
-# What a pod says (kubelet's message, a container's log tail) is not ours: it is masked and capped.
-POD_TEXT_LIMIT = 400
+# What a pod says (kubelet's message, a container's log tail) is not ours: it is masked and capped, both
+# together within a condition message (conditions.MAX_MESSAGE).
+WAITING_TEXT_LIMIT = 500
+TERMINATION_TEXT_LIMIT = 400
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,7 @@ def failure_reason(outcome: JobOutcome, stage: Stage = Stage.TRAIN) -> tuple[Rea
     return Reason.STAGE_FAILED, f"{outcome.job_reason or 'failed'}: {outcome.job_message}{detail}".strip()
 
 
-def pod_text(text: str, limit: int = POD_TEXT_LIMIT, *, tail: bool = False) -> str:
+def pod_text(text: str, limit: int, *, tail: bool = False) -> str:
     """A message written by kubelet or a container, fit for our status: one line, credential-shaped values
     masked, at most `limit` characters (the end of a log tail, which says why, when `tail`)."""
     text = " ".join(redact_patterns(text).split())
@@ -195,7 +197,7 @@ def _last_termination(container: Mapping[str, Any]) -> str:
     last = (container.get("lastState") or {}).get("terminated") or {}
     if not last:
         return ""
-    message = pod_text(str(last.get("message") or ""), tail=True)
+    message = pod_text(str(last.get("message") or ""), TERMINATION_TEXT_LIMIT, tail=True)
     text = f"; last terminated: {last.get('reason') or 'unknown'} (exit code {last.get('exitCode')})"
     return f"{text}: {message}" if message else text
 
@@ -205,7 +207,7 @@ def _waiting_problem(container: Mapping[str, Any]) -> PodProblem | None:
     …`); a crash loop says how the last run ended rather than kubelet's back-off delay."""
     waiting = (container.get("state") or {}).get("waiting") or {}
     reason = str(waiting.get("reason") or "")
-    message = pod_text(str(waiting.get("message") or ""))
+    message = pod_text(str(waiting.get("message") or ""), WAITING_TEXT_LIMIT)
     last = _last_termination(container)
     if reason == "CrashLoopBackOff" and last:
         message = ""

@@ -115,3 +115,18 @@ def test_secret_shaped_text_from_a_pod_never_reaches_the_status() -> None:
     for secret in ("hunter2secret", "wJalrXUtnFEMI", "hf_abcdefghij", "sk-live-0123456789abcdef"):
         assert secret not in message and secret not in world.status["message"]
     assert "https://admin:***@mlflow.internal:5000" in message
+
+
+def test_a_long_kubelet_message_and_log_tail_fit_in_one_condition_keeping_the_tails_end() -> None:
+    world = World(job())
+    _to_training(world)
+    pulled = "rpc error: " + "failed to resolve reference; " * 200
+    last = {"exitCode": 137, "reason": "Error", "message": "x" * 5000 + " the reason at the end"}
+    world.pods[Stage.TRAIN] = [_pod("trainer", "RunContainerError", pulled, last)]
+    world.step()
+    message = world.condition["Trained"]["message"]
+    assert message.startswith("container trainer: RunContainerError: rpc error: failed to resolve reference;")
+    assert (
+        message.endswith("the reason at the end") and "; last terminated: Error (exit code 137): …" in message
+    )
+    assert len(message) <= 1024
