@@ -88,7 +88,8 @@ golden: venv
 demo: venv vllm-venv mlflow-venv tools
 	$(PY) -m finetune_demo $(DEMO_ARGS)
 
-local-cluster: venv mlflow-venv tools
+# Every image the embedded cluster runs needs its virtualenv (trainer/operator .venv, vLLM, MLflow).
+local-cluster: venv vllm-venv mlflow-venv tools
 	$(PY) -m localcluster
 
 bench-trainer: venv

@@ -25,7 +25,12 @@ from .stages import ROWS, STAGES, StageRow
 from .status import Phase
 
 # Pod problems worth a Warning Event each time their message changes (not only on a phase change).
-REPEATED_WARNINGS = (Reason.UNSCHEDULABLE, Reason.CONTAINER_CONFIG_ERROR, Reason.CHILD_CONFLICT)
+REPEATED_WARNINGS = (
+    Reason.UNSCHEDULABLE,
+    Reason.CONTAINER_CONFIG_ERROR,
+    Reason.IMAGE_PULL_FAILED,
+    Reason.CHILD_CONFLICT,
+)
 
 
 class Planner:
