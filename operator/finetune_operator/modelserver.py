@@ -227,6 +227,8 @@ def pool_deployment(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
             ),
         ],
         "securityContext": container_security_context(),
+        # A vLLM that exits at start-up (bad args, too little memory) says why in the pod's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.base_model.uri.startswith("hf://") and _credentials(spec):
         vllm["envFrom"] = _credentials(spec)  # HF_TOKEN for a gated base model

@@ -248,6 +248,8 @@ def _vllm_container(
         "ports": [{"name": "http", "containerPort": config.defaults.vllm_port, "protocol": "TCP"}],
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
+        # A vLLM that exits at start-up (bad args, too little memory) says why in the pod's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         # Loading weights can take long; the startup probe holds readiness and liveness until /health answers.
         "startupProbe": {
             **health,
