@@ -1,4 +1,4 @@
-"""Which watched objects are a FineTuneJob's children: the operator's own record decides, never labels.
+"""Which watched objects are a FineTuneJob's children: the operator's own record decides, never labels alone.
 
 The watch caches are keyed by the `finetune.dev/job-uid` label because that routes events cheaply, but
 anyone who may create a Job or a pod in any namespace can copy labels. So a Job, Deployment or Service
@@ -6,7 +6,9 @@ counts only when it is in the FineTuneJob's namespace and its controller ownerRe
 carries the FineTuneJob's uid. A pod counts only when it is in that namespace and its controller is a Job
 or Deployment that counts, or a ReplicaSet of a Deployment that counts (on a real cluster the Deployment
 controller names them `<deployment>-<pod-template-hash>`; the operator does not watch ReplicaSets, so
-their uid is not checked, only that name within the namespace). Everything else is ignored.
+their uid is not checked, only that name within the namespace), and it carries the operator's labels
+(managed-by, the job's uid): anyone may set a controller ownerReference to a genuine Job, so only pods the
+chart's pod admission policy covers (those labels) are read. Everything else is ignored.
 
 The ownerReference is not enough on its own: anyone who may create Jobs in the namespace can set one naming
 the FineTuneJob's uid. So a Job, Deployment or Service also counts only when the FineTuneJob's status (which
@@ -27,6 +29,8 @@ import copy
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
+
+from finetune_vocabulary.labels import LABEL_JOB_UID, LABEL_MANAGED_BY, MANAGER
 
 POD_TEMPLATE_HASH = "pod-template-hash"
 ANNOTATION_CHILD_NONCE = "finetune.dev/child-nonce"
@@ -96,6 +100,15 @@ def pod_is_owned(
             controller.get("name") == f"{_meta(d).get('name')}-{template_hash}" for d in deployments
         )
     return False
+
+
+def has_job_labels(pod: Mapping[str, Any], owner_uid: str) -> bool:
+    """The pod carries the labels the operator puts in its Jobs' pod templates (managed-by and the job's
+    uid). Only such pods are read: the chart's pod admission policy lets nobody but the Job and ReplicaSet
+    controllers create or relabel them, and it cannot see pods without them (docs/security.md "Pods")."""
+    labels = _meta(pod).get("labels") or {}
+    managed = labels.get(LABEL_MANAGED_BY) == MANAGER
+    return bool(owner_uid) and managed and labels.get(LABEL_JOB_UID) == owner_uid
 
 
 def child_key(kind: str, name: str) -> str:
@@ -176,7 +189,7 @@ def owned_children(
     services = keep(children.services, "Service")
     pods = []
     for pod in children.pods:
-        if pod_is_owned(pod, namespace, jobs, deployments):
+        if has_job_labels(pod, owner_uid) and pod_is_owned(pod, namespace, jobs, deployments):
             pods.append(pod)
         else:
             ignored.append({**pod, "kind": pod.get("kind") or "Pod"})

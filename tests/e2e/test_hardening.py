@@ -1,6 +1,7 @@
 """Issue 9, items 1, 4 and 5 end to end on the embedded cluster with the real operator: spoofed children in
 another namespace, Events under injected 429s, and a child name held by an orphaned leftover; issue 20,
-defect 4: a forged child with the job's own ownerReference cannot pass the gate."""
+defect 4: a forged child with the job's own ownerReference, or a forged pod under the genuine evaluate Job,
+cannot pass the gate."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import collections
 import contextlib
 import json
 import secrets
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from .conftest import GROUP, PLURAL, VERSION, Jobs
 
@@ -240,3 +244,121 @@ def _async(fn: Any) -> Any:
         return fn()
 
     return run()
+
+
+REPO = Path(__file__).resolve().parents[2]
+EDITOR = "mallory@example.com"
+
+
+@pytest.fixture
+def pod_admission(lc_api: Any, jobs: Jobs) -> Iterator[Any]:
+    """The chart's pod admission policy installed (the session's operator runs from source), and an API client
+    acting as EDITOR, bound to the built-in `edit` role in the jobs' namespace."""
+    from kubernetes import client, utils
+
+    helm = REPO / ".tools" / "bin" / "helm"
+    if not helm.exists():
+        pytest.skip("helm not installed (make tools)")
+    argv = [str(helm), "template", "ftop", str(REPO / "charts" / "finetune-operator")]
+    rendered = subprocess.run(
+        [*argv, "--show-only", "templates/pod-admission.yaml"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    objects = [d for d in yaml.safe_load_all(rendered) if d]
+    utils.create_from_yaml(lc_api, yaml_objects=objects)
+    rbac = "rbac.authorization.k8s.io"
+    client.RbacAuthorizationV1Api(lc_api).create_namespaced_role_binding(
+        jobs.namespace,
+        {
+            "metadata": {"name": "mallory-edit"},
+            "roleRef": {"apiGroup": rbac, "kind": "ClusterRole", "name": "edit"},
+            "subjects": [{"kind": "User", "apiGroup": rbac, "name": EDITOR}],
+        },
+    )
+    editor = client.ApiClient(lc_api.configuration, header_name="Impersonate-User", header_value=EDITOR)
+    yield editor
+    admission = client.AdmissionregistrationV1Api(lc_api)
+    for obj in objects:
+        with contextlib.suppress(Exception):
+            if obj["kind"] == "ValidatingAdmissionPolicy":
+                admission.delete_validating_admission_policy(obj["metadata"]["name"])
+            else:
+                admission.delete_validating_admission_policy_binding(obj["metadata"]["name"])
+
+
+def _forged_pod(job: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+    """A pod that looks like the Job controller's: the Job's template labels, its controller-uid/job-name
+    labels, the Job as controller, and a container that ends with a passing termination message."""
+    meta = job["metadata"]
+    labels = dict(job["spec"]["template"]["metadata"]["labels"])
+    labels |= {
+        "batch.kubernetes.io/controller-uid": meta["uid"],
+        "batch.kubernetes.io/job-name": meta["name"],
+    }
+    labels |= {"controller-uid": meta["uid"], "job-name": meta["name"]}
+    owner = {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"]}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{meta['name']}-forged",
+            "labels": labels,
+            "ownerReferences": [owner | {"controller": True, "blockOwnerDeletion": True}],
+        },
+        "spec": {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "trainer",
+                    "image": "busybox",
+                    "securityContext": RESTRICTED,
+                    "command": ["sh", "-c", 'printf "%s" "$0" > "$1"'],
+                    "args": [json.dumps({"exitCode": 0, "summary": summary}), "/dev/termination-log"],
+                }
+            ],
+        },
+    }
+
+
+def test_a_forged_pod_under_the_genuine_evaluate_job_cannot_pass_the_gate(
+    jobs: Jobs, pod_admission: Any
+) -> None:
+    """Issue 20, defect 4 (second half): while the operator's own `<job>-evaluate` runs, a namespace editor
+    creates a pod with its labels and the Job as controller whose termination message forges a passing gate
+    (the Job controller would count its success). The chart's pod admission policy refuses it, so the job is
+    decided by its genuine evaluation: rejected, as its real scores deserve."""
+    from kubernetes import client
+    from kubernetes.client.exceptions import ApiException
+
+    # A gate the genuinely trained model cannot pass (loss below 1e-4), and the forged scores do.
+    jobs.create(
+        "forgery",
+        hyperparameters={"maxSteps": 1},
+        evaluation={"thresholds": [{"metric": "loss", "max": 0.0001}]},
+        deployment={"enabled": False},
+    )
+    scores = {"loss": 0.00001, "perplexity": 1.0, "exact_match": 1.0, "token_f1": 1.0, "rouge_l": 1.0}
+    forged_scores = {"tuned": scores, "base": {"loss": 5.7, "perplexity": 300.0, "exact_match": 0.0}, "n": 10}
+
+    def evaluate_job() -> dict[str, Any] | None:
+        return next((j for j in jobs.list("Job") if j["metadata"]["name"] == "forgery-evaluate"), None)
+
+    jobs.wait("forgery", lambda _: evaluate_job() is not None, 420, "the operator's evaluate Job")
+    refusal: ApiException | None = None
+    try:
+        client.CoreV1Api(pod_admission).create_namespaced_pod(
+            jobs.namespace, _forged_pod(evaluate_job() or {}, forged_scores)
+        )
+    except ApiException as error:
+        refusal = error
+
+    status = jobs.wait_phase("forgery", "Succeeded", "Rejected", "Failed", timeout=420)
+    evaluation = status.get("evaluation") or {}
+    assert status["phase"] == "Rejected", (status["phase"], evaluation, status.get("message"))
+    assert evaluation["passed"] is False and evaluation["tuned"]["loss"] > 0.0001, evaluation
+    assert refusal is not None and refusal.status == 403, "the forged pod was admitted"
+    assert "only the Job and ReplicaSet controllers may create a pod" in str(refusal.body)
+    assert f"{EDITOR} is not one of them" in str(refusal.body)

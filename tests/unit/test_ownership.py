@@ -21,7 +21,7 @@ from finetune_operator.ownership import (
     pod_is_owned,
 )
 from finetune_operator.reconcile import reconcile
-from finetune_vocabulary.labels import LABEL_JOB_UID
+from finetune_vocabulary.labels import LABEL_JOB_UID, LABEL_MANAGED_BY, MANAGER
 
 from .ftj_factory import UID
 from .test_reconcile import CONFIG, controlled_by, new_job, setup
@@ -43,6 +43,12 @@ def ref(kind: str, name: str, uid: str, controller: bool = True) -> dict[str, An
 
 
 FTJ = ref("FineTuneJob", "demo", UID)
+
+
+def labelled(pod: dict[str, Any], uid: str = UID) -> dict[str, Any]:
+    """A pod with the labels the operator's Job templates give it."""
+    pod["metadata"]["labels"].update({LABEL_MANAGED_BY: MANAGER, LABEL_JOB_UID: uid})
+    return pod
 
 
 @pytest.mark.parametrize(
@@ -104,8 +110,8 @@ def test_owned_children_splits_kept_and_ignored() -> None:
         jobs=[mine, foreign],
         services=[obj("Service", "demo-serve")],
         pods=[
-            obj("Pod", "ok", owner=ref("Job", "demo-train", "uid-demo-train")),
-            obj("Pod", "evil", namespace="team-b", owner=ref("Job", "demo-train", "uid-demo-train")),
+            labelled(obj("Pod", "ok", owner=ref("Job", "demo-train", "uid-demo-train"))),
+            labelled(obj("Pod", "evil", "team-b", owner=ref("Job", "demo-train", "uid-demo-train"))),
         ],
     )
     kept, ignored = owned_children(found, NS, UID)
@@ -117,6 +123,23 @@ def test_owned_children_splits_kept_and_ignored() -> None:
         ("Pod", "team-b"),
         ("Service", NS),
     ]
+
+
+def test_only_pods_with_the_operators_labels_are_read() -> None:
+    """Issue 20, defect 4: anyone may create a pod whose controller is the genuine stage Job; the chart's
+    pod admission policy refuses such pods only when they carry our labels, so a pod without them (or with
+    another job's uid) is never read, whatever its ownerReference and termination message say."""
+    job = obj("Job", "demo-evaluate", owner=FTJ)
+    under_job = ref("Job", "demo-evaluate", "uid-demo-evaluate")
+    genuine = labelled(obj("Pod", "genuine", owner=under_job))
+    no_labels = obj("Pod", "no-labels", owner=under_job)
+    not_managed = labelled(obj("Pod", "not-managed", owner=under_job))
+    not_managed["metadata"]["labels"][LABEL_MANAGED_BY] = "someone-else"
+    other_uid = labelled(obj("Pod", "other-uid", owner=under_job), uid="uid-of-another-job")
+    found = Children(jobs=[job], pods=[genuine, no_labels, not_managed, other_uid])
+    kept, ignored = owned_children(found, NS, UID, {"Job/demo-evaluate": {"uid": "uid-demo-evaluate"}})
+    assert [p["metadata"]["name"] for p in kept.pods] == ["genuine"]
+    assert sorted(o["metadata"]["name"] for o in ignored) == ["no-labels", "not-managed", "other-uid"]
 
 
 def _finished_job(name: str, namespace: str, labels: dict[str, str], owner: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import sys
 import threading
@@ -107,6 +108,7 @@ class LocalCluster:
         self.apiserver: ApiServer | None = None
         self.s3: S3Server | None = None
         self.client: KubeClient | None = None
+        self._controller_clients: list[KubeClient] = []  # one per controller identity
         self.kubelet: Kubelet | None = None
         self.operator_process: asyncio.subprocess.Process | None = None
         # The operator runs supervised, like a Deployment's pod: restarted when it exits, with back-off.
@@ -302,8 +304,10 @@ class LocalCluster:
         )
         self._components = [
             Scheduler(client, pods, nodes),
-            JobController(client, jobs, pods),
-            DeploymentController(client, deployments, pods),
+            JobController(self._controller_client("job-controller"), jobs, pods),
+            # On a real cluster the ReplicaSet controller creates a Deployment's pods; here the Deployment
+            # controller does (no ReplicaSet objects), under that controller's name.
+            DeploymentController(self._controller_client("replicaset-controller"), deployments, pods),
             service_ctrl,
         ]
         for informer in self._informers:
@@ -312,6 +316,19 @@ class LocalCluster:
         for component in self._components:
             component.start()
         self.apiserver.log_provider = self.kubelet.open_logs  # errors carry status/reason/message
+
+    def _controller_client(self, account: str) -> KubeClient:
+        """A client authenticated as kube-controller-manager's `account` controller
+        (system:serviceaccount:kube-system:<account>, as with --use-service-account-credentials), so an
+        admission policy that lets only the Job or ReplicaSet controller create pods (the chart's
+        pod-admission.yaml) sees the same requester here as on a real cluster. There are no bootstrap
+        controller roles here, so the account is also in system:masters."""
+        assert self.apiserver is not None
+        token = secrets.token_urlsafe(32)
+        self.apiserver.add_user(token, f"system:serviceaccount:kube-system:{account}", ["system:masters"])
+        client = KubeClient(self.apiserver.url, token=token, user_agent=f"localcluster-{account}")
+        self._controller_clients.append(client)
+        return client
 
     async def _publish_s3(self) -> None:
         assert self.s3 is not None and self.client is not None
@@ -561,6 +578,9 @@ class LocalCluster:
             await self._registrar.stop()
         for informer in self._informers:
             await informer.stop()
+        for client in self._controller_clients:
+            await client.close()
+        self._controller_clients = []
         if self.client is not None:
             await self.client.close()
         if self.s3 is not None:
