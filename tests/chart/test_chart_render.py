@@ -354,3 +354,11 @@ def test_notes_tell_how_to_check_the_install(helm: str) -> None:
     notes = result.stdout.split("NOTES:", 1)[1]
     assert "kubectl -n finetune-system" in notes
     assert "team-a" in notes and "team-b" in notes
+
+
+def test_an_upgrade_that_reuses_values_without_pod_admission_keeps_the_pod_policy_on(helm: str) -> None:
+    """`helm upgrade --reuse-values` (docs/helm.md) from a chart that had no `podAdmission` keeps the old
+    values: the pod policy must still render, exactly as with this chart's defaults."""
+    reused = render(helm, extra=("--set", "podAdmission=null"))
+    assert reused == render(helm)
+    assert any(m["metadata"]["name"].endswith("-pods") for m in by_kind(reused, "ValidatingAdmissionPolicy"))
