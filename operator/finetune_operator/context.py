@@ -164,11 +164,14 @@ class Context:
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     starting: set[str] = field(default_factory=set)
     policy_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Each policy's GPU-hour ledger (policy_ledger.py) as last read or written, with its resourceVersion.
+    ledgers: dict[str, tuple[int, list[dict[str, Any]]]] = field(default_factory=dict)
 
     def policy_view(self, spec: FineTuneJobSpec, namespace: str, uid: str) -> policy.PolicyView | None:
         """The policies selecting the job's namespace and the namespace's use; None without policies."""
         if not self.policies:
             return None
+        limited = any(p.spec.max_serving_gpus is not None for p in self.policies.values())
         return policy.view_for(
             spec,
             self.policies.values(),
@@ -178,7 +181,23 @@ class Context:
             uid,
             datetime.now(UTC),
             self.starting,
+            {name: ledger for name, (_, ledger) in self.ledgers.items()},
+            self.serving_gpus(namespace, uid) if limited else 0,
         )
+
+    def serving_gpus(self, namespace: str, exclude_uid: str) -> int:
+        """GPUs the serving Deployments of the namespace's jobs and ModelServers hold, but `exclude_uid`'s
+        (from the watch cache: what runs, not what specs ask for)."""
+        names = policy.gpu_resources(self.config)
+        owners = [uid for uid, r in self.records.items() if r.body["metadata"].get("namespace") == namespace]
+        owners += [uid for uid, key in self.pools.by_uid.items() if key[0] == namespace]
+        return sum(
+            policy.deployment_gpus(d, names)
+            for uid in owners
+            if uid != exclude_uid
+            for d in self.children(uid, namespace).deployments
+        )
+
     pools: PoolController = field(default_factory=PoolController)  # ModelServers (pool.py)
 
     def remember(self, body: Mapping[str, Any]) -> JobRecord:
