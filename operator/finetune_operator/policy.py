@@ -199,7 +199,7 @@ def serving_refusal(
         if limit is not None and ask.held > 0 and others + ask.held > limit:
             return "ServingGpuLimit", denied(
                 policy.name,
-                f"{ask.text()} and the {others} GPUs the namespace's other servers hold is more than "
+                f"{ask.text()}, with {others} held by the namespace's other servers, is more than "
                 f"maxServingGpus {limit}",
             )
     return None

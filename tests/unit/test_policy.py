@@ -642,8 +642,8 @@ def test_a_modelserver_over_max_serving_gpus_is_not_created_or_grown_with_a_cond
     assert "Deployment" not in {m["kind"] for m in plan.create}
     condition = next(c for c in plan.status["conditions"] if c["type"] == "PolicyAllowed")
     message = (
-        "denied by FineTunePolicy team-defaults: spec.replicas 2 x spec.gpus 4 = 8 GPUs and the 12 GPUs the "
-        "namespace's other servers hold is more than maxServingGpus 16"
+        "denied by FineTunePolicy team-defaults: spec.replicas 2 x spec.gpus 4 = 8 GPUs, with 12 held by the "
+        "namespace's other servers, is more than maxServingGpus 16"
     )
     assert (condition["status"], condition["reason"], condition["message"]) == (
         "False",
@@ -693,7 +693,7 @@ def test_a_jobs_deployment_over_max_serving_gpus_waits_without_a_deployment_then
     assert world.condition["Deployed"]["reason"] == "ServingGpuLimit"
     assert world.status["message"] == (
         "denied by FineTunePolicy team-defaults: spec.deployment.replicas 2 x spec.deployment.gpus 4 = "
-        "8 GPUs and the 12 GPUs the namespace's other servers hold is more than maxServingGpus 16"
+        "8 GPUs, with 12 held by the namespace's other servers, is more than maxServingGpus 16"
     )
     assert [(e.type, e.reason) for e in world.events][-1] == ("Warning", "ServingGpuLimit")
     world.policy = PolicyView(selected, serving_gpus=8)  # another server scaled down
