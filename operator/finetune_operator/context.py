@@ -47,7 +47,19 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     }
     if body.get("kind") == "Job":
         out["spec"] = {"suspend": bool((body.get("spec") or {}).get("suspend"))}
+    elif body.get("kind") == "Deployment":
+        out["spec"] = _serving_spec(body.get("spec") or {})
     return out
+
+
+def _serving_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What FineTunePolicy's maxServingGpus reads of a Deployment (policy.deployment_gpus): replicas and
+    the containers' limits."""
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    limits = [
+        {"resources": {"limits": dict((c.get("resources") or {}).get("limits") or {})}} for c in containers
+    ]
+    return {"replicas": spec.get("replicas"), "template": {"spec": {"containers": limits}}}
 
 
 def owner_uid(body: Mapping[str, Any]) -> str | None:

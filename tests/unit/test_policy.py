@@ -840,3 +840,39 @@ async def test_run_then_delete_does_not_escape_the_budget_across_an_operator_res
     waiting = policy.wait(5.0, view)
     assert waiting is not None and waiting[0] == "BudgetExceeded"
     assert "used 6.00 of 10 GPU-hours" in waiting[1]
+
+
+def test_the_namespace_serving_sum_reads_the_watch_cache_of_jobs_and_modelservers() -> None:
+    """Context.serving_gpus: the Deployments the watch caches hold (snapshots), by their owner's uid."""
+    from finetune_operator.config import load_config
+    from finetune_operator.context import Children, Context, snapshot
+    from finetune_operator.lifecycle import index_deployment
+
+    def deployment(name: str, owner: str, replicas: int, gpus: int, **labels: str) -> dict[str, Any]:
+        container = {"name": "vllm", "resources": {"limits": {"nvidia.com/gpu": str(gpus), "cpu": "4"}}}
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": name,
+                "namespace": "team-a",
+                "labels": labels,
+                "ownerReferences": [{"uid": owner, "controller": True, "kind": "X", "name": "x"}],
+            },
+            "spec": {"replicas": replicas, "template": {"spec": {"containers": [container]}}},
+        }
+
+    served = deployment("job-serve", "job-uid", 2, 1, **{"finetune.dev/job-uid": "job-uid"})
+    pool = deployment("shared-pool", "pool-uid", 3, 2, **{"finetune.dev/modelserver-uid": "pool-uid"})
+    index: dict[str, list[dict[str, Any]]] = {}
+    for body in (served, pool):
+        for uid, snap in (index_deployment(body) or {}).items():
+            index.setdefault(uid, []).append(snap)
+    ctx = Context(config=load_config(env={}))
+    ctx.children_of = lambda uid: Children(deployments=list(index.get(uid, [])))
+    ctx.remember(new_job() | {"metadata": {"name": "demo", "namespace": "team-a", "uid": "job-uid"}})
+    ctx.pools.by_uid["pool-uid"] = ("team-a", "shared")
+    assert ctx.serving_gpus("team-a", exclude_uid="other") == 2 + 6
+    assert ctx.serving_gpus("team-a", exclude_uid="pool-uid") == 2
+    assert ctx.serving_gpus("team-b", exclude_uid="other") == 0
+    assert policy.deployment_gpus(snapshot(pool), ["nvidia.com/gpu"]) == 6
