@@ -9,7 +9,7 @@ TOOLS := .tools/bin
 KUBECTL_LAYER_VERSION := 2.2.2
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv vllm-venv mlflow-venv tools test test-fast test-emulator lint crds check-crds demo local-cluster \
+.PHONY: help venv vllm-venv mlflow-venv tools test test-fast test-emulator lint crds golden check-crds demo local-cluster \
         bench-trainer bench-quality bench-gpu bench-operator bench-apiserver bench-chaos clean
 
 help:
@@ -17,6 +17,7 @@ help:
 	@echo "make test          run every test (installs what it needs)"
 	@echo "make lint          ruff + mypy (strict on the vocabulary and the operator)"
 	@echo "make crds          regenerate crds/ (and the chart's FineTunePolicy admission policy) from the models"
+	@echo "make golden        regenerate tests/golden (every child manifest, canonical YAML); review with git diff"
 	@echo "make local-cluster start the embedded cluster in the foreground"
 	@echo "make bench-trainer | bench-quality | bench-gpu | bench-operator | bench-apiserver | bench-chaos"
 
@@ -79,10 +80,16 @@ crds: venv
 	cp crds/*.yaml charts/finetune-operator/crds/
 	$(PY) -m finetune_operator.policy_admission charts/finetune-operator/templates
 
+# The golden child manifests (tests/unit/test_golden_manifests.py), rewritten after an intended change.
+golden: venv
+	UPDATE_GOLDEN=1 $(PY) -m pytest -q tests/unit/test_golden_manifests.py
+	git status --short -- tests/golden
+
 demo: venv vllm-venv mlflow-venv tools
 	$(PY) -m finetune_demo $(DEMO_ARGS)
 
-local-cluster: venv mlflow-venv tools
+# Every image the embedded cluster runs needs its virtualenv (trainer/operator .venv, vLLM, MLflow).
+local-cluster: venv vllm-venv mlflow-venv tools
 	$(PY) -m localcluster
 
 bench-trainer: venv

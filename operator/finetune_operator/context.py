@@ -137,6 +137,8 @@ class JobRecord:
     built: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)  # Observed.built
     # Objects carrying the job's labels that are not its children, and name conflicts, already logged.
     ignored: set[str] = field(default_factory=set)
+    # The nonce of each child this process is creating, by "<kind>/<name>" (ownership.py: status.children).
+    nonces: dict[str, str] = field(default_factory=dict)
 
     def spec(self) -> ParsedSpec:
         """The parsed spec of the current generation, parsed once per generation."""
@@ -201,14 +203,12 @@ class Context:
         """GPUs the serving Deployments of the namespace's jobs and ModelServers hold, but `exclude_uid`'s
         (from the watch cache: what runs, not what specs ask for)."""
         names = policy.gpu_resources(self.config)
-        owners = [uid for uid, r in self.records.items() if r.body["metadata"].get("namespace") == namespace]
-        owners += [uid for uid, key in self.pools.by_uid.items() if key[0] == namespace]
-        return sum(
-            policy.deployment_gpus(d, names)
-            for uid in owners
-            if uid != exclude_uid
-            for d in self.children(uid, namespace).deployments
-        )
+        jobs = [uid for uid, r in self.records.items() if r.body["metadata"].get("namespace") == namespace]
+        held = [d for uid in jobs if uid != exclude_uid for d in self.children(uid, namespace).deployments]
+        for uid, key in self.pools.by_uid.items():
+            if key[0] == namespace and uid != exclude_uid:  # a pool's children: its controller reference
+                held += ownership.owned_children(self._labelled(uid), namespace, uid)[0].deployments
+        return sum(policy.deployment_gpus(d, names) for d in held)
 
     pools: PoolController = field(default_factory=PoolController)  # ModelServers (pool.py)
 
@@ -234,9 +234,12 @@ class Context:
         return created is not None and snapshot(body)["status"] == created["status"]
 
     def children(self, uid: str, namespace: str) -> Children:
-        """The job's children: watch-cache objects with its label that its controller ownerReference
-        confirms (ownership.py), plus the ones this process created that the cache has not shown yet."""
-        found, ignored = ownership.owned_children(self._labelled(uid), namespace, uid)
+        """The job's children: watch-cache objects with its label that its controller ownerReference and
+        its status.children confirm (ownership.py), plus the ones this process created that the cache has
+        not shown yet."""
+        record = self.records.get(uid)
+        records = ownership.records_of((record.body.get("status") or {}) if record else {})
+        found, ignored = ownership.owned_children(self._labelled(uid), namespace, uid, records)
         self._log_ignored(uid, ignored)
         return found
 
@@ -248,8 +251,8 @@ class Context:
             if key not in seen:
                 seen.add(key)
                 log.warning(
-                    "ignoring %s: it carries the labels of FineTuneJob uid %s but is not controlled by it "
-                    "in its namespace",
+                    "ignoring %s: it carries the labels of FineTuneJob uid %s but is not its child (no "
+                    "controller reference in its namespace, or not created by the operator)",
                     ownership.describe(obj),
                     uid,
                 )

@@ -67,7 +67,9 @@ class NotOwnedError(Exception):
 class Api(Protocol):
     """What the reconcile needs from the API; `KubeApi` is the real one, tests use a fake."""
 
-    async def create_or_adopt(self, manifest: Mapping[str, Any], owner_uid: str) -> dict[str, Any]: ...
+    async def create_or_adopt(
+        self, manifest: Mapping[str, Any], owner_uid: str, records: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]: ...
 
     async def patch(
         self, kind: str, namespace: str, name: str, patch: Any, patch_type: str = "merge"
@@ -209,8 +211,11 @@ class KubeApi:
             return json.loads(payload) if payload else {}
 
     # children
-    async def create_or_adopt(self, manifest: Mapping[str, Any], owner_uid: str) -> dict[str, Any]:
-        """Create; "already exists" is success when the existing object is controlled by the same job."""
+    async def create_or_adopt(
+        self, manifest: Mapping[str, Any], owner_uid: str, records: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Create; "already exists" is success when the existing object is controlled by the same owner and,
+        given the owner's `records` (a FineTuneJob's status.children), recorded there (ownership.py)."""
         meta = manifest["metadata"]
         kind, namespace, name = str(manifest["kind"]), str(meta["namespace"]), str(meta["name"])
         try:
@@ -221,10 +226,12 @@ class KubeApi:
                 raise
         existing: dict[str, Any] = await self.request("GET", path_of(kind, namespace, name))
         owners = (existing.get("metadata") or {}).get("ownerReferences") or []
-        if any(o.get("uid") == owner_uid and o.get("controller") for o in owners):
+        controlled = any(o.get("uid") == owner_uid and o.get("controller") for o in owners)
+        if controlled and (records is None or ownership.is_recorded(existing, kind, records)):
             log.info("adopted existing %s %s/%s", kind, namespace, name)
             return existing
-        raise NotOwnedError(ownership.conflict_message(kind, existing), kind=kind, name=name)
+        message = ownership.conflict_message(kind, existing, owner_uid)
+        raise NotOwnedError(message, kind=kind, name=name)
 
     async def patch(
         self, kind: str, namespace: str, name: str, patch: Any, patch_type: str = "merge"

@@ -43,6 +43,7 @@ def version_name(model: str, version: int) -> str:
 def parse_version(model: str, name: str) -> int | None:
     """n of `<model>-v<n>`, or None when `name` is not a version of `model`."""
     prefix = f"{model}-v"
-    if name.startswith(prefix) and name[len(prefix) :].isdigit():
+    digits = name[len(prefix) :]
+    if name.startswith(prefix) and digits.isascii() and digits.isdigit():  # not "²", which int() refuses
         return int(name[len(prefix) :])
     return None

@@ -31,6 +31,7 @@ from .schema import (
     SERVER_NEEDS_ADAPTER_MODE,
     SERVER_NEEDS_EVALUATION,
     SERVER_NEEDS_MODEL_NAME,
+    SERVING_GPUS_ON_CPU,
     VLLM_MAX_LORA_RANK,
     ObjectModel,
     SpecError,
@@ -41,6 +42,7 @@ from .schema import (
 )
 from .sections import (
     ALL_METRICS,
+    CPU_GPU_TYPE,
     BaseModelSpec,
     CheckpointSpec,
     DatasetFormat,
@@ -61,6 +63,8 @@ from .sections import (
     Threshold,
     Toleration,
     TrackingSpec,
+    default_gpus,
+    serving_gpus_default,
 )
 from .status import FineTuneJobStatus, ObjectMeta
 
@@ -154,6 +158,13 @@ _SPEC_RULES = (
     ),
     *_SERVER_RULES,
     rule(
+        "!has(self.deployment) || !has(self.deployment.gpus) || self.deployment.gpus == 0 || "
+        "(has(self.deployment.gpuType) ? self.deployment.gpuType : "
+        "(has(self.resources) && has(self.resources.gpuType) ? self.resources.gpuType : '')) "
+        f"!= '{CPU_GPU_TYPE}'",
+        SERVING_GPUS_ON_CPU,
+    ),
+    rule(
         "!has(self.storage) || !has(self.storage.output) || !has(self.baseModel) "
         "|| !has(self.baseModel.uri) || !(self.storage.output + '/').startsWith("
         "self.baseModel.uri.endsWith('/') ? self.baseModel.uri : self.baseModel.uri + '/')",
@@ -217,7 +228,16 @@ class FineTuneJobSpec(SpecModel):
     resources: ResourcesSpec = Field(
         default_factory=ResourcesSpec, json_schema_extra={"default": {}}, description="Compute for training."
     )
-    storage: StorageSpec = Field(description="Artifact storage and credentials.")
+    storage: StorageSpec = Field(
+        description="Artifact storage and credentials (output is immutable: the run's artifacts live there).",
+        # from creation on: a transition rule cannot see status, and validate writes there first
+        json_schema_extra=validations(
+            {
+                **rule("self.output == oldSelf.output", IMMUTABLE.format(field="storage.output")),
+                "fieldPath": ".output",
+            }
+        ),
+    )
     evaluation: EvaluationSpec = Field(
         default_factory=EvaluationSpec,
         json_schema_extra={"default": {}},
@@ -237,6 +257,14 @@ class FineTuneJobSpec(SpecModel):
     )
     max_retries: int = Field(default=3, ge=0, le=20, description="Retries of transient stage failures.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _serving_gpus_follow_type(cls, data: Any) -> Any:
+        """Unset deployment.gpus follows the serving GPU type (sections.serving_gpus_default)."""
+        if not isinstance(data, dict) or not isinstance(data.get("deployment", {}), (dict, DeploymentSpec)):
+            return data  # not a spec: the field checks name what is wrong
+        return {**data, "deployment": default_gpus(data.get("deployment", {}), serving_gpus_default(data))}
+
     @model_validator(mode="after")
     def _cross_field(self) -> FineTuneJobSpec:
         if self.method == "qlora" and self.resources.gpus < 1:
@@ -250,6 +278,8 @@ class FineTuneJobSpec(SpecModel):
         if self.lora.rank > VLLM_MAX_LORA_RANK and self.deployment.serves_adapter(self.method):
             raise ValueError(LORA_RANK_UNSERVABLE)
         deployment = self.deployment
+        if deployment.gpus > 0 and (deployment.gpu_type or self.resources.gpu_type) == CPU_GPU_TYPE:
+            raise ValueError(SERVING_GPUS_ON_CPU)
         if (deployment.server is None) != (deployment.model_name is None):
             raise ValueError(SERVER_NEEDS_MODEL_NAME)
         if deployment.server is not None and self.method == "full":
@@ -298,7 +328,7 @@ def check_update(old: FineTuneJobSpec, new: FineTuneJobSpec) -> None:
     errors = [
         (f"spec.{field}", IMMUTABLE.format(field=field))
         for field in IMMUTABLE_FIELDS
-        if getattr(old, _snake(field)) != getattr(new, _snake(field))
+        if _field(old, field) != _field(new, field)
     ]
     if errors:
         raise SpecError(errors)
@@ -306,6 +336,13 @@ def check_update(old: FineTuneJobSpec, new: FineTuneJobSpec) -> None:
 
 def _snake(name: str) -> str:
     return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name)
+
+
+def _field(spec: FineTuneJobSpec, path: str) -> Any:
+    value: Any = spec
+    for part in path.split("."):
+        value = getattr(value, _snake(part))
+    return value
 
 
 def spec_to_dict(spec: FineTuneJobSpec) -> dict[str, Any]:

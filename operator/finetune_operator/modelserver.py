@@ -29,13 +29,11 @@ from .naming import HASH_MARKER, MAX_LABEL, is_dns1035_label, label_safe, short_
 from .podspec import (
     WORKDIR,
     container_security_context,
-    gpu_placement,
     pod_security_context,
-    resource_block,
     scratch_volumes,
     spec_hash,
 )
-from .serving import cpu_kv_cache_gib, fetch_container
+from .serving import VllmCompute, fetch_container, vllm_compute
 
 COMPONENT = "pool"
 VLLM_CONTAINER = "vllm"
@@ -166,7 +164,14 @@ def _model_args(spec: ModelServerSpec) -> tuple[list[str], list[tuple[str, str]]
     return ["--model", f"{MODELS_DIR}/base"], [(base.uri.rstrip("/"), f"{MODELS_DIR}/base")], []
 
 
-def vllm_args(spec: ModelServerSpec, model_args: list[str]) -> list[str]:
+def pool_vllm_compute(spec: ModelServerSpec, config: OperatorConfig) -> VllmCompute:
+    """Resources, placement and CPU settings of a pool replica: serving.vllm_compute, as a job's."""
+    placement = ResourcesSpec(node_selector=spec.node_selector, tolerations=spec.tolerations)
+    gpu_type = config.gpu_type(spec.gpu_type)
+    return vllm_compute(spec.gpus, spec.gpu_type, gpu_type, spec.resources, spec.extra_args, placement)
+
+
+def vllm_args(spec: ModelServerSpec, model_args: list[str], parallel: list[str]) -> list[str]:
     extra = [str(a) for a in spec.extra_args or []]
     args = [
         "--host",
@@ -186,15 +191,13 @@ def vllm_args(spec: ModelServerSpec, model_args: list[str]) -> list[str]:
         args += ["--max-cpu-loras", str(spec.max_loras)]
     if spec.max_model_len:
         args += ["--max-model-len", str(spec.max_model_len)]
-    if spec.gpus > 1:
-        args += ["--tensor-parallel-size", str(spec.gpus)]
-    return args + extra
+    return args + parallel + extra
 
 
 def pool_deployment(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
     """vLLM with runtime LoRA loading and the adapter-router sidecar, `replicas` times."""
     spec = pool.spec
-    gpu_type = config.gpu_type(spec.gpu_type)
+    compute = pool_vllm_compute(spec, config)
     model_args, fetches, model_volumes = _model_args(spec)
     scratch, scratch_mounts = scratch_volumes(config.defaults.shm_size)
     models_mount = {"name": "models", "mountPath": MODELS_DIR, "readOnly": True}
@@ -202,13 +205,14 @@ def pool_deployment(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
         "name": VLLM_CONTAINER,
         "image": config.images.vllm,
         "imagePullPolicy": config.images.pull_policy,
-        "args": vllm_args(spec, model_args),
+        "args": vllm_args(spec, model_args, compute.args),
         "env": [
             {"name": "HOME", "value": WORKDIR},
             {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
             {"name": "XDG_CACHE_HOME", "value": f"{WORKDIR}/.cache"},
             {"name": "VLLM_CACHE_ROOT", "value": f"{WORKDIR}/.cache/vllm"},
             {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+            *compute.env,
         ],
         # Declared for the pod's own loopback only (no Service targets it).
         "ports": [{"name": "vllm", "containerPort": VLLM_PORT, "protocol": "TCP"}],
@@ -223,20 +227,13 @@ def pool_deployment(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
             ),
         ],
         "securityContext": container_security_context(),
+        # A vLLM that exits at start-up (bad args, too little memory) says why in the pod's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
     }
     if spec.base_model.uri.startswith("hf://") and _credentials(spec):
         vllm["envFrom"] = _credentials(spec)  # HF_TOKEN for a gated base model
-    if spec.gpus == 0 and not any(str(a).startswith("--kv-cache-memory") for a in spec.extra_args or []):
-        kv_gib = cpu_kv_cache_gib(spec.resources.memory if spec.resources else None)
-        vllm["env"].append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(kv_gib)})
-    resources = resource_block(
-        spec.resources.cpu if spec.resources else None,
-        spec.resources.memory if spec.resources else None,
-        spec.gpus,
-        gpu_type,
-    )
-    if resources:
-        vllm["resources"] = resources
+    if compute.resources:
+        vllm["resources"] = compute.resources
 
     router = _trainer_container(config, spec, ROUTER_CONTAINER)
     router.update(
@@ -283,7 +280,6 @@ def pool_deployment(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
     )
     credentials = _credentials(spec)
     init = [fetch_container(config, "fetch-base", source, dest, credentials) for source, dest in fetches]
-    placement_source = ResourcesSpec(node_selector=spec.node_selector, tolerations=spec.tolerations)
     pod_spec: dict[str, Any] = {
         "securityContext": pod_security_context(config),
         "initContainers": init,
@@ -300,7 +296,7 @@ def pool_deployment(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
             if spec.service_account_name
             else {"automountServiceAccountToken": False}
         ),
-        **gpu_placement(gpu_type, spec.gpus, placement_source),
+        **compute.placement,
         **({"priorityClassName": spec.priority_class_name} if spec.priority_class_name else {}),
     }
     deployment_spec: dict[str, Any] = {

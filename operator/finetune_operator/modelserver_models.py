@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, check_extra_args
 from .modelnames import (
@@ -22,6 +22,7 @@ from .modelnames import (
     model_name_problem,
 )
 from .schema import (
+    POOL_GPUS_ON_CPU,
     DNSLabel,
     DNSSubdomain,
     OutputURI,
@@ -33,7 +34,15 @@ from .schema import (
     rule,
     validations,
 )
-from .sections import DeploymentResources, NodeSelector, Toleration
+from .sections import (
+    CPU_GPU_TYPE,
+    DEFAULT_GPU_TYPE,
+    DeploymentResources,
+    NodeSelector,
+    Toleration,
+    default_gpus,
+    no_schema_default,
+)
 from .status import Condition, StatusURI
 
 KIND = "ModelServer"
@@ -74,13 +83,26 @@ class ModelPolicy(SpecModel):
 class ModelServerSpec(SpecModel):
     """One vLLM Deployment and Service with LoRA enabled; adapters are loaded at runtime."""
 
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            rule(f"!has(self.gpus) || self.gpus == 0 || self.gpuType != '{CPU_GPU_TYPE}'", POOL_GPUS_ON_CPU)
+        )
+    )
+
     base_model: PoolBaseModel = Field(
         description="The base model (immutable).",
         json_schema_extra=validations(rule("self == oldSelf", "baseModel is immutable once set")),
     )
     replicas: int = Field(default=1, ge=0, le=64, description="vLLM replicas.")
-    gpus: int = Field(default=1, ge=0, le=8, description="GPUs per replica; 0 serves on CPU.")
-    gpu_type: DNSLabel = Field(default="a100-80gb", description="A key of the operator's GPU table.")
+    gpus: int = Field(
+        default=1,
+        ge=0,
+        le=8,
+        json_schema_extra=no_schema_default,
+        description="GPUs per replica; 0 serves on CPU. Default: 0 when gpuType is cpu, else 1; more than 0 "
+        "on a cpu gpuType is refused.",
+    )
+    gpu_type: DNSLabel = Field(default=DEFAULT_GPU_TYPE, description="A key of the operator's GPU table.")
     resources: DeploymentResources | None = Field(default=None, description="CPU and memory per replica.")
     node_selector: NodeSelector | None = Field(default=None, description="Extra node labels to require.")
     tolerations: list[Toleration] | None = Field(
@@ -135,6 +157,21 @@ class ModelServerSpec(SpecModel):
         description="Per stable model name: pin (rollback).",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gpus_follow_type(cls, data: Any) -> Any:
+        """Unset gpus follows gpuType: 0 on cpu (it has no GPUs), 1 otherwise."""
+        if not isinstance(data, dict):
+            return data
+        on_cpu = data.get("gpuType", data.get("gpu_type")) == CPU_GPU_TYPE
+        return default_gpus(data, 0 if on_cpu else 1)
+
+    @model_validator(mode="after")
+    def _no_gpus_on_cpu(self) -> ModelServerSpec:
+        if self.gpus > 0 and self.gpu_type == CPU_GPU_TYPE:
+            raise ValueError(POOL_GPUS_ON_CPU)
+        return self
+
     @field_validator("max_lora_rank")
     @classmethod
     def _rank_known(cls, rank: int) -> int:
@@ -152,7 +189,7 @@ class ModelServerSpec(SpecModel):
     def _model_names(cls, models: dict[str, ModelPolicy] | None) -> dict[str, ModelPolicy] | None:
         for name in models or {}:
             problem = model_name_problem(name) or (
-                None if re.match(MODEL_NAME_PATTERN, name) else "model names are DNS labels"
+                None if re.fullmatch(MODEL_NAME_PATTERN, name) else "model names are DNS labels"
             )
             if problem:
                 raise ValueError(f"{name}: {problem}")

@@ -269,6 +269,9 @@ class PoolPlanner:
             return  # a refused Deployment is neither created nor grown; what runs keeps running
         if self.o.deployment is None:
             self.out.create.append(desired)
+            note = modelserver.pool_vllm_compute(pool.spec, self.config).note
+            if note:  # a GPU type without GPUs in this operator's table: served on CPU, said once
+                self.event("Warning", "ServingOnCpu", note)
         elif _hash(self.o.deployment) != _hash(desired):
             self.out.patch.append(ChildPatch("Deployment", name, _rollout(desired), patch_type="json"))
 

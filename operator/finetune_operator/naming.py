@@ -38,11 +38,12 @@ class Stage(StrEnum):
 
 
 def is_dns1035_label(value: str) -> bool:
-    return len(value) <= MAX_LABEL and bool(_DNS1035.match(value))
+    # fullmatch: with match, '$' also admits a final newline
+    return len(value) <= MAX_LABEL and bool(_DNS1035.fullmatch(value))
 
 
 def is_label_value(value: str) -> bool:
-    return len(value) <= MAX_LABEL and bool(_LABEL_VALUE.match(value))
+    return len(value) <= MAX_LABEL and bool(_LABEL_VALUE.fullmatch(value))
 
 
 def short_hash(value: str, length: int = HASH_LEN) -> str:

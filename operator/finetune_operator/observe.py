@@ -12,12 +12,21 @@ from typing import Any
 
 from finetune_vocabulary.distributed import COMPLETION_INDEX_ANNOTATION
 from finetune_vocabulary.metrics import METRICS
+from finetune_vocabulary.redaction import redact_patterns
 
 from .builders import OOM_KILLED_EXIT_CODE, TRAINER_CONTAINER
 from .conditions import EXIT_REASONS, Reason, oom_hint
 from .naming import Stage
 
+# kubelet's waiting reasons. A pull that failed once is retried (ErrImagePull); in back-off it is fatal.
 IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+CONTAINER_ERROR_REASONS = frozenset(
+    {"CreateContainerConfigError", "CreateContainerError", "RunContainerError", "PreStartHookError"}
+)
+# What a pod says (kubelet's message, a container's log tail) is not ours: it is masked and capped, both
+# together within a condition message (conditions.MAX_MESSAGE).
+WAITING_TEXT_LIMIT = 500
+TERMINATION_TEXT_LIMIT = 400
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ def termination_of(pod: Mapping[str, Any], container: str = TRAINER_CONTAINER) -
         message, summary = raw.strip(), {}  # type: tuple[str, Any]
         try:
             document = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # 4 KiB of "[" is deeper than Python parses
             document = None
         if isinstance(document, Mapping):
             message = str(document.get("message") or "")
@@ -174,13 +183,40 @@ def failure_reason(outcome: JobOutcome, stage: Stage = Stage.TRAIN) -> tuple[Rea
     return Reason.STAGE_FAILED, f"{outcome.job_reason or 'failed'}: {outcome.job_message}{detail}".strip()
 
 
+def pod_text(text: str, limit: int, *, tail: bool = False) -> str:
+    """A message written by kubelet or a container, fit for our status: one line, credential-shaped values
+    masked, at most `limit` characters (the end of a log tail, which says why, when `tail`)."""
+    text = " ".join(redact_patterns(text).split())
+    if len(text) <= limit:
+        return text
+    return "…" + text[-(limit - 1) :] if tail else text[: limit - 1] + "…"
+
+
+def _last_termination(container: Mapping[str, Any]) -> str:
+    """Why the container last ended, as `; last terminated: Error (exit code 1): <message>`."""
+    last = (container.get("lastState") or {}).get("terminated") or {}
+    if not last:
+        return ""
+    message = pod_text(str(last.get("message") or ""), TERMINATION_TEXT_LIMIT, tail=True)
+    text = f"; last terminated: {last.get('reason') or 'unknown'} (exit code {last.get('exitCode')})"
+    return f"{text}: {message}" if message else text
+
+
 def _waiting_problem(container: Mapping[str, Any]) -> PodProblem | None:
+    """kubelet's waiting reason and message as they read on the pod (e.g. `container vllm: ErrImagePull:
+    …`); a crash loop says how the last run ended rather than kubelet's back-off delay."""
     waiting = (container.get("state") or {}).get("waiting") or {}
     reason = str(waiting.get("reason") or "")
-    detail = f"container {container.get('name')}: {reason}: {waiting.get('message') or ''}".rstrip(": ")
+    message = pod_text(str(waiting.get("message") or ""), WAITING_TEXT_LIMIT)
+    last = _last_termination(container)
+    if reason == "CrashLoopBackOff" and last:
+        message = ""
+    detail = f"container {container.get('name')}: {reason}: {message}".rstrip(": ") + last
     if reason in IMAGE_PULL_REASONS:
         return PodProblem(Reason.IMAGE_PULL_FAILED, detail, fatal=True)
-    if reason in ("CreateContainerConfigError", "CreateContainerError"):
+    if reason == "ErrImagePull":
+        return PodProblem(Reason.IMAGE_PULL_FAILED, detail)
+    if reason in CONTAINER_ERROR_REASONS:
         return PodProblem(Reason.CONTAINER_CONFIG_ERROR, detail)
     if reason == "CrashLoopBackOff":
         return PodProblem(Reason.DEPLOYMENT_NOT_READY, detail)

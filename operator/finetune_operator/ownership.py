@@ -1,4 +1,4 @@
-"""Which watched objects are a FineTuneJob's children: the controller ownerReference decides, never labels.
+"""Which watched objects are a FineTuneJob's children: the operator's own record decides, never labels.
 
 The watch caches are keyed by the `finetune.dev/job-uid` label because that routes events cheaply, but
 anyone who may create a Job or a pod in any namespace can copy labels. So a Job, Deployment or Service
@@ -7,15 +7,31 @@ carries the FineTuneJob's uid. A pod counts only when it is in that namespace an
 or Deployment that counts, or a ReplicaSet of a Deployment that counts (on a real cluster the Deployment
 controller names them `<deployment>-<pod-template-hash>`; the operator does not watch ReplicaSets, so
 their uid is not checked, only that name within the namespace). Everything else is ignored.
+
+The ownerReference is not enough on its own: anyone who may create Jobs in the namespace can set one naming
+the FineTuneJob's uid. So a Job, Deployment or Service also counts only when the FineTuneJob's status (which
+only the operator may write) records it, in `status.children["<kind>/<name>"]`:
+- before creating a child the operator records an intent, the sha256 of a random nonce (`nonceHashes`), and
+  puts the nonce itself in the child's annotation `finetune.dev/child-nonce`;
+- after creating it, it records the child's `uid` (and drops the hashes).
+A child counts when its uid is the recorded one or, while the create is not confirmed (the operator was
+killed in between), when its nonce hashes to a recorded intent. Nobody else can know the nonce before the
+child exists, so a pre-created look-alike never counts; it is a ChildConflict. Jobs reconciled by an operator
+from before status.children (conditions but no record) keep the ownerReference rule until their children
+are recorded.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 POD_TEMPLATE_HASH = "pod-template-hash"
+ANNOTATION_CHILD_NONCE = "finetune.dev/child-nonce"
+# Intents kept per child until its uid is recorded: creates repeated after restarts with a stale cache.
+MAX_INTENTS = 8
 
 
 class _ChildLists(Protocol):
@@ -82,14 +98,74 @@ def pod_is_owned(
     return False
 
 
-def owned_children(children: C, namespace: str, owner_uid: str) -> tuple[C, list[dict[str, Any]]]:
-    """The children that count for the FineTuneJob (namespace, uid), and the ignored ones."""
+def child_key(kind: str, name: str) -> str:
+    """The key of a child's record in status.children."""
+    return f"{kind}/{name}"
+
+
+def nonce_hash(nonce: str) -> str:
+    return hashlib.sha256(nonce.encode()).hexdigest()
+
+
+def is_recorded(obj: Mapping[str, Any], kind: str, records: Mapping[str, Any] | None) -> bool:
+    """The FineTuneJob's status records this very object: its uid, or the nonce of a pending create.
+    `records` None: a job from before status.children (nothing recorded yet, see the module doc)."""
+    if records is None:
+        return True
+    meta = _meta(obj)
+    entry = records.get(child_key(kind, str(meta.get("name"))))
+    if not isinstance(entry, Mapping):
+        return False
+    if entry.get("uid") and entry.get("uid") == meta.get("uid"):
+        return True
+    nonce = (meta.get("annotations") or {}).get(ANNOTATION_CHILD_NONCE)
+    return isinstance(nonce, str) and nonce_hash(nonce) in (entry.get("nonceHashes") or [])
+
+
+def records_of(status: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """status.children; None only for a job reconciled before the operator kept that record."""
+    records = status.get("children")
+    if isinstance(records, Mapping):
+        return records
+    return None if status.get("conditions") else {}
+
+
+def intent(entry: Mapping[str, Any] | None, nonce: str) -> dict[str, Any]:
+    """The record before a create: a new nonce hash added to those still unconfirmed (an earlier create
+    may have succeeded unseen); a recorded uid stays until the new child's replaces it."""
+    hashes = list((entry or {}).get("nonceHashes") or [])[-(MAX_INTENTS - 1) :]
+    return {**(entry or {}), "nonceHashes": [*hashes, nonce_hash(nonce)]}
+
+
+def confirmations(children: _ChildLists, records: Mapping[str, Any] | None) -> dict[str, Any]:
+    """status.children patch: the uid of every counted child not yet recorded by uid (e.g. the operator was
+    killed between creating it and recording it)."""
+    patch: dict[str, Any] = {}
+    for kind, objects in (
+        ("Job", children.jobs),
+        ("Deployment", children.deployments),
+        ("Service", children.services),
+    ):
+        for obj in objects:
+            meta = _meta(obj)
+            key = child_key(kind, str(meta.get("name")))
+            entry = (records or {}).get(key) or {}
+            if meta.get("uid") and entry.get("uid") != meta.get("uid"):
+                patch[key] = {"uid": meta.get("uid"), "nonceHashes": None}
+    return patch
+
+
+def owned_children(
+    children: C, namespace: str, owner_uid: str, records: Mapping[str, Any] | None = None
+) -> tuple[C, list[dict[str, Any]]]:
+    """The children that count for the FineTuneJob (namespace, uid, status.children), and the ignored
+    ones. `records` None: the ownerReference alone decides (a job from before status.children)."""
     ignored: list[dict[str, Any]] = []
 
     def keep(objects: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
         kept = []
         for obj in objects:
-            if is_controlled_by(obj, namespace, owner_uid):
+            if is_controlled_by(obj, namespace, owner_uid) and is_recorded(obj, kind, records):
                 kept.append(obj)
             else:
                 ignored.append({**obj, "kind": obj.get("kind") or kind})
@@ -109,11 +185,19 @@ def owned_children(children: C, namespace: str, owner_uid: str) -> tuple[C, list
     return owned, ignored
 
 
-def conflict_message(kind: str, existing: Mapping[str, Any]) -> str:
-    """What the user reads when a child's name is taken by an object this FineTuneJob does not control."""
+def conflict_message(kind: str, existing: Mapping[str, Any], owner_uid: str = "") -> str:
+    """What the user reads when a child's name is taken by an object this FineTuneJob does not control,
+    or by one that names it as controller but that the operator did not create (not in status.children)."""
     meta = _meta(existing)
     namespace, name = meta.get("namespace"), meta.get("name")
     controller = controller_of(existing)
+    if owner_uid and controller is not None and controller.get("uid") == owner_uid:
+        return (
+            f"{kind} {namespace}/{name} exists and was not created by the operator for this FineTuneJob: "
+            "it names this FineTuneJob as its controller but is not recorded in status.children, so its "
+            f"outcome is not trusted; delete it (kubectl delete {kind.lower()} -n {namespace} {name}) "
+            "and the job continues, or give this FineTuneJob another name"
+        )
     if controller is None:
         whose = "it has no controller (left behind by a deletion with --cascade=orphan?)"
     else:

@@ -28,6 +28,7 @@ from .status import Phase
 REPEATED_WARNINGS = (
     Reason.UNSCHEDULABLE,
     Reason.CONTAINER_CONFIG_ERROR,
+    Reason.IMAGE_PULL_FAILED,
     Reason.CHILD_CONFLICT,
     Reason.SERVING_GPU_LIMIT,
 )
@@ -95,6 +96,8 @@ class Planner:
             for kind in ConditionType:
                 self.condition(kind, "Unknown", Reason.PENDING, "not started")
             self.status.setdefault("startTime", timestamp(self.o.now))
+            # the operator's record of the children it creates (ownership.py): present from the start
+            self.status.setdefault("children", {})
         self.status["observedGeneration"] = self.o.generation
         if self.old_phase in TERMINAL_PHASES:
             return self.finish(keep_phase=True)
@@ -159,6 +162,8 @@ class Pipeline(Planner):
 
     def advance(self) -> None:
         self.status["retries"] = max(int(self.status.get("retries") or 0), restarts(self.o)) or None
+        if not self.output_unchanged():
+            return
         self.status["artifacts"] = {"runPrefix": self.job.run_prefix, **(self.status.get("artifacts") or {})}
         if not self.policy_allows():
             return
@@ -184,6 +189,19 @@ class Pipeline(Planner):
 
     def training_started(self) -> bool:
         return self.done(ConditionType.TRAINED) or self.o.children.get(Stage.TRAIN) is not None
+
+    def output_unchanged(self) -> bool:
+        """storage.output is immutable (CRD rule); if it changed anyway, say so, not as a missing dataset."""
+        recorded = (self.status.get("artifacts") or {}).get("runPrefix")
+        if not recorded or recorded == self.job.run_prefix:
+            return True
+        unfinished = [r for r in STAGES if r.owns_condition and not self.done(r.condition)]
+        message = (
+            f"storage.output changed after the run started: its artifacts are under {recorded}, not "
+            f"{self.job.run_prefix}; to write elsewhere, create a new FineTuneJob"
+        )
+        self.fail((unfinished or STAGES)[0].stage, Reason.INVALID_CONFIG, message)
+        return False
 
     def policy_allows(self) -> bool:
         """The static rules, until training starts: a violating job fails before any (more) pods run."""
@@ -360,8 +378,11 @@ class Pipeline(Planner):
                 self.out.create.clear()  # nothing serves until the name is free
                 return
             self.out.create.append(desired)
-            self.condition(row.condition, "Unknown", row.running, f"created Deployment {name}")
-            self.phase(row.phase, row.running)
+            # A GPU type without GPUs in the operator's table is served on CPU; the phase Event says so.
+            note = serving.job_vllm_compute(self.job, self.config).note
+            created = f"created Deployment {name}" + (f"; {note}" if note else "")
+            self.condition(row.condition, "Unknown", row.running, created)
+            self.phase(row.phase, row.running, note or "")
         elif _annotation(existing) != _annotation(desired):
             self.out.patch.append(ChildPatch("Deployment", name, _rollout(desired), patch_type="json"))
             self.condition(row.condition, "Unknown", row.running, "rolling out the changed deployment")

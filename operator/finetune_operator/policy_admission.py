@@ -166,7 +166,8 @@ def _serving_rules(prefix: str, type_field: str, default_exempt: str) -> list[di
         {
             "expression": f"!has({P}.maxServingGpus) || variables.servingGpus <= {P}.maxServingGpus",
             "messageExpression": _denied(
-                f"'{field}.replicas ' + string({spec}.replicas) + ' x {field}.gpus ' + string({spec}.gpus) + "
+                f"'{field}.replicas ' + string({spec}.replicas) + ' x {field}.gpus ' + "
+                "string(variables.perReplica) + "
                 f"' = ' + string(variables.servingGpus) + ' GPUs is more than maxServingGpus ' + "
                 f"string({P}.maxServingGpus)"
             ),
@@ -197,13 +198,16 @@ def _match(plural: str) -> dict[str, Any]:
 
 
 def _serving_variables(replicas: str, gpus: str, gpu_type: str, serves: str = "") -> list[dict[str, str]]:
-    """servingType, and servingGpus: replicas x gpus, 0 on the CPU type or when `serves` is false."""
+    """servingType, perReplica (gpus) and servingGpus: replicas x gpus, 0 on the CPU type or when `serves`
+    is false."""
     condition = f"({serves}) && " if serves else ""
     return [
         {"name": "servingType", "expression": gpu_type},
+        {"name": "perReplica", "expression": gpus},
         {
             "name": "servingGpus",
-            "expression": f"{condition}variables.servingType != '{CPU_GPU_TYPE}' ? {replicas} * {gpus} : 0",
+            "expression": f"{condition}variables.servingType != '{CPU_GPU_TYPE}' ? "
+            f"{replicas} * variables.perReplica : 0",
         },
     ]
 
@@ -224,7 +228,9 @@ def policy_spec() -> dict[str, Any]:
             },
             *_serving_variables(
                 f"{deployment}.replicas",
-                f"{deployment}.gpus",
+                # unset: sections.serving_gpus_default (0 when it follows a training run without GPUs)
+                f"has({deployment}.gpus) ? {deployment}.gpus : "
+                f"(!has({deployment}.gpuType) && object.spec.resources.gpus == 0 ? 0 : 1)",
                 f"has({deployment}.gpuType) ? {deployment}.gpuType : object.spec.resources.gpuType",
                 f"{deployment}.enabled && !has({deployment}.server)",
             ),
@@ -240,7 +246,10 @@ def server_policy_spec() -> dict[str, Any]:
         "paramKind": {"apiVersion": API_VERSION, "kind": policy_models.KIND},
         "matchConstraints": _match(MODELSERVERS),
         "matchConditions": [{"name": "policy-selects-namespace", "expression": _selects_namespace()}],
-        "variables": _serving_variables("object.spec.replicas", "object.spec.gpus", "object.spec.gpuType"),
+        # unset gpus: 1 (0 on the cpu type, which servingGpus counts as 0 anyway; modelserver_models)
+        "variables": _serving_variables(
+            "object.spec.replicas", "has(object.spec.gpus) ? object.spec.gpus : 1", "object.spec.gpuType"
+        ),
         "validations": [
             _uri_rule("spec.baseModel.uri", "object.spec.baseModel.uri", "allowedBaseModels"),
             *_serving_rules("spec.", "'spec.gpuType '", ""),

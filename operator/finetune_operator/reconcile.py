@@ -23,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import secrets
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import aiohttp
 
-from . import distributed, events, kube, policy
+from . import distributed, events, kube, ownership, policy
 from .builders import TRAINER_CONTAINER
 from .context import Context, JobRecord, resource_version, snapshot, stage_of
 from .naming import Stage
@@ -58,7 +59,7 @@ def newest_progress(log_text: str) -> dict[str, Any] | None:
             continue
         try:
             document = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a log line is not trusted to be shallow
             continue
         if isinstance(document, dict) and document.get("event") == "progress":
             return document
@@ -203,9 +204,10 @@ async def execute(ctx: Context, record: JobRecord, plan: Plan) -> dict[tuple[str
     api, job = ctx.api, record.body
     meta = job["metadata"]
     uid, namespace = str(meta["uid"]), str(meta["namespace"])
-    for manifest in plan.create:
+    records, creates = await _record_intents(ctx, api, record, plan.create)
+    for manifest in creates:
         try:
-            created = await _create(api, manifest, uid)
+            created = await _create(api, manifest, uid, records)
         except kube.NotOwnedError as error:
             return {(str(manifest["kind"]), str(manifest["metadata"]["name"])): str(error)}
         ctx.metrics.api_writes.labels("create", manifest["kind"]).inc()
@@ -217,6 +219,9 @@ async def execute(ctx: Context, record: JobRecord, plan: Plan) -> dict[tuple[str
         await api.delete(delete.kind, namespace, delete.name)
         ctx.metrics.api_writes.labels("delete", delete.kind).inc()
     status_patch = {**plan.status, **await _post_events(ctx, api, record, plan.events)}
+    confirmed = ownership.confirmations(ctx.children(uid, namespace), records)
+    if confirmed:  # the uids of the children just created (or created before a crash, by their nonce)
+        status_patch["children"] = {**(status_patch.get("children") or {}), **confirmed}
     if status_patch:
         await _write_status(ctx, api, record, plan, status_patch)
     phase = (record.body.get("status") or {}).get("phase")
@@ -266,9 +271,46 @@ async def _write_status(
     _observe(ctx, record, old_status, plan)
 
 
-async def _create(api: kube.Api, manifest: dict[str, Any], uid: str) -> dict[str, Any]:
+async def _record_intents(
+    ctx: Context, api: kube.Api, record: JobRecord, manifests: list[dict[str, Any]]
+) -> tuple[Mapping[str, Any] | None, list[dict[str, Any]]]:
+    """Before creating children, record in the status a hash of a random nonce for each, and annotate each
+    with its nonce: a child counts only when the status records it (ownership.py), and nobody can forge a
+    nonce they have not seen. Returns the job's records as they are now and the annotated manifests."""
+    records = ownership.records_of(record.body.get("status") or {})
+    if not manifests or records is None:  # None: a job from before status.children keeps the old rule
+        return records, manifests
+    intents, annotated = {}, []
+    for manifest in manifests:
+        key = ownership.child_key(str(manifest["kind"]), str(manifest["metadata"]["name"]))
+        nonce = record.nonces.get(key)
+        hashes = (records.get(key) or {}).get("nonceHashes") or []
+        if nonce is None or ownership.nonce_hash(nonce) not in hashes:
+            # a fresh one, unless this process's last try is still unconfirmed (a conflict, a stale cache)
+            nonce = record.nonces[key] = secrets.token_urlsafe(24)
+            intents[key] = ownership.intent(records.get(key), nonce)
+        annotations = {
+            **(manifest["metadata"].get("annotations") or {}),
+            ownership.ANNOTATION_CHILD_NONCE: nonce,
+        }
+        annotated.append({**manifest, "metadata": {**manifest["metadata"], "annotations": annotations}})
+    if not intents:
+        return records, annotated
+    meta = record.body["metadata"]
+    updated = await api.patch_status(
+        str(meta["namespace"]), str(meta["name"]), {"children": intents}, uid=str(meta["uid"])
+    )
+    ctx.metrics.api_writes.labels("patch", "FineTuneJob/status").inc()
+    if updated.get("metadata"):
+        ctx.remember(updated)
+    return {**records, **intents}, annotated
+
+
+async def _create(
+    api: kube.Api, manifest: dict[str, Any], uid: str, records: Mapping[str, Any] | None
+) -> dict[str, Any]:
     try:
-        return await api.create_or_adopt(manifest, uid)
+        return await api.create_or_adopt(manifest, uid, records)
     except kube.ApiError as error:
         # Clusters before 1.29 reject podReplacementPolicy: retry once without it.
         if (
@@ -281,7 +323,7 @@ async def _create(api: kube.Api, manifest: dict[str, Any], uid: str) -> dict[str
                 manifest["metadata"]["name"],
             )
             spec = {k: v for k, v in manifest["spec"].items() if k != "podReplacementPolicy"}
-            return await api.create_or_adopt({**manifest, "spec": spec}, uid)
+            return await api.create_or_adopt({**manifest, "spec": spec}, uid, records)
         raise
 
 

@@ -69,6 +69,23 @@ BUCKET_LENGTH_RULE = {
 }
 BUCKET_LENGTH_MESSAGE = BUCKET_LENGTH_RULE["message"]
 
+# Egress (docs/security.md): what admission can refuse in a URL a credential is sent to (the trainer
+# checks again on the resolved addresses, and applies the plain-http allow-list). A host written as a number
+# other than a.b.c.d (2852039166, 0xa9fea9fe, 0251.0376...) is refused: resolvers read it as an address.
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_NUMBER = r"(?:0[xX][0-9A-Fa-f]*|[0-9]+)"
+_HOST_END = r"(?:[:/]|$)"
+LINK_LOCAL_URL = rf"^https?://169[.]254[.][0-9]+[.][0-9]+{_HOST_END}"
+NUMERIC_HOST_URL = rf"^https?://{_NUMBER}(?:[.]{_NUMBER})*[.]?{_HOST_END}"
+DOTTED_QUAD_URL = rf"^https?://(?:{_OCTET}[.]){{3}}{_OCTET}{_HOST_END}"
+EGRESS_HOST_RULE = {
+    "rule": f"!self.matches('{LINK_LOCAL_URL}') && "
+    f"(!self.matches('{NUMERIC_HOST_URL}') || self.matches('{DOTTED_QUAD_URL}'))",
+    "message": "must not be a link-local or cloud metadata address (169.254.0.0/16); write an IP address "
+    "as a.b.c.d",
+}
+EGRESS_HOST_MESSAGE = EGRESS_HOST_RULE["message"]
+
 # Cross-field rule messages (the same text from CEL and from the model validators).
 QLORA_NEEDS_GPU = "method qlora needs resources.gpus >= 1 (4-bit quantisation runs on GPUs only)"
 ADAPTER_NEEDS_PEFT = "deployment.mode adapter needs method lora or qlora"
@@ -102,8 +119,14 @@ SERVER_NEEDS_EVALUATION = (
     "deployment.server promotes a version only when it is not worse than the one serving: evaluation.enabled "
     "must be true"
 )
+# A cpu GPU type has no GPUs: a GPU count above 0 with it is a contradiction, never silently served.
+SERVING_GPUS_ON_CPU = (
+    "deployment.gpus must be 0 or unset when the serving gpuType (deployment.gpuType, or resources.gpuType "
+    "when that is unset) is cpu: a cpu type has no GPUs"
+)
+POOL_GPUS_ON_CPU = "gpus must be 0 or unset when gpuType is cpu: a cpu type has no GPUs"
 VLLM_MAX_LORA_RANK = 512
-IMMUTABLE_FIELDS = ("baseModel", "dataset", "method", "lora", "hyperparameters")
+IMMUTABLE_FIELDS = ("baseModel", "dataset", "method", "lora", "hyperparameters", "storage.output")
 
 
 class SpecError(ValueError):
@@ -129,6 +152,8 @@ RULE_FIELD = {
     SERVER_NEEDS_ADAPTER: ".method",
     SERVER_NEEDS_ADAPTER_MODE: ".deployment.mode",
     SERVER_NEEDS_EVALUATION: ".evaluation.enabled",
+    SERVING_GPUS_ON_CPU: ".deployment.gpus",
+    POOL_GPUS_ON_CPU: ".gpus",
 }
 
 
@@ -225,6 +250,21 @@ OutputURI = Annotated[
         json_schema_extra=validations(BUCKET_LENGTH_RULE),
     ),
     AfterValidator(check_bucket),
+]
+
+
+def check_egress_host(url: str) -> str:
+    numeric = re.match(NUMERIC_HOST_URL, url) and not re.match(DOTTED_QUAD_URL, url)
+    if re.match(LINK_LOCAL_URL, url) or numeric:
+        raise ValueError(EGRESS_HOST_MESSAGE)
+    return url
+
+
+# A URL the trainer sends a credential to (evaluation.reference.url, tracking.mlflow.trackingUri).
+EgressURL = Annotated[
+    str,
+    Field(max_length=2048, pattern=HTTP_URL_PATTERN, json_schema_extra=validations(EGRESS_HOST_RULE)),
+    AfterValidator(check_egress_host),
 ]
 DNSLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
 DNSSubdomain = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]

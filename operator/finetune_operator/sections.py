@@ -3,16 +3,16 @@ evaluation, deployment): typed, bounded, with their defaults. models.py assemble
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
 
 from finetune_vocabulary.distributed import MAX_NODES
 from finetune_vocabulary.metrics import METRICS, MetricName
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, check_extra_args
 from .modelnames import ModelName, model_name_problem
 from .schema import (
-    HTTP_URL_PATTERN,
     LABEL_VALUE_PATTERN,
     MODULE_NAME_PATTERN,
     PRIMARY_METRIC_UNKNOWN,
@@ -23,6 +23,7 @@ from .schema import (
     THRESHOLD_ONE_BOUND,
     DNSLabel,
     DNSSubdomain,
+    EgressURL,
     OutputURI,
     Quantity,
     SourceURI,
@@ -36,6 +37,9 @@ Method = Literal["lora", "qlora", "full"]
 DatasetFormat = Literal["auto", "chat", "completion", "instruction"]
 DeploymentMode = Literal["auto", "adapter", "merged"]
 ParallelStrategy = Literal["auto", "ddp", "fsdp"]
+# The GPU-table key of CPU nodes: it has no GPUs, so serving on it means 0 GPUs per replica.
+CPU_GPU_TYPE = "cpu"
+DEFAULT_GPU_TYPE = "a100-80gb"
 
 
 # ---------------------------------------------------------------------------------------------- spec
@@ -204,7 +208,7 @@ class ResourcesSpec(SpecModel):
         description="Pods (nodes) training together, each with `gpus` GPUs: an Indexed Job and a headless "
         "Service; GPU-hours count nodes x gpus.",
     )
-    gpu_type: DNSLabel = Field(default="a100-80gb", description="A key of the operator's GPU table.")
+    gpu_type: DNSLabel = Field(default=DEFAULT_GPU_TYPE, description="A key of the operator's GPU table.")
     cpu: Quantity | None = Field(default=None, description="CPU request and limit.")
     memory: Quantity | None = Field(default=None, description="Memory request and limit.")
     node_selector: NodeSelector | None = Field(default=None, description="Extra node labels to require.")
@@ -257,7 +261,7 @@ class SecretKeyRef(SpecModel):
 class ReferenceSpec(SpecModel):
     """An OpenAI-compatible model scored on the same prompts, for comparison only."""
 
-    url: str = Field(max_length=2048, pattern=HTTP_URL_PATTERN, description="Base URL, e.g. https://host/v1.")
+    url: EgressURL = Field(description="Base URL, e.g. https://host/v1.")
     model: str = Field(
         min_length=1, max_length=256, pattern=r"^[^\s]+$", description="Model name to request."
     )
@@ -328,6 +332,39 @@ class DeploymentResources(SpecModel):
     memory: Quantity | None = Field(default=None, description="Memory request and limit.")
 
 
+def no_schema_default(schema: dict[str, Any]) -> None:
+    """json_schema_extra of a field whose default depends on another field (a model validator fills it in):
+    the CRD must not default it, or the API server would fill in a value the user never chose."""
+    schema.pop("default", None)
+
+
+def _raw(section: Any, alias: str, name: str) -> Any:
+    """A field of a section as given to model_validate: a mapping (camelCase or snake_case) or a model."""
+    if isinstance(section, Mapping):
+        return section.get(alias, section.get(name))
+    return getattr(section, name, None) if isinstance(section, BaseModel) else None
+
+
+def default_gpus(section: Any, gpus: int) -> Any:
+    """`section` (a raw mapping or a model) with `gpus` filled in when the user left it unset."""
+    if isinstance(section, Mapping):
+        return section if "gpus" in section else {**section, "gpus": gpus}
+    if isinstance(section, BaseModel) and "gpus" not in section.model_fields_set:
+        return section.model_copy(update={"gpus": gpus})
+    return section
+
+
+def serving_gpus_default(spec: Mapping[str, Any]) -> int:
+    """Unset deployment.gpus of a raw FineTuneJob spec: 0 when the replicas serve on CPU (the serving gpuType
+    is cpu, or it follows resources and training used no GPU), 1 otherwise."""
+    deployment, resources = spec.get("deployment") or {}, spec.get("resources") or {}
+    serving_type = _raw(deployment, "gpuType", "gpu_type")
+    if serving_type:
+        return 0 if serving_type == CPU_GPU_TYPE else 1
+    on_cpu = _raw(resources, "gpuType", "gpu_type") == CPU_GPU_TYPE or _raw(resources, "gpus", "gpus") == 0
+    return 0 if on_cpu else 1
+
+
 class DeploymentSpec(SpecModel):
     """Serve the accepted model on vLLM."""
 
@@ -342,7 +379,14 @@ class DeploymentSpec(SpecModel):
     mode: DeploymentMode = Field(
         default="auto", description="adapter: base + LoRA adapter; merged: merged weights; auto picks."
     )
-    gpus: int = Field(default=1, ge=0, le=8, description="GPUs per replica; 0 serves on CPU.")
+    gpus: int = Field(
+        default=1,
+        ge=0,
+        le=8,
+        json_schema_extra=no_schema_default,
+        description="GPUs per replica; 0 serves on CPU. Default: 0 when the serving gpuType is cpu (or it "
+        "follows resources and training used 0 GPUs), else 1; more than 0 on a cpu gpuType is refused.",
+    )
     gpu_type: DNSLabel | None = Field(default=None, description="GPU table key; default: resources.gpuType.")
     max_model_len: int | None = Field(default=None, ge=128, le=1_048_576, description="vLLM --max-model-len.")
     extra_args: list[Annotated[str, Field(max_length=256)]] | None = Field(
@@ -391,10 +435,8 @@ TRACKING_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]*$"
 class MlflowTrackingSpec(SpecModel):
     """Log the run to an MLflow tracking server and register the accepted model (docs/tracking.md)."""
 
-    tracking_uri: str | None = Field(
+    tracking_uri: EgressURL | None = Field(
         default=None,
-        max_length=2048,
-        pattern=HTTP_URL_PATTERN,
         description="MLflow tracking server, e.g. http://mlflow.mlflow.svc:5000; default: the operator's "
         "tracking.mlflow.defaultTrackingUri.",
     )

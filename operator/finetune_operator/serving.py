@@ -3,6 +3,8 @@ its Service. Like builders.py, each returns a plain dict and talks to nothing.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from finetune_vocabulary.images import TRAINER_ENTRYPOINT
@@ -27,21 +29,20 @@ from .podspec import (
     spec_hash,
 )
 from .ref import Artifacts, JobRef
+from .sections import DeploymentResources, ResourcesSpec
 
 VLLM_CONTAINER = "vllm"
 MODELS_DIR = "/models"
 # LoRA ranks vLLM accepts for --max-lora-rank.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 # On CPU, vLLM sizes its KV cache from --gpu-memory-utilization as a fraction of HOST memory, which a pod's
-# limit knows nothing about (and which the model's weights alone may exceed). The pod's memory decides
-# instead: a quarter goes to the KV cache, the rest to the weights (float32 on CPU) and the runtime.
+# limit knows nothing about (and which the model's weights alone may exceed), and refuses to start unless
+# that fraction of the host (0.92) is free now, page cache and other pods counted as used. An explicit KV
+# cache size skips that check (vllm/v1/worker/cpu_worker.py, 0.32.0), so the pod's memory decides instead:
+# a quarter goes to the KV cache, the rest to the weights (float32 on CPU) and the runtime.
 CPU_KV_CACHE_SHARE = 4
 CPU_KV_CACHE_MAX_GIB = 64
 _QUANTITY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9}
-
-
-def _gpu_type(config: OperatorConfig, job: JobRef) -> GpuType:
-    return config.gpu_type(job.spec.deployment.gpu_type or job.spec.resources.gpu_type)
 
 
 def serving_mode(spec: FineTuneJobSpec) -> str:
@@ -84,6 +85,59 @@ def cpu_kv_cache_gib(memory: int | str | None) -> int:
     if total is None:
         return 1
     return max(1, min(CPU_KV_CACHE_MAX_GIB, total // CPU_KV_CACHE_SHARE // 2**30))
+
+
+@dataclass(frozen=True)
+class VllmCompute:
+    """What one vLLM replica runs on; the same for a job's Deployment and a ModelServer pool."""
+
+    gpus: int  # GPUs it gets: 0 on a GPU type without GPUs, whatever was asked
+    env: list[dict[str, str]]  # on CPU: the KV cache size, from the replica's own memory limit
+    args: list[str]  # --tensor-parallel-size across the replica's GPUs
+    resources: dict[str, dict[str, str]]
+    placement: dict[str, Any]  # the GPU type's nodeSelector and tolerations (none on CPU), then the user's
+    note: str | None  # why GPUs that were asked for are not used
+
+
+def vllm_compute(
+    gpus: int,
+    gpu_type_name: str,
+    gpu_type: GpuType,
+    replica: DeploymentResources | None,
+    extra_args: Sequence[str] | None,
+    user_placement: ResourcesSpec | None,
+) -> VllmCompute:
+    """Resources, placement, CPU settings and parallelism of a vLLM replica with `gpus` of `gpu_type`."""
+    # A type without a device resource (the operator's GPU table decides, at run time) has no GPUs to give.
+    granted = gpus if gpu_type.resource_name else 0
+    note = None
+    if granted < gpus:
+        note = f"gpuType {gpu_type_name} has no GPUs in the operator's table: serving on CPU, not {gpus} GPUs"
+    memory = replica.memory if replica else None
+    env = []
+    if granted == 0 and not any(str(arg).startswith("--kv-cache-memory") for arg in extra_args or ()):
+        env.append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(cpu_kv_cache_gib(memory))})
+    return VllmCompute(
+        gpus=granted,
+        env=env,
+        args=["--tensor-parallel-size", str(granted)] if granted > 1 else [],
+        resources=resource_block(replica.cpu if replica else None, memory, granted, gpu_type),
+        placement=gpu_placement(gpu_type, granted, user_placement),
+        note=note,
+    )
+
+
+def job_vllm_compute(job: JobRef, config: OperatorConfig) -> VllmCompute:
+    deployment = job.spec.deployment
+    type_name = deployment.gpu_type or job.spec.resources.gpu_type
+    return vllm_compute(
+        deployment.gpus,
+        type_name,
+        config.gpu_type(type_name),
+        deployment.resources,
+        deployment.extra_args,
+        job.spec.resources,
+    )
 
 
 def served_model_name(job: JobRef) -> str:
@@ -176,9 +230,8 @@ class _ModelSource:
 
 
 def _vllm_container(
-    job: JobRef, config: OperatorConfig, args: list[str], mounts: list[dict[str, Any]], gpu_type: GpuType
+    job: JobRef, config: OperatorConfig, args: list[str], mounts: list[dict[str, Any]], compute: VllmCompute
 ) -> dict[str, Any]:
-    deployment = job.spec.deployment
     health = {"httpGet": {"path": "/health", "port": "http"}}
     container: dict[str, Any] = {
         "name": VLLM_CONTAINER,
@@ -190,10 +243,13 @@ def _vllm_container(
             {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
             {"name": "XDG_CACHE_HOME", "value": f"{WORKDIR}/.cache"},
             {"name": "VLLM_CACHE_ROOT", "value": f"{WORKDIR}/.cache/vllm"},
+            *compute.env,
         ],
         "ports": [{"name": "http", "containerPort": config.defaults.vllm_port, "protocol": "TCP"}],
         "volumeMounts": mounts,
         "securityContext": container_security_context(),
+        # A vLLM that exits at start-up (bad args, too little memory) says why in the pod's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         # Loading weights can take long; the startup probe holds readiness and liveness until /health answers.
         "startupProbe": {
             **health,
@@ -206,23 +262,15 @@ def _vllm_container(
     env_from = credentials_env_from(job)
     if env_from and job.spec.base_model.uri.startswith("hf://"):
         container["envFrom"] = env_from  # HF_TOKEN for a gated base model
-    replica = deployment.resources
-    user_args = [str(arg) for arg in deployment.extra_args or []]
-    if deployment.gpus == 0 and not any(arg.startswith("--kv-cache-memory") for arg in user_args):
-        kv_gib = cpu_kv_cache_gib(replica.memory if replica else None)
-        container["env"].append({"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(kv_gib)})
-    resources = resource_block(
-        replica.cpu if replica else None, replica.memory if replica else None, deployment.gpus, gpu_type
-    )
-    if resources:
-        container["resources"] = resources
+    if compute.resources:
+        container["resources"] = compute.resources
     return container
 
 
 def serving_deployment(job: JobRef, config: OperatorConfig, artifacts: Artifacts) -> dict[str, Any]:
     """vLLM serving the tuned model: base + LoRA adapter, or the merged weights."""
     deployment = job.spec.deployment
-    gpu_type = _gpu_type(config, job)
+    compute = job_vllm_compute(job, config)
     source = _ModelSource()
     if serving_mode(job.spec) == "merged":
         source.merged(job, artifacts)
@@ -231,9 +279,7 @@ def serving_deployment(job: JobRef, config: OperatorConfig, artifacts: Artifacts
     args = ["--host", "0.0.0.0", "--port", str(config.defaults.vllm_port), *source.args]
     if deployment.max_model_len:
         args += ["--max-model-len", str(deployment.max_model_len)]
-    if deployment.gpus > 1:
-        args += ["--tensor-parallel-size", str(deployment.gpus)]
-    args += list(deployment.extra_args or [])
+    args += [*compute.args, *(deployment.extra_args or [])]
 
     volumes, mounts = scratch_volumes(config.defaults.shm_size)
     pod_spec: dict[str, Any] = {
@@ -241,10 +287,10 @@ def serving_deployment(job: JobRef, config: OperatorConfig, artifacts: Artifacts
         "initContainers": [
             fetch_container(config, *fetch, credentials_env_from(job)) for fetch in source.fetches
         ],
-        "containers": [_vllm_container(job, config, args, mounts + source.mounts, gpu_type)],
+        "containers": [_vllm_container(job, config, args, mounts + source.mounts, compute)],
         "volumes": volumes + source.volumes,
         **service_account(job),
-        **gpu_placement(gpu_type, deployment.gpus, job.spec.resources),
+        **compute.placement,
         **priority_class(job),
     }
     spec: dict[str, Any] = {

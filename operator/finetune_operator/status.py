@@ -185,6 +185,17 @@ class PendingEvent(StatusModel):
     message: str = Field(max_length=1024)
 
 
+class ChildRecord(StatusModel):
+    """A child the operator created (ownership.py): its uid once created, nonce hashes while creating."""
+
+    uid: str | None = Field(default=None, max_length=128, description="The child's metadata.uid.")
+    nonce_hashes: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        default=None,
+        max_length=8,
+        description="sha256 of the nonce annotation of a child being created, until its uid is recorded.",
+    )
+
+
 class FineTuneJobStatus(StatusModel):
     """Observed state, written by the operator."""
 
@@ -220,6 +231,12 @@ class FineTuneJobStatus(StatusModel):
         default=None,
         max_length=32,
         description="Transition Events the API refused for now; the operator posts them when it recovers.",
+    )
+    children: dict[Annotated[str, Field(max_length=320)], ChildRecord] | None = Field(
+        default=None,
+        max_length=32,
+        description="The children the operator created, by kind/name: only these count (a look-alike "
+        "child, even with this job's ownerReference, is a ChildConflict).",
     )
 
 

@@ -2,13 +2,14 @@
 
 The operator never talks to MLflow and never reads the credentials Secret: it resolves the defaults (tracking
 URI from the operator config, experiment = namespace, registered model name = the ModelServer modelName, else
-the served model name, else the job name), passes them in the trainer's FTJ_CONFIG, passes the credentials by
-`secretKeyRef` (optional keys), and copies the `tracking` block of each stage's termination summary into
-`status.tracking`.
+the served model name, else the job name) and the hosts plain http may reach, passes them in the trainer's
+FTJ_CONFIG, passes the credentials by `secretKeyRef` (optional keys), and copies the `tracking` block of each
+stage's termination summary into `status.tracking`.
 """
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
@@ -45,8 +46,21 @@ def resolved(job: JobRef, config: OperatorConfig) -> dict[str, Any] | None:
             "experiment": experiment,
             "registerModel": register,
             "image": config.images.trainer,
+            "allowPlainHttpHosts": plain_http_hosts(config),
         }
     }
+
+
+def plain_http_hosts(config: OperatorConfig) -> list[str]:
+    """Where the trainer may send the MLflow token over plain http: the reference's allow-list (one egress
+    policy), plus the host of the platform's own defaultTrackingUri when that is http."""
+    hosts = list(config.reference.allow_plain_http_hosts)
+    default = config.tracking.mlflow.default_tracking_uri
+    if default and default.lower().startswith("http://"):
+        host = urllib.parse.urlsplit(default).hostname
+        if host and host not in hosts:
+            hosts.append(host)
+    return hosts
 
 
 def credentials_env(job: JobRef) -> list[dict[str, Any]]:

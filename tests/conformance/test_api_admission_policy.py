@@ -508,15 +508,15 @@ def test_the_charts_finetunepolicy_admission_refuses_serving_it_does_not_allow(
         for document in policy_admission.manifests(f"conformance-ftp-{tag}"):
             path = f"{ADMISSION}/{PLURALS[document['kind']]}"
             status, body, _ = raw.request("POST", path, document)
-            assert status == 201, body
+            assert status == 201, json.dumps(body)
             created.append(f"{path}/{document['metadata']['name']}")
         status, body, _ = raw.request("POST", f"{FINETUNE}/finetunepolicies", ftp)
-        assert status == 201, body
+        assert status == 201, json.dumps(body)
         created.append(f"{FINETUNE}/finetunepolicies/{policy_name}")
         status, body, _ = raw.request(
             "POST", "/api/v1/namespaces", {"metadata": {"name": namespace, "labels": {label: "yes"}}}
         )
-        assert status == 201, body
+        assert status == 201, json.dumps(body)
         created.append(f"/api/v1/namespaces/{namespace}")
 
         def post(plural: str, kind: str, spec: dict[str, Any]) -> tuple[int, Any]:
@@ -544,7 +544,16 @@ def test_the_charts_finetunepolicy_admission_refuses_serving_it_does_not_allow(
             }
             return post("finetunejobs", "FineTuneJob", spec)
 
-        wait_for(lambda: server(baseModel={"uri": "hf://x/y"})[0] == 403, "the policy to take effect")
+        last: list[Any] = []
+
+        def enforced() -> bool:
+            last[:] = server(baseModel={"uri": "hf://x/y"})
+            return bool(last[0] == 403)
+
+        try:
+            wait_for(enforced, "the policy to take effect")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; last answer: {last}") from None
         denied = f"denied request: denied by FineTunePolicy {policy_name}: "
         for found, message in (
             (
@@ -573,11 +582,11 @@ def test_the_charts_finetunepolicy_admission_refuses_serving_it_does_not_allow(
             assert body["message"].endswith(denied + message), body["message"]
         for status, body in (
             server(replicas=2, gpus=8),
-            server(replicas=64, gpus=8, gpuType="cpu"),  # the CPU type holds no GPU
+            server(replicas=64, gpuType="cpu"),  # the CPU type holds no GPU (gpus unset, as users write it)
             job(replicas=2, gpus=8),
             job(enabled=False, replicas=16, gpus=8),
         ):
-            assert status == 201, body
+            assert status == 201, json.dumps(body)
     finally:
         for path in reversed(created):
             raw.request("DELETE", path)

@@ -31,6 +31,27 @@ spec:
 """
 
 
+# What `kubectl get pod,svc -o yaml` writes and users apply back. The pod asks for a node that does not exist,
+# so nothing runs on either kind of cluster.
+POD_AND_SERVICE_LIST = """
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: web, labels: {app: web}}
+  spec:
+    nodeSelector: {conformance.example.com/no-such-node: "true"}
+    containers: [{name: main, image: nginx:1.27}]
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web}
+  spec:
+    selector: {app: web}
+    ports: [{port: 80, targetPort: 8080}]
+"""
+
+
 def widget_yaml(name: str, size: int = 2, **labels: str) -> str:
     return yaml.safe_dump(
         {
@@ -172,6 +193,21 @@ def test_apply_builtin_uses_strategic_merge(kubectl: Kubectl, namespace: str) ->
     header = kubectl("get", "-n", namespace, "deploy").stdout.splitlines()[0].split()
     assert header == ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE"]
     assert kubectl.json("get", "-n", namespace, "deploy", "web")["spec"]["replicas"] == 5
+
+
+def test_apply_a_list_of_a_pod_and_a_service(kubectl: Kubectl, namespace: str) -> None:
+    """kubectl validates a `kind: List` on the client (OpenAPI v2), each item on the server."""
+    created = kubectl("apply", "-n", namespace, "-f", "-", input=POD_AND_SERVICE_LIST).stdout.splitlines()
+    assert created == ["pod/web created", "service/web created"]
+    again = kubectl("apply", "-n", namespace, "-f", "-", input=POD_AND_SERVICE_LIST).stdout.splitlines()
+    assert again == ["pod/web unchanged", "service/web unchanged"]
+    assert kubectl("get", "-n", namespace, "pod,svc", "-o", "name").stdout.split() == [
+        "pod/web",
+        "service/web",
+    ]
+    assert kubectl.json("get", "-n", namespace, "svc", "web")["spec"]["ports"][0]["targetPort"] == 8080
+    deleted = kubectl("delete", "-n", namespace, "--wait=false", "-f", "-", input=POD_AND_SERVICE_LIST).stdout
+    assert 'pod "web" deleted' in deleted and 'service "web" deleted' in deleted
 
 
 def test_get_with_label_selectors_and_label_annotate(kubectl: Kubectl, namespace: str) -> None:

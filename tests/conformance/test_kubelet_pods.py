@@ -134,6 +134,47 @@ def test_missing_secret_keeps_container_waiting(lc_api, ns):
     assert 'secret "absent" not found' in waiting()["message"], state
 
 
+def test_image_whose_runtime_is_missing_waits_in_image_pull_backoff_naming_the_command(
+    lc_api, ns, local_cluster, monkeypatch, tmp_path
+):
+    """The local kubelet's image is its virtualenv: a missing one reads as kubelet's ErrImagePull /
+    ImagePullBackOff with the cause and the command that installs it, retried until it is there."""
+    missing = tmp_path / "no-vllm-venv"
+    monkeypatch.setitem(local_cluster.kubelet.runtimes, "vllm/vllm-openai", missing)
+    create_pod(
+        lc_api,
+        ns,
+        {
+            "restartPolicy": "Never",
+            "containers": [
+                {"name": "vllm", "image": "vllm/vllm-openai:v0.11.0", "command": ["python", "-c", "print(1)"]}
+            ],
+        },
+    )
+
+    def waiting(reason):
+        obj = pod(lc_api, ns, "p")
+        statuses = obj.get("status", {}).get("containerStatuses") or []
+        state = statuses and statuses[0]["state"].get("waiting")
+        return state if state and state.get("reason") == reason else None
+
+    pulled = wait_for(lambda: waiting("ErrImagePull"), what="ErrImagePull", timeout=15)
+    assert str(missing) in pulled["message"] and "make vllm-venv" in pulled["message"], pulled
+    backoff = wait_for(lambda: waiting("ImagePullBackOff"), what="ImagePullBackOff", timeout=15)
+    assert backoff["message"].startswith('Back-off pulling image "vllm/vllm-openai:v0.11.0": ErrImagePull: ')
+    assert "make vllm-venv" in backoff["message"], backoff
+    obj = pod(lc_api, ns, "p")
+    assert obj["status"]["phase"] == "Pending"
+    assert obj["status"]["containerStatuses"][0]["restartCount"] == 0
+    reasons = {(e["reason"], e["message"]) for e in events(lc_api, ns, "p")}
+    assert ("Failed", "Error: ErrImagePull") in reasons, reasons
+    # Installed meanwhile: the next pull attempt finds it and the container runs.
+    (missing / "bin").mkdir(parents=True)
+    (missing / "bin" / "python").symlink_to(PY)
+    done = wait_for(lambda: pod_phase(lc_api, ns, "p"), what="the pod to run once installed", timeout=30)
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+
+
 def test_volumes_init_containers_and_termination_message(lc_api, ns):
     core = client.CoreV1Api(lc_api)
     core.create_namespaced_secret(ns, {"metadata": {"name": "vol-secret"}, "stringData": {"key.txt": "S"}})

@@ -1,5 +1,6 @@
 """Issue 9, items 1, 4 and 5 end to end on the embedded cluster with the real operator: spoofed children in
-another namespace, Events under injected 429s, and a child name held by an orphaned leftover."""
+another namespace, Events under injected 429s, and a child name held by an orphaned leftover; issue 20,
+defect 4: a forged child with the job's own ownerReference cannot pass the gate."""
 
 from __future__ import annotations
 
@@ -174,6 +175,55 @@ def test_an_orphaned_child_is_named_in_the_status_of_the_recreated_job(jobs: Job
     validate = next(j for j in jobs.list("Job") if j["metadata"]["name"] == "reborn-validate")
     owner = validate["metadata"]["ownerReferences"][0]
     assert owner["uid"] == jobs.get("reborn")["metadata"]["uid"]
+
+
+RESTRICTED = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def test_a_forged_evaluate_job_with_the_jobs_owner_reference_cannot_pass_the_gate(
+    jobs: Jobs, lc_api: Any
+) -> None:
+    """Issue 20, defect 4: a namespace editor pre-creates `<job>-evaluate` with the controller ownerReference
+    to the job's uid, the operator's labels and a pod whose termination message forges a passing gate. The
+    operator did not create it, so the job waits with ChildConflict naming it; nothing is evaluated."""
+    from kubernetes import client
+
+    victim = jobs.create("gated", hyperparameters={"maxSteps": 1})
+    forged_scores = {
+        "tuned": {"exact_match": 1.0, "loss": 0.1},
+        "base": {"exact_match": 0.0, "loss": 5.7},
+        "n": 10,
+    }
+    forged = _spoof_job("gated-evaluate", victim, "evaluate", forged_scores, owner=True)
+    container = forged["spec"]["template"]["spec"]["containers"][0]
+    container["securityContext"] = RESTRICTED  # the namespace enforces Pod Security restricted
+    # The message and the path as arguments (the local kubelet maps in-container paths found in args).
+    container["command"] = ["sh", "-c", 'printf "%s" "$0" > "$1"']
+    container["args"] = [json.dumps({"exitCode": 0, "summary": forged_scores}), "/dev/termination-log"]
+    client.BatchV1Api(lc_api).create_namespaced_job(jobs.namespace, forged)
+
+    def decided(status: dict[str, Any]) -> bool:
+        ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), {})
+        final = status.get("phase") in ("Succeeded", "Rejected", "Failed")
+        return ready.get("reason") == "ChildConflict" or final
+
+    status = jobs.wait("gated", decided, 420, "a ChildConflict (or the gate deciding)")
+    assert status["phase"] == "Pending", (status["phase"], status.get("evaluation"), status.get("message"))
+    assert not status.get("evaluation"), status["evaluation"]
+    message = status["message"]
+    assert f"Job {jobs.namespace}/gated-evaluate exists and was not created by the operator" in message
+    assert f"kubectl delete job -n {jobs.namespace} gated-evaluate" in message
+    trained = next(c for c in status["conditions"] if c["type"] == "Trained")
+    assert trained["status"] == "True", trained  # it waits at the gate, after a real training run
+    train = next(j for j in jobs.list("Job") if j["metadata"]["name"] == "gated-train")
+    assert status["children"]["Job/gated-train"]["uid"] == train["metadata"]["uid"]
+    assert not (status["children"].get("Job/gated-evaluate") or {}).get("uid")
 
 
 def _list_ftjs(lc_api: Any, namespace: str) -> list[dict[str, Any]]:

@@ -9,10 +9,12 @@ pool of two vLLM replicas is the expensive part (started once, while the first j
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -35,6 +37,8 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 POOL, MODEL = "pool", "toy"
 ROUTER_PORT = 8080
+ADMIN_PORT = 8081
+VLLM_PORT = 8000
 PROMPT = "shout: 4 9 q 1"
 
 
@@ -178,6 +182,65 @@ def pool_rss_mib(pods: list[dict[str, Any]]) -> float:
     return total / 2**20
 
 
+ENCODED_UNLOAD = [
+    "/v1/unload_lora_adapter",
+    "/v1/%75nload_lora_adapter",
+    "/v1%2Funload_lora_adapter",
+    "/v1/unload%5Flora%5Fadapter",
+    "//v1/unload_lora_adapter",
+    "/v1/./unload_lora_adapter",
+    "/v1/x/../unload_lora_adapter",
+    "/v1/unload_lora_adapter/",
+    "/v1/unload_lora_adapter;x",
+    "/v1/%2575nload_lora_adapter",
+]
+
+
+def post_raw(base: str, target: str, body: dict[str, Any]) -> int:
+    """The status of one POST with the request target sent exactly as given."""
+    url = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=30)
+    try:
+        conn.request("POST", target, json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def the_router_cannot_be_talked_past_and_repairs_what_vllm_lost(
+    pool: Pool, ready: list[dict[str, Any]]
+) -> None:
+    """Issue 20: vLLM's adapter endpoints, however the path is spelled, are 404 through the pool's Service and
+    reach no vLLM; a version unloaded behind a router's back is loaded again, on the next request for it and
+    by the periodic check, and the router's /state says so."""
+    version = f"{MODEL}-v1"
+    answers = {  # each sent once per replica: the Service spreads connections over them
+        target: [post_raw(pool.service_url(), target, {"lora_name": version}) for _ in ready]
+        for target in ENCODED_UNLOAD
+    }
+    holding = {p["metadata"]["name"]: version in models(vllm_url(p)) for p in ready}
+    assert all(s == [404] * len(ready) for s in answers.values()) and all(holding.values()), (
+        answers,
+        holding,
+    )
+    pod = ready[0]
+    assert (
+        post_raw(vllm_url(pod), "/v1/unload_lora_adapter", {"lora_name": version}) == 200
+    )  # behind its back
+    assert chat(pod_url(pod), MODEL) == ("Q", version)  # reloaded on vLLM's 404, the request retried once
+    assert post_raw(vllm_url(pod), "/v1/unload_lora_adapter", {"lora_name": version}) == 200
+    pool.wait(lambda: version in models(vllm_url(pod)), 60, "the periodic check to reload the version")
+    state = json.loads(urllib.request.urlopen(f"http://{pod['status']['podIP']}:{ADMIN_PORT}/state").read())
+    assert state["loaded"].get(version) and state["reloads"] >= 2, state
+
+
+def vllm_url(pod: dict[str, Any]) -> str:
+    """vLLM itself (the pod's loopback, reachable from the host only on the embedded cluster)."""
+    return f"http://{pod['status']['podIP']}:{VLLM_PORT}"
+
+
 def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
     jobs: Jobs, local_cluster: Any
 ) -> None:
@@ -186,8 +249,7 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
         baseModel={"uri": jobs.assets["model"]},
         adapterSources=[jobs.assets["output"]],
         replicas=2,
-        gpus=0,
-        gpuType="cpu",
+        gpuType="cpu",  # no gpus: a cpu type serves with 0 GPUs and the CPU KV cache setting (issue 20)
         maxLoras=4,
         maxLoraRank=8,
         maxModelLen=256,
@@ -211,6 +273,7 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
         content, answered_by = chat(pod_url(pod), MODEL)
         assert (content.strip(), answered_by) == ("Q", f"{MODEL}-v1")
     rss_one = pool_rss_mib(ready)
+    the_router_cannot_be_talked_past_and_repairs_what_vllm_lost(pool, ready)
 
     # 2. A worse job and an equal one, together. The worse one is refused; the other is promoted under load.
     jobs.create("bot-b", **job_spec(), hyperparameters={"maxSteps": 1}, evaluation={"compareToBase": False})

@@ -21,8 +21,8 @@ SCHEMA: dict[str, Any] = {
             "x-kubernetes-validations": [
                 {
                     "rule": "self.size <= self.limit",
-                    "messageExpression": "'size ' + string(self.size) + "
-                    "' exceeds limit ' + string(self.limit)",
+                    # format(), not '...' + string(n): kube refuses the latter (unbounded estimated cost)
+                    "messageExpression": "'size %d exceeds limit %d'.format([self.size, self.limit])",
                     "fieldPath": ".size",
                 },
                 {
@@ -471,3 +471,163 @@ def test_ratcheting_skips_unchanged_cel_rules_but_not_transition_rules(validator
         'spec.size: Invalid value: "object": size 50 exceeds limit 20',
         'spec.name: Invalid value: "string": name is immutable',
     ]
+
+
+# ---------------------------------------------------------------------------------------------- CEL cost
+def _string(max_length: int | None = None, **extra: Any) -> dict[str, Any]:
+    return {"type": "string", **extra, **({} if max_length is None else {"maxLength": max_length})}
+
+
+def _array(items: dict[str, Any], max_items: int | None = None) -> dict[str, Any]:
+    return {"type": "array", "items": items, **({} if max_items is None else {"maxItems": max_items})}
+
+
+def _map(values: dict[str, Any], max_properties: int | None = None) -> dict[str, Any]:
+    extra = {} if max_properties is None else {"maxProperties": max_properties}
+    return {"type": "object", "additionalProperties": values, **extra}
+
+
+def _object(**props: Any) -> dict[str, Any]:
+    return {"type": "object", "properties": props}
+
+
+NUMBER, BOOLEAN, INTEGER = {"type": "number"}, {"type": "boolean"}, {"type": "integer"}
+DATE_TIME = _string(format="date-time")
+INT_OR_STRING = {"x-kubernetes-int-or-string": True}
+
+# Expected costs from kube-apiserver's own table (apiextensions-apiserver schema/cel compilation_test.go,
+# TestCostEstimation): each rule's estimated max cost for one evaluation, with and without bounds.
+KUBE_COSTS = [
+    (_string(), "self.contains('test')", 314574),
+    (_string(10), "self.contains('test')", 5),
+    (_string(), "self.startsWith('test')", 2),
+    (_string(), 'size(self + "hello") > size("hello")', 314578),
+    (_string(4), 'size(self + "hello") > size("hello")', 7),
+    (_array(NUMBER), "self[1] == 0.0", 2),
+    (_array(_string(), 8), "self[1] == self[1]", 314577),
+    (_string(), 'self.matches("x")', 314574),
+    (_string(50), 'self.matches("x")', 22),
+    (_string(), '"".matches("(((((((((())))))))))[0-9]")', 7),
+    (_string(0), 'self == "x"', 1),
+    (_array(NUMBER), "self.all(x, x == 0.0)", 6291454),
+    (_array(NUMBER, 3 * 1024 * 2048), "self.all(x, x == 0.0)", 25165826),
+    (_array(NUMBER, 10), "self.all(x, self.all(y, self.all(z, true)))", 3552),
+    (_map(NUMBER), "self.all(x, true)", 1348169),
+    (_map(NUMBER, 10), "self.all(x, true)", 32),
+    (_map(_string()), "self.all(x, true)", 1179647),
+    (_map(BOOLEAN), "self.all(x, true)", 943718),
+    (_map(INTEGER), "oldSelf.size() == self.size()", 5),
+    (_map(DATE_TIME), 'self["a"] == self["b"]', 8),
+    (_map(DATE_TIME), "self.all(x, true)", 349526),
+    (_array(DATE_TIME, 25), "self.all(x, true)", 77),
+    (_array(INT_OR_STRING), "self.all(x, true)", 4718591),
+    (_string(), "self.lowerAscii() == 'lower!'", 314575),
+    (_object(str=_string(), separator=_string()), "self.str.split(self.separator) == []", 629160),
+    (_object(str=_string(), before=_string(2), after=_string(4)),
+     "self.str.replace(self.before, self.after) == 'does not matter'", 629154),
+    (_string(), "self.find('[0-9]+') == ''", 629147),
+    (_array(_string()), "self.join(' ') == 'aa bb'", 329853068905),
+    (_array(_string(10), 10), "self.isSorted() == true", 52),
+    (_string(enum=["A", "B", "C", "LongValue"]), "self.contains('A')", 2),
+    (_string(1000, enum=["A", "B", "C", "LongValue"]), "self.contains('A')", 401),
+]
+
+
+@pytest.mark.parametrize(("schema", "rule", "cost"), KUBE_COSTS, ids=[f"{c[1]}-{c[2]}" for c in KUBE_COSTS])
+def test_estimated_rule_cost_is_kube_apiservers(schema: dict[str, Any], rule: str, cost: int) -> None:
+    from localcluster.celcost import rule_cost, schema_decl
+
+    decl = schema_decl(schema)
+    assert decl is not None
+    assert rule_cost(rule, decl) == cost
+
+
+ALL_DNS = "self.all(h, h.matches('^[a-z0-9.-]+$'))"
+
+
+def _hosts_crd(hosts: dict[str, Any], rule: str = ALL_DNS) -> dict[str, Any]:
+    schema = {"type": "object", "properties": {"spec": _object(hosts={**hosts, "x-kubernetes-validations": [
+        {"rule": rule, "message": "hosts are DNS names"}]})}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "hosts.example.dev"},
+        "spec": {
+            "group": "example.dev",
+            "names": {"kind": "Hosts", "plural": "hosts"},
+            "scope": "Namespaced",
+            "versions": [{"name": "v1", "served": True, "storage": True,
+                          "schema": {"openAPIV3Schema": schema}}],
+        },
+    }
+
+
+RULE_PATH = ("spec.validation.openAPIV3Schema.properties[spec].properties[hosts]"
+             ".x-kubernetes-validations[0].rule")
+ADVICE = ("(try simplifying the rule, or adding maxItems, maxProperties, and maxLength where arrays, maps, "
+          "and strings are declared)")
+
+
+def test_unbounded_list_of_unbounded_strings_with_all_and_matches_is_refused() -> None:
+    crd = _hosts_crd(_array(_string()))
+    with pytest.raises(InvalidError) as refused:
+        CRDValidator(crd, "v1")
+    # ~1.3e12: 1,048,575 items (3 MiB / 3 bytes) x matches() over 3 MiB strings; the total is over too
+    assert refused.value.message() == (
+        'CustomResourceDefinition.apiextensions.k8s.io "hosts.example.dev" is invalid: ['
+        f"{RULE_PATH}: Forbidden: estimated rule cost exceeds budget by factor of more than 100x {ADVICE}, "
+        f"{RULE_PATH}: Forbidden: contributed to estimated rule cost total exceeding cost limit for entire "
+        "OpenAPIv3 schema, "
+        "spec.validation.openAPIV3Schema: Forbidden: x-kubernetes-validations estimated rule cost total for "
+        f"entire OpenAPIv3 schema exceeds budget by factor of more than 100x {ADVICE}]"
+    )
+    assert refused.value.status()["code"] == 422
+    assert [c.type for c in refused.value.causes] == ["FieldValueForbidden"] * 3
+
+
+def test_bounded_list_and_strings_are_accepted_at_their_estimated_cost() -> None:
+    from localcluster.celcost import crd_rule_costs
+
+    crd = _hosts_crd(_array(_string(253), 16))
+    CRDValidator(crd, "v1")  # accepted
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    [rule] = crd_rule_costs(schema)
+    # 16 x (loop 2 + && 1 + h 1 + ceil((253*4 + 1) * 0.1) * ceil(14 * 0.25)) + range 1 + result 1
+    assert (rule.raw, rule.cardinality, rule.cost) == (6594, 1, 6594)
+
+
+def test_a_rule_under_a_list_is_multiplied_by_its_cardinality() -> None:
+    crd = _hosts_crd(_array(_string(253), 16), rule="true")
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    items = {**_string(), "x-kubernetes-validations": [{"rule": "self.matches('^[a-z]+$')"}]}
+    spec["hosts"] = _array(items, 16)
+    with_bound = crd_cost(crd)
+    spec["hosts"] = _array(items)  # unbounded list: kube assumes 3 MiB / (2 + 1) items
+    assert (with_bound, crd_cost(crd)) == (16 * 629147, 1048576 * 629147)
+
+
+def crd_cost(crd: dict[str, Any]) -> int:
+    from localcluster.celcost import crd_rule_costs
+
+    [rule] = crd_rule_costs(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    return rule.cost
+
+
+def test_total_cost_of_a_schema_is_limited_even_when_each_rule_fits() -> None:
+    # matches() over a 3 MiB string with a 120-char regex: 314,573 x 30 + 1 = 9,437,191 (under 10,000,000)
+    rule = {"rule": "self.matches('^" + "a" * 118 + "$')"}
+    props = {f"f{i}": {**_string(), "x-kubernetes-validations": [rule]} for i in range(11)}
+    crd = _hosts_crd(_string(), rule="true")
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"] = _object(**props)
+    with pytest.raises(InvalidError) as refused:
+        CRDValidator(crd, "v1")
+    causes = [c.error() for c in refused.value.causes]
+    contributed = [c for c in causes if "contributed to estimated rule cost total" in c]
+    assert len(contributed) == 4 and len(causes) == 5  # kube names the 4 most expensive rules
+    assert causes[-1] == (
+        "spec.validation.openAPIV3Schema: Forbidden: x-kubernetes-validations estimated rule cost total for "
+        f"entire OpenAPIv3 schema exceeds budget by factor of 1.038091x {ADVICE}"
+    )
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    spec["properties"].pop("f10")  # ten such rules: 94,371,910, under 100,000,000
+    CRDValidator(crd, "v1")

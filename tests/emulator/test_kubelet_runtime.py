@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from localcluster.runtime import PathRewriter, StartError, expand, image_repository, resolve_launch
+from localcluster.runtime import (
+    ImageNotPresent,
+    PathRewriter,
+    StartError,
+    expand,
+    image_repository,
+    missing_runtimes,
+    resolve_launch,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -78,9 +86,35 @@ def test_vllm_image_uses_the_openai_entrypoint_and_binds_the_pod_ip(tmp_path):
     ]
 
 
-def test_missing_virtualenv_and_unknown_program_are_start_errors(tmp_path):
-    with pytest.raises(StartError, match="does not exist"):
+def test_missing_virtualenv_is_an_image_not_present_naming_the_command_that_installs_it(tmp_path):
+    with pytest.raises(ImageNotPresent) as raised:
         resolve_launch("vllm/vllm-openai:v1", [], [], pod_ip="127.1.0.7", kubeconfig=None, root=tmp_path)
+    assert str(raised.value) == (
+        'image "vllm/vllm-openai:v1" is not present on this machine: the local kubelet runs it in '
+        f"{tmp_path / '.venv-vllm'}, which does not exist (run `make vllm-venv`)"
+    )
+    with pytest.raises(ImageNotPresent, match="make mlflow-venv"):
+        resolve_launch("ghcr.io/mlflow/mlflow:v3", [], [], pod_ip="127.1.0.7", kubeconfig=None, root=tmp_path)
+    # The kubelet's override (Kubelet.runtimes) wins over the project root's directory.
+    with pytest.raises(ImageNotPresent, match=str(tmp_path / "elsewhere")):
+        resolve_launch(
+            "ghcr.io/finetune-operator/trainer:0.1.0",
+            [],
+            [],
+            pod_ip="127.1.0.7",
+            kubeconfig=None,
+            root=ROOT,
+            venvs={"ghcr.io/finetune-operator/trainer": tmp_path / "elsewhere"},
+        )
+    assert missing_runtimes(tmp_path) == [
+        f"ghcr.io/finetune-operator/trainer: {tmp_path / '.venv'} does not exist (run `make venv`)",
+        f"ghcr.io/finetune-operator/operator: {tmp_path / '.venv'} does not exist (run `make venv`)",
+        f"vllm/vllm-openai: {tmp_path / '.venv-vllm'} does not exist (run `make vllm-venv`)",
+        f"ghcr.io/mlflow/mlflow: {tmp_path / '.venv-mlflow'} does not exist (run `make mlflow-venv`)",
+    ]
+
+
+def test_unknown_program_and_missing_entrypoint_are_start_errors(tmp_path):
     with pytest.raises(StartError, match='exec: "no-such-binary": executable file not found in \\$PATH'):
         resolve_launch("busybox", ["no-such-binary"], [], pod_ip="127.1.0.7", kubeconfig=None, root=tmp_path)
     with pytest.raises(StartError, match="set the container's command"):

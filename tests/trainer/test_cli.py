@@ -438,6 +438,15 @@ def test_fetch_verifies_committed_directories(s3: Any, tmp_path: Path) -> None:
     assert "sha256 mismatch" in _term(tmp_path)["message"]
 
 
+def test_a_manifest_nested_100000_deep_is_a_config_error_not_a_crash(s3: Any, tmp_path: Path) -> None:
+    from finetune_trainer import storage
+
+    storage.write_text(s3.uri("models/base/config.json"), "{}")
+    storage.write_text(s3.uri("models/base/MANIFEST.json"), "[" * 100_000 + "]" * 100_000)
+    assert cli.main(["fetch", s3.uri("models/base"), str(tmp_path / "base")]) == 11  # permanent, not retried
+    assert "MANIFEST.json is nested too deeply" in _term(tmp_path)["message"]
+
+
 def test_fetch_copies_plain_model_directories(s3: Any, tmp_path: Path) -> None:
     from finetune_trainer import storage
 

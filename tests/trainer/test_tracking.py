@@ -8,6 +8,10 @@ tests/e2e/test_tracking.py runs the same code against a real MLflow server.
 from __future__ import annotations
 
 import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -276,3 +280,71 @@ def test_jobs_racing_to_create_their_namespaces_experiment_are_not_degraded(tmp_
     fake.create_experiment = create  # type: ignore[method-assign]
     tracker = tracking.Tracker.open(config(tmp_path), fake)
     assert tracker.experiment_id == "7" and tracker.run_id == "run1" and not tracker.degraded
+
+
+_REAL_OPEN = tracking.Tracker.__dict__["open"]  # before the autouse fixture routes it to the fake
+
+
+@pytest.fixture
+def recorder() -> Iterator[tuple[str, list[str]]]:
+    """A plain-http server on loopback that records each request's Authorization header (and refuses it)."""
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def _record(self) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            body = b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "recorder"}'
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _record
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+def test_the_token_goes_over_plain_http_only_to_hosts_the_operator_allows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recorder: tuple[str, list[str]]
+) -> None:
+    monkeypatch.setattr(tracking.Tracker, "open", _REAL_OPEN)  # MLflow's real client
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "team-token")
+    url, seen = recorder
+    refused = tracking.Tracker.open(config(tmp_path, trackingUri=url))
+    assert refused.client is None and refused.degraded and seen == []
+    assert (refused.message or "").startswith(
+        "spec.tracking.mlflow.trackingUri: http://127.0.0.1: plain http"
+    )
+    # the embedded cluster's in-cluster MLflow: loopback is on the operator's allow-list
+    allowed = tracking.Tracker.open(
+        config(tmp_path / "b", trackingUri=url, allowPlainHttpHosts=["127.0.0.0/8"])
+    )
+    assert allowed.client is not None
+    assert seen and set(seen) == {"Bearer team-token"}
+
+
+@pytest.mark.parametrize(
+    ("uri", "allow"), [("http://169.254.169.254", ["169.254.0.0/16"]), ("https://metadata.internal:443", [])]
+)
+def test_a_tracking_uri_at_a_metadata_address_is_refused_before_any_client_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, uri: str, allow: list[str]
+) -> None:
+    real = socket.getaddrinfo
+
+    def resolve(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        return real("169.254.169.254" if host == "metadata.internal" else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(tracking.Tracker, "open", _REAL_OPEN)
+    tracker = tracking.Tracker.open(config(tmp_path, trackingUri=uri, allowPlainHttpHosts=allow))
+    assert tracker.client is None and tracker.degraded
+    assert "trackingUri" in (tracker.message or "") and "169.254.169.254" in (tracker.message or "")
+    assert "link-local or cloud metadata address" in (tracker.message or "")

@@ -87,6 +87,42 @@ def test_findings_list_first_twenty_but_count_all() -> None:
     assert [f["line"] for f in report["invalid_json"]["first"]] == list(range(1, 21))
 
 
+def test_json_nested_100000_deep_is_an_invalid_line_named_by_number() -> None:
+    findings = Findings()
+    good = {"prompt": "a", "completion": "b"}
+    deep = "[" * 100_000 + "]" * 100_000
+    just_over = json.dumps({"prompt": "a", "completion": "b", "x": json.loads("[" * 64 + "]" * 64)})
+    parsed = parse_file(_lines(good, deep, just_over, good), "t.jsonl", "auto", findings)
+    assert parsed.lines == 4 and len(parsed.examples) == 2
+    assert [f.render() for f in findings.first(validate.ERROR_KINDS, 5)] == [
+        f"t.jsonl line {n}: invalid JSON: nested deeper than {formats.MAX_JSON_DEPTH} levels" for n in (2, 3)
+    ]
+
+
+def test_deeply_nested_json_fails_the_stage_as_invalid_data_not_a_crash(
+    tmp_path: Path, make_config: Any
+) -> None:
+    train = tmp_path / "deep.jsonl"
+    good = json.dumps({"prompt": "a", "completion": "b"})
+    train.write_text(f"{good}\n" + "{" + '"a":{' * 100_000 + "}" * 100_001 + "\n")
+    config = make_config(
+        str(tmp_path / "run"), baseModel={"uri": str(tmp_path / "no-model")}, dataset={"train": str(train)}
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune_trainer", "validate"],
+        env={**os.environ, "FTJ_CONFIG": json.dumps(config)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 10, proc.stdout + proc.stderr  # INVALID_DATA: permanent, never retried
+    term = json.loads(Path(os.environ["FTJ_TERMINATION_LOG"]).read_text())
+    assert (
+        term["reason"] == "INVALID_DATA"
+        and "deep.jsonl line 2: invalid JSON: nested deeper" in term["message"]
+    )
+
+
 def _examples(n: int, categories: tuple[str, ...] = ("",)) -> list[Example]:
     out = []
     for i in range(n):

@@ -209,7 +209,13 @@ def test_immutable_fields_have_transition_rules(schema: dict[str, Any]) -> None:
         assert {"rule": "self == oldSelf", "message": f"{name} is immutable once set"} in spec[name][
             "x-kubernetes-validations"
         ]
-    for name in ("resources", "evaluation", "deployment", "suspend", "storage"):
+    # the run's artifacts live under storage.output; credentials and the service account may be rotated
+    assert {
+        "rule": "self.output == oldSelf.output",
+        "message": "storage.output is immutable once set",
+        "fieldPath": ".output",
+    } in spec["storage"]["x-kubernetes-validations"]
+    for name in ("resources", "evaluation", "deployment", "suspend"):
         assert not any("oldSelf" in r["rule"] for r in spec[name].get("x-kubernetes-validations", []))
 
 

@@ -44,7 +44,10 @@ def admitted(name: str, validator: CRDValidator) -> FineTuneJob:
     stored = validator.admit(obj)
     job = parse_finetunejob(stored)
     assert parse_finetunejob(obj).spec == job.spec
-    assert spec_to_dict(job.spec) == stored["spec"], "model and CRD defaults differ"
+    parsed = spec_to_dict(job.spec)
+    if "gpus" not in stored["spec"]["deployment"]:  # its default follows the GPU type: the model's alone
+        parsed["deployment"].pop("gpus")
+    assert parsed == stored["spec"], "model and CRD defaults differ"
     return job
 
 
@@ -74,6 +77,8 @@ def test_demo_runs_on_cpu(validator: CRDValidator) -> None:
     assert spec.evaluation.thresholds and spec.evaluation.thresholds[0].metric == "exact_match"
     assert spec.evaluation.thresholds[0].min is not None and spec.evaluation.thresholds[0].min >= 0.9
     assert spec.deployment.enabled and spec.deployment.mode == "adapter" and spec.deployment.gpus == 0
+    # serving on CPU follows from training on CPU: the example need not say gpus 0 twice
+    assert "gpus" not in load("demo.yaml")["spec"]["deployment"]
 
 
 def test_gpu_examples(validator: CRDValidator) -> None:
@@ -133,6 +138,8 @@ def test_policy_example_loads_and_refuses_what_it_says(validator: CRDValidator) 
     assert policy.violation(full, view) == (
         "denied by FineTunePolicy team-defaults: spec.resources.gpus 4 is more than maxGpusPerJob 2"
     )
+
+
 def test_model_server_example_is_a_pool_and_a_job_attached_to_it(validator: CRDValidator) -> None:
     from finetune_operator.crdgen import MODELSERVER
     from finetune_operator.models import parse_spec

@@ -153,6 +153,31 @@ CASES = [
         "spec.evaluation.reference.url",
     ),
     Case(
+        "reference-metadata-address",
+        at("spec.evaluation.reference", {"url": "http://169.254.169.254/latest", "model": "m"}),
+        "spec.evaluation.reference.url",
+    ),
+    Case(
+        "tracking-metadata-address",
+        at("spec.tracking", {"mlflow": {"trackingUri": "http://169.254.169.254:5000"}}),
+        "spec.tracking.mlflow.trackingUri",
+    ),
+    Case(
+        "tracking-metadata-address-as-a-number",
+        at("spec.tracking", {"mlflow": {"trackingUri": "http://2852039166/"}}),
+        "spec.tracking.mlflow.trackingUri",
+    ),
+    Case(
+        "tracking-address-in-hex",
+        at("spec.tracking", {"mlflow": {"trackingUri": "https://0xa9.0xfe.0xa9.0xfe"}}),
+        "spec.tracking.mlflow.trackingUri",
+    ),
+    Case(
+        "tracking-address-in-octal",
+        at("spec.tracking", {"mlflow": {"trackingUri": "http://0251.0376.0251.0376:80/api"}}),
+        "spec.tracking.mlflow.trackingUri",
+    ),
+    Case(
         "secret-name-invalid",
         at("spec.storage.credentialsSecret", "S3_Creds"),
         "spec.storage.credentialsSecret",
@@ -164,6 +189,16 @@ CASES = [
         "qlora-on-cpu",
         lambda o: o["spec"].update(method="qlora", resources={"gpus": 0}),
         "spec.resources.gpus",
+    ),
+    Case(  # issue 20: a cpu type has no GPUs; the message names deployment.gpus and the gpuType
+        "serving-gpus-on-cpu-training-type",
+        lambda o: o["spec"].update(resources={"gpuType": "cpu"}, deployment={"gpus": 2}),
+        "spec.deployment.gpus",
+    ),
+    Case(
+        "serving-gpus-on-cpu-serving-type",
+        lambda o: o["spec"].update(deployment={"gpus": 1, "gpuType": "cpu"}),
+        "spec.deployment.gpus",
     ),
     Case(
         "adapter-with-full",
@@ -303,6 +338,12 @@ CASES = [
     Case("update-method", at("spec.method", "full"), "spec.method", update=True),
     Case("update-lora-rank", at("spec.lora.rank", 64), "spec.lora", update=True),
     Case("update-epochs", at("spec.hyperparameters.epochs", 5), "spec.hyperparameters", update=True),
+    Case(
+        "update-storage-output",
+        at("spec.storage.output", "s3://other-bucket/runs"),
+        "spec.storage.output",
+        update=True,
+    ),
     # oversized strings and lists
     Case("uri-too-long", at("spec.baseModel.uri", "s3://models-bucket/" + "a" * 1100), "spec.baseModel.uri"),
     Case(
@@ -391,6 +432,7 @@ def test_mutable_fields_may_change_on_update(validator: CRDValidator) -> None:
     new["spec"]["suspend"] = True
     new["spec"]["deployment"]["replicas"] = 3
     new["spec"]["evaluation"]["thresholds"] = [{"metric": "loss", "max": 2.0}]
+    new["spec"]["storage"]["credentialsSecret"] = "rotated-credentials"
     assert validator.admit(new, old=stored)["spec"]["suspend"] is True
     check_update(parse_finetunejob(stored).spec, parse_finetunejob(new).spec)
 
@@ -408,6 +450,26 @@ def test_allow_listed_extra_args_pass_both(validator: CRDValidator, extra_args: 
     obj["spec"]["deployment"] = {"extraArgs": extra_args}
     stored = validator.admit(obj)
     assert parse_finetunejob(stored).spec.deployment.extra_args == extra_args
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://mlflow.default.svc:5000",
+        "https://10.0.0.7/api",
+        "http://127.0.0.1:5000",
+        "https://169.255.1.1",
+        "https://3com.example",
+        "https://0xdata.example.com/v1",
+    ],
+)
+def test_in_cluster_names_and_dotted_quads_pass_both(validator: CRDValidator, url: str) -> None:
+    obj = valid_job()
+    obj["spec"]["tracking"] = {"mlflow": {"trackingUri": url}}
+    obj["spec"]["evaluation"]["reference"] = {"url": url, "model": "m"}
+    spec = parse_finetunejob(validator.admit(obj)).spec
+    assert spec.tracking is not None and spec.tracking.mlflow is not None
+    assert spec.tracking.mlflow.tracking_uri == url
 
 
 @pytest.mark.parametrize(

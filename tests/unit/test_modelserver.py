@@ -98,6 +98,7 @@ def test_crd_carries_the_same_rules_as_cel() -> None:
         ({"maxLoraRank": 12}, "maxLoraRank must be one of"),
         ({"models": {"bot-v1": {"pin": 1}}}, "-v<digits>"),
         ({"models": {"Bot": {"pin": 1}}}, "DNS labels"),
+        ({"models": {"bot\n": {"pin": 1}}}, "DNS labels"),  # re.match with "$" admitted a final newline
         ({"extraArgs": ["--trust-remote-code"]}, "allow-listed"),
         ({"maxLoras": 0}, "maxLoras"),
         ({"adapterSources": []}, "spec.adapterSources"),
@@ -117,6 +118,7 @@ def test_version_names_are_immutable_and_parse_back() -> None:
     assert version_name("bot", 3) == "bot-v3"
     assert parse_version("bot", "bot-v3") == 3
     assert parse_version("bot", "bot-v3x") is None and parse_version("bo", "bot-v3") is None
+    assert parse_version("bot", "bot-v\u00b2") is None  # a digit to str.isdigit, not to int()
 
 
 # --- builders --------------------------------------------------------------------------------------------

@@ -127,3 +127,9 @@ def test_names_around_the_limit_never_collide() -> None:
         assert is_dns1035_label(child) and child == child_name(name, stage), (name, child)
         assert child not in children, (name, stage, children.get(child))
         children[child] = (name, stage)
+
+
+@pytest.mark.parametrize("value", ["demo\n", "demo\r\n", "\n"])
+def test_a_final_newline_is_neither_a_label_nor_a_label_value(value: str) -> None:
+    assert not is_dns1035_label(value) and not is_label_value(value)
+    assert is_label_value(label_safe(value))

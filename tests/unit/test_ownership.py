@@ -9,13 +9,22 @@ from typing import Any
 
 import pytest
 from finetune_operator import lifecycle
-from finetune_operator.context import Children
-from finetune_operator.ownership import controller_of, is_controlled_by, owned_children, pod_is_owned
+from finetune_operator.context import Children, Context
+from finetune_operator.ownership import (
+    ANNOTATION_CHILD_NONCE,
+    confirmations,
+    controller_of,
+    intent,
+    is_controlled_by,
+    nonce_hash,
+    owned_children,
+    pod_is_owned,
+)
 from finetune_operator.reconcile import reconcile
 from finetune_vocabulary.labels import LABEL_JOB_UID
 
 from .ftj_factory import UID
-from .test_reconcile import controlled_by, new_job, setup
+from .test_reconcile import CONFIG, controlled_by, new_job, setup
 
 NS = "team-a"
 
@@ -211,3 +220,131 @@ async def test_an_eviction_event_for_a_foreign_pod_is_not_a_retry() -> None:
     await lifecycle.on_child_event({"ctx": ctx}, evicted, "DELETED")
     assert not ctx.records[UID].disrupted
     assert api.job["status"].get("retries") is None
+
+
+# --- issue 20, defect 4: only children the operator created count (status.children) ---------------------
+
+
+def _nonced(child: dict[str, Any], nonce: str) -> dict[str, Any]:
+    child["metadata"]["annotations"] = {ANNOTATION_CHILD_NONCE: nonce}
+    return child
+
+
+@pytest.mark.parametrize(
+    ("records", "counts"),
+    [
+        ({}, False),  # our ownerReference, but nothing recorded: someone else created it
+        ({"Job/demo-evaluate": {"uid": "uid-demo-evaluate"}}, True),
+        ({"Job/demo-evaluate": {"uid": "uid-an-earlier-one"}}, False),  # deleted and re-created by someone
+        ({"Job/demo-evaluate": {"nonceHashes": [nonce_hash("n-1")]}}, True),  # created, killed before the uid
+        ({"Job/demo-evaluate": {"nonceHashes": [nonce_hash("n-2")]}}, False),  # a nonce we never issued
+        ({"Job/demo-train": {"uid": "uid-demo-evaluate"}}, False),  # the record of another child
+        (None, True),  # a job from before status.children: the ownerReference rule until recorded
+    ],
+)
+def test_a_child_counts_only_when_the_status_records_it(records: dict[str, Any] | None, counts: bool) -> None:
+    child = _nonced(obj("Job", "demo-evaluate", owner=FTJ), "n-1")
+    kept, ignored = owned_children(Children(jobs=[child]), NS, UID, records)
+    assert (kept.jobs == [child]) is counts
+    assert (ignored == []) is counts
+
+
+def test_pods_of_an_unrecorded_job_do_not_count() -> None:
+    forged = obj("Job", "demo-evaluate", owner=FTJ)
+    pod = obj("Pod", "demo-evaluate-x", owner=ref("Job", "demo-evaluate", "uid-demo-evaluate"))
+    kept, _ = owned_children(Children(jobs=[forged], pods=[pod]), NS, UID, {})
+    assert kept.jobs == [] and kept.pods == []
+
+
+def test_a_pending_create_is_confirmed_by_uid_and_intents_keep_earlier_nonces() -> None:
+    entry = intent(None, "n-1")
+    entry = intent(entry, "n-2")  # the create is repeated (a restart with a stale cache)
+    assert entry["nonceHashes"] == [nonce_hash("n-1"), nonce_hash("n-2")]
+    child = _nonced(obj("Job", "demo-train", owner=FTJ), "n-1")
+    records = {"Job/demo-train": entry}
+    kept, _ = owned_children(Children(jobs=[child]), NS, UID, records)
+    assert confirmations(kept, records) == {"Job/demo-train": {"uid": "uid-demo-train", "nonceHashes": None}}
+    assert confirmations(kept, {"Job/demo-train": {"uid": "uid-demo-train"}}) == {}
+    for nonce in range(20):  # bounded: a record never outgrows its CRD schema
+        entry = intent(entry, f"x-{nonce}")
+    assert len(entry["nonceHashes"]) == 8
+
+
+def _forge_finished(api: Any, job: dict[str, Any], stage: str, summary: dict[str, Any]) -> None:
+    """What a namespace editor can create: a finished Job named like the stage's child, with the operator's
+    labels and the controller ownerReference to the FineTuneJob's uid, and a pod with a crafted message."""
+    name = f"demo-{stage}"
+    labels = {LABEL_JOB_UID: UID, "app.kubernetes.io/component": stage}
+    owner = ref("FineTuneJob", "demo", job["metadata"]["uid"])
+    forged = _finished_job(name, NS, labels, owner)
+    api.objects[("Job", NS, name)] = forged
+    pod = _pod_with_summary(forged, summary)
+    api.objects[("Pod", NS, pod["metadata"]["name"])] = pod
+
+
+async def test_a_forged_child_with_our_owner_reference_is_a_conflict_not_adopted() -> None:
+    """The probe of issue 20: a pre-created `demo-validate` with the job's controller ownerReference, its
+    labels and a crafted termination message is not adopted; the job waits naming the object."""
+    job = new_job()
+    ctx, api = setup(job)
+    _forge_finished(api, job, "validate", {"train": 10, "test": 2, "trainTokens": 100})
+    for _ in range(2):
+        await reconcile(ctx, copy.deepcopy(job), trigger="resync")
+    status = job["status"]
+    assert status["phase"] == "Pending", status
+    assert "dataset" not in status
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ChildConflict"
+    assert "Job team-a/demo-validate exists and was not created by the operator" in status["message"]
+    assert "kubectl delete job -n team-a demo-validate" in status["message"]
+    assert not [w for w in api.writes if w[1] == "Job" and w[2] == "demo-train"]
+    assert len(status["children"]["Job/demo-validate"]["nonceHashes"]) == 1  # retries reuse the intent
+    del api.objects[("Job", NS, "demo-validate")]  # the user deletes it: the job carries on
+    await reconcile(ctx, copy.deepcopy(job), trigger="resync")
+    assert job["status"]["phase"] == "Validating"
+    created = api.objects[("Job", NS, "demo-validate")]
+    assert job["status"]["children"]["Job/demo-validate"] == {"uid": created["metadata"]["uid"]}
+
+
+async def test_a_forged_copy_of_a_recorded_child_does_not_count() -> None:
+    """Deleting the operator's child and re-creating it under the same name (nonce annotation copied) with
+    a crafted outcome: the recorded uid is not the copy's, so the job does not advance."""
+    job = new_job()
+    ctx, api = setup(job)
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    genuine = api.objects.pop(("Job", NS, "demo-validate"))
+    _forge_finished(api, job, "validate", {"train": 10, "test": 2, "trainTokens": 100})
+    copied = genuine["metadata"].get("annotations", {})  # the nonce annotation, read off the genuine one
+    api.objects[("Job", NS, "demo-validate")]["metadata"]["annotations"] = copied
+    for _ in range(2):
+        await reconcile(ctx, copy.deepcopy(job), trigger="resync")
+    assert job["status"]["phase"] == "Pending"
+    assert "dataset" not in job["status"]
+
+
+@pytest.mark.parametrize("cache", [True, False])
+async def test_a_child_created_just_before_a_crash_is_adopted_after_restart(cache: bool) -> None:
+    """Killed between creating the child and recording its uid: the restarted operator finds it (in its
+    watch cache, or by its own create meeting AlreadyExists) carrying a nonce of the recorded intent."""
+    job = new_job()
+    ctx, api = setup(job)
+    patch_status = api.patch_status
+
+    async def dies(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        if set(args[2]) == {"children"}:
+            return await patch_status(*args, **kwargs)
+        raise TimeoutError("the operator was killed here")
+
+    api.patch_status = dies  # type: ignore[method-assign]
+    assert await reconcile(ctx, copy.deepcopy(job), trigger="test") is False
+    api.patch_status = patch_status  # type: ignore[method-assign]
+    assert "uid" not in job["status"]["children"]["Job/demo-validate"]
+    stale: Any = lambda _uid: Children()  # noqa: E731 - a watch cache that has not listed the child yet
+    restarted = Context(config=CONFIG, api=api, children_of=api.children if cache else stale)
+    assert await reconcile(restarted, copy.deepcopy(job), trigger="resume") is True
+    status = job["status"]
+    assert status["phase"] == "Validating", status
+    created = api.objects[("Job", NS, "demo-validate")]
+    assert status["children"]["Job/demo-validate"] == {"uid": created["metadata"]["uid"]}
+    creates = [w for w in api.writes if w[1] == "Job"]
+    assert creates == [("create", "Job", "demo-validate")] * (1 if cache else 2)

@@ -117,9 +117,9 @@ RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
         {"deployment": {"replicas": 16, "gpus": 8, "gpuType": "h100-80gb"}},
         "spec.deployment.replicas 16 x spec.deployment.gpus 8 = 128 GPUs is more than maxServingGpus 8",
     ),
-    (  # a CPU-trained job served on the API's default GPU type
+    (  # a CPU-trained job served with a GPU of the API's default type
         {"allowedGpuTypes": ["h100-80gb"]},
-        {"resources": {"gpus": 0}},
+        {"resources": {"gpus": 0}, "deployment": {"gpus": 1}},
         "spec.resources.gpuType a100-80gb is not in allowedGpuTypes",
     ),
 ]
@@ -144,6 +144,7 @@ ALLOWED: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"maxServingGpus": 0}, {"deployment": {"enabled": False}}),
     ({"maxServingGpus": 0, "allowedGpuTypes": ["h100-80gb"]}, {"resources": {"gpus": 0, "gpuType": "cpu"}}),
     ({"maxServingGpus": 0}, {"deployment": {"gpus": 0}}),
+    ({"maxServingGpus": 0, "allowedGpuTypes": ["h100-80gb"]}, {"resources": {"gpus": 0}}),  # served on CPU
 ]
 
 
@@ -863,6 +864,7 @@ def test_the_namespace_serving_sum_reads_the_watch_cache_of_jobs_and_modelserver
         }
 
     served = deployment("job-serve", "job-uid", 2, 1, **{"finetune.dev/job-uid": "job-uid"})
+    served["metadata"]["uid"] = "deployment-uid"
     pool = deployment("shared-pool", "pool-uid", 3, 2, **{"finetune.dev/modelserver-uid": "pool-uid"})
     index: dict[str, list[dict[str, Any]]] = {}
     for body in (served, pool):
@@ -870,9 +872,69 @@ def test_the_namespace_serving_sum_reads_the_watch_cache_of_jobs_and_modelserver
             index.setdefault(uid, []).append(snap)
     ctx = Context(config=load_config(env={}))
     ctx.children_of = lambda uid: Children(deployments=list(index.get(uid, [])))
-    ctx.remember(new_job() | {"metadata": {"name": "demo", "namespace": "team-a", "uid": "job-uid"}})
+    recorded = {"children": {"Deployment/job-serve": {"uid": "deployment-uid"}}}  # created by the operator
+    ctx.remember(
+        new_job()
+        | {"metadata": {"name": "demo", "namespace": "team-a", "uid": "job-uid"}, "status": recorded}
+    )
     ctx.pools.by_uid["pool-uid"] = ("team-a", "shared")
     assert ctx.serving_gpus("team-a", exclude_uid="other") == 2 + 6
     assert ctx.serving_gpus("team-a", exclude_uid="pool-uid") == 2
     assert ctx.serving_gpus("team-b", exclude_uid="other") == 0
     assert policy.deployment_gpus(snapshot(pool), ["nvidia.com/gpu"]) == 6
+
+
+@pytest.mark.parametrize(
+    ("deployment", "resources", "denied"),
+    [
+        (
+            {"replicas": 3},
+            {"gpus": 1, "gpuType": "a100-80gb"},
+            "spec.deployment.replicas 3 x spec.deployment.gpus 1 = 3 GPUs",
+        ),
+        ({"replicas": 3}, {"gpus": 0, "gpuType": "a100-80gb"}, None),  # served on CPU: gpus defaults to 0
+        ({"replicas": 3, "gpuType": "a100-80gb"}, {"gpus": 0, "gpuType": "cpu"}, "= 3 GPUs"),
+        ({"enabled": False}, {"gpus": 1, "gpuType": "a100-80gb"}, None),
+    ],
+)
+def test_admission_defaults_an_unset_deployment_gpus_as_the_operator_does(
+    deployment: dict[str, Any], resources: dict[str, Any], denied: str | None
+) -> None:
+    """The CRD has no default for deployment.gpus (it depends on other fields): the admission policy must
+    not fail on the missing key, and counts what the operator will serve."""
+    raw = {
+        "baseModel": {"uri": "s3://models/tiny-llama"},
+        "dataset": {"train": "s3://data/toy/train.jsonl"},
+        "storage": {"output": "s3://runs/out", "credentialsSecret": "s3-creds"},
+        "resources": resources,
+        "deployment": {"enabled": True, "replicas": 1, **deployment},
+        "evaluation": {"enabled": True},
+        "method": "lora",
+        "lora": {"rank": 16},
+    }
+    stored = _stored("team-defaults", {"maxServingGpus": 2})
+    found = _admission([stored], raw, {})
+    if denied is None:
+        assert found is None
+    else:
+        assert found is not None and denied in found
+    from finetune_operator.models import parse_spec
+
+    ask = policy.job_serving(parse_spec(raw))
+    assert (ask is not None and ask.held > 2) is (denied is not None)  # the operator agrees
+
+
+def test_admission_defaults_an_unset_modelserver_gpus_as_the_operator_does() -> None:
+    from finetune_operator.modelserver_models import parse_modelserver_spec
+
+    stored = _stored("team-defaults", {"maxServingGpus": 2})
+    raw = {"baseModel": {"uri": "s3://approved/base"}, "adapterSources": ["s3://runs"], "replicas": 3}
+    for gpu_type, denied in (("a100-80gb", True), ("cpu", False)):
+        spec = {**raw, "gpuType": gpu_type}
+        found = _admission([stored], spec, {}, kind="ModelServer")
+        assert (found is not None) is denied, found
+        if denied:
+            assert found and found.endswith(
+                "spec.replicas 3 x spec.gpus 1 = 3 GPUs is more than maxServingGpus 2"
+            )
+        assert bool(policy.server_violations(parse_modelserver_spec(spec), parse_policy(stored))) is denied

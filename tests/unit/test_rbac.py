@@ -57,6 +57,8 @@ async def _recorded_calls(aiohttp_port: int, server_calls: list[tuple[str, str, 
     try:
         await api.create_or_adopt(manifest, UID)  # 201
         await api.create_or_adopt(manifest, UID)  # 409 → get → adopt (owned)
+        with pytest.raises(kube.NotOwnedError, match="was not created by the operator"):
+            await api.create_or_adopt(manifest, UID, {})  # owned, but not in the job's status.children
         await api.patch("Job", "team-a", "demo-validate", {"spec": {"suspend": True}})
         await api.patch(
             "Deployment",

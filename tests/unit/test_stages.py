@@ -79,3 +79,18 @@ def test_an_unchanged_deployment_is_built_once_per_generation(builds: Counter[St
     assert first.patch == second.patch == []  # the same Deployment: nothing to roll out
     planner.plan(observe(generation=2), CONFIG)
     assert builds == {Stage.SERVE: 2}  # a new generation may change it: built (and compared) again
+
+
+def test_a_termination_message_nested_too_deep_is_read_as_plain_text() -> None:
+    from finetune_operator.observe import termination_of
+
+    raw = "[" * 4096  # the kubelet keeps at most 4096 bytes: deeper than Python's json parses
+    pod = {
+        "status": {
+            "containerStatuses": [
+                {"name": "trainer", "state": {"terminated": {"exitCode": 1, "message": raw}}}
+            ]
+        }
+    }
+    found = termination_of(pod)
+    assert found is not None and found.exit_code == 1 and found.message == raw

@@ -467,6 +467,23 @@ def test_unknown_gpu_type_fails_with_invalid_config() -> None:
     assert "tpu-v5" in world.status["message"]
 
 
+def test_storage_output_changed_mid_training_fails_naming_the_field_not_the_dataset() -> None:
+    world = World(job())
+    _to_training(world)
+    run_prefix = world.status["artifacts"]["runPrefix"]
+    # the CRD refuses this update; an API server without the rule (or an old CRD) lets it through
+    world.ref = job(storage={"output": "s3://elsewhere/runs"})
+    world.generation = 2
+    world.step()
+    assert world.status["phase"] == "Failed"
+    assert world.condition["Validated"]["status"] == "True"
+    trained = world.condition["Trained"]
+    assert (trained["status"], trained["reason"]) == ("False", "InvalidConfig")
+    assert "storage.output changed" in trained["message"] and run_prefix in trained["message"]
+    assert world.status["artifacts"]["runPrefix"] == run_prefix
+    assert set(world.children) == {Stage.VALIDATE, Stage.TRAIN}
+
+
 def test_every_reason_used_is_in_the_closed_set() -> None:
     reasons = {r.value for r in Reason}
     world = World(job())

@@ -38,6 +38,7 @@ def test_defaults_are_resolved_for_the_trainer_experiment_namespace_and_model_na
         "experiment": "team-a",
         "registerModel": "shout",
         "image": CONFIG.images.trainer,
+        "allowPlainHttpHosts": [],
     }
     served = job(deployment={"servedModelName": "shout-bot"}, tracking={"mlflow": {"trackingUri": URI}})
     assert _ftj_config(served)["tracking"]["mlflow"]["registerModel"] == "shout-bot"
@@ -49,6 +50,20 @@ def test_defaults_are_resolved_for_the_trainer_experiment_namespace_and_model_na
     named = job(tracking={"mlflow": {"trackingUri": URI, "experiment": "x/y", "registerModel": "m"}})
     assert _ftj_config(named)["tracking"]["mlflow"]["experiment"] == "x/y"
     assert _ftj_config(named)["tracking"]["mlflow"]["registerModel"] == "m"
+
+
+def test_plain_http_for_the_token_goes_only_where_the_platform_allows_it() -> None:
+    """The reference's allow-list, plus the host of the platform's own http defaultTrackingUri."""
+    tracked = job(tracking={"mlflow": {"trackingUri": "http://192.0.2.7:5000"}})
+    platform = load_config(
+        env={"FTO_REFERENCE_PLAIN_HTTP_HOSTS": "10.0.0.0/8", "FTO_MLFLOW_TRACKING_URI": URI}
+    )
+    settings = parse_config(_ftj_config(tracked, platform)).tracking.mlflow
+    assert settings is not None and settings.allow_plain_http_hosts == ["10.0.0.0/8", "mlflow.mlflow.svc"]
+    refusal = trainer_tracking.egress_refusal(settings)
+    assert (refusal or "").startswith("spec.tracking.mlflow.trackingUri: http://192.0.2.7: plain http")
+    https = load_config(env={"FTO_MLFLOW_TRACKING_URI": "https://mlflow.example.com"})
+    assert _ftj_config(tracked, https)["tracking"]["mlflow"]["allowPlainHttpHosts"] == []
 
 
 def test_untracked_jobs_carry_no_tracking_unless_the_operator_tracks_all() -> None:

@@ -15,10 +15,17 @@ One process beside vLLM (which runs with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) 
   its credentials can.
 - The public port proxies the OpenAI API to vLLM, rewriting ``"model": "<stable name>"`` to the routed
   version, so a stable name never means different weights inside vLLM (no stale prefix-cache blocks) and a
-  route switch between requests fails none. ``/v1/models`` lists vLLM's models plus the stable names. vLLM's
-  own ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` are refused on the public port.
+  route switch between requests fails none. ``/v1/models`` lists vLLM's models plus the stable names. Only
+  the paths of ``PUBLIC_ROUTES`` are served, matched after decoding and collapsing the request target as the
+  engine's server would (``/v1/%75nload_lora_adapter`` is ``/v1/unload_lora_adapter``, not on the list: 404),
+  and the normalised path is what is forwarded. Bodies are capped (``MAX_BODY``, 413), connections served at
+  once are bounded (``MAX_CONNECTIONS``, 503 beyond), request bodies held at once are bounded
+  (``BODY_BUDGET``), and answers (SSE streams included) are streamed through, never buffered.
+- A version it loaded that vLLM no longer lists (unloaded behind its back, or lost) is loaded again: at once
+  when vLLM answers 404 for a name it routes (the request is then retried once), and every
+  ``--check-seconds``.
 
-Standard library only (threads; one per connection), so it runs in the trainer image without new pins.
+Standard library only (threads: one per connection, bounded), so it runs in the trainer image without pins.
 """
 
 from __future__ import annotations
@@ -36,20 +43,52 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("finetune_trainer.adapter_router")
 
-VERSION_NAME = re.compile(r"^[a-z0-9](?:[-a-z0-9]*[a-z0-9])?-v[0-9]+$")
-STABLE_NAME = re.compile(r"^[a-z0-9](?:[-a-z0-9]*[a-z0-9])?$")
-ADAPTER_URI = re.compile(r"^(s3|pvc)://[^\s]+$")
-REFUSED_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+# Checked with fullmatch: with match or search, "$" also admits a final newline.
+VERSION_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?-v[0-9]+")
+STABLE_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?")
+ADAPTER_URI = re.compile(r"(s3|pvc)://[\x21-\x7e]+")  # printable ASCII: no space, NUL or other control
+# The public port's allow-list: normalised path -> methods. Anything else is 404 and never reaches vLLM (its
+# runtime /v1/load_lora_adapter and /v1/unload_lora_adapter above all).
+PUBLIC_ROUTES: Mapping[str, frozenset[str]] = {
+    "/v1/chat/completions": frozenset({"POST"}),
+    "/v1/completions": frozenset({"POST"}),
+    "/v1/embeddings": frozenset({"POST"}),
+    "/tokenize": frozenset({"POST"}),
+    "/detokenize": frozenset({"POST"}),
+    "/v1/models": frozenset({"GET"}),
+    "/health": frozenset({"GET"}),
+    "/version": frozenset({"GET"}),
+}
 HOP_HEADERS = frozenset(
-    {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
+    {
+        "connection",
+        "keep-alive",
+        "transfer-encoding",
+        "te",
+        "trailer",
+        "upgrade",
+        "proxy-connection",
+        "expect",
+    }
 )
-MAX_BODY = 64 * 2**20  # proxied OpenAI requests
+# 2 MiB: a full 128k-token context of plain text is ~0.5 MiB of JSON. Parsing and re-serialising a body
+# briefly costs ~10x its size (measured: a 60 MiB chat body peaked at 653 MiB RSS), so the cap and the budget
+# bound the public port at ~350 MiB of bodies in flight (the container's limit is 1 GiB).
+MAX_BODY = 2 * 2**20
+BODY_BUDGET = 32 * 2**20  # request bodies held at once by the public port (a request waits for room)
+BODY_WAIT = 30.0  # seconds a request waits for room in BODY_BUDGET before a 503
+MAX_CONNECTIONS = 64  # connections the public port serves at once; more are answered 503
+MAX_REFUSING = 16  # extra connections answered 503 at once; beyond that a connection is closed unanswered
+IDLE_SECONDS = 60.0  # a client socket silent this long (idle keep-alive, stalled read) is closed
+CHUNK = 65536
+MAX_DRAIN = 64 * 2**20  # an unread body drained before closing, so the client reads the refusal
+UNSAFE_IN_PATH = re.compile(r"[%;\\\x00-\x20\x7f-\x9f]")
 MAX_STATE_BODY = 1 * 2**20  # PUT /state: at most a few hundred adapters
 MAX_ADAPTERS = 512
 
@@ -60,7 +99,7 @@ class StateError(ValueError):
 
 def under_source(uri: str, sources: Sequence[str]) -> bool:
     """`uri` lies under one of `sources` at a path boundary (s3://b/runs does not admit s3://b/runs-x)."""
-    if ".." in uri.split("/"):
+    if {".", ".."} & set(uri.split("/")):
         return False
     return any((uri.rstrip("/") + "/").startswith(s.rstrip("/") + "/") for s in sources)
 
@@ -76,9 +115,9 @@ def check_state(document: Any, sources: Sequence[str]) -> tuple[dict[str, str], 
     if len(adapters) > MAX_ADAPTERS or len(routes) > MAX_ADAPTERS:
         raise StateError(f"at most {MAX_ADAPTERS} adapters and routes")
     for name, uri in adapters.items():
-        if not isinstance(name, str) or not VERSION_NAME.match(name) or len(name) > 64:
+        if not isinstance(name, str) or not VERSION_NAME.fullmatch(name) or len(name) > 64:
             raise StateError(f"adapters: {name!r} is not a versioned name <model>-v<n>")
-        if not isinstance(uri, str) or not ADAPTER_URI.match(uri) or ".." in uri.split("/"):
+        if not isinstance(uri, str) or not ADAPTER_URI.fullmatch(uri) or {".", ".."} & set(uri.split("/")):
             raise StateError(f"adapters.{name}: {uri!r} is not an s3:// or pvc:// URI")
         if not under_source(uri, sources):
             raise StateError(
@@ -86,25 +125,58 @@ def check_state(document: Any, sources: Sequence[str]) -> tuple[dict[str, str], 
                 f"({', '.join(sources) or 'none'}: ModelServer spec.adapterSources)"
             )
     for model, target in routes.items():
-        if not isinstance(model, str) or not STABLE_NAME.match(model) or len(model) > 64:
+        if not isinstance(model, str) or not STABLE_NAME.fullmatch(model) or len(model) > 64:
             raise StateError(f"routes: {model!r} is not a model name")
-        if target not in adapters:
+        if not isinstance(target, str) or target not in adapters:
             raise StateError(f"routes.{model}: {target!r} is not among the adapters")
     return dict(adapters), dict(routes)
 
 
-def rewrite_model(body: bytes, routes: Mapping[str, str]) -> bytes:
-    """The request body with a routed stable name replaced by its version; anything else unchanged."""
-    if not routes or not body:
-        return body
+def route_body(body: bytes, routes: Mapping[str, str]) -> tuple[bytes, str | None]:
+    """(the request body with a routed stable name replaced by its version, the model it asks for)."""
+    if not body:
+        return body, None
     try:
         document = json.loads(body)
-    except ValueError:
-        return body
-    if not isinstance(document, dict) or document.get("model") not in routes:
-        return body
-    document["model"] = routes[document["model"]]
-    return json.dumps(document).encode()
+    except ValueError:  # not JSON: vLLM answers it
+        return body, None
+    model = document.get("model") if isinstance(document, dict) else None
+    if not isinstance(model, str):
+        return body, None
+    if model not in routes:
+        return body, model
+    document["model"] = routes[model]
+    return json.dumps(document).encode(), routes[model]
+
+
+def rewrite_model(body: bytes, routes: Mapping[str, str]) -> bytes:
+    """The request body with a routed stable name replaced by its version; anything else unchanged."""
+    return route_body(body, routes)[0]
+
+
+def public_path(target: str) -> str | None:
+    """The allow-listed path a request target means, or None (404, never forwarded). The path is decoded
+    (%xx) and collapsed ("//", ".", "..", a final "/") as the engine's server would read it; one that still
+    holds "%" (double encoding), ";", "\\" or a control character is refused. The query is not forwarded."""
+    if not target.startswith("/"):  # absolute-form and "*" targets
+        return None
+    raw = target.split("?", 1)[0].split("#", 1)[0]
+    try:
+        decoded = urllib.parse.unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    if UNSAFE_IN_PATH.search(decoded):
+        return None
+    segments: list[str] = []
+    for segment in decoded.split("/"):
+        if segment == "..":
+            if not segments:
+                return None
+            segments.pop()
+        elif segment not in ("", "."):
+            segments.append(segment)
+    path = "/" + "/".join(segments)
+    return path if path in PUBLIC_ROUTES else None
 
 
 def with_stable_names(models: Mapping[str, Any], routes: Mapping[str, str]) -> dict[str, Any]:
@@ -144,6 +216,13 @@ class Vllm:
         except OSError:
             return False
 
+    def models(self) -> set[str]:
+        """The ids vLLM lists in /v1/models (the base model and every loaded adapter)."""
+        status, body = self.call("GET", "/v1/models", timeout=30)
+        if status != 200:
+            raise RuntimeError(f"vLLM /v1/models answered {status}")
+        return {str(m.get("id")) for m in json.loads(body).get("data") or [] if isinstance(m, dict)}
+
     def load(self, name: str, path: Path) -> None:
         status, body = self.call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
         if status != 200:
@@ -180,6 +259,7 @@ class Router:
         self.routes: dict[str, str] = {}
         self.ready = False
         self.error: str | None = None
+        self.reloads = 0  # versions found missing from vLLM and loaded again
         self.lock = threading.Lock()
 
     def state(self) -> dict[str, Any]:
@@ -187,6 +267,7 @@ class Router:
             "ready": self.ready,
             "loaded": dict(self.loaded),
             "routes": dict(self.routes),
+            "reloads": self.reloads,
             **({"error": self.error} if self.error else {}),
         }
 
@@ -240,12 +321,43 @@ class Router:
         self.error = None
         self.ready = True
 
+    def repair(self) -> list[str]:
+        """Load again every version this router loaded that vLLM no longer lists (unloaded behind its back, or
+        lost), so /state and the routes tell the truth; the names reloaded."""
+        with self.lock:
+            if not self.ready or not self.loaded:
+                return []
+            missing = sorted(set(self.loaded) - self.vllm.models())
+            for name in missing:
+                path = self.adapters_dir / name
+                if not path.is_dir():
+                    self.fetch(self.loaded[name], path)
+                self.vllm.load(name, path)
+                log.warning("%s was missing from vLLM; loaded it again", name)
+            self.reloads += len(missing)
+            return missing
 
-def _send(handler: BaseHTTPRequestHandler, status: int, document: Any) -> None:
+    def watch(self, interval: float, stop: threading.Event) -> None:
+        """repair() every `interval` seconds until `stop` is set."""
+        while not stop.wait(interval):
+            try:
+                self.repair()
+            except Exception as exc:  # vLLM or storage briefly unavailable: the next pass retries
+                self.error = f"reloading a missing version failed: {str(exc)[:400]}"
+                log.warning("%s", self.error)
+            else:
+                self.error = None
+
+
+def _send(
+    handler: BaseHTTPRequestHandler, status: int, document: Any, headers: Mapping[str, str] | None = None
+) -> None:
     body = json.dumps(document).encode()
     handler.send_response(status)
     handler.send_header("Content-Type", "application/json")
     handler.send_header("Content-Length", str(len(body)))
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
     handler.end_headers()
     handler.wfile.write(body)
 
@@ -298,65 +410,256 @@ def admin_handler(router: Router) -> type[BaseHTTPRequestHandler]:
     return Admin
 
 
-def proxy_handler(router: Router) -> type[BaseHTTPRequestHandler]:
-    class Proxy(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+def _refuse(
+    handler: BaseHTTPRequestHandler, status: int, message: str, kind: str, code: str, unread: int = 0
+) -> None:
+    """An OpenAI-style error. With `unread` body bytes left (or a 503) the connection closes, after the body
+    is drained (up to MAX_DRAIN), so the client reads this answer rather than a reset."""
+    close = bool(unread) or status >= 500 or handler.close_connection
+    headers = {"Connection": "close", **({"Retry-After": "1"} if status == 503 else {})} if close else {}
+    _send(
+        handler, status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers
+    )
+    if close:
+        handler.close_connection = True
+        left = min(unread, MAX_DRAIN)
+        with contextlib.suppress(OSError):
+            while left > 0 and (chunk := handler.rfile.read(min(left, CHUNK))):
+                left -= len(chunk)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("proxy: " + format, *args)
 
-        def do_GET(self) -> None:
-            if self.path.split("?", 1)[0] == "/v1/models":
-                status, body = router.vllm.call("GET", "/v1/models", timeout=30)
-                if status == 200:
-                    _send(self, 200, with_stable_names(json.loads(body), router.routes))
-                    return
-            self.forward()
+Answer = tuple[http.client.HTTPConnection, http.client.HTTPResponse]
 
-        def do_POST(self) -> None:
-            self.forward()
 
-        def do_DELETE(self) -> None:
-            self.forward()
+class Budget:
+    """At most `total` bytes of request bodies held at once; take() waits up to `wait` seconds for room."""
 
-        def forward(self) -> None:
-            if self.path.split("?", 1)[0] in REFUSED_PATHS:
-                _send(self, 403, {"error": "adapters are managed by the operator (ModelServer)"})
+    def __init__(self, total: int) -> None:
+        self.free = total
+        self.cond = threading.Condition()
+
+    def take(self, size: int, wait: float) -> bool:
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.free >= size, timeout=wait):
+                return False
+            self.free -= size
+            return True
+
+    def give(self, size: int) -> None:
+        with self.cond:
+            self.free += size
+            self.cond.notify_all()
+
+
+def _declared_length(handler: BaseHTTPRequestHandler) -> int:
+    """The request's Content-Length, 0 when absent or unreadable."""
+    try:
+        return max(int(handler.headers.get("Content-Length") or 0), 0)
+    except ValueError:
+        return 0
+
+
+class Busy(BaseHTTPRequestHandler):
+    """What a connection beyond MAX_CONNECTIONS gets: 503 to its first request, then the connection closes."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = 5
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("busy: " + format, *args)
+
+    def handle_one_request(self) -> None:
+        self.close_connection = True
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline or not self.parse_request():
                 return
-            try:
-                body = rewrite_model(_read_body(self), router.routes)
-            except StateError as exc:
-                _send(self, 413, {"error": str(exc)})
+            message = f"the router is serving {MAX_CONNECTIONS} connections already; retry"
+            _refuse(self, 503, message, "server_error", "overloaded", _declared_length(self))
+        except OSError:
+            pass
+
+
+class PublicServer(HTTPServer):
+    """The public port: at most `limit` connections served at once, one thread each; up to `refusing` more are
+    answered 503 (Busy) on threads of their own, and any beyond those are closed unanswered, so neither
+    threads nor memory grow with the number of clients."""
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        limit: int = MAX_CONNECTIONS,
+        refusing: int = MAX_REFUSING,
+    ) -> None:
+        self.slots = (
+            (threading.BoundedSemaphore(limit), handler),
+            (threading.BoundedSemaphore(refusing), Busy),
+        )
+        self.request_queue_size = limit + refusing  # the listen backlog
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        for slot, handler in self.slots:
+            if slot.acquire(blocking=False):
+                threading.Thread(
+                    target=self._serve_one, args=(request, client_address, slot, handler), daemon=True
+                ).start()
                 return
-            headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}
-            headers["Content-Length"] = str(len(body))
-            conn = router.vllm.connection()
+        self.shutdown_request(request)
+
+    def _serve_one(
+        self, request: Any, client_address: Any, slot: threading.BoundedSemaphore, handler: Any
+    ) -> None:
+        try:
+            handler(request, client_address, self)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            slot.release()
+
+
+class Proxy(BaseHTTPRequestHandler):
+    """The public port: the allow-listed OpenAI paths, routed and forwarded to vLLM (see proxy_handler)."""
+
+    router: Router
+    budget: Budget
+
+    protocol_version = "HTTP/1.1"
+    timeout = IDLE_SECONDS
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("proxy: " + format, *args)
+
+    def do_GET(self) -> None:
+        self.serve()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_GET
+
+    def serve(self) -> None:
+        path = public_path(self.path)
+        if path is None or self.command not in PUBLIC_ROUTES[path]:
+            # Its body is drained, not read, and the connection closes: never taken for a next request.
+            unread = _declared_length(self)
+            self.close_connection = self.close_connection or unread > 0 or "Transfer-Encoding" in self.headers
+            if path is None:
+                message, code = f"not found: this port serves {', '.join(sorted(PUBLIC_ROUTES))}", "not_found"
+                _refuse(self, 404, message, "invalid_request_error", code, unread)
+            else:
+                message = f"{path} takes {', '.join(sorted(PUBLIC_ROUTES[path]))}"
+                _refuse(self, 405, message, "invalid_request_error", "method_not_allowed", unread)
+            return
+        if path == "/v1/models":
+            self.models()
+            return
+        size = self.body_size()
+        if size is None:
+            return
+        if not self.budget.take(size, BODY_WAIT):
+            message = "the router holds too many request bodies at once; retry"
+            _refuse(self, 503, message, "server_error", "overloaded", size)
+            return
+        try:
+            body, model = route_body(self.rfile.read(size), self.router.routes)
+            answer = self.upstream(path, body, model)
+            del body
+        finally:
+            self.budget.give(size)
+        if answer is not None:
             try:
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                response = conn.getresponse()
-                self.send_response(response.status)
-                length = response.getheader("Content-Length")
-                for key, value in response.getheaders():
-                    if key.lower() not in HOP_HEADERS and key.lower() != "content-length":
-                        self.send_header(key, value)
-                if length is not None:
-                    self.send_header("Content-Length", length)
-                    self.end_headers()
-                    self.wfile.write(response.read())
-                    return
-                self.send_header("Transfer-Encoding", "chunked")  # streamed answers (stream: true)
-                self.end_headers()
-                while chunk := response.read1(65536):
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                    self.wfile.flush()
-                self.wfile.write(b"0\r\n\r\n")
-            except OSError as exc:
-                log.warning("proxying %s failed: %s", self.path, exc)
+                self.relay(answer[1])
+            except OSError as exc:  # the client or vLLM went away mid-answer
+                log.info("relaying %s ended early: %s", path, exc)
                 self.close_connection = True
             finally:
-                conn.close()
+                answer[0].close()
 
-    return Proxy
+    def body_size(self) -> int | None:
+        """The request body's length, or None after refusing it (chunked, bad or over MAX_BODY)."""
+        if "Transfer-Encoding" in self.headers:
+            message = "send the body with a Content-Length (chunked request bodies are not accepted)"
+            _refuse(self, 411, message, "invalid_request_error", "length_required", 1)
+            return None
+        try:
+            size = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            size = -1
+        if size < 0:
+            _refuse(self, 400, "bad Content-Length", "invalid_request_error", "bad_request", 1)
+            return None
+        if size > MAX_BODY:
+            limit = f"{MAX_BODY} bytes ({MAX_BODY // 2**20} MiB)"
+            message = f"the request body is {size} bytes; this server accepts at most {limit}"
+            _refuse(self, 413, message, "invalid_request_error", "request_too_large", size)
+            return None
+        return size
+
+    def upstream(self, path: str, body: bytes, model: str | None) -> Answer | None:
+        """vLLM's answer to the request (normalised path, routed body); a 404 for a version this router
+        loaded makes it load what vLLM lost and ask once more. None after answering 502 itself."""
+        drop = HOP_HEADERS | {"content-length"}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
+        if body or self.command != "GET":
+            headers["Content-Length"] = str(len(body))
+        answer = self.ask(path, body, headers)
+        if answer is None or answer[1].status != 404 or model not in self.router.loaded:
+            return answer
+        answer[1].read(CHUNK)  # vLLM's "The model ... does not exist."
+        answer[0].close()
+        try:
+            self.router.repair()
+        except Exception as exc:  # answered with vLLM's 404 below; the periodic check retries
+            log.warning("reloading %s failed: %s", model, exc)
+        return self.ask(path, body, headers)
+
+    def ask(self, path: str, body: bytes, headers: Mapping[str, str]) -> Answer | None:
+        conn = self.router.vllm.connection()
+        try:
+            conn.request(self.command, path, body=body or None, headers=dict(headers))
+            return conn, conn.getresponse()
+        except OSError as exc:
+            conn.close()
+            _refuse(self, 502, f"the model server did not answer: {exc}", "server_error", "bad_gateway")
+            return None
+
+    def relay(self, response: http.client.HTTPResponse) -> None:
+        """vLLM's answer, streamed through in chunks as they come (SSE included), never held whole."""
+        self.send_response(response.status)
+        for key, value in response.getheaders():
+            if key.lower() not in HOP_HEADERS | {"content-length"}:
+                self.send_header(key, value)
+        length = response.getheader("Content-Length")
+        if length is not None:
+            self.send_header("Content-Length", length)
+            self.end_headers()
+            sent = 0
+            while chunk := response.read1(CHUNK):
+                self.wfile.write(chunk)
+                sent += len(chunk)
+            self.close_connection = self.close_connection or sent != int(length)
+            return
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        while chunk := response.read1(CHUNK):
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.write(b"0\r\n\r\n")
+
+    def models(self) -> None:
+        try:
+            status, body = self.router.vllm.call("GET", "/v1/models", timeout=30)
+        except OSError as exc:
+            status, body = 0, str(exc).encode()
+        if status != 200:
+            message = f"the model server's /v1/models answered {status}: {body[:200]!r}"
+            _refuse(self, 502, message, "server_error", "bad_gateway")
+            return
+        _send(self, 200, with_stable_names(json.loads(body), self.router.routes))
+
+
+def proxy_handler(router: Router, bodies: Budget | None = None) -> type[BaseHTTPRequestHandler]:
+    """The public port's handler for `router`; `bodies` bounds the request bodies held at once."""
+    return type("Proxy", (Proxy,), {"router": router, "budget": bodies or Budget(BODY_BUDGET)})
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -372,6 +675,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=[],
         help="s3:// or pvc:// prefix adapters may be loaded from (repeatable; none: every URI is refused)",
     )
+    p.add_argument(
+        "--check-seconds",
+        type=float,
+        default=10.0,
+        help="seconds between checks that vLLM lists every loaded version (a missing one is loaded again)",
+    )
     p.add_argument("--log-level", default=os.environ.get("FTJ_LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
 
@@ -383,9 +692,14 @@ def main(argv: list[str] | None = None) -> int:
     router = Router(Vllm(args.vllm_url), args.adapters_dir, sources=args.adapter_source)
     ThreadingHTTPServer.daemon_threads = True
     admin = ThreadingHTTPServer(("", args.admin_port), admin_handler(router))
-    public = ThreadingHTTPServer(("", args.port), proxy_handler(router))
+    public = PublicServer(("", args.port), proxy_handler(router))
     threading.Thread(target=admin.serve_forever, name="admin", daemon=True).start()
     threading.Thread(target=router.start, args=(args.state_file,), name="initial-sync", daemon=True).start()
+    if args.check_seconds > 0:
+        stop = threading.Event()  # never set: the watcher lives as long as the process
+        threading.Thread(
+            target=router.watch, args=(args.check_seconds, stop), name="watch", daemon=True
+        ).start()
     log.info("adapter router on :%d (admin :%d) for vLLM at %s", args.port, args.admin_port, args.vllm_url)
     with contextlib.suppress(KeyboardInterrupt):
         public.serve_forever()

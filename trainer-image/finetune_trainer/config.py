@@ -293,6 +293,9 @@ class MlflowTracking(_Section):
     experiment: str = "default"
     register_model: str | None = None
     image: str | None = None
+    # Where plain http may carry the MLflow token (egress.py): the operator's reference.allowPlainHttpHosts,
+    # plus the host of its own defaultTrackingUri when that is http.
+    allow_plain_http_hosts: list[str] = Field(default_factory=list)
 
 
 class Tracking(_Section):

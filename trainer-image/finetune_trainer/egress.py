@@ -1,4 +1,5 @@
-"""Outbound HTTP to the reference model: the one place a credential goes to a host the spec names.
+"""Outbound HTTP with a credential to a host the spec names: the reference model, and the MLflow tracking
+server (tracking.py checks its URI with ``check_resolved`` before MLflow's client sends the token).
 
 The rules, each enforced here (docs/security.md):
 
@@ -139,23 +140,37 @@ def _http_may_be_allowed(host: str, literal: IPAddress | None, allowance: PlainH
     return bool(allowance.networks)  # a name: decided on the addresses it resolves to
 
 
+def _resolve_checked(endpoint: Endpoint, host: str, port: int, allowance: PlainHttpAllowance) -> list[Any]:
+    """getaddrinfo of ``host``, refused when any address breaks the rules above."""
+    infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+    addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
+    for candidate in addresses:
+        if why := forbidden(candidate):
+            raise RefusedEndpoint(f"{endpoint.scheme}://{host} resolves to {why}")
+    if endpoint.scheme == "http" and not (
+        allowance.allows_name(host) or all(allowance.allows_address(_plain(a)) for a in addresses)
+    ):
+        raise RefusedEndpoint(
+            f"http://{host} resolves to {', '.join(map(str, addresses))}, outside the operator's "
+            "reference.allowPlainHttpHosts; use https"
+        )
+    return infos
+
+
+def check_resolved(url: str, allowance: PlainHttpAllowance) -> Endpoint:
+    """check_url, then the addresses the host resolves to now: for clients that connect by name themselves
+    (MLflow's), where the check cannot be pinned to the connection. DNS errors propagate (OSError)."""
+    endpoint = check_url(url, allowance)
+    _resolve_checked(endpoint, endpoint.host, endpoint.port, allowance)
+    return endpoint
+
+
 def _checked_connector(endpoint: Endpoint, allowance: PlainHttpAllowance) -> Any:
     """A ``create_connection`` that resolves, checks every address, and connects only to checked ones."""
 
     def connect(address: tuple[str, int], timeout: Any = None, source_address: Any = None) -> socket.socket:
         host, port = address
-        infos = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
-        for candidate in addresses:
-            if why := forbidden(candidate):
-                raise RefusedEndpoint(f"{endpoint.scheme}://{host} resolves to {why}")
-        if endpoint.scheme == "http" and not (
-            allowance.allows_name(host) or all(allowance.allows_address(_plain(a)) for a in addresses)
-        ):
-            raise RefusedEndpoint(
-                f"http://{host} resolves to {', '.join(map(str, addresses))}, outside the operator's "
-                "reference.allowPlainHttpHosts; use https"
-            )
+        infos = _resolve_checked(endpoint, host, port, allowance)
         error: OSError | None = None
         for family, kind, proto, _, sockaddr in infos:
             sock = socket.socket(family, kind, proto)
@@ -204,6 +219,9 @@ def post_json(
             raise OSError(f"HTTP Error {response.status}: {response.reason}")
         if len(data) > MAX_RESPONSE_BYTES:
             raise ValueError(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
-        return json.loads(data)
+        try:
+            return json.loads(data)
+        except RecursionError:  # a hostile endpoint's deeply nested answer is a bad answer, not a crash
+            raise ValueError("answer nested too deeply to parse") from None
     finally:
         conn.close()

@@ -51,6 +51,38 @@ class RecordError(ValueError):
         self.message = message
 
 
+MAX_JSON_DEPTH = 64  # a chat record needs 4 levels; deeper lines are invalid, never a stage crash
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value (scalars 0), walked without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def loads_record(text: str | bytes) -> Any:
+    """``json.loads`` of one untrusted line, nested at most MAX_JSON_DEPTH deep, else RecordError."""
+    too_deep = RecordError("invalid_json", f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
+    except json.JSONDecodeError as exc:
+        raise RecordError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise too_deep
+    return value
+
+
 def detect_format(record: Any) -> str | None:
     """The format a single record looks like, or None."""
     if not isinstance(record, dict):

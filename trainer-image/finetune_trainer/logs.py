@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from finetune_vocabulary.redaction import REDACTED, redact_patterns
 
 # Environment variables whose values must never reach a log line, report or termination message.
 SECRET_ENV_VARS = (
@@ -29,17 +30,6 @@ SECRET_ENV_VARS = (
     "OPENAI_API_KEY",
     "WANDB_API_KEY",
 )
-_SECRET_PATTERNS = (
-    re.compile(r"hf_[A-Za-z0-9]{20,}"),  # Hugging Face tokens
-    re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key ids
-    re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?(?:bearer|aws4-hmac-sha256)?\s*)[^\s\"',]+"),
-    re.compile(r"(?i)(x-amz-(?:signature|security-token|credential)=)[^&\s\"']+"),  # presigned URLs
-    re.compile(
-        r"(?i)((?:api[_-]?key|secret[_-]?access[_-]?key|session[_-]?token|password)[\"']?\s*[:=]\s*[\"']?)"
-        r"[^\s\"',]+"
-    ),
-)
-REDACTED = "***"
 
 
 def _secret_values(env: Mapping[str, str] | None = None) -> list[str]:
@@ -52,9 +42,7 @@ def redact(text: str, env: Mapping[str, str] | None = None) -> str:
     """Remove credential values (from the environment and by pattern) from ``text``."""
     for value in _secret_values(env):
         text = text.replace(value, REDACTED)
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + REDACTED, text)
-    return text
+    return redact_patterns(text)
 
 
 def redact_obj(obj: Any) -> Any:

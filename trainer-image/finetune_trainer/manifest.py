@@ -92,7 +92,10 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Manifest:
-        doc = json.loads(text)
+        try:
+            doc = json.loads(text)
+        except RecursionError:  # a manifest in a user's model directory is untrusted
+            raise ValueError(f"{MANIFEST_NAME} is nested too deeply to be a manifest") from None
         return cls(
             kind=doc.get("kind", ""),
             files=[FileEntry(**f) for f in doc.get("files", [])],

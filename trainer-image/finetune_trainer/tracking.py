@@ -12,7 +12,9 @@
   (``HTTP_SETTINGS``), and after ``MAX_FAILURES`` failed calls in a row the tracker stops calling for
   ``COOLDOWN_S`` seconds. Any failure marks tracking degraded, which the stage reports in its summary
   (``status.tracking.degraded``). Credentials come from the environment (MLFLOW_TRACKING_TOKEN or
-  USERNAME/PASSWORD, by secretKeyRef) and MLflow's client sends them to the tracking URI only.
+  USERNAME/PASSWORD, by secretKeyRef) and MLflow's client sends them to the tracking URI only, which must
+  pass the reference's egress rules first (``egress_refusal``): https unless the operator allows plain http
+  for the host, never a link-local or metadata address; a refused URI is degraded tracking, nothing sent.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from typing import Any
 
 from finetune_vocabulary.gate import Bound, GateResult, decide
 
-from . import manifest, storage
-from .config import TrainerConfig
+from . import egress, manifest, storage
+from .config import MlflowTracking, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,19 @@ def _numbers(scores: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
+def egress_refusal(settings: MlflowTracking) -> str | None:
+    """Why the tracking URI breaks the reference's egress rules (egress.py), checked on the addresses the
+    host resolves to before MLflow's client exists; None when it may be used (or DNS cannot say yet)."""
+    allowance = egress.PlainHttpAllowance.parse(settings.allow_plain_http_hosts)
+    try:
+        egress.check_resolved(str(settings.tracking_uri), allowance)
+    except egress.RefusedEndpoint as exc:
+        return f"spec.tracking.mlflow.trackingUri: {exc}; nothing was sent to it"
+    except OSError:
+        return None  # unresolvable now: MLflow's own call fails and says so
+    return None
+
+
 class Tracker:
     """The job's MLflow run. Every public method is safe to call whatever MLflow's state; none raises."""
 
@@ -196,6 +211,9 @@ class Tracker:
         if client is None:
             if not tracker.settings or not tracker.settings.tracking_uri:
                 tracker._degrade(NO_URI)
+                return tracker
+            if refusal := egress_refusal(tracker.settings):
+                tracker._degrade(refusal)  # no client: the token is never sent
                 return tracker
             try:
                 for key, value in HTTP_SETTINGS.items():

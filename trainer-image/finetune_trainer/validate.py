@@ -42,7 +42,16 @@ from finetune_vocabulary import steps as step_count
 from . import manifest, storage, tracking
 from .config import TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
-from .formats import FORMATS, RecordError, detect_format, exact_key, normalised_key, prompt_key, to_chat
+from .formats import (
+    FORMATS,
+    RecordError,
+    detect_format,
+    exact_key,
+    loads_record,
+    normalised_key,
+    prompt_key,
+    to_chat,
+)
 from .termination import StageResult, raise_if_preempted
 
 log = logging.getLogger(__name__)
@@ -51,7 +60,7 @@ MAX_LISTED = 20  # findings listed per kind (counts are always complete)
 
 ERROR_KINDS: dict[str, str] = {
     "line_too_long": "line longer than dataset.maxLineBytes (read without loading it whole)",
-    "invalid_json": "line is not valid JSON",
+    "invalid_json": "line is not valid JSON, or nested deeper than formats.MAX_JSON_DEPTH (64) levels",
     "invalid_utf8": "line contains bytes that are not UTF-8",
     "not_an_object": "JSON value is not an object",
     "missing_field": "a required field is missing",
@@ -226,11 +235,9 @@ def _decode_lines(
             )
             continue
         try:
-            out.append((lineno, json.loads(text)))
-        except json.JSONDecodeError as exc:
-            out.append(
-                (lineno, RecordError("invalid_json", f"invalid JSON: {exc.msg} at column {exc.colno}"))
-            )
+            out.append((lineno, loads_record(text)))
+        except RecordError as exc:
+            out.append((lineno, exc))
     return out
 
 

@@ -6,6 +6,7 @@
 - `labels`: the API group, label and annotation keys, and the field manager name;
 - `images`: which image runs which entrypoint;
 - `distributed`: how the pods of a multi-node training Job find each other (environment, hostnames).
+- `redaction`: what a credential looks like in text (the trainer's logs, the operator's copies of pod text).
 
 Pure Python without dependencies: the operator imports it without torch, the trainer without Kopf.
 """

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .cluster import LocalCluster
+from .runtime import missing_runtimes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,6 +85,9 @@ async def run(args: argparse.Namespace) -> int:
         )
     lines.append("Ctrl-C to stop.")
     print("\n".join(lines), flush=True)
+    if cluster.kubelet is not None:  # `make local-cluster` installs them; `python -m localcluster` may not
+        for line in missing_runtimes(cluster.root, cluster.kubelet.runtimes):
+            print(f"warning: {line}; its pods wait in ImagePullBackOff until then", file=sys.stderr)
     if cluster.mlflow_ready is not None:
         try:
             url = await cluster.mlflow_ready

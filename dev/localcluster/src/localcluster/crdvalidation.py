@@ -21,8 +21,9 @@ What it follows from k8s.io/apiextensions-apiserver:
   schema can still be updated elsewhere;
 - CRD schemas themselves: `CRDValidator(...)` raises InvalidError (kind CustomResourceDefinition) for a
   non-structural schema, a default that fails its schema or is pruned, or a CEL rule that does not compile.
-Not emulated: CEL cost limits (our CRD keeps every list, map and string bounded so a real API server's
-estimator accepts it), `x-kubernetes-embedded-resource`, `allOf`/`oneOf`/`not` value validations.
+- CEL cost: a CRD whose rules' estimated cost is over kube-apiserver's budget is refused
+  (`localcluster.celcost`: per rule, per messageExpression and per schema, with kube's messages).
+Not emulated: `x-kubernetes-embedded-resource`, `allOf`/`oneOf`/`not` value validations.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from datetime import datetime
 from typing import Any
 
 import cel
+
+from localcluster.celcost import crd_cost_problems
 
 OBJECT_META_FIELDS = frozenset({
     "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
@@ -210,6 +213,7 @@ def _kubernetes_library() -> dict[str, Callable[..., Any]]:
         return s[start:stop]
 
     return {
+        "format": _format,
         "lowerAscii": lambda s: "".join(c.lower() if c.isascii() else c for c in s),
         "upperAscii": lambda s: "".join(c.upper() if c.isascii() else c for c in s),
         "trim": lambda s: s.strip(),
@@ -221,6 +225,36 @@ def _kubernetes_library() -> dict[str, Callable[..., Any]]:
         "charAt": lambda s, i: s[i] if i < len(s) else "",
         "substring": substring,
     }
+
+
+_VERB = re.compile(r"%(?:\.(\d+))?([sdfeoxXb%])")
+
+
+def _format(template: str, args: list[Any]) -> str:
+    """The strings extension's `'%s has %d'.format([a, b])`: what messageExpressions use to show numbers
+    (kube refuses `'...' + string(n)` there: string() has no size estimate, so the cost is unbounded)."""
+    values = iter(args)
+
+    def verb(match: re.Match[str]) -> str:
+        precision, kind = match.group(1), match.group(2)
+        if kind == "%":
+            return "%"
+        value = next(values)
+        if kind == "s":
+            return _cel_text(value)
+        if kind in "fe":
+            return f"{float(value):.{int(precision or 6)}{kind}}"
+        return format(int(value), {"d": "d", "o": "o", "x": "x", "X": "X", "b": "b"}[kind])
+
+    return _VERB.sub(verb, template)
+
+
+def _cel_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_cel_text(v) for v in value) + "]"
+    return str(value)
 
 
 _KUBE_FUNCTIONS = _kubernetes_library()
@@ -310,6 +344,8 @@ class CRDValidator:
         self.schema: dict[str, Any] = schema
         index = next(i for i, v in enumerate(spec.get("versions", [])) if v.get("name") == version)
         problems = schema_errors(schema, f"spec.versions[{index}].schema.openAPIV3Schema")
+        if not problems:
+            problems = cost_errors(schema, _schema_path(spec, index))
         if problems:
             raise InvalidError("CustomResourceDefinition", str(crd.get("metadata", {}).get("name", "")),
                                problems, group="apiextensions.k8s.io")
@@ -811,6 +847,22 @@ def _check_structural(node: dict[str, Any], path: str, causes: list[FieldCause],
                                           f"compilation failed: {exc}"))
 
 
+def _schema_path(spec: dict[str, Any], index: int) -> str:
+    """Where kube-apiserver reports a schema's errors: CRDs whose versions all share one schema are
+    converted to the internal `spec.validation` form, others keep the per-version path."""
+    schemas = [(v.get("schema") or {}).get("openAPIV3Schema") for v in spec.get("versions", [])]
+    if all(s == schemas[0] for s in schemas):
+        return "spec.validation.openAPIV3Schema"
+    return f"spec.versions[{index}].schema.openAPIV3Schema"
+
+
+def cost_errors(schema: dict[str, Any], path: str) -> list[FieldCause]:
+    """Forbidden causes for rules whose estimated CEL cost is over kube-apiserver's budget
+    (localcluster.celcost): per rule 10,000,000, per schema 100,000,000."""
+    problems = crd_cost_problems(schema, path)
+    return [field_error("Forbidden", where, detail=detail) for where, detail in problems]
+
+
 def validate_value(value: Any, schema: dict[str, Any], path: str = "") -> list[FieldCause]:
     """Schema (not CEL) errors of one value, e.g. to check a CRD's defaults against their own schema."""
     walk = _Walk()
@@ -825,6 +877,6 @@ def crd_validator_for(crd: dict[str, Any]) -> dict[str, CRDValidator]:
 
 
 __all__ = [
-    "CRDValidator", "FieldCause", "InvalidError", "crd_validator_for", "field_error", "go_value",
-    "schema_errors", "validate_value",
+    "CRDValidator", "FieldCause", "InvalidError", "cost_errors", "crd_validator_for", "field_error",
+    "go_value", "schema_errors", "validate_value",
 ]

@@ -12,6 +12,10 @@
 |                                    | --host podIP (the embedded MLflow server, mlflow.py)       |
 | anything else                      | the container's command on the host                        |
 
+An image whose virtualenv is missing is an image not present on this machine: `ImageNotPresent` names the
+`make` target that installs it, and the kubelet reports it as ErrImagePull / ImagePullBackOff and retries.
+`Kubelet.runtimes` (image repository → virtualenv) overrides a directory, e.g. for a test.
+
 Every process gets CUDA_VISIBLE_DEVICES="" (GPU requests are scheduled, the work runs on the CPU) and the
 podshim directory on PYTHONPATH (cluster DNS and pod IP binding, see podshim/sitecustomize.py).
 """
@@ -22,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +35,21 @@ from finetune_vocabulary.images import ENTRYPOINTS, OPERATOR_IMAGE, TRAINER_IMAG
 # Which image runs which entrypoint is the product's fact (finetune_vocabulary.images); the venvs are ours.
 MLFLOW_IMAGE = "ghcr.io/mlflow/mlflow"  # dev tooling only (mlflow.py), not a product image
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    venv: str  # the virtualenv's directory under the project root
+    install: str  # the command that creates it
+
+
+# image repository → where its processes run locally, and how to install that
+RUNTIMES: Mapping[str, Runtime] = {
+    TRAINER_IMAGE: Runtime(".venv", "make venv"),
+    OPERATOR_IMAGE: Runtime(".venv", "make venv"),
+    VLLM_IMAGE: Runtime(".venv-vllm", "make vllm-venv"),
+    MLFLOW_IMAGE: Runtime(".venv-mlflow", "make mlflow-venv"),
+}
 
 
 def project_root() -> Path:
@@ -58,6 +78,28 @@ class StartError(Exception):
     """The container cannot start (reported like containerd's StartError, exit code 128)."""
 
 
+class ImageNotPresent(StartError):
+    """The image's runtime is not installed: the kubelet reports ErrImagePull and retries with back-off."""
+
+
+def runtime_venv(repository: str, root: Path, overrides: Mapping[str, Path] | None = None) -> Path | None:
+    """The virtualenv an image runs in (None: the command runs on the host)."""
+    if overrides and repository in overrides:
+        return overrides[repository]
+    runtime = RUNTIMES.get(repository)
+    return root / runtime.venv if runtime else None
+
+
+def missing_runtimes(root: Path, overrides: Mapping[str, Path] | None = None) -> list[str]:
+    """One line per image whose virtualenv does not exist, naming the command that installs it."""
+    lines = []
+    for repository, runtime in RUNTIMES.items():
+        venv = runtime_venv(repository, root, overrides)
+        if venv is not None and not (venv / "bin" / "python").exists():
+            lines.append(f"{repository}: {venv} does not exist (run `{runtime.install}`)")
+    return lines
+
+
 @dataclass
 class Launch:
     argv: list[str]
@@ -72,26 +114,24 @@ def resolve_launch(
     pod_ip: str,
     kubeconfig: Path | None,
     root: Path | None = None,
+    venvs: Mapping[str, Path] | None = None,
 ) -> Launch:
     """Turn image + command + args into a local argv and the runtime's environment (PATH first)."""
     root = root or project_root()
     repo = image_repository(image)
     env: dict[str, str] = {}
-    venv: Path | None = None
+    venv = runtime_venv(repo, root, venvs)
     if repo == TRAINER_IMAGE:
-        venv = root / ".venv"
         env["PYTHONUNBUFFERED"] = "1"
         if not command:
             command = list(ENTRYPOINTS[TRAINER_IMAGE])
     elif repo == OPERATOR_IMAGE:
-        venv = root / ".venv"
         env["PYTHONUNBUFFERED"] = "1"
         if not command:
             command = list(ENTRYPOINTS[OPERATOR_IMAGE])
         if kubeconfig is not None:
             env["KUBECONFIG"] = str(kubeconfig)
     elif repo == VLLM_IMAGE:
-        venv = root / ".venv-vllm"
         env["PYTHONUNBUFFERED"] = "1"
         env["VLLM_TARGET_DEVICE"] = "cpu"
         # vLLM binds ZeroMQ ipc sockets under $TMPDIR, which the kubelet points at the pod's /tmp volume; that
@@ -101,16 +141,16 @@ def resolve_launch(
             command = list(ENTRYPOINTS[VLLM_IMAGE])
         args = [*args, "--host", pod_ip]
     elif repo == MLFLOW_IMAGE:
-        venv = root / ".venv-mlflow"
         env["PYTHONUNBUFFERED"] = "1"
         if not command:
             command = ["mlflow", "server"]
         args = [*args, "--host", pod_ip]
     if venv is not None:
         if not (venv / "bin" / "python").exists():
-            raise StartError(
-                f"image {image!r} runs in {venv}, which does not exist "
-                "(make venv / make vllm-venv / make mlflow-venv)"
+            install = RUNTIMES[repo].install if repo in RUNTIMES else "create it"
+            raise ImageNotPresent(
+                f'image "{image}" is not present on this machine: the local kubelet runs it in {venv}, '
+                f"which does not exist (run `{install}`)"
             )
         env["PATH"] = f"{venv / 'bin'}:{HOST_PATH}"
         env["VIRTUAL_ENV"] = str(venv)

@@ -1,6 +1,11 @@
 """Just enough OpenAPI v3 for kubectl: which patch types and query parameters each kind accepts
 (kubectl uses this to choose server-side field validation and the patch type of `apply`), and CRD
-schemas so `kubectl explain` works for custom resources."""
+schemas so `kubectl explain` works for custom resources.
+
+And an OpenAPI v2 document without definitions: kubectl validates a `kind: List` on the client against
+/openapi/v2 (a List has no path to carry server-side field validation) and fails the whole apply when that
+document is missing; with no definition for a kind it skips the client-side check, and each item is still
+validated by the server (fieldValidation) when it is created or patched."""
 
 from __future__ import annotations
 
@@ -118,3 +123,28 @@ def group_version_document(group: str, version: str, types: list[ResourceType]) 
 
 def document_hash(document: dict[str, Any]) -> str:
     return hashlib.sha512(json.dumps(document, sort_keys=True).encode()).hexdigest()[:64].upper()
+
+
+# What kubectl's Accept asks for, and the Content-Type kube-apiserver answers (Go's mime refuses the '@').
+SWAGGER_PROTOBUF = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf"
+SWAGGER_PROTOBUF_RESPONSE = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+
+
+def swagger_document() -> dict[str, Any]:
+    return {"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.34.0"}, "paths": {}}
+
+
+def _length_delimited(field: int, payload: bytes) -> bytes:
+    out, size = bytearray([field << 3 | 2]), len(payload)
+    while size > 0x7F:
+        out.append(size & 0x7F | 0x80)
+        size >>= 7
+    out.append(size)
+    return bytes(out) + payload
+
+
+def swagger_protobuf() -> bytes:
+    """swagger_document() as gnostic's openapi_v2.Document (swagger = 1, info = 2; Info.title = 1): the
+    encoding kubectl asks for and unmarshals."""
+    info = _length_delimited(1, b"Kubernetes")
+    return _length_delimited(1, b"2.0") + _length_delimited(2, info)

@@ -2027,7 +2027,9 @@ class ApiServer:
             try:
                 CRDValidator(crd, version.get("name"))
             except InvalidError as exc:
-                problems += [{"reason": c.type, "message": c.message, "field": c.field} for c in exc.causes]
+                causes = [{"reason": c.type, "message": c.message, "field": c.field} for c in exc.causes]
+                # versions sharing one schema are reported once (kube's `spec.validation` form)
+                problems += [c for c in causes if c not in problems]
             except Exception as exc:  # a schema or CEL rule the validator cannot compile
                 problems.append(
                     errors.cause(
@@ -2455,6 +2457,12 @@ class ApiServer:
                     }
                 }
             )
+        if path == "/openapi/v2":
+            if openapi.SWAGGER_PROTOBUF in request.headers.get("Accept", ""):
+                return web.Response(
+                    body=openapi.swagger_protobuf(), content_type=openapi.SWAGGER_PROTOBUF_RESPONSE
+                )
+            return self._json(openapi.swagger_document())
         if path.startswith("/openapi/v3/"):
             gv = path[len("/openapi/v3/") :]
             documents = self._openapi_documents()

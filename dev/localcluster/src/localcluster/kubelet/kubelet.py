@@ -60,6 +60,8 @@ class Kubelet:
         self.dns_file = dns_file
         self.service_env = service_env
         self.backoff_scale = backoff_scale
+        # image repository → virtualenv, overriding the project root's (runtime.RUNTIMES); read at each start
+        self.runtimes: dict[str, Path] = {}
         self.recorder = EventRecorder(client, "kubelet")
         self.workers: dict[str, PodWorker] = {}
         self.addresses = addresses or AddressBlock(1)

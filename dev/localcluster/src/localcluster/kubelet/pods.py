@@ -21,7 +21,7 @@ import psutil
 from ..apiserver.kubeconfig import write_kubeconfig
 from ..controllers.events import now_iso
 from ..kubeclient import CONFIGMAPS, PODS, SECRETS
-from ..runtime import Launch, PathRewriter, StartError, expand, resolve_launch
+from ..runtime import ImageNotPresent, Launch, PathRewriter, StartError, expand, resolve_launch
 from . import volumes as vol
 from .logs import LogFile, tail_text
 from .probes import run_probe
@@ -459,6 +459,7 @@ class PodWorker:
             pod_ip=self.pod_ip,
             kubeconfig=kubeconfig,
             root=self.kubelet.project_root,
+            venvs=self.kubelet.runtimes,
         )
         process_env = {
             "HOSTNAME": self.name,
@@ -497,23 +498,46 @@ class PodWorker:
         Path(cwd).mkdir(parents=True, exist_ok=True)
         return launch, cwd, term_file, process_env
 
-    async def _run_container(self, state: ContainerState) -> None:
-        container = state.spec
-        state.container_id = _container_id()
-        state.exit_code = state.signal = None
-        state.message = state.reason = None
-        state.oom = False
-        state.kill_reason = None
+    async def _image_pull_failed(self, state: ContainerState, error: str, failures: int) -> None:
+        """As kubelet: ErrImagePull with the error, then ImagePullBackOff until the next try (10 s doubling
+        to 300 s); the back-off message keeps the error (kubelet >= 1.31), so the cause stays visible."""
+        image = str(state.spec.get("image", ""))
+        state.state = "waiting"
+        state.container_id = ""  # nothing was created
+        state.waiting_reason, state.waiting_message = "ErrImagePull", error
+        self.mark_dirty()
+        await self.kubelet.recorder.emit(
+            self.pod, "Warning", "Failed", f'Failed to pull image "{image}": {error}'
+        )
+        await self.kubelet.recorder.emit(self.pod, "Warning", "Failed", "Error: ErrImagePull")
+        scale = self.kubelet.backoff_scale
+        await self._sleep_or_stop(scale)  # the pod's next sync finds the image in back-off
+        if self.stopping.is_set():
+            return
+        state.waiting_reason = "ImagePullBackOff"
+        state.waiting_message = f'Back-off pulling image "{image}": ErrImagePull: {error}'
+        self.mark_dirty()
+        await self.kubelet.recorder.emit(self.pod, "Normal", "BackOff", f'Back-off pulling image "{image}"')
+        await self.kubelet.recorder.emit(self.pod, "Warning", "Failed", "Error: ImagePullBackOff")
+        await self._sleep_or_stop(min(BACKOFF_START * 2**failures, BACKOFF_MAX) * scale)
+
+    async def _create(self, state: ContainerState) -> tuple[Launch, str, Path, dict[str, str]] | None:
+        """Pull and create the container, retrying what kubelet retries; None when it cannot start."""
+        pulls_failed = 0
         while True:
             try:
-                launch, cwd, term_file, process_env = await self._prepare(state)
-                break
+                return await self._prepare(state)
+            except ImageNotPresent as err:
+                await self._image_pull_failed(state, str(err), pulls_failed)
+                pulls_failed += 1
+                if self.stopping.is_set():
+                    return None
             except StartError as err:
                 text = str(err)
                 if not (text.startswith(("secret ", "configmap ", "couldn't find key"))):
                     self._terminate_state(state, 128, "StartError", text)
                     await self.kubelet.recorder.emit(self.pod, "Warning", "Failed", f"Error: {text}")
-                    return
+                    return None
                 # A missing Secret/ConfigMap keeps the container waiting, as CreateContainerConfigError.
                 state.state = "waiting"
                 state.waiting_reason = "CreateContainerConfigError"
@@ -522,13 +546,24 @@ class PodWorker:
                 await self.kubelet.recorder.emit(self.pod, "Warning", "Failed", f"Error: {text}")
                 await self._sleep_or_stop(2)
                 if self.stopping.is_set():
-                    return
+                    return None
             except (vol.VolumeError, OSError) as err:
                 self._terminate_state(state, 128, "StartError", str(err))
                 await self.kubelet.recorder.emit(self.pod, "Warning", "Failed", f"Error: {err}")
-                return
-        if self.stopping.is_set():
+                return None
+
+    async def _run_container(self, state: ContainerState) -> None:
+        container = state.spec
+        state.container_id = _container_id()
+        state.exit_code = state.signal = None
+        state.message = state.reason = None
+        state.oom = False
+        state.kill_reason = None
+        prepared = await self._create(state)
+        if prepared is None or self.stopping.is_set():
             return
+        launch, cwd, term_file, process_env = prepared
+        state.container_id = state.container_id or _container_id()
         await self.kubelet.recorder.emit(
             self.pod,
             "Normal",
