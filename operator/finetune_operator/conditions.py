@@ -64,6 +64,7 @@ class Reason(StrEnum):
     POLICY_VIOLATION = "PolicyViolation"
     BUDGET_EXCEEDED = "BudgetExceeded"
     CONCURRENCY_LIMIT = "ConcurrencyLimit"
+    SERVING_GPU_LIMIT = "ServingGpuLimit"  # maxServingGpus: the namespace's serving would hold more GPUs
     # Serving on a ModelServer (issue 11).
     NOT_BETTER_THAN_SERVING = "NotBetterThanServing"
     SERVER_NOT_FOUND = "ServerNotFound"

@@ -47,7 +47,19 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
     }
     if body.get("kind") == "Job":
         out["spec"] = {"suspend": bool((body.get("spec") or {}).get("suspend"))}
+    elif body.get("kind") == "Deployment":
+        out["spec"] = _serving_spec(body.get("spec") or {})
     return out
+
+
+def _serving_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """What FineTunePolicy's maxServingGpus reads of a Deployment (policy.deployment_gpus): replicas and
+    the containers' limits."""
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    limits = [
+        {"resources": {"limits": dict((c.get("resources") or {}).get("limits") or {})}} for c in containers
+    ]
+    return {"replicas": spec.get("replicas"), "template": {"spec": {"containers": limits}}}
 
 
 def owner_uid(body: Mapping[str, Any]) -> str | None:
@@ -166,11 +178,14 @@ class Context:
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     starting: set[str] = field(default_factory=set)
     policy_status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Each policy's GPU-hour ledger (policy_ledger.py) as last read or written, with its resourceVersion.
+    ledgers: dict[str, tuple[int, list[dict[str, Any]]]] = field(default_factory=dict)
 
     def policy_view(self, spec: FineTuneJobSpec, namespace: str, uid: str) -> policy.PolicyView | None:
         """The policies selecting the job's namespace and the namespace's use; None without policies."""
         if not self.policies:
             return None
+        limited = any(p.spec.max_serving_gpus is not None for p in self.policies.values())
         return policy.view_for(
             spec,
             self.policies.values(),
@@ -180,7 +195,21 @@ class Context:
             uid,
             datetime.now(UTC),
             self.starting,
+            {name: ledger for name, (_, ledger) in self.ledgers.items()},
+            self.serving_gpus(namespace, uid) if limited else 0,
         )
+
+    def serving_gpus(self, namespace: str, exclude_uid: str) -> int:
+        """GPUs the serving Deployments of the namespace's jobs and ModelServers hold, but `exclude_uid`'s
+        (from the watch cache: what runs, not what specs ask for)."""
+        names = policy.gpu_resources(self.config)
+        jobs = [uid for uid, r in self.records.items() if r.body["metadata"].get("namespace") == namespace]
+        held = [d for uid in jobs if uid != exclude_uid for d in self.children(uid, namespace).deployments]
+        for uid, key in self.pools.by_uid.items():
+            if key[0] == namespace and uid != exclude_uid:  # a pool's children: its controller reference
+                held += ownership.owned_children(self._labelled(uid), namespace, uid)[0].deployments
+        return sum(policy.deployment_gpus(d, names) for d in held)
+
     pools: PoolController = field(default_factory=PoolController)  # ModelServers (pool.py)
 
     def remember(self, body: Mapping[str, Any]) -> JobRecord:

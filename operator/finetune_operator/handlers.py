@@ -50,8 +50,8 @@ def _register_indexes(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.index("apps", "v1", "deployments", labels=MANAGED, id="child_deployments", registry=registry)
     async def child_deployments(body: kopf.Body, **_: Any) -> dict[str, Any] | None:
-        """Cache our Deployments by their FineTuneJob's uid."""
-        return lifecycle.index_child(body)
+        """Cache our Deployments by their FineTuneJob's (or ModelServer's) uid."""
+        return lifecycle.index_deployment(body)
 
     @kopf.index("", "v1", "services", labels=MANAGED, id="child_services", registry=registry)
     async def child_services(body: kopf.Body, **_: Any) -> dict[str, Any] | None:

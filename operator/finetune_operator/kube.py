@@ -87,7 +87,11 @@ class Api(Protocol):
 
     async def pod_log_tail(self, namespace: str, pod: str, container: str, lines: int) -> str: ...
 
-    async def patch_policy_status(self, name: str, patch: Mapping[str, Any]) -> None: ...
+    async def patch_policy_status(
+        self, name: str, patch: Mapping[str, Any], resource_version: str | None = None
+    ) -> Mapping[str, Any] | None: ...
+
+    async def list(self, kind: str, namespace: str, selector: str | None = None) -> list[dict[str, Any]]: ...
 
 
 def _seconds(value: str | None) -> float | None:
@@ -260,14 +264,22 @@ class KubeApi:
         )
         return result
 
-    async def patch_policy_status(self, name: str, patch: Mapping[str, Any]) -> None:
-        """Merge-patch a (cluster-scoped) FineTunePolicy's status: its namespaces' use this month."""
-        await self.request(
+    async def patch_policy_status(
+        self, name: str, patch: Mapping[str, Any], resource_version: str | None = None
+    ) -> Mapping[str, Any] | None:
+        """Merge-patch a (cluster-scoped) FineTunePolicy's status: its namespaces' use and GPU-hour ledger.
+        With `resource_version` it is refused (409) when the policy changed since (read-modify-write)."""
+        body: dict[str, Any] = {"status": patch}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        result: Mapping[str, Any] = await self.request(
             "PATCH",
             f"/apis/{API_VERSION}/{POLICY_PLURAL}/{name}/status",
-            body={"status": patch},
+            body=body,
             content_type=MERGE_PATCH,
         )
+        return result
+
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """One object, or None when it does not exist."""
         try:

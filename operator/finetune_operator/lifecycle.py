@@ -12,10 +12,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from finetune_vocabulary.labels import LABEL_MODELSERVER_UID
 
-from . import kube, ownership, policy, pool, reconcile
+from . import kube, ownership, policy, policy_ledger, pool, reconcile
 from .conditions import IDLE_PHASES
-from .context import Children, Context, owner_uid, snapshot
+from .context import Children, Context, owner_uid, resource_version, snapshot
 from .observe import disrupted_pods
 from .policy_models import parse_policy
 from .schema import SpecError
@@ -101,6 +102,14 @@ def index_child(body: Mapping[str, Any]) -> dict[str, Any] | None:
     return {uid: snapshot(body)} if uid else None
 
 
+def index_deployment(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A job's Deployment by its uid, a ModelServer's by the pool's: FineTunePolicy's maxServingGpus sums
+    what both hold (Context.serving_gpus)."""
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    uid = owner_uid(body) or labels.get(LABEL_MODELSERVER_UID)
+    return {str(uid): snapshot(body)} if uid else None
+
+
 async def on_job_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
     ctx = context(memo)
     ctx.pools.kick_job(body)  # a job on a ModelServer: its pool registers, loads or unloads it
@@ -132,8 +141,9 @@ async def on_policy_event(memo: Any, body: Mapping[str, Any], event_type: str | 
     ctx = context(memo)
     name = str(body["metadata"]["name"])
     ctx.policies.pop(name, None)
-    if (body.get("status") or None) != ctx.policy_status.get(name):
+    if _without_nulls(body.get("status") or None) != _without_nulls(ctx.policy_status.get(name)):
         ctx.policy_status.pop(name, None)  # re-created, or its status changed by someone else: write it again
+    _keep_ledger(ctx, name, body, deleted=event_type == "DELETED")
     if event_type != "DELETED":
         try:
             ctx.policies[name] = parse_policy(dict(body))
@@ -154,30 +164,69 @@ async def on_namespace_event(memo: Any, body: Mapping[str, Any], event_type: str
         ctx.namespace_labels[str(meta["name"])] = dict(meta.get("labels") or {})
 
 
+def _without_nulls(value: Any) -> Any:
+    """A status as the API stores it: a merge patch's nulls remove keys."""
+    if isinstance(value, Mapping):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
+
+
+def _keep_ledger(ctx: Context, name: str, body: Mapping[str, Any], deleted: bool) -> None:
+    """The policy's GPU-hour ledger as stored, unless this process already holds a newer one."""
+    if deleted:
+        ctx.ledgers.pop(name, None)
+        return
+    version = resource_version(body)
+    held = ctx.ledgers.get(name)
+    if held is None or version >= held[0]:
+        ctx.ledgers[name] = (version, list((body.get("status") or {}).get("ledger") or []))
+
+
+async def _gone(ctx: Context, ledger: list[dict[str, Any]], now: datetime) -> set[str]:
+    """Uids a ledger holds that the API confirms deleted (a job not listed yet after a restart is kept)."""
+    gone: set[str] = set()
+    assert ctx.api is not None
+    for namespace, uids in policy_ledger.unconfirmed(ledger, ctx.records.keys(), now).items():
+        try:
+            listed = await ctx.api.list("FineTuneJob", namespace)
+        except reconcile.RETRIED_ERRORS as error:
+            log.warning("could not list the FineTuneJobs of %s: %s", namespace, error)
+            continue
+        gone |= uids - {str(j["metadata"].get("uid")) for j in listed}
+    return gone
+
+
 async def sync_policy_status(ctx: Context) -> None:
-    """Write each FineTunePolicy's status (selector, use per namespace) when it changed; set the budget
-    gauges. A failure is logged and retried on the next pass."""
+    """Record the GPU hours spent in each FineTunePolicy's ledger and write its status (selector, use per
+    namespace, ledger) when it changed; set the budget gauges. A failure is logged and retried on the next
+    pass; the write carries the resourceVersion the ledger was read at, so a stale one is refused."""
     if ctx.api is None:
         return
     jobs = [record.body for record in ctx.records.values()]
     now = datetime.now(UTC)
     budgets: dict[tuple[str, str], tuple[float, float | None]] = {}
     for name, found in sorted(ctx.policies.items()):
-        status = policy.policy_status(found, ctx.namespace_labels, jobs, now)
-        budget = found.spec.gpu_hours_per_month
         selected = [
             n for n, labels in ctx.namespace_labels.items() if found.spec.namespace_selector.matches(labels)
         ]
+        version, before = ctx.ledgers.get(name, (0, []))
+        ledger = policy_ledger.record(before, selected, jobs, now, await _gone(ctx, before, now))
+        status = policy.policy_status(found, ctx.namespace_labels, jobs, now, ledger)
+        budget = found.spec.gpu_hours_per_month
         used = {u["namespace"]: u["gpuHours"] for u in status["used"]}
         for namespace in selected:
             budgets[(name, namespace)] = (used.get(namespace, 0.0), budget)
         if ctx.policy_status.get(name) == status:
             continue
         try:
-            await ctx.api.patch_policy_status(name, status)
-            ctx.policy_status[name] = status
+            written = await ctx.api.patch_policy_status(name, status, str(version) if version else None)
         except reconcile.RETRIED_ERRORS as error:
             log.warning("could not write the status of FineTunePolicy %s: %s", name, error)
+            continue
+        ctx.policy_status[name] = status
+        ctx.ledgers[name] = (resource_version(written or {}) or version, ledger)
     ctx.metrics.budgets = budgets
 
 

@@ -17,14 +17,16 @@ from typing import Any
 
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
 
-from . import modelserver
+from . import modelserver, policy
 from .conditions import short, timestamp
 from .config import OperatorConfig
 from .modelnames import version_name
 from .modelserver import PoolRef
 from .plan import ChildPatch
+from .policy import PolicyView
 
 ACCEPTED = "Accepted"  # a job's status.serving.state once its gate and the champion comparison passed
+POLICY_CONDITION = "PolicyAllowed"  # FineTunePolicy serving rules (policy.server_refusal)
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class PoolObserved:
     generation: int = 0
     network_policy: Mapping[str, Any] | None = None
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # The FineTunePolicies selecting the namespace, with the GPUs its other serving Deployments hold.
+    policy: PolicyView | None = None
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,7 @@ class PoolPlanner:
         self.config = config
         self.out = PoolPlan()
         self.now = timestamp(o.now)
+        self.policy_condition: dict[str, Any] | None = None
         old_models = o.status.get("models") or {}
         self.models: dict[str, dict[str, Any]] = {
             name: {**model, "versions": [dict(v) for v in model.get("versions") or []]}
@@ -260,6 +265,8 @@ class PoolPlanner:
         elif self.o.network_policy.get("spec") != policy["spec"]:
             self.out.patch.append(ChildPatch("NetworkPolicy", name, {"spec": policy["spec"]}))
         desired = modelserver.pool_deployment(pool, self.config)
+        if not self.policy_allows():
+            return  # a refused Deployment is neither created nor grown; what runs keeps running
         if self.o.deployment is None:
             self.out.create.append(desired)
             note = modelserver.pool_vllm_compute(pool.spec, self.config).note
@@ -267,6 +274,34 @@ class PoolPlanner:
                 self.event("Warning", "ServingOnCpu", note)
         elif _hash(self.o.deployment) != _hash(desired):
             self.out.patch.append(ChildPatch("Deployment", name, _rollout(desired), patch_type="json"))
+
+    def policy_allows(self) -> bool:
+        """FineTunePolicy serving rules: condition PolicyAllowed, one Warning Event per new refusal."""
+        refused = policy.server_refusal(self.o.pool.spec, self.o.deployment, self.o.policy, self.config)
+        conditions = self.o.status.get("conditions") or []
+        old = next((c for c in conditions if c.get("type") == POLICY_CONDITION), None)
+        if refused is None and old is None and self.o.policy is None:
+            return True
+        status, reason, message = (
+            ("True", "Allowed", "allowed by FineTunePolicy")
+            if refused is None
+            else (
+                "False",
+                *refused,
+            )
+        )
+        kept = old.get("lastTransitionTime") if old and old.get("status") == status else None
+        self.policy_condition = {
+            "type": POLICY_CONDITION,
+            "status": status,
+            "reason": reason,
+            "message": short(message),
+            "lastTransitionTime": kept or self.now,
+            "observedGeneration": self.o.generation or None,
+        }
+        if refused is not None and (old or {}).get("message") != self.policy_condition["message"]:
+            self.event("Warning", reason, message)
+        return refused is None
 
     def replicas(self, state: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Per pod: what its router holds; ready pods that differ from `state` get it pushed."""
@@ -315,6 +350,11 @@ class PoolPlanner:
             "endpoint": modelserver.endpoint_url(self.o.pool, self.config),
             "message": f"{ready}/{self.o.pool.spec.replicas} replicas ready with every adapter loaded",
         }
+        if self.policy_condition is not None:
+            others = [c for c in self.o.status.get("conditions") or [] if c.get("type") != POLICY_CONDITION]
+            self.out.status["conditions"] = [*others, self.policy_condition]
+            if self.policy_condition["status"] == "False":
+                self.out.status["message"] = self.policy_condition["message"]
         return self.out
 
 

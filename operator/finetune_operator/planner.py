@@ -30,7 +30,10 @@ REPEATED_WARNINGS = (
     Reason.CONTAINER_CONFIG_ERROR,
     Reason.IMAGE_PULL_FAILED,
     Reason.CHILD_CONFLICT,
+    Reason.SERVING_GPU_LIMIT,
 )
+# Waits that need someone to act: a Warning Event even when the phase does not fail.
+WARNING_WAITS = (Reason.CHILD_CONFLICT, Reason.SERVING_GPU_LIMIT, Reason.POLICY_VIOLATION)
 
 
 class Planner:
@@ -126,7 +129,7 @@ class Planner:
         warning = phase in (Phase.FAILED.value, Phase.REJECTED.value)
         if phase != self.old_phase:
             text = self.ready_message or f"phase {self.old_phase or 'new'} → {phase}"
-            kind = "Warning" if warning or self.ready_reason is Reason.CHILD_CONFLICT else "Normal"
+            kind = "Warning" if warning or self.ready_reason in WARNING_WAITS else "Normal"
             self.out.events.append(Event(kind, self.ready_reason.value, short(f"{phase}: {text}")))
         elif self.ready_reason in REPEATED_WARNINGS and self.ready_message != (
             self.o.status.get("message") or ""
@@ -360,6 +363,10 @@ class Pipeline(Planner):
         """Create the Service and Deployment, roll out a changed one, report when it serves."""
         existing = self.o.children.get(row.stage)
         desired = self.desired(row)
+        refused = policy.job_serving_wait(self.job.spec, existing, self.o.policy, self.config)
+        if refused is not None:  # FineTunePolicy: nothing is created or grows until the policy allows it
+            self.waiting(row, Reason(refused[0]), refused[1])
+            return
         if self.o.service is None:
             service = serving.serving_service(self.job, self.config)
             if self.blocked(row.stage, service):

@@ -9,11 +9,14 @@
   job waits (Suspended, BudgetExceeded / ConcurrencyLimit) before its training Job is created.
 - `filled_defaults` / `with_defaults`: a policy's defaults for what a job leaves out, recorded in the job's
   status.policy and applied to the spec the operator builds from, never to the stored spec.
-- `usage` / `policy_status`: a namespace's GPU-hours this month (status.gpuHours of the month's jobs, or the
-  estimate of a running job when larger) and its active jobs; what `kubectl get ftp` shows.
+- `usage` / `policy_status`: a namespace's GPU-hours this month (the policy's ledger, policy_ledger.py, plus
+  what its existing jobs spent since it last recorded them, or the estimate of a running job when larger)
+  and its active jobs; what `kubectl get ftp` shows.
+- serving (`ServingAsk`, `serving_refusal`): allowedBaseModels and allowedGpuTypes for ModelServers and a
+  job's own Deployment, and maxServingGpus, per object at admission and summed over the namespace here.
 
-A job is counted in the month its creationTimestamp falls in (UTC). Deleting a job removes its hours from
-the sum (the operator keeps no ledger outside the jobs).
+A job is counted in the month its creationTimestamp falls in (UTC); its hours stay counted after it is
+deleted (the ledger in the policy's status).
 """
 
 from __future__ import annotations
@@ -24,8 +27,11 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+from .config import OperatorConfig
 from .models import FineTuneJobSpec, ResourcesSpec
+from .modelserver_models import ModelServerSpec
 from .observe import finite, parse_time
+from .policy_ledger import ledger_entry, month_of, recorded
 from .policy_models import FineTunePolicy, host_allowed, uri_allowed
 
 # The API's default spec.resources.gpuType: a policy's defaults.gpuType replaces it when the policy does not
@@ -34,6 +40,8 @@ API_DEFAULT_GPU_TYPE = str(ResourcesSpec.model_fields["gpu_type"].default)
 # Phases of a job that holds (or is about to hold) GPUs: counted by maxConcurrentJobs.
 ACTIVE_PHASES = frozenset({"Training", "Evaluating", "Deploying"})
 POLICY_WAIT_REASONS = frozenset({"BudgetExceeded", "ConcurrencyLimit"})
+# The GPU table's CPU row: serving on it holds no GPU, whatever `gpus` says (the admission policy agrees).
+CPU_GPU_TYPE = "cpu"
 
 
 def denied(policy: str, message: str) -> str:
@@ -55,6 +63,9 @@ class PolicyView:
     policies: tuple[FineTunePolicy, ...] = ()
     usage: Usage = field(default_factory=Usage)
     filled: Mapping[str, str] = field(default_factory=dict)  # filled_defaults: camelCase field → value
+    # GPU-hours each policy's ledger counts for the namespace this month (by policy name; absent: `usage`).
+    spent: Mapping[str, float] = field(default_factory=dict)
+    serving_gpus: int = 0  # GPUs the namespace's other serving Deployments hold now
 
     @property
     def names(self) -> list[str]:
@@ -110,7 +121,140 @@ def violations(spec: FineTuneJobSpec, policy: FineTunePolicy) -> list[str]:
             out.append(f"spec.evaluation.reference.url host {host} is not in allowedReferenceHosts")
     if p.require_thresholds and not (spec.evaluation.enabled and spec.evaluation.thresholds):
         out.append("spec.evaluation.thresholds must gate on at least one metric (requireThresholds)")
+    ask = job_serving(spec)
+    return out + (serving_violations(ask, policy) if ask else [])
+
+
+# --- serving -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServingAsk:
+    """What one serving Deployment asks for, and the fields that say so (for the messages)."""
+
+    prefix: str  # "spec." (a ModelServer) or "spec.deployment." (a FineTuneJob's own Deployment)
+    replicas: int
+    gpus: int
+    gpu_type: str
+    type_field: str  # where gpu_type comes from
+    # the type is the API's default resources.gpuType, which a policy's defaults.gpuType replaces
+    api_default_type: bool = False
+
+    @property
+    def held(self) -> int:
+        return 0 if self.gpu_type == CPU_GPU_TYPE else self.replicas * self.gpus
+
+    def text(self) -> str:
+        p = self.prefix
+        return f"{p}replicas {self.replicas} x {p}gpus {self.gpus} = {self.held} GPUs"
+
+
+def job_serving(spec: FineTuneJobSpec) -> ServingAsk | None:
+    """A job's own serving Deployment; None when it serves none (disabled, or on a ModelServer)."""
+    d = spec.deployment
+    if not d.enabled or d.server:
+        return None
+    if d.gpu_type:
+        return ServingAsk("spec.deployment.", d.replicas, d.gpus, d.gpu_type, "spec.deployment.gpuType")
+    gpu_type = spec.resources.gpu_type
+    default = gpu_type == API_DEFAULT_GPU_TYPE
+    return ServingAsk("spec.deployment.", d.replicas, d.gpus, gpu_type, "spec.resources.gpuType", default)
+
+
+def server_serving(spec: ModelServerSpec) -> ServingAsk:
+    return ServingAsk("spec.", spec.replicas, spec.gpus, spec.gpu_type, "spec.gpuType")
+
+
+def serving_violations(ask: ServingAsk, policy: FineTunePolicy) -> list[str]:
+    """allowedGpuTypes and maxServingGpus for one serving object alone (what admission can see)."""
+    p, out = policy.spec, []
+    allowed = p.allowed_gpu_types
+    exempt = ask.api_default_type and p.defaults.gpu_type is not None
+    if allowed is not None and ask.held > 0 and ask.gpu_type not in allowed and not exempt:
+        out.append(f"{ask.type_field} {ask.gpu_type} is not in allowedGpuTypes")
+    if p.max_serving_gpus is not None and ask.held > p.max_serving_gpus:
+        out.append(f"{ask.text()} is more than maxServingGpus {p.max_serving_gpus}")
     return out
+
+
+def server_violations(spec: ModelServerSpec, policy: FineTunePolicy) -> list[str]:
+    """The static rules one policy's spec refuses for a ModelServer, as the admission policy words them."""
+    out: list[str] = []
+    allowed = policy.spec.allowed_base_models
+    if allowed is not None and not uri_allowed(spec.base_model.uri, allowed):
+        out.append(f"spec.baseModel.uri {spec.base_model.uri} is not in allowedBaseModels")
+    return out + serving_violations(server_serving(spec), policy)
+
+
+def serving_refusal(
+    ask: ServingAsk, static: Sequence[tuple[str, list[str]]], others: int, view: PolicyView | None
+) -> tuple[str, str] | None:
+    """(reason, message) when a serving Deployment may not be created or grow: the first static rule
+    (`static`: policy name → its violations), else maxServingGpus over the namespace's sum."""
+    for name, found in static:
+        if found:
+            return "PolicyViolation", denied(name, found[0])
+    for policy in view.policies if view else ():
+        limit = policy.spec.max_serving_gpus
+        if limit is not None and ask.held > 0 and others + ask.held > limit:
+            return "ServingGpuLimit", denied(
+                policy.name,
+                f"{ask.text()}, with {others} held by the namespace's other servers, is more than "
+                f"maxServingGpus {limit}",
+            )
+    return None
+
+
+def _growth_refused(
+    ask: ServingAsk,
+    static: Sequence[tuple[str, list[str]]],
+    existing: Mapping[str, Any] | None,
+    view: PolicyView,
+    config: OperatorConfig,
+) -> tuple[str, str] | None:
+    """A Deployment is refused only where it is created or would hold more GPUs than it does now."""
+    if existing is not None and ask.held <= deployment_gpus(existing, gpu_resources(config)):
+        return None
+    return serving_refusal(ask, static, view.serving_gpus, view)
+
+
+def job_serving_wait(
+    spec: FineTuneJobSpec, existing: Mapping[str, Any] | None, view: PolicyView | None, config: OperatorConfig
+) -> tuple[str, str] | None:
+    """(reason, message) when a job's own serving Deployment may not be created or grow now."""
+    ask = job_serving(spec)
+    if ask is None or view is None:
+        return None
+    static = [(p.name, serving_violations(ask, p)) for p in view.policies]
+    return _growth_refused(ask, static, existing, view, config)
+
+
+def server_refusal(
+    spec: ModelServerSpec, existing: Mapping[str, Any] | None, view: PolicyView | None, config: OperatorConfig
+) -> tuple[str, str] | None:
+    """(reason, message) when a ModelServer's Deployment may not be created or grow now."""
+    if view is None:
+        return None
+    static = [(p.name, server_violations(spec, p)) for p in view.policies]
+    return _growth_refused(server_serving(spec), static, existing, view, config)
+
+
+def gpu_resources(config: OperatorConfig) -> list[str]:
+    """The extended resources the GPU table requests (nvidia.com/gpu, ...)."""
+    return sorted({t.resource_name for t in config.gpu_types.values() if t.resource_name})
+
+
+def deployment_gpus(deployment: Mapping[str, Any], resource_names: Iterable[str]) -> int:
+    """GPUs a Deployment holds: spec.replicas x its containers' GPU limits (any of `resource_names`)."""
+    spec = deployment.get("spec") or {}
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    names = set(resource_names)
+    per_pod = 0
+    for container in containers:
+        limits = (container.get("resources") or {}).get("limits") or {}
+        per_pod += sum(int(str(v)) for k, v in limits.items() if k in names and str(v).isdigit())
+    replicas = spec.get("replicas")
+    return (1 if replicas is None else int(replicas)) * per_pod
 
 
 def violation(spec: FineTuneJobSpec, view: PolicyView | None) -> str | None:
@@ -152,6 +296,7 @@ def wait(estimate: float | None, view: PolicyView | None) -> tuple[str, str] | N
             )
     for policy in view.policies:
         budget = policy.spec.gpu_hours_per_month
+        used = view.spent.get(policy.name, view.usage.gpu_hours)
         if budget is not None and needed > 0 and used + needed > budget:
             return (
                 "BudgetExceeded",
@@ -208,13 +353,29 @@ def view_for(
     uid: str,
     now: datetime,
     starting: Iterable[str] = (),
+    ledgers: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+    serving_gpus: int = 0,
 ) -> PolicyView | None:
-    """Everything the planner needs about policies for one job; None when no policy selects its namespace."""
+    """Everything the planner needs about policies for one job; None when no policy selects its namespace.
+    `ledgers`: each policy's status.ledger by name; `serving_gpus`: what the namespace's other serving
+    Deployments hold."""
     selected = applicable(policies, labels)
     if not selected:
         return None
+    jobs, month = list(jobs), month_of(now)
+    spent = {
+        p.name: usage(
+            jobs,
+            namespace,
+            now,
+            uid,
+            starting,
+            ledger_entry((ledgers or {}).get(p.name) or (), namespace, month),
+        ).gpu_hours
+        for p in selected
+    }
     view = PolicyView(selected, usage(jobs, namespace, now, exclude_uid=uid, starting=starting))
-    return PolicyView(view.policies, view.usage, filled_defaults(spec, view))
+    return PolicyView(view.policies, view.usage, filled_defaults(spec, view), spent, serving_gpus)
 
 
 def waiting_on_policy(body: Mapping[str, Any]) -> bool:
@@ -229,10 +390,6 @@ def waiting_on_policy(body: Mapping[str, Any]) -> bool:
 
 
 # --- usage ---------------------------------------------------------------------------------------------
-
-
-def month_of(moment: datetime) -> str:
-    return moment.strftime("%Y-%m")
 
 
 def job_hours(body: Mapping[str, Any]) -> float:
@@ -250,10 +407,15 @@ def usage(
     now: datetime,
     exclude_uid: str | None = None,
     starting: Iterable[str] = (),
+    entry: Mapping[str, Any] | None = None,
 ) -> Usage:
     """The namespace's GPU-hours this month and its active jobs; `starting`: uids whose training Job this
-    process is creating (not yet Training in the status), counted as active."""
-    month, hours, active = month_of(now), 0.0, 0
+    process is creating (not yet Training in the status), counted as active. `entry`: a policy's ledger
+    entry for the namespace and month (policy_ledger.py): its total (deleted jobs included) plus what the
+    existing jobs spent (or estimate) beyond what it recorded of them."""
+    month, active = month_of(now), 0
+    held = recorded(entry)
+    hours = (finite((entry or {}).get("gpuHours")) or 0.0) - held.get(exclude_uid or "", 0.0)
     starting = set(starting)
     for body in jobs:
         meta = body.get("metadata") or {}
@@ -262,10 +424,10 @@ def usage(
             continue
         created = parse_time(meta.get("creationTimestamp"))
         if created is None or month_of(created) == month:
-            hours += job_hours(body)
+            hours += max(0.0, job_hours(body) - held.get(uid, 0.0))
         if (body.get("status") or {}).get("phase") in ACTIVE_PHASES or uid in starting:
             active += 1
-    return Usage(round(hours, 3), active)
+    return Usage(round(max(0.0, hours), 3), active)
 
 
 def policy_status(
@@ -273,14 +435,17 @@ def policy_status(
     namespaces: Mapping[str, Mapping[str, str]],
     jobs: Sequence[Mapping[str, Any]],
     now: datetime,
+    ledger: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """A FineTunePolicy's status: its selector as text and each selected namespace's use this month."""
+    """A FineTunePolicy's status: its selector as text, each selected namespace's use this month (counting
+    its `ledger`, policy_ledger.record) and the ledger."""
     selected = sorted(
         n for n, labels in namespaces.items() if policy.spec.namespace_selector.matches(dict(labels))
     )
+    month = month_of(now)
     used: list[dict[str, Any]] = []
     for namespace in selected:
-        found = usage(jobs, namespace, now)
+        found = usage(jobs, namespace, now, entry=ledger_entry(ledger, namespace, month))
         if found.gpu_hours or found.active_jobs:
             used.append(
                 {"namespace": namespace, "gpuHours": found.gpu_hours, "activeJobs": found.active_jobs}
@@ -291,7 +456,8 @@ def policy_status(
         summary += f", +{len(used) - 4} more"
     return {
         "selector": policy.spec.namespace_selector.display(),
-        "month": month_of(now),
+        "month": month,
         "used": used[:64],
         "usedSummary": summary[:256],
+        "ledger": list(ledger) or None,
     }

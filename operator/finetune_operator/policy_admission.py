@@ -27,7 +27,8 @@ import yaml
 
 from . import policy_models
 from .models import API_VERSION, GROUP, PLURAL
-from .policy import API_DEFAULT_GPU_TYPE
+from .modelserver_models import PLURAL as MODELSERVERS
+from .policy import API_DEFAULT_GPU_TYPE, CPU_GPU_TYPE
 
 TEMPLATE = "policy-admission.yaml"
 P = "params.spec"
@@ -147,30 +148,112 @@ def validations() -> list[dict[str, str]]:
     ]
 
 
+def _serving_rules(prefix: str, type_field: str, default_exempt: str) -> list[dict[str, str]]:
+    """allowedGpuTypes and maxServingGpus for one serving object (policy.serving_violations), on the
+    variables servingType and servingGpus; `prefix` is the object's spec path of replicas and gpus."""
+    field = prefix.removesuffix(".")
+    spec = f"object.{field}"
+    exempt = f" || ({default_exempt})" if default_exempt else ""
+    return [
+        {
+            "expression": f"!has({P}.allowedGpuTypes) || variables.servingGpus == 0 || "
+            f"variables.servingType in {P}.allowedGpuTypes{exempt}",
+            "messageExpression": _denied(
+                f"{type_field} + variables.servingType + ' is not in allowedGpuTypes'"
+            ),
+            "reason": "Forbidden",
+        },
+        {
+            "expression": f"!has({P}.maxServingGpus) || variables.servingGpus <= {P}.maxServingGpus",
+            "messageExpression": _denied(
+                f"'{field}.replicas ' + string({spec}.replicas) + ' x {field}.gpus ' + "
+                "string(variables.perReplica) + "
+                f"' = ' + string(variables.servingGpus) + ' GPUs is more than maxServingGpus ' + "
+                f"string({P}.maxServingGpus)"
+            ),
+            "reason": "Forbidden",
+        },
+    ]
+
+
+def job_serving_rules() -> list[dict[str, str]]:
+    """A job's own serving Deployment (policy.job_serving): its GPU type, or the training one."""
+    deployment = "object.spec.deployment"
+    type_field = f"(has({deployment}.gpuType) ? 'spec.deployment.gpuType ' : 'spec.resources.gpuType ')"
+    exempt = (
+        f"!has({deployment}.gpuType) && variables.servingType == '{API_DEFAULT_GPU_TYPE}' && "
+        f"has({P}.defaults) && has({P}.defaults.gpuType)"
+    )
+    return _serving_rules("spec.deployment.", type_field, exempt)
+
+
+def _match(plural: str) -> dict[str, Any]:
+    rule = {
+        "apiGroups": [GROUP],
+        "apiVersions": ["*"],
+        "operations": ["CREATE", "UPDATE"],
+        "resources": [plural],
+    }
+    return {"resourceRules": [rule]}
+
+
+def _serving_variables(replicas: str, gpus: str, gpu_type: str, serves: str = "") -> list[dict[str, str]]:
+    """servingType, perReplica (gpus) and servingGpus: replicas x gpus, 0 on the CPU type or when `serves`
+    is false."""
+    condition = f"({serves}) && " if serves else ""
+    return [
+        {"name": "servingType", "expression": gpu_type},
+        {"name": "perReplica", "expression": gpus},
+        {
+            "name": "servingGpus",
+            "expression": f"{condition}variables.servingType != '{CPU_GPU_TYPE}' ? "
+            f"{replicas} * variables.perReplica : 0",
+        },
+    ]
+
+
 def policy_spec() -> dict[str, Any]:
     reference_url = "object.spec.evaluation.reference.url"
+    deployment = "object.spec.deployment"
     return {
         "failurePolicy": "Fail",
         "paramKind": {"apiVersion": API_VERSION, "kind": policy_models.KIND},
-        "matchConstraints": {
-            "resourceRules": [
-                {
-                    "apiGroups": [GROUP],
-                    "apiVersions": ["*"],
-                    "operations": ["CREATE", "UPDATE"],
-                    "resources": [PLURAL],
-                }
-            ]
-        },
+        "matchConstraints": _match(PLURAL),
         "matchConditions": [{"name": "policy-selects-namespace", "expression": _selects_namespace()}],
         "variables": [
             {
                 "name": "referenceHost",
                 "expression": f"has(object.spec.evaluation.reference) ? "
                 f"{reference_url}.split('/')[2].split(':')[0].lowerAscii() : ''",
-            }
+            },
+            *_serving_variables(
+                f"{deployment}.replicas",
+                # unset: sections.serving_gpus_default (0 when it follows a training run without GPUs)
+                f"has({deployment}.gpus) ? {deployment}.gpus : "
+                f"(!has({deployment}.gpuType) && object.spec.resources.gpus == 0 ? 0 : 1)",
+                f"has({deployment}.gpuType) ? {deployment}.gpuType : object.spec.resources.gpuType",
+                f"{deployment}.enabled && !has({deployment}.server)",
+            ),
         ],
-        "validations": validations(),
+        "validations": validations() + job_serving_rules(),
+    }
+
+
+def server_policy_spec() -> dict[str, Any]:
+    """ModelServers: allowedBaseModels, allowedGpuTypes and maxServingGpus (policy.server_violations)."""
+    return {
+        "failurePolicy": "Fail",
+        "paramKind": {"apiVersion": API_VERSION, "kind": policy_models.KIND},
+        "matchConstraints": _match(MODELSERVERS),
+        "matchConditions": [{"name": "policy-selects-namespace", "expression": _selects_namespace()}],
+        # unset gpus: 1 (0 on the cpu type, which servingGpus counts as 0 anyway; modelserver_models)
+        "variables": _serving_variables(
+            "object.spec.replicas", "has(object.spec.gpus) ? object.spec.gpus : 1", "object.spec.gpuType"
+        ),
+        "validations": [
+            _uri_rule("spec.baseModel.uri", "object.spec.baseModel.uri", "allowedBaseModels"),
+            *_serving_rules("spec.", "'spec.gpuType '", ""),
+        ],
     }
 
 
@@ -187,54 +270,58 @@ def _indent(document: dict[str, Any], spaces: int) -> str:
     return "".join(" " * spaces + line if line.strip() else line for line in text.splitlines(keepends=True))
 
 
+# (name suffix, spec) of each admission policy: FineTuneJobs, and ModelServers (serving).
+def _policies() -> list[tuple[str, dict[str, Any]]]:
+    return [("", policy_spec()), ("-modelservers", server_policy_spec())]
+
+
 def render_template() -> str:
-    """The chart template: the policy and its binding, when `policyAdmission.enabled`."""
-    name = '{{ include "finetune-operator.fullname" . }}-finetunepolicy'
+    """The chart template: the policies and their bindings, when `policyAdmission.enabled`."""
     labels = '    {{- include "finetune-operator.labels" . | nindent 4 }}\n'
+    binding = _indent({k: v for k, v in binding_spec("").items() if k != "policyName"}, 2)
+    documents = []
+    for suffix, spec in _policies():
+        name = f'{{{{ include "finetune-operator.fullname" . }}}}-finetunepolicy{suffix}'
+        documents.append(
+            "apiVersion: admissionregistration.k8s.io/v1\n"
+            "kind: ValidatingAdmissionPolicy\n"
+            f"metadata:\n  name: {name}\n  labels:\n{labels}"
+            f"spec:\n{_indent(spec, 2)}"
+            "---\n"
+            "apiVersion: admissionregistration.k8s.io/v1\n"
+            "kind: ValidatingAdmissionPolicyBinding\n"
+            f"metadata:\n  name: {name}\n  labels:\n{labels}"
+            f"spec:\n  policyName: {name}\n{binding}"
+        )
     return (
         "# Generated by operator/finetune_operator/policy_admission.py (`make crds`): do not edit.\n"
-        "# FineTunePolicies enforced at admission: every FineTunePolicy is a param; a policy's\n"
-        "# spec.namespaceSelector is checked by the matchCondition against the job namespace's labels.\n"
-        "{{- if .Values.policyAdmission.enabled }}\n"
-        "apiVersion: admissionregistration.k8s.io/v1\n"
-        "kind: ValidatingAdmissionPolicy\n"
-        "metadata:\n"
-        f"  name: {name}\n"
-        "  labels:\n"
-        f"{labels}"
-        "spec:\n"
-        f"{_indent(policy_spec(), 2)}"
-        "---\n"
-        "apiVersion: admissionregistration.k8s.io/v1\n"
-        "kind: ValidatingAdmissionPolicyBinding\n"
-        "metadata:\n"
-        f"  name: {name}\n"
-        "  labels:\n"
-        f"{labels}"
-        "spec:\n"
-        f"  policyName: {name}\n"
-        f"{_indent({k: v for k, v in binding_spec('').items() if k != 'policyName'}, 2)}"
-        "{{- end }}\n"
+        "# FineTunePolicies enforced at admission (FineTuneJobs, and ModelServers): every\n"
+        "# FineTunePolicy is a param; a policy's spec.namespaceSelector is checked by the\n"
+        "# matchCondition against the namespace's labels.\n"
+        "{{- if .Values.policyAdmission.enabled }}\n" + "---\n".join(documents) + "{{- end }}\n"
     )
 
 
 def manifests(name: str = "finetune-operator-finetunepolicy") -> list[dict[str, Any]]:
-    """The same policy and binding as plain objects (tests, the embedded cluster)."""
-    meta = {"name": name}
-    return [
-        {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingAdmissionPolicy",
-            "metadata": meta,
-            "spec": policy_spec(),
-        },
-        {
-            "apiVersion": "admissionregistration.k8s.io/v1",
-            "kind": "ValidatingAdmissionPolicyBinding",
-            "metadata": meta,
-            "spec": binding_spec(name),
-        },
-    ]
+    """The same policies and bindings as plain objects (tests, the embedded cluster)."""
+    out: list[dict[str, Any]] = []
+    for suffix, spec in _policies():
+        meta = {"name": name + suffix}
+        out += [
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicy",
+                "metadata": meta,
+                "spec": spec,
+            },
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicyBinding",
+                "metadata": meta,
+                "spec": binding_spec(name + suffix),
+            },
+        ]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

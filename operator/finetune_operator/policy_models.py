@@ -42,6 +42,11 @@ MAX_SELECTOR_LABELS = 16
 MAX_SELECTOR_EXPRESSIONS = 8
 MAX_SELECTOR_VALUES = 16
 MAX_NAMESPACES_IN_STATUS = 64
+# The GPU-hour ledger: the last LEDGER_MONTHS months of each selected namespace, and per entry the jobs it
+# has recorded hours of that still exist (a deleted job's hours stay in the entry's total).
+LEDGER_MONTHS = 3
+MAX_LEDGER_ENTRIES = 3000
+MAX_LEDGER_JOBS = 1000
 
 # An exact URI or a prefix with one trailing `*`; no other wildcard anywhere.
 URI_GLOB_PATTERN = r"^(s3|hf|pvc)://[^*\s]*\*?$"
@@ -152,6 +157,13 @@ class FineTunePolicySpec(SpecModel):
     max_gpus_per_job: int | None = Field(
         default=None, ge=0, le=16, description="spec.resources.gpus at most."
     )
+    max_serving_gpus: int | None = Field(
+        default=None,
+        ge=0,
+        le=100_000,
+        description="GPUs serving may hold per namespace: replicas x gpus summed over its ModelServers "
+        "and its FineTuneJobs' own Deployments (gpuType cpu holds none).",
+    )
     max_gpu_hours_per_job: float | None = Field(
         default=None,
         ge=0,
@@ -197,8 +209,28 @@ class NamespaceUsage(StatusModel):
     active_jobs: int = Field(ge=0, le=1_000_000, description="Jobs past validation and not finished.")
 
 
+class LedgerJob(StatusModel):
+    """The GPU-hours a ledger entry holds of one job that still exists."""
+
+    uid: str = Field(max_length=64)
+    gpu_hours: float = Field(ge=0, le=1e12)
+
+
+class LedgerEntry(StatusModel):
+    """GPU-hours spent by one namespace's jobs created in one month, deleted jobs included."""
+
+    namespace: str = Field(max_length=63, pattern=DNS_LABEL_PATTERN)
+    month: str = Field(max_length=7, pattern=r"^[0-9]{4}-[0-9]{2}$", description="YYYY-MM (UTC).")
+    gpu_hours: float = Field(ge=0, le=1e12, description="Spent by the month's jobs, deleted ones included.")
+    jobs: list[LedgerJob] | None = Field(
+        default=None,
+        max_length=MAX_LEDGER_JOBS,
+        description="What is recorded of each existing job (so a repeated pass adds only what is new).",
+    )
+
+
 class FineTunePolicyStatus(StatusModel):
-    """Written by the operator."""
+    """Written by the operator (the status subresource: namespaces cannot edit it)."""
 
     selector: str | None = Field(default=None, max_length=1024, description="The namespace selector as text.")
     month: str | None = Field(default=None, max_length=7, description="The month counted (YYYY-MM, UTC).")
@@ -207,6 +239,12 @@ class FineTunePolicyStatus(StatusModel):
     )
     used_summary: str | None = Field(
         default=None, max_length=256, description="Short text for kubectl (Used column)."
+    )
+    ledger: list[LedgerEntry] | None = Field(
+        default=None,
+        max_length=MAX_LEDGER_ENTRIES,
+        description="GPU-hours spent per namespace and month (the last 3 months), kept after jobs are "
+        "deleted: what gpuHoursPerMonth counts.",
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ from typing import Any
 import aiohttp
 from finetune_vocabulary.labels import LABEL_MODELSERVER_UID
 
-from . import kube, modelserver, reconcile
+from . import kube, modelserver, policy, reconcile
 from .modelserver import PoolRef
 from .modelserver_models import KIND, parse_modelserver_spec
 from .modelserver_plan import PoolEvent, PoolObserved, PoolPlan, attached_jobs, plan_pool, pod_reachable
@@ -117,7 +118,7 @@ class PoolReconciler:
             await self.write_status(body, {"message": f"invalid spec: {error}"[:4096]})
             return
         pool = PoolRef(namespace, name, str(meta["uid"]), spec)
-        observed = await observe(self.api, self.session, body, pool)
+        observed = self.with_policy(await observe(self.api, self.session, body, pool))
         plan = plan_pool(observed, self.ctx.config)
         await self.apply_children(pool, plan)
         if plan.registry_changed:
@@ -125,7 +126,7 @@ class PoolReconciler:
         events = list(plan.events)
         loaded_any = await self.push(pool, plan)
         if loaded_any:  # report what the replicas hold now
-            observed = await observe(self.api, self.session, body, pool)
+            observed = self.with_policy(await observe(self.api, self.session, body, pool))
             plan = plan_pool(observed, self.ctx.config)
             events += [e for e in plan.events if e not in events]
         await self.post_events(body, events)
@@ -133,6 +134,17 @@ class PoolReconciler:
         await self.write_status(body, plan.status)
         self.record_metrics(pool, observed)
         self.tell_jobs(observed)
+
+    def with_policy(self, observed: PoolObserved) -> PoolObserved:
+        """The FineTunePolicies selecting the pool's namespace and the GPUs its other servers hold."""
+        pool = observed.pool
+        selected = policy.applicable(
+            self.ctx.policies.values(), self.ctx.namespace_labels.get(pool.namespace, {})
+        )
+        if not selected:
+            return observed
+        view = policy.PolicyView(selected, serving_gpus=self.ctx.serving_gpus(pool.namespace, pool.uid))
+        return dataclasses.replace(observed, policy=view)
 
     async def apply_children(self, pool: PoolRef, plan: PoolPlan) -> None:
         for manifest in plan.create:

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
-from .conftest import Raw, wait_for
+from .conftest import REPO, Raw, wait_for
 
 ADMISSION = "/apis/admissionregistration.k8s.io/v1"
 
@@ -447,3 +448,145 @@ def test_emulator_refuses_a_policy_that_does_not_compile(raw: Raw) -> None:
     status, body, _ = raw.request("POST", f"{ADMISSION}/validatingadmissionpolicies", bad)
     assert status == 422 and body["reason"] == "Invalid"
     assert "spec.validations[0].expression" in body["message"] and "compilation failed" in body["message"]
+
+
+FINETUNE = "/apis/finetune.dev/v1alpha1"
+CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+PLURALS = {
+    "ValidatingAdmissionPolicy": "validatingadmissionpolicies",
+    "ValidatingAdmissionPolicyBinding": "validatingadmissionpolicybindings",
+}
+
+
+@pytest.fixture
+def finetune_crds(raw: Raw) -> Iterator[None]:
+    """The project's CRDs (crds/): created when the cluster lacks them, and then removed again."""
+    created = []
+    for plural in ("finetunepolicies", "modelservers", "finetunejobs"):
+        crd = yaml.safe_load((REPO / "crds" / f"finetune.dev_{plural}.yaml").read_text())
+        status, body, _ = raw.request("POST", CRDS, crd)
+        assert status in (201, 409), body
+        if status == 201:
+            created.append(f"{CRDS}/{crd['metadata']['name']}")
+    wait_for(
+        lambda: (
+            {"finetunepolicies", "modelservers", "finetunejobs"}
+            <= {r["name"] for r in (raw.request("GET", FINETUNE)[1] or {}).get("resources", [])}
+        ),
+        "the CRDs to be served",
+    )
+    yield
+    for path in created:
+        raw.request("DELETE", path)
+
+
+def test_the_charts_finetunepolicy_admission_refuses_serving_it_does_not_allow(
+    raw: Raw, finetune_crds: None
+) -> None:
+    """Issue 20 defect 6: the generated ValidatingAdmissionPolicies (policy_admission.py, the chart's
+    templates/policy-admission.yaml) refuse a ModelServer with a disallowed base model, GPU type or more
+    than maxServingGpus, and a FineTuneJob whose own Deployment asks for the same, naming the policy and the
+    field exactly as the operator does. Server-side dry runs: nothing is stored, no operator is needed."""
+    from finetune_operator import policy_admission
+
+    tag = uuid.uuid4().hex[:6]
+    label, policy_name = f"conformance.example.com/ftp-{tag}", f"conformance-serving-{tag}"
+    namespace = f"conf-ftp-{tag}"
+    ftp = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "FineTunePolicy",
+        "metadata": {"name": policy_name},
+        "spec": {
+            "namespaceSelector": {"matchLabels": {label: "yes"}},
+            "allowedBaseModels": ["s3://approved/*"],
+            "allowedGpuTypes": ["a100-80gb", "cpu"],
+            "maxServingGpus": 16,
+        },
+    }
+    created = []
+    try:
+        for document in policy_admission.manifests(f"conformance-ftp-{tag}"):
+            path = f"{ADMISSION}/{PLURALS[document['kind']]}"
+            status, body, _ = raw.request("POST", path, document)
+            assert status == 201, json.dumps(body)
+            created.append(f"{path}/{document['metadata']['name']}")
+        status, body, _ = raw.request("POST", f"{FINETUNE}/finetunepolicies", ftp)
+        assert status == 201, json.dumps(body)
+        created.append(f"{FINETUNE}/finetunepolicies/{policy_name}")
+        status, body, _ = raw.request(
+            "POST", "/api/v1/namespaces", {"metadata": {"name": namespace, "labels": {label: "yes"}}}
+        )
+        assert status == 201, json.dumps(body)
+        created.append(f"/api/v1/namespaces/{namespace}")
+
+        def post(plural: str, kind: str, spec: dict[str, Any]) -> tuple[int, Any]:
+            obj = {
+                "apiVersion": "finetune.dev/v1alpha1",
+                "kind": kind,
+                "metadata": {"name": f"x-{uuid.uuid4().hex[:6]}"},
+                "spec": spec,
+            }
+            path = f"{FINETUNE}/namespaces/{namespace}/{plural}?dryRun=All"
+            status, body, _ = raw.request("POST", path, obj)
+            return status, body
+
+        def server(**spec: Any) -> tuple[int, Any]:
+            base = {"baseModel": {"uri": "s3://approved/base"}, "adapterSources": ["s3://runs"]}
+            return post("modelservers", "ModelServer", {**base, **spec})
+
+        def job(**deployment: Any) -> tuple[int, Any]:
+            spec = {
+                "baseModel": {"uri": "s3://approved/base"},
+                "dataset": {"train": "s3://data/toy/train.jsonl"},
+                "resources": {"gpus": 1, "gpuType": "a100-80gb"},
+                "storage": {"output": "s3://runs/policy", "credentialsSecret": "s3"},
+                "deployment": deployment,
+            }
+            return post("finetunejobs", "FineTuneJob", spec)
+
+        last: list[Any] = []
+
+        def enforced() -> bool:
+            last[:] = server(baseModel={"uri": "hf://x/y"})
+            return bool(last[0] == 403)
+
+        try:
+            wait_for(enforced, "the policy to take effect")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; last answer: {last}") from None
+        denied = f"denied request: denied by FineTunePolicy {policy_name}: "
+        for found, message in (
+            (
+                server(baseModel={"uri": "hf://x/y"}),
+                "spec.baseModel.uri hf://x/y is not in allowedBaseModels",
+            ),
+            (server(gpuType="h100-80gb", gpus=8), "spec.gpuType h100-80gb is not in allowedGpuTypes"),
+            (
+                server(replicas=64, gpus=8),
+                "spec.replicas 64 x spec.gpus 8 = 512 GPUs is more than maxServingGpus 16",
+            ),
+            (
+                job(replicas=16, gpus=8, gpuType="h100-80gb"),
+                "spec.deployment.gpuType h100-80gb is not in allowedGpuTypes",
+            ),
+            (
+                job(replicas=16, gpus=8),
+                "spec.deployment.replicas 16 x spec.deployment.gpus 8 = 128 GPUs is more than "
+                "maxServingGpus 16",
+            ),
+        ):
+            status, body = found
+            assert status == 403, body
+            assert body["reason"] == "Forbidden"
+            assert f"ValidatingAdmissionPolicy 'conformance-ftp-{tag}" in body["message"]
+            assert body["message"].endswith(denied + message), body["message"]
+        for status, body in (
+            server(replicas=2, gpus=8),
+            server(replicas=64, gpuType="cpu"),  # the CPU type holds no GPU (gpus unset, as users write it)
+            job(replicas=2, gpus=8),
+            job(enabled=False, replicas=16, gpus=8),
+        ):
+            assert status == 201, json.dumps(body)
+    finally:
+        for path in reversed(created):
+            raw.request("DELETE", path)

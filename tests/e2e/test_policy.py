@@ -1,4 +1,4 @@
-"""Issue 12 end to end on the embedded cluster (which enforces RBAC, ValidatingAdmissionPolicy and Pod
+"""Issues 12 and 20 end to end on the embedded cluster (which enforces RBAC, ValidatingAdmissionPolicy and Pod
 Security as kube-apiserver does), with the operator running as its ServiceAccount under the chart's rules:
 
 - a FineTunePolicy allowing only `s3://approved/*` base models and `maxGpusPerJob: 2`, bound to namespaces
@@ -8,7 +8,10 @@ Security as kube-apiserver does), with the operator running as its ServiceAccoun
 - `gpuHoursPerMonth` exhausted: the next job is Suspended / BudgetExceeded with no GPU pod, and starts
   training once the policy raises the budget; `kubectl get ftp` shows the selector and the use;
 - user alice, bound to the aggregated edit role in team-a, creates FineTuneJobs there, not in team-b, cannot
-  edit FineTunePolicies, and her pod that is not restricted is refused.
+  edit FineTunePolicies, and her pod that is not restricted is refused;
+- issue 20: a job deleted mid-training keeps its GPU-hours in the policy's ledger, so the next job waits for
+  budget; serving is governed too (ModelServers and a job's own Deployment at admission, the namespace's
+  maxServingGpus sum by the operator).
 """
 
 from __future__ import annotations
@@ -262,6 +265,152 @@ def test_exhausted_budget_suspends_without_a_gpu_pod_and_starts_when_raised(
     )
     assert used[0]["namespace"] == jobs.namespace and used[0]["activeJobs"] == 1
     assert used[0]["gpuHours"] == pytest.approx(status["gpuHoursEstimate"], abs=0.01)
+
+
+def _policy_status(kubectl: Any, policy: str) -> dict[str, Any]:
+    found: dict[str, Any] = kubectl.json("get", "ftp", policy).get("status") or {}
+    return found
+
+
+def _ledger(kubectl: Any, policy: str, namespace: str) -> dict[str, Any] | None:
+    """This month's ledger entry of `namespace` in the policy's status."""
+    return next(
+        (e for e in _policy_status(kubectl, policy).get("ledger") or [] if e["namespace"] == namespace), None
+    )
+
+
+@pytest.mark.slow
+def test_run_then_delete_does_not_escape_the_monthly_budget(
+    jobs: Jobs, lc_api: Any, lc_kubectl_one: Any, make_policy: Callable[..., str]
+) -> None:
+    """Issue 20 defect 7: a job deleted mid-training keeps the GPU-hours it spent in the policy's ledger
+    (status, written by the operator only), and the next job waits for budget because of them."""
+    from kubernetes import client
+
+    client.CoreV1Api(lc_api).patch_namespace(jobs.namespace, {"metadata": {"labels": {"tier": "team"}}})
+    policy = make_policy(gpuHoursPerMonth=1000)
+    long_run = {"resources": {"gpus": 1, "gpuType": "a100-80gb"}, "hyperparameters": {"epochs": 100}}
+    jobs.create("spender", **long_run)
+    estimate = jobs.wait("spender", lambda s: s.get("phase") == "Training", 240, "training with a GPU")[
+        "gpuHoursEstimate"
+    ]
+    # status.gpuHours counts in hundredths (36 s of one GPU); the ledger records it as it accrues.
+    wait_for(
+        lambda: ((_ledger(lc_kubectl_one, policy, jobs.namespace) or {}).get("gpuHours") or 0) >= 0.01,
+        timeout=240,
+        what="the ledger to record the GPU-hours spent so far",
+    )
+    jobs.delete("spender")
+    entry = wait_for(
+        lambda: (e := _ledger(lc_kubectl_one, policy, jobs.namespace)) and "jobs" not in e and e,
+        timeout=60,
+        what="the deleted job's hours to stay in the ledger once it is gone",
+    )
+    spent = entry["gpuHours"]
+    assert spent >= 0.01
+    # Room for one more estimate but not for it plus what the deleted job spent.
+    budget = round(spent + estimate / 2, 4)
+    client.CustomObjectsApi(lc_api).patch_cluster_custom_object(
+        GROUP, VERSION, POLICIES, policy, {"spec": {"gpuHoursPerMonth": budget}}
+    )
+    jobs.create("next", **long_run)
+    status = jobs.wait(
+        "next", lambda s: s.get("phase") == "Suspended", 240, "the next job to wait for budget"
+    )
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "BudgetExceeded"
+    assert f"used {spent:.2f} of {budget:g} GPU-hours this month" in status["message"]
+    assert _gpu_pods(jobs) == []
+    used = _policy_status(lc_kubectl_one, policy)["used"]
+    assert used[0]["namespace"] == jobs.namespace and used[0]["gpuHours"] >= spent
+
+
+def _modelserver(name: str, replicas: int) -> dict[str, Any]:
+    """A ModelServer on a GPU type no node of the embedded cluster has: its pods wait unscheduled, so
+    nothing heavy runs, yet its Deployment holds replicas x 1 GPUs."""
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "ModelServer",
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "s3://approved/toy"},
+            "adapterSources": ["s3://runs/policy"],
+            "replicas": replicas,
+            "gpus": 1,
+            "gpuType": "h100-80gb",
+        },
+    }
+
+
+def test_a_modelserver_over_max_serving_gpus_is_refused_at_admission_and_not_created_by_the_operator(
+    lc_kubectl_one: Any, chart_admission: Any, make_policy: Callable[..., str], namespaces: Any
+) -> None:
+    """Issue 20 defect 6: what one object asks is refused at `kubectl apply`; the namespace's sum, which
+    admission cannot see, is enforced by the operator: no Deployment, condition PolicyAllowed=False
+    (ServingGpuLimit) and a Warning Event, until the other server scales down."""
+    kubectl = lc_kubectl_one
+    policy = make_policy(allowedBaseModels=["s3://approved/*"], maxServingGpus=2)
+    team_a = namespaces("team-a", tier="team")
+    big = _modelserver("big", 64)
+    big["spec"].update(baseModel={"uri": "hf://x/y"}, gpus=8)
+    denied = apply(kubectl, team_a, big)
+    assert denied.returncode != 0
+    assert "ValidatingAdmissionPolicy 'ftop-finetune-operator-finetunepolicy-modelservers'" in denied.stderr
+    assert f"denied by FineTunePolicy {policy}: spec.baseModel.uri hf://x/y is not in allowedBaseModels" in (
+        denied.stderr
+    )
+    denied = apply(kubectl, team_a, _modelserver("wide", 3))
+    assert f"denied by FineTunePolicy {policy}: spec.replicas 3 x spec.gpus 1 = 3 GPUs is more than " in (
+        denied.stderr
+    )
+    job = finetunejob("wide-serving")
+    job["spec"]["deployment"] = {"replicas": 16, "gpus": 8, "gpuType": "a100-80gb"}
+    denied = apply(kubectl, team_a, job)
+    assert (
+        f"denied by FineTunePolicy {policy}: spec.deployment.replicas 16 x spec.deployment.gpus 8 = 128 GPUs "
+        "is more than maxServingGpus 2" in denied.stderr
+    )
+
+    assert apply(kubectl, team_a, _modelserver("first", 1)).returncode == 0
+    wait_for(
+        lambda: [
+            d for d in kubectl.json("get", "deployments", "-n", team_a)["items"] if d["spec"]["replicas"]
+        ],
+        timeout=60,
+        what="the first server's Deployment",
+    )
+    assert apply(kubectl, team_a, _modelserver("second", 2)).returncode == 0  # 2 alone is within the limit
+
+    def refused() -> dict[str, Any] | None:
+        status = kubectl.json("get", "modelserver", "second", "-n", team_a).get("status") or {}
+        found = [c for c in status.get("conditions") or [] if c["type"] == "PolicyAllowed"]
+        return found[0] if found and found[0]["status"] == "False" else None
+
+    condition = wait_for(refused, timeout=60, what="the operator to refuse the second server")
+    message = (
+        f"denied by FineTunePolicy {policy}: spec.replicas 2 x spec.gpus 1 = 2 GPUs, with 1 held by the "
+        "namespace's other servers, is more than maxServingGpus 2"
+    )
+    assert (condition["reason"], condition["message"]) == ("ServingGpuLimit", message)
+    names = [d["metadata"]["name"] for d in kubectl.json("get", "deployments", "-n", team_a)["items"]]
+    assert names == ["first-pool"]
+    events = kubectl.json("get", "events", "-n", team_a)["items"]
+    assert any(
+        e["reason"] == "ServingGpuLimit"
+        and e["type"] == "Warning"
+        and e["involvedObject"]["name"] == "second"
+        for e in events
+    )
+
+    kubectl("patch", "modelserver", "first", "-n", team_a, "--type=merge", "-p", '{"spec":{"replicas":0}}')
+    wait_for(
+        lambda: (
+            "second-pool"
+            in [d["metadata"]["name"] for d in kubectl.json("get", "deployments", "-n", team_a)["items"]]
+        ),
+        timeout=60,
+        what="the second server's Deployment once the first one scaled down",
+    )
 
 
 @pytest.fixture

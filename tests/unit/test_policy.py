@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator import crdgen, policy, policy_admission
+from finetune_operator import crdgen, policy, policy_admission, policy_ledger
 from finetune_operator.naming import Stage
 from finetune_operator.policy import PolicyView, Usage
 from finetune_operator.policy_models import FineTunePolicy, parse_policy, uri_allowed
@@ -106,6 +106,22 @@ RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
         {},
         "spec.evaluation.thresholds must gate on at least one metric (requireThresholds)",
     ),
+    # issue 20 defect 6: the job's own serving Deployment
+    (
+        {"allowedGpuTypes": ["a100-80gb"]},
+        {"deployment": {"replicas": 16, "gpus": 8, "gpuType": "h100-80gb"}},
+        "spec.deployment.gpuType h100-80gb is not in allowedGpuTypes",
+    ),
+    (
+        {"maxServingGpus": 8},
+        {"deployment": {"replicas": 16, "gpus": 8, "gpuType": "h100-80gb"}},
+        "spec.deployment.replicas 16 x spec.deployment.gpus 8 = 128 GPUs is more than maxServingGpus 8",
+    ),
+    (  # a CPU-trained job served with a GPU of the API's default type
+        {"allowedGpuTypes": ["h100-80gb"]},
+        {"resources": {"gpus": 0}, "deployment": {"gpus": 1}},
+        "spec.resources.gpuType a100-80gb is not in allowedGpuTypes",
+    ),
 ]
 ALLOWED: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"allowedBaseModels": ["s3://models/*"]}, {}),
@@ -124,6 +140,11 @@ ALLOWED: list[tuple[dict[str, Any], dict[str, Any]]] = [
         {"evaluation": {"metrics": ["loss"], "thresholds": [{"metric": "loss", "max": 2.0}]}},
     ),
     ({}, {"method": "full", "resources": {"gpus": 16}}),  # an empty policy allows anything
+    ({"maxServingGpus": 16}, {"deployment": {"replicas": 2, "gpus": 8}}),
+    ({"maxServingGpus": 0}, {"deployment": {"enabled": False}}),
+    ({"maxServingGpus": 0, "allowedGpuTypes": ["h100-80gb"]}, {"resources": {"gpus": 0, "gpuType": "cpu"}}),
+    ({"maxServingGpus": 0}, {"deployment": {"gpus": 0}}),
+    ({"maxServingGpus": 0, "allowedGpuTypes": ["h100-80gb"]}, {"resources": {"gpus": 0}}),  # served on CPU
 ]
 
 
@@ -168,24 +189,31 @@ def test_namespace_selector(selector: dict[str, Any], labels: dict[str, str], se
 
 
 def _admission(
-    policies: list[dict[str, Any]], job_spec: dict[str, Any], labels: dict[str, str]
+    policies: list[dict[str, Any]],
+    job_spec: dict[str, Any],
+    labels: dict[str, str],
+    kind: str = "FineTuneJob",
 ) -> str | None:
-    """The denial message of the generated admission policy, evaluated by the embedded cluster's engine."""
-    documents = {d["kind"]: d for d in policy_admission.manifests()}
+    """The denial message of the generated admission policies, evaluated by the embedded cluster's engine."""
+    documents = policy_admission.manifests()
+    plural = {"FineTuneJob": "finetunejobs", "ModelServer": "modelservers"}[kind]
     evaluator = PolicyEvaluator(
-        select=lambda plural: [
-            documents[
+        select=lambda wanted: [
+            d
+            for d in documents
+            if d["kind"]
+            == (
                 "ValidatingAdmissionPolicy"
-                if plural == "validatingadmissionpolicies"
+                if wanted == "validatingadmissionpolicies"
                 else "ValidatingAdmissionPolicyBinding"
-            ]
+            )
         ],
         find_params=lambda kind, namespace, name, selector: policies,
         param_namespaced=lambda kind: False,
     )
     obj = {
         "apiVersion": "finetune.dev/v1alpha1",
-        "kind": "FineTuneJob",
+        "kind": kind,
         "metadata": {"name": "demo", "namespace": "team-a"},
         "spec": job_spec,
     }
@@ -193,8 +221,8 @@ def _admission(
         operation="CREATE",
         group="finetune.dev",
         version="v1alpha1",
-        kind="FineTuneJob",
-        resource="finetunejobs",
+        kind=kind,
+        resource=plural,
         subresource="",
         namespace="team-a",
         name="demo",
@@ -397,6 +425,7 @@ def test_policy_status_shows_selector_and_use_per_namespace() -> None:
         "month": "2026-01",
         "used": [{"namespace": "team-a", "gpuHours": 1.25, "activeJobs": 1}],
         "usedSummary": "team-a 1.25h",
+        "ledger": None,  # nothing recorded yet (lifecycle.sync_policy_status records it)
     }
 
 
@@ -477,7 +506,7 @@ async def test_policy_events_replan_unfinished_jobs_and_status_is_written_once()
     ctx, api = setup(body)
     written: list[tuple[str, dict[str, Any]]] = []
 
-    async def patch_policy_status(name: str, patch: dict[str, Any]) -> None:
+    async def patch_policy_status(name: str, patch: dict[str, Any], resource_version: Any = None) -> None:
         written.append((name, patch))
 
     api.patch_policy_status = patch_policy_status  # type: ignore[attr-defined]
@@ -518,3 +547,394 @@ def test_jobs_waiting_on_a_policy_are_due_on_every_resync() -> None:
     waiting["status"]["conditions"][0]["reason"] = "Suspended"  # spec.suspend: waits for the user instead
     ctx.remember(waiting)
     assert lifecycle._due(ctx, 1001.0) == []
+
+
+# --- issue 20 defect 6: serving (ModelServers and a job's own Deployment) -----------------------------------
+
+SERVER_RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
+    (
+        {"allowedBaseModels": ["s3://approved/*"]},
+        {"baseModel": {"uri": "hf://x/y"}},
+        "spec.baseModel.uri hf://x/y is not in allowedBaseModels",
+    ),
+    (
+        {"allowedGpuTypes": ["a100-80gb"]},
+        {"gpuType": "h100-80gb"},
+        "spec.gpuType h100-80gb is not in allowedGpuTypes",
+    ),
+    (
+        {"maxServingGpus": 16},
+        {"replicas": 64, "gpus": 8, "gpuType": "h100-80gb"},
+        "spec.replicas 64 x spec.gpus 8 = 512 GPUs is more than maxServingGpus 16",
+    ),
+]
+
+
+def _server(**overrides: Any) -> dict[str, Any]:
+    """A defaulted ModelServer spec, as the API server stores it."""
+    from finetune_operator.modelserver_models import parse_modelserver_spec
+
+    raw = {"baseModel": {"uri": "s3://approved/base"}, "adapterSources": ["s3://runs"], **overrides}
+    return parse_modelserver_spec(raw).model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+@pytest.mark.parametrize(("rules", "overrides", "message"), SERVER_RULES)
+def test_modelserver_rules_deny_at_admission_and_in_the_operator_with_one_message(
+    rules: dict[str, Any], overrides: dict[str, Any], message: str
+) -> None:
+    from finetune_operator.modelserver_models import parse_modelserver_spec
+
+    stored = _stored("team-defaults", rules)
+    denial = _admission([stored], _server(**overrides), {}, kind="ModelServer")
+    assert denial == f"denied by FineTunePolicy team-defaults: {message}"
+    found = policy.server_violations(parse_modelserver_spec(_server(**overrides)), parse_policy(stored))
+    assert found[:1] == [message]
+
+
+@pytest.mark.parametrize(
+    ("rules", "overrides"),
+    [
+        ({"allowedGpuTypes": ["h100-80gb"], "maxServingGpus": 0}, {"gpus": 0}),
+        ({"allowedGpuTypes": ["h100-80gb"], "maxServingGpus": 0}, {"gpuType": "cpu"}),
+        ({"maxServingGpus": 16}, {"replicas": 2, "gpus": 8}),
+        ({"allowedBaseModels": ["s3://approved/*"]}, {}),
+    ],
+)
+def test_modelservers_the_policy_allows_are_admitted(
+    rules: dict[str, Any], overrides: dict[str, Any]
+) -> None:
+    from finetune_operator.modelserver_models import parse_modelserver_spec
+
+    stored = _stored("team-defaults", rules)
+    assert _admission([stored], _server(**overrides), {}, kind="ModelServer") is None
+    assert policy.server_violations(parse_modelserver_spec(_server(**overrides)), parse_policy(stored)) == []
+
+
+def _pool_observed(
+    others: int, deployment: dict[str, Any] | None = None, status: Any = None, **spec: Any
+) -> Any:
+    from finetune_operator.modelserver import PoolRef
+    from finetune_operator.modelserver_models import parse_modelserver_spec
+    from finetune_operator.modelserver_plan import PoolObserved
+
+    pool = PoolRef("team-a", "shared", "pool-uid", parse_modelserver_spec(_server(**spec)))
+    selected = (make_policy(maxServingGpus=16),)
+    return PoolObserved(
+        pool=pool,
+        status=status or {},
+        deployment=deployment,
+        service=None,
+        configmap=None,
+        pods=[],
+        replicas={},
+        jobs=[],
+        now=NOW,
+        policy=PolicyView(selected, serving_gpus=others),
+    )
+
+
+def test_a_modelserver_over_max_serving_gpus_is_not_created_or_grown_with_a_condition_and_one_event() -> None:
+    from finetune_operator.config import load_config
+    from finetune_operator.modelserver_models import ModelServerStatus
+    from finetune_operator.modelserver_plan import plan_pool
+
+    config = load_config(env={})
+    plan = plan_pool(_pool_observed(12, replicas=2, gpus=4), config)  # 8 more on top of 12 held
+    assert "Deployment" not in {m["kind"] for m in plan.create}
+    condition = next(c for c in plan.status["conditions"] if c["type"] == "PolicyAllowed")
+    message = (
+        "denied by FineTunePolicy team-defaults: spec.replicas 2 x spec.gpus 4 = 8 GPUs, with 12 held by the "
+        "namespace's other servers, is more than maxServingGpus 16"
+    )
+    assert (condition["status"], condition["reason"], condition["message"]) == (
+        "False",
+        "ServingGpuLimit",
+        message,
+    )
+    assert plan.status["message"] == message
+    assert [(e.type, e.reason, e.message) for e in plan.events] == [("Warning", "ServingGpuLimit", message)]
+    ModelServerStatus.model_validate(plan.status)
+    again = plan_pool(_pool_observed(12, status=plan.status, replicas=2, gpus=4), config)
+    assert again.events == []  # the same refusal: no second Event
+
+    # Running with 1 x 4 GPUs: scaling to 2 x 4 is refused (no patch); with room it is rolled out.
+    running = plan_pool(_pool_observed(0, replicas=1, gpus=4), config)
+    deployment = next(m for m in running.create if m["kind"] == "Deployment")
+    held = plan_pool(_pool_observed(12, deployment=deployment, replicas=2, gpus=4), config)
+    assert [p.kind for p in held.patch if p.kind == "Deployment"] == []
+    grown = plan_pool(
+        _pool_observed(8, deployment=deployment, status=held.status, replicas=2, gpus=4), config
+    )
+    assert [p.kind for p in grown.patch if p.kind == "Deployment"] == ["Deployment"]
+    allowed = next(c for c in grown.status["conditions"] if c["type"] == "PolicyAllowed")
+    assert allowed["status"] == "True"
+
+
+def test_deployment_gpus_counts_replicas_times_gpu_limits() -> None:
+    deployment = {
+        "spec": {
+            "replicas": 3,
+            "template": {"spec": {"containers": [{"resources": {"limits": {"nvidia.com/gpu": "2"}}}, {}]}},
+        }
+    }
+    assert policy.deployment_gpus(deployment, ["nvidia.com/gpu"]) == 6
+    assert policy.deployment_gpus({"spec": {"replicas": 3}}, ["nvidia.com/gpu"]) == 0
+
+
+def test_a_jobs_deployment_over_max_serving_gpus_waits_without_a_deployment_then_serves() -> None:
+    from .test_state import EVAL_GOOD
+    from .test_state import _to_evaluated as to_evaluated
+
+    world = World(job(deployment={"replicas": 2, "gpus": 4}))
+    selected = (make_policy(maxServingGpus=16),)
+    world.policy = PolicyView(selected, serving_gpus=12)
+    to_evaluated(world, EVAL_GOOD)
+    assert Stage.SERVE not in world.children and world.service is None
+    assert world.status["phase"] == "Deploying"
+    assert world.condition["Deployed"]["reason"] == "ServingGpuLimit"
+    assert world.status["message"] == (
+        "denied by FineTunePolicy team-defaults: spec.deployment.replicas 2 x spec.deployment.gpus 4 = "
+        "8 GPUs, with 12 held by the namespace's other servers, is more than maxServingGpus 16"
+    )
+    assert [(e.type, e.reason) for e in world.events][-1] == ("Warning", "ServingGpuLimit")
+    world.policy = PolicyView(selected, serving_gpus=8)  # another server scaled down
+    world.step()
+    assert Stage.SERVE in world.children
+
+
+# --- issue 20 defect 7: the GPU-hour ledger remembers deleted jobs ------------------------------------------
+
+MARCH = datetime(2026, 3, 15, tzinfo=UTC)
+
+
+def _hours(ledger: list[dict[str, Any]], namespace: str = "team-a", month: str = "2026-03") -> float:
+    entry = policy_ledger.ledger_entry(ledger, namespace, month)
+    return float(entry["gpuHours"]) if entry else 0.0
+
+
+def test_the_ledger_records_hours_as_they_accrue_and_a_repeated_pass_adds_nothing() -> None:
+    a = _body("a", "team-a", "2026-03-01T00:00:00Z", phase="Training", gpuHours=1.0)
+    ledger = policy_ledger.record([], ["team-a"], [a], MARCH)
+    assert _hours(ledger) == 1.0
+    assert policy_ledger.record(ledger, ["team-a"], [a], MARCH) == ledger  # idempotent
+    a["status"]["gpuHours"] = 2.5  # a later pass: 1.5 more hours
+    ledger = policy_ledger.record(ledger, ["team-a"], [a], MARCH)
+    assert _hours(ledger) == 2.5
+    other = _body(
+        "o", "other", "2026-03-01T00:00:00Z", gpuHours=9.0
+    )  # a namespace the policy does not select
+    assert policy_ledger.record(ledger, ["team-a"], [a, other], MARCH) == ledger
+
+
+def test_a_deleted_job_keeps_its_hours_and_one_not_listed_yet_is_not_counted_twice() -> None:
+    a = _body("a", "team-a", "2026-03-01T00:00:00Z", phase="Succeeded", gpuHours=4.0)
+    b = _body("b", "team-a", "2026-03-02T00:00:00Z", phase="Training", gpuHours=1.0, gpuHoursEstimate=3.0)
+    ledger = policy_ledger.record([], ["team-a"], [a, b], MARCH)
+    assert _hours(ledger) == 5.0
+
+    # A restarted operator that has not listed the jobs yet: nothing dropped, nothing added.
+    assert policy_ledger.unconfirmed(ledger, [], MARCH) == {"team-a": {"a", "b"}}
+    restarted = policy_ledger.record(ledger, ["team-a"], [], MARCH)
+    assert restarted == ledger
+    assert policy_ledger.record(restarted, ["team-a"], [a, b], MARCH) == ledger
+
+    # `a` deleted (the API confirms it): its 4 hours stay, only `b` is tracked per job.
+    after = policy_ledger.record(ledger, ["team-a"], [b], MARCH, gone={"a"})
+    assert _hours(after) == 5.0
+    assert policy_ledger.recorded(policy_ledger.ledger_entry(after, "team-a", "2026-03")) == {"b": 1.0}
+    entry = policy_ledger.ledger_entry(after, "team-a", "2026-03")
+    # The budget: the ledger plus b's running estimate beyond what was recorded of it.
+    assert policy.usage([b], "team-a", MARCH, entry=entry).gpu_hours == 7.0
+    assert policy.usage([b], "team-a", MARCH, exclude_uid="b", entry=entry).gpu_hours == 4.0
+    assert policy.usage([b], "team-a", MARCH).gpu_hours == 3.0  # without the ledger `a` would be forgotten
+
+
+def test_months_roll_over_and_the_ledger_keeps_only_the_last_three() -> None:
+    old = [
+        {"namespace": "team-a", "month": month, "gpuHours": 1.0, "jobs": [{"uid": "x", "gpuHours": 1.0}]}
+        for month in ("2025-11", "2025-12", "2026-01", "2026-02")
+    ]
+    a = _body("a", "team-a", "2026-03-01T00:00:00Z", gpuHours=2.0)
+    late = _body("x", "team-a", "2026-02-28T00:00:00Z", phase="Training", gpuHours=5.0)  # February's job
+    ledger = policy_ledger.record(old, ["team-a"], [a, late], MARCH)
+    assert [e["month"] for e in ledger] == ["2026-03", "2026-02", "2026-01"]
+    assert "jobs" not in ledger[1]  # a past month is frozen: February's job no longer adds to it
+    assert _hours(ledger) == 2.0 and _hours(ledger, month="2026-02") == 1.0
+    april = datetime(2026, 4, 1, tzinfo=UTC)
+    entry = policy_ledger.ledger_entry(ledger, "team-a", "2026-04")
+    assert policy.usage([a], "team-a", april, entry=entry).gpu_hours == 0.0  # a new month's budget
+
+
+class _PolicyApi:
+    """Just the calls sync_policy_status makes: the policy's status (with its resourceVersion) and jobs."""
+
+    def __init__(self) -> None:
+        self.version = 7
+        self.status: dict[str, Any] = {}
+        self.jobs: list[dict[str, Any]] = []
+        self.preconditions: list[str | None] = []
+
+    async def patch_policy_status(
+        self, name: str, patch: dict[str, Any], resource_version: str | None = None
+    ) -> dict[str, Any]:
+        self.preconditions.append(resource_version)
+        self.version += 1
+        self.status = patch
+        return {"metadata": {"name": name, "resourceVersion": str(self.version)}, "status": patch}
+
+    async def list(self, kind: str, namespace: str, selector: str | None = None) -> list[dict[str, Any]]:
+        return [j for j in self.jobs if j["metadata"]["namespace"] == namespace]
+
+
+async def test_run_then_delete_does_not_escape_the_budget_across_an_operator_restart() -> None:
+    from finetune_operator import lifecycle
+    from finetune_operator.config import load_config
+    from finetune_operator.context import Context
+
+    api = _PolicyApi()
+    stored = {
+        "metadata": {"name": "team-defaults", "resourceVersion": "7"},
+        "spec": {"namespaceSelector": {"matchLabels": {"tier": "team"}}, "gpuHoursPerMonth": 10},
+    }
+
+    async def operator(jobs: list[dict[str, Any]]) -> Context:
+        ctx = Context(config=load_config(env={}), api=api)  # type: ignore[arg-type]
+        memo = {"ctx": ctx}
+        await lifecycle.on_namespace_event(
+            memo, {"metadata": {"name": "team-a", "labels": {"tier": "team"}}}, None
+        )
+        await lifecycle.on_policy_event(memo, stored, None)
+        for body in jobs:
+            ctx.remember(body)
+        return ctx
+
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    spent = _body("spent", "team-a", now, phase="Training", gpuHours=6.0)
+    spent["metadata"]["name"] = "spent"
+    api.jobs = [spent]
+    ctx = await operator([spent])
+    await lifecycle.sync_policy_status(ctx)
+    await lifecycle.sync_policy_status(ctx)  # nothing new: not written again
+    assert api.preconditions == ["7"]  # read-modify-write at the version it read
+    assert api.status["used"][0]["gpuHours"] == 6.0
+
+    # The user deletes the job mid-training; the operator restarts and reads the ledger back.
+    await lifecycle.on_job_event({"ctx": ctx}, spent, "DELETED")
+    api.jobs = []
+    stored = {**stored, "metadata": {"name": "team-defaults", "resourceVersion": "8"}, "status": api.status}
+    ctx = await operator([])
+    await lifecycle.sync_policy_status(ctx)
+    assert api.status["ledger"][0]["gpuHours"] == 6.0 and "jobs" not in api.status["ledger"][0]
+    assert api.preconditions[-1] == "8"
+
+    # The next job: 6 of 10 GPU-hours are spent, so an estimate of 5 waits.
+    view = policy.view_for(
+        job().spec,
+        ctx.policies.values(),
+        {"tier": "team"},
+        [],
+        "team-a",
+        "next",
+        datetime.now(UTC),
+        ledgers={name: ledger for name, (_, ledger) in ctx.ledgers.items()},
+    )
+    waiting = policy.wait(5.0, view)
+    assert waiting is not None and waiting[0] == "BudgetExceeded"
+    assert "used 6.00 of 10 GPU-hours" in waiting[1]
+
+
+def test_the_namespace_serving_sum_reads_the_watch_cache_of_jobs_and_modelservers() -> None:
+    """Context.serving_gpus: the Deployments the watch caches hold (snapshots), by their owner's uid."""
+    from finetune_operator.config import load_config
+    from finetune_operator.context import Children, Context, snapshot
+    from finetune_operator.lifecycle import index_deployment
+
+    def deployment(name: str, owner: str, replicas: int, gpus: int, **labels: str) -> dict[str, Any]:
+        container = {"name": "vllm", "resources": {"limits": {"nvidia.com/gpu": str(gpus), "cpu": "4"}}}
+        return {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {
+                "name": name,
+                "namespace": "team-a",
+                "labels": labels,
+                "ownerReferences": [{"uid": owner, "controller": True, "kind": "X", "name": "x"}],
+            },
+            "spec": {"replicas": replicas, "template": {"spec": {"containers": [container]}}},
+        }
+
+    served = deployment("job-serve", "job-uid", 2, 1, **{"finetune.dev/job-uid": "job-uid"})
+    served["metadata"]["uid"] = "deployment-uid"
+    pool = deployment("shared-pool", "pool-uid", 3, 2, **{"finetune.dev/modelserver-uid": "pool-uid"})
+    index: dict[str, list[dict[str, Any]]] = {}
+    for body in (served, pool):
+        for uid, snap in (index_deployment(body) or {}).items():
+            index.setdefault(uid, []).append(snap)
+    ctx = Context(config=load_config(env={}))
+    ctx.children_of = lambda uid: Children(deployments=list(index.get(uid, [])))
+    recorded = {"children": {"Deployment/job-serve": {"uid": "deployment-uid"}}}  # created by the operator
+    ctx.remember(
+        new_job()
+        | {"metadata": {"name": "demo", "namespace": "team-a", "uid": "job-uid"}, "status": recorded}
+    )
+    ctx.pools.by_uid["pool-uid"] = ("team-a", "shared")
+    assert ctx.serving_gpus("team-a", exclude_uid="other") == 2 + 6
+    assert ctx.serving_gpus("team-a", exclude_uid="pool-uid") == 2
+    assert ctx.serving_gpus("team-b", exclude_uid="other") == 0
+    assert policy.deployment_gpus(snapshot(pool), ["nvidia.com/gpu"]) == 6
+
+
+@pytest.mark.parametrize(
+    ("deployment", "resources", "denied"),
+    [
+        (
+            {"replicas": 3},
+            {"gpus": 1, "gpuType": "a100-80gb"},
+            "spec.deployment.replicas 3 x spec.deployment.gpus 1 = 3 GPUs",
+        ),
+        ({"replicas": 3}, {"gpus": 0, "gpuType": "a100-80gb"}, None),  # served on CPU: gpus defaults to 0
+        ({"replicas": 3, "gpuType": "a100-80gb"}, {"gpus": 0, "gpuType": "cpu"}, "= 3 GPUs"),
+        ({"enabled": False}, {"gpus": 1, "gpuType": "a100-80gb"}, None),
+    ],
+)
+def test_admission_defaults_an_unset_deployment_gpus_as_the_operator_does(
+    deployment: dict[str, Any], resources: dict[str, Any], denied: str | None
+) -> None:
+    """The CRD has no default for deployment.gpus (it depends on other fields): the admission policy must
+    not fail on the missing key, and counts what the operator will serve."""
+    raw = {
+        "baseModel": {"uri": "s3://models/tiny-llama"},
+        "dataset": {"train": "s3://data/toy/train.jsonl"},
+        "storage": {"output": "s3://runs/out", "credentialsSecret": "s3-creds"},
+        "resources": resources,
+        "deployment": {"enabled": True, "replicas": 1, **deployment},
+        "evaluation": {"enabled": True},
+        "method": "lora",
+        "lora": {"rank": 16},
+    }
+    stored = _stored("team-defaults", {"maxServingGpus": 2})
+    found = _admission([stored], raw, {})
+    if denied is None:
+        assert found is None
+    else:
+        assert found is not None and denied in found
+    from finetune_operator.models import parse_spec
+
+    ask = policy.job_serving(parse_spec(raw))
+    assert (ask is not None and ask.held > 2) is (denied is not None)  # the operator agrees
+
+
+def test_admission_defaults_an_unset_modelserver_gpus_as_the_operator_does() -> None:
+    from finetune_operator.modelserver_models import parse_modelserver_spec
+
+    stored = _stored("team-defaults", {"maxServingGpus": 2})
+    raw = {"baseModel": {"uri": "s3://approved/base"}, "adapterSources": ["s3://runs"], "replicas": 3}
+    for gpu_type, denied in (("a100-80gb", True), ("cpu", False)):
+        spec = {**raw, "gpuType": gpu_type}
+        found = _admission([stored], spec, {}, kind="ModelServer")
+        assert (found is not None) is denied, found
+        if denied:
+            assert found and found.endswith(
+                "spec.replicas 3 x spec.gpus 1 = 3 GPUs is more than maxServingGpus 2"
+            )
+        assert bool(policy.server_violations(parse_modelserver_spec(spec), parse_policy(stored))) is denied
