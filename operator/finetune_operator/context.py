@@ -12,7 +12,7 @@ from typing import Any
 
 from finetune_vocabulary.labels import LABEL_COMPONENT, LABEL_JOB_UID
 
-from . import kube, ownership, policy
+from . import kube, observe, ownership, policy
 from .config import OperatorConfig
 from .metrics import Metrics
 from .models import FineTuneJobSpec, parse_spec
@@ -53,7 +53,7 @@ def snapshot(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _serving_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """What FineTunePolicy's maxServingGpus reads of a Deployment (policy.deployment_gpus): replicas and
+    """What FineTunePolicy's maxServingGpus reads of a Deployment (observe.deployment_gpus): replicas and
     the containers' limits."""
     containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
     limits = [
@@ -202,13 +202,13 @@ class Context:
     def serving_gpus(self, namespace: str, exclude_uid: str) -> int:
         """GPUs the serving Deployments of the namespace's jobs and ModelServers hold, but `exclude_uid`'s
         (from the watch cache: what runs, not what specs ask for)."""
-        names = policy.gpu_resources(self.config)
+        names = observe.gpu_resources(self.config)
         jobs = [uid for uid, r in self.records.items() if r.body["metadata"].get("namespace") == namespace]
         held = [d for uid in jobs if uid != exclude_uid for d in self.children(uid, namespace).deployments]
         for uid, key in self.pools.by_uid.items():
             if key[0] == namespace and uid != exclude_uid:  # a pool's children: its controller reference
                 held += ownership.owned_children(self._labelled(uid), namespace, uid)[0].deployments
-        return sum(policy.deployment_gpus(d, names) for d in held)
+        return sum(observe.deployment_gpus(d, names) for d in held)
 
     pools: PoolController = field(default_factory=PoolController)  # ModelServers (pool.py)
 

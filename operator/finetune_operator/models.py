@@ -36,6 +36,7 @@ from .schema import (
     ObjectModel,
     SpecError,
     SpecModel,
+    default_gpus,
     field_errors,
     rule,
     validations,
@@ -63,7 +64,6 @@ from .sections import (
     Threshold,
     Toleration,
     TrackingSpec,
-    default_gpus,
     serving_gpus_default,
 )
 from .status import FineTuneJobStatus, ObjectMeta

@@ -30,7 +30,9 @@ from .schema import (
     SpecError,
     SpecModel,
     StatusModel,
+    default_gpus,
     field_errors,
+    no_schema_default,
     rule,
     validations,
 )
@@ -40,8 +42,6 @@ from .sections import (
     DeploymentResources,
     NodeSelector,
     Toleration,
-    default_gpus,
-    no_schema_default,
 )
 from .status import Condition, StatusURI
 

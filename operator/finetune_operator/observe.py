@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,6 +16,7 @@ from finetune_vocabulary.redaction import redact_patterns
 
 from .builders import OOM_KILLED_EXIT_CODE, TRAINER_CONTAINER
 from .conditions import EXIT_REASONS, Reason, oom_hint
+from .config import OperatorConfig
 from .naming import Stage
 
 # kubelet's waiting reasons. A pull that failed once is retried (ErrImagePull); in back-off it is fatal.
@@ -259,3 +260,21 @@ def deployment_available(deployment: Mapping[str, Any]) -> bool:
         return False
     ready = int(status.get("availableReplicas") or status.get("readyReplicas") or 0)
     return is_true(conditions_of(deployment), "Available") and ready >= 1
+
+
+def gpu_resources(config: OperatorConfig) -> list[str]:
+    """The extended resources the GPU table requests (nvidia.com/gpu, ...)."""
+    return sorted({t.resource_name for t in config.gpu_types.values() if t.resource_name})
+
+
+def deployment_gpus(deployment: Mapping[str, Any], resource_names: Iterable[str]) -> int:
+    """GPUs a Deployment holds: spec.replicas x its containers' GPU limits (any of `resource_names`)."""
+    spec = deployment.get("spec") or {}
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    names = set(resource_names)
+    per_pod = 0
+    for container in containers:
+        limits = (container.get("resources") or {}).get("limits") or {}
+        per_pod += sum(int(str(v)) for k, v in limits.items() if k in names and str(v).isdigit())
+    replicas = spec.get("replicas")
+    return (1 if replicas is None else int(replicas)) * per_pod

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from .config import OperatorConfig
 from .models import FineTuneJobSpec, ResourcesSpec
 from .modelserver_models import ModelServerSpec
-from .observe import finite, parse_time
+from .observe import deployment_gpus, finite, gpu_resources, parse_time
 from .policy_ledger import ledger_entry, month_of, recorded
 from .policy_models import FineTunePolicy, host_allowed, uri_allowed
 
@@ -237,24 +237,6 @@ def server_refusal(
         return None
     static = [(p.name, server_violations(spec, p)) for p in view.policies]
     return _growth_refused(server_serving(spec), static, existing, view, config)
-
-
-def gpu_resources(config: OperatorConfig) -> list[str]:
-    """The extended resources the GPU table requests (nvidia.com/gpu, ...)."""
-    return sorted({t.resource_name for t in config.gpu_types.values() if t.resource_name})
-
-
-def deployment_gpus(deployment: Mapping[str, Any], resource_names: Iterable[str]) -> int:
-    """GPUs a Deployment holds: spec.replicas x its containers' GPU limits (any of `resource_names`)."""
-    spec = deployment.get("spec") or {}
-    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
-    names = set(resource_names)
-    per_pod = 0
-    for container in containers:
-        limits = (container.get("resources") or {}).get("limits") or {}
-        per_pod += sum(int(str(v)) for k, v in limits.items() if k in names and str(v).isdigit())
-    replicas = spec.get("replicas")
-    return (1 if replicas is None else int(replicas)) * per_pod
 
 
 def violation(spec: FineTuneJobSpec, view: PolicyView | None) -> str | None:

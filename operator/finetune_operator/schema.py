@@ -8,6 +8,7 @@ Patterns are written in the regex subset shared by Go's RE2 (kube-apiserver, CEL
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import (
@@ -326,3 +327,25 @@ def field_errors(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[tup
             path += RULE_FIELD[message]
         errors.append((path, message))
     return errors
+
+
+def no_schema_default(schema: dict[str, Any]) -> None:
+    """json_schema_extra of a field whose default depends on another field (a model validator fills it in):
+    the CRD must not default it, or the API server would fill in a value the user never chose."""
+    schema.pop("default", None)
+
+
+def raw_field(section: Any, alias: str, name: str) -> Any:
+    """A field of a section as given to model_validate: a mapping (camelCase or snake_case) or a model."""
+    if isinstance(section, Mapping):
+        return section.get(alias, section.get(name))
+    return getattr(section, name, None) if isinstance(section, BaseModel) else None
+
+
+def default_gpus(section: Any, gpus: int) -> Any:
+    """`section` (a raw mapping or a model) with `gpus` filled in when the user left it unset."""
+    if isinstance(section, Mapping):
+        return section if "gpus" in section else {**section, "gpus": gpus}
+    if isinstance(section, BaseModel) and "gpus" not in section.model_fields_set:
+        return section.model_copy(update={"gpus": gpus})
+    return section

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from finetune_vocabulary.distributed import MAX_NODES
 from finetune_vocabulary.metrics import METRICS, MetricName
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, check_extra_args
 from .modelnames import ModelName, model_name_problem
@@ -28,6 +28,8 @@ from .schema import (
     Quantity,
     SourceURI,
     SpecModel,
+    no_schema_default,
+    raw_field,
     rule,
     validations,
 )
@@ -332,36 +334,17 @@ class DeploymentResources(SpecModel):
     memory: Quantity | None = Field(default=None, description="Memory request and limit.")
 
 
-def no_schema_default(schema: dict[str, Any]) -> None:
-    """json_schema_extra of a field whose default depends on another field (a model validator fills it in):
-    the CRD must not default it, or the API server would fill in a value the user never chose."""
-    schema.pop("default", None)
-
-
-def _raw(section: Any, alias: str, name: str) -> Any:
-    """A field of a section as given to model_validate: a mapping (camelCase or snake_case) or a model."""
-    if isinstance(section, Mapping):
-        return section.get(alias, section.get(name))
-    return getattr(section, name, None) if isinstance(section, BaseModel) else None
-
-
-def default_gpus(section: Any, gpus: int) -> Any:
-    """`section` (a raw mapping or a model) with `gpus` filled in when the user left it unset."""
-    if isinstance(section, Mapping):
-        return section if "gpus" in section else {**section, "gpus": gpus}
-    if isinstance(section, BaseModel) and "gpus" not in section.model_fields_set:
-        return section.model_copy(update={"gpus": gpus})
-    return section
-
-
 def serving_gpus_default(spec: Mapping[str, Any]) -> int:
     """Unset deployment.gpus of a raw FineTuneJob spec: 0 when the replicas serve on CPU (the serving gpuType
     is cpu, or it follows resources and training used no GPU), 1 otherwise."""
     deployment, resources = spec.get("deployment") or {}, spec.get("resources") or {}
-    serving_type = _raw(deployment, "gpuType", "gpu_type")
+    serving_type = raw_field(deployment, "gpuType", "gpu_type")
     if serving_type:
         return 0 if serving_type == CPU_GPU_TYPE else 1
-    on_cpu = _raw(resources, "gpuType", "gpu_type") == CPU_GPU_TYPE or _raw(resources, "gpus", "gpus") == 0
+    on_cpu = (
+        raw_field(resources, "gpuType", "gpu_type") == CPU_GPU_TYPE
+        or raw_field(resources, "gpus", "gpus") == 0
+    )
     return 0 if on_cpu else 1
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator import crdgen, policy, policy_admission, policy_ledger
+from finetune_operator import crdgen, observe, policy, policy_admission, policy_ledger
 from finetune_operator.naming import Stage
 from finetune_operator.policy import PolicyView, Usage
 from finetune_operator.policy_models import FineTunePolicy, parse_policy, uri_allowed
@@ -677,8 +677,8 @@ def test_deployment_gpus_counts_replicas_times_gpu_limits() -> None:
             "template": {"spec": {"containers": [{"resources": {"limits": {"nvidia.com/gpu": "2"}}}, {}]}},
         }
     }
-    assert policy.deployment_gpus(deployment, ["nvidia.com/gpu"]) == 6
-    assert policy.deployment_gpus({"spec": {"replicas": 3}}, ["nvidia.com/gpu"]) == 0
+    assert observe.deployment_gpus(deployment, ["nvidia.com/gpu"]) == 6
+    assert observe.deployment_gpus({"spec": {"replicas": 3}}, ["nvidia.com/gpu"]) == 0
 
 
 def test_a_jobs_deployment_over_max_serving_gpus_waits_without_a_deployment_then_serves() -> None:
@@ -881,7 +881,7 @@ def test_the_namespace_serving_sum_reads_the_watch_cache_of_jobs_and_modelserver
     assert ctx.serving_gpus("team-a", exclude_uid="other") == 2 + 6
     assert ctx.serving_gpus("team-a", exclude_uid="pool-uid") == 2
     assert ctx.serving_gpus("team-b", exclude_uid="other") == 0
-    assert policy.deployment_gpus(snapshot(pool), ["nvidia.com/gpu"]) == 6
+    assert observe.deployment_gpus(snapshot(pool), ["nvidia.com/gpu"]) == 6
 
 
 @pytest.mark.parametrize(
