@@ -29,6 +29,18 @@ def helm_binary() -> str | None:
     return None
 
 
+def chart_template(template: str, release: str = "ftop") -> list[dict[str, Any]]:
+    """One template of the chart rendered with its default values (skips the test without helm): what the
+    cluster-level tests install on their own, e.g. an admission policy."""
+    import pytest
+
+    helm = helm_binary()
+    if helm is None:
+        pytest.skip("helm not installed (make tools)")
+    out = run_helm(helm, "template", release, str(CHART), "--show-only", f"templates/{template}").stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
 def run_helm(helm: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run([helm, *args], capture_output=True, text=True, timeout=60)
     if check and result.returncode != 0:

@@ -8,20 +8,16 @@ its own release name, the editor is impersonated, and the controllers are the cl
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from finetune_vocabulary.labels import LABEL_COMPONENT, LABEL_JOB_UID, LABEL_MANAGED_BY, MANAGER
 
+from ..chart.chart_helpers import chart_template
 from .conftest import Raw, wait_for
 
-REPO = Path(__file__).resolve().parents[2]
-HELM = REPO / ".tools" / "bin" / "helm"
 ADMISSION = "/apis/admissionregistration.k8s.io/v1"
 RBAC = "/apis/rbac.authorization.k8s.io/v1"
 EDITOR = "mallory@example.com"
@@ -31,26 +27,6 @@ OURS = {
     LABEL_JOB_UID: "5b1f0c9e-0000-4000-8000-000000000001",
 }
 UNSCHEDULED = "conformance-nobody"  # no scheduler picks these pods up: nothing runs
-
-
-def chart_policy() -> list[dict[str, Any]]:
-    if not HELM.exists():
-        pytest.skip("helm not installed (make tools)")
-    rendered = subprocess.run(
-        [
-            str(HELM),
-            "template",
-            "conformance-pods",
-            str(REPO / "charts" / "finetune-operator"),
-            "--show-only",
-            "templates/pod-admission.yaml",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return [d for d in yaml.safe_load_all(rendered) if d]
 
 
 def pod(name: str, labels: dict[str, str], owner: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -71,7 +47,7 @@ def _pod_spec() -> dict[str, Any]:
 @pytest.fixture
 def editor_namespace(raw: Raw, namespace: str) -> Iterator[str]:
     """The chart's pod policy installed, and EDITOR bound to the built-in `edit` role in `namespace`."""
-    objects = chart_policy()
+    objects = chart_template("pod-admission.yaml", "conformance-pods")
     paths = []
     for obj in objects:
         plural = (

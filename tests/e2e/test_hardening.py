@@ -9,15 +9,13 @@ import collections
 import contextlib
 import json
 import secrets
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from ..chart.chart_helpers import chart_template
 from .conftest import GROUP, PLURAL, VERSION, Jobs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.local_kubelet, pytest.mark.timeout(600)]
@@ -246,7 +244,6 @@ def _async(fn: Any) -> Any:
     return run()
 
 
-REPO = Path(__file__).resolve().parents[2]
 EDITOR = "mallory@example.com"
 
 
@@ -256,18 +253,7 @@ def pod_admission(lc_api: Any, jobs: Jobs) -> Iterator[Any]:
     acting as EDITOR, bound to the built-in `edit` role in the jobs' namespace."""
     from kubernetes import client, utils
 
-    helm = REPO / ".tools" / "bin" / "helm"
-    if not helm.exists():
-        pytest.skip("helm not installed (make tools)")
-    argv = [str(helm), "template", "ftop", str(REPO / "charts" / "finetune-operator")]
-    rendered = subprocess.run(
-        [*argv, "--show-only", "templates/pod-admission.yaml"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    objects = [d for d in yaml.safe_load_all(rendered) if d]
+    objects = chart_template("pod-admission.yaml")
     utils.create_from_yaml(lc_api, yaml_objects=objects)
     rbac = "rbac.authorization.k8s.io"
     client.RbacAuthorizationV1Api(lc_api).create_namespaced_role_binding(

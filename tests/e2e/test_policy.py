@@ -21,36 +21,18 @@ import json
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from localcluster.pytest_plugin import wait_for
 
+from ..chart.chart_helpers import chart_template
 from .conftest import GROUP, VERSION, Jobs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.local_kubelet, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "finetune-operator"
-HELM = REPO / ".tools" / "bin" / "helm"
 POLICIES = "finetunepolicies"
 RESTRICTED = "pod-security.kubernetes.io/enforce"
-
-
-def chart_objects(template: str) -> list[dict[str, Any]]:
-    """What the chart ships in one template (`helm template --show-only`), as installed."""
-    if not HELM.exists():
-        pytest.skip("helm not installed (make tools)")
-    rendered = subprocess.run(
-        [str(HELM), "template", "ftop", str(CHART), "--show-only", f"templates/{template}"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    return [d for d in yaml.safe_load_all(rendered) if d]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +40,7 @@ def chart_admission(lc_api: Any) -> Iterator[list[dict[str, Any]]]:
     """The chart's ValidatingAdmissionPolicy and binding (the session's operator runs from source)."""
     from kubernetes import client, utils
 
-    objects = chart_objects("policy-admission.yaml")
+    objects = chart_template("policy-admission.yaml")
     utils.create_from_yaml(lc_api, yaml_objects=objects)
     yield objects
     api = client.AdmissionregistrationV1Api(lc_api)
@@ -418,7 +400,7 @@ def aggregated_roles(lc_api: Any) -> Iterator[None]:
     """The chart's ClusterRoles aggregated into admin/edit/view."""
     from kubernetes import client, utils
 
-    objects = chart_objects("rbac-aggregate.yaml")
+    objects = chart_template("rbac-aggregate.yaml")
     utils.create_from_yaml(lc_api, yaml_objects=objects)
     yield
     for obj in objects:
