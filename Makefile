@@ -76,9 +76,9 @@ lint: venv
 	$(VENV)/bin/mypy vocabulary/finetune_vocabulary operator/finetune_operator
 
 crds: venv
-	$(PY) -m finetune_operator.crdgen crds/
+	$(PY) -m finetune_operator.api.crdgen crds/
 	cp crds/*.yaml charts/finetune-operator/crds/
-	$(PY) -m finetune_operator.policy_admission charts/finetune-operator/templates
+	$(PY) -m finetune_operator.finetunepolicy.admission charts/finetune-operator/templates
 
 # The golden child manifests (tests/unit/test_golden_manifests.py), rewritten after an intended change.
 golden: venv

@@ -283,7 +283,12 @@ def run_ours(base: Path, task: Task, seed: int, work: Path) -> dict[str, Any]:
 def run_reference(base: Path, task: Task, seed: int) -> dict[str, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup, set_seed
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        get_cosine_schedule_with_warmup,
+        set_seed,
+    )
 
     hp, lora = task.hyperparameters, task.lora
     set_seed(seed)

@@ -297,13 +297,7 @@ def build_gpu_shape(
 ) -> tuple[int, Any]:
     """A random-weight model of ``shape`` saved to ``out``; returns (N non-embedding parameters, cfg)."""
     import torch
-    from transformers import (
-        AutoTokenizer,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     fields = dict(SHAPES[shape])

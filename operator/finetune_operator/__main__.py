@@ -12,9 +12,9 @@ from pathlib import Path
 
 import kopf
 
-from . import handlers, lifecycle
-from .config import ConfigError, OperatorConfig, load_config
-from .context import Context
+from finetune_operator import handlers, lifecycle
+from finetune_operator.config import ConfigError, OperatorConfig, load_config
+from finetune_operator.context import Context
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -12,14 +12,16 @@ from typing import Any
 
 from finetune_vocabulary.labels import LABEL_COMPONENT, LABEL_JOB_UID
 
-from . import kube, observe, ownership, policy
-from .config import OperatorConfig
-from .metrics import Metrics
-from .models import FineTuneJobSpec, parse_spec
-from .naming import Stage
-from .policy_models import FineTunePolicy
-from .poolqueue import PoolController
-from .schema import SpecError
+from finetune_operator.api.finetunejob import FineTuneJobSpec, parse_spec
+from finetune_operator.api.finetunejob_status import Stage
+from finetune_operator.api.finetunepolicy import FineTunePolicy
+from finetune_operator.api.schema import SpecError
+from finetune_operator.config import OperatorConfig
+from finetune_operator.finetunepolicy import enforcement as policy
+from finetune_operator.k8s import client as kube
+from finetune_operator.k8s import observe, ownership
+from finetune_operator.metrics import Metrics
+from finetune_operator.modelserver.queue import PoolController
 
 log = logging.getLogger(__name__)
 

@@ -8,10 +8,10 @@ from typing import Any
 import kopf
 from finetune_vocabulary.labels import LABEL_MANAGED_BY, LABEL_MODELSERVER_UID, MANAGER
 
-from . import lifecycle
-from .models import GROUP, PLURAL, VERSION
-from .modelserver_models import PLURAL as MODELSERVERS
-from .policy_models import PLURAL as POLICY_PLURAL
+from finetune_operator import lifecycle
+from finetune_operator.api.finetunejob import GROUP, PLURAL, VERSION
+from finetune_operator.api.finetunepolicy import PLURAL as POLICY_PLURAL
+from finetune_operator.api.modelserver import PLURAL as MODELSERVERS
 
 MANAGED = {LABEL_MANAGED_BY: MANAGER}
 

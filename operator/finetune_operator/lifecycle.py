@@ -14,12 +14,17 @@ from typing import Any
 import kopf
 from finetune_vocabulary.labels import LABEL_MODELSERVER_UID
 
-from . import kube, ownership, policy, policy_ledger, pool, reconcile
-from .conditions import IDLE_PHASES
-from .context import Children, Context, owner_uid, resource_version, snapshot
-from .observe import disrupted_pods
-from .policy_models import parse_policy
-from .schema import SpecError
+from finetune_operator.api.conditions import IDLE_PHASES
+from finetune_operator.api.finetunepolicy import parse_policy
+from finetune_operator.api.schema import SpecError
+from finetune_operator.context import Children, Context, owner_uid, resource_version, snapshot
+from finetune_operator.finetunejob import controller as reconcile
+from finetune_operator.finetunepolicy import enforcement as policy
+from finetune_operator.finetunepolicy import ledger as policy_ledger
+from finetune_operator.k8s import client as kube
+from finetune_operator.k8s import ownership
+from finetune_operator.k8s.observe import disrupted_pods
+from finetune_operator.modelserver import controller as pool
 
 log = logging.getLogger(__name__)
 

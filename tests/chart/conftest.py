@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from localcluster.pytest_plugin import (  # fixtures and the KUBECONFIG skip hook
+from localcluster.pytest_plugin import (
     lc_api,
     lc_kubectl,
     lc_kubectl_one,

@@ -102,8 +102,8 @@ def flatten(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 
 
 def operator_verbs() -> set[tuple[str, str, str]]:
-    """What the operator declares it uses (operator/finetune_operator/rbac.py)."""
-    from finetune_operator import rbac
+    """What the operator declares it uses (operator/finetune_operator/k8s/rbac.py)."""
+    from finetune_operator.k8s import rbac
 
     return {(g, r, v) for (g, r), verbs in rbac.verbs().items() for v in verbs}
 
@@ -132,7 +132,7 @@ def test_namespaced_mode_grants_the_same_verbs_per_namespace_and_only_policies_c
     bindings = by_kind(manifests, "RoleBinding")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
-    from finetune_operator import rbac
+    from finetune_operator.k8s import rbac
 
     cluster_verbs = {
         (g, r, v)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from localcluster.pytest_plugin import (  # fixtures and the KUBECONFIG skip hook
+from localcluster.pytest_plugin import (
     lc_api,
     lc_kubectl,
     lc_kubectl_one,

@@ -487,7 +487,7 @@ def test_the_charts_finetunepolicy_admission_refuses_serving_it_does_not_allow(
     templates/policy-admission.yaml) refuse a ModelServer with a disallowed base model, GPU type or more
     than maxServingGpus, and a FineTuneJob whose own Deployment asks for the same, naming the policy and the
     field exactly as the operator does. Server-side dry runs: nothing is stored, no operator is needed."""
-    from finetune_operator import policy_admission
+    from finetune_operator.finetunepolicy import admission as policy_admission
 
     tag = uuid.uuid4().hex[:6]
     label, policy_name = f"conformance.example.com/ftp-{tag}", f"conformance-serving-{tag}"

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from finetune_demo import toymodel
-from localcluster.pytest_plugin import (  # fixtures and the KUBECONFIG skip hook
+from localcluster.pytest_plugin import (
     lc_api,
     lc_kubectl,
     lc_kubectl_one,

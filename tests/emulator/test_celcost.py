@@ -82,7 +82,7 @@ def _policy_roots() -> dict[str, Decl]:
 
 
 def test_our_admission_policy_expressions_use_under_a_tenth_of_the_runtime_limits() -> None:
-    from finetune_operator.policy_admission import policy_spec
+    from finetune_operator.finetunepolicy.admission import policy_spec
 
     spec = policy_spec()
     roots = _policy_roots()

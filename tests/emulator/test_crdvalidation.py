@@ -7,7 +7,13 @@ import copy
 from typing import Any
 
 import pytest
-from localcluster.crdvalidation import CRDValidator, FieldCause, InvalidError, go_value, validate_value
+from localcluster.crdvalidation import (
+    CRDValidator,
+    FieldCause,
+    InvalidError,
+    go_value,
+    validate_value,
+)
 
 SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 from localcluster.apiserver.auth import UserInfo, user_with_defaults
 from localcluster.apiserver.policy import Request, matches
-from localcluster.apiserver.rbac import Attributes, Authorizer, aggregate, forbidden_message, rule_allows
+from localcluster.apiserver.rbac import (
+    Attributes,
+    Authorizer,
+    aggregate,
+    forbidden_message,
+    rule_allows,
+)
 
 ALICE = UserInfo("alice", ("system:authenticated",))
 

@@ -13,7 +13,7 @@ import yaml
 from finetune_trainer.config import parse_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
-models = pytest.importorskip("finetune_operator.models")
+models = pytest.importorskip("finetune_operator.api.finetunejob")
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:

@@ -116,7 +116,7 @@ def test_train_size_gate_fails_below_the_floor_and_warns_below_the_recommended_s
 
 def test_trainer_fallback_defaults_equal_the_api_defaults() -> None:
     """The operator always passes the spec with the API's defaults; a hand-written config gets the same."""
-    models = pytest.importorskip("finetune_operator.models")
+    models = pytest.importorskip("finetune_operator.api.finetunejob")
     api = models.DatasetSpec.model_validate({"train": "s3://data-bucket/train.jsonl"})
     ours = DatasetSpec.model_validate({"train": "s3://data-bucket/train.jsonl"})
     for name in (

@@ -6,8 +6,8 @@ import copy
 import json
 from typing import Any
 
-from finetune_operator.models import parse_spec, spec_to_dict
-from finetune_operator.ref import JobRef
+from finetune_operator.api.finetunejob import parse_spec, spec_to_dict
+from finetune_operator.finetunejob.ref import JobRef
 
 UID = "0b6f3c1e-1111-4222-8333-444455556666"
 

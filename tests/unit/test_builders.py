@@ -9,11 +9,12 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from finetune_operator import builders, podspec, serving
+from finetune_operator.api.finetunejob import spec_to_dict
 from finetune_operator.config import OperatorConfig, load_config
-from finetune_operator.models import spec_to_dict
-from finetune_operator.naming import is_dns1035_label
-from finetune_operator.ref import Artifacts, JobRef
+from finetune_operator.finetunejob import builders, serving
+from finetune_operator.finetunejob.ref import Artifacts, JobRef
+from finetune_operator.k8s import pods as podspec
+from finetune_operator.k8s.naming import is_dns1035_label
 
 from .ftj_factory import UID, job
 

@@ -9,15 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator import crdgen, serving
+from finetune_operator.api import crdgen
+from finetune_operator.api.crdgen import build_crd
+from finetune_operator.api.finetunejob import parse_spec
+from finetune_operator.api.finetunejob_status import Stage
+from finetune_operator.api.modelserver import parse_modelserver_spec
+from finetune_operator.api.schema import SpecError
 from finetune_operator.config import OperatorConfig, load_config
-from finetune_operator.crdgen import build_crd
-from finetune_operator.models import parse_spec
-from finetune_operator.modelserver import PoolRef, pool_deployment
-from finetune_operator.modelserver_models import parse_modelserver_spec
-from finetune_operator.naming import Stage
-from finetune_operator.ref import Artifacts, JobRef
-from finetune_operator.schema import SpecError
+from finetune_operator.finetunejob import serving
+from finetune_operator.finetunejob.ref import Artifacts, JobRef
+from finetune_operator.modelserver.builders import PoolRef, pool_deployment
 from localcluster.crdvalidation import CRDValidator, InvalidError
 
 from . import test_state

@@ -12,7 +12,7 @@ import cel
 import pytest
 import re2
 import yaml
-from finetune_operator import crdgen
+from finetune_operator.api import crdgen
 from localcluster.crdvalidation import CRDValidator, validate_value
 
 ROOT = Path(__file__).resolve().parents[2]

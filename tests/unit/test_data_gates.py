@@ -7,11 +7,11 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from finetune_operator import builders
+from finetune_operator.api.finetunejob import DatasetSpec, parse_spec
+from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.config import load_config
-from finetune_operator.models import DatasetSpec, parse_spec
-from finetune_operator.naming import Stage
-from finetune_operator.stages import trained_message, validated_message
+from finetune_operator.finetunejob import builders
+from finetune_operator.finetunejob.stages import trained_message, validated_message
 
 from .ftj_factory import job, pending_pod, terminated_pod, with_status
 from .test_state import VALID, World

@@ -8,11 +8,11 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from finetune_operator import accounting, builders, distributed
+from finetune_operator.api.finetunejob import parse_spec
+from finetune_operator.api.schema import NODES_NEED_GPUS, QLORA_NO_FSDP, SpecError
 from finetune_operator.config import load_config
-from finetune_operator.models import parse_spec
-from finetune_operator.naming import is_dns1035_label
-from finetune_operator.schema import NODES_NEED_GPUS, QLORA_NO_FSDP, SpecError
+from finetune_operator.finetunejob import accounting, builders, distributed
+from finetune_operator.k8s.naming import is_dns1035_label
 
 from .ftj_factory import job, spec
 
@@ -112,7 +112,7 @@ def test_refused_specs_name_the_field(overrides: dict[str, Any], path: str, mess
 
 
 def test_crd_carries_the_same_rules_as_cel() -> None:
-    from finetune_operator.crdgen import build_crd
+    from finetune_operator.api.crdgen import build_crd
 
     schema = build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = {r["message"]: r for r in schema["x-kubernetes-validations"]}
@@ -152,8 +152,8 @@ def test_explicit_strategy_and_one_process() -> None:
 def test_gpu_hours_count_nodes_times_gpus() -> None:
     from datetime import UTC, datetime
 
-    from finetune_operator.naming import Stage
-    from finetune_operator.plan import Observed
+    from finetune_operator.api.finetunejob_status import Stage
+    from finetune_operator.finetunejob.plan import Observed
 
     started = {"startTime": "2026-01-01T00:00:00Z", "completionTime": "2026-01-01T01:00:00Z"}
     observed = Observed(
@@ -183,7 +183,7 @@ def test_rank_zero_speaks_for_the_run() -> None:
 
 
 def test_planner_creates_the_headless_service_with_the_job_and_names_missing_pods() -> None:
-    from finetune_operator.naming import Stage
+    from finetune_operator.api.finetunejob_status import Stage
 
     from .ftj_factory import pending_pod
     from .test_state import World, _to_training

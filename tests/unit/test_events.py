@@ -11,10 +11,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
-from finetune_operator import events, kube
 from finetune_operator.config import load_config
 from finetune_operator.context import Context
-from finetune_operator.reconcile import reconcile
+from finetune_operator.finetunejob.controller import reconcile
+from finetune_operator.k8s import client as kube
+from finetune_operator.k8s import events
 
 from .ftj_factory import UID
 from .test_reconcile import FakeApi, controlled_by, new_job, setup

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 from finetune_demo import toymodel
-from finetune_operator.crdgen import build_crd
-from finetune_operator.models import FineTuneJob, parse_finetunejob, spec_to_dict
+from finetune_operator.api.crdgen import build_crd
+from finetune_operator.api.finetunejob import FineTuneJob, parse_finetunejob, spec_to_dict
 from localcluster.crdvalidation import CRDValidator
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -121,9 +121,9 @@ def test_trainer_accepts_the_stored_spec(name: str, validator: CRDValidator) -> 
 def test_policy_example_loads_and_refuses_what_it_says(validator: CRDValidator) -> None:
     """examples/policy.yaml passes the FineTunePolicy CRD and models, and of the job examples admits the
     LoRA and QLoRA ones (with thresholds) and refuses full fine-tuning on 4 GPUs, naming the rule."""
-    from finetune_operator import policy
-    from finetune_operator.crdgen import FINETUNEPOLICY
-    from finetune_operator.policy_models import parse_policy
+    from finetune_operator.api.crdgen import FINETUNEPOLICY
+    from finetune_operator.api.finetunepolicy import parse_policy
+    from finetune_operator.finetunepolicy import enforcement as policy
 
     obj = load(POLICY)
     stored = CRDValidator(build_crd(FINETUNEPOLICY), "v1alpha1").admit(obj)
@@ -141,9 +141,9 @@ def test_policy_example_loads_and_refuses_what_it_says(validator: CRDValidator) 
 
 
 def test_model_server_example_is_a_pool_and_a_job_attached_to_it(validator: CRDValidator) -> None:
-    from finetune_operator.crdgen import MODELSERVER
-    from finetune_operator.models import parse_spec
-    from finetune_operator.modelserver_models import parse_modelserver_spec
+    from finetune_operator.api.crdgen import MODELSERVER
+    from finetune_operator.api.finetunejob import parse_spec
+    from finetune_operator.api.modelserver import parse_modelserver_spec
 
     server, job = yaml.safe_load_all((EXAMPLES / SERVER).read_text())
     stored = CRDValidator(build_crd(MODELSERVER), "v1alpha1").admit(server)

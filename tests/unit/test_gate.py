@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from finetune_operator.gate import evaluate_gate, relative_improvement
-from finetune_operator.models import EvaluationSpec
+from finetune_operator.api.finetunejob import EvaluationSpec
+from finetune_operator.finetunejob.gate import evaluate_gate, relative_improvement
 
 GATE_CASES = [
     # (name, evaluation spec, tuned, base, passed, words expected in the reasons)

@@ -25,17 +25,18 @@ from typing import Any
 
 import pytest
 import yaml
-from finetune_operator import policy, policy_admission
+from finetune_operator.api.finetunejob_status import Stage
+from finetune_operator.api.finetunepolicy import parse_policy
+from finetune_operator.api.modelserver import parse_modelserver_spec
 from finetune_operator.config import OperatorConfig, load_config
-from finetune_operator.modelserver import PoolRef
-from finetune_operator.modelserver_models import parse_modelserver_spec
-from finetune_operator.modelserver_plan import PoolObserved, plan_pool
-from finetune_operator.naming import Stage
-from finetune_operator.plan import Observed
-from finetune_operator.planner import plan
-from finetune_operator.policy import PolicyView
-from finetune_operator.policy_models import parse_policy
-from finetune_operator.ref import JobRef
+from finetune_operator.finetunejob.plan import Observed
+from finetune_operator.finetunejob.planner import plan
+from finetune_operator.finetunejob.ref import JobRef
+from finetune_operator.finetunepolicy import admission as policy_admission
+from finetune_operator.finetunepolicy import enforcement as policy
+from finetune_operator.finetunepolicy.enforcement import PolicyView
+from finetune_operator.modelserver.builders import PoolRef
+from finetune_operator.modelserver.planner import PoolObserved, plan_pool
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH, LABEL_COMPONENT
 
 from .ftj_factory import job, terminated_pod, with_status

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from finetune_operator.crdgen import build_crd
-from finetune_operator.models import SpecError, check_update, parse_finetunejob
+from finetune_operator.api.crdgen import build_crd
+from finetune_operator.api.finetunejob import SpecError, check_update, parse_finetunejob
 from localcluster.crdvalidation import CRDValidator, InvalidError
 
 

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from finetune_operator.crdgen import build_crd
-from finetune_operator.models import (
+from finetune_operator.api.crdgen import build_crd
+from finetune_operator.api.finetunejob import (
     FineTuneJobSpec,
     SpecError,
     check_update,
@@ -17,7 +17,13 @@ from finetune_operator.models import (
     parse_spec,
     spec_to_dict,
 )
-from finetune_operator.status import Condition, EvaluationStatus, FineTuneJobStatus, Phase, ProgressStatus
+from finetune_operator.api.finetunejob_status import (
+    Condition,
+    EvaluationStatus,
+    FineTuneJobStatus,
+    Phase,
+    ProgressStatus,
+)
 from localcluster.crdvalidation import CRDValidator
 
 MINIMAL_SPEC: dict[str, Any] = {

@@ -8,11 +8,13 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-from finetune_operator import crdgen
+from finetune_operator.api import crdgen
+from finetune_operator.api.finetunejob import parse_spec
+from finetune_operator.api.modelnames import parse_version, version_name
+from finetune_operator.api.modelserver import parse_modelserver_spec
+from finetune_operator.api.schema import SpecError
 from finetune_operator.config import load_config
-from finetune_operator.modelnames import parse_version, version_name
-from finetune_operator.models import parse_spec
-from finetune_operator.modelserver import (
+from finetune_operator.modelserver.builders import (
     ADMIN_PORT,
     ROUTER_PORT,
     PoolRef,
@@ -23,8 +25,6 @@ from finetune_operator.modelserver import (
     pool_service,
     state_configmap,
 )
-from finetune_operator.modelserver_models import parse_modelserver_spec
-from finetune_operator.schema import SpecError
 
 from .ftj_factory import spec as ftj_spec
 

@@ -7,10 +7,10 @@ import dataclasses
 from datetime import UTC, datetime
 from typing import Any
 
+from finetune_operator.api.modelserver import ModelServerStatus, parse_modelserver_spec
 from finetune_operator.config import load_config
-from finetune_operator.modelserver import PoolRef
-from finetune_operator.modelserver_models import ModelServerStatus, parse_modelserver_spec
-from finetune_operator.modelserver_plan import PoolObserved, loaded_everywhere, plan_pool
+from finetune_operator.modelserver.builders import PoolRef
+from finetune_operator.modelserver.planner import PoolObserved, loaded_everywhere, plan_pool
 
 CONFIG = load_config(env={})
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)

@@ -7,7 +7,8 @@ import random
 import string
 
 import pytest
-from finetune_operator.naming import Stage, child_name, is_dns1035_label, is_label_value, label_safe
+from finetune_operator.api.finetunejob_status import Stage
+from finetune_operator.k8s.naming import child_name, is_dns1035_label, is_label_value, label_safe
 
 LONG = "a" * 253
 CASES = [

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from finetune_operator import lifecycle
 from finetune_operator.context import Children, Context
-from finetune_operator.ownership import (
+from finetune_operator.finetunejob.controller import reconcile
+from finetune_operator.k8s.ownership import (
     ANNOTATION_CHILD_NONCE,
     confirmations,
     controller_of,
@@ -20,7 +21,6 @@ from finetune_operator.ownership import (
     owned_children,
     pod_is_owned,
 )
-from finetune_operator.reconcile import reconcile
 from finetune_vocabulary.labels import LABEL_JOB_UID, LABEL_MANAGED_BY, MANAGER
 
 from .ftj_factory import UID
@@ -209,7 +209,7 @@ async def test_spoofed_children_in_another_namespace_do_not_move_the_victim(
             api.objects[("Job", namespace, spoof["metadata"]["name"])] = spoof
             pod = _pod_with_summary(spoof, summary)
             api.objects[("Pod", namespace, pod["metadata"]["name"])] = pod
-    with caplog.at_level(logging.WARNING, logger="finetune_operator.reconcile"):
+    with caplog.at_level(logging.WARNING, logger="finetune_operator.finetunejob.controller"):
         for _ in range(3):
             await reconcile(ctx, copy.deepcopy(job), trigger="resync")
     status = job["status"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune_operator.naming import Stage
+from finetune_operator.api.finetunejob_status import Stage
 
 from .ftj_factory import job, pending_pod
 from .test_state import EVAL_GOOD, World, _to_evaluated, _to_training

@@ -11,11 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_operator import crdgen, observe, policy, policy_admission, policy_ledger
-from finetune_operator.naming import Stage
-from finetune_operator.policy import PolicyView, Usage
-from finetune_operator.policy_models import FineTunePolicy, parse_policy, uri_allowed
-from finetune_operator.reconcile import reconcile
+from finetune_operator.api import crdgen
+from finetune_operator.api.finetunejob_status import Stage
+from finetune_operator.api.finetunepolicy import FineTunePolicy, parse_policy, uri_allowed
+from finetune_operator.finetunejob.controller import reconcile
+from finetune_operator.finetunepolicy import (
+    admission as policy_admission,
+)
+from finetune_operator.finetunepolicy import (
+    enforcement as policy,
+)
+from finetune_operator.finetunepolicy import (
+    ledger as policy_ledger,
+)
+from finetune_operator.finetunepolicy.enforcement import PolicyView, Usage
+from finetune_operator.k8s import observe
 from localcluster.apiserver.policy import PolicyEvaluator, Request
 
 from .ftj_factory import job, spec
@@ -572,7 +582,7 @@ SERVER_RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
 
 def _server(**overrides: Any) -> dict[str, Any]:
     """A defaulted ModelServer spec, as the API server stores it."""
-    from finetune_operator.modelserver_models import parse_modelserver_spec
+    from finetune_operator.api.modelserver import parse_modelserver_spec
 
     raw = {"baseModel": {"uri": "s3://approved/base"}, "adapterSources": ["s3://runs"], **overrides}
     return parse_modelserver_spec(raw).model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -582,7 +592,7 @@ def _server(**overrides: Any) -> dict[str, Any]:
 def test_modelserver_rules_deny_at_admission_and_in_the_operator_with_one_message(
     rules: dict[str, Any], overrides: dict[str, Any], message: str
 ) -> None:
-    from finetune_operator.modelserver_models import parse_modelserver_spec
+    from finetune_operator.api.modelserver import parse_modelserver_spec
 
     stored = _stored("team-defaults", rules)
     denial = _admission([stored], _server(**overrides), {}, kind="ModelServer")
@@ -603,7 +613,7 @@ def test_modelserver_rules_deny_at_admission_and_in_the_operator_with_one_messag
 def test_modelservers_the_policy_allows_are_admitted(
     rules: dict[str, Any], overrides: dict[str, Any]
 ) -> None:
-    from finetune_operator.modelserver_models import parse_modelserver_spec
+    from finetune_operator.api.modelserver import parse_modelserver_spec
 
     stored = _stored("team-defaults", rules)
     assert _admission([stored], _server(**overrides), {}, kind="ModelServer") is None
@@ -613,9 +623,9 @@ def test_modelservers_the_policy_allows_are_admitted(
 def _pool_observed(
     others: int, deployment: dict[str, Any] | None = None, status: Any = None, **spec: Any
 ) -> Any:
-    from finetune_operator.modelserver import PoolRef
-    from finetune_operator.modelserver_models import parse_modelserver_spec
-    from finetune_operator.modelserver_plan import PoolObserved
+    from finetune_operator.api.modelserver import parse_modelserver_spec
+    from finetune_operator.modelserver.builders import PoolRef
+    from finetune_operator.modelserver.planner import PoolObserved
 
     pool = PoolRef("team-a", "shared", "pool-uid", parse_modelserver_spec(_server(**spec)))
     selected = (make_policy(maxServingGpus=16),)
@@ -634,9 +644,9 @@ def _pool_observed(
 
 
 def test_a_modelserver_over_max_serving_gpus_is_not_created_or_grown_with_a_condition_and_one_event() -> None:
+    from finetune_operator.api.modelserver import ModelServerStatus
     from finetune_operator.config import load_config
-    from finetune_operator.modelserver_models import ModelServerStatus
-    from finetune_operator.modelserver_plan import plan_pool
+    from finetune_operator.modelserver.planner import plan_pool
 
     config = load_config(env={})
     plan = plan_pool(_pool_observed(12, replicas=2, gpus=4), config)  # 8 more on top of 12 held
@@ -918,14 +928,14 @@ def test_admission_defaults_an_unset_deployment_gpus_as_the_operator_does(
         assert found is None
     else:
         assert found is not None and denied in found
-    from finetune_operator.models import parse_spec
+    from finetune_operator.api.finetunejob import parse_spec
 
     ask = policy.job_serving(parse_spec(raw))
     assert (ask is not None and ask.held > 2) is (denied is not None)  # the operator agrees
 
 
 def test_admission_defaults_an_unset_modelserver_gpus_as_the_operator_does() -> None:
-    from finetune_operator.modelserver_models import parse_modelserver_spec
+    from finetune_operator.api.modelserver import parse_modelserver_spec
 
     stored = _stored("team-defaults", {"maxServingGpus": 2})
     raw = {"baseModel": {"uri": "s3://approved/base"}, "adapterSources": ["s3://runs"], "replicas": 3}

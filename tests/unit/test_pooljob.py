@@ -8,8 +8,8 @@ import json
 from typing import Any
 
 import pytest
-from finetune_operator.naming import Stage
-from finetune_operator.plan import Observed, Plan
+from finetune_operator.api.finetunejob_status import Stage
+from finetune_operator.finetunejob.plan import Observed, Plan
 
 from . import test_state
 from .ftj_factory import job

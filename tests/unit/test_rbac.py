@@ -15,9 +15,11 @@ import kopf
 import pytest
 import yaml
 from aiohttp import web
-from finetune_operator import handlers, kube, rbac
-from finetune_operator.builders import validation_job
+from finetune_operator import handlers
 from finetune_operator.config import load_config
+from finetune_operator.finetunejob.builders import validation_job
+from finetune_operator.k8s import client as kube
+from finetune_operator.k8s import rbac
 
 from .ftj_factory import UID, job
 

@@ -10,10 +10,11 @@ from typing import Any
 
 import kopf
 import pytest
-from finetune_operator import kube, ownership
 from finetune_operator.config import load_config
 from finetune_operator.context import Children, Context, snapshot
-from finetune_operator.reconcile import newest_progress, reconcile
+from finetune_operator.finetunejob.controller import newest_progress, reconcile
+from finetune_operator.k8s import client as kube
+from finetune_operator.k8s import ownership
 from finetune_vocabulary.labels import LABEL_JOB_UID
 
 from .ftj_factory import UID, spec

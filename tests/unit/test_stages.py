@@ -8,11 +8,11 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from finetune_operator import planner, stages
+from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.config import load_config
-from finetune_operator.naming import Stage
-from finetune_operator.plan import Observed
-from finetune_operator.ref import Artifacts, JobRef
+from finetune_operator.finetunejob import planner, stages
+from finetune_operator.finetunejob.plan import Observed
+from finetune_operator.finetunejob.ref import Artifacts, JobRef
 
 from .ftj_factory import job
 from .test_state import EVAL_GOOD, NOW, World, _to_evaluated, _to_training
@@ -82,7 +82,7 @@ def test_an_unchanged_deployment_is_built_once_per_generation(builds: Counter[St
 
 
 def test_a_termination_message_nested_too_deep_is_read_as_plain_text() -> None:
-    from finetune_operator.observe import termination_of
+    from finetune_operator.k8s.observe import termination_of
 
     raw = "[" * 4096  # the kubelet keeps at most 4096 bytes: deeper than Python's json parses
     pod = {

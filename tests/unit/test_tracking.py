@@ -9,12 +9,12 @@ import json
 from typing import Any
 
 import pytest
-from finetune_operator import builders, tracking
+from finetune_operator.api.finetunejob import parse_spec
+from finetune_operator.api.finetunejob_status import Stage
+from finetune_operator.api.schema import SpecError
 from finetune_operator.config import load_config
-from finetune_operator.gate import evaluate_gate
-from finetune_operator.models import parse_spec
-from finetune_operator.naming import Stage
-from finetune_operator.schema import SpecError
+from finetune_operator.finetunejob import builders, tracking
+from finetune_operator.finetunejob.gate import evaluate_gate
 from finetune_trainer import tracking as trainer_tracking
 from finetune_trainer.config import parse_config
 
@@ -207,7 +207,8 @@ def test_the_operator_install_stays_free_of_mlflow() -> None:
     trainer = (root / "trainer-image" / "requirements.txt").read_text()
     assert "mlflow-skinny==3.17.2" in trainer.splitlines()
     probe = (
-        "import sys, finetune_operator.__main__, finetune_operator.reconcile, finetune_operator.tracking; "
+        "import sys, finetune_operator.__main__, finetune_operator.finetunejob.controller, "
+        "finetune_operator.finetunejob.tracking; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'mlflow_skinny')))"
     )
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout

@@ -1,8 +1,8 @@
 """The evaluation gate's rule, on plain values: every threshold must hold and, with compareToBase, the primary
 metric must beat the base model by minImprovement (strictly better when unset).
 
-One rule for both sides: the operator decides the job with it (finetune_operator.gate) and the evaluator
-decides with it whether to register the model in MLflow (finetune_trainer.tracking).
+One rule for both sides: the operator decides the job with it (finetune_operator.finetunejob.gate) and the
+evaluator decides with it whether to register the model in MLflow (finetune_trainer.tracking).
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ Usage: include "finetune-operator.imageRef" (list .Values.image .Chart.AppVersio
 {{- define "finetune-operator.configPath" -}}/etc/finetune-operator/config.yaml{{- end }}
 
 {{/*
-The operator's RBAC rules: exactly operator/finetune_operator/rbac.py RULES (tests/chart/test_chart_rbac.py
+The operator's RBAC rules: exactly operator/finetune_operator/k8s/rbac.py RULES (tests/chart/test_chart_rbac.py
 compares them), never anything on Secrets. Shared by the ClusterRole (cluster mode) and the per-namespace
 Roles (namespaced mode). Kopf needs nothing more: the operator runs it standalone (no peering objects), with
 resource scanning off (no CRD or namespace reads), without Kopf's own Events, finalizers or annotations.
@@ -116,7 +116,7 @@ resource scanning off (no CRD or namespace reads), without Kopf's own Events, fi
 {{- end }}
 
 {{/*
-The operator's cluster-scoped rules (operator/finetune_operator/rbac.py CLUSTER_RULES): FineTunePolicies
+The operator's cluster-scoped rules (operator/finetune_operator/k8s/rbac.py CLUSTER_RULES): FineTunePolicies
 (watched, their status written) and namespace labels (a policy's namespaceSelector). A ClusterRole in both
 modes: a Role cannot grant cluster-scoped resources.
 */}}

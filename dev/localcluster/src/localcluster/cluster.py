@@ -91,7 +91,7 @@ class LocalCluster:
         self.s3_enabled = s3
         self.operator_enabled = _operator_default() if operator is None else operator
         # The host-run operator authenticates as its own ServiceAccount with exactly the chart's rules
-        # (finetune_operator.rbac), so a verb missing there fails here too; LOCAL_OPERATOR_RBAC=0: admin.
+        # (finetune_operator.k8s.rbac), so a verb missing there fails here too; LOCAL_OPERATOR_RBAC=0: admin.
         self.operator_rbac = _operator_rbac_default() if operator_rbac is None else operator_rbac
         self.install_crds = self.operator_enabled if install_crds is None else install_crds
         # The MLflow server (mlflow.py) starts with the cluster only when asked; start_mlflow() later.
@@ -407,7 +407,7 @@ class LocalCluster:
         if not self.operator_rbac:
             return self.kubeconfig
         try:
-            from finetune_operator.rbac import cluster_role
+            from finetune_operator.k8s.rbac import cluster_role
         except ImportError as err:
             log.warning("operator runs as cluster admin: its RBAC rules are not importable (%s)", err)
             return self.kubeconfig

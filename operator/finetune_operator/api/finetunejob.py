@@ -1,0 +1,351 @@
+"""FineTuneJob v1alpha1: the pydantic models that are the single source of the API.
+
+The CRD (`crdgen.py`) is generated from these models, and the operator validates every spec it acts on with
+`parse_spec` (reconcile, once per generation), so the API server and the operator accept exactly the same
+specs. The building blocks (patterns, types, rule messages) are in schema.py, the spec sections in
+sections.py, the status in status.py.
+
+Cross-field rules live twice, on purpose: as CEL (`x-kubernetes-validations`, enforced by the API server)
+and as model validators here (enforced by the operator), with the same messages.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from finetune_vocabulary.labels import API_GROUP
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+
+from finetune_operator.api.finetunejob_status import FineTuneJobStatus, ObjectMeta
+from finetune_operator.api.schema import (
+    ADAPTER_NEEDS_PEFT,
+    IMMUTABLE,
+    IMMUTABLE_FIELDS,
+    LORA_RANK_UNSERVABLE,
+    NODES_NEED_GPUS,
+    OUTPUT_OVERLAPS_DATA,
+    OUTPUT_OVERLAPS_MODEL,
+    QLORA_NEEDS_GPU,
+    QLORA_NO_FSDP,
+    SERVER_NEEDS_ADAPTER,
+    SERVER_NEEDS_ADAPTER_MODE,
+    SERVER_NEEDS_EVALUATION,
+    SERVER_NEEDS_MODEL_NAME,
+    SERVING_GPUS_ON_CPU,
+    VLLM_MAX_LORA_RANK,
+    ObjectModel,
+    SpecError,
+    SpecModel,
+    default_gpus,
+    field_errors,
+    rule,
+    validations,
+)
+from finetune_operator.api.sections import (
+    ALL_METRICS,
+    CPU_GPU_TYPE,
+    BaseModelSpec,
+    CheckpointSpec,
+    DatasetFormat,
+    DatasetSpec,
+    DeploymentMode,
+    DeploymentResources,
+    DeploymentSpec,
+    EvaluationSpec,
+    HyperparametersSpec,
+    LabelValue,
+    LoraSpec,
+    Method,
+    NodeSelector,
+    ReferenceSpec,
+    ResourcesSpec,
+    SecretKeyRef,
+    StorageSpec,
+    Threshold,
+    Toleration,
+    TrackingSpec,
+    serving_gpus_default,
+)
+
+GROUP = API_GROUP
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ("ftj",)
+CATEGORIES = ("finetune",)
+
+# The spec sections (sections.py) are re-exported: `models` stays the one import for the API types.
+__all__ = [
+    "ALL_METRICS",
+    "BaseModelSpec",
+    "CheckpointSpec",
+    "DatasetFormat",
+    "DatasetSpec",
+    "DeploymentMode",
+    "DeploymentResources",
+    "DeploymentSpec",
+    "EvaluationSpec",
+    "HyperparametersSpec",
+    "LabelValue",
+    "LoraSpec",
+    "Method",
+    "NodeSelector",
+    "ReferenceSpec",
+    "ResourcesSpec",
+    "SecretKeyRef",
+    "StorageSpec",
+    "Threshold",
+    "Toleration",
+    "TrackingSpec",
+]
+
+
+# A job served on a ModelServer (issue 11): the checks that need only the job itself. Those that need the
+# ModelServer (same base model, rank <= maxLoraRank) run in the operator (pooljob.py), before any GPU.
+_SERVER_RULES = (
+    rule(
+        "!has(self.deployment) || has(self.deployment.server) == has(self.deployment.modelName)",
+        SERVER_NEEDS_MODEL_NAME,
+    ),
+    rule(
+        "!has(self.deployment) || !has(self.deployment.server) || !has(self.method) || self.method != 'full'",
+        SERVER_NEEDS_ADAPTER,
+    ),
+    rule(
+        "!has(self.deployment) || !has(self.deployment.server) || !has(self.deployment.mode) "
+        "|| self.deployment.mode != 'merged'",
+        SERVER_NEEDS_ADAPTER_MODE,
+    ),
+    rule(
+        "!has(self.deployment) || !has(self.deployment.server) || !has(self.evaluation) "
+        "|| !has(self.evaluation.enabled) || self.evaluation.enabled",
+        SERVER_NEEDS_EVALUATION,
+    ),
+)
+
+_SPEC_RULES = (
+    rule(
+        "!has(self.method) || self.method != 'qlora' || !has(self.resources) || !has(self.resources.gpus) "
+        "|| self.resources.gpus >= 1",
+        QLORA_NEEDS_GPU,
+    ),
+    rule(
+        "!has(self.resources) || !has(self.resources.nodes) || self.resources.nodes <= 1 "
+        "|| ((!has(self.resources.gpus) || self.resources.gpus >= 1) "
+        "&& (!has(self.resources.gpuType) || self.resources.gpuType != 'cpu'))",
+        NODES_NEED_GPUS,
+    ),
+    rule(
+        "!has(self.method) || self.method != 'qlora' || !has(self.hyperparameters) "
+        "|| !has(self.hyperparameters.strategy) || self.hyperparameters.strategy != 'fsdp'",
+        QLORA_NO_FSDP,
+    ),
+    rule(
+        "!has(self.deployment) || !has(self.deployment.mode) || self.deployment.mode != 'adapter' "
+        "|| !has(self.method) || self.method != 'full'",
+        ADAPTER_NEEDS_PEFT,
+    ),
+    rule(
+        "!has(self.lora) || !has(self.lora.rank) || self.lora.rank <= 512 || (has(self.deployment) && ("
+        "(has(self.deployment.enabled) && !self.deployment.enabled) "
+        "|| (has(self.deployment.mode) && self.deployment.mode == 'merged') "
+        "|| ((!has(self.deployment.mode) || self.deployment.mode == 'auto') "
+        "&& has(self.method) && self.method == 'full')))",
+        LORA_RANK_UNSERVABLE,
+    ),
+    *_SERVER_RULES,
+    rule(
+        "!has(self.deployment) || !has(self.deployment.gpus) || self.deployment.gpus == 0 || "
+        "(has(self.deployment.gpuType) ? self.deployment.gpuType : "
+        "(has(self.resources) && has(self.resources.gpuType) ? self.resources.gpuType : '')) "
+        f"!= '{CPU_GPU_TYPE}'",
+        SERVING_GPUS_ON_CPU,
+    ),
+    rule(
+        "!has(self.storage) || !has(self.storage.output) || !has(self.baseModel) "
+        "|| !has(self.baseModel.uri) || !(self.storage.output + '/').startsWith("
+        "self.baseModel.uri.endsWith('/') ? self.baseModel.uri : self.baseModel.uri + '/')",
+        OUTPUT_OVERLAPS_MODEL,
+    ),
+    rule(
+        "!has(self.storage) || !has(self.storage.output) || !has(self.dataset) || "
+        "[has(self.dataset.train) ? self.dataset.train : '', "
+        "has(self.dataset.validation) ? self.dataset.validation : '', "
+        "has(self.dataset.test) ? self.dataset.test : ''].all(d, d == '' || "
+        "!(self.storage.output + '/').startsWith(d.endsWith('/') ? d : d + '/'))",
+        OUTPUT_OVERLAPS_DATA,
+    ),
+)
+
+
+def _under(output: str, location: str) -> bool:
+    base = location if location.endswith("/") else location + "/"
+    return (output + "/").startswith(base)
+
+
+class FineTuneJobSpec(SpecModel):
+    """What to fine-tune, on what data, how, and where to serve it."""
+
+    model_config = ConfigDict(json_schema_extra=validations(*_SPEC_RULES))
+
+    base_model: BaseModelSpec = Field(
+        description="The model to fine-tune (immutable).",
+        json_schema_extra=validations(rule("self == oldSelf", IMMUTABLE.format(field="baseModel"))),
+    )
+    dataset: DatasetSpec = Field(
+        description="Training data (immutable).",
+        json_schema_extra=validations(rule("self == oldSelf", IMMUTABLE.format(field="dataset"))),
+    )
+    method: Method = Field(
+        default="lora",
+        description="lora, qlora (4-bit base) or full fine-tuning (immutable).",
+        json_schema_extra=validations(rule("self == oldSelf", IMMUTABLE.format(field="method"))),
+    )
+    lora: LoraSpec = Field(
+        default_factory=LoraSpec,
+        description="Adapter settings (immutable).",
+        json_schema_extra={
+            "default": {},
+            **validations(rule("self == oldSelf", IMMUTABLE.format(field="lora"))),
+        },
+    )
+    hyperparameters: HyperparametersSpec = Field(
+        default_factory=HyperparametersSpec,
+        description="Training hyperparameters (immutable).",
+        json_schema_extra={
+            "default": {},
+            **validations(rule("self == oldSelf", IMMUTABLE.format(field="hyperparameters"))),
+        },
+    )
+    checkpoint: CheckpointSpec = Field(
+        default_factory=CheckpointSpec,
+        json_schema_extra={"default": {}},
+        description="Checkpointing during training.",
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, json_schema_extra={"default": {}}, description="Compute for training."
+    )
+    storage: StorageSpec = Field(
+        description="Artifact storage and credentials (output is immutable: the run's artifacts live there).",
+        # from creation on: a transition rule cannot see status, and validate writes there first
+        json_schema_extra=validations(
+            {
+                **rule("self.output == oldSelf.output", IMMUTABLE.format(field="storage.output")),
+                "fieldPath": ".output",
+            }
+        ),
+    )
+    evaluation: EvaluationSpec = Field(
+        default_factory=EvaluationSpec,
+        json_schema_extra={"default": {}},
+        description="Evaluation and gating.",
+    )
+    deployment: DeploymentSpec = Field(
+        default_factory=DeploymentSpec, json_schema_extra={"default": {}}, description="Serving on vLLM."
+    )
+    tracking: TrackingSpec | None = Field(
+        default=None, description="Experiment tracking and model registry (MLflow)."
+    )
+    suspend: bool = Field(
+        default=False, description="Pause: running pods are stopped, resumed from checkpoint."
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None, ge=60, le=2_592_000, description="Fail the job after this many seconds."
+    )
+    max_retries: int = Field(default=3, ge=0, le=20, description="Retries of transient stage failures.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _serving_gpus_follow_type(cls, data: Any) -> Any:
+        """Unset deployment.gpus follows the serving GPU type (sections.serving_gpus_default)."""
+        if not isinstance(data, dict) or not isinstance(data.get("deployment", {}), (dict, DeploymentSpec)):
+            return data  # not a spec: the field checks name what is wrong
+        return {**data, "deployment": default_gpus(data.get("deployment", {}), serving_gpus_default(data))}
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FineTuneJobSpec:
+        if self.method == "qlora" and self.resources.gpus < 1:
+            raise ValueError(QLORA_NEEDS_GPU)
+        if self.resources.nodes > 1 and (self.resources.gpus < 1 or self.resources.gpu_type == "cpu"):
+            raise ValueError(NODES_NEED_GPUS)
+        if self.method == "qlora" and self.hyperparameters.strategy == "fsdp":
+            raise ValueError(QLORA_NO_FSDP)
+        if self.deployment.mode == "adapter" and self.method == "full":
+            raise ValueError(ADAPTER_NEEDS_PEFT)
+        if self.lora.rank > VLLM_MAX_LORA_RANK and self.deployment.serves_adapter(self.method):
+            raise ValueError(LORA_RANK_UNSERVABLE)
+        deployment = self.deployment
+        if deployment.gpus > 0 and (deployment.gpu_type or self.resources.gpu_type) == CPU_GPU_TYPE:
+            raise ValueError(SERVING_GPUS_ON_CPU)
+        if (deployment.server is None) != (deployment.model_name is None):
+            raise ValueError(SERVER_NEEDS_MODEL_NAME)
+        if deployment.server is not None and self.method == "full":
+            raise ValueError(SERVER_NEEDS_ADAPTER)
+        if deployment.server is not None and deployment.mode == "merged":
+            raise ValueError(SERVER_NEEDS_ADAPTER_MODE)
+        if deployment.server is not None and not self.evaluation.enabled:
+            raise ValueError(SERVER_NEEDS_EVALUATION)
+        if _under(self.storage.output, self.base_model.uri):
+            raise ValueError(OUTPUT_OVERLAPS_MODEL)
+        data = [self.dataset.train, self.dataset.validation, self.dataset.test]
+        if any(d and _under(self.storage.output, d) for d in data):
+            raise ValueError(OUTPUT_OVERLAPS_DATA)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- object
+class FineTuneJob(ObjectModel):
+    """A FineTuneJob object as stored by the API server."""
+
+    api_version: Literal["finetune.dev/v1alpha1"] = "finetune.dev/v1alpha1"
+    kind: Literal["FineTuneJob"] = "FineTuneJob"
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: FineTuneJobSpec
+    status: FineTuneJobStatus | None = None
+
+
+def parse_finetunejob(obj: dict[str, Any]) -> FineTuneJob:
+    """Parse a FineTuneJob object (as from the API server); raise SpecError naming each bad field."""
+    try:
+        return FineTuneJob.model_validate(obj)
+    except ValidationError as exc:
+        raise SpecError(field_errors(exc)) from None
+
+
+def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
+    """Parse a FineTuneJob .spec; errors are reported under `spec.`."""
+    try:
+        return FineTuneJobSpec.model_validate(spec)
+    except ValidationError as exc:
+        raise SpecError(field_errors(exc, ("spec",))) from None
+
+
+def check_update(old: FineTuneJobSpec, new: FineTuneJobSpec) -> None:
+    """Raise SpecError when an update changes a field that is immutable once set (as the CRD's rules)."""
+    errors = [
+        (f"spec.{field}", IMMUTABLE.format(field=field))
+        for field in IMMUTABLE_FIELDS
+        if _field(old, field) != _field(new, field)
+    ]
+    if errors:
+        raise SpecError(errors)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), name)
+
+
+def _field(spec: FineTuneJobSpec, path: str) -> Any:
+    value: Any = spec
+    for part in path.split("."):
+        value = getattr(value, _snake(part))
+    return value
+
+
+def spec_to_dict(spec: FineTuneJobSpec) -> dict[str, Any]:
+    """The spec as the API server stores it: camelCase, defaults applied, unset optionals omitted."""
+    out: dict[str, Any] = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return out

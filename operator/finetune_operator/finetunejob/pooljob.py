@@ -1,0 +1,188 @@
+"""A FineTuneJob served on a ModelServer (spec.deployment.server): the job planner's side. Pure.
+
+- `prepare`: before any stage, the checks CEL cannot make (the job's base model is the server's, its output
+  lies under the server's adapterSources, its LoRA rank is at most the server's maxLoraRank), failing the job
+  naming the field before a GPU is asked for; and, until the evaluate Job exists, the champion: the version
+  promoted for the model name right now.
+- `evaluation_job`: the evaluate Job also scores that champion's adapter on this job's held-out set.
+- `beats_champion`: after the gate, the job is Rejected (NotBetterThanServing) when it is worse than the
+  champion on the primary metric, naming both figures.
+- `serve`: the job asks the pool to load it (`status.serving.state: Accepted`) and reports Serving once the
+  pool (modelserver_plan.py) assigned a version and every ready replica holds it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from finetune_vocabulary.metrics import direction, lower_is_better
+
+from finetune_operator.api.conditions import ConditionType, Reason
+from finetune_operator.api.finetunejob import FineTuneJobSpec
+from finetune_operator.api.finetunejob_status import Phase, Stage
+from finetune_operator.api.modelserver import parse_modelserver_spec
+from finetune_operator.api.schema import SpecError
+from finetune_operator.config import OperatorConfig
+from finetune_operator.finetunejob import builders
+from finetune_operator.finetunejob.ref import Artifacts, JobRef
+from finetune_operator.modelserver.planner import ACCEPTED, loaded_everywhere
+
+if TYPE_CHECKING:
+    from finetune_operator.finetunejob.planner import Pipeline
+    from finetune_operator.finetunejob.stages import StageRow
+
+
+def compatibility_problem(spec: FineTuneJobSpec, server: Mapping[str, Any]) -> str | None:
+    """Why this job cannot be served by `server` (field named), or None."""
+    name = server["metadata"]["name"]
+    try:
+        pool = parse_modelserver_spec(dict(server.get("spec") or {}))
+    except SpecError as error:
+        return f"spec.deployment.server: ModelServer {name} has an invalid spec ({error})"
+    if pool.base_model.uri.rstrip("/") != spec.base_model.uri.rstrip("/") or (
+        pool.base_model.revision != spec.base_model.revision
+    ):
+        return (
+            f"spec.baseModel.uri: {spec.base_model.uri} is not the base model of ModelServer {name} "
+            f"({pool.base_model.uri}); an adapter only serves on the weights it was trained on"
+        )
+    if pool.adapter_source_of(spec.storage.output) is None:
+        return (
+            f"spec.storage.output: {spec.storage.output} is not under ModelServer {name}'s "
+            f"spec.adapterSources ({', '.join(pool.adapter_sources)}); its replicas load adapters only "
+            "from there"
+        )
+    if spec.lora.rank > pool.max_lora_rank:
+        return (
+            f"spec.lora.rank: {spec.lora.rank} exceeds ModelServer {name}'s maxLoraRank {pool.max_lora_rank}"
+        )
+    return None
+
+
+def champion(server: Mapping[str, Any] | None, model: str) -> dict[str, str] | None:
+    """The promoted version of `model` on the server: {name, adapter}, or None (nothing serves yet)."""
+    found = (((server or {}).get("status") or {}).get("models") or {}).get(model) or {}
+    for version in found.get("versions") or []:
+        if version.get("version") == found.get("promoted") and version.get("adapter"):
+            return {"name": str(version["name"]), "adapter": str(version["adapter"])}
+    return None
+
+
+def prepare(p: Pipeline) -> bool:
+    """Server checks and the champion snapshot; False when the job failed."""
+    deployment = p.job.spec.deployment
+    if not deployment.server or not deployment.model_name:
+        return True
+    serving = dict(p.status.get("serving") or {})
+    serving.update(server=deployment.server, modelName=deployment.model_name)
+    p.status["serving"] = serving
+    if p.o.server is not None and serving.get("state") != ACCEPTED:
+        problem = compatibility_problem(p.job.spec, p.o.server)
+        if problem is not None:
+            stage = Stage.TRAIN if p.done(ConditionType.VALIDATED) else Stage.VALIDATE
+            p.fail(stage, Reason.INVALID_CONFIG, problem)
+            return False
+    # The champion: what serves the model name now, until the evaluate Job exists (then frozen).
+    if not p.done(ConditionType.EVALUATED) and p.o.children.get(Stage.EVALUATE) is None:
+        serving["champion"] = champion(p.o.server, deployment.model_name)
+    return True
+
+
+def evaluation_job(job: JobRef, config: OperatorConfig, artifacts: Artifacts) -> dict[str, Any]:
+    """The evaluate Job; with a champion, its FTJ_CONFIG names the champion's adapter to score too."""
+    manifest = builders.evaluation_job(job, config)
+    if not artifacts.champion:
+        return manifest
+    name, adapter = artifacts.champion
+    for container in manifest["spec"]["template"]["spec"]["containers"]:
+        for env in container.get("env") or []:
+            if env.get("name") == "FTJ_CONFIG":
+                document = json.loads(env["value"])
+                document["champion"] = {"name": name, "adapter": adapter}
+                env["value"] = json.dumps(document, sort_keys=True, separators=(",", ":"))
+    return manifest
+
+
+def champion_artifact(status: Mapping[str, Any]) -> tuple[str, str] | None:
+    found = (status.get("serving") or {}).get("champion") or {}
+    if found.get("name") and found.get("adapter"):
+        return str(found["name"]), str(found["adapter"])
+    return None
+
+
+def beats_champion(p: Pipeline, tuned: Mapping[str, float], primary: str) -> bool:
+    """Not worse than the champion on the primary metric (or no champion); else Rejected naming both."""
+    evaluation = p.status.get("evaluation") or {}
+    scores = evaluation.get("champion") or {}
+    name = evaluation.get("championVersion")
+    if primary not in scores or primary not in tuned:
+        return True
+    mine, theirs = tuned[primary], scores[primary]
+    worse = mine > theirs if lower_is_better(primary) else mine < theirs
+    if not worse:
+        return True
+    message = (
+        f"{primary} {mine:.4g} is worse than {theirs:.4g} of {name}, which serves "
+        f"{p.job.spec.deployment.model_name} ({direction(primary)} is better); the champion keeps serving"
+    )
+    evaluation["passed"] = False
+    evaluation["reasons"] = [*(evaluation.get("reasons") or []), message][:16]
+    evaluation["summary"] = f"rejected: {primary} {mine:.3g} vs serving {theirs:.3g}"[:64]
+    p.condition(ConditionType.EVALUATED, "True", Reason.NOT_BETTER_THAN_SERVING, message)
+    p.phase(Phase.REJECTED, Reason.NOT_BETTER_THAN_SERVING, f"not better than serving: {message}")
+    return False
+
+
+def serve(p: Pipeline, row: StageRow) -> None:
+    """Ask the pool for the adapter; Serving once every ready replica of the pool holds it."""
+    p.retire_serving()  # a Deployment of the job's own from an earlier generation
+    deployment = p.job.spec.deployment
+    model = str(deployment.model_name)
+    serving = p.status["serving"]
+    serving["state"] = ACCEPTED
+    server = p.o.server
+    if server is None:
+        p.status["endpoint"] = None
+        p.waiting(
+            row,
+            Reason.SERVER_NOT_FOUND,
+            f"accepted; waiting for ModelServer {deployment.server} in namespace {p.job.namespace}",
+        )
+        return
+    registry = ((server.get("status") or {}).get("models") or {}).get(model) or {}
+    mine = next((v for v in registry.get("versions") or [] if v.get("jobUid") == p.job.uid), None)
+    if mine is None:
+        p.waiting(
+            row, Reason.LOADING_ADAPTER, f"accepted; waiting for ModelServer {server['metadata']['name']}"
+        )
+        return
+    name = str(mine["name"])
+    serving.update(
+        version=mine["version"], versionName=name, serving=registry.get("serving") == mine["version"]
+    )
+    if not mine.get("loaded", True):
+        p.status["endpoint"] = None
+        reason = mine.get("unloadedReason") or "unloaded"
+        p.condition(ConditionType.DEPLOYED, "False", Reason.ADAPTER_UNLOADED, f"{name}: {reason}")
+        p.complete(Phase.SUCCEEDED, Reason.ADAPTER_UNLOADED, f"{name} is no longer loaded: {reason}")
+        return
+    holding, ready = loaded_everywhere(server.get("status") or {}, name)
+    if ready == 0 or holding < ready:
+        p.waiting(
+            row,
+            Reason.LOADING_ADAPTER,
+            f"loading {name} into ModelServer {server['metadata']['name']}: {holding}/{ready} ready replicas",
+        )
+        return
+    url = str((server.get("status") or {}).get("endpoint") or "")
+    asked = model if serving["serving"] else name
+    p.status["endpoint"] = {"url": url, "model": asked}
+    p.condition(
+        ConditionType.DEPLOYED,
+        "True",
+        Reason.ADAPTER_LOADED,
+        f"{name} is loaded on {ready} replicas of ModelServer {server['metadata']['name']}",
+    )
+    p.complete(Phase.SERVING, Reason.SERVING, f"serving {asked} ({name}) at {url}")

@@ -1,0 +1,317 @@
+"""The pipeline as a table: one row per stage, in order. A row says which child the stage runs, when it
+is wanted, which condition, phase and running reason report it, and how its outcome is read into the
+status. The planner (planner.py) walks the rows and knows nothing about any one stage; adding a stage is
+adding a row, its builder and its reader.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from finetune_vocabulary import steps
+
+from finetune_operator.api.conditions import ConditionType, Reason, short
+from finetune_operator.api.finetunejob import FineTuneJobSpec
+from finetune_operator.api.finetunejob_status import Phase, Stage
+from finetune_operator.config import OperatorConfig
+from finetune_operator.finetunejob import builders, pooljob, serving
+from finetune_operator.finetunejob.accounting import gpu_hours_estimate
+from finetune_operator.finetunejob.gate import evaluate_gate, primary_metric
+from finetune_operator.finetunejob.plan import Event
+from finetune_operator.finetunejob.ref import Artifacts, JobRef
+from finetune_operator.k8s.observe import JobOutcome, finite, metric_values
+
+if TYPE_CHECKING:
+    from finetune_operator.finetunejob.planner import Pipeline
+
+Builder = Callable[[JobRef, OperatorConfig, Artifacts], dict[str, Any]]
+# Records a finished stage in the status; False stops the pass (the job was rejected or failed).
+OutcomeReader = Callable[["Pipeline", JobOutcome], bool]
+Step = Callable[["Pipeline"], bool]
+
+
+@dataclass(frozen=True)
+class StageRow:
+    stage: Stage
+    kind: Literal["Job", "Deployment"]
+    build: Builder
+    condition: ConditionType
+    phase: Phase
+    running: Reason  # the condition's and phase's reason while the child runs
+    read: OutcomeReader | None = None  # Jobs: the finished stage's outcome → status
+    # Whether the stage runs for this spec (and what is already in storage); when not, `skip` reports it.
+    wanted: Callable[[FineTuneJobSpec, Artifacts], bool] = lambda spec, artifacts: True
+    skip: Step | None = None
+    # The stage's condition turns True when it finishes, so a finished stage never runs again;
+    # `holds` then says whether its result still lets the pipeline go on.
+    owns_condition: bool = True
+    holds: Step | None = None
+    while_running: Callable[[Pipeline], None] | None = None
+    counts_gpu_hours: bool = False  # status.gpuHours is refreshed while it runs and when it ends
+    # (condition message, phase message) while running, instead of "Job <name> is running".
+    running_messages: tuple[str, str] | None = None
+
+
+def _job(builder: Callable[[JobRef, OperatorConfig], dict[str, Any]]) -> Builder:
+    return lambda job, config, artifacts: builder(job, config)
+
+
+# --- outcome readers ---------------------------------------------------------------------------
+
+
+def dataset_status(summary: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("format", "train", "validation", "test", "trainTokens", "removed", "errors")
+    return {key: summary[key] for key in keys if summary.get(key) is not None}
+
+
+def dataset_warnings(summary: Mapping[str, Any]) -> list[str]:
+    """The validate stage's warnings (too few examples, testSize reduced), at most five."""
+    warnings = summary.get("warnings")
+    if not isinstance(warnings, list):
+        return []
+    return [short(str(w), 256) for w in warnings if isinstance(w, str) and w][:5]
+
+
+def _count(value: Any) -> str | None:
+    number = finite(value)
+    return None if number is None else f"{number:.0f}"
+
+
+def validated_message(dataset: Mapping[str, Any], warnings: Sequence[str] = ()) -> str:
+    """e.g. "40 training examples, 8 held out, 1234 tokens; warning: ..." (numbers that are known only)."""
+    parts = [
+        f"{n} {label}"
+        for key, label in (("train", "training examples"), ("test", "held out"), ("trainTokens", "tokens"))
+        if (n := _count(dataset.get(key))) is not None
+    ]
+    message = ", ".join(parts) or "dataset validated"
+    return message + "".join(f"; warning: {w}" for w in warnings)
+
+
+def trained_message(progress: Mapping[str, Any]) -> str:
+    """e.g. "trained 20 steps, final loss 0.412" (a number that is not known is left out, never '?')."""
+    step, loss = _count(progress.get("step")), finite(progress.get("loss"))
+    message = f"trained {step} steps" if step is not None else "training finished"
+    return message + (f", final loss {loss:.4g}" if loss is not None else "")
+
+
+def read_validation(p: Pipeline, outcome: JobOutcome) -> bool:
+    dataset = dataset_status(outcome.summary)
+    p.status["dataset"] = dataset
+    p.status["gpuHoursEstimate"] = gpu_hours_estimate(p.job.spec, dataset, p.config)
+    p.status["artifacts"]["data"] = f"{p.job.layout.data}/"
+    warnings = dataset_warnings(outcome.summary)
+    planned = planned_progress(p.job.spec, dataset)
+    if planned and not (p.status.get("progress") or {}).get("step"):
+        p.status["progress"] = planned
+    p.condition(ConditionType.VALIDATED, "True", Reason.DATASET_VALID, validated_message(dataset, warnings))
+    for warning in warnings:
+        p.out.events.append(Event("Warning", Reason.DATASET_WARNING.value, short(warning)))
+    return True
+
+
+def planned_progress(spec: FineTuneJobSpec, dataset: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Optimizer steps the run will make, known once validation counted the training examples (padding-free
+    batching; with packing the trainer counts packed rows and reports them in its first progress line)."""
+    examples = finite(dataset.get("train"))
+    hyper = spec.hyperparameters
+    if not examples or hyper.packing:
+        return None
+    ranks = max(1, spec.resources.gpus) * spec.resources.nodes
+    total = steps.total_steps(
+        int(examples),
+        hyper.batch_size,
+        hyper.epochs,
+        hyper.gradient_accumulation_steps,
+        ranks,
+        hyper.max_steps,
+    )
+    return {
+        "step": 0,
+        "totalSteps": total,
+        "display": f"0/{total}",
+        "batching": "padding-free",
+        "examplesPerStep": steps.examples_per_step(
+            hyper.batch_size, hyper.gradient_accumulation_steps, ranks
+        ),
+    }
+
+
+def read_training(p: Pipeline, outcome: JobOutcome) -> bool:
+    summary = outcome.summary
+    artifacts = p.status["artifacts"]
+    for key in ("adapter", "merged"):
+        if summary.get(key):
+            artifacts[key] = summary[key]
+    artifacts["checkpoint"] = f"{p.job.layout.checkpoints}/"
+    progress = dict(p.status.get("progress") or {})
+    for key in ("step", "totalSteps", "loss"):
+        if finite(summary.get(key)) is not None:
+            progress[key] = summary[key]
+    if progress.get("step") is not None and progress.get("totalSteps"):
+        progress["display"] = f"{progress['step']}/{progress['totalSteps']}"
+    progress["etaSeconds"] = 0
+    p.status["progress"] = progress or None
+    p.condition(ConditionType.TRAINED, "True", Reason.TRAINING_SUCCEEDED, trained_message(progress))
+    return True
+
+
+def record_progress(p: Pipeline) -> None:
+    """The trainer's newest progress line while training runs."""
+    line = p.o.progress
+    if not line or p.status.get("phase") != Phase.TRAINING.value:
+        return
+    progress: dict[str, Any] = {}
+    for key in ("step", "totalSteps", "etaSeconds"):
+        value = finite(line.get(key))
+        if value is not None and value >= 0:
+            progress[key] = int(value)
+    for key in ("epoch", "loss", "learningRate", "tokensPerSecond", "examplesPerStep"):
+        value = finite(line.get(key))
+        if value is not None:
+            progress[key] = round(value, 6)
+    if line.get("batching") in ("padding-free", "packed"):
+        progress["batching"] = line["batching"]
+    rows = finite(line.get("packedRows"))
+    if rows is not None and rows >= 0:
+        progress["packedRows"] = int(rows)
+    if "step" in progress and progress.get("totalSteps"):
+        progress["display"] = f"{progress['step']}/{progress['totalSteps']}"
+    if progress:
+        spread = (p.status.get("progress") or {}).get("parallelism")
+        p.status["progress"] = progress | ({"parallelism": spread} if spread else {})
+
+
+def read_evaluation(p: Pipeline, outcome: JobOutcome) -> bool:
+    """Scores into the status, then the gate: a failed gate rejects the model."""
+    summary = outcome.summary
+    tuned = metric_values(summary.get("tuned")) or {}
+    base = metric_values(summary.get("base"))
+    evaluation = p.job.spec.evaluation
+    result = evaluate_gate(evaluation, tuned, base)
+    primary = primary_metric(evaluation)
+    brief = f"{primary} {tuned.get(primary, float('nan')):.3g}"
+    if base and primary in base:
+        brief += f" vs {base[primary]:.3g}"
+    p.status["evaluation"] = {
+        "passed": result.passed,
+        "tuned": tuned or None,
+        "base": base,
+        "reference": metric_values(summary.get("reference")),
+        "champion": metric_values(summary.get("champion")),
+        "championVersion": summary.get("championName")
+        if isinstance(summary.get("championName"), str)
+        else None,
+        "examples": summary.get("n") if isinstance(summary.get("n"), int) else None,
+        "reasons": [short(r, 512) for r in result.reasons][:16],
+        "summary": short(("passed: " if result.passed else "rejected: ") + brief, 64),
+    }
+    p.status["artifacts"]["evaluationReport"] = p.job.layout.evaluation_report
+    if result.passed and not pooljob.beats_champion(p, tuned, primary):
+        return False
+    if result.passed:
+        p.condition(ConditionType.EVALUATED, "True", Reason.GATE_PASSED, "; ".join(result.reasons))
+        return True
+    message = "; ".join(r for r in result.reasons if "below" in r or "above" in r or "not" in r)
+    p.condition(ConditionType.EVALUATED, "True", Reason.GATE_FAILED, message)
+    p.phase(Phase.REJECTED, Reason.GATE_FAILED, f"evaluation gate failed: {message}")
+    return False
+
+
+def gate_held(p: Pipeline) -> bool:
+    if (p.status.get("evaluation") or {}).get("passed") is False:
+        p.phase(Phase.REJECTED, Reason.GATE_FAILED, "the evaluation gate failed")
+        return False
+    return True
+
+
+def evaluation_disabled(p: Pipeline) -> bool:
+    if not p.done(ConditionType.EVALUATED):
+        p.condition(
+            ConditionType.EVALUATED,
+            "True",
+            Reason.EVALUATION_DISABLED,
+            "evaluation.enabled is false; no gate",
+        )
+    return True
+
+
+def read_export(p: Pipeline, outcome: JobOutcome) -> bool:
+    merged = outcome.summary.get("merged")
+    if not merged:
+        p.fail(Stage.EXPORT, Reason.STAGE_FAILED, "export finished without a merged model URI")
+        return False
+    p.status["artifacts"]["merged"] = merged
+    return True
+
+
+def deployment_disabled(p: Pipeline) -> bool:
+    """Nothing to serve: remove what an earlier generation deployed; the job ends Succeeded."""
+    p.retire_serving()
+    p.condition(ConditionType.DEPLOYED, "False", Reason.DEPLOYMENT_DISABLED, "deployment.enabled is false")
+    p.complete(Phase.SUCCEEDED, Reason.SUCCEEDED, "the model passed evaluation; deployment is disabled")
+    return False
+
+
+STAGES: tuple[StageRow, ...] = (
+    # CPU only: nothing asks for a GPU before the data is known to be good.
+    StageRow(
+        Stage.VALIDATE,
+        "Job",
+        _job(builders.validation_job),
+        ConditionType.VALIDATED,
+        Phase.VALIDATING,
+        Reason.VALIDATING,
+        read=read_validation,
+    ),
+    StageRow(
+        Stage.TRAIN,
+        "Job",
+        _job(builders.training_job),
+        ConditionType.TRAINED,
+        Phase.TRAINING,
+        Reason.TRAINING,
+        read=read_training,
+        while_running=record_progress,
+        counts_gpu_hours=True,
+    ),
+    StageRow(
+        Stage.EVALUATE,
+        "Job",
+        pooljob.evaluation_job,  # builders.evaluation_job, plus the ModelServer's champion if any
+        ConditionType.EVALUATED,
+        Phase.EVALUATING,
+        Reason.EVALUATING,
+        read=read_evaluation,
+        wanted=lambda spec, artifacts: spec.evaluation.enabled,
+        skip=evaluation_disabled,
+        holds=gate_held,
+        counts_gpu_hours=True,
+    ),
+    StageRow(
+        Stage.EXPORT,
+        "Job",
+        _job(builders.export_job),
+        ConditionType.DEPLOYED,
+        Phase.DEPLOYING,
+        Reason.EXPORTING,
+        read=read_export,
+        wanted=serving.needs_export,
+        owns_condition=False,  # Deployed is the serving stage's; a merged model in storage ends export
+        running_messages=("merging the adapter", "merging the adapter into the base model"),
+    ),
+    StageRow(
+        Stage.SERVE,
+        "Deployment",
+        serving.serving_deployment,
+        ConditionType.DEPLOYED,
+        Phase.DEPLOYING,
+        Reason.DEPLOYING,
+        wanted=lambda spec, artifacts: spec.deployment.enabled,
+        skip=deployment_disabled,
+        owns_condition=False,  # serving is never finished: a changed deployment section rolls out
+    ),
+)
+ROWS = {row.stage: row for row in STAGES}

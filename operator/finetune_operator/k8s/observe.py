@@ -1,0 +1,280 @@
+"""Reading children: what a Job's pods and conditions say happened, why a pod is stuck, whether the
+Deployment serves. Pure functions of the snapshots the watch caches hold."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from finetune_vocabulary.distributed import COMPLETION_INDEX_ANNOTATION
+from finetune_vocabulary.metrics import METRICS
+from finetune_vocabulary.redaction import redact_patterns
+
+from finetune_operator.api.conditions import EXIT_REASONS, Reason, oom_hint
+from finetune_operator.api.finetunejob_status import Stage
+from finetune_operator.config import OperatorConfig
+from finetune_operator.finetunejob.builders import OOM_KILLED_EXIT_CODE, TRAINER_CONTAINER
+
+# kubelet's waiting reasons. A pull that failed once is retried (ErrImagePull); in back-off it is fatal.
+IMAGE_PULL_REASONS = frozenset({"ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+CONTAINER_ERROR_REASONS = frozenset(
+    {"CreateContainerConfigError", "CreateContainerError", "RunContainerError", "PreStartHookError"}
+)
+# What a pod says (kubelet's message, a container's log tail) is not ours: it is masked and capped, both
+# together within a condition message (conditions.MAX_MESSAGE).
+WAITING_TEXT_LIMIT = 500
+TERMINATION_TEXT_LIMIT = 400
+
+
+@dataclass(frozen=True)
+class Termination:
+    exit_code: int | None
+    reason: str  # kubelet's reason, e.g. Error, OOMKilled, Completed
+    message: str  # the trainer's message (or the log tail kubelet fell back to)
+    summary: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    state: str  # "running" | "succeeded" | "failed" | "suspended"
+    job_reason: str = ""
+    job_message: str = ""
+    termination: Termination | None = None
+
+    @property
+    def summary(self) -> Mapping[str, Any]:
+        """The trainer's termination summary (empty when it left none)."""
+        return self.termination.summary if self.termination else {}
+
+
+@dataclass(frozen=True)
+class PodProblem:
+    reason: Reason
+    message: str
+    fatal: bool = False
+
+
+def conditions_of(obj: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    items = (obj.get("status") or {}).get("conditions") or []
+    return {str(c.get("type")): c for c in items if isinstance(c, Mapping)}
+
+
+def is_true(conditions: Mapping[str, Mapping[str, Any]], kind: str) -> bool:
+    return str((conditions.get(kind) or {}).get("status")) == "True"
+
+
+def created(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("creationTimestamp") or "")
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def metric_values(values: Any) -> dict[str, float] | None:
+    """The known, finite metrics of a summary's score table."""
+    if not isinstance(values, Mapping):
+        return None
+    out: dict[str, float] = {k: v for k in METRICS if (v := finite(values.get(k))) is not None}
+    return out or None
+
+
+def termination_of(pod: Mapping[str, Any], container: str = TRAINER_CONTAINER) -> Termination | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") != container:
+            continue
+        state = status.get("state") or {}
+        terminated = state.get("terminated") or (status.get("lastState") or {}).get("terminated")
+        if not terminated:
+            return None
+        raw = str(terminated.get("message") or "")
+        exit_code = terminated.get("exitCode")
+        message, summary = raw.strip(), {}  # type: tuple[str, Any]
+        try:
+            document = json.loads(raw)
+        except (ValueError, RecursionError):  # 4 KiB of "[" is deeper than Python parses
+            document = None
+        if isinstance(document, Mapping):
+            message = str(document.get("message") or "")
+            summary = document.get("summary") or {}
+            if exit_code is None and isinstance(document.get("exitCode"), int):
+                exit_code = document["exitCode"]
+        return Termination(
+            exit_code=int(exit_code) if exit_code is not None else None,
+            reason=str(terminated.get("reason") or ""),
+            message=message,
+            summary=summary if isinstance(summary, Mapping) else {},
+        )
+    return None
+
+
+def _not_rank_zero(pod: Mapping[str, Any]) -> bool:
+    index = ((pod.get("metadata") or {}).get("annotations") or {}).get(COMPLETION_INDEX_ANNOTATION)
+    return index is not None and index != "0"
+
+
+def _terminations(pods: Sequence[Mapping[str, Any]], phase: str) -> list[Termination]:
+    # newest first, and index 0 (global rank 0) of a multi-node Job before its other pods
+    newest = sorted(sorted(pods, key=created, reverse=True), key=_not_rank_zero)
+    ended = [p for p in newest if (p.get("status") or {}).get("phase") == phase]
+    return [t for p in ended if (t := termination_of(p)) is not None]
+
+
+def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> JobOutcome:
+    conditions = conditions_of(job)
+    if is_true(conditions, "Complete") or is_true(conditions, "SuccessCriteriaMet"):
+        return JobOutcome("succeeded", termination=next(iter(_terminations(pods, "Succeeded")), None))
+    for kind in ("Failed", "FailureTarget"):
+        if is_true(conditions, kind):
+            terminations = _terminations(pods, "Failed")
+            # A permanent exit code decides the reason even if an older pod failed differently.
+            chosen = next((t for t in terminations if t.exit_code in EXIT_REASONS), None)
+            return JobOutcome(
+                "failed",
+                job_reason=str(conditions[kind].get("reason") or ""),
+                job_message=str(conditions[kind].get("message") or ""),
+                termination=chosen or next(iter(terminations), None),
+            )
+    if (job.get("spec") or {}).get("suspend"):
+        return JobOutcome("suspended")
+    return JobOutcome("running")
+
+
+def failure_reason(outcome: JobOutcome, stage: Stage = Stage.TRAIN) -> tuple[Reason, str]:
+    """Map a failed Job to a reason and a message the user can act on."""
+    term = outcome.termination
+    if term is not None and term.exit_code in EXIT_REASONS:
+        reason = EXIT_REASONS[term.exit_code]
+        message = term.message or f"the trainer exited with code {term.exit_code}"
+        hint = oom_hint(stage)
+        if reason is Reason.OUT_OF_MEMORY and "hint" not in message.lower() and hint not in message:
+            message = f"{message}; hint: {hint}"
+        return reason, message
+    if term is not None and (term.reason == "OOMKilled" or term.exit_code == OOM_KILLED_EXIT_CODE):
+        killed = "killed (exit 137)"
+        if term.reason == "OOMKilled":
+            killed = "killed for exceeding its memory limit"
+        return Reason.OUT_OF_MEMORY, f"the {stage.value} container was {killed}; hint: {oom_hint(stage)}"
+    if outcome.job_reason == "DeadlineExceeded":
+        return Reason.DEADLINE_EXCEEDED, outcome.job_message or "activeDeadlineSeconds was exceeded"
+    detail = ""
+    if term is not None:
+        detail = (
+            f" (last exit code {term.exit_code}: {term.message})"
+            if term.message
+            else (f" (last exit code {term.exit_code})")
+        )
+    if outcome.job_reason == "BackoffLimitExceeded":
+        return Reason.RETRIES_EXHAUSTED, f"retries exhausted{detail}"
+    return Reason.STAGE_FAILED, f"{outcome.job_reason or 'failed'}: {outcome.job_message}{detail}".strip()
+
+
+def pod_text(text: str, limit: int, *, tail: bool = False) -> str:
+    """A message written by kubelet or a container, fit for our status: one line, credential-shaped values
+    masked, at most `limit` characters (the end of a log tail, which says why, when `tail`)."""
+    text = " ".join(redact_patterns(text).split())
+    if len(text) <= limit:
+        return text
+    return "…" + text[-(limit - 1) :] if tail else text[: limit - 1] + "…"
+
+
+def _last_termination(container: Mapping[str, Any]) -> str:
+    """Why the container last ended, as `; last terminated: Error (exit code 1): <message>`."""
+    last = (container.get("lastState") or {}).get("terminated") or {}
+    if not last:
+        return ""
+    message = pod_text(str(last.get("message") or ""), TERMINATION_TEXT_LIMIT, tail=True)
+    text = f"; last terminated: {last.get('reason') or 'unknown'} (exit code {last.get('exitCode')})"
+    return f"{text}: {message}" if message else text
+
+
+def _waiting_problem(container: Mapping[str, Any]) -> PodProblem | None:
+    """kubelet's waiting reason and message as they read on the pod (e.g. `container vllm: ErrImagePull:
+    …`); a crash loop says how the last run ended rather than kubelet's back-off delay."""
+    waiting = (container.get("state") or {}).get("waiting") or {}
+    reason = str(waiting.get("reason") or "")
+    message = pod_text(str(waiting.get("message") or ""), WAITING_TEXT_LIMIT)
+    last = _last_termination(container)
+    if reason == "CrashLoopBackOff" and last:
+        message = ""
+    detail = f"container {container.get('name')}: {reason}: {message}".rstrip(": ") + last
+    if reason in IMAGE_PULL_REASONS:
+        return PodProblem(Reason.IMAGE_PULL_FAILED, detail, fatal=True)
+    if reason == "ErrImagePull":
+        return PodProblem(Reason.IMAGE_PULL_FAILED, detail)
+    if reason in CONTAINER_ERROR_REASONS:
+        return PodProblem(Reason.CONTAINER_CONFIG_ERROR, detail)
+    if reason == "CrashLoopBackOff":
+        return PodProblem(Reason.DEPLOYMENT_NOT_READY, detail)
+    return None
+
+
+def pod_problem(pods: Sequence[Mapping[str, Any]]) -> PodProblem | None:
+    """Why the newest live pod of a stage is not running: unschedulable, image pull, bad config, crashing."""
+    live = [p for p in pods if (p.get("status") or {}).get("phase") in (None, "Pending", "Running")]
+    for pod in sorted(live, key=created, reverse=True):
+        status = pod.get("status") or {}
+        for container in (status.get("initContainerStatuses") or []) + (
+            status.get("containerStatuses") or []
+        ):
+            problem = _waiting_problem(container)
+            if problem is not None:
+                return problem
+        scheduled = conditions_of(pod).get("PodScheduled") or {}
+        if str(scheduled.get("status")) == "False" and scheduled.get("reason") == "Unschedulable":
+            return PodProblem(
+                Reason.UNSCHEDULABLE, f"waiting for resources: {scheduled.get('message') or ''}"
+            )
+    return None
+
+
+def disrupted_pods(pods: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Failed pods that were evicted or preempted, which the Job's `failed` counter ignores."""
+    return {
+        str((p.get("metadata") or {}).get("uid") or (p.get("metadata") or {}).get("name"))
+        for p in pods
+        if (p.get("status") or {}).get("phase") == "Failed" and is_true(conditions_of(p), "DisruptionTarget")
+    }
+
+
+def deployment_available(deployment: Mapping[str, Any]) -> bool:
+    status = deployment.get("status") or {}
+    generation = (deployment.get("metadata") or {}).get("generation")
+    observed = status.get("observedGeneration")
+    if generation is not None and observed is not None and int(observed) < int(generation):
+        return False
+    ready = int(status.get("availableReplicas") or status.get("readyReplicas") or 0)
+    return is_true(conditions_of(deployment), "Available") and ready >= 1
+
+
+def gpu_resources(config: OperatorConfig) -> list[str]:
+    """The extended resources the GPU table requests (nvidia.com/gpu, ...)."""
+    return sorted({t.resource_name for t in config.gpu_types.values() if t.resource_name})
+
+
+def deployment_gpus(deployment: Mapping[str, Any], resource_names: Iterable[str]) -> int:
+    """GPUs a Deployment holds: spec.replicas x its containers' GPU limits (any of `resource_names`)."""
+    spec = deployment.get("spec") or {}
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers") or []
+    names = set(resource_names)
+    per_pod = 0
+    for container in containers:
+        limits = (container.get("resources") or {}).get("limits") or {}
+        per_pod += sum(int(str(v)) for k, v in limits.items() if k in names and str(v).isdigit())
+    replicas = spec.get("replicas")
+    return (1 if replicas is None else int(replicas)) * per_pod

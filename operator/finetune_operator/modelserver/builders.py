@@ -1,0 +1,367 @@
+"""Pure builders of a ModelServer's children: the vLLM pool Deployment (vLLM with runtime LoRA loading plus
+the adapter-router sidecar), its Service and the ConfigMap of the desired adapters that a starting pod loads
+before it reports Ready. Like builders.py, each returns a plain dict and talks to nothing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from finetune_vocabulary.images import TRAINER_ENTRYPOINT
+from finetune_vocabulary.labels import (
+    ANNOTATION_SPEC_HASH,
+    LABEL_COMPONENT,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_MODELSERVER_UID,
+    LABEL_NAME,
+    LABEL_PART_OF,
+    MANAGER,
+)
+
+from finetune_operator.api.finetunejob import API_VERSION, ResourcesSpec
+from finetune_operator.api.modelnames import BASE_SERVED_NAME
+from finetune_operator.api.modelserver import KIND, ModelServerSpec
+from finetune_operator.config import OperatorConfig
+from finetune_operator.finetunejob.serving import VllmCompute, fetch_container, vllm_compute
+from finetune_operator.k8s.naming import (
+    HASH_MARKER,
+    MAX_LABEL,
+    is_dns1035_label,
+    label_safe,
+    short_hash,
+)
+from finetune_operator.k8s.pods import (
+    WORKDIR,
+    container_security_context,
+    pod_security_context,
+    scratch_volumes,
+    spec_hash,
+)
+
+COMPONENT = "pool"
+VLLM_CONTAINER = "vllm"
+ROUTER_CONTAINER = "adapter-router"
+VLLM_PORT = 8000  # vLLM listens on the pod's loopback only: the router is the way in
+ROUTER_PORT = 8080  # the OpenAI API with stable names (the Service's target)
+ADMIN_PORT = 8081  # the operator's /state and the readiness probe; never in the Service
+STATE_FILE = "state.json"
+STATE_DIR = "/etc/adapter-sync"
+ADAPTERS_DIR = "/adapters"
+MODELS_DIR = "/models"
+ROUTER_MODULE = "finetune_trainer.adapter_router"
+# LoRA slots in one batch (vLLM --max-loras); maxLoras is how many stay loaded (--max-cpu-loras).
+MAX_LORAS_PER_BATCH = 4
+
+
+@dataclass(frozen=True)
+class PoolRef:
+    """Who a ModelServer is and what its parsed spec asks for."""
+
+    namespace: str
+    name: str
+    uid: str
+    spec: ModelServerSpec
+
+
+def pool_name(name: str) -> str:
+    """Deployment, Service and ConfigMap name: `<name>-pool`, or a hashed form (as naming.child_name)."""
+    plain = f"{name}-{COMPONENT}"
+    if is_dns1035_label(plain) and HASH_MARKER not in plain:
+        return plain
+    suffix = f"{HASH_MARKER}{short_hash(name, 16)}-{COMPONENT}"
+    cleaned = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "m"
+    if not cleaned[0].isalpha():
+        cleaned = "m-" + cleaned
+    while "--" in cleaned:
+        cleaned = cleaned.replace("--", "-")
+    return f"{cleaned[: MAX_LABEL - len(suffix)].rstrip('-')}{suffix}"
+
+
+def endpoint_url(pool: PoolRef, config: OperatorConfig) -> str:
+    return f"http://{pool_name(pool.name)}.{pool.namespace}.svc:{config.defaults.vllm_port}/v1"
+
+
+def selector_labels(pool: PoolRef) -> dict[str, str]:
+    return {
+        LABEL_INSTANCE: label_safe(pool.name),
+        LABEL_COMPONENT: COMPONENT,
+        LABEL_MODELSERVER_UID: pool.uid,
+    }
+
+
+def labels(pool: PoolRef) -> dict[str, str]:
+    return {
+        LABEL_NAME: "modelserver",
+        LABEL_PART_OF: MANAGER,
+        LABEL_MANAGED_BY: MANAGER,
+        **selector_labels(pool),
+    }
+
+
+def metadata(pool: PoolRef, annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": pool_name(pool.name),
+        "namespace": pool.namespace,
+        "labels": labels(pool),
+        "ownerReferences": [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": pool.name,
+                "uid": pool.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def desired_state(adapters: Mapping[str, str], routes: Mapping[str, str]) -> dict[str, Any]:
+    """What every replica should hold: versioned name → adapter URI, stable name → versioned name."""
+    return {"adapters": dict(sorted(adapters.items())), "routes": dict(sorted(routes.items()))}
+
+
+def state_configmap(pool: PoolRef, state: Mapping[str, Any]) -> dict[str, Any]:
+    """The desired state a starting pod loads before it reports Ready (the router's --state-file)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(pool),
+        "data": {STATE_FILE: json.dumps(state, sort_keys=True)},
+    }
+
+
+def _credentials(spec: ModelServerSpec) -> list[dict[str, Any]]:
+    return [{"secretRef": {"name": spec.credentials_secret}}] if spec.credentials_secret else []
+
+
+def _trainer_container(config: OperatorConfig, spec: ModelServerSpec, name: str) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": name,
+        "image": config.images.trainer,
+        "imagePullPolicy": config.images.pull_policy,
+        "env": [
+            {"name": "HOME", "value": WORKDIR},
+            {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
+        ],
+        "securityContext": container_security_context(),
+    }
+    if _credentials(spec):
+        container["envFrom"] = _credentials(spec)
+    return container
+
+
+def _model_args(spec: ModelServerSpec) -> tuple[list[str], list[tuple[str, str]], list[dict[str, Any]]]:
+    """vLLM's --model arguments, the init-container fetches and extra volumes for the base model."""
+    base = spec.base_model
+    if base.uri.startswith("hf://"):
+        args = ["--model", base.uri.removeprefix("hf://")]
+        return args + (["--revision", base.revision] if base.revision else []), [], []
+    if base.uri.startswith("pvc://"):
+        claim, _, path = base.uri.removeprefix("pvc://").partition("/")
+        volume = {"name": "base-model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        return ["--model", f"{MODELS_DIR}-pvc/{path}".rstrip("/")], [], [volume]
+    return ["--model", f"{MODELS_DIR}/base"], [(base.uri.rstrip("/"), f"{MODELS_DIR}/base")], []
+
+
+def pool_vllm_compute(spec: ModelServerSpec, config: OperatorConfig) -> VllmCompute:
+    """Resources, placement and CPU settings of a pool replica: serving.vllm_compute, as a job's."""
+    placement = ResourcesSpec(node_selector=spec.node_selector, tolerations=spec.tolerations)
+    gpu_type = config.gpu_type(spec.gpu_type)
+    return vllm_compute(spec.gpus, spec.gpu_type, gpu_type, spec.resources, spec.extra_args, placement)
+
+
+def vllm_args(spec: ModelServerSpec, model_args: list[str], parallel: list[str]) -> list[str]:
+    extra = [str(a) for a in spec.extra_args or []]
+    args = [
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(VLLM_PORT),
+        *model_args,
+        "--served-model-name",
+        BASE_SERVED_NAME,
+        "--enable-lora",
+        "--max-lora-rank",
+        str(spec.max_lora_rank),
+    ]
+    if not any(a.split("=")[0] == "--max-loras" for a in extra):
+        args += ["--max-loras", str(min(spec.max_loras, MAX_LORAS_PER_BATCH))]
+    if not any(a.split("=")[0] == "--max-cpu-loras" for a in extra):
+        args += ["--max-cpu-loras", str(spec.max_loras)]
+    if spec.max_model_len:
+        args += ["--max-model-len", str(spec.max_model_len)]
+    return args + parallel + extra
+
+
+def pool_deployment(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
+    """vLLM with runtime LoRA loading and the adapter-router sidecar, `replicas` times."""
+    spec = pool.spec
+    compute = pool_vllm_compute(spec, config)
+    model_args, fetches, model_volumes = _model_args(spec)
+    scratch, scratch_mounts = scratch_volumes(config.defaults.shm_size)
+    models_mount = {"name": "models", "mountPath": MODELS_DIR, "readOnly": True}
+    vllm: dict[str, Any] = {
+        "name": VLLM_CONTAINER,
+        "image": config.images.vllm,
+        "imagePullPolicy": config.images.pull_policy,
+        "args": vllm_args(spec, model_args, compute.args),
+        "env": [
+            {"name": "HOME", "value": WORKDIR},
+            {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
+            {"name": "XDG_CACHE_HOME", "value": f"{WORKDIR}/.cache"},
+            {"name": "VLLM_CACHE_ROOT", "value": f"{WORKDIR}/.cache/vllm"},
+            {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
+            *compute.env,
+        ],
+        # Declared for the pod's own loopback only (no Service targets it).
+        "ports": [{"name": "vllm", "containerPort": VLLM_PORT, "protocol": "TCP"}],
+        "volumeMounts": [
+            *scratch_mounts,
+            models_mount,
+            {"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True},
+            *(
+                [{"name": "base-model", "mountPath": f"{MODELS_DIR}-pvc", "readOnly": True}]
+                if model_volumes
+                else []
+            ),
+        ],
+        "securityContext": container_security_context(),
+        # A vLLM that exits at start-up (bad args, too little memory) says why in the pod's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if spec.base_model.uri.startswith("hf://") and _credentials(spec):
+        vllm["envFrom"] = _credentials(spec)  # HF_TOKEN for a gated base model
+    if compute.resources:
+        vllm["resources"] = compute.resources
+
+    router = _trainer_container(config, spec, ROUTER_CONTAINER)
+    router.update(
+        {
+            "command": [*TRAINER_ENTRYPOINT[:2], ROUTER_MODULE],
+            "args": [
+                "--port",
+                str(ROUTER_PORT),
+                "--admin-port",
+                str(ADMIN_PORT),
+                "--vllm-url",
+                f"http://127.0.0.1:{VLLM_PORT}",
+                "--state-file",
+                f"{STATE_DIR}/{STATE_FILE}",
+                "--adapters-dir",
+                ADAPTERS_DIR,
+                *[arg for source in spec.adapter_sources for arg in ("--adapter-source", source)],
+            ],
+            "ports": [
+                {"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"},
+                {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+            ],
+            "volumeMounts": [
+                *scratch_mounts,
+                {"name": "adapters", "mountPath": ADAPTERS_DIR},
+                {"name": "state", "mountPath": STATE_DIR, "readOnly": True},
+            ],
+            # Ready = vLLM healthy and every adapter of the ConfigMap loaded (the router's /ready).
+            "readinessProbe": {
+                "httpGet": {"path": "/ready", "port": "admin"},
+                "periodSeconds": 2,
+                "failureThreshold": 2,
+            },
+            "livenessProbe": {
+                "httpGet": {"path": "/healthz", "port": "admin"},
+                "periodSeconds": 15,
+                "failureThreshold": 4,
+            },
+            "resources": {
+                "requests": {"cpu": config.defaults.init_cpu, "memory": config.defaults.init_memory},
+                "limits": {"memory": config.defaults.init_memory},
+            },
+        }
+    )
+    credentials = _credentials(spec)
+    init = [fetch_container(config, "fetch-base", source, dest, credentials) for source, dest in fetches]
+    pod_spec: dict[str, Any] = {
+        "securityContext": pod_security_context(config),
+        "initContainers": init,
+        "containers": [vllm, router],
+        "volumes": [
+            *scratch,
+            {"name": "models", "emptyDir": {}},
+            {"name": "adapters", "emptyDir": {}},
+            {"name": "state", "configMap": {"name": pool_name(pool.name)}},
+            *model_volumes,
+        ],
+        **(
+            {"serviceAccountName": spec.service_account_name}
+            if spec.service_account_name
+            else {"automountServiceAccountToken": False}
+        ),
+        **compute.placement,
+        **({"priorityClassName": spec.priority_class_name} if spec.priority_class_name else {}),
+    }
+    deployment_spec: dict[str, Any] = {
+        "replicas": spec.replicas,
+        "selector": {"matchLabels": selector_labels(pool)},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+        "template": {"metadata": {"labels": labels(pool)}, "spec": pod_spec},
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(pool, {ANNOTATION_SPEC_HASH: spec_hash(deployment_spec)}),
+        "spec": deployment_spec,
+    }
+
+
+def pool_service(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
+    """The OpenAI endpoint of the pool: the routers' public port only (never vLLM's, never admin)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(pool),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(pool),
+            "ports": [
+                {"name": "http", "port": config.defaults.vllm_port, "targetPort": "http", "protocol": "TCP"}
+            ],
+        },
+    }
+
+
+def pool_network_policy(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
+    """Ingress to the pool's pods: the public port from anywhere, the admin port (PUT /state loads adapters)
+    only from the operator's pods in the operator's namespace; vLLM listens on loopback only. With no
+    operator identity in the config, no pod may reach the admin port. Enforced by the CNI, not the API."""
+    ingress: list[dict[str, Any]] = [{"ports": [{"protocol": "TCP", "port": ROUTER_PORT}]}]
+    identity = config.operator
+    if identity.namespace and identity.pod_labels:
+        ingress.append(
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": identity.namespace}
+                        },
+                        "podSelector": {"matchLabels": dict(identity.pod_labels)},
+                    }
+                ],
+                "ports": [{"protocol": "TCP", "port": ADMIN_PORT}],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(pool),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(pool)},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+    }

@@ -1,0 +1,383 @@
+"""The ModelServer planner: observed pool (its children, its pods' adapter state, its attached FineTuneJobs)
+→ actions, the desired adapter state of every replica, the status and the Events. Pure, like planner.py.
+
+The version registry lives in `status.models[<modelName>]`: every FineTuneJob the job planner accepted (its
+gate and the champion comparison passed: `status.serving.state: Accepted`) gets the next version number, never
+reused (`lastVersion`), and is promoted on registration. The stable name serves the pinned version when
+`spec.models[<name>].pin` names a registered one, else the promoted one. What every replica loads: every
+serving, promoted or pinned version, then the most recently promoted others up to `maxLoras`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
+
+from finetune_operator.api.conditions import short, timestamp
+from finetune_operator.api.modelnames import version_name
+from finetune_operator.config import OperatorConfig
+from finetune_operator.finetunejob.plan import ChildPatch
+from finetune_operator.finetunepolicy import enforcement as policy
+from finetune_operator.finetunepolicy.enforcement import PolicyView
+from finetune_operator.modelserver import builders as modelserver
+from finetune_operator.modelserver.builders import PoolRef
+
+ACCEPTED = "Accepted"  # a job's status.serving.state once its gate and the champion comparison passed
+POLICY_CONDITION = "PolicyAllowed"  # FineTunePolicy serving rules (policy.server_refusal)
+
+
+@dataclass(frozen=True)
+class PoolObserved:
+    """Everything the operator saw of one ModelServer in one pass."""
+
+    pool: PoolRef
+    status: Mapping[str, Any]
+    deployment: Mapping[str, Any] | None
+    service: Mapping[str, Any] | None
+    configmap: Mapping[str, Any] | None
+    pods: Sequence[Mapping[str, Any]]
+    # pod name → what its router reports (GET /state); None: not reachable.
+    replicas: Mapping[str, Mapping[str, Any] | None]
+    jobs: Sequence[Mapping[str, Any]]  # every FineTuneJob of the namespace (deleted ones are absent)
+    generation: int = 0
+    network_policy: Mapping[str, Any] | None = None
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # The FineTunePolicies selecting the namespace, with the GPUs its other serving Deployments hold.
+    policy: PolicyView | None = None
+
+
+@dataclass(frozen=True)
+class PoolEvent:
+    type: str
+    reason: str
+    message: str
+    job: str | None = None  # also on this FineTuneJob
+
+
+@dataclass
+class PoolPlan:
+    create: list[dict[str, Any]] = field(default_factory=list)
+    patch: list[ChildPatch] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)  # the desired adapters and routes of every replica
+    push: dict[str, str] = field(default_factory=dict)  # pod name → pod IP: ready pods that differ
+    status: dict[str, Any] = field(default_factory=dict)  # the whole new status
+    registry_changed: bool = False  # versions assigned or dropped: written before anything is loaded
+    events: list[PoolEvent] = field(default_factory=list)
+
+
+def attached_jobs(jobs: Sequence[Mapping[str, Any]], pool: str) -> list[Mapping[str, Any]]:
+    """The FineTuneJobs naming `pool` in spec.deployment.server, oldest first."""
+    found = [j for j in jobs if ((j.get("spec") or {}).get("deployment") or {}).get("server") == pool]
+    return sorted(
+        found, key=lambda j: (str(j["metadata"].get("creationTimestamp") or ""), j["metadata"]["name"])
+    )
+
+
+def _accepted(job: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(modelName, adapter URI) of a job the job planner accepted for this pool, else None."""
+    status = job.get("status") or {}
+    serving = status.get("serving") or {}
+    adapter = (status.get("artifacts") or {}).get("adapter")
+    model = ((job.get("spec") or {}).get("deployment") or {}).get("modelName")
+    if (
+        serving.get("state") != ACCEPTED
+        or not adapter
+        or not model
+        or job["metadata"].get("deletionTimestamp")
+    ):
+        return None
+    return str(model), str(adapter)
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    if pod.get("metadata", {}).get("deletionTimestamp") or status.get("phase") != "Running":
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def pod_reachable(pod: Mapping[str, Any]) -> bool:
+    """Running with an IP (its router may still be loading): the operator asks it for its state."""
+    status = pod.get("status") or {}
+    return (
+        not pod.get("metadata", {}).get("deletionTimestamp")
+        and status.get("phase") == "Running"
+        and bool(status.get("podIP"))
+    )
+
+
+class PoolPlanner:
+    def __init__(self, o: PoolObserved, config: OperatorConfig) -> None:
+        self.o = o
+        self.config = config
+        self.out = PoolPlan()
+        self.now = timestamp(o.now)
+        self.policy_condition: dict[str, Any] | None = None
+        old_models = o.status.get("models") or {}
+        self.models: dict[str, dict[str, Any]] = {
+            name: {**model, "versions": [dict(v) for v in model.get("versions") or []]}
+            for name, model in old_models.items()
+        }
+
+    def event(self, type_: str, reason: str, message: str, job: str | None = None) -> None:
+        self.out.events.append(PoolEvent(type_, reason, short(message), job))
+
+    # --- the registry -------------------------------------------------------------------------------
+    def register(self) -> None:
+        """Accepted jobs get the next version and are promoted; deleted jobs' versions are dropped."""
+        registered = {v.get("jobUid") for m in self.models.values() for v in m["versions"]}
+        for job in attached_jobs(self.o.jobs, self.o.pool.name):
+            accepted = _accepted(job)
+            uid = str(job["metadata"]["uid"])
+            if accepted is None or uid in registered:
+                continue
+            name, adapter = accepted
+            model = self.models.setdefault(name, {"versions": [], "lastVersion": 0})
+            number = int(model.get("lastVersion") or 0) + 1
+            versioned = version_name(name, number)
+            model["lastVersion"] = number
+            model["versions"].append(
+                {
+                    "version": number,
+                    "name": versioned,
+                    "adapter": adapter,
+                    "job": job["metadata"]["name"],
+                    "jobUid": uid,
+                    "promotedAt": self.now,
+                    "loaded": True,
+                }
+            )
+            previous = model.get("promoted")
+            model["promoted"] = number
+            self.out.registry_changed = True
+            was = f" (was {version_name(name, int(previous))})" if previous else ""
+            self.event(
+                "Normal",
+                "Promoted",
+                f"{versioned} from FineTuneJob {job['metadata']['name']} is promoted: {name} serves it{was}",
+                job["metadata"]["name"],
+            )
+        self.drop_deleted()
+
+    def drop_deleted(self) -> None:
+        """A deleted job's versions are unloaded unless promoted or pinned (its artifacts stay in storage)."""
+        alive = {str(j["metadata"]["uid"]) for j in self.o.jobs if not j["metadata"].get("deletionTimestamp")}
+        for name, model in self.models.items():
+            pin = self.o.pool.spec.pin(name)
+            kept = []
+            for version in model["versions"]:
+                gone = version.get("jobUid") and version["jobUid"] not in alive
+                if gone and version["version"] not in (model.get("promoted"), pin):
+                    self.out.registry_changed = True
+                    self.event(
+                        "Normal",
+                        "Unloaded",
+                        f"{version['name']} is unloaded: its FineTuneJob {version.get('job')} was deleted "
+                        f"(the adapter stays at {version['adapter']})",
+                    )
+                    continue
+                kept.append(version)
+            model["versions"] = kept
+
+    def route(self) -> dict[str, str]:
+        """stable name → versioned name (pin, else promoted); records pinned/serving and rollback Events."""
+        routes: dict[str, str] = {}
+        for name, model in sorted(self.models.items()):
+            numbers = {v["version"]: v for v in model["versions"]}
+            old_serving = model.get("serving")
+            pin = self.o.pool.spec.pin(name)
+            if pin is not None and pin not in numbers:
+                self.event(
+                    "Warning",
+                    "PinUnknown",
+                    f"spec.models.{name}.pin: {version_name(name, pin)} is not a registered version "
+                    f"(known: {', '.join(v['name'] for v in model['versions']) or 'none'}); "
+                    "serving the promoted one",
+                )
+                pin = None
+            model["pinned"] = pin
+            serving = pin if pin is not None else model.get("promoted")
+            if serving not in numbers:
+                serving = None
+            model["serving"] = serving
+            if serving is None:
+                continue
+            routes[name] = numbers[serving]["name"]
+            if old_serving is not None and serving != old_serving and self.o.status.get("models"):
+                if pin is not None:
+                    self.event("Normal", "RolledBack", f"{name} now serves {routes[name]} (pinned)")
+                elif old_serving == (self.o.status.get("models") or {}).get(name, {}).get("pinned"):
+                    self.event("Normal", "Unpinned", f"{name} serves the promoted {routes[name]} again")
+        return routes
+
+    def limit(self) -> dict[str, str]:
+        """versioned name → adapter of what every replica loads: needed ones, then by recency, ≤ maxLoras."""
+        needed: list[dict[str, Any]] = []
+        others: list[dict[str, Any]] = []
+        spec = self.o.pool.spec
+        for model in self.models.values():
+            keep = {model.get("serving"), model.get("promoted"), model.get("pinned")}
+            for version in model["versions"]:
+                if spec.adapter_source_of(str(version["adapter"])) is None:
+                    # adapterSources narrowed since: the routers would refuse the whole state
+                    if version.get("loaded", True):
+                        version["loaded"] = False
+                        version["unloadedReason"] = "its adapter is not under spec.adapterSources"
+                        self.event("Warning", "Unloaded", f"{version['name']}: {version['unloadedReason']}")
+                    continue
+                (needed if version["version"] in keep else others).append(version)
+        others.sort(key=lambda v: str(v.get("promotedAt") or ""), reverse=True)
+        room = max(0, self.o.pool.spec.max_loras - len(needed))
+        loaded = needed + others[:room]
+        for version in others[room:]:
+            if version.get("loaded", True):
+                version["loaded"] = False
+                version["unloadedReason"] = (
+                    f"maxLoras {self.o.pool.spec.max_loras}: least recently promoted, "
+                    "neither serving nor pinned"
+                )
+                self.event(
+                    "Normal", "Unloaded", f"{version['name']} is unloaded: {version['unloadedReason']}"
+                )
+        for version in loaded:
+            if not version.get("loaded", True):
+                self.event("Normal", "Reloading", f"{version['name']} is loaded again")
+            version["loaded"] = True
+            version.pop("unloadedReason", None)
+        return {v["name"]: v["adapter"] for v in loaded}
+
+    # --- children -----------------------------------------------------------------------------------
+    def children(self, state: Mapping[str, Any]) -> None:
+        pool, name = self.o.pool, modelserver.pool_name(self.o.pool.name)
+        wanted_map = modelserver.state_configmap(pool, state)
+        if self.o.configmap is None:
+            self.out.create.append(wanted_map)
+        elif (self.o.configmap.get("data") or {}) != wanted_map["data"]:
+            self.out.patch.append(ChildPatch("ConfigMap", name, {"data": wanted_map["data"]}))
+        if self.o.service is None:
+            self.out.create.append(modelserver.pool_service(pool, self.config))
+        policy = modelserver.pool_network_policy(pool, self.config)
+        if self.o.network_policy is None:
+            self.out.create.append(policy)
+        elif self.o.network_policy.get("spec") != policy["spec"]:
+            self.out.patch.append(ChildPatch("NetworkPolicy", name, {"spec": policy["spec"]}))
+        desired = modelserver.pool_deployment(pool, self.config)
+        if not self.policy_allows():
+            return  # a refused Deployment is neither created nor grown; what runs keeps running
+        if self.o.deployment is None:
+            self.out.create.append(desired)
+            note = modelserver.pool_vllm_compute(pool.spec, self.config).note
+            if note:  # a GPU type without GPUs in this operator's table: served on CPU, said once
+                self.event("Warning", "ServingOnCpu", note)
+        elif _hash(self.o.deployment) != _hash(desired):
+            self.out.patch.append(ChildPatch("Deployment", name, _rollout(desired), patch_type="json"))
+
+    def policy_allows(self) -> bool:
+        """FineTunePolicy serving rules: condition PolicyAllowed, one Warning Event per new refusal."""
+        refused = policy.server_refusal(self.o.pool.spec, self.o.deployment, self.o.policy, self.config)
+        conditions = self.o.status.get("conditions") or []
+        old = next((c for c in conditions if c.get("type") == POLICY_CONDITION), None)
+        if refused is None and old is None and self.o.policy is None:
+            return True
+        status, reason, message = (
+            ("True", "Allowed", "allowed by FineTunePolicy")
+            if refused is None
+            else (
+                "False",
+                *refused,
+            )
+        )
+        kept = old.get("lastTransitionTime") if old and old.get("status") == status else None
+        self.policy_condition = {
+            "type": POLICY_CONDITION,
+            "status": status,
+            "reason": reason,
+            "message": short(message),
+            "lastTransitionTime": kept or self.now,
+            "observedGeneration": self.o.generation or None,
+        }
+        if refused is not None and (old or {}).get("message") != self.policy_condition["message"]:
+            self.event("Warning", reason, message)
+        return refused is None
+
+    def replicas(self, state: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Per pod: what its router holds; ready pods that differ from `state` get it pushed."""
+        rows = []
+        for pod in sorted(self.o.pods, key=lambda p: str(p["metadata"]["name"])):
+            pod_name = str(pod["metadata"]["name"])
+            reported = self.o.replicas.get(pod_name)
+            if not pod_reachable(pod) or reported is None:
+                continue
+            loaded = sorted((reported.get("loaded") or {}).keys())
+            routes = dict(reported.get("routes") or {})
+            in_sync = loaded == sorted(state["adapters"]) and routes == state["routes"]
+            if reported.get("ready") and not in_sync:
+                self.out.push[pod_name] = str(pod["status"]["podIP"])
+            rows.append(
+                {
+                    "pod": pod_name,
+                    "loaded": loaded,
+                    "routes": routes or None,
+                    "ready": bool(reported.get("ready")) and pod_ready(pod),
+                    "inSync": in_sync,
+                }
+            )
+        return rows
+
+    def run(self) -> PoolPlan:
+        self.register()
+        routes = self.route()
+        adapters = self.limit()
+        routes = {model: target for model, target in routes.items() if target in adapters}
+        state = modelserver.desired_state(adapters, routes)
+        self.out.state = state
+        self.children(state)
+        rows = self.replicas(state)
+        ready = sum(1 for r in rows if r["ready"] and r["inSync"])
+        serving = ", ".join(f"{m}={r.rsplit('-', 1)[-1]}" for m, r in sorted(routes.items()))
+        self.out.status = {
+            "observedGeneration": self.o.generation or None,
+            "readyReplicas": ready,
+            "replicas": [
+                {k: v for k, v in r.items() if k in ("pod", "loaded", "routes", "ready")} for r in rows
+            ]
+            or None,
+            "models": self.models or None,
+            "modelNames": short(serving, 256) or None,
+            "endpoint": modelserver.endpoint_url(self.o.pool, self.config),
+            "message": f"{ready}/{self.o.pool.spec.replicas} replicas ready with every adapter loaded",
+        }
+        if self.policy_condition is not None:
+            others = [c for c in self.o.status.get("conditions") or [] if c.get("type") != POLICY_CONDITION]
+            self.out.status["conditions"] = [*others, self.policy_condition]
+            if self.policy_condition["status"] == "False":
+                self.out.status["message"] = self.policy_condition["message"]
+        return self.out
+
+
+def _hash(manifest: Mapping[str, Any]) -> Any:
+    return ((manifest.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
+
+
+def _rollout(desired: Mapping[str, Any]) -> list[dict[str, Any]]:
+    key = ANNOTATION_SPEC_HASH.replace("~", "~0").replace("/", "~1")
+    return [
+        {"op": "add", "path": f"/metadata/annotations/{key}", "value": _hash(desired)},
+        {"op": "replace", "path": "/spec/replicas", "value": desired["spec"]["replicas"]},
+        {"op": "replace", "path": "/spec/template", "value": desired["spec"]["template"]},
+    ]
+
+
+def plan_pool(observed: PoolObserved, config: OperatorConfig) -> PoolPlan:
+    """Next actions, desired replica state, status and Events for one ModelServer."""
+    return PoolPlanner(observed, config).run()
+
+
+def loaded_everywhere(status: Mapping[str, Any], name: str) -> tuple[int, int]:
+    """(ready replicas holding `name`, ready replicas) from a ModelServer status."""
+    rows = [r for r in status.get("replicas") or [] if r.get("ready")]
+    return sum(1 for r in rows if name in (r.get("loaded") or [])), len(rows)
