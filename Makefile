@@ -15,7 +15,7 @@ export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 help:
 	@echo "make demo          run the main job on the embedded local cluster"
 	@echo "make test          run every test (installs what it needs)"
-	@echo "make lint          ruff + mypy (strict on the vocabulary and the operator)"
+	@echo "make lint          ruff + mypy (strict on the vocabulary and the operator) + the import layers (.importlinter)"
 	@echo "make crds          regenerate crds/ (and the chart's FineTunePolicy admission policy) from the models"
 	@echo "make golden        regenerate tests/golden (every child manifest, canonical YAML); review with git diff"
 	@echo "make local-cluster start the embedded cluster in the foreground"
@@ -74,6 +74,7 @@ test-emulator: venv tools
 lint: venv
 	$(VENV)/bin/ruff check vocabulary operator trainer-image dev tests benchmarks
 	$(VENV)/bin/mypy vocabulary/finetune_vocabulary operator/finetune_operator
+	$(VENV)/bin/lint-imports
 
 crds: venv
 	$(PY) -m finetune_operator.api.crdgen crds/

@@ -13,10 +13,11 @@ import pytest
 from finetune_operator.api.conditions import Reason
 from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.config import load_config
-from finetune_operator.finetunejob.plan import Event, Observed, Plan
+from finetune_operator.finetunejob.plan import Observed, Plan
 from finetune_operator.finetunejob.planner import plan
 from finetune_operator.finetunejob.ref import JobRef
 from finetune_operator.finetunepolicy.enforcement import PolicyView
+from finetune_operator.k8s.actions import Event
 
 from .ftj_factory import job, pending_pod, terminated_pod, with_status
 

@@ -15,6 +15,7 @@ from finetune_vocabulary.labels import LABEL_QUEUE
 from finetune_operator.api.finetunejob import spec_to_dict
 from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.config import GpuType, OperatorConfig
+from finetune_operator.containers.trainer import OOM_KILLED_EXIT_CODE, TERMINATION_LOG, TRAINER_CONTAINER
 from finetune_operator.finetunejob import distributed
 from finetune_operator.finetunejob.ref import JobRef
 from finetune_operator.finetunejob.tracking import credentials_env, resolved
@@ -32,12 +33,6 @@ from finetune_operator.k8s.pods import (
     scratch_volumes,
     service_account,
 )
-
-TRAINER_CONTAINER = "trainer"
-TERMINATION_LOG = "/dev/termination-log"
-# What a container killed by the kernel's OOM killer (SIGKILL) exits with; kubelet reports reason OOMKilled,
-# but a podFailurePolicy can match only exit codes and pod conditions, so the rule matches 137.
-OOM_KILLED_EXIT_CODE = 137
 
 
 def trainer_config(job: JobRef, config: OperatorConfig) -> dict[str, Any]:

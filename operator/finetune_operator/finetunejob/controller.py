@@ -31,16 +31,17 @@ from typing import Any
 import aiohttp
 
 from finetune_operator.api.finetunejob_status import Phase, Stage
+from finetune_operator.containers.trainer import TRAINER_CONTAINER
 from finetune_operator.context import Context, JobRecord, resource_version, snapshot, stage_of
 from finetune_operator.finetunejob import distributed
-from finetune_operator.finetunejob.builders import TRAINER_CONTAINER
-from finetune_operator.finetunejob.plan import Event, Observed, Plan
+from finetune_operator.finetunejob.plan import Observed, Plan
 from finetune_operator.finetunejob.planner import plan
 from finetune_operator.finetunejob.ref import JobRef, ObjectRef
 from finetune_operator.finetunejob.stages import STAGES
 from finetune_operator.finetunepolicy import enforcement as policy
 from finetune_operator.k8s import client as kube
 from finetune_operator.k8s import events, ownership
+from finetune_operator.k8s.actions import Event
 from finetune_operator.k8s.observe import disrupted_pods, parse_time
 
 log = logging.getLogger(__name__)

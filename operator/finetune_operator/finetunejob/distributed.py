@@ -29,6 +29,7 @@ from finetune_vocabulary.exitcodes import ExitCode
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.config import GpuType
+from finetune_operator.containers.trainer import TRAINER_CONTAINER
 from finetune_operator.finetunejob.ref import JobRef
 from finetune_operator.k8s.naming import (
     CHILD_HASH_LEN,
@@ -187,8 +188,6 @@ def _gang_failure_policy(policy: Mapping[str, Any]) -> dict[str, Any]:
     """A pod that stopped because its gang was disrupted (SIGTERM agreed by every rank: checkpoint committed,
     exit PREEMPTED) does not spend the retry budget: only the disruption itself is the event (the evicted
     pod, ignored by the DisruptionTarget rule), so one eviction counts as one retry."""
-    from finetune_operator.finetunejob.builders import TRAINER_CONTAINER
-
     rules = list(policy["rules"])
     preempted = {
         "action": "Ignore",

@@ -10,6 +10,7 @@ from typing import Any
 from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.finetunejob.ref import ObjectRef
 from finetune_operator.finetunepolicy.enforcement import PolicyView
+from finetune_operator.k8s.actions import ChildDelete, ChildPatch, Event
 
 
 @dataclass(frozen=True)
@@ -39,25 +40,10 @@ class Observed:
     server: Mapping[str, Any] | None = None
 
 
-@dataclass(frozen=True)
-class ChildPatch:
-    kind: str  # "Job" | "Deployment"
-    name: str
-    patch: Any
-    patch_type: str = "merge"  # "merge" | "json"
 
 
-@dataclass(frozen=True)
-class ChildDelete:
-    kind: str  # "Deployment" | "Service"
-    name: str
 
 
-@dataclass(frozen=True)
-class Event:
-    type: str  # "Normal" | "Warning"
-    reason: str
-    message: str
 
 
 @dataclass
@@ -73,12 +59,3 @@ class Plan:
         return len(self.create) + len(self.patch) + len(self.delete) + len(self.events) + bool(self.status)
 
 
-def diff_status(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """A JSON merge patch turning `old` into `new` (top-level keys; None deletes)."""
-    patch: dict[str, Any] = {}
-    for key, value in new.items():
-        if key == "kopf":
-            continue
-        if old.get(key) != value and not (value is None and key not in old):
-            patch[key] = value
-    return patch

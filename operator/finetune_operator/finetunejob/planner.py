@@ -24,25 +24,13 @@ from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.config import ConfigError, OperatorConfig
 from finetune_operator.finetunejob import distributed, pooljob, serving, tracking
 from finetune_operator.finetunejob.accounting import gpu_hours_spent, restarts
-from finetune_operator.finetunejob.plan import (
-    ChildDelete,
-    ChildPatch,
-    Event,
-    Observed,
-    Plan,
-    diff_status,
-)
+from finetune_operator.finetunejob.outcome import JobOutcome, failure_reason, job_outcome
+from finetune_operator.finetunejob.plan import Observed, Plan
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.finetunejob.stages import ROWS, STAGES, StageRow
 from finetune_operator.finetunepolicy import enforcement as policy
-from finetune_operator.k8s.observe import (
-    JobOutcome,
-    deployment_available,
-    failure_reason,
-    finite,
-    job_outcome,
-    pod_problem,
-)
+from finetune_operator.k8s.actions import ChildDelete, ChildPatch, Event, diff_status
+from finetune_operator.k8s.observe import deployment_available, finite, pod_problem
 
 # Pod problems worth a Warning Event each time their message changes (not only on a phase change).
 REPEATED_WARNINGS = (

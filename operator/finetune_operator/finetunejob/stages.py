@@ -19,9 +19,10 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunejob import builders, pooljob, serving
 from finetune_operator.finetunejob.accounting import gpu_hours_estimate
 from finetune_operator.finetunejob.gate import evaluate_gate, primary_metric
-from finetune_operator.finetunejob.plan import Event
+from finetune_operator.finetunejob.outcome import JobOutcome, metric_values
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
-from finetune_operator.k8s.observe import JobOutcome, finite, metric_values
+from finetune_operator.k8s.actions import Event
+from finetune_operator.k8s.observe import finite
 
 if TYPE_CHECKING:
     from finetune_operator.finetunejob.planner import Pipeline

@@ -25,7 +25,7 @@ from finetune_operator.api.finetunejob import API_VERSION, ResourcesSpec
 from finetune_operator.api.modelnames import BASE_SERVED_NAME
 from finetune_operator.api.modelserver import KIND, ModelServerSpec
 from finetune_operator.config import OperatorConfig
-from finetune_operator.finetunejob.serving import VllmCompute, fetch_container, vllm_compute
+from finetune_operator.containers.vllm import VllmCompute, fetch_container, vllm_compute
 from finetune_operator.k8s.naming import (
     HASH_MARKER,
     MAX_LABEL,

@@ -20,9 +20,9 @@ from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
 from finetune_operator.api.conditions import short, timestamp
 from finetune_operator.api.modelnames import version_name
 from finetune_operator.config import OperatorConfig
-from finetune_operator.finetunejob.plan import ChildPatch
 from finetune_operator.finetunepolicy import enforcement as policy
 from finetune_operator.finetunepolicy.enforcement import PolicyView
+from finetune_operator.k8s.actions import ChildPatch
 from finetune_operator.modelserver import builders as modelserver
 from finetune_operator.modelserver.builders import PoolRef
 
