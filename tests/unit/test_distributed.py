@@ -28,7 +28,7 @@ def _env(manifest: dict[str, Any]) -> dict[str, str]:
 def _rendered(**resources: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     ref = job(resources={"gpus": 4, "nodes": 2, **resources})
     train = builders.training_job(ref, CONFIG)
-    return train, distributed.headless_service(ref, train)
+    return train, distributed.headless_service(ref)
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)

@@ -11,7 +11,14 @@ from finetune_vocabulary.images import TRAINER_ENTRYPOINT
 
 from finetune_operator.api.sections import DeploymentResources, ResourcesSpec
 from finetune_operator.config import GpuType, OperatorConfig
-from finetune_operator.k8s.pods import WORKDIR, container_security_context, gpu_placement, resource_block
+from finetune_operator.k8s.manifests import EnvFromSource, ResourceRequirements
+from finetune_operator.k8s.pods import (
+    WORKDIR,
+    Placement,
+    container_security_context,
+    gpu_placement,
+    resource_block,
+)
 
 VLLM_CONTAINER = "vllm"
 
@@ -75,8 +82,8 @@ class VllmCompute:
     gpus: int  # GPUs it gets: 0 on a GPU type without GPUs, whatever was asked
     env: list[dict[str, str]]  # on CPU: the KV cache size, from the replica's own memory limit
     args: list[str]  # --tensor-parallel-size across the replica's GPUs
-    resources: dict[str, dict[str, str]]
-    placement: dict[str, Any]  # the GPU type's nodeSelector and tolerations (none on CPU), then the user's
+    resources: ResourceRequirements
+    placement: Placement  # the GPU type's nodeSelector and tolerations (none on CPU), then the user's
     note: str | None  # why GPUs that were asked for are not used
 
 
@@ -109,7 +116,7 @@ def vllm_compute(
 
 
 def fetch_container(
-    config: OperatorConfig, name: str, source: str, dest: str, env_from: list[dict[str, Any]]
+    config: OperatorConfig, name: str, source: str, dest: str, env_from: list[EnvFromSource]
 ) -> dict[str, Any]:
     """An init container that fetches a model into the pod (per-job Deployments and ModelServer pools)."""
     container: dict[str, Any] = {

@@ -1,27 +1,36 @@
 """Pure manifest builders for a FineTuneJob's Jobs, one per pipeline stage (validate, train, evaluate,
-export). Each takes the job (its parsed spec) and the operator config and returns a plain dict; nothing here
-talks to the API. Shared pieces (labels, placement, volumes) are in podspec.py, serving in serving.py.
+export). Each takes the job (its parsed spec), the operator config and what was decided before the Job is
+built (the training's spread, the evaluation's champion), and returns a typed Job (k8s/manifests.py);
+nothing here talks to the API. Shared pieces (labels, placement, volumes) are in k8s/pods.py, the trainer
+container in containers/trainer.py, serving in serving.py.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from finetune_vocabulary.exitcodes import PERMANENT_EXIT_CODES
-from finetune_vocabulary.images import TRAINER_ENTRYPOINT
 from finetune_vocabulary.labels import LABEL_QUEUE
 
 from finetune_operator.api.finetunejob import spec_to_dict
 from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.config import GpuType, OperatorConfig
-from finetune_operator.containers.trainer import OOM_KILLED_EXIT_CODE, TERMINATION_LOG, TRAINER_CONTAINER
+from finetune_operator.containers.trainer import (
+    TERMINATION_LOG,
+    TrainerContainer,
+    pod_failure_policy,
+    trainer_container,
+)
 from finetune_operator.finetunejob import distributed
 from finetune_operator.finetunejob.ref import JobRef
 from finetune_operator.finetunejob.tracking import credentials_env, resolved
+from finetune_operator.k8s.manifests import EnvVar, Job, JobSpec, PodSpec, ResourceRequirements
 from finetune_operator.k8s.pods import (
     WORKDIR,
-    container_security_context,
+    Placement,
+    PodPriority,
     credentials_env_from,
     gpu_placement,
     labels,
@@ -35,27 +44,55 @@ from finetune_operator.k8s.pods import (
 )
 
 
-def trainer_config(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
+def trainer_config(
+    job: JobRef,
+    config: OperatorConfig,
+    *,
+    strategy: str | None = None,
+    champion: tuple[str, str] | None = None,
+) -> dict[str, Any]:
     """The FTJ_CONFIG document (CONTRACT.md): the spec as the API server stores it, defaults applied, plus
-    the platform's policy the spec cannot change."""
-    document = {
+    the platform's policy the spec cannot change. `strategy`: the resolved hyperparameters.strategy of a
+    training over several ranks (distributed.Spread); `champion`: (name, adapter) of the version serving the
+    job's model name, which the evaluation scores beside tuned and base."""
+    spec = spec_to_dict(job.spec)
+    if strategy is not None:
+        spec.setdefault("hyperparameters", {})["strategy"] = strategy
+    document: dict[str, Any] = {
         "runPrefix": job.run_prefix,
         "job": {"namespace": job.namespace, "name": job.name, "uid": job.uid},
-        "spec": spec_to_dict(job.spec),
+        "spec": spec,
         "referencePolicy": {"allowPlainHttpHosts": list(config.reference.allow_plain_http_hosts)},
     }
     tracking = resolved(job, config)
     if tracking is not None:
         document["tracking"] = tracking
+    if champion is not None:
+        document["champion"] = {"name": champion[0], "adapter": champion[1]}
     return document
 
 
-def _trainer_env(job: JobRef, stage: Stage, config: OperatorConfig) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        {
-            "name": "FTJ_CONFIG",
-            "value": json.dumps(trainer_config(job, config), sort_keys=True, separators=(",", ":")),
-        },
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage Job is built from besides the spec and the operator config, decided before it is built."""
+
+    resources: ResourceRequirements
+    placement: Placement
+    backoff_limit: int
+    shm: str | None
+    spread: distributed.Spread | None = None  # training over several ranks
+    champion: tuple[str, str] | None = None  # evaluation: (name, adapter) serving the model name now
+    extra_labels: Mapping[str, str] = field(default_factory=dict)
+    active_deadline_seconds: int | None = None
+    suspend: bool = False
+
+
+def _trainer_env(job: JobRef, stage: Stage, config: OperatorConfig, inputs: StageInputs) -> list[EnvVar]:
+    document = trainer_config(
+        job, config, strategy=inputs.spread.strategy if inputs.spread else None, champion=inputs.champion
+    )
+    env: list[EnvVar] = [
+        {"name": "FTJ_CONFIG", "value": json.dumps(document, sort_keys=True, separators=(",", ":"))},
         {"name": "FTJ_TERMINATION_LOG", "value": TERMINATION_LOG},
         {"name": "FTJ_WORKDIR", "value": WORKDIR},
         {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
@@ -78,156 +115,118 @@ def _trainer_env(job: JobRef, stage: Stage, config: OperatorConfig) -> list[dict
 # --- Jobs --------------------------------------------------------------------------------------
 
 
-def pod_failure_policy() -> dict[str, Any]:
-    """Every stage: evictions and preemptions do not spend the retry budget; bad data, bad config and OOM
-    (the trainer's own code 12, or the kernel's OOM kill, exit 137) fail the Job at once."""
-    return {
-        "rules": [
-            # First, so a pod killed (137) after a preemption's grace period is still only a disruption.
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            {
-                "action": "FailJob",
-                "onExitCodes": {
-                    "containerName": TRAINER_CONTAINER,
-                    "operator": "In",
-                    "values": [*(int(code) for code in PERMANENT_EXIT_CODES), OOM_KILLED_EXIT_CODE],
-                },
-            },
-        ]
-    }
-
-
-def _trainer_container(
-    job: JobRef, config: OperatorConfig, stage: Stage, resources: dict[str, dict[str, str]], shm: str | None
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    volumes, mounts = scratch_volumes(shm)
+def _pod_spec(job: JobRef, config: OperatorConfig, stage: Stage, inputs: StageInputs) -> PodSpec:
+    volumes, mounts = scratch_volumes(inputs.shm)
     claim_volumes, claim_mounts, claim_env = pvc_volumes(job)
-    container: dict[str, Any] = {
-        "name": TRAINER_CONTAINER,
-        "image": config.images.trainer,
-        "imagePullPolicy": config.images.pull_policy,
-        # Also with several GPUs: the CLI relaunches `train` under torch.distributed.run itself and exits with
-        # rank 0's contract code; a torchrun wrapper would turn OUT_OF_MEMORY/PREEMPTED into exit 1.
-        "command": [*TRAINER_ENTRYPOINT, stage.value],
-        "env": _trainer_env(job, stage, config) + claim_env,
-        "volumeMounts": mounts + claim_mounts,
-        "securityContext": container_security_context(),
-        "terminationMessagePath": TERMINATION_LOG,
-        # The trainer writes its JSON summary there; if it dies before, the log tail explains why.
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    env_from = credentials_env_from(job)
-    if env_from:
-        container["envFrom"] = env_from
-    if resources:
-        container["resources"] = resources
-    return container, volumes + claim_volumes
-
-
-def _stage_job(
-    job: JobRef,
-    config: OperatorConfig,
-    stage: Stage,
-    *,
-    resources: dict[str, dict[str, str]],
-    placement: dict[str, Any],
-    backoff_limit: int,
-    shm: str | None,
-    extra_spec: dict[str, Any] | None = None,
-    extra_labels: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    container, volumes = _trainer_container(job, config, stage, resources, shm)
-    pod_spec: dict[str, Any] = {
+    spread = inputs.spread
+    container = trainer_container(
+        TrainerContainer(
+            image=config.images.trainer,
+            pull_policy=config.images.pull_policy,
+            stage=stage.value,
+            env=[*_trainer_env(job, stage, config, inputs), *claim_env, *(spread.env if spread else ())],
+            mounts=mounts + claim_mounts,
+            resources=inputs.resources,
+            env_from=credentials_env_from(job),
+            ports=spread.ports if spread else (),
+        )
+    )
+    pod: PodSpec = {
         "restartPolicy": "Never",
         "securityContext": pod_security_context(config),
         "containers": [container],
-        "volumes": volumes,
-        **service_account(job),
-        **placement,
-        **(priority_class(job) if stage is not Stage.VALIDATE else {}),
+        "volumes": volumes + claim_volumes,
     }
-    job_spec: dict[str, Any] = {
-        "backoffLimit": backoff_limit,
-        "podFailurePolicy": pod_failure_policy(),
-        "template": {"metadata": {"labels": labels(job, stage) | (extra_labels or {})}, "spec": pod_spec},
-        **(extra_spec or {}),
+    priority: PodPriority = priority_class(job) if stage is not Stage.VALIDATE else {}
+    pod = {**pod, **service_account(job), **inputs.placement, **priority}
+    if spread is not None and spread.name is not None:
+        pod["subdomain"] = spread.name  # the headless Service: stable per-pod hostnames
+    return pod
+
+
+def _stage_job(job: JobRef, config: OperatorConfig, stage: Stage, inputs: StageInputs) -> Job:
+    spread = inputs.spread
+    job_labels = labels(job, stage) | dict(inputs.extra_labels)
+    job_spec: JobSpec = {
+        "backoffLimit": inputs.backoff_limit,
+        "podFailurePolicy": pod_failure_policy(gang=spread is not None and spread.nodes > 1),
+        "template": {"metadata": {"labels": job_labels}, "spec": _pod_spec(job, config, stage, inputs)},
     }
+    if inputs.active_deadline_seconds:
+        job_spec["activeDeadlineSeconds"] = inputs.active_deadline_seconds
+    if inputs.suspend:
+        job_spec["suspend"] = True  # Kueue admits a queued Job by unsuspending it.
     if config.defaults.pod_replacement_policy:
         # A replacement starts only once the old pod is gone, so two trainers never write one checkpoint.
         job_spec["podReplacementPolicy"] = "Failed"
-    manifest_meta = metadata(job, stage)
-    manifest_meta["labels"] = manifest_meta["labels"] | (extra_labels or {})
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": manifest_meta, "spec": job_spec}
+    if spread is not None and spread.nodes > 1:
+        job_spec["completionMode"] = "Indexed"
+        job_spec["completions"] = job_spec["parallelism"] = spread.nodes
+    meta = metadata(job, stage)
+    meta["labels"] = dict(job_labels)  # a copy: one object twice in a manifest is a YAML alias
+    if spread is not None and spread.name is not None:
+        meta["name"] = spread.name
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
 
 
 def _gpu_type(config: OperatorConfig, job: JobRef) -> GpuType:
     return config.gpu_type(job.spec.resources.gpu_type)
 
 
-def validation_job(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
+def validation_job(job: JobRef, config: OperatorConfig) -> Job:
     """CPU-only: it never requests a GPU, whatever the spec asks for training."""
     cpu_only = config.gpu_types.get("cpu") or _gpu_type(config, job)
-    return _stage_job(
-        job,
-        config,
-        Stage.VALIDATE,
+    inputs = StageInputs(
         resources=resource_block(config.defaults.validate_cpu, config.defaults.validate_memory, 0, cpu_only),
         placement={},
         backoff_limit=config.defaults.validate_backoff_limit,
         shm=None,
     )
+    return _stage_job(job, config, Stage.VALIDATE, inputs)
 
 
-def training_job(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
+def training_job(job: JobRef, config: OperatorConfig) -> Job:
+    """Several GPUs or nodes: torchrun in each pod; an Indexed Job with one pod per node (distributed.py)."""
     resources = job.spec.resources
     gpu_type = _gpu_type(config, job)
-    extra_spec: dict[str, Any] = {}
-    if job.spec.active_deadline_seconds:
-        extra_spec["activeDeadlineSeconds"] = job.spec.active_deadline_seconds
-    if resources.queue_name:
-        extra_spec["suspend"] = True  # Kueue admits a queued Job by unsuspending it.
-    single = _stage_job(
-        job,
-        config,
-        Stage.TRAIN,
+    inputs = StageInputs(
         resources=resource_block(resources.cpu, resources.memory, resources.gpus, gpu_type),
         placement=gpu_placement(gpu_type, resources.gpus, resources),
         backoff_limit=job.spec.max_retries,
         shm=config.defaults.shm_size,
-        extra_spec=extra_spec,
-        extra_labels={LABEL_QUEUE: resources.queue_name} if resources.queue_name else None,
+        spread=distributed.spread(job, distributed.parallelism(job.spec, gpu_type)),
+        extra_labels={LABEL_QUEUE: resources.queue_name} if resources.queue_name else {},
+        active_deadline_seconds=job.spec.active_deadline_seconds,
+        suspend=bool(resources.queue_name),
     )
-    # several GPUs or nodes: torchrun in each pod; an Indexed Job with one pod per node (distributed.py)
-    return distributed.distribute(single, job, distributed.parallelism(job.spec, gpu_type))
+    return _stage_job(job, config, Stage.TRAIN, inputs)
 
 
-def evaluation_job(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
-    """One GPU of the training type when training had GPUs (generation for tuned and base)."""
+def evaluation_job(job: JobRef, config: OperatorConfig, champion: tuple[str, str] | None = None) -> Job:
+    """One GPU of the training type when training had GPUs (generation for tuned and base); with a
+    `champion` (name, adapter), its FTJ_CONFIG names the serving version to score too."""
     resources = job.spec.resources
     gpus = min(resources.gpus, 1)
     gpu_type = _gpu_type(config, job)
-    return _stage_job(
-        job,
-        config,
-        Stage.EVALUATE,
+    inputs = StageInputs(
         resources=resource_block(resources.cpu, resources.memory, gpus, gpu_type),
         placement=gpu_placement(gpu_type, gpus, resources),
         backoff_limit=job.spec.max_retries,
         shm=config.defaults.shm_size if gpus else None,
+        champion=champion,
     )
+    return _stage_job(job, config, Stage.EVALUATE, inputs)
 
 
-def export_job(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
+def export_job(job: JobRef, config: OperatorConfig) -> Job:
     """Merge the adapter into the base weights (for merged serving of a LoRA/QLoRA run)."""
     resources = job.spec.resources
     gpus = min(resources.gpus, 1)
     gpu_type = _gpu_type(config, job)
-    return _stage_job(
-        job,
-        config,
-        Stage.EXPORT,
+    inputs = StageInputs(
         resources=resource_block(resources.cpu, resources.memory, gpus, gpu_type),
         placement=gpu_placement(gpu_type, gpus, resources),
         backoff_limit=job.spec.max_retries,
         shm=None,
     )
+    return _stage_job(job, config, Stage.EXPORT, inputs)

@@ -24,20 +24,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_vocabulary import distributed as vocab
-from finetune_vocabulary.exitcodes import ExitCode
+from finetune_vocabulary.labels import LABEL_QUEUE
 
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.config import GpuType
-from finetune_operator.containers.trainer import TRAINER_CONTAINER
 from finetune_operator.finetunejob.ref import JobRef
-from finetune_operator.k8s.naming import (
-    CHILD_HASH_LEN,
-    HASH_MARKER,
-    MAX_LABEL,
-    child_name,
-    short_hash,
-)
+from finetune_operator.k8s.manifests import ContainerPort, EnvVar, Service
+from finetune_operator.k8s.naming import MAX_LABEL, child_name
+from finetune_operator.k8s.pods import metadata, selector_labels
 
 # Full fine-tuning with AdamW in mixed precision holds ~16 bytes per parameter (bf16 weights and gradients,
 # fp32 master weights, two fp32 moments) plus activations; 20 % headroom for the latter.
@@ -102,111 +97,75 @@ def parallelism(spec: FineTuneJobSpec, gpu_type: GpuType) -> Parallelism:
     return Parallelism("fsdp", nodes, procs, f"full fine-tuning of {size}, more than one GPU's {memory}")
 
 
-# --- names ----------------------------------------------------------------------------------------------
+# --- names ---------------------------------------------------------------------------------------------
 
 
 def indexed_job_name(job: JobRef) -> str:
     """The training Job's name, short enough that ``<name>-<index>`` stays a DNS label (pod hostnames)."""
-    name = child_name(job.name, Stage.TRAIN)
     room = MAX_LABEL - 1 - len(str(vocab.MAX_NODES - 1))
-    if len(name) <= room:
-        return name
-    suffix = f"{HASH_MARKER}{short_hash(job.name, CHILD_HASH_LEN)}-{Stage.TRAIN.value}"
-    return f"{name[: room - len(suffix)].rstrip('-')}{suffix}"
+    return child_name(job.name, Stage.TRAIN, lead=job.owner_kind.name_lead, max_len=room)
 
 
-# --- manifests ------------------------------------------------------------------------------------------
+# --- the training Job's spread, decided before it is built ---------------------------------------------
 
 
-def headless_service(job: JobRef, job_manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """The training pods' headless Service (same name, labels and owner as the Job): per-pod DNS records."""
-    meta = job_manifest["metadata"]
-    selector = {
-        k: v
-        for k, v in job_manifest["spec"]["template"]["metadata"]["labels"].items()
-        if k in _selector_keys()
+@dataclass(frozen=True)
+class Spread:
+    """How the training Job spreads over ``plan.ranks`` processes (builders.training_job builds it so).
+
+    Several processes in one pod: ``FTJ_NPROC_PER_NODE``. Several nodes: an Indexed Job named ``name`` with
+    one pod per node, each told the node count and rank 0's address; its hostname comes from the index and
+    ``subdomain`` (the headless Service of the same name). ``strategy`` is written into FTJ_CONFIG's
+    ``hyperparameters.strategy`` (the trainer never sees ``auto``).
+    """
+
+    strategy: str
+    nodes: int
+    name: str | None  # the Indexed Job's (and its headless Service's) name; None on one node
+    env: tuple[EnvVar, ...]
+    ports: tuple[ContainerPort, ...]
+
+
+def spread(job: JobRef, plan: Parallelism) -> Spread | None:
+    """None for one process (the single-pod Job as it is)."""
+    if plan.ranks == 1:
+        return None
+    env: list[EnvVar] = [{"name": vocab.NPROC_PER_NODE_ENV, "value": str(plan.procs)}]
+    if plan.nodes == 1:
+        return Spread(plan.strategy, 1, None, tuple(env), ())
+    name = indexed_job_name(job)
+    env += [
+        {"name": vocab.NNODES_ENV, "value": str(plan.nodes)},
+        {"name": vocab.MASTER_ADDR_ENV, "value": vocab.master_addr(name, name)},
+        {"name": vocab.MASTER_PORT_ENV, "value": str(vocab.DEFAULT_MASTER_PORT)},
+    ]
+    port: ContainerPort = {
+        "name": "rendezvous",
+        "containerPort": vocab.DEFAULT_MASTER_PORT,
+        "protocol": "TCP",
     }
+    return Spread(plan.strategy, plan.nodes, name, tuple(env), (port,))
+
+
+def headless_service(job: JobRef) -> Service:
+    """The training pods' headless Service (same name, labels and owner as the Indexed Job): per-pod DNS
+    records. ``publishNotReadyAddresses``: ranks must find rank 0 before anything is Ready."""
+    meta = metadata(job, Stage.TRAIN)
+    meta["name"] = indexed_job_name(job)
+    queue = job.spec.resources.queue_name
+    if queue:
+        meta["labels"] = meta.get("labels", {}) | {LABEL_QUEUE: queue}
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {k: meta[k] for k in ("name", "namespace", "labels", "ownerReferences")},
+        "metadata": meta,
         "spec": {
             "clusterIP": "None",
-            "selector": selector,
+            "selector": selector_labels(job, Stage.TRAIN),
             "publishNotReadyAddresses": True,
             "ports": [{"name": "rendezvous", "port": vocab.DEFAULT_MASTER_PORT, "protocol": "TCP"}],
         },
     }
-
-
-def _selector_keys() -> tuple[str, ...]:
-    from finetune_vocabulary.labels import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_JOB_UID
-
-    return (LABEL_INSTANCE, LABEL_COMPONENT, LABEL_JOB_UID)
-
-
-def distribute(manifest: dict[str, Any], job: JobRef, plan: Parallelism) -> dict[str, Any]:
-    """Turn the single-pod training Job into what ``plan`` needs (a new dict; the input is not changed).
-
-    Several processes in one pod: ``FTJ_NPROC_PER_NODE``. Several nodes: an Indexed Job with one pod per
-    node, each told the node count and rank 0's address; its hostname comes from the index and
-    ``subdomain`` (the headless Service of the same name).
-    """
-    if plan.ranks == 1:
-        return manifest
-    spec = dict(manifest["spec"])
-    template = dict(spec["template"])
-    pod = dict(template["spec"])
-    container = dict(pod["containers"][0])
-    env = [e for e in container.get("env", []) if e["name"] != "FTJ_CONFIG"]
-    env.append({"name": vocab.NPROC_PER_NODE_ENV, "value": str(plan.procs)})
-    config_env = next(e for e in container.get("env", []) if e["name"] == "FTJ_CONFIG")
-    env.insert(0, {"name": "FTJ_CONFIG", "value": _with_strategy(config_env["value"], plan.strategy)})
-    meta = dict(manifest["metadata"])
-    if plan.nodes > 1:
-        name = indexed_job_name(job)
-        meta["name"] = name
-        env += [
-            {"name": vocab.NNODES_ENV, "value": str(plan.nodes)},
-            {"name": vocab.MASTER_ADDR_ENV, "value": vocab.master_addr(name, name)},
-            {"name": vocab.MASTER_PORT_ENV, "value": str(vocab.DEFAULT_MASTER_PORT)},
-        ]
-        container["ports"] = [
-            {"name": "rendezvous", "containerPort": vocab.DEFAULT_MASTER_PORT, "protocol": "TCP"}
-        ]
-        pod["subdomain"] = name
-        spec.update(completionMode="Indexed", completions=plan.nodes, parallelism=plan.nodes)
-        spec["podFailurePolicy"] = _gang_failure_policy(spec["podFailurePolicy"])
-    container["env"] = env
-    pod["containers"] = [container, *pod["containers"][1:]]
-    template["spec"] = pod
-    spec["template"] = template
-    return {**manifest, "metadata": meta, "spec": spec}
-
-
-def _gang_failure_policy(policy: Mapping[str, Any]) -> dict[str, Any]:
-    """A pod that stopped because its gang was disrupted (SIGTERM agreed by every rank: checkpoint committed,
-    exit PREEMPTED) does not spend the retry budget: only the disruption itself is the event (the evicted
-    pod, ignored by the DisruptionTarget rule), so one eviction counts as one retry."""
-    rules = list(policy["rules"])
-    preempted = {
-        "action": "Ignore",
-        "onExitCodes": {
-            "containerName": TRAINER_CONTAINER,
-            "operator": "In",
-            "values": [int(ExitCode.PREEMPTED)],
-        },
-    }
-    return {**policy, "rules": [rules[0], preempted, *rules[1:]]}
-
-
-def _with_strategy(config_json: str, strategy: str) -> str:
-    """FTJ_CONFIG with ``hyperparameters.strategy`` resolved (the trainer never sees ``auto``)."""
-    import json
-
-    doc = json.loads(config_json)
-    doc["spec"].setdefault("hyperparameters", {})["strategy"] = strategy
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
 
 # --- pods -----------------------------------------------------------------------------------------------

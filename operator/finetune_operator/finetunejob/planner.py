@@ -314,7 +314,7 @@ class Pipeline(Planner):
             progress = self.status.get("progress") or {}
             self.status["progress"] = {**progress, "parallelism": chosen.describe()}
         if chosen.nodes > 1:
-            self.out.create.append(distributed.headless_service(self.job, manifest))
+            self.out.create.append(dict(distributed.headless_service(self.job)))
 
     def watch_job(self, row: StageRow, job: Mapping[str, Any]) -> None:
         """A Job that has not finished: follow spec.suspend and Kueue, report pod problems."""

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -92,17 +91,7 @@ def prepare(p: Pipeline) -> bool:
 
 def evaluation_job(job: JobRef, config: OperatorConfig, artifacts: Artifacts) -> dict[str, Any]:
     """The evaluate Job; with a champion, its FTJ_CONFIG names the champion's adapter to score too."""
-    manifest = builders.evaluation_job(job, config)
-    if not artifacts.champion:
-        return manifest
-    name, adapter = artifacts.champion
-    for container in manifest["spec"]["template"]["spec"]["containers"]:
-        for env in container.get("env") or []:
-            if env.get("name") == "FTJ_CONFIG":
-                document = json.loads(env["value"])
-                document["champion"] = {"name": name, "adapter": adapter}
-                env["value"] = json.dumps(document, sort_keys=True, separators=(",", ":"))
-    return manifest
+    return dict(builders.evaluation_job(job, config, champion=artifacts.champion))
 
 
 def champion_artifact(status: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from finetune_vocabulary.labels import LABEL_JOB_UID
 from finetune_vocabulary.layout import RunLayout, run_prefix
 
-from finetune_operator.api.finetunejob import FineTuneJobSpec
+from finetune_operator.api.finetunejob import API_VERSION, KIND, FineTuneJobSpec
+from finetune_operator.k8s.pods import OwnerKind
+
+# What every child of a FineTuneJob carries (k8s/pods.py: labels, owner reference, child names).
+FINETUNEJOB = OwnerKind(API_VERSION, KIND, app="finetunejob", uid_label=LABEL_JOB_UID, name_lead="j")
 
 
 @dataclass(frozen=True)
@@ -16,6 +21,10 @@ class ObjectRef:
     namespace: str
     name: str
     uid: str
+
+    @property
+    def owner_kind(self) -> OwnerKind:
+        return FINETUNEJOB
 
 
 @dataclass(frozen=True)

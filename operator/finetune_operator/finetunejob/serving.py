@@ -3,6 +3,7 @@ its Service. Like builders.py, each returns a plain dict and talks to nothing.""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
@@ -130,7 +131,11 @@ class _ModelSource:
 
 
 def _vllm_container(
-    job: JobRef, config: OperatorConfig, args: list[str], mounts: list[dict[str, Any]], compute: VllmCompute
+    job: JobRef,
+    config: OperatorConfig,
+    args: list[str],
+    mounts: Sequence[Mapping[str, Any]],
+    compute: VllmCompute,
 ) -> dict[str, Any]:
     health = {"httpGet": {"path": "/health", "port": "http"}}
     container: dict[str, Any] = {
@@ -187,7 +192,7 @@ def serving_deployment(job: JobRef, config: OperatorConfig, artifacts: Artifacts
         "initContainers": [
             fetch_container(config, *fetch, credentials_env_from(job)) for fetch in source.fetches
         ],
-        "containers": [_vllm_container(job, config, args, mounts + source.mounts, compute)],
+        "containers": [_vllm_container(job, config, args, [*mounts, *source.mounts], compute)],
         "volumes": volumes + source.volumes,
         **service_account(job),
         **compute.placement,

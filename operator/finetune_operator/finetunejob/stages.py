@@ -22,6 +22,7 @@ from finetune_operator.finetunejob.gate import evaluate_gate, primary_metric
 from finetune_operator.finetunejob.outcome import JobOutcome, metric_values
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.k8s.actions import Event
+from finetune_operator.k8s.manifests import Job
 from finetune_operator.k8s.observe import finite
 
 if TYPE_CHECKING:
@@ -55,8 +56,8 @@ class StageRow:
     running_messages: tuple[str, str] | None = None
 
 
-def _job(builder: Callable[[JobRef, OperatorConfig], dict[str, Any]]) -> Builder:
-    return lambda job, config, artifacts: builder(job, config)
+def _job(builder: Callable[[JobRef, OperatorConfig], Job]) -> Builder:
+    return lambda job, config, artifacts: dict(builder(job, config))
 
 
 # --- outcome readers ---------------------------------------------------------------------------

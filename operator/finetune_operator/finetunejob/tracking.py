@@ -15,6 +15,7 @@ from typing import Any
 
 from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunejob.ref import JobRef
+from finetune_operator.k8s.manifests import EnvVar
 
 # The environment MLflow's client reads its credentials from (mlflow.environment_variables).
 CREDENTIAL_KEYS = ("MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -63,7 +64,7 @@ def plain_http_hosts(config: OperatorConfig) -> list[str]:
     return hosts
 
 
-def credentials_env(job: JobRef) -> list[dict[str, Any]]:
+def credentials_env(job: JobRef) -> list[EnvVar]:
     """MLFLOW_TRACKING_* from the job's Secret by reference (each key optional): never read here."""
     wanted = job.spec.tracking.mlflow if job.spec.tracking is not None else None
     if wanted is None or wanted.credentials_secret is None:

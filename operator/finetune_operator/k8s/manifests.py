@@ -37,9 +37,10 @@ class LabelSelector(TypedDict, total=False):
 # ------------------------------------------------------------------------------------------- core/v1
 
 
-class SecretKeySelector(TypedDict):
-    name: str
-    key: str
+class SecretKeySelector(TypedDict, total=False):
+    name: Required[str]
+    key: Required[str]
+    optional: bool
 
 
 class EnvVarSource(TypedDict, total=False):

@@ -1,4 +1,4 @@
-"""Deterministic, length-safe names and labels for a FineTuneJob's children.
+"""Deterministic, length-safe names and labels for the children of every kind (FineTuneJob, ModelServer).
 
 Any valid object name (a DNS-1123 subdomain of up to 253 characters, dots allowed, may start with a
 digit) maps to child names that are valid DNS-1035 labels (≤ 63 characters, start with a letter),
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-
-from finetune_operator.api.finetunejob_status import Stage
 
 MAX_LABEL = 63
 HASH_LEN = 8  # label_safe: kept, the instance label is part of immutable Deployment selectors
@@ -41,26 +39,30 @@ def short_hash(value: str, length: int = HASH_LEN) -> str:
     return hashlib.sha256(value.encode()).hexdigest()[:length]
 
 
-def _sanitise(value: str) -> str:
+def _sanitise(value: str, lead: str) -> str:
     cleaned = re.sub(r"[^a-z0-9-]+", "-", value.lower())
     cleaned = re.sub(r"-{2,}", "-", cleaned).strip("-")
     if not cleaned or not cleaned[0].isalpha():
-        cleaned = "j-" + cleaned if cleaned else "j"
+        cleaned = f"{lead}-{cleaned}" if cleaned else lead
     return cleaned
 
 
-def child_name(job_name: str, stage: Stage) -> str:
-    """The child's name: `<job>-<stage>` when that is a valid label without `--`, else
-    `<prefix>--<hash>-<stage>`.
+def child_name(owner: str, component: str, *, lead: str = "j", max_len: int = MAX_LABEL) -> str:
+    """The name of `owner`'s child `component` (a Stage, or a ModelServer's `pool`): `<owner>-<component>`
+    when that is a valid label of at most `max_len` characters without `--`, else
+    `<prefix>--<hash>-<component>`.
 
     The hashed form uses the full original name, so two names that sanitise or truncate alike still get
     different children; its `--` marker keeps it apart from every plain name (see the module docstring).
+    `lead` is the letter put before a sanitised name that does not start with one ("j" for FineTuneJobs,
+    "m" for ModelServers: kept per kind, so no existing child is renamed). `max_len` below 63 leaves room
+    for what is appended to the name (an Indexed Job's pod hostname adds `-<index>`).
     """
-    plain = f"{job_name}-{stage.value}"
-    if is_dns1035_label(plain) and HASH_MARKER not in plain:
+    plain = f"{owner}-{component}"
+    if len(plain) <= max_len and is_dns1035_label(plain) and HASH_MARKER not in plain:
         return plain
-    suffix = f"{HASH_MARKER}{short_hash(job_name, CHILD_HASH_LEN)}-{stage.value}"
-    prefix = _sanitise(job_name)[: MAX_LABEL - len(suffix)].rstrip("-")
+    suffix = f"{HASH_MARKER}{short_hash(owner, CHILD_HASH_LEN)}-{component}"
+    prefix = _sanitise(owner, lead)[: max_len - len(suffix)].rstrip("-")
     return f"{prefix}{suffix}"
 
 

@@ -10,31 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_vocabulary.images import TRAINER_ENTRYPOINT
-from finetune_vocabulary.labels import (
-    ANNOTATION_SPEC_HASH,
-    LABEL_COMPONENT,
-    LABEL_INSTANCE,
-    LABEL_MANAGED_BY,
-    LABEL_MODELSERVER_UID,
-    LABEL_NAME,
-    LABEL_PART_OF,
-    MANAGER,
-)
+from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH, LABEL_MODELSERVER_UID
 
 from finetune_operator.api.finetunejob import API_VERSION, ResourcesSpec
 from finetune_operator.api.modelnames import BASE_SERVED_NAME
 from finetune_operator.api.modelserver import KIND, ModelServerSpec
 from finetune_operator.config import OperatorConfig
 from finetune_operator.containers.vllm import VllmCompute, fetch_container, vllm_compute
-from finetune_operator.k8s.naming import (
-    HASH_MARKER,
-    MAX_LABEL,
-    is_dns1035_label,
-    label_safe,
-    short_hash,
-)
+from finetune_operator.k8s import pods
+from finetune_operator.k8s.manifests import EnvFromSource, ObjectMeta
+from finetune_operator.k8s.naming import child_name
 from finetune_operator.k8s.pods import (
     WORKDIR,
+    OwnerKind,
     container_security_context,
     pod_security_context,
     scratch_volumes,
@@ -56,6 +44,10 @@ ROUTER_MODULE = "finetune_trainer.adapter_router"
 MAX_LORAS_PER_BATCH = 4
 
 
+# What every child of a ModelServer carries (k8s/pods.py: labels, owner reference, child names).
+MODELSERVER = OwnerKind(API_VERSION, KIND, app="modelserver", uid_label=LABEL_MODELSERVER_UID, name_lead="m")
+
+
 @dataclass(frozen=True)
 class PoolRef:
     """Who a ModelServer is and what its parsed spec asks for."""
@@ -65,19 +57,14 @@ class PoolRef:
     uid: str
     spec: ModelServerSpec
 
+    @property
+    def owner_kind(self) -> OwnerKind:
+        return MODELSERVER
+
 
 def pool_name(name: str) -> str:
-    """Deployment, Service and ConfigMap name: `<name>-pool`, or a hashed form (as naming.child_name)."""
-    plain = f"{name}-{COMPONENT}"
-    if is_dns1035_label(plain) and HASH_MARKER not in plain:
-        return plain
-    suffix = f"{HASH_MARKER}{short_hash(name, 16)}-{COMPONENT}"
-    cleaned = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "m"
-    if not cleaned[0].isalpha():
-        cleaned = "m-" + cleaned
-    while "--" in cleaned:
-        cleaned = cleaned.replace("--", "-")
-    return f"{cleaned[: MAX_LABEL - len(suffix)].rstrip('-')}{suffix}"
+    """Deployment, Service and ConfigMap name: `<name>-pool`, or a hashed form (naming.child_name)."""
+    return child_name(name, COMPONENT, lead=MODELSERVER.name_lead)
 
 
 def endpoint_url(pool: PoolRef, config: OperatorConfig) -> str:
@@ -85,41 +72,15 @@ def endpoint_url(pool: PoolRef, config: OperatorConfig) -> str:
 
 
 def selector_labels(pool: PoolRef) -> dict[str, str]:
-    return {
-        LABEL_INSTANCE: label_safe(pool.name),
-        LABEL_COMPONENT: COMPONENT,
-        LABEL_MODELSERVER_UID: pool.uid,
-    }
+    return pods.selector_labels(pool, COMPONENT)
 
 
 def labels(pool: PoolRef) -> dict[str, str]:
-    return {
-        LABEL_NAME: "modelserver",
-        LABEL_PART_OF: MANAGER,
-        LABEL_MANAGED_BY: MANAGER,
-        **selector_labels(pool),
-    }
+    return pods.labels(pool, COMPONENT)
 
 
-def metadata(pool: PoolRef, annotations: Mapping[str, str] | None = None) -> dict[str, Any]:
-    meta: dict[str, Any] = {
-        "name": pool_name(pool.name),
-        "namespace": pool.namespace,
-        "labels": labels(pool),
-        "ownerReferences": [
-            {
-                "apiVersion": API_VERSION,
-                "kind": KIND,
-                "name": pool.name,
-                "uid": pool.uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ],
-    }
-    if annotations:
-        meta["annotations"] = dict(annotations)
-    return meta
+def metadata(pool: PoolRef, annotations: Mapping[str, str] | None = None) -> ObjectMeta:
+    return pods.metadata(pool, COMPONENT, annotations)
 
 
 def desired_state(adapters: Mapping[str, str], routes: Mapping[str, str]) -> dict[str, Any]:
@@ -137,7 +98,7 @@ def state_configmap(pool: PoolRef, state: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _credentials(spec: ModelServerSpec) -> list[dict[str, Any]]:
+def _credentials(spec: ModelServerSpec) -> list[EnvFromSource]:
     return [{"secretRef": {"name": spec.credentials_secret}}] if spec.credentials_secret else []
 
 
