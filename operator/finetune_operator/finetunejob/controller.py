@@ -5,7 +5,7 @@ How work is queued and retried (the one place that says it):
 - Kopf delivers watch events to `on.event` handlers (handlers.py). Kopf does not retry those: an exception
   raised there is logged and dropped, and `kopf.TemporaryError`/`PermanentError` mean nothing. So the
   reconcile raises neither; it never raises for an API or network failure at all.
-- The project runs its own queue instead: a per-job record (context.JobRecord) and the resync loop
+- The project runs its own queue instead: a per-job record (records.JobRecord) and the resync loop
   (lifecycle.resync_loop). A reconcile that fails marks its job's record dirty and returns; every
   `resync_seconds` (and every `progress_seconds` while training) the loop re-runs dirty jobs, stale jobs
   (not reconciled for `resync_seconds` and not idle) and training jobs (to read progress). There are no
@@ -32,10 +32,10 @@ import aiohttp
 
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.containers.trainer import TRAINER_CONTAINER
-from finetune_operator.context import Context, JobRecord, resource_version, snapshot, stage_of
 from finetune_operator.finetunejob import distributed
 from finetune_operator.finetunejob.plan import Observed, Plan
 from finetune_operator.finetunejob.planner import plan
+from finetune_operator.finetunejob.records import ControllerContext, JobRecord, by_stage, stage_of
 from finetune_operator.finetunejob.ref import JobRef, ObjectRef
 from finetune_operator.finetunejob.stages import STAGES
 from finetune_operator.finetunepolicy import enforcement as policy
@@ -43,6 +43,7 @@ from finetune_operator.k8s import client as kube
 from finetune_operator.k8s import events, ownership
 from finetune_operator.k8s.actions import Event
 from finetune_operator.k8s.observe import disrupted_pods, parse_time
+from finetune_operator.k8s.watchcache import resource_version, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def _is_echo(record: JobRecord | None, body: Mapping[str, Any]) -> bool:
 
 
 async def reconcile(
-    ctx: Context,
+    ctx: ControllerContext,
     body: Mapping[str, Any],
     *,
     trigger: str,
@@ -112,7 +113,7 @@ async def reconcile(
             record.last_run = time.monotonic()
 
 
-async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) -> None:
+async def _reconcile(ctx: ControllerContext, record: JobRecord, *, read_progress: bool) -> None:
     job = record.body
     meta = job["metadata"]
     if meta.get("deletionTimestamp"):
@@ -124,7 +125,7 @@ async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) ->
         view = ctx.policy_view(spec, namespace, uid)
         spec = policy.with_defaults(spec, view.filled) if view else spec
     ref = ObjectRef(namespace, name, uid) if spec is None else JobRef(namespace, name, uid, spec)
-    children, pods, service = ctx.children(uid, namespace).by_stage()
+    children, pods, service = by_stage(ctx.children(uid, namespace))
     status = job.get("status") or {}
     progress = None
     if read_progress and ctx.api is not None and status.get("phase") == Phase.TRAINING.value:
@@ -159,14 +160,14 @@ async def _reconcile(ctx: Context, record: JobRecord, *, read_progress: bool) ->
         log.info("%s/%s has an invalid spec: %s", namespace, name, parsed.error)
 
 
-def _server(ctx: Context, namespace: str, spec: Any) -> Mapping[str, Any] | None:
+def _server(ctx: ControllerContext, namespace: str, spec: Any) -> Mapping[str, Any] | None:
     """The ModelServer a job names in spec.deployment.server, as last seen (issue 11)."""
     name = spec.deployment.server if spec is not None else None
-    return ctx.pools.servers.get((namespace, name)) if name else None
+    return ctx.model_server(namespace, name) if name else None
 
 
 async def _wait_for_conflicts(
-    ctx: Context, record: JobRecord, observed: Observed, conflicts: dict[tuple[str, str], str]
+    ctx: ControllerContext, record: JobRecord, observed: Observed, conflicts: dict[tuple[str, str], str]
 ) -> None:
     """A child's name is taken by an object this job does not control (an orphaned leftover, another
     owner's object): plan again knowing it, so the status says which object and what to do, and retry
@@ -195,7 +196,7 @@ async def _read_progress(
     return newest_progress(text)
 
 
-async def execute(ctx: Context, record: JobRecord, plan: Plan) -> dict[tuple[str, str], str]:
+async def execute(ctx: ControllerContext, record: JobRecord, plan: Plan) -> dict[tuple[str, str], str]:
     """Children first, then Events, then the status: a crash in between is repaired by the next pass, which
     re-posts the same Event names (events.py: exactly one Event per transition).
 
@@ -234,7 +235,7 @@ async def execute(ctx: Context, record: JobRecord, plan: Plan) -> dict[tuple[str
 
 
 async def _post_events(
-    ctx: Context, api: kube.Api, record: JobRecord, planned: list[Event]
+    ctx: ControllerContext, api: kube.Api, record: JobRecord, planned: list[Event]
 ) -> dict[str, Any]:
     """Post the Events still owed (status.pendingEvents) and the plan's new ones, before the status patch,
     under deterministic names (events.py); returns the status patch for what remains owed."""
@@ -257,7 +258,7 @@ async def _post_events(
 
 
 async def _write_status(
-    ctx: Context, api: kube.Api, record: JobRecord, plan: Plan, patch: dict[str, Any]
+    ctx: ControllerContext, api: kube.Api, record: JobRecord, plan: Plan, patch: dict[str, Any]
 ) -> None:
     job = record.body
     meta = job["metadata"]
@@ -275,7 +276,7 @@ async def _write_status(
 
 
 async def _record_intents(
-    ctx: Context, api: kube.Api, record: JobRecord, manifests: list[dict[str, Any]]
+    ctx: ControllerContext, api: kube.Api, record: JobRecord, manifests: list[dict[str, Any]]
 ) -> tuple[Mapping[str, Any] | None, list[dict[str, Any]]]:
     """Before creating children, record in the status a hash of a random nonce for each, and annotate each
     with its nonce: a child counts only when the status records it (ownership.py), and nobody can forge a
@@ -330,7 +331,7 @@ async def _create(
         raise
 
 
-def _observe(ctx: Context, record: JobRecord, old_status: Mapping[str, Any], plan: Plan) -> None:
+def _observe(ctx: ControllerContext, record: JobRecord, old_status: Mapping[str, Any], plan: Plan) -> None:
     """Stage durations when a stage condition turns True; GPU-hours for the gauge."""
     meta = record.body["metadata"]
     uid = str(meta["uid"])
@@ -346,7 +347,7 @@ def _observe(ctx: Context, record: JobRecord, old_status: Mapping[str, Any], pla
     ]
     if not finished:
         return
-    children, _, _ = ctx.children(uid, str(meta["namespace"])).by_stage()
+    children, _, _ = by_stage(ctx.children(uid, str(meta["namespace"])))
     for stage in finished:
         child_status = (children.get(stage) or {}).get("status") or {}
         start = parse_time(child_status.get("startTime"))

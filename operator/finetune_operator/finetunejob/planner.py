@@ -25,11 +25,11 @@ from finetune_operator.config import ConfigError, OperatorConfig
 from finetune_operator.finetunejob import distributed, pooljob, serving, tracking
 from finetune_operator.finetunejob.accounting import gpu_hours_spent, restarts
 from finetune_operator.finetunejob.outcome import JobOutcome, failure_reason, job_outcome
-from finetune_operator.finetunejob.plan import Observed, Plan
+from finetune_operator.finetunejob.plan import Draft, JobDraft, Observed, Plan, StageRow
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
-from finetune_operator.finetunejob.stages import ROWS, STAGES, StageRow
+from finetune_operator.finetunejob.stages import ROWS, STAGES
 from finetune_operator.finetunepolicy import enforcement as policy
-from finetune_operator.k8s.actions import ChildDelete, ChildPatch, Event, diff_status
+from finetune_operator.k8s.actions import ChildPatch, Event, diff_status
 from finetune_operator.k8s.observe import deployment_available, finite, pod_problem
 
 # Pod problems worth a Warning Event each time their message changes (not only on a phase change).
@@ -47,107 +47,54 @@ WARNING_WAITS = (Reason.CHILD_CONFLICT, Reason.SERVING_GPU_LIMIT, Reason.POLICY_
 class Planner:
     """Conditions, phase, Events and the status patch of one pass; the spec-independent part."""
 
-    def __init__(self, observed: Observed, config: OperatorConfig) -> None:
-        self.o = observed
-        self.config = config
-        self.out = Plan()
-        current = observed.status
-        self.old_phase = str(current.get("phase") or "")
-        self.status: dict[str, Any] = {k: v for k, v in current.items() if k != "kopf"}
-        self.conditions: dict[str, dict[str, Any]] = {
-            str(c["type"]): dict(c) for c in current.get("conditions") or [] if isinstance(c, Mapping)
-        }
-        self.ready_reason = Reason.PENDING
-        self.ready_message = ""
-
-    def condition(self, kind: ConditionType, status: str, reason: Reason, message: str = "") -> None:
-        old = self.conditions.get(kind.value)
-        kept = old.get("lastTransitionTime") if old is not None and old.get("status") == status else None
-        self.conditions[kind.value] = {
-            "type": kind.value,
-            "status": status,
-            "observedGeneration": self.o.generation,
-            "lastTransitionTime": kept or timestamp(self.o.now),
-            "reason": reason.value,
-            "message": short(message),
-        }
-
-    def done(self, kind: ConditionType) -> bool:
-        return (self.conditions.get(kind.value) or {}).get("status") == "True"
-
-    def phase(self, phase: Phase, reason: Reason, message: str = "") -> None:
-        self.status["phase"] = phase.value
-        self.ready_reason = reason
-        self.ready_message = short(message)
-        self.status["message"] = self.ready_message or None
-
-    def fail(self, stage: Stage, reason: Reason, message: str) -> None:
-        self.condition(ROWS[stage].condition, "False", reason, message)
-        self.phase(Phase.FAILED, reason, message)
-
-    def blocked(self, stage: Stage, manifest: Mapping[str, Any]) -> bool:
-        """Wait (Pending, reason ChildConflict) when the child's name is taken by a foreign object."""
-        message = self.o.conflicts.get((str(manifest["kind"]), str(manifest["metadata"]["name"])))
-        if message is None:
-            return False
-        self.condition(ROWS[stage].condition, "Unknown", Reason.CHILD_CONFLICT, message)
-        self.phase(Phase.PENDING, Reason.CHILD_CONFLICT, message)
-        return True
-
-    def complete(self, phase: Phase, reason: Reason, message: str) -> None:
-        self.phase(phase, reason, message)
-        if self.old_phase != phase.value or not self.status.get("completionTime"):
-            self.status["completionTime"] = self.status.get("completionTime") or timestamp(self.o.now)
+    def __init__(self, draft: Draft) -> None:
+        self.d = draft
 
     def run(self) -> Plan:
-        if not self.conditions:  # first visit
+        if not self.d.conditions:  # first visit
             for kind in ConditionType:
-                self.condition(kind, "Unknown", Reason.PENDING, "not started")
-            self.status.setdefault("startTime", timestamp(self.o.now))
+                self.d.condition(kind, "Unknown", Reason.PENDING, "not started")
+            self.d.status.setdefault("startTime", timestamp(self.d.o.now))
             # the operator's record of the children it creates (ownership.py): present from the start
-            self.status.setdefault("children", {})
-        self.status["observedGeneration"] = self.o.generation
-        if self.old_phase in TERMINAL_PHASES:
+            self.d.status.setdefault("children", {})
+        self.d.status["observedGeneration"] = self.d.o.generation
+        if self.d.old_phase in TERMINAL_PHASES:
             return self.finish(keep_phase=True)
         self.advance()
         return self.finish()
 
     def advance(self) -> None:
         """Without a valid spec there is nothing to run: the job fails naming the field."""
-        self.phase(Phase.FAILED, Reason.INVALID_CONFIG, f"invalid spec: {self.o.spec_error}")
+        self.d.phase(Phase.FAILED, Reason.INVALID_CONFIG, f"invalid spec: {self.d.o.spec_error}")
 
     def finish(self, keep_phase: bool = False) -> Plan:
+        d = self.d
         if not keep_phase:
-            phase = str(self.status.get("phase") or Phase.PENDING.value)
+            phase = str(d.status.get("phase") or Phase.PENDING.value)
             ready = phase in (Phase.SERVING.value, Phase.SUCCEEDED.value)
-            self.condition(
-                ConditionType.READY,
-                "True" if ready else "False",
-                self.ready_reason,
-                self.ready_message or phase,
+            d.condition(
+                ConditionType.READY, "True" if ready else "False", d.ready_reason, d.ready_message or phase
             )
             if phase in (Phase.FAILED.value, Phase.REJECTED.value):
-                self.status["completionTime"] = self.status.get("completionTime") or timestamp(self.o.now)
+                d.status["completionTime"] = d.status.get("completionTime") or timestamp(d.o.now)
             self.events(phase)
-        self.status["conditions"] = [self.conditions[k] for k in sorted(self.conditions)]
-        self.out.status = diff_status(self.o.status, self.status)
-        return self.out
+        d.status["conditions"] = [d.conditions[k] for k in sorted(d.conditions)]
+        d.out.status = diff_status(d.o.status, d.status)
+        return d.out
 
     def events(self, phase: str) -> None:
+        d = self.d
         warning = phase in (Phase.FAILED.value, Phase.REJECTED.value)
-        if phase != self.old_phase:
-            text = self.ready_message or f"phase {self.old_phase or 'new'} → {phase}"
-            kind = "Warning" if warning or self.ready_reason in WARNING_WAITS else "Normal"
-            self.out.events.append(Event(kind, self.ready_reason.value, short(f"{phase}: {text}")))
-        elif self.ready_reason in REPEATED_WARNINGS and self.ready_message != (
-            self.o.status.get("message") or ""
-        ):
-            self.out.events.append(Event("Warning", self.ready_reason.value, self.ready_message))
-        new_retries = int(self.status.get("retries") or 0)
-        if new_retries > int(self.o.status.get("retries") or 0) and not warning:
-            self.out.events.append(
-                Event("Normal", Reason.RETRYING.value, self.retry_message(phase, new_retries))
-            )
+        if phase != d.old_phase:
+            text = d.ready_message or f"phase {d.old_phase or 'new'} → {phase}"
+            kind = "Warning" if warning or d.ready_reason in WARNING_WAITS else "Normal"
+            d.out.events.append(Event(kind, d.ready_reason.value, short(f"{phase}: {text}")))
+        elif d.ready_reason in REPEATED_WARNINGS and d.ready_message != (d.o.status.get("message") or ""):
+            d.out.events.append(Event("Warning", d.ready_reason.value, d.ready_message))
+        new_retries = int(d.status.get("retries") or 0)
+        if new_retries > int(d.o.status.get("retries") or 0) and not warning:
+            message = self.retry_message(phase, new_retries)
+            d.out.events.append(Event("Normal", Reason.RETRYING.value, message))
 
     def retry_message(self, phase: str, retries: int) -> str:
         return f"a pod failed or was evicted (retry {retries})"
@@ -156,136 +103,124 @@ class Planner:
 class Pipeline(Planner):
     """A job with a valid spec: walk the stage rows until one is still running, failed or rejected."""
 
-    def __init__(self, observed: Observed, config: OperatorConfig, job: JobRef) -> None:
-        super().__init__(observed, config)
-        self.job = job
+    d: JobDraft
+
+    def __init__(self, draft: JobDraft) -> None:
+        super().__init__(draft)
 
     def retry_message(self, phase: str, retries: int) -> str:
         """Only training resumes from a checkpoint; the other stages start again."""
-        budget = f"(retry {retries}, maxRetries {self.job.spec.max_retries} counts non-disruption failures)"
+        budget = f"(retry {retries}, maxRetries {self.d.job.spec.max_retries} counts non-disruption failures)"
         if phase == Phase.TRAINING.value:
             return f"a training pod failed or was evicted; resuming from the last checkpoint {budget}"
         stage = phase.lower() if phase else "a stage"
         return f"a pod failed or was evicted while {stage}; running the stage again {budget}"
 
     def advance(self) -> None:
-        self.status["retries"] = max(int(self.status.get("retries") or 0), restarts(self.o)) or None
+        self.d.status["retries"] = max(int(self.d.status.get("retries") or 0), restarts(self.d.o)) or None
         if not self.output_unchanged():
             return
-        self.status["artifacts"] = {"runPrefix": self.job.run_prefix, **(self.status.get("artifacts") or {})}
+        artifacts = self.d.status.get("artifacts") or {}
+        self.d.status["artifacts"] = {"runPrefix": self.d.job.run_prefix, **artifacts}
         if not self.policy_allows():
             return
-        if not pooljob.prepare(self):  # a job on a ModelServer: the checks CEL cannot make
+        if not pooljob.prepare(self.d):  # a job on a ModelServer: the checks CEL cannot make
             return
         try:
             for row in STAGES:
                 if not self.step(row):
                     return
         except (ConfigError, ValueError) as exc:
-            stage = Stage.TRAIN if self.done(ConditionType.VALIDATED) else Stage.VALIDATE
-            self.fail(stage, Reason.INVALID_CONFIG, str(exc))
+            stage = Stage.TRAIN if self.d.done(ConditionType.VALIDATED) else Stage.VALIDATE
+            self.d.fail(stage, Reason.INVALID_CONFIG, str(exc))
 
     def artifacts(self) -> Artifacts:
-        found = self.status.get("artifacts") or {}
+        found = self.d.status.get("artifacts") or {}
         return Artifacts(
             adapter=found.get("adapter"),
             merged=found.get("merged"),
-            champion=pooljob.champion_artifact(self.status),
+            champion=pooljob.champion_artifact(self.d.status),
         )
 
     # --- FineTunePolicy (policy.py) -----------------------------------------------------------
 
     def training_started(self) -> bool:
-        return self.done(ConditionType.TRAINED) or self.o.children.get(Stage.TRAIN) is not None
+        return self.d.done(ConditionType.TRAINED) or self.d.o.children.get(Stage.TRAIN) is not None
 
     def output_unchanged(self) -> bool:
         """storage.output is immutable (CRD rule); if it changed anyway, say so, not as a missing dataset."""
-        recorded = (self.status.get("artifacts") or {}).get("runPrefix")
-        if not recorded or recorded == self.job.run_prefix:
+        recorded = (self.d.status.get("artifacts") or {}).get("runPrefix")
+        if not recorded or recorded == self.d.job.run_prefix:
             return True
-        unfinished = [r for r in STAGES if r.owns_condition and not self.done(r.condition)]
+        unfinished = [r for r in STAGES if r.owns_condition and not self.d.done(r.condition)]
         message = (
             f"storage.output changed after the run started: its artifacts are under {recorded}, not "
-            f"{self.job.run_prefix}; to write elsewhere, create a new FineTuneJob"
+            f"{self.d.job.run_prefix}; to write elsewhere, create a new FineTuneJob"
         )
-        self.fail((unfinished or STAGES)[0].stage, Reason.INVALID_CONFIG, message)
+        self.d.fail((unfinished or STAGES)[0].stage, Reason.INVALID_CONFIG, message)
         return False
 
     def policy_allows(self) -> bool:
         """The static rules, until training starts: a violating job fails before any (more) pods run."""
-        self.status["policy"] = policy.status_of(self.o.policy)
-        message = None if self.training_started() else policy.violation(self.job.spec, self.o.policy)
+        self.d.status["policy"] = policy.status_of(self.d.o.policy)
+        message = None if self.training_started() else policy.violation(self.d.job.spec, self.d.o.policy)
         if message is None:
             return True
-        stage = Stage.TRAIN if self.done(ConditionType.VALIDATED) else Stage.VALIDATE
-        self.fail(stage, Reason.POLICY_VIOLATION, message)
+        stage = Stage.TRAIN if self.d.done(ConditionType.VALIDATED) else Stage.VALIDATE
+        self.d.fail(stage, Reason.POLICY_VIOLATION, message)
         return False
 
     def policy_admits_training(self, row: StageRow) -> bool:
         """maxGpuHoursPerJob on the estimate; the namespace's budget and concurrency: wait, no GPU pod."""
-        estimate = finite(self.status.get("gpuHoursEstimate"))
-        message = policy.estimate_violation(estimate, self.o.policy)
+        estimate = finite(self.d.status.get("gpuHoursEstimate"))
+        message = policy.estimate_violation(estimate, self.d.o.policy)
         if message is not None:
-            self.fail(row.stage, Reason.POLICY_VIOLATION, message)
+            self.d.fail(row.stage, Reason.POLICY_VIOLATION, message)
             return False
-        waiting = policy.wait(estimate, self.o.policy)
+        waiting = policy.wait(estimate, self.d.o.policy)
         if waiting is None:
             return True
         reason, message = Reason(waiting[0]), waiting[1]
-        self.condition(row.condition, "Unknown", reason, message)
-        self.phase(Phase.SUSPENDED, reason, message)
+        self.d.condition(row.condition, "Unknown", reason, message)
+        self.d.phase(Phase.SUSPENDED, reason, message)
         return False
 
     def step(self, row: StageRow) -> bool:
         """Drive one stage; True when the pipeline may go on to the next row."""
-        if not row.wanted(self.job.spec, self.artifacts()):
-            return row.skip(self) if row.skip else True
-        if row.owns_condition and self.done(row.condition):
-            return row.holds(self) if row.holds else True
+        if not row.wanted(self.d.job.spec, self.artifacts()):
+            return row.skip(self.d) if row.skip else True
+        if row.owns_condition and self.d.done(row.condition):
+            return row.holds(self.d) if row.holds else True
         if row.stage is Stage.TRAIN and not self.training_started() and not self.policy_admits_training(row):
             return False
         if row.kind == "Deployment":
-            if self.job.spec.deployment.server:
-                pooljob.serve(self, row)  # a shared ModelServer instead of a Deployment of its own
+            if self.d.job.spec.deployment.server:
+                pooljob.serve(self.d, row)  # a shared ModelServer instead of a Deployment of its own
             else:
                 self.serve(row)
             return False
         outcome = self.run_job(row)
         if row.counts_gpu_hours:
-            self.status["gpuHours"] = gpu_hours_spent(self.o, self.job.spec)
+            self.d.status["gpuHours"] = gpu_hours_spent(self.d.o, self.d.job.spec)
         if outcome is None:
             if row.while_running is not None:
-                row.while_running(self)
+                row.while_running(self.d)
             return False
-        tracking.record(self.status, outcome.summary)
-        return row.read(self, outcome) if row.read is not None else True
+        tracking.record(self.d.status, outcome.summary)
+        return row.read(self.d, outcome) if row.read is not None else True
 
     # --- a Job stage ---------------------------------------------------------------------------
 
-    def running(self, row: StageRow, message: str = "", condition_message: str = "") -> None:
-        if row.running_messages is not None:
-            condition_message, message = row.running_messages
-        self.condition(row.condition, "Unknown", row.running, condition_message)
-        self.phase(row.phase, row.running, message)
-
-    def waiting(self, row: StageRow, reason: Reason, message: str) -> None:
-        self.condition(row.condition, "Unknown", reason, message)
-        self.phase(row.phase, reason, message)
-
-    def suspended(self, row: StageRow) -> None:
-        self.condition(row.condition, "Unknown", Reason.SUSPENDED, "suspended by spec.suspend")
-        self.phase(Phase.SUSPENDED, Reason.SUSPENDED, f"{row.stage.value} is suspended (spec.suspend)")
-
     def run_job(self, row: StageRow) -> JobOutcome | None:
         """Create, suspend/resume or read one Job stage; None while it is not finished."""
-        job = self.o.children.get(row.stage)
+        job = self.d.o.children.get(row.stage)
         if job is None:
             self.create_job(row)
             return None
-        outcome = job_outcome(job, self.o.pods.get(row.stage, ()))
+        outcome = job_outcome(job, self.d.o.pods.get(row.stage, ()))
         if outcome.state == "failed":
             reason, message = failure_reason(outcome, row.stage)
-            self.fail(row.stage, reason, f"{row.stage.value}: {message}")
+            self.d.fail(row.stage, reason, f"{row.stage.value}: {message}")
             return None
         if outcome.state == "succeeded":
             return outcome
@@ -294,124 +229,117 @@ class Pipeline(Planner):
 
     def create_job(self, row: StageRow) -> None:
         """The builder runs only here: a Job is built when it must be created, never to compare."""
-        manifest = row.build(self.job, self.config, self.artifacts())
-        if self.blocked(row.stage, manifest):
+        manifest = row.build(self.d.job, self.d.config, self.artifacts())
+        if self.d.blocked(row.stage, manifest):
             return
-        if self.job.spec.suspend:
+        if self.d.job.spec.suspend:
             manifest = {**manifest, "spec": {**manifest["spec"], "suspend": True}}
-            self.suspended(row)
+            self.d.suspended(row)
         else:
-            self.running(row, condition_message=f"Job {manifest['metadata']['name']} is running")
+            self.d.running(row, condition_message=f"Job {manifest['metadata']['name']} is running")
         if row.stage is Stage.TRAIN:
             self.spread(manifest)
-        self.out.create.append(manifest)
+        self.d.out.create.append(manifest)
 
     def spread(self, manifest: Mapping[str, Any]) -> None:
         """Multi-GPU / multi-node training: say how it is spread; several nodes need the headless Service."""
-        gpu_type = self.config.gpu_type(self.job.spec.resources.gpu_type)
-        chosen = distributed.parallelism(self.job.spec, gpu_type)
+        gpu_type = self.d.config.gpu_type(self.d.job.spec.resources.gpu_type)
+        chosen = distributed.parallelism(self.d.job.spec, gpu_type)
         if chosen.ranks > 1:
-            progress = self.status.get("progress") or {}
-            self.status["progress"] = {**progress, "parallelism": chosen.describe()}
+            progress = self.d.status.get("progress") or {}
+            self.d.status["progress"] = {**progress, "parallelism": chosen.describe()}
         if chosen.nodes > 1:
-            self.out.create.append(dict(distributed.headless_service(self.job)))
+            self.d.out.create.append(dict(distributed.headless_service(self.d.job)))
 
     def watch_job(self, row: StageRow, job: Mapping[str, Any]) -> None:
         """A Job that has not finished: follow spec.suspend and Kueue, report pod problems."""
         name = str((job.get("metadata") or {}).get("name"))
         job_suspended = bool((job.get("spec") or {}).get("suspend"))
-        queue = self.job.spec.resources.queue_name if row.stage is Stage.TRAIN else None
-        if self.job.spec.suspend:
+        queue = self.d.job.spec.resources.queue_name if row.stage is Stage.TRAIN else None
+        if self.d.job.spec.suspend:
             if not job_suspended:
                 # The Job controller stops the pods; the trainer checkpoints on SIGTERM.
-                self.out.patch.append(ChildPatch("Job", name, {"spec": {"suspend": True}}))
-            self.suspended(row)
+                self.d.out.patch.append(ChildPatch("Job", name, {"spec": {"suspend": True}}))
+            self.d.suspended(row)
         elif job_suspended and queue:
-            self.waiting(row, Reason.QUEUED, f"waiting for Kueue to admit the Job in queue {queue}")
+            self.d.waiting(row, Reason.QUEUED, f"waiting for Kueue to admit the Job in queue {queue}")
         elif job_suspended:
-            self.out.patch.append(ChildPatch("Job", name, {"spec": {"suspend": False}}))
-            self.running(row, "resumed", "resumed; continuing from the last checkpoint")
+            self.d.out.patch.append(ChildPatch("Job", name, {"spec": {"suspend": False}}))
+            self.d.running(row, "resumed", "resumed; continuing from the last checkpoint")
         else:
             self.report_pods(row, name)
 
     def report_pods(self, row: StageRow, name: str) -> None:
-        pods = self.o.pods.get(row.stage, ())
+        pods = self.d.o.pods.get(row.stage, ())
         problem = pod_problem(pods)
-        nodes = self.job.spec.resources.nodes if row.stage is Stage.TRAIN else 1
+        nodes = self.d.job.spec.resources.nodes if row.stage is Stage.TRAIN else 1
         if problem is not None and problem.fatal:
-            self.out.patch.append(ChildPatch("Job", name, {"spec": {"suspend": True}}))
-            self.fail(row.stage, problem.reason, problem.message)
+            self.d.out.patch.append(ChildPatch("Job", name, {"spec": {"suspend": True}}))
+            self.d.fail(row.stage, problem.reason, problem.message)
         elif problem is not None and problem.reason is Reason.UNSCHEDULABLE and nodes > 1:
-            self.waiting(row, problem.reason, distributed.gang_message(pods, nodes, problem.message))
+            self.d.waiting(row, problem.reason, distributed.gang_message(pods, nodes, problem.message))
         elif problem is not None and row.running_messages is None:
-            self.waiting(row, problem.reason, problem.message)
+            self.d.waiting(row, problem.reason, problem.message)
         else:
-            self.running(row, condition_message=f"Job {name} is running")
+            self.d.running(row, condition_message=f"Job {name} is running")
 
     # --- the serving stage ---------------------------------------------------------------------
-
-    def retire_serving(self) -> None:
-        name = serving.service_name(self.job)
-        if self.o.children.get(Stage.SERVE) is not None:
-            self.out.delete.append(ChildDelete("Deployment", name))
-        if self.o.service is not None:
-            self.out.delete.append(ChildDelete("Service", name))
-        self.status["endpoint"] = None
 
     def desired(self, row: StageRow) -> dict[str, Any]:
         """The child as the spec wants it, built once per generation and artifacts (`Observed.built`)."""
         artifacts = self.artifacts()
-        key = (row.stage.value, self.o.generation, artifacts.adapter, artifacts.merged)
-        if key not in self.o.built:
-            self.o.built.clear()
-            self.o.built[key] = row.build(self.job, self.config, artifacts)
-        return self.o.built[key]
+        key = (row.stage.value, self.d.o.generation, artifacts.adapter, artifacts.merged)
+        if key not in self.d.o.built:
+            self.d.o.built.clear()
+            self.d.o.built[key] = row.build(self.d.job, self.d.config, artifacts)
+        return self.d.o.built[key]
 
     def serve(self, row: StageRow) -> None:
         """Create the Service and Deployment, roll out a changed one, report when it serves."""
-        existing = self.o.children.get(row.stage)
+        existing = self.d.o.children.get(row.stage)
         desired = self.desired(row)
-        refused = policy.job_serving_wait(self.job.spec, existing, self.o.policy, self.config)
+        refused = policy.job_serving_wait(self.d.job.spec, existing, self.d.o.policy, self.d.config)
         if refused is not None:  # FineTunePolicy: nothing is created or grows until the policy allows it
-            self.waiting(row, Reason(refused[0]), refused[1])
+            self.d.waiting(row, Reason(refused[0]), refused[1])
             return
-        if self.o.service is None:
-            service = serving.serving_service(self.job, self.config)
-            if self.blocked(row.stage, service):
+        if self.d.o.service is None:
+            service = serving.serving_service(self.d.job, self.d.config)
+            if self.d.blocked(row.stage, service):
                 return
-            self.out.create.append(service)
-        name = serving.service_name(self.job)
+            self.d.out.create.append(service)
+        name = serving.service_name(self.d.job)
         if existing is None:
-            if self.blocked(row.stage, desired):
-                self.out.create.clear()  # nothing serves until the name is free
+            if self.d.blocked(row.stage, desired):
+                self.d.out.create.clear()  # nothing serves until the name is free
                 return
-            self.out.create.append(desired)
+            self.d.out.create.append(desired)
             # A GPU type without GPUs in the operator's table is served on CPU; the phase Event says so.
-            note = serving.job_vllm_compute(self.job, self.config).note
+            note = serving.job_vllm_compute(self.d.job, self.d.config).note
             created = f"created Deployment {name}" + (f"; {note}" if note else "")
-            self.condition(row.condition, "Unknown", row.running, created)
-            self.phase(row.phase, row.running, note or "")
+            self.d.condition(row.condition, "Unknown", row.running, created)
+            self.d.phase(row.phase, row.running, note or "")
         elif _annotation(existing) != _annotation(desired):
-            self.out.patch.append(ChildPatch("Deployment", name, _rollout(desired), patch_type="json"))
-            self.condition(row.condition, "Unknown", row.running, "rolling out the changed deployment")
-            self.phase(row.phase, row.running, "applying the changed deployment section")
+            self.d.out.patch.append(ChildPatch("Deployment", name, _rollout(desired), patch_type="json"))
+            self.d.condition(row.condition, "Unknown", row.running, "rolling out the changed deployment")
+            self.d.phase(row.phase, row.running, "applying the changed deployment section")
         elif deployment_available(existing):
-            model, url = serving.served_model_name(self.job), serving.endpoint_url(self.job, self.config)
-            self.status["endpoint"] = {"url": url, "model": model}
-            self.condition(
+            model = serving.served_model_name(self.d.job)
+            url = serving.endpoint_url(self.d.job, self.d.config)
+            self.d.status["endpoint"] = {"url": url, "model": model}
+            self.d.condition(
                 row.condition, "True", Reason.DEPLOYMENT_AVAILABLE, f"{model} is served by Deployment {name}"
             )
-            self.complete(Phase.SERVING, Reason.SERVING, f"serving {model} at {url}")
+            self.d.complete(Phase.SERVING, Reason.SERVING, f"serving {model} at {url}")
         else:
             self.report_serving_pods(row)
 
     def report_serving_pods(self, row: StageRow) -> None:
-        problem = pod_problem(self.o.pods.get(row.stage, ()))
+        problem = pod_problem(self.d.o.pods.get(row.stage, ()))
         if problem is not None and problem.fatal:
-            self.fail(row.stage, problem.reason, problem.message)
+            self.d.fail(row.stage, problem.reason, problem.message)
             return
         reason = problem.reason if problem else row.running
-        self.waiting(row, reason, problem.message if problem else "waiting for vLLM to become ready")
+        self.d.waiting(row, reason, problem.message if problem else "waiting for vLLM to become ready")
 
 
 def _annotation(manifest: Mapping[str, Any]) -> Any:
@@ -432,5 +360,5 @@ def _rollout(desired: Mapping[str, Any]) -> list[dict[str, Any]]:
 def plan(observed: Observed, config: OperatorConfig) -> Plan:
     """Next actions, status patch and Events for one FineTuneJob."""
     if isinstance(observed.job, JobRef) and observed.spec_error is None:
-        return Pipeline(observed, config, observed.job).run()
-    return Planner(observed, config).run()
+        return Pipeline(JobDraft(o=observed, config=config, job=observed.job, rows=ROWS)).run()
+    return Planner(Draft(o=observed, config=config)).run()

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from finetune_vocabulary.metrics import direction, lower_is_better
 
@@ -25,12 +25,9 @@ from finetune_operator.api.modelserver import parse_modelserver_spec
 from finetune_operator.api.schema import SpecError
 from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunejob import builders
+from finetune_operator.finetunejob.plan import JobDraft, StageRow
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.modelserver.planner import ACCEPTED, loaded_everywhere
-
-if TYPE_CHECKING:
-    from finetune_operator.finetunejob.planner import Pipeline
-    from finetune_operator.finetunejob.stages import StageRow
 
 
 def compatibility_problem(spec: FineTuneJobSpec, server: Mapping[str, Any]) -> str | None:
@@ -69,7 +66,7 @@ def champion(server: Mapping[str, Any] | None, model: str) -> dict[str, str] | N
     return None
 
 
-def prepare(p: Pipeline) -> bool:
+def prepare(p: JobDraft) -> bool:
     """Server checks and the champion snapshot; False when the job failed."""
     deployment = p.job.spec.deployment
     if not deployment.server or not deployment.model_name:
@@ -101,7 +98,7 @@ def champion_artifact(status: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def beats_champion(p: Pipeline, tuned: Mapping[str, float], primary: str) -> bool:
+def beats_champion(p: JobDraft, tuned: Mapping[str, float], primary: str) -> bool:
     """Not worse than the champion on the primary metric (or no champion); else Rejected naming both."""
     evaluation = p.status.get("evaluation") or {}
     scores = evaluation.get("champion") or {}
@@ -124,7 +121,7 @@ def beats_champion(p: Pipeline, tuned: Mapping[str, float], primary: str) -> boo
     return False
 
 
-def serve(p: Pipeline, row: StageRow) -> None:
+def serve(p: JobDraft, row: StageRow) -> None:
     """Ask the pool for the adapter; Serving once every ready replica of the pool holds it."""
     p.retire_serving()  # a Deployment of the job's own from an earlier generation
     deployment = p.job.spec.deployment

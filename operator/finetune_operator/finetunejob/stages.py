@@ -1,14 +1,14 @@
 """The pipeline as a table: one row per stage, in order. A row says which child the stage runs, when it
 is wanted, which condition, phase and running reason report it, and how its outcome is read into the
 status. The planner (planner.py) walks the rows and knows nothing about any one stage; adding a stage is
-adding a row, its builder and its reader.
+adding a row, its builder and its reader. Readers write into the pass's draft (plan.JobDraft), never into
+the planner.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 from finetune_vocabulary import steps
 
@@ -20,40 +20,11 @@ from finetune_operator.finetunejob import builders, pooljob, serving
 from finetune_operator.finetunejob.accounting import gpu_hours_estimate
 from finetune_operator.finetunejob.gate import evaluate_gate, primary_metric
 from finetune_operator.finetunejob.outcome import JobOutcome, metric_values
-from finetune_operator.finetunejob.ref import Artifacts, JobRef
+from finetune_operator.finetunejob.plan import Builder, JobDraft, StageRow
+from finetune_operator.finetunejob.ref import JobRef
 from finetune_operator.k8s.actions import Event
 from finetune_operator.k8s.manifests import Job
 from finetune_operator.k8s.observe import finite
-
-if TYPE_CHECKING:
-    from finetune_operator.finetunejob.planner import Pipeline
-
-Builder = Callable[[JobRef, OperatorConfig, Artifacts], dict[str, Any]]
-# Records a finished stage in the status; False stops the pass (the job was rejected or failed).
-OutcomeReader = Callable[["Pipeline", JobOutcome], bool]
-Step = Callable[["Pipeline"], bool]
-
-
-@dataclass(frozen=True)
-class StageRow:
-    stage: Stage
-    kind: Literal["Job", "Deployment"]
-    build: Builder
-    condition: ConditionType
-    phase: Phase
-    running: Reason  # the condition's and phase's reason while the child runs
-    read: OutcomeReader | None = None  # Jobs: the finished stage's outcome → status
-    # Whether the stage runs for this spec (and what is already in storage); when not, `skip` reports it.
-    wanted: Callable[[FineTuneJobSpec, Artifacts], bool] = lambda spec, artifacts: True
-    skip: Step | None = None
-    # The stage's condition turns True when it finishes, so a finished stage never runs again;
-    # `holds` then says whether its result still lets the pipeline go on.
-    owns_condition: bool = True
-    holds: Step | None = None
-    while_running: Callable[[Pipeline], None] | None = None
-    counts_gpu_hours: bool = False  # status.gpuHours is refreshed while it runs and when it ends
-    # (condition message, phase message) while running, instead of "Job <name> is running".
-    running_messages: tuple[str, str] | None = None
 
 
 def _job(builder: Callable[[JobRef, OperatorConfig], Job]) -> Builder:
@@ -99,7 +70,7 @@ def trained_message(progress: Mapping[str, Any]) -> str:
     return message + (f", final loss {loss:.4g}" if loss is not None else "")
 
 
-def read_validation(p: Pipeline, outcome: JobOutcome) -> bool:
+def read_validation(p: JobDraft, outcome: JobOutcome) -> bool:
     dataset = dataset_status(outcome.summary)
     p.status["dataset"] = dataset
     p.status["gpuHoursEstimate"] = gpu_hours_estimate(p.job.spec, dataset, p.config)
@@ -141,7 +112,7 @@ def planned_progress(spec: FineTuneJobSpec, dataset: Mapping[str, Any]) -> dict[
     }
 
 
-def read_training(p: Pipeline, outcome: JobOutcome) -> bool:
+def read_training(p: JobDraft, outcome: JobOutcome) -> bool:
     summary = outcome.summary
     artifacts = p.status["artifacts"]
     for key in ("adapter", "merged"):
@@ -160,7 +131,7 @@ def read_training(p: Pipeline, outcome: JobOutcome) -> bool:
     return True
 
 
-def record_progress(p: Pipeline) -> None:
+def record_progress(p: JobDraft) -> None:
     """The trainer's newest progress line while training runs."""
     line = p.o.progress
     if not line or p.status.get("phase") != Phase.TRAINING.value:
@@ -186,7 +157,7 @@ def record_progress(p: Pipeline) -> None:
         p.status["progress"] = progress | ({"parallelism": spread} if spread else {})
 
 
-def read_evaluation(p: Pipeline, outcome: JobOutcome) -> bool:
+def read_evaluation(p: JobDraft, outcome: JobOutcome) -> bool:
     """Scores into the status, then the gate: a failed gate rejects the model."""
     summary = outcome.summary
     tuned = metric_values(summary.get("tuned")) or {}
@@ -222,14 +193,14 @@ def read_evaluation(p: Pipeline, outcome: JobOutcome) -> bool:
     return False
 
 
-def gate_held(p: Pipeline) -> bool:
+def gate_held(p: JobDraft) -> bool:
     if (p.status.get("evaluation") or {}).get("passed") is False:
         p.phase(Phase.REJECTED, Reason.GATE_FAILED, "the evaluation gate failed")
         return False
     return True
 
 
-def evaluation_disabled(p: Pipeline) -> bool:
+def evaluation_disabled(p: JobDraft) -> bool:
     if not p.done(ConditionType.EVALUATED):
         p.condition(
             ConditionType.EVALUATED,
@@ -240,7 +211,7 @@ def evaluation_disabled(p: Pipeline) -> bool:
     return True
 
 
-def read_export(p: Pipeline, outcome: JobOutcome) -> bool:
+def read_export(p: JobDraft, outcome: JobOutcome) -> bool:
     merged = outcome.summary.get("merged")
     if not merged:
         p.fail(Stage.EXPORT, Reason.STAGE_FAILED, "export finished without a merged model URI")
@@ -249,7 +220,7 @@ def read_export(p: Pipeline, outcome: JobOutcome) -> bool:
     return True
 
 
-def deployment_disabled(p: Pipeline) -> bool:
+def deployment_disabled(p: JobDraft) -> bool:
     """Nothing to serve: remove what an earlier generation deployed; the job ends Succeeded."""
     p.retire_serving()
     p.condition(ConditionType.DEPLOYED, "False", Reason.DEPLOYMENT_DISABLED, "deployment.enabled is false")
