@@ -45,7 +45,8 @@ WARNING_WAITS = (Reason.CHILD_CONFLICT, Reason.SERVING_GPU_LIMIT, Reason.POLICY_
 
 
 class Planner:
-    """Conditions, phase, Events and the status patch of one pass; the spec-independent part."""
+    """Conditions, phase, Events and the status patch of one pass; the spec-independent part. It owns the
+    pass's draft (plan.Draft) and turns it into the Plan; stage readers get the draft, never the planner."""
 
     def __init__(self, draft: Draft) -> None:
         self.d = draft
