@@ -275,8 +275,7 @@ def test_pod_replacement_policy_defaults_like_kube_apiserver(lc_api, ns):
 def test_an_oom_killed_pod_fails_the_job_at_once_under_the_operators_policy(lc_api, ns):
     """kubelet reports OOMKilled with exit code 137; a podFailurePolicy matches exit codes, so the operator's
     rule on 137 fails the Job on the first OOM kill instead of retrying into the same limit."""
-    from finetune_operator.containers.trainer import TRAINER_CONTAINER
-    from finetune_operator.containers.trainer import pod_failure_policy
+    from finetune_operator.containers.trainer import TRAINER_CONTAINER, pod_failure_policy
 
     script = (
         "blob = bytearray(300 * 2**20); blob[::4096] = b'x' * len(blob[::4096]); import time; time.sleep(10)"
