@@ -158,3 +158,9 @@ def test_one_scheme_names_every_kinds_children_within_any_limit() -> None:
             children[child] = (name, component)
     assert child_name("1st", "pool", lead="m").startswith("m-1st--")
     assert child_name("1st", Stage.TRAIN).startswith("j-1st--")
+
+
+def test_a_limit_too_short_for_the_hashed_form_is_refused() -> None:
+    assert child_name("a" * 40, Stage.TRAIN, max_len=25).startswith("a--")  # the prefix shrinks to one letter
+    with pytest.raises(ValueError, match="no room"):
+        child_name("a" * 40, Stage.TRAIN, max_len=24)
