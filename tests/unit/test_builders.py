@@ -445,3 +445,55 @@ def test_kv_cache_setting_only_on_cpu_and_only_when_the_user_sets_none() -> None
     assert "VLLM_CPU_KVCACHE_SPACE" not in _env(gpu)
     explicit = job(deployment={"gpus": 0, "gpuType": "cpu", "extraArgs": ["--kv-cache-memory-bytes", "1G"]})
     assert "VLLM_CPU_KVCACHE_SPACE" not in _env(serving.serving_deployment(explicit, CONFIG, ADAPTER))
+
+
+def test_the_evaluation_config_names_the_champion_decided_before_the_job_is_built() -> None:
+    """Issue 21: the champion (the version serving the model name) is an input of the evaluate Job, written
+    into FTJ_CONFIG once; no other stage and no evaluation without a champion mentions one."""
+    ref = job()
+    champion = ("bot-v1", "s3://runs/out/team-a/old/uid/model/adapter/")
+    evaluate = builders.evaluation_job(ref, CONFIG, champion=champion)
+    env = _pod_spec(evaluate)["containers"][0]["env"]
+    assert [e["name"] for e in env].count("FTJ_CONFIG") == 1
+    document = json.loads(next(e["value"] for e in env if e["name"] == "FTJ_CONFIG"))
+    assert document["champion"] == {"name": "bot-v1", "adapter": champion[1]}
+    for manifest in (*_all(ref)[:4], builders.evaluation_job(ref, CONFIG, champion=None)):
+        config = json.loads(_env_of(manifest)["FTJ_CONFIG"])
+        assert "champion" not in config, manifest["metadata"]["name"]
+
+
+def _env_of(manifest: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in _pod_spec(manifest)["containers"][0]["env"]}
+
+
+def test_children_of_both_kinds_carry_one_label_set_and_owner_reference() -> None:
+    """One label/owner/metadata set (k8s/pods.py) for a FineTuneJob's Jobs and a ModelServer's pool: the same
+    label keys (each kind's uid label aside), a controller ownerReference naming the owner, selectors that
+    are a subset of the pod labels."""
+    from finetune_operator.api.modelserver import parse_modelserver_spec
+    from finetune_operator.modelserver.builders import PoolRef, pool_deployment, pool_service
+    from finetune_vocabulary.labels import LABEL_JOB_UID, LABEL_MODELSERVER_UID
+
+    raw = {
+        "baseModel": {"uri": "s3://models/tiny"},
+        "adapterSources": ["s3://runs"],
+        "gpus": 0,
+        "gpuType": "cpu",
+    }
+    pool = PoolRef("team-a", "shared", "pool-uid", parse_modelserver_spec(raw))
+    train = builders.training_job(job(), CONFIG)
+    deployment, service = pool_deployment(pool, CONFIG), pool_service(pool, CONFIG)
+    job_labels, pool_labels = train["metadata"]["labels"], deployment["metadata"]["labels"]
+    assert set(job_labels) - {LABEL_JOB_UID} == set(pool_labels) - {LABEL_MODELSERVER_UID}
+    assert pool_labels[LABEL_MODELSERVER_UID] == "pool-uid" and job_labels[LABEL_JOB_UID] == UID
+    for manifest, kind, name in ((train, "FineTuneJob", "demo"), (deployment, "ModelServer", "shared")):
+        (owner,) = manifest["metadata"]["ownerReferences"]
+        assert (owner["kind"], owner["name"], owner["controller"], owner["blockOwnerDeletion"]) == (
+            kind,
+            name,
+            True,
+            True,
+        )
+        assert owner["apiVersion"] == "finetune.dev/v1alpha1"
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pool_labels.items()
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]

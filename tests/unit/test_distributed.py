@@ -202,3 +202,33 @@ def test_planner_creates_the_headless_service_with_the_job_and_names_missing_pod
     world.step()
     assert world.status["phase"] == "Training"
     assert world.status["message"].startswith("gang of 2 pods: 1 placed, 1 waiting (waiting for resources")
+
+
+def test_the_headless_service_is_the_indexed_jobs_own_and_selects_exactly_its_pods() -> None:
+    """Decided from the job before anything is built (issue 21): the Service has the Indexed Job's name
+    (its pods' subdomain), labels (Kueue's queue label included) and owner, and selects its pods only."""
+    from finetune_vocabulary.labels import LABEL_QUEUE
+
+    for name in ("demo", "team-x-" + "a" * 70):
+        ref = job(name=name, resources={"gpus": 2, "nodes": 3, "queueName": "gpus"})
+        train = builders.training_job(ref, CONFIG)
+        service = distributed.headless_service(ref)
+        pod = train["spec"]["template"]
+        assert service["metadata"] == train["metadata"]
+        assert service["metadata"]["labels"][LABEL_QUEUE] == "gpus"
+        assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+        selector = service["spec"]["selector"]
+        assert selector.items() <= pod["metadata"]["labels"].items()
+        other = builders.training_job(job(name=name + "x", resources={"gpus": 2, "nodes": 3}), CONFIG)
+        assert not selector.items() <= other["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_ftj_config_is_written_once_with_the_resolved_strategy() -> None:
+    """No JSON surgery on a built Job: FTJ_CONFIG appears once, first, with the strategy auto resolved to;
+    one process keeps the spec's own value."""
+    spread = builders.training_job(job(resources={"gpus": 4}), CONFIG)
+    env = spread["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert [e["name"] for e in env].count("FTJ_CONFIG") == 1 and env[0]["name"] == "FTJ_CONFIG"
+    assert json.loads(env[0]["value"])["spec"]["hyperparameters"]["strategy"] == "ddp"
+    single = _env(builders.training_job(job(resources={"gpus": 1}), CONFIG))
+    assert json.loads(single["FTJ_CONFIG"])["spec"]["hyperparameters"]["strategy"] == "auto"

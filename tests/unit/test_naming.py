@@ -134,3 +134,33 @@ def test_names_around_the_limit_never_collide() -> None:
 def test_a_final_newline_is_neither_a_label_nor_a_label_value(value: str) -> None:
     assert not is_dns1035_label(value) and not is_label_value(value)
     assert is_label_value(label_safe(value))
+
+
+def test_one_scheme_names_every_kinds_children_within_any_limit() -> None:
+    """Issue 21: FineTuneJob stages, a ModelServer's `pool` and the Indexed training Job (whose pods append
+    `-<index>`, so its name must leave room) share one scheme. Within each limit the children are valid
+    labels no longer than the limit, deterministic, and distinct for every (name, component); a name that
+    does not start with a letter gets its kind's lead letter."""
+    rng = random.Random(21)
+    names = {_random_subdomain(rng) for _ in range(600)} | {"1st-run", "9.pools", "9-pools", "a" * 61}
+    names |= {"a" * length for length in range(50, 66)}
+    components = [*(stage.value for stage in Stage), "pool"]
+    for max_len, lead in ((63, "j"), (61, "j"), (63, "m")):
+        children: dict[str, tuple[str, str]] = {}
+        for name, component in itertools.product(sorted(names), components):
+            child = child_name(name, component, lead=lead, max_len=max_len)
+            assert is_dns1035_label(child) and len(child) <= max_len, (name, child)
+            if max_len < 63:  # room for `-<index>`
+                assert is_dns1035_label(f"{child}-{'9' * (63 - max_len - 1)}"), child
+            assert child == child_name(name, component, lead=lead, max_len=max_len)
+            assert child.endswith(f"-{component}")
+            assert child not in children, (name, component, children.get(child))
+            children[child] = (name, component)
+    assert child_name("1st", "pool", lead="m").startswith("m-1st--")
+    assert child_name("1st", Stage.TRAIN).startswith("j-1st--")
+
+
+def test_a_limit_too_short_for_the_hashed_form_is_refused() -> None:
+    assert child_name("a" * 40, Stage.TRAIN, max_len=25).startswith("a--")  # the prefix shrinks to one letter
+    with pytest.raises(ValueError, match="no room"):
+        child_name("a" * 40, Stage.TRAIN, max_len=24)

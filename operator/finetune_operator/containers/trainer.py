@@ -5,7 +5,7 @@ builders.py decides the values for a FineTuneJob's stage and assembles the Job a
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from finetune_vocabulary.exitcodes import PERMANENT_EXIT_CODES, ExitCode
@@ -45,7 +45,7 @@ class TrainerContainer:
     mounts: Sequence[VolumeMount]
     resources: ResourceRequirements
     env_from: Sequence[EnvFromSource] = ()
-    ports: Sequence[ContainerPort] = field(default=())
+    ports: Sequence[ContainerPort] = ()
 
 
 def trainer_container(parts: TrainerContainer) -> Container:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Required, TypedDict
 
 from finetune_vocabulary.labels import LABEL_QUEUE
 
@@ -44,13 +44,24 @@ from finetune_operator.k8s.pods import (
 )
 
 
+class TrainerConfig(TypedDict, total=False):
+    """The FTJ_CONFIG document (CONTRACT.md); `spec` is the API's own spelling of the parsed spec."""
+
+    runPrefix: Required[str]
+    job: Required[dict[str, str]]
+    spec: Required[dict[str, Any]]
+    referencePolicy: Required[dict[str, list[str]]]
+    tracking: dict[str, Any]
+    champion: dict[str, str]
+
+
 def trainer_config(
     job: JobRef,
     config: OperatorConfig,
     *,
     strategy: str | None = None,
     champion: tuple[str, str] | None = None,
-) -> dict[str, Any]:
+) -> TrainerConfig:
     """The FTJ_CONFIG document (CONTRACT.md): the spec as the API server stores it, defaults applied, plus
     the platform's policy the spec cannot change. `strategy`: the resolved hyperparameters.strategy of a
     training over several ranks (distributed.Spread); `champion`: (name, adapter) of the version serving the
@@ -58,7 +69,7 @@ def trainer_config(
     spec = spec_to_dict(job.spec)
     if strategy is not None:
         spec.setdefault("hyperparameters", {})["strategy"] = strategy
-    document: dict[str, Any] = {
+    document: TrainerConfig = {
         "runPrefix": job.run_prefix,
         "job": {"namespace": job.namespace, "name": job.name, "uid": job.uid},
         "spec": spec,

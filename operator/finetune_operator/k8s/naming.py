@@ -62,6 +62,8 @@ def child_name(owner: str, component: str, *, lead: str = "j", max_len: int = MA
     if len(plain) <= max_len and is_dns1035_label(plain) and HASH_MARKER not in plain:
         return plain
     suffix = f"{HASH_MARKER}{short_hash(owner, CHILD_HASH_LEN)}-{component}"
+    if max_len - len(suffix) < 1:  # a label starts with a letter: room for at least that one
+        raise ValueError(f"a child name of at most {max_len} characters has no room for {suffix!r}")
     prefix = _sanitise(owner, lead)[: max_len - len(suffix)].rstrip("-")
     return f"{prefix}{suffix}"
 
