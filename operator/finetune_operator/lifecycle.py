@@ -277,12 +277,36 @@ async def resync_loop(ctx: Context) -> None:
             await sync_policy_status(ctx)
 
 
+def pool_wiring(ctx: Context) -> pool.PoolWiring:
+    """What the ModelServer controller may use of the operator: it never calls the FineTuneJob reconcile
+    itself, it asks to wake a job."""
+
+    def current_api() -> kube.KubeApi | None:
+        return ctx.api if isinstance(ctx.api, kube.KubeApi) else None
+
+    def policy_view(namespace: str, uid: str) -> policy.PolicyView | None:
+        selected = policy.applicable(ctx.policies.values(), ctx.namespace_labels.get(namespace, {}))
+        if not selected:
+            return None
+        return policy.PolicyView(selected, serving_gpus=ctx.serving_gpus(namespace, uid))
+
+    def known_jobs(namespace: str) -> list[Mapping[str, Any]]:
+        return [r.body for r in ctx.records.values() if r.body["metadata"].get("namespace") == namespace]
+
+    def wake_job(uid: str) -> None:
+        record = ctx.records.get(uid)
+        if record is not None:
+            ctx.pools.spawn(reconcile.reconcile(ctx, record.body, trigger="pool"))
+
+    return pool.PoolWiring(ctx.config, ctx.metrics, ctx.pools, current_api, policy_view, known_jobs, wake_job)
+
+
 async def startup(memo: Any, kwargs: Mapping[str, Any]) -> None:
     """Wire the watch caches into the reconcile and start the resync loop (its task lives in the Context)."""
     ctx = context(memo)
     bind_indexes(ctx, kwargs)
     ctx.resync = asyncio.get_running_loop().create_task(resync_loop(ctx), name="finetune-resync")
-    ctx.pools.task = asyncio.get_running_loop().create_task(pool.run(ctx), name="finetune-pools")
+    ctx.pools.task = asyncio.get_running_loop().create_task(pool.run(pool_wiring(ctx)), name="finetune-pools")
 
 
 async def cleanup(memo: Any) -> None:

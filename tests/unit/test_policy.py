@@ -662,6 +662,8 @@ def test_a_modelserver_over_max_serving_gpus_is_not_created_or_grown_with_a_cond
         message,
     )
     assert plan.status["message"] == message
+    ready = next(c for c in plan.status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "RefusedByPolicy", message)
     assert [(e.type, e.reason, e.message) for e in plan.events] == [("Warning", "ServingGpuLimit", message)]
     ModelServerStatus.model_validate(plan.status)
     again = plan_pool(_pool_observed(12, status=plan.status, replicas=2, gpus=4), config)
