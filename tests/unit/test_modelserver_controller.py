@@ -73,6 +73,7 @@ class PoolApi:
         self.event_failures: list[Exception] = []
         self.status_failures: list[Exception] = []
         self.die_after_events: int | None = None  # the process dies when posting the next Event
+        self.status_writes = 0
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         if kind == "ModelServer":
@@ -94,6 +95,7 @@ class PoolApi:
     ) -> dict[str, Any]:
         if self.status_failures:
             raise self.status_failures.pop(0)
+        self.status_writes += 1
         ModelServerStatus.model_validate(merged(self.server["status"], patch))  # the CRD's schema
         self.server["status"] = merged(self.server["status"], patch)
         self.server["metadata"]["resourceVersion"] = str(int(self.server["metadata"]["resourceVersion"]) + 1)
@@ -205,3 +207,12 @@ async def test_a_spec_the_operator_cannot_parse_is_ready_false_invalid_spec() ->
     (ready,) = status["conditions"]
     assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "InvalidSpec")
     assert "maxLoraRank" in ready["message"] and status["message"].startswith("invalid spec:")
+
+
+async def test_a_pool_that_does_not_change_writes_no_status_and_posts_no_event() -> None:
+    api = PoolApi([accepted_job("a")])
+    await one_pass(api, wiring())
+    writes, posted = api.status_writes, dict(api.events)
+    for _ in range(3):  # the 5-second resync of a steady pool
+        await one_pass(api, wiring())
+    assert api.status_writes == writes and api.events == posted
