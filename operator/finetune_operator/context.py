@@ -15,6 +15,7 @@ from finetune_operator.api.finetunepolicy import FineTunePolicy
 from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunejob.records import JobRecords
 from finetune_operator.finetunepolicy import enforcement as policy
+from finetune_operator.finetunepolicy.controller import PolicyQueue
 from finetune_operator.k8s import client as kube
 from finetune_operator.k8s import observe, ownership
 
@@ -45,6 +46,7 @@ class Context(JobRecords):
     # Each policy's GPU-hour ledger (policy_ledger.py) as last read or written, with its resourceVersion.
     ledgers: dict[str, tuple[int, list[dict[str, Any]]]] = field(default_factory=dict)
     pools: PoolController = field(default_factory=PoolController)  # ModelServers (pool.py)
+    policy_queue: PolicyQueue = field(default_factory=PolicyQueue)  # their status sync (finetunepolicy/)
 
     def policy_view(self, spec: FineTuneJobSpec, namespace: str, uid: str) -> policy.PolicyView | None:
         """The policies selecting the job's namespace and the namespace's use; None without policies."""

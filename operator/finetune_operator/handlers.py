@@ -74,7 +74,7 @@ def _register_events(registry: kopf.OperatorRegistry) -> None:
 
     @kopf.on.event(GROUP, VERSION, POLICY_PLURAL, id="policy_event", registry=registry)
     async def policy_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
-        """Keep FineTunePolicies and re-plan the unfinished jobs when one changes."""
+        """Keep FineTunePolicies, sync their status at once and re-plan the unfinished jobs."""
         await lifecycle.on_policy_event(memo, body, type)
 
     @kopf.on.event("", "v1", "namespaces", id="namespace_event", registry=registry)

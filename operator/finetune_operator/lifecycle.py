@@ -15,12 +15,10 @@ import kopf
 from finetune_vocabulary.labels import LABEL_MODELSERVER_UID
 
 from finetune_operator.api.conditions import IDLE_PHASES
-from finetune_operator.api.finetunepolicy import parse_policy
-from finetune_operator.api.schema import SpecError
-from finetune_operator.context import Children, Context, owner_uid, resource_version, snapshot
+from finetune_operator.context import Children, Context, owner_uid, snapshot
 from finetune_operator.finetunejob import controller as reconcile
+from finetune_operator.finetunepolicy import controller as policy_controller
 from finetune_operator.finetunepolicy import enforcement as policy
-from finetune_operator.finetunepolicy import ledger as policy_ledger
 from finetune_operator.k8s import client as kube
 from finetune_operator.k8s import ownership
 from finetune_operator.k8s.observe import disrupted_pods
@@ -142,18 +140,11 @@ async def on_child_event(memo: Any, body: Mapping[str, Any], event_type: str | N
 
 
 async def on_policy_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
-    """Keep the FineTunePolicies; jobs that have not finished are planned again with the change."""
+    """Keep the FineTunePolicies and sync their status at once; jobs that have not finished are planned again
+    with the change."""
     ctx = context(memo)
-    name = str(body["metadata"]["name"])
-    ctx.policies.pop(name, None)
-    if _without_nulls(body.get("status") or None) != _without_nulls(ctx.policy_status.get(name)):
-        ctx.policy_status.pop(name, None)  # re-created, or its status changed by someone else: write it again
-    _keep_ledger(ctx, name, body, deleted=event_type == "DELETED")
-    if event_type != "DELETED":
-        try:
-            ctx.policies[name] = parse_policy(dict(body))
-        except SpecError as error:  # the CRD's schema admits nothing else; an older or hand-made CRD might
-            log.warning("ignoring FineTunePolicy %s: %s", name, error)
+    policy_controller.seen(policy_caches(ctx), body, deleted=event_type == "DELETED")
+    ctx.policy_queue.wake.set()
     for record in ctx.records.values():
         if (record.body.get("status") or {}).get("phase") not in IDLE_PHASES:
             record.dirty = True
@@ -167,72 +158,21 @@ async def on_namespace_event(memo: Any, body: Mapping[str, Any], event_type: str
         ctx.namespace_labels.pop(str(meta["name"]), None)
     else:
         ctx.namespace_labels[str(meta["name"])] = dict(meta.get("labels") or {})
+    ctx.policy_queue.wake.set()  # the namespaces a policy selects may have changed
 
 
-def _without_nulls(value: Any) -> Any:
-    """A status as the API stores it: a merge patch's nulls remove keys."""
-    if isinstance(value, Mapping):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
-
-
-def _keep_ledger(ctx: Context, name: str, body: Mapping[str, Any], deleted: bool) -> None:
-    """The policy's GPU-hour ledger as stored, unless this process already holds a newer one."""
-    if deleted:
-        ctx.ledgers.pop(name, None)
-        return
-    version = resource_version(body)
-    held = ctx.ledgers.get(name)
-    if held is None or version >= held[0]:
-        ctx.ledgers[name] = (version, list((body.get("status") or {}).get("ledger") or []))
-
-
-async def _gone(ctx: Context, ledger: list[dict[str, Any]], now: datetime) -> set[str]:
-    """Uids a ledger holds that the API confirms deleted (a job not listed yet after a restart is kept)."""
-    gone: set[str] = set()
-    assert ctx.api is not None
-    for namespace, uids in policy_ledger.unconfirmed(ledger, ctx.records.keys(), now).items():
-        try:
-            listed = await ctx.api.list("FineTuneJob", namespace)
-        except reconcile.RETRIED_ERRORS as error:
-            log.warning("could not list the FineTuneJobs of %s: %s", namespace, error)
-            continue
-        gone |= uids - {str(j["metadata"].get("uid")) for j in listed}
-    return gone
+def policy_caches(ctx: Context) -> policy_controller.PolicyCaches:
+    """The Context's policy dicts, for the FineTunePolicy controller (shared, not copied)."""
+    return policy_controller.PolicyCaches(ctx.policies, ctx.namespace_labels, ctx.policy_status, ctx.ledgers)
 
 
 async def sync_policy_status(ctx: Context) -> None:
-    """Record the GPU hours spent in each FineTunePolicy's ledger and write its status (selector, use per
-    namespace, ledger) when it changed; set the budget gauges. A failure is logged and retried on the next
-    pass; the write carries the resourceVersion the ledger was read at, so a stale one is refused."""
+    """One FineTunePolicy status sync (finetunepolicy/controller.py) and the budget gauges it yields."""
     if ctx.api is None:
         return
     jobs = [record.body for record in ctx.records.values()]
-    now = datetime.now(UTC)
-    budgets: dict[tuple[str, str], tuple[float, float | None]] = {}
-    for name, found in sorted(ctx.policies.items()):
-        selected = [
-            n for n, labels in ctx.namespace_labels.items() if found.spec.namespace_selector.matches(labels)
-        ]
-        version, before = ctx.ledgers.get(name, (0, []))
-        ledger = policy_ledger.record(before, selected, jobs, now, await _gone(ctx, before, now))
-        status = policy.policy_status(found, ctx.namespace_labels, jobs, now, ledger)
-        budget = found.spec.gpu_hours_per_month
-        used = {u["namespace"]: u["gpuHours"] for u in status["used"]}
-        for namespace in selected:
-            budgets[(name, namespace)] = (used.get(namespace, 0.0), budget)
-        if ctx.policy_status.get(name) == status:
-            continue
-        try:
-            written = await ctx.api.patch_policy_status(name, status, str(version) if version else None)
-        except reconcile.RETRIED_ERRORS as error:
-            log.warning("could not write the status of FineTunePolicy %s: %s", name, error)
-            continue
-        ctx.policy_status[name] = status
-        ctx.ledgers[name] = (resource_version(written or {}) or version, ledger)
-    ctx.metrics.budgets = budgets
+    caches = policy_caches(ctx)
+    ctx.metrics.budgets = await policy_controller.sync_status(ctx.api, caches, jobs, datetime.now(UTC))
 
 
 def _counts_for(ctx: Context, parent: Mapping[str, Any], body: Mapping[str, Any]) -> bool:
@@ -273,8 +213,30 @@ async def resync_loop(ctx: Context) -> None:
             except Exception:  # one job's bug must not stop the loop for all others
                 ctx.metrics.reconcile_errors.labels("unexpected").inc()
                 log.exception("resync of %s failed", job["metadata"].get("uid"))
-        if ctx.policies:
-            await sync_policy_status(ctx)
+
+
+def pool_wiring(ctx: Context) -> pool.PoolWiring:
+    """What the ModelServer controller may use of the operator: it never calls the FineTuneJob reconcile
+    itself, it asks to wake a job."""
+
+    def current_api() -> kube.KubeApi | None:
+        return ctx.api if isinstance(ctx.api, kube.KubeApi) else None
+
+    def policy_view(namespace: str, uid: str) -> policy.PolicyView | None:
+        selected = policy.applicable(ctx.policies.values(), ctx.namespace_labels.get(namespace, {}))
+        if not selected:
+            return None
+        return policy.PolicyView(selected, serving_gpus=ctx.serving_gpus(namespace, uid))
+
+    def known_jobs(namespace: str) -> list[Mapping[str, Any]]:
+        return [r.body for r in ctx.records.values() if r.body["metadata"].get("namespace") == namespace]
+
+    def wake_job(uid: str) -> None:
+        record = ctx.records.get(uid)
+        if record is not None:
+            ctx.pools.spawn(reconcile.reconcile(ctx, record.body, trigger="pool"))
+
+    return pool.PoolWiring(ctx.config, ctx.metrics, ctx.pools, current_api, policy_view, known_jobs, wake_job)
 
 
 async def startup(memo: Any, kwargs: Mapping[str, Any]) -> None:
@@ -282,7 +244,12 @@ async def startup(memo: Any, kwargs: Mapping[str, Any]) -> None:
     ctx = context(memo)
     bind_indexes(ctx, kwargs)
     ctx.resync = asyncio.get_running_loop().create_task(resync_loop(ctx), name="finetune-resync")
-    ctx.pools.task = asyncio.get_running_loop().create_task(pool.run(ctx), name="finetune-pools")
+    ctx.pools.task = asyncio.get_running_loop().create_task(pool.run(pool_wiring(ctx)), name="finetune-pools")
+    period = min(ctx.config.defaults.progress_seconds, ctx.config.defaults.resync_seconds)
+    ctx.policy_queue.task = asyncio.get_running_loop().create_task(
+        policy_controller.run(lambda: sync_policy_status(ctx), ctx.policy_queue, period),
+        name="finetune-policies",
+    )
 
 
 async def cleanup(memo: Any) -> None:
@@ -293,10 +260,11 @@ async def cleanup(memo: Any) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await ctx.resync
         ctx.resync = None
-    if ctx.pools.task is not None:
-        ctx.pools.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ctx.pools.task
-        ctx.pools.task = None
+    for holder in (ctx.pools, ctx.policy_queue):
+        if holder.task is not None:
+            holder.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await holder.task
+            holder.task = None
     if isinstance(ctx.api, kube.KubeApi):
         await ctx.api.close()

@@ -357,6 +357,20 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
     assert pool.status()["models"][MODEL]["promoted"] == 2
     events = {e["reason"] for e in jobs.list("Event") if e["involvedObject"].get("kind") == "ModelServer"}
     assert {"Promoted", "Loaded"} <= events, events
+    promoted = [
+        e["message"]
+        for e in jobs.list("Event")
+        if e["involvedObject"].get("kind") == "ModelServer" and e["reason"] == "Promoted"
+    ]
+    assert len(promoted) == 2, promoted  # v1 and v2, each exactly once
+    available = pool.wait(
+        lambda: [
+            c for c in pool.status().get("conditions") or [] if c["type"] == "Ready" and c["status"] == "True"
+        ],
+        60,
+        "condition Ready=True",
+    )
+    assert available[0]["reason"] == "Available", available
 
     # 3. Rollback by pin, within 60 s on every replica, without restarts; unpin returns to the promoted one.
     pool.patch({"models": {MODEL: {"pin": 1}}})

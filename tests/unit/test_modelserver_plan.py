@@ -4,13 +4,14 @@ replicas, deleted jobs, and the status the job planner reads."""
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from finetune_operator.api.modelserver import ModelServerStatus, parse_modelserver_spec
 from finetune_operator.config import load_config
 from finetune_operator.modelserver.builders import PoolRef
 from finetune_operator.modelserver.planner import PoolObserved, loaded_everywhere, plan_pool
+from finetune_operator.modelserver.status import merge_patch
 
 CONFIG = load_config(env={})
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -117,7 +118,9 @@ def test_a_pin_routes_the_stable_name_and_unpinning_returns_with_events() -> Non
     assert pinned.state["routes"] == {"bot": "bot-v1"} and pinned.status["models"]["bot"]["pinned"] == 1
     assert [e.reason for e in pinned.events] == ["RolledBack"]
     back = plan_pool(observe([job("a"), job("b")], pinned.status), CONFIG)
-    assert back.state["routes"] == {"bot": "bot-v2"} and back.status["models"]["bot"]["pinned"] is None
+    assert back.state["routes"] == {"bot": "bot-v2"} and "pinned" not in back.status["models"]["bot"]
+    # the API keeps a merge patch's missing keys: the status patch removes the pin explicitly
+    assert merge_patch(pinned.status, back.status)["models"]["bot"]["pinned"] is None
     assert [e.reason for e in back.events] == ["Unpinned"]
 
 
@@ -177,3 +180,59 @@ def test_a_version_outside_the_adapter_sources_is_never_sent_to_the_replicas() -
     (version,) = narrowed.status["models"]["bot"]["versions"]
     assert version["loaded"] is False and "spec.adapterSources" in version["unloadedReason"]
     assert ("Warning", "Unloaded") in [(e.type, e.reason) for e in narrowed.events]
+
+
+def _conditions(plan: Any) -> dict[str, dict[str, Any]]:
+    ModelServerStatus.model_validate(plan.status)  # built through the typed status models
+    return {c["type"]: c for c in plan.status["conditions"]}
+
+
+def _ready(plan: Any) -> tuple[str, str]:
+    ready = _conditions(plan)["Ready"]
+    return ready["status"], ready["reason"]
+
+
+def _seen(
+    status: dict[str, Any],
+    states: dict[str, Any],
+    pods: int,
+    wanted: int,
+    generation: int = 1,
+    now: datetime = NOW,
+) -> Any:
+    """Pool of `wanted` replicas at `generation`: the first `pods` pods, their routers reporting `states`."""
+    running = [ready_pod(f"p{i}", f"10.0.0.{i}") for i in range(1, pods + 1)]
+    observed = observe([job("a")], status, states, running)
+    return dataclasses.replace(observed, pool=pool(replicas=wanted), generation=generation, now=now)
+
+
+def test_ready_says_available_progressing_degraded_or_scaled_to_zero_and_keeps_its_transition_time() -> None:
+    in_sync = {"ready": True, "loaded": {"bot-v1": "s3://runs/a/adapter"}, "routes": {"bot": "bot-v1"}}
+    starting = plan_pool(_seen({}, {}, 0, wanted=2), CONFIG)
+    assert _ready(starting) == ("False", "Progressing")
+    both = {"p1": in_sync, "p2": in_sync}
+    later = NOW + timedelta(minutes=5)
+    up = plan_pool(_seen(starting.status, both, 2, wanted=2, now=later), CONFIG)
+    assert _ready(up) == ("True", "Available") and up.status["readyReplicas"] == 2
+    assert _conditions(up)["Ready"]["lastTransitionTime"] == "2026-11-01T12:05:00Z"
+    again = plan_pool(_seen(up.status, both, 2, wanted=2, now=later + timedelta(hours=1)), CONFIG)
+    assert _conditions(again)["Ready"]["lastTransitionTime"] == "2026-11-01T12:05:00Z"  # unchanged: kept
+    lost = plan_pool(_seen(up.status, {"p1": in_sync}, 1, wanted=2), CONFIG)
+    assert _ready(lost) == ("False", "Degraded")
+    assert "1/2 replicas ready" in _conditions(lost)["Ready"]["message"]
+    scaled = plan_pool(_seen(up.status, {"p1": in_sync}, 1, wanted=3, generation=2), CONFIG)
+    assert _ready(scaled) == ("False", "Progressing")  # a new generation is rolling out, not degraded
+    assert _ready(plan_pool(_seen(up.status, {}, 0, wanted=0, generation=3), CONFIG)) == (
+        "False",
+        "ScaledToZero",
+    )
+
+
+def test_adapters_outside_the_sources_turn_adapters_allowed_false_naming_them() -> None:
+    registered = plan_pool(observe([job("a")]), CONFIG)
+    assert _conditions(registered)["AdaptersAllowed"]["status"] == "True"
+    assert _conditions(registered)["PinsResolved"]["status"] == "True"
+    narrowed = plan_pool(observe([job("a")], registered.status, adapterSources=["s3://runs/b"]), CONFIG)
+    allowed = _conditions(narrowed)["AdaptersAllowed"]
+    assert (allowed["status"], allowed["reason"]) == ("False", "AdapterOutsideSources")
+    assert "bot-v1" in allowed["message"]

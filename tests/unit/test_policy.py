@@ -4,6 +4,8 @@ status, the policies' status and the budget metrics."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import copy
 import dataclasses
 from datetime import UTC, datetime
@@ -662,6 +664,8 @@ def test_a_modelserver_over_max_serving_gpus_is_not_created_or_grown_with_a_cond
         message,
     )
     assert plan.status["message"] == message
+    ready = next(c for c in plan.status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "RefusedByPolicy", message)
     assert [(e.type, e.reason, e.message) for e in plan.events] == [("Warning", "ServingGpuLimit", message)]
     ModelServerStatus.model_validate(plan.status)
     again = plan_pool(_pool_observed(12, status=plan.status, replicas=2, gpus=4), config)
@@ -851,6 +855,74 @@ async def test_run_then_delete_does_not_escape_the_budget_across_an_operator_res
     waiting = policy.wait(5.0, view)
     assert waiting is not None and waiting[0] == "BudgetExceeded"
     assert "used 6.00 of 10 GPU-hours" in waiting[1]
+
+
+async def _until(check: Any, seconds: float = 5.0) -> None:
+    """Wait for `check()` to hold, failing after `seconds`."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not within the deadline"
+        await asyncio.sleep(0.01)
+
+
+TEAM_A = {"metadata": {"name": "team-a", "labels": {"tier": "team"}}}
+BUDGET = {
+    "metadata": {"name": "team-defaults", "resourceVersion": "7"},
+    "spec": {"namespaceSelector": {"matchLabels": {"tier": "team"}}, "gpuHoursPerMonth": 10},
+}
+
+
+async def test_a_new_policy_gets_its_status_on_its_own_trigger_with_no_job_resync() -> None:
+    """The status sync used to ride on the FineTuneJob resync loop: here that loop waits an hour."""
+    from finetune_operator import lifecycle
+    from finetune_operator.config import load_config
+    from finetune_operator.context import Context
+
+    api = _PolicyApi()
+    config = load_config(env={"FTO_RESYNC_SECONDS": "3600", "FTO_PROGRESS_SECONDS": "3600"})
+    ctx = Context(config=config, api=api)  # type: ignore[arg-type]
+    memo = {"ctx": ctx}
+    await lifecycle.startup(memo, {})
+    try:
+        await lifecycle.on_namespace_event(memo, TEAM_A, None)
+        await lifecycle.on_policy_event(memo, BUDGET, None)
+        await _until(lambda: api.status.get("selector") == "tier=team")
+        assert api.preconditions == ["7"]
+    finally:
+        await lifecycle.cleanup(memo)
+
+
+async def test_the_ledger_follows_a_jobs_gpu_hours_on_the_policy_controllers_own_period() -> None:
+    from finetune_operator import lifecycle
+    from finetune_operator.config import load_config
+    from finetune_operator.context import Context
+    from finetune_operator.finetunepolicy import controller as policy_controller
+
+    api = _PolicyApi()
+    ctx = Context(config=load_config(env={}), api=api)  # type: ignore[arg-type]
+    memo = {"ctx": ctx}
+    await lifecycle.on_namespace_event(memo, TEAM_A, None)
+    await lifecycle.on_policy_event(memo, BUDGET, None)
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    training = _body("training", "team-a", now, phase="Training", gpuHours=1.0)
+    training["metadata"]["name"] = "training"
+    ctx.remember(training)
+
+    def used() -> float | None:
+        return next((u["gpuHours"] for u in api.status.get("used") or []), None)
+
+    sync = policy_controller.run(lambda: lifecycle.sync_policy_status(ctx), ctx.policy_queue, period=0.01)
+    task = asyncio.get_running_loop().create_task(sync)
+    try:
+        await _until(lambda: used() == 1.0)
+        ctx.remember(training | {"status": {"phase": "Training", "gpuHours": 3.0}})  # the job's reconcile
+        await _until(lambda: used() == 3.0)
+        assert api.status["ledger"][0]["gpuHours"] == 3.0
+        assert ctx.metrics.budgets == {("team-defaults", "team-a"): (3.0, 10)}
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def test_the_namespace_serving_sum_reads_the_watch_cache_of_jobs_and_modelservers() -> None:

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune_operator.api.extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, check_extra_args
-from finetune_operator.api.finetunejob_status import Condition, StatusURI
+from finetune_operator.api.finetunejob_status import Condition, PendingEvent, StatusURI
 from finetune_operator.api.modelnames import (
     BASE_SERVED_NAME,
     MODEL_NAME_MAX,
@@ -243,6 +243,14 @@ class ModelStatus(StatusModel):
     last_version: int = Field(default=0, ge=0, description="Highest version ever assigned (never reused).")
 
 
+class PoolPendingEvent(PendingEvent):
+    """An Event a ModelServer pass still owes (the API refused it for now), on the pool or on a job."""
+
+    job: str | None = Field(
+        default=None, max_length=253, description="Posted on this FineTuneJob (else on the ModelServer)."
+    )
+
+
 class ModelServerStatus(StatusModel):
     """Observed state, written by the operator."""
 
@@ -264,6 +272,11 @@ class ModelServerStatus(StatusModel):
     )
     observed_generation: int | None = Field(default=None, ge=0)
     message: str | None = Field(default=None, max_length=4096)
+    pending_events: list[PoolPendingEvent] | None = Field(
+        default=None,
+        max_length=32,
+        description="Events the API refused for now; the operator posts them when it recovers.",
+    )
 
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [

@@ -74,18 +74,32 @@ def _selects_namespace() -> str:
     return f"!has({selector}) || (({labels}) && ({expressions}))"
 
 
+SPEC = "object.spec"
+
+
 def validations() -> list[dict[str, str]]:
-    spec = "object.spec"
-    resources = f"{spec}.resources"
-    nodes = f"(has({resources}.nodes) ? {resources}.nodes : 1)"
-    evaluation = f"{spec}.evaluation"
-    reference = f"{evaluation}.reference"
+    """The FineTuneJob rules, in policy.violations' order."""
+    return _data_rules() + _training_rules() + _evaluation_rules()
+
+
+def _data_rules() -> list[dict[str, str]]:
+    """allowedBaseModels, allowedDatasets, allowedOutputs."""
+    spec = SPEC
     return [
         _uri_rule("spec.baseModel.uri", f"{spec}.baseModel.uri", "allowedBaseModels"),
         _uri_rule("spec.dataset.train", f"{spec}.dataset.train", "allowedDatasets"),
         _uri_rule("spec.dataset.validation", f"{spec}.dataset.validation", "allowedDatasets", optional=True),
         _uri_rule("spec.dataset.test", f"{spec}.dataset.test", "allowedDatasets", optional=True),
         _uri_rule("spec.storage.output", f"{spec}.storage.output", "allowedOutputs"),
+    ]
+
+
+def _training_rules() -> list[dict[str, str]]:
+    """allowedGpuTypes, maxGpusPerJob, allowedMethods, maxLoraRank."""
+    spec = SPEC
+    resources = f"{spec}.resources"
+    nodes = f"(has({resources}.nodes) ? {resources}.nodes : 1)"
+    return [
         {
             "expression": f"!has({P}.allowedGpuTypes) || {resources}.gpus == 0 || "
             f"{resources}.gpuType in {P}.allowedGpuTypes || ({resources}.gpuType == '{API_DEFAULT_GPU_TYPE}' "
@@ -119,6 +133,14 @@ def validations() -> list[dict[str, str]]:
             ),
             "reason": "Forbidden",
         },
+    ]
+
+
+def _evaluation_rules() -> list[dict[str, str]]:
+    """allowReference, allowedReferenceHosts, requireThresholds."""
+    evaluation = f"{SPEC}.evaluation"
+    reference = f"{evaluation}.reference"
+    return [
         {
             "expression": f"!has({reference}) || !has({P}.allowReference) || {P}.allowReference",
             "messageExpression": _denied(

@@ -1,6 +1,6 @@
 """The GPU-hour ledger in a FineTunePolicy's status: what each selected namespace's jobs spent per month
 (UTC, the month a job was created in), kept after the jobs are deleted, so run-then-delete does not escape
-`gpuHoursPerMonth`. Pure; lifecycle.sync_policy_status writes it, the budget check (policy.usage) reads it.
+`gpuHoursPerMonth`. Pure; controller.sync_status writes it, the budget check (policy.usage) reads it.
 
 Hours are recorded as they accrue (a job's status.gpuHours, which never decreases), not when a job ends, so
 no finalizer is needed: a job deleted mid-training keeps what was recorded at the last pass. An entry holds
@@ -107,7 +107,7 @@ def unconfirmed(
     ledger: Sequence[Mapping[str, Any]], known: Collection[str], now: datetime
 ) -> dict[str, set[str]]:
     """namespace → uids this month's entries hold that the operator does not know (deleted, or not listed
-    yet after a restart): lifecycle asks the API which of them are gone."""
+    yet after a restart): the controller asks the API which of them are gone."""
     month, out = month_of(now), {}
     for entry in ledger:
         if entry.get("month") == month:

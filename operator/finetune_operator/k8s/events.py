@@ -37,8 +37,14 @@ Post = Callable[[Mapping[str, Any]], Awaitable[None]]
 
 def event_name(job_name: str, uid: str, resource_version: str, index: int, reason: str) -> str:
     """`<job>.<16 hex>`: the same transition planned from the same version always gets the same name."""
-    digest = hashlib.sha256(f"{uid}/{resource_version}/{index}/{reason}".encode()).hexdigest()[:16]
-    return f"{job_name[:200].rstrip('.-')}.{digest}"
+    return keyed_name(job_name, uid, resource_version, index, reason)
+
+
+def keyed_name(object_name: str, uid: str, *key: object) -> str:
+    """`<object>.<16 hex>` of the object's uid and a key naming the transition (a ModelServer keys it by the
+    resourceVersion it planned from and the Event's reason and message, which no pass reorders)."""
+    digest = hashlib.sha256("/".join((uid, *map(str, key))).encode()).hexdigest()[:16]
+    return f"{object_name[:200].rstrip('.-')}.{digest}"
 
 
 def pending(job_name: str, uid: str, resource_version: str, planned: Sequence[Any]) -> list[dict[str, str]]:

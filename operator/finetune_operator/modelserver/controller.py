@@ -1,4 +1,4 @@
-"""The ModelServer controller: observe one pool, plan (modelserver_plan.py), act, and tell its jobs.
+"""The ModelServer controller: observe one pool, plan (planner.py), act, and tell its jobs.
 
 How pools are queued (the one place that says it): pools are few, so unlike FineTuneJobs (reconcile.py) a
 pool pass reads what it needs from the API (the ModelServer, its Deployment, Service, ConfigMap and
@@ -10,6 +10,14 @@ logged and retried by the next kick or resync; passes of one pool never overlap.
 
 A pass writes the version registry to the status before any replica loads anything, so a version number is
 never reused for other weights even if the operator stops in between.
+
+Events are posted exactly once as FineTuneJob Events are (k8s/events.py): under deterministic names, before
+the status write that records their transition, and those the API refuses for now are kept in
+`status.pendingEvents` and posted by a later pass. A `Loaded` Event reports a load this pass measured: a
+crash between the load and its Event loses that one report (never duplicates it).
+
+The controller knows nothing of the FineTuneJob controller (.importlinter): the wiring hands it a
+`PoolWiring` (lifecycle.pool_wiring).
 """
 
 from __future__ import annotations
@@ -19,17 +27,22 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from finetune_vocabulary.labels import LABEL_MODELSERVER_UID
 
+from finetune_operator.api.finetunejob import KIND as JOB_KIND
 from finetune_operator.api.modelserver import KIND, parse_modelserver_spec
 from finetune_operator.api.schema import SpecError
-from finetune_operator.finetunejob import controller as reconcile
-from finetune_operator.finetunepolicy import enforcement as policy
+from finetune_operator.config import OperatorConfig
+from finetune_operator.finetunepolicy.enforcement import PolicyView
 from finetune_operator.k8s import client as kube
+from finetune_operator.k8s import events
+from finetune_operator.metrics import Metrics
 from finetune_operator.modelserver import builders as modelserver
 from finetune_operator.modelserver.builders import PoolRef
 from finetune_operator.modelserver.planner import (
@@ -41,6 +54,7 @@ from finetune_operator.modelserver.planner import (
     pod_reachable,
 )
 from finetune_operator.modelserver.queue import PoolController
+from finetune_operator.modelserver.status import as_fields, invalid_status, merge_patch
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +113,12 @@ async def observe(
         pods=pods,
         replicas={p["metadata"]["name"]: s for p, s in zip(reachable, states, strict=True)},
         jobs=jobs,
-        generation=int(body["metadata"].get("generation") or 0),
+        generation=_generation(body),
     )
+
+
+def _generation(body: Mapping[str, Any]) -> int:
+    return int(body["metadata"].get("generation") or 0)
 
 
 def _controlled_by(obj: Mapping[str, Any] | None, uid: str) -> bool:
@@ -108,61 +126,130 @@ def _controlled_by(obj: Mapping[str, Any] | None, uid: str) -> bool:
     return any(o.get("uid") == uid and o.get("controller") for o in owners)
 
 
+@dataclass(frozen=True)
+class PoolWiring:
+    """What the wiring (lifecycle.pool_wiring) hands the ModelServer controller. The two kinds are
+    independent (.importlinter): of FineTuneJobs it gets a read-only view and a way to wake one, no more."""
+
+    config: OperatorConfig
+    metrics: Metrics
+    queue: PoolController
+    api: Callable[[], kube.KubeApi | None]  # the client of the current login; None before it
+    # (namespace, pool uid) → the FineTunePolicies selecting the namespace and the GPUs its other servers hold
+    policy_view: Callable[[str, str], PolicyView | None]
+    known_jobs: Callable[[str], list[Mapping[str, Any]]]  # the FineTuneJobs of a namespace the operator holds
+    wake_job: Callable[[str], None]  # by uid: reconcile that FineTuneJob now (it reads the pool's status)
+
+
+def pending(
+    body: Mapping[str, Any], planned: Sequence[PoolEvent], skip: Sequence[PoolEvent] = ()
+) -> list[dict[str, Any]]:
+    """The plan's Events as named records (status.pendingEvents items), and on its job too
+    Named from the resourceVersion they were planned from and their content (events.keyed_name): a pass
+    repeated after a crash or a failed status write plans them again under the same names."""
+    meta = body["metadata"]
+    name, uid, version = str(meta["name"]), str(meta["uid"]), str(meta.get("resourceVersion") or "")
+    records: list[dict[str, Any]] = []
+    for event in planned:
+        if event in skip:
+            continue
+        key = (version, event.reason, event.message)
+        base = {"type": event.type, "reason": event.reason, "message": event.message[:1024]}
+        records.append({"name": events.keyed_name(name, uid, *key), **base})
+        if event.job:
+            records.append({"name": events.keyed_name(event.job, uid, *key, "job"), **base, "job": event.job})
+    return records
+
+
+def loaded_events(loads: Mapping[str, Mapping[str, float]]) -> list[PoolEvent]:
+    """One `Loaded` Event per version a pass loaded: into which pods, how long each took."""
+    return [
+        PoolEvent(
+            "Normal",
+            "Loaded",
+            f"{version} loaded into "
+            + ", ".join(f"{pod} {seconds:.1f} s" for pod, seconds in sorted(pods.items())),
+        )
+        for version, pods in sorted(loads.items())
+    ]
+
+
 class PoolReconciler:
     """One pass over one pool."""
 
-    def __init__(self, ctx: Any, api: kube.KubeApi, session: aiohttp.ClientSession) -> None:
-        self.ctx, self.api, self.session = ctx, api, session
+    def __init__(self, wiring: PoolWiring, api: kube.KubeApi, session: aiohttp.ClientSession) -> None:
+        self.w, self.api, self.session = wiring, api, session
         self.loads: dict[str, dict[str, float]] = {}  # version → pod → seconds, this pass
 
     async def reconcile(self, namespace: str, name: str) -> None:
+        """Children, then Events, then the status (the registry first when it changed), as the FineTuneJob
+        controller does: a crash in between re-plans the same Events under the same names."""
         found = await self.api.get("ModelServer", namespace, name)
         if found is None or found["metadata"].get("deletionTimestamp"):
-            self.tell_jobs_of(namespace, name)  # they wait for a server again
+            self.tell_jobs(attached_jobs(self.w.known_jobs(namespace), name))  # they wait for a server again
             return
         body: Mapping[str, Any] = found
         meta = body["metadata"]
         try:
             spec = parse_modelserver_spec(dict(body.get("spec") or {}))
         except SpecError as error:
-            await self.write_status(body, {"message": f"invalid spec: {error}"[:4096]})
+            invalid = invalid_status(
+                body.get("status") or {}, str(error), datetime.now(UTC), _generation(body)
+            )
+            await self.write_status(body, as_fields(invalid))
             return
         pool = PoolRef(namespace, name, str(meta["uid"]), spec)
-        observed = self.with_policy(await observe(self.api, self.session, body, pool))
-        plan = plan_pool(observed, self.ctx.config)
+        observed = await self.observe(body, pool)
+        plan = plan_pool(observed, self.w.config)
         await self.apply_children(pool, plan)
-        if plan.registry_changed:
-            body = await self.write_status(body, {"models": plan.status["models"]})
-        events = list(plan.events)
-        loaded_any = await self.push(pool, plan)
-        if loaded_any:  # report what the replicas hold now
-            observed = self.with_policy(await observe(self.api, self.session, body, pool))
-            plan = plan_pool(observed, self.ctx.config)
-            events += [e for e in plan.events if e not in events]
-        await self.post_events(body, events)
-        await self.post_loaded(body, self.loads)
-        await self.write_status(body, plan.status)
+        owed = await self.post_events(body, [*self.owed(body), *pending(body, plan.events)])
+        if plan.registry_changed:  # with the Events still owed: a transition and its Events in one write
+            body = await self.write_status(
+                body, {"models": plan.status["models"], "pendingEvents": owed or None}
+            )
+        if await self.push(pool, plan):  # report what the replicas hold now
+            first = plan
+            observed = await self.observe(body, pool)
+            plan = plan_pool(observed, self.w.config)
+            again = pending(body, [*plan.events, *loaded_events(self.loads)], skip=first.events)
+            owed = await self.post_events(body, [*owed, *again])
+        await self.write_status(body, {**plan.status, "pendingEvents": owed or None})
         self.record_metrics(pool, observed)
-        self.tell_jobs(observed)
+        self.tell_jobs(attached_jobs(observed.jobs, pool.name))
 
-    def with_policy(self, observed: PoolObserved) -> PoolObserved:
-        """The FineTunePolicies selecting the pool's namespace and the GPUs its other servers hold."""
-        pool = observed.pool
-        selected = policy.applicable(
-            self.ctx.policies.values(), self.ctx.namespace_labels.get(pool.namespace, {})
-        )
-        if not selected:
-            return observed
-        view = policy.PolicyView(selected, serving_gpus=self.ctx.serving_gpus(pool.namespace, pool.uid))
-        return dataclasses.replace(observed, policy=view)
+    async def observe(self, body: Mapping[str, Any], pool: PoolRef) -> PoolObserved:
+        observed = await observe(self.api, self.session, body, pool)
+        return dataclasses.replace(observed, policy=self.w.policy_view(pool.namespace, pool.uid))
+
+    def owed(self, body: Mapping[str, Any]) -> list[dict[str, Any]]:
+        found = (body.get("status") or {}).get("pendingEvents") or []
+        return [{k: v for k, v in dict(e).items() if v is not None} for e in found]
+
+    async def post_events(
+        self, body: Mapping[str, Any], records: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """Post in order under their names (events.post_all); returns those still owed (status.pendingEvents),
+        which every later pass (every POOL_RESYNC_SECONDS) posts again."""
+        namespace = body["metadata"]["namespace"]
+
+        async def post(record: Mapping[str, Any]) -> None:
+            job = record.get("job")
+            involved = {"metadata": {"namespace": namespace, "name": job}} if job else body
+            kind = JOB_KIND if job else KIND
+            await self.api.post_event(
+                involved, record["type"], record["reason"], record["message"], name=record["name"], kind=kind
+            )
+            self.w.metrics.api_writes.labels("create", "Event").inc()
+
+        return await events.post_all(post, records)
 
     async def apply_children(self, pool: PoolRef, plan: PoolPlan) -> None:
         for manifest in plan.create:
             await self.api.create_or_adopt(manifest, pool.uid)
-            self.ctx.metrics.api_writes.labels("create", manifest["kind"]).inc()
+            self.w.metrics.api_writes.labels("create", manifest["kind"]).inc()
         for patch in plan.patch:
             await self.api.patch(patch.kind, pool.namespace, patch.name, patch.patch, patch.patch_type)
-            self.ctx.metrics.api_writes.labels("patch", patch.kind).inc()
+            self.w.metrics.api_writes.labels("patch", patch.kind).inc()
 
     async def push(self, pool: PoolRef, plan: PoolPlan) -> bool:
         """Send the desired state to every ready pod that differs, at once; True when any answered."""
@@ -189,7 +276,7 @@ class PoolReconciler:
                 )
                 return False
             for version, seconds in (answer.get("loadSeconds") or {}).items():
-                self.ctx.metrics.adapter_load_seconds.observe(float(seconds))
+                self.w.metrics.adapter_load_seconds.observe(float(seconds))
                 self.loads.setdefault(str(version), {})[pod] = float(seconds)
                 log.info("%s/%s: pod %s loaded %s in %.2fs", pool.namespace, pool.name, pod, version, seconds)
             log.debug("push to %s took %.2fs", pod, time.monotonic() - began)
@@ -198,39 +285,21 @@ class PoolReconciler:
         results = await asyncio.gather(*(one(pod, ip) for pod, ip in plan.push.items()))
         return any(results)
 
-    async def post_loaded(self, body: Mapping[str, Any], loads: Mapping[str, Mapping[str, float]]) -> None:
-        """One `Loaded` Event per version a pass loaded: into which pods, how long each took."""
-        for version, pods in sorted(loads.items()):
-            timings = ", ".join(f"{pod} {seconds:.1f} s" for pod, seconds in sorted(pods.items()))
-            with contextlib.suppress(kube.ApiError):
-                await self.api.post_event(
-                    body, "Normal", "Loaded", f"{version} loaded into {timings}", kind=KIND
-                )
-
-    async def post_events(self, body: Mapping[str, Any], events: list[PoolEvent]) -> None:
-        for event in events:
-            with contextlib.suppress(kube.ApiError):
-                await self.api.post_event(body, event.type, event.reason, event.message, kind=KIND)
-            if event.job:
-                job = {"metadata": {"namespace": body["metadata"]["namespace"], "name": event.job}}
-                with contextlib.suppress(kube.ApiError):
-                    await self.api.post_event(job, event.type, event.reason, event.message)
-
-    async def write_status(self, body: Mapping[str, Any], status: Mapping[str, Any]) -> Mapping[str, Any]:
+    async def write_status(self, body: Mapping[str, Any], fields: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Merge-patch what differs of `fields` (None: remove), with the uid as precondition."""
         meta = body["metadata"]
-        old = body.get("status") or {}
-        patch = {k: v for k, v in status.items() if old.get(k) != v}
+        patch = merge_patch(body.get("status") or {}, fields)
         if not patch:
             return body
         updated = await self.api.patch_object_status(
             "ModelServer", meta["namespace"], meta["name"], patch, str(meta["uid"])
         )
-        self.ctx.metrics.api_writes.labels("patch", "ModelServer/status").inc()
-        self.ctx.pools.seen(updated, deleted=False)
+        self.w.metrics.api_writes.labels("patch", "ModelServer/status").inc()
+        self.w.queue.seen(updated, deleted=False)
         return updated
 
     def record_metrics(self, pool: PoolRef, observed: PoolObserved) -> None:
-        gauge = self.ctx.metrics.loaded_adapters
+        gauge = self.w.metrics.loaded_adapters
         for pod, state in observed.replicas.items():
             count = len((state or {}).get("loaded") or {})
             gauge[(pool.namespace, pool.name, pod)] = count
@@ -239,23 +308,15 @@ class PoolReconciler:
         ]:
             del gauge[key]
 
-    def tell_jobs_of(self, namespace: str, name: str) -> None:
-        for record in list(self.ctx.records.values()):
-            meta, spec = record.body["metadata"], record.body.get("spec") or {}
-            if meta.get("namespace") == namespace and (spec.get("deployment") or {}).get("server") == name:
-                self.ctx.pools.spawn(reconcile.reconcile(self.ctx, record.body, trigger="pool"))
-
-    def tell_jobs(self, observed: PoolObserved) -> None:
+    def tell_jobs(self, jobs: Sequence[Mapping[str, Any]]) -> None:
         """The attached jobs read the pool's status: reconcile them now (their own queue retries)."""
-        for job in attached_jobs(observed.jobs, observed.pool.name):
-            record = self.ctx.records.get(str(job["metadata"]["uid"]))
-            if record is not None:
-                self.ctx.pools.spawn(reconcile.reconcile(self.ctx, record.body, trigger="pool"))
+        for job in jobs:
+            self.w.wake_job(str(job["metadata"]["uid"]))
 
 
-async def run(ctx: Any) -> None:
+async def run(wiring: PoolWiring) -> None:
     """The pool queue: kicked pools at once, every known pool every POOL_RESYNC_SECONDS."""
-    pools: PoolController = ctx.pools
+    pools = wiring.queue
     session = aiohttp.ClientSession()
     try:
         while True:
@@ -264,10 +325,11 @@ async def run(ctx: Any) -> None:
             pools.wake.clear()
             due = pools.kicked | set(pools.servers)
             pools.kicked = set()
-            if not isinstance(ctx.api, kube.KubeApi):
+            api = wiring.api()
+            if api is None:
                 continue
             for key in sorted(due):  # a reconciler per pass: it collects that pass's loads
-                pools.spawn(_one(pools, PoolReconciler(ctx, ctx.api, session), key))
+                pools.spawn(_one(pools, PoolReconciler(wiring, api, session), key))
     finally:
         for task in list(pools.running):
             task.cancel()
@@ -284,8 +346,8 @@ async def _one(pools: PoolController, reconciler: PoolReconciler, key: tuple[str
         try:
             await reconciler.reconcile(*key)
         except (kube.ApiError, aiohttp.ClientError, TimeoutError, OSError, kube.NotOwnedError) as error:
-            reconciler.ctx.metrics.reconcile_errors.labels(type(error).__name__).inc()
+            reconciler.w.metrics.reconcile_errors.labels(type(error).__name__).inc()
             log.warning("ModelServer %s/%s: pass failed, will retry: %s", *key, error)
         except Exception:
-            reconciler.ctx.metrics.reconcile_errors.labels("unexpected").inc()
+            reconciler.w.metrics.reconcile_errors.labels("unexpected").inc()
             log.exception("ModelServer %s/%s: pass failed", *key)

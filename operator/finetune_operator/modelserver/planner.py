@@ -18,16 +18,18 @@ from typing import Any
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
 
 from finetune_operator.api.conditions import short, timestamp
+from finetune_operator.api.finetunejob_status import Condition
 from finetune_operator.api.modelnames import version_name
+from finetune_operator.api.modelserver_conditions import PoolConditionType, PoolReason
 from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunepolicy import enforcement as policy
 from finetune_operator.finetunepolicy.enforcement import PolicyView
 from finetune_operator.k8s.actions import ChildPatch
 from finetune_operator.modelserver import builders as modelserver
 from finetune_operator.modelserver.builders import PoolRef
+from finetune_operator.modelserver.status import PoolFindings, as_fields, build_status, condition, find
 
 ACCEPTED = "Accepted"  # a job's status.serving.state once its gate and the champion comparison passed
-POLICY_CONDITION = "PolicyAllowed"  # FineTunePolicy serving rules (policy.server_refusal)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ class PoolPlan:
     patch: list[ChildPatch] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)  # the desired adapters and routes of every replica
     push: dict[str, str] = field(default_factory=dict)  # pod name → pod IP: ready pods that differ
-    status: dict[str, Any] = field(default_factory=dict)  # the whole new status
+    status: dict[str, Any] = field(default_factory=dict)  # the whole new status (status.as_fields)
     registry_changed: bool = False  # versions assigned or dropped: written before anything is loaded
     events: list[PoolEvent] = field(default_factory=list)
 
@@ -116,7 +118,9 @@ class PoolPlanner:
         self.config = config
         self.out = PoolPlan()
         self.now = timestamp(o.now)
-        self.policy_condition: dict[str, Any] | None = None
+        self.policy_condition: Condition | None = None
+        self.pin_problems: list[str] = []  # PinsResolved
+        self.outside_sources: list[str] = []  # AdaptersAllowed
         old_models = o.status.get("models") or {}
         self.models: dict[str, dict[str, Any]] = {
             name: {**model, "versions": [dict(v) for v in model.get("versions") or []]}
@@ -191,9 +195,7 @@ class PoolPlanner:
             old_serving = model.get("serving")
             pin = self.o.pool.spec.pin(name)
             if pin is not None and pin not in numbers:
-                self.event(
-                    "Warning",
-                    "PinUnknown",
+                self.pin_problems.append(
                     f"spec.models.{name}.pin: {version_name(name, pin)} is not a registered version "
                     f"(known: {', '.join(v['name'] for v in model['versions']) or 'none'}); "
                     "serving the promoted one",
@@ -224,6 +226,7 @@ class PoolPlanner:
             for version in model["versions"]:
                 if spec.adapter_source_of(str(version["adapter"])) is None:
                     # adapterSources narrowed since: the routers would refuse the whole state
+                    self.outside_sources.append(str(version["name"]))
                     if version.get("loaded", True):
                         version["loaded"] = False
                         version["unloadedReason"] = "its adapter is not under spec.adapterSources"
@@ -280,27 +283,24 @@ class PoolPlanner:
         """FineTunePolicy serving rules: condition PolicyAllowed, one Warning Event per new refusal."""
         refused = policy.server_refusal(self.o.pool.spec, self.o.deployment, self.o.policy, self.config)
         conditions = self.o.status.get("conditions") or []
-        old = next((c for c in conditions if c.get("type") == POLICY_CONDITION), None)
+        old = find(conditions, PoolConditionType.POLICY_ALLOWED)
         if refused is None and old is None and self.o.policy is None:
             return True
         status, reason, message = (
-            ("True", "Allowed", "allowed by FineTunePolicy")
+            ("True", PoolReason.ALLOWED, "allowed by FineTunePolicy")
             if refused is None
-            else (
-                "False",
-                *refused,
-            )
+            else ("False", *refused)
         )
-        kept = old.get("lastTransitionTime") if old and old.get("status") == status else None
-        self.policy_condition = {
-            "type": POLICY_CONDITION,
-            "status": status,
-            "reason": reason,
-            "message": short(message),
-            "lastTransitionTime": kept or self.now,
-            "observedGeneration": self.o.generation or None,
-        }
-        if refused is not None and (old or {}).get("message") != self.policy_condition["message"]:
+        self.policy_condition = condition(
+            conditions,
+            PoolConditionType.POLICY_ALLOWED,
+            status,
+            reason,
+            message,
+            self.o.now,
+            self.o.generation,
+        )
+        if refused is not None and (old or {}).get("message") != self.policy_condition.message:
             self.event("Warning", reason, message)
         return refused is None
 
@@ -336,27 +336,29 @@ class PoolPlanner:
         state = modelserver.desired_state(adapters, routes)
         self.out.state = state
         self.children(state)
-        rows = self.replicas(state)
-        ready = sum(1 for r in rows if r["ready"] and r["inSync"])
-        serving = ", ".join(f"{m}={r.rsplit('-', 1)[-1]}" for m, r in sorted(routes.items()))
-        self.out.status = {
-            "observedGeneration": self.o.generation or None,
-            "readyReplicas": ready,
-            "replicas": [
-                {k: v for k, v in r.items() if k in ("pod", "loaded", "routes", "ready")} for r in rows
-            ]
-            or None,
-            "models": self.models or None,
-            "modelNames": short(serving, 256) or None,
-            "endpoint": modelserver.endpoint_url(self.o.pool, self.config),
-            "message": f"{ready}/{self.o.pool.spec.replicas} replicas ready with every adapter loaded",
-        }
-        if self.policy_condition is not None:
-            others = [c for c in self.o.status.get("conditions") or [] if c.get("type") != POLICY_CONDITION]
-            self.out.status["conditions"] = [*others, self.policy_condition]
-            if self.policy_condition["status"] == "False":
-                self.out.status["message"] = self.policy_condition["message"]
+        found = PoolFindings(
+            generation=self.o.generation,
+            now=self.o.now,
+            wanted=self.o.pool.spec.replicas,
+            rows=self.replicas(state),
+            models=self.models,
+            routes=routes,
+            endpoint=modelserver.endpoint_url(self.o.pool, self.config),
+            policy=self.policy_condition,
+            pin_problems=self.pin_problems,
+            outside_sources=self.outside_sources,
+        )
+        status = build_status(self.o.status, found)
+        self.out.status = as_fields(status)
+        self.pins_event(status.conditions or [])
         return self.out
+
+    def pins_event(self, conditions: list[Condition]) -> None:
+        """One Warning Event when a pin turns unknown or its problem changes, not one per pass."""
+        pins = next(c for c in conditions if c.type == PoolConditionType.PINS_RESOLVED)
+        old = find(self.o.status.get("conditions") or [], PoolConditionType.PINS_RESOLVED) or {}
+        if pins.status == "False" and old.get("message") != pins.message:
+            self.event("Warning", PoolReason.PIN_UNKNOWN, pins.message)
 
 
 def _hash(manifest: Mapping[str, Any]) -> Any:

@@ -1,5 +1,5 @@
-"""The ModelServer queue (pool.py says how pools are queued): kicked pools, the ModelServers seen, and the
-background tasks of pool passes. Held by the Context; the Kopf handlers only kick."""
+"""The ModelServer queue (controller.py says how pools are queued): kicked pools, the ModelServers seen, and
+the background tasks of pool passes. Held by the Context; the Kopf handlers only kick."""
 
 from __future__ import annotations
 
