@@ -10,7 +10,8 @@ from typing import Any
 from finetune_operator.api.modelserver import ModelServerStatus, parse_modelserver_spec
 from finetune_operator.config import load_config
 from finetune_operator.modelserver.builders import PoolRef
-from finetune_operator.modelserver.planner import PoolObserved, loaded_everywhere, plan_pool
+from finetune_operator.modelserver.planner import PoolObserved, plan_pool
+from finetune_operator.serving_contract import pool_report
 
 CONFIG = load_config(env={})
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -153,7 +154,7 @@ def test_only_ready_replicas_that_differ_get_the_state_pushed() -> None:
     plan = plan_pool(observe([job("a")], status, replicas, pods), CONFIG)
     assert plan.push == {"p2": "10.0.0.2"}
     assert plan.status["readyReplicas"] == 1
-    assert loaded_everywhere(plan.status, "bot-v1") == (1, 2)
+    assert pool_report({"status": plan.status}).loaded_everywhere("bot-v1") == (1, 2)
 
 
 def test_a_changed_network_policy_is_patched_back_and_an_equal_one_left_alone() -> None:

@@ -25,8 +25,8 @@ from finetune_operator.finetunepolicy.enforcement import PolicyView
 from finetune_operator.k8s.actions import ChildPatch
 from finetune_operator.modelserver import builders as modelserver
 from finetune_operator.modelserver.builders import PoolRef
+from finetune_operator.serving_contract import serving_request
 
-ACCEPTED = "Accepted"  # a job's status.serving.state once its gate and the champion comparison passed
 POLICY_CONDITION = "PolicyAllowed"  # FineTunePolicy serving rules (policy.server_refusal)
 
 
@@ -77,22 +77,6 @@ def attached_jobs(jobs: Sequence[Mapping[str, Any]], pool: str) -> list[Mapping[
     )
 
 
-def _accepted(job: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(modelName, adapter URI) of a job the job planner accepted for this pool, else None."""
-    status = job.get("status") or {}
-    serving = status.get("serving") or {}
-    adapter = (status.get("artifacts") or {}).get("adapter")
-    model = ((job.get("spec") or {}).get("deployment") or {}).get("modelName")
-    if (
-        serving.get("state") != ACCEPTED
-        or not adapter
-        or not model
-        or job["metadata"].get("deletionTimestamp")
-    ):
-        return None
-    return str(model), str(adapter)
-
-
 def pod_ready(pod: Mapping[str, Any]) -> bool:
     status = pod.get("status") or {}
     if pod.get("metadata", {}).get("deletionTimestamp") or status.get("phase") != "Running":
@@ -131,11 +115,10 @@ class PoolPlanner:
         """Accepted jobs get the next version and are promoted; deleted jobs' versions are dropped."""
         registered = {v.get("jobUid") for m in self.models.values() for v in m["versions"]}
         for job in attached_jobs(self.o.jobs, self.o.pool.name):
-            accepted = _accepted(job)
-            uid = str(job["metadata"]["uid"])
-            if accepted is None or uid in registered:
+            request = serving_request(job)
+            if request is None or request.job_uid in registered:
                 continue
-            name, adapter = accepted
+            name, adapter, uid = request.model, request.adapter, request.job_uid
             model = self.models.setdefault(name, {"versions": [], "lastVersion": 0})
             number = int(model.get("lastVersion") or 0) + 1
             versioned = version_name(name, number)
@@ -375,9 +358,3 @@ def _rollout(desired: Mapping[str, Any]) -> list[dict[str, Any]]:
 def plan_pool(observed: PoolObserved, config: OperatorConfig) -> PoolPlan:
     """Next actions, desired replica state, status and Events for one ModelServer."""
     return PoolPlanner(observed, config).run()
-
-
-def loaded_everywhere(status: Mapping[str, Any], name: str) -> tuple[int, int]:
-    """(ready replicas holding `name`, ready replicas) from a ModelServer status."""
-    rows = [r for r in status.get("replicas") or [] if r.get("ready")]
-    return sum(1 for r in rows if name in (r.get("loaded") or [])), len(rows)
