@@ -9,7 +9,7 @@ from typing import Any
 
 from finetune_operator.api.modelserver import ModelServerStatus, parse_modelserver_spec
 from finetune_operator.config import load_config
-from finetune_operator.modelserver.builders import PoolRef
+from finetune_operator.modelserver.builders import PoolRef, pool_deployment
 from finetune_operator.modelserver.planner import PoolObserved, plan_pool
 from finetune_operator.serving_contract import pool_report
 
@@ -178,3 +178,19 @@ def test_a_version_outside_the_adapter_sources_is_never_sent_to_the_replicas() -
     (version,) = narrowed.status["models"]["bot"]["versions"]
     assert version["loaded"] is False and "spec.adapterSources" in version["unloadedReason"]
     assert ("Warning", "Unloaded") in [(e.type, e.reason) for e in narrowed.events]
+
+
+def test_a_changed_pool_deployment_rolls_out_replicas_strategy_and_template_like_a_jobs() -> None:
+    """One rollout patch for every serving Deployment: a pool Deployment whose strategy was edited (or that an
+    older operator created with another one) gets the desired strategy back, not only its template."""
+    wanted = pool_deployment(pool(replicas=2), CONFIG)
+    running = {**wanted, "metadata": {**wanted["metadata"], "annotations": {}}}
+    observed = dataclasses.replace(observe([]), pool=pool(replicas=2), deployment=running)
+    (patch,) = [p for p in plan_pool(observed, CONFIG).patch if p.kind == "Deployment"]
+    assert patch.patch_type == "json"
+    replaced = {op["path"]: op["value"] for op in patch.patch if op["op"] == "replace"}
+    assert replaced == {
+        "/spec/replicas": 2,
+        "/spec/strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+        "/spec/template": wanted["spec"]["template"],
+    }

@@ -5,15 +5,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from finetune_vocabulary.images import TRAINER_ENTRYPOINT
 
 from finetune_operator.api.sections import DeploymentResources, ResourcesSpec
 from finetune_operator.config import GpuType, OperatorConfig
+from finetune_operator.k8s.manifests import (
+    Container,
+    ContainerPort,
+    DeploymentStrategy,
+    EnvFromSource,
+    EnvVar,
+    Probe,
+    ResourceRequirements,
+    SecurityContext,
+    VolumeMount,
+)
 from finetune_operator.k8s.pods import WORKDIR, container_security_context, gpu_placement, resource_block
 
 VLLM_CONTAINER = "vllm"
+# Never ask for an extra GPU during a rollout: one replica stops before its successor starts.
+ROLLOUT_STRATEGY: DeploymentStrategy = {
+    "type": "RollingUpdate",
+    "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+}
 
 
 MODELS_DIR = "/models"
@@ -138,3 +154,56 @@ def fetch_container(
         container["envFrom"] = env_from
     return container
 
+
+def _health_probes(config: OperatorConfig) -> dict[str, Probe]:
+    """Loading weights can take long: the startup probe holds readiness and liveness until /health answers."""
+    health: Probe = {"httpGet": {"path": "/health", "port": "http"}}
+    startup_failures = max(1, config.defaults.vllm_startup_seconds // 10)
+    return {
+        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": startup_failures},
+        "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
+    }
+
+
+def vllm_container(
+    config: OperatorConfig,
+    compute: VllmCompute,
+    args: Sequence[str],
+    mounts: Sequence[VolumeMount],
+    port: ContainerPort,
+    extra_env: Sequence[EnvVar] = (),
+    env_from: Sequence[EnvFromSource] = (),
+    probed: bool = False,
+) -> Container:
+    """The one vLLM serving container: image, cache env, `args`, the replica's compute, read-only root.
+    `probed`: its own /health probes (a pool's readiness is its adapter router's instead)."""
+    container: Container = {
+        "name": VLLM_CONTAINER,
+        "image": config.images.vllm,
+        "imagePullPolicy": config.images.pull_policy,
+        "args": list(args),
+        "env": [
+            {"name": "HOME", "value": WORKDIR},
+            {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
+            {"name": "XDG_CACHE_HOME", "value": f"{WORKDIR}/.cache"},
+            {"name": "VLLM_CACHE_ROOT", "value": f"{WORKDIR}/.cache/vllm"},
+            *extra_env,
+            *cast(list[EnvVar], compute.env),
+        ],
+        "ports": [port],
+        "volumeMounts": list(mounts),
+        "securityContext": cast(SecurityContext, container_security_context()),
+        # A vLLM that exits at start-up (bad args, too little memory) says why in the pod's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if probed:
+        probes = _health_probes(config)
+        container["startupProbe"] = probes["startupProbe"]
+        container["readinessProbe"] = probes["readinessProbe"]
+        container["livenessProbe"] = probes["livenessProbe"]
+    if env_from:
+        container["envFrom"] = list(env_from)
+    if compute.resources:
+        container["resources"] = cast(ResourceRequirements, compute.resources)
+    return container

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
-
 from finetune_operator.api.conditions import (
     TERMINAL_PHASES,
     ConditionType,
@@ -29,7 +27,7 @@ from finetune_operator.finetunejob.plan import Observed, Plan
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.finetunejob.stages import ROWS, STAGES, StageRow
 from finetune_operator.finetunepolicy import enforcement as policy
-from finetune_operator.k8s.actions import ChildDelete, ChildPatch, Event, diff_status
+from finetune_operator.k8s.actions import ChildDelete, ChildPatch, Event, diff_status, rollout, spec_hash_of
 from finetune_operator.k8s.observe import deployment_available, finite, pod_problem
 
 # Pod problems worth a Warning Event each time their message changes (not only on a phase change).
@@ -391,8 +389,8 @@ class Pipeline(Planner):
             created = f"created Deployment {name}" + (f"; {note}" if note else "")
             self.condition(row.condition, "Unknown", row.running, created)
             self.phase(row.phase, row.running, note or "")
-        elif _annotation(existing) != _annotation(desired):
-            self.out.patch.append(ChildPatch("Deployment", name, _rollout(desired), patch_type="json"))
+        elif spec_hash_of(existing) != spec_hash_of(desired):
+            self.out.patch.append(rollout("Deployment", name, desired))
             self.condition(row.condition, "Unknown", row.running, "rolling out the changed deployment")
             self.phase(row.phase, row.running, "applying the changed deployment section")
         elif deployment_available(existing):
@@ -412,21 +410,6 @@ class Pipeline(Planner):
             return
         reason = problem.reason if problem else row.running
         self.waiting(row, reason, problem.message if problem else "waiting for vLLM to become ready")
-
-
-def _annotation(manifest: Mapping[str, Any]) -> Any:
-    return ((manifest.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
-
-
-def _rollout(desired: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """A JSON patch replacing what the spec hash covers (and the hash itself)."""
-    key = ANNOTATION_SPEC_HASH.replace("~", "~0").replace("/", "~1")
-    return [
-        {"op": "add", "path": f"/metadata/annotations/{key}", "value": _annotation(desired)},
-        {"op": "replace", "path": "/spec/replicas", "value": desired["spec"]["replicas"]},
-        {"op": "replace", "path": "/spec/strategy", "value": desired["spec"]["strategy"]},
-        {"op": "replace", "path": "/spec/template", "value": desired["spec"]["template"]},
-    ]
 
 
 def plan(observed: Observed, config: OperatorConfig) -> Plan:

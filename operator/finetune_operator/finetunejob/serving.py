@@ -3,7 +3,7 @@ its Service. Like builders.py, each returns a plain dict and talks to nothing.""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
 
@@ -12,17 +12,17 @@ from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.config import OperatorConfig
 from finetune_operator.containers.vllm import (
     MODELS_DIR,
-    VLLM_CONTAINER,
+    ROLLOUT_STRATEGY,
     VllmCompute,
     fetch_container,
     vllm_compute,
+    vllm_container,
     vllm_lora_rank,
 )
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
+from finetune_operator.k8s.manifests import ContainerPort, EnvFromSource, VolumeMount
 from finetune_operator.k8s.naming import child_name
 from finetune_operator.k8s.pods import (
-    WORKDIR,
-    container_security_context,
     credentials_env_from,
     labels,
     metadata,
@@ -132,39 +132,20 @@ class _ModelSource:
 def _vllm_container(
     job: JobRef, config: OperatorConfig, args: list[str], mounts: list[dict[str, Any]], compute: VllmCompute
 ) -> dict[str, Any]:
-    health = {"httpGet": {"path": "/health", "port": "http"}}
-    container: dict[str, Any] = {
-        "name": VLLM_CONTAINER,
-        "image": config.images.vllm,
-        "imagePullPolicy": config.images.pull_policy,
-        "args": args,
-        "env": [
-            {"name": "HOME", "value": WORKDIR},
-            {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
-            {"name": "XDG_CACHE_HOME", "value": f"{WORKDIR}/.cache"},
-            {"name": "VLLM_CACHE_ROOT", "value": f"{WORKDIR}/.cache/vllm"},
-            *compute.env,
-        ],
-        "ports": [{"name": "http", "containerPort": config.defaults.vllm_port, "protocol": "TCP"}],
-        "volumeMounts": mounts,
-        "securityContext": container_security_context(),
-        # A vLLM that exits at start-up (bad args, too little memory) says why in the pod's status.
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        # Loading weights can take long; the startup probe holds readiness and liveness until /health answers.
-        "startupProbe": {
-            **health,
-            "periodSeconds": 10,
-            "failureThreshold": max(1, config.defaults.vllm_startup_seconds // 10),
-        },
-        "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
-        "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
-    }
     env_from = credentials_env_from(job)
-    if env_from and job.spec.base_model.uri.startswith("hf://"):
-        container["envFrom"] = env_from  # HF_TOKEN for a gated base model
-    if compute.resources:
-        container["resources"] = compute.resources
-    return container
+    gated = bool(env_from) and job.spec.base_model.uri.startswith("hf://")  # HF_TOKEN for a gated base
+    port: ContainerPort = {"name": "http", "containerPort": config.defaults.vllm_port, "protocol": "TCP"}
+    return dict(
+        vllm_container(
+            config,
+            compute,
+            args,
+            cast(list[VolumeMount], mounts),
+            port,
+            env_from=cast(list[EnvFromSource], env_from) if gated else (),
+            probed=True,
+        )
+    )
 
 
 def serving_deployment(job: JobRef, config: OperatorConfig, artifacts: Artifacts) -> dict[str, Any]:
@@ -196,8 +177,7 @@ def serving_deployment(job: JobRef, config: OperatorConfig, artifacts: Artifacts
     spec: dict[str, Any] = {
         "replicas": deployment.replicas,
         "selector": {"matchLabels": selector_labels(job, Stage.SERVE)},
-        # Never ask for an extra GPU during a rollout.
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+        "strategy": ROLLOUT_STRATEGY,
         "template": {"metadata": {"labels": labels(job, Stage.SERVE)}, "spec": pod_spec},
     }
     return {

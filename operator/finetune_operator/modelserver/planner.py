@@ -15,14 +15,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
-
 from finetune_operator.api.conditions import short, timestamp
 from finetune_operator.api.modelnames import version_name
 from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunepolicy import enforcement as policy
 from finetune_operator.finetunepolicy.enforcement import PolicyView
-from finetune_operator.k8s.actions import ChildPatch
+from finetune_operator.k8s.actions import ChildPatch, rollout, spec_hash_of
 from finetune_operator.modelserver import builders as modelserver
 from finetune_operator.modelserver.builders import PoolRef
 from finetune_operator.serving_contract import serving_request
@@ -60,7 +58,7 @@ class PoolEvent:
 
 @dataclass
 class PoolPlan:
-    create: list[dict[str, Any]] = field(default_factory=list)
+    create: list[Mapping[str, Any]] = field(default_factory=list)
     patch: list[ChildPatch] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)  # the desired adapters and routes of every replica
     push: dict[str, str] = field(default_factory=dict)  # pod name → pod IP: ready pods that differ
@@ -256,8 +254,8 @@ class PoolPlanner:
             note = modelserver.pool_vllm_compute(pool.spec, self.config).note
             if note:  # a GPU type without GPUs in this operator's table: served on CPU, said once
                 self.event("Warning", "ServingOnCpu", note)
-        elif _hash(self.o.deployment) != _hash(desired):
-            self.out.patch.append(ChildPatch("Deployment", name, _rollout(desired), patch_type="json"))
+        elif spec_hash_of(self.o.deployment) != spec_hash_of(desired):
+            self.out.patch.append(rollout("Deployment", name, desired))
 
     def policy_allows(self) -> bool:
         """FineTunePolicy serving rules: condition PolicyAllowed, one Warning Event per new refusal."""
@@ -340,19 +338,6 @@ class PoolPlanner:
             if self.policy_condition["status"] == "False":
                 self.out.status["message"] = self.policy_condition["message"]
         return self.out
-
-
-def _hash(manifest: Mapping[str, Any]) -> Any:
-    return ((manifest.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
-
-
-def _rollout(desired: Mapping[str, Any]) -> list[dict[str, Any]]:
-    key = ANNOTATION_SPEC_HASH.replace("~", "~0").replace("/", "~1")
-    return [
-        {"op": "add", "path": f"/metadata/annotations/{key}", "value": _hash(desired)},
-        {"op": "replace", "path": "/spec/replicas", "value": desired["spec"]["replicas"]},
-        {"op": "replace", "path": "/spec/template", "value": desired["spec"]["template"]},
-    ]
 
 
 def plan_pool(observed: PoolObserved, config: OperatorConfig) -> PoolPlan:
