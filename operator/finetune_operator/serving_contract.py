@@ -8,9 +8,11 @@ Each side reads the other only through these typed values, never through raw sta
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from finetune_operator.k8s.ownership import is_controlled_by, is_recorded, records_of
 
 ACCEPTED = "Accepted"  # a job's status.serving.state once its gate and the champion comparison passed
 
@@ -25,12 +27,35 @@ class ServingRequest:
     adapter: str
 
 
+def jobs_served_by(jobs: Sequence[Mapping[str, Any]], server: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The FineTuneJobs a ModelServer (its metadata: name, namespace, uid, ownerReferences, annotations)
+    serves, oldest first: those naming it in spec.deployment.server, and the job it belongs to: its
+    controller, which recorded creating it in status.children (a forged ownerReference does not count)."""
+    name, namespace = server.get("name"), str(server.get("namespace") or "")
+    found = [
+        job
+        for job in jobs
+        if ((job.get("spec") or {}).get("deployment") or {}).get("server") == name
+        or (
+            is_controlled_by({"metadata": server}, namespace, str(job["metadata"].get("uid") or ""))
+            and is_recorded({"metadata": server}, "ModelServer", records_of(job.get("status") or {}) or {})
+        )
+    ]
+    return sorted(
+        found, key=lambda j: (str(j["metadata"].get("creationTimestamp") or ""), j["metadata"]["name"])
+    )
+
+
 def serving_request(job: Mapping[str, Any]) -> ServingRequest | None:
     """The request of a FineTuneJob object (as the API returns it), or None while it asks for nothing."""
     metadata = job.get("metadata") or {}
     status = job.get("status") or {}
     adapter = (status.get("artifacts") or {}).get("adapter")
-    model = ((job.get("spec") or {}).get("deployment") or {}).get("modelName")
+    # The job writes the name it asks for: spec.deployment.modelName on a shared pool, its served name on
+    # its own.
+    model = (status.get("serving") or {}).get("modelName") or (
+        ((job.get("spec") or {}).get("deployment") or {}).get("modelName")
+    )
     if (status.get("serving") or {}).get("state") != ACCEPTED or not adapter or not model:
         return None
     if metadata.get("deletionTimestamp"):
@@ -60,6 +85,8 @@ class PoolReport:
     promoted: Mapping[str, int | None]
     serving: Mapping[str, int | None]  # the version each stable name serves now
     ready_loaded: tuple[frozenset[str], ...]  # per ready replica: the versioned names it holds
+    ready_replicas: int  # pods ready with every adapter loaded
+    message: str  # why it is not ready (FineTunePolicy refusal, replicas starting)
 
     def version_of(self, model: str, job_uid: str) -> ServedVersion | None:
         return next((v for v in self.versions.get(model, ()) if v.job_uid == job_uid), None)
@@ -98,4 +125,6 @@ def pool_report(server: Mapping[str, Any]) -> PoolReport:
         ready_loaded=tuple(
             frozenset(r.get("loaded") or []) for r in status.get("replicas") or [] if r.get("ready")
         ),
+        ready_replicas=int(status.get("readyReplicas") or 0),
+        message=str(status.get("message") or ""),
     )

@@ -194,3 +194,29 @@ def test_a_changed_pool_deployment_rolls_out_replicas_strategy_and_template_like
         "/spec/strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
         "/spec/template": wanted["spec"]["template"],
     }
+
+
+def test_a_jobs_own_server_registers_its_job_only_when_the_jobs_status_records_creating_it() -> None:
+    """Issue 21: a ModelServer a job created (its controller, recorded in the job's status.children) serves
+    that job without spec.deployment.server; a forged ownerReference naming the job gets nothing."""
+    owner = [
+        {
+            "apiVersion": "finetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": "own",
+            "uid": "uid-own",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    mine = job("own")
+    mine["spec"] = {"deployment": {}}
+    mine["status"]["serving"] = {"state": "Accepted", "modelName": "own"}
+    base = observe([mine])
+    meta = {"name": "shared", "namespace": "team-a", "uid": "pool-uid", "ownerReferences": owner}
+    forged = dataclasses.replace(base, pool=dataclasses.replace(base.pool, meta=meta))
+    assert plan_pool(forged, CONFIG).status["models"] is None
+    mine["status"]["children"] = {"ModelServer/shared": {"uid": "pool-uid"}}
+    plan = plan_pool(forged, CONFIG)
+    assert [v["name"] for v in plan.status["models"]["own"]["versions"]] == ["own-v1"]
+    assert plan.state["routes"] == {"own": "own-v1"}

@@ -20,15 +20,15 @@ from finetune_operator.api.conditions import (
 )
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.config import ConfigError, OperatorConfig
-from finetune_operator.finetunejob import distributed, pooljob, serving, tracking
+from finetune_operator.finetunejob import distributed, ownedserver, pooljob, tracking
 from finetune_operator.finetunejob.accounting import gpu_hours_spent, restarts
 from finetune_operator.finetunejob.outcome import JobOutcome, failure_reason, job_outcome
 from finetune_operator.finetunejob.plan import Observed, Plan
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.finetunejob.stages import ROWS, STAGES, StageRow
 from finetune_operator.finetunepolicy import enforcement as policy
-from finetune_operator.k8s.actions import ChildDelete, ChildPatch, Event, diff_status, rollout, spec_hash_of
-from finetune_operator.k8s.observe import deployment_available, finite, pod_problem
+from finetune_operator.k8s.actions import ChildDelete, ChildPatch, Event, diff_status
+from finetune_operator.k8s.observe import finite, pod_problem
 
 # Pod problems worth a Warning Event each time their message changes (not only on a phase change).
 REPEATED_WARNINGS = (
@@ -242,11 +242,11 @@ class Pipeline(Planner):
             return row.holds(self) if row.holds else True
         if row.stage is Stage.TRAIN and not self.training_started() and not self.policy_admits_training(row):
             return False
-        if row.kind == "Deployment":
+        if row.kind == "ModelServer":
             if self.job.spec.deployment.server:
-                pooljob.serve(self, row)  # a shared ModelServer instead of a Deployment of its own
+                pooljob.serve(self, row)  # a shared ModelServer
             else:
-                self.serve(row)
+                ownedserver.serve(self, row)  # the job's own ModelServer
             return False
         outcome = self.run_job(row)
         if row.counts_gpu_hours:
@@ -349,12 +349,20 @@ class Pipeline(Planner):
     # --- the serving stage ---------------------------------------------------------------------
 
     def retire_serving(self) -> None:
-        name = serving.service_name(self.job)
+        """Delete the per-job vLLM Deployment and Service an operator from before issue 21 created: once, on
+        upgrade, its ModelServer replaces them (ownedserver.py)."""
+        name = ownedserver.server_name(self.job)
         if self.o.children.get(Stage.SERVE) is not None:
             self.out.delete.append(ChildDelete("Deployment", name))
         if self.o.service is not None:
             self.out.delete.append(ChildDelete("Service", name))
         self.status["endpoint"] = None
+
+    def retire_own_server(self) -> None:
+        """Deployment disabled: the job's own ModelServer goes too."""
+        self.retire_serving()
+        if self.o.server is not None and ownedserver.is_own(self, self.o.server):
+            self.out.delete.append(ChildDelete("ModelServer", ownedserver.server_name(self.job)))
 
     def desired(self, row: StageRow) -> dict[str, Any]:
         """The child as the spec wants it, built once per generation and artifacts (`Observed.built`)."""
@@ -364,52 +372,6 @@ class Pipeline(Planner):
             self.o.built.clear()
             self.o.built[key] = row.build(self.job, self.config, artifacts)
         return self.o.built[key]
-
-    def serve(self, row: StageRow) -> None:
-        """Create the Service and Deployment, roll out a changed one, report when it serves."""
-        existing = self.o.children.get(row.stage)
-        desired = self.desired(row)
-        refused = policy.job_serving_wait(self.job.spec, existing, self.o.policy, self.config)
-        if refused is not None:  # FineTunePolicy: nothing is created or grows until the policy allows it
-            self.waiting(row, Reason(refused[0]), refused[1])
-            return
-        if self.o.service is None:
-            service = serving.serving_service(self.job, self.config)
-            if self.blocked(row.stage, service):
-                return
-            self.out.create.append(service)
-        name = serving.service_name(self.job)
-        if existing is None:
-            if self.blocked(row.stage, desired):
-                self.out.create.clear()  # nothing serves until the name is free
-                return
-            self.out.create.append(desired)
-            # A GPU type without GPUs in the operator's table is served on CPU; the phase Event says so.
-            note = serving.job_vllm_compute(self.job, self.config).note
-            created = f"created Deployment {name}" + (f"; {note}" if note else "")
-            self.condition(row.condition, "Unknown", row.running, created)
-            self.phase(row.phase, row.running, note or "")
-        elif spec_hash_of(existing) != spec_hash_of(desired):
-            self.out.patch.append(rollout("Deployment", name, desired))
-            self.condition(row.condition, "Unknown", row.running, "rolling out the changed deployment")
-            self.phase(row.phase, row.running, "applying the changed deployment section")
-        elif deployment_available(existing):
-            model, url = serving.served_model_name(self.job), serving.endpoint_url(self.job, self.config)
-            self.status["endpoint"] = {"url": url, "model": model}
-            self.condition(
-                row.condition, "True", Reason.DEPLOYMENT_AVAILABLE, f"{model} is served by Deployment {name}"
-            )
-            self.complete(Phase.SERVING, Reason.SERVING, f"serving {model} at {url}")
-        else:
-            self.report_serving_pods(row)
-
-    def report_serving_pods(self, row: StageRow) -> None:
-        problem = pod_problem(self.o.pods.get(row.stage, ()))
-        if problem is not None and problem.fatal:
-            self.fail(row.stage, problem.reason, problem.message)
-            return
-        reason = problem.reason if problem else row.running
-        self.waiting(row, reason, problem.message if problem else "waiting for vLLM to become ready")
 
 
 def plan(observed: Observed, config: OperatorConfig) -> Plan:

@@ -27,7 +27,7 @@ from finetune_operator.api.schema import SpecError
 from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunejob import builders
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
-from finetune_operator.serving_contract import ACCEPTED, pool_report
+from finetune_operator.serving_contract import ACCEPTED, PoolReport, pool_report
 
 if TYPE_CHECKING:
     from finetune_operator.finetunejob.planner import Pipeline
@@ -148,34 +148,38 @@ def serve(p: Pipeline, row: StageRow) -> None:
             f"accepted; waiting for ModelServer {deployment.server} in namespace {p.job.namespace}",
         )
         return
-    report = pool_report(server)
-    mine = report.version_of(model, p.job.uid)
+    report(p, row, pool_report(server), model)
+
+
+def report(p: Pipeline, row: StageRow, pool: PoolReport, model: str) -> None:
+    """Serving once the pool assigned the job a version and every ready replica holds it."""
+    serving = p.status["serving"]
+    mine = pool.version_of(model, p.job.uid)
     if mine is None:
-        p.waiting(row, Reason.LOADING_ADAPTER, f"accepted; waiting for ModelServer {report.name}")
+        waiting = f"accepted; waiting for ModelServer {pool.name}"
+        p.waiting(row, Reason.LOADING_ADAPTER, waiting + (f": {pool.message}" if pool.message else ""))
         return
     name = mine.name
-    serving.update(version=mine.version, versionName=name, serving=report.serving.get(model) == mine.version)
+    serving.update(version=mine.version, versionName=name, serving=pool.serving.get(model) == mine.version)
     if not mine.loaded:
         p.status["endpoint"] = None
         reason = mine.unloaded_reason or "unloaded"
         p.condition(ConditionType.DEPLOYED, "False", Reason.ADAPTER_UNLOADED, f"{name}: {reason}")
         p.complete(Phase.SUCCEEDED, Reason.ADAPTER_UNLOADED, f"{name} is no longer loaded: {reason}")
         return
-    holding, ready = report.loaded_everywhere(name)
+    holding, ready = pool.loaded_everywhere(name)
     if ready == 0 or holding < ready:
-        p.waiting(
-            row,
-            Reason.LOADING_ADAPTER,
-            f"loading {name} into ModelServer {report.name}: {holding}/{ready} ready replicas",
-        )
+        # No replica ready yet: the pool says why (its pods' start-up problem, a FineTunePolicy refusal).
+        progress = pool.message if ready == 0 and pool.message else f"{holding}/{ready} ready replicas"
+        p.waiting(row, Reason.LOADING_ADAPTER, f"loading {name} into ModelServer {pool.name}: {progress}")
         return
-    url = report.endpoint
+    url = pool.endpoint
     asked = model if serving["serving"] else name
     p.status["endpoint"] = {"url": url, "model": asked}
     p.condition(
         ConditionType.DEPLOYED,
         "True",
         Reason.ADAPTER_LOADED,
-        f"{name} is loaded on {ready} replicas of ModelServer {report.name}",
+        f"{name} is loaded on {ready} replicas of ModelServer {pool.name}",
     )
     p.complete(Phase.SERVING, Reason.SERVING, f"serving {asked} ({name}) at {url}")

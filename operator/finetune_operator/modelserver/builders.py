@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from finetune_vocabulary.images import TRAINER_ENTRYPOINT
@@ -78,6 +78,12 @@ class PoolRef:
     name: str
     uid: str
     spec: ModelServerSpec
+    # The ModelServer's metadata as read (ownerReferences, annotations): whose it is (serving_contract).
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """Its metadata, name, namespace and uid included: what serving_contract.jobs_served_by reads."""
+        return {**self.meta, "name": self.name, "namespace": self.namespace, "uid": self.uid}
 
 
 def pool_name(name: str) -> str:
@@ -201,6 +207,7 @@ def vllm_args(spec: ModelServerSpec, model_args: list[str], parallel: list[str])
         *model_args,
         "--served-model-name",
         BASE_SERVED_NAME,
+        *([spec.served_model_name] if spec.served_model_name else []),
         "--enable-lora",
         "--max-lora-rank",
         str(spec.max_lora_rank),

@@ -36,11 +36,11 @@ from finetune_operator.modelserver.planner import (
     PoolEvent,
     PoolObserved,
     PoolPlan,
-    attached_jobs,
     plan_pool,
     pod_reachable,
 )
 from finetune_operator.modelserver.queue import PoolController
+from finetune_operator.serving_contract import jobs_served_by
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class PoolReconciler:
         except SpecError as error:
             await self.write_status(body, {"message": f"invalid spec: {error}"[:4096]})
             return
-        pool = PoolRef(namespace, name, str(meta["uid"]), spec)
+        pool = PoolRef(namespace, name, str(meta["uid"]), spec, meta)
         observed = self.with_policy(await observe(self.api, self.session, body, pool))
         plan = plan_pool(observed, self.ctx.config)
         await self.apply_children(pool, plan)
@@ -247,7 +247,7 @@ class PoolReconciler:
 
     def tell_jobs(self, observed: PoolObserved) -> None:
         """The attached jobs read the pool's status: reconcile them now (their own queue retries)."""
-        for job in attached_jobs(observed.jobs, observed.pool.name):
+        for job in jobs_served_by(observed.jobs, observed.pool.identity()):
             record = self.ctx.records.get(str(job["metadata"]["uid"]))
             if record is not None:
                 self.ctx.pools.spawn(reconcile.reconcile(self.ctx, record.body, trigger="pool"))

@@ -21,9 +21,10 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunepolicy import enforcement as policy
 from finetune_operator.finetunepolicy.enforcement import PolicyView
 from finetune_operator.k8s.actions import ChildPatch, rollout, spec_hash_of
+from finetune_operator.k8s.observe import pod_problem
 from finetune_operator.modelserver import builders as modelserver
 from finetune_operator.modelserver.builders import PoolRef
-from finetune_operator.serving_contract import serving_request
+from finetune_operator.serving_contract import jobs_served_by, serving_request
 
 POLICY_CONDITION = "PolicyAllowed"  # FineTunePolicy serving rules (policy.server_refusal)
 
@@ -67,14 +68,6 @@ class PoolPlan:
     events: list[PoolEvent] = field(default_factory=list)
 
 
-def attached_jobs(jobs: Sequence[Mapping[str, Any]], pool: str) -> list[Mapping[str, Any]]:
-    """The FineTuneJobs naming `pool` in spec.deployment.server, oldest first."""
-    found = [j for j in jobs if ((j.get("spec") or {}).get("deployment") or {}).get("server") == pool]
-    return sorted(
-        found, key=lambda j: (str(j["metadata"].get("creationTimestamp") or ""), j["metadata"]["name"])
-    )
-
-
 def pod_ready(pod: Mapping[str, Any]) -> bool:
     status = pod.get("status") or {}
     if pod.get("metadata", {}).get("deletionTimestamp") or status.get("phase") != "Running":
@@ -112,7 +105,7 @@ class PoolPlanner:
     def register(self) -> None:
         """Accepted jobs get the next version and are promoted; deleted jobs' versions are dropped."""
         registered = {v.get("jobUid") for m in self.models.values() for v in m["versions"]}
-        for job in attached_jobs(self.o.jobs, self.o.pool.name):
+        for job in jobs_served_by(self.o.jobs, self.o.pool.identity()):
             request = serving_request(job)
             if request is None or request.job_uid in registered:
                 continue
@@ -309,6 +302,14 @@ class PoolPlanner:
             )
         return rows
 
+    def replicas_message(self, ready: int) -> str:
+        """How many replicas are ready; while some are not, why the newest pod does not start (kubelet's
+        reason and message): what the jobs it serves report (serving_contract.PoolReport.message)."""
+        wanted = self.o.pool.spec.replicas
+        problem = pod_problem(self.o.pods) if ready < wanted else None
+        message = f"{ready}/{wanted} replicas ready with every adapter loaded"
+        return f"{message}; {problem.message}" if problem is not None else message
+
     def run(self) -> PoolPlan:
         self.register()
         routes = self.route()
@@ -330,7 +331,7 @@ class PoolPlanner:
             "models": self.models or None,
             "modelNames": short(serving, 256) or None,
             "endpoint": modelserver.endpoint_url(self.o.pool, self.config),
-            "message": f"{ready}/{self.o.pool.spec.replicas} replicas ready with every adapter loaded",
+            "message": self.replicas_message(ready),
         }
         if self.policy_condition is not None:
             others = [c for c in self.o.status.get("conditions") or [] if c.get("type") != POLICY_CONDITION]

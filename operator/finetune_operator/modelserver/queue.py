@@ -51,6 +51,12 @@ class PoolController:
             self.kick(*key)
 
     def kick_job(self, job: Mapping[str, Any]) -> None:
+        """The pool a job names, or the job's own ModelServer (the one it controls)."""
+        namespace, uid = str(job["metadata"]["namespace"]), job["metadata"].get("uid")
         server = ((job.get("spec") or {}).get("deployment") or {}).get("server")
         if server:
-            self.kick(str(job["metadata"]["namespace"]), str(server))
+            self.kick(namespace, str(server))
+        for key, body in list(self.servers.items()):
+            owners = (body.get("metadata") or {}).get("ownerReferences") or []
+            if key[0] == namespace and any(o.get("controller") and o.get("uid") == uid for o in owners):
+                self.kick(*key)
