@@ -17,7 +17,6 @@ from finetune_operator.k8s.manifests import (
     DeploymentStrategy,
     EnvFromSource,
     EnvVar,
-    Probe,
     ResourceRequirements,
     SecurityContext,
     VolumeMount,
@@ -155,17 +154,6 @@ def fetch_container(
     return container
 
 
-def _health_probes(config: OperatorConfig) -> dict[str, Probe]:
-    """Loading weights can take long: the startup probe holds readiness and liveness until /health answers."""
-    health: Probe = {"httpGet": {"path": "/health", "port": "http"}}
-    startup_failures = max(1, config.defaults.vllm_startup_seconds // 10)
-    return {
-        "startupProbe": {**health, "periodSeconds": 10, "failureThreshold": startup_failures},
-        "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
-        "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
-    }
-
-
 def vllm_container(
     config: OperatorConfig,
     compute: VllmCompute,
@@ -174,10 +162,9 @@ def vllm_container(
     port: ContainerPort,
     extra_env: Sequence[EnvVar] = (),
     env_from: Sequence[EnvFromSource] = (),
-    probed: bool = False,
 ) -> Container:
     """The one vLLM serving container: image, cache env, `args`, the replica's compute, read-only root.
-    `probed`: its own /health probes (a pool's readiness is its adapter router's instead)."""
+    No probes of its own: a pool's readiness is its adapter router's (vLLM healthy, adapters loaded)."""
     container: Container = {
         "name": VLLM_CONTAINER,
         "image": config.images.vllm,
@@ -197,11 +184,6 @@ def vllm_container(
         # A vLLM that exits at start-up (bad args, too little memory) says why in the pod's status.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
-    if probed:
-        probes = _health_probes(config)
-        container["startupProbe"] = probes["startupProbe"]
-        container["readinessProbe"] = probes["readinessProbe"]
-        container["livenessProbe"] = probes["livenessProbe"]
     if env_from:
         container["envFrom"] = list(env_from)
     if compute.resources:
