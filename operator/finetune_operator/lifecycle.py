@@ -282,6 +282,7 @@ async def startup(memo: Any, kwargs: Mapping[str, Any]) -> None:
     ctx = context(memo)
     bind_indexes(ctx, kwargs)
     ctx.resync = asyncio.get_running_loop().create_task(resync_loop(ctx), name="finetune-resync")
+    ctx.pools.tell_job = lambda body: reconcile.reconcile(ctx, body, trigger="pool")
     ctx.pools.task = asyncio.get_running_loop().create_task(pool.run(ctx), name="finetune-pools")
 
 

@@ -27,7 +27,6 @@ from finetune_vocabulary.labels import LABEL_MODELSERVER_UID
 
 from finetune_operator.api.modelserver import KIND, parse_modelserver_spec
 from finetune_operator.api.schema import SpecError
-from finetune_operator.finetunejob import controller as reconcile
 from finetune_operator.finetunepolicy import enforcement as policy
 from finetune_operator.k8s import client as kube
 from finetune_operator.modelserver import builders as modelserver
@@ -243,14 +242,14 @@ class PoolReconciler:
         for record in list(self.ctx.records.values()):
             meta, spec = record.body["metadata"], record.body.get("spec") or {}
             if meta.get("namespace") == namespace and (spec.get("deployment") or {}).get("server") == name:
-                self.ctx.pools.spawn(reconcile.reconcile(self.ctx, record.body, trigger="pool"))
+                self.ctx.pools.told(record.body)
 
     def tell_jobs(self, observed: PoolObserved) -> None:
         """The attached jobs read the pool's status: reconcile them now (their own queue retries)."""
         for job in jobs_served_by(observed.jobs, observed.pool.identity()):
             record = self.ctx.records.get(str(job["metadata"]["uid"]))
             if record is not None:
-                self.ctx.pools.spawn(reconcile.reconcile(self.ctx, record.body, trigger="pool"))
+                self.ctx.pools.told(record.body)
 
 
 async def run(ctx: Any) -> None:

@@ -4,7 +4,7 @@ background tasks of pool passes. Held by the Context; the Kopf handlers only kic
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,8 @@ class PoolController:
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     running: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Reconciles a FineTuneJob that reads a pool's status (set by the wiring: the kinds import neither).
+    tell_job: Callable[[Mapping[str, Any]], Coroutine[Any, Any, Any]] | None = None
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run `work` in the background, keeping a reference until it ends."""
@@ -43,6 +45,11 @@ class PoolController:
             self.servers[key] = {k: body.get(k) for k in ("apiVersion", "kind", "metadata", "spec", "status")}
             self.by_uid[str(meta.get("uid"))] = key
         self.kick(*key)
+
+    def told(self, job: Mapping[str, Any]) -> None:
+        """Reconcile the job now (its own queue retries a failure)."""
+        if self.tell_job is not None:
+            self.spawn(self.tell_job(job))
 
     def kick_pod(self, pod: Mapping[str, Any]) -> None:
         uid = ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_MODELSERVER_UID)
