@@ -621,3 +621,18 @@ def test_a_serving_name_held_by_a_foreign_object_waits_with_its_message() -> Non
     result = world.step()
     assert sorted(m["kind"] for m in result.create) == ["ModelServer"]
     assert world.status["phase"] == "Deploying"
+
+
+def test_a_modelserver_named_like_the_jobs_own_but_not_recorded_is_a_conflict_not_a_server() -> None:
+    """A pre-created `<job>-serve` ModelServer naming the job as its controller (not in status.children)
+    is never served on nor patched: the job waits in Pending naming it (ChildConflict)."""
+    world = World(job())
+    _to_evaluated(world, EVAL_GOOD)
+    assert world.server is not None
+    world.status["children"].pop("ModelServer/demo-serve")  # as if someone else had created it
+    result = world.step()
+    assert result.create == [] and result.patch == [] and result.delete == []
+    assert world.status["phase"] == "Pending"
+    assert world.condition["Deployed"]["reason"] == "ChildConflict"
+    message = world.status["message"]
+    assert "ModelServer team-a/demo-serve exists and was not created by the operator" in message
