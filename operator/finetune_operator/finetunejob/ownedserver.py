@@ -177,7 +177,7 @@ def serve(p: Pipeline, row: StageRow) -> None:
 
 def _report_merged(p: Pipeline, row: StageRow, server: Mapping[str, Any]) -> None:
     report, model = pool_report(server), served_model_name(p.job)
-    p.status["serving"] = {"server": report.name, "modelName": model}
+    p.status["serving"] = {"server": report.name}  # no version: the merged weights are the pool's base
     if report.ready_replicas < 1:
         p.status["endpoint"] = None
         p.waiting(row, row.running, report.message or f"waiting for ModelServer {report.name}")
