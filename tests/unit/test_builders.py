@@ -10,11 +10,14 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from finetune_operator.api.finetunejob import spec_to_dict
+from finetune_operator.api.modelserver import parse_modelserver_spec
 from finetune_operator.config import OperatorConfig, load_config
-from finetune_operator.finetunejob import builders, serving
+from finetune_operator.containers.vllm import vllm_lora_rank
+from finetune_operator.finetunejob import builders, ownedserver, serving
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.k8s import pods as podspec
 from finetune_operator.k8s.naming import is_dns1035_label
+from finetune_operator.modelserver.builders import PoolRef, pool_deployment
 
 from .ftj_factory import UID, job
 
@@ -29,9 +32,15 @@ def _all(job_ref: JobRef, config: OperatorConfig = CONFIG) -> list[dict[str, Any
         builders.training_job(job_ref, config),
         builders.evaluation_job(job_ref, config),
         builders.export_job(job_ref, config),
-        serving.serving_deployment(job_ref, config, ADAPTER),
-        serving.serving_service(job_ref, config),
+        dict(ownedserver.job_modelserver(job_ref, config, ADAPTER)),
     ]
+
+
+def _served(ref: JobRef, artifacts: Artifacts = ADAPTER) -> dict[str, Any]:
+    """The vLLM Deployment of the job's own ModelServer (as the pool controller builds it)."""
+    server = ownedserver.job_modelserver(ref, CONFIG, artifacts)
+    spec = parse_modelserver_spec(server["spec"])
+    return dict(pool_deployment(PoolRef(ref.namespace, server["metadata"]["name"], "pool-uid", spec), CONFIG))
 
 
 def _pod_spec(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +83,10 @@ JOBS = {
 @pytest.mark.parametrize("job_ref", JOBS.values(), ids=JOBS.keys())
 def test_children_are_valid_restricted_owned_and_labelled(job_ref: JobRef) -> None:
     for manifest in _all(job_ref):
-        kubernetes_validate.validate(manifest, "1.32", strict=True)
+        if manifest["kind"] == "ModelServer":  # a custom object: its own model validates it
+            parse_modelserver_spec(manifest["spec"])
+        else:
+            kubernetes_validate.validate(manifest, "1.32", strict=True)
         meta = manifest["metadata"]
         assert is_dns1035_label(meta["name"])
         assert meta["namespace"] == job_ref.namespace
@@ -93,7 +105,7 @@ def test_children_are_valid_restricted_owned_and_labelled(job_ref: JobRef) -> No
         assert {"app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component"} <= set(
             meta["labels"]
         )
-        if manifest["kind"] == "Service":
+        if manifest["kind"] == "ModelServer":
             continue
         pod = _pod_spec(manifest)
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -126,7 +138,7 @@ def test_every_pod_that_asks_for_accelerators_or_serves_gets_the_priority_class(
     ref = JOBS["multi gpu + user placement"]
     for build in (builders.training_job, builders.evaluation_job, builders.export_job):
         assert _pod_spec(build(ref, CONFIG))["priorityClassName"] == "batch-high", build.__name__
-    assert _pod_spec(serving.serving_deployment(ref, CONFIG, ADAPTER))["priorityClassName"] == "batch-high"
+    assert _pod_spec(_served(ref))["priorityClassName"] == "batch-high"
 
 
 def test_training_job_for_four_h100s_with_kueue() -> None:
@@ -320,12 +332,12 @@ def test_service_account_instead_of_secret() -> None:
     ("rank", "expected"), [(1, 8), (8, 8), (9, 16), (16, 16), (33, 64), (300, 320), (321, 512), (512, 512)]
 )
 def test_vllm_lora_rank(rank: int, expected: int) -> None:
-    assert serving.vllm_lora_rank(rank) == expected
+    assert vllm_lora_rank(rank) == expected
 
 
 def test_vllm_lora_rank_too_large() -> None:
     with pytest.raises(ValueError, match="1024 exceeds"):
-        serving.vllm_lora_rank(1024)
+        vllm_lora_rank(1024)
 
 
 def _args(manifest: dict[str, Any]) -> list[str]:
@@ -337,51 +349,78 @@ def _flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
 
 
-def test_adapter_serving_fetches_base_and_adapter_and_enables_lora() -> None:
+def test_adapter_serving_fetches_the_base_and_hot_loads_the_adapter_from_the_jobs_output() -> None:
     ref = job(lora={"rank": 24}, deployment={"servedModelName": "support-bot", "maxModelLen": 4096})
-    manifest = serving.serving_deployment(ref, CONFIG, ADAPTER)
+    server = ownedserver.job_modelserver(ref, CONFIG, ADAPTER)
+    assert server["metadata"]["name"] == "demo-serve"
+    assert server["spec"]["adapterSources"] == [ref.spec.storage.output]
+    assert server["spec"]["credentialsSecret"] == ref.spec.storage.credentials_secret
+    assert "servedModelName" not in server["spec"]  # the adapter answers to it, through the router
+    manifest = _served(ref)
     args = _args(manifest)
     assert _flag(args, "--model") == "/models/base"
-    assert "--enable-lora" in args
-    assert _flag(args, "--lora-modules") == "support-bot=/models/adapter"
+    assert "--enable-lora" in args and "--lora-modules" not in args
     assert _flag(args, "--max-lora-rank") == "32"
     assert _flag(args, "--max-model-len") == "4096"
-    assert _flag(args, "--port") == "8000"
     fetches = {c["name"]: (c["command"] + c["args"])[-2:] for c in _pod_spec(manifest)["initContainers"]}
-    assert fetches == {
-        "fetch-base": ["s3://models/tiny-llama", "/models/base"],
-        "fetch-adapter": ["s3://runs/out/team-a/demo/uid/model/adapter", "/models/adapter"],
-    }
+    assert fetches == {"fetch-base": ["s3://models/tiny-llama", "/models/base"]}
     container = _pod_spec(manifest)["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    for probe in ("startupProbe", "readinessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
-    assert (
-        manifest["spec"]["template"]["metadata"]["labels"] | manifest["spec"]["selector"]["matchLabels"]
-        == (manifest["spec"]["template"]["metadata"]["labels"])
-    )
+
+
+@pytest.mark.parametrize(
+    ("served", "name", "stable"),
+    [
+        (None, "demo", "demo"),
+        ("support-bot", "demo", "support-bot"),
+        ("Org/Bot", "demo", "org-bot-"),
+        (None, "team.x", "team-x-"),
+        (None, "base", "base-"),
+        ("bot-v2", "demo", "bot-v2-"),
+    ],
+)
+def test_the_adapter_answers_to_the_served_name_or_a_model_name_made_from_it(
+    served: str | None, name: str, stable: str
+) -> None:
+    """A pool's stable names are DNS labels of at most 48 characters, not `base` nor versioned: a served
+    name that is not one gets a label made from it plus its hash, so that every job stays servable."""
+    deployment = {"servedModelName": served} if served else {}
+    found = ownedserver.stable_name(job(name=name, deployment=deployment))
+    if stable.endswith("-"):
+        assert found.startswith(stable) and len(found) == len(stable) + 8
+    else:
+        assert found == stable
+    long = ownedserver.stable_name(job(name="team.x." + "a" * 240))
+    assert len(long) <= 48 and is_dns1035_label(long)
 
 
 def test_merged_serving_and_hf_and_pvc_bases() -> None:
     full = job(
         method="full", deployment={"gpus": 2, "gpuType": "h100-80gb", "extraArgs": ["--enforce-eager"]}
     )
-    args = _args(serving.serving_deployment(full, CONFIG, MERGED))
-    assert _flag(args, "--model") == "/models/merged"
-    assert _flag(args, "--served-model-name") == "demo"
+    server = ownedserver.job_modelserver(full, CONFIG, MERGED)
+    assert server["spec"]["baseModel"] == {"uri": "s3://runs/out/team-a/demo/uid/model/merged"}
+    manifest = _served(full, MERGED)
+    args = _args(manifest)
+    assert _flag(args, "--model") == "/models/base"
+    # The merged weights answer to the job's served name (and to "base").
+    named = args.index("--served-model-name")
+    assert args[named + 1 : named + 3] == ["base", "demo"]
     assert _flag(args, "--tensor-parallel-size") == "2"
-    assert "--enable-lora" not in args and args[-1] == "--enforce-eager"
+    assert args[-1] == "--enforce-eager"
+    fetches = [(c["command"] + c["args"])[-2:] for c in _pod_spec(manifest)["initContainers"]]
+    assert fetches == [["s3://runs/out/team-a/demo/uid/model/merged", "/models/base"]]
     with pytest.raises(ValueError, match="merged"):
-        serving.serving_deployment(full, CONFIG, ADAPTER)
+        ownedserver.job_modelserver(full, CONFIG, ADAPTER)
 
     hf = job(baseModel={"uri": "hf://mistralai/Mistral-Small-3", "revision": "main"})
-    hf_manifest = serving.serving_deployment(hf, CONFIG, ADAPTER)
+    hf_manifest = _served(hf)
     assert _flag(_args(hf_manifest), "--model") == "mistralai/Mistral-Small-3"
     assert _flag(_args(hf_manifest), "--revision") == "main"
-    assert [c["name"] for c in _pod_spec(hf_manifest)["initContainers"]] == ["fetch-adapter"]
+    assert _pod_spec(hf_manifest)["initContainers"] == []
 
     pvc = job(baseModel={"uri": "pvc://models-claim/llama/8b"})
-    pvc_manifest = serving.serving_deployment(pvc, CONFIG, ADAPTER)
+    pvc_manifest = _served(pvc)
     assert _flag(_args(pvc_manifest), "--model") == "/models-pvc/llama/8b"
     claim = next(v for v in _pod_spec(pvc_manifest)["volumes"] if v["name"] == "base-model")
     assert claim["persistentVolumeClaim"] == {"claimName": "models-claim", "readOnly": True}
@@ -405,18 +444,12 @@ def test_serving_mode_and_export(
     assert serving.needs_export(ref.spec, artifacts) is export
 
 
-def test_service_and_endpoint() -> None:
-    ref = JOBS["long dotted name"]
-    service = serving.serving_service(ref, CONFIG)
-    deployment = serving.serving_deployment(ref, CONFIG, ADAPTER)
-    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
-    assert service["spec"]["ports"][0]["port"] == 8000
-    assert serving.endpoint_url(ref, CONFIG) == f"http://{service['metadata']['name']}.team-a.svc:8000/v1"
+def test_the_servers_name_is_the_jobs_serve_child_name_and_its_hash_tracks_the_deployment_section() -> None:
+    long = ownedserver.job_modelserver(JOBS["long dotted name"], CONFIG, ADAPTER)["metadata"]["name"]
+    assert is_dns1035_label(long) and long.endswith("-serve")
 
-
-def test_deployment_hash_tracks_the_deployment_section() -> None:
     def digest(**deployment: Any) -> str:
-        manifest = serving.serving_deployment(job(deployment=deployment), CONFIG, ADAPTER)
+        manifest = ownedserver.job_modelserver(job(deployment=deployment), CONFIG, ADAPTER)
         value: str = manifest["metadata"]["annotations"]["finetune.dev/spec-hash"]
         return value
 
@@ -437,14 +470,14 @@ def test_cpu_serving_sizes_the_kv_cache_from_the_pod_memory(memory: str | None, 
     """vLLM-CPU would size its KV cache as a share of HOST memory; a quarter of the pod memory instead."""
     resources = {"memory": memory} if memory else None
     ref = job(deployment={"gpus": 0, "gpuType": "cpu", "resources": resources})
-    assert _env(serving.serving_deployment(ref, CONFIG, ADAPTER))["VLLM_CPU_KVCACHE_SPACE"] == gib
+    assert _env(_served(ref))["VLLM_CPU_KVCACHE_SPACE"] == gib
 
 
 def test_kv_cache_setting_only_on_cpu_and_only_when_the_user_sets_none() -> None:
-    gpu = serving.serving_deployment(job(), CONFIG, ADAPTER)
+    gpu = _served(job())
     assert "VLLM_CPU_KVCACHE_SPACE" not in _env(gpu)
     explicit = job(deployment={"gpus": 0, "gpuType": "cpu", "extraArgs": ["--kv-cache-memory-bytes", "1G"]})
-    assert "VLLM_CPU_KVCACHE_SPACE" not in _env(serving.serving_deployment(explicit, CONFIG, ADAPTER))
+    assert "VLLM_CPU_KVCACHE_SPACE" not in _env(_served(explicit))
 
 
 def test_the_evaluation_config_names_the_champion_decided_before_the_job_is_built() -> None:

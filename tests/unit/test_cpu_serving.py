@@ -12,11 +12,10 @@ import pytest
 from finetune_operator.api import crdgen
 from finetune_operator.api.crdgen import build_crd
 from finetune_operator.api.finetunejob import parse_spec
-from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.api.modelserver import parse_modelserver_spec
 from finetune_operator.api.schema import SpecError
 from finetune_operator.config import OperatorConfig, load_config
-from finetune_operator.finetunejob import serving
+from finetune_operator.finetunejob import ownedserver, serving
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.modelserver.builders import PoolRef, pool_deployment
 from localcluster.crdvalidation import CRDValidator, InvalidError
@@ -42,6 +41,14 @@ def ftj(**sections: Any) -> JobRef:
 def pool(config_spec: dict[str, Any]) -> PoolRef:
     raw = {"baseModel": {"uri": "s3://models/tiny-llama"}, "adapterSources": ["s3://runs"], **config_spec}
     return PoolRef("team-a", "shared", "pool-uid", parse_modelserver_spec(raw))
+
+
+def served(job: JobRef, config: OperatorConfig = CONFIG) -> dict[str, Any]:
+    """The vLLM Deployment of the job's own ModelServer (ownedserver.py), as the pool builds it."""
+    server = ownedserver.job_modelserver(job, config, ADAPTER)
+    spec = parse_modelserver_spec(server["spec"])
+    ref = PoolRef(job.namespace, server["metadata"]["name"], "pool-uid", spec)
+    return dict(pool_deployment(ref, config))
 
 
 def vllm_of(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -74,23 +81,23 @@ def assert_cpu_replica(manifest: dict[str, Any], kv_gib: str) -> None:
 def test_a_cpu_trained_job_without_a_deployment_section_serves_on_cpu(resources: dict[str, Any]) -> None:
     job = ftj(resources=resources)
     assert job.spec.deployment.gpus == 0
-    assert_cpu_replica(serving.serving_deployment(job, CONFIG, ADAPTER), kv_gib="1")
+    assert_cpu_replica(served(job), kv_gib="1")
 
 
 def test_the_cpu_kv_cache_comes_from_the_replicas_own_memory_limit() -> None:
     job = ftj(resources={"gpuType": "cpu"}, deployment={"resources": {"memory": "8Gi"}})
-    manifest = serving.serving_deployment(job, CONFIG, ADAPTER)
+    manifest = served(job)
     assert_cpu_replica(manifest, kv_gib="2")
     assert vllm_of(manifest)["resources"]["limits"] == {"memory": "8Gi"}
 
 
 def test_gpu_jobs_keep_one_gpu_by_default_and_a_gpu_serving_type_overrides_cpu_training() -> None:
-    gpu = serving.serving_deployment(ftj(), CONFIG, ADAPTER)
+    gpu = served(ftj())
     assert vllm_of(gpu)["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "VLLM_CPU_KVCACHE_SPACE" not in env(gpu)
     mixed = ftj(resources={"gpuType": "cpu"}, deployment={"gpuType": "a100-40gb"})
     assert mixed.spec.deployment.gpus == 1
-    assert vllm_of(serving.serving_deployment(mixed, CONFIG, ADAPTER))["resources"]["limits"] == {
+    assert vllm_of(served(mixed))["resources"]["limits"] == {
         "nvidia.com/gpu": "1"
     }
 
@@ -137,10 +144,10 @@ def test_a_modelserver_gpu_count_follows_its_type_and_a_contradiction_is_refused
     assert "gpus" in str(error.value) and "gpuType is cpu" in str(error.value)
 
 
-def test_both_vllm_builders_give_a_cpu_replica_the_same_settings() -> None:
+def test_a_jobs_own_server_and_a_shared_pool_give_a_cpu_replica_the_same_settings() -> None:
     job = ftj(resources={"gpuType": "cpu"}, deployment={"resources": {"cpu": "2", "memory": "12Gi"}})
     server = pool({"gpuType": "cpu", "resources": {"cpu": "2", "memory": "12Gi"}})
-    per_job, shared = serving.serving_deployment(job, CONFIG, ADAPTER), pool_deployment(server, CONFIG)
+    per_job, shared = served(job), dict(pool_deployment(server, CONFIG))
     assert_cpu_replica(per_job, kv_gib="3")
     assert_cpu_replica(shared, kv_gib="3")
     assert vllm_of(per_job)["resources"] == vllm_of(shared)["resources"]
@@ -169,7 +176,7 @@ def test_a_type_without_gpus_in_the_operators_table_is_served_on_cpu(tmp_path: P
     config = config_with_cpu_pool(tmp_path)
     job = ftj(resources={"gpuType": "cpu-pool"})
     assert job.spec.deployment.gpus == 1  # admission cannot know: the table is the operator's
-    assert_cpu_replica(serving.serving_deployment(job, config, ADAPTER), kv_gib="1")
+    assert_cpu_replica(served(job, config), kv_gib="1")
     assert_cpu_replica(pool_deployment(pool({"gpuType": "cpu-pool"}), config), kv_gib="1")
     note = serving.job_vllm_compute(job, config).note
     assert note is not None and "cpu-pool" in note and "serving on CPU" in note
@@ -181,7 +188,7 @@ def test_the_job_says_it_serves_on_cpu_instead_of_crash_looping(
     monkeypatch.setattr(test_state, "CONFIG", config_with_cpu_pool(tmp_path))
     world = World(ftj(resources={"gpuType": "cpu-pool"}))
     _to_evaluated(world, EVAL_GOOD)
-    assert world.status["phase"] == "Deploying" and Stage.SERVE in world.children
+    assert world.status["phase"] == "Deploying" and world.server is not None
     deployed = next(c for c in world.status["conditions"] if c["type"] == "Deployed")
     assert "cpu-pool has no GPUs" in deployed["message"] and "serving on CPU" in deployed["message"]
     assert any("serving on CPU" in e.message for e in world.events)

@@ -87,6 +87,21 @@ def _observe(ref: JobRef, world: dict[str, Any], view: PolicyView | None, server
     )
 
 
+def _created_server(world: dict[str, Any], manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """As the reconcile creates it: the status records it (ownership.py), the API gives it a uid."""
+    key = f"ModelServer/{manifest['metadata']['name']}"
+    world["status"]["children"] = {**world["status"].get("children", {}), key: {"uid": "server-uid-0001"}}
+    return {**copy.deepcopy(dict(manifest)), "metadata": {**manifest["metadata"], "uid": "server-uid-0001"}}
+
+
+def _pool_children(server: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What the ModelServer controller creates for the job's own server in its first pass."""
+    meta = server["metadata"]
+    ref = PoolRef(meta["namespace"], meta["name"], meta["uid"], parse_modelserver_spec(server["spec"]), meta)
+    observed = PoolObserved(ref, {}, None, None, None, [], {}, [], now=NOW)
+    return copy.deepcopy(plan_pool(observed, CONFIG).create)
+
+
 def pipeline(
     ref: JobRef, view: PolicyView | None = None, server: Mapping[str, Any] | None = None
 ) -> list[dict[str, Any]]:
@@ -103,7 +118,10 @@ def pipeline(
         for manifest in result.create:
             created.append(copy.deepcopy(manifest))
             stage = Stage(manifest["metadata"]["labels"][LABEL_COMPONENT])
-            if manifest["kind"] == "Service" and stage is Stage.SERVE:
+            if manifest["kind"] == "ModelServer":  # the job's own: recorded, then its pool's children
+                server = _created_server(world, manifest)
+                created += _pool_children(server)
+            elif manifest["kind"] == "Service" and stage is Stage.SERVE:
                 world["service"] = manifest
             elif manifest["kind"] != "Service":  # a training Job's headless Service is not watched as a stage
                 world["children"][stage] = manifest

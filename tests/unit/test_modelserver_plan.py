@@ -9,9 +9,10 @@ from typing import Any
 
 from finetune_operator.api.modelserver import ModelServerStatus, parse_modelserver_spec
 from finetune_operator.config import load_config
-from finetune_operator.modelserver.builders import PoolRef
-from finetune_operator.modelserver.planner import PoolObserved, loaded_everywhere, plan_pool
+from finetune_operator.modelserver.builders import PoolRef, pool_deployment
+from finetune_operator.modelserver.planner import PoolObserved, plan_pool
 from finetune_operator.modelserver.status import merge_patch
+from finetune_operator.serving_contract import pool_report
 
 CONFIG = load_config(env={})
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -156,7 +157,7 @@ def test_only_ready_replicas_that_differ_get_the_state_pushed() -> None:
     plan = plan_pool(observe([job("a")], status, replicas, pods), CONFIG)
     assert plan.push == {"p2": "10.0.0.2"}
     assert plan.status["readyReplicas"] == 1
-    assert loaded_everywhere(plan.status, "bot-v1") == (1, 2)
+    assert pool_report({"status": plan.status}).loaded_everywhere("bot-v1") == (1, 2)
 
 
 def test_a_changed_network_policy_is_patched_back_and_an_equal_one_left_alone() -> None:
@@ -236,3 +237,45 @@ def test_adapters_outside_the_sources_turn_adapters_allowed_false_naming_them() 
     allowed = _conditions(narrowed)["AdaptersAllowed"]
     assert (allowed["status"], allowed["reason"]) == ("False", "AdapterOutsideSources")
     assert "bot-v1" in allowed["message"]
+
+
+def test_a_changed_pool_deployment_rolls_out_replicas_strategy_and_template_like_a_jobs() -> None:
+    """One rollout patch for every serving Deployment: a pool Deployment whose strategy was edited (or that an
+    older operator created with another one) gets the desired strategy back, not only its template."""
+    wanted = pool_deployment(pool(replicas=2), CONFIG)
+    running = {**wanted, "metadata": {**wanted["metadata"], "annotations": {}}}
+    observed = dataclasses.replace(observe([]), pool=pool(replicas=2), deployment=running)
+    (patch,) = [p for p in plan_pool(observed, CONFIG).patch if p.kind == "Deployment"]
+    assert patch.patch_type == "json"
+    replaced = {op["path"]: op["value"] for op in patch.patch if op["op"] == "replace"}
+    assert replaced == {
+        "/spec/replicas": 2,
+        "/spec/strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+        "/spec/template": wanted["spec"]["template"],
+    }
+
+
+def test_a_jobs_own_server_registers_its_job_only_when_the_jobs_status_records_creating_it() -> None:
+    """Issue 21: a ModelServer a job created (its controller, recorded in the job's status.children) serves
+    that job without spec.deployment.server; a forged ownerReference naming the job gets nothing."""
+    owner = [
+        {
+            "apiVersion": "finetune.dev/v1alpha1",
+            "kind": "FineTuneJob",
+            "name": "own",
+            "uid": "uid-own",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    mine = job("own")
+    mine["spec"] = {"deployment": {}}
+    mine["status"]["serving"] = {"state": "Accepted", "modelName": "own"}
+    base = observe([mine])
+    meta = {"name": "shared", "namespace": "team-a", "uid": "pool-uid", "ownerReferences": owner}
+    forged = dataclasses.replace(base, pool=dataclasses.replace(base.pool, meta=meta))
+    assert plan_pool(forged, CONFIG).status["models"] is None
+    mine["status"]["children"] = {"ModelServer/shared": {"uid": "pool-uid"}}
+    plan = plan_pool(forged, CONFIG)
+    assert [v["name"] for v in plan.status["models"]["own"]["versions"]] == ["own-v1"]
+    assert plan.state["routes"] == {"own": "own-v1"}

@@ -371,3 +371,14 @@ async def test_a_child_created_just_before_a_crash_is_adopted_after_restart(cach
     assert status["children"]["Job/demo-validate"] == {"uid": created["metadata"]["uid"]}
     creates = [w for w in api.writes if w[1] == "Job"]
     assert creates == [("create", "Job", "demo-validate")] * (1 if cache else 2)
+
+
+def test_a_created_modelserver_is_not_taken_for_a_child_in_the_watch_cache() -> None:
+    """Issue 21: the job's own ModelServer is created like a child (and remembered as created), but it is
+    read from the pools' cache: listing the job's children must neither fail on it nor return it."""
+    ctx = Context(config=CONFIG, children_of=lambda uid: Children())
+    record = ctx.remember(new_job() | {"metadata": {"name": "demo", "namespace": "team-a", "uid": UID}})
+    server = {"kind": "ModelServer", "metadata": {"name": "demo-serve", "namespace": "team-a"}}
+    record.created["demo-serve/ModelServer"] = server
+    found = ctx.children(UID, "team-a")
+    assert found.jobs == found.deployments == found.services == []

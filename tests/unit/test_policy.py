@@ -703,7 +703,7 @@ def test_a_jobs_deployment_over_max_serving_gpus_waits_without_a_deployment_then
     selected = (make_policy(maxServingGpus=16),)
     world.policy = PolicyView(selected, serving_gpus=12)
     to_evaluated(world, EVAL_GOOD)
-    assert Stage.SERVE not in world.children and world.service is None
+    assert world.server is None and Stage.SERVE not in world.children and world.service is None
     assert world.status["phase"] == "Deploying"
     assert world.condition["Deployed"]["reason"] == "ServingGpuLimit"
     assert world.status["message"] == (
@@ -713,7 +713,7 @@ def test_a_jobs_deployment_over_max_serving_gpus_waits_without_a_deployment_then
     assert [(e.type, e.reason) for e in world.events][-1] == ("Warning", "ServingGpuLimit")
     world.policy = PolicyView(selected, serving_gpus=8)  # another server scaled down
     world.step()
-    assert Stage.SERVE in world.children
+    assert world.server is not None  # the job's own ModelServer
 
 
 # --- issue 20 defect 7: the GPU-hour ledger remembers deleted jobs ------------------------------------------
@@ -1020,3 +1020,56 @@ def test_admission_defaults_an_unset_modelserver_gpus_as_the_operator_does() -> 
                 "spec.replicas 3 x spec.gpus 1 = 3 GPUs is more than maxServingGpus 2"
             )
         assert bool(policy.server_violations(parse_modelserver_spec(spec), parse_policy(stored))) is denied
+
+
+def test_a_jobs_own_modelserver_counts_once_in_the_namespace_serving_sum() -> None:
+    """Issue 21: a job's serving GPUs are its own ModelServer's Deployment, counted once (as the pool's, by
+    its controller reference), not also as the job's; and the pool's own check leaves itself out."""
+    from finetune_operator.config import load_config
+    from finetune_operator.context import Children, Context
+    from finetune_operator.lifecycle import index_deployment
+
+    container = {"name": "vllm", "resources": {"limits": {"nvidia.com/gpu": "2"}}}
+    own_pool = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {
+            "name": "demo-serve-pool",
+            "namespace": "team-a",
+            "uid": "deployment-uid",
+            "labels": {"finetune.dev/modelserver-uid": "server-uid"},
+            "ownerReferences": [
+                {"uid": "server-uid", "controller": True, "kind": "ModelServer", "name": "demo-serve"}
+            ],
+        },
+        "spec": {"replicas": 3, "template": {"spec": {"containers": [container]}}},
+    }
+    index = index_deployment(own_pool) or {}
+    ctx = Context(config=load_config(env={}))
+    ctx.children_of = lambda uid: Children(deployments=[index[uid]] if uid in index else [])
+    recorded = {"children": {"ModelServer/demo-serve": {"uid": "server-uid"}}}
+    ctx.remember(
+        new_job()
+        | {"metadata": {"name": "demo", "namespace": "team-a", "uid": "job-uid"}, "status": recorded}
+    )
+    ctx.pools.by_uid["server-uid"] = ("team-a", "demo-serve")
+    assert ctx.serving_gpus("team-a", exclude_uid="other") == 3 * 2
+    assert ctx.serving_gpus("team-a", exclude_uid="job-uid") == 3 * 2  # not zero: the pool holds them
+    assert ctx.serving_gpus("team-a", exclude_uid="server-uid") == 0  # the pool's own check
+
+
+def test_a_job_serving_on_its_own_modelserver_is_not_refused_for_the_gpus_it_already_holds() -> None:
+    """The namespace sum already holds the job's own pool: the job does not ask for its GPUs again (its
+    pool's own FineTunePolicy check governs growth); asking again would count them twice."""
+    from .test_state import EVAL_GOOD
+    from .test_state import _to_evaluated as to_evaluated
+
+    world = World(job(deployment={"replicas": 2, "gpus": 4}))
+    selected = (make_policy(maxServingGpus=8),)
+    world.policy = PolicyView(selected, serving_gpus=0)
+    to_evaluated(world, EVAL_GOOD)
+    assert world.server is not None
+    world.policy = PolicyView(selected, serving_gpus=8)  # the job's own pool, as the watch cache has it
+    world.step()
+    assert world.condition["Deployed"]["reason"] != "ServingGpuLimit", world.status["message"]
+    assert world.status["phase"] == "Deploying"

@@ -95,6 +95,12 @@ async def _recorded_calls(aiohttp_port: int, server_calls: list[tuple[str, str, 
         await api.create_or_adopt(policy, UID)
         await api.patch("NetworkPolicy", "team-a", "pool-pool", {"spec": {}})
         await api.patch_object_status("ModelServer", "team-a", "pool", {"readyReplicas": 1}, UID)
+        # A job's own ModelServer (ownedserver.py): created, its spec patched, deleted with deployment off.
+        server = {**manifest, "apiVersion": "finetune.dev/v1alpha1", "kind": "ModelServer"}
+        await api.create_or_adopt(server, UID)
+        await api.create_or_adopt(server, UID)
+        await api.patch("ModelServer", "team-a", "demo-serve", {"spec": {"replicas": 2}})
+        await api.delete("ModelServer", "team-a", "demo-serve")
     finally:
         await api.close()
 

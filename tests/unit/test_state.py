@@ -5,6 +5,7 @@ user sees in the status and Events."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -12,12 +13,15 @@ from typing import Any
 import pytest
 from finetune_operator.api.conditions import Reason
 from finetune_operator.api.finetunejob_status import Stage
+from finetune_operator.api.modelserver import parse_modelserver_spec
 from finetune_operator.config import load_config
 from finetune_operator.finetunejob.plan import Observed, Plan
 from finetune_operator.finetunejob.planner import plan
 from finetune_operator.finetunejob.ref import JobRef
 from finetune_operator.finetunepolicy.enforcement import PolicyView
 from finetune_operator.k8s.actions import Event
+from finetune_operator.modelserver.builders import PoolRef
+from finetune_operator.modelserver.planner import PoolObserved, plan_pool
 
 from .ftj_factory import job, pending_pod, terminated_pod, with_status
 
@@ -84,6 +88,7 @@ class World:
     last: Plan | None = None
     conflicts: dict[tuple[str, str], str] = field(default_factory=dict)
     policy: PolicyView | None = None  # FineTunePolicies selecting the job's namespace (test_policy.py)
+    server: dict[str, Any] | None = None  # the job's own ModelServer (or a shared one)
 
     def step(self) -> Plan:
         observed = Observed(
@@ -97,24 +102,33 @@ class World:
             now=NOW,
             conflicts=self.conflicts,
             policy=self.policy,
+            server=copy.deepcopy(self.server),
         )
         result = plan(observed, CONFIG)
         for manifest in result.create:
             stage = Stage(manifest["metadata"]["labels"]["app.kubernetes.io/component"])
             if manifest["kind"] == "Service":
                 self.service = manifest
+            elif manifest["kind"] == "ModelServer":
+                self.server = self.created_server(manifest)
             else:
                 # As the Job controller has it right after creation: no pods started yet.
                 self.children[stage] = (
                     with_status(manifest, start=None) if manifest["kind"] == "Job" else manifest
                 )
         for patch in result.patch:
+            if patch.kind == "ModelServer" and self.server is not None:
+                self.server["metadata"]["annotations"].update(patch.patch["metadata"]["annotations"])
+                self.server["spec"].update(patch.patch["spec"])
+                continue
             target = next(c for c in self.children.values() if c["metadata"]["name"] == patch.name)
             if patch.patch_type == "merge":
                 target["spec"].update(patch.patch["spec"])
         for delete in result.delete:
             if delete.kind == "Service":
                 self.service = None
+            elif delete.kind == "ModelServer":
+                self.server = None
             else:
                 self.children.pop(Stage.SERVE, None)
         for key, value in result.status.items():
@@ -125,6 +139,44 @@ class World:
         self.events += result.events
         self.last = result
         return result
+
+    def created_server(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """As the reconcile creates it: the status records the child (ownership.py), the API gives a uid."""
+        key = f"ModelServer/{manifest['metadata']['name']}"
+        self.status["children"] = {**self.status.get("children", {}), key: {"uid": "server-uid"}}
+        return {**copy.deepcopy(manifest), "metadata": {**manifest["metadata"], "uid": "server-uid"}}
+
+    def pool_pass(self, ready_replicas: int = 1, starting: list[dict[str, Any]] | None = None) -> None:
+        """The ModelServer controller's passes over the job's server (the real pool planner): it registers
+        what the job asked for and its ready replicas load it."""
+        assert self.server is not None
+        meta = self.server["metadata"]
+        pool = PoolRef(
+            meta["namespace"], meta["name"], meta["uid"], parse_modelserver_spec(self.server["spec"]), meta
+        )
+        me = {
+            "metadata": {"name": self.ref.name, "uid": self.ref.uid, "namespace": self.ref.namespace},
+            "spec": {"deployment": {}},
+            "status": self.status,
+        }
+        pods = [
+            {
+                "metadata": {"name": f"pool-{n}"},
+                "status": {
+                    "phase": "Running",
+                    "podIP": f"10.0.0.{n}",
+                    "conditions": [{"type": "Ready", "status": "True"}],
+                },
+            }
+            for n in range(ready_replicas)
+        ]
+        every = [*pods, *(starting or [])]  # pods that do not start: not reachable, no router state
+        observed = PoolObserved(pool, self.server.get("status") or {}, None, None, None, every, {}, [me])
+        state = plan_pool(observed, CONFIG).state
+        held = {"ready": True, "loaded": dict(state["adapters"]), "routes": dict(state["routes"])}
+        replicas = {str(p["metadata"]["name"]): held for p in pods}
+        pool_plan = plan_pool(dataclasses.replace(observed, replicas=replicas), CONFIG)
+        self.server["status"] = pool_plan.status
 
     def finish(self, stage: Stage, document: dict[str, Any]) -> None:
         self.children[stage] = with_status(self.children[stage], complete=True, start="2026-01-01T00:00:00Z")
@@ -397,36 +449,68 @@ def test_failed_gate_rejects_with_numbers_and_never_deploys() -> None:
 
 
 def test_happy_path_to_serving_then_idle() -> None:
+    """Issue 21: the job is served by a ModelServer of its own, which hot-loads its adapter under the
+    job's served name; the job is Serving once every ready replica holds it, at the pool's endpoint."""
     world = World(job(deployment={"servedModelName": "toy-bot"}))
     _to_evaluated(world, EVAL_GOOD)
     assert world.status["phase"] == "Deploying"
     assert world.status["artifacts"]["adapter"] == "s3://runs/out/a/model/adapter/"
     assert world.status["evaluation"]["passed"] is True
-    deployment = world.children[Stage.SERVE]
-    assert world.service is not None
-    deployment["metadata"]["generation"] = 1
-    deployment["status"] = {
-        "observedGeneration": 1,
-        "availableReplicas": 1,
-        "conditions": [{"type": "Available", "status": "True"}],
-    }
+    assert world.server is not None and world.server["metadata"]["name"] == "demo-serve"
+    assert world.server["metadata"]["ownerReferences"][0]["uid"] == world.ref.uid
+    assert Stage.SERVE not in world.children and world.service is None  # no per-job Deployment any more
     world.step()
-    assert world.status["phase"] == "Serving"
-    assert world.status["endpoint"] == {"url": "http://demo-serve.team-a.svc:8000/v1", "model": "toy-bot"}
+    assert world.status["serving"] == {"server": "demo-serve", "modelName": "toy-bot", "state": "Accepted"}
+    assert world.status["phase"] == "Deploying" and world.status.get("endpoint") is None
+    world.pool_pass(ready_replicas=1)
+    world.step()
+    assert world.status["phase"] == "Serving", world.status
+    url = "http://demo-serve-pool.team-a.svc:8000/v1"
+    assert world.status["endpoint"] == {"url": url, "model": "toy-bot"}
     assert world.condition["Ready"]["status"] == "True"
     assert world.status["gpuHours"] == pytest.approx(2.0)  # 1 GPU x (1 h training + 1 h evaluation)
     phases = [e.message.split(":")[0] for e in world.events]
     assert phases == ["Validating", "Training", "Evaluating", "Deploying", "Serving"]
     _quiet(world)
 
-    # A change to the deployment section rolls the Deployment (json patch of the spec).
+    # A change to the deployment section patches the job's ModelServer (its pool rolls out).
     world.ref = job(deployment={"servedModelName": "toy-bot", "replicas": 2})
     world.generation = 2
     result = world.step()
-    assert [(p.kind, p.patch_type) for p in result.patch] == [("Deployment", "json")]
-    replicas = next(op for op in result.patch[0].patch if op["path"] == "/spec/replicas")
-    assert replicas["value"] == 2
-    assert world.status["phase"] == "Deploying"
+    assert [(p.kind, p.patch_type) for p in result.patch] == [("ModelServer", "merge")]
+    assert result.patch[0].patch["spec"] == {"replicas": 2}
+
+
+def test_deployment_disabled_after_serving_deletes_the_jobs_own_server() -> None:
+    world = World(job())
+    _to_evaluated(world, EVAL_GOOD)
+    assert world.server is not None
+    world.ref = job(deployment={"enabled": False})
+    world.generation = 2
+    result = world.step()
+    assert [(d.kind, d.name) for d in result.delete] == [("ModelServer", "demo-serve")]
+    assert world.status["phase"] == "Succeeded" and world.server is None
+
+
+def test_an_upgrade_replaces_the_per_job_deployment_and_service_with_the_jobs_server() -> None:
+    """An operator from before issue 21 left a Serving job with its own vLLM Deployment and Service: they
+    are deleted once and the job's ModelServer is created in their place."""
+    world = World(job())
+    _to_evaluated(world, EVAL_GOOD)
+    world.server = None  # as the old operator left it: a Deployment and a Service, no ModelServer
+    world.status["children"].pop("ModelServer/demo-serve")
+    old = {"kind": "Deployment", "metadata": {"name": "demo-serve", "labels": {}}, "spec": {}}
+    world.children[Stage.SERVE] = old
+    world.service = {"kind": "Service", "metadata": {"name": "demo-serve"}}
+    world.status["phase"] = "Serving"
+    result = world.step()
+    assert sorted((d.kind, d.name) for d in result.delete) == [
+        ("Deployment", "demo-serve"),
+        ("Service", "demo-serve"),
+    ]
+    assert [m["kind"] for m in result.create] == ["ModelServer"]
+    assert Stage.SERVE not in world.children and world.service is None and world.server is not None
+    assert world.step().delete == []  # once
 
 
 def test_deployment_disabled_ends_in_succeeded_and_removes_serving() -> None:
@@ -441,13 +525,22 @@ def test_deployment_disabled_ends_in_succeeded_and_removes_serving() -> None:
 def test_merged_serving_of_a_lora_run_exports_first() -> None:
     world = World(job(deployment={"mode": "merged"}))
     _to_evaluated(world, EVAL_GOOD)
-    assert Stage.EXPORT in world.children and Stage.SERVE not in world.children
+    assert Stage.EXPORT in world.children and world.server is None
     assert world.condition["Deployed"]["reason"] == "Exporting"
     world.finish(Stage.EXPORT, {"stage": "export", "exitCode": 0, "summary": {"merged": "s3://runs/m/"}})
     world.step()
-    args = world.children[Stage.SERVE]["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[args.index("--model") + 1] == "/models/merged"
+    assert world.server is not None
+    assert world.server["spec"]["baseModel"] == {"uri": "s3://runs/m"}  # the merged weights, no adapter
+    assert world.server["spec"]["servedModelName"] == "demo"
     assert world.status["artifacts"]["merged"] == "s3://runs/m/"
+    world.step()
+    assert world.status["phase"] == "Deploying"
+    world.pool_pass(ready_replicas=1)
+    world.step()
+    assert world.status["phase"] == "Serving"
+    assert world.status["endpoint"] == {"url": "http://demo-serve-pool.team-a.svc:8000/v1", "model": "demo"}
+    assert "state" not in world.status["serving"]  # nothing for the pool to load: no version registered
+    assert (world.server.get("status") or {}).get("models") is None
 
 
 def test_evaluation_disabled_goes_straight_to_deploying() -> None:
@@ -515,8 +608,8 @@ def test_a_serving_name_held_by_a_foreign_object_waits_with_its_message() -> Non
     """Issue 9, item 5: the planner is told which (kind, name) is taken and neither creates the Service nor
     the Deployment; the job waits in Pending with reason ChildConflict; it deploys once the name is free."""
     world = World(job())
-    message = "Service team-a/demo-serve exists and is not controlled by this FineTuneJob: ..."
-    world.conflicts = {("Service", "demo-serve"): message}
+    message = "ModelServer team-a/demo-serve exists and is not controlled by this FineTuneJob: ..."
+    world.conflicts = {("ModelServer", "demo-serve"): message}
     _to_evaluated(world, EVAL_GOOD)
     assert world.last is not None and world.last.create == []
     assert world.status["phase"] == "Pending" and world.status["message"] == message
@@ -526,5 +619,20 @@ def test_a_serving_name_held_by_a_foreign_object_waits_with_its_message() -> Non
     _quiet(world)
     world.conflicts = {}
     result = world.step()
-    assert sorted(m["kind"] for m in result.create) == ["Deployment", "Service"]
+    assert sorted(m["kind"] for m in result.create) == ["ModelServer"]
     assert world.status["phase"] == "Deploying"
+
+
+def test_a_modelserver_named_like_the_jobs_own_but_not_recorded_is_a_conflict_not_a_server() -> None:
+    """A pre-created `<job>-serve` ModelServer naming the job as its controller (not in status.children)
+    is never served on nor patched: the job waits in Pending naming it (ChildConflict)."""
+    world = World(job())
+    _to_evaluated(world, EVAL_GOOD)
+    assert world.server is not None
+    world.status["children"].pop("ModelServer/demo-serve")  # as if someone else had created it
+    result = world.step()
+    assert result.create == [] and result.patch == [] and result.delete == []
+    assert world.status["phase"] == "Pending"
+    assert world.condition["Deployed"]["reason"] == "ChildConflict"
+    message = world.status["message"]
+    assert "ModelServer team-a/demo-serve exists and was not created by the operator" in message

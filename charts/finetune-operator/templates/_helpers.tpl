@@ -74,10 +74,11 @@ resource scanning off (no CRD or namespace reads), without Kopf's own Events, fi
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
   verbs: ["patch"]
-# ModelServers (shared vLLM pools): watched and read per pass; the operator writes their status.
+# ModelServers (shared vLLM pools): watched and read per pass; the operator writes their status. A job's
+# own ModelServer is created, patched and deleted by the operator.
 - apiGroups: ["finetune.dev"]
   resources: ["modelservers"]
-  verbs: ["list", "watch", "get"]
+  verbs: ["list", "watch", "get", "create", "patch", "delete"]
 - apiGroups: ["finetune.dev"]
   resources: ["modelservers/status"]
   verbs: ["patch"]

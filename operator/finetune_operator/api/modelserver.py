@@ -24,6 +24,7 @@ from finetune_operator.api.modelnames import (
 )
 from finetune_operator.api.schema import (
     POOL_GPUS_ON_CPU,
+    SERVED_NAME_PATTERN,
     DNSLabel,
     DNSSubdomain,
     OutputURI,
@@ -143,6 +144,13 @@ class ModelServerSpec(SpecModel):
     )
     service_account_name: DNSSubdomain | None = Field(
         default=None, description="ServiceAccount for the pods (IRSA / workload identity)."
+    )
+    served_model_name: str | None = Field(
+        default=None,
+        max_length=128,
+        pattern=SERVED_NAME_PATTERN,
+        description="A second name the base model answers to besides 'base': a FineTuneJob's own ModelServer "
+        "serving merged weights answers to the job's served name (docs/serving.md).",
     )
     models: dict[Annotated[str, Field(max_length=MODEL_NAME_MAX)], ModelPolicy] | None = Field(
         default=None,

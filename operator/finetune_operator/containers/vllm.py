@@ -5,13 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from finetune_vocabulary.images import TRAINER_ENTRYPOINT
 
 from finetune_operator.api.sections import DeploymentResources, ResourcesSpec
 from finetune_operator.config import GpuType, OperatorConfig
-from finetune_operator.k8s.manifests import EnvFromSource, ResourceRequirements
+from finetune_operator.k8s.manifests import (
+    Container,
+    ContainerPort,
+    DeploymentStrategy,
+    EnvFromSource,
+    EnvVar,
+    ResourceRequirements,
+    VolumeMount,
+)
 from finetune_operator.k8s.pods import (
     WORKDIR,
     Placement,
@@ -21,6 +29,11 @@ from finetune_operator.k8s.pods import (
 )
 
 VLLM_CONTAINER = "vllm"
+# Never ask for an extra GPU during a rollout: one replica stops before its successor starts.
+ROLLOUT_STRATEGY: DeploymentStrategy = {
+    "type": "RollingUpdate",
+    "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1},
+}
 
 
 MODELS_DIR = "/models"
@@ -145,3 +158,39 @@ def fetch_container(
         container["envFrom"] = env_from
     return container
 
+
+def vllm_container(
+    config: OperatorConfig,
+    compute: VllmCompute,
+    args: Sequence[str],
+    mounts: Sequence[VolumeMount],
+    port: ContainerPort,
+    extra_env: Sequence[EnvVar] = (),
+    env_from: Sequence[EnvFromSource] = (),
+) -> Container:
+    """The one vLLM serving container: image, cache env, `args`, the replica's compute, read-only root.
+    No probes of its own: a pool's readiness is its adapter router's (vLLM healthy, adapters loaded)."""
+    container: Container = {
+        "name": VLLM_CONTAINER,
+        "image": config.images.vllm,
+        "imagePullPolicy": config.images.pull_policy,
+        "args": list(args),
+        "env": [
+            {"name": "HOME", "value": WORKDIR},
+            {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
+            {"name": "XDG_CACHE_HOME", "value": f"{WORKDIR}/.cache"},
+            {"name": "VLLM_CACHE_ROOT", "value": f"{WORKDIR}/.cache/vllm"},
+            *extra_env,
+            *cast(list[EnvVar], compute.env),
+        ],
+        "ports": [port],
+        "volumeMounts": list(mounts),
+        "securityContext": container_security_context(),
+        # A vLLM that exits at start-up (bad args, too little memory) says why in the pod's status.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if env_from:
+        container["envFrom"] = list(env_from)
+    if compute.resources:
+        container["resources"] = compute.resources
+    return container

@@ -32,7 +32,7 @@ import aiohttp
 
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.containers.trainer import TRAINER_CONTAINER
-from finetune_operator.finetunejob import distributed
+from finetune_operator.finetunejob import distributed, ownedserver
 from finetune_operator.finetunejob.plan import Observed, Plan
 from finetune_operator.finetunejob.planner import plan
 from finetune_operator.finetunejob.records import ControllerContext, JobRecord, by_stage, stage_of
@@ -146,7 +146,7 @@ async def _reconcile(ctx: ControllerContext, record: JobRecord, *, read_progress
         disrupted=frozenset(record.disrupted),
         built=record.built,
         policy=view,
-        server=_server(ctx, namespace, parsed.spec),
+        server=_server(ctx, ref if isinstance(ref, JobRef) else None),
     )
     planned = plan(observed, ctx.config)
     if view is not None and any(stage_of(m) is Stage.TRAIN for m in planned.create):
@@ -160,10 +160,13 @@ async def _reconcile(ctx: ControllerContext, record: JobRecord, *, read_progress
         log.info("%s/%s has an invalid spec: %s", namespace, name, parsed.error)
 
 
-def _server(ctx: ControllerContext, namespace: str, spec: Any) -> Mapping[str, Any] | None:
-    """The ModelServer a job names in spec.deployment.server, as last seen (issue 11)."""
-    name = spec.deployment.server if spec is not None else None
-    return ctx.model_server(namespace, name) if name else None
+def _server(ctx: ControllerContext, job: JobRef | None) -> Mapping[str, Any] | None:
+    """The ModelServer a job names in spec.deployment.server (issue 11), else its own (ownedserver.py: the
+    planner checks it is the job's), as last seen."""
+    if job is None:
+        return None
+    name = job.spec.deployment.server or ownedserver.server_name(job)
+    return ctx.model_server(job.namespace, name)
 
 
 async def _wait_for_conflicts(

@@ -18,11 +18,11 @@ from finetune_operator.api.conditions import ConditionType, Reason, short, times
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.config import OperatorConfig
-from finetune_operator.finetunejob import serving
 from finetune_operator.finetunejob.outcome import JobOutcome
 from finetune_operator.finetunejob.ref import Artifacts, JobRef, ObjectRef
 from finetune_operator.finetunepolicy.enforcement import PolicyView
 from finetune_operator.k8s.actions import ChildDelete, ChildPatch, Event
+from finetune_operator.k8s.naming import child_name
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,9 @@ class JobDraft(Draft):
         self.phase(Phase.SUSPENDED, Reason.SUSPENDED, f"{row.stage.value} is suspended (spec.suspend)")
 
     def retire_serving(self) -> None:
-        """Delete the job's own serving Deployment and Service (an earlier generation's), if any."""
-        name = serving.service_name(self.job)
+        """Delete the per-job vLLM Deployment and Service an operator from before issue 21 created: once, on
+        upgrade, the job's ModelServer (ownedserver.py) replaces them. The names are the ModelServer's."""
+        name = child_name(self.job.name, Stage.SERVE)
         if self.o.children.get(Stage.SERVE) is not None:
             self.out.delete.append(ChildDelete("Deployment", name))
         if self.o.service is not None:
@@ -171,7 +172,7 @@ class StageRow:
     """One row of the stage table (stages.STAGES): the child a stage runs and how it is reported."""
 
     stage: Stage
-    kind: Literal["Job", "Deployment"]
+    kind: Literal["Job", "ModelServer"]
     build: Builder
     condition: ConditionType
     phase: Phase

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
-
 from finetune_operator.api.conditions import (
     TERMINAL_PHASES,
     ConditionType,
@@ -22,7 +20,7 @@ from finetune_operator.api.conditions import (
 )
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.config import ConfigError, OperatorConfig
-from finetune_operator.finetunejob import distributed, pooljob, serving, tracking
+from finetune_operator.finetunejob import distributed, ownedserver, pooljob, tracking
 from finetune_operator.finetunejob.accounting import gpu_hours_spent, restarts
 from finetune_operator.finetunejob.outcome import JobOutcome, failure_reason, job_outcome
 from finetune_operator.finetunejob.plan import Draft, JobDraft, Observed, Plan, StageRow
@@ -30,7 +28,7 @@ from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.finetunejob.stages import ROWS, STAGES
 from finetune_operator.finetunepolicy import enforcement as policy
 from finetune_operator.k8s.actions import ChildPatch, Event, diff_status
-from finetune_operator.k8s.observe import deployment_available, finite, pod_problem
+from finetune_operator.k8s.observe import finite, pod_problem
 
 # Pod problems worth a Warning Event each time their message changes (not only on a phase change).
 REPEATED_WARNINGS = (
@@ -194,11 +192,11 @@ class Pipeline(Planner):
             return row.holds(self.d) if row.holds else True
         if row.stage is Stage.TRAIN and not self.training_started() and not self.policy_admits_training(row):
             return False
-        if row.kind == "Deployment":
+        if row.kind == "ModelServer":
             if self.d.job.spec.deployment.server:
-                pooljob.serve(self.d, row)  # a shared ModelServer instead of a Deployment of its own
+                pooljob.serve(self.d, row)  # a shared ModelServer
             else:
-                self.serve(row)
+                ownedserver.serve(self.d, row, self.desired(row))  # the job's own ModelServer
             return False
         outcome = self.run_job(row)
         if row.counts_gpu_hours:
@@ -294,68 +292,6 @@ class Pipeline(Planner):
             self.d.o.built.clear()
             self.d.o.built[key] = row.build(self.d.job, self.d.config, artifacts)
         return self.d.o.built[key]
-
-    def serve(self, row: StageRow) -> None:
-        """Create the Service and Deployment, roll out a changed one, report when it serves."""
-        existing = self.d.o.children.get(row.stage)
-        desired = self.desired(row)
-        refused = policy.job_serving_wait(self.d.job.spec, existing, self.d.o.policy, self.d.config)
-        if refused is not None:  # FineTunePolicy: nothing is created or grows until the policy allows it
-            self.d.waiting(row, Reason(refused[0]), refused[1])
-            return
-        if self.d.o.service is None:
-            service = serving.serving_service(self.d.job, self.d.config)
-            if self.d.blocked(row.stage, service):
-                return
-            self.d.out.create.append(service)
-        name = serving.service_name(self.d.job)
-        if existing is None:
-            if self.d.blocked(row.stage, desired):
-                self.d.out.create.clear()  # nothing serves until the name is free
-                return
-            self.d.out.create.append(desired)
-            # A GPU type without GPUs in the operator's table is served on CPU; the phase Event says so.
-            note = serving.job_vllm_compute(self.d.job, self.d.config).note
-            created = f"created Deployment {name}" + (f"; {note}" if note else "")
-            self.d.condition(row.condition, "Unknown", row.running, created)
-            self.d.phase(row.phase, row.running, note or "")
-        elif _annotation(existing) != _annotation(desired):
-            self.d.out.patch.append(ChildPatch("Deployment", name, _rollout(desired), patch_type="json"))
-            self.d.condition(row.condition, "Unknown", row.running, "rolling out the changed deployment")
-            self.d.phase(row.phase, row.running, "applying the changed deployment section")
-        elif deployment_available(existing):
-            model = serving.served_model_name(self.d.job)
-            url = serving.endpoint_url(self.d.job, self.d.config)
-            self.d.status["endpoint"] = {"url": url, "model": model}
-            self.d.condition(
-                row.condition, "True", Reason.DEPLOYMENT_AVAILABLE, f"{model} is served by Deployment {name}"
-            )
-            self.d.complete(Phase.SERVING, Reason.SERVING, f"serving {model} at {url}")
-        else:
-            self.report_serving_pods(row)
-
-    def report_serving_pods(self, row: StageRow) -> None:
-        problem = pod_problem(self.d.o.pods.get(row.stage, ()))
-        if problem is not None and problem.fatal:
-            self.d.fail(row.stage, problem.reason, problem.message)
-            return
-        reason = problem.reason if problem else row.running
-        self.d.waiting(row, reason, problem.message if problem else "waiting for vLLM to become ready")
-
-
-def _annotation(manifest: Mapping[str, Any]) -> Any:
-    return ((manifest.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
-
-
-def _rollout(desired: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """A JSON patch replacing what the spec hash covers (and the hash itself)."""
-    key = ANNOTATION_SPEC_HASH.replace("~", "~0").replace("/", "~1")
-    return [
-        {"op": "add", "path": f"/metadata/annotations/{key}", "value": _annotation(desired)},
-        {"op": "replace", "path": "/spec/replicas", "value": desired["spec"]["replicas"]},
-        {"op": "replace", "path": "/spec/strategy", "value": desired["spec"]["strategy"]},
-        {"op": "replace", "path": "/spec/template", "value": desired["spec"]["template"]},
-    ]
 
 
 def plan(observed: Observed, config: OperatorConfig) -> Plan:

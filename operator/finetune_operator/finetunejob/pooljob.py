@@ -27,7 +27,7 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunejob import builders
 from finetune_operator.finetunejob.plan import JobDraft, StageRow
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
-from finetune_operator.modelserver.planner import ACCEPTED, loaded_everywhere
+from finetune_operator.serving_contract import ACCEPTED, PoolReport, pool_report
 
 
 def compatibility_problem(spec: FineTuneJobSpec, server: Mapping[str, Any]) -> str | None:
@@ -59,11 +59,8 @@ def compatibility_problem(spec: FineTuneJobSpec, server: Mapping[str, Any]) -> s
 
 def champion(server: Mapping[str, Any] | None, model: str) -> dict[str, str] | None:
     """The promoted version of `model` on the server: {name, adapter}, or None (nothing serves yet)."""
-    found = (((server or {}).get("status") or {}).get("models") or {}).get(model) or {}
-    for version in found.get("versions") or []:
-        if version.get("version") == found.get("promoted") and version.get("adapter"):
-            return {"name": str(version["name"]), "adapter": str(version["adapter"])}
-    return None
+    found = pool_report(server).champion(model) if server is not None else None
+    return {"name": found.name, "adapter": found.adapter} if found is not None else None
 
 
 def prepare(p: JobDraft) -> bool:
@@ -137,38 +134,38 @@ def serve(p: JobDraft, row: StageRow) -> None:
             f"accepted; waiting for ModelServer {deployment.server} in namespace {p.job.namespace}",
         )
         return
-    registry = ((server.get("status") or {}).get("models") or {}).get(model) or {}
-    mine = next((v for v in registry.get("versions") or [] if v.get("jobUid") == p.job.uid), None)
+    report(p, row, pool_report(server), model)
+
+
+def report(p: JobDraft, row: StageRow, pool: PoolReport, model: str) -> None:
+    """Serving once the pool assigned the job a version and every ready replica holds it."""
+    serving = p.status["serving"]
+    mine = pool.version_of(model, p.job.uid)
     if mine is None:
-        p.waiting(
-            row, Reason.LOADING_ADAPTER, f"accepted; waiting for ModelServer {server['metadata']['name']}"
-        )
+        waiting = f"accepted; waiting for ModelServer {pool.name}"
+        p.waiting(row, Reason.LOADING_ADAPTER, waiting + (f": {pool.message}" if pool.message else ""))
         return
-    name = str(mine["name"])
-    serving.update(
-        version=mine["version"], versionName=name, serving=registry.get("serving") == mine["version"]
-    )
-    if not mine.get("loaded", True):
+    name = mine.name
+    serving.update(version=mine.version, versionName=name, serving=pool.serving.get(model) == mine.version)
+    if not mine.loaded:
         p.status["endpoint"] = None
-        reason = mine.get("unloadedReason") or "unloaded"
+        reason = mine.unloaded_reason or "unloaded"
         p.condition(ConditionType.DEPLOYED, "False", Reason.ADAPTER_UNLOADED, f"{name}: {reason}")
         p.complete(Phase.SUCCEEDED, Reason.ADAPTER_UNLOADED, f"{name} is no longer loaded: {reason}")
         return
-    holding, ready = loaded_everywhere(server.get("status") or {}, name)
+    holding, ready = pool.loaded_everywhere(name)
     if ready == 0 or holding < ready:
-        p.waiting(
-            row,
-            Reason.LOADING_ADAPTER,
-            f"loading {name} into ModelServer {server['metadata']['name']}: {holding}/{ready} ready replicas",
-        )
+        # No replica ready yet: the pool says why (its pods' start-up problem, a FineTunePolicy refusal).
+        progress = pool.message if ready == 0 and pool.message else f"{holding}/{ready} ready replicas"
+        p.waiting(row, Reason.LOADING_ADAPTER, f"loading {name} into ModelServer {pool.name}: {progress}")
         return
-    url = str((server.get("status") or {}).get("endpoint") or "")
+    url = pool.endpoint
     asked = model if serving["serving"] else name
     p.status["endpoint"] = {"url": url, "model": asked}
     p.condition(
         ConditionType.DEPLOYED,
         "True",
         Reason.ADAPTER_LOADED,
-        f"{name} is loaded on {ready} replicas of ModelServer {server['metadata']['name']}",
+        f"{name} is loaded on {ready} replicas of ModelServer {pool.name}",
     )
     p.complete(Phase.SERVING, Reason.SERVING, f"serving {asked} ({name}) at {url}")

@@ -157,7 +157,10 @@ class JobRecords:
         if record is not None and record.created:
             lists = {"Job": found.jobs, "Deployment": found.deployments, "Service": found.services}
             for key, obj in list(record.created.items()):
-                listed = lists[obj["kind"]]
+                listed = lists.get(obj["kind"])
+                if listed is None:  # a job's own ModelServer: read from the pools' cache, not a child list
+                    del record.created[key]
+                    continue
                 # Watch events may omit `kind`; the list a snapshot sits in says what it is.
                 if any(c["metadata"]["name"] == obj["metadata"]["name"] for c in listed):
                     del record.created[key]

@@ -1,39 +1,12 @@
-"""Pure builders of the serving children: the vLLM Deployment (base + LoRA adapter, or merged weights) and
-its Service. Like builders.py, each returns a plain dict and talks to nothing."""
+"""What a job's spec says about serving: adapter or merged weights, the served name, the vLLM compute of a
+replica. The job's ModelServer is built in ownedserver.py."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
-
-from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
-
 from finetune_operator.api.finetunejob import FineTuneJobSpec
-from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.config import OperatorConfig
-from finetune_operator.containers.vllm import (
-    MODELS_DIR,
-    VLLM_CONTAINER,
-    VllmCompute,
-    fetch_container,
-    vllm_compute,
-    vllm_lora_rank,
-)
+from finetune_operator.containers.vllm import VllmCompute, vllm_compute
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
-from finetune_operator.k8s.naming import child_name
-from finetune_operator.k8s.pods import (
-    WORKDIR,
-    container_security_context,
-    credentials_env_from,
-    labels,
-    metadata,
-    pod_security_context,
-    priority_class,
-    scratch_volumes,
-    selector_labels,
-    service_account,
-    spec_hash,
-)
 
 
 def serving_mode(spec: FineTuneJobSpec) -> str:
@@ -45,16 +18,6 @@ def serving_mode(spec: FineTuneJobSpec) -> str:
 
 def needs_export(spec: FineTuneJobSpec, artifacts: Artifacts) -> bool:
     return spec.deployment.enabled and serving_mode(spec) == "merged" and not artifacts.merged
-
-
-
-
-
-
-
-
-
-
 
 
 def job_vllm_compute(job: JobRef, config: OperatorConfig) -> VllmCompute:
@@ -72,156 +35,3 @@ def job_vllm_compute(job: JobRef, config: OperatorConfig) -> VllmCompute:
 
 def served_model_name(job: JobRef) -> str:
     return job.spec.deployment.served_model_name or job.name
-
-
-def service_name(job: JobRef) -> str:
-    return child_name(job.name, Stage.SERVE)
-
-
-def endpoint_url(job: JobRef, config: OperatorConfig) -> str:
-    return f"http://{service_name(job)}.{job.namespace}.svc:{config.defaults.vllm_port}/v1"
-
-
-
-
-class _ModelSource:
-    """Where vLLM reads the weights: init-container fetches, extra volumes and the model arguments."""
-
-    def __init__(self) -> None:
-        self.fetches: list[tuple[str, str, str]] = []
-        self.volumes: list[dict[str, Any]] = [{"name": "models", "emptyDir": {}}]
-        self.mounts: list[dict[str, Any]] = [{"name": "models", "mountPath": MODELS_DIR, "readOnly": True}]
-        self.args: list[str] = []
-
-    def merged(self, job: JobRef, artifacts: Artifacts) -> None:
-        if not artifacts.merged:
-            raise ValueError("merged serving needs a merged model; run export first")
-        self.fetches.append(("fetch-model", artifacts.merged.rstrip("/"), f"{MODELS_DIR}/merged"))
-        self.args += ["--model", f"{MODELS_DIR}/merged", "--served-model-name", served_model_name(job)]
-
-    def adapter(self, job: JobRef, artifacts: Artifacts) -> None:
-        if not artifacts.adapter:
-            raise ValueError("adapter serving needs the trained adapter")
-        base, served = job.spec.base_model, served_model_name(job)
-        if base.uri.startswith("hf://"):
-            self.args += ["--model", base.uri.removeprefix("hf://")]
-            if base.revision:
-                self.args += ["--revision", base.revision]
-        elif base.uri.startswith("pvc://"):
-            claim, _, path = base.uri.removeprefix("pvc://").partition("/")
-            self.volumes.append(
-                {"name": "base-model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
-            )
-            self.mounts.append({"name": "base-model", "mountPath": f"{MODELS_DIR}-pvc", "readOnly": True})
-            self.args += ["--model", f"{MODELS_DIR}-pvc/{path}".rstrip("/")]
-        else:
-            self.fetches.append(("fetch-base", base.uri.rstrip("/"), f"{MODELS_DIR}/base"))
-            self.args += ["--model", f"{MODELS_DIR}/base"]
-        self.fetches.append(("fetch-adapter", artifacts.adapter.rstrip("/"), f"{MODELS_DIR}/adapter"))
-        # The base is reachable as "<served>-base"; the tuned adapter answers to the served name.
-        self.args += [
-            "--served-model-name",
-            f"{served}-base",
-            "--enable-lora",
-            "--lora-modules",
-            f"{served}={MODELS_DIR}/adapter",
-            "--max-lora-rank",
-            str(vllm_lora_rank(job.spec.lora.rank)),
-        ]
-
-
-def _vllm_container(
-    job: JobRef,
-    config: OperatorConfig,
-    args: list[str],
-    mounts: Sequence[Mapping[str, Any]],
-    compute: VllmCompute,
-) -> dict[str, Any]:
-    health = {"httpGet": {"path": "/health", "port": "http"}}
-    container: dict[str, Any] = {
-        "name": VLLM_CONTAINER,
-        "image": config.images.vllm,
-        "imagePullPolicy": config.images.pull_policy,
-        "args": args,
-        "env": [
-            {"name": "HOME", "value": WORKDIR},
-            {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
-            {"name": "XDG_CACHE_HOME", "value": f"{WORKDIR}/.cache"},
-            {"name": "VLLM_CACHE_ROOT", "value": f"{WORKDIR}/.cache/vllm"},
-            *compute.env,
-        ],
-        "ports": [{"name": "http", "containerPort": config.defaults.vllm_port, "protocol": "TCP"}],
-        "volumeMounts": mounts,
-        "securityContext": container_security_context(),
-        # A vLLM that exits at start-up (bad args, too little memory) says why in the pod's status.
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-        # Loading weights can take long; the startup probe holds readiness and liveness until /health answers.
-        "startupProbe": {
-            **health,
-            "periodSeconds": 10,
-            "failureThreshold": max(1, config.defaults.vllm_startup_seconds // 10),
-        },
-        "readinessProbe": {**health, "periodSeconds": 5, "failureThreshold": 3},
-        "livenessProbe": {**health, "periodSeconds": 15, "failureThreshold": 4},
-    }
-    env_from = credentials_env_from(job)
-    if env_from and job.spec.base_model.uri.startswith("hf://"):
-        container["envFrom"] = env_from  # HF_TOKEN for a gated base model
-    if compute.resources:
-        container["resources"] = compute.resources
-    return container
-
-
-def serving_deployment(job: JobRef, config: OperatorConfig, artifacts: Artifacts) -> dict[str, Any]:
-    """vLLM serving the tuned model: base + LoRA adapter, or the merged weights."""
-    deployment = job.spec.deployment
-    compute = job_vllm_compute(job, config)
-    source = _ModelSource()
-    if serving_mode(job.spec) == "merged":
-        source.merged(job, artifacts)
-    else:
-        source.adapter(job, artifacts)
-    args = ["--host", "0.0.0.0", "--port", str(config.defaults.vllm_port), *source.args]
-    if deployment.max_model_len:
-        args += ["--max-model-len", str(deployment.max_model_len)]
-    args += [*compute.args, *(deployment.extra_args or [])]
-
-    volumes, mounts = scratch_volumes(config.defaults.shm_size)
-    pod_spec: dict[str, Any] = {
-        "securityContext": pod_security_context(config),
-        "initContainers": [
-            fetch_container(config, *fetch, credentials_env_from(job)) for fetch in source.fetches
-        ],
-        "containers": [_vllm_container(job, config, args, [*mounts, *source.mounts], compute)],
-        "volumes": volumes + source.volumes,
-        **service_account(job),
-        **compute.placement,
-        **priority_class(job),
-    }
-    spec: dict[str, Any] = {
-        "replicas": deployment.replicas,
-        "selector": {"matchLabels": selector_labels(job, Stage.SERVE)},
-        # Never ask for an extra GPU during a rollout.
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-        "template": {"metadata": {"labels": labels(job, Stage.SERVE)}, "spec": pod_spec},
-    }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata(job, Stage.SERVE, {ANNOTATION_SPEC_HASH: spec_hash(spec)}),
-        "spec": spec,
-    }
-
-
-def serving_service(job: JobRef, config: OperatorConfig) -> dict[str, Any]:
-    port = config.defaults.vllm_port
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata(job, Stage.SERVE),
-        "spec": {
-            "type": "ClusterIP",
-            "selector": selector_labels(job, Stage.SERVE),
-            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
-        },
-    }

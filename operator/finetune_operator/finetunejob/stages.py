@@ -16,7 +16,7 @@ from finetune_operator.api.conditions import ConditionType, Reason, short
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.config import OperatorConfig
-from finetune_operator.finetunejob import builders, pooljob, serving
+from finetune_operator.finetunejob import builders, ownedserver, pooljob, serving
 from finetune_operator.finetunejob.accounting import gpu_hours_estimate
 from finetune_operator.finetunejob.gate import evaluate_gate, primary_metric
 from finetune_operator.finetunejob.outcome import JobOutcome, metric_values
@@ -222,7 +222,7 @@ def read_export(p: JobDraft, outcome: JobOutcome) -> bool:
 
 def deployment_disabled(p: JobDraft) -> bool:
     """Nothing to serve: remove what an earlier generation deployed; the job ends Succeeded."""
-    p.retire_serving()
+    ownedserver.retire(p)
     p.condition(ConditionType.DEPLOYED, "False", Reason.DEPLOYMENT_DISABLED, "deployment.enabled is false")
     p.complete(Phase.SUCCEEDED, Reason.SUCCEEDED, "the model passed evaluation; deployment is disabled")
     return False
@@ -277,8 +277,8 @@ STAGES: tuple[StageRow, ...] = (
     ),
     StageRow(
         Stage.SERVE,
-        "Deployment",
-        serving.serving_deployment,
+        "ModelServer",
+        lambda job, config, artifacts: dict(ownedserver.job_modelserver(job, config, artifacts)),
         ConditionType.DEPLOYED,
         Phase.DEPLOYING,
         Reason.DEPLOYING,

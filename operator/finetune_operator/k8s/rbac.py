@@ -13,7 +13,13 @@ RULES: tuple[dict[str, Any], ...] = (
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["list", "watch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
     # ModelServers (issue 11): watched; their status written; their jobs listed (pool.py reads them per pass).
-    {"apiGroups": [GROUP], "resources": ["modelservers"], "verbs": ["list", "watch", "get"]},
+    # A job's own ModelServer (issue 21): created, patched when its deployment section changes, deleted
+    # when deployment is disabled.
+    {
+        "apiGroups": [GROUP],
+        "resources": ["modelservers"],
+        "verbs": ["list", "watch", "get", "create", "patch", "delete"],
+    },
     {"apiGroups": [GROUP], "resources": ["modelservers/status"], "verbs": ["patch"]},
     # A pool's desired adapters, mounted into its pods.
     {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "create", "patch"]},

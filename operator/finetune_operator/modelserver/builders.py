@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from finetune_vocabulary.images import TRAINER_ENTRYPOINT
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH, LABEL_MODELSERVER_UID
@@ -16,9 +16,25 @@ from finetune_operator.api.finetunejob import API_VERSION, ResourcesSpec
 from finetune_operator.api.modelnames import BASE_SERVED_NAME
 from finetune_operator.api.modelserver import KIND, ModelServerSpec
 from finetune_operator.config import OperatorConfig
-from finetune_operator.containers.vllm import VllmCompute, fetch_container, vllm_compute
+from finetune_operator.containers.vllm import (
+    ROLLOUT_STRATEGY,
+    VllmCompute,
+    fetch_container,
+    vllm_compute,
+    vllm_container,
+)
 from finetune_operator.k8s import pods
-from finetune_operator.k8s.manifests import EnvFromSource, ObjectMeta
+from finetune_operator.k8s.manifests import (
+    Container,
+    Deployment,
+    DeploymentSpec,
+    EnvFromSource,
+    ObjectMeta,
+    PersistentVolumeClaimVolumeSource,
+    PodSpec,
+    Volume,
+    VolumeMount,
+)
 from finetune_operator.k8s.naming import child_name
 from finetune_operator.k8s.pods import (
     WORKDIR,
@@ -30,7 +46,6 @@ from finetune_operator.k8s.pods import (
 )
 
 COMPONENT = "pool"
-VLLM_CONTAINER = "vllm"
 ROUTER_CONTAINER = "adapter-router"
 VLLM_PORT = 8000  # vLLM listens on the pod's loopback only: the router is the way in
 ROUTER_PORT = 8080  # the OpenAI API with stable names (the Service's target)
@@ -56,6 +71,12 @@ class PoolRef:
     name: str
     uid: str
     spec: ModelServerSpec
+    # The ModelServer's metadata as read (ownerReferences, annotations): whose it is (serving_contract).
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """Its metadata, name, namespace and uid included: what serving_contract.jobs_served_by reads."""
+        return {**self.meta, "name": self.name, "namespace": self.namespace, "uid": self.uid}
 
     @property
     def owner_kind(self) -> OwnerKind:
@@ -118,7 +139,7 @@ def _trainer_container(config: OperatorConfig, spec: ModelServerSpec, name: str)
     return container
 
 
-def _model_args(spec: ModelServerSpec) -> tuple[list[str], list[tuple[str, str]], list[dict[str, Any]]]:
+def _model_args(spec: ModelServerSpec) -> tuple[list[str], list[tuple[str, str]], list[Volume]]:
     """vLLM's --model arguments, the init-container fetches and extra volumes for the base model."""
     base = spec.base_model
     if base.uri.startswith("hf://"):
@@ -126,7 +147,8 @@ def _model_args(spec: ModelServerSpec) -> tuple[list[str], list[tuple[str, str]]
         return args + (["--revision", base.revision] if base.revision else []), [], []
     if base.uri.startswith("pvc://"):
         claim, _, path = base.uri.removeprefix("pvc://").partition("/")
-        volume = {"name": "base-model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        claim_source: PersistentVolumeClaimVolumeSource = {"claimName": claim, "readOnly": True}
+        volume: Volume = {"name": "base-model", "persistentVolumeClaim": claim_source}
         return ["--model", f"{MODELS_DIR}-pvc/{path}".rstrip("/")], [], [volume]
     return ["--model", f"{MODELS_DIR}/base"], [(base.uri.rstrip("/"), f"{MODELS_DIR}/base")], []
 
@@ -148,6 +170,7 @@ def vllm_args(spec: ModelServerSpec, model_args: list[str], parallel: list[str])
         *model_args,
         "--served-model-name",
         BASE_SERVED_NAME,
+        *([spec.served_model_name] if spec.served_model_name else []),
         "--enable-lora",
         "--max-lora-rank",
         str(spec.max_lora_rank),
@@ -161,122 +184,120 @@ def vllm_args(spec: ModelServerSpec, model_args: list[str], parallel: list[str])
     return args + parallel + extra
 
 
-def pool_deployment(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
-    """vLLM with runtime LoRA loading and the adapter-router sidecar, `replicas` times."""
-    spec = pool.spec
+def _pool_vllm(spec: ModelServerSpec, config: OperatorConfig, mounts: list[VolumeMount]) -> Container:
+    """The shared vLLM container (containers/vllm.py) on the pod's loopback, with runtime LoRA loading."""
     compute = pool_vllm_compute(spec, config)
-    model_args, fetches, model_volumes = _model_args(spec)
-    scratch, scratch_mounts = scratch_volumes(config.defaults.shm_size)
-    models_mount = {"name": "models", "mountPath": MODELS_DIR, "readOnly": True}
-    vllm: dict[str, Any] = {
-        "name": VLLM_CONTAINER,
-        "image": config.images.vllm,
-        "imagePullPolicy": config.images.pull_policy,
-        "args": vllm_args(spec, model_args, compute.args),
-        "env": [
-            {"name": "HOME", "value": WORKDIR},
-            {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
-            {"name": "XDG_CACHE_HOME", "value": f"{WORKDIR}/.cache"},
-            {"name": "VLLM_CACHE_ROOT", "value": f"{WORKDIR}/.cache/vllm"},
-            {"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"},
-            *compute.env,
-        ],
-        # Declared for the pod's own loopback only (no Service targets it).
-        "ports": [{"name": "vllm", "containerPort": VLLM_PORT, "protocol": "TCP"}],
-        "volumeMounts": [
-            *scratch_mounts,
-            models_mount,
+    model_args, _, model_volumes = _model_args(spec)
+    credentials = _credentials(spec)
+    gated = bool(credentials) and spec.base_model.uri.startswith("hf://")  # HF_TOKEN for a gated base
+    return vllm_container(
+        config,
+        compute,
+        vllm_args(spec, model_args, compute.args),
+        [
+            *mounts,
+            {"name": "models", "mountPath": MODELS_DIR, "readOnly": True},
             {"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True},
             *(
-                [{"name": "base-model", "mountPath": f"{MODELS_DIR}-pvc", "readOnly": True}]
+                [VolumeMount(name="base-model", mountPath=f"{MODELS_DIR}-pvc", readOnly=True)]
                 if model_volumes
                 else []
             ),
         ],
-        "securityContext": container_security_context(),
-        # A vLLM that exits at start-up (bad args, too little memory) says why in the pod's status.
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    if spec.base_model.uri.startswith("hf://") and _credentials(spec):
-        vllm["envFrom"] = _credentials(spec)  # HF_TOKEN for a gated base model
-    if compute.resources:
-        vllm["resources"] = compute.resources
-
-    router = _trainer_container(config, spec, ROUTER_CONTAINER)
-    router.update(
-        {
-            "command": [*TRAINER_ENTRYPOINT[:2], ROUTER_MODULE],
-            "args": [
-                "--port",
-                str(ROUTER_PORT),
-                "--admin-port",
-                str(ADMIN_PORT),
-                "--vllm-url",
-                f"http://127.0.0.1:{VLLM_PORT}",
-                "--state-file",
-                f"{STATE_DIR}/{STATE_FILE}",
-                "--adapters-dir",
-                ADAPTERS_DIR,
-                *[arg for source in spec.adapter_sources for arg in ("--adapter-source", source)],
-            ],
-            "ports": [
-                {"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"},
-                {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
-            ],
-            "volumeMounts": [
-                *scratch_mounts,
-                {"name": "adapters", "mountPath": ADAPTERS_DIR},
-                {"name": "state", "mountPath": STATE_DIR, "readOnly": True},
-            ],
-            # Ready = vLLM healthy and every adapter of the ConfigMap loaded (the router's /ready).
-            "readinessProbe": {
-                "httpGet": {"path": "/ready", "port": "admin"},
-                "periodSeconds": 2,
-                "failureThreshold": 2,
-            },
-            "livenessProbe": {
-                "httpGet": {"path": "/healthz", "port": "admin"},
-                "periodSeconds": 15,
-                "failureThreshold": 4,
-            },
-            "resources": {
-                "requests": {"cpu": config.defaults.init_cpu, "memory": config.defaults.init_memory},
-                "limits": {"memory": config.defaults.init_memory},
-            },
-        }
+        # Declared for the pod's own loopback only (no Service targets it).
+        {"name": "vllm", "containerPort": VLLM_PORT, "protocol": "TCP"},
+        extra_env=[{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "True"}],
+        env_from=credentials if gated else (),
     )
+
+
+def _router(spec: ModelServerSpec, config: OperatorConfig, mounts: list[VolumeMount]) -> Container:
+    """The adapter-router sidecar: the pool's public port, the operator's admin port, the pod's readiness."""
+    router = cast(Container, _trainer_container(config, spec, ROUTER_CONTAINER))
+    router["command"] = [*TRAINER_ENTRYPOINT[:2], ROUTER_MODULE]
+    router["args"] = [
+        "--port",
+        str(ROUTER_PORT),
+        "--admin-port",
+        str(ADMIN_PORT),
+        "--vllm-url",
+        f"http://127.0.0.1:{VLLM_PORT}",
+        "--state-file",
+        f"{STATE_DIR}/{STATE_FILE}",
+        "--adapters-dir",
+        ADAPTERS_DIR,
+        *[arg for source in spec.adapter_sources for arg in ("--adapter-source", source)],
+    ]
+    router["ports"] = [
+        {"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"},
+        {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+    ]
+    router["volumeMounts"] = [
+        *mounts,
+        {"name": "adapters", "mountPath": ADAPTERS_DIR},
+        {"name": "state", "mountPath": STATE_DIR, "readOnly": True},
+    ]
+    # Ready = vLLM healthy and every adapter of the ConfigMap loaded (the router's /ready).
+    router["readinessProbe"] = {
+        "httpGet": {"path": "/ready", "port": "admin"},
+        "periodSeconds": 2,
+        "failureThreshold": 2,
+    }
+    router["livenessProbe"] = {
+        "httpGet": {"path": "/healthz", "port": "admin"},
+        "periodSeconds": 15,
+        "failureThreshold": 4,
+    }
+    router["resources"] = {
+        "requests": {"cpu": config.defaults.init_cpu, "memory": config.defaults.init_memory},
+        "limits": {"memory": config.defaults.init_memory},
+    }
+    return router
+
+
+def _pool_pod(pool: PoolRef, config: OperatorConfig) -> PodSpec:
+    spec = pool.spec
+    _, fetches, model_volumes = _model_args(spec)
+    scratch, scratch_mounts = scratch_volumes(config.defaults.shm_size)
+    mounts = scratch_mounts
     credentials = _credentials(spec)
     init = [fetch_container(config, "fetch-base", source, dest, credentials) for source, dest in fetches]
-    pod_spec: dict[str, Any] = {
+    volumes: list[Volume] = [
+        *scratch,
+        {"name": "models", "emptyDir": {}},
+        {"name": "adapters", "emptyDir": {}},
+        {"name": "state", "configMap": {"name": pool_name(pool.name)}},
+        *model_volumes,
+    ]
+    pod: dict[str, Any] = {
         "securityContext": pod_security_context(config),
         "initContainers": init,
-        "containers": [vllm, router],
-        "volumes": [
-            *scratch,
-            {"name": "models", "emptyDir": {}},
-            {"name": "adapters", "emptyDir": {}},
-            {"name": "state", "configMap": {"name": pool_name(pool.name)}},
-            *model_volumes,
-        ],
+        "containers": [_pool_vllm(spec, config, mounts), _router(spec, config, mounts)],
+        "volumes": volumes,
         **(
             {"serviceAccountName": spec.service_account_name}
             if spec.service_account_name
             else {"automountServiceAccountToken": False}
         ),
-        **compute.placement,
+        **pool_vllm_compute(spec, config).placement,
         **({"priorityClassName": spec.priority_class_name} if spec.priority_class_name else {}),
     }
-    deployment_spec: dict[str, Any] = {
-        "replicas": spec.replicas,
+    return cast(PodSpec, pod)
+
+
+def pool_deployment(pool: PoolRef, config: OperatorConfig) -> Deployment:
+    """vLLM with runtime LoRA loading and the adapter-router sidecar, `replicas` times."""
+    spec: DeploymentSpec = {
+        "replicas": pool.spec.replicas,
         "selector": {"matchLabels": selector_labels(pool)},
-        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
-        "template": {"metadata": {"labels": labels(pool)}, "spec": pod_spec},
+        "strategy": ROLLOUT_STRATEGY,
+        "template": {"metadata": {"labels": labels(pool)}, "spec": _pool_pod(pool, config)},
     }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": metadata(pool, {ANNOTATION_SPEC_HASH: spec_hash(deployment_spec)}),
-        "spec": deployment_spec,
+        "metadata": metadata(pool, {ANNOTATION_SPEC_HASH: spec_hash(spec)}),
+        "spec": spec,
     }
 
 

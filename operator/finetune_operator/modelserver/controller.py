@@ -49,12 +49,12 @@ from finetune_operator.modelserver.planner import (
     PoolEvent,
     PoolObserved,
     PoolPlan,
-    attached_jobs,
     plan_pool,
     pod_reachable,
 )
 from finetune_operator.modelserver.queue import PoolController
 from finetune_operator.modelserver.status import as_fields, invalid_status, merge_patch
+from finetune_operator.serving_contract import jobs_served_by
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,8 @@ class PoolReconciler:
         controller does: a crash in between re-plans the same Events under the same names."""
         found = await self.api.get("ModelServer", namespace, name)
         if found is None or found["metadata"].get("deletionTimestamp"):
-            self.tell_jobs(attached_jobs(self.w.known_jobs(namespace), name))  # they wait for a server again
+            gone = {"name": name, "namespace": namespace}  # they wait for a server again
+            self.tell_jobs(jobs_served_by(self.w.known_jobs(namespace), gone))
             return
         body: Mapping[str, Any] = found
         meta = body["metadata"]
@@ -198,7 +199,7 @@ class PoolReconciler:
             )
             await self.write_status(body, as_fields(invalid))
             return
-        pool = PoolRef(namespace, name, str(meta["uid"]), spec)
+        pool = PoolRef(namespace, name, str(meta["uid"]), spec, meta)
         observed = await self.observe(body, pool)
         plan = plan_pool(observed, self.w.config)
         await self.apply_children(pool, plan)
@@ -215,7 +216,7 @@ class PoolReconciler:
             owed = await self.post_events(body, [*owed, *again])
         await self.write_status(body, {**plan.status, "pendingEvents": owed or None})
         self.record_metrics(pool, observed)
-        self.tell_jobs(attached_jobs(observed.jobs, pool.name))
+        self.tell_jobs(jobs_served_by(observed.jobs, pool.identity()))
 
     async def observe(self, body: Mapping[str, Any], pool: PoolRef) -> PoolObserved:
         observed = await observe(self.api, self.session, body, pool)

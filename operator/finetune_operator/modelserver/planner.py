@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH
-
 from finetune_operator.api.conditions import short, timestamp
 from finetune_operator.api.finetunejob_status import Condition
 from finetune_operator.api.modelnames import version_name
@@ -24,12 +22,12 @@ from finetune_operator.api.modelserver_conditions import PoolConditionType, Pool
 from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunepolicy import enforcement as policy
 from finetune_operator.finetunepolicy.enforcement import PolicyView
-from finetune_operator.k8s.actions import ChildPatch
+from finetune_operator.k8s.actions import ChildPatch, rollout, spec_hash_of
+from finetune_operator.k8s.observe import pod_problem
 from finetune_operator.modelserver import builders as modelserver
 from finetune_operator.modelserver.builders import PoolRef
 from finetune_operator.modelserver.status import PoolFindings, as_fields, build_status, condition, find
-
-ACCEPTED = "Accepted"  # a job's status.serving.state once its gate and the champion comparison passed
+from finetune_operator.serving_contract import jobs_served_by, serving_request
 
 
 @dataclass(frozen=True)
@@ -62,37 +60,13 @@ class PoolEvent:
 
 @dataclass
 class PoolPlan:
-    create: list[dict[str, Any]] = field(default_factory=list)
+    create: list[Mapping[str, Any]] = field(default_factory=list)
     patch: list[ChildPatch] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)  # the desired adapters and routes of every replica
     push: dict[str, str] = field(default_factory=dict)  # pod name → pod IP: ready pods that differ
     status: dict[str, Any] = field(default_factory=dict)  # the whole new status (status.as_fields)
     registry_changed: bool = False  # versions assigned or dropped: written before anything is loaded
     events: list[PoolEvent] = field(default_factory=list)
-
-
-def attached_jobs(jobs: Sequence[Mapping[str, Any]], pool: str) -> list[Mapping[str, Any]]:
-    """The FineTuneJobs naming `pool` in spec.deployment.server, oldest first."""
-    found = [j for j in jobs if ((j.get("spec") or {}).get("deployment") or {}).get("server") == pool]
-    return sorted(
-        found, key=lambda j: (str(j["metadata"].get("creationTimestamp") or ""), j["metadata"]["name"])
-    )
-
-
-def _accepted(job: Mapping[str, Any]) -> tuple[str, str] | None:
-    """(modelName, adapter URI) of a job the job planner accepted for this pool, else None."""
-    status = job.get("status") or {}
-    serving = status.get("serving") or {}
-    adapter = (status.get("artifacts") or {}).get("adapter")
-    model = ((job.get("spec") or {}).get("deployment") or {}).get("modelName")
-    if (
-        serving.get("state") != ACCEPTED
-        or not adapter
-        or not model
-        or job["metadata"].get("deletionTimestamp")
-    ):
-        return None
-    return str(model), str(adapter)
 
 
 def pod_ready(pod: Mapping[str, Any]) -> bool:
@@ -134,12 +108,11 @@ class PoolPlanner:
     def register(self) -> None:
         """Accepted jobs get the next version and are promoted; deleted jobs' versions are dropped."""
         registered = {v.get("jobUid") for m in self.models.values() for v in m["versions"]}
-        for job in attached_jobs(self.o.jobs, self.o.pool.name):
-            accepted = _accepted(job)
-            uid = str(job["metadata"]["uid"])
-            if accepted is None or uid in registered:
+        for job in jobs_served_by(self.o.jobs, self.o.pool.identity()):
+            request = serving_request(job)
+            if request is None or request.job_uid in registered:
                 continue
-            name, adapter = accepted
+            name, adapter, uid = request.model, request.adapter, request.job_uid
             model = self.models.setdefault(name, {"versions": [], "lastVersion": 0})
             number = int(model.get("lastVersion") or 0) + 1
             versioned = version_name(name, number)
@@ -276,8 +249,8 @@ class PoolPlanner:
             note = modelserver.pool_vllm_compute(pool.spec, self.config).note
             if note:  # a GPU type without GPUs in this operator's table: served on CPU, said once
                 self.event("Warning", "ServingOnCpu", note)
-        elif _hash(self.o.deployment) != _hash(desired):
-            self.out.patch.append(ChildPatch("Deployment", name, _rollout(desired), patch_type="json"))
+        elif spec_hash_of(self.o.deployment) != spec_hash_of(desired):
+            self.out.patch.append(rollout("Deployment", name, desired))
 
     def policy_allows(self) -> bool:
         """FineTunePolicy serving rules: condition PolicyAllowed, one Warning Event per new refusal."""
@@ -328,6 +301,11 @@ class PoolPlanner:
             )
         return rows
 
+    def pod_problem(self) -> str | None:
+        """Why the newest pod does not start (kubelet's reason and message), if one does not."""
+        problem = pod_problem(self.o.pods)
+        return problem.message if problem is not None else None
+
     def run(self) -> PoolPlan:
         self.register()
         routes = self.route()
@@ -347,6 +325,7 @@ class PoolPlanner:
             policy=self.policy_condition,
             pin_problems=self.pin_problems,
             outside_sources=self.outside_sources,
+            pod_problem=self.pod_problem(),
         )
         status = build_status(self.o.status, found)
         self.out.status = as_fields(status)
@@ -361,25 +340,6 @@ class PoolPlanner:
             self.event("Warning", PoolReason.PIN_UNKNOWN, pins.message)
 
 
-def _hash(manifest: Mapping[str, Any]) -> Any:
-    return ((manifest.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)
-
-
-def _rollout(desired: Mapping[str, Any]) -> list[dict[str, Any]]:
-    key = ANNOTATION_SPEC_HASH.replace("~", "~0").replace("/", "~1")
-    return [
-        {"op": "add", "path": f"/metadata/annotations/{key}", "value": _hash(desired)},
-        {"op": "replace", "path": "/spec/replicas", "value": desired["spec"]["replicas"]},
-        {"op": "replace", "path": "/spec/template", "value": desired["spec"]["template"]},
-    ]
-
-
 def plan_pool(observed: PoolObserved, config: OperatorConfig) -> PoolPlan:
     """Next actions, desired replica state, status and Events for one ModelServer."""
     return PoolPlanner(observed, config).run()
-
-
-def loaded_everywhere(status: Mapping[str, Any], name: str) -> tuple[int, int]:
-    """(ready replicas holding `name`, ready replicas) from a ModelServer status."""
-    rows = [r for r in status.get("replicas") or [] if r.get("ready")]
-    return sum(1 for r in rows if name in (r.get("loaded") or [])), len(rows)

@@ -4,7 +4,7 @@ the background tasks of pool passes. Held by the Context; the Kopf handlers only
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,8 @@ class PoolController:
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     running: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Reconciles a FineTuneJob that reads a pool's status (set by the wiring: the kinds import neither).
+    tell_job: Callable[[Mapping[str, Any]], Coroutine[Any, Any, Any]] | None = None
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
         """Run `work` in the background, keeping a reference until it ends."""
@@ -44,6 +46,11 @@ class PoolController:
             self.by_uid[str(meta.get("uid"))] = key
         self.kick(*key)
 
+    def told(self, job: Mapping[str, Any]) -> None:
+        """Reconcile the job now (its own queue retries a failure)."""
+        if self.tell_job is not None:
+            self.spawn(self.tell_job(job))
+
     def kick_pod(self, pod: Mapping[str, Any]) -> None:
         uid = ((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_MODELSERVER_UID)
         key = self.by_uid.get(str(uid))
@@ -51,6 +58,12 @@ class PoolController:
             self.kick(*key)
 
     def kick_job(self, job: Mapping[str, Any]) -> None:
+        """The pool a job names, or the job's own ModelServer (the one it controls)."""
+        namespace, uid = str(job["metadata"]["namespace"]), job["metadata"].get("uid")
         server = ((job.get("spec") or {}).get("deployment") or {}).get("server")
         if server:
-            self.kick(str(job["metadata"]["namespace"]), str(server))
+            self.kick(namespace, str(server))
+        for key, body in list(self.servers.items()):
+            owners = (body.get("metadata") or {}).get("ownerReferences") or []
+            if key[0] == namespace and any(o.get("controller") and o.get("uid") == uid for o in owners):
+                self.kick(*key)

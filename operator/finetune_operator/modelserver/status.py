@@ -63,6 +63,9 @@ class PoolFindings:
     policy: Condition | None  # PolicyAllowed, when a FineTunePolicy applies (or did)
     pin_problems: Sequence[str] = ()
     outside_sources: Sequence[str] = ()  # versioned names whose adapter is not under adapterSources
+    # Why the newest pod does not start (kubelet's reason and message), while replicas are missing: what
+    # the jobs it serves report (serving_contract.PoolReport.message).
+    pod_problem: str | None = None
 
 
 def _ready(old: Sequence[Mapping[str, Any]], found: PoolFindings, ready: int) -> Condition:
@@ -124,10 +127,14 @@ def build_status(old: Mapping[str, Any], found: PoolFindings) -> ModelServerStat
         model_names=short(serving, 256) or None,
         endpoint=found.endpoint,
         conditions=conditions(old.get("conditions") or [], found, ready),
-        message=found.policy.message
-        if refused and found.policy
-        else f"{ready}/{found.wanted} replicas ready with every adapter loaded",
+        message=found.policy.message if refused and found.policy else _message(found, ready),
     )
+
+
+def _message(found: PoolFindings, ready: int) -> str:
+    counted = f"{ready}/{found.wanted} replicas ready with every adapter loaded"
+    problem = found.pod_problem if ready < found.wanted else None
+    return f"{counted}; {problem}" if problem else counted
 
 
 def invalid_status(old: Mapping[str, Any], error: str, now: datetime, generation: int) -> ModelServerStatus:
