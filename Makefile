@@ -61,11 +61,18 @@ $(TOOLS)/.stamp:
 	touch $@
 tools: $(VENV)/.stamp $(TOOLS)/.stamp
 
-test: venv vllm-venv mlflow-venv tools
-	$(PY) -m pytest -q -ra
+# Two pytest-xdist workers (each starts its own embedded cluster when it reaches a cluster tier). A worker
+# takes a whole file at a time, so a module's vLLM server or MLflow starts once, in the order tests/conftest.py
+# gives: the minutes-long tiers first. PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
+test: venv vllm-venv mlflow-venv tools
+	$(PY) -m pytest -q -ra $(PARALLEL)
+
+# The unit and trainer tiers (no cluster).
 test-fast: venv tools
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra $(PARALLEL) tests/unit tests/trainer
 
 # The embedded cluster's own tiers (dev tooling): its units and its conformance suite.
 test-emulator: venv tools

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -53,6 +54,38 @@ def test_failed_pod_reports_exit_code_and_logs(lc_api, ns, lc_kubectl):
     assert condition(done, "PodScheduled")["status"] == "True"
     assert done["status"]["podIP"].startswith("127.")
     assert lc_kubectl("logs", "hello", namespace=ns).stdout == "hello\n"
+
+
+def test_test_cluster_pods_get_one_openmp_thread_unless_their_spec_sets_it(lc_api, ns):
+    """The test session's cluster caps OpenMP/MKL threads per pod process (LOCALCLUSTER_POD_THREADS, 1):
+    torch pods of two xdist workers on a 2-core host would otherwise spin against each other. A container's
+    own env still wins."""
+    threads = os.environ.get("LOCALCLUSTER_POD_THREADS", "1")
+    if threads == "0":
+        pytest.skip("LOCALCLUSTER_POD_THREADS=0: pods run with the libraries' default thread count")
+    keys = ["OMP_NUM_THREADS", "MKL_NUM_THREADS"]
+    script = f"import json, os; print(json.dumps({{k: os.environ.get(k) for k in {keys!r}}}))"
+    for name, env in (("capped", []), ("own", [{"name": "OMP_NUM_THREADS", "value": "2"}])):
+        create_pod(
+            lc_api,
+            ns,
+            {
+                "restartPolicy": "Never",
+                "containers": [
+                    {"name": "main", "image": "python:3.11", "command": [PY, "-c", script], "env": env}
+                ],
+            },
+            name=name,
+        )
+    seen = {}
+    for name in ("capped", "own"):
+        done = wait_for(lambda name=name: pod_phase(lc_api, ns, name), what=f"pod {name} to finish")
+        assert done["status"]["phase"] == "Succeeded", done["status"]
+        seen[name] = json.loads(client.CoreV1Api(lc_api).read_namespaced_pod_log(name, ns))
+    assert seen == {
+        "capped": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+        "own": {"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": threads},
+    }
 
 
 def test_env_from_secret_configmap_and_downward_api(lc_api, ns, lc_kubectl_one):

@@ -85,6 +85,7 @@ class LocalCluster:
         operator_restart_backoff: tuple[float, float] = (1.0, 30.0),
         operator_rbac: bool | None = None,
         mlflow: bool = False,
+        pod_threads: int | None = None,
     ):
         self.workdir = Path(workdir).absolute()
         self.kubelet_enabled = kubelet
@@ -101,6 +102,7 @@ class LocalCluster:
         self.nodes = nodes if nodes is not None else default_nodes()
         self.api_port = api_port
         self.backoff_scale = backoff_scale
+        self.pod_threads = pod_threads  # OpenMP threads per pod process (kubelet.Kubelet.pod_threads)
         self.root = root or project_root()
         self.kubeconfig = self.workdir / "kubeconfig"
         self.s3_env_file = self.workdir / "s3.env"
@@ -301,6 +303,7 @@ class LocalCluster:
             service_env=service_ctrl.service_env,
             backoff_scale=self.backoff_scale,
             addresses=self.addresses,
+            pod_threads=self.pod_threads,
         )
         self._components = [
             Scheduler(client, pods, nodes),

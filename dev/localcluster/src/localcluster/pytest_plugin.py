@@ -139,7 +139,10 @@ def _session_cluster(config: pytest.Config, tmp_path_factory: pytest.TempPathFac
     if cluster is None:
         workdir = tmp_path_factory.mktemp("localcluster")
         backoff_scale = float(os.environ.get("LOCALCLUSTER_BACKOFF_SCALE", "0.1"))
-        cluster = LocalCluster(workdir, backoff_scale=backoff_scale)
+        # One OpenMP thread per pod process: tests run several torch processes (pods of two xdist workers'
+        # clusters) on a 2-core host, where per-core OpenMP pools spin against each other (0: the default).
+        threads = int(os.environ.get("LOCALCLUSTER_POD_THREADS", "1"))
+        cluster = LocalCluster(workdir, backoff_scale=backoff_scale, pod_threads=threads or None)
         cluster.start_background()
         config.stash[_CLUSTER_KEY] = cluster
         config.add_cleanup(cluster.stop_background)

@@ -48,6 +48,7 @@ class Kubelet:
         service_env: Callable[[str], dict[str, str]] = lambda _ns: {},
         backoff_scale: float = 1.0,
         addresses: AddressBlock | None = None,
+        pod_threads: int | None = None,
     ):
         self.client = client
         self.pods = pods
@@ -60,6 +61,10 @@ class Kubelet:
         self.dns_file = dns_file
         self.service_env = service_env
         self.backoff_scale = backoff_scale
+        # OpenMP/MKL threads per container process unless its spec says otherwise (None: the libraries' own
+        # default, one per host core). Test runs set 1: several torch processes on a small shared host, each
+        # spinning one OpenMP thread per core, slow each other down several times over.
+        self.pod_threads = pod_threads
         # image repository → virtualenv, overriding the project root's (runtime.RUNTIMES); read at each start
         self.runtimes: dict[str, Path] = {}
         self.recorder = EventRecorder(client, "kubelet")

@@ -45,6 +45,13 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def thread_env(threads: int | None) -> dict[str, str]:
+    """The thread caps a container process starts with (its own env entries still win)."""
+    if threads is None:
+        return {}
+    return {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+
+
 def _container_id() -> str:
     return "containerd://" + secrets.token_hex(32)
 
@@ -466,6 +473,7 @@ class PodWorker:
             "HOME": str(self.dir / "home"),
             "LANG": "C.UTF-8",
             "CUDA_VISIBLE_DEVICES": "",
+            **thread_env(self.kubelet.pod_threads),
             **launch.env,
         }
         for key, value in env.items():
