@@ -87,6 +87,8 @@ class PoolReport:
     ready_loaded: tuple[frozenset[str], ...]  # per ready replica: the versioned names it holds
     ready_replicas: int  # pods ready with every adapter loaded
     message: str  # why it is not ready (FineTunePolicy refusal, replicas starting)
+    # (reason, message) of a Ready condition that waiting will not fix (ImagePullFailed), else None
+    start_failure: tuple[str, str] | None = None
 
     def version_of(self, model: str, job_uid: str) -> ServedVersion | None:
         return next((v for v in self.versions.get(model, ()) if v.job_uid == job_uid), None)
@@ -127,4 +129,15 @@ def pool_report(server: Mapping[str, Any]) -> PoolReport:
         ),
         ready_replicas=int(status.get("readyReplicas") or 0),
         message=str(status.get("message") or ""),
+        start_failure=_start_failure(status),
     )
+
+
+START_FAILURES = ("ImagePullFailed",)  # ModelServer Ready reasons that end a job served only by that pool
+
+
+def _start_failure(status: Mapping[str, Any]) -> tuple[str, str] | None:
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None) or {}
+    if ready.get("status") == "False" and ready.get("reason") in START_FAILURES:
+        return str(ready["reason"]), str(ready.get("message") or "")
+    return None

@@ -481,6 +481,30 @@ def test_happy_path_to_serving_then_idle() -> None:
     assert result.patch[0].patch["spec"] == {"replicas": 2}
 
 
+def test_a_serving_pod_that_cannot_pull_its_image_fails_the_job_naming_kubelets_cause() -> None:
+    """Issue 20 on the one serving path: kubelet's retried ErrImagePull keeps the job Deploying with its
+    message; once kubelet gives up (ImagePullBackOff) the job's own pool says Ready=False ImagePullFailed and
+    the job fails with that reason and kubelet's message, in its condition and a Warning Event."""
+    world = World(job())
+    _to_evaluated(world, EVAL_GOOD)
+    world.step()
+    world.pool_pass(ready_replicas=0, starting=[pending_pod(waiting="ErrImagePull")])
+    world.step()
+    assert world.status["phase"] == "Deploying"
+    assert "ErrImagePull: pull failed" in world.condition["Deployed"]["message"]
+    world.pool_pass(ready_replicas=0, starting=[pending_pod(waiting="ImagePullBackOff")])
+    assert world.server is not None
+    ready = {c["type"]: c for c in world.server["status"]["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "ImagePullFailed")
+    world.step()
+    assert world.status["phase"] == "Failed"
+    deployed = world.condition["Deployed"]
+    assert (deployed["status"], deployed["reason"]) == ("False", "ImagePullFailed")
+    assert deployed["message"] == "container trainer: ImagePullBackOff: pull failed"
+    assert world.status.get("endpoint") is None
+    assert any(e.type == "Warning" and e.reason == "ImagePullFailed" for e in world.events)
+
+
 def test_deployment_disabled_after_serving_deletes_the_jobs_own_server() -> None:
     world = World(job())
     _to_evaluated(world, EVAL_GOOD)

@@ -23,6 +23,9 @@ class PoolReason(StrEnum):
     SCALED_TO_ZERO = "ScaledToZero"  # Ready: spec.replicas is 0
     REFUSED_BY_POLICY = "RefusedByPolicy"  # Ready: a FineTunePolicy refuses the Deployment (PolicyAllowed)
     INVALID_SPEC = "InvalidSpec"  # Ready: the spec does not parse (an older or hand-made CRD admitted it)
+    # Ready: the newest pod cannot start and will not by waiting (kubelet's image pull back-off: a missing
+    # image or runtime); the message is kubelet's, and a job served only by this pool fails with it.
+    IMAGE_PULL_FAILED = "ImagePullFailed"
     ALLOWED = "Allowed"  # PolicyAllowed, AdaptersAllowed
     RESOLVED = "Resolved"  # PinsResolved
     PIN_UNKNOWN = "PinUnknown"  # PinsResolved=False (and its Warning Event)

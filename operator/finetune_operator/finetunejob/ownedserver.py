@@ -162,6 +162,11 @@ def serve(p: JobDraft, row: StageRow, desired: Mapping[str, Any]) -> None:
         return
     if spec_hash_of(server) != spec_hash_of(desired):
         p.out.patch.append(ChildPatch(KIND, name, _spec_patch(server, desired)))
+    failure = pool_report(server).start_failure
+    if failure is not None:  # its only pool cannot start: the job fails naming kubelet's cause (issue 20)
+        p.status["endpoint"] = None
+        p.fail(row.stage, Reason(failure[0]), failure[1])
+        return
     if serving_mode(p.job.spec) == "merged":
         _report_merged(p, row, server)
         return

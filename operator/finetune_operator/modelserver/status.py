@@ -66,6 +66,7 @@ class PoolFindings:
     # Why the newest pod does not start (kubelet's reason and message), while replicas are missing: what
     # the jobs it serves report (serving_contract.PoolReport.message).
     pod_problem: str | None = None
+    pod_problem_fatal: bool = False  # kubelet gave up retrying (ImagePullBackOff): Ready says ImagePullFailed
 
 
 def _ready(old: Sequence[Mapping[str, Any]], found: PoolFindings, ready: int) -> Condition:
@@ -77,6 +78,8 @@ def _ready(old: Sequence[Mapping[str, Any]], found: PoolFindings, ready: int) ->
         status, reason, message = "False", PoolReason.REFUSED_BY_POLICY, found.policy.message
     elif found.wanted == 0:
         status, reason, message = "False", PoolReason.SCALED_TO_ZERO, "spec.replicas is 0: no replica serves"
+    elif ready < found.wanted and found.pod_problem_fatal and found.pod_problem:
+        status, reason, message = "False", PoolReason.IMAGE_PULL_FAILED, found.pod_problem
     elif ready >= found.wanted:
         status, reason, message = "True", PoolReason.AVAILABLE, counted
     elif was_serving and same_generation:
