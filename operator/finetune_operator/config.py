@@ -63,6 +63,7 @@ class Defaults(_Model):
     pod_replacement_policy: bool = Field(True, alias="podReplacementPolicy")
     run_as_user: int = Field(1000, ge=1, alias="runAsUser")
     vllm_port: int = Field(8000, alias="vllmPort")
+    # No effect since issue 21 (pools: the router's readiness waits for vLLM); accepted for old values.
     vllm_startup_seconds: int = Field(1800, ge=60, alias="vllmStartupSeconds")
     # Safety-net resync of non-terminal jobs, and the pods/log poll while training.
     resync_seconds: float = Field(60, gt=0, alias="resyncSeconds")

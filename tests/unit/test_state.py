@@ -89,6 +89,7 @@ class World:
     conflicts: dict[tuple[str, str], str] = field(default_factory=dict)
     policy: PolicyView | None = None  # FineTunePolicies selecting the job's namespace (test_policy.py)
     server: dict[str, Any] | None = None  # the job's own ModelServer (or a shared one)
+    own_server: dict[str, Any] | None = None  # its own, while spec.deployment.server names a shared one
 
     def step(self) -> Plan:
         observed = Observed(
@@ -103,6 +104,7 @@ class World:
             conflicts=self.conflicts,
             policy=self.policy,
             server=copy.deepcopy(self.server),
+            own_server=copy.deepcopy(self.own_server),
         )
         result = plan(observed, CONFIG)
         for manifest in result.create:
@@ -514,6 +516,26 @@ def test_deployment_disabled_after_serving_deletes_the_jobs_own_server() -> None
     result = world.step()
     assert [(d.kind, d.name) for d in result.delete] == [("ModelServer", "demo-serve")]
     assert world.status["phase"] == "Succeeded" and world.server is None
+
+
+def test_a_job_moved_to_a_shared_server_deletes_its_own_one() -> None:
+    """Its own ModelServer's GPUs are not kept once spec.deployment.server names a shared pool; a ModelServer
+    of that name that the job did not create (not recorded in its status) is left alone."""
+    world = World(job())
+    _to_evaluated(world, EVAL_GOOD)
+    own = world.server
+    assert own is not None
+    world.ref = job(deployment={"server": "shared", "modelName": "bot"})
+    world.generation = 2
+    world.server, world.own_server = None, own
+    result = world.step()
+    assert ("ModelServer", "demo-serve") in [(d.kind, d.name) for d in result.delete]
+    assert world.status["phase"] == "Deploying"  # waiting for the shared one
+    foreign = copy.deepcopy(own)
+    foreign["metadata"]["uid"] = "someone-else"
+    world.own_server = foreign
+    world.status["children"] = {}
+    assert ("ModelServer", "demo-serve") not in [(d.kind, d.name) for d in world.step().delete]
 
 
 def test_an_upgrade_replaces_the_per_job_deployment_and_service_with_the_jobs_server() -> None:

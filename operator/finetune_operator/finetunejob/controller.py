@@ -147,6 +147,7 @@ async def _reconcile(ctx: ControllerContext, record: JobRecord, *, read_progress
         built=record.built,
         policy=view,
         server=_server(ctx, ref if isinstance(ref, JobRef) else None),
+        own_server=_own_server(ctx, ref if isinstance(ref, JobRef) else None),
     )
     planned = plan(observed, ctx.config)
     if view is not None and any(stage_of(m) is Stage.TRAIN for m in planned.create):
@@ -167,6 +168,13 @@ def _server(ctx: ControllerContext, job: JobRef | None) -> Mapping[str, Any] | N
         return None
     name = job.spec.deployment.server or ownedserver.server_name(job)
     return ctx.model_server(job.namespace, name)
+
+
+def _own_server(ctx: ControllerContext, job: JobRef | None) -> Mapping[str, Any] | None:
+    """The job's own ModelServer while spec.deployment.server names another one (to retire it)."""
+    if job is None or not job.spec.deployment.server:
+        return None
+    return ctx.model_server(job.namespace, ownedserver.server_name(job))
 
 
 async def _wait_for_conflicts(

@@ -29,14 +29,12 @@ from finetune_operator.finetunejob.plan import JobDraft, StageRow
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.finetunejob.serving import job_vllm_compute, served_model_name, serving_mode
 from finetune_operator.finetunepolicy import enforcement as policy
-from finetune_operator.k8s.actions import ChildDelete, ChildPatch, spec_hash_of
+from finetune_operator.k8s.actions import ChildPatch, spec_hash_of
 from finetune_operator.k8s.manifests import CustomObject
 from finetune_operator.k8s.naming import child_name, short_hash
 from finetune_operator.k8s.ownership import (
     child_key,
     conflict_message,
-    is_controlled_by,
-    is_recorded,
     records_of,
 )
 from finetune_operator.k8s.pods import metadata, spec_hash
@@ -116,20 +114,13 @@ def _spec_patch(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> dict
     return {"metadata": hashed, "spec": spec}
 
 
-def is_own(p: JobDraft, server: Mapping[str, Any]) -> bool:
-    """Controlled by the job and recorded in its status.children (a forged ownerReference does not count)."""
-    return is_controlled_by(server, p.job.namespace, p.job.uid) and is_recorded(
-        server, KIND, records_of(p.status)
-    )
-
-
 def own(p: JobDraft, server: Mapping[str, Any] | None, name: str) -> bool:
     """The observed ModelServer is the job's (controlled by it, recorded in status.children): its uid is
     recorded; else the name is taken and the job waits naming the object (ChildConflict)."""
     if server is None:
         return True
     records = records_of(p.status)
-    if is_own(p, server):
+    if p.owns_server(server):
         uid = server["metadata"].get("uid")
         key = child_key(KIND, name)
         if uid and records is not None and (records.get(key) or {}).get("uid") != uid:
@@ -196,5 +187,4 @@ def _report_merged(p: JobDraft, row: StageRow, server: Mapping[str, Any]) -> Non
 def retire(p: JobDraft) -> None:
     """Deployment disabled: the job's own ModelServer goes (and a per-job Deployment from before issue 21)."""
     p.retire_serving()
-    if p.o.server is not None and is_own(p, p.o.server):
-        p.out.delete.append(ChildDelete(KIND, server_name(p.job)))
+    p.retire_own_server(p.o.server)

@@ -17,12 +17,14 @@ from typing import Any, Literal
 from finetune_operator.api.conditions import ConditionType, Reason, short, timestamp
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.finetunejob_status import Phase, Stage
+from finetune_operator.api.modelserver import KIND as MODELSERVER_KIND
 from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunejob.outcome import JobOutcome
 from finetune_operator.finetunejob.ref import Artifacts, JobRef, ObjectRef
 from finetune_operator.finetunepolicy.enforcement import PolicyView
 from finetune_operator.k8s.actions import ChildDelete, ChildPatch, Event
 from finetune_operator.k8s.naming import child_name
+from finetune_operator.k8s.ownership import is_controlled_by, is_recorded, records_of
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,10 @@ class Observed:
     conflicts: Mapping[tuple[str, str], str] = field(default_factory=dict)
     # The FineTunePolicies selecting the job's namespace and that namespace's use (None: no policy applies).
     policy: PolicyView | None = None
-    # The ModelServer named by spec.deployment.server, as last seen (None: none, or not found).
+    # The ModelServer named by spec.deployment.server, else the job's own, as last seen (None: not found).
     server: Mapping[str, Any] | None = None
+    # The job's own ModelServer when spec.deployment.server names another one (it is retired then).
+    own_server: Mapping[str, Any] | None = None
 
 
 @dataclass
@@ -159,6 +163,17 @@ class JobDraft(Draft):
         if self.o.service is not None:
             self.out.delete.append(ChildDelete("Service", name))
         self.status["endpoint"] = None
+
+    def owns_server(self, server: Mapping[str, Any]) -> bool:
+        """Controlled by the job and recorded in its status.children (a forged ownerReference is not)."""
+        return is_controlled_by(server, self.job.namespace, self.job.uid) and is_recorded(
+            server, MODELSERVER_KIND, records_of(self.status)
+        )
+
+    def retire_own_server(self, server: Mapping[str, Any] | None) -> None:
+        """Delete the job's own ModelServer (deployment disabled, or moved to a shared one: its GPUs go)."""
+        if server is not None and self.owns_server(server):
+            self.out.delete.append(ChildDelete(MODELSERVER_KIND, child_name(self.job.name, Stage.SERVE)))
 
 
 Builder = Callable[[JobRef, OperatorConfig, Artifacts], dict[str, Any]]

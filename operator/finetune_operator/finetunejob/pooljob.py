@@ -120,7 +120,8 @@ def beats_champion(p: JobDraft, tuned: Mapping[str, float], primary: str) -> boo
 
 def serve(p: JobDraft, row: StageRow) -> None:
     """Ask the pool for the adapter; Serving once every ready replica of the pool holds it."""
-    p.retire_serving()  # a Deployment of the job's own from an earlier generation
+    p.retire_serving()  # a Deployment of the job's own from before issue 21
+    p.retire_own_server(p.o.own_server)  # its own ModelServer from before it named a shared one
     deployment = p.job.spec.deployment
     model = str(deployment.model_name)
     serving = p.status["serving"]

@@ -25,13 +25,16 @@ from finetune_operator.containers.vllm import (
 )
 from finetune_operator.k8s import pods
 from finetune_operator.k8s.manifests import (
+    ConfigMap,
     Container,
     Deployment,
     DeploymentSpec,
     EnvFromSource,
+    NetworkPolicy,
     ObjectMeta,
     PersistentVolumeClaimVolumeSource,
     PodSpec,
+    Service,
     Volume,
     VolumeMount,
 )
@@ -109,7 +112,7 @@ def desired_state(adapters: Mapping[str, str], routes: Mapping[str, str]) -> dic
     return {"adapters": dict(sorted(adapters.items())), "routes": dict(sorted(routes.items()))}
 
 
-def state_configmap(pool: PoolRef, state: Mapping[str, Any]) -> dict[str, Any]:
+def state_configmap(pool: PoolRef, state: Mapping[str, Any]) -> ConfigMap:
     """The desired state a starting pod loads before it reports Ready (the router's --state-file)."""
     return {
         "apiVersion": "v1",
@@ -123,8 +126,8 @@ def _credentials(spec: ModelServerSpec) -> list[EnvFromSource]:
     return [{"secretRef": {"name": spec.credentials_secret}}] if spec.credentials_secret else []
 
 
-def _trainer_container(config: OperatorConfig, spec: ModelServerSpec, name: str) -> dict[str, Any]:
-    container: dict[str, Any] = {
+def _trainer_container(config: OperatorConfig, spec: ModelServerSpec, name: str) -> Container:
+    container: Container = {
         "name": name,
         "image": config.images.trainer,
         "imagePullPolicy": config.images.pull_policy,
@@ -213,7 +216,7 @@ def _pool_vllm(spec: ModelServerSpec, config: OperatorConfig, mounts: list[Volum
 
 def _router(spec: ModelServerSpec, config: OperatorConfig, mounts: list[VolumeMount]) -> Container:
     """The adapter-router sidecar: the pool's public port, the operator's admin port, the pod's readiness."""
-    router = cast(Container, _trainer_container(config, spec, ROUTER_CONTAINER))
+    router = _trainer_container(config, spec, ROUTER_CONTAINER)
     router["command"] = [*TRAINER_ENTRYPOINT[:2], ROUTER_MODULE]
     router["args"] = [
         "--port",
@@ -301,7 +304,7 @@ def pool_deployment(pool: PoolRef, config: OperatorConfig) -> Deployment:
     }
 
 
-def pool_service(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
+def pool_service(pool: PoolRef, config: OperatorConfig) -> Service:
     """The OpenAI endpoint of the pool: the routers' public port only (never vLLM's, never admin)."""
     return {
         "apiVersion": "v1",
@@ -317,7 +320,7 @@ def pool_service(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
     }
 
 
-def pool_network_policy(pool: PoolRef, config: OperatorConfig) -> dict[str, Any]:
+def pool_network_policy(pool: PoolRef, config: OperatorConfig) -> NetworkPolicy:
     """Ingress to the pool's pods: the public port from anywhere, the admin port (PUT /state loads adapters)
     only from the operator's pods in the operator's namespace; vLLM listens on loopback only. With no
     operator identity in the config, no pod may reach the admin port. Enforced by the CNI, not the API."""
