@@ -38,14 +38,15 @@ class Context(JobRecords):
     api: kube.Api | None = None
     connection: Any = None
     resync: asyncio.Task[None] | None = None  # the resync loop (lifecycle.py), started by Kopf's startup
-    # FineTunePolicies and namespace labels as the watches have them (policy.py), and each policy's last
-    # status.
+    # FineTunePolicies and namespace labels as the watches have them (finetunepolicy/enforcement.py),
+    # and each policy's last status.
     policies: dict[str, FineTunePolicy] = field(default_factory=dict)
     namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
     policy_status: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # Each policy's GPU-hour ledger (policy_ledger.py) as last read or written, with its resourceVersion.
+    # Each policy's GPU-hour ledger (finetunepolicy/ledger.py) as last read or written, with its
+    # resourceVersion.
     ledgers: dict[str, tuple[int, list[dict[str, Any]]]] = field(default_factory=dict)
-    pools: PoolController = field(default_factory=PoolController)  # ModelServers (pool.py)
+    pools: PoolController = field(default_factory=PoolController)  # ModelServers (modelserver/controller.py)
     policy_queue: PolicyQueue = field(default_factory=PolicyQueue)  # their status sync (finetunepolicy/)
 
     def policy_view(self, spec: FineTuneJobSpec, namespace: str, uid: str) -> policy.PolicyView | None:

@@ -65,7 +65,7 @@ def _register_indexes(registry: kopf.OperatorRegistry) -> None:
 
 
 def _register_events(registry: kopf.OperatorRegistry) -> None:
-    """Kopf does not retry on.event handlers: the resync loop retries failed reconciles (reconcile.py)."""
+    """Kopf does not retry on.event handlers: the resync loop retries failed reconciles (lifecycle.py)."""
 
     @kopf.on.event(GROUP, VERSION, PLURAL, id="finetunejob_event", registry=registry)
     async def finetunejob_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
@@ -104,7 +104,7 @@ def _register_events(registry: kopf.OperatorRegistry) -> None:
 
 
 def _register_pools(registry: kopf.OperatorRegistry) -> None:
-    """ModelServers are queued by pool.py: these handlers only kick a pool."""
+    """ModelServers are queued by modelserver/controller.py: these handlers only kick a pool."""
 
     @kopf.on.event(GROUP, VERSION, MODELSERVERS, id="modelserver_event", registry=registry)
     async def modelserver_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:

@@ -1,5 +1,6 @@
 """Operator-wide plumbing behind the Kopf handlers: login, Kopf settings, watch-cache wiring, the
-resync loop (the project's retry queue, see reconcile.py) and routing child events to their parents."""
+resync loop (the FineTuneJob retry queue, see finetunejob/controller.py) and routing child events to
+their parents."""
 
 from __future__ import annotations
 
@@ -200,7 +201,7 @@ def _due(ctx: Context, now: float) -> list[tuple[dict[str, Any], bool]]:
 
 
 async def resync_loop(ctx: Context) -> None:
-    """The project's queue: re-run failed and stale reconciles, poll training progress (reconcile.py).
+    """The FineTuneJob queue: re-run failed and stale reconciles, poll training progress (controller.py).
 
     Kopf timers would put a finalizer on every job; this loop needs none and writes nothing by itself.
     """

@@ -58,8 +58,8 @@ class Reason(StrEnum):
     DATASET_WARNING = "DatasetWarning"
     # A child's name is taken by an object this job does not control: Pending until the user deletes it.
     CHILD_CONFLICT = "ChildConflict"
-    # FineTunePolicy (policy.py): a static rule refuses the job; its namespace's budget or concurrency
-    # is used up.
+    # FineTunePolicy (finetunepolicy/enforcement.py): a static rule refuses the job; its namespace's
+    # budget or concurrency is used up.
     POLICY_VIOLATION = "PolicyViolation"
     BUDGET_EXCEEDED = "BudgetExceeded"
     CONCURRENCY_LIMIT = "ConcurrencyLimit"

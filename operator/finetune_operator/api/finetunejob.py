@@ -3,7 +3,7 @@
 The CRD (`crdgen.py`) is generated from these models, and the operator validates every spec it acts on with
 `parse_spec` (reconcile, once per generation), so the API server and the operator accept exactly the same
 specs. The building blocks (patterns, types, rule messages) are in schema.py, the spec sections in
-sections.py, the status in status.py.
+sections.py, the status in api/finetunejob_status.py.
 
 Cross-field rules live twice, on purpose: as CEL (`x-kubernetes-validations`, enforced by the API server)
 and as model validators here (enforced by the operator), with the same messages.

@@ -1,7 +1,8 @@
 """FineTunePolicy v1alpha1 (cluster-scoped): what FineTuneJobs in the namespaces a policy selects may use
 and spend. The CRD is generated from these models (crdgen.KINDS); the chart's ValidatingAdmissionPolicy
-(policy_admission.py) enforces the static rules at admission and the operator (policy.py) re-checks them and
-enforces the stateful limits (monthly GPU-hours, concurrency).
+(finetunepolicy/admission.py) enforces the static rules at admission and the operator
+(finetunepolicy/enforcement.py) re-checks them and enforces the stateful limits (monthly GPU-hours,
+concurrency).
 
 Every list and map is bounded (maxItems, maxLength, maxProperties) so that kube-apiserver's CEL cost
 estimates for the admission policy, which iterate over them, stay far below its limits.

@@ -1,5 +1,6 @@
-"""The building blocks of the FineTuneJob API (models.py): patterns, strict string and quantity types, the
-messages of cross-field rules and where they point, CEL rule helpers, and errors that name the field.
+"""The building blocks of the FineTuneJob API (api/finetunejob.py): patterns, strict string and quantity
+types, the messages of cross-field rules and where they point, CEL rule helpers, and errors that name the
+field.
 
 Patterns are written in the regex subset shared by Go's RE2 (kube-apiserver, CEL `matches`), Rust's regex
 (pydantic-core) and Python's `re`: no look-around, no back-references.

@@ -1,5 +1,6 @@
 """The sections of a FineTuneJob spec (baseModel, dataset, lora, hyperparameters, resources, storage,
-evaluation, deployment): typed, bounded, with their defaults. models.py assembles them into the spec."""
+evaluation, deployment): typed, bounded, with their defaults. api/finetunejob.py assembles them into the
+spec."""
 
 from __future__ import annotations
 

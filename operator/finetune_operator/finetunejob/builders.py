@@ -2,7 +2,7 @@
 export). Each takes the job (its parsed spec), the operator config and what was decided before the Job is
 built (the training's spread, the evaluation's champion), and returns a typed Job (k8s/manifests.py);
 nothing here talks to the API. Shared pieces (labels, placement, volumes) are in k8s/pods.py, the trainer
-container in containers/trainer.py, serving in serving.py.
+container in containers/trainer.py, serving in finetunejob/serving.py.
 """
 
 from __future__ import annotations

@@ -141,7 +141,7 @@ class Pipeline(Planner):
             champion=pooljob.champion_artifact(self.d.status),
         )
 
-    # --- FineTunePolicy (policy.py) -----------------------------------------------------------
+    # --- FineTunePolicy (finetunepolicy/enforcement.py) ---------------------------------------------
 
     def training_started(self) -> bool:
         return self.d.done(ConditionType.TRAINED) or self.d.o.children.get(Stage.TRAIN) is not None

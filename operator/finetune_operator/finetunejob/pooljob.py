@@ -8,7 +8,7 @@
 - `beats_champion`: after the gate, the job is Rejected (NotBetterThanServing) when it is worse than the
   champion on the primary metric, naming both figures.
 - `serve`: the job asks the pool to load it (`status.serving.state: Accepted`) and reports Serving once the
-  pool (modelserver_plan.py) assigned a version and every ready replica holds it.
+  pool (modelserver/planner.py) assigned a version and every ready replica holds it.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ a FineTunePolicy whose selector does not select the job's namespace is skipped f
 
 The rules are the operator's static rules (policy.violations), worded the same:
 `denied by FineTunePolicy <name>: spec.baseModel.uri hf://x/y is not in allowedBaseModels`.
-CEL cost stays bounded: every list iterated is a FineTunePolicy list with maxItems (policy_models.py), URI
-globs are prefix matches (`startsWith`, no regex built from data), namespace labels are looked up by key,
+CEL cost stays bounded: every list iterated is a FineTunePolicy list with maxItems (api/finetunepolicy.py),
+URI globs are prefix matches (`startsWith`, no regex built from data), namespace labels are looked up by key,
 never iterated.
 """
 

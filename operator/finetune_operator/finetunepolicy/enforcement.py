@@ -1,19 +1,20 @@
-"""FineTunePolicy enforcement by the operator: pure steps, no API calls (kube.py and lifecycle.py feed them).
+"""FineTunePolicy enforcement by the operator: pure steps, no API calls (k8s/client.py and the wiring
+feed them).
 
 - `applicable`: the policies whose namespaceSelector selects a job's namespace (all of them must allow it).
-- `violation`: the static rules, the same as the chart's ValidatingAdmissionPolicy (policy_admission.py)
-  with the same message, re-checked at reconcile for jobs admitted before a policy existed or on a cluster
-  without the admission policy. The job fails with reason PolicyViolation before any pod runs.
+- `violation`: the static rules, the same as the chart's ValidatingAdmissionPolicy
+  (finetunepolicy/admission.py) with the same message, re-checked at reconcile for jobs admitted before a
+  policy existed or on a cluster without the admission policy. The job fails with reason PolicyViolation before any pod runs.
 - `estimate_violation`: maxGpuHoursPerJob, on status.gpuHoursEstimate (known after validation).
 - `wait`: the stateful limits (gpuHoursPerMonth, maxConcurrentJobs) on the namespace's use this month; the
   job waits (Suspended, BudgetExceeded / ConcurrencyLimit) before its training Job is created.
 - `filled_defaults` / `with_defaults`: a policy's defaults for what a job leaves out, recorded in the job's
   status.policy and applied to the spec the operator builds from, never to the stored spec.
-- `usage` / `policy_status`: a namespace's GPU-hours this month (the policy's ledger, policy_ledger.py, plus
-  what its existing jobs spent since it last recorded them, or the estimate of a running job when larger)
-  and its active jobs; what `kubectl get ftp` shows.
+- `usage` / `policy_status`: a namespace's GPU-hours this month (the policy's ledger,
+  finetunepolicy/ledger.py, plus what its existing jobs spent since it last recorded them, or the estimate
+  of a running job when larger) and its active jobs; what `kubectl get ftp` shows.
 - serving (`ServingAsk`, `serving_refusal`): allowedBaseModels and allowedGpuTypes for ModelServers and a
-  job's own Deployment, and maxServingGpus, per object at admission and summed over the namespace here.
+  job's own ModelServer, and maxServingGpus, per object at admission and summed over the namespace here.
 
 A job is counted in the month its creationTimestamp falls in (UTC); its hours stay counted after it is
 deleted (the ledger in the policy's status).
@@ -393,8 +394,8 @@ def usage(
 ) -> Usage:
     """The namespace's GPU-hours this month and its active jobs; `starting`: uids whose training Job this
     process is creating (not yet Training in the status), counted as active. `entry`: a policy's ledger
-    entry for the namespace and month (policy_ledger.py): its total (deleted jobs included) plus what the
-    existing jobs spent (or estimate) beyond what it recorded of them."""
+    entry for the namespace and month (finetunepolicy/ledger.py): its total (deleted jobs included) plus
+    what the existing jobs spent (or estimate) beyond what it recorded of them."""
     month, active = month_of(now), 0
     held = recorded(entry)
     hours = (finite((entry or {}).get("gpuHours")) or 0.0) - held.get(exclude_uid or "", 0.0)

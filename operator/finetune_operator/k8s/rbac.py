@@ -12,7 +12,8 @@ RULES: tuple[dict[str, Any], ...] = (
     # Kopf lists and watches jobs; kube.patch_status writes their status. Nothing else on them.
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["list", "watch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
-    # ModelServers (issue 11): watched; their status written; their jobs listed (pool.py reads them per pass).
+    # ModelServers (issue 11): watched; their status written; their jobs listed (modelserver/controller.py
+    # reads them per pass).
     # A job's own ModelServer (issue 21): created, patched when its deployment section changes, deleted
     # when deployment is disabled.
     {
