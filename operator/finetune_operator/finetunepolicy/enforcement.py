@@ -4,7 +4,8 @@ feed them).
 - `applicable`: the policies whose namespaceSelector selects a job's namespace (all of them must allow it).
 - `violation`: the static rules, the same as the chart's ValidatingAdmissionPolicy
   (finetunepolicy/admission.py) with the same message, re-checked at reconcile for jobs admitted before a
-  policy existed or on a cluster without the admission policy. The job fails with reason PolicyViolation before any pod runs.
+  policy existed or on a cluster without the admission policy. The job fails with reason PolicyViolation
+  before any pod runs.
 - `estimate_violation`: maxGpuHoursPerJob, on status.gpuHoursEstimate (known after validation).
 - `wait`: the stateful limits (gpuHoursPerMonth, maxConcurrentJobs) on the namespace's use this month; the
   job waits (Suspended, BudgetExceeded / ConcurrencyLimit) before its training Job is created.

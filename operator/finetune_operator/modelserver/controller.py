@@ -2,8 +2,8 @@
 
 How pools are queued (the one place that says it): pools are few, so unlike FineTuneJobs
 (finetunejob/controller.py) a pool pass reads what it needs from the API (the ModelServer, its Deployment,
-Service, ConfigMap and NetworkPolicy, its pods, the namespace's FineTuneJobs) and asks each running pod's adapter router for its
-state (admin port).
+Service, ConfigMap and NetworkPolicy, its pods, the namespace's FineTuneJobs) and asks each running pod's
+adapter router for its state (admin port).
 Kopf `on.event` handlers (ModelServers, pool pods, FineTuneJobs that name a pool) only `kick` a pool; one
 asyncio task (`run`) runs kicked pools at once and every pool every `POOL_RESYNC_SECONDS`. A failed pass is
 logged and retried by the next kick or resync; passes of one pool never overlap.
