@@ -213,31 +213,28 @@ def training_job(job: JobRef, config: OperatorConfig) -> Job:
     return _stage_job(job, config, Stage.TRAIN, inputs)
 
 
-def evaluation_job(job: JobRef, config: OperatorConfig, champion: tuple[str, str] | None = None) -> Job:
-    """One GPU of the training type when training had GPUs (generation for tuned and base); with a
-    `champion` (name, adapter), its FTJ_CONFIG names the serving version to score too."""
+def _one_gpu_inputs(
+    job: JobRef, config: OperatorConfig, *, shm: bool, champion: tuple[str, str] | None = None
+) -> StageInputs:
+    """One GPU of the training type when training had GPUs, the job's CPU and memory (evaluate, export)."""
     resources = job.spec.resources
     gpus = min(resources.gpus, 1)
     gpu_type = _gpu_type(config, job)
-    inputs = StageInputs(
+    return StageInputs(
         resources=resource_block(resources.cpu, resources.memory, gpus, gpu_type),
         placement=gpu_placement(gpu_type, gpus, resources),
         backoff_limit=job.spec.max_retries,
-        shm=config.defaults.shm_size if gpus else None,
+        shm=config.defaults.shm_size if shm and gpus else None,
         champion=champion,
     )
-    return _stage_job(job, config, Stage.EVALUATE, inputs)
+
+
+def evaluation_job(job: JobRef, config: OperatorConfig, champion: tuple[str, str] | None = None) -> Job:
+    """Generation for tuned and base on one GPU; with a `champion` (name, adapter), its FTJ_CONFIG names the
+    serving version to score too."""
+    return _stage_job(job, config, Stage.EVALUATE, _one_gpu_inputs(job, config, shm=True, champion=champion))
 
 
 def export_job(job: JobRef, config: OperatorConfig) -> Job:
     """Merge the adapter into the base weights (for merged serving of a LoRA/QLoRA run)."""
-    resources = job.spec.resources
-    gpus = min(resources.gpus, 1)
-    gpu_type = _gpu_type(config, job)
-    inputs = StageInputs(
-        resources=resource_block(resources.cpu, resources.memory, gpus, gpu_type),
-        placement=gpu_placement(gpu_type, gpus, resources),
-        backoff_limit=job.spec.max_retries,
-        shm=None,
-    )
-    return _stage_job(job, config, Stage.EXPORT, inputs)
+    return _stage_job(job, config, Stage.EXPORT, _one_gpu_inputs(job, config, shm=False))
