@@ -28,8 +28,6 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import aiohttp
-
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.containers.trainer import TRAINER_CONTAINER
 from finetune_operator.finetunejob import distributed, ownedserver
@@ -48,7 +46,7 @@ from finetune_operator.k8s.watchcache import resource_version, snapshot
 log = logging.getLogger(__name__)
 
 # What a failed reconcile may raise: retried by the resync loop; anything else is a bug and propagates.
-RETRIED_ERRORS = (TimeoutError, kube.ApiError, kube.NotOwnedError, aiohttp.ClientError, OSError)
+RETRIED_ERRORS = (*kube.TRANSIENT_ERRORS, kube.NotOwnedError)
 
 
 class NotConnected(Exception):

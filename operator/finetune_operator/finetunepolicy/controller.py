@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import aiohttp
-
 from finetune_operator.api.finetunepolicy import FineTunePolicy, parse_policy
 from finetune_operator.api.schema import SpecError
 from finetune_operator.finetunepolicy import enforcement, ledger
@@ -32,7 +30,7 @@ from finetune_operator.k8s import client as kube
 log = logging.getLogger(__name__)
 
 # What a failed sync may raise: retried on the next one.
-RETRIED_ERRORS = (TimeoutError, kube.ApiError, aiohttp.ClientError, OSError)
+RETRIED_ERRORS = kube.TRANSIENT_ERRORS
 
 Budgets = dict[tuple[str, str], tuple[float, float | None]]  # (policy, namespace) → (used, budget)
 

@@ -55,6 +55,10 @@ class ApiError(Exception):
         super().__init__(f"{method} {path}: {status} {self.reason}: {self.body.get('message', '')}")
 
 
+# What a pass may meet that a later pass can get past: an API error, a timeout, a dropped connection.
+TRANSIENT_ERRORS = (TimeoutError, ApiError, aiohttp.ClientError, OSError)
+
+
 class NotOwnedError(Exception):
     """A child's name is taken by an object another owner controls (e.g. a deleted job's leftovers)."""
 
