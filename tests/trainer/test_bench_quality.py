@@ -3,6 +3,7 @@ the same optimizer steps as a plain PEFT loop with the same recipe and reaches i
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -20,7 +21,11 @@ def test_quick_quality_vs_reference(capsys: pytest.CaptureFixture[str]) -> None:
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
 
-    bench_quality.main(["--quick"])
+    root_level = logging.getLogger().level
+    try:
+        bench_quality.main(["--quick"])
+    finally:  # the CLI quiets the root logger; the worker process runs other tests after this one
+        logging.getLogger().setLevel(root_level)
     out = capsys.readouterr().out
     summary = [x for x in out.splitlines() if x.startswith("quality-vs-reference ")]
     assert len(summary) == 1, out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -210,6 +211,7 @@ async def test_a_child_name_owned_by_someone_else_is_named_in_the_status_until_f
 ) -> None:
     """Issue 9, item 5: an orphaned leftover (no controller) holds the child's name. The job waits in
     Pending with a condition naming the object and what to do, and carries on once it is deleted."""
+    caplog.set_level(logging.WARNING, logger="finetune_operator")  # whatever the root level is
     job = new_job()
     ctx, api = setup(job, cache=False)
     api.objects[("Job", "team-a", "demo-validate")] = {
