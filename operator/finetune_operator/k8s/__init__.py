@@ -1,0 +1,1 @@
+"""Kubernetes mechanics every kind shares (client, ownership, Events, naming, typed manifests)."""
