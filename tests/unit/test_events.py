@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from finetune_operator.config import load_config
-from finetune_operator.context import Context
+from finetune_operator.context import Children, Context
 from finetune_operator.finetunejob.controller import reconcile
 from finetune_operator.k8s import client as kube
 from finetune_operator.k8s import events
@@ -171,6 +171,28 @@ async def test_a_crash_between_the_event_and_the_status_patch_does_not_duplicate
     assert _reasons(api) == {"Validating": 1} and "phase" not in job["status"]
     api.patch_status = patch_status  # type: ignore[method-assign]
     restarted = Context(config=CONFIG, api=api, children_of=api.children)
+    await reconcile(restarted, copy.deepcopy(job), trigger="resume")
+    assert job["status"]["phase"] == "Validating"
+    assert _reasons(api) == {"Validating": 1}
+
+
+async def test_a_restart_before_the_new_caches_show_the_child_does_not_duplicate_the_event() -> None:
+    """As above, but the restarted operator's watch cache has not listed the created Job yet: it plans the
+    create again, records a fresh nonce (a new resourceVersion) and adopts its Job. The Event is keyed by
+    the status the transition starts from, not by the resourceVersion, so it is still posted once."""
+    job = new_job()
+    ctx, api = setup(job)
+    patch_status = api.patch_status
+
+    async def dies(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        if set(args[2]) == {"children"}:
+            return await patch_status(*args, **kwargs)
+        raise TimeoutError("the operator was killed here")
+
+    api.patch_status = dies  # type: ignore[method-assign]
+    assert await reconcile(ctx, copy.deepcopy(job), trigger="test") is False
+    api.patch_status = patch_status  # type: ignore[method-assign]
+    restarted = Context(config=CONFIG, api=api, children_of=lambda uid: Children())  # nothing listed yet
     await reconcile(restarted, copy.deepcopy(job), trigger="resume")
     assert job["status"]["phase"] == "Validating"
     assert _reasons(api) == {"Validating": 1}

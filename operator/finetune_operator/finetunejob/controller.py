@@ -252,7 +252,7 @@ async def _post_events(
     meta = job["metadata"]
     uid, name = str(meta["uid"]), str(meta["name"])
     owed_before = list((job.get("status") or {}).get("pendingEvents") or [])
-    records = owed_before + events.pending(name, uid, str(meta.get("resourceVersion") or ""), planned)
+    records = owed_before + events.pending(name, uid, events.planned_from(job), planned)
     if not records:
         return {}
 

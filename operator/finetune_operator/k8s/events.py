@@ -3,9 +3,11 @@
 A transition is two writes: the Event and the status patch. They are made idempotent and eventually
 complete this way:
 
-- Every Event gets a deterministic name, from the job's uid, the resourceVersion the transition was planned
-  from and its place in the plan. A repeated pass (after a failed status patch, or after a restart before
-  it) plans the same transition from the same version and re-posts the same name: the API answers 409
+- Every Event gets a deterministic name, from the job's uid, the status the transition was planned from
+  (`planned_from`: its generation and status, less the child intents and owed Events written before a
+  transition completes) and its place in the plan. A repeated pass (after a failed status patch, or after a
+  restart before it, even one whose new watch cache has not listed the child yet and records a fresh
+  intent) plans the same transition from the same status and re-posts the same name: the API answers 409
   AlreadyExists, which counts as posted. So Events are posted *before* the status patch.
 - An Event the API refuses for now (429, 5xx, timeouts) is retried a few times with backoff (honouring
   Retry-After), then written into the same status patch as `status.pendingEvents`: the transition and the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -33,11 +36,21 @@ RETRY_DELAYS = (0.5, 1.0, 2.0)  # in-pass backoff; after that the resync loop re
 MAX_RETRY_AFTER = 5.0  # seconds waited at most for one Retry-After inside a pass
 
 Post = Callable[[Mapping[str, Any]], Awaitable[None]]
+# Written before a transition's status patch (ownership.py intents, events owed): not part of its key.
+TRANSIENT_STATUS = frozenset({"children", "pendingEvents", "kopf"})
 
 
-def event_name(job_name: str, uid: str, resource_version: str, index: int, reason: str) -> str:
+def event_name(job_name: str, uid: str, planned_from: str, index: int, reason: str) -> str:
     """`<job>.<16 hex>`: the same transition planned from the same version always gets the same name."""
-    return keyed_name(job_name, uid, resource_version, index, reason)
+    return keyed_name(job_name, uid, planned_from, index, reason)
+
+
+def planned_from(body: Mapping[str, Any]) -> str:
+    """The key of what a pass plans from: the generation and the status, less what is written before a
+    transition completes (status.children intents, owed Events), so a repeated pass finds the same key."""
+    status = {k: v for k, v in (body.get("status") or {}).items() if k not in TRANSIENT_STATUS}
+    digest = hashlib.sha256(json.dumps(status, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{(body.get('metadata') or {}).get('generation')}:{digest}"
 
 
 def keyed_name(object_name: str, uid: str, *key: object) -> str:
@@ -47,11 +60,11 @@ def keyed_name(object_name: str, uid: str, *key: object) -> str:
     return f"{object_name[:200].rstrip('.-')}.{digest}"
 
 
-def pending(job_name: str, uid: str, resource_version: str, planned: Sequence[Any]) -> list[dict[str, str]]:
+def pending(job_name: str, uid: str, planned_from: str, planned: Sequence[Any]) -> list[dict[str, str]]:
     """The plan's Events (state.Event) as named records, the shape of `status.pendingEvents` items."""
     return [
         {
-            "name": event_name(job_name, uid, resource_version, index, event.reason),
+            "name": event_name(job_name, uid, planned_from, index, event.reason),
             "type": event.type,
             "reason": event.reason,
             "message": event.message[:1024],
