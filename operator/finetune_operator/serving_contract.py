@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_operator.api.modelserver_conditions import PoolConditionType, PoolReason
 from finetune_operator.k8s.ownership import is_controlled_by, is_recorded, records_of
 
 ACCEPTED = "Accepted"  # a job's status.serving.state once its gate and the champion comparison passed
@@ -133,11 +134,13 @@ def pool_report(server: Mapping[str, Any]) -> PoolReport:
     )
 
 
-START_FAILURES = ("ImagePullFailed",)  # ModelServer Ready reasons that end a job served only by that pool
+# ModelServer Ready reasons that end a job served only by that pool
+START_FAILURES = frozenset({PoolReason.IMAGE_PULL_FAILED})
 
 
 def _start_failure(status: Mapping[str, Any]) -> tuple[str, str] | None:
-    ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), None) or {}
+    conditions = status.get("conditions") or []
+    ready = next((c for c in conditions if c.get("type") == PoolConditionType.READY), None) or {}
     if ready.get("status") == "False" and ready.get("reason") in START_FAILURES:
         return str(ready["reason"]), str(ready.get("message") or "")
     return None

@@ -159,14 +159,7 @@ async def test_a_crash_between_the_event_and_the_status_patch_does_not_duplicate
     the same transition from the same resourceVersion, so the same Event name: AlreadyExists, not a copy."""
     job = new_job()
     ctx, api = setup(job)
-    patch_status = api.patch_status
-
-    async def dies(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        if set(args[2]) == {"children"}:  # the record of the child about to be created (ownership.py)
-            return await patch_status(*args, **kwargs)
-        raise TimeoutError("the operator was killed here")
-
-    api.patch_status = dies  # type: ignore[method-assign]
+    patch_status = _killed_at_the_status_patch(api)
     assert await reconcile(ctx, copy.deepcopy(job), trigger="test") is False  # left to the resync loop
     assert _reasons(api) == {"Validating": 1} and "phase" not in job["status"]
     api.patch_status = patch_status  # type: ignore[method-assign]
@@ -182,6 +175,18 @@ async def test_a_restart_before_the_new_caches_show_the_child_does_not_duplicate
     the status the transition starts from, not by the resourceVersion, so it is still posted once."""
     job = new_job()
     ctx, api = setup(job)
+    patch_status = _killed_at_the_status_patch(api)
+    assert await reconcile(ctx, copy.deepcopy(job), trigger="test") is False
+    api.patch_status = patch_status  # type: ignore[method-assign]
+    restarted = Context(config=CONFIG, api=api, children_of=lambda uid: Children())  # nothing listed yet
+    await reconcile(restarted, copy.deepcopy(job), trigger="resume")
+    assert job["status"]["phase"] == "Validating"
+    assert _reasons(api) == {"Validating": 1}
+
+
+def _killed_at_the_status_patch(api: FakeApi) -> Any:
+    """The operator dies at the status patch of a transition (after its Events were posted); the record of
+    the child about to be created (ownership.py) still goes through. Returns the real patch_status."""
     patch_status = api.patch_status
 
     async def dies(*args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -190,9 +195,4 @@ async def test_a_restart_before_the_new_caches_show_the_child_does_not_duplicate
         raise TimeoutError("the operator was killed here")
 
     api.patch_status = dies  # type: ignore[method-assign]
-    assert await reconcile(ctx, copy.deepcopy(job), trigger="test") is False
-    api.patch_status = patch_status  # type: ignore[method-assign]
-    restarted = Context(config=CONFIG, api=api, children_of=lambda uid: Children())  # nothing listed yet
-    await reconcile(restarted, copy.deepcopy(job), trigger="resume")
-    assert job["status"]["phase"] == "Validating"
-    assert _reasons(api) == {"Validating": 1}
+    return patch_status

@@ -23,7 +23,7 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunepolicy import enforcement as policy
 from finetune_operator.finetunepolicy.enforcement import PolicyView
 from finetune_operator.k8s.actions import ChildPatch, rollout, spec_hash_of
-from finetune_operator.k8s.observe import PodProblem, pod_problem
+from finetune_operator.k8s.observe import pod_problem
 from finetune_operator.modelserver import builders as modelserver
 from finetune_operator.modelserver.builders import PoolRef
 from finetune_operator.modelserver.status import PoolFindings, as_fields, build_status, condition, find
@@ -301,10 +301,6 @@ class PoolPlanner:
             )
         return rows
 
-    def pod_problem(self) -> PodProblem | None:
-        """Why the newest pod does not start (kubelet's reason and message), if one does not."""
-        return pod_problem(self.o.pods)
-
     def run(self) -> PoolPlan:
         self.register()
         routes = self.route()
@@ -324,8 +320,7 @@ class PoolPlanner:
             policy=self.policy_condition,
             pin_problems=self.pin_problems,
             outside_sources=self.outside_sources,
-            pod_problem=problem.message if (problem := self.pod_problem()) else None,
-            pod_problem_fatal=problem is not None and problem.fatal,
+            pod_problem=pod_problem(self.o.pods),
         )
         status = build_status(self.o.status, found)
         self.out.status = as_fields(status)

@@ -19,6 +19,7 @@ from finetune_operator.api.conditions import short, timestamp
 from finetune_operator.api.finetunejob_status import Condition
 from finetune_operator.api.modelserver import ModelServerStatus, ModelStatus, ReplicaStatus
 from finetune_operator.api.modelserver_conditions import PoolConditionType, PoolReason
+from finetune_operator.k8s.observe import PodProblem
 
 
 def find(conditions: Sequence[Mapping[str, Any]], type_: str) -> Mapping[str, Any] | None:
@@ -65,8 +66,7 @@ class PoolFindings:
     outside_sources: Sequence[str] = ()  # versioned names whose adapter is not under adapterSources
     # Why the newest pod does not start (kubelet's reason and message), while replicas are missing: what
     # the jobs it serves report (serving_contract.PoolReport.message).
-    pod_problem: str | None = None
-    pod_problem_fatal: bool = False  # kubelet gave up retrying (ImagePullBackOff): Ready says ImagePullFailed
+    pod_problem: PodProblem | None = None  # fatal: kubelet gave up retrying, Ready says ImagePullFailed
 
 
 def _ready(old: Sequence[Mapping[str, Any]], found: PoolFindings, ready: int) -> Condition:
@@ -78,8 +78,8 @@ def _ready(old: Sequence[Mapping[str, Any]], found: PoolFindings, ready: int) ->
         status, reason, message = "False", PoolReason.REFUSED_BY_POLICY, found.policy.message
     elif found.wanted == 0:
         status, reason, message = "False", PoolReason.SCALED_TO_ZERO, "spec.replicas is 0: no replica serves"
-    elif ready < found.wanted and found.pod_problem_fatal and found.pod_problem:
-        status, reason, message = "False", PoolReason.IMAGE_PULL_FAILED, found.pod_problem
+    elif ready < found.wanted and found.pod_problem is not None and found.pod_problem.fatal:
+        status, reason, message = "False", PoolReason.IMAGE_PULL_FAILED, found.pod_problem.message
     elif ready >= found.wanted:
         status, reason, message = "True", PoolReason.AVAILABLE, counted
     elif was_serving and same_generation:
@@ -136,7 +136,7 @@ def build_status(old: Mapping[str, Any], found: PoolFindings) -> ModelServerStat
 
 def _message(found: PoolFindings, ready: int) -> str:
     counted = f"{ready}/{found.wanted} replicas ready with every adapter loaded"
-    problem = found.pod_problem if ready < found.wanted else None
+    problem = found.pod_problem.message if found.pod_problem is not None and ready < found.wanted else None
     return f"{counted}; {problem}" if problem else counted
 
 
