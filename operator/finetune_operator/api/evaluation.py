@@ -360,9 +360,9 @@ class EvaluationSpec(SpecModel):
         """The graders the serving check can score with (stringCheck, jsonSchema)."""
         return [g.name for g in self.graders or () if g.deterministic]
 
-    def judges(self) -> list[tuple[str, JudgeEndpointSpec]]:
-        """Every judge the evaluate stage calls: (grader name or "safety", its endpoint)."""
-        found: list[tuple[str, JudgeEndpointSpec]] = [
+    def judges(self) -> list[tuple[str | None, JudgeEndpointSpec]]:
+        """Every judge the evaluate stage calls: (its grader's name, or None for safety's, its endpoint)."""
+        found: list[tuple[str | None, JudgeEndpointSpec]] = [
             (g.name, g.judge) for g in self.graders or () if g.judge
         ]
-        return found + ([("safety", self.safety.judge)] if self.safety else [])
+        return found + ([(None, self.safety.judge)] if self.safety else [])
