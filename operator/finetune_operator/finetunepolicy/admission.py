@@ -136,8 +136,64 @@ def _training_rules() -> list[dict[str, str]]:
     ]
 
 
+def _host(url: str) -> str:
+    """A URL's host, lowercased, as urlsplit(url).hostname (EgressURL: no userinfo)."""
+    return f"{url}.split('/')[2].split(':')[0].lowerAscii()"
+
+
+def _host_listed(host: str) -> str:
+    suffix = f"(h.startsWith('*.') && {host}.endsWith(h.substring(1)))"
+    return f"{P}.allowedReferenceHosts.exists(h, h == {host} || {suffix})"
+
+
+def _judge_rules() -> list[dict[str, str]]:
+    """allowReference and allowedReferenceHosts on every judge URL (graders and safety), and allowedDatasets
+    on the safety and retention sets (policy evaluation.evaluation_violations)."""
+    evaluation = f"{SPEC}.evaluation"
+    graders, safety = f"{evaluation}.graders", f"{evaluation}.safety"
+    external = "has(g.judge) && has(g.judge.url)"
+    listed = _host_listed(_host("g.judge.url"))
+    safety_url = f"{safety}.judge.url"
+    has_safety_url = f"has({safety}) && has({safety_url})"
+    no_reference = f"!has({P}.allowReference) || {P}.allowReference"
+    rules = [
+        (
+            f"{no_reference} || !has({graders}) || !{graders}.exists(g, {external})",
+            f"'spec.evaluation.graders ' + {graders}.filter(g, {external})[0].name + "
+            "' judge.url is not allowed (allowReference is false)'",
+        ),
+        (
+            f"!has({P}.allowedReferenceHosts) || !has({graders}) || "
+            f"{graders}.all(g, !({external}) || {listed})",
+            f"'spec.evaluation.graders ' + {graders}.filter(g, {external} && !{listed})[0].name + "
+            f"' judge.url host ' + {_host(f'{graders}.filter(g, {external} && !{listed})[0].judge.url')} + "
+            "' is not in allowedReferenceHosts'",
+        ),
+        (
+            f"{no_reference} || !({has_safety_url})",
+            "'spec.evaluation.safety.judge.url is not allowed (allowReference is false)'",
+        ),
+        (
+            f"!has({P}.allowedReferenceHosts) || !({has_safety_url}) || {_host_listed(_host(safety_url))}",
+            f"'spec.evaluation.safety.judge.url host ' + {_host(safety_url)} + "
+            "' is not in allowedReferenceHosts'",
+        ),
+    ]
+    for section, key in (("safety", "prompts"), ("retention", "dataset")):
+        uri = f"{evaluation}.{section}.{key}"
+        rules.append(
+            (
+                f"!has({P}.allowedDatasets) || !has({evaluation}.{section}) || "
+                f"{_glob(f'{P}.allowedDatasets', uri)}",
+                f"'spec.evaluation.{section}.{key} ' + {uri} + ' is not in allowedDatasets'",
+            )
+        )
+    return [{"expression": e, "messageExpression": _denied(m), "reason": "Forbidden"} for e, m in rules]
+
+
 def _evaluation_rules() -> list[dict[str, str]]:
-    """allowReference, allowedReferenceHosts, requireThresholds."""
+    """allowReference, allowedReferenceHosts (reference, then judges), allowedDatasets of the evaluation
+    sets, requireThresholds."""
     evaluation = f"{SPEC}.evaluation"
     reference = f"{evaluation}.reference"
     return [
@@ -158,6 +214,7 @@ def _evaluation_rules() -> list[dict[str, str]]:
             ),
             "reason": "Forbidden",
         },
+        *_judge_rules(),
         {
             "expression": f"!has({P}.requireThresholds) || !{P}.requireThresholds || "
             f"((!has({evaluation}.enabled) || {evaluation}.enabled) && has({evaluation}.thresholds) && "
