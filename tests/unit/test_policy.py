@@ -135,12 +135,12 @@ RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
     (
         {"allowReference": False},
         {"evaluation": {"graders": [POOL_JUDGE, EXTERNAL_JUDGE]}},
-        "spec.evaluation.graders relevance judge.url is not allowed (allowReference is false)",
+        "spec.evaluation.graders[1].judge.url is not allowed (allowReference is false)",
     ),
     (
         {"allowedReferenceHosts": ["*.internal.example.com"]},
         {"evaluation": {"graders": [POOL_JUDGE, EXTERNAL_JUDGE]}},
-        "spec.evaluation.graders relevance judge.url host api.example.com is not in allowedReferenceHosts",
+        "spec.evaluation.graders[1].judge.url host api.example.com is not in allowedReferenceHosts",
     ),
     (
         {"allowReference": False},

@@ -105,9 +105,7 @@ PRIMARY_METRIC_UNKNOWN = (
 # Graders, safety and retention (api/evaluation.py).
 GRADER_NAMES_UNIQUE = "evaluation.graders names must be unique"
 GRADER_NAME_BUILTIN = "a grader name must not be a built-in metric name (loss, perplexity)"
-GRADER_TYPE_MISMATCH = (
-    "a grader sets exactly the one of stringCheck, jsonSchema or judge that its type names"
-)
+GRADER_TYPE_MISMATCH = "a grader sets exactly the one of stringCheck, jsonSchema or judge that its type names"
 JUDGE_ONE_ENDPOINT = "a judge sets exactly one of url or modelServer"
 SCALE_ORDER = "scale.min must be less than scale.max"
 RETENTION_METRIC_UNKNOWN = (

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from finetune_vocabulary.evaluation import MAX_GRADERS
 
 from finetune_operator.api import finetunepolicy as policy_models
 from finetune_operator.api.finetunejob import API_VERSION, GROUP, PLURAL
@@ -136,49 +137,49 @@ def _training_rules() -> list[dict[str, str]]:
     ]
 
 
-def _host(url: str) -> str:
-    """A URL's host, lowercased, as urlsplit(url).hostname (EgressURL: no userinfo)."""
-    return f"{url}.split('/')[2].split(':')[0].lowerAscii()"
+def _hosts(urls: str) -> str:
+    """The hosts, lowercased, of a CEL list of URLs, as urlsplit(url).hostname (EgressURL:
+    scheme://host[:port][/path], no userinfo). A chain of maps computes each step once; substring and indexOf,
+    not split, whose parts CEL's cost estimate cannot bound."""
+    return (
+        f"{urls}.map(u, u.lowerAscii()).map(u, u.substring(u.indexOf('//') + 2) + '/')"
+        ".map(r, r.substring(0, r.indexOf('/')) + ':').map(a, a.substring(0, a.indexOf(':')))"
+    )
 
 
-def _host_listed(host: str) -> str:
-    suffix = f"(h.startsWith('*.') && {host}.endsWith(h.substring(1)))"
-    return f"{P}.allowedReferenceHosts.exists(h, h == {host} || {suffix})"
+def _not_listed(url: str) -> str:
+    """CEL: the host of `url` is not in allowedReferenceHosts (exact, or under a `*.suffix`)."""
+    suffix = "(h.startsWith('*.') && x.endsWith(h.substring(1)))"
+    return f"{_hosts(f'[{url}]')}.exists(x, !{P}.allowedReferenceHosts.exists(h, h == x || {suffix}))"
+
+
+def _judge_url_rules(field: str, present: str, url: str) -> list[tuple[str, str]]:
+    """allowReference and allowedReferenceHosts for one judge URL (`present`: CEL, it is set)."""
+    return [
+        (
+            f"!has({P}.allowReference) || {P}.allowReference || !({present})",
+            f"'{field} is not allowed (allowReference is false)'",
+        ),
+        (
+            f"!has({P}.allowedReferenceHosts) || !({present}) || !{_not_listed(url)}",
+            f"'{field} host ' + {_hosts(f'[{url}]')}[0] + ' is not in allowedReferenceHosts'",
+        ),
+    ]
 
 
 def _judge_rules() -> list[dict[str, str]]:
     """allowReference and allowedReferenceHosts on every judge URL (graders and safety), and allowedDatasets
-    on the safety and retention sets (policy evaluation.evaluation_violations)."""
+    on the safety and retention sets (policy evaluation.evaluation_violations). One rule per grader index:
+    the message names the field, and each rule's CEL cost stays small."""
     evaluation = f"{SPEC}.evaluation"
     graders, safety = f"{evaluation}.graders", f"{evaluation}.safety"
-    external = "has(g.judge) && has(g.judge.url)"
-    listed = _host_listed(_host("g.judge.url"))
-    safety_url = f"{safety}.judge.url"
-    has_safety_url = f"has({safety}) && has({safety_url})"
-    no_reference = f"!has({P}.allowReference) || {P}.allowReference"
-    rules = [
-        (
-            f"{no_reference} || !has({graders}) || !{graders}.exists(g, {external})",
-            f"'spec.evaluation.graders ' + {graders}.filter(g, {external})[0].name + "
-            "' judge.url is not allowed (allowReference is false)'",
-        ),
-        (
-            f"!has({P}.allowedReferenceHosts) || !has({graders}) || "
-            f"{graders}.all(g, !({external}) || {listed})",
-            f"'spec.evaluation.graders ' + {graders}.filter(g, {external} && !{listed})[0].name + "
-            f"' judge.url host ' + {_host(f'{graders}.filter(g, {external} && !{listed})[0].judge.url')} + "
-            "' is not in allowedReferenceHosts'",
-        ),
-        (
-            f"{no_reference} || !({has_safety_url})",
-            "'spec.evaluation.safety.judge.url is not allowed (allowReference is false)'",
-        ),
-        (
-            f"!has({P}.allowedReferenceHosts) || !({has_safety_url}) || {_host_listed(_host(safety_url))}",
-            f"'spec.evaluation.safety.judge.url host ' + {_host(safety_url)} + "
-            "' is not in allowedReferenceHosts'",
-        ),
-    ]
+    rules: list[tuple[str, str]] = []
+    for i in range(MAX_GRADERS):
+        grader = f"{graders}[{i}]"
+        present = f"has({graders}) && size({graders}) > {i} && has({grader}.judge) && has({grader}.judge.url)"
+        rules += _judge_url_rules(f"spec.evaluation.graders[{i}].judge.url", present, f"{grader}.judge.url")
+    present = f"has({safety}) && has({safety}.judge.url)"
+    rules += _judge_url_rules("spec.evaluation.safety.judge.url", present, f"{safety}.judge.url")
     for section, key in (("safety", "prompts"), ("retention", "dataset")):
         uri = f"{evaluation}.{section}.{key}"
         rules.append(

@@ -15,8 +15,8 @@ def _external_urls(evaluation: EvaluationSpec) -> list[tuple[str, str]]:
     """(field, URL) of every external model the evaluate stage sends data to: reference and judges."""
     found = [("spec.evaluation.reference", evaluation.reference.url)] if evaluation.reference else []
     found += [
-        (f"spec.evaluation.graders {g.name} judge.url", g.judge.url)
-        for g in evaluation.graders or ()
+        (f"spec.evaluation.graders[{i}].judge.url", g.judge.url)
+        for i, g in enumerate(evaluation.graders or ())
         if g.judge is not None and g.judge.url is not None
     ]
     if evaluation.safety is not None and evaluation.safety.judge.url is not None:
