@@ -142,6 +142,11 @@ RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
         {"evaluation": {"graders": [POOL_JUDGE, EXTERNAL_JUDGE]}},
         "spec.evaluation.graders[1].judge.url host api.example.com is not in allowedReferenceHosts",
     ),
+    (  # the last of the 8 graders a job may have
+        {"allowedReferenceHosts": ["*.internal.example.com"]},
+        {"evaluation": {"graders": [*({**POOL_JUDGE, "name": f"g{i}"} for i in range(7)), EXTERNAL_JUDGE]}},
+        "spec.evaluation.graders[7].judge.url host api.example.com is not in allowedReferenceHosts",
+    ),
     (
         {"allowReference": False},
         {
