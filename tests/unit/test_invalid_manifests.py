@@ -10,6 +10,7 @@ and we prefer a loud error to silently ignoring part of a spec.
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -770,5 +771,38 @@ def test_a_regex_pattern_is_only_compiled_for_the_regex_operation() -> None:
     obj = valid_job()
     obj["spec"]["evaluation"]["graders"] = [
         {**LABEL, "stringCheck": {"operation": "contains", "pattern": "("}}
+    ]
+    parse_finetunejob(obj)
+
+
+@pytest.mark.parametrize("pattern", ["(?=a)b", "(?<!a)b", r"(a)\1", "(?P<x>a)(?P=x)", "(unclosed"])
+@pytest.mark.parametrize("engine", ["re2", "re"])
+def test_a_regex_re2_cannot_run_is_refused_with_or_without_re2_installed(
+    pattern: str, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer matches with RE2: a pattern only `re` accepts would fail the job after training."""
+    if engine == "re":
+        real = importlib.import_module
+
+        def no_re2(name: str, *args: Any) -> Any:
+            if name == "re2":
+                raise ImportError(name)
+            return real(name, *args)
+
+        monkeypatch.setattr(importlib, "import_module", no_re2)
+    obj = valid_job()
+    obj["spec"]["evaluation"]["graders"] = [
+        {**LABEL, "stringCheck": {"operation": "regex", "pattern": pattern}}
+    ]
+    with pytest.raises(SpecError) as info:
+        parse_finetunejob(obj)
+    assert f"{G0}.stringCheck.pattern: not a valid regular expression" in str(info.value)
+
+
+def test_re2_patterns_with_escapes_pass_without_re2() -> None:
+    obj = valid_job()
+    pattern = r"^\d+\\1 (positive|negative)\.$"
+    obj["spec"]["evaluation"]["graders"] = [
+        {**LABEL, "stringCheck": {"operation": "regex", "pattern": pattern}}
     ]
     parse_finetunejob(obj)

@@ -141,12 +141,24 @@ class JudgeSpec(JudgeEndpointSpec):
     )
 
 
-def _regex_compiler() -> Any:
-    """google-re2 (the trainer's linear-time engine) when installed, else `re` (same syntax for checks)."""
+# What `re` accepts and RE2 (the trainer's linear-time engine) does not: look-around and back-references.
+_NOT_RE2 = re.compile(r"\(\?<?[=!]|\(\?P=|(?<!\\)\\[1-9]")
+
+
+def _check_regex(pattern: str) -> None:
+    """Compile with google-re2 when installed, else with `re` after refusing what RE2 lacks."""
     try:
-        return importlib.import_module("re2")
+        engine: Any = importlib.import_module("re2")
     except ImportError:
-        return re
+        if _NOT_RE2.search(pattern):
+            raise ValueError(
+                "not a valid regular expression: RE2 has no look-around or back-references"
+            ) from None
+        engine = re
+    try:
+        engine.compile(pattern)
+    except Exception as exc:  # re.error, re2.error
+        raise ValueError(f"not a valid regular expression: {exc}") from None
 
 
 class StringCheckSpec(SpecModel):
@@ -165,10 +177,7 @@ class StringCheckSpec(SpecModel):
     @classmethod
     def _compiles(cls, pattern: str | None, info: ValidationInfo) -> str | None:
         if pattern is not None and info.data.get("operation") == "regex":
-            try:
-                _regex_compiler().compile(pattern)
-            except Exception as exc:  # re.error, re2.error
-                raise ValueError(f"not a valid regular expression: {exc}") from None
+            _check_regex(pattern)
         return pattern
 
 
