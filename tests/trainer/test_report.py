@@ -158,7 +158,8 @@ def test_any_subset_of_models_and_any_score_names(models: Sequence[str]) -> None
     rows = [row(i, {m: f"{m} answer {i}" for m in models}, scores) for i in range(3)]
     summary: dict[str, Any] = {m: {n: 0.5 for n in names} for m in models} | {"n": 3}
     summary["championName"] = "shout-v1" if "champion" in models else None
-    parsed = Page(report.html_report("j", rows, summary))
+    page = report.html_report("j", rows, summary)
+    parsed = Page(page)
     assert parsed.keys == ["index", "input", "expected"] + [f"output.{m}" for m in models] + [
         f"{m}.{n}" for n in names for m in models
     ]
@@ -167,6 +168,7 @@ def test_any_subset_of_models_and_any_score_names(models: Sequence[str]) -> None
     assert parsed.summary_heads == heads + list(names)
     assert parsed.cells[1][3 : 3 + len(models)] == [f"{m} answer 1" for m in models]
     assert parsed.cells[0][-1] == f"{0.25 * (len(names) - 1):.4f}"
+    assert ("Tuned and base disagree on 3 of 3." in html.unescape(page)) is ("base" in models)
 
 
 def test_input_shows_the_last_user_turn_and_the_whole_conversation_on_expand() -> None:
@@ -179,6 +181,9 @@ def test_input_shows_the_last_user_turn_and_the_whole_conversation_on_expand() -
     assert cells[1].startswith("and now?conversation (4 turns)system: You are support.")
     assert "assistant: earlier answer" in cells[1]
     assert 'title="judge says no"' in page and cells[-1] == "0.0000judge says no"
+    bare = row(8, {"tuned": "x"}, {})
+    bare["input"] = "just a prompt"
+    assert Page(report.html_report("j", [bare], {})).cells[0][1] == "just a prompt"
 
 
 def test_summary_has_safety_retention_and_grader_errors_only_when_present() -> None:

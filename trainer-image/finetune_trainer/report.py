@@ -252,8 +252,8 @@ def gate_sections(summary: Mapping[str, Any]) -> str:
         parts.append(_facts("Safety", "safety", facts))
     retention = summary.get("retention")
     if isinstance(retention, Mapping) and retention:
-        keys = ("metric", "base", "tuned", "drop", "maxDrop", "examples")
-        parts.append(_facts("Retention", "retention", [(k, retention[k]) for k in keys if k in retention]))
+        shown = ("metric", "base", "tuned", "drop", "maxDrop", "examples")
+        parts.append(_facts("Retention", "retention", [(k, retention[k]) for k in shown if k in retention]))
     errors = summary.get("graderErrors")
     if isinstance(errors, Mapping) and errors:
         n = summary.get("n")
@@ -287,7 +287,10 @@ def _score_cell(row: Mapping[str, Any], model: str, name: str) -> str:
 
 
 def _example_row(row: Mapping[str, Any], position: int, models: Sequence[str], names: Sequence[str]) -> str:
-    messages = [m for m in (row.get("input") or []) if isinstance(m, Mapping)]
+    given = row.get("input") or []
+    if isinstance(given, str):  # a bare prompt
+        given = [{"role": "user", "content": given}]
+    messages = [m for m in given if isinstance(m, Mapping)]
     outputs = row.get("outputs") or {}
     index = row.get("index", position)
     flag = "1" if disagree(row) else "0"
@@ -329,6 +332,10 @@ def examples_table(rows: Sequence[Mapping[str, Any]]) -> str:
 def html_report(job: str, rows: Sequence[Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
     """The whole page; every string from `rows` and `summary` is escaped."""
     n_disagree = sum(1 for row in rows if disagree(row))
+    with_base = any(
+        "base" in (row.get("outputs") or {}) or "base" in (row.get("scores") or {}) for row in rows
+    )
+    compared = f" Tuned and base disagree on {n_disagree} of {len(rows)}." if with_base else ""
     csp = (
         f"default-src 'none'; script-src {_csp_hash(JS)}; style-src {_csp_hash(CSS)}; "
         "base-uri 'none'; form-action 'none'"
@@ -343,7 +350,7 @@ def html_report(job: str, rows: Sequence[Mapping[str, Any]], summary: Mapping[st
 <body>
 <h1>Evaluation of {_e(job)}</h1>
 <p class="muted">{_e(n)} held-out examples; every model answered the same prompts and was scored by the same
-graders. Tuned and base disagree on {n_disagree} of {len(rows)}.</p>
+graders.{compared}</p>
 <h2>Summary</h2>
 {summary_table(summary)}
 {gate_sections(summary)}
