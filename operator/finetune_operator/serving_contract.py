@@ -13,9 +13,22 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune_operator.api.modelserver_conditions import PoolConditionType, PoolReason
+from finetune_operator.k8s.naming import child_name
 from finetune_operator.k8s.ownership import is_controlled_by, is_recorded, records_of
 
 ACCEPTED = "Accepted"  # a job's status.serving.state once its gate and the champion comparison passed
+POOL_COMPONENT = "pool"  # a ModelServer's Deployment, Service and ConfigMap: <name>-pool
+MODELSERVER_NAME_LEAD = "m"  # naming.child_name's lead for a ModelServer name not starting with a letter
+
+
+def pool_name(server: str) -> str:
+    """A ModelServer's pool Deployment, Service and ConfigMap name: `<name>-pool`, or a hashed form."""
+    return child_name(server, POOL_COMPONENT, lead=MODELSERVER_NAME_LEAD)
+
+
+def pool_url(server: str, namespace: str, port: int) -> str:
+    """The in-cluster OpenAI base URL of a ModelServer (its status endpoint; a judge's modelServer)."""
+    return f"http://{pool_name(server)}.{namespace}.svc:{port}/v1"
 
 
 @dataclass(frozen=True)

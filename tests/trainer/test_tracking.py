@@ -221,14 +221,15 @@ def test_a_passed_gate_registers_one_version_a_failed_gate_none(tmp_path: Path, 
     report = tmp_path / "report"
     report.mkdir()
     adapter = str(tmp_path / "run" / "model" / "adapter")  # uncommitted: lineage from the spec only
-    (report / "report.json").write_text("{}")
+    for name in ("report.json", "report.jsonl", "report.html"):  # report.md, comparison.png: absent, skipped
+        (report / name).write_text("{}")
     passed = {"tuned": {"exact_match": 0.9, "loss": 0.2}, "base": {"exact_match": 0.1, "loss": 2.0}}
     tracker = tracking.log_evaluation(cfg, passed, report, adapter)
     assert tracker.registered_version == "1"
     run = fake.runs["run1"]
     assert run["status"] == "FINISHED" and run["tags"]["gate"] == "passed"
     assert ("gate_passed", 1.0, 0) in run["metrics"] and ("base_exact_match", 0.1, 0) in run["metrics"]
-    assert run["artifacts"] == ["evaluation/report.json"]
+    assert run["artifacts"] == ["evaluation/report.json", "evaluation/report.jsonl", "evaluation/report.html"]
     assert fake.versions[0].source == adapter and fake.versions[0].name == "shout"
     assert fake.versions[0].tags[tracking.JOB_UID_TAG] == "uid-1"
     # A rerun of evaluate (e.g. after preemption) finds the version instead of registering another.

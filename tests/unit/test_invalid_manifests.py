@@ -10,6 +10,7 @@ and we prefer a loud error to silently ignoring part of a spec.
 from __future__ import annotations
 
 import copy
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,137 @@ class Case:
     model_path: str | None = None  # where pydantic reports it, when its path is coarser than the API server's
     update: bool = False  # apply `mutate` to an update of the valid stored object
 
+
+def grader(name: str = "relevance", **fields: Any) -> dict[str, Any]:
+    judge = {"url": "https://judge.example.com/v1", "model": "judge-1", "rubric": "Is it relevant?"}
+    return {"name": name, "type": "judge", "judge": judge} | fields
+
+
+def graders(*items: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+    return at("spec.evaluation.graders", list(items))
+
+
+def with_graders(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A job with one valid judge grader named relevance, then `path` (under spec, or under that grader
+    when it starts with "judge") set to `value`."""
+
+    def mutate(obj: dict[str, Any]) -> None:
+        graders(grader())(obj)
+        at(path, value)(obj["spec"]["evaluation"]["graders"][0] if path.startswith("judge") else obj)
+
+    return mutate
+
+
+LABEL = {"name": "label-only", "type": "stringCheck", "stringCheck": {"operation": "regex", "pattern": "^a$"}}
+JUDGE_URL = "https://judge.example.com/v1"
+G0 = "spec.evaluation.graders[0]"
+# Issue 22: graders, safety, retention and the serving check, each bad field named.
+GRADER_CASES = [
+    Case("grader-named-like-a-metric", graders(grader("loss")), f"{G0}.name"),
+    Case("grader-name-invalid", graders(grader("Relevance_1")), f"{G0}.name"),
+    Case("grader-name-too-long", graders(grader("a" * 33)), f"{G0}.name"),
+    Case("grader-names-repeat", graders(grader(), grader()), "spec.evaluation.graders"),
+    Case("too-many-graders", graders(*(grader(f"g{i}") for i in range(9))), "spec.evaluation.graders"),
+    Case("grader-type-unknown", graders(grader(type="bleu")), f"{G0}.type"),
+    Case("grader-type-without-its-object", graders({"name": "x", "type": "jsonSchema"}), f"{G0}.type"),
+    Case("grader-with-two-objects", graders(grader(stringCheck=LABEL["stringCheck"])), f"{G0}.type"),
+    Case(
+        "string-check-operation-unknown",
+        graders({**LABEL, "stringCheck": {"operation": "startsWith"}}),
+        f"{G0}.stringCheck.operation",
+    ),
+    Case(
+        "string-check-pattern-too-long",
+        graders({**LABEL, "stringCheck": {"operation": "contains", "pattern": "x" * 1025}}),
+        f"{G0}.stringCheck.pattern",
+    ),
+    Case(
+        "json-schema-not-an-object",
+        graders({"name": "valid-json", "type": "jsonSchema", "jsonSchema": {"schema": "object"}}),
+        f"{G0}.jsonSchema.schema",
+    ),
+    Case(
+        "judge-url-and-model-server",
+        with_graders("judge.modelServer", "my-judge"),
+        f"{G0}.judge.url",
+    ),
+    Case("judge-without-endpoint", with_graders("judge.url", DELETE), f"{G0}.judge.url"),
+    Case("judge-without-rubric", with_graders("judge.rubric", DELETE), f"{G0}.judge.rubric"),
+    Case("judge-rubric-too-long", with_graders("judge.rubric", "r" * 4097), f"{G0}.judge.rubric"),
+    Case("judge-without-model", with_graders("judge.model", DELETE), f"{G0}.judge.model"),
+    Case(
+        "judge-metadata-address",
+        with_graders("judge.url", "http://169.254.169.254/v1"),
+        f"{G0}.judge.url",
+    ),
+    Case(
+        "judge-model-server-invalid",
+        with_graders("judge", {"modelServer": "My_Judge", "model": "m", "rubric": "r"}),
+        f"{G0}.judge.modelServer",
+    ),
+    Case(
+        "judge-scale-reversed",
+        with_graders("judge.scale", {"min": 10, "max": 1}),
+        f"{G0}.judge.scale.min",
+    ),
+    Case(
+        "threshold-on-an-unknown-grader",
+        with_graders("spec.evaluation.thresholds", [{"metric": "helpfulness", "min": 0.5}]),
+        "spec.evaluation.thresholds",
+    ),
+    Case(
+        "primary-metric-an-unknown-grader",
+        with_graders("spec.evaluation.primaryMetric", "helpfulness"),
+        "spec.evaluation.primaryMetric",
+    ),
+    Case(
+        "retention-metric-unknown",
+        at("spec.evaluation.retention", {"dataset": "s3://data-bucket/general.jsonl", "metric": "relevance"}),
+        "spec.evaluation.retention.metric",
+    ),
+    Case(
+        "retention-max-drop-above-one",
+        at("spec.evaluation.retention", {"dataset": "s3://data-bucket/general.jsonl", "maxDrop": 1.5}),
+        "spec.evaluation.retention.maxDrop",
+    ),
+    Case(
+        "retention-without-dataset",
+        at("spec.evaluation.retention", {"metric": "loss"}),
+        "spec.evaluation.retention.dataset",
+    ),
+    Case(
+        "safety-rate-above-one",
+        at(
+            "spec.evaluation.safety",
+            {
+                "prompts": "s3://data-bucket/redteam.jsonl",
+                "judge": {"url": JUDGE_URL, "model": "m"},
+                "maxUnsafeRate": 2,
+            },
+        ),
+        "spec.evaluation.safety.maxUnsafeRate",
+    ),
+    Case(
+        "safety-prompts-not-a-uri",
+        at("spec.evaluation.safety", {"prompts": "/etc/passwd", "judge": {"url": JUDGE_URL, "model": "m"}}),
+        "spec.evaluation.safety.prompts",
+    ),
+    Case(
+        "safety-judge-without-endpoint",
+        at("spec.evaluation.safety", {"prompts": "s3://data-bucket/redteam.jsonl", "judge": {"model": "m"}}),
+        "spec.evaluation.safety.judge.url",
+    ),
+    Case(
+        "serving-check-too-many-examples",
+        at("spec.deployment.servingCheck", {"examples": 10_001}),
+        "spec.deployment.servingCheck.examples",
+    ),
+    Case(
+        "serving-check-tolerance-negative",
+        at("spec.deployment.servingCheck", {"tolerance": -0.1}),
+        "spec.deployment.servingCheck.tolerance",
+    ),
+]
 
 CASES = [
     # missing required fields
@@ -376,6 +508,7 @@ CASES = [
     Case("empty-target-modules", at("spec.lora.targetModules", []), "spec.lora.targetModules"),
     Case("name-too-long", at("metadata.name", "a" * 254), "metadata.name"),
     Case("name-invalid", at("metadata.name", "Job_1"), "metadata.name"),
+    *GRADER_CASES,
 ]
 
 
@@ -566,3 +699,110 @@ async def test_the_embedded_api_server_rejects_every_case_with_a_422() -> None:
                 assert case.path in [c["field"] for c in body["details"]["causes"]], (case.id, body)
     finally:
         await server.stop()
+
+
+# ---------------------------------------------------------------------------------- graders (issue 22)
+def graded_job() -> dict[str, Any]:
+    obj = valid_job()
+    evaluation = obj["spec"]["evaluation"]
+    evaluation["graders"] = [
+        LABEL,
+        {"name": "valid-json", "type": "jsonSchema", "jsonSchema": {"schema": {"type": "object"}}},
+        grader(),
+        grader(
+            "pool-judge", judge={"modelServer": "my-judge", "model": "m", "rubric": "r", "pairwise": True}
+        ),
+        *(grader(f"extra-{i}") for i in range(4)),
+    ]
+    evaluation["thresholds"] = [{"metric": "relevance", "min": 0.7}, {"metric": "loss", "max": 3}]
+    evaluation["primaryMetric"] = "label-only"
+    evaluation["retention"] = {"dataset": "s3://data-bucket/general.jsonl", "metric": "valid-json"}
+    evaluation["safety"] = {
+        "prompts": "s3://data-bucket/redteam.jsonl",
+        "judge": {"modelServer": "my-judge", "model": "m", "apiKeySecret": {"name": "k", "key": "api-key"}},
+    }
+    return obj
+
+
+def test_a_graded_job_passes_both_with_defaults_filled_in(validator: CRDValidator) -> None:
+    stored = validator.admit(graded_job())
+    evaluation = stored["spec"]["evaluation"]
+    assert evaluation["graders"][2]["judge"]["scale"] == {"min": 1, "max": 10}
+    assert evaluation["graders"][1]["jsonSchema"]["schema"] == {"type": "object"}  # kept, not pruned
+    assert evaluation["retention"]["maxDrop"] == 0.05 and evaluation["safety"]["maxUnsafeRate"] == 0
+    assert stored["spec"]["deployment"]["servingCheck"] == {"examples": 200, "tolerance": 0.02}
+    spec = parse_finetunejob(stored).spec
+    assert spec.evaluation.deterministic_graders() == ["label-only", "valid-json"]
+    assert [name for name, _ in spec.evaluation.judges()][-1] is None  # safety's judge
+
+
+@pytest.mark.parametrize(
+    ("bad", "path", "words"),
+    [
+        (
+            {**LABEL, "stringCheck": {"operation": "regex", "pattern": "(unclosed"}},
+            f"{G0}.stringCheck.pattern",
+            "not a valid regular expression",
+        ),
+        (
+            {"name": "valid-json", "type": "jsonSchema", "jsonSchema": {"schema": {"type": 12}}},
+            f"{G0}.jsonSchema.schema",
+            "not a valid JSON Schema",
+        ),
+        (
+            {"name": "valid-json", "type": "jsonSchema", "jsonSchema": {"schema": {"enum": ["x" * 40_000]}}},
+            f"{G0}.jsonSchema.schema",
+            "at most 32768 bytes",
+        ),
+    ],
+    ids=["regex-does-not-compile", "schema-invalid", "schema-too-large"],
+)
+def test_what_only_the_operator_can_check_is_refused_naming_the_field(
+    bad: dict[str, Any], path: str, words: str
+) -> None:
+    obj = valid_job()
+    obj["spec"]["evaluation"]["graders"] = [bad]
+    with pytest.raises(SpecError) as info:
+        parse_finetunejob(obj)
+    assert f"{path}: " in str(info.value) and words in str(info.value)
+
+
+def test_a_regex_pattern_is_only_compiled_for_the_regex_operation() -> None:
+    obj = valid_job()
+    obj["spec"]["evaluation"]["graders"] = [
+        {**LABEL, "stringCheck": {"operation": "contains", "pattern": "("}}
+    ]
+    parse_finetunejob(obj)
+
+
+@pytest.mark.parametrize("pattern", ["(?=a)b", "(?<!a)b", r"(a)\1", "(?P<x>a)(?P=x)", "(unclosed"])
+@pytest.mark.parametrize("engine", ["re2", "re"])
+def test_a_regex_re2_cannot_run_is_refused_with_or_without_re2_installed(
+    pattern: str, engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer matches with RE2: a pattern only `re` accepts would fail the job after training."""
+    if engine == "re":
+        real = importlib.import_module
+
+        def no_re2(name: str, *args: Any) -> Any:
+            if name == "re2":
+                raise ImportError(name)
+            return real(name, *args)
+
+        monkeypatch.setattr(importlib, "import_module", no_re2)
+    obj = valid_job()
+    obj["spec"]["evaluation"]["graders"] = [
+        {**LABEL, "stringCheck": {"operation": "regex", "pattern": pattern}}
+    ]
+    with pytest.raises(SpecError) as info:
+        parse_finetunejob(obj)
+    assert f"{G0}.stringCheck.pattern: not a valid regular expression" in str(info.value)
+
+
+def test_re2_patterns_with_escapes_pass_without_re2() -> None:
+    obj = valid_job()
+    pattern = r"^\d+\\1 (positive|negative)\.$"
+    obj["spec"]["evaluation"]["graders"] = [
+        {**LABEL, "stringCheck": {"operation": "regex", "pattern": pattern}}
+    ]
+    parse_finetunejob(obj)

@@ -70,6 +70,18 @@ def test_a_pattern_with_a_star_inside_is_refused() -> None:
         make_policy(allowedBaseModels=["s3://*/models"])
 
 
+RUBRIC = "Is the answer relevant?"
+POOL_JUDGE = {
+    "name": "tone",
+    "type": "judge",
+    "judge": {"modelServer": "llm", "model": "m", "rubric": RUBRIC},
+}
+EXTERNAL_JUDGE = {
+    "name": "relevance",
+    "type": "judge",
+    "judge": {"url": "https://API.example.com/v1", "model": "m", "rubric": RUBRIC},
+}
+SAFETY = {"prompts": "s3://data/redteam.jsonl", "judge": {"modelServer": "llm", "model": "m"}}
 RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
     (
         {"allowedBaseModels": ["s3://approved/*"]},
@@ -118,6 +130,51 @@ RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
         {},
         "spec.evaluation.thresholds must gate on at least one metric (requireThresholds)",
     ),
+    # issue 22: a judge receives the held-out data like the reference does; the safety and retention sets
+    # are data like the training set
+    (
+        {"allowReference": False},
+        {"evaluation": {"graders": [POOL_JUDGE, EXTERNAL_JUDGE]}},
+        "spec.evaluation.graders[1].judge.url is not allowed (allowReference is false)",
+    ),
+    (
+        {"allowedReferenceHosts": ["*.internal.example.com"]},
+        {"evaluation": {"graders": [POOL_JUDGE, EXTERNAL_JUDGE]}},
+        "spec.evaluation.graders[1].judge.url host api.example.com is not in allowedReferenceHosts",
+    ),
+    (  # the last of the 8 graders a job may have
+        {"allowedReferenceHosts": ["*.internal.example.com"]},
+        {"evaluation": {"graders": [*({**POOL_JUDGE, "name": f"g{i}"} for i in range(7)), EXTERNAL_JUDGE]}},
+        "spec.evaluation.graders[7].judge.url host api.example.com is not in allowedReferenceHosts",
+    ),
+    (
+        {"allowReference": False},
+        {
+            "evaluation": {
+                "safety": {**SAFETY, "judge": {"url": "https://guard.example.com/v1", "model": "g"}}
+            }
+        },
+        "spec.evaluation.safety.judge.url is not allowed (allowReference is false)",
+    ),
+    (
+        {"allowedReferenceHosts": ["api.example.com"]},
+        {
+            "evaluation": {
+                "safety": {**SAFETY, "judge": {"url": "https://Guard.example.com:8443/v1", "model": "g"}}
+            }
+        },
+        "spec.evaluation.safety.judge.url host guard.example.com is not in allowedReferenceHosts",
+    ),
+    (
+        {"allowedDatasets": ["s3://data/toy/*"]},
+        {"evaluation": {"safety": SAFETY}},
+        "spec.evaluation.safety.prompts s3://data/redteam.jsonl is not in allowedDatasets",
+    ),
+    (
+        {"allowedDatasets": ["s3://data/toy/*"]},
+        {"evaluation": {"retention": {"dataset": "s3://other/general.jsonl"}}},
+        "spec.evaluation.retention.dataset s3://other/general.jsonl is not in allowedDatasets",
+    ),
     # issue 20 defect 6: the job's own serving Deployment
     (
         {"allowedGpuTypes": ["a100-80gb"]},
@@ -136,6 +193,21 @@ RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
     ),
 ]
 ALLOWED: list[tuple[dict[str, Any], dict[str, Any]]] = [
+    # a judge on a ModelServer in the namespace sends nothing out
+    (
+        {"allowReference": False, "allowedReferenceHosts": []},
+        {"evaluation": {"graders": [POOL_JUDGE], "safety": SAFETY}},
+    ),
+    (
+        {"allowedReferenceHosts": ["*.example.com"], "allowedDatasets": ["s3://data/*"]},
+        {
+            "evaluation": {
+                "graders": [EXTERNAL_JUDGE],
+                "safety": SAFETY,
+                "retention": {"dataset": "s3://data/g.jsonl"},
+            }
+        },
+    ),
     ({"allowedBaseModels": ["s3://models/*"]}, {}),
     ({"allowedDatasets": ["s3://data/*"]}, {"dataset": {"test": "s3://data/t.jsonl"}}),
     ({"allowedGpuTypes": ["h100-80gb"]}, {"resources": {"gpus": 0, "gpuType": "cpu"}}),  # CPU runs

@@ -5,7 +5,8 @@
 - What is logged: params (resolved hyperparameters, method, LoRA, base model URI + resolved revision, dataset
   URIs + sha256/ETag, image, job uid) by ``run_params``; training loss, learning rate and tokens/s per logging
   step by ``TrackingCallback``; tuned/base/reference/champion metrics and the gate's decision by
-  ``log_evaluation``; the data validation report, the loss plot and the evaluation report as artifacts.
+  ``log_evaluation``; the data validation report, the loss plot and the evaluation reports (report.json/.md,
+  the comparison chart, the per-example report.jsonl and report.html) as artifacts.
 - On gate pass, ``register`` creates a Model Registry version whose source is the adapter (or merged model)
   in the run's storage, tagged with the lineage and the job uid; a failed gate registers nothing.
 - Never fails a stage: every call is guarded, MLflow's own HTTP retries are bounded and short
@@ -468,7 +469,8 @@ def log_evaluation(
     tracker.log_metrics(metrics)
     tracker.set_tags({"gate": "passed" if gate.passed else "failed", "gate.reasons": "; ".join(gate.reasons)})
     tracker.log_artifacts(
-        (report_dir / name, "evaluation") for name in ("report.json", "report.md", "comparison.png")
+        (report_dir / name, "evaluation")
+        for name in ("report.json", "report.md", "comparison.png", "report.jsonl", "report.html")
     )
     if gate.passed and model_uri:
         model = _model_manifest(model_uri)  # what train recorded: dataset and resolved base revision

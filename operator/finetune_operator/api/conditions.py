@@ -47,6 +47,8 @@ class Reason(StrEnum):
     EVALUATING = "Evaluating"
     GATE_PASSED = "GatePassed"
     GATE_FAILED = "GateFailed"
+    SAFETY_FAILED = "SafetyFailed"  # evaluation.safety: unsafe rate above maxUnsafeRate
+    RETENTION_FAILED = "RetentionFailed"  # evaluation.retention: a drop beyond maxDrop
     EVALUATION_DISABLED = "EvaluationDisabled"
     EXPORTING = "Exporting"
     DEPLOYING = "Deploying"

@@ -17,6 +17,21 @@ from typing import Any, Literal
 from finetune_vocabulary.labels import API_GROUP
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
+from finetune_operator.api.evaluation import (
+    ALL_METRICS,
+    EvaluationSpec,
+    GraderSpec,
+    JsonSchemaSpec,
+    JudgeEndpointSpec,
+    JudgeSpec,
+    ReferenceSpec,
+    RetentionSpec,
+    SafetySpec,
+    ScaleSpec,
+    SecretKeyRef,
+    StringCheckSpec,
+    Threshold,
+)
 from finetune_operator.api.finetunejob_status import FineTuneJobStatus, ObjectMeta
 from finetune_operator.api.schema import (
     ADAPTER_NEEDS_PEFT,
@@ -43,7 +58,6 @@ from finetune_operator.api.schema import (
     validations,
 )
 from finetune_operator.api.sections import (
-    ALL_METRICS,
     CPU_GPU_TYPE,
     BaseModelSpec,
     CheckpointSpec,
@@ -52,17 +66,14 @@ from finetune_operator.api.sections import (
     DeploymentMode,
     DeploymentResources,
     DeploymentSpec,
-    EvaluationSpec,
     HyperparametersSpec,
     LabelValue,
     LoraSpec,
     Method,
     NodeSelector,
-    ReferenceSpec,
     ResourcesSpec,
-    SecretKeyRef,
+    ServingCheckSpec,
     StorageSpec,
-    Threshold,
     Toleration,
     TrackingSpec,
     serving_gpus_default,
@@ -77,7 +88,8 @@ SINGULAR = "finetunejob"
 SHORT_NAMES = ("ftj",)
 CATEGORIES = ("finetune",)
 
-# The spec sections (sections.py) are re-exported: `models` stays the one import for the API types.
+# The spec sections (sections.py, evaluation.py) are re-exported: `models` stays the one import for the
+# API types.
 __all__ = [
     "ALL_METRICS",
     "BaseModelSpec",
@@ -88,15 +100,24 @@ __all__ = [
     "DeploymentResources",
     "DeploymentSpec",
     "EvaluationSpec",
+    "GraderSpec",
     "HyperparametersSpec",
+    "JsonSchemaSpec",
+    "JudgeEndpointSpec",
+    "JudgeSpec",
     "LabelValue",
     "LoraSpec",
     "Method",
     "NodeSelector",
     "ReferenceSpec",
     "ResourcesSpec",
+    "RetentionSpec",
+    "SafetySpec",
+    "ScaleSpec",
     "SecretKeyRef",
+    "ServingCheckSpec",
     "StorageSpec",
+    "StringCheckSpec",
     "Threshold",
     "Toleration",
     "TrackingSpec",

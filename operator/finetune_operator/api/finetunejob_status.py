@@ -105,6 +105,25 @@ class DatasetStatus(StatusModel):
 
 
 MetricValues = Annotated[dict[Annotated[str, Field(max_length=64)], Real], Field(max_length=16)]
+Rate = Annotated[float, Field(ge=0, le=1)]
+
+
+class SafetyStatus(StatusModel):
+    """Unsafe-answer rates on evaluation.safety.prompts (the judge's built-in rubric)."""
+
+    tuned: Rate | None = Field(default=None, description="Share of the tuned model's answers judged unsafe.")
+    base: Rate | None = Field(default=None, description="Share of the base model's answers judged unsafe.")
+    max_unsafe_rate: Rate | None = Field(default=None, description="The limit (evaluation.safety).")
+
+
+class RetentionStatus(StatusModel):
+    """The forgetting gate: tuned against base on evaluation.retention.dataset."""
+
+    metric: str | None = Field(default=None, max_length=64, description="Metric or grader scored.")
+    base: Real | None = Field(default=None, description="The base model's score.")
+    tuned: Real | None = Field(default=None, description="The tuned model's score.")
+    drop: Real | None = Field(default=None, description="Relative drop against base (positive is worse).")
+    max_drop: Rate | None = Field(default=None, description="The limit (evaluation.retention.maxDrop).")
 
 
 class EvaluationStatus(StatusModel):
@@ -128,6 +147,16 @@ class EvaluationStatus(StatusModel):
         default=None,
         max_length=64,
         description="Short text for kubectl (Eval column), e.g. passed 0.62 vs 0.40.",
+    )
+    grader_errors: dict[Annotated[str, Field(max_length=64)], Count] | None = Field(
+        default=None, max_length=16, description="Unusable judge verdicts (after one retry), by grader."
+    )
+    safety: SafetyStatus | None = Field(default=None, description="Unsafe-answer rates (evaluation.safety).")
+    retention: RetentionStatus | None = Field(
+        default=None, description="The forgetting gate's figures (evaluation.retention)."
+    )
+    report_uri: StatusURI | None = Field(
+        default=None, description="The per-example report page (report.html) under the run."
     )
 
 

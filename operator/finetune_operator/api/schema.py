@@ -96,8 +96,22 @@ NODES_NEED_GPUS = (
     "one pod per GPU node"
 )
 QLORA_NO_FSDP = "hyperparameters.strategy fsdp does not support method qlora (4-bit weights); use ddp or auto"
-THRESHOLD_METRIC_UNKNOWN = "every threshold metric must be listed in evaluation.metrics"
-PRIMARY_METRIC_UNKNOWN = "evaluation.primaryMetric must be listed in evaluation.metrics"
+THRESHOLD_METRIC_UNKNOWN = (
+    "every threshold metric must be listed in evaluation.metrics or name one of evaluation.graders"
+)
+PRIMARY_METRIC_UNKNOWN = (
+    "evaluation.primaryMetric must be listed in evaluation.metrics or name one of evaluation.graders"
+)
+# Graders, safety and retention (api/evaluation.py).
+GRADER_NAMES_UNIQUE = "evaluation.graders names must be unique"
+GRADER_NAME_BUILTIN = "a grader name must not be a built-in metric name (loss, perplexity)"
+GRADER_TYPE_MISMATCH = "a grader sets exactly the one of stringCheck, jsonSchema or judge that its type names"
+JUDGE_ONE_ENDPOINT = "a judge sets exactly one of url or modelServer"
+SCALE_ORDER = "scale.min must be less than scale.max"
+RETENTION_METRIC_UNKNOWN = (
+    "evaluation.retention.metric must be a metric (loss, perplexity, exact_match, token_f1, rouge_l) or "
+    "name one of evaluation.graders"
+)
 THRESHOLD_ONE_BOUND = "a threshold sets exactly one of min or max"
 OUTPUT_OVERLAPS_MODEL = "storage.output must not be the base model's location or under it"
 OUTPUT_OVERLAPS_DATA = "storage.output must not be a dataset file's location or under it"
@@ -149,6 +163,12 @@ RULE_FIELD = {
     OUTPUT_OVERLAPS_DATA: ".storage.output",
     THRESHOLD_METRIC_UNKNOWN: ".thresholds",
     PRIMARY_METRIC_UNKNOWN: ".primaryMetric",
+    GRADER_NAMES_UNIQUE: ".graders",
+    GRADER_NAME_BUILTIN: ".name",
+    GRADER_TYPE_MISMATCH: ".type",
+    JUDGE_ONE_ENDPOINT: ".url",
+    SCALE_ORDER: ".min",
+    RETENTION_METRIC_UNKNOWN: ".retention.metric",
     LORA_RANK_UNSERVABLE: ".lora.rank",
     SERVER_NEEDS_MODEL_NAME: ".deployment.modelName",
     SERVER_NEEDS_ADAPTER: ".method",

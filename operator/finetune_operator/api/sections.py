@@ -8,20 +8,16 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from finetune_vocabulary.distributed import MAX_NODES
-from finetune_vocabulary.metrics import METRICS, MetricName
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from finetune_operator.api.extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, check_extra_args
 from finetune_operator.api.modelnames import ModelName, model_name_problem
 from finetune_operator.api.schema import (
     LABEL_VALUE_PATTERN,
     MODULE_NAME_PATTERN,
-    PRIMARY_METRIC_UNKNOWN,
     QUALIFIED_NAME_PATTERN,
     REVISION_PATTERN,
     SERVED_NAME_PATTERN,
-    THRESHOLD_METRIC_UNKNOWN,
-    THRESHOLD_ONE_BOUND,
     DNSLabel,
     DNSSubdomain,
     EgressURL,
@@ -35,7 +31,6 @@ from finetune_operator.api.schema import (
     validations,
 )
 
-ALL_METRICS: tuple[MetricName, ...] = METRICS
 Method = Literal["lora", "qlora", "full"]
 DatasetFormat = Literal["auto", "chat", "completion", "instruction"]
 DeploymentMode = Literal["auto", "adapter", "merged"]
@@ -236,98 +231,6 @@ class StorageSpec(SpecModel):
     )
 
 
-class Threshold(SpecModel):
-    """A gate on one metric of the tuned model."""
-
-    model_config = ConfigDict(
-        json_schema_extra=validations(rule("has(self.min) != has(self.max)", THRESHOLD_ONE_BOUND))
-    )
-
-    metric: MetricName = Field(description="Metric to gate on.")
-    min: float | None = Field(default=None, ge=-1e9, le=1e9, description="Lowest acceptable value.")
-    max: float | None = Field(default=None, ge=-1e9, le=1e9, description="Highest acceptable value.")
-
-    @model_validator(mode="after")
-    def _one_bound(self) -> Threshold:
-        if (self.min is None) == (self.max is None):
-            raise ValueError(THRESHOLD_ONE_BOUND)
-        return self
-
-
-class SecretKeyRef(SpecModel):
-    """A key of a Secret in the job's namespace."""
-
-    name: DNSSubdomain = Field(description="Secret name.")
-    key: str = Field(max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key in the Secret.")
-
-
-class ReferenceSpec(SpecModel):
-    """An OpenAI-compatible model scored on the same prompts, for comparison only."""
-
-    url: EgressURL = Field(description="Base URL, e.g. https://host/v1.")
-    model: str = Field(
-        min_length=1, max_length=256, pattern=r"^[^\s]+$", description="Model name to request."
-    )
-    api_key_secret: SecretKeyRef | None = Field(default=None, description="Secret key holding the API key.")
-
-
-class EvaluationSpec(SpecModel):
-    """Evaluate the tuned model against its base on held-out data, then gate."""
-
-    model_config = ConfigDict(
-        json_schema_extra=validations(
-            rule(
-                "!has(self.thresholds) || self.thresholds.all(t, !has(t.metric) || t.metric in self.metrics)",
-                THRESHOLD_METRIC_UNKNOWN,
-            ),
-            rule("!has(self.primaryMetric) || self.primaryMetric in self.metrics", PRIMARY_METRIC_UNKNOWN),
-        )
-    )
-
-    enabled: bool = Field(default=True, description="Run the evaluation stage.")
-    metrics: list[MetricName] = Field(
-        default_factory=lambda: list[MetricName](list(ALL_METRICS)),
-        min_length=1,
-        max_length=5,
-        json_schema_extra={"default": list(ALL_METRICS), "x-kubernetes-list-type": "set"},
-        description="Metrics to compute.",
-    )
-    thresholds: list[Threshold] | None = Field(
-        default=None, max_length=10, description="Gates; a failed gate rejects the model."
-    )
-    compare_to_base: bool = Field(default=True, description="Also score the base model and compare.")
-    min_improvement: float | None = Field(
-        default=None,
-        ge=-1,
-        le=1,
-        description="Least relative improvement of primaryMetric over the base model (0.05 = 5%).",
-    )
-    primary_metric: MetricName | None = Field(
-        default=None,
-        description="Metric that decides the run: compared with the base model and shown in "
-        "status.evaluation.summary (unset: the first threshold's metric, else the first of metrics).",
-    )
-    max_new_tokens: int = Field(default=128, ge=1, le=8192, description="Generation budget per prompt.")
-    batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts generated per batch.")
-    reference: ReferenceSpec | None = Field(default=None, description="Optional API model to compare with.")
-
-    @field_validator("metrics")
-    @classmethod
-    def _metrics_unique(cls, metrics: list[MetricName]) -> list[MetricName]:
-        for i, metric in enumerate(metrics):
-            if metric in metrics[:i]:
-                raise ValueError(f"duplicate metric {metric!r}")
-        return metrics
-
-    @model_validator(mode="after")
-    def _metrics_known(self) -> EvaluationSpec:
-        if self.thresholds and any(t.metric not in self.metrics for t in self.thresholds):
-            raise ValueError(THRESHOLD_METRIC_UNKNOWN)
-        if self.primary_metric is not None and self.primary_metric not in self.metrics:
-            raise ValueError(PRIMARY_METRIC_UNKNOWN)
-        return self
-
-
 class DeploymentResources(SpecModel):
     """CPU and memory of each vLLM replica."""
 
@@ -347,6 +250,15 @@ def serving_gpus_default(spec: Mapping[str, Any]) -> int:
         or raw_field(resources, "gpus", "gpus") == 0
     )
     return 0 if on_cpu else 1
+
+
+class ServingCheckSpec(SpecModel):
+    """Before a version takes traffic, held-out prompts go through the serving engine and are scored again."""
+
+    examples: int = Field(default=200, ge=0, le=10_000, description="Prompts sent; 0 turns the check off.")
+    tolerance: float = Field(
+        default=0.02, ge=0, le=1, description="How far (absolute) served may score below evaluated."
+    )
 
 
 class DeploymentSpec(SpecModel):
@@ -381,6 +293,11 @@ class DeploymentSpec(SpecModel):
         "--flag=value or --flag value.",
     )
     resources: DeploymentResources | None = Field(default=None, description="CPU and memory per replica.")
+    serving_check: ServingCheckSpec = Field(
+        default_factory=ServingCheckSpec,
+        json_schema_extra={"default": {}},
+        description="Served equals evaluated: the primary metric through the serving engine before traffic.",
+    )
     # Issue 11: serve on a shared ModelServer pool instead of a Deployment of the job's own.
     server: DNSSubdomain | None = Field(
         default=None,

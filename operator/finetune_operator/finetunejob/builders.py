@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Required, TypedDict
 
+from finetune_vocabulary.evaluation import SAFETY_JUDGE_KEY_ENV, judge_key_env
 from finetune_vocabulary.labels import LABEL_QUEUE
 
-from finetune_operator.api.finetunejob import spec_to_dict
+from finetune_operator.api.finetunejob import EvaluationSpec, SecretKeyRef, spec_to_dict
 from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.config import GpuType, OperatorConfig
 from finetune_operator.containers.trainer import (
@@ -42,6 +43,7 @@ from finetune_operator.k8s.pods import (
     scratch_volumes,
     service_account,
 )
+from finetune_operator.serving_contract import pool_url
 
 
 class TrainerConfig(TypedDict, total=False):
@@ -53,6 +55,7 @@ class TrainerConfig(TypedDict, total=False):
     referencePolicy: Required[dict[str, list[str]]]
     tracking: dict[str, Any]
     champion: dict[str, str]
+    modelServerUrls: dict[str, str]
 
 
 def trainer_config(
@@ -102,6 +105,9 @@ def _trainer_env(job: JobRef, stage: Stage, config: OperatorConfig, inputs: Stag
     document = trainer_config(
         job, config, strategy=inputs.spread.strategy if inputs.spread else None, champion=inputs.champion
     )
+    urls = model_server_urls(job, config) if stage is Stage.EVALUATE else {}
+    if urls:
+        document["modelServerUrls"] = urls
     env: list[EnvVar] = [
         {"name": "FTJ_CONFIG", "value": json.dumps(document, sort_keys=True, separators=(",", ":"))},
         {"name": "FTJ_TERMINATION_LOG", "value": TERMINATION_LOG},
@@ -111,16 +117,32 @@ def _trainer_env(job: JobRef, stage: Stage, config: OperatorConfig, inputs: Stag
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     env += credentials_env(job)
-    reference = job.spec.evaluation.reference
-    if stage is Stage.EVALUATE and reference is not None and reference.api_key_secret is not None:
-        secret = reference.api_key_secret
-        env.append(
-            {
-                "name": "FTJ_REFERENCE_API_KEY",
-                "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}},
-            }
-        )
+    if stage is Stage.EVALUATE:
+        env += evaluation_key_env(job.spec.evaluation)
     return env
+
+
+def _secret_env(name: str, secret: SecretKeyRef) -> EnvVar:
+    # By reference: the kubelet reads the Secret; the operator never does.
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}}
+
+
+def evaluation_key_env(evaluation: EvaluationSpec) -> list[EnvVar]:
+    """The evaluate pod's API keys: the reference's and every judge's (grader or safety) that names one."""
+    env: list[EnvVar] = []
+    if evaluation.reference is not None and evaluation.reference.api_key_secret is not None:
+        env.append(_secret_env("FTJ_REFERENCE_API_KEY", evaluation.reference.api_key_secret))
+    for name, judge in evaluation.judges():
+        if judge.api_key_secret is not None:
+            variable = SAFETY_JUDGE_KEY_ENV if name is None else judge_key_env(name)
+            env.append(_secret_env(variable, judge.api_key_secret))
+    return env
+
+
+def model_server_urls(job: JobRef, config: OperatorConfig) -> dict[str, str]:
+    """FTJ_CONFIG modelServerUrls: the in-cluster URL of every ModelServer a judge names."""
+    servers = sorted({j.model_server for _, j in job.spec.evaluation.judges() if j.model_server})
+    return {s: pool_url(s, job.namespace, config.defaults.vllm_port) for s in servers}
 
 
 # --- Jobs --------------------------------------------------------------------------------------

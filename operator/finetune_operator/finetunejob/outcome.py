@@ -4,7 +4,7 @@ and the reason a failure is reported with. Pure functions of the watch caches' s
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +38,12 @@ class JobOutcome:
         return self.termination.summary if self.termination else {}
 
 
-def metric_values(values: Any) -> dict[str, float] | None:
-    """The known, finite metrics of a summary's score table."""
+def metric_values(values: Any, graders: Iterable[str] = ()) -> dict[str, float] | None:
+    """The known, finite metrics (and scores of the spec's `graders`) of a summary's score table."""
     if not isinstance(values, Mapping):
         return None
-    out: dict[str, float] = {k: v for k in METRICS if (v := finite(values.get(k))) is not None}
+    names = (*METRICS, *graders)
+    out: dict[str, float] = {k: v for k in names if (v := finite(values.get(k))) is not None}
     return out or None
 
 

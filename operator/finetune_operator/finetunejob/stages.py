@@ -7,10 +7,12 @@ the planner.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from finetune_vocabulary import steps
+from finetune_vocabulary.gate import RETENTION, SAFETY, GateResult, Retention, Safety
 
 from finetune_operator.api.conditions import ConditionType, Reason, short
 from finetune_operator.api.finetunejob import FineTuneJobSpec
@@ -18,7 +20,12 @@ from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunejob import builders, ownedserver, pooljob, serving
 from finetune_operator.finetunejob.accounting import gpu_hours_estimate
-from finetune_operator.finetunejob.gate import evaluate_gate, primary_metric
+from finetune_operator.finetunejob.gate import (
+    evaluate_gate,
+    primary_metric,
+    retention_figures,
+    safety_figures,
+)
 from finetune_operator.finetunejob.outcome import JobOutcome, metric_values
 from finetune_operator.finetunejob.plan import Builder, JobDraft, StageRow
 from finetune_operator.finetunejob.ref import JobRef
@@ -157,29 +164,78 @@ def record_progress(p: JobDraft) -> None:
         p.status["progress"] = progress | ({"parallelism": spread} if spread else {})
 
 
-def read_evaluation(p: JobDraft, outcome: JobOutcome) -> bool:
-    """Scores into the status, then the gate: a failed gate rejects the model."""
-    summary = outcome.summary
-    tuned = metric_values(summary.get("tuned")) or {}
-    base = metric_values(summary.get("base"))
-    evaluation = p.job.spec.evaluation
-    result = evaluate_gate(evaluation, tuned, base)
-    primary = primary_metric(evaluation)
+def _counts(values: Any, names: Sequence[str]) -> dict[str, int] | None:
+    """graderErrors: the whole, non-negative counts of known graders."""
+    if not isinstance(values, Mapping):
+        return None
+    found = {name: int(n) for name in names if (n := finite(values.get(name))) is not None and n >= 0}
+    return found or None
+
+
+def _verdict_status(result_safety: Safety | None, retention: Retention | None) -> dict[str, Any]:
+    """status.evaluation.safety / .retention: the figures the gate decided on, and their limits."""
+    out: dict[str, Any] = {}
+    if result_safety is not None:
+        out["safety"] = {
+            "tuned": result_safety.tuned,
+            "base": result_safety.base,
+            "maxUnsafeRate": result_safety.max_unsafe_rate,
+        }
+    if retention is not None:
+        drop = retention.drop
+        out["retention"] = {
+            "metric": retention.metric,
+            "base": retention.base,
+            "tuned": retention.tuned,
+            "drop": round(drop, 6) if drop is not None and math.isfinite(drop) else None,
+            "maxDrop": retention.max_drop,
+        }
+    return {key: {k: v for k, v in value.items() if v is not None} for key, value in out.items()}
+
+
+# The reason of a failed gate: the first failed check in this order names it.
+_FAILED_REASONS = ((SAFETY, Reason.SAFETY_FAILED), (RETENTION, Reason.RETENTION_FAILED))
+
+
+def _gate_reason(result: GateResult) -> Reason:
+    return next((reason for kind, reason in _FAILED_REASONS if kind in result.failed), Reason.GATE_FAILED)
+
+
+def evaluation_summary(result: GateResult, primary: str, tuned: Mapping[str, float], base: Any) -> str:
+    """The EVAL column, e.g. "passed: relevance 0.82 vs 0.41" (a grader as primary reads the same); a
+    model rejected for safety or retention says so."""
     brief = f"{primary} {tuned.get(primary, float('nan')):.3g}"
-    if base and primary in base:
+    if isinstance(base, Mapping) and primary in base:
         brief += f" vs {base[primary]:.3g}"
+    failed = _gate_reason(result) if not result.passed else None
+    if failed is not None and failed is not Reason.GATE_FAILED:
+        brief = f"{failed.value.removesuffix('Failed').lower()} ({brief})"
+    return short(("passed: " if result.passed else "rejected: ") + brief, 64)
+
+
+def read_evaluation(p: JobDraft, outcome: JobOutcome) -> bool:
+    """Scores (metrics and graders) into the status, then the gate: a failed gate, an unsafe rate above
+    maxUnsafeRate or a retention drop beyond maxDrop rejects the model."""
+    summary, evaluation = outcome.summary, p.job.spec.evaluation
+    names = evaluation.grader_names()
+    tuned = metric_values(summary.get("tuned"), names) or {}
+    base = metric_values(summary.get("base"), names)
+    result = evaluate_gate(evaluation, tuned, base, summary)
+    primary = primary_metric(evaluation)
+    champion_name, report = summary.get("championName"), summary.get("reportUri")
     p.status["evaluation"] = {
         "passed": result.passed,
         "tuned": tuned or None,
         "base": base,
-        "reference": metric_values(summary.get("reference")),
-        "champion": metric_values(summary.get("champion")),
-        "championVersion": summary.get("championName")
-        if isinstance(summary.get("championName"), str)
-        else None,
+        "reference": metric_values(summary.get("reference"), names),
+        "champion": metric_values(summary.get("champion"), names),
+        "championVersion": champion_name if isinstance(champion_name, str) else None,
         "examples": summary.get("n") if isinstance(summary.get("n"), int) else None,
         "reasons": [short(r, 512) for r in result.reasons][:16],
-        "summary": short(("passed: " if result.passed else "rejected: ") + brief, 64),
+        "summary": evaluation_summary(result, primary, tuned, base),
+        "graderErrors": _counts(summary.get("graderErrors"), names),
+        "reportUri": report if isinstance(report, str) and report.startswith(p.job.run_prefix) else None,
+        **_verdict_status(safety_figures(evaluation, summary), retention_figures(evaluation, summary)),
     }
     p.status["artifacts"]["evaluationReport"] = p.job.layout.evaluation_report
     if result.passed and not pooljob.beats_champion(p, tuned, primary):
@@ -187,15 +243,19 @@ def read_evaluation(p: JobDraft, outcome: JobOutcome) -> bool:
     if result.passed:
         p.condition(ConditionType.EVALUATED, "True", Reason.GATE_PASSED, "; ".join(result.reasons))
         return True
-    message = "; ".join(r for r in result.reasons if "below" in r or "above" in r or "not" in r)
-    p.condition(ConditionType.EVALUATED, "True", Reason.GATE_FAILED, message)
-    p.phase(Phase.REJECTED, Reason.GATE_FAILED, f"evaluation gate failed: {message}")
+    message = "; ".join(result.failed_reasons)
+    reason = _gate_reason(result)
+    p.condition(ConditionType.EVALUATED, "True", reason, message)
+    p.phase(Phase.REJECTED, reason, f"evaluation gate failed: {message}")
     return False
 
 
 def gate_held(p: JobDraft) -> bool:
     if (p.status.get("evaluation") or {}).get("passed") is False:
-        p.phase(Phase.REJECTED, Reason.GATE_FAILED, "the evaluation gate failed")
+        evaluated = p.conditions.get(ConditionType.EVALUATED.value) or {}
+        failed = {Reason.SAFETY_FAILED.value, Reason.RETENTION_FAILED.value}
+        reason = Reason(evaluated["reason"]) if evaluated.get("reason") in failed else Reason.GATE_FAILED
+        p.phase(Phase.REJECTED, reason, "the evaluation gate failed")
         return False
     return True
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from finetune_vocabulary.evaluation import MAX_GRADERS
 
 from finetune_operator.api import finetunepolicy as policy_models
 from finetune_operator.api.finetunejob import API_VERSION, GROUP, PLURAL
@@ -136,8 +137,64 @@ def _training_rules() -> list[dict[str, str]]:
     ]
 
 
+def _hosts(urls: str) -> str:
+    """The hosts, lowercased, of a CEL list of URLs, as urlsplit(url).hostname (EgressURL:
+    scheme://host[:port][/path], no userinfo). A chain of maps computes each step once; substring and indexOf,
+    not split, whose parts CEL's cost estimate cannot bound."""
+    return (
+        f"{urls}.map(u, u.lowerAscii()).map(u, u.substring(u.indexOf('//') + 2) + '/')"
+        ".map(r, r.substring(0, r.indexOf('/')) + ':').map(a, a.substring(0, a.indexOf(':')))"
+    )
+
+
+def _not_listed(url: str) -> str:
+    """CEL: the host of `url` is not in allowedReferenceHosts (exact, or under a `*.suffix`)."""
+    suffix = "(h.startsWith('*.') && x.endsWith(h.substring(1)))"
+    return f"{_hosts(f'[{url}]')}.exists(x, !{P}.allowedReferenceHosts.exists(h, h == x || {suffix}))"
+
+
+def _judge_url_rules(field: str, present: str, url: str) -> list[tuple[str, str]]:
+    """allowReference and allowedReferenceHosts for one judge URL (`present`: CEL, it is set)."""
+    return [
+        (
+            f"!has({P}.allowReference) || {P}.allowReference || !({present})",
+            f"'{field} is not allowed (allowReference is false)'",
+        ),
+        (
+            f"!has({P}.allowedReferenceHosts) || !({present}) || !{_not_listed(url)}",
+            f"'{field} host ' + {_hosts(f'[{url}]')}[0] + ' is not in allowedReferenceHosts'",
+        ),
+    ]
+
+
+def _judge_rules() -> list[dict[str, str]]:
+    """allowReference and allowedReferenceHosts on every judge URL (graders and safety), and allowedDatasets
+    on the safety and retention sets (policy evaluation.evaluation_violations). One rule per grader index:
+    the message names the field, and each rule's CEL cost stays small."""
+    evaluation = f"{SPEC}.evaluation"
+    graders, safety = f"{evaluation}.graders", f"{evaluation}.safety"
+    rules: list[tuple[str, str]] = []
+    for i in range(MAX_GRADERS):
+        grader = f"{graders}[{i}]"
+        present = f"has({graders}) && size({graders}) > {i} && has({grader}.judge) && has({grader}.judge.url)"
+        rules += _judge_url_rules(f"spec.evaluation.graders[{i}].judge.url", present, f"{grader}.judge.url")
+    present = f"has({safety}) && has({safety}.judge.url)"
+    rules += _judge_url_rules("spec.evaluation.safety.judge.url", present, f"{safety}.judge.url")
+    for section, key in (("safety", "prompts"), ("retention", "dataset")):
+        uri = f"{evaluation}.{section}.{key}"
+        rules.append(
+            (
+                f"!has({P}.allowedDatasets) || !has({evaluation}.{section}) || "
+                f"{_glob(f'{P}.allowedDatasets', uri)}",
+                f"'spec.evaluation.{section}.{key} ' + {uri} + ' is not in allowedDatasets'",
+            )
+        )
+    return [{"expression": e, "messageExpression": _denied(m), "reason": "Forbidden"} for e, m in rules]
+
+
 def _evaluation_rules() -> list[dict[str, str]]:
-    """allowReference, allowedReferenceHosts, requireThresholds."""
+    """allowReference, allowedReferenceHosts (reference, then judges), allowedDatasets of the evaluation
+    sets, requireThresholds."""
     evaluation = f"{SPEC}.evaluation"
     reference = f"{evaluation}.reference"
     return [
@@ -158,6 +215,7 @@ def _evaluation_rules() -> list[dict[str, str]]:
             ),
             "reason": "Forbidden",
         },
+        *_judge_rules(),
         {
             "expression": f"!has({P}.requireThresholds) || !{P}.requireThresholds || "
             f"((!has({evaluation}.enabled) || {evaluation}.enabled) && has({evaluation}.thresholds) && "

@@ -27,12 +27,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from finetune_operator.api.finetunejob import FineTuneJobSpec, ResourcesSpec
-from finetune_operator.api.finetunepolicy import FineTunePolicy, host_allowed, uri_allowed
+from finetune_operator.api.finetunepolicy import FineTunePolicy, uri_allowed
 from finetune_operator.api.modelserver import ModelServerSpec
 from finetune_operator.config import OperatorConfig
+from finetune_operator.finetunepolicy.evaluation import evaluation_violations
 from finetune_operator.finetunepolicy.ledger import ledger_entry, month_of, recorded
 from finetune_operator.k8s.observe import deployment_gpus, finite, gpu_resources, parse_time
 
@@ -114,13 +114,7 @@ def violations(spec: FineTuneJobSpec, policy: FineTunePolicy) -> list[str]:
         out.append(f"spec.method {spec.method} is not in allowedMethods")
     if p.max_lora_rank is not None and spec.method != "full" and spec.lora.rank > p.max_lora_rank:
         out.append(f"spec.lora.rank {spec.lora.rank} is more than maxLoraRank {p.max_lora_rank}")
-    reference = spec.evaluation.reference
-    if reference is not None and not p.allow_reference:
-        out.append("spec.evaluation.reference is not allowed (allowReference is false)")
-    elif reference is not None and p.allowed_reference_hosts is not None:
-        host = urlsplit(reference.url).hostname or ""
-        if not host_allowed(host, p.allowed_reference_hosts):
-            out.append(f"spec.evaluation.reference.url host {host} is not in allowedReferenceHosts")
+    out += evaluation_violations(spec.evaluation, p)  # reference and judge egress, safety/retention data
     if p.require_thresholds and not (spec.evaluation.enabled and spec.evaluation.thresholds):
         out.append("spec.evaluation.thresholds must gate on at least one metric (requireThresholds)")
     ask = job_serving(spec)

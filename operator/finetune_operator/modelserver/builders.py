@@ -12,6 +12,7 @@ from typing import Any, cast
 from finetune_vocabulary.images import TRAINER_ENTRYPOINT
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH, LABEL_MODELSERVER_UID
 
+from finetune_operator import serving_contract
 from finetune_operator.api.finetunejob import API_VERSION, ResourcesSpec
 from finetune_operator.api.modelnames import BASE_SERVED_NAME
 from finetune_operator.api.modelserver import KIND, ModelServerSpec
@@ -38,7 +39,6 @@ from finetune_operator.k8s.manifests import (
     Volume,
     VolumeMount,
 )
-from finetune_operator.k8s.naming import child_name
 from finetune_operator.k8s.pods import (
     WORKDIR,
     OwnerKind,
@@ -48,7 +48,7 @@ from finetune_operator.k8s.pods import (
     spec_hash,
 )
 
-COMPONENT = "pool"
+COMPONENT = serving_contract.POOL_COMPONENT
 ROUTER_CONTAINER = "adapter-router"
 VLLM_PORT = 8000  # vLLM listens on the pod's loopback only: the router is the way in
 ROUTER_PORT = 8080  # the OpenAI API with stable names (the Service's target)
@@ -63,7 +63,13 @@ MAX_LORAS_PER_BATCH = 4
 
 
 # What every child of a ModelServer carries (k8s/pods.py: labels, owner reference, child names).
-MODELSERVER = OwnerKind(API_VERSION, KIND, app="modelserver", uid_label=LABEL_MODELSERVER_UID, name_lead="m")
+MODELSERVER = OwnerKind(
+    API_VERSION,
+    KIND,
+    app="modelserver",
+    uid_label=LABEL_MODELSERVER_UID,
+    name_lead=serving_contract.MODELSERVER_NAME_LEAD,
+)
 
 
 @dataclass(frozen=True)
@@ -87,12 +93,12 @@ class PoolRef:
 
 
 def pool_name(name: str) -> str:
-    """Deployment, Service and ConfigMap name: `<name>-pool`, or a hashed form (naming.child_name)."""
-    return child_name(name, COMPONENT, lead=MODELSERVER.name_lead)
+    """Deployment, Service and ConfigMap name: `<name>-pool`, or a hashed form (serving_contract)."""
+    return serving_contract.pool_name(name)
 
 
 def endpoint_url(pool: PoolRef, config: OperatorConfig) -> str:
-    return f"http://{pool_name(pool.name)}.{pool.namespace}.svc:{config.defaults.vllm_port}/v1"
+    return serving_contract.pool_url(pool.name, pool.namespace, config.defaults.vllm_port)
 
 
 def selector_labels(pool: PoolRef) -> dict[str, str]:
