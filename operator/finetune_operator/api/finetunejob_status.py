@@ -21,6 +21,7 @@ class Stage(enum.StrEnum):
     EVALUATE = "evaluate"
     EXPORT = "export"
     SERVE = "serve"
+    SERVING_CHECK = "servecheck"  # the trainer's subcommand too
 
 
 class Phase(enum.StrEnum):
@@ -129,6 +130,12 @@ class EvaluationStatus(StatusModel):
         max_length=64,
         description="Short text for kubectl (Eval column), e.g. passed 0.62 vs 0.40.",
     )
+    served: dict[Annotated[str, Field(max_length=64)], Real] | None = Field(
+        default=None,
+        max_length=4,
+        description="The serving check: the served model's score on the checked metric, examples sent and "
+        "requests the engine refused (scored 0).",
+    )
 
 
 class ArtifactsStatus(StatusModel):
@@ -168,6 +175,11 @@ class ServingStatus(StatusModel):
     version: int | None = Field(default=None, ge=1, description="The version the pool assigned.")
     version_name: str | None = Field(default=None, max_length=64, description="<modelName>-v<n>.")
     serving: bool | None = Field(default=None, description="Whether the stable name serves this version now.")
+    checked: bool | None = Field(
+        default=None,
+        description="The serving check passed (or is off): the pool may promote the version (route the "
+        "stable name to it).",
+    )
 
 
 class TrackingStatus(StatusModel):

@@ -349,6 +349,25 @@ def serving_gpus_default(spec: Mapping[str, Any]) -> int:
     return 0 if on_cpu else 1
 
 
+class ServingCheckSpec(SpecModel):
+    """Served equals evaluated: held-out prompts through the serving engine before it takes traffic."""
+
+    examples: int = Field(
+        default=200,
+        ge=0,
+        le=10000,
+        description="Held-out prompts sent to the served model, greedy (the first N of the test set); 0 "
+        "disables the check.",
+    )
+    tolerance: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description="How far (absolute) the served score may fall below the evaluated one before the version "
+        "is refused (ServingMismatch).",
+    )
+
+
 class DeploymentSpec(SpecModel):
     """Serve the accepted model on vLLM."""
 
@@ -391,6 +410,14 @@ class DeploymentSpec(SpecModel):
         default=None,
         description="Stable name on the ModelServer: requests for it get the promoted version "
         "<modelName>-v<n> (docs/serving.md).",
+    )
+    # Issue 22: the served model is scored before it takes traffic.
+    serving_check: ServingCheckSpec = Field(
+        default_factory=ServingCheckSpec,
+        json_schema_extra={"default": {}},
+        description="Before the version takes traffic, score the serving engine's answers to held-out "
+        "prompts with the evaluated metric; served below evaluated by more than tolerance is Rejected "
+        "(ServingMismatch).",
     )
 
     @field_validator("extra_args")
