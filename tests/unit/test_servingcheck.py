@@ -154,3 +154,18 @@ def test_a_failed_check_job_fails_the_job_and_serves_nothing() -> None:
     )
     world.step()
     assert world.status["phase"] == "Failed" and world.status.get("endpoint") is None
+
+
+def test_a_job_serving_before_the_check_existed_is_not_checked_again() -> None:
+    """Upgrade: a Serving job without status.serving.checked keeps serving; no check Job, no flap."""
+    world = World(job(deployment={"servedModelName": "toy-bot"}))
+    _loaded(world)
+    _pass_serving_check(world, value=0.8)
+    world.pool_pass(ready_replicas=1)
+    world.step()
+    assert world.status["phase"] == "Serving"
+    del world.status["serving"]["checked"]  # as an operator before issue 22 left it
+    world.children.pop(Stage.SERVING_CHECK)
+    result = world.step()
+    assert world.status["phase"] == "Serving" and Stage.SERVING_CHECK not in world.children
+    assert world.status["serving"]["checked"] is True and not result.create

@@ -70,7 +70,9 @@ def pending(p: JobDraft, url: str, model: str) -> bool:
     """The version is loaded: True while its check has still to pass (the servecheck row runs it against
     `model` at `url`; nothing is published meanwhile)."""
     serving = p.status.setdefault("serving", {})
-    if serving.get("checked") or skipped(p.job.spec) is not None:
+    # Serving already (before this check existed, or across a spec update): it took traffic; nothing to hold.
+    serving_now = p.old_phase == Phase.SERVING.value
+    if serving.get("checked") or serving_now or skipped(p.job.spec) is not None:
         serving["checked"] = True
         return False
     p.status["endpoint"] = None
