@@ -134,3 +134,4 @@ def failure_reason(outcome: JobOutcome, stage: Stage = Stage.TRAIN) -> tuple[Rea
     if outcome.job_reason == "BackoffLimitExceeded":
         return Reason.RETRIES_EXHAUSTED, f"retries exhausted{detail}"
     return Reason.STAGE_FAILED, f"{outcome.job_reason or 'failed'}: {outcome.job_message}{detail}".strip()
+

@@ -5,9 +5,9 @@ The version registry lives in `status.models[<modelName>]`: every FineTuneJob th
 gate and the champion comparison passed: `status.serving.state: Accepted`) gets the next version number, never
 reused (`lastVersion`), and is loaded; it is promoted once the job says its serving check passed
 (`status.serving.checked`), and dropped unpromoted when the job stops asking (the check failed). The stable
-name serves the pinned version when
-`spec.models[<name>].pin` names a registered one, else the promoted one. What every replica loads: every
-serving, promoted or pinned version, then the most recently promoted others up to `maxLoras`.
+name serves the pinned version when `spec.models[<name>].pin` names a registered one, else the promoted one.
+What every replica loads: every serving, promoted or pinned version, and every version awaiting its check,
+then the most recently promoted others up to `maxLoras`.
 """
 
 from __future__ import annotations
