@@ -195,3 +195,15 @@ def jobs(local_cluster: Any, lc_api: Any, lc_namespace: str, s3_assets: dict[str
     yield Jobs(lc_api, lc_namespace, s3_assets)
     if os.environ.get("E2E_KEEP"):
         print(f"kept namespace {lc_namespace}")
+
+
+def assert_served_as_evaluated(status: dict[str, Any], metric: str = "exact_match") -> None:
+    """Issue 22: the serving check ran on the real engine before the version took traffic, on every held-out
+    prompt (the toy test set is under servingCheck.examples), and the served score is within tolerance."""
+    evaluation = status["evaluation"]
+    served = evaluation.get("served")
+    assert served and served["examples"] == evaluation["examples"], evaluation
+    assert served[metric] >= evaluation["tuned"][metric] - 0.02, evaluation
+    assert status["serving"]["checked"] is True, status["serving"]
+    evaluated = evaluation["tuned"][metric]
+    print(f"\nserving check: served {metric} {served[metric]} vs evaluated {evaluated}: {served}")

@@ -229,11 +229,17 @@ class StorageSpec(_Section):
     output: str | None = None
 
 
+class ServingCheckSpec(_Section):
+    examples: int = Field(200, ge=0, le=10000, description="Held-out prompts sent to the served model")
+    tolerance: float = Field(0.02, ge=0, le=1, description="Served may be this much below evaluated")
+
+
 class DeploymentSpec(_Section):
     enabled: bool = True
     mode: Literal["auto", "adapter", "merged"] = "auto"
     served_model_name: str | None = None
     max_model_len: int | None = None
+    serving_check: ServingCheckSpec = Field(default_factory=ServingCheckSpec)
 
 
 class FineTuneSpec(_Section):
@@ -302,6 +308,16 @@ class Tracking(_Section):
     mlflow: MlflowTracking | None = None
 
 
+class ServingCheckTarget(_Section):
+    """Set by the operator for the servecheck stage: the serving engine to check, once the version is loaded
+    and before it takes traffic."""
+
+    url: str = Field(description="The pool's OpenAI base URL, e.g. http://<pool>.<ns>.svc:8000/v1")
+    model: str = Field(description="The versioned name (or the served name of merged weights)")
+    metric: str = Field(description="finetune_vocabulary.evaluation.serving_check_metric of the spec")
+    examples: int = Field(200, ge=1, le=10000, description="The first N held-out prompts")
+
+
 class TrainerConfig(_Section):
     run_prefix: str = Field(description="Everything this run writes goes under this URI")
     job: JobRef = Field(default_factory=JobRef)
@@ -309,6 +325,7 @@ class TrainerConfig(_Section):
     reference_policy: ReferencePolicy = Field(default_factory=ReferencePolicy)
     champion: ChampionSpec | None = None
     tracking: Tracking = Field(default_factory=Tracking)
+    serving_check: ServingCheckTarget | None = None
 
     @model_validator(mode="after")
     def _reference_endpoint_allowed(self) -> TrainerConfig:
