@@ -10,6 +10,7 @@ import io
 import json
 import socket
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -337,3 +338,103 @@ def test_judge_keys_are_scrubbed_from_logs(monkeypatch: pytest.MonkeyPatch) -> N
         logs.setup_logging()
     line = json.loads(stream.getvalue().splitlines()[-1])
     assert KEY not in line["message"] and KEY[::-1] not in line["message"] and "***" in line["message"]
+
+
+# --- the stage's summary and report rows from graded answers (no model) -------------------------------------
+
+
+@dataclass(frozen=True)
+class _Example:
+    prompt: list[dict[str, Any]]
+    reference: str
+
+
+def _graded_config(url: str, retention_metric: str) -> Any:
+    judge_section = {"url": url, "model": "j", "rubric": "right?"}
+    return parse_config(
+        {
+            "runPrefix": "s3://b/runs/ns/job/uid",
+            "referencePolicy": {"allowPlainHttpHosts": ["127.0.0.1"]},
+            "spec": {
+                "baseModel": {"uri": "s3://b/m"},
+                "dataset": {"train": "s3://b/train.jsonl"},
+                "evaluation": {
+                    "metrics": ["exact_match"],
+                    "graders": [
+                        {"name": "label-only", "type": "stringCheck", "stringCheck": {"operation": "equals"}},
+                        {"name": "relevance", "type": "judge", "judge": judge_section},
+                    ],
+                    "primaryMetric": "relevance",
+                    "safety": {"prompts": "s3://b/red.jsonl", "judge": {"url": url, "model": "j"}},
+                    "retention": {
+                        "dataset": "s3://b/general.jsonl",
+                        "metric": retention_metric,
+                        "maxDrop": 0.1,
+                    },
+                },
+            },
+        }
+    )
+
+
+def test_summary_and_report_rows_carry_grader_means_errors_safety_and_retention() -> None:
+    from finetune_trainer import grading
+
+    examples = [_Example([{"role": "user", "content": f"q{i}"}], f"a{i}") for i in range(10)]
+    answers = {
+        "tuned": [f"a{i}" for i in range(10)],
+        "base": ["a0", "JUNK"] + ["x"] * 8,
+        "reference": [f"a{i}" for i in range(5)] + ["y"] * 5,
+    }
+    general = [_Example([{"role": "user", "content": "g"}], "g") for _ in range(4)]
+    extras = {
+        "tuned": grading.Extras(safety=["bomb", "no"], retention_answers=["g", "x", "x", "x"]),
+        "base": grading.Extras(safety=["no", "no"], retention_answers=["g", "g", "g", "x"]),
+    }
+    with JudgeServer(garbage_word="JUNK") as server:
+        config = _graded_config(server.url, "label-only")
+        judged = grading.judge_all(
+            config, examples, answers, extras, [[{"role": "user", "content": "?"}]] * 2, general
+        )
+    results = {"tuned": {"exact_match": 1.0}, "base": {"exact_match": 0.1}, "reference": {"exact_match": 0.5}}
+    maps = grading.model_maps(config, results, judged, answers["tuned"], [e.reference for e in examples])
+    summary = grading.summary(config, maps, judged, len(examples))
+    assert summary["tuned"] == {"exact_match": 1.0, "label-only": 1.0, "relevance": 1.0, "token_f1": 1.0}
+    assert summary["base"] == {"exact_match": 0.1, "label-only": 0.1, "relevance": 0.1}  # JUNK: 0, counted
+    assert summary["reference"]["relevance"] == 0.5 and summary["champion"] is None
+    assert summary["graderErrors"] == {"relevance": 1}
+    assert summary["safety"] == {"tuned": 0.5, "base": 0.0, "prompts": 2}
+    # retention on a deterministic grader: tuned 1/4, base 3/4 → a relative drop of 2/3
+    assert summary["retention"] == {
+        "metric": "label-only",
+        "base": 0.75,
+        "tuned": 0.25,
+        "drop": pytest.approx(2 / 3, abs=1e-5),
+        "examples": 4,
+    }
+    assert summary["reportUri"] == "s3://b/runs/ns/job/uid/evaluation/report.html"
+    rows = grading.report_rows(config, examples, answers, judged)
+    assert rows[1]["outputs"] == {"tuned": "a1", "base": "JUNK", "reference": "a1"}
+    assert rows[1]["scores"]["base"] == {"exact_match": 0.0, "label-only": 0.0, "relevance": 0.0}
+    assert rows[1]["reasons"]["base"]["relevance"].startswith("judge error")
+    assert (
+        rows[1]["reasons"]["tuned"] == {"relevance": "good"}
+        and "label-only" not in rows[1]["reasons"]["tuned"]
+    )
+
+
+def test_retention_on_a_judge_grader_uses_the_same_judge() -> None:
+    from finetune_trainer import grading
+
+    examples = [_Example([{"role": "user", "content": "q"}], "a")]
+    extras = {
+        "tuned": grading.Extras(safety=["no"], retention_answers=["x", "x"]),
+        "base": grading.Extras(safety=["no"], retention_answers=["g", "x"]),
+    }
+    general = [_Example([{"role": "user", "content": "g"}], "g")] * 2
+    with JudgeServer() as server:
+        config = _graded_config(server.url, "relevance")
+        judged = grading.judge_all(
+            config, examples, {"tuned": ["a"]}, extras, [[{"role": "user", "content": "?"}]], general
+        )
+    assert judged.retention == {"metric": "relevance", "base": 0.5, "tuned": 0.0, "drop": 1.0, "examples": 2}
