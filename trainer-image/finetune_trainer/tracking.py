@@ -468,7 +468,8 @@ def log_evaluation(
     tracker.log_metrics(metrics)
     tracker.set_tags({"gate": "passed" if gate.passed else "failed", "gate.reasons": "; ".join(gate.reasons)})
     tracker.log_artifacts(
-        (report_dir / name, "evaluation") for name in ("report.json", "report.md", "comparison.png")
+        (report_dir / name, "evaluation")
+        for name in ("report.json", "report.md", "comparison.png", "report.jsonl", "report.html")
     )
     if gate.passed and model_uri:
         model = _model_manifest(model_uri)  # what train recorded: dataset and resolved base revision
