@@ -438,3 +438,32 @@ def test_retention_on_a_judge_grader_uses_the_same_judge() -> None:
             config, examples, {"tuned": ["a"]}, extras, [[{"role": "user", "content": "?"}]], general
         )
     assert judged.retention == {"metric": "relevance", "base": 0.5, "tuned": 0.0, "drop": 1.0, "examples": 2}
+
+
+@pytest.mark.parametrize(
+    ("section", "error"),
+    [
+        (
+            {"stringCheck": {"operation": "regex", "pattern": "(a"}},
+            "graders[0].stringCheck.pattern: not a valid RE2",
+        ),
+        (
+            {"stringCheck": {"operation": "regex", "pattern": "(a)\\1"}},
+            "graders[0].stringCheck.pattern: not a valid",
+        ),
+        (
+            {"jsonSchema": {"schema": {"type": "nope"}}},
+            "graders[0].jsonSchema.schema: not a valid JSON Schema",
+        ),
+    ],
+)
+def test_a_bad_pattern_or_schema_is_refused_naming_the_field(section: dict[str, Any], error: str) -> None:
+    document = _config({"url": "https://api.example.com/v1"})
+    document["spec"]["evaluation"]["graders"][0] = {
+        "name": "label-only",
+        "type": next(iter(section)),
+        **section,
+    }
+    with pytest.raises(InvalidConfigError) as caught:
+        parse_config(document)
+    assert error in str(caught.value)

@@ -211,10 +211,32 @@ class StringCheckSpec(_Section):
     )
     case_sensitive: bool = True
 
+    @model_validator(mode="after")
+    def _compiles(self) -> StringCheckSpec:
+        if self.operation == "regex" and self.pattern is not None:
+            import re2  # RE2 syntax: what the grader runs (no backreferences, no lookaround)
+
+            try:
+                re2.compile(self.pattern)
+            except Exception as exc:  # re2's own error type
+                raise ValueError(f"pattern: not a valid RE2 regex ({exc})") from None
+        return self
+
 
 class JsonSchemaSpec(_Section):
     # "schema" would shadow pydantic's BaseModel.schema: the attribute is `document`, the key `schema`.
     document: dict[str, Any] = Field(alias="schema", description="JSON Schema (Draft 2020-12) of the answer")
+
+    @field_validator("document")
+    @classmethod
+    def _valid_schema(cls, document: dict[str, Any]) -> dict[str, Any]:
+        import jsonschema
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(document)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON Schema ({exc.message})") from None
+        return document
 
 
 class JudgeScale(_Section):
