@@ -163,6 +163,8 @@ def test_graders_safety_and_retention_in_the_evaluate_stage(
         f"Bearer {KEY}"
     }
     assert KEY not in run.stdout and SAFETY_KEY not in run.stdout
+    [graded] = run.of("graded")  # the wall time judging added, for the operator's log readers
+    assert graded["graderErrors"] == {} and graded["seconds"] >= 0
 
 
 def test_a_judge_whose_verdicts_are_unusable_fails_the_stage_naming_the_grader(

@@ -372,7 +372,7 @@ def run(config: TrainerConfig) -> StageResult:
         work.examples,
         scored.answers,
         scored.extras,
-        work.safety and [e.prompt for e in work.safety],
+        [e.prompt for e in work.safety],
         work.retention,
     )
     expected = [e.reference for e in work.examples]

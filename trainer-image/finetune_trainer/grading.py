@@ -3,6 +3,8 @@ stage's summary (contract: the operator's gate reads it) and the report rows (on
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +15,8 @@ from finetune_vocabulary.metrics import TEXT_METRICS
 from . import graders, metrics, safety
 from .config import TrainerConfig
 from .graders import Graded
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +81,7 @@ def judge_all(
 ) -> Judged:
     """Graders over every model's held-out answers, the safety verdicts and the retention figures."""
     ev = config.spec.evaluation
+    started = time.monotonic()
     judged = Judged()
     prompts, expected = [e.prompt for e in examples], [e.reference for e in examples]
     judged.graded = graders.grade_all(ev.graders, answers, prompts, expected, graders.judges_for(config))
@@ -87,6 +92,12 @@ def judge_all(
         _count(judged, "safety", graded)
     if ev.retention is not None:
         judged.retention = _retention(config, extras, retention, judged)
+    seconds = round(time.monotonic() - started, 3)
+    log.info(
+        "graders, safety and retention judged in %.1f s",
+        seconds,
+        extra={"fields": {"event": "graded", "seconds": seconds, "graderErrors": judged.errors}},
+    )
     return judged
 
 
