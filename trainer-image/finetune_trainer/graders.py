@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -115,13 +116,15 @@ class Graded:
     errors: int = 0
     verdicts: int = 0
     first_error: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def means(self) -> dict[str, float]:
         return {m: round(sum(s) / len(s), 6) if s else 0.0 for m, s in self.scores.items()}
 
     def failed(self, message: str) -> None:
-        self.errors += 1
-        self.first_error = self.first_error or message
+        with self._lock:  # judge threads report concurrently
+            self.errors += 1
+            self.first_error = self.first_error or message
 
 
 def check_error_rate(name: str, graded: Graded, label: str | None = None) -> None:
