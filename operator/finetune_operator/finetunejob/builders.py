@@ -114,7 +114,8 @@ def _trainer_env(job: JobRef, stage: Stage, config: OperatorConfig, inputs: Stag
         champion=inputs.champion,
         serving_check=inputs.serving_check,
     )
-    urls = model_server_urls(job, config) if stage is Stage.EVALUATE else {}
+    # Every stage: the trainer checks judge endpoints in each (validate reports a bad one first).
+    urls = model_server_urls(job, config)
     if urls:
         document["modelServerUrls"] = urls
     env: list[EnvVar] = [
