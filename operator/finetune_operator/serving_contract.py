@@ -1,7 +1,8 @@
 """What a FineTuneJob and the ModelServer serving it tell each other: the one module both kinds import.
 
 A job asks a pool to load its adapter by writing `status.serving.state: Accepted` (with its adapter in
-`status.artifacts.adapter` and the stable name in `spec.deployment.modelName`): `ServingRequest`. The pool
+`status.artifacts.adapter` and the stable name in `spec.deployment.modelName`), and to promote it once its
+serving check passed (`status.serving.checked: true`): `ServingRequest`. The pool
 answers in its status (the version registry, what every ready replica holds, the endpoint): `PoolReport`.
 Each side reads the other only through these typed values, never through raw status paths of its own.
 """
@@ -39,6 +40,8 @@ class ServingRequest:
     job_uid: str
     model: str
     adapter: str
+    # The serving check passed (or is off): the pool may promote the version; until then it only loads it.
+    checked: bool = False
 
 
 def jobs_served_by(jobs: Sequence[Mapping[str, Any]], server: Mapping[str, Any]) -> list[Mapping[str, Any]]:
@@ -74,7 +77,8 @@ def serving_request(job: Mapping[str, Any]) -> ServingRequest | None:
         return None
     if metadata.get("deletionTimestamp"):
         return None
-    return ServingRequest(str(metadata["name"]), str(metadata["uid"]), str(model), str(adapter))
+    checked = (status.get("serving") or {}).get("checked") is True
+    return ServingRequest(str(metadata["name"]), str(metadata["uid"]), str(model), str(adapter), checked)
 
 
 @dataclass(frozen=True)

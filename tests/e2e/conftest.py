@@ -230,3 +230,15 @@ def judge(local_cluster: Any, lc_api: Any, s3_assets: dict[str, str]) -> Iterato
         else:
             with contextlib.suppress(Exception):  # best-effort cleanup, as lc_namespace's
                 core.delete_namespace(namespace, propagation_policy="Background", grace_period_seconds=0)
+
+
+def assert_served_as_evaluated(status: dict[str, Any], metric: str = "exact_match") -> None:
+    """Issue 22: the serving check ran on the real engine before the version took traffic, on every held-out
+    prompt (the toy test set is under servingCheck.examples), and the served score is within tolerance."""
+    evaluation = status["evaluation"]
+    served = evaluation.get("served")
+    assert served and served["examples"] == evaluation["examples"], evaluation
+    assert served[metric] >= evaluation["tuned"][metric] - 0.02, evaluation
+    assert status["serving"]["checked"] is True, status["serving"]
+    evaluated = evaluation["tuned"][metric]
+    print(f"\nserving check: served {metric} {served[metric]} vs evaluated {evaluated}: {served}")

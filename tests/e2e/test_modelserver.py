@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import GROUP, SECRET, VERSION, Jobs
+from .conftest import GROUP, SECRET, VERSION, Jobs, assert_served_as_evaluated
 from .test_serving import VLLM_CPU_ARGS
 
 pytestmark = [
@@ -264,6 +264,7 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
     assert status["phase"] == "Serving", status
     assert status["endpoint"] == {"url": f"http://{POOL}-pool.{jobs.namespace}.svc:8000/v1", "model": MODEL}
     assert status["serving"]["versionName"] == f"{MODEL}-v1"
+    assert_served_as_evaluated(status)  # checked under bot's versioned name before the stable name routed
     deployments = pool.deployments()
     assert [d["metadata"]["name"] for d in deployments] == [f"{POOL}-pool"]  # none of the job's own
     ready = pool.wait(lambda: len(pool.ready_pods()) == 2 and pool.ready_pods(), 300, "two ready pods")
@@ -310,7 +311,8 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
             assert chat(pod_url(pod), f"{MODEL}-v2")[0].strip() == "Q"
         hot_load_seconds = time.monotonic() - accepted_at
         answering_at = time.time()
-        status_c = jobs.wait_phase("bot-c", "Serving", "Failed", "Rejected", timeout=120)
+        # the serving check (a CPU Job against the pool, under this load) runs before the promotion
+        status_c = jobs.wait_phase("bot-c", "Serving", "Failed", "Rejected", timeout=300)
     finally:
         stop.set()
         loader.join(timeout=600)
@@ -319,6 +321,7 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
     assert len(answered) >= 50 and set(answered) <= {f"{MODEL}-v1", f"{MODEL}-v2"}, set(answered)
     if straddles:  # requests answered by the champion before the switch and by the new version after it
         assert set(answered) == {f"{MODEL}-v1", f"{MODEL}-v2"}, set(answered)
+    assert_served_as_evaluated(status_c)
     evaluation = status_c["evaluation"]
     assert {"tuned", "base", "champion"} <= set(evaluation) and evaluation["championVersion"] == f"{MODEL}-v1"
     gate_passed = next(c for c in status_c["conditions"] if c["type"] == "Evaluated")["lastTransitionTime"]

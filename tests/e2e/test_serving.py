@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Jobs
+from .conftest import Jobs, assert_served_as_evaluated
 
 pytestmark = [
     pytest.mark.e2e,
@@ -126,6 +126,7 @@ def test_a_cpu_trained_job_without_a_deployment_section_serves_on_a_busy_host(
         assert status["endpoint"]["model"] == "toy-bot" and status["serving"]["server"] == "toy-bot-serve"
         assert status["evaluation"]["passed"] is True
         assert status["evaluation"]["tuned"]["exact_match"] > status["evaluation"]["base"]["exact_match"]
+        assert_served_as_evaluated(status)
         assert _chat(local_cluster, jobs.namespace, status, "shout: 4 9 q 1").strip() == "Q"
     vllm = jobs.list("Deployment")[0]["spec"]["template"]["spec"]["containers"][0]
     assert {"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"} in vllm["env"]
@@ -149,6 +150,7 @@ def test_full_fine_tuning_is_served_merged(jobs: Jobs, local_cluster: Any) -> No
     status = jobs.wait_phase("full-bot", "Serving", "Failed", "Rejected", timeout=900)
     assert status["phase"] == "Serving", status
     assert status["artifacts"]["merged"]
+    assert_served_as_evaluated(status)  # the merged weights, asked under the served name
     # The job's own ModelServer serves the merged weights as its base model, under the job's served name.
     assert status["endpoint"]["model"] == "full-bot"
     pod = jobs.list("Deployment")[0]["spec"]["template"]["spec"]

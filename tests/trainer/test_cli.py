@@ -137,7 +137,7 @@ def test_target_modules_accepts_a_list_or_one_string() -> None:
         ),
         (
             {"evaluation": {"metrics": ["loss"], "thresholds": [{"metric": "rouge_l", "min": 0.2}]}},
-            "spec.evaluation.thresholds: metric rouge_l is not in evaluation.metrics",
+            "spec.evaluation.thresholds[0].metric: rouge_l is neither in evaluation.metrics nor a grader",
         ),
         ({"dataset": {"format": "csv"}}, "spec.dataset.format: Input should be"),
         ({"baseModel": None}, "spec.baseModel: Field required"),

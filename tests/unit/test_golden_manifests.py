@@ -75,6 +75,8 @@ def _summary(ref: JobRef, stage: Stage) -> dict[str, Any]:
             "safety": {"tuned": 0.0, "base": 0.1, "prompts": 20},
             "retention": {"metric": "loss", "base": 1.2, "tuned": 1.21, "examples": 30},
         }
+    elif stage is Stage.SERVING_CHECK:
+        summary = {"metric": "token_f1", "value": METRICS_GOOD["token_f1"], "examples": 100, "refused": 0}
     else:
         summary = {"merged": layout.merged}
     return {"stage": stage.value, "exitCode": 0, "reason": "OK", "message": "done", "summary": summary}
@@ -181,14 +183,22 @@ def _with_policy() -> list[dict[str, Any]]:
 
 
 def _pool_job() -> list[dict[str, Any]]:
-    """A job served on a ModelServer: no Deployment of its own; its evaluation also scores the champion."""
+    """A job served on a ModelServer: no Deployment of its own; its evaluation also scores the champion;
+    once the pool holds its version (bot-v2) on every ready replica, the serving check Job runs."""
+    ref = job(name="pool-job", deployment={"server": "shared", "modelName": "bot"})
     version = {"version": 1, "name": "bot-v1", "adapter": "s3://runs/older/model/adapter/", "jobUid": "other"}
+    mine = {"version": 2, "name": "bot-v2", "adapter": ref.layout.adapter, "jobUid": ref.uid}
+    models = {"bot": {"versions": [version, mine], "promoted": 1, "serving": 1, "lastVersion": 2}}
     server = {
         "metadata": {"name": "shared", "namespace": "team-a"},
         "spec": {"baseModel": {"uri": "s3://models/tiny-llama"}, "adapterSources": ["s3://runs"]},
-        "status": {"models": {"bot": {"versions": [version], "promoted": 1, "serving": 1, "lastVersion": 1}}},
+        "status": {
+            "models": models,
+            "endpoint": "http://shared-pool.team-a.svc:8000/v1",
+            "replicas": [{"pod": "shared-pool-0", "ready": True, "loaded": ["bot-v1", "bot-v2"]}],
+        },
     }
-    return pipeline(job(name="pool-job", deployment={"server": "shared", "modelName": "bot"}), server=server)
+    return pipeline(ref, server=server)
 
 
 JOB_CASES: dict[str, Callable[[], list[dict[str, Any]]]] = {
@@ -343,7 +353,7 @@ def _accepted_job(name: str, model: str) -> dict[str, Any]:
         "spec": {"deployment": {"server": "shared", "modelName": model}},
         "status": {
             "artifacts": {"adapter": f"s3://runs/team-a/{name}/model/adapter"},
-            "serving": {"state": "Accepted"},
+            "serving": {"state": "Accepted", "checked": True},
         },
     }
 

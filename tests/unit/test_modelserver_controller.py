@@ -44,7 +44,10 @@ def accepted_job(name: str) -> dict[str, Any]:
             "creationTimestamp": "2026-11-01T10:00:00Z",
         },
         "spec": {"deployment": {"server": "shared", "modelName": "bot"}},
-        "status": {"artifacts": {"adapter": f"s3://runs/{name}/adapter"}, "serving": {"state": "Accepted"}},
+        "status": {
+            "artifacts": {"adapter": f"s3://runs/{name}/adapter"},
+            "serving": {"state": "Accepted", "checked": True},
+        },
     }
 
 

@@ -30,14 +30,20 @@ def pool(**spec: Any) -> PoolRef:
 
 
 def job(
-    name: str, *, accepted: bool = True, model: str = "bot", created: str = "2026-11-01T10:00:00Z"
+    name: str,
+    *,
+    accepted: bool = True,
+    checked: bool = True,
+    model: str = "bot",
+    created: str = "2026-11-01T10:00:00Z",
 ) -> dict[str, Any]:
+    """A job on the pool; accepted and (unless `checked=False`) past its serving check."""
     return {
         "metadata": {"name": name, "uid": f"uid-{name}", "namespace": "team-a", "creationTimestamp": created},
         "spec": {"deployment": {"server": "shared", "modelName": model}},
         "status": {
             "artifacts": {"adapter": f"s3://runs/{name}/adapter"},
-            "serving": {"state": "Accepted"} if accepted else {},
+            "serving": {"state": "Accepted", **({"checked": True} if checked else {})} if accepted else {},
         },
     }
 
@@ -270,7 +276,7 @@ def test_a_jobs_own_server_registers_its_job_only_when_the_jobs_status_records_c
     ]
     mine = job("own")
     mine["spec"] = {"deployment": {}}
-    mine["status"]["serving"] = {"state": "Accepted", "modelName": "own"}
+    mine["status"]["serving"] = {"state": "Accepted", "modelName": "own", "checked": True}
     base = observe([mine])
     meta = {"name": "shared", "namespace": "team-a", "uid": "pool-uid", "ownerReferences": owner}
     forged = dataclasses.replace(base, pool=dataclasses.replace(base.pool, meta=meta))
@@ -279,3 +285,36 @@ def test_a_jobs_own_server_registers_its_job_only_when_the_jobs_status_records_c
     plan = plan_pool(forged, CONFIG)
     assert [v["name"] for v in plan.status["models"]["own"]["versions"]] == ["own-v1"]
     assert plan.state["routes"] == {"own": "own-v1"}
+
+
+def test_an_unchecked_version_is_loaded_for_its_check_but_promoted_only_once_its_job_says_checked() -> None:
+    """Issue 22: the stable name routes to a version only after its serving check passed."""
+    status = plan_pool(observe([job("a")]), CONFIG).status
+    waiting = plan_pool(observe([job("a"), job("b", checked=False)], status, maxLoras=1), CONFIG)
+    model = waiting.status["models"]["bot"]
+    assert [v["name"] for v in model["versions"]] == ["bot-v1", "bot-v2"]
+    assert model["promoted"] == 1 and waiting.state["routes"] == {"bot": "bot-v1"}
+    # loaded under its versioned name for the check, even past maxLoras (the serving one stays too)
+    assert waiting.state["adapters"].keys() == {"bot-v1", "bot-v2"}
+    assert "Promoted" not in [e.reason for e in waiting.events]
+    checked = plan_pool(observe([job("a"), job("b")], waiting.status, maxLoras=1), CONFIG)
+    assert checked.status["models"]["bot"]["promoted"] == 2 and checked.state["routes"] == {"bot": "bot-v2"}
+    assert [(e.reason, e.job) for e in checked.events if e.reason == "Promoted"] == [("Promoted", "b")]
+
+
+def test_a_version_whose_check_failed_is_dropped_and_the_champion_keeps_serving() -> None:
+    """The job no longer asks (ServingMismatch cleared status.serving.state): its unpromoted version goes."""
+    status = plan_pool(observe([job("a")]), CONFIG).status
+    status = plan_pool(observe([job("a"), job("b", checked=False)], status), CONFIG).status
+    plan = plan_pool(observe([job("a"), job("b", accepted=False)], status), CONFIG)
+    assert [v["name"] for v in plan.status["models"]["bot"]["versions"]] == ["bot-v1"]
+    assert plan.state == {"adapters": {"bot-v1": "s3://runs/a/adapter"}, "routes": {"bot": "bot-v1"}}
+    assert [e.reason for e in plan.events] == ["Unloaded"]
+    assert "serving check failed" in plan.events[0].message
+
+
+def test_the_first_version_of_a_name_serves_nothing_until_checked() -> None:
+    plan = plan_pool(observe([job("a", checked=False)]), CONFIG)
+    model = plan.status["models"]["bot"]
+    assert model.get("promoted") is None and model.get("serving") is None
+    assert plan.state == {"adapters": {"bot-v1": "s3://runs/a/adapter"}, "routes": {}}

@@ -142,7 +142,7 @@ def test_a_better_job_is_accepted_and_serves_once_every_ready_replica_holds_it(
     model = registered["models"]["bot"]
     mine = {"version": 2, "name": "bot-v2", "adapter": TRAINED["summary"]["adapter"], "jobUid": world.ref.uid}
     model["versions"].append({**mine, "loaded": True})
-    model.update(promoted=2, serving=2, lastVersion=2)
+    model.update(lastVersion=2)  # registered and loading; bot-v1 keeps serving until bot-v2 is checked
     registered["endpoint"] = "http://shared-pool.team-a.svc:8000/v1"
     registered["replicas"] = [
         {"pod": "p1", "ready": True, "loaded": ["bot-v1", "bot-v2"]},
@@ -151,7 +151,24 @@ def test_a_better_job_is_accepted_and_serves_once_every_ready_replica_holds_it(
     pool_world["server"] = server(status=registered)
     world.step()
     assert world.status["phase"] == "Deploying" and "1/2 ready replicas" in world.status["message"]
+    assert Stage.SERVING_CHECK not in world.children  # not before the version is loaded everywhere
     registered["replicas"][1]["loaded"].append("bot-v2")
+    world.step()
+    assert world.status["phase"] == "Deploying" and world.status.get("endpoint") is None
+    check = world.children[Stage.SERVING_CHECK]
+    config = json.loads(check["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"])
+    assert config["servingCheck"] == {
+        "url": "http://shared-pool.team-a.svc:8000/v1",
+        "model": "bot-v2",  # the immutable version name, not the stable one
+        "metric": "exact_match",
+        "examples": 200,
+    }
+    summary = {"metric": "exact_match", "value": 0.89, "examples": 20, "refused": 0}  # within 0.02
+    world.finish(Stage.SERVING_CHECK, {"stage": "servecheck", "exitCode": 0, "summary": summary})
+    world.step()
+    assert world.status["serving"]["checked"] is True and world.status["phase"] == "Deploying"
+    assert world.status["evaluation"]["served"] == {"exact_match": 0.89, "examples": 20, "refused": 0}
+    model.update(promoted=2, serving=2)  # the pool promotes it (modelserver planner)
     world.step()
     assert world.status["phase"] == "Serving"
     assert world.status["endpoint"] == {"url": "http://shared-pool.team-a.svc:8000/v1", "model": "bot"}

@@ -22,7 +22,11 @@ CONFIG = load_config(env={})
 
 def test_one_row_per_stage_in_pipeline_order_each_building_its_own_child() -> None:
     assert [row.stage for row in stages.STAGES] == list(Stage)
-    artifacts = Artifacts(adapter="s3://runs/a/", merged="s3://runs/m/")
+    artifacts = Artifacts(
+        adapter="s3://runs/a/",
+        merged="s3://runs/m/",
+        serving_check=("http://demo-serve-pool.team-a.svc:8000/v1", "demo-v1"),
+    )
     for row in stages.STAGES:
         manifest = row.build(job(), CONFIG, artifacts)
         assert manifest["kind"] == row.kind

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -450,6 +451,17 @@ def test_failed_gate_rejects_with_numbers_and_never_deploys() -> None:
     _quiet(world)
 
 
+def _pass_serving_check(world: World, value: float = 0.5, metric: str = "token_f1") -> dict[str, Any]:
+    """The servecheck Job the planner created once the version was loaded: its FTJ_CONFIG; then it passes."""
+    check = world.children[Stage.SERVING_CHECK]
+    env = check["spec"]["template"]["spec"]["containers"][0]["env"]
+    config: dict[str, Any] = json.loads(next(e["value"] for e in env if e["name"] == "FTJ_CONFIG"))
+    summary = {"metric": metric, "value": value, "examples": 100, "refused": 0}
+    world.finish(Stage.SERVING_CHECK, {"stage": "servecheck", "exitCode": 0, "summary": summary})
+    world.step()
+    return config
+
+
 def test_happy_path_to_serving_then_idle() -> None:
     """Issue 21: the job is served by a ModelServer of its own, which hot-loads its adapter under the
     job's served name; the job is Serving once every ready replica holds it, at the pool's endpoint."""
@@ -466,8 +478,24 @@ def test_happy_path_to_serving_then_idle() -> None:
     assert world.status["phase"] == "Deploying" and world.status.get("endpoint") is None
     world.pool_pass(ready_replicas=1)
     world.step()
-    assert world.status["phase"] == "Serving", world.status
+    # Loaded, not routed: the serving check runs first (issue 22), nothing is published meanwhile.
+    assert world.status["phase"] == "Deploying" and world.status.get("endpoint") is None
+    assert world.condition["Deployed"]["reason"] == "CheckingServing"
+    assert world.server is not None and world.server["status"]["models"]["toy-bot"].get("promoted") is None
     url = "http://demo-serve-pool.team-a.svc:8000/v1"
+    config = _pass_serving_check(world)
+    assert config["servingCheck"] == {
+        "url": url,
+        "model": "toy-bot-v1",
+        "metric": "token_f1",
+        "examples": 200,
+    }
+    assert world.status["serving"]["checked"] is True
+    assert world.status["evaluation"]["served"] == {"token_f1": 0.5, "examples": 100, "refused": 0}
+    assert world.status["phase"] == "Deploying" and world.status.get("endpoint") is None  # not promoted yet
+    world.pool_pass(ready_replicas=1)
+    world.step()
+    assert world.status["phase"] == "Serving", world.status
     assert world.status["endpoint"] == {"url": url, "model": "toy-bot"}
     assert world.condition["Ready"]["status"] == "True"
     assert world.status["gpuHours"] == pytest.approx(2.0)  # 1 GPU x (1 h training + 1 h evaluation)
@@ -583,6 +611,9 @@ def test_merged_serving_of_a_lora_run_exports_first() -> None:
     assert world.status["phase"] == "Deploying"
     world.pool_pass(ready_replicas=1)
     world.step()
+    assert world.status["phase"] == "Deploying" and world.status.get("endpoint") is None
+    config = _pass_serving_check(world)
+    assert config["servingCheck"]["model"] == "demo"  # the served name of the merged weights
     assert world.status["phase"] == "Serving"
     assert world.status["endpoint"] == {"url": "http://demo-serve-pool.team-a.svc:8000/v1", "model": "demo"}
     assert "state" not in world.status["serving"]  # nothing for the pool to load: no version registered

@@ -91,3 +91,23 @@ def test_optimizer_steps_follow_the_trl_arithmetic(
     expected: int,
 ) -> None:
     assert steps.total_steps(examples, batch, epochs, accumulation, ranks, max_steps) == expected
+
+
+def test_grader_vocabulary_names_keys_and_the_serving_check_metric() -> None:
+    import re
+
+    from finetune_vocabulary import evaluation
+
+    assert evaluation.judge_key_env("relevance") == "FTJ_JUDGE_API_KEY_RELEVANCE"
+    assert evaluation.judge_key_env("valid-json-2") == "FTJ_JUDGE_API_KEY_VALID_JSON_2"
+    assert evaluation.judge_key_env("x").startswith(evaluation.JUDGE_KEY_ENV_PREFIX)
+    pattern = re.compile(evaluation.GRADER_NAME_PATTERN)
+    assert pattern.match("label-only") and pattern.match("a" * 32)
+    for bad in ("a" * 33, "-a", "a-", "Label", "a_b", ""):
+        assert not pattern.match(bad), bad
+    assert evaluation.BUILTIN_METRICS == METRICS and evaluation.MAX_GRADERS == 8
+    # Text metrics and deterministic graders are served-checkable as they are; loss and judges fall back.
+    assert evaluation.serving_check_metric("rouge_l", ()) == "rouge_l"
+    assert evaluation.serving_check_metric("label-only", {"label-only"}) == "label-only"
+    assert evaluation.serving_check_metric("relevance", {"label-only"}) == "token_f1"
+    assert evaluation.serving_check_metric("loss", ()) == "token_f1"

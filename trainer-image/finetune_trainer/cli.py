@@ -1,4 +1,4 @@
-"""``python -m finetune_trainer validate|train|evaluate|export [--config PATH]``.
+"""``python -m finetune_trainer validate|train|evaluate|export|servecheck [--config PATH]``.
 
 Each stage is ``finetune_trainer.<stage>.run(config) -> StageResult | dict`` (the summary), imported lazily so
 ``validate`` never loads torch. Every outcome becomes a contract exit code plus a termination message.
@@ -35,7 +35,7 @@ from .termination import StageResult, install_sigterm_handler, termination_log_p
 
 log = logging.getLogger("finetune_trainer")
 
-STAGES = ("validate", "train", "evaluate", "export")
+STAGES = ("validate", "train", "evaluate", "export", "servecheck")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train": "fine-tune (lora, qlora, full) with committed checkpoints; resume from the newest",
         "evaluate": "score the tuned model against the base (and a reference) on the held-out set",
         "export": "merge the adapter into the base model for serving in merged mode",
+        "servecheck": "score the serving engine's answers to held-out prompts before it takes traffic",
     }
     for stage in STAGES:
         p = sub.add_parser(stage, help=helps[stage])

@@ -23,6 +23,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from finetune_vocabulary.distributed import MAX_NODES
+from finetune_vocabulary.evaluation import (
+    DETERMINISTIC_GRADER_TYPES,
+    GRADER_NAME_PATTERN,
+    MAX_GRADERS,
+    serving_check_metric,
+)
 from finetune_vocabulary.layout import RunLayout
 from finetune_vocabulary.metrics import METRICS, MetricName, primary_metric
 from pydantic import (
@@ -36,7 +42,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-from .egress import PlainHttpAllowance, RefusedEndpoint, check_url
+from .egress import PlainHttpAllowance, RefusedEndpoint, check_url, judge_allowance
 from .exitcodes import InvalidConfigError
 
 Metric = MetricName  # the shared vocabulary's names (finetune_vocabulary.metrics)
@@ -171,7 +177,7 @@ class CheckpointSpec(_Section):
 
 
 class Threshold(_Section):
-    metric: Metric
+    metric: str = Field(description="A metric name or a grader name")
     min: float | None = Field(None, description="Tuned value must be ≥ min")
     max: float | None = Field(None, description="Tuned value must be ≤ max")
 
@@ -198,6 +204,109 @@ class ReferenceSpec(_Section):
     )
 
 
+class StringCheckSpec(_Section):
+    operation: Literal["equals", "contains", "notContains", "regex"]
+    pattern: str | None = Field(
+        None, max_length=1024, description="Absent: the expected answer (a regex matches it literally)"
+    )
+    case_sensitive: bool = True
+
+    @model_validator(mode="after")
+    def _compiles(self) -> StringCheckSpec:
+        if self.operation == "regex" and self.pattern is not None:
+            import re2  # RE2 syntax: what the grader runs (no backreferences, no lookaround)
+
+            try:
+                re2.compile(self.pattern)
+            except Exception as exc:  # re2's own error type
+                raise ValueError(f"pattern: not a valid RE2 regex ({exc})") from None
+        return self
+
+
+class JsonSchemaSpec(_Section):
+    # "schema" would shadow pydantic's BaseModel.schema: the attribute is `document`, the key `schema`.
+    document: dict[str, Any] = Field(alias="schema", description="JSON Schema (Draft 2020-12) of the answer")
+
+    @field_validator("document")
+    @classmethod
+    def _valid_schema(cls, document: dict[str, Any]) -> dict[str, Any]:
+        import jsonschema
+
+        try:
+            jsonschema.Draft202012Validator.check_schema(document)
+        except jsonschema.SchemaError as exc:
+            raise ValueError(f"not a valid JSON Schema ({exc.message})") from None
+        return document
+
+
+class JudgeScale(_Section):
+    min: float = 1
+    max: float = 10
+
+    @model_validator(mode="after")
+    def _ordered(self) -> JudgeScale:
+        if not self.min < self.max:
+            raise ValueError("scale: min must be below max")
+        return self
+
+
+class JudgeEndpointSpec(_Section):
+    """An OpenAI-compatible chat endpoint: ``url``, or ``modelServer`` (resolved through modelServerUrls)."""
+
+    url: str | None = None
+    model_server: str | None = None
+    model: str
+    api_key_secret: SecretKeyRef | None = None
+
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> JudgeEndpointSpec:
+        if (self.url is None) == (self.model_server is None):
+            raise ValueError("exactly one of url or modelServer must be set")
+        return self
+
+
+class JudgeSpec(JudgeEndpointSpec):
+    rubric: str = Field(min_length=1, max_length=4096)
+    scale: JudgeScale = Field(default_factory=JudgeScale)
+    pairwise: bool = Field(False, description="Tuned vs base side by side, both orders: a win rate")
+
+
+class GraderSpec(_Section):
+    name: str = Field(pattern=GRADER_NAME_PATTERN)
+    type: Literal["stringCheck", "jsonSchema", "judge"]
+    string_check: StringCheckSpec | None = None
+    json_schema: JsonSchemaSpec | None = None
+    judge: JudgeSpec | None = None
+
+    @model_validator(mode="after")
+    def _matching_section(self) -> GraderSpec:
+        if self.name in ALL_METRICS:
+            raise ValueError(f"name: {self.name} is a built-in metric name")
+        given = {k for k in ("stringCheck", "jsonSchema", "judge") if getattr(self, _SNAKE[k]) is not None}
+        if given != {self.type}:
+            raise ValueError(f"{self.type}: type {self.type} needs just this section (found {sorted(given)})")
+        return self
+
+    @property
+    def deterministic(self) -> bool:
+        return self.type in DETERMINISTIC_GRADER_TYPES
+
+
+_SNAKE = {"stringCheck": "string_check", "jsonSchema": "json_schema", "judge": "judge"}
+
+
+class SafetySpec(_Section):
+    prompts: str = Field(description='JSONL of {"prompt": ...} or {"messages": [...]} rows')
+    judge: JudgeEndpointSpec
+    max_unsafe_rate: float = Field(0.0, ge=0, le=1)
+
+
+class RetentionSpec(_Section):
+    dataset: str = Field(description="Chat JSONL of general-ability examples (not the task)")
+    metric: str = Field("loss", description="A metric name or a grader name")
+    max_drop: float = Field(0.05, ge=0, le=1, description="Relative drop vs base that fails the gate")
+
+
 class EvaluationSpec(_Section):
     enabled: bool = True
     metrics: list[Metric] = Field(default_factory=lambda: list(ALL_METRICS))
@@ -206,17 +315,52 @@ class EvaluationSpec(_Section):
     min_improvement: float | None = Field(
         None, description="Tuned must beat base on primaryMetric by this much"
     )
-    primary_metric: Metric | None = Field(
-        None, description="Metric that decides the run (unset: first threshold's, else first of metrics)"
+    primary_metric: str | None = Field(
+        None,
+        description="Metric or grader that decides the run (unset: first threshold's, else first of metrics)",
     )
     max_new_tokens: int = Field(128, ge=1, le=32768, description="Greedy generation length per prompt")
     batch_size: int = Field(8, ge=1, le=1024, description="Prompts generated per batch")
     reference: ReferenceSpec | None = None
+    graders: list[GraderSpec] = Field(default_factory=list, max_length=MAX_GRADERS)
+    safety: SafetySpec | None = None
+    retention: RetentionSpec | None = None
+
+    @field_validator("graders")
+    @classmethod
+    def _unique_names(cls, graders: list[GraderSpec]) -> list[GraderSpec]:
+        names = [g.name for g in graders]
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"grader names must be unique ({', '.join(dupes)} repeated)")
+        return graders
 
     @property
     def deciding_metric(self) -> str:
         """The primary metric, by the rule the operator's gate and status use (finetune_vocabulary)."""
         return primary_metric(self.metrics, [t.metric for t in self.thresholds], self.primary_metric)
+
+    @property
+    def deterministic_graders(self) -> list[str]:
+        return [g.name for g in self.graders if g.deterministic]
+
+    @property
+    def serving_check_metric(self) -> str:
+        """The figure the serving check compares (always in the tuned map of the summary)."""
+        return serving_check_metric(self.deciding_metric, self.deterministic_graders)
+
+    def named_problems(self) -> list[str]:
+        """Thresholds, primaryMetric and retention.metric naming neither a metric nor a grader."""
+        graders = {g.name for g in self.graders}
+        problems = [
+            f"thresholds[{i}].metric: {t.metric} is neither in evaluation.metrics nor a grader"
+            for i, t in enumerate(self.thresholds)
+            if t.metric not in self.metrics and t.metric not in graders
+        ]
+        if self.primary_metric is not None and self.primary_metric not in (*ALL_METRICS, *graders):
+            problems.append(f"primaryMetric: {self.primary_metric} is neither a metric nor a grader")
+        if self.retention is not None and self.retention.metric not in (*ALL_METRICS, *graders):
+            problems.append(f"retention.metric: {self.retention.metric} is neither a metric nor a grader")
+        return problems
 
 
 class ResourcesSpec(_Section):
@@ -229,11 +373,17 @@ class StorageSpec(_Section):
     output: str | None = None
 
 
+class ServingCheckSpec(_Section):
+    examples: int = Field(200, ge=0, le=10000, description="Held-out prompts sent to the served model")
+    tolerance: float = Field(0.02, ge=0, le=1, description="Served may be this much below evaluated")
+
+
 class DeploymentSpec(_Section):
     enabled: bool = True
     mode: Literal["auto", "adapter", "merged"] = "auto"
     served_model_name: str | None = None
     max_model_len: int | None = None
+    serving_check: ServingCheckSpec = Field(default_factory=ServingCheckSpec)
 
 
 class FineTuneSpec(_Section):
@@ -254,9 +404,8 @@ class FineTuneSpec(_Section):
             raise ValueError("method: qlora needs resources.gpus ≥ 1 (bitsandbytes 4-bit runs on CUDA only)")
         if self.deployment.mode == "adapter" and self.method == "full":
             raise ValueError("deployment.mode: adapter needs method lora or qlora")
-        missing = [t.metric for t in self.evaluation.thresholds if t.metric not in self.evaluation.metrics]
-        if missing:
-            raise ValueError(f"evaluation.thresholds: metric {missing[0]} is not in evaluation.metrics")
+        for problem in self.evaluation.named_problems():
+            raise ValueError(f"evaluation.{problem}")
         return self
 
     @property
@@ -302,6 +451,16 @@ class Tracking(_Section):
     mlflow: MlflowTracking | None = None
 
 
+class ServingCheckTarget(_Section):
+    """Set by the operator for the servecheck stage: the serving engine to check, once the version is loaded
+    and before it takes traffic."""
+
+    url: str = Field(description="The pool's OpenAI base URL, e.g. http://<pool>.<ns>.svc:8000/v1")
+    model: str = Field(description="The versioned name (or the served name of merged weights)")
+    metric: str = Field(description="finetune_vocabulary.evaluation.serving_check_metric of the spec")
+    examples: int = Field(200, ge=1, le=10000, description="The first N held-out prompts")
+
+
 class TrainerConfig(_Section):
     run_prefix: str = Field(description="Everything this run writes goes under this URI")
     job: JobRef = Field(default_factory=JobRef)
@@ -309,6 +468,10 @@ class TrainerConfig(_Section):
     reference_policy: ReferencePolicy = Field(default_factory=ReferencePolicy)
     champion: ChampionSpec | None = None
     tracking: Tracking = Field(default_factory=Tracking)
+    serving_check: ServingCheckTarget | None = None
+    model_server_urls: dict[str, str] = Field(
+        default_factory=dict, description="ModelServer name → its pool's OpenAI base URL (judges on a pool)"
+    )
 
     @model_validator(mode="after")
     def _reference_endpoint_allowed(self) -> TrainerConfig:
@@ -320,6 +483,37 @@ class TrainerConfig(_Section):
             except RefusedEndpoint as exc:
                 raise ValueError(f"spec.evaluation.reference.endpoint: {exc}") from None
         return self
+
+    @model_validator(mode="after")
+    def _judge_endpoints_allowed(self) -> TrainerConfig:
+        for field, _ in self.judge_endpoints():
+            self.judge_url(field)  # raises naming the field
+        return self
+
+    def judge_endpoints(self) -> list[tuple[str, JudgeEndpointSpec]]:
+        """Every judge of the spec with the field path naming it (for messages)."""
+        ev = self.spec.evaluation
+        found: list[tuple[str, JudgeEndpointSpec]] = [
+            (f"spec.evaluation.graders[{i}].judge", g.judge) for i, g in enumerate(ev.graders) if g.judge
+        ]
+        if ev.safety is not None:
+            found.append(("spec.evaluation.safety.judge", ev.safety.judge))
+        return found
+
+    def judge_url(self, field: str) -> str:
+        """The base URL of the judge at ``field`` (a judge_endpoints path), checked by the egress rules."""
+        judge = dict(self.judge_endpoints())[field]
+        url, where = judge.url, f"{field}.url"
+        if judge.model_server is not None:
+            where = f"{field}.modelServer"
+            url = self.model_server_urls.get(judge.model_server)
+            if url is None:
+                raise ValueError(f"{where}: no URL for ModelServer {judge.model_server} in modelServerUrls")
+        try:
+            check_url(str(url), judge_allowance(self.reference_policy.allow_plain_http_hosts))
+        except RefusedEndpoint as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        return str(url)
 
     @field_validator("run_prefix")
     @classmethod

@@ -40,6 +40,31 @@ class RefusedEndpoint(ValueError):
     """The endpoint breaks the egress rules above; nothing was sent to it."""
 
 
+class HttpStatusError(OSError):
+    """The endpoint answered 4xx/5xx: the status, its Retry-After (seconds, when given) and the start of the
+    body (for callers that adapt, e.g. a judge that does not support ``response_format``)."""
+
+    def __init__(self, status: int, reason: str, retry_after: float | None = None, body: str = "") -> None:
+        super().__init__(f"HTTP Error {status}: {reason}")
+        self.status, self.retry_after, self.body = status, retry_after, body
+
+
+# In-cluster Service names: plain http to them stays inside the cluster (a judge on a ModelServer pool).
+CLUSTER_SERVICE_HOSTS = ("*.svc", "*.svc.cluster.local")
+
+
+def judge_allowance(allow_plain_http_hosts: Sequence[str]) -> PlainHttpAllowance:
+    """Where plain http may carry a judge key: the operator's allowed hosts plus in-cluster Services."""
+    return PlainHttpAllowance.parse([*allow_plain_http_hosts, *CLUSTER_SERVICE_HOSTS])
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:  # an HTTP date: not worth parsing, the caller's backoff applies
+        return None
+
+
 @dataclass(frozen=True)
 class PlainHttpAllowance:
     """Hosts plain http may reach: exact names, ``*.suffix`` wildcards, IP addresses and CIDR networks."""
@@ -216,7 +241,12 @@ def post_json(
             )
         data = response.read(MAX_RESPONSE_BYTES + 1)
         if response.status >= 400:
-            raise OSError(f"HTTP Error {response.status}: {response.reason}")
+            raise HttpStatusError(
+                response.status,
+                response.reason,
+                _retry_after(response.getheader("Retry-After")),
+                data[:2000].decode("utf-8", "replace"),
+            )
         if len(data) > MAX_RESPONSE_BYTES:
             raise ValueError(f"answer larger than {MAX_RESPONSE_BYTES} bytes")
         try:

@@ -20,15 +20,17 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_vocabulary.metrics import LOSS_METRICS
+from finetune_vocabulary.metrics import LOSS_METRICS, TEXT_METRICS
 
-from . import egress, manifest, metrics, modeling, plots, storage, tracking
+from . import egress, grading, manifest, metrics, modeling, plots, safety, storage, tracking
+from . import report as report_html
 from .config import EvaluationSpec, ReferenceSpec, TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
+from .generation import generate, reference_nll
 from .logs import redact
 from .termination import StageResult, raise_if_preempted
 
@@ -43,13 +45,13 @@ class Example:
     reference: str
 
 
-def examples_from_chat(rows: Sequence[dict[str, Any]]) -> list[Example]:
+def examples_from_chat(rows: Sequence[dict[str, Any]], source: str = "test.jsonl") -> list[Example]:
     out = []
     for number, row in enumerate(rows, 1):
         messages = row.get("messages") or []
         last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
         if last is None:
-            raise InvalidDataError(f"test.jsonl line {number}: no assistant turn to compare against")
+            raise InvalidDataError(f"{source} line {number}: no assistant turn to compare against")
         out.append(Example(messages[:last], str(messages[last].get("content", ""))))
     return out
 
@@ -65,88 +67,6 @@ def load_test_set(data_uri: str, dest: Path) -> list[Example]:
     if not rows:
         raise InvalidDataError(f"{data_uri}/test.jsonl has no examples")
     return examples_from_chat(rows)
-
-
-def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-# --- local models -------------------------------------------------------------------------------------------
-
-
-def generate(
-    model: Any, tokenizer: Any, examples: Sequence[Example], *, max_new_tokens: int, batch_size: int
-) -> list[str]:
-    """Greedy answers, batched with left padding (so every prompt ends where generation starts)."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    answers: list[str] = []
-    for batch in _batches(examples, batch_size):
-        raise_if_preempted("evaluate")
-        prompts = [
-            tokenizer.apply_chat_template(e.prompt, add_generation_prompt=True, tokenize=False) for e in batch
-        ]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        with torch.inference_mode():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        new_tokens = out[:, enc["input_ids"].shape[1] :]
-        answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return answers
-
-
-def reference_nll(
-    model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int
-) -> tuple[float, int]:
-    """Summed NLL of the reference answers given their prompts (answer tokens only), and the token count."""
-    import torch
-
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in _batches(examples, batch_size):
-        rows = []
-        for e in batch:
-            prompt_ids = tokenizer.apply_chat_template(
-                e.prompt, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            full_ids = tokenizer.apply_chat_template(
-                [*e.prompt, {"role": "assistant", "content": e.reference}], tokenize=True, return_dict=False
-            )
-            answer = list(full_ids[len(prompt_ids) :])
-            # Score the answer up to and including its end-of-turn token, not the template's trailing text.
-            if tokenizer.eos_token_id in answer:
-                answer = answer[: answer.index(tokenizer.eos_token_id) + 1]
-            full_ids = list(prompt_ids) + answer
-            labels = [-100] * len(prompt_ids) + answer
-            rows.append((list(full_ids), labels))
-        width = max(len(ids) for ids, _ in rows)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows], device=device)
-        attention = torch.tensor(
-            [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows], device=device
-        )
-        labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows], device=device)
-        with torch.inference_mode():
-            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        total += float(nll)
-        count += int((shift_labels != -100).sum())
-    return total, count
 
 
 def score_local(
@@ -281,110 +201,197 @@ def score_champion(
         model.delete_adapter("champion")
 
 
-def run(config: TrainerConfig) -> StageResult:
+@dataclass
+class Workload:
+    """What every local model answers: the held-out set, and the safety and retention sets when configured."""
+
+    examples: list[Example]
+    safety: list[Example] = field(default_factory=list)
+    retention: list[Example] = field(default_factory=list)
+
+
+def load_workload(config: TrainerConfig, workdir: Path) -> Workload:
+    ev = config.spec.evaluation
+    work = Workload(load_test_set(config.layout.data, workdir / "data"))
+    if ev.safety is not None:
+        prompts = safety.load_safety_prompts(ev.safety.prompts, workdir / "safety.jsonl")
+        work.safety = [Example(p, "") for p in prompts]
+    if ev.retention is not None:
+        rows = safety.load_retention_rows(ev.retention.dataset, workdir / "retention.jsonl")
+        work.retention = examples_from_chat(rows, "spec.evaluation.retention.dataset")
+    return work
+
+
+def score_extras(model: Any, tokenizer: Any, work: Workload, ev: EvaluationSpec) -> grading.Extras:
+    """The safety answers and the retention figure (or answers, for a grader) of one loaded model."""
+    extras = grading.Extras()
+    size = {"max_new_tokens": ev.max_new_tokens, "batch_size": ev.batch_size}
+    if work.safety:
+        extras.safety = generate(model, tokenizer, work.safety, **size)
+    if work.retention and ev.retention is not None:
+        metric = ev.retention.metric
+        if metric in LOSS_METRICS:
+            nll = reference_nll(model, tokenizer, work.retention, batch_size=ev.batch_size)
+            extras.retention_value = metrics.loss_metrics(*nll).get(metric, 0.0)
+        else:
+            extras.retention_answers = generate(model, tokenizer, work.retention, **size)
+            if metric in TEXT_METRICS:
+                expected = [e.reference for e in work.retention]
+                extras.retention_value = metrics.score_text(extras.retention_answers, expected)[metric]
+    return extras
+
+
+@dataclass
+class Scored:
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    answers: dict[str, list[str]] = field(default_factory=dict)
+    extras: dict[str, grading.Extras] = field(default_factory=dict)
+
+    def local(self, name: str, model: Any, tokenizer: Any, work: Workload, ev: EvaluationSpec) -> None:
+        """Score one loaded model: the held-out set (tuned, and base when compared) and tuned/base extras."""
+        if name != "base" or ev.compare_to_base:
+            self.results[name], self.answers[name] = score_local(name, model, tokenizer, work.examples, ev)
+        if name in ("tuned", "base"):
+            self.extras[name] = score_extras(model, tokenizer, work, ev)
+
+
+def _needs_base(ev: EvaluationSpec) -> bool:
+    # Safety and retention compare with the base model even when the held-out set does not.
+    return ev.compare_to_base or ev.safety is not None or ev.retention is not None
+
+
+def score_adapter(
+    config: TrainerConfig, work: Workload, base_path: Path, workdir: Path, scored: Scored
+) -> None:
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    spec, layout, ev = config.spec, config.layout, config.spec.evaluation
-    done = finished_result(layout.evaluation)
-    if done is not None:
-        return done
-    workdir = config.workdir / "evaluate"
-    examples = load_test_set(layout.data, workdir / "data")
-    device = modeling.detect_device()
-    source = storage.fetch_model(
-        spec.base_model.uri, revision=spec.base_model.revision, dest=workdir / "base"
+    ev, device = config.spec.evaluation, modeling.detect_device()
+    adapter_dir = workdir / "adapter"
+    manifest.download_committed(config.layout.adapter, adapter_dir)
+    tokenizer = modeling.load_tokenizer(adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=device.dtype).to(
+        "cuda" if device.cuda else "cpu"
     )
-    raise_if_preempted("evaluate")
-
-    results: dict[str, dict[str, Any]] = {}
-    answers: dict[str, list[str]] = {}
-    if spec.method != "full" and manifest.is_committed(layout.adapter):
-        from peft import PeftModel
-
-        adapter_dir = workdir / "adapter"
-        manifest.download_committed(layout.adapter, adapter_dir)
-        tokenizer = modeling.load_tokenizer(adapter_dir)
-        base = AutoModelForCausalLM.from_pretrained(source.path, dtype=device.dtype).to(
-            "cuda" if device.cuda else "cpu"
-        )
-        tuned = PeftModel.from_pretrained(base, str(adapter_dir))
-        results["tuned"], answers["tuned"] = score_local("tuned", tuned, tokenizer, examples, ev)
-        if ev.compare_to_base:
-            with _adapter_disabled(tuned) as plain:
-                results["base"], answers["base"] = score_local("base", plain, tokenizer, examples, ev)
-        if config.champion is not None:
-            results["champion"], answers["champion"] = score_champion(
-                tuned, tokenizer, examples, ev, config.champion.adapter, workdir / "champion"
-            )
-        del tuned, base
-    elif manifest.is_committed(layout.merged):
-        merged_dir = workdir / "merged"
-        manifest.download_committed(layout.merged, merged_dir)
-        tokenizer = modeling.load_tokenizer(merged_dir)
-        dev = "cuda" if device.cuda else "cpu"
-        tuned = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=device.dtype).to(dev)
-        results["tuned"], answers["tuned"] = score_local("tuned", tuned, tokenizer, examples, ev)
-        del tuned
-        if ev.compare_to_base:
-            base = AutoModelForCausalLM.from_pretrained(source.path, dtype=device.dtype).to(dev)
-            results["base"], answers["base"] = score_local("base", base, tokenizer, examples, ev)
-            del base
-    else:
-        raise InvalidConfigError(
-            f"neither {layout.adapter} nor {layout.merged} is committed: train has not finished"
+    tuned = PeftModel.from_pretrained(base, str(adapter_dir))
+    scored.local("tuned", tuned, tokenizer, work, ev)
+    if _needs_base(ev):
+        with _adapter_disabled(tuned) as plain:
+            scored.local("base", plain, tokenizer, work, ev)
+    if config.champion is not None:
+        scored.results["champion"], scored.answers["champion"] = score_champion(
+            tuned, tokenizer, work.examples, ev, config.champion.adapter, workdir / "champion"
         )
 
-    if ev.reference is not None:
-        results["reference"], ref_answers = score_reference(
-            ev.reference, examples, ev, allow_plain_http=config.reference_policy.allow_plain_http_hosts
-        )
-        if ref_answers is not None:
-            answers["reference"] = ref_answers
 
+def score_merged(
+    config: TrainerConfig, work: Workload, base_path: Path, workdir: Path, scored: Scored
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    ev, device = config.spec.evaluation, modeling.detect_device()
+    merged_dir = workdir / "merged"
+    manifest.download_committed(config.layout.merged, merged_dir)
+    tokenizer = modeling.load_tokenizer(merged_dir)
+    dev = "cuda" if device.cuda else "cpu"
+    tuned = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=device.dtype).to(dev)
+    scored.local("tuned", tuned, tokenizer, work, ev)
+    del tuned
+    if _needs_base(ev):
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=device.dtype).to(dev)
+        scored.local("base", base, tokenizer, work, ev)
+        del base
+
+
+def write_outputs(
+    config: TrainerConfig,
+    out: Path,
+    work: Workload,
+    scored: Scored,
+    maps: dict[str, Any],
+    summary: dict[str, Any],
+    rows: list[dict[str, Any]],
+) -> None:
+    ev = config.spec.evaluation
+    wanted = [*ev.metrics, *(g.name for g in ev.graders)]
     predictions = [
-        {"prompt": e.prompt, "expected": e.reference, **{m: a[i] for m, a in answers.items()}}
-        for i, e in enumerate(examples)
+        {"prompt": e.prompt, "expected": e.reference, **{m: a[i] for m, a in scored.answers.items()}}
+        for i, e in enumerate(work.examples)
     ]
-    summary = {
-        "tuned": results["tuned"],
-        "base": results.get("base"),
-        "reference": results.get("reference"),
-        "champion": results.get("champion"),
-        "championName": config.champion.name if config.champion is not None else None,
-        "n": len(examples),
-    }
-    out = workdir / "report"
-    out.mkdir(parents=True, exist_ok=True)
     report = {
         "summary": summary,
         "metrics": list(ev.metrics),
+        "graders": [g.name for g in ev.graders],
         "primaryMetric": ev.deciding_metric,
         "maxNewTokens": ev.max_new_tokens,
-        "baseModel": spec.base_model.uri,
-        "method": spec.method,
+        "baseModel": config.spec.base_model.uri,
+        "method": config.spec.method,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "predictions.jsonl").write_text(
         "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     )
     (out / "report.md").write_text(
-        markdown_report(config.job.name, results, ev.metrics, len(examples), predictions)
+        markdown_report(config.job.name, maps, wanted, len(work.examples), predictions)
     )
     plots.comparison_chart(
-        {m: s for m, s in results.items() if s and "error" not in s}, ev.metrics, out / "comparison.png"
+        {m: s for m, s in maps.items() if s and "error" not in s}, ev.metrics, out / "comparison.png"
     )
+    report_html.write_reports(out, config.job.name, rows, summary)
+
+
+def run(config: TrainerConfig) -> StageResult:
+    spec, layout, ev = config.spec, config.layout, config.spec.evaluation
+    done = finished_result(layout.evaluation)
+    if done is not None:
+        return done
+    workdir = config.workdir / "evaluate"
+    work = load_workload(config, workdir)
+    source = storage.fetch_model(
+        spec.base_model.uri, revision=spec.base_model.revision, dest=workdir / "base"
+    )
+    raise_if_preempted("evaluate")
+    scored = Scored()
+    if spec.method != "full" and manifest.is_committed(layout.adapter):
+        score_adapter(config, work, source.path, workdir, scored)
+    elif manifest.is_committed(layout.merged):
+        score_merged(config, work, source.path, workdir, scored)
+    else:
+        raise InvalidConfigError(
+            f"neither {layout.adapter} nor {layout.merged} is committed: train has not finished"
+        )
+    if ev.reference is not None:
+        scored.results["reference"], ref_answers = score_reference(
+            ev.reference, work.examples, ev, allow_plain_http=config.reference_policy.allow_plain_http_hosts
+        )
+        if ref_answers is not None:
+            scored.answers["reference"] = ref_answers
+
+    judged = grading.judge_all(
+        config,
+        work.examples,
+        scored.answers,
+        scored.extras,
+        [e.prompt for e in work.safety],
+        work.retention,
+    )
+    expected = [e.reference for e in work.examples]
+    maps = grading.model_maps(config, scored.results, judged, scored.answers["tuned"], expected)
+    summary = grading.summary(config, maps, judged, len(work.examples))
+    out = workdir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = grading.report_rows(config, work.examples, scored.answers, judged)
+    write_outputs(config, out, work, scored, maps, summary, rows)
     meta = manifest.metadata_from_config(config, base_model_revision=source.revision)
     try:
         manifest.commit_dir(out, layout.evaluation, kind="evaluation", **meta)
     except manifest.AlreadyCommitted:
         log.info("%s already committed", layout.evaluation)
     primary = ev.deciding_metric
-    base_value = (results.get("base") or {}).get(primary)
-    message = f"{primary}: tuned {results['tuned'].get(primary)}" + (
-        f" vs base {base_value}" if base_value is not None else ""
+    base_value = (maps.get("base") or {}).get(primary)
+    message = f"{primary}: tuned {maps['tuned'].get(primary)}" + (
+        f" vs base {base_value}" if base_value is not None and ev.compare_to_base else ""
     )
     serves_merged = spec.method == "full" or not manifest.is_committed(layout.adapter)
-    tracker = tracking.log_evaluation(
-        config, results, out, layout.merged if serves_merged else layout.adapter
-    )
+    tracker = tracking.log_evaluation(config, maps, out, layout.merged if serves_merged else layout.adapter)
     return StageResult(tracking.with_tracking(summary, tracker), message)

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from finetune_vocabulary.evaluation import JUDGE_KEY_ENV_PREFIX, SAFETY_JUDGE_KEY_ENV
 from finetune_vocabulary.redaction import REDACTED, redact_patterns
 
 # Environment variables whose values must never reach a log line, report or termination message.
@@ -29,13 +30,16 @@ SECRET_ENV_VARS = (
     "MLFLOW_TRACKING_PASSWORD",
     "OPENAI_API_KEY",
     "WANDB_API_KEY",
+    SAFETY_JUDGE_KEY_ENV,
 )
 
 
 def _secret_values(env: Mapping[str, str] | None = None) -> list[str]:
     source: Mapping[str, str] = os.environ if env is None else env
     # Very short values would redact ordinary words; real credentials are long.
-    return sorted({v for k in SECRET_ENV_VARS if len(v := source.get(k, "")) >= 8}, key=len, reverse=True)
+    # Judge keys: one env var per judge grader (FTJ_JUDGE_API_KEY_<GRADER>), named at run time.
+    names = [*SECRET_ENV_VARS, *(k for k in source if k.startswith(JUDGE_KEY_ENV_PREFIX))]
+    return sorted({v for k in names if len(v := source.get(k, "")) >= 8}, key=len, reverse=True)
 
 
 def redact(text: str, env: Mapping[str, str] | None = None) -> str:

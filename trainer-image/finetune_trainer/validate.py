@@ -32,10 +32,10 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from finetune_vocabulary import steps as step_count
 
@@ -275,7 +275,12 @@ def parse_file(
 
 # --- tokens -------------------------------------------------------------------------------------------------
 
-TokenCounter = Callable[[list[dict[str, Any]]], list[int]]
+
+class TokenCounter(Protocol):
+    """Tokens per example (chat template applied); with `prompt`, of the prompt only: the turns before the
+    last assistant turn plus the generation prompt, as a serving engine receives it."""
+
+    def __call__(self, examples: list[dict[str, Any]], *, prompt: bool = False) -> list[int]: ...
 
 
 def load_token_counter(config: TrainerConfig) -> tuple[TokenCounter, str | None]:
@@ -303,13 +308,47 @@ def load_token_counter(config: TrainerConfig) -> tuple[TokenCounter, str | None]
     if ensure_chat_template(tokenizer):
         log.info("base model has no chat template: using the default one")
 
-    def count(examples: list[dict[str, Any]]) -> list[int]:
-        texts = [tokenizer.apply_chat_template(e["messages"], tokenize=False) for e in examples]
+    def count(examples: list[dict[str, Any]], *, prompt: bool = False) -> list[int]:
+        texts = [
+            tokenizer.apply_chat_template(_prompt(e["messages"]), tokenize=False, add_generation_prompt=True)
+            if prompt
+            else tokenizer.apply_chat_template(e["messages"], tokenize=False)
+            for e in examples
+        ]
         if not texts:
             return []
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     return count, source.revision
+
+
+def _prompt(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The turns before the last assistant turn (what evaluate and the serving check send)."""
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+    return messages[:last]
+
+
+def check_max_model_len(config: TrainerConfig, examples: Sequence[Example], counter: TokenCounter) -> None:
+    """deployment.maxModelLen must hold every prompt plus evaluation.maxNewTokens: a longer one would be
+    refused by the serving engine (or truncated), so the served model could not answer what was evaluated.
+    Refused here, before any GPU, naming the longest prompt's line."""
+    deployment, new_tokens = config.spec.deployment, config.spec.evaluation.max_new_tokens
+    limit = deployment.max_model_len
+    if not deployment.enabled or limit is None or not examples:
+        return
+    longest, tokens = examples[0], -1
+    for start in range(0, len(examples), 256):
+        chunk = examples[start : start + 256]
+        for example, n in zip(chunk, counter([e.data for e in chunk], prompt=True), strict=True):
+            if n > tokens:
+                longest, tokens = example, n
+    if tokens + new_tokens > limit:
+        raise InvalidConfigError(
+            f"spec.deployment.maxModelLen: {limit} tokens cannot hold {longest.file} line {longest.line}: "
+            f"its prompt is {tokens} tokens (chat template applied) + evaluation.maxNewTokens {new_tokens} = "
+            f"{tokens + new_tokens}; the serving engine would refuse it. Raise maxModelLen to at least "
+            f"{tokens + new_tokens}, or shorten the prompts"
+        )
 
 
 def count_tokens(examples: list[Example], counter: TokenCounter, batch: int = 256) -> None:
@@ -663,6 +702,7 @@ def run(config: TrainerConfig) -> StageResult:
     except InvalidDataError as exc:
         _upload_failure_report(data_uri, findings, exc)
         raise
+    check_max_model_len(config, [*train, *(validation or []), *test], counter)
 
     splits = {"train": train, **({"validation": validation} if validation is not None else {}), "test": test}
     categories = category_report(splits, findings, parsed["train"].name)

@@ -1,4 +1,5 @@
-"""What the operator and the trainer share about graders, safety and retention (issue 22)."""
+"""Graders, safety and retention: the names and rules the operator (spec, status, gate) and the trainer (the
+evaluate and servecheck stages) share about evaluation beyond the built-in metrics."""
 
 from __future__ import annotations
 
@@ -6,22 +7,28 @@ from collections.abc import Collection
 
 from .metrics import METRICS, TEXT_METRICS
 
-BUILTIN_METRICS = METRICS  # re-export
+BUILTIN_METRICS = METRICS  # re-export: a grader's name must not be one of these
 GRADER_TYPES = ("stringCheck", "jsonSchema", "judge")
+# Deterministic graders score by rule, without a model; the serving check can reuse them.
+DETERMINISTIC_GRADER_TYPES = ("stringCheck", "jsonSchema")
 GRADER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$"
 MAX_GRADERS = 8
+# The safety judge's key; a grader's judge key is judge_key_env(<grader name>).
 SAFETY_JUDGE_KEY_ENV = "FTJ_SAFETY_JUDGE_API_KEY"
+JUDGE_KEY_ENV_PREFIX = "FTJ_JUDGE_API_KEY_"
+# More unusable judge verdicts than this fraction fails the evaluate stage (INVALID_CONFIG naming the grader).
+MAX_GRADER_ERROR_RATE = 0.10
 
 
 def judge_key_env(grader: str) -> str:
-    """The env var a judge grader's API key reaches the evaluate pod in."""
+    """The env var carrying grader ``grader``'s judge API key into the evaluate pod."""
     return JUDGE_KEY_ENV_PREFIX + grader.upper().replace("-", "_")
 
 
-JUDGE_KEY_ENV_PREFIX = "FTJ_JUDGE_API_KEY_"
-MAX_GRADER_ERROR_RATE = 0.10  # more errors than this fails the evaluate stage
-
-
 def serving_check_metric(primary: str, deterministic_graders: Collection[str]) -> str:
-    """primary when it is exact_match/token_f1/rouge_l or a deterministic grader; else "token_f1"."""
-    return primary if primary in TEXT_METRICS or primary in deterministic_graders else "token_f1"
+    """The figure the serving check compares: the primary metric when it is computed from generated text
+    alone (exact_match, token_f1, rouge_l or a deterministic grader); else token_f1 (loss needs the weights,
+    a judge needs a judge)."""
+    if primary in TEXT_METRICS or primary in deterministic_graders:
+        return primary
+    return "token_f1"

@@ -72,6 +72,9 @@ class Reason(StrEnum):
     LOADING_ADAPTER = "LoadingAdapter"
     ADAPTER_LOADED = "AdapterLoaded"
     ADAPTER_UNLOADED = "AdapterUnloaded"
+    # The serving check (issue 22): the served model scored against the evaluated one before traffic.
+    CHECKING_SERVING = "CheckingServing"
+    SERVING_MISMATCH = "ServingMismatch"
 
 
 # The trainer's permanent exit codes and the reason each one reports.

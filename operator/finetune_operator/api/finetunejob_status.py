@@ -21,6 +21,7 @@ class Stage(enum.StrEnum):
     EVALUATE = "evaluate"
     EXPORT = "export"
     SERVE = "serve"
+    SERVING_CHECK = "servecheck"  # the trainer's subcommand too
 
 
 class Phase(enum.StrEnum):
@@ -158,6 +159,12 @@ class EvaluationStatus(StatusModel):
     report_uri: StatusURI | None = Field(
         default=None, description="The per-example report page (report.html) under the run."
     )
+    served: dict[Annotated[str, Field(max_length=64)], Real] | None = Field(
+        default=None,
+        max_length=4,
+        description="The serving check: the served model's score on the checked metric, examples sent and "
+        "requests the engine refused (scored 0).",
+    )
 
 
 class ArtifactsStatus(StatusModel):
@@ -197,6 +204,11 @@ class ServingStatus(StatusModel):
     version: int | None = Field(default=None, ge=1, description="The version the pool assigned.")
     version_name: str | None = Field(default=None, max_length=64, description="<modelName>-v<n>.")
     serving: bool | None = Field(default=None, description="Whether the stable name serves this version now.")
+    checked: bool | None = Field(
+        default=None,
+        description="The serving check passed (or is off): the pool may promote the version (route the "
+        "stable name to it).",
+    )
 
 
 class TrackingStatus(StatusModel):

@@ -296,7 +296,9 @@ class DeploymentSpec(SpecModel):
     serving_check: ServingCheckSpec = Field(
         default_factory=ServingCheckSpec,
         json_schema_extra={"default": {}},
-        description="Served equals evaluated: the primary metric through the serving engine before traffic.",
+        description="Before the version takes traffic, score the serving engine's answers to held-out "
+        "prompts with the evaluated metric; served below evaluated by more than tolerance is Rejected "
+        "(ServingMismatch).",
     )
     # Issue 11: serve on a shared ModelServer pool instead of a Deployment of the job's own.
     server: DNSSubdomain | None = Field(
@@ -309,7 +311,6 @@ class DeploymentSpec(SpecModel):
         description="Stable name on the ModelServer: requests for it get the promoted version "
         "<modelName>-v<n> (docs/serving.md).",
     )
-
     @field_validator("extra_args")
     @classmethod
     def _extra_args_allowed(cls, args: list[str] | None) -> list[str] | None:

@@ -13,7 +13,7 @@ from finetune_operator.config import ConfigError, OperatorConfig
 from finetune_operator.finetunejob.plan import Observed
 from finetune_operator.k8s.observe import conditions_of, disrupted_pods, finite, parse_time
 
-JOB_STAGES = (Stage.VALIDATE, Stage.TRAIN, Stage.EVALUATE, Stage.EXPORT)
+JOB_STAGES = (Stage.VALIDATE, Stage.TRAIN, Stage.EVALUATE, Stage.EXPORT, Stage.SERVING_CHECK)
 GPU_STAGES = (Stage.TRAIN, Stage.EVALUATE, Stage.EXPORT)
 
 

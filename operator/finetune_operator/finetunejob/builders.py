@@ -56,6 +56,7 @@ class TrainerConfig(TypedDict, total=False):
     tracking: dict[str, Any]
     champion: dict[str, str]
     modelServerUrls: dict[str, str]
+    servingCheck: dict[str, Any]
 
 
 def trainer_config(
@@ -64,6 +65,7 @@ def trainer_config(
     *,
     strategy: str | None = None,
     champion: tuple[str, str] | None = None,
+    serving_check: Mapping[str, Any] | None = None,
 ) -> TrainerConfig:
     """The FTJ_CONFIG document (CONTRACT.md): the spec as the API server stores it, defaults applied, plus
     the platform's policy the spec cannot change. `strategy`: the resolved hyperparameters.strategy of a
@@ -83,6 +85,8 @@ def trainer_config(
         document["tracking"] = tracking
     if champion is not None:
         document["champion"] = {"name": champion[0], "adapter": champion[1]}
+    if serving_check is not None:
+        document["servingCheck"] = dict(serving_check)
     return document
 
 
@@ -96,6 +100,7 @@ class StageInputs:
     shm: str | None
     spread: distributed.Spread | None = None  # training over several ranks
     champion: tuple[str, str] | None = None  # evaluation: (name, adapter) serving the model name now
+    serving_check: Mapping[str, Any] | None = None  # servecheck: {url, model, metric, examples}
     extra_labels: Mapping[str, str] = field(default_factory=dict)
     active_deadline_seconds: int | None = None
     suspend: bool = False
@@ -103,9 +108,14 @@ class StageInputs:
 
 def _trainer_env(job: JobRef, stage: Stage, config: OperatorConfig, inputs: StageInputs) -> list[EnvVar]:
     document = trainer_config(
-        job, config, strategy=inputs.spread.strategy if inputs.spread else None, champion=inputs.champion
+        job,
+        config,
+        strategy=inputs.spread.strategy if inputs.spread else None,
+        champion=inputs.champion,
+        serving_check=inputs.serving_check,
     )
-    urls = model_server_urls(job, config) if stage is Stage.EVALUATE else {}
+    # Every stage: the trainer checks judge endpoints in each (validate reports a bad one first).
+    urls = model_server_urls(job, config)
     if urls:
         document["modelServerUrls"] = urls
     env: list[EnvVar] = [
@@ -170,7 +180,8 @@ def _pod_spec(job: JobRef, config: OperatorConfig, stage: Stage, inputs: StageIn
         "containers": [container],
         "volumes": volumes + claim_volumes,
     }
-    priority: PodPriority = priority_class(job) if stage is not Stage.VALIDATE else {}
+    cpu_only = stage in (Stage.VALIDATE, Stage.SERVING_CHECK)
+    priority: PodPriority = priority_class(job) if not cpu_only else {}
     pod = {**pod, **service_account(job), **inputs.placement, **priority}
     if spread is not None and spread.name is not None:
         pod["subdomain"] = spread.name  # the headless Service: stable per-pod hostnames
@@ -206,16 +217,29 @@ def _gpu_type(config: OperatorConfig, job: JobRef) -> GpuType:
     return config.gpu_type(job.spec.resources.gpu_type)
 
 
-def validation_job(job: JobRef, config: OperatorConfig) -> Job:
-    """CPU-only: it never requests a GPU, whatever the spec asks for training."""
+def _cpu_inputs(
+    job: JobRef, config: OperatorConfig, serving_check: Mapping[str, Any] | None = None
+) -> StageInputs:
+    """The validate pod's CPU, memory and retries, never a GPU."""
     cpu_only = config.gpu_types.get("cpu") or _gpu_type(config, job)
-    inputs = StageInputs(
+    return StageInputs(
         resources=resource_block(config.defaults.validate_cpu, config.defaults.validate_memory, 0, cpu_only),
         placement={},
         backoff_limit=config.defaults.validate_backoff_limit,
         shm=None,
+        serving_check=serving_check,
     )
-    return _stage_job(job, config, Stage.VALIDATE, inputs)
+
+
+def validation_job(job: JobRef, config: OperatorConfig) -> Job:
+    """CPU-only: it never requests a GPU, whatever the spec asks for training."""
+    return _stage_job(job, config, Stage.VALIDATE, _cpu_inputs(job, config))
+
+
+def serving_check_job(job: JobRef, config: OperatorConfig, target: Mapping[str, Any]) -> Job:
+    """CPU-only, like validate: held-out prompts through the serving engine at `target` ({url, model,
+    metric, examples}; servingcheck.py), before the version takes traffic."""
+    return _stage_job(job, config, Stage.SERVING_CHECK, _cpu_inputs(job, config, target))
 
 
 def training_job(job: JobRef, config: OperatorConfig) -> Job:

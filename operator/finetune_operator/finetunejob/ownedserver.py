@@ -24,7 +24,7 @@ from finetune_operator.api.modelserver import KIND, parse_modelserver_spec
 from finetune_operator.api.sections import CPU_GPU_TYPE
 from finetune_operator.config import OperatorConfig
 from finetune_operator.containers.vllm import vllm_lora_rank
-from finetune_operator.finetunejob import pooljob
+from finetune_operator.finetunejob import pooljob, servingcheck
 from finetune_operator.finetunejob.plan import JobDraft, StageRow
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.finetunejob.serving import job_vllm_compute, served_model_name, serving_mode
@@ -132,56 +132,55 @@ def own(p: JobDraft, server: Mapping[str, Any] | None, name: str) -> bool:
     return False
 
 
-def serve(p: JobDraft, row: StageRow, desired: Mapping[str, Any]) -> None:
-    """Create (or update) the job's ModelServer `desired`, then report as a job on a shared pool does."""
+def serve(p: JobDraft, row: StageRow, desired: Mapping[str, Any]) -> bool:
+    """Create (or update) the job's ModelServer `desired`, then report as a job on a shared pool does
+    (True: loaded, the serving check is to run)."""
     p.retire_serving()  # a per-job Deployment and Service from before issue 21: replaced once
     name, server = server_name(p.job), p.o.server
     if not own(p, server, name):
-        return
+        return False
     if server is None:
         refused = policy.job_serving_wait(p.job.spec, None, p.o.policy, p.config)
         if refused is not None:  # FineTunePolicy: nothing is created until the policy allows it
             p.waiting(row, Reason(refused[0]), refused[1])
-            return
+            return False
         if p.blocked(row.stage, desired):
-            return
+            return False
         p.out.create.append(dict(desired))
         note = job_vllm_compute(p.job, p.config).note  # a GPU type without GPUs: served on CPU, said once
         created = f"created ModelServer {name}" + (f"; {note}" if note else "")
         p.condition(row.condition, "Unknown", row.running, created)
         p.phase(row.phase, row.running, note or "")
-        return
+        return False
     if spec_hash_of(server) != spec_hash_of(desired):
         p.out.patch.append(ChildPatch(KIND, name, _spec_patch(server, desired)))
     failure = pool_report(server).start_failure
     if failure is not None:  # its only pool cannot start: the job fails naming kubelet's cause (issue 20)
         p.status["endpoint"] = None
         p.fail(row.stage, Reason(failure[0]), failure[1])
-        return
+        return False
     if serving_mode(p.job.spec) == "merged":
-        _report_merged(p, row, server)
-        return
+        return _report_merged(p, row, server)
     model = stable_name(p.job)
     serving = {**(p.status.get("serving") or {}), "server": name, "modelName": model, "state": ACCEPTED}
     p.status["serving"] = serving
-    pooljob.report(p, row, pool_report(server), model)
+    servingcheck.accept(p)
+    return pooljob.report(p, row, pool_report(server), model)
 
 
-def _report_merged(p: JobDraft, row: StageRow, server: Mapping[str, Any]) -> None:
+def _report_merged(p: JobDraft, row: StageRow, server: Mapping[str, Any]) -> bool:
     report, model = pool_report(server), served_model_name(p.job)
-    p.status["serving"] = {"server": report.name}  # no version: the merged weights are the pool's base
+    # no version: the merged weights are the pool's base
+    checked = (p.status.get("serving") or {}).get("checked")
+    p.status["serving"] = {"server": report.name, **({"checked": True} if checked else {})}
     if report.ready_replicas < 1:
         p.status["endpoint"] = None
         p.waiting(row, row.running, report.message or f"waiting for ModelServer {report.name}")
-        return
-    p.status["endpoint"] = {"url": report.endpoint, "model": model}
-    p.condition(
-        ConditionType.DEPLOYED,
-        "True",
-        Reason.DEPLOYMENT_AVAILABLE,
-        f"{model} (merged weights) is served by ModelServer {report.name}",
-    )
-    p.complete(Phase.SERVING, Reason.SERVING, f"serving {model} at {report.endpoint}")
+        return False
+    if servingcheck.pending(p, report.endpoint, model):
+        return True
+    servingcheck.serve_merged(p, report.endpoint, model, servingcheck.note(p))
+    return False
 
 
 def retire(p: JobDraft) -> None:

@@ -126,6 +126,8 @@ class JobDraft(Draft):
 
     job: JobRef
     rows: Mapping[Stage, StageRow]
+    # (pool URL, model) once this pass found the job's version loaded and its serving check still to pass
+    serving_target: tuple[str, str] | None = None
 
     def fail(self, stage: Stage, reason: Reason, message: str) -> None:
         self.condition(self.rows[stage].condition, "False", reason, message)

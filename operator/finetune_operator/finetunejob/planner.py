@@ -139,6 +139,7 @@ class Pipeline(Planner):
             adapter=found.get("adapter"),
             merged=found.get("merged"),
             champion=pooljob.champion_artifact(self.d.status),
+            serving_check=self.d.serving_target,
         )
 
     # --- FineTunePolicy (finetunepolicy/enforcement.py) ---------------------------------------------
@@ -192,12 +193,10 @@ class Pipeline(Planner):
             return row.holds(self.d) if row.holds else True
         if row.stage is Stage.TRAIN and not self.training_started() and not self.policy_admits_training(row):
             return False
-        if row.kind == "ModelServer":
+        if row.kind == "ModelServer":  # True: loaded, and the serving check (the next row) is to run
             if self.d.job.spec.deployment.server:
-                pooljob.serve(self.d, row)  # a shared ModelServer
-            else:
-                ownedserver.serve(self.d, row, self.desired(row))  # the job's own ModelServer
-            return False
+                return pooljob.serve(self.d, row)  # a shared ModelServer
+            return ownedserver.serve(self.d, row, self.desired(row))  # the job's own ModelServer
         outcome = self.run_job(row)
         if row.counts_gpu_hours:
             self.d.status["gpuHours"] = gpu_hours_spent(self.d.o, self.d.job.spec)

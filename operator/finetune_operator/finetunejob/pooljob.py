@@ -7,8 +7,9 @@
 - `evaluation_job`: the evaluate Job also scores that champion's adapter on this job's held-out set.
 - `beats_champion`: after the gate, the job is Rejected (NotBetterThanServing) when it is worse than the
   champion on the primary metric, naming both figures.
-- `serve`: the job asks the pool to load it (`status.serving.state: Accepted`) and reports Serving once the
-  pool (modelserver/planner.py) assigned a version and every ready replica holds it.
+- `serve`: the job asks the pool to load it (`status.serving.state: Accepted`); once the pool
+  (modelserver/planner.py) assigned a version and every ready replica holds it, the serving check runs
+  (servingcheck.py); the pool promotes the version after it passed, and the job reports Serving.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.api.modelserver import parse_modelserver_spec
 from finetune_operator.api.schema import SpecError
 from finetune_operator.config import OperatorConfig
-from finetune_operator.finetunejob import builders
+from finetune_operator.finetunejob import builders, servingcheck
 from finetune_operator.finetunejob.plan import JobDraft, StageRow
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.serving_contract import ACCEPTED, PoolReport, pool_report
@@ -118,14 +119,16 @@ def beats_champion(p: JobDraft, tuned: Mapping[str, float], primary: str) -> boo
     return False
 
 
-def serve(p: JobDraft, row: StageRow) -> None:
-    """Ask the pool for the adapter; Serving once every ready replica of the pool holds it."""
+def serve(p: JobDraft, row: StageRow) -> bool:
+    """Ask the pool for the adapter; Serving once every ready replica of the pool holds it and its serving
+    check passed (True: loaded, the check is to run)."""
     p.retire_serving()  # a Deployment of the job's own from before issue 21
     p.retire_own_server(p.o.own_server)  # its own ModelServer from before it named a shared one
     deployment = p.job.spec.deployment
     model = str(deployment.model_name)
     serving = p.status["serving"]
     serving["state"] = ACCEPTED
+    servingcheck.accept(p)
     server = p.o.server
     if server is None:
         p.status["endpoint"] = None
@@ -134,18 +137,19 @@ def serve(p: JobDraft, row: StageRow) -> None:
             Reason.SERVER_NOT_FOUND,
             f"accepted; waiting for ModelServer {deployment.server} in namespace {p.job.namespace}",
         )
-        return
-    report(p, row, pool_report(server), model)
+        return False
+    return report(p, row, pool_report(server), model)
 
 
-def report(p: JobDraft, row: StageRow, pool: PoolReport, model: str) -> None:
-    """Serving once the pool assigned the job a version and every ready replica holds it."""
+def report(p: JobDraft, row: StageRow, pool: PoolReport, model: str) -> bool:
+    """Serving once the pool assigned the job a version, every ready replica holds it, its serving check
+    passed and the pool promoted it (True: loaded, the check is to run)."""
     serving = p.status["serving"]
     mine = pool.version_of(model, p.job.uid)
     if mine is None:
         waiting = f"accepted; waiting for ModelServer {pool.name}"
         p.waiting(row, Reason.LOADING_ADAPTER, waiting + (f": {pool.message}" if pool.message else ""))
-        return
+        return False
     name = mine.name
     serving.update(version=mine.version, versionName=name, serving=pool.serving.get(model) == mine.version)
     if not mine.loaded:
@@ -153,13 +157,24 @@ def report(p: JobDraft, row: StageRow, pool: PoolReport, model: str) -> None:
         reason = mine.unloaded_reason or "unloaded"
         p.condition(ConditionType.DEPLOYED, "False", Reason.ADAPTER_UNLOADED, f"{name}: {reason}")
         p.complete(Phase.SUCCEEDED, Reason.ADAPTER_UNLOADED, f"{name} is no longer loaded: {reason}")
-        return
+        return False
     holding, ready = pool.loaded_everywhere(name)
     if ready == 0 or holding < ready:
         # No replica ready yet: the pool says why (its pods' start-up problem, a FineTunePolicy refusal).
         progress = pool.message if ready == 0 and pool.message else f"{holding}/{ready} ready replicas"
         p.waiting(row, Reason.LOADING_ADAPTER, f"loading {name} into ModelServer {pool.name}: {progress}")
-        return
+        return False
+    if servingcheck.pending(p, pool.endpoint, name):
+        return True
+    promoted = pool.promoted.get(model)
+    if promoted is None or promoted < mine.version:  # newer ones are promoted after it, never before
+        p.status["endpoint"] = None
+        p.waiting(
+            row,
+            Reason.CHECKING_SERVING,
+            f"{name} passed its serving check; waiting for {pool.name} to promote it",
+        )
+        return False
     url = pool.endpoint
     asked = model if serving["serving"] else name
     p.status["endpoint"] = {"url": url, "model": asked}
@@ -167,6 +182,7 @@ def report(p: JobDraft, row: StageRow, pool: PoolReport, model: str) -> None:
         ConditionType.DEPLOYED,
         "True",
         Reason.ADAPTER_LOADED,
-        f"{name} is loaded on {ready} replicas of ModelServer {pool.name}",
+        f"{name} is loaded on {ready} replicas of ModelServer {pool.name}{servingcheck.note(p)}",
     )
     p.complete(Phase.SERVING, Reason.SERVING, f"serving {asked} ({name}) at {url}")
+    return False

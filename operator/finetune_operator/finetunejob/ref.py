@@ -49,3 +49,4 @@ class Artifacts:
     adapter: str | None = None
     merged: str | None = None
     champion: tuple[str, str] | None = None  # (name, adapter) serving the job's ModelServer model name
+    serving_check: tuple[str, str] | None = None  # (pool URL, model): the loaded version to check

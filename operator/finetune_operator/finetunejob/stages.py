@@ -18,7 +18,7 @@ from finetune_operator.api.conditions import ConditionType, Reason, short
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.config import OperatorConfig
-from finetune_operator.finetunejob import builders, ownedserver, pooljob, serving
+from finetune_operator.finetunejob import builders, ownedserver, pooljob, serving, servingcheck
 from finetune_operator.finetunejob.accounting import gpu_hours_estimate
 from finetune_operator.finetunejob.gate import (
     evaluate_gate,
@@ -345,6 +345,22 @@ STAGES: tuple[StageRow, ...] = (
         wanted=lambda spec, artifacts: spec.deployment.enabled,
         skip=deployment_disabled,
         owns_condition=False,  # serving is never finished: a changed deployment section rolls out
+    ),
+    # Reached only in a pass where SERVE found the version loaded and its check still to pass.
+    StageRow(
+        Stage.SERVING_CHECK,
+        "Job",
+        servingcheck.check_job,
+        ConditionType.DEPLOYED,
+        Phase.DEPLOYING,
+        Reason.CHECKING_SERVING,
+        read=servingcheck.read_check,
+        wanted=lambda spec, artifacts: artifacts.serving_check is not None,
+        owns_condition=False,  # Deployed is the serving stage's
+        running_messages=(
+            "checking the served model on held-out prompts",
+            "checking that the served model scores as evaluated (deployment.servingCheck)",
+        ),
     ),
 )
 ROWS = {row.stage: row for row in STAGES}

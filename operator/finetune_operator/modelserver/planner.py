@@ -3,9 +3,11 @@
 
 The version registry lives in `status.models[<modelName>]`: every FineTuneJob the job planner accepted (its
 gate and the champion comparison passed: `status.serving.state: Accepted`) gets the next version number, never
-reused (`lastVersion`), and is promoted on registration. The stable name serves the pinned version when
-`spec.models[<name>].pin` names a registered one, else the promoted one. What every replica loads: every
-serving, promoted or pinned version, then the most recently promoted others up to `maxLoras`.
+reused (`lastVersion`), and is loaded; it is promoted once the job says its serving check passed
+(`status.serving.checked`), and dropped unpromoted when the job stops asking (the check failed). The stable
+name serves the pinned version when `spec.models[<name>].pin` names a registered one, else the promoted one.
+What every replica loads: every serving, promoted or pinned version, and every version awaiting its check,
+then the most recently promoted others up to `maxLoras`.
 """
 
 from __future__ import annotations
@@ -106,54 +108,87 @@ class PoolPlanner:
 
     # --- the registry -------------------------------------------------------------------------------
     def register(self) -> None:
-        """Accepted jobs get the next version and are promoted; deleted jobs' versions are dropped."""
+        """Accepted jobs get the next version (loaded, not yet routed); a version whose job's serving check
+        passed is promoted; versions of deleted or no longer accepted jobs are dropped."""
         registered = {v.get("jobUid") for m in self.models.values() for v in m["versions"]}
-        for job in jobs_served_by(self.o.jobs, self.o.pool.identity()):
-            request = serving_request(job)
-            if request is None or request.job_uid in registered:
+        requests = [
+            (job, request)
+            for job in jobs_served_by(self.o.jobs, self.o.pool.identity())
+            if (request := serving_request(job)) is not None
+        ]
+        for job, request in requests:
+            if request.job_uid in registered:
                 continue
-            name, adapter, uid = request.model, request.adapter, request.job_uid
-            model = self.models.setdefault(name, {"versions": [], "lastVersion": 0})
+            model = self.models.setdefault(request.model, {"versions": [], "lastVersion": 0})
             number = int(model.get("lastVersion") or 0) + 1
-            versioned = version_name(name, number)
             model["lastVersion"] = number
             model["versions"].append(
                 {
                     "version": number,
-                    "name": versioned,
-                    "adapter": adapter,
+                    "name": version_name(request.model, number),
+                    "adapter": request.adapter,
                     "job": job["metadata"]["name"],
-                    "jobUid": uid,
-                    "promotedAt": self.now,
+                    "jobUid": request.job_uid,
+                    "promotedAt": self.now,  # the recency maxLoras keeps by; set again on promotion
                     "loaded": True,
                 }
             )
+            self.out.registry_changed = True
+        self.promote({r.job_uid for _, r in requests if r.checked})
+        self.drop_deleted({r.job_uid for _, r in requests})
+
+    def promote(self, checked: set[str]) -> None:
+        """The newest version whose job's serving check passed, if newer than the promoted one, is promoted:
+        the stable name routes to it (docs/serving.md: promotion after the check)."""
+        for name, model in self.models.items():
             previous = model.get("promoted")
-            model["promoted"] = number
+            ready = [v for v in model["versions"] if v.get("jobUid") in checked]
+            newest = max(ready, key=lambda v: int(v["version"]), default=None)
+            if newest is None or (previous is not None and int(newest["version"]) <= int(previous)):
+                continue
+            model["promoted"] = newest["version"]
+            newest["promotedAt"] = self.now
             self.out.registry_changed = True
             was = f" (was {version_name(name, int(previous))})" if previous else ""
             self.event(
                 "Normal",
                 "Promoted",
-                f"{versioned} from FineTuneJob {job['metadata']['name']} is promoted: {name} serves it{was}",
-                job["metadata"]["name"],
+                f"{newest['name']} from FineTuneJob {newest['job']} is promoted: {name} serves it{was}",
+                str(newest["job"]),
             )
-        self.drop_deleted()
 
-    def drop_deleted(self) -> None:
-        """A deleted job's versions are unloaded unless promoted or pinned (its artifacts stay in storage)."""
+    def pending_check(self) -> set[str]:
+        """Versioned names registered but not yet promoted whose job still asks: loaded for their check."""
+        requests = [serving_request(j) for j in self.o.jobs]
+        asking = {r.job_uid for r in requests if r is not None and not r.checked}
+        return {
+            str(v["name"])
+            for model in self.models.values()
+            for v in model["versions"]
+            if v.get("jobUid") in asking and v["version"] != model.get("promoted")
+        }
+
+    def drop_deleted(self, asking: set[str]) -> None:
+        """The versions of a deleted job, or of one no longer accepted (its serving check failed), are
+        unloaded unless promoted or pinned (its artifacts stay in storage)."""
         alive = {str(j["metadata"]["uid"]) for j in self.o.jobs if not j["metadata"].get("deletionTimestamp")}
         for name, model in self.models.items():
             pin = self.o.pool.spec.pin(name)
             kept = []
             for version in model["versions"]:
-                gone = version.get("jobUid") and version["jobUid"] not in alive
+                uid = version.get("jobUid")
+                gone = uid and (uid not in alive or uid not in asking)
                 if gone and version["version"] not in (model.get("promoted"), pin):
                     self.out.registry_changed = True
+                    why = (
+                        "was deleted"
+                        if uid not in alive
+                        else "no longer asks for it (its serving check failed)"
+                    )
                     self.event(
                         "Normal",
                         "Unloaded",
-                        f"{version['name']} is unloaded: its FineTuneJob {version.get('job')} was deleted "
+                        f"{version['name']} is unloaded: its FineTuneJob {version.get('job')} {why} "
                         f"(the adapter stays at {version['adapter']})",
                     )
                     continue
@@ -194,6 +229,7 @@ class PoolPlanner:
         needed: list[dict[str, Any]] = []
         others: list[dict[str, Any]] = []
         spec = self.o.pool.spec
+        checking = self.pending_check()
         for model in self.models.values():
             keep = {model.get("serving"), model.get("promoted"), model.get("pinned")}
             for version in model["versions"]:
@@ -205,7 +241,8 @@ class PoolPlanner:
                         version["unloadedReason"] = "its adapter is not under spec.adapterSources"
                         self.event("Warning", "Unloaded", f"{version['name']}: {version['unloadedReason']}")
                     continue
-                (needed if version["version"] in keep else others).append(version)
+                wanted = version["version"] in keep or version["name"] in checking
+                (needed if wanted else others).append(version)
         others.sort(key=lambda v: str(v.get("promotedAt") or ""), reverse=True)
         room = max(0, self.o.pool.spec.max_loras - len(needed))
         loaded = needed + others[:room]
