@@ -100,6 +100,26 @@ def _evaluate_seconds(jobs: Jobs, name: str) -> float:
     return (stage["completion_time"] - stage["start_time"]).total_seconds()
 
 
+def _judging_seconds(jobs: Jobs, name: str) -> float | None:
+    """What the evaluate pod logs as the graders' own time (its `graded` event), if it logged one."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(jobs.api)
+    for pod in jobs.list("Pod", f"batch.kubernetes.io/job-name={name}-evaluate"):
+        try:
+            log = core.read_namespaced_pod_log(pod["metadata"]["name"], jobs.namespace)
+        except client.ApiException:  # a figure to print, not to assert: a lost log is no failure
+            continue
+        for line in log.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("event") == "graded":
+                return float(record["seconds"])
+    return None
+
+
 def _report_rows(judge: Judge, report_uri: str) -> list[dict[str, Any]]:
     """report.jsonl beside report.html: one row per held-out example."""
     bucket, _, key = report_uri.removeprefix("s3://").partition("/")
@@ -184,10 +204,12 @@ def test_graders_and_retention_gate_the_toy_jobs(judge: Judge, eval_data: dict[s
     assert any(f in message for f in _figures(retention["tuned"])), message
 
     with_judge, without = _evaluate_seconds(jobs, "graded"), _evaluate_seconds(jobs, "unreachable")
+    graders = {n: _judging_seconds(jobs, n) for n in ("graded", "unreachable")}
     print(
         f"\nevaluate stage, {HELD_OUT} held-out examples, tuned and base: {with_judge:.0f} s with the judge "
         f"grader, {without:.0f} s with string checks only (+{with_judge - without:.0f} s for "
-        f"{2 * HELD_OUT} verdicts); status.evaluation of the graded job: {json.dumps(evaluation)}"
+        f"{2 * HELD_OUT} verdicts); graders' own time (the pod's `graded` event): {graders}; "
+        f"status.evaluation of the graded job: {json.dumps(evaluation)}"
     )
 
 
