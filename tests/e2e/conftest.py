@@ -204,12 +204,13 @@ def jobs(local_cluster: Any, lc_api: Any, lc_namespace: str, s3_assets: dict[str
         print(f"kept namespace {lc_namespace}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def judge(local_cluster: Any, lc_api: Any, s3_assets: dict[str, str]) -> Iterator[Any]:
     """SmolLM2-135M-Instruct served by a ModelServer `judge` on CPU (tests/e2e/judge.py), in a namespace of
     its own where the graded FineTuneJobs run too (a judge is a ModelServer of the job's namespace). Created
-    once per session and not waited for: tests call `judge.wait_ready()` when they need it, so that jobs
-    train while its vLLM starts."""
+    once per module and not waited for: tests call `judge.wait_ready()` when they need it, so that jobs
+    train while its vLLM starts. Module-scoped so that its replica (~3 GB) is gone when the module is: the
+    files after it on the same worker start vLLM servers of their own."""
     from kubernetes import client
 
     from .judge import start_judge
