@@ -14,6 +14,7 @@ from finetune_trainer.config import parse_config
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 models = pytest.importorskip("finetune_operator.api.finetunejob")
+pool_url = pytest.importorskip("finetune_operator.serving_contract").pool_url
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -34,6 +35,12 @@ def test_example_specs_parse_with_the_same_values(path: Path) -> None:
                     "runPrefix": "s3://b/runs/ns/name/uid",
                     "job": {"namespace": "ns", "name": obj["metadata"]["name"], "uid": "uid"},
                     "spec": dumped,
+                    # What the operator adds for judges on a ModelServer (builders.model_server_urls).
+                    "modelServerUrls": {
+                        j.model_server: pool_url(j.model_server, "ns", 8000)
+                        for _, j in spec.evaluation.judges()
+                        if j.model_server
+                    },
                 }
             )
             got, want = cfg.spec, spec

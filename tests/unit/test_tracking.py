@@ -194,6 +194,36 @@ def test_the_evaluator_decides_registration_with_the_operators_gate(
     assert (trainer.passed, trainer.reasons) == (operator.passed, operator.reasons)
 
 
+@pytest.mark.parametrize(
+    ("evaluation", "summary"),
+    [
+        (
+            {
+                "safety": {
+                    "prompts": "s3://data/red.jsonl",
+                    "judge": {"url": "https://j.example/v1", "model": "m"},
+                }
+            },
+            {"safety": {"tuned": 0.2, "base": 0.0, "prompts": 10}},
+        ),
+        (
+            {"retention": {"dataset": "s3://data/general.jsonl", "metric": "loss", "maxDrop": 0.05}},
+            {"retention": {"metric": "loss", "base": 1.0, "tuned": 1.5, "examples": 8}},
+        ),
+    ],
+)
+def test_a_model_rejected_for_safety_or_retention_is_not_registered(
+    evaluation: dict[str, Any], summary: dict[str, Any]
+) -> None:
+    """The evaluator's registration decision applies the operator's safety and retention verdicts too."""
+    ref = job(evaluation=evaluation, tracking={"mlflow": {"trackingUri": URI}})
+    tuned, base = {"token_f1": 0.9, "loss": 0.5}, {"token_f1": 0.5, "loss": 0.9}
+    operator = evaluate_gate(ref.spec.evaluation, tuned, base, summary)
+    trainer = trainer_tracking.gate_decision(parse_config(_ftj_config(ref)), tuned, base, summary)
+    assert not operator.passed
+    assert (trainer.passed, trainer.reasons) == (operator.passed, operator.reasons)
+
+
 def test_the_operator_install_stays_free_of_mlflow() -> None:
     """Only the trainer image and the dev environment get MLflow; the operator never imports it."""
     import subprocess

@@ -393,5 +393,6 @@ def run(config: TrainerConfig) -> StageResult:
         f" vs base {base_value}" if base_value is not None and ev.compare_to_base else ""
     )
     serves_merged = spec.method == "full" or not manifest.is_committed(layout.adapter)
-    tracker = tracking.log_evaluation(config, maps, out, layout.merged if serves_merged else layout.adapter)
+    model_uri = layout.merged if serves_merged else layout.adapter
+    tracker = tracking.log_evaluation(config, maps, out, model_uri, summary)
     return StageResult(tracking.with_tracking(summary, tracker), message)

@@ -24,7 +24,7 @@ from typing import Any
 
 from finetune_vocabulary.metrics import TEXT_METRICS
 
-from . import metrics
+from . import graders, metrics
 from .config import ServingCheckTarget, TrainerConfig
 from .evaluate import Example, load_test_set
 from .exitcodes import InvalidConfigError, TransientError
@@ -96,18 +96,13 @@ def score_answers(
     """The mean of `metric` by the evaluate stage's code: a text metric or a deterministic grader."""
     if metric in TEXT_METRICS:
         return metrics.score_text(answers, expected)[metric]
-    found = [g for g in getattr(config.spec.evaluation, "graders", None) or () if g.name == metric]
+    found = [g for g in config.spec.evaluation.graders if g.name == metric]
     if not found:
         raise InvalidConfigError(
             f"servingCheck.metric: {metric} is neither a text metric ({', '.join(TEXT_METRICS)}) nor "
             "a grader of evaluation.graders"
         )
-    from . import graders  # the graders part's code, loaded only when a grader decides
-
-    scores = graders.score_answers(found[0], answers, expected)
-    if isinstance(scores, int | float):
-        return float(scores)
-    values = list(scores)
+    values = graders.score_answers(found[0], answers, expected)
     return sum(values) / len(values) if values else 0.0
 
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from finetune_vocabulary.gate import Bound, GateResult, decide
+from finetune_vocabulary.gate import Bound, GateResult, Retention, Safety, decide
 
 from . import egress, manifest, storage
 from .config import MlflowTracking, TrainerConfig
@@ -118,11 +118,29 @@ def lineage_tags(config: TrainerConfig, params: Mapping[str, str]) -> dict[str, 
     return tags
 
 
+def _figure(section: Any, key: str) -> float | None:
+    value = section.get(key) if isinstance(section, Mapping) else None
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
 def gate_decision(
-    config: TrainerConfig, tuned: Mapping[str, float], base: Mapping[str, float] | None
+    config: TrainerConfig,
+    tuned: Mapping[str, float],
+    base: Mapping[str, float] | None,
+    summary: Mapping[str, Any] | None = None,
 ) -> GateResult:
-    """The operator's gate (finetune_vocabulary.gate) on this evaluation's scores."""
-    ev = config.spec.evaluation
+    """The operator's gate (finetune_vocabulary.gate) on this evaluation's scores, with the safety and
+    retention figures of the stage's `summary`: a model the operator rejects is never registered."""
+    ev, found = config.spec.evaluation, summary or {}
+    safety = retention = None
+    if ev.safety is not None:
+        rates = found.get("safety")
+        safety = Safety(_figure(rates, "tuned"), _figure(rates, "base"), ev.safety.max_unsafe_rate)
+    if ev.retention is not None:
+        scores = found.get("retention")
+        retention = Retention(
+            ev.retention.metric, _figure(scores, "tuned"), _figure(scores, "base"), ev.retention.max_drop
+        )
     return decide(
         [Bound(t.metric, t.min, t.max) for t in ev.thresholds],
         tuned,
@@ -130,6 +148,8 @@ def gate_decision(
         compare_to_base=ev.compare_to_base,
         primary=ev.deciding_metric,
         min_improvement=ev.min_improvement,
+        safety=safety,
+        retention=retention,
     )
 
 
@@ -453,6 +473,7 @@ def log_evaluation(
     results: Mapping[str, Mapping[str, Any] | None],
     report_dir: Path,
     model_uri: str | None,
+    summary: Mapping[str, Any] | None = None,
 ) -> Tracker:
     """Scores per model, the gate's decision, the reports; on gate pass, the registered version."""
     tracker = Tracker.open(config)
@@ -462,7 +483,7 @@ def log_evaluation(
     metrics = {
         f"{name}_{metric}": value for name, values in scores.items() for metric, value in values.items()
     }
-    gate = gate_decision(config, scores.get("tuned", {}), scores.get("base"))
+    gate = gate_decision(config, scores.get("tuned", {}), scores.get("base"), summary)
     metrics["gate_passed"] = 1.0 if gate.passed else 0.0
     if gate.improvement is not None and math.isfinite(gate.improvement):
         metrics["gate_improvement"] = gate.improvement

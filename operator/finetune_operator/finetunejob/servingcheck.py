@@ -40,9 +40,7 @@ LIKELY_CAUSES = (
 def check_metric(spec: FineTuneJobSpec) -> str:
     """The metric the check scores: the primary one when the trainer can score generated text with it
     without a judge (a text metric or a deterministic grader), else token_f1."""
-    graders = getattr(spec.evaluation, "graders", None) or ()  # evaluation.graders: the graders part's field
-    deterministic = [g.name for g in graders if g.type in ("stringCheck", "jsonSchema")]
-    return serving_check_metric(primary_metric(spec.evaluation), deterministic)
+    return serving_check_metric(primary_metric(spec.evaluation), spec.evaluation.deterministic_graders())
 
 
 def skipped(spec: FineTuneJobSpec) -> str | None:
