@@ -155,14 +155,15 @@ def test_graders_and_retention_gate_the_toy_jobs(judge: Judge, eval_data: dict[s
         evaluation={"retention": {"dataset": eval_data["retention"], "metric": "loss", "maxDrop": 0.05}},
     )
     judge.wait_ready()
-    # (a) the judge's verdicts only need to be usable: its threshold is the grader's whole range.
+    # (a) gated on a string check and the judge (SmolLM2 scores the toy answers high; its quality is not the
+    # point, its verdicts must be usable and gate).
     _create(
         jobs,
         "graded",
         eval_data,
         _evaluation(
             [CAPITAL, judge.grader("relevance", RUBRIC)],
-            [{"metric": "one-capital", "min": 0.8}, {"metric": "relevance", "min": 0.0}],
+            [{"metric": "one-capital", "min": 0.8}, {"metric": "relevance", "min": 0.3}],
         ),
     )
 
