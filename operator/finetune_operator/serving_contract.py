@@ -107,6 +107,8 @@ class PoolReport:
     message: str  # why it is not ready (FineTunePolicy refusal, replicas starting)
     # (reason, message) of a Ready condition that waiting will not fix (ImagePullFailed), else None
     start_failure: tuple[str, str] | None = None
+    # per ready replica: stable name → the versioned name its router sends it to
+    ready_routes: tuple[Mapping[str, str], ...] = ()
 
     def version_of(self, model: str, job_uid: str) -> ServedVersion | None:
         return next((v for v in self.versions.get(model, ()) if v.job_uid == job_uid), None)
@@ -119,6 +121,10 @@ class PoolReport:
     def loaded_everywhere(self, name: str) -> tuple[int, int]:
         """(ready replicas holding the versioned `name`, ready replicas)."""
         return sum(1 for held in self.ready_loaded if name in held), len(self.ready_loaded)
+
+    def routed_everywhere(self, model: str, name: str) -> tuple[int, int]:
+        """(ready replicas routing the stable `model` to the versioned `name`, ready replicas)."""
+        return sum(1 for routes in self.ready_routes if routes.get(model) == name), len(self.ready_routes)
 
 
 def _version(found: Mapping[str, Any]) -> ServedVersion:
@@ -144,6 +150,9 @@ def pool_report(server: Mapping[str, Any]) -> PoolReport:
         serving={m: found.get("serving") for m, found in models.items()},
         ready_loaded=tuple(
             frozenset(r.get("loaded") or []) for r in status.get("replicas") or [] if r.get("ready")
+        ),
+        ready_routes=tuple(
+            dict(r.get("routes") or {}) for r in status.get("replicas") or [] if r.get("ready")
         ),
         ready_replicas=int(status.get("readyReplicas") or 0),
         message=str(status.get("message") or ""),

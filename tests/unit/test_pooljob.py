@@ -169,6 +169,12 @@ def test_a_better_job_is_accepted_and_serves_once_every_ready_replica_holds_it(
     assert world.status["serving"]["checked"] is True and world.status["phase"] == "Deploying"
     assert world.status["evaluation"]["served"] == {"exact_match": 0.89, "examples": 20, "refused": 0}
     model.update(promoted=2, serving=2)  # the pool promotes it (modelserver planner)
+    registered["replicas"][0]["routes"] = {"bot": "bot-v2"}  # one router switched its route so far
+    registered["replicas"][1]["routes"] = {"bot": "bot-v1"}
+    world.step()
+    assert world.status["phase"] == "Deploying" and "1/2 ready replicas" in world.status["message"]
+    assert world.status.get("endpoint") is None  # the stable name may still answer with bot-v1
+    registered["replicas"][1]["routes"] = {"bot": "bot-v2"}
     world.step()
     assert world.status["phase"] == "Serving"
     assert world.status["endpoint"] == {"url": "http://shared-pool.team-a.svc:8000/v1", "model": "bot"}

@@ -175,6 +175,13 @@ def report(p: JobDraft, row: StageRow, pool: PoolReport, model: str) -> bool:
             f"{name} passed its serving check; waiting for {pool.name} to promote it",
         )
         return False
+    routed, ready = pool.routed_everywhere(model, name)
+    # Promoted: Serving once every ready replica routes the stable name to it (not again once Serving).
+    if serving["serving"] and routed < ready and p.old_phase != Phase.SERVING.value:
+        p.waiting(
+            row, Reason.LOADING_ADAPTER, f"routing {model} to {name} on {routed}/{ready} ready replicas"
+        )
+        return False
     url = pool.endpoint
     asked = model if serving["serving"] else name
     p.status["endpoint"] = {"url": url, "model": asked}
