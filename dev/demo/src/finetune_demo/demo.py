@@ -154,6 +154,13 @@ class Demo:
         print(f"gate: {'passed' if evaluation.get('passed') else 'failed'}")
         for reason in evaluation.get("reasons") or []:
             print(f"  - {reason}")
+        served = dict(evaluation.get("served") or {})
+        if served:  # the serving check: the same prompts through vLLM before the version took traffic
+            n, refused = served.pop("examples", 0), served.pop("refused", 0)
+            figures = ", ".join(f"{metric} {value:.4f}" for metric, value in served.items())
+            print(f"served (vLLM): {figures} on {n:.0f} held-out prompts, {refused:.0f} refused")
+        if evaluation.get("reportUri"):
+            print(f"per-example report: {evaluation['reportUri']}")
         print()
 
     def start_tracking(self) -> Any:
