@@ -317,6 +317,8 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
         answering_at = time.time()
         # the serving check (a CPU Job against the pool, under this load) runs before the promotion
         status_c = jobs.wait_phase("bot-c", "Serving", "Failed", "Rejected", timeout=300)
+        if status_c["phase"] == "Serving":  # keep the load on until the switched route answers
+            pool.wait(lambda: f"{MODEL}-v2" in answered, 300, f"an answer from {MODEL}-v2 under load")
     finally:
         stop.set()
         loader.join(timeout=600)
