@@ -322,6 +322,22 @@ def test_progress_from_the_trainer_line_reaches_status() -> None:
     _quiet(world)
 
 
+def test_a_complete_job_whose_pod_is_not_seen_ended_yet_waits_for_its_summary() -> None:
+    """The Job's watch may run ahead of its pods': the step and adapter come from the pod's termination
+    message, so the stage is read once the pod is seen ended, not before (a CI run under load lost them)."""
+    world = World(job())
+    _to_training(world)
+    world.finish(Stage.TRAIN, TRAINED)
+    pod = world.pods[Stage.TRAIN][0]
+    world.pods[Stage.TRAIN] = [{**pod, "status": {"phase": "Running"}}]  # the old pod status, still Running
+    world.step()
+    assert world.status["phase"] == "Training" and "adapter" not in world.status["artifacts"]
+    world.pods[Stage.TRAIN] = [pod]
+    world.step()
+    assert world.status["progress"]["step"] == TRAINED["summary"]["step"]
+    assert world.status["artifacts"]["adapter"] == TRAINED["summary"]["adapter"]
+
+
 @pytest.mark.parametrize(
     ("job_reason", "exit_code", "document", "pod_reason", "reason", "words"),
     [

@@ -81,6 +81,11 @@ def _not_rank_zero(pod: Mapping[str, Any]) -> bool:
     return index is not None and index != "0"
 
 
+def _not_ended(pod: Mapping[str, Any]) -> bool:
+    metadata, status = pod.get("metadata") or {}, pod.get("status") or {}
+    return not metadata.get("deletionTimestamp") and status.get("phase") not in ("Succeeded", "Failed")
+
+
 def _terminations(pods: Sequence[Mapping[str, Any]], phase: str) -> list[Termination]:
     # newest first, and index 0 (global rank 0) of a multi-node Job before its other pods
     newest = sorted(sorted(pods, key=created, reverse=True), key=_not_rank_zero)
@@ -91,7 +96,11 @@ def _terminations(pods: Sequence[Mapping[str, Any]], phase: str) -> list[Termina
 def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> JobOutcome:
     conditions = conditions_of(job)
     if is_true(conditions, "Complete") or is_true(conditions, "SuccessCriteriaMet"):
-        return JobOutcome("succeeded", termination=next(iter(_terminations(pods, "Succeeded")), None))
+        termination = next(iter(_terminations(pods, "Succeeded")), None)
+        if termination is None and any(_not_ended(p) for p in pods):
+            # The Job's watch ran ahead of its pods': the summary is in a pod status not seen yet.
+            return JobOutcome("running")
+        return JobOutcome("succeeded", termination=termination)
     for kind in ("Failed", "FailureTarget"):
         if is_true(conditions, kind):
             terminations = _terminations(pods, "Failed")
@@ -135,4 +144,3 @@ def failure_reason(outcome: JobOutcome, stage: Stage = Stage.TRAIN) -> tuple[Rea
     if outcome.job_reason == "BackoffLimitExceeded":
         return Reason.RETRIES_EXHAUSTED, f"retries exhausted{detail}"
     return Reason.STAGE_FAILED, f"{outcome.job_reason or 'failed'}: {outcome.job_message}{detail}".strip()
-
