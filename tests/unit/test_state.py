@@ -338,6 +338,26 @@ def test_a_complete_job_whose_pod_is_not_seen_ended_yet_waits_for_its_summary() 
     assert world.status["artifacts"]["adapter"] == TRAINED["summary"]["adapter"]
 
 
+def test_a_complete_two_node_job_waits_for_rank_zero_when_only_rank_one_is_seen_ended() -> None:
+    """Rank 1 leaves no summary: a Complete Job whose rank-1 pod is seen Succeeded while rank 0's still looks
+    Running is read once rank 0 is seen ended (a CI run under load ended a 2-node job with step 0)."""
+    world = World(job())
+    _to_training(world)
+    world.finish(Stage.TRAIN, TRAINED)
+    (rank0,) = world.pods[Stage.TRAIN]
+    index = "batch.kubernetes.io/job-completion-index"
+    rank0 = {**rank0, "metadata": {**rank0["metadata"], "annotations": {index: "0"}}}
+    rank1 = terminated_pod(Stage.TRAIN.value, 0, {"message": "", "summary": {}})
+    rank1 = {**rank1, "metadata": {**rank1["metadata"], "name": "rank1", "annotations": {index: "1"}}}
+    world.pods[Stage.TRAIN] = [{**rank0, "status": {"phase": "Running"}}, rank1]
+    world.step()
+    assert world.status["phase"] == "Training" and "adapter" not in world.status["artifacts"]
+    world.pods[Stage.TRAIN] = [rank0, rank1]
+    world.step()
+    assert world.status["progress"]["step"] == TRAINED["summary"]["step"]
+    assert world.status["artifacts"]["adapter"] == TRAINED["summary"]["adapter"]
+
+
 @pytest.mark.parametrize(
     ("job_reason", "exit_code", "document", "pod_reason", "reason", "words"),
     [

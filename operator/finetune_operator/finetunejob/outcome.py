@@ -96,11 +96,11 @@ def _terminations(pods: Sequence[Mapping[str, Any]], phase: str) -> list[Termina
 def job_outcome(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> JobOutcome:
     conditions = conditions_of(job)
     if is_true(conditions, "Complete") or is_true(conditions, "SuccessCriteriaMet"):
-        termination = next(iter(_terminations(pods, "Succeeded")), None)
-        if termination is None and any(_not_ended(p) for p in pods):
-            # The Job's watch ran ahead of its pods': the summary is in a pod status not seen yet.
+        if any(_not_ended(p) for p in pods):
+            # The Job's watch ran ahead of its pods': rank 0's summary may be in a pod status not seen yet
+            # (another rank's pod seen Succeeded carries none).
             return JobOutcome("running")
-        return JobOutcome("succeeded", termination=termination)
+        return JobOutcome("succeeded", termination=next(iter(_terminations(pods, "Succeeded")), None))
     for kind in ("Failed", "FailureTarget"):
         if is_true(conditions, kind):
             terminations = _terminations(pods, "Failed")
