@@ -31,6 +31,7 @@ from finetune_vocabulary.evaluation import (
 )
 from finetune_vocabulary.layout import RunLayout
 from finetune_vocabulary.metrics import METRICS, MetricName, primary_metric
+from finetune_vocabulary.objectives import Objective
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -78,9 +79,12 @@ class DatasetSpec(_Section):
     train: str = Field(description="JSONL file with the training examples")
     validation: str | None = Field(None, description="Optional JSONL used for eval loss during training")
     test: str | None = Field(None, description="Held-out JSONL for evaluation; split from train when absent")
-    format: Literal["auto", "chat", "completion", "instruction"] = Field(
+    format: Literal[
+        "auto", "chat", "completion", "instruction", "preference", "unpaired-preference", "prompt-only"
+    ] = Field(
         "auto",
-        description="chat (messages), completion (prompt/completion), instruction (instruction/input/output)",
+        description="chat (messages), completion (prompt/completion), instruction (instruction/input/output);"
+        " preference (dpo), unpaired-preference (kto), prompt-only (grpo): finetune_vocabulary.objectives",
     )
     test_size: int | float | None = Field(
         None,
@@ -162,6 +166,13 @@ class Hyperparameters(_Section):
     seed: int = Field(42, ge=0, description="Seed for data order, held-out split and initialisation")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description="Data-parallel strategy with several ranks (the operator resolves auto)"
+    )
+    beta: float | None = Field(None, ge=0, description="KL strength of dpo/kto/grpo; unset: TRL's default")
+    num_generations: int | None = Field(
+        None, ge=2, description="grpo: completions sampled per prompt; unset: TRL's default"
+    )
+    max_completion_length: int | None = Field(
+        None, ge=1, description="grpo: longest sampled completion in tokens; unset: TRL's default"
     )
 
     @field_validator("max_steps")
@@ -386,10 +397,17 @@ class DeploymentSpec(_Section):
     serving_check: ServingCheckSpec = Field(default_factory=ServingCheckSpec)
 
 
+class RewardSpec(_Section):
+    grader: str = Field(description="The name of one of evaluation.graders")
+    weight: float = Field(1.0, description="Its weight in the sum of rewards")
+
+
 class FineTuneSpec(_Section):
     base_model: BaseModelSpec
     dataset: DatasetSpec
+    objective: Objective = "sft"
     method: Literal["lora", "qlora", "full"] = "lora"
+    rewards: list[RewardSpec] = Field(default_factory=list, description="grpo: graders that reward rollouts")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)

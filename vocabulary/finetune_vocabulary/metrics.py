@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Literal, get_args
 
+from finetune_vocabulary.objectives import default_primary
+
 MetricName = Literal["loss", "perplexity", "exact_match", "token_f1", "rouge_l"]
 # In the order the API lists them (the default of `evaluation.metrics`).
 METRICS: tuple[MetricName, ...] = get_args(MetricName)
@@ -38,9 +40,13 @@ def relative_improvement(metric: str, tuned: float, base: float) -> float:
 
 
 def primary_metric(
-    metrics: Sequence[str], thresholds: Iterable[str] = (), explicit: str | None = None
+    metrics: Sequence[str],
+    thresholds: Iterable[str] = (),
+    explicit: str | None = None,
+    objective: str = "sft",
 ) -> str:
-    """The metric that decides a run: `explicit` (primaryMetric), else the first threshold's, else metrics[0].
+    """The metric that decides a run: `explicit` (primaryMetric), else the first threshold's, else the
+    objective's own figure (dpo/kto: preference_accuracy, grpo: reward), else metrics[0].
 
     `thresholds` are the metrics of `evaluation.thresholds`, in order. An empty `metrics` (not valid in the
     API) falls back to loss, the one metric every evaluation can compute.
@@ -49,4 +55,4 @@ def primary_metric(
         return explicit
     for metric in thresholds:
         return metric
-    return metrics[0] if metrics else "loss"
+    return default_primary(objective) or (metrics[0] if metrics else "loss")

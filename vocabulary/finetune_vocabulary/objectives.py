@@ -1,0 +1,90 @@
+"""Training objectives: which dataset format each one trains on, the figures it adds to evaluation and to
+progress, and the metric that decides its gate unless the spec names one.
+
+- ``sft``: supervised fine-tuning on chat / completion / instruction records (the default);
+- ``dpo``: direct preference optimisation on ``preference`` pairs;
+- ``kto``: Kahneman-Tversky optimisation on ``unpaired-preference`` examples (a completion and a label);
+- ``grpo``: group relative policy optimisation on ``prompt-only`` records, rewarded by evaluation graders.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Objective = Literal["sft", "dpo", "kto", "grpo"]
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
+DEFAULT_OBJECTIVE: Objective = "sft"
+
+SFT_FORMATS = ("chat", "completion", "instruction")
+PREFERENCE_FORMAT = "preference"  # {"prompt"|"messages", "chosen", "rejected"}
+UNPAIRED_PREFERENCE_FORMAT = "unpaired-preference"  # {"prompt"|"messages", "completion", "label": bool}
+PROMPT_ONLY_FORMAT = "prompt-only"  # {"prompt"|"messages", "expected"?}
+# The dataset formats each objective trains on (the first is what `dataset.format: auto` must detect).
+OBJECTIVE_FORMATS: dict[str, tuple[str, ...]] = {
+    "sft": SFT_FORMATS,
+    "dpo": (PREFERENCE_FORMAT,),
+    "kto": (UNPAIRED_PREFERENCE_FORMAT,),
+    "grpo": (PROMPT_ONLY_FORMAT,),
+}
+ALL_FORMATS: tuple[str, ...] = (
+    *SFT_FORMATS,
+    PREFERENCE_FORMAT,
+    UNPAIRED_PREFERENCE_FORMAT,
+    PROMPT_ONLY_FORMAT,
+)
+
+# Evaluation figures of the preference objectives, on held-out examples, tuned vs base; higher is better.
+# preference_accuracy: share of held-out pairs whose implicit reward beta*(log pi(y|x) - log pi_ref(y|x))
+# prefers chosen (kto: whose reward's sign matches the label), ties counted 1/2 (so the base scores 0.5);
+# reward_margin: mean implicit reward of chosen minus rejected (kto: desirable minus undesirable).
+PREFERENCE_ACCURACY = "preference_accuracy"
+REWARD_MARGIN = "reward_margin"
+PREFERENCE_METRICS: tuple[str, ...] = (PREFERENCE_ACCURACY, REWARD_MARGIN)
+# grpo: the weighted mean of the `spec.rewards` graders' scores on the held-out prompts (in [0, 1] when the
+# weights are positive); each reward grader's own mean sits beside it under the grader's name.
+REWARD_METRIC = "reward"
+OBJECTIVE_METRICS: dict[str, tuple[str, ...]] = {
+    "sft": (),
+    "dpo": PREFERENCE_METRICS,
+    "kto": PREFERENCE_METRICS,
+    "grpo": (REWARD_METRIC,),
+}
+ALL_OBJECTIVE_METRICS: tuple[str, ...] = (*PREFERENCE_METRICS, REWARD_METRIC)
+_DEFAULT_PRIMARY: dict[str, str] = {
+    "dpo": PREFERENCE_ACCURACY,
+    "kto": PREFERENCE_ACCURACY,
+    "grpo": REWARD_METRIC,
+}
+
+# The objective's own training figures: the trainer's progress lines and summary carry them under these
+# keys (status.progress shows them; MLflow gets TRL's own names). Value: the TRL log key they come from.
+PROGRESS_FIGURES: dict[str, dict[str, str]] = {
+    "sft": {},
+    "dpo": {
+        "rewardsChosen": "rewards/chosen",
+        "rewardsRejected": "rewards/rejected",
+        "rewardsMargin": "rewards/margins",
+        "rewardsAccuracy": "rewards/accuracies",
+    },
+    "kto": {"rewardsChosen": "rewards/chosen", "rewardsRejected": "rewards/rejected", "kl": "kl"},
+    "grpo": {"reward": "reward", "kl": "kl", "completionLength": "completions/mean_length"},
+}
+PROGRESS_FIGURE_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for f in PROGRESS_FIGURES.values() for k in f))
+
+
+def formats_for(objective: str) -> tuple[str, ...]:
+    return OBJECTIVE_FORMATS.get(objective, SFT_FORMATS)
+
+
+def metrics_for(objective: str) -> tuple[str, ...]:
+    return OBJECTIVE_METRICS.get(objective, ())
+
+
+def default_primary(objective: str) -> str | None:
+    """The metric that decides the gate of `objective` when the spec names none (None: the SFT rule)."""
+    return _DEFAULT_PRIMARY.get(objective)
+
+
+def objective_of_metric(metric: str) -> tuple[str, ...]:
+    """The objectives that measure `metric` (empty for a metric every objective measures)."""
+    return tuple(o for o, names in OBJECTIVE_METRICS.items() if metric in names)
