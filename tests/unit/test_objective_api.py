@@ -276,3 +276,27 @@ def test_objective_and_rewards_are_immutable(field: str, value: Any, validator: 
     with pytest.raises(SpecError) as models:
         check_update(parse_finetunejob(stored).spec, parse_finetunejob(changed).spec)
     assert (f"spec.{field}", immutable) in models.value.errors
+
+
+async def test_the_embedded_api_server_refuses_each_combination_with_a_422_naming_the_field() -> None:
+    """The same table through the embedded cluster's HTTP API, as kubectl would send it."""
+    aiohttp = pytest.importorskip("aiohttp")
+    apiserver = pytest.importorskip("localcluster.apiserver")
+    server = apiserver.ApiServer()
+    await server.start()
+    base = f"{server.url}/apis/finetune.dev/v1alpha1/namespaces/default/finetunejobs"
+    try:
+        async with aiohttp.ClientSession() as http:
+            crds = f"{server.url}/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+            async with http.post(crds, json=build_crd()) as response:
+                assert response.status == 201, await response.text()
+            for case_id, obj, path, message in REFUSED:
+                async with http.post(base, json=obj) as response:
+                    body = await response.json()
+                assert response.status == 422, (case_id, body)
+                causes = [(c["field"], c["message"]) for c in body["details"]["causes"]]
+                assert any(f == path and m.endswith(message) for f, m in causes), (case_id, causes)
+            async with http.post(base, json=grpo(dataset=prompt_only())) as response:
+                assert response.status == 201, await response.text()
+    finally:
+        await server.stop()
