@@ -3,8 +3,14 @@
 Cleaning policy (also written into report.json):
   * Unusable lines are dropped and count as errors: invalid JSON, non-UTF-8 bytes, a value that is not an
     object, missing/empty/wrongly typed fields, unknown roles, no assistant turn, bad turn order, a line
-    in another format than the file, and examples longer than ``maxSeqLength`` tokens (rendered with the
-    base model's chat template; truncating would cut the answer).
+    in another format than the file, a preference pair whose chosen and rejected are identical, and
+    examples longer than ``maxSeqLength`` tokens (rendered with the base model's chat template; truncating
+    would cut the answer; dpo/kto: the prompt with the longer side; grpo: the prompt as served plus
+    ``maxCompletionLength``, TRL's default when unset).
+  * The records must be in a format of ``spec.objective`` (sft: chat/completion/instruction, dpo:
+    preference, kto: unpaired-preference, grpo: prompt-only); when most lines are not, the stage fails
+    naming both formats (a few stray lines are line errors). kto reports its label balance and warns
+    when either label is under 10 % of the training examples.
   * Exact duplicates and normalised duplicates (case, Unicode form, punctuation, whitespace) are dropped,
     keeping the first occurrence. Train examples whose prompt is also in the test or validation set
     (leakage) are dropped from train; validation examples whose prompt is in the test set are dropped from
@@ -21,7 +27,8 @@ Cleaning policy (also written into report.json):
 Without a test file, a held-out test set is split off deterministically: examples are ordered by a seeded
 hash of their normalised prompt (so equal prompts stay on one side), stratified by ``category``.
 
-Writes ``<runPrefix>/data/{train,validation,test}.jsonl`` (canonical chat format) and ``report.json``,
+Writes ``<runPrefix>/data/{train,validation,test}.jsonl`` (the objective's canonical form,
+formats.CANONICAL_FORMAT; read back with formats.read_canonical) and ``report.json``,
 committed with a manifest recording each input's ETag/VersionId.
 """
 
@@ -38,19 +45,27 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from finetune_vocabulary import steps as step_count
+from finetune_vocabulary.objectives import formats_for
 
 from . import manifest, storage, tracking
 from .config import TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
 from .formats import (
+    CANONICAL_FORMAT,
     FORMATS,
+    GRPO_DEFAULT_MAX_COMPLETION_LENGTH,
     RecordError,
+    chat_views,
     detect_format,
     exact_key,
+    fits_format,
+    foreign_to_sft,
     loads_record,
     normalised_key,
+    objective_mismatch,
     prompt_key,
-    to_chat,
+    record_shape,
+    to_canonical,
 )
 from .termination import StageResult, raise_if_preempted
 
@@ -64,13 +79,15 @@ ERROR_KINDS: dict[str, str] = {
     "invalid_utf8": "line contains bytes that are not UTF-8",
     "not_an_object": "JSON value is not an object",
     "missing_field": "a required field is missing",
-    "empty_field": "a required field is empty",
-    "wrong_type": "a field has the wrong type",
+    "empty_field": "a required field is empty (also a preference side: chosen, rejected or completion)",
+    "wrong_type": "a field has the wrong type (also a kto label that is not true or false)",
     "unknown_role": "a message role is not system, user or assistant",
     "no_assistant_turn": "no assistant turn to learn from",
     "bad_turn_order": "system not first, assistant before user, or not ending with assistant",
     "format_mismatch": "line is in another format than the dataset",
-    "overlong": "longer than hyperparameters.maxSeqLength tokens",
+    "identical_pair": "a preference pair whose chosen and rejected are the same text",
+    "overlong": "longer than hyperparameters.maxSeqLength tokens (dpo/kto: the prompt with the longer side; "
+    "grpo: the prompt plus hyperparameters.maxCompletionLength)",
 }
 CLEANING_KINDS: dict[str, str] = {
     "duplicate": "exact duplicate of an earlier example",
@@ -241,8 +258,14 @@ def _decode_lines(
     return out
 
 
-def detect_file_format(values: Sequence[tuple[int, Any]], name: str) -> str:
-    """Majority format of the parsed records (ties: chat > completion > instruction)."""
+def detect_file_format(
+    values: Sequence[tuple[int, Any]], name: str, objective: str = "sft", role: str = "train"
+) -> str:
+    """The objective's format (sft: the majority format, ties chat > completion > instruction), after
+    :func:`check_objective_fit`."""
+    check_objective_fit(values, name, objective, role)
+    if objective != "sft":
+        return CANONICAL_FORMAT[objective]
     votes = Counter(f for _, v in values if not isinstance(v, RecordError) and (f := detect_format(v)))
     if not votes:
         readable = [lineno for lineno, v in values if not isinstance(v, RecordError)]
@@ -255,19 +278,52 @@ def detect_file_format(values: Sequence[tuple[int, Any]], name: str) -> str:
     return max(FORMATS, key=lambda f: (votes[f], -FORMATS.index(f)))
 
 
+def check_objective_fit(values: Sequence[tuple[int, Any]], name: str, objective: str, role: str) -> None:
+    """InvalidDataError naming both formats when most readable records are not in a format of the
+    objective (a few stray lines are line errors instead). For sft only records that are unmistakably
+    preference data count: looser SFT lines keep their own errors."""
+    readable = [(lineno, v) for lineno, v in values if not isinstance(v, RecordError)]
+    misfits: list[tuple[int, str | None]]
+    if objective == "sft":
+        misfits = [(lineno, s) for lineno, v in readable if (s := foreign_to_sft(v))]
+    else:
+        fmt = CANONICAL_FORMAT[objective]
+        misfits = [
+            (lineno, record_shape(v))
+            for lineno, v in readable
+            if not (isinstance(v, dict) and fits_format(v, fmt))
+        ]
+    if not readable or 2 * len(misfits) <= len(readable):
+        return
+    shape = Counter(s for _, s in misfits).most_common(1)[0][0]
+    first = next(lineno for lineno, s in misfits if s == shape)
+    raise InvalidDataError(
+        f"{objective_mismatch(objective, shape, f'dataset.{role}')} "
+        f"({len(misfits)} of {len(readable)} lines, first {name} line {first})"
+    )
+
+
 def parse_file(
-    raw_lines: Iterable[bytes | OverlongLine], name: str, fmt: str, findings: Findings
+    raw_lines: Iterable[bytes | OverlongLine],
+    name: str,
+    fmt: str,
+    findings: Findings,
+    *,
+    objective: str = "sft",
+    role: str = "train",
 ) -> ParsedFile:
-    """Parse one JSONL file into canonical chat examples; problems go to ``findings``."""
+    """Parse one JSONL file into the objective's canonical examples; problems go to ``findings``."""
     decoded = _decode_lines(raw_lines, name, findings)
     if fmt == "auto":
-        fmt = detect_file_format(decoded, name)
+        fmt = detect_file_format(decoded, name, objective, role)
+    else:
+        check_objective_fit(decoded, name, objective, role)
     examples = []
     for lineno, value in decoded:
         try:
             if isinstance(value, RecordError):
                 raise value
-            examples.append(Example(name, lineno, to_chat(value, fmt)))
+            examples.append(Example(name, lineno, to_canonical(value, fmt)))
         except RecordError as err:
             findings.add(name, lineno, err.kind, err.message)
     return ParsedFile(name, fmt, len(decoded), examples)
@@ -339,7 +395,8 @@ def check_max_model_len(config: TrainerConfig, examples: Sequence[Example], coun
     longest, tokens = examples[0], -1
     for start in range(0, len(examples), 256):
         chunk = examples[start : start + 256]
-        for example, n in zip(chunk, counter([e.data for e in chunk], prompt=True), strict=True):
+        views = [chat_views(e.data)[0] for e in chunk]
+        for example, n in zip(chunk, counter(views, prompt=True), strict=True):
             if n > tokens:
                 longest, tokens = example, n
     if tokens + new_tokens > limit:
@@ -351,24 +408,68 @@ def check_max_model_len(config: TrainerConfig, examples: Sequence[Example], coun
         )
 
 
-def count_tokens(examples: list[Example], counter: TokenCounter, batch: int = 256) -> None:
+def count_tokens(
+    examples: list[Example], counter: TokenCounter, batch: int = 256, *, completion_budget: int = 0
+) -> None:
+    """Tokens per example (chat template applied): a chat; a prompt with the longer of its sides (dpo, kto);
+    with ``completion_budget`` (grpo) the prompt as served plus that many completion tokens."""
     for start in range(0, len(examples), batch):
         chunk = examples[start : start + batch]
-        for example, n in zip(chunk, counter([e.data for e in chunk]), strict=True):
-            example.tokens = n
+        if completion_budget:
+            prompts = [chat_views(e.data)[0] for e in chunk]
+            for example, n in zip(chunk, counter(prompts, prompt=True), strict=True):
+                example.tokens = n + completion_budget
+            continue
+        views = [chat_views(e.data) for e in chunk]
+        counts = iter(counter([v for vs in views for v in vs]))
+        for example, vs in zip(chunk, views, strict=True):
+            example.tokens = max(next(counts) for _ in vs)
 
 
 # --- cleaning -----------------------------------------------------------------------------------------------
 
 
-def drop_overlong(examples: list[Example], max_tokens: int, findings: Findings) -> list[Example]:
+def drop_overlong(
+    examples: list[Example], max_tokens: int, findings: Findings, completion_budget: int = 0
+) -> list[Example]:
     kept = []
     for e in examples:
-        if e.tokens > max_tokens:
-            findings.add(e.file, e.line, "overlong", f"{e.tokens} tokens > maxSeqLength {max_tokens}")
-        else:
+        if e.tokens <= max_tokens:
             kept.append(e)
+        elif completion_budget:
+            findings.add(
+                e.file,
+                e.line,
+                "overlong",
+                f"prompt {e.tokens - completion_budget} tokens + maxCompletionLength {completion_budget} = "
+                f"{e.tokens} tokens > maxSeqLength {max_tokens}",
+            )
+        else:
+            findings.add(e.file, e.line, "overlong", f"{e.tokens} tokens > maxSeqLength {max_tokens}")
     return kept
+
+
+def completion_budget(config: TrainerConfig) -> int:
+    """grpo: the completion tokens each prompt must leave room for (0 for the other objectives)."""
+    if config.spec.objective != "grpo":
+        return 0
+    return config.spec.hyperparameters.max_completion_length or GRPO_DEFAULT_MAX_COMPLETION_LENGTH
+
+
+LABEL_MIN_SHARE = 0.1  # kto: a label side under this share of the training examples is a warning
+
+
+def label_balance(train: Sequence[Example]) -> tuple[dict[str, int], str | None]:
+    """kto: desirable / undesirable counts of the training examples, and a warning when a side is thin."""
+    desirable = sum(1 for e in train if e.data["label"] is True)
+    labels = {"desirable": desirable, "undesirable": len(train) - desirable}
+    side, n = min(labels.items(), key=lambda item: item[1])
+    if not train or n >= LABEL_MIN_SHARE * len(train):
+        return labels, None
+    return labels, (
+        f"kto label balance: {n} of {len(train)} training examples ({n / len(train):.1%}) are {side}, under "
+        f"{LABEL_MIN_SHARE:.0%}; KTO learns from both desirable and undesirable examples"
+    )
 
 
 def drop_duplicates(examples: list[Example], findings: Findings) -> list[Example]:
@@ -578,6 +679,16 @@ def _write_jsonl(path: Path, examples: list[Example]) -> None:
             fh.write(json.dumps(e.data, ensure_ascii=False) + "\n")
 
 
+def check_format_fits_objective(fmt: str, objective: str) -> None:
+    """An explicit dataset.format must be one the objective trains on (the operator refuses it first)."""
+    fits = formats_for(objective)
+    if fmt != "auto" and fmt not in fits:
+        raise InvalidConfigError(
+            f"spec.dataset.format: {fmt} does not fit spec.objective {objective}, which needs "
+            f"{' or '.join(fits)} (or auto)"
+        )
+
+
 def _failure(message: str, findings: Findings, summary: dict[str, Any]) -> InvalidDataError:
     first = findings.first([*ERROR_KINDS, *CLEANING_KINDS], 10)
     details = "; ".join(f.render() for f in first)
@@ -637,6 +748,7 @@ def run(config: TrainerConfig) -> StageResult:
         )
 
     spec = config.spec
+    check_format_fits_objective(spec.dataset.format, spec.objective)
     work = config.workdir / "validate"
     (work / "input").mkdir(parents=True, exist_ok=True)
     inputs = _inputs(config)
@@ -648,16 +760,19 @@ def run(config: TrainerConfig) -> StageResult:
     for item in inputs:
         with (work / "input" / f"{item.role}.jsonl").open("rb") as fh:
             lines = read_lines(fh, spec.dataset.max_line_bytes)
-            parsed[item.role] = parse_file(lines, item.name, spec.dataset.format, findings)
+            parsed[item.role] = parse_file(
+                lines, item.name, spec.dataset.format, findings, objective=spec.objective, role=item.role
+            )
     fmt = parsed["train"].fmt
 
     try:
         # Fail fast on broken files, before loading the tokenizer; then again once over-length counts.
         summary = check_error_rate(parsed, findings, spec.dataset.max_error_rate)
         counter, tokenizer_revision = load_token_counter(config)
+        budget = completion_budget(config)
         for pf in parsed.values():
-            count_tokens(pf.examples, counter)
-            pf.examples = drop_overlong(pf.examples, spec.hyperparameters.max_seq_length, findings)
+            count_tokens(pf.examples, counter, completion_budget=budget)
+            pf.examples = drop_overlong(pf.examples, spec.hyperparameters.max_seq_length, findings, budget)
             pf.examples = drop_duplicates(pf.examples, findings)
         raise_if_preempted("validate")
         summary = check_error_rate(parsed, findings, spec.dataset.max_error_rate)
@@ -704,6 +819,10 @@ def run(config: TrainerConfig) -> StageResult:
         raise
     check_max_model_len(config, [*train, *(validation or []), *test], counter)
 
+    labels: dict[str, int] | None = None
+    if spec.objective == "kto":
+        labels, thin = label_balance(train)
+        warnings += [thin] if thin else []
     splits = {"train": train, **({"validation": validation} if validation is not None else {}), "test": test}
     categories = category_report(splits, findings, parsed["train"].name)
     estimate = estimate_training(train, config)
@@ -717,9 +836,11 @@ def run(config: TrainerConfig) -> StageResult:
         "estimatedSteps": estimate["estimatedSteps"],
         "errors": findings.of(ERROR_KINDS),
         "errorRate": round(error_rate, 4),
+        **({"labels": labels} if labels is not None else {}),
         **({"warnings": warnings} if warnings else {}),
     }
     report = {
+        **({"objective": spec.objective} if spec.objective != "sft" else {}),
         "summary": summary,
         "policy": {
             "maxErrorRate": spec.dataset.max_error_rate,
