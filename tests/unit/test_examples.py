@@ -27,6 +27,9 @@ EXPECTED = {
     "kueue-queued.yaml",
     "multi-node-full-finetune-2x8xa100.yaml",
     "graded-job.yaml",
+    "dpo-job.yaml",
+    "kto-job.yaml",
+    "grpo-job.yaml",
 }
 
 
@@ -118,6 +121,35 @@ def test_graded_example_gates_on_its_own_graders(validator: CRDValidator) -> Non
     assert ev["retention"]["metric"] == "loss" and ev["retention"]["maxDrop"] == 0.05
     check = load("graded-job.yaml")["spec"]["deployment"]["servingCheck"]
     assert check == {"examples": 200, "tolerance": 0.02}
+
+
+def test_preference_examples_train_on_their_objective_s_format_and_gate_on_its_figure(
+    validator: CRDValidator,
+) -> None:
+    """examples/dpo-job.yaml and kto-job.yaml (docs/objectives.md): LoRA / QLoRA (the adapter-disabled base is
+    the reference), the objective's dataset format, gated on held-out preference_accuracy."""
+    for name, objective, fmt in (
+        ("dpo-job.yaml", "dpo", "preference"),
+        ("kto-job.yaml", "kto", "unpaired-preference"),
+    ):
+        spec = admitted(name, validator).spec
+        assert spec.objective == objective and spec.dataset.format == fmt
+        assert spec.method in ("lora", "qlora") and spec.hyperparameters.beta is not None
+        assert [t.metric for t in spec.evaluation.thresholds] == ["preference_accuracy"]
+        assert not spec.rewards and spec.hyperparameters.num_generations is None
+
+
+def test_grpo_example_is_rewarded_by_the_graders_it_is_gated_on(validator: CRDValidator) -> None:
+    """examples/grpo-job.yaml: every reward is a deterministic grader of evaluation.graders, and the gate is
+    on `reward`, the weighted mean of the same graders on the held-out prompts."""
+    spec = admitted("grpo-job.yaml", validator).spec
+    assert spec.objective == "grpo" and spec.dataset.format == "prompt-only"
+    graders = {g.name: g for g in spec.evaluation.graders}
+    assert spec.rewards and {r.grader for r in spec.rewards} == set(graders)
+    assert all(graders[r.grader].deterministic for r in spec.rewards)
+    assert [t.metric for t in spec.evaluation.thresholds] == ["reward"]
+    hp = spec.hyperparameters
+    assert hp.num_generations and hp.max_completion_length and hp.max_completion_length <= hp.max_seq_length
 
 
 def _judge_servers(evaluation: dict[str, Any]) -> set[str]:
