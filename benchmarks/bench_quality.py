@@ -36,7 +36,13 @@ The last line is ``quality-vs-reference em_delta: <min over tasks of mean(ours -
 loss_ratio: <max over tasks of mean ours/reference held-out loss> speed_ratio: <min over tasks of
 mean ours/reference tokens/s>``; targets em_delta >= -0.02, loss_ratio <= 1.02, speed_ratio >= 1.3.
 
-``--quick``: one task (shout), one seed (tests/trainer/test_bench_quality.py runs it in ``make test``).
+``preference`` (bench_preference.py): the train stage with ``objective: dpo`` vs a plain DPO loop with the
+loss spelled out, on toy preference pairs; its own line
+``quality-vs-reference preference preference_accuracy: ... dpo_loss: ...`` (targets: accuracy within
+0.02, held-out DPO loss within 2 %).
+
+``--quick``: one task (shout), one seed (tests/trainer/test_bench_quality.py runs it in ``make test``, and
+``--tasks preference``).
 """
 
 from __future__ import annotations
@@ -442,23 +448,34 @@ def report(results: list[TaskResult]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one task (shout), one seed")
-    parser.add_argument("--tasks", nargs="*", default=None, choices=sorted(tasks()))
+    parser.add_argument("--tasks", nargs="*", default=None, choices=[*sorted(tasks()), "preference"])
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO / "dev" / "demo" / "src"))
     from finetune_demo import toymodel
 
-    base = toymodel.toy_base_model(bench_base_params())
-    names = args.tasks or (["shout"] if args.quick else ["classify", "shout"])
+    names = args.tasks or (["shout"] if args.quick else ["classify", "shout", "preference"])
     seeds = SEEDS[:1] if args.quick else SEEDS
-    print(
-        f"bench-quality: tasks {', '.join(names)} x seeds {list(seeds)} on the toy Llama {base.name} "
-        f"(load average {os.getloadavg()[0]:.1f})",
-        flush=True,
-    )
-    began = time.monotonic()
-    results = run(names, seeds, base)
-    print(f"(took {time.monotonic() - began:.0f} s; load average {os.getloadavg()[0]:.1f} at the end)")
-    print(report(results), flush=True)
+    sft = [n for n in names if n != "preference"]
+    if sft:
+        base = toymodel.toy_base_model(bench_base_params())
+        print(
+            f"bench-quality: tasks {', '.join(sft)} x seeds {list(seeds)} on the toy Llama {base.name} "
+            f"(load average {os.getloadavg()[0]:.1f})",
+            flush=True,
+        )
+        began = time.monotonic()
+        results = run(sft, seeds, base)
+        print(f"(took {time.monotonic() - began:.0f} s; load average {os.getloadavg()[0]:.1f} at the end)")
+        print(report(results), flush=True)
+    if "preference" in names:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        import bench_preference
+        import torch
+
+        torch.set_num_threads(1)
+        quiet()
+        print("bench-quality: preference (dpo) on the demo's toy Llama", flush=True)
+        print(bench_preference.run(toymodel.toy_base_model()), flush=True)
 
 
 if __name__ == "__main__":

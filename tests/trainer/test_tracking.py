@@ -163,6 +163,34 @@ def test_step_metrics_take_loss_learning_rate_and_throughput() -> None:
     assert tracking.step_metrics({"train_runtime": 3.0}, 0.0) == {}  # the end-of-training summary
 
 
+def test_step_metrics_forward_the_objective_figures_under_trl_names() -> None:
+    """dpo/kto/grpo figures reach MLflow under TRL's own names (MLflow accepts '/'); others stay out."""
+    logs = {
+        "loss": 0.6,
+        "rewards/chosen": 0.2,
+        "rewards/rejected": -0.1,
+        "rewards/margins": 0.3,
+        "rewards/accuracies": 0.75,
+        "kl": 0.01,
+        "reward": 0.5,
+        "completions/mean_length": 3.0,
+        "rewards/exact answer/mean": 0.5,
+        "logps/chosen": -3.0,
+    }
+    out = tracking.step_metrics(logs, None)
+    assert out == {
+        "train_loss": 0.6,
+        "rewards/chosen": 0.2,
+        "rewards/rejected": -0.1,
+        "rewards/margins": 0.3,
+        "rewards/accuracies": 0.75,
+        "kl": 0.01,
+        "reward": 0.5,
+        "completions/mean_length": 3.0,
+        "rewards/exact answer/mean": 0.5,
+    }
+
+
 def test_one_run_per_job_remembered_in_the_run_prefix_or_found_by_uid(tmp_path: Path) -> None:
     fake = FakeMlflow()
     cfg = config(tmp_path)

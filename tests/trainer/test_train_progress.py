@@ -61,3 +61,26 @@ def test_only_rank_zero_prints() -> None:
     time.sleep(0.3)
     cb.on_train_end(None, state, None)
     assert lines == []
+
+
+def test_objective_figures_ride_on_progress_lines_under_their_progress_keys() -> None:
+    from finetune_vocabulary.objectives import PROGRESS_FIGURES
+
+    lines: list[dict[str, Any]] = []
+    cb = ProgressCallback(
+        lambda: 0, interval=15, emit=lambda **f: lines.append(f), figures=PROGRESS_FIGURES["dpo"]
+    )
+    state = _state(0)
+    cb.on_train_begin(None, state, None)
+    assert "rewardsAccuracy" not in lines[-1]  # nothing logged yet: no figure invented
+    state.global_step = 5
+    logs = {"loss": 0.6, "rewards/chosen": 0.2, "rewards/rejected": -0.1, "rewards/margins": 0.3}
+    cb.on_log(None, state, None, logs={**logs, "rewards/accuracies": 0.75, "logps/chosen": -3.0})
+    cb.on_train_end(None, state, None)
+    assert {k: lines[1].get(k) for k in PROGRESS_FIGURES["dpo"]} == {
+        "rewardsChosen": 0.2,
+        "rewardsRejected": -0.1,
+        "rewardsMargin": 0.3,
+        "rewardsAccuracy": 0.75,
+    }
+    assert "logps/chosen" not in lines[1] and "logpsChosen" not in lines[1]

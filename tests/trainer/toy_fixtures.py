@@ -191,3 +191,40 @@ def lora_pipeline(
         "base": toy_base_dir,
     }
     return _PIPELINES["lora"]
+
+
+# --- dpo / kto / grpo data (the canonical forms validate writes; contract of issue 23) ----------------------
+
+
+def objective_rows(objective: str, chat_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The toy task in the objective's canonical form: the right answer (upper case) is chosen / desirable /
+    expected, the base's own habit (the letter as given, lower case) is rejected / undesirable."""
+    rows: list[dict[str, Any]] = []
+    for i, row in enumerate(chat_rows):
+        prompt, right = row["messages"][:-1], row["messages"][-1]["content"]
+        if objective == "dpo":
+            rows.append({"prompt": prompt, "chosen": right, "rejected": right.lower()})
+        elif objective == "kto":
+            good = i % 2 == 0
+            rows.append({"prompt": prompt, "completion": right if good else right.lower(), "label": good})
+        else:
+            rows.append({"prompt": prompt, "expected": right})
+    return rows
+
+
+def commit_objective_data(
+    data_uri: str, objective: str, params: toymodel.ToyTaskParams | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Stand-in for validate's output for dpo/kto/grpo: canonical train.jsonl + test.jsonl committed."""
+    from finetune_trainer import manifest
+
+    train, test = (
+        objective_rows(objective, rows) for rows in toymodel.toy_task(params or toymodel.ToyTaskParams())
+    )
+    if manifest.is_committed(data_uri):  # a rerun of the same job (resume)
+        return train, test
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+            (Path(tmp) / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        manifest.commit_dir(tmp, data_uri, kind="dataset", dataset={"train": {"uri": "toy://train.jsonl"}})
+    return train, test

@@ -6,11 +6,14 @@ One ``{"event": "progress", "step", "totalSteps", "epoch", "loss", "learningRate
 a single step takes longer (a heartbeat thread repeats the latest figures). tokensPerSecond counts real tokens
 (no padding) processed by this process since it started, across all ranks. ``loss`` is the mean training
 loss over the last logging window, on the tokens evaluation scores (assistant tokens by default); the final
-step is always logged.
+step is always logged. dpo/kto/grpo lines also carry the objective's own figures (``rewardsChosen``,
+``rewardsAccuracy``, ``reward``, ``kl`` ...: finetune_vocabulary.objectives.PROGRESS_FIGURES, mapped from
+TRL's log keys), the latest logged value of each.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +35,11 @@ class ProgressCallback(TrainerCallback):
         emit: Callable[..., None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         context: dict[str, Any] | None = None,
+        figures: dict[str, str] | None = None,
     ) -> None:
         self._context = dict(context or {})
+        self._figure_keys = dict(figures or {})  # progress key -> TRL log key
+        self._figures: dict[str, float] = {}
         self._tokens_seen = tokens_seen
         self._interval = interval
         self._emit_fn = emit or (lambda **fields: log_event("progress", **fields))
@@ -70,6 +76,7 @@ class ProgressCallback(TrainerCallback):
             "learningRate": self._lr,
             "tokensPerSecond": round(tokens / elapsed, 1),
             "etaSeconds": eta,
+            **self._figures,
             **self._context,
         }
 
@@ -106,6 +113,10 @@ class ProgressCallback(TrainerCallback):
             self._loss = float(logs["loss"])
         if "learning_rate" in logs:
             self._lr = float(logs["learning_rate"])
+        for key, trl_key in self._figure_keys.items():
+            value = logs.get(trl_key)
+            if isinstance(value, int | float) and math.isfinite(value):
+                self._figures[key] = round(float(value), 6)
         if state.is_world_process_zero and "loss" in logs:
             self._emit()
 

@@ -24,12 +24,14 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from finetune_vocabulary.gate import Bound, GateResult, Retention, Safety, decide
+from finetune_vocabulary.objectives import PROGRESS_FIGURES
 
 from . import egress, manifest, storage
 from .config import MlflowTracking, TrainerConfig
@@ -533,7 +535,8 @@ class TrackingCallback:
 
 
 def step_metrics(logs: Mapping[str, Any], tokens_per_second: float | None) -> dict[str, float]:
-    """One logging step's metrics from the Trainer's `logs` dict."""
+    """One logging step's metrics from the Trainer's `logs` dict; the dpo/kto/grpo figures under TRL's own
+    names (``rewards/chosen``, ``kl``, ``reward``, ``rewards/<grader>/mean`` ...)."""
     names = {
         "loss": "train_loss",
         "learning_rate": "learning_rate",
@@ -541,6 +544,17 @@ def step_metrics(logs: Mapping[str, Any], tokens_per_second: float | None) -> di
         "grad_norm": "grad_norm",
     }
     out = {name: float(logs[key]) for key, name in names.items() if isinstance(logs.get(key), int | float)}
+    for key, value in logs.items():
+        if isinstance(value, int | float) and (key in OBJECTIVE_LOG_KEYS or key.startswith("rewards/")):
+            out[_metric_name(key)] = float(value)
     if tokens_per_second is not None and "train_loss" in out:  # a logging step, not the final summary
         out["tokens_per_second"] = tokens_per_second
     return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+OBJECTIVE_LOG_KEYS = frozenset(k for figures in PROGRESS_FIGURES.values() for k in figures.values())
+
+
+def _metric_name(key: str) -> str:
+    """MLflow metric names: letters, digits, ``_ - . /`` and spaces (a grader name is already such)."""
+    return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", key)[:250]

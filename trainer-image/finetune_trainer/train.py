@@ -21,13 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from . import batching, manifest, modeling, plots, storage, tracking
+from . import batching, manifest, modeling, objectives, plots, storage, tracking
 from .checkpoints import CheckpointCallback, resume_checkpoint, without_fsdp
 from .config import TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError, PreemptedError
@@ -37,7 +36,6 @@ from .termination import StageResult, raise_if_preempted
 log = logging.getLogger(__name__)
 
 DATA_FILES = {"train": "train.jsonl", "validation": "validation.jsonl"}
-DEFAULT_LOGGING_STEPS = 5  # FTJ_LOGGING_STEPS overrides (progress lines still come at least every 15 s)
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -61,14 +59,14 @@ def read_chat_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def fetch_data(data_uri: str, dest: Path) -> dict[str, list[dict[str, Any]]]:
-    """The cleaned splits ``validate`` committed (train, and validation when there is one)."""
+def fetch_data(data_uri: str, dest: Path, objective: str = "sft") -> dict[str, list[dict[str, Any]]]:
+    """The cleaned splits ``validate`` committed (train, and validation when there is one), in the form the
+    objective's trainer reads (sft: chat; dpo/kto/grpo: objectives.trl_rows)."""
     if not manifest.is_committed(data_uri):
         raise InvalidDataError(f"{data_uri} is not committed: run validate first")
     manifest.download_committed(data_uri, dest)
-    splits = {
-        name: read_chat_jsonl(dest / file) for name, file in DATA_FILES.items() if (dest / file).is_file()
-    }
+    read = read_chat_jsonl if objective == "sft" else (lambda path: objectives.trl_rows(path, objective))
+    splits = {name: read(dest / file) for name, file in DATA_FILES.items() if (dest / file).is_file()}
     if not splits.get("train"):
         raise InvalidDataError(f"{data_uri}/train.jsonl has no examples")
     return splits
@@ -90,8 +88,7 @@ def has_generation_markers(template: str | None) -> bool:
 # --- training arguments -------------------------------------------------------------------------------------
 
 
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+world_size = objectives.world_size
 
 
 def parallel_strategy(spec: Any) -> str:
@@ -112,21 +109,9 @@ def sft_config(
 ) -> Any:
     from trl import SFTConfig
 
-    spec, hp = config.spec, config.spec.hyperparameters
-    distributed = world_size() > 1
-    fsdp = parallel_strategy(spec) == "fsdp"
+    hp = config.spec.hyperparameters
     return SFTConfig(
-        output_dir=str(output_dir),
-        # schedule
-        num_train_epochs=hp.epochs,
-        max_steps=hp.max_steps or -1,
-        per_device_train_batch_size=hp.batch_size,
-        gradient_accumulation_steps=hp.gradient_accumulation_steps,
-        learning_rate=hp.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=hp.warmup_ratio,  # a float < 1 is a ratio of the total steps
-        seed=hp.seed,
-        data_seed=hp.seed,
+        **objectives.common_arguments(config, device, output_dir, parallel_strategy(config.spec)),
         # data: each micro-batch is one row of concatenated examples whose position_ids restart per example
         # (no padding, no cross-example attention), so batchSize examples per micro-batch whatever their
         # lengths. Opt-in packing instead fills rows of max_length tokens (fewer, fuller rows: fewer steps).
@@ -138,28 +123,48 @@ def sft_config(
         assistant_only_loss=assistant_only,
         completion_only_loss=None if assistant_only else True,
         dataset_num_proc=None,
-        dataloader_num_workers=0,
-        # precision and memory
-        bf16=device.bf16,
-        fp16=False,
-        use_cpu=not device.cuda,
-        gradient_checkpointing=hp.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        # several GPUs
-        ddp_find_unused_parameters=False if distributed else None,
-        fsdp="full_shard auto_wrap" if fsdp else "",
-        # checkpoints hold whole tensors gathered on rank 0: written once, resumable on any world size
-        fsdp_config={"state_dict_type": "FULL_STATE_DICT", "cpu_offload": False} if fsdp else None,
-        # checkpoints (committed by CheckpointCallback) and logs (ProgressCallback)
-        save_strategy="steps",
-        save_steps=spec.checkpoint.every_steps,
-        save_total_limit=spec.checkpoint.keep,
-        logging_strategy="steps",
-        logging_steps=int(os.environ.get("FTJ_LOGGING_STEPS", DEFAULT_LOGGING_STEPS)),
-        logging_first_step=True,  # (ProgressCallback also logs the last step, so a loss is always reported)
-        eval_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
+    )
+
+
+def training_arguments(
+    config: TrainerConfig, device: modeling.Device, output_dir: Path, *, assistant_only: bool
+) -> Any:
+    if config.spec.objective == "sft":
+        return sft_config(config, device, output_dir, assistant_only=assistant_only)
+    common = objectives.common_arguments(config, device, output_dir, parallel_strategy(config.spec))
+    return objectives.objective_arguments(config, common)
+
+
+def trainer_rows(rows: list[dict[str, Any]], objective: str, assistant_only: bool) -> list[dict[str, Any]]:
+    if objective != "sft" or assistant_only:
+        return rows
+    return [to_prompt_completion(r) for r in rows]
+
+
+def make_trainer(
+    config: TrainerConfig,
+    device: modeling.Device,
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    assistant_only: bool,
+    callbacks: list[Any],
+) -> Any:
+    """SFT: the lean SFTTrainer below; dpo/kto/grpo: TRL's trainer for the objective (objectives.py)."""
+    args = training_arguments(
+        config, device, config.workdir / "train" / "checkpoints", assistant_only=assistant_only
+    )
+    if config.spec.objective != "sft":
+        return objectives.build_trainer(config, args, model, tokenizer, rows, callbacks)
+    from datasets import Dataset
+
+    return lean_sft_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=modeling.peft_config_for(config.spec),
+        callbacks=callbacks,
     )
 
 
@@ -344,7 +349,7 @@ def summary_of(
     config: TrainerConfig, metrics: dict[str, Any], adapter: str | None, merged: str | None
 ) -> dict[str, Any]:
     loss = metrics.get("finalLoss")
-    return {
+    summary: dict[str, Any] = {
         "step": metrics.get("step"),
         "totalSteps": metrics.get("totalSteps"),
         "loss": None if loss is None or math.isnan(loss) else round(loss, 6),
@@ -352,6 +357,10 @@ def summary_of(
         "merged": merged,
         "loraRank": config.spec.lora.rank if config.spec.method != "full" else None,
     }
+    if config.spec.objective != "sft":  # the objective's own figures (PROGRESS_FIGURES keys), last logged
+        summary["objective"] = config.spec.objective
+        summary["figures"] = dict(metrics.get("figures") or {})
+    return summary
 
 
 def finished_result(config: TrainerConfig) -> StageResult | None:
@@ -387,7 +396,7 @@ def run(config: TrainerConfig) -> StageResult:
 
     # 2. data
     with ranks.main_process_first():
-        splits = fetch_data(layout.data, workdir / "data")
+        splits = fetch_data(layout.data, workdir / "data", spec.objective)
     data_manifest = manifest.read_manifest(layout.data)
 
     # 3. model
@@ -397,7 +406,7 @@ def run(config: TrainerConfig) -> StageResult:
         )
     tokenizer = modeling.load_tokenizer(source.path)
     assistant_only = has_generation_markers(tokenizer.chat_template)
-    train_rows = splits["train"] if assistant_only else [to_prompt_completion(r) for r in splits["train"]]
+    train_rows = trainer_rows(splits["train"], spec.objective, assistant_only)
     model = modeling.load_model(source.path, spec, device, distributed=world_size() > 1)
     meta = manifest.metadata_from_config(
         config, base_model_revision=source.revision, dataset=data_manifest.dataset if data_manifest else {}
@@ -413,18 +422,15 @@ def run(config: TrainerConfig) -> StageResult:
         keep=spec.checkpoint.keep,
         commit_meta=meta,
     )
-    trainer = lean_sft_trainer_class()(
-        model=model,
-        args=sft_config(config, device, workdir / "checkpoints", assistant_only=assistant_only),
-        train_dataset=Dataset.from_list(train_rows),
-        processing_class=tokenizer,
-        peft_config=modeling.peft_config_for(spec),
-        callbacks=[checkpoint_cb],
+    trainer = make_trainer(config, device, model, tokenizer, train_rows, assistant_only, [checkpoint_cb])
+    tokens_seen = lambda: int(  # noqa: E731 - real tokens, all ranks (GRPO counts them in the state)
+        getattr(trainer, "_total_train_tokens", 0) or trainer.state.num_input_tokens_seen or 0
     )
-    tokens_seen = lambda: int(getattr(trainer, "_total_train_tokens", 0))  # noqa: E731 - real tokens, all ranks
     trainer.remove_callback(PrinterCallback)  # stdout carries JSON lines only; progress replaces its dicts
     hp, ranks_n = spec.hyperparameters, world_size()
     batching_info = batching.describe(hp, len(train_rows), len(trainer.train_dataset), ranks_n)
+    if spec.objective != "sft":  # TRL's preference and GRPO collators pad each micro-batch
+        batching_info["batching"] = "padded"
     log.info(
         "%s batching: %s training examples, %s per optimizer step, %s optimizer steps",
         batching_info["batching"],
@@ -432,7 +438,8 @@ def run(config: TrainerConfig) -> StageResult:
         batching_info["examplesPerStep"],
         batching.total_steps(len(trainer.train_dataset), hp, ranks_n),
     )
-    trainer.add_callback(ProgressCallback(tokens_seen, context=batching_info))
+    figures = objectives.figures_map(spec.objective)
+    trainer.add_callback(ProgressCallback(tokens_seen, context=batching_info, figures=figures))
     tracker = tracking.Tracker.open(config, enabled=ranks.is_main_process)
     tracker.log_params(
         tracking.run_params(
@@ -463,15 +470,12 @@ def run(config: TrainerConfig) -> StageResult:
             },
         )
     eval_metrics: dict[str, Any] = {}
-    if splits.get("validation"):
-        eval_rows = (
-            splits["validation"]
-            if assistant_only
-            else [to_prompt_completion(r) for r in splits["validation"]]
-        )
+    if splits.get("validation") and spec.objective != "grpo":  # (grpo would generate: its gate evaluates)
+        eval_rows = trainer_rows(splits["validation"], spec.objective, assistant_only)
         eval_metrics = trainer.evaluate(eval_dataset=Dataset.from_list(eval_rows))
-
     metrics = train_metrics(trainer, train_output, started, tokens_seen(), eval_metrics)
+    metrics["objective"] = spec.objective
+    metrics["figures"] = objectives.last_figures(spec.objective, trainer.state.log_history)
 
     # 5. save (every rank takes part in save_model: FSDP gathers the shards)
     outputs = workdir / "outputs"
@@ -511,7 +515,8 @@ def run(config: TrainerConfig) -> StageResult:
     if not spec.evaluation.enabled:
         tracker.finish()  # no evaluation stage: nothing more will be logged
     summary = tracking.with_tracking(summary_of(config, metrics, adapter_uri, merged_uri), tracker)
-    loss = "not logged" if summary["loss"] is None else f"{summary['loss']:.4g} (assistant tokens)"
+    loss_of = "assistant tokens" if spec.objective == "sft" else f"{spec.objective} loss"
+    loss = "not logged" if summary["loss"] is None else f"{summary['loss']:.4g} ({loss_of})"
     packed = f", packed into {batching_info.get('packedRows')} rows" if hp.packing else ""
     return StageResult(
         summary, f"trained {step} steps on {len(train_rows)} examples{packed}, final training loss {loss}"
