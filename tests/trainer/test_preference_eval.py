@@ -45,6 +45,24 @@ def test_accuracy_counts_ties_as_half_and_kto_reads_the_sign_against_the_label()
     }
 
 
+def test_a_test_set_line_not_in_the_objectives_form_is_invalid_data_naming_the_line(tmp_path: Path) -> None:
+    from finetune_trainer.exitcodes import InvalidDataError
+    from finetune_trainer.preference_eval import read_canonical
+
+    user = [{"role": "user", "content": "shout: 1 k"}]
+    path = tmp_path / "test.jsonl"
+    lines = [
+        {"prompt": user, "chosen": "K", "rejected": "k"},
+        {"messages": [*user, {"role": "assistant", "content": "K"}]},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(InvalidDataError, match=r"test\.jsonl line 2"):
+        read_canonical(path, "dpo")
+    path.write_text(json.dumps({"prompt": user, "completion": "K", "label": "yes"}) + "\n")
+    with pytest.raises(InvalidDataError, match=r"test\.jsonl line 1.*label"):
+        read_canonical(path, "kto")
+
+
 def test_grpo_reward_is_the_weighted_mean_of_the_reward_graders_per_example() -> None:
     from finetune_trainer.config import parse_config
     from finetune_trainer.graders import Graded

@@ -60,7 +60,8 @@ def _check_row(row: Any, objective: str, where: str) -> dict[str, Any]:
         if key not in row:
             raise InvalidDataError(f'{where}: missing "{key}" (not the canonical {objective} form)')
     prompt = row.get("prompt")
-    if objective != "sft" and not (isinstance(prompt, list) and prompt and prompt[-1].get("role") == "user"):
+    last = prompt[-1] if isinstance(prompt, list) and prompt else None
+    if objective != "sft" and not (isinstance(last, dict) and last.get("role") == "user"):
         raise InvalidDataError(f'{where}: "prompt" must be a list of messages ending with a user turn')
     if objective == "kto" and not isinstance(row["label"], bool):
         raise InvalidDataError(f'{where}: "label" must be true or false')
