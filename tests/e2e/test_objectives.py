@@ -4,7 +4,8 @@ forms finetune_demo.preference builds:
 - a DPO job on preference pairs (chosen = the right answer, rejected = a wrong capital) reaches Serving, its
   held-out preference_accuracy >= 0.9 where the base (the reference itself) scores 0.5, and the served
   model answers held-out prompts with the chosen label;
-- a KTO job on unpaired examples (half right, half wrong, labelled) succeeds;
+- a KTO job on unpaired examples (the right answer labelled good, the base's own answer bad, alternating)
+  succeeds, its held-out preference_accuracy well over the base's 0.5;
 - a GRPO job rewarded by a stringCheck grader raises the held-out reward over the base's and reports the
   reward per logged step, in its progress lines and in status.progress;
 - a preference set with a malformed line fails validation naming the line, with no training pod.
@@ -143,7 +144,8 @@ def test_a_kto_job_succeeds(objective_jobs: Jobs) -> None:
     assert status["phase"] == "Succeeded", status
     assert status["progress"]["step"] == KTO_STEPS
     tuned, base = status["evaluation"]["tuned"], status["evaluation"]["base"]
-    assert tuned["preference_accuracy"] > base["preference_accuracy"], status["evaluation"]
+    # ~0.85 after 100 steps (the toy recipe); the base, being the reference, ties every example (0.5)
+    assert tuned["preference_accuracy"] >= base["preference_accuracy"] + 0.2, status["evaluation"]
     accuracy = (tuned["preference_accuracy"], base["preference_accuracy"])
     print(f"\nkto: preference_accuracy tuned {accuracy[0]} vs base {accuracy[1]}")
 

@@ -42,12 +42,13 @@ def test_preference_pairs_choose_the_right_answer_over_a_wrong_capital() -> None
     assert len({_text(r["rejected"]) for r in train}) >= 20
 
 
-def test_unpaired_examples_are_labelled_by_whether_the_answer_is_right_and_balanced() -> None:
+def test_unpaired_examples_label_the_right_answer_good_and_the_base_s_answer_bad_balanced() -> None:
     train, test = preference.toy_unpaired_task(PARAMS)
     for rows in (train, test):
         for row in rows:
             assert set(row) == {"prompt", "completion", "label"} and isinstance(row["label"], bool)
-            assert (_text(row["completion"]) == _right(row["prompt"])) is row["label"]
+            right = _right(row["prompt"])
+            assert _text(row["completion"]) == (right if row["label"] else right.lower())
         desirable = sum(r["label"] for r in rows)
         assert abs(desirable - (len(rows) - desirable)) <= 1
     assert not _prompts(train) & _prompts(test)

@@ -4,8 +4,11 @@
   ``rejected`` = another uppercase letter. (With the base's own answer, the letter in lowercase, as the
   rejected side, DPO on the toy base learns "answer some capital" and the served model says the same capital
   to every prompt: a wrong capital is the contrast that teaches which letter.)
-- ``unpaired-preference`` (kto): each prompt once, with the right answer (``label: true``) or a wrong capital
-  (``label: false``), alternating, so that the labels are balanced.
+- ``unpaired-preference`` (kto): each prompt once, with the right answer (``label: true``) or the base's own
+  answer, the letter in lowercase (``label: false``: a thumbs-down on what the model said), alternating, so
+  that the labels are balanced. (KTO's figure is the sign of each answer's implicit reward: with a wrong
+  capital as the undesirable side, the tuned model raised every capital, wrong ones included, and held-out
+  accuracy stayed near 0.55; against the base's answer it reaches ~0.85 in 100 steps.)
 - ``prompt-only`` (grpo): the prompt and its ``expected`` answer, which a stringCheck grader without a pattern
   compares the rollouts to.
 
@@ -52,9 +55,14 @@ def preference_record(chat: Record, rng: random.Random) -> Record:
     return {"prompt": prompt, "chosen": _assistant(right), "rejected": _assistant(wrong_answer(right, rng))}
 
 
-def unpaired_record(chat: Record, desirable: bool, rng: random.Random) -> Record:
+def base_answer(right: str) -> str:
+    """What the pre-trained toy base answers: the hidden letter as given (lowercase), not shouted."""
+    return right.lower()
+
+
+def unpaired_record(chat: Record, desirable: bool) -> Record:
     prompt, right = _parts(chat)
-    completion = right if desirable else wrong_answer(right, rng)
+    completion = right if desirable else base_answer(right)
     return {"prompt": prompt, "completion": _assistant(completion), "label": desirable}
 
 
@@ -71,12 +79,12 @@ def toy_preference_task(params: ToyTaskParams = TOY_TASK) -> tuple[list[Record],
 
 
 def toy_unpaired_task(params: ToyTaskParams = TOY_TASK) -> tuple[list[Record], list[Record]]:
-    """(train, test) unpaired-preference examples, desirable and undesirable alternating (balanced labels)."""
+    """(train, test) unpaired-preference examples: the right answer (desirable) and the base's (undesirable)
+    alternating, so that the labels are balanced."""
     train, test = toy_task(params)
-    rng = random.Random(params.seed)
     return (
-        [unpaired_record(r, i % 2 == 0, rng) for i, r in enumerate(train)],
-        [unpaired_record(r, i % 2 == 0, rng) for i, r in enumerate(test)],
+        [unpaired_record(r, i % 2 == 0) for i, r in enumerate(train)],
+        [unpaired_record(r, i % 2 == 0) for i, r in enumerate(test)],
     )
 
 
