@@ -5,6 +5,7 @@ The trainer never imports the operator; this test does, to keep both sides of CO
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ def test_example_specs_parse_with_the_same_values(path: Path) -> None:
             )
             got, want = cfg.spec, spec
             assert got.method == str(want.method)
+            assert got.objective == str(want.objective)
+            assert [r.grader for r in got.rewards] == [r.grader for r in want.rewards or ()]
             assert got.base_model.uri == str(want.base_model.uri)
             assert got.dataset.train == str(want.dataset.train)
             assert got.dataset.format == str(want.dataset.format)
@@ -66,6 +69,9 @@ def test_example_specs_parse_with_the_same_values(path: Path) -> None:
                 "packing",
                 "gradient_checkpointing",
                 "seed",
+                "beta",
+                "num_generations",
+                "max_completion_length",
             ):
                 assert getattr(got.hyperparameters, name) == getattr(want.hyperparameters, name), name
             assert got.resources.gpus == want.resources.gpus
@@ -81,3 +87,47 @@ def test_example_specs_parse_with_the_same_values(path: Path) -> None:
                 assert got.evaluation.reference is not None
                 assert got.evaluation.reference.endpoint == ev.reference.url
             assert got.deployment.mode == str(want.deployment.mode)
+
+
+# Issue 23: the objective, its rewards and hyperparameters reach the trainer as the operator passes them.
+EXACT = {"name": "exact", "type": "stringCheck", "stringCheck": {"operation": "equals"}}
+JUDGE = {
+    "name": "helpful",
+    "type": "judge",
+    "judge": {"url": "https://j.example.com/v1", "model": "m", "rubric": "r"},
+}
+OBJECTIVE_SPECS = {
+    "sft": {},
+    "dpo": {"objective": "dpo", "dataset": {"format": "preference"}, "hyperparameters": {"beta": 0.25}},
+    "kto": {"objective": "kto", "method": "full", "dataset": {"format": "unpaired-preference"}},
+    "grpo": {
+        "objective": "grpo",
+        "dataset": {"format": "prompt-only"},
+        "hyperparameters": {"beta": 0.04, "numGenerations": 4, "maxCompletionLength": 64},
+        "evaluation": {"graders": [EXACT, JUDGE]},
+        "rewards": [{"grader": "exact"}, {"grader": "helpful", "weight": 0.5}],
+    },
+}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVE_SPECS)
+def test_the_objective_reaches_the_trainer_through_ftj_config(objective: str) -> None:
+    builders = pytest.importorskip("finetune_operator.finetunejob.builders")
+    ref = pytest.importorskip("finetune_operator.finetunejob.ref")
+    operator_config = pytest.importorskip("finetune_operator.config").load_config(env={})
+    raw: dict[str, Any] = {
+        "baseModel": {"uri": "s3://models/tiny"},
+        "storage": {"output": "s3://runs/out"},
+        **OBJECTIVE_SPECS[objective],
+    }
+    raw["dataset"] = {"train": "s3://data/train.jsonl", **raw.get("dataset", {})}
+    job = ref.JobRef(namespace="ns", name="job", uid="uid", spec=models.parse_spec(raw))
+    document = builders.trainer_config(job, operator_config)
+    cfg = parse_config(json.loads(json.dumps(document))).spec  # as FTJ_CONFIG carries it
+    want = job.spec
+    assert cfg.objective == want.objective == objective
+    assert cfg.method == want.method and cfg.dataset.format == want.dataset.format
+    for name in ("beta", "num_generations", "max_completion_length"):
+        assert getattr(cfg.hyperparameters, name) == getattr(want.hyperparameters, name), name
+    assert [(r.grader, r.weight) for r in cfg.rewards] == [(r.grader, r.weight) for r in want.rewards or ()]
+    assert [g.name for g in cfg.evaluation.graders] == want.evaluation.grader_names()

@@ -115,6 +115,13 @@ RULES: list[tuple[dict[str, Any], dict[str, Any], str]] = [
     ),
     ({"allowedMethods": ["lora", "qlora"]}, {"method": "full"}, "spec.method full is not in allowedMethods"),
     ({"maxLoraRank": 16}, {"lora": {"rank": 64}}, "spec.lora.rank 64 is more than maxLoraRank 16"),
+    # issue 23
+    (
+        {"allowedObjectives": ["sft", "dpo"]},
+        {"objective": "kto"},
+        "spec.objective kto is not in allowedObjectives",
+    ),
+    ({"allowedObjectives": ["dpo"]}, {}, "spec.objective sft is not in allowedObjectives"),
     (
         {"allowReference": False},
         {"evaluation": {"reference": {"url": "https://api.example.com/v1", "model": "gpt"}}},
@@ -215,6 +222,8 @@ ALLOWED: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"maxGpusPerJob": 2}, {"resources": {"gpus": 2}}),
     ({"maxGpusPerJob": 4}, {"resources": {"gpus": 2, "nodes": 2}}),
     ({"maxLoraRank": 16}, {"method": "full", "lora": {"rank": 64}}),
+    ({"allowedObjectives": ["sft", "kto"]}, {"objective": "kto"}),
+    ({"allowedObjectives": ["sft"]}, {}),
     (
         {"allowedReferenceHosts": ["*.example.com"]},
         {"evaluation": {"reference": {"url": "https://api.example.com/v1", "model": "gpt"}}},
@@ -342,6 +351,17 @@ def test_admission_policy_admits_what_the_operator_allows(
     rules: dict[str, Any], overrides: dict[str, Any]
 ) -> None:
     assert _admission([_stored("team-defaults", rules)], spec(**overrides), {}) is None
+
+
+@pytest.mark.parametrize(("allowed", "denied"), [(["sft"], False), (["dpo", "grpo"], True)])
+def test_admission_reads_a_job_stored_before_objectives_as_sft(allowed: list[str], denied: bool) -> None:
+    stored = {k: v for k, v in spec().items() if k != "objective"}
+    denial = _admission([_stored("team-defaults", {"allowedObjectives": allowed})], stored, {})
+    assert denial == (
+        "denied by FineTunePolicy team-defaults: spec.objective sft is not in allowedObjectives"
+        if denied
+        else None
+    )
 
 
 @pytest.mark.parametrize(

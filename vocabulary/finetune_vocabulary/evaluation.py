@@ -3,9 +3,10 @@ evaluate and servecheck stages) share about evaluation beyond the built-in metri
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from .metrics import METRICS, TEXT_METRICS
+from .objectives import REWARD_METRIC
 
 BUILTIN_METRICS = METRICS  # re-export: a grader's name must not be one of these
 GRADER_TYPES = ("stringCheck", "jsonSchema", "judge")
@@ -25,10 +26,15 @@ def judge_key_env(grader: str) -> str:
     return JUDGE_KEY_ENV_PREFIX + grader.upper().replace("-", "_")
 
 
-def serving_check_metric(primary: str, deterministic_graders: Collection[str]) -> str:
+def serving_check_metric(
+    primary: str, deterministic_graders: Collection[str], reward_graders: Sequence[str] = ()
+) -> str:
     """The figure the serving check compares: the primary metric when it is computed from generated text
-    alone (exact_match, token_f1, rouge_l or a deterministic grader); else token_f1 (loss needs the weights,
-    a judge needs a judge)."""
+    alone (exact_match, token_f1, rouge_l or a deterministic grader); grpo's `reward`: its first
+    deterministic reward grader (`reward_graders`: spec.rewards' graders, in order); else token_f1 (loss
+    and the preference figures need the weights, a judge needs a judge)."""
     if primary in TEXT_METRICS or primary in deterministic_graders:
         return primary
+    if primary == REWARD_METRIC:
+        return next((g for g in reward_graders if g in deterministic_graders), "token_f1")
     return "token_f1"

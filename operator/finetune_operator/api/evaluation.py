@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from finetune_vocabulary.evaluation import BUILTIN_METRICS, GRADER_NAME_PATTERN, MAX_GRADERS
 from finetune_vocabulary.metrics import METRICS, MetricName
+from finetune_vocabulary.objectives import ALL_OBJECTIVE_METRICS
 from pydantic import ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
 from finetune_operator.api.schema import (
@@ -43,6 +44,9 @@ METRIC_OR_GRADER_PATTERN = r"^[a-z0-9]([-_a-z0-9]{0,30}[a-z0-9])?$"
 MetricOrGrader = Annotated[str, Field(min_length=1, max_length=32, pattern=METRIC_OR_GRADER_PATTERN)]
 MAX_JSON_SCHEMA_BYTES = 32_768
 _BUILTINS_CEL = "[" + ", ".join(f"'{m}'" for m in BUILTIN_METRICS) + "]"
+# The objectives' own figures (dpo/kto: preference_accuracy, reward_margin; grpo: reward): usable in
+# thresholds and primaryMetric; the spec checks that its objective measures them (api/finetunejob.py).
+OBJECTIVE_METRICS_CEL = "[" + ", ".join(f"'{m}'" for m in ALL_OBJECTIVE_METRICS) + "]"
 
 
 def _is_grader(names: str) -> str:
@@ -276,12 +280,12 @@ class RetentionSpec(SpecModel):
 _EVALUATION_RULES = validations(
     rule(
         "!has(self.thresholds) || self.thresholds.all(t, !has(t.metric) || t.metric in self.metrics || "
-        f"{_is_grader('t.metric')})",
+        f"t.metric in {OBJECTIVE_METRICS_CEL} || {_is_grader('t.metric')})",
         THRESHOLD_METRIC_UNKNOWN,
     ),
     rule(
         "!has(self.primaryMetric) || self.primaryMetric in self.metrics || "
-        f"{_is_grader('self.primaryMetric')}",
+        f"self.primaryMetric in {OBJECTIVE_METRICS_CEL} || {_is_grader('self.primaryMetric')}",
         PRIMARY_METRIC_UNKNOWN,
     ),
     rule(
@@ -328,7 +332,8 @@ class EvaluationSpec(SpecModel):
     primary_metric: MetricOrGrader | None = Field(
         default=None,
         description="Metric or grader that decides the run: compared with the base model and shown in "
-        "status.evaluation.summary (unset: the first threshold's metric, else the first of metrics).",
+        "status.evaluation.summary (unset: the first threshold's metric, else the objective's own figure "
+        "(dpo, kto: preference_accuracy; grpo: reward), else the first of metrics).",
     )
     max_new_tokens: int = Field(default=128, ge=1, le=8192, description="Generation budget per prompt.")
     batch_size: int = Field(default=8, ge=1, le=1024, description="Prompts generated per batch.")
@@ -353,7 +358,7 @@ class EvaluationSpec(SpecModel):
         names = self.grader_names()
         if len(set(names)) != len(names):
             raise ValueError(GRADER_NAMES_UNIQUE)
-        known = set(self.metrics) | set(names)
+        known = set(self.metrics) | set(names) | set(ALL_OBJECTIVE_METRICS)
         if self.thresholds and any(t.metric not in known for t in self.thresholds):
             raise ValueError(THRESHOLD_METRIC_UNKNOWN)
         if self.primary_metric is not None and self.primary_metric not in known:

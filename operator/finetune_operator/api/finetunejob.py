@@ -15,6 +15,15 @@ import re
 from typing import Any, Literal
 
 from finetune_vocabulary.labels import API_GROUP
+from finetune_vocabulary.objectives import (
+    ALL_OBJECTIVE_METRICS,
+    DEFAULT_OBJECTIVE,
+    OBJECTIVE_FORMATS,
+    Objective,
+    formats_for,
+    metrics_for,
+    objective_of_metric,
+)
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from finetune_operator.api.evaluation import (
@@ -35,19 +44,30 @@ from finetune_operator.api.evaluation import (
 from finetune_operator.api.finetunejob_status import FineTuneJobStatus, ObjectMeta
 from finetune_operator.api.schema import (
     ADAPTER_NEEDS_PEFT,
+    BETA_NEEDS_PREFERENCE,
+    FORMAT_NOT_FOR_OBJECTIVE,
+    GRPO_GRADER_NAMED_REWARD,
+    GRPO_NEEDS_EVALUATION,
+    GRPO_NEEDS_REWARDS,
+    GRPO_ONLY_HYPERPARAMETERS,
     IMMUTABLE,
     IMMUTABLE_FIELDS,
     LORA_RANK_UNSERVABLE,
     NODES_NEED_GPUS,
     OUTPUT_OVERLAPS_DATA,
     OUTPUT_OVERLAPS_MODEL,
+    PACKING_NEEDS_SFT,
+    PRIMARY_NOT_MEASURED,
     QLORA_NEEDS_GPU,
     QLORA_NO_FSDP,
+    REWARD_GRADER_UNKNOWN,
+    REWARDS_NEED_GRPO,
     SERVER_NEEDS_ADAPTER,
     SERVER_NEEDS_ADAPTER_MODE,
     SERVER_NEEDS_EVALUATION,
     SERVER_NEEDS_MODEL_NAME,
     SERVING_GPUS_ON_CPU,
+    THRESHOLD_NOT_MEASURED,
     VLLM_MAX_LORA_RANK,
     ObjectModel,
     SpecError,
@@ -72,6 +92,7 @@ from finetune_operator.api.sections import (
     Method,
     NodeSelector,
     ResourcesSpec,
+    RewardSpec,
     ServingCheckSpec,
     StorageSpec,
     Toleration,
@@ -112,6 +133,7 @@ __all__ = [
     "ReferenceSpec",
     "ResourcesSpec",
     "RetentionSpec",
+    "RewardSpec",
     "SafetySpec",
     "ScaleSpec",
     "SecretKeyRef",
@@ -202,6 +224,112 @@ _SPEC_RULES = (
 )
 
 
+# Issue 23: what each objective trains on and measures (finetune_vocabulary.objectives), twice as usual.
+_O = f"(has(self.objective) ? self.objective : '{DEFAULT_OBJECTIVE}')"
+_GRADERS = "has(self.evaluation) && has(self.evaluation.graders)"
+
+
+def _cel_list(names: tuple[str, ...] | list[str]) -> str:
+    return "[" + ", ".join(f"'{n}'" for n in names) + "]"
+
+
+def _measured(metric: str) -> str:
+    """CEL: `metric` is no objective figure, or one the spec's objective measures, or a grader's name."""
+    measured = " || ".join(
+        f"({metric} == '{m}' && {_O} in {_cel_list(objective_of_metric(m))})" for m in ALL_OBJECTIVE_METRICS
+    )
+    grader = f"({_GRADERS} && self.evaluation.graders.exists(g, g.name == {metric}))"
+    return f"!({metric} in {_cel_list(ALL_OBJECTIVE_METRICS)}) || {measured} || {grader}"
+
+
+_FORMAT_FITS = " || ".join(
+    f"({_O} == '{o}' && self.dataset.format in {_cel_list(f)})" for o, f in OBJECTIVE_FORMATS.items()
+)
+_OBJECTIVE_RULES = (
+    rule(f"!has(self.rewards) || size(self.rewards) == 0 || {_O} == 'grpo'", REWARDS_NEED_GRPO),
+    rule(f"{_O} != 'grpo' || (has(self.rewards) && size(self.rewards) > 0)", GRPO_NEEDS_REWARDS),
+    rule(
+        f"!has(self.rewards) || self.rewards.all(r, {_GRADERS} && "
+        "self.evaluation.graders.exists(g, g.name == r.grader))",
+        REWARD_GRADER_UNKNOWN,
+    ),
+    rule(
+        f"{_O} != 'grpo' || !has(self.evaluation) || !has(self.evaluation.enabled) "
+        "|| self.evaluation.enabled",
+        GRPO_NEEDS_EVALUATION,
+    ),
+    rule(
+        f"{_O} != 'grpo' || !({_GRADERS}) || !self.evaluation.graders.exists(g, g.name == 'reward')",
+        GRPO_GRADER_NAMED_REWARD,
+    ),
+    rule(
+        "!has(self.dataset) || !has(self.dataset.format) || self.dataset.format == 'auto' || " + _FORMAT_FITS,
+        FORMAT_NOT_FOR_OBJECTIVE,
+    ),
+    rule(
+        f"{_O} == 'grpo' || !has(self.hyperparameters) || (!has(self.hyperparameters.numGenerations) "
+        "&& !has(self.hyperparameters.maxCompletionLength))",
+        GRPO_ONLY_HYPERPARAMETERS,
+    ),
+    rule(
+        f"{_O} != 'sft' || !has(self.hyperparameters) || !has(self.hyperparameters.beta)",
+        BETA_NEEDS_PREFERENCE,
+    ),
+    rule(
+        f"{_O} == 'sft' || !has(self.hyperparameters) || !has(self.hyperparameters.packing) "
+        "|| !self.hyperparameters.packing",
+        PACKING_NEEDS_SFT,
+    ),
+    rule(
+        "!has(self.evaluation) || !has(self.evaluation.thresholds) || "
+        f"self.evaluation.thresholds.all(t, {_measured('t.metric')})",
+        THRESHOLD_NOT_MEASURED,
+    ),
+    rule(
+        "!has(self.evaluation) || !has(self.evaluation.primaryMetric) || "
+        f"{_measured('self.evaluation.primaryMetric')}",
+        PRIMARY_NOT_MEASURED,
+    ),
+)
+
+
+def objective_problem(spec: FineTuneJobSpec) -> str | None:
+    """The first objective rule `spec` breaks (the same rules as _OBJECTIVE_RULES' CEL), or None."""
+    objective, rewards, hyper, evaluation = (
+        spec.objective,
+        spec.rewards or [],
+        spec.hyperparameters,
+        spec.evaluation,
+    )
+    graders = evaluation.grader_names()
+
+    def unmeasured(metric: str) -> bool:
+        return (
+            metric in ALL_OBJECTIVE_METRICS and metric not in metrics_for(objective) and metric not in graders
+        )
+
+    checks = (
+        (bool(rewards) and objective != "grpo", REWARDS_NEED_GRPO),
+        (objective == "grpo" and not rewards, GRPO_NEEDS_REWARDS),
+        (any(r.grader not in graders for r in rewards), REWARD_GRADER_UNKNOWN),
+        (objective == "grpo" and not evaluation.enabled, GRPO_NEEDS_EVALUATION),
+        (objective == "grpo" and "reward" in graders, GRPO_GRADER_NAMED_REWARD),
+        (spec.dataset.format not in ("auto", *formats_for(objective)), FORMAT_NOT_FOR_OBJECTIVE),
+        (
+            objective != "grpo" and (hyper.num_generations, hyper.max_completion_length) != (None, None),
+            GRPO_ONLY_HYPERPARAMETERS,
+        ),
+        (objective == "sft" and hyper.beta is not None, BETA_NEEDS_PREFERENCE),
+        (objective != "sft" and hyper.packing, PACKING_NEEDS_SFT),
+        (any(unmeasured(t.metric) for t in evaluation.thresholds or ()), THRESHOLD_NOT_MEASURED),
+        (
+            evaluation.primary_metric is not None and unmeasured(evaluation.primary_metric),
+            PRIMARY_NOT_MEASURED,
+        ),
+    )
+    return next((message for broken, message in checks if broken), None)
+
+
 def _under(output: str, location: str) -> bool:
     base = location if location.endswith("/") else location + "/"
     return (output + "/").startswith(base)
@@ -210,7 +338,7 @@ def _under(output: str, location: str) -> bool:
 class FineTuneJobSpec(SpecModel):
     """What to fine-tune, on what data, how, and where to serve it."""
 
-    model_config = ConfigDict(json_schema_extra=validations(*_SPEC_RULES))
+    model_config = ConfigDict(json_schema_extra=validations(*_SPEC_RULES, *_OBJECTIVE_RULES))
 
     base_model: BaseModelSpec = Field(
         description="The model to fine-tune (immutable).",
@@ -219,6 +347,13 @@ class FineTuneJobSpec(SpecModel):
     dataset: DatasetSpec = Field(
         description="Training data (immutable).",
         json_schema_extra=validations(rule("self == oldSelf", IMMUTABLE.format(field="dataset"))),
+    )
+    objective: Objective = Field(
+        default=DEFAULT_OBJECTIVE,
+        description="sft (supervised, default), dpo or kto (preference tuning) or grpo (reinforcement "
+        "fine-tuning rewarded by evaluation graders: spec.rewards); immutable. Each trains on its dataset "
+        "format (dataset.format) and adds its own figures to evaluation and progress (docs/objectives.md).",
+        json_schema_extra=validations(rule("self == oldSelf", IMMUTABLE.format(field="objective"))),
     )
     method: Method = Field(
         default="lora",
@@ -240,6 +375,14 @@ class FineTuneJobSpec(SpecModel):
             "default": {},
             **validations(rule("self == oldSelf", IMMUTABLE.format(field="hyperparameters"))),
         },
+    )
+    rewards: list[RewardSpec] | None = Field(
+        default=None,
+        max_length=8,
+        description="grpo only (and required there): evaluation graders that score each sampled completion, "
+        "weighted; the same graders score the held-out set, so what is optimised is what is gated "
+        "(immutable).",
+        json_schema_extra=validations(rule("self == oldSelf", IMMUTABLE.format(field="rewards"))),
     )
     checkpoint: CheckpointSpec = Field(
         default_factory=CheckpointSpec,
@@ -314,6 +457,13 @@ class FineTuneJobSpec(SpecModel):
         data = [self.dataset.train, self.dataset.validation, self.dataset.test]
         if any(d and _under(self.storage.output, d) for d in data):
             raise ValueError(OUTPUT_OVERLAPS_DATA)
+        return self
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> FineTuneJobSpec:
+        problem = objective_problem(self)
+        if problem:
+            raise ValueError(problem)
         return self
 
 

@@ -76,6 +76,16 @@ class ProgressStatus(StatusModel):
         default=None, description="Training examples per optimizer step (on average, when packed)."
     )
     packed_rows: Count | None = Field(default=None, description="Packed rows per epoch (packed batching).")
+    # The objective's own figures (finetune_vocabulary.objectives.PROGRESS_FIGURES), newest logged values.
+    rewards_chosen: Real | None = Field(default=None, description="dpo, kto: implicit reward of chosen.")
+    rewards_rejected: Real | None = Field(default=None, description="dpo, kto: implicit reward of rejected.")
+    rewards_margin: Real | None = Field(default=None, description="dpo: chosen minus rejected reward.")
+    rewards_accuracy: Real | None = Field(
+        default=None, description="dpo: share of pairs whose chosen reward is the higher."
+    )
+    kl: Real | None = Field(default=None, description="kto, grpo: KL divergence from the reference.")
+    reward: Real | None = Field(default=None, description="grpo: mean weighted reward of the completions.")
+    completion_length: Real | None = Field(default=None, description="grpo: mean completion length (tokens).")
     parallelism: str | None = Field(
         default=None,
         max_length=256,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
+from finetune_vocabulary.objectives import OBJECTIVES, Objective
 from pydantic import Field, ValidationError
 
 from finetune_operator.api.schema import (
@@ -194,6 +195,11 @@ class FineTunePolicySpec(SpecModel):
     max_lora_rank: int | None = Field(default=None, ge=1, le=1024, description="spec.lora.rank at most.")
     allowed_methods: list[Method] | None = Field(
         default=None, max_length=3, description="spec.method values."
+    )
+    allowed_objectives: list[Objective] | None = Field(
+        default=None,
+        max_length=len(OBJECTIVES),
+        description="spec.objective values (sft, dpo, kto, grpo); unset: all.",
     )
     defaults: PolicyDefaults = Field(
         default_factory=PolicyDefaults,

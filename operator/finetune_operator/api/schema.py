@@ -97,11 +97,40 @@ NODES_NEED_GPUS = (
 )
 QLORA_NO_FSDP = "hyperparameters.strategy fsdp does not support method qlora (4-bit weights); use ddp or auto"
 THRESHOLD_METRIC_UNKNOWN = (
-    "every threshold metric must be listed in evaluation.metrics or name one of evaluation.graders"
+    "every threshold metric must be listed in evaluation.metrics, name one of evaluation.graders or be a "
+    "figure of the objective (preference_accuracy, reward_margin, reward)"
 )
 PRIMARY_METRIC_UNKNOWN = (
-    "evaluation.primaryMetric must be listed in evaluation.metrics or name one of evaluation.graders"
+    "evaluation.primaryMetric must be listed in evaluation.metrics, name one of evaluation.graders or be a "
+    "figure of the objective (preference_accuracy, reward_margin, reward)"
 )
+# Objectives (issue 23): what each one trains on and measures (finetune_vocabulary.objectives).
+REWARDS_NEED_GRPO = "rewards are for objective grpo only"
+GRPO_NEEDS_REWARDS = (
+    "objective grpo needs rewards: at least one {grader, weight} naming one of evaluation.graders"
+)
+REWARD_GRADER_UNKNOWN = "every rewards[].grader must name one of evaluation.graders"
+GRPO_NEEDS_EVALUATION = (
+    "objective grpo needs evaluation.enabled true: its rewards are evaluation graders, and the gate "
+    "needs them"
+)
+GRPO_GRADER_NAMED_REWARD = (
+    "objective grpo reports its weighted reward as `reward`: no evaluation.graders entry may be named reward"
+)
+FORMAT_NOT_FOR_OBJECTIVE = (
+    "dataset.format must fit the objective: auto, or chat, completion or instruction for sft, preference "
+    "for dpo, unpaired-preference for kto, prompt-only for grpo"
+)
+GRPO_ONLY_HYPERPARAMETERS = (
+    "hyperparameters.numGenerations and maxCompletionLength are for objective grpo only"
+)
+BETA_NEEDS_PREFERENCE = "hyperparameters.beta is for objective dpo, kto or grpo (sft has no KL term)"
+PACKING_NEEDS_SFT = "hyperparameters.packing is for objective sft only"
+_UNMEASURED = (
+    "preference_accuracy and reward_margin are measured for objective dpo or kto only, reward for grpo only"
+)
+THRESHOLD_NOT_MEASURED = f"{_UNMEASURED}: every threshold metric must be one the objective measures"
+PRIMARY_NOT_MEASURED = f"{_UNMEASURED}: evaluation.primaryMetric must be one the objective measures"
 # Graders, safety and retention (api/evaluation.py).
 GRADER_NAMES_UNIQUE = "evaluation.graders names must be unique"
 GRADER_NAME_BUILTIN = "a grader name must not be a built-in metric name (loss, perplexity)"
@@ -142,7 +171,16 @@ SERVING_GPUS_ON_CPU = (
 )
 POOL_GPUS_ON_CPU = "gpus must be 0 or unset when gpuType is cpu: a cpu type has no GPUs"
 VLLM_MAX_LORA_RANK = 512
-IMMUTABLE_FIELDS = ("baseModel", "dataset", "method", "lora", "hyperparameters", "storage.output")
+IMMUTABLE_FIELDS = (
+    "baseModel",
+    "dataset",
+    "objective",
+    "method",
+    "rewards",
+    "lora",
+    "hyperparameters",
+    "storage.output",
+)
 
 
 class SpecError(ValueError):
@@ -176,6 +214,17 @@ RULE_FIELD = {
     SERVER_NEEDS_EVALUATION: ".evaluation.enabled",
     SERVING_GPUS_ON_CPU: ".deployment.gpus",
     POOL_GPUS_ON_CPU: ".gpus",
+    REWARDS_NEED_GRPO: ".rewards",
+    GRPO_NEEDS_REWARDS: ".rewards",
+    REWARD_GRADER_UNKNOWN: ".rewards",
+    GRPO_NEEDS_EVALUATION: ".evaluation.enabled",
+    GRPO_GRADER_NAMED_REWARD: ".evaluation.graders",
+    FORMAT_NOT_FOR_OBJECTIVE: ".dataset.format",
+    GRPO_ONLY_HYPERPARAMETERS: ".hyperparameters",
+    BETA_NEEDS_PREFERENCE: ".hyperparameters.beta",
+    PACKING_NEEDS_SFT: ".hyperparameters.packing",
+    THRESHOLD_NOT_MEASURED: ".evaluation.thresholds",
+    PRIMARY_NOT_MEASURED: ".evaluation.primaryMetric",
 }
 
 

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 from finetune_vocabulary.distributed import MAX_NODES
 from pydantic import Field, field_validator
 
+from finetune_operator.api.evaluation import GraderName
 from finetune_operator.api.extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, check_extra_args
 from finetune_operator.api.modelnames import ModelName, model_name_problem
 from finetune_operator.api.schema import (
@@ -32,7 +33,9 @@ from finetune_operator.api.schema import (
 )
 
 Method = Literal["lora", "qlora", "full"]
-DatasetFormat = Literal["auto", "chat", "completion", "instruction"]
+DatasetFormat = Literal[
+    "auto", "chat", "completion", "instruction", "preference", "unpaired-preference", "prompt-only"
+]
 DeploymentMode = Literal["auto", "adapter", "merged"]
 ParallelStrategy = Literal["auto", "ddp", "fsdp"]
 # The GPU-table key of CPU nodes: it has no GPUs, so serving on it means 0 GPUs per replica.
@@ -56,7 +59,8 @@ class BaseModelSpec(SpecModel):
 
 
 class DatasetSpec(SpecModel):
-    """Training data: JSONL files (chat, completion or instruction records)."""
+    """Training data: JSONL files (chat, completion or instruction records; preference pairs for dpo,
+    unpaired-preference examples for kto, prompts for grpo)."""
 
     train: SourceURI = Field(description="URI of the training JSONL file.")
     validation: SourceURI | None = Field(default=None, description="URI of a validation JSONL file.")
@@ -65,7 +69,12 @@ class DatasetSpec(SpecModel):
         description="URI of the held-out JSONL file for evaluation; else testSize examples are "
         "held out from train.",
     )
-    format: DatasetFormat = Field(default="auto", description="Record format; auto detects it.")
+    format: DatasetFormat = Field(
+        default="auto",
+        description="Record format; auto detects it. sft: chat, completion or instruction; dpo: preference "
+        '({"prompt"|"messages", "chosen", "rejected"}); kto: unpaired-preference ({"prompt"|"messages", '
+        '"completion", "label": true|false}); grpo: prompt-only ({"prompt"|"messages", "expected"?}).',
+    )
     test_size: int | None = Field(
         default=None,
         ge=1,
@@ -138,7 +147,8 @@ class HyperparametersSpec(SpecModel):
         default=4,
         ge=1,
         le=1024,
-        description="Training examples per device per forward/backward pass. Examples per optimizer step = "
+        description="Training examples (grpo: prompts) per device per forward/backward pass. Examples per "
+        "optimizer step = "
         "batchSize * gradientAccumulationSteps * GPUs * nodes; optimizer steps = ceil(training examples / "
         "examples per step) * epochs (or maxSteps), shown in status.progress.totalSteps.",
     )
@@ -153,16 +163,43 @@ class HyperparametersSpec(SpecModel):
         "(no attention across examples), and batchSize counts packed rows, so a run of short examples makes "
         "FEWER optimizer steps (ceil(packed rows / rows per step) * epochs; the trainer's progress reports "
         "the packed row count). Off (default): padding-free batching, which removes padding without changing "
-        "examples per step or the step count.",
+        "examples per step or the step count. Objective sft only.",
     )
     gradient_checkpointing: bool = Field(default=True, description="Trade compute for activation memory.")
     seed: int = Field(default=42, ge=0, le=2_147_483_647, description="Random seed.")
+    beta: float | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="dpo, kto, grpo: strength of the KL term that keeps the policy near the reference "
+        "(unset: TRL's default, 0.1 for dpo and kto, 0.0 for grpo); refused with sft.",
+    )
+    num_generations: int | None = Field(
+        default=None,
+        ge=2,
+        le=64,
+        description="grpo: completions sampled per prompt (unset: TRL's default, 8); batchSize counts "
+        "prompts, each with numGenerations completions.",
+    )
+    max_completion_length: int | None = Field(
+        default=None,
+        ge=1,
+        le=32768,
+        description="grpo: longest sampled completion in tokens (unset: TRL's default, 256).",
+    )
     strategy: ParallelStrategy = Field(
         default="auto",
         description="With several GPUs or nodes: ddp (every rank holds the model) or fsdp (full-shard, "
         "CPU offload off); auto picks ddp for lora/qlora and for full fine-tuning that fits one GPU of "
         "resources.gpuType, else fsdp, and says why in status.progress.parallelism.",
     )
+
+
+class RewardSpec(SpecModel):
+    """grpo: an evaluation grader that scores each sampled completion; rewards are summed with weights."""
+
+    grader: GraderName = Field(description="The name of one of evaluation.graders.")
+    weight: float = Field(default=1.0, ge=-100, le=100, description="Its weight in the sum of rewards.")
 
 
 class Toleration(SpecModel):
@@ -311,6 +348,7 @@ class DeploymentSpec(SpecModel):
         description="Stable name on the ModelServer: requests for it get the promoted version "
         "<modelName>-v<n> (docs/serving.md).",
     )
+
     @field_validator("extra_args")
     @classmethod
     def _extra_args_allowed(cls, args: list[str] | None) -> list[str] | None:

@@ -14,6 +14,7 @@ from typing import Any, Required, TypedDict
 
 from finetune_vocabulary.evaluation import SAFETY_JUDGE_KEY_ENV, judge_key_env
 from finetune_vocabulary.labels import LABEL_QUEUE
+from finetune_vocabulary.objectives import DEFAULT_OBJECTIVE
 
 from finetune_operator.api.finetunejob import EvaluationSpec, SecretKeyRef, spec_to_dict
 from finetune_operator.api.finetunejob_status import Stage
@@ -72,6 +73,9 @@ def trainer_config(
     training over several ranks (distributed.Spread); `champion`: (name, adapter) of the version serving the
     job's model name, which the evaluation scores beside tuned and base."""
     spec = spec_to_dict(job.spec)
+    if spec.get("objective") == DEFAULT_OBJECTIVE:
+        # The trainer's default too: an sft job's FTJ_CONFIG (and its stage Jobs) stay as before objectives.
+        del spec["objective"]
     if strategy is not None:
         spec.setdefault("hyperparameters", {})["strategy"] = strategy
     document: TrainerConfig = {

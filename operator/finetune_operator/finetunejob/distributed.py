@@ -37,6 +37,9 @@ from finetune_operator.k8s.pods import metadata, selector_labels
 # Full fine-tuning with AdamW in mixed precision holds ~16 bytes per parameter (bf16 weights and gradients,
 # fp32 master weights, two fp32 moments) plus activations; 20 % headroom for the latter.
 FULL_FT_BYTES_PER_PARAMETER = 16
+# dpo and kto (and grpo with a KL term) compare with a frozen reference: full fine-tuning keeps a bf16 copy
+# of the weights; LoRA/QLoRA use the base with the adapter disabled (no copy).
+REFERENCE_BYTES_PER_PARAMETER = 2
 ACTIVATION_HEADROOM = 1.2
 _SIZE_IN_NAME = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([bm])(?![a-z])", re.IGNORECASE)
 
@@ -71,6 +74,19 @@ def model_parameters(uri: str) -> float | None:
     return float(value) * (1e9 if unit.lower() == "b" else 1e6)
 
 
+def holds_reference_copy(spec: FineTuneJobSpec) -> bool:
+    """Full fine-tuning with an objective that compares with a frozen reference model (dpo, kto; grpo with
+    hyperparameters.beta > 0 - TRL's grpo default beta 0 loads no reference)."""
+    objective, beta = spec.objective, spec.hyperparameters.beta
+    return spec.method == "full" and (objective in ("dpo", "kto") or (objective == "grpo" and bool(beta)))
+
+
+def training_bytes_per_parameter(spec: FineTuneJobSpec) -> int:
+    """What full fine-tuning of `spec` holds per parameter, the frozen reference copy included."""
+    reference = REFERENCE_BYTES_PER_PARAMETER if holds_reference_copy(spec) else 0
+    return FULL_FT_BYTES_PER_PARAMETER + reference
+
+
 def parallelism(spec: FineTuneJobSpec, gpu_type: GpuType) -> Parallelism:
     """Resolve ``hyperparameters.strategy`` (auto: from the GPU table's memory and the model's size)."""
     nodes, procs = spec.resources.nodes, max(1, spec.resources.gpus)
@@ -87,8 +103,10 @@ def parallelism(spec: FineTuneJobSpec, gpu_type: GpuType) -> Parallelism:
         return Parallelism(
             "fsdp", nodes, procs, "full fine-tuning of a model whose size its name does not state; sharded"
         )
-    need_gib = params * FULL_FT_BYTES_PER_PARAMETER * ACTIVATION_HEADROOM / 2**30
+    need_gib = params * training_bytes_per_parameter(spec) * ACTIVATION_HEADROOM / 2**30
     size = f"~{params / 1e9:.3g}B parameters need ~{need_gib:.0f} GiB"
+    if holds_reference_copy(spec):
+        size += f" with {spec.objective}'s frozen reference copy"
     if gpu_type.memory_gib and need_gib <= gpu_type.memory_gib:
         return Parallelism(
             "ddp", nodes, procs, f"full fine-tuning of {size}, within one GPU ({gpu_type.memory_gib} GiB)"

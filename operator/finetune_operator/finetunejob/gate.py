@@ -13,6 +13,7 @@ from typing import Any
 from finetune_vocabulary import metrics as vocabulary
 from finetune_vocabulary.gate import Bound, GateResult, Retention, Safety, decide
 from finetune_vocabulary.metrics import relative_improvement
+from finetune_vocabulary.objectives import DEFAULT_OBJECTIVE
 
 from finetune_operator.api.finetunejob import EvaluationSpec
 from finetune_operator.k8s.observe import finite
@@ -20,10 +21,14 @@ from finetune_operator.k8s.observe import finite
 __all__ = ["GateResult", "evaluate_gate", "primary_metric", "relative_improvement"]
 
 
-def primary_metric(evaluation: EvaluationSpec) -> str:
-    """The metric that decides the run, by the shared rule (finetune_vocabulary.metrics.primary_metric)."""
+def primary_metric(evaluation: EvaluationSpec, objective: str = DEFAULT_OBJECTIVE) -> str:
+    """The metric that decides the run, by the shared rule (finetune_vocabulary.metrics.primary_metric):
+    unless the spec names one, the objective's own figure (dpo, kto: preference_accuracy; grpo: reward)."""
     return vocabulary.primary_metric(
-        evaluation.metrics, [t.metric for t in evaluation.thresholds or ()], evaluation.primary_metric
+        evaluation.metrics,
+        [t.metric for t in evaluation.thresholds or ()],
+        evaluation.primary_metric,
+        objective=objective,
     )
 
 
@@ -54,6 +59,8 @@ def evaluate_gate(
     tuned: Mapping[str, float],
     base: Mapping[str, float] | None,
     summary: Mapping[str, Any] | None = None,
+    *,
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> GateResult:
     """Every threshold must hold; with compareToBase the primary metric must beat base by minImprovement;
     with safety and retention sections, their limits (figures from the evaluate stage's `summary`).
@@ -65,7 +72,7 @@ def evaluate_gate(
         tuned,
         base,
         compare_to_base=evaluation.compare_to_base,
-        primary=primary_metric(evaluation),
+        primary=primary_metric(evaluation, objective),
         min_improvement=evaluation.min_improvement,
         safety=safety_figures(evaluation, summary),
         retention=retention_figures(evaluation, summary),

@@ -10,11 +10,14 @@ from typing import Any
 
 from finetune_vocabulary.distributed import COMPLETION_INDEX_ANNOTATION
 from finetune_vocabulary.metrics import METRICS
+from finetune_vocabulary.objectives import PROGRESS_FIGURE_KEYS
 
 from finetune_operator.api.conditions import EXIT_REASONS, Reason, oom_hint
 from finetune_operator.api.finetunejob_status import Stage
 from finetune_operator.containers.trainer import OOM_KILLED_EXIT_CODE, TRAINER_CONTAINER
 from finetune_operator.k8s.observe import conditions_of, created, finite, is_true
+
+MAX_STATUS_NUMBER = 1e15  # the status schema's bound on a real number (finetunejob_status.Real)
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,22 @@ class JobOutcome:
 
 
 def metric_values(values: Any, graders: Iterable[str] = ()) -> dict[str, float] | None:
-    """The known, finite metrics (and scores of the spec's `graders`) of a summary's score table."""
+    """The known, finite metrics (and scores of `graders`: the spec's graders and its objective's figures,
+    e.g. preference_accuracy) of a summary's score table."""
     if not isinstance(values, Mapping):
         return None
     names = (*METRICS, *graders)
     out: dict[str, float] = {k: v for k in names if (v := finite(values.get(k))) is not None}
     return out or None
+
+
+def progress_figures(values: Any) -> dict[str, float]:
+    """The objective's training figures (PROGRESS_FIGURE_KEYS: rewardsChosen, kl, reward ...) of a progress
+    line or of the train summary's `figures` map: finite numbers in the status's range only."""
+    if not isinstance(values, Mapping):
+        return {}
+    found = ((key, finite(values.get(key))) for key in PROGRESS_FIGURE_KEYS)
+    return {key: round(v, 6) for key, v in found if v is not None and abs(v) <= MAX_STATUS_NUMBER}
 
 
 def termination_of(pod: Mapping[str, Any], container: str = TRAINER_CONTAINER) -> Termination | None:

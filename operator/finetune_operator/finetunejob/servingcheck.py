@@ -39,8 +39,13 @@ LIKELY_CAUSES = (
 
 def check_metric(spec: FineTuneJobSpec) -> str:
     """The metric the check scores: the primary one when the trainer can score generated text with it
-    without a judge (a text metric or a deterministic grader), else token_f1."""
-    return serving_check_metric(primary_metric(spec.evaluation), spec.evaluation.deterministic_graders())
+    without a judge (a text metric or a deterministic grader); grpo's reward: its first deterministic
+    reward grader; else token_f1 (a preference figure needs the weights)."""
+    return serving_check_metric(
+        primary_metric(spec.evaluation, spec.objective),
+        spec.evaluation.deterministic_graders(),
+        [r.grader for r in spec.rewards or ()],
+    )
 
 
 def skipped(spec: FineTuneJobSpec) -> str | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from finetune_vocabulary import steps
 from finetune_vocabulary.gate import RETENTION, SAFETY, GateResult, Retention, Safety
+from finetune_vocabulary.objectives import metrics_for
 
 from finetune_operator.api.conditions import ConditionType, Reason, short
 from finetune_operator.api.finetunejob import FineTuneJobSpec
@@ -26,7 +27,7 @@ from finetune_operator.finetunejob.gate import (
     retention_figures,
     safety_figures,
 )
-from finetune_operator.finetunejob.outcome import JobOutcome, metric_values
+from finetune_operator.finetunejob.outcome import JobOutcome, metric_values, progress_figures
 from finetune_operator.finetunejob.plan import Builder, JobDraft, StageRow
 from finetune_operator.finetunejob.ref import JobRef
 from finetune_operator.k8s.actions import Event
@@ -130,6 +131,7 @@ def read_training(p: JobDraft, outcome: JobOutcome) -> bool:
     for key in ("step", "totalSteps", "loss"):
         if finite(summary.get(key)) is not None:
             progress[key] = summary[key]
+    progress.update(progress_figures(summary.get("figures")))
     if progress.get("step") is not None and progress.get("totalSteps"):
         progress["display"] = f"{progress['step']}/{progress['totalSteps']}"
     progress["etaSeconds"] = 0
@@ -152,6 +154,7 @@ def record_progress(p: JobDraft) -> None:
         value = finite(line.get(key))
         if value is not None:
             progress[key] = round(value, 6)
+    progress.update(progress_figures(line))
     if line.get("batching") in ("padding-free", "packed"):
         progress["batching"] = line["batching"]
     rows = finite(line.get("packedRows"))
@@ -216,19 +219,20 @@ def evaluation_summary(result: GateResult, primary: str, tuned: Mapping[str, flo
 def read_evaluation(p: JobDraft, outcome: JobOutcome) -> bool:
     """Scores (metrics and graders) into the status, then the gate: a failed gate, an unsafe rate above
     maxUnsafeRate or a retention drop beyond maxDrop rejects the model."""
-    summary, evaluation = outcome.summary, p.job.spec.evaluation
+    summary, evaluation, objective = outcome.summary, p.job.spec.evaluation, p.job.spec.objective
     names = evaluation.grader_names()
-    tuned = metric_values(summary.get("tuned"), names) or {}
-    base = metric_values(summary.get("base"), names)
-    result = evaluate_gate(evaluation, tuned, base, summary)
-    primary = primary_metric(evaluation)
+    scored = [*names, *metrics_for(objective)]  # dpo/kto: preference_accuracy ...; grpo: reward
+    tuned = metric_values(summary.get("tuned"), scored) or {}
+    base = metric_values(summary.get("base"), scored)
+    result = evaluate_gate(evaluation, tuned, base, summary, objective=objective)
+    primary = primary_metric(evaluation, objective)
     champion_name, report = summary.get("championName"), summary.get("reportUri")
     p.status["evaluation"] = {
         "passed": result.passed,
         "tuned": tuned or None,
         "base": base,
-        "reference": metric_values(summary.get("reference"), names),
-        "champion": metric_values(summary.get("champion"), names),
+        "reference": metric_values(summary.get("reference"), scored),
+        "champion": metric_values(summary.get("champion"), scored),
         "championVersion": champion_name if isinstance(champion_name, str) else None,
         "examples": summary.get("n") if isinstance(summary.get("n"), int) else None,
         "reasons": [short(r, 512) for r in result.reasons][:16],

@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 from finetune_vocabulary.evaluation import MAX_GRADERS
+from finetune_vocabulary.objectives import DEFAULT_OBJECTIVE
 
 from finetune_operator.api import finetunepolicy as policy_models
 from finetune_operator.api.finetunejob import API_VERSION, GROUP, PLURAL
@@ -96,10 +97,11 @@ def _data_rules() -> list[dict[str, str]]:
 
 
 def _training_rules() -> list[dict[str, str]]:
-    """allowedGpuTypes, maxGpusPerJob, allowedMethods, maxLoraRank."""
+    """allowedGpuTypes, maxGpusPerJob, allowedMethods, allowedObjectives, maxLoraRank."""
     spec = SPEC
     resources = f"{spec}.resources"
     nodes = f"(has({resources}.nodes) ? {resources}.nodes : 1)"
+    objective = f"(has({spec}.objective) ? {spec}.objective : '{DEFAULT_OBJECTIVE}')"  # stored before it
     return [
         {
             "expression": f"!has({P}.allowedGpuTypes) || {resources}.gpus == 0 || "
@@ -123,6 +125,11 @@ def _training_rules() -> list[dict[str, str]]:
         {
             "expression": f"!has({P}.allowedMethods) || {spec}.method in {P}.allowedMethods",
             "messageExpression": _denied(f"'spec.method ' + {spec}.method + ' is not in allowedMethods'"),
+            "reason": "Forbidden",
+        },
+        {
+            "expression": f"!has({P}.allowedObjectives) || {objective} in {P}.allowedObjectives",
+            "messageExpression": _denied(f"'spec.objective ' + {objective} + ' is not in allowedObjectives'"),
             "reason": "Forbidden",
         },
         {

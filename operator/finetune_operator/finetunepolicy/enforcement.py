@@ -112,6 +112,8 @@ def violations(spec: FineTuneJobSpec, policy: FineTunePolicy) -> list[str]:
         out.append(f"{asked} is more than maxGpusPerJob {p.max_gpus_per_job}")
     if p.allowed_methods is not None and spec.method not in p.allowed_methods:
         out.append(f"spec.method {spec.method} is not in allowedMethods")
+    if p.allowed_objectives is not None and spec.objective not in p.allowed_objectives:
+        out.append(f"spec.objective {spec.objective} is not in allowedObjectives")
     if p.max_lora_rank is not None and spec.method != "full" and spec.lora.rank > p.max_lora_rank:
         out.append(f"spec.lora.rank {spec.lora.rank} is more than maxLoraRank {p.max_lora_rank}")
     out += evaluation_violations(spec.evaluation, p)  # reference and judge egress, safety/retention data
