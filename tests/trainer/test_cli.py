@@ -90,7 +90,7 @@ def test_explicit_nulls_mean_defaults() -> None:
     assert (
         spec.method == "lora" and spec.hyperparameters.seed == 42 and spec.hyperparameters.max_steps is None
     )
-    assert spec.evaluation.thresholds == [] and spec.evaluation.deciding_metric == "loss"
+    assert spec.evaluation.thresholds == [] and spec.deciding_metric == "loss"
 
 
 def test_unset_primary_metric_resolves_like_the_operator_gate() -> None:
@@ -99,7 +99,7 @@ def test_unset_primary_metric_resolves_like_the_operator_gate() -> None:
             "runPrefix": "/r",
             "spec": {"baseModel": {"uri": "x"}, "dataset": {"train": "t"}, "evaluation": evaluation},
         }
-        return parse_config(doc).spec.evaluation.deciding_metric
+        return parse_config(doc).spec.deciding_metric
 
     thresholds = [{"metric": "rouge_l", "min": 0.3}, {"metric": "loss", "max": 2}]
     assert deciding({"metrics": ["loss", "exact_match"]}) == "loss"

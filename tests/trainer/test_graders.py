@@ -297,8 +297,8 @@ def test_judge_endpoints_follow_the_egress_rules(
 ) -> None:
     if error is None:
         config = parse_config(_config(judge_section, **top))
-        assert config.spec.evaluation.deciding_metric == "label-only"
-        assert config.spec.evaluation.serving_check_metric == "label-only"  # deterministic: checkable
+        assert config.spec.deciding_metric == "label-only"
+        assert config.spec.serving_check_metric == "label-only"  # deterministic: checkable
         assert config.spec.deployment.serving_check.examples == 50
         assert config.spec.deployment.serving_check.tolerance == 0.02
         return

@@ -197,3 +197,45 @@ def test_a_metric_the_trainer_cannot_compute_is_invalid_config(
     result = servecheck(tmp_path, config(run_prefix, engine.url, metric="no-such-grader", examples=1))
     assert result.exit_code == ExitCode.INVALID_CONFIG
     assert "servingCheck.metric" in result.termination["message"]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto", "grpo"])
+def test_prompts_and_expected_answers_come_from_any_objectives_test_set(
+    tmp_path: Path, engine_factory: Any, objective: str
+) -> None:
+    """dpo: the chosen side is the expected answer; kto: the desirable completions only (an undesirable
+    example is not asked); grpo: `expected`. The engine answers ROWS' answers, so every asked prompt scores
+    1 exactly when the expected answer is ROWS' answer to it."""
+    from finetune_trainer import manifest
+
+    def prompt(q: str) -> list[dict[str, str]]:
+        return [{"role": "system", "content": "Be brief."}, {"role": "user", "content": q}]
+
+    lines: list[dict[str, Any]]
+    if objective == "dpo":
+        lines = [{"prompt": prompt(q), "chosen": a, "rejected": "I do not know."} for q, a in ROWS[:3]]
+    elif objective == "kto":
+        lines = [{"prompt": prompt(ROWS[0][0]), "completion": "Nonsense.", "label": False}]
+        lines += [{"prompt": prompt(q), "completion": a, "label": True} for q, a in ROWS[:3]]
+    else:
+        lines = [{"prompt": prompt(q), "expected": a} for q, a in ROWS[:3]]
+    data = tmp_path / "data-src"
+    data.mkdir()
+    (data / "test.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    prefix = str(tmp_path / "run")
+    manifest.commit_dir(data, f"{prefix}/data", kind="data")
+    engine = engine_factory()
+    doc = config(prefix, engine.url, metric="exact_match", examples=3)
+    doc["spec"]["objective"] = objective
+
+    result = servecheck(tmp_path, doc)
+
+    assert result.exit_code == 0, result.termination.get("message")
+    assert result.termination["summary"] == {
+        "metric": "exact_match",
+        "value": 1.0,
+        "examples": 3,
+        "refused": 0,
+    }
+    assert sorted(r["messages"][-1]["content"] for r in engine.requests) == sorted(q for q, _ in ROWS[:3])
+    assert all(r["messages"][0] == {"role": "system", "content": "Be brief."} for r in engine.requests)

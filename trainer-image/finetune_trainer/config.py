@@ -31,7 +31,13 @@ from finetune_vocabulary.evaluation import (
 )
 from finetune_vocabulary.layout import RunLayout
 from finetune_vocabulary.metrics import METRICS, MetricName, primary_metric
-from finetune_vocabulary.objectives import Objective
+from finetune_vocabulary.objectives import (
+    ALL_OBJECTIVE_METRICS,
+    REWARD_METRIC,
+    Objective,
+    metrics_for,
+    objective_of_metric,
+)
 from pydantic import (
     AliasChoices,
     BaseModel,
@@ -346,29 +352,27 @@ class EvaluationSpec(_Section):
         return graders
 
     @property
-    def deciding_metric(self) -> str:
-        """The primary metric, by the rule the operator's gate and status use (finetune_vocabulary)."""
-        return primary_metric(self.metrics, [t.metric for t in self.thresholds], self.primary_metric)
-
-    @property
     def deterministic_graders(self) -> list[str]:
         return [g.name for g in self.graders if g.deterministic]
 
-    @property
-    def serving_check_metric(self) -> str:
-        """The figure the serving check compares (always in the tuned map of the summary)."""
-        return serving_check_metric(self.deciding_metric, self.deterministic_graders)
+    def named_problems(self, objective: str = "sft") -> list[str]:
+        """Thresholds, primaryMetric and retention.metric naming neither a metric nor a grader (an objective's
+        own figure counts as a metric for thresholds and primaryMetric when the objective measures it)."""
+        graders, own = {g.name for g in self.graders}, metrics_for(objective)
 
-    def named_problems(self) -> list[str]:
-        """Thresholds, primaryMetric and retention.metric naming neither a metric nor a grader."""
-        graders = {g.name for g in self.graders}
+        def unknown(metric: str, neither: str) -> str:
+            if metric in ALL_OBJECTIVE_METRICS:
+                measured_by = " or ".join(objective_of_metric(metric))
+                return f"{metric} is measured only by objective {measured_by} (spec.objective is {objective})"
+            return f"{metric} is neither {neither} nor a grader"
+
         problems = [
-            f"thresholds[{i}].metric: {t.metric} is neither in evaluation.metrics nor a grader"
+            f"thresholds[{i}].metric: {unknown(t.metric, 'in evaluation.metrics')}"
             for i, t in enumerate(self.thresholds)
-            if t.metric not in self.metrics and t.metric not in graders
+            if t.metric not in (*self.metrics, *graders, *own)
         ]
-        if self.primary_metric is not None and self.primary_metric not in (*ALL_METRICS, *graders):
-            problems.append(f"primaryMetric: {self.primary_metric} is neither a metric nor a grader")
+        if self.primary_metric is not None and self.primary_metric not in (*ALL_METRICS, *graders, *own):
+            problems.append(f"primaryMetric: {unknown(self.primary_metric, 'a metric')}")
         if self.retention is not None and self.retention.metric not in (*ALL_METRICS, *graders):
             problems.append(f"retention.metric: {self.retention.metric} is neither a metric nor a grader")
         return problems
@@ -422,9 +426,28 @@ class FineTuneSpec(_Section):
             raise ValueError("method: qlora needs resources.gpus ≥ 1 (bitsandbytes 4-bit runs on CUDA only)")
         if self.deployment.mode == "adapter" and self.method == "full":
             raise ValueError("deployment.mode: adapter needs method lora or qlora")
-        for problem in self.evaluation.named_problems():
+        for problem in self.evaluation.named_problems(self.objective):
             raise ValueError(f"evaluation.{problem}")
         return self
+
+    @property
+    def deciding_metric(self) -> str:
+        """The primary metric, by the rule the operator's gate and status use (finetune_vocabulary): the
+        objective's own figure (dpo/kto preference_accuracy, grpo reward) unless the spec names one."""
+        ev = self.evaluation
+        thresholds = [t.metric for t in ev.thresholds]
+        return primary_metric(ev.metrics, thresholds, ev.primary_metric, objective=self.objective)
+
+    @property
+    def serving_check_metric(self) -> str:
+        """The figure the serving check compares (always in the tuned map of the summary). An objective's
+        figure needs the weights, so it is not measurable from served text: token_f1, except grpo's reward,
+        whose first deterministic reward grader is checked."""
+        primary, deterministic = self.deciding_metric, self.evaluation.deterministic_graders
+        if primary == REWARD_METRIC:
+            checkable = [r.grader for r in self.rewards if r.grader in deterministic]
+            primary = checkable[0] if checkable else primary
+        return serving_check_metric(primary, deterministic)
 
     @property
     def wants_merged(self) -> bool:

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune_vocabulary.metrics import LOSS_METRICS, TEXT_METRICS
+from finetune_vocabulary.objectives import REWARD_MARGIN, metrics_for
 
-from . import egress, grading, manifest, metrics, modeling, plots, safety, storage, tracking
+from . import egress, grading, manifest, metrics, modeling, plots, preference_eval, safety, storage, tracking
 from . import report as report_html
 from .config import EvaluationSpec, ReferenceSpec, TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
@@ -56,17 +57,37 @@ def examples_from_chat(rows: Sequence[dict[str, Any]], source: str = "test.jsonl
     return out
 
 
-def load_test_set(data_uri: str, dest: Path) -> list[Example]:
+def read_test_rows(data_uri: str, dest: Path, objective: str = "sft") -> list[dict[str, Any]]:
+    """The committed held-out set, in its objective's canonical form (preference_eval)."""
     if not manifest.is_committed(data_uri):
         raise InvalidDataError(f"{data_uri} is not committed: run validate first")
     manifest.download_committed(data_uri, dest)
     path = dest / "test.jsonl"
     if not path.is_file():
         raise InvalidDataError(f"{data_uri}/test.jsonl is missing: nothing held out to evaluate on")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if objective == "sft":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        rows = preference_eval.read_canonical(path, objective)
     if not rows:
         raise InvalidDataError(f"{data_uri}/test.jsonl has no examples")
-    return examples_from_chat(rows)
+    return rows
+
+
+def examples_for(rows: Sequence[dict[str, Any]], objective: str) -> list[Example]:
+    """What every model answers: prompts and expected answers (preference_eval.generation_targets)."""
+    if objective == "sft":
+        return examples_from_chat(rows)
+    examples = [
+        Example(prompt, expected) for prompt, expected in preference_eval.generation_targets(rows, objective)
+    ]
+    if not examples:
+        raise InvalidDataError("test.jsonl has no desirable (label true) example to compare answers with")
+    return examples
+
+
+def load_test_set(data_uri: str, dest: Path, objective: str = "sft") -> list[Example]:
+    return examples_for(read_test_rows(data_uri, dest, objective), objective)
 
 
 def score_local(
@@ -188,14 +209,14 @@ def _adapter_disabled(model: Any) -> Iterator[Any]:
 
 
 def score_champion(
-    model: Any, tokenizer: Any, examples: Sequence[Example], ev: Any, adapter_uri: str, dest: Path
-) -> tuple[dict[str, Any], list[str]]:
+    model: Any, tokenizer: Any, work: Workload, ev: Any, adapter_uri: str, dest: Path, scored: Scored
+) -> None:
     """The serving champion's adapter on the same base weights and prompts (champion/challenger)."""
     manifest.download_committed(adapter_uri, dest)
     model.load_adapter(str(dest), adapter_name="champion")
     model.set_adapter("champion")
     try:
-        return score_local("champion", model, tokenizer, examples, ev)
+        scored.local("champion", model, tokenizer, work, ev)
     finally:
         model.set_adapter("default")
         model.delete_adapter("champion")
@@ -208,11 +229,13 @@ class Workload:
     examples: list[Example]
     safety: list[Example] = field(default_factory=list)
     retention: list[Example] = field(default_factory=list)
+    pairs: list[preference_eval.Pair] = field(default_factory=list)  # dpo/kto: scored by implicit reward
 
 
 def load_workload(config: TrainerConfig, workdir: Path) -> Workload:
-    ev = config.spec.evaluation
-    work = Workload(load_test_set(config.layout.data, workdir / "data"))
+    ev, objective = config.spec.evaluation, config.spec.objective
+    rows = read_test_rows(config.layout.data, workdir / "data", objective)
+    work = Workload(examples_for(rows, objective), pairs=preference_eval.pairs_from_rows(rows, objective))
     if ev.safety is not None:
         prompts = safety.load_safety_prompts(ev.safety.prompts, workdir / "safety.jsonl")
         work.safety = [Example(p, "") for p in prompts]
@@ -246,18 +269,39 @@ class Scored:
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     answers: dict[str, list[str]] = field(default_factory=dict)
     extras: dict[str, grading.Extras] = field(default_factory=dict)
+    logps: dict[str, preference_eval.Logps] = field(default_factory=dict)
 
     def local(self, name: str, model: Any, tokenizer: Any, work: Workload, ev: EvaluationSpec) -> None:
-        """Score one loaded model: the held-out set (tuned, and base when compared) and tuned/base extras."""
+        """Score one loaded model: the held-out set (tuned, and base when compared), tuned/base extras, and
+        the completions' log-probabilities of preference pairs (the base's are the reference's)."""
         if name != "base" or ev.compare_to_base:
             self.results[name], self.answers[name] = score_local(name, model, tokenizer, work.examples, ev)
         if name in ("tuned", "base"):
             self.extras[name] = score_extras(model, tokenizer, work, ev)
+        if work.pairs:
+            model.eval()
+            self.logps[name] = preference_eval.completion_logps(
+                model, tokenizer, work.pairs, batch_size=ev.batch_size
+            )
+
+    def add_preference(self, beta: float) -> list[dict[str, float]]:
+        """preference_accuracy and reward_margin of every model with log-probabilities, against the base's
+        (the reference); returns the tuned model's per-pair rewards (the report's)."""
+        reference, tuned_rewards = self.logps.get("base"), []
+        if reference is None:
+            return []
+        for name, logps in self.logps.items():
+            per_pair = preference_eval.rewards(logps, reference, beta)
+            tuned_rewards = per_pair if name == "tuned" else tuned_rewards
+            if name in self.results and "error" not in self.results[name]:
+                self.results[name].update(preference_eval.preference_metrics(per_pair))
+        return tuned_rewards
 
 
-def _needs_base(ev: EvaluationSpec) -> bool:
-    # Safety and retention compare with the base model even when the held-out set does not.
-    return ev.compare_to_base or ev.safety is not None or ev.retention is not None
+def _needs_base(ev: EvaluationSpec, work: Workload) -> bool:
+    # Safety and retention compare with the base model even when the held-out set does not; preference
+    # pairs need it as the reference of the implicit reward.
+    return ev.compare_to_base or ev.safety is not None or ev.retention is not None or bool(work.pairs)
 
 
 def score_adapter(
@@ -275,13 +319,11 @@ def score_adapter(
     )
     tuned = PeftModel.from_pretrained(base, str(adapter_dir))
     scored.local("tuned", tuned, tokenizer, work, ev)
-    if _needs_base(ev):
+    if _needs_base(ev, work):
         with _adapter_disabled(tuned) as plain:
             scored.local("base", plain, tokenizer, work, ev)
     if config.champion is not None:
-        scored.results["champion"], scored.answers["champion"] = score_champion(
-            tuned, tokenizer, work.examples, ev, config.champion.adapter, workdir / "champion"
-        )
+        score_champion(tuned, tokenizer, work, ev, config.champion.adapter, workdir / "champion", scored)
 
 
 def score_merged(
@@ -297,7 +339,7 @@ def score_merged(
     tuned = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=device.dtype).to(dev)
     scored.local("tuned", tuned, tokenizer, work, ev)
     del tuned
-    if _needs_base(ev):
+    if _needs_base(ev, work):
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=device.dtype).to(dev)
         scored.local("base", base, tokenizer, work, ev)
         del base
@@ -312,8 +354,8 @@ def write_outputs(
     summary: dict[str, Any],
     rows: list[dict[str, Any]],
 ) -> None:
-    ev = config.spec.evaluation
-    wanted = [*ev.metrics, *(g.name for g in ev.graders)]
+    ev, objective = config.spec.evaluation, config.spec.objective
+    wanted = [*ev.metrics, *metrics_for(objective), *(g.name for g in ev.graders)]
     predictions = [
         {"prompt": e.prompt, "expected": e.reference, **{m: a[i] for m, a in scored.answers.items()}}
         for i, e in enumerate(work.examples)
@@ -322,7 +364,8 @@ def write_outputs(
         "summary": summary,
         "metrics": list(ev.metrics),
         "graders": [g.name for g in ev.graders],
-        "primaryMetric": ev.deciding_metric,
+        "primaryMetric": config.spec.deciding_metric,
+        "objective": objective,
         "maxNewTokens": ev.max_new_tokens,
         "baseModel": config.spec.base_model.uri,
         "method": config.spec.method,
@@ -334,8 +377,9 @@ def write_outputs(
     (out / "report.md").write_text(
         markdown_report(config.job.name, maps, wanted, len(work.examples), predictions)
     )
+    bounded = [*ev.metrics, *(m for m in metrics_for(objective) if m != REWARD_MARGIN)]  # in [0, 1]
     plots.comparison_chart(
-        {m: s for m, s in maps.items() if s and "error" not in s}, ev.metrics, out / "comparison.png"
+        {m: s for m, s in maps.items() if s and "error" not in s}, bounded, out / "comparison.png"
     )
     report_html.write_reports(out, config.job.name, rows, summary)
 
@@ -367,6 +411,7 @@ def run(config: TrainerConfig) -> StageResult:
         if ref_answers is not None:
             scored.answers["reference"] = ref_answers
 
+    tuned_rewards = scored.add_preference(preference_eval.beta_of(spec.hyperparameters.beta))
     judged = grading.judge_all(
         config,
         work.examples,
@@ -381,13 +426,14 @@ def run(config: TrainerConfig) -> StageResult:
     out = workdir / "report"
     out.mkdir(parents=True, exist_ok=True)
     rows = grading.report_rows(config, work.examples, scored.answers, judged)
+    rows = grading.with_rewards(rows, work.pairs, tuned_rewards)
     write_outputs(config, out, work, scored, maps, summary, rows)
     meta = manifest.metadata_from_config(config, base_model_revision=source.revision)
     try:
         manifest.commit_dir(out, layout.evaluation, kind="evaluation", **meta)
     except manifest.AlreadyCommitted:
         log.info("%s already committed", layout.evaluation)
-    primary = ev.deciding_metric
+    primary = spec.deciding_metric
     base_value = (maps.get("base") or {}).get(primary)
     message = f"{primary}: tuned {maps['tuned'].get(primary)}" + (
         f" vs base {base_value}" if base_value is not None and ev.compare_to_base else ""

@@ -51,32 +51,34 @@ def generate(
     return answers
 
 
-def reference_nll(
-    model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int
-) -> tuple[float, int]:
-    """Summed NLL of the reference answers given their prompts (answer tokens only), and the token count."""
+def _answer_row(tokenizer: Any, prompt: list[dict[str, Any]], answer: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + answer by the chat template, and labels marking the answer's tokens only."""
+    prompt_ids = tokenizer.apply_chat_template(
+        prompt, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    full_ids = tokenizer.apply_chat_template(
+        [*prompt, {"role": "assistant", "content": answer}], tokenize=True, return_dict=False
+    )
+    scored = list(full_ids[len(prompt_ids) :])
+    # Score the answer up to and including its end-of-turn token, not the template's trailing text.
+    if tokenizer.eos_token_id in scored:
+        scored = scored[: scored.index(tokenizer.eos_token_id) + 1]
+    return list(prompt_ids) + scored, [-100] * len(prompt_ids) + scored
+
+
+def answer_logps(
+    model: Any, tokenizer: Any, items: Sequence[tuple[list[dict[str, Any]], str]], *, batch_size: int
+) -> list[tuple[float, int]]:
+    """Per (prompt, answer): the summed log-probability of the answer's tokens given the prompt (teacher
+    forced, the same tokens reference_nll scores), and how many tokens that is."""
     import torch
 
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in _batches(examples, batch_size):
-        rows = []
-        for e in batch:
-            prompt_ids = tokenizer.apply_chat_template(
-                e.prompt, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
-            full_ids = tokenizer.apply_chat_template(
-                [*e.prompt, {"role": "assistant", "content": e.reference}], tokenize=True, return_dict=False
-            )
-            answer = list(full_ids[len(prompt_ids) :])
-            # Score the answer up to and including its end-of-turn token, not the template's trailing text.
-            if tokenizer.eos_token_id in answer:
-                answer = answer[: answer.index(tokenizer.eos_token_id) + 1]
-            full_ids = list(prompt_ids) + answer
-            labels = [-100] * len(prompt_ids) + answer
-            rows.append((list(full_ids), labels))
-        width = max(len(ids) for ids, _ in rows)
-        pad = tokenizer.pad_token_id
+    out: list[tuple[float, int]] = []
+    for batch in _batches(items, batch_size):
+        raise_if_preempted("evaluate")
+        rows = [_answer_row(tokenizer, prompt, answer) for prompt, answer in batch]
+        width, pad = max(len(ids) for ids, _ in rows), tokenizer.pad_token_id
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows], device=device)
         attention = torch.tensor(
             [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows], device=device
@@ -85,12 +87,18 @@ def reference_nll(
         with torch.inference_mode():
             logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
         shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="sum",
-        )
-        total += float(nll)
-        count += int((shift_labels != -100).sum())
-    return total, count
+        mask = shift_labels != -100
+        logps = torch.log_softmax(shift_logits, dim=-1)
+        picked = logps.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        out.extend((float(s), int(n)) for s, n in zip(picked.sum(-1), mask.sum(-1), strict=True))
+    return out
+
+
+def reference_nll(
+    model: Any, tokenizer: Any, examples: Sequence[Example], *, batch_size: int
+) -> tuple[float, int]:
+    """Summed NLL of the reference answers given their prompts (answer tokens only), and the token count."""
+    scored = answer_logps(
+        model, tokenizer, [(e.prompt, e.reference) for e in examples], batch_size=batch_size
+    )
+    return -sum(logp for logp, _ in scored), sum(n for _, n in scored)

@@ -11,8 +11,9 @@ from typing import Any
 
 from finetune_vocabulary.evaluation import SAFETY_JUDGE_KEY_ENV
 from finetune_vocabulary.metrics import TEXT_METRICS
+from finetune_vocabulary.objectives import REWARD_METRIC
 
-from . import graders, metrics, safety
+from . import graders, metrics, preference_eval, safety
 from .config import TrainerConfig
 from .graders import Graded
 
@@ -108,13 +109,18 @@ def model_maps(
     tuned_answers: Sequence[str],
     expected: Sequence[str],
 ) -> dict[str, dict[str, Any]]:
-    """Each model's metrics plus its grader means; tuned's always holds the serving check's metric."""
+    """Each model's metrics plus its grader means (grpo: and its reward); tuned's always holds the serving
+    check's metric."""
     maps = {m: dict(s) for m, s in results.items()}
     for name, graded in judged.graded.items():
         for model, mean in graded.means().items():
             if model in maps and "error" not in maps[model]:
                 maps[model][name] = mean
-    check = config.spec.evaluation.serving_check_metric
+    if config.spec.objective == "grpo":
+        for model, reward in preference_eval.weighted_reward(config.spec.rewards, judged.graded).items():
+            if model in maps and "error" not in maps[model]:
+                maps[model][REWARD_METRIC] = reward
+    check = config.spec.serving_check_metric
     if check not in maps["tuned"] and check in TEXT_METRICS:
         maps["tuned"][check] = round(metrics.score_text(tuned_answers, expected)[check], 6)
     return maps
@@ -173,3 +179,27 @@ def report_rows(
             }
         )
     return rows
+
+
+def with_rewards(
+    rows: list[dict[str, Any]],
+    pairs: Sequence[preference_eval.Pair],
+    tuned_rewards: Sequence[dict[str, float]],
+) -> list[dict[str, Any]]:
+    """The report rows of a preference task: each gets its pair's rejected text and the tuned model's implicit
+    rewards (``{"chosen": r, "rejected": r}``). The rows are the pairs with a chosen side, in order (dpo: all;
+    kto: the desirable ones); kto's undesirable examples, which nothing answered, follow as rows of their
+    own."""
+    if not pairs or len(tuned_rewards) != len(pairs):
+        return rows
+    out, answered = [dict(r) for r in rows], iter(range(len(rows)))
+    for pair, reward in zip(pairs, tuned_rewards, strict=True):
+        if pair.chosen is not None:
+            row = out[next(answered)]
+        else:
+            row = {"index": len(out), "input": pair.prompt, "expected": "", "outputs": {}, "scores": {}}
+            out.append(row)
+        if pair.rejected is not None:
+            row["rejected"] = pair.rejected
+        row["rewards"] = {side: round(value, 6) for side, value in reward.items()}
+    return out

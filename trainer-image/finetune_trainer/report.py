@@ -2,7 +2,8 @@
 
 The HTML page is self-contained (inline CSS and JS, no URL at all) and rendered here, server-side: a
 summary table (every model's metric and grader means, safety, retention, grader errors) and the
-per-example table (input, expected, every model's output, every score per model, the judge's reasons).
+per-example table (input, expected, every model's output, every score per model, the judge's reasons;
+for preference tasks also the rejected side and the tuned model's implicit rewards of both sides).
 The inline script only reorders and hides rows: click a header to sort (numbers numerically), tick
 "only where tuned and base disagree", type in the filter box; the same state can be given in the URL's
 hash (``report.html#sort=tuned.relevance&dir=desc&disagree=1&q=refund``), which is how the headless test
@@ -27,6 +28,8 @@ MODEL_ORDER = ("tuned", "base", "champion", "reference")
 # Tuned and base "disagree" on an example when their outputs differ or a score differs by at least this.
 DISAGREE_SCORE_GAP = 0.5
 SUMMARY_KEYS = ("tuned", "base", "champion", "reference")
+# Preference tasks (dpo, kto): each row's implicit rewards of the tuned model, beta * (log pi - log pi_ref).
+REWARD_SIDES = ("chosen", "rejected")
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#1b1b1b}
@@ -286,7 +289,19 @@ def _score_cell(row: Mapping[str, Any], model: str, name: str) -> str:
     return f'<td class="num" data-v="{sort_value}">{text}</td>'
 
 
-def _example_row(row: Mapping[str, Any], position: int, models: Sequence[str], names: Sequence[str]) -> str:
+def _reward_cell(row: Mapping[str, Any], side: str) -> str:
+    number = _number((row.get("rewards") or {}).get(side))
+    sort_value = "" if number is None else repr(number)
+    return f'<td class="num" data-v="{sort_value}">{_e(_fmt(number))}</td>'
+
+
+def _example_row(
+    row: Mapping[str, Any],
+    position: int,
+    models: Sequence[str],
+    names: Sequence[str],
+    preference: bool = False,
+) -> str:
     given = row.get("input") or []
     if isinstance(given, str):  # a bare prompt
         given = [{"role": "user", "content": given}]
@@ -302,9 +317,13 @@ def _example_row(row: Mapping[str, Any], position: int, models: Sequence[str], n
         + "</td>",
         f'<td><div class="text">{_e(row.get("expected", ""))}</div></td>',
     ]
+    if preference:
+        cells.append(f'<td><div class="text">{_e(row.get("rejected", ""))}</div></td>')
     for model in models:
         answer = outputs.get(model)
         cells.append(f'<td><div class="text">{"" if answer is None else _e(answer)}</div></td>')
+    if preference:
+        cells += [_reward_cell(row, side) for side in REWARD_SIDES]
     cells += [_score_cell(row, model, name) for name in names for model in models]
     css = ' class="disagree"' if flag == "1" else ""
     return f'<tr data-index="{position}" data-disagree="{flag}"{css}>' + "".join(cells) + "</tr>"
@@ -312,17 +331,23 @@ def _example_row(row: Mapping[str, Any], position: int, models: Sequence[str], n
 
 def examples_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """The per-example table; each header's data-key is what `#sort=` names (`<model>.<score>`,
-    `output.<model>`, `index`, `input`, `expected`)."""
+    `output.<model>`, `index`, `input`, `expected`; preference tasks: `rejected`, `reward.chosen`,
+    `reward.rejected`, the tuned model's implicit rewards)."""
     models, names = row_models(rows), score_names(rows)
+    preference = any("rewards" in row for row in rows)
     heads = [
         ("index", "#", "num"),
         ("input", "input (last user turn)", "text"),
-        ("expected", "expected", "text"),
+        ("expected", "expected (chosen)" if preference else "expected", "text"),
     ]
+    heads += [("rejected", "rejected", "text")] if preference else []
     heads += [(f"output.{m}", f"{m} output", "text") for m in models]
+    heads += (
+        [(f"reward.{side}", f"{side} reward · tuned", "num") for side in REWARD_SIDES] if preference else []
+    )
     heads += [(f"{m}.{n}", f"{n} · {m}", "num") for n in names for m in models]
     head = "".join(f'<th data-key="{_e(k)}" data-type="{t}">{_e(label)}</th>' for k, label, t in heads)
-    body = "\n".join(_example_row(row, i, models, names) for i, row in enumerate(rows))
+    body = "\n".join(_example_row(row, i, models, names, preference) for i, row in enumerate(rows))
     return (
         f'<table id="examples" data-rows="{len(rows)}"><thead><tr>{head}</tr></thead>\n'
         f"<tbody>\n{body}\n</tbody></table>"

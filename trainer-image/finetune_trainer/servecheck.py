@@ -1,8 +1,10 @@
 """``servecheck``: served equals evaluated. Once the operator has a version loaded in the serving engine, and
 before the stable name routes to it, the first ``servingCheck.examples`` held-out prompts (the committed
-``test.jsonl``) go through the engine's OpenAI endpoint, greedy, with evaluation.maxNewTokens, and the answers
-are scored by the same code as the evaluate stage (metrics.score_text, or a deterministic grader). The
-operator compares the score with the evaluated one; this stage only reports.
+``test.jsonl`` in its objective's form, with the answers evaluate compares against: chat's last assistant
+turn, dpo's chosen side, kto's desirable completions, grpo's expected) go through the engine's OpenAI
+endpoint, greedy, with evaluation.maxNewTokens, and the answers are scored by the same code as the evaluate
+stage (metrics.score_text, or a deterministic grader). The operator compares the score with the evaluated
+one; this stage only reports.
 
 A request the engine refuses (4xx, e.g. a prompt longer than --max-model-len) is a wrong answer (score 0),
 counted in ``refused``: a served model that cannot answer is not the evaluated one. 5xx answers and
@@ -129,7 +131,9 @@ def run(config: TrainerConfig) -> StageResult:
     target = config.serving_check
     if target is None:
         raise InvalidConfigError("servingCheck: missing (the operator sets url, model, metric and examples)")
-    examples = load_test_set(config.layout.data, config.workdir / "servecheck" / "data")[: target.examples]
+    examples = load_test_set(
+        config.layout.data, config.workdir / "servecheck" / "data", config.spec.objective
+    )[: target.examples]
     summary = check(config, target, examples)
     log.info("served %s scored", target.model, extra={"fields": {"event": "servecheck", **summary}})
     message = (

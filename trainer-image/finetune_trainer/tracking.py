@@ -146,7 +146,7 @@ def gate_decision(
         tuned,
         base,
         compare_to_base=ev.compare_to_base,
-        primary=ev.deciding_metric,
+        primary=config.spec.deciding_metric,
         min_improvement=ev.min_improvement,
         safety=safety,
         retention=retention,
