@@ -131,3 +131,8 @@ def test_the_objective_reaches_the_trainer_through_ftj_config(objective: str) ->
         assert getattr(cfg.hyperparameters, name) == getattr(want.hyperparameters, name), name
     assert [(r.grader, r.weight) for r in cfg.rewards] == [(r.grader, r.weight) for r in want.rewards or ()]
     assert [g.name for g in cfg.evaluation.graders] == want.evaluation.grader_names()
+    # the trainer decides, reports and checks the served model on the same figures as the operator's gate
+    gate = pytest.importorskip("finetune_operator.finetunejob.gate")
+    servingcheck = pytest.importorskip("finetune_operator.finetunejob.servingcheck")
+    assert cfg.deciding_metric == gate.primary_metric(want.evaluation, want.objective)
+    assert cfg.serving_check_metric == servingcheck.check_metric(want)

@@ -253,6 +253,17 @@ def test_bad_dataset_fails_at_validation_with_the_trainers_message_and_no_gpu_po
     _quiet(world)
 
 
+def test_a_kto_datasets_label_balance_reaches_status_dataset() -> None:
+    world = World(job())
+    world.step()
+    summary = {**VALID["summary"], "format": "unpaired-preference"}
+    summary["labels"] = {"desirable": 850, "undesirable": 50, "other": 3, "junk": "x"}
+    world.finish(Stage.VALIDATE, {**VALID, "summary": summary})
+    world.step()
+    assert world.status["dataset"]["labels"] == {"desirable": 850, "undesirable": 50}
+    assert world.status["dataset"]["format"] == "unpaired-preference"
+
+
 def test_good_data_records_counts_estimate_and_starts_training_in_the_same_pass() -> None:
     world = World(job())
     _to_training(world)

@@ -33,7 +33,6 @@ from finetune_vocabulary.layout import RunLayout
 from finetune_vocabulary.metrics import METRICS, MetricName, primary_metric
 from finetune_vocabulary.objectives import (
     ALL_OBJECTIVE_METRICS,
-    REWARD_METRIC,
     Objective,
     metrics_for,
     objective_of_metric,
@@ -440,14 +439,13 @@ class FineTuneSpec(_Section):
 
     @property
     def serving_check_metric(self) -> str:
-        """The figure the serving check compares (always in the tuned map of the summary). An objective's
-        figure needs the weights, so it is not measurable from served text: token_f1, except grpo's reward,
-        whose first deterministic reward grader is checked."""
-        primary, deterministic = self.deciding_metric, self.evaluation.deterministic_graders
-        if primary == REWARD_METRIC:
-            checkable = [r.grader for r in self.rewards if r.grader in deterministic]
-            primary = checkable[0] if checkable else primary
-        return serving_check_metric(primary, deterministic)
+        """The figure the serving check compares (always in the tuned map of the summary), by the rule the
+        operator uses (finetune_vocabulary.evaluation.serving_check_metric)."""
+        return serving_check_metric(
+            self.deciding_metric,
+            self.evaluation.deterministic_graders,
+            [r.grader for r in self.rewards],
+        )
 
     @property
     def wants_merged(self) -> bool:

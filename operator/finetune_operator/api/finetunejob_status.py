@@ -99,6 +99,13 @@ class ProgressStatus(StatusModel):
     )
 
 
+class LabelBalance(StatusModel):
+    """Desirable (label true) and undesirable examples of an unpaired-preference training split."""
+
+    desirable: Count | None = Field(default=None, description="Examples labelled true.")
+    undesirable: Count | None = Field(default=None, description="Examples labelled false.")
+
+
 class DatasetStatus(StatusModel):
     """Dataset after cleaning (validate stage)."""
 
@@ -112,6 +119,9 @@ class DatasetStatus(StatusModel):
     )
     errors: dict[Annotated[str, Field(max_length=64)], Count] | None = Field(
         default=None, max_length=32, description="Invalid records, by error kind."
+    )
+    labels: LabelBalance | None = Field(
+        default=None, description="kto: training examples by label (unpaired-preference)."
     )
 
 

@@ -44,7 +44,12 @@ def _job(builder: Callable[[JobRef, OperatorConfig], Job]) -> Builder:
 
 def dataset_status(summary: Mapping[str, Any]) -> dict[str, Any]:
     keys = ("format", "train", "validation", "test", "trainTokens", "removed", "errors")
-    return {key: summary[key] for key in keys if summary.get(key) is not None}
+    out = {key: summary[key] for key in keys if summary.get(key) is not None}
+    labels = summary.get("labels")
+    if isinstance(labels, Mapping):  # kto's label balance
+        counts = {k: int(n) for k in ("desirable", "undesirable") if (n := finite(labels.get(k))) is not None}
+        out["labels"] = {k: n for k, n in counts.items() if n >= 0} or None
+    return {key: value for key, value in out.items() if value is not None}
 
 
 def dataset_warnings(summary: Mapping[str, Any]) -> list[str]:
