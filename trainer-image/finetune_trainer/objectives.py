@@ -32,7 +32,7 @@ from finetune_vocabulary.objectives import PROGRESS_FIGURES
 
 from . import modeling
 from .config import TrainerConfig
-from .exitcodes import InvalidDataError
+from .exitcodes import InvalidConfigError, InvalidDataError
 
 DEFAULT_LOGGING_STEPS = 5  # FTJ_LOGGING_STEPS overrides (progress lines still come at least every 15 s)
 COMPLETION_FIELDS = {"dpo": ("chosen", "rejected"), "kto": ("completion",), "grpo": ()}
@@ -40,6 +40,19 @@ COMPLETION_FIELDS = {"dpo": ("chosen", "rejected"), "kto": ("completion",), "grp
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def parallel_strategy(spec: Any) -> str:
+    """``ddp`` or ``fsdp`` with several ranks (``none`` with one). The operator resolves ``auto`` from the GPU
+    table and the model size before the pod starts; run by hand, ``auto`` shards full fine-tuning only."""
+    if world_size() <= 1:
+        return "none"
+    chosen = str(spec.hyperparameters.strategy)
+    if chosen == "auto":
+        chosen = "fsdp" if spec.method == "full" else "ddp"
+    if chosen == "fsdp" and spec.method == "qlora":
+        raise InvalidConfigError("hyperparameters.strategy: fsdp does not support method: qlora; use ddp")
+    return chosen
 
 
 # --- training arguments shared by every objective -----------------------------------------------------------
