@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from finetune_trainer.train import labelled_positions_only  # noqa: E402
+from finetune_trainer.sft import labelled_positions_only  # noqa: E402
 
 
 def tiny_llama() -> object:
@@ -71,7 +71,7 @@ def test_only_positions_before_a_labelled_token_are_kept() -> None:
 
 
 def test_models_without_logits_to_keep_get_the_full_head() -> None:
-    from finetune_trainer.train import accepts_kept_logits
+    from finetune_trainer.sft import accepts_kept_logits
     from peft import LoraConfig, get_peft_model
 
     class NoKeep(torch.nn.Module):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from finetune_demo import toymodel
-from finetune_trainer import modeling, train
+from finetune_trainer import modeling, sft
 from finetune_trainer.config import parse_config
 
 from .toy_fixtures import toy_base_dir, toy_config
@@ -37,7 +37,7 @@ def packed(  # type: ignore[no-untyped-def]
     tokenizer = modeling.load_tokenizer(toy_base_dir)
     model = modeling.load_model(toy_base_dir, cfg.spec, device)
     rows, _ = toymodel.toy_task(toymodel.ToyTaskParams(train_examples=12, test_examples=1))
-    args = train.sft_config(cfg, device, tmp_path_factory.mktemp("packing"), assistant_only=True)
+    args = sft.sft_config(cfg, device, tmp_path_factory.mktemp("packing"), assistant_only=True)
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )

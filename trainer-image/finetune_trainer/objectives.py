@@ -32,7 +32,7 @@ from finetune_vocabulary.objectives import PROGRESS_FIGURES
 
 from . import modeling
 from .config import TrainerConfig
-from .exitcodes import InvalidDataError
+from .exitcodes import InvalidConfigError, InvalidDataError
 
 DEFAULT_LOGGING_STEPS = 5  # FTJ_LOGGING_STEPS overrides (progress lines still come at least every 15 s)
 COMPLETION_FIELDS = {"dpo": ("chosen", "rejected"), "kto": ("completion",), "grpo": ()}
@@ -40,6 +40,19 @@ COMPLETION_FIELDS = {"dpo": ("chosen", "rejected"), "kto": ("completion",), "grp
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def parallel_strategy(spec: Any) -> str:
+    """``ddp`` or ``fsdp`` with several ranks (``none`` with one). The operator resolves ``auto`` from the GPU
+    table and the model size before the pod starts; run by hand, ``auto`` shards full fine-tuning only."""
+    if world_size() <= 1:
+        return "none"
+    chosen = str(spec.hyperparameters.strategy)
+    if chosen == "auto":
+        chosen = "fsdp" if spec.method == "full" else "ddp"
+    if chosen == "fsdp" and spec.method == "qlora":
+        raise InvalidConfigError("hyperparameters.strategy: fsdp does not support method: qlora; use ddp")
+    return chosen
 
 
 # --- training arguments shared by every objective -----------------------------------------------------------
@@ -130,6 +143,32 @@ def objective_arguments(config: TrainerConfig, common: dict[str, Any]) -> Any:
     raise ValueError(f"spec.objective: {objective} is not trained by objectives.py")
 
 
+def fsdp_on_cpu(trainer: Any) -> None:
+    """Accelerate runs FSDP only on accelerators: on CPU ranks (gloo) it drops the plugin and runs DDP
+    without a word. torch's FSDP2 (``fully_shard``) does run on CPU, so the plugin is put back: the CPU
+    emulation then exercises the same sharded path, state dicts and checkpoints as the GPUs do."""
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    args, state = trainer.args, trainer.accelerator.state
+    if not args.fsdp_plugin_args or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+    def full_state_dict(model: Any, unwrap: bool = True) -> dict[str, Any]:
+        # accelerate's "offload to CPU" of a tensor already on the CPU keeps FSDP's gather buffer, which
+        # FSDP then frees: gather without offloading and copy the whole tensors out instead
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        gathered = get_model_state_dict(model, options=options)
+        return {k: v.detach().clone() for k, v in gathered.items()}
+
+    trainer.accelerator.get_state_dict = full_state_dict
+
+
 # --- data ---------------------------------------------------------------------------------------------------
 
 
@@ -215,7 +254,17 @@ def build_trainer(
         kwargs["reward_funcs"] = functions
     else:
         kwargs["ref_model"] = None
-    return trainer_class(spec.objective)(**kwargs)
+    return with_fsdp_on_cpu(trainer_class(spec.objective))(**kwargs)
+
+
+def with_fsdp_on_cpu(cls: type) -> type:
+    class Trainer(cls):  # type: ignore[misc,valid-type]
+        def create_accelerator_and_postprocess(self) -> None:
+            super().create_accelerator_and_postprocess()
+            fsdp_on_cpu(self)
+
+    Trainer.__name__ = cls.__name__
+    return Trainer
 
 
 # --- figures ------------------------------------------------------------------------------------------------

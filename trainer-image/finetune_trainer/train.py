@@ -1,14 +1,17 @@
-"""``train``: supervised fine-tuning with TRL's SFTTrainer (LoRA, QLoRA or full), resumable and committed.
+"""``train``: fine-tuning (LoRA, QLoRA or full) by ``spec.objective``, resumable and committed: ``sft``
+with TRL's SFTTrainer (sft.py); ``dpo`` / ``kto`` / ``grpo`` with TRL's DPO / KTO / GRPO trainers
+(objectives.py).
 
 The recipe, top to bottom:
 
 1. config: the FineTuneJob spec (method, lora, hyperparameters, checkpoint) and the run prefix;
-2. data: the cleaned chat JSONL that ``validate`` committed under ``<runPrefix>/data/``;
+2. data: the cleaned JSONL that ``validate`` committed under ``<runPrefix>/data/`` (chat, or the objective's
+   canonical preference / unpaired / prompt-only form);
 3. model: the base model and tokenizer (chat template; default one when the base has none);
-4. train: ``SFTTrainer`` with loss on assistant tokens only (the same tokens evaluation scores), padding-free
-   batches of ``batchSize`` examples (or opt-in packing; see batching.py for the step arithmetic; examples
-   never attend to each other), checkpoints committed every N steps / M minutes / on SIGTERM, resumed from
-   the newest committed checkpoint;
+4. train: (sft) loss on assistant tokens only (the same tokens evaluation scores), padding-free batches of
+   ``batchSize`` examples (or opt-in packing; see batching.py for the step arithmetic; examples never attend
+   to each other); checkpoints committed every N steps / M minutes / on SIGTERM, resumed from the newest
+   committed checkpoint; the objective's own figures in progress lines, summary and MLflow;
 5. save: adapter (vLLM ``--lora-modules``), merged model when wanted, ``train/metrics.json`` + ``loss.png``.
 
 Several GPUs or nodes: the CLI relaunches this stage under torchrun; the Trainer then runs DDP or FSDP
@@ -23,14 +26,17 @@ import logging
 import math
 import shutil
 import time
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import batching, manifest, modeling, objectives, plots, storage, tracking
 from .checkpoints import CheckpointCallback, resume_checkpoint, without_fsdp
 from .config import TrainerConfig
-from .exitcodes import InvalidConfigError, InvalidDataError, PreemptedError
+from .exitcodes import InvalidDataError, PreemptedError
 from .progress import ProgressCallback
+from .sft import has_generation_markers, lean_sft_trainer_class, sft_config, to_prompt_completion
 from .termination import StageResult, raise_if_preempted
 
 log = logging.getLogger(__name__)
@@ -72,58 +78,7 @@ def fetch_data(data_uri: str, dest: Path, objective: str = "sft") -> dict[str, l
     return splits
 
 
-def to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
-    """Split a conversation before its last assistant turn (for templates without generation markers)."""
-    messages = row["messages"]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return {"prompt": messages[:last], "completion": [messages[last]]}
-
-
-def has_generation_markers(template: str | None) -> bool:
-    from trl.chat_template_utils import has_generation_markers as _has
-
-    return bool(template) and _has(template)
-
-
 # --- training arguments -------------------------------------------------------------------------------------
-
-
-world_size = objectives.world_size
-
-
-def parallel_strategy(spec: Any) -> str:
-    """``ddp`` or ``fsdp`` with several ranks (``none`` with one). The operator resolves ``auto`` from the GPU
-    table and the model size before the pod starts; run by hand, ``auto`` shards full fine-tuning only."""
-    if world_size() <= 1:
-        return "none"
-    chosen = str(spec.hyperparameters.strategy)
-    if chosen == "auto":
-        chosen = "fsdp" if spec.method == "full" else "ddp"
-    if chosen == "fsdp" and spec.method == "qlora":
-        raise InvalidConfigError("hyperparameters.strategy: fsdp does not support method: qlora; use ddp")
-    return chosen
-
-
-def sft_config(
-    config: TrainerConfig, device: modeling.Device, output_dir: Path, *, assistant_only: bool
-) -> Any:
-    from trl import SFTConfig
-
-    hp = config.spec.hyperparameters
-    return SFTConfig(
-        **objectives.common_arguments(config, device, output_dir, parallel_strategy(config.spec)),
-        # data: each micro-batch is one row of concatenated examples whose position_ids restart per example
-        # (no padding, no cross-example attention), so batchSize examples per micro-batch whatever their
-        # lengths. Opt-in packing instead fills rows of max_length tokens (fewer, fuller rows: fewer steps).
-        padding_free=True,
-        packing=hp.packing,
-        packing_strategy="bfd",
-        # validate already dropped examples over maxSeqLength; TRL enforces max_length only when packing
-        max_length=hp.max_seq_length if hp.packing else None,
-        assistant_only_loss=assistant_only,
-        completion_only_loss=None if assistant_only else True,
-        dataset_num_proc=None,
-    )
 
 
 def training_arguments(
@@ -131,7 +86,9 @@ def training_arguments(
 ) -> Any:
     if config.spec.objective == "sft":
         return sft_config(config, device, output_dir, assistant_only=assistant_only)
-    common = objectives.common_arguments(config, device, output_dir, parallel_strategy(config.spec))
+    common = objectives.common_arguments(
+        config, device, output_dir, objectives.parallel_strategy(config.spec)
+    )
     return objectives.objective_arguments(config, common)
 
 
@@ -170,127 +127,110 @@ def make_trainer(
 
 # --- trainer ------------------------------------------------------------------------------------------------
 
-FUSED_HEAD_MIN_LOGIT_BYTES = 256 * 2**20  # TRL's fused LM head pays off when the logits would be this big
+# --- progress, preemption, validation -------------------------------------------------------------------
 
 
-def labelled_positions_only(labels: Any) -> dict[str, Any]:
-    """Model kwargs that compute the LM head only where the next token is labelled (assistant tokens).
+def watch_training(
+    config: TrainerConfig,
+    trainer: Any,
+    examples: int,
+    revision: str | None,
+    data_manifest: Any,
+    main_process: bool,
+) -> tuple[Callable[[], int], dict[str, Any], tracking.Tracker]:
+    """Progress lines and MLflow on the trainer: (tokens seen, the batching context, the tracker)."""
+    from transformers import PrinterCallback
 
-    The loss is unchanged (the same sum over the labelled tokens divided by ``num_items_in_batch``), but the
-    vocabulary projection, its softmax and their backward skip the prompt positions, which are most of a chat
-    example. ``logits_to_keep`` (positions, shared by the rows of a batch) and ``shift_labels`` (their next
-    tokens) are transformers' own ``ForCausalLM`` arguments.
-    """
-    import torch
+    spec = config.spec
+    watched = weakref.ref(trainer)  # the callbacks must not keep the training copy alive after training
 
-    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
-    keep = (shifted != -100).any(dim=0).nonzero().flatten()
-    return {"logits_to_keep": keep, "shift_labels": shifted[:, keep].contiguous()}
+    def tokens_seen() -> int:  # real tokens, all ranks (GRPO counts them in the state)
+        current = watched()
+        if current is None:
+            return 0
+        return int(getattr(current, "_total_train_tokens", 0) or current.state.num_input_tokens_seen or 0)
 
-
-def accepts_kept_logits(model: Any) -> bool:
-    """Whether the (base) model's forward takes ``logits_to_keep``, as transformers' ``...ForCausalLM``
-    classes do; any other model gets the full LM head."""
-    import inspect
-
-    from transformers.trainer_utils import unwrap_peft_model
-
-    return "logits_to_keep" in inspect.signature(unwrap_peft_model(model).forward).parameters
-
-
-def lean_sft_trainer_class() -> type:
-    """TRL's SFTTrainer without per-step costs that buy nothing when the logits are small.
-
-    - The LM head runs only where the next token is labelled (:func:`labelled_positions_only`): a chat
-      example's prompt needs no logits, so the vocabulary projection shrinks to the assistant tokens.
-    - TRL computes the loss through a fused (chunked) LM head that never materialises the logits and also
-      yields entropy and token accuracy. That saves memory when the logits would be big; when the kept
-      logits are small, its chunked autograd function costs more than it saves, so there the model's own
-      loss is used: the same mean NLL over the labelled (assistant) tokens, normalised by
-      ``num_items_in_batch`` as in ``Trainer.compute_loss``. Entropy and token accuracy are then not logged.
-    - The HF Trainer counts the model's parameters (walking every module) on every step for ``total_flos``;
-      it is counted once.
-    """
-    from transformers import Trainer
-    from trl import SFTTrainer
-
-    class LeanSFTTrainer(SFTTrainer):  # type: ignore[misc]
-        _non_embedding_parameters: int | None = None
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            # shift_labels reaches the loss as a loss kwarg, which the HF Trainer has already checked for
-            self._head_skips_prompt = self.model_accepts_loss_kwargs and accepts_kept_logits(self.model)
-
-        def _fused_head_pays(self, positions: int) -> bool:
-            vocab = self.model.config.get_text_config().vocab_size
-            return bool(positions * vocab * 4 >= FUSED_HEAD_MIN_LOGIT_BYTES)
-
-        def compute_loss(
-            self, model: Any, inputs: Any, return_outputs: bool = False, num_items_in_batch: Any = None
-        ) -> Any:
-            plain = (
-                self.args.loss_type == "nll"
-                and not self.aux_loss_enabled
-                and self.compute_loss_func is None
-                and self.label_smoother is None
-            )
-            # evaluation (return_outputs) keeps every position's logits: callers may read them
-            kept = (
-                labelled_positions_only(inputs["labels"])
-                if plain and not return_outputs and self._head_skips_prompt
-                else {}
-            )
-            positions = kept["shift_labels"].numel() if kept else inputs["input_ids"].numel()
-            if not plain or self._fused_head_pays(positions):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if self.model.training:  # real tokens, counted as TRL counts them (progress lines read it)
-                if "attention_mask" in inputs:
-                    tokens = int(inputs["attention_mask"].sum())
-                else:
-                    tokens = int(inputs["position_ids"].size(1))
-                self._total_train_tokens += tokens
-                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
-            return Trainer.compute_loss(
-                self, model, {**inputs, **kept, "use_cache": False}, return_outputs, num_items_in_batch
-            )
-
-        def create_accelerator_and_postprocess(self) -> None:
-            super().create_accelerator_and_postprocess()
-            _fsdp_on_cpu(self)
-
-        def floating_point_ops(self, inputs: dict[str, Any]) -> int:
-            if self._non_embedding_parameters is None:
-                self._non_embedding_parameters = int(self.model.num_parameters(exclude_embeddings=True))
-            return 6 * int(inputs["input_ids"].numel()) * self._non_embedding_parameters
-
-    return LeanSFTTrainer
+    trainer.remove_callback(PrinterCallback)  # stdout carries JSON lines only; progress replaces its dicts
+    hp, ranks_n = spec.hyperparameters, objectives.world_size()
+    batching_info = batching.describe(hp, examples, len(trainer.train_dataset), ranks_n)
+    if spec.objective != "sft":  # TRL's preference and GRPO collators pad each micro-batch
+        batching_info["batching"] = "padded"
+    log.info(
+        "%s batching: %s training examples, %s per optimizer step, %s optimizer steps",
+        batching_info["batching"],
+        examples,
+        batching_info["examplesPerStep"],
+        batching.total_steps(len(trainer.train_dataset), hp, ranks_n),
+    )
+    figures = objectives.figures_map(spec.objective)
+    trainer.add_callback(ProgressCallback(tokens_seen, context=batching_info, figures=figures))
+    tracker = tracking.Tracker.open(config, enabled=main_process)
+    tracker.log_params(
+        tracking.run_params(
+            config,
+            base_model_revision=revision,
+            dataset=data_manifest.dataset if data_manifest else None,
+            resolved={
+                **batching_info,
+                "totalSteps": batching.total_steps(len(trainer.train_dataset), hp, ranks_n),
+            },
+        )
+    )
+    trainer.add_callback(tracking.TrackingCallback(tracker, tokens_seen))
+    return tokens_seen, batching_info, tracker
 
 
-def _fsdp_on_cpu(trainer: Any) -> None:
-    """Accelerate runs FSDP only on accelerators: on CPU ranks (gloo) it drops the plugin and runs DDP
-    without a word. torch's FSDP2 (``fully_shard``) does run on CPU, so the plugin is put back: the CPU
-    emulation then exercises the same sharded path, state dicts and checkpoints as the GPUs do."""
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+def raise_if_stopped_by_sigterm(trainer: Any, checkpoint_cb: CheckpointCallback, checkpoints: str) -> None:
+    if checkpoint_cb.preempted:
+        step = trainer.state.global_step
+        raise PreemptedError(
+            f"SIGTERM received: checkpoint step-{step:08d} committed; resume from it",
+            summary={
+                "step": step,
+                "totalSteps": trainer.state.max_steps,
+                "checkpoint": storage.join(checkpoints, f"step-{step:08d}"),
+            },
+        )
 
-    args, state = trainer.args, trainer.accelerator.state
-    if not args.fsdp_plugin_args or state.distributed_type != DistributedType.MULTI_CPU:
-        return
-    plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
-    state.distributed_type = DistributedType.FSDP
-    state.fsdp_plugin = plugin
-    trainer.is_fsdp_enabled = True
 
-    def full_state_dict(model: Any, unwrap: bool = True) -> dict[str, Any]:
-        # accelerate's "offload to CPU" of a tensor already on the CPU keeps FSDP's gather buffer, which
-        # FSDP then frees: gather without offloading and copy the whole tensors out instead
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def evaluate_validation(
+    trainer: Any, rows: list[dict[str, Any]], objective: str, assistant_only: bool
+) -> dict[str, Any]:
+    """The objective's loss on the validation split (``evalLoss`` in metrics.json)."""
+    from datasets import Dataset
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
-        gathered = get_model_state_dict(model, options=options)
-        return {k: v.detach().clone() for k, v in gathered.items()}
+    return dict(
+        trainer.evaluate(eval_dataset=Dataset.from_list(trainer_rows(rows, objective, assistant_only)))
+    )
 
-    trainer.accelerator.get_state_dict = full_state_dict
+
+def checkpoint_callback(config: TrainerConfig, meta: dict[str, Any]) -> CheckpointCallback:
+    spec = config.spec
+    return CheckpointCallback(
+        config.layout.checkpoints,
+        every_minutes=spec.checkpoint.every_minutes,
+        keep=spec.checkpoint.keep,
+        commit_meta=meta,
+    )
+
+
+def train_from_newest_checkpoint(trainer: Any, config: TrainerConfig, ranks: Any) -> Any:
+    """``trainer.train``, resumed from the newest committed checkpoint when there is one."""
+    with ranks.main_process_first():
+        resume = resume_checkpoint(config.layout.checkpoints, config.workdir / "train")
+        # e.g. 2 FSDP nodes -> 1 GPU after a policy change
+        if resume and objectives.parallel_strategy(config.spec) != "fsdp":
+            without_fsdp(resume[0])
+    return trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+
+
+def result_message(
+    spec: Any, summary: dict[str, Any], step: int, examples: int, batching: dict[str, Any]
+) -> str:
+    loss_of = "assistant tokens" if spec.objective == "sft" else f"{spec.objective} loss"
+    loss = "not logged" if summary["loss"] is None else f"{summary['loss']:.4g} ({loss_of})"
+    packed = f", packed into {batching.get('packedRows')} rows" if spec.hyperparameters.packing else ""
+    return f"trained {step} steps on {examples} examples{packed}, final training loss {loss}"
 
 
 # --- outputs ------------------------------------------------------------------------------------------------
@@ -327,7 +267,12 @@ def final_loss(log_history: list[dict[str, Any]], train_output: Any = None) -> f
 
 
 def train_metrics(
-    trainer: Any, train_output: Any, started: float, tokens: int, eval_metrics: dict[str, Any]
+    trainer: Any,
+    train_output: Any,
+    started: float,
+    tokens: int,
+    eval_metrics: dict[str, Any],
+    objective: str = "sft",
 ) -> dict[str, Any]:
     state = trainer.state
     elapsed = time.monotonic() - started
@@ -342,6 +287,8 @@ def train_metrics(
         "tokensPerSecond": round(tokens / elapsed, 1) if elapsed > 0 else None,
         "runtimeSeconds": round(elapsed, 2),
         "logHistory": state.log_history,
+        "objective": objective,
+        "figures": objectives.last_figures(objective, state.log_history),
     }
 
 
@@ -363,6 +310,69 @@ def summary_of(
     return summary
 
 
+def save_model(trainer: Any, tokenizer: Any, outputs: Path, method: str) -> Path | None:
+    """The trained adapter (lora, qlora) or model (full) with its tokenizer; None on ranks other than 0."""
+    if trainer.is_world_process_zero():  # ranks of one pod share the workdir: only the writer clears it
+        shutil.rmtree(outputs, ignore_errors=True)
+    model_dir = outputs / ("adapter" if method != "full" else "merged")
+    trainer.save_model(str(model_dir))
+    if not trainer.is_world_process_zero():
+        return None
+    tokenizer.save_pretrained(model_dir)
+    for name in ("training_args.bin", "README.md"):
+        (model_dir / name).unlink(missing_ok=True)
+    return model_dir
+
+
+def commit_models(
+    config: TrainerConfig,
+    model_dir: Path,
+    base: Path,
+    device: modeling.Device,
+    meta: dict[str, Any],
+    step: int,
+) -> tuple[str | None, str | None]:
+    """Commit the adapter (and the merged model when wanted) or the full model: (adapter uri, merged uri)."""
+    spec, layout = config.spec, config.layout
+    if spec.method == "full":
+        return None, _commit(model_dir, layout.merged, "merged", meta, step)
+    check_adapter_for_vllm(model_dir)
+    adapter_uri = _commit(model_dir, layout.adapter, "adapter", meta, step)
+    if not spec.wants_merged:
+        return adapter_uri, None
+    from .export import merge_adapter
+
+    merged = model_dir.parent / "merged"
+    merge_adapter(base, model_dir, merged, dtype=device.dtype)
+    return adapter_uri, _commit(merged, layout.merged, "merged", meta, step)
+
+
+def commit_train_dir(
+    config: TrainerConfig,
+    metrics: dict[str, Any],
+    adapter_uri: str | None,
+    merged_uri: str | None,
+    tracker: tracking.Tracker,
+    meta: dict[str, Any],
+    step: int,
+) -> dict[str, Any]:
+    """``train/`` (metrics.json, loss.png) committed last, as it marks the stage done; returns the summary."""
+    spec = config.spec
+    train_dir = config.workdir / "train" / "outputs" / "train"
+    train_dir.mkdir(parents=True)
+    (train_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    plots.loss_curve(
+        metrics["logHistory"], train_dir / "loss.png", title=f"{config.job.name}: {spec.method} training loss"
+    )
+    _commit(train_dir, config.layout.train, "train", meta, step)
+    final = {"final_loss": metrics.get("finalLoss"), "train_runtime_seconds": metrics.get("runtimeSeconds")}
+    tracker.log_metrics({k: float(v) for k, v in final.items() if v is not None}, step=step)
+    tracker.log_artifacts([(train_dir / "loss.png", "train"), (train_dir / "metrics.json", "train")])
+    if not spec.evaluation.enabled:
+        tracker.finish()  # no evaluation stage: nothing more will be logged
+    return tracking.with_tracking(summary_of(config, metrics, adapter_uri, merged_uri), tracker)
+
+
 def finished_result(config: TrainerConfig) -> StageResult | None:
     """A rerun after train committed everything (e.g. the pod restarted after success) changes nothing."""
     layout = config.layout
@@ -379,7 +389,7 @@ def finished_result(config: TrainerConfig) -> StageResult | None:
 
 def run(config: TrainerConfig) -> StageResult:
     from accelerate import PartialState
-    from transformers import PrinterCallback, set_seed
+    from transformers import set_seed
 
     # 1. config
     spec, layout, workdir = config.spec, config.layout, config.workdir / "train"
@@ -391,8 +401,7 @@ def run(config: TrainerConfig) -> StageResult:
     set_seed(spec.hyperparameters.seed)
     raise_if_preempted("train (before training started)")
 
-    # several processes on one node share the workdir: rank 0 downloads first, the others then find the files
-    ranks = PartialState()
+    ranks = PartialState()  # ranks of a pod share the workdir: rank 0 downloads first, the others find it
 
     # 2. data
     with ranks.main_process_first():
@@ -407,117 +416,32 @@ def run(config: TrainerConfig) -> StageResult:
     tokenizer = modeling.load_tokenizer(source.path)
     assistant_only = has_generation_markers(tokenizer.chat_template)
     train_rows = trainer_rows(splits["train"], spec.objective, assistant_only)
-    model = modeling.load_model(source.path, spec, device, distributed=world_size() > 1)
+    model = modeling.load_model(source.path, spec, device, distributed=objectives.world_size() > 1)
     meta = manifest.metadata_from_config(
         config, base_model_revision=source.revision, dataset=data_manifest.dataset if data_manifest else {}
     )
     raise_if_preempted("train (before training started)")
 
     # 4. train
-    from datasets import Dataset
-
-    checkpoint_cb = CheckpointCallback(
-        layout.checkpoints,
-        every_minutes=spec.checkpoint.every_minutes,
-        keep=spec.checkpoint.keep,
-        commit_meta=meta,
-    )
+    checkpoint_cb = checkpoint_callback(config, meta)
     trainer = make_trainer(config, device, model, tokenizer, train_rows, assistant_only, [checkpoint_cb])
-    tokens_seen = lambda: int(  # noqa: E731 - real tokens, all ranks (GRPO counts them in the state)
-        getattr(trainer, "_total_train_tokens", 0) or trainer.state.num_input_tokens_seen or 0
+    tokens_seen, batching_info, tracker = watch_training(
+        config, trainer, len(train_rows), source.revision, data_manifest, ranks.is_main_process
     )
-    trainer.remove_callback(PrinterCallback)  # stdout carries JSON lines only; progress replaces its dicts
-    hp, ranks_n = spec.hyperparameters, world_size()
-    batching_info = batching.describe(hp, len(train_rows), len(trainer.train_dataset), ranks_n)
-    if spec.objective != "sft":  # TRL's preference and GRPO collators pad each micro-batch
-        batching_info["batching"] = "padded"
-    log.info(
-        "%s batching: %s training examples, %s per optimizer step, %s optimizer steps",
-        batching_info["batching"],
-        len(train_rows),
-        batching_info["examplesPerStep"],
-        batching.total_steps(len(trainer.train_dataset), hp, ranks_n),
-    )
-    figures = objectives.figures_map(spec.objective)
-    trainer.add_callback(ProgressCallback(tokens_seen, context=batching_info, figures=figures))
-    tracker = tracking.Tracker.open(config, enabled=ranks.is_main_process)
-    tracker.log_params(
-        tracking.run_params(
-            config,
-            base_model_revision=source.revision,
-            dataset=data_manifest.dataset if data_manifest else None,
-            resolved={
-                **batching_info,
-                "totalSteps": batching.total_steps(len(trainer.train_dataset), hp, ranks_n),
-            },
-        )
-    )
-    trainer.add_callback(tracking.TrackingCallback(tracker, tokens_seen))
-    with ranks.main_process_first():
-        resume = resume_checkpoint(layout.checkpoints, workdir)
-        if resume and parallel_strategy(spec) != "fsdp":  # e.g. 2 FSDP nodes -> 1 GPU after a policy change
-            without_fsdp(resume[0])
     started = time.monotonic()
-    train_output = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
-    if checkpoint_cb.preempted:
-        step = trainer.state.global_step
-        raise PreemptedError(
-            f"SIGTERM received: checkpoint step-{step:08d} committed; resume from it",
-            summary={
-                "step": step,
-                "totalSteps": trainer.state.max_steps,
-                "checkpoint": storage.join(layout.checkpoints, f"step-{step:08d}"),
-            },
-        )
+    train_output = train_from_newest_checkpoint(trainer, config, ranks)
+    raise_if_stopped_by_sigterm(trainer, checkpoint_cb, layout.checkpoints)
     eval_metrics: dict[str, Any] = {}
     if splits.get("validation") and spec.objective != "grpo":  # (grpo would generate: its gate evaluates)
-        eval_rows = trainer_rows(splits["validation"], spec.objective, assistant_only)
-        eval_metrics = trainer.evaluate(eval_dataset=Dataset.from_list(eval_rows))
-    metrics = train_metrics(trainer, train_output, started, tokens_seen(), eval_metrics)
-    metrics["objective"] = spec.objective
-    metrics["figures"] = objectives.last_figures(spec.objective, trainer.state.log_history)
+        eval_metrics = evaluate_validation(trainer, splits["validation"], spec.objective, assistant_only)
+    metrics = train_metrics(trainer, train_output, started, tokens_seen(), eval_metrics, spec.objective)
 
     # 5. save (every rank takes part in save_model: FSDP gathers the shards)
-    outputs = workdir / "outputs"
-    if trainer.is_world_process_zero():  # ranks of one pod share the workdir: only the writer clears it
-        shutil.rmtree(outputs, ignore_errors=True)
-    step = trainer.state.global_step
-    model_dir = outputs / ("adapter" if spec.method != "full" else "merged")
-    trainer.save_model(str(model_dir))
-    if not trainer.is_world_process_zero():
+    model_dir = save_model(trainer, tokenizer, workdir / "outputs", spec.method)
+    if model_dir is None:
         return StageResult()
-    tokenizer.save_pretrained(model_dir)
-    for name in ("training_args.bin", "README.md"):
-        (model_dir / name).unlink(missing_ok=True)
-    adapter_uri = merged_uri = None
-    if spec.method != "full":
-        check_adapter_for_vllm(model_dir)
-        adapter_uri = _commit(model_dir, layout.adapter, "adapter", meta, step)
-        if spec.wants_merged:
-            from .export import merge_adapter
-
-            del trainer, model  # free the training copy before loading the base again
-            merge_adapter(source.path, model_dir, outputs / "merged", dtype=device.dtype)
-            merged_uri = _commit(outputs / "merged", layout.merged, "merged", meta, step)
-    else:
-        merged_uri = _commit(model_dir, layout.merged, "merged", meta, step)
-
-    train_dir = outputs / "train"
-    train_dir.mkdir(parents=True)
-    (train_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-    plots.loss_curve(
-        metrics["logHistory"], train_dir / "loss.png", title=f"{config.job.name}: {spec.method} training loss"
-    )
-    _commit(train_dir, layout.train, "train", meta, step)  # last: marks the stage done
-    final = {"final_loss": metrics.get("finalLoss"), "train_runtime_seconds": metrics.get("runtimeSeconds")}
-    tracker.log_metrics({k: float(v) for k, v in final.items() if v is not None}, step=step)
-    tracker.log_artifacts([(train_dir / "loss.png", "train"), (train_dir / "metrics.json", "train")])
-    if not spec.evaluation.enabled:
-        tracker.finish()  # no evaluation stage: nothing more will be logged
-    summary = tracking.with_tracking(summary_of(config, metrics, adapter_uri, merged_uri), tracker)
-    loss_of = "assistant tokens" if spec.objective == "sft" else f"{spec.objective} loss"
-    loss = "not logged" if summary["loss"] is None else f"{summary['loss']:.4g} ({loss_of})"
-    packed = f", packed into {batching_info.get('packedRows')} rows" if hp.packing else ""
-    return StageResult(
-        summary, f"trained {step} steps on {len(train_rows)} examples{packed}, final training loss {loss}"
-    )
+    step = trainer.state.global_step
+    trainer = model = None  # free the training copy before a merged export loads the base again
+    adapter_uri, merged_uri = commit_models(config, model_dir, source.path, device, meta, step)
+    summary = commit_train_dir(config, metrics, adapter_uri, merged_uri, tracker, meta, step)
+    return StageResult(summary, result_message(spec, summary, step, len(train_rows), batching_info))
