@@ -136,6 +136,7 @@ def objective_arguments(config: TrainerConfig, common: dict[str, Any]) -> Any:
             **{**common, "per_device_train_batch_size": hp.batch_size * generations},
             num_generations=generations,
             use_vllm=False,  # rollouts with the policy itself (transformers generate), on CPU too
+            generation_kwargs={"use_cache": True},  # load_model turns the cache off for training
             reward_weights=[r.weight for r in config.spec.rewards],
             log_completions=False,
             **_unset_is_trl_default(beta=hp.beta, max_completion_length=hp.max_completion_length),

@@ -57,7 +57,8 @@ _DEFAULT_PRIMARY: dict[str, str] = {
 }
 
 # The objective's own training figures: the trainer's progress lines and summary carry them under these
-# keys (status.progress shows them; MLflow gets TRL's own names). Value: the TRL log key they come from.
+# keys (status.progress shows them; MLflow gets TRL's own names). Value: the TRL log key they come from
+# (checked against what TRL 1.16's trainers log; grpo's kl is logged only when beta > 0).
 PROGRESS_FIGURES: dict[str, dict[str, str]] = {
     "sft": {},
     "dpo": {
@@ -66,7 +67,12 @@ PROGRESS_FIGURES: dict[str, dict[str, str]] = {
         "rewardsMargin": "rewards/margins",
         "rewardsAccuracy": "rewards/accuracies",
     },
-    "kto": {"rewardsChosen": "rewards/chosen", "rewardsRejected": "rewards/rejected", "kl": "kl"},
+    "kto": {
+        "rewardsChosen": "rewards/chosen",
+        "rewardsRejected": "rewards/rejected",
+        "rewardsMargin": "rewards/margins",
+        "kl": "kl",
+    },
     "grpo": {"reward": "reward", "kl": "kl", "completionLength": "completions/mean_length"},
 }
 PROGRESS_FIGURE_KEYS: tuple[str, ...] = tuple(dict.fromkeys(k for f in PROGRESS_FIGURES.values() for k in f))
