@@ -47,7 +47,7 @@ def test_accuracy_counts_ties_as_half_and_kto_reads_the_sign_against_the_label()
 
 def test_a_test_set_line_not_in_the_objectives_form_is_invalid_data_naming_the_line(tmp_path: Path) -> None:
     from finetune_trainer.exitcodes import InvalidDataError
-    from finetune_trainer.preference_eval import read_canonical
+    from finetune_trainer.formats import read_canonical
 
     user = [{"role": "user", "content": "shout: 1 k"}]
     path = tmp_path / "test.jsonl"

@@ -27,7 +27,19 @@ from typing import Any
 from finetune_vocabulary.metrics import LOSS_METRICS, TEXT_METRICS
 from finetune_vocabulary.objectives import REWARD_MARGIN, metrics_for
 
-from . import egress, grading, manifest, metrics, modeling, plots, preference_eval, safety, storage, tracking
+from . import (
+    egress,
+    formats,
+    grading,
+    manifest,
+    metrics,
+    modeling,
+    plots,
+    preference_eval,
+    safety,
+    storage,
+    tracking,
+)
 from . import report as report_html
 from .config import EvaluationSpec, ReferenceSpec, TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
@@ -58,7 +70,7 @@ def examples_from_chat(rows: Sequence[dict[str, Any]], source: str = "test.jsonl
 
 
 def read_test_rows(data_uri: str, dest: Path, objective: str = "sft") -> list[dict[str, Any]]:
-    """The committed held-out set, in its objective's canonical form (preference_eval)."""
+    """The committed held-out set, in its objective's canonical form (formats.read_canonical)."""
     if not manifest.is_committed(data_uri):
         raise InvalidDataError(f"{data_uri} is not committed: run validate first")
     manifest.download_committed(data_uri, dest)
@@ -68,7 +80,7 @@ def read_test_rows(data_uri: str, dest: Path, objective: str = "sft") -> list[di
     if objective == "sft":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
-        rows = preference_eval.read_canonical(path, objective)
+        rows = formats.read_canonical(path, objective)
     if not rows:
         raise InvalidDataError(f"{data_uri}/test.jsonl has no examples")
     return rows

@@ -21,7 +21,6 @@ optimizer steps are those of SFT over the same number of examples.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -30,9 +29,9 @@ from typing import Any
 
 from finetune_vocabulary.objectives import PROGRESS_FIGURES
 
-from . import modeling
+from . import formats, modeling
 from .config import TrainerConfig
-from .exitcodes import InvalidConfigError, InvalidDataError
+from .exitcodes import InvalidConfigError
 
 DEFAULT_LOGGING_STEPS = 5  # FTJ_LOGGING_STEPS overrides (progress lines still come at least every 15 s)
 COMPLETION_FIELDS = {"dpo": ("chosen", "rejected"), "kto": ("completion",), "grpo": ()}
@@ -173,33 +172,6 @@ def fsdp_on_cpu(trainer: Any) -> None:
 # --- data ---------------------------------------------------------------------------------------------------
 
 
-def _read_canonical(path: Path, objective: str) -> list[dict[str, Any]]:
-    """The canonical rows validate wrote (formats.read_canonical once part data lands; same forms)."""
-    from . import formats
-
-    shared = getattr(formats, "read_canonical", None)
-    if shared is not None:
-        return list(shared(path, objective))
-    needed = ("prompt", *COMPLETION_FIELDS[objective], *(("label",) if objective == "kto" else ()))
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                missing = [k for k in needed if k not in row]
-                if missing or not isinstance(row["prompt"], list):
-                    raise ValueError(f"missing {missing}" if missing else "prompt is not a message list")
-            except (ValueError, TypeError) as exc:
-                raise InvalidDataError(
-                    f"{path.name} line {number}: not a canonical {objective} example ({exc}); "
-                    "was it written by validate?"
-                ) from None
-            rows.append(row)
-    return rows
-
-
 def _assistant(side: Any) -> list[dict[str, Any]]:
     return [{"role": "assistant", "content": side}] if isinstance(side, str) else list(side)
 
@@ -207,7 +179,7 @@ def _assistant(side: Any) -> list[dict[str, Any]]:
 def trl_rows(path: Path, objective: str) -> list[dict[str, Any]]:
     """One split in the form the objective's TRL trainer reads (conversational)."""
     rows = []
-    for row in _read_canonical(path, objective):
+    for row in formats.read_canonical(path, objective):
         out: dict[str, Any] = {"prompt": row["prompt"]}
         for field in COMPLETION_FIELDS[objective]:
             out[field] = _assistant(row[field])

@@ -18,17 +18,13 @@ by the sum of their absolute values (a plain weighted mean when they are positiv
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from finetune_vocabulary.objectives import PREFERENCE_ACCURACY, REWARD_MARGIN
 
-from . import formats
 from .config import RewardSpec
-from .exitcodes import InvalidDataError
 from .generation import answer_logps
 from .graders import Graded
 
@@ -42,46 +38,6 @@ class Pair:
     prompt: list[dict[str, Any]]
     chosen: str | None
     rejected: str | None
-
-
-# --- reading the canonical test set -------------------------------------------------------------------------
-
-_REQUIRED = {
-    "dpo": ("prompt", "chosen", "rejected"),
-    "kto": ("prompt", "completion", "label"),
-    "grpo": ("prompt",),
-}
-
-
-def _check_row(row: Any, objective: str, where: str) -> dict[str, Any]:
-    if not isinstance(row, dict):
-        raise InvalidDataError(f"{where}: expected a JSON object in the {objective} form")
-    for key in _REQUIRED.get(objective, ("messages",)):
-        if key not in row:
-            raise InvalidDataError(f'{where}: missing "{key}" (not the canonical {objective} form)')
-    prompt = row.get("prompt")
-    last = prompt[-1] if isinstance(prompt, list) and prompt else None
-    if objective != "sft" and not (isinstance(last, dict) and last.get("role") == "user"):
-        raise InvalidDataError(f'{where}: "prompt" must be a list of messages ending with a user turn')
-    if objective == "kto" and not isinstance(row["label"], bool):
-        raise InvalidDataError(f'{where}: "label" must be true or false')
-    return row
-
-
-def read_canonical(path: Path, objective: str) -> list[dict[str, Any]]:
-    """The rows of a canonical file; part `data`'s formats.read_canonical when it exists (one reader)."""
-    shared = getattr(formats, "read_canonical", None)
-    if shared is not None:
-        return list(shared(path, objective))
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise InvalidDataError(f"{path.name} line {number}: invalid JSON ({exc})") from None
-            rows.append(_check_row(row, objective, f"{path.name} line {number}"))
-    return rows
 
 
 def pairs_from_rows(rows: Sequence[Mapping[str, Any]], objective: str) -> list[Pair]:
