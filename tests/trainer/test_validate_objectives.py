@@ -504,6 +504,17 @@ def test_grpo_budgets_trls_default_completion_length_when_unset() -> None:
     assert validate.completion_budget(config) == formats.GRPO_DEFAULT_MAX_COMPLETION_LENGTH
 
 
+def test_the_operators_grpo_generation_default_is_trls() -> None:
+    """The GPU-hour estimate multiplies by numGenerations; unset, the trainer leaves TRL's default in place."""
+    import dataclasses
+
+    from finetune_vocabulary.objectives import TRL_DEFAULT_NUM_GENERATIONS
+    from trl import GRPOConfig
+
+    default = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}["num_generations"]
+    assert default == TRL_DEFAULT_NUM_GENERATIONS
+
+
 @pytest.mark.parametrize(
     ("objective", "line", "problem"),
     [

@@ -182,3 +182,19 @@ def test_lora_dpo_uses_the_adapter_disabled_base_as_reference_no_copy() -> None:
     ref = job(objective="dpo", method="lora", baseModel={"uri": FOUR_B}, resources={"gpus": 4})
     assert not distributed.holds_reference_copy(ref.spec)
     assert distributed.training_bytes_per_parameter(ref.spec) == distributed.FULL_FT_BYTES_PER_PARAMETER
+
+
+def test_the_gpu_hour_estimate_counts_the_objectives_extra_passes() -> None:
+    """dpo runs both sides through policy and reference, grpo samples numGenerations completions a prompt:
+    a budget checked against the estimate must see that before any GPU is requested."""
+    from finetune_operator.finetunejob.accounting import gpu_hours_estimate
+
+    dataset = {"train": 900, "trainTokens": 3_240_000}
+    gpus = {"resources": {"gpus": 1, "gpuType": "a100-80gb"}}
+    sft = gpu_hours_estimate(job(**gpus).spec, dataset, CONFIG)
+    assert sft == pytest.approx(0.9)  # 3.24M tokens x 3 epochs / 3000 tokens/s
+    dpo = gpu_hours_estimate(job(objective="dpo", **gpus).spec, dataset, CONFIG)
+    assert dpo == pytest.approx(sft * 8 / 3, rel=1e-3)
+    four = gpu_hours_estimate(grpo(hyperparameters={"numGenerations": 4}, **gpus).spec, dataset, CONFIG)
+    eight = gpu_hours_estimate(grpo(**gpus).spec, dataset, CONFIG)  # TRL's default: 8 completions a prompt
+    assert four == pytest.approx(sft * 8, rel=1e-3) and eight == pytest.approx(2 * four, rel=1e-3)

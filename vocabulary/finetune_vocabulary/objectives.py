@@ -94,3 +94,25 @@ def default_primary(objective: str) -> str | None:
 def objective_of_metric(metric: str) -> tuple[str, ...]:
     """The objectives that measure `metric` (empty for a metric every objective measures)."""
     return tuple(o for o, names in OBJECTIVE_METRICS.items() if metric in names)
+
+
+# TRL 1.16's GRPOConfig.num_generations, which the trainer leaves in place when numGenerations is unset
+# (tests/trainer checks the two agree); the operator needs it for the GPU-hour estimate.
+TRL_DEFAULT_NUM_GENERATIONS = 8
+
+
+def compute_factor(objective: str, num_generations: int | None = None) -> float:
+    """Training compute per counted token, relative to SFT (the GPU-hour estimate's multiplier; rough).
+
+    Units: a forward pass 1, a forward + backward 3. validate counts each example once (dpo: the prompt and
+    the longer side; grpo: the prompt and the completion budget). dpo runs chosen and rejected through the
+    policy (3 + 3) and the reference (1 + 1); kto one completion through the policy (3), the reference (1)
+    and a mismatched KL pair through both (1 + 1); grpo samples numGenerations completions per prompt,
+    decoding them (about a forward + backward's cost, token by token) and training on them (3)."""
+    if objective == "dpo":
+        return 8 / 3
+    if objective == "kto":
+        return 2.0
+    if objective == "grpo":
+        return 2.0 * (num_generations or TRL_DEFAULT_NUM_GENERATIONS)
+    return 1.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from finetune_vocabulary import steps
+from finetune_vocabulary import objectives, steps
 
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.finetunejob_status import Stage
@@ -18,7 +18,8 @@ GPU_STAGES = (Stage.TRAIN, Stage.EVALUATE, Stage.EXPORT)
 
 
 def gpu_hours_estimate(spec: FineTuneJobSpec, dataset: Mapping[str, Any], config: OperatorConfig) -> float:
-    """Train tokens x epochs / the GPU type's tokens per second, in GPU-hours (0 for CPU-only runs)."""
+    """Train tokens x epochs x the objective's compute factor / the GPU type's tokens per second, in GPU-hours
+    (0 for CPU-only runs)."""
     gpus = spec.resources.gpus
     if gpus == 0:
         return 0.0
@@ -36,6 +37,7 @@ def gpu_hours_estimate(spec: FineTuneJobSpec, dataset: Mapping[str, Any], config
             * hyper.max_seq_length
         )
         tokens = min(tokens, float(hyper.max_steps) * per_step)
+    tokens *= objectives.compute_factor(spec.objective, hyper.num_generations)
     # Data parallel: each GPU processes tokensPerSecond, so GPU-hours do not depend on the GPU count (nodes x
     # gpus GPUs finish that many times sooner).
     return round(tokens / tokens_per_second / 3600, 3)
