@@ -505,7 +505,7 @@ def test_grpo_budgets_trls_default_completion_length_when_unset() -> None:
 
 
 def test_the_operators_grpo_generation_default_is_trls() -> None:
-    """The GPU-hour estimate multiplies by numGenerations; unset, the trainer leaves TRL's default in place."""
+    """The GPU-hour estimate multiplies by numGenerations; unset, the trainer keeps TRL's default."""
     import dataclasses
 
     from finetune_vocabulary.objectives import TRL_DEFAULT_NUM_GENERATIONS
