@@ -20,9 +20,7 @@ figures; targets: accuracy within 0.02, held-out DPO loss within 2 %.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
 import time
 from pathlib import Path
@@ -121,29 +119,22 @@ def score(model: Any, tokenizer: Any, test: list[dict[str, Any]]) -> dict[str, f
 
 
 def run_ours(base: Path, work: Path) -> dict[str, Any]:
-    from finetune_trainer import manifest, modeling, train
-    from finetune_trainer.config import parse_config
+    from bench_quality import stage_config
+    from finetune_trainer import modeling, train
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     train_rows, test_rows = preference_task()
-    data, prefix = work / "data", work / "run"
-    data.mkdir(parents=True)
-    for name, rows in (("train.jsonl", train_rows), ("test.jsonl", test_rows)):
-        (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest.commit_dir(data, str(prefix / "data"), kind="dataset")
-    os.environ["FTJ_WORKDIR"] = str(work / "scratch")
-    spec = {
-        "baseModel": {"uri": str(base)},
-        "dataset": {"train": "bench://train.jsonl"},
-        "objective": "dpo",
-        "method": "lora",
-        "lora": LORA,
-        "hyperparameters": {**HYPERPARAMETERS, "seed": SEED, "beta": BETA},
-        "checkpoint": {"everySteps": 100000, "everyMinutes": 100000},
-        "resources": {"gpus": 0},
-    }
-    result = train.run(parse_config({"runPrefix": str(prefix), "spec": spec}))
+    config, prefix = stage_config(
+        base,
+        work,
+        train_rows,
+        test_rows,
+        objective="dpo",
+        lora=LORA,
+        hyperparameters={**HYPERPARAMETERS, "seed": SEED, "beta": BETA},
+    )
+    result = train.run(config)
     model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(base), str(prefix / "model" / "adapter")
     )

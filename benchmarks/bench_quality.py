@@ -246,13 +246,14 @@ class ProgressRecorder:
         return (last[2] - first[2]) / (last[0] - first[0])
 
 
-def run_ours(base: Path, task: Task, seed: int, work: Path) -> dict[str, Any]:
-    from finetune_trainer import manifest, modeling, train
+def stage_config(
+    base: Path, work: Path, train_rows: list[dict[str, Any]], test_rows: list[dict[str, Any]], **fields: Any
+) -> tuple[Any, Path]:
+    """The splits committed under a run prefix as validate commits them, and the train stage's config (LoRA
+    on CPU, no checkpoints; ``fields`` add to the spec): what ``train.run`` reads in the training Job."""
+    from finetune_trainer import manifest
     from finetune_trainer.config import parse_config
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    train_rows, test_rows = task.rows()
     data, prefix = work / "data", work / "run"
     data.mkdir(parents=True)
     for name, rows in (("train.jsonl", train_rows), ("test.jsonl", test_rows)):
@@ -263,14 +264,30 @@ def run_ours(base: Path, task: Task, seed: int, work: Path) -> dict[str, Any]:
         "baseModel": {"uri": str(base)},
         "dataset": {"train": "bench://train.jsonl"},
         "method": "lora",
-        "lora": task.lora,
-        "hyperparameters": {**task.hyperparameters, "seed": seed},
         "checkpoint": {"everySteps": 100000, "everyMinutes": 100000},
         "resources": {"gpus": 0},
-        "evaluation": {"maxNewTokens": task.max_new_tokens},
+        **fields,
     }
+    return parse_config({"runPrefix": str(prefix), "spec": spec}), prefix
+
+
+def run_ours(base: Path, task: Task, seed: int, work: Path) -> dict[str, Any]:
+    from finetune_trainer import modeling, train
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    train_rows, test_rows = task.rows()
+    config, prefix = stage_config(
+        base,
+        work,
+        train_rows,
+        test_rows,
+        lora=task.lora,
+        hyperparameters={**task.hyperparameters, "seed": seed},
+        evaluation={"maxNewTokens": task.max_new_tokens},
+    )
     with ProgressRecorder() as recorder:
-        result = train.run(parse_config({"runPrefix": str(prefix), "spec": spec}))
+        result = train.run(config)
     metrics = json.loads((prefix / "train" / "metrics.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(base)
     model = PeftModel.from_pretrained(model, str(prefix / "model" / "adapter"))
