@@ -101,6 +101,7 @@ def vllm_servers(
         "4",
         "--distributed-executor-backend",
         "uni",
+        "--enforce-eager",  # as the e2e servers: no torch.compile warm-up (~50 s each) for a tiny model
     ]
     local = lora_pipeline["local"]
     ports = {"adapter": _free_port(), "merged": _free_port()}
