@@ -243,15 +243,10 @@ def with_fsdp_on_cpu(cls: type) -> type:
 # --- figures ------------------------------------------------------------------------------------------------
 
 
-def figures_map(objective: str) -> dict[str, str]:
-    """Progress key -> TRL log key for the objective's own figures (empty for sft)."""
-    return dict(PROGRESS_FIGURES.get(objective, {}))
-
-
 def last_figures(objective: str, log_history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """The last logged value of each of the objective's figures (the train summary's ``figures``)."""
     out: dict[str, float] = {}
-    for key, trl_key in figures_map(objective).items():
+    for key, trl_key in PROGRESS_FIGURES.get(objective, {}).items():
         values = [e[trl_key] for e in log_history if isinstance(e.get(trl_key), int | float)]
         values = [float(v) for v in values if math.isfinite(v)]
         if values:

@@ -37,6 +37,8 @@ from . import egress, manifest, storage
 from .config import MlflowTracking, TrainerConfig
 
 log = logging.getLogger(__name__)
+# TRL log keys of the objectives' own figures (finetune_vocabulary.objectives), forwarded to MLflow
+OBJECTIVE_LOG_KEYS = frozenset(k for figures in PROGRESS_FIGURES.values() for k in figures.values())
 
 JOB_UID_TAG = "finetune.job_uid"
 # MLflow client HTTP behaviour (mlflow.environment_variables), unless the pod's environment says otherwise.
@@ -550,9 +552,6 @@ def step_metrics(logs: Mapping[str, Any], tokens_per_second: float | None) -> di
     if tokens_per_second is not None and "train_loss" in out:  # a logging step, not the final summary
         out["tokens_per_second"] = tokens_per_second
     return {k: v for k, v in out.items() if math.isfinite(v)}
-
-
-OBJECTIVE_LOG_KEYS = frozenset(k for figures in PROGRESS_FIGURES.values() for k in figures.values())
 
 
 def _metric_name(key: str) -> str:

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from finetune_vocabulary.objectives import PROGRESS_FIGURES
+
 from . import batching, manifest, modeling, objectives, plots, storage, tracking
 from .checkpoints import CheckpointCallback, resume_checkpoint, without_fsdp
 from .config import TrainerConfig
@@ -162,7 +164,7 @@ def watch_training(
         batching_info["examplesPerStep"],
         batching.total_steps(len(trainer.train_dataset), hp, ranks_n),
     )
-    figures = objectives.figures_map(spec.objective)
+    figures = PROGRESS_FIGURES.get(spec.objective, {})  # progress key -> TRL log key
     trainer.add_callback(ProgressCallback(tokens_seen, context=batching_info, figures=figures))
     tracker = tracking.Tracker.open(config, enabled=main_process)
     tracker.log_params(
