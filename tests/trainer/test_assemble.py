@@ -396,6 +396,7 @@ def test_without_capture_the_base_is_cleaned_and_written(
         ({"capture": {"model": "../other"}}, "assemble.capture.model"),
         ({"output": "s3://bucket/a/../b/train.jsonl"}, "assemble.output"),
         ({"capture": {"minRating": 2}}, "assemble.capture.minRating"),
+        ({"capture": {"redact": ["email", "ssn"]}}, "assemble.capture.redact: unknown redactor ssn"),
         ({"since": "2026-12-07T00:00:00Z"}, "assemble.since"),
     ],
 )

@@ -594,9 +594,6 @@ class TrainerConfig(_Section):
         return record
 
 
-Redactor = Literal["email", "phone", "creditCard"]  # finetune_vocabulary.capture.REDACTOR_NAMES
-
-
 def _writable_uri(value: str) -> str:
     if not value or value.startswith("hf://") or value.endswith("/"):
         raise ValueError("must be a writable file location (s3://, pvc:// or a local path)")
@@ -619,7 +616,7 @@ class CaptureSource(_Section):
     # the ModelServer's model-name rule (a path segment here: no "/" or "..")
     model: str = Field(pattern=r"^[a-z0-9](?:[-a-z0-9]*[a-z0-9])?$", max_length=48, description="Stable name")
     min_rating: Literal[-1, 0, 1] = Field(1, description="Keep chats rated at least this (unrated: 0)")
-    redact: list[Redactor] = Field(default_factory=lambda: list(REDACTOR_NAMES))
+    redact: list[str] = Field(default_factory=lambda: list(REDACTOR_NAMES), description="REDACTOR_NAMES")
 
     @field_validator("prefix")
     @classmethod
@@ -627,6 +624,13 @@ class CaptureSource(_Section):
         if ".." in value.split("/") or value.startswith("hf://"):
             raise ValueError("must be an s3://, pvc:// or local prefix without '..' segments")
         return value.rstrip("/")
+
+    @field_validator("redact")
+    @classmethod
+    def _known_redactors(cls, names: list[str]) -> list[str]:
+        if unknown := [name for name in names if name not in REDACTOR_NAMES]:
+            raise ValueError(f"unknown redactor {', '.join(unknown)} (known: {', '.join(REDACTOR_NAMES)})")
+        return names
 
 
 class AssembleSpec(_Section):
