@@ -20,6 +20,7 @@ Records are written in the objective's canonical form (formats.CANONICAL_FORMAT)
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections.abc import Iterable
@@ -112,8 +113,6 @@ def _fetch(uri: str, field_name: str) -> bytes:
 def read_dataset(data: bytes, name: str, spec: AssembleSpec, role: str) -> list[dict[str, Any]]:
     """A base or test file in the objective's canonical form, read by validate's parser (any format it
     accepts); an invalid line is INVALID_DATA naming the file and line."""
-    import io
-
     findings = Findings()
     parsed = parse_file(
         read_lines(io.BytesIO(data), spec.max_line_bytes),
