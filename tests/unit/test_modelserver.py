@@ -321,3 +321,45 @@ def test_the_redactor_names_are_the_vocabularys() -> None:
     from finetune_vocabulary.capture import REDACTOR_NAMES
 
     assert get_args(Redactor) == REDACTOR_NAMES
+
+
+def test_the_router_may_capture_only_under_the_pools_sources_and_knows_its_pod_name() -> None:
+    server = pool(adapterSources=["s3://runs/team-a"], captureDestinations=["s3://capture/team-a"])
+    router = containers(pool_deployment(server, CONFIG))["adapter-router"]
+    args = router["args"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--capture-destination"] == [
+        "s3://runs/team-a",
+        "s3://capture/team-a",
+    ]
+    assert "--fault-injection" not in args  # chaos testing is off unless the operator config says so
+    env = {e["name"]: e for e in router["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_fault_injection_follows_the_operator_config() -> None:
+    chaos = load_config(env={"FTO_ROUTER_FAULT_INJECTION": "true"})
+    assert chaos.router.fault_injection and not CONFIG.router.fault_injection
+    args = containers(pool_deployment(pool(), chaos))["adapter-router"]["args"]
+    assert "--fault-injection" in args
+
+
+def test_the_state_carries_capture_under_the_pools_own_prefix_only_when_on() -> None:
+    from finetune_operator.modelserver.builders import capture_state
+
+    assert capture_state(pool()) is None
+    assert "capture" not in desired_state({"bot-v1": "s3://runs/a"}, {"bot": "bot-v1"}, None, None)
+    server = pool(capture={"destination": "s3://runs/capture/", "sampleRate": 0.5, "redact": ["email"]})
+    assert capture_state(server) == {
+        "prefix": "s3://runs/capture/team-a/shared",
+        "sampleRate": 0.5,
+        "redact": ["email"],
+        "flushSeconds": 60,
+    }
+    state = desired_state(
+        {"bot-v1": "s3://runs/a", "bot-v2": "s3://runs/b"},
+        {"bot": "bot-v1"},
+        {"bot": {"bot-v2": 10, "bot-v1": 90}},
+        capture_state(server),
+    )
+    assert state["weights"] == {"bot": {"bot-v1": 90, "bot-v2": 10}}
+    assert state["capture"]["prefix"] == "s3://runs/capture/team-a/shared"
