@@ -8,6 +8,7 @@ promoted (or pinned) version. docs/serving.md says how.
 
 from __future__ import annotations
 
+import itertools
 import re
 from typing import Annotated, Any, Literal
 
@@ -119,7 +120,7 @@ class RolloutSpec(SpecModel):
     @field_validator("steps")
     @classmethod
     def _increasing(cls, steps: list[int]) -> list[int]:
-        if any(a >= b for a, b in zip(steps, steps[1:], strict=False)):
+        if any(a >= b for a, b in itertools.pairwise(steps)):
             raise ValueError(STEPS_INCREASING)
         return steps
 
@@ -139,7 +140,9 @@ class ModelPolicy(SpecModel):
     )
 
 
-Redactor = Literal["email", "phone", "creditCard"]  # finetune_vocabulary.capture.REDACTOR_NAMES (a test holds it)
+Redactor = Literal[
+    "email", "phone", "creditCard"
+]  # finetune_vocabulary.capture.REDACTOR_NAMES (a test holds it)
 
 
 class CaptureSpec(SpecModel):
@@ -365,6 +368,9 @@ class RolloutStatus(StatusModel):
     version: int = Field(ge=1, le=1_000_000, description="The challenger: n of <modelName>-v<n>.")
     name: str = Field(max_length=64, description="The challenger's versioned name.")
     champion: int | None = Field(default=None, description="The version it is compared against.")
+    champion_name: str | None = Field(
+        default=None, max_length=64, description="The champion's versioned name."
+    )
     state: Literal["Progressing", "Completed", "RolledBack"]
     step: int = Field(ge=1, le=16, description="1-based index into steps; the challenger has steps[step-1]%.")
     steps: list[int] = Field(default_factory=list, max_length=16)

@@ -122,7 +122,10 @@ def desired_state(
 ) -> dict[str, Any]:
     """What every replica should hold: versioned name → adapter URI, stable name → versioned name, the
     canary weights of stable names in a rollout and the capture settings (both only when there are any)."""
-    state: dict[str, Any] = {"adapters": dict(sorted(adapters.items())), "routes": dict(sorted(routes.items()))}
+    state: dict[str, Any] = {
+        "adapters": dict(sorted(adapters.items())),
+        "routes": dict(sorted(routes.items())),
+    }
     if weights:
         state["weights"] = {m: dict(sorted(w.items())) for m, w in sorted(weights.items())}
     if capture:
