@@ -218,3 +218,20 @@ def test_capture_counters_are_summed_over_the_replicas_and_capture_goes_in_the_s
     assert (
         plan_pool(observe([job("a")], status, replicas=replicas, pods=PODS), CONFIG).status["capture"] is None
     )
+
+
+def test_turning_capture_on_pushes_the_state_to_every_ready_pod() -> None:
+    """A router's GET /state does not echo capture settings: a changed ConfigMap is pushed to every pod."""
+    from finetune_operator.modelserver.builders import state_configmap
+
+    status = champion_serving()
+    replicas = {pod: report(None, {}, "bot-v1") | {"loaded": {"bot-v1": "x"}} for pod in ("p1", "p2")}
+    before = observe([job("a")], status, replicas=replicas, pods=PODS, models=MODELS)
+    same = plan_pool(before, CONFIG)
+    in_sync = type(before)(**{**before.__dict__, "configmap": state_configmap(before.pool, same.state)})
+    assert plan_pool(in_sync, CONFIG).push == {}
+    capture = {"destination": "s3://runs/capture"}
+    on = observe([job("a")], status, replicas=replicas, pods=PODS, models=MODELS, capture=capture)
+    on = type(on)(**{**on.__dict__, "configmap": in_sync.configmap})
+    plan = plan_pool(on, CONFIG)
+    assert set(plan.push) == {"p1", "p2"} and plan.state["capture"]["sampleRate"] == 0.1
