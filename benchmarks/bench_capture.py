@@ -4,7 +4,7 @@ The adapter router runs in this process in front of a stub engine (instant JSON 
 process); 50 concurrent clients (keep-alive connections, their own process so they do not share the
 router's interpreter lock) send N chat completions with capture off, then N with capture on (sampleRate 1.0,
 flushSeconds 1, redaction of all three kinds, written to a moto S3 server in its own process, as the trainer
-tests do). Prints
+tests do), in 5 rounds of off-then-on so the machine's other load falls on both alike. Prints
 
     capture latency: off p50 X ms p99 Y ms | on p50 X ms p99 Y ms (N requests, 50 concurrent)
 
@@ -190,6 +190,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000, help="requests per phase (off, then on)")
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="off/on alternations the requests are split over"
+    )
     args = parser.parse_args()
 
     from finetune_trainer.adapter_router import Proxy, PublicServer, Router, Vllm, proxy_handler
@@ -222,11 +225,17 @@ def main() -> int:
         state = {"adapters": {"bot-v1": f"s3://{BUCKET}/adapters/v1"}, "routes": {"bot": "bot-v1"}}
         router.apply_state(router.check(state))
         measure(port, min(args.requests, 1000), args.clients)  # warm-up: connections, caches
-        off = measure(port, args.requests, args.clients)
         capture = {"prefix": f"{destination}/bench/pool", "sampleRate": 1.0, "flushSeconds": 1}
-        router.apply_state(router.check({**state, "capture": capture}))
         spent = time_request_path(Proxy, router.capture)
-        on = measure(port, args.requests, args.clients)
+        off: list[float] = []
+        on: list[float] = []
+        # Off then on, in rounds: the machine's other load drifts, and must fall on both phases alike.
+        for index in range(args.rounds):
+            share = args.requests // args.rounds + (index < args.requests % args.rounds)
+            router.apply_state(router.check(state))
+            off += measure(port, share, args.clients)
+            router.apply_state(router.check({**state, "capture": capture}))
+            on += measure(port, share, args.clients)
         stop.set()
         writer.join(60)
         counters = router.capture.counters()
