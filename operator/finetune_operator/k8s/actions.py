@@ -42,6 +42,7 @@ def diff_status(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any
     return patch
 
 
+
 def spec_hash_of(manifest: Mapping[str, Any]) -> Any:
     """The spec hash a built (or observed) child carries in its annotations."""
     return ((manifest.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_SPEC_HASH)

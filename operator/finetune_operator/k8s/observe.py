@@ -26,6 +26,10 @@ WAITING_TEXT_LIMIT = 500
 TERMINATION_TEXT_LIMIT = 400
 
 
+
+
+
+
 @dataclass(frozen=True)
 class PodProblem:
     reason: Reason
@@ -59,6 +63,18 @@ def finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
+
+
+
+
+
+
+
+
+
+
+
+
 
 
 def pod_text(text: str, limit: int, *, tail: bool = False) -> str:
