@@ -156,7 +156,7 @@ def test_not_due_creates_nothing_and_wakes_at_the_next_fire_time() -> None:
     status = {"lastScheduleTime": "2026-12-07T03:00:00Z"}
     planned = plan(observe(status=status, now=NOW + timedelta(hours=1)))
     assert planned.create == []
-    assert planned.requeue_at == NOW + timedelta(hours=1, minutes=10)  # the resync: the next run is a week off
+    assert planned.requeue_at == NOW + timedelta(hours=1, minutes=10)  # resync: next run in a week
 
 
 def test_next_wake_is_the_fire_time_when_it_comes_first() -> None:
