@@ -13,7 +13,12 @@ from finetune_vocabulary.capture import capture_prefix
 from finetune_vocabulary.labels import API_GROUP
 from pydantic import ValidationError
 
-from finetune_operator.api.finetunejob import API_VERSION, FineTuneJobSpec, spec_to_dict
+from finetune_operator.api.finetunejob import (
+    ANNOTATION_DATASET_SOURCES,
+    API_VERSION,
+    FineTuneJobSpec,
+    spec_to_dict,
+)
 from finetune_operator.api.finetunejob import KIND as JOB_KIND
 from finetune_operator.api.finetuneschedule import KIND, FineTuneScheduleSpec
 from finetune_operator.api.schema import SpecError, field_errors
@@ -46,7 +51,7 @@ ANNOTATION_RUN = f"{API_GROUP}/schedule-run"  # n of the run
 ANNOTATION_PURPOSE = f"{API_GROUP}/schedule-purpose"  # data Job: cron | trigger
 ANNOTATION_SINCE = f"{API_GROUP}/since"
 ANNOTATION_UNTIL = f"{API_GROUP}/until"
-ANNOTATION_SOURCES = f"{API_GROUP}/dataset-sources"  # JSON of the assembly's `examples` (contract §4)
+ANNOTATION_SOURCES = ANNOTATION_DATASET_SOURCES  # JSON of the assembly's `examples` (contract §4)
 PLACEHOLDER_TRAIN = "train.jsonl"
 FINETUNESCHEDULE = OwnerKind(
     API_VERSION, KIND, app="finetuneschedule", uid_label=LABEL_SCHEDULE_UID, name_lead="s"
