@@ -36,6 +36,7 @@ import http.client
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import sys
@@ -43,9 +44,24 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from finetune_vocabulary.capture import CONVERSATION_HEADER, VERSION_HEADER
+
+from .router_canary import Canary, CanaryError, Faults, check_weights
+from .router_capture import (
+    MAX_CAPTURED_BYTES,
+    Capture,
+    CaptureConfig,
+    CaptureError,
+    Chat,
+    Feedback,
+    check_capture,
+    check_feedback,
+)
 
 log = logging.getLogger("finetune_trainer.adapter_router")
 
@@ -59,6 +75,7 @@ PUBLIC_ROUTES: Mapping[str, frozenset[str]] = {
     "/v1/chat/completions": frozenset({"POST"}),
     "/v1/completions": frozenset({"POST"}),
     "/v1/embeddings": frozenset({"POST"}),
+    "/v1/feedback": frozenset({"POST"}),  # answered by the router (capture), never forwarded
     "/tokenize": frozenset({"POST"}),
     "/detokenize": frozenset({"POST"}),
     "/v1/models": frozenset({"GET"}),
@@ -130,6 +147,65 @@ def check_state(document: Any, sources: Sequence[str]) -> tuple[dict[str, str], 
         if not isinstance(target, str) or target not in adapters:
             raise StateError(f"routes.{model}: {target!r} is not among the adapters")
     return dict(adapters), dict(routes)
+
+
+@dataclass(frozen=True)
+class State:
+    """A checked desired-state document."""
+
+    adapters: dict[str, str]
+    routes: dict[str, str]
+    weights: dict[str, dict[str, int]]
+    capture: CaptureConfig | None
+
+
+def check_document(document: Any, sources: Sequence[str], destinations: Sequence[str] = ()) -> State:
+    """The whole desired state (adapters, routes, weights, capture); StateError naming the bad entry.
+    Capture prefixes must lie under `destinations` (none given: capture is refused)."""
+    adapters, routes = check_state(document, sources)
+    try:
+        weights = check_weights(document.get("weights"), adapters, routes)
+        capture = check_capture(document.get("capture"), list(destinations))
+    except (CanaryError, CaptureError) as exc:
+        raise StateError(str(exc)) from None
+    return State(adapters, routes, weights, capture)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Where one request goes: the body as forwarded, the model it names, the stable name when it is one
+    (with its route, the champion), and the versioned name it is sent to."""
+
+    body: bytes
+    model: str | None = None
+    stable: str | None = None
+    version: str | None = None
+    champion: str | None = None
+    document: dict[str, Any] | None = None
+
+    def to(self, version: str) -> Routed:
+        assert self.document is not None
+        return replace(self, version=version, body=json.dumps({**self.document, "model": version}).encode())
+
+
+def route_request(
+    body: bytes, routes: Mapping[str, str], canary: Canary | None = None, conversation: str | None = None
+) -> Routed:
+    """A request routed: a stable name goes to its weighted pick (sticky by the body's `user`, else the
+    conversation header), or to its route when it has no weights."""
+    try:
+        document = json.loads(body) if body else None
+    except ValueError:  # not JSON: vLLM answers it
+        return Routed(body)
+    if not isinstance(document, dict) or not isinstance(model := document.get("model"), str):
+        return Routed(body)
+    if model not in routes:
+        return Routed(body, model, version=model)
+    user = document.get("user")
+    key = user if isinstance(user, str) and user else conversation
+    version = canary.choose(model, routes[model], key) if canary is not None else routes[model]
+    routed = Routed(body, model, model, routes[model], routes[model], document)
+    return routed.to(version)
 
 
 def route_body(body: bytes, routes: Mapping[str, str]) -> tuple[bytes, str | None]:
@@ -249,10 +325,21 @@ class Router:
     """What is loaded and where each stable name goes; mutations are serialised by one lock."""
 
     def __init__(
-        self, vllm: Vllm, adapters_dir: Path, fetch: Any = fetch_adapter, sources: Sequence[str] = ()
+        self,
+        vllm: Vllm,
+        adapters_dir: Path,
+        fetch: Any = fetch_adapter,
+        sources: Sequence[str] = (),
+        destinations: Sequence[str] = (),
+        faults: Faults | None = None,
+        capture: Capture | None = None,
     ) -> None:
         self.vllm = vllm
         self.sources = tuple(sources)  # the only prefixes adapters may come from
+        self.destinations = tuple(destinations)  # the only prefixes capture may write under
+        self.canary = Canary()
+        self.faults = faults or Faults(enabled=False)
+        self.capture = capture or Capture()
         self.adapters_dir = adapters_dir
         self.fetch = fetch
         self.loaded: dict[str, str] = {}
@@ -268,11 +355,28 @@ class Router:
             "loaded": dict(self.loaded),
             "routes": dict(self.routes),
             "reloads": self.reloads,
+            "weights": {m: dict(split) for m, split in self.canary.weights.items()},
+            "stats": self.canary.report(),
+            "capture": self.capture.counters(),
             **({"error": self.error} if self.error else {}),
         }
 
-    def apply(self, adapters: Mapping[str, str], routes: Mapping[str, str]) -> dict[str, Any]:
-        """Load what is missing, switch the routes, unload what is not listed; the seconds each load took."""
+    def check(self, document: Any) -> State:
+        return check_document(document, self.sources, self.destinations)
+
+    def apply_state(self, state: State) -> dict[str, Any]:
+        """apply() plus the weights (after the routes switch, before anything is unloaded) and capture."""
+        return self.apply(state.adapters, state.routes, state.weights, state.capture)
+
+    def apply(
+        self,
+        adapters: Mapping[str, str],
+        routes: Mapping[str, str],
+        weights: Mapping[str, Mapping[str, int]] | None = None,
+        capture: CaptureConfig | None = None,
+    ) -> dict[str, Any]:
+        """Load what is missing, switch the routes and weights, unload what is not listed; the seconds each
+        load took."""
         timings: dict[str, float] = {}
         with self.lock:
             for name, uri in sorted(adapters.items()):
@@ -288,6 +392,8 @@ class Router:
                 timings[name] = round(time.monotonic() - began, 3)
                 log.info("loaded %s from %s in %.2fs", name, uri, timings[name])
             self.routes = dict(routes)
+            self.canary.set_weights(weights or {})
+            self.capture.configure(capture)
             for name in sorted(set(self.loaded) - set(adapters)):
                 self.vllm.unload(name)
                 del self.loaded[name]
@@ -303,16 +409,15 @@ class Router:
                 self.error = "vLLM did not become healthy"
                 return
             time.sleep(1)
-        adapters: dict[str, str] = {}
-        routes: dict[str, str] = {}
+        state = State({}, {}, {}, None)
         if state_file is not None and state_file.exists():
             try:
-                adapters, routes = check_state(json.loads(state_file.read_text() or "{}"), self.sources)
+                state = self.check(json.loads(state_file.read_text() or "{}"))
             except (ValueError, StateError) as exc:
                 log.error("ignoring %s: %s", state_file, exc)
         while True:
             try:
-                self.apply(adapters, routes)
+                self.apply_state(state)
                 break
             except Exception as exc:  # retried: storage or vLLM may be briefly unavailable
                 self.error = str(exc)[:500]
@@ -362,6 +467,15 @@ def _send(
     handler.wfile.write(body)
 
 
+def _send_text(handler: BaseHTTPRequestHandler, status: int, text: str, content_type: str) -> None:
+    body = text.encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
 def _read_body(handler: BaseHTTPRequestHandler, limit: int = MAX_BODY) -> bytes:
     try:
         length = int(handler.headers.get("Content-Length") or 0)
@@ -384,16 +498,24 @@ def admin_handler(router: Router) -> type[BaseHTTPRequestHandler]:
                 _send(self, 200 if router.ready and router.vllm.healthy() else 503, router.state())
             elif self.path in ("/state", "/healthz"):
                 _send(self, 200, router.state())
+            elif self.path == "/metrics":
+                text = "\n".join(router.canary.prometheus() + router.capture.prometheus()) + "\n"
+                _send_text(self, 200, text, "text/plain; version=0.0.4; charset=utf-8")
+            elif self.path == "/faults" and router.faults.enabled:
+                _send(self, 200, router.faults.table)
             else:
                 _send(self, 404, {"error": "not found"})
 
         def do_PUT(self) -> None:
+            if self.path == "/faults" and router.faults.enabled:
+                self.put_faults()
+                return
             if self.path != "/state":
                 _send(self, 404, {"error": "not found"})
                 return
             try:
                 body = _read_body(self, MAX_STATE_BODY)
-                adapters, routes = check_state(json.loads(body or b"{}"), router.sources)
+                state = router.check(json.loads(body or b"{}"))
             except (ValueError, StateError) as exc:
                 self.close_connection = True  # an unread body must not be parsed as the next request
                 _send(self, 400, {"error": str(exc)})
@@ -402,21 +524,36 @@ def admin_handler(router: Router) -> type[BaseHTTPRequestHandler]:
                 _send(self, 409, {"error": "the initial sync has not finished", **router.state()})
                 return
             try:
-                _send(self, 200, router.apply(adapters, routes))
+                _send(self, 200, router.apply_state(state))
             except Exception as exc:
                 log.warning("applying the state failed: %s", exc)
                 _send(self, 502, {"error": str(exc)[:500], **router.state()})
+
+        def put_faults(self) -> None:
+            """Chaos tests (--fault-injection only): replace the fault table."""
+            try:
+                _send(self, 200, router.faults.replace(json.loads(_read_body(self, MAX_STATE_BODY) or b"{}")))
+            except (ValueError, StateError) as exc:
+                self.close_connection = True
+                _send(self, 400, {"error": str(exc)})
 
     return Admin
 
 
 def _refuse(
-    handler: BaseHTTPRequestHandler, status: int, message: str, kind: str, code: str, unread: int = 0
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    message: str,
+    kind: str,
+    code: str,
+    unread: int = 0,
+    extra: Mapping[str, str] | None = None,
 ) -> None:
     """An OpenAI-style error. With `unread` body bytes left (or a 503) the connection closes, after the body
     is drained (up to MAX_DRAIN), so the client reads this answer rather than a reset."""
     close = bool(unread) or status >= 500 or handler.close_connection
     headers = {"Connection": "close", **({"Retry-After": "1"} if status == 503 else {})} if close else {}
+    headers.update(extra or {})
     _send(
         handler, status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers
     )
@@ -528,6 +665,9 @@ class Proxy(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     timeout = IDLE_SECONDS
+    # Headers and body go out in separate writes: with Nagle on, the body waits for the client's delayed
+    # ACK (~40 ms per keep-alive answer).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("proxy: " + format, *args)
@@ -561,19 +701,81 @@ class Proxy(BaseHTTPRequestHandler):
             _refuse(self, 503, message, "server_error", "overloaded", size)
             return
         try:
-            body, model = route_body(self.rfile.read(size), self.router.routes)
-            answer = self.upstream(path, body, model)
+            body = self.rfile.read(size)
+            if path == "/v1/feedback":
+                self.feedback(body)
+                return
+            conversation = self.headers.get(CONVERSATION_HEADER)
+            routed = route_request(body, self.router.routes, self.router.canary, conversation)
+            sample = self.sample(path, routed, body)
             del body
+            forwarded = self.forward(path, routed)
         finally:
             self.budget.give(size)
-        if answer is not None:
-            try:
-                self.relay(answer[1])
-            except OSError as exc:  # the client or vLLM went away mid-answer
-                log.info("relaying %s ended early: %s", path, exc)
-                self.close_connection = True
-            finally:
-                answer[0].close()
+        if forwarded is not None:
+            self.answer(path, *forwarded, sample)
+
+    def answer(
+        self,
+        path: str,
+        answer: Answer,
+        routed: Routed,
+        latency: float,
+        sample: tuple[CaptureConfig, bytes] | None,
+    ) -> None:
+        """Relay the engine's answer (teeing it when the chat is sampled for capture) and enqueue the chat."""
+        capturing = sample is not None and 200 <= answer[1].status < 300
+        tee: bytearray | None = bytearray() if capturing else None
+        try:
+            tee = self.relay(answer[1], routed.version, tee)
+        except OSError as exc:  # the client or vLLM went away mid-answer
+            log.info("relaying %s ended early: %s", path, exc)
+            self.close_connection = True
+            tee = None
+        finally:
+            answer[0].close()
+        if sample is None or not capturing:
+            return
+        if tee is None:
+            self.router.capture.drop()
+            return
+        streamed = "text/event-stream" in (answer[1].getheader("Content-Type") or "")
+        config, request = sample
+        assert routed.stable is not None and routed.version is not None
+        chat = Chat(config, routed.stable, routed.version, latency * 1000, request, bytes(tee), streamed)
+        self.router.capture.offer(chat)
+
+    def sample(self, path: str, routed: Routed, body: bytes) -> tuple[CaptureConfig, bytes] | None:
+        """(the capture config, the request body) when this chat of a stable name is sampled for capture."""
+        if path != "/v1/chat/completions" or routed.stable is None:
+            return None
+        config = self.router.capture.sampled(random.random())
+        if config is None:
+            return None
+        if len(body) > MAX_CAPTURED_BYTES:
+            self.router.capture.drop()
+            return None
+        return config, body
+
+    def feedback(self, body: bytes) -> None:
+        """`POST /v1/feedback`: checked, then queued for the capture writer (filed beside the chats)."""
+        config = self.router.capture.config
+        if config is None:
+            message = "feedback needs capture on for this ModelServer (spec.capture)"
+            _refuse(self, 404, message, "invalid_request_error", "capture_off")
+            return
+        try:
+            document = check_feedback(json.loads(body))
+        except CaptureError as exc:
+            _refuse(self, 400, str(exc), "invalid_request_error", "invalid_feedback")
+            return
+        except ValueError:
+            _refuse(self, 400, "the body is not JSON", "invalid_request_error", "invalid_feedback")
+            return
+        if not self.router.capture.offer(Feedback(config, document)):
+            _refuse(self, 503, "the capture queue is full; retry", "server_error", "overloaded")
+            return
+        _send(self, 200, {"id": document["id"], "object": "feedback", "recorded": True})
 
     def body_size(self) -> int | None:
         """The request body's length, or None after refusing it (chunked, bad or over MAX_BODY)."""
@@ -595,40 +797,83 @@ class Proxy(BaseHTTPRequestHandler):
             return None
         return size
 
-    def upstream(self, path: str, body: bytes, model: str | None) -> Answer | None:
-        """vLLM's answer to the request (normalised path, routed body); a 404 for a version this router
-        loaded makes it load what vLLM lost and ask once more. None after answering 502 itself."""
+    def forward(self, path: str, routed: Routed) -> tuple[Answer, Routed, float] | None:
+        """The engine's answer to the request, with where it went and its latency (seconds to the response
+        headers). A version other than the stable name's route that fails (>= 500, no answer, an injected
+        fault) is counted and the request asked once more of the route (the champion). None after the router
+        answered itself (a fault, or 502)."""
+        began = time.monotonic()
+        outcome = self.attempt(path, routed)
+        if _failed(outcome) and routed.stable and routed.champion and routed.version != routed.champion:
+            self.count(routed, outcome, time.monotonic() - began)
+            if isinstance(outcome, tuple):
+                outcome[0].close()
+            log.info("%s failed (%s); asking %s", routed.version, _code(outcome), routed.champion)
+            routed = routed.to(routed.champion)
+            began = time.monotonic()
+            outcome = self.attempt(path, routed)
+        latency = time.monotonic() - began
+        self.count(routed, outcome, latency)
+        extra = {VERSION_HEADER: routed.version} if routed.version else {}
+        if isinstance(outcome, int):
+            message = f"injected fault for {routed.version} (chaos test)"
+            _refuse(self, outcome, message, "server_error", "injected_fault", extra=extra)
+            return None
+        if isinstance(outcome, OSError):
+            message = f"the model server did not answer: {outcome}"
+            _refuse(self, 502, message, "server_error", "bad_gateway", extra=extra)
+            return None
+        return outcome, routed, latency
+
+    def count(self, routed: Routed, outcome: Answer | int | OSError, seconds: float) -> None:
+        if routed.version is not None:
+            code = _code(outcome)
+            self.router.canary.record(
+                routed.model, routed.version, code, seconds, _failed(outcome), routed.stable
+            )
+
+    def attempt(self, path: str, routed: Routed) -> Answer | int | OSError:
+        """One try: an injected fault's status, the connection error, or vLLM's answer; a 404 for a version
+        this router loaded makes it load what vLLM lost and ask once more."""
+        fault = self.router.faults.hit(routed.version) if routed.version else None
+        if fault is not None:
+            return fault
         drop = HOP_HEADERS | {"content-length"}
         headers = {k: v for k, v in self.headers.items() if k.lower() not in drop}
-        if body or self.command != "GET":
-            headers["Content-Length"] = str(len(body))
-        answer = self.ask(path, body, headers)
-        if answer is None or answer[1].status != 404 or model not in self.router.loaded:
+        if routed.body or self.command != "GET":
+            headers["Content-Length"] = str(len(routed.body))
+        answer = self.ask(path, routed.body, headers)
+        if isinstance(answer, OSError) or answer[1].status != 404 or routed.version not in self.router.loaded:
             return answer
         answer[1].read(CHUNK)  # vLLM's "The model ... does not exist."
         answer[0].close()
         try:
             self.router.repair()
         except Exception as exc:  # answered with vLLM's 404 below; the periodic check retries
-            log.warning("reloading %s failed: %s", model, exc)
-        return self.ask(path, body, headers)
+            log.warning("reloading %s failed: %s", routed.version, exc)
+        return self.ask(path, routed.body, headers)
 
-    def ask(self, path: str, body: bytes, headers: Mapping[str, str]) -> Answer | None:
+    def ask(self, path: str, body: bytes, headers: Mapping[str, str]) -> Answer | OSError:
         conn = self.router.vllm.connection()
         try:
             conn.request(self.command, path, body=body or None, headers=dict(headers))
             return conn, conn.getresponse()
         except OSError as exc:
             conn.close()
-            _refuse(self, 502, f"the model server did not answer: {exc}", "server_error", "bad_gateway")
-            return None
+            return exc
 
-    def relay(self, response: http.client.HTTPResponse) -> None:
-        """vLLM's answer, streamed through in chunks as they come (SSE included), never held whole."""
+    def relay(
+        self, response: http.client.HTTPResponse, version: str | None = None, tee: bytearray | None = None
+    ) -> bytearray | None:
+        """vLLM's answer, streamed through in chunks as they come (SSE included), never held whole, with the
+        version that answered. `tee` collects a copy (the capture) up to MAX_CAPTURED_BYTES; returned whole,
+        or None when over it or the answer ended early."""
         self.send_response(response.status)
         for key, value in response.getheaders():
-            if key.lower() not in HOP_HEADERS | {"content-length"}:
+            if key.lower() not in HOP_HEADERS | {"content-length", VERSION_HEADER.lower()}:
                 self.send_header(key, value)
+        if version:
+            self.send_header(VERSION_HEADER, version)
         length = response.getheader("Content-Length")
         if length is not None:
             self.send_header("Content-Length", length)
@@ -637,13 +882,16 @@ class Proxy(BaseHTTPRequestHandler):
             while chunk := response.read1(CHUNK):
                 self.wfile.write(chunk)
                 sent += len(chunk)
+                tee = _tee(tee, chunk)
             self.close_connection = self.close_connection or sent != int(length)
-            return
+            return None if sent != int(length) else tee
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         while chunk := response.read1(CHUNK):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            tee = _tee(tee, chunk)
         self.wfile.write(b"0\r\n\r\n")
+        return tee
 
     def models(self) -> None:
         try:
@@ -655,6 +903,24 @@ class Proxy(BaseHTTPRequestHandler):
             _refuse(self, 502, message, "server_error", "bad_gateway")
             return
         _send(self, 200, with_stable_names(json.loads(body), self.router.routes))
+
+
+def _tee(tee: bytearray | None, chunk: bytes) -> bytearray | None:
+    if tee is None or len(tee) + len(chunk) > MAX_CAPTURED_BYTES:
+        return None
+    tee += chunk
+    return tee
+
+
+def _failed(outcome: Answer | int | OSError) -> bool:
+    """An error of the version asked: an injected fault, no answer, or the engine's >= 500."""
+    return not isinstance(outcome, tuple) or outcome[1].status >= 500
+
+
+def _code(outcome: Answer | int | OSError) -> str:
+    if isinstance(outcome, int):
+        return str(outcome)
+    return "502" if isinstance(outcome, OSError) else str(outcome[1].status)
 
 
 def proxy_handler(router: Router, bodies: Budget | None = None) -> type[BaseHTTPRequestHandler]:
@@ -676,6 +942,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="s3:// or pvc:// prefix adapters may be loaded from (repeatable; none: every URI is refused)",
     )
     p.add_argument(
+        "--capture-destination",
+        action="append",
+        default=[],
+        help="s3:// prefix the state's capture.prefix may lie under (repeatable; none: capture is refused)",
+    )
+    p.add_argument(
+        "--fault-injection",
+        action="store_true",
+        help="serve PUT/GET /faults on the admin port (chaos tests; off: 404)",
+    )
+    p.add_argument(
         "--check-seconds",
         type=float,
         default=10.0,
@@ -689,14 +966,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     args.adapters_dir.mkdir(parents=True, exist_ok=True)
-    router = Router(Vllm(args.vllm_url), args.adapters_dir, sources=args.adapter_source)
+    router = Router(
+        Vllm(args.vllm_url),
+        args.adapters_dir,
+        sources=args.adapter_source,
+        destinations=args.capture_destination,
+        faults=Faults(enabled=args.fault_injection),
+    )
     ThreadingHTTPServer.daemon_threads = True
     admin = ThreadingHTTPServer(("", args.admin_port), admin_handler(router))
     public = PublicServer(("", args.port), proxy_handler(router))
     threading.Thread(target=admin.serve_forever, name="admin", daemon=True).start()
     threading.Thread(target=router.start, args=(args.state_file,), name="initial-sync", daemon=True).start()
+    stop = threading.Event()  # never set: the watcher and the capture writer live as long as the process
+    threading.Thread(target=router.capture.run, args=(stop,), name="capture", daemon=True).start()
     if args.check_seconds > 0:
-        stop = threading.Event()  # never set: the watcher lives as long as the process
         threading.Thread(
             target=router.watch, args=(args.check_seconds, stop), name="watch", daemon=True
         ).start()
