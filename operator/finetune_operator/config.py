@@ -109,6 +109,13 @@ class OperatorIdentity(_Model):
     pod_labels: dict[str, str] = Field(default_factory=dict, alias="podLabels")
 
 
+class RouterConfig(_Model):
+    """The pools' adapter routers. faultInjection: start them with --fault-injection (chaos testing: the admin
+    port's PUT /faults makes a version answer errors); off in real installs, on in the dev cluster."""
+
+    fault_injection: bool = Field(False, alias="faultInjection")
+
+
 class OperatorConfig(_Model):
     images: Images = Images()
     gpu_types: dict[str, GpuType] = Field(alias="gpuTypes")
@@ -116,6 +123,7 @@ class OperatorConfig(_Model):
     reference: ReferencePolicy = ReferencePolicy()
     tracking: TrackingConfig = TrackingConfig()
     operator: OperatorIdentity = OperatorIdentity()
+    router: RouterConfig = RouterConfig()
 
     def gpu_type(self, name: str) -> GpuType:
         try:
@@ -173,6 +181,7 @@ ENV_OVERRIDES: dict[str, tuple[str, ...]] = {
     "FTO_REFERENCE_PLAIN_HTTP_HOSTS": ("reference", "allowPlainHttpHosts"),
     "FTO_MLFLOW_TRACKING_URI": ("tracking", "mlflow", "defaultTrackingUri"),
     "FTO_OPERATOR_NAMESPACE": ("operator", "namespace"),
+    "FTO_ROUTER_FAULT_INJECTION": ("router", "faultInjection"),
 }
 
 

@@ -56,6 +56,31 @@ class _JobsCollector(Collector):
         for (namespace, server, pod), count in sorted(self.metrics.loaded_adapters.items()):
             loaded.add_metric([namespace, server, pod], count)
         yield loaded
+        yield from self.versions()
+
+    def versions(self) -> Iterator[Metric]:
+        labels = ["namespace", "modelserver", "model", "version"]
+        weight = GaugeMetricFamily(
+            "finetune_modelserver_version_weight_percent", "Share of a stable name's requests", labels=labels
+        )
+        requests = GaugeMetricFamily(
+            "finetune_modelserver_version_requests",
+            "Requests a version answered since its stable name's weights last changed",
+            labels=labels,
+        )
+        errors = GaugeMetricFamily(
+            "finetune_modelserver_version_errors", "Errors of those requests", labels=labels
+        )
+        p95 = GaugeMetricFamily(
+            "finetune_modelserver_version_p95_seconds", "p95 latency of those requests", labels=labels
+        )
+        for key, (share, count, failed, p95_ms) in sorted(self.metrics.versions.items()):
+            weight.add_metric(list(key), share)
+            requests.add_metric(list(key), count)
+            errors.add_metric(list(key), failed)
+            if p95_ms is not None:
+                p95.add_metric(list(key), p95_ms / 1000)
+        yield from (weight, requests, errors, p95)
 
 
 class Metrics:
@@ -67,6 +92,9 @@ class Metrics:
         # (policy, namespace) → (GPU-hours used this month, gpuHoursPerMonth or None)
         self.budgets: dict[tuple[str, str], tuple[float, float | None]] = {}
         self.loaded_adapters: dict[tuple[str, str, str], int] = {}  # (namespace, modelserver, pod) → count
+        # (namespace, modelserver, model, version) → (weight %, requests, errors, p95 ms or None) of every
+        # routed version, as the pool's last pass merged its routers' stats (canary rollouts)
+        self.versions: dict[tuple[str, str, str, str], tuple[int, int, int, float | None]] = {}
         self.adapter_load_seconds = Histogram(
             "finetune_modelserver_adapter_load_seconds",
             "Download and runtime load of one adapter version into one pod",

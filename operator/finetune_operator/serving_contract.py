@@ -10,7 +10,7 @@ Each side reads the other only through these typed values, never through raw sta
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from finetune_operator.api.modelserver_conditions import PoolConditionType, PoolReason
@@ -18,6 +18,9 @@ from finetune_operator.k8s.naming import child_name
 from finetune_operator.k8s.ownership import is_controlled_by, is_recorded, records_of
 
 ACCEPTED = "Accepted"  # a job's status.serving.state once its gate and the champion comparison passed
+# A job's status.serving.state once its pool rolled its canary back: it no longer asks (the pool drops it).
+ROLLED_BACK = "RolledBack"
+ROLLOUT_PROGRESSING = "Progressing"  # RolloutView.state while the canary runs (Completed, RolledBack after)
 POOL_COMPONENT = "pool"  # a ModelServer's Deployment, Service and ConfigMap: <name>-pool
 MODELSERVER_NAME_LEAD = "m"  # naming.child_name's lead for a ModelServer name not starting with a letter
 
@@ -91,6 +94,20 @@ class ServedVersion:
     job_uid: str | None
     loaded: bool
     unloaded_reason: str | None
+    rollout_failed: str | None = None  # its canary was rolled back: why, with the figures
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """The canary rollout of a stable name (status.models.<name>.rollout)."""
+
+    version: int
+    name: str
+    state: str  # Progressing | Completed | RolledBack
+    step: int
+    steps: tuple[int, ...]
+    weight: int
+    message: str
 
 
 @dataclass(frozen=True)
@@ -109,6 +126,9 @@ class PoolReport:
     start_failure: tuple[str, str] | None = None
     # per ready replica: stable name → the versioned name its router sends it to
     ready_routes: tuple[Mapping[str, str], ...] = ()
+    rollouts: Mapping[str, RolloutView] = field(
+        default_factory=dict
+    )  # stable name → its current/last rollout
 
     def version_of(self, model: str, job_uid: str) -> ServedVersion | None:
         return next((v for v in self.versions.get(model, ()) if v.job_uid == job_uid), None)
@@ -135,6 +155,19 @@ def _version(found: Mapping[str, Any]) -> ServedVersion:
         job_uid=str(found["jobUid"]) if found.get("jobUid") else None,
         loaded=bool(found.get("loaded", True)),
         unloaded_reason=str(found["unloadedReason"]) if found.get("unloadedReason") else None,
+        rollout_failed=str(found["rolloutFailed"]) if found.get("rolloutFailed") else None,
+    )
+
+
+def _rollout(found: Mapping[str, Any]) -> RolloutView:
+    return RolloutView(
+        version=int(found.get("version") or 0),
+        name=str(found.get("name") or ""),
+        state=str(found.get("state") or ""),
+        step=int(found.get("step") or 0),
+        steps=tuple(int(s) for s in found.get("steps") or []),
+        weight=int(found.get("weight") or 0),
+        message=str(found.get("message") or ""),
     )
 
 
@@ -157,6 +190,7 @@ def pool_report(server: Mapping[str, Any]) -> PoolReport:
         ready_replicas=int(status.get("readyReplicas") or 0),
         message=str(status.get("message") or ""),
         start_failure=_start_failure(status),
+        rollouts={m: _rollout(found["rollout"]) for m, found in models.items() if found.get("rollout")},
     )
 
 

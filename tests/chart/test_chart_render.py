@@ -285,6 +285,13 @@ def test_reference_plain_http_hosts_reach_the_operator(helm: str, tmp_path: Path
     assert config.reference.allow_plain_http_hosts == ("gateway.ml.svc", "10.0.0.0/8")
 
 
+def test_router_fault_injection_is_off_unless_the_chaos_switch_is_set(helm: str, tmp_path: Path) -> None:
+    default = _operator_config(render(helm, MATRIX / "default.yaml"), tmp_path)
+    assert default.router.fault_injection is False
+    manifests = render(helm, extra=("--set", "config.router.faultInjection=true"))
+    assert _operator_config(manifests, tmp_path).router.fault_injection is True
+
+
 def test_a_gpu_type_can_be_dropped_from_the_chart_table(helm: str) -> None:
     manifests = render(helm, extra=("--set", "config.gpuTypes.h100-80gb=null"))
     table = yaml.safe_load(one(manifests, "ConfigMap")["data"]["config.yaml"])["gpuTypes"]

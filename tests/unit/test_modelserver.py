@@ -241,3 +241,125 @@ def test_the_router_is_told_its_adapter_sources_when_the_pod_is_built() -> None:
     assert pairs == ["s3://runs/team-a", "s3://shared/adapters/"]
     assert server.spec.adapter_source_of("s3://runs/team-a/x/adapter") == "s3://runs/team-a"
     assert server.spec.adapter_source_of("s3://runs/team-ab/x") is None  # a path boundary, not a prefix
+
+
+# --- capture and canary rollout (issue 24) -----------------------------------------------------------------
+
+CAPTURE_AND_ROLLOUT_REFUSALS = [
+    ({"capture": {"destination": "s3://elsewhere/capture"}}, "spec.capture.destination", "must lie under"),
+    # a path boundary: s3://runs does not admit s3://runs-x
+    ({"capture": {"destination": "s3://runs-x/capture"}}, "spec.capture.destination", "must lie under"),
+    (
+        {"models": {"bot": {"rollout": {"steps": [50, 10]}}}},
+        "spec.models.bot.rollout.steps",
+        "strictly increasing",
+    ),
+    (
+        {"models": {"bot": {"rollout": {"steps": [10, 10]}}}},
+        "spec.models.bot.rollout.steps",
+        "strictly increasing",
+    ),
+    ({"models": {"bot": {"rollout": {"steps": [100]}}}}, "spec.models.bot.rollout.steps[0]", "99"),
+    ({"models": {"bot": {"rollout": {"steps": [10], "stepSeconds": 0}}}}, "stepSeconds", "1"),
+    ({"capture": {"destination": "s3://runs/c", "sampleRate": 1.5}}, "spec.capture.sampleRate", "1"),
+    ({"capture": {"destination": "s3://runs/c", "redact": ["ssn"]}}, "spec.capture.redact[0]", "email"),
+]
+
+
+@pytest.mark.parametrize(("spec", "field", "words"), CAPTURE_AND_ROLLOUT_REFUSALS)
+def test_capture_and_rollout_mistakes_are_refused_naming_the_field(
+    spec: dict[str, Any], field: str, words: str
+) -> None:
+    raw = {"baseModel": {"uri": "s3://models/tiny-llama"}, "adapterSources": ["s3://runs"], **spec}
+    with pytest.raises(SpecError) as error:
+        parse_modelserver_spec(raw)
+    assert field in str(error.value) and words in str(error.value)
+
+
+def _admit(spec: dict[str, Any]) -> list[str]:
+    from localcluster.crdvalidation import CRDValidator
+
+    validator = CRDValidator(crdgen.build_crd(crdgen.MODELSERVER), "v1alpha1")
+    obj = {
+        "apiVersion": "finetune.dev/v1alpha1",
+        "kind": "ModelServer",
+        "metadata": {"name": "shared", "namespace": "team-a"},
+        "spec": {"baseModel": {"uri": "s3://models/tiny-llama"}, "adapterSources": ["s3://runs"], **spec},
+    }
+    return [f"{c.field}: {c.message}" for c in validator.validate(validator.normalize(obj))]
+
+
+@pytest.mark.parametrize(("spec", "field", "words"), CAPTURE_AND_ROLLOUT_REFUSALS[:4])
+def test_the_api_server_refuses_the_same_with_the_same_message(
+    spec: dict[str, Any], field: str, words: str
+) -> None:
+    causes = _admit(spec)
+    assert any(field in c and words in c for c in causes), causes
+
+
+def test_capture_may_go_to_a_capture_destination_and_a_rollout_has_defaults() -> None:
+    spec = {
+        "captureDestinations": ["s3://capture/team-a"],
+        "capture": {"destination": "s3://capture/team-a/support"},
+        "models": {"bot": {"rollout": {"steps": [10, 50]}}},
+    }
+    assert _admit(spec) == []
+    parsed = parse_modelserver_spec(
+        {"baseModel": {"uri": "s3://models/tiny-llama"}, "adapterSources": ["s3://runs"], **spec}
+    )
+    assert parsed.capture is not None and parsed.capture.redact == ["email", "phone", "creditCard"]
+    assert parsed.capture.sample_rate == 0.1 and parsed.capture.flush_seconds == 60
+    rollout = parsed.rollout("bot")
+    assert rollout is not None and (rollout.step_seconds, rollout.min_requests) == (300, 20)
+    assert parsed.rollout("other") is None
+
+
+def test_the_redactor_names_are_the_vocabularys() -> None:
+    from typing import get_args
+
+    from finetune_operator.api.modelserver import Redactor
+    from finetune_vocabulary.capture import REDACTOR_NAMES
+
+    assert get_args(Redactor) == REDACTOR_NAMES
+
+
+def test_the_router_may_capture_only_under_the_pools_sources_and_knows_its_pod_name() -> None:
+    server = pool(adapterSources=["s3://runs/team-a"], captureDestinations=["s3://capture/team-a"])
+    router = containers(pool_deployment(server, CONFIG))["adapter-router"]
+    args = router["args"]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--capture-destination"] == [
+        "s3://runs/team-a",
+        "s3://capture/team-a",
+    ]
+    assert "--fault-injection" not in args  # chaos testing is off unless the operator config says so
+    env = {e["name"]: e for e in router["env"]}
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
+def test_fault_injection_follows_the_operator_config() -> None:
+    chaos = load_config(env={"FTO_ROUTER_FAULT_INJECTION": "true"})
+    assert chaos.router.fault_injection and not CONFIG.router.fault_injection
+    args = containers(pool_deployment(pool(), chaos))["adapter-router"]["args"]
+    assert "--fault-injection" in args
+
+
+def test_the_state_carries_capture_under_the_pools_own_prefix_only_when_on() -> None:
+    from finetune_operator.modelserver.builders import capture_state
+
+    assert capture_state(pool()) is None
+    assert "capture" not in desired_state({"bot-v1": "s3://runs/a"}, {"bot": "bot-v1"}, None, None)
+    server = pool(capture={"destination": "s3://runs/capture/", "sampleRate": 0.5, "redact": ["email"]})
+    assert capture_state(server) == {
+        "prefix": "s3://runs/capture/team-a/shared",
+        "sampleRate": 0.5,
+        "redact": ["email"],
+        "flushSeconds": 60,
+    }
+    state = desired_state(
+        {"bot-v1": "s3://runs/a", "bot-v2": "s3://runs/b"},
+        {"bot": "bot-v1"},
+        {"bot": {"bot-v2": 10, "bot-v1": 90}},
+        capture_state(server),
+    )
+    assert state["weights"] == {"bot": {"bot-v1": 90, "bot-v2": 10}}
+    assert state["capture"]["prefix"] == "s3://runs/capture/team-a/shared"

@@ -219,3 +219,28 @@ async def test_a_pool_that_does_not_change_writes_no_status_and_posts_no_event()
     for _ in range(3):  # the 5-second resync of a steady pool
         await one_pass(api, wiring())
     assert api.status_writes == writes and api.events == posted
+
+
+async def test_a_rollout_step_brings_the_next_pass_when_it_is_due_and_the_gauges_show_the_split() -> None:
+    import asyncio
+    import time
+
+    from prometheus_client import generate_latest
+
+    api = PoolApi([accepted_job("a")])
+    rollout = {"steps": [10, 50], "stepSeconds": 1}
+    api.server["spec"] = {**api.server["spec"], "models": {"bot": {"rollout": rollout}}}
+    wired = wiring()
+    await one_pass(api, wired)
+    assert not wired.queue.timers  # nothing is due: the resync is enough
+    api.jobs.append(accepted_job("b"))
+    began = time.monotonic()
+    await one_pass(api, wired)
+    assert api.server["status"]["models"]["bot"]["rollout"]["state"] == "Progressing"
+    wired.queue.wake.clear()
+    await asyncio.wait_for(wired.queue.wake.wait(), timeout=3)  # the kick, well before a 5 s resync
+    assert ("team-a", "shared") in wired.queue.kicked and time.monotonic() - began < 2.5
+    text = generate_latest(wired.metrics.registry).decode()
+    labels = 'model="bot",modelserver="shared",namespace="team-a"'
+    assert f'finetune_modelserver_version_weight_percent{{{labels},version="bot-v2"}} 10.0' in text
+    assert f'finetune_modelserver_version_weight_percent{{{labels},version="bot-v1"}} 90.0' in text

@@ -191,3 +191,76 @@ def test_a_job_waits_for_a_missing_server(pool_world: dict[str, Any]) -> None:
     assert world.status["phase"] == "Deploying"
     assert world.condition["Deployed"]["reason"] == "ServerNotFound"
     assert "ModelServer shared" in world.condition["Deployed"]["message"]
+
+
+def _checked(pool_world: dict[str, Any]) -> tuple[World, dict[str, Any]]:
+    """A better job whose version bot-v2 is loaded everywhere and passed its serving check."""
+    pool_world["server"] = server(status=champion_status())
+    world = World(a_job())
+    _to_training(world)
+    world.finish(Stage.TRAIN, TRAINED)
+    world.step()
+    world.finish(Stage.EVALUATE, evaluated(0.9, 0.9))
+    world.step()
+    registered = champion_status()
+    mine = {"version": 2, "name": "bot-v2", "adapter": TRAINED["summary"]["adapter"], "jobUid": world.ref.uid}
+    registered["models"]["bot"]["versions"].append({**mine, "loaded": True})
+    registered["models"]["bot"]["lastVersion"] = 2
+    registered["endpoint"] = "http://shared-pool.team-a.svc:8000/v1"
+    registered["replicas"] = [{"pod": "p1", "ready": True, "loaded": ["bot-v1", "bot-v2"]}]
+    pool_world["server"] = server(status=registered)
+    world.step()
+    summary = {"metric": "exact_match", "value": 0.9, "examples": 20, "refused": 0}
+    world.finish(Stage.SERVING_CHECK, {"stage": "servecheck", "exitCode": 0, "summary": summary})
+    world.step()
+    assert world.status["serving"]["checked"] is True
+    return world, registered
+
+
+CANARY = {
+    "version": 2,
+    "name": "bot-v2",
+    "champion": 1,
+    "championName": "bot-v1",
+    "state": "Progressing",
+    "step": 1,
+    "steps": [10, 50],
+    "weight": 10,
+    "weights": {"bot-v1": 90, "bot-v2": 10},
+    "stepStartedAt": "2026-11-01T12:00:00Z",
+    "message": "step 1/2 (10%), 40 s left: bot-v2: 3 requests, 0 errors",
+}
+
+
+def test_a_job_in_a_canary_waits_rolling_out_then_serves_once_it_completes(
+    pool_world: dict[str, Any],
+) -> None:
+    world, registered = _checked(pool_world)
+    registered["models"]["bot"]["rollout"] = dict(CANARY)
+    world.step()
+    assert world.status["phase"] == "Deploying" and world.status.get("endpoint") is None
+    assert world.condition["Deployed"]["reason"] == "RollingOut"
+    assert world.status["message"] == (
+        "canary: bot-v2 takes 10% of bot (step 1 of 2): "
+        "step 1/2 (10%), 40 s left: bot-v2: 3 requests, 0 errors"
+    )
+    registered["models"]["bot"].update(promoted=2, serving=2)
+    registered["models"]["bot"]["rollout"] = {**CANARY, "state": "Completed", "weight": 100, "weights": {}}
+    registered["replicas"][0]["routes"] = {"bot": "bot-v2"}
+    world.step()
+    assert world.status["phase"] == "Serving" and world.status["serving"]["serving"] is True
+
+
+def test_a_rolled_back_canary_rejects_the_job_naming_the_figures(pool_world: dict[str, Any]) -> None:
+    world, registered = _checked(pool_world)
+    failed = "bot-v2 rolled back at step 1/2 (10%): error rate 30.0% > maxErrorRate 2.0%; bot-v2: 20 requests"
+    registered["models"]["bot"]["versions"][1]["rolloutFailed"] = failed
+    registered["models"]["bot"]["rollout"] = {**CANARY, "state": "RolledBack", "weights": {}}
+    world.step()
+    assert world.status["phase"] == "Rejected" and world.condition["Ready"]["reason"] == "RolloutFailed"
+    assert world.status["serving"]["state"] == "RolledBack"  # no longer asked for: the pool drops it
+    assert "error rate 30.0% > maxErrorRate 2.0%" in world.status["message"]
+    assert world.condition["Deployed"]["reason"] == "RolloutFailed"
+    assert (world.events[-1].type, world.events[-1].reason) == ("Warning", "RolloutFailed")
+    world.step()  # terminal: stays so
+    assert world.status["phase"] == "Rejected" and world.status["serving"]["state"] == "RolledBack"

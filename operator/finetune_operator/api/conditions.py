@@ -75,6 +75,9 @@ class Reason(StrEnum):
     # The serving check (issue 22): the served model scored against the evaluated one before traffic.
     CHECKING_SERVING = "CheckingServing"
     SERVING_MISMATCH = "ServingMismatch"
+    # Canary rollouts on a ModelServer (issue 24): the version takes a growing share, or was rolled back.
+    ROLLING_OUT = "RollingOut"
+    ROLLOUT_FAILED = "RolloutFailed"
 
 
 # The trainer's permanent exit codes and the reason each one reports.

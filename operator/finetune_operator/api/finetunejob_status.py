@@ -217,8 +217,10 @@ class ServingStatus(StatusModel):
 
     server: str | None = Field(default=None, max_length=253, description="The ModelServer.")
     model_name: str | None = Field(default=None, max_length=64, description="The stable model name.")
-    state: Literal["Accepted"] | None = Field(
-        default=None, description="Accepted: the gate and the champion comparison passed; the pool loads it."
+    state: Literal["Accepted", "RolledBack"] | None = Field(
+        default=None,
+        description="Accepted: the gate and the champion comparison passed; the pool loads it. RolledBack: "
+        "the pool rolled its canary back (no longer asked for).",
     )
     champion: ChampionStatus | None = None
     version: int | None = Field(default=None, ge=1, description="The version the pool assigned.")

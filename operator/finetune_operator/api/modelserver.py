@@ -8,9 +8,11 @@ promoted (or pinned) version. docs/serving.md says how.
 
 from __future__ import annotations
 
+import itertools
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+from finetune_vocabulary.capture import REDACTOR_NAMES
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from finetune_operator.api.extra_args import EXTRA_ARGS_RULE, MAX_EXTRA_ARGS, check_extra_args
@@ -23,6 +25,7 @@ from finetune_operator.api.modelnames import (
     model_name_problem,
 )
 from finetune_operator.api.schema import (
+    CAPTURE_OUTSIDE,
     POOL_GPUS_ON_CPU,
     SERVED_NAME_PATTERN,
     DNSLabel,
@@ -71,14 +74,99 @@ class PoolBaseModel(SpecModel):
     )
 
 
+MAX_ROLLOUT_STEPS = 10
+STEPS_INCREASING = "steps must be strictly increasing percents of 1 to 99"
+# Strictly increasing without list indices in a macro: one comparison per neighbouring pair (constant cost).
+STEPS_RULE = {
+    **rule(
+        " && ".join(
+            f"(self.steps.size() <= {i + 1} || self.steps[{i}] < self.steps[{i + 1}])"
+            for i in range(MAX_ROLLOUT_STEPS - 1)
+        ),
+        STEPS_INCREASING,
+    ),
+    "fieldPath": ".steps",
+}
+
+
+class RolloutSpec(SpecModel):
+    """A canary rollout of each newly promoted version (docs/serving.md, Canary rollouts)."""
+
+    model_config = ConfigDict(json_schema_extra=validations(STEPS_RULE))
+
+    steps: list[Annotated[int, Field(ge=1, le=99)]] = Field(
+        min_length=1,
+        max_length=MAX_ROLLOUT_STEPS,
+        description="The challenger's share of the stable name's requests (percent) at each step, strictly "
+        "increasing; after the last step it takes 100%.",
+    )
+    step_seconds: int = Field(default=300, ge=1, le=86400, description="How long each step lasts at least.")
+    max_error_rate: float = Field(
+        default=0.02, ge=0, le=1, description="The challenger's error rate beyond which it is rolled back."
+    )
+    max_latency_increase: float = Field(
+        default=0.5,
+        ge=0,
+        le=100,
+        description="Relative p95 latency increase over the champion beyond which it is rolled back.",
+    )
+    min_requests: int = Field(
+        default=20,
+        ge=1,
+        le=1_000_000,
+        description="Challenger requests a step needs before it may advance (and before latency is judged).",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: list[int]) -> list[int]:
+        if any(a >= b for a, b in itertools.pairwise(steps)):
+            raise ValueError(STEPS_INCREASING)
+        return steps
+
+
 class ModelPolicy(SpecModel):
-    """Per stable model name: an optional pin (rollback)."""
+    """Per stable model name: an optional pin (rollback) and canary rollout."""
 
     pin: Annotated[int, Field(ge=1, le=1_000_000)] | None = Field(
         default=None,
         description="Serve this version (the n of <modelName>-v<n>) under the stable name instead of the "
         "promoted one; remove it to return to the promoted version.",
     )
+    rollout: RolloutSpec | None = Field(
+        default=None,
+        description="Canary a newly checked version against the promoted one before it takes all traffic; "
+        "unset: promoted at once.",
+    )
+
+
+Redactor = Literal[
+    "email", "phone", "creditCard"
+]  # finetune_vocabulary.capture.REDACTOR_NAMES (a test holds it)
+
+
+class CaptureSpec(SpecModel):
+    """Traffic capture by the pool's routers (docs/serving.md)."""
+
+    destination: OutputURI = Field(
+        description="s3:// prefix under spec.adapterSources or spec.captureDestinations; the routers write "
+        "under <destination>/<namespace>/<modelserver>."
+    )
+    sample_rate: float = Field(default=0.1, ge=0, le=1, description="Fraction of requests per model name.")
+    redact: list[Redactor] = Field(
+        default_factory=lambda: list(REDACTOR_NAMES),  # type: ignore[arg-type]
+        max_length=3,
+        description="Built-in redactors applied before anything is written ([] = none).",
+    )
+    flush_seconds: int = Field(default=60, ge=1, le=3600, description="One object per pod per interval.")
+
+
+_UNDER = "(self.capture.destination + '/').startsWith(p.endsWith('/') ? p : p + '/')"
+CAPTURE_RULE = rule(
+    f"!has(self.capture) || self.adapterSources.exists(p, {_UNDER}) || "
+    f"(has(self.captureDestinations) && self.captureDestinations.exists(p, {_UNDER}))",
+    CAPTURE_OUTSIDE,
+)
 
 
 class ModelServerSpec(SpecModel):
@@ -86,7 +174,8 @@ class ModelServerSpec(SpecModel):
 
     model_config = ConfigDict(
         json_schema_extra=validations(
-            rule(f"!has(self.gpus) || self.gpus == 0 || self.gpuType != '{CPU_GPU_TYPE}'", POOL_GPUS_ON_CPU)
+            rule(f"!has(self.gpus) || self.gpus == 0 || self.gpuType != '{CPU_GPU_TYPE}'", POOL_GPUS_ON_CPU),
+            CAPTURE_RULE,
         )
     )
 
@@ -162,7 +251,15 @@ class ModelServerSpec(SpecModel):
                 f"model names are DNS labels; {MODEL_NAME_RESERVED}",
             )
         ),
-        description="Per stable model name: pin (rollback).",
+        description="Per stable model name: pin (rollback) and canary rollout.",
+    )
+    capture_destinations: list[OutputURI] | None = Field(
+        default=None,
+        max_length=16,
+        description="Further s3:// prefixes capture.destination may lie under (besides adapterSources).",
+    )
+    capture: CaptureSpec | None = Field(
+        default=None, description="Record sampled requests and answers, and feedback (off by default)."
     )
 
     @model_validator(mode="before")
@@ -178,6 +275,14 @@ class ModelServerSpec(SpecModel):
     def _no_gpus_on_cpu(self) -> ModelServerSpec:
         if self.gpus > 0 and self.gpu_type == CPU_GPU_TYPE:
             raise ValueError(POOL_GPUS_ON_CPU)
+        return self
+
+    @model_validator(mode="after")
+    def _capture_inside(self) -> ModelServerSpec:
+        if self.capture is not None:
+            allowed = [*self.adapter_sources, *(self.capture_destinations or [])]
+            if not any(under_prefix(self.capture.destination, p) for p in allowed):
+                raise ValueError(CAPTURE_OUTSIDE)
         return self
 
     @field_validator("max_lora_rank")
@@ -211,6 +316,10 @@ class ModelServerSpec(SpecModel):
         policy = (self.models or {}).get(model)
         return policy.pin if policy else None
 
+    def rollout(self, model: str) -> RolloutSpec | None:
+        policy = (self.models or {}).get(model)
+        return policy.rollout if policy else None
+
 
 def under_prefix(uri: str, prefix: str) -> bool:
     """`uri` is `prefix` or below it, at a path boundary (s3://b/runs does not admit s3://b/runs-x)."""
@@ -230,6 +339,9 @@ class ModelVersionStatus(StatusModel):
     promoted_at: str | None = Field(default=None, max_length=32, description="When it was last promoted.")
     loaded: bool = Field(default=True, description="Whether replicas should hold it (false: unloaded).")
     unloaded_reason: str | None = Field(default=None, max_length=256, description="Why it was unloaded.")
+    rollout_failed: str | None = Field(
+        default=None, max_length=1024, description="Why its canary rollout was rolled back, with the figures."
+    )
 
 
 class ReplicaStatus(StatusModel):
@@ -241,6 +353,35 @@ class ReplicaStatus(StatusModel):
     ready: bool | None = Field(default=None, description="Pod Ready (every adapter of the ConfigMap loaded).")
 
 
+class RolloutFigures(StatusModel):
+    """One version's live figures during a rollout step, merged over the replicas holding the weights."""
+
+    requests: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    error_rate: float | None = Field(default=None, ge=0)
+    p95_ms: float | None = Field(default=None, ge=0, alias="p95Ms")
+
+
+class RolloutStatus(StatusModel):
+    """A canary rollout of one version of a stable name (docs/serving.md, Canary rollouts)."""
+
+    version: int = Field(ge=1, le=1_000_000, description="The challenger: n of <modelName>-v<n>.")
+    name: str = Field(max_length=64, description="The challenger's versioned name.")
+    champion: int | None = Field(default=None, description="The version it is compared against.")
+    champion_name: str | None = Field(
+        default=None, max_length=64, description="The champion's versioned name."
+    )
+    state: Literal["Progressing", "Completed", "RolledBack"]
+    step: int = Field(ge=1, le=16, description="1-based index into steps; the challenger has steps[step-1]%.")
+    steps: list[int] = Field(default_factory=list, max_length=16)
+    weight: int = Field(default=0, ge=0, le=100, description="The challenger's share now (percent).")
+    weights: dict[Annotated[str, Field(max_length=64)], int] = Field(default_factory=dict, max_length=4)
+    step_started_at: str = Field(max_length=32)
+    challenger: RolloutFigures | None = None
+    champion_figures: RolloutFigures | None = None
+    message: str = Field(default="", max_length=1024)
+
+
 class ModelStatus(StatusModel):
     """One stable model name."""
 
@@ -249,6 +390,7 @@ class ModelStatus(StatusModel):
     pinned: int | None = Field(default=None, description="spec.models[...].pin, when it is in force.")
     serving: int | None = Field(default=None, description="The version the stable name serves now.")
     last_version: int = Field(default=0, ge=0, description="Highest version ever assigned (never reused).")
+    rollout: RolloutStatus | None = Field(default=None, description="The current or last canary rollout.")
 
 
 class PoolPendingEvent(PendingEvent):
@@ -257,6 +399,15 @@ class PoolPendingEvent(PendingEvent):
     job: str | None = Field(
         default=None, max_length=253, description="Posted on this FineTuneJob (else on the ModelServer)."
     )
+
+
+class CaptureCounters(StatusModel):
+    """Capture counters summed over the reporting replicas (since each pod started)."""
+
+    records: int = Field(default=0, ge=0)
+    feedback: int = Field(default=0, ge=0)
+    failures: int = Field(default=0, ge=0)
+    dropped: int = Field(default=0, ge=0)
 
 
 class ModelServerStatus(StatusModel):
@@ -273,6 +424,7 @@ class ModelServerStatus(StatusModel):
         default=None, max_length=256, description="Short text for kubectl: model=version, ..."
     )
     endpoint: str | None = Field(default=None, max_length=2048, description="OpenAI-compatible base URL.")
+    capture: CaptureCounters | None = Field(default=None, description="Traffic capture, when on.")
     conditions: list[Condition] | None = Field(
         default=None,
         max_length=8,

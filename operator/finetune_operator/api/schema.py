@@ -170,6 +170,7 @@ SERVING_GPUS_ON_CPU = (
     "when that is unset) is cpu: a cpu type has no GPUs"
 )
 POOL_GPUS_ON_CPU = "gpus must be 0 or unset when gpuType is cpu: a cpu type has no GPUs"
+CAPTURE_OUTSIDE = "capture.destination must lie under one of spec.adapterSources or spec.captureDestinations"
 VLLM_MAX_LORA_RANK = 512
 IMMUTABLE_FIELDS = (
     "baseModel",
@@ -214,6 +215,7 @@ RULE_FIELD = {
     SERVER_NEEDS_EVALUATION: ".evaluation.enabled",
     SERVING_GPUS_ON_CPU: ".deployment.gpus",
     POOL_GPUS_ON_CPU: ".gpus",
+    CAPTURE_OUTSIDE: ".capture.destination",
     REWARDS_NEED_GRPO: ".rewards",
     GRPO_NEEDS_REWARDS: ".rewards",
     REWARD_GRADER_UNKNOWN: ".rewards",

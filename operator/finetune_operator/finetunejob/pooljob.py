@@ -28,7 +28,14 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunejob import builders, servingcheck
 from finetune_operator.finetunejob.plan import JobDraft, StageRow
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
-from finetune_operator.serving_contract import ACCEPTED, PoolReport, pool_report
+from finetune_operator.serving_contract import (
+    ACCEPTED,
+    ROLLED_BACK,
+    ROLLOUT_PROGRESSING,
+    PoolReport,
+    ServedVersion,
+    pool_report,
+)
 
 
 def compatibility_problem(spec: FineTuneJobSpec, server: Mapping[str, Any]) -> str | None:
@@ -167,6 +174,8 @@ def report(p: JobDraft, row: StageRow, pool: PoolReport, model: str) -> bool:
     if servingcheck.pending(p, pool.endpoint, name):
         return True
     promoted = pool.promoted.get(model)
+    if in_rollout(p, row, pool, model, mine):
+        return False
     if promoted is None or promoted < mine.version:  # newer ones are promoted after it, never before
         p.status["endpoint"] = None
         p.waiting(
@@ -193,3 +202,26 @@ def report(p: JobDraft, row: StageRow, pool: PoolReport, model: str) -> bool:
     )
     p.complete(Phase.SERVING, Reason.SERVING, f"serving {asked} ({name}) at {url}")
     return False
+
+
+def in_rollout(p: JobDraft, row: StageRow, pool: PoolReport, model: str, mine: ServedVersion) -> bool:
+    """The pool canaries the job's version (waiting: RollingOut) or rolled it back (Rejected): True."""
+    if mine.rollout_failed is not None:
+        rolled_back(p, mine.rollout_failed)
+        return True
+    canary = pool.rollouts.get(model)
+    if canary is None or canary.version != mine.version or canary.state != ROLLOUT_PROGRESSING:
+        return False
+    p.status["endpoint"] = None
+    share = f"{canary.name} takes {canary.weight}% of {model} (step {canary.step} of {len(canary.steps)})"
+    p.waiting(row, Reason.ROLLING_OUT, f"canary: {share}: {canary.message}")
+    return True
+
+
+def rolled_back(p: JobDraft, message: str) -> None:
+    """The pool rolled the job's canary back: the job stops asking (the pool drops the version) and is
+    Rejected naming the figures (a Warning Event, as every Rejected job)."""
+    p.status["serving"].update(state=ROLLED_BACK, serving=False)
+    p.status["endpoint"] = None
+    p.condition(ConditionType.DEPLOYED, "False", Reason.ROLLOUT_FAILED, message)
+    p.complete(Phase.REJECTED, Reason.ROLLOUT_FAILED, f"rollout failed: {message}")

@@ -43,8 +43,13 @@ class SecretKeySelector(TypedDict, total=False):
     optional: bool
 
 
+class ObjectFieldSelector(TypedDict):
+    fieldPath: str
+
+
 class EnvVarSource(TypedDict, total=False):
     secretKeyRef: SecretKeySelector
+    fieldRef: ObjectFieldSelector
 
 
 class EnvVar(TypedDict, total=False):

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from finetune_vocabulary.capture import capture_prefix
 from finetune_vocabulary.images import TRAINER_ENTRYPOINT
 from finetune_vocabulary.labels import ANNOTATION_SPEC_HASH, LABEL_MODELSERVER_UID
 
@@ -113,9 +114,36 @@ def metadata(pool: PoolRef, annotations: Mapping[str, str] | None = None) -> Obj
     return pods.metadata(pool, COMPONENT, annotations)
 
 
-def desired_state(adapters: Mapping[str, str], routes: Mapping[str, str]) -> dict[str, Any]:
-    """What every replica should hold: versioned name → adapter URI, stable name → versioned name."""
-    return {"adapters": dict(sorted(adapters.items())), "routes": dict(sorted(routes.items()))}
+def desired_state(
+    adapters: Mapping[str, str],
+    routes: Mapping[str, str],
+    weights: Mapping[str, Mapping[str, int]] | None = None,
+    capture: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What every replica should hold: versioned name → adapter URI, stable name → versioned name, the
+    canary weights of stable names in a rollout and the capture settings (both only when there are any)."""
+    state: dict[str, Any] = {
+        "adapters": dict(sorted(adapters.items())),
+        "routes": dict(sorted(routes.items())),
+    }
+    if weights:
+        state["weights"] = {m: dict(sorted(w.items())) for m, w in sorted(weights.items())}
+    if capture:
+        state["capture"] = dict(capture)
+    return state
+
+
+def capture_state(pool: PoolRef) -> dict[str, Any] | None:
+    """The routers' capture settings (the state document's `capture`), or None while capture is off."""
+    capture = pool.spec.capture
+    if capture is None:
+        return None
+    return {
+        "prefix": capture_prefix(capture.destination, pool.namespace, pool.name),
+        "sampleRate": capture.sample_rate,
+        "redact": list(capture.redact),
+        "flushSeconds": capture.flush_seconds,
+    }
 
 
 def state_configmap(pool: PoolRef, state: Mapping[str, Any]) -> ConfigMap:
@@ -236,6 +264,18 @@ def _router(spec: ModelServerSpec, config: OperatorConfig, mounts: list[VolumeMo
         "--adapters-dir",
         ADAPTERS_DIR,
         *[arg for source in spec.adapter_sources for arg in ("--adapter-source", source)],
+        # where capture may write: the router refuses a capture prefix outside these
+        *[
+            arg
+            for destination in [*spec.adapter_sources, *(spec.capture_destinations or [])]
+            for arg in ("--capture-destination", destination)
+        ],
+        *(["--fault-injection"] if config.router.fault_injection else []),
+    ]
+    # capture files are named after the pod (downward API)
+    router["env"] = [
+        *router.get("env", []),
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
     ]
     router["ports"] = [
         {"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"},

@@ -59,6 +59,7 @@ from finetune_operator.serving_contract import jobs_served_by
 log = logging.getLogger(__name__)
 
 POOL_RESYNC_SECONDS = 5.0
+REQUEUE_SLACK_SECONDS = 0.2  # after a rollout step is due: the pass then sees it due
 STATE_TIMEOUT = aiohttp.ClientTimeout(total=5)
 PUSH_TIMEOUT = aiohttp.ClientTimeout(total=900)  # downloading and loading adapters
 
@@ -215,7 +216,9 @@ class PoolReconciler:
             again = pending(body, [*plan.events, *loaded_events(self.loads)], skip=first.events)
             owed = await self.post_events(body, [*owed, *again])
         await self.write_status(body, {**plan.status, "pendingEvents": owed or None})
-        self.record_metrics(pool, observed)
+        self.record_metrics(pool, observed, plan)
+        if plan.requeue_after is not None:  # a rollout step is due before the next resync may come
+            self.w.queue.kick_later(namespace, name, plan.requeue_after + REQUEUE_SLACK_SECONDS)
         self.tell_jobs(jobs_served_by(observed.jobs, pool.identity()))
 
     async def observe(self, body: Mapping[str, Any], pool: PoolRef) -> PoolObserved:
@@ -299,7 +302,12 @@ class PoolReconciler:
         self.w.queue.seen(updated, deleted=False)
         return updated
 
-    def record_metrics(self, pool: PoolRef, observed: PoolObserved) -> None:
+    def record_metrics(self, pool: PoolRef, observed: PoolObserved, plan: PoolPlan) -> None:
+        versions = self.w.metrics.versions
+        for old in [k for k in versions if k[:2] == (pool.namespace, pool.name)]:
+            del versions[old]
+        for (model, version), figures in plan.versions.items():
+            versions[(pool.namespace, pool.name, model, version)] = figures
         gauge = self.w.metrics.loaded_adapters
         for pod, state in observed.replicas.items():
             count = len((state or {}).get("loaded") or {})

@@ -27,8 +27,16 @@ from finetune_operator.finetunepolicy.enforcement import PolicyView
 from finetune_operator.k8s.actions import ChildPatch, rollout, spec_hash_of
 from finetune_operator.k8s.observe import pod_problem
 from finetune_operator.modelserver import builders as modelserver
+from finetune_operator.modelserver import rollout as canary
 from finetune_operator.modelserver.builders import PoolRef
-from finetune_operator.modelserver.status import PoolFindings, as_fields, build_status, condition, find
+from finetune_operator.modelserver.status import (
+    PoolFindings,
+    as_fields,
+    build_status,
+    capture_counters,
+    condition,
+    find,
+)
 from finetune_operator.serving_contract import jobs_served_by, serving_request
 
 
@@ -69,6 +77,9 @@ class PoolPlan:
     status: dict[str, Any] = field(default_factory=dict)  # the whole new status (status.as_fields)
     registry_changed: bool = False  # versions assigned or dropped: written before anything is loaded
     events: list[PoolEvent] = field(default_factory=list)
+    requeue_after: float | None = None  # seconds until a rollout step is due: the next pass comes then
+    # (model, versioned name) → (weight %, requests, errors, p95 ms): the operator's per-version gauges
+    versions: dict[tuple[str, str], tuple[int, int, int, float | None]] = field(default_factory=dict)
 
 
 def pod_ready(pod: Mapping[str, Any]) -> bool:
@@ -97,6 +108,7 @@ class PoolPlanner:
         self.policy_condition: Condition | None = None
         self.pin_problems: list[str] = []  # PinsResolved
         self.outside_sources: list[str] = []  # AdaptersAllowed
+        self.state_changed = False  # the ConfigMap's state changes this pass: every ready pod gets it
         old_models = o.status.get("models") or {}
         self.models: dict[str, dict[str, Any]] = {
             name: {**model, "versions": [dict(v) for v in model.get("versions") or []]}
@@ -139,23 +151,71 @@ class PoolPlanner:
 
     def promote(self, checked: set[str]) -> None:
         """The newest version whose job's serving check passed, if newer than the promoted one, is promoted:
-        the stable name routes to it (docs/serving.md: promotion after the check)."""
+        the stable name routes to it (docs/serving.md: promotion after the check); with a rollout spec, a
+        champion and no pin, it is canaried first (rollout.py), and a newer one waits for that to end."""
         for name, model in self.models.items():
             previous = model.get("promoted")
-            ready = [v for v in model["versions"] if v.get("jobUid") in checked]
+            ready = [
+                v for v in model["versions"] if v.get("jobUid") in checked and not v.get("rolloutFailed")
+            ]
             newest = max(ready, key=lambda v: int(v["version"]), default=None)
             if newest is None or (previous is not None and int(newest["version"]) <= int(previous)):
                 continue
-            model["promoted"] = newest["version"]
-            newest["promotedAt"] = self.now
-            self.out.registry_changed = True
-            was = f" (was {version_name(name, int(previous))})" if previous else ""
-            self.event(
-                "Normal",
-                "Promoted",
-                f"{newest['name']} from FineTuneJob {newest['job']} is promoted: {name} serves it{was}",
-                str(newest["job"]),
-            )
+            if (model.get("rollout") or {}).get("state") == canary.PROGRESSING:
+                continue
+            spec, pin = self.o.pool.spec.rollout(name), self.o.pool.spec.pin(name)
+            champion = next((v for v in model["versions"] if v["version"] == previous), None)
+            if spec is not None and champion is not None and pin is None:
+                model["rollout"] = canary.start(newest, champion, spec, self.now)
+                self.out.registry_changed = True
+                message = (
+                    f"canary of {newest['name']} against {champion['name']}: {model['rollout']['message']}"
+                )
+                self.event("Normal", "RolloutStarted", message, str(newest["job"]))
+                continue
+            self.promoted(name, model, newest)
+
+    def promoted(self, name: str, model: dict[str, Any], newest: dict[str, Any]) -> None:
+        previous = model.get("promoted")
+        model["promoted"] = newest["version"]
+        newest["promotedAt"] = self.now
+        self.out.registry_changed = True
+        was = f" (was {version_name(name, int(previous))})" if previous else ""
+        text = f"{newest['name']} from FineTuneJob {newest['job']} is promoted: {name} serves it{was}"
+        self.event("Normal", "Promoted", text, str(newest["job"]))
+
+    def progress(self) -> None:
+        """Each rollout in progress: roll back, advance or complete on the live figures (rollout.py)."""
+        for name, model in self.models.items():
+            current = model.get("rollout") or {}
+            if current.get("state") != canary.PROGRESSING:
+                continue
+            numbers = {v["version"]: v for v in model["versions"]}
+            spec, pin = self.o.pool.spec.rollout(name), self.o.pool.spec.pin(name)
+            decision = canary.progress(name, current, numbers, spec, pin, self.ready_reports(), self.o.now)
+            if spec is not None and (due := canary.due_in(decision.rollout, spec, self.o.now)) is not None:
+                self.out.requeue_after = min(due, self.out.requeue_after or due)
+            self.conclude(name, model, decision, numbers.get(current.get("version")))
+
+    def conclude(
+        self, name: str, model: dict[str, Any], decision: canary.Decision, challenger: dict[str, Any] | None
+    ) -> None:
+        model["rollout"] = decision.rollout
+        self.out.registry_changed = self.out.registry_changed or decision.changed
+        job = str(challenger["job"]) if challenger is not None else None
+        if decision.failed is not None:
+            if challenger is not None:
+                challenger["rolloutFailed"] = decision.failed
+            self.event("Warning", "RolloutFailed", decision.failed, job)
+        elif decision.promote and challenger is not None:
+            self.promoted(name, model, challenger)
+        elif decision.changed:
+            self.event("Normal", "RolloutStep", str(decision.rollout["message"]), job)
+
+    def ready_reports(self) -> list[Mapping[str, Any]]:
+        """What the routers of ready pods report (their stats count toward a rollout)."""
+        ready = {str(p["metadata"]["name"]) for p in self.o.pods if pod_ready(p)}
+        return [r for pod, r in sorted(self.o.replicas.items()) if r and r.get("ready") and pod in ready]
 
     def pending_check(self) -> set[str]:
         """Versioned names registered but not yet promoted whose job still asks: loaded for their check."""
@@ -183,6 +243,8 @@ class PoolPlanner:
                     why = (
                         "was deleted"
                         if uid not in alive
+                        else "no longer asks for it (its canary was rolled back)"
+                        if version.get("rolloutFailed")
                         else "no longer asks for it (its serving check failed)"
                     )
                     self.event(
@@ -232,6 +294,8 @@ class PoolPlanner:
         checking = self.pending_check()
         for model in self.models.values():
             keep = {model.get("serving"), model.get("promoted"), model.get("pinned")}
+            if (model.get("rollout") or {}).get("state") == canary.PROGRESSING:
+                keep.add(model["rollout"]["version"])  # the canary's challenger
             for version in model["versions"]:
                 if spec.adapter_source_of(str(version["adapter"])) is None:
                     # adapterSources narrowed since: the routers would refuse the whole state
@@ -271,6 +335,7 @@ class PoolPlanner:
             self.out.create.append(wanted_map)
         elif (self.o.configmap.get("data") or {}) != wanted_map["data"]:
             self.out.patch.append(ChildPatch("ConfigMap", name, {"data": wanted_map["data"]}))
+            self.state_changed = True  # capture settings too, which a router's GET /state does not echo
         if self.o.service is None:
             self.out.create.append(modelserver.pool_service(pool, self.config))
         policy = modelserver.pool_network_policy(pool, self.config)
@@ -324,8 +389,10 @@ class PoolPlanner:
                 continue
             loaded = sorted((reported.get("loaded") or {}).keys())
             routes = dict(reported.get("routes") or {})
+            weights = dict(reported.get("weights") or {})
             in_sync = loaded == sorted(state["adapters"]) and routes == state["routes"]
-            if reported.get("ready") and not in_sync:
+            in_sync = in_sync and weights == state.get("weights", {})
+            if reported.get("ready") and (not in_sync or self.state_changed):
                 self.out.push[pod_name] = str(pod["status"]["podIP"])
             rows.append(
                 {
@@ -340,10 +407,13 @@ class PoolPlanner:
 
     def run(self) -> PoolPlan:
         self.register()
+        self.progress()
         routes = self.route()
         adapters = self.limit()
         routes = {model: target for model, target in routes.items() if target in adapters}
-        state = modelserver.desired_state(adapters, routes)
+        weights = canary.state_weights(self.models, routes, adapters)
+        state = modelserver.desired_state(adapters, routes, weights, modelserver.capture_state(self.o.pool))
+        self.out.versions = canary.version_gauges(self.ready_reports(), routes, weights)
         self.out.state = state
         self.children(state)
         found = PoolFindings(
@@ -358,6 +428,7 @@ class PoolPlanner:
             pin_problems=self.pin_problems,
             outside_sources=self.outside_sources,
             pod_problem=pod_problem(self.o.pods),
+            capture=capture_counters(self.o.replicas) if self.o.pool.spec.capture else None,
         )
         status = build_status(self.o.status, found)
         self.out.status = as_fields(status)

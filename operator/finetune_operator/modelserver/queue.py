@@ -22,6 +22,7 @@ class PoolController:
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     running: set[asyncio.Task[Any]] = field(default_factory=set)
+    timers: dict[tuple[str, str], asyncio.TimerHandle] = field(default_factory=dict)  # kick_later's
     # Reconciles a FineTuneJob that reads a pool's status (set by the wiring: the kinds import neither).
     tell_job: Callable[[Mapping[str, Any]], Coroutine[Any, Any, Any]] | None = None
 
@@ -34,6 +35,14 @@ class PoolController:
     def kick(self, namespace: str, name: str) -> None:
         self.kicked.add((namespace, name))
         self.wake.set()
+
+    def kick_later(self, namespace: str, name: str, delay: float) -> None:
+        """Kick the pool after `delay` seconds (a rollout step falls due), replacing an earlier timer."""
+        key = (namespace, name)
+        old = self.timers.pop(key, None)
+        if old is not None:
+            old.cancel()
+        self.timers[key] = asyncio.get_running_loop().call_later(max(0.0, delay), self.kick, *key)
 
     def seen(self, body: Mapping[str, Any], deleted: bool) -> None:
         meta = body["metadata"]

@@ -17,7 +17,7 @@ from typing import Any
 
 from finetune_operator.api.conditions import short, timestamp
 from finetune_operator.api.finetunejob_status import Condition
-from finetune_operator.api.modelserver import ModelServerStatus, ModelStatus, ReplicaStatus
+from finetune_operator.api.modelserver import CaptureCounters, ModelServerStatus, ModelStatus, ReplicaStatus
 from finetune_operator.api.modelserver_conditions import PoolConditionType, PoolReason
 from finetune_operator.k8s.observe import PodProblem
 
@@ -67,6 +67,18 @@ class PoolFindings:
     # Why the newest pod does not start (kubelet's reason and message), while replicas are missing: what
     # the jobs it serves report (serving_contract.PoolReport.message).
     pod_problem: PodProblem | None = None  # fatal: kubelet gave up retrying, Ready says ImagePullFailed
+    capture: Mapping[str, int] | None = None  # capture counters summed over the replicas (capture on)
+
+
+CAPTURE_COUNTERS = ("records", "feedback", "failures", "dropped")
+
+
+def capture_counters(reports: Mapping[str, Mapping[str, Any] | None]) -> dict[str, int]:
+    """status.capture: the routers' capture counters summed over the replicas that report them."""
+    found = [(r or {}).get("capture") or {} for r in reports.values()]
+    return {
+        key: sum(int(c.get(key) or 0) for c in found if isinstance(c, Mapping)) for key in CAPTURE_COUNTERS
+    }
 
 
 def _ready(old: Sequence[Mapping[str, Any]], found: PoolFindings, ready: int) -> Condition:
@@ -129,6 +141,7 @@ def build_status(old: Mapping[str, Any], found: PoolFindings) -> ModelServerStat
         models={name: ModelStatus.model_validate(m) for name, m in found.models.items()} or None,
         model_names=short(serving, 256) or None,
         endpoint=found.endpoint,
+        capture=CaptureCounters.model_validate(found.capture) if found.capture is not None else None,
         conditions=conditions(old.get("conditions") or [], found, ready),
         message=found.policy.message if refused and found.policy else _message(found, ready),
     )

@@ -510,6 +510,8 @@ class LocalCluster:
         # Everything here is on loopback over plain http (reference endpoints in tests and demos included):
         # the one place that allowance is made. A real install allows no plain-http host by default.
         env.setdefault("FTO_REFERENCE_PLAIN_HTTP_HOSTS", "127.0.0.0/8,localhost,::1")
+        # Chaos testing (issue 24): the pools' routers accept PUT /faults here; the chart keeps it off.
+        env.setdefault("FTO_ROUTER_FAULT_INJECTION", "true")
         if self.mlflow_enabled:
             from .mlflow import IN_CLUSTER_URL
 
