@@ -16,6 +16,7 @@ from finetune_operator.config import OperatorConfig
 from finetune_operator.finetunejob.records import JobRecords
 from finetune_operator.finetunepolicy import enforcement as policy
 from finetune_operator.finetunepolicy.controller import PolicyQueue
+from finetune_operator.finetuneschedule.controller import ScheduleQueue
 from finetune_operator.k8s import client as kube
 from finetune_operator.k8s import observe, ownership
 
@@ -48,6 +49,7 @@ class Context(JobRecords):
     ledgers: dict[str, tuple[int, list[dict[str, Any]]]] = field(default_factory=dict)
     pools: PoolController = field(default_factory=PoolController)  # ModelServers (modelserver/controller.py)
     policy_queue: PolicyQueue = field(default_factory=PolicyQueue)  # their status sync (finetunepolicy/)
+    schedules: ScheduleQueue = field(default_factory=ScheduleQueue)  # FineTuneSchedules (finetuneschedule/)
 
     def policy_view(self, spec: FineTuneJobSpec, namespace: str, uid: str) -> policy.PolicyView | None:
         """The policies selecting the job's namespace and the namespace's use; None without policies."""

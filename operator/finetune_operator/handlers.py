@@ -11,7 +11,9 @@ from finetune_vocabulary.labels import LABEL_MANAGED_BY, LABEL_MODELSERVER_UID, 
 from finetune_operator import lifecycle
 from finetune_operator.api.finetunejob import GROUP, PLURAL, VERSION
 from finetune_operator.api.finetunepolicy import PLURAL as POLICY_PLURAL
+from finetune_operator.api.finetuneschedule import PLURAL as SCHEDULES
 from finetune_operator.api.modelserver import PLURAL as MODELSERVERS
+from finetune_operator.finetuneschedule.builders import LABEL_SCHEDULE_UID
 
 MANAGED = {LABEL_MANAGED_BY: MANAGER}
 
@@ -22,6 +24,7 @@ def register(registry: kopf.OperatorRegistry) -> kopf.OperatorRegistry:
     _register_indexes(registry)
     _register_events(registry)
     _register_pools(registry)
+    _register_schedules(registry)
     return registry
 
 
@@ -117,3 +120,25 @@ def _register_pools(registry: kopf.OperatorRegistry) -> None:
     async def pool_pod_event(body: kopf.Body, memo: Any, **_: Any) -> None:
         """Reconcile a ModelServer when one of its pods starts, turns ready or goes."""
         lifecycle.context(memo).pools.kick_pod(body)
+
+
+def _register_schedules(registry: kopf.OperatorRegistry) -> None:
+    """FineTuneSchedules are queued by finetuneschedule/controller.py: these handlers only kick a schedule
+    (a run's FineTuneJob kicks it from finetunejob_event)."""
+
+    @kopf.on.event(GROUP, VERSION, SCHEDULES, id="schedule_event", registry=registry)
+    async def schedule_event(body: kopf.Body, type: str | None, memo: Any, **_: Any) -> None:
+        """Plan a FineTuneSchedule when it is listed, created, changed or deleted."""
+        lifecycle.context(memo).schedules.seen(body, deleted=type == "DELETED")
+
+    @kopf.on.event(
+        "batch",
+        "v1",
+        "jobs",
+        labels={LABEL_SCHEDULE_UID: kopf.PRESENT},
+        id="schedule_job_event",
+        registry=registry,
+    )
+    async def schedule_job_event(body: kopf.Body, memo: Any, **_: Any) -> None:
+        """Plan a FineTuneSchedule when one of its data Jobs changes (finishes)."""
+        lifecycle.context(memo).schedules.kick_child(body)

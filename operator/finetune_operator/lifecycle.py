@@ -20,6 +20,7 @@ from finetune_operator.context import Children, Context, owner_uid, snapshot
 from finetune_operator.finetunejob import controller as reconcile
 from finetune_operator.finetunepolicy import controller as policy_controller
 from finetune_operator.finetunepolicy import enforcement as policy
+from finetune_operator.finetuneschedule import controller as schedule
 from finetune_operator.k8s import client as kube
 from finetune_operator.k8s import ownership
 from finetune_operator.k8s.observe import disrupted_pods
@@ -117,6 +118,7 @@ def index_deployment(body: Mapping[str, Any]) -> dict[str, Any] | None:
 async def on_job_event(memo: Any, body: Mapping[str, Any], event_type: str | None) -> None:
     ctx = context(memo)
     ctx.pools.kick_job(body)  # a job on a ModelServer: its pool registers, loads or unloads it
+    ctx.schedules.kick_child(body)  # a run of a FineTuneSchedule: its status lists the run's phase
     if event_type == "DELETED":
         ctx.forget(str(body["metadata"]["uid"]))
         return
@@ -246,6 +248,12 @@ async def startup(memo: Any, kwargs: Mapping[str, Any]) -> None:
     bind_indexes(ctx, kwargs)
     ctx.resync = asyncio.get_running_loop().create_task(resync_loop(ctx), name="finetune-resync")
     ctx.pools.task = asyncio.get_running_loop().create_task(pool.run(pool_wiring(ctx)), name="finetune-pools")
+    wiring = schedule.ScheduleWiring(
+        ctx.config, ctx.schedules, lambda: ctx.api if isinstance(ctx.api, kube.KubeApi) else None
+    )
+    ctx.schedules.task = asyncio.get_running_loop().create_task(
+        schedule.run(wiring), name="finetune-schedules"
+    )
     period = min(ctx.config.defaults.progress_seconds, ctx.config.defaults.resync_seconds)
     ctx.policy_queue.task = asyncio.get_running_loop().create_task(
         policy_controller.run(lambda: sync_policy_status(ctx), ctx.policy_queue, period),
@@ -261,7 +269,7 @@ async def cleanup(memo: Any) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await ctx.resync
         ctx.resync = None
-    for holder in (ctx.pools, ctx.policy_queue):
+    for holder in (ctx.pools, ctx.policy_queue, ctx.schedules):
         if holder.task is not None:
             holder.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

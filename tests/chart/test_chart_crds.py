@@ -46,6 +46,6 @@ def test_crds_are_not_templates_so_upgrades_never_touch_them(helm: str) -> None:
     assert by_kind(render(helm), "CustomResourceDefinition") == []
     crds = by_kind(render(helm, include_crds=True), "CustomResourceDefinition")
     names = sorted(c["metadata"]["name"] for c in crds)
-    plurals = ("finetunejobs", "finetunepolicies", "modelservers")
+    plurals = ("finetunejobs", "finetunepolicies", "finetuneschedules", "modelservers")
     assert names == [f"{plural}.finetune.dev" for plural in plurals]
     assert all("helm.sh/resource-policy" not in (c["metadata"].get("annotations") or {}) for c in crds)

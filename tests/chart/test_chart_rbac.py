@@ -174,9 +174,12 @@ def test_aggregated_roles_let_namespace_users_manage_finetunejobs(helm: str) -> 
     for verb in ("create", "update", "patch", "delete", "get", "list", "watch"):
         assert ("finetune.dev", "finetunejobs", verb) in edit_grants
     assert ("finetune.dev", "finetunejobs/status", "patch") not in edit_grants  # status is the operator's
+    for verb in ("create", "update", "patch", "delete", "get", "list", "watch"):
+        assert ("finetune.dev", "finetuneschedules", verb) in edit_grants
+    assert ("finetune.dev", "finetuneschedules", "get") in flatten(view["rules"])
     # status.children is what makes a child count (docs/security.md): no aggregated role may write any status
     for role in (edit, view):
-        for status in ("finetunejobs/status", "modelservers/status"):
+        for status in ("finetunejobs/status", "modelservers/status", "finetuneschedules/status"):
             assert {v for _, r, v in flatten(role["rules"]) if r == status} <= {"get", "list", "watch"}
     # FineTunePolicies are the platform team's: no aggregated role grants anything on them.
     for role in (edit, view):

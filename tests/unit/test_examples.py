@@ -17,9 +17,11 @@ from localcluster.crdvalidation import CRDValidator
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 POLICY = "policy.yaml"  # a FineTunePolicy
 SERVER = "model-server.yaml"  # a ModelServer and a FineTuneJob attached to it
-NOT_JOBS = (POLICY, SERVER)  # every other example is one FineTuneJob
+SCHEDULE = "finetuneschedule.yaml"  # a FineTuneSchedule (issue 24)
+NOT_JOBS = (POLICY, SERVER, SCHEDULE)  # every other example is one FineTuneJob
 EXPECTED = {
     POLICY,
+    SCHEDULE,
     "demo.yaml",
     "lora-mistral-small-3-a100-80gb.yaml",
     "qlora-a100-40gb.yaml",
@@ -213,3 +215,35 @@ def test_model_server_example_is_a_pool_and_a_job_attached_to_it(validator: CRDV
         spec.deployment.server == server["metadata"]["name"] and spec.deployment.model_name == "support-bot"
     )
     assert spec.base_model.uri == pool.base_model.uri and spec.lora.rank <= pool.max_lora_rank
+
+
+def test_schedule_example_retrains_weekly_and_on_new_examples_against_the_pool() -> None:
+    """The example passes the CRD and the operator's own checks (cron, time zone, template) and its runs
+    challenge the pool example's model name."""
+    from datetime import UTC, datetime, timedelta
+
+    from finetune_operator.api.crdgen import FINETUNESCHEDULE
+    from finetune_operator.config import load_config
+    from finetune_operator.finetuneschedule.planner import ScheduleObserved, plan_schedule
+
+    schedule = load(SCHEDULE)
+    stored = CRDValidator(build_crd(FINETUNESCHEDULE), "v1alpha1").admit(schedule)
+    server = next(iter(yaml.safe_load_all((EXAMPLES / SERVER).read_text())))
+    server = {**server, "spec": {**server["spec"], "capture": {"destination": "s3://my-bucket/capture"}}}
+    monday = datetime(2026, 12, 7, 2, 0, 30, tzinfo=UTC)  # 03:00 in Berlin
+    observed = ScheduleObserved(
+        "team-a",
+        "support-bot-weekly",
+        "u",
+        1,
+        monday - timedelta(days=1),
+        stored["spec"],
+        {},
+        monday,
+        server=server,
+    )
+    planned = plan_schedule(observed, load_config(env={}))
+    assert [m["metadata"]["name"] for m in planned.create] == ["support-bot-weekly-1-data"], planned.status
+    assert planned.status["lastScheduleTime"] == "2026-12-07T02:00:00Z"  # the cron run, not the trigger
+    source = stored["spec"]["dataset"]["fromCapture"]
+    assert source["modelServer"] == server["metadata"]["name"] and source["model"] in server["spec"]["models"]

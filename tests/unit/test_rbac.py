@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,6 +19,8 @@ from aiohttp import web
 from finetune_operator import handlers
 from finetune_operator.config import load_config
 from finetune_operator.finetunejob.builders import validation_job
+from finetune_operator.finetuneschedule import controller as schedule
+from finetune_operator.finetuneschedule.planner import SchedulePlan
 from finetune_operator.k8s import client as kube
 from finetune_operator.k8s import rbac
 
@@ -101,8 +104,30 @@ async def _recorded_calls(aiohttp_port: int, server_calls: list[tuple[str, str, 
         await api.create_or_adopt(server, UID)
         await api.patch("ModelServer", "team-a", "demo-serve", {"spec": {"replicas": 2}})
         await api.delete("ModelServer", "team-a", "demo-serve")
+        await _schedule_pass(api, manifest)
     finally:
         await api.close()
+
+
+async def _schedule_pass(api: kube.KubeApi, manifest: Any) -> None:
+    """A FineTuneSchedule pass (finetuneschedule/controller.py): its reads, a data Job and a run created (and
+    adopted), both deleted, an Event, its status."""
+    body = {
+        "metadata": {"name": "nightly", "namespace": "team-a", "uid": UID},
+        "spec": {"dataset": {"fromCapture": {"modelServer": "pool"}}},
+    }
+    await api.get("FineTuneSchedule", "team-a", "nightly")
+    await schedule.observe(api, body, datetime.now(UTC))
+    data = {**manifest, "metadata": {**manifest["metadata"], "name": "nightly-1-data"}}
+    run = {**manifest, "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob"}
+    for _ in range(2):
+        planned = SchedulePlan(
+            create=[data, run],
+            delete=[("Job", "team-a-old"), ("FineTuneJob", "nightly-0")],
+            status={"lastRun": 1},
+            events=[("Normal", "RunCreated", "run nightly-1 created")],
+        )
+        await schedule.act(api, body, planned)
 
 
 @pytest.fixture

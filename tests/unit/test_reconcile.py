@@ -446,3 +446,45 @@ async def test_a_stale_pass_for_a_deleted_uid_cannot_write_a_namesakes_status() 
     assert await reconcile(ctx, stale, trigger="resync") is False
     assert ctx.records["the-deleted-job"].dirty
     assert "status" not in job
+
+
+async def test_a_scheduled_runs_dataset_sources_reach_its_status_and_ftj_config() -> None:
+    """Issue 24: a FineTuneSchedule's run carries its assembly's counts in the dataset-sources annotation;
+    the job copies the integers into status.dataset.sources and FTJ_CONFIG dataset.sources (MLflow)."""
+    job = new_job()
+    job["metadata"]["annotations"] = {
+        "finetune.dev/dataset-sources": json.dumps(
+            {"base": 100, "captured": 7, "total": 107, "bad": "x", "f": 1.5}
+        )
+    }
+    ctx, api = setup(job)
+    await reconcile(ctx, copy.deepcopy(job), trigger="test")
+    validate = api.objects[("Job", "team-a", "demo-validate")]
+    env = validate["spec"]["template"]["spec"]["containers"][0]["env"]
+    document = json.loads(next(e["value"] for e in env if e["name"] == "FTJ_CONFIG"))
+    assert document["dataset"] == {"sources": {"base": 100, "captured": 7, "total": 107}}
+    validate["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    summary = {"train": 10, "test": 2, "trainTokens": 1000}
+    api.objects[("Pod", "team-a", "v-1")] = {
+        "kind": "Pod",
+        "metadata": {"name": "v-1", "namespace": "team-a", "labels": validate["metadata"]["labels"]}
+        | controlled_by(validate),
+        "status": {
+            "phase": "Succeeded",
+            "containerStatuses": [
+                {
+                    "name": "trainer",
+                    "state": {"terminated": {"exitCode": 0, "message": json.dumps({"summary": summary})}},
+                }
+            ],
+        },
+    }
+    await reconcile(ctx, copy.deepcopy(job), trigger="child-event")
+    assert job["status"]["dataset"]["sources"] == {"base": 100, "captured": 7, "total": 107}
+    assert job["status"]["dataset"]["train"] == 10
+    # a job without the annotation: neither
+    plain = new_job()
+    ctx, api = setup(plain)
+    await reconcile(ctx, copy.deepcopy(plain), trigger="test")
+    env = api.objects[("Job", "team-a", "demo-validate")]["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "dataset" not in json.loads(next(e["value"] for e in env if e["name"] == "FTJ_CONFIG"))

@@ -67,12 +67,20 @@ Roles (namespaced mode). Kopf needs nothing more: the operator runs it standalon
 resource scanning off (no CRD or namespace reads), without Kopf's own Events, finalizers or annotations.
 */}}
 {{- define "finetune-operator.rules" -}}
-# Kopf lists and watches FineTuneJobs; the operator writes their status. Nothing else on them.
+# Kopf lists and watches FineTuneJobs; the operator writes their status. A FineTuneSchedule's runs are
+# created (get on "already exists") and deleted (historyLimit, concurrencyPolicy Replace).
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs"]
-  verbs: ["list", "watch"]
+  verbs: ["list", "watch", "get", "create", "delete"]
 - apiGroups: ["finetune.dev"]
   resources: ["finetunejobs/status"]
+  verbs: ["patch"]
+# FineTuneSchedules: watched and read per pass; the operator writes their status.
+- apiGroups: ["finetune.dev"]
+  resources: ["finetuneschedules"]
+  verbs: ["list", "watch", "get"]
+- apiGroups: ["finetune.dev"]
+  resources: ["finetuneschedules/status"]
   verbs: ["patch"]
 # ModelServers (shared vLLM pools): watched and read per pass; the operator writes their status. A job's
 # own ModelServer is created, patched and deleted by the operator.
@@ -91,10 +99,11 @@ resource scanning off (no CRD or namespace reads), without Kopf's own Events, fi
   resources: ["networkpolicies"]
   verbs: ["get", "create", "patch"]
 # Children, cached by watches; create-or-adopt = create, then get on "already exists".
-# Jobs: suspended/resumed by patch, never deleted (ownerReferences garbage-collect them).
+# Jobs: suspended/resumed by patch; stage Jobs are never deleted (ownerReferences garbage-collect them), a
+# FineTuneSchedule's data Job is deleted once read.
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["list", "watch", "create", "get", "patch"]
+  verbs: ["list", "watch", "create", "get", "patch", "delete"]
 # The vLLM Deployment: rolled by patch when spec.deployment changes, deleted when it is disabled.
 - apiGroups: ["apps"]
   resources: ["deployments"]

@@ -27,6 +27,9 @@ from finetune_operator.api import (
     finetunepolicy as policy_models,
 )
 from finetune_operator.api import (
+    finetuneschedule as schedule_models,
+)
+from finetune_operator.api import (
     modelserver as modelserver_models,
 )
 from finetune_operator.api.finetunejob_status import FineTuneJobStatus
@@ -207,8 +210,21 @@ MODELSERVER = Kind(
     printer_columns=modelserver_models.PRINTER_COLUMNS,
 )
 
+FINETUNESCHEDULE = Kind(
+    kind=schedule_models.KIND,
+    plural=schedule_models.PLURAL,
+    singular=schedule_models.SINGULAR,
+    short_names=schedule_models.SHORT_NAMES,
+    description="FineTuneSchedule retrains on a cron schedule or when enough new captured examples exist: "
+    "each run assembles base + captured data and creates a FineTuneJob from jobTemplate that challenges "
+    "the version serving.",
+    spec=schedule_models.FineTuneScheduleSpec,
+    status=schedule_models.FineTuneScheduleStatus,
+    printer_columns=schedule_models.PRINTER_COLUMNS,
+)
+
 # Every kind the operator defines; `make crds` writes one file for each.
-KINDS: tuple[Kind, ...] = (FINETUNEJOB, FINETUNEPOLICY, MODELSERVER)
+KINDS: tuple[Kind, ...] = (FINETUNEJOB, FINETUNEPOLICY, MODELSERVER, FINETUNESCHEDULE)
 
 CRD_FILENAME = FINETUNEJOB.filename
 

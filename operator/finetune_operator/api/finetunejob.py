@@ -108,6 +108,9 @@ PLURAL = "finetunejobs"
 SINGULAR = "finetunejob"
 SHORT_NAMES = ("ftj",)
 CATEGORIES = ("finetune",)
+# On a FineTuneSchedule's run: JSON of its assembled training set's example counts by source (issue 24);
+# copied into status.dataset.sources and FTJ_CONFIG dataset.sources.
+ANNOTATION_DATASET_SOURCES = f"{GROUP}/dataset-sources"
 
 # The spec sections (sections.py, evaluation.py) are re-exported: `models` stays the one import for the
 # API types.

@@ -123,6 +123,12 @@ class DatasetStatus(StatusModel):
     labels: LabelBalance | None = Field(
         default=None, description="kto: training examples by label (unpaired-preference)."
     )
+    sources: dict[Annotated[str, Field(max_length=32)], Count] | None = Field(
+        default=None,
+        max_length=16,
+        description="A FineTuneSchedule's run: examples assembled by source (base, captured, corrected, "
+        "duplicates, heldOut, total).",
+    )
 
 
 MetricValues = Annotated[dict[Annotated[str, Field(max_length=64)], Real], Field(max_length=16)]

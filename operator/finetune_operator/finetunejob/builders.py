@@ -58,6 +58,7 @@ class TrainerConfig(TypedDict, total=False):
     champion: dict[str, str]
     modelServerUrls: dict[str, str]
     servingCheck: dict[str, Any]
+    dataset: dict[str, Any]
 
 
 def trainer_config(
@@ -91,6 +92,8 @@ def trainer_config(
         document["champion"] = {"name": champion[0], "adapter": champion[1]}
     if serving_check is not None:
         document["servingCheck"] = dict(serving_check)
+    if job.sources:
+        document["dataset"] = {"sources": dict(job.sources)}  # a scheduled run's counts (MLflow params)
     return document
 
 

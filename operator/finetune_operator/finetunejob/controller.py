@@ -34,7 +34,7 @@ from finetune_operator.finetunejob import distributed, ownedserver
 from finetune_operator.finetunejob.plan import Observed, Plan
 from finetune_operator.finetunejob.planner import plan
 from finetune_operator.finetunejob.records import ControllerContext, JobRecord, by_stage, stage_of
-from finetune_operator.finetunejob.ref import JobRef, ObjectRef
+from finetune_operator.finetunejob.ref import JobRef, ObjectRef, dataset_sources
 from finetune_operator.finetunejob.stages import STAGES
 from finetune_operator.finetunepolicy import enforcement as policy
 from finetune_operator.k8s import client as kube
@@ -122,7 +122,8 @@ async def _reconcile(ctx: ControllerContext, record: JobRecord, *, read_progress
     if spec is not None:
         view = ctx.policy_view(spec, namespace, uid)
         spec = policy.with_defaults(spec, view.filled) if view else spec
-    ref = ObjectRef(namespace, name, uid) if spec is None else JobRef(namespace, name, uid, spec)
+    sources = dataset_sources(meta)
+    ref = ObjectRef(namespace, name, uid) if spec is None else JobRef(namespace, name, uid, spec, sources)
     children, pods, service = by_stage(ctx.children(uid, namespace))
     status = job.get("status") or {}
     progress = None

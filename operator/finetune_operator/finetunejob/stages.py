@@ -85,6 +85,8 @@ def trained_message(progress: Mapping[str, Any]) -> str:
 
 def read_validation(p: JobDraft, outcome: JobOutcome) -> bool:
     dataset = dataset_status(outcome.summary)
+    if p.job.sources:
+        dataset["sources"] = dict(p.job.sources)  # a FineTuneSchedule's run: counts by source
     p.status["dataset"] = dataset
     p.status["gpuHoursEstimate"] = gpu_hours_estimate(p.job.spec, dataset, p.config)
     p.status["artifacts"]["data"] = f"{p.job.layout.data}/"

@@ -41,6 +41,7 @@ KINDS: dict[str, tuple[str, str]] = {
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies"),
     KIND: (f"/apis/{API_VERSION}", "finetunejobs"),
     "ModelServer": (f"/apis/{API_VERSION}", "modelservers"),
+    "FineTuneSchedule": (f"/apis/{API_VERSION}", "finetuneschedules"),
 }
 
 

@@ -7,11 +7,16 @@ from typing import Any
 
 from finetune_operator.api.finetunejob import GROUP, PLURAL
 from finetune_operator.api.finetunepolicy import PLURAL as POLICY_PLURAL
+from finetune_operator.api.finetuneschedule import PLURAL as SCHEDULE_PLURAL
 
 RULES: tuple[dict[str, Any], ...] = (
-    # Kopf lists and watches jobs; kube.patch_status writes their status. Nothing else on them.
-    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["list", "watch"]},
+    # Kopf lists and watches jobs; kube.patch_status writes their status. A FineTuneSchedule's runs (issue
+    # 24) are created (create-or-adopt: get on "already exists") and deleted (history, Replace).
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["list", "watch", "get", "create", "delete"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
+    # FineTuneSchedules (issue 24): watched, read per pass, their status written.
+    {"apiGroups": [GROUP], "resources": [SCHEDULE_PLURAL], "verbs": ["list", "watch", "get"]},
+    {"apiGroups": [GROUP], "resources": [f"{SCHEDULE_PLURAL}/status"], "verbs": ["patch"]},
     # ModelServers (issue 11): watched; their status written; their jobs listed (modelserver/controller.py
     # reads them per pass).
     # A job's own ModelServer (issue 21): created, patched when its deployment section changes, deleted
@@ -31,8 +36,13 @@ RULES: tuple[dict[str, Any], ...] = (
         "verbs": ["get", "create", "patch"],
     },
     # Children, cached by watches. Create-or-adopt = create, then get on "already exists".
-    # Jobs: suspend/resume by patch; never deleted by the operator (ownerReferences garbage-collect them).
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "get", "patch"]},
+    # Jobs: suspend/resume by patch; a stage Job is never deleted by the operator (ownerReferences
+    # garbage-collect them); a FineTuneSchedule's data Job is deleted once read.
+    {
+        "apiGroups": ["batch"],
+        "resources": ["jobs"],
+        "verbs": ["list", "watch", "create", "get", "patch", "delete"],
+    },
     # The vLLM Deployment: rolled by patch when spec.deployment changes, deleted when it is disabled.
     {
         "apiGroups": ["apps"],
