@@ -377,3 +377,17 @@ def test_a_tracking_uri_at_a_metadata_address_is_refused_before_any_client_exist
     assert tracker.client is None and tracker.degraded
     assert "trackingUri" in (tracker.message or "") and "169.254.169.254" in (tracker.message or "")
     assert "link-local or cloud metadata address" in (tracker.message or "")
+
+
+def test_a_scheduled_runs_dataset_sources_are_params(tmp_path: Path) -> None:
+    """FTJ_CONFIG `dataset.sources` (the assemble stage's counts, set for a FineTuneSchedule's job) become
+    `dataset.sources.<key>` params and lineage tags; a job without them logs none."""
+    plain = config(tmp_path)
+    document = {**plain.model_dump(by_alias=True), "dataset": {"sources": {"base": 120, "captured": 37}}}
+    scheduled = parse_config(document)
+
+    params = tracking.run_params(scheduled)
+
+    assert params["dataset.sources.base"] == "120" and params["dataset.sources.captured"] == "37"
+    assert tracking.lineage_tags(scheduled, params)["dataset.sources.captured"] == "37"
+    assert not [k for k in tracking.run_params(plain) if k.startswith("dataset.sources")]

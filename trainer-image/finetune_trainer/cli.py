@@ -1,4 +1,4 @@
-"""``python -m finetune_trainer validate|train|evaluate|export|servecheck [--config PATH]``.
+"""``python -m finetune_trainer validate|train|evaluate|export|servecheck|assemble [--config PATH]``.
 
 Each stage is ``finetune_trainer.<stage>.run(config) -> StageResult | dict`` (the summary), imported lazily so
 ``validate`` never loads torch. Every outcome becomes a contract exit code plus a termination message.
@@ -6,6 +6,7 @@ With ``spec.resources.gpus > 1`` or ``nodes > 1`` the ``train`` stage relaunches
 ``torch.distributed.run`` (``gpus`` processes in this pod; with several nodes, node rank
 ``JOB_COMPLETION_INDEX`` of a static c10d rendezvous at rank 0's pod, see finetune_vocabulary.distributed) and
 keeps its first process's exit code (torchrun alone would turn every failure into exit code 1).
+``assemble`` (a FineTuneSchedule's data Job) reads its own document (config.AssembleConfig), not a job's.
 """
 
 from __future__ import annotations
@@ -28,14 +29,14 @@ from typing import Any
 from finetune_vocabulary import distributed
 
 from . import __version__
-from .config import TrainerConfig, load_config
+from .config import AssembleConfig, TrainerConfig, load_assemble_config, load_config
 from .exitcodes import ExitCode, InvalidConfigError, TrainerError, TransientError, classify
 from .logs import setup_logging
 from .termination import StageResult, install_sigterm_handler, termination_log_path, write_termination_message
 
 log = logging.getLogger("finetune_trainer")
 
-STAGES = ("validate", "train", "evaluate", "export", "servecheck")
+STAGES = ("validate", "train", "evaluate", "export", "servecheck", "assemble")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate": "score the tuned model against the base (and a reference) on the held-out set",
         "export": "merge the adapter into the base model for serving in merged mode",
         "servecheck": "score the serving engine's answers to held-out prompts before it takes traffic",
+        "assemble": "build a FineTuneSchedule run's training set: base + captured chats (CPU only)",
     }
     for stage in STAGES:
         p = sub.add_parser(stage, help=helps[stage])
@@ -86,7 +88,7 @@ def _as_result(value: Any) -> StageResult:
     return StageResult()
 
 
-def run_stage(stage: str, config: TrainerConfig) -> StageResult:
+def run_stage(stage: str, config: TrainerConfig | AssembleConfig) -> StageResult:
     module = importlib.import_module(f"finetune_trainer.{stage}")
     return _as_result(module.run(config))
 
@@ -235,11 +237,14 @@ def main(argv: list[str] | None = None) -> int:
         if stage == "fetch":
             result = fetch(args.source, args.dest)
         else:
-            config = load_config(args.config)
-            launch = _distributed_launch(stage, config)
-            if launch is not None:
-                return launch_distributed(stage, launch, argv)
-            result = run_stage(stage, config)
+            if stage == "assemble":
+                result = run_stage(stage, load_assemble_config(args.config))
+            else:
+                config = load_config(args.config)
+                launch = _distributed_launch(stage, config)
+                if launch is not None:
+                    return launch_distributed(stage, launch, argv)
+                result = run_stage(stage, config)
     except BaseException as exc:
         if isinstance(exc, SystemExit | KeyboardInterrupt) and not isinstance(exc, TrainerError):
             raise

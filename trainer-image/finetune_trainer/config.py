@@ -19,9 +19,11 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune_vocabulary.capture import REDACTOR_NAMES
 from finetune_vocabulary.distributed import MAX_NODES
 from finetune_vocabulary.evaluation import (
     DETERMINISTIC_GRADER_TYPES,
@@ -500,8 +502,16 @@ class ServingCheckTarget(_Section):
     examples: int = Field(200, ge=1, le=10000, description="The first N held-out prompts")
 
 
+class DatasetSources(_Section):
+    """Set by the operator for a job a FineTuneSchedule created: where its assembled training set came
+    from (the assemble stage's summary ``examples``); logged as MLflow params ``dataset.sources.<key>``."""
+
+    sources: dict[str, int] = Field(default_factory=dict)
+
+
 class TrainerConfig(_Section):
     run_prefix: str = Field(description="Everything this run writes goes under this URI")
+    dataset: DatasetSources = Field(default_factory=DatasetSources)
     job: JobRef = Field(default_factory=JobRef)
     spec: FineTuneSpec
     reference_policy: ReferencePolicy = Field(default_factory=ReferencePolicy)
@@ -584,6 +594,75 @@ class TrainerConfig(_Section):
         return record
 
 
+def _writable_uri(value: str) -> str:
+    if not value or value.startswith("hf://") or value.endswith("/"):
+        raise ValueError("must be a writable file location (s3://, pvc:// or a local path)")
+    if ".." in value.split("/"):
+        raise ValueError("must not contain '..' segments")
+    return value
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """A time without a zone is UTC (the operator writes ISO UTC)."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class CaptureSource(_Section):
+    """A pool's captured traffic: chats of one stable model name and the pool's feedback."""
+
+    prefix: str = Field(description="The pool's capture prefix (finetune_vocabulary.capture.capture_prefix)")
+    # the ModelServer's model-name rule (a path segment here: no "/" or "..")
+    model: str = Field(pattern=r"^[a-z0-9](?:[-a-z0-9]*[a-z0-9])?$", max_length=48, description="Stable name")
+    min_rating: Literal[-1, 0, 1] = Field(1, description="Keep chats rated at least this (unrated: 0)")
+    redact: list[str] = Field(default_factory=lambda: list(REDACTOR_NAMES), description="REDACTOR_NAMES")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_shape(cls, value: str) -> str:
+        if ".." in value.split("/") or value.startswith("hf://"):
+            raise ValueError("must be an s3://, pvc:// or local prefix without '..' segments")
+        return value.rstrip("/")
+
+    @field_validator("redact")
+    @classmethod
+    def _known_redactors(cls, names: list[str]) -> list[str]:
+        if unknown := [name for name in names if name not in REDACTOR_NAMES]:
+            raise ValueError(f"unknown redactor {', '.join(unknown)} (known: {', '.join(REDACTOR_NAMES)})")
+        return names
+
+
+class AssembleSpec(_Section):
+    """The FineTuneSchedule data Job's work: base + captured examples into one training file."""
+
+    base: str = Field(description="The curated set, always included (any format validate accepts)")
+    test: str = Field(description="The job template's held-out set: no prompt of it reaches the output")
+    capture: CaptureSource | None = None
+    since: datetime | None = Field(None, description="Captured examples after this count as new")
+    until: datetime = Field(description="Captured chats up to this time are read (the run's cutoff)")
+    min_new_examples: int = Field(0, ge=0, description="Write nothing (ready: false) below this many new")
+    objective: Objective = "sft"
+    output: str = Field(description="The assembled training file; assembly.json is written beside it")
+    max_line_bytes: int = Field(1_048_576, ge=1, description="A longer base line is an invalid line")
+
+    _utc_times = field_validator("since", "until")(_utc)
+    _output_shape = field_validator("output")(_writable_uri)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AssembleSpec:
+        if self.since is not None and self.since > self.until:
+            raise ValueError("since: must not be after until")
+        return self
+
+
+class AssembleConfig(_Section):
+    """FTJ_CONFIG of the assemble stage: ``{"stage": "assemble", "assemble": {...}}`` (no run prefix)."""
+
+    stage: Literal["assemble"] = "assemble"
+    assemble: AssembleSpec
+
+
 def _field_path(loc: tuple[Any, ...]) -> str:
     """Join a pydantic error location (already camelCase aliases) into e.g. ``spec.lora.targetModules[0]``."""
     path = ""
@@ -613,33 +692,59 @@ def format_validation_error(error: ValidationError) -> str:
     return "invalid config: " + "; ".join(lines)
 
 
-def parse_config(document: str | bytes | dict[str, Any], source: str = "FTJ_CONFIG") -> TrainerConfig:
-    """Parse and validate a config document; raises InvalidConfigError naming the field."""
+def _document(document: str | bytes | dict[str, Any], source: str, expected: str) -> dict[str, Any]:
     if isinstance(document, str | bytes):
         try:
             document = json.loads(document)
         except json.JSONDecodeError as exc:
             raise InvalidConfigError(f"{source}: not valid JSON: {exc}") from None
     if not isinstance(document, dict):
-        raise InvalidConfigError(f"{source}: expected a JSON object with runPrefix, job and spec")
+        raise InvalidConfigError(f"{source}: expected a JSON object with {expected}")
+    return document
+
+
+def parse_config(document: str | bytes | dict[str, Any], source: str = "FTJ_CONFIG") -> TrainerConfig:
+    """Parse and validate a config document; raises InvalidConfigError naming the field."""
+    document = _document(document, source, "runPrefix, job and spec")
     try:
         return TrainerConfig.model_validate(document)
     except ValidationError as exc:
         raise InvalidConfigError(format_validation_error(exc)) from None
 
 
+def parse_assemble_config(
+    document: str | bytes | dict[str, Any], source: str = "FTJ_CONFIG"
+) -> AssembleConfig:
+    """The assemble stage's document; InvalidConfigError naming the field (``assemble.until: ...``)."""
+    document = _document(document, source, "stage and assemble")
+    try:
+        return AssembleConfig.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidConfigError(format_validation_error(exc)) from None
+
+
+def _read_document(path: str | os.PathLike[str] | None, env: Mapping[str, str] | None) -> tuple[str, str]:
+    """(the config text, where it came from): ``path`` (--config) or else ``FTJ_CONFIG``."""
+    source: Mapping[str, str] = os.environ if env is None else env
+    if path is not None:
+        try:
+            return Path(path).read_text(encoding="utf-8"), str(path)
+        except OSError as exc:
+            raise InvalidConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    document = source.get("FTJ_CONFIG")
+    if not document:
+        raise InvalidConfigError("no configuration: set FTJ_CONFIG or pass --config PATH")
+    return document, "FTJ_CONFIG"
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> TrainerConfig:
     """Read the config from ``path`` (--config) or else the ``FTJ_CONFIG`` environment variable."""
-    source: Mapping[str, str] = os.environ if env is None else env
-    if path is not None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise InvalidConfigError(f"--config {path}: {exc.strerror or exc}") from None
-        return parse_config(text, source=str(path))
-    document = source.get("FTJ_CONFIG")
-    if not document:
-        raise InvalidConfigError("no configuration: set FTJ_CONFIG or pass --config PATH")
-    return parse_config(document)
+    return parse_config(*_read_document(path, env))
+
+
+def load_assemble_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> AssembleConfig:
+    return parse_assemble_config(*_read_document(path, env))

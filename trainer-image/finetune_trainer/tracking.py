@@ -3,10 +3,11 @@
 - The run: its id is kept at ``<runPrefix>/tracking/run.json``; when that is missing (first stage, or the
   write failed) the run is searched by the tag ``finetune.job_uid`` before a new one is created.
 - What is logged: params (resolved hyperparameters, method, LoRA, base model URI + resolved revision, dataset
-  URIs + sha256/ETag, image, job uid) by ``run_params``; training loss, learning rate and tokens/s per logging
-  step by ``TrackingCallback``; tuned/base/reference/champion metrics and the gate's decision by
-  ``log_evaluation``; the data validation report, the loss plot and the evaluation reports (report.json/.md,
-  the comparison chart, the per-example report.jsonl and report.html) as artifacts.
+  URIs + sha256/ETag, a scheduled run's ``dataset.sources.<key>`` counts, image, job uid) by
+  ``run_params``; training loss, learning rate and tokens/s per logging step by ``TrackingCallback``;
+  tuned/base/reference/champion metrics and the gate's decision by ``log_evaluation``; the data validation
+  report, the loss plot and the evaluation reports (report.json/.md, the comparison chart, the per-example
+  report.jsonl and report.html) as artifacts.
 - On gate pass, ``register`` creates a Model Registry version whose source is the adapter (or merged model)
   in the run's storage, tagged with the lineage and the job uid; a failed gate registers nothing.
 - Never fails a stage: every call is guarded, MLflow's own HTTP retries are bounded and short
@@ -100,6 +101,8 @@ def run_params(
         for key in ("uri", "sha256", "etag", "versionId", "size"):
             if info.get(key) is not None:
                 params[f"dataset.{role}.{key}"] = str(info[key])
+    for key, count in config.dataset.sources.items():  # a scheduled run's assembled set (assemble.py)
+        params[f"dataset.sources.{key}"] = str(count)
     settings = config.tracking.mlflow
     image = settings.image if settings else None
     params["image"] = str(image or "unknown")
