@@ -487,8 +487,8 @@ def test_a_schedule_retrains_on_captured_traffic_and_the_run_canaries_to_100_per
     fts = lambda: (custom_get(loop, "finetuneschedules", SCHEDULE) or {}).get("status") or {}  # noqa: E731
 
     # 1. Below the count (the liked e-mail chat; the canary load's chats were not rated): no run.
-    below = pool.wait(lambda: (s := fts()).get("lastTriggerCheck") and s, 120, "the first trigger check")
-    assert below.get("newExamples") == loop.liked < NEW_EXAMPLES, below
+    below = pool.wait(lambda: "newExamples" in (s := fts()) and s, 120, "the first trigger check's count")
+    assert below["newExamples"] == loop.liked < NEW_EXAMPLES, below
     assert custom_get(loop, "finetunejobs", RUN) is None and not below.get("lastRun"), below
 
     # 2. 20 new liked chats cross it; 2 more ask held-out prompts, which must not reach training.
@@ -500,12 +500,17 @@ def test_a_schedule_retrains_on_captured_traffic_and_the_run_canaries_to_100_per
         like(base, ask(base, prompt)[0]["id"])
         loop.liked += 1
     crossed = time.monotonic()
-    run = pool.wait(lambda: custom_get(loop, "finetunejobs", RUN), 240, f"FineTuneJob {RUN}")
-    created = time.monotonic()
-    data = client.BatchV1Api(jobs.api).read_namespaced_job(f"{RUN}-data", namespace).to_dict()
-    run_created = datetime.fromisoformat(run["metadata"]["creationTimestamp"].replace("Z", "+00:00"))
-    assert data["metadata"]["creation_timestamp"] <= run_created, (data["metadata"], run["metadata"])
-    assert data["status"]["succeeded"] == 1, data["status"]
+    data_jobs: list[dict[str, Any]] = []  # the data Job is deleted once the run exists: seen on the way
+
+    def created() -> dict[str, Any] | None:
+        data_jobs.extend(j for j in jobs.list("Job") if j["metadata"]["name"] == f"{RUN}-data")
+        return custom_get(loop, "finetunejobs", RUN)
+
+    run = pool.wait(created, 240, f"FineTuneJob {RUN}")
+    created_at = time.monotonic()
+    assert data_jobs, f"no data Job {RUN}-data was seen before {RUN}"
+    events = [e for e in jobs.list("Event") if e["involvedObject"].get("kind") == "FineTuneSchedule"]
+    assert any(e["reason"] == "RunCreated" and f"{RUN} created (trigger)" in e["message"] for e in events)
     assert run["metadata"]["labels"]["finetune.dev/schedule"] == SCHEDULE, run["metadata"]
     owner = run["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner.get("controller")) == ("FineTuneSchedule", SCHEDULE, True)
@@ -552,6 +557,6 @@ def test_a_schedule_retrains_on_captured_traffic_and_the_run_canaries_to_100_per
     table = lc_kubectl_one("get", "fts", namespace=namespace).stdout
     assert SCHEDULE in table and RUN in table, table
     print(
-        f"\nschedule: trigger crossed -> {RUN} created {created - crossed:.1f} s -> its version at 100% "
+        f"\nschedule: trigger crossed -> {RUN} created {created_at - crossed:.1f} s -> its version at 100% "
         f"{full - crossed:.1f} s; dataset {sources}\n{table}"
     )
