@@ -339,7 +339,15 @@ def test_a_second_version_canaries_10_then_50_then_100_percent(loop: Loop) -> No
             messages.add(jobs.status(CHALLENGER).get("message") or "")
         return rollout if rollout.get("state") in ("Completed", "RolledBack") else None
 
-    started = pool.wait(lambda: loop.rollout().get("state") == "Progressing", 900, "a rollout of bot-b")
+    started = pool.wait(
+        lambda: (
+            loop.rollout().get("state") == "Progressing"
+            or jobs.status(CHALLENGER).get("phase") in ("Failed", "Rejected", "Serving")
+        ),
+        900,
+        "a rollout of bot-b",
+    )
+    assert loop.rollout().get("state") == "Progressing", jobs.status(CHALLENGER)
     jobs.create(FAULTY, **job_spec())  # trains during this canary; the next test faults its version
     with Load(pool) as load:
         ended = pool.wait(observe, 300, "the rollout to end")
