@@ -10,7 +10,7 @@ KUBECTL_LAYER_VERSION := 2.2.2
 export PATH := $(CURDIR)/$(TOOLS):$(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: help venv vllm-venv mlflow-venv tools test test-fast test-emulator lint crds golden check-crds demo local-cluster \
-        bench-trainer bench-quality bench-gpu bench-operator bench-apiserver bench-chaos clean
+        bench-trainer bench-quality bench-gpu bench-operator bench-apiserver bench-chaos bench-capture clean
 
 help:
 	@echo "make demo          run the main job on the embedded local cluster"
@@ -19,7 +19,7 @@ help:
 	@echo "make crds          regenerate crds/ (and the chart's FineTunePolicy admission policy) from the models"
 	@echo "make golden        regenerate tests/golden (every child manifest, canonical YAML); review with git diff"
 	@echo "make local-cluster start the embedded cluster in the foreground"
-	@echo "make bench-trainer | bench-quality | bench-gpu | bench-operator | bench-apiserver | bench-chaos"
+	@echo "make bench-trainer | bench-quality | bench-gpu | bench-operator | bench-apiserver | bench-chaos | bench-capture"
 
 # The dev/test virtualenv: operator, trainer, embedded cluster and test tools, pinned.
 $(VENV)/.stamp: requirements/dev.txt requirements/dev-nodeps.txt pyproject.toml vocabulary/pyproject.toml trainer-image/pyproject.toml dev/localcluster/pyproject.toml dev/demo/pyproject.toml
@@ -117,6 +117,10 @@ bench-operator: venv tools
 
 bench-apiserver: venv
 	$(PY) benchmarks/bench_apiserver.py
+
+# Capture's added latency on the adapter router's request path: 50 concurrent clients, off then on (docs/capture.md).
+bench-capture: venv
+	$(PY) benchmarks/bench_capture.py
 
 # 20 CPU FineTuneJobs while the operator is killed 30 times, the API and S3 fail, a pod is evicted.
 bench-chaos: venv tools

@@ -569,3 +569,18 @@ def test_the_admin_port_serves_prometheus_metrics(
     assert families["finetune_capture_failures"].samples[0].value == 0
     assert families["finetune_capture_dropped"].samples[0].value == 0
     assert families["finetune_feedback"].samples[0].value == 0
+
+
+def test_the_command_line_takes_capture_destinations_and_fault_injection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from finetune_trainer.adapter_router import parse_args
+    from finetune_trainer.router_capture import pod_name
+
+    args = parse_args(
+        ["--adapters-dir", "/x", "--capture-destination", "s3://a/", "--capture-destination", "s3://b/c"]
+    )
+    assert args.capture_destination == ["s3://a/", "s3://b/c"] and args.fault_injection is False
+    assert parse_args(["--adapters-dir", "/x", "--fault-injection"]).fault_injection is True
+    monkeypatch.setenv("POD_NAME", "pool-7d9f-abcde")
+    assert pod_name() == "pool-7d9f-abcde" and Capture().pod == "pool-7d9f-abcde"

@@ -21,11 +21,18 @@ One process beside vLLM (which runs with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True) 
   and the normalised path is what is forwarded. Bodies are capped (``MAX_BODY``, 413), connections served at
   once are bounded (``MAX_CONNECTIONS``, 503 beyond), request bodies held at once are bounded
   (``BODY_BUDGET``), and answers (SSE streams included) are streamed through, never buffered.
+- Canary and capture (docs/capture.md; router_canary.py, router_capture.py): the state may also carry
+  ``weights`` (a stable name's requests split between versions, sticky per ``user`` or
+  ``X-Conversation-Id``; a failing challenger's request is asked again of the route) and ``capture``
+  (sampled chats written, redacted, in batches by a background thread; ``POST /v1/feedback``). Every answer
+  to a request naming a model says ``X-Model-Version``; ``GET /state`` reports per-version figures and
+  ``GET /metrics`` (admin) is Prometheus text; ``--fault-injection`` serves ``PUT/GET /faults``.
 - A version it loaded that vLLM no longer lists (unloaded behind its back, or lost) is loaded again: at once
   when vLLM answers 404 for a name it routes (the request is then retried once), and every
   ``--check-seconds``.
 
-Standard library only (threads: one per connection, bounded), so it runs in the trainer image without pins.
+Standard library only on the request path (threads: one per connection, bounded), so it runs in the trainer
+image without pins; the capture writer uses the trainer's storage code, imported in its thread.
 """
 
 from __future__ import annotations

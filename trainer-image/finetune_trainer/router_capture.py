@@ -17,6 +17,7 @@ import os
 import queue
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -210,6 +211,8 @@ class Capture:
         self.write = write
         self.queue: queue.Queue[Chat | Feedback] = queue.Queue(QUEUE_ITEMS)
         self.queued_bytes = 0
+        self.groups: dict[tuple[str, str | None], list[str]] = {}  # (object prefix, model) -> lines taken
+        self.held = 0  # bytes of the items in `groups`
         self.pending: list[Pending] = []
         self.seq = 0
         self.records: dict[str, int] = {}  # stable name -> records written
@@ -261,34 +264,38 @@ class Capture:
         """Write what was queued since the last flush (one object per stable name, one of feedback) and retry
         earlier failed objects; the number of objects written."""
         with self.flushing:
-            batch: list[Chat | Feedback] = []
-            while True:
-                try:
-                    batch.append(self.queue.get_nowait())
-                except queue.Empty:
-                    break
-                with self.lock:
-                    self.queued_bytes -= _size(batch[-1])
-            self.pending.extend(self._objects(batch))
+            while self.take(0):
+                pass
+            self.pending.extend(self._objects())
             return self._write_pending()
 
-    def _objects(self, batch: list[Chat | Feedback]) -> list[Pending]:
-        groups: dict[tuple[str, str | None], list[str]] = {}
-        for item in batch:
-            try:
-                if isinstance(item, Chat):
-                    key: tuple[str, str | None] = (
-                        captured_prefix(item.config.prefix, item.model),
-                        item.model,
-                    )
-                    line = json.dumps(chat_record(item), ensure_ascii=False)
-                else:
-                    key, line = (feedback_prefix(item.config.prefix), None), json.dumps(feedback_record(item))
-            except (ValueError, TypeError, AttributeError, IndexError) as exc:  # not a chat we can read
-                log.debug("not captured: %s", exc)
-                self.drop()
-                continue
-            groups.setdefault(key, []).append(line)
+    def take(self, wait: float) -> bool:
+        """Turn one queued item (waiting up to `wait` seconds for one) into its redacted line, so the parsing
+        is spread over the interval rather than done in a burst at the flush; False when none came. Its
+        bytes stay counted in `queued_bytes` until the flush (memory bound)."""
+        try:
+            item = self.queue.get(timeout=wait) if wait > 0 else self.queue.get_nowait()
+        except queue.Empty:
+            return False
+        self.held += _size(item)
+        try:
+            if isinstance(item, Chat):
+                key: tuple[str, str | None] = (captured_prefix(item.config.prefix, item.model), item.model)
+                line = json.dumps(chat_record(item), ensure_ascii=False)
+            else:
+                key, line = (feedback_prefix(item.config.prefix), None), json.dumps(feedback_record(item))
+        except (ValueError, TypeError, AttributeError, IndexError) as exc:  # not a chat we can read
+            log.debug("not captured: %s", exc)
+            self.drop()
+            return True
+        self.groups.setdefault(key, []).append(line)
+        return True
+
+    def _objects(self) -> list[Pending]:
+        groups, self.groups = self.groups, {}
+        with self.lock:
+            self.queued_bytes -= self.held
+        self.held = 0
         when = datetime.now(UTC)
         objects = []
         for (prefix, model), lines in groups.items():
@@ -321,13 +328,24 @@ class Capture:
         return written
 
     def run(self, stop: threading.Event) -> None:
-        """Flush every `flushSeconds` of the config in force until `stop` is set (then flush once more)."""
+        """Take items as they come and flush every `flushSeconds` of the config in force, until `stop` is
+        set (then flush once more)."""
+        deadline = time.monotonic()
         while not stop.is_set():
             config = self.config
+            interval = config.flush_seconds if config else 5.0
+            deadline = min(deadline, time.monotonic() + interval) if self.wake.is_set() else deadline
             self.wake.clear()
-            if self.wake.wait(config.flush_seconds if config else 5.0) and self.config is not config:
-                continue  # reconfigured: wait the new interval
+            left = deadline - time.monotonic()
+            if left > 0:
+                try:
+                    with self.flushing:
+                        self.take(min(left, 0.5))
+                except Exception as exc:  # never kills the writer
+                    log.warning("capture: reading a queued chat failed: %s", exc)
+                continue
             self._safe_flush()
+            deadline = time.monotonic() + interval
         self._safe_flush()
 
     def _safe_flush(self) -> None:
