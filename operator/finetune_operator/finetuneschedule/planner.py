@@ -169,16 +169,13 @@ def _runs_status(observed: ScheduleObserved, model: str | None, plan: SchedulePl
         serving_uid = champion.job_uid if champion else None
     runs = sorted(observed.runs, key=lambda r: r.run, reverse=True)
     serving = next((r.name for r in runs if r.uid == serving_uid), None)
-    plan.status["runs"] = [
-        {
-            "name": r.name,
-            "created": r.created,
-            "phase": r.phase,
-            "reason": r.reason,
-            "examples": r.examples,
-            "serving": r.uid == serving_uid,
-        }
+    entries = (
+        {"name": r.name, "created": r.created, "phase": r.phase, "reason": r.reason, "examples": r.examples}
         for r in runs[:64]
+    )
+    plan.status["runs"] = [
+        {**{k: v for k, v in entry.items() if v is not None}, "serving": run.uid == serving_uid}
+        for entry, run in zip(entries, runs, strict=False)
     ]
     plan.status["latest"] = runs[0].name if runs else None
     plan.status["serving"] = serving
