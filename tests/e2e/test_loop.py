@@ -408,7 +408,9 @@ def test_a_faulty_challenger_is_rolled_back_while_the_stable_name_keeps_answerin
     figures = rollout["challenger"]
     assert figures["errors"] >= 1 and figures["requests"] >= figures["errors"], rollout
     message = status["message"]
-    assert faulty in message and str(figures["errors"]) in message and "0.02" in message, message
+    # the figures the pool judged (both versions') and the limit, in the job's message
+    assert f"{faulty}: {figures['requests']} requests, {figures['errors']} errors" in message, message
+    assert f"{champion}: " in message and "maxErrorRate 2.0%" in message, message
     assert status["serving"]["state"] == "RolledBack", status["serving"]
     versions = pool.status()["models"][MODEL]
     assert versions["promoted"] == versions["serving"] == rollout["champion"], versions
