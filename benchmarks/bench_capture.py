@@ -4,7 +4,7 @@ The adapter router runs in this process in front of a stub engine (instant JSON 
 process); 50 concurrent clients (keep-alive connections, their own process so they do not share the
 router's interpreter lock) send N chat completions with capture off, then N with capture on (sampleRate 1.0,
 flushSeconds 1, redaction of all three kinds, written to a moto S3 server in its own process, as the trainer
-tests do). Prints
+tests do), in 5 rounds of off-then-on so the machine's other load falls on both alike. Prints
 
     capture latency: off p50 X ms p99 Y ms | on p50 X ms p99 Y ms (N requests, 50 concurrent)
 
@@ -186,59 +186,80 @@ def time_request_path(proxy: Any, capture: Any) -> list[float]:
     return spent
 
 
+def start_router(
+    engine_port: int, destination: str, stop: threading.Event
+) -> tuple[Any, int, threading.Thread]:
+    """The router in this process, its public port (returned) serving, its capture writer (returned) running
+    until `stop` is set."""
+    from finetune_trainer.adapter_router import PublicServer, Router, Vllm, proxy_handler
+
+    router = Router(
+        Vllm(f"http://127.0.0.1:{engine_port}"),
+        Path(tempfile.mkdtemp(prefix="bench-capture-")),
+        fetch=lambda uri, dest: dest.mkdir(parents=True, exist_ok=True),
+        sources=[f"s3://{BUCKET}/adapters"],
+        destinations=[destination],
+    )
+    router.start(None, wait_seconds=30)
+    public = PublicServer(("127.0.0.1", 0), proxy_handler(router))
+    threading.Thread(target=public.serve_forever, daemon=True).start()
+    writer = threading.Thread(target=router.capture.run, args=(stop,), daemon=True)
+    writer.start()
+    return router, int(public.server_address[1]), writer
+
+
+def run(args: argparse.Namespace, engine_port: int) -> int:
+    from finetune_trainer.adapter_router import Proxy
+
+    destination = f"s3://{BUCKET}/capture"
+    stop = threading.Event()
+    router, port, writer = start_router(engine_port, destination, stop)
+    state = {"adapters": {"bot-v1": f"s3://{BUCKET}/adapters/v1"}, "routes": {"bot": "bot-v1"}}
+    router.apply_state(router.check(state))
+    measure(port, min(args.requests, 1000), args.clients)  # warm-up: connections, caches
+    capture = {"prefix": f"{destination}/bench/pool", "sampleRate": 1.0, "flushSeconds": 1}
+    spent = time_request_path(Proxy, router.capture)
+    off: list[float] = []
+    on: list[float] = []
+    # Off then on, in rounds: the machine's other load drifts, and must fall on both phases alike.
+    for index in range(args.rounds):
+        share = args.requests // args.rounds + (index < args.requests % args.rounds)
+        router.apply_state(router.check(state))
+        off += measure(port, share, args.clients)
+        router.apply_state(router.check({**state, "capture": capture}))
+        on += measure(port, share, args.clients)
+    stop.set()
+    writer.join(60)
+    counters = router.capture.counters()
+    (off50, off99), (on50, on99) = quantiles_ms(off), quantiles_ms(on)
+    print(
+        f"capture latency: off p50 {off50:.2f} ms p99 {off99:.2f} ms | on p50 {on50:.2f} ms "
+        f"p99 {on99:.2f} ms ({args.requests} requests, {args.clients} concurrent)"
+    )
+    path50, path99 = quantiles_ms(spent)
+    print(f"captured: {json.dumps(counters)} (p99 added end to end: {on99 - off99:+.2f} ms)")
+    print(f"capture work on the request path per call: p50 {path50:.3f} ms p99 {path99:.3f} ms")
+    return 0 if counters["records"] == args.requests and counters["failures"] == 0 else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000, help="requests per phase (off, then on)")
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="off/on alternations the requests are split over"
+    )
     args = parser.parse_args()
-
-    from finetune_trainer.adapter_router import Proxy, PublicServer, Router, Vllm, proxy_handler
     from finetune_trainer.storage import s3_client
 
     moto_port, engine_port = free_port(), free_port()
     moto = start_moto(moto_port)
-    ctx = multiprocessing.get_context("spawn")
-    engine = ctx.Process(target=run_engine, args=(engine_port,), daemon=True)
+    engine = multiprocessing.get_context("spawn").Process(target=run_engine, args=(engine_port,), daemon=True)
     engine.start()
     try:
         s3_env(moto_port)
         s3_client().create_bucket(Bucket=BUCKET)
-        workdir = Path(tempfile.mkdtemp(prefix="bench-capture-"))
-        destination = f"s3://{BUCKET}/capture"
-        router = Router(
-            Vllm(f"http://127.0.0.1:{engine_port}"),
-            workdir,
-            fetch=lambda uri, dest: dest.mkdir(parents=True, exist_ok=True),
-            sources=[f"s3://{BUCKET}/adapters"],
-            destinations=[destination],
-        )
-        router.start(None, wait_seconds=30)
-        public = PublicServer(("127.0.0.1", 0), proxy_handler(router))
-        threading.Thread(target=public.serve_forever, daemon=True).start()
-        stop = threading.Event()
-        writer = threading.Thread(target=router.capture.run, args=(stop,), daemon=True)
-        writer.start()
-        port = public.server_address[1]
-        state = {"adapters": {"bot-v1": f"s3://{BUCKET}/adapters/v1"}, "routes": {"bot": "bot-v1"}}
-        router.apply_state(router.check(state))
-        measure(port, min(args.requests, 1000), args.clients)  # warm-up: connections, caches
-        off = measure(port, args.requests, args.clients)
-        capture = {"prefix": f"{destination}/bench/pool", "sampleRate": 1.0, "flushSeconds": 1}
-        router.apply_state(router.check({**state, "capture": capture}))
-        spent = time_request_path(Proxy, router.capture)
-        on = measure(port, args.requests, args.clients)
-        stop.set()
-        writer.join(60)
-        counters = router.capture.counters()
-        (off50, off99), (on50, on99) = quantiles_ms(off), quantiles_ms(on)
-        print(
-            f"capture latency: off p50 {off50:.2f} ms p99 {off99:.2f} ms | on p50 {on50:.2f} ms "
-            f"p99 {on99:.2f} ms ({args.requests} requests, {args.clients} concurrent)"
-        )
-        path50, path99 = quantiles_ms(spent)
-        print(f"captured: {json.dumps(counters)} (p99 added end to end: {on99 - off99:+.2f} ms)")
-        print(f"capture work on the request path per call: p50 {path50:.3f} ms p99 {path99:.3f} ms")
-        return 0 if counters["records"] == args.requests and counters["failures"] == 0 else 1
+        return run(args, engine_port)
     finally:
         engine.kill()
         moto.kill()

@@ -51,23 +51,23 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 from finetune_vocabulary.capture import CONVERSATION_HEADER, VERSION_HEADER
 
-from .router_canary import Canary, CanaryError, Faults, check_weights
+from .router_canary import Canary, CanaryError, Faults, Routed, check_weights, route_request
 from .router_capture import (
     MAX_CAPTURED_BYTES,
     Capture,
     CaptureConfig,
     CaptureError,
     Chat,
-    Feedback,
     check_capture,
-    check_feedback,
+    feedback_answer,
+    tee_chunk,
 )
 
 log = logging.getLogger("finetune_trainer.adapter_router")
@@ -176,43 +176,6 @@ def check_document(document: Any, sources: Sequence[str], destinations: Sequence
     except (CanaryError, CaptureError) as exc:
         raise StateError(str(exc)) from None
     return State(adapters, routes, weights, capture)
-
-
-@dataclass(frozen=True)
-class Routed:
-    """Where one request goes: the body as forwarded, the model it names, the stable name when it is one
-    (with its route, the champion), and the versioned name it is sent to."""
-
-    body: bytes
-    model: str | None = None
-    stable: str | None = None
-    version: str | None = None
-    champion: str | None = None
-    document: dict[str, Any] | None = None
-
-    def to(self, version: str) -> Routed:
-        assert self.document is not None
-        return replace(self, version=version, body=json.dumps({**self.document, "model": version}).encode())
-
-
-def route_request(
-    body: bytes, routes: Mapping[str, str], canary: Canary | None = None, conversation: str | None = None
-) -> Routed:
-    """A request routed: a stable name goes to its weighted pick (sticky by the body's `user`, else the
-    conversation header), or to its route when it has no weights."""
-    try:
-        document = json.loads(body) if body else None
-    except ValueError:  # not JSON: vLLM answers it
-        return Routed(body)
-    if not isinstance(document, dict) or not isinstance(model := document.get("model"), str):
-        return Routed(body)
-    if model not in routes:
-        return Routed(body, model, version=model)
-    user = document.get("user")
-    key = user if isinstance(user, str) and user else conversation
-    version = canary.choose(model, routes[model], key) if canary is not None else routes[model]
-    routed = Routed(body, model, model, routes[model], routes[model], document)
-    return routed.to(version)
 
 
 def route_body(body: bytes, routes: Mapping[str, str]) -> tuple[bytes, str | None]:
@@ -766,23 +729,11 @@ class Proxy(BaseHTTPRequestHandler):
 
     def feedback(self, body: bytes) -> None:
         """`POST /v1/feedback`: checked, then queued for the capture writer (filed beside the chats)."""
-        config = self.router.capture.config
-        if config is None:
-            message = "feedback needs capture on for this ModelServer (spec.capture)"
-            _refuse(self, 404, message, "invalid_request_error", "capture_off")
-            return
-        try:
-            document = check_feedback(json.loads(body))
-        except CaptureError as exc:
-            _refuse(self, 400, str(exc), "invalid_request_error", "invalid_feedback")
-            return
-        except ValueError:
-            _refuse(self, 400, "the body is not JSON", "invalid_request_error", "invalid_feedback")
-            return
-        if not self.router.capture.offer(Feedback(config, document)):
-            _refuse(self, 503, "the capture queue is full; retry", "server_error", "overloaded")
-            return
-        _send(self, 200, {"id": document["id"], "object": "feedback", "recorded": True})
+        status, document = feedback_answer(self.router.capture, body)
+        if status == 200:
+            _send(self, 200, document)
+        else:
+            _refuse(self, status, document["message"], document["type"], document["code"])
 
     def body_size(self) -> int | None:
         """The request body's length, or None after refusing it (chunked, bad or over MAX_BODY)."""
@@ -889,14 +840,14 @@ class Proxy(BaseHTTPRequestHandler):
             while chunk := response.read1(CHUNK):
                 self.wfile.write(chunk)
                 sent += len(chunk)
-                tee = _tee(tee, chunk)
+                tee = tee_chunk(tee, chunk)
             self.close_connection = self.close_connection or sent != int(length)
             return None if sent != int(length) else tee
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         while chunk := response.read1(CHUNK):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            tee = _tee(tee, chunk)
+            tee = tee_chunk(tee, chunk)
         self.wfile.write(b"0\r\n\r\n")
         return tee
 
@@ -910,13 +861,6 @@ class Proxy(BaseHTTPRequestHandler):
             _refuse(self, 502, message, "server_error", "bad_gateway")
             return
         _send(self, 200, with_stable_names(json.loads(body), self.router.routes))
-
-
-def _tee(tee: bytearray | None, chunk: bytes) -> bytearray | None:
-    if tee is None or len(tee) + len(chunk) > MAX_CAPTURED_BYTES:
-        return None
-    tee += chunk
-    return tee
 
 
 def _failed(outcome: Answer | int | OSError) -> bool:

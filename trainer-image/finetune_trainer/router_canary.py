@@ -5,9 +5,11 @@ the Prometheus text of `GET /metrics`. Standard library only: it runs on the req
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from finetune_vocabulary.capture import LATENCY_BUCKETS_MS
@@ -66,6 +68,43 @@ def pick(split: Mapping[str, int], key: str | None, draw: Any = random.random) -
         if bucket < total:
             return version
     return chosen
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Where one request goes: the body as forwarded, the model it names, the stable name when it is one
+    (with its route, the champion), and the versioned name it is sent to."""
+
+    body: bytes
+    model: str | None = None
+    stable: str | None = None
+    version: str | None = None
+    champion: str | None = None
+    document: dict[str, Any] | None = None
+
+    def to(self, version: str) -> Routed:
+        assert self.document is not None
+        return replace(self, version=version, body=json.dumps({**self.document, "model": version}).encode())
+
+
+def route_request(
+    body: bytes, routes: Mapping[str, str], canary: Canary | None = None, conversation: str | None = None
+) -> Routed:
+    """A request routed: a stable name goes to its weighted pick (sticky by the body's `user`, else the
+    conversation header), or to its route when it has no weights."""
+    try:
+        document = json.loads(body) if body else None
+    except ValueError:  # not JSON: vLLM answers it
+        return Routed(body)
+    if not isinstance(document, dict) or not isinstance(model := document.get("model"), str):
+        return Routed(body)
+    if model not in routes:
+        return Routed(body, model, version=model)
+    user = document.get("user")
+    key = user if isinstance(user, str) and user else conversation
+    version = canary.choose(model, routes[model], key) if canary is not None else routes[model]
+    routed = Routed(body, model, model, routes[model], routes[model], document)
+    return routed.to(version)
 
 
 def bucket_index(ms: float) -> int:

@@ -116,6 +116,40 @@ def assemble_answer(answer: bytes, streamed: bool) -> tuple[str, str]:
     return ident, "".join(parts)
 
 
+def feedback_answer(capture: Capture, body: bytes) -> tuple[int, dict[str, Any]]:
+    """`POST /v1/feedback`: (200, the answer) once checked and queued, else (status, an OpenAI error's
+    message, type and code): 404 with capture off, 400 naming the bad field, 503 with the queue full."""
+    config = capture.config
+    if config is None:
+        message = "feedback needs capture on for this ModelServer (spec.capture)"
+        return 404, {"message": message, "type": "invalid_request_error", "code": "capture_off"}
+    try:
+        document = check_feedback(json.loads(body))
+    except CaptureError as exc:
+        return 400, {"message": str(exc), "type": "invalid_request_error", "code": "invalid_feedback"}
+    except ValueError:
+        return 400, {
+            "message": "the body is not JSON",
+            "type": "invalid_request_error",
+            "code": "invalid_feedback",
+        }
+    if not capture.offer(Feedback(config, document)):
+        return 503, {
+            "message": "the capture queue is full; retry",
+            "type": "server_error",
+            "code": "overloaded",
+        }
+    return 200, {"id": document["id"], "object": "feedback", "recorded": True}
+
+
+def tee_chunk(tee: bytearray | None, chunk: bytes) -> bytearray | None:
+    """`tee` with `chunk` added, or None once over MAX_CAPTURED_BYTES (that answer is not captured)."""
+    if tee is None or len(tee) + len(chunk) > MAX_CAPTURED_BYTES:
+        return None
+    tee += chunk
+    return tee
+
+
 def _redact_content(content: Any, names: tuple[str, ...]) -> Any:
     if isinstance(content, str):
         return redact(content, names)
