@@ -287,7 +287,7 @@ def test_chats_are_captured_redacted_and_feedback_is_recorded(loop: Loop) -> Non
     jobs.create(CHALLENGER, **job_spec())  # trains while capture is checked (its canary is the next test)
 
     base = pool.service_url()
-    prompt = f"{PROMPT} (a copy to {EMAIL} please)"
+    prompt = f"{PROMPT} {EMAIL}"  # short: the schedule trains on it, and the toy's maxSeqLength is 64 tokens
     answer, version = ask(base, prompt)
     assert version == loop.versions[CHAMPION], version
     completion = answer["id"]
@@ -304,11 +304,11 @@ def test_chats_are_captured_redacted_and_feedback_is_recorded(loop: Loop) -> Non
 
     code, refused, _ = call(base + "/v1/feedback", {"id": completion, "rating": 5})
     assert code == 400 and "rating" in json.dumps(refused), (code, refused)
-    like(base, completion, correction=f"Q, and write to {EMAIL}")
+    like(base, completion, correction=f"Q {EMAIL}")
     loop.liked += 1
     feedback = lambda: jsonl(s3_objects(loop.cluster, feedback_prefix(loop.prefix)))  # noqa: E731
     noted = pool.wait(lambda: find(feedback, completion), 60, f"feedback on {completion} in S3")
-    assert (noted["rating"], noted["correction"]) == (1, "Q, and write to [email]"), noted
+    assert (noted["rating"], noted["correction"]) == (1, "Q [email]"), noted
 
     pod = pool.ready_pods()[0]["metadata"]["name"]
     everything = s3_objects(loop.cluster, loop.prefix)
@@ -528,6 +528,7 @@ def test_a_schedule_retrains_on_captured_traffic_and_the_run_canaries_to_100_per
     dataset = run["spec"]["dataset"]
     assert dataset["test"] == jobs.assets["test"] and dataset["train"].endswith("/train.jsonl"), dataset
     assembled = read_uri(loop.cluster, dataset["train"])
+    print(f"\n{RUN}'s dataset: {sources}")
     prompts = user_prompts(assembled)
     assert set(fresh) <= prompts and not set(held_out) & prompts, sorted(prompts)[:5]
     assert EMAIL not in assembled and "[email]" in assembled
@@ -551,7 +552,7 @@ def test_a_schedule_retrains_on_captured_traffic_and_the_run_canaries_to_100_per
 
         status = pool.wait(at_full, 900, f"{RUN} at 100%")
         full = time.monotonic()
-    assert status["phase"] == "Serving", status
+    assert status["phase"] == "Serving", (status.get("message"), status.get("conditions"), assembled[:1500])
     assert loads and not loads[0].failures, loads and loads[0].failures[:5]
     evaluation = status["evaluation"]
     assert evaluation["championVersion"] == champion, evaluation  # champion/challenger
