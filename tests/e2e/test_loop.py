@@ -568,5 +568,6 @@ def test_a_schedule_retrains_on_captured_traffic_and_the_run_canaries_to_100_per
     assert SCHEDULE in table and RUN in table, table
     print(
         f"\nschedule: trigger crossed -> {RUN} created {created_at - crossed:.1f} s -> its version at 100% "
-        f"{full - crossed:.1f} s; dataset {sources}\n{table}"
+        f"{full - crossed:.1f} s; dataset {sources}; exact_match {evaluation['tuned']['exact_match']} vs "
+        f"{evaluation['champion']['exact_match']} of {champion}\n{table}"
     )
