@@ -130,7 +130,7 @@ def loop(local_cluster: Any, lc_api: Any, s3_assets: dict[str, str]) -> Iterator
             credentialsSecret=SECRET,
         )
         # The first version is the toy base's own answers (one step, at warm-up's zero learning rate: exact
-        # match 0.0, lowercase letters), so that the full-recipe jobs after it (1.0) are better than it.
+        # match 0.0, lowercase letters), so that every job after it is better than it.
         jobs.create(
             CHAMPION, **job_spec(), hyperparameters={"maxSteps": 1}, evaluation={"compareToBase": False}
         )
