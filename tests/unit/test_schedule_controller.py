@@ -12,6 +12,7 @@ from finetune_operator.config import load_config
 from finetune_operator.finetuneschedule import builders
 from finetune_operator.finetuneschedule import controller as schedule
 from finetune_operator.finetuneschedule.planner import plan_schedule
+from finetune_operator.k8s.client import ApiError
 
 UID = "5c4f0e7a-0000-4000-8000-000000000002"
 NOW = datetime(2026, 12, 7, 3, 0, 20, tzinfo=UTC)
@@ -103,9 +104,8 @@ async def test_a_due_pass_creates_the_data_job_then_an_unchanged_world_costs_no_
     assert api.writes == []
 
 
-async def test_a_ready_data_job_becomes_a_run_and_the_job_goes() -> None:
-    api = FakeApi(schedule_body())
-    await one_pass(api)
+def data_job_reports_ready(api: FakeApi) -> None:
+    """The first pass's data Job completed with a ready training set (its pod's termination summary)."""
     job = api.objects[("Job", "nightly-1-data")]
     job["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
     summary = {
@@ -132,6 +132,12 @@ async def test_a_ready_data_job_becomes_a_run_and_the_job_goes() -> None:
             ],
         },
     }
+
+
+async def test_a_ready_data_job_becomes_a_run_and_the_job_goes() -> None:
+    api = FakeApi(schedule_body())
+    await one_pass(api)
+    data_job_reports_ready(api)
     api.writes.clear()
     await one_pass(api)
     assert ("create", "FineTuneJob", "nightly-1") in api.writes
@@ -155,3 +161,30 @@ def test_the_queue_kicks_a_schedule_from_its_childrens_label() -> None:
     assert queue.kicked == set()
     queue.seen(body, deleted=True)
     assert queue.schedules == {} and queue.by_uid == {}
+
+
+async def test_a_run_the_api_server_refuses_is_reported_once_not_retried_every_pass() -> None:
+    """A FineTunePolicy admission policy (or quota) refusing the run's FineTuneJob: a Warning Event naming the
+    refusal, no RunCreated, the status says why, and the data Job goes (the next due time starts anew)."""
+    api = FakeApi(schedule_body())
+    await one_pass(api)
+    data_job_reports_ready(api)
+    create = api.create_or_adopt
+
+    async def refusing(manifest: dict[str, Any], owner_uid: str) -> dict[str, Any]:
+        if manifest["kind"] == "FineTuneJob":
+            message = "spec.baseModel.uri: s3://models/tiny is not in allowedBaseModels of FineTunePolicy p"
+            raise ApiError(422, {"reason": "Invalid", "message": message}, "POST", "/finetunejobs")
+        return await create(manifest, owner_uid)
+
+    api.create_or_adopt = refusing  # type: ignore[method-assign]
+    api.writes.clear()
+    await one_pass(api)
+    events = [w for w in api.writes if w[0] == "event"]
+    assert events == [("event", "Warning", "RunRefused")]
+    assert ("delete", "Job", "nightly-1-data") in api.writes
+    assert "allowedBaseModels" in api.body["status"]["message"]
+    assert ("FineTuneJob", "nightly-1") not in api.objects
+    api.writes.clear()
+    await one_pass(api)  # nothing is retried until the next due time
+    assert [w for w in api.writes if w[0] in ("create", "event")] == []

@@ -31,6 +31,7 @@ from finetune_operator.containers.termination import job_outcome
 from finetune_operator.finetuneschedule import builders
 from finetune_operator.finetuneschedule.planner import (
     DataJobView,
+    Reason,
     RunView,
     ScheduleObserved,
     SchedulePlan,
@@ -180,6 +181,26 @@ async def observe(api: kube.KubeApi, body: Mapping[str, Any], now: datetime) -> 
     )
 
 
+REFUSALS = frozenset({400, 403, 422})  # the API server will refuse the same create again
+
+
+async def refused(
+    api: kube.KubeApi, namespace: str, manifest: Mapping[str, Any], error: kube.ApiError, plan: SchedulePlan
+) -> None:
+    """An admission policy (FineTunePolicy's), quota or validation refused a create: waiting will not help,
+    so the run is reported (Warning Event RunRefused, status message) and its data Job deleted instead of the
+    create being retried every pass; the next due time starts a new run."""
+    name = str(manifest["metadata"]["name"])
+    message = f"{manifest['kind']} {name} was refused: {error.body.get('message') or error}"
+    created = Reason.RUN_CREATED.value
+    plan.events[:] = [e for e in plan.events if not (e[1] == created and f"run {name} " in e[2])]
+    plan.event(Reason.RUN_REFUSED, message, warning=True)
+    plan.status["message"] = message[:256]
+    plan.status.pop("latest", None)
+    if name in plan.data_job_of:
+        await api.delete("Job", namespace, plan.data_job_of[name])
+
+
 async def act(api: kube.KubeApi, body: Mapping[str, Any], plan: SchedulePlan) -> None:
     """Deletes, creates, Events, then the status (a crash before it repeats only idempotent writes)."""
     meta = body["metadata"]
@@ -192,6 +213,10 @@ async def act(api: kube.KubeApi, body: Mapping[str, Any], plan: SchedulePlan) ->
         except kube.NotOwnedError as error:
             plan.events.append(("Warning", "NameTaken", str(error)))
             plan.status["message"] = str(error)[:256]
+        except kube.ApiError as error:
+            if error.status not in REFUSALS:
+                raise
+            await refused(api, namespace, manifest, error, plan)
     for type_, reason, message in plan.events:
         await api.post_event(body, type_, reason, message, kind=KIND)
     status = body.get("status") or {}

@@ -24,7 +24,8 @@ from finetune_operator.finetuneschedule.builders import Assembly, ScheduleRef
 from finetune_operator.serving_contract import pool_report
 
 # A run whose FineTuneJob is in one of these phases is no longer active (Forbid lets the next one start).
-ENDED_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.REJECTED, Phase.SERVING, Phase.SUSPENDED})
+# Suspended is not among them: such a job waits (for budget, or its spec.suspend) and goes on by itself.
+ENDED_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.REJECTED, Phase.SERVING})
 MAX_MISSED = 100  # like CronJob: beyond it the count stops (and the newest missed time is still found)
 RESYNC = timedelta(minutes=10)  # looked at again even when nothing is due (a lost watch event)
 
@@ -38,6 +39,7 @@ class Reason(StrEnum):
     ASSEMBLE_FAILED = "AssembleFailed"
     NOT_ENOUGH_EXAMPLES = "NotEnoughExamples"
     RUN_CREATED = "RunCreated"
+    RUN_REFUSED = "RunRefused"  # the API server refused the run (controller.refused)
     RUN_REPLACED = "RunReplaced"
     RUN_DELETED = "RunDeleted"
     MISSED_SCHEDULE = "MissedSchedule"
@@ -99,6 +101,8 @@ class SchedulePlan:
     status: dict[str, Any] = field(default_factory=dict)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
     requeue_at: datetime | None = None
+    # a run's FineTuneJob → its data Job: deleted too when the API server refuses the run (controller.act)
+    data_job_of: dict[str, str] = field(default_factory=dict)
 
     def event(self, reason: Reason, message: str, warning: bool = False) -> None:
         self.events.append(("Warning" if warning else "Normal", reason.value, message))
@@ -267,6 +271,7 @@ def _create_run(observed: ScheduleObserved, parsed: _Parsed, plan: SchedulePlan,
     name = builders.run_name(parsed.ref, data.run)
     _replace(observed, parsed, plan, name)
     plan.create.append(builders.finetune_job(parsed.ref, data.run, train, examples))
+    plan.data_job_of[name] = data.name
     total = examples.get("total")
     plan.event(
         Reason.RUN_CREATED,
