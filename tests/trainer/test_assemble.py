@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from finetune_trainer import cli
+from finetune_trainer import cli, storage
 from finetune_trainer.formats import CANONICAL_FORMAT
 from finetune_trainer.validate import ERROR_KINDS, Findings, parse_file, read_lines
 from finetune_vocabulary.capture import capture_prefix, captured_prefix, feedback_prefix
@@ -398,6 +398,7 @@ def test_without_capture_the_base_is_cleaned_and_written(
         ({"capture": {"minRating": 2}}, "assemble.capture.minRating"),
         ({"capture": {"redact": ["email", "ssn"]}}, "assemble.capture.redact: unknown redactor ssn"),
         ({"since": "2026-12-07T00:00:00Z"}, "assemble.since"),
+        ({"maxSeqLength": 64}, "assemble.baseModel: is required with maxSeqLength"),
     ],
 )
 def test_a_bad_config_is_refused_naming_the_field(
@@ -407,3 +408,70 @@ def test_a_bad_config_is_refused_naming_the_field(
 
     assert (code, term["reason"]) == (11, "INVALID_CONFIG")
     assert named in term["message"]
+
+
+# --- the template's token budget ----------------------------------------------------------------------------
+
+LONG_ANSWER = " ".join(f"w{i}" for i in range(100))  # the toy tokenizer: one token per word
+
+
+def test_a_captured_chat_over_max_seq_length_is_left_out_counted_and_the_run_validates(
+    world: World,
+    s3: Any,
+    tmp_path: Path,
+    tiny_tokenizer_dir: Path,
+    make_config: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One long chat in the traffic must not fail the run's validate stage (maxErrorRate 0): assemble
+    counts tokens as validate does and leaves it out; a short one is kept."""
+    storage.upload_dir(tiny_tokenizer_dir, s3.uri("models/tiny"))
+    world.base([{"messages": chat(f"what is w{i}", f"w{i + 1}")} for i in range(20)])
+    world.chats(
+        [
+            captured("c-short", chat("is the fox quick", "yes the fox is quick")),
+            captured("c-long", chat("tell me every word", LONG_ANSWER)),
+        ]
+    )
+    world.feedback([feedback("c-short", 1), feedback("c-long", 1)])
+    model = {"uri": s3.uri("models/tiny")}
+
+    code, term = world.run(tmp_path, monkeypatch, baseModel=model, maxSeqLength=64)
+
+    assert code == 0, term
+    examples = term["summary"]["examples"]
+    assert (examples["tooLong"], examples["captured"], examples["total"]) == (1, 1, 21)
+    assert term["summary"]["newExamples"] == 1
+    answers = [r["messages"][-1]["content"] for r in world.written()]
+    assert "yes the fox is quick" in answers and LONG_ANSWER not in answers
+    record = json.loads(
+        s3.client.get_object(Bucket=s3.bucket, Key="schedules/team-a/nightly/3/assembly.json")["Body"].read()
+    )
+    assert record["summary"]["examples"]["tooLong"] == 1 and record["maxSeqLength"] == 64
+
+    config = make_config(
+        s3.uri("runs/team-a/nightly-3/uid-1"),
+        baseModel=model,
+        dataset={"train": world.output, "test": s3.uri("data/test.jsonl"), "maxErrorRate": 0},
+        hyperparameters={"maxSeqLength": 64},
+    )
+    monkeypatch.setenv("FTJ_CONFIG", json.dumps(config))
+    assert cli.main(["validate"]) == 0, (tmp_path / "termination-log").read_text()
+    validated_summary = json.loads((tmp_path / "termination-log").read_text())["summary"]
+    assert validated_summary["errors"] == {} and validated_summary["train"] == 21
+
+
+def test_base_examples_over_the_budget_stay_and_no_tokenizer_is_loaded_without_captured_ones(
+    world: World, s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The curated set is the user's own (validate reports it as before), and a base-only run stays cheap:
+    the base model here has no files, so loading its tokenizer would fail the stage."""
+    long_base = {"messages": chat("tell me every word", LONG_ANSWER)}
+    world.base([{"messages": chat("Hello", "Hi")}, long_base])
+    world.chats([captured("c-unrated", chat("Do you ship abroad?", "Yes."))])  # not kept: minRating 1
+
+    code, term = world.run(tmp_path, monkeypatch, baseModel={"uri": s3.uri("models/absent")}, maxSeqLength=64)
+
+    assert code == 0, term
+    assert term["summary"]["examples"]["tooLong"] == 0
+    assert long_base in world.written()

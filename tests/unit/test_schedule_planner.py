@@ -138,6 +138,9 @@ def test_a_due_cron_run_creates_the_data_job() -> None:
             "minNewExamples": 0,
             "objective": "sft",
             "output": "s3://runs/out/schedules/team-a/nightly/1/train.jsonl",
+            "baseModel": {"uri": "s3://models/tiny", "revision": None},
+            "maxSeqLength": 2048,  # the template's default: validate's budget
+            "maxCompletionLength": None,
         },
     }
     pod = job["spec"]["template"]["spec"]
@@ -150,6 +153,31 @@ def test_a_due_cron_run_creates_the_data_job() -> None:
     assert planned.status["lastScheduleTime"] == "2026-12-07T03:00:00Z"
     assert planned.status["nextScheduleTime"] == "2026-12-14T03:00:00Z"
     assert planned.status["missedRuns"] == 0
+
+
+def test_the_data_job_gets_the_templates_token_budget_and_its_base_models_claim() -> None:
+    """assemble leaves out a captured chat the run's validate stage would refuse: it needs the template's
+    tokenizer (a pvc:// one mounted, as for validate) and budget."""
+    raw = spec()
+    exact = {"name": "exact", "type": "stringCheck", "stringCheck": {"operation": "equals"}}
+    raw["jobTemplate"]["spec"] |= {
+        "objective": "grpo",
+        "evaluation": {"graders": [exact]},
+        "rewards": [{"grader": "exact"}],
+        "baseModel": {"uri": "pvc://models/tiny", "revision": "v2"},
+        "hyperparameters": {"maxSeqLength": 512, "maxCompletionLength": 128},
+    }
+    job = plan(observe(raw)).create[0]
+    section = ftj_config(job)["assemble"]
+    assert section["baseModel"] == {"uri": "pvc://models/tiny", "revision": "v2"}
+    assert (section["maxSeqLength"], section["maxCompletionLength"]) == (512, 128)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    claim = {"claimName": "models", "readOnly": True}
+    mounted = [v["name"] for v in pod["volumes"] if v.get("persistentVolumeClaim") == claim]
+    assert len(mounted) == 1
+    assert {"name": mounted[0], "mountPath": "/mnt/pvc/models", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "FTJ_PVC_MODELS", "value": "/mnt/pvc/models"} in container["env"]
 
 
 def test_not_due_creates_nothing_and_wakes_at_the_next_fire_time() -> None:

@@ -26,6 +26,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from finetune_vocabulary.capture import (
@@ -50,7 +51,17 @@ from .formats import (
     to_chat,
 )
 from .termination import StageResult, raise_if_preempted
-from .validate import ERROR_KINDS, Findings, parse_file, read_lines
+from .validate import (
+    ERROR_KINDS,
+    Example,
+    Findings,
+    count_tokens,
+    drop_overlong,
+    load_token_counter,
+    objective_completion_budget,
+    parse_file,
+    read_lines,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +96,7 @@ class Counts:
     corrected: int = 0
     duplicates: int = 0
     held_out: int = 0
+    too_long: int | None = None  # None: no maxSeqLength given, nothing counted (older configs)
     skipped: dict[str, int] = field(default_factory=lambda: {"captured": 0, "feedback": 0})
 
     def examples(self) -> dict[str, int]:
@@ -94,8 +106,15 @@ class Counts:
             "corrected": self.corrected,
             "duplicates": self.duplicates,
             "heldOut": self.held_out,
+            **({"tooLong": self.too_long} if self.too_long is not None else {}),
             "total": self.base + self.captured,
         }
+
+    def tally(self, kept: Iterable[Candidate]) -> None:
+        kept = list(kept)
+        self.base = sum(not c.captured for c in kept)
+        self.captured = sum(c.captured for c in kept)
+        self.corrected = sum(c.corrected for c in kept)
 
 
 # --- inputs -----------------------------------------------------------------------------------------------
@@ -292,10 +311,34 @@ def clean(candidates: list[Candidate], test: list[dict[str, Any]], counts: Count
     held_out = {prompt_key(example) for example in test}
     kept = [c for c in unique if prompt_key(c.data) not in held_out]
     counts.held_out += len(unique) - len(kept)
-    counts.base = sum(not c.captured for c in kept)
-    counts.captured = sum(c.captured for c in kept)
-    counts.corrected = sum(c.corrected for c in kept)
+    counts.tally(kept)
     return kept
+
+
+def drop_too_long(
+    kept: list[Candidate], spec: AssembleSpec, workdir: Path, counts: Counts
+) -> list[Candidate]:
+    """Captured examples longer than the template's maxSeqLength left out and counted, by the validate
+    stage's own tokenizer and rule (chat template applied; dpo/kto the longer side; grpo the prompt plus the
+    completion budget), so one long chat in the traffic cannot fail the run's validate stage. Base examples
+    stay: they are the user's own (validate reports them as before). The tokenizer is loaded only when a
+    captured example is left to count."""
+    if spec.max_seq_length is None or spec.base_model is None:
+        return kept
+    counts.too_long = 0
+    captured = [c for c in kept if c.captured]
+    if not captured:
+        return kept
+    counter, _ = load_token_counter(spec.base_model, workdir, "assemble.baseModel")
+    budget = objective_completion_budget(spec.objective, spec.max_completion_length)
+    examples = [Example("captured", index, c.data) for index, c in enumerate(captured)]
+    count_tokens(examples, counter, completion_budget=budget)
+    fits = {e.line for e in drop_overlong(examples, spec.max_seq_length, Findings(), budget)}
+    over = {id(c) for index, c in enumerate(captured) if index not in fits}
+    counts.too_long = len(over)
+    out = [c for c in kept if id(c) not in over]
+    counts.tally(out)
+    return out
 
 
 def count_new(kept: Iterable[Candidate], since: datetime | None) -> int:
@@ -324,6 +367,8 @@ def _record(spec: AssembleSpec, summary: dict[str, Any], counts: Counts) -> dict
         "since": _iso(spec.since) if spec.since is not None else None,
         "until": _iso(spec.until),
         "minNewExamples": spec.min_new_examples,
+        "baseModel": spec.base_model.model_dump(by_alias=True) if spec.base_model is not None else None,
+        "maxSeqLength": spec.max_seq_length,
         "summary": summary,
         "skipped": counts.skipped,
         "written": _iso(datetime.now(UTC)),
@@ -340,7 +385,8 @@ def run(config: AssembleConfig) -> StageResult:
         chats = read_capture(spec.capture, spec.until, counts)
         candidates += captured_candidates(chats, spec.capture, spec.objective, counts)
     raise_if_preempted("assemble")
-    kept = clean(candidates, test, counts)
+    kept = drop_too_long(clean(candidates, test, counts), spec, config.workdir, counts)
+    raise_if_preempted("assemble")
     new = count_new(kept, spec.since)
     ready = new >= spec.min_new_examples
     summary: dict[str, Any] = {
@@ -364,6 +410,11 @@ def run(config: AssembleConfig) -> StageResult:
         f"{figures['total']} examples ({figures['base']} base, {figures['captured']} captured of which "
         f"{figures['corrected']} corrected, {new} new) to {spec.output}; removed {figures['duplicates']} "
         f"duplicates and {figures['heldOut']} test prompts"
+        + (
+            f" and {counts.too_long} captured over maxSeqLength {spec.max_seq_length}"
+            if counts.too_long
+            else ""
+        )
     )
     log.info(message, extra={"fields": {"event": "assembled", **summary}})
     return StageResult(summary, message)

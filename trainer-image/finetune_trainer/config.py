@@ -580,8 +580,7 @@ class TrainerConfig(_Section):
 
     @property
     def workdir(self) -> Path:
-        """Scratch space on an emptyDir (``FTJ_WORKDIR``, default /workspace)."""
-        return Path(os.environ.get("FTJ_WORKDIR", "/workspace"))
+        return scratch_dir()
 
     def hyperparameters_record(self) -> dict[str, Any]:
         """What manifests record as the run's hyperparameters (camelCase, as in the spec)."""
@@ -645,6 +644,15 @@ class AssembleSpec(_Section):
     objective: Objective = "sft"
     output: str = Field(description="The assembled training file; assembly.json is written beside it")
     max_line_bytes: int = Field(1_048_576, ge=1, description="A longer base line is an invalid line")
+    # The template's token budget, so a captured chat the validate stage would refuse is left out here
+    # (counted, examples.tooLong) rather than failing the run; absent (older configs): nothing is counted.
+    base_model: BaseModelSpec | None = Field(None, description="The template's baseModel: its tokenizer")
+    max_seq_length: int | None = Field(None, ge=1, description="The template's hyperparameters.maxSeqLength")
+    max_completion_length: int | None = Field(
+        None,
+        ge=1,
+        description="grpo: the template's hyperparameters.maxCompletionLength (validate's default)",
+    )
 
     _utc_times = field_validator("since", "until")(_utc)
     _output_shape = field_validator("output")(_writable_uri)
@@ -653,6 +661,8 @@ class AssembleSpec(_Section):
     def _ordered(self) -> AssembleSpec:
         if self.since is not None and self.since > self.until:
             raise ValueError("since: must not be after until")
+        if self.max_seq_length is not None and self.base_model is None:
+            raise ValueError("baseModel: is required with maxSeqLength (its tokenizer counts the tokens)")
         return self
 
 
@@ -661,6 +671,15 @@ class AssembleConfig(_Section):
 
     stage: Literal["assemble"] = "assemble"
     assemble: AssembleSpec
+
+    @property
+    def workdir(self) -> Path:
+        return scratch_dir()
+
+
+def scratch_dir() -> Path:
+    """Scratch space on an emptyDir (``FTJ_WORKDIR``, default /workspace)."""
+    return Path(os.environ.get("FTJ_WORKDIR", "/workspace"))
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

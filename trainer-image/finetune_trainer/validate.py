@@ -48,7 +48,7 @@ from finetune_vocabulary import steps as step_count
 from finetune_vocabulary.objectives import formats_for
 
 from . import manifest, storage, tracking
-from .config import TrainerConfig
+from .config import BaseModelSpec, TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
 from .formats import (
     CANONICAL_FORMAT,
@@ -339,18 +339,20 @@ class TokenCounter(Protocol):
     def __call__(self, examples: list[dict[str, Any]], *, prompt: bool = False) -> list[int]: ...
 
 
-def load_token_counter(config: TrainerConfig) -> tuple[TokenCounter, str | None]:
-    """Token counts with the base model's tokenizer and chat template (default template when it has none)."""
-    spec = config.spec.base_model
+def load_token_counter(
+    spec: BaseModelSpec, workdir: Path, where: str = "spec.baseModel"
+) -> tuple[TokenCounter, str | None]:
+    """Token counts with the base model's tokenizer and chat template (default template when it has none);
+    errors name ``where`` (the assemble stage passes its own config's)."""
     try:
         source = storage.fetch_model(
             spec.uri,
             revision=spec.revision,
             allow_patterns=TOKENIZER_FILES,
-            dest=config.workdir / "tokenizer",
+            dest=workdir / "tokenizer",
         )
     except storage.NotFound as exc:
-        raise InvalidConfigError(f"spec.baseModel.uri: {exc}") from None
+        raise InvalidConfigError(f"{where}.uri: {exc}") from None
     from transformers import AutoTokenizer
 
     from .formats import ensure_chat_template
@@ -358,9 +360,7 @@ def load_token_counter(config: TrainerConfig) -> tuple[TokenCounter, str | None]
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source.path))
     except (OSError, ValueError) as exc:
-        raise InvalidConfigError(
-            f"spec.baseModel.uri: cannot load a tokenizer from {spec.uri}: {exc}"
-        ) from None
+        raise InvalidConfigError(f"{where}.uri: cannot load a tokenizer from {spec.uri}: {exc}") from None
     if ensure_chat_template(tokenizer):
         log.info("base model has no chat template: using the default one")
 
@@ -451,9 +451,16 @@ def drop_overlong(
 
 def completion_budget(config: TrainerConfig) -> int:
     """grpo: the completion tokens each prompt must leave room for (0 for the other objectives)."""
-    if config.spec.objective != "grpo":
+    return objective_completion_budget(
+        config.spec.objective, config.spec.hyperparameters.max_completion_length
+    )
+
+
+def objective_completion_budget(objective: str, max_completion_length: int | None) -> int:
+    """The rule of completion_budget on plain values (the assemble stage has no job spec)."""
+    if objective != "grpo":
         return 0
-    return config.spec.hyperparameters.max_completion_length or GRPO_DEFAULT_MAX_COMPLETION_LENGTH
+    return max_completion_length or GRPO_DEFAULT_MAX_COMPLETION_LENGTH
 
 
 LABEL_MIN_SHARE = 0.1  # kto: a label side under this share of the training examples is a warning
@@ -768,7 +775,7 @@ def run(config: TrainerConfig) -> StageResult:
     try:
         # Fail fast on broken files, before loading the tokenizer; then again once over-length counts.
         summary = check_error_rate(parsed, findings, spec.dataset.max_error_rate)
-        counter, tokenizer_revision = load_token_counter(config)
+        counter, tokenizer_revision = load_token_counter(spec.base_model, config.workdir)
         budget = completion_budget(config)
         for pf in parsed.values():
             count_tokens(pf.examples, counter, completion_budget=budget)

@@ -39,6 +39,7 @@ from finetune_operator.k8s.pods import (
     labels,
     owner_reference,
     pod_security_context,
+    pvc_volumes,
     resource_block,
     scratch_volumes,
     service_account,
@@ -144,6 +145,11 @@ def assemble_config(ref: ScheduleRef, server: Mapping[str, Any] | None, assembly
             "minNewExamples": assembly.min_new_examples,
             "objective": ref.spec.objective,
             "output": train_uri(ref.spec.storage.output, ref.namespace, ref.name, assembly.run),
+            # The validate stage's token budget: a captured chat over it is left out (examples.tooLong)
+            # instead of failing the run; the typed spec carries the defaults.
+            "baseModel": ref.spec.base_model.model_dump(mode="json"),
+            "maxSeqLength": ref.spec.hyperparameters.max_seq_length,
+            "maxCompletionLength": ref.spec.hyperparameters.max_completion_length,
         },
     }
 
@@ -166,14 +172,15 @@ def data_job(
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     volumes, mounts = scratch_volumes(None)
+    claim_volumes, claim_mounts, claim_env = pvc_volumes(ref)  # a pvc:// base model's tokenizer, test set
     cpu_type = config.gpu_types.get("cpu") or config.gpu_type(ref.spec.resources.gpu_type)
     container = trainer_container(
         TrainerContainer(
             image=config.images.trainer,
             pull_policy=config.images.pull_policy,
             stage=STAGE,
-            env=env,
-            mounts=mounts,
+            env=env + claim_env,
+            mounts=mounts + claim_mounts,
             resources=resource_block(
                 config.defaults.validate_cpu, config.defaults.validate_memory, 0, cpu_type
             ),
@@ -191,7 +198,7 @@ def data_job(
         "restartPolicy": "Never",
         "securityContext": pod_security_context(config),
         "containers": [container],
-        "volumes": volumes,
+        "volumes": volumes + claim_volumes,
     }
     pod = {**pod, **service_account(ref)}
     return {
