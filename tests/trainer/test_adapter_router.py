@@ -28,9 +28,9 @@ from finetune_trainer.adapter_router import (
     admin_handler,
     check_state,
     proxy_handler,
-    rewrite_model,
     with_stable_names,
 )
+from finetune_trainer.router_canary import route_request
 
 
 class FakeVllm:
@@ -207,9 +207,9 @@ def test_the_admin_port_refuses_an_oversized_state_without_reading_it(router: Ro
 
 def test_only_a_routed_stable_name_is_rewritten() -> None:
     routes = {"bot": "bot-v2"}
-    assert json.loads(rewrite_model(b'{"model": "bot", "x": 1}', routes)) == {"model": "bot-v2", "x": 1}
-    assert rewrite_model(b'{"model": "bot-v1"}', routes) == b'{"model": "bot-v1"}'
-    assert rewrite_model(b"not json", routes) == b"not json"
+    assert json.loads(route_request(b'{"model": "bot", "x": 1}', routes).body) == {"model": "bot-v2", "x": 1}
+    assert route_request(b'{"model": "bot-v1"}', routes).body == b'{"model": "bot-v1"}'
+    assert route_request(b"not json", routes).body == b"not json"
     listed = with_stable_names({"data": [{"id": "base"}, {"id": "bot-v2", "parent": "base"}]}, routes)
     assert [(m["id"], m.get("root")) for m in listed["data"]] == [
         ("base", None),

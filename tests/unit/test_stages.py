@@ -86,7 +86,7 @@ def test_an_unchanged_deployment_is_built_once_per_generation(builds: Counter[St
 
 
 def test_a_termination_message_nested_too_deep_is_read_as_plain_text() -> None:
-    from finetune_operator.finetunejob.outcome import termination_of
+    from finetune_operator.containers.termination import termination_of
 
     raw = "[" * 4096  # the kubelet keeps at most 4096 bytes: deeper than Python's json parses
     pod = {

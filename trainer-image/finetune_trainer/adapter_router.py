@@ -178,28 +178,6 @@ def check_document(document: Any, sources: Sequence[str], destinations: Sequence
     return State(adapters, routes, weights, capture)
 
 
-def route_body(body: bytes, routes: Mapping[str, str]) -> tuple[bytes, str | None]:
-    """(the request body with a routed stable name replaced by its version, the model it asks for)."""
-    if not body:
-        return body, None
-    try:
-        document = json.loads(body)
-    except ValueError:  # not JSON: vLLM answers it
-        return body, None
-    model = document.get("model") if isinstance(document, dict) else None
-    if not isinstance(model, str):
-        return body, None
-    if model not in routes:
-        return body, model
-    document["model"] = routes[model]
-    return json.dumps(document).encode(), routes[model]
-
-
-def rewrite_model(body: bytes, routes: Mapping[str, str]) -> bytes:
-    """The request body with a routed stable name replaced by its version; anything else unchanged."""
-    return route_body(body, routes)[0]
-
-
 def public_path(target: str) -> str | None:
     """The allow-listed path a request target means, or None (404, never forwarded). The path is decoded
     (%xx) and collapsed ("//", ".", "..", a final "/") as the engine's server would read it; one that still

@@ -11,10 +11,7 @@ from finetune_vocabulary.objectives import PROGRESS_FIGURE_KEYS
 
 from finetune_operator.api.conditions import EXIT_REASONS, Reason, oom_hint
 from finetune_operator.api.finetunejob_status import Stage
-from finetune_operator.containers.termination import JobOutcome as JobOutcome
-from finetune_operator.containers.termination import Termination as Termination
-from finetune_operator.containers.termination import job_outcome as job_outcome
-from finetune_operator.containers.termination import termination_of as termination_of
+from finetune_operator.containers.termination import JobOutcome
 from finetune_operator.containers.trainer import OOM_KILLED_EXIT_CODE
 from finetune_operator.k8s.observe import finite
 

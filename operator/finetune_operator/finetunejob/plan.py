@@ -19,7 +19,7 @@ from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.api.modelserver import KIND as MODELSERVER_KIND
 from finetune_operator.config import OperatorConfig
-from finetune_operator.finetunejob.outcome import JobOutcome
+from finetune_operator.containers.termination import JobOutcome
 from finetune_operator.finetunejob.ref import Artifacts, JobRef, ObjectRef
 from finetune_operator.finetunepolicy.enforcement import PolicyView
 from finetune_operator.k8s.actions import ChildDelete, ChildPatch, Event

@@ -20,9 +20,10 @@ from finetune_operator.api.conditions import (
 )
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.config import ConfigError, OperatorConfig
+from finetune_operator.containers.termination import JobOutcome, job_outcome
 from finetune_operator.finetunejob import distributed, ownedserver, pooljob, tracking
 from finetune_operator.finetunejob.accounting import gpu_hours_spent, restarts
-from finetune_operator.finetunejob.outcome import JobOutcome, failure_reason, job_outcome
+from finetune_operator.finetunejob.outcome import failure_reason
 from finetune_operator.finetunejob.plan import Draft, JobDraft, Observed, Plan, StageRow
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.finetunejob.stages import ROWS, STAGES

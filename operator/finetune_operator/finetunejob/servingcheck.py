@@ -24,9 +24,9 @@ from finetune_operator.api.conditions import ConditionType, Reason
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.config import OperatorConfig
+from finetune_operator.containers.termination import JobOutcome
 from finetune_operator.finetunejob import builders
 from finetune_operator.finetunejob.gate import primary_metric
-from finetune_operator.finetunejob.outcome import JobOutcome
 from finetune_operator.finetunejob.plan import JobDraft
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.k8s.observe import finite

@@ -19,6 +19,7 @@ from finetune_operator.api.conditions import ConditionType, Reason, short
 from finetune_operator.api.finetunejob import FineTuneJobSpec
 from finetune_operator.api.finetunejob_status import Phase, Stage
 from finetune_operator.config import OperatorConfig
+from finetune_operator.containers.termination import JobOutcome
 from finetune_operator.finetunejob import builders, ownedserver, pooljob, serving, servingcheck
 from finetune_operator.finetunejob.accounting import gpu_hours_estimate
 from finetune_operator.finetunejob.gate import (
@@ -27,7 +28,7 @@ from finetune_operator.finetunejob.gate import (
     retention_figures,
     safety_figures,
 )
-from finetune_operator.finetunejob.outcome import JobOutcome, metric_values, progress_figures
+from finetune_operator.finetunejob.outcome import metric_values, progress_figures
 from finetune_operator.finetunejob.plan import Builder, JobDraft, StageRow
 from finetune_operator.finetunejob.ref import JobRef
 from finetune_operator.k8s.actions import Event

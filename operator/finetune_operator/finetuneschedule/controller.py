@@ -35,11 +35,11 @@ from finetune_operator.finetuneschedule.planner import (
     RunView,
     ScheduleObserved,
     SchedulePlan,
-    parse_time,
     plan_schedule,
 )
 from finetune_operator.k8s import client as kube
 from finetune_operator.k8s import ownership
+from finetune_operator.k8s.observe import parse_time
 
 log = logging.getLogger(__name__)
 

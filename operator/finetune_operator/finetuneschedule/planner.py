@@ -10,17 +10,19 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from finetune_operator.api.conditions import timestamp
 from finetune_operator.api.finetunejob_status import Phase
 from finetune_operator.api.finetuneschedule import FineTuneScheduleSpec, parse_schedule_spec
 from finetune_operator.api.schema import SpecError
 from finetune_operator.config import OperatorConfig
 from finetune_operator.finetuneschedule import builders, cron
 from finetune_operator.finetuneschedule.builders import Assembly, ScheduleRef
+from finetune_operator.k8s.observe import parse_time
 from finetune_operator.serving_contract import pool_report
 
 # A run whose FineTuneJob is in one of these phases is no longer active (Forbid lets the next one start).
@@ -111,20 +113,6 @@ class SchedulePlan:
         self.requeue_at = when if self.requeue_at is None else min(self.requeue_at, when)
 
 
-def iso(when: datetime) -> str:
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(text: Any) -> datetime | None:
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        found = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return found if found.tzinfo else found.replace(tzinfo=UTC)
-
-
 @dataclass(frozen=True)
 class _Parsed:
     ref: ScheduleRef
@@ -200,7 +188,7 @@ def _prune(observed: ScheduleObserved, limit: int, serving: str | None, plan: Sc
 def plan_schedule(observed: ScheduleObserved, config: OperatorConfig) -> SchedulePlan:
     """What one pass does (module docstring)."""
     plan = SchedulePlan()
-    now = iso(observed.now)
+    now = timestamp(observed.now)
     status = observed.status
     plan.status["observedGeneration"] = observed.generation
     try:
@@ -289,10 +277,10 @@ def _create_run(observed: ScheduleObserved, parsed: _Parsed, plan: SchedulePlan,
 def _start(observed: ScheduleObserved, parsed: _Parsed, plan: SchedulePlan, last_run: int) -> None:
     """Cron first, then the trigger; nothing while a data Job exists (a run's name is taken until it goes)."""
     schedule = parsed.ref.schedule
-    now = iso(observed.now)
+    now = timestamp(observed.now)
     if parsed.cron is not None:
         nxt = cron.next_after(parsed.cron, observed.now, parsed.zone)
-        plan.status["nextScheduleTime"] = iso(nxt) if nxt else None
+        plan.status["nextScheduleTime"] = timestamp(nxt) if nxt else None
         if nxt:
             plan.wake(nxt)
     if schedule.suspend:
@@ -334,7 +322,7 @@ def _capture_problem(observed: ScheduleObserved, schedule: FineTuneScheduleSpec)
 
 def _assembly(observed: ScheduleObserved, run: int, purpose: str, min_new: int) -> Assembly:
     since = observed.status.get("cutoff")
-    return Assembly(run, purpose, str(since) if since else None, iso(observed.now), min_new)
+    return Assembly(run, purpose, str(since) if since else None, timestamp(observed.now), min_new)
 
 
 def _cron_run(observed: ScheduleObserved, parsed: _Parsed, plan: SchedulePlan, run: int) -> bool:
@@ -349,31 +337,33 @@ def _cron_run(observed: ScheduleObserved, parsed: _Parsed, plan: SchedulePlan, r
     missed = int(observed.status.get("missedRuns") or 0)
     deadline = schedule.starting_deadline_seconds
     if deadline is not None and newest < observed.now - timedelta(seconds=deadline):
-        plan.status.update(missedRuns=missed + count, lastScheduleTime=iso(newest))
+        plan.status.update(missedRuns=missed + count, lastScheduleTime=timestamp(newest))
         plan.event(
             Reason.MISSED_SCHEDULE,
-            f"{count} scheduled run(s) missed, the newest at {iso(newest)}: more than "
+            f"{count} scheduled run(s) missed, the newest at {timestamp(newest)}: more than "
             f"startingDeadlineSeconds {deadline} ago",
             warning=True,
         )
         return False
     active = _active_runs(observed)
     if active and schedule.concurrency_policy == "Forbid":
-        message = f"run due at {iso(newest)} waits: {active[0].name} is active (concurrencyPolicy Forbid)"
+        message = (
+            f"run due at {timestamp(newest)} waits: {active[0].name} is active (concurrencyPolicy Forbid)"
+        )
         plan.status["message"] = message
         return True
     _replace(observed, parsed, plan, builders.run_name(parsed.ref, run))
     plan.create.append(
         builders.data_job(parsed.ref, parsed.config, observed.server, _assembly(observed, run, "cron", 0))
     )
-    plan.status.update(lastScheduleTime=iso(newest), missedRuns=missed + count - 1)
+    plan.status.update(lastScheduleTime=timestamp(newest), missedRuns=missed + count - 1)
     if count > 1:
         plan.event(
             Reason.MISSED_SCHEDULE,
             f"{count - 1} older scheduled run(s) skipped: only the newest runs",
             warning=True,
         )
-    plan.status["message"] = f"run {run} due at {iso(newest)}: assembling data"
+    plan.status["message"] = f"run {run} due at {timestamp(newest)}: assembling data"
     return True
 
 
@@ -392,5 +382,5 @@ def _trigger_check(observed: ScheduleObserved, parsed: _Parsed, plan: SchedulePl
         return  # the run's end (its FineTuneJob's event) wakes the schedule
     assembly = _assembly(observed, run, "trigger", trigger.new_examples)
     plan.create.append(builders.data_job(parsed.ref, parsed.config, observed.server, assembly))
-    plan.status["lastTriggerCheck"] = iso(observed.now)
+    plan.status["lastTriggerCheck"] = timestamp(observed.now)
     plan.wake(observed.now + timedelta(seconds=trigger.check_seconds))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from finetune_vocabulary.redaction import redact_patterns
@@ -24,10 +24,6 @@ CONTAINER_ERROR_REASONS = frozenset(
 # together within a condition message (conditions.MAX_MESSAGE).
 WAITING_TEXT_LIMIT = 500
 TERMINATION_TEXT_LIMIT = 400
-
-
-
-
 
 
 @dataclass(frozen=True)
@@ -51,30 +47,20 @@ def created(obj: Mapping[str, Any]) -> str:
 
 
 def parse_time(value: Any) -> datetime | None:
+    """A status or metadata timestamp; one without a zone is UTC (so it compares with aware times)."""
     if not value:
         return None
     try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        found = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
         return None
+    return found if found.tzinfo else found.replace(tzinfo=UTC)
 
 
 def finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def pod_text(text: str, limit: int, *, tail: bool = False) -> str:

@@ -18,12 +18,13 @@ from typing import Any
 
 from finetune_vocabulary.capture import LATENCY_BUCKETS_MS, merge_buckets, percentile_ms
 
+from finetune_operator.api.conditions import timestamp
 from finetune_operator.api.modelserver import RolloutSpec
+from finetune_operator.k8s.observe import parse_time
 
 PROGRESSING = "Progressing"
 COMPLETED = "Completed"
 ROLLED_BACK = "RolledBack"
-TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def weights_of(rollout: Mapping[str, Any]) -> dict[str, int]:
 
 
 def started(rollout: Mapping[str, Any]) -> datetime:
-    return datetime.strptime(str(rollout["stepStartedAt"]), TIMESTAMP).replace(tzinfo=UTC)
+    # written by this planner (api.conditions.timestamp); unreadable: the step is due
+    return parse_time(rollout.get("stepStartedAt")) or datetime.min.replace(tzinfo=UTC)
 
 
 def due_in(rollout: Mapping[str, Any], spec: RolloutSpec, now: datetime) -> float | None:
@@ -165,7 +167,7 @@ def decide(
             message=f"{rollout['name']} took 100% after {where}: {live}",
         )
         return Decision(new, promote=True, changed=True)
-    new.update(step=step + 1, weight=steps[step], stepStartedAt=now.strftime(TIMESTAMP))
+    new.update(step=step + 1, weight=steps[step], stepStartedAt=timestamp(now))
     new["weights"] = weights_of(new)
     new.update(challenger=None, championFigures=None)
     new["message"] = (
