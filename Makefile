@@ -80,7 +80,7 @@ test-emulator: venv tools
 
 lint: venv
 	$(VENV)/bin/ruff check vocabulary operator trainer-image dev tests benchmarks
-	$(VENV)/bin/mypy vocabulary/finetune_vocabulary operator/finetune_operator
+	$(VENV)/bin/mypy vocabulary/finetune_vocabulary operator/finetune_operator operator/finetune_api
 	$(VENV)/bin/lint-imports
 
 crds: venv
