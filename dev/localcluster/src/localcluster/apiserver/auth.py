@@ -122,6 +122,13 @@ class TokenAuthenticator:
         )
         return token, expires.strftime("%Y-%m-%dT%H:%M:%SZ")
 
+    def expire(self, token: str) -> None:
+        """Test-only hook (no kube-apiserver counterpart): move a token's expiry into the past, so tests of
+        clients that must refuse an expired token (tests/api) need not wait the 10-minute minimum lifetime.
+        Run it on the emulator's loop (`LocalCluster.call`)."""
+        record = self.tokens[token]
+        record.expires = dt.datetime.now(dt.UTC).timestamp() - 1
+
     def lookup(self, token: str, alive: Any) -> IssuedToken | None:
         """The token's record if valid; `alive(kind, namespace, name, uid)` tells whether an object exists."""
         record = self.tokens.get(token)
