@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_operator.api.finetunejob import API_VERSION, KIND, parse_spec
+from finetune_operator.api.conditions import Reason
+from finetune_operator.api.finetunejob import API_VERSION, KIND, HyperparametersSpec, parse_spec
 from finetune_operator.api.schema import SpecError
 from finetune_vocabulary.labels import API_GROUP
 
@@ -115,28 +116,28 @@ def build_finetunejob(
 # ---------------------------------------------------------------------------------------------- reading
 # The Ready condition's failure reasons (api/conditions.py Reason) → OpenAI's error code (docs/openai-api.md).
 CANCELLED = "Cancelled"  # Reason.CANCELLED (spec.cancel): a cancelled job has no error
-ERROR_CODES: dict[str, str] = {
-    "InvalidDataset": "invalid_training_file",
-    "GateFailed": "evaluation_failed",
-    "SafetyFailed": "evaluation_failed",
-    "RetentionFailed": "evaluation_failed",
-    "NotBetterThanServing": "evaluation_failed",
-    "ServingMismatch": "evaluation_failed",
-    "RolloutFailed": "evaluation_failed",
-    "PolicyViolation": "policy_violation",
-    "BudgetExceeded": "policy_violation",
-    "ConcurrencyLimit": "policy_violation",
-    "ServingGpuLimit": "policy_violation",
-    "InvalidConfig": "server_error",
-    "OutOfMemory": "server_error",
-    "DeadlineExceeded": "server_error",
-    "ImagePullFailed": "server_error",
-    "RetriesExhausted": "server_error",
-    "StageFailed": "server_error",
-    "Unschedulable": "server_error",
-    "ContainerConfigError": "server_error",
-    "ServerNotFound": "server_error",
-    "ChildConflict": "server_error",
+ERROR_CODES: dict[str, str] = {  # StrEnum keys: looked up by the reason's string
+    Reason.INVALID_DATASET: "invalid_training_file",
+    Reason.GATE_FAILED: "evaluation_failed",
+    Reason.SAFETY_FAILED: "evaluation_failed",
+    Reason.RETENTION_FAILED: "evaluation_failed",
+    Reason.NOT_BETTER_THAN_SERVING: "evaluation_failed",
+    Reason.SERVING_MISMATCH: "evaluation_failed",
+    Reason.ROLLOUT_FAILED: "evaluation_failed",
+    Reason.POLICY_VIOLATION: "policy_violation",
+    Reason.BUDGET_EXCEEDED: "policy_violation",
+    Reason.CONCURRENCY_LIMIT: "policy_violation",
+    Reason.SERVING_GPU_LIMIT: "policy_violation",
+    Reason.INVALID_CONFIG: "server_error",
+    Reason.OUT_OF_MEMORY: "server_error",
+    Reason.DEADLINE_EXCEEDED: "server_error",
+    Reason.IMAGE_PULL_FAILED: "server_error",
+    Reason.RETRIES_EXHAUSTED: "server_error",
+    Reason.STAGE_FAILED: "server_error",
+    Reason.UNSCHEDULABLE: "server_error",
+    Reason.CONTAINER_CONFIG_ERROR: "server_error",
+    Reason.SERVER_NOT_FOUND: "server_error",
+    Reason.CHILD_CONFLICT: "server_error",
 }
 ERROR_PARAMS = {"invalid_training_file": "training_file"}
 STATUSES = {
@@ -152,6 +153,10 @@ STATUSES = {
     "Failed": "failed",
 }
 FINISHED = ("succeeded", "failed", "cancelled")
+# What the API server fills in when a spec leaves them out (a stored job always has them).
+SPEC_DEFAULTS: dict[str, Any] = HyperparametersSpec().model_dump(
+    mode="json", by_alias=True, exclude_none=True
+)
 EVENT_LEVELS = {"Normal": "info", "Warning": "warn"}
 
 
@@ -208,18 +213,21 @@ def _base_rate(ftj: Mapping[str, Any]) -> float:
         return DEFAULT_LEARNING_RATE
 
 
+def _hyper(ftj: Mapping[str, Any]) -> dict[str, Any]:
+    return {**SPEC_DEFAULTS, **(_get(ftj, "spec", "hyperparameters") or {})}
+
+
 def _method_of(ftj: Mapping[str, Any]) -> dict[str, Any]:
-    hyper = _get(ftj, "spec", "hyperparameters") or {}
-    rate = hyper.get("learningRate", DEFAULT_LEARNING_RATE)
+    hyper = _hyper(ftj)
     out: dict[str, Any] = {
-        "n_epochs": hyper.get("epochs", 3),
-        "batch_size": hyper.get("batchSize", 4),
-        "learning_rate_multiplier": round(rate / _base_rate(ftj), 6),
+        "n_epochs": hyper["epochs"],
+        "batch_size": hyper["batchSize"],
+        "learning_rate_multiplier": round(hyper["learningRate"] / _base_rate(ftj), 6),
     }
     objective = _get(ftj, "spec", "objective") or "sft"
     if objective == "sft":
         return {"type": "supervised", "supervised": {"hyperparameters": out}}
-    out["beta"] = hyper.get("beta", 0.1)  # TRL's default when unset (HyperparametersSpec.beta)
+    out["beta"] = hyper.get("beta", "auto")  # unset: TRL's default (HyperparametersSpec.beta)
     return {"type": objective, objective: {"hyperparameters": out}}
 
 
@@ -227,7 +235,7 @@ def _trained_tokens(ftj: Mapping[str, Any]) -> int | None:
     tokens = _get(ftj, "status", "dataset", "trainTokens")
     if _condition(ftj, "Trained").get("status") != "True" or not isinstance(tokens, int):
         return None
-    return int(tokens * (_get(ftj, "spec", "hyperparameters", "epochs") or 3))
+    return int(tokens * _hyper(ftj)["epochs"])
 
 
 def _metadata_of(ftj: Mapping[str, Any]) -> dict[str, str] | None:
@@ -244,6 +252,11 @@ def _model_of(ftj: Mapping[str, Any]) -> str:
     return str(model or str(_get(ftj, "spec", "baseModel", "uri") or "").rstrip("/").rsplit("/", 1)[-1])
 
 
+def _fine_tuned_model(ftj: Mapping[str, Any]) -> str | None:
+    model = _get(ftj, "status", "endpoint", "model")
+    return str(model) if model and openai_status(ftj) == "succeeded" else None
+
+
 def to_openai_job(ftj: Mapping[str, Any], *, now: float | None = None) -> dict[str, Any]:
     """The `fine_tuning.job` object of a FineTuneJob (made by this API or with kubectl)."""
     status = openai_status(ftj)
@@ -258,13 +271,13 @@ def to_openai_job(ftj: Mapping[str, Any], *, now: float | None = None) -> dict[s
         "object": "fine_tuning.job",
         "created_at": epoch(_get(ftj, "metadata", "creationTimestamp")) or 0,
         "error": openai_error(ftj),
-        "fine_tuned_model": _get(ftj, "status", "endpoint", "model") if status == "succeeded" else None,
+        "fine_tuned_model": _fine_tuned_model(ftj),
         "finished_at": epoch(_get(ftj, "status", "completionTime")) if status in FINISHED else None,
         "hyperparameters": method[method["type"]]["hyperparameters"],
         "model": _model_of(ftj),
         "organization_id": _get(ftj, "metadata", "namespace"),
         "result_files": [],
-        "seed": _get(ftj, "spec", "hyperparameters", "seed") or 42,
+        "seed": _hyper(ftj)["seed"],
         "status": status,
         "trained_tokens": _trained_tokens(ftj),
         "training_file": annotations.get(ANNOTATION_TRAINING_FILE) or _get(ftj, "spec", "dataset", "train"),
@@ -375,7 +388,7 @@ def to_checkpoints(ftj: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The newest committed checkpoint (status.artifacts.checkpoint) and, once trained, the final model;
     newest first. Named `<fine_tuned_model or job id>:ckpt-step-<n>`, never by storage URI."""
     job = str(_get(ftj, "metadata", "name") or "")
-    served = to_openai_job(ftj, now=0)["fine_tuned_model"]
+    served = _fine_tuned_model(ftj)
     base = served or job
     trained = _condition(ftj, "Trained")
     created = epoch(trained.get("lastTransitionTime")) or epoch(_get(ftj, "status", "startTime")) or 0

@@ -237,6 +237,7 @@ SUFFIX_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,16}[a-z0-9])?$")
 SUFFIX_MAX = 18
 METADATA_MAX_PAIRS, METADATA_KEY_MAX, METADATA_VALUE_MAX = 16, 64, 512
 SEED_MAX = 2_147_483_647
+SERVED_MIDDLE_MAX = 100  # ft-<this>-<8>: within servedModelName's 128
 # The spec field a problem names → the OpenAI parameter to name instead.
 SPEC_PARAMS = {
     "spec.hyperparameters.epochs": "hyperparameters.n_epochs",
@@ -257,6 +258,8 @@ def bad_param(param: str, message: str, code: str | None = None) -> ApiError:
 
 
 def _check_fields(request: Mapping[str, Any]) -> None:
+    if not request.get("training_file"):
+        raise bad_param("training_file", "required: the id of a file uploaded with purpose fine-tune")
     unknown = sorted(set(request) - REQUEST_FIELDS - {"integrations"})
     if unknown:
         raise bad_param(
@@ -388,6 +391,8 @@ def served_name(model: str, suffix: str | None, job_name: str, mapping: ModelMap
     if mapping.deployment is not None and mapping.deployment.server:
         return {"modelName": stable_name(model, suffix)}
     middle = f"{model}-{suffix}" if suffix else model
+    # a ConfigMap key may hold '_', which no served name may; 128 characters at most
+    middle = re.sub(r"[^A-Za-z0-9.-]+", "-", middle)[:SERVED_MIDDLE_MAX]
     return {"servedModelName": f"ft-{middle}-{job_name[-8:]}"}
 
 

@@ -101,6 +101,22 @@ def test_method_supervised_and_dpo_with_beta() -> None:
     assert parse_spec(job["spec"]).hyperparameters.beta == 0.25
 
 
+def test_any_configmap_key_gives_a_valid_served_name() -> None:
+    job = build_finetunejob(
+        {"training_file": "file-1", "suffix": "a"},
+        "My_Model.v2" + "x" * 200,
+        mapping(),
+        namespace="team-a",
+        name=NAME,
+        training_uri=TRAIN,
+        validation_uri=None,
+        training_objectives=("sft",),
+    )
+    served = job["spec"]["deployment"]["servedModelName"]
+    assert served.startswith("ft-My-Model.v2xx") and served.endswith("-cdef0123") and len(served) <= 128
+    parse_spec(job["spec"])
+
+
 def test_a_pool_mapping_serves_under_a_stable_name() -> None:
     job = build({"suffix": "v-two"}, POOL)
     assert job["spec"]["deployment"] == {"server": "shared-pool", "modelName": "tiny-llama-v-two"}
@@ -145,6 +161,7 @@ def test_a_pool_mapping_serves_under_a_stable_name() -> None:
         ({"metadata": {"k": 1}}, "metadata.k"),
         ({"integrations": [{"type": "wandb", "wandb": {"project": "p"}}]}, "integrations"),
         ({"temperature": 1, "colour": "blue"}, "colour"),
+        ({"training_file": None}, "training_file"),
     ],
 )
 def test_a_bad_request_names_the_openai_param(request_: dict[str, Any], param: str) -> None:
@@ -375,7 +392,7 @@ def test_a_job_made_with_kubectl_maps_too() -> None:
             "baseModel": {"uri": "hf://TinyLlama/TinyLlama-1.1B-Chat-v1.0"},
             "dataset": {"train": "s3://data/train.jsonl"},
             "objective": "dpo",
-            "hyperparameters": {"epochs": 2, "learningRate": 0.0004, "beta": 0.2, "seed": 9},
+            "hyperparameters": {"epochs": 2, "learningRate": 0.0004, "beta": 0.2, "seed": 0},
             "storage": {"output": "s3://runs/x"},
         },
         "status": {"phase": "Validating"},
@@ -385,7 +402,7 @@ def test_a_job_made_with_kubectl_maps_too() -> None:
         "demo",
         "TinyLlama-1.1B-Chat-v1.0",
         "team-b",
-        9,
+        0,
     )
     assert job["training_file"] == "s3://data/train.jsonl" and job["metadata"] is None
     assert job["method"] == {
@@ -395,6 +412,8 @@ def test_a_job_made_with_kubectl_maps_too() -> None:
         },
     }
     assert job["status"] == "validating_files" and job["user_provided_suffix"] is None
+    del kubectl["spec"]["hyperparameters"]["beta"]  # unset: TRL's default, which OpenAI calls "auto"
+    assert to_openai_job(kubectl)["hyperparameters"]["beta"] == "auto"
 
 
 # ---------------------------------------------------------------------------------------------- events
