@@ -304,23 +304,23 @@ def _k8s_event(ftj: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, An
     level = EVENT_LEVELS.get(str(event.get("type")), "info")
     if level == "warn" and openai_error(ftj) and reason == _condition(ftj, "Ready").get("reason"):
         level = "error"
-    created = next(
-        (
-            t
-            for t in map(
-                epoch, (event.get("lastTimestamp"), event.get("eventTime"), event.get("firstTimestamp"))
-            )
-            if t is not None
-        ),
-        epoch(_get(event, "metadata", "creationTimestamp")) or 0,
+    # core/v1 Events, and events.k8s.io/v1 ones (series.lastObservedTime, note, deprecated* fields)
+    times = (
+        event.get("lastTimestamp"),
+        _get(event, "series", "lastObservedTime"),
+        event.get("eventTime"),
+        event.get("deprecatedLastTimestamp"),
+        event.get("firstTimestamp"),
+        _get(event, "metadata", "creationTimestamp"),
     )
+    created = next((t for t in map(epoch, times) if t is not None), 0)
     key = _get(event, "metadata", "uid") or _get(event, "metadata", "name") or [reason, event.get("message")]
     return {
         "id": _event_id(ftj, "event", key),
         "object": "fine_tuning.job.event",
         "created_at": created,
         "level": level,
-        "message": str(event.get("message") or reason),
+        "message": str(event.get("message") or event.get("note") or reason),
         "data": {"reason": reason},
         "type": "message",
     }

@@ -472,6 +472,18 @@ def test_events_and_progress_lines_newest_first_with_stable_ids() -> None:
     assert {e["object"] for e in events} == {"fine_tuning.job.event"}
 
 
+def test_events_k8s_io_events_map_too() -> None:
+    new_style = {
+        "metadata": {"name": "n", "creationTimestamp": "2026-12-07T01:00:00Z"},
+        "reason": "Training",
+        "note": "training started",
+        "type": "Normal",
+        "series": {"count": 2, "lastObservedTime": "2026-12-07T01:00:30.000000Z"},
+    }
+    [mapped] = to_events(ftj("Training"), [new_style], [])
+    assert (mapped["message"], mapped["created_at"], mapped["level"]) == ("training started", T0 + 30, "info")
+
+
 def test_the_same_warning_on_a_job_that_did_not_fail_is_a_warning() -> None:
     events = to_events(ftj("Training"), [event("e", "OutOfMemory", "retrying with less", "Warning")], [])
     assert events[0]["level"] == "warn"
