@@ -130,14 +130,15 @@ async def errors_and_access_log(request: web.Request, handler: Handler) -> web.S
         return _error_response(ApiError(500, "internal error (see the service's log)", code="server_error"))
     finally:
         who = request.get(CALLER)
+        # the path and the user, never headers (the token) nor the query string
         access_log.info(
-            "%s %s %s %d %.0fms",
+            "%s %s %s %s %d %.0fms",
             request.remote,
+            who.username if who else "-",
             request.method,
             request.path,
             status,
             (time.monotonic() - began) * 1000,
-            extra={"user": who.username if who else "-"},
         )
 
 

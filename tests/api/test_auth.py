@@ -4,14 +4,21 @@ limits, and no stack trace whatever happens."""
 from __future__ import annotations
 
 import json
+import logging
+import os
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 import urllib3
+from localcluster.pytest_plugin import wait_for
 
-from .conftest import SERVICE_ACCOUNT, Admin, Tenant
+from .conftest import BUCKET, MODELS_CM, SERVICE_ACCOUNT, Admin, Tenant
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -115,3 +122,55 @@ def test_service_identity_has_no_rights_on_finetunejobs(tenant: Tenant, admin: A
             },
         )
         assert answer["status"]["allowed"] is False, verb
+
+
+def test_access_log_names_the_user_never_the_token(
+    tenant: Tenant, admin: Admin, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="finetune_api")
+    outsider = admin.token(tenant.namespace, "no-rights")
+    tenant.client().files.list()
+    with pytest.raises(openai.PermissionDeniedError):
+        tenant.client(outsider).files.list()
+    with pytest.raises(openai.AuthenticationError):
+        tenant.client("garbage-token-value").files.list()
+    access = [r.getMessage() for r in caplog.records if r.name == "finetune_api.access"]
+    assert any(
+        f"system:serviceaccount:{tenant.namespace}:app-dev GET /v1/files 200" in line for line in access
+    )
+    assert any(":no-rights GET /v1/files 403" in line for line in access)
+    for secret in (tenant.token, outsider, "garbage-token-value"):
+        assert secret not in caplog.text
+
+
+def test_python_m_finetune_api_serves(tenant: Tenant, cluster: Any, service_kubeconfig: Path) -> None:
+    """The entry point the chart runs: flags from env, S3 from the standard AWS_* env."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        **cluster.s3_env,
+        "FINETUNE_API_FILES_URI": f"s3://{BUCKET}/files",
+        "FINETUNE_API_HOST": "127.0.0.1",
+        "FINETUNE_API_PORT": str(port),
+        "FINETUNE_API_MODELS_CONFIGMAP": MODELS_CM,
+        "KUBECONFIG": str(service_kubeconfig),
+    }
+    process = subprocess.Popen([sys.executable, "-m", "finetune_api"], env=env)
+    try:
+        http = urllib3.PoolManager()
+
+        def healthy() -> bool:
+            try:
+                return http.request("GET", f"http://127.0.0.1:{port}/healthz", retries=False).status == 200
+            except urllib3.exceptions.HTTPError:
+                return process.poll() is not None  # exited: stop waiting, the assertion below says so
+
+        wait_for(healthy, timeout=30, what="python -m finetune_api to answer /healthz")
+        assert process.poll() is None
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=tenant.token, max_retries=0)
+        assert client.files.list().data == []
+    finally:
+        process.terminate()
+        process.wait(10)
