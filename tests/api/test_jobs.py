@@ -11,6 +11,7 @@ from typing import Any
 
 import openai
 import pytest
+from localcluster.pytest_plugin import wait_for
 
 from .conftest import BUCKET, GROUP, VERSION, Admin, Tenant, good_lines
 
@@ -175,3 +176,46 @@ def test_policy_denied_model_gets_the_policys_message(
     assert "s3://unapproved/base" in denied.value.message
     assert admin.jobs(tenant.namespace) == []
     assert client.fine_tuning.jobs.create(model="tiny", training_file=file_id).status == "validating_files"
+
+
+# A train pod's log as the trainer writes it: plain lines and JSON progress events.
+TRAIN_LOG = (
+    "import json\n"
+    "print('loading the base model')\n"
+    "for step in (5, 10):\n"
+    "    print(json.dumps({'event': 'progress', 'step': step, 'totalSteps': 10, 'loss': 1.0 / step}))\n"
+)
+
+
+@pytest.mark.local_kubelet
+def test_events_include_progress_from_the_train_pods_log(tenant: Tenant, admin: Admin) -> None:
+    client = tenant.client()
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=upload(tenant))
+    [ftj] = admin.jobs(tenant.namespace)
+    labels = {"finetune.dev/job-uid": ftj["metadata"]["uid"], "app.kubernetes.io/component": "train"}
+    admin.ok(
+        "POST",
+        f"/api/v1/namespaces/{tenant.namespace}/pods",
+        {
+            "metadata": {"name": f"{job.id}-train-test", "labels": labels},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [
+                    {
+                        "name": "train",
+                        "image": "ghcr.io/finetune-operator/trainer",
+                        "command": ["python", "-c", TRAIN_LOG],
+                    }
+                ],
+            },
+        },
+    )
+
+    def metrics() -> list[Any]:
+        events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+        return [e for e in events if e.type == "metrics"]
+
+    found = wait_for(lambda: len(metrics()) == 2 and metrics(), timeout=60, what="two progress events")
+    print("progress events:", [e.message for e in found])
+    assert [e.data["step"] for e in found] == [10, 5]  # newest first
+    assert found[0].message == "Step 10/10: training loss=0.1"
