@@ -113,7 +113,8 @@ def pool_job_overrides() -> dict[str, Any]:
 def as_listed(world: World) -> dict[str, Any]:
     """The job as the ModelServer controller lists it."""
     metadata = {"name": world.ref.name, "uid": world.ref.uid, "namespace": "team-a"}
-    return {"metadata": metadata, "spec": {"deployment": SERVER}, "status": world.status}
+    spec = {"deployment": SERVER, "cancel": world.ref.spec.cancel}
+    return {"metadata": metadata, "spec": spec, "status": world.status}
 
 
 def test_cancel_on_a_shared_pool_withdraws_the_request_and_the_pool_drops_the_version(
@@ -130,6 +131,9 @@ def test_cancel_on_a_shared_pool_withdraws_the_request_and_the_pool_drops_the_ve
     planned = plan_pool(observed, CONFIG)
     assert [v["name"] for v in planned.status["models"]["bot"]["versions"]] == ["bot-v1"]
     assert planned.state["routes"] == {"bot": "bot-v1"}
+    unloaded = [e.message for e in planned.events if e.reason == "Unloaded"]
+    assert len(unloaded) == 1 and "bot-v2 is unloaded" in unloaded[0]
+    assert "was cancelled (spec.cancel)" in unloaded[0]
 
 
 def test_cancel_while_serving_on_a_shared_pool_withdraws_the_request(pool_world: dict[str, Any]) -> None:
