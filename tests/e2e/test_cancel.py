@@ -29,8 +29,8 @@ def _wait_until(check: Any, timeout: float, what: str) -> None:
 
 
 def test_a_running_job_is_cancelled_with_kubectl_patch(jobs: Jobs, lc_kubectl_one: Any) -> None:
-    # far more steps than the test waits for: training is still running when the cancel arrives
-    jobs.create("cancelled", hyperparameters={"maxSteps": 5000}, evaluation={"enabled": False})
+    # far more steps than the test waits for (the toy trains ~50 steps/s): still training at the cancel
+    jobs.create("cancelled", hyperparameters={"maxSteps": 100_000}, evaluation={"enabled": False})
 
     def training(status: dict[str, Any]) -> bool:
         pods = _train_pods(jobs)
