@@ -217,8 +217,10 @@ def test_trainer_gets_the_contract_environment() -> None:
     document = json.loads(env["FTJ_CONFIG"]["value"])
     assert document["runPrefix"] == f"s3://runs/out/team-a/demo/{UID}"
     assert document["job"] == {"namespace": "team-a", "name": "demo", "uid": UID}
-    # objective sft, the trainer's default, is left out (an sft job's Jobs are as before objectives)
-    assert document["spec"] == {k: v for k, v in spec_to_dict(ref.spec).items() if k != "objective"}
+    # objective sft, the trainer's default, is left out (an sft job's Jobs are as before objectives), and
+    # spec.cancel, which no stage Job outlives
+    left_out = ("objective", "cancel")
+    assert document["spec"] == {k: v for k, v in spec_to_dict(ref.spec).items() if k not in left_out}
     assert env["FTJ_TERMINATION_LOG"]["value"] == train["terminationMessagePath"] == "/dev/termination-log"
     assert env["FTJ_WORKDIR"]["value"] == "/workspace"
     assert train["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]

@@ -566,8 +566,28 @@ def test_mutable_fields_may_change_on_update(validator: CRDValidator) -> None:
     new["spec"]["deployment"]["replicas"] = 3
     new["spec"]["evaluation"]["thresholds"] = [{"metric": "loss", "max": 2.0}]
     new["spec"]["storage"]["credentialsSecret"] = "rotated-credentials"
+    new["spec"]["cancel"] = True
     assert validator.admit(new, old=stored)["spec"]["suspend"] is True
     check_update(parse_finetunejob(stored).spec, parse_finetunejob(new).spec)
+
+
+@pytest.mark.parametrize("undo", [False, DELETE], ids=["false", "removed"])
+def test_cancel_cannot_be_undone(validator: CRDValidator, undo: Any) -> None:
+    """The cancelled job's pods and serving are gone: spec.cancel true → false is refused naming the field
+    (by the CRD's transition rule and by check_update, with the same message); true stays true."""
+    job = valid_job()
+    job["spec"]["cancel"] = True
+    stored = validator.admit(job)
+    assert validator.admit(copy.deepcopy(stored), old=stored)["spec"]["cancel"] is True
+    new = copy.deepcopy(stored)
+    at("spec.cancel", undo)(new)
+    with pytest.raises(InvalidError) as info:
+        validator.admit(new, old=stored)
+    assert "spec.cancel" in [c.field for c in info.value.causes]
+    assert "spec.cancel: " in info.value.message() and "spec.cancel cannot be undone" in info.value.message()
+    with pytest.raises(SpecError) as error:
+        check_update(parse_finetunejob(stored).spec, parse_finetunejob(new).spec)
+    assert error.value.errors == [("spec.cancel", "spec.cancel cannot be undone")]
 
 
 @pytest.mark.parametrize(

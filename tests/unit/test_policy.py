@@ -286,6 +286,7 @@ def _admission(
     job_spec: dict[str, Any],
     labels: dict[str, str],
     kind: str = "FineTuneJob",
+    old_spec: dict[str, Any] | None = None,
 ) -> str | None:
     """The denial message of the generated admission policies, evaluated by the embedded cluster's engine."""
     documents = policy_admission.manifests()
@@ -310,8 +311,9 @@ def _admission(
         "metadata": {"name": "demo", "namespace": "team-a"},
         "spec": job_spec,
     }
+    old = None if old_spec is None else {**obj, "spec": old_spec}
     request = Request(
-        operation="CREATE",
+        operation="CREATE" if old is None else "UPDATE",
         group="finetune.dev",
         version="v1alpha1",
         kind=kind,
@@ -321,7 +323,7 @@ def _admission(
         name="demo",
         namespaced=True,
         obj=obj,
-        old=None,
+        old=old,
         user={"username": "alice"},
         namespace_object={"metadata": {"name": "team-a", "labels": labels}},
     )
@@ -351,6 +353,19 @@ def test_admission_policy_admits_what_the_operator_allows(
     rules: dict[str, Any], overrides: dict[str, Any]
 ) -> None:
     assert _admission([_stored("team-defaults", rules)], spec(**overrides), {}) is None
+
+
+def test_a_policy_tightened_after_admission_does_not_refuse_cancelling_the_job() -> None:
+    """spec.cancel (issue 25) stops a job for good, so a policy that now refuses it still lets it be cancelled
+    (by kubectl or the OpenAI-compatible API); other updates, or creating it cancelled, are refused."""
+    policies = [_stored("team-defaults", {"allowedBaseModels": ["s3://approved/*"]})]
+    stored = spec(baseModel={"uri": "hf://x/y"})
+    assert _admission(policies, {**stored, "cancel": True}, {}, old_spec=stored) is None
+    cancelled = {**stored, "cancel": True}
+    assert _admission(policies, {**cancelled, "suspend": True}, {}, old_spec=cancelled) is None
+    denied = "denied by FineTunePolicy team-defaults: spec.baseModel.uri hf://x/y is not in allowedBaseModels"
+    assert _admission(policies, {**stored, "suspend": True}, {}, old_spec=stored) == denied
+    assert _admission(policies, {**stored, "cancel": True}, {}) == denied
 
 
 @pytest.mark.parametrize(("allowed", "denied"), [(["sft"], False), (["dpo", "grpo"], True)])

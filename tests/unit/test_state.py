@@ -132,6 +132,10 @@ class World:
                 self.service = None
             elif delete.kind == "ModelServer":
                 self.server = None
+            elif delete.kind == "Job":  # its pods go with it (Background propagation)
+                stage = next(s for s, c in self.children.items() if c["metadata"]["name"] == delete.name)
+                self.children.pop(stage)
+                self.pods.pop(stage, None)
             else:
                 self.children.pop(Stage.SERVE, None)
         for key, value in result.status.items():

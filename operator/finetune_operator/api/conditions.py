@@ -78,6 +78,7 @@ class Reason(StrEnum):
     # Canary rollouts on a ModelServer (issue 24): the version takes a growing share, or was rolled back.
     ROLLING_OUT = "RollingOut"
     ROLLOUT_FAILED = "RolloutFailed"
+    CANCELLED = "Cancelled"  # spec.cancel: stopped for good (issue 25)
 
 
 # The trainer's permanent exit codes and the reason each one reports.

@@ -45,6 +45,7 @@ from finetune_operator.api.finetunejob_status import FineTuneJobStatus, ObjectMe
 from finetune_operator.api.schema import (
     ADAPTER_NEEDS_PEFT,
     BETA_NEEDS_PREFERENCE,
+    CANCEL_FINAL,
     FORMAT_NOT_FOR_OBJECTIVE,
     GRPO_GRADER_NAMED_REWARD,
     GRPO_NEEDS_EVALUATION,
@@ -419,6 +420,13 @@ class FineTuneJobSpec(SpecModel):
     suspend: bool = Field(
         default=False, description="Pause: running pods are stopped, resumed from checkpoint."
     )
+    cancel: bool = Field(
+        default=False,
+        description="Stop the job for good: running stage pods are deleted and serving is withdrawn; the "
+        "phase becomes Failed with reason Cancelled. Cannot be undone.",
+        # a transition rule: true may not go back to false (the deleted pods and serving are not restored)
+        json_schema_extra=validations(rule("self || !oldSelf", CANCEL_FINAL)),
+    )
     active_deadline_seconds: int | None = Field(
         default=None, ge=60, le=2_592_000, description="Fail the job after this many seconds."
     )
@@ -498,12 +506,15 @@ def parse_spec(spec: dict[str, Any]) -> FineTuneJobSpec:
 
 
 def check_update(old: FineTuneJobSpec, new: FineTuneJobSpec) -> None:
-    """Raise SpecError when an update changes a field that is immutable once set (as the CRD's rules)."""
+    """Raise SpecError when an update changes a field that is immutable once set, or undoes spec.cancel (as
+    the CRD's rules)."""
     errors = [
         (f"spec.{field}", IMMUTABLE.format(field=field))
         for field in IMMUTABLE_FIELDS
         if _field(old, field) != _field(new, field)
     ]
+    if old.cancel and not new.cancel:
+        errors.append(("spec.cancel", CANCEL_FINAL))
     if errors:
         raise SpecError(errors)
 

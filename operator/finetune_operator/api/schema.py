@@ -145,6 +145,7 @@ THRESHOLD_ONE_BOUND = "a threshold sets exactly one of min or max"
 OUTPUT_OVERLAPS_MODEL = "storage.output must not be the base model's location or under it"
 OUTPUT_OVERLAPS_DATA = "storage.output must not be a dataset file's location or under it"
 IMMUTABLE = "{field} is immutable once set"
+CANCEL_FINAL = "spec.cancel cannot be undone"
 LORA_RANK_UNSERVABLE = (
     "lora.rank above 512 cannot be served as a vLLM LoRA adapter (512 is vLLM's largest --max-lora-rank): "
     "use lora.rank <= 512, deployment.mode merged or deployment.enabled false"

@@ -77,6 +77,7 @@ def trainer_config(
     if spec.get("objective") == DEFAULT_OBJECTIVE:
         # The trainer's default too: an sft job's FTJ_CONFIG (and its stage Jobs) stay as before objectives.
         del spec["objective"]
+    spec.pop("cancel", None)  # the trainer's business ends with the cancel: no stage Job runs after it
     if strategy is not None:
         spec.setdefault("hyperparameters", {})["strategy"] = strategy
     document: TrainerConfig = {

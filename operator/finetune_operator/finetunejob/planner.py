@@ -28,7 +28,7 @@ from finetune_operator.finetunejob.plan import Draft, JobDraft, Observed, Plan, 
 from finetune_operator.finetunejob.ref import Artifacts, JobRef
 from finetune_operator.finetunejob.stages import ROWS, STAGES
 from finetune_operator.finetunepolicy import enforcement as policy
-from finetune_operator.k8s.actions import ChildPatch, Event, diff_status
+from finetune_operator.k8s.actions import ChildDelete, ChildPatch, Event, diff_status
 from finetune_operator.k8s.observe import finite, pod_problem
 
 # Pod problems worth a Warning Event each time their message changes (not only on a phase change).
@@ -39,6 +39,7 @@ REPEATED_WARNINGS = (
     Reason.CHILD_CONFLICT,
     Reason.SERVING_GPU_LIMIT,
 )
+ENDED = ("succeeded", "failed")  # a stage Job's outcome once it finished (its pods and logs are kept)
 # Waits that need someone to act: a Warning Event even when the phase does not fail.
 WARNING_WAITS = (Reason.CHILD_CONFLICT, Reason.SERVING_GPU_LIMIT, Reason.POLICY_VIOLATION)
 
@@ -58,10 +59,13 @@ class Planner:
             # the operator's record of the children it creates (ownership.py): present from the start
             self.d.status.setdefault("children", {})
         self.d.status["observedGeneration"] = self.d.o.generation
-        if self.d.old_phase in TERMINAL_PHASES:
+        if self.ended():
             return self.finish(keep_phase=True)
         self.advance()
         return self.finish()
+
+    def ended(self) -> bool:
+        return self.d.old_phase in TERMINAL_PHASES
 
     def advance(self) -> None:
         """Without a valid spec there is nothing to run: the job fails naming the field."""
@@ -84,7 +88,9 @@ class Planner:
 
     def events(self, phase: str) -> None:
         d = self.d
-        warning = phase in (Phase.FAILED.value, Phase.REJECTED.value)
+        # a cancel is what the user asked for: a Normal Event, not a Warning
+        cancelled = d.ready_reason is Reason.CANCELLED
+        warning = phase in (Phase.FAILED.value, Phase.REJECTED.value) and not cancelled
         if phase != d.old_phase:
             text = d.ready_message or f"phase {d.old_phase or 'new'} → {phase}"
             kind = "Warning" if warning or d.ready_reason in WARNING_WAITS else "Normal"
@@ -116,7 +122,15 @@ class Pipeline(Planner):
         stage = phase.lower() if phase else "a stage"
         return f"a pod failed or was evicted while {stage}; running the stage again {budget}"
 
+    def ended(self) -> bool:
+        """spec.cancel on a Succeeded job changes nothing: it keeps its phase (and stays as it is)."""
+        succeeded = self.d.old_phase == Phase.SUCCEEDED.value
+        return super().ended() or (self.d.job.spec.cancel and succeeded)
+
     def advance(self) -> None:
+        if self.d.job.spec.cancel:
+            self.cancel()
+            return
         self.d.status["retries"] = max(int(self.d.status.get("retries") or 0), restarts(self.d.o)) or None
         if not self.output_unchanged():
             return
@@ -142,6 +156,25 @@ class Pipeline(Planner):
             champion=pooljob.champion_artifact(self.d.status),
             serving_check=self.d.serving_target,
         )
+
+    def cancel(self) -> None:
+        """spec.cancel: the unfinished stage Jobs go (their pods with them: Background propagation),
+        serving is withdrawn as for a Rejected job, GPU-hours are charged up to now; it fails for good."""
+        d = self.d
+        for row in STAGES:
+            job = d.o.children.get(row.stage)
+            if row.kind == "Job" and job is not None and job_outcome(job, ()).state not in ENDED:
+                d.out.delete.append(ChildDelete("Job", str(job["metadata"]["name"])))
+        spent = gpu_hours_spent(d.o, d.job.spec)
+        if spent:
+            d.status["gpuHours"] = spent
+        if d.status.get("serving"):  # the pool drops the version unless it was promoted (as on deletion)
+            d.status["serving"] = {**d.status["serving"], "state": None, "checked": None}
+        d.retire_serving()  # also clears status.endpoint
+        d.retire_own_server(d.o.own_server if d.job.spec.deployment.server else d.o.server)
+        message = f"cancelled (spec.cancel) while {d.old_phase or Phase.PENDING.value}"
+        unfinished = [r for r in STAGES if r.owns_condition and not d.done(r.condition)]
+        d.fail((unfinished or [d.rows[Stage.SERVE]])[0].stage, Reason.CANCELLED, message)
 
     # --- FineTunePolicy (finetunepolicy/enforcement.py) ---------------------------------------------
 

@@ -299,6 +299,9 @@ def _serving_variables(replicas: str, gpus: str, gpu_type: str, serves: str = ""
     ]
 
 
+NOT_CANCELLED = "request.operation != 'UPDATE' || !has(object.spec.cancel) || !object.spec.cancel"
+
+
 def policy_spec() -> dict[str, Any]:
     reference_url = "object.spec.evaluation.reference.url"
     deployment = "object.spec.deployment"
@@ -306,7 +309,12 @@ def policy_spec() -> dict[str, Any]:
         "failurePolicy": "Fail",
         "paramKind": {"apiVersion": API_VERSION, "kind": policy_models.KIND},
         "matchConstraints": _match(PLURAL),
-        "matchConditions": [{"name": "policy-selects-namespace", "expression": _selects_namespace()}],
+        "matchConditions": [
+            {"name": "policy-selects-namespace", "expression": _selects_namespace()},
+            # A cancelled job runs nothing again (planner: spec.cancel), so a policy tightened since it was
+            # admitted must not refuse the cancel itself, nor later updates of it (labels, finalizers).
+            {"name": "not-a-cancelled-job", "expression": NOT_CANCELLED},
+        ],
         "variables": [
             {
                 "name": "referenceHost",

@@ -229,9 +229,9 @@ class PoolPlanner:
         }
 
     def drop_deleted(self, asking: set[str]) -> None:
-        """The versions of a deleted job, or of one no longer accepted (its serving check failed), are
-        unloaded unless promoted or pinned (its artifacts stay in storage)."""
+        """A deleted, cancelled or no longer accepted job's versions go unless promoted or pinned."""
         alive = {str(j["metadata"]["uid"]) for j in self.o.jobs if not j["metadata"].get("deletionTimestamp")}
+        cancelled = {str(j["metadata"]["uid"]) for j in self.o.jobs if (j.get("spec") or {}).get("cancel")}
         for name, model in self.models.items():
             pin = self.o.pool.spec.pin(name)
             kept = []
@@ -243,6 +243,8 @@ class PoolPlanner:
                     why = (
                         "was deleted"
                         if uid not in alive
+                        else "was cancelled (spec.cancel)"
+                        if uid in cancelled
                         else "no longer asks for it (its canary was rolled back)"
                         if version.get("rolloutFailed")
                         else "no longer asks for it (its serving check failed)"
