@@ -68,7 +68,7 @@ PYTEST_WORKERS ?= 2
 PARALLEL := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
 test: venv vllm-venv mlflow-venv tools
-	$(PY) -m pytest -q -ra $(PARALLEL)
+	$(PY) -m pytest -q -ra --durations=30 $(PARALLEL)
 
 # The unit and trainer tiers (no cluster).
 test-fast: venv tools

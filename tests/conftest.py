@@ -14,7 +14,7 @@ TESTS = Path(__file__).parent
 # or MLflow starts once) in collection order (--no-loadscope-reorder). The tiers whose files run for minutes
 # go first, within a tier the files that start vLLM (the longest), so that short files fill the gaps at the
 # end rather than one long file running alone while the other worker idles.
-PARALLEL_TIER_ORDER = ("e2e", "trainer", "conformance", "chart", "emulator", "unit")
+PARALLEL_TIER_ORDER = ("e2e", "trainer", "conformance", "api", "chart", "emulator", "unit")
 
 
 def parallel_rank(path: Path, starts_vllm: bool) -> tuple[int, int]:
