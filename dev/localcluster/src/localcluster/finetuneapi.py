@@ -50,8 +50,9 @@ def helm_binary(root: Path) -> str:
     raise RuntimeError("the finetune API needs helm to render the chart (run `make tools`)")
 
 
-def manifests(root: Path, s3_secret: str) -> list[dict[str, Any]]:
-    """The chart's api objects for the embedded cluster, the Service marked with its services.json alias."""
+def chart_template(root: Path, template: str, *values: str) -> list[dict[str, Any]]:
+    """One template of the repository's chart rendered by helm (`values`: `key=value` for --set)."""
+    sets = [arg for value in values for arg in ("--set", value)]
     result = subprocess.run(
         [
             helm_binary(root),
@@ -61,17 +62,8 @@ def manifests(root: Path, s3_secret: str) -> list[dict[str, Any]]:
             "--namespace",
             NAMESPACE,
             "--show-only",
-            "templates/api.yaml",
-            "--set",
-            "api.enabled=true",
-            "--set",
-            f"api.files.uri={FILES_URI}",
-            "--set",
-            f"api.files.credentialsSecret={s3_secret}",
-            "--set",
-            f"api.port={PORT}",
-            "--set",
-            f"api.service.port={PORT}",
+            f"templates/{template}",
+            *sets,
         ],
         capture_output=True,
         text=True,
@@ -79,8 +71,21 @@ def manifests(root: Path, s3_secret: str) -> list[dict[str, Any]]:
         check=False,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"helm template of the chart's API failed: {result.stderr.strip()}")
-    docs = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+        raise RuntimeError(f"helm template of the chart's {template} failed: {result.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def manifests(root: Path, s3_secret: str) -> list[dict[str, Any]]:
+    """The chart's api objects for the embedded cluster, the Service marked with its services.json alias."""
+    docs = chart_template(
+        root,
+        "api.yaml",
+        "api.enabled=true",
+        f"api.files.uri={FILES_URI}",
+        f"api.files.credentialsSecret={s3_secret}",
+        f"api.port={PORT}",
+        f"api.service.port={PORT}",
+    )
     for doc in docs:
         if doc["kind"] == "Service":
             doc["metadata"].setdefault("annotations", {})[SERVICES_KEY_ANNOTATION] = SERVICES_KEY
