@@ -1,5 +1,5 @@
-"""The OpenAI-compatible fine-tuning API (docs/openai-api.md): `/v1/files`, `/v1/fine_tuning/jobs`, `/v1/models`
-and `/v1/chat/completions` over FineTuneJobs in the caller's namespace.
+"""The OpenAI-compatible fine-tuning API (docs/openai-api.md): `/v1/files`, `/v1/fine_tuning/jobs`,
+`/v1/models` and `/v1/chat/completions` over FineTuneJobs in the caller's namespace.
 
 A service of its own beside the operator (same image, `python -m finetune_api`; the chart's `api.enabled`). It
 calls the Kubernetes API with the caller's bearer token for everything about jobs, so RBAC, admission policies

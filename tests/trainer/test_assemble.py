@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 from finetune_trainer import cli, storage
-from finetune_trainer.formats import CANONICAL_FORMAT
-from finetune_trainer.validate import ERROR_KINDS, Findings, parse_file, read_lines
 from finetune_vocabulary.capture import capture_prefix, captured_prefix, feedback_prefix
+from finetune_vocabulary.records import CANONICAL_FORMAT, ERROR_KINDS, Findings, parse_file, read_lines
 
 UNTIL = "2026-12-06T12:00:00Z"
 PREFIX_KEY = "capture/team-a/support"
@@ -341,6 +340,18 @@ def test_a_malformed_base_line_fails_naming_the_line(
 
     assert (code, term["reason"]) == (10, "INVALID_DATA")
     assert "train.jsonl line 2: invalid JSON" in term["message"]
+    assert world.s3.keys("schedules/") == []
+
+
+def test_a_base_file_in_another_objectives_format_fails_as_invalid_data(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world.base([{"prompt": f"q{i}", "chosen": "yes", "rejected": "no"} for i in range(3)])
+
+    code, term = world.run(tmp_path, monkeypatch)
+
+    assert (code, term["reason"]) == (10, "INVALID_DATA")
+    assert term["message"].startswith("dataset.train: records are preference, but objective sft needs")
     assert world.s3.keys("schedules/") == []
 
 

@@ -14,15 +14,8 @@ import pytest
 from finetune_trainer import cli
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.exitcodes import ExitCode, classify
-from finetune_trainer.validate import (
-    Findings,
-    OverlongLine,
-    cap_held_out,
-    held_out_count,
-    parse_file,
-    read_lines,
-    train_size_gate,
-)
+from finetune_trainer.validate import cap_held_out, held_out_count, train_size_gate
+from finetune_vocabulary.records import Findings, OverlongLine, parse_file, read_lines
 
 
 def _record(i: int) -> dict[str, Any]:

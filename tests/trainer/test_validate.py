@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from finetune_trainer import formats, manifest, storage, validate
 from finetune_trainer.config import parse_config
-from finetune_trainer.validate import Example, Findings, parse_file
+from finetune_vocabulary.records import ERROR_KINDS, MAX_JSON_DEPTH, Example, Findings, parse_file, to_chat
 
 from .conftest import FAKE_ACCESS_KEY, FAKE_SECRET_KEY, S3Bucket
 
@@ -26,18 +26,12 @@ def test_three_formats_normalise_to_the_same_chat() -> None:
         "messages": [{"role": "user", "content": "Add 2 and 3"}, {"role": "assistant", "content": "5"}],
         "category": "math",
     }
+    assert to_chat({"prompt": "Add 2 and 3", "completion": "5", "category": "math"}, "completion") == expected
     assert (
-        formats.to_chat({"prompt": "Add 2 and 3", "completion": "5", "category": "math"}, "completion")
-        == expected
+        to_chat({"instruction": "Add 2 and 3", "output": "5", "category": "math"}, "instruction") == expected
     )
-    assert (
-        formats.to_chat({"instruction": "Add 2 and 3", "output": "5", "category": "math"}, "instruction")
-        == expected
-    )
-    assert formats.to_chat({"messages": expected["messages"], "category": "math"}, "chat") == expected
-    with_input = formats.to_chat(
-        {"instruction": "Translate", "input": "chat", "output": "cat"}, "instruction"
-    )
+    assert to_chat({"messages": expected["messages"], "category": "math"}, "chat") == expected
+    with_input = to_chat({"instruction": "Translate", "input": "chat", "output": "cat"}, "instruction")
     assert with_input["messages"][0]["content"] == "Translate\n\nchat"
 
 
@@ -74,7 +68,7 @@ def test_line_numbers_count_blank_lines_and_explicit_format_is_enforced() -> Non
         findings,
     )
     assert parsed.lines == 2 and len(parsed.examples) == 1
-    assert [f.render() for f in findings.first(validate.ERROR_KINDS, 5)] == [
+    assert [f.render() for f in findings.first(ERROR_KINDS, 5)] == [
         "t.jsonl line 4: looks like chat format but the dataset is completion"
     ]
 
@@ -82,7 +76,7 @@ def test_line_numbers_count_blank_lines_and_explicit_format_is_enforced() -> Non
 def test_findings_list_first_twenty_but_count_all() -> None:
     findings = Findings()
     parse_file(_lines(*["{oops"] * 45), "t.jsonl", "completion", findings)
-    report = findings.as_report(validate.ERROR_KINDS)
+    report = findings.as_report(ERROR_KINDS)
     assert report["invalid_json"]["count"] == 45
     assert [f["line"] for f in report["invalid_json"]["first"]] == list(range(1, 21))
 
@@ -94,8 +88,8 @@ def test_json_nested_100000_deep_is_an_invalid_line_named_by_number() -> None:
     just_over = json.dumps({"prompt": "a", "completion": "b", "x": json.loads("[" * 64 + "]" * 64)})
     parsed = parse_file(_lines(good, deep, just_over, good), "t.jsonl", "auto", findings)
     assert parsed.lines == 4 and len(parsed.examples) == 2
-    assert [f.render() for f in findings.first(validate.ERROR_KINDS, 5)] == [
-        f"t.jsonl line {n}: invalid JSON: nested deeper than {formats.MAX_JSON_DEPTH} levels" for n in (2, 3)
+    assert [f.render() for f in findings.first(ERROR_KINDS, 5)] == [
+        f"t.jsonl line {n}: invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels" for n in (2, 3)
     ]
 
 

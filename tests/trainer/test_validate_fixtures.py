@@ -142,7 +142,7 @@ def test_bad_data_fixture(
 
 
 def test_fixture_count_covers_every_class() -> None:
-    from finetune_trainer.validate import CLEANING_KINDS, ERROR_KINDS, WARNING_KINDS
+    from finetune_vocabulary.records import CLEANING_KINDS, ERROR_KINDS, WARNING_KINDS
 
     covered = {c[0] for c in CASES}
     assert len(covered) >= 15

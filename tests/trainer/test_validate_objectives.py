@@ -11,8 +11,15 @@ import pytest
 from finetune_trainer import cli, formats, validate
 from finetune_trainer.config import parse_config
 from finetune_trainer.exitcodes import InvalidDataError
-from finetune_trainer.formats import RecordError, read_canonical, to_canonical
-from finetune_trainer.validate import Findings, parse_file
+from finetune_trainer.formats import read_canonical
+from finetune_vocabulary.records import (
+    ERROR_KINDS,
+    DatasetError,
+    Findings,
+    RecordError,
+    parse_file,
+    to_canonical,
+)
 
 OBJECTIVES = Path(__file__).parent / "data" / "objectives"
 SMALL = {"minTrainExamples": 1}
@@ -206,7 +213,7 @@ def test_a_bad_record_is_refused_with_its_kind_naming_the_field(
     with pytest.raises(RecordError) as err:
         to_canonical(record, fmt)
     assert err.value.kind == kind and err.value.message.startswith(message), err.value.message
-    assert kind in validate.ERROR_KINDS
+    assert kind in ERROR_KINDS
 
 
 def _lines(*records: Any) -> list[bytes]:
@@ -228,7 +235,7 @@ def test_a_malformed_preference_line_is_named_by_its_number() -> None:
         objective="dpo",
     )
     assert parsed.fmt == "preference" and len(parsed.examples) == 5
-    assert [f.render() for f in findings.first(validate.ERROR_KINDS, 5)] == [
+    assert [f.render() for f in findings.first(ERROR_KINDS, 5)] == [
         "pairs.jsonl line 3: invalid JSON: Expecting value at column 36"
     ]
 
@@ -265,9 +272,9 @@ def test_a_malformed_preference_line_is_named_by_its_number() -> None:
 def test_records_in_another_objectives_format_fail_naming_both(
     objective: str, records: list[dict[str, Any]], message: str
 ) -> None:
-    with pytest.raises(InvalidDataError) as err:
+    with pytest.raises(DatasetError) as err:
         parse_file(_lines(*records), "t.jsonl", "auto", Findings(), objective=objective)
-    assert err.value.message == message
+    assert str(err.value) == message
 
 
 def test_a_few_stray_lines_are_line_errors_not_a_mismatch() -> None:
@@ -275,7 +282,7 @@ def test_a_few_stray_lines_are_line_errors_not_a_mismatch() -> None:
     stray = {"messages": [_user("what is w9"), _assistant("w10")]}
     parsed = parse_file(_lines(*_pairs(3), stray), "t.jsonl", "preference", findings, objective="dpo")
     assert len(parsed.examples) == 3
-    assert [f.render() for f in findings.first(validate.ERROR_KINDS, 5)] == [
+    assert [f.render() for f in findings.first(ERROR_KINDS, 5)] == [
         "t.jsonl line 4: looks like chat format but the dataset is preference"
     ]
 

@@ -15,7 +15,7 @@ joined with their feedback (by completion id, the latest feedback per id wins), 
 
 A broken base line fails the stage (INVALID_DATA naming the line); a broken captured or feedback line (cut
 off, garbled, not a chat) is skipped and counted: capture is best-effort traffic, never a reason to stop.
-Records are written in the objective's canonical form (formats.CANONICAL_FORMAT), which validate reads.
+Records are written in the objective's canonical form (records.CANONICAL_FORMAT), which validate reads.
 """
 
 from __future__ import annotations
@@ -37,31 +37,26 @@ from finetune_vocabulary.capture import (
     feedback_prefix,
     redact,
 )
+from finetune_vocabulary.records import (
+    CANONICAL_FORMAT,
+    ERROR_KINDS,
+    DatasetError,
+    Example,
+    Findings,
+    RecordError,
+    loads_record,
+    parse_file,
+    read_lines,
+    to_canonical,
+    to_chat,
+)
 
 from . import storage
 from .config import AssembleConfig, AssembleSpec, CaptureSource
 from .exitcodes import InvalidConfigError, InvalidDataError
-from .formats import (
-    CANONICAL_FORMAT,
-    RecordError,
-    loads_record,
-    normalised_key,
-    prompt_key,
-    to_canonical,
-    to_chat,
-)
+from .formats import normalised_key, prompt_key
 from .termination import StageResult, raise_if_preempted
-from .validate import (
-    ERROR_KINDS,
-    Example,
-    Findings,
-    count_tokens,
-    drop_overlong,
-    load_token_counter,
-    objective_completion_budget,
-    parse_file,
-    read_lines,
-)
+from .validate import count_tokens, drop_overlong, load_token_counter, objective_completion_budget
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +128,17 @@ def read_dataset(data: bytes, name: str, spec: AssembleSpec, role: str) -> list[
     """A base or test file in the objective's canonical form, read by validate's parser (any format it
     accepts); an invalid line is INVALID_DATA naming the file and line."""
     findings = Findings()
-    parsed = parse_file(
-        read_lines(io.BytesIO(data), spec.max_line_bytes),
-        name,
-        "auto",
-        findings,
-        objective=spec.objective,
-        role=role,
-    )
+    try:
+        parsed = parse_file(
+            read_lines(io.BytesIO(data), spec.max_line_bytes),
+            name,
+            "auto",
+            findings,
+            objective=spec.objective,
+            role=role,
+        )
+    except DatasetError as exc:
+        raise InvalidDataError(str(exc)) from None
     errors = findings.first(ERROR_KINDS, 10)
     if errors:
         total = sum(findings.of(ERROR_KINDS).values())

@@ -28,7 +28,7 @@ Without a test file, a held-out test set is split off deterministically: example
 hash of their normalised prompt (so equal prompts stay on one side), stratified by ``category``.
 
 Writes ``<runPrefix>/data/{train,validation,test}.jsonl`` (the objective's canonical form,
-formats.CANONICAL_FORMAT; read back with formats.read_canonical) and ``report.json``,
+records.CANONICAL_FORMAT; read back with formats.read_canonical) and ``report.json``,
 committed with a manifest recording each input's ETag/VersionId.
 """
 
@@ -39,65 +39,39 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, Protocol
 
 from finetune_vocabulary import steps as step_count
 from finetune_vocabulary.objectives import formats_for
+from finetune_vocabulary.records import (
+    CLEANING_KINDS,
+    ERROR_KINDS,
+    WARNING_KINDS,
+    DatasetError,
+    Example,
+    Findings,
+    ParsedFile,
+    parse_file,
+    read_lines,
+)
 
 from . import manifest, storage, tracking
-from .config import BaseModelSpec, TrainerConfig
+from .config import BaseModelSpec, FineTuneSpec, TrainerConfig
 from .exitcodes import InvalidConfigError, InvalidDataError
 from .formats import (
-    CANONICAL_FORMAT,
-    FORMATS,
     GRPO_DEFAULT_MAX_COMPLETION_LENGTH,
-    RecordError,
     chat_views,
-    detect_format,
     exact_key,
-    fits_format,
-    foreign_to_sft,
-    loads_record,
     normalised_key,
-    objective_mismatch,
     prompt_key,
-    record_shape,
-    to_canonical,
 )
 from .termination import StageResult, raise_if_preempted
 
 log = logging.getLogger(__name__)
 
-MAX_LISTED = 20  # findings listed per kind (counts are always complete)
-
-ERROR_KINDS: dict[str, str] = {
-    "line_too_long": "line longer than dataset.maxLineBytes (read without loading it whole)",
-    "invalid_json": "line is not valid JSON, or nested deeper than formats.MAX_JSON_DEPTH (64) levels",
-    "invalid_utf8": "line contains bytes that are not UTF-8",
-    "not_an_object": "JSON value is not an object",
-    "missing_field": "a required field is missing",
-    "empty_field": "a required field is empty (also a preference side: chosen, rejected or completion)",
-    "wrong_type": "a field has the wrong type (also a kto label that is not true or false)",
-    "unknown_role": "a message role is not system, user or assistant",
-    "no_assistant_turn": "no assistant turn to learn from",
-    "bad_turn_order": "system not first, assistant before user, or not ending with assistant",
-    "format_mismatch": "line is in another format than the dataset",
-    "identical_pair": "a preference pair whose chosen and rejected are the same text",
-    "overlong": "longer than hyperparameters.maxSeqLength tokens (dpo/kto: the prompt with the longer side; "
-    "grpo: the prompt plus hyperparameters.maxCompletionLength)",
-}
-CLEANING_KINDS: dict[str, str] = {
-    "duplicate": "exact duplicate of an earlier example",
-    "near_duplicate": "duplicate after normalising case, punctuation and whitespace",
-    "leakage": "prompt also appears in the held-out set",
-}
-WARNING_KINDS: dict[str, str] = {
-    "bom": "UTF-8 byte order mark removed",
-    "category_imbalance": "largest category is more than 10x the smallest",
-}
 # What the tokenizer needs (never the weights).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -113,220 +87,6 @@ TOKENIZER_FILES = (
     "chat_template.json",
     "config.json",
 )
-UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
-UTF8_BOM = b"\xef\xbb\xbf"
-
-
-@dataclass(frozen=True)
-class Finding:
-    file: str
-    line: int
-    kind: str
-    message: str
-
-    def render(self) -> str:
-        where = f"{self.file} line {self.line}" if self.line else self.file
-        return f"{where}: {self.message}"
-
-
-@dataclass
-class Findings:
-    """Counts per kind and the first MAX_LISTED findings of each kind."""
-
-    counts: Counter[str] = field(default_factory=Counter)
-    listed: dict[str, list[Finding]] = field(default_factory=dict)
-
-    def add(self, file: str, line: int, kind: str, message: str) -> None:
-        self.counts[kind] += 1
-        bucket = self.listed.setdefault(kind, [])
-        if len(bucket) < MAX_LISTED:
-            bucket.append(Finding(file, line, kind, message))
-
-    def of(self, kinds: Iterable[str]) -> dict[str, int]:
-        return {k: self.counts[k] for k in kinds if self.counts[k]}
-
-    def first(self, kinds: Iterable[str], n: int) -> list[Finding]:
-        """The first ``n`` findings of these kinds, in file/line order."""
-        found = [f for k in kinds for f in self.listed.get(k, [])]
-        return sorted(found, key=lambda f: (f.file, f.line))[:n]
-
-    def as_report(self, kinds: Iterable[str]) -> dict[str, Any]:
-        return {
-            k: {
-                "count": self.counts[k],
-                "description": desc,
-                "first": [{"file": f.file, "line": f.line, "message": f.message} for f in self.listed[k]],
-            }
-            for k, desc in ((k, _describe(k)) for k in kinds)
-            if self.counts[k]
-        }
-
-
-def _describe(kind: str) -> str:
-    return ERROR_KINDS.get(kind) or CLEANING_KINDS.get(kind) or WARNING_KINDS.get(kind, kind)
-
-
-@dataclass
-class Example:
-    file: str
-    line: int
-    data: dict[str, Any]
-    tokens: int = 0
-
-
-@dataclass
-class ParsedFile:
-    name: str
-    fmt: str
-    lines: int  # non-blank lines
-    examples: list[Example]
-
-
-# --- parsing ------------------------------------------------------------------------------------------------
-
-SKIP_CHUNK = 1 << 16  # bytes read at a time while skipping the rest of an over-long line
-
-
-@dataclass(frozen=True)
-class OverlongLine:
-    """A line longer than the limit, skipped without holding it (``size``: its bytes without the newline)."""
-
-    size: int
-    limit: int
-
-
-def read_lines(fh: BinaryIO, max_bytes: int) -> Iterator[bytes | OverlongLine]:
-    """The file's lines with at most ``max_bytes + 1`` bytes of one line in memory at a time."""
-    while True:
-        line = fh.readline(max_bytes + 1)
-        if not line:
-            return
-        if line.endswith(b"\n") or len(line) <= max_bytes:
-            yield line
-            continue
-        size = len(line)
-        while not line.endswith(b"\n"):
-            line = fh.readline(SKIP_CHUNK)
-            if not line:
-                break
-            size += len(line)
-        yield OverlongLine(size - line.endswith(b"\n"), max_bytes)
-
-
-def _decode_lines(
-    raw_lines: Iterable[bytes | OverlongLine], name: str, findings: Findings
-) -> list[tuple[int, Any]]:
-    """(line number, parsed JSON value | RecordError) for every non-blank line."""
-    out: list[tuple[int, Any]] = []
-    for lineno, raw in enumerate(raw_lines, start=1):
-        if isinstance(raw, OverlongLine):
-            message = f"line is {raw.size} bytes, over dataset.maxLineBytes {raw.limit}"
-            out.append((lineno, RecordError("line_too_long", message)))
-            continue
-        if lineno == 1 and raw.startswith(UTF16_BOMS):
-            out.append(
-                (
-                    lineno,
-                    RecordError("invalid_utf8", "file is UTF-16 (byte order mark found); save it as UTF-8"),
-                )
-            )
-            continue
-        if raw.startswith(UTF8_BOM):
-            findings.add(name, lineno, "bom", "UTF-8 byte order mark removed")
-            raw = raw[len(UTF8_BOM) :]
-        raw = raw.rstrip(b"\r\n")
-        if not raw.strip():
-            continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            out.append(
-                (
-                    lineno,
-                    RecordError(
-                        "invalid_utf8",
-                        f"bytes that are not UTF-8 at column {exc.start + 1} "
-                        f"({raw[exc.start : exc.start + 4]!r})",
-                    ),
-                )
-            )
-            continue
-        try:
-            out.append((lineno, loads_record(text)))
-        except RecordError as exc:
-            out.append((lineno, exc))
-    return out
-
-
-def detect_file_format(
-    values: Sequence[tuple[int, Any]], name: str, objective: str = "sft", role: str = "train"
-) -> str:
-    """The objective's format (sft: the majority format, ties chat > completion > instruction), after
-    :func:`check_objective_fit`."""
-    check_objective_fit(values, name, objective, role)
-    if objective != "sft":
-        return CANONICAL_FORMAT[objective]
-    votes = Counter(f for _, v in values if not isinstance(v, RecordError) and (f := detect_format(v)))
-    if not votes:
-        readable = [lineno for lineno, v in values if not isinstance(v, RecordError)]
-        if not readable:
-            return "chat"  # every line is broken: the error-rate check reports them with line numbers
-        raise InvalidDataError(
-            f"{name} line {readable[0]}: cannot detect the format: no line has messages, "
-            "prompt/completion or instruction/output (set spec.dataset.format)"
-        )
-    return max(FORMATS, key=lambda f: (votes[f], -FORMATS.index(f)))
-
-
-def check_objective_fit(values: Sequence[tuple[int, Any]], name: str, objective: str, role: str) -> None:
-    """InvalidDataError naming both formats when most readable records are not in a format of the
-    objective (a few stray lines are line errors instead). For sft only records that are unmistakably
-    preference data count: looser SFT lines keep their own errors."""
-    readable = [(lineno, v) for lineno, v in values if not isinstance(v, RecordError)]
-    misfits: list[tuple[int, str | None]]
-    if objective == "sft":
-        misfits = [(lineno, s) for lineno, v in readable if (s := foreign_to_sft(v))]
-    else:
-        fmt = CANONICAL_FORMAT[objective]
-        misfits = [
-            (lineno, record_shape(v))
-            for lineno, v in readable
-            if not (isinstance(v, dict) and fits_format(v, fmt))
-        ]
-    if not readable or 2 * len(misfits) <= len(readable):
-        return
-    shape = Counter(s for _, s in misfits).most_common(1)[0][0]
-    first = next(lineno for lineno, s in misfits if s == shape)
-    raise InvalidDataError(
-        f"{objective_mismatch(objective, shape, f'dataset.{role}')} "
-        f"({len(misfits)} of {len(readable)} lines, first {name} line {first})"
-    )
-
-
-def parse_file(
-    raw_lines: Iterable[bytes | OverlongLine],
-    name: str,
-    fmt: str,
-    findings: Findings,
-    *,
-    objective: str = "sft",
-    role: str = "train",
-) -> ParsedFile:
-    """Parse one JSONL file into the objective's canonical examples; problems go to ``findings``."""
-    decoded = _decode_lines(raw_lines, name, findings)
-    if fmt == "auto":
-        fmt = detect_file_format(decoded, name, objective, role)
-    else:
-        check_objective_fit(decoded, name, objective, role)
-    examples = []
-    for lineno, value in decoded:
-        try:
-            if isinstance(value, RecordError):
-                raise value
-            examples.append(Example(name, lineno, to_canonical(value, fmt)))
-        except RecordError as err:
-            findings.add(name, lineno, err.kind, err.message)
-    return ParsedFile(name, fmt, len(decoded), examples)
 
 
 # --- tokens -------------------------------------------------------------------------------------------------
@@ -744,6 +504,23 @@ def _upload_failure_report(data_uri: str, findings: Findings, exc: InvalidDataEr
         log.warning("could not upload the failure report: %s", err)
 
 
+def parse_inputs(
+    inputs: list[Input], local_dir: Path, spec: FineTuneSpec, findings: Findings
+) -> dict[str, ParsedFile]:
+    """Each fetched input parsed by the shared record parser; a file-level problem is INVALID_DATA."""
+    parsed: dict[str, ParsedFile] = {}
+    for item in inputs:
+        with (local_dir / f"{item.role}.jsonl").open("rb") as fh:
+            lines = read_lines(fh, spec.dataset.max_line_bytes)
+            try:
+                parsed[item.role] = parse_file(
+                    lines, item.name, spec.dataset.format, findings, objective=spec.objective, role=item.role
+                )
+            except DatasetError as exc:
+                raise InvalidDataError(str(exc)) from None
+    return parsed
+
+
 def run(config: TrainerConfig) -> StageResult:
     data_uri = config.layout.data
     existing = manifest.read_manifest(data_uri)
@@ -763,13 +540,7 @@ def run(config: TrainerConfig) -> StageResult:
     raise_if_preempted("validate")
 
     findings = Findings()
-    parsed: dict[str, ParsedFile] = {}
-    for item in inputs:
-        with (work / "input" / f"{item.role}.jsonl").open("rb") as fh:
-            lines = read_lines(fh, spec.dataset.max_line_bytes)
-            parsed[item.role] = parse_file(
-                lines, item.name, spec.dataset.format, findings, objective=spec.objective, role=item.role
-            )
+    parsed = parse_inputs(inputs, work / "input", spec, findings)
     fmt = parsed["train"].fmt
 
     try:
