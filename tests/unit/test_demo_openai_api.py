@@ -33,7 +33,13 @@ def test_tiny_llama_maps_to_the_demo_jobs_assets_and_settings() -> None:
     assert not {"tracking", "maxRetries", "suspend"} & set(mapping)
 
 
-def test_the_mapping_with_an_uploaded_file_is_a_valid_finetunejob_spec() -> None:
+def test_the_api_accepts_the_demo_mapping_as_a_finetunejob_spec() -> None:
+    """The service's own reader (finetune_api.mapping, which also tries each entry as a whole spec)."""
+    from finetune_api.mapping import parse_mappings
+
+    valid, problems = parse_mappings(openai_api.configmap(demo_manifest(), "default")["data"])
+    assert problems == {}
+    assert set(valid) == {"tiny-llama"}
     mapping = openai_api.model_mapping(demo_manifest())
     spec = {
         **mapping,
