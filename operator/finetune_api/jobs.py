@@ -190,7 +190,7 @@ def openai_status(ftj: Mapping[str, Any]) -> str:
     reason = _condition(ftj, "Ready").get("reason")
     if phase == "Failed" and reason == Reason.CANCELLED:  # spec.cancel: no error
         return "cancelled"
-    if (_get(ftj, "spec") or {}).get("cancel") and phase not in ("Failed", "Rejected"):
+    if (_get(ftj, "spec") or {}).get("cancel") and phase not in ("Failed", "Rejected", "Succeeded"):
         return "cancelled"
     return STATUSES.get(phase, "validating_files")
 
