@@ -115,7 +115,6 @@ def build_finetunejob(
 
 # ---------------------------------------------------------------------------------------------- reading
 # The Ready condition's failure reasons (api/conditions.py Reason) → OpenAI's error code (docs/openai-api.md).
-CANCELLED = "Cancelled"  # Reason.CANCELLED (spec.cancel): a cancelled job has no error
 ERROR_CODES: dict[str, str] = {  # StrEnum keys: looked up by the reason's string
     Reason.INVALID_DATASET: "invalid_training_file",
     Reason.GATE_FAILED: "evaluation_failed",
@@ -189,9 +188,9 @@ def openai_status(ftj: Mapping[str, Any]) -> str:
     """validating_files, queued, running, succeeded, failed or cancelled: from the phase (docs table)."""
     phase = _get(ftj, "status", "phase") or "Pending"
     reason = _condition(ftj, "Ready").get("reason")
-    if phase == "Failed" and reason == CANCELLED:
+    if phase == "Failed" and reason == Reason.CANCELLED:  # spec.cancel: no error
         return "cancelled"
-    if (_get(ftj, "spec") or {}).get("cancel") and phase not in ("Failed", "Rejected"):
+    if (_get(ftj, "spec") or {}).get("cancel") and phase not in ("Failed", "Rejected", "Succeeded"):
         return "cancelled"
     return STATUSES.get(phase, "validating_files")
 

@@ -275,6 +275,8 @@ def test_a_cancelled_job_is_cancelled_without_error() -> None:
     assert openai_status(ftj("Training", cancel=True)) == "cancelled"
     # a job that failed before the cancel stays failed
     assert openai_status(ftj("Failed", "OutOfMemory", cancel=True)) == "failed"
+    # the operator ignores a cancel of a job that ended: it stays succeeded
+    assert openai_status(ftj("Succeeded", cancel=True)) == "succeeded"
 
 
 @pytest.mark.parametrize(

@@ -164,3 +164,25 @@ modes: a Role cannot grant cluster-scoped resources.
 - {{ . | quote }}
 {{- end }}
 {{- end }}
+
+{{/*
+The OpenAI-compatible API (templates/api.yaml): its objects' name, and labels of its own (component `api`, name
+`<chart>-api`) so neither the operator's Deployment nor its metrics Service selects the API's pods.
+*/}}
+{{- define "finetune-operator.api.fullname" -}}
+{{- printf "%s-api" (include "finetune-operator.fullname" . | trunc 59 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "finetune-operator.api.selectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-api" (include "finetune-operator.name" . | trunc 59 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "finetune-operator.api.labels" -}}
+helm.sh/chart: {{ include "finetune-operator.chart" . }}
+{{ include "finetune-operator.api.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: api
+app.kubernetes.io/part-of: finetune-operator
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}

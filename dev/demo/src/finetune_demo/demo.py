@@ -25,6 +25,7 @@ import yaml
 from localcluster.cluster import LocalCluster
 from localcluster.runtime import project_root
 
+from . import openai_api
 from .toymodel import TASK_INSTRUCTION, task_answer, write_base_model, write_toy_dataset
 
 TERMINAL = ("Serving", "Succeeded", "Failed", "Rejected")
@@ -46,6 +47,16 @@ def kubectl_binary(root: Path) -> str:
     return found
 
 
+def helm_available(root: Path) -> bool:
+    from localcluster import finetuneapi
+
+    try:
+        finetuneapi.helm_binary(root)
+    except RuntimeError:
+        return False
+    return True
+
+
 class Demo:
     def __init__(self, root: Path, workdir: Path) -> None:
         self.root = root
@@ -60,6 +71,8 @@ class Demo:
         ) != "0"
         if not self.tracking:
             self.manifest["spec"].pop("tracking", None)
+        # The OpenAI-compatible API (docs/openai-api.md) starts in the background as MLflow; DEMO_API=0: off.
+        self.openai_api = os.environ.get("DEMO_API") != "0" and helm_available(root)
         self.cluster = LocalCluster(workdir, operator=True)
         self.kubectl = kubectl_binary(root)
         self.began = time.monotonic()
@@ -100,6 +113,8 @@ class Demo:
                 s3.upload_file(str(path), bucket, f"{prefix.rstrip('/')}/{path.name}")
             bucket, _, key = targets["train"].removeprefix("s3://").partition("/")
             s3.upload_file(str(data / "train.jsonl"), bucket, key)
+            # A copy to upload through the OpenAI API (the snippet printed at the end).
+            shutil.copy(data / "train.jsonl", self.cluster.workdir / "train.jsonl")
         self.say(f"uploaded to {targets['model']} and {targets['train']}")
 
     def status(self) -> dict[str, Any]:
@@ -187,6 +202,42 @@ class Demo:
         if tracking.get("degraded"):
             self.say(f"MLflow tracking degraded: {tracking.get('message', '')}")
 
+    def start_openai_api(self) -> Any:
+        """Start the cluster's OpenAI-compatible API in the background (a future of its host URL), map model
+        `tiny-llama` to the demo's assets (ConfigMap finetune-api-models) and give ServiceAccount openai-demo
+        the namespace's `edit` role (the chart's aggregated FineTuneJob rules): its token is the API key."""
+        from localcluster import finetuneapi
+
+        if not self.openai_api:
+            return None
+        self.say(f"starting the OpenAI-compatible API (Service default/{finetuneapi.NAME}, from the chart)")
+        future = self.cluster.submit(self.cluster.start_finetune_api())
+        bodies = [
+            *finetuneapi.chart_template(self.root, "rbac-aggregate.yaml"),
+            openai_api.configmap(self.manifest, "default"),
+            openai_api.account_binding("default"),
+        ]
+        for body in bodies:
+            self.run_kubectl("apply", "-f", "-", stdin=json.dumps(body))
+        return future
+
+    def print_openai_api(self, future: Any) -> None:
+        """The API's URL and three lines of the openai client that train like this demo."""
+        if future is None:
+            return
+        try:
+            url = future.result(timeout=180)
+        except Exception as err:  # the demo's job does not depend on it
+            self.say(f"the OpenAI-compatible API did not start: {err}")
+            return
+        kubeconfig = self.cluster.call(self.cluster.service_account_kubeconfig("default", openai_api.ACCOUNT))
+        token = yaml.safe_load(Path(kubeconfig).read_text())["users"][0]["user"]["token"]
+        self.say(
+            f"OpenAI-compatible API: {url}/v1 (model {openai_api.MODEL!r}: this demo's base model and "
+            f"settings; api_key: a token of ServiceAccount default/{openai_api.ACCOUNT}, valid 24 h):"
+        )
+        print(openai_api.snippet(url, token, str(self.cluster.workdir / "train.jsonl")) + "\n", flush=True)
+
     def ask(self, status: dict[str, Any]) -> bool:
         """Ask the served model the demo's question; True when it answers right."""
         endpoint = status.get("endpoint") or {}
@@ -220,6 +271,7 @@ class Demo:
         try:
             self.say(f"cluster ready: {self.cluster.api_url} (KUBECONFIG={self.cluster.kubeconfig})")
             mlflow = self.start_tracking()
+            openai_api_ready = self.start_openai_api()
             self.upload()
             if mlflow is not None:
                 self.say(f"MLflow tracking server ready: {mlflow.result(timeout=300)}")
@@ -234,6 +286,7 @@ class Demo:
                 return 1
             if not self.ask(status):
                 return 1
+            self.print_openai_api(openai_api_ready)
             self.say(f"done in {time.monotonic() - self.began:.0f}s")
             if keep:
                 self.say("cluster kept running (Ctrl-C stops it)")

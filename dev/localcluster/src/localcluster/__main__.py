@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="do not start the MLflow tracking server (same as LOCAL_MLFLOW=0)",
     )
+    parser.add_argument(
+        "--no-api",
+        action="store_true",
+        help="do not start the OpenAI-compatible fine-tuning API (same as LOCAL_API=0)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser.parse_args(argv)
 
@@ -54,6 +59,7 @@ async def run(args: argparse.Namespace) -> int:
         operator=False if args.no_operator else None,
         api_port=args.port,
         mlflow=not (args.no_mlflow or args.no_s3 or args.no_kubelet or os.environ.get("LOCAL_MLFLOW") == "0"),
+        finetune_api=not (args.no_api or args.no_s3 or args.no_kubelet or os.environ.get("LOCAL_API") == "0"),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -88,19 +94,37 @@ async def run(args: argparse.Namespace) -> int:
     if cluster.kubelet is not None:  # `make local-cluster` installs them; `python -m localcluster` may not
         for line in missing_runtimes(cluster.root, cluster.kubelet.runtimes):
             print(f"warning: {line}; its pods wait in ImagePullBackOff until then", file=sys.stderr)
-    if cluster.mlflow_ready is not None:
-        try:
-            url = await cluster.mlflow_ready
-            print(
-                f"  MLflow       {url}   (pods: http://mlflow.default.svc:5000; services.json key mlflow)",
-                flush=True,
-            )
-        except Exception as err:
-            print(f"  MLflow did not start: {err}", file=sys.stderr, flush=True)
+    # Both start in the background: each line is printed as soon as its server answers; Ctrl-C does not wait.
+    announcements = asyncio.gather(
+        announce(
+            cluster.mlflow_ready,
+            "MLflow",
+            "  MLflow       {url}   (pods: http://mlflow.default.svc:5000; services.json key mlflow)",
+        ),
+        announce(
+            cluster.finetune_api_ready,
+            "the OpenAI-compatible API",
+            "  OpenAI API   {url}/v1   (api_key: a Kubernetes token, `kubectl create token <account>`; "
+            "models: ConfigMap default/finetune-api-models; services.json key finetune-api)",
+        ),
+    )
     await stop.wait()
+    announcements.cancel()
     print("stopping local cluster…", file=sys.stderr, flush=True)
     await cluster.stop()
     return 0
+
+
+async def announce(ready: asyncio.Task[str] | None, what: str, line: str) -> None:
+    """Print a background server's line once it answers (or why it did not start)."""
+    if ready is None:
+        return
+    try:
+        url = await ready
+    except Exception as err:
+        print(f"  {what} did not start: {err}", file=sys.stderr, flush=True)
+        return
+    print(line.format(url=url), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

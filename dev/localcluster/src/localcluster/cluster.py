@@ -86,6 +86,7 @@ class LocalCluster:
         operator_rbac: bool | None = None,
         mlflow: bool = False,
         pod_threads: int | None = None,
+        finetune_api: bool = False,
     ):
         self.workdir = Path(workdir).absolute()
         self.kubelet_enabled = kubelet
@@ -99,6 +100,10 @@ class LocalCluster:
         self.mlflow_enabled = mlflow
         self.mlflow_started = False
         self.mlflow_ready: asyncio.Task[str] | None = None  # its host URL, when started with the cluster
+        # The OpenAI-compatible API (finetuneapi.py): with the cluster when asked; start_finetune_api() later.
+        self.finetune_api_enabled = finetune_api
+        self.finetune_api_started = False
+        self.finetune_api_ready: asyncio.Task[str] | None = None  # its host URL, as mlflow_ready
         self.nodes = nodes if nodes is not None else default_nodes()
         self.api_port = api_port
         self.backoff_scale = backoff_scale
@@ -214,6 +219,8 @@ class LocalCluster:
         log.info("local cluster ready in %.1fs: %s", self.started_in, self.apiserver.url)
         if self.mlflow_enabled:  # in the background: the cluster is usable while MLflow starts (~20-30 s)
             self.mlflow_ready = asyncio.create_task(self.start_mlflow())
+        if self.finetune_api_enabled:  # in the background too: the cluster is usable while it starts
+            self.finetune_api_ready = asyncio.create_task(self.start_finetune_api())
         if self.operator_enabled:
             await self._start_operator()
 
@@ -238,6 +245,45 @@ class LocalCluster:
             self.mlflow_started = True
         return await self.wait_mlflow(timeout)
 
+    async def start_finetune_api(self, timeout: float = 120) -> str:
+        """Run the OpenAI-compatible API from the chart's own api objects (finetuneapi.py) in `default`, its
+        files in bucket `finetune-api`, and wait until /healthz answers; returns its host URL (services.json
+        key `finetune-api`). Idempotent. Pods use finetuneapi.IN_CLUSTER_URL."""
+        from . import finetuneapi
+
+        assert self.client is not None and self.s3 is not None, "the finetune API needs the kubelet and S3"
+        if not self.finetune_api_started:
+            with contextlib.suppress(Exception):  # already there after a restart of this call
+                await asyncio.to_thread(self.s3_client().create_bucket, Bucket=finetuneapi.BUCKET)
+            for body in await asyncio.to_thread(finetuneapi.manifests, self.root, S3_SECRET):
+                try:
+                    await self.client.create(finetuneapi.collection_path(body), body)
+                except ApiError as err:
+                    if not err.conflict:
+                        raise
+            self.finetune_api_started = True
+        return await self.wait_service(finetuneapi.SERVICES_KEY, "/healthz", timeout)
+
+    async def wait_service(self, key: str, path: str, timeout: float) -> str:
+        """The host URL of the Service whose services.json alias is `key`, once `path` answers 200."""
+        import aiohttp
+
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession() as session:
+            while True:
+                entry = self.services().get(key) or {}
+                url = entry.get("url")
+                if url and any(p.get("endpoints") for p in entry.get("ports") or []):
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                        async with session.get(f"{url}{path}", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                            if r.status == 200:
+                                return str(url)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{key} did not answer {path} within {timeout:.0f}s (pod log under pods/)"
+                    )
+                await asyncio.sleep(0.5)
+
     def _mlflow_processes(self) -> list[Any]:
         """The MLflow pod's process tree (psutil), so stop() can make sure none of it outlives the cluster."""
         import psutil
@@ -259,23 +305,9 @@ class LocalCluster:
 
     async def wait_mlflow(self, timeout: float = 180) -> str:
         """The MLflow server's host URL once /health answers (after a start or a scale back to 1)."""
-        import aiohttp
-
         from . import mlflow
 
-        deadline = time.monotonic() + timeout
-        async with aiohttp.ClientSession() as session:
-            while True:
-                entry = self.services().get(mlflow.SERVICES_KEY) or {}
-                url = entry.get("url")
-                if url and any(p.get("endpoints") for p in entry.get("ports") or []):
-                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
-                        async with session.get(f"{url}/health", timeout=aiohttp.ClientTimeout(total=5)) as r:
-                            if r.status == 200:
-                                return str(url)
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"MLflow did not answer within {timeout:.0f}s (pod log under pods/)")
-                await asyncio.sleep(0.5)
+        return await self.wait_service(mlflow.SERVICES_KEY, "/health", timeout)
 
     async def _start_kubelet(self) -> None:
         assert self.client is not None and self.apiserver is not None
@@ -567,8 +599,9 @@ class LocalCluster:
             await proc.wait()
 
     async def stop(self) -> None:
-        if self.mlflow_ready is not None and not self.mlflow_ready.done():
-            self.mlflow_ready.cancel()
+        for ready in (self.mlflow_ready, self.finetune_api_ready):
+            if ready is not None and not ready.done():
+                ready.cancel()
         await self._stop_operator()
         leftovers = self._mlflow_processes()
         if self.kubelet is not None:

@@ -5,7 +5,8 @@
 | ghcr.io/finetune-operator/trainer  | <root>/.venv, `python` is its interpreter; entrypoint      |
 |                                    | `python -m finetune_trainer` when only args are given      |
 | ghcr.io/finetune-operator/operator | <root>/.venv, plus KUBECONFIG of the local cluster;        |
-|                                    | entrypoint `python -m finetune_operator`                   |
+|                                    | entrypoint `python -m finetune_operator`; the chart's API  |
+|                                    | pod's command `python -m finetune_api` runs there too      |
 | vllm/vllm-openai                   | <root>/.venv-vllm; entrypoint `python3 -m                  |
 |                                    | vllm.entrypoints.openai.api_server` + args + --host podIP  |
 | ghcr.io/mlflow/mlflow              | <root>/.venv-mlflow; entrypoint `mlflow server` + args +   |
