@@ -5,6 +5,7 @@ Python client, against it or any KUBECONFIG). Only the tiers that need a cluster
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,19 @@ TESTS = Path(__file__).parent
 # go first, within a tier the files that start vLLM (the longest), so that short files fill the gaps at the
 # end rather than one long file running alone while the other worker idles.
 PARALLEL_TIER_ORDER = ("e2e", "trainer", "conformance", "api", "chart", "emulator", "unit")
+
+
+# Math libraries' threads per process in a parallel run. Each worker's torch (the trainer tier trains in
+# process) would start one OpenMP thread per core; beside the other worker's processes on a 2-core host those
+# threads spin waiting for each other (test_train_full: 51 s instead of 15 s). Pods get the same cap from the
+# local kubelet (LOCALCLUSTER_POD_THREADS); an explicit setting in the environment wins.
+WORKER_THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput"):  # before any test module imports torch
+        for name in WORKER_THREAD_VARIABLES:
+            os.environ.setdefault(name, "1")
 
 
 def parallel_rank(path: Path, starts_vllm: bool) -> tuple[int, int]:

@@ -79,6 +79,10 @@ def vllm_servers(
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
         "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB, as the operator sets it for CPU replicas
+        # One thread each, unpinned, as the local kubelet runs vLLM pods: by default ("auto") both servers
+        # would bind their one thread to the host's first core while the other one idles.
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "OMP_NUM_THREADS": "1",
     }
     if list((REPO / ".venv-vllm" / "lib").glob("python3*/site-packages/torchcodec-*.dist-info")):
         # torchcodec's CUDA build (pulled in by vllm) cannot load without CUDA libraries, and vllm only

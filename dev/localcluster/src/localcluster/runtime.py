@@ -8,7 +8,8 @@
 |                                    | entrypoint `python -m finetune_operator`; the chart's API  |
 |                                    | pod's command `python -m finetune_api` runs there too      |
 | vllm/vllm-openai                   | <root>/.venv-vllm; entrypoint `python3 -m                  |
-|                                    | vllm.entrypoints.openai.api_server` + args + --host podIP  |
+|                                    | vllm.entrypoints.openai.api_server` + args + --host podIP; |
+|                                    | VLLM_CPU_OMP_THREADS_BIND=nobind (no pinning to CPU 0)     |
 | ghcr.io/mlflow/mlflow              | <root>/.venv-mlflow; entrypoint `mlflow server` + args +   |
 |                                    | --host podIP (the embedded MLflow server, mlflow.py)       |
 | anything else                      | the container's command on the host                        |
@@ -138,6 +139,9 @@ def resolve_launch(
         # vLLM binds ZeroMQ ipc sockets under $TMPDIR, which the kubelet points at the pod's /tmp volume; that
         # per-pod path exceeds the 107-byte socket path limit, so use the short host temp dir as in an image.
         env["VLLM_RPC_BASE_PATH"] = tempfile.gettempdir()
+        # vLLM-CPU pins its worker to the host's first core by default ("auto"): every pod of this host on
+        # CPU 0 while the others idle. The kubelet caps a pod's threads instead (thread_env, kubelet/pods).
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         if not command:
             command = list(ENTRYPOINTS[VLLM_IMAGE])
         args = [*args, "--host", pod_ip]
