@@ -23,7 +23,7 @@ from .config import ApiConfig
 from .errors import ApiError
 from .files import FileStore, check_upload_file, file_object, receive_upload
 from .kube import Kube, load
-from .mapping import ModelMapping, parse_mappings
+from .mapping import ModelMapping, parse_mappings, resolve_model
 from .proxy import VERSION, Proxy
 from .ratelimit import RateLimiter
 
@@ -235,18 +235,12 @@ async def resolve_file(shared: State, who: Caller, file_id: Any, param: str) -> 
 async def create_job(request: web.Request) -> web.StreamResponse:
     shared, who = state(request), caller(request)
     body = await json_body(request)
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "model is required: one of the models the platform team mapped", param="model")
+    await shared.auth.require(who, "create")  # before the mapping and the namespace's files in S3
     valid, problems = await shared.mapping()
-    if model not in valid:
-        if model in problems:
-            log.error("model mapping %s is invalid: %s", model, problems[model])
-            raise ApiError(500, f"the platform's mapping of model {model} is invalid", code="server_error")
-        raise ApiError(
-            404, f"The model {model[:256]!r} does not exist", code="model_not_found", param="model"
-        )
-    await shared.auth.require(who, "create")  # before reading the namespace's files in S3
+    if body.get("model") in problems:
+        log.error("model mapping %s is invalid: %s", body["model"], problems[body["model"]])
+    mapping = resolve_model(body.get("model"), valid, problems)
+    model = str(body["model"])
     training_uri, training = await resolve_file(shared, who, body.get("training_file"), "training_file")
     validation_uri = None
     if body.get("validation_file") is not None:
@@ -254,7 +248,7 @@ async def create_job(request: web.Request) -> web.StreamResponse:
     manifest = jobs.build_finetunejob(
         body,
         model,
-        valid[model],
+        mapping,
         namespace=who.namespace,
         name=jobs.new_job_name(),
         training_uri=training_uri,

@@ -200,13 +200,13 @@ def resolve_model(
     model: object, mappings: Mapping[str, ModelMapping], problems: Mapping[str, str]
 ) -> ModelMapping:
     """The mapping of the request's `model`: unknown → 404 `model_not_found`; a broken entry → 500 (the
-    platform team's problem, said plainly so the user can pass it on)."""
+    platform team's problem: the service logs why; the message keeps the mapping's URIs from the user)."""
     if not isinstance(model, str) or not model:
         raise ApiError(400, "model: a model name is required", code="invalid_request_error", param="model")
     if model in problems:
         raise ApiError(
             500,
-            f"the platform's mapping of model {model!r} is invalid: {problems[model]}",
+            f"the platform's mapping of model {model!r} is invalid (the service's log says why)",
             code="server_error",
             param="model",
         )

@@ -12,6 +12,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -53,8 +54,6 @@ def service_url(url: Any, namespace: str) -> str | None:
 
 
 def _created(obj: Mapping[str, Any]) -> int:
-    from datetime import datetime
-
     stamp = str((obj.get("metadata") or {}).get("creationTimestamp") or "")
     try:
         return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())

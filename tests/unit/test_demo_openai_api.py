@@ -50,9 +50,9 @@ def test_the_api_accepts_the_demo_mapping_as_a_finetunejob_spec() -> None:
 
 
 def test_the_snippet_is_three_lines_of_python_calling_the_api() -> None:
-    text = openai_api.snippet("http://127.0.0.9:8000/", "tok.en", "/tmp/train.jsonl")
+    text = openai_api.snippet("http://127.0.0.9:8000/", "/tmp/openai-demo.token", "/tmp/train.jsonl")
     lines = text.splitlines()
     assert len(lines) == 3
     ast.parse(text)
-    assert 'base_url="http://127.0.0.9:8000/v1"' in lines[1] and 'api_key="tok.en"' in lines[1]
+    assert 'base_url="http://127.0.0.9:8000/v1"' in lines[1] and 'open("/tmp/openai-demo.token")' in lines[1]
     assert 'model="tiny-llama"' in lines[2] and 'purpose="fine-tune"' in lines[2]

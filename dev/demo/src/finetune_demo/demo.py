@@ -232,11 +232,17 @@ class Demo:
             return
         kubeconfig = self.cluster.call(self.cluster.service_account_kubeconfig("default", openai_api.ACCOUNT))
         token = yaml.safe_load(Path(kubeconfig).read_text())["users"][0]["user"]["token"]
+        token_file = self.cluster.workdir / f"{openai_api.ACCOUNT}.token"
+        token_file.touch(mode=0o600)
+        token_file.chmod(0o600)  # before the token is in it, also when an earlier run left the file
+        token_file.write_text(token)
         self.say(
             f"OpenAI-compatible API: {url}/v1 (model {openai_api.MODEL!r}: this demo's base model and "
-            f"settings; api_key: a token of ServiceAccount default/{openai_api.ACCOUNT}, valid 24 h):"
+            f"settings; api_key: a token of ServiceAccount default/{openai_api.ACCOUNT}, valid 24 h, in "
+            f"{token_file}):"
         )
-        print(openai_api.snippet(url, token, str(self.cluster.workdir / "train.jsonl")) + "\n", flush=True)
+        snippet = openai_api.snippet(url, str(token_file), str(self.cluster.workdir / "train.jsonl"))
+        print(snippet + "\n", flush=True)
 
     def ask(self, status: dict[str, Any]) -> bool:
         """Ask the served model the demo's question; True when it answers right."""

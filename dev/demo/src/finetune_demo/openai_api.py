@@ -62,12 +62,13 @@ def account_binding(namespace: str) -> dict[str, Any]:
     }
 
 
-def snippet(url: str, token: str, train_file: str) -> str:
-    """Three lines of the official openai client against the demo's API."""
+def snippet(url: str, token_file: str, train_file: str) -> str:
+    """Three lines of the official openai client against the demo's API; the API key is read from a file
+    (a token is a credential: never printed)."""
     return "\n".join(
         [
             "from openai import OpenAI",
-            f'client = OpenAI(base_url="{url.rstrip("/")}/v1", api_key="{token}")',
+            f'client = OpenAI(base_url="{url.rstrip("/")}/v1", api_key=open("{token_file}").read().strip())',
             f'job = client.fine_tuning.jobs.create(model="{MODEL}", training_file=client.files.create('
             f'file=open("{train_file}", "rb"), purpose="fine-tune").id)',
         ]
