@@ -30,8 +30,7 @@ from finetune_operator.api.finetunejob import (
 from finetune_operator.api.modelnames import MODEL_NAME_MAX, model_name_problem
 from finetune_operator.api.schema import SpecError, SpecModel, field_errors
 from finetune_vocabulary.objectives import Objective
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from pydantic.alias_generators import to_camel
+from pydantic import Field, ValidationError
 
 from finetune_api.errors import ApiError
 
@@ -61,17 +60,8 @@ class DatasetDefaults(SpecModel):
     max_test_fraction: Any = _like("max_test_fraction")
 
 
-class ModelMapping(BaseModel):
-    """One model name's FineTuneJob defaults (one data key of the ConfigMap)."""
-
-    model_config = ConfigDict(
-        alias_generator=to_camel,
-        validate_by_name=True,
-        validate_by_alias=True,
-        serialize_by_alias=True,
-        extra="forbid",
-        frozen=True,
-    )
+class ModelMapping(SpecModel):
+    """One model name's FineTuneJob defaults (one data key of the ConfigMap), typed as the spec is."""
 
     base_model: BaseModelSpec = Field(description="As FineTuneJob spec.baseModel.")
     storage: StorageSpec = Field(description="spec.storage; credentialsSecret is in the caller's namespace.")
