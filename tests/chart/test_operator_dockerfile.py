@@ -104,10 +104,15 @@ def test_entrypoint_is_the_operator_module_as_the_chart_runs_it(steps) -> None:
     assert yaml.safe_load(command) == ["python", "-m", "finetune_operator"]
     exposed = {int(p) for op, arg in final_stage(steps) if op == "EXPOSE" for p in arg.split()}
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert exposed == {values["livenessPort"], values["metrics"]["port"]}
+    assert exposed == {values["livenessPort"], values["metrics"]["port"], values["api"]["port"]}
+    # The OpenAI-compatible API runs from the same image with its own module (templates/api.yaml).
+    api = (CHART / "templates" / "api.yaml").read_text()
+    command = re.search(r"^\s+command: (\[.*\])$", api, re.M).group(1)
+    assert yaml.safe_load(command) == ["python", "-m", "finetune_api"]
+    assert (REPO / "operator" / "finetune_api" / "__main__.py").is_file()
 
 
-def test_copies_and_installs_only_the_operator_package(steps) -> None:
+def test_copies_and_installs_only_the_operator_and_api_packages(steps) -> None:
     assert not [arg for op, arg in steps if op == "ADD"], "use COPY (ADD fetches URLs and unpacks archives)"
     sources = []
     for op, arg in steps:
@@ -118,6 +123,7 @@ def test_copies_and_installs_only_the_operator_package(steps) -> None:
         "requirements/dev.txt",
         "vocabulary",
         "operator/finetune_operator",
+        "operator/finetune_api",
     }
     installs = [arg for op, arg in steps if op == "RUN" and "pip install" in arg]
     assert len(installs) == 1
@@ -183,7 +189,7 @@ def test_operator_package_imports_nothing_heavy() -> None:
         "finetune_trainer",
         "vllm",
     }
-    for path in sorted((REPO / "operator" / "finetune_operator").rglob("*.py")):
+    for path in sorted((REPO / "operator").rglob("*.py")):  # the operator and the API service
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
             names = []
@@ -207,4 +213,5 @@ def test_dockerignore_keeps_the_context_to_what_is_copied() -> None:
         "requirements/dev.txt",
         "vocabulary",
         "operator/finetune_operator",
+        "operator/finetune_api",
     }
