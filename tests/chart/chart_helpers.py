@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
+from localcluster import finetuneapi
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "finetune-operator"
@@ -22,11 +21,11 @@ KUBE_VERSIONS = ("1.32.0", "1.35.0", "1.37.0")
 
 
 def helm_binary() -> str | None:
-    """The helm v4 the Makefile installs (.tools/bin/helm), else HELM, else one on PATH."""
-    for candidate in (os.environ.get("HELM"), str(REPO / ".tools" / "bin" / "helm"), shutil.which("helm")):
-        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+    """$HELM, else the helm v4 the Makefile installs (.tools/bin/helm), else one on PATH; None without one."""
+    try:
+        return finetuneapi.helm_binary(REPO)
+    except RuntimeError:
+        return None
 
 
 def chart_template(template: str, release: str = "ftop") -> list[dict[str, Any]]:

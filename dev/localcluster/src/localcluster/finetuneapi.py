@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from .controllers.services import SERVICES_KEY_ANNOTATION
+from .kubeclient import DEPLOYMENTS, SERVICES, Resource
 
 NAMESPACE = "default"
 RELEASE = "finetune-operator"  # the chart's fullname is then the release: objects `finetune-operator-api`
@@ -30,21 +31,22 @@ FILES_URI = f"s3://{BUCKET}/files"
 SERVICES_KEY = "finetune-api"  # services.json alias of default/finetune-operator-api
 IN_CLUSTER_URL = f"http://{NAME}.{NAMESPACE}.svc:{PORT}"
 
-# kind → (API path prefix, plural, namespaced) for the kinds the chart's api.yaml renders
-KINDS: dict[str, tuple[str, str, bool]] = {
-    "ServiceAccount": ("/api/v1", "serviceaccounts", True),
-    "Service": ("/api/v1", "services", True),
-    "Deployment": ("/apis/apps/v1", "deployments", True),
-    "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
-    "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
-    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
-    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
+RBAC_API = "/apis/rbac.authorization.k8s.io/v1"
+# The kinds the chart's api.yaml renders, and where each lives.
+KINDS: dict[str, Resource] = {
+    "ServiceAccount": Resource("/api/v1", "serviceaccounts"),
+    "Service": SERVICES,
+    "Deployment": DEPLOYMENTS,
+    "ClusterRole": Resource(RBAC_API, "clusterroles", namespaced=False),
+    "ClusterRoleBinding": Resource(RBAC_API, "clusterrolebindings", namespaced=False),
+    "Role": Resource(RBAC_API, "roles"),
+    "RoleBinding": Resource(RBAC_API, "rolebindings"),
 }
 
 
 def helm_binary(root: Path) -> str:
-    """The helm the Makefile installs (.tools/bin/helm), else $HELM, else one on PATH."""
-    for candidate in (str(root / ".tools" / "bin" / "helm"), os.environ.get("HELM"), shutil.which("helm")):
+    """$HELM, else the helm the Makefile installs (.tools/bin/helm), else one on PATH."""
+    for candidate in (os.environ.get("HELM"), str(root / ".tools" / "bin" / "helm"), shutil.which("helm")):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     raise RuntimeError("the finetune API needs helm to render the chart (run `make tools`)")
@@ -94,7 +96,4 @@ def manifests(root: Path, s3_secret: str) -> list[dict[str, Any]]:
 
 def collection_path(manifest: dict[str, Any]) -> str:
     """Where to POST the manifest (its kind must be one the chart's api.yaml renders)."""
-    prefix, plural, namespaced = KINDS[manifest["kind"]]
-    if namespaced:
-        return f"{prefix}/namespaces/{manifest['metadata'].get('namespace') or NAMESPACE}/{plural}"
-    return f"{prefix}/{plural}"
+    return KINDS[manifest["kind"]].path(manifest["metadata"].get("namespace") or NAMESPACE)
