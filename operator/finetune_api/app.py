@@ -15,7 +15,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from finetune_vocabulary.labels import API_GROUP
+from finetune_operator.api.finetunejob import API_VERSION, PLURAL
+from finetune_vocabulary.labels import LABEL_COMPONENT, LABEL_JOB_UID
 
 from . import jobs
 from .auth import PROJECT_HEADER, Authenticator, Caller
@@ -24,7 +25,7 @@ from .errors import ApiError
 from .files import FileStore, check_upload_file, file_object, receive_upload
 from .kube import Kube, load
 from .mapping import ModelMapping, parse_mappings, resolve_model
-from .proxy import VERSION, Proxy
+from .proxy import Proxy
 from .ratelimit import RateLimiter
 
 log = logging.getLogger("finetune_api")
@@ -75,7 +76,7 @@ def caller(request: web.Request) -> Caller:
 
 
 def jobs_path(namespace: str, name: str = "") -> str:
-    base = f"/apis/{API_GROUP}/{VERSION}/namespaces/{namespace}/finetunejobs"
+    base = f"/apis/{API_VERSION}/namespaces/{namespace}/{PLURAL}"
     return f"{base}/{name}" if name else base
 
 
@@ -320,7 +321,7 @@ async def cancel_job(request: web.Request) -> web.StreamResponse:
 
 async def progress_lines(shared: State, who: Caller, job: dict[str, Any]) -> list[dict[str, Any]]:
     """The trainer's progress lines from the train pods' logs (last 200 lines each); no pod or log is fine."""
-    selector = f"{API_GROUP}/job-uid={job['metadata'].get('uid', '')},app.kubernetes.io/component=train"
+    selector = f"{LABEL_JOB_UID}={job['metadata'].get('uid', '')},{LABEL_COMPONENT}=train"
     base = f"/api/v1/namespaces/{who.namespace}/pods"
     lines: list[dict[str, Any]] = []
     try:

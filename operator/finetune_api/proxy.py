@@ -18,13 +18,14 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from finetune_vocabulary.labels import API_GROUP
+from finetune_operator.api.finetunejob import API_VERSION
+from finetune_operator.api.finetunejob import PLURAL as JOBS_PLURAL
+from finetune_operator.api.modelserver import PLURAL as SERVERS_PLURAL
 
 from .auth import Caller
 from .errors import ApiError
 from .kube import Kube
 
-VERSION = "v1alpha1"
 SERVICE_HOST = re.compile(
     r"^(?P<svc>[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)\.(?P<ns>[a-z0-9-]{1,63})\.svc(\.cluster\.local)?$"
 )
@@ -104,10 +105,10 @@ class Proxy:
             await self._session.close()
 
     async def served(self, caller: Caller) -> dict[str, Served]:
-        base = f"/apis/{API_GROUP}/{VERSION}/namespaces/{caller.namespace}"
-        jobs = await self.kube.request("GET", f"{base}/finetunejobs", token=caller.token)
+        base = f"/apis/{API_VERSION}/namespaces/{caller.namespace}"
+        jobs = await self.kube.request("GET", f"{base}/{JOBS_PLURAL}", token=caller.token)
         try:
-            servers = await self.kube.request("GET", f"{base}/modelservers", token=caller.token)
+            servers = await self.kube.request("GET", f"{base}/{SERVERS_PLURAL}", token=caller.token)
         except ApiError as err:
             if err.status not in (403, 404):  # may see jobs but not pools: list what it may see
                 raise
