@@ -243,23 +243,33 @@ def test_ttl_after_finished_deletes_the_job_and_its_pods(lc_api, ns):
 def test_job_completes_through_api_errors_and_dropped_watches(lc_api, ns, local_cluster):
     """The controllers are API clients: injected 500s, 409s, 429s and broken watches only slow them down."""
     api = local_cluster.apiserver
+    # Counted faults (every matching request fails until the count is spent), not a rate: each must fire in
+    # every run, and the test checks the faults' own hits, not the cluster-wide counters other tests share.
+    faults = {}
 
     async def inject():
-        api.add_fault("update", "pods/status", 500, rate=0.5, namespace=ns)
-        api.add_fault("update", "jobs/status", 409, rate=0.5, namespace=ns)
-        api.add_fault("create", "pods", 429, count=2, namespace=ns)
+        faults["pod status"] = api.add_fault("update", "pods/status", 500, count=2, namespace=ns)
+        faults["job status"] = api.add_fault("update", "jobs/status", 409, count=2, namespace=ns)
+        faults["pod create"] = api.add_fault("create", "pods", 429, count=2, namespace=ns)
 
     async def drop():
         return api.drop_watches("pods")
 
+    async def clear():
+        for fault in faults.values():
+            api.remove_fault(fault)
+
     local_cluster.call(inject())
-    create_job(lc_api, ns, "sturdy", [PY, "-c", "import time; time.sleep(1)"], completions=2, parallelism=1)
-    assert local_cluster.call(drop()) >= 1
-    obj = wait_for(lambda: finished(lc_api, ns, "sturdy"), timeout=45, what="job to finish despite faults")
+    try:
+        create_job(lc_api, ns, "sturdy", [PY, "-c", "import time; time.sleep(1)"], completions=2, parallelism=1)
+        assert local_cluster.call(drop()) >= 1
+        obj = wait_for(lambda: finished(lc_api, ns, "sturdy"), timeout=45, what="job to finish despite faults")
+    finally:
+        local_cluster.call(clear())
     assert condition(obj, "Complete")["status"] == "True"
     assert obj["status"]["succeeded"] == 2 and not obj["status"].get("failed")
     assert len(job_pods(lc_api, ns, "sturdy")) == 2
-    assert api.counters.errors[500] and api.counters.errors[409]
+    assert {what: fault.hits for what, fault in faults.items()} == {what: 2 for what in faults}
 
 
 def test_pod_replacement_policy_defaults_like_kube_apiserver(lc_api, ns):
