@@ -32,6 +32,7 @@ def test_quick_quality_vs_reference(capsys: pytest.CaptureFixture[str]) -> None:
     fields = summary[0].split()
     em_delta = float(fields[fields.index("em_delta:") + 1])
     assert em_delta >= -0.05, out
+    assert float(fields[fields.index("loss_ratio:") + 1]) <= 1.05, out
     steps = [x for x in out.splitlines() if "optimizer steps" in x]
     assert len(steps) == 2 and all("optimizer steps 114," in x for x in steps), out
 
