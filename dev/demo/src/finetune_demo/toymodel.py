@@ -17,6 +17,7 @@ Both are deterministic and cached under ``.local/cache/toymodel/<hash of paramet
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -284,6 +285,16 @@ def _atomic_build(target: Path, build: Any) -> Path:
     if (target / "READY").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time (make test's two workers, a demo beside them): the others wait for its copy
+    # instead of spending the same minute of CPU on an identical one.
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "READY").exists():
+            return target
+        return _build_into(target, build)
+
+
+def _build_into(target: Path, build: Any) -> Path:
     scratch = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
     try:
         build(scratch)
