@@ -85,6 +85,7 @@ def test_vllm_image_uses_the_openai_entrypoint_and_binds_the_pod_ip(tmp_path):
         "127.1.0.7",
     ]
     assert launch.env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"  # not every pod's worker on CPU 0
+    assert launch.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"  # no worker process of its own
 
 
 def test_missing_virtualenv_is_an_image_not_present_naming_the_command_that_installs_it(tmp_path):
