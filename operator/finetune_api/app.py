@@ -296,27 +296,34 @@ async def get_job(request: web.Request) -> web.StreamResponse:
     return web.json_response(jobs.to_openai_job(job))
 
 
-async def cancel_job(request: web.Request) -> web.StreamResponse:
+async def control_job(request: web.Request, action: jobs.Action) -> web.StreamResponse:
+    """Cancel, pause or resume: read the job, check its status (jobs.control_patch), patch its spec."""
     shared, who, name = state(request), caller(request), job_name(request)
     job = await read_job(shared, who, name)
-    status = jobs.openai_status(job)
-    if status in ("succeeded", "failed", "cancelled"):
-        raise ApiError(
-            400,
-            f"Job {name} has already {'been cancelled' if status == 'cancelled' else status}: "
-            "it cannot be cancelled",
-            code="job_not_cancellable",
+    patch = jobs.control_patch(job, action)
+    if patch is not None:
+        job = await shared.kube.request(
+            "PATCH",
+            jobs_path(who.namespace, name),
+            token=who.token,
+            body=patch,
+            content_type="application/merge-patch+json",
+            params={"fieldValidation": "Strict"},
+            not_found="fine_tuning_job_not_found",
         )
-    patched = await shared.kube.request(
-        "PATCH",
-        jobs_path(who.namespace, name),
-        token=who.token,
-        body={"spec": {"cancel": True}},
-        content_type="application/merge-patch+json",
-        params={"fieldValidation": "Strict"},
-        not_found="fine_tuning_job_not_found",
-    )
-    return web.json_response(jobs.to_openai_job(patched))
+    return web.json_response(jobs.to_openai_job(job))
+
+
+async def cancel_job(request: web.Request) -> web.StreamResponse:
+    return await control_job(request, "cancel")
+
+
+async def pause_job(request: web.Request) -> web.StreamResponse:
+    return await control_job(request, "pause")
+
+
+async def resume_job(request: web.Request) -> web.StreamResponse:
+    return await control_job(request, "resume")
 
 
 async def progress_lines(shared: State, who: Caller, job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -410,6 +417,8 @@ def create_app(
     app.router.add_get("/v1/fine_tuning/jobs", list_jobs)
     app.router.add_get("/v1/fine_tuning/jobs/{id}", get_job)
     app.router.add_post("/v1/fine_tuning/jobs/{id}/cancel", cancel_job)
+    app.router.add_post("/v1/fine_tuning/jobs/{id}/pause", pause_job)
+    app.router.add_post("/v1/fine_tuning/jobs/{id}/resume", resume_job)
     app.router.add_get("/v1/fine_tuning/jobs/{id}/events", job_events)
     app.router.add_get("/v1/fine_tuning/jobs/{id}/checkpoints", job_checkpoints)
     app.router.add_get("/v1/models", list_models)

@@ -13,8 +13,9 @@ import re
 import secrets
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 from finetune_operator.api.conditions import Reason
 from finetune_operator.api.finetunejob import API_VERSION, KIND, HyperparametersSpec, parse_spec
@@ -184,6 +185,11 @@ def _condition(ftj: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
     return {}
 
 
+def paused(ftj: Mapping[str, Any]) -> bool:
+    """spec.suspend is set (a pause through the API, or kubectl)."""
+    return _get(ftj, "spec", "suspend") is True
+
+
 def openai_status(ftj: Mapping[str, Any]) -> str:
     """validating_files, queued, running, succeeded, failed or cancelled: from the phase (docs table)."""
     phase = _get(ftj, "status", "phase") or "Pending"
@@ -192,7 +198,10 @@ def openai_status(ftj: Mapping[str, Any]) -> str:
         return "cancelled"
     if (_get(ftj, "spec") or {}).get("cancel") and phase not in ("Failed", "Rejected", "Succeeded"):
         return "cancelled"
-    return STATUSES.get(phase, "validating_files")
+    status = STATUSES.get(phase, "validating_files")
+    if paused(ftj) and status not in FINISHED:  # paused, the operator not there yet: queued already
+        return "queued"
+    return status
 
 
 def openai_error(ftj: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -288,6 +297,43 @@ def to_openai_job(ftj: Mapping[str, Any], *, now: float | None = None) -> dict[s
         "metadata": _metadata_of(ftj),
         "user_provided_suffix": annotations.get(ANNOTATION_SUFFIX),
     }
+
+
+# ---------------------------------------------------------------------------------------------- control
+@dataclass(frozen=True)
+class Control:
+    """A job control of the API: the spec field it sets, to what, and how a refusal reads."""
+
+    field: str
+    value: bool
+    verb: str  # "cancelled": "it cannot be cancelled"
+    code: str  # OpenAI's error code of a refusal
+
+
+Action = Literal["cancel", "pause", "resume"]
+CONTROLS: dict[Action, Control] = {
+    "cancel": Control("cancel", True, "cancelled", "job_not_cancellable"),
+    "pause": Control("suspend", True, "paused", "job_not_pausable"),
+    "resume": Control("suspend", False, "resumed", "job_not_resumable"),
+}
+
+
+def control_patch(ftj: Mapping[str, Any], action: Action) -> dict[str, Any] | None:
+    """The merge patch of `POST .../{id}/<action>` (cancel, pause, resume) on the job; None when there is
+    nothing to change (pausing a paused job); ApiError 400 when the job has finished, or on resuming a job
+    that is not paused."""
+    control = CONTROLS[action]
+    name, status = _get(ftj, "metadata", "name"), openai_status(ftj)
+    if status in FINISHED:
+        done = "been cancelled" if status == "cancelled" else status
+        raise ApiError(400, f"Job {name} has already {done}: it cannot be {control.verb}", code=control.code)
+    if action == "resume" and not paused(ftj):
+        raise ApiError(
+            400, f"Job {name} is not paused (status {status}): it cannot be resumed", code=control.code
+        )
+    if action == "pause" and paused(ftj):
+        return None
+    return {"spec": {control.field: control.value}}
 
 
 # ---------------------------------------------------------------------------------------------- events

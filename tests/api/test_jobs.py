@@ -13,7 +13,7 @@ import openai
 import pytest
 from localcluster.pytest_plugin import wait_for
 
-from .conftest import BUCKET, GROUP, VERSION, Admin, Tenant, good_lines
+from .conftest import BUCKET, GROUP, USER_RULES, VERSION, Admin, Tenant, good_lines
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -84,6 +84,92 @@ def test_cancel_patches_spec_cancel(tenant: Tenant, admin: Admin) -> None:
     with pytest.raises(openai.BadRequestError) as again:
         client.fine_tuning.jobs.cancel(job.id)
     assert again.value.code == "job_not_cancellable"
+
+
+def test_pause_and_resume_patch_spec_suspend(tenant: Tenant, admin: Admin) -> None:
+    client = tenant.client()
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=upload(tenant))
+    with pytest.raises(openai.BadRequestError) as not_paused:
+        client.fine_tuning.jobs.resume(job.id)
+    assert not_paused.value.code == "job_not_resumable"
+    assert f"Job {job.id} is not paused (status validating_files)" in not_paused.value.message
+
+    paused = client.fine_tuning.jobs.pause(job.id)
+    # queued at once, before the operator has suspended anything (the SDK has no "paused" status)
+    assert paused.id == job.id and paused.status == "queued"
+    [ftj] = admin.jobs(tenant.namespace)
+    assert ftj["spec"]["suspend"] is True
+    again = client.fine_tuning.jobs.pause(job.id)  # idempotent: no error, nothing changes
+    assert again.status == "queued"
+    [unchanged] = admin.jobs(tenant.namespace)
+    assert unchanged["spec"] == ftj["spec"]
+    assert unchanged["metadata"]["generation"] == ftj["metadata"]["generation"]
+
+    # the embedded cluster's operator suspends the job, and says so in the job's events
+    def suspended_event() -> list[Any]:
+        events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+        return [e for e in events if e.data and e.data.get("reason") == "Suspended"]
+
+    wait_for(suspended_event, timeout=60, what="the operator's Suspended event")
+    assert admin.jobs(tenant.namespace)[0]["status"]["phase"] == "Suspended"
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"
+
+    resumed = client.fine_tuning.jobs.resume(job.id)
+    assert resumed.id == job.id
+    [ftj] = admin.jobs(tenant.namespace)
+    assert ftj["spec"]["suspend"] is False
+    wait_for(
+        lambda: client.fine_tuning.jobs.retrieve(job.id).status != "queued",
+        timeout=60,
+        what="the operator to resume the job",
+    )
+
+
+def test_a_finished_job_cannot_be_paused_or_resumed(tenant: Tenant, admin: Admin) -> None:
+    client = tenant.client()
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=upload(tenant))
+    client.fine_tuning.jobs.cancel(job.id)
+    with pytest.raises(openai.BadRequestError) as pause:
+        client.fine_tuning.jobs.pause(job.id)
+    assert pause.value.code == "job_not_pausable"
+    assert f"Job {job.id} has already been cancelled: it cannot be paused" in pause.value.message
+    with pytest.raises(openai.BadRequestError) as resume:
+        client.fine_tuning.jobs.resume(job.id)
+    assert resume.value.code == "job_not_resumable"
+    [ftj] = admin.jobs(tenant.namespace)
+    assert not ftj["spec"].get("suspend")
+
+
+def test_pause_and_resume_need_the_right_to_patch(tenant: Tenant, admin: Admin) -> None:
+    """The PATCH is made with the caller's token: a user who may read jobs but not patch them gets 403."""
+    job = tenant.client().fine_tuning.jobs.create(model="tiny", training_file=upload(tenant))
+    rbac = f"/apis/rbac.authorization.k8s.io/v1/namespaces/{tenant.namespace}"
+    admin.create(
+        f"{rbac}/roles",
+        {"metadata": {"name": "reader"}, "rules": [{**USER_RULES[0], "verbs": ["get", "list"]}]},
+    )
+    admin.create(
+        f"{rbac}/rolebindings",
+        {
+            "metadata": {"name": "reader"},
+            "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": tenant.namespace}],
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "reader"},
+        },
+    )
+    reader = tenant.client(admin.token(tenant.namespace, "reader"))
+    assert reader.fine_tuning.jobs.retrieve(job.id).id == job.id
+    with pytest.raises(openai.PermissionDeniedError) as pause:
+        reader.fine_tuning.jobs.pause(job.id)
+    assert pause.value.code == "permission_denied"
+    [ftj] = admin.jobs(tenant.namespace)
+    assert not ftj["spec"].get("suspend")
+
+    tenant.client().fine_tuning.jobs.pause(job.id)
+    with pytest.raises(openai.PermissionDeniedError) as resume:
+        reader.fine_tuning.jobs.resume(job.id)
+    assert resume.value.code == "permission_denied"
+    [ftj] = admin.jobs(tenant.namespace)
+    assert ftj["spec"]["suspend"] is True
 
 
 def test_events_come_from_the_jobs_events(tenant: Tenant, admin: Admin) -> None:

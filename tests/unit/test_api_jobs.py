@@ -14,6 +14,7 @@ from finetune_api.errors import ApiError
 from finetune_api.jobs import (
     ERROR_CODES,
     build_finetunejob,
+    control_patch,
     new_job_name,
     openai_status,
     page,
@@ -210,12 +211,15 @@ def ftj(
     *,
     trained: bool = False,
     cancel: bool = False,
+    suspend: bool = False,
     **status: Any,
 ) -> dict[str, Any]:
     job = build({"suffix": "s", "metadata": {"a": "b"}, "hyperparameters": {"learning_rate_multiplier": 3}})
     job["metadata"].update(creationTimestamp="2026-12-07T01:00:00Z", uid="u-1")
     if cancel:
         job["spec"]["cancel"] = True
+    if suspend:
+        job["spec"]["suspend"] = True
     conditions = []
     if reason:
         conditions.append({"type": "Ready", "status": "False", "reason": reason, "message": message})
@@ -277,6 +281,62 @@ def test_a_cancelled_job_is_cancelled_without_error() -> None:
     assert openai_status(ftj("Failed", "OutOfMemory", cancel=True)) == "failed"
     # the operator ignores a cancel of a job that ended: it stays succeeded
     assert openai_status(ftj("Succeeded", cancel=True)) == "succeeded"
+
+
+def test_a_paused_job_is_queued_before_the_operator_suspends_it() -> None:
+    # spec.suspend set, the phase not caught up yet: the caller sees the pause at once
+    assert openai_status(ftj("Training", suspend=True)) == "queued"
+    assert openai_status(ftj(None, suspend=True)) == "queued"
+    job = to_openai_job(ftj("Training", suspend=True, progress={"etaSeconds": 60}))
+    assert job["status"] == "queued" and job["estimated_finish"] is None
+    # a job that has finished stays as it ended; a cancel wins over the pause
+    assert openai_status(ftj("Succeeded", suspend=True)) == "succeeded"
+    assert openai_status(ftj("Failed", "OutOfMemory", suspend=True)) == "failed"
+    assert openai_status(ftj("Training", cancel=True, suspend=True)) == "cancelled"
+
+
+@pytest.mark.parametrize("phase", [None, "Validating", "Training", "Evaluating", "Deploying"])
+def test_pause_and_resume_patch_spec_suspend(phase: str | None) -> None:
+    assert control_patch(ftj(phase), "pause") == {"spec": {"suspend": True}}
+    assert control_patch(ftj(phase, suspend=True), "pause") is None  # already paused: nothing to change
+    assert control_patch(ftj(phase, suspend=True), "resume") == {"spec": {"suspend": False}}
+    assert control_patch(ftj("Suspended", suspend=True), "resume") == {"spec": {"suspend": False}}
+    assert control_patch(ftj(phase), "cancel") == {"spec": {"cancel": True}}
+
+
+def test_resuming_a_job_that_is_not_paused_is_refused() -> None:
+    with pytest.raises(ApiError) as exc:
+        control_patch(ftj("Training"), "resume")
+    assert (exc.value.status, exc.value.code) == (400, "job_not_resumable")
+    assert exc.value.message == f"Job {NAME} is not paused (status running): it cannot be resumed"
+
+
+@pytest.mark.parametrize(
+    ("job", "status"),
+    [
+        (ftj("Succeeded"), "succeeded"),
+        (ftj("Serving", suspend=True), "succeeded"),
+        (ftj("Failed", "OutOfMemory"), "failed"),
+        (ftj("Rejected", "GateFailed"), "failed"),
+        (ftj("Training", cancel=True), "been cancelled"),
+        (ftj("Failed", "Cancelled", suspend=True), "been cancelled"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("action", "code", "verb"),
+    [
+        ("pause", "job_not_pausable", "paused"),
+        ("resume", "job_not_resumable", "resumed"),
+        ("cancel", "job_not_cancellable", "cancelled"),
+    ],
+)
+def test_a_finished_job_cannot_be_paused_resumed_or_cancelled(
+    job: dict[str, Any], status: str, action: str, code: str, verb: str
+) -> None:
+    with pytest.raises(ApiError) as exc:
+        control_patch(job, action)
+    assert (exc.value.status, exc.value.code) == (400, code)
+    assert exc.value.message == f"Job {NAME} has already {status}: it cannot be {verb}"
 
 
 @pytest.mark.parametrize(
