@@ -383,6 +383,10 @@ async def list_models(request: web.Request) -> web.StreamResponse:
     return web.json_response(await state(request).proxy.models(caller(request)))
 
 
+async def get_model(request: web.Request) -> web.StreamResponse:
+    return web.json_response(await state(request).proxy.model(caller(request), request.match_info["model"]))
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     return await state(request).proxy.chat(request, caller(request), body)
@@ -422,6 +426,7 @@ def create_app(
     app.router.add_get("/v1/fine_tuning/jobs/{id}/events", job_events)
     app.router.add_get("/v1/fine_tuning/jobs/{id}/checkpoints", job_checkpoints)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
 
     async def close(_: web.Application) -> None:

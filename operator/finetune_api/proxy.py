@@ -85,6 +85,19 @@ def served_models(
     return found
 
 
+def _model_object(served: Served, caller: Caller) -> dict[str, Any]:
+    return {"id": served.model, "object": "model", "created": served.created, "owned_by": caller.namespace}
+
+
+def _not_served(model: str, caller: Caller, param: str | None) -> ApiError:
+    return ApiError(
+        404,
+        f'The model "{model[:256]}" is not served in namespace "{caller.namespace}"',
+        code="model_not_found",
+        param=param,
+    )
+
+
 class Proxy:
     def __init__(self, kube: Kube, resolver: aiohttp.abc.AbstractResolver | None = None) -> None:
         self.kube = kube
@@ -117,10 +130,17 @@ class Proxy:
 
     async def models(self, caller: Caller) -> dict[str, Any]:
         data = [
-            {"id": s.model, "object": "model", "created": s.created, "owned_by": caller.namespace}
+            _model_object(s, caller)
             for s in sorted((await self.served(caller)).values(), key=lambda s: s.model)
         ]
         return {"object": "list", "data": data}
+
+    async def model(self, caller: Caller, model: str) -> dict[str, Any]:
+        """One served model (`client.models.retrieve`); 404 model_not_found as chat answers for it."""
+        served = (await self.served(caller)).get(model)
+        if served is None:
+            raise _not_served(model, caller, param=None)
+        return _model_object(served, caller)
 
     async def chat(self, request: web.Request, caller: Caller, body: Mapping[str, Any]) -> web.StreamResponse:
         model = body.get("model")
@@ -128,12 +148,7 @@ class Proxy:
             raise ApiError(400, "model is required", param="model")
         served = (await self.served(caller)).get(model)
         if served is None:
-            raise ApiError(
-                404,
-                f'The model "{model[:256]}" is not served in namespace "{caller.namespace}"',
-                code="model_not_found",
-                param="model",
-            )
+            raise _not_served(model, caller, param="model")
         try:
             async with self.session.post(
                 served.url + "/chat/completions",

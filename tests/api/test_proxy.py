@@ -115,6 +115,11 @@ def test_models_and_chat_through_the_proxy(tenant: Tenant, admin: Admin) -> None
     model = served_job(tenant, admin)
     client = tenant.client()
     assert model in [m.id for m in client.models.list().data]
+    retrieved = client.models.retrieve(model)
+    assert (retrieved.id, retrieved.owned_by) == (model, tenant.namespace)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("not-served")
+    assert missing.value.code == "model_not_found" and tenant.namespace in str(missing.value)
 
     answer = client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "hello there"}]
@@ -145,5 +150,7 @@ def test_an_endpoint_outside_the_namespace_is_not_called(tenant: Tenant, admin: 
         content_type="application/merge-patch+json",
     )
     assert model not in [m.id for m in client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve(model)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}])
