@@ -24,7 +24,7 @@ from .config import ApiConfig
 from .errors import ApiError
 from .files import FileStore, check_upload_file, file_object, receive_upload
 from .kube import Kube, load
-from .mapping import ModelMapping, parse_mappings, resolve_model
+from .mapping import ModelMapping, bad_param, parse_mappings, resolve_model
 from .proxy import Proxy
 from .ratelimit import RateLimiter
 
@@ -34,6 +34,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 JOB_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 MAPPING_TTL_S = 5.0
 LOG_TAIL = "200"
+FILES_MAX_LIMIT = 10000  # OpenAI's default and maximum page of GET /v1/files
 
 
 class State:
@@ -180,11 +181,19 @@ async def create_file(request: web.Request) -> web.StreamResponse:
 async def list_files(request: web.Request) -> web.StreamResponse:
     shared, who = state(request), caller(request)
     await shared.auth.require(who, "create")
-    data = [file_object(m) for m in await shared.store.list(who.namespace)]
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise bad_param("order", f"must be asc or desc, not {order[:16]!r}")
+    limit = _limit(request, default=FILES_MAX_LIMIT)
+    data = sorted(
+        (file_object(m) for m in await shared.store.list(who.namespace)),
+        key=lambda f: (f["created_at"], f["id"]),
+        reverse=order == "desc",
+    )
     purpose = request.query.get("purpose")
     if purpose:
         data = [f for f in data if f["purpose"] == purpose]
-    return web.json_response({"object": "list", "data": data, "has_more": False})
+    return web.json_response(jobs.page(data, request.query.get("after"), limit, max_limit=FILES_MAX_LIMIT))
 
 
 async def get_file(request: web.Request) -> web.StreamResponse:
@@ -262,8 +271,8 @@ async def create_job(request: web.Request) -> web.StreamResponse:
     return web.json_response(jobs.to_openai_job(created))
 
 
-def _limit(request: web.Request) -> int:
-    raw = request.query.get("limit", "20")
+def _limit(request: web.Request, default: int = 20) -> int:
+    raw = request.query.get("limit", str(default))
     try:
         return int(raw)
     except ValueError:

@@ -453,11 +453,13 @@ def to_checkpoints(ftj: Mapping[str, Any]) -> list[dict[str, Any]]:
 MAX_LIMIT = 100
 
 
-def page(items: Sequence[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+def page(
+    items: Sequence[dict[str, Any]], after: str | None, limit: int, max_limit: int = MAX_LIMIT
+) -> dict[str, Any]:
     """OpenAI's list page of `items` (already in list order): those after the item with id `after`, at most
-    `limit` (1..100, else 400 param limit); an unknown `after` → 400 param after."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
-        raise bad_param("limit", f"must be an integer between 1 and {MAX_LIMIT}, not {limit!r}")
+    `limit` (1..max_limit, else 400 param limit); an unknown `after` → 400 param after."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= max_limit:
+        raise bad_param("limit", f"must be an integer between 1 and {max_limit}, not {limit!r}")
     start = 0
     if after:
         ids = [item.get("id") for item in items]

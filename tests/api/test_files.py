@@ -19,6 +19,32 @@ def s3_keys(s3: Any, namespace: str) -> list[str]:
     return [o["Key"] for o in answer.get("Contents") or []]
 
 
+def test_files_list_pages_newest_first_and_by_purpose(tenant: Tenant) -> None:
+    """files.list takes OpenAI's limit, after and order; the SDK's iteration follows the pages."""
+    client = tenant.client()
+    ids = [
+        client.files.create(file=(f"t{i}.jsonl", io.BytesIO(good_lines(2))), purpose="fine-tune").id
+        for i in range(3)
+    ]
+    newest_first = [f.id for f in client.files.list().data]
+    assert sorted(newest_first) == sorted(ids)
+    first = client.files.list(limit=2)
+    assert [f.id for f in first.data] == newest_first[:2] and first.has_more
+    rest = client.files.list(limit=2, after=first.data[-1].id)
+    assert [f.id for f in rest.data] == newest_first[2:] and not rest.has_more
+    assert [f.id for f in client.files.list(limit=1)] == newest_first  # auto-pagination, one per page
+    assert [f.id for f in client.files.list(order="asc").data] == newest_first[::-1]
+    assert client.files.list(purpose="batch").data == []
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.files.list(order="sideways")  # type: ignore[arg-type]
+    assert bad.value.param == "order"
+    with pytest.raises(openai.BadRequestError) as unknown:
+        client.files.list(after="file-unknown")
+    assert unknown.value.param == "after"
+    for file_id in ids:
+        client.files.delete(file_id)
+
+
 def test_upload_list_retrieve_content_delete(tenant: Tenant, s3: Any) -> None:
     client = tenant.client()
     data = good_lines(4)
