@@ -41,9 +41,9 @@ loss spelled out, on toy preference pairs; its own line
 ``quality-vs-reference preference preference_accuracy: ... dpo_loss: ...`` (targets: accuracy within
 0.02, held-out DPO loss within 2 %).
 
-``--quick``: one task (shout), one seed, on the demo's 64-wide base instead of the bench's (the e2e tests build
-that base anyway; the bench's takes ~2 minutes of CPU to pre-train on a clean clone): a fidelity check at an
-equal recipe, whose speed figure says little (per-op overhead dominates that narrow a model).
+``--quick``: one task (shout), one seed, on the demo's 64-wide base instead of the bench's (the e2e tests
+build that base anyway; the bench's takes ~2 minutes of CPU to pre-train on a clean clone): a fidelity check
+at an equal recipe, whose speed figure says little (per-op overhead dominates that narrow a model).
 tests/trainer/test_bench_quality.py runs it in ``make test``, and ``--tasks preference``.
 """
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from finetune_operator.api.finetunejob import API_VERSION, PLURAL
 from finetune_vocabulary.labels import LABEL_COMPONENT, LABEL_JOB_UID
 
-from . import jobs
+from . import history, jobs
 from .auth import PROJECT_HEADER, Authenticator, Caller
 from .config import ApiConfig
 from .errors import ApiError
@@ -378,13 +378,15 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         if (e.get("involvedObject") or {}).get("name") == name
         and (e.get("involvedObject") or {}).get("kind") in (None, "FineTuneJob")
     ]
-    data = jobs.to_events(job, events, await progress_lines(shared, who, job))
+    data = history.to_events(job, events, await progress_lines(shared, who, job))
     return web.json_response(jobs.page(data, request.query.get("after"), _limit(request)))
 
 
 async def job_checkpoints(request: web.Request) -> web.StreamResponse:
     job = await read_job(state(request), caller(request), job_name(request))
-    return web.json_response(jobs.page(jobs.to_checkpoints(job), request.query.get("after"), _limit(request)))
+    return web.json_response(
+        jobs.page(history.to_checkpoints(job), request.query.get("after"), _limit(request))
+    )
 
 
 # -- models and chat -----------------------------------------------------------------------------------------

@@ -261,9 +261,10 @@ def test_job_completes_through_api_errors_and_dropped_watches(lc_api, ns, local_
 
     local_cluster.call(inject())
     try:
-        create_job(lc_api, ns, "sturdy", [PY, "-c", "import time; time.sleep(1)"], completions=2, parallelism=1)
+        command = [PY, "-c", "import time; time.sleep(1)"]
+        create_job(lc_api, ns, "sturdy", command, completions=2, parallelism=1)
         assert local_cluster.call(drop()) >= 1
-        obj = wait_for(lambda: finished(lc_api, ns, "sturdy"), timeout=45, what="job to finish despite faults")
+        obj = wait_for(lambda: finished(lc_api, ns, "sturdy"), timeout=45, what="the job to finish")
     finally:
         local_cluster.call(clear())
     assert condition(obj, "Complete")["status"] == "True"

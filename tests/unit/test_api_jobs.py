@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from finetune_api.errors import ApiError
+from finetune_api.history import to_checkpoints, to_events
 from finetune_api.jobs import (
     ERROR_CODES,
     build_finetunejob,
@@ -18,8 +19,6 @@ from finetune_api.jobs import (
     new_job_name,
     openai_status,
     page,
-    to_checkpoints,
-    to_events,
     to_openai_job,
 )
 from finetune_api.mapping import ModelMapping, parse_mappings

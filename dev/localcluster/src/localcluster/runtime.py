@@ -143,9 +143,9 @@ def resolve_launch(
         # vLLM-CPU pins its worker to the host's first core by default ("auto"): every pod of this host on
         # CPU 0 while the others idle. The kubelet caps a pod's threads instead (thread_env, kubelet/pods).
         env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
-        # On CPU, vLLM turns the one-process executor into a worker process of its own unless the engine runs
-        # without multiprocessing: one interpreter fewer to start (~8 s of CPU importing torch and vLLM) per
-        # replica on a host whose cores the tests share. The OpenAI server, LoRA loading and routing are the same.
+        # On CPU, vLLM turns the one-process executor into a worker process of its own unless the engine
+        # runs without multiprocessing: one interpreter fewer to start (~8 s of CPU importing torch and
+        # vLLM) per replica on a host whose cores the tests share. Server, LoRA loading, routing: the same.
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         if not command:
             command = list(ENTRYPOINTS[VLLM_IMAGE])
