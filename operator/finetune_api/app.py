@@ -184,15 +184,13 @@ async def list_files(request: web.Request) -> web.StreamResponse:
     order = request.query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise bad_param("order", f"must be asc or desc, not {order[:16]!r}")
-    limit = _limit(request, default=FILES_MAX_LIMIT)
+    limit, purpose = _limit(request, default=FILES_MAX_LIMIT), request.query.get("purpose")
+    files = [file_object(m) for m in await shared.store.list(who.namespace)]
     data = sorted(
-        (file_object(m) for m in await shared.store.list(who.namespace)),
+        (f for f in files if not purpose or f["purpose"] == purpose),
         key=lambda f: (f["created_at"], f["id"]),
         reverse=order == "desc",
     )
-    purpose = request.query.get("purpose")
-    if purpose:
-        data = [f for f in data if f["purpose"] == purpose]
     return web.json_response(jobs.page(data, request.query.get("after"), limit, max_limit=FILES_MAX_LIMIT))
 
 

@@ -15,10 +15,11 @@ from finetune_api.jobs import condition, dig, epoch, fine_tuned_model, openai_er
 EVENT_LEVELS = {"Normal": "info", "Warning": "warn"}
 
 
-def _event_id(ftj: Mapping[str, Any], *key: object) -> str:
+def _stable_id(prefix: str, ftj: Mapping[str, Any], *key: object) -> str:
+    """`<prefix>-<hash>` of the job and `key`: the same on every call."""
     owner = dig(ftj, "metadata", "uid") or dig(ftj, "metadata", "name")
     digest = hashlib.sha256(json.dumps([owner, *key], default=str).encode()).hexdigest()
-    return f"ftevent-{digest[:24]}"
+    return f"{prefix}-{digest[:24]}"
 
 
 def _k8s_event(ftj: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def _k8s_event(ftj: Mapping[str, Any], event: Mapping[str, Any]) -> dict[str, An
     created = next((t for t in map(epoch, times) if t is not None), 0)
     key = dig(event, "metadata", "uid") or dig(event, "metadata", "name") or [reason, event.get("message")]
     return {
-        "id": _event_id(ftj, "event", key),
+        "id": _stable_id("ftevent", ftj, "event", key),
         "object": "fine_tuning.job.event",
         "created_at": created,
         "level": level,
@@ -54,7 +55,7 @@ def _progress_event(ftj: Mapping[str, Any], line: Mapping[str, Any]) -> dict[str
     step, total, loss = line["step"], line.get("totalSteps"), line["loss"]
     created = epoch(line.get("time")) or epoch(dig(ftj, "status", "startTime")) or 0
     return {
-        "id": _event_id(ftj, "progress", step),
+        "id": _stable_id("ftevent", ftj, "progress", step),
         "object": "fine_tuning.job.event",
         "created_at": created,
         "level": "info",
@@ -97,7 +98,7 @@ def _checkpoint(ftj: Mapping[str, Any], step: int, name: str, created: int) -> d
     if progress.get("step") == step and isinstance(progress.get("loss"), int | float):
         metrics["train_loss"] = progress["loss"]
     return {
-        "id": _event_id(ftj, "checkpoint", step).replace("ftevent-", "ftckpt-"),
+        "id": _stable_id("ftckpt", ftj, "checkpoint", step),
         "object": "fine_tuning.job.checkpoint",
         "created_at": created,
         "fine_tuned_model_checkpoint": name,

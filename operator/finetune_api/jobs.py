@@ -178,9 +178,10 @@ def epoch(value: Any) -> int | None:
 
 
 def condition(ftj: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
-    for condition in dig(ftj, "status", "conditions") or ():
-        if isinstance(condition, Mapping) and condition.get("type") == kind:
-            return condition
+    """The status condition of type `kind`, else {}."""
+    for found in dig(ftj, "status", "conditions") or ():
+        if isinstance(found, Mapping) and found.get("type") == kind:
+            return found
     return {}
 
 
@@ -195,7 +196,7 @@ def openai_status(ftj: Mapping[str, Any]) -> str:
     reason = condition(ftj, "Ready").get("reason")
     if phase == "Failed" and reason == Reason.CANCELLED:  # spec.cancel: no error
         return "cancelled"
-    if (dig(ftj, "spec") or {}).get("cancel") and phase not in ("Failed", "Rejected", "Succeeded"):
+    if dig(ftj, "spec", "cancel") and phase not in ("Failed", "Rejected", "Succeeded"):
         return "cancelled"
     status = STATUSES.get(phase, "validating_files")
     if paused(ftj) and status not in FINISHED:  # paused, the operator not there yet: queued already

@@ -12,7 +12,6 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,6 +23,7 @@ from finetune_operator.api.modelserver import PLURAL as SERVERS_PLURAL
 
 from .auth import Caller
 from .errors import ApiError
+from .jobs import epoch
 from .kube import Kube
 
 SERVICE_HOST = re.compile(
@@ -55,11 +55,7 @@ def service_url(url: Any, namespace: str) -> str | None:
 
 
 def _created(obj: Mapping[str, Any]) -> int:
-    stamp = str((obj.get("metadata") or {}).get("creationTimestamp") or "")
-    try:
-        return int(datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp())
-    except ValueError:
-        return 0
+    return epoch((obj.get("metadata") or {}).get("creationTimestamp")) or 0
 
 
 def served_models(
