@@ -248,6 +248,11 @@ def policy_namespace(tenant: Tenant, admin: Admin) -> Iterator[str]:
     yield tenant.namespace
     with contextlib.suppress(Exception):
         admin.request("DELETE", f"/apis/{GROUP}/{VERSION}/finetunepolicies/{name}")
+    # cluster-wide objects of a shared cluster: a later module (e2e's chart_admission) installs them again
+    for obj in objects:
+        with contextlib.suppress(Exception):
+            path = f"/apis/admissionregistration.k8s.io/v1/{paths[obj['kind']]}/{obj['metadata']['name']}"
+            admin.request("DELETE", path)
 
 
 def test_policy_denied_model_gets_the_policys_message(
