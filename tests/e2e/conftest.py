@@ -233,6 +233,12 @@ def judge(local_cluster: Any, lc_api: Any, s3_assets: dict[str, str]) -> Iterato
                 core.delete_namespace(namespace, propagation_policy="Background", grace_period_seconds=0)
 
 
+def brief(status: dict[str, Any]) -> str:
+    """What a failed assertion shows of a job's status (pytest would cut a dict short)."""
+    keep = ("phase", "message", "conditions", "evaluation", "serving")
+    return json.dumps({k: status.get(k) for k in keep}, indent=1)[:6000]
+
+
 def assert_served_as_evaluated(status: dict[str, Any], metric: str = "exact_match") -> None:
     """Issue 22: the serving check ran on the real engine before the version took traffic, on every held-out
     prompt (the toy test set is under servingCheck.examples), and the served score is within tolerance."""

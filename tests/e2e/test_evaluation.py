@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from finetune_demo import toymodel
 
-from .conftest import Jobs
+from .conftest import Jobs, brief
 from .judge import VERDICT_FORMAT, Judge
 
 pytestmark = [
@@ -127,12 +127,6 @@ def _report_rows(judge: Judge, report_uri: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in body.splitlines() if line.strip()]
 
 
-def _brief(status: dict[str, Any]) -> str:
-    """What a failed assertion shows of a job's status (pytest would cut a dict short)."""
-    keep = ("phase", "message", "conditions", "evaluation")
-    return json.dumps({k: status.get(k) for k in keep}, indent=1)[:6000]
-
-
 def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
     return next(c for c in status.get("conditions") or [] if c["type"] == kind)
 
@@ -168,7 +162,7 @@ def test_graders_and_retention_gate_the_toy_jobs(judge: Judge, eval_data: dict[s
     )
 
     graded = jobs.wait_phase("graded", "Succeeded", "Serving", "Failed", "Rejected", timeout=900)
-    assert graded["phase"] == "Succeeded", _brief(graded)
+    assert graded["phase"] == "Succeeded", brief(graded)
     evaluation = graded["evaluation"]
     assert evaluation["passed"] is True
     for model in ("tuned", "base"):
@@ -187,13 +181,13 @@ def test_graders_and_retention_gate_the_toy_jobs(judge: Judge, eval_data: dict[s
     REPORTS.append(report_uri)
 
     unreachable = jobs.wait_phase("unreachable", "Succeeded", "Serving", "Failed", "Rejected", timeout=600)
-    assert unreachable["phase"] == "Rejected", _brief(unreachable)
+    assert unreachable["phase"] == "Rejected", brief(unreachable)
     gate = _condition(unreachable, "Evaluated")
     assert gate["reason"] == "GateFailed", gate
     assert "lowercase-letter" in gate["message"] and "one-capital" not in gate["message"], gate
 
     forgetful = jobs.wait_phase("forgetful", "Succeeded", "Serving", "Failed", "Rejected", timeout=600)
-    assert forgetful["phase"] == "Rejected", _brief(forgetful)
+    assert forgetful["phase"] == "Rejected", brief(forgetful)
     retention = forgetful["evaluation"]["retention"]
     assert retention["metric"] == "loss" and retention["tuned"] > retention["base"], retention
     assert retention["drop"] > 0.05

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import GROUP, SECRET, VERSION, Jobs, assert_served_as_evaluated
+from .conftest import GROUP, SECRET, VERSION, Jobs, assert_served_as_evaluated, brief
 from .test_serving import VLLM_CPU_ARGS
 
 pytestmark = [
@@ -264,7 +264,7 @@ def test_one_pool_hot_loads_promotes_only_better_adapters_and_rolls_back(
 
     # 1. The first adapter: hot-loaded into both replicas, served under its version and the stable name.
     status = jobs.wait_phase("bot-a", "Serving", "Failed", "Rejected", timeout=900)
-    assert status["phase"] == "Serving", status
+    assert status["phase"] == "Serving", brief(status)
     assert status["endpoint"] == {"url": f"http://{POOL}-pool.{jobs.namespace}.svc:8000/v1", "model": MODEL}
     assert status["serving"]["versionName"] == f"{MODEL}-v1"
     assert_served_as_evaluated(status)  # checked under bot's versioned name before the stable name routed

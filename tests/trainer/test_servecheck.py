@@ -29,10 +29,11 @@ MAX_PROMPT_CHARS = 300
 
 
 class FakeEngine:
-    """Answers with the expected text except for `wrong` prompts; 503 for the first `failures` requests."""
+    """Answers with the expected text except for `wrong` prompts; 503 for the first `failures` requests, then
+    vLLM's 404 for a model it does not hold for the next `missing` ones (a replica without the version)."""
 
-    def __init__(self, wrong: dict[str, str], failures: int = 0) -> None:
-        self.wrong, self.failures = wrong, failures
+    def __init__(self, wrong: dict[str, str], failures: int = 0, missing: int = 0) -> None:
+        self.wrong, self.failures, self.missing = wrong, failures, missing
         self.requests: list[dict[str, Any]] = []
         answers = dict(ROWS)
         engine = self
@@ -48,6 +49,10 @@ class FakeEngine:
                 if engine.failures > 0:
                     engine.failures -= 1
                     self.reply(503, {"error": "loading"})
+                elif engine.missing > 0:
+                    engine.missing -= 1
+                    message = f"The model `{body['model']}` does not exist."
+                    self.reply(404, {"error": {"message": message, "type": "NotFoundError", "code": 404}})
                 elif len(prompt) > MAX_PROMPT_CHARS:
                     self.reply(400, {"error": {"message": "maximum context length is 128 tokens"}})
                 else:
@@ -73,8 +78,8 @@ class FakeEngine:
 def engine_factory() -> Iterator[Any]:
     started: list[FakeEngine] = []
 
-    def start(wrong: dict[str, str] | None = None, failures: int = 0) -> FakeEngine:
-        engine = FakeEngine(wrong or {}, failures)
+    def start(wrong: dict[str, str] | None = None, failures: int = 0, missing: int = 0) -> FakeEngine:
+        engine = FakeEngine(wrong or {}, failures, missing)
         threading.Thread(target=engine.server.serve_forever, daemon=True).start()
         started.append(engine)
         return engine
@@ -170,6 +175,34 @@ def test_5xx_is_retried_then_scored(
     assert result.exit_code == 0, result.termination.get("message")
     assert result.termination["summary"]["value"] == 1.0 and result.termination["summary"]["refused"] == 0
     assert len(engine.requests) == 3 + 3
+
+
+def test_a_replica_without_the_version_yet_is_asked_again(
+    tmp_path: Path, run_prefix: str, engine_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pool replica that joined the Service before the operator's push gave it the version answers 404 for
+    it: asked again (the push, or another replica, answers), not a refusal that would fail the check."""
+    from finetune_trainer import servecheck as module
+
+    monkeypatch.setattr(module, "BACKOFF_S", 0.01)
+    engine = engine_factory(missing=3)
+    result = servecheck(tmp_path, config(run_prefix, engine.url, examples=3))
+    assert result.exit_code == 0, result.termination.get("message")
+    assert result.termination["summary"]["value"] == 1.0 and result.termination["summary"]["refused"] == 0
+    assert len(engine.requests) == 3 + 3
+
+
+def test_a_version_missing_for_good_is_refused(
+    tmp_path: Path, run_prefix: str, engine_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from finetune_trainer import servecheck as module
+
+    monkeypatch.setattr(module, "BACKOFF_S", 0.01)
+    engine = engine_factory(missing=1000)
+    result = servecheck(tmp_path, config(run_prefix, engine.url, examples=2))
+    assert result.exit_code == 0, result.termination.get("message")
+    assert result.termination["summary"]["value"] == 0.0 and result.termination["summary"]["refused"] == 2
+    assert len(engine.requests) == 2 * module.ATTEMPTS
 
 
 def test_unreachable_endpoint_is_transient(

@@ -8,7 +8,10 @@ one; this stage only reports.
 
 A request the engine refuses (4xx, e.g. a prompt longer than --max-model-len) is a wrong answer (score 0),
 counted in ``refused``: a served model that cannot answer is not the evaluated one. 5xx answers and
-connection errors are retried with backoff; an endpoint still unreachable after that is TRANSIENT.
+connection errors are retried with backoff; an endpoint still unreachable after that is TRANSIENT. A 404
+saying the checked model does not exist is retried too, and refused only if it persists: a pool replica that
+became ready after the operator loaded the version (it started from an older state) joins the Service before
+the operator's next push gives it the version, and the Service may send a request there meanwhile.
 No key is sent: the URL is the pool's in-cluster Service, built by the operator.
 """
 
@@ -35,7 +38,7 @@ from .termination import StageResult
 log = logging.getLogger(__name__)
 
 CONCURRENCY = 4
-ATTEMPTS = 6  # per request: 5xx and connection errors, then TRANSIENT
+ATTEMPTS = 6  # per request: 5xx and connection errors (then TRANSIENT), a missing model (then refused)
 BACKOFF_S = 1.0  # doubled after each failed attempt
 TIMEOUT_S = 300.0  # one greedy answer on a CPU engine can take minutes
 MAX_ANSWER_BYTES = 16 * 1024 * 1024
@@ -65,8 +68,15 @@ def _post(url: str, body: dict[str, Any], timeout: float) -> tuple[int, bytes]:
         conn.close()
 
 
+def _model_missing(data: bytes, model: str) -> bool:
+    """The engine's 404 for a model it does not hold (vLLM: "The model `<name>` does not exist.")."""
+    text = data[:1000].decode(errors="replace")
+    return model in text and "does not exist" in text
+
+
 def ask(target: ServingCheckTarget, prompt: list[dict[str, Any]], max_tokens: int) -> Answer:
-    """One greedy chat completion; retried on 5xx and connection errors, refused on 4xx (redirects too)."""
+    """One greedy chat completion; retried on 5xx, connection errors and a missing model, refused on 4xx
+    (redirects too)."""
     url = target.url.rstrip("/") + "/chat/completions"
     body = {"model": target.model, "messages": prompt, "temperature": 0, "max_tokens": max_tokens}
     delay, last = BACKOFF_S, ""
@@ -82,6 +92,8 @@ def ask(target: ServingCheckTarget, prompt: list[dict[str, Any]], max_tokens: in
         if status >= 500:
             last = f"HTTP {status}: {data[:200].decode(errors='replace')}"
             continue
+        if status == 404 and _model_missing(data, target.model) and attempt + 1 < ATTEMPTS:
+            continue  # this replica has not got the version yet (see the module's docstring)
         if status >= 300:
             return Answer("", f"HTTP {status}: {data[:300].decode(errors='replace')}")
         try:
